@@ -1,0 +1,112 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends:
+    ``"auto"``      Triton kernels for CUDA tensors, the pure-torch reference otherwise.
+    ``"triton"``    always the Triton kernels. On CPU tensors this needs the Triton
+                    interpreter (``TRITON_INTERPRET=1`` set before fastvq's kernels are
+                    first imported) and raises a ``RuntimeError`` saying so otherwise.
+    ``"reference"`` always the pure-torch reference in :mod:`fastvq.reference`.
+
+The backend is chosen, most specific first, by ``with fastvq.backend(name):``, by
+``fastvq.set_backend(name)``, or by the environment variable ``FASTVQ_BACKEND``; the
+default is ``"auto"``. A backend never silently falls back to another.
+
+The choice is process-wide (not thread- or context-local) on purpose: autograd runs the
+backward of CUDA tensors on its own worker threads, and the backward must run the same
+backend as the forward did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+_global_backend: str | None = None  # set_backend()
+_scoped_backend: list[str] = []  # stack of `with backend(...)` blocks
+
+
+def _validate(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"unknown fastvq backend {name!r}; expected one of {BACKENDS}")
+    return name.lower()
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost ``with backend(...)``, else ``set_backend``,
+    else ``$FASTVQ_BACKEND``, else ``"auto"``."""
+    if _scoped_backend:
+        return _scoped_backend[-1]
+    if _global_backend is not None:
+        return _global_backend
+    env = os.environ.get("FASTVQ_BACKEND")
+    if env:
+        try:
+            return _validate(env)
+        except ValueError:
+            raise ValueError(
+                f"environment variable FASTVQ_BACKEND={env!r} is not a backend; expected one of {BACKENDS}"
+            ) from None
+    return "auto"
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide backend (``None`` clears it, so ``$FASTVQ_BACKEND``/"auto" apply)."""
+    global _global_backend
+    _global_backend = None if name is None else _validate(name)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Run the enclosed block (forward *and* backward) with backend ``name``.
+
+    Example::
+
+        with fastvq.backend("reference"):
+            idx, dist = fastvq.nearest_code(x, codebook)
+    """
+    _scoped_backend.append(_validate(name))
+    try:
+        yield _scoped_backend[-1]
+    finally:
+        _scoped_backend.pop()
+
+
+def interpreter_enabled() -> bool:
+    """True when the Triton interpreter is switched on in the environment."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """Decide, for op ``op`` on ``tensors``, whether the Triton kernel runs (True) or the
+    reference (False). Raises ``RuntimeError`` when the ``"triton"`` backend cannot run."""
+    name = get_backend()
+    if name == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if name == "auto":
+        return on_cuda
+    # name == "triton": never fall back.
+    if on_cuda:
+        return True
+    devices = sorted({str(t.device) for t in tensors})
+    if any(t.device.type not in ("cpu", "cuda") for t in tensors):
+        raise RuntimeError(f"fastvq.{op}: backend 'triton' runs on CUDA or (interpreted) CPU tensors, got {devices}")
+    if not interpreter_enabled():
+        raise RuntimeError(
+            f"fastvq.{op}: backend 'triton' was asked for on CPU tensors, which needs the Triton "
+            "interpreter: set TRITON_INTERPRET=1 in the environment before fastvq's kernels are "
+            "imported, or use backend 'auto'/'reference' for CPU tensors"
+        )
+    from fastvq import kernels
+
+    if not kernels.INTERPRETED:
+        raise RuntimeError(
+            f"fastvq.{op}: TRITON_INTERPRET=1 was set after fastvq's kernels were compiled for the GPU; "
+            "set it before the first fastvq op runs"
+        )
+    return True

@@ -1,0 +1,46 @@
+"""Input checks shared by the ops: each raises ValueError/TypeError naming the problem."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(op: str, name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastvq.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"fastvq.{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"fastvq.{op}: {name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastvq.{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_int(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"fastvq.{op}: {name} must be int64 or int32, got {t.dtype}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"fastvq.{op}: tensors must be on one device, got {listed}")
+
+
+def check_last_dim(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(
+            f"fastvq.{op}: feature dims differ: {name_a} has D={a.shape[-1]} (shape {tuple(a.shape)}), "
+            f"{name_b} has D={b.shape[-1]} (shape {tuple(b.shape)})"
+        )
+
+
+def check_metric(op: str, metric: str, allowed=("l2", "cosine", "dot")) -> None:
+    if metric not in allowed:
+        raise ValueError(f"fastvq.{op}: unknown metric {metric!r}; expected one of {allowed}")

@@ -1,0 +1,32 @@
+"""The public functions of fastvq (re-exported at the top level)."""
+
+from .ops.bitcodes import to_bits, to_decimal
+from .ops.code_statistics import code_statistics
+from .ops.code_usage import CodeUsage, CodeUsageMeter, code_usage
+from .ops.mine_negatives import mine_negatives
+from .ops.nearest_code import nearest_code
+from .ops.pairwise_kl_loss import pairwise_kl_loss
+from .ops.pairwise_sqdist import pairwise_sqdist
+from .ops.qr_lookup import qr_lookup
+from .ops.residual_quantize import residual_quantize
+from .ops.rotation_trick import rotation_trick
+from .ops.semantic_ids import SemanticIdStats, semantic_id_stats, semantic_ids
+
+__all__ = [
+    "nearest_code",
+    "pairwise_sqdist",
+    "mine_negatives",
+    "residual_quantize",
+    "code_statistics",
+    "code_usage",
+    "CodeUsage",
+    "CodeUsageMeter",
+    "semantic_ids",
+    "semantic_id_stats",
+    "SemanticIdStats",
+    "rotation_trick",
+    "qr_lookup",
+    "pairwise_kl_loss",
+    "to_bits",
+    "to_decimal",
+]

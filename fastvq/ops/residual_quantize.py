@@ -1,0 +1,3 @@
+"""PLACEHOLDER: being written; replaced before commit."""
+def residual_quantize(*args, **kwargs):
+    raise NotImplementedError('residual_quantize')

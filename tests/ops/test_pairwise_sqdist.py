@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+import fastvq
+from tests.utils import assert_close, noncontiguous, randn
+
+CASES = [  # (M, N, D)
+    pytest.param(1, 1, 1, id="M1-N1-D1"),
+    pytest.param(5, 7, 2, id="seed-5x7-D2"),
+    pytest.param(127, 61, 60, id="M127-N61-D60"),
+    pytest.param(33, 100, 100, id="M33-N100-D100"),
+    pytest.param(0, 9, 16, id="M0"),
+    pytest.param(9, 0, 16, id="N0"),
+]
+
+
+def _sqdist64(a, b):
+    return ((a.double()[:, None, :] - b.double()[None, :, :]) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("M,N,D", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_parity(backend, M, N, D, dtype):
+    a, b = randn(M, D, dtype=dtype), randn(N, D, dtype=dtype)
+    out = fastvq.pairwise_sqdist(a, b)
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    assert not out.isnan().any(), "unwritten output element"
+    assert (out >= 0).all()
+    # fp32 accumulation of low-precision inputs: compare with the float64 result on the same inputs
+    assert_close(out, _sqdist64(a, b), dtype=torch.float32 if dtype == torch.float32 else torch.float16, reduce_len=D)
+
+
+def test_seed_toy_inputs(backend):
+    # seed 003: zero everywhere except row 1 / column 0 of the (neg, anc) matrix, zero at (1, 0)
+    anc = torch.zeros(5, 2)
+    anc[0] = 1
+    neg = torch.zeros(7, 2)
+    neg[1] = 1
+    d = fastvq.pairwise_sqdist(neg, anc)
+    expected = torch.zeros(7, 5)
+    expected[1, :] = 2
+    expected[:, 0] = 2
+    expected[1, 0] = 0
+    assert torch.equal(d, expected)
+
+
+def test_noncontiguous(backend):
+    a, b = randn(20, 12), randn(15, 12)
+    assert_close(fastvq.pairwise_sqdist(noncontiguous(a), b.T.contiguous().T), _sqdist64(a, b), torch.float32, 12)
+
+
+def test_identical_rows_are_zero(backend):
+    # |a|^2 + |a|^2 - 2 a.a cancels in fp32: the residue is bounded relative to |a|^2.
+    a = randn(10, 33, scale=10.0)
+    bound = 1e-5 * (a.double() ** 2).sum(-1)
+    assert (fastvq.pairwise_sqdist(a, a).diagonal().double() <= bound).all()
+
+
+def test_gradients_match_float64(backend):
+    a = randn(13, 9, dtype=torch.float32).requires_grad_()
+    b = randn(11, 9, dtype=torch.float32).requires_grad_()
+    g = randn(13, 11)
+    (fastvq.pairwise_sqdist(a, b) * g).sum().backward()
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    (_sqdist64(a64, b64) * g.double()).sum().backward()
+    assert_close(a.grad, a64.grad, torch.float32, 11)
+    assert_close(b.grad, b64.grad, torch.float32, 13)
+
+
+def test_mixed_dtypes_promote(backend):
+    a, b = randn(4, 8, dtype=torch.bfloat16), randn(6, 8, dtype=torch.float32)
+    assert_close(fastvq.pairwise_sqdist(a, b), _sqdist64(a, b), torch.float32, 8)
+
+
+@pytest.mark.parametrize(
+    "a,b,err",
+    [
+        (torch.randn(3, 4), torch.randn(5, 3), ValueError),
+        (torch.randn(3), torch.randn(5, 3), ValueError),
+        (torch.randint(0, 3, (3, 4)), torch.randn(5, 4), TypeError),
+        ([[1.0]], torch.randn(5, 4), TypeError),
+    ],
+    ids=["D-mismatch", "a-1D", "int-dtype", "not-tensor"],
+)
+def test_bad_input(a, b, err):
+    with pytest.raises(err, match="pairwise_sqdist"):
+        fastvq.pairwise_sqdist(a, b)
+
+
+def test_opcheck():
+    a, b = randn(6, 5).requires_grad_(), randn(4, 5).requires_grad_()
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.pairwise_sqdist.default, (a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_gpu(dtype):
+    a, b = randn(4099, 256, dtype=dtype, device="cuda"), randn(2053, 256, dtype=dtype, device="cuda")
+    with fastvq.backend("triton"):
+        out = fastvq.pairwise_sqdist(a, b)
+    with fastvq.backend("reference"):
+        ref = fastvq.pairwise_sqdist(a, b)
+    assert_close(out, ref, torch.float32, 256 * 100)
