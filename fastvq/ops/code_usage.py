@@ -1,7 +1,166 @@
-"""PLACEHOLDER: being written; replaced before commit."""
-def code_usage(*args, **kwargs):
-    raise NotImplementedError('code_usage')
-def CodeUsage(*args, **kwargs):
-    raise NotImplementedError('CodeUsage')
-def CodeUsageMeter(*args, **kwargs):
-    raise NotImplementedError('CodeUsageMeter')
+"""code_usage: how a codebook is used (counts, perplexity, active codes, entropy), and a meter
+that accumulates it over many batches on the device without host syncs."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import use_triton
+from .._checks import check_tensor
+from ..reference.code_usage import CodeUsage, code_usage_counts_ref, usage_from_counts
+
+__all__ = ["CodeUsage", "CodeUsageMeter", "code_usage"]
+
+INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+@torch.library.custom_op("fastvq::code_usage_counts", mutates_args=())
+def _code_usage_counts_op(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    if use_triton("code_usage", indices):
+        from ..kernels.code_usage import code_usage_fwd
+
+        return code_usage_fwd(indices, codebook_size)
+    return code_usage_counts_ref(indices, codebook_size)
+
+
+@_code_usage_counts_op.register_fake
+def _(indices, codebook_size):
+    return indices.new_empty((codebook_size + 1,), dtype=torch.int64)
+
+
+def _check(op: str, indices, codebook_size) -> torch.Tensor:
+    check_tensor(op, "indices", indices)
+    if indices.dtype not in INT_DTYPES:
+        raise TypeError(f"fastvq.{op}: indices must be an integer tensor (int8/uint8/int16/int32/int64), got {indices.dtype}")
+    _check_codebook_size(op, codebook_size)
+    return indices.reshape(-1)
+
+
+def _check_codebook_size(op: str, codebook_size) -> None:
+    if isinstance(codebook_size, bool) or not isinstance(codebook_size, int):
+        raise TypeError(f"fastvq.{op}: codebook_size must be an int, got {type(codebook_size).__name__}")
+    if codebook_size < 1:
+        raise ValueError(f"fastvq.{op}: codebook_size must be >= 1, got {codebook_size}")
+
+
+def _out_of_range_error(op: str, n_bad: int, codebook_size: int) -> ValueError:
+    return ValueError(f"fastvq.{op}: {n_bad} indices are outside [0, {codebook_size}) (codebook_size={codebook_size})")
+
+
+def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
+    """Codebook usage of a set of code indices: counts, perplexity, active codes, entropy.
+
+    Args:
+        indices: integer tensor (int8/uint8/int16/int32/int64) of any shape, values in
+            ``[0, codebook_size)``. All elements count, whatever the shape: residual codes
+            ``(..., L)`` are pooled over levels (pass ``codes[..., l]`` for one level's usage).
+        codebook_size: ``K``, the number of codes.
+
+    Returns:
+        :class:`CodeUsage` with ``counts (K,)`` int64 (a bincount: an atomic histogram kernel
+        on the Triton backend), and the seed's formulas with ``p = counts / counts.sum()``:
+        ``entropy = -sum p log(p + 1e-10)`` (0-d float32), ``perplexity = exp(entropy)``
+        (0-d float32) and ``active_codes = (counts > 0).sum()`` (0-d int64). An empty input
+        gives zero counts, entropy 0 and perplexity 1. Nothing is differentiable.
+
+    Raises:
+        ValueError: an index outside ``[0, codebook_size)`` (checking this costs one host sync;
+            :class:`CodeUsageMeter` defers it to ``compute()``).
+
+    Example::
+
+        >>> u = fastvq.code_usage(torch.tensor([0, 1, 1, 3]), 4)
+        >>> u.counts, u.active_codes
+        (tensor([1, 2, 0, 1]), tensor(3))
+    """
+    op = "code_usage"
+    flat = _check(op, indices, codebook_size)
+    counts = _code_usage_counts_op(flat, codebook_size)
+    n_bad = int(counts[codebook_size].item())
+    if n_bad:
+        raise _out_of_range_error(op, n_bad, codebook_size)
+    return usage_from_counts(counts[:codebook_size])
+
+
+class CodeUsageMeter:
+    """Accumulates :func:`code_usage` over many batches without keeping them.
+
+    ``update(indices)`` adds a batch's counts on the indices' device (no host sync);
+    ``compute()`` gives the :class:`CodeUsage` of every index seen so far, as if
+    :func:`code_usage` ran on their concatenation; ``mean_batch_perplexity`` is the mean of the
+    per-batch perplexities, the ``perplexity`` of the seed's ``compute_quantization_metrics``.
+
+    The seed's ``usage_entropy`` is the entropy formula applied to the *sum* of the per-batch
+    probability vectors, which is not a distribution for more than one batch (it grows with the
+    number of batches); ``compute().entropy`` is the entropy of the pooled counts. They agree for
+    one batch. ``active_codes`` agrees always.
+
+    Example::
+
+        meter = fastvq.CodeUsageMeter(num_embeddings)
+        for batch in loader:
+            _, _, _, codes = model(batch["features"])
+            meter.update(codes)
+        usage = meter.compute()          # usage.perplexity, usage.active_codes, usage.entropy
+        meter.mean_batch_perplexity      # the seed's 'perplexity'
+    """
+
+    def __init__(self, codebook_size: int):
+        _check_codebook_size("CodeUsageMeter", codebook_size)
+        self.codebook_size = codebook_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch seen."""
+        self._counts: torch.Tensor | None = None  # (K + 1,): last bin counts out-of-range ids
+        self._perplexity_sum: torch.Tensor | None = None
+        self.num_batches = 0
+
+    @property
+    def device(self) -> torch.device | None:
+        """Device of the accumulated state (that of the first batch), or None before any."""
+        return None if self._counts is None else self._counts.device
+
+    def update(self, indices: torch.Tensor) -> CodeUsage:
+        """Add one batch of indices (any shape, integer dtype). Returns that batch's usage.
+
+        Out-of-range ids are not checked here (that would sync with the device): they are
+        counted aside, left out of the returned batch usage, and make ``compute()`` raise.
+        """
+        op = "CodeUsageMeter"
+        flat = _check(op, indices, self.codebook_size)
+        if self._counts is not None and flat.device != self._counts.device:
+            raise ValueError(f"fastvq.{op}: indices on {flat.device}, but the meter accumulates on {self._counts.device}")
+        counts = _code_usage_counts_op(flat, self.codebook_size)
+        batch = usage_from_counts(counts[: self.codebook_size])
+        if self._counts is None:
+            self._counts = counts
+            self._perplexity_sum = batch.perplexity.clone()
+        else:
+            self._counts = self._counts + counts
+            self._perplexity_sum = self._perplexity_sum + batch.perplexity
+        self.num_batches += 1
+        return batch
+
+    def compute(self) -> CodeUsage:
+        """Usage over every index seen since the last ``reset()`` (zero counts before any).
+
+        Raises:
+            ValueError: some batch held an index outside ``[0, codebook_size)`` (one host sync).
+        """
+        if self._counts is None:
+            return usage_from_counts(torch.zeros(self.codebook_size, dtype=torch.int64))
+        n_bad = int(self._counts[self.codebook_size].item())
+        if n_bad:
+            raise _out_of_range_error("CodeUsageMeter", n_bad, self.codebook_size)
+        return usage_from_counts(self._counts[: self.codebook_size].clone())
+
+    @property
+    def mean_batch_perplexity(self) -> torch.Tensor:
+        """0-d float32: the mean of the per-batch perplexities (the seed's ``perplexity``)."""
+        if self.num_batches == 0:
+            raise RuntimeError("fastvq.CodeUsageMeter: no batches seen yet")
+        return self._perplexity_sum / self.num_batches
+
+    def __repr__(self) -> str:
+        return f"CodeUsageMeter(codebook_size={self.codebook_size}, num_batches={self.num_batches})"

@@ -1,7 +1,110 @@
-"""PLACEHOLDER: being written; replaced before commit."""
-def semantic_ids(*args, **kwargs):
-    raise NotImplementedError('semantic_ids')
-def semantic_id_stats(*args, **kwargs):
-    raise NotImplementedError('semantic_id_stats')
-def SemanticIdStats(*args, **kwargs):
-    raise NotImplementedError('SemanticIdStats')
+"""semantic_ids: append a collision level to residual codes so every item gets a unique id
+(TIGER-style semantic ids for generative recommenders), and collision statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._backend import use_triton
+from .._checks import check_tensor
+from ..reference.semantic_ids import semantic_ids_ref
+
+__all__ = ["SemanticIdStats", "semantic_id_stats", "semantic_ids"]
+
+INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+@torch.library.custom_op("fastvq::semantic_ids", mutates_args=())
+def _semantic_ids_op(codes: torch.Tensor) -> torch.Tensor:
+    if use_triton("semantic_ids", codes):
+        from ..kernels.semantic_ids import semantic_ids_fwd
+
+        return semantic_ids_fwd(codes)
+    return semantic_ids_ref(codes)
+
+
+@_semantic_ids_op.register_fake
+def _(codes):
+    return codes.new_empty((codes.shape[0], codes.shape[1] + 1), dtype=torch.int64)
+
+
+def _check(op: str, codes) -> None:
+    check_tensor(op, "codes", codes, ndim=2)
+    if codes.dtype not in INT_DTYPES:
+        raise TypeError(f"fastvq.{op}: codes must be an integer tensor (int8/uint8/int16/int32/int64), got {codes.dtype}")
+
+
+def semantic_ids(codes: torch.Tensor) -> torch.Tensor:
+    """Make item ids unique by appending a collision level to their codes.
+
+    Args:
+        codes: ``(N, L)`` integer tensor, one row of residual codes per item (any values,
+            any strides; ``L = 0`` is allowed and gives every row one shared group).
+
+    Returns:
+        ``(N, L + 1)`` int64: ``out[:, :L] = codes`` and ``out[i, L]`` is the number of earlier
+        rows ``j < i`` (input order) with ``codes[j] == codes[i]``: 0 for the first item with
+        given codes, 1 for the second, ... So the rows of ``out`` are all distinct. Not
+        differentiable. Sort-based, O(N log N) time and O(N) memory, never pairwise: rows are
+        grouped (``torch.unique``), stably sorted by group, and a kernel ranks each row within
+        its group's run and scatters the rank back to input order.
+
+    Example::
+
+        >>> fastvq.semantic_ids(torch.tensor([[1, 2], [0, 2], [1, 2], [1, 2]]))
+        tensor([[1, 2, 0],
+                [0, 2, 0],
+                [1, 2, 1],
+                [1, 2, 2]])
+    """
+    _check("semantic_ids", codes)
+    return _semantic_ids_op(codes)
+
+
+@dataclass(frozen=True)
+class SemanticIdStats:
+    """Collisions among items' codes (python numbers).
+
+    Attributes:
+        num_items: ``N``.
+        num_unique: number of distinct code rows.
+        collision_rate: fraction of items whose codes equal an earlier item's,
+            ``(N - num_unique) / N`` (0.0 for ``N = 0``).
+        max_group_size: most items sharing one code row (0 for ``N = 0``).
+        max_collisions: the largest collision level, ``max_group_size - 1`` (0 for ``N = 0``):
+            the extra level of :func:`semantic_ids` takes values ``0 .. max_collisions``, so it
+            needs ``max_collisions + 1`` codes.
+    """
+
+    num_items: int
+    num_unique: int
+    collision_rate: float
+    max_group_size: int
+    max_collisions: int
+
+
+def semantic_id_stats(codes: torch.Tensor) -> SemanticIdStats:
+    """Collision statistics of ``(N, L)`` integer codes (see :class:`SemanticIdStats`).
+
+    Computed from the collision level of :func:`semantic_ids` (one host sync).
+
+    Example::
+
+        >>> fastvq.semantic_id_stats(torch.tensor([[1, 2], [0, 2], [1, 2], [1, 2]]))
+        SemanticIdStats(num_items=4, num_unique=2, collision_rate=0.5, max_group_size=3, max_collisions=2)
+    """
+    _check("semantic_id_stats", codes)
+    n = codes.shape[0]
+    if n == 0:
+        return SemanticIdStats(num_items=0, num_unique=0, collision_rate=0.0, max_group_size=0, max_collisions=0)
+    level = _semantic_ids_op(codes)[:, -1]
+    num_unique, max_level = torch.stack([(level == 0).sum(), level.max()]).tolist()
+    return SemanticIdStats(
+        num_items=n,
+        num_unique=num_unique,
+        collision_rate=(n - num_unique) / n,
+        max_group_size=max_level + 1,
+        max_collisions=max_level,
+    )

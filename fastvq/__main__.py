@@ -1,0 +1,46 @@
+"""Command line: ``python -m fastvq bench | check``.
+
+    python -m fastvq check            # every op's Triton kernels vs its reference, PASS/FAIL table
+    python -m fastvq bench            # time every op vs eager torch, torch.compile and the roofline
+    python -m fastvq bench --ops nearest_code --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvq", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="benchmark every op against eager torch, torch.compile and the roofline")
+    b.add_argument("--ops", nargs="+", help="only these ops")
+    b.add_argument("--quick", action="store_true", help="small shapes (the default without CUDA)")
+    b.add_argument("--out", help="results folder (default: ./benchmarks/results)")
+    b.add_argument("--no-plot", action="store_true")
+    c = sub.add_parser("check", help="run every op's Triton kernels against its reference on this machine")
+    c.add_argument("--ops", nargs="+", help="only these ops")
+    c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # Triton reads this when the kernels are defined: set it before any kernel module loads.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    if args.command == "check":
+        from .check import run_check
+
+        dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
+        return run_check(ops=args.ops, dtypes=dtypes)
+    from .bench import run_bench
+
+    return run_bench(ops=args.ops, quick=args.quick, out_dir=args.out, plot=not args.no_plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""What `python -m fastvq bench` runs: per op, its shapes, providers and ceiling.
+
+Providers: ``reference`` (the eager pure-torch reference in :mod:`fastvq.reference`),
+``compiled`` (``torch.compile`` of that reference), ``fastvq`` (the Triton kernels), and where
+users run something else today, that code as a peer (the seeds' ``cdist + argmin``, one-hot
+EMA statistics, the Householder rotation, the dense pairwise KL loss).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import fastvq
+from fastvq.reference.code_statistics import code_statistics_ref
+from fastvq.reference.mine_negatives import mine_negatives_ref
+from fastvq.reference.nearest_code import nearest_code_ref
+from fastvq.reference.pairwise_kl_loss import pairwise_kl_loss_ref
+from fastvq.reference.pairwise_sqdist import pairwise_sqdist_ref
+from fastvq.reference.qr_lookup import qr_lookup_ref
+from fastvq.reference.residual_quantize import residual_quantize_ref
+from fastvq.reference.rotation_trick import rotation_trick_ref
+
+from .harness import Case
+
+M = 1 << 20  # 1,048,576
+
+
+def _triton(fn):
+    """Run ``fn`` under the Triton backend (the ``fastvq`` provider)."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        with fastvq.backend("triton"):
+            return fn(*args)
+
+    return run
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _fits(nbytes: float, device: str, share: float = 0.6) -> bool:
+    if device != "cuda":
+        return nbytes < 4 * 2**30
+    free, _ = torch.cuda.mem_get_info()
+    return nbytes < share * free
+
+
+def _esize(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------- nearest_code
+
+
+def _seed_cdist_argmin(x, c):
+    # what seed 001 runs today: materialises the N x K distance matrix
+    d = torch.cdist(x.float(), c.float())
+    return d.argmin(-1)
+
+
+def nearest_code_cases(device, quick):
+    shapes = [(4096, 64, 256, torch.float32)] if quick else [
+        (M, 256, 4096, torch.bfloat16), (M, 256, 4096, torch.float32),
+        (M, 256, 8192, torch.bfloat16), (M, 256, 8192, torch.float32),
+        (M, 64, 1024, torch.bfloat16), (M, 64, 1024, torch.float32),
+        (256, 256, M, torch.bfloat16),  # small N, huge K: the split-codebook path
+    ]
+    out = []
+    for n, d, k, dt in shapes:
+        skip = {}
+        if not _fits(4.0 * n * k * 2, device):
+            skip["torch cdist+argmin"] = f"needs {8.0 * n * k / 2**30:.0f} GiB for the N x K matrix"
+        out.append(Case(
+            op="nearest_code", shape={"N": n, "D": d, "K": k}, dtype=dt,
+            make=lambda dev, n=n, d=d, k=k, dt=dt: (torch.randn(n, d, device=dev, dtype=dt),
+                                                    torch.randn(k, d, device=dev, dtype=dt)),
+            providers={"reference": nearest_code_ref, "compiled": _compiled(nearest_code_ref),
+                       "fastvq": _triton(fastvq.nearest_code)},
+            peers={"torch cdist+argmin": _seed_cdist_argmin},
+            skip=skip, flops=2.0 * n * k * d, ceiling="matmul", matmul_shape=(n, d, k)))
+    return out
+
+
+def pairwise_sqdist_cases(device, quick):
+    shapes = [(1024, 512, 64, torch.float32)] if quick else [
+        (16384, 16384, 256, torch.bfloat16), (16384, 16384, 256, torch.float32)]
+    return [Case(
+        op="pairwise_sqdist", shape={"M": m, "N": n, "D": d}, dtype=dt,
+        make=lambda dev, m=m, n=n, d=d, dt=dt: (torch.randn(m, d, device=dev, dtype=dt),
+                                                torch.randn(n, d, device=dev, dtype=dt)),
+        providers={"reference": pairwise_sqdist_ref, "compiled": _compiled(pairwise_sqdist_ref),
+                   "fastvq": _triton(fastvq.pairwise_sqdist)},
+        flops=2.0 * m * n * d, ceiling="matmul", matmul_shape=(m, d, n)) for m, n, d, dt in shapes]
+
+
+def mine_negatives_cases(device, quick):
+    shapes = [(1024, 2048, 64, torch.float32)] if quick else [
+        (65536, 65536, 256, torch.bfloat16), (65536, 65536, 256, torch.float32)]
+    return [Case(
+        op="mine_negatives", shape={"N": n, "M": m, "D": d, "strategy": "semi-hard"}, dtype=dt,
+        make=lambda dev, n=n, m=m, d=d, dt=dt: (torch.randn(n, d, device=dev, dtype=dt),
+                                                torch.randn(n, d, device=dev, dtype=dt),
+                                                torch.randn(m, d, device=dev, dtype=dt)),
+        providers={"reference": functools.partial(mine_negatives_ref, strategy="semi-hard"),
+                   "compiled": _compiled(functools.partial(mine_negatives_ref, strategy="semi-hard")),
+                   "fastvq": _triton(functools.partial(fastvq.mine_negatives, strategy="semi-hard"))},
+        flops=2.0 * n * m * d, ceiling="matmul", matmul_shape=(n, d, m)) for n, m, d, dt in shapes]
+
+
+# ---------------------------------------------------------------- residual quantization, EMA statistics
+
+
+def residual_quantize_cases(device, quick):
+    shapes = [(4, 4096, 64, 64, torch.float32)] if quick else [
+        (8, 262144, 256, 256, torch.bfloat16), (8, 262144, 256, 256, torch.float32)]
+    return [Case(
+        op="residual_quantize", shape={"L": L, "N": n, "D": d, "K": k}, dtype=dt,
+        make=lambda dev, L=L, n=n, d=d, k=k, dt=dt: (torch.randn(n, d, device=dev, dtype=dt),
+                                                     torch.randn(L, k, d, device=dev, dtype=dt) / (L ** 0.5)),
+        providers={"reference": residual_quantize_ref, "compiled": _compiled(residual_quantize_ref),
+                   "fastvq": _triton(fastvq.residual_quantize)},
+        flops=2.0 * n * k * d * L, ceiling="matmul", matmul_shape=(n, d, k * L)) for L, n, d, k, dt in shapes]
+
+
+def _seed_onehot_stats(x, idx, k):
+    # what seed 001's EMAQuantizer runs today: a dense N x K one-hot matrix
+    enc = F.one_hot(idx, k).float()
+    return enc.sum(0), enc.T @ x.float()
+
+
+def code_statistics_cases(device, quick):
+    shapes = [(16384, 128, 256, torch.float32)] if quick else [
+        (M, 256, 8192, torch.float32), (M, 256, 8192, torch.bfloat16)]
+    out = []
+    for n, d, k, dt in shapes:
+        skip = {} if _fits(4.0 * n * k, device) else {"one-hot (seed)": f"needs {4.0 * n * k / 2**30:.0f} GiB one-hot"}
+        out.append(Case(
+            op="code_statistics", shape={"N": n, "D": d, "K": k}, dtype=dt,
+            make=lambda dev, n=n, d=d, k=k, dt=dt: (torch.randn(n, d, device=dev, dtype=dt),
+                                                    torch.randint(0, k, (n,), device=dev), k),
+            providers={"reference": code_statistics_ref, "compiled": _compiled(code_statistics_ref),
+                       "fastvq": _triton(fastvq.code_statistics)},
+            peers={"fastvq atomic": _triton(functools.partial(fastvq.code_statistics, deterministic=False)),
+                   "one-hot (seed)": _seed_onehot_stats},
+            skip=skip, bytes=n * d * _esize(dt) + n * 8 + k * d * 4 + k * 4, ceiling="copy"))
+    return out
+
+
+# ---------------------------------------------------------------- rotation trick
+
+
+def _fwd_bwd(fn):
+    def run(e, q, g):
+        out = fn(e, q)
+        out.backward(g)
+        return out
+
+    return run
+
+
+def _seed_householder(e, q):
+    # seed 004's rotation: Householder reflection with bmm, eps-guarded norms
+    en = e.norm(dim=-1, keepdim=True)
+    qn = q.norm(dim=-1, keepdim=True)
+    e_hat, q_hat = (e / (en + 1e-6)).detach(), (q / (qn + 1e-6)).detach()
+    r = ((e_hat + q_hat) / torch.norm(e_hat + q_hat, dim=1, keepdim=True)).detach()
+    ee = e.unsqueeze(1)
+    out = ee - 2 * torch.bmm(torch.bmm(ee, r.unsqueeze(-1)), r.unsqueeze(1)) + 2 * torch.bmm(
+        torch.bmm(ee, e_hat.unsqueeze(-1)), q_hat.unsqueeze(1))
+    return out.squeeze(1) * (qn / (en + 1e-6)).detach()
+
+
+def rotation_trick_cases(device, quick):
+    shapes = [(16384, 64, torch.float32)] if quick else [(M, 256, torch.float32), (M, 256, torch.bfloat16)]
+    return [Case(
+        op="rotation_trick fwd+bwd", shape={"N": n, "D": d}, dtype=dt,
+        make=lambda dev, n=n, d=d, dt=dt: (torch.randn(n, d, device=dev, dtype=dt, requires_grad=True),
+                                           torch.randn(n, d, device=dev, dtype=dt),
+                                           torch.randn(n, d, device=dev, dtype=dt)),
+        providers={"reference": _fwd_bwd(rotation_trick_ref), "compiled": _fwd_bwd(_compiled(rotation_trick_ref)),
+                   "fastvq": _triton(_fwd_bwd(fastvq.rotation_trick))},
+        peers={"householder (seed 004)": _fwd_bwd(_seed_householder)},
+        # forward reads q, writes out; backward reads e, q, g and writes grad_e
+        bytes=6.0 * n * d * _esize(dt), ceiling="copy") for n, d, dt in shapes]
+
+
+# ---------------------------------------------------------------- QR embeddings
+
+
+def _qr_bwd(fn):
+    def run(ids, qw, rw, g):
+        out = fn(ids, qw, rw)
+        out.backward(g)
+        return out
+
+    return run
+
+
+def qr_lookup_cases(device, quick):
+    b, dim, rows = (65536, 64, 256) if quick else (M, 128, 3163)
+    dt = torch.float32
+
+    def make(dev):
+        ids = torch.randint(-(2**40), 2**40, (b,), device=dev)
+        qw = torch.randn(rows, dim, device=dev, dtype=dt, requires_grad=True)
+        rw = torch.randn(rows, dim, device=dev, dtype=dt, requires_grad=True)
+        return ids, qw, rw, torch.randn(b, dim, device=dev, dtype=dt)
+
+    fwd = {"reference": lambda i, q, r, g: qr_lookup_ref(i, q.detach(), r.detach()),
+           "compiled": (lambda c: lambda i, q, r, g: c(i, q.detach(), r.detach()))(_compiled(qr_lookup_ref)),
+           "fastvq": _triton(lambda i, q, r, g: fastvq.qr_lookup(i, q.detach(), r.detach()))}
+    bwd = {"reference": _qr_bwd(qr_lookup_ref), "compiled": _qr_bwd(_compiled(qr_lookup_ref)),
+           "fastvq": _triton(_qr_bwd(fastvq.qr_lookup))}
+    es = _esize(dt)
+    return [
+        Case(op="qr_lookup fwd", shape={"B": b, "dim": dim, "rows": rows}, dtype=dt, make=make, providers=fwd,
+             bytes=b * 8 + b * dim * es + 2 * rows * dim * es, ceiling="copy"),
+        Case(op="qr_lookup fwd+bwd", shape={"B": b, "dim": dim, "rows": rows}, dtype=dt, make=make, providers=bwd,
+             bytes=2 * (b * 8 + b * dim * es + 2 * rows * dim * es), ceiling="copy"),
+    ]
+
+
+# ---------------------------------------------------------------- pairwise KL loss
+
+
+def _kl_fwd_bwd(fn):
+    def run(pred, target, t):
+        loss = fn(pred, target, t)
+        loss.backward()
+        return loss
+
+    return run
+
+
+def pairwise_kl_cases(device, quick):
+    shapes = [(512, 64)] if quick else [(4096, 128), (65536, 128)]
+    out = []
+    for b, d in shapes:
+        dense = 4.0 * b * b * 6  # the eager loss keeps several B x B float32 matrices alive
+        skip = {} if _fits(dense, device) else {
+            p: f"cannot run: the dense B x B matrices need ~{dense / 2**30:.0f} GiB" for p in ("reference", "compiled")}
+        out.append(Case(
+            op="pairwise_kl_loss fwd+bwd", shape={"B": b, "D": d}, dtype=torch.float32,
+            make=lambda dev, b=b, d=d: (F.normalize(torch.randn(b, d, device=dev), dim=1).requires_grad_(),
+                                        F.normalize(torch.randn(b, d, device=dev), dim=1), 0.1),
+            providers={"reference": _kl_fwd_bwd(pairwise_kl_loss_ref),
+                       "compiled": _kl_fwd_bwd(_compiled(pairwise_kl_loss_ref)),
+                       "fastvq": _triton(_kl_fwd_bwd(fastvq.pairwise_kl_loss))},
+            skip=skip, flops=2.0 * b * b * d * 4, ceiling="matmul", matmul_shape=(b, d, b)))
+    return out
+
+
+CASE_BUILDERS = {
+    "nearest_code": nearest_code_cases,
+    "pairwise_sqdist": pairwise_sqdist_cases,
+    "mine_negatives": mine_negatives_cases,
+    "residual_quantize": residual_quantize_cases,
+    "code_statistics": code_statistics_cases,
+    "rotation_trick": rotation_trick_cases,
+    "qr_lookup": qr_lookup_cases,
+    "pairwise_kl_loss": pairwise_kl_cases,
+}
+
+
+def all_cases(device: str, quick: bool, ops=None) -> list[Case]:
+    unknown = set(ops or ()) - set(CASE_BUILDERS)
+    if unknown:
+        raise ValueError(f"unknown op(s) {sorted(unknown)}; benchmarked ops are {sorted(CASE_BUILDERS)}")
+    out = []
+    for name, build in CASE_BUILDERS.items():
+        if ops and name not in ops:
+            continue
+        out.extend(build(device, quick))
+    return out

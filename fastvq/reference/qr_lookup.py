@@ -1,0 +1,145 @@
+"""Pure-torch reference of :func:`fastvq.qr_lookup` (quotient-remainder compositional embeddings).
+
+``h = ids mod (Q*R)`` (non-negative, exact int64 arithmetic), row ``h // R`` of ``q_weight``
+composed with row ``h % R`` of ``r_weight`` by ``op`` ("add", "mult" or "concat"), in float32,
+stored in the tables' dtype. Bag form: every item is composed first, then the bag is pooled.
+
+:func:`qr_lookup_ref` is built from differentiable torch ops (it is the autograd oracle of the
+tests); :func:`qr_lookup_bwd_ref` is the explicit backward the op runs under the reference
+backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._chunks import row_chunk
+
+OPS = ("add", "mult", "concat")
+MODES = ("sum", "mean")
+
+
+def qr_indices(ids: torch.Tensor, Q: int, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quotient rows, remainder rows)`` of ``ids``, int64, exact for every int64 id."""
+    h = torch.remainder(ids.long(), Q * R)
+    return torch.div(h, R, rounding_mode="floor"), torch.remainder(h, R)
+
+
+def qr_out_dim(op: str, q_weight: torch.Tensor, r_weight: torch.Tensor) -> int:
+    return q_weight.shape[1] + r_weight.shape[1] if op == "concat" else q_weight.shape[1]
+
+
+def bag_layout(offsets: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bag of each item (N,) int64, length of each bag (B,) int64)`` for 1-D ``offsets``."""
+    offsets = offsets.long()
+    ends = torch.cat([offsets[1:], offsets.new_full((1,), n_items)]) if offsets.numel() else offsets
+    lengths = ends - offsets
+    items = torch.arange(n_items, device=offsets.device)
+    bag_of = torch.searchsorted(offsets, items, right=True) - 1
+    return bag_of, lengths
+
+
+def item_scale(bag_of, lengths, mode: str, per_sample_weights) -> torch.Tensor | None:
+    """float32 factor of each item in its bag's pooled sum (None: all ones)."""
+    if per_sample_weights is not None:
+        return per_sample_weights.reshape(-1).float()
+    if mode == "mean" and bag_of is not None:
+        return 1.0 / lengths.clamp_min(1).float()[bag_of]
+    return None
+
+
+def _compose(op: str, qv: torch.Tensor, rv: torch.Tensor) -> torch.Tensor:
+    if op == "add":
+        return qv + rv
+    if op == "mult":
+        return qv * rv
+    return torch.cat([qv, rv], dim=-1)
+
+
+def qr_lookup_ref(
+    ids: torch.Tensor,
+    q_weight: torch.Tensor,
+    r_weight: torch.Tensor,
+    op: str = "add",
+    *,
+    offsets: torch.Tensor | None = None,
+    mode: str = "sum",
+    per_sample_weights: torch.Tensor | None = None,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """Reference for :func:`fastvq.qr_lookup` (no input checks; ``deterministic`` is unused).
+
+    Plain form: ``ids.shape + (dim,)``. Bag form (1-D ``ids`` and ``offsets``): ``(B, dim)``.
+    Differentiable (torch autograd) in both tables and in ``per_sample_weights``.
+    """
+    Q, R = q_weight.shape[0], r_weight.shape[0]
+    dim = qr_out_dim(op, q_weight, r_weight)
+    flat = ids.reshape(-1)
+    N = flat.numel()
+    qi, ri = qr_indices(flat, Q, R)
+    math = torch.float64 if q_weight.dtype == torch.float64 else torch.float32
+    step = row_chunk(dim)
+    if offsets is None:
+        parts = [
+            _compose(op, q_weight[qi[s : s + step]].to(math), r_weight[ri[s : s + step]].to(math)).to(q_weight.dtype)
+            for s in range(0, N, step)
+        ]
+        out = torch.cat(parts) if parts else q_weight.new_zeros((0, dim))
+        return out.reshape(*ids.shape, dim)
+
+    bag_of, lengths = bag_layout(offsets, N)
+    scale = item_scale(bag_of, lengths, mode, per_sample_weights)
+    pooled = torch.zeros((offsets.shape[0], dim), dtype=math, device=q_weight.device)
+    for s in range(0, N, step):
+        c = _compose(op, q_weight[qi[s : s + step]].to(math), r_weight[ri[s : s + step]].to(math))
+        if scale is not None:
+            c = c * scale[s : s + step].to(math)[:, None]
+        pooled = pooled.index_add(0, bag_of[s : s + step], c)
+    return pooled.to(q_weight.dtype)
+
+
+def qr_lookup_bwd_ref(
+    grad: torch.Tensor,
+    ids: torch.Tensor,
+    q_weight: torch.Tensor,
+    r_weight: torch.Tensor,
+    op: str,
+    offsets: torch.Tensor | None,
+    mode: str,
+    per_sample_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_q_weight, grad_r_weight)`` of :func:`qr_lookup_ref` for upstream ``grad``.
+
+    ``grad`` is ``(N, dim)`` (plain, ``ids`` flattened) or ``(B, dim)`` (bags). float32
+    accumulation by ``index_add_`` (sequential, so deterministic, on the CPU).
+    """
+    Q, R = q_weight.shape[0], r_weight.shape[0]
+    dq = q_weight.shape[1]
+    flat = ids.reshape(-1)
+    N = flat.numel()
+    qi, ri = qr_indices(flat, Q, R)
+    math = torch.float64 if q_weight.dtype == torch.float64 else torch.float32
+    gq = torch.zeros(q_weight.shape, dtype=math, device=q_weight.device)
+    gr = torch.zeros(r_weight.shape, dtype=math, device=r_weight.device)
+    if offsets is None:
+        bag_of, scale = None, None
+    else:
+        bag_of, lengths = bag_layout(offsets, N)
+        scale = item_scale(bag_of, lengths, mode, per_sample_weights)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    step = row_chunk(grad.shape[-1])
+    for s in range(0, N, step):
+        rows = slice(s, min(s + step, N))
+        g = (g2[rows] if bag_of is None else g2[bag_of[rows]]).to(math)
+        if scale is not None:
+            g = g * scale[rows].to(math)[:, None]
+        if op == "add":
+            g_q, g_r = g, g
+        elif op == "mult":
+            g_q = g * r_weight[ri[rows]].to(math)
+            g_r = g * q_weight[qi[rows]].to(math)
+        else:
+            g_q, g_r = g[:, :dq], g[:, dq:]
+        gq.index_add_(0, qi[rows], g_q)
+        gr.index_add_(0, ri[rows], g_r)
+    return gq.to(q_weight.dtype), gr.to(r_weight.dtype)

@@ -1,0 +1,231 @@
+"""Pairwise-geometry KL loss, flash style: the B x B similarity matrices never reach memory.
+
+Notation (as in :mod:`fastvq.reference.pairwise_kl_loss`): ``s_ij = pred_i . pred_j / T``,
+``t_ij = target_i . target_j / T``; row ``i`` takes a softmax over ``j != i``.
+
+Forward: each program owns BLOCK_M rows and streams the batch in BLOCK_N column tiles. Per
+tile it forms the ``s`` and ``t`` tiles with two dots (streaming Dp and Dt in chunks), drops
+the diagonal and the padding, and updates three online quantities per row: the logsumexp of
+``s`` (running max + sum), the logsumexp of ``t``, and ``sum_j exp(t_ij - m_t) (t_ij - s_ij)``,
+rescaled whenever the running max of ``t`` moves. At the end
+
+    KL_i = E_q[t_i. - s_i.] - lse_t[i] + lse_p[i]
+
+and the program stores ``KL_i``, ``lse_p[i]``, ``lse_t[i]`` (three floats a row).
+
+Backward: ``dL/dpred_i = g / (B T) * sum_j (G_ij + G_ji) pred_j`` with
+``G_ij = exp(s_ij - lse_p[i]) - exp(t_ij - lse_t[i])`` off the diagonal. Because ``s`` and
+``t`` are symmetric, the tile that gives ``G_ij`` also gives ``G_ji`` (the same exponentials,
+normalised by the column's saved logsumexps), so one kernel, one pass over column tiles per
+row tile, produces ``(G + G^T) @ pred`` with no B x B matrix and no atomics. The second grid
+axis splits Dp in BLOCK_DO chunks when Dp is wide (the tiles are then recomputed per chunk).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRETED
+from ._common import dot_fp32, next_pow2, tl_input_precision
+
+
+def _configs(pairs):
+    if INTERPRETED:  # the interpreter would run every config: one, with large tiles
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+_FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2)])
+_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 32, 8, 2)])
+
+
+@triton.jit
+def _gram_tile(
+    p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """``x[o_m] @ x[o_n].T`` in float32, streaming D in BLOCK_D chunks (padding reads 0)."""
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_a = tl.load(p_x + o_m[:, None] * stride_b + o_d[None, :] * stride_d,
+                      mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_b = tl.load(p_x + o_n[:, None] * stride_b + o_d[None, :] * stride_d,
+                      mask=m_n[:, None] & m_d[None, :], other=0.0)
+        if DOT_FP32:
+            b_acc = tl.dot(b_a.to(tl.float32), tl.trans(b_b.to(tl.float32)), b_acc, input_precision=PRECISION)
+        else:
+            b_acc = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision=PRECISION)
+    return b_acc
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["DP", "DT"])
+@triton.jit
+def _pairwise_kl_loss_fwd_kernel(
+    p_pred, p_target, p_kl, p_lse_p, p_lse_t,
+    B, DP, DT, inv_t,
+    stride_pb, stride_pd, stride_tb, stride_td,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < B
+
+    # Finite start for the running maxima: a tile where a row has no valid column leaves
+    # them finite, so the rescale factors exp(m_old - m_new) never see (-inf) - (-inf).
+    b_mp = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    b_mt = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    b_lp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_lt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, B, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        m_n = o_n < B
+        b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
+                         BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
+        b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
+                         BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+        m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
+        b_s_m = tl.where(m_valid, b_s, float("-inf"))
+        b_t_m = tl.where(m_valid, b_t, float("-inf"))
+
+        b_mp_new = tl.maximum(b_mp, tl.max(b_s_m, axis=1))
+        b_lp = b_lp * tl.exp(b_mp - b_mp_new) + tl.sum(tl.exp(b_s_m - b_mp_new[:, None]), axis=1)
+        b_mp = b_mp_new
+
+        b_mt_new = tl.maximum(b_mt, tl.max(b_t_m, axis=1))
+        b_alpha = tl.exp(b_mt - b_mt_new)
+        b_q = tl.exp(b_t_m - b_mt_new[:, None])  # 0 where masked
+        b_lt = b_lt * b_alpha + tl.sum(b_q, axis=1)
+        b_acc = b_acc * b_alpha + tl.sum(b_q * tl.where(m_valid, b_t - b_s, 0.0), axis=1)
+        b_mt = b_mt_new
+
+    b_lse_p = b_mp + tl.log(b_lp)
+    b_lse_t = b_mt + tl.log(b_lt)
+    b_kl = b_acc / b_lt - b_lse_t + b_lse_p
+    tl.store(p_kl + o_m, b_kl, mask=m_m)
+    tl.store(p_lse_p + o_m, b_lse_p, mask=m_m)
+    tl.store(p_lse_t + o_m, b_lse_t, mask=m_m)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["DP", "DT"])
+@triton.jit
+def _pairwise_kl_loss_bwd_kernel(
+    p_grad, p_pred, p_target, p_lse_p, p_lse_t, p_dpred,
+    B, DP, DT, inv_t,
+    stride_pb, stride_pd, stride_tb, stride_td, stride_db, stride_dd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < B
+    o_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    m_do = o_do < DP
+
+    b_lse_pm = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
+    b_lse_tm = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
+    b_dp = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    for n0 in range(0, B, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        m_n = o_n < B
+        b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
+                         BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
+        b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
+                         BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+        b_lse_pn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
+        b_lse_tn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
+        # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
+        # exponent is <= 0; the diagonal may overflow but is dropped by the where.
+        b_h = (tl.exp(b_s - b_lse_pm[:, None]) - tl.exp(b_t - b_lse_tm[:, None])
+               + tl.exp(b_s - b_lse_pn[None, :]) - tl.exp(b_t - b_lse_tn[None, :]))
+        m_valid = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
+        b_h = tl.where(m_valid, b_h, 0.0)
+        b_pn = tl.load(p_pred + o_n[:, None] * stride_pb + o_do[None, :] * stride_pd,
+                       mask=m_n[:, None] & m_do[None, :], other=0.0)
+        if DOT_FP32_P:
+            b_dp = tl.dot(b_h, b_pn.to(tl.float32), b_dp, input_precision=PREC_P)
+        else:
+            b_dp = tl.dot(b_h.to(b_pn.dtype), b_pn, b_dp, input_precision=PREC_P)
+
+    b_scale = tl.load(p_grad).to(tl.float32) * inv_t / B
+    tl.store(p_dpred + o_m[:, None] * stride_db + o_do[None, :] * stride_dd,
+             (b_dp * b_scale).to(p_dpred.dtype.element_ty), mask=m_m[:, None] & m_do[None, :])
+
+
+def _block_d(d: int) -> int:
+    return min(max(next_pow2(d), 16), 64)
+
+
+def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float):
+    """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
+    KL(target || pred), diagonal excluded), per-row float32 logsumexps for the backward."""
+    # check
+    if pred.dim() != 2 or target.dim() != 2 or pred.shape[0] != target.shape[0]:
+        raise ValueError(f"pairwise_kl_loss_fwd: expected (B, Dp) and (B, Dt), got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.dtype != target.dtype:
+        raise TypeError(f"pairwise_kl_loss_fwd: dtypes differ: {pred.dtype} and {target.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"pairwise_kl_loss_fwd: temperature must be > 0, got {temperature}")
+    B, DP = pred.shape
+    DT = target.shape[1]
+    # allocate
+    kl = torch.empty((B,), dtype=torch.float32, device=pred.device)
+    lse_p = torch.empty((B,), dtype=torch.float32, device=pred.device)
+    lse_t = torch.empty((B,), dtype=torch.float32, device=pred.device)
+    if B <= 1:  # no off-diagonal pair: loss 0 (and nothing to normalise)
+        lse_p.zero_(), lse_t.zero_()
+        return torch.zeros((), dtype=torch.float32, device=pred.device), lse_p, lse_t
+    # launch
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)  # noqa: E731
+    _pairwise_kl_loss_fwd_kernel[grid](
+        pred, target, kl, lse_p, lse_t,
+        B, DP, DT, 1.0 / float(temperature),
+        pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
+        BLOCK_DP=_block_d(DP), BLOCK_DT=_block_d(DT),
+        PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
+        DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype),
+    )
+    return kl.sum() / B, lse_p, lse_t
+
+
+def pairwise_kl_loss_bwd(
+    grad: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    lse_p: torch.Tensor,
+    lse_t: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Gradient in ``pred`` (``(B, Dp)``, pred's dtype) for the 0-d upstream ``grad``."""
+    # check
+    if pred.dim() != 2 or target.dim() != 2 or pred.shape[0] != target.shape[0]:
+        raise ValueError(f"pairwise_kl_loss_bwd: expected (B, Dp) and (B, Dt), got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if grad.numel() != 1 or lse_p.shape != (pred.shape[0],) or lse_t.shape != (pred.shape[0],):
+        raise ValueError(
+            f"pairwise_kl_loss_bwd: expected a 1-element grad and (B,) logsumexps, got {tuple(grad.shape)}, "
+            f"{tuple(lse_p.shape)}, {tuple(lse_t.shape)}"
+        )
+    B, DP = pred.shape
+    DT = target.shape[1]
+    # allocate
+    dpred = torch.empty_like(pred, memory_format=torch.contiguous_format)
+    if B <= 1 or DP == 0:
+        return dpred.zero_()
+    # launch
+    BLOCK_DO = min(max(next_pow2(DP), 16), 128)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(DP, BLOCK_DO))  # noqa: E731
+    _pairwise_kl_loss_bwd_kernel[grid](
+        grad.float(), pred, target, lse_p.float().contiguous(), lse_t.float().contiguous(), dpred,
+        B, DP, DT, 1.0 / float(temperature),
+        pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), dpred.stride(0), dpred.stride(1),
+        BLOCK_DP=_block_d(DP), BLOCK_DT=_block_d(DT), BLOCK_DO=BLOCK_DO,
+        PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
+        DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype),
+    )
+    return dpred

@@ -1,0 +1,122 @@
+"""The one dispatch point: backend selection, no silent fallback, kernels really launched."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastvq
+from fastvq import _backend
+from fastvq.kernels import pairwise_sqdist as k_pairwise
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    calls = []
+    real = k_pairwise.pairwise_sqdist_fwd
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(k_pairwise, "pairwise_sqdist_fwd", counting)
+    return calls
+
+
+def test_default_is_auto(monkeypatch):
+    monkeypatch.delenv("FASTVQ_BACKEND", raising=False)
+    fastvq.set_backend(None)
+    assert fastvq.get_backend() == "auto"
+
+
+def test_env_var_then_set_backend_then_context(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "reference")
+    assert fastvq.get_backend() == "reference"
+    try:
+        fastvq.set_backend("triton")
+        assert fastvq.get_backend() == "triton"
+        with fastvq.backend("reference"):
+            assert fastvq.get_backend() == "reference"
+            with fastvq.backend("auto"):
+                assert fastvq.get_backend() == "auto"
+            assert fastvq.get_backend() == "reference"
+        assert fastvq.get_backend() == "triton"
+    finally:
+        fastvq.set_backend(None)
+
+
+@pytest.mark.parametrize("bad", ["cuda", "", "Triton2", None])
+def test_unknown_backend(bad):
+    with pytest.raises(ValueError, match="backend"):
+        with fastvq.backend(bad):
+            pass
+
+
+def test_bad_env_var(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTVQ_BACKEND"):
+        fastvq.get_backend()
+
+
+def test_triton_backend_launches_kernel(count_launches):
+    a, b = torch.randn(5, 3), torch.randn(4, 3)
+    with fastvq.backend("triton"):
+        fastvq.pairwise_sqdist(a, b)
+    assert len(count_launches) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors only")
+@pytest.mark.parametrize("name", ["auto", "reference"])
+def test_cpu_tensors_use_reference(count_launches, name):
+    with fastvq.backend(name):
+        fastvq.pairwise_sqdist(torch.randn(5, 3), torch.randn(4, 3))
+    assert count_launches == []
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch, count_launches):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with fastvq.backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            fastvq.pairwise_sqdist(torch.randn(5, 3), torch.randn(4, 3))
+    assert count_launches == []
+
+
+def test_backward_follows_backend(monkeypatch):
+    # the backward runs under the backend in force when it runs; here: the whole step in one block
+    a = torch.randn(6, 4, requires_grad=True)
+    with fastvq.backend("triton"):
+        fastvq.pairwise_sqdist(a, torch.randn(3, 4)).sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+def test_use_triton_is_the_only_dispatch():
+    # every op module decides through _backend.use_triton, never on its own
+    import pathlib
+
+    ops = pathlib.Path(fastvq.__file__).parent / "ops"
+    for f in ops.glob("*.py"):
+        text = f.read_text()
+        assert "is_cuda" not in text and "TRITON_INTERPRET" not in text, f"{f.name} dispatches by itself"
+
+
+def test_import_from_source_tree_without_install(tmp_path):
+    # PYTHONPATH=<repo> (how the GPU image runs it) must find fastvq.kernels in kernels/
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import fastvq.kernels.pairwise_sqdist as m, os; print(os.path.dirname(m.__file__))"
+    env = dict(os.environ, PYTHONPATH=repo)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == os.path.join(repo, "kernels")
+
+
+def test_no_top_level_kernels_package_is_installed():
+    tomllib = pytest.importorskip("tomllib")
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "pyproject.toml"), "rb") as f:
+        cfg = tomllib.load(f)["tool"]["setuptools"]
+    assert "kernels" not in cfg["packages"]
+    assert cfg["package-dir"]["fastvq.kernels"] == "kernels"
+    assert all(p == "fastvq" or p.startswith("fastvq.") for p in cfg["packages"])
