@@ -1,3 +1,213 @@
-"""PLACEHOLDER: being written; replaced before commit."""
-def RQVAE(*args, **kwargs):
-    raise NotImplementedError('RQVAE')
+"""RQVAE: encoder -> residual quantizer -> decoder, for semantic ids of recommender items."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.semantic_ids import semantic_ids as _semantic_ids
+from .residual_quantizer import ResidualQuantizer
+
+__all__ = ["RQVAE", "Encoder", "Decoder"]
+
+
+class Encoder(nn.Module):
+    """``Linear-ReLU-Linear-ReLU-Linear``: ``(..., input_dim) -> (..., latent_dim)`` (the seed's)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, latent_dim: int):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, latent_dim),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class Decoder(nn.Module):
+    """``Linear-ReLU-Linear-ReLU-Linear``: ``(..., latent_dim) -> (..., output_dim)`` (the seed's)."""
+
+    def __init__(self, latent_dim: int, hidden_dim: int, output_dim: int):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, output_dim),
+        )
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.layers(latent)
+
+
+class RQVAE(nn.Module):
+    """Residual-quantized VAE that maps item features to discrete semantic ids.
+
+    The seed's model: ``encoder`` (an MLP, parameters ``encoder.layers.*``), ``quantizer``
+    (:class:`fastvq.nn.ResidualQuantizer` with ``num_quantizers`` levels of ``num_embeddings``
+    codes of size ``latent_dim``) and ``decoder`` (``decoder.layers.*``), so a seed checkpoint's
+    encoder/decoder weights load by name.
+
+    Args:
+        input_dim, hidden_dim, latent_dim: MLP sizes.
+        num_quantizers: ``L``, residual levels.
+        num_embeddings: ``K``, codes per level.
+        commitment_cost: weight of the commitment loss in :meth:`compute_loss` (also passed on
+            to the quantizer).
+        **quantizer_kwargs: passed on to :class:`fastvq.nn.ResidualQuantizer`.
+
+    Shapes: ``features (..., input_dim)`` float; ``forward`` returns
+    ``(reconstructed (..., input_dim), commitment_loss (), embedding_loss (), codes (..., L) int64)``.
+
+    Example::
+
+        model = fastvq.nn.RQVAE(768, 512, 64, num_quantizers=3, num_embeddings=256)
+        reconstructed, commitment_loss, embedding_loss, codes = model(features)
+        losses = model.compute_loss(features, reconstructed, commitment_loss, embedding_loss)
+        losses["total_loss"].backward()
+        ids = model.semantic_ids(all_item_features, batch_size=4096)  # (N, 4), unique rows
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        latent_dim: int,
+        num_quantizers: int,
+        num_embeddings: int,
+        commitment_cost: float = 0.25,
+        **quantizer_kwargs,
+    ):
+        super().__init__()
+        self.input_dim = input_dim
+        self.latent_dim = latent_dim
+        self.num_quantizers = num_quantizers
+        self.num_embeddings = num_embeddings
+        self.commitment_cost = commitment_cost
+        self.encoder = Encoder(input_dim, hidden_dim, latent_dim)
+        self.quantizer = ResidualQuantizer(num_quantizers, num_embeddings, latent_dim, commitment_cost, **quantizer_kwargs)
+        self.decoder = Decoder(latent_dim, hidden_dim, input_dim)
+
+    def forward(self, features: torch.Tensor):
+        """``(..., input_dim)`` -> ``(reconstructed, commitment_loss, embedding_loss, codes (..., L))``."""
+        encoded = self.encoder(features)
+        quantized, commitment_loss, embedding_loss, codes = self.quantizer(encoded)
+        reconstructed = self.decoder(quantized)
+        return reconstructed, commitment_loss, embedding_loss, codes
+
+    def compute_loss(self, features, reconstructed, commitment_loss, embedding_loss) -> dict:
+        """The seed's losses: ``total = mse(reconstructed, features) + commitment_cost *
+        commitment_loss + embedding_loss``; returns ``total_loss``, ``reconstruction_loss``,
+        ``commitment_loss`` and ``embedding_loss``."""
+        recon_loss = F.mse_loss(reconstructed, features)
+        total_loss = recon_loss + self.commitment_cost * commitment_loss + embedding_loss
+        return {
+            "total_loss": total_loss,
+            "reconstruction_loss": recon_loss,
+            "commitment_loss": commitment_loss,
+            "embedding_loss": embedding_loss,
+        }
+
+    def encode_codes(self, features: torch.Tensor) -> torch.Tensor:
+        """``(..., input_dim) -> (..., L)`` int64 codes of the residual quantizer (runs as is:
+        no mode change, gradients off only where the caller turned them off)."""
+        return self.quantizer(self.encoder(features))[3]
+
+    def generate_semantic_ids(self, features: torch.Tensor) -> torch.Tensor:
+        """The seed's ``generate_semantic_ids``: codes ``(..., L)`` of one batch, in eval mode
+        without gradients (the previous mode is restored). For a whole item set with the
+        collision level, use :meth:`semantic_ids`."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.encode_codes(features)
+        finally:
+            self.train(was_training)
+
+    def semantic_ids(
+        self,
+        features,
+        batch_size: int = 4096,
+        progress: bool = True,
+        with_collision_level: bool = True,
+    ) -> torch.Tensor:
+        """Semantic ids of an item set far larger than fits on the device at once.
+
+        Args:
+            features: a tensor ``(N, input_dim)`` (or ``(..., input_dim)``, rows flattened) on
+                any device, typically the CPU, cut into ``batch_size`` rows; or any iterable of
+                batches (a ``DataLoader``, a list), each a tensor, a dict with a ``"features"``
+                entry, or a tuple/list whose first element is the features.
+            batch_size: rows per batch when ``features`` is a tensor.
+            progress: show a tqdm progress bar.
+            with_collision_level: append the collision level (:func:`fastvq.semantic_ids`,
+                over the whole set in input order) so every row is unique.
+
+        Returns:
+            int64 on the model's device: ``(N, L + 1)``, or the raw codes ``(N, L)`` when
+            ``with_collision_level=False``.
+
+        Each batch moves to the model's device (and parameter dtype), runs without gradients in
+        eval mode; the module's previous train/eval mode is restored afterwards.
+        """
+        op = "RQVAE.semantic_ids"
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"fastvq.{op}: batch_size must be a positive int, got {batch_size!r}")
+        param = next(self.parameters())
+        device, dtype = param.device, param.dtype
+
+        if hasattr(features, "__array__") and not isinstance(features, torch.Tensor):
+            features = torch.as_tensor(features)
+        if isinstance(features, torch.Tensor):
+            if features.dim() < 1 or features.shape[-1] != self.input_dim:
+                raise ValueError(f"fastvq.{op}: features must be (N, {self.input_dim}), got shape {tuple(features.shape)}")
+            rows = features.reshape(-1, self.input_dim)
+            batches: Iterable = (rows[s : s + batch_size] for s in range(0, rows.shape[0], batch_size))
+            total, unit = rows.shape[0], "item"
+        elif isinstance(features, Iterable):
+            batches = features
+            total, unit = (len(features) if hasattr(features, "__len__") else None), "batch"
+        else:
+            raise TypeError(f"fastvq.{op}: features must be a tensor or an iterable of batches, got {type(features).__name__}")
+
+        from tqdm.auto import tqdm
+
+        codes = []
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), tqdm(total=total, disable=not progress, desc="semantic ids", unit=unit) as bar:
+                for batch in batches:
+                    x = _batch_features(op, batch, self.input_dim)
+                    x = x.to(device=device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
+                    c = self.encode_codes(x.reshape(-1, self.input_dim))
+                    codes.append(c.reshape(-1, c.shape[-1]))
+                    bar.update(x.shape[0] if unit == "item" else 1)
+        finally:
+            self.train(was_training)
+        codes = torch.cat(codes) if codes else torch.zeros((0, self.num_quantizers), dtype=torch.int64, device=device)
+        codes = codes.long()
+        return _semantic_ids(codes) if with_collision_level else codes
+
+
+def _batch_features(op: str, batch, input_dim: int) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        if "features" not in batch:
+            raise ValueError(f"fastvq.{op}: a dict batch needs a 'features' entry, got keys {list(batch)}")
+        batch = batch["features"]
+    elif isinstance(batch, (tuple, list)) and batch and not isinstance(batch[0], (int, float)):
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        batch = torch.as_tensor(batch)
+    if batch.dim() < 1 or batch.shape[-1] != input_dim:
+        raise ValueError(f"fastvq.{op}: each batch must be (B, {input_dim}), got shape {tuple(batch.shape)}")
+    return batch

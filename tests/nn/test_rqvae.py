@@ -1,0 +1,159 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvq
+import fastvq.nn.rqvae as rqvae_module
+from tests.utils import assert_close, randn
+
+
+class SeedResidualQuantizer(nn.Module):
+    """The seed's MultiQuantizer of VectorQuantizers, returning codes stacked to (..., L), with
+    the interface of fastvq.nn.ResidualQuantizer. Records the mode and grad state of each call."""
+
+    def __init__(self, num_quantizers, num_embeddings, embedding_dim, commitment_cost=0.25, **kwargs):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.kwargs = kwargs
+        self.codebooks = nn.ModuleList(nn.Embedding(num_embeddings, embedding_dim) for _ in range(num_quantizers))
+        self.calls = []
+
+    def forward(self, inputs):
+        self.calls.append((self.training, torch.is_grad_enabled(), inputs.shape[0]))
+        quantized_list, commitment, embedding, codes = [], 0, 0, []
+        current = inputs
+        for emb in self.codebooks:
+            idx = torch.argmin(torch.cdist(current, emb.weight), dim=-1)
+            q = emb(idx)
+            commitment = commitment + F.mse_loss(q.detach(), current)
+            embedding = embedding + F.mse_loss(q, current.detach())
+            q = current + (q - current).detach()
+            quantized_list.append(q)
+            codes.append(idx)
+            current = current - q.detach()
+        return sum(quantized_list), commitment, embedding, torch.stack(codes, dim=-1)
+
+
+@pytest.fixture
+def seed_quantizer(monkeypatch):
+    monkeypatch.setattr(rqvae_module, "ResidualQuantizer", SeedResidualQuantizer)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    args = dict(input_dim=12, hidden_dim=16, latent_dim=4, num_quantizers=3, num_embeddings=3)
+    args.update(kw)
+    return fastvq.nn.RQVAE(**args)
+
+
+def test_shapes_and_layout(seed_quantizer):
+    model = _model(foo=1)
+    assert model.quantizer.kwargs == {"foo": 1}  # quantizer_kwargs passed on
+    x = randn(10, 12)
+    recon, commit, emb, codes = model(x)
+    assert recon.shape == (10, 12) and commit.shape == () and emb.shape == ()
+    assert codes.shape == (10, 3) and codes.dtype == torch.int64
+    assert codes.min() >= 0 and codes.max() < 3
+    names = {n for n, _ in model.named_parameters()}
+    for i in (0, 2, 4):
+        assert f"encoder.layers.{i}.weight" in names and f"decoder.layers.{i}.bias" in names
+    assert model.encoder.layers[0].in_features == 12 and model.encoder.layers[4].out_features == 4
+    assert model.decoder.layers[0].in_features == 4 and model.decoder.layers[4].out_features == 12
+    assert model.num_embeddings == 3 and model.num_quantizers == 3
+
+
+def test_compute_loss_matches_seed(seed_quantizer):
+    model = _model(commitment_cost=0.4)
+    x = randn(9, 12)
+    recon, commit, emb, _ = model(x)
+    losses = model.compute_loss(x, recon, commit, emb)
+    assert set(losses) == {"total_loss", "reconstruction_loss", "commitment_loss", "embedding_loss"}
+    # seed's compute_loss, in float64 on the same tensors
+    recon_loss = ((recon.double() - x.double()) ** 2).mean()
+    assert_close(losses["reconstruction_loss"], recon_loss)
+    assert_close(losses["total_loss"], recon_loss + 0.4 * commit.double() + emb.double())
+    assert losses["commitment_loss"] is commit and losses["embedding_loss"] is emb
+    losses["total_loss"].backward()
+    assert model.encoder.layers[0].weight.grad is not None and model.decoder.layers[4].weight.grad is not None
+
+
+def test_semantic_ids_batched_equals_one_shot(backend, seed_quantizer):
+    model = _model()
+    x = randn(50, 12)
+    one_shot = fastvq.semantic_ids(model.generate_semantic_ids(x))
+    for bs in (7, 50, 1000):
+        assert torch.equal(model.semantic_ids(x, batch_size=bs, progress=False), one_shot)
+    assert torch.equal(model.semantic_ids(x, batch_size=8, progress=True), one_shot)
+    assert one_shot.shape == (50, 4) and torch.unique(one_shot, dim=0).shape[0] == 50
+    assert one_shot[:, -1].max() > 0, "the test needs collisions (3 levels of 3 codes for 50 items)"
+    codes = model.semantic_ids(x, batch_size=16, progress=False, with_collision_level=False)
+    assert torch.equal(codes, one_shot[:, :3])
+
+
+def test_semantic_ids_iterables(seed_quantizer):
+    model = _model()
+    x = randn(30, 12)
+    want = model.semantic_ids(x, progress=False)
+    chunks = list(x.split(11))
+    assert torch.equal(model.semantic_ids(chunks, progress=False), want)
+    assert torch.equal(model.semantic_ids([{"features": c, "id": 0} for c in chunks], progress=False), want)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    assert torch.equal(model.semantic_ids(loader, progress=True), want)
+    assert torch.equal(model.semantic_ids(iter(chunks), progress=False), want)  # no len()
+    assert torch.equal(model.semantic_ids(x.double().numpy(), progress=False), want)
+    assert torch.equal(model.semantic_ids(x.reshape(5, 6, 12), progress=False), want)
+
+
+def test_semantic_ids_mode_and_grad(seed_quantizer):
+    model = _model()
+    x = randn(20, 12)
+    model.train()
+    model.quantizer.calls.clear()
+    model.semantic_ids(x, batch_size=6, progress=False)
+    assert model.quantizer.calls == [(False, False, 6)] * 3 + [(False, False, 2)]
+    assert model.training and model.quantizer.training, "train mode not restored"
+    model.eval()
+    model.semantic_ids(x, progress=False)
+    assert not model.training
+    model.train()
+    model.generate_semantic_ids(x)
+    assert model.training
+
+
+def test_semantic_ids_empty(seed_quantizer):
+    model = _model()
+    assert model.semantic_ids(torch.zeros(0, 12), progress=False).shape == (0, 4)
+    assert model.semantic_ids([], progress=False, with_collision_level=False).shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    "features,kw,err",
+    [
+        (torch.zeros(4, 11), {}, ValueError),
+        ([torch.zeros(4, 11)], {}, ValueError),
+        ([{"x": torch.zeros(4, 12)}], {}, ValueError),
+        (torch.zeros(4, 12), {"batch_size": 0}, ValueError),
+        (3, {}, TypeError),
+    ],
+    ids=["wrong-D", "batch-wrong-D", "dict-no-features", "batch-size-0", "not-iterable"],
+)
+def test_semantic_ids_bad_input(seed_quantizer, features, kw, err):
+    model = _model()
+    model.train()
+    with pytest.raises(err, match="RQVAE.semantic_ids"):
+        model.semantic_ids(features, progress=False, **kw)
+    assert model.training
+
+
+def test_with_fastvq_residual_quantizer():
+    try:
+        model = _model()
+    except NotImplementedError:
+        pytest.skip("fastvq.nn.ResidualQuantizer is still a placeholder")
+    x = randn(16, 12)
+    recon, commit, emb, codes = model(x)
+    assert recon.shape == (16, 12) and codes.shape == (16, 3)
+    model.compute_loss(x, recon, commit, emb)["total_loss"].backward()
+    ids = model.semantic_ids(x, batch_size=5, progress=False)
+    assert torch.equal(ids, fastvq.semantic_ids(model.generate_semantic_ids(x)))

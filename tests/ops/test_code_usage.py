@@ -1,0 +1,184 @@
+import math
+
+import pytest
+import torch
+
+import fastvq
+from tests.utils import assert_close
+
+
+def _seed_usage(indices, K):
+    """The seed's compute_quantization_metrics formulas for one batch, in float64."""
+    counts = torch.bincount(indices.flatten().long(), minlength=K)
+    probs = counts.double() / max(counts.sum().item(), 1)
+    entropy = -torch.sum(probs * torch.log(probs + 1e-10))
+    return counts, torch.exp(entropy), (counts > 0).sum(), entropy
+
+
+def _randint(high, shape, dtype=torch.int64):
+    return torch.randint(0, high, shape).to(dtype)
+
+
+CASES = [  # (shape, K)
+    pytest.param((0,), 5, id="N0-K5"),
+    pytest.param((1,), 1, id="N1-K1"),
+    pytest.param((127,), 3, id="N127-K3"),
+    pytest.param((127,), 1000, id="N127-K1000"),
+    pytest.param((2048 + 5,), 7, id="N2053-K7-contended"),
+    pytest.param((4, 5, 3), 11, id="batch-dims-B4-T5-L3"),
+]
+
+
+@pytest.mark.parametrize("shape,K", CASES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8], ids=str)
+def test_parity_with_seed_formulas(backend, shape, K, dtype):
+    K = min(K, 256) if dtype == torch.uint8 else K  # uint8 holds ids < 256
+    idx = _randint(K, shape, dtype)
+    u = fastvq.code_usage(idx, K)
+    counts, ppl, active, ent = _seed_usage(idx, K)
+    assert u.counts.dtype == torch.int64 and u.counts.shape == (K,)
+    assert torch.equal(u.counts, counts)
+    assert u.active_codes.dtype == torch.int64 and u.active_codes.item() == active.item()
+    assert u.perplexity.shape == () and u.entropy.shape == ()
+    assert_close(u.entropy, ent, torch.float32, K)
+    assert_close(u.perplexity, ppl, torch.float32, K)
+    if shape[0] == 0:
+        assert u.perplexity.item() == 1.0 and u.entropy.item() == 0.0 and u.active_codes.item() == 0
+
+
+def test_known_values(backend):
+    u = fastvq.code_usage(torch.tensor([0, 1, 1, 3]), 4)
+    assert u.counts.tolist() == [1, 2, 0, 1]
+    assert u.active_codes.item() == 3
+    assert u.perplexity.item() == pytest.approx(math.exp(1.5 * math.log(2)), rel=1e-5)
+    assert u.usage.item() == pytest.approx(0.75)
+    d = u.to_dict()
+    assert d["active_codes"] == 3 and d["perplexity"] == pytest.approx(2 ** 1.5, rel=1e-5)
+    # uniform over K codes: perplexity K
+    assert fastvq.code_usage(torch.arange(10).repeat(3), 10).perplexity.item() == pytest.approx(10.0, rel=1e-5)
+
+
+def test_noncontiguous(backend):
+    idx = _randint(9, (30, 8))
+    assert torch.equal(fastvq.code_usage(idx[:, ::3], 9).counts, _seed_usage(idx[:, ::3], 9)[0])
+    assert torch.equal(fastvq.code_usage(idx.T, 9).counts, _seed_usage(idx, 9)[0])
+
+
+def test_meter_equals_concatenation(backend):
+    K = 13
+    batches = [_randint(K, (n,)) for n in (17, 1, 0, 64, 33)] + [_randint(K, (3, 4, 2), torch.int32)]
+    meter = fastvq.CodeUsageMeter(K)
+    for b in batches:
+        batch_usage = meter.update(b)
+        assert torch.equal(batch_usage.counts, _seed_usage(b, K)[0])
+    assert meter.num_batches == len(batches)
+    got = meter.compute()
+    want = fastvq.code_usage(torch.cat([b.flatten().long() for b in batches]), K)
+    assert torch.equal(got.counts, want.counts)
+    assert got.active_codes.item() == want.active_codes.item()
+    assert_close(got.perplexity, want.perplexity)
+    assert_close(got.entropy, want.entropy)
+
+
+def _seed_compute_quantization_metrics(batches, num_embeddings):
+    """The seed's loop, with the model replaced by the batches of codes it would return."""
+    total_perplexity = 0
+    total_usage = torch.zeros(num_embeddings)
+    for encoding_indices in batches:
+        avg_probs = torch.bincount(encoding_indices.flatten(), minlength=num_embeddings).float()
+        avg_probs = avg_probs / avg_probs.sum()
+        perplexity = torch.exp(-torch.sum(avg_probs * torch.log(avg_probs + 1e-10)))
+        total_perplexity += perplexity
+        total_usage += avg_probs
+    active_codes = (total_usage > 0).sum().item()
+    usage_entropy = -torch.sum(total_usage * torch.log(total_usage + 1e-10))
+    return {"perplexity": total_perplexity / len(batches), "active_codes": active_codes, "usage_entropy": usage_entropy.item()}
+
+
+def test_meter_matches_seed_loop(backend):
+    K = 16
+    batches = [_randint(K // 2, (8, 3)) for _ in range(4)] + [_randint(K, (20, 3))]
+    meter = fastvq.CodeUsageMeter(K)
+    for b in batches:
+        meter.update(b)
+    seed = _seed_compute_quantization_metrics(batches, K)
+    assert meter.mean_batch_perplexity.item() == pytest.approx(seed["perplexity"].item(), rel=1e-5)
+    assert meter.compute().active_codes.item() == seed["active_codes"]
+    # one batch: the seed's usage_entropy is the entropy of that batch
+    one = fastvq.CodeUsageMeter(K)
+    one.update(batches[-1])
+    assert one.compute().entropy.item() == pytest.approx(
+        _seed_compute_quantization_metrics(batches[-1:], K)["usage_entropy"], rel=1e-5
+    )
+
+
+def test_meter_reset_and_empty():
+    meter = fastvq.CodeUsageMeter(4)
+    assert meter.device is None
+    u = meter.compute()
+    assert u.counts.tolist() == [0, 0, 0, 0] and u.perplexity.item() == 1.0
+    with pytest.raises(RuntimeError, match="CodeUsageMeter"):
+        meter.mean_batch_perplexity
+    meter.update(torch.tensor([1, 1, 2]))
+    assert meter.compute().counts.tolist() == [0, 2, 1, 0]
+    meter.reset()
+    assert meter.num_batches == 0 and meter.compute().counts.tolist() == [0, 0, 0, 0]
+    meter.update(torch.tensor([3]))
+    assert meter.compute().counts.tolist() == [0, 0, 0, 1]
+    assert meter.mean_batch_perplexity.item() == pytest.approx(1.0)
+
+
+def test_meter_out_of_range_raises_at_compute(backend):
+    meter = fastvq.CodeUsageMeter(4)
+    batch = meter.update(torch.tensor([0, 4, 1, -1]))  # no error (no host sync) here
+    assert batch.counts.tolist() == [1, 1, 0, 0]
+    meter.update(torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"CodeUsageMeter: 2 indices are outside \[0, 4\)"):
+        meter.compute()
+
+
+@pytest.mark.parametrize(
+    "indices,K,err",
+    [
+        (torch.tensor([0, 1, 5]), 5, ValueError),
+        (torch.tensor([[0, -1]]), 5, ValueError),
+        (torch.tensor([0.0, 1.0]), 5, TypeError),
+        (torch.tensor([True, False]), 5, TypeError),
+        ([0, 1], 5, TypeError),
+        (torch.tensor([0]), 0, ValueError),
+        (torch.tensor([0]), 2.0, TypeError),
+        (torch.tensor([0]), True, TypeError),
+    ],
+    ids=["id-eq-K", "negative-id", "float-dtype", "bool-dtype", "not-tensor", "K0", "K-float", "K-bool"],
+)
+def test_bad_input(backend, indices, K, err):
+    with pytest.raises(err, match="code_usage"):
+        fastvq.code_usage(indices, K)
+
+
+@pytest.mark.parametrize("K,err", [(0, ValueError), (3.5, TypeError)], ids=["K0", "K-float"])
+def test_meter_bad_input(K, err):
+    with pytest.raises(err, match="CodeUsageMeter"):
+        fastvq.CodeUsageMeter(K)
+    with pytest.raises(TypeError, match="CodeUsageMeter"):
+        fastvq.CodeUsageMeter(3).update(torch.rand(4))
+
+
+def test_opcheck():
+    idx = _randint(6, (50,))
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.code_usage_counts.default, (idx, 6))
+            torch.library.opcheck(torch.ops.fastvq.code_usage_counts.default, (idx.int()[:0], 6))
+
+
+@pytest.mark.gpu
+def test_large_gpu():
+    idx = torch.randint(0, 8192, (3, 1 << 20), device="cuda")
+    with fastvq.backend("triton"):
+        u = fastvq.code_usage(idx, 8192)
+        meter = fastvq.CodeUsageMeter(8192)
+        for row in idx:
+            meter.update(row)
+    assert torch.equal(u.counts, torch.bincount(idx.flatten(), minlength=8192))
+    assert torch.equal(meter.compute().counts, u.counts)

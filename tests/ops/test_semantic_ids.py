@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+import fastvq
+
+
+def _brute_force(codes):
+    """O(N^2) oracle: the number of earlier rows with the same codes."""
+    rows = [tuple(r) for r in codes.tolist()]
+    level = [sum(rows[j] == rows[i] for j in range(i)) for i in range(len(rows))]
+    return torch.cat([codes.long(), torch.tensor(level, dtype=torch.int64).reshape(-1, 1)], dim=1)
+
+
+def _codes(n, depth, high, dtype=torch.int64, low=0):
+    return torch.randint(low, high, (n, depth)).to(dtype)
+
+
+CASES = [  # (N, L, codes in [0, high))
+    pytest.param(0, 3, 4, id="N0"),
+    pytest.param(1, 3, 4, id="N1"),
+    pytest.param(1, 1, 4, id="N1-L1"),
+    pytest.param(60, 1, 3, id="N60-L1-many-collisions"),
+    pytest.param(127, 3, 2, id="N127-L3-K2"),
+    pytest.param(300, 4, 3, id="N300-L4-K3"),
+    pytest.param(100, 2, 1000, id="N100-L2-K1000-few-collisions"),
+    pytest.param(40, 1, 1, id="N40-all-equal"),
+    pytest.param(9, 0, 1, id="L0"),
+    pytest.param(33, 20, 2, id="L20"),
+]
+
+
+@pytest.mark.parametrize("N,L,high", CASES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8], ids=str)
+def test_matches_brute_force(backend, N, L, high, dtype):
+    codes = _codes(N, L, high, dtype)
+    out = fastvq.semantic_ids(codes)
+    assert out.dtype == torch.int64 and out.shape == (N, L + 1)
+    assert torch.equal(out, _brute_force(codes))
+    if N:
+        assert torch.unique(out, dim=0).shape[0] == N, "ids are not unique"
+
+
+def test_seed_example(backend):
+    out = fastvq.semantic_ids(torch.tensor([[1, 2], [0, 2], [1, 2], [1, 2]]))
+    assert out.tolist() == [[1, 2, 0], [0, 2, 0], [1, 2, 1], [1, 2, 2]]
+
+
+def test_negative_and_int16_codes(backend):
+    codes = _codes(80, 2, 2, torch.int16, low=-2)
+    assert torch.equal(fastvq.semantic_ids(codes), _brute_force(codes))
+
+
+def test_noncontiguous(backend):
+    codes = _codes(70, 6, 2)
+    for view in (codes[:, ::2], codes.T.contiguous().T, codes[::3]):
+        assert torch.equal(fastvq.semantic_ids(view), _brute_force(view))
+
+
+def test_large_input_agrees_across_backends():
+    codes = _codes(5000, 3, 6)  # ~23 items per code row
+    with fastvq.backend("reference"):
+        ref = fastvq.semantic_ids(codes)
+    with fastvq.backend("triton"):
+        tri = fastvq.semantic_ids(codes)
+    assert torch.equal(ref, tri)
+    assert torch.unique(ref, dim=0).shape[0] == 5000
+
+
+@pytest.mark.parametrize("N,L,high", [(0, 2, 3), (1, 2, 3), (50, 2, 3), (64, 3, 1000), (20, 1, 1)],
+                         ids=["N0", "N1", "N50", "no-collisions", "all-equal"])
+def test_stats(backend, N, L, high):
+    codes = _codes(N, L, high)
+    s = fastvq.semantic_id_stats(codes)
+    rows = [tuple(r) for r in codes.tolist()]
+    sizes = {r: rows.count(r) for r in set(rows)}
+    assert s.num_items == N and s.num_unique == len(sizes)
+    assert s.collision_rate == pytest.approx((N - len(sizes)) / N if N else 0.0)
+    assert s.max_group_size == max(sizes.values(), default=0)
+    assert s.max_collisions == max(sizes.values(), default=1) - 1
+    assert isinstance(s.num_unique, int) and isinstance(s.collision_rate, float)
+
+
+def test_stats_known():
+    s = fastvq.semantic_id_stats(torch.tensor([[1, 2], [0, 2], [1, 2], [1, 2]]))
+    assert s == fastvq.SemanticIdStats(num_items=4, num_unique=2, collision_rate=0.5, max_group_size=3, max_collisions=2)
+
+
+@pytest.mark.parametrize(
+    "codes,err",
+    [
+        (torch.tensor([1, 2, 3]), ValueError),
+        (torch.zeros(2, 3, 4, dtype=torch.int64), ValueError),
+        (torch.rand(4, 2), TypeError),
+        (torch.ones(4, 2, dtype=torch.bool), TypeError),
+        ([[1, 2]], TypeError),
+    ],
+    ids=["1D", "3D", "float", "bool", "not-tensor"],
+)
+@pytest.mark.parametrize("fn", ["semantic_ids", "semantic_id_stats"])
+def test_bad_input(codes, err, fn):
+    with pytest.raises(err, match=fn):
+        getattr(fastvq, fn)(codes)
+
+
+def test_opcheck():
+    codes = _codes(40, 3, 2)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.semantic_ids.default, (codes,))
+            torch.library.opcheck(torch.ops.fastvq.semantic_ids.default, (codes[:0].int(),))
+
+
+@pytest.mark.gpu
+def test_large_gpu():
+    codes = torch.randint(0, 16, (1 << 20, 3), device="cuda")
+    with fastvq.backend("triton"):
+        tri = fastvq.semantic_ids(codes)
+    with fastvq.backend("reference"):
+        ref = fastvq.semantic_ids(codes)
+    assert torch.equal(tri, ref)
+
+
+def test_compile_fullgraph(backend):
+    codes = _codes(20, 2, 3)
+    compiled = torch.compile(fastvq.semantic_ids, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(codes), _brute_force(codes))
