@@ -37,9 +37,9 @@ def code_statistics_ref(
     D = x.shape[-1]
     L = indices.shape[0] if batched else 1
     K = int(num_codes)
-    idx = indices.reshape(L, -1).long()
-    xs = x.reshape(L, -1, D)
-    n = idx.shape[1]
+    n = indices.shape[-1]
+    idx = indices.reshape(L, n).long()
+    xs = x.reshape(L, n, D)
     # one flat segment id per (level, code): level l's codes are l*K .. l*K+K-1
     flat = idx + (torch.arange(L, device=idx.device) * K)[:, None]
     counts = torch.bincount(flat.reshape(-1), minlength=L * K).float()
