@@ -44,3 +44,14 @@ def check_last_dim(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.
 def check_metric(op: str, metric: str, allowed=("l2", "cosine", "dot")) -> None:
     if metric not in allowed:
         raise ValueError(f"fastvq.{op}: unknown metric {metric!r}; expected one of {allowed}")
+
+
+def check_index_range(op: str, name: str, t: torch.Tensor, high: int, low: int = 0) -> None:
+    """ValueError unless every element of ``t`` is in ``[low, high)``. Reads the values on the
+    host (one sync). Call it inside a custom op's body: that runs eagerly even under
+    torch.compile, so compiled models are checked too."""
+    if t.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < low or hi >= high:
+        raise ValueError(f"fastvq.{op}: {name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")

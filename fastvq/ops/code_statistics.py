@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
-from .._checks import check_float, check_int, check_same_device, check_tensor
+from .._checks import check_float, check_index_range, check_int, check_same_device, check_tensor
 from ..reference.code_statistics import code_statistics_ref
 
 
@@ -13,6 +13,8 @@ from ..reference.code_statistics import code_statistics_ref
 def _code_statistics_op(
     x: torch.Tensor, indices: torch.Tensor, num_codes: int, deterministic: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # here, not in the wrapper: the op body runs eagerly under torch.compile too
+    check_index_range("code_statistics", f"indices (num_codes={num_codes})", indices, num_codes)
     if use_triton("code_statistics", x, indices):
         from ..kernels.code_statistics import code_statistics_fwd
 
@@ -62,7 +64,7 @@ def code_statistics(
 
     Raises:
         ValueError: shapes that do not match, or any index outside ``[0, num_codes)`` (this check
-            reads the indices on the host; it is skipped while ``torch.compile`` traces).
+            reads the indices on the host, also inside compiled graphs).
         TypeError: non-float ``x``, non-integer ``indices``, non-int ``num_codes``.
 
     Example::
@@ -94,10 +96,4 @@ def code_statistics(
         raise ValueError(
             f"fastvq.{op}: x {tuple(x.shape)} and indices {tuple(indices.shape)} disagree on the row count"
         )
-    if indices.numel() and not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in torch.aminmax(indices))
-        if lo < 0 or hi >= num_codes:
-            raise ValueError(
-                f"fastvq.{op}: indices must lie in [0, num_codes={num_codes}), got values in [{lo}, {hi}]"
-            )
     return _code_statistics_op(x.detach(), indices, num_codes, deterministic)
