@@ -35,7 +35,7 @@ def get_world_size() -> int:
 
 
 def _flat_apply(tensors: tuple[torch.Tensor, ...], collective) -> None:
-    """Run ``collective`` once on all ``tensors`` packed into one float32 buffer per dtype,
+    """Run ``collective`` once on all ``tensors`` packed into one buffer per dtype,
     then unpack in place (one launch instead of one per tensor)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:

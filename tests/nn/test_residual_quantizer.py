@@ -1,0 +1,237 @@
+"""fastvq.nn.ResidualQuantizer against the seed MultiQuantizer (tests/seeds.py)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastvq
+from fastvq.nn import ResidualQuantizer
+from tests import seeds
+from tests.utils import assert_close, randn
+
+L, K, D = 3, 7, 5
+
+
+def _seed_multi(seed=0, ema=False):
+    torch.manual_seed(seed)
+    m = seeds.MultiQuantizer(L, K, D)
+    if ema:  # the seed's MultiQuantizer built from its EMAQuantizer, level by level
+        m.quantizers = nn.ModuleList([seeds.EMAQuantizer(K, D) for _ in range(L)])
+    return m
+
+
+def _pair(seed=0, ema=False, **kwargs):
+    ref = _seed_multi(seed, ema)
+    ours = ResidualQuantizer(L, K, D, ema=ema, **kwargs)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("shape", [(11, D), (2, 3, D)], ids=["N11", "batch2x3"])
+def test_matches_seed_values_and_grads(backend, shape):
+    ref, ours = _pair()
+    x = randn(*shape, seed=1)
+    g = randn(*shape, seed=2)
+    got = []
+    for mod in (ref, ours):
+        mod.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        q, commit, emb, codes = mod(xi)
+        ((q * g).sum() + 0.7 * commit + 1.3 * emb).backward()
+        if isinstance(codes, list):
+            codes = torch.stack(codes, -1)
+            grad_cb = torch.stack([m.embeddings.weight.grad for m in mod.quantizers])
+        else:
+            grad_cb = mod.codebooks.grad
+        got.append((q, commit, emb, codes, xi.grad, grad_cb))
+    (q0, c0, e0, s0, gx0, gc0), (q1, c1, e1, s1, gx1, gc1) = got
+    assert s1.dtype == torch.int64 and s1.shape == (*shape[:-1], L)
+    assert torch.equal(s1, s0)
+    assert_close(q1, q0)
+    assert_close(c1, c0)
+    assert_close(e1, e0)
+    assert_close(gc1, gc0)
+    assert gc1.abs().sum() > 0
+    # the one deliberate difference: the seed's quantized hands x the upstream gradient L times
+    assert_close(gx0 - gx1, (L - 1) * g)
+
+
+def test_gradient_to_x_passes_once(backend):
+    _, rq = _pair()
+    x = randn(6, D, seed=3).requires_grad_(True)
+    g = randn(6, D, seed=4)
+    q, _, _, _ = rq(x)
+    (q * g).sum().backward()
+    assert_close(x.grad, g)
+    assert rq.codebooks.grad is None  # quantized itself sends nothing to the codebooks
+
+
+def test_ema_matches_seed_step_by_step(backend):
+    ref, ours = _pair(seed=5, ema=True)
+    assert not ours.codebooks.requires_grad
+    for step in range(4):
+        x = randn(19, D, seed=30 + step, scale=2.0)
+        got = []
+        for mod in (ref, ours):
+            q, commit, emb, codes = mod(x.clone())
+            if isinstance(codes, list):
+                codes = torch.stack(codes, -1)
+            got.append((q, commit, emb, codes))
+        (q0, c0, e0, s0), (q1, c1, e1, s1) = got
+        assert torch.equal(s1, s0), step
+        assert_close(q1, q0)
+        assert_close(c1, c0)
+        assert e1.item() == 0.0 and e1.device == x.device
+        seed_state = {
+            "codebooks": torch.stack([m.embeddings.weight for m in ref.quantizers]),
+            "cluster_size": torch.stack([m.cluster_size for m in ref.quantizers]),
+            "embed_avg": torch.stack([m.embed_avg for m in ref.quantizers]),
+        }
+        for name, seed_t in seed_state.items():
+            assert_close(getattr(ours, name), seed_t.detach(), reduce_len=19, msg=f"{name} step {step}")
+
+
+def test_seed_checkpoints_load_strictly():
+    ref = _seed_multi()
+    rq = ResidualQuantizer(L, K, D)
+    assert set(rq.state_dict()) == {"codebooks"}
+    rq.load_state_dict(ref.state_dict(), strict=True)
+    assert torch.equal(rq.codebooks, torch.stack([m.embeddings.weight for m in ref.quantizers]))
+    ema = ResidualQuantizer(L, K, D, ema=True, kmeans_init=True)
+    ema.load_state_dict(_seed_multi(ema=True).state_dict(), strict=True)
+    assert bool(ema.initted)
+    rq.load_state_dict(ema.state_dict(), strict=False)  # our own layout loads as-is
+    with pytest.raises(RuntimeError):  # a level count that does not match fails loudly
+        ResidualQuantizer(L + 1, K, D).load_state_dict(ref.state_dict(), strict=True)
+    with pytest.raises(RuntimeError):  # EMA buffers into a module without EMA
+        ResidualQuantizer(L, K, D).load_state_dict(ema.state_dict(), strict=True)
+
+
+def test_decode(backend):
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(L, K, D)
+    x = randn(2, 5, D, seed=6)
+    q, _, _, codes = rq(x)
+    assert_close(rq.decode(codes), q, reduce_len=L)
+    cb = rq.codebooks.detach()
+    assert_close(rq.decode(codes[..., :1]), cb[0][codes[..., 0]])
+    assert_close(rq.decode(codes[..., :2].int()), cb[0][codes[..., 0]] + cb[1][codes[..., 1]])
+    assert rq.decode(codes[:0]).shape == (0, 5, D)
+    # differentiable in the codebooks
+    rq.decode(codes).sum().backward()
+    expected = torch.stack([torch.bincount(codes[..., l].flatten(), minlength=K) for l in range(L)])
+    assert_close(rq.codebooks.grad, expected[..., None].float().expand(L, K, D))
+
+
+@pytest.mark.parametrize(
+    "codes, exc",
+    [
+        (torch.zeros(3, L + 1, dtype=torch.long), ValueError),
+        (torch.zeros(3, 0, dtype=torch.long), ValueError),
+        (torch.full((3, L), K, dtype=torch.long), ValueError),
+        (torch.full((3, L), -1, dtype=torch.long), ValueError),
+        (torch.zeros(3, L), TypeError),
+    ],
+    ids=["too-many-levels", "no-levels", "code-too-big", "negative", "float"],
+)
+def test_decode_bad_codes(codes, exc):
+    with pytest.raises(exc, match="ResidualQuantizer.decode"):
+        ResidualQuantizer(L, K, D).decode(codes)
+
+
+def test_rotation_grad(backend):
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(L, K, D, grad="rotation")
+    x = randn(7, D, seed=7).requires_grad_(True)
+    g = randn(7, D, seed=8)
+    q, _, _, codes = rq(x)
+    total = rq.decode(codes).detach()
+    assert_close(q, total, reduce_len=L)
+    (q * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (fastvq.rotation_trick(x2, total) * g).sum().backward()
+    assert_close(x.grad, x2.grad)
+    assert not torch.allclose(x.grad, g)
+
+
+def test_dead_codes_reseeded_from_residuals(backend):
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(2, 6, 3, dead_code_threshold=1.0)
+    with torch.no_grad():
+        rq.codebooks[1, 3:] = 100.0  # level 1: codes 3..5 never chosen
+    x = randn(20, 3, seed=9)
+    before = rq.codebooks.detach().clone()
+    _, _, _, codes = rq(x)
+    residual = x - before[0][codes[:, 0]]
+    cb = rq.codebooks.detach()
+    for k in range(3, 6):
+        assert (cb[1, k] == residual).all(-1).any(), k  # seeded from level 1's inputs
+    counts = torch.stack([torch.bincount(codes[:, l], minlength=6) for l in range(2)])
+    alive = counts > 0
+    assert torch.equal(cb[alive], before[alive])
+    assert torch.equal(rq.code_usage[~alive], torch.ones(int((~alive).sum())))
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
+def test_kmeans_init_per_level(backend, ema):
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(2, 4, 3, kmeans_init=True, kmeans_iters=12, ema=ema)
+    x = randn(30, 3, seed=10)
+    _, _, _, codes = rq(x)
+    assert rq.initted
+    cb = rq.codebooks.detach()
+    # each level is a Lloyd fixed point on what it quantizes (the residual, for level 1)
+    residual = x
+    for level in range(2):
+        idx = codes[:, level]
+        for k in range(4):
+            if (idx == k).any():
+                assert_close(cb[level, k], residual[idx == k].mean(0), reduce_len=30, msg=f"level {level} code {k}")
+        if ema:
+            assert_close(rq.cluster_size[level], torch.bincount(idx, minlength=4).float())
+        residual = residual - cb[level][idx]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_quantizers=0),
+        dict(num_embeddings=0),
+        dict(embedding_dim=0),
+        dict(commitment_cost=float("inf")),
+        dict(grad="rotate"),
+        dict(decay=-0.1),
+        dict(eps=-1.0),
+        dict(dead_code_threshold=-0.5),
+        dict(kmeans_iters=1.5),
+        dict(ema=None),
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_bad_constructor_args(kwargs):
+    args = dict(num_quantizers=L, num_embeddings=K, embedding_dim=D)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match="ResidualQuantizer"):
+        ResidualQuantizer(**args)
+
+
+def test_bad_inputs():
+    rq = ResidualQuantizer(L, K, D)
+    with pytest.raises(ValueError, match="ResidualQuantizer"):
+        rq(torch.randn(4, D - 1))
+    with pytest.raises(TypeError, match="ResidualQuantizer"):
+        rq(None)
+
+
+def test_compiles_fullgraph():
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(L, K, D, ema=True)
+    ref = ResidualQuantizer(L, K, D, ema=True)
+    ref.load_state_dict(rq.state_dict())
+    x = randn(6, D, seed=12)
+    q, commit, emb, codes = torch.compile(rq, fullgraph=True, backend="aot_eager")(x)
+    q0, c0, e0, s0 = ref(x)
+    assert torch.equal(codes, s0)
+    assert_close(q, q0)
+    assert_close(commit, c0)
+    assert_close(rq.codebooks, ref.codebooks)

@@ -1,0 +1,298 @@
+"""fastvq.nn.VectorQuantizer against the seed VectorQuantizer / EMAQuantizer (tests/seeds.py)."""
+
+import pytest
+import torch
+
+import fastvq
+from fastvq.nn import VectorQuantizer
+from tests import seeds
+from tests.utils import assert_close, randn
+
+K, D = 7, 5
+
+
+# ----------------------------------------------------------------------------------------------
+def _pair(seed_cls=seeds.VectorQuantizer, seed=0, **kwargs):
+    """A seed module and ours holding the same weights (ours loaded from the seed, strictly)."""
+    torch.manual_seed(seed)
+    ref = seed_cls(K, D)
+    ours = VectorQuantizer(K, D, **kwargs)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("shape", [(11, D), (2, 3, D), (1, D)], ids=["N11", "batch2x3", "N1"])
+def test_matches_seed_values_and_grads(backend, shape):
+    ref, ours = _pair()
+    x = randn(*shape, seed=1)
+    g = randn(*shape, seed=2)
+    out = []
+    for mod in (ref, ours):
+        mod.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        q, commit, emb, idx = mod(xi)
+        ((q * g).sum() + 0.7 * commit + 1.3 * emb).backward()
+        out.append((q, commit, emb, idx, xi.grad, mod.embeddings.weight.grad))
+    (q0, c0, e0, i0, gx0, gw0), (q1, c1, e1, i1, gx1, gw1) = out
+    assert i1.dtype == torch.int64 and i1.shape == shape[:-1]
+    assert torch.equal(i1, i0)
+    assert_close(q1, q0)
+    assert_close(c1, c0)
+    assert_close(e1, e0)
+    assert_close(gx1, gx0)
+    assert_close(gw1, gw0)
+    assert gw1.abs().sum() > 0  # the embedding loss does reach the codebook
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_metric_passes_through(backend, metric):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(K, D, metric=metric).eval()
+    x = randn(13, D, seed=3)
+    _, _, _, idx = vq(x)
+    w, x64 = vq.embeddings.weight.detach().double(), x.double()
+    if metric == "l2":
+        score = torch.cdist(x64, w)
+    elif metric == "cosine":
+        score = -(torch.nn.functional.normalize(x64, dim=-1) @ torch.nn.functional.normalize(w, dim=-1).T)
+    else:
+        score = -(x64 @ w.T)
+    best = score.min(-1).values
+    assert_close(score.gather(1, idx[:, None]).squeeze(1), best, dtype=torch.float32)
+    if metric != "l2":  # the metrics really differ on this data
+        assert not torch.equal(idx, torch.cdist(x64, w).argmin(-1))
+
+
+def test_ema_matches_seed_step_by_step(backend):
+    ref, ours = _pair(seeds.EMAQuantizer, seed=4, ema=True)
+    assert not ours.embeddings.weight.requires_grad
+    for step in range(5):
+        x = randn(17, D, seed=10 + step, scale=2.0)
+        g = randn(17, D, seed=20 + step)
+        got = []
+        for mod in (ref, ours):
+            xi = x.clone().requires_grad_(True)
+            q, commit, emb, idx = mod(xi)
+            ((q * g).sum() + commit + emb).backward()
+            got.append((q, commit, emb, idx, xi.grad))
+        (q0, c0, e0, i0, gx0), (q1, c1, e1, i1, gx1) = got
+        assert torch.equal(i1, i0), step
+        assert_close(q1, q0)
+        assert_close(c1, c0)
+        assert e1.item() == 0.0 and e1.device == x.device and e0.item() == 0.0
+        assert_close(gx1, gx0)
+        # the seed's unused codes blow up to ~1e5 (embed_avg starts at the weights, cluster_size
+        # at 0); compare relative to their size
+        for name in ("cluster_size", "embed_avg"):
+            assert_close(getattr(ours, name), getattr(ref, name).detach(), reduce_len=17, msg=f"{name} step {step}")
+        assert_close(ours.embeddings.weight, ref.embeddings.weight.detach(), reduce_len=17)
+    assert ours.embeddings.weight.grad is None and ref.embeddings.weight.grad is None
+    # eval: no update
+    ours.eval()
+    before = ours.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    ours(randn(9, D, seed=99))
+    assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+
+
+def test_seed_checkpoints_load_strictly():
+    torch.manual_seed(0)
+    plain, ema = seeds.VectorQuantizer(K, D), seeds.EMAQuantizer(K, D)
+    # default options: exactly the seed's keys, both ways
+    ours = VectorQuantizer(K, D)
+    assert set(ours.state_dict()) == {"embeddings.weight"}
+    ours.load_state_dict(plain.state_dict(), strict=True)
+    assert torch.equal(ours.embeddings.weight, plain.embeddings.weight)
+    seeds.VectorQuantizer(K, D).load_state_dict(ours.state_dict(), strict=True)
+    ours_ema = VectorQuantizer(K, D, ema=True)
+    assert set(ours_ema.state_dict()) == {"embeddings.weight", "cluster_size", "embed_avg"}
+    ours_ema.load_state_dict(ema.state_dict(), strict=True)
+    seeds.EMAQuantizer(K, D).load_state_dict(ours_ema.state_dict(), strict=True)
+    # the optional buffers do not stop a seed checkpoint from loading, and get safe values
+    km = VectorQuantizer(K, D, kmeans_init=True, ema=True, dead_code_threshold=0.5)
+    assert "initted" in km.state_dict() and not km.initted
+    km.load_state_dict(ema.state_dict(), strict=True)
+    assert bool(km.initted)  # a loaded codebook is not overwritten by k-means
+    dc = VectorQuantizer(K, D, dead_code_threshold=2.0)
+    assert "code_usage" in dc.state_dict()
+    dc.code_usage.zero_()
+    dc.load_state_dict(plain.state_dict(), strict=True)
+    assert torch.equal(dc.code_usage, torch.full((K,), 2.0))
+    # and a checkpoint carrying options this module does not use still loads
+    VectorQuantizer(K, D).load_state_dict(dc.state_dict(), strict=True)
+    # mismatched layouts still fail loudly
+    with pytest.raises(RuntimeError):
+        VectorQuantizer(K, D).load_state_dict(ema.state_dict(), strict=True)
+
+
+def test_rotation_grad(backend):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(K, D, grad="rotation")
+    x = randn(2, 6, D, seed=5).requires_grad_(True)
+    g = randn(2, 6, D, seed=6)
+    q, _, _, idx = vq(x)
+    w = vq.embeddings.weight.detach()
+    assert_close(q, w[idx])
+    (q * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (fastvq.rotation_trick(x2, w[idx]) * g).sum().backward()
+    assert_close(x.grad, x2.grad)
+    assert not torch.allclose(x.grad, g)  # not the straight-through gradient
+    assert vq.embeddings.weight.grad is None  # the output itself sends nothing to the codebook
+
+
+def test_dead_codes_reseeded_without_ema(backend):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, dead_code_threshold=1.0)
+    with torch.no_grad():
+        vq.embeddings.weight[4:] = 100.0  # never nearest
+    assert torch.equal(vq.code_usage, torch.ones(8))
+    x = randn(16, 4, seed=7).requires_grad_(True)
+    live = vq.embeddings.weight[:4].detach().clone()
+    q, commit, emb, idx = vq(x)
+    (q.sum() + commit + emb).backward()  # the in-place re-seeding does not break backward
+    w = vq.embeddings.weight.detach()
+    assert torch.equal(w[:4], live)
+    # codes 4..7 are now rows of this batch; the usage of a re-seeded code is reset
+    for k in range(4, 8):
+        assert (w[k] == x.detach()).all(-1).any(), k
+    assert torch.equal(vq.code_usage[4:], torch.ones(4))
+    counts = torch.bincount(idx, minlength=8).float()
+    assert_close(vq.code_usage[:4], 0.99 + 0.01 * counts[:4])
+    # eval mode never re-seeds
+    vq.eval()
+    with torch.no_grad():
+        vq.embeddings.weight[7] = 100.0
+    vq(x)
+    assert (vq.embeddings.weight[7] == 100.0).all()
+
+
+def test_dead_codes_reseeded_with_ema(backend):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(6, 3, ema=True, dead_code_threshold=9.95)
+    x = randn(40, 3, seed=8)
+    with torch.no_grad():
+        vq.embeddings.weight[3:] = 50.0
+        vq.cluster_size.fill_(10.0)
+        vq.embed_avg.copy_(vq.embeddings.weight * 10.0)
+    _, _, _, idx = vq(x)
+    counts = torch.bincount(idx, minlength=6)
+    assert (counts[3:] == 0).all()
+    dead = torch.zeros(6, dtype=torch.bool)
+    dead[3:] = True
+    dead |= 9.9 + 0.01 * counts < 9.95  # live codes hit fewer than 5 times die too
+    w = vq.embeddings.weight
+    for k in range(6):
+        if dead[k]:
+            assert (w[k] == x).all(-1).any(), k
+            assert vq.cluster_size[k] == 9.95
+            assert_close(vq.embed_avg[k], w[k] * 9.95)
+        else:
+            assert vq.cluster_size[k] >= 9.95
+            assert not (w[k] == x).all(-1).any()
+    assert dead[3:].all() and (~dead).any()
+
+
+def _blobs(n_per, centers, seed, spread=0.05):
+    g = torch.Generator().manual_seed(seed)
+    pts = [c + spread * torch.randn(n_per, c.numel(), generator=g) for c in centers]
+    return torch.cat(pts)[torch.randperm(n_per * len(centers), generator=g)]
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
+def test_kmeans_init(backend, ema):
+    centers = torch.tensor([[4.0, 0.0, 0.0], [-4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, -4.0]])
+    x = _blobs(10, centers, seed=9)
+    torch.manual_seed(1)
+    vq = VectorQuantizer(4, 3, kmeans_init=True, ema=ema, kmeans_iters=5)
+    assert not vq.initted
+    vq.eval()
+    vq(x)  # eval: no init
+    assert not vq.initted
+    vq.train()
+    _, _, _, idx = vq(x)
+    assert vq.initted
+    w = vq.embeddings.weight.detach()
+    # Lloyd's fixed point: each code is the mean of the batch rows it wins (the blobs are far
+    # apart, so 5 steps converge), and it beats the random codebook it started from by far
+    counts = torch.bincount(idx, minlength=4)
+    for k in range(4):
+        if counts[k]:
+            assert_close(w[k], x[idx == k].mean(0), reduce_len=10)
+    err = (x - w[idx]).square().sum(-1).mean()
+    start = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    assert err < 0.5 * torch.cdist(x, start).min(-1).values.square().mean()
+    if ema:  # EMA state consistent with the init: the update on the same batch keeps it
+        assert_close(vq.cluster_size, counts.float())
+        assert_close(vq.embed_avg, w * counts[:, None], reduce_len=10)
+    # no second init
+    with torch.no_grad():
+        vq.embeddings.weight.add_(0.5)
+    w2 = vq.embeddings.weight.detach().clone()
+    vq(x + 100.0)
+    assert vq.embeddings.weight.abs().max() < 50  # not re-fit to the shifted batch
+    if not ema:
+        assert torch.equal(vq.embeddings.weight, w2)
+
+
+def test_kmeans_init_fewer_rows_than_codes(backend):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 3, kmeans_init=True, kmeans_iters=0)
+    x = randn(3, 3, seed=11)
+    vq(x)
+    w = vq.embeddings.weight.detach()
+    assert all((w[k] == x).all(-1).any() for k in range(8))  # starting points are batch rows
+
+
+def test_empty_input(backend):
+    vq = VectorQuantizer(K, D, ema=True, dead_code_threshold=1.0)
+    q, commit, emb, idx = vq(torch.randn(0, D))
+    assert q.shape == (0, D) and idx.shape == (0,) and idx.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_embeddings=0),
+        dict(embedding_dim=-1),
+        dict(num_embeddings=2.5),
+        dict(commitment_cost=-1.0),
+        dict(metric="l1"),
+        dict(grad="straight"),
+        dict(ema="yes"),
+        dict(decay=1.5),
+        dict(eps=0.0),
+        dict(dead_code_threshold=-1.0),
+        dict(dead_code_threshold=float("nan")),
+        dict(kmeans_init=1),
+        dict(kmeans_iters=-1),
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_bad_constructor_args(kwargs):
+    args = dict(num_embeddings=K, embedding_dim=D)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match="VectorQuantizer"):
+        VectorQuantizer(**args)
+
+
+def test_bad_inputs():
+    vq = VectorQuantizer(K, D)
+    with pytest.raises(ValueError, match="VectorQuantizer"):
+        vq(torch.randn(4, D + 1))
+    with pytest.raises(TypeError, match="VectorQuantizer"):
+        vq([[0.0] * D])
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
+def test_compiles_fullgraph(ema):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(K, D, ema=ema)
+    ref = VectorQuantizer(K, D, ema=ema)
+    ref.load_state_dict(vq.state_dict())
+    x = randn(6, D, seed=12)
+    q, commit, emb, idx = torch.compile(vq, fullgraph=True, backend="aot_eager")(x)
+    q0, c0, e0, i0 = ref(x)
+    assert torch.equal(idx, i0)
+    assert_close(q, q0)
+    assert_close(vq.embeddings.weight, ref.embeddings.weight)  # the EMA update ran under compile too
