@@ -37,7 +37,7 @@ def mine_negatives_ref(
             bound = ((a32 - positive[s : s + step].float()) ** 2).sum(-1)
             farther = (aa[:, None] + sc) > bound[:, None]
             best_c, idx_c = argmin_first(torch.where(farther, sc, torch.full_like(sc, float("inf"))))
-            found = farther.any(dim=1)
+            found = best_c < float("inf")  # some finite score qualified (NaN scores are +inf)
             best = torch.where(found, best_c, best)
             idx = torch.where(found, idx_c, idx)
         indices[s : s + step] = idx

@@ -27,14 +27,17 @@ def scores(x32: torch.Tensor, c32: torch.Tensor, cterm: torch.Tensor | None, met
     """``(n, K)`` float32 scores whose row argmin is the nearest code.
 
     l2: ``|c|^2 - 2 x.c``; cosine: ``-(x.c) / |c|``; dot: ``-(x.c)``. The row-constant
-    ``|x|`` terms are left out of the argmin and added back by :func:`finish`.
+    ``|x|`` terms are left out of the argmin and added back by :func:`finish`. NaN scores
+    become +inf, so a NaN never wins and a row with no finite score gets index 0.
     """
     xc = x32 @ c32.T
     if metric == "l2":
-        return cterm - 2.0 * xc
-    if metric == "cosine":
-        return -xc * cterm
-    return -xc
+        s = cterm - 2.0 * xc
+    elif metric == "cosine":
+        s = -xc * cterm
+    else:
+        s = xc.neg_()
+    return s.masked_fill_(s.isnan(), float("inf"))  # NaN never wins (as in the kernel)
 
 
 def finish(best: torch.Tensor, x32: torch.Tensor, metric: str) -> torch.Tensor:
@@ -60,7 +63,7 @@ def nearest_code_ref(
 
     Computed in float32 (``allow_tf32`` is accepted for signature parity and ignored: the
     reference is always exact fp32), in row chunks so that the scratch stays bounded; never
-    a full ``N x K`` matrix. Exact ties go to the smallest index.
+    a full ``N x K`` matrix. Exact ties go to the smallest index; NaN scores are skipped.
     """
     if metric not in METRICS:
         raise ValueError(f"fastvq.nearest_code: unknown metric {metric!r}; expected one of {METRICS}")

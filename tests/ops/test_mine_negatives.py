@@ -1,0 +1,217 @@
+import pytest
+import torch
+
+import fastvq
+from fastvq.reference.mine_negatives import mine_negatives_ref
+from tests.utils import assert_close, noncontiguous, randn
+
+STRATEGIES = ["hardest", "semi-hard"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+CASES = [  # (N, M, D)
+    pytest.param(1, 1, 1, id="N1-M1-D1"),
+    pytest.param(5, 7, 2, id="N5-M7-D2"),
+    pytest.param(127, 61, 60, id="N127-M61-D60"),
+    pytest.param(3, 1000, 8, id="N3-M1000-D8-split"),
+    pytest.param(0, 9, 16, id="N0"),
+]
+
+
+def _oracle(a, p, n):
+    """float64: (N, M) anchor-negative squared distances and the (N,) positive bound."""
+    a64, p64, n64 = a.double(), p.double(), n.double()
+    return ((a64[:, None, :] - n64[None, :, :]) ** 2).sum(-1), ((a64 - p64) ** 2).sum(-1)
+
+
+def _check(a, p, n, strategy, idx, dist):
+    N, M, D = a.shape[0], n.shape[0], a.shape[1]
+    assert idx.shape == (N,) and dist.shape == (N,)
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert ((idx >= 0) & (idx < M)).all(), "index out of range"
+    assert not dist.isnan().any(), "unwritten output element"
+    if N == 0:
+        return
+    d, bound = _oracle(a, p, n)
+    slack = 1e-5 * ((a.double() ** 2).sum(-1) + (n.double() ** 2).sum(-1).max() + 1.0)
+    chosen = d.gather(1, idx[:, None]).squeeze(1)
+    assert_close(dist, chosen, torch.float32, reduce_len=D)
+    assert (dist >= 0).all()
+    if strategy == "hardest":
+        target = d.min(1).values
+    else:  # nearest strictly farther than the positive (with fp32 slack at the boundary), else hardest
+        far = d > bound[:, None] + slack[:, None]
+        any_far = far.any(1)
+        target = torch.where(any_far, torch.where(far, d, float("inf")).min(1).values, d.min(1).values)
+        near_boundary = ((d - bound[:, None]).abs() <= slack[:, None]).any(1)
+        # where a negative sits at the boundary within rounding, either side is acceptable
+        assert ((chosen > bound - slack) | ~any_far | near_boundary).all(), "semi-hard pick not farther than the positive"
+        chosen = torch.where(near_boundary, target, chosen)
+    gap = chosen - target
+    assert (gap.abs() <= slack).all(), f"wrong negative: max gap {gap.abs().max().item()}"
+
+
+@pytest.mark.parametrize("N,M,D", CASES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity(backend, N, M, D, strategy, dtype):
+    a, n = randn(N, D, dtype=dtype), randn(M, D, dtype=dtype)
+    p = (a.float() + 0.8 * randn(N, D)).to(dtype)  # positives nearer than most negatives
+    idx, dist = fastvq.mine_negatives(a, p, n, strategy)
+    _check(a, p, n, strategy, idx, dist)
+
+
+def test_semi_hard_is_strict_and_skips_nearer(backend):
+    # Integer values: all distances are exact in fp32.
+    a = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    p = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # |a-p|^2 = 4 and 0
+    n = torch.tensor(
+        [
+            [0.0, 1.0, 0.0],  # d = 1 (anchor 0: nearer than the positive)
+            [0.0, 0.0, 2.0],  # d = 4 == |a-p|^2: not strictly farther
+            [0.0, -2.0, 0.0],  # d = 4 again
+            [3.0, 0.0, 0.0],  # d = 9
+            [0.0, 0.0, -3.0],  # d = 9: tie with index 3
+            [1.0, 1.0, 1.0],  # d = 3 for anchor 0, d = 0 for anchor 1 (== |a-p|^2 = 0: excluded)
+        ]
+    )
+    idx, dist = fastvq.mine_negatives(a, p, n, "semi-hard")
+    assert idx.tolist() == [3, 0]  # anchor 1: d(n0) = 1 + 0 + 1 = 2 > 0, nearest farther one
+    assert dist.tolist() == [9.0, 2.0]
+    idx, dist = fastvq.mine_negatives(a, p, n, "hardest")
+    assert idx.tolist() == [0, 5]
+    assert dist.tolist() == [1.0, 0.0]
+
+
+def test_semi_hard_falls_back_to_hardest(backend):
+    a, n = randn(20, 16), randn(50, 16)
+    p = a + 100.0  # the positive is farther than every negative
+    hard = fastvq.mine_negatives(a, p, n, "hardest")
+    semi = fastvq.mine_negatives(a, p, n, "semi-hard")
+    assert torch.equal(semi[0], hard[0])
+    assert torch.equal(semi[1], hard[1])
+    _check(a, p, n, "semi-hard", *semi)
+    # mixed: half the anchors have a positive beyond every negative, half at themselves
+    p2 = torch.where(torch.arange(20)[:, None] % 2 == 0, a + 100.0, a)
+    idx, dist = fastvq.mine_negatives(a, p2, n, "semi-hard")
+    assert torch.equal(idx[0::2], hard[0][0::2])
+    _check(a, p2, n, "semi-hard", idx, dist)
+
+
+def test_exact_ties_pick_smallest_index(backend):
+    # Integer values: distances are exact in fp32, so the duplicates tie exactly.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-4, 5, (4, 10), generator=g).float()
+    n = (a[0] + 50.0).repeat(150, 1)  # far from anchor 0 (other anchors: whatever)
+    n[0] = a[0]  # d = 0: the hardest, nearer than the positive
+    n[[120, 41, 9]] = a[0] + 1.0  # d = 10, three identical negatives in different 32-code tiles
+    p = a + 0.5
+    p[0] = a[0] + torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0, 0, 0])  # |a-p|^2 = 3
+    assert fastvq.mine_negatives(a, p, n, "hardest")[0][0].item() == 0
+    assert fastvq.mine_negatives(a, p, n, "semi-hard")[0][0].item() == 9
+    n[0] = a[0] + 50.0
+    idx, dist = fastvq.mine_negatives(a, p, n, "hardest")
+    assert idx[0].item() == 9 and dist[0].item() == 10.0
+
+
+def test_split_path(backend, monkeypatch):
+    import fastvq.kernels.nearest_code as knc
+
+    monkeypatch.setattr(knc, "SPLIT_MIN_CODES", 32)
+    a, n = randn(3, 12), randn(500, 12)
+    p = a + 0.5 * randn(3, 12)
+    assert knc.num_splits(3, 500, torch.device("cpu")) > 2
+    for strategy in STRATEGIES:
+        idx, dist = fastvq.mine_negatives(a, p, n, strategy)
+        _check(a, p, n, strategy, idx, dist)
+
+
+def test_noncontiguous_and_mixed_dtypes(backend):
+    a, p, n = randn(10, 8), randn(10, 8), randn(30, 8)
+    for strategy in STRATEGIES:
+        idx, dist = fastvq.mine_negatives(noncontiguous(a), p.T.contiguous().T, noncontiguous(n), strategy)
+        _check(a, p, n, strategy, idx, dist)
+        idx2, _ = fastvq.mine_negatives(a.bfloat16(), p, n.half(), strategy)  # promoted to float32
+        _check(a.bfloat16().float(), p, n.half().float(), strategy, idx2, _)
+
+
+def test_backends_agree_exactly_on_integer_data():
+    g = torch.Generator().manual_seed(1)
+    a, p, n = (torch.randint(-3, 4, s, generator=g).float() for s in ((40, 6), (40, 6), (200, 6)))
+    for strategy in STRATEGIES:
+        with fastvq.backend("reference"):
+            ref = fastvq.mine_negatives(a, p, n, strategy)
+        with fastvq.backend("triton"):
+            got = fastvq.mine_negatives(a, p, n, strategy)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_nan_inputs_keep_indices_in_range(backend):
+    a, p, n = randn(5, 8), randn(5, 8), randn(20, 8)
+    a[1] = float("nan")
+    p[2] = float("nan")
+    n[3] = float("nan")
+    for strategy in STRATEGIES:
+        idx, _ = fastvq.mine_negatives(a, p, n, strategy)
+        assert ((idx >= 0) & (idx < 20)).all() and (idx != 3).all()
+
+
+def test_requires_grad_inputs_give_outputs_without_grad(backend):
+    a, p, n = (randn(4, 3).requires_grad_() for _ in range(3))
+    idx, dist = fastvq.mine_negatives(a, p, n, "semi-hard")
+    assert not idx.requires_grad and not dist.requires_grad
+
+
+def test_reference_matches_nearest_code_for_hardest():
+    a, n = randn(30, 9), randn(70, 9)
+    idx, dist = mine_negatives_ref(a, randn(30, 9), n, "hardest")
+    with fastvq.backend("reference"):
+        ref = fastvq.nearest_code(a, n)
+    assert torch.equal(idx, ref[0]) and torch.equal(dist, ref[1])
+
+
+@pytest.mark.parametrize(
+    "a,p,n,kw,err",
+    [
+        (torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 3), {}, ValueError),
+        (torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 4), {}, ValueError),
+        (torch.randn(3, 4), torch.randn(3, 4), torch.randn(0, 4), {}, ValueError),
+        (torch.randn(3, 4), torch.randn(3, 4), torch.randn(4), {}, ValueError),
+        (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(5, 4), {}, ValueError),
+        (torch.randint(0, 3, (3, 4)), torch.randn(3, 4), torch.randn(5, 4), {}, TypeError),
+        (torch.randn(3, 4), torch.randn(3, 4), torch.randint(0, 3, (5, 4)), {}, TypeError),
+        (torch.randn(3, 4), torch.randn(3, 4, device="meta"), torch.randn(5, 4), {}, ValueError),
+        (torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4), {"strategy": "easy"}, ValueError),
+        ([[1.0]], torch.randn(1, 1), torch.randn(5, 1), {}, TypeError),
+    ],
+    ids=["D-mismatch", "positive-shape", "M0", "negatives-1D", "anchor-3D", "int-anchor", "int-negatives",
+         "devices-differ", "unknown-strategy", "not-tensor"],
+)
+def test_bad_input(a, p, n, kw, err):
+    with pytest.raises(err, match="mine_negatives"):
+        fastvq.mine_negatives(a, p, n, **kw)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_opcheck(strategy):
+    a, p, n = randn(6, 5), randn(6, 5), randn(9, 5)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.mine_negatives.default, (a, p, n, strategy))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_large_gpu(dtype, strategy):
+    N, M, D = 65536, 4096, 256
+    a, n = randn(N, D, dtype=dtype, device="cuda"), randn(M, D, dtype=dtype, device="cuda")
+    p = (a.float() + randn(N, D, device="cuda")).to(dtype)
+    with fastvq.backend("triton"):
+        idx, dist = fastvq.mine_negatives(a, p, n, strategy)
+    with fastvq.backend("reference"):
+        ref_idx, ref_dist = fastvq.mine_negatives(a, p, n, strategy)
+    assert ((idx >= 0) & (idx < M)).all()
+    chosen = ((a.double() - n.double()[idx]) ** 2).sum(-1)
+    assert_close(dist, chosen, torch.float32, reduce_len=D * 100)
+    assert_close(dist, ref_dist, torch.float32, reduce_len=D * 100)
+    assert (idx == ref_idx).float().mean() > 0.999

@@ -1,0 +1,354 @@
+import pytest
+import torch
+
+import fastvq
+from tests.utils import assert_close, noncontiguous, randn
+
+METRICS = ["l2", "cosine", "dot"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+CASES = [  # (N, K, D)
+    pytest.param(1, 1, 1, id="N1-K1-D1"),
+    pytest.param(5, 7, 2, id="N5-K7-D2"),
+    pytest.param(127, 61, 60, id="N127-K61-D60"),
+    pytest.param(33, 100, 100, id="N33-K100-D100"),
+    pytest.param(3, 1000, 8, id="N3-K1000-D8-split"),  # small N, large K: the split-codebook path
+    pytest.param(9, 37, 300, id="N9-K37-D300-streamD"),  # D > RESIDENT_MAX_D: x streamed in chunks
+    pytest.param(0, 9, 16, id="N0"),
+]
+
+
+def _oracle(x, c, metric):
+    """float64 ``(N, K)`` distances on the same (possibly low-precision) values."""
+    x64, c64 = x.double().reshape(-1, x.shape[-1]), c.double()
+    if metric == "l2":
+        return ((x64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
+    if metric == "dot":
+        return -(x64 @ c64.T)
+    nx, nc = x64.norm(dim=-1, keepdim=True), c64.norm(dim=-1, keepdim=True)
+    xn = torch.where(nx > 0, x64 / nx.clamp_min(1e-300), 0.0)
+    cn = torch.where(nc > 0, c64 / nc.clamp_min(1e-300), 0.0)
+    return 1.0 - xn @ cn.T
+
+
+def _slack(x, c, metric):
+    """How far (fp32 rounding, ~1e-5 relative) the chosen code may be from the true minimum."""
+    x64, c64 = x.double().reshape(-1, x.shape[-1]), c.double()
+    if metric == "l2":
+        return 1e-5 * ((x64**2).sum(-1) + (c64**2).sum(-1).max() + 1.0)
+    if metric == "dot":
+        return 1e-5 * (x64.norm(dim=-1) * c64.norm(dim=-1).max() + 1.0)
+    return torch.full((x64.shape[0],), 1e-5, dtype=torch.float64)
+
+
+def _check_nearest(x, c, metric, idx, dist):
+    """The distance at the chosen index is the true minimum (within fp32 rounding), and the
+    returned distance is the distance at the chosen index."""
+    K = c.shape[0]
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert idx.shape == x.shape[:-1] and dist.shape == x.shape[:-1]
+    idx, dist = idx.reshape(-1), dist.reshape(-1)
+    assert ((idx >= 0) & (idx < K)).all(), "index out of range"
+    assert not dist.isnan().any(), "unwritten output element"
+    if idx.numel() == 0:
+        return
+    d64 = _oracle(x, c, metric)
+    chosen = d64.gather(1, idx[:, None]).squeeze(1)
+    gap = chosen - d64.min(dim=1).values
+    assert (gap <= _slack(x, c, metric)).all(), f"not the nearest code: max gap {gap.max().item()}"
+    assert_close(dist, chosen, torch.float32, reduce_len=x.shape[-1])
+    if metric == "l2":
+        assert (dist >= 0).all()
+    if metric == "cosine":
+        assert ((dist >= 0) & (dist <= 2)).all()
+
+
+@pytest.mark.parametrize("N,K,D", CASES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity(backend, N, K, D, metric, dtype):
+    x, c = randn(N, D, dtype=dtype), randn(K, D, dtype=dtype)
+    idx, dist = fastvq.nearest_code(x, c, metric)
+    _check_nearest(x, c, metric, idx, dist)
+
+
+def _int_codebook(K, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-4, 5, (K, D), generator=g).float()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_ties_pick_smallest_index(backend, metric):
+    # Integer values: every dot product is exact in fp32, so duplicated codes tie exactly.
+    # Duplicates inside one 32-code tile (3, 7), across tiles (40, 70) and in the last tile (199).
+    K, D = 200, 12
+    c = _int_codebook(K, D)
+    target = torch.tensor([3.0, -2, 1, 4, 0, 1, -1, 2, 3, -3, 1, 2])
+    # dot: 2*target has <x, c> = 100 > 4 * |target|_1 = 92, the most any other code reaches
+    code = 2 * target if metric == "dot" else target
+    for j in (199, 70, 40, 7, 3):
+        c[j] = code
+    x = target.expand(3, D)  # stride 0 rows, too
+    idx, dist = fastvq.nearest_code(x, c, metric)
+    assert idx.tolist() == [3, 3, 3]
+    _check_nearest(x, c, metric, idx, dist)
+    # and the duplicate that comes first wins even when it is not the first one written
+    c[3] = -code
+    idx, _ = fastvq.nearest_code(x, c, metric)
+    assert idx.tolist() == [7, 7, 7]
+
+
+def test_equidistant_distinct_codes_tie_to_smallest(backend):
+    # x = 0; codes 5, 37, 180 are distinct permutations of one integer vector (same norm).
+    c = _int_codebook(200, 6, seed=1) + 10.0  # all far away
+    v = torch.tensor([1.0, 2, 0, 0, -1, 0])
+    c[180], c[37], c[5] = v, v.roll(2), v.flip(0)
+    x = torch.zeros(4, 6)
+    for metric in ("l2", "dot"):
+        idx, _ = fastvq.nearest_code(x, c, metric)
+        assert idx.tolist() == ([5] * 4 if metric == "l2" else [0] * 4)  # dot: all 0, first code
+
+
+@pytest.mark.parametrize("splits_min_codes", [32, 64])
+def test_split_codebook_path(backend, monkeypatch, splits_min_codes):
+    import fastvq.kernels.nearest_code as knc
+
+    monkeypatch.setattr(knc, "SPLIT_MIN_CODES", splits_min_codes)
+    N, K, D = 2, 700, 20
+    assert knc.num_splits(N, K, torch.device("cpu")) > 2
+    # Integer values (exact dot products): duplicates in different splits tie exactly.
+    c = _int_codebook(K, D, seed=4)
+    c[650] = c[333] = c[64]
+    x = torch.stack([c[64] + 0.25, randn(D)])
+    for metric in METRICS:
+        idx, dist = fastvq.nearest_code(x, c, metric)
+        _check_nearest(x, c, metric, idx, dist)
+        if metric != "dot":
+            assert idx[0].item() == 64
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, 40])
+def test_launcher_forced_splits(splits):
+    # 7 and 40 splits of 100 codes leave empty splits (4 tiles of 32 under the interpreter).
+    from fastvq.kernels.nearest_code import mine_negatives_fwd, nearest_code_fwd
+
+    x, c = randn(17, 24), _int_codebook(100, 24, seed=5)
+    c[90] = c[10]  # integer values: an exact tie across tiles / splits
+    x[0] = c[10]
+    for metric in METRICS:
+        idx, dist = nearest_code_fwd(x, c, metric, splits=splits)
+        _check_nearest(x, c, metric, idx, dist)
+        if metric != "dot":
+            assert idx[0].item() == 10
+    a, p = randn(17, 24), randn(17, 24)
+    ref = fastvq.reference.mine_negatives.mine_negatives_ref(a, p, c, "semi-hard")
+    got = mine_negatives_fwd(a, p, c, "semi-hard", splits=splits)
+    assert torch.equal(got[0], ref[0])
+    assert_close(got[1], ref[1], torch.float32, 24)
+
+
+def test_batch_dims(backend):
+    x, c = randn(2, 3, 5, 16), randn(11, 16)
+    for metric in METRICS:
+        idx, dist = fastvq.nearest_code(x, c, metric)
+        assert idx.shape == (2, 3, 5) and dist.shape == (2, 3, 5)
+        _check_nearest(x, c, metric, idx, dist)
+        flat_idx, flat_dist = fastvq.nearest_code(x.reshape(-1, 16), c, metric)
+        assert torch.equal(idx.reshape(-1), flat_idx)
+
+
+def test_noncontiguous(backend):
+    x, c = randn(20, 12), randn(45, 12)
+    x_nc, c_nc = noncontiguous(x), c.T.contiguous().T  # stride 2 along D; column-major codebook
+    assert not x_nc.is_contiguous() and not c_nc.is_contiguous()
+    xb = randn(4, 6, 12).transpose(0, 1)  # batch dims not viewable as rows
+    for metric in METRICS:
+        idx, dist = fastvq.nearest_code(x_nc, c_nc, metric)
+        _check_nearest(x, c, metric, idx, dist)
+        ref_idx, _ = fastvq.nearest_code(x.contiguous(), c.contiguous(), metric)
+        assert torch.equal(idx, ref_idx)
+        idx_b, dist_b = fastvq.nearest_code(xb, c_nc, metric)
+        _check_nearest(xb, c, metric, idx_b, dist_b)
+
+
+def test_mixed_dtypes_promote(backend):
+    x, c = randn(9, 8, dtype=torch.bfloat16), randn(13, 8, dtype=torch.float16)
+    idx, dist = fastvq.nearest_code(x, c)
+    _check_nearest(x.float(), c.float(), "l2", idx, dist)
+    idx2, _ = fastvq.nearest_code(randn(9, 8, dtype=torch.float16), c.float())
+    assert idx2.shape == (9,)
+
+
+def test_k1_and_d1(backend):
+    x = randn(6, 1)
+    idx, dist = fastvq.nearest_code(x, randn(1, 1))
+    assert idx.tolist() == [0] * 6
+    c = torch.tensor([[-2.0], [0.5], [3.0]])
+    idx, dist = fastvq.nearest_code(torch.tensor([[-1.9], [0.4], [2.0], [100.0]]), c)
+    assert idx.tolist() == [0, 1, 2, 2]
+    assert_close(dist, torch.tensor([0.01, 0.01, 1.0, 97.0**2]), torch.float32)
+
+
+def test_cosine_zero_vectors(backend):
+    c = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    x = torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    idx, dist = fastvq.nearest_code(x, c, "cosine")
+    # zero x: cosine 0 with every code, distance 1, tie -> index 0;
+    # x = -e0: the zero code (distance 1) beats e0 (distance 2) and ties with 2e1 (distance 1) -> 0;
+    # x = 5 e1: 2 e1 at distance 0.
+    assert idx.tolist() == [0, 0, 2]
+    assert_close(dist, torch.tensor([1.0, 1.0, 0.0]), torch.float32)
+
+
+def test_dot_is_max_inner_product(backend):
+    x, c = randn(10, 16), randn(50, 16)
+    idx, dist = fastvq.nearest_code(x, c, "dot")
+    assert torch.equal(idx, (x.double() @ c.double().T).argmax(1))
+    assert_close(dist, -(x.double() @ c.double().T).max(1).values, torch.float32, 16)
+
+
+def test_l2_never_negative_on_identical_rows(backend):
+    c = randn(30, 33, scale=100.0)
+    idx, dist = fastvq.nearest_code(c, c)
+    assert torch.equal(idx, torch.arange(30))
+    assert (dist >= 0).all() and (dist.double() <= 1e-5 * (c.double() ** 2).sum(-1)).all()
+
+
+def test_allow_tf32_runs(backend):
+    x, c = randn(8, 16), randn(20, 16)
+    idx, dist = fastvq.nearest_code(x, c, allow_tf32=True)
+    _check_nearest(x, c, "l2", idx, dist)
+
+
+def test_nan_inputs_keep_indices_in_range(backend):
+    x, c = randn(6, 8), randn(40, 8)
+    x[1, 3] = float("nan")
+    x[2] = float("nan")
+    c[5] = float("nan")  # a NaN code never wins
+    ok_rows, ok_codes = torch.tensor([0, 3, 4, 5]), torch.arange(40) != 5
+    for metric in METRICS:
+        idx, dist = fastvq.nearest_code(x, c, metric)
+        assert ((idx >= 0) & (idx < 40)).all()
+        assert (idx != 5).all()
+        assert idx[1].item() == 0 and idx[2].item() == 0  # rows with no finite distance
+        kept = idx[ok_rows] - (idx[ok_rows] > 5).long()  # index into c without code 5
+        _check_nearest(x[ok_rows], c[ok_codes], metric, kept, dist[ok_rows])
+    idx, _ = fastvq.nearest_code(x, torch.full((7, 8), float("nan")))
+    assert idx.tolist() == [0] * 6
+
+
+def test_backends_agree_exactly_on_integer_data():
+    x, c = _int_codebook(50, 10, seed=2), _int_codebook(300, 10, seed=3)
+    for metric in METRICS:
+        with fastvq.backend("reference"):
+            ref = fastvq.nearest_code(x, c, metric)
+        with fastvq.backend("triton"):
+            got = fastvq.nearest_code(x, c, metric)
+        assert torch.equal(got[0], ref[0]), metric
+        assert_close(got[1], ref[1], torch.float32, 10)
+
+
+def test_requires_grad_inputs_give_outputs_without_grad(backend):
+    x, c = randn(5, 4).requires_grad_(), randn(9, 4).requires_grad_()
+    idx, dist = fastvq.nearest_code(x, c)
+    assert not idx.requires_grad and not dist.requires_grad
+    _check_nearest(x.detach(), c.detach(), "l2", idx, dist)
+
+
+def test_empty_rows_with_batch(backend):
+    idx, dist = fastvq.nearest_code(randn(2, 0, 5), randn(3, 5))
+    assert idx.shape == (2, 0) and dist.shape == (2, 0) and idx.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "x,c,kw,err",
+    [
+        (torch.randn(3, 4), torch.randn(5, 3), {}, ValueError),
+        (torch.randn(3, 4), torch.randn(4), {}, ValueError),
+        (torch.randn(3, 4), torch.randn(2, 5, 4), {}, ValueError),
+        (torch.randn(3, 4), torch.randn(0, 4), {}, ValueError),
+        (torch.randint(0, 3, (3, 4)), torch.randn(5, 4), {}, TypeError),
+        (torch.randn(3, 4), torch.randint(0, 3, (5, 4)), {}, TypeError),
+        (torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4), {}, TypeError),
+        (torch.randn(3, 4), torch.randn(5, 4, device="meta"), {}, ValueError),
+        (torch.randn(3, 4), torch.randn(5, 4), {"metric": "l1"}, ValueError),
+        (torch.randn(3, 4), torch.randn(5, 4), {"metric": None}, TypeError),
+        (torch.randn(3, 4), torch.randn(5, 4), {"allow_tf32": "yes"}, TypeError),
+        ([[1.0]], torch.randn(5, 1), {}, TypeError),
+        (torch.tensor(1.0), torch.randn(5, 1), {}, ValueError),
+    ],
+    ids=["D-mismatch", "codebook-1D", "codebook-3D", "K0", "int-x", "int-codebook", "float64",
+         "devices-differ", "unknown-metric", "metric-not-str", "allow_tf32-not-bool", "not-tensor", "x-0D"],
+)
+def test_bad_input(x, c, kw, err):
+    with pytest.raises(err, match="nearest_code"):
+        fastvq.nearest_code(x, c, **kw)
+
+
+def test_launcher_checks():
+    from fastvq.kernels.nearest_code import nearest_code_fwd
+
+    with pytest.raises(ValueError, match="nearest_code_fwd"):
+        nearest_code_fwd(torch.randn(3, 4), torch.randn(0, 4))
+    with pytest.raises(TypeError, match="nearest_code_fwd"):
+        nearest_code_fwd(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_opcheck(metric):
+    x, c = randn(6, 5), randn(4, 5)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (x, c, metric, False))
+
+
+def test_compile_fullgraph():
+    x, c = randn(7, 6), randn(10, 6)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x, c):
+        return fastvq.nearest_code(x, c, "cosine")
+
+    with fastvq.backend("reference"):
+        idx, dist = f(x, c)
+    _check_nearest(x, c, "cosine", idx, dist)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_large_gpu(dtype, metric):
+    N, K, D = 65536, 4096, 256
+    x, c = randn(N, D, dtype=dtype, device="cuda"), randn(K, D, dtype=dtype, device="cuda")
+    with fastvq.backend("triton"):
+        idx, dist = fastvq.nearest_code(x, c, metric)
+    with fastvq.backend("reference"):
+        ref_idx, ref_dist = fastvq.nearest_code(x, c, metric)
+    assert ((idx >= 0) & (idx < K)).all()
+    # the distance (float64) at the chosen code equals the reference minimum within fp32 rounding
+    x64, c64 = x.double(), c.double()[idx]
+    if metric == "l2":
+        chosen = ((x64 - c64) ** 2).sum(-1)
+    elif metric == "dot":
+        chosen = -(x64 * c64).sum(-1)
+    else:
+        chosen = 1 - torch.nn.functional.cosine_similarity(x64, c64, dim=-1)
+    assert_close(chosen, ref_dist.double(), torch.float32, reduce_len=D * 100)
+    assert_close(dist, ref_dist, torch.float32, reduce_len=D * 100)
+    assert (idx == ref_idx).float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 8, 100])
+def test_split_gpu(N):
+    x, c = randn(N, 128, device="cuda"), randn(65536, 128, device="cuda")
+    c[7] = torch.randint(-4, 5, (128,), device="cuda").float()  # integers: exact dot products
+    c[40000] = c[7]
+    x[0] = c[7]
+    with fastvq.backend("triton"):
+        idx, dist = fastvq.nearest_code(x, c)
+    with fastvq.backend("reference"):
+        ref_idx, ref_dist = fastvq.nearest_code(x, c)
+    assert idx[0].item() == 7
+    assert_close(dist, ref_dist, torch.float32, reduce_len=128 * 100)
+    assert (idx == ref_idx).float().mean() > 0.99
