@@ -1,3 +1,104 @@
-"""PLACEHOLDER: being written; replaced before commit."""
-def QREmbedding(*args, **kwargs):
-    raise NotImplementedError('QREmbedding')
+"""QREmbedding: quotient-remainder compositional embedding, a drop-in for the seed's module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.qr_lookup import qr_lookup
+from ..reference.qr_lookup import MODES, OPS
+
+__all__ = ["QREmbedding"]
+
+
+class QREmbedding(nn.Module):
+    """Embeds ``num_embeddings`` ids with two small tables (Shi et al. 2020, "QR trick").
+
+    Args:
+        num_embeddings: the id space being compressed.
+        embedding_dim: output width. For ``op="concat"`` an int is split into
+            ``(embedding_dim // 2, embedding_dim - embedding_dim // 2)`` table widths; a pair
+            ``(dq, dr)`` gives them explicitly (output width ``dq + dr``).
+        num_collisions: ``None`` (default) is the seed's split: two tables of
+            ``int(sqrt(num_embeddings))`` rows each, ids wrapped modulo their product.
+            ``c`` gives DLRM's split: ``ceil(num_embeddings / c)`` quotient rows and ``c``
+            remainder rows (ids wrapped modulo their product, which is ``>= num_embeddings``).
+        op: ``"add"`` | ``"mult"`` | ``"concat"``.
+        sparse: gradients of the two tables as ``torch.sparse_coo`` tensors holding each touched
+            row once, in sorted order (use ``torch.optim.SparseAdam`` or ``Adagrad``). Autograd's
+            hand-over into ``.grad`` drops the coalesced *flag* (see :func:`fastvq.qr_lookup`).
+        mode: pooling of the bag form (``forward(ids, offsets)``), ``"sum"`` | ``"mean"``.
+        deterministic: sorted-segment (default, bitwise reproducible) or atomic backward.
+
+    Parameters live in ``_emb_q.weight`` and ``_emb_r.weight`` (``nn.Embedding`` modules, so
+    the seed's checkpoints load), initialised like ``nn.Embedding`` (standard normal).
+
+    Example::
+
+        >>> emb = fastvq.nn.QREmbedding(10**6, 64)          # two 1000 x 64 tables
+        >>> emb(torch.tensor([[1, 2**40]])).shape
+        torch.Size([1, 2, 64])
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int | tuple[int, int],
+        num_collisions: int | None = None,
+        op: str = "add",
+        sparse: bool = False,
+        *,
+        mode: str = "sum",
+        deterministic: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(num_embeddings, int) or num_embeddings < 1:
+            raise ValueError(f"QREmbedding: num_embeddings must be a positive int, got {num_embeddings!r}")
+        if op not in OPS:
+            raise ValueError(f"QREmbedding: unknown op {op!r}; expected one of {OPS}")
+        if mode not in MODES:
+            raise ValueError(f"QREmbedding: unknown mode {mode!r}; expected one of {MODES}")
+        if isinstance(embedding_dim, (tuple, list)):
+            if op != "concat" or len(embedding_dim) != 2:
+                raise ValueError(
+                    f"QREmbedding: a pair of widths needs op='concat', got {embedding_dim!r} with op={op!r}"
+                )
+            dq, dr = (int(d) for d in embedding_dim)
+        elif op == "concat":
+            dq, dr = embedding_dim // 2, embedding_dim - embedding_dim // 2
+        else:
+            dq = dr = int(embedding_dim)
+        if dq < 1 or dr < 1:
+            raise ValueError(f"QREmbedding: table widths must be >= 1, got {dq} and {dr}")
+        if num_collisions is None:
+            div = max(1, int(math.sqrt(num_embeddings)))  # the seed's split, float sqrt included
+            n_q, n_r = div, div
+        else:
+            if not isinstance(num_collisions, int) or num_collisions < 1:
+                raise ValueError(f"QREmbedding: num_collisions must be a positive int, got {num_collisions!r}")
+            n_q, n_r = -(-num_embeddings // num_collisions), num_collisions
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = dq + dr if op == "concat" else dq
+        self.num_collisions = num_collisions
+        self.op, self.mode, self.sparse, self.deterministic = op, mode, sparse, deterministic
+        self._emb_q = nn.Embedding(n_q, dq, sparse=sparse)
+        self._emb_r = nn.Embedding(n_r, dr, sparse=sparse)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        per_sample_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``ids.shape + (embedding_dim,)``, or ``(len(offsets), embedding_dim)`` in the bag form."""
+        return qr_lookup(
+            ids, self._emb_q.weight, self._emb_r.weight, self.op,
+            offsets=offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+            deterministic=self.deterministic, sparse=self.sparse,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, tables=({self._emb_q.num_embeddings}, "
+                f"{self._emb_r.num_embeddings}), op={self.op!r}, sparse={self.sparse}")

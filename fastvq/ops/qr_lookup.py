@@ -1,3 +1,262 @@
-"""PLACEHOLDER: being written; replaced before commit."""
-def qr_lookup(*args, **kwargs):
-    raise NotImplementedError('qr_lookup')
+"""qr_lookup: quotient-remainder compositional embedding lookup (plain and bag form), differentiable."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import use_triton
+from .._checks import check_float, check_int, check_same_device, check_tensor
+from ..reference.qr_lookup import MODES, OPS, bag_layout, qr_indices, qr_lookup_bwd_ref, qr_lookup_ref, qr_out_dim
+
+__all__ = ["qr_lookup"]
+
+
+@torch.library.custom_op("fastvq::qr_lookup", mutates_args=())
+def _qr_lookup_op(
+    ids: torch.Tensor,
+    q_weight: torch.Tensor,
+    r_weight: torch.Tensor,
+    op: str,
+    offsets: Optional[torch.Tensor],
+    mode: str,
+    per_sample_weights: Optional[torch.Tensor],
+    deterministic: bool,
+    sparse: bool,
+) -> torch.Tensor:
+    # ``deterministic`` and ``sparse`` only steer the backward.
+    if use_triton("qr_lookup", ids, q_weight, r_weight):
+        from ..kernels.qr_lookup import qr_lookup_fwd
+
+        return qr_lookup_fwd(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
+    return qr_lookup_ref(ids, q_weight, r_weight, op, offsets=offsets, mode=mode,
+                         per_sample_weights=per_sample_weights).contiguous()
+
+
+@_qr_lookup_op.register_fake
+def _(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, deterministic, sparse):
+    rows = ids.shape[0] if offsets is None else offsets.shape[0]
+    return q_weight.new_empty((rows, qr_out_dim(op, q_weight, r_weight)))
+
+
+@torch.library.custom_op("fastvq::qr_lookup_bwd", mutates_args=())
+def _qr_lookup_bwd_op(
+    grad: torch.Tensor,
+    ids: torch.Tensor,
+    q_weight: torch.Tensor,
+    r_weight: torch.Tensor,
+    op: str,
+    offsets: Optional[torch.Tensor],
+    mode: str,
+    per_sample_weights: Optional[torch.Tensor],
+    deterministic: bool,
+    need_q: bool,
+    need_r: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense gradients to the two tables; a table not needed gets an empty ``(0,)`` tensor."""
+    if use_triton("qr_lookup", grad, ids, q_weight, r_weight):
+        from ..kernels.qr_lookup import qr_lookup_bwd
+
+        gq, gr = qr_lookup_bwd(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
+                               deterministic, needs=(need_q, need_r))
+    else:
+        gq, gr = qr_lookup_bwd_ref(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
+    gq = gq if need_q else q_weight.new_zeros((0,))
+    gr = gr if need_r else r_weight.new_zeros((0,))
+    return gq, gr
+
+
+@_qr_lookup_bwd_op.register_fake
+def _(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, deterministic, need_q, need_r):
+    gq = torch.empty_like(q_weight, memory_format=torch.contiguous_format) if need_q else q_weight.new_empty((0,))
+    gr = torch.empty_like(r_weight, memory_format=torch.contiguous_format) if need_r else r_weight.new_empty((0,))
+    return gq, gr
+
+
+def _sparse_grads(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, needs):
+    """Coalesced sparse COO gradients (touched rows only), for ``sparse=True``. Always the
+    deterministic sorted-segment path. Eager only: not a custom op, so not traced by compile."""
+    if use_triton("qr_lookup", grad, ids, q_weight, r_weight):
+        from ..kernels.qr_lookup import qr_lookup_bwd_rows
+
+        parts = qr_lookup_bwd_rows(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
+                                   dense=False, needs=needs)
+    else:
+        dense = qr_lookup_bwd_ref(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
+        if offsets is not None and offsets.numel() == 0:  # no bags: no row is touched
+            ids = ids[:0]
+        qi, ri = qr_indices(ids, q_weight.shape[0], r_weight.shape[0])
+        parts = []
+        for need, d, idx in zip(needs, dense, (qi, ri)):
+            rows = torch.unique(idx)  # sorted
+            parts.append((rows, d[rows]) if need else None)
+    out = []
+    for part, w in zip(parts, (q_weight, r_weight)):
+        if part is None:
+            out.append(None)
+            continue
+        rows, vals = part
+        out.append(torch.sparse_coo_tensor(rows[None], vals, w.shape, is_coalesced=True, check_invariants=False))
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    ids, q_weight, r_weight, op, offsets, mode, psw, deterministic, sparse = inputs
+    ctx.save_for_backward(ids, q_weight, r_weight, offsets, psw)
+    ctx.op, ctx.mode, ctx.deterministic, ctx.sparse = op, mode, deterministic, sparse
+
+
+def _backward(ctx, grad):
+    ids, q_weight, r_weight, offsets, psw = ctx.saved_tensors
+    need_q, need_r, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[6]
+    gq = gr = gw = None
+    if need_q or need_r:
+        if ctx.sparse:
+            gq, gr = _sparse_grads(grad, ids, q_weight, r_weight, ctx.op, offsets, ctx.mode, psw, (need_q, need_r))
+        else:
+            gq, gr = _qr_lookup_bwd_op(grad, ids, q_weight, r_weight, ctx.op, offsets, ctx.mode, psw,
+                                       ctx.deterministic, need_q, need_r)
+        gq = gq if need_q else None
+        gr = gr if need_r else None
+    if need_w:
+        # d out[bag(i)] / d w_i = composed item i: recompute it (plain lookup), dot with the bag's grad.
+        items = _qr_lookup_op(ids, q_weight.detach(), r_weight.detach(), ctx.op, None, "sum", None, True, False)
+        if offsets.numel() == 0:  # no bags: no item reaches the output
+            gw = torch.zeros_like(psw)
+        else:
+            bag_of, _ = bag_layout(offsets, ids.shape[0])
+            gw = (items.float() * grad.float()[bag_of]).sum(-1).to(psw.dtype)
+    return None, gq, gr, None, None, None, gw, None, None
+
+
+_qr_lookup_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_offsets(name: str, offsets: torch.Tensor, n_items: int) -> None:
+    if offsets.numel() == 0:
+        return
+    if torch.compiler.is_compiling():  # data-dependent checks would break the graph
+        return
+    first = int(offsets[0])
+    if first != 0:
+        raise ValueError(f"fastvq.{name}: offsets[0] must be 0, got {first}")
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"fastvq.{name}: offsets must be non-decreasing (bags in order), got {offsets.tolist()[:16]}")
+    last = int(offsets[-1])
+    if last > n_items:
+        raise ValueError(f"fastvq.{name}: offsets out of range: offsets[-1] = {last} > number of ids {n_items}")
+
+
+def qr_lookup(
+    ids: torch.Tensor,
+    q_weight: torch.Tensor,
+    r_weight: torch.Tensor,
+    op: str = "add",
+    *,
+    offsets: torch.Tensor | None = None,
+    mode: str = "sum",
+    per_sample_weights: torch.Tensor | None = None,
+    deterministic: bool = True,
+    sparse: bool = False,
+) -> torch.Tensor:
+    """Quotient-remainder compositional embedding lookup (Shi et al. 2020), plain or pooled in bags.
+
+    With ``Q = q_weight.shape[0]`` and ``R = r_weight.shape[0]``, each id is hashed to
+    ``h = ids mod (Q*R)`` (non-negative, like ``torch.remainder``, exact int64 arithmetic for
+    every id, negative and > 2^24 included) and row ``h // R`` of ``q_weight`` is composed with
+    row ``h % R`` of ``r_weight`` in float32 by ``op``: ``"add"``, ``"mult"`` (elementwise) or
+    ``"concat"`` (width ``dq + dr``).
+
+    Args:
+        ids: int64/int32 ids, any shape (1-D in the bag form).
+        q_weight: ``(Q, dq)`` quotient table, float32/float16/bfloat16.
+        r_weight: ``(R, dr)`` remainder table, same dtype and device; ``dr == dq`` unless "concat".
+        op: ``"add"`` | ``"mult"`` | ``"concat"``.
+        offsets: 1-D int, bag ``b`` is ``ids[offsets[b]:offsets[b+1]]`` (the last to the end),
+            like ``nn.EmbeddingBag``; ``offsets[0]`` must be 0, non-decreasing, at most ``len(ids)``.
+        mode: bag pooling, ``"sum"`` | ``"mean"``. Every item is composed first, then pooled
+            (pooling first, as DLRM does, is wrong for "mult"). Empty bags give zeros.
+        per_sample_weights: ``ids``-shaped float weights, bag form with ``mode="sum"`` only.
+        deterministic: the table gradients are a sorted segment reduction (bitwise reproducible,
+            default) or, when False, float32 atomic adds (faster under heavy row reuse, run-to-run
+            rounding differences).
+        sparse: table gradients as ``torch.sparse_coo`` tensors of the touched rows, one entry per
+            row in sorted order (for ``torch.optim.SparseAdam`` / ``Adagrad``); always the sorted
+            path; eager only. The backward flags them coalesced; autograd's zero-copy hand-over
+            into ``.grad`` (AccumulateGrad) drops that flag, so ``.grad.is_coalesced()`` reads
+            False although the contents are coalesced (``nn.Embedding(sparse=True)`` is not).
+
+    Returns:
+        ``ids.shape + (dim,)`` (plain) or ``(len(offsets), dim)`` (bags), in the tables' dtype.
+        Differentiable in ``q_weight``, ``r_weight`` and ``per_sample_weights``; not in ``ids``.
+
+    Example::
+
+        >>> q, r = torch.randn(1000, 64), torch.randn(1000, 64)        # 10^6 ids in 2*10^3 rows
+        >>> fastvq.qr_lookup(torch.tensor([[3, 2**40 + 5]]), q, r).shape
+        torch.Size([1, 2, 64])
+        >>> fastvq.qr_lookup(torch.tensor([1, 2, 3]), q, r, "mult", offsets=torch.tensor([0, 2]), mode="mean").shape
+        torch.Size([2, 64])
+    """
+    name = "qr_lookup"
+    check_tensor(name, "ids", ids)
+    check_tensor(name, "q_weight", q_weight)
+    check_tensor(name, "r_weight", r_weight)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"fastvq.{name}: ids must be an integer tensor (int64/int32), got {ids.dtype}")
+    check_int(name, "ids", ids)
+    check_float(name, "q_weight", q_weight)
+    check_float(name, "r_weight", r_weight)
+    if q_weight.dtype != r_weight.dtype:
+        raise TypeError(
+            f"fastvq.{name}: q_weight and r_weight must have one dtype, got {q_weight.dtype} and {r_weight.dtype}"
+        )
+    for t_name, t in (("q_weight", q_weight), ("r_weight", r_weight)):
+        if t.dim() != 2:
+            raise ValueError(f"fastvq.{name}: {t_name} must be a 2-D table (rows, dim), got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"fastvq.{name}: {t_name} has no rows (shape {tuple(t.shape)})")
+    if not isinstance(op, str) or op not in OPS:
+        raise ValueError(f"fastvq.{name}: unknown op {op!r}; expected one of {OPS}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"fastvq.{name}: unknown mode {mode!r}; expected one of {MODES}")
+    if op != "concat" and q_weight.shape[1] != r_weight.shape[1]:
+        raise ValueError(
+            f"fastvq.{name}: op {op!r} needs tables of one width, got q_weight {tuple(q_weight.shape)} "
+            f"and r_weight {tuple(r_weight.shape)} (use op='concat' for different widths)"
+        )
+    devices = {"ids": ids, "q_weight": q_weight, "r_weight": r_weight}
+    if offsets is not None:
+        check_tensor(name, "offsets", offsets)
+        devices["offsets"] = offsets
+    if per_sample_weights is not None:
+        check_tensor(name, "per_sample_weights", per_sample_weights)
+        devices["per_sample_weights"] = per_sample_weights
+    check_same_device(name, **devices)
+
+    if offsets is None:
+        if per_sample_weights is not None:
+            raise ValueError(f"fastvq.{name}: per_sample_weights needs the bag form (pass offsets)")
+        shape = ids.shape
+        out = _qr_lookup_op(ids.reshape(-1), q_weight, r_weight, op, None, mode, None, deterministic, sparse)
+        return out.reshape(*shape, out.shape[-1])
+
+    if offsets.is_floating_point() or offsets.dtype == torch.bool:
+        raise TypeError(f"fastvq.{name}: offsets must be an integer tensor (int64/int32), got {offsets.dtype}")
+    check_int(name, "offsets", offsets)
+    if offsets.dim() != 1:
+        raise ValueError(f"fastvq.{name}: offsets must be 1-D, got shape {tuple(offsets.shape)}")
+    if ids.dim() != 1:
+        raise ValueError(f"fastvq.{name}: the bag form (offsets given) needs 1-D ids, got shape {tuple(ids.shape)}")
+    if per_sample_weights is not None:
+        check_float(name, "per_sample_weights", per_sample_weights)
+        if mode != "sum":
+            raise ValueError(f"fastvq.{name}: per_sample_weights needs mode='sum' (like torch), got mode={mode!r}")
+        if per_sample_weights.shape != ids.shape:
+            raise ValueError(
+                f"fastvq.{name}: per_sample_weights must have the shape of ids {tuple(ids.shape)}, "
+                f"got {tuple(per_sample_weights.shape)}"
+            )
+    _check_offsets(name, offsets, ids.shape[0])
+    return _qr_lookup_op(ids, q_weight, r_weight, op, offsets.long(), mode, per_sample_weights, deterministic, sparse)

@@ -1,3 +1,99 @@
-"""PLACEHOLDER: being written; replaced before commit."""
-def rotation_trick(*args, **kwargs):
-    raise NotImplementedError('rotation_trick')
+"""rotation_trick: the value is ``q``; the gradient to ``e`` is ``lambda * R^T g`` (Fifty et al. 2024)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._backend import use_triton
+from .._checks import check_float, check_same_device, check_tensor
+from ..reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM, rotation_trick_bwd_ref
+
+__all__ = ["rotation_trick", "EPS_NORM", "EPS_ANTIPODAL"]
+
+
+@torch.library.custom_op("fastvq::rotation_trick", mutates_args=())
+def _rotation_trick_op(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    if use_triton("rotation_trick", e, q):
+        from ..kernels.rotation_trick import rotation_trick_fwd
+
+        return rotation_trick_fwd(e, q)
+    return q.clone(memory_format=torch.contiguous_format)
+
+
+@_rotation_trick_op.register_fake
+def _(e, q):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastvq::rotation_trick_bwd", mutates_args=())
+def _rotation_trick_bwd_op(e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    if use_triton("rotation_trick", e, q, grad):
+        from ..kernels.rotation_trick import rotation_trick_bwd
+
+        return rotation_trick_bwd(e, q, grad)
+    return rotation_trick_bwd_ref(e, q, grad)
+
+
+@_rotation_trick_bwd_op.register_fake
+def _(e, q, grad):
+    return torch.empty_like(e, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    e, q = ctx.saved_tensors
+    grad_e = _rotation_trick_bwd_op(e, q, grad) if ctx.needs_input_grad[0] else None
+    return grad_e, None
+
+
+_rotation_trick_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Rotation-trick straight-through estimator for vector quantization (Fifty et al. 2024, sec. 4.2).
+
+    Args:
+        e: ``(..., D)`` encoder outputs, float32/float16/bfloat16 (D >= 1, D = 1 works).
+        q: ``(..., D)`` their quantized codes, same shape and device; a different float dtype
+           is promoted.
+
+    Returns:
+        ``(..., D)`` equal to ``q`` bit for bit (in the promoted dtype) for every input,
+        ``e = 0`` included.
+
+    Gradient: only ``e`` receives one, ``lambda * R^T g`` with ``lambda = |q|/|e|``,
+    ``e^ = e/|e|``, ``q^ = q/|q|``, ``w = (e^ + q^)/|e^ + q^|`` and
+    ``R^T g = g - 2 (g.w) w + 2 (g.q^) e^``, every factor a constant, computed in float32.
+    ``q`` receives no gradient (feed the codebook through a commitment/codebook loss).
+    Rows where the rotation is undefined take the plain straight-through gradient ``g``:
+    ``|e| < EPS_NORM`` or ``|q| < EPS_NORM`` (``EPS_NORM = 1e-6``), or
+    ``|e^ + q^| < EPS_ANTIPODAL`` (``1e-3``: ``e`` points within ~1e-3 rad of ``-q``).
+    The gradient is finite wherever the inputs are.
+
+    Example::
+
+        >>> e = encoder(x)                                   # (B, T, D)
+        >>> idx, _ = fastvq.nearest_code(e.reshape(-1, D), codebook)
+        >>> q = codebook[idx].reshape(e.shape)
+        >>> z = fastvq.rotation_trick(e, q)                  # == q; gradients reach the encoder
+    """
+    op = "rotation_trick"
+    check_tensor(op, "e", e, min_ndim=1)
+    check_tensor(op, "q", q, min_ndim=1)
+    check_float(op, "e", e)
+    check_float(op, "q", q)
+    check_same_device(op, e=e, q=q)
+    if e.shape != q.shape:
+        raise ValueError(f"fastvq.{op}: e and q must have one shape, got e {tuple(e.shape)} and q {tuple(q.shape)}")
+    if e.dtype != q.dtype:
+        dtype = torch.promote_types(e.dtype, q.dtype)
+        e, q = e.to(dtype), q.to(dtype)
+    shape = e.shape
+    N, D = math.prod(shape[:-1]), shape[-1]
+    out = _rotation_trick_op(e.reshape(N, D), q.reshape(N, D))
+    return out.reshape(shape)

@@ -87,9 +87,11 @@ def qr_lookup_ref(
         out = torch.cat(parts) if parts else q_weight.new_zeros((0, dim))
         return out.reshape(*ids.shape, dim)
 
+    pooled = torch.zeros((offsets.shape[0], dim), dtype=math, device=q_weight.device)
+    if offsets.numel() == 0:  # no bags: no item is pooled anywhere
+        return pooled.to(q_weight.dtype)
     bag_of, lengths = bag_layout(offsets, N)
     scale = item_scale(bag_of, lengths, mode, per_sample_weights)
-    pooled = torch.zeros((offsets.shape[0], dim), dtype=math, device=q_weight.device)
     for s in range(0, N, step):
         c = _compose(op, q_weight[qi[s : s + step]].to(math), r_weight[ri[s : s + step]].to(math))
         if scale is not None:
@@ -123,6 +125,8 @@ def qr_lookup_bwd_ref(
     gr = torch.zeros(r_weight.shape, dtype=math, device=r_weight.device)
     if offsets is None:
         bag_of, scale = None, None
+    elif offsets.numel() == 0:  # no bags: nothing flows back
+        return gq.to(q_weight.dtype), gr.to(r_weight.dtype)
     else:
         bag_of, lengths = bag_layout(offsets, N)
         scale = item_scale(bag_of, lengths, mode, per_sample_weights)

@@ -1,0 +1,239 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvq
+from fastvq.ops.rotation_trick import EPS_ANTIPODAL, EPS_NORM
+from tests.utils import TOL, assert_close, noncontiguous, randn
+
+CASES = [  # (batch shape, D)
+    pytest.param((1,), 1, id="N1-D1"),
+    pytest.param((17,), 1, id="N17-D1"),
+    pytest.param((5,), 2, id="N5-D2"),
+    pytest.param((127,), 60, id="N127-D60"),
+    pytest.param((3, 11), 100, id="B3x11-D100"),
+    pytest.param((0,), 16, id="N0"),
+]
+
+
+def _grad64(e, q, g):
+    """float64 oracle, straight from the paper's formula (no fallback handling)."""
+    e, q, g = e.double(), q.double(), g.double()
+    a, b = e.norm(dim=-1, keepdim=True), q.norm(dim=-1, keepdim=True)
+    eh, qh = e / a, q / b
+    w = (eh + qh) / (eh + qh).norm(dim=-1, keepdim=True)
+    gw, gq = (g * w).sum(-1, keepdim=True), (g * qh).sum(-1, keepdim=True)
+    return (b / a) * (g - 2 * gw * w + 2 * gq * eh)
+
+
+def assert_grad_close(actual, expected, e, q, g, dtype):
+    """Per-row bound: the dtype's tolerance times the row's gradient scale ``lambda |g|`` times the
+    conditioning ``1 + 1/|e^ + q^|`` (w = s/|s| amplifies rounding near the antipode)."""
+    e, q, g = e.double(), q.double(), g.double()
+    D = e.shape[-1]
+    a, b = e.norm(dim=-1, keepdim=True), q.norm(dim=-1, keepdim=True)
+    ns = (e / a + q / b).norm(dim=-1, keepdim=True)
+    scale = (b / a) * g.norm(dim=-1, keepdim=True) * (1 + 1 / ns)
+    rtol, atol = TOL[dtype]
+    err = (actual.double() - expected.double()).abs()
+    bound = atol * D**0.5 * scale + rtol * expected.double().abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}, max err {err.max().item():.3g}"
+
+
+def _vqpt_rotate_to(src, tgt):
+    """vector-quantize-pytorch's ``rotate_to`` as read (rotation trick, sec. 4.2), re-written here:
+    norms clamped at 1e-6, ``w = normalize(u + q^, eps=1e-6)`` detached, ``u`` and ``q^`` detached
+    in the last term, the scale ``|q| / |e|`` detached. Its *value* is ~q, not q."""
+    D = src.shape[-1]
+    s, t = src.reshape(-1, D), tgt.reshape(-1, D)
+    ns, nt = s.norm(dim=-1, keepdim=True), t.norm(dim=-1, keepdim=True)
+    u, qh = s / ns.clamp(min=1e-6), t / nt.clamp(min=1e-6)
+    w = F.normalize(u + qh, p=2, dim=1, eps=1e-6).detach()
+    rotated = (
+        s
+        - 2 * (s * w).sum(-1, keepdim=True) * w
+        + 2 * (s * u.detach()).sum(-1, keepdim=True) * qh.detach()
+    )
+    out = rotated * (nt / ns.clamp(min=1e-6)).detach()
+    return out.reshape(src.shape)
+
+
+def _grad_of(fn, e, q, g):
+    e = e.detach().clone().requires_grad_()
+    q = q.detach().clone().requires_grad_()
+    fn(e, q).backward(g)
+    return e.grad, q.grad
+
+
+@pytest.mark.parametrize("batch,D", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_forward_is_q_and_grad_matches_float64(backend, batch, D, dtype):
+    e, q, g = randn(*batch, D, dtype=dtype), randn(*batch, D, dtype=dtype), randn(*batch, D, dtype=dtype)
+    e_ = e.clone().requires_grad_()
+    out = fastvq.rotation_trick(e_, q)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.equal(out, q)
+    out.backward(g)
+    assert e_.grad.dtype == dtype and e_.grad.shape == e.shape
+    assert torch.isfinite(e_.grad).all()
+    # float32 math on the (rounded) inputs; the rounding of the result is the dtype's own
+    if D > 1:  # D = 1: e^ + q^ is 0 or 2, tested separately
+        assert_grad_close(e_.grad, _grad64(e, q, g), e, q, g, dtype)
+
+
+@pytest.mark.parametrize("D", [2, 7, 64])
+def test_grad_matches_vector_quantize_pytorch(backend, D):
+    e, q, g = randn(50, D), randn(50, D, scale=3.0), randn(50, D)
+    ours, ours_q = _grad_of(fastvq.rotation_trick, e, q, g)
+    theirs, _ = _grad_of(_vqpt_rotate_to, e.double(), q.double(), g.double())  # their formula, float64
+    assert ours_q is None or not ours_q.any()
+    assert_grad_close(ours, theirs, e, q, g, torch.float32)
+    theirs32, _ = _grad_of(_vqpt_rotate_to, e, q, g)  # and in float32, as they run it
+    assert_grad_close(ours, theirs32, e, q, g, torch.float32)
+
+
+def test_vqpt_value_is_not_exact_but_ours_is(backend):
+    # the case the issue reports: tiny e, where their value is q * |e| / 1e-6, far from q
+    e, q = randn(4, 8, scale=1e-8), randn(4, 8)
+    assert not torch.allclose(_vqpt_rotate_to(e, q), q, atol=1e-3)
+    assert torch.equal(fastvq.rotation_trick(e, q), q)
+
+
+def test_q_gets_no_gradient(backend):
+    e, q = randn(9, 5).requires_grad_(), randn(9, 5).requires_grad_()
+    fastvq.rotation_trick(e, q).sum().backward()
+    assert q.grad is None or not q.grad.any()
+    assert e.grad is not None and e.grad.abs().sum() > 0
+
+
+def test_degenerate_rows_fall_back_to_straight_through(backend):
+    D = 6
+    e, q, g = randn(8, D), randn(8, D), randn(8, D)
+    e[0] = 0  # e = 0
+    e[1] = -2.5 * q[1]  # antipodal
+    e[2] = -1e-3 * q[2]  # antipodal, tiny
+    q[3] = 0  # q = 0
+    e[4] = 1e-9  # |e| below EPS_NORM
+    e[5] = -q[5] + 1e-6 * randn(D)  # |e^ + q^| ~ 1e-6 < EPS_ANTIPODAL
+    e_ = e.clone().requires_grad_()
+    out = fastvq.rotation_trick(e_, q)
+    assert torch.equal(out, q)
+    out.backward(g)
+    assert torch.isfinite(e_.grad).all()
+    assert torch.equal(e_.grad[:6], g[:6])
+    assert_grad_close(e_.grad[6:], _grad64(e[6:], q[6:], g[6:]), e[6:], q[6:], g[6:], torch.float32)
+
+
+def test_zero_inputs_value_exact(backend):
+    e, q = torch.zeros(3, 4), torch.tensor([[0.0, -0.0, 1.0, -2.0]] * 3)
+    out = fastvq.rotation_trick(e, q)
+    assert torch.equal(out, q) and torch.equal(out.signbit(), q.signbit())  # -0.0 stays -0.0
+
+
+def test_thresholds_are_the_documented_ones(backend):
+    # just above both thresholds the rotation is applied, just below the fallback is
+    D = 3
+    q, g = torch.tensor([[1.0, 0.0, 0.0]] * 2), torch.tensor([[0.3, -1.0, 0.5]] * 2)
+    e = torch.tensor([[0.0, 2 * EPS_NORM, 0.0], [0.0, 0.5 * EPS_NORM, 0.0]]).requires_grad_()
+    fastvq.rotation_trick(e, q).backward(g)
+    assert not torch.equal(e.grad[0], g[0]) and torch.equal(e.grad[1], g[1])
+    # |e^ + q^| = 2 cos(theta / 2) about the antipode: rotate at 4 * EPS, fall back at EPS / 4
+    for k, expect_rot in ((4.0, True), (0.25, False)):
+        ang = torch.pi - k * EPS_ANTIPODAL
+        e = torch.tensor([[torch.cos(torch.tensor(ang)).item(), torch.sin(torch.tensor(ang)).item(), 0.0]])
+        e.requires_grad_()
+        fastvq.rotation_trick(e, q[:1]).backward(g[:1])
+        assert torch.isfinite(e.grad).all()
+        assert torch.equal(e.grad, g[:1]) != expect_rot
+
+
+def test_D1(backend):
+    # D = 1: same sign -> R = I, lambda = |q|/|e|; opposite sign -> antipodal -> straight through
+    e = torch.tensor([[2.0], [-2.0], [0.0], [3.0]]).requires_grad_()
+    q = torch.tensor([[4.0], [1.0], [5.0], [-1.5]])
+    g = torch.tensor([[1.0], [1.0], [1.0], [1.0]])
+    out = fastvq.rotation_trick(e, q)
+    assert torch.equal(out, q)
+    out.backward(g)
+    assert torch.equal(e.grad, torch.tensor([[2.0], [1.0], [1.0], [1.0]]))
+
+
+def test_looping_kernel_path_matches():
+    # rows wider than the D tile take the three-sweep path of the kernel
+    from fastvq.kernels.rotation_trick import rotation_trick_bwd
+
+    e, q, g = randn(13, 37), randn(13, 37), randn(13, 37)
+    e[0] = 0
+    e[1] = -q[1]
+    whole = rotation_trick_bwd(e, q, g)
+    looped = rotation_trick_bwd(e, q, g, block_d=8)
+    assert torch.equal(looped[:2], g[:2])
+    assert_close(looped, whole, torch.float32, 37)
+    assert_grad_close(whole[2:], _grad64(e[2:], q[2:], g[2:]), e[2:], q[2:], g[2:], torch.float32)
+
+
+def test_noncontiguous_and_mixed_dtypes(backend):
+    e, q, g = randn(10, 12), randn(10, 12, dtype=torch.bfloat16), randn(10, 12)
+    e_ = noncontiguous(e).requires_grad_()
+    out = fastvq.rotation_trick(e_, noncontiguous(q))
+    assert out.dtype == torch.float32 and torch.equal(out, q.float())
+    out.backward(g)
+    assert_grad_close(e_.grad, _grad64(e, q, g), e, q, g, torch.float32)
+
+
+def test_deterministic(backend):
+    e, q, g = randn(31, 20), randn(31, 20), randn(31, 20)
+    a, _ = _grad_of(fastvq.rotation_trick, e, q, g)
+    b, _ = _grad_of(fastvq.rotation_trick, e, q, g)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "e,q,err",
+    [
+        (torch.randn(3, 4), torch.randn(3, 5), ValueError),
+        (torch.randn(3, 4), torch.randn(4, 4), ValueError),
+        (torch.randn(()), torch.randn(()), ValueError),
+        (torch.randint(0, 3, (3, 4)), torch.randn(3, 4), TypeError),
+        (torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64), TypeError),
+        ([[1.0]], torch.randn(1, 1), TypeError),
+    ],
+    ids=["D-mismatch", "N-mismatch", "0-D", "int-dtype", "float64", "not-tensor"],
+)
+def test_bad_input(e, q, err):
+    with pytest.raises(err, match="rotation_trick"):
+        fastvq.rotation_trick(e, q)
+
+
+def test_opcheck():
+    e, q, g = randn(6, 5), randn(6, 5), randn(6, 5)
+    e[0] = 0
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.rotation_trick.default, (e.clone().requires_grad_(), q))
+            torch.library.opcheck(torch.ops.fastvq.rotation_trick_bwd.default, (e, q, g))
+
+
+def test_compile_fullgraph():
+    e, q, g = randn(7, 5), randn(7, 5), randn(7, 5)
+
+    def f(e, q):
+        return fastvq.rotation_trick(e, q) * 2.0
+
+    with fastvq.backend("reference"):
+        e_ = e.clone().requires_grad_()
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(e_, q)
+        out.backward(g)
+        assert torch.equal(out, 2 * q)
+        assert_grad_close(e_.grad, _grad64(e, q, 2 * g), e, q, 2 * g, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [3, 256, 8192])  # 8192: the looping path
+def test_large_gpu(dtype, D):
+    e, q, g = (randn(4099, D, dtype=dtype, device="cuda") for _ in range(3))
+    with fastvq.backend("triton"):
+        gt, _ = _grad_of(fastvq.rotation_trick, e, q, g)
+        assert torch.equal(fastvq.rotation_trick(e, q), q)
+    assert_grad_close(gt, _grad64(e, q, g), e, q, g, dtype)
