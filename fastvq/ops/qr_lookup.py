@@ -26,6 +26,8 @@ def _qr_lookup_op(
     sparse: bool,
 ) -> torch.Tensor:
     # ``deterministic`` and ``sparse`` only steer the backward.
+    if offsets is not None:  # data checks here: the op body runs eagerly under torch.compile too
+        _check_offsets("qr_lookup", offsets, ids.shape[0])
     if use_triton("qr_lookup", ids, q_weight, r_weight):
         from ..kernels.qr_lookup import qr_lookup_fwd
 
@@ -135,8 +137,6 @@ _qr_lookup_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check_offsets(name: str, offsets: torch.Tensor, n_items: int) -> None:
     if offsets.numel() == 0:
-        return
-    if torch.compiler.is_compiling():  # data-dependent checks would break the graph
         return
     first = int(offsets[0])
     if first != 0:
@@ -258,5 +258,4 @@ def qr_lookup(
                 f"fastvq.{name}: per_sample_weights must have the shape of ids {tuple(ids.shape)}, "
                 f"got {tuple(per_sample_weights.shape)}"
             )
-    _check_offsets(name, offsets, ids.shape[0])
     return _qr_lookup_op(ids, q_weight, r_weight, op, offsets.long(), mode, per_sample_weights, deterministic, sparse)
