@@ -6,10 +6,12 @@ Notation (as in :mod:`fastvq.reference.pairwise_kl_loss`): ``s_ij = pred_i . pre
 Forward: each program owns BLOCK_M rows and streams the batch in BLOCK_N column tiles. Per
 tile it forms the ``s`` and ``t`` tiles with two dots (streaming Dp and Dt in chunks), drops
 the diagonal and the padding, and updates three online quantities per row: the logsumexp of
-``s`` (running max + sum), the logsumexp of ``t``, and ``sum_j exp(t_ij - m_t) (t_ij - s_ij)``,
-rescaled whenever the running max of ``t`` moves. At the end
+``s`` (running max + sum), the logsumexp of ``t``, and ``sum_j exp(t_ij - m_t) ((t_ij - m_t) - (s_ij - m_p))``,
+rescaled and shifted whenever a running max moves. At the end
 
-    KL_i = E_q[t_i. - s_i.] - lse_t[i] + lse_p[i]
+    KL_i = E_q[(t_ij - m_t) - (s_ij - m_p)] - log(l_t) + log(l_p)
+
+(``m``: running maxima, ``l``: running sums of exponentials, ``lse = m + log(l)``)
 
 and the program stores ``KL_i``, ``lse_p[i]``, ``lse_t[i]`` (three floats a row).
 
@@ -94,18 +96,23 @@ def _pairwise_kl_loss_fwd_kernel(
 
         b_mp_new = tl.maximum(b_mp, tl.max(b_s_m, axis=1))
         b_lp = b_lp * tl.exp(b_mp - b_mp_new) + tl.sum(tl.exp(b_s_m - b_mp_new[:, None]), axis=1)
-        b_mp = b_mp_new
 
         b_mt_new = tl.maximum(b_mt, tl.max(b_t_m, axis=1))
         b_alpha = tl.exp(b_mt - b_mt_new)
         b_q = tl.exp(b_t_m - b_mt_new[:, None])  # 0 where masked
+        # acc = sum_j exp(t_ij - m_t) ((t_ij - m_t) - (s_ij - m_p)): shifting by the running
+        # maxima keeps the terms small (an exact 0 when the rows agree); moving the maxima
+        # shifts every earlier term by the same amount, hence the b_lt correction.
+        b_shift = (b_mt - b_mt_new) - (b_mp - b_mp_new)
+        b_acc = b_alpha * (b_acc + b_lt * b_shift) + tl.sum(
+            b_q * tl.where(m_valid, (b_t - b_mt_new[:, None]) - (b_s - b_mp_new[:, None]), 0.0), axis=1)
         b_lt = b_lt * b_alpha + tl.sum(b_q, axis=1)
-        b_acc = b_acc * b_alpha + tl.sum(b_q * tl.where(m_valid, b_t - b_s, 0.0), axis=1)
         b_mt = b_mt_new
+        b_mp = b_mp_new
 
     b_lse_p = b_mp + tl.log(b_lp)
     b_lse_t = b_mt + tl.log(b_lt)
-    b_kl = b_acc / b_lt - b_lse_t + b_lse_p
+    b_kl = b_acc / b_lt - tl.log(b_lt) + tl.log(b_lp)
     tl.store(p_kl + o_m, b_kl, mask=m_m)
     tl.store(p_lse_p + o_m, b_lse_p, mask=m_m)
     tl.store(p_lse_t + o_m, b_lse_t, mask=m_m)

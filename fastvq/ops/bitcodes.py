@@ -1,5 +1,95 @@
-"""PLACEHOLDER: being written; replaced before commit."""
-def to_bits(*args, **kwargs):
-    raise NotImplementedError('to_bits')
-def to_decimal(*args, **kwargs):
-    raise NotImplementedError('to_decimal')
+"""to_bits / to_decimal: integer <-> binary-code conversion (most significant bit first).
+
+The helpers of bitcodes-pytorch, on any device: their bit masks are made on the input's
+device (bitcodes-pytorch builds them on the CPU, so CUDA inputs fail there), and out-of-range
+input raises instead of being silently truncated.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .._checks import check_tensor
+
+MAX_BITS = 63  # the codes are int64
+
+
+def _check_num_bits(op: str, num_bits) -> int:
+    if isinstance(num_bits, bool) or not isinstance(num_bits, numbers.Integral):
+        raise TypeError(f"fastvq.{op}: num_bits must be an int, got {type(num_bits).__name__}")
+    if not 1 <= num_bits <= MAX_BITS:
+        raise ValueError(f"fastvq.{op}: num_bits must be in [1, {MAX_BITS}], got {num_bits}")
+    return int(num_bits)
+
+
+def _bit_weights(num_bits: int, device: torch.device) -> torch.Tensor:
+    """``[2**(num_bits-1), ..., 2, 1]`` as int64 on ``device``."""
+    return torch.bitwise_left_shift(
+        torch.ones((), dtype=torch.int64, device=device),
+        torch.arange(num_bits - 1, -1, -1, dtype=torch.int64, device=device),
+    )
+
+
+def to_bits(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Binary codes of integers, most significant bit first.
+
+    Args:
+        indices: ``(...)`` integer tensor (any integer dtype), every value in ``[0, 2**num_bits)``.
+        num_bits: bits per code, ``1 <= num_bits <= 63``.
+
+    Returns:
+        ``(..., num_bits)`` int64 tensor of 0/1 on ``indices``' device;
+        ``to_decimal(to_bits(i, n)) == i``. Not differentiable (integers).
+
+    Raises ``ValueError`` for values outside ``[0, 2**num_bits)`` (bitcodes-pytorch keeps the
+    low bits of those silently).
+
+    Example::
+
+        >>> fastvq.to_bits(torch.tensor([0, 11, 9]), num_bits=4)
+        tensor([[0, 0, 0, 0],
+                [1, 0, 1, 1],
+                [1, 0, 0, 1]])
+    """
+    op = "to_bits"
+    check_tensor(op, "indices", indices)
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"fastvq.{op}: indices must be an integer tensor, got {indices.dtype}")
+    num_bits = _check_num_bits(op, num_bits)
+    idx = indices.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >> num_bits):
+        raise ValueError(
+            f"fastvq.{op}: indices must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), got values in "
+            f"[{int(idx.min())}, {int(idx.max())}] (shape {tuple(indices.shape)})"
+        )
+    weights = _bit_weights(num_bits, idx.device)
+    return idx.unsqueeze(-1).bitwise_and(weights).ne(0).long()
+
+
+def to_decimal(bits: torch.Tensor) -> torch.Tensor:
+    """Integers from binary codes, most significant bit first (the inverse of :func:`to_bits`).
+
+    Args:
+        bits: ``(..., num_bits)`` tensor of 0/1 values (any integer, bool or float dtype),
+            ``1 <= num_bits <= 63``.
+
+    Returns:
+        ``(...)`` int64 tensor on ``bits``' device. Not differentiable.
+
+    Example::
+
+        >>> fastvq.to_decimal(torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]]))
+        tensor([11,  2])
+    """
+    op = "to_decimal"
+    check_tensor(op, "bits", bits, min_ndim=1)
+    if bits.is_complex():
+        raise TypeError(f"fastvq.{op}: bits must be an integer, bool or float tensor, got {bits.dtype}")
+    if bits.shape[-1] < 1 or bits.shape[-1] > MAX_BITS:
+        raise ValueError(f"fastvq.{op}: bits must have 1 to {MAX_BITS} bits in the last dim, got shape {tuple(bits.shape)}")
+    if bits.numel() and not bool(((bits == 0) | (bits == 1)).all()):
+        raise ValueError(f"fastvq.{op}: bits must be 0 or 1, got other values (shape {tuple(bits.shape)})")
+    weights = _bit_weights(bits.shape[-1], bits.device)
+    return (bits.long() * weights).sum(-1)

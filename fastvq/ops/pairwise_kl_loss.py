@@ -1,3 +1,136 @@
-"""PLACEHOLDER: being written; replaced before commit."""
-def pairwise_kl_loss(*args, **kwargs):
-    raise NotImplementedError('pairwise_kl_loss')
+"""pairwise_kl_loss: KL between the in-batch similarity softmaxes of pred and target rows."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .._backend import use_triton
+from .._checks import check_float, check_same_device, check_tensor
+from ..reference.pairwise_kl_loss import pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref
+
+
+@torch.library.custom_op("fastvq::pairwise_kl_loss", mutates_args=())
+def _pairwise_kl_loss_op(
+    pred: torch.Tensor, target: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton("pairwise_kl_loss", pred, target):
+        from ..kernels.pairwise_kl_loss import pairwise_kl_loss_fwd
+
+        return pairwise_kl_loss_fwd(pred, target, temperature)
+    return pairwise_kl_loss_fwd_ref(pred, target, temperature)
+
+
+@_pairwise_kl_loss_op.register_fake
+def _(pred, target, temperature):
+    B = pred.shape[0]
+    return (
+        pred.new_empty((), dtype=torch.float32),
+        pred.new_empty((B,), dtype=torch.float32),
+        pred.new_empty((B,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastvq::pairwise_kl_loss_backward", mutates_args=())
+def _pairwise_kl_loss_bwd_op(
+    grad: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    lse_p: torch.Tensor,
+    lse_t: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    if use_triton("pairwise_kl_loss", pred, target):
+        from ..kernels.pairwise_kl_loss import pairwise_kl_loss_bwd
+
+        return pairwise_kl_loss_bwd(grad, pred, target, lse_p, lse_t, temperature)
+    return pairwise_kl_loss_bwd_ref(grad, pred, target, lse_p, lse_t, temperature)
+
+
+@_pairwise_kl_loss_bwd_op.register_fake
+def _(grad, pred, target, lse_p, lse_t, temperature):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, target, temperature = inputs
+    _, lse_p, lse_t = output
+    ctx.save_for_backward(pred, target, lse_p, lse_t)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(lse_p, lse_t)
+
+
+def _backward(ctx, grad, _grad_lse_p, _grad_lse_t):
+    pred, target, lse_p, lse_t = ctx.saved_tensors
+    grad_pred = None
+    if ctx.needs_input_grad[0]:
+        grad_pred = _pairwise_kl_loss_bwd_op(grad, pred, target, lse_p, lse_t, ctx.temperature)
+    return grad_pred, None, None
+
+
+_pairwise_kl_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence between the in-batch similarity distributions of ``target`` and ``pred``.
+
+    For rows ``i != j`` of a batch, ``s_ij = pred_i . pred_j / T`` and
+    ``t_ij = target_i . target_j / T``. Each row takes a softmax over the *other* rows
+    (its own diagonal is excluded exactly), ``p_i = softmax_j(s_ij)``, ``q_i = softmax_j(t_ij)``,
+    and the loss is ``(1/B) sum_i KL(q_i || p_i)``: the same value as the pairwise-geometry
+    training loss ::
+
+        sim = pred @ pred.T; sim = torch.where(torch.eye(B) > 0, -1000, sim)   # same for target
+        nn.KLDivLoss(reduction="batchmean", log_target=True)(
+            F.log_softmax(sim_pred / T, 1), F.log_softmax(sim_target / T, 1))
+
+    whose ``-1000`` diagonal is an approximation of exclusion that is exact only while
+    ``exp(-1000 / T)`` underflows (``T`` up to about 1 for unit-norm rows); here the diagonal
+    never enters, at any ``T``. The fused Triton kernel streams the batch in tiles with online
+    log-sum-exps, so the ``B x B`` matrices are never stored: ``B = 65536`` costs three floats
+    a row of memory. The rows are used as given (normalise them first, as the seed does).
+
+    Args:
+        pred: ``(B, Dp)`` float32/float16/bfloat16 embeddings being trained.
+        target: ``(B, Dt)``, same device and batch size; any ``Dt``. A different float dtype
+            is promoted with ``pred``'s. Treated as a constant: it gets no gradient.
+        temperature: ``T > 0`` (a Python number or a 0-d tensor, read once).
+
+    Returns:
+        A 0-d float32 tensor, differentiable in ``pred``. ``B <= 1`` (no row has another
+        row to compare with) gives ``0`` with a zero gradient.
+
+    Example::
+
+        >>> pred = F.normalize(model(ids), dim=1)        # (B, 64)
+        >>> target = F.normalize(actuals[ids_batch], dim=1)  # (B, 768)
+        >>> loss = fastvq.pairwise_kl_loss(pred, target, temperature=0.1)
+        >>> loss.backward()
+    """
+    op = "pairwise_kl_loss"
+    check_tensor(op, "pred", pred, ndim=2)
+    check_tensor(op, "target", target, ndim=2)
+    check_float(op, "pred", pred)
+    check_float(op, "target", target)
+    check_same_device(op, pred=pred, target=target)
+    if pred.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"fastvq.{op}: pred and target must have the same number of rows, got pred {tuple(pred.shape)} "
+            f"and target {tuple(target.shape)}"
+        )
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"fastvq.{op}: temperature must be a number or a 1-element tensor, got shape {tuple(temperature.shape)}")
+        temperature = float(temperature.item())
+    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        temperature = float(temperature)
+    else:
+        raise TypeError(f"fastvq.{op}: temperature must be a real number, got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"fastvq.{op}: temperature must be finite and > 0, got {temperature}")
+    if pred.dtype != target.dtype:
+        dtype = torch.promote_types(pred.dtype, target.dtype)
+        pred, target = pred.to(dtype), target.to(dtype)
+    return _pairwise_kl_loss_op(pred, target.detach(), temperature)[0]

@@ -1,0 +1,175 @@
+"""fastvq.nn.Bitcodes against bitcodes-pytorch's module (transcribed below from its source)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvq
+from fastvq.nn import Bitcodes
+
+
+# --- oracle: bitcodes-pytorch's Bitcodes, transcribed (einops rearranges written as reshapes) ---
+class PeerBitcodes(nn.Module):
+    def __init__(self, features, num_bits, temperature):
+        super().__init__()
+        self.temperature = temperature
+        self.codebook = nn.Parameter(torch.randn(2 * num_bits, features))
+
+    def from_bits(self, bits):  # (b, m, num_bits)
+        attn = F.one_hot(bits.long(), num_classes=2).float()  # b m p q
+        attn = attn.reshape(*attn.shape[:2], attn.shape[2] * 2)  # b m (p q)
+        return torch.einsum("bmn,nd->bmd", attn, self.codebook)
+
+    def forward(self, x):  # (b, m, d) only
+        sim = torch.einsum("bmd,nd->bmn", x, self.codebook)
+        pairs = sim.reshape(*sim.shape[:2], sim.shape[2] // 2, 2)  # b m (p q) -> b m p q, q = 2
+        if self.training:
+            attn = F.gumbel_softmax(pairs, tau=self.temperature, dim=-1, hard=True)
+        else:
+            attn = F.one_hot(pairs.argmax(dim=-1), num_classes=2).float()
+        attn = attn.reshape(*attn.shape[:2], attn.shape[2] * 2)
+        out = torch.einsum("bmn,nd->bmd", attn, self.codebook)
+        bits = pairs.argmax(dim=-1)  # the noiseless argmax, also in training
+        return out, bits
+
+
+def pair(features=8, num_bits=5, temperature=10.0, seed=0):
+    torch.manual_seed(seed)
+    ours = Bitcodes(features, num_bits, temperature)
+    torch.manual_seed(seed)
+    peer = PeerBitcodes(features, num_bits, temperature)
+    return ours, peer
+
+
+def test_same_init_and_state_dict():
+    ours, peer = pair()
+    assert list(ours.state_dict()) == list(peer.state_dict()) == ["codebook"]
+    assert ours.codebook.shape == (10, 8)
+    assert torch.equal(ours.codebook, peer.codebook)  # same init, same RNG draw
+    other = PeerBitcodes(8, 5, 10.0)
+    other.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(PeerBitcodes(8, 5, 10.0).state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (3, 17)], ids=["1x6", "3x17"])
+def test_eval_matches_peer(shape):
+    ours, peer = pair()
+    ours.eval(), peer.eval()
+    x = torch.randn(*shape, 8)
+    y, bits = ours(x)
+    y_ref, bits_ref = peer(x)
+    assert bits.dtype == torch.int64 and torch.equal(bits, bits_ref)
+    torch.testing.assert_close(y, y_ref)
+    assert torch.equal(ours.from_bits(bits), y)
+    torch.testing.assert_close(ours.from_bits(bits), peer.from_bits(bits))
+
+
+@pytest.mark.parametrize("shape", [(8,), (11, 8), (2, 3, 4, 8), (0, 8)], ids=["1D", "2D", "4D", "empty"])
+def test_leading_dims(shape):
+    ours, peer = pair()
+    ours.eval(), peer.eval()
+    x = torch.randn(shape)
+    y, bits = ours(x)
+    assert y.shape == shape and bits.shape == (*shape[:-1], 5)
+    y_ref, bits_ref = peer(x.reshape(1, x.numel() // 8, 8))
+    assert torch.equal(bits.reshape(bits_ref.shape), bits_ref)
+    torch.testing.assert_close(y.reshape(y_ref.shape), y_ref)
+    assert torch.equal(ours.from_bits(bits), y)
+
+
+def test_ties_pick_zero():
+    ours, _ = pair()
+    ours.eval()
+    y, bits = ours(torch.zeros(4, 8))
+    assert torch.equal(bits, torch.zeros(4, 5, dtype=torch.long))
+    torch.testing.assert_close(y, ours.codebook[0::2].sum(0).expand(4, 8))
+
+
+def test_training_matches_peer_output_and_bits_agree_with_it():
+    ours, peer = pair(temperature=3.0)
+    # small inputs: the Gumbel noise flips many bits away from the noiseless argmax
+    x = torch.randn(4, 50, 8) * 0.05
+    x_ours, x_peer = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(123)
+    y, bits = ours(x_ours)
+    torch.manual_seed(123)
+    y_ref, bits_ref = peer(x_peer)
+    torch.testing.assert_close(y, y_ref)  # same Gumbel draws, same quantized output
+    # ours: the returned bits are the sampled ones, so they reproduce y
+    torch.testing.assert_close(ours.from_bits(bits), y)
+    # the peer's bits are the noiseless argmax: they disagree with its own y where noise flipped a bit
+    assert not torch.equal(bits, bits_ref)
+    assert not torch.allclose(peer.from_bits(bits_ref), y_ref)
+    # the same straight-through gradients, into x and the codebook
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_peer.grad)
+    torch.testing.assert_close(ours.codebook.grad, peer.codebook.grad)
+    assert x_ours.grad.abs().sum() > 0
+
+
+def test_eval_gradients_match_peer():
+    ours, peer = pair()
+    ours.eval(), peer.eval()
+    x = torch.randn(2, 9, 8)
+    g = torch.randn(2, 9, 8)
+    (ours(x)[0] * g).sum().backward()
+    (peer(x)[0] * g).sum().backward()
+    torch.testing.assert_close(ours.codebook.grad, peer.codebook.grad)
+
+
+def test_dtype_promotion():
+    ours, _ = pair()
+    ours.eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    y, bits = ours(x)
+    assert y.dtype == torch.float64
+    sel = torch.arange(5) * 2 + bits  # (3, 5) codebook rows chosen
+    torch.testing.assert_close(y, ours.codebook.double()[sel].sum(1))
+
+
+def test_to_decimal_of_bits():
+    ours, _ = pair(num_bits=12)
+    ours.eval()
+    _, bits = ours(torch.randn(2, 30, 8))
+    codes = fastvq.to_decimal(bits)
+    assert codes.shape == (2, 30) and (codes >= 0).all() and (codes < 4096).all()
+    assert torch.equal(fastvq.to_bits(codes, 12), bits)
+
+
+@pytest.mark.parametrize(
+    "call,err",
+    [
+        (lambda m: m(torch.randn(3, 7)), ValueError),
+        (lambda m: m(torch.randint(0, 3, (3, 8))), TypeError),
+        (lambda m: m(torch.tensor(1.0)), ValueError),
+        (lambda m: m.from_bits(torch.zeros(3, 4, dtype=torch.long)), ValueError),
+        (lambda m: m.from_bits(torch.full((3, 5), 2)), ValueError),
+        (lambda m: m.from_bits([0, 1, 0, 1, 0]), TypeError),
+        (lambda m: Bitcodes(0, 4, 1.0), ValueError),
+        (lambda m: Bitcodes(8, 0, 1.0), ValueError),
+        (lambda m: Bitcodes(8, 4.0, 1.0), TypeError),
+        (lambda m: Bitcodes(8, 4, 0.0), ValueError),
+        (lambda m: Bitcodes(8, 4, "hot"), TypeError),
+    ],
+    ids=["features-mismatch", "int-x", "0D-x", "bits-width", "bits-value", "bits-list",
+         "features-0", "num_bits-0", "num_bits-float", "temperature-0", "temperature-str"],
+)
+def test_bad_input(call, err):
+    ours, _ = pair()
+    with pytest.raises(err, match="Bitcodes"):
+        call(ours)
+
+
+@pytest.mark.gpu
+def test_cuda():
+    ours, peer = pair()
+    ours.cuda().eval(), peer.cuda().eval()
+    x = torch.randn(2, 64, 8, device="cuda")
+    y, bits = ours(x)
+    y_ref, bits_ref = peer(x)
+    assert torch.equal(bits, bits_ref)
+    torch.testing.assert_close(y, y_ref)
+    assert torch.equal(fastvq.to_bits(fastvq.to_decimal(bits), 5), bits)

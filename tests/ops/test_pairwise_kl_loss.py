@@ -1,0 +1,252 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvq
+from fastvq.reference.pairwise_kl_loss import pairwise_kl_loss_fwd_ref, pairwise_kl_loss_ref
+from tests.utils import assert_close, noncontiguous, randn
+
+
+def seed_loss(pred, target, temperature):
+    """The training loss of the pairwise-geometry experiment (seed 000), verbatim in substance."""
+    batch_size = pred.size(0)
+    p = pred.matmul(pred.transpose(0, 1))
+    p = torch.where(torch.eye(batch_size) > 0, -1000 * torch.ones_like(p), p)
+    p = F.log_softmax(p / temperature, dim=1)
+    t = target.matmul(target.transpose(0, 1))
+    t = torch.where(torch.eye(batch_size) > 0, -1000 * torch.ones_like(t), t)
+    t = F.log_softmax(t / temperature, dim=1)
+    return nn.KLDivLoss(reduction="batchmean", log_target=True)(p, t)
+
+
+def exact_loss64(pred, target, temperature):
+    """float64, the diagonal excluded exactly (valid at any temperature)."""
+    B = pred.shape[0]
+    if B <= 1:
+        return pred.double().sum() * 0.0
+    eye = torch.eye(B, dtype=torch.bool)
+    s = (pred.double() @ pred.double().T / temperature).masked_fill(eye, float("-inf"))
+    t = (target.double() @ target.double().T / temperature).masked_fill(eye, float("-inf"))
+    log_p, log_q = s.log_softmax(1), t.log_softmax(1)
+    return torch.where(eye, 0.0, log_q.exp() * (log_q - log_p)).sum() / B
+
+
+def unit(B, D, dtype=torch.float32):
+    return F.normalize(randn(B, D, dtype=torch.float64), dim=1).to(dtype)
+
+
+def loss_and_grad(fn, pred, target, temperature, g):
+    pred = pred.detach().clone().requires_grad_()
+    loss = fn(pred, target, temperature)
+    (loss * g).backward()
+    return loss.detach(), pred.grad
+
+
+CASES = [  # (B, Dp, Dt)
+    pytest.param(1, 8, 8, id="B1"),
+    pytest.param(2, 8, 3, id="B2"),
+    pytest.param(37, 16, 24, id="B37-Dp16-Dt24"),
+    pytest.param(65, 5, 1, id="B65-lastTileDiagOnly-Dt1"),
+    pytest.param(100, 70, 130, id="B100-Dp70-Dt130"),
+    pytest.param(50, 130, 64, id="B50-Dp130-splitDo"),
+]
+TEMPS = [0.05, 0.2, 1.0]
+
+
+@pytest.mark.parametrize("temperature", TEMPS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("B,Dp,Dt", CASES)
+def test_matches_seed_float64(backend, B, Dp, Dt, temperature):
+    pred, target, g = unit(B, Dp), unit(B, Dt), randn(())
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, temperature, g)
+    ref_loss, ref_grad = loss_and_grad(seed_loss, pred.double(), target.double(), temperature, g.double())
+    assert loss.shape == () and loss.dtype == torch.float32 and grad.dtype == torch.float32
+    # values ~ 1/T: relative tolerance on the loss, gradient entries summed over B rows
+    assert_close(loss, ref_loss, torch.float32, reduce_len=B * max(Dp, Dt) / temperature)
+    assert_close(grad, ref_grad, torch.float32, reduce_len=B / temperature)
+    assert loss >= -1e-6
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0], ids=lambda t: f"T{t}")
+def test_matches_seed_float32(backend, temperature):
+    pred, target, g = unit(45, 32), unit(45, 20), randn(())
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, temperature, g)
+    ref_loss, ref_grad = loss_and_grad(seed_loss, pred, target, temperature, g)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6 / temperature)
+
+
+def test_diagonal_excluded_exactly_at_high_temperature(backend):
+    # At T = 1000 the seed's -1000 diagonal is -1 after scaling, while the off-diagonal
+    # entries of these (norm ~30) rows are O(1): the diagonal takes real probability mass.
+    # We exclude it exactly, so we match the exact formula, not the seed.
+    pred, target = randn(20, 6, scale=13.0), randn(20, 9, scale=10.0)
+    T = 1000.0
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0))
+    exact, exact_grad = loss_and_grad(exact_loss64, pred.double(), target.double(), T, torch.tensor(1.0, dtype=torch.float64))
+    seed = seed_loss(pred.double(), target.double(), T)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-3, atol=1e-10)
+    assert not torch.isclose(seed, exact, rtol=1e-2)
+
+
+def test_unnormalised_rows(backend):
+    # rows used as given: large norms make sharp softmaxes; compare with the exact float64 loss
+    pred, target = randn(40, 12, scale=0.7), randn(40, 10, scale=0.5)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.5, torch.tensor(1.0))
+    exact, exact_grad = loss_and_grad(exact_loss64, pred.double(), target.double(), 0.5, torch.tensor(1.0, dtype=torch.float64))
+    assert_close(loss, exact, torch.float32, reduce_len=40 * 12 * 20)
+    assert_close(grad, exact_grad, torch.float32, reduce_len=40 * 20)
+
+
+def test_identical_geometry_is_zero(backend):
+    x = unit(70, 16)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, x, x.clone(), 0.1, torch.tensor(1.0))
+    assert abs(loss.item()) < 1e-5
+    assert grad.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("B", [0, 1])
+def test_no_pairs_gives_zero(backend, B):
+    pred = randn(B, 4).requires_grad_()
+    loss = fastvq.pairwise_kl_loss(pred, randn(B, 3), 0.3)
+    assert loss.shape == () and loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(pred.grad, torch.zeros(B, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision(backend, dtype):
+    pred, target = unit(48, 32, dtype), unit(48, 24, dtype)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.2, torch.tensor(1.0))
+    ref_loss, ref_grad = loss_and_grad(exact_loss64, pred.double(), target.double(), 0.2, torch.tensor(1.0, dtype=torch.float64))
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    # fp32 accumulation of the rounded inputs; the backward dot runs in the input dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
+    rtol, atol = (2e-2, 2e-3) if dtype == torch.bfloat16 else (3e-3, 3e-4)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
+
+
+def test_mixed_dtypes_promote_and_target_gets_no_grad(backend):
+    pred = unit(30, 8, torch.bfloat16).requires_grad_()
+    target = unit(30, 8).requires_grad_()
+    loss = fastvq.pairwise_kl_loss(pred, target, 0.5)
+    loss.backward()
+    assert pred.grad.dtype == torch.bfloat16 and target.grad is None
+    assert_close(loss, exact_loss64(pred.detach().float(), target.detach(), 0.5), torch.float32, reduce_len=30 * 8)
+
+
+def test_noncontiguous(backend):
+    pred, target = unit(33, 12), unit(33, 7)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, noncontiguous(pred), target.T.contiguous().T, 0.3, torch.tensor(1.0))
+    ref_loss, ref_grad = loss_and_grad(exact_loss64, pred.double(), target.double(), 0.3, torch.tensor(1.0, dtype=torch.float64))
+    assert_close(loss, ref_loss, torch.float32, reduce_len=33 * 12 / 0.3)
+    assert_close(grad, ref_grad, torch.float32, reduce_len=33 / 0.3)
+
+
+def test_tensor_temperature(backend):
+    pred, target = unit(10, 4), unit(10, 4)
+    a = fastvq.pairwise_kl_loss(pred, target, torch.tensor(0.25))
+    b = fastvq.pairwise_kl_loss(pred, target, 0.25)
+    assert torch.equal(a, b)
+
+
+def test_reference_is_chunked_and_exact():
+    # the reference alone, across a chunk boundary (row_chunk shrinks with B)
+    import fastvq.reference.pairwise_kl_loss as mod
+
+    pred, target = unit(50, 6), unit(50, 5)
+    orig = mod.row_chunk
+    try:
+        mod.row_chunk = lambda n: 7
+        loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, 0.3)
+        loss2, grad = loss_and_grad(pairwise_kl_loss_ref, pred, target, 0.3, torch.tensor(1.0))
+    finally:
+        mod.row_chunk = orig
+    exact, exact_grad = loss_and_grad(exact_loss64, pred.double(), target.double(), 0.3, torch.tensor(1.0, dtype=torch.float64))
+    assert_close(loss, exact, torch.float32, reduce_len=50 * 6 / 0.3)
+    assert_close(grad, exact_grad, torch.float32, reduce_len=50 / 0.3)
+    s = (pred.double() @ pred.double().T / 0.3).fill_diagonal_(float("-inf"))
+    assert_close(lse_p, s.logsumexp(1), torch.float32, reduce_len=50)
+
+
+@pytest.mark.parametrize(
+    "pred,target,temperature,err",
+    [
+        (torch.randn(4), torch.randn(4, 3), 0.1, ValueError),
+        (torch.randn(4, 3), torch.randn(2, 4, 3), 0.1, ValueError),
+        (torch.randn(4, 3), torch.randn(5, 3), 0.1, ValueError),
+        (torch.randint(0, 3, (4, 3)), torch.randn(4, 3), 0.1, TypeError),
+        (torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64), 0.1, TypeError),
+        ([[1.0]], torch.randn(1, 3), 0.1, TypeError),
+        (torch.randn(4, 3), torch.randn(4, 3), 0.0, ValueError),
+        (torch.randn(4, 3), torch.randn(4, 3), -1.0, ValueError),
+        (torch.randn(4, 3), torch.randn(4, 3), math.nan, ValueError),
+        (torch.randn(4, 3), torch.randn(4, 3), math.inf, ValueError),
+        (torch.randn(4, 3), torch.randn(4, 3), "0.1", TypeError),
+        (torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0.1, 0.2]), ValueError),
+    ],
+    ids=["pred-1D", "target-3D", "B-mismatch", "int-dtype", "float64", "not-tensor",
+         "T0", "T-negative", "T-nan", "T-inf", "T-str", "T-2-elements"],
+)
+def test_bad_input(pred, target, temperature, err):
+    with pytest.raises(err, match="pairwise_kl_loss"):
+        fastvq.pairwise_kl_loss(pred, target, temperature)
+
+
+def test_opcheck():
+    pred, target = unit(20, 6).requires_grad_(), unit(20, 5)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.pairwise_kl_loss.default, (pred, target, 0.3))
+            _, lse_p, lse_t = torch.ops.fastvq.pairwise_kl_loss(pred.detach(), target, 0.3)
+            torch.library.opcheck(
+                torch.ops.fastvq.pairwise_kl_loss_backward.default,
+                (torch.tensor(1.5), pred.detach(), target, lse_p, lse_t, 0.3),
+            )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [4096, 16384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_gpu(B, dtype):
+    pred = F.normalize(torch.randn(B, 64, device="cuda"), dim=1).to(dtype)
+    target = F.normalize(torch.randn(B, 256, device="cuda"), dim=1).to(dtype)
+    out = {}
+    for name in ("triton", "reference"):
+        with fastvq.backend(name):
+            out[name] = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.05, torch.tensor(1.0, device="cuda"))
+    rtol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out["triton"][0], out["reference"][0], rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(out["triton"][1].float(), out["reference"][1].float(), rtol=rtol * 10, atol=rtol * 1e-3)
+
+
+@pytest.mark.gpu
+def test_65536_rows_fit_without_bxb_memory():
+    B = 65536
+    pred = F.normalize(torch.randn(B, 64, device="cuda"), dim=1).requires_grad_()
+    target = F.normalize(torch.randn(B, 256, device="cuda"), dim=1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with fastvq.backend("triton"):
+        loss = fastvq.pairwise_kl_loss(pred, target, 0.05)
+        loss.backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+    # inputs aside, a few floats a row (a B x B float32 matrix would be 16 GiB)
+    assert torch.cuda.max_memory_allocated() - base < 64 * 2**20 + 2 * pred.numel() * 4
+
+
+def test_compile_fullgraph():
+    def f(p, t):
+        return fastvq.pairwise_kl_loss(F.normalize(p, dim=1), t, 0.1)
+
+    p, t = randn(40, 8).requires_grad_(), unit(40, 6)
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(p, t)
+    loss.backward()
+    grad, p.grad = p.grad.clone(), None
+    f(p, t).backward()
+    torch.testing.assert_close(grad, p.grad)
