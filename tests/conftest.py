@@ -25,10 +25,11 @@ POISON_INT = -(2**31) + 7
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
-    elif t.dtype != torch.bool:
-        t.fill_(POISON_INT if t.dtype not in (torch.int8, torch.uint8, torch.int16) else -1)
+    with torch.no_grad():  # torch.empty(..., requires_grad=True) gives a leaf: fill it untracked
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(POISON_INT if t.dtype not in (torch.int8, torch.uint8, torch.int16) else -1)
     return t
 
 
