@@ -136,8 +136,8 @@ def measure_case(case: Case, device: str, providers=PROVIDERS) -> list[dict]:
     all_providers = dict(case.providers)
     all_providers.update(case.peers)
     for name, fn in all_providers.items():
-        if name not in providers and name not in case.peers:
-            continue
+        if name not in providers and (name not in case.peers or (not cuda and name.startswith("fastvq"))):
+            continue  # without CUDA, nothing that runs the (interpreted) Triton kernels is timed
         row = {"op": case.op, "case": case.label, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
                "provider": name}
         if name in case.skip:
@@ -158,7 +158,9 @@ def measure_case(case: Case, device: str, providers=PROVIDERS) -> list[dict]:
     # throughput, ceiling fraction and speed-ups, all from numbers of this run
     ceiling = None
     try:
-        if case.ceiling == "matmul" and case.matmul_shape is not None:
+        if not cuda:
+            pass  # a CPU has no meaningful matmul/copy roofline for these kernels
+        elif case.ceiling == "matmul" and case.matmul_shape is not None:
             ceiling = matmul_tflops(*case.matmul_shape, case.dtype, device)
         elif case.ceiling == "copy":
             ceiling = copy_gbs(device)
@@ -188,7 +190,7 @@ def measure_case(case: Case, device: str, providers=PROVIDERS) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'case':58} {'provider':12} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'xref':>6} {'xcomp':>6} {'ceil':>5} {'MiB':>8}"
+    head = f"{'case':58} {'provider':22} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'xref':>6} {'xcomp':>6} {'ceil':>5} {'MiB':>8}"
     lines = [head, "-" * len(head)]
 
     def fmt(v, spec):
@@ -197,11 +199,11 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         if "skipped" in r or "error" in r:
             why = r.get("skipped") or r.get("error")
-            lines.append(f"{r['case'][:58]:58} {r['provider']:12} {'n/a':>9}  ({why})")
+            lines.append(f"{r['case'][:58]:58} {r['provider']:22} {'n/a':>9}  ({why})")
             continue
         sv = r.get("speedup_vs", {})
         lines.append(
-            f"{r['case'][:58]:58} {r['provider']:12} {fmt(r['ms'], '9.3f')} {fmt(r.get('tflops'), '8.1f')} "
+            f"{r['case'][:58]:58} {r['provider']:22} {fmt(r['ms'], '9.3f')} {fmt(r.get('tflops'), '8.1f')} "
             f"{fmt(r.get('gbs'), '8.0f')} {fmt(sv.get('reference'), '6.1f')} {fmt(sv.get('compiled'), '6.1f')} "
             f"{fmt(r.get('frac_of_ceiling'), '5.2f')} {fmt(r.get('peak_extra_mib'), '8.0f')}"
         )
@@ -266,8 +268,9 @@ def run_bench(ops=None, quick: bool = False, out_dir: str | None = None, plot: b
     out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
     if not cuda:
         print("No CUDA device: fastvq's Triton kernels cannot be timed here (on a CPU they only run under the "
-              "interpreter, which measures nothing useful). Timing the torch providers (eager reference and "
-              "torch.compile of it) on small shapes, then running the interpreter parity check.\n")
+              "interpreter, which measures nothing useful). Timing the torch providers (eager reference, "
+              "torch.compile of it, the seeds' torch code) on small shapes, with a host clock: indicative only, "
+              "no roofline. Then running the interpreter parity check.\n")
     todo = _cases.all_cases(device=device, quick=quick or not cuda, ops=ops)
     rows: list[dict] = []
     for case in tqdm(todo, desc="bench", unit="case"):
