@@ -24,6 +24,7 @@ Design
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -111,15 +112,38 @@ def _code_terms_kernel(p_c, p_out, K, D, stride_ck, stride_cd,
     tl.store(p_out + o_k, b_cc, mask=m_k)
 
 
+_DEFAULT_SMEM = 192 * 1024  # when the device cannot be asked (H100/H200 allow 227 KiB per block)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (A100: 163 KiB, consumer GPUs: ~99 KiB)."""
+    if device.type != "cuda":
+        return _DEFAULT_SMEM
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # an older/other driver API: keep the H100-sized budget
+        return _DEFAULT_SMEM
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose on-chip tiles clearly exceed shared memory; keep at least one."""
-    elt = named_args["p_x"].element_size()
+    """Drop configs whose on-chip tiles clearly exceed the device's shared memory; keep at least one.
+
+    Resident x (``ONE_D_BLOCK``): one ``BLOCK_N x D`` x tile plus ``num_stages`` codebook tiles.
+    Streamed D: both the x and the codebook chunks are pipelined, ``num_stages`` of each.
+    """
+    p_x = named_args["p_x"]
+    elt = p_x.element_size()
     d = kwargs.get("BLOCK_D", 64)
+    resident = kwargs.get("ONE_D_BLOCK", True)
+    limit = _smem_limit(p_x.device)
 
     def smem(c):
-        return (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * d * elt
+        bn, bk, s = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages
+        return ((bn + bk * s) if resident else (bn + bk) * s) * d * elt
 
-    kept = [c for c in configs if smem(c) <= 192 * 1024]
+    kept = [c for c in configs if smem(c) <= limit]
     return kept or [min(configs, key=smem)]
 
 
@@ -135,7 +159,9 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["D", "K", "SPLITS"],
+# Keyed on D and K (never N); SPLITS, the precision (ieee vs tf32 fp32 dots differ several-fold)
+# and the mining bound change the best tile too. The autotuner adds the tensors' dtypes itself.
+@triton.autotune(configs=_configs(), key=["D", "K", "SPLITS", "PRECISION", "HAS_LOWER_BOUND"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _nearest_code_fwd_kernel(
@@ -283,7 +309,17 @@ def num_splits(N: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(want, row_blocks), triton.cdiv(K, SPLIT_MIN_CODES), MAX_SPLITS))
 
 
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch(x, codebook, metric, allow_tf32, positive, splits):
+    with _device_guard(x.device):
+        return _launch_on_device(x, codebook, metric, allow_tf32, positive, splits)
+
+
+def _launch_on_device(x, codebook, metric, allow_tf32, positive, splits):
     N, D = x.shape
     K = codebook.shape[0]
     dev = x.device

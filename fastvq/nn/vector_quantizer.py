@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import FLOAT_DTYPES
 from ..ops.nearest_code import nearest_code
 from ..ops.rotation_trick import rotation_trick
 from ._codebook import METRICS, CodebookState, _check_float, _check_int
@@ -38,11 +39,14 @@ class VectorQuantizer(CodebookState):
             steps of k-means on that batch.
 
     Forward:
-        ``inputs (..., D)`` float -> ``(quantized (..., D), commitment_loss, embedding_loss,
-        indices (...) int64)``: ``quantized`` has the code's value and passes the gradient to
-        ``inputs`` (straight through, or rotated); ``commitment_loss = mse(code.detach(),
-        inputs)`` (gradient to the inputs), ``embedding_loss = mse(code, inputs.detach())``
-        (gradient to the codebook). In training with ``ema``/``dead_code_threshold``/
+        ``inputs (..., D)`` float32/float16/bfloat16, any strides (a different float dtype from
+        the codebook's is fine: the search promotes, ``quantized`` and the losses take the
+        inputs' dtype) -> ``(quantized (..., D), commitment_loss, embedding_loss,
+        indices (...) int64)``. float64 inputs or a ``.double()`` module raise ``TypeError``
+        (the seed accepted them; cast with ``.float()``). ``quantized`` has the code's value
+        and passes the gradient to ``inputs`` (straight through, or rotated);
+        ``commitment_loss = mse(code.detach(), inputs)`` (gradient to the inputs),
+        ``embedding_loss = mse(code, inputs.detach())`` (gradient to the codebook). In training with ``ema``/``dead_code_threshold``/
         ``kmeans_init`` the codebook buffers are updated after the codes are chosen (the
         returned values use the codebook as it was), statistics all-reduced across ranks when
         ``torch.distributed`` is initialised.
@@ -106,6 +110,12 @@ class VectorQuantizer(CodebookState):
                 f"fastvq.VectorQuantizer: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"
             )
         weight = self.embeddings.weight
+        for name, t in (("inputs", inputs), ("the codebook (embeddings.weight)", weight)):
+            if t.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"fastvq.VectorQuantizer: {name} must be float32, float16 or bfloat16, got {t.dtype} "
+                    "(float64 is not supported: cast the inputs and the module, e.g. .float())"
+                )
         if self.training and self.kmeans_init and not bool(self.initted):
             self._kmeans_init_(inputs.detach().reshape(-1, self.embedding_dim), self.metric)
 

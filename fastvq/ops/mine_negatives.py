@@ -35,7 +35,8 @@ def mine_negatives(
     building the ``N x M`` anchor-negative distance matrix.
 
     Args:
-        anchor: ``(N, D)`` float32/float16/bfloat16, any strides.
+        anchor: ``(N, D)`` float32/float16/bfloat16, any strides; ``N = 0`` gives empty
+            outputs. float64, integer and other dtypes raise ``TypeError`` (cast first).
         positive: ``(N, D)``, the positive of each anchor.
         negatives: ``(M, D)``, ``M >= 1``, the shared pool of negatives. Same device for all
             three; different float dtypes are promoted.

@@ -32,8 +32,10 @@ def nearest_code(
     """The nearest code of every row of ``x``: one fused pass, no ``N x K`` distance matrix.
 
     Args:
-        x: ``(..., D)`` float32/float16/bfloat16, any strides.
-        codebook: ``(K, D)``, ``K >= 1``, same device; a different float dtype is promoted.
+        x: ``(..., D)`` float32/float16/bfloat16, any strides; no rows (``N = 0``) gives
+            empty outputs. float64, integer and other dtypes raise ``TypeError`` (cast first).
+        codebook: ``(K, D)``, ``K >= 1``, same device, any strides; a different float dtype
+            (float32/float16/bfloat16) is promoted with ``torch.promote_types``.
         metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``; a zero vector has
             cosine 0, so distance 1) or ``"dot"`` (``-<x, c>``, i.e. the largest inner product).
         allow_tf32: fp32 inputs only. By default the fp32 dot products are exact IEEE fp32
@@ -78,5 +80,6 @@ def nearest_code(
         dtype = torch.promote_types(x.dtype, codebook.dtype)
         x, codebook = x.to(dtype), codebook.to(dtype)
     lead = x.shape[:-1]
-    indices, distances = _nearest_code_op(x.reshape(-1, x.shape[-1]), codebook, metric, allow_tf32)
+    # explicit row count: reshape(-1, D) is ambiguous (and raises) when D == 0
+    indices, distances = _nearest_code_op(x.reshape(lead.numel(), x.shape[-1]), codebook, metric, allow_tf32)
     return indices.reshape(lead), distances.reshape(lead)

@@ -46,15 +46,21 @@ def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between every row of ``a`` and every row of ``b``.
 
     Args:
-        a: ``(M, D)`` float32/float16/bfloat16.
-        b: ``(N, D)``, same device; a different float dtype is promoted.
+        a: ``(M, D)`` float32/float16/bfloat16, any strides. float64, integer and other
+            dtypes raise ``TypeError`` (cast first).
+        b: ``(N, D)``, same device, any strides; a different float dtype is promoted.
+            ``M = 0`` or ``N = 0`` gives an empty ``(M, N)`` result.
 
     Returns:
-        ``(M, N)`` float32, ``out[i, j] = |a[i] - b[j]|^2`` (never negative).
-        Differentiable in ``a`` and ``b``.
+        ``(M, N)`` float32, ``out[i, j] = |a[i] - b[j]|^2`` (never negative), computed as
+        ``|a|^2 + |b|^2 - 2 a.b`` with float32 accumulation (so a distance near 0 carries an
+        absolute error of about ``1e-7 * (|a|^2 + |b|^2)``). Differentiable in ``a`` and ``b``
+        (gradients in the input dtypes).
 
-    This is the anchor x negative distance matrix of triplet mining, right for any inputs
-    (the repeat-and-reshape construction it replaces is right only when D divides evenly).
+    This is the anchor x negative distance matrix of triplet mining, right for any inputs.
+    The seed's ``jnp.repeat(x, n, axis=-1).reshape(m, n, D)`` construction it replaces puts
+    ``x[(j * D + d) // n]`` where ``x[d]`` belongs, so it is right only for rows whose features
+    are all equal (the seed's toy inputs).
 
     Example::
 

@@ -68,7 +68,7 @@ def nearest_code_ref(
     if metric not in METRICS:
         raise ValueError(f"fastvq.nearest_code: unknown metric {metric!r}; expected one of {METRICS}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])  # not reshape(-1, D): ambiguous when D == 0
     N, K = x2.shape[0], codebook.shape[0]
     c32 = codebook.float()
     cterm = code_terms(codebook, metric)

@@ -44,6 +44,59 @@ def test_matches_seed_values_and_grads(backend, shape):
     assert gw1.abs().sum() > 0  # the embedding loss does reach the codebook
 
 
+def test_matches_seed_on_noncontiguous_input(backend):
+    ref, ours = _pair(seed=3)
+    x = randn(4, D, 6, seed=13).transpose(1, 2)  # (4, 6, D), D not the fastest dim
+    assert not x.is_contiguous()
+    for a, b in zip(ref(x), ours(x)):
+        if a.is_floating_point():
+            assert_close(b, a)
+        else:
+            assert torch.equal(b, a)
+
+
+def test_triton_backend_really_launches_the_kernel(monkeypatch):
+    import fastvq.kernels.nearest_code as knc
+
+    calls = []
+    real = knc.nearest_code_fwd
+    monkeypatch.setattr(knc, "nearest_code_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref, ours = _pair(seed=5)
+    x = randn(3, 4, D, seed=14)
+    with fastvq.backend("triton"):
+        got = ours(x)
+    assert calls == [1]
+    assert torch.equal(got[3], ref(x)[3])
+
+
+def test_low_precision_inputs_with_float32_codebook(backend):
+    # (the seed's cdist refuses mixed dtypes; ours promotes for the search)
+    ref, ours = _pair(seed=6)
+    x = randn(9, D, seed=15, dtype=torch.bfloat16).requires_grad_(True)
+    q, commit, emb, idx = ours(x)
+    assert torch.equal(idx, ref(x.detach().float())[3])  # bf16 -> fp32 is exact: same search
+    w = ours.embeddings.weight.detach()
+    assert q.dtype == commit.dtype == emb.dtype == torch.bfloat16
+    assert_close(q, w[idx].bfloat16())  # x + (code - x) rounds in bf16, as in the seed's STE
+    (q.float().sum() + commit.float() + emb.float()).backward()
+    assert x.grad.dtype == torch.bfloat16 and ours.embeddings.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["float64-inputs", "double-module", "int-inputs"])
+def test_unsupported_dtypes_raise_type_error_naming_the_module(case):
+    # a documented TypeError (the seed accepted float64), not one from deep inside an op
+    vq = VectorQuantizer(K, D)
+    x = torch.randn(4, D)
+    if case == "float64-inputs":
+        x = x.double()
+    elif case == "double-module":
+        vq = vq.double()
+    else:
+        x = torch.ones(4, D, dtype=torch.int64)
+    with pytest.raises(TypeError, match="VectorQuantizer.*float32"):
+        vq(x)
+
+
 @pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
 def test_metric_passes_through(backend, metric):
     torch.manual_seed(0)

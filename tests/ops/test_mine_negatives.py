@@ -161,6 +161,30 @@ def test_requires_grad_inputs_give_outputs_without_grad(backend):
     assert not idx.requires_grad and not dist.requires_grad
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_triton_backend_really_launches_the_kernel(monkeypatch, strategy):
+    import fastvq.kernels.nearest_code as knc
+
+    calls = []
+    real = knc.mine_negatives_fwd
+    monkeypatch.setattr(knc, "mine_negatives_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, p, n = randn(6, 5), randn(6, 5), randn(40, 5)
+    with fastvq.backend("reference"):
+        fastvq.mine_negatives(a, p, n, strategy)
+    assert calls == []
+    with fastvq.backend("triton"):
+        idx, dist = fastvq.mine_negatives(a, p, n, strategy)
+    assert calls == [1]
+    _check(a, p, n, strategy, idx, dist)
+
+
+def test_zero_feature_dim(backend):
+    a, n = torch.empty(3, 0), torch.empty(5, 0)
+    for strategy in STRATEGIES:  # every distance is 0: not farther than the positive -> hardest, index 0
+        idx, dist = fastvq.mine_negatives(a, a, n, strategy)
+        assert idx.tolist() == [0, 0, 0] and dist.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_reference_matches_nearest_code_for_hardest():
     a, n = randn(30, 9), randn(70, 9)
     idx, dist = mine_negatives_ref(a, randn(30, 9), n, "hardest")
@@ -178,12 +202,15 @@ def test_reference_matches_nearest_code_for_hardest():
         (torch.randn(3, 4), torch.randn(3, 4), torch.randn(4), {}, ValueError),
         (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(5, 4), {}, ValueError),
         (torch.randint(0, 3, (3, 4)), torch.randn(3, 4), torch.randn(5, 4), {}, TypeError),
+        (torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4), {}, TypeError),
+        (torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4), {"strategy": None}, ValueError),
         (torch.randn(3, 4), torch.randn(3, 4), torch.randint(0, 3, (5, 4)), {}, TypeError),
         (torch.randn(3, 4), torch.randn(3, 4, device="meta"), torch.randn(5, 4), {}, ValueError),
         (torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4), {"strategy": "easy"}, ValueError),
         ([[1.0]], torch.randn(1, 1), torch.randn(5, 1), {}, TypeError),
     ],
-    ids=["D-mismatch", "positive-shape", "M0", "negatives-1D", "anchor-3D", "int-anchor", "int-negatives",
+    ids=["D-mismatch", "positive-shape", "M0", "negatives-1D", "anchor-3D", "int-anchor", "float64-positive",
+         "strategy-None", "int-negatives",
          "devices-differ", "unknown-strategy", "not-tensor"],
 )
 def test_bad_input(a, p, n, kw, err):

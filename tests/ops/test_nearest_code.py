@@ -255,6 +255,59 @@ def test_requires_grad_inputs_give_outputs_without_grad(backend):
     _check_nearest(x.detach(), c.detach(), "l2", idx, dist)
 
 
+@pytest.mark.parametrize("lead", [(3,), (2, 0), (0,)], ids=["N3", "batch-empty", "N0"])
+def test_zero_feature_dim(backend, lead):
+    # D = 0: every code is at distance 0 (cosine: zero vectors, distance 1); a tie -> index 0.
+    # x.reshape(-1, 0) is ambiguous in torch, so this used to raise a RuntimeError from inside.
+    x, c = torch.empty(*lead, 0), torch.empty(5, 0)
+    for metric, d in (("l2", 0.0), ("cosine", 1.0), ("dot", 0.0)):
+        idx, dist = fastvq.nearest_code(x, c, metric)
+        assert idx.shape == lead and dist.shape == lead
+        assert (idx == 0).all() and (dist == d).all(), metric
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_backend_really_launches_the_kernel(monkeypatch, metric):
+    import fastvq.kernels.nearest_code as knc
+
+    calls = []
+    real = knc.nearest_code_fwd
+    monkeypatch.setattr(knc, "nearest_code_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, c = randn(4, 3, 8), randn(9, 8)
+    with fastvq.backend("reference"):
+        fastvq.nearest_code(x, c, metric)
+    assert calls == []
+    with fastvq.backend("triton"):
+        idx, dist = fastvq.nearest_code(x, c, metric)
+    assert calls == [1]
+    _check_nearest(x, c, metric, idx, dist)
+
+
+def test_prune_configs_fit_the_device():
+    import triton
+
+    from fastvq.kernels.nearest_code import _DEFAULT_SMEM, _prune_configs
+
+    configs = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)
+        for bn in (64, 128) for bk in (32, 64, 128) for s in (2, 3, 4)
+    ]
+    x32 = torch.empty(1, 256)
+    # resident fp32 x with D = 256: only configs with BLOCK_N + stages * BLOCK_K <= 192 fit
+    kept = _prune_configs(configs, {"p_x": x32}, BLOCK_D=256, ONE_D_BLOCK=True)
+    assert kept and all((c.kwargs["BLOCK_N"] + c.num_stages * c.kwargs["BLOCK_K"]) * 1024 <= _DEFAULT_SMEM
+                        for c in kept)
+    assert len(kept) < len(configs)
+    # streamed D (64-wide chunks): x chunks are pipelined too, so (128 + 128) x 4 stages (256 KiB) is
+    # too big, although 128 + 4 x 128 rows (160 KiB) would fit
+    kept = _prune_configs(configs, {"p_x": x32}, BLOCK_D=64, ONE_D_BLOCK=False)
+    assert all((c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * c.num_stages * 256 <= _DEFAULT_SMEM for c in kept)
+    assert not any(c.kwargs["BLOCK_N"] == c.kwargs["BLOCK_K"] == 128 and c.num_stages == 4 for c in kept)
+    # nothing fits: the smallest config is kept (the autotuner needs at least one)
+    kept = _prune_configs(configs, {"p_x": torch.empty(1, 4096)}, BLOCK_D=4096, ONE_D_BLOCK=True)
+    assert len(kept) == 1 and kept[0].kwargs == {"BLOCK_N": 64, "BLOCK_K": 32}
+
+
 def test_empty_rows_with_batch(backend):
     idx, dist = fastvq.nearest_code(randn(2, 0, 5), randn(3, 5))
     assert idx.shape == (2, 0) and dist.shape == (2, 0) and idx.dtype == torch.int64
@@ -302,15 +355,14 @@ def test_opcheck(metric):
             torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (x, c, metric, False))
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(backend):
     x, c = randn(7, 6), randn(10, 6)
 
     @torch.compile(fullgraph=True, backend="eager")
     def f(x, c):
         return fastvq.nearest_code(x, c, "cosine")
 
-    with fastvq.backend("reference"):
-        idx, dist = f(x, c)
+    idx, dist = f(x, c)
     _check_nearest(x, c, "cosine", idx, dist)
 
 
@@ -336,6 +388,23 @@ def test_large_gpu(dtype, metric):
     assert_close(chosen, ref_dist.double(), torch.float32, reduce_len=D * 100)
     assert_close(dist, ref_dist, torch.float32, reduce_len=D * 100)
     assert (idx == ref_idx).float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_while_current_is_first():
+    # Triton launches on the current device; the launchers must switch to the tensors' device.
+    x, c = randn(50, 32, device="cuda:1"), randn(3000, 32, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    with fastvq.backend("triton"):
+        idx, dist = fastvq.nearest_code(x, c)
+        m_idx, _ = fastvq.mine_negatives(x, x, c, "semi-hard")
+    torch.cuda.synchronize(1)
+    with fastvq.backend("reference"):
+        ref_idx, ref_dist = fastvq.nearest_code(x, c)
+    assert idx.device == x.device and (idx == ref_idx).float().mean() > 0.99
+    assert_close(dist, ref_dist, torch.float32, reduce_len=32 * 100)
+    assert ((m_idx >= 0) & (m_idx < 3000)).all()
 
 
 @pytest.mark.gpu

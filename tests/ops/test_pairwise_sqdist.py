@@ -67,6 +67,24 @@ def test_gradients_match_float64(backend):
     assert_close(b.grad, b64.grad, torch.float32, 13)
 
 
+def test_zero_feature_dim(backend):
+    a, b = torch.empty(3, 0).requires_grad_(), torch.empty(4, 0).requires_grad_()
+    out = fastvq.pairwise_sqdist(a, b)
+    assert torch.equal(out, torch.zeros(3, 4))
+    out.sum().backward()
+    assert a.grad.shape == (3, 0) and b.grad.shape == (4, 0)
+
+
+def test_requires_grad_only_one_side(backend):
+    a, b = randn(5, 6).requires_grad_(), randn(4, 6)
+    g = randn(5, 4)
+    (fastvq.pairwise_sqdist(a, b) * g).sum().backward()
+    a64 = a.detach().double().requires_grad_()
+    (_sqdist64(a64, b) * g.double()).sum().backward()
+    assert_close(a.grad, a64.grad, torch.float32, 4)
+    assert b.grad is None
+
+
 def test_mixed_dtypes_promote(backend):
     a, b = randn(4, 8, dtype=torch.bfloat16), randn(6, 8, dtype=torch.float32)
     assert_close(fastvq.pairwise_sqdist(a, b), _sqdist64(a, b), torch.float32, 8)
@@ -77,10 +95,17 @@ def test_mixed_dtypes_promote(backend):
     [
         (torch.randn(3, 4), torch.randn(5, 3), ValueError),
         (torch.randn(3), torch.randn(5, 3), ValueError),
+        (torch.randn(3, 4), torch.randn(2, 5, 4), ValueError),
+        (torch.randn(3, 4), torch.randn(4), ValueError),
         (torch.randint(0, 3, (3, 4)), torch.randn(5, 4), TypeError),
+        (torch.randn(3, 4), torch.randint(0, 3, (5, 4)), TypeError),
+        (torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4), TypeError),
+        (torch.randn(3, 4), torch.randn(5, 4, device="meta"), ValueError),
         ([[1.0]], torch.randn(5, 4), TypeError),
+        (torch.randn(3, 4), None, TypeError),
     ],
-    ids=["D-mismatch", "a-1D", "int-dtype", "not-tensor"],
+    ids=["D-mismatch", "a-1D", "b-3D", "b-1D", "int-a", "int-b", "float64", "devices-differ", "not-tensor",
+         "b-None"],
 )
 def test_bad_input(a, b, err):
     with pytest.raises(err, match="pairwise_sqdist"):
