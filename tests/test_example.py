@@ -26,6 +26,16 @@ def test_recall_well_above_chance(capsys):
     assert recall > 4 * chance, f"recall@20 {recall:.3f} vs chance {chance:.3f}"
     out = capsys.readouterr().out
     assert "recall@20" in out and "10.0x fewer parameters" in out
+    # what the compression is, plainly: rows per item, the width's share, chance
+    assert "two 205 x 32 tables, 410 rows for 512 items (1.25x fewer rows than one per item" in out
+    assert "of which 8.0x is the narrower width" in out
+    assert f"chance, random embeddings: {100 * chance:.1f}%" in out
+
+
+def test_compression_of_rows(capsys):
+    # 10x fewer table rows than items: two ceil(512 / 10 / 2) = 26-row tables
+    _load().main(TINY + ["--epochs", "1", "--compression-of", "rows"])
+    assert "two 26 x 32 tables, 52 rows for 512 items (9.85x fewer rows" in capsys.readouterr().out
 
 
 def test_deterministic():

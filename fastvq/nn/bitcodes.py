@@ -9,6 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_tensor
+from ..ops.bitcodes import check_bit_values
+
+
+@torch.library.custom_op("fastvq::bitcodes_checked_bits", mutates_args=())
+def _checked_bits(bits: torch.Tensor) -> torch.Tensor:
+    """``bits`` as int64 after checking they are 0 or 1: a custom op, so the check runs (eagerly)
+    inside torch.compile'd graphs too and fullgraph tracing needs no data-dependent guard."""
+    check_bit_values("Bitcodes", bits)
+    return bits.to(torch.int64, copy=True)
+
+
+@_checked_bits.register_fake
+def _(bits):
+    return torch.empty_like(bits, dtype=torch.int64)
 
 
 class Bitcodes(nn.Module):
@@ -111,7 +125,5 @@ class Bitcodes(nn.Module):
             )
         if bits.device != self.codebook.device:
             raise ValueError(f"fastvq.Bitcodes: bits are on {bits.device}, the codebook on {self.codebook.device}")
-        if bits.numel() and not bool(((bits == 0) | (bits == 1)).all()):
-            raise ValueError(f"fastvq.Bitcodes: bits must be 0 or 1, got other values (shape {tuple(bits.shape)})")
-        attn = F.one_hot(bits.long(), num_classes=2).to(self.codebook.dtype)
+        attn = F.one_hot(_checked_bits(bits), num_classes=2).to(self.codebook.dtype)
         return attn.flatten(-2) @ self.codebook

@@ -32,6 +32,46 @@ def _bit_weights(num_bits: int, device: torch.device) -> torch.Tensor:
     )
 
 
+def check_bit_values(op: str, bits: torch.Tensor) -> None:
+    """ValueError unless every element of ``bits`` is 0 or 1. Reads the values (one sync): call
+    it inside a custom op's body, which runs eagerly under torch.compile too."""
+    if bits.numel() and not bool(((bits == 0) | (bits == 1)).all()):
+        raise ValueError(f"fastvq.{op}: bits must be 0 or 1, got other values (shape {tuple(bits.shape)})")
+
+
+# The value checks live in custom-op bodies: those run eagerly even inside a compiled graph,
+# so torch.compile(fullgraph=True) traces these helpers and the checks still run.
+@torch.library.custom_op("fastvq::to_bits", mutates_args=())
+def _to_bits_op(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
+    idx = indices.long()
+    if idx.numel():
+        lo, hi = (int(v) for v in torch.aminmax(idx))
+        if lo < 0 or hi >> num_bits:
+            raise ValueError(
+                f"fastvq.to_bits: indices must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), got values in "
+                f"[{lo}, {hi}] (shape {tuple(indices.shape)})"
+            )
+    weights = _bit_weights(num_bits, idx.device)
+    return idx.unsqueeze(-1).bitwise_and(weights).ne(0).long()
+
+
+@_to_bits_op.register_fake
+def _(indices, num_bits):
+    return indices.new_empty((*indices.shape, num_bits), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastvq::to_decimal", mutates_args=())
+def _to_decimal_op(bits: torch.Tensor) -> torch.Tensor:
+    check_bit_values("to_decimal", bits)
+    weights = _bit_weights(bits.shape[-1], bits.device)
+    return (bits.long() * weights).sum(-1)
+
+
+@_to_decimal_op.register_fake
+def _(bits):
+    return bits.new_empty(bits.shape[:-1], dtype=torch.int64)
+
+
 def to_bits(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
     """Binary codes of integers, most significant bit first.
 
@@ -58,14 +98,7 @@ def to_bits(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise TypeError(f"fastvq.{op}: indices must be an integer tensor, got {indices.dtype}")
     num_bits = _check_num_bits(op, num_bits)
-    idx = indices.long()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >> num_bits):
-        raise ValueError(
-            f"fastvq.{op}: indices must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), got values in "
-            f"[{int(idx.min())}, {int(idx.max())}] (shape {tuple(indices.shape)})"
-        )
-    weights = _bit_weights(num_bits, idx.device)
-    return idx.unsqueeze(-1).bitwise_and(weights).ne(0).long()
+    return _to_bits_op(indices, num_bits)
 
 
 def to_decimal(bits: torch.Tensor) -> torch.Tensor:
@@ -89,7 +122,4 @@ def to_decimal(bits: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"fastvq.{op}: bits must be an integer, bool or float tensor, got {bits.dtype}")
     if bits.shape[-1] < 1 or bits.shape[-1] > MAX_BITS:
         raise ValueError(f"fastvq.{op}: bits must have 1 to {MAX_BITS} bits in the last dim, got shape {tuple(bits.shape)}")
-    if bits.numel() and not bool(((bits == 0) | (bits == 1)).all()):
-        raise ValueError(f"fastvq.{op}: bits must be 0 or 1, got other values (shape {tuple(bits.shape)})")
-    weights = _bit_weights(bits.shape[-1], bits.device)
-    return (bits.long() * weights).sum(-1)
+    return _to_decimal_op(bits)

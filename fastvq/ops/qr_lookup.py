@@ -76,9 +76,24 @@ def _(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, dete
     return gq, gr
 
 
-def _sparse_grads(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, needs):
-    """Coalesced sparse COO gradients (touched rows only), for ``sparse=True``. Always the
-    deterministic sorted-segment path. Eager only: not a custom op, so not traced by compile."""
+@torch.library.custom_op("fastvq::qr_lookup_bwd_sparse", mutates_args=())
+def _qr_lookup_bwd_sparse_op(
+    grad: torch.Tensor,
+    ids: torch.Tensor,
+    q_weight: torch.Tensor,
+    r_weight: torch.Tensor,
+    op: str,
+    offsets: Optional[torch.Tensor],
+    mode: str,
+    per_sample_weights: Optional[torch.Tensor],
+    need_q: bool,
+    need_r: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q_rows, q_values, r_rows, r_values)``: per table the sorted unique touched rows (int64)
+    and their gradients ``(U, dim)``; a table not needed gets ``U = 0``. Always the sorted path.
+    A custom op (with data-dependent output sizes) so that torch.compile traces the sparse
+    backward too instead of running Triton launchers on fake tensors."""
+    needs = (need_q, need_r)
     if use_triton("qr_lookup", grad, ids, q_weight, r_weight):
         from ..kernels.qr_lookup import qr_lookup_bwd_rows
 
@@ -96,9 +111,31 @@ def _sparse_grads(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_w
     out = []
     for part, w in zip(parts, (q_weight, r_weight)):
         if part is None:
+            part = (torch.zeros((0,), dtype=torch.int64, device=w.device), w.new_zeros((0, w.shape[1])))
+        out.extend(part)
+    return tuple(out)
+
+
+@_qr_lookup_bwd_sparse_op.register_fake
+def _(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, need_q, need_r):
+    ctx = torch.library.get_ctx()
+    out = []
+    for need, w in ((need_q, q_weight), (need_r, r_weight)):
+        rows = w.shape[0]  # a SymInt under dynamic shapes: then no static bound
+        u = ctx.new_dynamic_size(max=rows if isinstance(rows, int) else None) if need else 0
+        out += [ids.new_empty((u,), dtype=torch.int64), w.new_empty((u, w.shape[1]))]
+    return tuple(out)
+
+
+def _sparse_grads(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, needs):
+    """Coalesced sparse COO gradients (touched rows only), for ``sparse=True``."""
+    q_rows, q_vals, r_rows, r_vals = _qr_lookup_bwd_sparse_op(
+        grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, needs[0], needs[1])
+    out = []
+    for need, rows, vals, w in ((needs[0], q_rows, q_vals, q_weight), (needs[1], r_rows, r_vals, r_weight)):
+        if not need:
             out.append(None)
             continue
-        rows, vals = part
         out.append(torch.sparse_coo_tensor(rows[None], vals, w.shape, is_coalesced=True, check_invariants=False))
     return out
 
@@ -183,9 +220,10 @@ def qr_lookup(
             rounding differences).
         sparse: table gradients as ``torch.sparse_coo`` tensors of the touched rows, one entry per
             row in sorted order (for ``torch.optim.SparseAdam`` / ``Adagrad``); always the sorted
-            path; eager only. The backward flags them coalesced; autograd's zero-copy hand-over
-            into ``.grad`` (AccumulateGrad) drops that flag, so ``.grad.is_coalesced()`` reads
-            False although the contents are coalesced (``nn.Embedding(sparse=True)`` is not).
+            path; also under ``torch.compile``. The backward flags them coalesced; autograd's
+            zero-copy hand-over into ``.grad`` (AccumulateGrad) drops that flag, so
+            ``.grad.is_coalesced()`` reads False although the contents are coalesced
+            (``nn.Embedding(sparse=True)`` is not).
 
     Returns:
         ``ids.shape + (dim,)`` (plain) or ``(len(offsets), dim)`` (bags), in the tables' dtype.

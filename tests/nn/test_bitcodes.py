@@ -163,6 +163,27 @@ def test_bad_input(call, err):
         call(ours)
 
 
+def test_compile_fullgraph_forward_and_from_bits():
+    # from_bits checks its bit values inside a custom op: compiled with fullgraph it traces
+    # (it used to fail on valid bits) and still rejects a 2
+    ours, _ = pair()
+    ours.eval()
+    x = torch.randn(2, 7, 8)
+    torch._dynamo.reset()
+    y_c, bits_c = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
+    y, bits = ours(x)
+    assert torch.equal(bits_c, bits)
+    torch.testing.assert_close(y_c, y)
+    from_bits = torch.compile(ours.from_bits, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(from_bits(bits), y)
+    with pytest.raises(ValueError, match="Bitcodes.*0 or 1"):
+        from_bits(torch.full((2, 7, 5), 2))
+
+
+def test_checked_bits_opcheck():
+    torch.library.opcheck(torch.ops.fastvq.bitcodes_checked_bits.default, (torch.randint(0, 2, (3, 5)),))
+
+
 @pytest.mark.gpu
 def test_cuda():
     ours, peer = pair()

@@ -107,3 +107,24 @@ def test_cuda_tensors():
     bits = fastvq.to_bits(idx, 20)
     assert bits.is_cuda and torch.equal(bits.cpu(), peer_to_bits(idx.cpu(), 20))
     assert torch.equal(fastvq.to_decimal(bits), idx)
+
+
+def test_compile_fullgraph_traces_and_still_checks():
+    # the value checks sit in custom-op bodies: fullgraph tracing needs no data-dependent guard
+    # (it used to fail on valid input) and a compiled graph still rejects bad values
+    torch._dynamo.reset()
+    to_bits = torch.compile(lambda i: fastvq.to_bits(i, 6), fullgraph=True, backend="aot_eager")
+    to_decimal = torch.compile(fastvq.to_decimal, fullgraph=True, backend="aot_eager")
+    idx = _ints((3, 5), 6)
+    bits = to_bits(idx)
+    assert torch.equal(bits, peer_to_bits(idx, 6))
+    assert torch.equal(to_decimal(bits), idx)
+    with pytest.raises(ValueError, match="to_bits"):
+        to_bits(torch.full((3, 5), 64))
+    with pytest.raises(ValueError, match="to_decimal"):
+        to_decimal(torch.full((3, 6), 2))
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.fastvq.to_bits.default, (_ints((4, 3), 9), 9))
+    torch.library.opcheck(torch.ops.fastvq.to_decimal.default, (torch.randint(0, 2, (4, 3, 7)),))

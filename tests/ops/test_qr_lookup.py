@@ -332,6 +332,41 @@ def test_compile_fullgraph():
         assert torch.equal(a.grad, c.grad) and torch.equal(b.grad, d.grad)
 
 
+@pytest.mark.parametrize("offs", [None, [0, 2, 2, 5]], ids=["plain", "bags"])
+def test_sparse_under_compile_fullgraph(backend, offs):
+    # the sparse backward is a custom op too: compiled, it runs the same kernels as eager
+    # (it used to call the Triton launcher on fake tensors and fail to trace)
+    qw, rw = _tables(7, 5, 6, "mult")
+    ids = _rand_ids(9, lo=-60, hi=60)
+    offsets = None if offs is None else torch.tensor(offs)
+    g = randn(9 if offs is None else len(offs), 6)
+
+    def f(ids, a, b):
+        return (fastvq.qr_lookup(ids, a, b, "mult", offsets=offsets, sparse=True) * g).sum()
+
+    torch._dynamo.reset()
+    a, b = qw.clone().requires_grad_(), rw.clone().requires_grad_()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(ids, a, b).backward()
+    c, d = qw.clone().requires_grad_(), rw.clone().requires_grad_()
+    f(ids, c, d).backward()
+    for compiled, eager in ((a.grad, c.grad), (b.grad, d.grad)):
+        assert compiled.layout == torch.sparse_coo
+        assert torch.equal(compiled._indices(), eager._indices())
+        assert torch.equal(compiled._values(), eager._values())
+
+
+def test_sparse_opcheck():
+    ids = _rand_ids(9, lo=-50, hi=50)
+    qw, rw = _tables(3, 4, 5, "add")
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            for need_q, need_r in ((True, True), (False, True)):
+                torch.library.opcheck(
+                    torch.ops.fastvq.qr_lookup_bwd_sparse.default,
+                    (randn(9, 5), ids, qw, rw, "add", None, "sum", None, need_q, need_r),
+                )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS)
