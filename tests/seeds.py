@@ -8,6 +8,10 @@ run today), as test oracles. Kept as written, bugs included; do not "fix" them h
 - EMAQuantizer: ``embed_avg`` starts as a copy of the weights while ``cluster_size`` starts at
   zero; the one-hot statistics are taken from ``inputs`` without detaching; returns a CPU
   ``torch.tensor(0.0)`` as the embedding loss.
+- Encoder, Decoder, compute_loss, train_step, generate_semantic_ids: as written. The doc never
+  shows the model class that holds them; :class:`RQVAE` below is the smallest one its code
+  implies (attributes ``encoder``, ``quantizer``, ``decoder``, ``commitment_cost``; forward
+  ``features -> (reconstructed, commitment_loss, embedding_loss, sem_ids)``).
 """
 
 import torch
@@ -91,3 +95,90 @@ class EMAQuantizer(VectorQuantizer):
             embed_normalized = self.embed_avg / cluster_size.unsqueeze(1)
             self.embeddings.weight.data.copy_(embed_normalized)
         return quantized, commitment_loss, torch.tensor(0.0), encoding_indices
+
+
+class Encoder(nn.Module):
+    """Feature encoder network"""
+
+    def __init__(self, input_dim, hidden_dim, latent_dim):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, latent_dim),
+        )
+
+    def forward(self, features):
+        return self.layers(features)
+
+
+class Decoder(nn.Module):
+    """Feature reconstruction decoder"""
+
+    def __init__(self, latent_dim, hidden_dim, output_dim):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, output_dim),
+        )
+
+    def forward(self, latent):
+        return self.layers(latent)
+
+
+class RQVAE(nn.Module):
+    """The model the doc's code implies: Encoder -> MultiQuantizer -> Decoder (not in the doc)."""
+
+    def __init__(self, input_dim, hidden_dim, latent_dim, num_quantizers, num_embeddings, commitment_cost=0.25):
+        super().__init__()
+        self.commitment_cost = commitment_cost
+        self.encoder = Encoder(input_dim, hidden_dim, latent_dim)
+        self.quantizer = MultiQuantizer(num_quantizers, num_embeddings, latent_dim)
+        self.decoder = Decoder(latent_dim, hidden_dim, input_dim)
+
+    def forward(self, features):
+        encoded = self.encoder(features)
+        quantized, commitment_loss, embedding_loss, sem_ids = self.quantizer(encoded)
+        return self.decoder(quantized), commitment_loss, embedding_loss, sem_ids
+
+    def compute_loss(self, features, reconstructed, commitment_loss, embedding_loss):
+        # Reconstruction loss
+        recon_loss = F.mse_loss(reconstructed, features)
+        # Total loss
+        total_loss = recon_loss + self.commitment_cost * commitment_loss + embedding_loss
+        return {
+            "total_loss": total_loss,
+            "reconstruction_loss": recon_loss,
+            "commitment_loss": commitment_loss,
+            "embedding_loss": embedding_loss,
+        }
+
+    def generate_semantic_ids(self, item_features):
+        return generate_semantic_ids(self, item_features)
+
+
+def train_step(model, batch, optimizer):
+    optimizer.zero_grad()
+    # Forward pass
+    features = batch["features"]
+    reconstructed, commitment_loss, embedding_loss, sem_ids = model(features)
+    # Compute losses
+    losses = model.compute_loss(features, reconstructed, commitment_loss, embedding_loss)
+    # Backward pass
+    losses["total_loss"].backward()
+    optimizer.step()
+    return losses, sem_ids
+
+
+def generate_semantic_ids(model, item_features):
+    """Generate semantic IDs for items"""
+    model.eval()
+    with torch.no_grad():
+        encoded = model.encoder(item_features)
+        _, _, _, sem_ids = model.quantizer(encoded)
+    return sem_ids

@@ -8,11 +8,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import check_index_range
 from ..ops.residual_quantize import residual_quantize
 from ..ops.rotation_trick import rotation_trick
 from ._codebook import CodebookState, _check_float, _check_int
 
 _SEED_KEY = re.compile(r"quantizers\.(\d+)\.(embeddings\.weight|cluster_size|embed_avg)$")
+
+
+@torch.library.custom_op("fastvq::residual_decode_rows", mutates_args=())
+def _decode_rows(codes: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """``codes (M, L')`` -> rows ``codes[:, l] + l * K`` of the flattened ``(L * K, D)`` codebooks.
+
+    The range check reads the codes on the host; it lives in this op body, which runs eagerly
+    even inside a ``torch.compile``'d graph, so compiled models are checked too (and
+    ``fullgraph=True`` traces without a data-dependent branch)."""
+    check_index_range("ResidualQuantizer.decode", "codes", codes, num_embeddings)
+    offsets = torch.arange(codes.shape[-1], device=codes.device, dtype=torch.int64) * num_embeddings
+    return codes.long() + offsets
+
+
+@_decode_rows.register_fake
+def _(codes, num_embeddings):
+    return codes.new_empty(codes.shape, dtype=torch.int64)
 
 
 class ResidualQuantizer(CodebookState):
@@ -72,9 +90,9 @@ class ResidualQuantizer(CodebookState):
         num_embeddings: int,
         embedding_dim: int,
         commitment_cost: float = 0.25,
-        *,
         ema: bool = False,
         decay: float = 0.99,
+        *,
         eps: float = 1e-5,
         grad: str = "ste",
         dead_code_threshold: float = 0.0,
@@ -163,16 +181,11 @@ class ResidualQuantizer(CodebookState):
                 f"fastvq.ResidualQuantizer.decode: codes must be (..., L') with 1 <= L' <= {self.num_quantizers}, "
                 f"got shape {tuple(codes.shape)}"
             )
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_embeddings):
-            raise ValueError(
-                f"fastvq.ResidualQuantizer.decode: codes must lie in [0, {self.num_embeddings}), "
-                f"got values in [{int(codes.min())}, {int(codes.max())}]"
-            )
         levels = codes.shape[-1]
-        flat = codes.reshape(-1, levels).long()
         # level l's code k is row l*K + k of the flattened codebooks: one gather for all levels
-        offsets = torch.arange(levels, device=codes.device) * self.num_embeddings
-        rows = F.embedding(flat + offsets, self.codebooks[:levels].reshape(-1, self.embedding_dim))
+        # (ValueError for codes outside [0, K), also when compiled: see _decode_rows)
+        rows = _decode_rows(codes.reshape(-1, levels), self.num_embeddings)
+        rows = F.embedding(rows, self.codebooks[:levels].reshape(-1, self.embedding_dim))
         return rows.sum(1).reshape(*codes.shape[:-1], self.embedding_dim)
 
     def _convert_state_dict_(self, state_dict, prefix) -> None:

@@ -98,6 +98,10 @@ class RQVAE(nn.Module):
 
     def forward(self, features: torch.Tensor):
         """``(..., input_dim)`` -> ``(reconstructed, commitment_loss, embedding_loss, codes (..., L))``."""
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"fastvq.RQVAE: features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dim() < 1 or features.shape[-1] != self.input_dim:
+            raise ValueError(f"fastvq.RQVAE: features must be (..., {self.input_dim}), got shape {tuple(features.shape)}")
         encoded = self.encoder(features)
         quantized, commitment_loss, embedding_loss, codes = self.quantizer(encoded)
         reconstructed = self.decoder(quantized)

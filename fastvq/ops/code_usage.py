@@ -15,16 +15,25 @@ INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 @torch.library.custom_op("fastvq::code_usage_counts", mutates_args=())
-def _code_usage_counts_op(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+def _code_usage_counts_op(indices: torch.Tensor, codebook_size: int, check: bool) -> torch.Tensor:
     if use_triton("code_usage", indices):
         from ..kernels.code_usage import code_usage_fwd
 
-        return code_usage_fwd(indices, codebook_size)
-    return code_usage_counts_ref(indices, codebook_size)
+        counts = code_usage_fwd(indices, codebook_size)
+    else:
+        counts = code_usage_counts_ref(indices, codebook_size)
+    # The range check reads the overflow bin on the host; it lives here, in the op body, which
+    # runs eagerly even inside a torch.compile'd graph (so compiled code is checked too, and
+    # fullgraph=True traces without a data-dependent branch).
+    if check:
+        n_bad = int(counts[codebook_size].item())
+        if n_bad:
+            raise _out_of_range_error("code_usage", n_bad, codebook_size)
+    return counts
 
 
 @_code_usage_counts_op.register_fake
-def _(indices, codebook_size):
+def _(indices, codebook_size, check):
     return indices.new_empty((codebook_size + 1,), dtype=torch.int64)
 
 
@@ -64,7 +73,8 @@ def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
         gives zero counts, entropy 0 and perplexity 1. Nothing is differentiable.
 
     Raises:
-        ValueError: an index outside ``[0, codebook_size)`` (checking this costs one host sync;
+        ValueError: an index outside ``[0, codebook_size)`` (checking this costs one host sync,
+            inside the custom op, so it also runs in ``torch.compile(fullgraph=True)`` code;
             :class:`CodeUsageMeter` defers it to ``compute()``).
 
     Example::
@@ -75,10 +85,7 @@ def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
     """
     op = "code_usage"
     flat = _check(op, indices, codebook_size)
-    counts = _code_usage_counts_op(flat, codebook_size)
-    n_bad = int(counts[codebook_size].item())
-    if n_bad:
-        raise _out_of_range_error(op, n_bad, codebook_size)
+    counts = _code_usage_counts_op(flat, codebook_size, True)  # raises on out-of-range ids
     return usage_from_counts(counts[:codebook_size])
 
 
@@ -131,7 +138,7 @@ class CodeUsageMeter:
         flat = _check(op, indices, self.codebook_size)
         if self._counts is not None and flat.device != self._counts.device:
             raise ValueError(f"fastvq.{op}: indices on {flat.device}, but the meter accumulates on {self._counts.device}")
-        counts = _code_usage_counts_op(flat, self.codebook_size)
+        counts = _code_usage_counts_op(flat, self.codebook_size, False)  # checked in compute()
         batch = usage_from_counts(counts[: self.codebook_size])
         if self._counts is None:
             self._counts = counts

@@ -66,13 +66,27 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
     )
+    # count the codes re-seeded, so the test knows the random path really ran
+    from fastvq.nn import _codebook
+
+    reseeded = []
+    real_expire = _codebook.expire_dead_codes_
+
+    def counting_expire(*args, **kwargs):
+        n = real_expire(*args, **kwargs)
+        reseeded.append(n)
+        return n
+
+    _codebook.expire_dead_codes_ = counting_expire
     try:
         states = {}
         for case, backend_name in RUNS:  # one spawn for every run: starting processes is the cost
             modules = _modules(case)
             torch.manual_seed(rank)  # the ranks' random streams differ from here on
+            reseeded.clear()
             with fastvq.backend(backend_name):
                 states[case, backend_name] = _train(modules, slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK))
+            states[case, backend_name]["num_reseeded"] = sum(reseeded)
         torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -106,7 +120,7 @@ def rank_states(tmp_path_factory) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 def test_ema_ranks_agree_with_single_process(rank_states, backend_name):
-    ranks = [states["ema", backend_name] for states in rank_states]
+    ranks = [{k: v for k, v in states["ema", backend_name].items() if k != "num_reseeded"} for states in rank_states]
     with fastvq.backend(backend_name):
         single = _train(_modules("ema"), slice(None))  # one process, both halves of every batch
     for name, state in single.items():
@@ -121,7 +135,10 @@ def test_ema_ranks_agree_with_single_process(rank_states, backend_name):
 
 @pytest.mark.slow
 def test_random_choices_agree_across_ranks(rank_states):
-    ranks = [states["random", "reference"] for states in rank_states]
+    ranks = [dict(states["random", "reference"]) for states in rank_states]
+    num_reseeded = [r.pop("num_reseeded") for r in ranks]
+    # the dead-code path must really have run (else this test checks little), equally everywhere
+    assert num_reseeded[0] > 0 and num_reseeded[0] == num_reseeded[1], num_reseeded
     for name in ranks[0]:
         for key, value in ranks[0][name].items():
             assert torch.equal(value, ranks[1][name][key]), f"{name}.{key} differs across ranks"

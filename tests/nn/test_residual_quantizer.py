@@ -139,6 +139,20 @@ def test_decode_bad_codes(codes, exc):
         ResidualQuantizer(L, K, D).decode(codes)
 
 
+def test_decode_compiles_fullgraph_and_checks_range():
+    # the range check reads the codes; a host read in Python broke fullgraph tracing
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(L, K, D)
+    decode = torch.compile(rq.decode, fullgraph=True, backend="aot_eager")
+    codes = torch.tensor([[0, K - 1, 2], [3, 0, K - 1]])
+    assert_close(decode(codes), rq.decode(codes))
+    assert_close(decode(codes[:, :2]), rq.decode(codes[:, :2]))
+    with pytest.raises(ValueError, match=r"ResidualQuantizer.decode: codes must lie in \[0, 7\)"):
+        decode(torch.tensor([[0, K, 1], [0, 0, 0]]))
+    torch.library.opcheck(torch.ops.fastvq.residual_decode_rows.default, (codes, K))
+
+
 def test_rotation_grad(backend):
     torch.manual_seed(0)
     rq = ResidualQuantizer(L, K, D, grad="rotation")
@@ -170,6 +184,28 @@ def test_dead_codes_reseeded_from_residuals(backend):
     alive = counts > 0
     assert torch.equal(cb[alive], before[alive])
     assert torch.equal(rq.code_usage[~alive], torch.ones(int((~alive).sum())))
+
+
+def test_dead_codes_reset_ema_state(backend):
+    # EMA: cluster_size starts at 0 (the seed's), so after one step of decay 0.99 every code
+    # picked fewer than 100 times is below threshold 1: all are re-seeded from the residual of
+    # their own level, with cluster_size = 1 and embed_avg = code * 1 (so the code survives the
+    # next EMA normalisation instead of being divided by ~eps)
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(2, 6, 3, ema=True, dead_code_threshold=1.0)
+    x = randn(20, 3, seed=9)
+    before = rq.codebooks.detach().clone()
+    _, _, _, codes = rq(x)
+    residuals = [x, x - before[0][codes[:, 0]]]
+    cb = rq.codebooks.detach()
+    for level in range(2):
+        for k in range(6):
+            assert (cb[level, k] == residuals[level]).all(-1).any(), (level, k)
+    assert torch.equal(rq.cluster_size, torch.ones(2, 6))
+    assert torch.equal(rq.embed_avg, cb)
+    # next step: the re-seeded codes are ordinary EMA codes (finite, near the data)
+    rq(randn(20, 3, seed=10))
+    assert rq.codebooks.abs().max() < 20
 
 
 @pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
@@ -213,6 +249,13 @@ def test_bad_constructor_args(kwargs):
     args.update(kwargs)
     with pytest.raises(ValueError, match="ResidualQuantizer"):
         ResidualQuantizer(**args)
+
+
+def test_issue_signature_positional():
+    # issue 3: ResidualQuantizer(num_quantizers, num_embeddings, embedding_dim, commitment_cost=0.25,
+    # ema=False, decay=0.99, ...)
+    rq = ResidualQuantizer(L, K, D, 0.5, True, 0.9)
+    assert rq.commitment_cost == 0.5 and rq.ema and rq.decay == 0.9 and hasattr(rq, "embed_avg")
 
 
 def test_bad_inputs():

@@ -107,6 +107,9 @@ def test_empty(backend, deterministic):
     assert torch.equal(counts, torch.zeros(2, 3)) and torch.equal(sums, torch.zeros(2, 3, 5))
     counts, sums = fastvq.code_statistics(randn(0, 5), torch.zeros(0, dtype=torch.long), 0, deterministic=deterministic)
     assert counts.shape == (0,) and sums.shape == (0, 5)
+    # D = 0: no sums, but the rows still count (the atomic kernel once returned zero counts)
+    counts, sums = fastvq.code_statistics(randn(3, 0), torch.tensor([0, 1, 1]), 2, deterministic=deterministic)
+    assert counts.tolist() == [1.0, 2.0] and sums.shape == (2, 0)
 
 
 @pytest.mark.parametrize("deterministic", MODES)
@@ -194,3 +197,27 @@ def test_large_gpu(deterministic, dtype):
     assert_close(sums, sums_ref, torch.float32, reduce_len=N // K * 4)
     for lvl in (0, L - 1):
         check(x[lvl], idx[lvl], K, counts[lvl], sums[lvl])
+
+
+def _count_kernel_launches(monkeypatch, module, *names):
+    """Spy on the named @triton.jit kernels of ``module``: the list of names launched."""
+    launched = []
+    for name in names:
+        kernel = getattr(module, name)
+
+        def run(*args, _real=kernel.run, _name=name, **kwargs):
+            launched.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return launched
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_triton_backend_really_launches_kernels(monkeypatch, name):
+    from fastvq.kernels import code_statistics as kmod
+
+    launched = _count_kernel_launches(monkeypatch, kmod, "_code_statistics_segment_kernel", "_code_statistics_atomic_kernel")
+    with fastvq.backend(name):
+        (fastvq.code_statistics(randn(9, 5), torch.arange(9) % 4, 4), fastvq.code_statistics(randn(9, 5), torch.arange(9) % 4, 4, deterministic=False))
+    assert launched == (["_code_statistics_segment_kernel", "_code_statistics_atomic_kernel"] if name == "triton" else [])

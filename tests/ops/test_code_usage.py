@@ -168,8 +168,22 @@ def test_opcheck():
     idx = _randint(6, (50,))
     for name in ("reference", "triton"):
         with fastvq.backend(name):
-            torch.library.opcheck(torch.ops.fastvq.code_usage_counts.default, (idx, 6))
-            torch.library.opcheck(torch.ops.fastvq.code_usage_counts.default, (idx.int()[:0], 6))
+            for check in (True, False):
+                torch.library.opcheck(torch.ops.fastvq.code_usage_counts.default, (idx, 6, check))
+                torch.library.opcheck(torch.ops.fastvq.code_usage_counts.default, (idx.int()[:0], 6, check))
+
+
+def test_compile_fullgraph_checks_range(backend):
+    # the out-of-range check reads the device, so it must live in the op body: a host read in
+    # the Python wrapper made fullgraph tracing fail (and would be a graph break otherwise)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda i: fastvq.code_usage(i, 5), fullgraph=True, backend="aot_eager")
+    idx = torch.tensor([0, 1, 1, 3, 4, 4, 4])
+    got, want = fn(idx), fastvq.code_usage(idx, 5)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.active_codes, want.active_codes)
+    assert_close(got.perplexity, want.perplexity)
+    with pytest.raises(ValueError, match=r"code_usage: 1 indices are outside \[0, 5\)"):
+        fn(torch.tensor([0, 5, 1, 2, 3, 4, 0]))
 
 
 @pytest.mark.gpu
@@ -182,3 +196,27 @@ def test_large_gpu():
             meter.update(row)
     assert torch.equal(u.counts, torch.bincount(idx.flatten(), minlength=8192))
     assert torch.equal(meter.compute().counts, u.counts)
+
+
+def _count_kernel_launches(monkeypatch, module, *names):
+    """Spy on the named @triton.jit kernels of ``module``: the list of names launched."""
+    launched = []
+    for name in names:
+        kernel = getattr(module, name)
+
+        def run(*args, _real=kernel.run, _name=name, **kwargs):
+            launched.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return launched
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_triton_backend_really_launches_kernels(monkeypatch, name):
+    from fastvq.kernels import code_usage as kmod
+
+    launched = _count_kernel_launches(monkeypatch, kmod, "_code_usage_fwd_kernel")
+    with fastvq.backend(name):
+        (fastvq.code_usage(torch.tensor([0, 2, 2]), 3), fastvq.CodeUsageMeter(3).update(torch.tensor([1])))
+    assert launched == (["_code_usage_fwd_kernel"] * 2 if name == "triton" else [])

@@ -222,3 +222,27 @@ def test_large_d_gpu():
         q, codes = fastvq.residual_quantize(x, codebooks)
     assert_greedy(x, codebooks, codes, torch.float32)
     assert torch.equal(q, sum_of_codes(codebooks, codes, torch.float32))
+
+
+def _count_kernel_launches(monkeypatch, module, *names):
+    """Spy on the named @triton.jit kernels of ``module``: the list of names launched."""
+    launched = []
+    for name in names:
+        kernel = getattr(module, name)
+
+        def run(*args, _real=kernel.run, _name=name, **kwargs):
+            launched.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return launched
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_triton_backend_really_launches_kernels(monkeypatch, name):
+    from fastvq.kernels import residual_quantize as kmod
+
+    launched = _count_kernel_launches(monkeypatch, kmod, "_residual_quantize_fwd_kernel")
+    with fastvq.backend(name):
+        fastvq.residual_quantize(randn(9, 5), randn(3, 4, 5))
+    assert launched == (["_residual_quantize_fwd_kernel"] if name == "triton" else [])
