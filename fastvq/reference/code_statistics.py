@@ -2,7 +2,7 @@ import contextlib
 
 import torch
 
-from ._chunks import ROW_CHUNK
+from ._chunks import row_chunk
 
 
 @contextlib.contextmanager
@@ -30,7 +30,7 @@ def code_statistics_ref(
     ``x (L, N, D), indices (L, N) -> counts (L, K), sums (L, K, D)``; both float32,
     ``K = num_codes``. Indices must lie in ``[0, num_codes)`` (not checked here). Uses
     ``bincount`` and ``index_add_`` in float32, never a one-hot matrix, converting ``x`` to
-    float32 ``ROW_CHUNK`` rows at a time. ``deterministic`` matters on CUDA only (CPU
+    float32 rows a chunk at a time (``row_chunk``). ``deterministic`` matters on CUDA only (CPU
     ``index_add_`` is sequential): it runs ``index_add_`` under PyTorch's deterministic mode.
     """
     batched = indices.dim() == 2
@@ -46,8 +46,9 @@ def code_statistics_ref(
     sums = torch.zeros((L * K, D), dtype=torch.float32, device=x.device)
     with _deterministic_algorithms(deterministic and x.is_cuda):
         for lvl in range(L):
-            for s in range(0, n, ROW_CHUNK):
-                sums.index_add_(0, flat[lvl, s : s + ROW_CHUNK], xs[lvl, s : s + ROW_CHUNK].float())
+            step = row_chunk(D)
+            for s in range(0, n, step):
+                sums.index_add_(0, flat[lvl, s : s + step], xs[lvl, s : s + step].float())
     if batched:
         return counts.reshape(L, K), sums.reshape(L, K, D)
     return counts.reshape(K), sums.reshape(K, D)
