@@ -24,6 +24,8 @@ from fastvq.reference.residual_quantize import residual_quantize_ref
 from fastvq.reference.rotation_trick import rotation_trick_ref
 
 from .harness import Case
+from .peers import (seed_cdist_argmin, seed_householder, seed_onehot_stats, seed_pairwise_kl_loss,
+                    vqpt_rotate_to)
 
 M = 1 << 20  # 1,048,576
 
@@ -57,10 +59,6 @@ def _esize(dtype):
 # ---------------------------------------------------------------- nearest_code
 
 
-def _seed_cdist_argmin(x, c):
-    # what seed 001 runs today: materialises the N x K distance matrix
-    d = torch.cdist(x.float(), c.float())
-    return d.argmin(-1)
 
 
 def nearest_code_cases(device, quick):
@@ -81,7 +79,7 @@ def nearest_code_cases(device, quick):
                                                     torch.randn(k, d, device=dev, dtype=dt)),
             providers={"reference": nearest_code_ref, "compiled": _compiled(nearest_code_ref),
                        "fastvq": _triton(fastvq.nearest_code)},
-            peers={"torch cdist+argmin": _seed_cdist_argmin},
+            peers={"torch cdist+argmin": seed_cdist_argmin},
             skip=skip, flops=2.0 * n * k * d, ceiling="matmul", matmul_shape=(n, d, k)))
     return out
 
@@ -127,10 +125,6 @@ def residual_quantize_cases(device, quick):
         flops=2.0 * n * k * d * L, ceiling="matmul", matmul_shape=(n, d, k * L)) for L, n, d, k, dt in shapes]
 
 
-def _seed_onehot_stats(x, idx, k):
-    # what seed 001's EMAQuantizer runs today: a dense N x K one-hot matrix
-    enc = F.one_hot(idx, k).float()
-    return enc.sum(0), enc.T @ x.float()
 
 
 def code_statistics_cases(device, quick):
@@ -146,7 +140,7 @@ def code_statistics_cases(device, quick):
             providers={"reference": code_statistics_ref, "compiled": _compiled(code_statistics_ref),
                        "fastvq": _triton(fastvq.code_statistics)},
             peers={"fastvq atomic": _triton(functools.partial(fastvq.code_statistics, deterministic=False)),
-                   "one-hot (seed)": _seed_onehot_stats},
+                   "one-hot (seed)": seed_onehot_stats},
             skip=skip, bytes=n * d * _esize(dt) + n * 8 + k * d * 4 + k * 4, ceiling="copy"))
     return out
 
@@ -163,16 +157,6 @@ def _fwd_bwd(fn):
     return run
 
 
-def _seed_householder(e, q):
-    # seed 004's rotation: Householder reflection with bmm, eps-guarded norms
-    en = e.norm(dim=-1, keepdim=True)
-    qn = q.norm(dim=-1, keepdim=True)
-    e_hat, q_hat = (e / (en + 1e-6)).detach(), (q / (qn + 1e-6)).detach()
-    r = ((e_hat + q_hat) / torch.norm(e_hat + q_hat, dim=1, keepdim=True)).detach()
-    ee = e.unsqueeze(1)
-    out = ee - 2 * torch.bmm(torch.bmm(ee, r.unsqueeze(-1)), r.unsqueeze(1)) + 2 * torch.bmm(
-        torch.bmm(ee, e_hat.unsqueeze(-1)), q_hat.unsqueeze(1))
-    return out.squeeze(1) * (qn / (en + 1e-6)).detach()
 
 
 def rotation_trick_cases(device, quick):
@@ -184,7 +168,8 @@ def rotation_trick_cases(device, quick):
                                            torch.randn(n, d, device=dev, dtype=dt)),
         providers={"reference": _fwd_bwd(rotation_trick_ref), "compiled": _fwd_bwd(_compiled(rotation_trick_ref)),
                    "fastvq": _triton(_fwd_bwd(fastvq.rotation_trick))},
-        peers={"householder (seed 004)": _fwd_bwd(_seed_householder)},
+        peers={"rotate_to (vq-pytorch)": _fwd_bwd(vqpt_rotate_to),
+               "householder (seed 004)": _fwd_bwd(seed_householder)},
         # forward reads q, writes out; backward reads e, q, g and writes grad_e
         bytes=6.0 * n * d * _esize(dt), ceiling="copy") for n, d, dt in shapes]
 
@@ -241,9 +226,10 @@ def pairwise_kl_cases(device, quick):
     shapes = [(512, 64)] if quick else [(4096, 128), (65536, 128)]
     out = []
     for b, d in shapes:
-        dense = 4.0 * b * b * 6  # the eager loss keeps several B x B float32 matrices alive
+        dense = 4.0 * b * b * 8  # the seed's loss keeps several B x B float32 matrices alive
         skip = {} if _fits(dense, device) else {
-            p: f"cannot run: the dense B x B matrices need ~{dense / 2**30:.0f} GiB" for p in ("reference", "compiled")}
+            p: f"cannot run: its dense B x B matrices need ~{dense / 2**30:.0f} GiB"
+            for p in ("seed loss (eager)", "compiled")}
         out.append(Case(
             op="pairwise_kl_loss fwd+bwd", shape={"B": b, "D": d}, dtype=torch.float32,
             make=lambda dev, b=b, d=d: (F.normalize(torch.randn(b, d, device=dev), dim=1).requires_grad_(),
@@ -251,6 +237,7 @@ def pairwise_kl_cases(device, quick):
             providers={"reference": _kl_fwd_bwd(pairwise_kl_loss_ref),
                        "compiled": _kl_fwd_bwd(_compiled(pairwise_kl_loss_ref)),
                        "fastvq": _triton(_kl_fwd_bwd(fastvq.pairwise_kl_loss))},
+            peers={"seed loss (eager)": _kl_fwd_bwd(seed_pairwise_kl_loss)},
             skip=skip, flops=2.0 * b * b * d * 4, ceiling="matmul", matmul_shape=(b, d, b)))
     return out
 

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvq
+from fastvq.bench.peers import vqpt_rotate_to as _vqpt_rotate_to
 from fastvq.ops.rotation_trick import EPS_ANTIPODAL, EPS_NORM
 from tests.utils import TOL, assert_close, noncontiguous, randn
 
@@ -40,22 +41,7 @@ def assert_grad_close(actual, expected, e, q, g, dtype):
     assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}, max err {err.max().item():.3g}"
 
 
-def _vqpt_rotate_to(src, tgt):
-    """vector-quantize-pytorch's ``rotate_to`` as read (rotation trick, sec. 4.2), re-written here:
-    norms clamped at 1e-6, ``w = normalize(u + q^, eps=1e-6)`` detached, ``u`` and ``q^`` detached
-    in the last term, the scale ``|q| / |e|`` detached. Its *value* is ~q, not q."""
-    D = src.shape[-1]
-    s, t = src.reshape(-1, D), tgt.reshape(-1, D)
-    ns, nt = s.norm(dim=-1, keepdim=True), t.norm(dim=-1, keepdim=True)
-    u, qh = s / ns.clamp(min=1e-6), t / nt.clamp(min=1e-6)
-    w = F.normalize(u + qh, p=2, dim=1, eps=1e-6).detach()
-    rotated = (
-        s
-        - 2 * (s * w).sum(-1, keepdim=True) * w
-        + 2 * (s * u.detach()).sum(-1, keepdim=True) * qh.detach()
-    )
-    out = rotated * (nt / ns.clamp(min=1e-6)).detach()
-    return out.reshape(src.shape)
+
 
 
 def _regular(e, q):
