@@ -34,7 +34,10 @@ class VectorQuantizer(CodebookState):
             picked again; ``kmeans_init`` or ``dead_code_threshold`` avoid that.
         dead_code_threshold: in training, a code whose EMA count (``cluster_size`` with EMA,
             else ``code_usage``, an EMA of batch counts) drops below this is re-seeded from a
-            random vector of the current batch. 0 (default) disables it.
+            random vector of the current batch. 0 (default) disables it. With ``ema``, since
+            ``cluster_size`` starts at 0, the first training step re-seeds every code picked
+            fewer than ``threshold / (1 - decay)`` times: in effect it initialises the codebook
+            from that batch.
         kmeans_init: on the first training forward, replace the codebook by ``kmeans_iters``
             steps of k-means on that batch.
 
@@ -46,8 +49,8 @@ class VectorQuantizer(CodebookState):
         (the seed accepted them; cast with ``.float()``). ``quantized`` has the code's value
         and passes the gradient to ``inputs`` (straight through, or rotated);
         ``commitment_loss = mse(code.detach(), inputs)`` (gradient to the inputs),
-        ``embedding_loss = mse(code, inputs.detach())`` (gradient to the codebook). In training with ``ema``/``dead_code_threshold``/
-        ``kmeans_init`` the codebook buffers are updated after the codes are chosen (the
+        ``embedding_loss = mse(code, inputs.detach())`` (gradient to the codebook). In
+        training with ``ema``/``dead_code_threshold``/``kmeans_init`` the codebook buffers are updated after the codes are chosen (the
         returned values use the codebook as it was), statistics all-reduced across ranks when
         ``torch.distributed`` is initialised.
 
