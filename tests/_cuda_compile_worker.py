@@ -1,0 +1,551 @@
+"""Ahead-of-time CUDA compilation of every fastvq kernel for an H100 (sm_90), without a GPU.
+
+Run by ``tests/test_cuda_compile.py`` in a subprocess with ``TRITON_INTERPRET`` unset (Triton
+decides interpreted vs compiled when a ``@triton.jit`` function is defined, so the kernel
+modules must be imported fresh, in a process that never had it set). Also usable by hand::
+
+    env -u TRITON_INTERPRET python tests/_cuda_compile_worker.py [--jobs N] [--filter SUBSTR] [--full] [--list]
+
+Each job is one ``triton.compile`` of one kernel at one specialization: argument dtypes as the
+launcher passes them, the constexprs it can pass, one autotune config (GPU list, not the
+interpreter's single one) as ``num_warps`` / ``num_stages``. Arguments are specialized as a
+contiguous launch specializes them: 16-byte aligned pointers, unit strides turned into the
+constant 1, row strides divisible by 16 (plus one unaligned, odd-stride variant of each main
+kernel). One JSON line per job goes to stdout (last line: a summary), with the shared memory,
+registers / spills (``cuobjdump --dump-resource-usage`` on the cubin) and whether the PTX uses
+``wgmma`` (Hopper tensor cores) or ``mma.sync``.
+
+The all-configs sweeps (``sweep=True``) stop at LLVM IR unless ``--full``: layouts, pipelining,
+shared memory and the MMA instruction are all decided by then, and LLVM's PTX emission plus
+ptxas are three quarters of the time. Every other job (each dtype and constexpr combination,
+the memory-bound kernels) goes through ptxas to a cubin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("_cuda_compile_worker: TRITON_INTERPRET must be unset (kernels would be interpreted)")
+os.environ.pop("TRITON_INTERPRET", None)
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from fastvq import kernels  # noqa: E402
+from fastvq.kernels import (  # noqa: E402
+    code_statistics,
+    code_usage,
+    nearest_code,
+    pairwise_kl_loss,
+    pairwise_sqdist,
+    qr_lookup,
+    residual_quantize,
+    rotation_trick,
+    semantic_ids,
+)
+
+TARGET = GPUTarget("cuda", 90, 32)
+H100_SMEM = 232448  # bytes one block may opt into on sm_90 (227 KiB)
+DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+@dataclass
+class Job:
+    kernel: str  # "module._kernel_name"
+    variant: str  # human-readable specialization
+    fn: object  # the JITFunction
+    ptrs: dict  # arg name -> "*bf16" ... (non-listed, non-constexpr args are i32)
+    constexprs: dict  # declared constexprs and unit strides
+    num_warps: int = 4
+    num_stages: int = 3
+    scalars: dict = field(default_factory=dict)  # arg name -> "fp32" / "i64" ...
+    aligned: bool = True  # row strides / sizes named in `aligned_ints` divisible by 16
+    aligned_ints: tuple = ()
+    dot: bool = False  # the kernel's tiles go through tl.dot
+    tensor_cores: bool = False  # 16-bit or tf32 dot operands: must run on the tensor cores ...
+    rows: int = 0  # ... as wgmma when the dot's M (rows of its first operand) is >= 64
+    pruned: bool = False  # the autotuner's early prune drops this config: too big is fine
+    sweep: bool = False  # one of an all-configs sweep: lowered to LLVM IR only unless --full
+    cost: float = 1.0  # rough compile-time guess, for scheduling the longest first
+
+    @property
+    def expect_wgmma(self):
+        return self.tensor_cores and self.rows >= 64
+
+    def source(self):
+        fn = self.fn
+        sig, const, attrs = {}, {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in self.constexprs:
+                sig[name] = "constexpr"
+                const[name] = self.constexprs[name]
+            elif name in self.ptrs:
+                sig[name] = self.ptrs[name]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                sig[name] = self.scalars.get(name, "i32")
+                if self.aligned and name in self.aligned_ints:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        unknown = set(self.constexprs) - set(fn.arg_names)
+        if unknown:
+            raise KeyError(f"{self.kernel}: no such arguments {sorted(unknown)}")
+        return triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+
+
+def _jit(k):
+    """The JITFunction under an Autotuner (or the JITFunction itself)."""
+    return k.fn if isinstance(k, triton.runtime.autotuner.Autotuner) else k
+
+
+def _cfgs(k):
+    """The autotune configs the kernel was decorated with (the GPU list in this process)."""
+    return list(k.configs)
+
+
+def _pick(configs, num_warps=None, num_stages=None, **kwargs):
+    """The first config with these values (the middle one if the list no longer has it)."""
+    for c in configs:
+        if all(c.kwargs.get(k) == v for k, v in kwargs.items()) and num_warps in (None, c.num_warps) \
+                and num_stages in (None, c.num_stages):
+            return c
+    return configs[len(configs) // 2]
+
+
+def _cfg_label(c):
+    kw = ",".join(f"{k}={v}" for k, v in c.kwargs.items())
+    return f"{kw},w={c.num_warps},s={c.num_stages}"
+
+
+class _FakeTensor:
+    """What the early-prune functions read from a tensor argument."""
+
+    def __init__(self, elt):
+        self._elt = elt
+        self.device = type("dev", (), {"type": "cuda", "index": 0})()
+
+    def element_size(self):
+        return self._elt
+
+
+_ELT = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+# --------------------------------------------------------------------------- job lists
+
+
+def _nearest_code_jobs():
+    mod = nearest_code
+    jobs = []
+    unit = {"stride_xd": 1, "stride_cd": 1, "stride_pd": 1}
+    row_ints = ("stride_xn", "stride_ck", "stride_pn")
+
+    def ptrs(dt):
+        p = DTYPES[dt]
+        return {"p_x": p, "p_c": p, "p_pos": p, "p_cterm": "*fp32", "p_idx": "*i64", "p_dist": "*fp32",
+                "p_pscore": "*fp32", "p_pidx": "*i64", "p_pxterm": "*fp32"}
+
+    # pre-pass
+    for dt in DTYPES:
+        for metric in (0, 1):
+            jobs.append(Job("nearest_code._code_terms_kernel", f"{dt},METRIC={metric}", mod._code_terms_kernel,
+                            {"p_c": DTYPES[dt], "p_out": "*fp32"},
+                            {"stride_cd": 1, "METRIC": metric, "BLOCK_K": 64, "BLOCK_D": 64},
+                            aligned_ints=("stride_ck",), cost=0.5))
+    # merge of the split partials
+    for metric, lb in ((0, False), (1, False), (2, False), (0, True)):
+        jobs.append(Job("nearest_code._nearest_code_reduce_kernel", f"METRIC={metric},HAS_LOWER_BOUND={lb}",
+                        mod._nearest_code_reduce_kernel,
+                        {"p_pscore": "*fp32", "p_pidx": "*i64", "p_pxterm": "*fp32", "p_idx": "*i64",
+                         "p_dist": "*fp32"},
+                        {"METRIC": metric, "HAS_LOWER_BOUND": lb, "BLOCK_N": 128}, cost=0.5))
+
+    k = mod._nearest_code_fwd_kernel
+    configs = _cfgs(k)
+
+    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False):
+        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, WRITE_PARTIAL=partial,
+                     ONE_D_BLOCK=one_d, PRECISION=prec, DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
+        var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},PARTIAL={int(partial)},"
+               f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}{tag} | {_cfg_label(cfg)}")
+        big = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
+        return Job("nearest_code._nearest_code_fwd_kernel", var, _jit(k), ptrs(dt), const, cfg.num_warps,
+                   cfg.num_stages, aligned=aligned, aligned_ints=row_ints, dot=True,
+                   tensor_cores=prec == "tf32", rows=cfg.kwargs["BLOCK_N"], pruned=pruned, sweep=sweep,
+                   cost=big * (6 if prec == "ieee" else 1))
+
+    def prune(dt, one_d, block_d):
+        named = {"p_x": _FakeTensor(_ELT[dt])}
+        kept = mod._prune_configs(configs, named, BLOCK_D=block_d, ONE_D_BLOCK=one_d)
+        return [c not in kept for c in configs]
+
+    # Every GPU config where the tile is largest: resident D = 256 (x tile + codebook stages on
+    # chip) and streamed D (64-wide chunks of both), as the early prune sees them on an H100.
+    for dt, prec, one_d, block_d in (("bf16", "tf32", True, 256), ("bf16", "tf32", False, 64),
+                                     ("fp32", "tf32", True, 256), ("fp32", "ieee", True, 256)):
+        for cfg, pr in zip(configs, prune(dt, one_d, block_d)):
+            if pr and prec == "ieee":
+                continue  # an FMA dot on a tile the autotuner never runs: minutes and GBs in ptxas, no signal
+            jobs.append(fwd(dt, prec, 0, False, False, one_d, block_d, cfg, pruned=pr, sweep=True))
+    # Every constexpr the launcher passes, against each dtype, at one mid config.
+    mid = _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
+    flag_sets = [  # (METRIC, HAS_LOWER_BOUND, WRITE_PARTIAL, ONE_D_BLOCK, BLOCK_D)
+        (1, False, True, True, 128), (2, False, False, False, 64), (0, True, True, False, 64),
+        (0, True, False, True, 64), (1, False, False, True, 16), (2, False, True, True, 32),
+    ]
+    for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")):
+        for metric, lb, partial, one_d, block_d in flag_sets:
+            if lb and prec == "tf32" and dt == "fp32":
+                continue  # mining never asks for tf32
+            jobs.append(fwd(dt, prec, metric, lb, partial, one_d, block_d, mid))
+    jobs.append(fwd("fp16", "tf32", 0, False, False, True, 256,
+                    _pick(configs, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)))
+    # Odd D: no divisibility on the row strides, nothing unit-stride specialized.
+    jobs.append(fwd("bf16", "tf32", 0, False, False, True, 128, mid, aligned=False, tag=",unaligned"))
+    return jobs
+
+
+def _residual_quantize_jobs():
+    mod = residual_quantize
+    jobs = []
+    common_unit = {"stride_xd": 1, "stride_cd": 1, "stride_qd": 1, "stride_ol": 1}
+    row_ints = ("stride_xn", "stride_cl", "stride_ck", "stride_qn", "stride_on", "stride_wn")
+
+    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, sweep=False):
+        p = DTYPES[dt]
+        ptrs = {"p_x": p, "p_cb": p, "p_q": p, "p_codes": "*i64"}
+        if chunked:
+            ptrs["p_ws"] = "*fp32"
+        prec = "ieee" if dt == "fp32" else "tf32"
+        const = dict(common_unit if aligned else {}, BLOCK_D=block_d, BLOCK_L=block_l, PRECISION=prec,
+                     DOT_FP32=False, BF16_RNE=False, **cfg.kwargs)
+        big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
+        return Job(f"residual_quantize.{name}", f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag} | {_cfg_label(cfg)}",
+                   _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, aligned=aligned, aligned_ints=row_ints,
+                   dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned, sweep=sweep,
+                   cost=big * (6 if dt == "fp32" else 1) + 0.5)
+
+    # Register variant: each config at the widest BLOCK_D the register prune lets it run with
+    # (the prune's fallback keeps the smallest config for BLOCK_D = 1024).
+    k = mod._residual_quantize_fwd_kernel
+    configs = _cfgs(k)
+    for cfg in configs:
+        block_d = min(mod.MAX_REGISTER_D, 16384 // max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]))
+        kept = mod._prune_register_configs(configs, {}, BLOCK_D=block_d)
+        jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", cfg, block_d, pruned=cfg not in kept, sweep=True))
+    small = configs[0]
+    for dt in ("fp16", "fp32"):  # (the second: LLVM IR only, unless --full; an FMA dot, long in ptxas)
+        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, small, 1024))
+        mid = _pick(configs, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
+        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, mid, 256, sweep=True))
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", small, 16, block_l=2))
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", _pick(configs, BLOCK_M=64, BLOCK_K=32, num_warps=4),
+                    64, aligned=False, tag=",unaligned"))
+
+    # D-chunked variant: BLOCK_D = CHUNK_D always and no prune, so every config can run.
+    k = mod._residual_quantize_fwd_chunked_kernel
+    for cfg in _cfgs(k):
+        jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, "bf16", cfg, mod.CHUNK_D, chunked=True,
+                        sweep=True))
+    for dt in ("fp16", "fp32"):
+        for cfg in (configs[0], configs[-1]):
+            jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, dt, cfg, mod.CHUNK_D, chunked=True,
+                            sweep=cfg is not configs[0]))
+    return jobs
+
+
+def _pairwise_kl_loss_jobs():
+    mod = pairwise_kl_loss
+    jobs = []
+    row_ints = ("stride_pb", "stride_tb", "stride_db")
+    for name, k, extra in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, {}),
+                           ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, {"BLOCK_DO": 128})):
+        configs = _cfgs(k)
+        for dt in DTYPES:
+            p = DTYPES[dt]
+            prec = "ieee" if dt == "fp32" else "tf32"
+            ptrs = {"p_pred": p, "p_target": p, "p_kl": "*fp32", "p_lse_p": "*fp32", "p_lse_t": "*fp32",
+                    "p_grad": "*fp32", "p_dpred": p}
+            ptrs = {a: v for a, v in ptrs.items() if a in _jit(k).arg_names}
+            for cfg in (configs if dt != "fp16" else configs[:1]):
+                const = dict(stride_pd=1, stride_td=1, BLOCK_DP=64, BLOCK_DT=64, PREC_P=prec, PREC_T=prec,
+                             DOT_FP32_P=False, DOT_FP32_T=False, **extra, **cfg.kwargs)
+                if "stride_dd" in _jit(k).arg_names:
+                    const["stride_dd"] = 1
+                big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / (64 * 64)
+                jobs.append(Job(f"pairwise_kl_loss.{name}",
+                                f"{dt},BLOCK_DP=BLOCK_DT=64{',BLOCK_DO=128' if extra else ''} | {_cfg_label(cfg)}",
+                                _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"inv_t": "fp32"},
+                                aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32",
+                                rows=cfg.kwargs["BLOCK_M"], sweep=cfg is not configs[0],
+                                cost=big * (8 if dt == "fp32" else 2)))
+    # narrow features (BLOCK_D = 16, the smallest wgmma K for 16-bit operands), bf16
+    k = mod._pairwise_kl_loss_bwd_kernel
+    cfg = _cfgs(k)[0]
+    const = dict(stride_pd=1, stride_td=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16, PREC_P="tf32",
+                 PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, **cfg.kwargs)
+    jobs.append(Job("pairwise_kl_loss._pairwise_kl_loss_bwd_kernel", f"bf16,BLOCK_D*=16 | {_cfg_label(cfg)}", _jit(k),
+                    {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_lse_p": "*fp32",
+                     "p_lse_t": "*fp32", "p_dpred": "*bf16"}, const, cfg.num_warps, cfg.num_stages,
+                    scalars={"inv_t": "fp32"}, aligned_ints=row_ints, dot=True, tensor_cores=True,
+                    rows=cfg.kwargs["BLOCK_M"]))
+    return jobs
+
+
+def _pairwise_sqdist_jobs():
+    k = pairwise_sqdist._pairwise_sqdist_fwd_kernel
+    jobs = []
+    for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")):
+        for block_d in (64, 16):
+            const = dict(stride_ad=1, stride_bd=1, stride_on=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
+                         PRECISION=prec, DOT_FP32=False)
+            jobs.append(Job("pairwise_sqdist._pairwise_sqdist_fwd_kernel", f"{dt}/{prec},BLOCK_D={block_d}", k,
+                            {"p_a": DTYPES[dt], "p_b": DTYPES[dt], "p_out": "*fp32"}, const,
+                            aligned_ints=("stride_am", "stride_bn", "stride_om"), dot=True,
+                            tensor_cores=prec == "tf32", rows=64, cost=3 if prec == "ieee" else 1))
+    return jobs
+
+
+def _memory_bound_jobs():
+    jobs = []
+    # code_statistics (x any float dtype, seg int32/int64)
+    m = code_statistics
+    for dt, seg in (("bf16", "*i64"), ("fp32", "*i32"), ("fp16", "*i64")):
+        jobs.append(Job("code_statistics._code_statistics_atomic_kernel", f"{dt},seg={seg[1:]}",
+                        m._code_statistics_atomic_kernel,
+                        {"p_x": DTYPES[dt], "p_seg": seg, "p_counts": "*fp32", "p_sums": "*fp32"},
+                        {"stride_xd": 1, "stride_seg": 1, "stride_sd": 1, "BLOCK_N": 64, "BLOCK_D": 128},
+                        aligned_ints=("stride_xn", "stride_sk"), cost=0.5))
+        jobs.append(Job("code_statistics._code_statistics_segment_kernel", f"{dt}", m._code_statistics_segment_kernel,
+                        {"p_x": DTYPES[dt], "p_perm": "*i64", "p_offsets": "*i64", "p_counts": "*fp32",
+                         "p_sums": "*fp32"},
+                        {"stride_xd": 1, "stride_sd": 1, "BLOCK_N": 32, "BLOCK_D": 128},
+                        aligned_ints=("stride_xn", "stride_sk"), cost=0.5))
+    # code_usage (any integer ids)
+    for it in ("*i8", "*u8", "*i16", "*i32", "*i64"):
+        jobs.append(Job("code_usage._code_usage_fwd_kernel", f"ids={it[1:]}", code_usage._code_usage_fwd_kernel,
+                        {"p_idx": it, "p_counts": "*i64"}, {"stride_n": 1, "BLOCK_N": 1024}, cost=0.3))
+    # semantic_ids (any integer codes)
+    for it in ("*i64", "*i32", "*i16", "*u8"):
+        jobs.append(Job("semantic_ids._semantic_ids_fwd_kernel", f"codes={it[1:]}",
+                        semantic_ids._semantic_ids_fwd_kernel,
+                        {"p_codes": it, "p_order": "*i64", "p_group": "*i64", "p_offsets": "*i64", "p_out": "*i64"},
+                        {"stride_cl": 1, "stride_ol": 1, "BLOCK_N": 256, "BLOCK_L": 16},
+                        aligned_ints=("stride_cn", "stride_on"), cost=0.3))
+    # rotation_trick
+    m = rotation_trick
+    for dt in ("bf16", "fp32"):
+        p = DTYPES[dt]
+        jobs.append(Job("rotation_trick._rotation_trick_fwd_kernel", f"{dt},BLOCK_N=16,BLOCK_D=256",
+                        m._rotation_trick_fwd_kernel, {"p_q": p, "p_out": p},
+                        {"stride_qd": 1, "stride_od": 1, "BLOCK_N": 16, "BLOCK_D": 256},
+                        aligned_ints=("stride_qn", "stride_on"), cost=0.3))
+        for block_n, block_d, single in ((1, m.MAX_BLOCK_D, True), (64, 64, True), (1, m.MAX_BLOCK_D, False)):
+            jobs.append(Job("rotation_trick._rotation_trick_bwd_kernel",
+                            f"{dt},BLOCK_N={block_n},BLOCK_D={block_d},SINGLE={single}", m._rotation_trick_bwd_kernel,
+                            {"p_e": p, "p_q": p, "p_g": p, "p_de": p},
+                            {"stride_ed": 1, "stride_qd": 1, "stride_gd": 1, "stride_dd": 1,
+                             "EPS_N": m.EPS_NORM, "EPS_S": m.EPS_ANTIPODAL,
+                             "BLOCK_N": block_n, "BLOCK_D": block_d, "SINGLE": single},
+                            aligned_ints=("stride_en", "stride_qn", "stride_gn", "stride_dn"), cost=0.5))
+    # qr_lookup
+    m = qr_lookup
+    tabs = ("stride_qn", "stride_rn", "stride_on")
+    for dt, ids in (("bf16", "*i64"), ("fp32", "*i32")):
+        p = DTYPES[dt]
+        for op in (0, 1, 2):
+            jobs.append(Job("qr_lookup._qr_lookup_fwd_kernel", f"{dt},ids={ids[1:]},OP={op}", m._qr_lookup_fwd_kernel,
+                            {"p_ids": ids, "p_qw": p, "p_rw": p, "p_out": p},
+                            {"stride_qd": 1, "stride_rd": 1, "stride_od": 1, "OP": op, "BLOCK_N": 32,
+                             "BLOCK_D": 128},
+                            aligned_ints=tabs, cost=0.3))
+        for op, has_w, mean in ((0, False, False), (1, True, False), (2, False, True)):
+            jobs.append(Job("qr_lookup._qr_lookup_bag_fwd_kernel", f"{dt},OP={op},HAS_W={has_w},MEAN={mean}",
+                            m._qr_lookup_bag_fwd_kernel,
+                            {"p_ids": ids, "p_offsets": "*i64", "p_psw": p if has_w else ids, "p_qw": p, "p_rw": p,
+                             "p_out": p},
+                            {"stride_qd": 1, "stride_rd": 1, "stride_od": 1, "OP": op, "HAS_W": has_w,
+                             "MEAN": mean, "BLOCK_L": 16, "BLOCK_D": 128},
+                            aligned_ints=tabs, cost=0.3))
+        for has_row, has_scale, mult in ((False, False, False), (True, True, True), (True, False, False)):
+            flags = {"HAS_ROW": has_row, "HAS_SCALE": has_scale, "MULT": mult}
+            grads = ("stride_gn", "stride_own", "stride_dn")
+            jobs.append(Job("qr_lookup._qr_lookup_bwd_kernel", f"{dt},{flags}", m._qr_lookup_bwd_kernel,
+                            {"p_g": p, "p_perm": "*i64", "p_item_row": "*i64", "p_scale": "*fp32" if has_scale else p,
+                             "p_ow": p, "p_oidx": "*i64", "p_seg_start": "*i64", "p_seg_end": "*i64",
+                             "p_seg_row": "*i64", "p_dw": p},
+                            {"stride_gd": 1, "stride_owd": 1, "stride_dd": 1, **flags, "BLOCK_L": 16,
+                             "BLOCK_D": 128},
+                            aligned_ints=grads, cost=0.3))
+            jobs.append(Job("qr_lookup._qr_lookup_bwd_atomic_kernel", f"{dt},{flags}", m._qr_lookup_bwd_atomic_kernel,
+                            {"p_g": p, "p_idx": "*i64", "p_item_row": "*i64", "p_scale": "*fp32" if has_scale else p,
+                             "p_ow": p, "p_oidx": "*i64", "p_dw": "*fp32"},
+                            {"stride_gd": 1, "stride_owd": 1, "stride_dd": 1, **flags, "BLOCK_L": 32,
+                             "BLOCK_D": 128},
+                            aligned_ints=grads, cost=0.3))
+    return jobs
+
+
+def all_jobs():
+    return (_nearest_code_jobs() + _residual_quantize_jobs() + _pairwise_kl_loss_jobs() + _pairwise_sqdist_jobs()
+            + _memory_bound_jobs())
+
+
+def all_kernels():
+    """Every ``@triton.jit`` kernel (``*_kernel``) defined in kernels/*.py, as "module.name"."""
+    out = set()
+    for mod in (code_statistics, code_usage, nearest_code, pairwise_kl_loss, pairwise_sqdist, qr_lookup,
+                residual_quantize, rotation_trick, semantic_ids):
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel") and isinstance(_jit(obj), triton.runtime.jit.JITFunction):
+                out.add(f"{mod.__name__.rsplit('.', 1)[1]}.{name}")
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+_JOBS: list = []
+_FULL = False
+
+
+def _resources(cubin: bytes, tmpdir: str) -> dict:
+    """Registers per thread, stack and local memory (spills) of the cubin's kernel."""
+    path = os.path.join(tmpdir, f"fastvq_cc_{os.getpid()}.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    finally:
+        os.remove(path)
+    res = {}
+    for key in ("REG", "STACK", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        if m:
+            res[key.lower()] = int(m.group(1))
+    return res
+
+
+def _lower_to_llir(src, options: dict):
+    """``triton.compile``'s pipeline up to LLVM IR (no PTX, no ptxas): what decides layouts,
+    shared memory and the MMA flavour, at about a quarter of the cost of a full compile."""
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(TARGET)
+    opts = backend.parse_options(options)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(TARGET, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context)
+    metadata = {"hash": "0" * 64, "target": TARGET, **opts.__dict__}
+    stages = {}
+    backend.add_stages(stages, opts, src.language)
+    for ext in ("ttir", "ttgir", "llir"):
+        module = stages[ext](module, metadata)
+    return str(module), metadata
+
+
+def _compile(i: int) -> dict:
+    job = _JOBS[i]
+    rec = {"kernel": job.kernel, "variant": job.variant, "num_warps": job.num_warps, "num_stages": job.num_stages,
+           "dot": job.dot, "tensor_cores": job.tensor_cores, "expect_wgmma": job.expect_wgmma,
+           "pruned": job.pruned, "stage": "llir" if job.sweep and not _FULL else "cubin"}
+    t0 = time.perf_counter()
+    options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
+    try:
+        if rec["stage"] == "llir":
+            code, metadata = _lower_to_llir(job.source(), options)
+            rec.update(ok=True, shared=int(metadata["shared"]))
+        else:
+            ck = triton.compile(job.source(), target=TARGET, options=options)
+            code = ck.asm["ptx"]
+            rec.update(ok=True, shared=int(ck.metadata.shared))
+            rec.update(_resources(ck.asm["cubin"], tempfile.gettempdir()))
+        # the same instruction names appear in the LLVM IR (inline asm) and the PTX
+        rec.update(wgmma="wgmma.mma_async" in code, mma_sync="mma.sync" in code)
+    except Exception as e:  # a GPU-compile error: report it, with the tail of the traceback
+        tb = traceback.format_exception(type(e), e, e.__traceback__)
+        rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[-3000:]}", traceback="".join(tb)[-4000:])
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--filter", default="")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--full", action="store_true",
+                    help="every job through ptxas (registers and spills for every config)")
+    args = ap.parse_args(argv)
+    assert not kernels.INTERPRETED, "kernels imported in interpreter mode"
+
+    global _FULL
+    _FULL = args.full
+    _JOBS[:] = [j for j in all_jobs() if args.filter in f"{j.kernel} {j.variant}"]
+    covered = sorted({j.kernel for j in _JOBS})
+    if args.list:
+        for j in _JOBS:
+            print(j.kernel, "|", j.variant)
+        return 0
+    order = sorted(range(len(_JOBS)), key=lambda i: -_JOBS[i].cost * (0.25 if _JOBS[i].sweep and not _FULL else 1))
+    t0 = time.perf_counter()
+    n_fail = 0
+
+    def emit(rec):
+        nonlocal n_fail
+        n_fail += not rec["ok"]
+        print(json.dumps(rec), flush=True)
+
+    if args.jobs > 1:
+        # A compiler crash (an LLVM/MLIR abort) kills a pool process: BrokenProcessPool for the jobs
+        # in flight; those are then retried one per fresh process, so the crashing one is named.
+        ctx = mp.get_context("fork")
+        retry = []
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_compile, i): i for i in order}
+            for fut in as_completed(futures):
+                try:
+                    emit(fut.result())
+                except BrokenProcessPool:
+                    retry.append(futures[fut])
+        for i in sorted(retry, key=order.index):
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                try:
+                    emit(pool.submit(_compile, i).result())
+                except BrokenProcessPool:
+                    job = _JOBS[i]
+                    emit({"kernel": job.kernel, "variant": job.variant, "num_warps": job.num_warps,
+                          "num_stages": job.num_stages, "dot": job.dot, "tensor_cores": job.tensor_cores,
+                          "expect_wgmma": job.expect_wgmma, "pruned": job.pruned, "stage": "?", "ok": False,
+                          "error": "the compiler process crashed", "traceback": "the compiler process crashed",
+                          "seconds": 0.0})
+    else:
+        for i in order:
+            emit(_compile(i))
+    print(json.dumps({"summary": True, "jobs": len(_JOBS), "failed": n_fail, "kernels": covered,
+                      "all_kernels": all_kernels(), "seconds": round(time.perf_counter() - t0, 1),
+                      "smem_limit": H100_SMEM}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

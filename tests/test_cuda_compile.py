@@ -1,0 +1,135 @@
+"""Every Triton kernel compiles for an H100 (sm_90), ahead of time, on a machine with no GPU.
+
+The rest of the suite runs the kernels under the Triton interpreter, which accepts code the
+GPU compiler rejects (type errors, unsupported ops, layouts, shared memory the autotuned tiles
+do not fit in). Here ``tests/_cuda_compile_worker.py`` compiles each ``@triton.jit`` kernel of
+``kernels/*.py`` with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and
+the ptxas bundled in the triton wheel: every dtype and constexpr the launchers pass, every
+autotune config of the GPU lists. It runs in a subprocess without ``TRITON_INTERPRET`` (which
+conftest sets for this process, and which Triton reads when a kernel is defined).
+
+Checks: every job compiles; every kernel in kernels/*.py is covered; a config the autotuner
+can run fits in the 227 KiB of shared memory an sm_90 block can have (configs its early prune
+drops may exceed it); 16-bit and tf32 dots use the tensor cores, as ``wgmma`` when the tile has
+at least 64 rows. The all-configs sweeps stop at LLVM IR (layouts, shared memory and the MMA
+flavour are fixed there), the rest goes through ptxas; ``FASTVQ_CUDA_COMPILE_FULL=1`` sends
+everything through ptxas (a few minutes). ``FASTVQ_CUDA_COMPILE_REPORT=path`` writes the table
+of shared memory / registers / spills per job there. About 1.5 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "_cuda_compile_worker.py"
+H100_SMEM = 232448  # 227 KiB: the most shared memory one block can opt into on sm_90
+
+
+def _ptxas() -> Path | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return path if path.is_file() else None
+
+
+pytestmark = pytest.mark.skipif(_ptxas() is None, reason="triton's bundled ptxas (nvidia backend) is missing")
+
+
+def _kernels_in_source() -> set[str]:
+    """``module.name`` of every ``@triton.jit`` function named ``*_kernel`` in kernels/*.py."""
+    found = set()
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
+                if any("jit" in ast.unparse(d) for d in node.decorator_list):
+                    found.add(f"{path.stem}.{node.name}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # compile for real, every run
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, str(WORKER), "--jobs", str(min(os.cpu_count() or 1, 8))]
+    if os.environ.get("FASTVQ_CUDA_COMPILE_FULL", "0") not in ("", "0"):
+        cmd.append("--full")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary = next((r for r in lines if r.get("summary")), None)
+    assert proc.returncode == 0 and summary is not None, (
+        f"compile worker failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
+    records = sorted((r for r in lines if not r.get("summary")), key=lambda r: (r["kernel"], r["variant"]))
+    report = _report(records, summary)
+    print(report)
+    if os.environ.get("FASTVQ_CUDA_COMPILE_REPORT"):
+        Path(os.environ["FASTVQ_CUDA_COMPILE_REPORT"]).write_text(report)
+    return records, summary
+
+
+def _report(records, summary) -> str:
+    rows = [f"{'kernel':46s} {'stage':5s} {'smem KiB':>8s} {'regs':>4s} {'stack':>5s} {'mma':6s} {'s':>5s}  variant"]
+    for r in records:
+        mma = "wgmma" if r.get("wgmma") else "mma" if r.get("mma_sync") else "-" if r["dot"] else ""
+        note = " [pruned by the autotuner: may exceed]" if r["pruned"] else ""
+        if r.get("ok") and r["shared"] > H100_SMEM:
+            note += " [OVER 227 KiB]"
+        if not r.get("ok"):
+            note += f" [FAILED: {r['error'][:200]}]"
+        rows.append(f"{r['kernel']:46s} {r['stage']:5s} {r.get('shared', 0) / 1024:8.1f} {r.get('reg', ''):>4} "
+                    f"{r.get('stack', ''):>5} {mma:6s} {r['seconds']:5.1f}  {r['variant']}{note}")
+    rows.append(f"{summary['jobs']} jobs, {summary['failed']} failed, {summary['seconds']} s")
+    return "\n".join(rows)
+
+
+def test_every_kernel_compiles_for_sm90(compiled):
+    records, summary = compiled
+    failed = [r for r in records if not r["ok"]]
+    assert not failed, "GPU compile errors:\n" + "\n\n".join(
+        f"{r['kernel']} [{r['variant']}]:\n{r['traceback']}" for r in failed[:5])
+    assert summary["jobs"] == len(records)
+
+
+def test_every_kernel_is_covered(compiled):
+    records, summary = compiled
+    in_source = _kernels_in_source()
+    assert in_source, "no @triton.jit *_kernel found in kernels/*.py"
+    covered = {r["kernel"] for r in records}
+    missing = sorted(in_source - covered)
+    assert not missing, f"kernels with no compile job in tests/_cuda_compile_worker.py: {missing}"
+    assert set(summary["all_kernels"]) <= covered
+
+
+def test_runnable_configs_fit_in_shared_memory(compiled):
+    records, _ = compiled
+    over = [f"{r['kernel']} [{r['variant']}]: {r['shared']} B" for r in records
+            if r["ok"] and not r["pruned"] and r["shared"] > H100_SMEM]
+    assert not over, f"configs the autotuner keeps but that need more than {H100_SMEM} B of shared memory:\n" + \
+        "\n".join(over)
+
+
+def test_low_precision_dots_use_tensor_cores(compiled):
+    records, _ = compiled
+    no_tc = [f"{r['kernel']} [{r['variant']}]" for r in records
+             if r["ok"] and r["tensor_cores"] and not (r["wgmma"] or r["mma_sync"])]
+    assert not no_tc, "16-bit / tf32 tl.dot without tensor-core MMA:\n" + "\n".join(no_tc)
+    no_wgmma = [f"{r['kernel']} [{r['variant']}]" for r in records
+                if r["ok"] and r["expect_wgmma"] and not r["wgmma"]]
+    assert not no_wgmma, "tiles of >= 64 rows that do not use wgmma on sm_90:\n" + "\n".join(no_wgmma)
+    # the matmul-shaped kernels really reach wgmma in bf16
+    for kernel in ("nearest_code._nearest_code_fwd_kernel", "residual_quantize._residual_quantize_fwd_kernel",
+                   "residual_quantize._residual_quantize_fwd_chunked_kernel",
+                   "pairwise_kl_loss._pairwise_kl_loss_fwd_kernel", "pairwise_kl_loss._pairwise_kl_loss_bwd_kernel",
+                   "pairwise_sqdist._pairwise_sqdist_fwd_kernel"):
+        bf16 = [r for r in records if r["kernel"] == kernel and r["variant"].startswith("bf16")]
+        assert any(r.get("wgmma") for r in bf16), f"{kernel}: no bf16 variant uses wgmma"
