@@ -130,8 +130,10 @@ def _smem_limit(device: torch.device) -> int:
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose on-chip tiles clearly exceed the device's shared memory; keep at least one.
 
-    Resident x (``ONE_D_BLOCK``): one ``BLOCK_N x D`` x tile plus ``num_stages`` codebook tiles.
+    Resident x (``ONE_D_BLOCK``): one ``BLOCK_N x D`` x tile plus ``num_stages`` codebook tiles
+    (16-bit inputs: ``num_stages - 1``, as compiled for sm_90; fp32 holds all of them).
     Streamed D: both the x and the codebook chunks are pipelined, ``num_stages`` of each.
+    Only a time saver: the autotuner also skips configs that run out of resources.
     """
     p_x = named_args["p_x"]
     elt = p_x.element_size()
@@ -141,7 +143,9 @@ def _prune_configs(configs, named_args, **kwargs):
 
     def smem(c):
         bn, bk, s = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages
-        return ((bn + bk * s) if resident else (bn + bk) * s) * d * elt
+        if resident:
+            return (bn + bk * (max(s - 1, 1) if elt == 2 else s)) * d * elt
+        return (bn + bk) * s * d * elt
 
     kept = [c for c in configs if smem(c) <= limit]
     return kept or [min(configs, key=smem)]
