@@ -40,3 +40,17 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     out = big[..., ::2]
     assert not out.is_contiguous() or t.shape[-1] <= 1
     return out
+
+
+def count_kernel_launches(monkeypatch, module, *names) -> list:
+    """Spy on the named ``@triton.jit`` kernels of ``module``; returns the list of names launched."""
+    launched = []
+    for name in names:
+        kernel = getattr(module, name)
+
+        def run(*args, _real=kernel.run, _name=name, **kwargs):
+            launched.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return launched

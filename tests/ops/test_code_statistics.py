@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastvq
-from tests.utils import assert_close, randn
+from tests.utils import assert_close, count_kernel_launches, randn
 
 CASES = [  # (N, D, K)
     pytest.param(1, 1, 1, id="N1-D1-K1"),
@@ -199,25 +199,12 @@ def test_large_gpu(deterministic, dtype):
         check(x[lvl], idx[lvl], K, counts[lvl], sums[lvl])
 
 
-def _count_kernel_launches(monkeypatch, module, *names):
-    """Spy on the named @triton.jit kernels of ``module``: the list of names launched."""
-    launched = []
-    for name in names:
-        kernel = getattr(module, name)
-
-        def run(*args, _real=kernel.run, _name=name, **kwargs):
-            launched.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", run)
-    return launched
-
 
 @pytest.mark.parametrize("name", ["reference", "triton"])
 def test_triton_backend_really_launches_kernels(monkeypatch, name):
     from fastvq.kernels import code_statistics as kmod
 
-    launched = _count_kernel_launches(monkeypatch, kmod, "_code_statistics_segment_kernel", "_code_statistics_atomic_kernel")
+    launched = count_kernel_launches(monkeypatch, kmod, "_code_statistics_segment_kernel", "_code_statistics_atomic_kernel")
     with fastvq.backend(name):
         (fastvq.code_statistics(randn(9, 5), torch.arange(9) % 4, 4), fastvq.code_statistics(randn(9, 5), torch.arange(9) % 4, 4, deterministic=False))
     assert launched == (["_code_statistics_segment_kernel", "_code_statistics_atomic_kernel"] if name == "triton" else [])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastvq
-from tests.utils import assert_close
+from tests.utils import assert_close, count_kernel_launches
 
 
 def _seed_usage(indices, K):
@@ -198,25 +198,12 @@ def test_large_gpu():
     assert torch.equal(meter.compute().counts, u.counts)
 
 
-def _count_kernel_launches(monkeypatch, module, *names):
-    """Spy on the named @triton.jit kernels of ``module``: the list of names launched."""
-    launched = []
-    for name in names:
-        kernel = getattr(module, name)
-
-        def run(*args, _real=kernel.run, _name=name, **kwargs):
-            launched.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", run)
-    return launched
-
 
 @pytest.mark.parametrize("name", ["reference", "triton"])
 def test_triton_backend_really_launches_kernels(monkeypatch, name):
     from fastvq.kernels import code_usage as kmod
 
-    launched = _count_kernel_launches(monkeypatch, kmod, "_code_usage_fwd_kernel")
+    launched = count_kernel_launches(monkeypatch, kmod, "_code_usage_fwd_kernel")
     with fastvq.backend(name):
         (fastvq.code_usage(torch.tensor([0, 2, 2]), 3), fastvq.CodeUsageMeter(3).update(torch.tensor([1])))
     assert launched == (["_code_usage_fwd_kernel"] * 2 if name == "triton" else [])

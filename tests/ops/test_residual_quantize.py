@@ -3,7 +3,7 @@ import torch
 
 import fastvq
 from fastvq.reference.residual_quantize import residual_quantize_ref
-from tests.utils import TOL, noncontiguous, randn
+from tests.utils import TOL, count_kernel_launches, noncontiguous, randn
 
 CASES = [  # (N, L, K, D)
     pytest.param(1, 1, 1, 1, id="N1-L1-K1-D1"),
@@ -224,25 +224,12 @@ def test_large_d_gpu():
     assert torch.equal(q, sum_of_codes(codebooks, codes, torch.float32))
 
 
-def _count_kernel_launches(monkeypatch, module, *names):
-    """Spy on the named @triton.jit kernels of ``module``: the list of names launched."""
-    launched = []
-    for name in names:
-        kernel = getattr(module, name)
-
-        def run(*args, _real=kernel.run, _name=name, **kwargs):
-            launched.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", run)
-    return launched
-
 
 @pytest.mark.parametrize("name", ["reference", "triton"])
 def test_triton_backend_really_launches_kernels(monkeypatch, name):
     from fastvq.kernels import residual_quantize as kmod
 
-    launched = _count_kernel_launches(monkeypatch, kmod, "_residual_quantize_fwd_kernel")
+    launched = count_kernel_launches(monkeypatch, kmod, "_residual_quantize_fwd_kernel")
     with fastvq.backend(name):
         fastvq.residual_quantize(randn(9, 5), randn(3, 4, 5))
     assert launched == (["_residual_quantize_fwd_kernel"] if name == "triton" else [])

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import fastvq
+from tests.utils import count_kernel_launches
 
 
 def _brute_force(codes):
@@ -126,25 +127,12 @@ def test_compile_fullgraph(backend):
     assert torch.equal(compiled(codes), _brute_force(codes))
 
 
-def _count_kernel_launches(monkeypatch, module, *names):
-    """Spy on the named @triton.jit kernels of ``module``: the list of names launched."""
-    launched = []
-    for name in names:
-        kernel = getattr(module, name)
-
-        def run(*args, _real=kernel.run, _name=name, **kwargs):
-            launched.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", run)
-    return launched
-
 
 @pytest.mark.parametrize("name", ["reference", "triton"])
 def test_triton_backend_really_launches_kernels(monkeypatch, name):
     from fastvq.kernels import semantic_ids as kmod
 
-    launched = _count_kernel_launches(monkeypatch, kmod, "_semantic_ids_fwd_kernel")
+    launched = count_kernel_launches(monkeypatch, kmod, "_semantic_ids_fwd_kernel")
     with fastvq.backend(name):
         (fastvq.semantic_ids(torch.tensor([[1, 2], [1, 2]])), fastvq.semantic_id_stats(torch.tensor([[1, 2], [1, 2]])))
     assert launched == (["_semantic_ids_fwd_kernel"] * 2 if name == "triton" else [])
