@@ -165,12 +165,14 @@ def _configs():
 
 # Keyed on D and K (never N); SPLITS, the precision (ieee vs tf32 fp32 dots differ several-fold)
 # and the mining bound change the best tile too. The autotuner adds the tensors' dtypes itself.
-@triton.autotune(configs=_configs(), key=["D", "K", "SPLITS", "PRECISION", "HAS_LOWER_BOUND"],
+# Tuned per (D, K rounded up to a power of two, ...): a new batch of negatives (mining) or a
+# slightly different codebook size reuses the tuning instead of re-running every config.
+@triton.autotune(configs=_configs(), key=["D", "K_BUCKET", "SPLITS", "PRECISION", "HAS_LOWER_BOUND"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _nearest_code_fwd_kernel(
     p_x, p_c, p_cterm, p_pos, p_idx, p_dist, p_pscore, p_pidx, p_pxterm,
-    N, K, D, SPLITS,
+    N, K, D, SPLITS, K_BUCKET,
     stride_xn, stride_xd, stride_ck, stride_cd, stride_pn, stride_pd,
     METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     ONE_D_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -356,7 +358,7 @@ def _launch_on_device(x, codebook, metric, allow_tf32, positive, splits):
     pos = positive if has_lb else x
     _nearest_code_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), S)](
         x, codebook, cterm, pos, indices, distances, pscore, pidx, pxterm,
-        N, K, D, S,
+        N, K, D, S, next_pow2(K),
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), pos.stride(0), pos.stride(1),
         METRIC=m, HAS_LOWER_BOUND=has_lb, WRITE_PARTIAL=S > 1, ONE_D_BLOCK=one_d,
         PRECISION=tl_input_precision(x.dtype, allow_tf32), DOT_FP32=dot_fp32(x.dtype), BLOCK_D=BLOCK_D,
