@@ -261,6 +261,18 @@ def _table_specs(op, q_weight, r_weight, qi, ri):
     )
 
 
+def _bwd_items(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights):
+    """Both backward paths start here: check, drop the items when there are no bags, and map
+    each item to its quotient row, remainder row, output row and scale."""
+    _check("qr_lookup_bwd", ids, q_weight, r_weight, op, offsets)
+    if offsets is not None and offsets.numel() == 0:  # no bags: no item reaches the output
+        ids = ids[:0]
+    ids = ids.contiguous()
+    qi, ri = qr_indices(ids, q_weight.shape[0], r_weight.shape[0])
+    item_row, scale = _item_layout(ids, offsets, mode, per_sample_weights)
+    return ids, qi, ri, item_row, scale
+
+
 def qr_lookup_bwd_rows(
     grad: torch.Tensor,
     ids: torch.Tensor,
@@ -279,14 +291,7 @@ def qr_lookup_bwd_rows(
     the dense gradient (the table's shape and dtype, untouched rows zero); ``dense=False`` gives
     ``(rows, values)``, the sorted unique touched rows (int64) and their gradients ``(U, D)``.
     """
-    # check
-    _check("qr_lookup_bwd", ids, q_weight, r_weight, op, offsets)
-    if offsets is not None and offsets.numel() == 0:  # no bags: no item reaches the output
-        ids = ids[:0]
-    ids = ids.contiguous()
-    Q, R = q_weight.shape[0], r_weight.shape[0]
-    qi, ri = qr_indices(ids, Q, R)
-    item_row, scale = _item_layout(ids, offsets, mode, per_sample_weights)
+    ids, qi, ri, item_row, scale = _bwd_items(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
     results = []
     for need, (w, idx, ow, oidx, col_off) in zip(needs, _table_specs(op, q_weight, r_weight, qi, ri)):
         if not need:
@@ -339,15 +344,8 @@ def qr_lookup_bwd(
         gq, gr = qr_lookup_bwd_rows(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
                                     dense=True, needs=needs)
         return gq, gr
-    # check
-    _check("qr_lookup_bwd", ids, q_weight, r_weight, op, offsets)
-    if offsets is not None and offsets.numel() == 0:  # no bags: no item reaches the output
-        ids = ids[:0]
-    ids = ids.contiguous()
+    ids, qi, ri, item_row, scale = _bwd_items(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
     N = ids.shape[0]
-    Q, R = q_weight.shape[0], r_weight.shape[0]
-    qi, ri = qr_indices(ids, Q, R)
-    item_row, scale = _item_layout(ids, offsets, mode, per_sample_weights)
     results = []
     for need, (w, idx, ow, oidx, col_off) in zip(needs, _table_specs(op, q_weight, r_weight, qi, ri)):
         if not need:
