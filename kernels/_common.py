@@ -1,5 +1,8 @@
 """Small helpers shared by the launchers."""
 
+import contextlib
+import functools
+
 import torch
 
 from . import INTERPRETED
@@ -22,3 +25,27 @@ def tl_input_precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def device_context(device: torch.device):
+    """The context a launch runs in: Triton launches on the *current* CUDA device, so make it
+    ``device`` (a no-op for CPU tensors under the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launcher(fn):
+    """Decorator for every launcher: run ``fn`` on the device of its first tensor argument.
+
+    Without it a launch on a multi-GPU node goes to whatever device is current, not the one the
+    tensors live on. ``device_context`` is looked up at call time (tests spy on it).
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            return fn(*args, **kwargs)
+        with device_context(first.device):
+            return fn(*args, **kwargs)
+
+    return run

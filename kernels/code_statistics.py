@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import launcher, next_pow2
 
 
 @triton.jit
@@ -69,6 +69,7 @@ def _code_statistics_segment_kernel(
         tl.store(p_counts + pid_s, (end - start).to(tl.float32))
 
 
+@launcher
 def code_statistics_fwd(
     x: torch.Tensor, seg: torch.Tensor, num_segments: int, deterministic: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launcher
+
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
@@ -22,6 +24,7 @@ def _code_usage_fwd_kernel(p_idx, p_counts, N, K, stride_n, BLOCK_N: tl.constexp
     tl.atomic_add(p_counts + b_bin, b_one, mask=m_n, sem="relaxed")
 
 
+@launcher
 def code_usage_fwd(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """``(N,)`` integer ids -> ``(K + 1,)`` int64 counts; bin ``K`` counts ids outside ``[0, K)``."""
     # check

@@ -24,7 +24,6 @@ Design
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -32,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import dot_fp32, next_pow2, tl_input_precision
+from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
 
 METRICS = {"l2": 0, "cosine": 1, "dot": 2}
 STRATEGIES = ("hardest", "semi-hard")
@@ -315,17 +314,7 @@ def num_splits(N: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(want, row_blocks), triton.cdiv(K, SPLIT_MIN_CODES), MAX_SPLITS))
 
 
-def _device_guard(device: torch.device):
-    """Triton launches on the *current* CUDA device: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _launch(x, codebook, metric, allow_tf32, positive, splits):
-    with _device_guard(x.device):
-        return _launch_on_device(x, codebook, metric, allow_tf32, positive, splits)
-
-
-def _launch_on_device(x, codebook, metric, allow_tf32, positive, splits):
     N, D = x.shape
     K = codebook.shape[0]
     dev = x.device
@@ -384,6 +373,7 @@ def _check(fn, x, codebook, metric):
         raise ValueError(f"{fn}: unknown metric {metric!r}; expected one of {tuple(METRICS)}")
 
 
+@launcher
 def nearest_code_fwd(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", allow_tf32: bool = False,
                      splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N, D), (K, D) -> (N,) int64 indices, (N,) float32 distances``. Same dtype and device.
@@ -396,6 +386,7 @@ def nearest_code_fwd(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"
     return _launch(x, codebook, metric, allow_tf32, None, splits)
 
 
+@launcher
 def mine_negatives_fwd(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
                        strategy: str = "hardest", splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N, D), (N, D), (M, D) -> (N,) int64, (N,) float32`` squared distances. Same dtype and device.

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import dot_fp32, next_pow2, tl_input_precision
+from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
 
 
 def _configs(pairs):
@@ -169,6 +169,7 @@ def _block_d(d: int) -> int:
     return min(max(next_pow2(d), 16), 64)
 
 
+@launcher
 def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
     KL(target || pred), diagonal excluded), per-row float32 logsumexps for the backward."""
@@ -201,6 +202,7 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
     return kl.sum() / B, lse_p, lse_t
 
 
+@launcher
 def pairwise_kl_loss_bwd(
     grad: torch.Tensor,
     pred: torch.Tensor,

@@ -5,13 +5,12 @@ chunks, accumulating ``a @ b.T`` on the tensor cores and ``|a|^2``, ``|b|^2`` fr
 loaded blocks, and writes ``max(|a|^2 + |b|^2 - 2 a.b, 0)`` in float32.
 """
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_fp32, next_pow2, tl_input_precision
+from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
 
 
 @triton.jit
@@ -53,6 +52,7 @@ def _pairwise_sqdist_fwd_kernel(
              mask=m_m[:, None] & m_n[None, :])
 
 
+@launcher
 def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(M, D), (N, D) -> (M, N)`` float32 squared distances. Same dtype and device."""
     # check
@@ -66,15 +66,14 @@ def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty((M, N), dtype=torch.float32, device=a.device)
     if M == 0 or N == 0:
         return out
-    # launch (on the tensors' device: Triton launches on the current CUDA device)
+    # launch
     BLOCK_M, BLOCK_N = 64, 64
     BLOCK_D = min(max(next_pow2(D), 16), 64)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
-        _pairwise_sqdist_fwd_kernel[grid](
-            a, b, out, M, N, D,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            PRECISION=tl_input_precision(a.dtype), DOT_FP32=dot_fp32(a.dtype),
-        )
+    _pairwise_sqdist_fwd_kernel[grid](
+        a, b, out, M, N, D,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        PRECISION=tl_input_precision(a.dtype), DOT_FP32=dot_fp32(a.dtype),
+    )
     return out

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from fastvq.reference.qr_lookup import bag_layout, item_scale, qr_indices, qr_out_dim
 
-from ._common import next_pow2
+from ._common import launcher, next_pow2
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 
@@ -193,6 +193,7 @@ def _block_d(D: int) -> int:
     return min(next_pow2(max(D, 1)), 128)
 
 
+@launcher
 def qr_lookup_fwd(
     ids: torch.Tensor,
     q_weight: torch.Tensor,
@@ -273,6 +274,7 @@ def _bwd_items(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights):
     return ids, qi, ri, item_row, scale
 
 
+@launcher
 def qr_lookup_bwd_rows(
     grad: torch.Tensor,
     ids: torch.Tensor,
@@ -327,6 +329,7 @@ def qr_lookup_bwd_rows(
     return results
 
 
+@launcher
 def qr_lookup_bwd(
     grad: torch.Tensor,
     ids: torch.Tensor,

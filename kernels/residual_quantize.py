@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import dot_fp32, next_pow2, tl_input_precision
+from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
 
 MAX_REGISTER_D = 1024  # above this, the D-chunked variant with a float32 workspace runs
 CHUNK_D = 64  # D chunk of the chunked variant
@@ -210,6 +210,7 @@ def _residual_quantize_fwd_chunked_kernel(
              mask=m_m[:, None] & (o_l[None, :] < L))
 
 
+@launcher
 def residual_quantize_fwd(
     x: torch.Tensor, codebooks: torch.Tensor, max_register_d: int = MAX_REGISTER_D
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from fastvq.reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
 
-from ._common import next_pow2
+from ._common import launcher, next_pow2
 
 MAX_BLOCK_D = 4096  # widest row held whole in registers; wider rows loop over D
 
@@ -130,6 +130,7 @@ def _check_2d(name, *ts):
             raise ValueError(f"{name}: expected equal (N, D) shapes, got {[tuple(x.shape) for x in ts]}")
 
 
+@launcher
 def rotation_trick_fwd(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``(N, D), (N, D) -> (N, D)``: a copy of ``q`` (same dtype as ``q``)."""
     # check
@@ -150,6 +151,7 @@ def rotation_trick_fwd(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@launcher
 def rotation_trick_bwd(
     e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor, block_d: int | None = None
 ) -> torch.Tensor:

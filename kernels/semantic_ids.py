@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import launcher, next_pow2
 
 
 @triton.jit
@@ -36,6 +36,7 @@ def _semantic_ids_fwd_kernel(
         tl.store(p_out + b_row[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes.to(tl.int64), mask=m)
 
 
+@launcher
 def semantic_ids_fwd(codes: torch.Tensor) -> torch.Tensor:
     """``(N, L)`` integer codes -> ``(N, L + 1)`` int64: the codes and their collision level."""
     # check

@@ -26,11 +26,13 @@ def assert_close(actual, expected, dtype=None, reduce_len: int = 1, msg: str = "
     torch.testing.assert_close(actual.double(), expected.double(), **tol(dtype, reduce_len), msg=msg or None)
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", seed: int | None = None, scale: float = 1.0) -> torch.Tensor:
+def randn(*shape, dtype=torch.float32, device="cpu", seed: int | None = None, scale: float = 1.0,
+          requires_grad: bool = False) -> torch.Tensor:
     """Fresh random normal input; a seed only where a test must be reproducible."""
     g = torch.Generator(device="cpu")
     g.manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
