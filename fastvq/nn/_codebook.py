@@ -72,39 +72,51 @@ def _random_rows(n: int, k: int, device) -> torch.Tensor:
     return torch.randint(n, (k,), device=device)
 
 
+def candidate_rows(n: int, k: int, device) -> torch.Tensor:
+    """``min(n, k)`` distinct random rows of a batch of ``n``: where dead codes are re-seeded from."""
+    return torch.randperm(n, device=device)[: min(n, k)]
+
+
 @torch.no_grad()
 def expire_dead_codes_(
     codebook: torch.Tensor,
     usage: torch.Tensor,
     threshold: float,
-    vectors: torch.Tensor,
+    candidates: torch.Tensor,
+    candidates_ok: torch.Tensor,
     embed_avg: torch.Tensor | None = None,
-) -> int:
-    """Re-seed, in place, every code whose ``usage`` is below ``threshold``.
+) -> torch.Tensor:
+    """Re-seed, in place and without a host sync, every code whose ``usage`` is below ``threshold``.
 
     ``codebook (L, K, D)``; ``usage (L, K)`` (the EMA ``cluster_size``, or the EMA of batch
-    counts a module without EMA keeps); ``vectors (L, N, D)``, the vectors each level
-    quantized in this batch. A dead code becomes a random row of its level's ``vectors``, its
-    usage becomes :func:`reset_size` ``(threshold)`` and, with EMA, its ``embed_avg`` the new code
-    times that size (so ``embed_avg / cluster_size`` is the new code). Rank 0's choice is
-    broadcast. Returns the number of codes re-seeded (the same on every rank).
+    counts a module without EMA keeps); ``candidates (L, S, D)``, level ``l``'s input vectors
+    (residuals) of ``S`` random rows of this batch (:func:`candidate_rows`), and
+    ``candidates_ok (L, S)`` which of them may be used (finite, not padding). Dead code ``k`` of
+    level ``l`` becomes ``candidates[l, k % S]`` when that one is usable (else it stays dead until
+    a later batch), its usage becomes :func:`reset_size` ``(threshold)`` and, with EMA, its
+    ``embed_avg`` the new code times that size (so ``embed_avg / cluster_size`` is the new code).
+    Rank 0's state is broadcast. Returns the number of codes re-seeded (on rank 0), a 0-d tensor
+    of ``usage``'s dtype, the same on every rank.
     """
+    L, K, D = codebook.shape
+    S = candidates.shape[1]
     dead = usage < threshold  # the same mask on every rank: usage comes from all-reduced counts
-    num_dead = int(dead.sum())
-    if num_dead == 0:
-        return 0
-    L, N, D = vectors.shape
-    if N > 0:
+    if S == 0:
+        revive = torch.zeros_like(dead)
+    else:
+        if S != K:  # fewer rows than codes: code k takes row k % S
+            pick = torch.arange(K, device=codebook.device) % S
+            candidates, candidates_ok = candidates[:, pick], candidates_ok[:, pick]
+        revive = dead & candidates_ok
         size = reset_size(threshold)
-        rows = torch.stack([_random_rows(N, codebook.shape[1], vectors.device) for _ in range(L)])  # (L, K)
-        candidates = vectors.gather(1, rows.unsqueeze(-1).expand(L, rows.shape[1], D))  # (L, K, D)
-        codebook.copy_(torch.where(dead.unsqueeze(-1), candidates.to(codebook.dtype), codebook))
-        usage.masked_fill_(dead, size)
+        codebook.copy_(torch.where(revive.unsqueeze(-1), candidates.to(codebook.dtype), codebook))
+        usage.masked_fill_(revive, size)
         if embed_avg is not None:
-            embed_avg.copy_(torch.where(dead.unsqueeze(-1), codebook.to(embed_avg.dtype) * size, embed_avg))
+            embed_avg.copy_(torch.where(revive.unsqueeze(-1), codebook.to(embed_avg.dtype) * size, embed_avg))
+    num = revive.sum().to(usage.dtype)
     # Rank 0 decides (a rank with an empty batch re-seeded nothing; rank 0's state wins).
-    fdist.broadcast_(*(t for t in (codebook, usage, embed_avg) if t is not None))
-    return num_dead
+    fdist.broadcast_(*(t for t in (codebook, usage, embed_avg) if t is not None), num)
+    return num
 
 
 @torch.no_grad()
@@ -230,18 +242,30 @@ class CodebookState(nn.Module):
     def _usage_levels(self) -> torch.Tensor | None:
         return self._levels(self.cluster_size if self.ema else self.code_usage)
 
-    @torch.no_grad()
-    def _update_codebook_(self, vectors: torch.Tensor, indices: torch.Tensor) -> None:
-        """After a training forward: EMA update and dead-code re-seeding.
+    def _needs_update(self) -> bool:
+        """Whether a training forward updates the codebook state (EMA or dead codes)."""
+        return self.training and (self.ema or self.dead_code_threshold > 0)
 
-        ``vectors (L, N, D)``: what each level quantized (detached); ``indices (L, N)`` its codes.
+    def _kmeans_pending(self) -> bool:
+        """Whether k-means init has yet to run. Reads ``initted`` on the host only until it is
+        set (then a Python flag answers), so a training step after the init batch has no sync."""
+        if not (self.training and self.kmeans_init) or getattr(self, "_kmeans_done", False):
+            return False
+        self._kmeans_done = bool(self.initted)
+        return not self._kmeans_done
+
+    @torch.no_grad()
+    def _update_codebook_(self, counts: torch.Tensor, sums: torch.Tensor, candidates=None, candidates_ok=None) -> None:
+        """After a training forward: EMA update and dead-code re-seeding, without host syncs.
+
+        ``counts (L, K)``, ``sums (L, K, D)``: this batch's statistics of what each level
+        quantized; ``candidates (L, S, D)`` / ``candidates_ok (L, S)``: replacements for dead
+        codes (see :func:`expire_dead_codes_`), needed when ``dead_code_threshold > 0``.
         """
         threshold = self.dead_code_threshold
         if not self.ema and threshold <= 0:
             return
         codebook = self._codebook_levels()
-        K = codebook.shape[1]
-        counts, sums = code_statistics(vectors, indices, K)
         if self.ema:
             fdist.all_reduce_sum_(counts, sums)
             ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,
@@ -251,7 +275,8 @@ class CodebookState(nn.Module):
             self._levels(self.code_usage).mul_(self.decay).add_(counts.to(self.code_usage.dtype),
                                                                 alpha=1 - self.decay)
         if threshold > 0:
-            expire_dead_codes_(codebook, self._usage_levels(), threshold, vectors, self._levels(self.embed_avg))
+            expire_dead_codes_(codebook, self._usage_levels(), threshold, candidates, candidates_ok,
+                               self._levels(self.embed_avg))
 
     @torch.no_grad()
     def _kmeans_init_(self, x: torch.Tensor, metric: str = "l2") -> None:
@@ -277,11 +302,13 @@ class CodebookState(nn.Module):
                 idx, _ = nearest_code(residual, centroids, metric=metric)
                 residual = residual - centroids[idx]
         self.initted.fill_(True)
+        self._kmeans_done = True
 
     # -- checkpoints ----------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         self._convert_state_dict_(state_dict, prefix)
+        self._kmeans_done = False  # `initted` may change: read it again once
         for name in self._OPTIONAL_BUFFERS:
             key = prefix + name
             buf = getattr(self, name, None)
