@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -49,3 +50,47 @@ def launcher(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+# --------------------------------------------------------------------------- autotuning
+
+AUTOTUNE_ENV = "FASTVQ_AUTOTUNE"
+
+# Every autotuned kernel's GPU configs and its pinned config, by kernel name, whatever the switch
+# says (the sm_90/sm_80 compile check reads them).
+GPU_CONFIGS: dict = {}
+PINNED_CONFIGS: dict = {}
+
+
+def autotune_enabled() -> bool:
+    """``False`` when ``$FASTVQ_AUTOTUNE`` is ``0`` (or ``false``/``off``/``no``); on by default.
+
+    Read when the kernel modules are imported (Triton fixes an autotuner's configs when it is
+    defined), so set it before the first fastvq op runs.
+    """
+    value = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"environment variable {AUTOTUNE_ENV}={value!r}: expected 1 (autotune, the default) "
+                     f"or 0 (one pinned config per kernel)")
+
+
+def autotune_configs(name: str, gpu: list, pinned, interpreter) -> list:
+    """The configs an autotuned kernel is decorated with.
+
+    * under the Triton interpreter: ``[interpreter]`` (one small config; the interpreter would run
+      and time every config);
+    * with ``FASTVQ_AUTOTUNE=0``: ``[pinned]``, one config that fits sm_80 and sm_90 without
+      register spills at the benchmark shapes (checked by tests/test_cuda_compile.py), so a GPU test
+      run does not autotune hundreds of keys; with one config Triton neither prunes nor benchmarks;
+    * otherwise the full GPU list ``gpu``, pruned per launch by the kernel's resource estimate.
+    """
+    GPU_CONFIGS[name] = list(gpu)
+    PINNED_CONFIGS[name] = pinned
+    if INTERPRETED:
+        return [interpreter]
+    if not autotune_enabled():
+        return [pinned]
+    return list(gpu)

@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
-from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import autotune_configs, dot_fp32, launcher, next_pow2, tl_input_precision
 
 METRICS = {"l2": 0, "cosine": 1, "dot": 2}
 STRATEGIES = ("hardest", "semi-hard")
@@ -151,15 +150,16 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _configs():
-    if INTERPRETED:  # the interpreter would run (and time) every config
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
+    gpu = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn in (64, 128)
         for bk in (32, 64, 128)
         for w in (4, 8)
         for s in (2, 3)
     ]
+    return autotune_configs("nearest_code", gpu,
+                            pinned=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+                            interpreter=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
 
 
 # Keyed on D and K (never N); SPLITS, the precision (ieee vs tf32 fp32 dots differ several-fold)
