@@ -11,9 +11,15 @@
 - ``backend`` runs a test once per backend ("reference", "triton").
 - Every torch.empty / empty_like made while a test runs is poisoned (NaN for floats, a large
   negative sentinel for integers), so an output element a kernel forgets to write fails.
+- Seeded randomness: before each test, torch's (CPU and CUDA), Python's and numpy's generators
+  are seeded from the test's node id (``seed_of``), so ``randn()`` without a seed and bare
+  ``torch.randn`` give the same values on every run. A failing test's report names its seed and
+  the command that replays it; ``FASTVQ_TEST_SEED=n`` shifts every test's seed (try other draws).
 """
 
 import os
+import random
+import zlib
 
 import torch
 
@@ -34,6 +40,42 @@ if CUDA:
     torch.set_default_device(DEVICE)
 
 POISON_INT = -(2**31) + 7
+
+
+def seed_of(nodeid: str) -> int:
+    """The seed of a test: its node id hashed, shifted by ``$FASTVQ_TEST_SEED`` (default 0)."""
+    return (zlib.crc32(nodeid.encode()) + int(os.environ.get("FASTVQ_TEST_SEED", "0"))) % (2**31 - 1)
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Seed every generator a test may draw from; yields the seed."""
+    seed = seed_of(request.node.nodeid)
+    request.node.fastvq_seed = seed
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
+    except ImportError:  # numpy is optional for the tests
+        pass
+    yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    seed = getattr(item, "fastvq_seed", None)
+    if rep.failed and seed is not None:
+        shift = os.environ.get("FASTVQ_TEST_SEED", "0")
+        text = (f"seed {seed} (node id hash + FASTVQ_TEST_SEED={shift}); replay: "
+                f"FASTVQ_TEST_SEED={shift} python -m pytest '{item.nodeid}'")
+        if hasattr(rep.longrepr, "addsection"):  # in the traceback (and the junit XML's failure text)
+            rep.longrepr.addsection("fastvq seed", text)
+        else:
+            rep.sections.append(("fastvq seed", text))
 
 
 def pytest_configure(config):

@@ -15,9 +15,14 @@ file); the reason is required.
 """
 
 import ast
+import os
 import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.about_devices("scans the suite for device literals")
 
@@ -110,3 +115,44 @@ def test_the_scan_allows(code):
 def test_the_exemption_needs_a_reason():
     assert violations('@pytest.mark.about_devices()\ndef test_d():\n    x = "cpu"')
     assert violations('@pytest.mark.about_devices("")\ndef test_d():\n    x = "cpu"')
+
+
+# --------------------------------------------------------------------------- seeded randomness
+
+
+def test_every_test_is_seeded_from_its_node_id(request, seeded):
+    from tests.conftest import seed_of
+    from tests.utils import randn
+
+    assert seeded == seed_of(request.node.nodeid) == request.node.fastvq_seed
+    first = randn(5)  # no seed: drawn from the test's stream
+    torch.manual_seed(seeded)
+    assert torch.equal(randn(5), first)
+    assert seed_of("tests/a.py::test_x") != seed_of("tests/a.py::test_y")
+
+
+def test_a_failure_prints_the_seed_that_replays_it(tmp_path, monkeypatch):
+    # a throwaway suite using this conftest: a test that fails and shows a value it drew
+    (tmp_path / "conftest.py").write_text("from tests.conftest import *  # noqa: F401,F403\n")
+    (tmp_path / "test_draw.py").write_text(
+        "from tests.utils import randn\n\n"
+        "def test_draw():\n    v = float(randn(1))\n    assert v > 1e9, f'drew {v!r}'\n")
+
+    def run(shift):
+        env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "FASTVQ_TEST_SEED": shift}
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300).stdout
+        assert "1 failed" in out, out
+        return re.search(r"AssertionError: drew (\S+)", out).group(1), out
+
+    v0, out = run("0")
+    assert re.search(r"fastvq seed.*\n.*seed \d+ \(node id hash \+ FASTVQ_TEST_SEED=0\); replay: "
+                     r"FASTVQ_TEST_SEED=0 python -m pytest 'test_draw.py::test_draw'", out), out
+    from tests.conftest import seed_of
+    from tests.utils import randn
+
+    torch.manual_seed(seed_of("test_draw.py::test_draw"))
+    assert repr(float(randn(1))) == v0  # the printed seed replays the draw
+    monkeypatch.setenv("FASTVQ_TEST_SEED", "5")  # another shift, another draw
+    torch.manual_seed(seed_of("test_draw.py::test_draw"))
+    assert repr(float(randn(1))) != v0
