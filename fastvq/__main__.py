@@ -3,6 +3,7 @@
     python -m fastvq check            # every op's Triton kernels vs its reference, PASS/FAIL table
     python -m fastvq bench            # time every op vs eager torch, torch.compile and the roofline
     python -m fastvq bench --ops nearest_code --quick
+    python -m fastvq bench --traffic  # passes over the activations, launches, host syncs per step
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="small shapes (the default without CUDA)")
     b.add_argument("--out", help="results folder (default: ./benchmarks/results)")
     b.add_argument("--no-plot", action="store_true")
+    b.add_argument("--traffic", action="store_true",
+                   help="count passes over the activations, launches and host syncs per training step and op "
+                        "(any device) and write traffic.json")
+    b.add_argument("--traffic-scale", type=int, default=None,
+                   help="divide the traffic rows' sizes by this (default 8 without CUDA, 1 with)")
     c = sub.add_parser("check", help="run every op's Triton kernels against its reference on this machine")
     c.add_argument("--ops", nargs="+", help="only these ops")
     c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
@@ -37,6 +43,10 @@ def main(argv=None) -> int:
 
         dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
         return run_check(ops=args.ops, dtypes=dtypes)
+    if args.traffic:
+        from .bench.traffic import run_traffic
+
+        return run_traffic(out_dir=args.out, names=args.ops, scale=args.traffic_scale)
     from .bench import run_bench
 
     return run_bench(ops=args.ops, quick=args.quick, out_dir=args.out, plot=not args.no_plot)
