@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,3 +80,38 @@ def assert_async(op: str, ok: torch.Tensor, detail: Callable[[], str]) -> None:
         torch._assert_async(ok)
     except RuntimeError:
         raise ValueError(f"fastvq.{op}: {detail()}") from None
+
+
+def check_int_arg(owner: str, name: str, value, minimum: int | None = None) -> int:
+    """``value`` as a Python int, for a size or count argument of ``owner``.
+
+    Accepts Python/NumPy integers and integral floats (``1e6``). ``TypeError`` for bools and
+    non-numbers; ``ValueError`` for non-integral or non-finite floats and values below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real)):
+        raise TypeError(f"fastvq.{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if not isinstance(value, numbers.Integral):
+        if not (math.isfinite(value) and float(value).is_integer()):
+            raise ValueError(f"fastvq.{owner}: {name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"fastvq.{owner}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real_arg(owner: str, name: str, value, positive: bool = False) -> float:
+    """``value`` as a finite Python float. ``TypeError`` for bools and non-numbers; ``ValueError``
+    for NaN, +-inf, and (``positive=True``) values <= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fastvq.{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"fastvq.{owner}: {name} must be finite{' and > 0' if positive else ''}, got {value}")
+    return value
+
+
+def check_bool_arg(owner: str, name: str, value) -> bool:
+    """``value`` if it is a bool (NumPy bools too); ``TypeError`` otherwise (a string is truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"fastvq.{owner}: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)

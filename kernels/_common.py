@@ -5,6 +5,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from . import INTERPRETED
 
@@ -26,6 +28,30 @@ def tl_input_precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# CUDA's launch-grid limits: up to 2**31 - 1 programs on axis 0, 65,535 on axes 1 and 2. A launcher
+# whose program count grows with the data launches flat_grid(n) and its kernel reads
+# flat_program_id(). Read at call time, so a test can lower them and fold small grids.
+GRID_LIMITS = [2**31 - 1, 65535, 65535]
+
+
+def flat_grid(n_programs: int) -> tuple[int, int]:
+    """A 2-D launch grid of at least ``n_programs`` programs within :data:`GRID_LIMITS`.
+
+    Programs beyond ``n_programs`` exist when axis 0 is full: the kernel must leave them idle
+    (mask on, or return when ``flat_program_id() >= n_programs``).
+    """
+    x = max(1, min(n_programs, GRID_LIMITS[0]))
+    y = triton.cdiv(max(n_programs, 1), x)
+    assert y <= GRID_LIMITS[1], f"{n_programs} programs exceed the launch grid"
+    return (x, y)
+
+
+@triton.jit
+def flat_program_id():
+    """The flat int64 id of this program in a :func:`flat_grid` launch."""
+    return tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * tl.num_programs(0)
 
 
 def device_context(device: torch.device):
