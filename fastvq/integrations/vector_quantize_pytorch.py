@@ -40,7 +40,8 @@ by :func:`counts`:
   training (VQP draws Gumbel noise over the ``N x K`` logits);
 - ``straight_through_gumbel``: ``straight_through=True`` in training (its gradient flows
   through the softmax of all distances);
-- ``topk``: ``topk=`` / ResidualVQ beam search (its EMA update, ``update_indices``, is routed);
+- ``topk``: ``topk=`` above 1 / ResidualVQ beam search (``topk=1`` is routed; the beam
+  search's EMA update, ``update_indices``, is routed);
 - ``distances_used``: calls whose loss reads the distance matrix: ``indices=`` (the
   cross-entropy to given codes), ``commitment_use_cross_entropy_loss`` or
   ``codebook_diversity_loss_weight > 0`` in training;
@@ -192,6 +193,18 @@ def _search(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -> torch.Tens
     return torch.stack([nearest_code(x[h], codebooks[h], metric, allow_tf32=allow_tf32)[0] for h in range(H)])
 
 
+#: The largest ``topk`` routed: 1 until fastvq has a top-k search (larger ones stay on VQP).
+MAX_TOPK = 1
+
+
+def _search_topk(x: torch.Tensor, codebooks: torch.Tensor, metric: str, k: int) -> torch.Tensor:
+    """The ``k`` nearest codes per row, nearest first: ``(H, N, D), (H, K, D)`` -> ``(H, N, k)`` int64.
+    Today ``k = 1`` only (:data:`MAX_TOPK`), on :func:`_search`."""
+    if k > MAX_TOPK:
+        raise NotImplementedError(f"fastvq: top-{k} search is not routed yet")
+    return _search(x, codebooks, metric).unsqueeze(-1)
+
+
 def _statistics(x: torch.Tensor, codes: torch.Tensor, num_codes: int, mask: torch.Tensor | None):
     """EMA statistics of ``H`` codebooks at once: ``x (H, N, D)``, ``codes (H, N)``, ``mask (H, N)``
     bool or None -> float32 ``counts (H, K)``, ``sums (H, K, D)``; masked-out rows count nowhere.
@@ -263,7 +276,7 @@ def _why_codebook_not_routed(codebook, args: dict) -> str | None:
         return "implicit_neural_codebook"
     if codebook.affine_param:
         return "affine_param"
-    if args["topk"] is not None:
+    if args["topk"] is not None and args["topk"] > MAX_TOPK:
         return "topk"
     flags = _sampler_flags(codebook)
     if flags is None:
@@ -316,10 +329,16 @@ def _routed_codebook_forward(codebook, x: torch.Tensor, a: dict):
     if codebook.vq_bridge is not None:
         embed = codebook.vq_bridge(embed)
 
-    codes = _search(flat, embed, "dot" if codebook.use_cosine_sim else "l2")
-    quantized = _gather(embed, codes)
+    metric = "dot" if codebook.use_cosine_sim else "l2"
+    k = a["topk"]
+    if k is None:
+        codes = _search(flat, embed, metric)  # (H, N)
+    else:
+        codes = _search_topk(flat, embed, metric, k)  # (H, N, k)
+        lead = (*lead, k)
+    quantized = _gather(embed, codes.reshape(H, -1))
 
-    if codebook.training and a["update_usage"] and not a["freeze_codebook"]:
+    if k is None and codebook.training and a["update_usage"] and not a["freeze_codebook"]:
         # VQP's own update, handed the codes instead of a one-hot matrix: the patched
         # track_cluster_size_and_embed_avg takes integer codes to fastvq's statistics.
         codebook.update_codebook(
