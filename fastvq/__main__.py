@@ -32,7 +32,6 @@ def main(argv=None) -> int:
                         "(any device) and write traffic.json")
     b.add_argument("--traffic-scale", type=int, default=None,
                    help="divide the traffic rows' sizes by this (default 8 without CUDA, 1 with)")
->>>>>>> modules
     c = sub.add_parser("check", help="run every op's Triton kernels against its reference on this machine")
     c.add_argument("--ops", nargs="+", help="only these ops")
     c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
