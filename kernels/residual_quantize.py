@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import autotune_configs, dot_fp32, launcher, next_pow2, tl_input_precision
 
 MAX_REGISTER_D = 1024  # above this, the D-chunked variant with a float32 workspace runs
 CHUNK_D = 64  # D chunk of the chunked variant
@@ -126,16 +126,18 @@ def _level_outputs(
     return b_loss
 
 
-def _configs():
-    if INTERPRETED:  # the interpreter would run every config: one (large, so it runs fast)
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4)]
-    return [
+def _configs(name):
+    gpu = [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm in (16, 32, 64, 128)
         for bk in (16, 32, 64, 128)
         for w in (4, 8)
         for s in (2, 3)
     ]
+    return autotune_configs(name, gpu,
+                            pinned=triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+                            # the interpreter runs one config: a large one (it runs fast)
+                            interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4))
 
 
 def _prune_register_configs(configs, named_args, **kwargs):
@@ -149,7 +151,7 @@ def _prune_register_configs(configs, named_args, **kwargs):
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
 
 
-@triton.autotune(configs=_configs(), key=["D", "K", "L", *_FLAGS],
+@triton.autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
 def _residual_quantize_fwd_kernel(
@@ -234,7 +236,7 @@ def _residual_quantize_fwd_kernel(
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
 
 
-@triton.autotune(configs=_configs(), key=["D", "K", "L", *_FLAGS])
+@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS])
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,

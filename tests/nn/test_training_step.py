@@ -8,7 +8,7 @@ import fastvq
 from fastvq.bench import traffic
 from fastvq.bench.traffic import measure, metering
 from fastvq.nn import ResidualQuantizer, VectorQuantizer
-from tests.utils import assert_close, randn
+from tests.utils import assert_close, generator, randn
 
 SCALE = 16  # rows and codebook sizes / 16: the same pass counts as N=4096, the interpreter 16x faster
 
@@ -111,9 +111,9 @@ def test_a_million_codes_reference(device):
 
 
 @pytest.mark.gpu
-def test_a_million_codes_triton():
+def test_a_million_codes_triton(device):
     with fastvq.backend("triton"):
-        _million_codes_step("cuda")
+        _million_codes_step(device)
 
 
 # ------------------------------------------------------------------ padding masks
@@ -137,7 +137,7 @@ def test_mask_equals_dropping_the_padding(backend, device, kind):
     }[kind]
     masked, alone = _masked_pair(make, device)
     x = randn(4, 5, 6, device=device, seed=6)
-    mask = torch.rand(4, 5, generator=torch.Generator().manual_seed(7)).to(device) > 0.4
+    mask = torch.rand(4, 5, generator=generator(7, device), device=device) > 0.4
     x_pad = torch.where(mask[..., None], x, torch.full_like(x, float("nan")))  # padding holds garbage
     g = randn(4, 5, 6, device=device, seed=8)
     xm = x_pad.clone().requires_grad_(True)
@@ -216,7 +216,7 @@ def test_training_step_compiles_fullgraph(backend, device, kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["vq", "vq-ema-dead", "vq-rotation", "vq-cosine", "rq", "rq-ema-dead-mask",
                                   "vq-kmeans"])
-def test_step_has_no_host_sync_on_gpu(kind):
+def test_step_has_no_host_sync_on_gpu(device, kind):
     make = {
         "vq": lambda: VectorQuantizer(512, 64),
         "vq-ema-dead": lambda: VectorQuantizer(512, 64, ema=True, dead_code_threshold=1.0),
@@ -227,9 +227,9 @@ def test_step_has_no_host_sync_on_gpu(kind):
         "vq-kmeans": lambda: VectorQuantizer(512, 64, ema=True, kmeans_init=True, dead_code_threshold=1.0),
     }[kind]
     torch.manual_seed(0)
-    mod = make().cuda()
-    mask = (torch.arange(4096, device="cuda") % 7 != 0) if "mask" in kind else None
-    x = randn(4096, 64, device="cuda", seed=1, requires_grad=True)
+    mod = make().to(device)
+    mask = (torch.arange(4096, device=device) % 7 != 0) if "mask" in kind else None
+    x = randn(4096, 64, device=device, seed=1, requires_grad=True)
     mod(x, mask)[0].sum().backward()  # warm-up: autotuning, k-means init (may read the host)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
