@@ -3,6 +3,7 @@
 import ast
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -20,13 +21,30 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_check_passes_and_prints_table(capsys):
     assert main(["check", "--ops", "pairwise_sqdist", "nearest_code", "--dtypes", "float32", "bfloat16"]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS") == 4 and "FAIL" not in out and "all checks passed" in out
+    assert len(re.findall(r"^\w+ +\w+ +PASS ", out, re.M)) == 4 and " FAIL " not in out and "all checks passed" in out
 
 
 def test_check_fails_loudly(monkeypatch, capsys):
     monkeypatch.setitem(check_mod.CHECKS, "pairwise_sqdist", lambda device, dtype: 1.5)
     assert main(["check", "--ops", "pairwise_sqdist", "--dtypes", "float32"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_fails_on_a_second_nearest_code_and_a_zero_gradient(monkeypatch, capsys):
+    import fastvq
+    import fastvq.testing as ft
+
+    def second_nearest(x, codebook, metric="l2", **kwargs):
+        d = ft.distances64(x.reshape(-1, x.shape[-1]), codebook, metric)[0]
+        idx = d.topk(2, dim=1, largest=False).indices[:, 1:]
+        return idx.reshape(x.shape[:-1]), d.gather(1, idx).float().reshape(x.shape[:-1])
+
+    monkeypatch.setattr(fastvq, "nearest_code", second_nearest)
+    monkeypatch.setattr(fastvq, "rotation_trick", lambda e, q: q + 0.0 * e)  # forward exact, gradient zero
+    assert main(["check", "--ops", "nearest_code", "rotation_trick", "--dtypes", "bfloat16"]) == 1
+    out = capsys.readouterr().out
+    assert re.findall(r"^(\w+) +bfloat16 +FAIL ", out, re.M) == ["nearest_code", "rotation_trick"]
+    assert "2 check(s) FAILED" in out
 
 
 def test_check_reports_a_crash_as_fail(monkeypatch, capsys):
