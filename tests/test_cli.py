@@ -128,6 +128,25 @@ def test_bench_on_cpu_times_torch_only_and_writes_table_json_markdown_plot(fake_
     assert len({len(line) for line in table[1:4]}) == 1  # rule and both rows end on the same column
 
 
+def test_bench_cut_short_keeps_its_rows(fake_groups, tmp_path):
+    def two_cases(device, quick):
+        first = _fake_cases(device, quick)[0]
+
+        def interrupted(dev):
+            raise KeyboardInterrupt  # what `timeout`'s SIGTERM becomes inside the bench
+
+        second = Case(op="never", shape={}, dtype=torch.float32, make=interrupted, providers={}, bytes=1)
+        return [first, second]
+
+    register("fake_two", two_cases)
+    try:
+        assert harness.run_bench(ops=["fake_two"], out_dir=str(tmp_path), name="cut", check=False) == 130
+    finally:
+        registry.unregister("fake_two")
+    rows = json.loads((tmp_path / "cut.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"fake op"} and (tmp_path / "cut.md").exists()
+
+
 def test_progress_bar_shows_only_after_a_few_seconds(fake_groups, tmp_path, monkeypatch):
     import tqdm.auto
 

@@ -22,7 +22,7 @@ def assert_close(actual, expected, dtype=None, reduce_len: float = 1, msg: str =
     operands' dtype (default: ``actual``'s); ``reduce_len``: the length of the longest chain of
     roundings behind an element. New tests call fastvq.testing with the real magnitude (the same
     float64 computation on ``|.|`` of the inputs)."""
-    expected = expected.to(actual.device)
+    expected = expected.detach().to(actual.device)
     finite = expected[expected.isfinite()]
     scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1.0)
     ft.assert_close(actual, expected, dtype=dtype or actual.dtype, reduce_len=reduce_len, magnitude=scale,
