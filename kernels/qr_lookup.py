@@ -34,6 +34,7 @@ import triton.language as tl
 from ._common import flat_grid, flat_program_id, launcher, next_pow2
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
+KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
 
 
 def _search_iters(n: int) -> int:
@@ -468,9 +469,8 @@ def qr_lookup_bwd(
     key_dtype = torch.int32 if Q + R < 2**31 else torch.int64
     keys = torch.empty((n_keys,), dtype=key_dtype, device=dev)
     if N > 0:
-        BLOCK = 1024
-        _qr_keys_kernel[flat_grid(triton.cdiv(N, BLOCK))](
-            ids, keys, N, M, R, Q, R_BASE, NEED_Q=need_q, NEED_R=need_r, BLOCK=BLOCK,
+        _qr_keys_kernel[flat_grid(triton.cdiv(N, KEYS_BLOCK))](
+            ids, keys, N, M, R, Q, R_BASE, NEED_Q=need_q, NEED_R=need_r, BLOCK=KEYS_BLOCK,
         )
     sorted_keys, perm = torch.sort(keys, stable=True)
 
