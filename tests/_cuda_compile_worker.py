@@ -279,6 +279,8 @@ def _pairwise_kl_loss_jobs():
                            ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, {"BLOCK_DO": 128})):
         configs = _cfgs(k)
         for dt in DTYPES:
+            if extra:  # the backward scales G + G^T by 2^14 for its float16 dot
+                extra = dict(extra, H_SCALE=mod.H_SCALE_FP16 if dt == "fp16" else 1.0)
             p = DTYPES[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
             ptrs = {"p_pred": p, "p_target": p, "p_kl": "*fp32", "p_lse_p": "*fp32", "p_lse_t": "*fp32",
@@ -300,7 +302,7 @@ def _pairwise_kl_loss_jobs():
     k = mod._pairwise_kl_loss_bwd_kernel
     cfg = _cfgs(k)[0]
     const = dict(stride_pd=1, stride_td=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16, PREC_P="tf32",
-                 PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, **cfg.kwargs)
+                 PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, H_SCALE=1.0, **cfg.kwargs)
     jobs.append(Job("pairwise_kl_loss._pairwise_kl_loss_bwd_kernel", f"bf16,BLOCK_D*=16 | {_cfg_label(cfg)}", _jit(k),
                     {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_lse_p": "*fp32",
                      "p_lse_t": "*fp32", "p_dpred": "*bf16"}, const, cfg.num_warps, cfg.num_stages,
@@ -374,8 +376,8 @@ def _memory_bound_jobs():
                             f"{dt},BLOCK_N={block_n},BLOCK_D={block_d},SINGLE={single}", m._rotation_trick_bwd_kernel,
                             {"p_e": p, "p_q": p, "p_g": p, "p_de": p},
                             {"stride_ed": 1, "stride_qd": 1, "stride_gd": 1, "stride_dd": 1,
-                             "EPS_N": m.EPS_NORM, "EPS_S": m.EPS_ANTIPODAL,
                              "BLOCK_N": block_n, "BLOCK_D": block_d, "SINGLE": single},
+                            scalars={"EPS_N": "fp32", "EPS_S": "fp32"},
                             aligned_ints=("stride_en", "stride_qn", "stride_gn", "stride_dn"), cost=0.5))
     # qr_lookup
     m = qr_lookup
@@ -396,22 +398,32 @@ def _memory_bound_jobs():
                             {"stride_qd": 1, "stride_rd": 1, "stride_od": 1, "OP": op, "HAS_W": has_w,
                              "MEAN": mean, "BLOCK_L": 16, "BLOCK_D": 128},
                             aligned_ints=tabs, cost=0.3))
-        for has_row, has_scale, mult in ((False, False, False), (True, True, True), (True, False, False)):
-            flags = {"HAS_ROW": has_row, "HAS_SCALE": has_scale, "MULT": mult}
-            grads = ("stride_gn", "stride_own", "stride_dn")
-            jobs.append(Job("qr_lookup._qr_lookup_bwd_kernel", f"{dt},{flags}", m._qr_lookup_bwd_kernel,
-                            {"p_g": p, "p_perm": "*i64", "p_item_row": "*i64", "p_scale": "*fp32" if has_scale else p,
-                             "p_ow": p, "p_oidx": "*i64", "p_seg_start": "*i64", "p_seg_end": "*i64",
-                             "p_seg_row": "*i64", "p_dw": p},
-                            {"stride_gd": 1, "stride_owd": 1, "stride_dd": 1, **flags, "BLOCK_L": 16,
-                             "BLOCK_D": 128},
-                            aligned_ints=grads, cost=0.3))
-            jobs.append(Job("qr_lookup._qr_lookup_bwd_atomic_kernel", f"{dt},{flags}", m._qr_lookup_bwd_atomic_kernel,
-                            {"p_g": p, "p_idx": "*i64", "p_item_row": "*i64", "p_scale": "*fp32" if has_scale else p,
-                             "p_ow": p, "p_oidx": "*i64", "p_dw": "*fp32"},
-                            {"stride_gd": 1, "stride_owd": 1, "stride_dd": 1, **flags, "BLOCK_L": 32,
-                             "BLOCK_D": 128},
-                            aligned_ints=grads, cost=0.3))
+        # backward: the sort keys, the row kernel (dense and sparse), the atomic path, the weights' gradient
+        grads = ("stride_gn", "stride_qn", "stride_rn", "stride_dqn", "stride_drn")
+        for key in ("*i32", "*i64"):
+            jobs.append(Job("qr_lookup._qr_keys_kernel", f"ids={ids[1:]},keys={key[1:]}", m._qr_keys_kernel,
+                            {"p_ids": ids, "p_keys": key}, {"NEED_Q": True, "NEED_R": True, "BLOCK": 1024},
+                            cost=0.3))
+        for op, bags, mean, has_w, sparse in ((0, False, False, False, False), (1, True, True, False, False),
+                                             (2, True, False, True, True)):
+            flags = {"OP": op, "BAGS": bags, "MEAN": mean, "HAS_W": has_w}
+            psw = p if has_w else p
+            jobs.append(Job("qr_lookup._qr_rows_kernel", f"{dt},{flags},SPARSE={sparse}", m._qr_rows_kernel,
+                            {"p_g": p, "p_ids": ids, "p_offsets": "*i64" if bags else ids, "p_psw": psw, "p_qw": p,
+                             "p_rw": p, "p_sorted": "*i32", "p_perm": "*i64", "p_rows": "*i64", "p_dq": p, "p_dr": p},
+                            {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
+                             **flags, "SPARSE": sparse, "BLOCK_L": 16, "BLOCK_D": 128},
+                            aligned_ints=grads, cost=0.5))
+            jobs.append(Job("qr_lookup._qr_atomic_kernel", f"{dt},{flags}", m._qr_atomic_kernel,
+                            {"p_g": p, "p_ids": ids, "p_offsets": "*i64" if bags else ids, "p_psw": psw, "p_qw": p,
+                             "p_rw": p, "p_dq": "*fp32", "p_dr": "*fp32"},
+                            {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
+                             "NEED_Q": True, "NEED_R": True, **flags, "BLOCK_L": 32, "BLOCK_D": 128},
+                            aligned_ints=grads, cost=0.5))
+        jobs.append(Job("qr_lookup._qr_psw_grad_kernel", f"{dt}", m._qr_psw_grad_kernel,
+                        {"p_g": p, "p_ids": ids, "p_offsets": "*i64", "p_qw": p, "p_rw": p, "p_dw": p},
+                        {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "OP": 1, "BLOCK_L": 32, "BLOCK_D": 128},
+                        aligned_ints=("stride_gn", "stride_qn", "stride_rn"), cost=0.3))
     return jobs
 
 
