@@ -91,7 +91,7 @@ def _merge_tile(b_best, b_idx, b_s, k0):
     """Fold a tile of scores into the running (min, index): left ties inside, strict < across."""
     b_tmin, b_targ = tl.min(b_s, axis=1, return_indices=True, return_indices_tie_break_left=True)
     m_better = b_tmin < b_best
-    return tl.where(m_better, b_tmin, b_best), tl.where(m_better, k0 + b_targ.to(tl.int32), b_idx)
+    return tl.where(m_better, b_tmin, b_best), tl.where(m_better, (k0 + b_targ).to(tl.int32), b_idx)
 
 
 @triton.jit
@@ -463,8 +463,10 @@ def _nearest_code_fwd_kernel(
     else:
         if HAS_LOWER_BOUND:
             b_idx = tl.where(b_idx_c >= 0, b_idx_c, b_idx)
+        # (D in chunks of at most 32: the epilogue's tiles are not the loop's, registers stay free)
         _finish(p_x, o_xrow, m_n, p_c, o_n * 0 + h * stride_ch, b_idx, tl.zeros((BLOCK_N,), dtype=tl.int32) + first,
-                p_idx, p_dist, o_out, K, D, stride_xd, stride_ck, stride_cd, METRIC, BLOCK_N, BLOCK_D)
+                p_idx, p_dist, o_out, K, D, stride_xd, stride_ck, stride_cd, METRIC, BLOCK_N,
+                BLOCK_D if BLOCK_D < 32 else 32)
 
 
 @triton.jit
