@@ -350,7 +350,7 @@ def test_launcher_asserts_its_preconditions():
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_opcheck(metric):
-    x, c = randn(6, 5), randn(4, 5)
+    x, c = randn(2, 6, 5), randn(2, 4, 5)  # the custom op takes (H, N, D) and (H, K, D)
     for name in ("reference", "triton"):
         with fastvq.backend(name):
             torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (x, c, metric, False))
