@@ -155,11 +155,12 @@ def _nearest_code_jobs():
     mod = nearest_code
     jobs = []
     unit = {"stride_xd": 1, "stride_cd": 1, "stride_pd": 1}
+    unit_tk = {"stride_xd": 1, "stride_cd": 1}
     row_ints = ("stride_xh", "stride_xn", "stride_ch", "stride_ck", "stride_pn")
 
     def ptrs(dt):
         p = DTYPES[dt]
-        return {"p_x": p, "p_c": p, "p_chat": p, "p_pos": p, "p_cterm": "*fp32", "p_meta": "*i32", "p_idx": "*i64",
+        return {"p_x": p, "p_c": p, "p_chat": p, "p_pos": p, "p_cterm": "*fp32", "p_meta": "*i32", "p_seed": "*i64", "p_idx": "*i64",
                 "p_dist": "*fp32", "p_pscore": "*fp32", "p_pidx": "*i32"}
 
     # pre-passes
@@ -189,11 +190,12 @@ def _nearest_code_jobs():
     k = mod._nearest_code_fwd_kernel
     configs = _cfgs(k)
 
-    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False):
-        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, WRITE_PARTIAL=partial,
+    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False,
+            sample=False):
+        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, SAMPLE=sample, WRITE_PARTIAL=partial,
                      ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16", PRECISION=prec,
                      DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
-        var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},PARTIAL={int(partial)},"
+        var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},{'SAMPLE,' if sample else ''}PARTIAL={int(partial)},"
                f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}{tag} | {_cfg_label(cfg)}")
         big = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         return Job("nearest_code._nearest_code_fwd_kernel", var, _jit(k), ptrs(dt), const, cfg.num_warps,
@@ -229,6 +231,25 @@ def _nearest_code_jobs():
                     _pick(configs, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)))
     # Odd D: no divisibility on the row strides, nothing unit-stride specialized.
     jobs.append(fwd("bf16", "tf32", 0, False, False, True, 128, mid, aligned=False, tag=",unaligned"))
+    # Gumbel-max sampling (every metric; split and streamed once each)
+    for metric in (0, 1, 2, 3):
+        jobs.append(fwd("bf16", "tf32", metric, False, False, True, 64, mid, sample=True))
+    jobs.append(fwd("fp16", "tf32", 2, False, True, False, 64, mid, sample=True))
+    jobs.append(fwd("fp32", "ieee", 3, False, False, True, 128, mid, sample=True))
+    # top-k: the launcher's fixed tiles
+    tk = mod._topk_codes_fwd_kernel
+    for dt, prec, metric, kp, bn, one_d, block_d in (("bf16", "tf32", 0, 16, 64, True, 64),
+                                                     ("bf16", "tf32", 1, 128, 32, True, 256),
+                                                     ("fp16", "tf32", 2, 2, 64, False, 64),
+                                                     ("fp32", "ieee", 3, 8, 64, True, 128)):
+        jobs.append(Job("nearest_code._topk_codes_fwd_kernel", f"{dt}/{prec},METRIC={metric},KP={kp},BLOCK_N={bn},"
+                        f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}", tk,
+                        {n: v for n, v in ptrs(dt).items() if n in tk.arg_names},
+                        dict(unit_tk, METRIC=metric, ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16",
+                             PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=block_d,
+                             FIN_D=min(block_d, 32)),
+                        4, 1, aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), dot=True,
+                        tensor_cores=prec == "tf32", rows=bn, cost=2.0 * (6 if prec == "ieee" else 1)))
     return jobs
 
 

@@ -57,6 +57,8 @@ def row_factor(x: torch.Tensor, xs: torch.Tensor, metric: str, s_l2: torch.Tenso
     if metric == "cosine":
         nx = (xs * xs).sum(-1).sqrt()
         return torch.where(nx > 0, 1.0 / (torch.where(nx > 0, nx, 1.0) * t), torch.zeros_like(nx))
+    if x.dtype == torch.float16:  # rows not scaled
+        return (inv_s / t).expand(x.shape[0])
     e_x = pow2_exponent(max_abs(x.float()))
     return (exp2i(e_x) * inv_s) / t
 
