@@ -677,7 +677,7 @@ def _topk_codes_fwd_kernel(
         b_mk = tl.min(tl.where(b_tv == b_mv[:, None], b_ti, BIG), axis=1)
         b_tv = tl.where(b_ti == b_mk[:, None], float("nan"), b_tv)
         b_ti = tl.where(b_ti == b_mk[:, None], BIG, b_ti)
-        b_idx = tl.where(m_nan, r, b_mk & 1073741823)
+        b_idx = tl.minimum(tl.where(m_nan, r, b_mk & 1073741823), K - 1)  # (every slot is filled: K >= KK)
         p_row = p_c + h * stride_ch + b_idx.to(tl.int64) * stride_ck
         b_dist = _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd, METRIC, BLOCK_N, FIN_D)
         tl.store(p_idx + o_out + r, b_idx.to(tl.int64), mask=m_n)
