@@ -265,11 +265,21 @@ def grvq_forward(model, x, **kw):
 DIM = 16
 VQ = functools.partial(VectorQuantize, dim=DIM, codebook_size=32)
 
+def cosine_unnormalised():
+    """A cosine codebook whose rows are not unit vectors (set through VQP's ``codebook`` setter):
+    VQP then searches by the plain dot product, not by the angle (nor the Euclidean distance)."""
+    vq = VQ(use_cosine_sim=True)
+    with torch.no_grad():
+        vq.codebook = torch.randn(32, DIM) * torch.linspace(0.2, 3.0, 32).unsqueeze(1)
+    return vq
+
+
 # id -> (constructor, forward, fastvq calls that must happen, fallbacks that may, extra)
 CASES = {
     "l2-ema-rotation": (VQ, vq_forward, {"search", "gather", "statistics", "rotation"}, (), {}),
     "cosine-ema-rotation": (functools.partial(VQ, use_cosine_sim=True), vq_forward,
                             {"search", "gather", "statistics", "rotation"}, (), {}),
+    "cosine-unnormalised-codebook": (cosine_unnormalised, vq_forward, {"search", "gather", "statistics"}, (), {}),
     "l2-ste": (functools.partial(VQ, rotation_trick=False), vq_forward, {"search", "gather", "statistics"}, (), {}),
     "learnable-no-ema": (functools.partial(VQ, ema_update=False, learnable_codebook=True), vq_forward,
                          {"search", "gather", "rotation"}, (), {}),
@@ -331,6 +341,26 @@ def test_parity_triton(case, device):
     make, forward, routed, allowed, extra = CASES[case]
     with fastvq.backend("triton"):
         run_parity(make, forward, steps=2, device=device, routed=routed, allowed=allowed, lens=extra.get("lens"))
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_update_indices_parity(backend, device, heads):
+    """Codebook.update_indices (ResidualVQ's EMA update after beam search, or a user's manual one):
+    given codes with -1 (VQP counts them as code 0) and a padding mask."""
+    torch.manual_seed(0)
+    ref = VectorQuantize(dim=DIM * heads, codebook_size=32, heads=heads, separate_codebook_per_head=heads > 1,
+                         codebook_dim=DIM, threshold_ema_dead_code=0).to(device)
+    pat = copy.deepcopy(ref)
+    x = torch.randn(B, T, DIM * heads, device=device)
+    codes = torch.randint(-1, 32, (B, T, heads) if heads > 1 else (B, T), device=device)
+    mask = torch.rand(B, T, device=device) > 0.3
+    ref.update_indices(x, codes, mask=mask)
+    fv.reset_counts()
+    with fv.patched():
+        pat.update_indices(x, codes, mask=mask)
+    assert fv.counts() == {"statistics": 1}
+    for name in ("cluster_size", "embed_avg", "embed"):
+        assert_close(getattr(pat._codebook, name), getattr(ref._codebook, name), name)
 
 
 # ---------------------------------------------------------------- patch / unpatch / versions
