@@ -16,8 +16,8 @@ the rotation trick. Shapes: ``VectorQuantize(dim=256, codebook_size=4096 | 8192)
 a CPU). The rows are skipped with a note where VQP or its dependencies are not installed (the GPU
 image has none of them).
 
-``python -m fastvq.bench.vqp`` measures, on this machine, the step time and peak extra host
-memory of ``VectorQuantize(dim=256, codebook_size=4096)`` on 16,384 vectors, unpatched and
+``python -m fastvq.bench.vqp`` measures, on this machine, the step time (wall and process CPU)
+and peak extra host memory of ``VectorQuantize(dim=256, codebook_size=4096)`` on 16,384 vectors, unpatched and
 patched (reference backend), each in a fresh process (``--help`` for the options).
 """
 
@@ -170,15 +170,17 @@ def _one_run(variant: str, n: int, dim: int, k: int, steps: int) -> dict:
     g = torch.randn(1, n, dim)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     ctx = fastvq_vqp.patched() if variant == "patched" else contextlib.nullcontext()
-    times = []
+    times, cpu = [], []
     with ctx, fastvq.backend("reference"):
         for i in range(steps + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _vqp_step(model, x, g)
             if i:
                 times.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.process_time() - c0) * 1e3)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"variant": variant, "N": n, "D": dim, "K": k, "ms": statistics.median(times), "times_ms": times,
+            "cpu_ms": statistics.median(cpu), "threads": torch.get_num_threads(),
             "peak_extra_mib": (after - before) / 1024}
 
 
@@ -209,8 +211,9 @@ def main(argv=None) -> int:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{variant:8s} N={a.n} D={a.dim} K={a.k}: step {r['ms']:.0f} ms (median of {a.steps}; "
-                  f"{', '.join(f'{t:.0f}' for t in r['times_ms'])}), peak extra memory {r['peak_extra_mib']:.0f} MiB")
+            print(f"{variant:8s} N={a.n} D={a.dim} K={a.k}: step {r['ms']:.0f} ms wall (median of {a.steps}: "
+                  f"{', '.join(f'{t:.0f}' for t in r['times_ms'])}), {r['cpu_ms']:.0f} ms CPU over "
+                  f"{r['threads']} threads, peak extra memory {r['peak_extra_mib']:.0f} MiB")
     return 0
 
 
