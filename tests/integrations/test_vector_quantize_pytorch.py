@@ -322,6 +322,17 @@ CASES = {
                             {"search", "gather"}, ("stochastic_sampling",), {}),
     "diversity-loss": (functools.partial(VQ, codebook_diversity_loss_weight=0.1), vq_forward,
                        {"search", "gather"}, ("distances_used",), {}),
+    "commitment-cross-entropy": (functools.partial(VQ, commitment_use_cross_entropy_loss=True), vq_forward,
+                                 {"search", "gather"}, ("distances_used",), {}),
+    "straight-through-gumbel": (functools.partial(VQ, straight_through=True, rotation_trick=False), vq_forward,
+                                {"search", "gather"}, ("straight_through_gumbel",), {}),
+    "affine-param": (functools.partial(VQ, affine_param=True), vq_forward, {"rotation"}, ("affine_param",), {}),
+    "implicit-neural-codebook": (functools.partial(ResidualVQ, dim=DIM, num_quantizers=2, codebook_size=32,
+                                                   implicit_neural_codebook=True), vq_forward,
+                                 {"search", "gather"}, ("implicit_neural_codebook",), {}),
+    # routed: a learnable codebook seen through a module (VQP's vq_bridge), no EMA
+    "vq-bridge": (lambda: VQ(vq_bridge=torch.nn.Linear(DIM, DIM), learnable_codebook=True, ema_update=False),
+                  vq_forward, {"search", "gather", "rotation"}, (), {}),
 }
 
 # one triton case per routed path (the kernels run interpreted on a CPU)
