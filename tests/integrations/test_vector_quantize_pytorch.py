@@ -336,8 +336,8 @@ CASES = {
 }
 
 # one triton case per routed path (the kernels run interpreted on a CPU)
-TRITON_CASES = ["l2-ema-rotation", "cosine-ema-rotation", "kmeans-init", "heads-separate", "mask", "simvq",
-                "residual-vq"]
+TRITON_CASES = ["l2-ema-rotation", "cosine-ema-rotation", "kmeans-init", "heads-separate", "mask", "topk1",
+                "simvq", "residual-vq"]
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -44,17 +44,21 @@ NOT_RUN_IDS = {
     **{f"test_residual_vq[0.1-{s}-{t}-{i}]": "quant_grad_frac only scales VQP's own residual gradient"
        for s in ("True", "False") for t in ("True", "False") for i in ("True-False", "False-True", "False-False")},
     "test_beam_search[256]": "same path as test_beam_search[128] (which adds the codebook_dim projection)",
+    # QINCo (implicit neural codebook): levels after the first stay on VQP; one variant is kept
+    **{f"test_residual_vq[0.0-{s}-{t}-True-False]": "QINCo levels are left to VQP; "
+       "test_residual_vq[0.0-False-True-True-False] runs that path"
+       for s, t in (("True", "True"), ("True", "False"), ("False", "False"))},
 }
 
 # Run on the triton backend too (interpreted on CPU).
 TRITON = {
     "test_vq[True-True-True]",  # cosine (dot search), EMA statistics, gather, rotation trick
     "test_vq_mask",  # l2 search, masked EMA statistics
-    "test_topk_and_manual_ema_update",  # topk=1 and update_indices (routed statistics), with a mask
 }
-# (k-means init, SimVQ, heads and residual levels run on triton in the parity tests of
+# (k-means init, SimVQ, heads, residual levels, topk=1 and update_indices run on triton in
 # ../test_vector_quantize_pytorch.py, at sizes the interpreter runs in seconds: VQP's
-# test_residual_vq3 takes over 2 minutes interpreted, test_sim_vq half a minute.)
+# test_residual_vq3 takes over 2 minutes interpreted, test_sim_vq half a minute,
+# test_topk_and_manual_ema_update a quarter.)
 
 # The fastvq calls each upstream test must make (at least one of each kind; the whole test
 # name or, for parametrized ones, its function name).
