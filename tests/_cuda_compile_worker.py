@@ -325,19 +325,31 @@ def _pairwise_sqdist_jobs():
 
 def _memory_bound_jobs():
     jobs = []
-    # code_statistics (x any float dtype, seg int32/int64)
+    # code_statistics (x any float dtype, indices int32/int64, weights float/bool(as u8)/none)
     m = code_statistics
-    for dt, seg in (("bf16", "*i64"), ("fp32", "*i32"), ("fp16", "*i64")):
-        jobs.append(Job("code_statistics._code_statistics_atomic_kernel", f"{dt},seg={seg[1:]}",
-                        m._code_statistics_atomic_kernel,
-                        {"p_x": DTYPES[dt], "p_seg": seg, "p_counts": "*fp32", "p_sums": "*fp32"},
-                        {"stride_xd": 1, "stride_seg": 1, "stride_sd": 1, "BLOCK_N": 64, "BLOCK_D": 128},
+    for dt, idx, w, single in (("bf16", "*i64", None, True), ("fp32", "*i32", "*fp32", True),
+                               ("fp16", "*i64", "*u8", False), ("bf16", "*i64", "*bf16", False)):
+        flags = {"HAS_W": w is not None, "SINGLE_D": single, "BLOCK_N": 16, "BLOCK_D": 256}
+        wp = w or DTYPES[dt]
+        var = f"{dt},idx={idx[1:]},w={(w or 'none').lstrip('*')},SINGLE_D={single}"
+        jobs.append(Job("code_statistics._code_statistics_atomic_kernel", var, m._code_statistics_atomic_kernel,
+                        {"p_x": DTYPES[dt], "p_idx": idx, "p_w": wp, "p_counts": "*fp64", "p_sums": "*fp64",
+                         "p_bad": "*i32"},
+                        {"stride_xd": 1, "stride_idx": 1, "stride_w": 1, **flags},
                         aligned_ints=("stride_xn", "stride_sk"), cost=0.5))
-        jobs.append(Job("code_statistics._code_statistics_segment_kernel", f"{dt}", m._code_statistics_segment_kernel,
-                        {"p_x": DTYPES[dt], "p_perm": "*i64", "p_offsets": "*i64", "p_counts": "*fp32",
-                         "p_sums": "*fp32"},
-                        {"stride_xd": 1, "stride_sd": 1, "BLOCK_N": 32, "BLOCK_D": 128},
-                        aligned_ints=("stride_xn", "stride_sk"), cost=0.5))
+        jobs.append(Job("code_statistics._code_statistics_segment_kernel", var, m._code_statistics_segment_kernel,
+                        {"p_x": DTYPES[dt], "p_w": wp, "p_perm": "*i64", "p_offsets": "*i32", "p_item_end": "*i32",
+                         "p_pieces": "*i32", "p_multi_first": "*i32", "p_seg_of_item": "*i32",
+                         "p_counts": "*fp32", "p_sums": "*fp32", "p_pcounts": "*fp64", "p_psums": "*fp64",
+                         "p_bad": "*i32"},
+                        {"stride_xd": 1, "stride_w": 1, **flags},
+                        aligned_ints=("stride_xn", "stride_sk", "stride_pk"), cost=0.5))
+    jobs.append(Job("code_statistics._code_statistics_merge_kernel", "fp64 partials",
+                    m._code_statistics_merge_kernel,
+                    {"p_multi_seg": "*i32", "p_multi_first": "*i32", "p_pieces": "*i32", "p_pcounts": "*fp64",
+                     "p_psums": "*fp64", "p_counts": "*fp32", "p_sums": "*fp32"},
+                    {"BLOCK_Q": m.MERGE_BLOCK_Q, "BLOCK_D": m.MERGE_BLOCK_D},
+                    aligned_ints=("stride_sk", "stride_pk"), cost=0.3))
     # code_usage (any integer ids)
     for it in ("*i8", "*u8", "*i16", "*i32", "*i64"):
         jobs.append(Job("code_usage._code_usage_fwd_kernel", f"ids={it[1:]}", code_usage._code_usage_fwd_kernel,

@@ -77,12 +77,12 @@ def fake_groups():
         registry.unregister(name)
 
 
-def test_registry_orders_by_weight_and_skips_missing_packages(fake_groups):
+def test_registry_orders_by_weight_and_skips_missing_packages(fake_groups, device):
     order = registry.names()
     assert order.index("fake_op") < order.index("fake_step") < order.index("fake_peer")
     assert order.index("pairwise_kl_loss") < order.index("fake_step")  # op rows before steps
     notes = []
-    cases = registry.build_cases("cpu", True, ops=["fake_peer", "fake_step"], notes=notes)
+    cases = registry.build_cases(device, True, ops=["fake_peer", "fake_step"], notes=notes)
     assert len(cases) == 1 and notes == ["skipped fake_peer: needs surely_not_an_installed_package (not installed)"]
     with pytest.raises(ValueError, match="already registered"):
         register("fake_op", lambda device, quick: [])
