@@ -28,6 +28,7 @@ import fastvq  # noqa: E402
 import fastvq.testing as ft  # noqa: E402
 from fastvq.integrations import vector_quantize_pytorch as fv  # noqa: E402
 from vector_quantize_pytorch import vector_quantize_pytorch as vqp_mod  # noqa: E402
+from tests.utils import DEVICE, randn  # noqa: E402
 
 from vector_quantize_pytorch import (  # noqa: E402  (after the skip)
     GroupedResidualVQ,
@@ -158,7 +159,7 @@ def near_tie_tokens(ref: Recorder, pat: Recorder, batch: int):
 # --------------------------------------------------------------------------- the harness
 
 
-def run_parity(make, forward, *, steps=3, eval_steps=1, device="cpu", lr=0.05, seed=0, routed=(), allowed=(),
+def run_parity(make, forward, *, steps=3, eval_steps=1, device=DEVICE, lr=0.05, seed=0, routed=(), allowed=(),
                lens=None, grad_input=True):
     """Train ``steps`` steps (SGD over the parameters that require grad) and run ``eval_steps``
     eval steps, unpatched and patched. ``forward(model, x, **kw)`` -> ``(quantized (B, T, dim),
@@ -178,9 +179,8 @@ def run_parity(make, forward, *, steps=3, eval_steps=1, device="cpu", lr=0.05, s
         training = step < steps
         ref.train(training)
         pat.train(training)
-        g = torch.Generator().manual_seed(seed * 100 + step)
-        x = torch.randn(B, T, DIM, generator=g).to(device)
-        gq = torch.randn(B, T, DIM, generator=g).to(device)
+        x = randn(B, T, DIM, seed=seed * 200 + 2 * step, device=device)
+        gq = randn(B, T, DIM, seed=seed * 200 + 2 * step + 1, device=device)
         outs = []
         for model, opt, on in ((ref, opt_ref, False), (pat, opt_pat, True)):
             rec = Recorder(model)
@@ -536,7 +536,7 @@ def test_autocast_codebook_math_stays_float32():
     ref = copy.deepcopy(vq)
     x = torch.randn(4, 64, DIM)
     q0, i0, l0 = ref(x)  # float32, no autocast
-    with fv.patched(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with fv.patched(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         q1, i1, l1 = vq(x)
     assert q1.dtype == torch.float32
     assert torch.equal(i1, i0)
@@ -545,6 +545,7 @@ def test_autocast_codebook_math_stays_float32():
     assert_close(vq._codebook.cluster_size, ref._codebook.cluster_size, "EMA counts")
 
 
+@pytest.mark.about_devices("the TF32 switch of CUDA tensors, read without a GPU")
 def test_tf32_follows_the_global_setting(monkeypatch):
     class FakeCuda:
         device = torch.device("cuda")

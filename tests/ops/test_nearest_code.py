@@ -110,7 +110,7 @@ def test_equidistant_distinct_codes_tie_to_smallest(backend):
 
 
 @pytest.mark.parametrize("splits_min_codes", [32, 64])
-def test_split_codebook_path(backend, monkeypatch, splits_min_codes):
+def test_split_codebook_path(backend, monkeypatch, splits_min_codes, device):
     import fastvq.kernels.nearest_code as knc
 
     monkeypatch.setattr(knc, "SPLIT_MIN_CODES", splits_min_codes)
