@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from ..ops.residual_quantize import _residual_decode, residual_quantize_step
-from ._codebook import CodebookState, _check_float, _check_int, candidate_rows
-from .vector_quantizer import _check_mask, _codebook_for_step
+from ._codebook import CodebookState, _check_float, _check_int
+from .vector_quantizer import _check_mask, _quantize_step
 
 _SEED_KEY = re.compile(r"quantizers\.(\d+)\.(embeddings\.weight|cluster_size|embed_avg)$")
 
@@ -115,26 +115,13 @@ class ResidualQuantizer(CodebookState):
         self._check_inputs(inputs)
         D = self.embedding_dim
         mask = _check_mask("ResidualQuantizer", mask, inputs)
-        if self._kmeans_pending():  # host reads allowed: only on the batch that initialises
-            rows = inputs.detach().reshape(-1, D)
-            self._kmeans_init_(rows if mask is None else rows[mask.reshape(-1) != 0])
+        # (reads the host only until k-means has initialised the codebooks)
+        self._maybe_kmeans_init_(inputs.detach().reshape(-1, D), mask=mask)
 
         # One launch for all levels: codes, their sum (straight-through to inputs, once), the
         # seed's losses and (training) EMA statistics and dead-code candidates of every level;
         # one launch back for every gradient.
-        update = self._needs_update()
-        n = inputs.numel() // D
-        revive = update and self.dead_code_threshold > 0
-        step = residual_quantize_step(
-            inputs, _codebook_for_step(self.codebooks, inputs, update), weights=mask, grad=self.grad, statistics=update,
-            candidate_rows=candidate_rows(n, self.num_embeddings, inputs.device) if revive else None,
-        )
-        embedding_loss = step.embedding_loss
-        if self.ema:
-            embedding_loss = torch.zeros((), dtype=step.commitment_loss.dtype, device=inputs.device)
-        if update:
-            self._update_codebook_(step.counts, step.sums, step.candidates, step.candidates_ok)
-        return step.quantized, step.commitment_loss, embedding_loss, step.codes
+        return _quantize_step(self, inputs, self.codebooks, mask)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Vectors from codes: ``codes (..., L')`` int, ``L' <= L`` (the first ``L'`` levels)

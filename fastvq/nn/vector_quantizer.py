@@ -8,7 +8,7 @@ import torch.nn as nn
 from .._checks import FLOAT_DTYPES
 from ..ops.nearest_code import nearest_code
 from ..ops.residual_quantize import residual_quantize_step
-from ._codebook import METRICS, CodebookState, _check_float, _check_int, candidate_rows
+from ._codebook import METRICS, CodebookState, _check_float, _check_int, pick_candidate_rows
 
 
 class VectorQuantizer(CodebookState):
@@ -119,9 +119,8 @@ class VectorQuantizer(CodebookState):
                     "(float64 is not supported: cast the inputs and the module, e.g. .float())"
                 )
         mask = _check_mask("VectorQuantizer", mask, inputs)
-        if self._kmeans_pending():  # host reads allowed: only on the batch that initialises
-            rows = inputs.detach().reshape(-1, self.embedding_dim)
-            self._kmeans_init_(rows if mask is None else rows[mask.reshape(-1) != 0], self.metric)
+        # (reads the host only until k-means has initialised the codebook)
+        self._maybe_kmeans_init_(inputs.detach().reshape(-1, self.embedding_dim), self.metric, mask)
 
         # One launch: the code, its value, the losses and (training) the EMA statistics and
         # dead-code candidates; one launch back. The l2 search runs inside it; another metric
@@ -129,19 +128,8 @@ class VectorQuantizer(CodebookState):
         codes = None
         if self.metric != "l2":
             codes = nearest_code(inputs, weight.detach(), metric=self.metric)[0].unsqueeze(-1)
-        update = self._needs_update()
-        n = inputs.numel() // self.embedding_dim
-        revive = update and self.dead_code_threshold > 0
-        step = residual_quantize_step(
-            inputs, _codebook_for_step(weight.unsqueeze(0), inputs, update), weights=mask, codes=codes, grad=self.grad, statistics=update,
-            candidate_rows=candidate_rows(n, self.num_embeddings, inputs.device) if revive else None,
-        )
-        embedding_loss = step.embedding_loss
-        if self.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)
-            embedding_loss = torch.zeros((), dtype=step.commitment_loss.dtype, device=inputs.device)
-        if update:
-            self._update_codebook_(step.counts, step.sums, step.candidates, step.candidates_ok)
-        return step.quantized, step.commitment_loss, embedding_loss, step.codes.squeeze(-1)
+        quantized, commitment_loss, embedding_loss, codes = _quantize_step(self, inputs, weight.unsqueeze(0), mask, codes)
+        return quantized, commitment_loss, embedding_loss, codes.squeeze(-1)
 
     def extra_repr(self) -> str:
         return (
@@ -173,3 +161,31 @@ def _codebook_for_step(codebook: torch.Tensor, inputs: torch.Tensor, update: boo
     if update and torch.is_grad_enabled() and (inputs.requires_grad or codebook.requires_grad):
         return codebook.clone()
     return codebook
+
+
+def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None):
+    """A quantizer module's forward on its ``(L, K, D)`` codebook: one
+    :func:`fastvq.residual_quantize_step` (which also returns, in training, the EMA statistics
+    and the residuals of the rows offered for dead-code revival), then the codebook update.
+    Returns ``(quantized, commitment_loss, embedding_loss, codes (..., L))``; no host sync."""
+    update = mod.training and mod._codebook_needs_vectors
+    n = inputs.numel() // inputs.shape[-1]
+    rows = score = None
+    if update and mod.dead_code_threshold > 0:
+        rows, score = pick_candidate_rows(n, codebook.shape[1], inputs.device, mask)
+    step = residual_quantize_step(
+        inputs, _codebook_for_step(codebook, inputs, update), weights=mask, codes=codes, grad=mod.grad,
+        statistics=update, candidate_rows=rows,
+    )
+    embedding_loss = step.embedding_loss
+    if mod.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)
+        embedding_loss = torch.zeros((), dtype=step.commitment_loss.dtype, device=inputs.device)
+    if mod.training:
+        flat = step.codes.reshape(n, codebook.shape[0])
+        stats = offers = None
+        if update:
+            stats = (step.counts, step.sums, step.skipped)
+            if rows is not None:
+                offers = (step.candidates, score, flat[rows].T)
+        mod._update_codebook_(None, flat.T, mask, stats=stats, offers=offers)
+    return step.quantized, step.commitment_loss, embedding_loss, step.codes

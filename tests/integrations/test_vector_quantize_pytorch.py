@@ -28,6 +28,7 @@ import fastvq  # noqa: E402
 import fastvq.testing as ft  # noqa: E402
 from fastvq.integrations import vector_quantize_pytorch as fv  # noqa: E402
 from vector_quantize_pytorch import vector_quantize_pytorch as vqp_mod  # noqa: E402
+from tests.utils import DEVICE, randn  # noqa: E402
 
 from vector_quantize_pytorch import (  # noqa: E402  (after the skip)
     GroupedResidualVQ,
@@ -158,7 +159,7 @@ def near_tie_tokens(ref: Recorder, pat: Recorder, batch: int):
 # --------------------------------------------------------------------------- the harness
 
 
-def run_parity(make, forward, *, steps=3, eval_steps=1, device="cpu", lr=0.05, seed=0, routed=(), allowed=(),
+def run_parity(make, forward, *, steps=3, eval_steps=1, device=DEVICE, lr=0.05, seed=0, routed=(), allowed=(),
                lens=None, grad_input=True):
     """Train ``steps`` steps (SGD over the parameters that require grad) and run ``eval_steps``
     eval steps, unpatched and patched. ``forward(model, x, **kw)`` -> ``(quantized (B, T, dim),
@@ -178,9 +179,8 @@ def run_parity(make, forward, *, steps=3, eval_steps=1, device="cpu", lr=0.05, s
         training = step < steps
         ref.train(training)
         pat.train(training)
-        g = torch.Generator().manual_seed(seed * 100 + step)
-        x = torch.randn(B, T, DIM, generator=g).to(device)
-        gq = torch.randn(B, T, DIM, generator=g).to(device)
+        x = randn(B, T, DIM, seed=seed * 200 + 2 * step, device=device)
+        gq = randn(B, T, DIM, seed=seed * 200 + 2 * step + 1, device=device)
         outs = []
         for model, opt, on in ((ref, opt_ref, False), (pat, opt_pat, True)):
             rec = Recorder(model)
@@ -265,11 +265,21 @@ def grvq_forward(model, x, **kw):
 DIM = 16
 VQ = functools.partial(VectorQuantize, dim=DIM, codebook_size=32)
 
+def cosine_unnormalised():
+    """A cosine codebook whose rows are not unit vectors (set through VQP's ``codebook`` setter):
+    VQP then searches by the plain dot product, not by the angle (nor the Euclidean distance)."""
+    vq = VQ(use_cosine_sim=True)
+    with torch.no_grad():
+        vq.codebook = torch.randn(32, DIM) * torch.linspace(0.2, 3.0, 32).unsqueeze(1)
+    return vq
+
+
 # id -> (constructor, forward, fastvq calls that must happen, fallbacks that may, extra)
 CASES = {
     "l2-ema-rotation": (VQ, vq_forward, {"search", "gather", "statistics", "rotation"}, (), {}),
     "cosine-ema-rotation": (functools.partial(VQ, use_cosine_sim=True), vq_forward,
                             {"search", "gather", "statistics", "rotation"}, (), {}),
+    "cosine-unnormalised-codebook": (cosine_unnormalised, vq_forward, {"search", "gather", "statistics"}, (), {}),
     "l2-ste": (functools.partial(VQ, rotation_trick=False), vq_forward, {"search", "gather", "statistics"}, (), {}),
     "learnable-no-ema": (functools.partial(VQ, ema_update=False, learnable_codebook=True), vq_forward,
                          {"search", "gather", "rotation"}, (), {}),
@@ -312,11 +322,22 @@ CASES = {
                             {"search", "gather"}, ("stochastic_sampling",), {}),
     "diversity-loss": (functools.partial(VQ, codebook_diversity_loss_weight=0.1), vq_forward,
                        {"search", "gather"}, ("distances_used",), {}),
+    "commitment-cross-entropy": (functools.partial(VQ, commitment_use_cross_entropy_loss=True), vq_forward,
+                                 {"search", "gather"}, ("distances_used",), {}),
+    "straight-through-gumbel": (functools.partial(VQ, straight_through=True, rotation_trick=False), vq_forward,
+                                {"search", "gather"}, ("straight_through_gumbel",), {}),
+    "affine-param": (functools.partial(VQ, affine_param=True), vq_forward, {"rotation"}, ("affine_param",), {}),
+    "implicit-neural-codebook": (functools.partial(ResidualVQ, dim=DIM, num_quantizers=2, codebook_size=32,
+                                                   implicit_neural_codebook=True), vq_forward,
+                                 {"search", "gather"}, ("implicit_neural_codebook",), {}),
+    # routed: a learnable codebook seen through a module (VQP's vq_bridge), no EMA
+    "vq-bridge": (lambda: VQ(vq_bridge=torch.nn.Linear(DIM, DIM), learnable_codebook=True, ema_update=False),
+                  vq_forward, {"search", "gather", "rotation"}, (), {}),
 }
 
 # one triton case per routed path (the kernels run interpreted on a CPU)
-TRITON_CASES = ["l2-ema-rotation", "cosine-ema-rotation", "kmeans-init", "heads-separate", "mask", "simvq",
-                "residual-vq"]
+TRITON_CASES = ["l2-ema-rotation", "cosine-ema-rotation", "kmeans-init", "heads-separate", "mask", "topk1",
+                "simvq", "residual-vq"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -331,6 +352,26 @@ def test_parity_triton(case, device):
     make, forward, routed, allowed, extra = CASES[case]
     with fastvq.backend("triton"):
         run_parity(make, forward, steps=2, device=device, routed=routed, allowed=allowed, lens=extra.get("lens"))
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_update_indices_parity(backend, device, heads):
+    """Codebook.update_indices (ResidualVQ's EMA update after beam search, or a user's manual one):
+    given codes with -1 (VQP counts them as code 0) and a padding mask."""
+    torch.manual_seed(0)
+    ref = VectorQuantize(dim=DIM * heads, codebook_size=32, heads=heads, separate_codebook_per_head=heads > 1,
+                         codebook_dim=DIM, threshold_ema_dead_code=0).to(device)
+    pat = copy.deepcopy(ref)
+    x = torch.randn(B, T, DIM * heads, device=device)
+    codes = torch.randint(-1, 32, (B, T, heads) if heads > 1 else (B, T), device=device)
+    mask = torch.rand(B, T, device=device) > 0.3
+    ref.update_indices(x, codes, mask=mask)
+    fv.reset_counts()
+    with fv.patched():
+        pat.update_indices(x, codes, mask=mask)
+    assert fv.counts() == {"statistics": 1}
+    for name in ("cluster_size", "embed_avg", "embed"):
+        assert_close(getattr(pat._codebook, name), getattr(ref._codebook, name), name)
 
 
 # ---------------------------------------------------------------- patch / unpatch / versions
@@ -465,8 +506,8 @@ class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("heads", [1, 2])
-def test_patched_training_step_allocates_no_rows_by_codes_tensor(backend, device, heads):
+@pytest.mark.parametrize("backend_name, heads", [("reference", 1), ("reference", 2), ("triton", 1)])
+def test_patched_training_step_allocates_no_rows_by_codes_tensor(backend_name, heads, device):
     K = 512
     N = B * T * heads
     torch.manual_seed(0)
@@ -481,7 +522,7 @@ def test_patched_training_step_allocates_no_rows_by_codes_tensor(backend, device
     with _LargestOutput() as unpatched:
         step()
     assert unpatched.largest >= N * K // heads  # VQP's distance (and one-hot) matrix: the check can fail
-    with fv.patched(), _LargestOutput() as patched:
+    with fastvq.backend(backend_name), fv.patched(), _LargestOutput() as patched:
         step()
     assert patched.largest < N * K // (4 * heads), f"{patched.op} made a tensor of {patched.largest} elements"
 
@@ -495,7 +536,7 @@ def test_autocast_codebook_math_stays_float32():
     ref = copy.deepcopy(vq)
     x = torch.randn(4, 64, DIM)
     q0, i0, l0 = ref(x)  # float32, no autocast
-    with fv.patched(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with fv.patched(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         q1, i1, l1 = vq(x)
     assert q1.dtype == torch.float32
     assert torch.equal(i1, i0)
@@ -504,6 +545,7 @@ def test_autocast_codebook_math_stays_float32():
     assert_close(vq._codebook.cluster_size, ref._codebook.cluster_size, "EMA counts")
 
 
+@pytest.mark.about_devices("the TF32 switch of CUDA tensors, read without a GPU")
 def test_tf32_follows_the_global_setting(monkeypatch):
     class FakeCuda:
         device = torch.device("cuda")

@@ -26,15 +26,15 @@ def randint(high, *shape, seed=None):
 def stats64(x, indices, num_codes, weights=None):
     """float64 oracle, row by row in Python-visible steps (no one-hot): counts (K,), sums (K, D),
     skipped. A row of weight 0 is ignored, a row with a non-finite weight or element is skipped."""
-    w = torch.ones(indices.shape[0], dtype=torch.float64) if weights is None else weights.double().cpu()
-    x64, idx = x.double().cpu(), indices.long().cpu()
+    w = torch.ones(indices.shape[0], dtype=torch.float64, device=x.device) if weights is None else weights.double()
+    x64, idx = x.double(), indices.long()
     live = w != 0
     ok = torch.isfinite(x64).all(-1) & torch.isfinite(w)
     use = live & ok
     skipped = int((live & ~ok).sum())
-    counts = torch.zeros(num_codes, dtype=torch.float64)
+    counts = torch.zeros(num_codes, dtype=torch.float64, device=x.device)
     counts.index_add_(0, idx[use], w[use])
-    sums = torch.zeros(num_codes, x.shape[-1], dtype=torch.float64)
+    sums = torch.zeros(num_codes, x.shape[-1], dtype=torch.float64, device=x.device)
     sums.index_add_(0, idx[use], x64[use] * w[use, None])
     return counts, sums, skipped
 
@@ -44,12 +44,12 @@ def check(x, indices, num_codes, counts, sums, weights=None, skipped=None):
     assert counts.dtype == torch.float32 and sums.dtype == torch.float32
     assert not sums.isnan().any() and not counts.isnan().any(), "unwritten output element"
     if weights is None or weights.dtype == torch.bool:
-        assert torch.equal(counts.double().cpu(), c64)
+        assert torch.equal(counts.double(), c64)
     else:
-        assert_close(counts.cpu(), c64, torch.float32, reduce_len=indices.shape[0])
+        assert_close(counts, c64, torch.float32, reduce_len=indices.shape[0])
     # float64 accumulation rounded once: float32 tolerance
     reduce_len = max(int(c64.abs().max()) if c64.numel() else 1, 1)
-    assert_close(sums.cpu(), s64, torch.float32, reduce_len=reduce_len)
+    assert_close(sums, s64, torch.float32, reduce_len=reduce_len)
     if skipped is not None:
         assert skipped.dtype == torch.int64 and int(skipped) == n_skipped
 
@@ -263,7 +263,7 @@ WEIGHTS = [pytest.param("mask", id="mask"), pytest.param("float", id="float"), p
 
 
 def make_weights(kind, *shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     if kind == "mask":
         return torch.rand(*shape, generator=g) < 0.7
     w = torch.rand(*shape, generator=g) * 3 - 0.5  # some negative, some zero after the next line
@@ -386,7 +386,7 @@ def test_multi_piece_segments(backend, lengths, weighted):
     assert piece_rows(N, 24) == 256
     K = len(lengths) + 1
     idx = torch.cat([torch.full((n,), k) for k, n in enumerate(lengths)])
-    idx = idx[torch.randperm(N, generator=torch.Generator().manual_seed(0))]
+    idx = idx[torch.randperm(N, generator=generator(0))]
     x = randn(N, 24, scale=100.0)
     x[11, 3] = float("nan")
     w = make_weights("float", N) if weighted else None
@@ -466,7 +466,7 @@ def test_hot_code_is_balanced(M, K, D):
     code) was 48-1000x slower there. (Below ~256K rows the whole call is a few microseconds of
     work per program, where launch latency dominates: at 64K rows and 2112 slots the model gives
     12 tile-times hot vs 4 uniform.)"""
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     uniform = torch.randint(0, K, (M,), generator=g, dtype=torch.int32)
     hot = torch.full((M,), 17, dtype=torch.int32)
     costs = {name: _program_costs(keys, K, D) for name, keys in (("uniform", uniform), ("hot", hot))}
