@@ -36,10 +36,10 @@ rows that chose code ``k``. ``gc`` / ``ge`` are the per-level gradients of the l
 
 Two forward variants, chosen by the launcher on D (never a crash, never a silent fallback):
 
-* ``_residual_quantize_fwd_kernel`` (``next_pow2(D) <= max_register_d``, 1024 by default): the
+* ``_residual_quantize_fwd_kernel`` (``next_pow2(D) <= register_d_limit(dtype)``: 256, float32 128): the
   residual and the running sum of chosen codes are ``(BLOCK_M, BLOCK_D)`` float32 register
   blocks; each code tile is ``(BLOCK_K, BLOCK_D)``, the dot reduces over all of D at once.
-* ``_residual_quantize_fwd_chunked_kernel`` (larger D): the residual lives in a float32
+* ``_residual_quantize_fwd_chunked_kernel`` (larger D: its register blocks would spill): the residual lives in a float32
   ``(N, D)`` workspace that only the owning program touches and every dot and update streams D
   in BLOCK_D chunks.
 
@@ -57,7 +57,8 @@ import triton.language as tl
 from . import INTERPRETED
 from ._common import autotune_configs, dot_fp32, launcher, next_pow2, tl_input_precision
 
-MAX_REGISTER_D = 1024  # above this, the D-chunked variant with a float32 workspace runs
+MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
+# float32 workspace runs: wider register blocks spill on sm_90 (see fits_registers)
 CHUNK_D = 64  # D chunk of the chunked variant
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
 EPS_NORM = 1e-6  # as fastvq.reference.rotation_trick (kernels import no reference: kept in step by a test)
@@ -142,12 +143,50 @@ def _configs(name):
                             interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4))
 
 
+def fits_registers(config, block_d: int, chunked: bool = False, fma: bool = False) -> bool:
+    """Whether a config's register blocks fit one thread's registers without spilling (sm_90).
+
+    Per thread (``32 * num_warps`` of them): ``R`` words of the row blocks (the residual, the
+    running sum, the chosen codes' rows: ``BLOCK_M x BLOCK_D``), ``C`` of the code tile
+    (``BLOCK_K x BLOCK_D``), ``S`` of the score tile (``BLOCK_M x BLOCK_K``). The bounds are
+    where ptxas stopped exhausting the register file for the training-step kernel (loss,
+    statistics, candidates on), measured with tests/_cuda_compile_worker.py: tensor-core dots
+    (bf16/fp16) and float32 ``fma`` dots (exact IEEE, expanded into FMAs in registers: about
+    twice the pressure) each have their own bounds; the chunked variant holds fewer rows but
+    pipelines deeper (3 stages at 4 warps spilled)."""
+    bm, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    threads = 32 * config.num_warps
+    rows, code, score = bm * block_d / threads, bk * block_d / threads, bm * bk / threads
+    if fma:
+        if chunked:
+            return rows <= 8 and code <= 32 and score <= 8
+        return rows <= 8 and code <= 16 and score <= 4
+    if chunked:
+        return rows <= 16 and code <= 32 and score <= 16 and (config.num_warps == 8 or config.num_stages == 2)
+    return rows <= 16 and code <= 64 and score <= 16
+
+
+def register_d_limit(dtype: torch.dtype) -> int:
+    """The widest BLOCK_D the register variant runs with: some config of :func:`_configs` fits
+    (16 rows at 8 warps); float32's FMA dots take twice the registers."""
+    return 128 if dtype == torch.float32 else 256
+
+
+def _fallback(configs):
+    return [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"], -c.num_warps, c.num_stages))]
+
+
 def _prune_register_configs(configs, named_args, **kwargs):
-    # The residual, the quantized sum and a code tile are (rows, BLOCK_D) register blocks:
-    # drop configs whose blocks would not fit in the registers of one program.
+    # drop configs whose register blocks would spill (fits_registers); register_d_limit keeps
+    # some for every BLOCK_D the register variant runs with
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) * block_d <= 16384]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"], c.num_warps))]
+    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee"
+    return [c for c in configs if fits_registers(c, block_d, fma=fma)] or _fallback(configs)
+
+
+def _prune_chunked_configs(configs, named_args, **kwargs):
+    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee"
+    return [c for c in configs if fits_registers(c, CHUNK_D, chunked=True, fma=fma)] or _fallback(configs)
 
 
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
@@ -238,7 +277,8 @@ def _residual_quantize_fwd_kernel(
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
 
 
-@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS])
+@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
+                 prune_configs_by={"early_config_prune": _prune_chunked_configs})
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,
@@ -501,7 +541,7 @@ def residual_quantize_fwd(
     # launch
     block_l = max(next_pow2(L), 2)
     block_d = max(next_pow2(D), 16)
-    chunked = block_d > max_register_d
+    chunked = block_d > (max_register_d if max_register_d is not None else register_d_limit(x.dtype))
     # the loss partials: one row per program of the smallest BLOCK_M any config uses
     min_bm = min(c.kwargs["BLOCK_M"] for c in _residual_quantize_fwd_kernel.configs)
     # (zeros: with a larger BLOCK_M, the rows past the grid stay 0)

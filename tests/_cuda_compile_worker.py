@@ -45,6 +45,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
@@ -287,35 +288,34 @@ def _residual_quantize_jobs():
                    dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned, sweep=sweep,
                    cost=big * (6 if dt == "fp32" else 1) + 0.5)
 
-    # Register variant: each config at the widest BLOCK_D the register prune lets it run with
-    # (the prune's fallback keeps the smallest config for BLOCK_D = 1024), as a training step.
+    # Register variant, as a training step: every config at BLOCK_D 64 and the widest the
+    # register variant runs with (256; float32 128), marked by whether the register prune keeps it
+    # (bf16 every config; float32, whose FMA dots have their own bounds, the kept ones).
     k = mod._residual_quantize_fwd_kernel
     configs = _cfgs(k)
-    for cfg in configs:
-        block_d = min(mod.MAX_REGISTER_D, 16384 // max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]))
-        kept = mod._prune_register_configs(configs, {}, BLOCK_D=block_d)
-        jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", cfg, block_d, pruned=cfg not in kept, sweep=True,
-                        flags=train))
+    for dt, widest in (("bf16", mod.register_d_limit(None)), ("fp32", mod.register_d_limit(torch.float32))):
+        prec = "ieee" if dt == "fp32" else "tf32"
+        for block_d in (64, widest):
+            kept = mod._prune_register_configs(configs, {}, BLOCK_D=block_d, PRECISION=prec)
+            for cfg in (configs if dt == "bf16" else kept):
+                jobs.append(job("_residual_quantize_fwd_kernel", k, dt, cfg, block_d, pruned=cfg not in kept,
+                                sweep=True, flags=train, tag="" if cfg not in kept else ",kept"))
     small = configs[0]
-    for dt in ("fp16", "fp32"):  # (the second: LLVM IR only, unless --full; an FMA dot, long in ptxas)
-        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, small, 1024))
-        mid = _pick(configs, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
-        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, mid, 256, sweep=True, flags=train))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=masked))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=given, block_l=2))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", small, 16, block_l=2))
-    jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", _pick(configs, BLOCK_M=64, BLOCK_K=32, num_warps=4),
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", _pick(configs, BLOCK_M=32, BLOCK_K=32, num_warps=4),
                     64, aligned=False, tag=",unaligned", flags=train))
 
-    # D-chunked variant: BLOCK_D = CHUNK_D always and no prune, so every config can run.
+    # D-chunked variant: BLOCK_D = CHUNK_D always; marked by the chunked prune (fp32: the kept ones).
     k = mod._residual_quantize_fwd_chunked_kernel
-    for cfg in _cfgs(k):
-        jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, "bf16", cfg, mod.CHUNK_D, chunked=True,
-                        sweep=True, flags=train))
-    for dt in ("fp16", "fp32"):
-        for cfg in (configs[0], configs[-1]):
+    for dt in ("bf16", "fp32"):
+        kept = mod._prune_chunked_configs(_cfgs(k), {}, PRECISION="ieee" if dt == "fp32" else "tf32")
+        for cfg in (_cfgs(k) if dt == "bf16" else kept):
             jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, dt, cfg, mod.CHUNK_D, chunked=True,
-                            sweep=cfg is not configs[0], flags=masked if cfg is configs[0] else plain))
+                            sweep=True, flags=train, pruned=cfg not in kept, tag="" if cfg not in kept else ",kept"))
+    jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, "fp32", kept[0], mod.CHUNK_D, chunked=True,
+                    flags=masked))
 
     # Backward: (BLOCK_M, BLOCK_D) as the launcher picks them; the rotation holds a whole row.
     k = mod._residual_quantize_bwd_kernel

@@ -141,6 +141,8 @@ def measure_case(case: Case, device: str, providers=None) -> list[dict]:
             if cuda:
                 torch.cuda.empty_cache()
         rows.append(row)
+    if not cuda and case.unit_bytes:
+        rows = _count_traffic(case, inputs, rows, providers)
     # throughput, ceiling fraction and speed-ups, all from numbers of this run
     ceiling = None
     try:
@@ -176,6 +178,29 @@ def measure_case(case: Case, device: str, providers=None) -> list[dict]:
 
 
 
+def _count_traffic(case: Case, inputs, rows: list[dict], providers) -> list[dict]:
+    """Without CUDA: each provider's passes over ``case.unit_bytes``, launches and host syncs
+    (:mod:`fastvq.bench.traffic`), the Triton ones run interpreted (counted, never timed)."""
+    from .traffic import measure
+
+    by_name = {r["provider"]: r for r in rows}
+    out = list(rows)
+    for name, fn in {**case.providers, **case.peers}.items():
+        if name in case.skip or "compiled" in name or (providers is not None and name not in providers):
+            continue
+        row = by_name.get(name)
+        if row is None:
+            row = {"op": case.op, "case": case.label, "shape": case.shape,
+                   "dtype": str(case.dtype).replace("torch.", ""), "provider": name}
+            out.append(row)
+        try:
+            t = measure(lambda meter, f=fn: f(*inputs), case.unit_bytes, warmup=0)  # (timed ones ran already)
+            row.update(passes=round(t.total_passes, 2), launches=t.launches, syncs=t.syncs)
+        except Exception as exc:  # noqa: BLE001
+            row.setdefault("error", f"traffic: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+    return out
+
+
 _COLUMNS = [  # (title, row -> value or None, format)
     ("case", lambda r: r["case"], "s"),
     ("provider", lambda r: r["provider"], "s"),
@@ -186,10 +211,13 @@ _COLUMNS = [  # (title, row -> value or None, format)
     ("x compiled", lambda r: r.get("speedup_vs", {}).get("compiled"), ".2f"),
     ("of ceiling", lambda r: r.get("frac_of_ceiling"), ".0%"),
     ("peak MiB", lambda r: r.get("peak_extra_mib"), ".0f"),
+    ("passes", lambda r: r.get("passes"), ".1f"),
+    ("syncs", lambda r: r.get("syncs"), "d"),
 ]
 _LEGEND = ("x ref / x compiled: speed-up over the eager reference / torch.compile of it (same run); of ceiling: "
            "fraction of the matmul rate of the same shape and dtype, or of the device copy bandwidth, measured in "
-           "this run; peak MiB: peak extra device memory of one call.")
+           "this run; peak MiB: peak extra device memory of one call; passes / syncs (CPU): reads and writes of the "
+           "activation and host syncs of one call (python -m fastvq bench --traffic).")
 
 
 def _cells(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:

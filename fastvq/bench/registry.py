@@ -58,6 +58,9 @@ class Case:
     ``make(device)`` returns the inputs; each provider maps ``*inputs`` to a result. ``flops`` or
     ``bytes`` (read + written, the fewest the op must move) give TFLOP/s or GB/s. ``ceiling``
     is "matmul" (``matmul_shape`` = (M, K, N) of the equivalent product) or "copy".
+    ``unit_bytes`` (the bytes of the activation): without CUDA, each provider's passes over it,
+    launches and host syncs are counted too (:mod:`fastvq.bench.traffic`; not for compiled ones,
+    whose generated kernels the counter cannot see).
     """
 
     op: str
@@ -71,6 +74,7 @@ class Case:
     matmul_shape: tuple | None = None
     skip: dict = field(default_factory=dict)  # provider -> reason it cannot run at this shape
     peers: dict = field(default_factory=dict)  # extra providers (e.g. the seed's torch code)
+    unit_bytes: float | None = None  # the activation's bytes: count traffic in passes over it (CPU)
 
     @property
     def label(self) -> str:

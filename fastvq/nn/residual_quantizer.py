@@ -36,7 +36,8 @@ class ResidualQuantizer(CodebookState):
         ``cluster_size (L, K)``, ``embed_avg (L, K, D)`` hold the per-level EMA state.
 
     Forward:
-        ``inputs (..., D)`` -> ``(quantized (..., D), commitment_loss, embedding_loss,
+        ``inputs (..., D)``, optional ``mask (...)`` (padding: as in
+        :class:`fastvq.nn.VectorQuantizer`) -> ``(quantized (..., D), commitment_loss, embedding_loss,
         codes (..., L) int64)``; ``codes[..., l]`` is the seed's ``sem_ids_list[l]``. The losses
         are the seed's: ``sum_l mse(q_l.detach(), r_l)`` and ``sum_l mse(q_l, r_l.detach())``,
         where ``r_l`` carries the gradient to ``inputs`` (the seed subtracts detached codes).
@@ -48,6 +49,12 @@ class ResidualQuantizer(CodebookState):
     ``quantized`` hands ``inputs`` ``L`` times the upstream gradient. The losses' gradients
     are the seed's. With ``grad="rotation"`` the rotation trick is applied between ``inputs``
     and the total quantized vector.
+
+    What a training step costs (Triton backend): one forward launch for every level (codes, their
+    sum, each level's loss terms, the EMA statistics and revival candidates of every level), one
+    backward launch (every gradient, from the saved codes: no level is searched again), no host
+    sync, no ``N x K`` buffer: about 7.5 passes over the inputs at L = 8, K = 256, D = 64,
+    N = 4096 (the seed MultiQuantizer: 179.5), growing with L only by the codebooks and codes.
 
     Checkpoints: a seed MultiQuantizer state_dict (``quantizers.{l}.embeddings.weight``, and
     ``quantizers.{l}.cluster_size`` / ``embed_avg`` for EMA levels) loads directly with

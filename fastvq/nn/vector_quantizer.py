@@ -32,8 +32,9 @@ class VectorQuantizer(CodebookState):
             near ``eps`` and is thrown far out (about ``1/eps`` times its size), never to be
             picked again; ``kmeans_init`` or ``dead_code_threshold`` avoid that.
         dead_code_threshold: in training, a code whose EMA count (``cluster_size`` with EMA,
-            else ``code_usage``, an EMA of batch counts) drops below this is re-seeded from a
-            random vector of the current batch. 0 (default) disables it. With ``ema``, since
+            else ``code_usage``, an EMA of batch counts) drops below this is revived: moved to
+            the midpoint of a random vector of the current batch and the code that vector chose.
+            0 (default) disables it. With ``ema``, since
             ``cluster_size`` starts at 0, the first training step re-seeds every code picked
             fewer than ``threshold / (1 - decay)`` times: in effect it initialises the codebook
             from that batch.
@@ -43,8 +44,12 @@ class VectorQuantizer(CodebookState):
     Forward:
         ``inputs (..., D)`` float32/float16/bfloat16, any strides (a different float dtype from
         the codebook's is fine: the search promotes, ``quantized`` and the losses take the
-        inputs' dtype) -> ``(quantized (..., D), commitment_loss, embedding_loss,
-        indices (...) int64)``. float64 inputs or a ``.double()`` module raise ``TypeError``
+        inputs' dtype), optional ``mask (...)`` (bool, ``False`` = padding; or float per-row
+        weights) -> ``(quantized (..., D), commitment_loss, embedding_loss,
+        indices (...) int64)``. A masked row adds nothing to the losses or to the codebook's
+        statistics (EMA, dead codes, k-means init), gets no loss gradient, and its ``quantized``
+        is its input unchanged (identity gradient); its index is still its nearest code; the
+        losses are means over the unmasked rows (0 when there are none). float64 inputs or a ``.double()`` module raise ``TypeError``
         (the seed accepted them; cast with ``.float()``). ``quantized`` has the code's value
         and passes the gradient to ``inputs`` (straight through, or rotated);
         ``commitment_loss = mse(code.detach(), inputs)`` (gradient to the inputs),
@@ -55,6 +60,13 @@ class VectorQuantizer(CodebookState):
 
     The state_dict is the seed's (``embeddings.weight``; with ``ema`` also ``cluster_size``
     and ``embed_avg``), so a seed checkpoint loads with ``strict=True``.
+
+    What a training step costs (Triton backend): the l2 search, the gathered codes and both
+    losses are one kernel launch (:func:`fastvq.residual_quantize_step` with one level; another
+    metric runs :func:`fastvq.nearest_code` first), every gradient (straight-through or rotated,
+    and the codebook's) one more, the EMA update a third; no host sync, no ``N x K`` buffer.
+    About 5.6 passes over the inputs for a straight-through or rotation step, 6.4 with EMA (the
+    seed module: 22.6 and 19.0; ``python -m fastvq bench --traffic``).
 
     Example::
 

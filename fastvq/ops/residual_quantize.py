@@ -192,9 +192,9 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     Precision: float32 codebooks are searched in exact float32 (IEEE dot). For bfloat16/float16
     codebooks the Triton kernel rounds the residual to the codebook dtype for the ``r.c`` dot
     (tensor cores, float32 accumulation), so near-ties may resolve differently than in float32;
-    the residual, ``|c|^2`` and ``quantized`` stay float32. For ``D > 1024`` the kernel keeps the
+    the residual, ``|c|^2`` and ``quantized`` stay float32. For ``D > 256`` the kernel keeps the
     residual in a float32 ``(N, D)`` workspace instead of registers and streams D in chunks
-    (same results, still one launch).
+    (same results, still one launch; wider register blocks would spill).
 
     Example::
 

@@ -141,7 +141,7 @@ def test_noncontiguous(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_d_chunked_kernel(dtype):
-    # The D-chunked kernel (residual in a float32 workspace) that runs for D > 1024, forced on
+    # The D-chunked kernel (residual in a float32 workspace) that runs for D > 256, forced on
     # small D, and the real thing through the public function at D = 1100.
     from fastvq.kernels.residual_quantize import residual_quantize_fwd
 
@@ -365,7 +365,7 @@ def test_step_statistics_and_candidates(backend, device, masked):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_step_chunked_kernel_matches_register_kernel(dtype, device):
-    # the D-chunked forward (D > 1024 in use, forced here on small D) returns what the register
+    # the D-chunked forward (D > 256 in use, forced here on small D) returns what the register
     # kernel returns, every output; and the backward launcher matches its reference
     from fastvq.kernels.residual_quantize import residual_quantize_bwd, residual_quantize_fwd
     from fastvq.reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
@@ -465,3 +465,27 @@ def test_step_opcheck():
             torch.library.opcheck(torch.ops.fastvq.residual_quantize.default, (x, cb, None, codes, None, 0, True))
             torch.library.opcheck(torch.ops.fastvq.residual_quantize_bwd.default,
                                   (x.detach(), cb.detach(), codes, w, randn(6, 5), randn(3), randn(3), True, True))
+
+
+def test_register_prune_keeps_spill_free_configs_for_every_width():
+    # every BLOCK_D the register variant runs with keeps at least one config the register bound
+    # accepts (tests/test_cuda_compile.py compiles them for sm_90: no register-file exhaustion)
+    import triton
+
+    from fastvq.kernels import residual_quantize as kmod
+
+    gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+           for bm in (16, 32, 64, 128) for bk in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3)]
+    for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float32, "ieee")):
+        for block_d in (16, 32, 64, 128, 256):
+            if block_d > kmod.register_d_limit(dtype):
+                continue
+            kept = kmod._prune_register_configs(gpu, {}, BLOCK_D=block_d, PRECISION=prec)
+            assert kept and all(kmod.fits_registers(c, block_d, fma=prec == "ieee") for c in kept), (dtype, block_d)
+        kept = kmod._prune_chunked_configs(gpu, {}, PRECISION=prec)
+        assert kept and all(kmod.fits_registers(c, kmod.CHUNK_D, chunked=True, fma=prec == "ieee") for c in kept)
+    # what spilled before: bf16 BM=64 at 4 warps, fp32 BM >= 32 with BK >= 32 (64 x 64 at 4 warps:
+    # 22,952 bytes of stack), and any 1024-wide register block
+    assert not kmod.fits_registers(triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4), 64)
+    assert not kmod.fits_registers(triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4), 256, fma=True)
+    assert kmod.register_d_limit(torch.bfloat16) < 1024
