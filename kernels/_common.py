@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -75,3 +76,83 @@ def launcher(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+# --------------------------------------------------------------------------- autotuning
+
+AUTOTUNE_ENV = "FASTVQ_AUTOTUNE"
+
+# Every autotuned kernel's GPU configs and its pinned config, by kernel name, whatever the switch
+# says (the sm_90/sm_80 compile check reads them).
+GPU_CONFIGS: dict = {}
+PINNED_CONFIGS: dict = {}
+
+
+def autotune_enabled() -> bool:
+    """``False`` when ``$FASTVQ_AUTOTUNE`` is ``0`` (or ``false``/``off``/``no``); on by default.
+
+    Read when the kernel modules are imported (Triton fixes an autotuner's configs when it is
+    defined), so set it before the first fastvq op runs.
+    """
+    value = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"environment variable {AUTOTUNE_ENV}={value!r}: expected 1 (autotune, the default) "
+                     f"or 0 (one pinned config per kernel)")
+
+
+def autotune_configs(name: str, gpu: list, pinned, interpreter) -> list:
+    """The configs an autotuned kernel is decorated with.
+
+    * under the Triton interpreter: ``[interpreter]`` (one small config; the interpreter would run
+      and time every config);
+    * with ``FASTVQ_AUTOTUNE=0``: ``[pinned]``, one config that fits sm_80 and sm_90 without
+      register spills at the benchmark shapes (checked by tests/test_cuda_compile.py), so a GPU test
+      run does not autotune hundreds of keys; with one config Triton neither prunes nor benchmarks;
+    * otherwise the full GPU list ``gpu``, pruned per launch by the kernel's resource estimate.
+    """
+    GPU_CONFIGS[name] = list(gpu)
+    PINNED_CONFIGS[name] = pinned
+    if INTERPRETED:
+        return [interpreter]
+    if not autotune_enabled():
+        return [pinned]
+    return list(gpu)
+
+
+# --------------------------------------------------------------------------- jit helpers
+# Shared by several kernels. Power-of-two scaling is exact for normal numbers (it only moves the
+# exponent), so a scaled computation rounds exactly like the unscaled one wherever that one
+# neither overflows nor underflows; it is how the search kernels "scale before they square".
+
+
+
+@triton.jit
+def exp2i(e):
+    """``2.0 ** e`` as float32, exactly, for an int32 ``e`` (clamped to [-126, 127])."""
+    e = tl.minimum(tl.maximum(e, -126), 127)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pow2_exponent(m):
+    """For a float32 ``m >= 0``: the int32 ``e`` with ``m * 2**-e`` in [1, 2) (normal ``m``),
+    clamped to [-127, 126] so that ``2**-e`` is a normal float32. Subnormal and zero ``m`` give
+    -127 (``m * 2**127 < 2``); inf/NaN give 126 (they stay inf/NaN when scaled)."""
+    biased = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.minimum(tl.maximum(biased - 127, -127), 126)
+
+
+@triton.jit
+def nan_max0(d):
+    """``max(d, 0)`` that keeps NaN (``tl.maximum`` alone turns NaN into 0)."""
+    return tl.maximum(d, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_clamp(d, lo, hi):
+    """``min(max(d, lo), hi)`` that keeps NaN."""
+    d = tl.maximum(d, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(d, hi, propagate_nan=tl.PropagateNan.ALL)

@@ -27,18 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
-from ._common import dot_fp32, flat_grid, flat_program_id, launcher, next_pow2, tl_input_precision
+from ._common import autotune_configs, dot_fp32, flat_grid, flat_program_id, launcher, next_pow2, tl_input_precision
 
 
-def _configs(pairs):
-    if INTERPRETED:  # the interpreter would run every config: one, with large tiles
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+def _configs(name, pairs):
+    return autotune_configs(
+        name, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs],
+        pinned=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=2, maxnreg=128),
+        interpreter=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4))  # (one, with large tiles)
 
 
-_FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2)])
-_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 32, 8, 2)])
+_FWD_CONFIGS = _configs("pairwise_kl_loss_fwd", [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2)])
+_BWD_CONFIGS = _configs("pairwise_kl_loss_bwd", [(64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 32, 8, 2)])
 
 
 @triton.jit

@@ -214,10 +214,10 @@ def test_nonfinite_x_gives_nan_rows_and_valid_bits(training):
 
 
 @pytest.mark.gpu
-def test_cuda():
+def test_cuda(device):
     ours, peer = pair()
-    ours.cuda().eval(), peer.cuda().eval()
-    x = torch.randn(2, 64, 8, device="cuda")
+    ours.to(device).eval(), peer.to(device).eval()
+    x = torch.randn(2, 64, 8, device=device)
     y, bits = ours(x)
     y_ref, bits_ref = peer(x)
     assert torch.equal(bits, bits_ref)

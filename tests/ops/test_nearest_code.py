@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastvq
-from tests.utils import assert_close, noncontiguous, randn
+from tests.utils import assert_close, count_kernel_launches, generator, noncontiguous, randn
 
 METRICS = ["l2", "cosine", "dot"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -73,7 +73,7 @@ def test_parity(backend, N, K, D, metric, dtype):
 
 
 def _int_codebook(K, D, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return torch.randint(-4, 5, (K, D), generator=g).float()
 
 
@@ -110,12 +110,12 @@ def test_equidistant_distinct_codes_tie_to_smallest(backend):
 
 
 @pytest.mark.parametrize("splits_min_codes", [32, 64])
-def test_split_codebook_path(backend, monkeypatch, splits_min_codes):
+def test_split_codebook_path(backend, monkeypatch, splits_min_codes, device):
     import fastvq.kernels.nearest_code as knc
 
     monkeypatch.setattr(knc, "SPLIT_MIN_CODES", splits_min_codes)
     N, K, D = 2, 700, 20
-    assert knc.num_splits(N, K, torch.device("cpu")) > 2
+    assert knc.num_splits(N, K, torch.device(device)) > 2
     # Integer values (exact dot products): duplicates in different splits tie exactly.
     c = _int_codebook(K, D, seed=4)
     c[650] = c[333] = c[64]
@@ -338,18 +338,19 @@ def test_bad_input(x, c, kw, err):
         fastvq.nearest_code(x, c, **kw)
 
 
-def test_launcher_checks():
+def test_launcher_asserts_its_preconditions():
+    # user-facing checks live in fastvq.ops; the launcher only asserts what it relies on
     from fastvq.kernels.nearest_code import nearest_code_fwd
 
-    with pytest.raises(ValueError, match="nearest_code_fwd"):
+    with pytest.raises(AssertionError, match="nearest_code_fwd"):
         nearest_code_fwd(torch.randn(3, 4), torch.randn(0, 4))
-    with pytest.raises(TypeError, match="nearest_code_fwd"):
+    with pytest.raises(AssertionError, match="nearest_code_fwd"):
         nearest_code_fwd(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_opcheck(metric):
-    x, c = randn(6, 5), randn(4, 5)
+    x, c = randn(2, 6, 5), randn(2, 4, 5)  # the custom op takes (H, N, D) and (H, K, D)
     for name in ("reference", "triton"):
         with fastvq.backend(name):
             torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (x, c, metric, False))
@@ -371,7 +372,7 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize("metric", METRICS)
 def test_large_gpu(dtype, metric):
     N, K, D = 65536, 4096, 256
-    x, c = randn(N, D, dtype=dtype, device="cuda"), randn(K, D, dtype=dtype, device="cuda")
+    x, c = randn(N, D, dtype=dtype), randn(K, D, dtype=dtype)
     with fastvq.backend("triton"):
         idx, dist = fastvq.nearest_code(x, c, metric)
     with fastvq.backend("reference"):
@@ -391,6 +392,7 @@ def test_large_gpu(dtype, metric):
 
 
 @pytest.mark.gpu
+@pytest.mark.about_devices("placement on the second GPU while the first is current")
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_gpu_while_current_is_first():
     # Triton launches on the current device; the launchers must switch to the tensors' device.
@@ -410,8 +412,8 @@ def test_second_gpu_while_current_is_first():
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [1, 8, 100])
 def test_split_gpu(N):
-    x, c = randn(N, 128, device="cuda"), randn(65536, 128, device="cuda")
-    c[7] = torch.randint(-4, 5, (128,), device="cuda").float()  # integers: exact dot products
+    x, c = randn(N, 128), randn(65536, 128)
+    c[7] = torch.randint(-4, 5, (128,)).float()  # integers: exact dot products
     c[40000] = c[7]
     x[0] = c[7]
     with fastvq.backend("triton"):
@@ -421,3 +423,68 @@ def test_split_gpu(N):
     assert idx[0].item() == 7
     assert_close(dist, ref_dist, torch.float32, reduce_len=128 * 100)
     assert (idx == ref_idx).float().mean() > 0.99
+
+
+# --------------------------------------------------------------------------- several codebooks
+
+
+@pytest.mark.parametrize("metric", METRICS + ["euclidean"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_codebook_matches_each_codebook(backend, metric, dtype):
+    H = 3
+    x, c = randn(H, 2, 17, 12, dtype=dtype), randn(H, 45, 12, dtype=dtype)
+    idx, dist = fastvq.nearest_code(x, c, metric)
+    assert idx.shape == (H, 2, 17) and dist.shape == (H, 2, 17)
+    for h in range(H):
+        if metric == "euclidean":
+            _check_nearest(x[h], c[h], "l2", idx[h], dist[h] ** 2)
+        else:
+            _check_nearest(x[h], c[h], metric, idx[h], dist[h])
+        one = fastvq.nearest_code(x[h], c[h], metric)
+        assert torch.equal(one[0], idx[h])
+
+
+def test_multi_codebook_is_one_launch(monkeypatch):
+    import fastvq.kernels.nearest_code as knc
+
+    x, c = randn(5, 40, 8), randn(5, 64, 8)
+    with fastvq.backend("triton"):
+        launched = count_kernel_launches(monkeypatch, knc, "_code_terms_kernel", "_code_rescale_kernel",
+                                         "_nearest_code_fwd_kernel", "_nearest_code_reduce_kernel")
+        fastvq.nearest_code(x, c)
+    assert launched == ["_code_terms_kernel", "_code_rescale_kernel", "_nearest_code_fwd_kernel"]
+
+
+def test_multi_codebook_scaled_separately(backend):
+    # one codebook far outside [2^-20, 2^20] (scaled copy), the others ordinary: each searched right
+    x, c = randn(3, 6, 8), randn(3, 30, 8)
+    c[1] *= 1e25
+    x[1] = c[1, [3, 8, 13, 21, 22, 29]] * 1.001
+    idx, dist = fastvq.nearest_code(x, c)
+    assert idx[1].tolist() == [3, 8, 13, 21, 22, 29]
+    for h in (0, 2):
+        _check_nearest(x[h], c[h], "l2", idx[h], dist[h])
+
+
+def test_multi_codebook_bad_shapes():
+    with pytest.raises(ValueError, match="nearest_code.*H = 3"):
+        fastvq.nearest_code(torch.randn(2, 5, 4), torch.randn(3, 7, 4))
+    with pytest.raises(ValueError, match="nearest_code.*H = 3"):
+        fastvq.nearest_code(torch.randn(4), torch.randn(3, 7, 4))
+    with pytest.raises(ValueError, match="nearest_code"):
+        fastvq.nearest_code(torch.randn(3, 5, 4), torch.randn(3, 0, 4))
+    with pytest.raises(ValueError, match="nearest_code"):
+        fastvq.nearest_code(torch.randn(3, 5, 4), torch.randn(1, 3, 7, 4))
+    idx, dist = fastvq.nearest_code(torch.randn(0, 5, 4), torch.randn(0, 7, 4))
+    assert idx.shape == (0, 5)
+
+
+def test_multi_codebook_compile(backend):
+    x, c = randn(2, 9, 6), randn(2, 11, 6)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x, c):
+        return fastvq.nearest_code(x, c, "dot")
+
+    idx, _ = f(x, c)
+    assert torch.equal(idx, fastvq.nearest_code(x, c, "dot")[0])

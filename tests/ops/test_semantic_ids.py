@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastvq
-from tests.utils import count_kernel_launches
+from tests.utils import count_kernel_launches, generator
 
 
 def _brute_force(codes):
@@ -88,8 +88,7 @@ def test_stats_known():
 
 
 def _seeded_codes(n, depth, high, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, high, (n, depth), generator=g)
+    return torch.randint(0, high, (n, depth), generator=generator(seed))
 
 
 @pytest.mark.parametrize("N,L,high", [(200, 3, 3), (64, 2, 1), (50, 4, 1000), (0, 2, 3)],
@@ -158,7 +157,7 @@ def test_opcheck():
 
 @pytest.mark.gpu
 def test_large_gpu():
-    codes = torch.randint(0, 16, (1 << 20, 3), device="cuda")
+    codes = torch.randint(0, 16, (1 << 20, 3))
     with fastvq.backend("triton"):
         tri = fastvq.semantic_ids(codes)
     with fastvq.backend("reference"):

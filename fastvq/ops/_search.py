@@ -1,0 +1,93 @@
+"""What the search ops (nearest_code, topk_codes, sample_code, mine_negatives, pairwise_sqdist)
+share: the metric names and the numeric contract. The one place the metric names are defined;
+kernels keep only their internal name -> id mapping.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+#: Distance metrics of the search ops. ``"l2"``: squared Euclidean ``|x - c|^2``;
+#: ``"euclidean"``: ``|x - c|`` (same order as l2); ``"cosine"``: ``1 - cos(x, c)`` (a zero
+#: vector has cosine 0 with anything, so distance 1); ``"dot"``: ``-<x, c>`` (the nearest code is
+#: the one with the largest inner product).
+METRICS = ("l2", "cosine", "dot", "euclidean")
+
+NUMERIC_CONTRACT = """\
+Numeric contract (every search op, both backends, float32/float16/bfloat16 inputs):
+distances are computed in float32 and never made up. The returned distance is the distance
+from the row to the returned code, computed directly from the two vectors and rounded once:
+NaN exactly where that distance is NaN (a NaN entry; inf - inf), +inf where it overflows
+float32 (dot: -inf where <x, c> overflows), never 0 or another finite stand-in; l2 >= 0 and
+cosine in [0, 2] at every magnitude (rows and codes are scaled by powers of two before they are
+squared or normalised). Indices always lie in [0, K). A code with a NaN or infinite entry is
+never chosen for a finite row while the codebook has a finite code. For finite inputs the
+index is the exact nearest code up to float32 rounding of the search (codes whose distances
+differ by less than about 1e-6 (|x|^2 + max|c|^2) for l2, 1e-6 for cosine, may swap; exact ties
+go to the smallest index), also where every distance overflows float32; a row so far from the
+codebook that the search itself overflows (|x| beyond about 2^100 times the largest code) is
+equally near every code within float32 and gets the first finite code. A row with a NaN entry
+gets index 0 and distance NaN. A row with an infinite entry (and no NaN) gets the first finite
+code, at its true distance (l2: +inf). A finite row when no code is finite gets index 0 at its
+true distance (NaN or +inf)."""
+
+
+def check_int(op: str, name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an ``int``: a bool, a non-integral float or any other type raises a named error."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        raise TypeError(f"fastvq.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"fastvq.{op}: {name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"fastvq.{op}: {name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"fastvq.{op}: {name} must be <= {maximum}, got {value}")
+    return value
+
+
+def search_inputs(op: str, x, codebook, metric, allow_tf32):
+    """Validate and shape the inputs of a search op.
+
+    ``codebook`` ``(K, D)``: ``x`` ``(..., D)``, one codebook for every row. ``codebook``
+    ``(H, K, D)``: ``x`` ``(H, ..., D)``, row ``x[h, ...]`` searched in ``codebook[h]``.
+    Returns ``(x3 (H, N, D), codebook3 (H, K, D), lead)``: detached, one promoted float dtype;
+    ``lead`` is ``x.shape[:-1]``, the shape of the results.
+    """
+    from .._checks import check_float, check_metric, check_same_device, check_tensor
+
+    check_tensor(op, "x", x, min_ndim=1)
+    check_tensor(op, "codebook", codebook)
+    if codebook.dim() not in (2, 3):
+        raise ValueError(f"fastvq.{op}: codebook must be (K, D) or (H, K, D), got shape {tuple(codebook.shape)}")
+    check_float(op, "x", x)
+    check_float(op, "codebook", codebook)
+    check_same_device(op, x=x, codebook=codebook)
+    if x.shape[-1] != codebook.shape[-1]:
+        raise ValueError(f"fastvq.{op}: feature dims differ: x has D={x.shape[-1]} (shape {tuple(x.shape)}), "
+                         f"codebook has D={codebook.shape[-1]} (shape {tuple(codebook.shape)})")
+    if codebook.shape[-2] == 0:
+        raise ValueError(f"fastvq.{op}: codebook is empty (K = 0), shape {tuple(codebook.shape)}")
+    multi = codebook.dim() == 3
+    if multi and (x.dim() < 2 or x.shape[0] != codebook.shape[0]):
+        raise ValueError(f"fastvq.{op}: with H = {codebook.shape[0]} codebooks (shape {tuple(codebook.shape)}) x must "
+                         f"be (H, ..., D), got shape {tuple(x.shape)}")
+    if not isinstance(metric, str):
+        raise TypeError(f"fastvq.{op}: metric must be a str, got {type(metric).__name__}")
+    check_metric(op, metric, METRICS)
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"fastvq.{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    x, codebook = x.detach(), codebook.detach()
+    if x.dtype != codebook.dtype:
+        dtype = torch.promote_types(x.dtype, codebook.dtype)
+        x, codebook = x.to(dtype), codebook.to(dtype)
+    lead = x.shape[:-1]
+    D = x.shape[-1]
+    c3 = codebook if multi else codebook.unsqueeze(0)
+    H = c3.shape[0]
+    # explicit row counts: reshape(H, -1, D) is ambiguous (and raises) when D == 0 or H == 0
+    x3 = x.reshape(H, (lead.numel() // H) if H else 0, D)
+    return x3, c3, lead
