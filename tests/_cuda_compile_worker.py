@@ -306,28 +306,32 @@ def _pairwise_kl_loss_jobs():
     mod = pairwise_kl_loss
     jobs = []
     row_ints = ("stride_pb", "stride_tb", "stride_db")
-    for name, k, extra in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, {}),
-                           ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, {"BLOCK_DO": 128})):
+    for name, k, bwd in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, False),
+                         ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, True)):
         configs = _cfgs(k)
         for dt in DTYPES:
-            if extra:  # the backward scales G + G^T by 2^14 for its float16 dot
-                extra = dict(extra, H_SCALE=mod.H_SCALE_FP16 if dt == "fp16" else 1.0)
             p = DTYPES[dt]
+            elt = _ELT[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
             ptrs = {"p_pred": p, "p_target": p, "p_kl": "*fp32", "p_lse_p": "*fp32", "p_lse_t": "*fp32",
                     "p_grad": "*fp32", "p_dpred": p}
             ptrs = {a: v for a, v in ptrs.items() if a in _jit(k).arg_names}
-            for cfg in (configs if dt != "fp16" else configs[:1]):
-                const = dict(stride_pd=1, stride_td=1, BLOCK_DP=64, BLOCK_DT=64, PREC_P=prec, PREC_T=prec,
+            # the launcher's largest D chunks for this precision, and the configs the prune keeps for it
+            block_d = mod.MAX_BLOCK_D[elt]
+            extra = {"BLOCK_DO": mod.MAX_BLOCK_DO[elt], "H_SCALE": mod.H_SCALE_FP16 if dt == "fp16" else 1.0} \
+                if bwd else {}
+            kept = mod._prune_configs(configs, {"p_pred": _FakeTensor(elt)})
+            for cfg in (kept if dt != "fp16" else kept[:1]):
+                const = dict(stride_pd=1, stride_td=1, BLOCK_DP=block_d, BLOCK_DT=block_d, PREC_P=prec, PREC_T=prec,
                              DOT_FP32_P=False, DOT_FP32_T=False, **extra, **cfg.kwargs)
                 if "stride_dd" in _jit(k).arg_names:
                     const["stride_dd"] = 1
                 big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / (64 * 64)
-                jobs.append(Job(f"pairwise_kl_loss.{name}",
-                                f"{dt},BLOCK_DP=BLOCK_DT=64{',BLOCK_DO=128' if extra else ''} | {_cfg_label(cfg)}",
+                label = f"{dt},BLOCK_DP=BLOCK_DT={block_d}" + (f",BLOCK_DO={extra['BLOCK_DO']}" if bwd else "")
+                jobs.append(Job(f"pairwise_kl_loss.{name}", f"{label} | {_cfg_label(cfg)}",
                                 _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"inv_t": "fp32"},
                                 aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32",
-                                rows=cfg.kwargs["BLOCK_M"], sweep=cfg is not configs[0],
+                                rows=cfg.kwargs["BLOCK_M"], sweep=cfg is not kept[0],
                                 cost=big * (8 if dt == "fp32" else 2)))
     # narrow features (BLOCK_D = 16, the smallest wgmma K for 16-bit operands), bf16
     k = mod._pairwise_kl_loss_bwd_kernel

@@ -126,6 +126,9 @@ def to_decimal(bits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(...)`` int64 tensor on ``bits``' device. Not differentiable.
 
+    Raises ``ValueError`` for any value other than 0 or 1 (NaN, inf and 0.5 included: no bit is
+    made up from them); checking reads the device once, inside the custom op.
+
     Example::
 
         >>> fastvq.to_decimal(torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]]))
