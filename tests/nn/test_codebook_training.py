@@ -342,3 +342,46 @@ def test_low_usage_warning_counts_levels_and_masks(monkeypatch):
         vq._update_codebook_(None, (torch.arange(32) % 16).view(1, -1), mask)
         vq._update_codebook_(None, (torch.arange(32) % 16).view(1, -1), mask)
     assert len(caught) == 1 and "only 1 of 16 codes" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
+def test_training_step_with_revival_compiles_fullgraph(backend, ema):
+    torch.manual_seed(0)
+    compiled = VectorQuantizer(16, 4, ema=ema, dead_code_threshold=2.0)
+    eager = VectorQuantizer(16, 4, ema=ema, dead_code_threshold=2.0)
+    eager.load_state_dict(compiled.state_dict())
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for i in range(2):
+        x = randn(40, 4, seed=i)
+        torch.manual_seed(10 + i)  # the same random candidates in both
+        _, _, _, idx = step(x)
+        torch.manual_seed(10 + i)
+        _, _, _, idx0 = eager(x)
+        assert torch.equal(idx, idx0)
+    for key, value in eager.state_dict().items():
+        assert_close(compiled.state_dict()[key], value, msg=key)
+    assert int(compiled.codes_revived) == int(eager.codes_revived) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", list(SYNC_CONFIGS))
+def test_training_step_has_no_cuda_sync(config, monkeypatch):
+    """On a GPU: every training step after the first (k-means) one, revival and the usage warning's
+    copy and read included, runs under torch.cuda.set_sync_debug_mode("error")."""
+    monkeypatch.setattr(_codebook, "USAGE_WARMUP_STEPS", 1)
+    monkeypatch.setattr(_codebook, "USAGE_WINDOW_STEPS", 1)
+    torch.manual_seed(0)
+    m = SYNC_CONFIGS[config]().cuda()
+    m(torch.randn(64, 4, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(6):
+                x = torch.randn(64, 4, device="cuda", requires_grad=True)
+                q, commit, emb, _ = m(x)
+                (q.sum() + commit + emb).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(m._codebook_levels()).all()
