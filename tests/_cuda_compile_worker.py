@@ -155,35 +155,47 @@ def _nearest_code_jobs():
     mod = nearest_code
     jobs = []
     unit = {"stride_xd": 1, "stride_cd": 1, "stride_pd": 1}
-    row_ints = ("stride_xn", "stride_ck", "stride_pn")
+    unit_tk = {"stride_xd": 1, "stride_cd": 1}
+    row_ints = ("stride_xh", "stride_xn", "stride_ch", "stride_ck", "stride_pn")
 
     def ptrs(dt):
         p = DTYPES[dt]
-        return {"p_x": p, "p_c": p, "p_pos": p, "p_cterm": "*fp32", "p_idx": "*i64", "p_dist": "*fp32",
-                "p_pscore": "*fp32", "p_pidx": "*i64", "p_pxterm": "*fp32"}
+        return {"p_x": p, "p_c": p, "p_chat": p, "p_pos": p, "p_cterm": "*fp32", "p_meta": "*i32", "p_seed": "*i64", "p_idx": "*i64",
+                "p_dist": "*fp32", "p_pscore": "*fp32", "p_pidx": "*i32"}
 
-    # pre-pass
+    # pre-passes
     for dt in DTYPES:
-        for metric in (0, 1):
+        for metric in (0, 1, 2):
             jobs.append(Job("nearest_code._code_terms_kernel", f"{dt},METRIC={metric}", mod._code_terms_kernel,
-                            {"p_c": DTYPES[dt], "p_out": "*fp32"},
+                            {"p_c": DTYPES[dt], "p_cterm": "*fp32", "p_pmax": "*fp32", "p_pmin": "*fp32",
+                             "p_pfirst": "*i32"},
                             {"stride_cd": 1, "METRIC": metric, "BLOCK_K": 64, "BLOCK_D": 64},
-                            aligned_ints=("stride_ck",), cost=0.5))
-    # merge of the split partials
-    for metric, lb in ((0, False), (1, False), (2, False), (0, True)):
+                            aligned_ints=("stride_ch", "stride_ck"), cost=0.5))
+            jobs.append(Job("nearest_code._code_rescale_kernel", f"{dt},METRIC={metric}", mod._code_rescale_kernel,
+                            {"p_c": DTYPES[dt], "p_chat": DTYPES[dt], "p_cterm": "*fp32", "p_pmax": "*fp32",
+                             "p_pmin": "*fp32", "p_pfirst": "*i32", "p_meta": "*i32"},
+                            {"stride_cd": 1, "METRIC": metric, "CAN_SCALE": dt != "fp16", "TAME": 20,
+                             "BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_B": 256},
+                            aligned_ints=("stride_ch", "stride_ck"), cost=0.5))
+    # merge of the split partials and the epilogue
+    for metric, lb in ((0, False), (1, False), (2, False), (3, False), (0, True)):
         jobs.append(Job("nearest_code._nearest_code_reduce_kernel", f"METRIC={metric},HAS_LOWER_BOUND={lb}",
                         mod._nearest_code_reduce_kernel,
-                        {"p_pscore": "*fp32", "p_pidx": "*i64", "p_pxterm": "*fp32", "p_idx": "*i64",
-                         "p_dist": "*fp32"},
-                        {"METRIC": metric, "HAS_LOWER_BOUND": lb, "BLOCK_N": 128}, cost=0.5))
+                        {"p_x": "*bf16", "p_c": "*bf16", "p_meta": "*i32", "p_pscore": "*fp32", "p_pidx": "*i32",
+                         "p_idx": "*i64", "p_dist": "*fp32"},
+                        {"stride_xd": 1, "stride_cd": 1, "METRIC": metric, "HAS_LOWER_BOUND": lb, "BLOCK_N": 64,
+                         "BLOCK_D": 64},
+                        aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), cost=0.5))
 
     k = mod._nearest_code_fwd_kernel
     configs = _cfgs(k)
 
-    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False):
-        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, WRITE_PARTIAL=partial,
-                     ONE_D_BLOCK=one_d, PRECISION=prec, DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
-        var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},PARTIAL={int(partial)},"
+    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False,
+            sample=False):
+        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, SAMPLE=sample, WRITE_PARTIAL=partial,
+                     ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16", PRECISION=prec,
+                     DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
+        var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},{'SAMPLE,' if sample else ''}PARTIAL={int(partial)},"
                f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}{tag} | {_cfg_label(cfg)}")
         big = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         return Job("nearest_code._nearest_code_fwd_kernel", var, _jit(k), ptrs(dt), const, cfg.num_warps,
@@ -219,6 +231,25 @@ def _nearest_code_jobs():
                     _pick(configs, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)))
     # Odd D: no divisibility on the row strides, nothing unit-stride specialized.
     jobs.append(fwd("bf16", "tf32", 0, False, False, True, 128, mid, aligned=False, tag=",unaligned"))
+    # Gumbel-max sampling (every metric; split and streamed once each)
+    for metric in (0, 1, 2, 3):
+        jobs.append(fwd("bf16", "tf32", metric, False, False, True, 64, mid, sample=True))
+    jobs.append(fwd("fp16", "tf32", 2, False, True, False, 64, mid, sample=True))
+    jobs.append(fwd("fp32", "ieee", 3, False, False, True, 128, mid, sample=True))
+    # top-k: the launcher's fixed tiles
+    tk = mod._topk_codes_fwd_kernel
+    for dt, prec, metric, kp, bn, one_d, block_d in (("bf16", "tf32", 0, 16, 64, True, 64),
+                                                     ("bf16", "tf32", 1, 128, 32, True, 256),
+                                                     ("fp16", "tf32", 2, 2, 64, False, 64),
+                                                     ("fp32", "ieee", 3, 8, 64, True, 128)):
+        jobs.append(Job("nearest_code._topk_codes_fwd_kernel", f"{dt}/{prec},METRIC={metric},KP={kp},BLOCK_N={bn},"
+                        f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}", tk,
+                        {n: v for n, v in ptrs(dt).items() if n in tk.arg_names},
+                        dict(unit_tk, METRIC=metric, ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16",
+                             PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=block_d,
+                             FIN_D=min(block_d, 32)),
+                        4, 1, aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), dot=True,
+                        tensor_cores=prec == "tf32", rows=bn, cost=2.0 * (6 if prec == "ieee" else 1)))
     return jobs
 
 
@@ -315,7 +346,7 @@ def _pairwise_sqdist_jobs():
     for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")):
         for block_d in (64, 16):
             const = dict(stride_ad=1, stride_bd=1, stride_on=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
-                         PRECISION=prec, DOT_FP32=False)
+                         GROUP=8, PRECISION=prec, DOT_FP32=False)
             jobs.append(Job("pairwise_sqdist._pairwise_sqdist_fwd_kernel", f"{dt}/{prec},BLOCK_D={block_d}", k,
                             {"p_a": DTYPES[dt], "p_b": DTYPES[dt], "p_out": "*fp32"}, const,
                             aligned_ints=("stride_am", "stride_bn", "stride_om"), dot=True,
