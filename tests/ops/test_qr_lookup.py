@@ -386,12 +386,17 @@ BWD_FORMS = [  # (offsets, mode, weighted)
 ]
 
 
-def _bwd_call(device, op, offs, mode, weighted, deterministic=True, sparse=False, seed=0):
+def _bwd_inputs(device, op, offs, weighted, seed=0):
     qw, rw = _tables(7, 5, 6, op)
     qw, rw = qw.to(device).requires_grad_(), rw.to(device).requires_grad_()
     ids = _rand_ids(17, seed=seed, lo=-80, hi=80).to(device)
     offsets = None if offs is None else torch.tensor(offs, device=device)
     w = randn(17, seed=seed + 1, device=device, requires_grad=True) if weighted else None
+    return ids, qw, rw, offsets, w
+
+
+def _bwd_call(device, op, offs, mode, weighted, deterministic=True, sparse=False, seed=0, inputs=None):
+    ids, qw, rw, offsets, w = inputs or _bwd_inputs(device, op, offs, weighted, seed)
     out = fastvq.qr_lookup(ids, qw, rw, op, offsets=offsets, mode=mode, per_sample_weights=w,
                            deterministic=deterministic, sparse=sparse)
     return out, (qw, rw, w)
@@ -422,6 +427,17 @@ def test_backward_has_no_host_sync_and_at_most_one_sort(device, monkeypatch, off
     launches = dict(counts.kernels)
     assert launches.pop("_qr_psw_grad_kernel", 0) == int(weighted)
     assert launches == ({"_qr_keys_kernel": 1, "_qr_rows_kernel": 1} if deterministic else {"_qr_atomic_kernel": 1})
+
+
+@pytest.mark.parametrize("offs,mode,weighted", BWD_FORMS)
+def test_forward_has_no_host_sync(backend, device, offs, mode, weighted):
+    # the bag offsets are validated on the device (assert_async), not read on the host
+    from fastvq.bench.traffic import metering
+
+    inputs = _bwd_inputs(device, "add", offs, weighted)
+    with metering() as meter:
+        _bwd_call(device, "add", offs, mode, weighted, inputs=inputs)
+    assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)
 
 
 def test_sparse_backward_reads_the_host_once(device, monkeypatch):
