@@ -128,12 +128,14 @@ def test_split_codebook_path(backend, monkeypatch, splits_min_codes):
             assert idx[0].item() == 64
 
 
+@pytest.mark.parametrize("K", [100, 128], ids=["K100", "K128-even"])
 @pytest.mark.parametrize("splits", [1, 2, 7, 40])
-def test_launcher_forced_splits(splits):
-    # 7 and 40 splits of 100 codes leave empty splits (4 tiles of 32 under the interpreter).
+def test_launcher_forced_splits(splits, K):
+    # 7 and 40 splits of 100 codes leave empty splits (4 tiles of 32 under the interpreter);
+    # K = 128: whole tiles, the unmasked path, split too.
     from fastvq.kernels.nearest_code import mine_negatives_fwd, nearest_code_fwd
 
-    x, c = randn(17, 24), _int_codebook(100, 24, seed=5)
+    x, c = randn(17, 24), _int_codebook(K, 24, seed=5)
     c[90] = c[10]  # integer values: an exact tie across tiles / splits
     x[0] = c[10]
     for metric in METRICS:
