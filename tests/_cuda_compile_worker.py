@@ -112,7 +112,9 @@ class Job:
 
 def _jit(k):
     """The JITFunction under an Autotuner (or the JITFunction itself)."""
-    return k.fn if isinstance(k, triton.runtime.autotuner.Autotuner) else k
+    while isinstance(k, (triton.runtime.autotuner.Autotuner, triton.runtime.autotuner.Heuristics)):
+        k = k.fn
+    return k
 
 
 def _cfgs(k):
@@ -192,10 +194,14 @@ def _nearest_code_jobs():
 
     def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False,
             sample=False):
-        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, SAMPLE=sample, WRITE_PARTIAL=partial,
+        # whole code tiles and D == BLOCK_D (the unmasked path) unless unaligned or split
+        even = aligned and not partial
+        const = dict(unit if aligned else {}, EVEN_K=even, EVEN_D=even and one_d, METRIC=metric,
+                     HAS_LOWER_BOUND=lb, SAMPLE=sample, WRITE_PARTIAL=partial,
                      ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16", PRECISION=prec,
                      DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
         var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},{'SAMPLE,' if sample else ''}PARTIAL={int(partial)},"
+               f"{'EVEN,' if even else ''}"
                f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}{tag} | {_cfg_label(cfg)}")
         big = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         return Job("nearest_code._nearest_code_fwd_kernel", var, _jit(k), ptrs(dt), const, cfg.num_warps,
@@ -218,6 +224,7 @@ def _nearest_code_jobs():
             jobs.append(fwd(dt, prec, 0, False, False, one_d, block_d, cfg, pruned=pr, sweep=True))
     # Every constexpr the launcher passes, against each dtype, at one mid config.
     mid = _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
+    mid32 = _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)  # fp32's own list
     flag_sets = [  # (METRIC, HAS_LOWER_BOUND, WRITE_PARTIAL, ONE_D_BLOCK, BLOCK_D)
         (1, False, True, True, 128), (2, False, False, False, 64), (0, True, True, False, 64),
         (0, True, False, True, 64), (1, False, False, True, 16), (2, False, True, True, 32),
@@ -226,7 +233,7 @@ def _nearest_code_jobs():
         for metric, lb, partial, one_d, block_d in flag_sets:
             if lb and prec == "tf32" and dt == "fp32":
                 continue  # mining never asks for tf32
-            jobs.append(fwd(dt, prec, metric, lb, partial, one_d, block_d, mid))
+            jobs.append(fwd(dt, prec, metric, lb, partial, one_d, block_d, mid if dt != "fp32" else mid32))
     jobs.append(fwd("fp16", "tf32", 0, False, False, True, 256,
                     _pick(configs, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)))
     # Odd D: no divisibility on the row strides, nothing unit-stride specialized.
@@ -235,7 +242,7 @@ def _nearest_code_jobs():
     for metric in (0, 1, 2, 3):
         jobs.append(fwd("bf16", "tf32", metric, False, False, True, 64, mid, sample=True))
     jobs.append(fwd("fp16", "tf32", 2, False, True, False, 64, mid, sample=True))
-    jobs.append(fwd("fp32", "ieee", 3, False, False, True, 128, mid, sample=True))
+    jobs.append(fwd("fp32", "ieee", 3, False, False, True, 128, mid32, sample=True))
     # top-k: the launcher's fixed tiles
     tk = mod._topk_codes_fwd_kernel
     for dt, prec, metric, kp, bn, one_d, block_d in (("bf16", "tf32", 0, 16, 64, True, 64),
@@ -246,9 +253,9 @@ def _nearest_code_jobs():
                         f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}", tk,
                         {n: v for n, v in ptrs(dt).items() if n in tk.arg_names},
                         dict(unit_tk, METRIC=metric, ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16",
-                             PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=block_d,
-                             FIN_D=min(block_d, 32)),
-                        4, 1, aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), dot=True,
+                             PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=32 if dt == "fp32" else 64,
+                             BLOCK_D=block_d, FIN_D=min(block_d, 32)),
+                        8 if dt == "fp32" else 4, 1, aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), dot=True,
                         tensor_cores=prec == "tf32", rows=bn, cost=2.0 * (6 if prec == "ieee" else 1)))
     return jobs
 
