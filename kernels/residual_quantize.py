@@ -14,8 +14,9 @@ next, so the module computes nothing over the activations in torch:
   ``(programs, BLOCK_L)`` buffer the op sums in a fixed order (deterministic);
 * ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
   and sums per code (float32 atomics) and the number of rows left out as not finite;
-* ``CAND``: the residuals ``r_l`` of a few chosen rows (``slot >= 0``) at every level, and
-  whether each is usable (finite, nonzero weight): dead-code revival candidates;
+* ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
+  of the residual and the code it chose (dead-code revival candidates: a revived code splits a
+  used code's cell), and whether the row is usable (finite residual, nonzero weight);
 * ``HAS_W``: per-row weights (a padding mask): rows of weight 0 add nothing to the loss or the
   statistics, and their ``quantized`` is their input;
 * ``SEARCH=False``: the codes are given (a search with another metric ran first) and only
@@ -121,7 +122,8 @@ def _level_outputs(
         if CAND:
             m_c = m_m & (b_slot >= 0)
             o_c = lvl * S + b_slot
-            tl.store(p_cand + o_c[:, None] * D + o_d[None, :], b_r, mask=m_c[:, None] & m_d[None, :])
+            tl.store(p_cand + o_c[:, None] * D + o_d[None, :], b_sel + 0.5 * (b_r - b_sel),
+                     mask=m_c[:, None] & m_d[None, :])
             tl.store(p_cand_ok + o_c, b_use.to(tl.int8), mask=m_c)
     return b_loss
 
@@ -339,7 +341,9 @@ def _residual_quantize_fwd_chunked_kernel(
                               mask=b_use[:, None] & m_d[None, :], sem="relaxed")
             if CAND:
                 o_c = lvl * S + b_slot
-                tl.store(p_cand + o_c[:, None] * D + o_d[None, :], b_r, mask=(m_m & (b_slot >= 0))[:, None] & m_d[None, :])
+                b_sel32 = b_sel.to(tl.float32)
+                tl.store(p_cand + o_c[:, None] * D + o_d[None, :], b_sel32 + 0.5 * (b_r - b_sel32),
+                         mask=(m_m & (b_slot >= 0))[:, None] & m_d[None, :])
             if LOSS:
                 b_sq += tl.sum(b_new * b_new, axis=1)
             tl.store(p_r, b_new, mask=m_md)
@@ -460,8 +464,9 @@ def residual_quantize_fwd(
     * ``stats``: ``counts (L, K)``, ``sums (L, K, D)`` float32 of the residuals each level
       quantized (rows of nonzero weight, finite), ``skipped (L,)`` int32 rows left out;
     * ``slots`` ``(N,)`` int32 (``-1`` or a slot in ``[0, num_slots)``, each slot used by at most
-      one row): ``cand (L, num_slots, D)`` float32 residuals of those rows at every level and
-      ``cand_ok (L, num_slots)`` int8 (finite, nonzero weight). Slots no row fills stay 0 / not ok.
+      one row): ``cand (L, num_slots, D)`` float32, at every level the midpoint
+      ``c + (r - c) / 2`` of those rows' residual ``r`` and chosen code ``c``, and
+      ``cand_ok (L, num_slots)`` int8 (finite residual, nonzero weight). Every slot must be filled.
 
     Returns a dict with the keys ``quantized``, ``codes`` and those asked for. Same dtype and
     device for ``x`` and ``codebooks``; any strides. ``max_register_d`` picks the variant (see
@@ -475,7 +480,7 @@ def residual_quantize_fwd(
     assert L > 0 and K > 0 and D > 0, codebooks.shape
     assert weights is None or (weights.shape == (N,) and weights.dtype == torch.float32)
     assert codes is None or (codes.shape == (N, L) and codes.dtype == torch.int64)
-    assert slots is None or (slots.shape == (N,) and slots.dtype == torch.int32 and num_slots >= 0)
+    assert slots is None or (slots.shape == (N,) and slots.dtype == torch.int32 and 0 <= num_slots <= N)
     dev = x.device
     # allocate
     out = {"quantized": torch.empty((N, D), dtype=x.dtype, device=dev)}
@@ -486,8 +491,9 @@ def residual_quantize_fwd(
         out["sums"] = torch.zeros((L, K, D), dtype=torch.float32, device=dev)
         out["skipped"] = torch.zeros((L,), dtype=torch.int32, device=dev)
     if slots is not None:
-        out["cand"] = torch.zeros((L, num_slots, D), dtype=torch.float32, device=dev)
-        out["cand_ok"] = torch.zeros((L, num_slots), dtype=torch.int8, device=dev)
+        # (every slot has its row: written by the kernel, no zero fill)
+        out["cand"] = torch.empty((L, num_slots, D), dtype=torch.float32, device=dev)
+        out["cand_ok"] = torch.empty((L, num_slots), dtype=torch.int8, device=dev)
     if N == 0:
         if loss:
             out["level_sq"] = torch.zeros((L,), dtype=torch.float32, device=dev)
@@ -563,7 +569,7 @@ def residual_quantize_bwd(
     if N == 0 or not (need_dx or has_ge):
         return dx, dcb
     block_d = max(next_pow2(D), 16) if rotate and has_g else min(max(next_pow2(D), 16), 128)
-    block_m = max(1, min(64, 4096 // block_d, next_pow2(N)))
+    block_m = max(1, min(64, 2048 // block_d, next_pow2(N)))  # 16 elements a thread per block at 4 warps: no spills
     placeholder = x
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
     _residual_quantize_bwd_kernel[grid](

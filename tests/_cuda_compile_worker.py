@@ -52,6 +52,7 @@ from fastvq import kernels  # noqa: E402
 from fastvq.kernels import (  # noqa: E402
     code_statistics,
     code_usage,
+    ema_update,
     nearest_code,
     pairwise_kl_loss,
     pairwise_sqdist,
@@ -265,47 +266,99 @@ def _residual_quantize_jobs():
     jobs = []
     common_unit = {"stride_xd": 1, "stride_cd": 1, "stride_qd": 1, "stride_ol": 1}
     row_ints = ("stride_xn", "stride_cl", "stride_ck", "stride_qn", "stride_on", "stride_wn")
+    # flag sets the launcher passes: the plain op, and a training step (loss, EMA statistics,
+    # revival candidates; with a padding mask, or with codes searched elsewhere)
+    plain = dict(SEARCH=True, HAS_W=False, LOSS=False, STATS=False, CAND=False)
+    train = dict(SEARCH=True, HAS_W=False, LOSS=True, STATS=True, CAND=True)
+    masked = dict(train, HAS_W=True)
+    given = dict(SEARCH=False, HAS_W=False, LOSS=True, STATS=False, CAND=False)
 
-    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, sweep=False):
+    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, sweep=False,
+            flags=plain):
         p = DTYPES[dt]
-        ptrs = {"p_x": p, "p_cb": p, "p_q": p, "p_codes": "*i64"}
+        ptrs = {"p_x": p, "p_cb": p, "p_q": p, "p_codes": "*i64",  # a flag that is off: a placeholder (q)
+                "p_w": "*fp32" if flags["HAS_W"] else p, "p_loss": "*fp32" if flags["LOSS"] else p,
+                "p_counts": "*fp32" if flags["STATS"] else p, "p_sums": "*fp32" if flags["STATS"] else p,
+                "p_skip": "*i32" if flags["STATS"] else p, "p_slot": "*i32" if flags["CAND"] else p,
+                "p_cand": "*fp32" if flags["CAND"] else p, "p_cand_ok": "*i8" if flags["CAND"] else p}
         if chunked:
             ptrs["p_ws"] = "*fp32"
         prec = "ieee" if dt == "fp32" else "tf32"
         const = dict(common_unit if aligned else {}, BLOCK_D=block_d, BLOCK_L=block_l, PRECISION=prec,
-                     DOT_FP32=False, BF16_RNE=False, **cfg.kwargs)
+                     DOT_FP32=False, BF16_RNE=False, **flags, **cfg.kwargs)
         big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
-        return Job(f"residual_quantize.{name}", f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag} | {_cfg_label(cfg)}",
+        on = "+".join(f for f in ("HAS_W", "LOSS", "STATS", "CAND") if flags[f]) + ("" if flags["SEARCH"] else "+GIVEN")
+        return Job(f"residual_quantize.{name}",
+                   f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag}{',' + on if on else ''} | {_cfg_label(cfg)}",
                    _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, aligned=aligned, aligned_ints=row_ints,
                    dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned, sweep=sweep,
                    cost=big * (6 if dt == "fp32" else 1) + 0.5)
 
     # Register variant: each config at the widest BLOCK_D the register prune lets it run with
-    # (the prune's fallback keeps the smallest config for BLOCK_D = 1024).
+    # (the prune's fallback keeps the smallest config for BLOCK_D = 1024), as a training step.
     k = mod._residual_quantize_fwd_kernel
     configs = _cfgs(k)
     for cfg in configs:
         block_d = min(mod.MAX_REGISTER_D, 16384 // max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]))
         kept = mod._prune_register_configs(configs, {}, BLOCK_D=block_d)
-        jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", cfg, block_d, pruned=cfg not in kept, sweep=True))
+        jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", cfg, block_d, pruned=cfg not in kept, sweep=True,
+                        flags=train))
     small = configs[0]
     for dt in ("fp16", "fp32"):  # (the second: LLVM IR only, unless --full; an FMA dot, long in ptxas)
         jobs.append(job("_residual_quantize_fwd_kernel", k, dt, small, 1024))
         mid = _pick(configs, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
-        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, mid, 256, sweep=True))
+        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, mid, 256, sweep=True, flags=train))
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=masked))
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=given, block_l=2))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", small, 16, block_l=2))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", _pick(configs, BLOCK_M=64, BLOCK_K=32, num_warps=4),
-                    64, aligned=False, tag=",unaligned"))
+                    64, aligned=False, tag=",unaligned", flags=train))
 
     # D-chunked variant: BLOCK_D = CHUNK_D always and no prune, so every config can run.
     k = mod._residual_quantize_fwd_chunked_kernel
     for cfg in _cfgs(k):
         jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, "bf16", cfg, mod.CHUNK_D, chunked=True,
-                        sweep=True))
+                        sweep=True, flags=train))
     for dt in ("fp16", "fp32"):
         for cfg in (configs[0], configs[-1]):
             jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, dt, cfg, mod.CHUNK_D, chunked=True,
-                            sweep=cfg is not configs[0]))
+                            sweep=cfg is not configs[0], flags=masked if cfg is configs[0] else plain))
+
+    # Backward: (BLOCK_M, BLOCK_D) as the launcher picks them; the rotation holds a whole row.
+    k = mod._residual_quantize_bwd_kernel
+    for dt in ("fp32", "bf16"):
+        p = DTYPES[dt]
+        for D, rotate, has_w in ((64, False, False), (64, True, True), (256, False, True), (1024, True, False),
+                                 (4096, False, False)):
+            block_d = max(mod.next_pow2(D), 16) if rotate else min(max(mod.next_pow2(D), 16), 128)
+            block_m = max(1, min(64, 2048 // block_d))
+            flags = dict(HAS_W=has_w, HAS_G=True, HAS_GC=True, HAS_GE=True, HAS_DX=True, ROTATE=rotate)
+            jobs.append(Job("residual_quantize._residual_quantize_bwd_kernel",
+                            f"{dt},D={D},BLOCK_M={block_m},BLOCK_D={block_d}" + (",ROTATE" if rotate else "")
+                            + (",HAS_W" if has_w else ""),
+                            k, {"p_x": p, "p_cb": p, "p_codes": "*i64", "p_w": "*fp32" if has_w else p, "p_g": p,
+                                "p_gc": "*fp32", "p_ge": "*fp32", "p_dx": p, "p_dcb": "*fp32"},
+                            {"stride_xd": 1, "stride_cd": 1, "stride_ol": 1, "stride_gd": 1, "stride_dd": 1,
+                             "BLOCK_M": block_m, "BLOCK_D": block_d, "EPS_N": mod.EPS_NORM, "EPS_S": mod.EPS_ANTIPODAL,
+                             **flags},
+                            aligned_ints=("stride_xn", "stride_cl", "stride_ck", "stride_on", "stride_gn", "stride_dn"),
+                            cost=0.8))
+    return jobs
+
+
+def _ema_update_jobs():
+    m = ema_update
+    jobs = []
+    for dt in ("fp32", "bf16"):
+        for block_d in (16, 64, 256, m.MAX_BLOCK_D):
+            block_r = max(1, min(64, 4096 // block_d))
+            jobs.append(Job("ema_update._ema_update_kernel", f"codebook {dt},BLOCK_R={block_r},BLOCK_D={block_d}",
+                            m._ema_update_kernel,
+                            {"p_ea": "*fp32", "p_sums": "*fp32", "p_cb": DTYPES[dt], "p_keep": "*i8", "p_live": "*i8",
+                             "p_smoothed": "*fp32"},
+                            {"stride_cd": 1, "BLOCK_R": block_r, "BLOCK_D": block_d, "BF16_RNE": False},
+                            scalars={"decay": "fp32", "one_minus_decay": "fp32"},
+                            aligned_ints=("D", "stride_cl", "stride_ck"), cost=0.3))
     return jobs
 
 
@@ -471,13 +524,13 @@ def _memory_bound_jobs():
 
 def all_jobs():
     return (_nearest_code_jobs() + _residual_quantize_jobs() + _pairwise_kl_loss_jobs() + _pairwise_sqdist_jobs()
-            + _memory_bound_jobs())
+            + _memory_bound_jobs() + _ema_update_jobs())
 
 
 def all_kernels():
     """Every ``@triton.jit`` kernel (``*_kernel``) defined in kernels/*.py, as "module.name"."""
     out = set()
-    for mod in (code_statistics, code_usage, nearest_code, pairwise_kl_loss, pairwise_sqdist, qr_lookup,
+    for mod in (code_statistics, code_usage, ema_update, nearest_code, pairwise_kl_loss, pairwise_sqdist, qr_lookup,
                 residual_quantize, rotation_trick, semantic_ids):
         for name, obj in vars(mod).items():
             if name.endswith("_kernel") and isinstance(_jit(obj), triton.runtime.jit.JITFunction):

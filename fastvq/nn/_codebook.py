@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .. import distributed as fdist
 from ..ops.code_statistics import code_statistics
+from ..ops.ema_update import ema_update_ as _ema_update_op_
 from ..ops.nearest_code import nearest_code
 
 GRADS = ("ste", "rotation")
@@ -82,20 +83,9 @@ def ema_update_(
     new ``cluster_size`` or ``embed_avg`` would not be finite keeps its old EMA state; a code
     whose new value would not be finite in the codebook's dtype keeps its old value.
     """
-    K = codebook.shape[-2]
-    live = counts.sum(-1, keepdim=True) > 0  # (L, 1)
-    new_cs = cluster_size.mul(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
-    new_ea = embed_avg.mul(decay).add_(sums.to(embed_avg.dtype), alpha=1 - decay)
-    keep = live & torch.isfinite(new_cs) & torch.isfinite(new_ea).all(-1)
-    new_cs = torch.where(keep, new_cs, cluster_size)
-    new_ea = torch.where(keep.unsqueeze(-1), new_ea, embed_avg)
-    n = new_cs.sum(-1, keepdim=True)
-    smoothed = (new_cs + eps) / (n + K * eps) * n
-    new_code = (new_ea / smoothed.unsqueeze(-1)).to(codebook.dtype)
-    ok = live & torch.isfinite(new_code).all(-1)
-    cluster_size.copy_(new_cs)
-    embed_avg.copy_(new_ea)
-    codebook.copy_(torch.where(ok.unsqueeze(-1), new_code, codebook))
+    # one fused pass over the (L, K, D) state (fastvq.ops.ema_update; the decisions: the
+    # guards above, on (L, K) tensors); a code is kept when its batch sums are not finite
+    _ema_update_op_(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
 
 
 @torch.no_grad()
@@ -164,18 +154,22 @@ def exchange_offers(
     L, c, D = picked.shape
     dev = picked.device
     C = -(-num // fdist.get_world_size())
-    offer = torch.zeros((L, C, D + 1), dtype=torch.float32, device=dev)
-    offer[..., D] = -1.0
     if c > 0:
         top = score.expand(L, c)
         picked = picked.float()
         if anchors is not None:
             codebook, codes = anchors
             base = codebook.gather(1, codes.long().unsqueeze(-1).expand(L, c, D)).float()
-            picked = base + 0.5 * (picked - base)
-        ok = (top >= 0) & torch.isfinite(picked).all(-1)
-        offer[:, :c, :D] = torch.where(ok.unsqueeze(-1), picked, 0.0)
-        offer[:, :c, D] = torch.where(ok, top, -1.0)
+            picked = torch.lerp(base, picked, 0.5)
+        # finite rows: one max-abs read (NaN propagates through the max)
+        ok = (top >= 0) & (torch.linalg.vector_norm(picked, ord=float("inf"), dim=-1) < float("inf"))
+        parts = [torch.where(ok.unsqueeze(-1), picked, 0.0), torch.where(ok, top, -1.0).unsqueeze(-1)]
+    else:
+        parts = [picked.new_zeros((L, 0, D), dtype=torch.float32), torch.full((L, 0, 1), -1.0, device=dev)]
+    if c < C:  # fewer rows than offers: pad with invalid ones
+        parts = [torch.cat([parts[0], torch.zeros((L, C - c, D), device=dev)], 1),
+                 torch.cat([parts[1], torch.full((L, C - c, 1), -1.0, device=dev)], 1)]
+    offer = torch.cat(parts, -1)  # (L, C, D + 1): the vector and its score
     pool = fdist.all_gather(offer).transpose(0, 1).reshape(L, -1, D + 1)  # (L, W * C, D + 1)
     best, order = pool[..., D].topk(num, dim=1)
     candidates = pool.gather(1, order.unsqueeze(-1).expand(L, num, D + 1))[..., :D]
@@ -213,10 +207,12 @@ def expire_dead_codes_(
     revive = dead & valid.gather(1, slot)
     new = candidates.gather(1, slot.unsqueeze(-1).expand(L, K, D))
     size = reset_size(threshold)
-    codebook.copy_(torch.where(revive.unsqueeze(-1), new.to(codebook.dtype), codebook))
-    usage.copy_(torch.where(revive, size, usage))
-    if embed_avg is not None:
-        embed_avg.copy_(torch.where(revive.unsqueeze(-1), codebook.to(embed_avg.dtype) * size, embed_avg))
+    # (where(..., out=): in place, one read of each operand and one write)
+    new = new.to(codebook.dtype)
+    torch.where(revive.unsqueeze(-1), new, codebook, out=codebook)
+    usage.masked_fill_(revive, size)
+    if embed_avg is not None:  # the new code (as the codebook holds it) times its count
+        torch.where(revive.unsqueeze(-1), new.to(embed_avg.dtype).mul_(size), embed_avg, out=embed_avg)
     return revive.sum(1)
 
 
@@ -431,9 +427,9 @@ class CodebookState(nn.Module):
 
         A fused step that computed the statistics itself passes ``stats = (counts (L, K), sums
         (L, K, D), skipped (L,))`` (:func:`fastvq.residual_quantize_step`) and, for revival,
-        ``offers = (picked (L, c, D), score (c,), codes (L, c))``: the vectors of the rows
-        :func:`pick_candidate_rows` chose, their scores (negative where a row is not usable)
-        and their codes.
+        ``offers = (picked (L, c, D), score (c,))``: for the rows :func:`pick_candidate_rows`
+        chose, the midpoints of their vectors and the codes they chose, and their scores
+        (negative where a row is not usable).
         """
         codebook = self._codebook_levels()
         L, K, _ = codebook.shape
@@ -450,8 +446,8 @@ class CodebookState(nn.Module):
                 if offers is None:
                     candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices))
                 else:
-                    picked, score, codes = offers
-                    candidates, valid = exchange_offers(picked, score, K, anchors=(codebook, codes))
+                    picked, score = offers
+                    candidates, valid = exchange_offers(picked, score, K)
             if self.ema:
                 fdist.all_reduce_sum_(counts, sums, skipped)
                 ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,

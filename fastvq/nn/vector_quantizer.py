@@ -194,6 +194,6 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None):
         if update:
             stats = (step.counts, step.sums, step.skipped)
             if rows is not None:
-                offers = (step.candidates, score, flat[rows].T)
+                offers = (step.candidates, score)  # midpoints of the rows' vectors and their codes
         mod._update_codebook_(None, flat.T, mask, stats=stats, offers=offers)
     return step.quantized, step.commitment_loss, embedding_loss, step.codes

@@ -268,8 +268,10 @@ def residual_quantize_step(
             the rows of nonzero weight left out as not finite. On a GPU they accumulate with
             float32 atomics (not bitwise reproducible from run to run).
         candidate_rows: optional ``(S,)`` int64 distinct row indices (into the flattened rows of
-            ``x``): also return their residuals ``candidates (L, S, D)`` float32 at every level
-            and ``candidates_ok (L, S)`` bool (finite, nonzero weight): dead-code replacements.
+            ``x``): also return, at every level, the midpoint ``c_l + (r_l - c_l) / 2`` between
+            each such row's residual and the code it chose, ``candidates (L, S, D)`` float32, and
+            ``candidates_ok (L, S)`` bool (finite residual, nonzero weight): dead-code
+            replacements that split a used code's cell.
 
     Returns:
         :class:`ResidualQuantizeStep`: ``quantized (..., D)`` (dtype of ``x``), ``codes (..., L)``

@@ -80,7 +80,7 @@ def residual_quantize_full_ref(
                 sums[lvl].index_add_(0, idx, torch.where(use[:, None], w[:, None] * r, 0.0).double())
                 skipped[lvl] += (live & ~use).sum()
             if slot is not None:
-                cand[lvl, slot] = r
+                cand[lvl, slot] = c + 0.5 * (r - c)  # the midpoint of the residual and its code
                 cand_ok[lvl, slot] = use.to(torch.int8)
             r = r - c
             q = q + c

@@ -27,13 +27,14 @@ TARGETS = {  # case -> most passes over the N x D activation (glue + kernel tens
     "VectorQuantizer(512, 64, ema=True)": 7.5,  # today 19.0
     "ResidualQuantizer(8, 256, 64)": 10.0,  # today 179.5
     "RQVAE quantizer (L=3, K=256, latent 64)": 8.0,  # today 64.8
-    # not targets of the issue, held where they are now
+    # not targets of the issue, held where they are now (revival: the candidate exchange and
+    # the re-seeding run as torch ops on codebook-sized tensors)
     "VectorQuantizer(512, 64, ema, dead codes)": 9.0,
-    "VectorQuantizer(512, 64) ste, dead codes": 7.5,
+    "VectorQuantizer(512, 64) ste, dead codes": 8.0,
     "VectorQuantizer(512, 64, ema, kmeans_init)": 7.5,
-    "VectorQuantizer(512, 64, metric='cosine')": 7.0,
-    "ResidualQuantizer(8, 256, 64, ema=True)": 13.5,
-    "ResidualQuantizer(8, 256, 64) dead codes": 13.5,
+    "VectorQuantizer(512, 64, metric='cosine')": 7.5,  # a separate search launch reads x again
+    "ResidualQuantizer(8, 256, 64, ema=True)": 11.0,
+    "ResidualQuantizer(8, 256, 64) dead codes": 17.0,
     "ResidualQuantizer(8, 256, 64, grad='rotation')": 10.0,
 }
 
@@ -43,7 +44,8 @@ def test_step_traffic_at_target_without_host_syncs(unpoisoned, device, name):
     t = traffic.run_case(traffic.find_case(name), device, scale=SCALE)
     assert t.syncs == 0, t.sync_ops()
     assert t.total_passes <= TARGETS[name], (t.total_passes, t.top_glue())
-    assert t.launches <= (4 if "cosine" in name else 2), dict(t.kernels())
+    # forward, backward, and the fused EMA update; a cosine search runs its own kernels first
+    assert t.launches <= (2 + ("ema" in name) + (3 if "cosine" in name else 0)), dict(t.kernels())
 
 
 def _rq_step(levels, n, k, device):
