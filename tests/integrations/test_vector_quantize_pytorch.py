@@ -518,12 +518,14 @@ def test_sampler_bound_before_patch_is_read_per_call():
         assert fv.counts() == {"search": 3, "gather": 3, "statistics": 1}
 
 
-@pytest.mark.parametrize("cosine", [False, True], ids=["euclidean", "cosine"])
-def test_sampled_codes_follow_vqps_distribution(backend, device, cosine):
+@pytest.mark.parametrize("backend_name, cosine", [("reference", False), ("reference", True), ("triton", False)],
+                         ids=["reference-euclidean", "reference-cosine", "triton-euclidean"])
+def test_sampled_codes_follow_vqps_distribution(backend_name, device, cosine):
     """Stochastic sampling draws other codes than VQP (other noise), from VQP's distribution:
     softmax(logits / temperature) with logits -|x - c| (not the squared distance) or x . c.
-    One row repeated 4000 times; a chi-square test of the counts (fixed seed; 7 degrees of freedom,
-    bound 29.9: p = 1e-4)."""
+    One row repeated 2000 times; a chi-square test of the counts (fixed seed; 7 degrees of freedom,
+    bound 29.9: p = 1e-4). (The metric is the only difference between the two on the triton
+    backend: one kernel.)"""
     torch.manual_seed(0)
     vq = VectorQuantize(dim=4, codebook_size=8, stochastic_sample_codes=True, sample_codebook_temp=0.7,
                         use_cosine_sim=cosine, decay=1.0, rotation_trick=False).to(device).train()
@@ -535,10 +537,10 @@ def test_sampled_codes_follow_vqps_distribution(backend, device, cosine):
     r64 = row.double()[0, 0]
     logits = c64 @ torch.nn.functional.normalize(r64, dim=-1) if cosine else -(r64 - c64).norm(dim=-1)
     p = (logits / 0.7).softmax(-1)
-    n = 4000
+    n = 2000
     assert float(p.min()) * n >= 5, "the test's codebook gives some code too few expected draws"
     fv.reset_counts()
-    with fv.patched():
+    with fastvq.backend(backend_name), fv.patched():
         _, codes, _ = vq(row.expand(1, n, 4))
     assert fv.counts().get("sample") == 1
     observed = torch.bincount(codes.reshape(-1), minlength=8).double()
