@@ -19,7 +19,7 @@ import fastvq
 from fastvq.nn import RQVAE, ResidualQuantizer, VectorQuantizer
 from fastvq.nn import _codebook
 from tests._syncs import count_host_syncs
-from tests.utils import assert_close, randn
+from tests.utils import assert_close, generator, randn
 
 REC = _codebook.RECOMMENDED
 
@@ -34,7 +34,7 @@ def one_thread():
 
 
 def _train_vq(vq, steps, batch_shape, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the collapsed default warns (tested below)
         for _ in range(steps):
@@ -50,7 +50,7 @@ def _usage(vq, n, g):
 
 
 def _train_rqvae(model, items, steps, batch, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -94,7 +94,7 @@ def test_recommended_rqvae_gives_distinct_semantic_ids(one_thread):
     same ID (0%)."""
     with fastvq.backend("reference"):
         torch.manual_seed(0)
-        items = torch.randn(10_000, 64, generator=torch.Generator().manual_seed(7))
+        items = torch.randn(10_000, 64, generator=generator(7))
         model = RQVAE(input_dim=64, hidden_dim=128, latent_dim=32, num_quantizers=3, num_embeddings=256,
                       ema=True, **REC)
         distinct = _train_rqvae(model, items, 200, 1024, seed=7)
@@ -112,7 +112,7 @@ def test_recommended_settings_small_triton(one_thread):
         g = _train_vq(vq, 8, (64,), seed=1)
         assert _usage(vq, 1024, g) >= 0.9
         torch.manual_seed(0)
-        items = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+        items = torch.randn(300, 16, generator=generator(3))
         model = RQVAE(16, 32, 8, num_quantizers=3, num_embeddings=16, ema=True, kmeans_iters=2, **REC)
         distinct = _train_rqvae(model, items, 8, 128, seed=3)
     assert distinct >= 0.6, distinct  # 84% measured; the defaults give under 1%
@@ -217,6 +217,7 @@ def test_no_update_makes_a_code_non_finite(backend):
 # ------------------------------------------------------------------ dtypes
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_ema_buffers_stay_float32(backend, dtype):
     torch.manual_seed(0)
@@ -363,6 +364,7 @@ def test_training_step_with_revival_compiles_fullgraph(backend, ema):
     assert int(compiled.codes_revived) == int(eager.codes_revived) > 0
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", list(SYNC_CONFIGS))
 def test_training_step_has_no_cuda_sync(config, monkeypatch):

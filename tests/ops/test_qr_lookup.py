@@ -455,6 +455,7 @@ def test_sparse_backward_reads_the_host_once(device, monkeypatch):
     assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)  # nothing else reads the host
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 def test_atomic_backward_uses_relaxed_atomics(monkeypatch):
     from fastvq import kernels
 
@@ -480,7 +481,7 @@ def test_atomic_backward_uses_relaxed_atomics(monkeypatch):
 @pytest.mark.parametrize("n_bags", [1, 2, 37, 100])
 def test_many_bags_backward_matches_reference(backend, n_bags):
     # the kernels find each item's bag by binary search in offsets: every bag count, empty bags too
-    g = torch.Generator().manual_seed(n_bags)
+    g = generator(n_bags)
     N = 150
     offsets = torch.sort(torch.randint(0, N + 1, (n_bags,), generator=g)).values
     offsets[0] = 0
@@ -501,6 +502,7 @@ def test_many_bags_backward_matches_reference(backend, n_bags):
 # ------------------------------------------------------------------- numbers (issue 9)
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_nan_and_overflow_in_lookups(backend, device, op, dtype):
@@ -524,6 +526,7 @@ def test_nan_and_overflow_in_lookups(backend, device, op, dtype):
     assert_close(got[fine], exact[fine], dtype)
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 def test_mean_bag_near_the_float32_limit_stays_finite(backend, device):
     # the mean of items at 3e38 is 3e38: each item is scaled by 1/len before the sum
     qw = torch.full((2, 3), 1.5e38, device=device)

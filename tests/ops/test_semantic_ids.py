@@ -183,6 +183,7 @@ def test_triton_backend_really_launches_kernels(monkeypatch, name):
     assert launched == (["_semantic_ids_fwd_kernel"] * 3 if name == "triton" else [])
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8], ids=str)
 def test_extreme_code_values(backend, device, dtype):
     # the dtype's whole range, extremes included (uint8 255 is not -1): codes are copied, never wrapped
