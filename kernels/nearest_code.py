@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import (argmin_merge, argmin_merge_pair, dot_fp32, exp2i, launcher, nan_clamp, nan_max0, next_pow2,
-                      pow2_exponent, tl_input_precision)
+from ._common import (argmin_merge, argmin_merge_pair, autotune_configs, dot_fp32, exp2i, launcher, nan_clamp,
+                      nan_max0, next_pow2, pow2_exponent, tl_input_precision)
 
 # Internal ids; the public metric and strategy names and their documentation live in
 # fastvq/ops/_search.py.
@@ -467,10 +467,11 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _configs():
-    if INTERPRETED:  # the interpreter would run (and time) every config
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     seen = dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in seen]
+    gpu = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in seen]
+    return autotune_configs("nearest_code", gpu,
+                            pinned=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+                            interpreter=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
 
 
 # Keyed on D and K (never N); SPLITS, the precision (ieee vs tf32 fp32 dots differ several-fold)

@@ -52,6 +52,7 @@ from fastvq import kernels  # noqa: E402
 from fastvq.kernels import (  # noqa: E402
     code_statistics,
     code_usage,
+    ema_update,
     nearest_code,
     pairwise_kl_loss,
     pairwise_sqdist,
@@ -265,47 +266,99 @@ def _residual_quantize_jobs():
     jobs = []
     common_unit = {"stride_xd": 1, "stride_cd": 1, "stride_qd": 1, "stride_ol": 1}
     row_ints = ("stride_xn", "stride_cl", "stride_ck", "stride_qn", "stride_on", "stride_wn")
+    # flag sets the launcher passes: the plain op, and a training step (loss, EMA statistics,
+    # revival candidates; with a padding mask, or with codes searched elsewhere)
+    plain = dict(SEARCH=True, HAS_W=False, LOSS=False, STATS=False, CAND=False)
+    train = dict(SEARCH=True, HAS_W=False, LOSS=True, STATS=True, CAND=True)
+    masked = dict(train, HAS_W=True)
+    given = dict(SEARCH=False, HAS_W=False, LOSS=True, STATS=False, CAND=False)
 
-    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, sweep=False):
+    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, sweep=False,
+            flags=plain):
         p = DTYPES[dt]
-        ptrs = {"p_x": p, "p_cb": p, "p_q": p, "p_codes": "*i64"}
+        ptrs = {"p_x": p, "p_cb": p, "p_q": p, "p_codes": "*i64",  # a flag that is off: a placeholder (q)
+                "p_w": "*fp32" if flags["HAS_W"] else p, "p_loss": "*fp32" if flags["LOSS"] else p,
+                "p_counts": "*fp32" if flags["STATS"] else p, "p_sums": "*fp32" if flags["STATS"] else p,
+                "p_skip": "*i32" if flags["STATS"] else p, "p_slot": "*i32" if flags["CAND"] else p,
+                "p_cand": "*fp32" if flags["CAND"] else p, "p_cand_ok": "*i8" if flags["CAND"] else p}
         if chunked:
             ptrs["p_ws"] = "*fp32"
         prec = "ieee" if dt == "fp32" else "tf32"
         const = dict(common_unit if aligned else {}, BLOCK_D=block_d, BLOCK_L=block_l, PRECISION=prec,
-                     DOT_FP32=False, BF16_RNE=False, **cfg.kwargs)
+                     DOT_FP32=False, BF16_RNE=False, **flags, **cfg.kwargs)
         big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
-        return Job(f"residual_quantize.{name}", f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag} | {_cfg_label(cfg)}",
+        on = "+".join(f for f in ("HAS_W", "LOSS", "STATS", "CAND") if flags[f]) + ("" if flags["SEARCH"] else "+GIVEN")
+        return Job(f"residual_quantize.{name}",
+                   f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag}{',' + on if on else ''} | {_cfg_label(cfg)}",
                    _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, aligned=aligned, aligned_ints=row_ints,
                    dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned, sweep=sweep,
                    cost=big * (6 if dt == "fp32" else 1) + 0.5)
 
     # Register variant: each config at the widest BLOCK_D the register prune lets it run with
-    # (the prune's fallback keeps the smallest config for BLOCK_D = 1024).
+    # (the prune's fallback keeps the smallest config for BLOCK_D = 1024), as a training step.
     k = mod._residual_quantize_fwd_kernel
     configs = _cfgs(k)
     for cfg in configs:
         block_d = min(mod.MAX_REGISTER_D, 16384 // max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]))
         kept = mod._prune_register_configs(configs, {}, BLOCK_D=block_d)
-        jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", cfg, block_d, pruned=cfg not in kept, sweep=True))
+        jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", cfg, block_d, pruned=cfg not in kept, sweep=True,
+                        flags=train))
     small = configs[0]
     for dt in ("fp16", "fp32"):  # (the second: LLVM IR only, unless --full; an FMA dot, long in ptxas)
         jobs.append(job("_residual_quantize_fwd_kernel", k, dt, small, 1024))
         mid = _pick(configs, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2)
-        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, mid, 256, sweep=True))
+        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, mid, 256, sweep=True, flags=train))
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=masked))
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=given, block_l=2))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", small, 16, block_l=2))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", _pick(configs, BLOCK_M=64, BLOCK_K=32, num_warps=4),
-                    64, aligned=False, tag=",unaligned"))
+                    64, aligned=False, tag=",unaligned", flags=train))
 
     # D-chunked variant: BLOCK_D = CHUNK_D always and no prune, so every config can run.
     k = mod._residual_quantize_fwd_chunked_kernel
     for cfg in _cfgs(k):
         jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, "bf16", cfg, mod.CHUNK_D, chunked=True,
-                        sweep=True))
+                        sweep=True, flags=train))
     for dt in ("fp16", "fp32"):
         for cfg in (configs[0], configs[-1]):
             jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, dt, cfg, mod.CHUNK_D, chunked=True,
-                            sweep=cfg is not configs[0]))
+                            sweep=cfg is not configs[0], flags=masked if cfg is configs[0] else plain))
+
+    # Backward: (BLOCK_M, BLOCK_D) as the launcher picks them; the rotation holds a whole row.
+    k = mod._residual_quantize_bwd_kernel
+    for dt in ("fp32", "bf16"):
+        p = DTYPES[dt]
+        for D, rotate, has_w in ((64, False, False), (64, True, True), (256, False, True), (1024, True, False),
+                                 (4096, False, False)):
+            block_d = max(mod.next_pow2(D), 16) if rotate else min(max(mod.next_pow2(D), 16), 128)
+            block_m = max(1, min(64, 2048 // block_d))
+            flags = dict(HAS_W=has_w, HAS_G=True, HAS_GC=True, HAS_GE=True, HAS_DX=True, ROTATE=rotate)
+            jobs.append(Job("residual_quantize._residual_quantize_bwd_kernel",
+                            f"{dt},D={D},BLOCK_M={block_m},BLOCK_D={block_d}" + (",ROTATE" if rotate else "")
+                            + (",HAS_W" if has_w else ""),
+                            k, {"p_x": p, "p_cb": p, "p_codes": "*i64", "p_w": "*fp32" if has_w else p, "p_g": p,
+                                "p_gc": "*fp32", "p_ge": "*fp32", "p_dx": p, "p_dcb": "*fp32"},
+                            {"stride_xd": 1, "stride_cd": 1, "stride_ol": 1, "stride_gd": 1, "stride_dd": 1,
+                             "BLOCK_M": block_m, "BLOCK_D": block_d, "EPS_N": mod.EPS_NORM, "EPS_S": mod.EPS_ANTIPODAL,
+                             **flags},
+                            aligned_ints=("stride_xn", "stride_cl", "stride_ck", "stride_on", "stride_gn", "stride_dn"),
+                            cost=0.8))
+    return jobs
+
+
+def _ema_update_jobs():
+    m = ema_update
+    jobs = []
+    for dt in ("fp32", "bf16"):
+        for block_d in (16, 64, 256, m.MAX_BLOCK_D):
+            block_r = max(1, min(64, 4096 // block_d))
+            jobs.append(Job("ema_update._ema_update_kernel", f"codebook {dt},BLOCK_R={block_r},BLOCK_D={block_d}",
+                            m._ema_update_kernel,
+                            {"p_ea": "*fp32", "p_sums": "*fp32", "p_cb": DTYPES[dt], "p_keep": "*i8", "p_live": "*i8",
+                             "p_smoothed": "*fp32"},
+                            {"stride_cd": 1, "BLOCK_R": block_r, "BLOCK_D": block_d, "BF16_RNE": False},
+                            scalars={"decay": "fp32", "one_minus_decay": "fp32"},
+                            aligned_ints=("D", "stride_cl", "stride_ck"), cost=0.3))
     return jobs
 
 
@@ -313,32 +366,38 @@ def _pairwise_kl_loss_jobs():
     mod = pairwise_kl_loss
     jobs = []
     row_ints = ("stride_pb", "stride_tb", "stride_db")
-    for name, k, extra in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, {}),
-                           ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, {"BLOCK_DO": 128})):
+    for name, k, bwd in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, False),
+                         ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, True)):
         configs = _cfgs(k)
         for dt in DTYPES:
             p = DTYPES[dt]
+            elt = _ELT[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
             ptrs = {"p_pred": p, "p_target": p, "p_kl": "*fp32", "p_lse_p": "*fp32", "p_lse_t": "*fp32",
                     "p_grad": "*fp32", "p_dpred": p}
             ptrs = {a: v for a, v in ptrs.items() if a in _jit(k).arg_names}
-            for cfg in (configs if dt != "fp16" else configs[:1]):
-                const = dict(stride_pd=1, stride_td=1, BLOCK_DP=64, BLOCK_DT=64, PREC_P=prec, PREC_T=prec,
+            # the launcher's largest D chunks for this precision, and the configs the prune keeps for it
+            block_d = mod.MAX_BLOCK_D[elt]
+            extra = {"BLOCK_DO": mod.MAX_BLOCK_DO[elt], "H_SCALE": mod.H_SCALE_FP16 if dt == "fp16" else 1.0} \
+                if bwd else {}
+            kept = mod._prune_configs(configs, {"p_pred": _FakeTensor(elt)})
+            for cfg in (kept if dt != "fp16" else kept[:1]):
+                const = dict(stride_pd=1, stride_td=1, BLOCK_DP=block_d, BLOCK_DT=block_d, PREC_P=prec, PREC_T=prec,
                              DOT_FP32_P=False, DOT_FP32_T=False, **extra, **cfg.kwargs)
                 if "stride_dd" in _jit(k).arg_names:
                     const["stride_dd"] = 1
                 big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / (64 * 64)
-                jobs.append(Job(f"pairwise_kl_loss.{name}",
-                                f"{dt},BLOCK_DP=BLOCK_DT=64{',BLOCK_DO=128' if extra else ''} | {_cfg_label(cfg)}",
+                label = f"{dt},BLOCK_DP=BLOCK_DT={block_d}" + (f",BLOCK_DO={extra['BLOCK_DO']}" if bwd else "")
+                jobs.append(Job(f"pairwise_kl_loss.{name}", f"{label} | {_cfg_label(cfg)}",
                                 _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"inv_t": "fp32"},
                                 aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32",
-                                rows=cfg.kwargs["BLOCK_M"], sweep=cfg is not configs[0],
+                                rows=cfg.kwargs["BLOCK_M"], sweep=cfg is not kept[0],
                                 cost=big * (8 if dt == "fp32" else 2)))
     # narrow features (BLOCK_D = 16, the smallest wgmma K for 16-bit operands), bf16
     k = mod._pairwise_kl_loss_bwd_kernel
     cfg = _cfgs(k)[0]
     const = dict(stride_pd=1, stride_td=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16, PREC_P="tf32",
-                 PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, **cfg.kwargs)
+                 PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, H_SCALE=1.0, **cfg.kwargs)
     jobs.append(Job("pairwise_kl_loss._pairwise_kl_loss_bwd_kernel", f"bf16,BLOCK_D*=16 | {_cfg_label(cfg)}", _jit(k),
                     {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_lse_p": "*fp32",
                      "p_lse_t": "*fp32", "p_dpred": "*bf16"}, const, cfg.num_warps, cfg.num_stages,
@@ -363,19 +422,31 @@ def _pairwise_sqdist_jobs():
 
 def _memory_bound_jobs():
     jobs = []
-    # code_statistics (x any float dtype, seg int32/int64)
+    # code_statistics (x any float dtype, indices int32/int64, weights float/bool(as u8)/none)
     m = code_statistics
-    for dt, seg in (("bf16", "*i64"), ("fp32", "*i32"), ("fp16", "*i64")):
-        jobs.append(Job("code_statistics._code_statistics_atomic_kernel", f"{dt},seg={seg[1:]}",
-                        m._code_statistics_atomic_kernel,
-                        {"p_x": DTYPES[dt], "p_seg": seg, "p_counts": "*fp32", "p_sums": "*fp32"},
-                        {"stride_xd": 1, "stride_seg": 1, "stride_sd": 1, "BLOCK_N": 64, "BLOCK_D": 128},
+    for dt, idx, w, single in (("bf16", "*i64", None, True), ("fp32", "*i32", "*fp32", True),
+                               ("fp16", "*i64", "*u8", False), ("bf16", "*i64", "*bf16", False)):
+        flags = {"HAS_W": w is not None, "SINGLE_D": single, "BLOCK_N": 16, "BLOCK_D": 256}
+        wp = w or DTYPES[dt]
+        var = f"{dt},idx={idx[1:]},w={(w or 'none').lstrip('*')},SINGLE_D={single}"
+        jobs.append(Job("code_statistics._code_statistics_atomic_kernel", var, m._code_statistics_atomic_kernel,
+                        {"p_x": DTYPES[dt], "p_idx": idx, "p_w": wp, "p_counts": "*fp64", "p_sums": "*fp64",
+                         "p_bad": "*i32"},
+                        {"stride_xd": 1, "stride_idx": 1, "stride_w": 1, **flags},
                         aligned_ints=("stride_xn", "stride_sk"), cost=0.5))
-        jobs.append(Job("code_statistics._code_statistics_segment_kernel", f"{dt}", m._code_statistics_segment_kernel,
-                        {"p_x": DTYPES[dt], "p_perm": "*i64", "p_offsets": "*i64", "p_counts": "*fp32",
-                         "p_sums": "*fp32"},
-                        {"stride_xd": 1, "stride_sd": 1, "BLOCK_N": 32, "BLOCK_D": 128},
-                        aligned_ints=("stride_xn", "stride_sk"), cost=0.5))
+        jobs.append(Job("code_statistics._code_statistics_segment_kernel", var, m._code_statistics_segment_kernel,
+                        {"p_x": DTYPES[dt], "p_w": wp, "p_perm": "*i64", "p_offsets": "*i32", "p_item_end": "*i32",
+                         "p_pieces": "*i32", "p_multi_first": "*i32", "p_seg_of_item": "*i32",
+                         "p_counts": "*fp32", "p_sums": "*fp32", "p_pcounts": "*fp64", "p_psums": "*fp64",
+                         "p_bad": "*i32"},
+                        {"stride_xd": 1, "stride_w": 1, **flags},
+                        aligned_ints=("stride_xn", "stride_sk", "stride_pk"), cost=0.5))
+    jobs.append(Job("code_statistics._code_statistics_merge_kernel", "fp64 partials",
+                    m._code_statistics_merge_kernel,
+                    {"p_multi_seg": "*i32", "p_multi_first": "*i32", "p_pieces": "*i32", "p_pcounts": "*fp64",
+                     "p_psums": "*fp64", "p_counts": "*fp32", "p_sums": "*fp32"},
+                    {"BLOCK_Q": m.MERGE_BLOCK_Q, "BLOCK_D": m.MERGE_BLOCK_D},
+                    aligned_ints=("stride_sk", "stride_pk"), cost=0.3))
     # code_usage (any integer ids)
     for it in ("*i8", "*u8", "*i16", "*i32", "*i64"):
         jobs.append(Job("code_usage._code_usage_fwd_kernel", f"ids={it[1:]}", code_usage._code_usage_fwd_kernel,
@@ -400,8 +471,8 @@ def _memory_bound_jobs():
                             f"{dt},BLOCK_N={block_n},BLOCK_D={block_d},SINGLE={single}", m._rotation_trick_bwd_kernel,
                             {"p_e": p, "p_q": p, "p_g": p, "p_de": p},
                             {"stride_ed": 1, "stride_qd": 1, "stride_gd": 1, "stride_dd": 1,
-                             "EPS_N": m.EPS_NORM, "EPS_S": m.EPS_ANTIPODAL,
                              "BLOCK_N": block_n, "BLOCK_D": block_d, "SINGLE": single},
+                            scalars={"EPS_N": "fp32", "EPS_S": "fp32"},
                             aligned_ints=("stride_en", "stride_qn", "stride_gn", "stride_dn"), cost=0.5))
     # qr_lookup
     m = qr_lookup
@@ -422,34 +493,44 @@ def _memory_bound_jobs():
                             {"stride_qd": 1, "stride_rd": 1, "stride_od": 1, "OP": op, "HAS_W": has_w,
                              "MEAN": mean, "BLOCK_L": 16, "BLOCK_D": 128},
                             aligned_ints=tabs, cost=0.3))
-        for has_row, has_scale, mult in ((False, False, False), (True, True, True), (True, False, False)):
-            flags = {"HAS_ROW": has_row, "HAS_SCALE": has_scale, "MULT": mult}
-            grads = ("stride_gn", "stride_own", "stride_dn")
-            jobs.append(Job("qr_lookup._qr_lookup_bwd_kernel", f"{dt},{flags}", m._qr_lookup_bwd_kernel,
-                            {"p_g": p, "p_perm": "*i64", "p_item_row": "*i64", "p_scale": "*fp32" if has_scale else p,
-                             "p_ow": p, "p_oidx": "*i64", "p_seg_start": "*i64", "p_seg_end": "*i64",
-                             "p_seg_row": "*i64", "p_dw": p},
-                            {"stride_gd": 1, "stride_owd": 1, "stride_dd": 1, **flags, "BLOCK_L": 16,
-                             "BLOCK_D": 128},
-                            aligned_ints=grads, cost=0.3))
-            jobs.append(Job("qr_lookup._qr_lookup_bwd_atomic_kernel", f"{dt},{flags}", m._qr_lookup_bwd_atomic_kernel,
-                            {"p_g": p, "p_idx": "*i64", "p_item_row": "*i64", "p_scale": "*fp32" if has_scale else p,
-                             "p_ow": p, "p_oidx": "*i64", "p_dw": "*fp32"},
-                            {"stride_gd": 1, "stride_owd": 1, "stride_dd": 1, **flags, "BLOCK_L": 32,
-                             "BLOCK_D": 128},
-                            aligned_ints=grads, cost=0.3))
+        # backward: the sort keys, the row kernel (dense and sparse), the atomic path, the weights' gradient
+        grads = ("stride_gn", "stride_qn", "stride_rn", "stride_dqn", "stride_drn")
+        for key in ("*i32", "*i64"):
+            jobs.append(Job("qr_lookup._qr_keys_kernel", f"ids={ids[1:]},keys={key[1:]}", m._qr_keys_kernel,
+                            {"p_ids": ids, "p_keys": key}, {"NEED_Q": True, "NEED_R": True, "BLOCK": 1024},
+                            cost=0.3))
+        for op, bags, mean, has_w, sparse in ((0, False, False, False, False), (1, True, True, False, False),
+                                             (2, True, False, True, True)):
+            flags = {"OP": op, "BAGS": bags, "MEAN": mean, "HAS_W": has_w}
+            psw = p if has_w else p
+            jobs.append(Job("qr_lookup._qr_rows_kernel", f"{dt},{flags},SPARSE={sparse}", m._qr_rows_kernel,
+                            {"p_g": p, "p_ids": ids, "p_offsets": "*i64" if bags else ids, "p_psw": psw, "p_qw": p,
+                             "p_rw": p, "p_sorted": "*i32", "p_perm": "*i64", "p_rows": "*i64", "p_dq": p, "p_dr": p},
+                            {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
+                             **flags, "SPARSE": sparse, "BLOCK_L": 16, "BLOCK_D": 128},
+                            aligned_ints=grads, cost=0.5))
+            jobs.append(Job("qr_lookup._qr_atomic_kernel", f"{dt},{flags}", m._qr_atomic_kernel,
+                            {"p_g": p, "p_ids": ids, "p_offsets": "*i64" if bags else ids, "p_psw": psw, "p_qw": p,
+                             "p_rw": p, "p_dq": "*fp32", "p_dr": "*fp32"},
+                            {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
+                             "NEED_Q": True, "NEED_R": True, **flags, "BLOCK_L": 32, "BLOCK_D": 128},
+                            aligned_ints=grads, cost=0.5))
+        jobs.append(Job("qr_lookup._qr_psw_grad_kernel", f"{dt}", m._qr_psw_grad_kernel,
+                        {"p_g": p, "p_ids": ids, "p_offsets": "*i64", "p_qw": p, "p_rw": p, "p_dw": p},
+                        {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "OP": 1, "BLOCK_L": 32, "BLOCK_D": 128},
+                        aligned_ints=("stride_gn", "stride_qn", "stride_rn"), cost=0.3))
     return jobs
 
 
 def all_jobs():
     return (_nearest_code_jobs() + _residual_quantize_jobs() + _pairwise_kl_loss_jobs() + _pairwise_sqdist_jobs()
-            + _memory_bound_jobs())
+            + _memory_bound_jobs() + _ema_update_jobs())
 
 
 def all_kernels():
     """Every ``@triton.jit`` kernel (``*_kernel``) defined in kernels/*.py, as "module.name"."""
     out = set()
-    for mod in (code_statistics, code_usage, nearest_code, pairwise_kl_loss, pairwise_sqdist, qr_lookup,
+    for mod in (code_statistics, code_usage, ema_update, nearest_code, pairwise_kl_loss, pairwise_sqdist, qr_lookup,
                 residual_quantize, rotation_trick, semantic_ids):
         for name, obj in vars(mod).items():
             if name.endswith("_kernel") and isinstance(_jit(obj), triton.runtime.jit.JITFunction):

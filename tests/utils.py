@@ -1,38 +1,51 @@
-"""Test helpers: one tolerance table per dtype, used everywhere; seeded random inputs."""
+"""Test helpers: seeded random inputs on the suite's device, the tolerance helper, a launch spy.
+
+``DEVICE`` is where the suite runs: ``"cuda"`` on a machine with CUDA (the Triton kernels run
+compiled there), else ``"cpu"`` (the kernels run under the Triton interpreter). Every helper
+defaults to it, and tests/conftest.py makes it torch's default device on CUDA, so a test that
+names no device runs on the right one (tests/test_suite_rules.py forbids naming one).
+"""
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-# (rtol, atol) per dtype; atol is scaled by sqrt(reduction length) in assert_close.
-TOL = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 1e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-    torch.float64: (1e-10, 1e-10),
-}
+import fastvq.testing as ft
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+def assert_close(actual, expected, dtype=None, reduce_len: float = 1, msg: str = "") -> None:
+    """:func:`fastvq.testing.assert_close` for comparisons whose sums of ``|terms|`` are not spelled
+    out: every element's magnitude is ``max(max |expected|, 1)`` (the tests' inputs are unit-scale
+    random numbers, so a sum's terms are O(1) unless the result is larger). ``dtype``: the
+    operands' dtype (default: ``actual``'s); ``reduce_len``: the length of the longest chain of
+    roundings behind an element. New tests call fastvq.testing with the real magnitude (the same
+    float64 computation on ``|.|`` of the inputs)."""
+    expected = expected.detach().to(actual.device)
+    finite = expected[expected.isfinite()]
+    scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1.0)
+    ft.assert_close(actual, expected, dtype=dtype or actual.dtype, reduce_len=reduce_len, magnitude=scale,
+                    name=msg or "assert_close")
 
 
-def tol(dtype: torch.dtype, reduce_len: int = 1) -> dict:
-    rtol, atol = TOL[dtype]
-    return {"rtol": rtol, "atol": atol * math.sqrt(max(reduce_len, 1))}
+def _seed(seed: int | None) -> int:
+    """``seed``, or the next draw of torch's global stream (which conftest seeds per test)."""
+    return int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, (), device="cpu"))
 
 
-def assert_close(actual, expected, dtype=None, reduce_len: int = 1, msg: str = "") -> None:
-    """Compare with the tolerance of ``dtype`` (default: the dtype of ``actual``)."""
-    dtype = dtype or actual.dtype
-    torch.testing.assert_close(actual.double(), expected.double(), **tol(dtype, reduce_len), msg=msg or None)
+def generator(seed: int | None = None, device: str | None = None) -> torch.Generator:
+    """A ``torch.Generator`` on the suite's device (for ``torch.randint(..., generator=g)`` and friends)."""
+    return torch.Generator(device=device or DEVICE).manual_seed(_seed(seed))
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", seed: int | None = None, scale: float = 1.0,
+def randn(*shape, dtype=torch.float32, device: str | None = None, seed: int | None = None, scale: float = 1.0,
           requires_grad: bool = False) -> torch.Tensor:
-    """Fresh random normal input; a seed only where a test must be reproducible."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
-    t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-    return t.requires_grad_(requires_grad)
+    """Random normal input on ``device`` (default: the suite's). Drawn in float64 on the CPU from
+    ``seed`` (or from the test's seeded stream), so a seed gives the same values on every device."""
+    g = torch.Generator(device="cpu").manual_seed(_seed(seed))
+    t = torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu") * scale
+    return t.to(device=device or DEVICE, dtype=dtype).requires_grad_(requires_grad)
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
@@ -56,3 +69,13 @@ def count_kernel_launches(monkeypatch, module, *names) -> list:
 
         monkeypatch.setattr(kernel, "run", run)
     return launched
+
+
+def stored(x32: torch.Tensor, dtype: torch.dtype, kernel: bool = True) -> torch.Tensor:
+    """The values a store of float32 ``x32`` in ``dtype`` gives: round to nearest even (a GPU, and
+    torch), except a Triton kernel's store to bfloat16 under Triton 3.8's interpreter: it truncates."""
+    from fastvq import kernels
+
+    if kernel and dtype == torch.bfloat16 and kernels.INTERPRETED:
+        return (x32.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low bits are 0
+    return x32.to(dtype)

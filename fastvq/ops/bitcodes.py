@@ -7,21 +7,18 @@ input raises instead of being silently truncated.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from .._checks import check_tensor
+from .._checks import assert_async, check_int_arg, check_tensor
 
 MAX_BITS = 63  # the codes are int64
 
 
 def _check_num_bits(op: str, num_bits) -> int:
-    if isinstance(num_bits, bool) or not isinstance(num_bits, numbers.Integral):
-        raise TypeError(f"fastvq.{op}: num_bits must be an int, got {type(num_bits).__name__}")
+    num_bits = check_int_arg(op, "num_bits", num_bits)
     if not 1 <= num_bits <= MAX_BITS:
         raise ValueError(f"fastvq.{op}: num_bits must be in [1, {MAX_BITS}], got {num_bits}")
-    return int(num_bits)
+    return num_bits
 
 
 def _bit_weights(num_bits: int, device: torch.device) -> torch.Tensor:
@@ -33,10 +30,12 @@ def _bit_weights(num_bits: int, device: torch.device) -> torch.Tensor:
 
 
 def check_bit_values(op: str, bits: torch.Tensor) -> None:
-    """ValueError unless every element of ``bits`` is 0 or 1. Reads the values (one sync): call
-    it inside a custom op's body, which runs eagerly under torch.compile too."""
-    if bits.numel() and not bool(((bits == 0) | (bits == 1)).all()):
-        raise ValueError(f"fastvq.{op}: bits must be 0 or 1, got other values (shape {tuple(bits.shape)})")
+    """ValueError unless every element of ``bits`` is 0 or 1, without a host sync
+    (:func:`fastvq._checks.assert_async`: at once on the CPU, a device-side assert on CUDA).
+    Call it inside a custom op's body, which runs eagerly under torch.compile too."""
+    if bits.numel():
+        assert_async(op, ((bits == 0) | (bits == 1)).all(),
+                     lambda: f"bits must be 0 or 1, got other values (shape {tuple(bits.shape)})")
 
 
 # The value checks live in custom-op bodies: those run eagerly even inside a compiled graph,
@@ -45,12 +44,12 @@ def check_bit_values(op: str, bits: torch.Tensor) -> None:
 def _to_bits_op(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
     idx = indices.long()
     if idx.numel():
-        lo, hi = (int(v) for v in torch.aminmax(idx))
-        if lo < 0 or hi >> num_bits:
-            raise ValueError(
-                f"fastvq.to_bits: indices must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), got values in "
-                f"[{lo}, {hi}] (shape {tuple(indices.shape)})"
-            )
+        def detail():
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            return (f"indices must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), got values in "
+                    f"[{lo}, {hi}] (shape {tuple(indices.shape)})")
+
+        assert_async("to_bits", ((idx >= 0) & (idx >> num_bits == 0)).all(), detail)
     weights = _bit_weights(num_bits, idx.device)
     return idx.unsqueeze(-1).bitwise_and(weights).ne(0).long()
 
@@ -72,6 +71,24 @@ def _(bits):
     return bits.new_empty(bits.shape[:-1], dtype=torch.int64)
 
 
+@torch.library.custom_op("fastvq::checked_bits", mutates_args=())
+def _checked_bits_op(bits: torch.Tensor, owner: str) -> torch.Tensor:
+    check_bit_values(owner, bits)
+    return bits.to(torch.int64, copy=True)
+
+
+@_checked_bits_op.register_fake
+def _(bits, owner):
+    return torch.empty_like(bits, dtype=torch.int64)
+
+
+def checked_bits(owner: str, bits: torch.Tensor) -> torch.Tensor:
+    """``bits`` as int64 after checking they are 0 or 1 (``ValueError`` naming ``owner``
+    otherwise). A custom op, so the check runs (eagerly) inside torch.compile'd graphs too and
+    fullgraph tracing needs no data-dependent guard; used by ``fastvq.nn.Bitcodes.from_bits``."""
+    return _checked_bits_op(bits, owner)
+
+
 def to_bits(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
     """Binary codes of integers, most significant bit first.
 
@@ -84,7 +101,7 @@ def to_bits(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
         ``to_decimal(to_bits(i, n)) == i``. Not differentiable (integers).
 
     Raises ``ValueError`` for values outside ``[0, 2**num_bits)`` (bitcodes-pytorch keeps the
-    low bits of those silently).
+    low bits of those silently), without a host sync (on CUDA: a device-side assert).
 
     Example::
 
@@ -110,6 +127,9 @@ def to_decimal(bits: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(...)`` int64 tensor on ``bits``' device. Not differentiable.
+
+    Raises ``ValueError`` for any value other than 0 or 1 (NaN, inf and 0.5 included: no bit is
+    made up from them), without a host sync (on CUDA: a device-side assert).
 
     Example::
 

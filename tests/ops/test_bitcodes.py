@@ -78,21 +78,24 @@ def test_empty():
         ("to_bits", (torch.tensor([-1]), 4), ValueError),
         ("to_bits", (torch.tensor([1]), 0), ValueError),
         ("to_bits", (torch.tensor([1]), 64), ValueError),
-        ("to_bits", (torch.tensor([1]), 4.0), TypeError),
+        ("to_bits", (torch.tensor([1]), 4.5), ValueError),
+        ("to_bits", (torch.tensor([1]), "4"), TypeError),
         ("to_bits", (torch.tensor([1]), True), TypeError),
         ("to_bits", (torch.tensor([1.0]), 4), TypeError),
         ("to_bits", (torch.tensor([True]), 4), TypeError),
         ("to_bits", ([1, 2], 4), TypeError),
         ("to_decimal", (torch.tensor([0, 2, 1]),), ValueError),
         ("to_decimal", (torch.tensor([0.5, 1.0]),), ValueError),
+        ("to_decimal", (torch.tensor([float("nan"), 1.0]),), ValueError),
+        ("to_decimal", (torch.tensor([float("inf"), 0.0]),), ValueError),
         ("to_decimal", (torch.tensor(1),), ValueError),
         ("to_decimal", (torch.zeros(3, 0, dtype=torch.long),), ValueError),
         ("to_decimal", (torch.zeros(3, 64, dtype=torch.long),), ValueError),
         ("to_decimal", ([0, 1],), TypeError),
     ],
-    ids=["to_bits-too-big", "to_bits-negative", "to_bits-0-bits", "to_bits-64-bits", "to_bits-float-bits",
+    ids=["to_bits-too-big", "to_bits-negative", "to_bits-0-bits", "to_bits-64-bits", "to_bits-nonintegral-bits", "to_bits-str-bits",
          "to_bits-bool-bits", "to_bits-float-idx", "to_bits-bool-idx", "to_bits-list",
-         "to_decimal-2", "to_decimal-half", "to_decimal-0D", "to_decimal-no-bits", "to_decimal-64-bits",
+         "to_decimal-2", "to_decimal-half", "to_decimal-nan", "to_decimal-inf", "to_decimal-0D", "to_decimal-no-bits", "to_decimal-64-bits",
          "to_decimal-list"],
 )
 def test_bad_input(fn, args, err):
@@ -101,11 +104,11 @@ def test_bad_input(fn, args, err):
 
 
 @pytest.mark.gpu
-def test_cuda_tensors():
+def test_cuda_tensors(device):
     # bitcodes-pytorch fails here: its mask is a CPU tensor
-    idx = _ints((1000,), 20).cuda()
+    idx = _ints((1000,), 20).to(device)
     bits = fastvq.to_bits(idx, 20)
-    assert bits.is_cuda and torch.equal(bits.cpu(), peer_to_bits(idx.cpu(), 20))
+    assert bits.is_cuda and torch.equal(bits, peer_to_bits(idx, 20).to(device))
     assert torch.equal(fastvq.to_decimal(bits), idx)
 
 
@@ -128,3 +131,12 @@ def test_compile_fullgraph_traces_and_still_checks():
 def test_opcheck():
     torch.library.opcheck(torch.ops.fastvq.to_bits.default, (_ints((4, 3), 9), 9))
     torch.library.opcheck(torch.ops.fastvq.to_decimal.default, (torch.randint(0, 2, (4, 3, 7)),))
+
+
+def test_valid_input_reads_nothing_on_the_host():
+    from fastvq.bench.traffic import metering
+
+    with metering() as meter:
+        bits = fastvq.to_bits(torch.tensor([0, 11, 9]), 4)
+        fastvq.to_decimal(bits)
+    assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)

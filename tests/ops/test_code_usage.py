@@ -140,23 +140,66 @@ def test_meter_out_of_range_raises_at_compute(backend):
 @pytest.mark.parametrize(
     "indices,K,err",
     [
-        (torch.tensor([0, 1, 5]), 5, ValueError),
-        (torch.tensor([[0, -1]]), 5, ValueError),
         (torch.tensor([0.0, 1.0]), 5, TypeError),
         (torch.tensor([True, False]), 5, TypeError),
         ([0, 1], 5, TypeError),
         (torch.tensor([0]), 0, ValueError),
-        (torch.tensor([0]), 2.0, TypeError),
+        (torch.tensor([0]), 2.5, ValueError),
+        (torch.tensor([0]), float("inf"), ValueError),
+        (torch.tensor([0]), "5", TypeError),
         (torch.tensor([0]), True, TypeError),
     ],
-    ids=["id-eq-K", "negative-id", "float-dtype", "bool-dtype", "not-tensor", "K0", "K-float", "K-bool"],
+    ids=["float-dtype", "bool-dtype", "not-tensor", "K0", "K-nonintegral", "K-inf", "K-str", "K-bool"],
 )
 def test_bad_input(backend, indices, K, err):
     with pytest.raises(err, match="code_usage"):
         fastvq.code_usage(indices, K)
 
 
-@pytest.mark.parametrize("K,err", [(0, ValueError), (3.5, TypeError)], ids=["K0", "K-float"])
+@pytest.mark.parametrize("indices", [torch.tensor([0, 1, 5]), torch.tensor([[0, -1]])], ids=["id-eq-K", "negative-id"])
+def test_out_of_range_raises_without_host_sync(backend, monkeypatch, indices):
+    # checked on the device (a CPU check raises at once; CUDA: an asynchronous device-side assert)
+    from fastvq.bench.traffic import metering
+
+    def no_item(self):
+        raise AssertionError("host sync in code_usage")
+
+    with monkeypatch.context() as m, metering() as meter:
+        m.setattr(torch.Tensor, "item", no_item)
+        m.setattr(torch.Tensor, "tolist", no_item)
+        fastvq.code_usage(torch.tensor([0, 1, 4]), 5)  # valid: no host read at all
+        assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)
+    with pytest.raises(ValueError, match=r"code_usage: 1 indices are outside \[0, 5\)"):
+        fastvq.code_usage(indices, 5)
+
+
+def test_meter_batch_usage_reports_out_of_range(backend):
+    u = fastvq.CodeUsageMeter(5).update(torch.tensor([0, 1, 5, -2]))
+    assert u.out_of_range.item() == 2 and u.counts.tolist() == [1, 1, 0, 0, 0]
+    assert math.isnan(u.entropy.item()) and math.isnan(u.perplexity.item())
+    with pytest.raises(ValueError, match=r"CodeUsage: 2 indices are outside \[0, 5\)"):
+        u.to_dict()
+
+
+def test_integral_float_codebook_size_is_accepted():
+    assert fastvq.code_usage(torch.tensor([1, 3]), 4.0).counts.tolist() == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0], [2**62, 2**62, 0], [2**62, 1, 2**40]], ids=["empty", "huge", "huge-mixed"])
+def test_statistics_of_empty_and_huge_counts(counts):
+    from fastvq.reference.code_usage import usage_from_counts
+
+    c = torch.tensor(counts, dtype=torch.int64)
+    u = usage_from_counts(c, torch.zeros((), dtype=torch.int64))
+    p = c.double() / max(c.double().sum().item(), 1.0)
+    ent = -(p * torch.log(p + 1e-10)).sum()
+    assert torch.isfinite(u.entropy) and torch.isfinite(u.perplexity)
+    assert u.entropy.item() == pytest.approx(ent.item(), abs=1e-6)
+    assert u.perplexity.item() == pytest.approx(math.exp(ent.item()), rel=1e-6)
+    assert u.to_dict()["active_codes"] == sum(x > 0 for x in counts)
+
+
+@pytest.mark.parametrize("K,err", [(0, ValueError), (3.5, ValueError), (True, TypeError)], ids=["K0", "K-float", "K-bool"])
 def test_meter_bad_input(K, err):
     with pytest.raises(err, match="CodeUsageMeter"):
         fastvq.CodeUsageMeter(K)
@@ -188,7 +231,7 @@ def test_compile_fullgraph_checks_range(backend):
 
 @pytest.mark.gpu
 def test_large_gpu():
-    idx = torch.randint(0, 8192, (3, 1 << 20), device="cuda")
+    idx = torch.randint(0, 8192, (3, 1 << 20))
     with fastvq.backend("triton"):
         u = fastvq.code_usage(idx, 8192)
         meter = fastvq.CodeUsageMeter(8192)

@@ -1,0 +1,75 @@
+"""ema_update_: the EMA codebook update of a VectorQuantizer / ResidualQuantizer, in place, one
+fused pass over the (L, K, D) state and no host sync."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import use_triton
+from ..reference.ema_update import ema_decisions, ema_update_ref_, ema_update_rows_ref_
+
+
+@torch.library.custom_op("fastvq::ema_update_rows_", mutates_args=("codebook", "embed_avg"))
+def _ema_update_rows_op(codebook: torch.Tensor, embed_avg: torch.Tensor, sums: torch.Tensor, keep: torch.Tensor,
+                        live: torch.Tensor, smoothed: torch.Tensor, decay: float) -> None:
+    if use_triton("ema_update", codebook, embed_avg, sums):
+        from ..kernels.ema_update import ema_update_fwd
+
+        ema_update_fwd(codebook, embed_avg, sums, keep.to(torch.int8), live.to(torch.int8), smoothed, decay)
+    else:
+        ema_update_rows_ref_(codebook, embed_avg, sums, keep, live, smoothed, decay)
+
+
+@_ema_update_rows_op.register_fake
+def _(codebook, embed_avg, sums, keep, live, smoothed, decay):
+    return None
+
+
+@torch.no_grad()
+def ema_update_(
+    codebook: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_avg: torch.Tensor,
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    decay: float,
+    eps: float,
+) -> None:
+    """The seed EMAQuantizer's codebook update, per level, in place, guarded, without a host sync.
+
+    Args:
+        codebook: ``(L, K, D)`` float32/float16/bfloat16, any strides (e.g. a parameter's
+            ``.data.unsqueeze(0)``), updated in place.
+        cluster_size: ``(L, K)`` float32; embed_avg: ``(L, K, D)`` float32 contiguous: the EMA
+            state, updated in place.
+        counts, sums: this batch's (all-reduced) statistics, float32 ``(L, K)`` and ``(L, K, D)``
+            (:func:`fastvq.code_statistics`, :func:`fastvq.residual_quantize_step`).
+        decay, eps: the EMA decay and the Laplace-smoothing epsilon.
+
+    The arithmetic is the seed's::
+
+        cluster_size = decay * cluster_size + (1 - decay) * counts
+        embed_avg    = decay * embed_avg    + (1 - decay) * sums
+        n            = cluster_size.sum(-1)
+        smoothed     = (cluster_size + eps) / (n + K * eps) * n
+        codebook     = embed_avg / smoothed
+
+    guarded so that no state becomes non-finite: a level whose batch had no rows (``counts``
+    all 0) changes nothing; a code whose new count or batch sums are not finite keeps its EMA
+    state; a code whose new value is not finite in the codebook's dtype keeps its value. The
+    decisions are made on ``(L, K)`` tensors (one max-abs read of ``sums``); the ``(L, K, D)``
+    update is one fused kernel on the Triton backend (one read of ``embed_avg`` and ``sums``,
+    one write of ``embed_avg`` and of the codebook rows that change). Not differentiable.
+
+    Example::
+
+        >>> counts, sums = fastvq.code_statistics(x, idx, K)
+        >>> ema_update_(codebook.unsqueeze(0), cluster_size[None], embed_avg[None], counts[None], sums[None], 0.99, 1e-5)
+    """
+    sums = sums.float().contiguous()
+    live, keep, new_cs, smoothed = ema_decisions(cluster_size, counts, sums, decay, eps)
+    cluster_size.copy_(new_cs)
+    _ema_update_rows_op(codebook, embed_avg, sums, keep, live, smoothed, float(decay))
+
+
+__all__ = ["ema_update_", "ema_update_ref_"]

@@ -1,0 +1,41 @@
+"""Pure-torch reference of :func:`fastvq.ops.ema_update.ema_update_` (the EMA codebook update)."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def ema_update_ref_(codebook, cluster_size, embed_avg, counts, sums, decay: float, eps: float) -> None:
+    """In place; see :func:`fastvq.ops.ema_update.ema_update_` for the arithmetic and its guards."""
+    live, keep, new_cs, smoothed = ema_decisions(cluster_size, counts, sums, decay, eps)
+    cluster_size.copy_(new_cs)
+    ema_update_rows_ref_(codebook, embed_avg, sums, keep, live, smoothed, decay)
+
+
+@torch.no_grad()
+def ema_update_rows_ref_(codebook, embed_avg, sums, keep, live, smoothed, decay: float) -> None:
+    """The ``(L, K, D)`` part of the update, in place, given the decisions of :func:`ema_decisions`."""
+    new_ea = embed_avg.mul(decay).add_(sums.to(embed_avg.dtype), alpha=1 - decay)
+    embed_avg.copy_(torch.where(keep.unsqueeze(-1), new_ea, embed_avg))
+    new_code = (embed_avg / smoothed.unsqueeze(-1)).to(codebook.dtype)
+    ok = live.view(-1, 1) & torch.isfinite(new_code).all(-1)
+    codebook.copy_(torch.where(ok.unsqueeze(-1), new_code, codebook))
+
+
+def ema_decisions(cluster_size, counts, sums, decay: float, eps: float):
+    """The per-code decisions of an EMA update, on ``(L, K)`` tensors (and one read of ``sums``):
+    ``live (L,)`` (the level's batch had rows), ``keep (L, K)`` (this code takes the batch:
+    live, and its new count and sums are finite), the new ``cluster_size (L, K)`` and the
+    Laplace-smoothed counts ``smoothed (L, K)``."""
+    K = cluster_size.shape[-1]
+    live = counts.sum(-1) > 0
+    new_cs = cluster_size.mul(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
+    # a convex combination of the (finite) old sums and this batch's is finite iff the batch's
+    # row is: one max-abs read of `sums` decides it (NaN propagates through the max)
+    sums_ok = torch.linalg.vector_norm(sums, ord=float("inf"), dim=-1) < float("inf")
+    keep = live.unsqueeze(-1) & torch.isfinite(new_cs) & sums_ok
+    new_cs = torch.where(keep, new_cs, cluster_size)
+    n = new_cs.sum(-1, keepdim=True)
+    smoothed = (new_cs + eps) / (n + K * eps) * n
+    return live, keep, new_cs, smoothed

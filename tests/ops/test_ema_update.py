@@ -1,0 +1,95 @@
+"""fastvq.ops.ema_update.ema_update_: the seed's EMA codebook update, guarded, fused on Triton."""
+
+import pytest
+import torch
+
+import fastvq
+from fastvq.ops.ema_update import ema_update_
+from fastvq.reference.ema_update import ema_update_ref_
+from tests.utils import assert_close, generator, randn
+
+
+def _state(L, K, D, dtype=torch.float32, seed=0, device=None):
+    codebook = randn(L, K, D, seed=seed, device=device).to(dtype)
+    cluster_size = randn(L, K, seed=seed + 1, device=device).abs() * 5
+    embed_avg = randn(L, K, D, seed=seed + 2, device=device) * 3
+    counts = torch.randint(0, 4, (L, K), generator=generator(seed + 3, device), device=device).float()
+    sums = randn(L, K, D, seed=seed + 4, device=device) * counts.unsqueeze(-1)
+    return codebook, cluster_size, embed_avg, counts, sums
+
+
+def _seed_update(codebook, cluster_size, embed_avg, counts, sums, decay, eps):
+    """The seed EMAQuantizer's arithmetic, per level, unguarded, float64."""
+    K = codebook.shape[1]
+    cs = cluster_size.double() * decay + counts.double() * (1 - decay)
+    ea = embed_avg.double() * decay + sums.double() * (1 - decay)
+    n = cs.sum(-1, keepdim=True)
+    smoothed = (cs + eps) / (n + K * eps) * n
+    return ea / smoothed.unsqueeze(-1), cs, ea
+
+
+@pytest.mark.parametrize("L,K,D", [(1, 7, 5), (3, 33, 60), (2, 5, 1100)], ids=["L1-K7-D5", "L3-K33-D60", "D1100"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_the_seed_update(backend, device, L, K, D, dtype):
+    codebook, cs, ea, counts, sums = _state(L, K, D, dtype, device=device)
+    want_code, want_cs, want_ea = _seed_update(codebook, cs, ea, counts, sums, 0.9, 1e-5)
+    ema_update_(codebook, cs, ea, counts, sums, 0.9, 1e-5)
+    assert_close(cs, want_cs, reduce_len=3)
+    assert_close(ea, want_ea, reduce_len=3)
+    assert_close(codebook, want_code, reduce_len=K + 8)
+
+
+def test_guards(backend, device):
+    L, K, D = 3, 6, 4
+    codebook, cs, ea, counts, sums = _state(L, K, D, device=device)
+    counts[1] = 0  # level 1 saw no rows: nothing changes there
+    sums[1] = 0
+    sums[0, 2, 1] = float("inf")  # a code whose batch sums overflowed keeps its EMA state
+    sums[0, 3, 0] = float("nan")
+    cs[2, 4] = 1e-30  # ... and one whose new value overflows keeps its value
+    counts[2, 4] = 0
+    ea[2, 4] = 3e38
+    sums[2, 4] = 0
+    before = [t.clone() for t in (codebook, cs, ea)]
+    ema_update_(codebook, cs, ea, counts, sums, 0.99, 1e-5)
+    for new, old in zip((codebook, cs, ea), before):
+        assert torch.equal(new[1], old[1])
+        assert new.isfinite().all()
+    for k in (2, 3):
+        assert cs[0, k] == before[1][0, k] and torch.equal(ea[0, k], before[2][0, k])
+    assert torch.equal(codebook[2, 4], before[0][2, 4])
+    assert not torch.equal(codebook[0, 0], before[0][0, 0])  # the others did move
+
+
+def test_strided_codebook_view(backend, device):
+    # a VectorQuantizer passes weight.data.unsqueeze(0); a transposed parameter is strided too
+    codebook, cs, ea, counts, sums = _state(2, 9, 6, device=device)
+    want = codebook.clone()
+    ema_update_ref_(want, cs.clone(), ea.clone(), counts, sums, 0.95, 1e-5)
+    storage = codebook.transpose(1, 2).contiguous()  # (L, D, K)
+    view = storage.transpose(1, 2)
+    assert not view.is_contiguous()
+    ema_update_(view, cs, ea, counts, sums, 0.95, 1e-5)
+    assert_close(view, want, reduce_len=16)
+
+
+def test_triton_launches_one_kernel(monkeypatch, device):
+    from fastvq.kernels import ema_update as kmod
+    from tests.utils import count_kernel_launches
+
+    launched = count_kernel_launches(monkeypatch, kmod, "_ema_update_kernel")
+    with fastvq.backend("triton"):
+        ema_update_(*_state(2, 5, 3, device=device), 0.99, 1e-5)
+    assert launched == ["_ema_update_kernel"]
+
+
+def test_opcheck(device):
+    codebook, cs, ea, counts, sums = _state(2, 5, 3, device=device)
+    keep = torch.ones(2, 5, dtype=torch.bool, device=device)
+    keep[0, 1] = False
+    live = torch.tensor([True, False], device=device)
+    smoothed = cs + 1.0
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.ema_update_rows_.default,
+                                  (codebook.clone(), ea.clone(), sums, keep, live, smoothed, 0.99))
