@@ -93,16 +93,19 @@ def _scores(b_xc, p_cterm, o_k, m_k, METRIC: tl.constexpr, EVEN_K: tl.constexpr 
 
 
 @triton.jit
-def _gumbel(seed, o_n, o_k, h):
-    """Gumbel(0, 1) noise for rows ``o_n`` x codes ``o_k`` of codebook ``h``: Philox4x32-10 keyed
-    by ``seed``, counter (code, row, codebook, row >> 32), first word -> u in (0, 1)."""
-    zero = (o_n[:, None] * 0 + o_k[None, :] * 0)
-    c0 = (o_k[None, :] + zero).to(tl.uint32)
+def _gumbel(seed, o_n, k0, h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Gumbel(0, 1) noise for rows ``o_n`` x codes ``k0 .. k0 + BLOCK_K - 1`` of codebook ``h``:
+    one Philox4x32-10 call per 4 codes (keyed by ``seed``, counter (code // 4, row, codebook,
+    row >> 32); code ``k`` takes word ``k % 4``), each word -> u in (0, 1) -> -log(-log(u))."""
+    o_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    zero = (o_n[:, None] * 0 + o_g[None, :] * 0)
+    c0 = (o_g[None, :] + zero).to(tl.uint32)
     c1 = (o_n[:, None] + zero).to(tl.uint32)
     c2 = (zero + h).to(tl.uint32)
     c3 = ((o_n >> 32)[:, None] + zero).to(tl.uint32)
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    u = ((r0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N, BLOCK_K))  # code 4g + j: word j
+    u = ((r >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
     return -tl.log(-tl.log(u))
 
 
@@ -446,11 +449,14 @@ def _prune_configs(configs, named_args, **kwargs):
     def key(c):
         return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
+    sample = kwargs.get("SAMPLE", False)
+
     def smem(c):
         bn, bk, s = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages
+        extra = bn * bk * 4 if sample else 0  # sampling interleaves the 4 Philox words through shared memory
         if resident:
-            return (bn + bk * s) * d * elt
-        return (bn + bk) * s * d * elt
+            return (bn + bk * s) * d * elt + extra
+        return (bn + bk) * s * d * elt + extra
 
     def regs(c):
         return 0 if elt == 4 else _estimate_registers(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, d, elt)
@@ -572,7 +578,7 @@ def _nearest_code_fwd_kernel(
         if SAMPLE:
             if METRIC == 3:
                 b_s = tl.sqrt(nan_max0(b_xx[:, None] + b_s))
-            b_s = b_s * b_a[:, None] - b_w[:, None] * _gumbel(seed, o_n, o_k, h)
+            b_s = b_s * b_a[:, None] - b_w[:, None] * _gumbel(seed, o_n, k0, h, BLOCK_N, BLOCK_K)
         b_best, b_idx = argmin_merge(b_best, b_idx, b_s, k0, BLOCK_K)
         if HAS_LOWER_BOUND:  # only codes strictly farther than the positive
             # (one fused min-with-index here: +inf, not NaN, marks the codes left out, so the
