@@ -1,0 +1,187 @@
+"""Fuzz: residual_quantize and code_statistics on both backends, against float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvq
+from tests.fuzz import _oracle as O
+from tests.fuzz._bounds import UNIT, U, abs_slack, gamma
+from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, tspecs
+
+# --------------------------------------------------------------------------- residual_quantize
+
+
+@st.composite
+def rq_case(draw, nonfinite):
+    N = draw(sizes(0, 6, extra=(33,)))
+    L = draw(st.integers(1, 3))
+    K = draw(sizes(1, 6, extra=(33,)))
+    D = draw(sizes(1, 6, extra=(16, 40)))
+    dtype = draw(st.sampled_from(DTYPES))
+    cdtype = dtype if draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
+    sp = True if nonfinite else "finite"
+    lead = (2, N // 2) if N >= 2 and draw(st.integers(0, 4)) == 0 else (N,)
+    xs = draw(tspecs(lead + (D,), dtype, specials=sp, dups=False))
+    cs = draw(tspecs((L, K, D), cdtype, specials=sp, layouts=("contiguous",)))
+    return xs, cs
+
+
+def _check_rq(op, x, cb, quantized, codes):
+    """Replay the greedy search along the op's own choices in float64: at each level the chosen
+    code is the exact argmin of |r_l - c|^2 within the rounding bound (which grows with the
+    float32 rounding of the residual over the levels); ``quantized`` is the sum of the chosen codes."""
+    L, K, D = cb.shape
+    lead = x.shape[:-1]
+    assert codes.dtype == torch.int64 and codes.shape == (*lead, L), (codes.dtype, codes.shape)
+    assert quantized.dtype == x.dtype and quantized.shape == x.shape, (quantized.dtype, quantized.shape)
+    n = math.prod(lead)
+    x64 = x.double().reshape(n, D).cpu()
+    cb64 = cb.double().cpu()
+    codes = codes.reshape(n, L).cpu()
+    search = torch.promote_types(x.dtype, cb.dtype)
+    r = x64.clone()
+    drift = torch.zeros(n, dtype=torch.float64)  # bound on |r_fp32 - r_exact| (2-norm)
+    q64 = torch.zeros(n, D, dtype=torch.float64)
+    qabs = torch.zeros(n, D, dtype=torch.float64)
+    x_fin = O.finite_rows(x64)
+    for lvl in range(L):
+        c = cb64[lvl]
+        d64 = O.distances64(r, c, "l2")
+        nr = r.nan_to_num(0, 0, 0).norm(dim=-1)[:, None]
+        nc = c.nan_to_num(0, 0, 0).norm(dim=-1)[None, :]
+        b64 = O.bounds64(r, c, "l2") + 2 * (nr + nc) * drift[:, None] + drift[:, None] ** 2
+        if search != torch.float32:  # the residual is rounded to the codebook dtype for the dot
+            b64 = b64 + 4 * UNIT[search] * nr * nc
+        r_fin = O.finite_rows(r)
+        O.check_choice(f"{op} level {lvl}", codes[:, lvl], None, d64, b64, r_fin & x_fin, O.finite_rows(c))
+        chosen = c[codes[:, lvl]]
+        drift = drift + U * (r.nan_to_num(0, 0, 0).norm(dim=-1) + chosen.nan_to_num(0, 0, 0).norm(dim=-1))
+        r = r - chosen
+        q64 = q64 + chosen
+        qabs = qabs + chosen.abs()
+    # quantized: the float32 sum of the chosen codes in level order, stored in x's dtype. Rows
+    # whose input is not finite have no defined code, so their sum is not checked.
+    mask = x_fin[:, None].expand(n, D)
+    O.check_values(op, "quantized", quantized.reshape(n, D), q64, (L + 2) * U * qabs, x.dtype, mask=mask)
+
+
+@given(case=rq_case(nonfinite=False))
+@fuzz_settings(20)
+def test_residual_quantize_finite(backend, device, case):
+    """Finite inputs at every magnitude: each level's code is the exact argmin for the residual
+    the op itself left (within the bound), quantized is the sum of the codes, and the gradient
+    to x is the upstream gradient, exactly, once."""
+    xs, cs = case
+    x = xs.build(device).requires_grad_(True)
+    cb = cs.build(device)
+    quantized, codes = fastvq.residual_quantize(x, cb)
+    _check_rq(f"residual_quantize[{backend}]", x.detach(), cb, quantized.detach(), codes)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(xs.seed)).to(x.dtype).to(device)
+    (gx,) = torch.autograd.grad(quantized, x, g)
+    if not torch.equal(gx, g):
+        O.fail(f"residual_quantize[{backend}]", f"gradient to x is not the upstream gradient: max diff "
+                                                f"{(gx.double() - g.double()).abs().max().item():.3g}")
+
+
+@given(case=rq_case(nonfinite=True))
+@fuzz_settings(20)
+def test_residual_quantize_nonfinite(backend, device, case):
+    """NaN/inf in x or the codebooks: codes in [0, K) on every level; a non-finite code never
+    chosen for a finite residual while a finite code exists (per level)."""
+    xs, cs = case
+    x, cb = xs.build(device), cs.build(device)
+    quantized, codes = fastvq.residual_quantize(x, cb)
+    _check_rq(f"residual_quantize[{backend}]", x, cb, quantized, codes)
+
+
+# --------------------------------------------------------------------------- code_statistics
+
+
+@st.composite
+def stats_case(draw, nonfinite):
+    levels = draw(st.sampled_from((None, None, 1, 2)))
+    N = draw(sizes(0, 8, extra=(40, 129)))
+    K = draw(sizes(1 if N else 0, 6, extra=(33,)))
+    D = draw(sizes(0, 5, extra=(17, 70)))
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = (N, D) if levels is None else (levels, N, D)
+    sp = True if nonfinite else "finite"
+    xs = draw(tspecs(shape, dtype, specials=sp, dups=False, layouts=("contiguous", "strided", "transposed")))
+    idx_dtype = draw(st.sampled_from((torch.int64, torch.int32)))
+    idx_seed = draw(st.integers(0, 2**16))
+    hot = draw(st.booleans())  # all rows on a few codes (long segments) or spread
+    deterministic = draw(st.booleans())
+    return xs, K, idx_dtype, idx_seed, hot, deterministic
+
+
+def _indices(shape, K, dtype, seed, hot):
+    g = torch.Generator().manual_seed(seed)
+    if K == 0:
+        return torch.zeros(shape, dtype=dtype)
+    high = min(K, 2) if hot else K
+    return torch.randint(0, high, shape, generator=g).to(dtype)
+
+
+def _check_stats(op, x, idx, K, counts, sums):
+    batched = idx.dim() == 2
+    L = idx.shape[0] if batched else 1
+    n, D = idx.shape[-1], x.shape[-1]
+    assert counts.dtype == torch.float32 and sums.dtype == torch.float32, (counts.dtype, sums.dtype)
+    want_shape = ((L, K), (L, K, D)) if batched else ((K,), (K, D))
+    assert (tuple(counts.shape), tuple(sums.shape)) == want_shape, (counts.shape, sums.shape, want_shape)
+    x64 = x.double().reshape(L, n, D).cpu()
+    idx = idx.long().reshape(L, n).cpu()
+    want_c = torch.zeros(L, K, dtype=torch.float64)
+    want_s = torch.zeros(L, K, D, dtype=torch.float64)
+    mag = torch.zeros(L, K, D, dtype=torch.float64)
+    for lvl in range(L):
+        for i in range(n):
+            k = int(idx[lvl, i])
+            want_c[lvl, k] += 1
+            want_s[lvl, k] += x64[lvl, i]
+            mag[lvl, k] += x64[lvl, i].abs().nan_to_num(0, 0, 0)
+    if not torch.equal(counts.double().cpu().reshape(L, K), want_c):
+        O.fail(op, f"counts {counts.tolist()} != {want_c.tolist()}")
+    O.check_values(op, "sums", sums.reshape(L, K, D), want_s, gamma(n) * mag + abs_slack(n), torch.float32)
+
+
+@given(case=stats_case(nonfinite=False))
+@fuzz_settings(20)
+def test_code_statistics_finite(backend, device, case):
+    """Exact counts; sums within the float32 summation bound; float32 overflow -> +-inf; both
+    the deterministic and the atomic path, single and batched levels, int32/int64 indices."""
+    xs, K, idx_dtype, seed, hot, det = case
+    x = xs.build(device)
+    idx = _indices(x.shape[:-1], K, idx_dtype, seed, hot).to(device)
+    counts, sums = fastvq.code_statistics(x, idx, K, deterministic=det)
+    _check_stats(f"code_statistics[{backend},det={det}]", x, idx, K, counts, sums)
+
+
+@given(case=stats_case(nonfinite=True))
+@fuzz_settings(20)
+def test_code_statistics_nonfinite(backend, device, case):
+    """A NaN row makes its code's sums NaN (inf + -inf too), an infinite one +-inf: nothing is
+    dropped or made finite."""
+    xs, K, idx_dtype, seed, hot, det = case
+    x = xs.build(device)
+    idx = _indices(x.shape[:-1], K, idx_dtype, seed, hot).to(device)
+    counts, sums = fastvq.code_statistics(x, idx, K, deterministic=det)
+    _check_stats(f"code_statistics[{backend},det={det}]", x, idx, K, counts, sums)
+
+
+@given(K=st.integers(1, 6), N=st.integers(1, 6), bad=st.sampled_from((-1, "K", "big")), seed=st.integers(0, 99))
+@fuzz_settings(10)
+def test_code_statistics_rejects_out_of_range(backend, device, K, N, bad, seed):
+    """An index outside [0, num_codes) is a ValueError naming the indices, on both backends."""
+    idx = _indices((N,), K, torch.int64, seed, False)
+    pos = seed % N
+    idx[pos] = {-1: -1, "K": K, "big": 2**40}[bad]
+    x = TSpec((N, 3), seed=seed).build(device)
+    with pytest.raises(ValueError, match="indices"):
+        fastvq.code_statistics(x, idx.to(device), K)
