@@ -60,7 +60,8 @@ def _check_nearest(op, x, c, metric, idx, dist):
         lenient = ~x_fin & ~O.nan_rows(x64)
     O.check_choice(op, idx, dist, d64, b64, x_fin, c_fin, metric=metric,
                    exact=ints and metric != "cosine", lenient_rows=lenient)
-    O.check_first_duplicate(op, idx[x_fin], c64)
+    if ints:  # exact ties: identical codes score identically in any summation order
+        O.check_first_duplicate(op, idx[x_fin], c64)
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -184,7 +185,7 @@ def _check_mining(op, a, p, n, strategy, idx, dist):
         O.check_semihard(op, idx, dist, d64, b64, dp, bp, a_fin, n_fin)
     else:
         O.check_choice(op, idx, dist, d64, b64, a_fin, n_fin)
-    if strategy == "hardest":
+    if strategy == "hardest" and O.small_ints(a64) and O.small_ints(n64):
         O.check_first_duplicate(op, idx[a_fin], n64)
 
 

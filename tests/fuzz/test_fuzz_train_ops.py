@@ -62,7 +62,9 @@ def _rotation_inputs(es, qs, mode, device):
         noise = 10.0 ** -torch.randint(1, 8, (1,), generator=g).item()
         sign = 1.0 if mode == "near" else -1.0
         e64 = e.double()
-        q = (sign * e64 * (1 + noise * torch.randn(e.shape, generator=g, dtype=torch.float64))).to(q.dtype)
+        q64 = sign * e64 * (1 + noise * torch.randn(e.shape, generator=g, dtype=torch.float64))
+        big = float(torch.finfo(q.dtype).max)
+        q = q64.clamp(-big, big).where(e64.isfinite(), q64).to(q.dtype)  # finite e: finite q
     return e.to(device), q.to(device)
 
 
@@ -83,7 +85,10 @@ def _check_rotation(op, e, q, out, ge, g):
     plain = g64
     fin = O.finite_rows(e64) & O.finite_rows(q64) & O.finite_rows(g64)
     gnorm = g64.nan_to_num(0, 0, 0).norm(dim=-1, keepdim=True)
-    bound = 8 * gamma(D) * torch.where(defined, lam, torch.ones_like(lam))[:, None] * gnorm + abs_slack(D)
+    # near-antipodal rows: w = (e^ + q^) / |e^ + q^| carries the rounding of e^ + q^ divided by its norm
+    ns = (e64 / e64.norm(dim=-1, keepdim=True) + q64 / q64.norm(dim=-1, keepdim=True)).norm(dim=-1, keepdim=True)
+    cond = 1 + 2 / ns.nan_to_num(1.0).clamp(min=EPS_ANTIPODAL)
+    bound = 8 * gamma(D) * torch.where(defined, lam, torch.ones_like(lam))[:, None] * gnorm * cond + abs_slack(D)
     for i in range(N):
         if not bool(fin[i]):
             ef, qf, gf = (bool(O.finite_rows(t[i:i + 1])[0]) for t in (e64, q64, g64))
@@ -338,11 +343,16 @@ def _kl64(p64, t64, T):
     Sf, Tf = S.masked_fill(eye, 0).abs(), Tt.masked_fill(eye, 0).abs()
     Es = gamma(Dp) * (np_[:, None] * np_[None, :]) / T + 4 * U * Sf.amax(1, keepdim=True)
     Et = gamma(Dt) * (nt_[:, None] * nt_[None, :]) / T + 4 * U * Tf.amax(1, keepdim=True)
-    es, et = Es.amax(1), Et.amax(1)
-    A = terms.abs().sum(1)
-    lbound = (2 * (es + et) + (2 * et + gamma(2 * B)) * A).sum() / B + abs_slack(B * B)
-    dp = pp * torch.expm1(2 * es[:, None]).clamp(max=1.0) + U
-    dq = qq * torch.expm1(2 * et[:, None]).clamp(max=1.0) + U
+    # plus the rounding of the log-normalisers lse and of s - lse (absolute, ~ U * |lse|)
+    lse_p, lse_t = torch.logsumexp(S, 1).nan_to_num(0, 0, 0), torch.logsumexp(Tt, 1).nan_to_num(0, 0, 0)
+    es = Es.amax(1) + 4 * U * (lse_p.abs() + math.log(B) + 1)
+    et = Et.amax(1) + 4 * U * (lse_t.abs() + math.log(B) + 1)
+    # a logit error of at most e moves a softmax entry by a factor within exp(+-2e), and stays in [0, 1]
+    dp = (pp * torch.expm1(2 * es[:, None]).clamp(max=1e300)).clamp(max=1.0) + U
+    dq = (qq * torch.expm1(2 * et[:, None]).clamp(max=1e300)).clamp(max=1.0) + U
+    gap = torch.where(eye, 0.0, (lq - lp).abs()).nan_to_num(0, 0, 0)
+    lbound = (2 * (es + et) + (dq * (gap + 2 * (es + et)[:, None])).sum(1) + gamma(2 * B) * terms.abs().sum(1)).sum() / B \
+        + abs_slack(B * B)
     dG = torch.where(eye, 0.0, dp + dq)
     gbound = ((dG + dG.T + gamma(B) * H.abs()) @ p64.abs()) / (B * T) + abs_slack(B)
     ok = bool((Sf.amax() if B else 0) < F32_MAX / 4 and (Tf.amax() if B else 0) < F32_MAX / 4)
