@@ -3,6 +3,7 @@
     python -m fastvq check            # every op's Triton kernels vs its reference, PASS/FAIL table
     python -m fastvq bench            # time every op vs eager torch, torch.compile and the roofline
     python -m fastvq bench --ops nearest_code --quick
+    python -m fastvq bench --list     # the names --ops takes
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmark every op against eager torch, torch.compile and the roofline")
-    b.add_argument("--ops", nargs="+", help="only these ops")
+    b.add_argument("--ops", nargs="+", help="only these row groups (see --list)")
+    b.add_argument("--list", action="store_true", help="print the row groups --ops takes, in run order, and exit")
     b.add_argument("--quick", action="store_true", help="small shapes (the default without CUDA)")
+    b.add_argument("--providers", nargs="+", help="only these providers (e.g. reference fastvq); default all")
     b.add_argument("--out", help="results folder (default: ./benchmarks/results)")
+    b.add_argument("--name", help="file stem of the results (default: bench-<gpu|cpu>-<device>-<git sha>)")
     b.add_argument("--no-plot", action="store_true")
+    b.add_argument("--no-check", action="store_true", help="without CUDA, skip the interpreter check after timing")
     c = sub.add_parser("check", help="run every op's Triton kernels against its reference on this machine")
     c.add_argument("--ops", nargs="+", help="only these ops")
     c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
@@ -32,14 +37,27 @@ def main(argv=None) -> int:
         # Triton reads this when the kernels are defined: set it before any kernel module loads.
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    if args.command == "check":
-        from .check import run_check
+    try:
+        if args.command == "check":
+            from .check import run_check
 
-        dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
-        return run_check(ops=args.ops, dtypes=dtypes)
-    from .bench import run_bench
+            dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
+            return run_check(ops=args.ops, dtypes=dtypes)
+        if args.list:
+            from .bench.registry import groups
 
-    return run_bench(ops=args.ops, quick=args.quick, out_dir=args.out, plot=not args.no_plot)
+            for g in groups():
+                print(f"{g.name:28} weight {g.weight:3}" + (f"  needs {', '.join(g.requires)}" if g.requires else ""))
+            return 0
+        from .bench import run_bench
+
+        return run_bench(ops=args.ops, quick=args.quick, out_dir=args.out, plot=not args.no_plot,
+                         providers=args.providers, name=args.name, check=not args.no_check)
+    except ValueError as exc:
+        if not str(exc).startswith("unknown"):
+            raise
+        print(f"python -m fastvq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def run_check(ops=None, dtypes=None) -> int:
     """Run every check; print a table; return 0 if all pass, 1 otherwise."""
     unknown = set(ops or ()) - set(CHECKS)
     if unknown:
-        raise ValueError(f"unknown op(s) {sorted(unknown)}; checked ops are {sorted(CHECKS)}")
+        raise ValueError(f"unknown op(s) {', '.join(map(repr, sorted(unknown)))}; valid names: {', '.join(CHECKS)}")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if dtypes is None:

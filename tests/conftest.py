@@ -1,27 +1,86 @@
-"""Shared test setup.
+"""Shared test setup: one suite for either device.
 
-- Without CUDA, the Triton kernels run under the interpreter: TRITON_INTERPRET=1 is set here,
-  before any fastvq kernel module is imported (Triton reads it when a kernel is defined).
-- `backend` runs a test once per backend ("reference", "triton"), the Triton one really
-  launching kernels (interpreted on CPU).
+- The device: with CUDA, every test runs on CUDA tensors (the Triton kernels compiled for the
+  GPU): ``torch.set_default_device("cuda")`` is set here, the helpers in tests/utils.py default
+  to ``DEVICE``, and the ``device`` fixture returns it; ``gpu``-marked tests (large shapes, low
+  precision) run. Autotuning is pinned to one config per kernel (``FASTVQ_AUTOTUNE=0``) so a
+  bare machine does not tune hundreds of keys; the benchmark tunes. Without CUDA the kernels run
+  under the Triton interpreter on CPU tensors (``TRITON_INTERPRET=1``, set before any fastvq
+  kernel module is imported: Triton reads it when a kernel is defined) and ``gpu`` tests skip.
+  tests/test_suite_rules.py keeps device literals out of the tests.
+- ``backend`` runs a test once per backend ("reference", "triton").
 - Every torch.empty / empty_like made while a test runs is poisoned (NaN for floats, a large
   negative sentinel for integers), so an output element a kernel forgets to write fails.
-- Tests marked `gpu` skip cleanly without CUDA.
+- Seeded randomness: before each test, torch's (CPU and CUDA), Python's and numpy's generators
+  are seeded from the test's node id (``seed_of``), so ``randn()`` without a seed and bare
+  ``torch.randn`` give the same values on every run. A failing test's report names its seed and
+  the command that replays it; ``FASTVQ_TEST_SEED=n`` shifts every test's seed (try other draws).
 """
 
 import os
+import random
+import zlib
 
 import torch
 
-if not torch.cuda.is_available():
+CUDA = torch.cuda.is_available()
+if CUDA:
+    os.environ.setdefault("FASTVQ_AUTOTUNE", "0")
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
 import fastvq  # noqa: E402
+from tests.utils import DEVICE  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if CUDA:
+    # after fastvq's imports (its module-level tensors stay where they are), before collection
+    # (tensors built in parametrize lists land on the GPU too). Not on CPU: the mode costs time.
+    torch.set_default_device(DEVICE)
+
 POISON_INT = -(2**31) + 7
+
+
+def seed_of(nodeid: str) -> int:
+    """The seed of a test: its node id hashed, shifted by ``$FASTVQ_TEST_SEED`` (default 0)."""
+    return (zlib.crc32(nodeid.encode()) + int(os.environ.get("FASTVQ_TEST_SEED", "0"))) % (2**31 - 1)
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Seed every generator a test may draw from; yields the seed."""
+    seed = seed_of(request.node.nodeid)
+    request.node.fastvq_seed = seed
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
+    except ImportError:  # numpy is optional for the tests
+        pass
+    yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    seed = getattr(item, "fastvq_seed", None)
+    if rep.failed and seed is not None:
+        shift = os.environ.get("FASTVQ_TEST_SEED", "0")
+        text = (f"seed {seed} (node id hash + FASTVQ_TEST_SEED={shift}); replay: "
+                f"FASTVQ_TEST_SEED={shift} python -m pytest '{item.nodeid}'")
+        if hasattr(rep.longrepr, "addsection"):  # in the traceback (and the junit XML's failure text)
+            rep.longrepr.addsection("fastvq seed", text)
+        else:
+            rep.sections.append(("fastvq seed", text))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "about_devices(reason): the test is about devices and may name one "
+                                       "(exempt from tests/test_suite_rules.py)")
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
@@ -57,11 +116,12 @@ def backend(request):
 
 @pytest.fixture
 def device():
+    """The device every test runs on: "cuda" with CUDA, else "cpu" (the interpreter)."""
     return DEVICE
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

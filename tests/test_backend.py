@@ -47,6 +47,7 @@ def test_env_var_then_set_backend_then_context(monkeypatch):
         fastvq.set_backend(None)
 
 
+@pytest.mark.about_devices("a device name is not a backend name")
 @pytest.mark.parametrize("bad", ["cuda", "", "Triton2", None])
 def test_unknown_backend(bad):
     with pytest.raises(ValueError, match="backend"):

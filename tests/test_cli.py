@@ -1,6 +1,8 @@
-"""`python -m fastvq check | bench` as a user runs them."""
+"""`python -m fastvq check | bench` as a user runs them, and the bench registry."""
 
+import ast
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -9,6 +11,10 @@ import torch
 
 from fastvq import check as check_mod
 from fastvq.__main__ import main
+from fastvq.bench import harness, registry
+from fastvq.bench.registry import OP_ROWS, PEER_ROWS, STEP_ROWS, Case, register
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_check_passes_and_prints_table(capsys):
@@ -18,7 +24,7 @@ def test_check_passes_and_prints_table(capsys):
 
 
 def test_check_fails_loudly(monkeypatch, capsys):
-    monkeypatch.setitem(check_mod.CHECKS, "pairwise_sqdist", lambda device, dtype: 1.0)
+    monkeypatch.setitem(check_mod.CHECKS, "pairwise_sqdist", lambda device, dtype: 1.5)
     assert main(["check", "--ops", "pairwise_sqdist", "--dtypes", "float32"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -32,22 +38,117 @@ def test_check_reports_a_crash_as_fail(monkeypatch, capsys):
     assert "kernel exploded" in capsys.readouterr().out
 
 
-def test_unknown_op_is_named():
-    with pytest.raises(ValueError, match="no_such_op"):
-        main(["check", "--ops", "no_such_op"])
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_unknown_name_lists_the_valid_ones(command, capsys):
+    assert main([command, "--ops", "nearest_code", "no_such_op"]) == 2
+    err = capsys.readouterr().err
+    assert "'no_such_op'" in err and "valid names:" in err and "nearest_code" in err and "pairwise_sqdist" in err
+    assert "Traceback" not in err
+
+
+def test_bench_list_prints_groups_in_run_order(capsys):
+    assert main(["bench", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names[0] == "nearest_code" and "vector_quantizer_step" in names
+    weights = [int(line.split()[2]) for line in lines]
+    assert weights == sorted(weights)  # op rows first, then training steps, then peers
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _fake_cases(device, quick):
+    def make(dev):
+        return (torch.randn(64, 8, device=dev),)
+
+    return [Case(op="fake op", shape={"N": 64}, dtype=torch.float32, make=make,
+                 providers={"reference": lambda x: x * 2, "compiled": lambda x: x + 1, "fastvq": lambda x: x},
+                 bytes=2 * 64 * 8 * 4)]
+
+
+@pytest.fixture
+def fake_groups():
+    register("fake_step", _fake_cases, weight=STEP_ROWS)
+    register("fake_peer", _fake_cases, weight=PEER_ROWS, requires=("surely_not_an_installed_package",))
+    register("fake_op", _fake_cases, weight=OP_ROWS)
+    yield
+    for name in ("fake_step", "fake_peer", "fake_op"):
+        registry.unregister(name)
+
+
+def test_registry_orders_by_weight_and_skips_missing_packages(fake_groups, device):
+    order = registry.names()
+    assert order.index("fake_op") < order.index("fake_step") < order.index("fake_peer")
+    assert order.index("pairwise_kl_loss") < order.index("fake_step")  # op rows before steps
+    notes = []
+    cases = registry.build_cases(device, True, ops=["fake_peer", "fake_step"], notes=notes)
+    assert len(cases) == 1 and notes == ["skipped fake_peer: needs surely_not_an_installed_package (not installed)"]
+    with pytest.raises(ValueError, match="already registered"):
+        register("fake_op", lambda device, quick: [])
+    with pytest.raises(ValueError, match="flops or bytes"):
+        Case(op="x", shape={}, dtype=torch.float32, make=None, providers={})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour of bench")
-def test_bench_on_cpu_says_so_and_times_only_torch(tmp_path, capsys):
-    assert main(["bench", "--ops", "pairwise_sqdist", "--out", str(tmp_path), "--no-plot"]) == 0
+def test_bench_on_cpu_times_torch_only_and_writes_table_json_markdown_plot(fake_groups, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["bench", "--ops", "fake_op", "fake_peer", "--out", str(tmp_path), "--name", "run"]) == 0
     out = capsys.readouterr().out
-    assert "No CUDA device" in out and "all checks passed" in out
-    (path,) = tmp_path.glob("bench-cpu-*.json")
-    data = json.loads(path.read_text())
-    assert {"device", "torch", "triton", "git_sha"} <= set(data["environment"])
-    providers = {r["provider"] for r in data["rows"]}
-    assert providers == {"reference", "compiled"}  # nothing interpreted is timed
-    assert all(r["ms"] > 0 and "frac_of_ceiling" not in r for r in data["rows"])
+    assert "No CUDA device" in out and "skipped fake_peer" in out
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert {"device", "torch", "triton", "git_sha", "date"} <= set(data["environment"])
+    assert {r["provider"] for r in data["rows"]} == {"reference", "compiled"}  # nothing interpreted is timed
+    assert all(r["ms"] > 0 and r["gbs"] > 0 and "frac_of_ceiling" not in r for r in data["rows"])
+    assert (tmp_path / "run.png").stat().st_size > 1000  # a plot on every run that timed something
+    md = (tmp_path / "run.md").read_text()
+    assert "| case | provider | ms | GB/s |" in md and md.count("| fake op[N=64,float32] |") == 2
+    # the table is aligned: every column starts at the same offset on every line
+    table = out[out.index("case  "):].splitlines()[:4]
+    starts = [line.index("reference") if "reference" in line else line.index("compiled") for line in table[2:]]
+    assert starts[0] == starts[1] == table[0].index("provider")
+    assert len({len(line) for line in table[1:4]}) == 1  # rule and both rows end on the same column
+
+
+def test_progress_bar_shows_only_after_a_few_seconds(fake_groups, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    seen = {}
+    real = tqdm.auto.tqdm
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    assert harness.run_bench(ops=["fake_op"], out_dir=str(tmp_path), plot=False, check=False) == 0
+    assert 0 < seen["delay"] <= 5
+
+
+def test_bench_and_cases_do_not_import_each_other():
+    def imports(path):
+        tree = ast.parse(path.read_text())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                out.add(("." * node.level) + (node.module or ""))
+                out.update(("." * node.level) + a.name for a in node.names if node.module is None)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        return out
+
+    bench = ROOT / "fastvq" / "bench"
+    harness_imports = imports(bench / "harness.py")
+    assert not any(m.endswith("cases") or m.endswith("steps") for m in harness_imports), harness_imports
+    for rows in ("cases.py", "steps.py"):
+        assert not any(m.endswith("harness") for m in imports(bench / rows))
+    assert not any(m.endswith(("harness", "cases", "steps")) for m in imports(bench / "registry.py"))
+
+
+def test_no_pytest_benchmark_front_end():
+    # `python -m fastvq bench` is the only one: no second harness that could time interpreted kernels
+    assert not list((ROOT / "benchmarks").glob("bench_*.py"))
+    assert not (ROOT / "benchmarks" / "_harness.py").exists()
 
 
 def test_module_entry_point():

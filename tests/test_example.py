@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 import fastvq
+from tests.utils import DEVICE
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "qr_pairwise_geometry.py"
 
@@ -17,7 +18,7 @@ def _load():
     return module
 
 
-TINY = ["--items", "512", "--epochs", "8", "--batch-size", "128", "--k", "20", "--no-progress", "--device", "cpu"]
+TINY = ["--items", "512", "--epochs", "8", "--batch-size", "128", "--k", "20", "--no-progress", "--device", DEVICE]
 
 
 def test_recall_well_above_chance(capsys):
@@ -47,7 +48,7 @@ def test_trains_with_the_triton_kernel():
     # the same loop through the (interpreted) fused kernel: fewer, smaller steps
     with fastvq.backend("triton"):
         recall = _load().main(["--items", "256", "--epochs", "4", "--batch-size", "128", "--k", "10",
-                               "--no-progress", "--device", "cpu", "--seed", "1"])
+                               "--no-progress", "--device", DEVICE, "--seed", "1"])
     assert recall > 2 * 10 / 255
 
 

@@ -1,10 +1,18 @@
-"""Test helpers: one tolerance table per dtype, used everywhere; seeded random inputs."""
+"""Test helpers: seeded random inputs on the suite's device, the tolerance helper, a launch spy.
+
+``DEVICE`` is where the suite runs: ``"cuda"`` on a machine with CUDA (the Triton kernels run
+compiled there), else ``"cpu"`` (the kernels run under the Triton interpreter). Every helper
+defaults to it, and tests/conftest.py makes it torch's default device on CUDA, so a test that
+names no device runs on the right one (tests/test_suite_rules.py forbids naming one).
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (rtol, atol) per dtype; atol is scaled by sqrt(reduction length) in assert_close.
 TOL = {
@@ -26,13 +34,23 @@ def assert_close(actual, expected, dtype=None, reduce_len: int = 1, msg: str = "
     torch.testing.assert_close(actual.double(), expected.double(), **tol(dtype, reduce_len), msg=msg or None)
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", seed: int | None = None, scale: float = 1.0,
+def _seed(seed: int | None) -> int:
+    """``seed``, or the next draw of torch's global stream (which conftest seeds per test)."""
+    return int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, (), device="cpu"))
+
+
+def generator(seed: int | None = None, device: str | None = None) -> torch.Generator:
+    """A ``torch.Generator`` on the suite's device (for ``torch.randint(..., generator=g)`` and friends)."""
+    return torch.Generator(device=device or DEVICE).manual_seed(_seed(seed))
+
+
+def randn(*shape, dtype=torch.float32, device: str | None = None, seed: int | None = None, scale: float = 1.0,
           requires_grad: bool = False) -> torch.Tensor:
-    """Fresh random normal input; a seed only where a test must be reproducible."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
-    t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-    return t.requires_grad_(requires_grad)
+    """Random normal input on ``device`` (default: the suite's). Drawn in float64 on the CPU from
+    ``seed`` (or from the test's seeded stream), so a seed gives the same values on every device."""
+    g = torch.Generator(device="cpu").manual_seed(_seed(seed))
+    t = torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu") * scale
+    return t.to(device=device or DEVICE, dtype=dtype).requires_grad_(requires_grad)
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:

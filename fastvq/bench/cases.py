@@ -1,4 +1,8 @@
-"""What `python -m fastvq bench` runs: per op, its shapes, providers and ceiling.
+"""The op rows of `python -m fastvq bench`: per op, its shapes, providers and ceiling.
+
+Each op registers one group (its name is the ``--ops`` name) with :func:`fastvq.bench.registry.register`
+at weight ``OP_ROWS``; training-step rows live in :mod:`fastvq.bench.steps`, rows of other packages
+in their own modules (see :mod:`fastvq.bench.registry`).
 
 Providers: ``reference`` (the eager pure-torch reference in :mod:`fastvq.reference`),
 ``compiled`` (``torch.compile`` of that reference), ``fastvq`` (the Triton kernels), and where
@@ -23,33 +27,11 @@ from fastvq.reference.qr_lookup import qr_lookup_ref
 from fastvq.reference.residual_quantize import residual_quantize_ref
 from fastvq.reference.rotation_trick import rotation_trick_ref
 
-from .harness import Case
+from .registry import OP_ROWS, Case, compiled as _compiled, fits as _fits, on_triton as _triton, register
 from .peers import (seed_cdist_argmin, seed_householder, seed_onehot_stats, seed_pairwise_kl_loss,
                     vqpt_rotate_to)
 
 M = 1 << 20  # 1,048,576
-
-
-def _triton(fn):
-    """Run ``fn`` under the Triton backend (the ``fastvq`` provider)."""
-
-    @functools.wraps(fn)
-    def run(*args):
-        with fastvq.backend("triton"):
-            return fn(*args)
-
-    return run
-
-
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
-
-
-def _fits(nbytes: float, device: str, share: float = 0.6) -> bool:
-    if device != "cuda":
-        return nbytes < 4 * 2**30
-    free, _ = torch.cuda.mem_get_info()
-    return nbytes < share * free
 
 
 def _esize(dtype):
@@ -57,8 +39,6 @@ def _esize(dtype):
 
 
 # ---------------------------------------------------------------- nearest_code
-
-
 
 
 def nearest_code_cases(device, quick):
@@ -125,8 +105,6 @@ def residual_quantize_cases(device, quick):
         flops=2.0 * n * k * d * L, ceiling="matmul", matmul_shape=(n, d, k * L)) for L, n, d, k, dt in shapes]
 
 
-
-
 def code_statistics_cases(device, quick):
     shapes = [(16384, 128, 256, torch.float32)] if quick else [
         (M, 256, 8192, torch.float32), (M, 256, 8192, torch.bfloat16)]
@@ -155,8 +133,6 @@ def _fwd_bwd(fn):
         return out
 
     return run
-
-
 
 
 def rotation_trick_cases(device, quick):
@@ -242,7 +218,7 @@ def pairwise_kl_cases(device, quick):
     return out
 
 
-CASE_BUILDERS = {
+for _name, _build in {
     "nearest_code": nearest_code_cases,
     "pairwise_sqdist": pairwise_sqdist_cases,
     "mine_negatives": mine_negatives_cases,
@@ -251,16 +227,5 @@ CASE_BUILDERS = {
     "rotation_trick": rotation_trick_cases,
     "qr_lookup": qr_lookup_cases,
     "pairwise_kl_loss": pairwise_kl_cases,
-}
-
-
-def all_cases(device: str, quick: bool, ops=None) -> list[Case]:
-    unknown = set(ops or ()) - set(CASE_BUILDERS)
-    if unknown:
-        raise ValueError(f"unknown op(s) {sorted(unknown)}; benchmarked ops are {sorted(CASE_BUILDERS)}")
-    out = []
-    for name, build in CASE_BUILDERS.items():
-        if ops and name not in ops:
-            continue
-        out.extend(build(device, quick))
-    return out
+}.items():
+    register(_name, _build, weight=OP_ROWS)

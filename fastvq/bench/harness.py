@@ -16,39 +16,13 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .registry import Case
+
 PROVIDERS = ("reference", "compiled", "fastvq")
-
-
-@dataclass
-class Case:
-    """One benchmark row group: an op at one shape and dtype, with its providers.
-
-    ``make(device)`` returns the inputs; each provider maps inputs to a result. ``flops`` or
-    ``bytes`` (read + written, the fewest the op must move) give TFLOP/s or GB/s. ``ceiling``
-    is "matmul" (``matmul_shape`` = (M, K, N) of the equivalent product) or "copy".
-    """
-
-    op: str
-    shape: dict
-    dtype: torch.dtype
-    make: Callable[[str], tuple]
-    providers: dict
-    flops: float | None = None
-    bytes: float | None = None
-    ceiling: str = "copy"
-    matmul_shape: tuple | None = None
-    skip: dict = field(default_factory=dict)  # provider -> reason it cannot run at this shape
-    peers: dict = field(default_factory=dict)  # extra providers (e.g. the seed's torch code)
-
-    @property
-    def label(self) -> str:
-        dims = ",".join(f"{k}={v}" for k, v in self.shape.items())
-        return f"{self.op}[{dims},{str(self.dtype).replace('torch.', '')}]"
 
 
 def git_sha() -> str:
@@ -128,16 +102,25 @@ def copy_gbs(device: str) -> float:
     return _ceiling_cache["copy"]
 
 
-def measure_case(case: Case, device: str, providers=PROVIDERS) -> list[dict]:
-    """Time every provider of ``case``; returns one row per provider (errors recorded, not raised)."""
+def _runs(name: str, case: Case, cuda: bool, providers) -> bool:
+    """Whether provider ``name`` of ``case`` is timed: never a Triton one without CUDA (it would
+    only be interpreted); else the ones asked for (``None``: every provider and peer)."""
+    if not cuda and name.startswith("fastvq"):
+        return False
+    return providers is None or name in providers
+
+
+def measure_case(case: Case, device: str, providers=None) -> list[dict]:
+    """Time the providers of ``case`` (:func:`_runs`); one row per provider (errors recorded, not raised)."""
     cuda = device == "cuda"
+    torch.manual_seed(0)  # the same inputs on every run
     inputs = case.make(device)
     rows = []
     all_providers = dict(case.providers)
     all_providers.update(case.peers)
     for name, fn in all_providers.items():
-        if name not in providers and (name not in case.peers or (not cuda and name.startswith("fastvq"))):
-            continue  # without CUDA, nothing that runs the (interpreted) Triton kernels is timed
+        if not _runs(name, case, cuda, providers):
+            continue
         row = {"op": case.op, "case": case.label, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
                "provider": name}
         if name in case.skip:
@@ -189,40 +172,87 @@ def measure_case(case: Case, device: str, providers=PROVIDERS) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    head = f"{'case':58} {'provider':22} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'xref':>6} {'xcomp':>6} {'ceil':>5} {'MiB':>8}"
-    lines = [head, "-" * len(head)]
 
-    def fmt(v, spec):
-        return format(v, spec) if isinstance(v, (int, float)) else "-"
+_COLUMNS = [  # (title, row -> value or None, format)
+    ("case", lambda r: r["case"], "s"),
+    ("provider", lambda r: r["provider"], "s"),
+    ("ms", lambda r: r.get("ms"), ".3f"),
+    ("TFLOP/s", lambda r: r.get("tflops"), ".3g"),
+    ("GB/s", lambda r: r.get("gbs"), ".3g"),
+    ("x ref", lambda r: r.get("speedup_vs", {}).get("reference"), ".2f"),
+    ("x compiled", lambda r: r.get("speedup_vs", {}).get("compiled"), ".2f"),
+    ("of ceiling", lambda r: r.get("frac_of_ceiling"), ".0%"),
+    ("peak MiB", lambda r: r.get("peak_extra_mib"), ".0f"),
+]
+_LEGEND = ("x ref / x compiled: speed-up over the eager reference / torch.compile of it (same run); of ceiling: "
+           "fraction of the matmul rate of the same shape and dtype, or of the device copy bandwidth, measured in "
+           "this run; peak MiB: peak extra device memory of one call.")
 
+
+def _cells(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Titles, cell strings and alignments of the columns that hold at least one value."""
+    used = [c for c in _COLUMNS if c[2] == "s" or any(c[1](r) is not None for r in rows)]
+    body = []
     for r in rows:
+        line = []
+        for title, get, spec in used:
+            if spec != "s" and ("skipped" in r or "error" in r):
+                line.append("")
+                continue
+            v = get(r)
+            line.append("-" if v is None else format(v, spec))
         if "skipped" in r or "error" in r:
-            why = r.get("skipped") or r.get("error")
-            lines.append(f"{r['case'][:58]:58} {r['provider']:22} {'n/a':>9}  ({why})")
-            continue
-        sv = r.get("speedup_vs", {})
-        lines.append(
-            f"{r['case'][:58]:58} {r['provider']:22} {fmt(r['ms'], '9.3f')} {fmt(r.get('tflops'), '8.1f')} "
-            f"{fmt(r.get('gbs'), '8.0f')} {fmt(sv.get('reference'), '6.1f')} {fmt(sv.get('compiled'), '6.1f')} "
-            f"{fmt(r.get('frac_of_ceiling'), '5.2f')} {fmt(r.get('peak_extra_mib'), '8.0f')}"
-        )
-    lines.append("xref/xcomp: speed-up over the eager reference / torch.compile of it (same run); "
-                 "ceil: fraction of the matmul rate of the same shape and dtype, or of the device copy "
-                 "bandwidth, measured in this run; MiB: peak extra device memory of one call.")
-    return "\n".join(lines)
+            line[2] = f"n/a ({r.get('skipped') or r.get('error')})"
+        body.append(line)
+    align = ["<" if spec == "s" else ">" for _, _, spec in used]
+    return [c[0] for c in used], body, align
 
 
-def write_results(rows: list[dict], env: dict, out_dir: str, tag: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table (columns sized to their contents)."""
+    titles, body, align = _cells(rows)
+    width = [max([len(t)] + [len(b[i]) for b in body if not b[i].startswith("n/a")]) for i, t in enumerate(titles)]
+
+    def line(cells):
+        out = []
+        for i, c in enumerate(cells):
+            if c.startswith("n/a"):
+                out.append(c)  # a reason runs on past the numeric columns
+                break
+            out.append(format(c, f"{align[i]}{width[i]}"))
+        return "  ".join(out).rstrip()
+
+    lines = [line(titles), "  ".join("-" * w for w in width)] + [line(b) for b in body]
+    return "\n".join(lines + [_LEGEND])
+
+
+def format_markdown(rows: list[dict], env: dict) -> str:
+    """The rows as a markdown table, headed by the environment."""
+    titles, body, align = _cells(rows)
+    head = (f"fastvq bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, git {env['git_sha']}, "
+            f"{env['date']})\n\n")
+    sep = ["---" if a == "<" else "---:" for a in align]
+    md = ["| " + " | ".join(titles) + " |", "| " + " | ".join(sep) + " |"]
+    md += ["| " + " | ".join(c.replace("|", "/") for c in b) + " |" for b in body]
+    return head + "\n".join(md) + "\n\n" + _LEGEND + "\n"
+
+
+def result_stem(env: dict, cuda: bool) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in env["device"])[:40]
-    path = os.path.join(out_dir, f"bench-{tag}-{safe}-{env['git_sha']}.json")
+    return f"bench-{'gpu' if cuda else 'cpu'}-{safe}-{env['git_sha']}"
+
+
+def write_results(rows: list[dict], env: dict, out_dir: str, stem: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}.json")
     with open(path, "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1, default=str)
     return path
 
 
 def plot_results(rows: list[dict], env: dict, path: str) -> str | None:
+    """Time per provider (left) and speed-up over the eager reference or fraction of the ceiling
+    (right), one group of bars per case. ``None`` without matplotlib or without a timed row."""
     try:
         import matplotlib
 
@@ -230,38 +260,61 @@ def plot_results(rows: list[dict], env: dict, path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fast = [r for r in rows if r["provider"] == "fastvq" and "ms" in r]
-    if not fast:
+    timed = [r for r in rows if "ms" in r]
+    if not timed:
         return None
-    labels = [r["case"] for r in fast]
-    vs_ref = [r["speedup_vs"].get("reference", float("nan")) for r in fast]
-    vs_comp = [r["speedup_vs"].get("compiled", float("nan")) for r in fast]
-    ceil = [r.get("frac_of_ceiling", float("nan")) for r in fast]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(fast) + 2), sharey=True)
-    y = range(len(fast))
-    axes[0].barh([i - 0.2 for i in y], vs_ref, height=0.4, label="vs eager reference")
-    axes[0].barh([i + 0.2 for i in y], vs_comp, height=0.4, label="vs torch.compile")
+    cases = list(dict.fromkeys(r["case"] for r in timed))
+    provs = list(dict.fromkeys(r["provider"] for r in timed))
+    by = {(r["case"], r["provider"]): r for r in timed}
+    ceil = any("frac_of_ceiling" in r for r in timed)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.35 * len(cases) * max(len(provs), 2) + 2), sharey=True)
+    h = 0.8 / len(provs)
+    for j, p in enumerate(provs):
+        ys = [i - 0.4 + (j + 0.5) * h for i in range(len(cases))]
+        ms = [by[(c, p)]["ms"] if (c, p) in by else float("nan") for c in cases]
+        axes[0].barh(ys, ms, height=h, label=p)
+        if ceil:
+            right = [by[(c, p)].get("frac_of_ceiling", float("nan")) if (c, p) in by else float("nan") for c in cases]
+        else:
+            right = [by[(c, p)].get("speedup_vs", {}).get("reference", 1.0 if p == "reference" else float("nan"))
+                     if (c, p) in by else float("nan") for c in cases]
+        axes[1].barh(ys, right, height=h, label=p)
     axes[0].set_xscale("log")
-    axes[0].axvline(1.0, color="k", lw=0.8)
-    axes[0].set_xlabel("speed-up (x)")
-    axes[0].legend(loc="lower right")
-    axes[0].set_yticks(list(y), labels, fontsize=7)
-    axes[1].barh(list(y), ceil, height=0.5, color="tab:green")
-    axes[1].set_xlim(0, 1)
-    axes[1].set_xlabel("fraction of ceiling (matmul rate or copy bandwidth)")
-    fig.suptitle(f"fastvq on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['git_sha']})")
+    axes[0].set_xlabel("ms per call (median, log scale)")
+    axes[0].set_yticks(range(len(cases)), cases, fontsize=7)
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="lower right", fontsize=7)
+    if ceil:
+        axes[1].set_xlim(0, 1)
+        axes[1].set_xlabel("fraction of the ceiling (matmul rate or copy bandwidth, same run)")
+    else:
+        axes[1].axvline(1.0, color="k", lw=0.8)
+        axes[1].set_xscale("log")
+        axes[1].set_xlabel("speed-up over the eager reference (x, log scale)")
+    fig.suptitle(f"fastvq bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['git_sha']})"
+                 + ("" if torch.cuda.is_available() else ": CPU, torch providers only, host clock"))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def run_bench(ops=None, quick: bool = False, out_dir: str | None = None, plot: bool = True) -> int:
-    """Entry point of `python -m fastvq bench`. Returns a process exit code."""
+def run_bench(ops=None, quick: bool = False, out_dir: str | None = None, plot: bool = True, providers=None,
+              name: str | None = None, check: bool = True) -> int:
+    """Entry point of `python -m fastvq bench`. Returns a process exit code.
+
+    ``ops``: group names (see :func:`fastvq.bench.registry.names`); ``providers``: only these
+    providers (default all); ``name``: file stem of the JSON/markdown/plot (default
+    ``bench-<gpu|cpu>-<device>-<sha>``); ``check``: without CUDA, run the interpreter parity check after.
+    Raises ``ValueError`` listing the valid names for an unknown op.
+    """
+    import sys
+
     from tqdm.auto import tqdm
 
-    from . import cases as _cases
+    from . import registry
 
+    registry.check_names(ops)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     env = environment()
@@ -270,23 +323,33 @@ def run_bench(ops=None, quick: bool = False, out_dir: str | None = None, plot: b
         print("No CUDA device: fastvq's Triton kernels cannot be timed here (on a CPU they only run under the "
               "interpreter, which measures nothing useful). Timing the torch providers (eager reference, "
               "torch.compile of it, the seeds' torch code) on small shapes, with a host clock: indicative only, "
-              "no roofline. Then running the interpreter parity check.\n")
-    todo = _cases.all_cases(device=device, quick=quick or not cuda, ops=ops)
+              "no roofline.\n")
+    notes: list[str] = []
+    todo = registry.build_cases(device=device, quick=quick or not cuda, ops=ops, notes=notes)
+    for note in notes:
+        print(note)
     rows: list[dict] = []
-    for case in tqdm(todo, desc="bench", unit="case"):
-        providers = PROVIDERS if cuda else ("reference", "compiled")
+    # the bar appears only once a run has taken a few seconds (short runs print no bar)
+    bar = tqdm(todo, desc="bench", unit="case", delay=3.0, file=sys.stderr, dynamic_ncols=True)
+    for case in bar:
+        bar.set_postfix_str(case.label[:50], refresh=False)
         rows.extend(measure_case(case, device, providers))
+    bar.close()
     print(format_table(rows))
-    tag = "gpu" if cuda else "cpu"
-    path = write_results(rows, env, out_dir, tag)
-    print(f"\nwrote {path}")
-    if plot and cuda:
-        png = plot_results(rows, env, path[:-5] + ".png")
-        if png:
-            print(f"wrote {png}")
-    if not cuda:
-        from ..check import run_check
+    stem = name or result_stem(env, cuda)
+    path = write_results(rows, env, out_dir, stem)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(format_markdown(rows, env))
+    print(f"\nwrote {path} and {stem}.md")
+    if plot:
+        png = plot_results(rows, env, os.path.join(out_dir, f"{stem}.png"))
+        print(f"wrote {png}" if png else "no plot: nothing was timed" if not any("ms" in r for r in rows)
+              else "no plot: matplotlib is not installed")
+    if not cuda and check:
+        from ..check import CHECKS, run_check
 
-        print()
-        return run_check(ops=ops)
+        selected = [o for o in ops if o in CHECKS] if ops else None
+        if selected != []:
+            print()
+            return run_check(ops=selected)
     return 0

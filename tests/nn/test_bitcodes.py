@@ -185,10 +185,10 @@ def test_checked_bits_opcheck():
 
 
 @pytest.mark.gpu
-def test_cuda():
+def test_cuda(device):
     ours, peer = pair()
-    ours.cuda().eval(), peer.cuda().eval()
-    x = torch.randn(2, 64, 8, device="cuda")
+    ours.to(device).eval(), peer.to(device).eval()
+    x = torch.randn(2, 64, 8, device=device)
     y, bits = ours(x)
     y_ref, bits_ref = peer(x)
     assert torch.equal(bits, bits_ref)

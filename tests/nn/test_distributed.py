@@ -21,6 +21,8 @@ from fastvq import distributed as fdist
 from fastvq.nn import ResidualQuantizer, VectorQuantizer
 from tests.utils import assert_close
 
+pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
+
 WORLD = 2
 STEPS = 4
 N_PER_RANK, D, K, L = 12, 4, 6, 2
@@ -43,7 +45,7 @@ def _modules(case: str):
 
 
 def _batch(step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100 + step)
+    g = torch.Generator(device="cpu").manual_seed(100 + step)
     return torch.randn(WORLD * N_PER_RANK, D, generator=g) * 2.0
 
 
@@ -55,7 +57,11 @@ def _train(modules, rows: slice) -> dict:
     return {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
 
 
-RUNS = [("ema", "reference"), ("ema", "triton"), ("random", "reference")]  # (case, backend)
+# (case, backend). The ranks hold CPU tensors: the triton run needs the interpreter, so it runs where CI runs
+# (no CUDA); on a GPU machine the kernels are exercised by every other test instead.
+RUNS = [("ema", "reference"), ("ema", "triton"), ("random", "reference")]
+if torch.cuda.is_available():
+    RUNS.remove(("ema", "triton"))
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -118,7 +124,7 @@ def rank_states(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("backend_name", [b for c, b in RUNS if c == "ema"])
 def test_ema_ranks_agree_with_single_process(rank_states, backend_name):
     ranks = [{k: v for k, v in states["ema", backend_name].items() if k != "num_reseeded"} for states in rank_states]
     with fastvq.backend(backend_name):

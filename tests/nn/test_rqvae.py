@@ -102,7 +102,7 @@ def test_semantic_ids_iterables(seed_quantizer):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
     assert torch.equal(model.semantic_ids(loader, progress=True), want)
     assert torch.equal(model.semantic_ids(iter(chunks), progress=False), want)  # no len()
-    assert torch.equal(model.semantic_ids(x.double().numpy(), progress=False), want)
+    assert torch.equal(model.semantic_ids(x.double().numpy(force=True), progress=False), want)
     assert torch.equal(model.semantic_ids(x.reshape(5, 6, 12), progress=False), want)
 
 

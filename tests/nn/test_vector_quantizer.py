@@ -6,7 +6,7 @@ import torch
 import fastvq
 from fastvq.nn import VectorQuantizer
 from tests import seeds
-from tests.utils import assert_close, randn
+from tests.utils import assert_close, generator, randn
 
 K, D = 7, 5
 
@@ -247,7 +247,7 @@ def test_dead_codes_reseeded_with_ema(backend):
 
 
 def _blobs(n_per, centers, seed, spread=0.05):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     pts = [c + spread * torch.randn(n_per, c.numel(), generator=g) for c in centers]
     return torch.cat(pts)[torch.randperm(n_per * len(centers), generator=g)]
 
@@ -273,7 +273,7 @@ def test_kmeans_init(backend, ema):
         if counts[k]:
             assert_close(w[k], x[idx == k].mean(0), reduce_len=10)
     err = (x - w[idx]).square().sum(-1).mean()
-    start = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    start = torch.randn(4, 3, generator=generator(1))
     assert err < 0.5 * torch.cdist(x, start).min(-1).values.square().mean()
     if ema:  # EMA state consistent with the init: the update on the same batch keeps it
         assert_close(vq.cluster_size, counts.float())

@@ -101,11 +101,11 @@ def test_bad_input(fn, args, err):
 
 
 @pytest.mark.gpu
-def test_cuda_tensors():
+def test_cuda_tensors(device):
     # bitcodes-pytorch fails here: its mask is a CPU tensor
-    idx = _ints((1000,), 20).cuda()
+    idx = _ints((1000,), 20).to(device)
     bits = fastvq.to_bits(idx, 20)
-    assert bits.is_cuda and torch.equal(bits.cpu(), peer_to_bits(idx.cpu(), 20))
+    assert bits.is_cuda and torch.equal(bits, peer_to_bits(idx, 20).to(device))
     assert torch.equal(fastvq.to_decimal(bits), idx)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastvq
-from tests.utils import assert_close, count_kernel_launches, randn
+from tests.utils import assert_close, count_kernel_launches, generator, randn
 
 CASES = [  # (N, D, K)
     pytest.param(1, 1, 1, id="N1-D1-K1"),
@@ -15,9 +15,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MODES = [pytest.param(True, id="deterministic"), pytest.param(False, id="atomic")]
 
 
-def randint(high, *shape, seed=None, device="cpu"):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
-    return torch.randint(0, high, shape, generator=g).to(device)
+def randint(high, *shape, seed=None):
+    return torch.randint(0, high, shape, generator=generator(seed))
 
 
 def stats64(x, indices, num_codes):
@@ -184,8 +183,8 @@ def test_opcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_gpu(deterministic, dtype):
     L, N, D, K = 8, 262144, 256, 256
-    x = randn(L, N, D, dtype=dtype, device="cuda")
-    idx = randint(K, L, N, device="cuda")
+    x = randn(L, N, D, dtype=dtype)
+    idx = randint(K, L, N)
     with fastvq.backend("triton"):
         counts, sums = fastvq.code_statistics(x, idx, K, deterministic=deterministic)
         if deterministic:

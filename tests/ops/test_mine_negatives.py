@@ -3,7 +3,7 @@ import torch
 
 import fastvq
 from fastvq.reference.mine_negatives import mine_negatives_ref
-from tests.utils import assert_close, noncontiguous, randn
+from tests.utils import assert_close, generator, noncontiguous, randn
 
 STRATEGIES = ["hardest", "semi-hard"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -99,7 +99,7 @@ def test_semi_hard_falls_back_to_hardest(backend):
 
 def test_exact_ties_pick_smallest_index(backend):
     # Integer values: distances are exact in fp32, so the duplicates tie exactly.
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     a = torch.randint(-4, 5, (4, 10), generator=g).float()
     n = (a[0] + 50.0).repeat(150, 1)  # far from anchor 0 (other anchors: whatever)
     n[0] = a[0]  # d = 0: the hardest, nearer than the positive
@@ -113,13 +113,13 @@ def test_exact_ties_pick_smallest_index(backend):
     assert idx[0].item() == 9 and dist[0].item() == 10.0
 
 
-def test_split_path(backend, monkeypatch):
+def test_split_path(backend, monkeypatch, device):
     import fastvq.kernels.nearest_code as knc
 
     monkeypatch.setattr(knc, "SPLIT_MIN_CODES", 32)
     a, n = randn(3, 12), randn(500, 12)
     p = a + 0.5 * randn(3, 12)
-    assert knc.num_splits(3, 500, torch.device("cpu")) > 2
+    assert knc.num_splits(3, 500, torch.device(device)) > 2
     for strategy in STRATEGIES:
         idx, dist = fastvq.mine_negatives(a, p, n, strategy)
         _check(a, p, n, strategy, idx, dist)
@@ -135,7 +135,7 @@ def test_noncontiguous_and_mixed_dtypes(backend):
 
 
 def test_backends_agree_exactly_on_integer_data():
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     a, p, n = (torch.randint(-3, 4, s, generator=g).float() for s in ((40, 6), (40, 6), (200, 6)))
     for strategy in STRATEGIES:
         with fastvq.backend("reference"):
@@ -231,8 +231,8 @@ def test_opcheck(strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_large_gpu(dtype, strategy):
     N, M, D = 65536, 4096, 256
-    a, n = randn(N, D, dtype=dtype, device="cuda"), randn(M, D, dtype=dtype, device="cuda")
-    p = (a.float() + randn(N, D, device="cuda")).to(dtype)
+    a, n = randn(N, D, dtype=dtype), randn(M, D, dtype=dtype)
+    p = (a.float() + randn(N, D)).to(dtype)
     with fastvq.backend("triton"):
         idx, dist = fastvq.mine_negatives(a, p, n, strategy)
     with fastvq.backend("reference"):

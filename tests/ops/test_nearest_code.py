@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastvq
-from tests.utils import assert_close, noncontiguous, randn
+from tests.utils import assert_close, generator, noncontiguous, randn
 
 METRICS = ["l2", "cosine", "dot"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -73,7 +73,7 @@ def test_parity(backend, N, K, D, metric, dtype):
 
 
 def _int_codebook(K, D, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return torch.randint(-4, 5, (K, D), generator=g).float()
 
 
@@ -115,7 +115,7 @@ def test_split_codebook_path(backend, monkeypatch, splits_min_codes):
 
     monkeypatch.setattr(knc, "SPLIT_MIN_CODES", splits_min_codes)
     N, K, D = 2, 700, 20
-    assert knc.num_splits(N, K, torch.device("cpu")) > 2
+    assert knc.num_splits(N, K, torch.device(device)) > 2
     # Integer values (exact dot products): duplicates in different splits tie exactly.
     c = _int_codebook(K, D, seed=4)
     c[650] = c[333] = c[64]
@@ -371,7 +371,7 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize("metric", METRICS)
 def test_large_gpu(dtype, metric):
     N, K, D = 65536, 4096, 256
-    x, c = randn(N, D, dtype=dtype, device="cuda"), randn(K, D, dtype=dtype, device="cuda")
+    x, c = randn(N, D, dtype=dtype), randn(K, D, dtype=dtype)
     with fastvq.backend("triton"):
         idx, dist = fastvq.nearest_code(x, c, metric)
     with fastvq.backend("reference"):
@@ -391,6 +391,7 @@ def test_large_gpu(dtype, metric):
 
 
 @pytest.mark.gpu
+@pytest.mark.about_devices("placement on the second GPU while the first is current")
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_gpu_while_current_is_first():
     # Triton launches on the current device; the launchers must switch to the tensors' device.
@@ -410,8 +411,8 @@ def test_second_gpu_while_current_is_first():
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [1, 8, 100])
 def test_split_gpu(N):
-    x, c = randn(N, 128, device="cuda"), randn(65536, 128, device="cuda")
-    c[7] = torch.randint(-4, 5, (128,), device="cuda").float()  # integers: exact dot products
+    x, c = randn(N, 128), randn(65536, 128)
+    c[7] = torch.randint(-4, 5, (128,)).float()  # integers: exact dot products
     c[40000] = c[7]
     x[0] = c[7]
     with fastvq.backend("triton"):

@@ -212,12 +212,12 @@ def test_opcheck():
 @pytest.mark.parametrize("B", [4096, 16384])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_gpu(B, dtype):
-    pred = F.normalize(torch.randn(B, 64, device="cuda"), dim=1).to(dtype)
-    target = F.normalize(torch.randn(B, 256, device="cuda"), dim=1).to(dtype)
+    pred = F.normalize(torch.randn(B, 64), dim=1).to(dtype)
+    target = F.normalize(torch.randn(B, 256), dim=1).to(dtype)
     out = {}
     for name in ("triton", "reference"):
         with fastvq.backend(name):
-            out[name] = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.05, torch.tensor(1.0, device="cuda"))
+            out[name] = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.05, torch.tensor(1.0))
     rtol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out["triton"][0], out["reference"][0], rtol=rtol, atol=1e-5)
     torch.testing.assert_close(out["triton"][1].float(), out["reference"][1].float(), rtol=rtol * 10, atol=rtol * 1e-3)
@@ -226,8 +226,8 @@ def test_large_gpu(B, dtype):
 @pytest.mark.gpu
 def test_65536_rows_fit_without_bxb_memory():
     B = 65536
-    pred = F.normalize(torch.randn(B, 64, device="cuda"), dim=1).requires_grad_()
-    target = F.normalize(torch.randn(B, 256, device="cuda"), dim=1)
+    pred = F.normalize(torch.randn(B, 64), dim=1).requires_grad_()
+    target = F.normalize(torch.randn(B, 256), dim=1)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

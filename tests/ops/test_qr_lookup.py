@@ -5,7 +5,7 @@ import torch
 
 import fastvq
 from fastvq.reference.qr_lookup import qr_lookup_ref
-from tests.utils import assert_close, noncontiguous, randn
+from tests.utils import assert_close, generator, noncontiguous, randn
 
 OPS = ["add", "mult", "concat"]
 
@@ -16,7 +16,7 @@ def _tables(Q, R, D, op, dtype=torch.float32):
 
 
 def _rand_ids(n, seed=0, lo=-(2**62), hi=2**62):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return torch.randint(lo, hi, (n,), generator=g, dtype=torch.int64)
 
 
@@ -372,13 +372,13 @@ def test_sparse_opcheck():
 @pytest.mark.parametrize("op", OPS)
 def test_large_gpu(dtype, op):
     Q, R, D, N = 1000, 1000, 128, 1 << 18
-    qw = randn(Q, D, dtype=dtype, device="cuda")
-    rw = randn(R, D + (3 if op == "concat" else 0), dtype=dtype, device="cuda")
-    ids = _rand_ids(N).cuda()
-    offsets = torch.sort(torch.randint(0, N, (4099,), device="cuda")).values
+    qw = randn(Q, D, dtype=dtype)
+    rw = randn(R, D + (3 if op == "concat" else 0), dtype=dtype)
+    ids = _rand_ids(N)
+    offsets = torch.sort(torch.randint(0, N, (4099,))).values
     offsets[0] = 0
-    g_plain = randn(N, qw.shape[1] + (rw.shape[1] if op == "concat" else 0), device="cuda", dtype=dtype)
-    g_bag = randn(4099, g_plain.shape[1], device="cuda", dtype=dtype)
+    g_plain = randn(N, qw.shape[1] + (rw.shape[1] if op == "concat" else 0), dtype=dtype)
+    g_bag = randn(4099, g_plain.shape[1], dtype=dtype)
     for offs, g in ((None, g_plain), (offsets, g_bag)):
         outs = {}
         for name in ("triton", "reference"):

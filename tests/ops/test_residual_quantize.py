@@ -3,7 +3,7 @@ import torch
 
 import fastvq
 from fastvq.reference.residual_quantize import residual_quantize_ref
-from tests.utils import TOL, count_kernel_launches, noncontiguous, randn
+from tests.utils import TOL, count_kernel_launches, generator, noncontiguous, randn
 
 CASES = [  # (N, L, K, D)
     pytest.param(1, 1, 1, 1, id="N1-L1-K1-D1"),
@@ -69,7 +69,7 @@ def test_parity(backend, N, L, K, D, dtype):
 def test_matches_reference_codes_fp32(backend):
     # well-separated codes (scale 10 vs residual noise): no near-ties, so codes agree exactly
     codebooks = randn(3, 37, 24, scale=10.0, seed=1)
-    pick = torch.randint(0, 37, (50, 3), generator=torch.Generator().manual_seed(2))
+    pick = torch.randint(0, 37, (50, 3), generator=generator(2))
     x = sum(codebooks[lvl][pick[:, lvl]] * (0.5 ** lvl) for lvl in range(3)) + 0.01 * randn(50, 24)
     q, codes = fastvq.residual_quantize(x, codebooks)
     q_ref, codes_ref = residual_quantize_ref(x, codebooks)
@@ -79,7 +79,7 @@ def test_matches_reference_codes_fp32(backend):
 
 def test_exact_ties_pick_smallest_index(backend):
     # Small integers: every distance below is exact in float32 (and bf16/fp16 dot operands).
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     K, D = 40, 4
     cb = torch.randint(-3, 4, (2, K, D), generator=g).float()
     cb[0, 35] = cb[0, 3]  # duplicate in a later K tile
@@ -203,8 +203,8 @@ def test_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_gpu(dtype):
-    x = randn(262144, 256, dtype=dtype, device="cuda")
-    codebooks = randn(8, 256, 256, dtype=dtype, device="cuda", scale=0.5)
+    x = randn(262144, 256, dtype=dtype)
+    codebooks = randn(8, 256, 256, dtype=dtype, scale=0.5)
     with fastvq.backend("triton"):
         q, codes = fastvq.residual_quantize(x, codebooks)
     with fastvq.backend("reference"):
@@ -217,7 +217,7 @@ def test_large_gpu(dtype):
 
 @pytest.mark.gpu
 def test_large_d_gpu():
-    x, codebooks = randn(4099, 2048, device="cuda"), randn(4, 300, 2048, device="cuda")
+    x, codebooks = randn(4099, 2048), randn(4, 300, 2048)
     with fastvq.backend("triton"):
         q, codes = fastvq.residual_quantize(x, codebooks)
     assert_greedy(x, codebooks, codes, torch.float32)

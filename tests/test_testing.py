@@ -1,0 +1,253 @@
+"""fastvq.testing: the bounds pass correct low-precision results and reject wrong ones.
+
+Every criterion is shown failing on a deliberately wrong input: a bf16 result a few ulps past its
+bound, a second-nearest code, an all-zero (and a partly zero) gradient, an index out of range.
+The "kernels" here are torch computations in the kernel's arithmetic (low-precision operands,
+fp32 accumulation, one rounding to the output dtype); the op tests use the same criteria on the
+real kernels.
+"""
+
+import doctest
+import math
+
+import pytest
+import torch
+
+import fastvq.testing as ft
+from tests.utils import randn
+
+
+def _round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest tf32 value (10 stored mantissa bits), as a tensor core reads it."""
+    i = t.view(torch.int32)
+    i = (i + 0x1000) & ~0x1FFF  # round half up on the 13 dropped bits (close enough to RN here)
+    return i.view(torch.float32)
+
+
+def test_unit_roundoff_table():
+    assert ft.unit_roundoff(torch.float32) == 2.0**-24
+    assert ft.unit_roundoff(torch.float16) == 2.0**-11
+    assert ft.unit_roundoff(torch.bfloat16) == 2.0**-8
+    assert ft.unit_roundoff("tf32") == 2.0**-11
+    assert ft.unit_roundoff("bf16") == ft.unit_roundoff(torch.bfloat16)
+    assert ft.unit_roundoff(torch.float64) == 2.0**-53
+    for dt in (torch.float32, torch.float16, torch.bfloat16):  # u = eps / 2
+        assert ft.unit_roundoff(dt) == torch.finfo(dt).eps / 2
+    with pytest.raises(ValueError, match="int32"):
+        ft.unit_roundoff(torch.int32)
+    with pytest.raises(ValueError, match="fp8"):
+        ft.unit_roundoff("fp8")
+
+
+def test_gamma():
+    assert ft.gamma(1, 2**-24) == pytest.approx(2**-24, rel=1e-6)
+    assert ft.gamma(256, 2**-24) == pytest.approx(256 * 2**-24 / (1 - 256 * 2**-24))
+    assert ft.gamma(256, 2**-8) == math.inf  # n u >= 1: no bound (why kernels accumulate in fp32)
+
+
+def test_doc_examples_run():
+    res = doctest.testmod(ft, optionflags=doctest.ELLIPSIS)
+    assert res.attempted >= 6 and res.failed == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [1, 60, 1000])
+def test_matmul_in_kernel_arithmetic_passes(dtype, n):
+    a, b = randn(33, n, dtype=dtype, seed=n), randn(n, 17, dtype=dtype, seed=n + 1)
+    out = (a.float() @ b.float()).to(dtype)  # low-precision operands, fp32 accumulation, one rounding
+    exact = a.double() @ b.double()
+    ft.assert_close(out, exact, dtype=dtype, reduce_len=n, magnitude=a.double().abs() @ b.double().abs())
+    if dtype != torch.float32:  # not loose: in 16 bits the output rounding alone uses a fair share of it
+        ratio = ft.error_ratio(out, exact, dtype=dtype, reduce_len=n, magnitude=a.double().abs() @ b.double().abs())
+        assert ratio > 0.1
+
+
+@pytest.mark.parametrize("extra_ulps", [3, 8])
+def test_bf16_result_a_few_ulps_past_the_bound_fails(extra_ulps):
+    n = 256
+    a, b = randn(64, n, dtype=torch.bfloat16, seed=1), randn(n, 8, dtype=torch.bfloat16, seed=2)
+    exact = a.double() @ b.double()
+    mag = a.double().abs() @ b.double().abs()
+    out = (a.float() @ b.float()).bfloat16()
+    ft.assert_close(out, exact, dtype=torch.bfloat16, reduce_len=n, magnitude=mag)
+    bound = ft.error_bound(exact, dtype=torch.bfloat16, reduce_len=n, magnitude=mag)
+    # move one element just past its bound, then a few bf16 ulps further
+    i, j = 5, 3
+    wrong = out.clone()
+    v = float(exact[i, j] + bound[i, j])
+    w = torch.tensor(v, dtype=torch.float64).bfloat16()
+    while float(w) <= v:
+        w = _next_bf16(w)
+    for _ in range(extra_ulps - 1):
+        w = _next_bf16(w)
+    wrong[i, j] = w
+    with pytest.raises(AssertionError) as err:
+        ft.assert_close(wrong, exact, dtype=torch.bfloat16, reduce_len=n, magnitude=mag, name="bf16 matmul")
+    msg = str(err.value)
+    assert "bf16 matmul: 1 of 512 elements" in msg and f"index ({i}, {j})" in msg
+    assert "bound" in msg and "ratio" in msg
+
+
+def _next_bf16(w: torch.Tensor) -> torch.Tensor:
+    bits = w.view(torch.int16)
+    step = 1 if float(w) >= 0 else -1
+    return (bits + step).view(torch.bfloat16)
+
+
+def test_one_ulp_of_output_rounding_is_allowed_three_are_not():
+    exact = randn(1000, dtype=torch.float64, seed=3)
+    rounded = exact.bfloat16()
+    ft.assert_close(rounded, exact, dtype=torch.bfloat16)
+    truncated = (exact.float().view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16()  # the interpreter's
+    ft.assert_close(truncated, exact, dtype=torch.bfloat16)
+    off = (rounded.view(torch.int16) + 3).view(torch.bfloat16)
+    with pytest.raises(AssertionError, match="exceed their rounding bound"):
+        ft.assert_close(off, exact, dtype=torch.bfloat16)
+
+
+def test_tf32_needs_its_precision():
+    n = 8  # short sums: the fp32 bound is tight and the operand rounding cannot hide in it
+    a, b = randn(40, n, seed=4), randn(n, 24, seed=5)
+    out = _round_tf32(a) @ _round_tf32(b)
+    exact, mag = a.double() @ b.double(), a.double().abs() @ b.double().abs()
+    ft.assert_close(out, exact, dtype=torch.float32, reduce_len=n, magnitude=mag, precision="tf32")
+    with pytest.raises(AssertionError):  # judged as an exact fp32 product, tf32 is far off
+        ft.assert_close(out, exact, dtype=torch.float32, reduce_len=n, magnitude=mag)
+
+
+def test_magnitude_matters_under_cancellation():
+    # x - y for nearly equal x, y in fp32: relative to |expected| the error is huge, to |x|+|y| it is not
+    x = randn(100, seed=6) * 1000
+    y = x + randn(100, seed=7) * 1e-3
+    x32, y32 = x.float(), y.float()
+    out = x32 - y32
+    exact = x32.double() - y32.double()
+    ft.assert_close(out, exact, dtype=torch.float32, magnitude=x32.double().abs() + y32.double().abs())
+
+
+def test_nan_and_inf_semantics():
+    exp = torch.tensor([1.0, math.nan, math.inf, -math.inf, 1e39], dtype=torch.float64)
+    ok = torch.tensor([1.0, math.nan, math.inf, -math.inf, math.inf])
+    ft.assert_close(ok, exp, dtype=torch.float32)
+    for k, bad in enumerate([math.nan, 0.0, 1e38, math.inf, 3e38]):
+        wrong = ok.clone()
+        wrong[k] = bad
+        with pytest.raises(AssertionError, match=f"index \\({k},\\)"):
+            ft.assert_close(wrong, exp, dtype=torch.float32)
+    with pytest.raises(AssertionError, match="shape"):
+        ft.assert_close(ok[:2], exp, dtype=torch.float32)
+    assert ft.error_ratio(ok[:0], exp[:0], dtype=torch.float32) == 0.0
+
+
+# --------------------------------------------------------------------------- argmin
+
+
+def _kernel_argmin(x, c, metric, tf32=False):
+    """Nearest code in a kernel's arithmetic: fp32 scores of low-precision inputs, first minimum."""
+    x32, c32 = x.float(), c.float()
+    xd, cd = (_round_tf32(x32), _round_tf32(c32)) if tf32 else (x32, c32)
+    xc = xd @ cd.T
+    if metric == "l2":
+        s = (c32 * c32).sum(-1) - 2 * xc
+    elif metric == "cosine":
+        s = -xc / c32.norm(dim=-1)
+    else:
+        s = -xc
+    return s.argmin(1)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, "tf32"], ids=str)
+def test_argmin_correct_choice_passes_second_nearest_fails(metric, dtype):
+    tf32 = dtype == "tf32"
+    dt = torch.float32 if tf32 else dtype
+    N, K, D = 300, 200, 64
+    x, c = randn(N, D, dtype=dt, seed=8), randn(K, D, dtype=dt, seed=9)
+    idx = _kernel_argmin(x, c, metric, tf32)
+    prec = "tf32" if tf32 else None
+    ft.assert_argmin_within_bound(x, c, idx, metric, prec)
+    # the second-nearest code (in float64) of every row: rejected, in (nearly) every row
+    d, _, _ = ft._distances64(x.reshape(-1, D), c, metric)
+    second = d.topk(2, dim=1, largest=False).indices[:, 1]
+    ratio, *_ = ft.argmin_ratio(x, c, second, metric, prec)
+    frac = float((ratio > 1).double().mean())
+    assert frac > (0.7 if tf32 else 0.95), frac
+    with pytest.raises(AssertionError, match=r"rows chose a code farther than rounding explains.*worst row \d+: "
+                                             r"chose code \d+ .* nearest is code \d+ .*gap .* bound .* ratio"):
+        ft.assert_argmin_within_bound(x, c, second, metric, prec, name="second nearest")
+
+
+def test_argmin_exact_ties_either_way_and_range():
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    for first in (0, 2):  # code 0 == code 2: a true tie
+        for second in (0, 1):  # x[1] is equidistant from codes 0 and 1
+            ft.assert_argmin_within_bound(x, c, torch.tensor([first, second]), "l2")
+    with pytest.raises(AssertionError, match="outside"):
+        ft.assert_argmin_within_bound(x, c, torch.tensor([0, 4]), "l2")
+    with pytest.raises(AssertionError, match="chose code 3"):
+        ft.assert_argmin_within_bound(x, c, torch.tensor([3, 0]), "l2")
+
+
+def test_argmin_nan_rows_skipped_nan_codes_never_win():
+    x = torch.tensor([[1.0, 0.0], [math.nan, 0.0]])
+    c = torch.tensor([[math.nan, 0.0], [0.9, 0.0], [5.0, 5.0]])
+    ft.assert_argmin_within_bound(x, c, torch.tensor([1, 0]), "l2")  # NaN row: any valid index
+    with pytest.raises(AssertionError):
+        ft.assert_argmin_within_bound(x, c, torch.tensor([0, 0]), "l2")  # a NaN code chosen for a finite row
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def test_grad_correct_bf16_passes_zero_fails():
+    e = randn(64, 256, dtype=torch.bfloat16, seed=10)
+    g = randn(64, 256, dtype=torch.bfloat16, seed=11)
+    exact = 0.5 * e.double() * g.double()
+    actual = (0.5 * e.float() * g.float()).bfloat16()
+    ft.assert_grad_nondegenerate(actual, exact)
+    with pytest.raises(AssertionError, match=r"1638\d of 16384 elements are 0 where the exact gradient is not"):
+        ft.assert_grad_nondegenerate(torch.zeros_like(actual), exact)
+    partly = actual.clone()
+    partly[7] = 0  # one row dropped
+    with pytest.raises(AssertionError, match=r"256 of 16384 elements are 0 .* first at index \(7, 0\)"):
+        ft.assert_grad_nondegenerate(partly, exact)
+    with pytest.raises(AssertionError, match="relative norm error"):
+        ft.assert_grad_nondegenerate(actual * 1.05, exact)  # 5% off: beyond bf16's rounding
+    with pytest.raises(AssertionError, match="relative norm error"):
+        ft.assert_grad_nondegenerate(-actual, exact)
+    nan = actual.clone()
+    nan[3, 3] = math.nan
+    with pytest.raises(AssertionError, match=r"non-finite .* index \(3, 3\)"):
+        ft.assert_grad_nondegenerate(nan, exact)
+
+
+def test_grad_small_exact_entries_may_be_zero():
+    exact = torch.tensor([1.0, 1e-30, 0.0], dtype=torch.float64)
+    ft.assert_grad_nondegenerate(torch.tensor([1.0, 0.0, 0.0]), exact, dtype=torch.float32)
+    r = ft.grad_ratio(torch.tensor([1.0, 0.0, 0.0]), exact, dtype=torch.float32)
+    assert r["zeros"] == 0 and r["ratio"] <= 1
+
+
+def test_describe_names_every_format():
+    text = ft.describe()
+    for name in ("float32", "tf32", "float16", "bfloat16", "2^-24", "2^-8", "gamma"):
+        assert name in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bounds_hold_on_tensor_cores(dtype, device):
+    """Tensor cores do not round to nearest: the documented factor still covers them."""
+    n = 4096
+    a, b = randn(256, n, dtype=dtype, seed=12), randn(n, 256, dtype=dtype, seed=13)
+    out = a @ b  # cuBLAS: tensor cores, fp32 accumulation
+    exact = a.double() @ b.double()
+    ft.assert_close(out, exact, dtype=dtype, reduce_len=n, magnitude=a.double().abs() @ b.double().abs())
+    x, c = randn(2048, 256, dtype=dtype, seed=14), randn(1024, 256, dtype=dtype, seed=15)
+    try:
+        xc = torch.mm(x, c.T, out_dtype=torch.float32)  # fp32 output: no rounding to the input dtype
+    except TypeError:
+        pytest.skip("torch.mm has no out_dtype here")
+    s = (c.float() * c.float()).sum(-1) - 2 * xc
+    ft.assert_argmin_within_bound(x, c, s.argmin(1), "l2")
