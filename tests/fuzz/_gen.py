@@ -24,6 +24,14 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Inputs are generated on the host, so that the same example has the same values on every
+# device; tests move them to the ``device`` fixture's device.
+HOST = torch.device("cpu")
+
+
+def host_generator(seed: int) -> torch.Generator:
+    """A seeded generator on the host (where every fuzz input is drawn)."""
+    return torch.Generator(device=HOST).manual_seed(int(seed))
 FP16_MAX = 65504.0
 
 # Decades drawn for each dtype (sampled_from shrinks towards the first entry, 0).
@@ -79,16 +87,16 @@ class TSpec:
     ints: bool = False  # small integers (every distance exact in fp32: exact ties)
     seed: int = 0
 
-    def build(self, device="cpu") -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed)
+    def build(self, device=HOST) -> torch.Tensor:
+        g = host_generator(self.seed)
         shape = tuple(self.shape)
         if self.ints:
-            v = torch.randint(-3, 4, shape, generator=g).double()
+            v = torch.randint(-3, 4, shape, generator=g, device=HOST).double()
         else:
-            v = torch.randn(shape, generator=g, dtype=torch.float64)
+            v = torch.randn(shape, generator=g, dtype=torch.float64, device=HOST)
             if len(shape) >= 1 and math.prod(shape) > 0:
                 rows = shape[0] if len(shape) >= 2 else 1
-                u = torch.rand((rows,), generator=g, dtype=torch.float64)
+                u = torch.rand((rows,), generator=g, dtype=torch.float64, device=HOST)
                 scale = torch.pow(10.0, self.log10 - self.spread * u)
                 v = v * (scale.reshape((rows,) + (1,) * (len(shape) - 1)) if len(shape) >= 2 else scale)
         if self.dtype == torch.float16:
@@ -126,7 +134,7 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if t.dim() < 2 or t.numel() == 0 or layout == "contiguous":
         return t
     if layout == "strided":  # last-dim stride 2 and a padded row stride
-        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype)
+        big = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1] + 1)
         big[..., : 2 * t.shape[-1] : 2] = t
         return big[..., : 2 * t.shape[-1] : 2]
     if layout == "transposed":  # column-major storage

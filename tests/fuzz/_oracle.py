@@ -16,19 +16,42 @@ contract (issue 9, item 1) they assert:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ._bounds import F32_MAX, UNIT, abs_slack, gamma
+from ._gen import HOST
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached on the host, where every float64 oracle runs (whatever the test's device)."""
+    return t.detach().to(HOST)
+
+
+def on_host(fn):
+    """Run an oracle/check on the host: tensor arguments are moved there and new tensors are
+    made there (``torch.set_default_device`` may point at the GPU during the suite)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        args = [host(a) if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: host(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with torch.device(HOST):
+            return fn(*args, **kwargs)
+
+    return run
 
 # --------------------------------------------------------------------------- distances
 
 
+@on_host
 def finite_rows(t64: torch.Tensor) -> torch.Tensor:
     return t64.isfinite().all(-1) if t64.shape[-1] > 0 else torch.ones(t64.shape[:-1], dtype=torch.bool)
 
 
+@on_host
 def nan_rows(t64: torch.Tensor) -> torch.Tensor:
     return t64.isnan().any(-1) if t64.shape[-1] > 0 else torch.zeros(t64.shape[:-1], dtype=torch.bool)
 
@@ -47,6 +70,7 @@ def _unit_rows(v: torch.Tensor) -> torch.Tensor:
     return torch.where(fin, w, torch.full_like(w, math.nan))
 
 
+@on_host
 def distances64(x64: torch.Tensor, c64: torch.Tensor, metric: str) -> torch.Tensor:
     """``(N, K)`` float64 distances by the documented definitions, computed elementwise (so
     ``inf * 0`` and ``inf - inf`` give NaN as in exact extended arithmetic)."""
@@ -60,6 +84,7 @@ def distances64(x64: torch.Tensor, c64: torch.Tensor, metric: str) -> torch.Tens
     raise ValueError(metric)
 
 
+@on_host
 def bounds64(x64: torch.Tensor, c64: torch.Tensor, metric: str) -> torch.Tensor:
     """``(N, K)`` a-priori bound on |computed - exact| of each float32 distance."""
     D = x64.shape[-1]
@@ -112,6 +137,7 @@ def check_value(op: str, where: str, got: float, exact: float, bound: float, *, 
         fail(op, f"{where}: got {got!r} > {hi}")
 
 
+@on_host
 def check_choice(op: str, idx: torch.Tensor, dist: torch.Tensor | None, d64: torch.Tensor, b64: torch.Tensor,
                  x_fin: torch.Tensor, c_fin: torch.Tensor, *, metric: str = "l2", exact: bool = False,
                  lenient_rows: torch.Tensor | None = None) -> None:
@@ -170,6 +196,7 @@ def check_choice(op: str, idx: torch.Tensor, dist: torch.Tensor | None, d64: tor
             check_value(op, f"row {i} (code {k}) distance", got, dk, 0.0 if exact else float(b64[i, k]), lo=lo, hi=hi)
 
 
+@on_host
 def check_first_duplicate(op: str, idx: torch.Tensor, c64: torch.Tensor) -> None:
     """Exact ties: a code identical to an earlier one is never chosen (the earlier wins)."""
     K = c64.shape[0]
@@ -185,6 +212,7 @@ def check_first_duplicate(op: str, idx: torch.Tensor, c64: torch.Tensor) -> None
             fail(op, f"row {i}: chose code {k}, an exact duplicate of the earlier code {int(first[k])}")
 
 
+@on_host
 def check_semihard(op: str, idx: torch.Tensor, dist: torch.Tensor, d64: torch.Tensor, b64: torch.Tensor,
                    dp: torch.Tensor, bp: torch.Tensor, a_fin: torch.Tensor, n_fin: torch.Tensor) -> None:
     """Semi-hard mining: the nearest negative strictly farther than the positive
@@ -232,6 +260,7 @@ def check_semihard(op: str, idx: torch.Tensor, dist: torch.Tensor, d64: torch.Te
                          f"the hardest is {hard} at {float(row[hard])!r}")
 
 
+@on_host
 def small_ints(t64: torch.Tensor) -> bool:
     """All finite entries are integers of magnitude <= 4 (so l2/dot distances of up to 64
     features are computed exactly in float32, and ties are exact)."""
@@ -239,17 +268,18 @@ def small_ints(t64: torch.Tensor) -> bool:
     return bool(((v == v.round()) & (v.abs() <= 4)).all())
 
 
+@on_host
 def check_values(op: str, name: str, got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor | float,
                  dtype: torch.dtype, *, mask: torch.Tensor | None = None) -> None:
     """Elementwise: ``got`` (stored in ``dtype``) against float64 ``want`` with absolute error
     bound ``bound`` (plus the final rounding into ``dtype``). NaN exactly where ``want`` is NaN;
     an exact infinity, or a value that overflows ``dtype``, is that infinity; a representable
     value is finite and within the bound. ``mask``: the elements to check (default all)."""
-    want = want.detach().double().cpu()
+    want = want.double()
     bound = torch.as_tensor(bound, dtype=torch.float64).expand(want.shape).reshape(-1)
-    got, want = got.detach().double().cpu().reshape(-1), want.reshape(-1)
+    got, want = got.double().reshape(-1), want.reshape(-1)
     assert got.numel() == want.numel(), (op, name, got.numel(), want.numel())
-    keep = torch.ones_like(want, dtype=torch.bool) if mask is None else mask.reshape(-1).cpu()
+    keep = torch.ones_like(want, dtype=torch.bool) if mask is None else mask.reshape(-1)
     dmax, unit, tiny = float(torch.finfo(dtype).max), UNIT[dtype], float(torch.finfo(dtype).tiny)
     for e in keep.nonzero().reshape(-1).tolist():
         w, gv, bd = float(want[e]), float(got[e]), float(bound[e])

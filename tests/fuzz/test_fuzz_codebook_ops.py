@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import fastvq
 from tests.fuzz import _oracle as O
 from tests.fuzz._bounds import UNIT, U, abs_slack, gamma
-from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, tspecs
+from tests.fuzz._gen import DTYPES, HOST, TSpec, fuzz_settings, host_generator, sizes, tspecs
 
 # --------------------------------------------------------------------------- residual_quantize
 
@@ -32,6 +32,7 @@ def rq_case(draw, nonfinite):
     return xs, cs
 
 
+@O.on_host
 def _check_rq(op, x, cb, quantized, codes):
     """Replay the greedy search along the op's own choices in float64: at each level the chosen
     code is the exact argmin of |r_l - c|^2 within the rounding bound (which grows with the
@@ -41,9 +42,9 @@ def _check_rq(op, x, cb, quantized, codes):
     assert codes.dtype == torch.int64 and codes.shape == (*lead, L), (codes.dtype, codes.shape)
     assert quantized.dtype == x.dtype and quantized.shape == x.shape, (quantized.dtype, quantized.shape)
     n = math.prod(lead)
-    x64 = x.double().reshape(n, D).cpu()
-    cb64 = cb.double().cpu()
-    codes = codes.reshape(n, L).cpu()
+    x64 = x.double().reshape(n, D)
+    cb64 = cb.double()
+    codes = codes.reshape(n, L)
     search = torch.promote_types(x.dtype, cb.dtype)
     r = x64.clone()
     drift = torch.zeros(n, dtype=torch.float64)  # bound on |r_fp32 - r_exact| (2-norm)
@@ -82,7 +83,7 @@ def test_residual_quantize_finite(backend, device, case):
     cb = cs.build(device)
     quantized, codes = fastvq.residual_quantize(x, cb)
     _check_rq(f"residual_quantize[{backend}]", x.detach(), cb, quantized.detach(), codes)
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(xs.seed)).to(x.dtype).to(device)
+    g = TSpec(tuple(x.shape), x.dtype, seed=xs.seed + 1).build(device)
     (gx,) = torch.autograd.grad(quantized, x, g)
     if not torch.equal(gx, g):
         O.fail(f"residual_quantize[{backend}]", f"gradient to x is not the upstream gradient: max diff "
@@ -121,13 +122,14 @@ def stats_case(draw, nonfinite):
 
 
 def _indices(shape, K, dtype, seed, hot):
-    g = torch.Generator().manual_seed(seed)
+    g = host_generator(seed)
     if K == 0:
-        return torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device=HOST)
     high = min(K, 2) if hot else K
-    return torch.randint(0, high, shape, generator=g).to(dtype)
+    return torch.randint(0, high, shape, generator=g, device=HOST).to(dtype)
 
 
+@O.on_host
 def _check_stats(op, x, idx, K, counts, sums):
     batched = idx.dim() == 2
     L = idx.shape[0] if batched else 1
@@ -135,8 +137,8 @@ def _check_stats(op, x, idx, K, counts, sums):
     assert counts.dtype == torch.float32 and sums.dtype == torch.float32, (counts.dtype, sums.dtype)
     want_shape = ((L, K), (L, K, D)) if batched else ((K,), (K, D))
     assert (tuple(counts.shape), tuple(sums.shape)) == want_shape, (counts.shape, sums.shape, want_shape)
-    x64 = x.double().reshape(L, n, D).cpu()
-    idx = idx.long().reshape(L, n).cpu()
+    x64 = x.double().reshape(L, n, D)
+    idx = idx.long().reshape(L, n)
     want_c = torch.zeros(L, K, dtype=torch.float64)
     want_s = torch.zeros(L, K, D, dtype=torch.float64)
     mag = torch.zeros(L, K, D, dtype=torch.float64)
@@ -146,7 +148,7 @@ def _check_stats(op, x, idx, K, counts, sums):
             want_c[lvl, k] += 1
             want_s[lvl, k] += x64[lvl, i]
             mag[lvl, k] += x64[lvl, i].abs().nan_to_num(0, 0, 0)
-    if not torch.equal(counts.double().cpu().reshape(L, K), want_c):
+    if not torch.equal(counts.double().reshape(L, K), want_c):
         O.fail(op, f"counts {counts.tolist()} != {want_c.tolist()}")
     O.check_values(op, "sums", sums.reshape(L, K, D), want_s, gamma(n) * mag + abs_slack(n), torch.float32)
 

@@ -65,20 +65,28 @@ def test_vector_quantizer_forward(backend, device, case):
     x = xs.build(device).requires_grad_(True)
     q, commit, emb, idx = vq(x)
     op = f"VectorQuantizer[{backend},{metric},{grad}]"
-    x64, w64 = x.detach().double().cpu(), vq.embeddings.weight.detach().double().cpu()
+    x64 = O.host(x).double()
+    gx = None
+    if x.shape[0] and bool(torch.isfinite(x64).all()):
+        (gx,) = torch.autograd.grad(commit, x)
+    _check_vq(op, metric, x.detach(), vq.embeddings.weight.detach(), idx, q.detach(), commit.detach(), gx)
+
+
+@O.on_host
+def _check_vq(op, metric, x, w, idx, q, commit, gx):
+    x64, w64 = x.double(), w.double()
     d64 = O.distances64(x64, w64, metric)
-    O.check_choice(op, idx.cpu(), None, d64, O.bounds64(x64, w64, metric), O.finite_rows(x64), O.finite_rows(w64),
+    O.check_choice(op, idx, None, d64, O.bounds64(x64, w64, metric), O.finite_rows(x64), O.finite_rows(w64),
                    metric=metric)
-    c64 = w64[idx.cpu()]
+    c64 = w64[idx]
     fin = O.finite_rows(x64)[:, None].expand_as(x64)
     O.check_values(op, "quantized", q, c64, 2 * U * (x64.abs() + c64.abs()).nan_to_num(0, 0, 0), x.dtype, mask=fin)
-    if x.shape[0] == 0 or not bool(torch.isfinite(x64).all()):
-        return  # the mean over no element is 0/0: an empty batch's loss is left open
-    want, bound = _mse64(c64.to(x.dtype).double(), x64)  # the code, rounded to x's dtype, against x
+    if gx is None:
+        return  # an empty batch (mean over no element is 0/0: left open) or a non-finite one
+    cr = c64.to(x.dtype).double()  # the code, rounded to x's dtype, against x
+    want, bound = _mse64(cr, x64)
     _check_loss(op, "commitment_loss", commit, want, bound + UNIT[x.dtype] * abs(float(want)))
-    (gx,) = torch.autograd.grad(commit, x)
     n = x64.numel()
-    cr = c64.to(x.dtype).double()
     O.check_values(op, "grad(commitment_loss)", gx, 2 * (x64 - cr) / n,
                    gamma(4) * 2 * (x64.abs() + cr.abs()) / n + abs_slack(4), x.dtype)
 
@@ -180,12 +188,18 @@ def test_residual_quantizer_forward(backend, device, case):
     q, commit, emb, codes = rq(x)
     op = f"ResidualQuantizer[{backend},{grad}]"
     _check_rq(op, x, rq.codebooks.detach(), q.detach(), codes)
-    dec = rq.decode(codes).detach()
-    x64 = x.double().cpu()
+    _check_rq_module(op, x, rq.codebooks.detach(), codes, rq.decode(codes).detach(), commit.detach())
+
+
+@O.on_host
+def _check_rq_module(op, x, cb, codes, dec, commit):
+    L, K, D = cb.shape
+    x64 = x.double()
     fin = O.finite_rows(x64)[:, None].expand_as(x64)
-    cb64 = rq.codebooks.detach().double().cpu()
-    q64 = sum(cb64[lvl][codes[:, lvl].cpu()] for lvl in range(L)) if x.shape[0] else torch.zeros(0, D, dtype=torch.float64)
-    qabs = sum(cb64[lvl][codes[:, lvl].cpu()].abs() for lvl in range(L)) if x.shape[0] else q64
+    cb64 = cb.double()
+    chosen = [cb64[lvl][codes[:, lvl]] for lvl in range(L)]
+    q64 = sum(chosen) if x.shape[0] else torch.zeros(0, D, dtype=torch.float64)
+    qabs = sum(c.abs() for c in chosen) if x.shape[0] else q64
     O.check_values(op, "decode(codes)", dec, q64, (L + 2) * U * qabs, dec.dtype, mask=fin)
     if bool(torch.isfinite(x64).all()) and x.shape[0]:
         # the seed's commitment loss: sum_l mse(q_l, r_l) with r_l the residual before level l
@@ -193,11 +207,11 @@ def test_residual_quantizer_forward(backend, device, case):
         want = torch.zeros((), dtype=torch.float64)
         bnd = 0.0
         for lvl in range(L):
-            c = cb64[lvl][codes[:, lvl].cpu()].to(x.dtype).double()
+            c = chosen[lvl].to(x.dtype).double()
             m, b = _mse64(c, r)
             want, bnd = want + m, bnd + b + 4 * UNIT[x.dtype] * float(((r.abs() + c.abs()) ** 2).mean())
             r = r - c
-        _check_loss(op, "commitment_loss", commit.detach(), want, bnd)
+        _check_loss(op, "commitment_loss", commit, want, bnd)
 
 
 @given(case=train_case(residual=True))
@@ -292,8 +306,12 @@ def test_bitcodes_module(backend, device, data):
         O.fail(op, f"bits {bits.dtype} {tuple(bits.shape)}")
     if x.shape[0] and not bool(((bits == 0) | (bits == 1)).all()):
         O.fail(op, f"bits not 0/1: {bits.tolist()}")
-    fb = bc.from_bits(bits).detach()
-    x64, c64 = x.double().cpu(), bc.codebook.detach().double().cpu()
+    _check_bitcodes(op, x, bc.codebook.detach(), y.detach(), bits, bc.from_bits(bits).detach(), training, nb, dtype)
+
+
+@O.on_host
+def _check_bitcodes(op, x, codebook, y, bits, fb, training, nb, dtype):
+    x64, c64 = x.double(), codebook.double()
     fin = O.finite_rows(x64)
     s64 = -O.distances64(x64, c64, "dot")  # (N, 2 nb) inner products
     sb = O.bounds64(x64, c64, "dot") + 2 * UNIT[torch.promote_types(dtype, torch.float32)] * (x64.abs() @ c64.abs().T)
@@ -312,5 +330,5 @@ def test_bitcodes_module(backend, device, data):
     tol = 4 * U * c64.abs().sum(0) + 2 * UNIT[y.dtype] * c64.abs().sum(0)
     for i in range(x.shape[0]):
         if bool(fin[i]) and bool(torch.isfinite(y[i]).all()):
-            if bool(((y[i].double().cpu() - fb[i].double().cpu()).abs() > tol).any()):
+            if bool(((y[i].double() - fb[i].double()).abs() > tol).any()):
                 O.fail(op, f"row {i}: y {y[i].tolist()} != from_bits(bits) {fb[i].tolist()}")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import fastvq
 from tests.fuzz import _oracle as O
 from tests.fuzz._bounds import gamma
-from tests.fuzz._gen import DTYPES, fuzz_settings, sizes, tspecs
+from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, tspecs
 
 METRICS = ("l2", "cosine", "dot")
 
@@ -45,12 +45,13 @@ def search_case(draw, nonfinite: bool, *, max_k=None, min_d=0):
     return xs, cs
 
 
+@O.on_host
 def _check_nearest(op, x, c, metric, idx, dist):
     x64 = x.double().reshape(math.prod(x.shape[:-1]), x.shape[-1])
     c64 = c.double()
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32, (idx.dtype, dist.dtype)
     assert idx.shape == x.shape[:-1] and dist.shape == x.shape[:-1], (idx.shape, dist.shape, x.shape)
-    idx, dist = idx.reshape(-1).cpu(), dist.reshape(-1).cpu()
+    idx, dist = idx.reshape(-1), dist.reshape(-1)
     d64 = O.distances64(x64, c64, metric)
     b64 = O.bounds64(x64, c64, metric)
     x_fin, c_fin = O.finite_rows(x64), O.finite_rows(c64)
@@ -91,17 +92,18 @@ def test_nearest_code_nonfinite(backend, device, metric, case):
 # --------------------------------------------------------------------------- pairwise_sqdist
 
 
+@O.on_host
 def _check_sqdist(op, a, b, out):
     a64, b64 = a.double(), b.double()
     assert out.dtype == torch.float32 and out.shape == (a.shape[0], b.shape[0]), (out.dtype, out.shape)
     d64 = O.distances64(a64, b64, "l2")
     bound = O.bounds64(a64, b64, "l2")
-    out = out.detach().cpu()
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
             O.check_value(op, f"out[{i}, {j}]", float(out[i, j]), float(d64[i, j]), float(bound[i, j]), lo=0.0)
 
 
+@O.on_host
 def _check_sqdist_grads(op, a, b, g, ga, gb):
     """d/da_i sum_j g_ij |a_i - b_j|^2 = 2 sum_j g_ij (a_i - b_j) (and the same for b), in float64."""
     a64, b64, g64 = a.detach().double(), b.detach().double(), g.double()
@@ -140,7 +142,7 @@ def test_pairwise_sqdist_finite(backend, device, case):
     out = fastvq.pairwise_sqdist(a, b)
     op = f"pairwise_sqdist[{backend}]"
     _check_sqdist(op, a.detach(), b.detach(), out)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(sa.seed)).to(device)
+    g = TSpec(tuple(out.shape), seed=sa.seed + 1).build(device)
     ga, gb = torch.autograd.grad(out, (a, b), g)
     _check_sqdist_grads(op, a, b, g, ga, gb)
 
@@ -171,6 +173,7 @@ def mining_case(draw, nonfinite):
     return a, p, n, strategy
 
 
+@O.on_host
 def _check_mining(op, a, p, n, strategy, idx, dist):
     a64, p64, n64 = a.double(), p.double(), n.double()
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32, (idx.dtype, dist.dtype)
@@ -197,7 +200,7 @@ def test_mine_negatives_finite(backend, device, case):
     sa, sp, sn, strategy = case
     a, p, n = sa.build(device), sp.build(device), sn.build(device)
     idx, dist = fastvq.mine_negatives(a, p, n, strategy)
-    _check_mining(f"mine_negatives[{backend},{strategy}]", a, p, n, strategy, idx.cpu(), dist.cpu())
+    _check_mining(f"mine_negatives[{backend},{strategy}]", a, p, n, strategy, idx, dist)
 
 
 @given(case=mining_case(nonfinite=True))
@@ -206,4 +209,4 @@ def test_mine_negatives_nonfinite(backend, device, case):
     sa, sp, sn, strategy = case
     a, p, n = sa.build(device), sp.build(device), sn.build(device)
     idx, dist = fastvq.mine_negatives(a, p, n, strategy)
-    _check_mining(f"mine_negatives[{backend},{strategy}]", a, p, n, strategy, idx.cpu(), dist.cpu())
+    _check_mining(f"mine_negatives[{backend},{strategy}]", a, p, n, strategy, idx, dist)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import fastvq
 from tests.fuzz import _oracle as O
 from tests.fuzz._bounds import F32_MAX, UNIT, U, abs_slack, gamma
-from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, tspecs
+from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, host_generator, sizes, tspecs
 
 # --------------------------------------------------------------------------- rotation_trick
 
@@ -55,10 +55,11 @@ def rotation_case(draw, nonfinite):
     return es, qs, mode
 
 
+@O.on_host
 def _rotation_inputs(es, qs, mode, device):
     e, q = es.build(), qs.build()
     if mode != "independent" and e.numel():  # q close to +-e: the edge of the rotation
-        g = torch.Generator().manual_seed(qs.seed)
+        g = host_generator(qs.seed)
         noise = 10.0 ** -torch.randint(1, 8, (1,), generator=g).item()
         sign = 1.0 if mode == "near" else -1.0
         e64 = e.double()
@@ -68,16 +69,17 @@ def _rotation_inputs(es, qs, mode, device):
     return e.to(device), q.to(device)
 
 
+@O.on_host
 def _check_rotation(op, e, q, out, ge, g):
     dtype = torch.promote_types(e.dtype, q.dtype)
     if out.dtype != dtype or out.shape != q.shape:
         O.fail(op, f"output {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(q.shape)}")
-    if not torch.equal(out.cpu().nan_to_num(0, 1, -1), q.to(dtype).cpu().nan_to_num(0, 1, -1)) or \
-            not torch.equal(out.isnan().cpu(), q.isnan().cpu()):
+    if not torch.equal(out.nan_to_num(0, 1, -1), q.to(dtype).nan_to_num(0, 1, -1)) or \
+            not torch.equal(out.isnan(), q.isnan()):
         O.fail(op, "forward value is not q bit for bit")
     if ge.dtype != e.dtype or ge.shape != e.shape:
         O.fail(op, f"grad_e {ge.dtype} {tuple(ge.shape)}, expected {e.dtype} {tuple(e.shape)}")
-    e64, q64, g64 = e.double().cpu(), q.double().cpu(), g.double().cpu()
+    e64, q64, g64 = e.double(), q.double(), g.double()
     N, D = e.shape
     if D == 0:
         return
@@ -170,10 +172,11 @@ def qr_case(draw, nonfinite):
     return qs, rs, op, ids, id_dtype, offsets, mode, psw
 
 
+@O.on_host
 def _qr_oracle(qw, rw, op, ids, offsets, mode, psw):
     """float64 output, |terms| (for bounds) and the per-item composed vectors."""
     Q, R = qw.shape[0], rw.shape[0]
-    q64, r64 = qw.double().cpu(), rw.double().cpu()
+    q64, r64 = qw.double(), rw.double()
     items, mags, qi, ri = [], [], [], []
     for i in ids:
         h = i % (Q * R)  # python ints: exact for every int64 id, non-negative
@@ -200,7 +203,7 @@ def _qr_oracle(qw, rw, op, ids, offsets, mode, psw):
             if mode == "mean":
                 scale[i] = 1.0 / (end - offsets[b])
     if psw is not None:
-        scale = psw.double().cpu().tolist()
+        scale = psw.double().tolist()
     out = torch.zeros(B, dim, dtype=torch.float64)
     mag = torch.zeros(B, dim, dtype=torch.float64)
     for i in range(n):
@@ -234,13 +237,19 @@ def test_qr_lookup(backend, device, case):
     g = TSpec(tuple(out.shape), torch.float32, seed=qs.seed + 7).build().to(out.dtype)
     inputs = [qw, rw] + ([psw] if psw is not None else [])
     grads = torch.autograd.grad(out, inputs, g.to(device), allow_unused=True)
+    _check_qr_grads(name, qw.detach(), rw.detach(), psw, g, grads, op, ids, offsets, items, qi, ri, bag_of, scale)
+
+
+@O.on_host
+def _check_qr_grads(name, qw, rw, psw, g, grads, op, ids, offsets, items, qi, ri, bag_of, scale):
+    """Table gradients (float64 index_add of the upstream rows) and per-sample-weight gradients
+    (composed item . bag gradient)."""
+    grads = [None if t is None else O.host(t) for t in grads]
     g64 = g.double()
-    q64, r64 = qw.detach().double().cpu(), rw.detach().double().cpu()
+    q64, r64 = qw.double(), rw.double()
     gq = torch.zeros_like(q64)
     gr = torch.zeros_like(r64)
     mq, mr = torch.zeros_like(q64), torch.zeros_like(r64)
-    nq = torch.zeros(q64.shape[0])
-    nr = torch.zeros(r64.shape[0])
     dq = q64.shape[1]
     for i in range(len(ids)):
         if bag_of is None:
@@ -261,8 +270,6 @@ def test_qr_lookup(backend, device, case):
         gr[b] += tr
         mq[a] += tq.abs().nan_to_num(0, 0, 0)
         mr[b] += tr.abs().nan_to_num(0, 0, 0)
-        nq[a] += 1
-        nr[b] += 1
     O.check_values(name, "grad_q", grads[0], gq, gamma(len(ids) + 1) * mq, qw.dtype)
     O.check_values(name, "grad_r", grads[1], gr, gamma(len(ids) + 1) * mr, rw.dtype)
     if psw is not None:
@@ -308,10 +315,11 @@ def kl_case(draw, nonfinite):
     return ps, ts, collinear, T
 
 
+@O.on_host
 def _kl_inputs(ps, ts, collinear, device):
     p, t = ps.build(), ts.build()
     if collinear and p.shape[0] >= 2:
-        g = torch.Generator().manual_seed(ps.seed)
+        g = host_generator(ps.seed)
         signs = torch.where(torch.rand(p.shape[0], generator=g) < 0.5, -1.0, 1.0).double()
         signs[0] = 1.0
         signs[1:] = -1.0 if p.shape[0] == 2 or bool(torch.rand(1, generator=g) < 0.5) else signs[1:]
@@ -320,6 +328,7 @@ def _kl_inputs(ps, ts, collinear, device):
     return p.to(device), t.to(device)
 
 
+@O.on_host
 def _kl64(p64, t64, T):
     """loss, grad of the loss in pred, bounds, and whether every logit is representable in fp32."""
     B, Dp = p64.shape
@@ -359,6 +368,7 @@ def _kl64(p64, t64, T):
     return loss, grad, float(lbound), gbound, ok
 
 
+@O.on_host
 def _check_kl(op, p, t, T, loss, grad):
     if loss.dtype != torch.float32 or loss.shape != ():
         O.fail(op, f"loss {loss.dtype} {tuple(loss.shape)}, expected a 0-d float32")
@@ -367,7 +377,7 @@ def _check_kl(op, p, t, T, loss, grad):
         if float(loss) != 0.0 or (grad is not None and bool((grad != 0).any())):
             O.fail(op, f"B = {B}: loss {float(loss)!r} and gradient must be 0")
         return
-    p64, t64 = p.double().cpu(), t.double().cpu()
+    p64, t64 = p.double(), t.double()
     want, gwant, lbound, gbound, representable = _kl64(p64, t64, T)
     fin = bool(p64.isfinite().all() and t64.isfinite().all())
     if not fin:  # NaN in exact arithmetic (a non-finite embedding): NaN out
