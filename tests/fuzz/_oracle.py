@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._bounds import F32_MAX, UNIT, abs_slack, gamma
+from ._bounds import F32_MAX, OUTPUT_ROUNDING, UNIT, abs_slack, gamma
 from ._gen import HOST
 
 
@@ -129,7 +129,7 @@ def check_value(op: str, where: str, got: float, exact: float, bound: float, *, 
         if abs(exact) + bound < F32_MAX:
             fail(op, f"{where}: got {got!r}, exact value {exact!r} is representable (bound {bound:.3g})")
         return
-    if abs(got - exact) > bound + UNIT[torch.float32] * abs(exact):
+    if abs(got - exact) > bound + OUTPUT_ROUNDING * UNIT[torch.float32] * abs(exact):
         fail(op, f"{where}: got {got!r}, exact {exact!r}, |error| {abs(got - exact):.3g} > bound {bound:.3g}")
     if lo is not None and got < lo:
         fail(op, f"{where}: got {got!r} < {lo}")
@@ -300,5 +300,5 @@ def check_values(op: str, name: str, got: torch.Tensor, want: torch.Tensor, boun
             if abs(w) + bd < dmax:
                 fail(op, f"{where}: got {gv!r}, exact value {w!r} is representable in {dtype} (bound {bd:.3g})")
             continue
-        if abs(gv - w) > bd + 2 * unit * abs(w) + tiny:
+        if abs(gv - w) > bd + OUTPUT_ROUNDING * unit * abs(w) + tiny:
             fail(op, f"{where}: got {gv!r}, exact {w!r}, |error| {abs(gv - w):.3g} > bound {bd:.3g}")
