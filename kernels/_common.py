@@ -49,3 +49,41 @@ def launcher(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+# --------------------------------------------------------------------------- jit helpers
+# Shared by several kernels. Power-of-two scaling is exact for normal numbers (it only moves the
+# exponent), so a scaled computation rounds exactly like the unscaled one wherever that one
+# neither overflows nor underflows; it is how the search kernels "scale before they square".
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def exp2i(e):
+    """``2.0 ** e`` as float32, exactly, for an int32 ``e`` (clamped to [-126, 127])."""
+    e = tl.minimum(tl.maximum(e, -126), 127)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pow2_exponent(m):
+    """For a float32 ``m >= 0``: the int32 ``e`` with ``m * 2**-e`` in [1, 2) (normal ``m``),
+    clamped to [-127, 126] so that ``2**-e`` is a normal float32. Subnormal and zero ``m`` give
+    -127 (``m * 2**127 < 2``); inf/NaN give 126 (they stay inf/NaN when scaled)."""
+    biased = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.minimum(tl.maximum(biased - 127, -127), 126)
+
+
+@triton.jit
+def nan_max0(d):
+    """``max(d, 0)`` that keeps NaN (``tl.maximum`` alone turns NaN into 0)."""
+    return tl.maximum(d, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_clamp(d, lo, hi):
+    """``min(max(d, lo), hi)`` that keeps NaN."""
+    d = tl.maximum(d, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(d, hi, propagate_nan=tl.PropagateNan.ALL)

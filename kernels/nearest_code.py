@@ -1,25 +1,42 @@
-"""Nearest code search (l2 / cosine / dot) and fused negative mining, one streaming kernel.
+"""Nearest code search (l2 / euclidean / cosine / dot) and fused negative mining, one streaming kernel.
 
 Design
 ------
-* Pre-pass ``_code_terms_kernel``: once per call, the per-code term ``|c|^2`` (l2) or
-  ``1/|c|`` (cosine) into a ``(K,)`` float32 vector. Dot needs none.
-* Main ``_nearest_code_fwd_kernel``: a program owns ``BLOCK_N`` rows of ``x``. Their
-  ``|x|^2`` (and, when mining, ``|x - p|^2``) are summed once; when ``D <= RESIDENT_MAX_D``
-  the whole ``(BLOCK_N, D)`` tile is loaded once and stays on chip. Codebook tiles of
+* Pre-pass 1, ``_code_terms_kernel``: once per call, per code, its max-abs, whether it is finite,
+  and its per-code term: ``|c|^2`` (l2), ``1/|c|`` (cosine), 0 (dot); NaN for a code with a
+  NaN or infinite entry. Norms are taken after scaling the code by a power of two, so they only
+  overflow or underflow when the true norm does. Per block of codes: the largest and smallest
+  max-abs of its finite codes and its first finite code.
+* Pre-pass 2, ``_code_rescale_kernel``: reduces those partials per codebook. If the codebook's
+  magnitudes are outside [2^-20, 2^20] (only for float32/bfloat16: float16 can neither
+  overflow nor underflow a float32 sum of its products), it writes a power-of-two scaled copy
+  of the codebook and rescales the terms (l2 and dot: one scale for the whole codebook;
+  cosine: one per code, which does not change any cosine). Power-of-two scaling is exact, so
+  the scaled search rounds exactly like the plain one wherever the plain one does not
+  overflow; a codebook inside the range is neither copied nor rescaled.
+* Main ``_nearest_code_fwd_kernel``: a program owns ``BLOCK_N`` rows of one codebook (a grid
+  axis walks the ``H`` codebooks of a multi-codebook search). When ``D <= RESIDENT_MAX_D`` the
+  ``(BLOCK_N, D)`` x tile is loaded once and stays on chip (cosine and dot scale each row by a
+  power of two first: neither metric's argmin depends on a row's scale). Codebook tiles of
   ``BLOCK_K`` codes stream past: ``x @ c.T`` on the tensor cores (fp32 accumulation), the
-  score ``|c|^2 - 2 x.c`` / ``-(x.c)/|c|`` / ``-(x.c)`` is formed, and a running
-  ``(min, index)`` per row in registers is updated. The ``N x K`` matrix never exists.
+  score ``|c|^2 - 2 x.c`` / ``-(x.c)/|c|`` / ``-(x.c)`` is formed, and a running ``(min,
+  index)`` per row in registers is updated. The ``N x K`` matrix never exists. A code whose
+  term is NaN (not finite, or past ``K``) scores NaN and never wins.
+* The epilogue, once per row: a row with a NaN takes index 0; a row with an infinite entry, or a
+  row with no finite score (all codes non-finite, or a row so far from the codebook that
+  its scores overflow: every code is then equally near within float32) takes the first finite
+  code. The distance is then computed directly from ``x`` and the chosen code (not from the
+  expansion), so it is the chosen code's true distance, rounded once: NaN where that distance
+  is NaN, +inf where it overflows, exact for l2 at 0 and for integer data.
 * Ties: ``tl.min(..., return_indices=True)`` breaks ties to the left inside a tile, and
   tiles (and splits) are merged with a strict ``<`` in increasing code order, so the
   smallest index wins, as ``torch.argmin`` does.
 * Small ``N`` with large ``K``: the codebook is split over a second grid axis; each split
   writes a partial ``(min, index)`` and ``_nearest_code_reduce_kernel`` merges them in
-  split order (strict ``<``). The split count comes from ``N``, ``K`` and the SM count.
+  split order (strict ``<``) and runs the same epilogue.
 * ``HAS_LOWER_BOUND`` (negative mining, semi-hard): the same pass also tracks the
-  minimum over the codes with ``|x|^2 + score > |x - p|^2`` (strictly farther than the
+  minimum over the codes with ``score > |x - p|^2 - |x|^2`` (strictly farther than the
   positive) and falls back to the unconstrained minimum where no code qualifies.
-* NaN scores are skipped (treated as +inf), so indices always lie in ``[0, K)``.
 """
 
 from __future__ import annotations
@@ -31,9 +48,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import dot_fp32, exp2i, launcher, nan_clamp, next_pow2, pow2_exponent, tl_input_precision
 
-METRICS = {"l2": 0, "cosine": 1, "dot": 2}
+# Internal metric ids; the public names and their documentation live in fastvq/ops/_search.py.
+METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2, "euclidean": 3}
 STRATEGIES = ("hardest", "semi-hard")
 
 # D up to this many features keeps the whole x tile on chip; larger D streams it in 64-wide chunks.
@@ -44,6 +62,12 @@ SPLIT_MIN_CODES = 512
 MAX_SPLITS = 128
 _SPLIT_BLOCK_N = 64  # row-block size assumed when choosing the split count
 _INTERPRETER_SMS = 4  # "SM count" under the Triton interpreter (CPU)
+# Pre-passes: codes per block, and at most this many blocks of partials per codebook.
+PREP_BLOCK_K = 64
+PREP_MAX_BLOCKS = 256
+# A codebook whose finite codes' max-abs values lie in [2^-TAME, 2^TAME] is searched as is.
+TAME_EXP = 20
+META_COLS = 4  # per codebook: first finite code, scaled copy in use, float32 bits of the l2 scale, -
 
 
 # --------------------------------------------------------------------------- helpers
@@ -52,14 +76,13 @@ _INTERPRETER_SMS = 4  # "SM count" under the Triton interpreter (CPU)
 @triton.jit
 def _scores(b_xc, p_cterm, o_k, m_k, METRIC: tl.constexpr):
     """Scores whose row argmin is the nearest code; +inf for masked codes and NaN."""
-    if METRIC == 0:
-        b_cc = tl.load(p_cterm + o_k, mask=m_k, other=0.0)
-        b_s = b_cc[None, :] - 2.0 * b_xc
-    elif METRIC == 1:
-        b_ic = tl.load(p_cterm + o_k, mask=m_k, other=0.0)
-        b_s = -b_xc * b_ic[None, :]
+    b_ct = tl.load(p_cterm + o_k, mask=m_k, other=float("nan"))
+    if METRIC == 1:
+        b_s = -b_xc * b_ct[None, :]
+    elif METRIC == 2:
+        b_s = b_ct[None, :] - b_xc
     else:
-        b_s = -b_xc
+        b_s = b_ct[None, :] - 2.0 * b_xc
     return tl.where(m_k[None, :] & (b_s == b_s), b_s, float("inf"))
 
 
@@ -68,50 +91,212 @@ def _merge_tile(b_best, b_idx, b_s, k0):
     """Fold a tile of scores into the running (min, index): left ties inside, strict < across."""
     b_tmin, b_targ = tl.min(b_s, axis=1, return_indices=True, return_indices_tie_break_left=True)
     m_better = b_tmin < b_best
-    return tl.where(m_better, b_tmin, b_best), tl.where(m_better, k0 + b_targ.to(tl.int64), b_idx)
+    return tl.where(m_better, b_tmin, b_best), tl.where(m_better, k0 + b_targ.to(tl.int32), b_idx)
 
 
 @triton.jit
-def _store_result(p_idx, p_dist, o_n, m_n, b_best, b_idx, b_best_c, b_idx_c, b_xterm, K,
-                  METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr):
-    """Pick constrained-or-fallback, turn the score into a distance, store."""
-    if HAS_LOWER_BOUND:
-        m_found = b_idx_c >= 0
-        b_best = tl.where(m_found, b_best_c, b_best)
-        b_idx = tl.where(m_found, b_idx_c, b_idx)
-    if METRIC == 0:  # b_xterm = |x|^2
-        b_dist = tl.maximum(b_xterm + b_best, 0.0)
-    elif METRIC == 1:  # b_xterm = 1/|x| (0 for a zero row)
-        b_dist = tl.minimum(tl.maximum(1.0 + b_best * b_xterm, 0.0), 2.0)
-    else:
-        b_dist = b_best
-    b_idx = tl.minimum(tl.maximum(b_idx, 0), K - 1)
-    tl.store(p_idx + o_n, b_idx, mask=m_n)
-    tl.store(p_dist + o_n, b_dist, mask=m_n)
+def _finish(p_x, o_xrow, m_n, p_c, o_crow, b_idx, b_first, p_idx, p_dist, o_out, K, D, stride_xd, stride_ck,
+            stride_cd, METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The per-row epilogue: pick the index (NaN row: 0; infinite row or no finite score: the
+    first finite code), then compute the distance to it directly and store both.
 
-
-# --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _code_terms_kernel(p_c, p_out, K, D, stride_ck, stride_cd,
-                       METRIC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Once per call: ``|c|^2`` (l2) or ``1/|c|`` (cosine; 0 for a zero code)."""
-    pid = tl.program_id(0).to(tl.int64)
-    o_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_k = o_k < K
-    b_cc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    ``o_xrow``/``o_crow``: element offsets of each row's x and of its codebook's code 0.
+    ``b_idx``: the search's index, -1 where no code had a finite score.
+    """
+    # pass 1: the row's flags and max-abs
+    b_xm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_nan = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
-        b_c = tl.load(p_c + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                      mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
-        b_cc += tl.sum(b_c * b_c, axis=1)
+        m = m_n[:, None] & (o_d < D)[None, :]
+        b_x = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+        b_xm = tl.maximum(b_xm, tl.max(tl.abs(b_x), axis=1))
+        b_z += tl.sum(b_x * 0.0, axis=1)  # NaN iff an entry is NaN or infinite
+        b_nan = tl.maximum(b_nan, tl.max((b_x != b_x).to(tl.int32), axis=1))
+    b_first = tl.where(b_first < K, b_first, 0)
+    b_idx = tl.where(b_nan > 0, 0, tl.where((b_z != b_z) | (b_idx < 0), b_first, b_idx))
+    p_row = p_c + o_crow + b_idx.to(tl.int64) * stride_ck  # the chosen code of each row
+    # pass 2 (euclidean): the largest |x - c|, to scale before squaring
+    if METRIC == 3:
+        b_dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m = m_n[:, None] & (o_d < D)[None, :]
+            b_x = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+            b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
+            b_dm = tl.maximum(b_dm, tl.max(tl.abs(b_x - b_c), axis=1))
+        e_d = pow2_exponent(b_dm)
+        s_d = exp2i(-e_d)
+    # pass 2 (cosine, dot): the chosen codes' max-abs
+    if METRIC == 1 or METRIC == 2:
+        b_cm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m = m_n[:, None] & (o_d < D)[None, :]
+            b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
+            b_cm = tl.maximum(b_cm, tl.max(tl.abs(b_c), axis=1))
+        e_x = pow2_exponent(b_xm)
+        e_c = pow2_exponent(b_cm)
+        s_x = exp2i(-e_x)
+        s_c = exp2i(-e_c)
+    # pass 3: the distance, directly
+    b_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_qx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_qc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m = m_n[:, None] & (o_d < D)[None, :]
+        b_x = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+        b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
+        if METRIC == 1 or METRIC == 2:
+            b_x = b_x * s_x[:, None]
+            b_c = b_c * s_c[:, None]
+            b_t += tl.sum(b_x * b_c, axis=1)
+            if METRIC == 1:
+                b_qx += tl.sum(b_x * b_x, axis=1)
+                b_qc += tl.sum(b_c * b_c, axis=1)
+        else:
+            b_diff = b_x - b_c
+            if METRIC == 3:
+                b_diff = b_diff * s_d[:, None]
+            b_t += tl.sum(b_diff * b_diff, axis=1)
+    if METRIC == 1:  # 1 - cos; a zero vector has cosine 0 with anything
+        b_den = tl.sqrt(b_qx) * tl.sqrt(b_qc)
+        b_cos = tl.where(b_den == 0.0, 0.0, b_t / tl.where(b_den == 0.0, 1.0, b_den))
+        b_dist = nan_clamp(1.0 - b_cos, 0.0, 2.0)
+    elif METRIC == 2:  # -(x.c) = -t * 2^(e_x + e_c), applied in two halves (no intermediate overflow)
+        e = e_x + e_c
+        e_lo = e >> 1
+        b_dist = -(b_t * exp2i(e_lo)) * exp2i(e - e_lo)
+    elif METRIC == 3:  # |x - c| = sqrt(t) * 2^e_d
+        b_dist = tl.sqrt(b_t) * exp2i(e_d)
+    else:
+        b_dist = b_t
+    tl.store(p_idx + o_out, b_idx.to(tl.int64), mask=m_n)
+    tl.store(p_dist + o_out, b_dist, mask=m_n)
+
+
+# --------------------------------------------------------------------------- pre-passes
+
+
+@triton.jit
+def _code_terms_kernel(p_c, p_cterm, p_pmax, p_pmin, p_pfirst, K, D, NB, stride_ch, stride_ck, stride_cd,
+                       METRIC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per code: its term (l2 ``|c|^2``, cosine ``1/|c|``, dot 0; NaN if not finite). Per block
+    of partials (``NB`` per codebook, strided over the code blocks): the largest max-abs of a
+    finite code, the smallest nonzero one, and the first finite code (``K`` if none)."""
+    pid = tl.program_id(0)
+    h = (pid // NB).to(tl.int64)
+    pid_b = pid % NB
+    p_c += h * stride_ch
+    p_cterm += h * K
+    r_max = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    r_min = tl.full((BLOCK_K,), float("inf"), dtype=tl.float32)
+    r_first = tl.zeros((BLOCK_K,), dtype=tl.int32) + K
+    for k0 in range(pid_b * BLOCK_K, K, NB * BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        p_row = p_c + o_k.to(tl.int64) * stride_ck
+        b_m = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        b_z = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m_k[:, None] & (o_d < D)[None, :],
+                          other=0.0).to(tl.float32)
+            b_m = tl.maximum(b_m, tl.max(tl.abs(b_c), axis=1))
+            b_z += tl.sum(b_c * 0.0, axis=1)  # NaN iff an entry is NaN or infinite
+        e = pow2_exponent(b_m)
+        b_s = exp2i(-e)
+        b_q = tl.zeros((BLOCK_K,), dtype=tl.float32)  # |c * s|^2, in [1, 4 D] for a nonzero finite code
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m_k[:, None] & (o_d < D)[None, :],
+                          other=0.0).to(tl.float32) * b_s[:, None]
+            b_q += tl.sum(b_c * b_c, axis=1)
+        if METRIC == 1:
+            b_t = tl.where(b_q > 0, b_s / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0)
+        elif METRIC == 2:
+            b_t = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        else:
+            b_t = (b_q * exp2i(e)) * exp2i(e)
+        m_bad = b_z != b_z
+        tl.store(p_cterm + o_k, tl.where(m_bad, float("nan"), b_t), mask=m_k)
+        m_good = m_k & ~m_bad
+        r_max = tl.maximum(r_max, tl.where(m_good, b_m, 0.0))
+        r_min = tl.minimum(r_min, tl.where(m_good & (b_m > 0), b_m, float("inf")))
+        r_first = tl.minimum(r_first, tl.where(m_good, o_k, K))
+    tl.store(p_pmax + pid, tl.max(r_max, axis=0))
+    tl.store(p_pmin + pid, tl.min(r_min, axis=0))
+    tl.store(p_pfirst + pid, tl.min(r_first, axis=0))
+
+
+@triton.jit
+def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta, K, D, NB, KB,
+                         stride_ch, stride_ck, stride_cd,
+                         METRIC: tl.constexpr, CAN_SCALE: tl.constexpr, TAME: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Reduce the partials of one codebook; where its magnitudes leave [2^-TAME, 2^TAME], write a
+    power-of-two scaled copy (``KB`` blocks of ``BLOCK_K`` codes per codebook) and its terms.
+    Program 0 of each codebook writes its meta row: first finite code, copy in use, l2 scale."""
+    pid = tl.program_id(0)
+    h = (pid // KB).to(tl.int64)
+    pid_k = pid % KB
+    o_b = tl.arange(0, BLOCK_B)
+    m_b = o_b < NB
+    c_max = tl.max(tl.load(p_pmax + h * NB + o_b, mask=m_b, other=0.0), axis=0)
+    c_min = tl.min(tl.load(p_pmin + h * NB + o_b, mask=m_b, other=float("inf")), axis=0)
+    first = tl.min(tl.load(p_pfirst + h * NB + o_b, mask=m_b, other=K), axis=0)
+    hi = exp2i(TAME + 0 * first)
+    lo = exp2i(-TAME + 0 * first)
     if METRIC == 1:
-        b_cc = tl.where(b_cc > 0, 1.0 / tl.sqrt_rn(tl.where(b_cc > 0, b_cc, 1.0)), 0.0)
-    tl.store(p_out + o_k, b_cc, mask=m_k)
+        need = (c_max > hi) | (c_min < lo)
+    else:
+        need = (c_max > hi) | ((c_max < lo) & (c_max > 0.0))
+    if not CAN_SCALE:
+        need = need & False
+    e = tl.maximum(pow2_exponent(c_max), -126)
+    s = exp2i(-e)
+    s_eff = tl.where(need, s, 1.0)
+    o_m = tl.arange(0, 4)
+    meta = tl.where(o_m == 0, first, tl.where(o_m == 1, need.to(tl.int32), s_eff.to(tl.int32, bitcast=True)))
+    tl.store(p_meta + h * 4 + o_m, tl.where(o_m < 3, meta, 0), mask=(o_m < 4) & (pid_k == 0))
+    if need:
+        o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        o_row = h * stride_ch + o_k.to(tl.int64) * stride_ck
+        if METRIC == 1:  # one scale per code
+            b_m = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                b_c = tl.load(p_c + o_row[:, None] + o_d[None, :] * stride_cd,
+                              mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
+                b_m = tl.maximum(b_m, tl.max(tl.abs(b_c), axis=1))
+            b_s = exp2i(-pow2_exponent(b_m))
+        else:
+            b_s = tl.zeros((BLOCK_K,), dtype=tl.float32) + s
+        b_q = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        b_z = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m = m_k[:, None] & (o_d < D)[None, :]
+            b_c = tl.load(p_c + o_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
+            b_c = b_c * b_s[:, None]
+            b_z += tl.sum(b_c * 0.0, axis=1)
+            b_q += tl.sum(b_c * b_c, axis=1)
+            if METRIC == 0 or METRIC == 3:  # l2: the dot carries both scales, x is not scaled
+                b_c = b_c * b_s[:, None]
+            tl.store(p_chat + o_row[:, None] + o_d[None, :] * stride_cd, b_c.to(p_chat.dtype.element_ty), mask=m)
+        if METRIC == 1:
+            b_t = tl.where(b_q > 0, 1.0 / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0)
+        elif METRIC == 2:
+            b_t = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        else:
+            b_t = b_q
+        tl.store(p_cterm + h * K + o_k, tl.where(b_z != b_z, float("nan"), b_t), mask=m_k)
 
 
-_DEFAULT_SMEM = 192 * 1024  # when the device cannot be asked (H100/H200 allow 227 KiB per block)
+# --------------------------------------------------------------------------- main kernels
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,6 +309,9 @@ def _smem_limit(device: torch.device) -> int:
         return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
     except Exception:  # an older/other driver API: keep the H100-sized budget
         return _DEFAULT_SMEM
+
+
+_DEFAULT_SMEM = 192 * 1024  # when the device cannot be asked (H100/H200 allow 227 KiB per block)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -170,41 +358,58 @@ def _configs():
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _nearest_code_fwd_kernel(
-    p_x, p_c, p_cterm, p_pos, p_idx, p_dist, p_pscore, p_pidx, p_pxterm,
-    N, K, D, SPLITS, K_BUCKET,
-    stride_xn, stride_xd, stride_ck, stride_cd, stride_pn, stride_pd,
+    p_x, p_c, p_chat, p_cterm, p_meta, p_pos, p_idx, p_dist, p_pscore, p_pidx,
+    N, K, D, H, SPLITS, K_BUCKET,
+    stride_xh, stride_xn, stride_xd, stride_ch, stride_ck, stride_cd, stride_pn, stride_pd,
     METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    h = (pid // row_blocks).to(tl.int64)
+    pid_n = (pid % row_blocks).to(tl.int64)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
+    o_xrow = h * stride_xh + o_n * stride_xn
 
-    # Row terms, once: |x|^2 and, when mining, the bound |x - p|^2.
-    b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    b_lb = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        m_xd = m_n[:, None] & (o_d < D)[None, :]
-        b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_xd, other=0.0).to(tl.float32)
-        b_xx += tl.sum(b_x * b_x, axis=1)
-        if HAS_LOWER_BOUND:
-            b_p = tl.load(p_pos + o_n[:, None] * stride_pn + o_d[None, :] * stride_pd, mask=m_xd, other=0.0)
-            b_diff = b_x - b_p.to(tl.float32)
-            b_lb += tl.sum(b_diff * b_diff, axis=1)
-    if METRIC == 1:
-        b_xterm = tl.where(b_xx > 0, 1.0 / tl.sqrt_rn(tl.where(b_xx > 0, b_xx, 1.0)), 0.0)
-    else:
-        b_xterm = b_xx
+    # This codebook's meta row: first finite code, whether the scaled copy is in use, l2 scale.
+    first = tl.load(p_meta + h * 4)
+    use_hat = tl.load(p_meta + h * 4 + 1)
+    s_l2 = tl.load(p_meta + h * 4 + 2).to(tl.float32, bitcast=True)
+    p_cb = tl.where(use_hat != 0, p_chat, p_c) + h * stride_ch
+    p_ct = p_cterm + h * K
+
+    # Row terms, once: cosine/dot scale each row by a power of two (their argmin ignores it);
+    # mining needs |x|^2 and the bound |x - p|^2, in the scale of the scores.
+    o_d = tl.arange(0, BLOCK_D)
+    if SCALE_ROWS:
+        b_xm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
+            b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd, other=0.0)
+            b_xm = tl.maximum(b_xm, tl.max(tl.abs(b_x.to(tl.float32)), axis=1))
+        b_rs = exp2i(-pow2_exponent(b_xm))
+    if HAS_LOWER_BOUND:
+        b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b_lb = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
+            b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd,
+                          other=0.0).to(tl.float32) * s_l2
+            b_p = tl.load(p_pos + o_n[:, None] * stride_pn + (d0 + o_d)[None, :] * stride_pd, mask=m_xd,
+                          other=0.0).to(tl.float32) * s_l2
+            b_xx += tl.sum(b_x * b_x, axis=1)
+            b_lb += tl.sum((b_x - b_p) * (b_x - b_p), axis=1)
+        b_thr = b_lb - b_xx  # a negative strictly farther than the positive scores above this
 
     # The x tile stays on chip while the codebook streams past.
-    o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     if ONE_D_BLOCK:
-        b_xt = tl.load(p_x + o_n[:, None] * stride_xn + o_d[None, :] * stride_xd,
-                       mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_xt = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        if SCALE_ROWS:
+            b_xt = (b_xt.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty)
         if DOT_FP32:
             b_xt = b_xt.to(tl.float32)
 
@@ -214,14 +419,14 @@ def _nearest_code_fwd_kernel(
     k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
 
     b_best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
-    b_idx = tl.zeros((BLOCK_N,), dtype=tl.int64) + tl.minimum(k_start, K - 1)
+    b_idx = tl.full((BLOCK_N,), -1, dtype=tl.int32)
     b_best_c = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
-    b_idx_c = tl.full((BLOCK_N,), -1, dtype=tl.int64)
+    b_idx_c = tl.full((BLOCK_N,), -1, dtype=tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < k_end
         if ONE_D_BLOCK:
-            b_c = tl.load(p_c + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
+            b_c = tl.load(p_cb + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
                           mask=m_k[:, None] & m_d[None, :], other=0.0)
             if DOT_FP32:
                 b_c = b_c.to(tl.float32)
@@ -231,67 +436,73 @@ def _nearest_code_fwd_kernel(
             for d0 in range(0, D, BLOCK_D):
                 o_dd = d0 + o_d
                 m_dd = o_dd < D
-                b_xd = tl.load(p_x + o_n[:, None] * stride_xn + o_dd[None, :] * stride_xd,
+                b_xd = tl.load(p_x + o_xrow[:, None] + o_dd[None, :] * stride_xd,
                                mask=m_n[:, None] & m_dd[None, :], other=0.0)
-                b_cd = tl.load(p_c + o_k[:, None] * stride_ck + o_dd[None, :] * stride_cd,
+                b_cd = tl.load(p_cb + o_k[:, None] * stride_ck + o_dd[None, :] * stride_cd,
                                mask=m_k[:, None] & m_dd[None, :], other=0.0)
+                if SCALE_ROWS:
+                    b_xd = (b_xd.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty)
                 if DOT_FP32:
                     b_xd = b_xd.to(tl.float32)
                     b_cd = b_cd.to(tl.float32)
                 b_xc = tl.dot(b_xd, tl.trans(b_cd), b_xc, input_precision=PRECISION)
-        b_s = _scores(b_xc, p_cterm, o_k, m_k, METRIC)
+        b_s = _scores(b_xc, p_ct, o_k, m_k, METRIC)
         b_best, b_idx = _merge_tile(b_best, b_idx, b_s, k0)
         if HAS_LOWER_BOUND:  # only codes strictly farther than the positive
-            m_far = (b_xx[:, None] + b_s) > b_lb[:, None]
-            b_best_c, b_idx_c = _merge_tile(b_best_c, b_idx_c, tl.where(m_far, b_s, float("inf")), k0)
+            b_best_c, b_idx_c = _merge_tile(b_best_c, b_idx_c, tl.where(b_s > b_thr[:, None], b_s, float("inf")), k0)
 
-    if WRITE_PARTIAL:  # partials laid out [track][split][row]; split 0 also writes the row term
-        o_p = pid_s * N + o_n
+    o_out = h * N + o_n
+    if WRITE_PARTIAL:  # partials laid out [track][split][codebook, row]
+        o_p = pid_s * H * N + o_out
         tl.store(p_pscore + o_p, b_best, mask=m_n)
         tl.store(p_pidx + o_p, b_idx, mask=m_n)
         if HAS_LOWER_BOUND:
-            o_pc = (pid_s + SPLITS) * N + o_n
+            o_pc = (pid_s + SPLITS) * H * N + o_out
             tl.store(p_pscore + o_pc, b_best_c, mask=m_n)
             tl.store(p_pidx + o_pc, b_idx_c, mask=m_n)
-        tl.store(p_pxterm + o_n, b_xterm, mask=m_n & (pid_s == 0))
     else:
-        _store_result(p_idx, p_dist, o_n, m_n, b_best, b_idx, b_best_c, b_idx_c, b_xterm, K,
-                      METRIC, HAS_LOWER_BOUND)
+        if HAS_LOWER_BOUND:
+            b_idx = tl.where(b_idx_c >= 0, b_idx_c, b_idx)
+        _finish(p_x, o_xrow, m_n, p_c, o_n * 0 + h * stride_ch, b_idx, tl.zeros((BLOCK_N,), dtype=tl.int32) + first,
+                p_idx, p_dist, o_out, K, D, stride_xd, stride_ck, stride_cd, METRIC, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
-def _nearest_code_reduce_kernel(p_pscore, p_pidx, p_pxterm, p_idx, p_dist, N, K, SPLITS,
-                                METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Merge the per-split partial (min, index) pairs in split order (strict <: smallest index wins)."""
+def _nearest_code_reduce_kernel(p_x, p_c, p_meta, p_pscore, p_pidx, p_idx, p_dist, N, K, D, H, SPLITS,
+                                stride_xh, stride_xn, stride_xd, stride_ch, stride_ck, stride_cd,
+                                METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the per-split partial (min, index) pairs in split order (strict <: smallest index
+    wins), then the per-row epilogue. Rows of all codebooks, flattened."""
     pid = tl.program_id(0).to(tl.int64)
-    o_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    o_c = o_n + SPLITS * N  # the constrained track (SPLITS * N is small: splits only for small N)
-    b_best = tl.load(p_pscore + o_n, mask=m_n, other=0.0)
-    b_idx = tl.load(p_pidx + o_n, mask=m_n, other=0)
-    b_best_c = b_best
-    b_idx_c = b_idx
-    if HAS_LOWER_BOUND:
-        b_best_c = tl.load(p_pscore + o_c, mask=m_n, other=0.0)
-        b_idx_c = tl.load(p_pidx + o_c, mask=m_n, other=-1)
-    o_p = o_n
-    for _ in range(1, SPLITS):
-        o_p += N
-        o_c += N
-        b_s = tl.load(p_pscore + o_p, mask=m_n, other=float("inf"))
-        b_i = tl.load(p_pidx + o_p, mask=m_n, other=0)
+    o = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    HN = H * N
+    m = o < HN
+    b_best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    b_idx = tl.full((BLOCK_N,), -1, dtype=tl.int32)
+    b_best_c = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    b_idx_c = tl.full((BLOCK_N,), -1, dtype=tl.int32)
+    for split in range(0, SPLITS):
+        o_p = split * HN + o
+        b_s = tl.load(p_pscore + o_p, mask=m, other=float("inf"))
+        b_i = tl.load(p_pidx + o_p, mask=m, other=-1)
         m_better = b_s < b_best
         b_best = tl.where(m_better, b_s, b_best)
         b_idx = tl.where(m_better, b_i, b_idx)
         if HAS_LOWER_BOUND:
-            b_s = tl.load(p_pscore + o_c, mask=m_n, other=float("inf"))
-            b_i = tl.load(p_pidx + o_c, mask=m_n, other=-1)
+            o_pc = (split + SPLITS) * HN + o
+            b_s = tl.load(p_pscore + o_pc, mask=m, other=float("inf"))
+            b_i = tl.load(p_pidx + o_pc, mask=m, other=-1)
             m_better = b_s < b_best_c
             b_best_c = tl.where(m_better, b_s, b_best_c)
             b_idx_c = tl.where(m_better, b_i, b_idx_c)
-    b_xterm = tl.load(p_pxterm + o_n, mask=m_n, other=0.0)
-    _store_result(p_idx, p_dist, o_n, m_n, b_best, b_idx, b_best_c, b_idx_c, b_xterm, K,
-                  METRIC, HAS_LOWER_BOUND)
+    if HAS_LOWER_BOUND:
+        b_idx = tl.where(b_idx_c >= 0, b_idx_c, b_idx)
+    h = o // N
+    n = o % N
+    b_first = tl.load(p_meta + h * 4, mask=m, other=0)
+    _finish(p_x, h * stride_xh + n * stride_xn, m, p_c, h * stride_ch, b_idx, b_first, p_idx, p_dist, o, K, D,
+            stride_xd, stride_ck, stride_cd, METRIC, BLOCK_N, BLOCK_D)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -306,7 +517,8 @@ def _sm_count(device: torch.device) -> int:
 
 def num_splits(N: int, K: int, device: torch.device) -> int:
     """Codebook splits: 1 when the row blocks fill the GPU (2 programs per SM), else enough
-    splits to fill it, each with at least ``SPLIT_MIN_CODES`` codes, at most ``MAX_SPLITS``."""
+    splits to fill it, each with at least ``SPLIT_MIN_CODES`` codes, at most ``MAX_SPLITS``.
+    ``N`` counts the rows of all codebooks."""
     row_blocks = triton.cdiv(N, _SPLIT_BLOCK_N)
     want = 2 * _sm_count(device)
     if row_blocks >= want:
@@ -314,76 +526,117 @@ def num_splits(N: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(want, row_blocks), triton.cdiv(K, SPLIT_MIN_CODES), MAX_SPLITS))
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """A dense, non-overlapping layout (then ``torch.empty_like(t)`` has ``t``'s strides)."""
+    expected = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(t.shape, t.stride()) if sz > 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def prepare_codebook(codebook: torch.Tensor, metric: str):
+    """The two pre-passes: ``(codebook, scaled copy, (H, K) terms, (H, 4) int32 meta)``.
+
+    ``codebook`` (H, K, D) is returned made dense when a scaled copy might be needed (the copy
+    shares its strides, so the main kernel switches between them by pointer only).
+    """
+    H, K, D = codebook.shape
+    dev = codebook.device
+    m = METRIC_IDS[metric]
+    can_scale = codebook.dtype != torch.float16
+    if can_scale and not _dense(codebook):
+        codebook = codebook.contiguous()
+    NB = min(triton.cdiv(K, PREP_BLOCK_K), PREP_MAX_BLOCKS)
+    KB = triton.cdiv(K, PREP_BLOCK_K)
+    cterm = torch.empty((H, K), dtype=torch.float32, device=dev)
+    pmax = torch.empty((H, NB), dtype=torch.float32, device=dev)
+    pmin = torch.empty((H, NB), dtype=torch.float32, device=dev)
+    pfirst = torch.empty((H, NB), dtype=torch.int32, device=dev)
+    meta = torch.empty((H, META_COLS), dtype=torch.int32, device=dev)
+    chat = torch.empty_like(codebook) if can_scale else codebook
+    BLOCK_DP = min(max(next_pow2(D), 16), 64)
+    _code_terms_kernel[(H * NB,)](
+        codebook, cterm, pmax, pmin, pfirst, K, D, NB, codebook.stride(0), codebook.stride(1), codebook.stride(2),
+        METRIC=m, BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP,
+    )
+    _code_rescale_kernel[(H * KB,)](
+        codebook, chat, cterm, pmax, pmin, pfirst, meta, K, D, NB, KB,
+        codebook.stride(0), codebook.stride(1), codebook.stride(2),
+        METRIC=m, CAN_SCALE=can_scale, TAME=TAME_EXP, BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP,
+        BLOCK_B=PREP_MAX_BLOCKS,
+    )
+    return codebook, chat, cterm, meta
+
+
 def _launch(x, codebook, metric, allow_tf32, positive, splits):
-    N, D = x.shape
-    K = codebook.shape[0]
+    """``x`` (H, N, D), ``codebook`` (H, K, D) -> (H, N) int64 indices, (H, N) float32 distances."""
+    H, N, D = x.shape
+    K = codebook.shape[1]
     dev = x.device
-    m = METRICS[metric]
+    m = METRIC_IDS[metric]
     has_lb = positive is not None
     # allocate
-    indices = torch.empty((N,), dtype=torch.int64, device=dev)
-    distances = torch.empty((N,), dtype=torch.float32, device=dev)
-    if N == 0:
+    indices = torch.empty((H, N), dtype=torch.int64, device=dev)
+    distances = torch.empty((H, N), dtype=torch.float32, device=dev)
+    if N == 0 or H == 0:
         return indices, distances
-    # launch: the pre-pass (per-code term, once per call) ...
-    cterm = torch.empty((K,), dtype=torch.float32, device=dev) if m != 2 else distances
-    if m != 2:
-        BLOCK_KP = 64
-        _code_terms_kernel[(triton.cdiv(K, BLOCK_KP),)](
-            codebook, cterm, K, D, codebook.stride(0), codebook.stride(1),
-            METRIC=m, BLOCK_K=BLOCK_KP, BLOCK_D=min(max(next_pow2(D), 16), 64),
-        )
+    # launch: the pre-passes (per-code terms, scaled copy where needed) ...
+    codebook, chat, cterm, meta = prepare_codebook(codebook, metric)
     # ... the streaming kernel ...
-    S = num_splits(N, K, dev) if splits is None else max(1, int(splits))
+    S = num_splits(H * N, K, dev) if splits is None else max(1, int(splits))
     one_d = D <= RESIDENT_MAX_D
     BLOCK_D = max(next_pow2(D), 16) if one_d else 64
     tracks = 2 if has_lb else 1
     if S > 1:
-        pscore = torch.empty((tracks, S, N), dtype=torch.float32, device=dev)
-        pidx = torch.empty((tracks, S, N), dtype=torch.int64, device=dev)
-        pxterm = torch.empty((N,), dtype=torch.float32, device=dev)
+        pscore = torch.empty((tracks, S, H * N), dtype=torch.float32, device=dev)
+        pidx = torch.empty((tracks, S, H * N), dtype=torch.int32, device=dev)
     else:
-        pscore, pidx, pxterm = distances, indices, distances  # unused
-    pos = positive if has_lb else x
-    _nearest_code_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), S)](
-        x, codebook, cterm, pos, indices, distances, pscore, pidx, pxterm,
-        N, K, D, S, next_pow2(K),
-        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), pos.stride(0), pos.stride(1),
+        pscore, pidx = distances, indices  # unused
+    pos = positive if has_lb else x[0]
+    _nearest_code_fwd_kernel[lambda meta_: (H * triton.cdiv(N, meta_["BLOCK_N"]), S)](
+        x, codebook, chat, cterm, meta, pos, indices, distances, pscore, pidx,
+        N, K, D, H, S, next_pow2(K),
+        x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
+        pos.stride(0), pos.stride(1),
         METRIC=m, HAS_LOWER_BOUND=has_lb, WRITE_PARTIAL=S > 1, ONE_D_BLOCK=one_d,
+        SCALE_ROWS=m in (1, 2) and x.dtype != torch.float16,
         PRECISION=tl_input_precision(x.dtype, allow_tf32), DOT_FP32=dot_fp32(x.dtype), BLOCK_D=BLOCK_D,
     )
-    # ... and, when the codebook was split, the tiny merge of the partials.
+    # ... and, when the codebook was split, the merge of the partials and the epilogue.
     if S > 1:
-        BLOCK_NR = 128
-        _nearest_code_reduce_kernel[(triton.cdiv(N, BLOCK_NR),)](
-            pscore, pidx, pxterm, indices, distances, N, K, S,
-            METRIC=m, HAS_LOWER_BOUND=has_lb, BLOCK_N=BLOCK_NR,
+        BLOCK_NR = 64
+        _nearest_code_reduce_kernel[(triton.cdiv(H * N, BLOCK_NR),)](
+            x, codebook, meta, pscore, pidx, indices, distances, N, K, D, H, S,
+            x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
+            METRIC=m, HAS_LOWER_BOUND=has_lb, BLOCK_N=BLOCK_NR, BLOCK_D=min(BLOCK_D, 64),
         )
     return indices, distances
 
 
 def _check(fn, x, codebook, metric):
-    if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
-        raise ValueError(f"{fn}: expected (N, D) and (K, D), got {tuple(x.shape)} and {tuple(codebook.shape)}")
-    if codebook.shape[0] == 0:
-        raise ValueError(f"{fn}: the codebook is empty (K = 0), shape {tuple(codebook.shape)}")
-    if x.dtype != codebook.dtype:
-        raise TypeError(f"{fn}: dtypes differ: {x.dtype} and {codebook.dtype}")
-    if metric not in METRICS:
-        raise ValueError(f"{fn}: unknown metric {metric!r}; expected one of {tuple(METRICS)}")
+    assert x.dim() == 3 and codebook.dim() == 3 and x.shape[0] == codebook.shape[0] \
+        and x.shape[2] == codebook.shape[2], f"{fn}: shapes {tuple(x.shape)} and {tuple(codebook.shape)}"
+    assert codebook.shape[1] > 0, f"{fn}: empty codebook"
+    assert x.dtype == codebook.dtype, f"{fn}: dtypes differ: {x.dtype} and {codebook.dtype}"
+    assert metric in METRIC_IDS, f"{fn}: unknown metric {metric!r}"
 
 
 @launcher
 def nearest_code_fwd(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", allow_tf32: bool = False,
                      splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N, D), (K, D) -> (N,) int64 indices, (N,) float32 distances``. Same dtype and device.
+    """``(N, D), (K, D) -> (N,), (N,)`` or, for H codebooks, ``(H, N, D), (H, K, D) -> (H, N), (H, N)``:
+    int64 indices and float32 distances. Same dtype and device (checked by the op).
 
     ``splits`` forces the number of codebook splits (default: :func:`num_splits`).
     """
-    # check
+    two_d = x.dim() == 2
+    if two_d:
+        x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
     _check("nearest_code_fwd", x, codebook, metric)
-    # allocate, launch
-    return _launch(x, codebook, metric, allow_tf32, None, splits)
+    indices, distances = _launch(x, codebook, metric, allow_tf32, None, splits)
+    return (indices[0], distances[0]) if two_d else (indices, distances)
 
 
 @launcher
@@ -393,12 +646,9 @@ def mine_negatives_fwd(anchor: torch.Tensor, positive: torch.Tensor, negatives: 
 
     The nearest-code kernel (l2) with a per-row lower bound ``|a - p|^2`` for "semi-hard".
     """
-    # check
-    _check("mine_negatives_fwd", anchor, negatives, "l2")
-    if positive.shape != anchor.shape or positive.dtype != anchor.dtype:
-        raise ValueError(f"mine_negatives_fwd: positive {tuple(positive.shape)} {positive.dtype} does not match "
-                         f"anchor {tuple(anchor.shape)} {anchor.dtype}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"mine_negatives_fwd: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    # allocate, launch
-    return _launch(anchor, negatives, "l2", False, positive if strategy == "semi-hard" else None, splits)
+    _check("mine_negatives_fwd", anchor.unsqueeze(0), negatives.unsqueeze(0), "l2")
+    assert positive.shape == anchor.shape and positive.dtype == anchor.dtype, "mine_negatives_fwd: positive"
+    assert strategy in STRATEGIES, f"mine_negatives_fwd: unknown strategy {strategy!r}"
+    indices, distances = _launch(anchor.unsqueeze(0), negatives.unsqueeze(0), "l2", False,
+                                 positive if strategy == "semi-hard" else None, splits)
+    return indices[0], distances[0]

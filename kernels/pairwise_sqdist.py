@@ -1,16 +1,25 @@
 """Pairwise squared Euclidean distances between the rows of two matrices, one fused kernel.
 
-Each program owns a (BLOCK_M, BLOCK_N) tile of the output. It streams D in BLOCK_D
-chunks, accumulating ``a @ b.T`` on the tensor cores and ``|a|^2``, ``|b|^2`` from the same
-loaded blocks, and writes ``max(|a|^2 + |b|^2 - 2 a.b, 0)`` in float32.
-"""
+Each program owns a (BLOCK_M, BLOCK_N) tile of the output (a 1-D grid, tiles grouped
+``GROUP_M`` row blocks at a time so neighbouring programs share rows of ``a`` in L2; no grid
+axis can exceed its limit). It streams D in BLOCK_D chunks, accumulating ``a @ b.T`` on the
+tensor cores and ``|a|^2``, ``|b|^2`` from the same loaded blocks, and writes
+``|a|^2 + |b|^2 - 2 a.b`` in float32, clamped at 0 without losing NaN.
 
+The expansion is only trusted where ``|a|^2`` and ``|b|^2`` are finite and below 2^125: a tile
+with any other row (an infinite entry, or a norm whose square overflows) is recomputed
+directly, ``sum_d (a_d - b_d)^2``, so every element gets the true distance rounded once (NaN for
+NaN and inf - inf, +inf where it overflows). Ordinary tiles pay one scalar branch.
+"""
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import dot_fp32, launcher, nan_max0, next_pow2, tl_input_precision
+
+GROUP_M = 8
+TRUST_SQNORM = 2.0**125  # |a|^2 + |b|^2 - 2 a.b cannot overflow in its intermediates below this
 
 
 @triton.jit
@@ -18,11 +27,18 @@ def _pairwise_sqdist_fwd_kernel(
     p_a, p_b, p_out,
     M, N, D,
     stride_am, stride_ad, stride_bn, stride_bd, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * blocks_n
+    group = pid // per_group
+    first_m = group * GROUP
+    rows = tl.minimum(blocks_m - first_m, GROUP)
+    pid_m = (first_m + (pid % per_group) % rows).to(tl.int64)
+    pid_n = ((pid % per_group) // rows).to(tl.int64)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < M
@@ -47,19 +63,32 @@ def _pairwise_sqdist_fwd_kernel(
         else:
             b_ab = tl.dot(b_a, tl.trans(b_b), b_ab, input_precision=PRECISION)
 
-    b_out = tl.maximum(b_aa[:, None] + b_bb[None, :] - 2.0 * b_ab, 0.0)
+    b_out = nan_max0(b_aa[:, None] + b_bb[None, :] - 2.0 * b_ab)
+    # one scalar test per tile: any norm the expansion cannot be trusted with (NaN, inf, huge)
+    n_untrusted = tl.sum((~(b_aa < 4.253529586511731e37)).to(tl.int32), axis=0) \
+        + tl.sum((~(b_bb < 4.253529586511731e37)).to(tl.int32), axis=0)
+    if n_untrusted > 0:
+        b_out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d in range(0, D):
+            b_ac = tl.load(p_a + o_m * stride_am + d * stride_ad, mask=m_m, other=0.0).to(tl.float32)
+            b_bc = tl.load(p_b + o_n * stride_bn + d * stride_bd, mask=m_n, other=0.0).to(tl.float32)
+            b_diff = b_ac[:, None] - b_bc[None, :]
+            b_out += b_diff * b_diff
     tl.store(p_out + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_out,
              mask=m_m[:, None] & m_n[None, :])
+
+
+def grid(M: int, N: int, BLOCK_M: int, BLOCK_N: int) -> tuple[int]:
+    """The launch grid: one axis (up to 2^31 - 1 programs), never a y/z axis (65,535)."""
+    return (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
 
 
 @launcher
 def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(M, D), (N, D) -> (M, N)`` float32 squared distances. Same dtype and device."""
-    # check
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"pairwise_sqdist_fwd: expected (M, D) and (N, D), got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"pairwise_sqdist_fwd: dtypes differ: {a.dtype} and {b.dtype}")
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], \
+        f"pairwise_sqdist_fwd: shapes {tuple(a.shape)} and {tuple(b.shape)}"
+    assert a.dtype == b.dtype, f"pairwise_sqdist_fwd: dtypes differ: {a.dtype} and {b.dtype}"
     M, D = a.shape
     N = b.shape[0]
     # allocate
@@ -69,11 +98,10 @@ def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # launch
     BLOCK_M, BLOCK_N = 64, 64
     BLOCK_D = min(max(next_pow2(D), 16), 64)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-    _pairwise_sqdist_fwd_kernel[grid](
+    _pairwise_sqdist_fwd_kernel[grid(M, N, BLOCK_M, BLOCK_N)](
         a, b, out, M, N, D,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, GROUP=GROUP_M,
         PRECISION=tl_input_precision(a.dtype), DOT_FP32=dot_fp32(a.dtype),
     )
     return out

@@ -112,6 +112,36 @@ def test_import_from_source_tree_without_install(tmp_path):
     assert out.stdout.strip() == os.path.join(repo, "kernels")
 
 
+def test_source_tree_maps_only_kernels(tmp_path):
+    # Only kernels/ is mapped into fastvq; the rest of the checkout (tests/, benchmarks/) is not.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import importlib.util as u, fastvq\n"
+        "print(u.find_spec('fastvq.tests') is None, u.find_spec('fastvq.benchmarks') is None)"
+    )
+    env = dict(os.environ, PYTHONPATH=repo)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_source_tree_finder_used_when_not_installed(monkeypatch):
+    import importlib.util
+
+    from fastvq import _source_tree
+
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, _source_tree._KernelsFinder)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.delitem(sys.modules, "fastvq.kernels", raising=False)
+    _source_tree.map_kernels()
+    finders = [f for f in sys.meta_path if isinstance(f, _source_tree._KernelsFinder)]
+    assert len(finders) == 1
+    spec = finders[0].find_spec("fastvq.kernels", None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert spec.submodule_search_locations == [os.path.join(repo, "kernels")]
+    assert finders[0].find_spec("fastvq.other", None) is None
+
+
 def test_no_top_level_kernels_package_is_installed():
     tomllib = pytest.importorskip("tomllib")
 

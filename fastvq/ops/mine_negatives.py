@@ -47,9 +47,15 @@ def mine_negatives(
 
     Returns:
         ``(indices, distances)``: int64 ``(N,)`` in ``[0, M)`` and float32 ``(N,)``
-        squared distances ``|a - n|^2`` to the chosen negative. Exact ties go to the smallest
-        index. Not differentiable (the outputs never require grad); gather
+        squared distances ``|a - n|^2`` to the chosen negative, computed directly. Exact ties
+        go to the smallest index. Not differentiable (the outputs never require grad); gather
         ``negatives[indices]`` and compute the triplet loss on it to train.
+
+    Non-finite values follow :func:`fastvq.nearest_code` (l2): an anchor with a NaN gets index
+    0 and distance NaN, an anchor with an infinite entry the first finite negative (+inf), a
+    negative with a NaN or infinite entry is never chosen for a finite anchor while a finite
+    one exists, overflow is +inf. A positive with a NaN makes no negative "farther", so
+    "semi-hard" falls back to the hardest negative for that anchor.
 
     Example::
 

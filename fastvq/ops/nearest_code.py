@@ -7,8 +7,7 @@ import torch
 from .._backend import use_triton
 from .._checks import check_float, check_last_dim, check_metric, check_same_device, check_tensor
 from ..reference.nearest_code import nearest_code_ref
-
-METRICS = ("l2", "cosine", "dot")
+from ._search import METRICS
 
 
 @torch.library.custom_op("fastvq::nearest_code", mutates_args=())
@@ -36,20 +35,28 @@ def nearest_code(
             empty outputs. float64, integer and other dtypes raise ``TypeError`` (cast first).
         codebook: ``(K, D)``, ``K >= 1``, same device, any strides; a different float dtype
             (float32/float16/bfloat16) is promoted with ``torch.promote_types``.
-        metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``; a zero vector has
-            cosine 0, so distance 1) or ``"dot"`` (``-<x, c>``, i.e. the largest inner product).
+        metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``, the same order),
+            ``"cosine"`` (``1 - cos``; a zero vector has cosine 0, so distance 1) or ``"dot"``
+            (``-<x, c>``, i.e. the largest inner product).
         allow_tf32: fp32 inputs only. By default the fp32 dot products are exact IEEE fp32
             ("ieee" input precision), so the index is the exact nearest code except for
-            near-ties (gaps below ~1e-5 relative). ``True`` runs them as tf32 on the tensor
+            near-ties (gaps below ~1e-6 relative). ``True`` runs them as tf32 on the tensor
             cores: several times faster, but codes within ~1e-3 relative may swap.
             float16/bfloat16 always use the tensor cores with float32 accumulation.
 
     Returns:
         ``(indices, distances)``, both of shape ``x.shape[:-1]``: ``indices`` int64 in
-        ``[0, K)``; ``distances`` float32, the distance to that code (l2: never negative;
-        cosine: in ``[0, 2]``). Exact ties go to the smallest index, as ``torch.argmin``.
-        NaN distances are skipped (a row with no finite distance gets index 0), so indices
-        always stay in ``[0, K)``.
+        ``[0, K)``; ``distances`` float32, the distance to that code, computed directly from
+        the row and the chosen code (l2 and euclidean never negative, cosine in ``[0, 2]``).
+        Exact ties go to the smallest index, as ``torch.argmin``.
+
+    Numbers are never made up: a row with a NaN gets index 0 and distance NaN; a row with an
+    infinite entry gets the first finite code at its true distance (l2: +inf); a finite row
+    never gets a code with a NaN or infinite entry while a finite code exists (if none does:
+    index 0, at its true distance, NaN or +inf); a distance that overflows float32 is +inf
+    (dot: -inf); magnitudes from 1e-30 to 3e38 are searched correctly (rows and codes are
+    scaled by powers of two before they are squared or normalised). The full contract is
+    ``fastvq.ops._search.NUMERIC_CONTRACT``.
 
     Not differentiable: the outputs never require grad (inputs that do are fine). For a
     straight-through estimator gather ``codebook[indices]`` yourself.

@@ -57,6 +57,12 @@ def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         absolute error of about ``1e-7 * (|a|^2 + |b|^2)``). Differentiable in ``a`` and ``b``
         (gradients in the input dtypes).
 
+    Numbers are never made up: NaN where the distance is NaN (a NaN entry, or inf - inf where
+    both rows are infinite in one feature), +inf where it is infinite or overflows float32,
+    never 0 for either. Where ``|a|^2`` or ``|b|^2`` is not finite or exceeds 2^125 (e.g.
+    ``|a| ~ 1e19``: the square overflows although the distance may not), the distance is
+    computed directly as ``sum_d (a_d - b_d)^2`` instead of the expansion.
+
     This is the anchor x negative distance matrix of triplet mining, right for any inputs.
     The seed's ``jnp.repeat(x, n, axis=-1).reshape(m, n, D)`` construction it replaces puts
     ``x[(j * D + d) // n]`` where ``x[d]`` belongs, so it is right only for rows whose features

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._chunks import row_chunk
-from .nearest_code import argmin_first, code_terms, scores
+from .nearest_code import argmin_first, choose, distance, prepare_codebook, scores
 
 STRATEGIES = ("hardest", "semi-hard")
 
@@ -15,31 +15,29 @@ def mine_negatives_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for :func:`fastvq.mine_negatives`: ``(N, D), (N, D), (M, D) -> (N,) int64, (N,) float32``.
 
-    ``d = |a|^2 + (|n|^2 - 2 a.n)`` in float32 (the kernel's formula). "hardest": the argmin
-    of ``d``. "semi-hard": the argmin of ``d`` over the negatives with ``d > |a - p|^2``
-    (strictly; ``|a - p|^2`` summed directly in float32), the hardest where there is none.
-    Exact ties go to the smallest index. Works in row chunks of the anchors.
+    The nearest-code search (l2) and, for "semi-hard", the same search over the negatives whose
+    score ``|n|^2 - 2 a.n`` exceeds ``|a - p|^2 - |a|^2`` (strictly farther than the positive; all
+    in float32, in the search's scale), the hardest where none does. Exact ties go to the
+    smallest index; the distance is computed directly, as in the kernel. Works in row chunks.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"fastvq.mine_negatives: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     N, M = anchor.shape[0], negatives.shape[0]
-    n32 = negatives.float()
-    cterm = code_terms(negatives, "l2")
+    codes, term, first, s_l2 = prepare_codebook(negatives.unsqueeze(0), "l2")
+    codes, term, first, s = codes[0], term[0], first[0], s_l2[0]
     indices = torch.empty((N,), dtype=torch.int64, device=anchor.device)
     distances = torch.empty((N,), dtype=torch.float32, device=anchor.device)
     step = row_chunk(M)
-    for s in range(0, N, step):
-        a32 = anchor[s : s + step].float()
-        sc = scores(a32, n32, cterm, "l2")
-        aa = (a32 * a32).sum(-1)
-        best, idx = argmin_first(sc)
+    for i in range(0, N, step):
+        a = anchor[i : i + step]
+        sc = scores(a.float(), codes, term, "l2")
+        _, idx = argmin_first(sc)
         if strategy == "semi-hard":
-            bound = ((a32 - positive[s : s + step].float()) ** 2).sum(-1)
-            farther = (aa[:, None] + sc) > bound[:, None]
-            best_c, idx_c = argmin_first(torch.where(farther, sc, torch.full_like(sc, float("inf"))))
-            found = best_c < float("inf")  # some finite score qualified (NaN scores are +inf)
-            best = torch.where(found, best_c, best)
-            idx = torch.where(found, idx_c, idx)
-        indices[s : s + step] = idx
-        distances[s : s + step] = (aa + best).clamp_min(0.0)
+            a_s, p_s = a.float() * s, positive[i : i + step].float() * s
+            thr = ((a_s - p_s) ** 2).sum(-1) - (a_s * a_s).sum(-1)
+            _, idx_c = argmin_first(torch.where(sc > thr[:, None], sc, torch.full_like(sc, float("inf"))))
+            idx = torch.where(idx_c >= 0, idx_c, idx)
+        idx = choose(a, idx, first.expand_as(idx), M)
+        indices[i : i + step] = idx
+        distances[i : i + step] = distance(a, negatives[idx], "l2")
     return indices, distances

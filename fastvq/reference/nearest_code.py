@@ -1,83 +1,199 @@
-"""Pure-torch reference for :func:`fastvq.nearest_code`: the test oracle and the CPU path."""
+"""Pure-torch reference for :func:`fastvq.nearest_code`: the test oracle and the CPU path.
+
+It follows the kernel step by step (same scaling decisions, same scores, same epilogue), in
+float32, in row chunks; the helpers here are shared with the other search references.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ..ops._search import METRICS
 from ._chunks import row_chunk
 
-METRICS = ("l2", "cosine", "dot")
+TAME_EXP = 20  # codebooks whose max-abs values lie in [2^-20, 2^20] are searched unscaled
 
 
-def _inv_norm(sq: torch.Tensor) -> torch.Tensor:
-    """``1 / sqrt(sq)``, and 0 where ``sq == 0`` (a zero vector has cosine 0 with anything)."""
-    return torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
+# --------------------------------------------------------------------------- exact powers of two
 
 
-def code_terms(codebook: torch.Tensor, metric: str) -> torch.Tensor | None:
-    """The per-code term computed once per call: ``|c|^2`` (l2), ``1/|c|`` (cosine), none (dot)."""
-    if metric == "dot":
-        return None
+def pow2_exponent(m: torch.Tensor) -> torch.Tensor:
+    """For float32 ``m >= 0``: int32 ``e`` with ``m * 2**-e`` in [1, 2), clamped to [-127, 126]."""
+    biased = (m.float().contiguous().view(torch.int32) >> 23) & 0xFF
+    return (biased - 127).clamp(-127, 126)
+
+
+def exp2i(e: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** e`` as float32, exactly, for int32 ``e`` (clamped to [-126, 127])."""
+    return ((e.clamp(-126, 127) + 127) << 23).to(torch.int32).view(torch.float32)
+
+
+def max_abs(t: torch.Tensor) -> torch.Tensor:
+    """Largest ``|t|`` along the last dim, NaN ignored (0 for an all-NaN or empty row)."""
+    if t.shape[-1] == 0:
+        return t.new_zeros(t.shape[:-1], dtype=torch.float32)
+    return t.float().abs().nan_to_num(nan=0.0, posinf=float("inf")).amax(-1)
+
+
+# --------------------------------------------------------------------------- the codebook pre-passes
+
+
+def prepare_codebook(codebook: torch.Tensor, metric: str):
+    """``(H, K, D)`` -> ``(codes, terms, first, scale)``: the float32 codes the search multiplies
+    with (a power-of-two scaled copy where the codebook's magnitudes leave [2^-20, 2^20]; float16
+    never), the ``(H, K)`` per-code terms (l2 ``|c|^2``, cosine ``1/|c|``, dot 0; NaN for a code
+    with a non-finite entry), the ``(H,)`` first finite code (``K`` if none) and the ``(H,)``
+    l2 scale ``s`` (scores are ``s^2 (|c|^2 - 2 x.c)``)."""
+    H, K, D = codebook.shape
     c32 = codebook.float()
-    cc = (c32 * c32).sum(-1)
-    return cc if metric == "l2" else _inv_norm(cc)
-
-
-def scores(x32: torch.Tensor, c32: torch.Tensor, cterm: torch.Tensor | None, metric: str) -> torch.Tensor:
-    """``(n, K)`` float32 scores whose row argmin is the nearest code.
-
-    l2: ``|c|^2 - 2 x.c``; cosine: ``-(x.c) / |c|``; dot: ``-(x.c)``. The row-constant
-    ``|x|`` terms are left out of the argmin and added back by :func:`finish`. NaN scores
-    become +inf, so a NaN never wins and a row with no finite score gets index 0.
-    """
-    xc = x32 @ c32.T
-    if metric == "l2":
-        s = cterm - 2.0 * xc
-    elif metric == "cosine":
-        s = -xc * cterm
+    m = max_abs(c32)
+    bad = ~torch.isfinite(c32).all(-1)
+    e = pow2_exponent(m)
+    s = exp2i(-e)
+    q = ((c32 * s[..., None]) ** 2).sum(-1)
+    if metric == "cosine":
+        term = torch.where(q > 0, s / q.clamp_min(1e-30).sqrt(), torch.zeros_like(q))
+    elif metric == "dot":
+        term = torch.zeros_like(q)
     else:
-        s = xc.neg_()
-    return s.masked_fill_(s.isnan(), float("inf"))  # NaN never wins (as in the kernel)
+        term = q * exp2i(e) * exp2i(e)
+    good = ~bad
+    c_max = torch.where(good, m, torch.zeros_like(m)).amax(-1)
+    c_min = torch.where(good & (m > 0), m, torch.full_like(m, float("inf"))).amin(-1)
+    ar = torch.arange(K, device=codebook.device).expand(H, K)
+    first = torch.where(good, ar, torch.full_like(ar, K)).amin(-1)
+    hi, lo = 2.0**TAME_EXP, 2.0**-TAME_EXP
+    if metric == "cosine":
+        need = (c_max > hi) | (c_min < lo)
+    else:
+        need = (c_max > hi) | ((c_max < lo) & (c_max > 0))
+    if codebook.dtype == torch.float16:
+        need = torch.zeros_like(need)
+    s_all = exp2i(-pow2_exponent(c_max).clamp_min(-126))  # (H,) one scale per codebook
+    if metric == "cosine":
+        scale = s[..., None]  # one per code
+    else:
+        scale = s_all[:, None, None]
+    scaled = c32 * scale
+    q_scaled = (scaled**2).sum(-1)
+    if metric in ("l2", "euclidean"):
+        scaled = scaled * scale
+        t_scaled = q_scaled
+    elif metric == "cosine":
+        t_scaled = torch.where(q_scaled > 0, q_scaled.clamp_min(1e-30).rsqrt(), torch.zeros_like(q_scaled))
+    else:
+        t_scaled = torch.zeros_like(q_scaled)
+    scaled = scaled.to(codebook.dtype).float()  # the kernel stores the copy in the codebook's dtype
+    codes = torch.where(need[:, None, None], scaled, c32)
+    term = torch.where(need[:, None], t_scaled, term)
+    term = term.masked_fill(bad, float("nan"))
+    s_l2 = torch.where(need, s_all, torch.ones_like(s_all))
+    return codes, term, first, s_l2
 
 
-def finish(best: torch.Tensor, x32: torch.Tensor, metric: str) -> torch.Tensor:
-    """Turn the best score of each row into its distance (float32)."""
+def scale_rows(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """The float32 rows the search multiplies with: cosine and dot scale each row by a power of
+    two (their argmin ignores a row's scale); l2 rows as they are."""
+    x32 = x.float()
+    if metric in ("cosine", "dot") and x.dtype != torch.float16:
+        x32 = (x32 * exp2i(-pow2_exponent(max_abs(x32)))[..., None]).to(x.dtype).float()
+    return x32
+
+
+def scores(x32: torch.Tensor, codes: torch.Tensor, term: torch.Tensor, metric: str) -> torch.Tensor:
+    """``(n, K)`` float32 scores whose row argmin is the nearest code (NaN: never chosen).
+
+    l2: ``|c|^2 - 2 x.c``; cosine: ``-(x.c) / |c|``; dot: ``-(x.c)``; the row-constant terms
+    are left out. ``x32``, ``codes``, ``term`` as :func:`scale_rows`/:func:`prepare_codebook` give.
+    """
+    xc = x32 @ codes.T
+    if metric == "cosine":
+        return -xc * term
     if metric == "dot":
-        return best
-    xx = (x32 * x32).sum(-1)
-    if metric == "l2":
-        return (xx + best).clamp_min(0.0)
-    return (1.0 + best * _inv_norm(xx)).clamp(0.0, 2.0)
+        return term - xc
+    return term - 2.0 * xc
 
 
 def argmin_first(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ``(min, argmin)``; exact ties go to the smallest index (torch.argmin's rule)."""
+    """Row ``(min, argmin)`` over the scores below +inf (NaN and +inf never win), index -1 where
+    there is none; exact ties go to the smallest index (torch.argmin's rule)."""
+    s = s.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
     idx = s.argmin(dim=1)
-    return s.gather(1, idx[:, None]).squeeze(1), idx
+    best = s.gather(1, idx[:, None]).squeeze(1)
+    return best, torch.where(best < float("inf"), idx, torch.full_like(idx, -1))
+
+
+# --------------------------------------------------------------------------- the epilogue
+
+
+def choose(x: torch.Tensor, idx: torch.Tensor, first: torch.Tensor, K: int) -> torch.Tensor:
+    """The kernel's per-row override: a row with a NaN -> 0; a row with an infinite entry, or
+    with no finite score (``idx == -1``) -> the first finite code (0 if none: ``first == K``)."""
+    first = torch.where(first < K, first, torch.zeros_like(first))
+    has_nan = x.isnan().any(-1)
+    bad = ~torch.isfinite(x).all(-1)
+    out = torch.where(bad | (idx < 0), first, idx)
+    return torch.where(has_nan, torch.zeros_like(out), out)
+
+
+def distance(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
+    """The distance between matching rows of ``x`` and ``c`` (float32), computed directly:
+    NaN where it is NaN, +inf where it overflows, scaled before squaring or normalising."""
+    x32, c32 = x.float(), c.float()
+    if metric == "l2":
+        return ((x32 - c32) ** 2).sum(-1)
+    if metric == "euclidean":  # |x - c| = sqrt(sum((diff * 2^-e)^2)) * 2^e
+        diff = x32 - c32
+        e = pow2_exponent(max_abs(diff))
+        return ((diff * exp2i(-e)[..., None]) ** 2).sum(-1).sqrt() * exp2i(e)
+    e_x, e_c = pow2_exponent(max_abs(x32)), pow2_exponent(max_abs(c32))
+    xs, cs = x32 * exp2i(-e_x)[..., None], c32 * exp2i(-e_c)[..., None]
+    t = (xs * cs).sum(-1)
+    if metric == "dot":
+        e = e_x + e_c
+        lo = e >> 1
+        return -(t * exp2i(lo)) * exp2i(e - lo)
+    den = (xs * xs).sum(-1).sqrt() * (cs * cs).sum(-1).sqrt()
+    cos = torch.where(den == 0, torch.zeros_like(t), t / torch.where(den == 0, torch.ones_like(den), den))
+    d = 1.0 - cos
+    return torch.where(d.isnan(), d, d.clamp(0.0, 2.0))
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"fastvq.nearest_code: unknown metric {metric!r}; expected one of {METRICS}")
 
 
 def nearest_code_ref(
     x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", *, allow_tf32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for :func:`fastvq.nearest_code`: ``(..., D), (K, D) -> (indices, distances)``.
+    """Reference for :func:`fastvq.nearest_code`: ``(..., D), (K, D)`` -> ``(...)`` indices and
+    distances, or for ``H`` codebooks ``(H, ..., D), (H, K, D)`` -> ``(H, ...)``.
 
     Computed in float32 (``allow_tf32`` is accepted for signature parity and ignored: the
     reference is always exact fp32), in row chunks so that the scratch stays bounded; never
-    a full ``N x K`` matrix. Exact ties go to the smallest index; NaN scores are skipped.
+    a full ``N x K`` matrix. Same scaling, scores, ties and epilogue as the kernel.
     """
-    if metric not in METRICS:
-        raise ValueError(f"fastvq.nearest_code: unknown metric {metric!r}; expected one of {METRICS}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), x.shape[-1])  # not reshape(-1, D): ambiguous when D == 0
-    N, K = x2.shape[0], codebook.shape[0]
-    c32 = codebook.float()
-    cterm = code_terms(codebook, metric)
-    indices = torch.empty((N,), dtype=torch.int64, device=x.device)
-    distances = torch.empty((N,), dtype=torch.float32, device=x.device)
+    _check_metric(metric)
+    multi = codebook.dim() == 3
+    cb = codebook if multi else codebook.unsqueeze(0)
+    xs = x if multi else x.unsqueeze(0)
+    H, K, D = cb.shape
+    lead = xs.shape[1:-1]
+    x3 = xs.reshape(H, lead.numel(), D)  # not reshape(H, -1, D): ambiguous when D == 0
+    N = x3.shape[1]
+    codes, term, first, _ = prepare_codebook(cb, metric)
+    indices = torch.empty((H, N), dtype=torch.int64, device=x.device)
+    distances = torch.empty((H, N), dtype=torch.float32, device=x.device)
     step = row_chunk(K)
-    for s in range(0, N, step):
-        xc = x2[s : s + step].float()
-        best, idx = argmin_first(scores(xc, c32, cterm, metric))
-        indices[s : s + step] = idx
-        distances[s : s + step] = finish(best, xc, metric)
-    return indices.reshape(lead), distances.reshape(lead)
+    for h in range(H):
+        for s in range(0, N, step):
+            rows = x3[h, s : s + step]
+            _, idx = argmin_first(scores(scale_rows(rows, metric), codes[h], term[h], metric))
+            idx = choose(rows, idx, first[h].expand_as(idx), K)
+            indices[h, s : s + step] = idx
+            distances[h, s : s + step] = distance(rows, cb[h][idx], metric)
+    out_shape = xs.shape[:-1]
+    if not multi:
+        out_shape = out_shape[1:]
+    return indices.reshape(out_shape), distances.reshape(out_shape)

@@ -1,0 +1,1 @@
+"""Integrations that route other libraries' hot paths through fastvq ops (``patch()`` / ``unpatch()`` / ``patched()``)."""

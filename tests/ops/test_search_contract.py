@@ -1,0 +1,331 @@
+"""The numeric contract of the search ops (``fastvq.ops._search.NUMERIC_CONTRACT``), on both
+backends and every dtype: NaN in -> NaN out, overflow -> +inf, non-finite codes never chosen for
+a finite row while a finite code exists, the true nearest code at every magnitude, indices in
+[0, K), cosine in [0, 2]. The oracle is float64 arithmetic on the same (dtype-rounded) values.
+"""
+
+import warnings
+
+import pytest
+import torch
+import triton
+
+import fastvq
+from fastvq.ops._search import METRICS
+from tests.utils import randn
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NAN, INF = float("nan"), float("inf")
+
+# Magnitudes per dtype: from tiny (squares underflow float32) to huge (squares overflow float32).
+SCALES = {
+    torch.float32: [1e-30, 1e-12, 1.0, 2e19, 1e30, 1e38],
+    torch.bfloat16: [1e-30, 1.0, 2e19, 1e38],
+    torch.float16: [1e-3, 1.0, 3e4],
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():  # the interpreter (numpy) warns on the overflows we test
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def d64(x, c, metric):
+    """``(N, K)`` float64 distances, elementwise IEEE rules (inf - inf and 0 * inf are NaN)."""
+    x64, c64 = x.double()[:, None, :], c.double()[None, :, :]
+    if metric in ("l2", "euclidean"):
+        d = ((x64 - c64) ** 2).sum(-1)
+        return d.sqrt() if metric == "euclidean" else d
+    dot = (x64 * c64).sum(-1)
+    if metric == "dot":
+        return -dot
+    den = (x64 * x64).sum(-1).sqrt() * (c64 * c64).sum(-1).sqrt()
+    cos = torch.where(den == 0, torch.zeros_like(dot), dot / torch.where(den == 0, 1.0, den))
+    return 1.0 - cos
+
+
+def assert_distance(dist, truth64, metric, scale64):
+    """``dist`` (float32) is ``truth64`` rounded once: same NaNs, same infinities, close elsewhere.
+    ``scale64``: the size of the terms the float32 sums add up (bounds their rounding)."""
+    truth = truth64.float()  # overflow -> inf
+    assert torch.equal(dist.isnan(), truth.isnan()), f"NaN mismatch: {dist} vs {truth}"
+    fin = ~truth.isnan()
+    assert torch.equal(dist[fin].isinf(), truth[fin].isinf()), f"inf mismatch: {dist} vs {truth}"
+    assert torch.equal(torch.sign(dist[truth.isinf()]), torch.sign(truth[truth.isinf()]))
+    ok = fin & ~truth.isinf()
+    err = (dist[ok].double() - truth64[ok]).abs()
+    bound = 1e-5 * truth64[ok].abs() + 2e-6 * scale64[ok] + 1e-37
+    assert (err <= bound).all(), f"distance off: max error {(err - bound).max().item()}"
+    if metric in ("l2", "euclidean"):
+        assert (dist[~dist.isnan()] >= 0).all()
+    if metric == "cosine":
+        assert ((dist[~dist.isnan()] >= 0) & (dist[~dist.isnan()] <= 2)).all()
+
+
+def check_search(x, c, metric, idx, dist):
+    """Every clause of the contract for one ``nearest_code`` result."""
+    K = c.shape[0]
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert ((idx >= 0) & (idx < K)).all(), f"index out of range: {idx}"
+    d = d64(x, c, metric)
+    chosen = d.gather(1, idx[:, None]).squeeze(1)
+    x64, c64 = x.double(), c.double()
+    cf = torch.isfinite(c).all(-1)
+    if metric in ("l2", "euclidean"):
+        scale = (x64 - c64[idx]).pow(2).sum(-1).nan_to_num(0.0, 0.0, 0.0)
+    elif metric == "dot":
+        scale = (x64 * c64[idx]).abs().sum(-1).nan_to_num(0.0, 0.0, 0.0)
+    else:
+        scale = torch.ones_like(chosen)
+    assert_distance(dist, chosen, metric, scale)
+    row_nan = x.isnan().any(-1)
+    row_fin = torch.isfinite(x).all(-1)
+    first = int(cf.int().argmax()) if cf.any() else 0
+    assert (idx[row_nan] == 0).all(), "a row with a NaN takes index 0"
+    assert (idx[~row_nan & ~row_fin] == first).all(), "a row with an infinite entry takes the first finite code"
+    if not cf.any():
+        assert (idx[row_fin] == 0).all()
+        return
+    fin = row_fin.nonzero().squeeze(1)
+    if fin.numel() == 0:
+        return
+    assert cf[idx[fin]].all(), "a non-finite code was chosen for a finite row"
+    dd = d[fin][:, cf]
+    if metric == "euclidean":
+        dd, chosen = dd**2, chosen**2
+    best = dd.min(1).values
+    if metric in ("l2", "euclidean"):
+        slack = 1e-5 * ((x64[fin] ** 2).sum(-1) + (c64[cf] ** 2).sum(-1).max())
+    elif metric == "dot":
+        slack = 1e-5 * x64[fin].norm(dim=-1) * c64[cf].norm(dim=-1).max()
+    else:
+        slack = torch.full_like(best, 1e-5)
+    gap = chosen[fin] - best
+    assert (gap <= slack).all(), f"not the nearest code: gaps {gap.tolist()} slack {slack.tolist()}"
+
+
+def _near_codes(K, D, dtype, scale, seed):
+    """A codebook at ``scale`` and rows: some very near a code (relative 1e-2), some anywhere."""
+    c = randn(K, D, seed=seed, scale=scale, dtype=torch.float64)
+    pick = torch.tensor([1, K // 2, K - 1])
+    x = torch.cat([c[pick] * (1 + 1e-2 * randn(3, D, seed=seed + 1, dtype=torch.float64)),
+                   randn(3, D, seed=seed + 2, scale=scale, dtype=torch.float64)])
+    fmax = torch.finfo(dtype).max / 4
+    return x.clamp(-fmax, fmax).to(dtype), c.clamp(-fmax, fmax).to(dtype)
+
+
+@pytest.mark.parametrize("K", [40, 1100], ids=["K40", "K1100-split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_magnitude(backend, metric, dtype, K):
+    for i, scale in enumerate(SCALES[dtype]):
+        x, c = _near_codes(K, 12, dtype, scale, seed=10 * i)
+        idx, dist = fastvq.nearest_code(x, c, metric)
+        check_search(x, c, metric, idx, dist)
+        if dtype == torch.float32 and scale in (1e-30, 2e19) and metric != "dot":
+            # rows next to a code (rel. 1e-2; the next code is much farther): that code, exactly
+            assert idx[:3].tolist() == [1, K // 2, K - 1], (scale, idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_nonfinite_rows_and_codes(backend, metric, dtype):
+    K, D = 70, 9
+    x, c = randn(8, D, seed=1, dtype=dtype), randn(K, D, seed=2, dtype=dtype)
+    x[1, 4] = NAN  # a NaN row
+    x[2] = NAN
+    x[3, 0] = INF  # infinite rows (no NaN)
+    x[4, 1] = -INF
+    x[5, 2], x[5, 3] = INF, NAN  # both
+    c[0, 3] = NAN  # non-finite codes, including the first
+    c[1, 0] = INF
+    c[33] = -INF
+    c[50, 2] = NAN
+    x[6] = c[1].nan_to_num(posinf=1.0)  # a finite row next to the infinite code 1: code 1 is never chosen
+    c[40] = x[7] * 1.001  # and a finite code next to row 7
+    idx, dist = fastvq.nearest_code(x, c, metric)
+    check_search(x, c, metric, idx, dist)
+    assert idx[[1, 2, 5]].tolist() == [0, 0, 0] and dist[[1, 2, 5]].isnan().all()
+    assert idx[[3, 4]].tolist() == [2, 2]  # the first finite code
+    if metric in ("l2", "euclidean"):
+        assert (dist[[3, 4]] == INF).all()
+        assert idx[7].item() == 40
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_no_finite_code(backend, metric):
+    x = randn(5, 4, seed=3)
+    x[1, 0] = NAN
+    x[2, 1] = INF
+    c = torch.full((6, 4), 1.0)
+    c[:, 0] = torch.tensor([INF, NAN, -INF, INF, NAN, INF])
+    idx, dist = fastvq.nearest_code(x, c, metric)
+    check_search(x, c, metric, idx, dist)
+    assert (idx == 0).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_overflowing_distances_are_inf(backend, metric):
+    # distances far beyond float32 (|x - c|^2 ~ 1e60, <x, c> ~ 1e40): +inf (dot: -inf), and
+    # still the true nearest code (the search's scores do not overflow)
+    c = randn(30, 8, seed=4, scale=1e10)
+    x = randn(6, 8, seed=5, scale=1e30)
+    idx, dist = fastvq.nearest_code(x, c, metric)
+    check_search(x, c, metric, idx, dist)
+    if metric == "l2":
+        assert (dist == INF).all()
+    if metric == "euclidean":  # |x - c| ~ 1e30 itself is representable
+        assert torch.isfinite(dist).all()
+    if metric == "dot":
+        assert (dist == -INF).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_huge_codebook_near_rows(backend, metric):
+    # |x|, |c| ~ 2e19: |x|^2 overflows float32 but the distances between neighbours do not
+    c = randn(50, 16, seed=6, scale=2e19)
+    x = c[[7, 23, 49]] + randn(3, 16, seed=7, scale=2e16)
+    idx, dist = fastvq.nearest_code(x, c, metric)
+    check_search(x, c, metric, idx, dist)
+    if metric != "dot":
+        assert idx.tolist() == [7, 23, 49]
+        assert torch.isfinite(dist).all()
+
+
+def test_cosine_tiny_and_zero(backend):
+    # squares of 1e-30 underflow float32: cosine must still be right (scaled before normalising)
+    c = randn(20, 6, seed=8, scale=1e-30)
+    c[3] = 0.0
+    x = torch.cat([c[[5, 11]] * 1.5, torch.zeros(1, 6), randn(2, 6, seed=9, scale=1e-38)])
+    idx, dist = fastvq.nearest_code(x, c, "cosine")
+    check_search(x, c, "cosine", idx, dist)
+    assert idx[:3].tolist() == [5, 11, 0] and dist[2].item() == 1.0
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("metric", METRICS)
+def test_launcher_contract_split_and_unsplit(metric, splits):
+    from fastvq.kernels.nearest_code import nearest_code_fwd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        x, c = randn(7, 10, seed=11), randn(200, 10, seed=12, scale=3e20)
+        x[0] = NAN
+        x[1, 3] = INF
+        x[2:5] = c[[9, 130, 199]] * 1.01
+        c[9, 0] = NAN  # row 2's code is not finite any more
+        idx, dist = nearest_code_fwd(x, c, metric, splits=splits)
+        check_search(x, c, metric, idx, dist)
+
+
+# --------------------------------------------------------------------------- mine_negatives
+
+
+@pytest.mark.parametrize("strategy", ["hardest", "semi-hard"])
+def test_mining_contract(backend, strategy):
+    a, n = randn(8, 6, seed=20), randn(40, 6, seed=21)
+    p = a + 0.3 * randn(8, 6, seed=22)
+    a[0, 1] = NAN  # NaN anchor: index 0, distance NaN
+    a[1, 0] = INF  # infinite anchor: first finite negative, +inf
+    p[2, 2] = NAN  # NaN positive: no negative is known to be farther -> hardest
+    n[0, 0] = NAN  # non-finite negatives, never chosen for finite anchors
+    n[1] = INF
+    a[3] = n[1].nan_to_num(posinf=1.0)
+    a[4] *= 1e30  # far anchors: distances overflow -> +inf
+    idx, dist = fastvq.mine_negatives(a, p, n, strategy)
+    check_search(a, n, "l2", idx, dist) if strategy == "hardest" else None
+    assert ((idx >= 0) & (idx < 40)).all()
+    assert idx[0].item() == 0 and dist[0].isnan()
+    assert idx[1].item() == 2 and dist[1].item() == INF
+    assert dist[4].item() == INF
+    hard = fastvq.mine_negatives(a, p, n, "hardest")
+    assert idx[2].item() == hard[0][2].item()
+    fin = torch.isfinite(a).all(-1)
+    assert torch.isfinite(n[idx[fin]]).all()
+    truth = ((a.double() - n.double()[idx]) ** 2).sum(-1)
+    assert_distance(dist, truth, "l2", truth.nan_to_num(0.0, 0.0, 0.0))
+
+
+# --------------------------------------------------------------------------- pairwise_sqdist
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pairwise_sqdist_contract(backend, dtype):
+    big = 2e19 if dtype != torch.float16 else 3e4
+    a, b = randn(70, 5, seed=30, dtype=dtype), randn(9, 5, seed=31, dtype=dtype)
+    a[1, 2] = NAN
+    a[2, 0] = INF
+    b[3, 0] = INF  # with a[2]: inf - inf = NaN; with finite rows: +inf
+    b[4, 1] = -INF
+    a[66] = (randn(5, seed=32) * big).to(dtype)  # a tile far from the first: huge rows ...
+    b[5] = (a[66].double() * 1.001).to(dtype)  # ... near a huge code: |a|^2 overflows, the distance does not
+    a[67] = (randn(5, seed=33) * 1e30).to(dtype) if dtype != torch.float16 else a[67]  # overflow -> +inf
+    out = fastvq.pairwise_sqdist(a, b)
+    truth = ((a.double()[:, None] - b.double()[None]) ** 2).sum(-1)
+    aa, bb = (a.double() ** 2).sum(-1), (b.double() ** 2).sum(-1)
+    scale = (aa[:, None] + bb[None, :]).nan_to_num(0.0, 0.0, 0.0)  # the expansion's rounding
+    for i in range(out.shape[0]):
+        assert_distance(out[i], truth[i], "l2", scale[i])
+    assert out[1].isnan().all() and out[2, 3].isnan() and (out[2, [0, 1, 2, 4]] == INF).all()
+    if dtype != torch.float16:
+        assert torch.isfinite(out[66, 5]) and (out[67] == INF).all()
+
+
+# --------------------------------------------------------------------------- launch grids
+
+GRID_Y_MAX = 65535
+GRID_X_MAX = 2**31 - 1
+
+
+def _spy_grids(monkeypatch, module, names):
+    """Replace the named kernels' launches by a recorder of their grids (nothing runs)."""
+    grids = []
+    for name in names:
+        kernel = getattr(module, name)
+        jit = kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel
+
+        def run(*args, grid, _name=name, **kwargs):
+            g = grid(kwargs) if callable(grid) else grid
+            grids.append((_name, tuple(g)))
+
+        monkeypatch.setattr(jit, "run", run)
+    return grids
+
+
+def _assert_grid_ok(grids):
+    assert grids
+    for name, g in grids:
+        assert 1 <= len(g) <= 3, (name, g)
+        assert g[0] <= GRID_X_MAX and all(v <= GRID_Y_MAX for v in g[1:]), (name, g)
+
+
+def test_pairwise_sqdist_grid_beyond_one_axis(monkeypatch):
+    import fastvq.kernels.pairwise_sqdist as kps
+
+    grids = _spy_grids(monkeypatch, kps, ["_pairwise_sqdist_fwd_kernel"])
+    rows = 65535 * 64 + 1  # 4,194,241 rows of b: more blocks than a y axis holds
+    a, b = torch.randn(3, 4), torch.randn(1, 4).expand(rows, 4)  # stride 0: no memory
+    kps.pairwise_sqdist_fwd(a, b)
+    _assert_grid_ok(grids)
+    assert grids[0][1][0] == triton_cdiv(rows, 64)
+    assert kps.grid(rows, rows, 64, 64)[0] == triton_cdiv(rows, 64) ** 2
+
+
+def test_nearest_code_grids_beyond_one_axis(monkeypatch):
+    import fastvq.kernels.nearest_code as knc
+
+    names = ["_code_terms_kernel", "_code_rescale_kernel", "_nearest_code_fwd_kernel", "_nearest_code_reduce_kernel"]
+    grids = _spy_grids(monkeypatch, knc, names)
+    # many rows, many codebooks (H > 65,535), the split path: every grid within its limits
+    knc.nearest_code_fwd(torch.randn(1, 4).expand(3_000_000, 4), torch.randn(3, 4))
+    knc.nearest_code_fwd(torch.randn(1, 1, 4).expand(70_000, 2, 4), torch.randn(1, 1, 4).expand(70_000, 3, 4))
+    knc.nearest_code_fwd(torch.randn(2, 4), torch.randn(1, 4).expand(5_000_000, 4), splits=128)
+    knc.mine_negatives_fwd(torch.randn(3, 4), torch.randn(3, 4), torch.randn(1, 4).expand(5_000_000, 4), "semi-hard")
+    _assert_grid_ok(grids)
+    assert {n for n, _ in grids} == set(names)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
