@@ -169,6 +169,12 @@ def check_choice(op: str, idx: torch.Tensor, dist: torch.Tensor | None, d64: tor
             if got is not None and not math.isnan(got) and ((lo is not None and got < lo) or (hi is not None and got > hi)):
                 fail(op, f"row {i}: distance {got!r} outside [{lo}, {hi}]")
             continue
+        if not bool(x_fin[i]) and not bool(row.isnan().all()):
+            # an infinite row: which code it takes is the op's documented choice; the distance
+            # reported is that code's exact one (+-inf, or NaN where inf - inf / inf * 0 occurs)
+            if got is not None:
+                check_value(op, f"row {i} (code {k}) distance", got, float(d64[i, k]), float(b64[i, k]), lo=lo, hi=hi)
+            continue
         non_nan = ~row.isnan()
         if not bool(non_nan.any()):  # every distance NaN in exact arithmetic
             if got is not None and not math.isnan(got):
@@ -234,11 +240,12 @@ def check_semihard(op: str, idx: torch.Tensor, dist: torch.Tensor, d64: torch.Te
             if not math.isnan(float(dist[i])):
                 fail(op, f"row {i}: every distance is NaN in exact arithmetic, got {float(dist[i])!r}")
             continue
+        if not bool(a_fin[i]):  # an infinite anchor: its choice is documented; the distance is that one's
+            check_value(op, f"row {i} (negative {k}) distance", float(dist[i]), float(d64[i, k]), float(b64[i, k]), lo=0.0)
+            continue
         if math.isnan(float(row[k])):
             fail(op, f"row {i}: chose negative {k} at NaN distance while a non-NaN distance exists")
         check_value(op, f"row {i} (negative {k}) distance", float(dist[i]), float(d64[i, k]), float(b64[i, k]), lo=0.0)
-        if not bool(a_fin[i]):
-            continue
         b = b64[i]
         lo_p, hi_p = float(dp[i] - bp[i]), float(dp[i] + bp[i])
         sure = non_nan & (row - b > hi_p)
