@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import Phase, given, settings  # noqa: E402
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
                                     inner(**kw)
                         except ContractError as err:
                             failures.append((str(err), drawn))
-                        except Exception as err:  # noqa: BLE001  (a crash is a failure too)
+                        except (Exception, pytest.fail.Exception) as err:  # noqa: BLE001  (a crash is a failure too)
                             tb = traceback.extract_tb(err.__traceback__)[-1]
                             failures.append((f"{label.split('[')[0]}[{be}]: CRASH {type(err).__name__}: {err} "
                                              f"(at {os.path.basename(tb.filename)}:{tb.lineno})", drawn))

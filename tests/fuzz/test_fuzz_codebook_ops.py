@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -51,6 +52,8 @@ def _check_rq(op, x, cb, quantized, codes):
     q64 = torch.zeros(n, D, dtype=torch.float64)
     qabs = torch.zeros(n, D, dtype=torch.float64)
     x_fin = O.finite_rows(x64)
+    # small integers: every residual and distance is exact in float32, so ties are exact too
+    exact = O.small_ints(x64) and O.small_ints(cb64) and D * (4 + 4 * L) ** 2 < 2**24
     for lvl in range(L):
         c = cb64[lvl]
         d64 = O.distances64(r, c, "l2")
@@ -60,7 +63,7 @@ def _check_rq(op, x, cb, quantized, codes):
         if search != torch.float32:  # the residual is rounded to the codebook dtype for the dot
             b64 = b64 + 4 * UNIT[search] * nr * nc
         r_fin = O.finite_rows(r)
-        O.check_choice(f"{op} level {lvl}", codes[:, lvl], None, d64, b64, r_fin & x_fin, O.finite_rows(c))
+        O.check_choice(f"{op} level {lvl}", codes[:, lvl], None, d64, b64, r_fin & x_fin, O.finite_rows(c), exact=exact)
         chosen = c[codes[:, lvl]]
         drift = drift + U * (r.nan_to_num(0, 0, 0).norm(dim=-1) + chosen.nan_to_num(0, 0, 0).norm(dim=-1))
         r = r - chosen
@@ -130,7 +133,13 @@ def _indices(shape, K, dtype, seed, hot):
 
 
 @O.on_host
-def _check_stats(op, x, idx, K, counts, sums):
+def _check_stats(op, x, idx, K, counts, sums, weights=None, skipped=None, skips_nonfinite=False):
+    """Exact counts (sum of weights), float64 sums within the float32 summation bound.
+
+    Without ``skips_nonfinite``: a NaN row makes its code's sums NaN, inf + -inf too (item 1).
+    With it (the op documents that non-finite rows are left out and counted, issue 9 item 2):
+    those rows are out of counts and sums, and ``skipped`` counts them per level. A row of
+    weight 0 is ignored whatever it holds."""
     batched = idx.dim() == 2
     L = idx.shape[0] if batched else 1
     n, D = idx.shape[-1], x.shape[-1]
@@ -139,18 +148,41 @@ def _check_stats(op, x, idx, K, counts, sums):
     assert (tuple(counts.shape), tuple(sums.shape)) == want_shape, (counts.shape, sums.shape, want_shape)
     x64 = x.double().reshape(L, n, D)
     idx = idx.long().reshape(L, n)
+    w64 = torch.ones(L, n, dtype=torch.float64) if weights is None else weights.double().expand(L, n)
     want_c = torch.zeros(L, K, dtype=torch.float64)
     want_s = torch.zeros(L, K, D, dtype=torch.float64)
     mag = torch.zeros(L, K, D, dtype=torch.float64)
+    want_skip = [0] * L
     for lvl in range(L):
         for i in range(n):
+            w = float(w64[lvl, i])
+            if w == 0:
+                continue
+            row = x64[lvl, i]
+            if skips_nonfinite and not (bool(row.isfinite().all()) and math.isfinite(w)):
+                want_skip[lvl] += 1
+                continue
             k = int(idx[lvl, i])
-            want_c[lvl, k] += 1
-            want_s[lvl, k] += x64[lvl, i]
-            mag[lvl, k] += x64[lvl, i].abs().nan_to_num(0, 0, 0)
-    if not torch.equal(counts.double().reshape(L, K), want_c):
-        O.fail(op, f"counts {counts.tolist()} != {want_c.tolist()}")
+            want_c[lvl, k] += w
+            want_s[lvl, k] += w * row
+            mag[lvl, k] += (w * row).abs().nan_to_num(0, 0, 0)
+    O.check_values(op, "counts", counts.reshape(L, K), want_c, gamma(n) * want_c.abs(), torch.float32)
+    if weights is None and not torch.equal(counts.double().reshape(L, K), want_c):
+        O.fail(op, f"counts {counts.tolist()} != {want_c.tolist()} (exact integers without weights)")
     O.check_values(op, "sums", sums.reshape(L, K, D), want_s, gamma(n) * mag + abs_slack(n), torch.float32)
+    if skipped is not None and skipped.reshape(-1).tolist() != want_skip:
+        O.fail(op, f"skipped {skipped.tolist()} != {want_skip} non-finite rows")
+
+
+def _stats_call(x, idx, K, det, weights=None):
+    """code_statistics with ``return_skipped`` when the op has it (then also whether it skips)."""
+    params = inspect.signature(fastvq.code_statistics).parameters
+    kw = {} if weights is None else {"weights": weights}
+    if "return_skipped" in params:
+        counts, sums, skipped = fastvq.code_statistics(x, idx, K, deterministic=det, return_skipped=True, **kw)
+        return counts, sums, skipped, True
+    counts, sums = fastvq.code_statistics(x, idx, K, deterministic=det, **kw)
+    return counts, sums, None, False
 
 
 @given(case=stats_case(nonfinite=False))
@@ -161,20 +193,23 @@ def test_code_statistics_finite(backend, device, case):
     xs, K, idx_dtype, seed, hot, det = case
     x = xs.build(device)
     idx = _indices(x.shape[:-1], K, idx_dtype, seed, hot).to(device)
-    counts, sums = fastvq.code_statistics(x, idx, K, deterministic=det)
-    _check_stats(f"code_statistics[{backend},det={det}]", x, idx, K, counts, sums)
+    counts, sums, skipped, skips = _stats_call(x, idx, K, det)
+    _check_stats(f"code_statistics[{backend},det={det}]", x, idx, K, counts, sums, skipped=skipped,
+                 skips_nonfinite=skips)
 
 
 @given(case=stats_case(nonfinite=True))
 @fuzz_settings(20)
 def test_code_statistics_nonfinite(backend, device, case):
     """A NaN row makes its code's sums NaN (inf + -inf too), an infinite one +-inf: nothing is
-    dropped or made finite."""
+    dropped or made finite silently; or, where the op documents it (``return_skipped``), the
+    non-finite rows are left out of counts and sums and counted."""
     xs, K, idx_dtype, seed, hot, det = case
     x = xs.build(device)
     idx = _indices(x.shape[:-1], K, idx_dtype, seed, hot).to(device)
-    counts, sums = fastvq.code_statistics(x, idx, K, deterministic=det)
-    _check_stats(f"code_statistics[{backend},det={det}]", x, idx, K, counts, sums)
+    counts, sums, skipped, skips = _stats_call(x, idx, K, det)
+    _check_stats(f"code_statistics[{backend},det={det}]", x, idx, K, counts, sums, skipped=skipped,
+                 skips_nonfinite=skips)
 
 
 @given(K=st.integers(1, 6), N=st.integers(1, 6), bad=st.sampled_from((-1, "K", "big")), seed=st.integers(0, 99))
@@ -187,3 +222,28 @@ def test_code_statistics_rejects_out_of_range(backend, device, K, N, bad, seed):
     x = TSpec((N, 3), seed=seed).build(device)
     with pytest.raises(ValueError, match="indices"):
         fastvq.code_statistics(x, idx.to(device), K)
+
+
+@given(case=stats_case(nonfinite=True), wkind=st.sampled_from(("mask", "float")), wseed=st.integers(0, 999))
+@fuzz_settings(12)
+def test_code_statistics_weights(backend, device, case, wkind, wseed):
+    """Where the op takes ``weights`` (a padding mask or float weights): counts are the weight
+    sums, sums the weighted row sums, a row of weight 0 ignored whatever it holds."""
+    if "weights" not in inspect.signature(fastvq.code_statistics).parameters:
+        pytest.skip("code_statistics takes no weights on this branch")
+    xs, K, idx_dtype, seed, hot, det = case
+    x = xs.build(device)
+    idx = _indices(x.shape[:-1], K, idx_dtype, seed, hot)
+    n = x.shape[-2]
+    g = host_generator(wseed)
+    if wkind == "mask":
+        w = torch.rand(n, generator=g, device=HOST) < 0.7
+    else:
+        w = torch.where(torch.rand(n, generator=g, device=HOST) < 0.3, 0.0,
+                        torch.rand(n, generator=g, device=HOST, dtype=torch.float64) * 4).float()
+    if n and K:  # a row of weight 0 may hold an out-of-range index
+        off = (w == 0) if wkind == "float" else ~w
+        idx = torch.where(off.expand_as(idx), torch.full_like(idx, K + 5), idx)
+    counts, sums, skipped, skips = _stats_call(x, idx.to(device), K, det, weights=w.to(device))
+    _check_stats(f"code_statistics[{backend},det={det},weights={wkind}]", x, idx, K, counts, sums,
+                 weights=w, skipped=skipped, skips_nonfinite=skips)

@@ -3,7 +3,9 @@ semantic_id_stats) on both backends, against independent Python computations."""
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -146,8 +148,23 @@ def test_code_usage_rejects_out_of_range(backend, device, K, bad, dtype):
     v = {-1: -1, "K": K, "max": RANGE[dtype] - 1}[bad]
     if v < K and v >= 0 or v >= RANGE[dtype]:
         return
-    with pytest.raises(ValueError, match="codebook_size|outside"):
-        fastvq.code_usage(torch.tensor([0, v], dtype=dtype).to(device), K)
+    """An index outside [0, K) is never silently dropped: a ValueError right away, or (the
+    sync-free form) counted in ``out_of_range`` with NaN entropy and perplexity, and a
+    ValueError from ``check=True``."""
+    t = torch.tensor([0, v], dtype=dtype).to(device)
+    op = f"code_usage[{backend}]"
+    try:
+        u = fastvq.code_usage(t, K)
+    except ValueError as err:
+        if not re.search(r"codebook_size|outside", str(err)):
+            O.fail(op, f"the ValueError does not say what is wrong: {err}")
+        return
+    oor = getattr(u, "out_of_range", None)
+    if oor is None or int(oor) != 1 or not (math.isnan(float(u.entropy)) and math.isnan(float(u.perplexity))):
+        O.fail(op, f"index {v} outside [0, {K}) silently dropped: out_of_range={oor}, entropy={float(u.entropy)}")
+    if "check" in inspect.signature(fastvq.code_usage).parameters:
+        with pytest.raises(ValueError):
+            fastvq.code_usage(t, K, check=True)
 
 
 # --------------------------------------------------------------------------- semantic_ids
