@@ -83,7 +83,7 @@ class TSpec:
     spread: int = 0
     layout: str = "contiguous"
     specials: tuple = ()  # ((flat position, "nan" | "inf" | "-inf" | "max" | "-max" | "zero-row"), ...)
-    dups: tuple = ()  # ((src row, dst row), ...): row dst is set to a copy of row src
+    dups: tuple = ()  # ((src, dst), ...): row dst (of the last matrix) is set to a copy of row src
     ints: bool = False  # small integers (every distance exact in fp32: exact ties)
     seed: int = 0
 
@@ -101,10 +101,10 @@ class TSpec:
                 v = v * (scale.reshape((rows,) + (1,) * (len(shape) - 1)) if len(shape) >= 2 else scale)
         if self.dtype == torch.float16:
             v = v.clamp(-FP16_MAX, FP16_MAX)
-        if len(shape) >= 2:
+        if len(shape) >= 2:  # rows of the last matrix (codes of every level of an (L, K, D) stack)
             for src, dst in self.dups:
-                if src < shape[0] and dst < shape[0]:
-                    v[dst] = v[src]
+                if src < shape[-2] and dst < shape[-2]:
+                    v[..., dst, :] = v[..., src, :]
         flat = v.reshape(-1)
         for pos, kind in self.specials:
             if flat.numel() == 0:
@@ -170,9 +170,9 @@ def tspecs(draw, shape, dtype=None, *, specials=True, layouts=LAYOUTS, ints=True
             for _ in range(n)
         )
     dp = ()
-    if dups and len(shape) >= 2 and shape[0] >= 2 and draw(st.booleans()):
-        src = draw(st.integers(0, shape[0] - 2))
-        dst = draw(st.integers(src + 1, shape[0] - 1))
+    if dups and len(shape) >= 2 and shape[-2] >= 2 and draw(st.booleans()):
+        src = draw(st.integers(0, shape[-2] - 2))
+        dst = draw(st.integers(src + 1, shape[-2] - 1))
         dp = ((src, dst),)
     layout = draw(st.sampled_from(layouts)) if len(shape) >= 2 else "contiguous"
     seed = draw(st.integers(0, 2**16))

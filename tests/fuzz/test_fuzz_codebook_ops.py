@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 
@@ -30,6 +31,9 @@ def rq_case(draw, nonfinite):
     lead = (2, N // 2) if N >= 2 and draw(st.integers(0, 4)) == 0 else (N,)
     xs = draw(tspecs(lead + (D,), dtype, specials=sp, dups=False))
     cs = draw(tspecs((L, K, D), cdtype, specials=sp, layouts=("contiguous",)))
+    if not nonfinite and draw(st.integers(0, 2)) == 0:  # small integers: exact ties, across tiles too
+        xs, cs = (dataclasses.replace(xs, ints=True, log10=0, spread=0),
+                  dataclasses.replace(cs, ints=True, log10=0, spread=0, dups=((1, K - 1),) if K > 2 else ()))
     return xs, cs
 
 
