@@ -16,11 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastvq
+import fastvq.testing as ft
 from tests.fuzz import _oracle as O
-from tests.fuzz._bounds import gamma
+from tests.fuzz._bounds import FACTOR, gamma
 from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, tspecs
 
 METRICS = ("l2", "cosine", "dot")
+UNIT_TF32 = ft.unit_roundoff("tf32")
 
 N_SIZES = dict(lo=0, hi=6, extra=(31, 33, 65))
 K_SIZES = dict(lo=1, hi=6, extra=(31, 33, 600))  # 600: the split-codebook path (interpreter: K > 512)
@@ -28,14 +30,14 @@ D_SIZES = dict(lo=0, hi=6, extra=(16, 60, 257))  # 257: D streamed in chunks (D 
 
 
 @st.composite
-def search_case(draw, nonfinite: bool, *, max_k=None, min_d=0):
+def search_case(draw, nonfinite: bool, *, max_k=None, min_d=0, fp32=False):
     N = draw(sizes(**N_SIZES))
     K = draw(sizes(**K_SIZES)) if max_k is None else draw(st.integers(1, max_k))
     D = draw(sizes(**D_SIZES).filter(lambda d: d >= min_d))
     if N * K * max(D, 1) > 40_000:  # keep the interpreter fast
         N = min(N, 5)
-    dtype = draw(st.sampled_from(DTYPES))
-    cdtype = dtype if draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
+    dtype = torch.float32 if fp32 else draw(st.sampled_from(DTYPES))
+    cdtype = dtype if fp32 or draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
     lead = (2, N // 2) if N >= 2 and draw(st.integers(0, 4)) == 0 else (N,)
     sp = True if nonfinite else "finite"
     xs = draw(tspecs(lead + (D,), dtype, specials=sp, dups=False))
@@ -46,7 +48,7 @@ def search_case(draw, nonfinite: bool, *, max_k=None, min_d=0):
 
 
 @O.on_host
-def _check_nearest(op, x, c, metric, idx, dist):
+def _check_nearest(op, x, c, metric, idx, dist, tf32=False):
     x64 = x.double().reshape(math.prod(x.shape[:-1]), x.shape[-1])
     c64 = c.double()
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32, (idx.dtype, dist.dtype)
@@ -54,6 +56,11 @@ def _check_nearest(op, x, c, metric, idx, dist):
     idx, dist = idx.reshape(-1), dist.reshape(-1)
     d64 = O.distances64(x64, c64, metric)
     b64 = O.bounds64(x64, c64, metric)
+    if tf32:  # both dot operands rounded to tf32 (fastvq.testing's operand error), twice for l2's 2 x.c
+        e_ops = FACTOR * (2 * UNIT_TF32 + UNIT_TF32**2)
+        nx = x64.nan_to_num(0, 0, 0).norm(dim=-1)[:, None]
+        nc = c64.nan_to_num(0, 0, 0).norm(dim=-1)[None, :]
+        b64 = b64 + {"l2": 2 * e_ops * nx * nc, "dot": e_ops * nx * nc}.get(metric, 2 * e_ops)
     x_fin, c_fin = O.finite_rows(x64), O.finite_rows(c64)
     ints = O.small_ints(x64) and O.small_ints(c64) and x64.shape[-1] <= 64
     lenient = None
@@ -67,7 +74,7 @@ def _check_nearest(op, x, c, metric, idx, dist):
 
 @pytest.mark.parametrize("metric", METRICS)
 @given(case=search_case(nonfinite=False))
-@fuzz_settings(24)
+@fuzz_settings(16)
 def test_nearest_code_finite(backend, device, metric, case):
     """Finite inputs at every magnitude: exact argmin within the rounding bound, distance of
     the chosen code, overflow -> +inf, cosine in [0, 2], exact ties to the smallest index."""
@@ -78,8 +85,20 @@ def test_nearest_code_finite(backend, device, metric, case):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+@given(case=search_case(nonfinite=False, fp32=True))
+@fuzz_settings(6)
+def test_nearest_code_tf32(backend, device, metric, case):
+    """``allow_tf32=True`` (fp32 only): the argmin within the bound widened by tf32's operand
+    rounding, the distance of the chosen code, the same overflow/NaN/range contract."""
+    xs, cs = case
+    x, c = xs.build(device), cs.build(device)
+    idx, dist = fastvq.nearest_code(x, c, metric, allow_tf32=True)
+    _check_nearest(f"nearest_code[{backend},{metric},tf32]", x, c, metric, idx, dist, tf32=True)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 @given(case=search_case(nonfinite=True))
-@fuzz_settings(24)
+@fuzz_settings(14)
 def test_nearest_code_nonfinite(backend, device, metric, case):
     """NaN/inf rows and codes: NaN in -> NaN out, inf -> inf, a non-finite code never wins for
     a finite row while a finite code exists, indices in [0, K)."""
@@ -132,7 +151,7 @@ def sqdist_case(draw, nonfinite):
 
 
 @given(case=sqdist_case(nonfinite=False))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_pairwise_sqdist_finite(backend, device, case):
     """Every entry within the rounding bound of the float64 value, never negative, overflow
     -> +inf; gradients in both inputs finite and close wherever representable."""
@@ -148,7 +167,7 @@ def test_pairwise_sqdist_finite(backend, device, case):
 
 
 @given(case=sqdist_case(nonfinite=True))
-@fuzz_settings(20)
+@fuzz_settings(14)
 def test_pairwise_sqdist_nonfinite(backend, device, case):
     """NaN rows give NaN entries, infinite rows +inf (NaN where inf - inf is exact)."""
     sa, sb = case
@@ -193,7 +212,7 @@ def _check_mining(op, a, p, n, strategy, idx, dist):
 
 
 @given(case=mining_case(nonfinite=False))
-@fuzz_settings(20)
+@fuzz_settings(14)
 def test_mine_negatives_finite(backend, device, case):
     """Hardest: the exact nearest negative within the bound; semi-hard: the nearest negative
     farther than the positive (the hardest when none is), its distance, indices in [0, M)."""
@@ -204,7 +223,7 @@ def test_mine_negatives_finite(backend, device, case):
 
 
 @given(case=mining_case(nonfinite=True))
-@fuzz_settings(20)
+@fuzz_settings(12)
 def test_mine_negatives_nonfinite(backend, device, case):
     sa, sp, sn, strategy = case
     a, p, n = sa.build(device), sp.build(device), sn.build(device)

@@ -303,8 +303,8 @@ def test_qr_lookup_nonfinite(backend, device, case):
 @st.composite
 def kl_case(draw, nonfinite):
     B = draw(sizes(0, 6, extra=(17, 40)))
-    Dp = draw(sizes(1, 5, extra=(16,)))
-    Dt = draw(sizes(1, 5, extra=(33,)))
+    Dp = draw(sizes(0, 5, extra=(16,)))
+    Dt = draw(sizes(0, 5, extra=(33,)))
     dtype = draw(st.sampled_from(DTYPES))
     tdtype = dtype if draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
     sp = True if nonfinite else "finite"
