@@ -80,7 +80,9 @@ def _check_vq(op, metric, x, w, idx, q, commit, gx):
                    metric=metric)
     c64 = w64[idx]
     fin = O.finite_rows(x64)[:, None].expand_as(x64)
-    O.check_values(op, "quantized", q, c64, 2 * U * (x64.abs() + c64.abs()).nan_to_num(0, 0, 0), x.dtype, mask=fin)
+    # straight through: x + (code - x) in x's dtype, two roundings of magnitude |x| + |code|
+    ste = 2 * (U + UNIT[x.dtype]) * (x64.abs() + c64.abs()).nan_to_num(0, 0, 0)
+    O.check_values(op, "quantized", q, c64, ste, x.dtype, mask=fin)
     if gx is None:
         return  # an empty batch (mean over no element is 0/0: left open) or a non-finite one
     cr = c64.to(x.dtype).double()  # the code, rounded to x's dtype, against x
