@@ -4,6 +4,7 @@
     python -m fastvq bench            # time every op vs eager torch, torch.compile and the roofline
     python -m fastvq bench --ops nearest_code --quick
     python -m fastvq bench --list     # the names --ops takes
+    python -m fastvq bench --traffic  # passes over the activations, launches, host syncs per step
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def main(argv=None) -> int:
     b.add_argument("--name", help="file stem of the results (default: bench-<gpu|cpu>-<device>-<git sha>)")
     b.add_argument("--no-plot", action="store_true")
     b.add_argument("--no-check", action="store_true", help="without CUDA, skip the interpreter check after timing")
+    b.add_argument("--traffic", action="store_true",
+                   help="count passes over the activations, launches and host syncs per training step and op "
+                        "(any device) and write traffic.json")
+    b.add_argument("--traffic-scale", type=int, default=None,
+                   help="divide the traffic rows' sizes by this (default 8 without CUDA, 1 with)")
     c = sub.add_parser("check", help="run every op's Triton kernels against its reference on this machine")
     c.add_argument("--ops", nargs="+", help="only these ops")
     c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
@@ -43,6 +49,10 @@ def main(argv=None) -> int:
 
             dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
             return run_check(ops=args.ops, dtypes=dtypes)
+        if args.traffic:
+            from .bench.traffic import run_traffic
+
+            return run_traffic(out_dir=args.out, names=args.ops, scale=args.traffic_scale)
         if args.list:
             from .bench.registry import groups
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Callable
+
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,10 +53,65 @@ def check_metric(op: str, metric: str, allowed=("l2", "cosine", "dot")) -> None:
 
 def check_index_range(op: str, name: str, t: torch.Tensor, high: int, low: int = 0) -> None:
     """ValueError unless every element of ``t`` is in ``[low, high)``. Reads the values on the
-    host (one sync). Call it inside a custom op's body: that runs eagerly even under
+    host (one sync): not for a training path (there, count the bad values on the device and
+    use :func:`assert_async`). Call it inside a custom op's body: that runs eagerly even under
     torch.compile, so compiled models are checked too."""
     if t.numel() == 0:
         return
     lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < low or hi >= high:
         raise ValueError(f"fastvq.{op}: {name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
+
+
+def assert_async(op: str, ok: torch.Tensor, detail: Callable[[], str]) -> None:
+    """Raise unless the 0-d bool tensor ``ok`` is True, without reading it on the host.
+
+    On the CPU, ``torch._assert_async`` checks it in place (no device to wait for) and a failure
+    becomes ``ValueError("fastvq.<op>: " + detail())``: ``detail`` runs only then, so it may
+    read values freely. On CUDA it is an asynchronous device-side assert (what torch's own index
+    ops do): nothing waits for it, and a failure is reported at the next synchronisation as a
+    CUDA error (the message cannot travel from the device; ``CUDA_LAUNCH_BLOCKING=1`` locates
+    it). Works inside custom op bodies, so compiled graphs are checked too.
+    """
+    if ok.device.type != "cpu":
+        torch._assert_async(ok, f"fastvq.{op}: invalid input (run on the CPU for the details)")
+        return
+    try:
+        torch._assert_async(ok)
+    except RuntimeError:
+        raise ValueError(f"fastvq.{op}: {detail()}") from None
+
+
+def check_int_arg(owner: str, name: str, value, minimum: int | None = None) -> int:
+    """``value`` as a Python int, for a size or count argument of ``owner``.
+
+    Accepts Python/NumPy integers and integral floats (``1e6``). ``TypeError`` for bools and
+    non-numbers; ``ValueError`` for non-integral or non-finite floats and values below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real)):
+        raise TypeError(f"fastvq.{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if not isinstance(value, numbers.Integral):
+        if not (math.isfinite(value) and float(value).is_integer()):
+            raise ValueError(f"fastvq.{owner}: {name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"fastvq.{owner}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real_arg(owner: str, name: str, value, positive: bool = False) -> float:
+    """``value`` as a finite Python float. ``TypeError`` for bools and non-numbers; ``ValueError``
+    for NaN, +-inf, and (``positive=True``) values <= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fastvq.{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"fastvq.{owner}: {name} must be finite{' and > 0' if positive else ''}, got {value}")
+    return value
+
+
+def check_bool_arg(owner: str, name: str, value) -> bool:
+    """``value`` if it is a bool (NumPy bools too); ``TypeError`` otherwise (a string is truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"fastvq.{owner}: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)

@@ -6,8 +6,12 @@ gradients but knows nothing of buffers updated in ``forward``. The modules there
 - sum their per-batch statistics (code counts and sums) over ranks before the EMA update
   (:func:`all_reduce_sum_`), so each rank applies the update a single process would apply to
   the concatenation of all ranks' batches;
-- let rank 0 decide anything random (dead-code re-seeding, k-means starting points) and
-  :func:`broadcast_` the result.
+- exchange candidate rows for anything random (dead-code revival, k-means starting points) in
+  a fixed-size :func:`all_gather`: each rank offers the same number of rows, with a validity
+  flag, and every rank then makes the same choice from the same gathered rows. No rank ever
+  waits on a size another rank must first read on the host, so ranks whose batches differ in
+  size, are empty, or hold only non-finite rows still run the same collectives, in the same
+  order, and cannot hang.
 
 When ``torch.distributed`` is unavailable, not initialised, or the world has one rank, the
 helpers return at once without touching their arguments.
@@ -66,6 +70,21 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
     _flat_apply(tensors, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
 
 
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (the same shape and dtype on every rank), stacked: ``(world_size, *t.shape)``.
+    Outside a multi-rank process group, ``t.unsqueeze(0)``.
+
+    Example::
+
+        offers = fastvq.distributed.all_gather(candidates)   # (W, C, D) on every rank
+    """
+    if not is_distributed():
+        return t.unsqueeze(0)
+    parts = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts)
+
+
 def broadcast_(*tensors: torch.Tensor, src: int = 0) -> None:
     """Overwrite each tensor, in place, with rank ``src``'s copy. No-op outside a multi-rank
     process group."""
@@ -74,4 +93,4 @@ def broadcast_(*tensors: torch.Tensor, src: int = 0) -> None:
     _flat_apply(tensors, lambda t: dist.broadcast(t, src=src))
 
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "all_reduce_sum_", "broadcast_"]
+__all__ = ["is_distributed", "get_rank", "get_world_size", "all_reduce_sum_", "all_gather", "broadcast_"]

@@ -10,10 +10,14 @@ from .ops.pairwise_sqdist import pairwise_sqdist
 from .ops.qr_lookup import qr_lookup
 from .ops.residual_quantize import residual_quantize
 from .ops.rotation_trick import rotation_trick
+from .ops.sample_code import sample_code
 from .ops.semantic_ids import SemanticIdStats, semantic_id_stats, semantic_ids
+from .ops.topk_codes import topk_codes
 
 __all__ = [
     "nearest_code",
+    "topk_codes",
+    "sample_code",
     "pairwise_sqdist",
     "mine_negatives",
     "residual_quantize",

@@ -41,6 +41,7 @@ Functions
 :func:`error_bound`                    the elementwise bound above, as a float64 tensor
 :func:`error_ratio`                    worst ``|actual - expected| / bound`` (<= 1 passes)
 :func:`assert_close`                   raises naming the worst element, its bound and ratio
+:func:`distances64`                    float64 distances with their sums of ``|terms|``
 :func:`argmin_ratio`                   per-row ratio for a nearest-code choice
 :func:`assert_argmin_within_bound`     every row's code within the rounding bound of the minimum
 :func:`grad_ratio`                     worst ratio of a gradient's two criteria
@@ -68,7 +69,7 @@ import torch
 
 __all__ = [
     "ACCUMULATION_FACTOR", "OUTPUT_ROUNDING", "UNIT_ROUNDOFF", "unit_roundoff", "gamma", "error_bound",
-    "error_ratio", "assert_close", "argmin_ratio", "assert_argmin_within_bound", "grad_ratio",
+    "error_ratio", "assert_close", "distances64", "argmin_ratio", "assert_argmin_within_bound", "grad_ratio",
     "assert_grad_nondegenerate", "describe",
 ]
 
@@ -156,8 +157,8 @@ def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), float(v), dtype=torch.float64, device=like.device)
 
 
-def error_bound(expected: torch.Tensor, *, dtype: torch.dtype, reduce_len: float = 1,
-                magnitude: torch.Tensor | float | None = None, precision: DTypeLike | None = None,
+def error_bound(expected: torch.Tensor, *, dtype: torch.dtype, reduce_len: float | list = 1,
+                magnitude: torch.Tensor | float | list | None = None, precision: DTypeLike | None = None,
                 out_dtype: torch.dtype | None = None, accumulate: torch.dtype | None = None,
                 factor: float = ACCUMULATION_FACTOR) -> torch.Tensor:
     """Elementwise bound on ``|kernel result - expected|``, float64, shaped like ``expected``.
@@ -166,9 +167,11 @@ def error_bound(expected: torch.Tensor, *, dtype: torch.dtype, reduce_len: float
         expected: the float64 result on the same rounded inputs (any shape).
         dtype: the dtype of the kernel's operands (float32, float16, bfloat16, float64).
         reduce_len: the length ``n`` of the longest chain of additions behind one element
-            (D for a dot product over D features; 1 for an elementwise op).
+            (D for a dot product over D features; 1 for an elementwise op). A list of lengths
+            (with a list of magnitudes) sums one such term per error source, e.g. a dot product
+            of length D feeding a softmax over B terms: ``reduce_len=[D, B]``.
         magnitude: sum of ``|terms|`` of that reduction, broadcastable to ``expected``
-            (default ``|expected|``).
+            (default ``|expected|``); a list when ``reduce_len`` is one.
         precision: how fp32 operands are multiplied: ``None``/``"ieee"`` exactly rounded,
             ``"tf32"`` with both operands rounded to tf32 first.
         out_dtype: dtype the result is stored in (default ``dtype``).
@@ -183,12 +186,22 @@ def error_bound(expected: torch.Tensor, *, dtype: torch.dtype, reduce_len: float
     out_dtype = _fmt(out_dtype) if out_dtype is not None else dtype
     acc = _fmt(accumulate) if accumulate is not None else (torch.float64 if dtype == torch.float64 else torch.float32)
     exp = expected.detach().to(torch.float64)
-    mag = exp.abs() if magnitude is None else _as_tensor(magnitude, exp).abs()
     e_ops = _operand_error(dtype, precision)
-    g = gamma(reduce_len, UNIT_ROUNDOFF[acc])
-    rel = e_ops + g * (1.0 + e_ops)
-    tiny = _subnormal(out_dtype) + max(float(reduce_len), 1.0) * _subnormal(acc)
-    return factor * rel * mag + OUTPUT_ROUNDING * UNIT_ROUNDOFF[out_dtype] * exp.abs() + tiny
+    if isinstance(reduce_len, (list, tuple)):  # several error sources: sum of their terms
+        mags = magnitude if isinstance(magnitude, (list, tuple)) else None
+        if mags is None or len(mags) != len(reduce_len):
+            raise ValueError("fastvq.testing: with a list of reduce_len, magnitude must be a list of the same length "
+                             f"(got {len(reduce_len)} lengths and {magnitude!r})")
+        terms = list(zip(reduce_len, mags))
+    else:
+        terms = [(reduce_len, magnitude)]
+    total = torch.zeros_like(exp)
+    for n, m in terms:
+        mag = exp.abs() if m is None else _as_tensor(m, exp).abs()
+        total = total + (e_ops + gamma(n, UNIT_ROUNDOFF[acc]) * (1.0 + e_ops)) * mag
+    longest = max(max(float(n), 1.0) for n, _ in terms)
+    tiny = _subnormal(out_dtype) + longest * _subnormal(acc)
+    return factor * total + OUTPUT_ROUNDING * UNIT_ROUNDOFF[out_dtype] * exp.abs() + tiny
 
 
 def _overflows(exp: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -234,8 +247,8 @@ def _where(flat_index: int, shape) -> tuple:
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), tuple(shape))) if len(shape) else ()
 
 
-def assert_close(actual: torch.Tensor, expected64: torch.Tensor, *, dtype: torch.dtype, reduce_len: float = 1,
-                 magnitude: torch.Tensor | float | None = None, precision: DTypeLike | None = None,
+def assert_close(actual: torch.Tensor, expected64: torch.Tensor, *, dtype: torch.dtype, reduce_len: float | list = 1,
+                 magnitude: torch.Tensor | float | list | None = None, precision: DTypeLike | None = None,
                  out_dtype: torch.dtype | None = None, accumulate: torch.dtype | None = None,
                  factor: float = ACCUMULATION_FACTOR, name: str = "") -> None:
     """Raise ``AssertionError`` unless every element of ``actual`` is within :func:`error_bound`.
@@ -273,8 +286,11 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, *, dtype: torch
 # --------------------------------------------------------------------------- argmin
 
 
-def _distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
-    """(distances, sum of |terms|, reduction length) in float64 for every row and code."""
+def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
+    """Float64 ``(distances (N, K), sum of |terms| (N, K), reduction length)`` of rows ``x`` ``(N, D)``
+    to every code of ``codebook`` ``(K, D)``: l2 ``|x|^2 - 2 x.c + |c|^2`` (n = D + 2), cosine
+    ``1 - x.c / (|x||c|)`` (0 for a zero vector's cosine; n = 2D + 8), dot ``-x.c`` (n = D). The
+    magnitudes are what :func:`error_bound` needs for a kernel's fp32 distances."""
     x64, c64 = x.detach().double(), codebook.detach().double()
     ax, ac = x64.abs(), c64.abs()
     D = x64.shape[-1]
@@ -311,7 +327,7 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     dtype = _fmt(x.dtype)
     if precision is None:
         precision = "ieee" if dtype == torch.float32 else dtype
-    d, mag, n = _distances64(x2, codebook, metric)
+    d, mag, n = distances64(x2, codebook, metric)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rel = factor * (_operand_error(dtype, precision) + gamma(n, UNIT_ROUNDOFF[acc]) * (1 + _operand_error(dtype, precision)))
     b = rel * mag + n * _subnormal(torch.float32)

@@ -2,8 +2,11 @@
 
 import contextlib
 import functools
+import os
 
 import torch
+import triton
+import triton.language as tl
 
 from . import INTERPRETED
 
@@ -25,6 +28,30 @@ def tl_input_precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# CUDA's launch-grid limits: up to 2**31 - 1 programs on axis 0, 65,535 on axes 1 and 2. A launcher
+# whose program count grows with the data launches flat_grid(n) and its kernel reads
+# flat_program_id(). Read at call time, so a test can lower them and fold small grids.
+GRID_LIMITS = [2**31 - 1, 65535, 65535]
+
+
+def flat_grid(n_programs: int) -> tuple[int, int]:
+    """A 2-D launch grid of at least ``n_programs`` programs within :data:`GRID_LIMITS`.
+
+    Programs beyond ``n_programs`` exist when axis 0 is full: the kernel must leave them idle
+    (mask on, or return when ``flat_program_id() >= n_programs``).
+    """
+    x = max(1, min(n_programs, GRID_LIMITS[0]))
+    y = triton.cdiv(max(n_programs, 1), x)
+    assert y <= GRID_LIMITS[1], f"{n_programs} programs exceed the launch grid"
+    return (x, y)
+
+
+@triton.jit
+def flat_program_id():
+    """The flat int64 id of this program in a :func:`flat_grid` launch."""
+    return tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * tl.num_programs(0)
 
 
 def device_context(device: torch.device):
@@ -51,13 +78,55 @@ def launcher(fn):
     return run
 
 
+# --------------------------------------------------------------------------- autotuning
+
+AUTOTUNE_ENV = "FASTVQ_AUTOTUNE"
+
+# Every autotuned kernel's GPU configs and its pinned config, by kernel name, whatever the switch
+# says (the sm_90/sm_80 compile check reads them).
+GPU_CONFIGS: dict = {}
+PINNED_CONFIGS: dict = {}
+
+
+def autotune_enabled() -> bool:
+    """``False`` when ``$FASTVQ_AUTOTUNE`` is ``0`` (or ``false``/``off``/``no``); on by default.
+
+    Read when the kernel modules are imported (Triton fixes an autotuner's configs when it is
+    defined), so set it before the first fastvq op runs.
+    """
+    value = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"environment variable {AUTOTUNE_ENV}={value!r}: expected 1 (autotune, the default) "
+                     f"or 0 (one pinned config per kernel)")
+
+
+def autotune_configs(name: str, gpu: list, pinned, interpreter) -> list:
+    """The configs an autotuned kernel is decorated with.
+
+    * under the Triton interpreter: ``[interpreter]`` (one small config; the interpreter would run
+      and time every config);
+    * with ``FASTVQ_AUTOTUNE=0``: ``[pinned]``, one config that fits sm_80 and sm_90 without
+      register spills at the benchmark shapes (checked by tests/test_cuda_compile.py), so a GPU test
+      run does not autotune hundreds of keys; with one config Triton neither prunes nor benchmarks;
+    * otherwise the full GPU list ``gpu``, pruned per launch by the kernel's resource estimate.
+    """
+    GPU_CONFIGS[name] = list(gpu)
+    PINNED_CONFIGS[name] = pinned
+    if INTERPRETED:
+        return [interpreter]
+    if not autotune_enabled():
+        return [pinned]
+    return list(gpu)
+
+
 # --------------------------------------------------------------------------- jit helpers
 # Shared by several kernels. Power-of-two scaling is exact for normal numbers (it only moves the
 # exponent), so a scaled computation rounds exactly like the unscaled one wherever that one
 # neither overflows nor underflows; it is how the search kernels "scale before they square".
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 
 @triton.jit

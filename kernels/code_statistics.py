@@ -1,19 +1,37 @@
 """Per-code row counts and row sums (the statistics of an EMA codebook update), two paths.
 
-Rows are addressed by a flat segment id ``seg`` in ``[0, S)`` (the op maps level ``l``, code
-``k`` of the batched form to ``l * K + k``). Neither path builds a one-hot matrix.
+Rows are addressed by a flat segment id ``level * K + code`` in ``[0, S)``, ``S = L * K``.
+Neither path builds a one-hot matrix, and neither reads a value on the host.
+
+What every path does with each row ``r`` (weight ``w_r``, 1 without weights):
+
+* ``w_r == 0`` (a masked-out row): ignored entirely, its index and values are not looked at;
+* index outside ``[0, K)``: left out, counted in ``bad[level, 1]`` (the op turns that into an
+  error); never read or written out of bounds;
+* ``w_r`` or any element of the row not finite: left out, counted in ``bad[level, 0]``;
+* otherwise ``counts[seg] += w_r`` and ``sums[seg] += w_r * x_r``, accumulated in float64 and
+  rounded once to float32, so a sum is within float32 rounding of the exact one, is ``+-inf``
+  exactly when the exact sum is beyond float32's range, and is never NaN.
+
+Row finiteness needs the whole row: a program owns ``BLOCK_D`` columns but checks every column
+of its rows (one load when ``D <= BLOCK_D``, the common case; otherwise a second sweep, from
+cache).
 
 * ``_code_statistics_atomic_kernel``: a program per ``(BLOCK_N rows, BLOCK_D columns)`` tile
-  loads the rows and ``tl.atomic_add``s them into ``sums[seg]`` (and 1 into ``counts[seg]``,
-  from the first column block only). One pass over ``x``, no sort; float32 atomics commit in
-  whatever order the hardware serves them, so the low bits vary from run to run.
-* ``_code_statistics_segment_kernel`` (deterministic): the launcher sorts ``seg`` with a stable
-  torch sort and finds each segment's ``[start, end)`` with ``searchsorted``; a program per
-  ``(segment, BLOCK_D columns)`` walks its rows in sorted order, BLOCK_N gathered rows at a
-  time, into a ``(BLOCK_N, BLOCK_D)`` float32 accumulator reduced once at the end: a fixed
-  order, so the result is bitwise reproducible. The cost is the sort, and load imbalance when a
-  few codes take most rows (one program then walks all of them).
+  ``tl.atomic_add``s its weighted rows into float64 scratch. One pass over ``x``, no sort;
+  the float64 atomics commit in whatever order the hardware serves them, so the low bits of a
+  float64 sum vary, and so, rarely, does the float32 rounding of ``sums``.
+* Deterministic (two kernels): the launcher sorts int32 keys (stable), finds each segment's
+  ``[start, end)`` and cuts it into *pieces* of at most ``P`` sorted rows (``P`` grows as
+  ``sqrt(M / D)``, at least 256). ``_code_statistics_segment_kernel`` gives each piece its own
+  program, which sums its rows in sorted order; a segment of one piece is written out at once,
+  a longer one writes float64 partials, which ``_code_statistics_merge_kernel`` sums, in piece
+  order, per segment and 16 columns. Every order is fixed, so the result is bitwise reproducible. No program
+  walks more than ``P`` rows or ``M / P`` partials, so a code that takes every row (a
+  collapsed codebook) no longer runs on one program: see :func:`segment_plan` for the count.
 """
+
+import math
 
 import torch
 import triton
@@ -21,13 +39,37 @@ import triton.language as tl
 
 from ._common import launcher, next_pow2
 
+MAX_BLOCK_D = 256
+TILE_ELEMENTS = 4096  # BLOCK_N * BLOCK_D of one loaded tile (float64 products: 64 registers a thread)
+MIN_PIECE = 256
+MERGE_BLOCK_D = 16  # the merge kernel's column block: narrow, so one segment's merge spreads over D / 16 programs
+MERGE_BLOCK_Q = 128  # partials per iteration of the merge kernel
+
+
+@triton.jit
+def _row_finite(p_x, b_rows, m_r, b_tile, D, stride_xn, stride_xd,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+    """Per row of the tile, whether all D elements are finite (``b_tile`` holds this program's
+    column block; with several column blocks every block is swept)."""
+    if SINGLE_D:
+        b_bad = tl.sum((~(tl.abs(b_tile) < float("inf"))).to(tl.int32), axis=1)
+    else:
+        b_bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for d0 in range(0, D, BLOCK_D):
+            o_c = d0 + tl.arange(0, BLOCK_D)
+            m_c = o_c < D
+            b_c = tl.load(p_x + b_rows[:, None] * stride_xn + o_c[None, :] * stride_xd,
+                          mask=m_r[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+            b_bad += tl.sum((~(tl.abs(b_c) < float("inf"))).to(tl.int32), axis=1)
+    return b_bad == 0
+
 
 @triton.jit
 def _code_statistics_atomic_kernel(
-    p_x, p_seg, p_counts, p_sums,
-    M, D,
-    stride_xn, stride_xd, stride_seg, stride_sk, stride_sd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    p_x, p_idx, p_w, p_counts, p_sums, p_bad,
+    M, D, NL, K, NW,
+    stride_xn, stride_xd, stride_idx, stride_w, stride_sk,
+    HAS_W: tl.constexpr, SINGLE_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
@@ -35,85 +77,257 @@ def _code_statistics_atomic_kernel(
     m_n = o_n < M
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    m_nd = m_n[:, None] & m_d[None, :]
-    b_seg = tl.load(p_seg + o_n * stride_seg, mask=m_n, other=0).to(tl.int64)
-    b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_nd, other=0.0).to(tl.float32)
-    tl.atomic_add(p_sums + b_seg[:, None] * stride_sk + o_d[None, :] * stride_sd, b_x, mask=m_nd, sem="relaxed")
-    b_one = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
-    tl.atomic_add(p_counts + b_seg, b_one, mask=m_n & (pid_d == 0), sem="relaxed")
+    b_idx = tl.load(p_idx + o_n * stride_idx, mask=m_n, other=0).to(tl.int64)
+    level = o_n // NL
+    if HAS_W:
+        b_w = tl.load(p_w + (o_n % NW) * stride_w, mask=m_n, other=0).to(tl.float64)
+        m_live = m_n & (b_w != 0.0)
+        m_wok = tl.abs(b_w) < float("inf")
+    else:
+        b_w = tl.full([BLOCK_N], 1.0, dtype=tl.float64)
+        m_live = m_n
+        m_wok = m_n
+    m_in = (b_idx >= 0) & (b_idx < K)
+    b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_d[None, :] * stride_xd,
+                  mask=(m_live & m_in)[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    m_ok = _row_finite(p_x, o_n, m_live & m_in, b_x, D, stride_xn, stride_xd, BLOCK_N, BLOCK_D, SINGLE_D) & m_wok
+    m_use = m_live & m_in & m_ok
+    b_seg = level * K + tl.where(m_in, b_idx, 0)
+    b_val = b_x.to(tl.float64) * b_w[:, None]
+    tl.atomic_add(p_sums + b_seg[:, None] * stride_sk + o_d[None, :], b_val, mask=m_use[:, None] & m_d[None, :],
+                  sem="relaxed")
+    if pid_d == 0:
+        tl.atomic_add(p_counts + b_seg, b_w, mask=m_use, sem="relaxed")
+        one = tl.full([BLOCK_N], 1, dtype=tl.int32)
+        tl.atomic_add(p_bad + level * 2, one, mask=m_live & m_in & ~m_ok, sem="relaxed")
+        tl.atomic_add(p_bad + level * 2 + 1, one, mask=m_live & ~m_in, sem="relaxed")
 
 
 @triton.jit
 def _code_statistics_segment_kernel(
-    p_x, p_perm, p_offsets, p_counts, p_sums,
-    D,
-    stride_xn, stride_xd, stride_sk, stride_sd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    p_x, p_w, p_perm, p_offsets, p_item_end, p_pieces, p_multi_first, p_seg_of_item,
+    p_counts, p_sums, p_pcounts, p_psums, p_bad,
+    D, K, S, NW, P,
+    stride_xn, stride_xd, stride_w, stride_sk, stride_pk,
+    HAS_W: tl.constexpr, SINGLE_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_s = tl.program_id(0).to(tl.int64)
+    """One piece (at most P sorted rows of one segment) x BLOCK_D columns."""
+    pid_w = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    start = tl.load(p_offsets + pid_s)
-    end = tl.load(p_offsets + pid_s + 1)
-    b_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_N):
-        o_r = r0 + tl.arange(0, BLOCK_N)
-        m_r = o_r < end
-        b_rows = tl.load(p_perm + o_r, mask=m_r, other=0)
-        b_x = tl.load(p_x + b_rows[:, None] * stride_xn + o_d[None, :] * stride_xd,
-                      mask=m_r[:, None] & m_d[None, :], other=0.0)
-        b_acc += b_x.to(tl.float32)
-    tl.store(p_sums + pid_s * stride_sk + o_d * stride_sd, tl.sum(b_acc, axis=0), mask=m_d)
-    if pid_d == 0:
-        tl.store(p_counts + pid_s, (end - start).to(tl.float32))
+    s = tl.load(p_seg_of_item + pid_w).to(tl.int64)
+    if s < S:  # programs past the last piece have nothing to do
+        o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        end = tl.load(p_offsets + s + 1).to(tl.int64)
+        n_pieces = tl.load(p_pieces + s).to(tl.int64)
+        j = pid_w - (tl.load(p_item_end + s).to(tl.int64) - n_pieces)  # which piece of segment s
+        r0 = tl.load(p_offsets + s).to(tl.int64) + j * P
+        r1 = tl.minimum(r0 + P, end)
+        b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)
+        b_cnt = tl.zeros([BLOCK_N], dtype=tl.float64)
+        b_nbad = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for r in range(r0, r1, BLOCK_N):
+            o_r = r + tl.arange(0, BLOCK_N)
+            m_r = o_r < r1
+            b_rows = tl.load(p_perm + o_r, mask=m_r, other=0).to(tl.int64)
+            b_x = tl.load(p_x + b_rows[:, None] * stride_xn + o_d[None, :] * stride_xd,
+                          mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            m_ok = _row_finite(p_x, b_rows, m_r, b_x, D, stride_xn, stride_xd, BLOCK_N, BLOCK_D, SINGLE_D)
+            m_use = m_r & m_ok
+            if HAS_W:
+                b_w = tl.load(p_w + (b_rows % NW) * stride_w, mask=m_use, other=0).to(tl.float64)
+            else:
+                b_w = m_use.to(tl.float64)
+            b_acc += tl.sum(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), axis=0)
+            b_cnt += b_w
+            b_nbad += (m_r & ~m_ok).to(tl.int32)
+        cnt = tl.sum(b_cnt, axis=0)
+        if n_pieces == 1:
+            tl.store(p_sums + s * stride_sk + o_d, b_acc.to(tl.float32), mask=m_d)
+            if pid_d == 0:
+                tl.store(p_counts + s, cnt.to(tl.float32))
+        else:
+            q = tl.load(p_multi_first + s).to(tl.int64) + j
+            tl.store(p_psums + q * stride_pk + o_d, b_acc, mask=m_d)
+            if pid_d == 0:
+                tl.store(p_pcounts + q, cnt)
+        if pid_d == 0:
+            nbad = tl.sum(b_nbad, axis=0)
+            if nbad > 0:
+                tl.atomic_add(p_bad + (s // K) * 2, nbad, sem="relaxed")
+
+
+@triton.jit
+def _code_statistics_merge_kernel(
+    p_multi_seg, p_multi_first, p_pieces, p_pcounts, p_psums, p_counts, p_sums,
+    D, S,
+    stride_sk, stride_pk,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One segment of several pieces x BLOCK_D columns: its float64 partials, summed in order."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    s = tl.load(p_multi_seg + pid_m).to(tl.int64)
+    if s < S:
+        o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        q0 = tl.load(p_multi_first + s).to(tl.int64)
+        q1 = q0 + tl.load(p_pieces + s).to(tl.int64)
+        b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)
+        b_cnt = tl.zeros([BLOCK_Q], dtype=tl.float64)
+        for q in range(q0, q1, BLOCK_Q):
+            o_q = q + tl.arange(0, BLOCK_Q)
+            m_q = o_q < q1
+            b_p = tl.load(p_psums + o_q[:, None] * stride_pk + o_d[None, :], mask=m_q[:, None] & m_d[None, :],
+                          other=0.0)
+            b_acc += tl.sum(b_p, axis=0)
+            b_cnt += tl.load(p_pcounts + o_q, mask=m_q, other=0.0)
+        tl.store(p_sums + s * stride_sk + o_d, b_acc.to(tl.float32), mask=m_d)
+        if pid_d == 0:
+            tl.store(p_counts + s, tl.sum(b_cnt, axis=0).to(tl.float32))
+
+
+def _blocks(D: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, BLOCK_D, number of column blocks, SINGLE_D) for rows of D elements."""
+    BLOCK_D = min(max(next_pow2(D), 16), MAX_BLOCK_D)
+    BLOCK_N = min(max(TILE_ELEMENTS // BLOCK_D, 16), 64)
+    n_dblocks = max(triton.cdiv(D, BLOCK_D), 1)  # D = 0 still launches one block (the counts)
+    return BLOCK_N, BLOCK_D, n_dblocks, n_dblocks == 1
+
+
+def piece_rows(M: int, D: int) -> int:
+    """``P``: rows per piece of the deterministic path, the power of two nearest
+    ``sqrt(64 M / max(D, 16))``, at least 256 (512 at a million rows of 256). A code that takes
+    every row then costs ``M / P`` programs of ``P * D`` elements and a merge of ``M / P``
+    float64 partials spread over ``D / 16`` programs of ``32 M / P`` elements each: the two
+    balance, and both stay near what evenly spread codes cost (counted per program in
+    ``tests/ops/test_code_statistics.py::test_hot_code_is_balanced``). From shapes only, so no
+    launch waits on a value."""
+    return max(MIN_PIECE, 1 << round(math.log2(math.sqrt(64 * max(M, 1) / max(D, 16)))))
+
+
+def segment_plan(keys: torch.Tensor, S: int, D: int) -> dict:
+    """The deterministic path's work list, from the segment id of every row (``S`` = invalid).
+
+    All shapes follow from ``M``, ``S`` and ``P``; nothing is read on the host. Returns the
+    stable sort's ``perm``; per segment ``offsets (S+1)`` into the sorted rows, ``pieces``
+    (``ceil(len / P)``), ``item_end`` (inclusive cumsum of pieces) and ``multi_first`` (where a
+    multi-piece segment's partials start); per program of the first kernel ``seg_of_item``
+    (``S``: idle); per program of the merge kernel ``multi_seg`` (``S``: idle); and the grid
+    sizes ``n_items`` (``min(M, S) + ceil(M / P)`` pieces at most) and ``n_multi``
+    (``ceil(M / P)``: a segment of two or more pieces has more than ``P`` rows).
+    """
+    M = keys.shape[0]
+    P = piece_rows(M, D)
+    dev = keys.device
+    seg_sorted, perm = torch.sort(keys, stable=True)
+    offsets = torch.searchsorted(seg_sorted, torch.arange(S + 1, device=dev, dtype=keys.dtype), out_int32=True)
+    lengths = offsets[1:] - offsets[:-1]
+    pieces = (lengths + (P - 1)) // P
+    item_end = torch.cumsum(pieces, 0, dtype=torch.int32)
+    n_items = min(M, S) + triton.cdiv(M, P)
+    seg_of_item = torch.searchsorted(item_end, torch.arange(n_items, device=dev, dtype=torch.int32), right=True,
+                                     out_int32=True)
+    multi = pieces > 1
+    multi_pieces = torch.where(multi, pieces, 0)
+    multi_first = torch.cumsum(multi_pieces, 0, dtype=torch.int32) - multi_pieces
+    n_multi = triton.cdiv(M, P)
+    rank = torch.cumsum(multi.to(torch.int32), 0, dtype=torch.int32) - 1
+    multi_seg = torch.full((n_multi + 1,), S, dtype=torch.int32, device=dev)
+    multi_seg.scatter_(0, torch.where(multi, rank, n_multi).long(), torch.arange(S, device=dev, dtype=torch.int32))
+    return dict(perm=perm, offsets=offsets, pieces=pieces, item_end=item_end, multi_first=multi_first,
+                seg_of_item=seg_of_item, multi_seg=multi_seg[:n_multi], n_items=n_items, n_multi=n_multi, P=P,
+                n_partials=2 * n_multi)
+
+
+def _keys(indices, weights, K: int, NL: int, L: int, S: int):
+    """int32 segment id per row (``S``: left out) and the per-level counts of rows left out for
+    a non-finite weight and for an index out of range (the kernels count non-finite rows)."""
+    M = indices.shape[0]
+    idx = indices.view(L, NL)
+    m_in = (idx >= 0) & (idx < K)
+    level_base = (torch.arange(L, device=indices.device, dtype=torch.int32) * K)[:, None]
+    keys = idx.to(torch.int32) + level_base
+    bad = torch.zeros((L, 2), dtype=torch.int32, device=indices.device)
+    if weights is None:
+        valid = m_in
+        bad[:, 1] = (~m_in).sum(1, dtype=torch.int32)
+    else:
+        w = weights.view(1, -1).expand(M // weights.shape[0], weights.shape[0]).reshape(L, NL)
+        live = w != 0
+        w_ok = torch.isfinite(w)
+        valid = m_in & live & w_ok
+        bad[:, 0] = (m_in & live & ~w_ok).sum(1, dtype=torch.int32)
+        bad[:, 1] = (live & ~m_in).sum(1, dtype=torch.int32)
+    return torch.where(valid, keys, S).reshape(M), bad
 
 
 @launcher
 def code_statistics_fwd(
-    x: torch.Tensor, seg: torch.Tensor, num_segments: int, deterministic: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x (M, D) float, seg (M,) int in [0, S) -> counts (S,), sums (S, D)``, float32.
-
-    Same device, any strides; ``seg`` is not range-checked here (the op does it).
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    num_codes: int,
+    rows_per_level: int,
+    weights: torch.Tensor | None = None,
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x (M, D) float``, ``indices (M,) int`` (level ``r // rows_per_level``'s codes, any
+    values), ``weights (NW,)`` float or bool (row ``r`` has weight ``weights[r % NW]``) or None
+    -> ``counts (S,)`` float32, ``sums (S, D)`` float32, ``bad (L, 2)`` int32 with
+    ``S = L * num_codes``, ``L = M // rows_per_level``: per level, rows left out as not finite
+    and rows whose index is out of range. Same device, any strides. Never syncs with the host.
     """
-    # check
-    if x.dim() != 2 or seg.dim() != 1 or seg.shape[0] != x.shape[0]:
-        raise ValueError(f"code_statistics_fwd: expected (M, D) and (M,), got {tuple(x.shape)} and {tuple(seg.shape)}")
-    if seg.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"code_statistics_fwd: seg must be int32/int64, got {seg.dtype}")
+    # check (internal preconditions; users are checked by the op)
+    assert x.dim() == 2 and indices.dim() == 1 and indices.shape[0] == x.shape[0], (x.shape, indices.shape)
     M, D = x.shape
-    S = int(num_segments)
-    BLOCK_D = min(max(next_pow2(D), 16), 128)
+    K, NL = int(num_codes), int(rows_per_level)
+    assert NL > 0 and M % NL == 0, (M, NL)
+    L = M // NL
+    S = L * K
+    assert S + 1 < 2**31 and M < 2**31, "int32 keys and offsets"
+    if weights is not None:
+        assert weights.dim() == 1 and weights.shape[0] > 0 and M % weights.shape[0] == 0, weights.shape
+        if weights.dtype == torch.bool:
+            weights = weights.view(torch.uint8)
+    dev = x.device
+    BLOCK_N, BLOCK_D, n_dblocks, single_d = _blocks(D)
+    has_w = weights is not None
+    w_arg = weights if has_w else x
+    NW = weights.shape[0] if has_w else 1
+    stride_w = weights.stride(0) if has_w else 0
     # allocate + launch
     if not deterministic:
-        counts = torch.zeros((S,), dtype=torch.float32, device=x.device)
-        sums = torch.zeros((S, D), dtype=torch.float32, device=x.device)
-        if M == 0 or S == 0:
-            return counts, sums
-        if D == 0:  # no column block would launch, so the counts must come from elsewhere
-            return torch.bincount(seg.long(), minlength=S).float(), sums
-        BLOCK_N = 64
-        grid = (triton.cdiv(M, BLOCK_N), triton.cdiv(D, BLOCK_D))
-        _code_statistics_atomic_kernel[grid](
-            x, seg, counts, sums, M, D,
-            x.stride(0), x.stride(1), seg.stride(0), sums.stride(0), sums.stride(1),
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
-        )
-        return counts, sums
-    counts = torch.empty((S,), dtype=torch.float32, device=x.device)
-    sums = torch.empty((S, D), dtype=torch.float32, device=x.device)
-    if S == 0:
-        return counts, sums
-    if D == 0:
-        return torch.bincount(seg.long(), minlength=S).float(), sums
-    seg_sorted, perm = torch.sort(seg.long(), stable=True)
-    offsets = torch.searchsorted(seg_sorted, torch.arange(S + 1, device=x.device, dtype=torch.int64))
-    BLOCK_N = 32
-    grid = (S, triton.cdiv(D, BLOCK_D))
-    _code_statistics_segment_kernel[grid](
-        x, perm, offsets, counts, sums, D,
-        x.stride(0), x.stride(1), sums.stride(0), sums.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
+        counts = torch.zeros((S,), dtype=torch.float64, device=dev)
+        sums = torch.zeros((S, D), dtype=torch.float64, device=dev)
+        bad = torch.zeros((L, 2), dtype=torch.int32, device=dev)
+        if M > 0:
+            grid = (triton.cdiv(M, BLOCK_N), n_dblocks)
+            _code_statistics_atomic_kernel[grid](
+                x, indices, w_arg, counts, sums, bad, M, D, NL, K, NW,
+                x.stride(0), x.stride(1), indices.stride(0), stride_w, sums.stride(0),
+                HAS_W=has_w, SINGLE_D=single_d, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
+            )
+        return counts.float(), sums.float(), bad
+    counts = torch.zeros((S,), dtype=torch.float32, device=dev)
+    sums = torch.zeros((S, D), dtype=torch.float32, device=dev)
+    if M == 0:
+        return counts, sums, torch.zeros((L, 2), dtype=torch.int32, device=dev)
+    keys, bad = _keys(indices, weights, K, NL, L, S)
+    if S == 0:  # K = 0: every row is out of range (counted by _keys), nothing to sum
+        return counts, sums, bad
+    plan = segment_plan(keys, S, D)
+    psums = torch.empty((plan["n_partials"], D), dtype=torch.float64, device=dev)
+    pcounts = torch.empty((plan["n_partials"],), dtype=torch.float64, device=dev)
+    _code_statistics_segment_kernel[(plan["n_items"], n_dblocks)](
+        x, w_arg, plan["perm"], plan["offsets"], plan["item_end"], plan["pieces"], plan["multi_first"],
+        plan["seg_of_item"], counts, sums, pcounts, psums, bad,
+        D, K, S, NW, plan["P"],
+        x.stride(0), x.stride(1), stride_w, sums.stride(0), psums.stride(0),
+        HAS_W=has_w, SINGLE_D=single_d, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
     )
-    return counts, sums
+    _code_statistics_merge_kernel[(plan["n_multi"], max(triton.cdiv(D, MERGE_BLOCK_D), 1))](
+        plan["multi_seg"], plan["multi_first"], plan["pieces"], pcounts, psums, counts, sums,
+        D, S, sums.stride(0), psums.stride(0),
+        BLOCK_Q=MERGE_BLOCK_Q, BLOCK_D=MERGE_BLOCK_D, num_warps=4,
+    )
+    return counts, sums, bad

@@ -8,14 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launcher
-
-_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+from ._common import flat_grid, flat_program_id, launcher
 
 
 @triton.jit
 def _code_usage_fwd_kernel(p_idx, p_counts, N, K, stride_n, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = flat_program_id()
     o_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_idx = tl.load(p_idx + o_n * stride_n, mask=m_n, other=0).to(tl.int64)
@@ -27,13 +25,7 @@ def _code_usage_fwd_kernel(p_idx, p_counts, N, K, stride_n, BLOCK_N: tl.constexp
 @launcher
 def code_usage_fwd(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """``(N,)`` integer ids -> ``(K + 1,)`` int64 counts; bin ``K`` counts ids outside ``[0, K)``."""
-    # check
-    if indices.dim() != 1:
-        raise ValueError(f"code_usage_fwd: expected (N,) indices, got {tuple(indices.shape)}")
-    if indices.dtype not in _INT_DTYPES:
-        raise TypeError(f"code_usage_fwd: indices must be an integer tensor, got {indices.dtype}")
-    if codebook_size < 1:
-        raise ValueError(f"code_usage_fwd: codebook_size must be >= 1, got {codebook_size}")
+    assert indices.dim() == 1 and not indices.is_floating_point() and codebook_size >= 1
     N = indices.shape[0]
     # allocate
     counts = torch.zeros(codebook_size + 1, dtype=torch.int64, device=indices.device)
@@ -41,7 +33,7 @@ def code_usage_fwd(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
         return counts
     # launch
     BLOCK_N = 1024
-    _code_usage_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _code_usage_fwd_kernel[flat_grid(triton.cdiv(N, BLOCK_N))](
         indices, counts, N, codebook_size, indices.stride(0), BLOCK_N=BLOCK_N,
     )
     return counts

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import dot_fp32, exp2i, launcher, nan_clamp, next_pow2, pow2_exponent, tl_input_precision
+from ._common import autotune_configs, dot_fp32, exp2i, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, tl_input_precision
 
 # Internal metric ids; the public names and their documentation live in fastvq/ops/_search.py.
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2, "euclidean": 3}
@@ -75,7 +75,8 @@ META_COLS = 4  # per codebook: first finite code, scaled copy in use, float32 bi
 
 @triton.jit
 def _scores(b_xc, p_cterm, o_k, m_k, METRIC: tl.constexpr):
-    """Scores whose row argmin is the nearest code; +inf for masked codes and NaN."""
+    """Scores whose row argmin is the nearest code; NaN for codes past the tile's end and for
+    codes with a non-finite entry (their per-code term is NaN)."""
     b_ct = tl.load(p_cterm + o_k, mask=m_k, other=float("nan"))
     if METRIC == 1:
         b_s = -b_xc * b_ct[None, :]
@@ -83,27 +84,97 @@ def _scores(b_xc, p_cterm, o_k, m_k, METRIC: tl.constexpr):
         b_s = b_ct[None, :] - b_xc
     else:
         b_s = b_ct[None, :] - 2.0 * b_xc
-    return tl.where(m_k[None, :] & (b_s == b_s), b_s, float("inf"))
+    return b_s
+
+
+@triton.jit
+def _gumbel(seed, o_n, o_k, h):
+    """Gumbel(0, 1) noise for rows ``o_n`` x codes ``o_k`` of codebook ``h``: Philox4x32-10 keyed
+    by ``seed``, counter (code, row, codebook, row >> 32), first word -> u in (0, 1)."""
+    zero = (o_n[:, None] * 0 + o_k[None, :] * 0)
+    c0 = (o_k[None, :] + zero).to(tl.uint32)
+    c1 = (o_n[:, None] + zero).to(tl.uint32)
+    c2 = (zero + h).to(tl.uint32)
+    c3 = ((o_n >> 32)[:, None] + zero).to(tl.uint32)
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    u = ((r0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    return -tl.log(-tl.log(u))
 
 
 @triton.jit
 def _merge_tile(b_best, b_idx, b_s, k0):
-    """Fold a tile of scores into the running (min, index): left ties inside, strict < across."""
+    """Fold a tile of scores into the running (min, index): left ties inside, strict < across.
+    NaN scores never win."""
+    b_s = tl.where(b_s == b_s, b_s, float("inf"))
     b_tmin, b_targ = tl.min(b_s, axis=1, return_indices=True, return_indices_tie_break_left=True)
     m_better = b_tmin < b_best
-    return tl.where(m_better, b_tmin, b_best), tl.where(m_better, k0 + b_targ.to(tl.int32), b_idx)
+    return tl.where(m_better, b_tmin, b_best), tl.where(m_better, (k0 + b_targ).to(tl.int32), b_idx)
 
 
 @triton.jit
-def _finish(p_x, o_xrow, m_n, p_c, o_crow, b_idx, b_first, p_idx, p_dist, o_out, K, D, stride_xd, stride_ck,
-            stride_cd, METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The per-row epilogue: pick the index (NaN row: 0; infinite row or no finite score: the
-    first finite code), then compute the distance to it directly and store both.
+def _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr,
+            DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The resident x tile (rows scaled by ``b_rs`` for cosine/dot), loaded once per program."""
+    o_d = tl.arange(0, BLOCK_D)
+    if ONE_D_BLOCK:
+        b_xt = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m_n[:, None] & (o_d < D)[None, :],
+                       other=0.0)
+        if SCALE_ROWS:
+            b_xt = (b_xt.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty)
+        if DOT_FP32:
+            b_xt = b_xt.to(tl.float32)
+    else:  # streamed: nothing resident
+        b_xt = tl.zeros((BLOCK_N, BLOCK_D), dtype=p_x.dtype.element_ty)
+    return b_xt
 
-    ``o_xrow``/``o_crow``: element offsets of each row's x and of its codebook's code 0.
-    ``b_idx``: the search's index, -1 where no code had a finite score.
-    """
-    # pass 1: the row's flags and max-abs
+
+@triton.jit
+def _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+             ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``x @ c.T`` for one codebook tile, float32: the resident x tile against the codes, or D
+    streamed in BLOCK_D chunks of both."""
+    o_d = tl.arange(0, BLOCK_D)
+    if ONE_D_BLOCK:
+        b_c = tl.load(p_cb + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                      mask=m_k[:, None] & (o_d < D)[None, :], other=0.0)
+        if DOT_FP32:
+            b_c = b_c.to(tl.float32)
+        b_xc = tl.dot(b_xt, tl.trans(b_c), input_precision=PRECISION)
+    else:
+        b_xc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_dd = d0 + o_d
+            m_dd = o_dd < D
+            b_xd = tl.load(p_x + o_xrow[:, None] + o_dd[None, :] * stride_xd, mask=m_n[:, None] & m_dd[None, :],
+                           other=0.0)
+            b_cd = tl.load(p_cb + o_k[:, None] * stride_ck + o_dd[None, :] * stride_cd,
+                           mask=m_k[:, None] & m_dd[None, :], other=0.0)
+            if SCALE_ROWS:
+                b_xd = (b_xd.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty)
+            if DOT_FP32:
+                b_xd = b_xd.to(tl.float32)
+                b_cd = b_cd.to(tl.float32)
+            b_xc = tl.dot(b_xd, tl.trans(b_cd), b_xc, input_precision=PRECISION)
+    return b_xc
+
+
+@triton.jit
+def _row_scale(p_x, o_xrow, m_n, D, stride_xd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row: max-abs and the power of two that brings it into [1, 2) (cosine and dot scale
+    rows by it: their argmin does not depend on a row's scale)."""
+    o_d = tl.arange(0, BLOCK_D)
+    b_xm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
+        b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd, other=0.0)
+        b_xm = tl.maximum(b_xm, tl.max(tl.abs(b_x.to(tl.float32)), axis=1))
+    return b_xm, exp2i(-pow2_exponent(b_xm))
+
+
+@triton.jit
+def _row_flags(p_x, o_xrow, m_n, D, stride_xd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row: max-abs (NaN ignored), a NaN entry, a non-finite entry."""
     b_xm = tl.zeros((BLOCK_N,), dtype=tl.float32)
     b_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
     b_nan = tl.zeros((BLOCK_N,), dtype=tl.int32)
@@ -114,11 +185,16 @@ def _finish(p_x, o_xrow, m_n, p_c, o_crow, b_idx, b_first, p_idx, p_dist, o_out,
         b_xm = tl.maximum(b_xm, tl.max(tl.abs(b_x), axis=1))
         b_z += tl.sum(b_x * 0.0, axis=1)  # NaN iff an entry is NaN or infinite
         b_nan = tl.maximum(b_nan, tl.max((b_x != b_x).to(tl.int32), axis=1))
-    b_first = tl.where(b_first < K, b_first, 0)
-    b_idx = tl.where(b_nan > 0, 0, tl.where((b_z != b_z) | (b_idx < 0), b_first, b_idx))
-    p_row = p_c + o_crow + b_idx.to(tl.int64) * stride_ck  # the chosen code of each row
-    # pass 2 (euclidean): the largest |x - c|, to scale before squaring
-    if METRIC == 3:
+    return b_xm, b_nan > 0, b_z != b_z
+
+
+@triton.jit
+def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
+              METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The distance from each row (at ``o_xrow``, max-abs ``b_xm``) to its code (at ``p_row``),
+    computed directly and rounded once: NaN where it is NaN, +inf where it overflows (dot:
+    -inf), scaled by powers of two before squaring or normalising."""
+    if METRIC == 3:  # euclidean: the largest |x - c|, to scale before squaring
         b_dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
@@ -128,8 +204,7 @@ def _finish(p_x, o_xrow, m_n, p_c, o_crow, b_idx, b_first, p_idx, p_dist, o_out,
             b_dm = tl.maximum(b_dm, tl.max(tl.abs(b_x - b_c), axis=1))
         e_d = pow2_exponent(b_dm)
         s_d = exp2i(-e_d)
-    # pass 2 (cosine, dot): the chosen codes' max-abs
-    if METRIC == 1 or METRIC == 2:
+    if METRIC == 1 or METRIC == 2:  # cosine, dot: the codes' max-abs
         b_cm = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
@@ -140,7 +215,6 @@ def _finish(p_x, o_xrow, m_n, p_c, o_crow, b_idx, b_first, p_idx, p_dist, o_out,
         e_c = pow2_exponent(b_cm)
         s_x = exp2i(-e_x)
         s_c = exp2i(-e_c)
-    # pass 3: the distance, directly
     b_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     b_qx = tl.zeros((BLOCK_N,), dtype=tl.float32)
     b_qc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -173,6 +247,23 @@ def _finish(p_x, o_xrow, m_n, p_c, o_crow, b_idx, b_first, p_idx, p_dist, o_out,
         b_dist = tl.sqrt(b_t) * exp2i(e_d)
     else:
         b_dist = b_t
+    return b_dist
+
+
+@triton.jit
+def _finish(p_x, o_xrow, m_n, p_c, o_crow, b_idx, b_first, p_idx, p_dist, o_out, K, D, stride_xd, stride_ck,
+            stride_cd, METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The per-row epilogue: pick the index (NaN row: 0; infinite row or no finite score: the
+    first finite code), then compute the distance to it directly and store both.
+
+    ``o_xrow``/``o_crow``: element offsets of each row's x and of its codebook's code 0.
+    ``b_idx``: the search's index, -1 where no code had a finite score.
+    """
+    b_xm, m_nan, m_bad = _row_flags(p_x, o_xrow, m_n, D, stride_xd, BLOCK_N, BLOCK_D)
+    b_first = tl.where(b_first < K, b_first, 0)
+    b_idx = tl.where(m_nan, 0, tl.where(m_bad | (b_idx < 0), b_first, b_idx))
+    p_row = p_c + o_crow + b_idx.to(tl.int64) * stride_ck  # the chosen code of each row
+    b_dist = _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd, METRIC, BLOCK_N, BLOCK_D)
     tl.store(p_idx + o_out, b_idx.to(tl.int64), mask=m_n)
     tl.store(p_dist + o_out, b_dist, mask=m_n)
 
@@ -339,15 +430,16 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _configs():
-    if INTERPRETED:  # the interpreter would run (and time) every config
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
+    gpu = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn in (64, 128)
         for bk in (32, 64, 128)
         for w in (4, 8)
         for s in (2, 3)
     ]
+    return autotune_configs("nearest_code", gpu,
+                            pinned=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+                            interpreter=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
 
 
 # Keyed on D and K (never N); SPLITS, the precision (ieee vs tf32 fp32 dots differ several-fold)
@@ -358,10 +450,10 @@ def _configs():
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _nearest_code_fwd_kernel(
-    p_x, p_c, p_chat, p_cterm, p_meta, p_pos, p_idx, p_dist, p_pscore, p_pidx,
-    N, K, D, H, SPLITS, K_BUCKET,
+    p_x, p_c, p_chat, p_cterm, p_meta, p_pos, p_seed, p_idx, p_dist, p_pscore, p_pidx,
+    N, K, D, H, SPLITS, K_BUCKET, temperature,
     stride_xh, stride_xn, stride_xd, stride_ch, stride_ck, stride_cd, stride_pn, stride_pd,
-    METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr, SAMPLE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -384,13 +476,9 @@ def _nearest_code_fwd_kernel(
     # Row terms, once: cosine/dot scale each row by a power of two (their argmin ignores it);
     # mining needs |x|^2 and the bound |x - p|^2, in the scale of the scores.
     o_d = tl.arange(0, BLOCK_D)
+    b_rs = tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0
     if SCALE_ROWS:
-        b_xm = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
-            b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd, other=0.0)
-            b_xm = tl.maximum(b_xm, tl.max(tl.abs(b_x.to(tl.float32)), axis=1))
-        b_rs = exp2i(-pow2_exponent(b_xm))
+        b_xm, b_rs = _row_scale(p_x, o_xrow, m_n, D, stride_xd, BLOCK_N, BLOCK_D)
     if HAS_LOWER_BOUND:
         b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b_lb = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -403,15 +491,39 @@ def _nearest_code_fwd_kernel(
             b_xx += tl.sum(b_x * b_x, axis=1)
             b_lb += tl.sum((b_x - b_p) * (b_x - b_p), axis=1)
         b_thr = b_lb - b_xx  # a negative strictly farther than the positive scores above this
+    if SAMPLE:
+        # distance / temperature = a * score + (row constant); Gumbel-max over -that
+        inv_s = 1.0 / s_l2  # 2^e exactly
+        if METRIC == 1:  # 1 - cos = 1 + score / |x'|
+            b_q = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
+                b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd, other=0.0)
+                b_x = (b_x.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty).to(tl.float32)
+                b_q += tl.sum(b_x * b_x, axis=1)
+            b_nx = tl.sqrt(b_q)
+            b_a = tl.where(b_nx > 0, 1.0 / (tl.where(b_nx > 0, b_nx, 1.0) * temperature), 0.0)
+        elif METRIC == 2:  # -(x.c) = score * 2^(e_x + e)
+            if SCALE_ROWS:
+                b_a = (exp2i(pow2_exponent(b_xm)) * inv_s) / temperature
+            else:
+                b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_s / temperature
+        elif METRIC == 3:  # |x - c| = sqrt(|x s|^2 + score) / s
+            b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
+                b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd,
+                              other=0.0).to(tl.float32) * s_l2
+                b_xx += tl.sum(b_x * b_x, axis=1)
+            b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_s / temperature
+        else:  # |x - c|^2 = (|x s|^2 + score) / s^2
+            b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + (inv_s * inv_s) / temperature
+        b_w = (b_a <= 1.2676506002282294e30).to(tl.float32)  # 2^100: beyond, the row takes its nearest code
+        b_a = tl.where(b_w > 0, b_a, 1.0)
+        seed = tl.load(p_seed)
 
     # The x tile stays on chip while the codebook streams past.
-    m_d = o_d < D
-    if ONE_D_BLOCK:
-        b_xt = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        if SCALE_ROWS:
-            b_xt = (b_xt.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty)
-        if DOT_FP32:
-            b_xt = b_xt.to(tl.float32)
+    b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
 
     # This program's share of the codebook: whole BLOCK_K tiles, in increasing order.
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS)
@@ -425,28 +537,13 @@ def _nearest_code_fwd_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < k_end
-        if ONE_D_BLOCK:
-            b_c = tl.load(p_cb + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                          mask=m_k[:, None] & m_d[None, :], other=0.0)
-            if DOT_FP32:
-                b_c = b_c.to(tl.float32)
-            b_xc = tl.dot(b_xt, tl.trans(b_c), input_precision=PRECISION)
-        else:
-            b_xc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                o_dd = d0 + o_d
-                m_dd = o_dd < D
-                b_xd = tl.load(p_x + o_xrow[:, None] + o_dd[None, :] * stride_xd,
-                               mask=m_n[:, None] & m_dd[None, :], other=0.0)
-                b_cd = tl.load(p_cb + o_k[:, None] * stride_ck + o_dd[None, :] * stride_cd,
-                               mask=m_k[:, None] & m_dd[None, :], other=0.0)
-                if SCALE_ROWS:
-                    b_xd = (b_xd.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty)
-                if DOT_FP32:
-                    b_xd = b_xd.to(tl.float32)
-                    b_cd = b_cd.to(tl.float32)
-                b_xc = tl.dot(b_xd, tl.trans(b_cd), b_xc, input_precision=PRECISION)
+        b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+                        ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
         b_s = _scores(b_xc, p_ct, o_k, m_k, METRIC)
+        if SAMPLE:
+            if METRIC == 3:
+                b_s = tl.sqrt(nan_max0(b_xx[:, None] + b_s))
+            b_s = b_s * b_a[:, None] - b_w[:, None] * _gumbel(seed, o_n, o_k, h)
         b_best, b_idx = _merge_tile(b_best, b_idx, b_s, k0)
         if HAS_LOWER_BOUND:  # only codes strictly farther than the positive
             b_best_c, b_idx_c = _merge_tile(b_best_c, b_idx_c, tl.where(b_s > b_thr[:, None], b_s, float("inf")), k0)
@@ -463,8 +560,10 @@ def _nearest_code_fwd_kernel(
     else:
         if HAS_LOWER_BOUND:
             b_idx = tl.where(b_idx_c >= 0, b_idx_c, b_idx)
+        # (D in chunks of at most 32: the epilogue's tiles are not the loop's, registers stay free)
         _finish(p_x, o_xrow, m_n, p_c, o_n * 0 + h * stride_ch, b_idx, tl.zeros((BLOCK_N,), dtype=tl.int32) + first,
-                p_idx, p_dist, o_out, K, D, stride_xd, stride_ck, stride_cd, METRIC, BLOCK_N, BLOCK_D)
+                p_idx, p_dist, o_out, K, D, stride_xd, stride_ck, stride_cd, METRIC, BLOCK_N,
+                BLOCK_D if BLOCK_D < 32 else 32)
 
 
 @triton.jit
@@ -503,6 +602,87 @@ def _nearest_code_reduce_kernel(p_x, p_c, p_meta, p_pscore, p_pidx, p_idx, p_dis
     b_first = tl.load(p_meta + h * 4, mask=m, other=0)
     _finish(p_x, h * stride_xh + n * stride_xn, m, p_c, h * stride_ch, b_idx, b_first, p_idx, p_dist, o, K, D,
             stride_xd, stride_ck, stride_cd, METRIC, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _topk_codes_fwd_kernel(
+    p_x, p_c, p_chat, p_cterm, p_meta, p_idx, p_dist,
+    N, K, D, KK,
+    stride_xh, stride_xn, stride_xd, stride_ch, stride_ck, stride_cd,
+    METRIC: tl.constexpr, ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, FIN_D: tl.constexpr,
+):
+    """The ``KK`` nearest codes of each row: the nearest-code search's scores, kept in a running
+    set of ``KK`` (value, key) slots per row. A tile is merged by extracting its best remaining
+    element while it beats some row's worst slot (all rows at once; a tile that improves no row
+    costs one min), so late tiles cost little. Key = code index, plus 2^30 for a code with a
+    non-finite entry: those rank after every finite code; a row with a non-finite entry ranks
+    every code at +inf (by key); a row with a NaN is given 0..KK-1 at the end."""
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    h = (pid // row_blocks).to(tl.int64)
+    pid_n = (pid % row_blocks).to(tl.int64)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_xrow = h * stride_xh + o_n * stride_xn
+    use_hat = tl.load(p_meta + h * 4 + 1)
+    p_cb = tl.where(use_hat != 0, p_chat, p_c) + h * stride_ch
+    p_ct = p_cterm + h * K
+
+    b_xm, m_nan, m_bad = _row_flags(p_x, o_xrow, m_n, D, stride_xd, BLOCK_N, FIN_D)
+    b_rs = tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0
+    if SCALE_ROWS:
+        b_rs = exp2i(-pow2_exponent(b_xm))
+    b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
+
+    BIG: tl.constexpr = 2147483647
+    o_slot = tl.arange(0, KP)
+    m_slot = (o_slot < KK)[None, :] & (o_n >= 0)[:, None]
+    b_tv = tl.where(m_slot, float("inf"), float("-inf"))  # slots past KK are never the worst
+    b_ti = tl.where(m_slot, BIG, -1)
+    b_wv = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)  # the worst slot: value, key, position
+    b_wi = tl.full((BLOCK_N,), BIG, dtype=tl.int32)
+    b_wp = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+                        ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
+        b_s = _scores(b_xc, p_ct, o_k, m_k, METRIC)
+        b_ct = tl.load(p_ct + o_k, mask=m_k, other=0.0)
+        b_key = (o_k + tl.where(b_ct == b_ct, 0, 1073741824)).to(tl.int32)
+        b_v = tl.where((b_s == b_s) & ~m_bad[:, None], b_s, float("inf"))
+        b_v = tl.where(m_k[None, :], b_v, float("nan"))  # past K: never extracted
+        b_m = tl.min(b_v, axis=1)
+        b_j = tl.min(tl.where(b_v == b_m[:, None], b_key[None, :], BIG), axis=1)
+        m_better = (b_m < b_wv) | ((b_m == b_wv) & (b_j < b_wi))
+        while tl.max(m_better.to(tl.int32), axis=0) > 0:
+            m_ins = m_better[:, None] & (o_slot[None, :] == b_wp[:, None])
+            b_tv = tl.where(m_ins, b_m[:, None], b_tv)
+            b_ti = tl.where(m_ins, b_j[:, None], b_ti)
+            b_wv = tl.max(b_tv, axis=1)
+            b_wi = tl.max(tl.where(b_tv == b_wv[:, None], b_ti, -2), axis=1)
+            b_wp = tl.min(tl.where((b_tv == b_wv[:, None]) & (b_ti == b_wi[:, None]), o_slot[None, :], KP), axis=1)
+            b_v = tl.where(b_key[None, :] == b_j[:, None], float("nan"), b_v)
+            b_m = tl.min(b_v, axis=1)
+            b_j = tl.min(tl.where(b_v == b_m[:, None], b_key[None, :], BIG), axis=1)
+            m_better = (b_m < b_wv) | ((b_m == b_wv) & (b_j < b_wi))
+
+    # out: the slots in increasing (value, key), each with its distance computed directly
+    o_out = (h * N + o_n) * KK
+    b_tv = tl.where(m_slot, b_tv, float("nan"))  # slots past KK: out of the sort
+    b_ti = tl.where(m_slot, b_ti, BIG)
+    for r in range(0, KK):
+        b_mv = tl.min(b_tv, axis=1)
+        b_mk = tl.min(tl.where(b_tv == b_mv[:, None], b_ti, BIG), axis=1)
+        b_tv = tl.where(b_ti == b_mk[:, None], float("nan"), b_tv)
+        b_ti = tl.where(b_ti == b_mk[:, None], BIG, b_ti)
+        b_idx = tl.minimum(tl.where(m_nan, r, b_mk & 1073741823), K - 1)  # (every slot is filled: K >= KK)
+        p_row = p_c + h * stride_ch + b_idx.to(tl.int64) * stride_ck
+        b_dist = _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd, METRIC, BLOCK_N, FIN_D)
+        tl.store(p_idx + o_out + r, b_idx.to(tl.int64), mask=m_n)
+        tl.store(p_dist + o_out + r, b_dist, mask=m_n)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -570,8 +750,9 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
     return codebook, chat, cterm, meta
 
 
-def _launch(x, codebook, metric, allow_tf32, positive, splits):
-    """``x`` (H, N, D), ``codebook`` (H, K, D) -> (H, N) int64 indices, (H, N) float32 distances."""
+def _launch(x, codebook, metric, allow_tf32, positive, splits, seed=None, temperature=0.0):
+    """``x`` (H, N, D), ``codebook`` (H, K, D) -> (H, N) int64 indices, (H, N) float32 distances.
+    ``positive``: mining's bound; ``seed`` (0-d int64) and ``temperature > 0``: Gumbel-max sampling."""
     H, N, D = x.shape
     K = codebook.shape[1]
     dev = x.device
@@ -595,12 +776,13 @@ def _launch(x, codebook, metric, allow_tf32, positive, splits):
     else:
         pscore, pidx = distances, indices  # unused
     pos = positive if has_lb else x[0]
+    sample = seed is not None
     _nearest_code_fwd_kernel[lambda meta_: (H * triton.cdiv(N, meta_["BLOCK_N"]), S)](
-        x, codebook, chat, cterm, meta, pos, indices, distances, pscore, pidx,
-        N, K, D, H, S, next_pow2(K),
+        x, codebook, chat, cterm, meta, pos, seed if sample else meta, indices, distances, pscore, pidx,
+        N, K, D, H, S, next_pow2(K), float(temperature),
         x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
         pos.stride(0), pos.stride(1),
-        METRIC=m, HAS_LOWER_BOUND=has_lb, WRITE_PARTIAL=S > 1, ONE_D_BLOCK=one_d,
+        METRIC=m, HAS_LOWER_BOUND=has_lb, SAMPLE=sample, WRITE_PARTIAL=S > 1, ONE_D_BLOCK=one_d,
         SCALE_ROWS=m in (1, 2) and x.dtype != torch.float16,
         PRECISION=tl_input_precision(x.dtype, allow_tf32), DOT_FP32=dot_fp32(x.dtype), BLOCK_D=BLOCK_D,
     )
@@ -652,3 +834,46 @@ def mine_negatives_fwd(anchor: torch.Tensor, positive: torch.Tensor, negatives: 
     indices, distances = _launch(anchor.unsqueeze(0), negatives.unsqueeze(0), "l2", False,
                                  positive if strategy == "semi-hard" else None, splits)
     return indices[0], distances[0]
+
+
+@launcher
+def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str = "l2",
+                   allow_tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, N, D), (H, K, D) -> (H, N, k) int64, (H, N, k) float32``: the k nearest codes, nearest first."""
+    _check("topk_codes_fwd", x, codebook, metric)
+    H, N, D = x.shape
+    K = codebook.shape[1]
+    assert 1 <= k <= K and K < 2**30, f"topk_codes_fwd: k = {k}, K = {K}"
+    dev = x.device
+    indices = torch.empty((H, N, k), dtype=torch.int64, device=dev)
+    distances = torch.empty((H, N, k), dtype=torch.float32, device=dev)
+    if N == 0 or H == 0:
+        return indices, distances
+    codebook, chat, cterm, meta = prepare_codebook(codebook, metric)
+    m = METRIC_IDS[metric]
+    one_d = D <= RESIDENT_MAX_D
+    BLOCK_D = max(next_pow2(D), 16) if one_d else 64
+    KP = max(next_pow2(k), 2)
+    if INTERPRETED:
+        BLOCK_N, BLOCK_K = 32, 32
+    else:
+        BLOCK_N, BLOCK_K = (64, 64) if KP <= 32 else (32, 64)
+    _topk_codes_fwd_kernel[(H * triton.cdiv(N, BLOCK_N),)](
+        x, codebook, chat, cterm, meta, indices, distances, N, K, D, k,
+        x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
+        METRIC=m, ONE_D_BLOCK=one_d, SCALE_ROWS=m in (1, 2) and x.dtype != torch.float16,
+        PRECISION=tl_input_precision(x.dtype, allow_tf32), DOT_FP32=dot_fp32(x.dtype), KP=KP,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, FIN_D=min(BLOCK_D, 32), num_warps=4,
+    )
+    return indices, distances
+
+
+@launcher
+def sample_code_fwd(x: torch.Tensor, codebook: torch.Tensor, seed: torch.Tensor, temperature: float,
+                    metric: str = "l2", allow_tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, N, D), (H, K, D), () int64 seed -> (H, N) int64, (H, N) float32``: Gumbel-max sampling
+    with probability ``softmax(-distance / temperature)``, ``temperature > 0`` (the op routes 0 to
+    the plain search)."""
+    _check("sample_code_fwd", x, codebook, metric)
+    assert temperature > 0 and seed.dim() == 0 and seed.dtype == torch.int64, "sample_code_fwd: temperature/seed"
+    return _launch(x, codebook, metric, allow_tf32, None, None, seed=seed.to(x.device), temperature=temperature)

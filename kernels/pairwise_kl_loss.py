@@ -27,18 +27,30 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
-from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import autotune_configs, dot_fp32, flat_grid, flat_program_id, launcher, next_pow2, tl_input_precision
 
 
-def _configs(pairs):
-    if INTERPRETED:  # the interpreter would run every config: one, with large tiles
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+def _configs(name, pairs):
+    return autotune_configs(
+        name, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs],
+        pinned=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=2, maxnreg=128),
+        interpreter=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4))  # (one, with large tiles)
 
 
-_FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2)])
-_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 32, 8, 2)])
+_FWD_CONFIGS = _configs("pairwise_kl_loss_fwd", [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2)])
+_BWD_CONFIGS = _configs("pairwise_kl_loss_bwd", [(64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 32, 8, 2)])
+
+
+@triton.jit
+def _finite(b_m):
+    """A running maximum made safe to subtract: -inf (no column seen yet) becomes 0."""
+    return tl.where(b_m == float("-inf"), 0.0, b_m)
+
+
+@triton.jit
+def _exp_prob(b_x):
+    """``exp(min(x, 0))``, NaN kept: a log-probability that rounding pushed above 0 gives 1."""
+    return tl.exp(tl.where(b_x > 0.0, 0.0, b_x))
 
 
 @triton.jit
@@ -72,14 +84,14 @@ def _pairwise_kl_loss_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = flat_program_id()
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < B
 
-    # Finite start for the running maxima: a tile where a row has no valid column leaves
-    # them finite, so the rescale factors exp(m_old - m_new) never see (-inf) - (-inf).
-    b_mp = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    b_mt = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    # The running maxima start at -inf (not a finite sentinel: logits below it would give an
+    # empty sum, log 0 = -inf), so logits of any magnitude keep an exact logsumexp.
+    b_mp = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    b_mt = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     b_lp = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_lt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -94,18 +106,23 @@ def _pairwise_kl_loss_fwd_kernel(
         b_s_m = tl.where(m_valid, b_s, float("-inf"))
         b_t_m = tl.where(m_valid, b_t, float("-inf"))
 
+        # raw running maxima (-inf until a valid column is seen) and their safe forms for
+        # subtraction: exp(-inf - safe) is an exact 0, and no (-inf) - (-inf) is ever formed
         b_mp_new = tl.maximum(b_mp, tl.max(b_s_m, axis=1))
-        b_lp = b_lp * tl.exp(b_mp - b_mp_new) + tl.sum(tl.exp(b_s_m - b_mp_new[:, None]), axis=1)
+        b_mp_sub = _finite(b_mp_new)
+        b_lp = b_lp * tl.exp(b_mp - b_mp_sub) + tl.sum(tl.exp(b_s_m - b_mp_sub[:, None]), axis=1)
 
         b_mt_new = tl.maximum(b_mt, tl.max(b_t_m, axis=1))
-        b_alpha = tl.exp(b_mt - b_mt_new)
-        b_q = tl.exp(b_t_m - b_mt_new[:, None])  # 0 where masked
+        b_mt_sub = _finite(b_mt_new)
+        b_alpha = tl.exp(b_mt - b_mt_sub)
+        b_q = tl.exp(b_t_m - b_mt_sub[:, None])  # 0 where masked
         # acc = sum_j exp(t_ij - m_t) ((t_ij - m_t) - (s_ij - m_p)): shifting by the running
         # maxima keeps the terms small (an exact 0 when the rows agree); moving the maxima
-        # shifts every earlier term by the same amount, hence the b_lt correction.
-        b_shift = (b_mt - b_mt_new) - (b_mp - b_mp_new)
-        b_acc = b_alpha * (b_acc + b_lt * b_shift) + tl.sum(
-            b_q * tl.where(m_valid, (b_t - b_mt_new[:, None]) - (b_s - b_mp_new[:, None]), 0.0), axis=1)
+        # shifts every earlier term by the same amount, hence the b_lt correction (b_lt is 0,
+        # and the shift unused, while the row has seen no column).
+        b_shift = (b_mt - b_mt_sub) - (b_mp - b_mp_sub)
+        b_acc = b_alpha * (b_acc + tl.where(b_lt > 0, b_lt * b_shift, 0.0)) + tl.sum(
+            b_q * tl.where(m_valid, (b_t - b_mt_sub[:, None]) - (b_s - b_mp_sub[:, None]), 0.0), axis=1)
         b_lt = b_lt * b_alpha + tl.sum(b_q, axis=1)
         b_mt = b_mt_new
         b_mp = b_mp_new
@@ -113,6 +130,9 @@ def _pairwise_kl_loss_fwd_kernel(
     b_lse_p = b_mp + tl.log(b_lp)
     b_lse_t = b_mt + tl.log(b_lt)
     b_kl = b_acc / b_lt - tl.log(b_lt) + tl.log(b_lp)
+    # A logit that overflows float32 (or a dot product that does, +inf + -inf) leaves the row's
+    # KL non-finite: that row's loss overflowed, +inf. (The op tells NaN/inf inputs apart.)
+    b_kl = tl.where(tl.abs(b_kl) < float("inf"), b_kl, float("inf"))
     tl.store(p_kl + o_m, b_kl, mask=m_m)
     tl.store(p_lse_p + o_m, b_lse_p, mask=m_m)
     tl.store(p_lse_t + o_m, b_lse_t, mask=m_m)
@@ -122,14 +142,15 @@ def _pairwise_kl_loss_fwd_kernel(
 @triton.jit
 def _pairwise_kl_loss_bwd_kernel(
     p_grad, p_pred, p_target, p_lse_p, p_lse_t, p_dpred,
-    B, DP, DT, inv_t,
+    B, DP, DT, inv_t, N_DO_TILES,
     stride_pb, stride_pd, stride_tb, stride_td, stride_db, stride_dd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    BLOCK_DO: tl.constexpr, H_SCALE: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    pid = flat_program_id()
+    pid_m = pid // N_DO_TILES
+    pid_d = pid % N_DO_TILES
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < B
     o_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -148,11 +169,15 @@ def _pairwise_kl_loss_bwd_kernel(
         b_lse_pn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
         b_lse_tn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
         # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
-        # exponent is <= 0; the diagonal may overflow but is dropped by the where.
-        b_h = (tl.exp(b_s - b_lse_pm[:, None]) - tl.exp(b_t - b_lse_tm[:, None])
-               + tl.exp(b_s - b_lse_pn[None, :]) - tl.exp(b_t - b_lse_tn[None, :]))
+        # exponent is <= 0 in exact arithmetic; at logits ~1e36 the rounding of s_ij against
+        # the forward's logsumexp can push it above, so it is capped at 0 (a probability is
+        # at most 1). The diagonal may overflow but is dropped by the where.
+        b_h = (_exp_prob(b_s - b_lse_pm[:, None]) - _exp_prob(b_t - b_lse_tm[:, None])
+               + _exp_prob(b_s - b_lse_pn[None, :]) - _exp_prob(b_t - b_lse_tn[None, :]))
         m_valid = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_h = tl.where(m_valid, b_h, 0.0)
+        if H_SCALE != 1.0:  # float16 operands: |h| <= 2 scaled by 2^14 stays normal down to 2^-28
+            b_h = b_h * H_SCALE
         b_pn = tl.load(p_pred + o_n[:, None] * stride_pb + o_do[None, :] * stride_pd,
                        mask=m_n[:, None] & m_do[None, :], other=0.0)
         if DOT_FP32_P:
@@ -160,9 +185,16 @@ def _pairwise_kl_loss_bwd_kernel(
         else:
             b_dp = tl.dot(b_h.to(b_pn.dtype), b_pn, b_dp, input_precision=PREC_P)
 
-    b_scale = tl.load(p_grad).to(tl.float32) * inv_t / B
+    b_scale = tl.load(p_grad).to(tl.float32) * inv_t / B / H_SCALE
     tl.store(p_dpred + o_m[:, None] * stride_db + o_do[None, :] * stride_dd,
              (b_dp * b_scale).to(p_dpred.dtype.element_ty), mask=m_m[:, None] & m_do[None, :])
+
+
+# The backward casts G + G^T (entries in [-2, 2], ~1/B each when the softmaxes are flat) to
+# float16 for the tensor-core dot with pred: unscaled, they fall below float16's normal range
+# (6.1e-5) from B ~ 16K on, or at any B when the softmaxes nearly agree. Scaled by 2^14 they stay
+# normal down to |h| = 2^-28 and below 2^15 at the top; the result is divided back in float32.
+H_SCALE_FP16 = 16384.0
 
 
 def _block_d(d: int) -> int:
@@ -190,7 +222,7 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
         lse_p.zero_(), lse_t.zero_()
         return torch.zeros((), dtype=torch.float32, device=pred.device), lse_p, lse_t
     # launch
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]))  # noqa: E731
     _pairwise_kl_loss_fwd_kernel[grid](
         pred, target, kl, lse_p, lse_t,
         B, DP, DT, 1.0 / float(temperature),
@@ -228,12 +260,14 @@ def pairwise_kl_loss_bwd(
         return dpred.zero_()
     # launch
     BLOCK_DO = min(max(next_pow2(DP), 16), 128)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(DP, BLOCK_DO))  # noqa: E731
+    n_do = triton.cdiv(DP, BLOCK_DO)
+    grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]) * n_do)  # noqa: E731
     _pairwise_kl_loss_bwd_kernel[grid](
         grad.float(), pred, target, lse_p.float().contiguous(), lse_t.float().contiguous(), dpred,
-        B, DP, DT, 1.0 / float(temperature),
+        B, DP, DT, 1.0 / float(temperature), n_do,
         pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), dpred.stride(0), dpred.stride(1),
         BLOCK_DP=_block_d(DP), BLOCK_DT=_block_d(DT), BLOCK_DO=BLOCK_DO,
+        H_SCALE=H_SCALE_FP16 if pred.dtype == torch.float16 else 1.0,
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
         DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype),
     )

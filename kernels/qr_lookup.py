@@ -1,15 +1,28 @@
-"""Quotient-remainder compositional embeddings: fused lookup (plain and bag) and scatter-add backward.
+"""Quotient-remainder compositional embeddings: fused lookup (plain and bag) and table gradients.
 
-Forward: each program hashes its ids (``h = id mod (Q*R)``, non-negative, exact int64
-arithmetic), gathers row ``h // R`` of the quotient table and row ``h % R`` of the remainder
-table, composes them in float32 ("add", "mult" or "concat") and stores one output tile.
-The bag kernel owns one bag x one D tile and sums its composed items (times their
-per-sample weights, or divided by the bag length for "mean") before the single store.
+Every kernel hashes its own ids: ``h = id mod (Q*R)`` (non-negative, exact int64 arithmetic),
+quotient row ``h // R``, remainder row ``h % R``; and finds an item's bag in ``offsets`` itself
+(binary search), so no index or bag array is built outside the kernels.
 
-Backward, deterministic (default): the launcher stable-sorts each table's row indices; one
-program per (touched row, D tile) sums that row's gradient contributions in sorted order
-(so in item order) in float32 and stores the row once: bitwise reproducible. The atomic
-path (``deterministic=False``) scatters with float32 ``tl.atomic_add`` instead.
+Forward: ``_qr_lookup_fwd_kernel`` gathers and composes ("add", "mult" or "concat") in float32
+and stores one tile of rows; ``_qr_lookup_bag_fwd_kernel`` owns one bag x one D tile and sums
+its composed items (each times its per-sample weight, or ``1 / len`` for "mean") before the
+single store.
+
+Backward, deterministic (default), both tables in one pass:
+
+1. ``_qr_keys_kernel`` writes one sort key per (item, table): ``q row`` for the quotient table,
+   ``Q + r row`` for the remainder table.
+2. ONE stable ``torch.sort`` of those keys lists, for every table row, its items in item order.
+3. ``_qr_rows_kernel``: one program per (table row, D tile) finds the row's run in the sorted
+   keys by binary search, sums its items' contributions in that order in float32 and stores the
+   row once; an untouched row stores zeros. Every gradient element is written exactly once (no
+   zero fill), nothing is read on the host, and the result is bitwise reproducible.
+
+``sparse=True`` runs the same sort and row kernel over the touched rows only: their number sizes
+the output, so it is read on the host (one sync). ``deterministic=False``: ``_qr_atomic_kernel``
+adds each item's contribution to both tables with relaxed float32 atomics (no sort).
+``_qr_psw_grad_kernel``: gradient of the per-sample weights (composed item . bag gradient).
 """
 
 from __future__ import annotations
@@ -18,11 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvq.reference.qr_lookup import bag_layout, item_scale, qr_indices, qr_out_dim
-
-from ._common import launcher, next_pow2
+from ._common import flat_grid, flat_program_id, launcher, next_pow2
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
+KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
+
+
+def _search_iters(n: int) -> int:
+    """Binary-search steps that narrow ``[0, n]`` to one point."""
+    return max(1, int(n).bit_length())
 
 
 @triton.jit
@@ -32,6 +49,28 @@ def _qr_hash(b_ids, M, R):
     b_h = tl.where(b_h < 0, b_h + M, b_h)  # C-style remainder on the GPU; floor mod is already >= 0
     b_qi = b_h // R
     return b_qi, b_h - b_qi * R
+
+
+@triton.jit
+def _bag_of(p_offsets, B, b_item, m_l, N_BAG_ITERS):
+    """Bag of each item: the last ``b`` with ``offsets[b] <= item`` (offsets start at 0, sorted)."""
+    b_lo = tl.zeros_like(b_item)
+    b_hi = tl.zeros_like(b_item) + B
+    for _ in range(N_BAG_ITERS):
+        b_open = b_lo < b_hi
+        b_mid = (b_lo + b_hi) // 2
+        b_v = tl.load(p_offsets + b_mid, mask=m_l & b_open, other=0)
+        b_right = b_v <= b_item
+        b_lo = tl.where(b_open & b_right, b_mid + 1, b_lo)
+        b_hi = tl.where(b_open & ~b_right, b_mid, b_hi)
+    return b_lo - 1
+
+
+@triton.jit
+def _bag_bounds(p_offsets, b_bag, m, N, B):
+    b_start = tl.load(p_offsets + b_bag, mask=m, other=0).to(tl.int64)
+    b_end = tl.load(p_offsets + b_bag + 1, mask=m & (b_bag + 1 < B), other=N).to(tl.int64)
+    return b_start, b_end
 
 
 @triton.jit
@@ -60,12 +99,13 @@ def _qr_compose(
 @triton.jit
 def _qr_lookup_fwd_kernel(
     p_ids, p_qw, p_rw, p_out,
-    N, M, R, DQ, DR, DOUT,
+    N, M, R, DQ, DR, DOUT, N_D_TILES,
     stride_qn, stride_qd, stride_rn, stride_rd, stride_on, stride_od,
     OP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    pid = flat_program_id()
+    pid_n = pid // N_D_TILES
+    pid_d = pid % N_D_TILES
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_n = o_n < N
@@ -78,16 +118,19 @@ def _qr_lookup_fwd_kernel(
 @triton.jit
 def _qr_lookup_bag_fwd_kernel(
     p_ids, p_offsets, p_psw, p_qw, p_rw, p_out,
-    N, B, M, R, DQ, DR, DOUT,
+    N, B, M, R, DQ, DR, DOUT, N_D_TILES,
     stride_qn, stride_qd, stride_rn, stride_rd, stride_on, stride_od,
     OP: tl.constexpr, HAS_W: tl.constexpr, MEAN: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    pid = flat_program_id()
+    pid_b = pid // N_D_TILES
+    pid_d = pid % N_D_TILES
+    if pid_b >= B:
+        return
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    start = tl.load(p_offsets + pid_b).to(tl.int64)
-    end = tl.load(p_offsets + pid_b + 1, mask=pid_b + 1 < B, other=N).to(tl.int64)
+    start, end = _bag_bounds(p_offsets, pid_b, pid_b < B, N, B)
+    inv_len = 1.0 / tl.maximum(end - start, 1).to(tl.float32)
     b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for l0 in range(start, end, BLOCK_L):
         o_l = l0 + tl.arange(0, BLOCK_L)
@@ -95,102 +138,210 @@ def _qr_lookup_bag_fwd_kernel(
         b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
         b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP)
         if HAS_W:
-            b_w = tl.load(p_psw + o_l, mask=m_l, other=0.0).to(tl.float32)
-            b_c = b_c * b_w[:, None]
+            b_c = b_c * tl.load(p_psw + o_l, mask=m_l, other=0.0).to(tl.float32)[:, None]
+        if MEAN:  # scale each item before the sum: the mean of items near the float32 limit stays finite
+            b_c = b_c * inv_len
         b_acc += b_c
     b_out = tl.sum(b_acc, axis=0)
-    if MEAN:
-        b_out = b_out / tl.maximum(end - start, 1).to(tl.float32)
     tl.store(p_out + pid_b * stride_on + o_d * stride_od, b_out.to(p_out.dtype.element_ty), mask=o_d < DOUT)
 
 
 @triton.jit
 def _qr_item_grad(
-    p_g, p_item_row, p_scale, p_ow, p_oidx, b_item, m_l, o_d, D, COL_OFF,
+    p_g, p_ids, p_offsets, p_psw, p_ow, b_item, m_l, o_d, D, COL_OFF,
+    N, B, M, R, N_BAG_ITERS,
     stride_gn, stride_gd, stride_own, stride_owd,
-    HAS_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, MULT: tl.constexpr,
+    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
 ):
-    """float32 (BLOCK_L, BLOCK_D) gradient contribution of items ``b_item`` to their table row."""
+    """float32 (BLOCK_L, BLOCK_D) contribution of items ``b_item`` to their rows of one table:
+    the output gradient of the item's row (its bag's, times 1/len or its weight), times the
+    other table's row for "mult"; concat tables read their own columns."""
     m = m_l[:, None] & (o_d < D)[None, :]
-    if HAS_ROW:
-        b_row = tl.load(p_item_row + b_item, mask=m_l, other=0)
+    if BAGS:
+        b_row = _bag_of(p_offsets, B, b_item, m_l, N_BAG_ITERS)
     else:
         b_row = b_item
     b_g = tl.load(p_g + b_row[:, None] * stride_gn + (COL_OFF + o_d)[None, :] * stride_gd, mask=m, other=0.0)
     b_g = b_g.to(tl.float32)
-    if HAS_SCALE:
-        b_g = b_g * tl.load(p_scale + b_item, mask=m_l, other=0.0)[:, None]
-    if MULT:
-        b_oi = tl.load(p_oidx + b_item, mask=m_l, other=0)
+    if MEAN:
+        b_start, b_end = _bag_bounds(p_offsets, b_row, m_l, N, B)
+        b_g = b_g * (1.0 / tl.maximum(b_end - b_start, 1).to(tl.float32))[:, None]
+    if HAS_W:
+        b_g = b_g * tl.load(p_psw + b_item, mask=m_l, other=0.0).to(tl.float32)[:, None]
+    if OP == 1:
+        b_qi, b_ri = _qr_hash(tl.load(p_ids + b_item, mask=m_l, other=0), M, R)
+        if IS_Q:
+            b_oi = b_ri
+        else:
+            b_oi = b_qi
         b_o = tl.load(p_ow + b_oi[:, None] * stride_own + o_d[None, :] * stride_owd, mask=m, other=0.0)
         b_g = b_g * b_o.to(tl.float32)
     return b_g
 
 
 @triton.jit
-def _qr_lookup_bwd_kernel(
-    p_g, p_perm, p_item_row, p_scale, p_ow, p_oidx, p_seg_start, p_seg_end, p_seg_row, p_dw,
-    D, COL_OFF,
-    stride_gn, stride_gd, stride_own, stride_owd, stride_dn, stride_dd,
-    HAS_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, MULT: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+def _qr_keys_kernel(
+    p_ids, p_keys, N, M, R, Q, R_BASE,
+    NEED_Q: tl.constexpr, NEED_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One (touched row, D tile) per program; items in the row's sorted segment, in order."""
-    pid_s = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    start = tl.load(p_seg_start + pid_s)
-    end = tl.load(p_seg_end + pid_s)
-    b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for l0 in range(start, end, BLOCK_L):
-        o_l = l0 + tl.arange(0, BLOCK_L)
-        m_l = o_l < end
-        b_item = tl.load(p_perm + o_l, mask=m_l, other=0)
-        b_acc += _qr_item_grad(p_g, p_item_row, p_scale, p_ow, p_oidx, b_item, m_l, o_d, D, COL_OFF,
-                               stride_gn, stride_gd, stride_own, stride_owd, HAS_ROW, HAS_SCALE, MULT)
-    b_dw = tl.sum(b_acc, axis=0)
-    row = tl.load(p_seg_row + pid_s)
-    tl.store(p_dw + row * stride_dn + o_d * stride_dd, b_dw.to(p_dw.dtype.element_ty), mask=o_d < D)
+    """Sort keys: ``keys[i] = q row of item i`` and ``keys[R_BASE + i] = Q + r row of item i``."""
+    o_n = flat_program_id() * BLOCK + tl.arange(0, BLOCK)
+    m_n = o_n < N
+    b_qi, b_ri = _qr_hash(tl.load(p_ids + o_n, mask=m_n, other=0), M, R)
+    if NEED_Q:
+        tl.store(p_keys + o_n, b_qi.to(p_keys.dtype.element_ty), mask=m_n)
+    if NEED_R:
+        tl.store(p_keys + R_BASE + o_n, (Q + b_ri).to(p_keys.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
-def _qr_lookup_bwd_atomic_kernel(
-    p_g, p_idx, p_item_row, p_scale, p_ow, p_oidx, p_dw,
-    N, D, COL_OFF,
+def _lower_bound(p_sorted, n, key, N_ITERS):
+    """First position in ``p_sorted[:n]`` (ascending) holding a value >= ``key``."""
+    lo = key * 0
+    hi = key * 0 + n
+    for _ in range(N_ITERS):
+        is_open = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(p_sorted + mid, mask=is_open, other=0).to(tl.int64)
+        below = v < key
+        lo = tl.where(is_open & below, mid + 1, lo)
+        hi = tl.where(is_open & ~below, mid, hi)
+    return lo
+
+
+@triton.jit
+def _qr_row_grad(
+    p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, p_dw, start, end, out_row, pid_d, POS_BASE, D, COL_OFF,
+    N, B, M, R, N_BAG_ITERS,
     stride_gn, stride_gd, stride_own, stride_owd, stride_dn, stride_dd,
-    HAS_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, MULT: tl.constexpr,
+    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """BLOCK_L items x one D tile per program, float32 atomic adds into their table rows."""
-    pid_l = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    """Sum the items at sorted positions ``[start, end)`` into row ``out_row`` of ``p_dw``."""
+    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_L):
+        o_p = p0 + tl.arange(0, BLOCK_L)
+        m_l = o_p < end
+        b_item = tl.load(p_perm + o_p, mask=m_l, other=POS_BASE).to(tl.int64) - POS_BASE
+        b_acc += _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, b_item, m_l, o_d, D, COL_OFF,
+                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                               IS_Q, OP, BAGS, MEAN, HAS_W)
+    b_dw = tl.sum(b_acc, axis=0)
+    tl.store(p_dw + out_row * stride_dn + o_d * stride_dd, b_dw.to(p_dw.dtype.element_ty), mask=o_d < D)
+
+
+@triton.jit
+def _qr_rows_kernel(
+    p_g, p_ids, p_offsets, p_psw, p_qw, p_rw, p_sorted, p_perm, p_rows, p_dq, p_dr,
+    N, B, M, Q, R, DQ, DR, N_KEYS, KEY0, R_BASE, UQ, N_ROWS, N_D_TILES, N_ITERS, N_BAG_ITERS,
+    stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
+    stride_dqn, stride_dqd, stride_drn, stride_drd,
+    OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, SPARSE: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (table row, D tile) per program. Dense: program ``r`` owns key ``KEY0 + r`` (every
+    row of the needed tables, in table order) and writes that table row. Sparse: program ``r``
+    owns the ``r``-th touched key ``rows[r]`` and writes row ``r`` (q keys) or ``r - UQ``."""
+    pid = flat_program_id()
+    pid_r = pid // N_D_TILES
+    pid_d = pid % N_D_TILES
+    if pid_r >= N_ROWS:
+        return
+    if SPARSE:
+        key = tl.load(p_rows + pid_r).to(tl.int64)
+    else:
+        key = pid_r + KEY0
+    start = _lower_bound(p_sorted, N_KEYS, key, N_ITERS)
+    end = _lower_bound(p_sorted, N_KEYS, key + 1, N_ITERS)
+    if key < Q:
+        if SPARSE:
+            out_row = pid_r
+        else:
+            out_row = key
+        _qr_row_grad(p_g, p_ids, p_offsets, p_psw, p_rw, p_perm, p_dq, start, end, out_row, pid_d, 0, DQ, 0,
+                     N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_rn, stride_rd, stride_dqn, stride_dqd,
+                     True, OP, BAGS, MEAN, HAS_W, BLOCK_L, BLOCK_D)
+    else:
+        if SPARSE:
+            out_row = pid_r - UQ
+        else:
+            out_row = key - Q
+        col_off = DQ if OP == 2 else 0
+        _qr_row_grad(p_g, p_ids, p_offsets, p_psw, p_qw, p_perm, p_dr, start, end, out_row, pid_d, R_BASE, DR,
+                     col_off, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd,
+                     stride_drn, stride_drd, False, OP, BAGS, MEAN, HAS_W, BLOCK_L, BLOCK_D)
+
+
+@triton.jit
+def _qr_atomic_kernel(
+    p_g, p_ids, p_offsets, p_psw, p_qw, p_rw, p_dq, p_dr,
+    N, B, M, R, DQ, DR, N_D_TILES, N_BAG_ITERS,
+    stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
+    stride_dqn, stride_dqd, stride_drn, stride_drd,
+    NEED_Q: tl.constexpr, NEED_R: tl.constexpr,
+    OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """BLOCK_L items x one D tile per program: relaxed float32 atomic adds into both tables."""
+    pid = flat_program_id()
+    pid_l = pid // N_D_TILES
+    pid_d = pid % N_D_TILES
     o_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_l = o_l < N
-    b_g = _qr_item_grad(p_g, p_item_row, p_scale, p_ow, p_oidx, o_l, m_l, o_d, D, COL_OFF,
-                        stride_gn, stride_gd, stride_own, stride_owd, HAS_ROW, HAS_SCALE, MULT)
-    b_idx = tl.load(p_idx + o_l, mask=m_l, other=0)
-    m = m_l[:, None] & (o_d < D)[None, :]
-    tl.atomic_add(p_dw + b_idx[:, None] * stride_dn + o_d[None, :] * stride_dd, b_g, mask=m)
+    b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
+    if NEED_Q:
+        b_g = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_rw, o_l, m_l, o_d, DQ, 0, N, B, M, R, N_BAG_ITERS,
+                            stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN, HAS_W)
+        tl.atomic_add(p_dq + b_qi[:, None] * stride_dqn + o_d[None, :] * stride_dqd, b_g,
+                      mask=m_l[:, None] & (o_d < DQ)[None, :], sem="relaxed")
+    if NEED_R:
+        col_off = DQ if OP == 2 else 0
+        b_g = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_qw, o_l, m_l, o_d, DR, col_off, N, B, M, R,
+                            N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN, HAS_W)
+        tl.atomic_add(p_dr + b_ri[:, None] * stride_drn + o_d[None, :] * stride_drd, b_g,
+                      mask=m_l[:, None] & (o_d < DR)[None, :], sem="relaxed")
+
+
+@triton.jit
+def _qr_psw_grad_kernel(
+    p_g, p_ids, p_offsets, p_qw, p_rw, p_dw,
+    N, B, M, R, DQ, DR, DOUT, N_BAG_ITERS,
+    stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
+    OP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``dw[i] = composed item i . grad[bag of i]``, BLOCK_L items per program, D in tiles."""
+    o_l = flat_program_id() * BLOCK_L + tl.arange(0, BLOCK_L)
+    m_l = o_l < N
+    b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
+    b_bag = _bag_of(p_offsets, B, o_l, m_l, N_BAG_ITERS)
+    b_dot = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for d0 in range(0, DOUT, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP)
+        m = m_l[:, None] & (o_d < DOUT)[None, :]
+        b_g = tl.load(p_g + b_bag[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0)
+        b_dot += tl.sum(b_c * b_g.to(tl.float32), axis=1)
+    tl.store(p_dw + o_l, b_dot.to(p_dw.dtype.element_ty), mask=m_l)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _check(name, ids, q_weight, r_weight, op, offsets):
-    if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: expected 1-D int ids, got {tuple(ids.shape)} {ids.dtype}")
-    if q_weight.dim() != 2 or r_weight.dim() != 2 or q_weight.dtype != r_weight.dtype:
-        raise ValueError(f"{name}: expected 2-D tables of one dtype, got {tuple(q_weight.shape)} "
-                         f"{q_weight.dtype} and {tuple(r_weight.shape)} {r_weight.dtype}")
-    if op not in OP_CODES or (op != "concat" and q_weight.shape[1] != r_weight.shape[1]):
-        raise ValueError(f"{name}: bad op {op!r} for widths {q_weight.shape[1]}, {r_weight.shape[1]}")
-    if offsets is not None and offsets.dim() != 1:
-        raise ValueError(f"{name}: offsets must be 1-D, got {tuple(offsets.shape)}")
-
-
 def _block_d(D: int) -> int:
     return min(next_pow2(max(D, 1)), 128)
+
+
+def _out_dim(op: str, q_weight: torch.Tensor, r_weight: torch.Tensor) -> int:
+    return q_weight.shape[1] + r_weight.shape[1] if op == "concat" else q_weight.shape[1]
+
+
+def _assert_args(ids, q_weight, r_weight, op, offsets):
+    assert ids.dim() == 1 and ids.dtype in (torch.int32, torch.int64), (ids.shape, ids.dtype)
+    assert q_weight.dim() == 2 and r_weight.dim() == 2 and q_weight.dtype == r_weight.dtype
+    assert op in OP_CODES and (op == "concat" or q_weight.shape[1] == r_weight.shape[1])
+    assert offsets is None or (offsets.dim() == 1 and offsets.dtype in (torch.int32, torch.int64))
 
 
 @launcher
@@ -203,130 +354,35 @@ def qr_lookup_fwd(
     mode: str = "sum",
     per_sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``ids (N,)`` -> ``(N, dim)``, or with ``offsets (B,)`` -> ``(B, dim)``, in the tables' dtype."""
-    # check
-    _check("qr_lookup_fwd", ids, q_weight, r_weight, op, offsets)
+    """``ids (N,)`` -> ``(N, dim)``, or with ``offsets (B,)`` -> ``(B, dim)``, in the tables' dtype.
+    ``offsets`` must be valid (start at 0, non-decreasing, at most N): the op checks them."""
+    _assert_args(ids, q_weight, r_weight, op, offsets)
     N = ids.shape[0]
     Q, R = q_weight.shape[0], r_weight.shape[0]
     DQ, DR = q_weight.shape[1], r_weight.shape[1]
-    DOUT = qr_out_dim(op, q_weight, r_weight)
-    ids = ids.contiguous()
+    DOUT = _out_dim(op, q_weight, r_weight)
     BLOCK_D = _block_d(DOUT)
-    # allocate + launch
+    n_d = triton.cdiv(DOUT, BLOCK_D)
+    rows = N if offsets is None else offsets.shape[0]
+    out = torch.empty((rows, DOUT), dtype=q_weight.dtype, device=q_weight.device)
+    if rows == 0 or DOUT == 0:
+        return out
+    strides = (q_weight.stride(0), q_weight.stride(1), r_weight.stride(0), r_weight.stride(1),
+               out.stride(0), out.stride(1))
     if offsets is None:
-        out = torch.empty((N, DOUT), dtype=q_weight.dtype, device=q_weight.device)
-        if N == 0 or DOUT == 0:
-            return out
         BLOCK_N = max(1, min(4096 // BLOCK_D, 64, next_pow2(N)))
-        grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(DOUT, BLOCK_D))
-        _qr_lookup_fwd_kernel[grid](
-            ids, q_weight, r_weight, out, N, Q * R, R, DQ, DR, DOUT,
-            q_weight.stride(0), q_weight.stride(1), r_weight.stride(0), r_weight.stride(1),
-            out.stride(0), out.stride(1),
+        _qr_lookup_fwd_kernel[flat_grid(triton.cdiv(N, BLOCK_N) * n_d)](
+            ids, q_weight, r_weight, out, N, Q * R, R, DQ, DR, DOUT, n_d, *strides,
             OP=OP_CODES[op], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )
         return out
-    B = offsets.shape[0]
-    out = torch.empty((B, DOUT), dtype=q_weight.dtype, device=q_weight.device)
-    if B == 0 or DOUT == 0:
-        return out
-    offsets = offsets.long().contiguous()
-    psw = per_sample_weights.contiguous() if per_sample_weights is not None else ids
-    BLOCK_L = max(1, min(16, 4096 // BLOCK_D))
-    grid = (B, triton.cdiv(DOUT, BLOCK_D))
-    _qr_lookup_bag_fwd_kernel[grid](
-        ids, offsets, psw, q_weight, r_weight, out, N, B, Q * R, R, DQ, DR, DOUT,
-        q_weight.stride(0), q_weight.stride(1), r_weight.stride(0), r_weight.stride(1),
-        out.stride(0), out.stride(1),
+    psw = per_sample_weights if per_sample_weights is not None else out
+    _qr_lookup_bag_fwd_kernel[flat_grid(rows * n_d)](
+        ids, offsets, psw, q_weight, r_weight, out, N, rows, Q * R, R, DQ, DR, DOUT, n_d, *strides,
         OP=OP_CODES[op], HAS_W=per_sample_weights is not None, MEAN=mode == "mean",
-        BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
+        BLOCK_L=max(1, min(16, 4096 // BLOCK_D)), BLOCK_D=BLOCK_D,
     )
     return out
-
-
-def _item_layout(ids, offsets, mode, per_sample_weights):
-    """``(grad row of each item or None, float32 scale of each item or None)``."""
-    if offsets is None:
-        return None, None
-    bag_of, lengths = bag_layout(offsets, ids.shape[0])
-    scale = item_scale(bag_of, lengths, mode, per_sample_weights)
-    return bag_of.contiguous(), None if scale is None else scale.contiguous()
-
-
-def _table_specs(op, q_weight, r_weight, qi, ri):
-    """Per table: (weight, its row of each item, other table, other table's row of each item, column offset)."""
-    dq = q_weight.shape[1]
-    return (
-        (q_weight, qi, r_weight, ri, 0),
-        (r_weight, ri, q_weight, qi, dq if op == "concat" else 0),
-    )
-
-
-def _bwd_items(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights):
-    """Both backward paths start here: check, drop the items when there are no bags, and map
-    each item to its quotient row, remainder row, output row and scale."""
-    _check("qr_lookup_bwd", ids, q_weight, r_weight, op, offsets)
-    if offsets is not None and offsets.numel() == 0:  # no bags: no item reaches the output
-        ids = ids[:0]
-    ids = ids.contiguous()
-    qi, ri = qr_indices(ids, q_weight.shape[0], r_weight.shape[0])
-    item_row, scale = _item_layout(ids, offsets, mode, per_sample_weights)
-    return ids, qi, ri, item_row, scale
-
-
-@launcher
-def qr_lookup_bwd_rows(
-    grad: torch.Tensor,
-    ids: torch.Tensor,
-    q_weight: torch.Tensor,
-    r_weight: torch.Tensor,
-    op: str,
-    offsets: torch.Tensor | None = None,
-    mode: str = "sum",
-    per_sample_weights: torch.Tensor | None = None,
-    dense: bool = True,
-    needs: tuple[bool, bool] = (True, True),
-) -> list:
-    """Deterministic sorted-segment backward.
-
-    For each table (quotient, remainder; ``None`` where ``needs`` is False): ``dense=True`` gives
-    the dense gradient (the table's shape and dtype, untouched rows zero); ``dense=False`` gives
-    ``(rows, values)``, the sorted unique touched rows (int64) and their gradients ``(U, D)``.
-    """
-    ids, qi, ri, item_row, scale = _bwd_items(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
-    results = []
-    for need, (w, idx, ow, oidx, col_off) in zip(needs, _table_specs(op, q_weight, r_weight, qi, ri)):
-        if not need:
-            results.append(None)
-            continue
-        D = w.shape[1]
-        sorted_idx, perm = torch.sort(idx, stable=True)
-        rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
-        seg_end = torch.cumsum(counts, 0)
-        seg_start = seg_end - counts
-        U = rows.shape[0]
-        # allocate
-        if dense:
-            dw = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
-            dst_rows = rows
-        else:
-            dw = torch.empty((U, D), dtype=w.dtype, device=w.device)
-            dst_rows = torch.arange(U, device=w.device)
-        # launch
-        if U > 0 and D > 0:
-            BLOCK_D = _block_d(D)
-            BLOCK_L = max(1, min(16, 4096 // BLOCK_D))
-            grid = (U, triton.cdiv(D, BLOCK_D))
-            _qr_lookup_bwd_kernel[grid](
-                grad, perm, item_row if item_row is not None else perm, scale if scale is not None else grad,
-                ow, oidx, seg_start, seg_end, dst_rows, dw,
-                D, col_off,
-                grad.stride(0), grad.stride(1), ow.stride(0), ow.stride(1), dw.stride(0), dw.stride(1),
-                HAS_ROW=item_row is not None, HAS_SCALE=scale is not None, MULT=op == "mult",
-                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
-            )
-        results.append(dw if dense else (rows, dw))
-    return results
 
 
 @launcher
@@ -340,34 +396,111 @@ def qr_lookup_bwd(
     mode: str = "sum",
     per_sample_weights: torch.Tensor | None = None,
     deterministic: bool = True,
-    needs: tuple[bool, bool] = (True, True),
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Dense ``(grad_q_weight, grad_r_weight)``; sorted segments (deterministic) or float32 atomics."""
-    if deterministic:
-        gq, gr = qr_lookup_bwd_rows(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
-                                    dense=True, needs=needs)
-        return gq, gr
-    ids, qi, ri, item_row, scale = _bwd_items(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
-    N = ids.shape[0]
-    results = []
-    for need, (w, idx, ow, oidx, col_off) in zip(needs, _table_specs(op, q_weight, r_weight, qi, ri)):
-        if not need:
-            results.append(None)
-            continue
-        D = w.shape[1]
-        # allocate
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        # launch
-        if N > 0 and D > 0:
-            BLOCK_D = _block_d(D)
-            BLOCK_L = max(1, min(64, 4096 // BLOCK_D))
-            grid = (triton.cdiv(N, BLOCK_L), triton.cdiv(D, BLOCK_D))
-            _qr_lookup_bwd_atomic_kernel[grid](
-                grad, idx, item_row if item_row is not None else idx, scale if scale is not None else grad,
-                ow, oidx, dw, N, D, col_off,
-                grad.stride(0), grad.stride(1), ow.stride(0), ow.stride(1), dw.stride(0), dw.stride(1),
-                HAS_ROW=item_row is not None, HAS_SCALE=scale is not None, MULT=op == "mult",
-                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
+    sparse: bool = False,
+    needs: tuple[bool, bool, bool] = (True, True, False),
+) -> tuple:
+    """Gradients of :func:`qr_lookup_fwd` for the upstream ``grad`` (its output's shape).
+
+    Returns ``(q_rows, q_grad, r_rows, r_grad, w_grad)``, ``None`` where ``needs`` (quotient
+    table, remainder table, per-sample weights) is False. Dense (``sparse=False``): ``q_grad``
+    has the table's shape and dtype and ``q_rows`` is None. Sparse: ``q_rows`` (U,) int64 are
+    the touched rows in ascending order and ``q_grad`` (U, dq) their gradients (always the
+    sorted path; U is read on the host, one sync). ``w_grad``: ``ids``-shaped, the weights' dtype.
+    """
+    _assert_args(ids, q_weight, r_weight, op, offsets)
+    assert grad.dim() == 2 and grad.shape[1] == _out_dim(op, q_weight, r_weight)
+    need_q, need_r, need_w = needs
+    dev = q_weight.device
+    Q, R = q_weight.shape[0], r_weight.shape[0]
+    DQ, DR = q_weight.shape[1], r_weight.shape[1]
+    M = Q * R
+    bags = offsets is not None
+    B = offsets.shape[0] if bags else 0
+    # no bags: no item reaches the output, so none is a contribution
+    N = 0 if (bags and B == 0) else ids.shape[0]
+    n_bag_iters = _search_iters(B)
+    # unused pointers get a tensor already passed (the tables are read only for "mult")
+    offsets_arg = offsets if bags else ids
+    psw_arg = per_sample_weights if per_sample_weights is not None else grad
+    qw_arg, rw_arg = (q_weight, r_weight) if op == "mult" else (grad, grad)
+    flags = dict(OP=OP_CODES[op], BAGS=bags, MEAN=bags and mode == "mean", HAS_W=per_sample_weights is not None)
+    BLOCK_D = _block_d(max(DQ if need_q else 0, DR if need_r else 0))
+
+    w_grad = None
+    if need_w:
+        w_grad = torch.empty(ids.shape, dtype=per_sample_weights.dtype, device=dev)
+        DOUT = grad.shape[1]
+        if N == 0 or DOUT == 0:  # no bag, or nothing to dot: every weight's gradient is 0
+            w_grad.zero_()
+        else:
+            BLOCK_L = max(1, min(64, 4096 // _block_d(DOUT)))
+            _qr_psw_grad_kernel[flat_grid(triton.cdiv(N, BLOCK_L))](
+                grad, ids, offsets, q_weight, r_weight, w_grad, N, B, M, R, DQ, DR, DOUT, n_bag_iters,
+                grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
+                r_weight.stride(0), r_weight.stride(1),
+                OP=OP_CODES[op], BLOCK_L=BLOCK_L, BLOCK_D=_block_d(DOUT),
             )
-        results.append(dw.to(w.dtype))
-    return results[0], results[1]
+    if not (need_q or need_r):
+        return None, None, None, None, w_grad
+
+    if not deterministic and not sparse:
+        # float32 accumulators: the gradients themselves when the tables are float32
+        dq = torch.zeros((Q, DQ), dtype=torch.float32, device=dev) if need_q else None
+        dr = torch.zeros((R, DR), dtype=torch.float32, device=dev) if need_r else None
+        if N > 0 and BLOCK_D > 0 and max(DQ, DR) > 0:
+            BLOCK_L = max(1, min(64, 4096 // BLOCK_D))
+            n_d = triton.cdiv(max(DQ, DR), BLOCK_D)
+            dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
+            _qr_atomic_kernel[flat_grid(triton.cdiv(N, BLOCK_L) * n_d)](
+                grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, dq_arg, dr_arg,
+                N, B, M, R, DQ, DR, n_d, n_bag_iters,
+                grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
+                r_weight.stride(0), r_weight.stride(1),
+                dq_arg.stride(0), dq_arg.stride(1), dr_arg.stride(0), dr_arg.stride(1),
+                NEED_Q=need_q, NEED_R=need_r, **flags, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
+            )
+        dq = None if dq is None else dq.to(q_weight.dtype)
+        dr = None if dr is None else dr.to(r_weight.dtype)
+        return None, dq, None, dr, w_grad
+
+    # one sort key per (item, needed table): q rows, then Q + r rows
+    R_BASE = N if need_q else 0
+    n_keys = N * (int(need_q) + int(need_r))
+    key_dtype = torch.int32 if Q + R < 2**31 else torch.int64
+    keys = torch.empty((n_keys,), dtype=key_dtype, device=dev)
+    if N > 0:
+        _qr_keys_kernel[flat_grid(triton.cdiv(N, KEYS_BLOCK))](
+            ids, keys, N, M, R, Q, R_BASE, NEED_Q=need_q, NEED_R=need_r, BLOCK=KEYS_BLOCK,
+        )
+    sorted_keys, perm = torch.sort(keys, stable=True)
+
+    if sparse:
+        is_start = torch.ones((n_keys,), dtype=torch.bool, device=dev)
+        is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        uq, ur = (int(v) for v in torch.stack([is_start[:R_BASE].sum(), is_start[R_BASE:].sum()]).tolist())
+        rows = sorted_keys[torch.nonzero_static(is_start, size=uq + ur).reshape(-1)].long()
+        dq = torch.empty((uq, DQ), dtype=q_weight.dtype, device=dev) if need_q else None
+        dr = torch.empty((ur, DR), dtype=r_weight.dtype, device=dev) if need_r else None
+        n_rows, key0 = uq + ur, 0
+    else:
+        dq = torch.empty((Q, DQ), dtype=q_weight.dtype, device=dev) if need_q else None
+        dr = torch.empty((R, DR), dtype=r_weight.dtype, device=dev) if need_r else None
+        rows, uq = perm, 0
+        n_rows, key0 = (Q if need_q else 0) + (R if need_r else 0), (0 if need_q else Q)
+
+    if n_rows > 0 and max(DQ, DR) > 0:
+        n_d = triton.cdiv(max(DQ if need_q else 0, DR if need_r else 0), BLOCK_D)
+        dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
+        _qr_rows_kernel[flat_grid(n_rows * n_d)](
+            grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, sorted_keys, perm, rows, dq_arg, dr_arg,
+            N, B, M, Q, R, DQ, DR, n_keys, key0, R_BASE, uq, n_rows, n_d, _search_iters(n_keys), n_bag_iters,
+            grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
+            r_weight.stride(0), r_weight.stride(1),
+            dq_arg.stride(0), dq_arg.stride(1), dr_arg.stride(0), dr_arg.stride(1),
+            **flags, SPARSE=sparse, BLOCK_L=max(1, min(16, 4096 // BLOCK_D)), BLOCK_D=BLOCK_D,
+        )
+    if not sparse:
+        return None, dq, None, dr, w_grad
+    q_rows = rows[:uq] if need_q else None
+    r_rows = rows[uq:] - Q if need_r else None
+    return q_rows, dq, r_rows, dr, w_grad

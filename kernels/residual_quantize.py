@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import autotune_configs, dot_fp32, launcher, next_pow2, tl_input_precision
 
 MAX_REGISTER_D = 1024  # above this, the D-chunked variant with a float32 workspace runs
 CHUNK_D = 64  # D chunk of the chunked variant
@@ -45,16 +45,17 @@ def _round_bf16(b):
     return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-def _configs():
-    if INTERPRETED:  # the interpreter would run every config: one small one
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4)]
-    return [
+def _configs(name):
+    gpu = [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm in (16, 32, 64, 128)
         for bk in (16, 32, 64, 128)
         for w in (4, 8)
         for s in (2, 3)
     ]
+    return autotune_configs(name, gpu,
+                            pinned=triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+                            interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4))
 
 
 def _prune_register_configs(configs, named_args, **kwargs):
@@ -65,7 +66,7 @@ def _prune_register_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"], c.num_warps))]
 
 
-@triton.autotune(configs=_configs(), key=["D", "K", "L"], prune_configs_by={"early_config_prune": _prune_register_configs})
+@triton.autotune(configs=_configs("residual_quantize"), key=["D", "K", "L"], prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
 def _residual_quantize_fwd_kernel(
     p_x, p_cb, p_q, p_codes,
@@ -128,7 +129,7 @@ def _residual_quantize_fwd_kernel(
              mask=m_m[:, None] & (o_l[None, :] < L))
 
 
-@triton.autotune(configs=_configs(), key=["D", "K", "L"])
+@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L"])
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
     p_x, p_cb, p_q, p_codes, p_ws,

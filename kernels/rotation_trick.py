@@ -3,36 +3,39 @@
 Forward: the value is ``q``; ``_rotation_trick_fwd_kernel`` copies it (BLOCK_N rows x BLOCK_D
 columns per program), converting to the output dtype.
 
-Backward: each program owns BLOCK_N rows. When the whole row fits (D <= BLOCK_D) it loads
-``e``, ``q``, ``g`` once and computes, in float32,
+Backward: each program owns BLOCK_N rows. Every row is scaled before it is normalised: with
+``m_x = max |x|`` and ``x1 = x / m_x`` (entries in [-1, 1], so no square overflows or
+underflows), in float32,
 
-    a = |e|, b = |q|, e^ = e/a, q^ = q/b, s = e^ + q^, w = s/|s|
-    grad_e = (b/a) * (g - 2 (g.w) w + 2 (g.q^) e^)
+    a1 = |e1|, b1 = |q1|, e^ = e1/a1, q^ = q1/b1, s = e^ + q^, w = s/|s|
+    r1 = g1 - 2 (g1.w) w + 2 (g1.q^) e^                 # R^T g / m_g, entries O(1)
+    grad_e = r1 * F,   F = (m_q / m_e) (b1 / a1) m_g     # float64: lambda |g| never overflows
 
-falling back to ``g`` on rows with ``a`` or ``b`` below ``EPS_NORM`` or ``|s|`` below
-``EPS_ANTIPODAL``. Wider rows loop over D in three sweeps (norms; ``|s|^2``, ``g.s``, ``g.q``;
-write), which re-read the row from cache.
+Rows with ``|e|`` or ``|q|`` below ``eps_norm`` or ``|s|`` below ``eps_antipodal`` take ``g``
+(straight through). A NaN or infinite entry in ``e`` or ``q`` makes ``a1`` or ``b1`` NaN (an
+infinite ``m_x`` turns its own entry into ``inf * 0``), and the row's gradient is NaN. When the
+whole row fits (D <= BLOCK_D) it is loaded once; wider rows loop over D in three sweeps (scaled
+norms with a running maximum; ``|s|^2``, ``g1.s``, ``g1.q^``; write), re-reading from cache.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from fastvq.reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
-
-from ._common import launcher, next_pow2
+from ._common import flat_grid, flat_program_id, launcher, next_pow2
 
 MAX_BLOCK_D = 4096  # widest row held whole in registers; wider rows loop over D
 
 
 @triton.jit
 def _rotation_trick_fwd_kernel(
-    p_q, p_out, N, D,
+    p_q, p_out, N, D, N_D_TILES,
     stride_qn, stride_qd, stride_on, stride_od,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    pid = flat_program_id()
+    pid_n = pid // N_D_TILES
+    pid_d = pid % N_D_TILES
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m = (o_n < N)[:, None] & (o_d < D)[None, :]
@@ -41,58 +44,84 @@ def _rotation_trick_fwd_kernel(
 
 
 @triton.jit
+def _inv_pos(b_x):
+    """``1 / x`` where ``x > 0``, else 1 (so a zero or NaN scale leaves the row as it is)."""
+    return 1.0 / tl.where(b_x > 0, b_x, 1.0)
+
+
+@triton.jit
+def _scaled_sumsq(b_m, b_ss, b_x):
+    """Running ``(max |x|, sum (x / max)^2)`` per row, updated with a (BLOCK_N, BLOCK_D) tile."""
+    b_m_new = tl.maximum(b_m, tl.max(tl.abs(b_x), axis=1))
+    b_inv = _inv_pos(b_m_new)
+    b_r = b_m * b_inv
+    b_x1 = b_x * b_inv[:, None]
+    return b_m_new, b_ss * b_r * b_r + tl.sum(b_x1 * b_x1, axis=1)
+
+
+@triton.jit
 def _rotation_trick_bwd_kernel(
-    p_e, p_q, p_g, p_de, N, D,
+    p_e, p_q, p_g, p_de, N, D, EPS_N, EPS_S,
     stride_en, stride_ed, stride_qn, stride_qd, stride_gn, stride_gd, stride_dn, stride_dd,
-    EPS_N: tl.constexpr, EPS_S: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = flat_program_id()
     o_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
+    zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if SINGLE:
         o_d = tl.arange(0, BLOCK_D)
         m = m_n[:, None] & (o_d < D)[None, :]
         b_e = tl.load(p_e + o_n[:, None] * stride_en + o_d[None, :] * stride_ed, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m, other=0.0).to(tl.float32)
         b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
-        b_a = tl.sqrt(tl.sum(b_e * b_e, axis=1))
-        b_b = tl.sqrt(tl.sum(b_q * b_q, axis=1))
-        b_ok = (b_a >= EPS_N) & (b_b >= EPS_N)
-        b_ia = 1.0 / tl.where(b_ok, b_a, 1.0)
-        b_ib = 1.0 / tl.where(b_ok, b_b, 1.0)
+        b_me, b_sse = _scaled_sumsq(zero, zero, b_e)
+        b_mq, b_ssq = _scaled_sumsq(zero, zero, b_q)
+        b_mg = tl.max(tl.abs(b_g), axis=1)
+        b_a1 = tl.sqrt(b_sse)
+        b_b1 = tl.sqrt(b_ssq)
+        b_ok = (b_me * b_a1 >= EPS_N) & (b_mq * b_b1 >= EPS_N)
+        b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * _inv_pos(b_me)  # e^ = e * b_ia
+        b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * _inv_pos(b_mq)
         b_eh = b_e * b_ia[:, None]
         b_qh = b_q * b_ib[:, None]
         b_s = b_eh + b_qh
         b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
         b_ok = b_ok & (b_ns >= EPS_S)
-        b_w = b_s * (1.0 / tl.where(b_ok, b_ns, 1.0))[:, None]
-        b_gw = tl.sum(b_g * b_w, axis=1)
-        b_gq = tl.sum(b_g * b_qh, axis=1)
-        b_lam = b_b * b_ia
-        b_rot = b_lam[:, None] * (b_g - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh)
+        b_w = b_s * tl.where(b_ok, 1.0 / b_ns, 1.0)[:, None]
+        b_g1 = b_g * _inv_pos(b_mg)[:, None]
+        b_gw = tl.sum(b_g1 * b_w, axis=1)
+        b_gq = tl.sum(b_g1 * b_qh, axis=1)
+        b_r1 = b_g1 - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
+        b_f = (b_mq.to(tl.float64) / b_me.to(tl.float64)) * (b_b1.to(tl.float64) / b_a1.to(tl.float64)) \
+            * b_mg.to(tl.float64)
+        b_rot = (b_r1.to(tl.float64) * b_f[:, None]).to(tl.float32)
+        b_bad = (b_a1 != b_a1) | (b_b1 != b_b1)  # a NaN or infinite entry in e or q
         b_de = tl.where(b_ok[:, None], b_rot, b_g)
+        b_de = tl.where(b_bad[:, None], float("nan"), b_de)
         tl.store(p_de + o_n[:, None] * stride_dn + o_d[None, :] * stride_dd, b_de.to(p_de.dtype.element_ty), mask=m)
     else:
-        # sweep 1: norms
-        b_ee = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        b_qq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # sweep 1: scaled norms of e and q, max |g|
+        b_me, b_sse, b_mq, b_ssq, b_mg = zero, zero, zero, zero, zero
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m = m_n[:, None] & (o_d < D)[None, :]
             b_e = tl.load(p_e + o_n[:, None] * stride_en + o_d[None, :] * stride_ed, mask=m, other=0.0).to(tl.float32)
             b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m, other=0.0).to(tl.float32)
-            b_ee += tl.sum(b_e * b_e, axis=1)
-            b_qq += tl.sum(b_q * b_q, axis=1)
-        b_a = tl.sqrt(b_ee)
-        b_b = tl.sqrt(b_qq)
-        b_ok = (b_a >= EPS_N) & (b_b >= EPS_N)
-        b_ia = 1.0 / tl.where(b_ok, b_a, 1.0)
-        b_ib = 1.0 / tl.where(b_ok, b_b, 1.0)
-        # sweep 2: |s|^2, g.s, g.q^
-        b_ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        b_gs = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        b_gq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
+            b_me, b_sse = _scaled_sumsq(b_me, b_sse, b_e)
+            b_mq, b_ssq = _scaled_sumsq(b_mq, b_ssq, b_q)
+            b_mg = tl.maximum(b_mg, tl.max(tl.abs(b_g), axis=1))
+        b_a1 = tl.sqrt(b_sse)
+        b_b1 = tl.sqrt(b_ssq)
+        b_ok = (b_me * b_a1 >= EPS_N) & (b_mq * b_b1 >= EPS_N)
+        b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * _inv_pos(b_me)
+        b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * _inv_pos(b_mq)
+        b_ig = _inv_pos(b_mg)
+        # sweep 2: |s|^2, g1.s, g1.q^
+        b_ss = zero
+        b_gs = zero
+        b_gq = zero
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m = m_n[:, None] & (o_d < D)[None, :]
@@ -101,14 +130,17 @@ def _rotation_trick_bwd_kernel(
             b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
             b_qh = b_q * b_ib[:, None]
             b_s = b_e * b_ia[:, None] + b_qh
+            b_g1 = b_g * b_ig[:, None]
             b_ss += tl.sum(b_s * b_s, axis=1)
-            b_gs += tl.sum(b_g * b_s, axis=1)
-            b_gq += tl.sum(b_g * b_qh, axis=1)
+            b_gs += tl.sum(b_g1 * b_s, axis=1)
+            b_gq += tl.sum(b_g1 * b_qh, axis=1)
         b_ns = tl.sqrt(b_ss)
         b_ok = b_ok & (b_ns >= EPS_S)
-        b_ins = 1.0 / tl.where(b_ok, b_ns, 1.0)
+        b_ins = tl.where(b_ok, 1.0 / b_ns, 1.0)
         b_gw = b_gs * b_ins
-        b_lam = b_b * b_ia
+        b_f = (b_mq.to(tl.float64) / b_me.to(tl.float64)) * (b_b1.to(tl.float64) / b_a1.to(tl.float64)) \
+            * b_mg.to(tl.float64)
+        b_bad = (b_a1 != b_a1) | (b_b1 != b_b1)
         # sweep 3: write
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
@@ -118,23 +150,17 @@ def _rotation_trick_bwd_kernel(
             b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
             b_eh = b_e * b_ia[:, None]
             b_w = (b_eh + b_q * b_ib[:, None]) * b_ins[:, None]
-            b_rot = b_lam[:, None] * (b_g - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh)
+            b_r1 = b_g * b_ig[:, None] - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
+            b_rot = (b_r1.to(tl.float64) * b_f[:, None]).to(tl.float32)
             b_de = tl.where(b_ok[:, None], b_rot, b_g)
+            b_de = tl.where(b_bad[:, None], float("nan"), b_de)
             tl.store(p_de + o_n[:, None] * stride_dn + o_d[None, :] * stride_dd, b_de.to(p_de.dtype.element_ty), mask=m)
-
-
-def _check_2d(name, *ts):
-    shape = ts[0].shape
-    for t in ts:
-        if t.dim() != 2 or t.shape != shape:
-            raise ValueError(f"{name}: expected equal (N, D) shapes, got {[tuple(x.shape) for x in ts]}")
 
 
 @launcher
 def rotation_trick_fwd(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``(N, D), (N, D) -> (N, D)``: a copy of ``q`` (same dtype as ``q``)."""
-    # check
-    _check_2d("rotation_trick_fwd", e, q)
+    assert e.dim() == 2 and e.shape == q.shape, (e.shape, q.shape)
     N, D = q.shape
     # allocate
     out = torch.empty((N, D), dtype=q.dtype, device=q.device)
@@ -143,9 +169,9 @@ def rotation_trick_fwd(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     # launch
     BLOCK_D = min(next_pow2(D), 256)
     BLOCK_N = max(1, min(4096 // BLOCK_D, next_pow2(N)))
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
-    _rotation_trick_fwd_kernel[grid](
-        q, out, N, D, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+    n_d_tiles = triton.cdiv(D, BLOCK_D)
+    _rotation_trick_fwd_kernel[flat_grid(triton.cdiv(N, BLOCK_N) * n_d_tiles)](
+        q, out, N, D, n_d_tiles, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
     )
     return out
@@ -153,12 +179,13 @@ def rotation_trick_fwd(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @launcher
 def rotation_trick_bwd(
-    e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor, block_d: int | None = None
+    e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor, eps_norm: float, eps_antipodal: float,
+    block_d: int | None = None,
 ) -> torch.Tensor:
-    """``(N, D)`` x3 -> gradient to ``e``, ``(N, D)`` in ``e.dtype``. ``block_d`` forces the
-    D tile (a power of two); rows wider than it take the looping path."""
-    # check
-    _check_2d("rotation_trick_bwd", e, q, grad)
+    """``(N, D)`` x3 -> gradient to ``e``, ``(N, D)`` in ``e.dtype``. Rows with ``|e|`` or
+    ``|q|`` below ``eps_norm``, or ``|e^ + q^|`` below ``eps_antipodal``, take ``grad``.
+    ``block_d`` forces the D tile (a power of two); rows wider than it take the looping path."""
+    assert e.dim() == 2 and e.shape == q.shape == grad.shape, (e.shape, q.shape, grad.shape)
     N, D = e.shape
     # allocate
     de = torch.empty((N, D), dtype=e.dtype, device=e.device)
@@ -166,14 +193,11 @@ def rotation_trick_bwd(
         return de
     # launch
     BLOCK_D = block_d or min(next_pow2(D), MAX_BLOCK_D)
-    single = D <= BLOCK_D
     BLOCK_N = max(1, min(4096 // BLOCK_D, next_pow2(N), 64))
-    grid = (triton.cdiv(N, BLOCK_N),)
-    _rotation_trick_bwd_kernel[grid](
-        e, q, grad, de, N, D,
+    _rotation_trick_bwd_kernel[flat_grid(triton.cdiv(N, BLOCK_N))](
+        e, q, grad, de, N, D, float(eps_norm), float(eps_antipodal),
         e.stride(0), e.stride(1), q.stride(0), q.stride(1), grad.stride(0), grad.stride(1),
         de.stride(0), de.stride(1),
-        EPS_N=EPS_NORM, EPS_S=EPS_ANTIPODAL,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SINGLE=single,
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SINGLE=D <= BLOCK_D,
     )
     return de

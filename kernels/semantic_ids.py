@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launcher, next_pow2
+from ._common import flat_grid, flat_program_id, launcher, next_pow2
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def _semantic_ids_fwd_kernel(
     stride_cn, stride_cl, stride_on, stride_ol,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = flat_program_id()
     o_s = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_s = o_s < N
     b_row = tl.load(p_order + o_s, mask=m_s, other=0).to(tl.int64)
@@ -39,11 +39,7 @@ def _semantic_ids_fwd_kernel(
 @launcher
 def semantic_ids_fwd(codes: torch.Tensor) -> torch.Tensor:
     """``(N, L)`` integer codes -> ``(N, L + 1)`` int64: the codes and their collision level."""
-    # check
-    if codes.dim() != 2:
-        raise ValueError(f"semantic_ids_fwd: expected (N, L) codes, got {tuple(codes.shape)}")
-    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-        raise TypeError(f"semantic_ids_fwd: codes must be an integer tensor, got {codes.dtype}")
+    assert codes.dim() == 2 and not (codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool)
     N, L = codes.shape
     # allocate
     out = torch.empty((N, L + 1), dtype=torch.int64, device=codes.device)
@@ -59,7 +55,7 @@ def semantic_ids_fwd(codes: torch.Tensor) -> torch.Tensor:
     # launch
     BLOCK_N = 256
     BLOCK_L = min(next_pow2(max(L, 1)), 16)
-    _semantic_ids_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _semantic_ids_fwd_kernel[flat_grid(triton.cdiv(N, BLOCK_N))](
         codes, order, group, offsets, out, N, L,
         codes.stride(0), codes.stride(1), out.stride(0), out.stride(1),
         BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,

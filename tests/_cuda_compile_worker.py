@@ -155,35 +155,47 @@ def _nearest_code_jobs():
     mod = nearest_code
     jobs = []
     unit = {"stride_xd": 1, "stride_cd": 1, "stride_pd": 1}
-    row_ints = ("stride_xn", "stride_ck", "stride_pn")
+    unit_tk = {"stride_xd": 1, "stride_cd": 1}
+    row_ints = ("stride_xh", "stride_xn", "stride_ch", "stride_ck", "stride_pn")
 
     def ptrs(dt):
         p = DTYPES[dt]
-        return {"p_x": p, "p_c": p, "p_pos": p, "p_cterm": "*fp32", "p_idx": "*i64", "p_dist": "*fp32",
-                "p_pscore": "*fp32", "p_pidx": "*i64", "p_pxterm": "*fp32"}
+        return {"p_x": p, "p_c": p, "p_chat": p, "p_pos": p, "p_cterm": "*fp32", "p_meta": "*i32", "p_seed": "*i64", "p_idx": "*i64",
+                "p_dist": "*fp32", "p_pscore": "*fp32", "p_pidx": "*i32"}
 
-    # pre-pass
+    # pre-passes
     for dt in DTYPES:
-        for metric in (0, 1):
+        for metric in (0, 1, 2):
             jobs.append(Job("nearest_code._code_terms_kernel", f"{dt},METRIC={metric}", mod._code_terms_kernel,
-                            {"p_c": DTYPES[dt], "p_out": "*fp32"},
+                            {"p_c": DTYPES[dt], "p_cterm": "*fp32", "p_pmax": "*fp32", "p_pmin": "*fp32",
+                             "p_pfirst": "*i32"},
                             {"stride_cd": 1, "METRIC": metric, "BLOCK_K": 64, "BLOCK_D": 64},
-                            aligned_ints=("stride_ck",), cost=0.5))
-    # merge of the split partials
-    for metric, lb in ((0, False), (1, False), (2, False), (0, True)):
+                            aligned_ints=("stride_ch", "stride_ck"), cost=0.5))
+            jobs.append(Job("nearest_code._code_rescale_kernel", f"{dt},METRIC={metric}", mod._code_rescale_kernel,
+                            {"p_c": DTYPES[dt], "p_chat": DTYPES[dt], "p_cterm": "*fp32", "p_pmax": "*fp32",
+                             "p_pmin": "*fp32", "p_pfirst": "*i32", "p_meta": "*i32"},
+                            {"stride_cd": 1, "METRIC": metric, "CAN_SCALE": dt != "fp16", "TAME": 20,
+                             "BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_B": 256},
+                            aligned_ints=("stride_ch", "stride_ck"), cost=0.5))
+    # merge of the split partials and the epilogue
+    for metric, lb in ((0, False), (1, False), (2, False), (3, False), (0, True)):
         jobs.append(Job("nearest_code._nearest_code_reduce_kernel", f"METRIC={metric},HAS_LOWER_BOUND={lb}",
                         mod._nearest_code_reduce_kernel,
-                        {"p_pscore": "*fp32", "p_pidx": "*i64", "p_pxterm": "*fp32", "p_idx": "*i64",
-                         "p_dist": "*fp32"},
-                        {"METRIC": metric, "HAS_LOWER_BOUND": lb, "BLOCK_N": 128}, cost=0.5))
+                        {"p_x": "*bf16", "p_c": "*bf16", "p_meta": "*i32", "p_pscore": "*fp32", "p_pidx": "*i32",
+                         "p_idx": "*i64", "p_dist": "*fp32"},
+                        {"stride_xd": 1, "stride_cd": 1, "METRIC": metric, "HAS_LOWER_BOUND": lb, "BLOCK_N": 64,
+                         "BLOCK_D": 64},
+                        aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), cost=0.5))
 
     k = mod._nearest_code_fwd_kernel
     configs = _cfgs(k)
 
-    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False):
-        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, WRITE_PARTIAL=partial,
-                     ONE_D_BLOCK=one_d, PRECISION=prec, DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
-        var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},PARTIAL={int(partial)},"
+    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False,
+            sample=False):
+        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, SAMPLE=sample, WRITE_PARTIAL=partial,
+                     ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16", PRECISION=prec,
+                     DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
+        var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},{'SAMPLE,' if sample else ''}PARTIAL={int(partial)},"
                f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}{tag} | {_cfg_label(cfg)}")
         big = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         return Job("nearest_code._nearest_code_fwd_kernel", var, _jit(k), ptrs(dt), const, cfg.num_warps,
@@ -219,6 +231,25 @@ def _nearest_code_jobs():
                     _pick(configs, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)))
     # Odd D: no divisibility on the row strides, nothing unit-stride specialized.
     jobs.append(fwd("bf16", "tf32", 0, False, False, True, 128, mid, aligned=False, tag=",unaligned"))
+    # Gumbel-max sampling (every metric; split and streamed once each)
+    for metric in (0, 1, 2, 3):
+        jobs.append(fwd("bf16", "tf32", metric, False, False, True, 64, mid, sample=True))
+    jobs.append(fwd("fp16", "tf32", 2, False, True, False, 64, mid, sample=True))
+    jobs.append(fwd("fp32", "ieee", 3, False, False, True, 128, mid, sample=True))
+    # top-k: the launcher's fixed tiles
+    tk = mod._topk_codes_fwd_kernel
+    for dt, prec, metric, kp, bn, one_d, block_d in (("bf16", "tf32", 0, 16, 64, True, 64),
+                                                     ("bf16", "tf32", 1, 128, 32, True, 256),
+                                                     ("fp16", "tf32", 2, 2, 64, False, 64),
+                                                     ("fp32", "ieee", 3, 8, 64, True, 128)):
+        jobs.append(Job("nearest_code._topk_codes_fwd_kernel", f"{dt}/{prec},METRIC={metric},KP={kp},BLOCK_N={bn},"
+                        f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}", tk,
+                        {n: v for n, v in ptrs(dt).items() if n in tk.arg_names},
+                        dict(unit_tk, METRIC=metric, ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16",
+                             PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=block_d,
+                             FIN_D=min(block_d, 32)),
+                        4, 1, aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), dot=True,
+                        tensor_cores=prec == "tf32", rows=bn, cost=2.0 * (6 if prec == "ieee" else 1)))
     return jobs
 
 
@@ -279,6 +310,8 @@ def _pairwise_kl_loss_jobs():
                            ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, {"BLOCK_DO": 128})):
         configs = _cfgs(k)
         for dt in DTYPES:
+            if extra:  # the backward scales G + G^T by 2^14 for its float16 dot
+                extra = dict(extra, H_SCALE=mod.H_SCALE_FP16 if dt == "fp16" else 1.0)
             p = DTYPES[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
             ptrs = {"p_pred": p, "p_target": p, "p_kl": "*fp32", "p_lse_p": "*fp32", "p_lse_t": "*fp32",
@@ -300,7 +333,7 @@ def _pairwise_kl_loss_jobs():
     k = mod._pairwise_kl_loss_bwd_kernel
     cfg = _cfgs(k)[0]
     const = dict(stride_pd=1, stride_td=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16, PREC_P="tf32",
-                 PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, **cfg.kwargs)
+                 PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, H_SCALE=1.0, **cfg.kwargs)
     jobs.append(Job("pairwise_kl_loss._pairwise_kl_loss_bwd_kernel", f"bf16,BLOCK_D*=16 | {_cfg_label(cfg)}", _jit(k),
                     {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_lse_p": "*fp32",
                      "p_lse_t": "*fp32", "p_dpred": "*bf16"}, const, cfg.num_warps, cfg.num_stages,
@@ -315,7 +348,7 @@ def _pairwise_sqdist_jobs():
     for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")):
         for block_d in (64, 16):
             const = dict(stride_ad=1, stride_bd=1, stride_on=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
-                         PRECISION=prec, DOT_FP32=False)
+                         GROUP=8, PRECISION=prec, DOT_FP32=False)
             jobs.append(Job("pairwise_sqdist._pairwise_sqdist_fwd_kernel", f"{dt}/{prec},BLOCK_D={block_d}", k,
                             {"p_a": DTYPES[dt], "p_b": DTYPES[dt], "p_out": "*fp32"}, const,
                             aligned_ints=("stride_am", "stride_bn", "stride_om"), dot=True,
@@ -325,19 +358,31 @@ def _pairwise_sqdist_jobs():
 
 def _memory_bound_jobs():
     jobs = []
-    # code_statistics (x any float dtype, seg int32/int64)
+    # code_statistics (x any float dtype, indices int32/int64, weights float/bool(as u8)/none)
     m = code_statistics
-    for dt, seg in (("bf16", "*i64"), ("fp32", "*i32"), ("fp16", "*i64")):
-        jobs.append(Job("code_statistics._code_statistics_atomic_kernel", f"{dt},seg={seg[1:]}",
-                        m._code_statistics_atomic_kernel,
-                        {"p_x": DTYPES[dt], "p_seg": seg, "p_counts": "*fp32", "p_sums": "*fp32"},
-                        {"stride_xd": 1, "stride_seg": 1, "stride_sd": 1, "BLOCK_N": 64, "BLOCK_D": 128},
+    for dt, idx, w, single in (("bf16", "*i64", None, True), ("fp32", "*i32", "*fp32", True),
+                               ("fp16", "*i64", "*u8", False), ("bf16", "*i64", "*bf16", False)):
+        flags = {"HAS_W": w is not None, "SINGLE_D": single, "BLOCK_N": 16, "BLOCK_D": 256}
+        wp = w or DTYPES[dt]
+        var = f"{dt},idx={idx[1:]},w={(w or 'none').lstrip('*')},SINGLE_D={single}"
+        jobs.append(Job("code_statistics._code_statistics_atomic_kernel", var, m._code_statistics_atomic_kernel,
+                        {"p_x": DTYPES[dt], "p_idx": idx, "p_w": wp, "p_counts": "*fp64", "p_sums": "*fp64",
+                         "p_bad": "*i32"},
+                        {"stride_xd": 1, "stride_idx": 1, "stride_w": 1, **flags},
                         aligned_ints=("stride_xn", "stride_sk"), cost=0.5))
-        jobs.append(Job("code_statistics._code_statistics_segment_kernel", f"{dt}", m._code_statistics_segment_kernel,
-                        {"p_x": DTYPES[dt], "p_perm": "*i64", "p_offsets": "*i64", "p_counts": "*fp32",
-                         "p_sums": "*fp32"},
-                        {"stride_xd": 1, "stride_sd": 1, "BLOCK_N": 32, "BLOCK_D": 128},
-                        aligned_ints=("stride_xn", "stride_sk"), cost=0.5))
+        jobs.append(Job("code_statistics._code_statistics_segment_kernel", var, m._code_statistics_segment_kernel,
+                        {"p_x": DTYPES[dt], "p_w": wp, "p_perm": "*i64", "p_offsets": "*i32", "p_item_end": "*i32",
+                         "p_pieces": "*i32", "p_multi_first": "*i32", "p_seg_of_item": "*i32",
+                         "p_counts": "*fp32", "p_sums": "*fp32", "p_pcounts": "*fp64", "p_psums": "*fp64",
+                         "p_bad": "*i32"},
+                        {"stride_xd": 1, "stride_w": 1, **flags},
+                        aligned_ints=("stride_xn", "stride_sk", "stride_pk"), cost=0.5))
+    jobs.append(Job("code_statistics._code_statistics_merge_kernel", "fp64 partials",
+                    m._code_statistics_merge_kernel,
+                    {"p_multi_seg": "*i32", "p_multi_first": "*i32", "p_pieces": "*i32", "p_pcounts": "*fp64",
+                     "p_psums": "*fp64", "p_counts": "*fp32", "p_sums": "*fp32"},
+                    {"BLOCK_Q": m.MERGE_BLOCK_Q, "BLOCK_D": m.MERGE_BLOCK_D},
+                    aligned_ints=("stride_sk", "stride_pk"), cost=0.3))
     # code_usage (any integer ids)
     for it in ("*i8", "*u8", "*i16", "*i32", "*i64"):
         jobs.append(Job("code_usage._code_usage_fwd_kernel", f"ids={it[1:]}", code_usage._code_usage_fwd_kernel,
@@ -362,8 +407,8 @@ def _memory_bound_jobs():
                             f"{dt},BLOCK_N={block_n},BLOCK_D={block_d},SINGLE={single}", m._rotation_trick_bwd_kernel,
                             {"p_e": p, "p_q": p, "p_g": p, "p_de": p},
                             {"stride_ed": 1, "stride_qd": 1, "stride_gd": 1, "stride_dd": 1,
-                             "EPS_N": m.EPS_NORM, "EPS_S": m.EPS_ANTIPODAL,
                              "BLOCK_N": block_n, "BLOCK_D": block_d, "SINGLE": single},
+                            scalars={"EPS_N": "fp32", "EPS_S": "fp32"},
                             aligned_ints=("stride_en", "stride_qn", "stride_gn", "stride_dn"), cost=0.5))
     # qr_lookup
     m = qr_lookup
@@ -384,22 +429,32 @@ def _memory_bound_jobs():
                             {"stride_qd": 1, "stride_rd": 1, "stride_od": 1, "OP": op, "HAS_W": has_w,
                              "MEAN": mean, "BLOCK_L": 16, "BLOCK_D": 128},
                             aligned_ints=tabs, cost=0.3))
-        for has_row, has_scale, mult in ((False, False, False), (True, True, True), (True, False, False)):
-            flags = {"HAS_ROW": has_row, "HAS_SCALE": has_scale, "MULT": mult}
-            grads = ("stride_gn", "stride_own", "stride_dn")
-            jobs.append(Job("qr_lookup._qr_lookup_bwd_kernel", f"{dt},{flags}", m._qr_lookup_bwd_kernel,
-                            {"p_g": p, "p_perm": "*i64", "p_item_row": "*i64", "p_scale": "*fp32" if has_scale else p,
-                             "p_ow": p, "p_oidx": "*i64", "p_seg_start": "*i64", "p_seg_end": "*i64",
-                             "p_seg_row": "*i64", "p_dw": p},
-                            {"stride_gd": 1, "stride_owd": 1, "stride_dd": 1, **flags, "BLOCK_L": 16,
-                             "BLOCK_D": 128},
-                            aligned_ints=grads, cost=0.3))
-            jobs.append(Job("qr_lookup._qr_lookup_bwd_atomic_kernel", f"{dt},{flags}", m._qr_lookup_bwd_atomic_kernel,
-                            {"p_g": p, "p_idx": "*i64", "p_item_row": "*i64", "p_scale": "*fp32" if has_scale else p,
-                             "p_ow": p, "p_oidx": "*i64", "p_dw": "*fp32"},
-                            {"stride_gd": 1, "stride_owd": 1, "stride_dd": 1, **flags, "BLOCK_L": 32,
-                             "BLOCK_D": 128},
-                            aligned_ints=grads, cost=0.3))
+        # backward: the sort keys, the row kernel (dense and sparse), the atomic path, the weights' gradient
+        grads = ("stride_gn", "stride_qn", "stride_rn", "stride_dqn", "stride_drn")
+        for key in ("*i32", "*i64"):
+            jobs.append(Job("qr_lookup._qr_keys_kernel", f"ids={ids[1:]},keys={key[1:]}", m._qr_keys_kernel,
+                            {"p_ids": ids, "p_keys": key}, {"NEED_Q": True, "NEED_R": True, "BLOCK": 1024},
+                            cost=0.3))
+        for op, bags, mean, has_w, sparse in ((0, False, False, False, False), (1, True, True, False, False),
+                                             (2, True, False, True, True)):
+            flags = {"OP": op, "BAGS": bags, "MEAN": mean, "HAS_W": has_w}
+            psw = p if has_w else p
+            jobs.append(Job("qr_lookup._qr_rows_kernel", f"{dt},{flags},SPARSE={sparse}", m._qr_rows_kernel,
+                            {"p_g": p, "p_ids": ids, "p_offsets": "*i64" if bags else ids, "p_psw": psw, "p_qw": p,
+                             "p_rw": p, "p_sorted": "*i32", "p_perm": "*i64", "p_rows": "*i64", "p_dq": p, "p_dr": p},
+                            {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
+                             **flags, "SPARSE": sparse, "BLOCK_L": 16, "BLOCK_D": 128},
+                            aligned_ints=grads, cost=0.5))
+            jobs.append(Job("qr_lookup._qr_atomic_kernel", f"{dt},{flags}", m._qr_atomic_kernel,
+                            {"p_g": p, "p_ids": ids, "p_offsets": "*i64" if bags else ids, "p_psw": psw, "p_qw": p,
+                             "p_rw": p, "p_dq": "*fp32", "p_dr": "*fp32"},
+                            {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
+                             "NEED_Q": True, "NEED_R": True, **flags, "BLOCK_L": 32, "BLOCK_D": 128},
+                            aligned_ints=grads, cost=0.5))
+        jobs.append(Job("qr_lookup._qr_psw_grad_kernel", f"{dt}", m._qr_psw_grad_kernel,
+                        {"p_g": p, "p_ids": ids, "p_offsets": "*i64", "p_qw": p, "p_rw": p, "p_dw": p},
+                        {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "OP": 1, "BLOCK_L": 32, "BLOCK_D": 128},
+                        aligned_ints=("stride_gn", "stride_qn", "stride_rn"), cost=0.3))
     return jobs
 
 

@@ -15,10 +15,14 @@
   are seeded from the test's node id (``seed_of``), so ``randn()`` without a seed and bare
   ``torch.randn`` give the same values on every run. A failing test's report names its seed and
   the command that replays it; ``FASTVQ_TEST_SEED=n`` shifts every test's seed (try other draws).
+- ``FASTVQ_TEST_TIMEOUT=s``: a test running longer than ``s`` seconds fails with a TimeoutError
+  (SIGALRM; used by benchmarks/gpu_run.sh when pytest-timeout is not installed).
+  ``FASTVQ_ONE_PER_FILE=1``: run only the first test of each file (gpu_run.sh --dry-run).
 """
 
 import os
 import random
+import signal
 import zlib
 
 import torch
@@ -121,9 +125,41 @@ def device():
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FASTVQ_ONE_PER_FILE") == "1":  # a smoke run: the first runnable test of each file
+        keep, seen = [], set()
+        for item in items:
+            path = str(item.fspath)
+            if path not in seen and (CUDA or "gpu" not in item.keywords):
+                seen.add(path)
+                keep.append(item)
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
     if CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class TimeoutExpired(Exception):
+    """A test ran past ``$FASTVQ_TEST_TIMEOUT`` seconds."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    limit = float(os.environ.get("FASTVQ_TEST_TIMEOUT", "0") or 0)
+    if limit <= 0 or not hasattr(signal, "setitimer") or item.config.pluginmanager.hasplugin("timeout"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutExpired(f"{item.nodeid} ran longer than FASTVQ_TEST_TIMEOUT={limit:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -3,6 +3,7 @@
 import ast
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -20,13 +21,30 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_check_passes_and_prints_table(capsys):
     assert main(["check", "--ops", "pairwise_sqdist", "nearest_code", "--dtypes", "float32", "bfloat16"]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS") == 4 and "FAIL" not in out and "all checks passed" in out
+    assert len(re.findall(r"^\w+ +\w+ +PASS ", out, re.M)) == 4 and " FAIL " not in out and "all checks passed" in out
 
 
 def test_check_fails_loudly(monkeypatch, capsys):
     monkeypatch.setitem(check_mod.CHECKS, "pairwise_sqdist", lambda device, dtype: 1.5)
     assert main(["check", "--ops", "pairwise_sqdist", "--dtypes", "float32"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_fails_on_a_second_nearest_code_and_a_zero_gradient(monkeypatch, capsys):
+    import fastvq
+    import fastvq.testing as ft
+
+    def second_nearest(x, codebook, metric="l2", **kwargs):
+        d = ft.distances64(x.reshape(-1, x.shape[-1]), codebook, metric)[0]
+        idx = d.topk(2, dim=1, largest=False).indices[:, 1:]
+        return idx.reshape(x.shape[:-1]), d.gather(1, idx).float().reshape(x.shape[:-1])
+
+    monkeypatch.setattr(fastvq, "nearest_code", second_nearest)
+    monkeypatch.setattr(fastvq, "rotation_trick", lambda e, q: q + 0.0 * e)  # forward exact, gradient zero
+    assert main(["check", "--ops", "nearest_code", "rotation_trick", "--dtypes", "bfloat16"]) == 1
+    out = capsys.readouterr().out
+    assert re.findall(r"^(\w+) +bfloat16 +FAIL ", out, re.M) == ["nearest_code", "rotation_trick"]
+    assert "2 check(s) FAILED" in out
 
 
 def test_check_reports_a_crash_as_fail(monkeypatch, capsys):
@@ -108,6 +126,25 @@ def test_bench_on_cpu_times_torch_only_and_writes_table_json_markdown_plot(fake_
     starts = [line.index("reference") if "reference" in line else line.index("compiled") for line in table[2:]]
     assert starts[0] == starts[1] == table[0].index("provider")
     assert len({len(line) for line in table[1:4]}) == 1  # rule and both rows end on the same column
+
+
+def test_bench_cut_short_keeps_its_rows(fake_groups, tmp_path):
+    def two_cases(device, quick):
+        first = _fake_cases(device, quick)[0]
+
+        def interrupted(dev):
+            raise KeyboardInterrupt  # what `timeout`'s SIGTERM becomes inside the bench
+
+        second = Case(op="never", shape={}, dtype=torch.float32, make=interrupted, providers={}, bytes=1)
+        return [first, second]
+
+    register("fake_two", two_cases)
+    try:
+        assert harness.run_bench(ops=["fake_two"], out_dir=str(tmp_path), name="cut", check=False) == 130
+    finally:
+        registry.unregister("fake_two")
+    rows = json.loads((tmp_path / "cut.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"fake op"} and (tmp_path / "cut.md").exists()
 
 
 def test_progress_bar_shows_only_after_a_few_seconds(fake_groups, tmp_path, monkeypatch):

@@ -132,17 +132,20 @@ def test_every_test_is_seeded_from_its_node_id(request, seeded):
 
 
 def test_a_failure_prints_the_seed_that_replays_it(tmp_path, monkeypatch):
-    # a throwaway suite using this conftest: a test that fails and shows a value it drew
+    # a throwaway suite using this conftest: a test that fails and shows a value it drew, one that hangs
     (tmp_path / "conftest.py").write_text("from tests.conftest import *  # noqa: F401,F403\n")
     (tmp_path / "test_draw.py").write_text(
-        "from tests.utils import randn\n\n"
-        "def test_draw():\n    v = float(randn(1))\n    assert v > 1e9, f'drew {v!r}'\n")
+        "import time\n\nfrom tests.utils import randn\n\n"
+        "def test_draw():\n    v = float(randn(1))\n    assert v > 1e9, f'drew {v!r}'\n\n"
+        "def test_hangs():\n    time.sleep(60)\n")
 
     def run(shift):
-        env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "FASTVQ_TEST_SEED": shift}
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300).stdout
-        assert "1 failed" in out, out
+        env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "FASTVQ_TEST_SEED": shift, "FASTVQ_TEST_TIMEOUT": "1"}
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:timeout",
+                              str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300).stdout
+        assert "2 failed" in out, out
+        # the per-test timeout (gpu_run.sh's fallback when pytest-timeout is missing) fails a hung test
+        assert "TimeoutExpired: test_draw.py::test_hangs ran longer than FASTVQ_TEST_TIMEOUT=1 s" in out, out
         return re.search(r"AssertionError: drew (\S+)", out).group(1), out
 
     v0, out = run("0")

@@ -125,6 +125,17 @@ def test_magnitude_matters_under_cancellation():
     ft.assert_close(out, exact, dtype=torch.float32, magnitude=x32.double().abs() + y32.double().abs())
 
 
+def test_several_error_sources_add_up():
+    exp = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    one = ft.error_bound(exp, dtype=torch.float32, reduce_len=10, magnitude=3.0)
+    two = ft.error_bound(exp, dtype=torch.float32, reduce_len=20, magnitude=5.0)
+    both = ft.error_bound(exp, dtype=torch.float32, reduce_len=[10, 20], magnitude=[3.0, 5.0])
+    out_term = ft.OUTPUT_ROUNDING * 2.0**-24 * exp
+    assert torch.allclose(both - out_term, (one - out_term) + (two - out_term), rtol=1e-12, atol=1e-40)
+    with pytest.raises(ValueError, match="same length"):
+        ft.error_bound(exp, dtype=torch.float32, reduce_len=[10, 20], magnitude=3.0)
+
+
 def test_nan_and_inf_semantics():
     exp = torch.tensor([1.0, math.nan, math.inf, -math.inf, 1e39], dtype=torch.float64)
     ok = torch.tensor([1.0, math.nan, math.inf, -math.inf, math.inf])
@@ -167,7 +178,7 @@ def test_argmin_correct_choice_passes_second_nearest_fails(metric, dtype):
     prec = "tf32" if tf32 else None
     ft.assert_argmin_within_bound(x, c, idx, metric, prec)
     # the second-nearest code (in float64) of every row: rejected, in (nearly) every row
-    d, _, _ = ft._distances64(x.reshape(-1, D), c, metric)
+    d, _, _ = ft.distances64(x.reshape(-1, D), c, metric)
     second = d.topk(2, dim=1, largest=False).indices[:, 1]
     ratio, *_ = ft.argmin_ratio(x, c, second, metric, prec)
     frac = float((ratio > 1).double().mean())

@@ -26,6 +26,9 @@ PROVIDERS = ("reference", "compiled", "fastvq")
 
 
 def git_sha() -> str:
+    """``$FASTVQ_GIT_SHA`` (a copy of the tree without .git, as on a lent GPU machine), else git's."""
+    if os.environ.get("FASTVQ_GIT_SHA"):
+        return os.environ["FASTVQ_GIT_SHA"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
@@ -55,8 +58,8 @@ def time_ms(fn: Callable[[], object], cuda: bool) -> float:
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     fn()  # warm-up
     times = []
-    deadline = time.perf_counter() + 2.0
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 50):
+    deadline = time.perf_counter() + 1.0
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -308,7 +311,9 @@ def run_bench(ops=None, quick: bool = False, out_dir: str | None = None, plot: b
     ``bench-<gpu|cpu>-<device>-<sha>``); ``check``: without CUDA, run the interpreter parity check after.
     Raises ``ValueError`` listing the valid names for an unknown op.
     """
+    import signal
     import sys
+    import threading
 
     from tqdm.auto import tqdm
 
@@ -328,23 +333,44 @@ def run_bench(ops=None, quick: bool = False, out_dir: str | None = None, plot: b
     todo = registry.build_cases(device=device, quick=quick or not cuda, ops=ops, notes=notes)
     for note in notes:
         print(note)
+    stem = name or result_stem(env, cuda)
+    os.makedirs(out_dir, exist_ok=True)
+    md_path = os.path.join(out_dir, f"{stem}.md")
     rows: list[dict] = []
+    interrupted = False
+
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep what was measured
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     # the bar appears only once a run has taken a few seconds (short runs print no bar)
     bar = tqdm(todo, desc="bench", unit="case", delay=3.0, file=sys.stderr, dynamic_ncols=True)
-    for case in bar:
-        bar.set_postfix_str(case.label[:50], refresh=False)
-        rows.extend(measure_case(case, device, providers))
-    bar.close()
+    try:
+        for case in bar:
+            bar.set_postfix_str(case.label[:50], refresh=False)
+            rows.extend(measure_case(case, device, providers))
+            write_results(rows, env, out_dir, stem)  # after every case: a cut-short run keeps its rows
+            with open(md_path, "w") as f:
+                f.write(format_markdown(rows, env))
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted after {len({r['case'] for r in rows})} of {len(todo)} cases; writing what was measured",
+              file=sys.stderr)
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(format_table(rows))
-    stem = name or result_stem(env, cuda)
     path = write_results(rows, env, out_dir, stem)
-    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+    with open(md_path, "w") as f:
         f.write(format_markdown(rows, env))
     print(f"\nwrote {path} and {stem}.md")
     if plot:
         png = plot_results(rows, env, os.path.join(out_dir, f"{stem}.png"))
         print(f"wrote {png}" if png else "no plot: nothing was timed" if not any("ms" in r for r in rows)
               else "no plot: matplotlib is not installed")
+    if interrupted:
+        return 130
     if not cuda and check:
         from ..check import CHECKS, run_check
 

@@ -4,21 +4,32 @@ Everything here works on level-stacked tensors: a codebook ``(L, K, D)``, EMA co
 ``(L, K)`` and sums ``(L, K, D)``. A single codebook is the case ``L = 1`` (the module passes
 ``weight.unsqueeze(0)``, a view, so the in-place updates land in its own parameter).
 
-- :func:`ema_update_`: the seed EMAQuantizer's update, exactly (decay, Laplace smoothing).
-- :func:`expire_dead_codes_`: re-seed codes whose (EMA) usage fell below a threshold.
+- :func:`ema_update_`: the seed EMAQuantizer's update (decay, Laplace smoothing), guarded: a
+  level whose batch has no rows is left as it is, and no state becomes non-finite.
+- :func:`offer_candidates`: a fixed number of random valid rows per rank, exchanged among
+  ranks; what dead-code revival and k-means start from.
+- :func:`expire_dead_codes_`: revive codes whose (EMA) usage fell below a threshold, without
+  a host sync.
 - :func:`kmeans`: Lloyd's algorithm with ``fastvq.nearest_code`` / ``fastvq.code_statistics``.
 - :class:`CodebookState`: the constructor options, the buffers and the training-time updates
-  (statistics, EMA, dead codes, k-means init) that both modules mix in.
+  (statistics, EMA, dead codes, k-means init, the low-usage warning) that both modules mix in.
+
+Robustness: rows that are not finite (or have weight 0 in a mask) never enter the statistics,
+the revival candidates or k-means; they are counted in the ``nonfinite_rows`` buffer. EMA
+state is float32 whatever the module's dtype. Nothing on the training path reads a device
+value on the host (k-means init reads it on the one batch that initialises).
 
 Distributed: statistics are summed over ranks (:func:`fastvq.distributed.all_reduce_sum_`)
-before they are used, and whatever is random (re-seeding rows, k-means starting points) is
-decided on rank 0 and broadcast, so every rank holds the same codebooks.
+before they are used; random choices come from a fixed-size exchange of candidate rows
+(:func:`fastvq.distributed.all_gather`) that every rank resolves identically, so every rank
+holds the same codebooks and runs the same collectives whatever its batch holds.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn as nn
@@ -30,9 +41,17 @@ from ..ops.nearest_code import nearest_code
 GRADS = ("ste", "rotation")
 METRICS = ("l2", "cosine", "dot")
 
+#: The settings that train a codebook well (measured in tests/nn/test_codebook_training.py);
+#: the low-usage warning names them.
+RECOMMENDED = {"kmeans_init": True, "dead_code_threshold": 1.0}
+
+USAGE_WARMUP_STEPS = 100  # training steps before usage is first watched
+USAGE_WINDOW_STEPS = 100  # steps per window (and at least 2 K rows per window)
+USAGE_MIN_FRACTION = 1 / 8
+
 
 def reset_size(threshold: float) -> float:
-    """EMA count given to a re-seeded code: the threshold, at least 1 (one vector)."""
+    """EMA count given to a revived code: the threshold, at least 1 (one vector)."""
     return max(float(threshold), 1.0)
 
 
@@ -46,30 +65,83 @@ def ema_update_(
     decay: float,
     eps: float,
 ) -> None:
-    """The seed EMAQuantizer's update, per level, in place.
+    """The seed EMAQuantizer's update, per level, in place, and never harmful.
 
-    ``codebook (L, K, D)``, ``cluster_size (L, K)``, ``embed_avg (L, K, D)``; this batch's
-    (already all-reduced) ``counts (L, K)`` and ``sums (L, K, D)``::
+    ``codebook (L, K, D)`` (any float dtype), ``cluster_size (L, K)``, ``embed_avg (L, K, D)``
+    (float32); this batch's (already all-reduced) ``counts (L, K)`` and ``sums (L, K, D)``::
 
         cluster_size = decay * cluster_size + (1 - decay) * counts
         embed_avg    = decay * embed_avg    + (1 - decay) * sums
         n            = cluster_size.sum(-1)
         smoothed     = (cluster_size + eps) / (n + K * eps) * n          # Laplace smoothing
         codebook     = embed_avg / smoothed
+
+    exactly as the seed computes it, except that (without a host sync, by ``torch.where``):
+    a level whose batch has no rows (``counts`` all 0: an empty batch, or only non-finite or
+    masked-out rows) is left unchanged (the seed divides by zero: ``+-inf`` codes); a code whose
+    new ``cluster_size`` or ``embed_avg`` would not be finite keeps its old EMA state; a code
+    whose new value would not be finite in the codebook's dtype keeps its old value.
     """
     K = codebook.shape[-2]
-    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
-    embed_avg.mul_(decay).add_(sums.to(embed_avg.dtype), alpha=1 - decay)
-    n = cluster_size.sum(-1, keepdim=True)
-    smoothed = (cluster_size + eps) / (n + K * eps) * n
-    codebook.copy_(embed_avg / smoothed.unsqueeze(-1))
+    live = counts.sum(-1, keepdim=True) > 0  # (L, 1)
+    new_cs = cluster_size.mul(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
+    new_ea = embed_avg.mul(decay).add_(sums.to(embed_avg.dtype), alpha=1 - decay)
+    keep = live & torch.isfinite(new_cs) & torch.isfinite(new_ea).all(-1)
+    new_cs = torch.where(keep, new_cs, cluster_size)
+    new_ea = torch.where(keep.unsqueeze(-1), new_ea, embed_avg)
+    n = new_cs.sum(-1, keepdim=True)
+    smoothed = (new_cs + eps) / (n + K * eps) * n
+    new_code = (new_ea / smoothed.unsqueeze(-1)).to(codebook.dtype)
+    ok = live & torch.isfinite(new_code).all(-1)
+    cluster_size.copy_(new_cs)
+    embed_avg.copy_(new_ea)
+    codebook.copy_(torch.where(ok.unsqueeze(-1), new_code, codebook))
 
 
-def _random_rows(n: int, k: int, device) -> torch.Tensor:
-    """k row indices into n rows: distinct when n >= k, with replacement otherwise."""
-    if n >= k:
-        return torch.randperm(n, device=device)[:k]
-    return torch.randint(n, (k,), device=device)
+@torch.no_grad()
+def offer_candidates(
+    vectors: torch.Tensor,
+    num: int,
+    weights: torch.Tensor | None = None,
+    anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` random valid rows per level, drawn from every rank's ``vectors``, the same on every rank.
+
+    ``vectors (L, N, D)`` (``N`` may differ between ranks, and be 0); ``weights`` ``(N,)`` or
+    ``(L, N)`` (rows of weight 0 are never offered) or None; ``anchors``: None (offer the rows
+    themselves) or ``(codebook (L, K, D), indices (L, N))``, then a row ``x`` with code ``c``
+    is offered as the midpoint ``(c + x) / 2`` (what dead-code revival places: see
+    :func:`expire_dead_codes_`). A row is valid when it has nonzero weight and is finite. Each rank offers ``ceil(num / world_size)`` rows per level, its valid
+    rows of highest random score first, padded with invalid ones: a fixed-size
+    :func:`fastvq.distributed.all_gather`, so no rank waits on a size. Every rank then keeps the
+    ``num`` offers of highest score (valid first), identically. Returns float32
+    ``(candidates (L, num, D), valid (L, num))``; the valid ones come first, and are distinct
+    rows, a uniform random sample of all ranks' valid rows (all of them when there are fewer
+    than ``num``). No host sync.
+    """
+    L, N, D = vectors.shape
+    dev = vectors.device
+    C = -(-num // fdist.get_world_size())
+    score = torch.rand((L, N), device=dev)
+    if weights is not None:
+        score = torch.where(weights.reshape(-1, N) != 0, score, -1.0)
+    c = min(C, N)
+    offer = torch.zeros((L, C, D + 1), dtype=torch.float32, device=dev)
+    offer[..., D] = -1.0
+    if c > 0:
+        top, rows = score.topk(c, dim=1)
+        picked = vectors.gather(1, rows.unsqueeze(-1).expand(L, c, D)).float()
+        if anchors is not None:
+            codebook, indices = anchors
+            base = codebook.gather(1, indices.long().gather(1, rows).unsqueeze(-1).expand(L, c, D)).float()
+            picked = base + 0.5 * (picked - base)
+        ok = (top >= 0) & torch.isfinite(picked).all(-1)
+        offer[:, :c, :D] = torch.where(ok.unsqueeze(-1), picked, 0.0)
+        offer[:, :c, D] = torch.where(ok, top, -1.0)
+    pool = fdist.all_gather(offer).transpose(0, 1).reshape(L, -1, D + 1)  # (L, W * C, D + 1)
+    best, order = pool[..., D].topk(num, dim=1)
+    candidates = pool.gather(1, order.unsqueeze(-1).expand(L, num, D + 1))[..., :D]
+    return candidates, best >= 0
 
 
 @torch.no_grad()
@@ -77,63 +149,71 @@ def expire_dead_codes_(
     codebook: torch.Tensor,
     usage: torch.Tensor,
     threshold: float,
-    vectors: torch.Tensor,
+    candidates: torch.Tensor,
+    valid: torch.Tensor,
     embed_avg: torch.Tensor | None = None,
-) -> int:
-    """Re-seed, in place, every code whose ``usage`` is below ``threshold``.
+) -> torch.Tensor:
+    """Revive, in place, every code whose ``usage`` is below ``threshold``; no host sync.
 
     ``codebook (L, K, D)``; ``usage (L, K)`` (the EMA ``cluster_size``, or the EMA of batch
-    counts a module without EMA keeps); ``vectors (L, N, D)``, the vectors each level
-    quantized in this batch. A dead code becomes a random row of its level's ``vectors``, its
-    usage becomes :func:`reset_size` ``(threshold)`` and, with EMA, its ``embed_avg`` the new code
-    times that size (so ``embed_avg / cluster_size`` is the new code). Rank 0's choice is
-    broadcast. Returns the number of codes re-seeded (the same on every rank).
+    counts a module without EMA keeps); ``candidates (L, K, D)`` and ``valid (L, K)`` from
+    :func:`offer_candidates` (valid ones first). The ``j``-th dead code of a level takes the
+    ``j``-th candidate, its usage becomes :func:`reset_size` ``(threshold)`` and, with EMA, its
+    ``embed_avg`` the new code times that size (so ``embed_avg / cluster_size`` is the new
+    code). Dead codes beyond the valid candidates (a small or empty batch) wait for the next
+    batch. Returns the number of codes revived per level, an int64 ``(L,)`` tensor (the same on
+    every rank).
+
+    The modules offer, before their EMA update, the midpoint between a random batch vector and
+    the code it chose: a revived code splits a used code's cell. (A raw batch vector lies far
+    out in high dimensions and is seldom anyone's nearest code: revived that way, a 64-d
+    codebook of 512 keeps a third of its codes in use; with midpoints, 98%.)
     """
-    dead = usage < threshold  # the same mask on every rank: usage comes from all-reduced counts
-    num_dead = int(dead.sum())
-    if num_dead == 0:
-        return 0
-    L, N, D = vectors.shape
-    if N > 0:
-        size = reset_size(threshold)
-        rows = torch.stack([_random_rows(N, codebook.shape[1], vectors.device) for _ in range(L)])  # (L, K)
-        candidates = vectors.gather(1, rows.unsqueeze(-1).expand(L, rows.shape[1], D))  # (L, K, D)
-        codebook.copy_(torch.where(dead.unsqueeze(-1), candidates.to(codebook.dtype), codebook))
-        usage.masked_fill_(dead, size)
-        if embed_avg is not None:
-            embed_avg.copy_(torch.where(dead.unsqueeze(-1), codebook.to(embed_avg.dtype) * size, embed_avg))
-    # Rank 0 decides (a rank with an empty batch re-seeded nothing; rank 0's state wins).
-    fdist.broadcast_(*(t for t in (codebook, usage, embed_avg) if t is not None))
-    return num_dead
+    L, K, D = codebook.shape
+    dead = usage < threshold  # the same on every rank: usage comes from all-reduced counts
+    slot = (torch.cumsum(dead, 1) - 1).clamp_(0, K - 1)  # the j-th dead code takes candidate j
+    revive = dead & valid.gather(1, slot)
+    new = candidates.gather(1, slot.unsqueeze(-1).expand(L, K, D))
+    size = reset_size(threshold)
+    codebook.copy_(torch.where(revive.unsqueeze(-1), new.to(codebook.dtype), codebook))
+    usage.copy_(torch.where(revive, size, usage))
+    if embed_avg is not None:
+        embed_avg.copy_(torch.where(revive.unsqueeze(-1), codebook.to(embed_avg.dtype) * size, embed_avg))
+    return revive.sum(1)
 
 
 @torch.no_grad()
-def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int, metric: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means on the rows of ``x (N, D)``, over all ranks.
+def kmeans(
+    x: torch.Tensor, init: torch.Tensor, iters: int, metric: str = "l2", weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Lloyd's k-means on the valid rows of ``x (N, D)``, over all ranks.
 
-    Starts from ``K`` random rows of rank 0's ``x`` (distinct when it has at least ``K`` rows;
-    ``init (K, D)`` itself when it has none), broadcast to every rank. Each of the ``iters``
-    steps assigns rows with :func:`fastvq.nearest_code` and moves each centroid to the mean of
-    its rows from :func:`fastvq.code_statistics` (counts and sums all-reduced over ranks); a
-    centroid with no rows stays where it is (no k-means++ seeding: random rows, as is usual
-    for VQ codebooks). Returns float32 ``(centroids (K, D), counts (K,))``, the counts
-    of the last assignment.
+    Starts from ``K = init.shape[0]`` random valid rows of all ranks' ``x``
+    (:func:`offer_candidates`: distinct when there are at least ``K``, else repeated), the same
+    on every rank. Each of the ``iters`` steps assigns rows with :func:`fastvq.nearest_code`
+    and moves each centroid to the mean of its rows from :func:`fastvq.code_statistics` (counts
+    and sums all-reduced over ranks; non-finite and weight-0 rows left out); a centroid with no
+    rows stays where it is. Returns float32 ``(centroids (K, D), counts (K,), skipped ())``, the
+    counts of the last assignment and the rows (all ranks) left out as not finite; or None when
+    no rank has a valid row. Reads the number of valid candidates on the host (one sync, on the
+    batch that initialises).
     """
-    K = init.shape[0]
-    centroids = init.detach().float().clone()
-    if x.shape[0] > 0:
-        centroids = x[_random_rows(x.shape[0], K, x.device)].float()
-    fdist.broadcast_(centroids)
-    counts = torch.zeros(K, dtype=torch.float32, device=x.device)
-    for _ in range(max(iters, 1)):
+    K, D = init.shape
+    candidates, valid = offer_candidates(x.unsqueeze(0), K, None if weights is None else weights.unsqueeze(0))
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        return None
+    centroids = candidates[0, torch.arange(K, device=x.device) % n_valid]
+    for step in range(max(iters, 1)):
         idx, _ = nearest_code(x, centroids, metric=metric)
-        counts, sums = code_statistics(x, idx, K)
-        fdist.all_reduce_sum_(counts, sums)
+        counts, sums, skipped = code_statistics(x, idx, K, weights=weights, return_skipped=True)
+        skipped = skipped.float()
+        fdist.all_reduce_sum_(counts, sums, skipped.view(1))
         if iters == 0:  # only the counts of the starting points were asked for
             break
         hit = counts > 0
-        centroids = torch.where(hit.unsqueeze(-1), sums / counts.clamp_min(1).unsqueeze(-1), centroids)
-    return centroids, counts
+        centroids = torch.where(hit.unsqueeze(-1), sums / counts.clamp_min(1e-30).unsqueeze(-1), centroids)
+    return centroids, counts, skipped
 
 
 def _check_int(name: str, owner: str, value, minimum: int) -> int:
@@ -150,6 +230,26 @@ def _check_float(name: str, owner: str, value, lo: float, hi: float = math.inf, 
     return float(value)
 
 
+class _UsageMonitor:
+    """Watches, in training, how many codes each level uses, and warns once when fewer than
+    1/8 do. Never waits on the device: a window's count is copied to the host without blocking
+    (a pinned buffer and an event on CUDA) and read when the copy has landed, a step or more
+    later."""
+
+    def __init__(self):
+        self.steps = 0
+        self.window_steps = 0
+        self.window_rows = 0
+        self.seen: torch.Tensor | None = None
+        self.pending = None
+        self.warned = False
+
+    def __deepcopy__(self, memo):  # copies of a module watch afresh (nothing device-bound is shared)
+        fresh = _UsageMonitor()
+        fresh.warned = self.warned
+        return fresh
+
+
 class CodebookState(nn.Module):
     """Base of the quantizer modules: options, EMA / dead-code / k-means buffers and updates.
 
@@ -159,21 +259,34 @@ class CodebookState(nn.Module):
 
     ``cluster_size``, ``embed_avg`` (``ema=True``; persistent, the seed EMAQuantizer's keys)
         EMA of code counts and of code sums; ``embed_avg`` starts as a copy of the codebook and
-        ``cluster_size`` at zero, as in the seed.
-    ``code_usage`` (``ema=False`` and ``dead_code_threshold > 0``; persistent)
+        ``cluster_size`` at zero, as in the seed. Always float32 (also after ``.half()``,
+        ``.bfloat16()`` or under autocast).
+    ``code_usage`` (``ema=False`` and ``dead_code_threshold > 0``; persistent, float32)
         EMA (same ``decay``) of code counts, for dead-code detection without EMA codebooks.
-        Starts at :func:`reset_size`, like a freshly re-seeded code.
+        Starts at :func:`reset_size`, like a freshly revived code.
     ``initted`` (``kmeans_init=True``; persistent)
         whether k-means has initialised the codebook.
+    ``nonfinite_rows`` (always; not persistent: the state_dict is the seed's)
+        int64 scalar: training rows (all ranks, all steps) left out of the codebook statistics,
+        revival and k-means because they held a NaN or an infinity (for a residual quantizer,
+        the most any level left out per step). Log it; a growing value means bad inputs.
+    ``codes_revived`` (``dead_code_threshold > 0``; not persistent)
+        int64 scalar: codes revived so far (all levels).
 
     The optional buffers are persistent only when the option that needs them is on, so with
     default options the state_dict has exactly the seed's keys. Loading a state_dict that lacks
     them (a seed checkpoint) fills them in: ``initted`` as True (a loaded codebook is not
     re-initialised), ``code_usage`` at :func:`reset_size`; a state_dict that has one the module
     does not use loads too (the entry is ignored).
+
+    In training, the module warns once (``UserWarning``) when a level used fewer than 1/8 of
+    its codes over a window of 100 steps (after 100 steps of warm-up), naming the settings that
+    fix it; set ``warn_low_usage = False`` to silence it. Not watched under ``torch.compile``.
     """
 
     _OPTIONAL_BUFFERS = ("code_usage", "initted")
+    _FLOAT32_BUFFERS = ("cluster_size", "embed_avg", "code_usage")
+    warn_low_usage = True
 
     def _init_codebook_state(
         self,
@@ -193,6 +306,7 @@ class CodebookState(nn.Module):
             raise ValueError(f"fastvq.{owner}: kmeans_init must be a bool, got {kmeans_init!r}")
         if grad not in GRADS:
             raise ValueError(f"fastvq.{owner}: unknown grad {grad!r}; expected one of {GRADS}")
+        self._owner = owner
         self.ema = ema
         self.decay = _check_float("decay", owner, decay, 0.0, 1.0)
         self.eps = _check_float("eps", owner, eps, 0.0, lo_open=True)
@@ -205,17 +319,25 @@ class CodebookState(nn.Module):
         squeeze = self._single_codebook
         level_shape = weight.shape[1:2] if squeeze else weight.shape[:2]
         if ema:
-            self.register_buffer("cluster_size", torch.zeros(level_shape, dtype=weight.dtype))
-            self.register_buffer("embed_avg", (weight[0] if squeeze else weight).clone())
+            self.register_buffer("cluster_size", torch.zeros(level_shape, dtype=torch.float32))
+            self.register_buffer("embed_avg", (weight[0] if squeeze else weight).float().clone())
         else:
             self.cluster_size = None
             self.embed_avg = None
         if not ema and self.dead_code_threshold > 0:
-            usage = torch.full(level_shape, reset_size(self.dead_code_threshold), dtype=weight.dtype)
+            usage = torch.full(level_shape, reset_size(self.dead_code_threshold), dtype=torch.float32)
             self.register_buffer("code_usage", usage)
         else:
             self.code_usage = None
         self.register_buffer("initted", torch.tensor(not kmeans_init), persistent=kmeans_init)
+        self._kmeans_done = not kmeans_init  # host-side mirror of `initted` (read once, then kept)
+        self._kmeans_checked = False
+        self.register_buffer("nonfinite_rows", torch.zeros((), dtype=torch.int64), persistent=False)
+        if self.dead_code_threshold > 0:
+            self.register_buffer("codes_revived", torch.zeros((), dtype=torch.int64), persistent=False)
+        else:
+            self.codes_revived = None
+        self._usage_monitor = _UsageMonitor()
 
     # -- subclass hooks -------------------------------------------------------------------
     _single_codebook = True
@@ -226,47 +348,151 @@ class CodebookState(nn.Module):
     def _levels(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else (t.unsqueeze(0) if self._single_codebook else t)
 
+    # -- dtypes ---------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.bfloat16()``, ``.cuda()``...: the EMA buffers follow the
+        device, but stay float32 (float64 if asked for); converted from the float32 values,
+        not from a rounded copy."""
+        kept = {name: self._buffers[name] for name in self._FLOAT32_BUFFERS if self._buffers.get(name) is not None}
+        out = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            dtype = torch.float64 if after.dtype == torch.float64 else torch.float32
+            self._buffers[name] = before.to(device=after.device, dtype=dtype)
+        return out
+
     # -- training-time updates ------------------------------------------------------------
     def _usage_levels(self) -> torch.Tensor | None:
         return self._levels(self.cluster_size if self.ema else self.code_usage)
 
-    @torch.no_grad()
-    def _update_codebook_(self, vectors: torch.Tensor, indices: torch.Tensor) -> None:
-        """After a training forward: EMA update and dead-code re-seeding.
+    @property
+    def _codebook_needs_vectors(self) -> bool:
+        """Whether :meth:`_update_codebook_` reads ``vectors`` (EMA or dead-code revival on)."""
+        return self.ema or self.dead_code_threshold > 0
 
-        ``vectors (L, N, D)``: what each level quantized (detached); ``indices (L, N)`` its codes.
+    @torch.no_grad()
+    def _update_codebook_(
+        self, vectors: torch.Tensor | None, indices: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> None:
+        """After a training forward: EMA update, dead-code revival, usage watch. No host sync.
+
+        ``vectors (L, N, D)``: what each level quantized (detached; any float dtype); may be
+        None when :attr:`_codebook_needs_vectors` is False. ``indices (L, N)``: its codes.
+        ``mask``: None, or ``(N,)`` bool (padding: False rows are ignored) or float per-row
+        weights, shared by the levels. Rows that are not finite are left out and counted in
+        ``nonfinite_rows``; a batch with no valid row (empty, all padding, all non-finite)
+        changes nothing.
         """
-        threshold = self.dead_code_threshold
-        if not self.ema and threshold <= 0:
-            return
         codebook = self._codebook_levels()
-        K = codebook.shape[1]
-        counts, sums = code_statistics(vectors, indices, K)
-        if self.ema:
-            fdist.all_reduce_sum_(counts, sums)
-            ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,
-                        self.decay, self.eps)
+        L, K, _ = codebook.shape
+        counts = None
+        if self._codebook_needs_vectors:
+            if mask is not None and mask.dim() != 1:
+                mask = mask.reshape(-1)
+            counts, sums, skipped = code_statistics(vectors, indices, K, weights=mask, return_skipped=True)
+            skipped = skipped.float()
+            if self.dead_code_threshold > 0:  # offered now: the midpoints use the codes as chosen
+                candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices))
+            if self.ema:
+                fdist.all_reduce_sum_(counts, sums, skipped)
+                ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,
+                            self.decay, self.eps)
+            else:
+                fdist.all_reduce_sum_(counts, skipped)
+                usage = self._levels(self.code_usage)
+                live = counts.sum(-1, keepdim=True) > 0  # an empty batch leaves usage as it is
+                usage.copy_(torch.where(live, usage.mul(self.decay).add_(counts, alpha=1 - self.decay), usage))
+            self.nonfinite_rows.add_(skipped.amax().long())
+            if self.dead_code_threshold > 0:
+                revived = expire_dead_codes_(codebook, self._usage_levels(), self.dead_code_threshold, candidates,
+                                             valid, self._levels(self.embed_avg))
+                self.codes_revived.add_(revived.sum())
+        self._watch_usage(indices, K, mask, counts)
+
+    def _watch_usage(self, indices: torch.Tensor, K: int, mask, counts) -> None:
+        m = self._usage_monitor
+        if not self.warn_low_usage or m.warned or torch.compiler.is_compiling():
+            return
+        m.steps += 1
+        if m.pending is not None:  # a window's count, copied earlier: read it once it has landed
+            host, event, steps, rows = m.pending
+            if event is None or event.query():
+                m.pending = None
+                used = host.tolist()
+                worst = min(range(len(used)), key=used.__getitem__)
+                if used[worst] < USAGE_MIN_FRACTION * K:
+                    m.warned = True
+                    self._warn_low_usage(used[worst], K, worst, len(used), steps, rows)
+                    return
+        if m.steps <= USAGE_WARMUP_STEPS:
+            return
+        L, N = indices.shape
+        if m.seen is None or m.seen.device != indices.device or m.seen.shape != (L, K + 1):
+            m.seen = torch.zeros((L, K + 1), dtype=torch.bool, device=indices.device)
+            m.window_steps = m.window_rows = 0
+        if counts is not None:
+            m.seen[:, :K] |= counts > 0
         else:
-            fdist.all_reduce_sum_(counts)
-            self._levels(self.code_usage).mul_(self.decay).add_(counts.to(self.code_usage.dtype),
-                                                                alpha=1 - self.decay)
-        if threshold > 0:
-            expire_dead_codes_(codebook, self._usage_levels(), threshold, vectors, self._levels(self.embed_avg))
+            idx = indices if mask is None else torch.where(mask.reshape(1, N) != 0, indices, K)
+            m.seen.scatter_(1, idx.long(), True)
+        m.window_steps += 1
+        m.window_rows += N
+        if m.window_steps >= USAGE_WINDOW_STEPS and m.window_rows >= 2 * K and m.pending is None:
+            used = m.seen[:, :K].sum(1, dtype=torch.int32)
+            if used.is_cuda:
+                host = torch.empty(used.shape, dtype=torch.int32, pin_memory=True)
+                host.copy_(used, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = used.clone(), None
+            m.pending = (host, event, m.window_steps, m.window_rows)
+            m.seen.zero_()
+            m.window_steps = m.window_rows = 0
+
+    def _warn_low_usage(self, used: int, K: int, level: int, L: int, steps: int, rows: int) -> None:
+        where = f" at level {level}" if L > 1 else ""
+        fix = ", ".join(f"{k}={v!r}" for k, v in RECOMMENDED.items())
+        extra = "" if self.ema else " (with ema=True for an EMA codebook)"
+        warnings.warn(
+            f"fastvq.{self._owner}: only {used} of {K} codes{where} were used in the last {steps} training "
+            f"steps ({rows} rows): the codebook has collapsed. Construct it with {fix}{extra}, the settings "
+            f"that keep codebooks in use (see the README). Set `warn_low_usage = False` on the module to "
+            f"silence this warning.",
+            stacklevel=4,
+        )
+
+    def _kmeans_init_pending(self) -> bool:
+        """True while k-means init is on and has not run. Reads ``initted`` on the host once (a
+        state_dict may have set it), then keeps the answer on the host: no sync per step."""
+        if self._kmeans_done:
+            return False
+        if not self._kmeans_checked:
+            self._kmeans_checked = True
+            self._kmeans_done = bool(self.initted)
+        return not self._kmeans_done
 
     @torch.no_grad()
-    def _kmeans_init_(self, x: torch.Tensor, metric: str = "l2") -> None:
-        """Initialise every level by k-means: level 0 on ``x (N, D)``, level l on the residual
-        left by levels < l. Sets the EMA state (or ``code_usage``) consistently and ``initted``."""
-        n = torch.tensor([float(x.shape[0])], device=x.device)
-        fdist.all_reduce_sum_(n)
-        if n.item() == 0:  # nothing to learn from yet (on any rank): try again next batch
-            return
+    def _kmeans_init_(self, x: torch.Tensor, metric: str = "l2", mask: torch.Tensor | None = None) -> None:
+        """Initialise every level by k-means: level 0 on the valid rows of ``x (N, D)``, level l
+        on the residual left by levels < l. Sets the EMA state (or ``code_usage``) consistently
+        and ``initted``. When no rank has a valid row (empty, padding, non-finite) nothing
+        happens and the next batch tries again. Reads the host (the number of valid rows) on
+        the batches until one initialises."""
         codebook = self._codebook_levels()
         cluster_size, embed_avg = self._levels(self.cluster_size), self._levels(self.embed_avg)
         usage = self._levels(self.code_usage)
+        weights = None if mask is None else mask.reshape(-1)
         residual = x.float()
+        skipped_max = None
         for level in range(codebook.shape[0]):
-            centroids, counts = kmeans(residual, codebook[level], self.kmeans_iters, metric)
+            result = kmeans(residual, codebook[level], self.kmeans_iters, metric, weights)
+            if result is None:  # no valid row on any rank (the same answer everywhere)
+                if level == 0:
+                    return
+                break
+            centroids, counts, skipped = result
+            skipped_max = skipped if skipped_max is None else torch.maximum(skipped_max, skipped)
             codebook[level].copy_(centroids)
             if cluster_size is not None:
                 cluster_size[level].copy_(counts)
@@ -276,7 +502,14 @@ class CodebookState(nn.Module):
             if level + 1 < codebook.shape[0]:
                 idx, _ = nearest_code(residual, centroids, metric=metric)
                 residual = residual - centroids[idx]
+        self.nonfinite_rows.add_(skipped_max.long())
         self.initted.fill_(True)
+        self._kmeans_done = self._kmeans_checked = True
+
+    def _maybe_kmeans_init_(self, x: torch.Tensor, metric: str = "l2", mask: torch.Tensor | None = None) -> None:
+        """In training, with ``kmeans_init`` on and not done yet: :meth:`_kmeans_init_` on ``x (N, D)``."""
+        if self.training and self.kmeans_init and self._kmeans_init_pending():
+            self._kmeans_init_(x, metric, mask)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -295,6 +528,8 @@ class CodebookState(nn.Module):
                 state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._kmeans_checked = False  # `initted` may have changed: read it again on the next step
+        self._kmeans_done = not self.kmeans_init
 
     def _convert_state_dict_(self, state_dict, prefix) -> None:
         """Hook for a subclass to rewrite other layouts (a seed checkpoint) in place."""

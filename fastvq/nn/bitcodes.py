@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_tensor
-from ..ops.bitcodes import check_bit_values
-
-
-@torch.library.custom_op("fastvq::bitcodes_checked_bits", mutates_args=())
-def _checked_bits(bits: torch.Tensor) -> torch.Tensor:
-    """``bits`` as int64 after checking they are 0 or 1: a custom op, so the check runs (eagerly)
-    inside torch.compile'd graphs too and fullgraph tracing needs no data-dependent guard."""
-    check_bit_values("Bitcodes", bits)
-    return bits.to(torch.int64, copy=True)
-
-
-@_checked_bits.register_fake
-def _(bits):
-    return torch.empty_like(bits, dtype=torch.int64)
+from .._checks import check_int_arg, check_real_arg, check_tensor
+from ..ops.bitcodes import checked_bits
 
 
 class Bitcodes(nn.Module):
@@ -47,9 +32,15 @@ class Bitcodes(nn.Module):
       float dtype than the codebook are promoted.
 
     Args:
-        features: size ``D`` of the vectors.
-        num_bits: bits per vector (1 to 63 for :func:`fastvq.to_decimal` to hold them).
-        temperature: Gumbel-softmax temperature used in training, ``> 0``.
+        features: size ``D`` of the vectors, an int ``>= 1``.
+        num_bits: bits per vector, an int ``>= 1`` (at most 63 for :func:`fastvq.to_decimal`
+            to hold them).
+        temperature: Gumbel-softmax temperature used in training, finite and ``> 0``.
+
+    Bad arguments raise ``TypeError`` (bools, strings, ...) or ``ValueError`` (sizes below 1,
+    non-integral sizes, a NaN, infinite or non-positive temperature). A vector whose scores
+    are NaN (a NaN entry, or an infinite one meeting a zero) quantizes to a NaN row; its bits
+    are still 0 or 1.
 
     Shapes:
         ``forward(x)``: ``x (..., D)`` float -> ``(y (..., D), bits (..., num_bits) int64)``.
@@ -66,18 +57,9 @@ class Bitcodes(nn.Module):
 
     def __init__(self, features: int, num_bits: int, temperature: float):
         super().__init__()
-        for name, value in (("features", features), ("num_bits", num_bits)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"fastvq.Bitcodes: {name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"fastvq.Bitcodes: {name} must be >= 1, got {value}")
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-            raise TypeError(f"fastvq.Bitcodes: temperature must be a real number, got {type(temperature).__name__}")
-        if not temperature > 0:
-            raise ValueError(f"fastvq.Bitcodes: temperature must be > 0, got {temperature}")
-        self.features = int(features)
-        self.num_bits = int(num_bits)
-        self.temperature = temperature
+        self.features = check_int_arg("Bitcodes", "features", features, minimum=1)
+        self.num_bits = check_int_arg("Bitcodes", "num_bits", num_bits, minimum=1)
+        self.temperature = check_real_arg("Bitcodes", "temperature", temperature, positive=True)
         self.codebook = nn.Parameter(torch.randn(2 * self.num_bits, self.features))
 
     def extra_repr(self) -> str:
@@ -111,7 +93,10 @@ class Bitcodes(nn.Module):
             bits = pairs.argmax(dim=-1)  # ties pick 0, as torch.argmax picks the first
             attn = F.one_hot(bits, num_classes=2).to(codebook.dtype)
         out = attn.flatten(-2) @ codebook
-        return out, bits
+        # A NaN score (a NaN in x, or inf * 0 / inf - inf from an infinite x) picks a bit all the
+        # same (bits stay 0/1); its output row is NaN, not a made-up sum of codebook rows.
+        nan_row = pairs.isnan().flatten(-2).any(-1, keepdim=True)
+        return out.masked_fill(nan_row, float("nan")), bits
 
     def from_bits(self, bits: torch.Tensor) -> torch.Tensor:
         """``(..., num_bits)`` of 0/1 (integer, bool or float) -> ``(..., D)``, the codebook's
@@ -125,5 +110,5 @@ class Bitcodes(nn.Module):
             )
         if bits.device != self.codebook.device:
             raise ValueError(f"fastvq.Bitcodes: bits are on {bits.device}, the codebook on {self.codebook.device}")
-        attn = F.one_hot(_checked_bits(bits), num_classes=2).to(self.codebook.dtype)
+        attn = F.one_hot(checked_bits("Bitcodes", bits), num_classes=2).to(self.codebook.dtype)
         return attn.flatten(-2) @ self.codebook

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .._checks import check_bool_arg, check_int_arg
 from ..ops.qr_lookup import qr_lookup
 from ..reference.qr_lookup import MODES, OPS
 
@@ -32,6 +33,10 @@ class QREmbedding(nn.Module):
         mode: pooling of the bag form (``forward(ids, offsets)``), ``"sum"`` | ``"mean"``.
         deterministic: sorted-segment (default, bitwise reproducible) or atomic backward.
 
+    Sizes are ints (an integral float such as ``1e6`` is taken as one); a bool, a string or a
+    non-integral float (``QREmbedding(100, 4.5)``) raises ``TypeError``/``ValueError`` naming
+    the argument, as do an unknown ``op``/``mode`` and a non-bool ``sparse``/``deterministic``.
+
     Parameters live in ``_emb_q.weight`` and ``_emb_r.weight`` (``nn.Embedding`` modules, so
     the seed's checkpoints load), initialised like ``nn.Embedding`` (standard normal).
 
@@ -54,30 +59,35 @@ class QREmbedding(nn.Module):
         deterministic: bool = True,
     ):
         super().__init__()
-        if not isinstance(num_embeddings, int) or num_embeddings < 1:
-            raise ValueError(f"QREmbedding: num_embeddings must be a positive int, got {num_embeddings!r}")
-        if op not in OPS:
-            raise ValueError(f"QREmbedding: unknown op {op!r}; expected one of {OPS}")
-        if mode not in MODES:
-            raise ValueError(f"QREmbedding: unknown mode {mode!r}; expected one of {MODES}")
+        name = "QREmbedding"
+        num_embeddings = check_int_arg(name, "num_embeddings", num_embeddings, minimum=1)
+        for arg, value, choices in (("op", op, OPS), ("mode", mode, MODES)):
+            if not isinstance(value, str):
+                raise TypeError(f"fastvq.{name}: {arg} must be a string, one of {choices}, got {type(value).__name__}")
+            if value not in choices:
+                raise ValueError(f"fastvq.{name}: unknown {arg} {value!r}; expected one of {choices}")
+        sparse = check_bool_arg(name, "sparse", sparse)
+        deterministic = check_bool_arg(name, "deterministic", deterministic)
         if isinstance(embedding_dim, (tuple, list)):
             if op != "concat" or len(embedding_dim) != 2:
                 raise ValueError(
-                    f"QREmbedding: a pair of widths needs op='concat', got {embedding_dim!r} with op={op!r}"
+                    f"fastvq.{name}: a pair of widths needs op='concat', got embedding_dim={embedding_dim!r} with op={op!r}"
                 )
-            dq, dr = (int(d) for d in embedding_dim)
-        elif op == "concat":
-            dq, dr = embedding_dim // 2, embedding_dim - embedding_dim // 2
+            dq, dr = (check_int_arg(name, "embedding_dim", d, minimum=1) for d in embedding_dim)
         else:
-            dq = dr = int(embedding_dim)
-        if dq < 1 or dr < 1:
-            raise ValueError(f"QREmbedding: table widths must be >= 1, got {dq} and {dr}")
+            embedding_dim = check_int_arg(name, "embedding_dim", embedding_dim, minimum=1)
+            if op == "concat":
+                dq, dr = embedding_dim // 2, embedding_dim - embedding_dim // 2
+                if dq < 1:
+                    raise ValueError(f"fastvq.{name}: op='concat' splits embedding_dim in two halves, "
+                                     f"so it must be >= 2, got {embedding_dim}")
+            else:
+                dq = dr = embedding_dim
         if num_collisions is None:
             div = max(1, int(math.sqrt(num_embeddings)))  # the seed's split, float sqrt included
             n_q, n_r = div, div
         else:
-            if not isinstance(num_collisions, int) or num_collisions < 1:
-                raise ValueError(f"QREmbedding: num_collisions must be a positive int, got {num_collisions!r}")
+            num_collisions = check_int_arg(name, "num_collisions", num_collisions, minimum=1)
             n_q, n_r = -(-num_embeddings // num_collisions), num_collisions
         self.num_embeddings = num_embeddings
         self.embedding_dim = dq + dr if op == "concat" else dq

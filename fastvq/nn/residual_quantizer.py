@@ -133,8 +133,7 @@ class ResidualQuantizer(CodebookState):
     def forward(self, inputs: torch.Tensor):
         self._check_inputs(inputs)
         L, D = self.num_quantizers, self.embedding_dim
-        if self.training and self.kmeans_init and not bool(self.initted):
-            self._kmeans_init_(inputs.detach().reshape(-1, D))
+        self._maybe_kmeans_init_(inputs.detach().reshape(-1, D))
 
         codebooks = self.codebooks
         # One launch for all levels; `total` is the sum of the codes, straight-through to inputs.

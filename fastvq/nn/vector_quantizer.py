@@ -119,8 +119,7 @@ class VectorQuantizer(CodebookState):
                     f"fastvq.VectorQuantizer: {name} must be float32, float16 or bfloat16, got {t.dtype} "
                     "(float64 is not supported: cast the inputs and the module, e.g. .float())"
                 )
-        if self.training and self.kmeans_init and not bool(self.initted):
-            self._kmeans_init_(inputs.detach().reshape(-1, self.embedding_dim), self.metric)
+        self._maybe_kmeans_init_(inputs.detach().reshape(-1, self.embedding_dim), self.metric)
 
         indices, _ = nearest_code(inputs, weight.detach(), metric=self.metric)
         codes = F.embedding(indices, weight).to(inputs.dtype)

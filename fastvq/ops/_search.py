@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numbers
 
+import torch
+
 #: Distance metrics of the search ops. ``"l2"``: squared Euclidean ``|x - c|^2``;
 #: ``"euclidean"``: ``|x - c|`` (same order as l2); ``"cosine"``: ``1 - cos(x, c)`` (a zero
 #: vector has cosine 0 with anything, so distance 1); ``"dot"``: ``-<x, c>`` (the nearest code is
@@ -45,3 +47,47 @@ def check_int(op: str, name: str, value, minimum: int | None = None, maximum: in
     if maximum is not None and value > maximum:
         raise ValueError(f"fastvq.{op}: {name} must be <= {maximum}, got {value}")
     return value
+
+
+def search_inputs(op: str, x, codebook, metric, allow_tf32):
+    """Validate and shape the inputs of a search op.
+
+    ``codebook`` ``(K, D)``: ``x`` ``(..., D)``, one codebook for every row. ``codebook``
+    ``(H, K, D)``: ``x`` ``(H, ..., D)``, row ``x[h, ...]`` searched in ``codebook[h]``.
+    Returns ``(x3 (H, N, D), codebook3 (H, K, D), lead)``: detached, one promoted float dtype;
+    ``lead`` is ``x.shape[:-1]``, the shape of the results.
+    """
+    from .._checks import check_float, check_metric, check_same_device, check_tensor
+
+    check_tensor(op, "x", x, min_ndim=1)
+    check_tensor(op, "codebook", codebook)
+    if codebook.dim() not in (2, 3):
+        raise ValueError(f"fastvq.{op}: codebook must be (K, D) or (H, K, D), got shape {tuple(codebook.shape)}")
+    check_float(op, "x", x)
+    check_float(op, "codebook", codebook)
+    check_same_device(op, x=x, codebook=codebook)
+    if x.shape[-1] != codebook.shape[-1]:
+        raise ValueError(f"fastvq.{op}: feature dims differ: x has D={x.shape[-1]} (shape {tuple(x.shape)}), "
+                         f"codebook has D={codebook.shape[-1]} (shape {tuple(codebook.shape)})")
+    if codebook.shape[-2] == 0:
+        raise ValueError(f"fastvq.{op}: codebook is empty (K = 0), shape {tuple(codebook.shape)}")
+    multi = codebook.dim() == 3
+    if multi and (x.dim() < 2 or x.shape[0] != codebook.shape[0]):
+        raise ValueError(f"fastvq.{op}: with H = {codebook.shape[0]} codebooks (shape {tuple(codebook.shape)}) x must "
+                         f"be (H, ..., D), got shape {tuple(x.shape)}")
+    if not isinstance(metric, str):
+        raise TypeError(f"fastvq.{op}: metric must be a str, got {type(metric).__name__}")
+    check_metric(op, metric, METRICS)
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"fastvq.{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    x, codebook = x.detach(), codebook.detach()
+    if x.dtype != codebook.dtype:
+        dtype = torch.promote_types(x.dtype, codebook.dtype)
+        x, codebook = x.to(dtype), codebook.to(dtype)
+    lead = x.shape[:-1]
+    D = x.shape[-1]
+    c3 = codebook if multi else codebook.unsqueeze(0)
+    H = c3.shape[0]
+    # explicit row counts: reshape(H, -1, D) is ambiguous (and raises) when D == 0 or H == 0
+    x3 = x.reshape(H, (lead.numel() // H) if H else 0, D)
+    return x3, c3, lead

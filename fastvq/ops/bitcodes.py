@@ -7,21 +7,18 @@ input raises instead of being silently truncated.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from .._checks import check_tensor
+from .._checks import check_int_arg, check_tensor
 
 MAX_BITS = 63  # the codes are int64
 
 
 def _check_num_bits(op: str, num_bits) -> int:
-    if isinstance(num_bits, bool) or not isinstance(num_bits, numbers.Integral):
-        raise TypeError(f"fastvq.{op}: num_bits must be an int, got {type(num_bits).__name__}")
+    num_bits = check_int_arg(op, "num_bits", num_bits)
     if not 1 <= num_bits <= MAX_BITS:
         raise ValueError(f"fastvq.{op}: num_bits must be in [1, {MAX_BITS}], got {num_bits}")
-    return int(num_bits)
+    return num_bits
 
 
 def _bit_weights(num_bits: int, device: torch.device) -> torch.Tensor:
@@ -70,6 +67,24 @@ def _to_decimal_op(bits: torch.Tensor) -> torch.Tensor:
 @_to_decimal_op.register_fake
 def _(bits):
     return bits.new_empty(bits.shape[:-1], dtype=torch.int64)
+
+
+@torch.library.custom_op("fastvq::checked_bits", mutates_args=())
+def _checked_bits_op(bits: torch.Tensor, owner: str) -> torch.Tensor:
+    check_bit_values(owner, bits)
+    return bits.to(torch.int64, copy=True)
+
+
+@_checked_bits_op.register_fake
+def _(bits, owner):
+    return torch.empty_like(bits, dtype=torch.int64)
+
+
+def checked_bits(owner: str, bits: torch.Tensor) -> torch.Tensor:
+    """``bits`` as int64 after checking they are 0 or 1 (``ValueError`` naming ``owner``
+    otherwise). A custom op, so the check runs (eagerly) inside torch.compile'd graphs too and
+    fullgraph tracing needs no data-dependent guard; used by ``fastvq.nn.Bitcodes.from_bits``."""
+    return _checked_bits_op(bits, owner)
 
 
 def to_bits(indices: torch.Tensor, num_bits: int) -> torch.Tensor:

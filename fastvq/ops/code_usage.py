@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
-from .._checks import check_tensor
-from ..reference.code_usage import CodeUsage, code_usage_counts_ref, usage_from_counts
+from .._checks import check_bool_arg, check_int_arg, check_tensor
+from ..reference.code_usage import CodeUsage, code_usage_counts_ref, out_of_range_message, usage_from_counts
 
 __all__ = ["CodeUsage", "CodeUsageMeter", "code_usage"]
 
@@ -16,19 +16,20 @@ INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 @torch.library.custom_op("fastvq::code_usage_counts", mutates_args=())
 def _code_usage_counts_op(indices: torch.Tensor, codebook_size: int, check: bool) -> torch.Tensor:
+    """``(K + 1,)`` int64 counts; bin ``K`` counts ids outside ``[0, K)``. ``check=True`` raises
+    on such ids (one host sync); the check lives in the op body, which runs eagerly even inside
+    a torch.compile'd graph, so compiled code is checked too and fullgraph tracing needs no
+    data-dependent branch."""
     if use_triton("code_usage", indices):
         from ..kernels.code_usage import code_usage_fwd
 
         counts = code_usage_fwd(indices, codebook_size)
     else:
         counts = code_usage_counts_ref(indices, codebook_size)
-    # The range check reads the overflow bin on the host; it lives here, in the op body, which
-    # runs eagerly even inside a torch.compile'd graph (so compiled code is checked too, and
-    # fullgraph=True traces without a data-dependent branch).
     if check:
         n_bad = int(counts[codebook_size].item())
         if n_bad:
-            raise _out_of_range_error("code_usage", n_bad, codebook_size)
+            raise ValueError(out_of_range_message("code_usage", n_bad, codebook_size))
     return counts
 
 
@@ -37,26 +38,14 @@ def _(indices, codebook_size, check):
     return indices.new_empty((codebook_size + 1,), dtype=torch.int64)
 
 
-def _check(op: str, indices, codebook_size) -> torch.Tensor:
+def _check(op: str, indices, codebook_size) -> tuple[torch.Tensor, int]:
     check_tensor(op, "indices", indices)
     if indices.dtype not in INT_DTYPES:
         raise TypeError(f"fastvq.{op}: indices must be an integer tensor (int8/uint8/int16/int32/int64), got {indices.dtype}")
-    _check_codebook_size(op, codebook_size)
-    return indices.reshape(-1)
+    return indices.reshape(-1), check_int_arg(op, "codebook_size", codebook_size, minimum=1)
 
 
-def _check_codebook_size(op: str, codebook_size) -> None:
-    if isinstance(codebook_size, bool) or not isinstance(codebook_size, int):
-        raise TypeError(f"fastvq.{op}: codebook_size must be an int, got {type(codebook_size).__name__}")
-    if codebook_size < 1:
-        raise ValueError(f"fastvq.{op}: codebook_size must be >= 1, got {codebook_size}")
-
-
-def _out_of_range_error(op: str, n_bad: int, codebook_size: int) -> ValueError:
-    return ValueError(f"fastvq.{op}: {n_bad} indices are outside [0, {codebook_size}) (codebook_size={codebook_size})")
-
-
-def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
+def code_usage(indices: torch.Tensor, codebook_size: int, *, check: bool = False) -> CodeUsage:
     """Codebook usage of a set of code indices: counts, perplexity, active codes, entropy.
 
     Args:
@@ -64,18 +53,20 @@ def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
             ``[0, codebook_size)``. All elements count, whatever the shape: residual codes
             ``(..., L)`` are pooled over levels (pass ``codes[..., l]`` for one level's usage).
         codebook_size: ``K``, the number of codes.
+        check: raise ``ValueError`` right away for an index outside ``[0, K)``. That reads the
+            device (one host sync, inside the custom op, so it runs in
+            ``torch.compile(fullgraph=True)`` code too). Default False: no host sync; such
+            indices are counted in ``out_of_range``, make ``entropy`` and ``perplexity`` NaN,
+            and make ``to_dict()`` raise.
 
     Returns:
         :class:`CodeUsage` with ``counts (K,)`` int64 (a bincount: an atomic histogram kernel
         on the Triton backend), and the seed's formulas with ``p = counts / counts.sum()``:
         ``entropy = -sum p log(p + 1e-10)`` (0-d float32), ``perplexity = exp(entropy)``
-        (0-d float32) and ``active_codes = (counts > 0).sum()`` (0-d int64). An empty input
-        gives zero counts, entropy 0 and perplexity 1. Nothing is differentiable.
-
-    Raises:
-        ValueError: an index outside ``[0, codebook_size)`` (checking this costs one host sync,
-            inside the custom op, so it also runs in ``torch.compile(fullgraph=True)`` code;
-            :class:`CodeUsageMeter` defers it to ``compute()``).
+        (0-d float32), ``active_codes = (counts > 0).sum()`` (0-d int64) and ``out_of_range``
+        (0-d int64). An empty input gives zero counts, entropy 0 and perplexity 1; counts of any
+        size (up to int64) give finite statistics. Nothing is differentiable, nothing is read
+        on the host unless ``check=True``.
 
     Example::
 
@@ -84,9 +75,10 @@ def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
         (tensor([1, 2, 0, 1]), tensor(3))
     """
     op = "code_usage"
-    flat = _check(op, indices, codebook_size)
-    counts = _code_usage_counts_op(flat, codebook_size, True)  # raises on out-of-range ids
-    return usage_from_counts(counts[:codebook_size])
+    flat, codebook_size = _check(op, indices, codebook_size)
+    check = check_bool_arg(op, "check", check)
+    counts = _code_usage_counts_op(flat, codebook_size, check)
+    return usage_from_counts(counts[:codebook_size], counts[codebook_size])
 
 
 class CodeUsageMeter:
@@ -113,8 +105,7 @@ class CodeUsageMeter:
     """
 
     def __init__(self, codebook_size: int):
-        _check_codebook_size("CodeUsageMeter", codebook_size)
-        self.codebook_size = codebook_size
+        self.codebook_size = check_int_arg("CodeUsageMeter", "codebook_size", codebook_size, minimum=1)
         self.reset()
 
     def reset(self) -> None:
@@ -132,14 +123,15 @@ class CodeUsageMeter:
         """Add one batch of indices (any shape, integer dtype). Returns that batch's usage.
 
         Out-of-range ids are not checked here (that would sync with the device): they are
-        counted aside, left out of the returned batch usage, and make ``compute()`` raise.
+        counted aside (the batch usage's ``out_of_range``, with NaN entropy and perplexity),
+        left out of the counts, and make ``compute()`` raise.
         """
         op = "CodeUsageMeter"
-        flat = _check(op, indices, self.codebook_size)
+        flat, _ = _check(op, indices, self.codebook_size)
         if self._counts is not None and flat.device != self._counts.device:
             raise ValueError(f"fastvq.{op}: indices on {flat.device}, but the meter accumulates on {self._counts.device}")
         counts = _code_usage_counts_op(flat, self.codebook_size, False)  # checked in compute()
-        batch = usage_from_counts(counts[: self.codebook_size])
+        batch = usage_from_counts(counts[: self.codebook_size], counts[self.codebook_size])
         if self._counts is None:
             self._counts = counts
             self._perplexity_sum = batch.perplexity.clone()
@@ -156,11 +148,11 @@ class CodeUsageMeter:
             ValueError: some batch held an index outside ``[0, codebook_size)`` (one host sync).
         """
         if self._counts is None:
-            return usage_from_counts(torch.zeros(self.codebook_size, dtype=torch.int64))
+            return usage_from_counts(torch.zeros(self.codebook_size, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
         n_bad = int(self._counts[self.codebook_size].item())
         if n_bad:
-            raise _out_of_range_error("CodeUsageMeter", n_bad, self.codebook_size)
-        return usage_from_counts(self._counts[: self.codebook_size].clone())
+            raise ValueError(out_of_range_message("CodeUsageMeter", n_bad, self.codebook_size))
+        return usage_from_counts(self._counts[: self.codebook_size].clone(), self._counts[self.codebook_size])
 
     @property
     def mean_batch_perplexity(self) -> torch.Tensor:

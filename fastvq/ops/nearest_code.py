@@ -1,17 +1,18 @@
-"""nearest_code: the nearest codebook entry of every row (l2 / cosine / dot), not differentiable."""
+"""nearest_code: the nearest codebook entry of every row (l2 / euclidean / cosine / dot), one or
+several codebooks in one launch, not differentiable."""
 
 from __future__ import annotations
 
 import torch
 
 from .._backend import use_triton
-from .._checks import check_float, check_last_dim, check_metric, check_same_device, check_tensor
 from ..reference.nearest_code import nearest_code_ref
-from ._search import METRICS
+from ._search import search_inputs
 
 
 @torch.library.custom_op("fastvq::nearest_code", mutates_args=())
 def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, metric: str, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # x (H, N, D), codebook (H, K, D) -> (H, N) int64, (H, N) float32
     if use_triton("nearest_code", x, codebook):
         from ..kernels.nearest_code import nearest_code_fwd
 
@@ -21,8 +22,8 @@ def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, metric: str, allow
 
 @_nearest_code_op.register_fake
 def _(x, codebook, metric, allow_tf32):
-    n = x.shape[0]
-    return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
+    shape = x.shape[:2]
+    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=torch.float32)
 
 
 def nearest_code(
@@ -33,8 +34,11 @@ def nearest_code(
     Args:
         x: ``(..., D)`` float32/float16/bfloat16, any strides; no rows (``N = 0``) gives
             empty outputs. float64, integer and other dtypes raise ``TypeError`` (cast first).
-        codebook: ``(K, D)``, ``K >= 1``, same device, any strides; a different float dtype
-            (float32/float16/bfloat16) is promoted with ``torch.promote_types``.
+            With ``H`` codebooks: ``(H, ..., D)``, row ``x[h, ...]`` searched in ``codebook[h]``.
+        codebook: ``(K, D)``, ``K >= 1``, or ``(H, K, D)`` for ``H`` separate codebooks (heads,
+            groups of a grouped residual VQ), all searched in one launch. Same device, any
+            strides; a different float dtype (float32/float16/bfloat16) is promoted with
+            ``torch.promote_types``.
         metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``, the same order),
             ``"cosine"`` (``1 - cos``; a zero vector has cosine 0, so distance 1) or ``"dot"``
             (``-<x, c>``, i.e. the largest inner product).
@@ -67,26 +71,11 @@ def nearest_code(
         >>> idx, dist = fastvq.nearest_code(torch.randn(8, 100, 64), codebook)
         >>> idx.shape, dist.dtype
         (torch.Size([8, 100]), torch.float32)
+        >>> heads = torch.randn(4, 256, 32)                       # 4 codebooks of 256 codes
+        >>> idx, dist = fastvq.nearest_code(torch.randn(4, 8, 100, 32), heads)
+        >>> idx.shape                                              # idx[h] indexes heads[h]
+        torch.Size([4, 8, 100])
     """
-    op = "nearest_code"
-    check_tensor(op, "x", x, min_ndim=1)
-    check_tensor(op, "codebook", codebook, ndim=2)
-    check_float(op, "x", x)
-    check_float(op, "codebook", codebook)
-    check_same_device(op, x=x, codebook=codebook)
-    check_last_dim(op, "x", x, "codebook", codebook)
-    if codebook.shape[0] == 0:
-        raise ValueError(f"fastvq.{op}: codebook is empty (K = 0), shape {tuple(codebook.shape)}")
-    if not isinstance(metric, str):
-        raise TypeError(f"fastvq.{op}: metric must be a str, got {type(metric).__name__}")
-    check_metric(op, metric, METRICS)
-    if not isinstance(allow_tf32, bool):
-        raise TypeError(f"fastvq.{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
-    x, codebook = x.detach(), codebook.detach()
-    if x.dtype != codebook.dtype:
-        dtype = torch.promote_types(x.dtype, codebook.dtype)
-        x, codebook = x.to(dtype), codebook.to(dtype)
-    lead = x.shape[:-1]
-    # explicit row count: reshape(-1, D) is ambiguous (and raises) when D == 0
-    indices, distances = _nearest_code_op(x.reshape(lead.numel(), x.shape[-1]), codebook, metric, allow_tf32)
+    x3, c3, lead = search_inputs("nearest_code", x, codebook, metric, allow_tf32)
+    indices, distances = _nearest_code_op(x3, c3, metric, allow_tf32)
     return indices.reshape(lead), distances.reshape(lead)

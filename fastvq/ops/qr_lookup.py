@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 
 from .._backend import use_triton
-from .._checks import check_float, check_int, check_same_device, check_tensor
-from ..reference.qr_lookup import MODES, OPS, bag_layout, qr_indices, qr_lookup_bwd_ref, qr_lookup_ref, qr_out_dim
+from .._checks import check_bool_arg, check_float, check_int, check_same_device, check_tensor
+from ..reference.qr_lookup import MODES, OPS, qr_lookup_bwd_ref, qr_lookup_ref, qr_out_dim
 
 __all__ = ["qr_lookup"]
 
@@ -42,7 +42,7 @@ def _(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, determinis
     return q_weight.new_empty((rows, qr_out_dim(op, q_weight, r_weight)))
 
 
-@torch.library.custom_op("fastvq::qr_lookup_bwd", mutates_args=())
+@torch.library.custom_op("fastvq::qr_lookup_backward", mutates_args=())
 def _qr_lookup_bwd_op(
     grad: torch.Tensor,
     ids: torch.Tensor,
@@ -53,91 +53,46 @@ def _qr_lookup_bwd_op(
     mode: str,
     per_sample_weights: Optional[torch.Tensor],
     deterministic: bool,
+    sparse: bool,
     need_q: bool,
     need_r: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense gradients to the two tables; a table not needed gets an empty ``(0,)`` tensor."""
+    need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q_rows, q_grad, r_rows, r_grad, w_grad)``. Dense: ``*_grad`` have the tables' shapes and
+    ``*_rows`` are empty; sparse: ``*_rows`` (U,) int64 the touched rows, ascending, and
+    ``*_grad`` (U, dim) theirs. Whatever is not needed is empty."""
+    needs = (need_q, need_r, need_w)
     if use_triton("qr_lookup", grad, ids, q_weight, r_weight):
         from ..kernels.qr_lookup import qr_lookup_bwd
 
-        gq, gr = qr_lookup_bwd(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
-                               deterministic, needs=(need_q, need_r))
+        parts = qr_lookup_bwd(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
+                              deterministic, sparse, needs)
     else:
-        gq, gr = qr_lookup_bwd_ref(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
-    gq = gq if need_q else q_weight.new_zeros((0,))
-    gr = gr if need_r else r_weight.new_zeros((0,))
-    return gq, gr
+        parts = qr_lookup_bwd_ref(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
+                                  sparse, needs)
+    q_rows, q_grad, r_rows, r_grad, w_grad = parts
+    return (
+        ids.new_empty((0,), dtype=torch.int64) if q_rows is None else q_rows,
+        q_weight.new_empty((0, q_weight.shape[1])) if q_grad is None else q_grad,
+        ids.new_empty((0,), dtype=torch.int64) if r_rows is None else r_rows,
+        r_weight.new_empty((0, r_weight.shape[1])) if r_grad is None else r_grad,
+        grad.new_empty((0,)) if w_grad is None else w_grad,
+    )
 
 
 @_qr_lookup_bwd_op.register_fake
-def _(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, deterministic, need_q, need_r):
-    gq = torch.empty_like(q_weight, memory_format=torch.contiguous_format) if need_q else q_weight.new_empty((0,))
-    gr = torch.empty_like(r_weight, memory_format=torch.contiguous_format) if need_r else r_weight.new_empty((0,))
-    return gq, gr
-
-
-@torch.library.custom_op("fastvq::qr_lookup_bwd_sparse", mutates_args=())
-def _qr_lookup_bwd_sparse_op(
-    grad: torch.Tensor,
-    ids: torch.Tensor,
-    q_weight: torch.Tensor,
-    r_weight: torch.Tensor,
-    op: str,
-    offsets: Optional[torch.Tensor],
-    mode: str,
-    per_sample_weights: Optional[torch.Tensor],
-    need_q: bool,
-    need_r: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q_rows, q_values, r_rows, r_values)``: per table the sorted unique touched rows (int64)
-    and their gradients ``(U, dim)``; a table not needed gets ``U = 0``. Always the sorted path.
-    A custom op (with data-dependent output sizes) so that torch.compile traces the sparse
-    backward too instead of running Triton launchers on fake tensors."""
-    needs = (need_q, need_r)
-    if use_triton("qr_lookup", grad, ids, q_weight, r_weight):
-        from ..kernels.qr_lookup import qr_lookup_bwd_rows
-
-        parts = qr_lookup_bwd_rows(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
-                                   dense=False, needs=needs)
-    else:
-        dense = qr_lookup_bwd_ref(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights)
-        if offsets is not None and offsets.numel() == 0:  # no bags: no row is touched
-            ids = ids[:0]
-        qi, ri = qr_indices(ids, q_weight.shape[0], r_weight.shape[0])
-        parts = []
-        for need, d, idx in zip(needs, dense, (qi, ri)):
-            rows = torch.unique(idx)  # sorted
-            parts.append((rows, d[rows]) if need else None)
-    out = []
-    for part, w in zip(parts, (q_weight, r_weight)):
-        if part is None:
-            part = (torch.zeros((0,), dtype=torch.int64, device=w.device), w.new_zeros((0, w.shape[1])))
-        out.extend(part)
-    return tuple(out)
-
-
-@_qr_lookup_bwd_sparse_op.register_fake
-def _(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, need_q, need_r):
-    ctx = torch.library.get_ctx()
+def _(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, deterministic, sparse,
+      need_q, need_r, need_w):
     out = []
     for need, w in ((need_q, q_weight), (need_r, r_weight)):
-        rows = w.shape[0]  # a SymInt under dynamic shapes: then no static bound
-        u = ctx.new_dynamic_size(max=rows if isinstance(rows, int) else None) if need else 0
-        out += [ids.new_empty((u,), dtype=torch.int64), w.new_empty((u, w.shape[1]))]
+        if sparse and need:
+            rows = w.shape[0]  # a SymInt under dynamic shapes: then no static bound
+            u = torch.library.get_ctx().new_dynamic_size(max=rows if isinstance(rows, int) else None)
+        else:
+            u = w.shape[0] if need else 0
+        out += [ids.new_empty((u if sparse else 0,), dtype=torch.int64), w.new_empty((u, w.shape[1]))]
+    out.append(per_sample_weights.new_empty(ids.shape) if need_w else grad.new_empty((0,)))
     return tuple(out)
-
-
-def _sparse_grads(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, needs):
-    """Coalesced sparse COO gradients (touched rows only), for ``sparse=True``."""
-    q_rows, q_vals, r_rows, r_vals = _qr_lookup_bwd_sparse_op(
-        grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, needs[0], needs[1])
-    out = []
-    for need, rows, vals, w in ((needs[0], q_rows, q_vals, q_weight), (needs[1], r_rows, r_vals, r_weight)):
-        if not need:
-            out.append(None)
-            continue
-        out.append(torch.sparse_coo_tensor(rows[None], vals, w.shape, is_coalesced=True, check_invariants=False))
-    return out
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,40 +104,37 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     ids, q_weight, r_weight, offsets, psw = ctx.saved_tensors
     need_q, need_r, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[6]
-    gq = gr = gw = None
-    if need_q or need_r:
-        if ctx.sparse:
-            gq, gr = _sparse_grads(grad, ids, q_weight, r_weight, ctx.op, offsets, ctx.mode, psw, (need_q, need_r))
-        else:
-            gq, gr = _qr_lookup_bwd_op(grad, ids, q_weight, r_weight, ctx.op, offsets, ctx.mode, psw,
-                                       ctx.deterministic, need_q, need_r)
-        gq = gq if need_q else None
-        gr = gr if need_r else None
-    if need_w:
-        # d out[bag(i)] / d w_i = composed item i: recompute it (plain lookup), dot with the bag's grad.
-        items = _qr_lookup_op(ids, q_weight.detach(), r_weight.detach(), ctx.op, None, "sum", None, True, False)
-        if offsets.numel() == 0:  # no bags: no item reaches the output
-            gw = torch.zeros_like(psw)
-        else:
-            bag_of, _ = bag_layout(offsets, ids.shape[0])
-            gw = (items.float() * grad.float()[bag_of]).sum(-1).to(psw.dtype)
-    return None, gq, gr, None, None, None, gw, None, None
+    if not (need_q or need_r or need_w):
+        return None, None, None, None, None, None, None, None, None
+    q_rows, gq, r_rows, gr, gw = _qr_lookup_bwd_op(
+        grad, ids, q_weight, r_weight, ctx.op, offsets, ctx.mode, psw, ctx.deterministic, ctx.sparse,
+        need_q, need_r, need_w)
+    if ctx.sparse:  # one entry per touched row, in order: coalesced
+        gq = torch.sparse_coo_tensor(q_rows[None], gq, q_weight.shape, is_coalesced=True, check_invariants=False)
+        gr = torch.sparse_coo_tensor(r_rows[None], gr, r_weight.shape, is_coalesced=True, check_invariants=False)
+    return (None, gq if need_q else None, gr if need_r else None, None, None, None,
+            gw if need_w else None, None, None)
 
 
 _qr_lookup_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_offsets(name: str, offsets: torch.Tensor, n_items: int) -> None:
+    """Bags must start at item 0, be in order and end within the items: one host read (the
+    bag form is the one form that needs it), and a second only to word an error."""
     if offsets.numel() == 0:
         return
-    first = int(offsets[0])
+    bad = (offsets[0] != 0) | (offsets[-1] > n_items)
+    if offsets.numel() > 1:
+        bad = bad | (offsets[1:] < offsets[:-1]).any()
+    if not bool(bad):
+        return
+    first, last = int(offsets[0]), int(offsets[-1])
     if first != 0:
         raise ValueError(f"fastvq.{name}: offsets[0] must be 0, got {first}")
-    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
-        raise ValueError(f"fastvq.{name}: offsets must be non-decreasing (bags in order), got {offsets.tolist()[:16]}")
-    last = int(offsets[-1])
     if last > n_items:
         raise ValueError(f"fastvq.{name}: offsets out of range: offsets[-1] = {last} > number of ids {n_items}")
+    raise ValueError(f"fastvq.{name}: offsets must be non-decreasing (bags in order), got {offsets.tolist()[:16]}")
 
 
 def qr_lookup(
@@ -215,19 +167,29 @@ def qr_lookup(
         mode: bag pooling, ``"sum"`` | ``"mean"``. Every item is composed first, then pooled
             (pooling first, as DLRM does, is wrong for "mult"). Empty bags give zeros.
         per_sample_weights: ``ids``-shaped float weights, bag form with ``mode="sum"`` only.
-        deterministic: the table gradients are a sorted segment reduction (bitwise reproducible,
-            default) or, when False, float32 atomic adds (faster under heavy row reuse, run-to-run
-            rounding differences).
+        deterministic: the table gradients are a sorted segment reduction (default: one stable
+            sort of the items' table rows, then one program per table row sums its items in item
+            order, bitwise reproducible, no host sync) or, when False, relaxed float32 atomic adds
+            (no sort; faster under heavy row reuse, run-to-run rounding differences).
         sparse: table gradients as ``torch.sparse_coo`` tensors of the touched rows, one entry per
             row in sorted order (for ``torch.optim.SparseAdam`` / ``Adagrad``); always the sorted
-            path; also under ``torch.compile``. The backward flags them coalesced; autograd's
-            zero-copy hand-over into ``.grad`` (AccumulateGrad) drops that flag, so
-            ``.grad.is_coalesced()`` reads False although the contents are coalesced
-            (``nn.Embedding(sparse=True)`` is not).
+            path; also under ``torch.compile``. The number of touched rows sizes the gradient, so
+            the sparse backward reads it on the host (one sync; the dense backward has none).
+            The backward flags them coalesced; autograd's zero-copy hand-over into ``.grad``
+            (AccumulateGrad) drops that flag, so ``.grad.is_coalesced()`` reads False although
+            the contents are coalesced (``nn.Embedding(sparse=True)`` is not).
 
     Returns:
         ``ids.shape + (dim,)`` (plain) or ``(len(offsets), dim)`` (bags), in the tables' dtype.
         Differentiable in ``q_weight``, ``r_weight`` and ``per_sample_weights``; not in ``ids``.
+
+    Numbers (both backends, every dtype, every op and mode): composition, pooling and gradients
+    accumulate in float32 and round once to the tables' dtype. A NaN table entry gives NaN
+    exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN); a result beyond the
+    dtype's range is ``+-inf``, never a finite number; "mean" scales each item by ``1/len``
+    before the sum, so a mean that is representable is finite. Zero-width tables (``dq = 0``)
+    give empty rows and empty gradients. Bag offsets are checked on the host (one read, the
+    bag form only); the dense backward reads nothing on the host.
 
     Example::
 
@@ -259,6 +221,8 @@ def qr_lookup(
         raise ValueError(f"fastvq.{name}: unknown op {op!r}; expected one of {OPS}")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"fastvq.{name}: unknown mode {mode!r}; expected one of {MODES}")
+    deterministic = check_bool_arg(name, "deterministic", deterministic)
+    sparse = check_bool_arg(name, "sparse", sparse)
     if op != "concat" and q_weight.shape[1] != r_weight.shape[1]:
         raise ValueError(
             f"fastvq.{name}: op {op!r} needs tables of one width, got q_weight {tuple(q_weight.shape)} "
@@ -296,4 +260,4 @@ def qr_lookup(
                 f"fastvq.{name}: per_sample_weights must have the shape of ids {tuple(ids.shape)}, "
                 f"got {tuple(per_sample_weights.shape)}"
             )
-    return _qr_lookup_op(ids, q_weight, r_weight, op, offsets.long(), mode, per_sample_weights, deterministic, sparse)
+    return _qr_lookup_op(ids, q_weight, r_weight, op, offsets, mode, per_sample_weights, deterministic, sparse)

@@ -32,7 +32,7 @@ def _rotation_trick_bwd_op(e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor)
     if use_triton("rotation_trick", e, q, grad):
         from ..kernels.rotation_trick import rotation_trick_bwd
 
-        return rotation_trick_bwd(e, q, grad)
+        return rotation_trick_bwd(e, q, grad, EPS_NORM, EPS_ANTIPODAL)
     return rotation_trick_bwd_ref(e, q, grad)
 
 
@@ -58,7 +58,7 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Rotation-trick straight-through estimator for vector quantization (Fifty et al. 2024, sec. 4.2).
 
     Args:
-        e: ``(..., D)`` encoder outputs, float32/float16/bfloat16 (D >= 1, D = 1 works).
+        e: ``(..., D)`` encoder outputs, float32/float16/bfloat16 (``D = 0`` and ``D = 1`` work).
         q: ``(..., D)`` their quantized codes, same shape and device; a different float dtype
            is promoted.
 
@@ -68,12 +68,19 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
     Gradient: only ``e`` receives one, ``lambda * R^T g`` with ``lambda = |q|/|e|``,
     ``e^ = e/|e|``, ``q^ = q/|q|``, ``w = (e^ + q^)/|e^ + q^|`` and
-    ``R^T g = g - 2 (g.w) w + 2 (g.q^) e^``, every factor a constant, computed in float32.
+    ``R^T g = g - 2 (g.w) w + 2 (g.q^) e^``, every factor a constant, computed in float32
+    (the kernel) or float64 (the reference) with the factor ``lambda |g|`` applied in float64.
     ``q`` receives no gradient (feed the codebook through a commitment/codebook loss).
-    Rows where the rotation is undefined take the plain straight-through gradient ``g``:
+    Rows where the rotation is degenerate take the plain straight-through gradient ``g``:
     ``|e| < EPS_NORM`` or ``|q| < EPS_NORM`` (``EPS_NORM = 1e-6``), or
     ``|e^ + q^| < EPS_ANTIPODAL`` (``1e-3``: ``e`` points within ~1e-3 rad of ``-q``).
-    The gradient is finite wherever the inputs are.
+
+    Numbers: every row is scaled by its largest entry before it is normalised, so the gradient
+    is finite wherever the inputs are finite and the true gradient is representable in the
+    output dtype (``|q| = 1e20`` or ``|e| = 1e-30`` included); a gradient beyond the dtype's
+    range is ``+-inf``. A row with a NaN or infinite entry in ``e`` or ``q`` gets a NaN
+    gradient (its rotation is undefined). A NaN or infinite ``g`` passes through a
+    straight-through row unchanged and makes a rotated row NaN. Identical on both backends.
 
     Example::
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .._backend import use_triton
-from .._checks import check_tensor
+from .._checks import check_bool_arg, check_tensor
 from ..reference.semantic_ids import semantic_ids_ref
 
 __all__ = ["SemanticIdStats", "semantic_id_stats", "semantic_ids"]
@@ -76,6 +76,9 @@ class SemanticIdStats:
         max_collisions: the largest collision level, ``max_group_size - 1`` (0 for ``N = 0``):
             the extra level of :func:`semantic_ids` takes values ``0 .. max_collisions``, so it
             needs ``max_collisions + 1`` codes.
+        has_collision_level: True when the input's last column was taken as the collision
+            level of :func:`semantic_ids` and left out, so the statistics are those of the codes
+            before it.
     """
 
     num_items: int
@@ -83,23 +86,58 @@ class SemanticIdStats:
     collision_rate: float
     max_group_size: int
     max_collisions: int
+    has_collision_level: bool = False
 
 
-def semantic_id_stats(codes: torch.Tensor) -> SemanticIdStats:
+def semantic_id_stats(codes: torch.Tensor, *, collision_level: bool | None = None) -> SemanticIdStats:
     """Collision statistics of ``(N, L)`` integer codes (see :class:`SemanticIdStats`).
 
-    Computed from the collision level of :func:`semantic_ids` (one host sync).
+    The output of :func:`semantic_ids` (and of ``RQVAE.semantic_ids``) ends with a collision
+    level that makes every row unique; its statistics are those of the codes before that column.
+
+    Args:
+        codes: ``(N, L)`` integer codes, with or without the collision level.
+        collision_level: ``True``: the last column is the collision level of :func:`semantic_ids`
+            (checked: ``ValueError`` if it is not); ``False``: every column is a code;
+            ``None`` (default): the last column is taken as the collision level when ``L >= 2``
+            and it equals, row for row, the level :func:`semantic_ids` gives the other columns,
+            which holds for every output of :func:`semantic_ids`. Raw codes meet that only if
+            their last level happens to number the repeats of the others ``0, 1, 2, ...`` in
+            input order; pass ``False`` to rule that out. The result says which reading was
+            used (``has_collision_level``).
+
+    Computed from the collision level of :func:`semantic_ids` (one or two host syncs).
 
     Example::
 
         >>> fastvq.semantic_id_stats(torch.tensor([[1, 2], [0, 2], [1, 2], [1, 2]]))
-        SemanticIdStats(num_items=4, num_unique=2, collision_rate=0.5, max_group_size=3, max_collisions=2)
+        SemanticIdStats(num_items=4, num_unique=2, collision_rate=0.5, max_group_size=3, max_collisions=2, has_collision_level=False)
+        >>> fastvq.semantic_id_stats(fastvq.semantic_ids(torch.tensor([[1, 2], [0, 2], [1, 2]]))).num_unique
+        2
     """
-    _check("semantic_id_stats", codes)
-    n = codes.shape[0]
+    op = "semantic_id_stats"
+    _check(op, codes)
+    if collision_level is not None:
+        collision_level = check_bool_arg(op, "collision_level", collision_level)
+    n, width = codes.shape
+    if collision_level and width < 1:
+        raise ValueError(f"fastvq.{op}: collision_level=True needs a last column, got shape {tuple(codes.shape)}")
+    level = None
+    has_level = False
+    if collision_level or (collision_level is None and width >= 2):
+        prefix_level = _semantic_ids_op(codes[:, :-1])[:, -1]
+        has_level = bool(torch.equal(prefix_level, codes[:, -1].long()))
+        if collision_level and not has_level:
+            raise ValueError(
+                f"fastvq.{op}: collision_level=True, but the last column of codes (shape {tuple(codes.shape)}) "
+                "is not the collision level semantic_ids appends to the other columns"
+            )
+        level = prefix_level if has_level else None
     if n == 0:
-        return SemanticIdStats(num_items=0, num_unique=0, collision_rate=0.0, max_group_size=0, max_collisions=0)
-    level = _semantic_ids_op(codes)[:, -1]
+        return SemanticIdStats(num_items=0, num_unique=0, collision_rate=0.0, max_group_size=0, max_collisions=0,
+                               has_collision_level=has_level)
+    if level is None:
+        level = _semantic_ids_op(codes)[:, -1]
     num_unique, max_level = torch.stack([(level == 0).sum(), level.max()]).tolist()
     return SemanticIdStats(
         num_items=n,
@@ -107,4 +145,5 @@ def semantic_id_stats(codes: torch.Tensor) -> SemanticIdStats:
         collision_rate=(n - num_unique) / n,
         max_group_size=max_level + 1,
         max_collisions=max_level,
+        has_collision_level=has_level,
     )

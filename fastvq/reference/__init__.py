@@ -13,7 +13,9 @@ from .pairwise_sqdist import pairwise_sqdist_ref
 from .qr_lookup import qr_lookup_ref
 from .residual_quantize import residual_quantize_ref
 from .rotation_trick import rotation_trick_ref
+from .sample_code import sample_code_ref
 from .semantic_ids import semantic_ids_ref
+from .topk_codes import topk_codes_ref
 
 __all__ = [
     "code_statistics_ref",
@@ -25,5 +27,7 @@ __all__ = [
     "qr_lookup_ref",
     "residual_quantize_ref",
     "rotation_trick_ref",
+    "sample_code_ref",
     "semantic_ids_ref",
+    "topk_codes_ref",
 ]

@@ -21,34 +21,89 @@ def _deterministic_algorithms(on: bool):
 
 
 @torch.no_grad()
-def code_statistics_ref(
-    x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, deterministic: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for :func:`fastvq.code_statistics`: per-code row counts and row sums.
+def code_statistics_full_ref(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    num_codes: int,
+    weights: torch.Tensor | None = None,
+    *,
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's whole result: ``counts``, ``sums`` and ``bad (L, 2)`` int32, per level the
+    rows left out as not finite and the rows whose index is out of range.
 
-    ``x (N, D), indices (N,) -> counts (K,), sums (K, D)``, or batched over levels
-    ``x (L, N, D), indices (L, N) -> counts (L, K), sums (L, K, D)``; both float32,
-    ``K = num_codes``. Indices must lie in ``[0, num_codes)`` (not checked here). Uses
-    ``bincount`` and ``index_add_`` in float32, never a one-hot matrix, converting ``x`` to
-    float32 rows a chunk at a time (``row_chunk``). ``deterministic`` matters on CUDA only (CPU
-    ``index_add_`` is sequential): it runs ``index_add_`` under PyTorch's deterministic mode.
+    Shapes as :func:`code_statistics_ref`; for the batched form ``weights`` may be ``(N,)``
+    (the same weight at every level) or ``(L, N)``. Never reads a value on the host.
     """
     batched = indices.dim() == 2
     D = x.shape[-1]
     L = indices.shape[0] if batched else 1
     K = int(num_codes)
     n = indices.shape[-1]
-    idx = indices.reshape(L, n).long()
+    dev = x.device
+    idx = indices.reshape(L, n)
     xs = x.reshape(L, n, D)
-    # one flat segment id per (level, code): level l's codes are l*K .. l*K+K-1
-    flat = idx + (torch.arange(L, device=idx.device) * K)[:, None]
-    counts = torch.bincount(flat.reshape(-1), minlength=L * K).float()
-    sums = torch.zeros((L * K, D), dtype=torch.float32, device=x.device)
+    m_in = (idx >= 0) & (idx < K)
+    if weights is None:
+        w = torch.ones((1, n), dtype=torch.float64, device=dev)
+    else:
+        w = weights.reshape(-1, n).to(torch.float64)  # (1, n) or (L, n); bool masks become 0/1
+    live = w != 0
+    w_ok = torch.isfinite(w)
+    # one flat segment id per (level, code): level l's codes are l*K .. l*K+K-1; S = L*K is where
+    # every row that is left out goes (sliced off at the end)
+    S = L * K
+    flat = torch.where(m_in, idx.long(), 0) + (torch.arange(L, device=dev) * K)[:, None]
+    counts = torch.zeros((S + 1,), dtype=torch.float64, device=dev)
+    sums = torch.zeros((S + 1, D), dtype=torch.float64, device=dev)
+    bad = torch.zeros((L, 2), dtype=torch.int32, device=dev)
+    bad[:, 1] = (live & ~m_in).sum(1, dtype=torch.int32)
+    step = row_chunk(D)
     with _deterministic_algorithms(deterministic and x.is_cuda):
         for lvl in range(L):
-            step = row_chunk(D)
+            wl = w[lvl if w.shape[0] > 1 else 0]
             for s in range(0, n, step):
-                sums.index_add_(0, flat[lvl, s : s + step], xs[lvl, s : s + step].float())
+                xc = xs[lvl, s : s + step].double()
+                wc = wl[s : s + step]
+                candidate = m_in[lvl, s : s + step] & live[lvl if live.shape[0] > 1 else 0, s : s + step]
+                ok = torch.isfinite(xc).all(-1) & w_ok[lvl if w_ok.shape[0] > 1 else 0, s : s + step]
+                bad[lvl, 0] += (candidate & ~ok).sum(dtype=torch.int32)
+                use = candidate & ok
+                seg = torch.where(use, flat[lvl, s : s + step], S)
+                wc = torch.where(use, wc, 0.0)
+                counts.index_add_(0, seg, wc)
+                sums.index_add_(0, seg, torch.where(use[:, None], xc * wc[:, None], 0.0))
+    counts, sums = counts[:S].float(), sums[:S].float()
     if batched:
-        return counts.reshape(L, K), sums.reshape(L, K, D)
-    return counts.reshape(K), sums.reshape(K, D)
+        return counts.reshape(L, K), sums.reshape(L, K, D), bad
+    return counts.reshape(K), sums.reshape(K, D), bad
+
+
+@torch.no_grad()
+def code_statistics_ref(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    num_codes: int,
+    *,
+    weights: torch.Tensor | None = None,
+    deterministic: bool = True,
+    return_skipped: bool = False,
+):
+    """Reference for :func:`fastvq.code_statistics`: per-code (weighted) row counts and row sums.
+
+    ``x (N, D), indices (N,) -> counts (K,), sums (K, D)``, or batched over levels
+    ``x (L, N, D), indices (L, N) -> counts (L, K), sums (L, K, D)``; both float32,
+    ``K = num_codes``; ``weights`` ``(N,)`` (or ``(L, N)``) float or bool, row ``i`` counting
+    ``weights[i]`` times. A row of weight 0 is ignored; a row whose weight or any element is not
+    finite is left out (and counted: ``skipped``, int64 ``()`` or ``(L,)``, returned as a third
+    value with ``return_skipped=True``); a row whose index is outside ``[0, num_codes)`` is left
+    out too (not checked here: the op raises). Accumulates in float64 with ``index_add_`` a
+    chunk of rows at a time (``row_chunk``), never a one-hot matrix, and rounds once to float32.
+    ``deterministic`` matters on CUDA only (CPU ``index_add_`` is sequential): it runs
+    ``index_add_`` under PyTorch's deterministic mode.
+    """
+    counts, sums, bad = code_statistics_full_ref(x, indices, num_codes, weights, deterministic=deterministic)
+    if not return_skipped:
+        return counts, sums
+    skipped = bad[:, 0].long()
+    return counts, sums, (skipped if indices.dim() == 2 else skipped[0])

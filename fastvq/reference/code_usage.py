@@ -18,12 +18,15 @@ class CodeUsage:
     """How a codebook is used by a set of code indices.
 
     Attributes:
-        counts: ``(K,)`` int64, how often each code occurs.
+        counts: ``(K,)`` int64, how often each code occurs (indices outside ``[0, K)`` left out).
         perplexity: 0-d float32, ``exp(entropy)``: the effective number of codes in use
-            (1 for an empty input).
+            (1 for an empty input; NaN when ``out_of_range > 0``).
         active_codes: 0-d int64, number of codes with a nonzero count.
         entropy: 0-d float32, ``-sum p log(p + 1e-10)`` in nats with ``p = counts / counts.sum()``
-            (0 for an empty input).
+            (0 for an empty input; NaN when ``out_of_range > 0``).
+        out_of_range: 0-d int64, how many indices lay outside ``[0, K)``: such input is an
+            error, reported without a host sync by this count and the NaN statistics, and
+            raised by :meth:`to_dict` (and by ``code_usage(..., check=True)``).
 
     All fields are tensors on the device of the indices; nothing is copied to the host.
     """
@@ -32,6 +35,7 @@ class CodeUsage:
     perplexity: torch.Tensor
     active_codes: torch.Tensor
     entropy: torch.Tensor
+    out_of_range: torch.Tensor | None = None
 
     @property
     def codebook_size(self) -> int:
@@ -43,13 +47,21 @@ class CodeUsage:
         return self.active_codes.float() / max(self.codebook_size, 1)
 
     def to_dict(self) -> dict:
-        """Python numbers (one host sync): ``perplexity``, ``active_codes``, ``entropy``, ``usage``."""
-        return {
-            "perplexity": self.perplexity.item(),
-            "active_codes": int(self.active_codes.item()),
-            "entropy": self.entropy.item(),
-            "usage": self.usage.item(),
-        }
+        """Python numbers (one host sync): ``perplexity``, ``active_codes``, ``entropy``, ``usage``.
+
+        Raises ``ValueError`` when some index was outside ``[0, K)``.
+        """
+        values = [self.perplexity, self.active_codes.double(), self.entropy, self.usage]
+        if self.out_of_range is not None:
+            values.append(self.out_of_range.double())
+        values = torch.stack([v.double() for v in values]).tolist()
+        if self.out_of_range is not None and values[4]:
+            raise ValueError(out_of_range_message("CodeUsage", int(values[4]), self.codebook_size))
+        return {"perplexity": values[0], "active_codes": int(values[1]), "entropy": values[2], "usage": values[3]}
+
+
+def out_of_range_message(op: str, n_bad: int, codebook_size: int) -> str:
+    return f"fastvq.{op}: {n_bad} indices are outside [0, {codebook_size}) (codebook_size={codebook_size})"
 
 
 def code_usage_counts_ref(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
@@ -60,19 +72,28 @@ def code_usage_counts_ref(indices: torch.Tensor, codebook_size: int) -> torch.Te
     return torch.bincount(idx, minlength=codebook_size + 1)
 
 
-def usage_from_counts(counts: torch.Tensor) -> CodeUsage:
-    """The seed's formulas on a ``(K,)`` count vector, in float32 (as the seed computes them)."""
+def usage_from_counts(counts: torch.Tensor, out_of_range: torch.Tensor | None = None) -> CodeUsage:
+    """The seed's formulas on a ``(K,)`` count vector, in float32 (as the seed computes them).
+
+    ``out_of_range`` (0-d int64, optional): indices that fell outside ``[0, K)``; when nonzero the
+    entropy and perplexity are NaN (the statistics of invalid input are not made up).
+    """
     probs = counts.float()
     probs = probs / probs.sum().clamp_min(1.0)  # an empty input gives p = 0, not 0/0
     entropy = -(probs * torch.log(probs + EPS)).sum()
+    if out_of_range is not None:
+        entropy = torch.where(out_of_range > 0, float("nan"), entropy)
     return CodeUsage(
         counts=counts,
         perplexity=torch.exp(entropy),
         active_codes=(counts > 0).sum(),
         entropy=entropy,
+        out_of_range=out_of_range,
     )
 
 
 def code_usage_ref(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
-    """Reference for :func:`fastvq.code_usage` (no input checks; out-of-range ids are dropped)."""
-    return usage_from_counts(code_usage_counts_ref(indices, codebook_size)[:codebook_size])
+    """Reference for :func:`fastvq.code_usage` (no input checks; out-of-range ids are counted
+    in ``out_of_range`` and make the entropy and perplexity NaN)."""
+    counts = code_usage_counts_ref(indices, codebook_size)
+    return usage_from_counts(counts[:codebook_size], counts[codebook_size])

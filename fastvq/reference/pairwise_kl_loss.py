@@ -8,7 +8,8 @@ log-normalisers ``lse_p[i]`` and ``lse_t[i]``, and
     loss = (1 / B) * sum_i sum_{j != i} q_ij * (log q_ij - log p_ij)
 
 which is ``KL(target || pred)`` averaged over rows (``nn.KLDivLoss(reduction="batchmean",
-log_target=True)``). A batch with ``B <= 1`` has no off-diagonal pair: its loss is 0.
+log_target=True)``). A batch with ``B <= 1`` has no off-diagonal pair: its loss is 0. A row
+whose logits overflow float32 contributes +inf (the op turns the loss NaN for NaN/inf inputs).
 
 The gradient is ``dL/dpred = (H @ pred) / (B * T)`` with ``H = G + G^T`` and
 ``G_ij = p_ij - q_ij`` off the diagonal, 0 on it. Only ``(chunk, B)`` blocks are ever held.
@@ -49,7 +50,9 @@ def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperatu
         lse_p[s:e], lse_t[s:e] = lp, lt
         log_p, log_q = sp - lp[:, None], st - lt[:, None]
         q = log_q.exp()  # exactly 0 on the diagonal
-        kl_sum += torch.where(q > 0, q * (log_q - log_p), 0.0).sum()
+        kl_row = torch.where(q == 0, 0.0, q * (log_q - log_p)).sum(1)  # NaN q stays NaN
+        # a row whose logits overflowed float32 has a non-finite KL: it overflowed, +inf
+        kl_sum += torch.where(kl_row.abs() < float("inf"), kl_row, float("inf")).sum()
     return kl_sum / B, lse_p, lse_t
 
 

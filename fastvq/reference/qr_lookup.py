@@ -109,32 +109,42 @@ def qr_lookup_bwd_ref(
     offsets: torch.Tensor | None,
     mode: str,
     per_sample_weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_q_weight, grad_r_weight)`` of :func:`qr_lookup_ref` for upstream ``grad``.
+    sparse: bool = False,
+    needs: tuple[bool, bool, bool] = (True, True, False),
+) -> tuple:
+    """Gradients of :func:`qr_lookup_ref` for upstream ``grad``: ``(q_rows, q_grad, r_rows,
+    r_grad, w_grad)``, ``None`` where ``needs`` (quotient table, remainder table, per-sample
+    weights) is False.
 
-    ``grad`` is ``(N, dim)`` (plain, ``ids`` flattened) or ``(B, dim)`` (bags). float32
-    accumulation by ``index_add_`` (sequential, so deterministic, on the CPU).
+    ``grad`` is ``(N, dim)`` (plain, ``ids`` flattened) or ``(B, dim)`` (bags). Dense: each
+    table's gradient in its shape and dtype, ``*_rows`` None. ``sparse=True``: ``*_rows`` are
+    the touched rows (sorted, int64) and ``*_grad`` their gradients. float32 accumulation by
+    ``index_add_`` (sequential, so deterministic, on the CPU).
     """
     Q, R = q_weight.shape[0], r_weight.shape[0]
     dq = q_weight.shape[1]
     flat = ids.reshape(-1)
     N = flat.numel()
-    qi, ri = qr_indices(flat, Q, R)
+    need_q, need_r, need_w = needs
     math = torch.float64 if q_weight.dtype == torch.float64 else torch.float32
     gq = torch.zeros(q_weight.shape, dtype=math, device=q_weight.device)
     gr = torch.zeros(r_weight.shape, dtype=math, device=r_weight.device)
-    if offsets is None:
+    gw = None if per_sample_weights is None else torch.zeros(N, dtype=math, device=q_weight.device)
+    if offsets is not None and offsets.numel() == 0:  # no bags: nothing flows back
+        flat, N = flat[:0], 0
+    qi, ri = qr_indices(flat, Q, R)
+    if offsets is None or N == 0:
         bag_of, scale = None, None
-    elif offsets.numel() == 0:  # no bags: nothing flows back
-        return gq.to(q_weight.dtype), gr.to(r_weight.dtype)
     else:
         bag_of, lengths = bag_layout(offsets, N)
         scale = item_scale(bag_of, lengths, mode, per_sample_weights)
-    g2 = grad.reshape(-1, grad.shape[-1])
+    g2 = grad.reshape(grad.shape[0] if grad.dim() > 1 else -1, grad.shape[-1])
     step = row_chunk(grad.shape[-1])
     for s in range(0, N, step):
         rows = slice(s, min(s + step, N))
         g = (g2[rows] if bag_of is None else g2[bag_of[rows]]).to(math)
+        if gw is not None:  # d out[bag] / d w_i = the composed item i
+            gw[rows] = (_compose(op, q_weight[qi[rows]].to(math), r_weight[ri[rows]].to(math)) * g).sum(-1)
         if scale is not None:
             g = g * scale[rows].to(math)[:, None]
         if op == "add":
@@ -146,4 +156,14 @@ def qr_lookup_bwd_ref(
             g_q, g_r = g[:, :dq], g[:, dq:]
         gq.index_add_(0, qi[rows], g_q)
         gr.index_add_(0, ri[rows], g_r)
-    return gq.to(q_weight.dtype), gr.to(r_weight.dtype)
+    out = []
+    for need, full, idx, w in ((need_q, gq, qi, q_weight), (need_r, gr, ri, r_weight)):
+        if not need:
+            out += [None, None]
+        elif sparse:
+            touched = torch.unique(idx)  # sorted
+            out += [touched, full[touched].to(w.dtype)]
+        else:
+            out += [None, full.to(w.dtype)]
+    out.append(gw.to(per_sample_weights.dtype) if need_w and gw is not None else None)
+    return tuple(out)

@@ -5,14 +5,18 @@ Forward: the value is ``q`` exactly. Backward (to ``e`` only)::
     lambda = |q| / |e|,  e^ = e / |e|,  q^ = q / |q|,  w = (e^ + q^) / |e^ + q^|
     grad_e = lambda * (g - 2 (g.w) w + 2 (g.q^) e^)        # lambda R^T g, all factors constant
 
-computed in float32 (float64 for float64 inputs). Rows where the rotation is undefined fall
-back to the straight-through gradient ``g``:
+computed in float64 on rows scaled by their largest entry before any norm. Rows where the
+rotation is degenerate fall back to the straight-through gradient ``g``:
 
     |e| < EPS_NORM or |q| < EPS_NORM             (no direction to rotate from / to)
     |e^ + q^| < EPS_ANTIPODAL                    (e points against q: any half-turn works)
+
+and rows with a NaN or infinite entry in ``e`` or ``q`` get NaN (the rotation is undefined).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,34 +33,47 @@ straight-through gradient: there ``w`` is dominated by rounding error (float32 `
 carries an absolute error of ~1e-7 * sqrt(D))."""
 
 
-def _math_dtype(*ts: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
 def rotation_trick_bwd_ref(e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Gradient to ``e`` of :func:`fastvq.rotation_trick`: ``(N, D)`` x3 -> ``(N, D)`` in ``e.dtype``."""
+    """Gradient to ``e`` of :func:`fastvq.rotation_trick`: ``(..., D)`` x3 -> ``(..., D)`` in ``e.dtype``.
+
+    Computed in float64 on rows scaled by their largest entry (``x / max|x|``) before any norm,
+    so no square overflows or underflows; ``lambda |g|`` is applied last. Rows with a NaN or
+    infinite entry in ``e`` or ``q`` get NaN (the rotation is undefined there); a non-finite
+    ``g`` passes through the straight-through rows as it is and makes a rotated row NaN.
+    """
     D = e.shape[-1]
-    e2, q2, g2 = e.reshape(-1, D), q.reshape(-1, D), grad.reshape(-1, D)
-    mdt = _math_dtype(e, q, grad)
-    out = torch.empty(e2.shape, dtype=e.dtype, device=e.device)
-    step = row_chunk(4 * max(D, 1))
-    for s in range(0, e2.shape[0], step):
-        ec, qc, gc = e2[s : s + step].to(mdt), q2[s : s + step].to(mdt), g2[s : s + step].to(mdt)
-        a = ec.square().sum(-1, keepdim=True).sqrt()
-        b = qc.square().sum(-1, keepdim=True).sqrt()
-        ok = (a >= EPS_NORM) & (b >= EPS_NORM)
-        one = torch.ones_like(a)
-        a_, b_ = torch.where(ok, a, one), torch.where(ok, b, one)
-        eh, qh = ec / a_, qc / b_
+    N = e.numel() // D if D else math.prod(e.shape[:-1])
+    out = torch.empty((N, D), dtype=e.dtype, device=e.device)
+    if N == 0 or D == 0:
+        return out.reshape(e.shape)
+    e2, q2, g2 = e.reshape(N, D), q.reshape(N, D), grad.reshape(N, D)
+    f64 = torch.float64
+    step = row_chunk(4 * D)
+    for s in range(0, N, step):
+        ec, qc, gc = e2[s : s + step].to(f64), q2[s : s + step].to(f64), g2[s : s + step].to(f64)
+        bad = ~(torch.isfinite(ec).all(-1, keepdim=True) & torch.isfinite(qc).all(-1, keepdim=True))
+        me, mq, mg = (_safe_scale(x.abs().amax(-1, keepdim=True)) for x in (ec, qc, gc))
+        e1, q1, g1 = ec / me, qc / mq, gc / mg
+        a1, b1 = e1.norm(dim=-1, keepdim=True), q1.norm(dim=-1, keepdim=True)
+        ok = (me * a1 >= EPS_NORM) & (mq * b1 >= EPS_NORM)
+        one = torch.ones_like(a1)
+        a1_, b1_ = torch.where(ok, a1, one), torch.where(ok, b1, one)
+        eh, qh = e1 / a1_, q1 / b1_
         sv = eh + qh
-        ns = sv.square().sum(-1, keepdim=True).sqrt()
+        ns = sv.norm(dim=-1, keepdim=True)
         ok = ok & (ns >= EPS_ANTIPODAL)
         w = sv / torch.where(ok, ns, one)
-        gw = (gc * w).sum(-1, keepdim=True)
-        gq = (gc * qh).sum(-1, keepdim=True)
-        rot = (b_ / a_) * (gc - 2.0 * gw * w + 2.0 * gq * eh)
-        out[s : s + step] = torch.where(ok, rot, gc).to(e.dtype)
+        gw, gq = (g1 * w).sum(-1, keepdim=True), (g1 * qh).sum(-1, keepdim=True)
+        rot = (g1 - 2.0 * gw * w + 2.0 * gq * eh) * ((mq / me) * (b1_ / a1_) * mg)
+        rot = rot.masked_fill(~torch.isfinite(gc).all(-1, keepdim=True), float("nan"))
+        res = torch.where(ok, rot, gc).masked_fill(bad, float("nan"))
+        out[s : s + step] = res.to(e.dtype)
     return out.reshape(e.shape)
+
+
+def _safe_scale(m: torch.Tensor) -> torch.Tensor:
+    """``m`` where it is positive and finite, else 1 (rows of zeros, NaN or inf stay as they are)."""
+    return torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
 
 
 class _RotationTrickRef(torch.autograd.Function):

@@ -150,12 +150,21 @@ def test_to_decimal_of_bits():
         (lambda m: m.from_bits([0, 1, 0, 1, 0]), TypeError),
         (lambda m: Bitcodes(0, 4, 1.0), ValueError),
         (lambda m: Bitcodes(8, 0, 1.0), ValueError),
-        (lambda m: Bitcodes(8, 4.0, 1.0), TypeError),
+        (lambda m: Bitcodes(8, 4.5, 1.0), ValueError),
+        (lambda m: Bitcodes(True, 4, 1.0), TypeError),
+        (lambda m: Bitcodes(8, False, 1.0), TypeError),
+        (lambda m: Bitcodes(8, "4", 1.0), TypeError),
         (lambda m: Bitcodes(8, 4, 0.0), ValueError),
+        (lambda m: Bitcodes(8, 4, -1.0), ValueError),
+        (lambda m: Bitcodes(8, 4, float("inf")), ValueError),
+        (lambda m: Bitcodes(8, 4, float("nan")), ValueError),
+        (lambda m: Bitcodes(8, 4, True), TypeError),
         (lambda m: Bitcodes(8, 4, "hot"), TypeError),
     ],
     ids=["features-mismatch", "int-x", "0D-x", "bits-width", "bits-value", "bits-list",
-         "features-0", "num_bits-0", "num_bits-float", "temperature-0", "temperature-str"],
+         "features-0", "num_bits-0", "num_bits-nonintegral", "features-bool", "num_bits-bool", "num_bits-str",
+         "temperature-0", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-bool",
+         "temperature-str"],
 )
 def test_bad_input(call, err):
     ours, _ = pair()
@@ -181,7 +190,27 @@ def test_compile_fullgraph_forward_and_from_bits():
 
 
 def test_checked_bits_opcheck():
-    torch.library.opcheck(torch.ops.fastvq.bitcodes_checked_bits.default, (torch.randint(0, 2, (3, 5)),))
+    torch.library.opcheck(torch.ops.fastvq.checked_bits.default, (torch.randint(0, 2, (3, 5)), "Bitcodes"))
+
+
+def test_integral_float_sizes_are_accepted():
+    m = Bitcodes(8.0, 4.0, 2)
+    assert (m.features, m.num_bits, m.temperature) == (8, 4, 2.0) and m.codebook.shape == (8, 8)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_nonfinite_x_gives_nan_rows_and_valid_bits(training):
+    ours, _ = pair()
+    ours.train(training)
+    x = torch.randn(5, 8)
+    x[1, 2] = float("nan")
+    x[3] = float("inf")  # inf - inf in the scores: undefined
+    y, bits = ours(x)
+    assert torch.isnan(y[[1, 3]]).all()
+    assert torch.isfinite(y[[0, 2, 4]]).all()
+    assert ((bits == 0) | (bits == 1)).all()
+    if not training:
+        assert torch.equal(ours.from_bits(bits)[[0, 2, 4]], y[[0, 2, 4]])
 
 
 @pytest.mark.gpu

@@ -98,11 +98,40 @@ def test_sparse_matches_dense_step(backend):
 
 
 @pytest.mark.parametrize(
-    "args,kwargs",
-    [((0, 4), {}), ((10, 4), {"op": "sub"}), ((10, 4), {"num_collisions": 0}), ((10, (2, 3)), {}),
-     ((10, 4), {"mode": "max"}), ((10, 0), {})],
-    ids=["n0", "op", "collisions0", "pair-without-concat", "mode", "dim0"],
+    "args,kwargs,err",
+    [((0, 4), {}, ValueError), ((10, 4), {"op": "sub"}, ValueError), ((10, 4), {"num_collisions": 0}, ValueError),
+     ((10, (2, 3)), {}, ValueError), ((10, 4), {"mode": "max"}, ValueError), ((10, 0), {}, ValueError),
+     ((True, 4), {}, TypeError), ((100, 4.5), {}, ValueError), ((100.5, 4), {}, ValueError),
+     ((100, True), {}, TypeError), ((100, "4"), {}, TypeError), ((float("inf"), 4), {}, ValueError),
+     ((100, 4), {"num_collisions": 2.5}, ValueError), ((100, 4), {"num_collisions": False}, TypeError),
+     ((100, (2, 1.5)), {"op": "concat"}, ValueError), ((100, 1), {"op": "concat"}, ValueError),
+     ((100, 4), {"op": 1}, TypeError), ((100, 4), {"sparse": "yes"}, TypeError),
+     ((100, 4), {"deterministic": None}, TypeError)],
+    ids=["n0", "op", "collisions0", "pair-without-concat", "mode", "dim0", "n-bool", "dim-nonintegral",
+         "n-nonintegral", "dim-bool", "dim-str", "n-inf", "collisions-nonintegral", "collisions-bool",
+         "pair-nonintegral", "concat-dim1", "op-int", "sparse-str", "deterministic-None"],
 )
-def test_bad_construction(args, kwargs):
-    with pytest.raises(ValueError, match="QREmbedding"):
+def test_bad_construction(args, kwargs, err):
+    with pytest.raises(err, match="QREmbedding"):
         fastvq.nn.QREmbedding(*args, **kwargs)
+
+
+def test_integral_float_sizes_are_accepted():
+    emb = fastvq.nn.QREmbedding(1e6, 32.0, num_collisions=4.0)
+    assert emb.num_embeddings == 10**6 and emb.embedding_dim == 32 and emb._emb_r.num_embeddings == 4
+
+
+def test_training_step_traffic_meets_issue_10_target(monkeypatch):
+    # QREmbedding(1M, 32) with 4096 ids (counted at 1/8 of the named sizes: same passes): glue plus
+    # one pass per kernel tensor argument <= 5.5 (6.4 before), no host sync (2 before), one sort
+    from fastvq.bench import traffic
+
+    # counted as users run it: the suite's NaN poisoning of torch.empty is a write the meter sees
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = traffic.run_case(traffic.find_case("QREmbedding(1M, 32), 4096 ids"), device, traffic.default_scale(device))
+    assert t.total_passes <= 5.5, (t.total_passes, t.top_glue())
+    assert t.syncs == 0, dict(t.sync_ops())
+    assert t.launches == 3, dict(t.kernels())
+    assert list(t.top_glue(10)) == [("sort", pytest.approx(0.25, abs=0.01))]

@@ -177,9 +177,11 @@ def test_dead_codes_reseeded_from_residuals(backend):
     before = rq.codebooks.detach().clone()
     _, _, _, codes = rq(x)
     residual = x - before[0][codes[:, 0]]
+    chosen = before[1][codes[:, 1]]
+    mids = chosen + 0.5 * (residual - chosen)  # level 1's inputs, halfway to their codes
     cb = rq.codebooks.detach()
     for k in range(3, 6):
-        assert (cb[1, k] == residual).all(-1).any(), k  # seeded from level 1's inputs
+        assert (cb[1, k] == mids).all(-1).any(), k  # seeded from level 1's inputs
     counts = torch.stack([torch.bincount(codes[:, l], minlength=6) for l in range(2)])
     alive = counts > 0
     assert torch.equal(cb[alive], before[alive])
@@ -189,7 +191,7 @@ def test_dead_codes_reseeded_from_residuals(backend):
 def test_dead_codes_reset_ema_state(backend):
     # EMA: cluster_size starts at 0 (the seed's), so after one step of decay 0.99 every code
     # picked fewer than 100 times is below threshold 1: all are re-seeded from the residual of
-    # their own level, with cluster_size = 1 and embed_avg = code * 1 (so the code survives the
+    # their own level (halfway to the code it chose), with cluster_size = 1 and embed_avg = code * 1 (so the code survives the
     # next EMA normalisation instead of being divided by ~eps)
     torch.manual_seed(0)
     rq = ResidualQuantizer(2, 6, 3, ema=True, dead_code_threshold=1.0)
@@ -199,8 +201,10 @@ def test_dead_codes_reset_ema_state(backend):
     residuals = [x, x - before[0][codes[:, 0]]]
     cb = rq.codebooks.detach()
     for level in range(2):
+        chosen = before[level][codes[:, level]]
+        mids = chosen + 0.5 * (residuals[level] - chosen)  # each row halfway to the code it chose
         for k in range(6):
-            assert (cb[level, k] == residuals[level]).all(-1).any(), (level, k)
+            assert (cb[level, k] == mids).all(-1).any(), (level, k)
     assert torch.equal(rq.cluster_size, torch.ones(2, 6))
     assert torch.equal(rq.embed_avg, cb)
     # next step: the re-seeded codes are ordinary EMA codes (finite, near the data)

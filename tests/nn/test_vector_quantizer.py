@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastvq
+import fastvq.testing as ft
 from fastvq.nn import VectorQuantizer
 from tests import seeds
 from tests.utils import assert_close, generator, randn
@@ -77,7 +78,10 @@ def test_low_precision_inputs_with_float32_codebook(backend):
     assert torch.equal(idx, ref(x.detach().float())[3])  # bf16 -> fp32 is exact: same search
     w = ours.embeddings.weight.detach()
     assert q.dtype == commit.dtype == emb.dtype == torch.bfloat16
-    assert_close(q, w[idx].bfloat16())  # x + (code - x) rounds in bf16, as in the seed's STE
+    # x + (code - x) rounds twice in bf16, as in the seed's STE: two bf16 roundings of |code - x| and |code|
+    x64, c64 = x.detach().double(), w[idx].double()
+    ft.assert_close(q, c64, dtype=torch.bfloat16, reduce_len=2, accumulate=torch.bfloat16,
+                    magnitude=(c64 - x64).abs() + c64.abs())
     (q.float().sum() + commit.float() + emb.float()).backward()
     assert x.grad.dtype == torch.bfloat16 and ours.embeddings.weight.grad.dtype == torch.float32
 
@@ -201,14 +205,17 @@ def test_dead_codes_reseeded_without_ema(backend):
         vq.embeddings.weight[4:] = 100.0  # never nearest
     assert torch.equal(vq.code_usage, torch.ones(8))
     x = randn(16, 4, seed=7).requires_grad_(True)
-    live = vq.embeddings.weight[:4].detach().clone()
+    before = vq.embeddings.weight.detach().clone()
+    live = before[:4].clone()
     q, commit, emb, idx = vq(x)
     (q.sum() + commit + emb).backward()  # the in-place re-seeding does not break backward
     w = vq.embeddings.weight.detach()
     assert torch.equal(w[:4], live)
-    # codes 4..7 are now rows of this batch; the usage of a re-seeded code is reset
-    for k in range(4, 8):
-        assert (w[k] == x.detach()).all(-1).any(), k
+    # codes 4..7 are now midpoints between a batch row and the code it chose (distinct rows);
+    # the usage of a re-seeded code is reset
+    mids = before[idx] + 0.5 * (x.detach() - before[idx])
+    hits = [int((w[k] == mids).all(-1).nonzero()[0]) for k in range(4, 8)]
+    assert len(set(hits)) == 4
     assert torch.equal(vq.code_usage[4:], torch.ones(4))
     counts = torch.bincount(idx, minlength=8).float()
     assert_close(vq.code_usage[:4], 0.99 + 0.01 * counts[:4])
@@ -228,7 +235,9 @@ def test_dead_codes_reseeded_with_ema(backend):
         vq.embeddings.weight[3:] = 50.0
         vq.cluster_size.fill_(10.0)
         vq.embed_avg.copy_(vq.embeddings.weight * 10.0)
+    before = vq.embeddings.weight.detach().clone()
     _, _, _, idx = vq(x)
+    mids = before[idx] + 0.5 * (x - before[idx])  # revived: a row and its code, halfway
     counts = torch.bincount(idx, minlength=6)
     assert (counts[3:] == 0).all()
     dead = torch.zeros(6, dtype=torch.bool)
@@ -237,12 +246,12 @@ def test_dead_codes_reseeded_with_ema(backend):
     w = vq.embeddings.weight
     for k in range(6):
         if dead[k]:
-            assert (w[k] == x).all(-1).any(), k
+            assert (w[k] == mids).all(-1).any(), k
             assert vq.cluster_size[k] == 9.95
             assert_close(vq.embed_avg[k], w[k] * 9.95)
         else:
             assert vq.cluster_size[k] >= 9.95
-            assert not (w[k] == x).all(-1).any()
+            assert not (w[k] == mids).all(-1).any()
     assert dead[3:].all() and (~dead).any()
 
 

@@ -140,23 +140,60 @@ def test_meter_out_of_range_raises_at_compute(backend):
 @pytest.mark.parametrize(
     "indices,K,err",
     [
-        (torch.tensor([0, 1, 5]), 5, ValueError),
-        (torch.tensor([[0, -1]]), 5, ValueError),
         (torch.tensor([0.0, 1.0]), 5, TypeError),
         (torch.tensor([True, False]), 5, TypeError),
         ([0, 1], 5, TypeError),
         (torch.tensor([0]), 0, ValueError),
-        (torch.tensor([0]), 2.0, TypeError),
+        (torch.tensor([0]), 2.5, ValueError),
+        (torch.tensor([0]), float("inf"), ValueError),
+        (torch.tensor([0]), "5", TypeError),
         (torch.tensor([0]), True, TypeError),
     ],
-    ids=["id-eq-K", "negative-id", "float-dtype", "bool-dtype", "not-tensor", "K0", "K-float", "K-bool"],
+    ids=["float-dtype", "bool-dtype", "not-tensor", "K0", "K-nonintegral", "K-inf", "K-str", "K-bool"],
 )
 def test_bad_input(backend, indices, K, err):
     with pytest.raises(err, match="code_usage"):
         fastvq.code_usage(indices, K)
 
 
-@pytest.mark.parametrize("K,err", [(0, ValueError), (3.5, TypeError)], ids=["K0", "K-float"])
+@pytest.mark.parametrize("indices", [torch.tensor([0, 1, 5]), torch.tensor([[0, -1]])], ids=["id-eq-K", "negative-id"])
+def test_out_of_range_without_host_sync(backend, monkeypatch, indices):
+    # default: no host read; the bad ids are counted, the statistics NaN, to_dict() raises
+    def no_item(self):
+        raise AssertionError("host sync in code_usage")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_item)
+        m.setattr(torch.Tensor, "tolist", no_item)
+        u = fastvq.code_usage(indices, 5)
+    assert u.out_of_range.item() == 1
+    assert math.isnan(u.entropy.item()) and math.isnan(u.perplexity.item())
+    assert u.counts.sum().item() == indices.numel() - 1
+    with pytest.raises(ValueError, match=r"1 indices are outside \[0, 5\)"):
+        u.to_dict()
+    with pytest.raises(ValueError, match=r"code_usage: 1 indices are outside \[0, 5\)"):
+        fastvq.code_usage(indices, 5, check=True)
+
+
+def test_integral_float_codebook_size_is_accepted():
+    assert fastvq.code_usage(torch.tensor([1, 3]), 4.0).counts.tolist() == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0], [2**62, 2**62, 0], [2**62, 1, 2**40]], ids=["empty", "huge", "huge-mixed"])
+def test_statistics_of_empty_and_huge_counts(counts):
+    from fastvq.reference.code_usage import usage_from_counts
+
+    c = torch.tensor(counts, dtype=torch.int64)
+    u = usage_from_counts(c, torch.zeros((), dtype=torch.int64))
+    p = c.double() / max(c.double().sum().item(), 1.0)
+    ent = -(p * torch.log(p + 1e-10)).sum()
+    assert torch.isfinite(u.entropy) and torch.isfinite(u.perplexity)
+    assert u.entropy.item() == pytest.approx(ent.item(), abs=1e-6)
+    assert u.perplexity.item() == pytest.approx(math.exp(ent.item()), rel=1e-6)
+    assert u.to_dict()["active_codes"] == sum(x > 0 for x in counts)
+
+
+@pytest.mark.parametrize("K,err", [(0, ValueError), (3.5, ValueError), (True, TypeError)], ids=["K0", "K-float", "K-bool"])
 def test_meter_bad_input(K, err):
     with pytest.raises(err, match="CodeUsageMeter"):
         fastvq.CodeUsageMeter(K)
@@ -177,13 +214,16 @@ def test_compile_fullgraph_checks_range(backend):
     # the out-of-range check reads the device, so it must live in the op body: a host read in
     # the Python wrapper made fullgraph tracing fail (and would be a graph break otherwise)
     torch._dynamo.reset()
-    fn = torch.compile(lambda i: fastvq.code_usage(i, 5), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(lambda i: fastvq.code_usage(i, 5, check=True), fullgraph=True, backend="aot_eager")
     idx = torch.tensor([0, 1, 1, 3, 4, 4, 4])
     got, want = fn(idx), fastvq.code_usage(idx, 5)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.active_codes, want.active_codes)
     assert_close(got.perplexity, want.perplexity)
     with pytest.raises(ValueError, match=r"code_usage: 1 indices are outside \[0, 5\)"):
         fn(torch.tensor([0, 5, 1, 2, 3, 4, 0]))
+    # without check: traced, no host read, the bad id reported in the result
+    fn = torch.compile(lambda i: fastvq.code_usage(i, 5), fullgraph=True, backend="aot_eager")
+    assert fn(torch.tensor([0, 5, 1])).out_of_range.item() == 1
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastvq
-from tests.utils import assert_close, generator, noncontiguous, randn
+from tests.utils import assert_close, count_kernel_launches, generator, noncontiguous, randn
 
 METRICS = ["l2", "cosine", "dot"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -110,7 +110,7 @@ def test_equidistant_distinct_codes_tie_to_smallest(backend):
 
 
 @pytest.mark.parametrize("splits_min_codes", [32, 64])
-def test_split_codebook_path(backend, monkeypatch, splits_min_codes):
+def test_split_codebook_path(backend, monkeypatch, splits_min_codes, device):
     import fastvq.kernels.nearest_code as knc
 
     monkeypatch.setattr(knc, "SPLIT_MIN_CODES", splits_min_codes)
@@ -350,7 +350,7 @@ def test_launcher_asserts_its_preconditions():
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_opcheck(metric):
-    x, c = randn(6, 5), randn(4, 5)
+    x, c = randn(2, 6, 5), randn(2, 4, 5)  # the custom op takes (H, N, D) and (H, K, D)
     for name in ("reference", "triton"):
         with fastvq.backend(name):
             torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (x, c, metric, False))
@@ -423,3 +423,68 @@ def test_split_gpu(N):
     assert idx[0].item() == 7
     assert_close(dist, ref_dist, torch.float32, reduce_len=128 * 100)
     assert (idx == ref_idx).float().mean() > 0.99
+
+
+# --------------------------------------------------------------------------- several codebooks
+
+
+@pytest.mark.parametrize("metric", METRICS + ["euclidean"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_codebook_matches_each_codebook(backend, metric, dtype):
+    H = 3
+    x, c = randn(H, 2, 17, 12, dtype=dtype), randn(H, 45, 12, dtype=dtype)
+    idx, dist = fastvq.nearest_code(x, c, metric)
+    assert idx.shape == (H, 2, 17) and dist.shape == (H, 2, 17)
+    for h in range(H):
+        if metric == "euclidean":
+            _check_nearest(x[h], c[h], "l2", idx[h], dist[h] ** 2)
+        else:
+            _check_nearest(x[h], c[h], metric, idx[h], dist[h])
+        one = fastvq.nearest_code(x[h], c[h], metric)
+        assert torch.equal(one[0], idx[h])
+
+
+def test_multi_codebook_is_one_launch(monkeypatch):
+    import fastvq.kernels.nearest_code as knc
+
+    x, c = randn(5, 40, 8), randn(5, 64, 8)
+    with fastvq.backend("triton"):
+        launched = count_kernel_launches(monkeypatch, knc, "_code_terms_kernel", "_code_rescale_kernel",
+                                         "_nearest_code_fwd_kernel", "_nearest_code_reduce_kernel")
+        fastvq.nearest_code(x, c)
+    assert launched == ["_code_terms_kernel", "_code_rescale_kernel", "_nearest_code_fwd_kernel"]
+
+
+def test_multi_codebook_scaled_separately(backend):
+    # one codebook far outside [2^-20, 2^20] (scaled copy), the others ordinary: each searched right
+    x, c = randn(3, 6, 8), randn(3, 30, 8)
+    c[1] *= 1e25
+    x[1] = c[1, [3, 8, 13, 21, 22, 29]] * 1.001
+    idx, dist = fastvq.nearest_code(x, c)
+    assert idx[1].tolist() == [3, 8, 13, 21, 22, 29]
+    for h in (0, 2):
+        _check_nearest(x[h], c[h], "l2", idx[h], dist[h])
+
+
+def test_multi_codebook_bad_shapes():
+    with pytest.raises(ValueError, match="nearest_code.*H = 3"):
+        fastvq.nearest_code(torch.randn(2, 5, 4), torch.randn(3, 7, 4))
+    with pytest.raises(ValueError, match="nearest_code.*H = 3"):
+        fastvq.nearest_code(torch.randn(4), torch.randn(3, 7, 4))
+    with pytest.raises(ValueError, match="nearest_code"):
+        fastvq.nearest_code(torch.randn(3, 5, 4), torch.randn(3, 0, 4))
+    with pytest.raises(ValueError, match="nearest_code"):
+        fastvq.nearest_code(torch.randn(3, 5, 4), torch.randn(1, 3, 7, 4))
+    idx, dist = fastvq.nearest_code(torch.randn(0, 5, 4), torch.randn(0, 7, 4))
+    assert idx.shape == (0, 5)
+
+
+def test_multi_codebook_compile(backend):
+    x, c = randn(2, 9, 6), randn(2, 11, 6)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x, c):
+        return fastvq.nearest_code(x, c, "dot")
+
+    idx, _ = f(x, c)
+    assert torch.equal(idx, fastvq.nearest_code(x, c, "dot")[0])

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvq
+import fastvq.testing as ft
 from fastvq.reference.pairwise_kl_loss import pairwise_kl_loss_fwd_ref, pairwise_kl_loss_ref
 from tests.utils import assert_close, noncontiguous, randn
 
@@ -32,6 +33,26 @@ def exact_loss64(pred, target, temperature):
     t = (target.double() @ target.double().T / temperature).masked_fill(eye, float("-inf"))
     log_p, log_q = s.log_softmax(1), t.log_softmax(1)
     return torch.where(eye, 0.0, log_q.exp() * (log_q - log_p)).sum() / B
+
+
+def kl_bounds(pred, target, temperature, g=1.0):
+    """fastvq.testing's error terms for the loss and pred's gradient (float64, on the same inputs).
+
+    Every log-ratio ``log q_ij - log p_ij`` carries the errors of two length-D dot products
+    (``|x_i||x_j| / T`` each, entering directly and through the row's log-sum-exp) and of two
+    log-sum-exps over B positive terms (``gamma_B``, absolute); the loss then sums ``B^2`` weighted
+    terms (two levels of B, plus a few ulps of exp/log); a gradient element sums B terms."""
+    B, D = pred.shape[0], max(pred.shape[1], target.shape[1])
+    p64, t64 = pred.double(), target.double()
+    eye = torch.eye(B, dtype=torch.bool)
+    log_p = (p64 @ p64.T / temperature).masked_fill(eye, float("-inf")).log_softmax(1).nan_to_num(neginf=0.0)
+    log_q = (t64 @ t64.T / temperature).masked_fill(eye, float("-inf")).log_softmax(1).nan_to_num(neginf=0.0)
+    P, Q = log_p.exp().masked_fill(eye, 0.0), log_q.exp().masked_fill(eye, 0.0)
+    dots = 2 * (p64.norm(dim=1).max() ** 2 + t64.norm(dim=1).max() ** 2) / temperature if B else 0.0
+    terms = (Q * (log_q - log_p).abs()).sum() / max(B, 1)
+    G = ((P + Q) + (P + Q).T) @ p64.abs() * (abs(float(g)) / (max(B, 1) * temperature))
+    return (dict(reduce_len=[D, B, 2 * B + 8], magnitude=[dots * abs(float(g)), 2.0 * abs(float(g)), terms * abs(float(g))]),
+            dict(reduce_len=[D, B, B + 8], magnitude=[G * dots, 2 * G, G]))
 
 
 def unit(B, D, dtype=torch.float32):
@@ -63,9 +84,12 @@ def test_matches_seed_float64(backend, B, Dp, Dt, temperature):
     loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, temperature, g)
     ref_loss, ref_grad = loss_and_grad(seed_loss, pred.double(), target.double(), temperature, g.double())
     assert loss.shape == () and loss.dtype == torch.float32 and grad.dtype == torch.float32
-    # values ~ 1/T: relative tolerance on the loss, gradient entries summed over B rows
-    assert_close(loss, ref_loss, torch.float32, reduce_len=B * max(Dp, Dt) / temperature)
-    assert_close(grad, ref_grad, torch.float32, reduce_len=B / temperature)
+    loss_terms, grad_terms = kl_bounds(pred, target, temperature, g)
+    ft.assert_close(loss, ref_loss, dtype=torch.float32, **loss_terms, name="pairwise_kl_loss")
+    ft.assert_close(grad, ref_grad, dtype=torch.float32, **grad_terms, name="pairwise_kl_loss grad")
+    if B > 1:
+        ft.assert_grad_nondegenerate(grad, ref_grad, rtol=float(ft.error_bound(ref_grad, dtype=torch.float32, **grad_terms).norm()
+                                                           / ref_grad.norm()), name="pairwise_kl_loss grad")
     assert loss >= -1e-6
 
 
@@ -127,6 +151,69 @@ def test_low_precision(backend, dtype):
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
     rtol, atol = (2e-2, 2e-3) if dtype == torch.bfloat16 else (3e-3, 3e-4)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
+
+
+def _tetrahedron(scale, seed, device):
+    """4 rows in 3-D, every pair at a negative cosine (~ -1/3), slightly perturbed, norm ``scale``."""
+    v = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64)
+    v = F.normalize(v + 0.05 * randn(4, 3, dtype=torch.float64, seed=seed), dim=1)
+    return (v * scale).float().to(device)
+
+
+@pytest.mark.parametrize("scale,temperature", [(5e15, 1.0), (1.0, 1e-31)], ids=["norm5e15", "T1e-31"])
+def test_logits_below_minus_1e30_stay_exact(backend, device, scale, temperature):
+    # every off-diagonal logit is about -1e31: a finite sentinel of -1e30 for the running maxima
+    # (the old kernel's) leaves the sums empty and the loss -inf
+    pred, target = _tetrahedron(scale, 1, device), _tetrahedron(scale, 2, device)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, temperature, torch.tensor(1.0, device=device))
+    exact, exact_grad = loss_and_grad(exact_loss64, pred.double(), target.double(), temperature,
+                                      torch.tensor(1.0, dtype=torch.float64, device=device))
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # logits ~1e31 carry an absolute float32 error ~1e24; the loss is their difference
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-3, atol=1e-3 * exact_grad.abs().max().item())
+
+
+def test_large_finite_logits(backend, device):
+    # |pred| = 1e18: logits ~1e36, still float32; the loss and gradient stay finite and right
+    pred, target = randn(12, 5, seed=3, device=device, scale=1e18 / 5**0.5), unit(12, 4).to(device)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 1.0, torch.tensor(1.0, device=device))
+    exact, exact_grad = loss_and_grad(exact_loss64, pred.double(), target.double(), 1.0,
+                                      torch.tensor(1.0, dtype=torch.float64, device=device))
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=0.0)
+
+
+def test_overflowing_logits_give_inf_and_nonfinite_inputs_nan(backend, device):
+    pred, target = randn(9, 4, seed=4, device=device), unit(9, 3).to(device)
+    big = pred * 1e20  # logits ~1e40: beyond float32
+    assert fastvq.pairwise_kl_loss(big, target, 1.0).item() == float("inf")
+    assert fastvq.pairwise_kl_loss(target, big[:, :3], 1.0).item() == float("inf")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        p = pred.clone()
+        p[3, 1] = bad
+        assert math.isnan(fastvq.pairwise_kl_loss(p, target, 1.0).item())
+        t = target.clone()
+        t[0, 0] = bad
+        assert math.isnan(fastvq.pairwise_kl_loss(pred, t, 1.0).item())
+
+
+def test_fp16_backward_does_not_underflow(backend, device):
+    # At B = 256 and T = 1e3 the softmaxes are nearly flat and nearly equal, so the entries of
+    # G + G^T are ~1e-5 to 1e-6: below float16's normal range (6.1e-5), as they are at B ~ 16K
+    # for ordinary temperatures. Cast to float16 unscaled for the backward's tensor-core dot,
+    # they keep a few bits: relative error 2.0e-3 (B=256), 1.1e-3 (B=512, T=300), growing with B.
+    # Scaled by 2^14 the kernel stays at the float32 reference's own level (4.4e-4 vs 4.9e-4).
+    # The upstream 1e8 makes the gradient itself representable in float16.
+    B, T = 256, 1e3
+    pred = F.normalize(randn(B, 16, dtype=torch.float64, seed=11), dim=1).half().to(device)
+    target = F.normalize(randn(B, 8, dtype=torch.float64, seed=12), dim=1).half().to(device)
+    g = torch.tensor(1e8, device=device)
+    _, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, g)
+    _, exact = loss_and_grad(exact_loss64, pred.double(), target.double(), T, g.double())
+    assert grad.dtype == torch.float16 and exact.abs().max() > 1e-2
+    err = (grad.double() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-3, f"relative error {err:.3g}"
 
 
 def test_mixed_dtypes_promote_and_target_gets_no_grad(backend):

@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 
 import fastvq
+import fastvq.testing as ft
 from fastvq.bench.peers import vqpt_rotate_to as _vqpt_rotate_to
 from fastvq.ops.rotation_trick import EPS_ANTIPODAL, EPS_NORM
-from tests.utils import TOL, assert_close, noncontiguous, randn
+from tests.utils import assert_close, noncontiguous, randn
 
 CASES = [  # (batch shape, D)
     pytest.param((1,), 1, id="N1-D1"),
@@ -28,20 +29,20 @@ def _grad64(e, q, g):
 
 
 def assert_grad_close(actual, expected, e, q, g, dtype):
-    """Per-row bound: the dtype's tolerance times the row's gradient scale ``lambda |g|`` times the
-    conditioning ``1 + 1/|e^ + q^|`` (w = s/|s| amplifies rounding near the antipode)."""
+    """fastvq.testing's bounds, per row: the fp32 work (chained length-D reductions: |e|, |q|,
+    |e^ + q^|, g.w, g.q^) on the row's gradient scale ``lambda |g|`` times the conditioning
+    ``1 + 1/|e^ + q^|`` (w = s/|s| amplifies rounding near the antipode), plus the store in
+    ``dtype``; and non-degenerate: non-zero where the exact gradient is, close in norm."""
     e, q, g = e.double(), q.double(), g.double()
     D = e.shape[-1]
     a, b = e.norm(dim=-1, keepdim=True), q.norm(dim=-1, keepdim=True)
-    ns = (e / a + q / b).norm(dim=-1, keepdim=True)
-    scale = (b / a) * g.norm(dim=-1, keepdim=True) * (1 + 1 / ns)
-    rtol, atol = TOL[dtype]
-    err = (actual.double() - expected.double()).abs()
-    bound = atol * D**0.5 * scale + rtol * expected.double().abs()
-    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}, max err {err.max().item():.3g}"
-
-
-
+    cond = 1 + 1 / (e / a + q / b).norm(dim=-1, keepdim=True)
+    n = 4 * D + 8
+    ft.assert_close(actual, expected, dtype=dtype, reduce_len=n, magnitude=(b / a) * g.norm(dim=-1, keepdim=True) * cond,
+                    name="rotation_trick grad")
+    if actual.numel():
+        ft.assert_grad_nondegenerate(actual, expected, dtype=dtype, reduce_len=n, condition=2 * float(cond.max()),
+                                     name="rotation_trick grad")
 
 
 def _regular(e, q):
@@ -161,11 +162,92 @@ def test_looping_kernel_path_matches():
     e, q, g = randn(13, 37), randn(13, 37), randn(13, 37)
     e[0] = 0
     e[1] = -q[1]
-    whole = rotation_trick_bwd(e, q, g)
-    looped = rotation_trick_bwd(e, q, g, block_d=8)
+    whole = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL)
+    looped = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL, block_d=8)
     assert torch.equal(looped[:2], g[:2])
     assert_close(looped, whole, torch.float32, 37)
     assert_grad_close(whole[2:], _grad64(e[2:], q[2:], g[2:]), e[2:], q[2:], g[2:], torch.float32)
+
+
+# (scale of e, of q, of g, dtype): rows scaled far from 1 in every direction. The float64 oracle
+# squares them without trouble; a float32 kernel that normalises before it scales does not.
+MAGNITUDES = [
+    pytest.param(1.0, 1e20, 1.0, torch.float32, id="q1e20"),
+    pytest.param(1e20, 1e20, 1e20, torch.float32, id="all1e20"),
+    pytest.param(1e30, 1e25, 1e-20, torch.float32, id="e1e30-g1e-20"),
+    pytest.param(1e-5, 1.0, 1e30, torch.float32, id="e1e-5-g1e30"),
+    pytest.param(1e-5, 1e-5, 1e-35, torch.float32, id="small-e-q-tiny-g"),
+    pytest.param(1.0, 5e3, 20.0, torch.float16, id="fp16-q5e3-overflowing"),
+    pytest.param(1e30, 1e30, 1e30, torch.bfloat16, id="bf16-1e30"),
+]
+
+
+@pytest.mark.parametrize("se,sq,sg,dtype", MAGNITUDES)
+@pytest.mark.parametrize("D", [5, 37])
+@pytest.mark.parametrize("block_d", [None, 8])  # 8: the looping kernel path at D = 37
+def test_extreme_magnitudes_stay_finite_and_exact(backend, device, se, sq, sg, dtype, D, block_d):
+    if block_d is not None and backend == "reference":
+        pytest.skip("the looping path is the kernel's")
+    e = randn(16, D, seed=1, scale=se, device=device).to(dtype)
+    q = randn(16, D, seed=2, scale=sq, device=device).to(dtype)
+    g = randn(16, D, seed=3, scale=sg, device=device).to(dtype)
+    e = _regular(e, q)
+    if block_d is None:
+        got, _ = _grad_of(fastvq.rotation_trick, e, q, g)
+    else:
+        from fastvq.kernels.rotation_trick import rotation_trick_bwd
+
+        got = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL, block_d=block_d)
+    want = _grad64(e, q, g)
+    finfo = torch.finfo(dtype)
+    representable = want.abs() <= finfo.max
+    assert torch.isfinite(got[representable]).all()
+    # beyond the dtype's range: +-inf of the right sign, never NaN or a made-up number
+    assert torch.equal(got[~representable], want[~representable].sign() * float("inf"))
+    rows = representable.all(-1)
+    assert_grad_close(got[rows], want[rows], e[rows], q[rows], g[rows], dtype)
+
+
+def test_gradient_overflow_is_inf(backend, device):
+    # lambda |g| = (1e35 / 1e-5) * 1e10 = 1e50: beyond float32, so +-inf, never NaN
+    e = randn(4, 6, seed=4, scale=1e-5, device=device)
+    q = randn(4, 6, seed=5, scale=1e35, device=device)
+    g = randn(4, 6, seed=6, scale=1e10, device=device)
+    got, _ = _grad_of(fastvq.rotation_trick, _regular(e, q), q, g)
+    want = _grad64(_regular(e, q), q, g)
+    assert torch.equal(got, want.sign() * float("inf"))
+
+
+@pytest.mark.parametrize("where,value", [("e", "nan"), ("e", "inf"), ("q", "nan"), ("q", "-inf")])
+def test_nonfinite_e_or_q_gives_nan_row(backend, device, where, value):
+    e, q, g = randn(6, 9, seed=7, device=device), randn(6, 9, seed=8, device=device), randn(6, 9, seed=9, device=device)
+    e[1] = 0  # a straight-through row: a NaN in its q still makes it NaN
+    (e if where == "e" else q)[[1, 3], 2] = float(value)
+    got, _ = _grad_of(fastvq.rotation_trick, e, q, g)
+    assert torch.isnan(got[[1, 3]]).all()
+    rest = [0, 2, 4, 5]
+    assert torch.isfinite(got[rest]).all()
+    assert_grad_close(got[rest], _grad64(e[rest], q[rest], g[rest]), e[rest], q[rest], g[rest], torch.float32)
+
+
+def test_nonfinite_upstream_gradient(backend, device):
+    e, q, g = randn(4, 5, seed=10, device=device), randn(4, 5, seed=11, device=device), randn(4, 5, seed=12, device=device)
+    e[0] = 0  # straight through: g passes unchanged, inf and NaN included
+    g[0, 1], g[0, 3] = float("inf"), float("nan")
+    g[1, 2] = float("inf")  # rotated rows: the rotation of an infinite vector is undefined
+    g[2, 0] = float("nan")
+    got, _ = _grad_of(fastvq.rotation_trick, e, q, g)
+    assert torch.equal(got[0].isnan(), g[0].isnan()) and torch.equal(got[0][~g[0].isnan()], g[0][~g[0].isnan()])
+    assert torch.isnan(got[1:3]).all()
+    assert torch.isfinite(got[3]).all()
+
+
+def test_D0(backend, device):
+    e = torch.zeros(3, 0, device=device, requires_grad=True)
+    out = fastvq.rotation_trick(e, torch.zeros(3, 0, device=device))
+    assert out.shape == (3, 0)
+    out.sum().backward()
+    assert e.grad.shape == (3, 0)
 
 
 def test_noncontiguous_and_mixed_dtypes(backend):

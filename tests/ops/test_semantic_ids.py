@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastvq
-from tests.utils import count_kernel_launches
+from tests.utils import count_kernel_launches, generator
 
 
 def _brute_force(codes):
@@ -83,7 +83,51 @@ def test_stats(backend, N, L, high):
 
 def test_stats_known():
     s = fastvq.semantic_id_stats(torch.tensor([[1, 2], [0, 2], [1, 2], [1, 2]]))
-    assert s == fastvq.SemanticIdStats(num_items=4, num_unique=2, collision_rate=0.5, max_group_size=3, max_collisions=2)
+    assert s == fastvq.SemanticIdStats(num_items=4, num_unique=2, collision_rate=0.5, max_group_size=3, max_collisions=2,
+                                       has_collision_level=False)
+
+
+def _seeded_codes(n, depth, high, seed):
+    return torch.randint(0, high, (n, depth), generator=generator(seed))
+
+
+@pytest.mark.parametrize("N,L,high", [(200, 3, 3), (64, 2, 1), (50, 4, 1000), (0, 2, 3)],
+                         ids=["collisions", "all-equal", "few-collisions", "N0"])
+def test_stats_of_semantic_ids_are_those_of_the_codes(backend, N, L, high):
+    codes = _seeded_codes(N, L, high, seed=N + L)
+    raw = fastvq.semantic_id_stats(codes, collision_level=False)
+    ids = fastvq.semantic_ids(codes)
+    auto, told = fastvq.semantic_id_stats(ids), fastvq.semantic_id_stats(ids, collision_level=True)
+    want = {k: v for k, v in vars(raw).items() if k != "has_collision_level"}
+    for got in (auto, told):
+        assert {k: v for k, v in vars(got).items() if k != "has_collision_level"} == want
+        assert got.has_collision_level
+    # read as plain codes, the rows with their collision level are all distinct
+    plain = fastvq.semantic_id_stats(ids, collision_level=False)
+    assert plain.num_unique == N and plain.max_collisions == 0 and not plain.has_collision_level
+
+
+def test_stats_of_rqvae_semantic_ids_report_real_collisions():
+    torch.manual_seed(0)
+    model = fastvq.nn.RQVAE(input_dim=8, hidden_dim=16, latent_dim=4, num_quantizers=2, num_embeddings=3)
+    x = torch.randn(300, 8)
+    codes = model.semantic_ids(x, progress=False, with_collision_level=False)
+    stats = fastvq.semantic_id_stats(model.semantic_ids(x, progress=False))
+    assert stats.has_collision_level and stats.num_items == 300
+    assert stats.num_unique == torch.unique(codes, dim=0).shape[0] < 300  # 9 possible code rows
+    assert stats == fastvq.semantic_id_stats(codes).__class__(**{**vars(fastvq.semantic_id_stats(codes)),
+                                                                 "has_collision_level": True})
+
+
+def test_raw_codes_are_not_taken_for_a_collision_level(backend):
+    codes = torch.tensor([[1, 2], [0, 2], [1, 2], [1, 2]])
+    assert not fastvq.semantic_id_stats(codes).has_collision_level
+    with pytest.raises(ValueError, match="semantic_id_stats: collision_level=True, but the last column"):
+        fastvq.semantic_id_stats(codes, collision_level=True)
+    with pytest.raises(ValueError, match="semantic_id_stats: collision_level=True needs a last column"):
+        fastvq.semantic_id_stats(codes[:, :0], collision_level=True)
+    with pytest.raises(TypeError, match="semantic_id_stats: collision_level must be True or False"):
+        fastvq.semantic_id_stats(codes, collision_level="yes")
 
 
 @pytest.mark.parametrize(
@@ -135,4 +179,5 @@ def test_triton_backend_really_launches_kernels(monkeypatch, name):
     launched = count_kernel_launches(monkeypatch, kmod, "_semantic_ids_fwd_kernel")
     with fastvq.backend(name):
         (fastvq.semantic_ids(torch.tensor([[1, 2], [1, 2]])), fastvq.semantic_id_stats(torch.tensor([[1, 2], [1, 2]])))
-    assert launched == (["_semantic_ids_fwd_kernel"] * 2 if name == "triton" else [])
+    # semantic_id_stats: one launch for the level of the first column (is the last the level?), one for all
+    assert launched == (["_semantic_ids_fwd_kernel"] * 3 if name == "triton" else [])

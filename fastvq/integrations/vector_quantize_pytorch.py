@@ -1,0 +1,630 @@
+"""Run vector-quantize-pytorch models on fastvq's ops, unchanged: ``patch()`` / ``unpatch()`` / ``patched()``.
+
+vector-quantize-pytorch (VQP) finds nearest codes by building the full ``N x K`` distance matrix
+(``-cdist`` or a dot product), takes its argmax, turns the codes into an ``N x K`` one-hot
+matrix and multiplies it with the codebook (the quantized vectors) and with the inputs (the EMA
+statistics). After :func:`patch`, the same models run the hot path on fastvq's ops instead,
+without any ``N x K`` buffer; every model built before or after the call is affected (the
+patch replaces methods of VQP's classes and functions of its modules, not instance state)::
+
+    from fastvq.integrations import vector_quantize_pytorch as fastvq_vqp
+    fastvq_vqp.patch()                      # or: with fastvq_vqp.patched(): ...
+
+Routed through fastvq (one internal function per call; the op named is what runs today):
+
+==========================================  ====================================================
+VQP call                                    fastvq
+==========================================  ====================================================
+``Codebook.forward``: the nearest code      :func:`fastvq.nearest_code`, ``"l2"`` for Euclidean
+(``argmax(-cdist)`` / ``argmax(x . c)``),   codebooks and ``"dot"`` for ``use_cosine_sim`` (VQP
+every head / separate-codebook layout       takes the plain dot product with its normalised
+                                            codebook); one call per codebook (``H`` calls for
+                                            ``separate_codebook_per_head``, one for shared heads)
+``Codebook.forward``: the quantized         an index gather of the codebook rows
+vectors (``one_hot @ codebook``)            (``torch.nn.functional.embedding``, differentiable to
+                                            a learnable codebook): fastvq has no gather op
+EMA statistics (``one_hot.sum``,            :func:`fastvq.code_statistics`, all codebooks in one
+``einsum(x, one_hot)``), padding masks       call; masked rows go to a spare code that is dropped
+included; ``update_indices`` too            
+k-means init (``kmeans``)                   :func:`fastvq.nearest_code` + :func:`fastvq.code_statistics`
+rotation trick (``rotate_to``, VQ and       :func:`fastvq.rotation_trick`
+SimVQ)                                      
+``SimVQ.forward`` (``cdist + argmin``)      :func:`fastvq.nearest_code` (``"l2"``) and the gather
+==========================================  ====================================================
+
+Left to VQP (exactly as it runs unpatched), because the result needs the distance matrix or a
+random draw that a plain argmin cannot reproduce; each is counted under ``fallback.<reason>``
+by :func:`counts`:
+
+- ``stochastic_sampling``: ``stochastic_sample_codes=True`` with a temperature above 0 in
+  training (VQP draws Gumbel noise over the ``N x K`` logits);
+- ``straight_through_gumbel``: ``straight_through=True`` in training (its gradient flows
+  through the softmax of all distances);
+- ``topk``: ``topk=`` above 1 / ResidualVQ beam search (``topk=1`` is routed; the beam
+  search's EMA update, ``update_indices``, is routed);
+- ``distances_used``: calls whose loss reads the distance matrix: ``indices=`` (the
+  cross-entropy to given codes), ``commitment_use_cross_entropy_loss`` or
+  ``codebook_diversity_loss_weight > 0`` in training;
+- ``implicit_neural_codebook``: per-row codebooks (ResidualVQ's QINCo ``codebook_transform_fn``);
+- ``affine_param``: codebooks with affine re-parameterisation;
+- ``custom_sampler``: a ``Codebook`` built with its own ``gumbel_sample`` function;
+- ``codebook_called_directly``: a ``Codebook`` called by code other than ``VectorQuantize``
+  (``VectorQuantize`` knows whether its caller reads the distances; a bare ``Codebook`` does
+  not, so it keeps returning them);
+- ``rotation_dtype``: ``rotate_to`` on float64 (or mismatched-shape) tensors.
+
+What differs from unpatched VQP, on purpose, and only there:
+
+- Codes are the exact float32 nearest codes (distances computed in float32 even under
+  autocast, on every device; VQP turns autocast off on CUDA only). Two codes whose distances
+  differ by less than float32 rounding may come out the other way than in VQP (its
+  ``sqrt(clamp(d^2, 1e-8))`` also ties codes closer than 1e-4 to a row; fastvq gives the
+  smaller squared distance, exact ties to the smaller index, as VQP does).
+- A NaN in a code never wins (VQP's ``argmax`` picks a NaN distance); a row of NaNs gets code 0.
+- The quantized vectors and the EMA statistics are exact rows and exact float32 sums: with TF32
+  on, VQP rounds them through its TF32 one-hot matmuls; the search follows the global TF32
+  setting (``torch.backends.cuda.matmul.fp32_precision``) as VQP's distance matmul does.
+- The rotation trick's output is the code exactly (VQP computes it as the rotated input, equal
+  up to rounding); where the rotation is undefined (an input or code of norm < 1e-6, or an input
+  within ~1e-3 rad of minus its code) the gradient is the straight-through one (VQP divides by
+  the clamped norms there). See :func:`fastvq.rotation_trick`.
+
+Supported VQP versions: :data:`SUPPORTED_VERSIONS` (what this module is tested against);
+:func:`patch` refuses any other with :class:`UnsupportedVersionError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import functools
+import inspect
+import threading
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import FLOAT_DTYPES
+from ..ops.code_statistics import code_statistics
+from ..ops.nearest_code import nearest_code
+from ..ops.rotation_trick import rotation_trick
+
+__all__ = [
+    "SUPPORTED_VERSIONS",
+    "UnsupportedVersionError",
+    "patch",
+    "unpatch",
+    "patched",
+    "is_patched",
+    "counts",
+    "reset_counts",
+]
+
+#: The vector-quantize-pytorch releases this integration is tested against.
+SUPPORTED_VERSIONS = ("1.32.0",)
+
+DISTRIBUTION = "vector-quantize-pytorch"
+
+
+class UnsupportedVersionError(RuntimeError):
+    """The installed vector-quantize-pytorch is not one of :data:`SUPPORTED_VERSIONS`."""
+
+
+# ------------------------------------------------------------------------------ state
+
+_LOCK = threading.RLock()
+_originals: dict[tuple[object, str], object] = {}  # (owner, name) -> the attribute before patch()
+_installed: list[tuple[object, str, object]] = []  # (owner, name, replacement) as set by patch()
+_signatures: dict[str, inspect.Signature] = {}
+_counts: collections.Counter = collections.Counter()
+_vqp = None  # the vector_quantize_pytorch.vector_quantize_pytorch module while patched
+
+# Which Codebook the innermost patched VectorQuantize.forward lets route (or _KEEP: route none).
+_ROUTE: contextvars.ContextVar = contextvars.ContextVar("fastvq_vqp_route", default=None)
+_KEEP = object()
+
+
+def counts() -> dict[str, int]:
+    """How many VQP calls went through fastvq since the last :func:`reset_counts`, by kind.
+
+    Keys: ``"search"`` (nearest-code searches, one per codebook), ``"gather"``,
+    ``"statistics"`` (EMA statistics), ``"kmeans"`` (k-means inits), ``"rotation"``,
+    ``"simvq"`` (SimVQ forwards), and ``"fallback.<reason>"`` for each call left to VQP (the
+    reasons are listed in the module docstring). Counted whether or not the module is patched
+    now. Example::
+
+        >>> fastvq_vqp.reset_counts(); vq(x); fastvq_vqp.counts()
+        {'search': 1, 'gather': 1, 'statistics': 1, 'rotation': 1}
+    """
+    with _LOCK:
+        return dict(_counts)
+
+
+def reset_counts() -> None:
+    """Set every counter of :func:`counts` back to zero."""
+    with _LOCK:
+        _counts.clear()
+
+
+def _count(kind: str, n: int = 1) -> None:
+    with _LOCK:
+        _counts[kind] += n
+
+
+def _original(owner, name: str):
+    """VQP's own attribute: the one saved by patch(), or (once unpatched) the one in place."""
+    try:
+        return _originals[(owner, name)]
+    except KeyError:
+        return vars(owner)[name]
+
+
+# ------------------------------------------------------------------ the routed calls
+# One function per routed call: each is the only place that names the fastvq op it runs.
+
+
+def _tf32_enabled(t: torch.Tensor) -> bool:
+    """Whether torch would run a float32 matmul on ``t``'s device with TF32 (as VQP's cdist does)."""
+    if t.device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch without the fp32_precision API
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
+def _search(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -> torch.Tensor:
+    """Nearest code per row of each codebook: ``x (H, N, D)``, ``codebooks (H, K, D)`` -> ``(H, N)`` int64.
+
+    ``metric`` ``"l2"`` (argmin of the Euclidean distance) or ``"dot"`` (argmax of ``x . c``).
+    Today one :func:`fastvq.nearest_code` call per codebook (the multi-codebook search will make
+    it one launch).
+    """
+    allow_tf32 = _tf32_enabled(x)
+    H = x.shape[0]
+    _count("search", H)
+    if H == 1:
+        return nearest_code(x[0], codebooks[0], metric, allow_tf32=allow_tf32)[0].unsqueeze(0)
+    return torch.stack([nearest_code(x[h], codebooks[h], metric, allow_tf32=allow_tf32)[0] for h in range(H)])
+
+
+#: The largest ``topk`` routed: 1 until fastvq has a top-k search (larger ones stay on VQP).
+MAX_TOPK = 1
+
+
+def _search_topk(x: torch.Tensor, codebooks: torch.Tensor, metric: str, k: int) -> torch.Tensor:
+    """The ``k`` nearest codes per row, nearest first: ``(H, N, D), (H, K, D)`` -> ``(H, N, k)`` int64.
+    Today ``k = 1`` only (:data:`MAX_TOPK`), on :func:`_search`."""
+    if k > MAX_TOPK:
+        raise NotImplementedError(f"fastvq: top-{k} search is not routed yet")
+    return _search(x, codebooks, metric).unsqueeze(-1)
+
+
+def _statistics(x: torch.Tensor, codes: torch.Tensor, num_codes: int, mask: torch.Tensor | None):
+    """EMA statistics of ``H`` codebooks at once: ``x (H, N, D)``, ``codes (H, N)``, ``mask (H, N)``
+    bool or None -> float32 ``counts (H, K)``, ``sums (H, K, D)``; masked-out rows count nowhere.
+
+    Today :func:`fastvq.code_statistics`, rows under the mask sent to a spare code ``K`` that
+    is then dropped.
+    """
+    _count("statistics")
+    if mask is None:
+        return code_statistics(x, codes, num_codes)
+    spare = torch.where(mask, codes, torch.full_like(codes, num_codes))
+    counts_, sums = code_statistics(x, spare, num_codes + 1)
+    return counts_[:, :num_codes].contiguous(), sums[:, :num_codes].contiguous()
+
+
+def _gather(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Rows of each codebook: ``codebooks (H, K, D)``, ``codes (H, N)`` -> ``(H, N, D)``.
+
+    Differentiable to ``codebooks`` (a learnable codebook gets the sum of its rows' gradients).
+    """
+    _count("gather")
+    H, K, D = codebooks.shape
+    if H == 1:
+        return F.embedding(codes[0], codebooks[0]).unsqueeze(0)
+    offsets = torch.arange(H, device=codes.device, dtype=codes.dtype).mul_(K).unsqueeze(1)
+    return F.embedding(codes + offsets, codebooks.reshape(H * K, D))
+
+
+def _rotate(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """The rotation trick: the value of ``tgt``, the rotated gradient to ``src``."""
+    _count("rotation")
+    return rotation_trick(src, tgt)
+
+
+# ------------------------------------------------------------- VQP's hot methods, patched
+
+
+def _fp32_codebook_math(device: torch.device):
+    """Autocast off for the codebook math on ``device`` (VQP's own guard covers CUDA only)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _expand_mask(mask: torch.Tensor, num_codebooks: int, rows: int) -> torch.Tensor:
+    """VQP's padding mask ``(B, T)`` over the rows of each codebook: ``(H, B * heads * T)``,
+    rows ordered batch, head, time (as VQP packs shared-codebook heads)."""
+    b, t = mask.shape
+    heads = rows // (b * t)
+    return mask[:, None, :].expand(b, heads, t).reshape(1, b * heads * t).expand(num_codebooks, -1)
+
+
+def _sampler_flags(codebook) -> tuple[bool, bool] | None:
+    """``(stochastic, straight_through)`` of the codebook's sampler when it is VQP's own
+    ``gumbel_sample`` (possibly a ``functools.partial`` of it, as ``VectorQuantize`` binds it);
+    None for any other sampler."""
+    fn, original = codebook.gumbel_sample, _vqp.gumbel_sample
+    if fn is original:
+        return False, False
+    if isinstance(fn, functools.partial) and fn.func is original and not fn.args:
+        kw = fn.keywords
+        if set(kw) <= {"stochastic", "straight_through"}:
+            return bool(kw.get("stochastic", False)), bool(kw.get("straight_through", False))
+    return None
+
+
+def _why_codebook_not_routed(codebook, args: dict) -> str | None:
+    if args["codebook_transform_fn"] is not None:
+        return "implicit_neural_codebook"
+    if codebook.affine_param:
+        return "affine_param"
+    if args["topk"] is not None and args["topk"] > MAX_TOPK:
+        return "topk"
+    flags = _sampler_flags(codebook)
+    if flags is None:
+        return "custom_sampler"
+    stochastic, straight_through = flags
+    temperature = args["sample_codebook_temp"]
+    if temperature is None:
+        temperature = codebook.sample_codebook_temp
+    if codebook.training and (stochastic or straight_through) and temperature > 0:
+        return "stochastic_sampling" if stochastic else "straight_through_gumbel"
+    return None
+
+
+def _codebook_forward(self, x, *args, **kwargs):
+    """``Codebook.forward``, routed when called from a patched ``VectorQuantize.forward`` whose
+    caller does not read the distance matrix (which it then returns as ``None``)."""
+    route = _ROUTE.get()
+    original = _original(_vqp.Codebook, "forward")
+    if route is not self:
+        if route is not _KEEP:
+            _count("fallback.codebook_called_directly")
+        return original(self, x, *args, **kwargs)
+    bound = _signatures["Codebook.forward"].bind(self, x, *args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    why = _why_codebook_not_routed(self, a)
+    if why is not None:
+        _count("fallback." + why)
+        return original(self, x, *args, **kwargs)
+    with _fp32_codebook_math(x.device):
+        return _routed_codebook_forward(self, x, a)
+
+
+def _routed_codebook_forward(codebook, x: torch.Tensor, a: dict):
+    ema_update = codebook.ema_update if a["ema_update"] is None else a["ema_update"]
+    single = x.ndim < 4  # (B, T, D) for one codebook, else (H, B, T, D)
+    x = x.float()
+    if single:
+        x = x.unsqueeze(0)
+    H, D = x.shape[0], x.shape[-1]
+    lead = x.shape[1:-1]
+    flat = x.reshape(H, -1, D)
+    mask = a["mask"]
+    if mask is not None:
+        mask = _expand_mask(mask, H, flat.shape[1])
+
+    codebook.init_embed_(flat, mask=mask)  # k-means init on the first batch (patched kmeans)
+    embed = codebook.embed if codebook.learnable_codebook else codebook.embed.detach()
+    embed = embed.to(flat.dtype)
+    if codebook.vq_bridge is not None:
+        embed = codebook.vq_bridge(embed)
+
+    metric = "dot" if codebook.use_cosine_sim else "l2"
+    k = a["topk"]
+    if k is None:
+        codes = _search(flat, embed, metric)  # (H, N)
+    else:
+        codes = _search_topk(flat, embed, metric, k)  # (H, N, k)
+        lead = (*lead, k)
+    quantized = _gather(embed, codes.reshape(H, -1))
+
+    if k is None and codebook.training and a["update_usage"] and not a["freeze_codebook"]:
+        # VQP's own update, handed the codes instead of a one-hot matrix: the patched
+        # track_cluster_size_and_embed_avg takes integer codes to fastvq's statistics.
+        codebook.update_codebook(
+            flat,
+            codes,
+            mask=mask,
+            ema_update_weight=a["ema_update_weight"],
+            accum_ema_update=a["accum_ema_update"],
+            ema_update=ema_update,
+        )
+
+    quantized = quantized.reshape(H, *lead, D)
+    codes = codes.reshape(H, *lead)
+    if single:
+        quantized, codes = quantized[0], codes[0]
+    return quantized, codes, None
+
+
+def _track_statistics(self, flatten, embed_onehot, *args, **kwargs):
+    """``Codebook.track_cluster_size_and_embed_avg``: given integer codes ``(H, N)`` in place of
+    the one-hot matrix (only the routed paths pass them), the statistics come from fastvq;
+    a floating one-hot matrix (VQP's own paths) goes to VQP's original."""
+    original = _original(_vqp.Codebook, "track_cluster_size_and_embed_avg")
+    if embed_onehot.is_floating_point():
+        return original(self, flatten, embed_onehot, *args, **kwargs)
+    bound = _signatures["Codebook.track_cluster_size_and_embed_avg"].bind(self, flatten, embed_onehot, *args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if self.affine_param:  # never routed here (forward and update_indices keep affine codebooks on VQP)
+        raise AssertionError("fastvq: integer codes reached an affine codebook's statistics")
+    cluster_size, embed_sum = _statistics(flatten, embed_onehot, self.codebook_size, a["mask"])
+    self.all_reduce_fn(cluster_size)
+    self.all_reduce_fn(embed_sum)
+    weight = a["ema_update_weight"]
+    if callable(weight):
+        weight = weight(embed_sum, cluster_size)
+    if a["accum_ema_update"]:
+        _vqp.accum_grad_(self.cluster_size, cluster_size)
+        _vqp.accum_grad_(self.embed_avg, embed_sum)
+    else:
+        _vqp.ema_inplace(self.cluster_size, cluster_size, self.decay, weight)
+        _vqp.ema_inplace(self.embed_avg, embed_sum, self.decay, weight)
+
+
+def _codebook_update_indices(self, x, embed_ind, *args, **kwargs):
+    """``Codebook.update_indices`` (EMA update from given codes, e.g. after beam search) on
+    fastvq's statistics."""
+    original = _original(_vqp.Codebook, "update_indices")
+    if self.affine_param:
+        _count("fallback.affine_param")
+        return original(self, x, embed_ind, *args, **kwargs)
+    bound = _signatures["Codebook.update_indices"].bind(self, x, embed_ind, *args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    x = x.float()
+    if x.ndim < 4:
+        x, embed_ind = x.unsqueeze(0), embed_ind.unsqueeze(0)
+    H, D = x.shape[0], x.shape[-1]
+    flat = x.reshape(H, -1, D)
+    codes = embed_ind.reshape(H, -1).long()
+    codes = codes.masked_fill(codes == -1, 0)  # VQP counts dropped-out codes (-1) as code 0
+    mask = a["mask"]
+    if mask is not None:
+        mask = _expand_mask(mask, H, flat.shape[1])
+    self.update_codebook(
+        flat,
+        codes,
+        mask=mask,
+        ema_update_weight=a["ema_update_weight"],
+        accum_ema_update=a["accum_ema_update"],
+        ema_update=a["ema_update"],
+    )
+
+
+def _why_distances_needed(vq, a: dict) -> str | None:
+    if a.get("indices") is not None:
+        return "distances_used"
+    if vq.training and (
+        (vq.has_commitment_loss and vq.commitment_use_cross_entropy_loss) or vq.has_codebook_diversity_loss
+    ):
+        return "distances_used"
+    return None
+
+
+def _vector_quantize_forward(self, x, *args, **kwargs):
+    """``VectorQuantize.forward``: lets its codebook route unless its loss reads the distances."""
+    original = _original(_vqp.VectorQuantize, "forward")
+    a = _signatures["VectorQuantize.forward"].bind(self, x, *args, **kwargs).arguments
+    why = _why_distances_needed(self, a)
+    if why is not None:
+        _count("fallback." + why)
+    token = _ROUTE.set(_KEEP if why is not None else self._codebook)
+    try:
+        return original(self, x, *args, **kwargs)
+    finally:
+        _ROUTE.reset(token)
+
+
+def _kmeans(samples, num_clusters, num_iters=10, use_cosine_sim=False, sample_fn=None, all_reduce_fn=None):
+    """VQP's ``kmeans`` (Lloyd's algorithm per codebook, ``samples (H, N, D)``) with the
+    assignment on :func:`fastvq.nearest_code` and the new means from :func:`fastvq.code_statistics`."""
+    original = _original(_vqp, "kmeans")
+    if sample_fn is None:
+        sample_fn = _vqp.batched_sample_vectors
+    if all_reduce_fn is None:
+        all_reduce_fn = _vqp.noop
+    if num_iters < 1 or samples.dtype not in FLOAT_DTYPES:
+        _count("fallback.kmeans_args")
+        return original(samples, num_clusters, num_iters, use_cosine_sim, sample_fn, all_reduce_fn)
+    _count("kmeans")
+    metric = "dot" if use_cosine_sim else "l2"
+    means = sample_fn(samples, num_clusters)
+    for _ in range(num_iters):
+        buckets = _search(samples, means, metric)
+        counts_, sums = _statistics(samples, buckets, num_clusters, None)
+        bins = counts_.long()
+        all_reduce_fn(bins)
+        empty = bins == 0
+        new_means = (sums / bins.masked_fill(empty, 1).unsqueeze(-1)).to(samples.dtype)
+        all_reduce_fn(new_means)
+        if use_cosine_sim:
+            new_means = _vqp.l2norm(new_means)
+        means = torch.where(empty.unsqueeze(-1), means, new_means)
+    return means, bins
+
+
+def _rotate_to(src, tgt):
+    """VQP's ``rotate_to`` (the rotation trick) on :func:`fastvq.rotation_trick`."""
+    if src.dtype not in FLOAT_DTYPES or tgt.dtype not in FLOAT_DTYPES or src.shape != tgt.shape:
+        _count("fallback.rotation_dtype")
+        return _original(_vqp, "rotate_to")(src, tgt)
+    return _rotate(src, tgt)
+
+
+def _simvq_forward(self, x, *args, **kwargs):
+    """``SimVQ.forward``: the nearest code of its implicit codebook on :func:`fastvq.nearest_code`."""
+    import vector_quantize_pytorch.sim_vq as sim_vq
+
+    original = _original(sim_vq.SimVQ, "forward")
+    if args or kwargs or x.dtype not in FLOAT_DTYPES:
+        _count("fallback.simvq_args")
+        return original(self, x, *args, **kwargs)
+    _count("simvq")
+    if self.channel_first:
+        x = x.movedim(1, -1)
+    shape = x.shape
+    x = x.reshape(shape[0], -1, shape[-1])  # (B, T, D)
+    codebook = self.codebook  # (K, D), differentiable to code_transform
+    codes = _search(x.detach().float().reshape(1, -1, shape[-1]), codebook.detach().float().unsqueeze(0), "l2")
+    quantized = _gather(codebook.unsqueeze(0), codes)[0].reshape(x.shape)
+    commit_loss = (
+        F.mse_loss(x.detach(), quantized) + F.mse_loss(x, quantized.detach()) * self.input_to_quantize_commit_loss_weight
+    )
+    if self.rotation_trick:
+        quantized = _rotate_to(x, quantized)
+    else:
+        quantized = (quantized - x).detach() + x
+    quantized = quantized.reshape(shape)
+    codes = codes.reshape(shape[:-1])
+    if self.channel_first:
+        quantized = quantized.movedim(-1, 1)
+    return quantized, codes, commit_loss * self.commitment_weight
+
+
+# ------------------------------------------------------------------ patch / unpatch
+
+
+def _installed_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _check_version() -> str:
+    version = _installed_version()
+    if version is None:
+        raise ImportError(
+            f"fastvq.integrations.vector_quantize_pytorch: {DISTRIBUTION} is not installed; it supports "
+            f"version {', '.join(SUPPORTED_VERSIONS)} (pip install {DISTRIBUTION}=={SUPPORTED_VERSIONS[-1]})"
+        )
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersionError(
+            f"fastvq.integrations.vector_quantize_pytorch: installed {DISTRIBUTION} {version} is not supported; "
+            f"supported: {', '.join(SUPPORTED_VERSIONS)}. Nothing was patched."
+        )
+    return version
+
+
+def _replacements() -> list[tuple[object, str, Callable]]:
+    import vector_quantize_pytorch.sim_vq as sim_vq
+    import vector_quantize_pytorch.vector_quantize_pytorch as vq
+
+    return [
+        (vq.VectorQuantize, "forward", _vector_quantize_forward),
+        (vq.Codebook, "forward", _codebook_forward),
+        (vq.Codebook, "track_cluster_size_and_embed_avg", _track_statistics),
+        (vq.Codebook, "update_indices", _codebook_update_indices),
+        (vq.Codebook, "update_ema_indices", _codebook_update_indices),  # VQP's alias of update_indices
+        (vq, "kmeans", _kmeans),
+        (vq, "rotate_to", _rotate_to),
+        (sim_vq, "rotate_to", _rotate_to),
+        (sim_vq.SimVQ, "forward", _simvq_forward),
+    ]
+
+
+def is_patched() -> bool:
+    """Whether :func:`patch` is in force."""
+    with _LOCK:
+        return bool(_installed)
+
+
+def patch() -> None:
+    """Route vector-quantize-pytorch's hot path through fastvq (see the module docstring).
+
+    Idempotent (a second call does nothing). Affects models built before and after the call.
+    Raises :class:`UnsupportedVersionError` (naming the installed and the supported versions) for a
+    VQP release other than :data:`SUPPORTED_VERSIONS`, and ``ImportError`` when VQP is not
+    installed; nothing is changed then.
+
+    Example::
+
+        >>> from fastvq.integrations import vector_quantize_pytorch as fastvq_vqp
+        >>> fastvq_vqp.patch()
+        >>> quantized, indices, loss = vq(x)       # an existing VectorQuantize, now on fastvq
+        >>> fastvq_vqp.unpatch()
+    """
+    global _vqp
+    with _LOCK:
+        if _installed:
+            return
+        _check_version()
+        import vector_quantize_pytorch.vector_quantize_pytorch as vq
+
+        plan = _replacements()
+        _vqp = vq
+        _signatures.update(
+            {
+                "Codebook.forward": inspect.signature(vq.Codebook.forward),
+                "Codebook.track_cluster_size_and_embed_avg": inspect.signature(
+                    vq.Codebook.track_cluster_size_and_embed_avg
+                ),
+                "Codebook.update_indices": inspect.signature(vq.Codebook.update_indices),
+                "VectorQuantize.forward": inspect.signature(vq.VectorQuantize.forward),
+            }
+        )
+        missing = [f"{getattr(o, '__name__', o)}.{n}" for o, n, _ in plan if n not in vars(o)]
+        if missing:  # cannot happen with a supported release; refuse rather than half-patch
+            raise UnsupportedVersionError(
+                f"fastvq.integrations.vector_quantize_pytorch: {DISTRIBUTION} lacks {', '.join(missing)}; "
+                "nothing was patched"
+            )
+        for owner, name, _ in plan:
+            _originals[(owner, name)] = vars(owner)[name]
+        for owner, name, replacement in plan:
+            setattr(owner, name, replacement)
+            _installed.append((owner, name, replacement))
+
+
+def unpatch() -> None:
+    """Restore vector-quantize-pytorch exactly: every patched attribute is again the very object
+    it was before :func:`patch`. Does nothing when not patched."""
+    with _LOCK:
+        while _installed:
+            owner, name, _ = _installed.pop()
+            setattr(owner, name, _originals.pop((owner, name)))
+        _originals.clear()
+
+
+@contextlib.contextmanager
+def patched() -> Iterator[None]:
+    """``with patched():`` runs the block with :func:`patch` in force, then restores VQP unless
+    it was already patched before the block (nesting is safe).
+
+    Example::
+
+        >>> with fastvq_vqp.patched():
+        ...     loss = train_step(model, batch)     # VQP layers inside run on fastvq
+    """
+    with _LOCK:
+        was_patched = bool(_installed)
+        patch()
+    try:
+        yield
+    finally:
+        if not was_patched:
+            unpatch()

@@ -1,0 +1,110 @@
+"""sample_code: one code per row drawn with probability softmax(-distance / temperature), fused
+Gumbel-max sampling without the N x K matrix, not differentiable."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .._backend import use_triton
+from ..reference.sample_code import sample_code_ref
+from ._search import check_int, search_inputs
+
+
+@torch.library.custom_op("fastvq::sample_code", mutates_args=())
+def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, seed: torch.Tensor, temperature: float, metric: str,
+                    allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # x (H, N, D), codebook (H, K, D), seed () int64 -> (H, N) int64, (H, N) float32
+    if use_triton("sample_code", x, codebook):
+        from ..kernels.nearest_code import sample_code_fwd
+
+        return sample_code_fwd(x, codebook, seed, temperature, metric, allow_tf32)
+    return sample_code_ref(x, codebook, temperature, metric, seed=seed, allow_tf32=allow_tf32)
+
+
+@_sample_code_op.register_fake
+def _(x, codebook, seed, temperature, metric, allow_tf32):
+    shape = x.shape[:2]
+    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=torch.float32)
+
+
+def _temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fastvq.sample_code: temperature must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"fastvq.sample_code: temperature must be finite and >= 0, got {value}")
+    return value
+
+
+def _seed(seed, generator, device) -> torch.Tensor:
+    if seed is not None and generator is not None:
+        raise ValueError("fastvq.sample_code: pass a seed or a generator, not both")
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"fastvq.sample_code: a seed tensor must be a 0-d int64/int32 tensor, got "
+                            f"{seed.dtype} of shape {tuple(seed.shape)}")
+        return seed.to(device=device, dtype=torch.int64)
+    if seed is not None:
+        seed = check_int("sample_code", "seed", seed, minimum=-(2**63), maximum=2**63 - 1)
+        return torch.tensor(seed, dtype=torch.int64, device=device)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"fastvq.sample_code: generator must be a torch.Generator, got {type(generator).__name__}")
+        drawn = torch.randint(0, 2**62, (), dtype=torch.int64, device=generator.device, generator=generator)
+        return drawn.to(device)
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
+def sample_code(
+    x: torch.Tensor, codebook: torch.Tensor, temperature: float, metric: str = "l2", *, seed=None,
+    generator: torch.Generator | None = None, allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one code per row of ``x`` with probability ``softmax(-distance / temperature)`` over the
+    codebook: Gumbel-max sampling fused into the nearest-code search (``argmin_k distance_k /
+    temperature - g_k`` with Gumbel noise ``g`` generated in the kernel), no ``N x K`` matrix.
+
+    Args:
+        x: ``(..., D)`` float32/float16/bfloat16 (``(H, ..., D)`` with ``H`` codebooks), as for
+            :func:`fastvq.nearest_code`.
+        codebook: ``(K, D)`` or ``(H, K, D)``, as for :func:`fastvq.nearest_code`.
+        temperature: a finite real ``>= 0``. ``0`` is the nearest code (no noise; exactly
+            :func:`fastvq.nearest_code`).
+        metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``: the logits of
+            vector-quantize-pytorch's Euclidean codebook are ``-|x - c|``), ``"cosine"``
+            (``1 - cos``) or ``"dot"`` (``-<x, c>``).
+        seed: an int (any 64-bit value) or a 0-d int64 tensor: the same seed and inputs give the
+            same codes on a backend (the two backends draw the same noise; a sample may differ
+            between them only where float32 rounding of ``distance / temperature - g`` differs).
+        generator: a ``torch.Generator`` to draw the seed from, instead of ``seed``. With
+            neither, the seed comes from torch's global generator (``torch.manual_seed`` makes
+            runs reproducible; under ``torch.compile`` prefer this or ``seed``).
+        allow_tf32: as for :func:`fastvq.nearest_code`.
+
+    Returns:
+        ``(indices, distances)`` of shape ``x.shape[:-1]``: int64 in ``[0, K)``, the sampled code,
+        and its float32 distance, computed directly. Non-finite rows and codes follow
+        :func:`fastvq.nearest_code` (a code with a NaN or infinite entry has probability 0 for a
+        finite row while a finite code exists). A row whose ``distance / temperature`` scale
+        passes 2^100 (temperature far below float32's resolution of its distances) takes its
+        nearest code. Not differentiable.
+
+    Example::
+
+        >>> codebook = torch.randn(512, 64)
+        >>> idx, dist = fastvq.sample_code(torch.randn(100, 64), codebook, temperature=0.5, seed=0)
+        >>> idx.shape
+        torch.Size([100])
+    """
+    temperature = _temperature(temperature)
+    x3, c3, lead = search_inputs("sample_code", x, codebook, metric, allow_tf32)
+    seed_t = _seed(seed, generator, x3.device)
+    if temperature == 0.0:
+        from .nearest_code import _nearest_code_op
+
+        indices, distances = _nearest_code_op(x3, c3, metric, allow_tf32)
+    else:
+        indices, distances = _sample_code_op(x3, c3, seed_t, temperature, metric, allow_tf32)
+    return indices.reshape(lead), distances.reshape(lead)

@@ -1,0 +1,105 @@
+"""Pure-torch reference for :func:`fastvq.sample_code`: the test oracle and the CPU path.
+
+The Gumbel noise is the kernel's, bit for bit: Philox4x32-10 (Triton's ``tl.philox``) keyed by
+the seed, counter ``(code, row, codebook, row >> 32)``, its first word turned into a uniform
+``u = (r >> 8 + 0.5) 2^-24`` in (0, 1) and ``g = -log(-log(u))``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._chunks import row_chunk
+from .nearest_code import (_check_metric, argmin_first, choose, distance, exp2i, max_abs, pow2_exponent,
+                           prepare_codebook, scale_rows, scores)
+
+_M32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+NOISE_LIMIT = 2.0**100  # a row whose 1/temperature factor exceeds this is searched without noise
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = b * a  # < 2^64: wraps in int64, which keeps all 64 bits
+    return (p >> 32) & _M32, p & _M32
+
+
+def philox(seed: torch.Tensor, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 values; ``seed`` an int64 tensor (0-d)."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def gumbel(seed: torch.Tensor, rows: torch.Tensor, K: int, h: int) -> torch.Tensor:
+    """``(len(rows), K)`` float32 Gumbel(0, 1) noise for rows ``rows`` (int64) of codebook ``h``."""
+    k = torch.arange(K, device=rows.device, dtype=torch.int64)[None, :]
+    n = rows[:, None]
+    shape = (rows.shape[0], K)
+    r, _, _, _ = philox(seed.to(rows.device), k.expand(shape), (n & _M32).expand(shape),
+                        torch.full(shape, h, dtype=torch.int64, device=rows.device), (n >> 32).expand(shape))
+    u = ((r >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    return -torch.log(-torch.log(u))
+
+
+def row_factor(x: torch.Tensor, xs: torch.Tensor, metric: str, s_l2: torch.Tensor, temperature: float):
+    """Per row ``a`` with ``distance / temperature = a * score + (a row constant)``, as the kernel
+    computes it (float32); ``xs`` the rows the search multiplies with."""
+    inv_s = 1.0 / s_l2  # 2^e exactly
+    t = torch.tensor(temperature, dtype=torch.float32, device=x.device)
+    if metric in ("l2", "euclidean"):
+        a = (inv_s * inv_s if metric == "l2" else inv_s) / t
+        return a.expand(x.shape[0])
+    if metric == "cosine":
+        nx = (xs * xs).sum(-1).sqrt()
+        return torch.where(nx > 0, 1.0 / (torch.where(nx > 0, nx, 1.0) * t), torch.zeros_like(nx))
+    if x.dtype == torch.float16:  # rows not scaled
+        return (inv_s / t).expand(x.shape[0])
+    e_x = pow2_exponent(max_abs(x.float()))
+    return (exp2i(e_x) * inv_s) / t
+
+
+def sample_code_ref(
+    x: torch.Tensor, codebook: torch.Tensor, temperature: float, metric: str = "l2", *, seed: torch.Tensor,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`fastvq.sample_code`: Gumbel-max sampling of one code per row with
+    probability ``softmax(-distance / temperature)`` over the codebook, the noise drawn as the
+    kernel draws it. ``temperature > 0``; ``seed`` a 0-d int64 tensor. Same shapes, scaling,
+    non-finite rules and direct distances as :func:`fastvq.reference.nearest_code_ref`."""
+    _check_metric(metric)
+    multi = codebook.dim() == 3
+    cb = codebook if multi else codebook.unsqueeze(0)
+    xs_ = x if multi else x.unsqueeze(0)
+    H, K, D = cb.shape
+    lead = xs_.shape[1:-1]
+    x3 = xs_.reshape(H, lead.numel(), D)
+    N = x3.shape[1]
+    codes, term, first, s_l2 = prepare_codebook(cb, metric)
+    indices = torch.empty((H, N), dtype=torch.int64, device=x.device)
+    distances = torch.empty((H, N), dtype=torch.float32, device=x.device)
+    step = row_chunk(K)
+    for h in range(H):
+        for s in range(0, N, step):
+            rows = x3[h, s : s + step]
+            xs = scale_rows(rows, metric)
+            sc = scores(xs, codes[h], term[h], metric)
+            if metric == "euclidean":  # sqrt(|x|^2 + score), in the search's scale
+                xx = ((rows.float() * s_l2[h]) ** 2).sum(-1)
+                sc = torch.where(sc.isnan(), sc, (xx[:, None] + sc).clamp_min(0.0).sqrt())
+            a = row_factor(rows, xs, metric, s_l2[h], temperature)
+            w = (a <= NOISE_LIMIT).to(torch.float32)  # also 0 where a is NaN
+            a = torch.where(w > 0, a, torch.ones_like(a))
+            g = gumbel(seed, torch.arange(s, s + rows.shape[0], device=x.device), K, h)
+            _, idx = argmin_first(sc * a[:, None] - w[:, None] * g)
+            idx = choose(rows, idx, first[h].expand_as(idx), K)
+            indices[h, s : s + step] = idx
+            distances[h, s : s + step] = distance(rows, cb[h][idx], metric)
+    out_shape = xs_.shape[:-1]
+    if not multi:
+        out_shape = out_shape[1:]
+    return indices.reshape(out_shape), distances.reshape(out_shape)

@@ -1,0 +1,63 @@
+"""Pure-torch reference for :func:`fastvq.topk_codes`: the test oracle and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+
+from ._chunks import row_chunk
+from .nearest_code import _check_metric, distance, prepare_codebook, scale_rows, scores
+
+
+def topk_order(s: torch.Tensor, bad_code: torch.Tensor, special_row: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` first codes of each row of scores ``s`` (n, K) in the search's order: score
+    ascending (NaN as +inf), then finite codes before codes with a non-finite entry
+    (``bad_code`` (K,)), then index. Rows with a non-finite entry (``special_row``) rank every
+    code at +inf: the finite codes in index order, then the others."""
+    K = s.shape[1]
+    key = s.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    key = torch.where(special_row[:, None], torch.full_like(key, float("inf")), key)
+    # stable sorts, least significant key first: index (as is), finite-code class, score
+    cls = bad_code.to(torch.int64).expand_as(key)
+    order = torch.argsort(cls, dim=1, stable=True)
+    order = order.gather(1, torch.argsort(key.gather(1, order), dim=1, stable=True))
+    return order[:, :k] if k <= K else order
+
+
+def topk_codes_ref(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str = "l2", *, allow_tf32: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`fastvq.topk_codes`: ``(..., D), (K, D)`` -> ``(..., k)`` int64 indices
+    and float32 distances, nearest first (or ``(H, ..., D), (H, K, D)`` -> ``(H, ..., k)``).
+
+    Same scaling and scores as :func:`fastvq.reference.nearest_code_ref`; ordered by score,
+    exact ties to the smaller index, codes with a non-finite entry after the finite ones; a row
+    with a NaN gets ``0, 1, ..., k-1``. Distances are computed directly at each chosen code.
+    In row chunks (an ``(n, K)`` score block at a time), float32.
+    """
+    _check_metric(metric)
+    multi = codebook.dim() == 3
+    cb = codebook if multi else codebook.unsqueeze(0)
+    xs = x if multi else x.unsqueeze(0)
+    H, K, D = cb.shape
+    lead = xs.shape[1:-1]
+    x3 = xs.reshape(H, lead.numel(), D)
+    N = x3.shape[1]
+    codes, term, _, _ = prepare_codebook(cb, metric)
+    indices = torch.empty((H, N, k), dtype=torch.int64, device=x.device)
+    distances = torch.empty((H, N, k), dtype=torch.float32, device=x.device)
+    step = max(1, row_chunk(K))
+    for h in range(H):
+        bad_code = term[h].isnan()
+        for s in range(0, N, step):
+            rows = x3[h, s : s + step]
+            special = ~torch.isfinite(rows).all(-1)
+            idx = topk_order(scores(scale_rows(rows, metric), codes[h], term[h], metric), bad_code, special, k)
+            nan_row = rows.isnan().any(-1)
+            idx = torch.where(nan_row[:, None], torch.arange(k, device=x.device).expand_as(idx), idx)
+            indices[h, s : s + step] = idx
+            n = rows.shape[0]
+            distances[h, s : s + step] = distance(rows[:, None, :].expand(n, k, D), cb[h][idx], metric)
+    out_shape = xs.shape[:-1] + (k,)
+    if not multi:
+        out_shape = out_shape[1:]
+    return indices.reshape(out_shape), distances.reshape(out_shape)

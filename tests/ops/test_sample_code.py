@@ -1,0 +1,153 @@
+import warnings
+
+import pytest
+import torch
+
+import fastvq
+from tests.ops.test_search_contract import d64
+from tests.utils import count_kernel_launches, randn
+
+METRICS = ["l2", "euclidean", "cosine", "dot"]
+CHI2_5DOF_1E4 = 25.74  # P(chi-square with 5 degrees of freedom > 25.74) = 1e-4
+TEMPERATURE = {"l2": 2.0, "euclidean": 1.0, "cosine": 0.7, "dot": 0.7}  # every code drawn >= 1% of the time
+
+
+def _chi2(counts, probs):
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _one_row_many_times(metric, n=3000, temperature=0.7):
+    """One row repeated ``n`` times against 6 codes whose probabilities are far from uniform."""
+    c = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.2, 0.0], [0.5, 0.5, 0.3], [-1.0, 0.2, 0.1], [0.3, -0.8, 0.9],
+                      [0.9, 0.1, -0.2]])
+    x = torch.tensor([[0.75, 0.25, 0.05]]).expand(n, 3)  # no two distances within 0.007
+    probs = torch.softmax(-d64(x[:1], c, metric)[0] / temperature, 0)
+    return x, c, probs
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_distribution_chi_square(backend, metric):
+    t = TEMPERATURE[metric]
+    x, c, probs = _one_row_many_times(metric, temperature=t)
+    assert probs.min() > 0.01 and probs.max() < 0.5  # a real test of the weights
+    idx, dist = fastvq.sample_code(x, c, t, metric, seed=2024)
+    counts = torch.bincount(idx, minlength=6).double()
+    assert _chi2(counts, probs) < CHI2_5DOF_1E4, (counts, probs * len(idx))
+    torch.testing.assert_close(dist.double(), d64(x[:1], c, metric)[0][idx], rtol=1e-5, atol=1e-6)
+
+
+def test_skewed_distribution(backend):
+    # l2 distances 0, 0.7, 1.5, 2.5 at temperature 1: p = (0.555, 0.276, 0.124, 0.046); noise that is
+    # not Gumbel (e.g. exponential: 0.655, 0.223, 0.091, 0.032) is far outside the bound
+    c = torch.tensor([[0.0, 0.0], [0.7, 0.0], [1.5, 0.0], [2.5, 0.0]]).sqrt()
+    x = torch.zeros(3000, 2)
+    probs = torch.softmax(-torch.tensor([0.0, 0.7, 1.5, 2.5], dtype=torch.float64), 0)
+    idx, _ = fastvq.sample_code(x, c, 1.0, seed=77)
+    counts = torch.bincount(idx, minlength=4).double()
+    assert _chi2(counts, probs) < 21.11, (counts, probs * 3000)  # chi-square, 3 dof, P = 1e-4
+
+
+def test_temperature_extremes(backend):
+    x, c, _ = _one_row_many_times("l2", n=600)
+    idx, _ = fastvq.sample_code(x, c, 1e-6, seed=1)  # far below the gaps: the nearest code
+    assert (idx == fastvq.nearest_code(x[:1], c)[0]).all()
+    idx, _ = fastvq.sample_code(x, c, 1e6, seed=1)  # far above: uniform
+    assert _chi2(torch.bincount(idx, minlength=6).double(), torch.full((6,), 1 / 6)) < CHI2_5DOF_1E4
+    idx0, d0 = fastvq.sample_code(x, c, 0.0)  # 0: exactly nearest_code, no noise
+    ref = fastvq.nearest_code(x, c)
+    assert torch.equal(idx0, ref[0]) and torch.equal(d0, ref[1])
+
+
+def test_seeds_reproduce(backend):
+    x, c = randn(64, 8), randn(40, 8)
+    a = fastvq.sample_code(x, c, 1.0, seed=7)
+    b = fastvq.sample_code(x, c, 1.0, seed=7)
+    other = fastvq.sample_code(x, c, 1.0, seed=8)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], other[0])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(fastvq.sample_code(x, c, 1.0, generator=g1)[0], fastvq.sample_code(x, c, 1.0, generator=g2)[0])
+    torch.manual_seed(11)
+    d1 = fastvq.sample_code(x, c, 1.0)[0]
+    torch.manual_seed(11)
+    assert torch.equal(d1, fastvq.sample_code(x, c, 1.0)[0])
+    t = torch.tensor(7)
+    assert torch.equal(fastvq.sample_code(x, c, 1.0, seed=t)[0], a[0])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_backends_draw_the_same_noise(metric):
+    x, c = randn(2, 50, 8), randn(2, 37, 8)
+    with fastvq.backend("reference"):
+        ref = fastvq.sample_code(x, c, 0.5, metric, seed=99)
+    with fastvq.backend("triton"):
+        got = fastvq.sample_code(x, c, 0.5, metric, seed=99)
+    assert (ref[0] == got[0]).float().mean() >= 0.99  # only float32 near-ties of score/T - g may differ
+    same = ref[0] == got[0]
+    torch.testing.assert_close(got[1][same], ref[1][same], rtol=1e-5, atol=1e-6)
+
+
+def test_split_path_and_multi_codebook(monkeypatch):
+    import fastvq.kernels.nearest_code as knc
+
+    monkeypatch.setattr(knc, "SPLIT_MIN_CODES", 32)
+    x, c = randn(2, 3, 10), randn(2, 300, 10)
+    assert knc.num_splits(6, 300, torch.device("cpu")) > 1
+    with fastvq.backend("reference"):
+        ref = fastvq.sample_code(x, c, 2.0, "cosine", seed=3)
+    with fastvq.backend("triton"):
+        launched = count_kernel_launches(monkeypatch, knc, "_nearest_code_fwd_kernel", "_nearest_code_reduce_kernel")
+        got = fastvq.sample_code(x, c, 2.0, "cosine", seed=3)
+    assert launched == ["_nearest_code_fwd_kernel", "_nearest_code_reduce_kernel"]
+    assert torch.equal(ref[0], got[0])
+
+
+def test_nonfinite(backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        x, c = randn(300, 4), randn(6, 4)
+        c[2, 0] = float("nan")
+        c[4, 1] = float("inf")
+        x[0, 0] = float("nan")
+        x[1, 2] = float("-inf")
+        idx, dist = fastvq.sample_code(x, c, 5.0, seed=0)  # hot: every finite code gets drawn
+    assert idx[0].item() == 0 and dist[0].isnan()
+    assert idx[1].item() == 0 and dist[1].item() == float("inf")
+    assert not ((idx[2:] == 2) | (idx[2:] == 4)).any()
+    assert set(idx[2:].tolist()) == {0, 1, 3, 5}
+
+
+@pytest.mark.parametrize(
+    "kw,err",
+    [({"temperature": -1.0}, ValueError), ({"temperature": float("nan")}, ValueError),
+     ({"temperature": float("inf")}, ValueError), ({"temperature": True}, TypeError),
+     ({"temperature": "1"}, TypeError), ({"temperature": torch.tensor(1.0)}, TypeError),
+     ({"temperature": 1.0, "seed": True}, TypeError), ({"temperature": 1.0, "seed": 1.5}, ValueError),
+     ({"temperature": 1.0, "seed": 1, "generator": torch.Generator()}, ValueError),
+     ({"temperature": 1.0, "seed": torch.tensor([1, 2])}, TypeError),
+     ({"temperature": 1.0, "generator": 3}, TypeError), ({"temperature": 1.0, "metric": "l1"}, ValueError)],
+    ids=["negative", "nan", "inf", "bool", "str", "tensor", "seed-bool", "seed-float", "seed-and-generator",
+         "seed-1d", "generator-int", "metric"],
+)
+def test_bad_input(kw, err):
+    with pytest.raises(err, match="sample_code"):
+        fastvq.sample_code(torch.randn(3, 4), torch.randn(5, 4), **kw)
+
+
+def test_opcheck():
+    x, c = randn(2, 6, 5), randn(2, 9, 5)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.sample_code.default, (x, c, torch.tensor(3), 0.5, "l2", False))
+
+
+def test_compile_fullgraph(backend):
+    x, c = randn(7, 6), randn(10, 6)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x, c):
+        return fastvq.sample_code(x, c, 0.5, "euclidean", seed=4)
+
+    idx, dist = f(x, c)
+    assert torch.equal(idx, fastvq.sample_code(x, c, 0.5, "euclidean", seed=4)[0])

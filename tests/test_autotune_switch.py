@@ -1,0 +1,119 @@
+"""``FASTVQ_AUTOTUNE=0`` pins every autotuned kernel to one config (for GPU test runs).
+
+The config lists are fixed when the kernel modules are imported, and this process imports them
+under the interpreter (conftest sets ``TRITON_INTERPRET``), so the GPU-side cases run in a fresh
+subprocess without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_PROBE = r"""
+import importlib, json, os, pkgutil, triton
+from fastvq import kernels
+from fastvq.kernels import _common
+mods = [importlib.import_module(f"fastvq.kernels.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
+out = {"interpreted": kernels.INTERPRETED}
+for value in ("0", None):  # the switch is read at import: import, then reload with the other value
+    if value is None:
+        os.environ.pop("FASTVQ_AUTOTUNE")
+    else:
+        os.environ["FASTVQ_AUTOTUNE"] = value
+    seen = {}
+    for mod in mods:
+        mod = importlib.reload(mod)
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.autotuner.Autotuner):
+                seen[f"{mod.__name__}.{name}"] = [id(c) for c in obj.configs]
+    out[str(value)] = {"kernels": seen, "pinned": {k: id(c) for k, c in _common.PINNED_CONFIGS.items()},
+                       "gpu": {k: [id(c) for c in v] for k, v in _common.GPU_CONFIGS.items()}}
+print(json.dumps(out))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> dict:
+    """The autotuners' configs as a process without the interpreter (as on a GPU) sees them,
+    with ``FASTVQ_AUTOTUNE=0`` (key "0") and unset (key "None")."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVQ_AUTOTUNE")}
+    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+# every autotuned kernel in kernels/*.py and the name its configs are registered under
+AUTOTUNED = {
+    "fastvq.kernels.nearest_code._nearest_code_fwd_kernel": "nearest_code",
+    "fastvq.kernels.residual_quantize._residual_quantize_fwd_kernel": "residual_quantize",
+    "fastvq.kernels.residual_quantize._residual_quantize_fwd_chunked_kernel": "residual_quantize_chunked",
+    "fastvq.kernels.pairwise_kl_loss._pairwise_kl_loss_fwd_kernel": "pairwise_kl_loss_fwd",
+    "fastvq.kernels.pairwise_kl_loss._pairwise_kl_loss_bwd_kernel": "pairwise_kl_loss_bwd",
+}
+
+
+def test_pinned_one_config_per_kernel():
+    full = _probe()
+    assert not full["interpreted"]
+    out = full["0"]
+    assert set(out["kernels"]) == set(AUTOTUNED), "an autotuned kernel this test does not know"
+    for kernel, name in AUTOTUNED.items():
+        assert out["kernels"][kernel] == [out["pinned"][name]], f"{kernel}: not pinned to its one config"
+
+
+def test_autotune_by_default_sees_the_gpu_lists():
+    out = _probe()["None"]
+    for kernel, name in AUTOTUNED.items():
+        configs = out["kernels"][kernel]
+        assert configs == out["gpu"][name] and len(configs) > 1, kernel
+
+
+def test_interpreter_keeps_its_single_small_config(monkeypatch):
+    # this process runs the kernels under the interpreter (conftest): one small config each,
+    # whatever the switch says
+    import importlib
+    import pkgutil
+
+    import triton
+
+    from fastvq import kernels
+    from fastvq.kernels import _common
+
+    assert _common.INTERPRETED
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"fastvq.kernels.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.autotuner.Autotuner):
+                key = AUTOTUNED[f"{mod.__name__}.{name}"]
+                assert len(obj.configs) == 1 and obj.configs[0] is not _common.PINNED_CONFIGS[key], name
+    monkeypatch.setenv("FASTVQ_AUTOTUNE", "0")
+    gpu, pinned, interp = [object(), object()], object(), object()
+    assert _common.autotune_configs("probe", gpu, pinned, interp) == [interp]
+    assert _common.GPU_CONFIGS.pop("probe") == gpu and _common.PINNED_CONFIGS.pop("probe") is pinned
+
+
+@pytest.mark.parametrize("value,expected", [("0", False), ("off", False), ("1", True), ("", True), ("yes", True)])
+def test_switch_values(monkeypatch, value, expected):
+    from fastvq.kernels import _common
+
+    monkeypatch.setenv("FASTVQ_AUTOTUNE", value)
+    assert _common.autotune_enabled() is expected
+
+
+@pytest.mark.parametrize("value", ["2", "maybe"])
+def test_bad_value_names_the_variable(monkeypatch, value):
+    from fastvq.kernels import _common
+
+    monkeypatch.setenv("FASTVQ_AUTOTUNE", value)
+    with pytest.raises(ValueError, match=f"FASTVQ_AUTOTUNE={value!r}"):
+        _common.autotune_enabled()

@@ -1,0 +1,41 @@
+"""benchmarks/gpu_run.sh cannot rot: its --dry-run (the same steps on CPU, one test per file,
+a quick check and bench) runs here and leaves what the device tool can bring back."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU smoke run (on a GPU run the real one)")
+def test_dry_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTVQ_", "PYTEST_"))}
+    env["OUT"] = str(tmp_path)
+    env.setdefault("PYTHON", str(pathlib.Path(os.sys.executable)))
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (folder,) = tmp_path.iterdir()  # <date>-<slug>/, one level under $OUT
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-dry-run-cpu", folder.name)
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["bench.json", "bench.log", "bench.md", "bench.png", "check.txt", "env.txt", "tests.log",
+                     "tests.xml"]  # at most 8, names the device tool brings back
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
+    env_txt = (folder / "env.txt").read_text()
+    assert "torch" in env_txt and "triton" in env_txt and "git:" in env_txt
+    suite = ET.parse(folder / "tests.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite[0]
+    n_files = len(list((ROOT / "tests").rglob("test_*.py")))
+    assert int(suite.get("tests")) >= n_files - 4  # one per file (minus the deselected slow ones)
+    assert int(suite.get("failures")) == 0 and int(suite.get("errors")) == 0
+    assert "all checks passed" in (folder / "check.txt").read_text()
+    rows = json.loads((folder / "bench.json").read_text())["rows"]
+    assert {r["op"] for r in rows} >= {"pairwise_sqdist"} and all(r.get("ms", 0) > 0 for r in rows)
+    assert "tests exit 0, check exit 0" in res.stdout

@@ -1,0 +1,137 @@
+"""The traffic meter (fastvq.bench.traffic) counts what it claims to count."""
+
+import json
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import fastvq
+from fastvq.bench import traffic
+from fastvq.bench.traffic import measure, metering, span_bytes
+from tests.utils import randn
+
+N, D = 64, 16
+UNIT = N * D * 4
+
+
+@pytest.fixture(autouse=True)
+def unpoisoned(monkeypatch):
+    """Counting tests see torch.empty as users do: the suite's NaN poisoning fills every new
+    buffer, a write the meter would (rightly) count."""
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+
+
+def _glue(fn):
+    with metering() as meter:
+        fn()
+    return meter.counts["fwd"]
+
+
+def test_elementwise_ops_count_their_reads_and_writes(device):
+    x, y = randn(N, D, device=device, seed=0), randn(N, D, device=device, seed=1)
+    assert _glue(lambda: x + y).glue_bytes == 3 * UNIT
+    assert _glue(lambda: x.add_(y)).glue_bytes == 3 * UNIT  # reads x and y, writes x
+    assert _glue(lambda: x.copy_(y)).glue_bytes == 2 * UNIT  # copy_ does not read its target
+    assert _glue(lambda: x.sum()).glue_bytes == UNIT + 4
+
+
+def test_views_and_allocations_move_nothing(device):
+    x = randn(N, D, device=device, seed=0)
+    c = _glue(lambda: (x.view(D, N), x.t(), x[:, :3], x.detach(), x.unsqueeze(0).expand(3, N, D),
+                       torch.empty(N, D, device=device)))
+    assert c.glue_bytes == 0 and c.syncs == 0
+
+
+def test_expanded_tensors_count_their_storage():
+    s = torch.ones((), dtype=torch.float32).expand(N, D)
+    assert span_bytes(s) == 4
+    assert span_bytes(torch.ones(N, D)) == UNIT
+    assert span_bytes(torch.ones(0, D)) == 0
+
+
+def test_host_syncs_are_counted(device):
+    x = randn(N, D, device=device, seed=0)
+    idx = torch.arange(N, device=device) % 5
+    c = _glue(lambda: (x.sum().item(), int(idx.max()), bool(x[0, 0] > 0), torch.nonzero(idx),
+                       x[idx > 2], torch.unique(idx), x.repeat_interleave(idx, dim=0)))
+    assert c.syncs == 7, dict(c.sync_ops)
+    assert _glue(lambda: x.repeat_interleave(idx, dim=0, output_size=int(idx.sum()))).syncs == 1  # the int()
+    assert _glue(lambda: idx.repeat_interleave(2)).syncs == 0
+    assert _glue(lambda: x[idx]).syncs == 0  # integer gather: no sync
+
+
+@torch.library.custom_op("fastvq::_traffic_test_glue", mutates_args=())
+def _glue_inside(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2) + 1  # 2 + 2 passes of glue hidden in a custom op's body
+
+
+@_glue_inside.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_glue_inside_our_custom_ops_counts(device):
+    x = randn(N, D, device=device, seed=0)
+    c = _glue(lambda: _glue_inside(x))
+    assert c.glue_bytes == 4 * UNIT
+    assert c.glue_ops["mul"] == 2 * UNIT and c.glue_ops["add"] == 2 * UNIT
+
+
+@triton.jit
+def _copy_kernel(p_x, p_y, p_unused, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(p_y + o, tl.load(p_x + o, mask=o < n), mask=o < n)
+
+
+def test_a_launch_counts_each_distinct_tensor_argument_once_and_no_interpreter_copies(device):
+    x = randn(N, D, device=device, seed=0)
+    y = torch.empty_like(x)
+    with fastvq.backend("triton"):
+        with metering() as meter:
+            _copy_kernel[(triton.cdiv(x.numel(), 256),)](x, y, x, x.numel(), BLOCK=256)  # x twice: once
+    c = meter.counts["fwd"]
+    assert torch.equal(x, y)
+    assert c.launches == 1 and c.kernels["_copy_kernel"] == 1
+    assert c.kernel_bytes == 2 * UNIT
+    assert c.glue_bytes == 0  # the interpreter copies arguments to and from the host: not ours
+
+
+def test_measure_warms_up_and_books_phases(device):
+    x = randn(N, D, device=device, seed=0, requires_grad=True)
+    calls = []
+
+    def step(meter):
+        calls.append(meter)
+        x.grad = None
+        y = x * 3
+        if meter is not None:
+            meter.phase = "bwd"
+        y.backward(torch.ones_like(y))
+
+    t = measure(step, UNIT)
+    assert calls[0] is None and calls[1] is not None
+    assert t.glue("fwd") == 2.0  # x * 3: read x, write y
+    assert t.glue("bwd") > 0 and t.launches == 0 and t.syncs == 0
+
+
+def test_the_issue_baselines_are_reproduced_for_untouched_ops(device):
+    # nearest_code alone: no glue; its two launches read the codebook (K/N = 1/8 pass) twice, x once,
+    # and write |c|^2 (read back), the indices and the distances
+    t = traffic.run_case(traffic.find_case("nearest_code l2 (N=4096, D=64, K=512)"), device, scale=8)
+    assert t.glue_passes == 0 and t.syncs == 0 and t.launches == 2
+    assert t.kernel_passes == pytest.approx(1 + 2 * 0.125 + 2 / 512 + 0.03125 + 0.015625, abs=1e-4)
+
+
+def test_cli_writes_traffic_json(tmp_path, capsys):
+    from fastvq.__main__ import main
+
+    assert main(["bench", "--traffic", "--ops", "code_statistics", "--out", str(tmp_path), "--traffic-scale", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "code_statistics" in out and "glue fwd" in out
+    data = json.loads((tmp_path / "traffic.json").read_text())
+    (row,) = data["rows"]
+    assert row["case"].startswith("code_statistics") and row["launches"] == 1
+    assert {"glue_fwd", "glue_bwd", "kernel_passes", "total_passes", "syncs", "top_glue_ops"} <= set(row)
