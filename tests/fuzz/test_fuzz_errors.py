@@ -154,7 +154,7 @@ def _ops():
         "nearest_code": (lambda x, codebook: fastvq.nearest_code(x, codebook),
                          dict(x=_f(3, 2), codebook=_f(4, 2)),
                          dict(x=("float64", "int", "bool", "scalar", "list", "width", "meta"),
-                              codebook=("float64", "int", "bool", "rank1", "rank3", "list", "width", "empty", "meta"))),
+                              codebook=("float64", "int", "bool", "rank1", "rank4", "list", "width", "empty", "meta"))),
         "pairwise_sqdist": (lambda a, b: fastvq.pairwise_sqdist(a, b),
                             dict(a=_f(3, 2), b=_f(4, 2)),
                             dict(a=("float64", "int", "bool", "rank1", "rank3", "list", "width", "meta"),
@@ -215,6 +215,8 @@ def _corrupt(t: torch.Tensor, how: str):
         return t.reshape(-1, t.shape[-1])
     if how == "rank3":
         return t.unsqueeze(0)
+    if how == "rank4":
+        return t.unsqueeze(0).unsqueeze(0)
     if how == "list":
         return t.tolist()
     if how == "width":
