@@ -85,12 +85,14 @@ def _check_vq(op, metric, x, w, idx, q, commit, gx):
     O.check_values(op, "quantized", q, c64, ste, x.dtype, mask=fin)
     if gx is None:
         return  # an empty batch (mean over no element is 0/0: left open) or a non-finite one
-    cr = c64.to(x.dtype).double()  # the code, rounded to x's dtype, against x
-    want, bound = _mse64(cr, x64)
-    _check_loss(op, "commitment_loss", commit, want, bound + UNIT[x.dtype] * abs(float(want)))
+    # mse(code, x) of the exact code; the module works in x's dtype (the code and x - code rounded
+    # there), so each term carries that dtype's rounding of |x| + |code|
+    want, bound = _mse64(c64, x64)
+    mag = (x64.abs() + c64.abs()) ** 2
+    _check_loss(op, "commitment_loss", commit, want, bound + 4 * UNIT[x.dtype] * float(mag.mean()))
     n = x64.numel()
-    O.check_values(op, "grad(commitment_loss)", gx, 2 * (x64 - cr) / n,
-                   gamma(4) * 2 * (x64.abs() + cr.abs()) / n + abs_slack(4), x.dtype)
+    O.check_values(op, "grad(commitment_loss)", gx, 2 * (x64 - c64) / n,
+                   (gamma(4) + 4 * UNIT[x.dtype]) * 2 * (x64.abs() + c64.abs()) / n + abs_slack(4), x.dtype)
 
 
 @st.composite
@@ -208,10 +210,10 @@ def _check_rq_module(op, x, cb, codes, dec, commit):
         r = x64.clone()
         want = torch.zeros((), dtype=torch.float64)
         bnd = 0.0
-        for lvl in range(L):
-            c = chosen[lvl].to(x.dtype).double()
+        for lvl in range(L):  # exact codes; the module's rounding to x's dtype goes in the bound
+            c = chosen[lvl]
             m, b = _mse64(c, r)
-            want, bnd = want + m, bnd + b + 4 * UNIT[x.dtype] * float(((r.abs() + c.abs()) ** 2).mean())
+            want, bnd = want + m, bnd + b + 4 * (lvl + 1) * UNIT[x.dtype] * float(((r.abs() + c.abs()) ** 2).mean())
             r = r - c
         _check_loss(op, "commitment_loss", commit, want, bnd)
 
