@@ -8,7 +8,7 @@ from .ops.nearest_code import nearest_code
 from .ops.pairwise_kl_loss import pairwise_kl_loss
 from .ops.pairwise_sqdist import pairwise_sqdist
 from .ops.qr_lookup import qr_lookup
-from .ops.residual_quantize import residual_quantize
+from .ops.residual_quantize import ResidualQuantizeStep, residual_decode, residual_quantize, residual_quantize_step
 from .ops.rotation_trick import rotation_trick
 from .ops.sample_code import sample_code
 from .ops.semantic_ids import SemanticIdStats, semantic_id_stats, semantic_ids
@@ -21,6 +21,9 @@ __all__ = [
     "pairwise_sqdist",
     "mine_negatives",
     "residual_quantize",
+    "residual_quantize_step",
+    "ResidualQuantizeStep",
+    "residual_decode",
     "code_statistics",
     "code_usage",
     "CodeUsage",

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import autotune_configs, dot_fp32, exp2i, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, tl_input_precision
+from ._common import (autotune_configs, dot_fp32, exp2i, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent,
+                      tl_input_precision)
 
 # Internal metric ids; the public names and their documentation live in fastvq/ops/_search.py.
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2, "euclidean": 3}

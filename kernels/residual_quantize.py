@@ -1,28 +1,52 @@
-"""Greedy residual quantization, all L levels in one kernel launch.
+"""Greedy residual quantization, all L levels in one kernel launch, and its fused backward.
 
-Each program owns BLOCK_M rows and keeps their residual on chip in float32 for the whole
-launch. For every level it streams the K codes of that level's codebook in BLOCK_K tiles,
-scoring ``|c|^2 - 2 r.c`` (``|r|^2`` is the same for every code of a row, so it is dropped)
-with ``tl.dot`` on the tensor cores and ``|c|^2`` from the same loaded tile, keeping a running
-``(min, index)`` per row (smallest index on exact ties: the smallest within a tile, and a later
-tile wins only when strictly smaller). It then gathers the chosen code rows, subtracts them
-from the residual and goes on to the next level. No ``(N, K)`` matrix is ever written.
+Forward. Each program owns BLOCK_M rows and keeps their residual on chip in float32 for the
+whole launch. For every level it streams the K codes of that level's codebook in BLOCK_K
+tiles, scoring ``|c|^2 - 2 r.c`` (``|r|^2`` is the same for every code of a row, so it is
+dropped) with ``tl.dot`` and ``|c|^2`` from the same loaded tile, keeping a running
+``(min, index)`` per row. It then gathers the chosen code rows, subtracts them from the
+residual and goes on to the next level. No ``(N, K)`` matrix is ever written. Besides the
+codes and the sum of the chosen codes, one launch can also produce what a training step needs
+next, so the module computes nothing over the activations in torch:
 
-Two variants, chosen by the launcher on D (never a crash, never a silent fallback):
+* ``LOSS``: per program and level, ``sum_i w_i |r_{i,l+1}|^2`` (the squared residual left by
+  level ``l``: the seed's commitment / codebook loss terms), written to a small
+  ``(programs, BLOCK_L)`` buffer the op sums in a fixed order (deterministic);
+* ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
+  and sums per code (float32 atomics) and the number of rows left out as not finite;
+* ``CAND``: the residuals ``r_l`` of a few chosen rows (``slot >= 0``) at every level, and
+  whether each is usable (finite, nonzero weight): dead-code revival candidates;
+* ``HAS_W``: per-row weights (a padding mask): rows of weight 0 add nothing to the loss or the
+  statistics, and their ``quantized`` is their input;
+* ``SEARCH=False``: the codes are given (a search with another metric ran first) and only
+  gathered.
+
+The nearest code (NaN-aware, smallest index on exact ties): a code with a NaN or infinite
+element is never chosen while a finite code exists; a NaN distance (a NaN residual) and an
+overflowing one compare as ``+inf``; a row whose distances all compare as ``+inf`` gets the
+first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
+smallest index among the exact minima wins, and a later tile wins only when strictly smaller.
+
+Backward (``_residual_quantize_bwd_kernel``): per ``(BLOCK_M rows, BLOCK_D columns)`` block it
+re-walks the levels from ``x`` and the saved codes (no search) and writes
+``dx = G(g) + 2 w sum_l gc_l r_{l+1}`` (``G`` the identity, or the rotation trick when the
+whole row is one block) and, with float32 atomics, ``dcb[l, k] += 2 ge_l w (c_lk - r_l)`` for the
+rows that chose code ``k``. ``gc`` / ``ge`` are the per-level gradients of the loss terms.
+
+Two forward variants, chosen by the launcher on D (never a crash, never a silent fallback):
 
 * ``_residual_quantize_fwd_kernel`` (``next_pow2(D) <= max_register_d``, 1024 by default): the
   residual and the running sum of chosen codes are ``(BLOCK_M, BLOCK_D)`` float32 register
   blocks; each code tile is ``(BLOCK_K, BLOCK_D)``, the dot reduces over all of D at once.
-* ``_residual_quantize_fwd_chunked_kernel`` (larger D): a register block of all of D would not
-  fit, so the residual lives in a float32 ``(N, D)`` workspace that only the owning program
-  touches (it stays in L2 at these sizes) and every dot and update streams D in BLOCK_D chunks.
-  The chosen indices are kept in a ``(BLOCK_M, BLOCK_L)`` register block and the quantized sum is
-  gathered from them at the end.
+* ``_residual_quantize_fwd_chunked_kernel`` (larger D): the residual lives in a float32
+  ``(N, D)`` workspace that only the owning program touches and every dot and update streams D
+  in BLOCK_D chunks.
 
 Precision: for float32 codebooks the dot is exact IEEE float32 (``input_precision="ieee"``).
 For bfloat16/float16 codebooks the residual is rounded to the codebook dtype for the dot only
-(tensor cores, float32 accumulation); ``|c|^2``, the residual and the quantized sum stay float32.
-So for low-precision codebooks near-ties may resolve differently than an all-float32 search.
+(tensor cores, float32 accumulation); ``|c|^2``, the residual, the loss terms and the quantized
+sum stay float32. Atomics make the statistics and the codebook gradient non-bitwise-reproducible
+on a GPU (the values agree to float32 rounding).
 """
 
 import torch
@@ -34,6 +58,9 @@ from ._common import autotune_configs, dot_fp32, launcher, next_pow2, tl_input_p
 
 MAX_REGISTER_D = 1024  # above this, the D-chunked variant with a float32 workspace runs
 CHUNK_D = 64  # D chunk of the chunked variant
+MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
+EPS_NORM = 1e-6  # as fastvq.reference.rotation_trick (kernels import no reference: kept in step by a test)
+EPS_ANTIPODAL = 1e-3
 
 
 @triton.jit
@@ -43,6 +70,60 @@ def _round_bf16(b):
     u = b.to(tl.uint32, bitcast=True)
     u = u + 0x7FFF + ((u >> 16) & 1)
     return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _merge_tile(b_dist, b_cfin, o_k, m_k, b_min, b_idx, K, BLOCK_K: tl.constexpr):
+    """Fold one code tile into the running (min, index) of each row.
+
+    ``b_dist (BLOCK_M, BLOCK_K)`` scores, ``b_cfin (BLOCK_K,)`` whether each code is finite.
+    Non-finite codes never win; NaN scores compare as +inf; the first finite code is taken
+    even at +inf (``b_idx < 0``: nothing yet), later ones only when strictly smaller."""
+    m_ok = m_k & b_cfin
+    b_key = tl.where(m_ok[None, :] & (b_dist == b_dist), b_dist, float("inf"))
+    b_tmin = tl.min(b_key, axis=1)
+    b_targ = tl.min(tl.where(m_ok[None, :] & (b_key == b_tmin[:, None]), o_k[None, :], K + BLOCK_K), axis=1)
+    b_has = b_targ < K
+    b_better = b_has & ((b_tmin < b_min) | (b_idx < 0))
+    b_idx = tl.where(b_better, b_targ.to(tl.int64), b_idx)
+    b_min = tl.where(b_better, b_tmin, b_min)
+    return b_min, b_idx
+
+
+@triton.jit
+def _row_finite(b):
+    """Per row of a (rows, cols) float32 block: True when every element is finite."""
+    return tl.max(tl.where(tl.abs(b) < float("inf"), 0, 1), axis=1) == 0
+
+
+@triton.jit
+def _level_outputs(
+    b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
+    p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S,
+    LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
+):
+    """What a level adds besides the code, for a register-resident row block ``b_r`` (the
+    residual this level quantized) and its chosen code rows ``b_sel``."""
+    if LOSS:
+        b_new = b_r - b_sel
+        b_sq = tl.sum(b_new * b_new, axis=1)
+        b_sq = tl.where(m_m & (b_w != 0), b_w * b_sq, 0.0)
+        b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
+    if STATS or CAND:
+        b_fin = _row_finite(b_r) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+        b_use = m_m & (b_w != 0) & b_fin
+        if STATS:
+            o_kk = lvl * K + b_idx
+            tl.atomic_add(p_counts + o_kk, b_w, mask=b_use, sem="relaxed")
+            tl.atomic_add(p_sums + o_kk[:, None] * D + o_d[None, :], b_w[:, None] * b_r,
+                          mask=b_use[:, None] & m_d[None, :], sem="relaxed")
+            tl.atomic_add(p_skip + lvl, tl.sum((m_m & (b_w != 0) & ~b_fin).to(tl.int32), axis=0), sem="relaxed")
+        if CAND:
+            m_c = m_m & (b_slot >= 0)
+            o_c = lvl * S + b_slot
+            tl.store(p_cand + o_c[:, None] * D + o_d[None, :], b_r, mask=m_c[:, None] & m_d[None, :])
+            tl.store(p_cand_ok + o_c, b_use.to(tl.int8), mask=m_c)
+    return b_loss
 
 
 def _configs(name):
@@ -55,7 +136,8 @@ def _configs(name):
     ]
     return autotune_configs(name, gpu,
                             pinned=triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=8, num_stages=2),
-                            interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4))
+                            # the interpreter runs one config: a large one (it runs fast)
+                            interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4))
 
 
 def _prune_register_configs(configs, named_args, **kwargs):
@@ -66,14 +148,19 @@ def _prune_register_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"], c.num_warps))]
 
 
-@triton.autotune(configs=_configs("residual_quantize"), key=["D", "K", "L"], prune_configs_by={"early_config_prune": _prune_register_configs})
+_FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
+
+
+@triton.autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
+                 prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
 def _residual_quantize_fwd_kernel(
-    p_x, p_cb, p_q, p_codes,
-    N, K, D, L,
+    p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok,
+    N, K, D, L, S,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    SEARCH: tl.constexpr, HAS_W: tl.constexpr, LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -83,66 +170,96 @@ def _residual_quantize_fwd_kernel(
     m_d = o_d < D
     m_md = m_m[:, None] & m_d[None, :]
     o_l = tl.arange(0, BLOCK_L)
+    m_ml = m_m[:, None] & (o_l[None, :] < L)
+    p_xt = p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd
 
-    b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0).to(tl.float32)
+    b_r = tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32)
     b_q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    b_codes = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.int64)
+    if SEARCH:
+        b_codes = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.int64)
+    else:
+        b_codes = tl.load(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, mask=m_ml, other=0)
+    if HAS_W:
+        b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+    else:
+        b_w = tl.where(m_m, 1.0, 0.0)
+    if CAND:
+        b_slot = tl.load(p_slot + o_m, mask=m_m, other=-1)
+    else:
+        b_slot = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float32)
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
-        # the dot operand: the residual in the codebook dtype (a no-op for float32)
-        if BF16_RNE:
-            b_rd = _round_bf16(b_r)
-        else:
-            b_rd = b_r.to(p_cb.dtype.element_ty)
-        if DOT_FP32:
-            b_rd = b_rd.to(tl.float32)
-        b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-        b_idx = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        for k0 in range(0, K, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < K
-            b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                          mask=m_k[:, None] & m_d[None, :], other=0.0)
-            b_c32 = b_c.to(tl.float32)
-            b_cc = tl.sum(b_c32 * b_c32, axis=1)
-            if DOT_FP32:
-                b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
+        if SEARCH:
+            # the dot operand: the residual in the codebook dtype (a no-op for float32)
+            if BF16_RNE:
+                b_rd = _round_bf16(b_r)
             else:
-                b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
-            b_dist = tl.where(m_k[None, :], b_cc[None, :] - 2.0 * b_rc, float("inf"))
-            b_tmin = tl.min(b_dist, axis=1)
-            # smallest index among the exact minima of this tile
-            b_targ = tl.min(tl.where(b_dist == b_tmin[:, None], o_k[None, :], K + BLOCK_K), axis=1).to(tl.int64)
-            b_better = b_tmin < b_min
-            b_idx = tl.where(b_better, b_targ, b_idx)
-            b_min = tl.where(b_better, b_tmin, b_min)
+                b_rd = b_r.to(p_cb.dtype.element_ty)
+            if DOT_FP32:
+                b_rd = b_rd.to(tl.float32)
+            b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+            for k0 in range(0, K, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                m_k = o_k < K
+                b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                              mask=m_k[:, None] & m_d[None, :], other=0.0)
+                b_c32 = b_c.to(tl.float32)
+                b_cc = tl.sum(b_c32 * b_c32, axis=1)
+                if DOT_FP32:
+                    b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
+                else:
+                    b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
+                b_min, b_idx = _merge_tile(b_cc[None, :] - 2.0 * b_rc, _row_finite(b_c32), o_k, m_k,
+                                           b_min, b_idx, K, BLOCK_K)
+            b_idx = tl.maximum(b_idx, 0)  # no finite code at all: index 0
+            b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
+        else:
+            b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
         b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
         b_sel = b_sel.to(tl.float32)
+        b_loss = _level_outputs(b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
+                                p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S,
+                                LOSS, STATS, CAND)
         b_r -= b_sel
         b_q += b_sel
-        b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
 
+    if HAS_W:  # rows of weight 0 pass their input through
+        b_q = tl.where((b_w != 0)[:, None], b_q, tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32))
     if BF16_RNE:
         b_q = _round_bf16(b_q)
     tl.store(p_q + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd, b_q.to(p_q.dtype.element_ty), mask=m_md)
-    tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes,
-             mask=m_m[:, None] & (o_l[None, :] < L))
+    if SEARCH:
+        tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
+    if LOSS:
+        tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
 
 
-@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L"])
+@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS])
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
-    p_x, p_cb, p_q, p_codes, p_ws,
-    N, K, D, L,
+    p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,
+    N, K, D, L, S,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    SEARCH: tl.constexpr, HAS_W: tl.constexpr, LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
     o_l = tl.arange(0, BLOCK_L)
+    m_ml = m_m[:, None] & (o_l[None, :] < L)
+    if HAS_W:
+        b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+    else:
+        b_w = tl.where(m_m, 1.0, 0.0)
+    if CAND:
+        b_slot = tl.load(p_slot + o_m, mask=m_m, other=-1)
+    else:
+        b_slot = tl.full((BLOCK_M,), -1, dtype=tl.int32)
 
     # residual <- x, in this program's rows of the float32 workspace
     for d0 in range(0, D, BLOCK_D):
@@ -152,47 +269,84 @@ def _residual_quantize_fwd_chunked_kernel(
         tl.store(p_ws + o_m[:, None] * stride_wn + o_d[None, :], b_x.to(tl.float32), mask=m_md)
     tl.debug_barrier()
 
-    b_codes = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.int64)
+    if SEARCH:
+        b_codes = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.int64)
+    else:
+        b_codes = tl.load(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, mask=m_ml, other=0)
+    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float32)
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
-        b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-        b_idx = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        for k0 in range(0, K, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < K
-            b_rc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            b_cc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        if SEARCH:
+            b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+            for k0 in range(0, K, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                m_k = o_k < K
+                b_rc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                b_cc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                b_cbad = tl.zeros((BLOCK_K,), dtype=tl.int32)
+                for d0 in range(0, D, BLOCK_D):
+                    o_d = d0 + tl.arange(0, BLOCK_D)
+                    m_d = o_d < D
+                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                                  other=0.0)
+                    if BF16_RNE:
+                        b_rd = _round_bf16(b_r)
+                    else:
+                        b_rd = b_r.to(p_cb.dtype.element_ty)
+                    b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                                  mask=m_k[:, None] & m_d[None, :], other=0.0)
+                    b_c32 = b_c.to(tl.float32)
+                    b_cc += tl.sum(b_c32 * b_c32, axis=1)
+                    b_cbad += tl.where(_row_finite(b_c32), 0, 1)
+                    if DOT_FP32:
+                        b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
+                    else:
+                        b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
+                b_min, b_idx = _merge_tile(b_cc[None, :] - 2.0 * b_rc, b_cbad == 0, o_k, m_k,
+                                           b_min, b_idx, K, BLOCK_K)
+            b_idx = tl.maximum(b_idx, 0)
+            b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
+        else:
+            b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
+        if STATS or CAND:  # a first sweep: is this level's residual finite (row by row)?
+            b_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for d0 in range(0, D, BLOCK_D):
                 o_d = d0 + tl.arange(0, BLOCK_D)
-                m_d = o_d < D
-                b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-                if BF16_RNE:
-                    b_rd = _round_bf16(b_r)
-                else:
-                    b_rd = b_r.to(p_cb.dtype.element_ty)
-                b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                              mask=m_k[:, None] & m_d[None, :], other=0.0)
-                b_c32 = b_c.to(tl.float32)
-                b_cc += tl.sum(b_c32 * b_c32, axis=1)
-                if DOT_FP32:
-                    b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
-                else:
-                    b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
-            b_dist = tl.where(m_k[None, :], b_cc[None, :] - 2.0 * b_rc, float("inf"))
-            b_tmin = tl.min(b_dist, axis=1)
-            b_targ = tl.min(tl.where(b_dist == b_tmin[:, None], o_k[None, :], K + BLOCK_K), axis=1).to(tl.int64)
-            b_better = b_tmin < b_min
-            b_idx = tl.where(b_better, b_targ, b_idx)
-            b_min = tl.where(b_better, b_tmin, b_min)
-        # residual -= chosen code, chunk by chunk
+                m_md = m_m[:, None] & (o_d < D)[None, :]
+                b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_md, other=0.0)
+                b_bad += tl.where(_row_finite(b_r), 0, 1)
+            b_fin = (b_bad == 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+            b_use = m_m & (b_w != 0) & b_fin
+            if STATS:
+                tl.atomic_add(p_counts + lvl * K + b_idx, b_w, mask=b_use, sem="relaxed")
+                tl.atomic_add(p_skip + lvl, tl.sum((m_m & (b_w != 0) & ~b_fin).to(tl.int32), axis=0), sem="relaxed")
+            if CAND:
+                m_c = m_m & (b_slot >= 0)
+                tl.store(p_cand_ok + lvl * S + b_slot, b_use.to(tl.int8), mask=m_c)
+        # residual -= chosen code, chunk by chunk (statistics, candidates and loss on the way)
+        b_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
-            m_md = m_m[:, None] & (o_d < D)[None, :]
+            m_d = o_d < D
+            m_md = m_m[:, None] & m_d[None, :]
             p_r = p_ws + o_m[:, None] * stride_wn + o_d[None, :]
+            b_r = tl.load(p_r, mask=m_md, other=0.0)
             b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
-            tl.store(p_r, tl.load(p_r, mask=m_md, other=0.0) - b_sel.to(tl.float32), mask=m_md)
+            b_new = b_r - b_sel.to(tl.float32)
+            if STATS:
+                tl.atomic_add(p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_w[:, None] * b_r,
+                              mask=b_use[:, None] & m_d[None, :], sem="relaxed")
+            if CAND:
+                o_c = lvl * S + b_slot
+                tl.store(p_cand + o_c[:, None] * D + o_d[None, :], b_r, mask=(m_m & (b_slot >= 0))[:, None] & m_d[None, :])
+            if LOSS:
+                b_sq += tl.sum(b_new * b_new, axis=1)
+            tl.store(p_r, b_new, mask=m_md)
+        if LOSS:
+            b_sq = tl.where(m_m & (b_w != 0), b_w * b_sq, 0.0)
+            b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
         tl.debug_barrier()
-        b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
 
     # quantized = sum of the chosen codes, in level order, float32
     for d0 in range(0, D, BLOCK_D):
@@ -204,59 +358,224 @@ def _residual_quantize_fwd_chunked_kernel(
             b_sel = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
                             mask=m_md, other=0.0)
             b_q += b_sel.to(tl.float32)
+        if HAS_W:
+            b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+            b_q = tl.where((b_w != 0)[:, None], b_q, b_x.to(tl.float32))
         if BF16_RNE:
             b_q = _round_bf16(b_q)
         tl.store(p_q + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd, b_q.to(p_q.dtype.element_ty), mask=m_md)
-    tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes,
-             mask=m_m[:, None] & (o_l[None, :] < L))
+    if SEARCH:
+        tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
+    if LOSS:
+        tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
+
+
+@triton.jit
+def _residual_quantize_bwd_kernel(
+    p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb,
+    N, K, D, L,
+    stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+    stride_gn, stride_gd, stride_dn, stride_dd,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_GC: tl.constexpr, HAS_GE: tl.constexpr, HAS_DX: tl.constexpr,
+    ROTATE: tl.constexpr, EPS_N: tl.constexpr, EPS_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_md = m_m[:, None] & m_d[None, :]
+
+    b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0).to(tl.float32)
+    if HAS_W:
+        b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+    else:
+        b_w = tl.where(m_m, 1.0, 0.0)
+    m_live = m_m & (b_w != 0)
+    b_r = b_x
+    b_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    b_q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for lvl in range(L):
+        b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0)
+        p_c = p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd
+        b_c = tl.load(p_c, mask=m_md, other=0.0).to(tl.float32)
+        if HAS_GE:
+            b_ge = tl.load(p_ge + lvl)
+            tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :],
+                          (2.0 * b_ge * b_w)[:, None] * (b_c - b_r), mask=m_live[:, None] & m_d[None, :], sem="relaxed")
+        b_r = b_r - b_c
+        if HAS_GC:
+            b_acc += tl.load(p_gc + lvl) * b_r
+        if ROTATE:
+            b_q += b_c
+    if HAS_DX:
+        b_dx = tl.where(m_live[:, None], (2.0 * b_w)[:, None] * b_acc, 0.0)
+        if HAS_G:
+            b_g = tl.load(p_g + o_m[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m_md, other=0.0).to(tl.float32)
+            if ROTATE:
+                # the rotation trick's lambda R^T g, the whole row in this block; each vector is scaled by
+                # its largest magnitude before it is squared (no overflow where the result is finite)
+                b_me = tl.max(tl.abs(b_x), axis=1)
+                b_mq = tl.max(tl.abs(b_q), axis=1)
+                b_e1 = b_x * (1.0 / tl.where(b_me > 0, b_me, 1.0))[:, None]
+                b_q1 = b_q * (1.0 / tl.where(b_mq > 0, b_mq, 1.0))[:, None]
+                b_a1 = tl.sqrt(tl.sum(b_e1 * b_e1, axis=1))
+                b_b1 = tl.sqrt(tl.sum(b_q1 * b_q1, axis=1))
+                b_ok = (b_me * b_a1 >= EPS_N) & (b_mq * b_b1 >= EPS_N)
+                b_eh = b_e1 * (1.0 / tl.where(b_ok, b_a1, 1.0))[:, None]
+                b_qh = b_q1 * (1.0 / tl.where(b_ok, b_b1, 1.0))[:, None]
+                b_s = b_eh + b_qh
+                b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
+                b_ok = b_ok & (b_ns >= EPS_S) & m_live
+                b_wv = b_s * (1.0 / tl.where(b_ok, b_ns, 1.0))[:, None]
+                b_gw = tl.sum(b_g * b_wv, axis=1)
+                b_gq = tl.sum(b_g * b_qh, axis=1)
+                b_lam = (b_mq / tl.where(b_ok, b_me, 1.0)) * (b_b1 / tl.where(b_ok, b_a1, 1.0))
+                b_rot = b_lam[:, None] * (b_g - 2.0 * b_gw[:, None] * b_wv + 2.0 * b_gq[:, None] * b_eh)
+                b_g = tl.where(b_ok[:, None], b_rot, b_g)
+            b_dx += b_g
+        tl.store(p_dx + o_m[:, None] * stride_dn + o_d[None, :] * stride_dd, b_dx.to(p_dx.dtype.element_ty), mask=m_md)
 
 
 @launcher
 def residual_quantize_fwd(
-    x: torch.Tensor, codebooks: torch.Tensor, max_register_d: int = MAX_REGISTER_D
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N, D), (L, K, D) -> quantized (N, D) in x's dtype, codes (N, L) int64``.
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    max_register_d: int = MAX_REGISTER_D,
+    *,
+    weights: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    loss: bool = False,
+    stats: bool = False,
+    slots: torch.Tensor | None = None,
+    num_slots: int = 0,
+):
+    """``(N, D), (L, K, D) -> quantized (N, D) in x's dtype, codes (N, L) int64`` and, by request:
 
-    Same dtype and device; any strides. ``max_register_d`` picks the variant (see the module
-    docstring); tests lower it to run the D-chunked variant on small shapes.
+    * ``weights`` ``(N,)`` float32: per-row weights (rows of weight 0: ``quantized`` is ``x``);
+    * ``codes`` ``(N, L)`` int64 given: no search, they are gathered (and returned as is);
+    * ``loss``: ``level_sq (L,)`` float32, ``sum_i w_i |r_{i,l+1}|^2`` per level;
+    * ``stats``: ``counts (L, K)``, ``sums (L, K, D)`` float32 of the residuals each level
+      quantized (rows of nonzero weight, finite), ``skipped (L,)`` int32 rows left out;
+    * ``slots`` ``(N,)`` int32 (``-1`` or a slot in ``[0, num_slots)``, each slot used by at most
+      one row): ``cand (L, num_slots, D)`` float32 residuals of those rows at every level and
+      ``cand_ok (L, num_slots)`` int8 (finite, nonzero weight). Slots no row fills stay 0 / not ok.
+
+    Returns a dict with the keys ``quantized``, ``codes`` and those asked for. Same dtype and
+    device for ``x`` and ``codebooks``; any strides. ``max_register_d`` picks the variant (see
+    the module docstring); tests lower it to run the D-chunked variant on small shapes.
     """
     # check
-    if x.dim() != 2 or codebooks.dim() != 3 or x.shape[1] != codebooks.shape[2]:
-        raise ValueError(
-            f"residual_quantize_fwd: expected (N, D) and (L, K, D), got {tuple(x.shape)} and {tuple(codebooks.shape)}"
-        )
-    if x.dtype != codebooks.dtype:
-        raise TypeError(f"residual_quantize_fwd: dtypes differ: {x.dtype} and {codebooks.dtype}")
+    assert x.dim() == 2 and codebooks.dim() == 3 and x.shape[1] == codebooks.shape[2], (x.shape, codebooks.shape)
+    assert x.dtype == codebooks.dtype, (x.dtype, codebooks.dtype)
     N, D = x.shape
     L, K, _ = codebooks.shape
-    if L == 0 or K == 0 or D == 0:
-        raise ValueError(f"residual_quantize_fwd: empty codebooks {tuple(codebooks.shape)}")
+    assert L > 0 and K > 0 and D > 0, codebooks.shape
+    assert weights is None or (weights.shape == (N,) and weights.dtype == torch.float32)
+    assert codes is None or (codes.shape == (N, L) and codes.dtype == torch.int64)
+    assert slots is None or (slots.shape == (N,) and slots.dtype == torch.int32 and num_slots >= 0)
+    dev = x.device
     # allocate
-    quantized = torch.empty((N, D), dtype=x.dtype, device=x.device)
-    codes = torch.empty((N, L), dtype=torch.int64, device=x.device)
+    out = {"quantized": torch.empty((N, D), dtype=x.dtype, device=dev)}
+    search = codes is None
+    out["codes"] = torch.empty((N, L), dtype=torch.int64, device=dev) if search else codes
+    if stats:
+        out["counts"] = torch.zeros((L, K), dtype=torch.float32, device=dev)
+        out["sums"] = torch.zeros((L, K, D), dtype=torch.float32, device=dev)
+        out["skipped"] = torch.zeros((L,), dtype=torch.int32, device=dev)
+    if slots is not None:
+        out["cand"] = torch.zeros((L, num_slots, D), dtype=torch.float32, device=dev)
+        out["cand_ok"] = torch.zeros((L, num_slots), dtype=torch.int8, device=dev)
     if N == 0:
-        return quantized, codes
+        if loss:
+            out["level_sq"] = torch.zeros((L,), dtype=torch.float32, device=dev)
+        return out
     # launch
-    common = dict(PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
-                  BLOCK_L=max(next_pow2(L), 2), BF16_RNE=INTERPRETED and codebooks.dtype == torch.bfloat16)
+    block_l = max(next_pow2(L), 2)
+    block_d = max(next_pow2(D), 16)
+    chunked = block_d > max_register_d
+    # the loss partials: one row per program of the smallest BLOCK_M any config uses
+    min_bm = min(c.kwargs["BLOCK_M"] for c in _residual_quantize_fwd_kernel.configs)
+    # (zeros: with a larger BLOCK_M, the rows past the grid stay 0)
+    loss_part = torch.zeros((triton.cdiv(N, min_bm), block_l), dtype=torch.float32, device=dev) if loss else None
+    q, c = out["quantized"], out["codes"]
+    placeholder = q  # stands for the tensors a flag switches off (never read or written)
+    tensors = [x, codebooks, q, c,
+               weights if weights is not None else placeholder,
+               loss_part if loss else placeholder,
+               out.get("counts", placeholder), out.get("sums", placeholder), out.get("skipped", placeholder),
+               slots if slots is not None else placeholder,
+               out.get("cand", placeholder), out.get("cand_ok", placeholder)]
+    common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
+                  PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
+                  BLOCK_L=block_l, BF16_RNE=INTERPRETED and codebooks.dtype == torch.bfloat16)
+    strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
+               q.stride(0), q.stride(1), c.stride(0), c.stride(1))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
-    block_d = max(next_pow2(D), 16)
-    if block_d <= max_register_d:
-        _residual_quantize_fwd_kernel[grid](
-            x, codebooks, quantized, codes, N, K, D, L,
-            x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
-            quantized.stride(0), quantized.stride(1), codes.stride(0), codes.stride(1),
-            BLOCK_D=block_d, **common,
-        )
+    if not chunked:
+        _residual_quantize_fwd_kernel[grid](*tensors, N, K, D, L, num_slots, *strides, BLOCK_D=block_d, **common)
     else:
-        workspace = torch.empty((N, D), dtype=torch.float32, device=x.device)
-        _residual_quantize_fwd_chunked_kernel[grid](
-            x, codebooks, quantized, codes, workspace, N, K, D, L,
-            x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
-            quantized.stride(0), quantized.stride(1), codes.stride(0), codes.stride(1), workspace.stride(0),
-            BLOCK_D=CHUNK_D, **common,
-        )
-    return quantized, codes
+        workspace = torch.empty((N, D), dtype=torch.float32, device=dev)
+        _residual_quantize_fwd_chunked_kernel[grid](*tensors, workspace, N, K, D, L, num_slots, *strides,
+                                                    workspace.stride(0), BLOCK_D=CHUNK_D, **common)
+    if loss:
+        out["level_sq"] = loss_part[:, :L].sum(0)
+    return out
+
+
+@launcher
+def residual_quantize_bwd(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    codes: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    grad_commit: torch.Tensor | None = None,
+    grad_embed: torch.Tensor | None = None,
+    rotate: bool = False,
+    need_dx: bool = True,
+):
+    """The gradients of :func:`residual_quantize_fwd`'s ``quantized`` and ``level_sq``.
+
+    ``grad (N, D)`` flows to ``x`` straight through (or rotated, ``rotate``: the rotation trick
+    between ``x`` and ``quantized``; rows of weight 0 pass it straight through). ``level_sq`` is
+    used twice by a training step: its gradient ``grad_commit (L,)`` reaches ``x`` (through every
+    residual), ``grad_embed (L,)`` reaches the codebooks (through the chosen codes); both float32.
+    Returns ``(dx (N, D) in x's dtype or None, dcb (L, K, D) float32 or None)``.
+    """
+    assert x.dim() == 2 and codebooks.dim() == 3 and x.shape[1] == codebooks.shape[2]
+    N, D = x.shape
+    L, K, _ = codebooks.shape
+    assert codes.shape == (N, L) and codes.dtype == torch.int64
+    assert not rotate or next_pow2(D) <= MAX_ROTATE_D, "the fused rotation gradient needs D <= MAX_ROTATE_D"
+    dev = x.device
+    has_g = grad is not None and need_dx
+    has_gc = grad_commit is not None and need_dx
+    has_ge = grad_embed is not None
+    dx = torch.empty((N, D), dtype=x.dtype, device=dev) if need_dx else None
+    dcb = torch.zeros((L, K, D), dtype=torch.float32, device=dev) if has_ge else None
+    if N == 0 or not (need_dx or has_ge):
+        return dx, dcb
+    block_d = max(next_pow2(D), 16) if rotate and has_g else min(max(next_pow2(D), 16), 128)
+    block_m = max(1, min(64, 4096 // block_d, next_pow2(N)))
+    placeholder = x
+    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
+    _residual_quantize_bwd_kernel[grid](
+        x, codebooks, codes, weights if weights is not None else placeholder,
+        grad if has_g else placeholder, grad_commit if has_gc else placeholder,
+        grad_embed if has_ge else placeholder, dx if need_dx else placeholder, dcb if has_ge else placeholder,
+        N, K, D, L,
+        x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
+        codes.stride(0), codes.stride(1),
+        grad.stride(0) if has_g else 0, grad.stride(1) if has_g else 0,
+        dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+        BLOCK_M=block_m, BLOCK_D=block_d, HAS_W=weights is not None, HAS_G=has_g, HAS_GC=has_gc, HAS_GE=has_ge,
+        HAS_DX=need_dx, ROTATE=rotate and has_g, EPS_N=EPS_NORM, EPS_S=EPS_ANTIPODAL,
+    )
+    return dx, dcb

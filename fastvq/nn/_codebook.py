@@ -126,14 +126,52 @@ def offer_candidates(
     if weights is not None:
         score = torch.where(weights.reshape(-1, N) != 0, score, -1.0)
     c = min(C, N)
+    if c == 0:
+        return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), device=dev), num)
+    top, rows = score.topk(c, dim=1)
+    picked = vectors.gather(1, rows.unsqueeze(-1).expand(L, c, D))
+    if anchors is not None:
+        codebook, indices = anchors
+        anchors = (codebook, indices.long().gather(1, rows))
+    return exchange_offers(picked, top, num, anchors)
+
+
+def pick_candidate_rows(n: int, num: int, device, weights: torch.Tensor | None = None):
+    """The rows a rank offers for ``num`` candidates (see :func:`offer_candidates`), chosen before
+    the vectors exist (the fused training step computes the residuals of just these rows):
+    ``(rows (c,) int64, score (c,) float32)``, ``c = min(ceil(num / world_size), n)``, the rows
+    of nonzero weight with the highest random scores first (score -1: weight 0, not valid)."""
+    C = -(-num // fdist.get_world_size())
+    score = torch.rand((n,), device=device)
+    if weights is not None:
+        score = torch.where(weights.reshape(n) != 0, score, -1.0)
+    top, rows = score.topk(min(C, n))
+    return rows, top
+
+
+@torch.no_grad()
+def exchange_offers(
+    picked: torch.Tensor,
+    score: torch.Tensor,
+    num: int,
+    anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exchange of :func:`offer_candidates` for rows already picked: ``picked (L, c, D)``
+    this rank's vectors with their random ``score (L, c)`` (or ``(c,)``; negative: not valid),
+    ``c <= ceil(num / world_size)``; ``anchors`` None or ``(codebook (L, K, D), codes (L, c))``
+    (offer midpoints). Returns ``(candidates (L, num, D), valid (L, num))`` float32, the same
+    on every rank. No host sync."""
+    L, c, D = picked.shape
+    dev = picked.device
+    C = -(-num // fdist.get_world_size())
     offer = torch.zeros((L, C, D + 1), dtype=torch.float32, device=dev)
     offer[..., D] = -1.0
     if c > 0:
-        top, rows = score.topk(c, dim=1)
-        picked = vectors.gather(1, rows.unsqueeze(-1).expand(L, c, D)).float()
+        top = score.expand(L, c)
+        picked = picked.float()
         if anchors is not None:
-            codebook, indices = anchors
-            base = codebook.gather(1, indices.long().gather(1, rows).unsqueeze(-1).expand(L, c, D)).float()
+            codebook, codes = anchors
+            base = codebook.gather(1, codes.long().unsqueeze(-1).expand(L, c, D)).float()
             picked = base + 0.5 * (picked - base)
         ok = (top >= 0) & torch.isfinite(picked).all(-1)
         offer[:, :c, :D] = torch.where(ok.unsqueeze(-1), picked, 0.0)
@@ -248,6 +286,13 @@ class _UsageMonitor:
         fresh = _UsageMonitor()
         fresh.warned = self.warned
         return fresh
+
+    def __getstate__(self):  # torch.save(module): no CUDA event or pinned buffer in the pickle
+        return {"warned": self.warned}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.warned = state.get("warned", False)
 
 
 class CodebookState(nn.Module):
@@ -372,16 +417,23 @@ class CodebookState(nn.Module):
 
     @torch.no_grad()
     def _update_codebook_(
-        self, vectors: torch.Tensor | None, indices: torch.Tensor, mask: torch.Tensor | None = None
+        self, vectors: torch.Tensor | None, indices: torch.Tensor, mask: torch.Tensor | None = None,
+        *, stats=None, offers=None,
     ) -> None:
         """After a training forward: EMA update, dead-code revival, usage watch. No host sync.
 
         ``vectors (L, N, D)``: what each level quantized (detached; any float dtype); may be
-        None when :attr:`_codebook_needs_vectors` is False. ``indices (L, N)``: its codes.
-        ``mask``: None, or ``(N,)`` bool (padding: False rows are ignored) or float per-row
-        weights, shared by the levels. Rows that are not finite are left out and counted in
-        ``nonfinite_rows``; a batch with no valid row (empty, all padding, all non-finite)
-        changes nothing.
+        None when :attr:`_codebook_needs_vectors` is False, or when ``stats`` and ``offers``
+        (below) replace it. ``indices (L, N)``: its codes. ``mask``: None, or ``(N,)`` bool
+        (padding: False rows are ignored) or float per-row weights, shared by the levels. Rows
+        that are not finite are left out and counted in ``nonfinite_rows``; a batch with no valid
+        row (empty, all padding, all non-finite) changes nothing.
+
+        A fused step that computed the statistics itself passes ``stats = (counts (L, K), sums
+        (L, K, D), skipped (L,))`` (:func:`fastvq.residual_quantize_step`) and, for revival,
+        ``offers = (picked (L, c, D), score (c,), codes (L, c))``: the vectors of the rows
+        :func:`pick_candidate_rows` chose, their scores (negative where a row is not usable)
+        and their codes.
         """
         codebook = self._codebook_levels()
         L, K, _ = codebook.shape
@@ -389,10 +441,17 @@ class CodebookState(nn.Module):
         if self._codebook_needs_vectors:
             if mask is not None and mask.dim() != 1:
                 mask = mask.reshape(-1)
-            counts, sums, skipped = code_statistics(vectors, indices, K, weights=mask, return_skipped=True)
+            if stats is None:
+                counts, sums, skipped = code_statistics(vectors, indices, K, weights=mask, return_skipped=True)
+            else:
+                counts, sums, skipped = stats
             skipped = skipped.float()
             if self.dead_code_threshold > 0:  # offered now: the midpoints use the codes as chosen
-                candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices))
+                if offers is None:
+                    candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices))
+                else:
+                    picked, score, codes = offers
+                    candidates, valid = exchange_offers(picked, score, K, anchors=(codebook, codes))
             if self.ema:
                 fdist.all_reduce_sum_(counts, sums, skipped)
                 ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,

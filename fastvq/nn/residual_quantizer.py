@@ -6,31 +6,12 @@ import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .._checks import check_index_range
-from ..ops.residual_quantize import residual_quantize
-from ..ops.rotation_trick import rotation_trick
+from ..ops.residual_quantize import _residual_decode, residual_quantize_step
 from ._codebook import CodebookState, _check_float, _check_int
+from .vector_quantizer import _check_mask, _quantize_step
 
 _SEED_KEY = re.compile(r"quantizers\.(\d+)\.(embeddings\.weight|cluster_size|embed_avg)$")
-
-
-@torch.library.custom_op("fastvq::residual_decode_rows", mutates_args=())
-def _decode_rows(codes: torch.Tensor, num_embeddings: int) -> torch.Tensor:
-    """``codes (M, L')`` -> rows ``codes[:, l] + l * K`` of the flattened ``(L * K, D)`` codebooks.
-
-    The range check reads the codes on the host; it lives in this op body, which runs eagerly
-    even inside a ``torch.compile``'d graph, so compiled models are checked too (and
-    ``fullgraph=True`` traces without a data-dependent branch)."""
-    check_index_range("ResidualQuantizer.decode", "codes", codes, num_embeddings)
-    offsets = torch.arange(codes.shape[-1], device=codes.device, dtype=torch.int64) * num_embeddings
-    return codes.long() + offsets
-
-
-@_decode_rows.register_fake
-def _(codes, num_embeddings):
-    return codes.new_empty(codes.shape, dtype=torch.int64)
 
 
 class ResidualQuantizer(CodebookState):
@@ -130,62 +111,28 @@ class ResidualQuantizer(CodebookState):
                 f"fastvq.ResidualQuantizer: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"
             )
 
-    def forward(self, inputs: torch.Tensor):
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(inputs)
-        L, D = self.num_quantizers, self.embedding_dim
-        self._maybe_kmeans_init_(inputs.detach().reshape(-1, D))
+        D = self.embedding_dim
+        mask = _check_mask("ResidualQuantizer", mask, inputs)
+        # (reads the host only until k-means has initialised the codebooks)
+        self._maybe_kmeans_init_(inputs.detach().reshape(-1, D), mask=mask)
 
-        codebooks = self.codebooks
-        # One launch for all levels; `total` is the sum of the codes, straight-through to inputs.
-        total, codes = residual_quantize(inputs, codebooks.detach())
-        flat_codes = codes.reshape(-1, L)
-
-        # The seed's losses, level by level (L is small; each step is elementwise on (N, D)).
-        residual = inputs.reshape(-1, D)
-        commitment_loss = embedding_loss = 0.0
-        residuals = []
-        for level in range(L):
-            q = F.embedding(flat_codes[:, level], codebooks[level]).to(inputs.dtype)
-            commitment_loss = commitment_loss + F.mse_loss(q.detach(), residual)
-            if not self.ema:
-                embedding_loss = embedding_loss + F.mse_loss(q, residual.detach())
-            residuals.append(residual.detach())
-            residual = residual - q.detach()
-        if self.ema:
-            embedding_loss = torch.zeros((), dtype=commitment_loss.dtype, device=inputs.device)
-
-        if self.grad == "rotation":
-            quantized = rotation_trick(inputs, total.detach())
-        else:
-            quantized = total  # straight-through to inputs, once (see the class docstring)
-
-        if self.training:
-            self._update_codebook_(torch.stack(residuals), flat_codes.T)
-        return quantized, commitment_loss, embedding_loss, codes
+        # One launch for all levels: codes, their sum (straight-through to inputs, once), the
+        # seed's losses and (training) EMA statistics and dead-code candidates of every level;
+        # one launch back for every gradient.
+        return _quantize_step(self, inputs, self.codebooks, mask)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Vectors from codes: ``codes (..., L')`` int, ``L' <= L`` (the first ``L'`` levels)
-        -> ``(..., D)`` = ``sum_l codebooks[l, codes[..., l]]``. Differentiable in the codebooks.
+        -> ``(..., D)`` = ``sum_l codebooks[l, codes[..., l]]``. Differentiable in the codebooks
+        (:func:`fastvq.residual_decode`; codes outside ``[0, K)`` raise ``ValueError``).
 
         Example::
 
             >>> coarse = rq.decode(codes[..., :1])   # the first level only
         """
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(f"fastvq.ResidualQuantizer.decode: codes must be a torch.Tensor, got {type(codes).__name__}")
-        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"fastvq.ResidualQuantizer.decode: codes must be an integer tensor, got {codes.dtype}")
-        if codes.dim() < 1 or not 1 <= codes.shape[-1] <= self.num_quantizers:
-            raise ValueError(
-                f"fastvq.ResidualQuantizer.decode: codes must be (..., L') with 1 <= L' <= {self.num_quantizers}, "
-                f"got shape {tuple(codes.shape)}"
-            )
-        levels = codes.shape[-1]
-        # level l's code k is row l*K + k of the flattened codebooks: one gather for all levels
-        # (ValueError for codes outside [0, K), also when compiled: see _decode_rows)
-        rows = _decode_rows(codes.reshape(-1, levels), self.num_embeddings)
-        rows = F.embedding(rows, self.codebooks[:levels].reshape(-1, self.embedding_dim))
-        return rows.sum(1).reshape(*codes.shape[:-1], self.embedding_dim)
+        return _residual_decode(codes, self.codebooks, "ResidualQuantizer.decode")
 
     def _convert_state_dict_(self, state_dict, prefix) -> None:
         """Stack a seed MultiQuantizer's per-level entries into ``codebooks`` (and the EMA buffers)."""

@@ -1,39 +1,158 @@
-"""residual_quantize: greedy residual quantization over L codebooks, one kernel launch."""
+"""residual_quantize: greedy residual quantization over L codebooks, one kernel launch; and
+residual_quantize_step, the same launch returning what a training step needs (losses, EMA
+statistics, dead-code candidates), with a fused backward."""
 
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 
 from .._backend import use_triton
-from .._checks import check_float, check_last_dim, check_same_device, check_tensor
-from ..reference.residual_quantize import residual_quantize_ref
+from .._checks import check_float, check_index_range, check_last_dim, check_same_device, check_tensor
+from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
+
+__all__ = ["residual_quantize", "residual_quantize_step", "ResidualQuantizeStep", "residual_decode", "GRADS",
+           "MAX_ROTATE_D"]
+
+GRADS = ("ste", "rotation")
+MAX_ROTATE_D = 1024  # the fused rotation gradient holds a row in registers (kernels.residual_quantize)
+
+
+def _empty(x, *shape, dtype=torch.float32):
+    return x.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("fastvq::residual_quantize", mutates_args=())
-def _residual_quantize_op(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _residual_quantize_op(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    codes: Optional[torch.Tensor] = None,
+    slots: Optional[torch.Tensor] = None,
+    num_slots: int = 0,
+    loss: bool = False,
+    stats: bool = False,
+    rotate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """-> quantized, codes (empty when given), commit_sq, embed_sq (L,) (the same values: two
+    outputs so each sends its gradient its own way), counts, sums, skipped, cand, cand_ok
+    (empty unless asked for). ``rotate`` only matters to the backward."""
+    kw = dict(weights=weights, codes=codes, loss=loss, stats=stats, slots=slots, num_slots=num_slots)
     if use_triton("residual_quantize", x, codebooks):
         from ..kernels.residual_quantize import residual_quantize_fwd
 
-        return residual_quantize_fwd(x, codebooks)
-    return residual_quantize_ref(x, codebooks)
+        out = residual_quantize_fwd(x, codebooks, **kw)
+    else:
+        out = residual_quantize_full_ref(x, codebooks, **kw)
+    L, K, D = codebooks.shape
+    sq = out["level_sq"] if loss else _empty(x, 0)
+    return (
+        out["quantized"],
+        out["codes"] if codes is None else _empty(x, 0, L, dtype=torch.int64),
+        sq,
+        sq.clone(),
+        out["counts"] if stats else _empty(x, 0),
+        out["sums"] if stats else _empty(x, 0),
+        out["skipped"] if stats else _empty(x, 0, dtype=torch.int32),
+        out["cand"] if slots is not None else _empty(x, 0),
+        out["cand_ok"] if slots is not None else _empty(x, 0, dtype=torch.int8),
+    )
 
 
 @_residual_quantize_op.register_fake
-def _(x, codebooks):
-    return x.new_empty(x.shape), x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int64)
+def _(x, codebooks, weights=None, codes=None, slots=None, num_slots=0, loss=False, stats=False, rotate=False):
+    N, D = x.shape
+    L, K, _ = codebooks.shape
+    return (
+        x.new_empty((N, D)),
+        x.new_empty((N, L) if codes is None else (0, L), dtype=torch.int64),
+        _empty(x, L if loss else 0),
+        _empty(x, L if loss else 0),
+        _empty(x, *((L, K) if stats else (0,))),
+        _empty(x, *((L, K, D) if stats else (0,))),
+        _empty(x, L if stats else 0, dtype=torch.int32),
+        _empty(x, *((L, num_slots, D) if slots is not None else (0,))),
+        _empty(x, *((L, num_slots) if slots is not None else (0,)), dtype=torch.int8),
+    )
+
+
+@torch.library.custom_op("fastvq::residual_quantize_bwd", mutates_args=())
+def _residual_quantize_bwd_op(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    codes: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    grad_commit: Optional[torch.Tensor],
+    grad_embed: Optional[torch.Tensor],
+    rotate: bool,
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dx (empty unless need_dx), dcb float32 (empty without grad_embed)."""
+    kw = dict(weights=weights, grad=grad, grad_commit=grad_commit, grad_embed=grad_embed, rotate=rotate,
+              need_dx=need_dx)
+    if use_triton("residual_quantize", x, codebooks):
+        from ..kernels.residual_quantize import residual_quantize_bwd
+
+        dx, dcb = residual_quantize_bwd(x, codebooks, codes, **kw)
+    else:
+        dx, dcb = residual_quantize_bwd_ref(x, codebooks, codes, **kw)
+    return (dx if dx is not None else _empty(x, 0, dtype=x.dtype),
+            dcb if dcb is not None else _empty(x, 0))
+
+
+@_residual_quantize_bwd_op.register_fake
+def _(x, codebooks, codes, weights, grad, grad_commit, grad_embed, rotate, need_dx):
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            _empty(x, *(codebooks.shape if grad_embed is not None else (0,))))
 
 
 def _setup_context(ctx, inputs, output):
-    pass
+    x, codebooks, weights, codes, slots, num_slots, loss, stats, rotate = inputs
+    ctx.rotate = rotate
+    ctx.loss = loss
+    ctx.save_for_backward(x, codebooks, weights, codes if codes is not None else output[1])
+    ctx.mark_non_differentiable(*output[4:])  # statistics and candidates carry no gradient
+    ctx.set_materialize_grads(False)  # an output nobody used sends None, not a tensor of zeros
 
 
-def _backward(ctx, grad_quantized, grad_codes):
-    # Straight-through: d quantized / d x is the identity, once. The codebooks get no gradient
-    # here (they learn through a codebook loss on the gathered codes, or by EMA).
-    return grad_quantized, None
+def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
+    x, codebooks, weights, codes = ctx.saved_tensors
+    if not ctx.loss:  # the loss outputs were empty: whatever came back for them carries nothing
+        g_commit = g_embed = None
+    need_dx = ctx.needs_input_grad[0]
+    need_dcb = ctx.needs_input_grad[1] and g_embed is not None
+    if g_commit is not None:
+        g_commit = g_commit.float().contiguous()
+    if not (need_dx or need_dcb):
+        return None, None, None, None, None, None, None, None, None
+    dx, dcb = _residual_quantize_bwd_op(
+        x, codebooks, codes, weights, g_q if need_dx else None, g_commit if need_dx else None,
+        g_embed.float().contiguous() if need_dcb else None, ctx.rotate, need_dx,
+    )
+    return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None,
+            None, None, None, None, None, None, None)
 
 
 _residual_quantize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(op: str, x, codebooks) -> tuple[int, int, int]:
+    check_tensor(op, "x", x, min_ndim=1)
+    check_tensor(op, "codebooks", codebooks, ndim=3)
+    check_float(op, "x", x)
+    check_float(op, "codebooks", codebooks)
+    check_same_device(op, x=x, codebooks=codebooks)
+    check_last_dim(op, "x", x, "codebooks", codebooks)
+    L, K, D = codebooks.shape
+    if L == 0 or K == 0 or D == 0:
+        raise ValueError(
+            f"fastvq.{op}: codebooks must have L >= 1 levels, K >= 1 codes and D >= 1 dims, "
+            f"got shape {tuple(codebooks.shape)}"
+        )
+    return L, K, D
 
 
 def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +174,9 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
         - ``quantized`` ``(..., D)``, dtype of ``x``: the sum of the chosen codes (accumulated
           in float32 in level order), with a straight-through gradient: the gradient reaching
           ``x`` is the upstream gradient of ``quantized``, exactly, once. The codebooks get
-          **no** gradient through this op; train them with a codebook loss on the gathered codes
-          (``codebooks[l][codes[..., l]]``) or by EMA (:func:`fastvq.code_statistics`).
-        - ``codes`` ``(..., L)`` int64, not differentiable.
+          **no** gradient through this op; train them with the losses of
+          :func:`residual_quantize_step` or by EMA (:func:`fastvq.code_statistics`).
+        - ``codes`` ``(..., L)`` int64 in ``[0, K)``, not differentiable.
 
     Note on the gradient: the seed's ``MultiQuantizer`` (design doc 001, the RQ-VAE page) sums a
     straight-through output *per level*, ``sum_l (r_l + (q_l - r_l).detach())``, and since every
@@ -65,12 +184,17 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     the encoder. That scaling is an accident of the construction; this op deliberately passes it
     once (``x + (quantized - x).detach()`` semantics, without the rounding of that expression).
 
+    Numbers: a code with a NaN or infinite element is never chosen while the level has a finite
+    one; a score that is NaN (a NaN residual) or overflows compares as ``+inf``, and a row whose
+    scores all do gets the level's first finite code (index 0 when none is finite). The score
+    ``|c|^2 - 2 r.c`` is float32: codes with ``|c| >= ~1.8e19`` overflow it.
+
     Precision: float32 codebooks are searched in exact float32 (IEEE dot). For bfloat16/float16
     codebooks the Triton kernel rounds the residual to the codebook dtype for the ``r.c`` dot
     (tensor cores, float32 accumulation), so near-ties may resolve differently than in float32;
     the residual, ``|c|^2`` and ``quantized`` stay float32. For ``D > 1024`` the kernel keeps the
     residual in a float32 ``(N, D)`` workspace instead of registers and streams D in chunks
-    (same results, still one launch). Rows with NaN/inf give unspecified codes.
+    (same results, still one launch).
 
     Example::
 
@@ -80,20 +204,211 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
         >>> quantized.shape, codes.shape
         (torch.Size([8, 16, 32]), torch.Size([8, 16, 4]))
     """
-    op = "residual_quantize"
-    check_tensor(op, "x", x, min_ndim=1)
-    check_tensor(op, "codebooks", codebooks, ndim=3)
-    check_float(op, "x", x)
-    check_float(op, "codebooks", codebooks)
-    check_same_device(op, x=x, codebooks=codebooks)
-    check_last_dim(op, "x", x, "codebooks", codebooks)
-    L, K, D = codebooks.shape
-    if L == 0 or K == 0 or D == 0:
-        raise ValueError(
-            f"fastvq.{op}: codebooks must have L >= 1 levels, K >= 1 codes and D >= 1 dims, "
-            f"got shape {tuple(codebooks.shape)}"
-        )
+    L, K, D = _check("residual_quantize", x, codebooks)
     lead = x.shape[:-1]
     dtype = torch.promote_types(x.dtype, codebooks.dtype)
-    quantized, codes = _residual_quantize_op(x.reshape(-1, D).to(dtype), codebooks.to(dtype))
-    return quantized.reshape(*lead, D).to(x.dtype), codes.reshape(*lead, L)
+    out = _residual_quantize_op(x.reshape(lead.numel(), D).to(dtype), codebooks.detach().to(dtype))
+    return out[0].reshape(*lead, D).to(x.dtype), out[1].reshape(*lead, L)
+
+
+class ResidualQuantizeStep(NamedTuple):
+    """What :func:`residual_quantize_step` returns (fields not asked for are ``None``)."""
+
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    commitment_loss: torch.Tensor
+    embedding_loss: torch.Tensor
+    counts: Optional[torch.Tensor] = None
+    sums: Optional[torch.Tensor] = None
+    skipped: Optional[torch.Tensor] = None
+    candidates: Optional[torch.Tensor] = None
+    candidates_ok: Optional[torch.Tensor] = None
+
+
+def residual_quantize_step(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    grad: str = "ste",
+    statistics: bool = False,
+    candidate_rows: torch.Tensor | None = None,
+) -> ResidualQuantizeStep:
+    """Residual quantization as a training step uses it: one forward launch returns the codes,
+    their sum, the seed's losses and, on request, EMA statistics and dead-code candidates; one
+    backward launch returns every gradient. Nothing of size ``N x D`` is computed in torch.
+
+    With ``r_0 = x`` and ``r_{l+1} = r_l - c_l`` (``c_l`` the code level ``l`` chose), ``w_i`` the
+    row weights (1 without ``weights``) and ``W = sum_i w_i``::
+
+        commitment_loss = embedding_loss = sum_l sum_i w_i |r_{i,l+1}|^2 / (D W)
+
+    the seed's ``sum_l mse(c_l, r_l)`` (``L = 1``: the seed VectorQuantizer's ``mse(code, x)``);
+    0 when ``W = 0``. ``commitment_loss`` sends its gradient to ``x`` (through every residual,
+    codes held constant); ``embedding_loss`` to the codebooks (through the chosen codes,
+    residuals held constant), as the seed's ``.detach()`` placement does.
+
+    Args:
+        x: ``(..., D)`` float32/float16/bfloat16, any strides.
+        codebooks: ``(L, K, D)``, same device (a different float dtype is promoted).
+        weights: optional ``(...)`` per-row weights, float or bool (a padding mask: ``False`` =
+            padding). A row of weight 0 adds nothing to the losses, the statistics or the
+            candidates, gets no loss gradient and its ``quantized`` is its input (identity
+            gradient); its codes are still computed. Not differentiable.
+        codes: optional ``(..., L)`` int64 codes chosen elsewhere (e.g. a cosine search with
+            :func:`fastvq.nearest_code`): no search runs, they are gathered (not range-checked:
+            they must lie in ``[0, K)``).
+        grad: ``"ste"`` (``quantized`` passes its gradient to ``x`` unchanged) or ``"rotation"``
+            (the rotation trick between ``x`` and ``quantized``, :func:`fastvq.rotation_trick`,
+            fused into the backward for ``D <= 1024``).
+        statistics: also return, per level, the EMA statistics of the vectors that level
+            quantized (``r_l``): ``counts (L, K)`` and ``sums (L, K, D)`` float32 of the rows of
+            nonzero, finite weight whose ``r_l`` is finite (weighted), and ``skipped (L,)`` int32,
+            the rows of nonzero weight left out as not finite. On a GPU they accumulate with
+            float32 atomics (not bitwise reproducible from run to run).
+        candidate_rows: optional ``(S,)`` int64 distinct row indices (into the flattened rows of
+            ``x``): also return their residuals ``candidates (L, S, D)`` float32 at every level
+            and ``candidates_ok (L, S)`` bool (finite, nonzero weight): dead-code replacements.
+
+    Returns:
+        :class:`ResidualQuantizeStep`: ``quantized (..., D)`` (dtype of ``x``), ``codes (..., L)``
+        int64, ``commitment_loss`` and ``embedding_loss`` (``()`` in the dtype of ``x``), then
+        ``counts``, ``sums``, ``skipped``, ``candidates``, ``candidates_ok`` or ``None``.
+
+    Example::
+
+        >>> x = torch.randn(4096, 64, requires_grad=True)
+        >>> codebooks = torch.randn(8, 256, 64, requires_grad=True)
+        >>> out = fastvq.residual_quantize_step(x, codebooks)
+        >>> (out.quantized.square().sum() + 0.25 * out.commitment_loss + out.embedding_loss).backward()
+        >>> codebooks.grad.shape
+        torch.Size([8, 256, 64])
+    """
+    op = "residual_quantize_step"
+    L, K, D = _check(op, x, codebooks)
+    if grad not in GRADS:
+        raise ValueError(f"fastvq.{op}: unknown grad {grad!r}; expected one of {GRADS}")
+    if not isinstance(statistics, bool):
+        raise TypeError(f"fastvq.{op}: statistics must be a bool, got {type(statistics).__name__}")
+    lead = x.shape[:-1]
+    N = lead.numel()
+    if weights is not None:
+        check_tensor(op, "weights", weights)
+        if weights.dtype not in (torch.bool, torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"fastvq.{op}: weights must be bool or float, got {weights.dtype}")
+        if weights.shape != lead:
+            raise ValueError(f"fastvq.{op}: weights must have shape {tuple(lead)} (one per row of x "
+                             f"{tuple(x.shape)}), got {tuple(weights.shape)}")
+        check_same_device(op, x=x, weights=weights)
+        weights = weights.detach().reshape(N).float()
+    if codes is not None:
+        check_tensor(op, "codes", codes)
+        if codes.dtype != torch.int64:
+            raise TypeError(f"fastvq.{op}: codes must be int64, got {codes.dtype}")
+        if codes.shape != (*lead, L):
+            raise ValueError(f"fastvq.{op}: codes must have shape {(*lead, L)}, got {tuple(codes.shape)}")
+        check_same_device(op, x=x, codes=codes)
+        codes = codes.reshape(N, L)
+    slots, num_slots = None, 0
+    if candidate_rows is not None:
+        check_tensor(op, "candidate_rows", candidate_rows, ndim=1)
+        if candidate_rows.dtype != torch.int64:
+            raise TypeError(f"fastvq.{op}: candidate_rows must be int64, got {candidate_rows.dtype}")
+        check_same_device(op, x=x, candidate_rows=candidate_rows)
+        num_slots = candidate_rows.shape[0]
+        # row -> its slot (or -1); distinct rows, so each slot is filled by one row
+        slots = torch.full((N,), -1, dtype=torch.int32, device=x.device)
+        slots.index_put_((candidate_rows,), torch.arange(num_slots, dtype=torch.int32, device=x.device))
+    dtype = torch.promote_types(x.dtype, codebooks.dtype)
+    out = _residual_quantize_op(
+        x.reshape(N, D).to(dtype), codebooks.to(dtype), weights, codes, slots, num_slots,
+        True, statistics, grad == "rotation" and D <= MAX_ROTATE_D,
+    )
+    quantized = out[0]
+    if grad == "rotation" and D > MAX_ROTATE_D:
+        from .rotation_trick import rotation_trick
+
+        quantized = rotation_trick(x.reshape(N, D), quantized.detach())  # masked rows: q is x itself
+    # the mean over the rows of nonzero weight (0 when there are none): no host read
+    if weights is None:
+        scale = 0.0 if N == 0 else 1.0 / (N * D)
+    else:
+        total = weights.sum()
+        scale = torch.where(total != 0, 1.0 / (total * D), 0.0)
+    commitment_loss = (out[2].sum() * scale).to(x.dtype)
+    embedding_loss = (out[3].sum() * scale).to(x.dtype)
+    return ResidualQuantizeStep(
+        quantized.reshape(*lead, D).to(x.dtype),
+        (out[1] if codes is None else codes).reshape(*lead, L),
+        commitment_loss,
+        embedding_loss,
+        *((out[4], out[5], out[6]) if statistics else (None, None, None)),
+        *((out[7], out[8].bool()) if candidate_rows is not None else (None, None)),
+    )
+
+
+# ---------------------------------------------------------------------------------- decoding
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@torch.library.custom_op("fastvq::residual_decode_rows", mutates_args=())
+def _decode_rows_op(codes: torch.Tensor, num_embeddings: int, op: str = "residual_decode") -> torch.Tensor:
+    """``codes (M, L')`` -> rows ``codes[:, l] + l * K`` of the flattened ``(L * K, D)`` codebooks.
+
+    The range check reads the codes on the host; it lives in this op body, which runs eagerly
+    even inside a ``torch.compile``'d graph, so compiled models are checked too (and
+    ``fullgraph=True`` traces without a data-dependent branch). Decoding is not on a training
+    step's path."""
+    check_index_range(op, "codes", codes, num_embeddings)
+    offsets = torch.arange(codes.shape[-1], device=codes.device, dtype=torch.int64) * num_embeddings
+    return codes.long() + offsets
+
+
+@_decode_rows_op.register_fake
+def _(codes, num_embeddings, op="residual_decode"):
+    return codes.new_empty(codes.shape, dtype=torch.int64)
+
+
+def _residual_decode(codes: torch.Tensor, codebooks: torch.Tensor, op: str) -> torch.Tensor:
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"fastvq.{op}: codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype not in INT_DTYPES:
+        raise TypeError(f"fastvq.{op}: codes must be an integer tensor, got {codes.dtype}")
+    L, K, D = codebooks.shape
+    if codes.dim() < 1 or not 1 <= codes.shape[-1] <= L:
+        raise ValueError(
+            f"fastvq.{op}: codes must be (..., L') with 1 <= L' <= {L}, got shape {tuple(codes.shape)}"
+        )
+    check_same_device(op, codes=codes, codebooks=codebooks)
+    levels = codes.shape[-1]
+    # level l's code k is row l*K + k of the flattened codebooks: one gather for all levels
+    rows = _decode_rows_op(codes.reshape(-1, levels), K, op)
+    rows = torch.nn.functional.embedding(rows, codebooks[:levels].reshape(-1, D))
+    return rows.sum(1).reshape(*codes.shape[:-1], D)
+
+
+def residual_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Vectors from residual codes: ``sum_l codebooks[l, codes[..., l]]``.
+
+    Args:
+        codes: ``(..., L')`` integer codes of the first ``L' <= L`` levels (e.g. the codes of
+            :func:`residual_quantize`, or a prefix of them for a coarser vector).
+        codebooks: ``(L, K, D)`` float, same device.
+
+    Returns:
+        ``(..., D)`` in the codebooks' dtype, differentiable in ``codebooks``.
+
+    Raises:
+        ValueError: codes outside ``[0, K)`` (read on the host: decoding is not a training-step
+            op), or a bad shape; TypeError: non-integer codes.
+
+    Example::
+
+        >>> quantized, codes = fastvq.residual_quantize(x, codebooks)
+        >>> torch.allclose(fastvq.residual_decode(codes, codebooks), quantized)
+        True
+    """
+    check_tensor("residual_decode", "codebooks", codebooks, ndim=3)
+    check_float("residual_decode", "codebooks", codebooks)
+    return _residual_decode(codes, codebooks, "residual_decode")

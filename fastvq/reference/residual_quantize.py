@@ -1,36 +1,165 @@
+"""Pure-torch reference of :func:`fastvq.residual_quantize` and of its training-step form
+:func:`fastvq.residual_quantize_step` (values, and the gradient of the step)."""
+
+from __future__ import annotations
+
 import torch
 
 from ._chunks import row_chunk
+from .rotation_trick import rotation_trick_bwd_ref
+
+
+def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.Tensor, first: torch.Tensor):
+    """Nearest code of each row of ``r (n, D)`` float32 in ``cb (K, D)``: ``argmin |c|^2 - 2 r.c``
+    over the finite codes, NaN scores as +inf, exact ties to the smallest index; rows whose
+    scores are all +inf take ``first``, the first finite code (0 when there is none)."""
+    score = cc - 2.0 * (r @ cb.T)
+    key = torch.where(finite & (score == score), score, torch.full_like(score, float("inf")))
+    idx = key.argmin(-1)
+    lost = key.gather(1, idx[:, None]).squeeze(1) == float("inf")
+    return torch.where(lost, first, idx)
 
 
 @torch.no_grad()
+def residual_quantize_full_ref(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    loss: bool = False,
+    stats: bool = False,
+    slots: torch.Tensor | None = None,
+    num_slots: int = 0,
+) -> dict:
+    """Reference of the launcher ``fastvq.kernels.residual_quantize.residual_quantize_fwd``:
+    ``x (N, D)``, ``codebooks (L, K, D)`` -> a dict with ``quantized (N, D)`` (dtype of ``x``) and
+    ``codes (N, L)`` int64, plus, by request, ``level_sq (L,)`` (``loss``), ``counts (L, K)``,
+    ``sums (L, K, D)``, ``skipped (L,)`` int32 (``stats``) and ``cand (L, S, D)``,
+    ``cand_ok (L, S)`` int8 (``slots``). See that launcher for the meaning of each.
+
+    Greedy, level by level: the residual starts as ``x`` in float32; level ``l`` picks the nearest
+    finite code (``argmin_k |c_lk|^2 - 2 r.c_lk``, NaN-aware, see :func:`_nearest`) and subtracts
+    it in float32. ``quantized`` is the float32 sum of the chosen codes in level order, cast to
+    the dtype of ``x`` (``x`` itself on rows of weight 0). Sums over rows accumulate in float64.
+    Works in row chunks: its extra memory is a ``(chunk, K)`` float32 scratch.
+    """
+    N, D = x.shape
+    L, K, _ = codebooks.shape
+    dev = x.device
+    cb = codebooks.float()
+    cc = (cb * cb).sum(-1)  # (L, K)
+    finite = cb.isfinite().all(-1)  # (L, K)
+    first = torch.where(finite.any(-1), finite.int().argmax(-1), 0)  # (L,)
+    w_all = None if weights is None else weights.float()
+    search = codes is None
+    quantized = torch.empty((N, D), dtype=x.dtype, device=dev)
+    out_codes = torch.empty((N, L), dtype=torch.int64, device=dev) if search else codes
+    level_sq = torch.zeros((L,), dtype=torch.float64, device=dev)
+    counts = torch.zeros((L, K), dtype=torch.float64, device=dev)
+    sums = torch.zeros((L, K, D), dtype=torch.float64, device=dev)
+    skipped = torch.zeros((L,), dtype=torch.int64, device=dev)
+    # one spare slot at the end takes the rows that fill none (no boolean indexing: no host sync)
+    cand = torch.zeros((L, num_slots + 1, D), dtype=torch.float32, device=dev)
+    cand_ok = torch.zeros((L, num_slots + 1), dtype=torch.int8, device=dev)
+    step = row_chunk(max(K, D))
+    for s in range(0, N, step):
+        r = x[s : s + step].float()
+        n = r.shape[0]
+        w = torch.ones(n, device=dev) if w_all is None else w_all[s : s + step]
+        live = w != 0
+        usable = live & w.isfinite()
+        slot = None if slots is None else torch.where(slots[s : s + step] >= 0, slots[s : s + step].long(), num_slots)
+        q = torch.zeros_like(r)
+        for lvl in range(L):
+            idx = _nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl]) if search else out_codes[s : s + step, lvl]
+            c = cb[lvl].index_select(0, idx)
+            use = usable & r.isfinite().all(-1)
+            if stats:
+                counts[lvl].index_add_(0, idx, torch.where(use, w, 0.0).double())
+                sums[lvl].index_add_(0, idx, torch.where(use[:, None], w[:, None] * r, 0.0).double())
+                skipped[lvl] += (live & ~use).sum()
+            if slot is not None:
+                cand[lvl, slot] = r
+                cand_ok[lvl, slot] = use.to(torch.int8)
+            r = r - c
+            q = q + c
+            if loss:
+                level_sq[lvl] += torch.where(live, w * (r * r).sum(-1), 0.0).double().sum()
+            if search:
+                out_codes[s : s + step, lvl] = idx
+        quantized[s : s + step] = torch.where(live[:, None], q, x[s : s + step].float()).to(x.dtype)
+    out = {"quantized": quantized, "codes": out_codes}
+    if loss:
+        out["level_sq"] = level_sq.float()
+    if stats:
+        out.update(counts=counts.float(), sums=sums.float(), skipped=skipped.int())
+    if slots is not None:
+        out.update(cand=cand[:, :num_slots].contiguous(), cand_ok=cand_ok[:, :num_slots].contiguous())
+    return out
+
+
+@torch.no_grad()
+def residual_quantize_bwd_ref(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    codes: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    grad_commit: torch.Tensor | None = None,
+    grad_embed: torch.Tensor | None = None,
+    rotate: bool = False,
+    need_dx: bool = True,
+):
+    """Reference of ``fastvq.kernels.residual_quantize.residual_quantize_bwd``:
+    ``dx = G(grad) + 2 w sum_l grad_commit[l] r_{l+1}`` (``G``: identity, or the rotation trick
+    between ``x`` and the sum of the codes on rows of nonzero weight) and
+    ``dcb[l, k] = 2 grad_embed[l] sum_{i: codes[i, l] = k} w_i (c_lk - r_il)``, float32.
+    Returns ``(dx in x's dtype or None, dcb (L, K, D) float32 or None)``."""
+    N, D = x.shape
+    L, K, _ = codebooks.shape
+    cb = codebooks.float()
+    dx = torch.empty((N, D), dtype=x.dtype, device=x.device) if need_dx else None
+    dcb = torch.zeros((L, K, D), dtype=torch.float32, device=x.device) if grad_embed is not None else None
+    gc = None if grad_commit is None else grad_commit.float()
+    ge = None if grad_embed is None else grad_embed.float()
+    step = row_chunk(4 * D)
+    for s in range(0, N, step):
+        e = x[s : s + step].float()
+        w = torch.ones(e.shape[0], device=x.device) if weights is None else weights[s : s + step].float()
+        live = w != 0
+        r, acc, q = e, torch.zeros_like(e), torch.zeros_like(e)
+        for lvl in range(L):
+            idx = codes[s : s + step, lvl]
+            c = cb[lvl].index_select(0, idx)
+            if dcb is not None:
+                dcb[lvl].index_add_(0, idx, torch.where(live[:, None], (2.0 * ge[lvl] * w[:, None]) * (c - r), 0.0))
+            r = r - c
+            if gc is not None:
+                acc = acc + gc[lvl] * r
+            q = q + c
+        if not need_dx:
+            continue
+        d = torch.where(live[:, None], 2.0 * w[:, None] * acc, 0.0)
+        if grad is not None:
+            g = grad[s : s + step].float()
+            if rotate:
+                g = torch.where(live[:, None], rotation_trick_bwd_ref(e, q, g), g)
+            d = d + g
+        dx[s : s + step] = d.to(x.dtype)
+    return dx, dcb
+
+
 def residual_quantize_ref(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for :func:`fastvq.residual_quantize`: ``(..., D), (L, K, D) -> (quantized, codes)``.
 
     Greedy residual quantization, values only (no straight-through gradient: the public op adds
-    it). The residual starts as ``x`` in float32; level ``l`` picks ``argmin_k |c_lk|^2 - 2 r.c_lk``
-    (the smallest index on exact ties, as ``torch.argmin``) and subtracts the chosen code in
-    float32. ``quantized`` is the float32 sum of the chosen codes in level order, cast to the
-    dtype of ``x``; ``codes`` is int64 ``(..., L)``. Works in row chunks, so its extra memory is
-    a ``(chunk, K)`` float32 scratch plus the float32 residual of the chunk.
+    it); see :func:`residual_quantize_full_ref` for the search (NaN-aware: a NaN or infinite code
+    is never chosen while a finite one exists). ``quantized`` is the float32 sum of the chosen
+    codes in level order, cast to the dtype of ``x``; ``codes`` is int64 ``(..., L)``.
     """
     L, K, D = codebooks.shape
     lead = x.shape[:-1]
-    xf = x.reshape(-1, D)
-    n = xf.shape[0]
-    cb = codebooks.float()
-    cc = (cb * cb).sum(-1)  # (L, K)
-    quantized = torch.empty((n, D), dtype=x.dtype, device=x.device)
-    codes = torch.empty((n, L), dtype=torch.int64, device=x.device)
-    step = row_chunk(max(K, D))
-    for s in range(0, n, step):
-        r = xf[s : s + step].float()
-        q = torch.zeros_like(r)
-        for lvl in range(L):
-            idx = (cc[lvl] - 2.0 * (r @ cb[lvl].T)).argmin(-1)
-            c = cb[lvl].index_select(0, idx)
-            r = r - c
-            q = q + c
-            codes[s : s + step, lvl] = idx
-        quantized[s : s + step] = q.to(x.dtype)
-    return quantized.reshape(*lead, D), codes.reshape(*lead, L)
+    out = residual_quantize_full_ref(x.reshape(lead.numel(), D), codebooks)
+    return out["quantized"].reshape(*lead, D), out["codes"].reshape(*lead, L)

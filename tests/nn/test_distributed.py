@@ -1,9 +1,13 @@
-"""EMA codebooks under torch.distributed: 2 CPU ranks on gloo.
+"""Data-parallel codebooks under torch.distributed: 2 and 3 CPU ranks on gloo.
 
-Each rank trains on its half of every batch; the EMA statistics are all-reduced, so after
-several steps both ranks hold the same codebooks, equal to one process that saw the whole
-batches. Random choices (dead-code re-seeding, k-means starting points) are rank 0's,
-broadcast, so the ranks agree even when their random generators do not.
+One job per world size runs every scenario (starting processes is the cost). Each step, the
+ranks split one global batch between them, and the split changes from step to step: even,
+uneven, a rank with every row, ranks (rank 0 too) with none, an all-empty step, and NaN rows
+on one rank only. The EMA statistics are all-reduced, so every rank holds, bitwise, the same
+codebooks, equal to one process that saw the whole batches; random choices (dead-code revival,
+k-means starting points) come from a fixed-size exchange of candidate rows that every rank
+resolves identically, so the ranks agree even though their random generators do not. A hung
+collective fails the test at the timeout instead of hanging CI.
 """
 
 import datetime
@@ -23,10 +27,15 @@ from tests.utils import assert_close
 
 pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
 
-WORLD = 2
-STEPS = 4
-N_PER_RANK, D, K, L = 12, 4, 6, 2
-TIMEOUT_S = 90  # a hung collective fails the test instead of the CI job
+D, K, L = 4, 6, 2
+ROWS = 24  # rows in each step's global batch
+TIMEOUT_S = 120  # the whole job, per world size; a hung collective fails the test instead of CI
+WORLDS = (2, 3)
+
+def _runs(world: int) -> list[tuple[str, str]]:
+    """(case, backend) pairs each job runs: the interpreted triton backend only at 2 ranks (the
+    collectives do not depend on the backend; the interpreter is the slow part)."""
+    return [("ema", "reference"), ("random", "reference")] + ([("ema", "triton")] if world == 2 else [])
 
 
 def _modules(case: str):
@@ -44,55 +53,64 @@ def _modules(case: str):
     }
 
 
+def _cuts(world: int) -> list[list[int]]:
+    """Per step, where the global batch is cut between ranks (rank r gets rows cut[r]:cut[r+1])."""
+    R = ROWS
+    if world == 2:
+        steps = [[0, 0, 0], [0, 0, R], [0, R, R], [0, 5, R], [0, 12, R], [0, 19, R]]
+    else:
+        steps = [[0, 0, 0, 0], [0, 0, 0, R], [0, 3, 3, R], [0, R, R, R], [0, 10, 17, R], [0, 8, 16, R]]
+    # step 0: nobody has a row (k-means must wait, EMA must not move); step 1: rank 0 has none
+    return steps
+
+
 def _batch(step: int) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(100 + step)
-    return torch.randn(WORLD * N_PER_RANK, D, generator=g) * 2.0
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(ROWS, D, generator=g) * 2.0
+    x[-3:-1] = float("nan")  # NaN rows, always in the last rank's share
+    x[-1, 1] = float("inf")
+    return x
 
 
-def _train(modules, rows: slice) -> dict:
-    for step in range(STEPS):
-        x = _batch(step)[rows]
+def _nonfinite_rows(world: int) -> int:
+    """The NaN/inf rows in all the steps' batches (3 in each that has rows)."""
+    return sum(3 for cut in _cuts(world) if cut[-1] > 0)
+
+
+def _train(modules, world: int, rank: int | None) -> dict:
+    """Train on each step's rows for ``rank`` (all of them for ``rank=None``); the states,
+    non-persistent counters included."""
+    for step, cut in enumerate(_cuts(world)):
+        x = _batch(step)[: cut[-1]]
+        if rank is not None:
+            x = x[cut[rank] : cut[rank + 1]]
         for m in modules.values():
             m(x.clone().requires_grad_(True))
-    return {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
+    out = {}
+    for name, m in modules.items():
+        out[name] = {k: v.clone() for k, v in m.state_dict().items()}
+        out[name]["nonfinite_rows"] = m.nonfinite_rows.clone()
+        if m.codes_revived is not None:
+            out[name]["codes_revived"] = m.codes_revived.clone()
+    return out
 
 
-# (case, backend). The ranks hold CPU tensors: the triton run needs the interpreter, so it runs where CI runs
-# (no CUDA); on a GPU machine the kernels are exercised by every other test instead.
-RUNS = [("ema", "reference"), ("ema", "triton"), ("random", "reference")]
-if torch.cuda.is_available():
-    RUNS.remove(("ema", "triton"))
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
-        world_size=WORLD,
+        world_size=world,
         timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
     )
-    # count the codes re-seeded, so the test knows the random path really ran
-    from fastvq.nn import _codebook
-
-    reseeded = []
-    real_expire = _codebook.expire_dead_codes_
-
-    def counting_expire(*args, **kwargs):
-        n = real_expire(*args, **kwargs)
-        reseeded.append(n)
-        return n
-
-    _codebook.expire_dead_codes_ = counting_expire
     try:
+        torch.set_num_threads(1)
         states = {}
-        for case, backend_name in RUNS:  # one spawn for every run: starting processes is the cost
+        for case, backend_name in _runs(world):  # one spawn for every scenario
             modules = _modules(case)
             torch.manual_seed(rank)  # the ranks' random streams differ from here on
-            reseeded.clear()
             with fastvq.backend(backend_name):
-                states[case, backend_name] = _train(modules, slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK))
-            states[case, backend_name]["num_reseeded"] = sum(reseeded)
+                states[case, backend_name] = _train(modules, world, rank)
         torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -104,51 +122,84 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def rank_states(tmp_path_factory) -> list[dict]:
-    """Run the 2-rank job once for all tests here; each rank's states, keyed by (case, backend)."""
-    out_dir = tmp_path_factory.mktemp("ranks")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
+def ranks(request, tmp_path_factory):
+    """Run the job once per world size; (world, each rank's states keyed by (case, backend))."""
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"ranks{world}")
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
             if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+                pytest.fail(f"distributed workers ({world} ranks) did not finish within {TIMEOUT_S} s: a hang")
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return world, [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
+def _assert_ranks_identical(states: list[dict], what: str) -> None:
+    for name in states[0]:
+        for key, value in states[0][name].items():
+            if value.is_floating_point():
+                assert torch.isfinite(value).all(), f"{what}: {name}.{key} is not finite"
+            for r, other in enumerate(states[1:], 1):
+                assert torch.equal(other[name][key], value), f"{what}: {name}.{key} differs on rank {r}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend_name", [b for c, b in RUNS if c == "ema"])
-def test_ema_ranks_agree_with_single_process(rank_states, backend_name):
-    ranks = [{k: v for k, v in states["ema", backend_name].items() if k != "num_reseeded"} for states in rank_states]
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_ema_ranks_agree_with_single_process(ranks, backend_name):
+    world, rank_states = ranks
+    if ("ema", backend_name) not in _runs(world):
+        pytest.skip(f"{backend_name} runs at 2 ranks only")
+    per_rank = [states["ema", backend_name] for states in rank_states]
+    _assert_ranks_identical(per_rank, f"ema/{backend_name}")
     with fastvq.backend(backend_name):
-        single = _train(_modules("ema"), slice(None))  # one process, both halves of every batch
+        single = _train(_modules("ema"), world, None)  # one process, all the rows of every step
     for name, state in single.items():
         for key, value in state.items():
-            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), f"{name}.{key} differs across ranks"
-            assert_close(ranks[0][name][key], value, reduce_len=WORLD * N_PER_RANK, msg=f"{name}.{key}")
-    # the statistics really were summed: one rank's half alone gives a different state
-    alone = _train(_modules("ema"), slice(0, N_PER_RANK))
-    for name in single:
-        assert not torch.allclose(alone[name]["cluster_size"], single[name]["cluster_size"])
+            if value.is_floating_point():
+                assert_close(per_rank[0][name][key], value, reduce_len=ROWS, msg=f"{name}.{key}")
+            else:
+                assert torch.equal(per_rank[0][name][key], value), f"{name}.{key}"
+    # every NaN row of the last rank was left out and counted, on every rank
+    assert int(per_rank[0]["vq"]["nonfinite_rows"]) == _nonfinite_rows(world) > 0
+    # the statistics really were summed: one rank's share alone gives a different state
+    with fastvq.backend(backend_name):
+        alone = _train(_modules("ema"), world, world - 1)
+    assert not torch.allclose(alone["vq"]["cluster_size"], single["vq"]["cluster_size"])
 
 
 @pytest.mark.slow
-def test_random_choices_agree_across_ranks(rank_states):
-    ranks = [dict(states["random", "reference"]) for states in rank_states]
-    num_reseeded = [r.pop("num_reseeded") for r in ranks]
-    # the dead-code path must really have run (else this test checks little), equally everywhere
-    assert num_reseeded[0] > 0 and num_reseeded[0] == num_reseeded[1], num_reseeded
-    for name in ranks[0]:
-        for key, value in ranks[0][name].items():
-            assert torch.equal(value, ranks[1][name][key]), f"{name}.{key} differs across ranks"
-        assert bool(ranks[0][name]["initted"])
+def test_random_choices_agree_across_ranks(ranks):
+    world, rank_states = ranks
+    per_rank = [states["random", "reference"] for states in rank_states]
+    _assert_ranks_identical(per_rank, "random")
+    state = per_rank[0]
+    for name in state:
+        assert bool(state[name]["initted"]), name  # k-means waited for the first step with rows
+    # revival really ran (else this test checks little), equally everywhere
+    assert int(state["vq"]["codes_revived"]) > 0 and int(state["rq"]["codes_revived"]) > 0
+    assert int(state["vq"]["nonfinite_rows"]) >= _nonfinite_rows(world)  # + what k-means left out
+
+
+def test_candidate_exchange_without_process_group():
+    from fastvq.nn._codebook import offer_candidates
+
+    x = torch.randn(2, 5, 3)
+    x[0, 1] = float("nan")
+    w = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    cands, valid = offer_candidates(x, 6, w)
+    assert cands.shape == (2, 6, 3) and valid.tolist() == [[True] * 3 + [False] * 3, [True] * 4 + [False] * 2]
+    for level in range(2):  # valid ones first, distinct rows of weight 1 that are finite
+        good = [i for i in range(5) if w[i] and torch.isfinite(x[level, i]).all()]
+        picked = [int((x[level] == c).all(-1).nonzero()[0]) for c in cands[level][valid[level]]]
+        assert sorted(picked) == good
 
 
 def test_helpers_are_noops_without_process_group():
@@ -158,3 +209,4 @@ def test_helpers_are_noops_without_process_group():
     fdist.all_reduce_sum_(a, b)
     fdist.broadcast_(a, b)
     assert torch.equal(a, torch.arange(3.0)) and torch.equal(b, torch.ones(2, 2))
+    assert torch.equal(fdist.all_gather(a), a.unsqueeze(0))

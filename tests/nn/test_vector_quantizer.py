@@ -57,11 +57,12 @@ def test_matches_seed_on_noncontiguous_input(backend):
 
 
 def test_triton_backend_really_launches_the_kernel(monkeypatch):
-    import fastvq.kernels.nearest_code as knc
+    # the l2 search, the gather and the losses: one residual_quantize launch with L = 1
+    import fastvq.kernels.residual_quantize as krq
 
     calls = []
-    real = knc.nearest_code_fwd
-    monkeypatch.setattr(knc, "nearest_code_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = krq.residual_quantize_fwd
+    monkeypatch.setattr(krq, "residual_quantize_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     ref, ours = _pair(seed=5)
     x = randn(3, 4, D, seed=14)
     with fastvq.backend("triton"):

@@ -4,7 +4,7 @@ import torch
 import fastvq
 import fastvq.testing as ft
 from fastvq.reference.residual_quantize import residual_quantize_ref
-from tests.utils import count_kernel_launches, generator, noncontiguous, randn
+from tests.utils import assert_close, count_kernel_launches, generator, noncontiguous, randn
 
 CASES = [  # (N, L, K, D)
     pytest.param(1, 1, 1, 1, id="N1-L1-K1-D1"),
@@ -146,10 +146,11 @@ def test_large_d_chunked_kernel(dtype):
     from fastvq.kernels.residual_quantize import residual_quantize_fwd
 
     x, codebooks = randn(37, 100, dtype=dtype), randn(3, 20, 100, dtype=dtype)
-    q, codes = residual_quantize_fwd(x, codebooks, max_register_d=16)
+    out = residual_quantize_fwd(x, codebooks, max_register_d=16)
+    q, codes = out["quantized"], out["codes"]
     assert_greedy(x, codebooks, codes, True)
     assert torch.equal(q, sum_of_codes(codebooks, codes, dtype))
-    q_reg, codes_reg = residual_quantize_fwd(x, codebooks)
+    codes_reg = residual_quantize_fwd(x, codebooks)["codes"]
     if dtype == torch.float32:
         assert_greedy(x, codebooks, codes_reg, True)
 
@@ -223,3 +224,243 @@ def test_triton_backend_really_launches_kernels(monkeypatch, name):
     with fastvq.backend(name):
         fastvq.residual_quantize(randn(9, 5), randn(3, 4, 5))
     assert launched == (["_residual_quantize_fwd_kernel"] if name == "triton" else [])
+
+
+# ------------------------------------------------------------------ numbers never made up
+def test_non_finite_codes_never_win_for_finite_rows(backend, device):
+    # level 0: code 1 is NaN, code 3 is -inf (its score would be -inf), code 4 is +inf; level 1: all
+    # codes but 5 hold a NaN or an inf; level 2: no finite code at all -> index 0
+    K, D = 6, 4
+    cb = randn(3, K, D, seed=3, device=device)
+    cb[0, 1, 2] = float("nan")
+    cb[0, 3] = float("-inf")
+    cb[0, 4, 0] = float("inf")
+    cb[1, :5, 1] = float("nan")
+    cb[1, 2, 1] = float("inf")
+    cb[2, :, 3] = float("nan")
+    x = randn(37, D, seed=4, device=device)
+    x[5] = cb[0, 3].nan_to_num(neginf=-1e30)  # a row near the -inf code
+    _, codes = fastvq.residual_quantize(x, cb)
+    assert torch.isin(codes[:, 0], torch.tensor([0, 2, 5], device=device)).all()
+    assert (codes[:, 1] == 5).all()
+    assert (codes[:, 2] == 0).all()
+
+
+def test_nan_and_overflowing_rows_get_the_first_finite_code(backend, device):
+    cb = randn(2, 40, 3, seed=5, device=device)
+    cb[0, :33, 0] = float("nan")  # the first finite code of level 0 is 33 (in a later tile)
+    x = randn(4, 3, seed=6, device=device)
+    x[0, 1] = float("nan")  # NaN scores everywhere
+    x[1] = torch.tensor([3e38, -3e38, 3e38])  # finite, but every score overflows (to +-inf)
+    x[2] = 1e-3  # every score is +inf: |c|^2 overflows, r.c does not
+    cb[1, :, 0] = 1e20
+    q, codes = fastvq.residual_quantize(x, cb)
+    assert codes[0, 0] == 33 and 33 <= codes[1, 0] < 40  # a finite code either way
+    assert codes[0, 1] == 0  # the residual is NaN: level 1's first finite code
+    assert codes[2, 1] == 0  # all +inf: the first finite code
+    assert ((codes >= 0) & (codes < 40)).all()
+    assert_greedy(x[3:], cb[:1], codes[3:, :1], backend == "triton")
+
+
+# ------------------------------------------------------------------ the training step
+def _step_oracle(x, cb, codes, w, g, gc, ge, rotate):
+    """float64 autograd of the seed's losses at the given codes: quantized (straight through or
+    rotated), sum_l w-weighted mse(code_l, r_l) twice (commitment to x, embedding to cb)."""
+    from fastvq.reference.rotation_trick import rotation_trick_ref
+
+    x64 = x.detach().double().requires_grad_(True)
+    cb64 = cb.detach().double().requires_grad_(True)
+    L, K, D = cb.shape
+    w64 = torch.ones(x.shape[0], dtype=torch.float64) if w is None else w.double()
+    W = w64.sum()
+    live = (w64 != 0)[:, None]
+    r, commit, emb, total = x64, 0.0, 0.0, 0.0
+    for lvl in range(L):
+        c = cb64[lvl][codes[:, lvl]]
+        diff_c = torch.where(live, r - c.detach(), 0.0)
+        diff_e = torch.where(live, c - r.detach(), 0.0)
+        commit = commit + (w64[:, None] * diff_c.square()).sum() / (W * D)
+        emb = emb + (w64[:, None] * diff_e.square()).sum() / (W * D)
+        r = r - c.detach()
+        total = total + c.detach()
+    q = torch.where(live, total, x64.detach())
+    ste = x64 + (q - x64).detach()
+    if rotate:  # on the real rows (padding passes straight through, and may hold NaN)
+        q = torch.where(live, rotation_trick_ref(torch.where(live, x64, 1.0), torch.where(live, q, 1.0)), ste)
+    else:
+        q = ste
+    torch.autograd.backward([q, commit, emb], [g.double(), torch.tensor(gc, dtype=torch.float64),
+                                               torch.tensor(ge, dtype=torch.float64)])
+    return q.detach(), commit.detach(), emb.detach(), x64.grad, cb64.grad
+
+
+STEP_CASES = [  # (N, L, K, D)
+    pytest.param(1, 1, 1, 1, id="N1-L1-K1-D1"),
+    pytest.param(127, 3, 37, 60, id="N127-L3-K37-D60"),
+    pytest.param(40, 8, 17, 5, id="N40-L8-K17-D5"),
+    pytest.param(33, 1, 100, 100, id="N33-L1-K100-D100"),
+]
+
+
+@pytest.mark.parametrize("N,L,K,D", STEP_CASES)
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+@pytest.mark.parametrize("grad", ["ste", "rotation"])
+def test_step_values_and_gradients(backend, device, N, L, K, D, masked, grad):
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x = randn(N, D, seed=10, device=device, requires_grad=True)
+    cb = randn(L, K, D, seed=11, device=device, scale=0.7, requires_grad=True)
+    g = randn(N, D, seed=12, device=device)
+    w = None
+    if masked:
+        w = torch.arange(N, device=device) % 3 != 1
+        with torch.no_grad():
+            x[~w] = float("nan")  # padding may hold anything: it must not leak anywhere
+    out = residual_quantize_step(x, cb, weights=w, grad=grad)
+    torch.autograd.backward([out.quantized, out.commitment_loss, out.embedding_loss],
+                            [g, torch.tensor(0.25, device=device), torch.tensor(1.3, device=device)])
+    assert_greedy(x.detach()[w] if masked else x.detach(), cb.detach(), out.codes[w] if masked else out.codes,
+                  backend == "triton")
+    q, commit, emb, gx, gcb = _step_oracle(x, cb, out.codes, w, g, 0.25, 1.3, grad == "rotation")
+    q_ok = q if not masked else torch.where(w[:, None], q, 0.0)
+    got_q = out.quantized.detach() if not masked else torch.where(w[:, None], out.quantized.detach(), 0.0)
+    assert_close(got_q, q_ok)
+    if masked:  # padding rows pass their (NaN) input through, gradient included
+        assert out.quantized[~w].isnan().all()
+    assert_close(out.commitment_loss, commit, reduce_len=N * D * L)
+    assert_close(out.embedding_loss, emb, reduce_len=N * D * L)
+    assert_close(x.grad, gx, reduce_len=L)
+    assert_close(cb.grad, gcb, reduce_len=N)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_step_statistics_and_candidates(backend, device, masked):
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    N, L, K, D = 70, 3, 11, 6
+    x = randn(N, D, seed=20, device=device)
+    x[5, 2] = float("inf")  # a non-finite row: left out of the statistics, counted
+    cb = randn(L, K, D, seed=21, device=device, scale=0.6)
+    w = (torch.arange(N, device=device) % 4 != 0) if masked else None
+    rows = torch.tensor([5, 8, 13, 1, 66], device=device)
+    out = residual_quantize_step(x, cb, weights=w, statistics=True, candidate_rows=rows)
+    # explicit residuals, in float64
+    r = x.double()
+    live = torch.ones(N, dtype=torch.bool, device=device) if w is None else w
+    for lvl in range(L):
+        fin = r.isfinite().all(-1)
+        use = live & fin
+        idx = out.codes[:, lvl]
+        counts = torch.zeros(K, dtype=torch.float64, device=device).index_add_(0, idx[use], torch.ones_like(r[use, 0]))
+        sums = torch.zeros(K, D, dtype=torch.float64, device=device).index_add_(0, idx[use], r[use])
+        assert torch.equal(out.counts[lvl], counts.float())
+        assert_close(out.sums[lvl], sums, reduce_len=N)
+        assert out.skipped[lvl] == int((live & ~fin).sum())
+        torch.testing.assert_close(out.candidates[lvl], r[rows].float(), equal_nan=True)
+        assert torch.equal(out.candidates_ok[lvl], use[rows])
+        r = r - cb[lvl].double()[idx]
+    assert out.skipped[0] == 1 and not out.candidates_ok[:, 0].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_chunked_kernel_matches_register_kernel(dtype, device):
+    # the D-chunked forward (D > 1024 in use, forced here on small D) returns what the register
+    # kernel returns, every output; and the backward launcher matches its reference
+    from fastvq.kernels.residual_quantize import residual_quantize_bwd, residual_quantize_fwd
+    from fastvq.reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
+
+    N, L, K, D = 45, 3, 20, 100
+    x, cb = randn(N, D, dtype=dtype, seed=30, device=device), randn(L, K, D, dtype=dtype, seed=31, device=device)
+    x[10] = float("nan")  # padding (weight 0) holding NaN: nothing may leak from it
+    w = randn(N, seed=32, device=device).abs()
+    w[::5] = 0.0
+    slots = torch.full((N,), -1, dtype=torch.int32, device=device)
+    slots[torch.tensor([3, 7, 40])] = torch.tensor([2, 0, 1], dtype=torch.int32)
+    kw = dict(weights=w, loss=True, stats=True, slots=slots, num_slots=4)
+    reg = residual_quantize_fwd(x, cb, **kw)
+    chk = residual_quantize_fwd(x, cb, max_register_d=16, **kw)
+    ref = residual_quantize_full_ref(x, cb, **kw)
+    assert set(reg) == set(chk) == set(ref)
+    for name in ("codes", "skipped", "cand_ok"):
+        assert torch.equal(reg[name], chk[name]), name
+    torch.testing.assert_close(reg["quantized"], chk["quantized"], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(reg["cand"], chk["cand"], equal_nan=True, rtol=0, atol=0)
+    for name in ("level_sq", "counts", "sums"):
+        assert_close(chk[name], reg[name], reduce_len=N * D, msg=name)
+    if dtype == torch.float32:  # same search as the reference (bf16/fp16 may flip near-ties)
+        for name in ("codes", "skipped", "cand_ok"):
+            assert torch.equal(reg[name], ref[name]), name
+        for name in ("level_sq", "counts", "sums", "cand"):
+            torch.testing.assert_close(reg[name], ref[name], equal_nan=True, rtol=1e-5, atol=1e-4, msg=name)
+    g = randn(N, D, dtype=dtype, seed=33, device=device)
+    gc = randn(L, seed=34, device=device)
+    ge = randn(L, seed=35, device=device)
+    for rotate in (False, True):
+        bkw = dict(weights=w, grad=g, grad_commit=gc, grad_embed=ge, rotate=rotate)
+        dx, dcb = residual_quantize_bwd(x, cb, reg["codes"], **bkw)
+        dx_ref, dcb_ref = residual_quantize_bwd_ref(x, cb, reg["codes"], **bkw)
+        assert_close(dx, dx_ref, reduce_len=2 * L + 8)  # (the rotation: a few more roundings)
+        assert_close(dcb, dcb_ref, dtype=torch.float32, reduce_len=N)
+        assert torch.equal(dx[10], g[10]) and dcb.isfinite().all()  # padding: straight through, no leak
+
+
+def test_step_given_codes_are_gathered(backend, device):
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = randn(30, 8, seed=40, device=device), randn(2, 9, 8, seed=41, device=device)
+    codes = torch.randint(0, 9, (30, 2), generator=generator(42, device), device=device)
+    out = residual_quantize_step(x, cb, codes=codes)
+    assert torch.equal(out.codes, codes)
+    assert torch.equal(out.quantized, sum_of_codes(cb, codes, torch.float32))
+    r = x - cb[0][codes[:, 0]]
+    expect = (r.square().sum() + (r - cb[1][codes[:, 1]]).square().sum()) / (30 * 8)
+    assert_close(out.commitment_loss, expect, reduce_len=30 * 8)
+
+
+def test_step_empty_and_fully_masked_batches(backend, device):
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    cb = randn(2, 5, 4, seed=50, device=device, requires_grad=True)
+    for x, w in ((torch.zeros(0, 4, device=device), None),
+                 (randn(6, 4, seed=51, device=device), torch.zeros(6, dtype=torch.bool, device=device))):
+        x.requires_grad_(True)
+        out = residual_quantize_step(x, cb, weights=w, statistics=True)
+        assert out.commitment_loss.item() == 0.0 and out.embedding_loss.item() == 0.0
+        assert (out.counts == 0).all() and (out.sums == 0).all()
+        (out.quantized.sum() + out.commitment_loss + out.embedding_loss).backward()
+        assert (cb.grad == 0).all() and torch.equal(x.grad, torch.ones_like(x))
+        cb.grad = None
+
+
+def test_step_bad_input():
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = torch.randn(6, 4), torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="residual_quantize_step: unknown grad"):
+        residual_quantize_step(x, cb, grad="nope")
+    with pytest.raises(ValueError, match=r"weights must have shape \(6,\)"):
+        residual_quantize_step(x, cb, weights=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="weights must be bool or float"):
+        residual_quantize_step(x, cb, weights=torch.ones(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"codes must have shape \(6, 2\)"):
+        residual_quantize_step(x, cb, codes=torch.zeros(6, 1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="codes must be int64"):
+        residual_quantize_step(x, cb, codes=torch.zeros(6, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="candidate_rows must be int64"):
+        residual_quantize_step(x, cb, candidate_rows=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="statistics must be a bool"):
+        residual_quantize_step(x, cb, statistics=1)
+
+
+def test_step_opcheck():
+    x, cb = randn(6, 5, seed=60).requires_grad_(), randn(3, 4, 5, seed=61).requires_grad_()
+    w = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0, 0.5])
+    slots = torch.tensor([-1, 0, -1, 1, -1, -1], dtype=torch.int32)
+    codes = torch.randint(0, 4, (6, 3), generator=generator(62))
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            torch.library.opcheck(torch.ops.fastvq.residual_quantize.default,
+                                  (x, cb, w, None, slots, 2, True, True, True))
+            torch.library.opcheck(torch.ops.fastvq.residual_quantize.default, (x, cb, None, codes, None, 0, True))
+            torch.library.opcheck(torch.ops.fastvq.residual_quantize_bwd.default,
+                                  (x.detach(), cb.detach(), codes, w, randn(6, 5), randn(3), randn(3), True, True))

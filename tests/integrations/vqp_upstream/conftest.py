@@ -70,7 +70,7 @@ ROUTED = {
     "test_vq_eval": {"search", "gather"},
     "test_vq_mask": {"search", "gather", "statistics"},
     "test_residual_vq": {"search", "gather"},
-    "test_residual_vq2": {"fallback.stochastic_sampling"},
+    "test_residual_vq2": {"sample", "gather", "statistics"},
     "test_grouped_residual_vq": {"search", "gather", "statistics"},
     "test_residual_vq3": {"kmeans", "search", "gather", "statistics"},
     "test_vq_lower_codebook": {"search", "gather", "statistics"},
@@ -87,8 +87,8 @@ ROUTED = {
     "test_vq_3d": {"search", "gather"},
     "test_hq": {"search", "gather", "statistics"},
     "test_diveq": {"search", "gather"},
-    "test_topk_and_manual_ema_update": {"search", "gather", "statistics"},
-    "test_beam_search": {"statistics", "rotation", "fallback.topk"},  # until a top-k search is routed
+    "test_topk_and_manual_ema_update": {"search", "topk", "gather", "statistics"},
+    "test_beam_search": {"topk", "gather", "statistics", "rotation"},
 }
 
 
