@@ -80,7 +80,7 @@ def _check_rq(op, x, cb, quantized, codes):
 
 
 @given(case=rq_case(nonfinite=False))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_residual_quantize_finite(backend, device, case):
     """Finite inputs at every magnitude: each level's code is the exact argmin for the residual
     the op itself left (within the bound), quantized is the sum of the codes, and the gradient
@@ -98,7 +98,7 @@ def test_residual_quantize_finite(backend, device, case):
 
 
 @given(case=rq_case(nonfinite=True))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_residual_quantize_nonfinite(backend, device, case):
     """NaN/inf in x or the codebooks: codes in [0, K) on every level; a non-finite code never
     chosen for a finite residual while a finite code exists (per level)."""
@@ -190,7 +190,7 @@ def _stats_call(x, idx, K, det, weights=None):
 
 
 @given(case=stats_case(nonfinite=False))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_code_statistics_finite(backend, device, case):
     """Exact counts; sums within the float32 summation bound; float32 overflow -> +-inf; both
     the deterministic and the atomic path, single and batched levels, int32/int64 indices."""
@@ -203,7 +203,7 @@ def test_code_statistics_finite(backend, device, case):
 
 
 @given(case=stats_case(nonfinite=True))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_code_statistics_nonfinite(backend, device, case):
     """A NaN row makes its code's sums NaN (inf + -inf too), an infinite one +-inf: nothing is
     dropped or made finite silently; or, where the op documents it (``return_skipped``), the

@@ -52,7 +52,7 @@ def vq_case(draw, nonfinite=False):
 
 
 @given(case=vq_case())
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_vector_quantizer_forward(backend, device, case):
     """Eval forward: indices the exact nearest codes (within the bound), quantized the code's
     value (straight-through rounding allowed), commitment loss mse(code, x) and its gradient
@@ -150,7 +150,7 @@ def _train_steps(op, module, codebook, batches, device):
 
 
 @given(case=train_case(residual=False))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_vector_quantizer_training_cannot_be_poisoned(backend, device, case):
     """Training forwards with EMA / dead-code revival / k-means init on batches that are empty,
     hold NaN/inf rows or values up to the dtype's maximum: the codebook and the EMA buffers stay
@@ -179,7 +179,7 @@ def rq_module_case(draw):
 
 
 @given(case=rq_module_case())
-@fuzz_settings(15)
+@fuzz_settings(12)
 def test_residual_quantizer_forward(backend, device, case):
     """Eval forward: codes the greedy exact argmins level by level, quantized == decode(codes)
     within rounding, the commitment loss finite wherever representable."""
@@ -219,7 +219,7 @@ def _check_rq_module(op, x, cb, codes, dec, commit):
 
 
 @given(case=train_case(residual=True))
-@fuzz_settings(15)
+@fuzz_settings(12)
 def test_residual_quantizer_training_cannot_be_poisoned(backend, device, case):
     K, D, L, opts, mdtype, batches = case
     torch.manual_seed(batches[0].seed)
@@ -266,7 +266,7 @@ def test_rqvae(backend, device, data):
 
 
 @given(data=st.data())
-@fuzz_settings(15)
+@fuzz_settings(12)
 def test_qr_embedding(backend, device, data):
     """Table sizes as documented (seed split int(sqrt(n)) x int(sqrt(n)), or ceil(n/c) x c), and
     the lookup equals the quotient-remainder composition in float64."""
@@ -290,7 +290,7 @@ def test_qr_embedding(backend, device, data):
 
 
 @given(data=st.data())
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_bitcodes_module(backend, device, data):
     """Eval: bit k is 1 iff codebook row 2k+1 has the larger inner product with x (ties 0), within
     the bound; y == from_bits(bits). Training: bits in {0, 1} and y == from_bits(bits) up to

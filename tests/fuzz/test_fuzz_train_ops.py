@@ -115,7 +115,7 @@ def _check_rotation(op, e, q, out, ge, g):
 
 
 @given(case=rotation_case(nonfinite=False))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_rotation_trick_finite(backend, device, case):
     """Forward exactly q; gradient to e = lambda R^T g (float64) where the rotation is defined,
     g where it is not (thresholds documented), finite wherever the inputs are finite and the
@@ -130,7 +130,7 @@ def test_rotation_trick_finite(backend, device, case):
 
 
 @given(case=rotation_case(nonfinite=True))
-@fuzz_settings(15)
+@fuzz_settings(12)
 def test_rotation_trick_nonfinite(backend, device, case):
     """A NaN/inf e (or upstream gradient) gives a NaN gradient row, never a made-up finite one."""
     es, qs, mode = case
@@ -216,7 +216,7 @@ def _qr_oracle(qw, rw, op, ids, offsets, mode, psw):
 
 
 @given(case=qr_case(nonfinite=False))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_qr_lookup(backend, device, case):
     """Plain and bag lookups at every magnitude and int64 id (negative, > 2^31): the composed,
     pooled float64 value (overflow -> +-inf, inf*0 -> NaN); gradients of both tables and of the
@@ -282,7 +282,7 @@ def _check_qr_grads(name, qw, rw, psw, g, grads, op, ids, offsets, items, qi, ri
 
 
 @given(case=qr_case(nonfinite=True))
-@fuzz_settings(15)
+@fuzz_settings(12)
 def test_qr_lookup_nonfinite(backend, device, case):
     """NaN/inf table rows propagate to exactly the outputs that use them (NaN for inf*0 and
     inf - inf), nothing else."""
@@ -392,7 +392,7 @@ def _check_kl(op, p, t, T, loss, grad):
 
 
 @given(case=kl_case(nonfinite=False))
-@fuzz_settings(20)
+@fuzz_settings(16)
 def test_pairwise_kl_loss_finite(backend, device, case):
     """Loss and gradient in pred against float64 (diagonal excluded exactly), finite wherever
     the inputs and every logit are representable: all logits of a row far below -1e30 included
@@ -406,7 +406,7 @@ def test_pairwise_kl_loss_finite(backend, device, case):
 
 
 @given(case=kl_case(nonfinite=True))
-@fuzz_settings(15)
+@fuzz_settings(12)
 def test_pairwise_kl_loss_nonfinite(backend, device, case):
     """A NaN/inf embedding makes the loss NaN, never a finite made-up number."""
     ps, ts, collinear, T = case
