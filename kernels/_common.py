@@ -156,3 +156,28 @@ def nan_clamp(d, lo, hi):
     """``min(max(d, lo), hi)`` that keeps NaN."""
     d = tl.maximum(d, lo, propagate_nan=tl.PropagateNan.ALL)
     return tl.minimum(d, hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def argmin_merge(b_best, b_idx, b_s, k0, BLOCK_K: tl.constexpr):
+    """Fold a ``(BLOCK_N, BLOCK_K)`` tile of scores (codes ``k0 .. k0 + BLOCK_K - 1``) into the
+    running per-row ``(min, index)``, once per tile.
+
+    NaN-aware without a select: ``tl.min`` is a NaN-ignoring min (``min.f32``), and a NaN never
+    equals the minimum, so a NaN score (a masked or non-finite code) is never chosen; a row whose
+    tile is all NaN keeps its running pair. Exact ties go to the smallest index: the smallest
+    column attaining the tile's minimum, and a later tile only wins when strictly smaller.
+    ``b_idx`` int32 (-1 while no code has been chosen); ``b_best`` float32 (+inf at the start).
+    """
+    b_m = tl.min(b_s, axis=1)
+    b_j = tl.min(tl.where(b_s == b_m[:, None], tl.arange(0, BLOCK_K)[None, :], BLOCK_K), axis=1)
+    m_better = b_m < b_best
+    return tl.where(m_better, b_m, b_best), tl.where(m_better, (k0 + b_j).to(tl.int32), b_idx)
+
+
+@triton.jit
+def argmin_merge_pair(b_best, b_idx, b_cand, b_cidx):
+    """Merge a candidate ``(min, index)`` pair per row (e.g. a later split's partial) into the
+    running one: strict ``<`` (the earlier, smaller-index one wins ties), NaN never wins."""
+    m_better = b_cand < b_best
+    return tl.where(m_better, b_cand, b_best), tl.where(m_better, b_cidx, b_idx)

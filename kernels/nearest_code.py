@@ -48,11 +48,13 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import autotune_configs, dot_fp32, exp2i, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, tl_input_precision
+from ._common import (argmin_merge, argmin_merge_pair, autotune_configs, dot_fp32, exp2i, launcher, nan_clamp,
+                      nan_max0, next_pow2, pow2_exponent, tl_input_precision)
 
-# Internal metric ids; the public names and their documentation live in fastvq/ops/_search.py.
+# Internal ids; the public metric and strategy names and their documentation live in
+# fastvq/ops/_search.py.
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2, "euclidean": 3}
-STRATEGIES = ("hardest", "semi-hard")
+_STRATEGY_BOUND = {"hardest": False, "semi-hard": True}
 
 # D up to this many features keeps the whole x tile on chip; larger D streams it in 64-wide chunks.
 RESIDENT_MAX_D = 256
@@ -74,10 +76,13 @@ META_COLS = 4  # per codebook: first finite code, scaled copy in use, float32 bi
 
 
 @triton.jit
-def _scores(b_xc, p_cterm, o_k, m_k, METRIC: tl.constexpr):
+def _scores(b_xc, p_cterm, o_k, m_k, METRIC: tl.constexpr, EVEN_K: tl.constexpr = False):
     """Scores whose row argmin is the nearest code; NaN for codes past the tile's end and for
-    codes with a non-finite entry (their per-code term is NaN)."""
-    b_ct = tl.load(p_cterm + o_k, mask=m_k, other=float("nan"))
+    codes with a non-finite entry (their per-code term is NaN): the argmin needs no mask."""
+    if EVEN_K:
+        b_ct = tl.load(p_cterm + o_k)
+    else:
+        b_ct = tl.load(p_cterm + o_k, mask=m_k, other=float("nan"))
     if METRIC == 1:
         b_s = -b_xc * b_ct[None, :]
     elif METRIC == 2:
@@ -88,27 +93,20 @@ def _scores(b_xc, p_cterm, o_k, m_k, METRIC: tl.constexpr):
 
 
 @triton.jit
-def _gumbel(seed, o_n, o_k, h):
-    """Gumbel(0, 1) noise for rows ``o_n`` x codes ``o_k`` of codebook ``h``: Philox4x32-10 keyed
-    by ``seed``, counter (code, row, codebook, row >> 32), first word -> u in (0, 1)."""
-    zero = (o_n[:, None] * 0 + o_k[None, :] * 0)
-    c0 = (o_k[None, :] + zero).to(tl.uint32)
+def _gumbel(seed, o_n, k0, h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Gumbel(0, 1) noise for rows ``o_n`` x codes ``k0 .. k0 + BLOCK_K - 1`` of codebook ``h``:
+    one Philox4x32-10 call per 4 codes (keyed by ``seed``, counter (code // 4, row, codebook,
+    row >> 32); code ``k`` takes word ``k % 4``), each word -> u in (0, 1) -> -log(-log(u))."""
+    o_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    zero = (o_n[:, None] * 0 + o_g[None, :] * 0)
+    c0 = (o_g[None, :] + zero).to(tl.uint32)
     c1 = (o_n[:, None] + zero).to(tl.uint32)
     c2 = (zero + h).to(tl.uint32)
     c3 = ((o_n >> 32)[:, None] + zero).to(tl.uint32)
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    u = ((r0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N, BLOCK_K))  # code 4g + j: word j
+    u = ((r >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
     return -tl.log(-tl.log(u))
-
-
-@triton.jit
-def _merge_tile(b_best, b_idx, b_s, k0):
-    """Fold a tile of scores into the running (min, index): left ties inside, strict < across.
-    NaN scores never win."""
-    b_s = tl.where(b_s == b_s, b_s, float("inf"))
-    b_tmin, b_targ = tl.min(b_s, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    m_better = b_tmin < b_best
-    return tl.where(m_better, b_tmin, b_best), tl.where(m_better, (k0 + b_targ).to(tl.int32), b_idx)
 
 
 @triton.jit
@@ -131,13 +129,21 @@ def _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK: tl.constexpr, SCA
 @triton.jit
 def _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
              ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+             EVEN_K: tl.constexpr = False, EVEN_D: tl.constexpr = False):
     """``x @ c.T`` for one codebook tile, float32: the resident x tile against the codes, or D
-    streamed in BLOCK_D chunks of both."""
+    streamed in BLOCK_D chunks of both. ``EVEN_K``/``EVEN_D``: whole tiles, unmasked loads."""
     o_d = tl.arange(0, BLOCK_D)
     if ONE_D_BLOCK:
-        b_c = tl.load(p_cb + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                      mask=m_k[:, None] & (o_d < D)[None, :], other=0.0)
+        p_tile = p_cb + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd
+        if EVEN_K and EVEN_D:
+            b_c = tl.load(p_tile)
+        elif EVEN_K:
+            b_c = tl.load(p_tile, mask=(o_d < D)[None, :], other=0.0)
+        elif EVEN_D:
+            b_c = tl.load(p_tile, mask=m_k[:, None], other=0.0)
+        else:
+            b_c = tl.load(p_tile, mask=m_k[:, None] & (o_d < D)[None, :], other=0.0)
         if DOT_FP32:
             b_c = b_c.to(tl.float32)
         b_xc = tl.dot(b_xt, tl.trans(b_c), input_precision=PRECISION)
@@ -405,38 +411,64 @@ def _smem_limit(device: torch.device) -> int:
 _DEFAULT_SMEM = 192 * 1024  # when the device cannot be asked (H100/H200 allow 227 KiB per block)
 
 
+# GPU configs, (BLOCK_N, BLOCK_K, num_warps, num_stages). 16-bit inputs run wgmma: 64/128-row
+# tiles; at D <= 256 the 64 x 64 two-stage tile leaves room for two blocks per SM (98 KiB shared
+# memory at D = 256), so one block's argmin epilogue overlaps the other's MMA. fp32 has its own
+# list: its exact ("ieee") dot runs on the FMA units and holds operand fragments in registers
+# (64 x 64 at 4 warps spilled 13.5 KB per thread on sm_90); every fp32 config here compiles
+# without spills for both fp32 precisions at D = 256.
+CONFIGS_16BIT = [(bn, bk, w, s) for bn in (64, 128) for bk in (64, 128) for w in (4, 8) for s in (2, 3)]
+CONFIGS_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)]
+REGISTER_BUDGET = 240  # per thread, estimated; 255 is the hardware limit and then it spills
+
+
+def _estimate_registers(bn, bk, w, d, elt):
+    """Registers per thread of a 16-bit config: the x tile passing through registers on its way
+    to shared memory, the fp32 accumulator, and ~60 for addresses and the running argmin.
+    Calibrated on sm_90 builds: 128 x 64 at 4 warps, D = 256 (estimate 252) spills 88 bytes;
+    64 x 128 at 4 warps (188) uses 165 registers; 128 x 128 at 8 warps (188) uses 164."""
+    return bn * d * elt // (4 * 32 * w) + bn * bk // (32 * w) + 60
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose on-chip tiles clearly exceed the device's shared memory; keep at least one.
+    """Keep the configs of the input's own list (16-bit or fp32) whose on-chip tiles fit the
+    device's shared memory and (16-bit) whose estimated registers stay within the budget;
+    keep at least one.
 
     Resident x (``ONE_D_BLOCK``): one ``BLOCK_N x D`` x tile plus ``num_stages`` codebook tiles
-    (16-bit inputs: ``num_stages - 1``, as compiled for sm_90; fp32 holds all of them).
+    (as compiled for sm_90: the unmasked whole-tile loads pipeline every stage).
     Streamed D: both the x and the codebook chunks are pipelined, ``num_stages`` of each.
-    Only a time saver: the autotuner also skips configs that run out of resources.
     """
     p_x = named_args["p_x"]
     elt = p_x.element_size()
     d = kwargs.get("BLOCK_D", 64)
     resident = kwargs.get("ONE_D_BLOCK", True)
     limit = _smem_limit(p_x.device)
+    own = set(CONFIGS_FP32 if elt == 4 else CONFIGS_16BIT)
+
+    def key(c):
+        return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    sample = kwargs.get("SAMPLE", False)
 
     def smem(c):
         bn, bk, s = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages
+        extra = bn * bk * 4 if sample else 0  # sampling interleaves the 4 Philox words through shared memory
         if resident:
-            return (bn + bk * (max(s - 1, 1) if elt == 2 else s)) * d * elt
-        return (bn + bk) * s * d * elt
+            return (bn + bk * s) * d * elt + extra
+        return (bn + bk) * s * d * elt + extra
 
-    kept = [c for c in configs if smem(c) <= limit]
-    return kept or [min(configs, key=smem)]
+    def regs(c):
+        return 0 if elt == 4 else _estimate_registers(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, d, elt)
+
+    mine = [c for c in configs if key(c) in own] or list(configs)
+    kept = [c for c in mine if smem(c) <= limit and regs(c) <= REGISTER_BUDGET]
+    return kept or [min(mine, key=smem)]
 
 
 def _configs():
-    gpu = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn in (64, 128)
-        for bk in (32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
+    seen = dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)
+    gpu = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in seen]
     return autotune_configs("nearest_code", gpu,
                             pinned=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
                             interpreter=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
@@ -448,6 +480,7 @@ def _configs():
 # slightly different codebook size reuses the tuning instead of re-running every config.
 @triton.autotune(configs=_configs(), key=["D", "K_BUCKET", "SPLITS", "PRECISION", "HAS_LOWER_BOUND"],
                  prune_configs_by={"early_config_prune": _prune_configs})
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_D": lambda a: a["D"] == a["BLOCK_D"]})
 @triton.jit
 def _nearest_code_fwd_kernel(
     p_x, p_c, p_chat, p_cterm, p_meta, p_pos, p_seed, p_idx, p_dist, p_pscore, p_pidx,
@@ -456,6 +489,7 @@ def _nearest_code_fwd_kernel(
     METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr, SAMPLE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -538,15 +572,20 @@ def _nearest_code_fwd_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < k_end
         b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
-                        ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
-        b_s = _scores(b_xc, p_ct, o_k, m_k, METRIC)
+                        ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
+                        EVEN_K, EVEN_D and ONE_D_BLOCK)
+        b_s = _scores(b_xc, p_ct, o_k, m_k, METRIC, EVEN_K)
         if SAMPLE:
             if METRIC == 3:
                 b_s = tl.sqrt(nan_max0(b_xx[:, None] + b_s))
-            b_s = b_s * b_a[:, None] - b_w[:, None] * _gumbel(seed, o_n, o_k, h)
-        b_best, b_idx = _merge_tile(b_best, b_idx, b_s, k0)
+            b_s = b_s * b_a[:, None] - b_w[:, None] * _gumbel(seed, o_n, k0, h, BLOCK_N, BLOCK_K)
+        b_best, b_idx = argmin_merge(b_best, b_idx, b_s, k0, BLOCK_K)
         if HAS_LOWER_BOUND:  # only codes strictly farther than the positive
-            b_best_c, b_idx_c = _merge_tile(b_best_c, b_idx_c, tl.where(b_s > b_thr[:, None], b_s, float("inf")), k0)
+            # (one fused min-with-index here: +inf, not NaN, marks the codes left out, so the
+            # comparison-based combine needs no NaN handling; measured cheaper than two mins)
+            b_mc, b_jc = tl.min(tl.where(b_s > b_thr[:, None], b_s, float("inf")), axis=1, return_indices=True,
+                                return_indices_tie_break_left=True)
+            b_best_c, b_idx_c = argmin_merge_pair(b_best_c, b_idx_c, b_mc, (k0 + b_jc).to(tl.int32))
 
     o_out = h * N + o_n
     if WRITE_PARTIAL:  # partials laid out [track][split][codebook, row]
@@ -583,18 +622,13 @@ def _nearest_code_reduce_kernel(p_x, p_c, p_meta, p_pscore, p_pidx, p_idx, p_dis
     b_idx_c = tl.full((BLOCK_N,), -1, dtype=tl.int32)
     for split in range(0, SPLITS):
         o_p = split * HN + o
-        b_s = tl.load(p_pscore + o_p, mask=m, other=float("inf"))
-        b_i = tl.load(p_pidx + o_p, mask=m, other=-1)
-        m_better = b_s < b_best
-        b_best = tl.where(m_better, b_s, b_best)
-        b_idx = tl.where(m_better, b_i, b_idx)
+        b_best, b_idx = argmin_merge_pair(b_best, b_idx, tl.load(p_pscore + o_p, mask=m, other=float("inf")),
+                                          tl.load(p_pidx + o_p, mask=m, other=-1))
         if HAS_LOWER_BOUND:
             o_pc = (split + SPLITS) * HN + o
-            b_s = tl.load(p_pscore + o_pc, mask=m, other=float("inf"))
-            b_i = tl.load(p_pidx + o_pc, mask=m, other=-1)
-            m_better = b_s < b_best_c
-            b_best_c = tl.where(m_better, b_s, b_best_c)
-            b_idx_c = tl.where(m_better, b_i, b_idx_c)
+            b_best_c, b_idx_c = argmin_merge_pair(b_best_c, b_idx_c,
+                                                  tl.load(p_pscore + o_pc, mask=m, other=float("inf")),
+                                                  tl.load(p_pidx + o_pc, mask=m, other=-1))
     if HAS_LOWER_BOUND:
         b_idx = tl.where(b_idx_c >= 0, b_idx_c, b_idx)
     h = o // N
@@ -766,7 +800,9 @@ def _launch(x, codebook, metric, allow_tf32, positive, splits, seed=None, temper
     # launch: the pre-passes (per-code terms, scaled copy where needed) ...
     codebook, chat, cterm, meta = prepare_codebook(codebook, metric)
     # ... the streaming kernel ...
-    S = num_splits(H * N, K, dev) if splits is None else max(1, int(splits))
+    assert splits is None or (isinstance(splits, int) and not isinstance(splits, bool) and splits >= 1), \
+        f"splits must be a positive int, got {splits!r}"
+    S = num_splits(H * N, K, dev) if splits is None else splits
     one_d = D <= RESIDENT_MAX_D
     BLOCK_D = max(next_pow2(D), 16) if one_d else 64
     tracks = 2 if has_lb else 1
@@ -830,9 +866,9 @@ def mine_negatives_fwd(anchor: torch.Tensor, positive: torch.Tensor, negatives: 
     """
     _check("mine_negatives_fwd", anchor.unsqueeze(0), negatives.unsqueeze(0), "l2")
     assert positive.shape == anchor.shape and positive.dtype == anchor.dtype, "mine_negatives_fwd: positive"
-    assert strategy in STRATEGIES, f"mine_negatives_fwd: unknown strategy {strategy!r}"
+    assert strategy in _STRATEGY_BOUND, f"mine_negatives_fwd: unknown strategy {strategy!r}"
     indices, distances = _launch(anchor.unsqueeze(0), negatives.unsqueeze(0), "l2", False,
-                                 positive if strategy == "semi-hard" else None, splits)
+                                 positive if _STRATEGY_BOUND[strategy] else None, splits)
     return indices[0], distances[0]
 
 
@@ -854,8 +890,13 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
     one_d = D <= RESIDENT_MAX_D
     BLOCK_D = max(next_pow2(D), 16) if one_d else 64
     KP = max(next_pow2(k), 2)
+    # Fixed tiles, checked on sm_90 for spills: fp32's exact dot runs on the FMA units and wants 8
+    # warps on 64 x 32 (32-row tiles at 4 warps spilled 5-20 KB per thread); 16-bit runs wgmma.
+    num_warps = 4
     if INTERPRETED:
         BLOCK_N, BLOCK_K = 32, 32
+    elif x.dtype == torch.float32:
+        BLOCK_N, BLOCK_K, num_warps = 64, 32, 8
     else:
         BLOCK_N, BLOCK_K = (64, 64) if KP <= 32 else (32, 64)
     _topk_codes_fwd_kernel[(H * triton.cdiv(N, BLOCK_N),)](
@@ -863,7 +904,7 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
         x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
         METRIC=m, ONE_D_BLOCK=one_d, SCALE_ROWS=m in (1, 2) and x.dtype != torch.float16,
         PRECISION=tl_input_precision(x.dtype, allow_tf32), DOT_FP32=dot_fp32(x.dtype), KP=KP,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, FIN_D=min(BLOCK_D, 32), num_warps=4,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, FIN_D=min(BLOCK_D, 32), num_warps=num_warps,
     )
     return indices, distances
 

@@ -30,15 +30,41 @@ import triton.language as tl
 from ._common import autotune_configs, dot_fp32, flat_grid, flat_program_id, launcher, next_pow2, tl_input_precision
 
 
-def _configs(name, pairs):
+def _config(m, n, w, s):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+# Separate lists for 16-bit and float32 inputs (the early prune keeps the input's own), each
+# checked to compile for sm_90 without register spills at the launcher's largest tiles (16-bit:
+# BLOCK_D 64, BLOCK_DO 128; float32: BLOCK_D 32, BLOCK_DO 64). float32 dots are exact IEEE FMA
+# dots with both operands in registers, so float32 takes narrower D chunks and more warps per tile.
+_FWD_16 = [_config(64, 64, 4, 2), _config(64, 32, 4, 3), _config(128, 64, 8, 2), _config(128, 32, 4, 2)]
+_FWD_32 = [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 4, 2), _config(128, 32, 8, 2)]
+_BWD_16 = [_config(64, 64, 8, 2), _config(64, 32, 4, 3), _config(32, 64, 4, 2), _config(128, 32, 8, 2)]
+_BWD_32 = [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2)]
+_FP32_CONFIGS = {id(c) for c in _FWD_32 + _BWD_32}
+MAX_BLOCK_D = {4: 32, 2: 64}  # by element size: D chunk of the gram dots
+MAX_BLOCK_DO = {4: 64, 2: 128}  # by element size: output columns per program of the backward
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the configs of the input's precision (float32 or 16-bit)."""
+    fp32 = named_args["p_pred"].element_size() == 4
+    kept = [c for c in configs if (id(c) in _FP32_CONFIGS) == fp32]
+    return kept or configs  # the one interpreter / pinned config
+
+
+def _configs(name, configs, **pinned_options):
     return autotune_configs(
-        name, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs],
-        pinned=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=2, maxnreg=128),
+        name, configs,
+        pinned=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=2, **pinned_options),
         interpreter=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4))  # (one, with large tiles)
 
 
-_FWD_CONFIGS = _configs("pairwise_kl_loss_fwd", [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 2)])
-_BWD_CONFIGS = _configs("pairwise_kl_loss_bwd", [(64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 32, 8, 2)])
+# pinned (FASTVQ_AUTOTUNE=0): without maxnreg ptxas spills the float32 forward (80 registers, 16 B of
+# stack); with maxnreg=128 it spills the float32 backward (8 B); as below, neither spills on sm_90
+_FWD_CONFIGS = _configs("pairwise_kl_loss_fwd", _FWD_16 + _FWD_32, maxnreg=128)
+_BWD_CONFIGS = _configs("pairwise_kl_loss_bwd", _BWD_16 + _BWD_32)
 
 
 @triton.jit
@@ -75,7 +101,7 @@ def _gram_tile(
     return b_acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["DP", "DT"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_fwd_kernel(
     p_pred, p_target, p_kl, p_lse_p, p_lse_t,
@@ -138,7 +164,7 @@ def _pairwise_kl_loss_fwd_kernel(
     tl.store(p_lse_t + o_m, b_lse_t, mask=m_m)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["DP", "DT"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_bwd_kernel(
     p_grad, p_pred, p_target, p_lse_p, p_lse_t, p_dpred,
@@ -197,8 +223,8 @@ def _pairwise_kl_loss_bwd_kernel(
 H_SCALE_FP16 = 16384.0
 
 
-def _block_d(d: int) -> int:
-    return min(max(next_pow2(d), 16), 64)
+def _block_d(d: int, dtype: torch.dtype) -> int:
+    return min(max(next_pow2(d), 16), MAX_BLOCK_D[dtype.itemsize])
 
 
 @launcher
@@ -227,7 +253,7 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
         pred, target, kl, lse_p, lse_t,
         B, DP, DT, 1.0 / float(temperature),
         pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
-        BLOCK_DP=_block_d(DP), BLOCK_DT=_block_d(DT),
+        BLOCK_DP=_block_d(DP, pred.dtype), BLOCK_DT=_block_d(DT, target.dtype),
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
         DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype),
     )
@@ -259,14 +285,14 @@ def pairwise_kl_loss_bwd(
     if B <= 1 or DP == 0:
         return dpred.zero_()
     # launch
-    BLOCK_DO = min(max(next_pow2(DP), 16), 128)
+    BLOCK_DO = min(max(next_pow2(DP), 16), MAX_BLOCK_DO[pred.dtype.itemsize])
     n_do = triton.cdiv(DP, BLOCK_DO)
     grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]) * n_do)  # noqa: E731
     _pairwise_kl_loss_bwd_kernel[grid](
         grad.float(), pred, target, lse_p.float().contiguous(), lse_t.float().contiguous(), dpred,
         B, DP, DT, 1.0 / float(temperature), n_do,
         pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), dpred.stride(0), dpred.stride(1),
-        BLOCK_DP=_block_d(DP), BLOCK_DT=_block_d(DT), BLOCK_DO=BLOCK_DO,
+        BLOCK_DP=_block_d(DP, pred.dtype), BLOCK_DT=_block_d(DT, target.dtype), BLOCK_DO=BLOCK_DO,
         H_SCALE=H_SCALE_FP16 if pred.dtype == torch.float16 else 1.0,
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
         DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype),

@@ -114,7 +114,9 @@ class Job:
 
 def _jit(k):
     """The JITFunction under an Autotuner (or the JITFunction itself)."""
-    return k.fn if isinstance(k, triton.runtime.autotuner.Autotuner) else k
+    while isinstance(k, (triton.runtime.autotuner.Autotuner, triton.runtime.autotuner.Heuristics)):
+        k = k.fn
+    return k
 
 
 def _cfgs(k):
@@ -194,10 +196,14 @@ def _nearest_code_jobs():
 
     def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False,
             sample=False):
-        const = dict(unit if aligned else {}, METRIC=metric, HAS_LOWER_BOUND=lb, SAMPLE=sample, WRITE_PARTIAL=partial,
+        # whole code tiles and D == BLOCK_D (the unmasked path) unless unaligned or split
+        even = aligned and not partial
+        const = dict(unit if aligned else {}, EVEN_K=even, EVEN_D=even and one_d, METRIC=metric,
+                     HAS_LOWER_BOUND=lb, SAMPLE=sample, WRITE_PARTIAL=partial,
                      ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16", PRECISION=prec,
                      DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
         var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},{'SAMPLE,' if sample else ''}PARTIAL={int(partial)},"
+               f"{'EVEN,' if even else ''}"
                f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}{tag} | {_cfg_label(cfg)}")
         big = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         return Job("nearest_code._nearest_code_fwd_kernel", var, _jit(k), ptrs(dt), const, cfg.num_warps,
@@ -220,6 +226,7 @@ def _nearest_code_jobs():
             jobs.append(fwd(dt, prec, 0, False, False, one_d, block_d, cfg, pruned=pr, sweep=True))
     # Every constexpr the launcher passes, against each dtype, at one mid config.
     mid = _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
+    mid32 = _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)  # fp32's own list
     flag_sets = [  # (METRIC, HAS_LOWER_BOUND, WRITE_PARTIAL, ONE_D_BLOCK, BLOCK_D)
         (1, False, True, True, 128), (2, False, False, False, 64), (0, True, True, False, 64),
         (0, True, False, True, 64), (1, False, False, True, 16), (2, False, True, True, 32),
@@ -228,7 +235,7 @@ def _nearest_code_jobs():
         for metric, lb, partial, one_d, block_d in flag_sets:
             if lb and prec == "tf32" and dt == "fp32":
                 continue  # mining never asks for tf32
-            jobs.append(fwd(dt, prec, metric, lb, partial, one_d, block_d, mid))
+            jobs.append(fwd(dt, prec, metric, lb, partial, one_d, block_d, mid if dt != "fp32" else mid32))
     jobs.append(fwd("fp16", "tf32", 0, False, False, True, 256,
                     _pick(configs, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)))
     # Odd D: no divisibility on the row strides, nothing unit-stride specialized.
@@ -237,7 +244,7 @@ def _nearest_code_jobs():
     for metric in (0, 1, 2, 3):
         jobs.append(fwd("bf16", "tf32", metric, False, False, True, 64, mid, sample=True))
     jobs.append(fwd("fp16", "tf32", 2, False, True, False, 64, mid, sample=True))
-    jobs.append(fwd("fp32", "ieee", 3, False, False, True, 128, mid, sample=True))
+    jobs.append(fwd("fp32", "ieee", 3, False, False, True, 128, mid32, sample=True))
     # top-k: the launcher's fixed tiles
     tk = mod._topk_codes_fwd_kernel
     for dt, prec, metric, kp, bn, one_d, block_d in (("bf16", "tf32", 0, 16, 64, True, 64),
@@ -248,9 +255,9 @@ def _nearest_code_jobs():
                         f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}", tk,
                         {n: v for n, v in ptrs(dt).items() if n in tk.arg_names},
                         dict(unit_tk, METRIC=metric, ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16",
-                             PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=block_d,
-                             FIN_D=min(block_d, 32)),
-                        4, 1, aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), dot=True,
+                             PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=32 if dt == "fp32" else 64,
+                             BLOCK_D=block_d, FIN_D=min(block_d, 32)),
+                        8 if dt == "fp32" else 4, 1, aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), dot=True,
                         tensor_cores=prec == "tf32", rows=bn, cost=2.0 * (6 if prec == "ieee" else 1)))
     return jobs
 
@@ -359,28 +366,32 @@ def _pairwise_kl_loss_jobs():
     mod = pairwise_kl_loss
     jobs = []
     row_ints = ("stride_pb", "stride_tb", "stride_db")
-    for name, k, extra in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, {}),
-                           ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, {"BLOCK_DO": 128})):
+    for name, k, bwd in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, False),
+                         ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, True)):
         configs = _cfgs(k)
         for dt in DTYPES:
-            if extra:  # the backward scales G + G^T by 2^14 for its float16 dot
-                extra = dict(extra, H_SCALE=mod.H_SCALE_FP16 if dt == "fp16" else 1.0)
             p = DTYPES[dt]
+            elt = _ELT[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
             ptrs = {"p_pred": p, "p_target": p, "p_kl": "*fp32", "p_lse_p": "*fp32", "p_lse_t": "*fp32",
                     "p_grad": "*fp32", "p_dpred": p}
             ptrs = {a: v for a, v in ptrs.items() if a in _jit(k).arg_names}
-            for cfg in (configs if dt != "fp16" else configs[:1]):
-                const = dict(stride_pd=1, stride_td=1, BLOCK_DP=64, BLOCK_DT=64, PREC_P=prec, PREC_T=prec,
+            # the launcher's largest D chunks for this precision, and the configs the prune keeps for it
+            block_d = mod.MAX_BLOCK_D[elt]
+            extra = {"BLOCK_DO": mod.MAX_BLOCK_DO[elt], "H_SCALE": mod.H_SCALE_FP16 if dt == "fp16" else 1.0} \
+                if bwd else {}
+            kept = mod._prune_configs(configs, {"p_pred": _FakeTensor(elt)})
+            for cfg in (kept if dt != "fp16" else kept[:1]):
+                const = dict(stride_pd=1, stride_td=1, BLOCK_DP=block_d, BLOCK_DT=block_d, PREC_P=prec, PREC_T=prec,
                              DOT_FP32_P=False, DOT_FP32_T=False, **extra, **cfg.kwargs)
                 if "stride_dd" in _jit(k).arg_names:
                     const["stride_dd"] = 1
                 big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / (64 * 64)
-                jobs.append(Job(f"pairwise_kl_loss.{name}",
-                                f"{dt},BLOCK_DP=BLOCK_DT=64{',BLOCK_DO=128' if extra else ''} | {_cfg_label(cfg)}",
+                label = f"{dt},BLOCK_DP=BLOCK_DT={block_d}" + (f",BLOCK_DO={extra['BLOCK_DO']}" if bwd else "")
+                jobs.append(Job(f"pairwise_kl_loss.{name}", f"{label} | {_cfg_label(cfg)}",
                                 _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"inv_t": "fp32"},
                                 aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32",
-                                rows=cfg.kwargs["BLOCK_M"], sweep=cfg is not configs[0],
+                                rows=cfg.kwargs["BLOCK_M"], sweep=cfg is not kept[0],
                                 cost=big * (8 if dt == "fp32" else 2)))
     # narrow features (BLOCK_D = 16, the smallest wgmma K for 16-bit operands), bf16
     k = mod._pairwise_kl_loss_bwd_kernel

@@ -33,7 +33,7 @@ def test_dry_run(tmp_path):
     suite = ET.parse(folder / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite[0]
     n_files = len(list((ROOT / "tests").rglob("test_*.py")))
-    assert int(suite.get("tests")) >= n_files - 4  # one per file (minus the deselected slow ones)
+    assert n_files // 2 <= int(suite.get("tests")) <= n_files  # one per file (minus deselected and skipped files)
     assert int(suite.get("failures")) == 0 and int(suite.get("errors")) == 0
     assert "all checks passed" in (folder / "check.txt").read_text()
     rows = json.loads((folder / "bench.json").read_text())["rows"]

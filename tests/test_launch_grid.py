@@ -16,7 +16,7 @@ import fastvq
 from fastvq import kernels
 from fastvq.kernels import _common
 
-from .utils import randn
+from .utils import generator, randn
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="grids are read from the Triton interpreter")
 
@@ -132,8 +132,8 @@ def test_pairwise_kl_loss(grids, device):
 
 
 def test_code_usage_and_semantic_ids(grids, device):
-    idx = torch.randint(0, 7, (5000,), generator=torch.Generator().manual_seed(4)).to(device)
-    codes = torch.randint(0, 3, (1000, 2), generator=torch.Generator().manual_seed(5)).to(device)
+    idx = torch.randint(0, 7, (5000,), generator=generator(4)).to(device)
+    codes = torch.randint(0, 3, (1000, 2), generator=generator(5)).to(device)
     want, got = _both(lambda: (fastvq.code_usage(idx, 7).counts, fastvq.semantic_ids(codes)))
     _equal(want, got)
     _assert_folded(grids, ["_code_usage_fwd_kernel", "_semantic_ids_fwd_kernel"])
@@ -145,7 +145,7 @@ def test_qr_lookup(grids, device, deterministic, sparse, monkeypatch):
     from fastvq.kernels import qr_lookup as kmod
 
     monkeypatch.setattr(kmod, "KEYS_BLOCK", 64)  # 300 ids: 5 programs of the key kernel
-    g = torch.Generator().manual_seed(6)
+    g = generator(6)
     ids = torch.randint(-10**6, 10**6, (300,), generator=g).to(device)
     offsets = torch.sort(torch.randint(0, 300, (9,), generator=g)).values.to(device)
     offsets[0] = 0

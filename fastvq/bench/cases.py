@@ -26,6 +26,8 @@ from fastvq.reference.pairwise_sqdist import pairwise_sqdist_ref
 from fastvq.reference.qr_lookup import qr_lookup_ref
 from fastvq.reference.residual_quantize import residual_quantize_ref
 from fastvq.reference.rotation_trick import rotation_trick_ref
+from fastvq.reference.sample_code import sample_code_ref
+from fastvq.reference.topk_codes import topk_codes_ref
 
 from .registry import OP_ROWS, Case, compiled as _compiled, fits as _fits, on_triton as _triton, register
 from .peers import (seed_cdist_argmin, seed_householder, seed_onehot_stats, seed_pairwise_kl_loss,
@@ -60,6 +62,81 @@ def nearest_code_cases(device, quick):
             providers={"reference": nearest_code_ref, "compiled": _compiled(nearest_code_ref),
                        "fastvq": _triton(fastvq.nearest_code)},
             peers={"torch cdist+argmin": seed_cdist_argmin},
+            skip=skip, flops=2.0 * n * k * d, ceiling="matmul", matmul_shape=(n, d, k)))
+    return out
+
+
+def _cdist_topk(x, c, k):
+    """The dense way: the (H,) N x K distance matrix, then torch.topk."""
+    return torch.cdist(x.float(), c.float()).topk(k, dim=-1, largest=False)
+
+
+def _cdist_gumbel(x, c, t):
+    """vector-quantize-pytorch's sampling as written there: -cdist / T + Gumbel noise, argmax."""
+    logits = -torch.cdist(x.float(), c.float()) / t
+    u = torch.rand_like(logits).clamp(1e-20, 1.0)
+    return (logits - torch.log(-torch.log(u))).argmax(-1)
+
+
+def nearest_code_multi_cases(device, quick):
+    """H separate codebooks in one launch (vector-quantize-pytorch's heads / separate codebooks)."""
+    shapes = [(4, 1024, 32, 256, torch.float32)] if quick else [
+        (8, 131072, 32, 1024, torch.bfloat16), (8, 131072, 32, 1024, torch.float32),
+        (4, 262144, 64, 4096, torch.bfloat16)]
+    out = []
+    for h, n, d, k, dt in shapes:
+        skip = {}
+        if not _fits(4.0 * h * n * k * 2, device):
+            skip["torch cdist+argmin (batched)"] = f"needs {8.0 * h * n * k / 2**30:.0f} GiB for the H x N x K matrix"
+        out.append(Case(
+            op="nearest_code (H codebooks)", shape={"H": h, "N": n, "D": d, "K": k}, dtype=dt,
+            make=lambda dev, h=h, n=n, d=d, k=k, dt=dt: (torch.randn(h, n, d, device=dev, dtype=dt),
+                                                         torch.randn(h, k, d, device=dev, dtype=dt)),
+            providers={"reference": nearest_code_ref, "compiled": _compiled(nearest_code_ref),
+                       "fastvq": _triton(fastvq.nearest_code)},
+            peers={"torch cdist+argmin (batched)": seed_cdist_argmin},
+            skip=skip, flops=2.0 * h * n * k * d, ceiling="matmul", matmul_shape=(h * n, d, k)))
+    return out
+
+
+def topk_codes_cases(device, quick):
+    shapes = [(2048, 64, 256, 8, torch.float32)] if quick else [
+        (262144, 256, 4096, 8, torch.bfloat16), (262144, 256, 4096, 16, torch.bfloat16),
+        (262144, 256, 4096, 16, torch.float32)]
+    out = []
+    for n, d, k_codes, k, dt in shapes:
+        skip = {}
+        if not _fits(4.0 * n * k_codes * 2, device):
+            skip["torch cdist+topk"] = f"needs {8.0 * n * k_codes / 2**30:.0f} GiB for the N x K matrix"
+        out.append(Case(
+            op="topk_codes", shape={"N": n, "D": d, "K": k_codes, "k": k}, dtype=dt,
+            make=lambda dev, n=n, d=d, kc=k_codes, dt=dt: (torch.randn(n, d, device=dev, dtype=dt),
+                                                           torch.randn(kc, d, device=dev, dtype=dt)),
+            providers={"reference": functools.partial(topk_codes_ref, k=k),
+                       "compiled": _compiled(functools.partial(topk_codes_ref, k=k)),
+                       "fastvq": _triton(functools.partial(fastvq.topk_codes, k=k))},
+            peers={"torch cdist+topk": functools.partial(_cdist_topk, k=k)},
+            skip=skip, flops=2.0 * n * k_codes * d, ceiling="matmul", matmul_shape=(n, d, k_codes)))
+    return out
+
+
+def sample_code_cases(device, quick):
+    shapes = [(4096, 64, 256, torch.float32)] if quick else [
+        (M, 256, 4096, torch.bfloat16), (M, 256, 4096, torch.float32), (M, 64, 1024, torch.bfloat16)]
+    out = []
+    for n, d, k, dt in shapes:
+        skip = {}
+        if not _fits(4.0 * n * k * 3, device):
+            skip["VQP gumbel (cdist)"] = f"needs {12.0 * n * k / 2**30:.0f} GiB for the N x K logits and noise"
+        seed = torch.tensor(1234)
+        out.append(Case(
+            op="sample_code (euclidean, T=1)", shape={"N": n, "D": d, "K": k}, dtype=dt,
+            make=lambda dev, n=n, d=d, k=k, dt=dt: (torch.randn(n, d, device=dev, dtype=dt),
+                                                    torch.randn(k, d, device=dev, dtype=dt)),
+            providers={"reference": functools.partial(sample_code_ref, temperature=1.0, metric="euclidean", seed=seed),
+                       "fastvq": _triton(functools.partial(fastvq.sample_code, temperature=1.0, metric="euclidean",
+                                                           seed=1234))},
+            peers={"VQP gumbel (cdist)": functools.partial(_cdist_gumbel, t=1.0)},
             skip=skip, flops=2.0 * n * k * d, ceiling="matmul", matmul_shape=(n, d, k)))
     return out
 
@@ -220,6 +297,9 @@ def pairwise_kl_cases(device, quick):
 
 for _name, _build in {
     "nearest_code": nearest_code_cases,
+    "nearest_code_multi": nearest_code_multi_cases,
+    "topk_codes": topk_codes_cases,
+    "sample_code": sample_code_cases,
     "pairwise_sqdist": pairwise_sqdist_cases,
     "mine_negatives": mine_negatives_cases,
     "residual_quantize": residual_quantize_cases,

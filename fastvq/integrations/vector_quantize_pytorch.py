@@ -10,7 +10,7 @@ patch replaces methods of VQP's classes and functions of its modules, not instan
     from fastvq.integrations import vector_quantize_pytorch as fastvq_vqp
     fastvq_vqp.patch()                      # or: with fastvq_vqp.patched(): ...
 
-Routed through fastvq (one internal function per call; the op named is what runs today):
+Routed through fastvq (one internal function per call, the only place that names its op):
 
 ==========================================  ====================================================
 VQP call                                    fastvq
@@ -18,30 +18,33 @@ VQP call                                    fastvq
 ``Codebook.forward``: the nearest code      :func:`fastvq.nearest_code`, ``"l2"`` for Euclidean
 (``argmax(-cdist)`` / ``argmax(x . c)``),   codebooks and ``"dot"`` for ``use_cosine_sim`` (VQP
 every head / separate-codebook layout       takes the plain dot product with its normalised
-                                            codebook); one call per codebook (``H`` calls for
-                                            ``separate_codebook_per_head``, one for shared heads)
-``Codebook.forward``: the quantized         an index gather of the codebook rows
-vectors (``one_hot @ codebook``)            (``torch.nn.functional.embedding``, differentiable to
+                                            codebook); all codebooks (``separate_codebook_per_head``)
+                                            in one call
+``topk=k`` (k <= 128; ResidualVQ's beam     :func:`fastvq.topk_codes`
+search)
+``stochastic_sample_codes`` in training     :func:`fastvq.sample_code` (Gumbel-max inside the
+(Gumbel sampling at ``sample_codebook_      search, no ``N x K`` noise): metric ``"euclidean"``
+temp``)                                     (VQP's logits are ``-|x - c|``) or ``"dot"``
+the quantized vectors (``one_hot @         an index gather of the codebook rows
+codebook``)                                 (``torch.nn.functional.embedding``, differentiable to
                                             a learnable codebook): fastvq has no gather op
 EMA statistics (``one_hot.sum``,            :func:`fastvq.code_statistics`, all codebooks in one
-``einsum(x, one_hot)``), padding masks       call; masked rows go to a spare code that is dropped
-included; ``update_indices`` too            
+``einsum(x, one_hot)``), padding masks       call, the mask as row weights (no host sync);
+included; ``update_indices`` too            ``update_indices`` (EMA from given codes) too
 k-means init (``kmeans``)                   :func:`fastvq.nearest_code` + :func:`fastvq.code_statistics`
 rotation trick (``rotate_to``, VQ and       :func:`fastvq.rotation_trick`
-SimVQ)                                      
+SimVQ)
 ``SimVQ.forward`` (``cdist + argmin``)      :func:`fastvq.nearest_code` (``"l2"``) and the gather
 ==========================================  ====================================================
 
-Left to VQP (exactly as it runs unpatched), because the result needs the distance matrix or a
-random draw that a plain argmin cannot reproduce; each is counted under ``fallback.<reason>``
-by :func:`counts`:
+Left to VQP (exactly as it runs unpatched), because the result needs the distance matrix or
+something a search cannot reproduce; each is counted under ``fallback.<reason>`` by :func:`counts`:
 
-- ``stochastic_sampling``: ``stochastic_sample_codes=True`` with a temperature above 0 in
-  training (VQP draws Gumbel noise over the ``N x K`` logits);
-- ``straight_through_gumbel``: ``straight_through=True`` in training (its gradient flows
-  through the softmax of all distances);
-- ``topk``: ``topk=`` above 1 / ResidualVQ beam search (``topk=1`` is routed; the beam
-  search's EMA update, ``update_indices``, is routed);
+- ``straight_through_gumbel``: ``straight_through=True`` in training (the gradient flows through
+  the softmax of all distances);
+- ``stochastic_sampling``: sampling together with ``topk`` (VQP takes the top-k of noisy logits),
+  or at a non-finite temperature;
+- ``topk``: ``topk`` above 128;
 - ``distances_used``: calls whose loss reads the distance matrix: ``indices=`` (the
   cross-entropy to given codes), ``commitment_use_cross_entropy_loss`` or
   ``codebook_diversity_loss_weight > 0`` in training;
@@ -51,7 +54,11 @@ by :func:`counts`:
 - ``codebook_called_directly``: a ``Codebook`` called by code other than ``VectorQuantize``
   (``VectorQuantize`` knows whether its caller reads the distances; a bare ``Codebook`` does
   not, so it keeps returning them);
-- ``rotation_dtype``: ``rotate_to`` on float64 (or mismatched-shape) tensors.
+- ``rotation_dtype``, ``kmeans_args``, ``simvq_args``: float64 tensors or arguments VQP's
+  functions accept that fastvq's ops do not (none in VQP's own calls).
+
+Everything else in VQP (its losses, projections, dead-code replacement, EMA arithmetic, residual
+and grouped levels) runs as it is, around the routed calls.
 
 What differs from unpatched VQP, on purpose, and only there:
 
@@ -60,7 +67,12 @@ What differs from unpatched VQP, on purpose, and only there:
   differ by less than float32 rounding may come out the other way than in VQP (its
   ``sqrt(clamp(d^2, 1e-8))`` also ties codes closer than 1e-4 to a row; fastvq gives the
   smaller squared distance, exact ties to the smaller index, as VQP does).
-- A NaN in a code never wins (VQP's ``argmax`` picks a NaN distance); a row of NaNs gets code 0.
+- Sampled codes follow the same distribution as VQP's but are other draws (fastvq's Philox noise
+  from one seed taken from torch's generator, where VQP draws ``N x K`` uniforms): after a
+  sampled step, later random choices (dead-code replacement) differ from an unpatched run.
+- Numbers are never made up: a code with a NaN never wins (VQP's ``argmax`` picks a NaN
+  distance); a row of NaNs gets code 0; rows with a NaN or infinite entry are left out of the EMA
+  statistics (in VQP one such row makes every code's sum NaN).
 - The quantized vectors and the EMA statistics are exact rows and exact float32 sums: with TF32
   on, VQP rounds them through its TF32 one-hot matmuls; the search follows the global TF32
   setting (``torch.backends.cuda.matmul.fp32_precision``) as VQP's distance matmul does.
@@ -80,6 +92,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import math
 import threading
 from typing import Callable, Iterator
 
@@ -90,6 +103,9 @@ from .._checks import FLOAT_DTYPES
 from ..ops.code_statistics import code_statistics
 from ..ops.nearest_code import nearest_code
 from ..ops.rotation_trick import rotation_trick
+from ..ops.sample_code import sample_code
+from ..ops.topk_codes import MAX_K as TOPK_MAX_K
+from ..ops.topk_codes import topk_codes
 
 __all__ = [
     "SUPPORTED_VERSIONS",
@@ -129,11 +145,11 @@ _KEEP = object()
 def counts() -> dict[str, int]:
     """How many VQP calls went through fastvq since the last :func:`reset_counts`, by kind.
 
-    Keys: ``"search"`` (nearest-code searches, one per codebook), ``"gather"``,
-    ``"statistics"`` (EMA statistics), ``"kmeans"`` (k-means inits), ``"rotation"``,
-    ``"simvq"`` (SimVQ forwards), and ``"fallback.<reason>"`` for each call left to VQP (the
-    reasons are listed in the module docstring). Counted whether or not the module is patched
-    now. Example::
+    Keys: ``"search"`` (nearest-code searches, one per call whatever the number of codebooks),
+    ``"topk"``, ``"sample"``, ``"gather"``, ``"statistics"`` (EMA statistics), ``"kmeans"``
+    (k-means inits), ``"rotation"``, ``"simvq"`` (SimVQ forwards), and ``"fallback.<reason>"`` for
+    each call left to VQP (the reasons are listed in the module docstring). Counted whether or not
+    the module is patched now. Example::
 
         >>> fastvq_vqp.reset_counts(); vq(x); fastvq_vqp.counts()
         {'search': 1, 'gather': 1, 'statistics': 1, 'rotation': 1}
@@ -182,42 +198,40 @@ def _search(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -> torch.Tens
     """Nearest code per row of each codebook: ``x (H, N, D)``, ``codebooks (H, K, D)`` -> ``(H, N)`` int64.
 
     ``metric`` ``"l2"`` (argmin of the Euclidean distance) or ``"dot"`` (argmax of ``x . c``).
-    Today one :func:`fastvq.nearest_code` call per codebook (the multi-codebook search will make
-    it one launch).
+    One :func:`fastvq.nearest_code` call for all ``H`` codebooks (one launch).
     """
-    allow_tf32 = _tf32_enabled(x)
-    H = x.shape[0]
-    _count("search", H)
-    if H == 1:
-        return nearest_code(x[0], codebooks[0], metric, allow_tf32=allow_tf32)[0].unsqueeze(0)
-    return torch.stack([nearest_code(x[h], codebooks[h], metric, allow_tf32=allow_tf32)[0] for h in range(H)])
+    _count("search")
+    return nearest_code(x, codebooks, metric, allow_tf32=_tf32_enabled(x))[0]
 
 
-#: The largest ``topk`` routed: 1 until fastvq has a top-k search (larger ones stay on VQP).
-MAX_TOPK = 1
+#: The largest ``topk`` routed (:func:`fastvq.topk_codes`' maximum; larger ones stay on VQP).
+MAX_TOPK = TOPK_MAX_K
 
 
 def _search_topk(x: torch.Tensor, codebooks: torch.Tensor, metric: str, k: int) -> torch.Tensor:
-    """The ``k`` nearest codes per row, nearest first: ``(H, N, D), (H, K, D)`` -> ``(H, N, k)`` int64.
-    Today ``k = 1`` only (:data:`MAX_TOPK`), on :func:`_search`."""
-    if k > MAX_TOPK:
-        raise NotImplementedError(f"fastvq: top-{k} search is not routed yet")
-    return _search(x, codebooks, metric).unsqueeze(-1)
+    """The ``k`` nearest codes per row, nearest first: ``(H, N, D), (H, K, D)`` -> ``(H, N, k)`` int64,
+    on :func:`fastvq.topk_codes` (one launch)."""
+    _count("topk")
+    return topk_codes(x, codebooks, k, metric, allow_tf32=_tf32_enabled(x))[0]
+
+
+def _sample(x: torch.Tensor, codebooks: torch.Tensor, metric: str, temperature: float) -> torch.Tensor:
+    """One code per row drawn with probability ``softmax(logits / temperature)``, VQP's logits being
+    ``-|x - c|`` (``metric="euclidean"``) or ``x . c`` (``"dot"``): ``(H, N, D), (H, K, D)`` ->
+    ``(H, N)`` int64, on :func:`fastvq.sample_code` (Gumbel-max in the search kernel, seeded from
+    torch's global generator, so ``torch.manual_seed`` makes it reproducible)."""
+    _count("sample")
+    return sample_code(x, codebooks, temperature, metric, allow_tf32=_tf32_enabled(x))[0]
 
 
 def _statistics(x: torch.Tensor, codes: torch.Tensor, num_codes: int, mask: torch.Tensor | None):
     """EMA statistics of ``H`` codebooks at once: ``x (H, N, D)``, ``codes (H, N)``, ``mask (H, N)``
     bool or None -> float32 ``counts (H, K)``, ``sums (H, K, D)``; masked-out rows count nowhere.
 
-    Today :func:`fastvq.code_statistics`, rows under the mask sent to a spare code ``K`` that
-    is then dropped.
+    One :func:`fastvq.code_statistics` call (the mask as its row weights; no host sync).
     """
     _count("statistics")
-    if mask is None:
-        return code_statistics(x, codes, num_codes)
-    spare = torch.where(mask, codes, torch.full_like(codes, num_codes))
-    counts_, sums = code_statistics(x, spare, num_codes + 1)
-    return counts_[:, :num_codes].contiguous(), sums[:, :num_codes].contiguous()
+    return code_statistics(x, codes, num_codes, weights=mask)
 
 
 def _gather(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -271,23 +285,33 @@ def _sampler_flags(codebook) -> tuple[bool, bool] | None:
     return None
 
 
-def _why_codebook_not_routed(codebook, args: dict) -> str | None:
+def _codebook_plan(codebook, args: dict) -> tuple[str | None, float | None]:
+    """``(reason, temperature)``: why this ``Codebook.forward`` call stays on VQP (None: routed),
+    and the temperature to sample codes at (None: the nearest code(s), no sampling)."""
     if args["codebook_transform_fn"] is not None:
-        return "implicit_neural_codebook"
+        return "implicit_neural_codebook", None
     if codebook.affine_param:
-        return "affine_param"
-    if args["topk"] is not None and args["topk"] > MAX_TOPK:
-        return "topk"
+        return "affine_param", None
+    topk = args["topk"]
+    if topk is not None and topk > MAX_TOPK:
+        return "topk", None
     flags = _sampler_flags(codebook)
     if flags is None:
-        return "custom_sampler"
+        return "custom_sampler", None
     stochastic, straight_through = flags
     temperature = args["sample_codebook_temp"]
     if temperature is None:
         temperature = codebook.sample_codebook_temp
-    if codebook.training and (stochastic or straight_through) and temperature > 0:
-        return "stochastic_sampling" if stochastic else "straight_through_gumbel"
-    return None
+    if not (codebook.training and temperature > 0):
+        return None, None  # VQP takes the argmax (stochastic or not)
+    if straight_through:  # the gradient flows through the softmax of every distance
+        return "straight_through_gumbel", None
+    if not stochastic:
+        return None, None
+    temperature = float(temperature)
+    if topk is not None or not math.isfinite(temperature):  # sampled top-k: VQP's own
+        return "stochastic_sampling", None
+    return None, temperature
 
 
 def _codebook_forward(self, x, *args, **kwargs):
@@ -302,15 +326,15 @@ def _codebook_forward(self, x, *args, **kwargs):
     bound = _signatures["Codebook.forward"].bind(self, x, *args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
-    why = _why_codebook_not_routed(self, a)
+    why, temperature = _codebook_plan(self, a)
     if why is not None:
         _count("fallback." + why)
         return original(self, x, *args, **kwargs)
     with _fp32_codebook_math(x.device):
-        return _routed_codebook_forward(self, x, a)
+        return _routed_codebook_forward(self, x, a, temperature)
 
 
-def _routed_codebook_forward(codebook, x: torch.Tensor, a: dict):
+def _routed_codebook_forward(codebook, x: torch.Tensor, a: dict, temperature: float | None):
     ema_update = codebook.ema_update if a["ema_update"] is None else a["ema_update"]
     single = x.ndim < 4  # (B, T, D) for one codebook, else (H, B, T, D)
     x = x.float()
@@ -331,12 +355,18 @@ def _routed_codebook_forward(codebook, x: torch.Tensor, a: dict):
 
     metric = "dot" if codebook.use_cosine_sim else "l2"
     k = a["topk"]
-    if k is None:
-        codes = _search(flat, embed, metric)  # (H, N)
+    # One codebook for a leading axis of H > 1 (ResidualVQ's beam search hands (B, T, beams, D)):
+    # VQP broadcasts it; here the axis joins the rows.
+    rows = flat.reshape(embed.shape[0], -1, D) if embed.shape[0] != H and embed.shape[0] == 1 else flat
+    if temperature is not None:  # VQP's logits: -|x - c| (Euclidean) or x . c (cosine)
+        codes = _sample(rows, embed, "dot" if codebook.use_cosine_sim else "euclidean", temperature)
+    elif k is None:
+        codes = _search(rows, embed, metric)  # (H, N)
     else:
-        codes = _search_topk(flat, embed, metric, k)  # (H, N, k)
+        codes = _search_topk(rows, embed, metric, k)  # (H, N, k)
         lead = (*lead, k)
-    quantized = _gather(embed, codes.reshape(H, -1))
+    quantized = _gather(embed, codes.reshape(embed.shape[0], -1))
+    codes = codes.reshape(H, -1)
 
     if k is None and codebook.training and a["update_usage"] and not a["freeze_codebook"]:
         # VQP's own update, handed the codes instead of a one-hot matrix: the patched

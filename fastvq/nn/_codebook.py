@@ -283,6 +283,13 @@ class _UsageMonitor:
         fresh.warned = self.warned
         return fresh
 
+    def __getstate__(self):  # torch.save(module): no CUDA event or pinned buffer in the pickle
+        return {"warned": self.warned}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.warned = state.get("warned", False)
+
 
 class CodebookState(nn.Module):
     """Base of the quantizer modules: options, EMA / dead-code / k-means buffers and updates.

@@ -9,7 +9,7 @@ from torch import nn
 
 from .._checks import check_bool_arg, check_int_arg
 from ..ops.qr_lookup import qr_lookup
-from ..reference.qr_lookup import MODES, OPS
+from ..ops.qr_lookup import MODES, OPS
 
 __all__ = ["QREmbedding"]
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.semantic_ids import semantic_ids as _semantic_ids
+from ._codebook import _check_int
 from .residual_quantizer import ResidualQuantizer
 
 __all__ = ["RQVAE", "Encoder", "Decoder"]
@@ -87,6 +88,10 @@ class RQVAE(nn.Module):
         **quantizer_kwargs,
     ):
         super().__init__()
+        owner = "RQVAE"
+        input_dim = _check_int("input_dim", owner, input_dim, 1)
+        hidden_dim = _check_int("hidden_dim", owner, hidden_dim, 1)
+        latent_dim = _check_int("latent_dim", owner, latent_dim, 1)
         self.input_dim = input_dim
         self.latent_dim = latent_dim
         self.num_quantizers = num_quantizers

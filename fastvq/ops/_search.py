@@ -15,6 +15,9 @@ import torch
 #: the one with the largest inner product).
 METRICS = ("l2", "cosine", "dot", "euclidean")
 
+#: Negative-mining strategies of :func:`fastvq.mine_negatives`.
+STRATEGIES = ("hardest", "semi-hard")
+
 NUMERIC_CONTRACT = """\
 Numeric contract (every search op, both backends, float32/float16/bfloat16 inputs):
 distances are computed in float32 and never made up. The returned distance is the distance

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int_arg, check_tensor
+from .._checks import assert_async, check_int_arg, check_tensor
 
 MAX_BITS = 63  # the codes are int64
 
@@ -30,10 +30,12 @@ def _bit_weights(num_bits: int, device: torch.device) -> torch.Tensor:
 
 
 def check_bit_values(op: str, bits: torch.Tensor) -> None:
-    """ValueError unless every element of ``bits`` is 0 or 1. Reads the values (one sync): call
-    it inside a custom op's body, which runs eagerly under torch.compile too."""
-    if bits.numel() and not bool(((bits == 0) | (bits == 1)).all()):
-        raise ValueError(f"fastvq.{op}: bits must be 0 or 1, got other values (shape {tuple(bits.shape)})")
+    """ValueError unless every element of ``bits`` is 0 or 1, without a host sync
+    (:func:`fastvq._checks.assert_async`: at once on the CPU, a device-side assert on CUDA).
+    Call it inside a custom op's body, which runs eagerly under torch.compile too."""
+    if bits.numel():
+        assert_async(op, ((bits == 0) | (bits == 1)).all(),
+                     lambda: f"bits must be 0 or 1, got other values (shape {tuple(bits.shape)})")
 
 
 # The value checks live in custom-op bodies: those run eagerly even inside a compiled graph,
@@ -42,12 +44,12 @@ def check_bit_values(op: str, bits: torch.Tensor) -> None:
 def _to_bits_op(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
     idx = indices.long()
     if idx.numel():
-        lo, hi = (int(v) for v in torch.aminmax(idx))
-        if lo < 0 or hi >> num_bits:
-            raise ValueError(
-                f"fastvq.to_bits: indices must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), got values in "
-                f"[{lo}, {hi}] (shape {tuple(indices.shape)})"
-            )
+        def detail():
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            return (f"indices must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), got values in "
+                    f"[{lo}, {hi}] (shape {tuple(indices.shape)})")
+
+        assert_async("to_bits", ((idx >= 0) & (idx >> num_bits == 0)).all(), detail)
     weights = _bit_weights(num_bits, idx.device)
     return idx.unsqueeze(-1).bitwise_and(weights).ne(0).long()
 
@@ -99,7 +101,7 @@ def to_bits(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
         ``to_decimal(to_bits(i, n)) == i``. Not differentiable (integers).
 
     Raises ``ValueError`` for values outside ``[0, 2**num_bits)`` (bitcodes-pytorch keeps the
-    low bits of those silently).
+    low bits of those silently), without a host sync (on CUDA: a device-side assert).
 
     Example::
 
@@ -125,6 +127,9 @@ def to_decimal(bits: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(...)`` int64 tensor on ``bits``' device. Not differentiable.
+
+    Raises ``ValueError`` for any value other than 0 or 1 (NaN, inf and 0.5 included: no bit is
+    made up from them), without a host sync (on CUDA: a device-side assert).
 
     Example::
 

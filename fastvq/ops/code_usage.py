@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
-from .._checks import check_bool_arg, check_int_arg, check_tensor
-from ..reference.code_usage import CodeUsage, code_usage_counts_ref, out_of_range_message, usage_from_counts
+from .._checks import assert_async, check_int_arg, check_tensor
+from ..reference.code_usage import CodeUsage, code_usage_counts_ref, out_of_range_detail, usage_from_counts
 
 __all__ = ["CodeUsage", "CodeUsageMeter", "code_usage"]
 
@@ -16,10 +16,10 @@ INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 @torch.library.custom_op("fastvq::code_usage_counts", mutates_args=())
 def _code_usage_counts_op(indices: torch.Tensor, codebook_size: int, check: bool) -> torch.Tensor:
-    """``(K + 1,)`` int64 counts; bin ``K`` counts ids outside ``[0, K)``. ``check=True`` raises
-    on such ids (one host sync); the check lives in the op body, which runs eagerly even inside
-    a torch.compile'd graph, so compiled code is checked too and fullgraph tracing needs no
-    data-dependent branch."""
+    """``(K + 1,)`` int64 counts; bin ``K`` counts ids outside ``[0, K)``. ``check=True`` rejects
+    such ids without a host sync (:func:`fastvq._checks.assert_async`: a ``ValueError`` on the
+    CPU, an asynchronous device-side assert on CUDA). The check lives in the op body, which runs
+    eagerly even inside a torch.compile'd graph, so compiled code is checked too."""
     if use_triton("code_usage", indices):
         from ..kernels.code_usage import code_usage_fwd
 
@@ -27,9 +27,8 @@ def _code_usage_counts_op(indices: torch.Tensor, codebook_size: int, check: bool
     else:
         counts = code_usage_counts_ref(indices, codebook_size)
     if check:
-        n_bad = int(counts[codebook_size].item())
-        if n_bad:
-            raise ValueError(out_of_range_message("code_usage", n_bad, codebook_size))
+        assert_async("code_usage", counts[codebook_size] == 0,
+                     lambda: out_of_range_detail(int(counts[codebook_size]), codebook_size))
     return counts
 
 
@@ -45,7 +44,7 @@ def _check(op: str, indices, codebook_size) -> tuple[torch.Tensor, int]:
     return indices.reshape(-1), check_int_arg(op, "codebook_size", codebook_size, minimum=1)
 
 
-def code_usage(indices: torch.Tensor, codebook_size: int, *, check: bool = False) -> CodeUsage:
+def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
     """Codebook usage of a set of code indices: counts, perplexity, active codes, entropy.
 
     Args:
@@ -53,20 +52,22 @@ def code_usage(indices: torch.Tensor, codebook_size: int, *, check: bool = False
             ``[0, codebook_size)``. All elements count, whatever the shape: residual codes
             ``(..., L)`` are pooled over levels (pass ``codes[..., l]`` for one level's usage).
         codebook_size: ``K``, the number of codes.
-        check: raise ``ValueError`` right away for an index outside ``[0, K)``. That reads the
-            device (one host sync, inside the custom op, so it runs in
-            ``torch.compile(fullgraph=True)`` code too). Default False: no host sync; such
-            indices are counted in ``out_of_range``, make ``entropy`` and ``perplexity`` NaN,
-            and make ``to_dict()`` raise.
 
     Returns:
         :class:`CodeUsage` with ``counts (K,)`` int64 (a bincount: an atomic histogram kernel
         on the Triton backend), and the seed's formulas with ``p = counts / counts.sum()``:
         ``entropy = -sum p log(p + 1e-10)`` (0-d float32), ``perplexity = exp(entropy)``
         (0-d float32), ``active_codes = (counts > 0).sum()`` (0-d int64) and ``out_of_range``
-        (0-d int64). An empty input gives zero counts, entropy 0 and perplexity 1; counts of any
-        size (up to int64) give finite statistics. Nothing is differentiable, nothing is read
-        on the host unless ``check=True``.
+        (0-d int64, 0). An empty input gives zero counts, entropy 0 and perplexity 1; counts of
+        any size (up to int64) give finite statistics. Nothing is differentiable, and nothing
+        is read on the host.
+
+    Raises:
+        ValueError: an index outside ``[0, codebook_size)``, checked without a host sync: on
+            the CPU right away; on CUDA as an asynchronous device-side assert (reported at the
+            next synchronisation), as torch's own index ops do. Also inside
+            ``torch.compile(fullgraph=True)`` code. :class:`CodeUsageMeter` defers it to
+            ``compute()``.
 
     Example::
 
@@ -76,8 +77,7 @@ def code_usage(indices: torch.Tensor, codebook_size: int, *, check: bool = False
     """
     op = "code_usage"
     flat, codebook_size = _check(op, indices, codebook_size)
-    check = check_bool_arg(op, "check", check)
-    counts = _code_usage_counts_op(flat, codebook_size, check)
+    counts = _code_usage_counts_op(flat, codebook_size, True)
     return usage_from_counts(counts[:codebook_size], counts[codebook_size])
 
 
@@ -151,7 +151,7 @@ class CodeUsageMeter:
             return usage_from_counts(torch.zeros(self.codebook_size, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
         n_bad = int(self._counts[self.codebook_size].item())
         if n_bad:
-            raise ValueError(out_of_range_message("CodeUsageMeter", n_bad, self.codebook_size))
+            raise ValueError(f"fastvq.CodeUsageMeter: {out_of_range_detail(n_bad, self.codebook_size)}")
         return usage_from_counts(self._counts[: self.codebook_size].clone(), self._counts[self.codebook_size])
 
     @property

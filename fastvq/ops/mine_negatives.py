@@ -7,8 +7,7 @@ import torch
 from .._backend import use_triton
 from .._checks import check_float, check_last_dim, check_same_device, check_tensor
 from ..reference.mine_negatives import mine_negatives_ref
-
-STRATEGIES = ("hardest", "semi-hard")
+from ._search import STRATEGIES
 
 
 @torch.library.custom_op("fastvq::mine_negatives", mutates_args=())

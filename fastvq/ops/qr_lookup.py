@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .._backend import use_triton
-from .._checks import check_bool_arg, check_float, check_int, check_same_device, check_tensor
+from .._checks import assert_async, check_bool_arg, check_float, check_int, check_same_device, check_tensor
 from ..reference.qr_lookup import MODES, OPS, qr_lookup_bwd_ref, qr_lookup_ref, qr_out_dim
 
 __all__ = ["qr_lookup"]
@@ -120,21 +120,24 @@ _qr_lookup_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_offsets(name: str, offsets: torch.Tensor, n_items: int) -> None:
-    """Bags must start at item 0, be in order and end within the items: one host read (the
-    bag form is the one form that needs it), and a second only to word an error."""
+    """Bags must start at item 0, be in order and end within the items. Checked on the device
+    (:func:`fastvq._checks.assert_async`: a ``ValueError`` at once on the CPU, an asynchronous
+    device-side assert on CUDA), so the bag form reads nothing on the host either."""
     if offsets.numel() == 0:
         return
-    bad = (offsets[0] != 0) | (offsets[-1] > n_items)
+    ok = (offsets[0] == 0) & (offsets[-1] <= n_items)
     if offsets.numel() > 1:
-        bad = bad | (offsets[1:] < offsets[:-1]).any()
-    if not bool(bad):
-        return
-    first, last = int(offsets[0]), int(offsets[-1])
-    if first != 0:
-        raise ValueError(f"fastvq.{name}: offsets[0] must be 0, got {first}")
-    if last > n_items:
-        raise ValueError(f"fastvq.{name}: offsets out of range: offsets[-1] = {last} > number of ids {n_items}")
-    raise ValueError(f"fastvq.{name}: offsets must be non-decreasing (bags in order), got {offsets.tolist()[:16]}")
+        ok = ok & (offsets[1:] >= offsets[:-1]).all()
+
+    def detail():
+        first, last = int(offsets[0]), int(offsets[-1])
+        if first != 0:
+            return f"offsets[0] must be 0, got {first}"
+        if last > n_items:
+            return f"offsets out of range: offsets[-1] = {last} > number of ids {n_items}"
+        return f"offsets must be non-decreasing (bags in order), got {offsets.tolist()[:16]}"
+
+    assert_async(name, ok, detail)
 
 
 def qr_lookup(
@@ -188,8 +191,8 @@ def qr_lookup(
     exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN); a result beyond the
     dtype's range is ``+-inf``, never a finite number; "mean" scales each item by ``1/len``
     before the sum, so a mean that is representable is finite. Zero-width tables (``dq = 0``)
-    give empty rows and empty gradients. Bag offsets are checked on the host (one read, the
-    bag form only); the dense backward reads nothing on the host.
+    give empty rows and empty gradients. Bag offsets are checked on the device; nothing but the
+    sparse backward reads the host.
 
     Example::
 

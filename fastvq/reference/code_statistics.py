@@ -47,7 +47,7 @@ def code_statistics_full_ref(
     if weights is None:
         w = torch.ones((1, n), dtype=torch.float64, device=dev)
     else:
-        w = weights.reshape(-1, n).to(torch.float64)  # (1, n) or (L, n); bool masks become 0/1
+        w = weights.reshape(weights.shape[0] if weights.dim() == 2 else 1, n).to(torch.float64)  # (1, n) or (L, n); 0/1 masks
     live = w != 0
     w_ok = torch.isfinite(w)
     # one flat segment id per (level, code): level l's codes are l*K .. l*K+K-1; S = L*K is where

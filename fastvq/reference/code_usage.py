@@ -24,9 +24,10 @@ class CodeUsage:
         active_codes: 0-d int64, number of codes with a nonzero count.
         entropy: 0-d float32, ``-sum p log(p + 1e-10)`` in nats with ``p = counts / counts.sum()``
             (0 for an empty input; NaN when ``out_of_range > 0``).
-        out_of_range: 0-d int64, how many indices lay outside ``[0, K)``: such input is an
-            error, reported without a host sync by this count and the NaN statistics, and
-            raised by :meth:`to_dict` (and by ``code_usage(..., check=True)``).
+        out_of_range: 0-d int64, how many indices lay outside ``[0, K)``: 0 from
+            :func:`fastvq.code_usage` (which rejects such input); a batch usage of
+            :class:`fastvq.CodeUsageMeter` counts them here (with NaN entropy and perplexity)
+            and :meth:`to_dict` raises for them.
 
     All fields are tensors on the device of the indices; nothing is copied to the host.
     """
@@ -56,12 +57,12 @@ class CodeUsage:
             values.append(self.out_of_range.double())
         values = torch.stack([v.double() for v in values]).tolist()
         if self.out_of_range is not None and values[4]:
-            raise ValueError(out_of_range_message("CodeUsage", int(values[4]), self.codebook_size))
+            raise ValueError(f"fastvq.CodeUsage: {out_of_range_detail(int(values[4]), self.codebook_size)}")
         return {"perplexity": values[0], "active_codes": int(values[1]), "entropy": values[2], "usage": values[3]}
 
 
-def out_of_range_message(op: str, n_bad: int, codebook_size: int) -> str:
-    return f"fastvq.{op}: {n_bad} indices are outside [0, {codebook_size}) (codebook_size={codebook_size})"
+def out_of_range_detail(n_bad: int, codebook_size: int) -> str:
+    return f"{n_bad} indices are outside [0, {codebook_size}) (codebook_size={codebook_size})"
 
 
 def code_usage_counts_ref(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
@@ -69,7 +70,9 @@ def code_usage_counts_ref(indices: torch.Tensor, codebook_size: int) -> torch.Te
     idx = indices.reshape(-1).long()
     bad = (idx < 0) | (idx >= codebook_size)
     idx = torch.where(bad, torch.full_like(idx, codebook_size), idx)
-    return torch.bincount(idx, minlength=codebook_size + 1)
+    counts = torch.zeros(codebook_size + 1, dtype=torch.int64, device=idx.device)
+    # (not bincount: its output size depends on the largest value, a host sync on CUDA)
+    return counts.index_add_(0, idx, torch.ones_like(idx))
 
 
 def usage_from_counts(counts: torch.Tensor, out_of_range: torch.Tensor | None = None) -> CodeUsage:

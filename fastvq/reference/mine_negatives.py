@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._search import STRATEGIES
 from ._chunks import row_chunk
 from .nearest_code import argmin_first, choose, distance, prepare_codebook, scores
-
-STRATEGIES = ("hardest", "semi-hard")
 
 
 def mine_negatives_ref(

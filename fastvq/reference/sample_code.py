@@ -1,8 +1,8 @@
 """Pure-torch reference for :func:`fastvq.sample_code`: the test oracle and the CPU path.
 
 The Gumbel noise is the kernel's, bit for bit: Philox4x32-10 (Triton's ``tl.philox``) keyed by
-the seed, counter ``(code, row, codebook, row >> 32)``, its first word turned into a uniform
-``u = (r >> 8 + 0.5) 2^-24`` in (0, 1) and ``g = -log(-log(u))``.
+the seed, counter ``(code // 4, row, codebook, row >> 32)``, word ``code % 4`` turned into a
+uniform ``u = (r >> 8 + 0.5) 2^-24`` in (0, 1) and ``g = -log(-log(u))``.
 """
 
 from __future__ import annotations
@@ -36,12 +36,16 @@ def philox(seed: torch.Tensor, c0, c1, c2, c3, rounds: int = 10):
 
 
 def gumbel(seed: torch.Tensor, rows: torch.Tensor, K: int, h: int) -> torch.Tensor:
-    """``(len(rows), K)`` float32 Gumbel(0, 1) noise for rows ``rows`` (int64) of codebook ``h``."""
-    k = torch.arange(K, device=rows.device, dtype=torch.int64)[None, :]
+    """``(len(rows), K)`` float32 Gumbel(0, 1) noise for rows ``rows`` (int64) of codebook ``h``:
+    one Philox call per 4 codes (counter ``(code // 4, row, h, row >> 32)``), code ``k`` takes
+    word ``k % 4``."""
+    G = -(-K // 4)
+    g = torch.arange(G, device=rows.device, dtype=torch.int64)[None, :]
     n = rows[:, None]
-    shape = (rows.shape[0], K)
-    r, _, _, _ = philox(seed.to(rows.device), k.expand(shape), (n & _M32).expand(shape),
-                        torch.full(shape, h, dtype=torch.int64, device=rows.device), (n >> 32).expand(shape))
+    shape = (rows.shape[0], G)
+    words = philox(seed.to(rows.device), g.expand(shape), (n & _M32).expand(shape),
+                   torch.full(shape, h, dtype=torch.int64, device=rows.device), (n >> 32).expand(shape))
+    r = torch.stack(words, dim=-1).reshape(rows.shape[0], 4 * G)[:, :K]
     u = ((r >> 8).to(torch.float32) + 0.5) * 2.0**-24
     return -torch.log(-torch.log(u))
 

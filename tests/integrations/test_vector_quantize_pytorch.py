@@ -76,11 +76,15 @@ def _distance_and_bound(x, q, metric):
 
 class Recorder:
     """Forward hooks on every VQP ``Codebook`` and ``SimVQ`` of a model: each call's input rows,
-    chosen codes and their vectors, in call order."""
+    chosen codes and their vectors, in call order, in one layout (see :meth:`canonical`)."""
 
     def __init__(self, model):
         self.calls = []
         self.handles = []
+        self.heads = {}  # Codebook -> (heads, separate) of the VectorQuantize that owns it
+        for m in model.modules():
+            if isinstance(m, VectorQuantize):
+                self.heads[id(m._codebook)] = (m.heads, m.separate_codebook_per_head)
         for module in {id(m): m for m in model.modules()}.values():
             if isinstance(module, vqp_mod.Codebook):
                 self.handles.append(module.register_forward_hook(self._codebook, with_kwargs=True))
@@ -90,13 +94,32 @@ class Recorder:
     def _codebook(self, module, args, kwargs, output):
         quantize, codes, _ = output
         metric = "dot" if module.use_cosine_sim else "l2"
-        self.calls.append((args[0].detach().float(), quantize.detach(), codes.detach(), metric))
+        heads = self.heads.get(id(module), (1, False))
+        self.calls.append(self.canonical(args[0].detach().float(), quantize.detach(), codes.detach(), heads)
+                          + (metric,))
 
     def _simvq(self, module, args, kwargs, output):
         _, codes, _ = output
         x = args[0].detach().float()  # (B, T, D), channel last
         codebook = module.codebook.detach()  # its parameters change only at the optimizer step
-        self.calls.append((x, codebook[codes], codes.detach(), "l2"))
+        self.calls.append(self.canonical(x, codebook[codes], codes.detach(), (1, False)) + ("l2",))
+
+    @staticmethod
+    def canonical(x, q, c, heads):
+        """``(x, q (B, T, R, D), codes (B, T, R))``: the ``R`` codebook rows of each token
+        ``(b, t)``, whatever VQP's layout: one codebook ``(B, T, D)``; top-k ``(B, T, k)`` codes;
+        separate heads ``(H, B, T, D)``; shared heads packed ``(1, B * h, T, D)``; beam search
+        ``(B, T, beams, D)`` (with top-k codes ``(B, T, beams, k)``)."""
+        h, separate = heads
+        if c.dim() == x.dim():  # top-k slots (..., k): one row per slot
+            x = x.unsqueeze(-2).expand(*x.shape[:-1], c.shape[-1], x.shape[-1])
+        elif x.dim() == 4 and h > 1:
+            if separate:  # (H, B, T, ...)
+                x, q, c = x.movedim(0, 2), q.movedim(0, 2), c.movedim(0, 2)
+            else:  # (1, B * h, T, ...) -> (B, T, h, ...)
+                x, q, c = (t[0].unflatten(0, (-1, h)).movedim(1, 2) for t in (x, q, c))
+        B, T = c.shape[:2]
+        return x.reshape(B, T, -1, x.shape[-1]), q.reshape(B, T, -1, q.shape[-1]), c.reshape(B, T, -1)
 
     def close(self):
         for h in self.handles:
@@ -122,26 +145,19 @@ def degenerate_rows(x, q):
     return tiny | (s.norm(dim=-1) < 10 * EPS_ANTIPODAL)
 
 
-def near_tie_tokens(ref: Recorder, pat: Recorder, batch: int):
-    """Compare the codes of matching Codebook calls. Returns two (batch, T) masks: tokens whose
-    codes differ (each first difference must be a near-tie within the rounding bound), and tokens
-    with a row where the rotation trick is undefined (see :func:`degenerate_rows`)."""
+def near_tie_tokens(ref: Recorder, pat: Recorder):
+    """Compare the codes of matching Codebook calls. Returns two (B, T) masks: tokens whose codes
+    differ (each first difference must be a near-tie within the rounding bound), and tokens with a
+    row where the rotation trick's gradient cannot be compared (:func:`degenerate_rows`)."""
     assert len(ref.calls) == len(pat.calls), "the two models made different numbers of codebook calls"
     tainted = degenerate = None
     for (x, q_ref, c_ref, metric), (_, q_pat, c_pat, _) in zip(ref.calls, pat.calls):
-        if c_ref.dim() == x.dim():  # topk: (..., k) codes and (..., k, D) vectors; here k = 1
-            c_ref, c_pat, q_ref, q_pat = c_ref[..., 0], c_pat[..., 0], q_ref[..., 0, :], q_pat[..., 0, :]
-        if x.dim() == 3:  # one codebook: (B, T, D) -> (1, B, T, D)
-            x, q_ref, q_pat, c_ref, c_pat = (t.unsqueeze(0) for t in (x, q_ref, q_pat, c_ref, c_pat))
-        H, rows, T_, D = x.shape
-        per_token = rows // batch  # heads sharing one codebook are packed as (b h)
         if tainted is None:
-            tainted = torch.zeros(batch, T_, dtype=torch.bool, device=x.device)
+            tainted = torch.zeros(c_ref.shape[:2], dtype=torch.bool, device=x.device)
             degenerate = torch.zeros_like(tainted)
-        degenerate |= degenerate_rows(x, q_ref).any(0).reshape(batch, per_token, T_).any(1)
-        diff = c_ref != c_pat  # (H, rows, T)
-        token = diff.any(0).reshape(batch, per_token, T_).any(1)
-        fresh = diff & ~tainted.repeat_interleave(per_token, 0).unsqueeze(0)
+        degenerate |= degenerate_rows(x, q_ref).any(-1)
+        diff = c_ref != c_pat  # (B, T, R)
+        fresh = diff & ~tainted.unsqueeze(-1)
         if fresh.any():
             d_ref, b_ref = _distance_and_bound(x[fresh], q_ref[fresh], metric)
             d_pat, b_pat = _distance_and_bound(x[fresh], q_pat[fresh], metric)
@@ -152,7 +168,7 @@ def near_tie_tokens(ref: Recorder, pat: Recorder, batch: int):
                 f"a code differs beyond rounding: distance {float(d_pat[worst]):.9g} (patched) vs "
                 f"{float(d_ref[worst]):.9g} (VQP), gap {float(gap[worst]):.3g} > bound {float(allowed[worst]):.3g}"
             )
-        tainted |= token
+        tainted |= diff.any(-1)
     return tainted, degenerate & ~tainted
 
 
@@ -203,7 +219,7 @@ def run_parity(make, forward, *, steps=3, eval_steps=1, device=DEVICE, lr=0.05, 
         (r0, q0, c0, l0, gx0, g0, s0), (r1, q1, c1, l1, gx1, g1, s1) = outs
         assert q1.shape == q0.shape and c1.shape == c0.shape and c1.dtype == c0.dtype
         assert r0.calls, "no codebook call was recorded"
-        tainted, degenerate = near_tie_tokens(r0, r1, B)
+        tainted, degenerate = near_tie_tokens(r0, r1)
         keep = ~tainted
         assert torch.equal(c1.reshape(B, T, -1)[keep], c0.reshape(B, T, -1)[keep]), f"step {step}: codes differ"
         assert_close(q1[keep], q0[keep], f"step {step}: quantized")
@@ -257,6 +273,11 @@ def topk1_forward(model, x, **kw):
     return q[..., 0, :], codes, loss
 
 
+def topk3_forward(model, x, **kw):
+    q, codes, loss = model(x, topk=3, **kw)  # q (B, T, 3, D), codes (B, T, 3)
+    return q.mean(-2), codes, loss
+
+
 def grvq_forward(model, x, **kw):
     q, codes, loss = model(x, **kw)  # codes (G, B, T, Q), loss (G, Q)
     return q, codes.permute(1, 2, 0, 3), loss
@@ -304,7 +325,10 @@ CASES = {
                                              in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.1)),
                            vq_forward, {"search", "gather"}, (), {}),
     "mask": (VQ, vq_forward, {"search", "gather", "statistics"}, (), {"lens": torch.tensor([T, T // 3])}),
-    "topk1": (VQ, topk1_forward, {"search", "gather"}, (), {}),
+    "topk1": (VQ, topk1_forward, {"topk", "gather"}, (), {}),
+    "topk3-cosine": (functools.partial(VQ, use_cosine_sim=True), topk3_forward, {"topk", "gather"}, (), {}),
+    "residual-vq-beam-search": (functools.partial(ResidualVQ, dim=DIM, num_quantizers=3, codebook_size=32,
+                                                  beam_size=2), vq_forward, {"topk", "gather", "statistics"}, (), {}),
     "residual-vq": (functools.partial(ResidualVQ, dim=DIM, num_quantizers=3, codebook_size=32), vq_forward,
                     {"search", "gather", "statistics", "rotation"}, (), {}),
     "residual-vq-shared-kmeans": (functools.partial(ResidualVQ, dim=DIM, num_quantizers=3, codebook_size=32,
@@ -318,8 +342,8 @@ CASES = {
     "residual-simvq-ste": (functools.partial(ResidualSimVQ, dim=DIM, num_quantizers=2, codebook_size=32,
                                              rotation_trick=False), vq_forward, {"simvq", "search", "gather"}, (), {}),
     # left to VQP, counted, and still exactly VQP's result
-    "stochastic-sampling": (functools.partial(VQ, stochastic_sample_codes=True, sample_codebook_temp=0.5), vq_forward,
-                            {"search", "gather"}, ("stochastic_sampling",), {}),
+    "sampled-topk": (functools.partial(VQ, stochastic_sample_codes=True, sample_codebook_temp=0.5), topk3_forward,
+                     {"topk", "gather"}, ("stochastic_sampling",), {}),
     "diversity-loss": (functools.partial(VQ, codebook_diversity_loss_weight=0.1), vq_forward,
                        {"search", "gather"}, ("distances_used",), {}),
     "commitment-cross-entropy": (functools.partial(VQ, commitment_use_cross_entropy_loss=True), vq_forward,
@@ -471,21 +495,57 @@ def test_direct_codebook_call_keeps_vqp_distances():
 
 def test_sampler_bound_before_patch_is_read_per_call():
     """VectorQuantize binds its gumbel sampler per instance in __init__ (a functools.partial); the
-    patch reads that instance state at each call: sampling in training stays on VQP, the same
-    model in eval, or with temperature 0, is routed."""
+    patch reads that instance state at each call, for models built before it: sampling in training
+    is routed to fastvq.sample_code, gumbel straight-through stays on VQP, eval or temperature 0
+    is the nearest code."""
     torch.manual_seed(0)
-    vq = VQ(stochastic_sample_codes=True, sample_codebook_temp=1.0)
+    sampling = VQ(stochastic_sample_codes=True, sample_codebook_temp=1.0)
+    straight = VQ(straight_through=True, rotation_trick=False)
     x = torch.randn(B, T, DIM)
     with fv.patched():
         fv.reset_counts()
-        vq.train()
-        vq(x)
-        assert fv.counts() == {"fallback.stochastic_sampling": 1}
+        sampling(x)
+        assert fv.counts() == {"sample": 1, "gather": 1, "statistics": 1}
         fv.reset_counts()
-        vq(x, sample_codebook_temp=0.0)
-        vq.eval()
-        vq(x)
-        assert fv.counts() == {"search": 2, "gather": 2, "statistics": 1}
+        straight(x)
+        assert fv.counts() == {"fallback.straight_through_gumbel": 1}
+        fv.reset_counts()
+        sampling(x, sample_codebook_temp=0.0)
+        sampling.eval()
+        straight.eval()
+        sampling(x)
+        straight(x)
+        assert fv.counts() == {"search": 3, "gather": 3, "statistics": 1}
+
+
+@pytest.mark.parametrize("backend_name, cosine", [("reference", False), ("reference", True), ("triton", False)],
+                         ids=["reference-euclidean", "reference-cosine", "triton-euclidean"])
+def test_sampled_codes_follow_vqps_distribution(backend_name, device, cosine):
+    """Stochastic sampling draws other codes than VQP (other noise), from VQP's distribution:
+    softmax(logits / temperature) with logits -|x - c| (not the squared distance) or x . c.
+    One row repeated 2000 times; a chi-square test of the counts (fixed seed; 7 degrees of freedom,
+    bound 29.9: p = 1e-4). (The metric is the only difference between the two on the triton
+    backend: one kernel.)"""
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=8, stochastic_sample_codes=True, sample_codebook_temp=0.7,
+                        use_cosine_sim=cosine, decay=1.0, rotation_trick=False).to(device).train()
+    with torch.no_grad():
+        codebook = randn(8, 4, seed=1, device=device)
+        vq.codebook = torch.nn.functional.normalize(codebook, dim=-1) if cosine else codebook
+    row = randn(1, 1, 4, seed=2, device=device)
+    c64 = vq.codebook.double()
+    r64 = row.double()[0, 0]
+    logits = c64 @ torch.nn.functional.normalize(r64, dim=-1) if cosine else -(r64 - c64).norm(dim=-1)
+    p = (logits / 0.7).softmax(-1)
+    n = 2000
+    assert float(p.min()) * n >= 5, "the test's codebook gives some code too few expected draws"
+    fv.reset_counts()
+    with fastvq.backend(backend_name), fv.patched():
+        _, codes, _ = vq(row.expand(1, n, 4))
+    assert fv.counts().get("sample") == 1
+    observed = torch.bincount(codes.reshape(-1), minlength=8).double()
+    chi2 = float(((observed - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < 29.9, f"sampled codes do not follow softmax(logits / T): chi-square {chi2:.1f}, counts {observed.tolist()}"
 
 
 # --------------------------------------------------------------------- what a step allocates
@@ -562,8 +622,13 @@ def test_tf32_follows_the_global_setting(monkeypatch):
     assert not fv._tf32_enabled(torch.zeros(1))  # CPU matmuls never use TF32
 
     seen = []
-    real = fv.nearest_code
-    monkeypatch.setattr(fv, "nearest_code", lambda *a, **k: seen.append(k["allow_tf32"]) or real(*a, **k))
+    for name in ("nearest_code", "topk_codes", "sample_code"):
+        real = getattr(fv, name)
+        monkeypatch.setattr(fv, name, lambda *a, _real=real, _name=name, **k: seen.append((_name, k["allow_tf32"]))
+                            or _real(*a, **k))
     monkeypatch.setattr(fv, "_tf32_enabled", lambda t: True)
-    fv._search(torch.randn(2, 5, 3), torch.randn(2, 4, 3), "l2")
-    assert seen == [True, True]
+    x, codebooks = torch.randn(2, 5, 3), torch.randn(2, 4, 3)
+    fv._search(x, codebooks, "l2")
+    fv._search_topk(x, codebooks, "l2", 2)
+    fv._sample(x, codebooks, "euclidean", 0.5)
+    assert seen == [("nearest_code", True), ("topk_codes", True), ("sample_code", True)]

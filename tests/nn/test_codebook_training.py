@@ -19,7 +19,7 @@ import fastvq
 from fastvq.nn import RQVAE, ResidualQuantizer, VectorQuantizer
 from fastvq.nn import _codebook
 from tests._syncs import count_host_syncs
-from tests.utils import assert_close, randn
+from tests.utils import assert_close, generator, randn
 
 REC = _codebook.RECOMMENDED
 
@@ -34,7 +34,7 @@ def one_thread():
 
 
 def _train_vq(vq, steps, batch_shape, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the collapsed default warns (tested below)
         for _ in range(steps):
@@ -50,7 +50,7 @@ def _usage(vq, n, g):
 
 
 def _train_rqvae(model, items, steps, batch, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -94,7 +94,7 @@ def test_recommended_rqvae_gives_distinct_semantic_ids(one_thread):
     same ID (0%)."""
     with fastvq.backend("reference"):
         torch.manual_seed(0)
-        items = torch.randn(10_000, 64, generator=torch.Generator().manual_seed(7))
+        items = torch.randn(10_000, 64, generator=generator(7))
         model = RQVAE(input_dim=64, hidden_dim=128, latent_dim=32, num_quantizers=3, num_embeddings=256,
                       ema=True, **REC)
         distinct = _train_rqvae(model, items, 200, 1024, seed=7)
@@ -112,7 +112,7 @@ def test_recommended_settings_small_triton(one_thread):
         g = _train_vq(vq, 8, (64,), seed=1)
         assert _usage(vq, 1024, g) >= 0.9
         torch.manual_seed(0)
-        items = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+        items = torch.randn(300, 16, generator=generator(3))
         model = RQVAE(16, 32, 8, num_quantizers=3, num_embeddings=16, ema=True, kmeans_iters=2, **REC)
         distinct = _train_rqvae(model, items, 8, 128, seed=3)
     assert distinct >= 0.6, distinct  # 84% measured; the defaults give under 1%
@@ -217,6 +217,7 @@ def test_no_update_makes_a_code_non_finite(backend):
 # ------------------------------------------------------------------ dtypes
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_ema_buffers_stay_float32(backend, dtype):
     torch.manual_seed(0)
@@ -342,3 +343,47 @@ def test_low_usage_warning_counts_levels_and_masks(monkeypatch):
         vq._update_codebook_(None, (torch.arange(32) % 16).view(1, -1), mask)
         vq._update_codebook_(None, (torch.arange(32) % 16).view(1, -1), mask)
     assert len(caught) == 1 and "only 1 of 16 codes" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
+def test_training_step_with_revival_compiles_fullgraph(backend, ema):
+    torch.manual_seed(0)
+    compiled = VectorQuantizer(16, 4, ema=ema, dead_code_threshold=2.0)
+    eager = VectorQuantizer(16, 4, ema=ema, dead_code_threshold=2.0)
+    eager.load_state_dict(compiled.state_dict())
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for i in range(2):
+        x = randn(40, 4, seed=i)
+        torch.manual_seed(10 + i)  # the same random candidates in both
+        _, _, _, idx = step(x)
+        torch.manual_seed(10 + i)
+        _, _, _, idx0 = eager(x)
+        assert torch.equal(idx, idx0)
+    for key, value in eager.state_dict().items():
+        assert_close(compiled.state_dict()[key], value, msg=key)
+    assert int(compiled.codes_revived) == int(eager.codes_revived) > 0
+
+
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", list(SYNC_CONFIGS))
+def test_training_step_has_no_cuda_sync(config, monkeypatch):
+    """On a GPU: every training step after the first (k-means) one, revival and the usage warning's
+    copy and read included, runs under torch.cuda.set_sync_debug_mode("error")."""
+    monkeypatch.setattr(_codebook, "USAGE_WARMUP_STEPS", 1)
+    monkeypatch.setattr(_codebook, "USAGE_WINDOW_STEPS", 1)
+    torch.manual_seed(0)
+    m = SYNC_CONFIGS[config]().cuda()
+    m(torch.randn(64, 4, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(6):
+                x = torch.randn(64, 4, device="cuda", requires_grad=True)
+                q, commit, emb, _ = m(x)
+                (q.sum() + commit + emb).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(m._codebook_levels()).all()

@@ -121,6 +121,7 @@ def test_integral_float_sizes_are_accepted():
     assert emb.num_embeddings == 10**6 and emb.embedding_dim == 32 and emb._emb_r.num_embeddings == 4
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 def test_training_step_traffic_meets_issue_10_target(monkeypatch):
     # QREmbedding(1M, 32) with 4096 ids (counted at 1/8 of the named sizes: same passes): glue plus
     # one pass per kernel tensor argument <= 5.5 (6.4 before), no host sync (2 before), one sort

@@ -131,3 +131,12 @@ def test_compile_fullgraph_traces_and_still_checks():
 def test_opcheck():
     torch.library.opcheck(torch.ops.fastvq.to_bits.default, (_ints((4, 3), 9), 9))
     torch.library.opcheck(torch.ops.fastvq.to_decimal.default, (torch.randint(0, 2, (4, 3, 7)),))
+
+
+def test_valid_input_reads_nothing_on_the_host():
+    from fastvq.bench.traffic import metering
+
+    with metering() as meter:
+        bits = fastvq.to_bits(torch.tensor([0, 11, 9]), 4)
+        fastvq.to_decimal(bits)
+    assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)

@@ -157,22 +157,28 @@ def test_bad_input(backend, indices, K, err):
 
 
 @pytest.mark.parametrize("indices", [torch.tensor([0, 1, 5]), torch.tensor([[0, -1]])], ids=["id-eq-K", "negative-id"])
-def test_out_of_range_without_host_sync(backend, monkeypatch, indices):
-    # default: no host read; the bad ids are counted, the statistics NaN, to_dict() raises
+def test_out_of_range_raises_without_host_sync(backend, monkeypatch, indices):
+    # checked on the device (a CPU check raises at once; CUDA: an asynchronous device-side assert)
+    from fastvq.bench.traffic import metering
+
     def no_item(self):
         raise AssertionError("host sync in code_usage")
 
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, metering() as meter:
         m.setattr(torch.Tensor, "item", no_item)
         m.setattr(torch.Tensor, "tolist", no_item)
-        u = fastvq.code_usage(indices, 5)
-    assert u.out_of_range.item() == 1
-    assert math.isnan(u.entropy.item()) and math.isnan(u.perplexity.item())
-    assert u.counts.sum().item() == indices.numel() - 1
-    with pytest.raises(ValueError, match=r"1 indices are outside \[0, 5\)"):
-        u.to_dict()
+        fastvq.code_usage(torch.tensor([0, 1, 4]), 5)  # valid: no host read at all
+        assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)
     with pytest.raises(ValueError, match=r"code_usage: 1 indices are outside \[0, 5\)"):
-        fastvq.code_usage(indices, 5, check=True)
+        fastvq.code_usage(indices, 5)
+
+
+def test_meter_batch_usage_reports_out_of_range(backend):
+    u = fastvq.CodeUsageMeter(5).update(torch.tensor([0, 1, 5, -2]))
+    assert u.out_of_range.item() == 2 and u.counts.tolist() == [1, 1, 0, 0, 0]
+    assert math.isnan(u.entropy.item()) and math.isnan(u.perplexity.item())
+    with pytest.raises(ValueError, match=r"CodeUsage: 2 indices are outside \[0, 5\)"):
+        u.to_dict()
 
 
 def test_integral_float_codebook_size_is_accepted():
@@ -214,16 +220,13 @@ def test_compile_fullgraph_checks_range(backend):
     # the out-of-range check reads the device, so it must live in the op body: a host read in
     # the Python wrapper made fullgraph tracing fail (and would be a graph break otherwise)
     torch._dynamo.reset()
-    fn = torch.compile(lambda i: fastvq.code_usage(i, 5, check=True), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(lambda i: fastvq.code_usage(i, 5), fullgraph=True, backend="aot_eager")
     idx = torch.tensor([0, 1, 1, 3, 4, 4, 4])
     got, want = fn(idx), fastvq.code_usage(idx, 5)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.active_codes, want.active_codes)
     assert_close(got.perplexity, want.perplexity)
     with pytest.raises(ValueError, match=r"code_usage: 1 indices are outside \[0, 5\)"):
         fn(torch.tensor([0, 5, 1, 2, 3, 4, 0]))
-    # without check: traced, no host read, the bad id reported in the result
-    fn = torch.compile(lambda i: fastvq.code_usage(i, 5), fullgraph=True, backend="aot_eager")
-    assert fn(torch.tensor([0, 5, 1])).out_of_range.item() == 1
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ CASES = [  # (N, K, D)
     pytest.param(3, 1000, 8, id="N3-K1000-D8-split"),  # small N, large K: the split-codebook path
     pytest.param(9, 37, 300, id="N9-K37-D300-streamD"),  # D > RESIDENT_MAX_D: x streamed in chunks
     pytest.param(0, 9, 16, id="N0"),
+    pytest.param(40, 96, 32, id="N40-K96-D32-even"),  # whole code tiles, D == BLOCK_D: the unmasked path
 ]
 
 
@@ -127,12 +128,14 @@ def test_split_codebook_path(backend, monkeypatch, splits_min_codes, device):
             assert idx[0].item() == 64
 
 
+@pytest.mark.parametrize("K", [100, 128], ids=["K100", "K128-even"])
 @pytest.mark.parametrize("splits", [1, 2, 7, 40])
-def test_launcher_forced_splits(splits):
-    # 7 and 40 splits of 100 codes leave empty splits (4 tiles of 32 under the interpreter).
+def test_launcher_forced_splits(splits, K):
+    # 7 and 40 splits of 100 codes leave empty splits (4 tiles of 32 under the interpreter);
+    # K = 128: whole tiles, the unmasked path, split too.
     from fastvq.kernels.nearest_code import mine_negatives_fwd, nearest_code_fwd
 
-    x, c = randn(17, 24), _int_codebook(100, 24, seed=5)
+    x, c = randn(17, 24), _int_codebook(K, 24, seed=5)
     c[90] = c[10]  # integer values: an exact tie across tiles / splits
     x[0] = c[10]
     for metric in METRICS:
@@ -286,26 +289,35 @@ def test_triton_backend_really_launches_the_kernel(monkeypatch, metric):
 def test_prune_configs_fit_the_device():
     import triton
 
-    from fastvq.kernels.nearest_code import _DEFAULT_SMEM, _prune_configs
+    from fastvq.kernels.nearest_code import (_DEFAULT_SMEM, CONFIGS_16BIT, CONFIGS_FP32, REGISTER_BUDGET,
+                                             _estimate_registers, _prune_configs)
 
-    configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)
-        for bn in (64, 128) for bk in (32, 64, 128) for s in (2, 3, 4)
-    ]
-    x32 = torch.empty(1, 256)
-    # resident fp32 x with D = 256: only configs with BLOCK_N + stages * BLOCK_K <= 192 fit
+    def key(c):
+        return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bn, bk, w, s in dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)]
+    x32, x16 = torch.empty(1, 256), torch.empty(1, 256, dtype=torch.bfloat16)
+    # fp32: only fp32's own list (no 64 x 64 at 4 warps: it spills on sm_90), resident D = 256 fitting
     kept = _prune_configs(configs, {"p_x": x32}, BLOCK_D=256, ONE_D_BLOCK=True)
-    assert kept and all((c.kwargs["BLOCK_N"] + c.num_stages * c.kwargs["BLOCK_K"]) * 1024 <= _DEFAULT_SMEM
-                        for c in kept)
-    assert len(kept) < len(configs)
-    # streamed D (64-wide chunks): x chunks are pipelined too, so (128 + 128) x 4 stages (256 KiB) is
-    # too big, although 128 + 4 x 128 rows (160 KiB) would fit
+    assert kept and {key(c) for c in kept} <= set(CONFIGS_FP32) and (64, 64, 4, 2) not in map(key, kept)
+    assert all((c.kwargs["BLOCK_N"] + c.num_stages * c.kwargs["BLOCK_K"]) * 1024 <= _DEFAULT_SMEM for c in kept)
+    # bf16, resident D = 256: the 16-bit list, within shared memory and the register estimate
+    # (128-row tiles at 4 warps hold a 128 x 256 x tile in registers on the way to shared memory)
+    kept = _prune_configs(configs, {"p_x": x16}, BLOCK_D=256, ONE_D_BLOCK=True)
+    assert kept and {key(c) for c in kept} <= set(CONFIGS_16BIT)
+    assert not any(c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4 for c in kept)
+    assert all(_estimate_registers(*key(c)[:3], 256, 2) <= REGISTER_BUDGET for c in kept)
+    assert all((c.kwargs["BLOCK_N"] + c.num_stages * c.kwargs["BLOCK_K"]) * 512 <= _DEFAULT_SMEM for c in kept)
+    assert (64, 64, 4, 2) in map(key, kept)  # two blocks per SM: 98 KiB each
+    # bf16 at D = 64: everything in the list fits
+    assert len(_prune_configs(configs, {"p_x": x16}, BLOCK_D=64, ONE_D_BLOCK=True)) == len(CONFIGS_16BIT)
+    # streamed D (64-wide chunks): x chunks are pipelined too
     kept = _prune_configs(configs, {"p_x": x32}, BLOCK_D=64, ONE_D_BLOCK=False)
     assert all((c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * c.num_stages * 256 <= _DEFAULT_SMEM for c in kept)
-    assert not any(c.kwargs["BLOCK_N"] == c.kwargs["BLOCK_K"] == 128 and c.num_stages == 4 for c in kept)
-    # nothing fits: the smallest config is kept (the autotuner needs at least one)
+    # nothing fits: the smallest config of the input's list is kept (the autotuner needs one)
     kept = _prune_configs(configs, {"p_x": torch.empty(1, 4096)}, BLOCK_D=4096, ONE_D_BLOCK=True)
-    assert len(kept) == 1 and kept[0].kwargs == {"BLOCK_N": 64, "BLOCK_K": 32}
+    assert len(kept) == 1 and key(kept[0]) == (32, 32, 4, 2)
 
 
 def test_empty_rows_with_batch(backend):

@@ -337,3 +337,17 @@ def test_compile_fullgraph():
     grad, p.grad = p.grad.clone(), None
     f(p, t).backward()
     torch.testing.assert_close(grad, p.grad)
+
+
+def test_configs_by_precision():
+    # float32 and 16-bit inputs tune over their own config lists, each compiled for sm_90 without
+    # register spills (tests/test_cuda_compile.py), and float32 streams D in narrower chunks
+    from fastvq.kernels import pairwise_kl_loss as mod
+
+    for fwd_bwd in ((mod._FWD_16, mod._FWD_32), (mod._BWD_16, mod._BWD_32)):
+        both = fwd_bwd[0] + fwd_bwd[1]
+        for dtype, want in ((torch.float32, fwd_bwd[1]), (torch.bfloat16, fwd_bwd[0]), (torch.float16, fwd_bwd[0])):
+            kept = mod._prune_configs(both, {"p_pred": torch.zeros(1, dtype=dtype)})
+            assert [id(c) for c in kept] == [id(c) for c in want]
+    assert mod._block_d(100, torch.float32) == 32 and mod._block_d(100, torch.bfloat16) == 64
+    assert mod.MAX_BLOCK_DO == {4: 64, 2: 128}

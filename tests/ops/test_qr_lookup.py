@@ -386,12 +386,17 @@ BWD_FORMS = [  # (offsets, mode, weighted)
 ]
 
 
-def _bwd_call(device, op, offs, mode, weighted, deterministic=True, sparse=False, seed=0):
+def _bwd_inputs(device, op, offs, weighted, seed=0):
     qw, rw = _tables(7, 5, 6, op)
     qw, rw = qw.to(device).requires_grad_(), rw.to(device).requires_grad_()
     ids = _rand_ids(17, seed=seed, lo=-80, hi=80).to(device)
     offsets = None if offs is None else torch.tensor(offs, device=device)
     w = randn(17, seed=seed + 1, device=device, requires_grad=True) if weighted else None
+    return ids, qw, rw, offsets, w
+
+
+def _bwd_call(device, op, offs, mode, weighted, deterministic=True, sparse=False, seed=0, inputs=None):
+    ids, qw, rw, offsets, w = inputs or _bwd_inputs(device, op, offs, weighted, seed)
     out = fastvq.qr_lookup(ids, qw, rw, op, offsets=offsets, mode=mode, per_sample_weights=w,
                            deterministic=deterministic, sparse=sparse)
     return out, (qw, rw, w)
@@ -424,6 +429,17 @@ def test_backward_has_no_host_sync_and_at_most_one_sort(device, monkeypatch, off
     assert launches == ({"_qr_keys_kernel": 1, "_qr_rows_kernel": 1} if deterministic else {"_qr_atomic_kernel": 1})
 
 
+@pytest.mark.parametrize("offs,mode,weighted", BWD_FORMS)
+def test_forward_has_no_host_sync(backend, device, offs, mode, weighted):
+    # the bag offsets are validated on the device (assert_async), not read on the host
+    from fastvq.bench.traffic import metering
+
+    inputs = _bwd_inputs(device, "add", offs, weighted)
+    with metering() as meter:
+        _bwd_call(device, "add", offs, mode, weighted, inputs=inputs)
+    assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)
+
+
 def test_sparse_backward_reads_the_host_once(device, monkeypatch):
     # the number of touched rows sizes a sparse gradient: read once (one .tolist() of two counts)
     from fastvq.bench.traffic import metering
@@ -439,6 +455,7 @@ def test_sparse_backward_reads_the_host_once(device, monkeypatch):
     assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)  # nothing else reads the host
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 def test_atomic_backward_uses_relaxed_atomics(monkeypatch):
     from fastvq import kernels
 
@@ -464,7 +481,7 @@ def test_atomic_backward_uses_relaxed_atomics(monkeypatch):
 @pytest.mark.parametrize("n_bags", [1, 2, 37, 100])
 def test_many_bags_backward_matches_reference(backend, n_bags):
     # the kernels find each item's bag by binary search in offsets: every bag count, empty bags too
-    g = torch.Generator().manual_seed(n_bags)
+    g = generator(n_bags)
     N = 150
     offsets = torch.sort(torch.randint(0, N + 1, (n_bags,), generator=g)).values
     offsets[0] = 0
@@ -485,6 +502,7 @@ def test_many_bags_backward_matches_reference(backend, n_bags):
 # ------------------------------------------------------------------- numbers (issue 9)
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_nan_and_overflow_in_lookups(backend, device, op, dtype):
@@ -508,6 +526,7 @@ def test_nan_and_overflow_in_lookups(backend, device, op, dtype):
     assert_close(got[fine], exact[fine], dtype)
 
 
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 def test_mean_bag_near_the_float32_limit_stays_finite(backend, device):
     # the mean of items at 3e38 is 3e38: each item is scaled by 1/len before the sum
     qw = torch.full((2, 3), 1.5e38, device=device)

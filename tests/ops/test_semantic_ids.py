@@ -181,3 +181,16 @@ def test_triton_backend_really_launches_kernels(monkeypatch, name):
         (fastvq.semantic_ids(torch.tensor([[1, 2], [1, 2]])), fastvq.semantic_id_stats(torch.tensor([[1, 2], [1, 2]])))
     # semantic_id_stats: one launch for the level of the first column (is the last the level?), one for all
     assert launched == (["_semantic_ids_fwd_kernel"] * 3 if name == "triton" else [])
+
+
+@pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8], ids=str)
+def test_extreme_code_values(backend, device, dtype):
+    # the dtype's whole range, extremes included (uint8 255 is not -1): codes are copied, never wrapped
+    info = torch.iinfo(dtype)
+    vals = torch.tensor([info.min, info.max, 0, info.max, info.min], dtype=torch.int64)
+    codes = torch.stack([vals, vals.flip(0)], dim=1).to(dtype)
+    codes = torch.cat([codes, codes[:2]]).to(device)
+    out = fastvq.semantic_ids(codes)
+    assert torch.equal(out.cpu(), _brute_force(codes.cpu()))
+    assert out[:, :2].tolist() == codes.long().tolist()

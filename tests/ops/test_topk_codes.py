@@ -6,7 +6,7 @@ import torch
 import fastvq
 from fastvq.testing import assert_close
 from tests.ops.test_search_contract import d64
-from tests.utils import count_kernel_launches, randn
+from tests.utils import count_kernel_launches, generator, randn
 
 METRICS = ["l2", "euclidean", "cosine", "dot"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -79,8 +79,8 @@ def test_first_is_nearest_code(backend):
 
 def test_exact_ties_to_smaller_index(backend):
     # integer data: exact scores; code 4 duplicated at 11, 40, 77 (other tiles too); x at code 4
-    g = torch.Generator().manual_seed(3)
-    c = torch.randint(-4, 5, (100, 6), generator=g).float()
+    g = generator(3)
+    c = torch.randint(-4, 5, (100, 6), generator=g, device=g.device).float()
     c[[11, 40, 77]] = c[4].clone()
     x = c[4].expand(3, 6)
     idx, dist = fastvq.topk_codes(x, c, 5, "l2")
@@ -122,9 +122,9 @@ def test_nonfinite(backend, metric):
 
 
 def test_triton_matches_reference_exactly_on_integers():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randint(-3, 4, (20, 7), generator=g).float()
-    c = torch.randint(-3, 4, (64, 7), generator=g).float()
+    g = generator(5)
+    x = torch.randint(-3, 4, (20, 7), generator=g, device=g.device).float()
+    c = torch.randint(-3, 4, (64, 7), generator=g, device=g.device).float()
     for metric in ("l2", "dot"):
         with fastvq.backend("reference"):
             ref = fastvq.topk_codes(x, c, 8, metric)

@@ -53,12 +53,11 @@ NOT_RUN_IDS = {
 # Run on the triton backend too (interpreted on CPU).
 TRITON = {
     "test_vq[True-True-True]",  # cosine (dot search), EMA statistics, gather, rotation trick
-    "test_vq_mask",  # l2 search, masked EMA statistics
 }
-# (k-means init, SimVQ, heads, residual levels, topk=1 and update_indices run on triton in
-# ../test_vector_quantize_pytorch.py, at sizes the interpreter runs in seconds: VQP's
-# test_residual_vq3 takes over 2 minutes interpreted, test_sim_vq half a minute,
-# test_topk_and_manual_ema_update a quarter.)
+# (The l2 search, masks, k-means init, SimVQ, heads, residual levels, top-k, sampling and
+# update_indices run on triton in ../test_vector_quantize_pytorch.py, at sizes the interpreter
+# runs in seconds: VQP's test_residual_vq3 takes over 2 minutes interpreted, test_sim_vq half a
+# minute, test_topk_and_manual_ema_update and test_vq_mask a quarter each.)
 
 # The fastvq calls each upstream test must make (at least one of each kind; the whole test
 # name or, for parametrized ones, its function name).
@@ -70,7 +69,7 @@ ROUTED = {
     "test_vq_eval": {"search", "gather"},
     "test_vq_mask": {"search", "gather", "statistics"},
     "test_residual_vq": {"search", "gather"},
-    "test_residual_vq2": {"fallback.stochastic_sampling"},
+    "test_residual_vq2": {"sample", "gather", "statistics"},
     "test_grouped_residual_vq": {"search", "gather", "statistics"},
     "test_residual_vq3": {"kmeans", "search", "gather", "statistics"},
     "test_vq_lower_codebook": {"search", "gather", "statistics"},
@@ -87,8 +86,8 @@ ROUTED = {
     "test_vq_3d": {"search", "gather"},
     "test_hq": {"search", "gather", "statistics"},
     "test_diveq": {"search", "gather"},
-    "test_topk_and_manual_ema_update": {"search", "gather", "statistics"},
-    "test_beam_search": {"statistics", "rotation", "fallback.topk"},  # until a top-k search is routed
+    "test_topk_and_manual_ema_update": {"search", "topk", "gather", "statistics"},
+    "test_beam_search": {"topk", "gather", "statistics", "rotation"},
 }
 
 

@@ -1,0 +1,153 @@
+"""The layering the README draws, enforced by parsing every import in the package.
+
+    kernels/      torch, triton, its own modules (kernels._common)          -- a leaf
+    reference/    torch, numpy, fastvq.reference; the metric names of ops/_search -- never kernels
+    ops/          kernels (lazily), reference, _backend, checks               -- the only place that dispatches
+    nn/           ops (never kernels, never a custom op of its own)
+    integrations/ ops, nn (never kernels)
+and no import cycle between fastvq's modules at import time.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STDLIB_OK = {"__future__", "math", "numbers", "functools", "contextlib", "dataclasses", "typing", "os", "sys",
+             "warnings", "itertools", "collections", "re", "importlib", "inspect", "enum", "abc", "operator"}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "kernels":
+        parts = ["fastvq", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _files():
+    yield from sorted((ROOT / "fastvq").rglob("*.py"))
+    yield from sorted((ROOT / "kernels").rglob("*.py"))
+
+
+def _imports(path: pathlib.Path) -> list[tuple[str, bool]]:
+    """(absolute module imported, at module level?) for every import in ``path``."""
+    mod = _module_name(path)
+    package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top = {id(n) for n in tree.body}
+    # imports nested in `if TYPE_CHECKING`/try at module level count as module level
+    for n in tree.body:
+        if isinstance(n, (ast.If, ast.Try)):
+            top |= {id(c) for c in ast.walk(n)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            if node.module is None or node.level and not node.module:
+                out += [(f"{name}.{a.name}", id(node) in top) for a in node.names]
+            else:
+                out.append((name, id(node) in top))
+    return out
+
+
+def _layer(mod: str) -> str:
+    parts = mod.split(".")
+    if parts[0] != "fastvq" or len(parts) == 1:
+        return "external" if parts[0] != "fastvq" else "fastvq"
+    return parts[1]
+
+
+RULES = {
+    # layer: fastvq layers it must never import
+    "kernels": {"ops", "reference", "nn", "integrations", "bench", "testing", "check", "functional", "_backend",
+                "_checks", "distributed", "fastvq"},
+    # reference may read the public names the ops define (fastvq/ops/_search.py: metric names),
+    # never an op's implementation or a kernel
+    "reference": {"kernels", "nn", "integrations", "bench", "check", "functional", "_backend"},
+    "nn": {"kernels", "reference", "bench", "integrations"},
+    "ops": {"nn", "integrations", "bench"},
+    "integrations": {"kernels", "reference", "bench"},
+}
+
+
+# the one module of fastvq/ops the references may import: names and their documentation, no dispatch
+REFERENCE_MAY_READ = {"fastvq.ops._search"}
+
+
+@pytest.mark.parametrize("path", list(_files()), ids=lambda p: str(p.relative_to(ROOT)))
+def test_layering(path):
+    mod = _module_name(path)
+    layer = _layer(mod)
+    bad = []
+    for name, _ in _imports(path):
+        target = _layer(name)
+        if layer == "kernels":
+            root = name.split(".")[0]
+            if target == "external" and root not in {"torch", "triton", "numpy", *STDLIB_OK}:
+                bad.append(name)
+        if target in RULES.get(layer, ()):
+            bad.append(name)
+        if layer == "reference" and target == "ops" and name not in REFERENCE_MAY_READ:
+            bad.append(name)
+    assert not bad, f"{mod} ({layer}) must not import {bad}"
+
+
+def test_no_custom_ops_outside_ops():
+    offenders = []
+    for path in _files():
+        if _layer(_module_name(path)) == "ops":
+            continue
+        text = path.read_text()
+        if "torch.library.custom_op" in text or "torch.library.triton_op" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, f"custom ops are registered only in fastvq/ops/: {offenders}"
+
+
+def test_no_import_cycles_at_module_level():
+    graph: dict[str, set[str]] = {}
+    mods = {_module_name(p): p for p in _files()}
+    for mod, path in mods.items():
+        deps = set()
+        for name, top in _imports(path):
+            if not top:
+                continue
+            # resolve "fastvq.ops.nearest_code.nearest_code_ref"-style names to a module we have
+            while name and name not in mods:
+                name = name.rpartition(".")[0]
+            if name and name != mod:
+                deps.add(name)
+        graph[mod] = deps
+    # packages import their children: an edge parent -> child is not a cycle through the parent
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in graph.get(m, ()):
+            if m.startswith(d + "."):
+                continue  # a module importing its own package's __init__ (always already loading)
+            if state.get(d) == 1:
+                cycle.extend(stack[stack.index(d):] + [d] if d in stack else [m, d])
+                return True
+            if state.get(d) is None and visit(d, stack + [d]):
+                return True
+        state[m] = 2
+        return False
+
+    for m in sorted(graph):
+        if state.get(m) is None and visit(m, [m]):
+            break
+    assert not cycle, f"import cycle at module level: {' -> '.join(cycle)}"
