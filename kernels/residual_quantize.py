@@ -26,7 +26,8 @@ The nearest code (NaN-aware, smallest index on exact ties): a code with a NaN or
 element is never chosen while a finite code exists; a NaN distance (a NaN residual) and an
 overflowing one compare as ``+inf``; a row whose distances all compare as ``+inf`` gets the
 first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
-smallest index among the exact minima wins, and a later tile wins only when strictly smaller.
+smallest index among the exact minima wins, and a later tile wins only when strictly smaller
+(the team's ``_common.argmin_merge``, fed NaN for the codes that may not win).
 
 Backward (``_residual_quantize_bwd_kernel``): per ``(BLOCK_M rows, BLOCK_D columns)`` block it
 re-walks the levels from ``x`` and the saved codes (no search) and writes
@@ -55,7 +56,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import autotune_configs, dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import argmin_merge, autotune_configs, dot_fp32, launcher, next_pow2, tl_input_precision
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see fits_registers)
@@ -75,21 +76,13 @@ def _round_bf16(b):
 
 
 @triton.jit
-def _merge_tile(b_dist, b_cfin, o_k, m_k, b_min, b_idx, K, BLOCK_K: tl.constexpr):
-    """Fold one code tile into the running (min, index) of each row.
-
-    ``b_dist (BLOCK_M, BLOCK_K)`` scores, ``b_cfin (BLOCK_K,)`` whether each code is finite.
-    Non-finite codes never win; NaN scores compare as +inf; the first finite code is taken
-    even at +inf (``b_idx < 0``: nothing yet), later ones only when strictly smaller."""
+def _scores_of_finite_codes(b_dist, b_cfin, o_k, m_k, b_first, K):
+    """The scores a tile offers :func:`argmin_merge`: NaN for codes that are padding or hold a NaN
+    or infinite element (never chosen), and the running first finite code (a scalar: the same
+    for every row), which a row whose scores are all NaN or +inf falls back to."""
     m_ok = m_k & b_cfin
-    b_key = tl.where(m_ok[None, :] & (b_dist == b_dist), b_dist, float("inf"))
-    b_tmin = tl.min(b_key, axis=1)
-    b_targ = tl.min(tl.where(m_ok[None, :] & (b_key == b_tmin[:, None]), o_k[None, :], K + BLOCK_K), axis=1)
-    b_has = b_targ < K
-    b_better = b_has & ((b_tmin < b_min) | (b_idx < 0))
-    b_idx = tl.where(b_better, b_targ.to(tl.int64), b_idx)
-    b_min = tl.where(b_better, b_tmin, b_min)
-    return b_min, b_idx
+    b_first = tl.minimum(b_first, tl.min(tl.where(m_ok, o_k, K), axis=0))
+    return tl.where(m_ok[None, :], b_dist, float("nan")), b_first
 
 
 @triton.jit
@@ -240,7 +233,8 @@ def _residual_quantize_fwd_kernel(
             if DOT_FP32:
                 b_rd = b_rd.to(tl.float32)
             b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+            b_first = K
             for k0 in range(0, K, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < K
@@ -252,9 +246,11 @@ def _residual_quantize_fwd_kernel(
                     b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
                 else:
                     b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
-                b_min, b_idx = _merge_tile(b_cc[None, :] - 2.0 * b_rc, _row_finite(b_c32), o_k, m_k,
-                                           b_min, b_idx, K, BLOCK_K)
-            b_idx = tl.maximum(b_idx, 0)  # no finite code at all: index 0
+                b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, _row_finite(b_c32), o_k, m_k,
+                                                       b_first, K)
+                b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+            # nothing chosen (scores all NaN or +inf): the first finite code (none: 0)
+            b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
             b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
@@ -320,7 +316,8 @@ def _residual_quantize_fwd_chunked_kernel(
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
             b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+            b_first = K
             for k0 in range(0, K, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < K
@@ -345,9 +342,9 @@ def _residual_quantize_fwd_chunked_kernel(
                         b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
                     else:
                         b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
-                b_min, b_idx = _merge_tile(b_cc[None, :] - 2.0 * b_rc, b_cbad == 0, o_k, m_k,
-                                           b_min, b_idx, K, BLOCK_K)
-            b_idx = tl.maximum(b_idx, 0)
+                b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, b_cbad == 0, o_k, m_k, b_first, K)
+                b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+            b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
             b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
