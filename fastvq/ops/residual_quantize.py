@@ -128,6 +128,8 @@ def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
         g_commit = g_commit.float().contiguous()
     if not (need_dx or need_dcb):
         return None, None, None, None, None, None, None, None, None
+    if not need_dcb and g_commit is None and not ctx.rotate:  # straight through: the gradient as it is
+        return g_q, None, None, None, None, None, None, None, None
     dx, dcb = _residual_quantize_bwd_op(
         x, codebooks, codes, weights, g_q if need_dx else None, g_commit if need_dx else None,
         g_embed.float().contiguous() if need_dcb else None, ctx.rotate, need_dx,
