@@ -1,6 +1,7 @@
 """Small helpers shared by the launchers."""
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -181,3 +182,99 @@ def argmin_merge_pair(b_best, b_idx, b_cand, b_cidx):
     running one: strict ``<`` (the earlier, smaller-index one wins ties), NaN never wins."""
     m_better = b_cand < b_best
     return tl.where(m_better, b_cand, b_best), tl.where(m_better, b_cidx, b_idx)
+
+
+# --------------------------------------------------------------------------- target GPUs
+# What the early-prune functions of the autotuned kernels budget for. On CUDA the tensors'
+# device decides (its compute capability); anywhere else (the CPU, a meta tensor) the
+# documented default target, sm_90 (H100/H200), so a prune gives the same answer on a laptop as
+# on the GPU it will run on. tests/_cuda_compile_worker.py compiles every config a prune keeps
+# at the benchmark shapes for each target and checks the estimates below against ptxas.
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str  # "sm_90"
+    capability: int  # 90
+    smem: int  # bytes of shared memory one block may opt into
+    sm_count: int  # streaming multiprocessors (the split heuristics assume it)
+    max_regs: int = 255  # registers per thread before ptxas spills
+
+
+TARGETS = {
+    "sm_80": Target("sm_80", 80, 166912, 108),  # A100: 163 KiB opt-in per block
+    "sm_90": Target("sm_90", 90, 232448, 132),  # H100/H200 SXM: 227 KiB opt-in per block
+}
+DEFAULT_TARGET = "sm_90"  # where the device cannot be asked (no CUDA)
+_FORCED_TARGET: list = []  # stack of compile_target() blocks
+
+
+@contextlib.contextmanager
+def compile_target(name: str):
+    """Make every prune budget for ``TARGETS[name]`` inside the block, whatever the device
+    (the ahead-of-time compile check sweeps sm_80 and sm_90 on a CPU)."""
+    _FORCED_TARGET.append(TARGETS[name])
+    try:
+        yield TARGETS[name]
+    finally:
+        _FORCED_TARGET.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    major, minor = torch.cuda.get_device_capability(index)
+    cap = 10 * major + minor
+    known = TARGETS.get(f"sm_{cap}")
+    props = torch.cuda.get_device_properties(index)
+    try:
+        smem = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # an older/other driver API: the known figure, else the A100's (the smallest here)
+        smem = known.smem if known else TARGETS["sm_80"].smem
+    return Target(f"sm_{cap}", cap, smem, props.multi_processor_count)
+
+
+def target_for(device) -> Target:
+    """The GPU a launch on ``device`` is budgeted for: inside :func:`compile_target` that one;
+    a CUDA device as it is; otherwise ``TARGETS[DEFAULT_TARGET]``."""
+    if _FORCED_TARGET:
+        return _FORCED_TARGET[-1]
+    if getattr(device, "type", None) == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_target(index)
+    return TARGETS[DEFAULT_TARGET]
+
+
+def arch_family(target: Target) -> str:
+    """``"sm_90"`` for Hopper and later (wgmma, TMA-style pipelining), ``"sm_80"`` below."""
+    return "sm_90" if target.capability >= 90 else "sm_80"
+
+
+def words_per_thread(rows: int, cols: int, num_warps: int, elt: int = 4) -> float:
+    """32-bit registers a thread needs for its share of a ``rows x cols`` block of ``elt``-byte
+    elements spread over ``num_warps`` warps."""
+    return rows * cols * elt / (4 * 32 * num_warps)
+
+
+def register_estimate(model, *words) -> int:
+    """``base + sum(coef * words)``, rounded up: ``model = (base, (coef, ...))``, fitted per kernel
+    to ptxas on the benchmark shapes so that it bounds the compiled count from above."""
+    base, coefs = model
+    assert len(coefs) == len(words), (coefs, words)
+    return int(-(-(base + sum(c * w for c, w in zip(coefs, words))) // 1))
+
+
+def fits_target(target: Target, shared: int, regs: int) -> bool:
+    """An estimate fits: shared memory within the block's opt-in limit, and registers below the
+    per-thread maximum (at 255 ptxas spills whatever no longer fits)."""
+    return shared <= target.smem and regs < target.max_regs
+
+
+def prune_by_estimate(configs, estimate, target: Target) -> list:
+    """The configs whose ``estimate(config) -> {"shared": bytes, "regs": per thread}`` fits
+    ``target``; if none does, the one that overshoots least (every launch keeps a config)."""
+    est = {id(c): estimate(c) for c in configs}
+    kept = [c for c in configs if fits_target(target, **est[id(c)])]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: (max(0, est[id(c)]["shared"] - target.smem), est[id(c)]["regs"],
+                                        est[id(c)]["shared"]))]

@@ -48,8 +48,9 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import (argmin_merge, argmin_merge_pair, autotune_configs, dot_fp32, exp2i, launcher, nan_clamp,
-                      nan_max0, next_pow2, pow2_exponent, tl_input_precision)
+from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune_configs, dot_fp32, exp2i, launcher,
+                      nan_clamp, nan_max0, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, target_for,
+                      tl_input_precision, words_per_thread)
 
 # Internal ids; the public metric and strategy names and their documentation live in
 # fastvq/ops/_search.py.
@@ -396,74 +397,73 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
 # --------------------------------------------------------------------------- main kernels
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_limit(device: torch.device) -> int:
-    """Shared memory one program may use on ``device`` (A100: 163 KiB, consumer GPUs: ~99 KiB)."""
-    if device.type != "cuda":
-        return _DEFAULT_SMEM
-    try:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    except Exception:  # an older/other driver API: keep the H100-sized budget
-        return _DEFAULT_SMEM
-
-
-_DEFAULT_SMEM = 192 * 1024  # when the device cannot be asked (H100/H200 allow 227 KiB per block)
-
-
 # GPU configs, (BLOCK_N, BLOCK_K, num_warps, num_stages). 16-bit inputs run wgmma: 64/128-row
 # tiles; at D <= 256 the 64 x 64 two-stage tile leaves room for two blocks per SM (98 KiB shared
 # memory at D = 256), so one block's argmin epilogue overlaps the other's MMA. fp32 has its own
-# list: its exact ("ieee") dot runs on the FMA units and holds operand fragments in registers
-# (64 x 64 at 4 warps spilled 13.5 KB per thread on sm_90); every fp32 config here compiles
-# without spills for both fp32 precisions at D = 256.
+# list: its exact ("ieee") dot runs on the FMA units and holds operand fragments in registers.
+# The early prune keeps the input's own list and, of it, what fits the target GPU by the
+# estimates below (checked against ptxas by tests/test_resource_estimates.py).
 CONFIGS_16BIT = [(bn, bk, w, s) for bn in (64, 128) for bk in (64, 128) for w in (4, 8) for s in (2, 3)]
 CONFIGS_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)]
-REGISTER_BUDGET = 240  # per thread, estimated; 255 is the hardware limit and then it spills
+
+# Registers per thread = base + a * (x tile words) + b * (score tile words), by target family,
+# element size and variant (plain search, mining's lower bound, Gumbel sampling); fitted to
+# ptxas (sm_80 and sm_90, triton 3.6 and 3.8) at the benchmark shapes, bounding it from above.
+_REGISTER_MODELS = {
+    ("sm_90", 2, "plain"): (56, (0.25, 1.75)), ("sm_90", 2, "bound"): (84, (1.0, 1.0)),
+    ("sm_90", 2, "sample"): (139, (0.25, 1.75)),
+    ("sm_90", 4, "plain"): (48, (0.25, 5.75)), ("sm_90", 4, "bound"): (231, (0.25, 1.0)),
+    ("sm_90", 4, "sample"): (34, (1.0, 6.0)),
+    ("sm_80", 2, "plain"): (100, (0.25, 1.75)), ("sm_80", 2, "bound"): (52, (1.5, 1.0)),
+    ("sm_80", 2, "sample"): (221, (0.25, 1.0)),
+    ("sm_80", 4, "plain"): (68, (0.25, 6.0)), ("sm_80", 4, "bound"): (231, (0.25, 1.0)),
+    ("sm_80", 4, "sample"): (34, (1.25, 6.0)),
+}
+_SCRATCH = 1024  # shared memory for the row reductions' layout conversions (measured <= 1 KiB)
 
 
-def _estimate_registers(bn, bk, w, d, elt):
-    """Registers per thread of a 16-bit config: the x tile passing through registers on its way
-    to shared memory, the fp32 accumulator, and ~60 for addresses and the running argmin.
-    Calibrated on sm_90 builds: 128 x 64 at 4 warps, D = 256 (estimate 252) spills 88 bytes;
-    64 x 128 at 4 warps (188) uses 165 registers; 128 x 128 at 8 warps (188) uses 164."""
-    return bn * d * elt // (4 * 32 * w) + bn * bk // (32 * w) + 60
+def _estimate(config, named_args, **kwargs) -> dict:
+    """Shared memory and registers per thread of one config of ``_nearest_code_fwd_kernel`` on
+    the target GPU (:func:`kernels._common.target_for` the input's device).
+
+    Shared memory: resident x (``ONE_D_BLOCK``): one ``BLOCK_N x D`` x tile plus the codebook
+    tiles in flight, ``num_stages`` of them where the 16-bit dot is a wgmma (sm_90: every stage
+    is a shared-memory buffer), ``num_stages - 1`` elsewhere (mma.sync and FMA dots load the
+    current tile into registers). Streamed D: x and codebook chunks, ``num_stages`` of each.
+    Sampling interleaves the 4 Philox words of a score tile through shared memory."""
+    p_x = named_args["p_x"]
+    elt = p_x.element_size()
+    tgt = target_for(p_x.device)
+    fam = arch_family(tgt)
+    d = kwargs.get("BLOCK_D", 64)
+    bn, bk, w, s = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
+    sample = kwargs.get("SAMPLE", False)
+    extra = bn * bk * 4 if sample else 0
+    if kwargs.get("ONE_D_BLOCK", True):
+        code_stages = s if (fam == "sm_90" and elt == 2) else s - 1
+        shared = (bn + bk * code_stages) * d * elt + extra + _SCRATCH
+    else:
+        shared = (bn + bk) * s * d * elt + extra + _SCRATCH
+    variant = "bound" if kwargs.get("HAS_LOWER_BOUND", False) else "sample" if sample else "plain"
+    model = _REGISTER_MODELS[(fam, 4 if elt == 4 else 2, variant)]
+    regs = register_estimate(model, words_per_thread(bn, d, w, elt), words_per_thread(bn, bk, w))
+    return {"shared": shared, "regs": regs}
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs of the input's own list (16-bit or fp32) whose on-chip tiles fit the
-    device's shared memory and (16-bit) whose estimated registers stay within the budget;
-    keep at least one.
-
-    Resident x (``ONE_D_BLOCK``): one ``BLOCK_N x D`` x tile plus ``num_stages`` codebook tiles
-    (as compiled for sm_90: the unmasked whole-tile loads pipeline every stage).
-    Streamed D: both the x and the codebook chunks are pipelined, ``num_stages`` of each.
-    """
+    """Keep the configs of the input's own list (16-bit or fp32) that fit the target GPU's
+    shared memory and registers by :func:`_estimate`; keep at least one."""
     p_x = named_args["p_x"]
-    elt = p_x.element_size()
-    d = kwargs.get("BLOCK_D", 64)
-    resident = kwargs.get("ONE_D_BLOCK", True)
-    limit = _smem_limit(p_x.device)
-    own = set(CONFIGS_FP32 if elt == 4 else CONFIGS_16BIT)
+    own = set(CONFIGS_FP32 if p_x.element_size() == 4 else CONFIGS_16BIT)
 
     def key(c):
         return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
-    sample = kwargs.get("SAMPLE", False)
-
-    def smem(c):
-        bn, bk, s = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages
-        extra = bn * bk * 4 if sample else 0  # sampling interleaves the 4 Philox words through shared memory
-        if resident:
-            return (bn + bk * s) * d * elt + extra
-        return (bn + bk) * s * d * elt + extra
-
-    def regs(c):
-        return 0 if elt == 4 else _estimate_registers(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, d, elt)
-
     mine = [c for c in configs if key(c) in own] or list(configs)
-    kept = [c for c in mine if smem(c) <= limit and regs(c) <= REGISTER_BUDGET]
-    return kept or [min(mine, key=smem)]
+    return prune_by_estimate(mine, lambda c: _estimate(c, named_args, **kwargs), target_for(p_x.device))
+
+
+_prune_configs.estimate = _estimate
 
 
 def _configs():

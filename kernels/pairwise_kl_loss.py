@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, dot_fp32, flat_grid, flat_program_id, launcher, next_pow2, tl_input_precision
+from ._common import (arch_family, autotune_configs, dot_fp32, flat_grid, flat_program_id, launcher, next_pow2,
+                      prune_by_estimate, register_estimate, target_for, tl_input_precision, words_per_thread)
 
 
 def _config(m, n, w, s):
@@ -47,11 +48,41 @@ MAX_BLOCK_D = {4: 32, 2: 64}  # by element size: D chunk of the gram dots
 MAX_BLOCK_DO = {4: 64, 2: 128}  # by element size: output columns per program of the backward
 
 
+# Registers per thread = base + a * T + b * O + c * G (T: words of one BLOCK_M x BLOCK_N logit
+# tile; O: the dot operands' chunks, BLOCK_M x BLOCK_D and BLOCK_N x BLOCK_D; G: the backward's
+# BLOCK_M x BLOCK_DO gradient accumulator), by target family and pass. Fitted to ptxas (sm_80 and
+# sm_90, triton 3.6 and 3.8) at the benchmark shapes (float32), bounding it from above.
+_REGISTER_MODELS = {
+    ("sm_90", "fwd"): (120, (1.0, 1.0, 1.0)), ("sm_90", "bwd"): (50, (3.5, 3.25, 2.75)),
+    ("sm_80", "fwd"): (230, (1.0, 0.5, 1.0)), ("sm_80", "bwd"): (99, (6.0, 3.25, 1.0)),
+}
+
+
+def _estimate(config, named_args, **kwargs) -> dict:
+    """Shared memory and registers per thread of one config on the target GPU: ``num_stages``
+    operand chunks of the two gram dots (and the backward's ``BLOCK_N x BLOCK_DO`` pred tile)."""
+    p_pred = named_args["p_pred"]
+    elt = p_pred.element_size()
+    bm, bn, w, s = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+    bd = max(kwargs.get("BLOCK_DP", MAX_BLOCK_D[elt]), kwargs.get("BLOCK_DT", MAX_BLOCK_D[elt]))
+    bdo = kwargs.get("BLOCK_DO", 0)
+    shared = s * ((bm + bn) * bd + bn * bdo) * elt + 1024
+    model = _REGISTER_MODELS[(arch_family(target_for(p_pred.device)), "bwd" if "BLOCK_DO" in kwargs else "fwd")]
+    regs = register_estimate(model, words_per_thread(bm, bn, w), words_per_thread(bm + bn, bd, w),
+                             words_per_thread(bm, bdo, w))
+    return {"shared": shared, "regs": regs}
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs of the input's precision (float32 or 16-bit)."""
-    fp32 = named_args["p_pred"].element_size() == 4
-    kept = [c for c in configs if (id(c) in _FP32_CONFIGS) == fp32]
-    return kept or configs  # the one interpreter / pinned config
+    """Keep the configs of the input's precision (float32 or 16-bit) that fit the target GPU by
+    :func:`_estimate` (at least one)."""
+    p_pred = named_args["p_pred"]
+    fp32 = p_pred.element_size() == 4
+    mine = [c for c in configs if (id(c) in _FP32_CONFIGS) == fp32] or list(configs)  # (the one interpreter / pinned config)
+    return prune_by_estimate(mine, lambda c: _estimate(c, named_args, **kwargs), target_for(p_pred.device))
+
+
+_prune_configs.estimate = _estimate
 
 
 def _configs(name, configs, **pinned_options):

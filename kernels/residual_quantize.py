@@ -56,10 +56,11 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import argmin_merge, autotune_configs, dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import (arch_family, argmin_merge, autotune_configs, dot_fp32, launcher, next_pow2, prune_by_estimate,
+                      register_estimate, target_for, tl_input_precision, words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
-# float32 workspace runs: wider register blocks spill on sm_90 (see fits_registers)
+# float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
 CHUNK_D = 64  # D chunk of the chunked variant
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
 EPS_NORM = 1e-6  # as fastvq.reference.rotation_trick (kernels import no reference: kept in step by a test)
@@ -136,50 +137,65 @@ def _configs(name):
                             interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4))
 
 
-def fits_registers(config, block_d: int, chunked: bool = False, fma: bool = False) -> bool:
-    """Whether a config's register blocks fit one thread's registers without spilling (sm_90).
+# Registers per thread = base + a * R + b * C + c * S + e * BLOCK_L (R: words of the float32 row
+# blocks, residual / running sum / chosen codes, BLOCK_M x BLOCK_D; C: the code tile, BLOCK_K x
+# BLOCK_D; S: the score tile, BLOCK_M x BLOCK_K; BLOCK_L: the loss partials when LOSS), by target
+# family, variant (register / D-chunked) and dot (tensor cores, or float32 "ieee" FMA dots, which
+# expand in registers). Fitted to ptxas (sm_80 and sm_90, triton 3.6 and 3.8) at the benchmark
+# shapes, bounding it from above.
+_REGISTER_MODELS = {
+    ("sm_90", False, False): (57, (3.0, 1.25, 3.25, 0)), ("sm_90", False, True): (37, (3.0, 2.5, 1.75, 8)),
+    ("sm_90", True, False): (59, (5.75, 1.25, 3.25, 0)), ("sm_90", True, True): (59, (5.75, 1.25, 3.25, 0)),
+    ("sm_80", False, False): (58, (3.0, 1.25, 2.75, 0)), ("sm_80", False, True): (57, (3.0, 2.75, 3.25, 8)),
+    ("sm_80", True, False): (51, (5.25, 2.75, 3.25, 0)), ("sm_80", True, True): (51, (5.25, 2.75, 3.25, 0)),
+}
+_SCRATCH = 2048  # shared memory besides the code tiles (reductions; measured <= 1 KiB)
 
-    Per thread (``32 * num_warps`` of them): ``R`` words of the row blocks (the residual, the
-    running sum, the chosen codes' rows: ``BLOCK_M x BLOCK_D``), ``C`` of the code tile
-    (``BLOCK_K x BLOCK_D``), ``S`` of the score tile (``BLOCK_M x BLOCK_K``). The bounds are
-    where ptxas stopped exhausting the register file for the training-step kernel (loss,
-    statistics, candidates on), measured with tests/_cuda_compile_worker.py: tensor-core dots
-    (bf16/fp16) and float32 ``fma`` dots (exact IEEE, expanded into FMAs in registers: about
-    twice the pressure) each have their own bounds; the chunked variant holds fewer rows but
-    pipelines deeper (3 stages at 4 warps spilled)."""
-    bm, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
-    threads = 32 * config.num_warps
-    rows, code, score = bm * block_d / threads, bk * block_d / threads, bm * bk / threads
-    if fma:
-        if chunked:
-            return rows <= 8 and code <= 32 and score <= 8
-        return rows <= 8 and code <= 16 and score <= 4
-    if chunked:
-        return rows <= 16 and code <= 32 and score <= 16 and (config.num_warps == 8 or config.num_stages == 2)
-    return rows <= 16 and code <= 64 and score <= 16
+
+def _estimate(config, named_args, chunked: bool = False, **kwargs) -> dict:
+    """Shared memory and registers per thread of one config on the target GPU: ``num_stages``
+    code tiles (``BLOCK_K x BLOCK_D``) in flight, plus (D-chunked) a float32 residual chunk."""
+    p_x = named_args.get("p_x")
+    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee"
+    elt = p_x.element_size() if p_x is not None else 4 if fma else 2
+    tgt = target_for(p_x.device if p_x is not None else None)
+    block_d = CHUNK_D if chunked else kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    block_l = kwargs.get("BLOCK_L", 8) if kwargs.get("LOSS", True) else 0
+    bm, bk, w, s = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
+    shared = s * bk * block_d * elt + (bm * block_d * 4 if chunked else 0) + _SCRATCH
+    regs = register_estimate(_REGISTER_MODELS[(arch_family(tgt), chunked, fma)], words_per_thread(bm, block_d, w),
+                             words_per_thread(bk, block_d, w), words_per_thread(bm, bk, w), block_l)
+    return {"shared": shared, "regs": regs}
+
+
+def _estimate_chunked(config, named_args, **kwargs) -> dict:
+    return _estimate(config, named_args, chunked=True, **kwargs)
 
 
 def register_d_limit(dtype: torch.dtype) -> int:
     """The widest BLOCK_D the register variant runs with: some config of :func:`_configs` fits
-    (16 rows at 8 warps); float32's FMA dots take twice the registers."""
+    by :func:`_estimate` (16 rows at 8 warps); float32's FMA dots take twice the registers."""
     return 128 if dtype == torch.float32 else 256
 
 
-def _fallback(configs):
-    return [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"], -c.num_warps, c.num_stages))]
+def _prune(configs, named_args, estimate, **kwargs):
+    p_x = named_args.get("p_x")
+    return prune_by_estimate(configs, lambda c: estimate(c, named_args, **kwargs),
+                             target_for(p_x.device if p_x is not None else None))
 
 
 def _prune_register_configs(configs, named_args, **kwargs):
-    # drop configs whose register blocks would spill (fits_registers); register_d_limit keeps
-    # some for every BLOCK_D the register variant runs with
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee"
-    return [c for c in configs if fits_registers(c, block_d, fma=fma)] or _fallback(configs)
+    """Keep the configs whose estimated shared memory and registers fit the target GPU (at
+    least one); :func:`register_d_limit` keeps some for every BLOCK_D the register variant runs with."""
+    return _prune(configs, named_args, _estimate, **kwargs)
 
 
 def _prune_chunked_configs(configs, named_args, **kwargs):
-    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee"
-    return [c for c in configs if fits_registers(c, CHUNK_D, chunked=True, fma=fma)] or _fallback(configs)
+    return _prune(configs, named_args, _estimate_chunked, **kwargs)
+
+
+_prune_register_configs.estimate = _estimate
+_prune_chunked_configs.estimate = _estimate_chunked
 
 
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]

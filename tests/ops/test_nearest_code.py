@@ -286,11 +286,11 @@ def test_triton_backend_really_launches_the_kernel(monkeypatch, metric):
     _check_nearest(x, c, metric, idx, dist)
 
 
-def test_prune_configs_fit_the_device():
+def test_prune_configs_fit_the_target():
     import triton
 
-    from fastvq.kernels.nearest_code import (_DEFAULT_SMEM, CONFIGS_16BIT, CONFIGS_FP32, REGISTER_BUDGET,
-                                             _estimate_registers, _prune_configs)
+    from fastvq.kernels import _common
+    from fastvq.kernels.nearest_code import CONFIGS_16BIT, CONFIGS_FP32, _estimate, _prune_configs
 
     def key(c):
         return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
@@ -298,26 +298,30 @@ def test_prune_configs_fit_the_device():
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bn, bk, w, s in dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)]
     x32, x16 = torch.empty(1, 256), torch.empty(1, 256, dtype=torch.bfloat16)
-    # fp32: only fp32's own list (no 64 x 64 at 4 warps: it spills on sm_90), resident D = 256 fitting
-    kept = _prune_configs(configs, {"p_x": x32}, BLOCK_D=256, ONE_D_BLOCK=True)
-    assert kept and {key(c) for c in kept} <= set(CONFIGS_FP32) and (64, 64, 4, 2) not in map(key, kept)
-    assert all((c.kwargs["BLOCK_N"] + c.num_stages * c.kwargs["BLOCK_K"]) * 1024 <= _DEFAULT_SMEM for c in kept)
-    # bf16, resident D = 256: the 16-bit list, within shared memory and the register estimate
-    # (128-row tiles at 4 warps hold a 128 x 256 x tile in registers on the way to shared memory)
-    kept = _prune_configs(configs, {"p_x": x16}, BLOCK_D=256, ONE_D_BLOCK=True)
-    assert kept and {key(c) for c in kept} <= set(CONFIGS_16BIT)
-    assert not any(c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4 for c in kept)
-    assert all(_estimate_registers(*key(c)[:3], 256, 2) <= REGISTER_BUDGET for c in kept)
-    assert all((c.kwargs["BLOCK_N"] + c.num_stages * c.kwargs["BLOCK_K"]) * 512 <= _DEFAULT_SMEM for c in kept)
-    assert (64, 64, 4, 2) in map(key, kept)  # two blocks per SM: 98 KiB each
-    # bf16 at D = 64: everything in the list fits
-    assert len(_prune_configs(configs, {"p_x": x16}, BLOCK_D=64, ONE_D_BLOCK=True)) == len(CONFIGS_16BIT)
-    # streamed D (64-wide chunks): x chunks are pipelined too
-    kept = _prune_configs(configs, {"p_x": x32}, BLOCK_D=64, ONE_D_BLOCK=False)
-    assert all((c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * c.num_stages * 256 <= _DEFAULT_SMEM for c in kept)
-    # nothing fits: the smallest config of the input's list is kept (the autotuner needs one)
+    for target in _common.TARGETS:
+        with _common.compile_target(target) as tgt:
+            for x, own in ((x32, CONFIGS_FP32), (x16, CONFIGS_16BIT)):
+                for kw in (dict(BLOCK_D=256, ONE_D_BLOCK=True), dict(BLOCK_D=64, ONE_D_BLOCK=True),
+                           dict(BLOCK_D=256, ONE_D_BLOCK=True, HAS_LOWER_BOUND=True),
+                           dict(BLOCK_D=64, ONE_D_BLOCK=True, SAMPLE=True), dict(BLOCK_D=64, ONE_D_BLOCK=False)):
+                    kept = _prune_configs(configs, {"p_x": x}, **kw)
+                    # the input's own list, and of it exactly what the estimate says fits the target
+                    assert kept and {key(c) for c in kept} <= set(own), (target, kw)
+                    fits = [c for c in configs if key(c) in own
+                            and _common.fits_target(tgt, **_estimate(c, {"p_x": x}, **kw))]
+                    assert kept == (fits or kept), (target, kw)
+            # the 128 x 128 three-stage tiles at bf16 D = 256 need 256 KiB on sm_90 (issue 8)
+            kept = _prune_configs(configs, {"p_x": x16}, BLOCK_D=256, ONE_D_BLOCK=True)
+            assert not any(key(c)[:2] == (128, 128) and c.num_stages == 3 for c in kept)
+            assert (64, 64, 4, 2) in map(key, kept)  # two blocks per SM: 98 KiB each
+    # sm_90 shared memory as compiled: the x tile plus num_stages codebook tiles (wgmma)
+    with _common.compile_target("sm_90"):
+        est = _estimate(triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3), {"p_x": x16},
+                        BLOCK_D=256, ONE_D_BLOCK=True)
+        assert est["shared"] >= (128 + 3 * 128) * 256 * 2 > _common.TARGETS["sm_90"].smem
+    # nothing fits: one config of the input's list is kept (the autotuner needs one)
     kept = _prune_configs(configs, {"p_x": torch.empty(1, 4096)}, BLOCK_D=4096, ONE_D_BLOCK=True)
-    assert len(kept) == 1 and key(kept[0]) == (32, 32, 4, 2)
+    assert len(kept) == 1 and key(kept[0]) in CONFIGS_FP32
 
 
 def test_empty_rows_with_batch(backend):

@@ -340,14 +340,21 @@ def test_compile_fullgraph():
 
 
 def test_configs_by_precision():
-    # float32 and 16-bit inputs tune over their own config lists, each compiled for sm_90 without
-    # register spills (tests/test_cuda_compile.py), and float32 streams D in narrower chunks
+    # float32 and 16-bit inputs tune over their own config lists, pruned to what fits the target
+    # GPU by the estimate (tests/test_resource_estimates.py checks it against ptxas), and float32
+    # streams D in narrower chunks
+    from fastvq.kernels import _common
     from fastvq.kernels import pairwise_kl_loss as mod
 
-    for fwd_bwd in ((mod._FWD_16, mod._FWD_32), (mod._BWD_16, mod._BWD_32)):
+    for fwd_bwd, extra in (((mod._FWD_16, mod._FWD_32), {}), ((mod._BWD_16, mod._BWD_32), {"BLOCK_DO": 64})):
         both = fwd_bwd[0] + fwd_bwd[1]
         for dtype, want in ((torch.float32, fwd_bwd[1]), (torch.bfloat16, fwd_bwd[0]), (torch.float16, fwd_bwd[0])):
-            kept = mod._prune_configs(both, {"p_pred": torch.zeros(1, dtype=dtype)})
-            assert [id(c) for c in kept] == [id(c) for c in want]
+            named = {"p_pred": torch.zeros(1, dtype=dtype)}
+            for target in _common.TARGETS:
+                with _common.compile_target(target) as tgt:
+                    kept = mod._prune_configs(both, named, **extra)
+                    assert kept and {id(c) for c in kept} <= {id(c) for c in want}, (dtype, target)
+                    fits = [c for c in want if _common.fits_target(tgt, **mod._estimate(c, named, **extra))]
+                    assert [id(c) for c in kept] == [id(c) for c in (fits or kept)]
     assert mod._block_d(100, torch.float32) == 32 and mod._block_d(100, torch.bfloat16) == 64
     assert mod.MAX_BLOCK_DO == {4: 64, 2: 128}

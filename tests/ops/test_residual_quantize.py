@@ -468,24 +468,35 @@ def test_step_opcheck():
 
 
 def test_register_prune_keeps_spill_free_configs_for_every_width():
-    # every BLOCK_D the register variant runs with keeps at least one config the register bound
-    # accepts (tests/test_cuda_compile.py compiles them for sm_90: no register-file exhaustion)
+    # every BLOCK_D the register variant runs with keeps at least one config whose estimated
+    # registers and shared memory fit each target (tests/test_resource_estimates.py checks the
+    # estimate against ptxas at the benchmark shapes)
     import triton
 
+    from fastvq.kernels import _common
     from fastvq.kernels import residual_quantize as kmod
 
     gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
            for bm in (16, 32, 64, 128) for bk in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3)]
-    for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float32, "ieee")):
-        for block_d in (16, 32, 64, 128, 256):
-            if block_d > kmod.register_d_limit(dtype):
-                continue
-            kept = kmod._prune_register_configs(gpu, {}, BLOCK_D=block_d, PRECISION=prec)
-            assert kept and all(kmod.fits_registers(c, block_d, fma=prec == "ieee") for c in kept), (dtype, block_d)
-        kept = kmod._prune_chunked_configs(gpu, {}, PRECISION=prec)
-        assert kept and all(kmod.fits_registers(c, kmod.CHUNK_D, chunked=True, fma=prec == "ieee") for c in kept)
-    # what spilled before: bf16 BM=64 at 4 warps, fp32 BM >= 32 with BK >= 32 (64 x 64 at 4 warps:
-    # 22,952 bytes of stack), and any 1024-wide register block
-    assert not kmod.fits_registers(triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4), 64)
-    assert not kmod.fits_registers(triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4), 256, fma=True)
+    for target in _common.TARGETS:
+        with _common.compile_target(target) as tgt:
+            for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float32, "ieee")):
+                named = {"p_x": torch.empty(1, dtype=dtype)}
+                for block_d in (16, 32, 64, 128, 256):
+                    if block_d > kmod.register_d_limit(dtype):
+                        continue
+                    kept = kmod._prune_register_configs(gpu, named, BLOCK_D=block_d, PRECISION=prec, LOSS=True)
+                    assert kept and all(_common.fits_target(tgt, **kmod._estimate(c, named, BLOCK_D=block_d,
+                                                                                   PRECISION=prec, LOSS=True))
+                                        for c in kept), (target, dtype, block_d)
+                kept = kmod._prune_chunked_configs(gpu, named, PRECISION=prec, LOSS=True)
+                assert kept and all(_common.fits_target(tgt, **kmod._estimate_chunked(c, named, PRECISION=prec,
+                                                                                       LOSS=True)) for c in kept)
+            # what spilled on sm_90: bf16 BM=64 at 4 warps, fp32 64 x 64 at 4 warps (22,952 bytes of stack)
+            named = {"p_x": torch.empty(1, dtype=torch.bfloat16)}
+            cfg = triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4)
+            assert not _common.fits_target(tgt, **kmod._estimate(cfg, named, BLOCK_D=256, PRECISION="tf32"))
+            named = {"p_x": torch.empty(1)}
+            cfg = triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4)
+            assert not _common.fits_target(tgt, **kmod._estimate(cfg, named, BLOCK_D=128, PRECISION="ieee"))
     assert kmod.register_d_limit(torch.bfloat16) < 1024
