@@ -1,29 +1,36 @@
-"""Ahead-of-time CUDA compilation of every fastvq kernel for an H100 (sm_90), without a GPU.
+"""Ahead-of-time CUDA compilation of the fastvq kernels for sm_90 (H100/H200) and sm_80 (A100),
+without a GPU, through the ptxas bundled in the triton wheel.
 
-Run by ``tests/test_cuda_compile.py`` in a subprocess with ``TRITON_INTERPRET`` unset (Triton
-decides interpreted vs compiled when a ``@triton.jit`` function is defined, so the kernel
-modules must be imported fresh, in a process that never had it set). Also usable by hand::
+Run without ``TRITON_INTERPRET`` (Triton decides interpreted vs compiled when a ``@triton.jit``
+function is defined, so the kernel modules must be imported fresh, in a process that never had
+it set). Three modes::
 
-    env -u TRITON_INTERPRET python tests/_cuda_compile_worker.py [--jobs N] [--filter SUBSTR] [--full] [--list]
+    env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py [--jobs N] [--filter SUBSTR] [--list]
+    env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --plan [--targets sm_90,sm_80]
+    env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --sweep \
+        --update-json benchmarks/results/sm90-static.json --also .venv36/bin/python
 
-Each job is one ``triton.compile`` of one kernel at one specialization: argument dtypes as the
-launcher passes them, the constexprs it can pass, one autotune config (GPU list, not the
-interpreter's single one) as ``num_warps`` / ``num_stages``. Arguments are specialized as a
-contiguous launch specializes them: 16-byte aligned pointers, unit strides turned into the
-constant 1, row strides divisible by 16 (plus one unaligned, odd-stride variant of each main
-kernel). One JSON line per job goes to stdout (last line: a summary), with the shared memory,
-registers / spills (``cuobjdump --dump-resource-usage`` on the cubin) and whether the PTX uses
-``wgmma`` (Hopper tensor cores) or ``mma.sync``.
-
-The all-configs sweeps (``sweep=True``) stop at LLVM IR unless ``--full``: layouts, pipelining,
-shared memory and the MMA instruction are all decided by then, and LLVM's PTX emission plus
-ptxas are three quarters of the time. Every other job (each dtype and constexpr combination,
-the memory-bound kernels) goes through ptxas to a cubin.
+* default (CI, ``tests/test_cuda_compile.py``): a representative subset for sm_90, every kernel
+  at least once and each dtype and constexpr the launchers pass, one config each. Each job is
+  one ``triton.compile`` of one kernel, its arguments specialised as a contiguous launch
+  specialises them (16-byte aligned pointers, unit strides as the constant 1, row strides
+  divisible by 16, plus one unaligned variant of each main kernel), through ptxas to a cubin.
+  One JSON line per job (last: a summary) with the shared memory from the compiled kernel's
+  metadata, registers / spills (``cuobjdump --dump-resource-usage``) and whether the PTX uses
+  ``wgmma`` or ``mma.sync``.
+* ``--plan``: every launch the benchmark shapes make (:func:`bench_launches`: the launchers
+  called on meta tensors, Triton's launch intercepted), for each target: every autotune config,
+  whether the kernel's early prune keeps it (budgeting for that target), the prune's estimate,
+  and the specialisation Triton's own binder gives that launch. Compiles nothing (seconds).
+* ``--sweep``: compiles every launch of the plan the prunes keep, for each target, through
+  ptxas; ``--update-json`` writes the records of this triton version to the JSON and ``--also``
+  runs the same sweep with another interpreter (triton 3.6, the GPU image's version).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -35,6 +42,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+import dataclasses
 from dataclasses import dataclass, field
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -85,7 +93,6 @@ class Job:
     tensor_cores: bool = False  # 16-bit or tf32 dot operands: must run on the tensor cores ...
     rows: int = 0  # ... as wgmma when the dot's M (rows of its first operand) is >= 64
     pruned: bool = False  # the autotuner's early prune drops this config: too big is fine
-    sweep: bool = False  # one of an all-configs sweep: lowered to LLVM IR only unless --full
     cost: float = 1.0  # rough compile-time guess, for scheduling the longest first
 
     @property
@@ -138,18 +145,8 @@ def _cfg_label(c):
     return f"{kw},w={c.num_warps},s={c.num_stages}"
 
 
-class _FakeTensor:
-    """What the early-prune functions read from a tensor argument."""
-
-    def __init__(self, elt):
-        self._elt = elt
-        self.device = type("dev", (), {"type": "cuda", "index": 0})()
-
-    def element_size(self):
-        return self._elt
-
-
 _ELT = {"bf16": 2, "fp16": 2, "fp32": 4}
+_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # --------------------------------------------------------------------------- job lists
@@ -194,8 +191,7 @@ def _nearest_code_jobs():
     k = mod._nearest_code_fwd_kernel
     configs = _cfgs(k)
 
-    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sweep=False,
-            sample=False):
+    def fwd(dt, prec, metric, lb, partial, one_d, block_d, cfg, pruned=False, aligned=True, tag="", sample=False):
         # whole code tiles and D == BLOCK_D (the unmasked path) unless unaligned or split
         even = aligned and not partial
         const = dict(unit if aligned else {}, EVEN_K=even, EVEN_D=even and one_d, METRIC=metric,
@@ -208,22 +204,15 @@ def _nearest_code_jobs():
         big = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         return Job("nearest_code._nearest_code_fwd_kernel", var, _jit(k), ptrs(dt), const, cfg.num_warps,
                    cfg.num_stages, aligned=aligned, aligned_ints=row_ints, dot=True,
-                   tensor_cores=prec == "tf32", rows=cfg.kwargs["BLOCK_N"], pruned=pruned, sweep=sweep,
+                   tensor_cores=prec == "tf32", rows=cfg.kwargs["BLOCK_N"], pruned=pruned,
                    cost=big * (6 if prec == "ieee" else 1))
 
-    def prune(dt, one_d, block_d):
-        named = {"p_x": _FakeTensor(_ELT[dt])}
-        kept = mod._prune_configs(configs, named, BLOCK_D=block_d, ONE_D_BLOCK=one_d)
-        return [c not in kept for c in configs]
-
-    # Every GPU config where the tile is largest: resident D = 256 (x tile + codebook stages on
-    # chip) and streamed D (64-wide chunks of both), as the early prune sees them on an H100.
-    for dt, prec, one_d, block_d in (("bf16", "tf32", True, 256), ("bf16", "tf32", False, 64),
-                                     ("fp32", "tf32", True, 256), ("fp32", "ieee", True, 256)):
-        for cfg, pr in zip(configs, prune(dt, one_d, block_d)):
-            if pr and prec == "ieee":
-                continue  # an FMA dot on a tile the autotuner never runs: minutes and GBs in ptxas, no signal
-            jobs.append(fwd(dt, prec, 0, False, False, one_d, block_d, cfg, pruned=pr, sweep=True))
+    # (Every config the prune keeps at the benchmark shapes: --sweep, benchmarks/results/sm90-static.json.)
+    # The largest resident tile of each list once: bf16 and fp32 at D = 256.
+    jobs.append(fwd("bf16", "tf32", 0, False, False, True, 256,
+                    _pick(configs, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=2)))
+    jobs.append(fwd("fp32", "ieee", 0, False, False, True, 256,
+                    _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)))
     # Every constexpr the launcher passes, against each dtype, at one mid config.
     mid = _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
     mid32 = _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)  # fp32's own list
@@ -274,8 +263,7 @@ def _residual_quantize_jobs():
     masked = dict(train, HAS_W=True)
     given = dict(SEARCH=False, HAS_W=False, LOSS=True, STATS=False, CAND=False)
 
-    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, sweep=False,
-            flags=plain):
+    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, flags=plain):
         p = DTYPES[dt]
         ptrs = {"p_x": p, "p_cb": p, "p_q": p, "p_codes": "*i64",  # a flag that is off: a placeholder (q)
                 "p_w": "*fp32" if flags["HAS_W"] else p, "p_loss": "*fp32" if flags["LOSS"] else p,
@@ -292,21 +280,25 @@ def _residual_quantize_jobs():
         return Job(f"residual_quantize.{name}",
                    f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag}{',' + on if on else ''} | {_cfg_label(cfg)}",
                    _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, aligned=aligned, aligned_ints=row_ints,
-                   dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned, sweep=sweep,
+                   dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned,
                    cost=big * (6 if dt == "fp32" else 1) + 0.5)
 
-    # Register variant, as a training step: every config at BLOCK_D 64 and the widest the
-    # register variant runs with (256; float32 128), marked by whether the register prune keeps it
-    # (bf16 every config; float32, whose FMA dots have their own bounds, the kept ones).
+    # Register variant, as a training step, at the widest BLOCK_D it runs with (256; float32 128):
+    # one config the prune keeps (every kept config at the benchmark shapes: --sweep).
     k = mod._residual_quantize_fwd_kernel
     configs = _cfgs(k)
-    for dt, widest in (("bf16", mod.register_d_limit(None)), ("fp32", mod.register_d_limit(torch.float32))):
+    for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         prec = "ieee" if dt == "fp32" else "tf32"
-        for block_d in (64, widest):
-            kept = mod._prune_register_configs(configs, {}, BLOCK_D=block_d, PRECISION=prec)
-            for cfg in (configs if dt == "bf16" else kept):
-                jobs.append(job("_residual_quantize_fwd_kernel", k, dt, cfg, block_d, pruned=cfg not in kept,
-                                sweep=True, flags=train, tag="" if cfg not in kept else ",kept"))
+        block_d = mod.register_d_limit(dtype)
+        kept = mod._prune_register_configs(configs, {"p_x": torch.empty(0, dtype=dtype, device="meta")},
+                                           BLOCK_D=block_d, PRECISION=prec, LOSS=True, BLOCK_L=8)
+        jobs.append(job("_residual_quantize_fwd_kernel", k, dt, kept[len(kept) // 2], block_d, flags=train,
+                        tag=",kept"))
+    # 64-row tiles reach wgmma (bf16, BLOCK_D 64)
+    kept = mod._prune_register_configs(configs, {"p_x": torch.empty(0, dtype=torch.bfloat16, device="meta")},
+                                       BLOCK_D=64, PRECISION="tf32", LOSS=False, BLOCK_L=8)
+    big = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or [_pick(configs, BLOCK_M=64, BLOCK_K=64, num_warps=4)]
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", big[0], 64, pruned=big[0] not in kept))
     small = configs[0]
     jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=masked))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=given, block_l=2))
@@ -314,15 +306,13 @@ def _residual_quantize_jobs():
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", _pick(configs, BLOCK_M=32, BLOCK_K=32, num_warps=4),
                     64, aligned=False, tag=",unaligned", flags=train))
 
-    # D-chunked variant: BLOCK_D = CHUNK_D always; marked by the chunked prune (fp32: the kept ones).
+    # D-chunked variant: BLOCK_D = CHUNK_D always; one config the chunked prune keeps per dtype.
     k = mod._residual_quantize_fwd_chunked_kernel
-    for dt in ("bf16", "fp32"):
-        kept = mod._prune_chunked_configs(_cfgs(k), {}, PRECISION="ieee" if dt == "fp32" else "tf32")
-        for cfg in (_cfgs(k) if dt == "bf16" else kept):
-            jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, dt, cfg, mod.CHUNK_D, chunked=True,
-                            sweep=True, flags=train, pruned=cfg not in kept, tag="" if cfg not in kept else ",kept"))
-    jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, "fp32", kept[0], mod.CHUNK_D, chunked=True,
-                    flags=masked))
+    for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        kept = mod._prune_chunked_configs(_cfgs(k), {"p_x": torch.empty(0, dtype=dtype, device="meta")},
+                                          PRECISION="ieee" if dt == "fp32" else "tf32", LOSS=True, BLOCK_L=8)
+        jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, dt, kept[len(kept) // 2], mod.CHUNK_D,
+                        chunked=True, flags=train if dt == "bf16" else masked, tag=",kept"))
 
     # Backward: (BLOCK_M, BLOCK_D) as the launcher picks them; the rotation holds a whole row.
     k = mod._residual_quantize_bwd_kernel
@@ -380,8 +370,9 @@ def _pairwise_kl_loss_jobs():
             block_d = mod.MAX_BLOCK_D[elt]
             extra = {"BLOCK_DO": mod.MAX_BLOCK_DO[elt], "H_SCALE": mod.H_SCALE_FP16 if dt == "fp16" else 1.0} \
                 if bwd else {}
-            kept = mod._prune_configs(configs, {"p_pred": _FakeTensor(elt)})
-            for cfg in (kept if dt != "fp16" else kept[:1]):
+            kept = mod._prune_configs(configs, {"p_pred": torch.empty(0, dtype=_DTYPE[dt], device="meta")},
+                                      BLOCK_DP=block_d, BLOCK_DT=block_d, **extra)
+            for cfg in kept[:1]:
                 const = dict(stride_pd=1, stride_td=1, BLOCK_DP=block_d, BLOCK_DT=block_d, PREC_P=prec, PREC_T=prec,
                              DOT_FP32_P=False, DOT_FP32_T=False, **extra, **cfg.kwargs)
                 if "stride_dd" in _jit(k).arg_names:
@@ -391,7 +382,7 @@ def _pairwise_kl_loss_jobs():
                 jobs.append(Job(f"pairwise_kl_loss.{name}", f"{label} | {_cfg_label(cfg)}",
                                 _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"inv_t": "fp32"},
                                 aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32",
-                                rows=cfg.kwargs["BLOCK_M"], sweep=cfg is not kept[0],
+                                rows=cfg.kwargs["BLOCK_M"],
                                 cost=big * (8 if dt == "fp32" else 2)))
     # narrow features (BLOCK_D = 16, the smallest wgmma K for 16-bit operands), bf16
     k = mod._pairwise_kl_loss_bwd_kernel
@@ -538,11 +529,179 @@ def all_kernels():
     return sorted(out)
 
 
+# --------------------------------------------------------------------------- benchmark-shape launches
+# The launchers called as the benchmark calls them (fastvq/bench/cases.py, steps.py), on meta
+# tensors (no memory; a real allocation's alignment: data_ptr 0, views offset by their
+# elements), with Triton's launch intercepted: every autotuned kernel runs its early prune
+# exactly as on a GPU (under compile_target: the target's budget) and each config, kept or
+# not, is specialised by Triton's own binder for the target, as that launch would be.
+
+M = 1 << 20
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def bench_launches():
+    """(label, thunk) per benchmark launch; a thunk calls a launcher on meta tensors."""
+    bf, f32 = torch.bfloat16, torch.float32
+    nc, rq, kl, sq = nearest_code, residual_quantize, pairwise_kl_loss, pairwise_sqdist
+    out = []
+    name = {bf: "bf16", f32: "fp32", torch.float16: "fp16"}
+    # nearest_code / its multi-codebook form / mining / sampling / top-k (cases.py)
+    for n, d, k, dt in ((M, 256, 4096, bf), (M, 256, 4096, f32), (M, 256, 8192, bf), (M, 256, 8192, f32),
+                        (M, 64, 1024, bf), (M, 64, 1024, f32), (256, 256, M, bf)):
+        out.append((f"nearest_code {name[dt]} N={n} D={d} K={k}",
+                    lambda n=n, d=d, k=k, dt=dt: nc.nearest_code_fwd(_meta(n, d, dtype=dt), _meta(k, d, dtype=dt))))
+    for h, n, d, k, dt in ((8, 131072, 32, 1024, bf), (8, 131072, 32, 1024, f32), (4, 262144, 64, 4096, bf)):
+        out.append((f"nearest_code {name[dt]} H={h} N={n} D={d} K={k}",
+                    lambda h=h, n=n, d=d, k=k, dt=dt: nc.nearest_code_fwd(_meta(h, n, d, dtype=dt),
+                                                                          _meta(h, k, d, dtype=dt))))
+    for n, d, k, kk, dt in ((262144, 256, 4096, 8, bf), (262144, 256, 4096, 16, bf), (262144, 256, 4096, 16, f32)):
+        out.append((f"topk_codes {name[dt]} N={n} D={d} K={k} k={kk}",
+                    lambda n=n, d=d, k=k, kk=kk, dt=dt: nc.topk_codes_fwd(_meta(1, n, d, dtype=dt),
+                                                                          _meta(1, k, d, dtype=dt), kk)))
+    for n, d, k, dt in ((M, 256, 4096, bf), (M, 256, 4096, f32), (M, 64, 1024, bf)):
+        out.append((f"sample_code euclidean {name[dt]} N={n} D={d} K={k}",
+                    lambda n=n, d=d, k=k, dt=dt: nc.sample_code_fwd(
+                        _meta(1, n, d, dtype=dt), _meta(1, k, d, dtype=dt), _meta(dtype=torch.int64), 1.0,
+                        "euclidean")))
+    for n, m, d, dt in ((65536, 65536, 256, bf), (65536, 65536, 256, f32)):
+        out.append((f"mine_negatives semi-hard {name[dt]} N={n} M={m} D={d}",
+                    lambda n=n, m=m, d=d, dt=dt: nc.mine_negatives_fwd(_meta(n, d, dtype=dt), _meta(n, d, dtype=dt),
+                                                                       _meta(m, d, dtype=dt), "semi-hard")))
+    for m, n, d, dt in ((16384, 16384, 256, bf), (16384, 16384, 256, f32)):
+        out.append((f"pairwise_sqdist {name[dt]} M={m} N={n} D={d}",
+                    lambda m=m, n=n, d=d, dt=dt: sq.pairwise_sqdist_fwd(_meta(m, d, dtype=dt), _meta(n, d, dtype=dt))))
+    # residual quantization: the op (cases.py) and the training steps (steps.py: loss, EMA
+    # statistics, revival candidates; L=1 is the VectorQuantizer's step)
+    for L, n, d, k, dt in ((8, 262144, 256, 256, bf), (8, 262144, 256, 256, f32)):
+        out.append((f"residual_quantize {name[dt]} L={L} N={n} D={d} K={k}",
+                    lambda L=L, n=n, d=d, k=k, dt=dt: rq.residual_quantize_fwd(_meta(n, d, dtype=dt),
+                                                                               _meta(L, k, d, dtype=dt))))
+    for L, n, d, k in ((8, 262144, 64, 256), (1, 262144, 64, 512)):
+        out.append((f"residual_quantize step fp32 L={L} N={n} D={d} K={k} (loss, stats, candidates)",
+                    lambda L=L, n=n, d=d, k=k: rq.residual_quantize_fwd(
+                        _meta(n, d), _meta(L, k, d), loss=True, stats=True,
+                        slots=_meta(n, dtype=torch.int32), num_slots=k)))
+    # pairwise KL loss, forward and backward (cases.py: D=128 both; steps.py: pred 32, target 128)
+    for b, dp, dt_ in ((4096, 128, 128), (65536, 128, 128), (4096, 32, 128)):
+        def fwd_bwd(b=b, dp=dp, dt_=dt_):
+            pred, target = _meta(b, dp), _meta(b, dt_)
+            _, lse_p, lse_t = kl.pairwise_kl_loss_fwd(pred, target, 0.5)
+            kl.pairwise_kl_loss_bwd(_meta(), pred, target, lse_p, lse_t, 0.5)
+        out.append((f"pairwise_kl_loss fwd+bwd fp32 B={b} Dp={dp} Dt={dt_}", fwd_bwd))
+    return out
+
+
+def _spec_key(kernel, signature, constexprs, attrs, options):
+    import hashlib
+    blob = json.dumps([kernel, signature, sorted((str(k), repr(v)) for k, v in constexprs.items()),
+                       sorted((str(k), repr(v)) for k, v in attrs.items()), sorted(options.items())], default=repr)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def jit_source_hash(module) -> str:
+    """A hash of the source of every ``@triton.jit`` function of a kernel module and of
+    ``kernels/_common.py``: a kernel's compiled resources can only change when it changes (a
+    launcher or prune edit does not change it; those change which launches there are)."""
+    import hashlib
+    import inspect
+
+    from fastvq.kernels import _common
+
+    srcs = []
+    for mod in (module, _common):
+        for name, obj in sorted(vars(mod).items()):
+            fn = _jit(obj)
+            if isinstance(fn, triton.runtime.jit.JITFunction) and fn.fn.__module__ == mod.__name__:
+                srcs.append(inspect.getsource(fn.fn))
+    return hashlib.sha1("\n".join(srcs).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Launch:
+    kernel: str
+    key: str
+    src: object
+    options: dict
+    config: str  # the autotune config ("" for a kernel that is not autotuned)
+    kept: bool
+    estimate: dict  # the prune's estimate {"shared": B, "regs": per thread}, for autotuned kernels
+    calls: list  # the benchmark launches that produce it
+    source: str = ""  # jit_source_hash of the kernel's module
+    args: dict = field(default_factory=dict)  # the constexprs and pointer dtypes of the launch
+
+
+def capture(target_name: str) -> list:
+    """Every launch of every benchmark call for ``target_name``, deduplicated by specialisation."""
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from fastvq.kernels import _common
+
+    tgt = _common.TARGETS[target_name]
+    gpu = GPUTarget("cuda", tgt.capability, 32)
+    backend = make_backend(gpu)
+    found: dict = {}
+    state: dict = {}
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, spec, options = binder(*args, **kwargs)
+        opts, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, options)
+        opt_kw = {k: v for k, v in kwargs.items() if k not in self.arg_names and k not in ("debug", "instrumentation_mode")}
+        name = f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"
+        key = _spec_key(name, signature, constexprs, attrs, opt_kw)
+        cfg = state.get("config")
+        if key not in found:
+            est = {}
+            if cfg is not None and state["estimate"] is not None:
+                est = state["estimate"](cfg, state["nargs"], **state["kwargs"])
+            found[key] = Launch(name, key, ASTSource(fn=self, signature=signature, constexprs=constexprs, attrs=attrs),
+                                opt_kw, _cfg_label(cfg) if cfg is not None else "", state.get("kept", True), est, [],
+                                jit_source_hash(sys.modules[self.fn.__module__]),
+                                {**{n: v for n, v in signature.items() if v.startswith("*")},
+                                 **{self.arg_names[k[0]]: v for k, v in constexprs.items()
+                                    if isinstance(v, (int, float, str, bool))}})
+        else:  # kept by any call that launches it
+            found[key].kept = found[key].kept or state.get("kept", True)
+        found[key].calls.append(state["call"])
+        return None
+
+    def tuner_run(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        kept = self.prune_configs(kwargs) if len(self.configs) > 1 else list(self.configs)
+        estimate = getattr(self.early_config_prune, "estimate", None)
+        for c in self.configs:
+            state.update(config=c, kept=c in kept, estimate=estimate, nargs=self.nargs,
+                         kwargs={k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
+            self.fn.run(*args, **kwargs, **c.all_kwargs())
+        for k in ("config", "estimate", "nargs", "kwargs"):
+            state.pop(k, None)
+        state["kept"] = True
+        self.nargs = None
+
+    saved = (JITFunction.run, Autotuner.run, nearest_code._sm_count)
+    JITFunction.run, Autotuner.run = jit_run, tuner_run
+    nearest_code._sm_count = lambda device: tgt.sm_count  # the split heuristic as on that GPU
+    try:
+        with _common.compile_target(target_name):
+            for label, thunk in bench_launches():
+                state["call"] = label
+                thunk()
+    finally:
+        JITFunction.run, Autotuner.run, nearest_code._sm_count = saved
+    return list(found.values())
+
+
 # --------------------------------------------------------------------------- compile
 
 
 _JOBS: list = []
-_FULL = False
 
 
 def _resources(cubin: bytes, tmpdir: str) -> dict:
@@ -562,43 +721,18 @@ def _resources(cubin: bytes, tmpdir: str) -> dict:
     return res
 
 
-def _lower_to_llir(src, options: dict):
-    """``triton.compile``'s pipeline up to LLVM IR (no PTX, no ptxas): what decides layouts,
-    shared memory and the MMA flavour, at about a quarter of the cost of a full compile."""
-    from triton._C.libtriton import ir
-    from triton.compiler.compiler import make_backend
-
-    backend = make_backend(TARGET)
-    opts = backend.parse_options(options)
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    module = src.make_ir(TARGET, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context)
-    metadata = {"hash": "0" * 64, "target": TARGET, **opts.__dict__}
-    stages = {}
-    backend.add_stages(stages, opts, src.language)
-    for ext in ("ttir", "ttgir", "llir"):
-        module = stages[ext](module, metadata)
-    return str(module), metadata
-
-
 def _compile(i: int) -> dict:
     job = _JOBS[i]
     rec = {"kernel": job.kernel, "variant": job.variant, "num_warps": job.num_warps, "num_stages": job.num_stages,
            "dot": job.dot, "tensor_cores": job.tensor_cores, "expect_wgmma": job.expect_wgmma,
-           "pruned": job.pruned, "stage": "llir" if job.sweep and not _FULL else "cubin"}
+           "pruned": job.pruned}
     t0 = time.perf_counter()
     options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
     try:
-        if rec["stage"] == "llir":
-            code, metadata = _lower_to_llir(job.source(), options)
-            rec.update(ok=True, shared=int(metadata["shared"]))
-        else:
-            ck = triton.compile(job.source(), target=TARGET, options=options)
-            code = ck.asm["ptx"]
-            rec.update(ok=True, shared=int(ck.metadata.shared))
-            rec.update(_resources(ck.asm["cubin"], tempfile.gettempdir()))
-        # the same instruction names appear in the LLVM IR (inline asm) and the PTX
+        ck = triton.compile(job.source(), target=TARGET, options=options)
+        code = ck.asm["ptx"]
+        rec.update(ok=True, shared=int(ck.metadata.shared))  # the final kernel's, after ptxas
+        rec.update(_resources(ck.asm["cubin"], tempfile.gettempdir()))
         rec.update(wgmma="wgmma.mma_async" in code, mma_sync="mma.sync" in code)
     except Exception as e:  # a GPU-compile error: report it, with the tail of the traceback
         tb = traceback.format_exception(type(e), e, e.__traceback__)
@@ -607,25 +741,170 @@ def _compile(i: int) -> dict:
     return rec
 
 
+_SWEEP: list = []  # (Launch, target name) jobs of a benchmark-shape sweep, read by forked workers
+
+
+def _compile_launch(i: int) -> dict:
+    launch, target_name = _SWEEP[i]
+    from fastvq.kernels import _common
+
+    tgt = _common.TARGETS[target_name]
+    rec = {"kernel": launch.kernel, "key": launch.key, "target": target_name, "triton": triton.__version__,
+           "config": launch.config, "kept": launch.kept, "calls": sorted(set(launch.calls)), "source": launch.source,
+           "args": launch.args}
+    t0 = time.perf_counter()
+    try:
+        ck = triton.compile(launch.src, target=GPUTarget("cuda", tgt.capability, 32), options=dict(launch.options))
+        res = _resources(ck.asm["cubin"], tempfile.gettempdir())
+        rec.update(ok=True, shared=int(ck.metadata.shared), regs=res.get("reg", 0),
+                   spill=res.get("stack", 0) + res.get("local", 0), wgmma="wgmma.mma_async" in ck.asm["ptx"],
+                   mma_sync="mma.sync" in ck.asm["ptx"])
+    except Exception as e:
+        rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def sweep(targets, jobs: int, include_pruned: bool = False, emit=None) -> list:
+    """Compile every launch of the benchmark shapes (the kept configs; all with ``include_pruned``)
+    for each target, through ptxas. Returns one record per (launch, target)."""
+    _SWEEP.clear()
+    for t in targets:
+        _SWEEP.extend((launch, t) for launch in capture(t) if launch.kept or include_pruned)
+    out = []
+    if jobs > 1:
+        ctx = mp.get_context("fork")
+        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_compile_launch, i) for i in range(len(_SWEEP))]
+            for fut in as_completed(futures):
+                out.append(fut.result())
+                if emit:
+                    emit(out[-1])
+    else:
+        for i in range(len(_SWEEP)):
+            out.append(_compile_launch(i))
+            if emit:
+                emit(out[-1])
+    return out
+
+
+STATIC_LABEL = ("Compiled on a CPU with the ptxas bundled in the triton wheel, not measured on a GPU: registers "
+                "per thread, spill bytes (stack + local) and shared memory per block of every launch the "
+                "benchmark shapes make, every autotune config the kernels' early prune keeps, for each target.")
+REGEN = ("env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --sweep "
+         "--update-json benchmarks/results/sm90-static.json --also .venv36/bin/python")
+
+
+SMALL_SPILL = 64  # bytes: below the register limit ptxas keeps a value or two on the stack in some launches
+
+
+def pressure_spill(r) -> bool:
+    """A spill under register pressure: at the 255-register limit, or more than SMALL_SPILL bytes."""
+    return r["spill"] > SMALL_SPILL or (r["spill"] > 0 and r["regs"] >= 255)
+
+
+def summarize(records) -> dict:
+    """Per target and triton version: compiled launches (unique specialisations), of them the
+    autotune configs the prunes keep as (benchmark call, config) pairs, how many of each spill
+    under register pressure (:func:`pressure_spill`), spill a few bytes below the limit, or
+    exceed the target's shared memory."""
+    from fastvq.kernels import _common
+
+    summary = {}
+    for r in records:
+        s = summary.setdefault(f"{r['target']} triton {r['triton']}", dict.fromkeys(
+            ("launches", "spilling", "small_spills", "over_shared", "failed", "kept_call_configs",
+             "spilling_call_configs", "small_spill_call_configs", "over_shared_call_configs"), 0))
+        n = len(r["calls"]) if r["config"] else 0
+        s["launches"] += 1
+        s["kept_call_configs"] += n
+        if not r["ok"]:
+            s["failed"] += 1
+            continue
+        spill, over = pressure_spill(r), r["shared"] > _common.TARGETS[r["target"]].smem
+        small = r["spill"] > 0 and not spill
+        s["spilling"] += spill
+        s["small_spills"] += small
+        s["over_shared"] += over
+        s["spilling_call_configs"] += n * spill
+        s["small_spill_call_configs"] += n * small
+        s["over_shared_call_configs"] += n * over
+    return summary
+
+
+def update_json(path: str, records: list, seconds: float):
+    """Replace this triton version's records in ``path`` (other versions' are kept)."""
+    from fastvq.kernels import _common
+
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        doc = {}
+    mine = {r["triton"] for r in records}
+    keep = [r for r in doc.get("records", []) if r["triton"] not in mine]
+    recs = sorted(keep + [{k: v for k, v in r.items() if k != "seconds"} for r in records],
+                  key=lambda r: (r["triton"], r["target"], r["kernel"], r["config"], r["key"]))
+    doc_summary = summarize(recs)
+    seconds_by = dict(doc.get("sweep_seconds", {}))
+    for v in mine:
+        seconds_by[v] = seconds
+    doc = {"label": STATIC_LABEL, "regenerate": REGEN,
+           "targets": {n: dataclasses.asdict(t) for n, t in _common.TARGETS.items()},
+           "summary": doc_summary, "sweep_seconds": seconds_by, "records": recs}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--filter", default="")
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("--full", action="store_true",
-                    help="every job through ptxas (registers and spills for every config)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="compile every launch of the benchmark shapes (kept configs) for --targets")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the benchmark-shape launches (kept and pruned, with the prunes' estimates) as "
+                         "JSON lines, compile nothing")
+    ap.add_argument("--targets", default="sm_90,sm_80")
+    ap.add_argument("--pruned", action="store_true", help="--sweep: compile the configs the prunes drop too")
+    ap.add_argument("--update-json", default="", help="--sweep: write the records to this JSON file")
+    ap.add_argument("--also", default="", help="--sweep --update-json: then run the same sweep with this python "
+                                               "(another triton version)")
     args = ap.parse_args(argv)
     assert not kernels.INTERPRETED, "kernels imported in interpreter mode"
+    targets = [t for t in args.targets.split(",") if t]
+    if args.plan:
+        for t in targets:
+            for launch in capture(t):
+                print(json.dumps({"kernel": launch.kernel, "key": launch.key, "target": t, "config": launch.config,
+                                  "source": launch.source,
+                                  "kept": launch.kept, "estimate": launch.estimate, "calls": sorted(set(launch.calls))}))
+        return 0
+    if args.sweep:
+        t0 = time.perf_counter()
+        recs = sweep(targets, args.jobs, args.pruned,
+                     emit=lambda r: print(json.dumps(r), flush=True) if not args.update_json else
+                     print(f"{r['target']} {r['kernel']} {r['config']} {r.get('regs')} regs {r.get('spill')} B spill "
+                           f"{r.get('shared')} B shared {r['seconds']} s", file=sys.stderr, flush=True))
+        seconds = round(time.perf_counter() - t0, 1)
+        if args.update_json:
+            update_json(args.update_json, recs, seconds)
+            print(f"triton {triton.__version__}: {len(recs)} compiles in {seconds} s -> {args.update_json}")
+            if args.also:
+                cmd = [args.also, os.path.abspath(__file__), "--sweep", "--targets", args.targets,
+                       "--jobs", str(args.jobs), "--update-json", args.update_json] + (["--pruned"] * args.pruned)
+                return subprocess.call(cmd)
+        return 0 if all(r["ok"] for r in recs) else 1
 
-    global _FULL
-    _FULL = args.full
     _JOBS[:] = [j for j in all_jobs() if args.filter in f"{j.kernel} {j.variant}"]
     covered = sorted({j.kernel for j in _JOBS})
     if args.list:
         for j in _JOBS:
             print(j.kernel, "|", j.variant)
         return 0
-    order = sorted(range(len(_JOBS)), key=lambda i: -_JOBS[i].cost * (0.25 if _JOBS[i].sweep and not _FULL else 1))
+    order = sorted(range(len(_JOBS)), key=lambda i: -_JOBS[i].cost)
     t0 = time.perf_counter()
     n_fail = 0
 
@@ -654,7 +933,7 @@ def main(argv=None):
                     job = _JOBS[i]
                     emit({"kernel": job.kernel, "variant": job.variant, "num_warps": job.num_warps,
                           "num_stages": job.num_stages, "dot": job.dot, "tensor_cores": job.tensor_cores,
-                          "expect_wgmma": job.expect_wgmma, "pruned": job.pruned, "stage": "?", "ok": False,
+                          "expect_wgmma": job.expect_wgmma, "pruned": job.pruned, "ok": False,
                           "error": "the compiler process crashed", "traceback": "the compiler process crashed",
                           "seconds": 0.0})
     else:
