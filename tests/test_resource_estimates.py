@@ -150,6 +150,7 @@ def test_every_call_keeps_a_config(plan):
     assert all(kept.values()), [k for k, v in kept.items() if not v]
 
 
+@pytest.mark.about_devices("what a prune budgets for on a device that is not CUDA")
 def test_prunes_budget_for_the_target():
     """On a CPU (or a meta tensor) the prunes budget for sm_90; compile_target switches the
     budget; a CUDA device is asked for its own."""
