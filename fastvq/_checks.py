@@ -46,7 +46,11 @@ def check_last_dim(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.
         )
 
 
-def check_metric(op: str, metric: str, allowed=("l2", "cosine", "dot")) -> None:
+def check_metric(op: str, metric: str, allowed=None) -> None:
+    """ValueError unless ``metric`` is one of ``allowed`` (default: every search metric,
+    :data:`fastvq.ops._search.METRICS`, the one place the names are defined)."""
+    if allowed is None:
+        from .ops._search import METRICS as allowed  # (lazily: fastvq.ops imports this module)
     if metric not in allowed:
         raise ValueError(f"fastvq.{op}: unknown metric {metric!r}; expected one of {allowed}")
 

@@ -231,13 +231,10 @@ def _block_d(d: int, dtype: torch.dtype) -> int:
 def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
     KL(target || pred), diagonal excluded), per-row float32 logsumexps for the backward."""
-    # check
-    if pred.dim() != 2 or target.dim() != 2 or pred.shape[0] != target.shape[0]:
-        raise ValueError(f"pairwise_kl_loss_fwd: expected (B, Dp) and (B, Dt), got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if pred.dtype != target.dtype:
-        raise TypeError(f"pairwise_kl_loss_fwd: dtypes differ: {pred.dtype} and {target.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"pairwise_kl_loss_fwd: temperature must be > 0, got {temperature}")
+    # check (the op has told the user already: fastvq/ops/pairwise_kl_loss.py)
+    assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
+    assert pred.dtype == target.dtype, (pred.dtype, target.dtype)
+    assert temperature > 0, temperature
     B, DP = pred.shape
     DT = target.shape[1]
     # allocate
@@ -271,13 +268,8 @@ def pairwise_kl_loss_bwd(
 ) -> torch.Tensor:
     """Gradient in ``pred`` (``(B, Dp)``, pred's dtype) for the 0-d upstream ``grad``."""
     # check
-    if pred.dim() != 2 or target.dim() != 2 or pred.shape[0] != target.shape[0]:
-        raise ValueError(f"pairwise_kl_loss_bwd: expected (B, Dp) and (B, Dt), got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if grad.numel() != 1 or lse_p.shape != (pred.shape[0],) or lse_t.shape != (pred.shape[0],):
-        raise ValueError(
-            f"pairwise_kl_loss_bwd: expected a 1-element grad and (B,) logsumexps, got {tuple(grad.shape)}, "
-            f"{tuple(lse_p.shape)}, {tuple(lse_t.shape)}"
-        )
+    assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
+    assert grad.numel() == 1 and lse_p.shape == lse_t.shape == (pred.shape[0],), (grad.shape, lse_p.shape, lse_t.shape)
     B, DP = pred.shape
     DT = target.shape[1]
     # allocate

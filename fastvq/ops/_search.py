@@ -80,7 +80,7 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
                          f"be (H, ..., D), got shape {tuple(x.shape)}")
     if not isinstance(metric, str):
         raise TypeError(f"fastvq.{op}: metric must be a str, got {type(metric).__name__}")
-    check_metric(op, metric, METRICS)
+    check_metric(op, metric)
     if not isinstance(allow_tf32, bool):
         raise TypeError(f"fastvq.{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
     x, codebook = x.detach(), codebook.detach()
