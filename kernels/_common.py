@@ -8,15 +8,60 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
+# --------------------------------------------------------------------------- the interpreter
+# Whether the kernels run under Triton's interpreter (TRITON_INTERPRET=1, tensors on the CPU) is
+# read here and nowhere else in kernels/ (tests/test_layering.py), once: Triton fixes it when a
+# @triton.jit function is defined. Every way a kernel or launcher differs under the interpreter
+# goes through one of the named helpers below, so each workaround of an interpreter bug has one
+# place to be found, and dropped when Triton fixes it.
 
-# Triton's interpreter (3.8) computes tl.dot on bfloat16 blocks wrongly; fp16/fp32 are right.
-# Kernels take a DOT_FP32 constexpr and upcast dot operands when it is set. On a GPU it is
-# never set, so bf16 stays on the tensor cores.
+
+def _interpreter_on() -> bool:
+    if hasattr(triton, "knobs"):
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")  # triton < 3.4
+
+
+INTERPRETED: bool = _interpreter_on()
+
+INTERPRETER_SMS = 4  # the "SM count" launchers plan for under the interpreter (CPU)
 
 
 def dot_fp32(dtype: torch.dtype) -> bool:
+    """The ``DOT_FP32`` constexpr: Triton's interpreter (3.8) computes ``tl.dot`` on bfloat16
+    blocks wrongly (fp16/fp32 are right), so under it kernels upcast bf16 dot operands to fp32.
+    Never set on a GPU, where bf16 stays on the tensor cores."""
     return INTERPRETED and dtype == torch.bfloat16
+
+
+def bf16_rne(dtype: torch.dtype) -> bool:
+    """The ``BF16_RNE`` constexpr: Triton's interpreter (3.8) casts float32 -> bfloat16 by
+    truncation, a GPU rounds to nearest even; under it, kernels that store or compare bf16 values
+    round with :func:`round_bf16` first, so both give the same bits."""
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+@triton.jit
+def round_bf16(b):
+    """float32 -> bfloat16, rounded to nearest even with integer ops (see :func:`bf16_rne`)."""
+    u = b.to(tl.uint32, bitcast=True)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; :data:`INTERPRETER_SMS` for the interpreter's CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def interpreter_or(interpreter, gpu):
+    """``interpreter`` under the interpreter, else ``gpu``: the fixed tile sizes of a kernel that
+    is not autotuned (small ones on the CPU, where every program runs one after the other). An
+    autotuned kernel's configs come from :func:`autotune_configs`."""
+    return interpreter if INTERPRETED else gpu
 
 
 def tl_input_precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:

@@ -198,3 +198,25 @@ def test_metric_names_have_one_definition():
         check_metric("op", metric)
     with pytest.raises(ValueError, match=r"fastvq\.op: unknown metric 'l1'.*" + ".*".join(METRICS)):
         check_metric("op", "l1")
+
+
+def _interpreter_reads(path: pathlib.Path) -> list[str]:
+    """What in ``path`` reads the environment or the interpreter flag directly."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "knobs"):
+            out.append(f"{node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.Name) and node.id in ("INTERPRETED", "environ", "getenv"):
+            out.append(f"{node.id} (line {node.lineno})")
+        elif isinstance(node, ast.Constant) and node.value == "TRITON_INTERPRET":
+            out.append(f"'TRITON_INTERPRET' (line {node.lineno})")
+    return out
+
+
+def test_only_common_reads_the_interpreter_flag():
+    """kernels/_common.py reads TRITON_INTERPRET (and the environment) once; every kernel and
+    launcher that differs under the interpreter calls one of its named helpers (dot_fp32,
+    bf16_rne, sm_count, interpreter_or, autotune_configs)."""
+    bad = {f"kernels/{path.name}": reads for path in sorted((ROOT / "kernels").rglob("*.py"))
+           if path.name != "_common.py" and (reads := _interpreter_reads(path))}
+    assert not bad, f"read the interpreter flag through kernels._common's helpers: {bad}"
