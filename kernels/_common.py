@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import inspect
 import os
 
 import torch
@@ -165,6 +166,22 @@ def autotune_configs(name: str, gpu: list, pinned, interpreter) -> list:
     if not autotune_enabled():
         return [pinned]
     return list(gpu)
+
+
+# Triton >= 3.2 can keep an autotuner's timings on disk, next to its compiled kernels (in
+# ~/.triton/cache or $TRITON_CACHE_DIR), keyed on the Triton version, the target GPU
+# architecture, the kernel's source, the tuning key and the configs kept by the prune: a second
+# process with the same shapes reads the winning config instead of timing every config again.
+# (Under the interpreter Triton turns it off itself; with one config there is nothing to time.)
+AUTOTUNE_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune(configs: list, key: list, prune_configs_by: dict | None = None):
+    """``triton.autotune`` for every autotuned fastvq kernel: ``configs`` from
+    :func:`autotune_configs`, and the timings cached on disk (``cache_results=True``) where the
+    installed Triton has the option."""
+    extra = {"cache_results": True} if AUTOTUNE_CACHE_RESULTS else {}
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, **extra)
 
 
 # --------------------------------------------------------------------------- jit helpers

@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (argmin_merge, argmin_merge_pair, autotune_configs, dot_fp32, exp2i, interpreter_or, launcher,
-                      nan_clamp, nan_max0, next_pow2, pow2_exponent, sm_count, tl_input_precision)
+from ._common import (argmin_merge, argmin_merge_pair, autotune, autotune_configs, dot_fp32, exp2i, interpreter_or,
+                      launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, sm_count, tl_input_precision)
 
 # Internal ids; the public metric and strategy names and their documentation live in
 # fastvq/ops/_search.py.
@@ -476,7 +476,7 @@ def _configs():
 # and the mining bound change the best tile too. The autotuner adds the tensors' dtypes itself.
 # Tuned per (D, K rounded up to a power of two, ...): a new batch of negatives (mining) or a
 # slightly different codebook size reuses the tuning instead of re-running every config.
-@triton.autotune(configs=_configs(), key=["D", "K_BUCKET", "SPLITS", "PRECISION", "HAS_LOWER_BOUND"],
+@autotune(configs=_configs(), key=["D", "K_BUCKET", "SPLITS", "PRECISION", "HAS_LOWER_BOUND"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_D": lambda a: a["D"] == a["BLOCK_D"]})
 @triton.jit

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, dot_fp32, flat_grid, flat_program_id, launcher, next_pow2, tl_input_precision
+from ._common import (autotune, autotune_configs, dot_fp32, flat_grid, flat_program_id, launcher, next_pow2,
+                      tl_input_precision)
 
 
 def _config(m, n, w, s):
@@ -101,7 +102,7 @@ def _gram_tile(
     return b_acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
+@autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_fwd_kernel(
     p_pred, p_target, p_kl, p_lse_p, p_lse_t,
@@ -164,7 +165,7 @@ def _pairwise_kl_loss_fwd_kernel(
     tl.store(p_lse_t + o_m, b_lse_t, mask=m_m)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
+@autotune(configs=_BWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_bwd_kernel(
     p_grad, p_pred, p_target, p_lse_p, p_lse_t, p_dpred,

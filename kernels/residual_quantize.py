@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (argmin_merge, autotune_configs, bf16_rne, dot_fp32, launcher, next_pow2, round_bf16,
+from ._common import (argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, launcher, next_pow2, round_bf16,
                       tl_input_precision)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
@@ -176,7 +176,7 @@ def _prune_chunked_configs(configs, named_args, **kwargs):
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
 
 
-@triton.autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
+@autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
 def _residual_quantize_fwd_kernel(
@@ -264,7 +264,7 @@ def _residual_quantize_fwd_kernel(
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
 
 
-@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
+@autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_chunked_configs})
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
