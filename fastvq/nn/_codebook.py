@@ -4,8 +4,9 @@ Everything here works on level-stacked tensors: a codebook ``(L, K, D)``, EMA co
 ``(L, K)`` and sums ``(L, K, D)``. A single codebook is the case ``L = 1`` (the module passes
 ``weight.unsqueeze(0)``, a view, so the in-place updates land in its own parameter).
 
-- :func:`ema_update_`: the seed EMAQuantizer's update (decay, Laplace smoothing), guarded: a
-  level whose batch has no rows is left as it is, and no state becomes non-finite.
+- :func:`ema_update_` (:mod:`fastvq.ops.ema_update`, used as is): the seed EMAQuantizer's update
+  (decay, Laplace smoothing), guarded: a level whose batch has no rows is left as it is, and no
+  state becomes non-finite.
 - :func:`offer_candidates`: a fixed number of random valid rows per rank, exchanged among
   ranks; what dead-code revival and k-means start from.
 - :func:`expire_dead_codes_`: revive codes whose (EMA) usage fell below a threshold, without
@@ -36,7 +37,7 @@ import torch.nn as nn
 
 from .. import distributed as fdist
 from ..ops.code_statistics import code_statistics
-from ..ops.ema_update import ema_update_ as _ema_update_op_
+from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
 
 GRADS = ("ste", "rotation")
@@ -54,38 +55,6 @@ USAGE_MIN_FRACTION = 1 / 8
 def reset_size(threshold: float) -> float:
     """EMA count given to a revived code: the threshold, at least 1 (one vector)."""
     return max(float(threshold), 1.0)
-
-
-@torch.no_grad()
-def ema_update_(
-    codebook: torch.Tensor,
-    cluster_size: torch.Tensor,
-    embed_avg: torch.Tensor,
-    counts: torch.Tensor,
-    sums: torch.Tensor,
-    decay: float,
-    eps: float,
-) -> None:
-    """The seed EMAQuantizer's update, per level, in place, and never harmful.
-
-    ``codebook (L, K, D)`` (any float dtype), ``cluster_size (L, K)``, ``embed_avg (L, K, D)``
-    (float32); this batch's (already all-reduced) ``counts (L, K)`` and ``sums (L, K, D)``::
-
-        cluster_size = decay * cluster_size + (1 - decay) * counts
-        embed_avg    = decay * embed_avg    + (1 - decay) * sums
-        n            = cluster_size.sum(-1)
-        smoothed     = (cluster_size + eps) / (n + K * eps) * n          # Laplace smoothing
-        codebook     = embed_avg / smoothed
-
-    exactly as the seed computes it, except that (without a host sync, by ``torch.where``):
-    a level whose batch has no rows (``counts`` all 0: an empty batch, or only non-finite or
-    masked-out rows) is left unchanged (the seed divides by zero: ``+-inf`` codes); a code whose
-    new ``cluster_size`` or ``embed_avg`` would not be finite keeps its old EMA state; a code
-    whose new value would not be finite in the codebook's dtype keeps its old value.
-    """
-    # one fused pass over the (L, K, D) state (fastvq.ops.ema_update; the decisions: the
-    # guards above, on (L, K) tensors); a code is kept when its batch sums are not finite
-    _ema_update_op_(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
 
 
 @torch.no_grad()
