@@ -100,6 +100,17 @@ def flat_program_id():
     return tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * tl.num_programs(0)
 
 
+@triton.jit
+def tile_offsets(N_D_TILES, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(o_n, o_d)``: the int64 rows and the columns of this program's tile in a :func:`flat_grid`
+    launch of ``(row block, D tile)`` programs, ``N_D_TILES`` D tiles per row block (the D tile
+    varies fastest)."""
+    pid = flat_program_id()
+    pid_n = pid // N_D_TILES
+    pid_d = pid % N_D_TILES
+    return pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+
+
 def device_context(device: torch.device):
     """The context a launch runs in: Triton launches on the *current* CUDA device, so make it
     ``device`` (a no-op for CPU tensors under the interpreter)."""

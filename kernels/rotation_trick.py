@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import flat_grid, flat_program_id, launcher, next_pow2
+from ._common import flat_grid, flat_program_id, launcher, next_pow2, tile_offsets
 
 MAX_BLOCK_D = 4096  # widest row held whole in registers; wider rows loop over D
 
@@ -33,11 +33,7 @@ def _rotation_trick_fwd_kernel(
     stride_qn, stride_qd, stride_on, stride_od,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = flat_program_id()
-    pid_n = pid // N_D_TILES
-    pid_d = pid % N_D_TILES
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n, o_d = tile_offsets(N_D_TILES, BLOCK_N, BLOCK_D)
     m = (o_n < N)[:, None] & (o_d < D)[None, :]
     b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m)
     tl.store(p_out + o_n[:, None] * stride_on + o_d[None, :] * stride_od, b_q.to(p_out.dtype.element_ty), mask=m)
