@@ -102,6 +102,20 @@ def _gram_tile(
     return b_acc
 
 
+@triton.jit
+def _logit_tiles(
+    p_pred, p_target, o_m, o_n, m_m, m_n, DP, DT, inv_t, stride_pb, stride_pd, stride_tb, stride_td,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
+):
+    """The float32 ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = pred pred^T / T``, ``t = target target^T / T``."""
+    b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
+                     BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
+    b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
+                     BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+    return b_s, b_t
+
+
 @autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_fwd_kernel(
@@ -125,10 +139,9 @@ def _pairwise_kl_loss_fwd_kernel(
     for n0 in range(0, B, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < B
-        b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
-                         BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
-        b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
-                         BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+        b_s, b_t = _logit_tiles(p_pred, p_target, o_m, o_n, m_m, m_n, DP, DT, inv_t,
+                                stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT,
+                                PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
         m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_s_m = tl.where(m_valid, b_s, float("-inf"))
         b_t_m = tl.where(m_valid, b_t, float("-inf"))
@@ -189,10 +202,9 @@ def _pairwise_kl_loss_bwd_kernel(
     for n0 in range(0, B, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < B
-        b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
-                         BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
-        b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
-                         BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+        b_s, b_t = _logit_tiles(p_pred, p_target, o_m, o_n, m_m, m_n, DP, DT, inv_t,
+                                stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT,
+                                PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
         b_lse_pn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
         b_lse_tn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
         # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
