@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .nearest_code import (argmin_first, choose, distance, exp2i, max_abs, pow2_exponent, prepare_codebook,
-                           row_chunks, scale_rows, scores, search_shapes)
+                           row_chunks, scale_rows, scores, search_setup)
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -74,11 +74,9 @@ def sample_code_ref(
     probability ``softmax(-distance / temperature)`` over the codebook, the noise drawn as the
     kernel draws it. ``temperature > 0``; ``seed`` a 0-d int64 tensor. Same shapes, scaling,
     non-finite rules and direct distances as :func:`fastvq.reference.nearest_code_ref`."""
-    x3, cb, lead = search_shapes(x, codebook, metric)
+    x3, cb, lead, indices, distances = search_setup(x, codebook, metric)
     (H, N, _), K = x3.shape, cb.shape[1]
     codes, term, first, s_l2 = prepare_codebook(cb, metric)
-    indices = torch.empty((H, N), dtype=torch.int64, device=x.device)
-    distances = torch.empty((H, N), dtype=torch.float32, device=x.device)
     for h, s, e in row_chunks(H, N, K):
         rows = x3[h, s:e]
         xs = scale_rows(rows, metric)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .nearest_code import distance, prepare_codebook, row_chunks, scale_rows, scores, search_shapes
+from .nearest_code import distance, prepare_codebook, row_chunks, scale_rows, scores, search_setup
 
 
 def topk_order(s: torch.Tensor, bad_code: torch.Tensor, special_row: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,11 +33,9 @@ def topk_codes_ref(
     with a NaN gets ``0, 1, ..., k-1``. Distances are computed directly at each chosen code.
     In row chunks (an ``(n, K)`` score block at a time), float32.
     """
-    x3, cb, lead = search_shapes(x, codebook, metric)
+    x3, cb, lead, indices, distances = search_setup(x, codebook, metric, k)
     (H, N, D), K = x3.shape, cb.shape[1]
     codes, term, _, _ = prepare_codebook(cb, metric)
-    indices = torch.empty((H, N, k), dtype=torch.int64, device=x.device)
-    distances = torch.empty((H, N, k), dtype=torch.float32, device=x.device)
     bad_code = term.isnan()
     for h, s, e in row_chunks(H, N, K):
         rows = x3[h, s:e]
