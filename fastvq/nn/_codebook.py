@@ -298,6 +298,15 @@ class CodebookState(nn.Module):
     _FLOAT32_BUFFERS = ("cluster_size", "embed_avg", "code_usage")
     warn_low_usage = True
 
+    def _check_inputs(self, inputs) -> None:
+        """``TypeError``/``ValueError`` naming the module unless ``inputs`` is ``(..., embedding_dim)``."""
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"fastvq.{self._owner}: inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        if inputs.dim() < 1 or inputs.shape[-1] != self.embedding_dim:
+            raise ValueError(
+                f"fastvq.{self._owner}: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"
+            )
+
     def _init_codebook_state(
         self,
         owner: str,

@@ -15,18 +15,18 @@ from .residual_quantizer import ResidualQuantizer
 __all__ = ["RQVAE", "Encoder", "Decoder"]
 
 
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """The seed's ``Linear-ReLU-Linear-ReLU-Linear`` (parameter names ``0.*``, ``2.*``, ``4.*``)."""
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, d_out))
+
+
 class Encoder(nn.Module):
     """``Linear-ReLU-Linear-ReLU-Linear``: ``(..., input_dim) -> (..., latent_dim)`` (the seed's)."""
 
     def __init__(self, input_dim: int, hidden_dim: int, latent_dim: int):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, latent_dim),
-        )
+        self.layers = _mlp(input_dim, hidden_dim, latent_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
@@ -37,13 +37,7 @@ class Decoder(nn.Module):
 
     def __init__(self, latent_dim: int, hidden_dim: int, output_dim: int):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(latent_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, output_dim),
-        )
+        self.layers = _mlp(latent_dim, hidden_dim, output_dim)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.layers(latent)
