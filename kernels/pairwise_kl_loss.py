@@ -104,16 +104,19 @@ def _gram_tile(
 
 @triton.jit
 def _logit_tiles(
-    p_pred, p_target, o_m, o_n, m_m, m_n, DP, DT, inv_t, stride_pb, stride_pd, stride_tb, stride_td,
+    p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t, stride_pb, stride_pd, stride_tb, stride_td,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
 ):
-    """The float32 ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = pred pred^T / T``, ``t = target target^T / T``."""
+    """For the column block at ``n0``: its int64 columns ``o_n`` and mask, and the float32
+    ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = pred pred^T / T``, ``t = target target^T / T``."""
+    o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    m_n = o_n < B
     b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
                      BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
     b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
                      BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
-    return b_s, b_t
+    return o_n, m_n, b_s, b_t
 
 
 @autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
@@ -137,11 +140,9 @@ def _pairwise_kl_loss_fwd_kernel(
     b_lt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        m_n = o_n < B
-        b_s, b_t = _logit_tiles(p_pred, p_target, o_m, o_n, m_m, m_n, DP, DT, inv_t,
-                                stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT,
-                                PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
+        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t,
+                                          stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
+                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
         m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_s_m = tl.where(m_valid, b_s, float("-inf"))
         b_t_m = tl.where(m_valid, b_t, float("-inf"))
@@ -200,11 +201,9 @@ def _pairwise_kl_loss_bwd_kernel(
     b_lse_tm = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
     b_dp = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        m_n = o_n < B
-        b_s, b_t = _logit_tiles(p_pred, p_target, o_m, o_n, m_m, m_n, DP, DT, inv_t,
-                                stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT,
-                                PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
+        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t,
+                                          stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
+                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
         b_lse_pn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
         b_lse_tn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
         # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
