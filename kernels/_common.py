@@ -50,6 +50,17 @@ def round_bf16(b):
     return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def dot_nt(b_a, b_b, b_acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``b_acc + b_a @ b_b^T`` (float32 accumulator); with ``DOT_FP32`` (:func:`dot_fp32`, the
+    interpreter's bf16 ``tl.dot``) both operands are upcast to float32 first."""
+    if DOT_FP32:
+        b_out = tl.dot(b_a.to(tl.float32), tl.trans(b_b.to(tl.float32)), b_acc, input_precision=PRECISION)
+    else:
+        b_out = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision=PRECISION)
+    return b_out
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; :data:`INTERPRETER_SMS` for the interpreter's CPU."""

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotune, autotune_configs, dot_fp32, flat_grid, flat_program_id, launcher, next_pow2,
+from ._common import (autotune, autotune_configs, dot_fp32, dot_nt, flat_grid, flat_program_id, launcher, next_pow2,
                       tl_input_precision)
 
 
@@ -95,10 +95,7 @@ def _gram_tile(
                       mask=m_m[:, None] & m_d[None, :], other=0.0)
         b_b = tl.load(p_x + o_n[:, None] * stride_b + o_d[None, :] * stride_d,
                       mask=m_n[:, None] & m_d[None, :], other=0.0)
-        if DOT_FP32:
-            b_acc = tl.dot(b_a.to(tl.float32), tl.trans(b_b.to(tl.float32)), b_acc, input_precision=PRECISION)
-        else:
-            b_acc = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision=PRECISION)
+        b_acc = dot_nt(b_a, b_b, b_acc, PRECISION, DOT_FP32)
     return b_acc
 
 
