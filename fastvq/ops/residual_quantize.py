@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._backend import use_triton
-from .._checks import check_float, check_index_range, check_last_dim, check_same_device, check_tensor
+from .._checks import assert_async, check_float, check_index_range, check_last_dim, check_same_device, check_tensor
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
 
 __all__ = ["residual_quantize", "residual_quantize_step", "ResidualQuantizeStep", "residual_decode", "GRADS",
@@ -39,6 +39,14 @@ def _residual_quantize_op(
     """-> quantized, codes (empty when given), commit_sq, embed_sq (L,) (the same values: two
     outputs so each sends its gradient its own way), counts, sums, skipped, cand, cand_ok
     (empty unless asked for). ``rotate`` only matters to the backward."""
+    if codes is not None and codes.numel() > 0:
+        # given codes are gathered: out of range they would read outside the codebooks. One
+        # pass over the (N, L) int64 codes, no host read (checked here, in the op body, so a
+        # compiled graph is checked too)
+        K = codebooks.shape[1]
+        lo, hi = torch.aminmax(codes)
+        assert_async("residual_quantize_step", (lo >= 0) & (hi < K),
+                     lambda: f"codes must lie in [0, {K}), got values in [{int(lo)}, {int(hi)}]")
     kw = dict(weights=weights, codes=codes, loss=loss, stats=stats, slots=slots, num_slots=num_slots)
     if use_triton("residual_quantize", x, codebooks):
         from ..kernels.residual_quantize import residual_quantize_fwd
@@ -259,8 +267,10 @@ def residual_quantize_step(
             candidates, gets no loss gradient and its ``quantized`` is its input (identity
             gradient); its codes are still computed. Not differentiable.
         codes: optional ``(..., L)`` int64 codes chosen elsewhere (e.g. a cosine search with
-            :func:`fastvq.nearest_code`): no search runs, they are gathered (not range-checked:
-            they must lie in ``[0, K)``).
+            :func:`fastvq.nearest_code`): no search runs, they are gathered. They must lie in
+            ``[0, K)``: checked without a host read (one pass over the codes;
+            :func:`fastvq._checks.assert_async`: a ``ValueError`` on the CPU, a device-side
+            assert on CUDA).
         grad: ``"ste"`` (``quantized`` passes its gradient to ``x`` unchanged) or ``"rotation"``
             (the rotation trick between ``x`` and ``quantized``, :func:`fastvq.rotation_trick`,
             fused into the backward for ``D <= 1024``).

@@ -453,6 +453,21 @@ def test_step_bad_input():
         residual_quantize_step(x, cb, statistics=1)
 
 
+@pytest.mark.parametrize("bad", [5, -1, 10**9], ids=["K", "minus1", "huge"])
+def test_step_given_codes_out_of_range_raise(backend, bad):
+    # findings S1: the Triton kernel gathered outside the codebooks (garbage, a segfault for
+    # huge codes), the reference raised a bare IndexError
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = randn(4, 3, seed=63), randn(2, 5, 3, seed=64)
+    codes = torch.randint(0, 5, (4, 2), generator=generator(65))
+    codes[2, 1] = bad
+    with pytest.raises(ValueError, match=r"residual_quantize_step: codes must lie in \[0, 5\)"):
+        residual_quantize_step(x, cb, codes=codes)
+    codes[2, 1] = 4  # the largest valid code passes
+    assert torch.equal(residual_quantize_step(x, cb, codes=codes).quantized, sum_of_codes(cb, codes, torch.float32))
+
+
 def test_step_opcheck():
     x, cb = randn(6, 5, seed=60).requires_grad_(), randn(3, 4, 5, seed=61).requires_grad_()
     w = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0, 0.5])
