@@ -535,7 +535,8 @@ class CodebookState(nn.Module):
             if level + 1 < codebook.shape[0]:
                 idx, _ = nearest_code(residual, centroids, metric=metric)
                 residual = residual - centroids[idx]
-        self.nonfinite_rows.add_(skipped_max.long())
+        if not self._codebook_needs_vectors:  # else the update that follows counts this batch's rows
+            self.nonfinite_rows.add_(skipped_max.long())
         self.initted.fill_(True)
         self._kmeans_done = self._kmeans_checked = True
 

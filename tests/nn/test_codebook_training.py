@@ -195,7 +195,28 @@ def test_revival_and_kmeans_never_pick_nonfinite_rows(backend, ema):
         if ema:
             assert torch.isfinite(rq.cluster_size).all() and torch.isfinite(rq.embed_avg).all()
     assert bool(rq.initted) and int(rq.codes_revived) > 0
-    assert int(rq.nonfinite_rows) == 6 * 9 + 9  # 9 per step, plus the 9 k-means left out
+    assert int(rq.nonfinite_rows) == 6 * 9  # 9 per step (k-means init's batch counted once)
+
+
+@pytest.mark.parametrize("config", ["vq-ema", "vq-dead", "vq-kmeans-only", "rq-ema", "rq-ema-dead"])
+def test_nonfinite_rows_counted_once_on_the_kmeans_step(backend, config):
+    # findings N1: k-means init and the EMA update of the same batch both counted its rows
+    make = {
+        "vq-ema": lambda: VectorQuantizer(8, 4, ema=True, kmeans_init=True),
+        "vq-dead": lambda: VectorQuantizer(8, 4, kmeans_init=True, dead_code_threshold=1.0),
+        "vq-kmeans-only": lambda: VectorQuantizer(8, 4, kmeans_init=True),
+        "rq-ema": lambda: ResidualQuantizer(2, 8, 4, ema=True, kmeans_init=True),
+        "rq-ema-dead": lambda: ResidualQuantizer(2, 8, 4, ema=True, kmeans_init=True, dead_code_threshold=1.0),
+    }[config]
+    torch.manual_seed(0)
+    m = make().train()
+    for step in range(2):
+        x = randn(8, 4, seed=70 + step)
+        x[:5] = float("nan")  # 5 non-finite rows a batch
+        m(x)
+        # (k-means alone reads no later batch: nothing is left out of anything there)
+        per_batch = [5, 0 if config == "vq-kmeans-only" else 5]
+        assert bool(m.initted) and int(m.nonfinite_rows) == sum(per_batch[: step + 1]), step
 
 
 def test_no_update_makes_a_code_non_finite(backend):
