@@ -522,7 +522,10 @@ def _nearest_code_fwd_kernel(
                           other=0.0).to(tl.float32) * s_l2
             b_xx += tl.sum(b_x * b_x, axis=1)
             b_lb += tl.sum((b_x - b_p) * (b_x - b_p), axis=1)
-        b_thr = b_lb - b_xx  # a negative strictly farther than the positive scores above this
+        # a negative strictly farther than the positive scores above b_lb - b_xx; one within
+        # the rounding bound of that comparison, (D + 4) 2^-19 (|x|^2 + |x - p|^2), ties with the
+        # positive (a copy of it included) and is not "farther" (as in mine_negatives_ref)
+        b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 4) * 1.9073486328125e-06)
     if SAMPLE:
         # distance / temperature = a * score + (row constant); Gumbel-max over -that
         inv_s = 1.0 / s_l2  # 2^e exactly
