@@ -41,8 +41,18 @@ def _rotation_trick_fwd_kernel(
 
 @triton.jit
 def _inv_pos(b_x):
-    """``1 / x`` where ``x > 0``, else 1 (so a zero or NaN scale leaves the row as it is)."""
-    return 1.0 / tl.where(b_x > 0, b_x, 1.0)
+    """``1 / x`` where ``x`` is a normal float32 (``>= 2^-126``), else 1: a zero, NaN or
+    subnormal scale leaves the row as it is (``1 / x`` would overflow to inf there). Rows of
+    ``e`` or ``q`` that small are far below ``EPS_N``: straight through whatever their sums."""
+    return 1.0 / tl.where(b_x >= 1.1754943508222875e-38, b_x, 1.0)
+
+
+@triton.jit
+def _g_scale(b_mg):
+    """``(pre, inv)`` with ``g1 = (g * pre) * inv = g / max |g|`` for every finite ``max |g|``,
+    subnormal included (``pre = 2^64`` below ``2^-64``: ``max |g| * pre`` is then normal)."""
+    b_pre = tl.where(b_mg < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+    return b_pre, _inv_pos(b_mg * b_pre)
 
 
 @triton.jit
@@ -122,7 +132,8 @@ def _rotation_trick_bwd_kernel(
         b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
         b_ok = b_ok & (b_ns >= EPS_S)
         b_w = b_s * tl.where(b_ok, 1.0 / b_ns, 1.0)[:, None]
-        b_g1 = b_g * _inv_pos(b_mg)[:, None]
+        b_pg, b_ig = _g_scale(b_mg)
+        b_g1 = (b_g * b_pg[:, None]) * b_ig[:, None]
         b_gw = tl.sum(b_g1 * b_w, axis=1)
         b_gq = tl.sum(b_g1 * b_qh, axis=1)
         b_r1 = b_g1 - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
@@ -138,7 +149,7 @@ def _rotation_trick_bwd_kernel(
             b_mq, b_ssq = _scaled_sumsq(b_mq, b_ssq, b_q)
             b_mg = tl.maximum(b_mg, tl.max(tl.abs(b_g), axis=1))
         b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_mq, b_ssq, EPS_N)
-        b_ig = _inv_pos(b_mg)
+        b_pg, b_ig = _g_scale(b_mg)
         # sweep 2: |s|^2, g1.s, g1.q^
         b_ss = zero
         b_gs = zero
@@ -148,7 +159,7 @@ def _rotation_trick_bwd_kernel(
                                                 stride_qd, stride_gn, stride_gd, BLOCK_D)
             b_qh = b_q * b_ib[:, None]
             b_s = b_e * b_ia[:, None] + b_qh
-            b_g1 = b_g * b_ig[:, None]
+            b_g1 = (b_g * b_pg[:, None]) * b_ig[:, None]
             b_ss += tl.sum(b_s * b_s, axis=1)
             b_gs += tl.sum(b_g1 * b_s, axis=1)
             b_gq += tl.sum(b_g1 * b_qh, axis=1)
@@ -163,7 +174,7 @@ def _rotation_trick_bwd_kernel(
                                                 stride_qd, stride_gn, stride_gd, BLOCK_D)
             b_eh = b_e * b_ia[:, None]
             b_w = (b_eh + b_q * b_ib[:, None]) * b_ins[:, None]
-            b_r1 = b_g * b_ig[:, None] - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
+            b_r1 = (b_g * b_pg[:, None]) * b_ig[:, None] - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
             _store_grad(p_de, o_n, o_d, m, b_r1, b_g, b_f, b_ok, b_bad, stride_dn, stride_dd)
 
 

@@ -77,7 +77,8 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
     Numbers: every row is scaled by its largest entry before it is normalised, so the gradient
     is finite wherever the inputs are finite and the true gradient is representable in the
-    output dtype (``|q| = 1e20`` or ``|e| = 1e-30`` included); a gradient beyond the dtype's
+    output dtype (``|q| = 1e20``, ``|e| = 1e-30`` and subnormal rows of ``e``, ``q`` or ``g``
+    included); a gradient beyond the dtype's
     range is ``+-inf``. A row with a NaN or infinite entry in ``e`` or ``q`` gets a NaN
     gradient (its rotation is undefined). A NaN or infinite ``g`` passes through a
     straight-through row unchanged and makes a rotated row NaN. Identical on both backends.
