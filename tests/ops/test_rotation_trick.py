@@ -245,6 +245,23 @@ def test_findings_subnormal_reproducers(backend):
         assert torch.equal(got, torch.ones(1, 2))
 
 
+def test_eps_norm_threshold_is_the_same_number_on_both_backends():
+    # findings R2: float32(1e-6) was below 1e-6 in the reference's float64 test (straight
+    # through) and not in the kernel's float32 test (rotated): a factor 1e6 apart
+    q, g = torch.tensor([[0.0, 1.0]]), torch.ones(1, 2)
+    below = torch.nextafter(torch.tensor(EPS_NORM, dtype=torch.float32), torch.tensor(0.0)).item()
+    for value, rotates in ((1e-6, True), (EPS_NORM, True), (below, False)):
+        e = torch.tensor([[value, 0.0]])
+        grads = {}
+        for name in ("reference", "triton"):
+            with fastvq.backend(name):
+                grads[name], _ = _grad_of(fastvq.rotation_trick, e, q, g)
+        for name, got in grads.items():  # the same decision; a rotated row to float32 rounding
+            assert torch.equal(got, g) != rotates, (name, value, got)
+            if rotates:
+                assert_grad_close(got, _grad64(e, q, g), e, q, g, torch.float32)
+
+
 def test_gradient_overflow_is_inf(backend, device):
     # lambda |g| = (1e35 / 1e-5) * 1e10 = 1e50: beyond float32, so +-inf, never NaN
     e = randn(4, 6, seed=4, scale=1e-5, device=device)
