@@ -46,8 +46,9 @@ def topk_codes(
     Returns:
         ``(indices, distances)`` of shape ``x.shape[:-1] + (k,)``: int64 in ``[0, K)``, all
         different within a row, in increasing distance; float32 distances computed directly at
-        each code. Exact ties go to the smaller index (``indices[..., 0]`` is what
-        :func:`fastvq.nearest_code` returns, up to float32 rounding of near-ties).
+        each code. Ties of the computed float32 scores go to the smaller index
+        (``indices[..., 0]`` is what :func:`fastvq.nearest_code` returns, up to float32
+        rounding of near-ties; duplicate codes are near-ties, ``NUMERIC_CONTRACT``).
 
     Non-finite values follow :func:`fastvq.nearest_code`: codes with a NaN or infinite entry come
     after every finite code (by index); a row with an infinite entry lists the finite codes in
