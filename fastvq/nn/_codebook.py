@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
+from .._checks import check_int_arg
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
@@ -220,9 +221,7 @@ def kmeans(
 
 
 def _check_int(name: str, owner: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"fastvq.{owner}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int_arg(owner, name, value, minimum)
 
 
 def _check_float(name: str, owner: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:

@@ -5,7 +5,6 @@ kernels keep only their internal name -> id mapping.
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 
@@ -35,21 +34,6 @@ equally near every code within float32 and gets the first finite code. A row wit
 gets index 0 and distance NaN. A row with an infinite entry (and no NaN) gets the first finite
 code, at its true distance (l2: +inf). A finite row when no code is finite gets index 0 at its
 true distance (NaN or +inf)."""
-
-
-def check_int(op: str, name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``value`` as an ``int``: a bool, a non-integral float or any other type raises a named error."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise TypeError(f"fastvq.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"fastvq.{op}: {name} must be an integer, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"fastvq.{op}: {name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"fastvq.{op}: {name} must be <= {maximum}, got {value}")
-    return value
 
 
 def search_inputs(op: str, x, codebook, metric, allow_tf32):
