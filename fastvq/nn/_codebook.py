@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
+from .._checks import check_int_arg
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
@@ -220,9 +221,7 @@ def kmeans(
 
 
 def _check_int(name: str, owner: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"fastvq.{owner}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int_arg(owner, name, value, minimum)
 
 
 def _check_float(name: str, owner: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
@@ -485,13 +484,21 @@ class CodebookState(nn.Module):
 
     def _warn_low_usage(self, used: int, K: int, level: int, L: int, steps: int, rows: int) -> None:
         where = f" at level {level}" if L > 1 else ""
-        fix = ", ".join(f"{k}={v!r}" for k, v in RECOMMENDED.items())
-        extra = "" if self.ema else " (with ema=True for an EMA codebook)"
+        current = {"kmeans_init": self.kmeans_init, "dead_code_threshold": self.dead_code_threshold}
+        missing = {k: v for k, v in RECOMMENDED.items() if not current[k]}
+        if missing:
+            fix = ", ".join(f"{k}={v!r}" for k, v in missing.items())
+            extra = "" if self.ema else " (with ema=True for an EMA codebook)"
+            advice = (f"Construct it with {fix}{extra}, the settings that keep codebooks in use (see the "
+                      f"README).")
+        else:  # the recommended settings are on: the data, not the settings
+            advice = (f"k-means init and dead-code revival are on, so the data probably holds fewer distinct "
+                      f"vectors than codes, or each step has fewer rows per code than dead_code_threshold="
+                      f"{self.dead_code_threshold!r}.")
         warnings.warn(
             f"fastvq.{self._owner}: only {used} of {K} codes{where} were used in the last {steps} training "
-            f"steps ({rows} rows): the codebook has collapsed. Construct it with {fix}{extra}, the settings "
-            f"that keep codebooks in use (see the README). Set `warn_low_usage = False` on the module to "
-            f"silence this warning.",
+            f"steps ({rows} rows): the codebook has collapsed. {advice} Set `warn_low_usage = False` on the "
+            f"module to silence this warning.",
             stacklevel=4,
         )
 

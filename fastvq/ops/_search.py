@@ -5,7 +5,6 @@ kernels keep only their internal name -> id mapping.
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 
@@ -40,21 +39,6 @@ codes, whose scores are accumulated in a different order by column or tile; the 
 different positions of a tile) are near-ties within the rounding bound and may go either way,
 on either backend: a later copy of a duplicate code can win, identical rows in one call can get
 different (equally near) codes, and the two backends can differ there."""
-
-
-def check_int(op: str, name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``value`` as an ``int``: a bool, a non-integral float or any other type raises a named error."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise TypeError(f"fastvq.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"fastvq.{op}: {name} must be an integer, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"fastvq.{op}: {name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"fastvq.{op}: {name} must be <= {maximum}, got {value}")
-    return value
 
 
 def search_inputs(op: str, x, codebook, metric, allow_tf32):

@@ -356,6 +356,13 @@ def test_low_usage_warning_counts_levels_and_masks(monkeypatch):
         rq._update_codebook_(None, idx)
         rq._update_codebook_(None, idx)
     assert len(caught) == 1 and "only 1 of 16 codes at level 1" in str(caught[0].message)
+    # with the recommended settings already on, the warning blames the data, not the settings
+    tuned = ResidualQuantizer(2, 16, 3, kmeans_init=True, dead_code_threshold=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuned._warn_low_usage(1, 16, 1, 2, steps=2, rows=64)
+    message = str(caught[0].message)
+    assert "fewer distinct vectors than codes" in message and "Construct it with" not in message, message
     vq = VectorQuantizer(16, 3)
     mask = torch.zeros(32, dtype=torch.bool)
     mask[:1] = True  # the padded rows' codes are not "in use"
