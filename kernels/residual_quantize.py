@@ -55,9 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
-from ._common import (arch_family, argmin_merge, autotune_configs, dot_fp32, launcher, next_pow2, prune_by_estimate,
-                      register_estimate, target_for, tl_input_precision, words_per_thread)
+from ._common import (arch_family, argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, launcher, next_pow2,
+                      prune_by_estimate, register_estimate, round_bf16, target_for, tl_input_precision,
+                      words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
@@ -65,15 +65,6 @@ CHUNK_D = 64  # D chunk of the chunked variant
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
 EPS_NORM = 1e-6  # as fastvq.reference.rotation_trick (kernels import no reference: kept in step by a test)
 EPS_ANTIPODAL = 1e-3
-
-
-@triton.jit
-def _round_bf16(b):
-    # fp32 -> bf16, round to nearest even, with integer ops. Only used under the interpreter
-    # (BF16_RNE), whose fp32 -> bf16 cast truncates; a GPU's cast already rounds to nearest even.
-    u = b.to(tl.uint32, bitcast=True)
-    u = u + 0x7FFF + ((u >> 16) & 1)
-    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -202,7 +193,7 @@ _prune_chunked_configs.estimate = _estimate_chunked
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
 
 
-@triton.autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
+@autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
 def _residual_quantize_fwd_kernel(
@@ -244,7 +235,7 @@ def _residual_quantize_fwd_kernel(
         if SEARCH:
             # the dot operand: the residual in the codebook dtype (a no-op for float32)
             if BF16_RNE:
-                b_rd = _round_bf16(b_r)
+                b_rd = round_bf16(b_r)
             else:
                 b_rd = b_r.to(p_cb.dtype.element_ty)
             if DOT_FP32:
@@ -282,7 +273,7 @@ def _residual_quantize_fwd_kernel(
     if HAS_W:  # rows of weight 0 pass their input through
         b_q = tl.where((b_w != 0)[:, None], b_q, tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32))
     if BF16_RNE:
-        b_q = _round_bf16(b_q)
+        b_q = round_bf16(b_q)
     tl.store(p_q + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd, b_q.to(p_q.dtype.element_ty), mask=m_md)
     if SEARCH:
         tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
@@ -290,7 +281,7 @@ def _residual_quantize_fwd_kernel(
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
 
 
-@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
+@autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_chunked_configs})
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
@@ -347,7 +338,7 @@ def _residual_quantize_fwd_chunked_kernel(
                     b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
                                   other=0.0)
                     if BF16_RNE:
-                        b_rd = _round_bf16(b_r)
+                        b_rd = round_bf16(b_r)
                     else:
                         b_rd = b_r.to(p_cb.dtype.element_ty)
                     b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
@@ -420,7 +411,7 @@ def _residual_quantize_fwd_chunked_kernel(
             b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
             b_q = tl.where((b_w != 0)[:, None], b_q, b_x.to(tl.float32))
         if BF16_RNE:
-            b_q = _round_bf16(b_q)
+            b_q = round_bf16(b_q)
         tl.store(p_q + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd, b_q.to(p_q.dtype.element_ty), mask=m_md)
     if SEARCH:
         tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
@@ -570,7 +561,7 @@ def residual_quantize_fwd(
                out.get("cand", placeholder), out.get("cand_ok", placeholder)]
     common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
                   PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
-                  BLOCK_L=block_l, BF16_RNE=INTERPRETED and codebooks.dtype == torch.bfloat16)
+                  BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype))
     strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
                q.stride(0), q.stride(1), c.stride(0), c.stride(1))
 

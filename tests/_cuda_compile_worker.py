@@ -690,16 +690,16 @@ def capture(target_name: str) -> list:
         state["kept"] = True
         self.nargs = None
 
-    saved = (JITFunction.run, Autotuner.run, nearest_code._sm_count)
+    saved = (JITFunction.run, Autotuner.run, nearest_code.sm_count)
     JITFunction.run, Autotuner.run = jit_run, tuner_run
-    nearest_code._sm_count = lambda device: tgt.sm_count  # the split heuristic as on that GPU
+    nearest_code.sm_count = lambda device: tgt.sm_count  # the split heuristic as on that GPU
     try:
         with _common.compile_target(target_name):
             for label, thunk in bench_launches():
                 state["call"] = label
                 thunk()
     finally:
-        JITFunction.run, Autotuner.run, nearest_code._sm_count = saved
+        JITFunction.run, Autotuner.run, nearest_code.sm_count = saved
     return list(found.values())
 
 
