@@ -519,3 +519,42 @@ def test_register_prune_keeps_spill_free_configs_for_every_width():
     assert not kmod.fits_registers(triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4), 64)
     assert not kmod.fits_registers(triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4), 256, fma=True)
     assert kmod.register_d_limit(torch.bfloat16) < 1024
+
+
+@pytest.mark.parametrize("scale", [5e37, 1e-44, 3.0], ids=["huge", "subnormal", "plain"])
+def test_step_weighted_mean_is_scale_invariant(backend, device, scale):
+    # findings L1: 8 rows of weight 5e37 overflowed W = sum w: losses NaN, gradient 0. The
+    # losses are weighted means, so uniform weights of any finite positive size give the
+    # unweighted values; statistics keep the weights as given (scaled back exactly)
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = randn(8, 3, seed=70, device=device), randn(2, 5, 3, seed=71, device=device)
+    plain = residual_quantize_step(x.clone().requires_grad_(), cb, statistics=True)
+    xw = x.clone().requires_grad_()
+    out = residual_quantize_step(xw, cb, weights=torch.full((8,), scale, device=device),
+                              statistics=True)
+    assert torch.equal(out.codes, plain.codes)
+    assert_close(out.commitment_loss, plain.commitment_loss, reduce_len=8 * 3 * 2)
+    assert_close(out.embedding_loss, plain.embedding_loss, reduce_len=8 * 3 * 2)
+    out.commitment_loss.backward()
+    xp = x.clone().requires_grad_()
+    residual_quantize_step(xp, cb).commitment_loss.backward()
+    assert xw.grad.abs().max() > 0
+    assert_close(xw.grad, xp.grad, reduce_len=2)
+    # statistics: counts and sums with the weights as given, in float64
+    w64 = torch.tensor(scale, dtype=torch.float32).double()
+    assert_close(out.counts, (plain.counts.double() * w64).float(), reduce_len=8)
+    assert_close(out.sums, (plain.sums.double() * w64).float(), reduce_len=8)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), -float("inf")], ids=["neg", "nan", "inf", "-inf"])
+def test_step_weights_must_be_finite_and_non_negative(backend, device, bad):
+    # findings L1: weights [1, -1] gave W = 0 and a zero loss, silently
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = randn(4, 3, seed=72, device=device), randn(2, 5, 3, seed=73, device=device)
+    w = torch.tensor([1.0, 2.0, bad, 0.5], device=device)
+    with pytest.raises(ValueError, match=r"residual_quantize_step: weights must be finite and >= 0"):
+        residual_quantize_step(x, cb, weights=w)
+    w[2] = 0.0
+    residual_quantize_step(x, cb, weights=w)
