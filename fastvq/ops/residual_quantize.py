@@ -333,10 +333,11 @@ def residual_quantize_step(
             the rows of nonzero weight left out as not finite. On a GPU they accumulate with
             float32 atomics (not bitwise reproducible from run to run).
         candidate_rows: optional ``(S,)`` int64 distinct row indices in ``[0, N)`` (into the
-            ``N`` flattened rows of ``x``; checked as ``codes`` are, on the ``S`` indices): also return, at every level, the midpoint ``c_l + (r_l - c_l) / 2`` between
-            each such row's residual and the code it chose, ``candidates (L, S, D)`` float32, and
-            ``candidates_ok (L, S)`` bool (finite residual, nonzero weight): dead-code
-            replacements that split a used code's cell.
+            ``N`` flattened rows of ``x``; checked as ``codes`` are, on the ``S`` indices): also return, at every level, the midpoint ``(r_l + c_l) / 2`` between
+            each such row's residual and the code it chose (rounded once, with no intermediate
+            overflow: ``r_l = -3e38, c_l = 3e38`` gives 0), ``candidates (L, S, D)`` float32, and
+            ``candidates_ok (L, S)`` bool (finite residual and code, nonzero weight: a candidate
+            flagged ok is finite): dead-code replacements that split a used code's cell.
 
     Returns:
         :class:`ResidualQuantizeStep`: ``quantized (..., D)`` (dtype of ``x``), ``codes (..., L)``

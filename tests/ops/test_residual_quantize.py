@@ -558,3 +558,32 @@ def test_step_weights_must_be_finite_and_non_negative(backend, device, bad):
         residual_quantize_step(x, cb, weights=w)
     w[2] = 0.0
     residual_quantize_step(x, cb, weights=w)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+def test_step_candidate_midpoint_does_not_overflow(backend, device, chunked):
+    # findings S3: a residual of -3e38 with its code at 3e38 gave the midpoint c + (r - c)/2 =
+    # -inf (r - c overflows) flagged ok; the exact midpoint (0) is representable. A candidate
+    # that is not finite (a level whose codes are all infinite) is never flagged ok
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    if chunked and backend != "triton":
+        pytest.skip("the chunked kernel is a Triton kernel")
+    x = torch.tensor([[-3e38, -3e38], [3e38, 1e38], [1.0, 2.0], [1e-45, 3e-45]], device=device)
+    cb = torch.tensor([[[3e38, 3e38]], [[float("inf"), 0.0]]], device=device)
+    rows = torch.tensor([0, 1, 2, 3], device=device)
+    if chunked:
+        from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+        slots = torch.arange(4, dtype=torch.int32, device=device)
+        out = residual_quantize_fwd(x, cb, slots=slots, num_slots=4, max_register_d=1)
+        cand, ok = out["cand"], out["cand_ok"].bool()
+    else:
+        out = residual_quantize_step(x, cb, candidate_rows=rows)
+        cand, ok = out.candidates, out.candidates_ok
+    # level 0: the exact midpoints (r + c)/2 in float64, rounded once
+    expect = ((x.double() + cb[0].double()) / 2).float()
+    assert torch.equal(cand[0], expect)
+    assert ok[0].all() and cand[0].isfinite().all()
+    # level 1: the only code is infinite (rows 1-3 have finite residuals): no candidate is ok
+    assert not ok[1].any()
