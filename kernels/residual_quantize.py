@@ -15,8 +15,9 @@ next, so the module computes nothing over the activations in torch:
 * ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
   and sums per code (float32 atomics) and the number of rows left out as not finite;
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
-  of the residual and the code it chose (dead-code revival candidates: a revived code splits a
-  used code's cell), and whether the row is usable (finite residual, nonzero weight);
+  of the residual and the code it chose, rounded once (``_midpoint``: no intermediate overflow;
+  dead-code revival candidates: a revived code splits a used code's cell), and whether it is
+  usable (finite residual and code, nonzero weight);
 * ``HAS_W``: per-row weights (a padding mask): rows of weight 0 add nothing to the loss or the
   statistics, and their ``quantized`` is their input;
 * ``SEARCH=False``: the codes are given (a search with another metric ran first) and only
@@ -84,6 +85,16 @@ def _row_finite(b):
 
 
 @triton.jit
+def _midpoint(a, b):
+    """``(a + b) / 2`` of float32 blocks, rounded once: ``a + b`` halved, or where that sum
+    overflows (``a = -3e38, b = 3e38`` does not, ``a = b = 3e38`` does) ``a/2 + b/2`` (exact
+    halves of large numbers). Never ``a + (b - a)/2``: ``b - a`` overflows where the midpoint
+    does not."""
+    b_s = a + b
+    return tl.where(tl.abs(b_s) < float("inf"), 0.5 * b_s, 0.5 * a + 0.5 * b)
+
+
+@triton.jit
 def _level_outputs(
     b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
     p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S,
@@ -108,9 +119,10 @@ def _level_outputs(
         if CAND:
             m_c = m_m & (b_slot >= 0)
             o_c = lvl * S + b_slot
-            tl.store(p_cand + o_c[:, None] * D + o_d[None, :], b_sel + 0.5 * (b_r - b_sel),
+            tl.store(p_cand + o_c[:, None] * D + o_d[None, :], _midpoint(b_sel, b_r),
                      mask=m_c[:, None] & m_d[None, :])
-            tl.store(p_cand_ok + o_c, b_use.to(tl.int8), mask=m_c)
+            # ok: finite residual and code (a level of only infinite codes gives an infinite one)
+            tl.store(p_cand_ok + o_c, (b_use & _row_finite(b_sel)).to(tl.int8), mask=m_c)
     return b_loss
 
 
@@ -358,11 +370,16 @@ def _residual_quantize_fwd_chunked_kernel(
             b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
         if STATS or CAND:  # a first sweep: is this level's residual finite (row by row)?
             b_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            b_cbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for d0 in range(0, D, BLOCK_D):
                 o_d = d0 + tl.arange(0, BLOCK_D)
                 m_md = m_m[:, None] & (o_d < D)[None, :]
                 b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_md, other=0.0)
                 b_bad += tl.where(_row_finite(b_r), 0, 1)
+                if CAND:  # and the chosen code of a candidate row (its midpoint is finite only then)
+                    b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                                    mask=m_md & (b_slot >= 0)[:, None], other=0.0)
+                    b_cbad += tl.where(_row_finite(b_sel.to(tl.float32)), 0, 1)
             b_fin = (b_bad == 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
             b_use = m_m & (b_w != 0) & b_fin
             if STATS:
@@ -370,7 +387,7 @@ def _residual_quantize_fwd_chunked_kernel(
                 tl.atomic_add(p_skip + lvl, tl.sum((m_m & (b_w != 0) & ~b_fin).to(tl.int32), axis=0), sem="relaxed")
             if CAND:
                 m_c = m_m & (b_slot >= 0)
-                tl.store(p_cand_ok + lvl * S + b_slot, b_use.to(tl.int8), mask=m_c)
+                tl.store(p_cand_ok + lvl * S + b_slot, (b_use & (b_cbad == 0)).to(tl.int8), mask=m_c)
         # residual -= chosen code, chunk by chunk (statistics, candidates and loss on the way)
         b_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -387,7 +404,7 @@ def _residual_quantize_fwd_chunked_kernel(
             if CAND:
                 o_c = lvl * S + b_slot
                 b_sel32 = b_sel.to(tl.float32)
-                tl.store(p_cand + o_c[:, None] * D + o_d[None, :], b_sel32 + 0.5 * (b_r - b_sel32),
+                tl.store(p_cand + o_c[:, None] * D + o_d[None, :], _midpoint(b_sel32, b_r),
                          mask=(m_m & (b_slot >= 0))[:, None] & m_d[None, :])
             if LOSS:
                 b_sq += tl.sum(b_new * b_new, axis=1)

@@ -130,7 +130,8 @@ def exchange_offers(
         if anchors is not None:
             codebook, codes = anchors
             base = codebook.gather(1, codes.long().unsqueeze(-1).expand(L, c, D)).float()
-            picked = torch.lerp(base, picked, 0.5)
+            mid = base + picked  # the midpoint, rounded once and without an intermediate overflow
+            picked = torch.where(mid.abs() < float("inf"), 0.5 * mid, 0.5 * base + 0.5 * picked)
         # finite rows: one max-abs read (NaN propagates through the max)
         ok = (top >= 0) & (torch.linalg.vector_norm(picked, ord=float("inf"), dim=-1) < float("inf"))
         parts = [torch.where(ok.unsqueeze(-1), picked, 0.0), torch.where(ok, top, -1.0).unsqueeze(-1)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +12,19 @@ from .._checks import check_int_arg, check_real_arg, check_tensor
 from ..ops.bitcodes import checked_bits
 
 
-def _hard_gumbel(pairs: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_scale(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``(..., 1)`` powers of two in ``x``'s dtype: 1 for every row whose scores ``x.c`` cannot
+    overflow (bound: ``max|x| * max_j |c_j|_1`` below a quarter of the dtype's range, bitwise
+    the unscaled product), else the one that brings that bound there. Non-finite rows: 1."""
+    finfo = torch.finfo(x.dtype)
+    bound = x.detach().abs().amax(-1, keepdim=True).double() * codebook.detach().abs().double().sum(-1).amax()
+    k = torch.log2(bound / (finfo.max / 4)).ceil().clamp(0, -math.log2(finfo.smallest_normal))
+    k = torch.where(bound.isfinite(), k, 0.0)
+    return torch.exp2(-k).to(x.dtype)
+
+
+def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.gumbel_softmax(pairs, temperature, hard=True)`` (the same noise draw, so the same
     samples and values as bitcodes-pytorch's module) without its overflow: ``(bits, attn)``.
 
@@ -18,11 +32,17 @@ def _hard_gumbel(pairs: torch.Tensor, temperature: float) -> tuple[torch.Tensor,
     in float32 before anything is divided by it. The straight-through part, ``softmax((score +
     g) / T)``, is float32 with the pair's largest entry subtracted before the division (the
     softmax is shift-invariant; ``inf - inf`` where a score overflowed counts as 0), so a
-    finite score never gives NaN, at any dtype and temperature. Returns float32 ``attn``."""
+    finite score never gives NaN, at any dtype and temperature. Returns float32 ``attn``.
+
+    ``scaled = pairs * scale`` (``scale (..., 1, 1)`` powers of two, :func:`_row_scale`): the
+    sample is then ``argmax(scaled + g * scale)``, the same decision where ``pairs`` overflowed."""
     # F.gumbel_softmax's draw: the same random stream (the scores' dtype and shape)
     gumbels = -torch.empty_like(pairs, memory_format=torch.legacy_contiguous_format).exponential_().log()
     z = pairs.float() + gumbels.float()
-    bits = z.argmax(dim=-1)  # ties pick 0; a NaN score picks a bit all the same (its row is NaN)
+    if scaled is None:
+        bits = z.argmax(dim=-1)  # ties pick 0; a NaN score picks a bit all the same (its row is NaN)
+    else:  # (scale 1: bitwise the line above)
+        bits = (scaled.detach().float() + gumbels.float() * scale.float()).argmax(dim=-1)
     shift = z.detach().amax(dim=-1, keepdim=True)
     scaled = (z - shift) / temperature
     scaled = torch.where(scaled.isnan() & ~z.isnan(), 0.0, scaled)  # +-inf - +-inf: an overflowed score
@@ -61,7 +81,11 @@ class Bitcodes(nn.Module):
     Bad arguments raise ``TypeError`` (bools, strings, ...) or ``ValueError`` (sizes below 1,
     non-integral sizes, a NaN, infinite or non-positive temperature). A vector whose scores
     are NaN (a NaN entry, or an infinite one meeting a zero) quantizes to a NaN row; its bits
-    are still 0 or 1.
+    are still 0 or 1. A finite vector whose scores overflow the dtype (fp16 ``x = 60000``, fp32
+    ``x = 1e38``) is scaled by a power of two before the product, so its bits are the exact
+    comparison's and ``y`` (a sum of codebook rows) stays finite; in training its soft
+    (straight-through) scores are then +-inf and their gradient to ``x`` is 0 or finite, not
+    NaN (one extra pass over ``x``: its row max, and the scaling).
 
     Shapes:
         ``forward(x)``: ``x (..., D)`` float -> ``(y (..., D), bits (..., num_bits) int64)``.
@@ -105,12 +129,19 @@ class Bitcodes(nn.Module):
         """``x (..., D) -> (y (..., D), bits (..., num_bits) int64)``; ``y == from_bits(bits)``."""
         self._check_x(x)
         x, codebook = self._codebook_like(x)
-        pairs = F.linear(x, codebook).unflatten(-1, (self.num_bits, 2))  # (..., num_bits, 2)
+        # rows whose scores could overflow the dtype (fp16 x = 60000, fp32 x = 1e38) are scaled
+        # by a power of two first (the bits are scale-invariant); every other row by 1, bitwise
+        # the unscaled product. ``pairs`` (the gradient's path) is the unscaled score: +-inf
+        # where it overflows, never NaN for a finite x
+        scale = _row_scale(x, codebook)
+        scaled = F.linear(x * scale, codebook).unflatten(-1, (self.num_bits, 2))  # (..., num_bits, 2)
+        scale = scale.unsqueeze(-1)
+        pairs = scaled / scale
         if self.training:
-            bits, attn = _hard_gumbel(pairs, self.temperature)
+            bits, attn = _hard_gumbel(pairs, self.temperature, scaled, scale)
             attn = attn.to(codebook.dtype)
         else:
-            bits = pairs.argmax(dim=-1)  # ties pick 0, as torch.argmax picks the first
+            bits = scaled.argmax(dim=-1)  # ties pick 0, as torch.argmax picks the first
             attn = F.one_hot(bits, num_classes=2).to(codebook.dtype)
         out = attn.flatten(-2) @ codebook
         # A NaN score (a NaN in x, or inf * 0 / inf - inf from an infinite x) picks a bit all the

@@ -268,6 +268,23 @@ class ResidualQuantizeStep(NamedTuple):
     candidates_ok: Optional[torch.Tensor] = None
 
 
+def _normalised_weights(op: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float row weights ``w (N,)`` float32, checked finite and >= 0 (:func:`assert_async`, no
+    host read) and scaled by the power of two that brings their max into ``[1, 2)``: the losses
+    are weighted means (scale-invariant), and ``W = sum w`` can then neither overflow (8 rows of
+    5e37) nor underflow. Returns them and the power of two that scales the statistics back (they
+    keep the weights as given), or ``None`` for ``N = 0``. Three passes over the ``N`` weights
+    (check, max, scale), nothing of size ``N x D``."""
+    if w.numel() == 0:
+        return w, None
+    assert_async(op, ((w >= 0) & (w < float("inf"))).all(),
+                 lambda: f"weights must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")
+    _, e = torch.frexp(w.amax())  # max = m 2^e, m in [0.5, 1) (e = 0 for max = 0: nothing changes)
+    k = 1 - e  # w 2^k: max in [1, 2); k in [-127, 150], applied in two exact halves (2^150 overflows)
+    w = torch.ldexp(torch.ldexp(w, k // 2), k - k // 2)
+    return w, torch.ldexp(torch.ldexp(torch.ones((), device=w.device), -(k // 2)), k // 2 - k)
+
+
 def residual_quantize_step(
     x: torch.Tensor,
     codebooks: torch.Tensor,
@@ -296,7 +313,10 @@ def residual_quantize_step(
         x: ``(..., D)`` float32/float16/bfloat16, any strides.
         codebooks: ``(L, K, D)``, same device (a different float dtype is promoted).
         weights: optional ``(...)`` per-row weights, float or bool (a padding mask: ``False`` =
-            padding). A row of weight 0 adds nothing to the losses, the statistics or the
+            padding). Float weights must be finite and ``>= 0`` (checked without a host read, as
+            ``codes`` are: a ``ValueError`` on the CPU) and only their ratios matter to the
+            losses and gradients (they are scaled by a power of two first, so ``W`` cannot
+            overflow); the statistics use them as given. A row of weight 0 adds nothing to the losses, the statistics or the
             candidates, gets no loss gradient and its ``quantized`` is its input (identity
             gradient); its codes are still computed. Not differentiable.
         codes: optional ``(..., L)`` int64 codes chosen elsewhere (e.g. a cosine search with
@@ -313,10 +333,11 @@ def residual_quantize_step(
             the rows of nonzero weight left out as not finite. On a GPU they accumulate with
             float32 atomics (not bitwise reproducible from run to run).
         candidate_rows: optional ``(S,)`` int64 distinct row indices in ``[0, N)`` (into the
-            ``N`` flattened rows of ``x``; checked as ``codes`` are, on the ``S`` indices): also return, at every level, the midpoint ``c_l + (r_l - c_l) / 2`` between
-            each such row's residual and the code it chose, ``candidates (L, S, D)`` float32, and
-            ``candidates_ok (L, S)`` bool (finite residual, nonzero weight): dead-code
-            replacements that split a used code's cell.
+            ``N`` flattened rows of ``x``; checked as ``codes`` are, on the ``S`` indices): also return, at every level, the midpoint ``(r_l + c_l) / 2`` between
+            each such row's residual and the code it chose (rounded once, with no intermediate
+            overflow: ``r_l = -3e38, c_l = 3e38`` gives 0), ``candidates (L, S, D)`` float32, and
+            ``candidates_ok (L, S)`` bool (finite residual and code, nonzero weight: a candidate
+            flagged ok is finite): dead-code replacements that split a used code's cell.
 
     Returns:
         :class:`ResidualQuantizeStep`: ``quantized (..., D)`` (dtype of ``x``), ``codes (..., L)``
@@ -340,6 +361,7 @@ def residual_quantize_step(
         raise TypeError(f"fastvq.{op}: statistics must be a bool, got {type(statistics).__name__}")
     lead = x.shape[:-1]
     N = lead.numel()
+    stat_scale = None
     if weights is not None:
         check_tensor(op, "weights", weights)
         if weights.dtype not in (torch.bool, torch.float32, torch.float16, torch.bfloat16):
@@ -348,7 +370,10 @@ def residual_quantize_step(
             raise ValueError(f"fastvq.{op}: weights must have shape {tuple(lead)} (one per row of x "
                              f"{tuple(x.shape)}), got {tuple(weights.shape)}")
         check_same_device(op, x=x, weights=weights)
-        weights = weights.detach().reshape(N).float()
+        if weights.dtype == torch.bool:  # a padding mask: 0 or 1, W <= N, nothing to check or scale
+            weights = weights.detach().reshape(N).float()
+        else:
+            weights, stat_scale = _normalised_weights(op, weights.detach().reshape(N).float())
     if codes is not None:
         check_tensor(op, "codes", codes)
         if codes.dtype != torch.int64:
@@ -383,12 +408,15 @@ def residual_quantize_step(
         scale = torch.where(total != 0, 1.0 / (total * D), 0.0)
     commitment_loss = (out[2].sum() * scale).to(x.dtype)
     embedding_loss = (out[3].sum() * scale).to(x.dtype)
+    counts, sums = out[4], out[5]
+    if statistics and stat_scale is not None:  # the statistics keep the weights as given
+        counts, sums = counts * stat_scale, sums * stat_scale
     return ResidualQuantizeStep(
         quantized.reshape(*lead, D).to(x.dtype),
         (out[1] if codes is None else codes).reshape(*lead, L),
         commitment_loss,
         embedding_loss,
-        *((out[4], out[5], out[6]) if statistics else (None, None, None)),
+        *((counts, sums, out[6]) if statistics else (None, None, None)),
         *((out[7], out[8].bool()) if candidate_rows is not None else (None, None)),
     )
 

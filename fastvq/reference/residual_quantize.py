@@ -80,8 +80,12 @@ def residual_quantize_full_ref(
                 sums[lvl].index_add_(0, idx, torch.where(use[:, None], w[:, None] * r, 0.0).double())
                 skipped[lvl] += (live & ~use).sum()
             if slot is not None:
-                cand[lvl, slot] = c + 0.5 * (r - c)  # the midpoint of the residual and its code
-                cand_ok[lvl, slot] = use.to(torch.int8)
+                # the midpoint of the residual and its code, rounded once, as the kernel's
+                # _midpoint: r + c halved, or r/2 + c/2 where r + c overflows (never c + (r - c)/2:
+                # r - c overflows where the midpoint does not)
+                s_rc = r + c
+                cand[lvl, slot] = torch.where(s_rc.abs() < float("inf"), 0.5 * s_rc, 0.5 * r + 0.5 * c)
+                cand_ok[lvl, slot] = (use & c.isfinite().all(-1)).to(torch.int8)  # finite residual and code
             r = r - c
             q = q + c
             if loss:

@@ -249,3 +249,27 @@ def test_cuda(device):
     assert torch.equal(bits, bits_ref)
     torch.testing.assert_close(y, y_ref)
     assert torch.equal(fastvq.to_bits(fastvq.to_decimal(bits), 5), bits)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype, scale", [(torch.float16, 60000.0), (torch.float32, 1e38), (torch.bfloat16, 1e38)],
+                         ids=["fp16-60000", "fp32-1e38", "bf16-1e38"])
+def test_overflowing_scores_still_pick_the_exact_bits(training, dtype, scale):
+    # the scores x.c of a finite x overflow the dtype inside the product (fp16 x = 60000, fp32
+    # x = 1e38): the row came out NaN in train and eval. The bits only need the sign of
+    # x.(c_1 - c_0): the row is scaled by a power of two first; y is the sum of codebook rows
+    torch.manual_seed(7)
+    ours = Bitcodes(16, 8, 1.0).to(dtype).train(training)
+    x = (torch.randn(32, 16).sign() * scale).to(dtype)
+    x[:4] = torch.randn(4, 16).to(dtype)  # ordinary rows alongside
+    xg = x.clone().requires_grad_()
+    y, bits = ours(xg)
+    s64 = F.linear(x.double(), ours.codebook.detach().double()).unflatten(-1, (8, 2))
+    assert not F.linear(x[4:], ours.codebook.detach()).isfinite().all()  # the case: overflow
+    assert y.isfinite().all() and torch.equal(ours.from_bits(bits), y)
+    if training:  # the noise is O(1), the score gaps of the big rows ~ scale: the noiseless bits
+        assert torch.equal(bits[4:], s64[4:].argmax(-1))
+        (y.float() * torch.randn(y.shape)).sum().backward()
+        assert xg.grad.isfinite().all() and ours.codebook.grad.isfinite().all()
+    else:
+        assert torch.equal(bits, s64.argmax(-1))

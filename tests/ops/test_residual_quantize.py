@@ -530,3 +530,71 @@ def test_register_prune_keeps_spill_free_configs_for_every_width():
             cfg = triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4)
             assert not _common.fits_target(tgt, **kmod._estimate(cfg, named, BLOCK_D=128, PRECISION="ieee"))
     assert kmod.register_d_limit(torch.bfloat16) < 1024
+
+
+@pytest.mark.parametrize("scale", [5e37, 1e-44, 3.0], ids=["huge", "subnormal", "plain"])
+def test_step_weighted_mean_is_scale_invariant(backend, device, scale):
+    # findings L1: 8 rows of weight 5e37 overflowed W = sum w: losses NaN, gradient 0. The
+    # losses are weighted means, so uniform weights of any finite positive size give the
+    # unweighted values; statistics keep the weights as given (scaled back exactly)
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = randn(8, 3, seed=70, device=device), randn(2, 5, 3, seed=71, device=device)
+    plain = residual_quantize_step(x.clone().requires_grad_(), cb, statistics=True)
+    xw = x.clone().requires_grad_()
+    out = residual_quantize_step(xw, cb, weights=torch.full((8,), scale, device=device),
+                              statistics=True)
+    assert torch.equal(out.codes, plain.codes)
+    assert_close(out.commitment_loss, plain.commitment_loss, reduce_len=8 * 3 * 2)
+    assert_close(out.embedding_loss, plain.embedding_loss, reduce_len=8 * 3 * 2)
+    out.commitment_loss.backward()
+    xp = x.clone().requires_grad_()
+    residual_quantize_step(xp, cb).commitment_loss.backward()
+    assert xw.grad.abs().max() > 0
+    assert_close(xw.grad, xp.grad, reduce_len=2)
+    # statistics: counts and sums with the weights as given, in float64
+    w64 = torch.tensor(scale, dtype=torch.float32).double()
+    assert_close(out.counts, (plain.counts.double() * w64).float(), reduce_len=8)
+    assert_close(out.sums, (plain.sums.double() * w64).float(), reduce_len=8)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), -float("inf")], ids=["neg", "nan", "inf", "-inf"])
+def test_step_weights_must_be_finite_and_non_negative(backend, device, bad):
+    # findings L1: weights [1, -1] gave W = 0 and a zero loss, silently
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = randn(4, 3, seed=72, device=device), randn(2, 5, 3, seed=73, device=device)
+    w = torch.tensor([1.0, 2.0, bad, 0.5], device=device)
+    with pytest.raises(ValueError, match=r"residual_quantize_step: weights must be finite and >= 0"):
+        residual_quantize_step(x, cb, weights=w)
+    w[2] = 0.0
+    residual_quantize_step(x, cb, weights=w)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+def test_step_candidate_midpoint_does_not_overflow(backend, device, chunked):
+    # findings S3: a residual of -3e38 with its code at 3e38 gave the midpoint c + (r - c)/2 =
+    # -inf (r - c overflows) flagged ok; the exact midpoint (0) is representable. A candidate
+    # that is not finite (a level whose codes are all infinite) is never flagged ok
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    if chunked and backend != "triton":
+        pytest.skip("the chunked kernel is a Triton kernel")
+    x = torch.tensor([[-3e38, -3e38], [3e38, 1e38], [1.0, 2.0], [1e-45, 3e-45]], device=device)
+    cb = torch.tensor([[[3e38, 3e38]], [[float("inf"), 0.0]]], device=device)
+    rows = torch.tensor([0, 1, 2, 3], device=device)
+    if chunked:
+        from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+        slots = torch.arange(4, dtype=torch.int32, device=device)
+        out = residual_quantize_fwd(x, cb, slots=slots, num_slots=4, max_register_d=1)
+        cand, ok = out["cand"], out["cand_ok"].bool()
+    else:
+        out = residual_quantize_step(x, cb, candidate_rows=rows)
+        cand, ok = out.candidates, out.candidates_ok
+    # level 0: the exact midpoints (r + c)/2 in float64, rounded once
+    expect = ((x.double() + cb[0].double()) / 2).float()
+    assert torch.equal(cand[0], expect)
+    assert ok[0].all() and cand[0].isfinite().all()
+    # level 1: the only code is infinite (rows 1-3 have finite residuals): no candidate is ok
+    assert not ok[1].any()
