@@ -177,9 +177,11 @@ def autotune_configs(name: str, gpu: list, pinned, interpreter) -> list:
 
     * under the Triton interpreter: ``[interpreter]`` (one small config; the interpreter would run
       and time every config);
-    * with ``FASTVQ_AUTOTUNE=0``: ``[pinned]``, one config that fits sm_80 and sm_90 without
-      register spills at the benchmark shapes (checked by tests/test_cuda_compile.py), so a GPU test
-      run does not autotune hundreds of keys; with one config Triton neither prunes nor benchmarks;
+    * with ``FASTVQ_AUTOTUNE=0``: ``[pinned]``, one config that fits sm_80 and sm_90 in shared
+      memory and without register-pressure spills at the benchmark shapes (compiled into
+      benchmarks/results/sm90-static.json as ``pinned`` launches, checked by
+      tests/test_resource_estimates.py), so a GPU test run does not autotune hundreds of keys;
+      with one config Triton neither prunes nor benchmarks;
     * otherwise the full GPU list ``gpu``, pruned per launch by the kernel's resource estimate.
     """
     GPU_CONFIGS[name] = list(gpu)

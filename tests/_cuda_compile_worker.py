@@ -21,7 +21,9 @@ it set). Three modes::
 * ``--plan``: every launch the benchmark shapes make (:func:`bench_launches`: the launchers
   called on meta tensors, Triton's launch intercepted), for each target: every autotune config,
   whether the kernel's early prune keeps it (budgeting for that target), the prune's estimate,
-  and the specialisation Triton's own binder gives that launch. Compiles nothing (seconds).
+  and the specialisation Triton's own binder gives that launch; then the same shapes with each
+  autotuned kernel pinned to its ``FASTVQ_AUTOTUNE=0`` config (config ``pinned ...``, what a GPU
+  test run uses). Compiles nothing (seconds).
 * ``--sweep``: compiles every launch of the plan the prunes keep, for each target, through
   ptxas; ``--update-json`` writes the records of this triton version to the JSON and ``--also``
   runs the same sweep with another interpreter (triton 3.6, the GPU image's version).
@@ -640,8 +642,23 @@ class Launch:
     args: dict = field(default_factory=dict)  # the constexprs and pointer dtypes of the launch
 
 
-def capture(target_name: str) -> list:
-    """Every launch of every benchmark call for ``target_name``, deduplicated by specialisation."""
+PINNED = "pinned "  # the config label's prefix of a FASTVQ_AUTOTUNE=0 launch
+
+
+def _tuner_name(tuner) -> str:
+    """The autotune_configs name of an Autotuner (its configs are that name's GPU list)."""
+    from fastvq.kernels import _common
+
+    first = tuner.configs[0]
+    return next(n for n, cs in _common.GPU_CONFIGS.items() if any(c is first for c in cs))
+
+
+def capture(target_name: str, pinned: bool = False) -> list:
+    """Every launch of every benchmark call for ``target_name``, deduplicated by specialisation.
+
+    With ``pinned``: each autotuned kernel runs its ``FASTVQ_AUTOTUNE=0`` config only (what a GPU
+    test run uses at every shape; config labelled ``pinned ...``), and only those launches are
+    returned (the fixed tiles are the same as without)."""
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -667,7 +684,8 @@ def capture(target_name: str) -> list:
             if cfg is not None and state["estimate"] is not None:
                 est = state["estimate"](cfg, state["nargs"], **state["kwargs"])
             found[key] = Launch(name, key, ASTSource(fn=self, signature=signature, constexprs=constexprs, attrs=attrs),
-                                opt_kw, _cfg_label(cfg) if cfg is not None else "", state.get("kept", True), est, [],
+                                opt_kw, (PINNED * pinned + _cfg_label(cfg)) if cfg is not None else "",
+                                state.get("kept", True), est, [],
                                 jit_source_hash(sys.modules[self.fn.__module__]),
                                 {**{n: v for n, v in signature.items() if v.startswith("*")},
                                  **{self.arg_names[k[0]]: v for k, v in constexprs.items()
@@ -679,9 +697,13 @@ def capture(target_name: str) -> list:
 
     def tuner_run(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
-        kept = self.prune_configs(kwargs) if len(self.configs) > 1 else list(self.configs)
+        if pinned:
+            configs = kept = [_common.PINNED_CONFIGS[_tuner_name(self)]]
+        else:
+            configs = self.configs
+            kept = self.prune_configs(kwargs) if len(self.configs) > 1 else list(self.configs)
         estimate = getattr(self.early_config_prune, "estimate", None)
-        for c in self.configs:
+        for c in configs:
             state.update(config=c, kept=c in kept, estimate=estimate, nargs=self.nargs,
                          kwargs={k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
             self.fn.run(*args, **kwargs, **c.all_kwargs())
@@ -700,7 +722,12 @@ def capture(target_name: str) -> list:
                 thunk()
     finally:
         JITFunction.run, Autotuner.run, nearest_code.sm_count = saved
-    return list(found.values())
+    return [f for f in found.values() if f.config or not pinned]
+
+
+def capture_all(target_name: str) -> list:
+    """:func:`capture` with the autotune configs, then with the pinned ones."""
+    return capture(target_name) + capture(target_name, pinned=True)
 
 
 # --------------------------------------------------------------------------- compile
@@ -775,7 +802,7 @@ def sweep(targets, jobs: int, include_pruned: bool = False, emit=None) -> list:
     for each target, through ptxas. Returns one record per (launch, target)."""
     _SWEEP.clear()
     for t in targets:
-        _SWEEP.extend((launch, t) for launch in capture(t) if launch.kept or include_pruned)
+        _SWEEP.extend((launch, t) for launch in capture_all(t) if launch.kept or include_pruned)
     out = []
     if jobs > 1:
         ctx = mp.get_context("fork")
@@ -795,7 +822,8 @@ def sweep(targets, jobs: int, include_pruned: bool = False, emit=None) -> list:
 
 STATIC_LABEL = ("Compiled on a CPU with the ptxas bundled in the triton wheel, not measured on a GPU: registers "
                 "per thread, spill bytes (stack + local) and shared memory per block of every launch the "
-                "benchmark shapes make, every autotune config the kernels' early prune keeps, for each target.")
+                "benchmark shapes make, every autotune config the kernels' early prune keeps and each "
+                "autotuned kernel's FASTVQ_AUTOTUNE=0 config (labelled pinned), for each target.")
 REGEN = ("env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --sweep "
          "--update-json benchmarks/results/sm90-static.json --also .venv36/bin/python")
 
@@ -882,7 +910,7 @@ def main(argv=None):
     targets = [t for t in args.targets.split(",") if t]
     if args.plan:
         for t in targets:
-            for launch in capture(t):
+            for launch in capture_all(t):
                 print(json.dumps({"kernel": launch.kernel, "key": launch.key, "target": t, "config": launch.config,
                                   "source": launch.source,
                                   "kept": launch.kept, "estimate": launch.estimate, "calls": sorted(set(launch.calls))}))
