@@ -881,21 +881,26 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
         return indices, distances
     codebook, chat, cterm, meta = prepare_codebook(codebook, metric)
     m = METRIC_IDS[metric]
-    one_d = D <= RESIDENT_MAX_D
-    BLOCK_D = max(next_pow2(D), 16) if one_d else 64
+    precision = tl_input_precision(x.dtype, allow_tf32)
+    # Fixed tiles, compiled for sm_90 and sm_80 and checked for spills (sm90-static.json).
+    # fp32's exact dot runs on the FMA units, where Triton holds both operands for the whole
+    # reduction (D) in registers: against a resident 64 x 256 x tile ptxas spilled ~10 KB per
+    # thread, so D is streamed in chunks of at most 64, on 64 x 32 tiles at 8 warps. 16-bit (and
+    # tf32) keeps x resident; sm_80 (mma.sync) takes 32-code tiles (64 spilled at 255 registers).
+    one_d = D <= RESIDENT_MAX_D and precision != "ieee"
+    BLOCK_D = max(next_pow2(D), 16) if one_d else min(max(next_pow2(D), 16), 64 if precision != "ieee" else 32)
     KP = max(next_pow2(k), 2)
-    # Fixed tiles, checked on sm_90 for spills: fp32's exact dot runs on the FMA units and wants 8
-    # warps on 64 x 32 (32-row tiles at 4 warps spilled 5-20 KB per thread); 16-bit runs wgmma.
     if x.dtype == torch.float32:
         gpu = 64, 32, 8
     else:
-        gpu = (64, 64, 4) if KP <= 32 else (32, 64, 4)
+        block_k = 64 if arch_family(target_for(x.device)) == "sm_90" else 32
+        gpu = (64, block_k, 4) if KP <= 32 else (32, block_k, 4)
     BLOCK_N, BLOCK_K, num_warps = interpreter_or((32, 32, 4), gpu)
     _topk_codes_fwd_kernel[(H * triton.cdiv(N, BLOCK_N),)](
         x, codebook, chat, cterm, meta, indices, distances, N, K, D, k,
         x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
         METRIC=m, ONE_D_BLOCK=one_d, SCALE_ROWS=m in (1, 2) and x.dtype != torch.float16,
-        PRECISION=tl_input_precision(x.dtype, allow_tf32), DOT_FP32=dot_fp32(x.dtype), KP=KP,
+        PRECISION=precision, DOT_FP32=dot_fp32(x.dtype), KP=KP,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, FIN_D=min(BLOCK_D, 32), num_warps=num_warps,
     )
     return indices, distances

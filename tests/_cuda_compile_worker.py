@@ -236,12 +236,13 @@ def _nearest_code_jobs():
         jobs.append(fwd("bf16", "tf32", metric, False, False, True, 64, mid, sample=True))
     jobs.append(fwd("fp16", "tf32", 2, False, True, False, 64, mid, sample=True))
     jobs.append(fwd("fp32", "ieee", 3, False, False, True, 128, mid32, sample=True))
-    # top-k: the launcher's fixed tiles
+    # top-k: the launcher's fixed tiles (sm_90's; fp32's exact dot streams D in 32-wide chunks)
     tk = mod._topk_codes_fwd_kernel
     for dt, prec, metric, kp, bn, one_d, block_d in (("bf16", "tf32", 0, 16, 64, True, 64),
                                                      ("bf16", "tf32", 1, 128, 32, True, 256),
                                                      ("fp16", "tf32", 2, 2, 64, False, 64),
-                                                     ("fp32", "ieee", 3, 8, 64, True, 128)):
+                                                     ("fp32", "ieee", 3, 8, 64, False, 32),
+                                                     ("fp32", "tf32", 0, 16, 64, True, 128)):
         jobs.append(Job("nearest_code._topk_codes_fwd_kernel", f"{dt}/{prec},METRIC={metric},KP={kp},BLOCK_N={bn},"
                         f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}", tk,
                         {n: v for n, v in ptrs(dt).items() if n in tk.arg_names},
@@ -407,12 +408,13 @@ def _pairwise_kl_loss_jobs():
 def _pairwise_sqdist_jobs():
     k = pairwise_sqdist._pairwise_sqdist_fwd_kernel
     jobs = []
+    # the launcher's tiles: float32 (exact) in 32-wide D chunks at 8 warps, 16-bit in 64-wide at 4
     for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")):
-        for block_d in (64, 16):
+        for block_d in ((32, 16) if dt == "fp32" else (64, 16)):
             const = dict(stride_ad=1, stride_bd=1, stride_on=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
                          GROUP=8, PRECISION=prec, DOT_FP32=False)
             jobs.append(Job("pairwise_sqdist._pairwise_sqdist_fwd_kernel", f"{dt}/{prec},BLOCK_D={block_d}", k,
-                            {"p_a": DTYPES[dt], "p_b": DTYPES[dt], "p_out": "*fp32"}, const,
+                            {"p_a": DTYPES[dt], "p_b": DTYPES[dt], "p_out": "*fp32"}, const, 8 if dt == "fp32" else 4,
                             aligned_ints=("stride_am", "stride_bn", "stride_om"), dot=True,
                             tensor_cores=prec == "tf32", rows=64, cost=3 if prec == "ieee" else 1))
     return jobs
