@@ -11,7 +11,7 @@ import torch
 
 from ._chunks import row_chunk
 from .nearest_code import (_check_metric, argmin_first, choose, distance, exp2i, max_abs, pow2_exponent,
-                           prepare_codebook, scale_rows, scores)
+                           prepare_codebook, row_unit, scale_rows, scores)
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -50,17 +50,18 @@ def gumbel(seed: torch.Tensor, rows: torch.Tensor, K: int, h: int) -> torch.Tens
     return -torch.log(-torch.log(u))
 
 
-def row_factor(x: torch.Tensor, xs: torch.Tensor, metric: str, s_l2: torch.Tensor, temperature: float):
+def row_factor(x: torch.Tensor, xs: torch.Tensor, metric: str, s_dot: torch.Tensor, unit: torch.Tensor,
+               temperature: float):
     """Per row ``a`` with ``distance / temperature = a * score + (a row constant)``, as the kernel
-    computes it (float32); ``xs`` the rows the search multiplies with."""
-    inv_s = 1.0 / s_l2  # 2^e exactly
+    computes it (float32); ``xs`` the rows the search multiplies with, ``unit`` the rows' l2 unit
+    ``2^L`` (scores in units of ``2^2L``), ``s_dot`` the codebook's dot scale."""
     t = torch.tensor(temperature, dtype=torch.float32, device=x.device)
     if metric in ("l2", "euclidean"):
-        a = (inv_s * inv_s if metric == "l2" else inv_s) / t
-        return a.expand(x.shape[0])
+        return (unit / t) * unit if metric == "l2" else unit / t
     if metric == "cosine":
         nx = (xs * xs).sum(-1).sqrt()
         return torch.where(nx > 0, 1.0 / (torch.where(nx > 0, nx, 1.0) * t), torch.zeros_like(nx))
+    inv_s = 1.0 / s_dot  # 2^e exactly
     if x.dtype == torch.float16:  # rows not scaled
         return (inv_s / t).expand(x.shape[0])
     e_x = pow2_exponent(max_abs(x.float()))
@@ -83,19 +84,20 @@ def sample_code_ref(
     lead = xs_.shape[1:-1]
     x3 = xs_.reshape(H, lead.numel(), D)
     N = x3.shape[1]
-    codes, term, first, s_l2 = prepare_codebook(cb, metric)
+    codes, ta, tb, first, s_dot, c_min = prepare_codebook(cb, metric)
     indices = torch.empty((H, N), dtype=torch.int64, device=x.device)
     distances = torch.empty((H, N), dtype=torch.float32, device=x.device)
     step = row_chunk(K)
     for h in range(H):
         for s in range(0, N, step):
             rows = x3[h, s : s + step]
-            xs = scale_rows(rows, metric)
-            sc = scores(xs, codes[h], term[h], metric)
-            if metric == "euclidean":  # sqrt(|x|^2 + score), in the search's scale
-                xx = ((rows.float() * s_l2[h]) ** 2).sum(-1)
+            xs, band = scale_rows(rows, metric, c_min[h])
+            sc = scores(xs, codes[h], ta[h], tb[h], band)
+            unit = row_unit(band)
+            if metric == "euclidean":  # sqrt(|x|^2 + score), in the row's unit
+                xx = ((rows.float() / unit[:, None]) ** 2).sum(-1)
                 sc = torch.where(sc.isnan(), sc, (xx[:, None] + sc).clamp_min(0.0).sqrt())
-            a = row_factor(rows, xs, metric, s_l2[h], temperature)
+            a = row_factor(rows, xs, metric, s_dot[h], unit, temperature)
             w = (a <= NOISE_LIMIT).to(torch.float32)  # also 0 where a is NaN
             a = torch.where(w > 0, a, torch.ones_like(a))
             g = gumbel(seed, torch.arange(s, s + rows.shape[0], device=x.device), K, h)

@@ -42,16 +42,17 @@ def topk_codes_ref(
     lead = xs.shape[1:-1]
     x3 = xs.reshape(H, lead.numel(), D)
     N = x3.shape[1]
-    codes, term, _, _ = prepare_codebook(cb, metric)
+    codes, a, b, _, _, c_min = prepare_codebook(cb, metric)
     indices = torch.empty((H, N, k), dtype=torch.int64, device=x.device)
     distances = torch.empty((H, N, k), dtype=torch.float32, device=x.device)
     step = max(1, row_chunk(K))
     for h in range(H):
-        bad_code = term[h].isnan()
+        bad_code = a[h, 0].isnan()
         for s in range(0, N, step):
             rows = x3[h, s : s + step]
             special = ~torch.isfinite(rows).all(-1)
-            idx = topk_order(scores(scale_rows(rows, metric), codes[h], term[h], metric), bad_code, special, k)
+            xr, band = scale_rows(rows, metric, c_min[h])
+            idx = topk_order(scores(xr, codes[h], a[h], b[h], band), bad_code, special, k)
             nan_row = rows.isnan().any(-1)
             idx = torch.where(nan_row[:, None], torch.arange(k, device=x.device).expand_as(idx), idx)
             indices[h, s : s + step] = idx
