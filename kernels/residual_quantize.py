@@ -24,8 +24,11 @@ next, so the module computes nothing over the activations in torch:
 
 The nearest code (NaN-aware, smallest index on exact ties): a code with a NaN or infinite
 element is never chosen while a finite code exists; a NaN distance (a NaN residual) and an
-overflowing one compare as ``+inf``; a row whose distances all compare as ``+inf`` gets the
-first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
+overflowing one compare as ``+inf``; a finite row beyond 2^48 in size, or whose scores all
+compare as ``+inf`` (|c|^2 overflows), is searched again on the residual and codes scaled by
+2^-96 (exact; the common path is unchanged, the rescue pass costs one multiply per code element
+per tile and runs only for blocks that hold such a row; float16 codebooks never need it); a
+row still without a finite score gets the first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
 smallest index among the exact minima wins, and a later tile wins only when strictly smaller
 (the team's ``_common.argmin_merge``, fed NaN for the codes that may not win).
 
@@ -83,6 +86,86 @@ def _scores_of_finite_codes(b_dist, b_cfin, o_k, m_k, b_first, K):
     m_ok = m_k & b_cfin
     b_first = tl.minimum(b_first, tl.min(tl.where(m_ok, o_k, K), axis=0))
     return tl.where(m_ok[None, :], b_dist, float("nan")), b_first
+
+
+# A row whose residual's max-abs exceeds 2^BIG_EXP, or that found no code with a finite score, is
+# searched again with the residual and the codes scaled by 2^-RESCALE_EXP (exact): |c|^2 and
+# 2 r.c of codes near a residual up to the float32 maximum then neither overflow nor cancel.
+BIG_EXP = 48
+RESCALE_EXP = 96
+
+
+@triton.jit
+def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first,
+                  PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SCALED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Nearest code of each row of the register-resident dot operand ``b_rd`` in one level:
+    running ``(min, index)`` over the tiles (index -1 where no finite score) and the first
+    finite code. ``SCALED``: the codes are scaled by 2^-RESCALE_EXP as they are loaded (``b_rd``
+    already is): one multiply per code element per tile, only on the rescue pass."""
+    b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                      mask=m_k[:, None] & m_d[None, :], other=0.0)
+        b_c32 = b_c.to(tl.float32)
+        if SCALED:
+            b_c32 = b_c32 * 1.2621774483536189e-29  # 2^-96
+            b_c = b_c32.to(b_c.dtype)  # exact (bf16 and fp32 hold the scaled value)
+        b_cc = tl.sum(b_c32 * b_c32, axis=1)
+        if DOT_FP32:
+            b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
+        else:
+            b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
+        b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, _row_finite(b_c32), o_k, m_k,
+                                               b_first, K)
+        b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+    return b_min, b_idx, b_first
+
+
+@triton.jit
+def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd,
+                          PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
+                          SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_search_level` for the chunked variant: the residual streamed from the workspace in
+    BLOCK_D chunks; ``SCALED`` scales both the residual and the codes by 2^-96 as they load."""
+    b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+    b_first = K
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_rc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        b_cc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        b_cbad = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                          other=0.0)
+            if SCALED:
+                b_r = b_r * 1.2621774483536189e-29  # 2^-96, exact
+            if BF16_RNE:
+                b_rd = _round_bf16(b_r)
+            else:
+                b_rd = b_r.to(p_cbl.dtype.element_ty)
+            b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                          mask=m_k[:, None] & m_d[None, :], other=0.0)
+            b_c32 = b_c.to(tl.float32)
+            if SCALED:
+                b_c32 = b_c32 * 1.2621774483536189e-29
+                b_c = b_c32.to(b_c.dtype)
+            b_cc += tl.sum(b_c32 * b_c32, axis=1)
+            b_cbad += tl.where(_row_finite(b_c32), 0, 1)
+            if DOT_FP32:
+                b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
+            else:
+                b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
+        b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, b_cbad == 0, o_k, m_k, b_first, K)
+        b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+    return b_min, b_idx, b_first
 
 
 @triton.jit
@@ -232,23 +315,24 @@ def _residual_quantize_fwd_kernel(
                 b_rd = b_r.to(p_cb.dtype.element_ty)
             if DOT_FP32:
                 b_rd = b_rd.to(tl.float32)
-            b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-            b_first = K
-            for k0 in range(0, K, BLOCK_K):
-                o_k = k0 + tl.arange(0, BLOCK_K)
-                m_k = o_k < K
-                b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                              mask=m_k[:, None] & m_d[None, :], other=0.0)
-                b_c32 = b_c.to(tl.float32)
-                b_cc = tl.sum(b_c32 * b_c32, axis=1)
-                if DOT_FP32:
-                    b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
-                else:
-                    b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
-                b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, _row_finite(b_c32), o_k, m_k,
-                                                       b_first, K)
-                b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+            b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
+                                                  PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K)
+            if p_cb.dtype.element_ty != tl.float16:  # (a float16 codebook cannot overflow the scores)
+                # the rescue pass: rows beyond 2^BIG_EXP, or with no finite score (codes so large
+                # that |c|^2 overflows), searched again on operands scaled by 2^-96
+                b_rm = tl.max(tl.abs(b_r), axis=1)
+                m_redo = m_m & _row_finite(b_r) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
+                if tl.max(m_redo.to(tl.int32), axis=0) > 0:
+                    b_rs = b_r * 1.2621774483536189e-29  # 2^-96, exact
+                    if BF16_RNE:
+                        b_rd = _round_bf16(b_rs)
+                    else:
+                        b_rd = b_rs.to(p_cb.dtype.element_ty)
+                    if DOT_FP32:
+                        b_rd = b_rd.to(tl.float32)
+                    _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
+                                                 PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
+                    b_idx = tl.where(m_redo, b_idx1, b_idx)
             # nothing chosen (scores all NaN or +inf): the first finite code (none: 0)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
@@ -315,35 +399,24 @@ def _residual_quantize_fwd_chunked_kernel(
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
-            b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-            b_first = K
-            for k0 in range(0, K, BLOCK_K):
-                o_k = k0 + tl.arange(0, BLOCK_K)
-                m_k = o_k < K
-                b_rc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                b_cc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                b_cbad = tl.zeros((BLOCK_K,), dtype=tl.int32)
+            b_min, b_idx, b_first = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
+                                                          stride_cd, PRECISION, DOT_FP32, BF16_RNE, False,
+                                                          BLOCK_M, BLOCK_K, BLOCK_D)
+            if p_cb.dtype.element_ty != tl.float16:  # the rescue pass, as in the register variant
+                b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                b_rbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
                 for d0 in range(0, D, BLOCK_D):
                     o_d = d0 + tl.arange(0, BLOCK_D)
-                    m_d = o_d < D
-                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
-                                  other=0.0)
-                    if BF16_RNE:
-                        b_rd = _round_bf16(b_r)
-                    else:
-                        b_rd = b_r.to(p_cb.dtype.element_ty)
-                    b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                                  mask=m_k[:, None] & m_d[None, :], other=0.0)
-                    b_c32 = b_c.to(tl.float32)
-                    b_cc += tl.sum(b_c32 * b_c32, axis=1)
-                    b_cbad += tl.where(_row_finite(b_c32), 0, 1)
-                    if DOT_FP32:
-                        b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
-                    else:
-                        b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
-                b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, b_cbad == 0, o_k, m_k, b_first, K)
-                b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
+                                  mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
+                    b_rm = tl.maximum(b_rm, tl.max(tl.where(tl.abs(b_r) < float("inf"), tl.abs(b_r), 0.0), axis=1))
+                    b_rbad += tl.where(_row_finite(b_r), 0, 1)
+                m_redo = m_m & (b_rbad == 0) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
+                if tl.max(m_redo.to(tl.int32), axis=0) > 0:
+                    _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
+                                                         stride_cd, PRECISION, DOT_FP32, BF16_RNE, True,
+                                                         BLOCK_M, BLOCK_K, BLOCK_D)
+                    b_idx = tl.where(m_redo, b_idx1, b_idx)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
