@@ -10,8 +10,10 @@ codes and the sum of the chosen codes, one launch can also produce what a traini
 next, so the module computes nothing over the activations in torch:
 
 * ``LOSS``: per program and level, ``sum_i w_i |r_{i,l+1}|^2`` (the squared residual left by
-  level ``l``: the seed's commitment / codebook loss terms), written to a small
-  ``(programs, BLOCK_L)`` buffer the op sums in a fixed order (deterministic);
+  level ``l``: the seed's commitment / codebook loss terms), written to a small float64
+  ``(programs, BLOCK_L)`` buffer the op sums in a fixed order (deterministic); a row's float32
+  ``|r|^2`` that overflows (|r| beyond ~1.8e19) is summed again scaled by its power of two
+  (only in a block that holds one), so the loss is finite wherever its mean is representable;
 * ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
   and sums per code (float32 atomics) and the number of rows left out as not finite;
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
@@ -59,7 +61,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import argmin_merge, autotune_configs, dot_fp32, launcher, next_pow2, tl_input_precision
+from ._common import (argmin_merge, autotune_configs, dot_fp32, exp2i, launcher, next_pow2, pow2_exponent,
+                      tl_input_precision)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see fits_registers)
@@ -169,6 +172,37 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
 
 
 @triton.jit
+def _exp2i64(e):
+    """``2.0 ** e`` as float64, exactly, for an int32 ``e`` in [-1022, 1023]."""
+    return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _sq_rows64(b_sq, b_rm, b_q):
+    """A row's ``|r|^2`` as float64: ``b_sq`` (the float32 sum) where it is finite, else
+    ``b_q 2^(2e)`` with ``b_q = |r 2^-e|^2`` the sum of the row scaled by ``2^-e`` (``b_rm``'s
+    power of two), exact but for float32's rounding of ``b_q``."""
+    e = pow2_exponent(b_rm)
+    return tl.where(b_sq < float("inf"), b_sq.to(tl.float64), b_q.to(tl.float64) * _exp2i64(2 * e))
+
+
+@triton.jit
+def _loss_rows(b_new, b_w, m_m):
+    """``w |r|^2`` per row of a register block, float64 (0 for masked rows and weight 0). The
+    float32 sum overflows for ``|r|`` beyond ~1.8e19 though the loss may be representable: only a
+    block holding such a row (finite) sums its rows again scaled by their power of two."""
+    b_sq = tl.sum(b_new * b_new, axis=1)
+    b_sq64 = b_sq.to(tl.float64)
+    m_over = m_m & ~(b_sq < float("inf")) & _row_finite(b_new)
+    if tl.max(m_over.to(tl.int32), axis=0) > 0:
+        b_rm = tl.max(tl.abs(b_new), axis=1)
+        b_s = exp2i(-pow2_exponent(b_rm))
+        b_n = b_new * b_s[:, None]
+        b_sq64 = tl.where(m_over, _sq_rows64(b_sq, b_rm, tl.sum(b_n * b_n, axis=1)), b_sq64)
+    return tl.where(m_m & (b_w != 0), b_w.to(tl.float64) * b_sq64, 0.0)
+
+
+@triton.jit
 def _row_finite(b):
     """Per row of a (rows, cols) float32 block: True when every element is finite."""
     return tl.max(tl.where(tl.abs(b) < float("inf"), 0, 1), axis=1) == 0
@@ -183,9 +217,7 @@ def _level_outputs(
     """What a level adds besides the code, for a register-resident row block ``b_r`` (the
     residual this level quantized) and its chosen code rows ``b_sel``."""
     if LOSS:
-        b_new = b_r - b_sel
-        b_sq = tl.sum(b_new * b_new, axis=1)
-        b_sq = tl.where(m_m & (b_w != 0), b_w * b_sq, 0.0)
+        b_sq = _loss_rows(b_r - b_sel, b_w, m_m)
         b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
     if STATS or CAND:
         b_fin = _row_finite(b_r) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
@@ -304,7 +336,7 @@ def _residual_quantize_fwd_kernel(
         b_slot = tl.load(p_slot + o_m, mask=m_m, other=-1)
     else:
         b_slot = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float64)
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
@@ -395,7 +427,7 @@ def _residual_quantize_fwd_chunked_kernel(
         b_codes = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.int64)
     else:
         b_codes = tl.load(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, mask=m_ml, other=0)
-    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float64)
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
@@ -457,10 +489,28 @@ def _residual_quantize_fwd_chunked_kernel(
             if LOSS:
                 b_sq += tl.sum(b_new * b_new, axis=1)
             tl.store(p_r, b_new, mask=m_md)
-        if LOSS:
-            b_sq = tl.where(m_m & (b_w != 0), b_w * b_sq, 0.0)
-            b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
         tl.debug_barrier()
+        if LOSS:
+            b_sq64 = b_sq.to(tl.float64)
+            m_over = m_m & ~(b_sq < float("inf"))
+            if tl.max(m_over.to(tl.int32), axis=0) > 0:  # |r|^2 overflowed float32: again, scaled
+                b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    o_d = d0 + tl.arange(0, BLOCK_D)
+                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
+                                  mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
+                    b_rm = tl.maximum(b_rm, tl.max(tl.abs(b_r), axis=1))
+                b_s = exp2i(-pow2_exponent(b_rm))
+                b_q = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    o_d = d0 + tl.arange(0, BLOCK_D)
+                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
+                                  mask=m_m[:, None] & (o_d < D)[None, :], other=0.0) * b_s[:, None]
+                    b_q += tl.sum(b_r * b_r, axis=1)
+                m_over = m_over & (b_rm < float("inf"))  # (an infinite residual's loss is +inf)
+                b_sq64 = tl.where(m_over, _sq_rows64(b_sq, b_rm, b_q), b_sq64)
+            b_sq64 = tl.where(m_m & (b_w != 0), b_w.to(tl.float64) * b_sq64, 0.0)
+            b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq64, axis=0), b_loss)
 
     # quantized = sum of the chosen codes, in level order, float32
     for d0 in range(0, D, BLOCK_D):
@@ -570,7 +620,8 @@ def residual_quantize_fwd(
 
     * ``weights`` ``(N,)`` float32: per-row weights (rows of weight 0: ``quantized`` is ``x``);
     * ``codes`` ``(N, L)`` int64 given: no search, they are gathered (and returned as is);
-    * ``loss``: ``level_sq (L,)`` float32, ``sum_i w_i |r_{i,l+1}|^2`` per level;
+    * ``loss``: ``level_sq (L,)`` float64, ``sum_i w_i |r_{i,l+1}|^2`` per level (float64: the
+      sum may overflow float32 where the mean is representable);
     * ``stats``: ``counts (L, K)``, ``sums (L, K, D)`` float32 of the residuals each level
       quantized (rows of nonzero weight, finite), ``skipped (L,)`` int32 rows left out;
     * ``slots`` ``(N,)`` int32 (``-1`` or a slot in ``[0, num_slots)``, each slot used by at most
@@ -606,16 +657,17 @@ def residual_quantize_fwd(
         out["cand_ok"] = torch.empty((L, num_slots), dtype=torch.int8, device=dev)
     if N == 0:
         if loss:
-            out["level_sq"] = torch.zeros((L,), dtype=torch.float32, device=dev)
+            out["level_sq"] = torch.zeros((L,), dtype=torch.float64, device=dev)
         return out
     # launch
     block_l = max(next_pow2(L), 2)
     block_d = max(next_pow2(D), 16)
     chunked = block_d > (max_register_d if max_register_d is not None else register_d_limit(x.dtype))
-    # the loss partials: one row per program of the smallest BLOCK_M any config uses
+    # the loss partials: one row per program of the smallest BLOCK_M any config uses; float64 (a
+    # level's sum of squared residuals may overflow float32 where the mean does not); not filled:
+    # only the rows of the launched programs are summed
     min_bm = min(c.kwargs["BLOCK_M"] for c in _residual_quantize_fwd_kernel.configs)
-    # (zeros: with a larger BLOCK_M, the rows past the grid stay 0)
-    loss_part = torch.zeros((triton.cdiv(N, min_bm), block_l), dtype=torch.float32, device=dev) if loss else None
+    loss_part = torch.empty((triton.cdiv(N, min_bm), block_l), dtype=torch.float64, device=dev) if loss else None
     q, c = out["quantized"], out["codes"]
     placeholder = q  # stands for the tensors a flag switches off (never read or written)
     tensors = [x, codebooks, q, c,
@@ -634,13 +686,15 @@ def residual_quantize_fwd(
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
     if not chunked:
-        _residual_quantize_fwd_kernel[grid](*tensors, N, K, D, L, num_slots, *strides, BLOCK_D=block_d, **common)
+        kernel = _residual_quantize_fwd_kernel
+        kernel[grid](*tensors, N, K, D, L, num_slots, *strides, BLOCK_D=block_d, **common)
     else:
+        kernel = _residual_quantize_fwd_chunked_kernel
         workspace = torch.empty((N, D), dtype=torch.float32, device=dev)
-        _residual_quantize_fwd_chunked_kernel[grid](*tensors, workspace, N, K, D, L, num_slots, *strides,
-                                                    workspace.stride(0), BLOCK_D=CHUNK_D, **common)
-    if loss:
-        out["level_sq"] = loss_part[:, :L].sum(0)
+        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, *strides, workspace.stride(0), BLOCK_D=CHUNK_D,
+                     **common)
+    if loss:  # (the config the launch ran: set by the autotuner on every launch, no device read)
+        out["level_sq"] = loss_part[: triton.cdiv(N, kernel.best_config.kwargs["BLOCK_M"]), :L].sum(0)
     return out
 
 

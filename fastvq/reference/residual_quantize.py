@@ -103,13 +103,14 @@ def residual_quantize_full_ref(
             r = r - c
             q = q + c
             if loss:
-                level_sq[lvl] += torch.where(live, w * (r * r).sum(-1), 0.0).double().sum()
+                # float64: |r|^2 may overflow float32 where the mean loss does not
+                level_sq[lvl] += torch.where(live, w.double() * (r.double() ** 2).sum(-1), 0.0).sum()
             if search:
                 out_codes[s : s + step, lvl] = idx
         quantized[s : s + step] = torch.where(live[:, None], q, x[s : s + step].float()).to(x.dtype)
     out = {"quantized": quantized, "codes": out_codes}
     if loss:
-        out["level_sq"] = level_sq.float()
+        out["level_sq"] = level_sq
     if stats:
         out.update(counts=counts.float(), sums=sums.float(), skipped=skipped.int())
     if slots is not None:
