@@ -46,7 +46,11 @@ def check_last_dim(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.
         )
 
 
-def check_metric(op: str, metric: str, allowed=("l2", "cosine", "dot")) -> None:
+def check_metric(op: str, metric: str, allowed=None) -> None:
+    """ValueError unless ``metric`` is one of ``allowed`` (default: every search metric,
+    :data:`fastvq.ops._search.METRICS`, the one place the names are defined)."""
+    if allowed is None:
+        from .ops._search import METRICS as allowed  # (lazily: fastvq.ops imports this module)
     if metric not in allowed:
         raise ValueError(f"fastvq.{op}: unknown metric {metric!r}; expected one of {allowed}")
 
@@ -82,11 +86,13 @@ def assert_async(op: str, ok: torch.Tensor, detail: Callable[[], str]) -> None:
         raise ValueError(f"fastvq.{op}: {detail()}") from None
 
 
-def check_int_arg(owner: str, name: str, value, minimum: int | None = None) -> int:
-    """``value`` as a Python int, for a size or count argument of ``owner``.
+def check_int_arg(owner: str, name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as a Python int, for a size or count argument of ``owner`` (the one integer
+    check of every op and module).
 
     Accepts Python/NumPy integers and integral floats (``1e6``). ``TypeError`` for bools and
-    non-numbers; ``ValueError`` for non-integral or non-finite floats and values below ``minimum``.
+    non-numbers; ``ValueError`` for non-integral or non-finite floats and values outside
+    ``[minimum, maximum]``.
     """
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real)):
         raise TypeError(f"fastvq.{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
@@ -96,6 +102,8 @@ def check_int_arg(owner: str, name: str, value, minimum: int | None = None) -> i
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"fastvq.{owner}: {name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"fastvq.{owner}: {name} must be <= {maximum}, got {value}")
     return value
 
 

@@ -2,21 +2,78 @@
 
 import contextlib
 import functools
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
+# --------------------------------------------------------------------------- the interpreter
+# Whether the kernels run under Triton's interpreter (TRITON_INTERPRET=1, tensors on the CPU) is
+# read here and nowhere else in kernels/ (tests/test_layering.py), once: Triton fixes it when a
+# @triton.jit function is defined. Every way a kernel or launcher differs under the interpreter
+# goes through one of the named helpers below, so each workaround of an interpreter bug has one
+# place to be found, and dropped when Triton fixes it.
 
-# Triton's interpreter (3.8) computes tl.dot on bfloat16 blocks wrongly; fp16/fp32 are right.
-# Kernels take a DOT_FP32 constexpr and upcast dot operands when it is set. On a GPU it is
-# never set, so bf16 stays on the tensor cores.
+
+def _interpreter_on() -> bool:
+    if hasattr(triton, "knobs"):
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")  # triton < 3.4
+
+
+INTERPRETED: bool = _interpreter_on()
+
+INTERPRETER_SMS = 4  # the "SM count" launchers plan for under the interpreter (CPU)
 
 
 def dot_fp32(dtype: torch.dtype) -> bool:
+    """The ``DOT_FP32`` constexpr: Triton's interpreter (3.8) computes ``tl.dot`` on bfloat16
+    blocks wrongly (fp16/fp32 are right), so under it kernels upcast bf16 dot operands to fp32.
+    Never set on a GPU, where bf16 stays on the tensor cores."""
     return INTERPRETED and dtype == torch.bfloat16
+
+
+def bf16_rne(dtype: torch.dtype) -> bool:
+    """The ``BF16_RNE`` constexpr: Triton's interpreter (3.8) casts float32 -> bfloat16 by
+    truncation, a GPU rounds to nearest even; under it, kernels that store or compare bf16 values
+    round with :func:`round_bf16` first, so both give the same bits."""
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+@triton.jit
+def round_bf16(b):
+    """float32 -> bfloat16, rounded to nearest even with integer ops (see :func:`bf16_rne`)."""
+    u = b.to(tl.uint32, bitcast=True)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def dot_nt(b_a, b_b, b_acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``b_acc + b_a @ b_b^T`` (float32 accumulator); with ``DOT_FP32`` (:func:`dot_fp32`, the
+    interpreter's bf16 ``tl.dot``) both operands are upcast to float32 first."""
+    if DOT_FP32:
+        b_out = tl.dot(b_a.to(tl.float32), tl.trans(b_b.to(tl.float32)), b_acc, input_precision=PRECISION)
+    else:
+        b_out = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision=PRECISION)
+    return b_out
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; :data:`INTERPRETER_SMS` for the interpreter's CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def interpreter_or(interpreter, gpu):
+    """``interpreter`` under the interpreter, else ``gpu``: the fixed tile sizes of a kernel that
+    is not autotuned (small ones on the CPU, where every program runs one after the other). An
+    autotuned kernel's configs come from :func:`autotune_configs`."""
+    return interpreter if INTERPRETED else gpu
 
 
 def tl_input_precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
@@ -52,6 +109,17 @@ def flat_grid(n_programs: int) -> tuple[int, int]:
 def flat_program_id():
     """The flat int64 id of this program in a :func:`flat_grid` launch."""
     return tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * tl.num_programs(0)
+
+
+@triton.jit
+def tile_offsets(N_D_TILES, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(o_n, o_d)``: the int64 rows and the columns of this program's tile in a :func:`flat_grid`
+    launch of ``(row block, D tile)`` programs, ``N_D_TILES`` D tiles per row block (the D tile
+    varies fastest)."""
+    pid = flat_program_id()
+    pid_n = pid // N_D_TILES
+    pid_d = pid % N_D_TILES
+    return pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
 
 
 def device_context(device: torch.device):
@@ -120,6 +188,22 @@ def autotune_configs(name: str, gpu: list, pinned, interpreter) -> list:
     if not autotune_enabled():
         return [pinned]
     return list(gpu)
+
+
+# Triton >= 3.2 can keep an autotuner's timings on disk, next to its compiled kernels (in
+# ~/.triton/cache or $TRITON_CACHE_DIR), keyed on the Triton version, the target GPU
+# architecture, the kernel's source, the tuning key and the configs kept by the prune: a second
+# process with the same shapes reads the winning config instead of timing every config again.
+# (Under the interpreter Triton turns it off itself; with one config there is nothing to time.)
+AUTOTUNE_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune(configs: list, key: list, prune_configs_by: dict | None = None):
+    """``triton.autotune`` for every autotuned fastvq kernel: ``configs`` from
+    :func:`autotune_configs`, and the timings cached on disk (``cache_results=True``) where the
+    installed Triton has the option."""
+    extra = {"cache_results": True} if AUTOTUNE_CACHE_RESULTS else {}
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, **extra)
 
 
 # --------------------------------------------------------------------------- jit helpers

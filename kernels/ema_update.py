@@ -17,18 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
-from ._common import flat_grid, flat_program_id, launcher, next_pow2
+from ._common import bf16_rne, flat_grid, flat_program_id, launcher, next_pow2, round_bf16
 
 MAX_BLOCK_D = 1024
-
-
-@triton.jit
-def _round_bf16(b):
-    # fp32 -> bf16, round to nearest even (the interpreter's cast truncates; a GPU's rounds)
-    u = b.to(tl.uint32, bitcast=True)
-    u = u + 0x7FFF + ((u >> 16) & 1)
-    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -56,7 +47,7 @@ def _ema_update_kernel(
         b_ea = tl.where(b_keep[:, None], b_ea * decay + b_s * one_minus_decay, b_ea)
         tl.store(p_e, b_ea, mask=m & b_keep[:, None])
         if BF16_RNE:
-            b_c = _round_bf16(b_ea / b_sm[:, None]).to(tl.float32)
+            b_c = round_bf16(b_ea / b_sm[:, None]).to(tl.float32)
         else:
             b_c = (b_ea / b_sm[:, None]).to(p_cb.dtype.element_ty).to(tl.float32)
         b_bad += tl.sum(tl.where(m & ~(tl.abs(b_c) < float("inf")), 1, 0), axis=1)
@@ -68,7 +59,7 @@ def _ema_update_kernel(
         b_ea = tl.load(p_ea + o_r[:, None] * D + o_d[None, :], mask=m & b_ok[:, None], other=0.0)
         b_c = b_ea / b_sm[:, None]  # a division, as the seed: not a product with the reciprocal
         if BF16_RNE:
-            b_c = _round_bf16(b_c)
+            b_c = round_bf16(b_c)
         tl.store(p_cbr[:, None] + o_d[None, :] * stride_cd, b_c.to(p_cb.dtype.element_ty), mask=m & b_ok[:, None])
 
 
@@ -90,5 +81,5 @@ def ema_update_fwd(codebook, embed_avg, sums, keep, live, smoothed, decay: float
         embed_avg, sums, codebook, keep, live, smoothed.contiguous(),
         R, K, D, float(decay), float(1.0 - decay),
         codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        BLOCK_R=block_r, BLOCK_D=block_d, BF16_RNE=INTERPRETED and codebook.dtype == torch.bfloat16,
+        BLOCK_R=block_r, BLOCK_D=block_d, BF16_RNE=bf16_rne(codebook.dtype),
     )

@@ -54,9 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
-from ._common import (argmin_merge, argmin_merge_pair, autotune_configs, dot_fp32, exp2i, launcher, nan_clamp,
-                      nan_max0, next_pow2, pow2_exponent, tl_input_precision)
+from ._common import (argmin_merge, argmin_merge_pair, autotune, autotune_configs, dot_fp32, exp2i, interpreter_or,
+                      launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, sm_count, tl_input_precision)
 
 # Internal ids; the public metric and strategy names and their documentation live in
 # fastvq/ops/_search.py.
@@ -70,7 +69,6 @@ RESIDENT_MAX_D = 256
 SPLIT_MIN_CODES = 512
 MAX_SPLITS = 128
 _SPLIT_BLOCK_N = 64  # row-block size assumed when choosing the split count
-_INTERPRETER_SMS = 4  # "SM count" under the Triton interpreter (CPU)
 # Pre-passes: codes per block, and at most this many blocks of partials per codebook.
 PREP_BLOCK_K = 64
 PREP_MAX_BLOCKS = 256
@@ -518,7 +516,7 @@ def _configs():
 # and the mining bound change the best tile too. The autotuner adds the tensors' dtypes itself.
 # Tuned per (D, K rounded up to a power of two, ...): a new batch of negatives (mining) or a
 # slightly different codebook size reuses the tuning instead of re-running every config.
-@triton.autotune(configs=_configs(), key=["D", "K_BUCKET", "SPLITS", "PRECISION", "HAS_LOWER_BOUND"],
+@autotune(configs=_configs(), key=["D", "K_BUCKET", "SPLITS", "PRECISION", "HAS_LOWER_BOUND"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_D": lambda a: a["D"] == a["BLOCK_D"]})
 @triton.jit
@@ -573,7 +571,10 @@ def _nearest_code_fwd_kernel(
                           other=0.0).to(tl.float32) * b_rs[:, None]
             b_xx += tl.sum(b_x * b_x, axis=1)
             b_lb += tl.sum((b_x - b_p) * (b_x - b_p), axis=1)
-        b_thr = b_lb - b_xx  # a negative strictly farther than the positive scores above this
+        # a negative strictly farther than the positive scores above b_lb - b_xx; one within
+        # the rounding bound of that comparison, (D + 4) 2^-19 (|x|^2 + |x - p|^2), ties with the
+        # positive (a copy of it included) and is not "farther" (as in mine_negatives_ref)
+        b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 4) * 1.9073486328125e-06)
     if SAMPLE:
         # distance / temperature = a * score + (row constant); Gumbel-max over -that
         inv_s = 1.0 / b_rs  # l2: the row's unit 2^L, exactly
@@ -797,19 +798,12 @@ def _topk_codes_fwd_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_SMS
-
-
 def num_splits(N: int, K: int, device: torch.device) -> int:
     """Codebook splits: 1 when the row blocks fill the GPU (2 programs per SM), else enough
     splits to fill it, each with at least ``SPLIT_MIN_CODES`` codes, at most ``MAX_SPLITS``.
     ``N`` counts the rows of all codebooks."""
     row_blocks = triton.cdiv(N, _SPLIT_BLOCK_N)
-    want = 2 * _sm_count(device)
+    want = 2 * sm_count(device)
     if row_blocks >= want:
         return 1
     return max(1, min(triton.cdiv(want, row_blocks), triton.cdiv(K, SPLIT_MIN_CODES), MAX_SPLITS))
@@ -968,13 +962,11 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
     KP = max(next_pow2(k), 2)
     # Fixed tiles, checked on sm_90 for spills: fp32's exact dot runs on the FMA units and wants 8
     # warps on 64 x 32 (32-row tiles at 4 warps spilled 5-20 KB per thread); 16-bit runs wgmma.
-    num_warps = 4
-    if INTERPRETED:
-        BLOCK_N, BLOCK_K = 32, 32
-    elif x.dtype == torch.float32:
-        BLOCK_N, BLOCK_K, num_warps = 64, 32, 8
+    if x.dtype == torch.float32:
+        gpu = 64, 32, 8
     else:
-        BLOCK_N, BLOCK_K = (64, 64) if KP <= 32 else (32, 64)
+        gpu = (64, 64, 4) if KP <= 32 else (32, 64, 4)
+    BLOCK_N, BLOCK_K, num_warps = interpreter_or((32, 32, 4), gpu)
     _topk_codes_fwd_kernel[(H * triton.cdiv(N, BLOCK_N),)](
         x, codebook, chat, cterm, meta, indices, distances, N, K, D, k,
         x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),

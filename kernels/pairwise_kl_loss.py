@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotune_configs, dot_fp32, exp2i, flat_grid, flat_program_id, launcher, next_pow2,
-                      pow2_exponent, tl_input_precision)
+from ._common import (autotune, autotune_configs, dot_fp32, dot_nt, exp2i, flat_grid, flat_program_id, launcher,
+                      next_pow2, pow2_exponent, tl_input_precision)
 
 
 def _config(m, n, w, s):
@@ -95,14 +95,28 @@ def _gram_tile(
                       mask=m_m[:, None] & m_d[None, :], other=0.0)
         b_b = tl.load(p_x + o_n[:, None] * stride_b + o_d[None, :] * stride_d,
                       mask=m_n[:, None] & m_d[None, :], other=0.0)
-        if DOT_FP32:
-            b_acc = tl.dot(b_a.to(tl.float32), tl.trans(b_b.to(tl.float32)), b_acc, input_precision=PRECISION)
-        else:
-            b_acc = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision=PRECISION)
+        b_acc = dot_nt(b_a, b_b, b_acc, PRECISION, DOT_FP32)
     return b_acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _logit_tiles(
+    p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t, stride_pb, stride_pd, stride_tb, stride_td,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
+):
+    """For the column block at ``n0``: its int64 columns ``o_n`` and mask, and the float32
+    ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = pred pred^T / T``, ``t = target target^T / T``."""
+    o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    m_n = o_n < B
+    b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
+                     BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
+    b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
+                     BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+    return o_n, m_n, b_s, b_t
+
+
+@autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_fwd_kernel(
     p_pred, p_target, p_kl, p_lse_p, p_lse_t,
@@ -123,12 +137,9 @@ def _pairwise_kl_loss_fwd_kernel(
     b_lt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        m_n = o_n < B
-        b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
-                         BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
-        b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
-                         BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t,
+                                          stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
+                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
         m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_s_m = tl.where(m_valid, b_s, float("-inf"))
         b_t_m = tl.where(m_valid, b_t, float("-inf"))
@@ -165,7 +176,7 @@ def _pairwise_kl_loss_fwd_kernel(
     tl.store(p_lse_t + o_m, b_lse_t, mask=m_m)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
+@autotune(configs=_BWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_bwd_kernel(
     p_grad, p_pred, p_target, p_lse_p, p_lse_t, p_dpred,
@@ -193,12 +204,9 @@ def _pairwise_kl_loss_bwd_kernel(
     else:
         h_scale = exp2i(-(pow2_exponent((B + 1) * 1.0) + 1))
     for n0 in range(0, B, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        m_n = o_n < B
-        b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
-                         BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
-        b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
-                         BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t,
+                                          stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
+                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
         b_lse_pn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
         b_lse_tn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
         # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
@@ -238,13 +246,10 @@ def _block_d(d: int, dtype: torch.dtype) -> int:
 def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
     KL(target || pred), diagonal excluded), per-row float32 logsumexps for the backward."""
-    # check
-    if pred.dim() != 2 or target.dim() != 2 or pred.shape[0] != target.shape[0]:
-        raise ValueError(f"pairwise_kl_loss_fwd: expected (B, Dp) and (B, Dt), got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if pred.dtype != target.dtype:
-        raise TypeError(f"pairwise_kl_loss_fwd: dtypes differ: {pred.dtype} and {target.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"pairwise_kl_loss_fwd: temperature must be > 0, got {temperature}")
+    # check (the op has told the user already: fastvq/ops/pairwise_kl_loss.py)
+    assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
+    assert pred.dtype == target.dtype, (pred.dtype, target.dtype)
+    assert temperature > 0, temperature
     B, DP = pred.shape
     DT = target.shape[1]
     # allocate
@@ -278,13 +283,8 @@ def pairwise_kl_loss_bwd(
 ) -> torch.Tensor:
     """Gradient in ``pred`` (``(B, Dp)``, pred's dtype) for the 0-d upstream ``grad``."""
     # check
-    if pred.dim() != 2 or target.dim() != 2 or pred.shape[0] != target.shape[0]:
-        raise ValueError(f"pairwise_kl_loss_bwd: expected (B, Dp) and (B, Dt), got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if grad.numel() != 1 or lse_p.shape != (pred.shape[0],) or lse_t.shape != (pred.shape[0],):
-        raise ValueError(
-            f"pairwise_kl_loss_bwd: expected a 1-element grad and (B,) logsumexps, got {tuple(grad.shape)}, "
-            f"{tuple(lse_p.shape)}, {tuple(lse_t.shape)}"
-        )
+    assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
+    assert grad.numel() == 1 and lse_p.shape == lse_t.shape == (pred.shape[0],), (grad.shape, lse_p.shape, lse_t.shape)
     B, DP = pred.shape
     DT = target.shape[1]
     # allocate

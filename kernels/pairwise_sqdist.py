@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_fp32, launcher, nan_max0, next_pow2, tl_input_precision
+from ._common import dot_fp32, dot_nt, launcher, nan_max0, next_pow2, tl_input_precision
 
 GROUP_M = 8
 TRUST_SQNORM = 2.0**125  # |a|^2 + |b|^2 - 2 a.b cannot overflow in its intermediates below this
@@ -58,10 +58,7 @@ def _pairwise_sqdist_fwd_kernel(
         b_b32 = b_b.to(tl.float32)
         b_aa += tl.sum(b_a32 * b_a32, axis=1)
         b_bb += tl.sum(b_b32 * b_b32, axis=1)
-        if DOT_FP32:
-            b_ab = tl.dot(b_a32, tl.trans(b_b32), b_ab, input_precision=PRECISION)
-        else:
-            b_ab = tl.dot(b_a, tl.trans(b_b), b_ab, input_precision=PRECISION)
+        b_ab = dot_nt(b_a, b_b, b_ab, PRECISION, DOT_FP32)
 
     b_out = nan_max0(b_aa[:, None] + b_bb[None, :] - 2.0 * b_ab)
     # one scalar test per tile: any norm the expansion cannot be trusted with (NaN, inf, huge)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import flat_grid, flat_program_id, launcher, next_pow2
+from ._common import flat_grid, flat_program_id, launcher, next_pow2, tile_offsets
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
@@ -115,11 +115,7 @@ def _qr_lookup_fwd_kernel(
     stride_qn, stride_qd, stride_rn, stride_rd, stride_on, stride_od,
     OP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = flat_program_id()
-    pid_n = pid // N_D_TILES
-    pid_d = pid % N_D_TILES
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n, o_d = tile_offsets(N_D_TILES, BLOCK_N, BLOCK_D)
     m_n = o_n < N
     b_qi, b_ri = _qr_hash(tl.load(p_ids + o_n, mask=m_n, other=0), M, R)
     b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_n, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP)
@@ -299,11 +295,7 @@ def _qr_atomic_kernel(
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """BLOCK_L items x one D tile per program: relaxed float32 atomic adds into both tables."""
-    pid = flat_program_id()
-    pid_l = pid // N_D_TILES
-    pid_d = pid % N_D_TILES
-    o_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_l, o_d = tile_offsets(N_D_TILES, BLOCK_L, BLOCK_D)
     m_l = o_l < N
     b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
     if NEED_Q:

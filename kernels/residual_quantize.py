@@ -60,9 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
-from ._common import (argmin_merge, autotune_configs, dot_fp32, exp2i, launcher, next_pow2, pow2_exponent,
-                      tl_input_precision)
+from ._common import (argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, exp2i, launcher, next_pow2,
+                      pow2_exponent, round_bf16, tl_input_precision)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see fits_registers)
@@ -70,15 +69,6 @@ CHUNK_D = 64  # D chunk of the chunked variant
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
 EPS_NORM = 1e-6  # as fastvq.reference.rotation_trick (kernels import no reference: kept in step by a test)
 EPS_ANTIPODAL = 1e-3
-
-
-@triton.jit
-def _round_bf16(b):
-    # fp32 -> bf16, round to nearest even, with integer ops. Only used under the interpreter
-    # (BF16_RNE), whose fp32 -> bf16 cast truncates; a GPU's cast already rounds to nearest even.
-    u = b.to(tl.uint32, bitcast=True)
-    u = u + 0x7FFF + ((u >> 16) & 1)
-    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -151,7 +141,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
             if SCALED:
                 b_r = b_r * 1.2621774483536189e-29  # 2^-96, exact
             if BF16_RNE:
-                b_rd = _round_bf16(b_r)
+                b_rd = round_bf16(b_r)
             else:
                 b_rd = b_r.to(p_cbl.dtype.element_ty)
             b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
@@ -300,7 +290,7 @@ def _prune_chunked_configs(configs, named_args, **kwargs):
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
 
 
-@triton.autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
+@autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
 def _residual_quantize_fwd_kernel(
@@ -342,7 +332,7 @@ def _residual_quantize_fwd_kernel(
         if SEARCH:
             # the dot operand: the residual in the codebook dtype (a no-op for float32)
             if BF16_RNE:
-                b_rd = _round_bf16(b_r)
+                b_rd = round_bf16(b_r)
             else:
                 b_rd = b_r.to(p_cb.dtype.element_ty)
             if DOT_FP32:
@@ -357,7 +347,7 @@ def _residual_quantize_fwd_kernel(
                 if tl.max(m_redo.to(tl.int32), axis=0) > 0:
                     b_rs = b_r * 1.2621774483536189e-29  # 2^-96, exact
                     if BF16_RNE:
-                        b_rd = _round_bf16(b_rs)
+                        b_rd = round_bf16(b_rs)
                     else:
                         b_rd = b_rs.to(p_cb.dtype.element_ty)
                     if DOT_FP32:
@@ -381,7 +371,7 @@ def _residual_quantize_fwd_kernel(
     if HAS_W:  # rows of weight 0 pass their input through
         b_q = tl.where((b_w != 0)[:, None], b_q, tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32))
     if BF16_RNE:
-        b_q = _round_bf16(b_q)
+        b_q = round_bf16(b_q)
     tl.store(p_q + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd, b_q.to(p_q.dtype.element_ty), mask=m_md)
     if SEARCH:
         tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
@@ -389,7 +379,7 @@ def _residual_quantize_fwd_kernel(
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
 
 
-@triton.autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
+@autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_chunked_configs})
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
@@ -526,7 +516,7 @@ def _residual_quantize_fwd_chunked_kernel(
             b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
             b_q = tl.where((b_w != 0)[:, None], b_q, b_x.to(tl.float32))
         if BF16_RNE:
-            b_q = _round_bf16(b_q)
+            b_q = round_bf16(b_q)
         tl.store(p_q + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd, b_q.to(p_q.dtype.element_ty), mask=m_md)
     if SEARCH:
         tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
@@ -678,7 +668,7 @@ def residual_quantize_fwd(
                out.get("cand", placeholder), out.get("cand_ok", placeholder)]
     common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
                   PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
-                  BLOCK_L=block_l, BF16_RNE=INTERPRETED and codebooks.dtype == torch.bfloat16)
+                  BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype))
     strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
                q.stride(0), q.stride(1), c.stride(0), c.stride(1))
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import flat_grid, flat_program_id, launcher, next_pow2
+from ._common import flat_grid, flat_program_id, launcher, next_pow2, tile_offsets
 
 MAX_BLOCK_D = 4096  # widest row held whole in registers; wider rows loop over D
 
@@ -33,11 +33,7 @@ def _rotation_trick_fwd_kernel(
     stride_qn, stride_qd, stride_on, stride_od,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = flat_program_id()
-    pid_n = pid // N_D_TILES
-    pid_d = pid % N_D_TILES
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n, o_d = tile_offsets(N_D_TILES, BLOCK_N, BLOCK_D)
     m = (o_n < N)[:, None] & (o_d < D)[None, :]
     b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m)
     tl.store(p_out + o_n[:, None] * stride_on + o_d[None, :] * stride_od, b_q.to(p_out.dtype.element_ty), mask=m)
@@ -45,8 +41,18 @@ def _rotation_trick_fwd_kernel(
 
 @triton.jit
 def _inv_pos(b_x):
-    """``1 / x`` where ``x > 0``, else 1 (so a zero or NaN scale leaves the row as it is)."""
-    return 1.0 / tl.where(b_x > 0, b_x, 1.0)
+    """``1 / x`` where ``x`` is a normal float32 (``>= 2^-126``), else 1: a zero, NaN or
+    subnormal scale leaves the row as it is (``1 / x`` would overflow to inf there). Rows of
+    ``e`` or ``q`` that small are far below ``EPS_N``: straight through whatever their sums."""
+    return 1.0 / tl.where(b_x >= 1.1754943508222875e-38, b_x, 1.0)
+
+
+@triton.jit
+def _g_scale(b_mg):
+    """``(pre, inv)`` with ``g1 = (g * pre) * inv = g / max |g|`` for every finite ``max |g|``,
+    subnormal included (``pre = 2^64`` below ``2^-64``: ``max |g| * pre`` is then normal)."""
+    b_pre = tl.where(b_mg < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+    return b_pre, _inv_pos(b_mg * b_pre)
 
 
 @triton.jit
@@ -60,6 +66,50 @@ def _scaled_sumsq(b_m, b_ss, b_x):
 
 
 @triton.jit
+def _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn, stride_qd, stride_gn, stride_gd,
+                BLOCK_D: tl.constexpr):
+    """The float32 ``(BLOCK_N, BLOCK_D)`` tiles of e, q and g at columns ``d0 ..`` (padding 0),
+    with the columns and the mask."""
+    o_d = d0 + tl.arange(0, BLOCK_D)
+    m = m_n[:, None] & (o_d < D)[None, :]
+    b_e = tl.load(p_e + o_n[:, None] * stride_en + o_d[None, :] * stride_ed, mask=m, other=0.0).to(tl.float32)
+    b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
+    return b_e, b_q, b_g, o_d, m
+
+
+@triton.jit
+def _unit_scales(b_me, b_sse, b_mq, b_ssq, EPS_N):
+    """From the scaled norms: ``a1``, ``b1``, whether both norms reach ``EPS_N``, and the factors
+    that make ``e^ = e * ia`` and ``q^ = q * ib`` (1 / the scale where a norm is too small)."""
+    b_a1 = tl.sqrt(b_sse)
+    b_b1 = tl.sqrt(b_ssq)
+    b_ok = (b_me * b_a1 >= EPS_N) & (b_mq * b_b1 >= EPS_N)
+    b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * _inv_pos(b_me)
+    b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * _inv_pos(b_mq)
+    return b_a1, b_b1, b_ok, b_ia, b_ib
+
+
+@triton.jit
+def _grad_factor(b_me, b_mq, b_mg, b_a1, b_b1):
+    """Per row: ``F = (m_q / m_e) (b1 / a1) m_g`` in float64, and whether ``e`` or ``q`` has a NaN
+    or infinite entry (then ``a1`` or ``b1`` is NaN)."""
+    b_f = (b_mq.to(tl.float64) / b_me.to(tl.float64)) * (b_b1.to(tl.float64) / b_a1.to(tl.float64)) \
+        * b_mg.to(tl.float64)
+    return b_f, (b_a1 != b_a1) | (b_b1 != b_b1)
+
+
+@triton.jit
+def _store_grad(p_de, o_n, o_d, m, b_r1, b_g, b_f, b_ok, b_bad, stride_dn, stride_dd):
+    """``grad_e = r1 * F`` where the rotation applies, ``g`` where it does not, NaN in a row
+    with a non-finite entry in e or q."""
+    b_rot = (b_r1.to(tl.float64) * b_f[:, None]).to(tl.float32)
+    b_de = tl.where(b_ok[:, None], b_rot, b_g)
+    b_de = tl.where(b_bad[:, None], float("nan"), b_de)
+    tl.store(p_de + o_n[:, None] * stride_dn + o_d[None, :] * stride_dd, b_de.to(p_de.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _rotation_trick_bwd_kernel(
     p_e, p_q, p_g, p_de, N, D, EPS_N, EPS_S,
     stride_en, stride_ed, stride_qn, stride_qd, stride_gn, stride_gd, stride_dn, stride_dd,
@@ -70,67 +120,46 @@ def _rotation_trick_bwd_kernel(
     m_n = o_n < N
     zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if SINGLE:
-        o_d = tl.arange(0, BLOCK_D)
-        m = m_n[:, None] & (o_d < D)[None, :]
-        b_e = tl.load(p_e + o_n[:, None] * stride_en + o_d[None, :] * stride_ed, mask=m, other=0.0).to(tl.float32)
-        b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m, other=0.0).to(tl.float32)
-        b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
+        b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, 0, D, stride_en, stride_ed, stride_qn, stride_qd,
+                                            stride_gn, stride_gd, BLOCK_D)
         b_me, b_sse = _scaled_sumsq(zero, zero, b_e)
         b_mq, b_ssq = _scaled_sumsq(zero, zero, b_q)
         b_mg = tl.max(tl.abs(b_g), axis=1)
-        b_a1 = tl.sqrt(b_sse)
-        b_b1 = tl.sqrt(b_ssq)
-        b_ok = (b_me * b_a1 >= EPS_N) & (b_mq * b_b1 >= EPS_N)
-        b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * _inv_pos(b_me)  # e^ = e * b_ia
-        b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * _inv_pos(b_mq)
+        b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_mq, b_ssq, EPS_N)
         b_eh = b_e * b_ia[:, None]
         b_qh = b_q * b_ib[:, None]
         b_s = b_eh + b_qh
         b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
         b_ok = b_ok & (b_ns >= EPS_S)
         b_w = b_s * tl.where(b_ok, 1.0 / b_ns, 1.0)[:, None]
-        b_g1 = b_g * _inv_pos(b_mg)[:, None]
+        b_pg, b_ig = _g_scale(b_mg)
+        b_g1 = (b_g * b_pg[:, None]) * b_ig[:, None]
         b_gw = tl.sum(b_g1 * b_w, axis=1)
         b_gq = tl.sum(b_g1 * b_qh, axis=1)
         b_r1 = b_g1 - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
-        b_f = (b_mq.to(tl.float64) / b_me.to(tl.float64)) * (b_b1.to(tl.float64) / b_a1.to(tl.float64)) \
-            * b_mg.to(tl.float64)
-        b_rot = (b_r1.to(tl.float64) * b_f[:, None]).to(tl.float32)
-        b_bad = (b_a1 != b_a1) | (b_b1 != b_b1)  # a NaN or infinite entry in e or q
-        b_de = tl.where(b_ok[:, None], b_rot, b_g)
-        b_de = tl.where(b_bad[:, None], float("nan"), b_de)
-        tl.store(p_de + o_n[:, None] * stride_dn + o_d[None, :] * stride_dd, b_de.to(p_de.dtype.element_ty), mask=m)
+        b_f, b_bad = _grad_factor(b_me, b_mq, b_mg, b_a1, b_b1)
+        _store_grad(p_de, o_n, o_d, m, b_r1, b_g, b_f, b_ok, b_bad, stride_dn, stride_dd)
     else:
         # sweep 1: scaled norms of e and q, max |g|
         b_me, b_sse, b_mq, b_ssq, b_mg = zero, zero, zero, zero, zero
         for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m = m_n[:, None] & (o_d < D)[None, :]
-            b_e = tl.load(p_e + o_n[:, None] * stride_en + o_d[None, :] * stride_ed, mask=m, other=0.0).to(tl.float32)
-            b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m, other=0.0).to(tl.float32)
-            b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
+            b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,
+                                                stride_qd, stride_gn, stride_gd, BLOCK_D)
             b_me, b_sse = _scaled_sumsq(b_me, b_sse, b_e)
             b_mq, b_ssq = _scaled_sumsq(b_mq, b_ssq, b_q)
             b_mg = tl.maximum(b_mg, tl.max(tl.abs(b_g), axis=1))
-        b_a1 = tl.sqrt(b_sse)
-        b_b1 = tl.sqrt(b_ssq)
-        b_ok = (b_me * b_a1 >= EPS_N) & (b_mq * b_b1 >= EPS_N)
-        b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * _inv_pos(b_me)
-        b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * _inv_pos(b_mq)
-        b_ig = _inv_pos(b_mg)
+        b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_mq, b_ssq, EPS_N)
+        b_pg, b_ig = _g_scale(b_mg)
         # sweep 2: |s|^2, g1.s, g1.q^
         b_ss = zero
         b_gs = zero
         b_gq = zero
         for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m = m_n[:, None] & (o_d < D)[None, :]
-            b_e = tl.load(p_e + o_n[:, None] * stride_en + o_d[None, :] * stride_ed, mask=m, other=0.0).to(tl.float32)
-            b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m, other=0.0).to(tl.float32)
-            b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
+            b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,
+                                                stride_qd, stride_gn, stride_gd, BLOCK_D)
             b_qh = b_q * b_ib[:, None]
             b_s = b_e * b_ia[:, None] + b_qh
-            b_g1 = b_g * b_ig[:, None]
+            b_g1 = (b_g * b_pg[:, None]) * b_ig[:, None]
             b_ss += tl.sum(b_s * b_s, axis=1)
             b_gs += tl.sum(b_g1 * b_s, axis=1)
             b_gq += tl.sum(b_g1 * b_qh, axis=1)
@@ -138,23 +167,15 @@ def _rotation_trick_bwd_kernel(
         b_ok = b_ok & (b_ns >= EPS_S)
         b_ins = tl.where(b_ok, 1.0 / b_ns, 1.0)
         b_gw = b_gs * b_ins
-        b_f = (b_mq.to(tl.float64) / b_me.to(tl.float64)) * (b_b1.to(tl.float64) / b_a1.to(tl.float64)) \
-            * b_mg.to(tl.float64)
-        b_bad = (b_a1 != b_a1) | (b_b1 != b_b1)
+        b_f, b_bad = _grad_factor(b_me, b_mq, b_mg, b_a1, b_b1)
         # sweep 3: write
         for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m = m_n[:, None] & (o_d < D)[None, :]
-            b_e = tl.load(p_e + o_n[:, None] * stride_en + o_d[None, :] * stride_ed, mask=m, other=0.0).to(tl.float32)
-            b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m, other=0.0).to(tl.float32)
-            b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
+            b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,
+                                                stride_qd, stride_gn, stride_gd, BLOCK_D)
             b_eh = b_e * b_ia[:, None]
             b_w = (b_eh + b_q * b_ib[:, None]) * b_ins[:, None]
-            b_r1 = b_g * b_ig[:, None] - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
-            b_rot = (b_r1.to(tl.float64) * b_f[:, None]).to(tl.float32)
-            b_de = tl.where(b_ok[:, None], b_rot, b_g)
-            b_de = tl.where(b_bad[:, None], float("nan"), b_de)
-            tl.store(p_de + o_n[:, None] * stride_dn + o_d[None, :] * stride_dd, b_de.to(p_de.dtype.element_ty), mask=m)
+            b_r1 = (b_g * b_pg[:, None]) * b_ig[:, None] - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
+            _store_grad(p_de, o_n, o_d, m, b_r1, b_g, b_f, b_ok, b_bad, stride_dn, stride_dd)
 
 
 @launcher

@@ -8,6 +8,7 @@ subprocess without it.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import subprocess
@@ -29,13 +30,14 @@ for value in ("0", None):  # the switch is read at import: import, then reload w
         os.environ.pop("FASTVQ_AUTOTUNE")
     else:
         os.environ["FASTVQ_AUTOTUNE"] = value
-    seen = {}
+    seen, cached = {}, {}
     for mod in mods:
         mod = importlib.reload(mod)
         for name, obj in vars(mod).items():
             if isinstance(obj, triton.runtime.autotuner.Autotuner):
                 seen[f"{mod.__name__}.{name}"] = [id(c) for c in obj.configs]
-    out[str(value)] = {"kernels": seen, "pinned": {k: id(c) for k, c in _common.PINNED_CONFIGS.items()},
+                cached[f"{mod.__name__}.{name}"] = obj.cache_results
+    out[str(value)] = {"kernels": seen, "cache_results": cached, "pinned": {k: id(c) for k, c in _common.PINNED_CONFIGS.items()},
                        "gpu": {k: [id(c) for c in v] for k, v in _common.GPU_CONFIGS.items()}}
 print(json.dumps(out))
 """
@@ -76,6 +78,34 @@ def test_autotune_by_default_sees_the_gpu_lists():
     for kernel, name in AUTOTUNED.items():
         configs = out["kernels"][kernel]
         assert configs == out["gpu"][name] and len(configs) > 1, kernel
+
+
+def test_autotune_results_cached_on_disk():
+    """Every autotuner keeps its timings on disk (Triton's cache_results), so a second process
+    with the same shapes does not time the configs again (README, "Why the first call is slow")."""
+    import triton
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip(f"triton {triton.__version__} has no autotune cache_results")
+    cached = _probe()["None"]["cache_results"]
+    assert cached == dict.fromkeys(AUTOTUNED, True)
+
+
+def test_every_autotuner_goes_through_the_common_decorator(monkeypatch):
+    # kernels/*.py decorate with kernels._common.autotune, never triton.autotune directly ...
+    direct = [p.name for p in sorted((ROOT / "kernels").glob("*.py"))
+              if p.name != "_common.py" and "triton.autotune(" in p.read_text()]
+    assert not direct, f"use kernels._common.autotune: {direct}"
+    # ... which passes cache_results=True where Triton has it
+    import triton
+
+    from fastvq.kernels import _common
+
+    seen = {}
+    monkeypatch.setattr(triton, "autotune", lambda **kwargs: seen.update(kwargs) or "decorator")
+    assert _common.autotune(configs=["c"], key=["D"]) == "decorator"
+    assert seen.get("cache_results") is (True if _common.AUTOTUNE_CACHE_RESULTS else None)
+    assert seen["configs"] == ["c"] and seen["key"] == ["D"]
 
 
 def test_interpreter_keeps_its_single_small_config(monkeypatch):

@@ -151,3 +151,72 @@ def test_no_import_cycles_at_module_level():
         if state.get(m) is None and visit(m, [m]):
             break
     assert not cycle, f"import cycle at module level: {' -> '.join(cycle)}"
+
+
+# Raises of user-facing errors allowed in kernels/, by (file, function), with the reason.
+KERNEL_RAISES_ALLOWED = {
+    # validates the FASTVQ_AUTOTUNE environment variable, read where the autotuners are defined
+    ("_common.py", "autotune_enabled"),
+}
+
+
+def _user_raises(path: pathlib.Path) -> list[tuple[str, int]]:
+    """(enclosing function, line) of every ``raise ValueError/TypeError`` in ``path``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+
+    def visit(node, func):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, child.name)
+                continue
+            if isinstance(child, ast.Raise) and child.exc is not None:
+                exc = child.exc.func if isinstance(child.exc, ast.Call) else child.exc
+                if isinstance(exc, ast.Name) and exc.id in ("ValueError", "TypeError"):
+                    out.append((func, child.lineno))
+            visit(child, func)
+
+    visit(tree, "<module>")
+    return out
+
+
+def test_user_errors_only_in_ops():
+    """User-facing checks live in fastvq/ops/ (ValueError/TypeError naming the argument); the
+    launchers in kernels/ only assert their internal preconditions (STYLE.md)."""
+    bad = [f"kernels/{path.name}:{line} ({func})"
+           for path in sorted((ROOT / "kernels").rglob("*.py"))
+           for func, line in _user_raises(path) if (path.name, func) not in KERNEL_RAISES_ALLOWED]
+    assert not bad, f"raise ValueError/TypeError in kernels/ (check in fastvq/ops/, assert in the launcher): {bad}"
+
+
+def test_metric_names_have_one_definition():
+    """The search ops' metric check reads fastvq/ops/_search.py's METRICS, not a list of its own."""
+    from fastvq._checks import check_metric
+    from fastvq.ops._search import METRICS
+
+    for metric in METRICS:
+        check_metric("op", metric)
+    with pytest.raises(ValueError, match=r"fastvq\.op: unknown metric 'l1'.*" + ".*".join(METRICS)):
+        check_metric("op", "l1")
+
+
+def _interpreter_reads(path: pathlib.Path) -> list[str]:
+    """What in ``path`` reads the environment or the interpreter flag directly."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "knobs"):
+            out.append(f"{node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.Name) and node.id in ("INTERPRETED", "environ", "getenv"):
+            out.append(f"{node.id} (line {node.lineno})")
+        elif isinstance(node, ast.Constant) and node.value == "TRITON_INTERPRET":
+            out.append(f"'TRITON_INTERPRET' (line {node.lineno})")
+    return out
+
+
+def test_only_common_reads_the_interpreter_flag():
+    """kernels/_common.py reads TRITON_INTERPRET (and the environment) once; every kernel and
+    launcher that differs under the interpreter calls one of its named helpers (dot_fp32,
+    bf16_rne, sm_count, interpreter_or, autotune_configs)."""
+    bad = {f"kernels/{path.name}": reads for path in sorted((ROOT / "kernels").rglob("*.py"))
+           if path.name != "_common.py" and (reads := _interpreter_reads(path))}
+    assert not bad, f"read the interpreter flag through kernels._common's helpers: {bad}"

@@ -15,6 +15,10 @@ do not "fix" them here:
   implies (attributes ``encoder``, ``quantizer``, ``decoder``, ``commitment_cost``; forward
   ``features -> (reconstructed, commitment_loss, embedding_loss, sem_ids)``).
 - QREmbedding (seed 000): ``sqrt(num_embeddings)`` rows per table, float floor division.
+
+A deliberate copy: :mod:`fastvq.nn` writes some of the same lines again (``rqvae.py``'s
+Encoder/Decoder layers and ``compute_loss``), and must not import them from here, nor this
+module from there: an oracle shares no code with what it judges.
 """
 
 import math

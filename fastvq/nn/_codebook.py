@@ -4,8 +4,9 @@ Everything here works on level-stacked tensors: a codebook ``(L, K, D)``, EMA co
 ``(L, K)`` and sums ``(L, K, D)``. A single codebook is the case ``L = 1`` (the module passes
 ``weight.unsqueeze(0)``, a view, so the in-place updates land in its own parameter).
 
-- :func:`ema_update_`: the seed EMAQuantizer's update (decay, Laplace smoothing), guarded: a
-  level whose batch has no rows is left as it is, and no state becomes non-finite.
+- :func:`ema_update_` (:mod:`fastvq.ops.ema_update`, used as is): the seed EMAQuantizer's update
+  (decay, Laplace smoothing), guarded: a level whose batch has no rows is left as it is, and no
+  state becomes non-finite.
 - :func:`offer_candidates`: a fixed number of random valid rows per rank, exchanged among
   ranks; what dead-code revival and k-means start from.
 - :func:`expire_dead_codes_`: revive codes whose (EMA) usage fell below a threshold, without
@@ -35,8 +36,9 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
+from .._checks import check_int_arg
 from ..ops.code_statistics import code_statistics
-from ..ops.ema_update import ema_update_ as _ema_update_op_
+from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
 
 GRADS = ("ste", "rotation")
@@ -61,38 +63,6 @@ def revival_limit(threshold: float, ema: bool) -> float:
     candidate times :func:`reset_size`, which must stay finite in float32 (with a 1% margin for
     the candidate's rounding to the codebook's dtype); without EMA any finite candidate."""
     return torch.finfo(torch.float32).max / (1.01 * reset_size(threshold)) if ema else math.inf
-
-
-@torch.no_grad()
-def ema_update_(
-    codebook: torch.Tensor,
-    cluster_size: torch.Tensor,
-    embed_avg: torch.Tensor,
-    counts: torch.Tensor,
-    sums: torch.Tensor,
-    decay: float,
-    eps: float,
-) -> None:
-    """The seed EMAQuantizer's update, per level, in place, and never harmful.
-
-    ``codebook (L, K, D)`` (any float dtype), ``cluster_size (L, K)``, ``embed_avg (L, K, D)``
-    (float32); this batch's (already all-reduced) ``counts (L, K)`` and ``sums (L, K, D)``::
-
-        cluster_size = decay * cluster_size + (1 - decay) * counts
-        embed_avg    = decay * embed_avg    + (1 - decay) * sums
-        n            = cluster_size.sum(-1)
-        smoothed     = (cluster_size + eps) / (n + K * eps) * n          # Laplace smoothing
-        codebook     = embed_avg / smoothed
-
-    exactly as the seed computes it, except that (without a host sync, by ``torch.where``):
-    a level whose batch has no rows (``counts`` all 0: an empty batch, or only non-finite or
-    masked-out rows) is left unchanged (the seed divides by zero: ``+-inf`` codes); a code whose
-    new ``cluster_size`` or ``embed_avg`` would not be finite keeps its old EMA state; a code
-    whose new value would not be finite in the codebook's dtype keeps its old value.
-    """
-    # one fused pass over the (L, K, D) state (fastvq.ops.ema_update; the decisions: the
-    # guards above, on (L, K) tensors); a code is kept when its batch sums are not finite
-    _ema_update_op_(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
 
 
 @torch.no_grad()
@@ -261,9 +231,7 @@ def kmeans(
 
 
 def _check_int(name: str, owner: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"fastvq.{owner}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int_arg(owner, name, value, minimum)
 
 
 def _check_float(name: str, owner: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
@@ -338,6 +306,15 @@ class CodebookState(nn.Module):
     _OPTIONAL_BUFFERS = ("code_usage", "initted")
     _FLOAT32_BUFFERS = ("cluster_size", "embed_avg", "code_usage")
     warn_low_usage = True
+
+    def _check_inputs(self, inputs) -> None:
+        """``TypeError``/``ValueError`` naming the module unless ``inputs`` is ``(..., embedding_dim)``."""
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"fastvq.{self._owner}: inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        if inputs.dim() < 1 or inputs.shape[-1] != self.embedding_dim:
+            raise ValueError(
+                f"fastvq.{self._owner}: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"
+            )
 
     def _init_codebook_state(
         self,
@@ -520,13 +497,21 @@ class CodebookState(nn.Module):
 
     def _warn_low_usage(self, used: int, K: int, level: int, L: int, steps: int, rows: int) -> None:
         where = f" at level {level}" if L > 1 else ""
-        fix = ", ".join(f"{k}={v!r}" for k, v in RECOMMENDED.items())
-        extra = "" if self.ema else " (with ema=True for an EMA codebook)"
+        current = {"kmeans_init": self.kmeans_init, "dead_code_threshold": self.dead_code_threshold}
+        missing = {k: v for k, v in RECOMMENDED.items() if not current[k]}
+        if missing:
+            fix = ", ".join(f"{k}={v!r}" for k, v in missing.items())
+            extra = "" if self.ema else " (with ema=True for an EMA codebook)"
+            advice = (f"Construct it with {fix}{extra}, the settings that keep codebooks in use (see the "
+                      f"README).")
+        else:  # the recommended settings are on: the data, not the settings
+            advice = (f"k-means init and dead-code revival are on, so the data probably holds fewer distinct "
+                      f"vectors than codes, or each step has fewer rows per code than dead_code_threshold="
+                      f"{self.dead_code_threshold!r}.")
         warnings.warn(
             f"fastvq.{self._owner}: only {used} of {K} codes{where} were used in the last {steps} training "
-            f"steps ({rows} rows): the codebook has collapsed. Construct it with {fix}{extra}, the settings "
-            f"that keep codebooks in use (see the README). Set `warn_low_usage = False` on the module to "
-            f"silence this warning.",
+            f"steps ({rows} rows): the codebook has collapsed. {advice} Set `warn_low_usage = False` on the "
+            f"module to silence this warning.",
             stacklevel=4,
         )
 
@@ -570,7 +555,8 @@ class CodebookState(nn.Module):
             if level + 1 < codebook.shape[0]:
                 idx, _ = nearest_code(residual, centroids, metric=metric)
                 residual = residual - centroids[idx]
-        self.nonfinite_rows.add_(skipped_max.long())
+        if not self._codebook_needs_vectors:  # else the update that follows counts this batch's rows
+            self.nonfinite_rows.add_(skipped_max.long())
         self.initted.fill_(True)
         self._kmeans_done = self._kmeans_checked = True
 

@@ -10,6 +10,27 @@ from .._checks import check_int_arg, check_real_arg, check_tensor
 from ..ops.bitcodes import checked_bits
 
 
+def _hard_gumbel(pairs: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.gumbel_softmax(pairs, temperature, hard=True)`` (the same noise draw, so the same
+    samples and values as bitcodes-pytorch's module) without its overflow: ``(bits, attn)``.
+
+    The sample is ``argmax(score + g)``, which does not depend on the temperature; it is taken
+    in float32 before anything is divided by it. The straight-through part, ``softmax((score +
+    g) / T)``, is float32 with the pair's largest entry subtracted before the division (the
+    softmax is shift-invariant; ``inf - inf`` where a score overflowed counts as 0), so a
+    finite score never gives NaN, at any dtype and temperature. Returns float32 ``attn``."""
+    # F.gumbel_softmax's draw: the same random stream (the scores' dtype and shape)
+    gumbels = -torch.empty_like(pairs, memory_format=torch.legacy_contiguous_format).exponential_().log()
+    z = pairs.float() + gumbels.float()
+    bits = z.argmax(dim=-1)  # ties pick 0; a NaN score picks a bit all the same (its row is NaN)
+    shift = z.detach().amax(dim=-1, keepdim=True)
+    scaled = (z - shift) / temperature
+    scaled = torch.where(scaled.isnan() & ~z.isnan(), 0.0, scaled)  # +-inf - +-inf: an overflowed score
+    soft = scaled.softmax(dim=-1)
+    hard = F.one_hot(bits, num_classes=2).float()
+    return bits, hard - soft.detach() + soft  # value: the hard sample; gradient: the soft one
+
+
 class Bitcodes(nn.Module):
     """Quantize vectors to ``num_bits`` binary codes; the output is the sum of one codebook
     row per bit.
@@ -86,9 +107,8 @@ class Bitcodes(nn.Module):
         x, codebook = self._codebook_like(x)
         pairs = F.linear(x, codebook).unflatten(-1, (self.num_bits, 2))  # (..., num_bits, 2)
         if self.training:
-            # Hard sample, straight-through gradient; the cold entry is exactly 0, the hot ~1.
-            attn = F.gumbel_softmax(pairs, tau=self.temperature, hard=True, dim=-1)
-            bits = attn.argmax(dim=-1)
+            bits, attn = _hard_gumbel(pairs, self.temperature)
+            attn = attn.to(codebook.dtype)
         else:
             bits = pairs.argmax(dim=-1)  # ties pick 0, as torch.argmax picks the first
             attn = F.one_hot(bits, num_classes=2).to(codebook.dtype)

@@ -110,14 +110,6 @@ class ResidualQuantizer(CodebookState):
     def _codebook_levels(self) -> torch.Tensor:
         return self.codebooks.data
 
-    def _check_inputs(self, inputs) -> None:
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"fastvq.ResidualQuantizer: inputs must be a torch.Tensor, got {type(inputs).__name__}")
-        if inputs.dim() < 1 or inputs.shape[-1] != self.embedding_dim:
-            raise ValueError(
-                f"fastvq.ResidualQuantizer: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"
-            )
-
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(inputs)
         D = self.embedding_dim

@@ -9,10 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.semantic_ids import semantic_ids as _semantic_ids
+from .._checks import check_int_arg
 from ._codebook import _check_int
 from .residual_quantizer import ResidualQuantizer
 
 __all__ = ["RQVAE", "Encoder", "Decoder"]
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """The seed's ``Linear-ReLU-Linear-ReLU-Linear`` (parameter names ``0.*``, ``2.*``, ``4.*``)."""
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, d_out))
 
 
 class Encoder(nn.Module):
@@ -20,13 +27,7 @@ class Encoder(nn.Module):
 
     def __init__(self, input_dim: int, hidden_dim: int, latent_dim: int):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, latent_dim),
-        )
+        self.layers = _mlp(input_dim, hidden_dim, latent_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
@@ -37,13 +38,7 @@ class Decoder(nn.Module):
 
     def __init__(self, latent_dim: int, hidden_dim: int, output_dim: int):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(latent_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, output_dim),
-        )
+        self.layers = _mlp(latent_dim, hidden_dim, output_dim)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.layers(latent)
@@ -107,10 +102,23 @@ class RQVAE(nn.Module):
             raise TypeError(f"fastvq.RQVAE: features must be a torch.Tensor, got {type(features).__name__}")
         if features.dim() < 1 or features.shape[-1] != self.input_dim:
             raise ValueError(f"fastvq.RQVAE: features must be (..., {self.input_dim}), got shape {tuple(features.shape)}")
+        features = self._as_param_dtype(features)
         encoded = self.encoder(features)
         quantized, commitment_loss, embedding_loss, codes = self.quantizer(encoded)
         reconstructed = self.decoder(quantized)
         return reconstructed, commitment_loss, embedding_loss, codes
+
+    def _as_param_dtype(self, features: torch.Tensor) -> torch.Tensor:
+        """Floating ``features`` of another dtype in the parameters' dtype (as the quantizers
+        promote; under autocast the layers cast themselves); ``TypeError`` naming ``features``
+        for integer or bool features, which the linear layers cannot take."""
+        if not features.is_floating_point():
+            raise TypeError(f"fastvq.RQVAE: features must be a floating-point tensor, got {features.dtype} "
+                            f"(cast it, or use semantic_ids, which casts its batches)")
+        dtype = self.encoder.layers[0].weight.dtype
+        if features.dtype != dtype and not torch.is_autocast_enabled(features.device.type):
+            features = features.to(dtype)
+        return features
 
     def compute_loss(self, features, reconstructed, commitment_loss, embedding_loss) -> dict:
         """The seed's losses: ``total = mse(reconstructed, features) + commitment_cost *
@@ -169,8 +177,7 @@ class RQVAE(nn.Module):
         eval mode; the module's previous train/eval mode is restored afterwards.
         """
         op = "RQVAE.semantic_ids"
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"fastvq.{op}: batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_int_arg(op, "batch_size", batch_size, minimum=1)
         param = next(self.parameters())
         device, dtype = param.device, param.dtype
 
@@ -197,7 +204,7 @@ class RQVAE(nn.Module):
             with torch.no_grad(), tqdm(total=total, disable=not progress, desc="semantic ids", unit=unit) as bar:
                 for batch in batches:
                     x = _batch_features(op, batch, self.input_dim)
-                    x = x.to(device=device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
+                    x = x.to(device=device, dtype=dtype, non_blocking=True)  # integer and bool features too
                     c = self.encode_codes(x.reshape(-1, self.input_dim))
                     codes.append(c.reshape(-1, c.shape[-1]))
                     bar.update(x.shape[0] if unit == "item" else 1)

@@ -124,12 +124,7 @@ class VectorQuantizer(CodebookState):
         return self.embeddings.weight.data.unsqueeze(0)
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"fastvq.VectorQuantizer: inputs must be a torch.Tensor, got {type(inputs).__name__}")
-        if inputs.dim() < 1 or inputs.shape[-1] != self.embedding_dim:
-            raise ValueError(
-                f"fastvq.VectorQuantizer: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"
-            )
+        self._check_inputs(inputs)
         weight = self.embeddings.weight
         for name, t in (("inputs", inputs), ("the codebook (embeddings.weight)", weight)):
             if t.dtype not in FLOAT_DTYPES:

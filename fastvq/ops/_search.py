@@ -5,7 +5,6 @@ kernels keep only their internal name -> id mapping.
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 
@@ -28,27 +27,18 @@ cosine in [0, 2] at every magnitude (rows and codes are scaled by powers of two 
 squared or normalised). Indices always lie in [0, K). A code with a NaN or infinite entry is
 never chosen for a finite row while the codebook has a finite code. For finite inputs the
 index is the exact nearest code up to float32 rounding of the search (two codes whose distances
-differ by less than about 1e-6 (|x| + |c|)^2 of either code for l2, 1e-6 for cosine, may swap;
-exact ties go to the smallest index), whatever the spread of the code sizes (l2 scores each code
-in a power-of-two unit chosen per row), also where every distance overflows float32. A row with a NaN entry
+differ by less than about 1e-6 (|x| + |c|)^2 of either code for l2, 1e-6 for cosine, may swap),
+whatever the spread of the code sizes (l2 scores each code in a power-of-two unit chosen per
+row), also where every distance overflows float32. A row with a NaN entry
 gets index 0 and distance NaN. A row with an infinite entry (and no NaN) gets the first finite
 code, at its true distance (l2: +inf). A finite row when no code is finite gets index 0 at its
-true distance (NaN or +inf)."""
-
-
-def check_int(op: str, name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``value`` as an ``int``: a bool, a non-integral float or any other type raises a named error."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise TypeError(f"fastvq.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"fastvq.{op}: {name} must be an integer, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"fastvq.{op}: {name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"fastvq.{op}: {name} must be <= {maximum}, got {value}")
-    return value
+true distance (NaN or +inf).
+Ties: equal computed float32 scores go to the smallest index, as torch.argmin. Codes that are
+equal in exact arithmetic but whose scores are computed with different rounding (duplicate
+codes, whose scores are accumulated in a different order by column or tile; the same row at
+different positions of a tile) are near-ties within the rounding bound and may go either way,
+on either backend: a later copy of a duplicate code can win, identical rows in one call can get
+different (equally near) codes, and the two backends can differ there."""
 
 
 def search_inputs(op: str, x, codebook, metric, allow_tf32):
@@ -79,7 +69,7 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
                          f"be (H, ..., D), got shape {tuple(x.shape)}")
     if not isinstance(metric, str):
         raise TypeError(f"fastvq.{op}: metric must be a str, got {type(metric).__name__}")
-    check_metric(op, metric, METRICS)
+    check_metric(op, metric)
     if not isinstance(allow_tf32, bool):
         raise TypeError(f"fastvq.{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
     x, codebook = x.detach(), codebook.detach()

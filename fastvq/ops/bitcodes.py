@@ -46,6 +46,10 @@ def _to_bits_op(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
     if idx.numel():
         def detail():
             lo, hi = (int(v) for v in torch.aminmax(idx))
+            if indices.dtype == torch.uint64 and lo < 0:  # unsigned values >= 2**63 read back wrapped
+                small, big = idx[idx >= 0], idx[idx < 0]
+                lo = int(small.min()) if small.numel() else int(big.min()) % 2**64
+                hi = int(big.max()) % 2**64
             return (f"indices must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), got values in "
                     f"[{lo}, {hi}] (shape {tuple(indices.shape)})")
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .._backend import use_triton
-from .._checks import FLOAT_DTYPES, assert_async, check_float, check_int, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, assert_async, check_float, check_int, check_int_arg, check_same_device, check_tensor
 from ..reference.code_statistics import code_statistics_full_ref
 
 OP = "code_statistics"
@@ -141,10 +141,7 @@ def code_statistics(
     check_float(OP, "x", x)
     check_int(OP, "indices", indices)
     check_same_device(OP, x=x, indices=indices)
-    if isinstance(num_codes, bool) or not isinstance(num_codes, int):
-        raise TypeError(f"fastvq.{OP}: num_codes must be an int, got {type(num_codes).__name__}")
-    if num_codes < 0:
-        raise ValueError(f"fastvq.{OP}: num_codes must be >= 0, got {num_codes}")
+    num_codes = check_int_arg(OP, "num_codes", num_codes, minimum=0)
     for name, flag in (("deterministic", deterministic), ("return_skipped", return_skipped)):
         if not isinstance(flag, bool):
             raise TypeError(f"fastvq.{OP}: {name} must be a bool, got {type(flag).__name__}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
+from .._checks import check_float, check_real_arg, check_same_device, check_tensor
 from ..reference.ema_update import ema_decisions, ema_update_ref_, ema_update_rows_ref_
 
 
@@ -66,10 +67,34 @@ def ema_update_(
         >>> counts, sums = fastvq.code_statistics(x, idx, K)
         >>> ema_update_(codebook.unsqueeze(0), cluster_size[None], embed_avg[None], counts[None], sums[None], 0.99, 1e-5)
     """
+    _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
     sums = sums.float().contiguous()
     live, keep, new_cs, smoothed = ema_decisions(cluster_size, counts, sums, decay, eps)
     cluster_size.copy_(new_cs)
     _ema_update_rows_op(codebook, embed_avg, sums, keep, live, smoothed, float(decay))
+
+
+def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
+    op = "ema_update_"
+    for name, t in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg),
+                    ("counts", counts), ("sums", sums)):
+        check_tensor(op, name, t, ndim=2 if name in ("cluster_size", "counts") else 3)
+        check_float(op, name, t)
+    check_same_device(op, codebook=codebook, cluster_size=cluster_size, embed_avg=embed_avg, counts=counts, sums=sums)
+    L, K, D = codebook.shape
+    for name, t, shape in (("cluster_size", cluster_size, (L, K)), ("embed_avg", embed_avg, (L, K, D)),
+                           ("counts", counts, (L, K)), ("sums", sums, (L, K, D))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"fastvq.{op}: {name} must have shape {shape} (from codebook), got {tuple(t.shape)}")
+    for name, t in (("cluster_size", cluster_size), ("embed_avg", embed_avg)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"fastvq.{op}: {name} (EMA state) must be float32, got {t.dtype}")
+    if not embed_avg.is_contiguous():
+        raise ValueError(f"fastvq.{op}: embed_avg must be contiguous (it is updated in place)")
+    decay = check_real_arg(op, "decay", decay)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"fastvq.{op}: decay must lie in [0, 1], got {decay}")
+    check_real_arg(op, "eps", eps, positive=True)
 
 
 __all__ = ["ema_update_", "ema_update_ref_"]

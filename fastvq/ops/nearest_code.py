@@ -52,7 +52,9 @@ def nearest_code(
         ``(indices, distances)``, both of shape ``x.shape[:-1]``: ``indices`` int64 in
         ``[0, K)``; ``distances`` float32, the distance to that code, computed directly from
         the row and the chosen code (l2 and euclidean never negative, cosine in ``[0, 2]``).
-        Exact ties go to the smallest index, as ``torch.argmin``.
+        Ties of the computed float32 scores go to the smallest index, as ``torch.argmin``;
+        codes equal in exact arithmetic but scored with different rounding (duplicates) are
+        near-ties and may go either way (``NUMERIC_CONTRACT``).
 
     Numbers are never made up: a row with a NaN gets index 0 and distance NaN; a row with an
     infinite entry gets the first finite code at its true distance (l2: +inf); a finite row

@@ -220,6 +220,9 @@ def qr_lookup(
             raise ValueError(f"fastvq.{name}: {t_name} must be a 2-D table (rows, dim), got shape {tuple(t.shape)}")
         if t.shape[0] == 0:
             raise ValueError(f"fastvq.{name}: {t_name} has no rows (shape {tuple(t.shape)})")
+    if q_weight.shape[0] * r_weight.shape[0] >= 2**63:  # ids mod Q*R is exact int64 arithmetic
+        raise ValueError(f"fastvq.{name}: q_weight rows x r_weight rows must be < 2**63, got "
+                         f"{q_weight.shape[0]} x {r_weight.shape[0]}")
     if not isinstance(op, str) or op not in OPS:
         raise ValueError(f"fastvq.{name}: unknown op {op!r}; expected one of {OPS}")
     if not isinstance(mode, str) or mode not in MODES:

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._backend import use_triton
-from .._checks import check_float, check_index_range, check_last_dim, check_same_device, check_tensor
+from .._checks import assert_async, check_float, check_index_range, check_last_dim, check_same_device, check_tensor
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
 
 __all__ = ["residual_quantize", "residual_quantize_step", "ResidualQuantizeStep", "residual_decode", "GRADS",
@@ -39,6 +39,14 @@ def _residual_quantize_op(
     """-> quantized, codes (empty when given), commit_sq, embed_sq (L,) float64 (the same values: two
     outputs so each sends its gradient its own way), counts, sums, skipped, cand, cand_ok
     (empty unless asked for). ``rotate`` only matters to the backward."""
+    if codes is not None and codes.numel() > 0:
+        # given codes are gathered: out of range they would read outside the codebooks. One
+        # pass over the (N, L) int64 codes, no host read (checked here, in the op body, so a
+        # compiled graph is checked too)
+        K = codebooks.shape[1]
+        lo, hi = torch.aminmax(codes)
+        assert_async("residual_quantize_step", (lo >= 0) & (hi < K),
+                     lambda: f"codes must lie in [0, {K}), got values in [{int(lo)}, {int(hi)}]")
     kw = dict(weights=weights, codes=codes, loss=loss, stats=stats, slots=slots, num_slots=num_slots)
     if use_triton("residual_quantize", x, codebooks):
         from ..kernels.residual_quantize import residual_quantize_fwd
@@ -139,6 +147,39 @@ def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
 
 
 _residual_quantize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastvq::residual_candidate_slots", mutates_args=())
+def _candidate_slots_op(candidate_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``candidate_rows (S,)`` -> ``slots (n,)`` int32: each row's slot, -1 for the others.
+
+    The rows must be distinct and in ``[0, n)`` (a repeated row would leave a slot unwritten,
+    a negative one would wrap): checked on the ``S`` rows without a host read (sorted: an
+    ``S log S`` pass over ``S`` int64, nothing of size ``n`` beyond ``slots`` itself), in the
+    op body so that a compiled graph is checked too."""
+    S = candidate_rows.shape[0]
+    slots = torch.full((n,), -1, dtype=torch.int32, device=candidate_rows.device)
+    if S == 0:
+        return slots
+    rows = candidate_rows.sort().values
+    ok = (rows[0] >= 0) & (rows[-1] < n) & (rows[1:] != rows[:-1]).all()
+
+    def detail():
+        dup = rows[1:][rows[1:] == rows[:-1]]
+        seen = f"values in [{int(rows[0])}, {int(rows[-1])}]" + (f", repeated {dup.unique().tolist()}"
+                                                                if dup.numel() else "")
+        return f"candidate_rows must be distinct row indices in [0, {n}) (the rows of x), got {seen}"
+
+    assert_async("residual_quantize_step", ok, detail)
+    # row -> its slot; distinct rows, so each slot is filled by one row
+    if n > 0:  # (on CUDA the assert above is asynchronous: keep the scatter in bounds)
+        slots.index_put_((candidate_rows.clamp(0, n - 1),), torch.arange(S, dtype=torch.int32, device=slots.device))
+    return slots
+
+
+@_candidate_slots_op.register_fake
+def _(candidate_rows, n):
+    return candidate_rows.new_empty((n,), dtype=torch.int32)
 
 
 def _check(op: str, x, codebooks) -> tuple[int, int, int]:
@@ -259,8 +300,10 @@ def residual_quantize_step(
             candidates, gets no loss gradient and its ``quantized`` is its input (identity
             gradient); its codes are still computed. Not differentiable.
         codes: optional ``(..., L)`` int64 codes chosen elsewhere (e.g. a cosine search with
-            :func:`fastvq.nearest_code`): no search runs, they are gathered (not range-checked:
-            they must lie in ``[0, K)``).
+            :func:`fastvq.nearest_code`): no search runs, they are gathered. They must lie in
+            ``[0, K)``: checked without a host read (one pass over the codes;
+            :func:`fastvq._checks.assert_async`: a ``ValueError`` on the CPU, a device-side
+            assert on CUDA).
         grad: ``"ste"`` (``quantized`` passes its gradient to ``x`` unchanged) or ``"rotation"``
             (the rotation trick between ``x`` and ``quantized``, :func:`fastvq.rotation_trick`,
             fused into the backward for ``D <= 1024``).
@@ -269,8 +312,8 @@ def residual_quantize_step(
             nonzero, finite weight whose ``r_l`` is finite (weighted), and ``skipped (L,)`` int32,
             the rows of nonzero weight left out as not finite. On a GPU they accumulate with
             float32 atomics (not bitwise reproducible from run to run).
-        candidate_rows: optional ``(S,)`` int64 distinct row indices (into the flattened rows of
-            ``x``): also return, at every level, the midpoint ``c_l + (r_l - c_l) / 2`` between
+        candidate_rows: optional ``(S,)`` int64 distinct row indices in ``[0, N)`` (into the
+            ``N`` flattened rows of ``x``; checked as ``codes`` are, on the ``S`` indices): also return, at every level, the midpoint ``c_l + (r_l - c_l) / 2`` between
             each such row's residual and the code it chose, ``candidates (L, S, D)`` float32, and
             ``candidates_ok (L, S)`` bool (finite residual, nonzero weight): dead-code
             replacements that split a used code's cell.
@@ -321,9 +364,7 @@ def residual_quantize_step(
             raise TypeError(f"fastvq.{op}: candidate_rows must be int64, got {candidate_rows.dtype}")
         check_same_device(op, x=x, candidate_rows=candidate_rows)
         num_slots = candidate_rows.shape[0]
-        # row -> its slot (or -1); distinct rows, so each slot is filled by one row
-        slots = torch.full((N,), -1, dtype=torch.int32, device=x.device)
-        slots.index_put_((candidate_rows,), torch.arange(num_slots, dtype=torch.int32, device=x.device))
+        slots = _candidate_slots_op(candidate_rows, N)
     dtype = torch.promote_types(x.dtype, codebooks.dtype)
     out = _residual_quantize_op(
         x.reshape(N, D).to(dtype), codebooks.to(dtype), weights, codes, slots, num_slots,

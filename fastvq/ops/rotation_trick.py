@@ -72,12 +72,14 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     (the kernel) or float64 (the reference) with the factor ``lambda |g|`` applied in float64.
     ``q`` receives no gradient (feed the codebook through a commitment/codebook loss).
     Rows where the rotation is degenerate take the plain straight-through gradient ``g``:
-    ``|e| < EPS_NORM`` or ``|q| < EPS_NORM`` (``EPS_NORM = 1e-6``), or
+    ``|e| < EPS_NORM`` or ``|q| < EPS_NORM`` (``EPS_NORM = float32(1e-6)``: the same number
+    on both backends), or
     ``|e^ + q^| < EPS_ANTIPODAL`` (``1e-3``: ``e`` points within ~1e-3 rad of ``-q``).
 
     Numbers: every row is scaled by its largest entry before it is normalised, so the gradient
     is finite wherever the inputs are finite and the true gradient is representable in the
-    output dtype (``|q| = 1e20`` or ``|e| = 1e-30`` included); a gradient beyond the dtype's
+    output dtype (``|q| = 1e20``, ``|e| = 1e-30`` and subnormal rows of ``e``, ``q`` or ``g``
+    included); a gradient beyond the dtype's
     range is ``+-inf``. A row with a NaN or infinite entry in ``e`` or ``q`` gets a NaN
     gradient (its rotation is undefined). A NaN or infinite ``g`` passes through a
     straight-through row unchanged and makes a rotated row NaN. Identical on both backends.

@@ -10,7 +10,8 @@ import torch
 
 from .._backend import use_triton
 from ..reference.sample_code import sample_code_ref
-from ._search import check_int, search_inputs
+from .._checks import check_int_arg
+from ._search import search_inputs
 
 
 @torch.library.custom_op("fastvq::sample_code", mutates_args=())
@@ -48,7 +49,7 @@ def _seed(seed, generator, device) -> torch.Tensor:
                             f"{seed.dtype} of shape {tuple(seed.shape)}")
         return seed.to(device=device, dtype=torch.int64)
     if seed is not None:
-        seed = check_int("sample_code", "seed", seed, minimum=-(2**63), maximum=2**63 - 1)
+        seed = check_int_arg("sample_code", "seed", seed, minimum=-(2**63), maximum=2**63 - 1)
         return torch.tensor(seed, dtype=torch.int64, device=device)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -75,7 +76,7 @@ def sample_code(
         metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``: the logits of
             vector-quantize-pytorch's Euclidean codebook are ``-|x - c|``), ``"cosine"``
             (``1 - cos``) or ``"dot"`` (``-<x, c>``).
-        seed: an int (any 64-bit value) or a 0-d int64 tensor: the same seed and inputs give the
+        seed: an int in [-2**63, 2**63) (a signed 64-bit value) or a 0-d int64 tensor: the same seed and inputs give the
             same codes on a backend (the two backends draw the same noise; a sample may differ
             between them only where float32 rounding of ``distance / temperature - g`` differs).
         generator: a ``torch.Generator`` to draw the seed from, instead of ``seed``. With

@@ -6,7 +6,8 @@ import torch
 
 from .._backend import use_triton
 from ..reference.topk_codes import topk_codes_ref
-from ._search import check_int, search_inputs
+from .._checks import check_int_arg
+from ._search import search_inputs
 
 MAX_K = 128  # the kernel keeps a row's k best in registers
 
@@ -46,8 +47,9 @@ def topk_codes(
     Returns:
         ``(indices, distances)`` of shape ``x.shape[:-1] + (k,)``: int64 in ``[0, K)``, all
         different within a row, in increasing distance; float32 distances computed directly at
-        each code. Exact ties go to the smaller index (``indices[..., 0]`` is what
-        :func:`fastvq.nearest_code` returns, up to float32 rounding of near-ties).
+        each code. Ties of the computed float32 scores go to the smaller index
+        (``indices[..., 0]`` is what :func:`fastvq.nearest_code` returns, up to float32
+        rounding of near-ties; duplicate codes are near-ties, ``NUMERIC_CONTRACT``).
 
     Non-finite values follow :func:`fastvq.nearest_code`: codes with a NaN or infinite entry come
     after every finite code (by index); a row with an infinite entry lists the finite codes in
@@ -63,7 +65,7 @@ def topk_codes(
     """
     x3, c3, lead = search_inputs("topk_codes", x, codebook, metric, allow_tf32)
     K = c3.shape[1]
-    k = check_int("topk_codes", "k", k, minimum=1)
+    k = check_int_arg("topk_codes", "k", k, minimum=1)
     if k > K:
         raise ValueError(f"fastvq.topk_codes: k = {k} is more than the codebook's K = {K} codes")
     if k > MAX_K:

@@ -9,14 +9,24 @@ from ._chunks import row_chunk
 from .nearest_code import argmin_first, choose, distance, prepare_codebook, row_unit, scale_rows, scores
 
 
+# "Strictly farther than the positive" leaves out the negatives within the rounding bound of the
+# comparison: score |n|^2 - 2 a.n above |a - p|^2 - |a|^2 + (D + 4) 2^-19 (|a|^2 + |a - p|^2).
+# The bound covers the float32 rounding of both sides (dots of length D) and of the two directly
+# computed distances, so a returned semi-hard negative's distance is > |a - p|^2 computed the
+# same way: a copy of the positive, or an equal distance, is never "farther". The kernel
+# (kernels/nearest_code.py) uses the same bound.
+SEMI_HARD_MARGIN = 2.0**-19
+
+
 def mine_negatives_ref(
     anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, strategy: str = "hardest"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for :func:`fastvq.mine_negatives`: ``(N, D), (N, D), (M, D) -> (N,) int64, (N,) float32``.
 
     The nearest-code search (l2) and, for "semi-hard", the same search over the negatives whose
-    score ``|n|^2 - 2 a.n`` exceeds ``|a - p|^2 - |a|^2`` (strictly farther than the positive; all
-    in float32, in the search's scale), the hardest where none does. Exact ties go to the
+    score ``|n|^2 - 2 a.n`` exceeds ``|a - p|^2 - |a|^2`` by more than the rounding bound
+    (:data:`SEMI_HARD_MARGIN`: strictly farther than the positive; all in float32, in the
+    search's scale), the hardest where none does. Exact ties go to the
     smallest index; the distance is computed directly, as in the kernel. Works in row chunks.
     """
     if strategy not in STRATEGIES:
@@ -35,7 +45,8 @@ def mine_negatives_ref(
         if strategy == "semi-hard":  # in the row's unit, as the scores
             r = 1.0 / row_unit(band)[:, None]
             a_s, p_s = a.float() * r, positive[i : i + step].float() * r
-            thr = ((a_s - p_s) ** 2).sum(-1) - (a_s * a_s).sum(-1)
+            lb, aa = ((a_s - p_s) ** 2).sum(-1), (a_s * a_s).sum(-1)
+            thr = (lb - aa) + (lb + aa) * (SEMI_HARD_MARGIN * (anchor.shape[1] + 4))
             _, idx_c = argmin_first(torch.where(sc > thr[:, None], sc, torch.full_like(sc, float("inf"))))
             idx = torch.where(idx_c >= 0, idx_c, idx)
         idx = choose(a, idx, first.expand_as(idx), M)

@@ -195,6 +195,30 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"fastvq.nearest_code: unknown metric {metric!r}; expected one of {METRICS}")
 
 
+def search_setup(x: torch.Tensor, codebook: torch.Tensor, metric: str, *per_row: int):
+    """What the search references (nearest_code, sample_code, topk_codes) share: the metric check,
+    the shapes and the outputs. ``x (..., D)`` with one codebook ``(K, D)`` is the case ``H = 1``;
+    ``(H, ..., D)`` with ``(H, K, D)``, one codebook per leading index. Returns ``(x3 (H, N, D),
+    cb (H, K, D), lead, indices, distances)``: ``lead = x.shape[:-1]``, and the int64 indices and
+    float32 distances to fill, ``(H, N, *per_row)``."""
+    _check_metric(metric)
+    multi = codebook.dim() == 3
+    cb = codebook if multi else codebook.unsqueeze(0)
+    xs = x if multi else x.unsqueeze(0)
+    x3 = xs.reshape(cb.shape[0], xs.shape[1:-1].numel(), cb.shape[2])  # not (H, -1, D): ambiguous when D == 0
+    shape = (*x3.shape[:2], *per_row)
+    indices = torch.empty(shape, dtype=torch.int64, device=x.device)
+    distances = torch.empty(shape, dtype=torch.float32, device=x.device)
+    return x3, cb, x.shape[:-1], indices, distances
+
+
+def row_chunks(H: int, N: int, n_cols: int) -> list[tuple[int, int, int]]:
+    """``(h, start, stop)`` for every chunk of rows of an ``(H, N, .)`` search, chunked for an
+    ``(rows, n_cols)`` float32 scratch (:func:`row_chunk`; ``stop`` may pass ``N``)."""
+    step = row_chunk(n_cols)
+    return [(h, s, s + step) for h in range(H) for s in range(0, N, step)]
+
+
 def nearest_code_ref(
     x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", *, allow_tf32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,27 +229,14 @@ def nearest_code_ref(
     reference is always exact fp32), in row chunks so that the scratch stays bounded; never
     a full ``N x K`` matrix. Same scaling, scores, ties and epilogue as the kernel.
     """
-    _check_metric(metric)
-    multi = codebook.dim() == 3
-    cb = codebook if multi else codebook.unsqueeze(0)
-    xs = x if multi else x.unsqueeze(0)
-    H, K, D = cb.shape
-    lead = xs.shape[1:-1]
-    x3 = xs.reshape(H, lead.numel(), D)  # not reshape(H, -1, D): ambiguous when D == 0
-    N = x3.shape[1]
+    x3, cb, lead, indices, distances = search_setup(x, codebook, metric)
+    (H, N, _), K = x3.shape, cb.shape[1]
     codes, a, b, first, _, c_min = prepare_codebook(cb, metric)
-    indices = torch.empty((H, N), dtype=torch.int64, device=x.device)
-    distances = torch.empty((H, N), dtype=torch.float32, device=x.device)
-    step = row_chunk(K)
-    for h in range(H):
-        for s in range(0, N, step):
-            rows = x3[h, s : s + step]
-            xr, band = scale_rows(rows, metric, c_min[h])
-            _, idx = argmin_first(scores(xr, codes[h], a[h], b[h], band))
-            idx = choose(rows, idx, first[h].expand_as(idx), K)
-            indices[h, s : s + step] = idx
-            distances[h, s : s + step] = distance(rows, cb[h][idx], metric)
-    out_shape = xs.shape[:-1]
-    if not multi:
-        out_shape = out_shape[1:]
-    return indices.reshape(out_shape), distances.reshape(out_shape)
+    for h, s, e in row_chunks(H, N, K):
+        rows = x3[h, s:e]
+        xr, band = scale_rows(rows, metric, c_min[h])
+        _, idx = argmin_first(scores(xr, codes[h], a[h], b[h], band))
+        idx = choose(rows, idx, first[h].expand_as(idx), K)
+        indices[h, s:e] = idx
+        distances[h, s:e] = distance(rows, cb[h][idx], metric)
+    return indices.reshape(lead), distances.reshape(lead)

@@ -22,10 +22,11 @@ import torch
 
 from ._chunks import row_chunk
 
-EPS_NORM = 1e-6
-"""Rows with ``|e|`` or ``|q|`` below this (absolute, in the math dtype) take the plain
-straight-through gradient. The same scale vector-quantize-pytorch clamps its norms at, so on
-rows above it the two agree."""
+EPS_NORM = 9.999999974752427e-07
+"""Rows with ``|e|`` or ``|q|`` below this (absolute) take the plain straight-through gradient:
+``float32(1e-6)``, so that the float32 kernel and this float64 reference compare against the
+same number (a row at exactly ``float32(1e-6)`` rotates on both). The scale
+vector-quantize-pytorch clamps its norms at, so on rows above it the two agree."""
 
 EPS_ANTIPODAL = 1e-3
 """Rows with ``|e^ + q^|`` below this (``e`` within ~1e-3 rad of ``-q``) take the plain

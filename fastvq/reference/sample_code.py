@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._chunks import row_chunk
-from .nearest_code import (_check_metric, argmin_first, choose, distance, exp2i, max_abs, pow2_exponent,
-                           prepare_codebook, row_unit, scale_rows, scores)
+from .nearest_code import (argmin_first, choose, distance, exp2i, max_abs, pow2_exponent, prepare_codebook,
+                           row_chunks, row_unit, scale_rows, scores, search_setup)
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -76,36 +75,23 @@ def sample_code_ref(
     probability ``softmax(-distance / temperature)`` over the codebook, the noise drawn as the
     kernel draws it. ``temperature > 0``; ``seed`` a 0-d int64 tensor. Same shapes, scaling,
     non-finite rules and direct distances as :func:`fastvq.reference.nearest_code_ref`."""
-    _check_metric(metric)
-    multi = codebook.dim() == 3
-    cb = codebook if multi else codebook.unsqueeze(0)
-    xs_ = x if multi else x.unsqueeze(0)
-    H, K, D = cb.shape
-    lead = xs_.shape[1:-1]
-    x3 = xs_.reshape(H, lead.numel(), D)
-    N = x3.shape[1]
+    x3, cb, lead, indices, distances = search_setup(x, codebook, metric)
+    (H, N, _), K = x3.shape, cb.shape[1]
     codes, ta, tb, first, s_dot, c_min = prepare_codebook(cb, metric)
-    indices = torch.empty((H, N), dtype=torch.int64, device=x.device)
-    distances = torch.empty((H, N), dtype=torch.float32, device=x.device)
-    step = row_chunk(K)
-    for h in range(H):
-        for s in range(0, N, step):
-            rows = x3[h, s : s + step]
-            xs, band = scale_rows(rows, metric, c_min[h])
-            sc = scores(xs, codes[h], ta[h], tb[h], band)
-            unit = row_unit(band)
-            if metric == "euclidean":  # sqrt(|x|^2 + score), in the row's unit
-                xx = ((rows.float() / unit[:, None]) ** 2).sum(-1)
-                sc = torch.where(sc.isnan(), sc, (xx[:, None] + sc).clamp_min(0.0).sqrt())
-            a = row_factor(rows, xs, metric, s_dot[h], unit, temperature)
-            w = (a <= NOISE_LIMIT).to(torch.float32)  # also 0 where a is NaN
-            a = torch.where(w > 0, a, torch.ones_like(a))
-            g = gumbel(seed, torch.arange(s, s + rows.shape[0], device=x.device), K, h)
-            _, idx = argmin_first(sc * a[:, None] - w[:, None] * g)
-            idx = choose(rows, idx, first[h].expand_as(idx), K)
-            indices[h, s : s + step] = idx
-            distances[h, s : s + step] = distance(rows, cb[h][idx], metric)
-    out_shape = xs_.shape[:-1]
-    if not multi:
-        out_shape = out_shape[1:]
-    return indices.reshape(out_shape), distances.reshape(out_shape)
+    for h, s, e in row_chunks(H, N, K):
+        rows = x3[h, s:e]
+        xs, band = scale_rows(rows, metric, c_min[h])
+        sc = scores(xs, codes[h], ta[h], tb[h], band)
+        unit = row_unit(band)
+        if metric == "euclidean":  # sqrt(|x|^2 + score), in the row's unit
+            xx = ((rows.float() / unit[:, None]) ** 2).sum(-1)
+            sc = torch.where(sc.isnan(), sc, (xx[:, None] + sc).clamp_min(0.0).sqrt())
+        a = row_factor(rows, xs, metric, s_dot[h], unit, temperature)
+        w = (a <= NOISE_LIMIT).to(torch.float32)  # also 0 where a is NaN
+        a = torch.where(w > 0, a, torch.ones_like(a))
+        g = gumbel(seed, torch.arange(s, s + rows.shape[0], device=x.device), K, h)
+        _, idx = argmin_first(sc * a[:, None] - w[:, None] * g)
+        idx = choose(rows, idx, first[h].expand_as(idx), K)
+        indices[h, s:e] = idx
+        distances[h, s:e] = distance(rows, cb[h][idx], metric)
+    return indices.reshape(lead), distances.reshape(lead)

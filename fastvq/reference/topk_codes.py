@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._chunks import row_chunk
-from .nearest_code import _check_metric, distance, prepare_codebook, scale_rows, scores
+from .nearest_code import distance, prepare_codebook, row_chunks, scale_rows, scores, search_setup
 
 
 def topk_order(s: torch.Tensor, bad_code: torch.Tensor, special_row: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,31 +33,18 @@ def topk_codes_ref(
     with a NaN gets ``0, 1, ..., k-1``. Distances are computed directly at each chosen code.
     In row chunks (an ``(n, K)`` score block at a time), float32.
     """
-    _check_metric(metric)
-    multi = codebook.dim() == 3
-    cb = codebook if multi else codebook.unsqueeze(0)
-    xs = x if multi else x.unsqueeze(0)
-    H, K, D = cb.shape
-    lead = xs.shape[1:-1]
-    x3 = xs.reshape(H, lead.numel(), D)
-    N = x3.shape[1]
+    x3, cb, lead, indices, distances = search_setup(x, codebook, metric, k)
+    (H, N, D), K = x3.shape, cb.shape[1]
     codes, a, b, _, _, c_min = prepare_codebook(cb, metric)
-    indices = torch.empty((H, N, k), dtype=torch.int64, device=x.device)
-    distances = torch.empty((H, N, k), dtype=torch.float32, device=x.device)
-    step = max(1, row_chunk(K))
-    for h in range(H):
-        bad_code = a[h, 0].isnan()
-        for s in range(0, N, step):
-            rows = x3[h, s : s + step]
-            special = ~torch.isfinite(rows).all(-1)
-            xr, band = scale_rows(rows, metric, c_min[h])
-            idx = topk_order(scores(xr, codes[h], a[h], b[h], band), bad_code, special, k)
-            nan_row = rows.isnan().any(-1)
-            idx = torch.where(nan_row[:, None], torch.arange(k, device=x.device).expand_as(idx), idx)
-            indices[h, s : s + step] = idx
-            n = rows.shape[0]
-            distances[h, s : s + step] = distance(rows[:, None, :].expand(n, k, D), cb[h][idx], metric)
-    out_shape = xs.shape[:-1] + (k,)
-    if not multi:
-        out_shape = out_shape[1:]
-    return indices.reshape(out_shape), distances.reshape(out_shape)
+    bad_code = a[:, 0].isnan()
+    for h, s, e in row_chunks(H, N, K):
+        rows = x3[h, s:e]
+        special = ~torch.isfinite(rows).all(-1)
+        xr, band = scale_rows(rows, metric, c_min[h])
+        idx = topk_order(scores(xr, codes[h], a[h], b[h], band), bad_code[h], special, k)
+        nan_row = rows.isnan().any(-1)
+        idx = torch.where(nan_row[:, None], torch.arange(k, device=x.device).expand_as(idx), idx)
+        indices[h, s:e] = idx
+        n = rows.shape[0]
+        distances[h, s:e] = distance(rows[:, None, :].expand(n, k, D), cb[h][idx], metric)
+    return indices.reshape(lead + (k,)), distances.reshape(lead + (k,))

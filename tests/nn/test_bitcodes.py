@@ -213,6 +213,32 @@ def test_nonfinite_x_gives_nan_rows_and_valid_bits(training):
         assert torch.equal(ours.from_bits(bits)[[0, 2, 4]], y[[0, 2, 4]])
 
 
+@pytest.mark.parametrize("dtype, scale, temperature", [
+    (torch.float16, 3.0, 1e-4), (torch.float16, 1.0, 1e-5), (torch.bfloat16, 1.0, 1e-38),
+    (torch.bfloat16, 1.0, 1e-30), (torch.float32, 1.0, 1e-38), (torch.float32, 1e36, 1e-3)],
+    ids=["fp16-3-1e-4", "fp16-1-1e-5", "bf16-1e-38", "bf16-1e-30", "fp32-1e-38", "fp32-1e36-1e-3"])
+def test_training_sample_never_overflows(dtype, scale, temperature):
+    # findings BC1: (score + gumbel) / T overflowed the dtype and the hard Gumbel-softmax gave NaN
+    # rows for finite x and finite scores; the sample is argmax(score + g), whatever T is
+    torch.manual_seed(5)
+    ours = Bitcodes(16, 8, temperature).to(dtype).train()
+    x = (torch.randn(64, 16) * scale).to(dtype).requires_grad_()
+    torch.manual_seed(6)
+    y, bits = ours(x)
+    scores = F.linear(x.detach(), ours.codebook.detach()).unflatten(-1, (8, 2))
+    assert scores.isfinite().all()
+    torch.manual_seed(6)  # the same noise as F.gumbel_softmax draws (the scores' dtype and shape)
+    g = -torch.empty_like(scores).exponential_().log()
+    assert torch.equal(bits, (scores.double() + g.double()).argmax(-1))
+    assert y.isfinite().all() and torch.equal(ours.from_bits(bits), y)
+    (y.float() * torch.randn(y.shape)).sum().backward()
+    if dtype == torch.bfloat16 and temperature < 1e-30:
+        # bf16's coarse noise ties score + g exactly here (one pair): the soft gradient there
+        # is 1 / (4 T) times the codebook, ~1e38 per element, which the float range cannot hold
+        return
+    assert x.grad.isfinite().all() and ours.codebook.grad.isfinite().all()
+
+
 @pytest.mark.gpu
 def test_cuda(device):
     ours, peer = pair()

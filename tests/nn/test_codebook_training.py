@@ -195,7 +195,28 @@ def test_revival_and_kmeans_never_pick_nonfinite_rows(backend, ema):
         if ema:
             assert torch.isfinite(rq.cluster_size).all() and torch.isfinite(rq.embed_avg).all()
     assert bool(rq.initted) and int(rq.codes_revived) > 0
-    assert int(rq.nonfinite_rows) == 6 * 9 + 9  # 9 per step, plus the 9 k-means left out
+    assert int(rq.nonfinite_rows) == 6 * 9  # 9 per step (k-means init's batch counted once)
+
+
+@pytest.mark.parametrize("config", ["vq-ema", "vq-dead", "vq-kmeans-only", "rq-ema", "rq-ema-dead"])
+def test_nonfinite_rows_counted_once_on_the_kmeans_step(backend, config):
+    # findings N1: k-means init and the EMA update of the same batch both counted its rows
+    make = {
+        "vq-ema": lambda: VectorQuantizer(8, 4, ema=True, kmeans_init=True),
+        "vq-dead": lambda: VectorQuantizer(8, 4, kmeans_init=True, dead_code_threshold=1.0),
+        "vq-kmeans-only": lambda: VectorQuantizer(8, 4, kmeans_init=True),
+        "rq-ema": lambda: ResidualQuantizer(2, 8, 4, ema=True, kmeans_init=True),
+        "rq-ema-dead": lambda: ResidualQuantizer(2, 8, 4, ema=True, kmeans_init=True, dead_code_threshold=1.0),
+    }[config]
+    torch.manual_seed(0)
+    m = make().train()
+    for step in range(2):
+        x = randn(8, 4, seed=70 + step)
+        x[:5] = float("nan")  # 5 non-finite rows a batch
+        m(x)
+        # (k-means alone reads no later batch: nothing is left out of anything there)
+        per_batch = [5, 0 if config == "vq-kmeans-only" else 5]
+        assert bool(m.initted) and int(m.nonfinite_rows) == sum(per_batch[: step + 1]), step
 
 
 def test_no_update_makes_a_code_non_finite(backend):
@@ -356,6 +377,13 @@ def test_low_usage_warning_counts_levels_and_masks(monkeypatch):
         rq._update_codebook_(None, idx)
         rq._update_codebook_(None, idx)
     assert len(caught) == 1 and "only 1 of 16 codes at level 1" in str(caught[0].message)
+    # with the recommended settings already on, the warning blames the data, not the settings
+    tuned = ResidualQuantizer(2, 16, 3, kmeans_init=True, dead_code_threshold=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuned._warn_low_usage(1, 16, 1, 2, steps=2, rows=64)
+    message = str(caught[0].message)
+    assert "fewer distinct vectors than codes" in message and "Construct it with" not in message, message
     vq = VectorQuantizer(16, 3)
     mask = torch.zeros(32, dtype=torch.bool)
     mask[:1] = True  # the padded rows' codes are not "in use"

@@ -258,3 +258,21 @@ def test_forward_bad_input():
         model(torch.zeros(4, 11))  # was a bare matmul RuntimeError from the first Linear
     with pytest.raises(TypeError, match="RQVAE"):
         model([[0.0] * 12])
+    with pytest.raises(TypeError, match="RQVAE: features must be a floating-point tensor, got torch.int64"):
+        model(torch.ones(4, 12, dtype=torch.long))
+
+
+def test_features_of_other_dtypes():
+    # integer and float64 features: semantic_ids casts every batch to the parameters' dtype, and
+    # forward promotes floating features (as the quantizers do) instead of a bare matmul error
+    model = _model()
+    x = randn(10, 12)
+    want = model.semantic_ids(x, progress=False)
+    counts = torch.randint(0, 5, (10, 12), generator=torch.Generator(x.device).manual_seed(1), device=x.device)
+    assert torch.equal(model.semantic_ids(counts, progress=False), model.semantic_ids(counts.float(), progress=False))
+    assert torch.equal(model.semantic_ids(x.double(), progress=False), want)
+    assert torch.equal(model.semantic_ids(x, batch_size=4.0, progress=False), want)  # integral float, as elsewhere
+    out = model(x.double())
+    assert out[0].dtype == torch.float32 and torch.equal(out[3], model(x)[3])
+    half = _model().bfloat16()
+    assert half(x)[0].dtype == torch.bfloat16

@@ -140,3 +140,10 @@ def test_valid_input_reads_nothing_on_the_host():
         bits = fastvq.to_bits(torch.tensor([0, 11, 9]), 4)
         fastvq.to_decimal(bits)
     assert meter.counts["fwd"].syncs == 0, dict(meter.counts["fwd"].sync_ops)
+
+
+def test_unsigned_values_named_as_given():
+    # uint64 values >= 2**63 wrap negative as int64: the error names them as the caller wrote them
+    ids = torch.tensor([2**63 + 5, 3, 7, 2**63 + 9], dtype=torch.uint64)
+    with pytest.raises(ValueError, match=r"to_bits: .*got values in \[3, 9223372036854775817\]"):
+        fastvq.to_bits(ids, 8)

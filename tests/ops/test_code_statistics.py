@@ -174,7 +174,7 @@ def test_out_of_range_with_no_codes(backend):
     [
         (torch.randint(0, 3, (4, 3)), torch.zeros(4, dtype=torch.long), 3, TypeError),
         (torch.randn(4, 3), torch.zeros(4), 3, TypeError),
-        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 3.0, TypeError),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 3.5, ValueError),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), True, TypeError),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), -1, ValueError),
         (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), 3, ValueError),
@@ -184,12 +184,19 @@ def test_out_of_range_with_no_codes(backend):
         ([[1.0]], torch.zeros(1, dtype=torch.long), 3, TypeError),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long, device="meta"), 3, ValueError),
     ],
-    ids=["x-int", "indices-float", "K-float", "K-bool", "K-negative", "N-mismatch", "x-1D",
+    ids=["x-int", "indices-float", "K-nonintegral", "K-bool", "K-negative", "N-mismatch", "x-1D",
          "indices-2D-for-2D-x", "batched-N-mismatch", "not-tensor", "devices"],
 )
 def test_bad_input(x, indices, num_codes, err):
     with pytest.raises(err, match="code_statistics"):
         fastvq.code_statistics(x, indices, num_codes)
+
+
+def test_integral_float_num_codes():
+    # every size argument takes an integral float (1e6) the same way: one check, _checks.check_int_arg
+    x, idx = randn(6, 3), torch.tensor([0, 2, 1, 2, 0, 0])
+    for got, want in zip(fastvq.code_statistics(x, idx, 3.0), fastvq.code_statistics(x, idx, 3)):
+        assert torch.equal(got, want)
 
 
 def test_bad_flags_and_weights():

@@ -93,3 +93,33 @@ def test_opcheck(device):
         with fastvq.backend(name):
             torch.library.opcheck(torch.ops.fastvq.ema_update_rows_.default,
                                   (codebook.clone(), ea.clone(), sums, keep, live, smoothed, 0.99))
+
+
+@pytest.mark.parametrize(
+    "change,err,match",
+    [
+        (dict(decay=float("nan")), ValueError, "decay"),
+        (dict(decay=1.5), ValueError, "decay"),
+        (dict(decay=True), TypeError, "decay"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(eps=float("inf")), ValueError, "eps"),
+        (dict(cluster_size="half"), TypeError, "cluster_size"),
+        (dict(embed_avg="strided"), ValueError, "embed_avg must be contiguous"),
+        (dict(counts="short"), ValueError, "counts must have shape"),
+        (dict(sums="int"), TypeError, "sums"),
+    ],
+    ids=["decay-nan", "decay-1.5", "decay-bool", "eps-0", "eps-inf", "cluster-size-fp16", "embed-avg-strided",
+         "counts-shape", "sums-int"],
+)
+def test_bad_input(backend, device, change, err, match):
+    # the modules check decay and eps themselves; a direct caller gets the same named errors on
+    # both backends (the Triton launcher's bare asserts were the only check before)
+    codebook, cs, ea, counts, sums = _state(2, 5, 3, device=device)
+    args = dict(codebook=codebook, cluster_size=cs, embed_avg=ea, counts=counts, sums=sums, decay=0.9, eps=1e-5)
+    for name, value in change.items():
+        args[name] = {"half": cs.half(), "strided": ea.transpose(0, 1).contiguous().transpose(0, 1),
+                      "short": counts[:, :4], "int": sums.long()}.get(value, value) if isinstance(value, str) else value
+    before = codebook.clone()
+    with pytest.raises(err, match=f"ema_update_.*{match}"):
+        ema_update_(**args)
+    assert torch.equal(codebook, before)

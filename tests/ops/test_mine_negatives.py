@@ -82,6 +82,35 @@ def test_semi_hard_is_strict_and_skips_nearer(backend):
     assert dist.tolist() == [1.0, 0.0]
 
 
+def test_semi_hard_never_returns_a_copy_of_the_positive(backend):
+    # findings M1: the positive's copy in the pool (the usual in-batch setup) scored "strictly
+    # farther" through the search's rounding and was returned at a distance equal to |a - p|^2
+    a = torch.tensor([[0.40334683656692505, 0.8380263447761536]])
+    p = torch.tensor([[-1.0351684093475342, 0.031339287757873535]])
+    n = torch.cat([torch.tensor([[0.34368330240249634, 0.8562300205230713]]), p])
+    idx, dist = fastvq.mine_negatives(a, p, n, "semi-hard")
+    assert idx.tolist() == [0] and dist[0] < 0.01  # no negative is farther: the hardest
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [2, 5, 32])
+def test_semi_hard_pick_is_farther_in_the_returned_distances(backend, dtype, D):
+    # a pool of 3 near negatives per anchor and a copy of every positive: the returned distance
+    # (computed directly) exceeds |a - p|^2 computed the same way, or the pick is the hardest
+    from fastvq.reference.nearest_code import distance
+
+    N = 64
+    a = randn(N, D, dtype=dtype, seed=80)
+    p = (a.float() + 2.0 * randn(N, D, seed=81)).to(dtype)
+    near = (a.float().repeat(3, 1) + 0.5 * randn(3 * N, D, seed=82)).to(dtype)
+    n = torch.cat([near, p])
+    idx, dist = fastvq.mine_negatives(a, p, n, "semi-hard")
+    hard, _ = fastvq.mine_negatives(a, p, n, "hardest")
+    positive = distance(a, p, "l2")
+    assert ((dist > positive) | (idx == hard)).all()
+    _check(a, p, n, "semi-hard", idx, dist)
+
+
 def test_semi_hard_falls_back_to_hardest(backend):
     a, n = randn(20, 16), randn(50, 16)
     p = a + 100.0  # the positive is farther than every negative

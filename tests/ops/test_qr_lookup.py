@@ -270,6 +270,7 @@ def test_sparse_grads_are_coalesced_and_equal_dense(backend):
         (dict(q_weight=torch.randn(4)), ValueError, "2-D"),
         (dict(r_weight=torch.randn(5, 4, 1)), ValueError, "2-D"),
         (dict(q_weight=torch.randn(0, 4)), ValueError, "no rows"),
+        (dict(q_weight=torch.empty(2**32, 0), r_weight=torch.empty(2**31, 0)), ValueError, r"must be < 2\*\*63"),
         (dict(r_weight=torch.randn(5, 4, dtype=torch.float16)), TypeError, "one dtype"),
         (dict(q_weight=torch.randn(4, 4, dtype=torch.float64), r_weight=torch.randn(5, 4, dtype=torch.float64)),
          TypeError, "float32"),

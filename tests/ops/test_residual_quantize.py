@@ -472,6 +472,35 @@ def test_step_bad_input():
         residual_quantize_step(x, cb, statistics=1)
 
 
+@pytest.mark.parametrize("bad", [5, -1, 10**9], ids=["K", "minus1", "huge"])
+def test_step_given_codes_out_of_range_raise(backend, bad):
+    # findings S1: the Triton kernel gathered outside the codebooks (garbage, a segfault for
+    # huge codes), the reference raised a bare IndexError
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = randn(4, 3, seed=63), randn(2, 5, 3, seed=64)
+    codes = torch.randint(0, 5, (4, 2), generator=generator(65))
+    codes[2, 1] = bad
+    with pytest.raises(ValueError, match=r"residual_quantize_step: codes must lie in \[0, 5\)"):
+        residual_quantize_step(x, cb, codes=codes)
+    codes[2, 1] = 4  # the largest valid code passes
+    assert torch.equal(residual_quantize_step(x, cb, codes=codes).quantized, sum_of_codes(cb, codes, torch.float32))
+
+
+@pytest.mark.parametrize("rows", [[1, 1], [0, 3, 2, 3], [-1, 2], [2, 4]], ids=["repeated", "repeated-apart",
+                                                                                  "negative", "N"])
+def test_step_bad_candidate_rows_raise(backend, rows):
+    # findings S2: a repeated row left its slot unwritten (Triton) yet flagged ok; -1 wrapped to
+    # the last row; N raised a bare IndexError
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    x, cb = randn(4, 3, seed=66), randn(2, 5, 3, seed=67)
+    with pytest.raises(ValueError, match=r"candidate_rows must be distinct row indices in \[0, 4\)"):
+        residual_quantize_step(x, cb, candidate_rows=torch.tensor(rows))
+    out = residual_quantize_step(x, cb, candidate_rows=torch.tensor([3, 0]))  # distinct, in range: fine
+    assert out.candidates_ok.all() and out.candidates.isfinite().all()
+
+
 def test_step_opcheck():
     x, cb = randn(6, 5, seed=60).requires_grad_(), randn(3, 4, 5, seed=61).requires_grad_()
     w = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0, 0.5])
@@ -484,6 +513,7 @@ def test_step_opcheck():
             torch.library.opcheck(torch.ops.fastvq.residual_quantize.default, (x, cb, None, codes, None, 0, True))
             torch.library.opcheck(torch.ops.fastvq.residual_quantize_bwd.default,
                                   (x.detach(), cb.detach(), codes, w, randn(6, 5), randn(3), randn(3), True, True))
+    torch.library.opcheck(torch.ops.fastvq.residual_candidate_slots.default, (torch.tensor([3, 0]), 6))
 
 
 def test_register_prune_keeps_spill_free_configs_for_every_width():

@@ -179,6 +179,7 @@ MAGNITUDES = [
     pytest.param(1e-5, 1e-5, 1e-35, torch.float32, id="small-e-q-tiny-g"),
     pytest.param(1.0, 5e3, 20.0, torch.float16, id="fp16-q5e3-overflowing"),
     pytest.param(1e30, 1e30, 1e30, torch.bfloat16, id="bf16-1e30"),
+    pytest.param(1.0, 3.0, 1e-40, torch.float32, id="g-subnormal"),  # findings R1: 1/max|g| overflowed
 ]
 
 
@@ -206,6 +207,59 @@ def test_extreme_magnitudes_stay_finite_and_exact(backend, device, se, sq, sg, d
     assert torch.equal(got[~representable], want[~representable].sign() * float("inf"))
     rows = representable.all(-1)
     assert_grad_close(got[rows], want[rows], e[rows], q[rows], g[rows], dtype)
+
+
+@pytest.mark.parametrize("block_d", [None, 8])  # 8: the looping kernel path at D = 37
+@pytest.mark.parametrize("which", ["e", "q"])
+def test_subnormal_rows_of_e_or_q_go_straight_through(backend, device, which, block_d):
+    # findings R1: a finite row whose largest entry is subnormal (< 2^-126) made 1 / max overflow
+    # in the kernel, and the row's gradient NaN; it is far below EPS_NORM: straight through
+    if block_d is not None and backend == "reference":
+        pytest.skip("the looping path is the kernel's")
+    e, q, g = (randn(6, 37, seed=s, device=device) for s in (90, 91, 92))
+    tiny = {"e": e, "q": q}[which]
+    tiny[0] = 0.0
+    tiny[0, 3] = 1e-39
+    tiny[1] *= 1e-39  # every entry subnormal
+    tiny[2] = 0.0
+    tiny[2, 0] = 1e-45  # the smallest subnormal
+    if block_d is None:
+        got, _ = _grad_of(fastvq.rotation_trick, e, q, g)
+    else:
+        from fastvq.kernels.rotation_trick import rotation_trick_bwd
+
+        got = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL, block_d=block_d)
+    assert torch.equal(got[:3], g[:3])
+    assert_grad_close(got[3:], _grad64(e[3:], q[3:], g[3:]), e[3:], q[3:], g[3:], torch.float32)
+
+
+def test_findings_subnormal_reproducers(backend):
+    e, q = torch.tensor([[1.0, -3.0]]), torch.tensor([[2.0, 1.0]])
+    got, _ = _grad_of(fastvq.rotation_trick, e, q, torch.tensor([[1e-39, 0.0]]))
+    assert torch.isfinite(got).all() and (got != 0).any()
+    assert_grad_close(got, _grad64(e, q, torch.tensor([[1e-39, 0.0]])), e, q, torch.tensor([[1e-39, 0.0]]),
+                      torch.float32)
+    for e, q in ((torch.tensor([[1e-39, 0.0]]), torch.tensor([[1.0, -3.0]])),
+                 (torch.tensor([[1.0, -3.0]]), torch.tensor([[1e-39, 0.0]]))):
+        got, _ = _grad_of(fastvq.rotation_trick, e, q, torch.ones(1, 2))
+        assert torch.equal(got, torch.ones(1, 2))
+
+
+def test_eps_norm_threshold_is_the_same_number_on_both_backends():
+    # findings R2: float32(1e-6) was below 1e-6 in the reference's float64 test (straight
+    # through) and not in the kernel's float32 test (rotated): a factor 1e6 apart
+    q, g = torch.tensor([[0.0, 1.0]]), torch.ones(1, 2)
+    below = torch.nextafter(torch.tensor(EPS_NORM, dtype=torch.float32), torch.tensor(0.0)).item()
+    for value, rotates in ((1e-6, True), (EPS_NORM, True), (below, False)):
+        e = torch.tensor([[value, 0.0]])
+        grads = {}
+        for name in ("reference", "triton"):
+            with fastvq.backend(name):
+                grads[name], _ = _grad_of(fastvq.rotation_trick, e, q, g)
+        for name, got in grads.items():  # the same decision; a rotated row to float32 rounding
+            assert torch.equal(got, g) != rotates, (name, value, got)
+            if rotates:
+                assert_grad_close(got, _grad64(e, q, g), e, q, g, torch.float32)
 
 
 def test_gradient_overflow_is_inf(backend, device):
