@@ -214,7 +214,7 @@ def test_dead_codes_reseeded_without_ema(backend):
     assert torch.equal(w[:4], live)
     # codes 4..7 are now midpoints between a batch row and the code it chose (distinct rows);
     # the usage of a re-seeded code is reset
-    mids = before[idx] + 0.5 * (x.detach() - before[idx])
+    mids = 0.5 * (before[idx] + x.detach())  # the midpoint, rounded once
     hits = [int((w[k] == mids).all(-1).nonzero()[0]) for k in range(4, 8)]
     assert len(set(hits)) == 4
     assert torch.equal(vq.code_usage[4:], torch.ones(4))
@@ -238,7 +238,7 @@ def test_dead_codes_reseeded_with_ema(backend):
         vq.embed_avg.copy_(vq.embeddings.weight * 10.0)
     before = vq.embeddings.weight.detach().clone()
     _, _, _, idx = vq(x)
-    mids = before[idx] + 0.5 * (x - before[idx])  # revived: a row and its code, halfway
+    mids = 0.5 * (before[idx] + x)  # revived: a row and its code, halfway (rounded once)
     counts = torch.bincount(idx, minlength=6)
     assert (counts[3:] == 0).all()
     dead = torch.zeros(6, dtype=torch.bool)
