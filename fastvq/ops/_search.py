@@ -27,7 +27,8 @@ cosine in [0, 2] at every magnitude (rows and codes are scaled by powers of two 
 squared or normalised). Indices always lie in [0, K). A code with a NaN or infinite entry is
 never chosen for a finite row while the codebook has a finite code. For finite inputs the
 index is the exact nearest code up to float32 rounding of the search (two codes whose distances
-differ by less than about 1e-6 (|x| + |c|)^2 of either code for l2, 1e-6 for cosine, may swap),
+differ by less than about 1e-6 (|x| + |c|)^2 of either code for l2, 1e-6 for cosine, 1e-6 |x| |c|
+for dot, may swap; open defect: dot still scales a whole codebook by one power of two),
 whatever the spread of the code sizes (l2 scores each code in a power-of-two unit chosen per
 row), also where every distance overflows float32. A row with a NaN entry
 gets index 0 and distance NaN. A row with an infinite entry (and no NaN) gets the first finite
