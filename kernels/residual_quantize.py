@@ -319,6 +319,19 @@ _prune_chunked_configs.estimate = _estimate_chunked
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
 
 
+@triton.jit
+def _dot_operand(b_r, p_cb, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr):
+    """The residual as the search's dot operand: rounded to the codebook dtype (a no-op for
+    float32; ``BF16_RNE``: to nearest even), then upcast to float32 with ``DOT_FP32``."""
+    if BF16_RNE:
+        b_rd = round_bf16(b_r)
+    else:
+        b_rd = b_r.to(p_cb.dtype.element_ty)
+    if DOT_FP32:
+        b_rd = b_rd.to(tl.float32)
+    return b_rd
+
+
 @autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
@@ -360,12 +373,7 @@ def _residual_quantize_fwd_kernel(
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
             # the dot operand: the residual in the codebook dtype (a no-op for float32)
-            if BF16_RNE:
-                b_rd = round_bf16(b_r)
-            else:
-                b_rd = b_r.to(p_cb.dtype.element_ty)
-            if DOT_FP32:
-                b_rd = b_rd.to(tl.float32)
+            b_rd = _dot_operand(b_r, p_cb, DOT_FP32, BF16_RNE)
             b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
                                                   PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K)
             if p_cb.dtype.element_ty != tl.float16:  # (a float16 codebook cannot overflow the scores)
@@ -375,12 +383,7 @@ def _residual_quantize_fwd_kernel(
                 m_redo = m_m & _row_finite(b_r) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
                 if tl.max(m_redo.to(tl.int32), axis=0) > 0:
                     b_rs = b_r * 1.2621774483536189e-29  # 2^-96, exact
-                    if BF16_RNE:
-                        b_rd = round_bf16(b_rs)
-                    else:
-                        b_rd = b_rs.to(p_cb.dtype.element_ty)
-                    if DOT_FP32:
-                        b_rd = b_rd.to(tl.float32)
+                    b_rd = _dot_operand(b_rs, p_cb, DOT_FP32, BF16_RNE)
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
                                                  PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
                     b_idx = tl.where(m_redo, b_idx1, b_idx)
