@@ -3,25 +3,32 @@
 Design
 ------
 * Pre-pass 1, ``_code_terms_kernel``: once per call, per code, its max-abs, whether it is finite,
-  and its per-code term: ``|c|^2`` (l2), ``1/|c|`` (cosine), 0 (dot); NaN for a code with a
-  NaN or infinite entry. Norms are taken after scaling the code by a power of two, so they only
+  and its score terms ``a``, ``b`` (score = ``a + b * (x' . c')``, one FMA per element): l2
+  ``a = |c|^2 2^-2L``, ``b = -2^(1-L)`` for each of three units ``2^2L`` (L = 0, 96, -96),
+  cosine ``a = 0``, ``b = -1/|c|``, dot ``a = 0``, ``b = -1``; ``a`` is NaN for a code with a NaN
+  or infinite entry. Norms are taken after scaling the code by a power of two, so they only
   overflow or underflow when the true norm does. Per block of codes: the largest and smallest
   max-abs of its finite codes and its first finite code.
 * Pre-pass 2, ``_code_rescale_kernel``: reduces those partials per codebook. If the codebook's
   magnitudes are outside [2^-20, 2^20] (only for float32/bfloat16: float16 can neither
   overflow nor underflow a float32 sum of its products), it writes a power-of-two scaled copy
-  of the codebook and rescales the terms (l2 and dot: one scale for the whole codebook;
-  cosine: one per code, which does not change any cosine). Power-of-two scaling is exact, so
-  the scaled search rounds exactly like the plain one wherever the plain one does not
+  of the codebook and the ``b`` terms that go with it (l2 and cosine: one scale per code, so no
+  code underflows in the dot product; dot: one for the whole codebook). Power-of-two scaling is
+  exact, so the scaled search rounds exactly like the plain one wherever the plain one does not
   overflow; a codebook inside the range is neither copied nor rescaled.
 * Main ``_nearest_code_fwd_kernel``: a program owns ``BLOCK_N`` rows of one codebook (a grid
   axis walks the ``H`` codebooks of a multi-codebook search). When ``D <= RESIDENT_MAX_D`` the
-  ``(BLOCK_N, D)`` x tile is loaded once and stays on chip (cosine and dot scale each row by a
-  power of two first: neither metric's argmin depends on a row's scale). Codebook tiles of
-  ``BLOCK_K`` codes stream past: ``x @ c.T`` on the tensor cores (fp32 accumulation), the
-  score ``|c|^2 - 2 x.c`` / ``-(x.c)/|c|`` / ``-(x.c)`` is formed, and a running ``(min,
-  index)`` per row in registers is updated. The ``N x K`` matrix never exists. A code whose
-  term is NaN (not finite, or past ``K``) scores NaN and never wins.
+  ``(BLOCK_N, D)`` x tile is loaded once and stays on chip, each row scaled by a power of two
+  first (cosine and dot: to [1, 2), their argmin ignores a row's scale; l2: by its unit ``2^-L``,
+  the band of max(max|x|, smallest code) among [2^-48, 2^48] (L = 0), above (96) or below (-96),
+  so that the scores that decide a row's code neither underflow nor overflow whatever the spread
+  of the code sizes; a block makes one pass over the codebook per band its rows hold: one unless
+  its rows differ by more than 2^48 in size). Codebook tiles of ``BLOCK_K`` codes stream past:
+  ``x @ c.T`` on the tensor cores (fp32 accumulation), the score ``a + b * (x.c)`` (the per-code
+  terms of the pass's unit: two vector loads per tile, one FMA per element, as the former
+  ``|c|^2 - 2 x.c``), and a running ``(min, index)`` per row in registers is updated. The
+  ``N x K`` matrix never exists. A code whose ``a`` is NaN (not finite, or past ``K``) scores
+  NaN and never wins.
 * The epilogue, once per row: a row with a NaN takes index 0; a row with an infinite entry, or a
   row with no finite score (all codes non-finite, or a row so far from the codebook that
   its scores overflow: every code is then equally near within float32) takes the first finite
@@ -68,27 +75,51 @@ PREP_BLOCK_K = 64
 PREP_MAX_BLOCKS = 256
 # A codebook whose finite codes' max-abs values lie in [2^-TAME, 2^TAME] is searched as is.
 TAME_EXP = 20
-META_COLS = 4  # per codebook: first finite code, scaled copy in use, float32 bits of the l2 scale, -
+META_COLS = 4  # per codebook: first finite code, scaled copy in use, float32 bits of the dot scale and of
+# the smallest nonzero finite code max-abs
+# Unit bands of the l2 search (see _row_band): 0, 2^96 and 2^-96; cosine and dot have one.
+NBANDS = {"l2": 3, "euclidean": 3, "cosine": 1, "dot": 1}
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 @triton.jit
-def _scores(b_xc, p_cterm, o_k, m_k, METRIC: tl.constexpr, EVEN_K: tl.constexpr = False):
-    """Scores whose row argmin is the nearest code; NaN for codes past the tile's end and for
-    codes with a non-finite entry (their per-code term is NaN): the argmin needs no mask."""
+def _scores(b_xc, p_ca, p_cb, o_k, m_k, EVEN_K: tl.constexpr = False):
+    """Scores whose row argmin is the nearest code, ``a + b * (x' . c')`` with the per-code terms
+    of the row's unit (one FMA per element: l2 ``2^-2L (|c|^2 - 2 x.c)``, cosine ``-(x.c)/|c|``,
+    dot ``-(x.c)``); NaN for codes past the tile's end and for codes with a non-finite entry
+    (their ``a`` is NaN): the argmin needs no mask."""
     if EVEN_K:
-        b_ct = tl.load(p_cterm + o_k)
+        b_a = tl.load(p_ca + o_k)
+        b_b = tl.load(p_cb + o_k)
     else:
-        b_ct = tl.load(p_cterm + o_k, mask=m_k, other=float("nan"))
-    if METRIC == 1:
-        b_s = -b_xc * b_ct[None, :]
-    elif METRIC == 2:
-        b_s = b_ct[None, :] - b_xc
-    else:
-        b_s = b_ct[None, :] - 2.0 * b_xc
-    return b_s
+        b_a = tl.load(p_ca + o_k, mask=m_k, other=float("nan"))
+        b_b = tl.load(p_cb + o_k, mask=m_k, other=0.0)
+    return b_a[None, :] + b_b[None, :] * b_xc
+
+
+@triton.jit
+def _band_unit(band):
+    """The exponent ``L`` of an l2 unit band (0, 1, 2 -> 0, 96, -96): scores in units of 2^2L."""
+    return tl.where(band == 1, 96, tl.where(band == 2, -96, 0))
+
+
+@triton.jit
+def _row_band(b_xm, c_min):
+    """Each row's l2 unit band from its max-abs: that of max(max|x|, c_min), the codebook's
+    smallest nonzero code max-abs; 0 within [2^-48, 2^48] and for non-finite rows."""
+    b_m = tl.maximum(b_xm, c_min)
+    e = pow2_exponent(b_m)
+    band = tl.where(e > 48, 1, tl.where(e < -48, 2, 0))
+    return tl.where(b_m < float("inf"), band, 0)
+
+
+@triton.jit
+def _mul_exp2(v, e):
+    """``v * 2**e`` for an int32 ``e`` beyond exp2i's range, rounded once (two exact half steps)."""
+    lo = e >> 1
+    return (v * exp2i(lo)) * exp2i(e - lo)
 
 
 @triton.jit
@@ -278,15 +309,17 @@ def _finish(p_x, o_xrow, m_n, p_c, o_crow, b_idx, b_first, p_idx, p_dist, o_out,
 
 @triton.jit
 def _code_terms_kernel(p_c, p_cterm, p_pmax, p_pmin, p_pfirst, K, D, NB, stride_ch, stride_ck, stride_cd,
-                       METRIC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per code: its term (l2 ``|c|^2``, cosine ``1/|c|``, dot 0; NaN if not finite). Per block
-    of partials (``NB`` per codebook, strided over the code blocks): the largest max-abs of a
-    finite code, the smallest nonzero one, and the first finite code (``K`` if none)."""
+                       METRIC: tl.constexpr, NBANDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per code, for each unit band ``j`` (l2: 3, else 1), its score terms ``a``, ``b`` (score =
+    ``a + b * (x' . c)`` for the codes as they are): l2 ``a = |c|^2 2^-2L``, ``b = -2^(1-L)``;
+    cosine ``a = 0``, ``b = -1/|c|``; dot ``a = 0``, ``b = -1``; ``a`` NaN if not finite. Per
+    block of partials (``NB`` per codebook, strided over the code blocks): the largest max-abs of
+    a finite code, the smallest nonzero one, and the first finite code (``K`` if none)."""
     pid = tl.program_id(0)
     h = (pid // NB).to(tl.int64)
     pid_b = pid % NB
     p_c += h * stride_ch
-    p_cterm += h * K
+    p_cterm += h * (2 * NBANDS * K)
     r_max = tl.zeros((BLOCK_K,), dtype=tl.float32)
     r_min = tl.full((BLOCK_K,), float("inf"), dtype=tl.float32)
     r_first = tl.zeros((BLOCK_K,), dtype=tl.int32) + K
@@ -310,14 +343,20 @@ def _code_terms_kernel(p_c, p_cterm, p_pmax, p_pmin, p_pfirst, K, D, NB, stride_
             b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m_k[:, None] & (o_d < D)[None, :],
                           other=0.0).to(tl.float32) * b_s[:, None]
             b_q += tl.sum(b_c * b_c, axis=1)
-        if METRIC == 1:
-            b_t = tl.where(b_q > 0, b_s / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0)
-        elif METRIC == 2:
-            b_t = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        else:
-            b_t = (b_q * exp2i(e)) * exp2i(e)
         m_bad = b_z != b_z
-        tl.store(p_cterm + o_k, tl.where(m_bad, float("nan"), b_t), mask=m_k)
+        for j in tl.static_range(NBANDS):
+            if METRIC == 1:
+                b_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                b_b = -tl.where(b_q > 0, b_s / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0)
+            elif METRIC == 2:
+                b_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                b_b = tl.zeros((BLOCK_K,), dtype=tl.float32) - 1.0
+            else:  # |c|^2 2^-2L = (q 2^(e-L)) 2^(e-L): one rounding (q >= 1 for a nonzero code)
+                e_l = e - _band_unit(j)
+                b_a = (b_q * exp2i(e_l)) * exp2i(e_l)
+                b_b = tl.zeros((BLOCK_K,), dtype=tl.float32) - 2.0 * exp2i(0 * e - _band_unit(j))
+            tl.store(p_cterm + j * K + o_k, tl.where(m_bad, float("nan"), b_a), mask=m_k)
+            tl.store(p_cterm + (NBANDS + j) * K + o_k, b_b, mask=m_k)
         m_good = m_k & ~m_bad
         r_max = tl.maximum(r_max, tl.where(m_good, b_m, 0.0))
         r_min = tl.minimum(r_min, tl.where(m_good & (b_m > 0), b_m, float("inf")))
@@ -330,11 +369,13 @@ def _code_terms_kernel(p_c, p_cterm, p_pmax, p_pmin, p_pfirst, K, D, NB, stride_
 @triton.jit
 def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta, K, D, NB, KB,
                          stride_ch, stride_ck, stride_cd,
-                         METRIC: tl.constexpr, CAN_SCALE: tl.constexpr, TAME: tl.constexpr,
+                         METRIC: tl.constexpr, NBANDS: tl.constexpr, CAN_SCALE: tl.constexpr, TAME: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     """Reduce the partials of one codebook; where its magnitudes leave [2^-TAME, 2^TAME], write a
-    power-of-two scaled copy (``KB`` blocks of ``BLOCK_K`` codes per codebook) and its terms.
-    Program 0 of each codebook writes its meta row: first finite code, copy in use, l2 scale."""
+    power-of-two scaled copy (``KB`` blocks of ``BLOCK_K`` codes per codebook; l2 and cosine one
+    scale per code, dot one per codebook) and the ``b`` terms that go with it. Program 0 of each
+    codebook writes its meta row: first finite code, copy in use, dot scale, smallest nonzero
+    finite code max-abs (0 if none)."""
     pid = tl.program_id(0)
     h = (pid // KB).to(tl.int64)
     pid_k = pid % KB
@@ -345,51 +386,50 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
     first = tl.min(tl.load(p_pfirst + h * NB + o_b, mask=m_b, other=K), axis=0)
     hi = exp2i(TAME + 0 * first)
     lo = exp2i(-TAME + 0 * first)
-    if METRIC == 1:
-        need = (c_max > hi) | (c_min < lo)
-    else:
+    if METRIC == 2:
         need = (c_max > hi) | ((c_max < lo) & (c_max > 0.0))
+    else:
+        need = (c_max > hi) | (c_min < lo)
     if not CAN_SCALE:
         need = need & False
     e = tl.maximum(pow2_exponent(c_max), -126)
     s = exp2i(-e)
     s_eff = tl.where(need, s, 1.0)
+    c_low = tl.where(c_min < float("inf"), c_min, 0.0)
     o_m = tl.arange(0, 4)
     meta = tl.where(o_m == 0, first, tl.where(o_m == 1, need.to(tl.int32), s_eff.to(tl.int32, bitcast=True)))
-    tl.store(p_meta + h * 4 + o_m, tl.where(o_m < 3, meta, 0), mask=(o_m < 4) & (pid_k == 0))
+    meta = tl.where(o_m == 3, c_low.to(tl.int32, bitcast=True), meta)
+    tl.store(p_meta + h * 4 + o_m, meta, mask=(o_m < 4) & (pid_k == 0))
     if need:
         o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         m_k = o_k < K
         o_row = h * stride_ch + o_k.to(tl.int64) * stride_ck
-        if METRIC == 1:  # one scale per code
+        if METRIC != 2:  # one scale per code
             b_m = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 o_d = d0 + tl.arange(0, BLOCK_D)
                 b_c = tl.load(p_c + o_row[:, None] + o_d[None, :] * stride_cd,
                               mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
                 b_m = tl.maximum(b_m, tl.max(tl.abs(b_c), axis=1))
-            b_s = exp2i(-pow2_exponent(b_m))
+            b_e = pow2_exponent(b_m)
+            b_s = exp2i(-b_e)
         else:
             b_s = tl.zeros((BLOCK_K,), dtype=tl.float32) + s
         b_q = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        b_z = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m = m_k[:, None] & (o_d < D)[None, :]
             b_c = tl.load(p_c + o_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
             b_c = b_c * b_s[:, None]
-            b_z += tl.sum(b_c * 0.0, axis=1)
             b_q += tl.sum(b_c * b_c, axis=1)
-            if METRIC == 0 or METRIC == 3:  # l2: the dot carries both scales, x is not scaled
-                b_c = b_c * b_s[:, None]
             tl.store(p_chat + o_row[:, None] + o_d[None, :] * stride_cd, b_c.to(p_chat.dtype.element_ty), mask=m)
+        p_cb = p_cterm + h * (2 * NBANDS * K) + NBANDS * K + o_k  # the b terms (a does not change)
         if METRIC == 1:
-            b_t = tl.where(b_q > 0, 1.0 / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0)
-        elif METRIC == 2:
-            b_t = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        else:
-            b_t = b_q
-        tl.store(p_cterm + h * K + o_k, tl.where(b_z != b_z, float("nan"), b_t), mask=m_k)
+            tl.store(p_cb, -tl.where(b_q > 0, 1.0 / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0), mask=m_k)
+        elif METRIC == 0 or METRIC == 3:  # l2: x.c = 2^e x.c', so b = -2^(1 + e - L)
+            for j in tl.static_range(NBANDS):
+                tl.store(p_cb + j * K, _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 2.0, b_e - _band_unit(j)),
+                         mask=m_k)
 
 
 # --------------------------------------------------------------------------- main kernels
@@ -486,7 +526,7 @@ def _nearest_code_fwd_kernel(
     stride_xh, stride_xn, stride_xd, stride_ch, stride_ck, stride_cd, stride_pn, stride_pd,
     METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr, SAMPLE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    NBANDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -498,28 +538,37 @@ def _nearest_code_fwd_kernel(
     m_n = o_n < N
     o_xrow = h * stride_xh + o_n * stride_xn
 
-    # This codebook's meta row: first finite code, whether the scaled copy is in use, l2 scale.
+    # This codebook's meta row: first finite code, whether the scaled copy is in use, dot scale,
+    # smallest nonzero code max-abs.
     first = tl.load(p_meta + h * 4)
     use_hat = tl.load(p_meta + h * 4 + 1)
-    s_l2 = tl.load(p_meta + h * 4 + 2).to(tl.float32, bitcast=True)
+    s_dot = tl.load(p_meta + h * 4 + 2).to(tl.float32, bitcast=True)
+    c_min = tl.load(p_meta + h * 4 + 3).to(tl.float32, bitcast=True)
     p_cb = tl.where(use_hat != 0, p_chat, p_c) + h * stride_ch
-    p_ct = p_cterm + h * K
+    p_ct = p_cterm + h * (2 * NBANDS * K)
 
     # Row terms, once: cosine/dot scale each row by a power of two (their argmin ignores it);
-    # mining needs |x|^2 and the bound |x - p|^2, in the scale of the scores.
+    # l2 by its unit band's 2^-L (one unit per row, so that a codebook of any spread keeps the
+    # scores that decide the row's code in range; a block of rows makes one pass over the
+    # codebook per band it holds, one in practice); mining needs |x|^2 and the bound |x - p|^2,
+    # in the row's unit.
     o_d = tl.arange(0, BLOCK_D)
     b_rs = tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0
+    b_band = tl.zeros((BLOCK_N,), dtype=tl.int32)
     if SCALE_ROWS:
         b_xm, b_rs = _row_scale(p_x, o_xrow, m_n, D, stride_xd, BLOCK_N, BLOCK_D)
+        if METRIC == 0 or METRIC == 3:
+            b_band = tl.where(m_n, _row_band(b_xm, c_min), 0)
+            b_rs = exp2i(-_band_unit(b_band))
     if HAS_LOWER_BOUND:
         b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b_lb = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
             b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd,
-                          other=0.0).to(tl.float32) * s_l2
+                          other=0.0).to(tl.float32) * b_rs[:, None]
             b_p = tl.load(p_pos + o_n[:, None] * stride_pn + (d0 + o_d)[None, :] * stride_pd, mask=m_xd,
-                          other=0.0).to(tl.float32) * s_l2
+                          other=0.0).to(tl.float32) * b_rs[:, None]
             b_xx += tl.sum(b_x * b_x, axis=1)
             b_lb += tl.sum((b_x - b_p) * (b_x - b_p), axis=1)
         # a negative strictly farther than the positive scores above b_lb - b_xx; one within
@@ -528,7 +577,7 @@ def _nearest_code_fwd_kernel(
         b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 4) * 1.9073486328125e-06)
     if SAMPLE:
         # distance / temperature = a * score + (row constant); Gumbel-max over -that
-        inv_s = 1.0 / s_l2  # 2^e exactly
+        inv_s = 1.0 / b_rs  # l2: the row's unit 2^L, exactly
         if METRIC == 1:  # 1 - cos = 1 + score / |x'|
             b_q = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -540,19 +589,19 @@ def _nearest_code_fwd_kernel(
             b_a = tl.where(b_nx > 0, 1.0 / (tl.where(b_nx > 0, b_nx, 1.0) * temperature), 0.0)
         elif METRIC == 2:  # -(x.c) = score * 2^(e_x + e)
             if SCALE_ROWS:
-                b_a = (exp2i(pow2_exponent(b_xm)) * inv_s) / temperature
+                b_a = (exp2i(pow2_exponent(b_xm)) * (1.0 / s_dot)) / temperature
             else:
-                b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_s / temperature
+                b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 / s_dot) / temperature
         elif METRIC == 3:  # |x - c| = sqrt(|x s|^2 + score) / s
             b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
                 b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd,
-                              other=0.0).to(tl.float32) * s_l2
+                              other=0.0).to(tl.float32) * b_rs[:, None]
                 b_xx += tl.sum(b_x * b_x, axis=1)
-            b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_s / temperature
+            b_a = inv_s / temperature
         else:  # |x - c|^2 = (|x s|^2 + score) / s^2
-            b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + (inv_s * inv_s) / temperature
+            b_a = (inv_s / temperature) * inv_s
         b_w = (b_a <= 1.2676506002282294e30).to(tl.float32)  # 2^100: beyond, the row takes its nearest code
         b_a = tl.where(b_w > 0, b_a, 1.0)
         seed = tl.load(p_seed)
@@ -569,24 +618,38 @@ def _nearest_code_fwd_kernel(
     b_idx = tl.full((BLOCK_N,), -1, dtype=tl.int32)
     b_best_c = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
     b_idx_c = tl.full((BLOCK_N,), -1, dtype=tl.int32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < k_end
-        b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
-                        ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
-                        EVEN_K, EVEN_D and ONE_D_BLOCK)
-        b_s = _scores(b_xc, p_ct, o_k, m_k, METRIC, EVEN_K)
-        if SAMPLE:
-            if METRIC == 3:
-                b_s = tl.sqrt(nan_max0(b_xx[:, None] + b_s))
-            b_s = b_s * b_a[:, None] - b_w[:, None] * _gumbel(seed, o_n, k0, h, BLOCK_N, BLOCK_K)
-        b_best, b_idx = argmin_merge(b_best, b_idx, b_s, k0, BLOCK_K)
-        if HAS_LOWER_BOUND:  # only codes strictly farther than the positive
-            # (one fused min-with-index here: +inf, not NaN, marks the codes left out, so the
-            # comparison-based combine needs no NaN handling; measured cheaper than two mins)
-            b_mc, b_jc = tl.min(tl.where(b_s > b_thr[:, None], b_s, float("inf")), axis=1, return_indices=True,
-                                return_indices_tie_break_left=True)
-            b_best_c, b_idx_c = argmin_merge_pair(b_best_c, b_idx_c, b_mc, (k0 + b_jc).to(tl.int32))
+    for band in range(0, NBANDS):  # one pass per unit band the block's rows hold (l2; else one)
+        m_band = b_band == band
+        if tl.max(m_band.to(tl.int32), axis=0) > 0:
+            p_ca = p_ct + band * K  # this band's per-code terms a, b
+            p_cf = p_ct + (NBANDS + band) * K
+            r_best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+            r_idx = tl.full((BLOCK_N,), -1, dtype=tl.int32)
+            r_best_c = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+            r_idx_c = tl.full((BLOCK_N,), -1, dtype=tl.int32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                m_k = o_k < k_end
+                b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+                                ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
+                                EVEN_K, EVEN_D and ONE_D_BLOCK)
+                b_s = _scores(b_xc, p_ca, p_cf, o_k, m_k, EVEN_K)
+                if SAMPLE:
+                    if METRIC == 3:
+                        b_s = tl.sqrt(nan_max0(b_xx[:, None] + b_s))
+                    b_s = b_s * b_a[:, None] - b_w[:, None] * _gumbel(seed, o_n, k0, h, BLOCK_N, BLOCK_K)
+                r_best, r_idx = argmin_merge(r_best, r_idx, b_s, k0, BLOCK_K)
+                if HAS_LOWER_BOUND:  # only codes strictly farther than the positive
+                    # (one fused min-with-index here: +inf, not NaN, marks the codes left out, so the
+                    # comparison-based combine needs no NaN handling; measured cheaper than two mins)
+                    b_mc, b_jc = tl.min(tl.where(b_s > b_thr[:, None], b_s, float("inf")), axis=1,
+                                        return_indices=True, return_indices_tie_break_left=True)
+                    r_best_c, r_idx_c = argmin_merge_pair(r_best_c, r_idx_c, b_mc, (k0 + b_jc).to(tl.int32))
+            b_best = tl.where(m_band, r_best, b_best)
+            b_idx = tl.where(m_band, r_idx, b_idx)
+            if HAS_LOWER_BOUND:
+                b_best_c = tl.where(m_band, r_best_c, b_best_c)
+                b_idx_c = tl.where(m_band, r_idx_c, b_idx_c)
 
     o_out = h * N + o_n
     if WRITE_PARTIAL:  # partials laid out [track][split][codebook, row]
@@ -645,7 +708,7 @@ def _topk_codes_fwd_kernel(
     N, K, D, KK,
     stride_xh, stride_xn, stride_xd, stride_ch, stride_ck, stride_cd,
     METRIC: tl.constexpr, ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, NBANDS: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, FIN_D: tl.constexpr,
 ):
     """The ``KK`` nearest codes of each row: the nearest-code search's scores, kept in a running
@@ -662,13 +725,19 @@ def _topk_codes_fwd_kernel(
     m_n = o_n < N
     o_xrow = h * stride_xh + o_n * stride_xn
     use_hat = tl.load(p_meta + h * 4 + 1)
+    c_min = tl.load(p_meta + h * 4 + 3).to(tl.float32, bitcast=True)
     p_cb = tl.where(use_hat != 0, p_chat, p_c) + h * stride_ch
-    p_ct = p_cterm + h * K
+    p_ct = p_cterm + h * (2 * NBANDS * K)
 
     b_xm, m_nan, m_bad = _row_flags(p_x, o_xrow, m_n, D, stride_xd, BLOCK_N, FIN_D)
     b_rs = tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0
+    b_band = tl.zeros((BLOCK_N,), dtype=tl.int32)
     if SCALE_ROWS:
-        b_rs = exp2i(-pow2_exponent(b_xm))
+        if METRIC == 0 or METRIC == 3:  # the row's l2 unit band (see the nearest-code kernel)
+            b_band = tl.where(m_n, _row_band(b_xm, c_min), 0)
+            b_rs = exp2i(-_band_unit(b_band))
+        else:
+            b_rs = exp2i(-pow2_exponent(b_xm))
     b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
 
     BIG: tl.constexpr = 2147483647
@@ -679,30 +748,36 @@ def _topk_codes_fwd_kernel(
     b_wv = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)  # the worst slot: value, key, position
     b_wi = tl.full((BLOCK_N,), BIG, dtype=tl.int32)
     b_wp = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
-        b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
-                        ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
-        b_s = _scores(b_xc, p_ct, o_k, m_k, METRIC)
-        b_ct = tl.load(p_ct + o_k, mask=m_k, other=0.0)
-        b_key = (o_k + tl.where(b_ct == b_ct, 0, 1073741824)).to(tl.int32)
-        b_v = tl.where((b_s == b_s) & ~m_bad[:, None], b_s, float("inf"))
-        b_v = tl.where(m_k[None, :], b_v, float("nan"))  # past K: never extracted
-        b_m = tl.min(b_v, axis=1)
-        b_j = tl.min(tl.where(b_v == b_m[:, None], b_key[None, :], BIG), axis=1)
-        m_better = (b_m < b_wv) | ((b_m == b_wv) & (b_j < b_wi))
-        while tl.max(m_better.to(tl.int32), axis=0) > 0:
-            m_ins = m_better[:, None] & (o_slot[None, :] == b_wp[:, None])
-            b_tv = tl.where(m_ins, b_m[:, None], b_tv)
-            b_ti = tl.where(m_ins, b_j[:, None], b_ti)
-            b_wv = tl.max(b_tv, axis=1)
-            b_wi = tl.max(tl.where(b_tv == b_wv[:, None], b_ti, -2), axis=1)
-            b_wp = tl.min(tl.where((b_tv == b_wv[:, None]) & (b_ti == b_wi[:, None]), o_slot[None, :], KP), axis=1)
-            b_v = tl.where(b_key[None, :] == b_j[:, None], float("nan"), b_v)
-            b_m = tl.min(b_v, axis=1)
-            b_j = tl.min(tl.where(b_v == b_m[:, None], b_key[None, :], BIG), axis=1)
-            m_better = (b_m < b_wv) | ((b_m == b_wv) & (b_j < b_wi))
+    for band in range(0, NBANDS):  # one pass per unit band the block's rows hold (l2; else one)
+        m_band = b_band == band
+        if tl.max(m_band.to(tl.int32), axis=0) > 0:
+            p_ca = p_ct + band * K
+            p_cf = p_ct + (NBANDS + band) * K
+            for k0 in range(0, K, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                m_k = o_k < K
+                b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+                                ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
+                b_s = _scores(b_xc, p_ca, p_cf, o_k, m_k)
+                b_ct = tl.load(p_ca + o_k, mask=m_k, other=0.0)
+                b_key = (o_k + tl.where(b_ct == b_ct, 0, 1073741824)).to(tl.int32)
+                b_v = tl.where((b_s == b_s) & ~m_bad[:, None], b_s, float("inf"))
+                b_v = tl.where(m_k[None, :], b_v, float("nan"))  # past K: never extracted
+                b_m = tl.min(b_v, axis=1)
+                b_j = tl.min(tl.where(b_v == b_m[:, None], b_key[None, :], BIG), axis=1)
+                m_better = ((b_m < b_wv) | ((b_m == b_wv) & (b_j < b_wi))) & m_band
+                while tl.max(m_better.to(tl.int32), axis=0) > 0:
+                    m_ins = m_better[:, None] & (o_slot[None, :] == b_wp[:, None])
+                    b_tv = tl.where(m_ins, b_m[:, None], b_tv)
+                    b_ti = tl.where(m_ins, b_j[:, None], b_ti)
+                    b_wv = tl.max(b_tv, axis=1)
+                    b_wi = tl.max(tl.where(b_tv == b_wv[:, None], b_ti, -2), axis=1)
+                    b_wp = tl.min(tl.where((b_tv == b_wv[:, None]) & (b_ti == b_wi[:, None]), o_slot[None, :], KP),
+                                  axis=1)
+                    b_v = tl.where(b_key[None, :] == b_j[:, None], float("nan"), b_v)
+                    b_m = tl.min(b_v, axis=1)
+                    b_j = tl.min(tl.where(b_v == b_m[:, None], b_key[None, :], BIG), axis=1)
+                    m_better = ((b_m < b_wv) | ((b_m == b_wv) & (b_j < b_wi))) & m_band
 
     # out: the slots in increasing (value, key), each with its distance computed directly
     o_out = (h * N + o_n) * KK
@@ -758,7 +833,7 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
         codebook = codebook.contiguous()
     NB = min(triton.cdiv(K, PREP_BLOCK_K), PREP_MAX_BLOCKS)
     KB = triton.cdiv(K, PREP_BLOCK_K)
-    cterm = torch.empty((H, K), dtype=torch.float32, device=dev)
+    cterm = torch.empty((H, 2, NBANDS[metric], K), dtype=torch.float32, device=dev)  # a, b per unit band
     pmax = torch.empty((H, NB), dtype=torch.float32, device=dev)
     pmin = torch.empty((H, NB), dtype=torch.float32, device=dev)
     pfirst = torch.empty((H, NB), dtype=torch.int32, device=dev)
@@ -767,12 +842,13 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
     BLOCK_DP = min(max(next_pow2(D), 16), 64)
     _code_terms_kernel[(H * NB,)](
         codebook, cterm, pmax, pmin, pfirst, K, D, NB, codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        METRIC=m, BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP,
+        METRIC=m, NBANDS=NBANDS[metric], BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP,
     )
     _code_rescale_kernel[(H * KB,)](
         codebook, chat, cterm, pmax, pmin, pfirst, meta, K, D, NB, KB,
         codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        METRIC=m, CAN_SCALE=can_scale, TAME=TAME_EXP, BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP,
+        METRIC=m, NBANDS=NBANDS[metric], CAN_SCALE=can_scale, TAME=TAME_EXP, BLOCK_K=PREP_BLOCK_K,
+        BLOCK_D=BLOCK_DP,
         BLOCK_B=PREP_MAX_BLOCKS,
     )
     return codebook, chat, cterm, meta
@@ -813,7 +889,7 @@ def _launch(x, codebook, metric, allow_tf32, positive, splits, seed=None, temper
         x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
         pos.stride(0), pos.stride(1),
         METRIC=m, HAS_LOWER_BOUND=has_lb, SAMPLE=sample, WRITE_PARTIAL=S > 1, ONE_D_BLOCK=one_d,
-        SCALE_ROWS=m in (1, 2) and x.dtype != torch.float16,
+        SCALE_ROWS=x.dtype != torch.float16, NBANDS=NBANDS[metric],
         PRECISION=tl_input_precision(x.dtype, allow_tf32), DOT_FP32=dot_fp32(x.dtype), BLOCK_D=BLOCK_D,
     )
     # ... and, when the codebook was split, the merge of the partials and the epilogue.
@@ -885,7 +961,7 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
     # Fixed tiles, compiled for sm_90 and sm_80 and checked for spills (sm90-static.json).
     # fp32's exact dot runs on the FMA units, where Triton holds both operands for the whole
     # reduction (D) in registers: against a resident 64 x 256 x tile ptxas spilled ~10 KB per
-    # thread, so D is streamed in chunks of at most 64, on 64 x 32 tiles at 8 warps. 16-bit (and
+    # thread, so D is streamed in chunks of at most 32, on 64 x 32 tiles at 8 warps. 16-bit (and
     # tf32) keeps x resident; sm_80 (mma.sync) takes 32-code tiles (64 spilled at 255 registers).
     one_d = D <= RESIDENT_MAX_D and precision != "ieee"
     BLOCK_D = max(next_pow2(D), 16) if one_d else min(max(next_pow2(D), 16), 64 if precision != "ieee" else 32)
@@ -899,8 +975,8 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
     _topk_codes_fwd_kernel[(H * triton.cdiv(N, BLOCK_N),)](
         x, codebook, chat, cterm, meta, indices, distances, N, K, D, k,
         x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        METRIC=m, ONE_D_BLOCK=one_d, SCALE_ROWS=m in (1, 2) and x.dtype != torch.float16,
-        PRECISION=precision, DOT_FP32=dot_fp32(x.dtype), KP=KP,
+        METRIC=m, ONE_D_BLOCK=one_d, SCALE_ROWS=x.dtype != torch.float16,
+        PRECISION=precision, DOT_FP32=dot_fp32(x.dtype), NBANDS=NBANDS[metric], KP=KP,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, FIN_D=min(BLOCK_D, 32), num_warps=num_warps,
     )
     return indices, distances

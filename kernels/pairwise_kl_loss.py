@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, autotune, autotune_configs, dot_fp32, dot_nt, flat_grid, flat_program_id, launcher,
-                      next_pow2, prune_by_estimate, register_estimate, target_for, tl_input_precision, words_per_thread)
+from ._common import (arch_family, autotune, autotune_configs, dot_fp32, dot_nt, exp2i, flat_grid, flat_program_id,
+                      launcher, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, target_for,
+                      tl_input_precision, words_per_thread)
 
 
 def _config(m, n, w, s):
@@ -227,6 +228,12 @@ def _pairwise_kl_loss_bwd_kernel(
     b_lse_pm = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
     b_lse_tm = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
     b_dp = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    # |(G + G^T) @ pred| <= (B + 1) max|pred|: with h scaled by 2^-e, 2^e > B + 1, the float32
+    # accumulator cannot overflow where the gradient does not (float16 scales up instead)
+    if H_SCALE != 1.0:
+        h_scale = H_SCALE
+    else:
+        h_scale = exp2i(-(pow2_exponent((B + 1) * 1.0) + 1))
     for n0 in range(0, B, BLOCK_N):
         o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t,
                                           stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
@@ -241,8 +248,8 @@ def _pairwise_kl_loss_bwd_kernel(
                + _exp_prob(b_s - b_lse_pn[None, :]) - _exp_prob(b_t - b_lse_tn[None, :]))
         m_valid = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_h = tl.where(m_valid, b_h, 0.0)
-        if H_SCALE != 1.0:  # float16 operands: |h| <= 2 scaled by 2^14 stays normal down to 2^-28
-            b_h = b_h * H_SCALE
+        # float16 operands: |h| <= 2 scaled by 2^14 stays normal down to 2^-28; others: by 2^-e
+        b_h = b_h * h_scale
         b_pn = tl.load(p_pred + o_n[:, None] * stride_pb + o_do[None, :] * stride_pd,
                        mask=m_n[:, None] & m_do[None, :], other=0.0)
         if DOT_FP32_P:
@@ -250,7 +257,7 @@ def _pairwise_kl_loss_bwd_kernel(
         else:
             b_dp = tl.dot(b_h.to(b_pn.dtype), b_pn, b_dp, input_precision=PREC_P)
 
-    b_scale = tl.load(p_grad).to(tl.float32) * inv_t / B / H_SCALE
+    b_scale = tl.load(p_grad).to(tl.float32) * inv_t / B / h_scale
     tl.store(p_dpred + o_m[:, None] * stride_db + o_do[None, :] * stride_dd,
              (b_dp * b_scale).to(p_dpred.dtype.element_ty), mask=m_m[:, None] & m_do[None, :])
 

@@ -76,9 +76,14 @@ def _bag_bounds(p_offsets, b_bag, m, N, B):
 @triton.jit
 def _qr_compose(
     p_qw, p_rw, b_qi, b_ri, m_n, o_d, DQ, DR,
-    stride_qn, stride_qd, stride_rn, stride_rd, OP: tl.constexpr,
+    stride_qn, stride_qd, stride_rn, stride_rd, OP: tl.constexpr, SCALED: tl.constexpr = False, scale=1.0,
 ):
-    """float32 (BLOCK, BLOCK_D) composed rows; zeros where ``m_n`` or the column is masked."""
+    """float32 (BLOCK, BLOCK_D) composed rows; zeros where ``m_n`` or the column is masked.
+
+    ``SCALED``: the rows times ``scale`` (a bag's 1 / len), applied so that the composition
+    cannot overflow where the scaled result does not: add sums the halved operands (exact) and
+    takes ``2 scale`` (bitwise ``(q + r) scale`` wherever that is finite), mult scales ``r``
+    first, concat scales the row."""
     if OP == 2:  # concat: columns [0, DQ) from q, [DQ, DQ + DR) from r
         o_r = o_d - DQ
         m_q = m_n[:, None] & (o_d < DQ)[None, :]
@@ -89,7 +94,14 @@ def _qr_compose(
         m_r = m_q
     b_q = tl.load(p_qw + b_qi[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_q, other=0.0).to(tl.float32)
     b_r = tl.load(p_rw + b_ri[:, None] * stride_rn + o_r[None, :] * stride_rd, mask=m_r, other=0.0).to(tl.float32)
-    if OP == 1:
+    if SCALED:
+        if OP == 1:
+            b_c = b_q * (b_r * scale)
+        elif OP == 0:
+            b_c = (b_q * 0.5 + b_r * 0.5) * (2.0 * scale)
+        else:
+            b_c = (b_q + b_r) * scale
+    elif OP == 1:
         b_c = b_q * b_r
     else:
         b_c = b_q + b_r
@@ -132,11 +144,14 @@ def _qr_lookup_bag_fwd_kernel(
         o_l = l0 + tl.arange(0, BLOCK_L)
         m_l = o_l < end
         b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
-        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP)
+        # MEAN: each item scaled before the sum, and inside its composition (q + r or q * r may
+        # overflow where their mean over the bag does not)
+        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP,
+                          MEAN and not HAS_W, inv_len)
         if HAS_W:
             b_c = b_c * tl.load(p_psw + o_l, mask=m_l, other=0.0).to(tl.float32)[:, None]
-        if MEAN:  # scale each item before the sum: the mean of items near the float32 limit stays finite
-            b_c = b_c * inv_len
+            if MEAN:
+                b_c = b_c * inv_len
         b_acc += b_c
     b_out = tl.sum(b_acc, axis=0)
     tl.store(p_out + pid_b * stride_on + o_d * stride_od, b_out.to(p_out.dtype.element_ty), mask=o_d < DOUT)

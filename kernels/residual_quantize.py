@@ -10,8 +10,10 @@ codes and the sum of the chosen codes, one launch can also produce what a traini
 next, so the module computes nothing over the activations in torch:
 
 * ``LOSS``: per program and level, ``sum_i w_i |r_{i,l+1}|^2`` (the squared residual left by
-  level ``l``: the seed's commitment / codebook loss terms), written to a small
-  ``(programs, BLOCK_L)`` buffer the op sums in a fixed order (deterministic);
+  level ``l``: the seed's commitment / codebook loss terms), written to a small float64
+  ``(programs, BLOCK_L)`` buffer the op sums in a fixed order (deterministic); a row's float32
+  ``|r|^2`` that overflows (|r| beyond ~1.8e19) is summed again scaled by its power of two
+  (only in a block that holds one), so the loss is finite wherever its mean is representable;
 * ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
   and sums per code (float32 atomics) and the number of rows left out as not finite;
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
@@ -25,8 +27,11 @@ next, so the module computes nothing over the activations in torch:
 
 The nearest code (NaN-aware, smallest index on exact ties): a code with a NaN or infinite
 element is never chosen while a finite code exists; a NaN distance (a NaN residual) and an
-overflowing one compare as ``+inf``; a row whose distances all compare as ``+inf`` gets the
-first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
+overflowing one compare as ``+inf``; a finite row beyond 2^48 in size, or whose scores all
+compare as ``+inf`` (|c|^2 overflows), is searched again on the residual and codes scaled by
+2^-96 (exact; the common path is unchanged, the rescue pass costs one multiply per code element
+per tile and runs only for blocks that hold such a row; float16 codebooks never need it); a
+row still without a finite score gets the first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
 smallest index among the exact minima wins, and a later tile wins only when strictly smaller
 (the team's ``_common.argmin_merge``, fed NaN for the codes that may not win).
 
@@ -56,9 +61,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, launcher, next_pow2,
-                      prune_by_estimate, register_estimate, round_bf16, target_for, tl_input_precision,
-                      words_per_thread)
+from ._common import (arch_family, argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, exp2i, launcher,
+                      next_pow2, pow2_exponent, prune_by_estimate, register_estimate, round_bf16, target_for,
+                      tl_input_precision, words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
@@ -76,6 +81,117 @@ def _scores_of_finite_codes(b_dist, b_cfin, o_k, m_k, b_first, K):
     m_ok = m_k & b_cfin
     b_first = tl.minimum(b_first, tl.min(tl.where(m_ok, o_k, K), axis=0))
     return tl.where(m_ok[None, :], b_dist, float("nan")), b_first
+
+
+# A row whose residual's max-abs exceeds 2^BIG_EXP, or that found no code with a finite score, is
+# searched again with the residual and the codes scaled by 2^-RESCALE_EXP (exact): |c|^2 and
+# 2 r.c of codes near a residual up to the float32 maximum then neither overflow nor cancel.
+BIG_EXP = 48
+RESCALE_EXP = 96
+
+
+@triton.jit
+def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first,
+                  PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SCALED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Nearest code of each row of the register-resident dot operand ``b_rd`` in one level:
+    running ``(min, index)`` over the tiles (index -1 where no finite score) and the first
+    finite code. ``SCALED``: the codes are scaled by 2^-RESCALE_EXP as they are loaded (``b_rd``
+    already is): one multiply per code element per tile, only on the rescue pass."""
+    b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                      mask=m_k[:, None] & m_d[None, :], other=0.0)
+        b_c32 = b_c.to(tl.float32)
+        if SCALED:
+            b_c32 = b_c32 * 1.2621774483536189e-29  # 2^-96
+            b_c = b_c32.to(b_c.dtype)  # exact (bf16 and fp32 hold the scaled value)
+        b_cc = tl.sum(b_c32 * b_c32, axis=1)
+        if DOT_FP32:
+            b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
+        else:
+            b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
+        b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, _row_finite(b_c32), o_k, m_k,
+                                               b_first, K)
+        b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+    return b_min, b_idx, b_first
+
+
+@triton.jit
+def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd,
+                          PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
+                          SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_search_level` for the chunked variant: the residual streamed from the workspace in
+    BLOCK_D chunks; ``SCALED`` scales both the residual and the codes by 2^-96 as they load."""
+    b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+    b_first = K
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_rc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        b_cc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        b_cbad = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                          other=0.0)
+            if SCALED:
+                b_r = b_r * 1.2621774483536189e-29  # 2^-96, exact
+            if BF16_RNE:
+                b_rd = round_bf16(b_r)
+            else:
+                b_rd = b_r.to(p_cbl.dtype.element_ty)
+            b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                          mask=m_k[:, None] & m_d[None, :], other=0.0)
+            b_c32 = b_c.to(tl.float32)
+            if SCALED:
+                b_c32 = b_c32 * 1.2621774483536189e-29
+                b_c = b_c32.to(b_c.dtype)
+            b_cc += tl.sum(b_c32 * b_c32, axis=1)
+            b_cbad += tl.where(_row_finite(b_c32), 0, 1)
+            if DOT_FP32:
+                b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
+            else:
+                b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
+        b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, b_cbad == 0, o_k, m_k, b_first, K)
+        b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+    return b_min, b_idx, b_first
+
+
+@triton.jit
+def _exp2i64(e):
+    """``2.0 ** e`` as float64, exactly, for an int32 ``e`` in [-1022, 1023]."""
+    return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _sq_rows64(b_sq, b_rm, b_q):
+    """A row's ``|r|^2`` as float64: ``b_sq`` (the float32 sum) where it is finite, else
+    ``b_q 2^(2e)`` with ``b_q = |r 2^-e|^2`` the sum of the row scaled by ``2^-e`` (``b_rm``'s
+    power of two), exact but for float32's rounding of ``b_q``."""
+    e = pow2_exponent(b_rm)
+    return tl.where(b_sq < float("inf"), b_sq.to(tl.float64), b_q.to(tl.float64) * _exp2i64(2 * e))
+
+
+@triton.jit
+def _loss_rows(b_new, b_w, m_m):
+    """``w |r|^2`` per row of a register block, float64 (0 for masked rows and weight 0). The
+    float32 sum overflows for ``|r|`` beyond ~1.8e19 though the loss may be representable: only a
+    block holding such a row (finite) sums its rows again scaled by their power of two."""
+    b_sq = tl.sum(b_new * b_new, axis=1)
+    b_sq64 = b_sq.to(tl.float64)
+    m_over = m_m & ~(b_sq < float("inf")) & _row_finite(b_new)
+    if tl.max(m_over.to(tl.int32), axis=0) > 0:
+        b_rm = tl.max(tl.abs(b_new), axis=1)
+        b_s = exp2i(-pow2_exponent(b_rm))
+        b_n = b_new * b_s[:, None]
+        b_sq64 = tl.where(m_over, _sq_rows64(b_sq, b_rm, tl.sum(b_n * b_n, axis=1)), b_sq64)
+    return tl.where(m_m & (b_w != 0), b_w.to(tl.float64) * b_sq64, 0.0)
 
 
 @triton.jit
@@ -103,9 +219,7 @@ def _level_outputs(
     """What a level adds besides the code, for a register-resident row block ``b_r`` (the
     residual this level quantized) and its chosen code rows ``b_sel``."""
     if LOSS:
-        b_new = b_r - b_sel
-        b_sq = tl.sum(b_new * b_new, axis=1)
-        b_sq = tl.where(m_m & (b_w != 0), b_w * b_sq, 0.0)
+        b_sq = _loss_rows(b_r - b_sel, b_w, m_m)
         b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
     if STATS or CAND:
         b_fin = _row_finite(b_r) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
@@ -205,6 +319,19 @@ _prune_chunked_configs.estimate = _estimate_chunked
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
 
 
+@triton.jit
+def _dot_operand(b_r, p_cb, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr):
+    """The residual as the search's dot operand: rounded to the codebook dtype (a no-op for
+    float32; ``BF16_RNE``: to nearest even), then upcast to float32 with ``DOT_FP32``."""
+    if BF16_RNE:
+        b_rd = round_bf16(b_r)
+    else:
+        b_rd = b_r.to(p_cb.dtype.element_ty)
+    if DOT_FP32:
+        b_rd = b_rd.to(tl.float32)
+    return b_rd
+
+
 @autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
@@ -241,34 +368,25 @@ def _residual_quantize_fwd_kernel(
         b_slot = tl.load(p_slot + o_m, mask=m_m, other=-1)
     else:
         b_slot = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float64)
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
             # the dot operand: the residual in the codebook dtype (a no-op for float32)
-            if BF16_RNE:
-                b_rd = round_bf16(b_r)
-            else:
-                b_rd = b_r.to(p_cb.dtype.element_ty)
-            if DOT_FP32:
-                b_rd = b_rd.to(tl.float32)
-            b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-            b_first = K
-            for k0 in range(0, K, BLOCK_K):
-                o_k = k0 + tl.arange(0, BLOCK_K)
-                m_k = o_k < K
-                b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                              mask=m_k[:, None] & m_d[None, :], other=0.0)
-                b_c32 = b_c.to(tl.float32)
-                b_cc = tl.sum(b_c32 * b_c32, axis=1)
-                if DOT_FP32:
-                    b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
-                else:
-                    b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
-                b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, _row_finite(b_c32), o_k, m_k,
-                                                       b_first, K)
-                b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+            b_rd = _dot_operand(b_r, p_cb, DOT_FP32, BF16_RNE)
+            b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
+                                                  PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K)
+            if p_cb.dtype.element_ty != tl.float16:  # (a float16 codebook cannot overflow the scores)
+                # the rescue pass: rows beyond 2^BIG_EXP, or with no finite score (codes so large
+                # that |c|^2 overflows), searched again on operands scaled by 2^-96
+                b_rm = tl.max(tl.abs(b_r), axis=1)
+                m_redo = m_m & _row_finite(b_r) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
+                if tl.max(m_redo.to(tl.int32), axis=0) > 0:
+                    b_rs = b_r * 1.2621774483536189e-29  # 2^-96, exact
+                    b_rd = _dot_operand(b_rs, p_cb, DOT_FP32, BF16_RNE)
+                    _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
+                                                 PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
+                    b_idx = tl.where(m_redo, b_idx1, b_idx)
             # nothing chosen (scores all NaN or +inf): the first finite code (none: 0)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
@@ -331,39 +449,28 @@ def _residual_quantize_fwd_chunked_kernel(
         b_codes = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.int64)
     else:
         b_codes = tl.load(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, mask=m_ml, other=0)
-    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    b_loss = tl.zeros((BLOCK_L,), dtype=tl.float64)
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
-            b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-            b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-            b_first = K
-            for k0 in range(0, K, BLOCK_K):
-                o_k = k0 + tl.arange(0, BLOCK_K)
-                m_k = o_k < K
-                b_rc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                b_cc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                b_cbad = tl.zeros((BLOCK_K,), dtype=tl.int32)
+            b_min, b_idx, b_first = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
+                                                          stride_cd, PRECISION, DOT_FP32, BF16_RNE, False,
+                                                          BLOCK_M, BLOCK_K, BLOCK_D)
+            if p_cb.dtype.element_ty != tl.float16:  # the rescue pass, as in the register variant
+                b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                b_rbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
                 for d0 in range(0, D, BLOCK_D):
                     o_d = d0 + tl.arange(0, BLOCK_D)
-                    m_d = o_d < D
-                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
-                                  other=0.0)
-                    if BF16_RNE:
-                        b_rd = round_bf16(b_r)
-                    else:
-                        b_rd = b_r.to(p_cb.dtype.element_ty)
-                    b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                                  mask=m_k[:, None] & m_d[None, :], other=0.0)
-                    b_c32 = b_c.to(tl.float32)
-                    b_cc += tl.sum(b_c32 * b_c32, axis=1)
-                    b_cbad += tl.where(_row_finite(b_c32), 0, 1)
-                    if DOT_FP32:
-                        b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
-                    else:
-                        b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
-                b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, b_cbad == 0, o_k, m_k, b_first, K)
-                b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
+                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
+                                  mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
+                    b_rm = tl.maximum(b_rm, tl.max(tl.where(tl.abs(b_r) < float("inf"), tl.abs(b_r), 0.0), axis=1))
+                    b_rbad += tl.where(_row_finite(b_r), 0, 1)
+                m_redo = m_m & (b_rbad == 0) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
+                if tl.max(m_redo.to(tl.int32), axis=0) > 0:
+                    _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
+                                                         stride_cd, PRECISION, DOT_FP32, BF16_RNE, True,
+                                                         BLOCK_M, BLOCK_K, BLOCK_D)
+                    b_idx = tl.where(m_redo, b_idx1, b_idx)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
@@ -409,10 +516,28 @@ def _residual_quantize_fwd_chunked_kernel(
             if LOSS:
                 b_sq += tl.sum(b_new * b_new, axis=1)
             tl.store(p_r, b_new, mask=m_md)
-        if LOSS:
-            b_sq = tl.where(m_m & (b_w != 0), b_w * b_sq, 0.0)
-            b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
         tl.debug_barrier()
+        if LOSS:
+            b_sq64 = b_sq.to(tl.float64)
+            m_over = m_m & ~(b_sq < float("inf"))
+            if tl.max(m_over.to(tl.int32), axis=0) > 0:  # |r|^2 overflowed float32: again, scaled
+                b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    o_d = d0 + tl.arange(0, BLOCK_D)
+                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
+                                  mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
+                    b_rm = tl.maximum(b_rm, tl.max(tl.abs(b_r), axis=1))
+                b_s = exp2i(-pow2_exponent(b_rm))
+                b_q = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    o_d = d0 + tl.arange(0, BLOCK_D)
+                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
+                                  mask=m_m[:, None] & (o_d < D)[None, :], other=0.0) * b_s[:, None]
+                    b_q += tl.sum(b_r * b_r, axis=1)
+                m_over = m_over & (b_rm < float("inf"))  # (an infinite residual's loss is +inf)
+                b_sq64 = tl.where(m_over, _sq_rows64(b_sq, b_rm, b_q), b_sq64)
+            b_sq64 = tl.where(m_m & (b_w != 0), b_w.to(tl.float64) * b_sq64, 0.0)
+            b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq64, axis=0), b_loss)
 
     # quantized = sum of the chosen codes, in level order, float32
     for d0 in range(0, D, BLOCK_D):
@@ -522,7 +647,8 @@ def residual_quantize_fwd(
 
     * ``weights`` ``(N,)`` float32: per-row weights (rows of weight 0: ``quantized`` is ``x``);
     * ``codes`` ``(N, L)`` int64 given: no search, they are gathered (and returned as is);
-    * ``loss``: ``level_sq (L,)`` float32, ``sum_i w_i |r_{i,l+1}|^2`` per level;
+    * ``loss``: ``level_sq (L,)`` float64, ``sum_i w_i |r_{i,l+1}|^2`` per level (float64: the
+      sum may overflow float32 where the mean is representable);
     * ``stats``: ``counts (L, K)``, ``sums (L, K, D)`` float32 of the residuals each level
       quantized (rows of nonzero weight, finite), ``skipped (L,)`` int32 rows left out;
     * ``slots`` ``(N,)`` int32 (``-1`` or a slot in ``[0, num_slots)``, each slot used by at most
@@ -558,16 +684,17 @@ def residual_quantize_fwd(
         out["cand_ok"] = torch.empty((L, num_slots), dtype=torch.int8, device=dev)
     if N == 0:
         if loss:
-            out["level_sq"] = torch.zeros((L,), dtype=torch.float32, device=dev)
+            out["level_sq"] = torch.zeros((L,), dtype=torch.float64, device=dev)
         return out
     # launch
     block_l = max(next_pow2(L), 2)
     block_d = max(next_pow2(D), 16)
     chunked = block_d > (max_register_d if max_register_d is not None else register_d_limit(x.dtype))
-    # the loss partials: one row per program of the smallest BLOCK_M any config uses
+    # the loss partials: one row per program of the smallest BLOCK_M any config uses; float64 (a
+    # level's sum of squared residuals may overflow float32 where the mean does not); not filled:
+    # only the rows of the launched programs are summed
     min_bm = min(c.kwargs["BLOCK_M"] for c in _residual_quantize_fwd_kernel.configs)
-    # (zeros: with a larger BLOCK_M, the rows past the grid stay 0)
-    loss_part = torch.zeros((triton.cdiv(N, min_bm), block_l), dtype=torch.float32, device=dev) if loss else None
+    loss_part = torch.empty((triton.cdiv(N, min_bm), block_l), dtype=torch.float64, device=dev) if loss else None
     q, c = out["quantized"], out["codes"]
     placeholder = q  # stands for the tensors a flag switches off (never read or written)
     tensors = [x, codebooks, q, c,
@@ -586,13 +713,15 @@ def residual_quantize_fwd(
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
     if not chunked:
-        _residual_quantize_fwd_kernel[grid](*tensors, N, K, D, L, num_slots, *strides, BLOCK_D=block_d, **common)
+        kernel = _residual_quantize_fwd_kernel
+        kernel[grid](*tensors, N, K, D, L, num_slots, *strides, BLOCK_D=block_d, **common)
     else:
+        kernel = _residual_quantize_fwd_chunked_kernel
         workspace = torch.empty((N, D), dtype=torch.float32, device=dev)
-        _residual_quantize_fwd_chunked_kernel[grid](*tensors, workspace, N, K, D, L, num_slots, *strides,
-                                                    workspace.stride(0), BLOCK_D=CHUNK_D, **common)
-    if loss:
-        out["level_sq"] = loss_part[:, :L].sum(0)
+        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, *strides, workspace.stride(0), BLOCK_D=CHUNK_D,
+                     **common)
+    if loss:  # (the config the launch ran: set by the autotuner on every launch, no device read)
+        out["level_sq"] = loss_part[: triton.cdiv(N, kernel.best_config.kwargs["BLOCK_M"]), :L].sum(0)
     return out
 
 

@@ -172,13 +172,14 @@ def _nearest_code_jobs():
             jobs.append(Job("nearest_code._code_terms_kernel", f"{dt},METRIC={metric}", mod._code_terms_kernel,
                             {"p_c": DTYPES[dt], "p_cterm": "*fp32", "p_pmax": "*fp32", "p_pmin": "*fp32",
                              "p_pfirst": "*i32"},
-                            {"stride_cd": 1, "METRIC": metric, "BLOCK_K": 64, "BLOCK_D": 64},
+                            {"stride_cd": 1, "METRIC": metric, "NBANDS": 3 if metric in (0, 3) else 1,
+                             "BLOCK_K": 64, "BLOCK_D": 64},
                             aligned_ints=("stride_ch", "stride_ck"), cost=0.5))
             jobs.append(Job("nearest_code._code_rescale_kernel", f"{dt},METRIC={metric}", mod._code_rescale_kernel,
                             {"p_c": DTYPES[dt], "p_chat": DTYPES[dt], "p_cterm": "*fp32", "p_pmax": "*fp32",
                              "p_pmin": "*fp32", "p_pfirst": "*i32", "p_meta": "*i32"},
-                            {"stride_cd": 1, "METRIC": metric, "CAN_SCALE": dt != "fp16", "TAME": 20,
-                             "BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_B": 256},
+                            {"stride_cd": 1, "METRIC": metric, "NBANDS": 3 if metric in (0, 3) else 1,
+                             "CAN_SCALE": dt != "fp16", "TAME": 20, "BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_B": 256},
                             aligned_ints=("stride_ch", "stride_ck"), cost=0.5))
     # merge of the split partials and the epilogue
     for metric, lb in ((0, False), (1, False), (2, False), (3, False), (0, True)):
@@ -198,8 +199,8 @@ def _nearest_code_jobs():
         even = aligned and not partial
         const = dict(unit if aligned else {}, EVEN_K=even, EVEN_D=even and one_d, METRIC=metric,
                      HAS_LOWER_BOUND=lb, SAMPLE=sample, WRITE_PARTIAL=partial,
-                     ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16", PRECISION=prec,
-                     DOT_FP32=False, BLOCK_D=block_d, **cfg.kwargs)
+                     ONE_D_BLOCK=one_d, SCALE_ROWS=dt != "fp16", PRECISION=prec,
+                     DOT_FP32=False, NBANDS=3 if metric in (0, 3) else 1, BLOCK_D=block_d, **cfg.kwargs)
         var = (f"{dt}/{prec},METRIC={metric},LB={int(lb)},{'SAMPLE,' if sample else ''}PARTIAL={int(partial)},"
                f"{'EVEN,' if even else ''}"
                f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}{tag} | {_cfg_label(cfg)}")
@@ -246,8 +247,8 @@ def _nearest_code_jobs():
         jobs.append(Job("nearest_code._topk_codes_fwd_kernel", f"{dt}/{prec},METRIC={metric},KP={kp},BLOCK_N={bn},"
                         f"{'resident' if one_d else 'streamed'} BLOCK_D={block_d}", tk,
                         {n: v for n, v in ptrs(dt).items() if n in tk.arg_names},
-                        dict(unit_tk, METRIC=metric, ONE_D_BLOCK=one_d, SCALE_ROWS=metric in (1, 2) and dt != "fp16",
-                             PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=32 if dt == "fp32" else 64,
+                        dict(unit_tk, METRIC=metric, ONE_D_BLOCK=one_d, SCALE_ROWS=dt != "fp16",
+                             NBANDS=3 if metric in (0, 3) else 1, PRECISION=prec, DOT_FP32=False, KP=kp, BLOCK_N=bn, BLOCK_K=32 if dt == "fp32" else 64,
                              BLOCK_D=block_d, FIN_D=min(block_d, 32)),
                         8 if dt == "fp32" else 4, 1, aligned_ints=("stride_xh", "stride_xn", "stride_ch", "stride_ck"), dot=True,
                         tensor_cores=prec == "tf32", rows=bn, cost=2.0 * (6 if prec == "ieee" else 1)))

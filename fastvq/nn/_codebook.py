@@ -58,12 +58,20 @@ def reset_size(threshold: float) -> float:
     return max(float(threshold), 1.0)
 
 
+def revival_limit(threshold: float, ema: bool) -> float:
+    """Largest max-abs of a revival candidate: with EMA the revived code's ``embed_avg`` is the
+    candidate times :func:`reset_size`, which must stay finite in float32 (with a 1% margin for
+    the candidate's rounding to the codebook's dtype); without EMA any finite candidate."""
+    return torch.finfo(torch.float32).max / (1.01 * reset_size(threshold)) if ema else math.inf
+
+
 @torch.no_grad()
 def offer_candidates(
     vectors: torch.Tensor,
     num: int,
     weights: torch.Tensor | None = None,
     anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    limit: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` random valid rows per level, drawn from every rank's ``vectors``, the same on every rank.
 
@@ -71,7 +79,8 @@ def offer_candidates(
     ``(L, N)`` (rows of weight 0 are never offered) or None; ``anchors``: None (offer the rows
     themselves) or ``(codebook (L, K, D), indices (L, N))``, then a row ``x`` with code ``c``
     is offered as the midpoint ``(c + x) / 2`` (what dead-code revival places: see
-    :func:`expire_dead_codes_`). A row is valid when it has nonzero weight and is finite. Each rank offers ``ceil(num / world_size)`` rows per level, its valid
+    :func:`expire_dead_codes_`). A row is valid when it has nonzero weight and its offer is
+    finite, its max-abs below ``limit`` (revival with EMA: :func:`revival_limit`). Each rank offers ``ceil(num / world_size)`` rows per level, its valid
     rows of highest random score first, padded with invalid ones: a fixed-size
     :func:`fastvq.distributed.all_gather`, so no rank waits on a size. Every rank then keeps the
     ``num`` offers of highest score (valid first), identically. Returns float32
@@ -87,13 +96,13 @@ def offer_candidates(
         score = torch.where(weights.reshape(-1, N) != 0, score, -1.0)
     c = min(C, N)
     if c == 0:
-        return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), device=dev), num)
+        return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), device=dev), num, limit=limit)
     top, rows = score.topk(c, dim=1)
     picked = vectors.gather(1, rows.unsqueeze(-1).expand(L, c, D))
     if anchors is not None:
         codebook, indices = anchors
         anchors = (codebook, indices.long().gather(1, rows))
-    return exchange_offers(picked, top, num, anchors)
+    return exchange_offers(picked, top, num, anchors, limit)
 
 
 def pick_candidate_rows(n: int, num: int, device, weights: torch.Tensor | None = None):
@@ -115,12 +124,13 @@ def exchange_offers(
     score: torch.Tensor,
     num: int,
     anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    limit: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exchange of :func:`offer_candidates` for rows already picked: ``picked (L, c, D)``
     this rank's vectors with their random ``score (L, c)`` (or ``(c,)``; negative: not valid),
     ``c <= ceil(num / world_size)``; ``anchors`` None or ``(codebook (L, K, D), codes (L, c))``
-    (offer midpoints). Returns ``(candidates (L, num, D), valid (L, num))`` float32, the same
-    on every rank. No host sync."""
+    (offer midpoints); ``limit``: offers whose max-abs is not below it are not valid. Returns
+    ``(candidates (L, num, D), valid (L, num))`` float32, the same on every rank. No host sync."""
     L, c, D = picked.shape
     dev = picked.device
     C = -(-num // fdist.get_world_size())
@@ -132,8 +142,8 @@ def exchange_offers(
             base = codebook.gather(1, codes.long().unsqueeze(-1).expand(L, c, D)).float()
             mid = base + picked  # the midpoint, rounded once and without an intermediate overflow
             picked = torch.where(mid.abs() < float("inf"), 0.5 * mid, 0.5 * base + 0.5 * picked)
-        # finite rows: one max-abs read (NaN propagates through the max)
-        ok = (top >= 0) & (torch.linalg.vector_norm(picked, ord=float("inf"), dim=-1) < float("inf"))
+        # finite rows below the limit: one max-abs read (NaN propagates through the max)
+        ok = (top >= 0) & (torch.linalg.vector_norm(picked, ord=float("inf"), dim=-1) < limit)
         parts = [torch.where(ok.unsqueeze(-1), picked, 0.0), torch.where(ok, top, -1.0).unsqueeze(-1)]
     else:
         parts = [picked.new_zeros((L, 0, D), dtype=torch.float32), torch.full((L, 0, 1), -1.0, device=dev)]
@@ -422,10 +432,13 @@ class CodebookState(nn.Module):
             skipped = skipped.float()
             if self.dead_code_threshold > 0:  # offered now: the midpoints use the codes as chosen
                 if offers is None:
-                    candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices))
+                    # (with EMA, a candidate times the revived size must not overflow embed_avg)
+                    limit = revival_limit(self.dead_code_threshold, self.ema)
+                    candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices), limit=limit)
                 else:
                     picked, score = offers
-                    candidates, valid = exchange_offers(picked, score, K)
+                    candidates, valid = exchange_offers(picked, score, K,
+                                                        limit=revival_limit(self.dead_code_threshold, self.ema))
             if self.ema:
                 fdist.all_reduce_sum_(counts, sums, skipped)
                 ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,

@@ -36,7 +36,7 @@ def _residual_quantize_op(
     rotate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    """-> quantized, codes (empty when given), commit_sq, embed_sq (L,) (the same values: two
+    """-> quantized, codes (empty when given), commit_sq, embed_sq (L,) float64 (the same values: two
     outputs so each sends its gradient its own way), counts, sums, skipped, cand, cand_ok
     (empty unless asked for). ``rotate`` only matters to the backward."""
     if codes is not None and codes.numel() > 0:
@@ -76,8 +76,8 @@ def _(x, codebooks, weights=None, codes=None, slots=None, num_slots=0, loss=Fals
     return (
         x.new_empty((N, D)),
         x.new_empty((N, L) if codes is None else (0, L), dtype=torch.int64),
-        _empty(x, L if loss else 0),
-        _empty(x, L if loss else 0),
+        _empty(x, L if loss else 0, dtype=torch.float64 if loss else torch.float32),
+        _empty(x, L if loss else 0, dtype=torch.float64 if loss else torch.float32),
         _empty(x, *((L, K) if stats else (0,))),
         _empty(x, *((L, K, D) if stats else (0,))),
         _empty(x, L if stats else 0, dtype=torch.int32),

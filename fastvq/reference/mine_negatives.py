@@ -6,7 +6,7 @@ import torch
 
 from ..ops._search import STRATEGIES
 from ._chunks import row_chunk
-from .nearest_code import argmin_first, choose, distance, prepare_codebook, scores
+from .nearest_code import argmin_first, choose, distance, prepare_codebook, row_unit, scale_rows, scores
 
 
 # "Strictly farther than the positive" leaves out the negatives within the rounding bound of the
@@ -32,17 +32,19 @@ def mine_negatives_ref(
     if strategy not in STRATEGIES:
         raise ValueError(f"fastvq.mine_negatives: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     N, M = anchor.shape[0], negatives.shape[0]
-    codes, term, first, s_l2 = prepare_codebook(negatives.unsqueeze(0), "l2")
-    codes, term, first, s = codes[0], term[0], first[0], s_l2[0]
+    codes, ta, tb, first, _, c_min = prepare_codebook(negatives.unsqueeze(0), "l2")
+    codes, ta, tb, first, c_min = codes[0], ta[0], tb[0], first[0], c_min[0]
     indices = torch.empty((N,), dtype=torch.int64, device=anchor.device)
     distances = torch.empty((N,), dtype=torch.float32, device=anchor.device)
     step = row_chunk(M)
     for i in range(0, N, step):
         a = anchor[i : i + step]
-        sc = scores(a.float(), codes, term, "l2")
+        xr, band = scale_rows(a, "l2", c_min)
+        sc = scores(xr, codes, ta, tb, band)
         _, idx = argmin_first(sc)
-        if strategy == "semi-hard":
-            a_s, p_s = a.float() * s, positive[i : i + step].float() * s
+        if strategy == "semi-hard":  # in the row's unit, as the scores
+            r = 1.0 / row_unit(band)[:, None]
+            a_s, p_s = a.float() * r, positive[i : i + step].float() * r
             lb, aa = ((a_s - p_s) ** 2).sum(-1), (a_s * a_s).sum(-1)
             thr = (lb - aa) + (lb + aa) * (SEMI_HARD_MARGIN * (anchor.shape[1] + 4))
             _, idx_c = argmin_first(torch.where(sc > thr[:, None], sc, torch.full_like(sc, float("inf"))))

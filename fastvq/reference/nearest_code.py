@@ -37,81 +37,112 @@ def max_abs(t: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the codebook pre-passes
 
+# The l2 search works in one of three units per row ("bands"): |x - c|^2 - |x|^2 = |c|^2 - 2 x.c
+# is scored as 2^-2L (|c|^2 - 2 x.c) with L = BAND_UNITS[band]; a row's band is that of the
+# power of two of max(max|x|, smallest nonzero code max-abs): within 2^BAND_HALF of the unit,
+# so that the scores that decide its nearest code neither underflow nor overflow float32.
+BAND_UNITS = (0, 96, -96)
+BAND_HALF = 48
+
+
+def _mul_exp2(v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``v * 2**e`` for int32 ``e`` of any size, rounded once (two exact half steps)."""
+    lo = e >> 1
+    return (v * exp2i(lo)) * exp2i(e - lo)
+
 
 def prepare_codebook(codebook: torch.Tensor, metric: str):
-    """``(H, K, D)`` -> ``(codes, terms, first, scale)``: the float32 codes the search multiplies
-    with (a power-of-two scaled copy where the codebook's magnitudes leave [2^-20, 2^20]; float16
-    never), the ``(H, K)`` per-code terms (l2 ``|c|^2``, cosine ``1/|c|``, dot 0; NaN for a code
-    with a non-finite entry), the ``(H,)`` first finite code (``K`` if none) and the ``(H,)``
-    l2 scale ``s`` (scores are ``s^2 (|c|^2 - 2 x.c)``)."""
+    """``(H, K, D)`` -> ``(codes, a, b, first, scale, c_min)``: the float32 codes the search
+    multiplies with (a power-of-two scaled copy where the codebook's magnitudes leave [2^-20,
+    2^20]: l2 and cosine one scale per code, dot one per codebook; float16 never), the per-code
+    score terms ``a``, ``b`` of shape ``(H, NB, K)`` (score = ``a + b * (x' . c')``: NB = 3 units
+    for l2/euclidean, 1 otherwise; ``a`` NaN for a code with a non-finite entry), the ``(H,)``
+    first finite code (``K`` if none), the ``(H,)`` dot scale and the ``(H,)`` smallest nonzero
+    max-abs of a finite code (0 if none)."""
     H, K, D = codebook.shape
     c32 = codebook.float()
     m = max_abs(c32)
     bad = ~torch.isfinite(c32).all(-1)
     e = pow2_exponent(m)
     s = exp2i(-e)
-    q = ((c32 * s[..., None]) ** 2).sum(-1)
-    if metric == "cosine":
-        term = torch.where(q > 0, s / q.clamp_min(1e-30).sqrt(), torch.zeros_like(q))
-    elif metric == "dot":
-        term = torch.zeros_like(q)
-    else:
-        term = q * exp2i(e) * exp2i(e)
+    q = ((c32 * s[..., None]) ** 2).sum(-1)  # |c|^2 = q 2^(2e)
     good = ~bad
     c_max = torch.where(good, m, torch.zeros_like(m)).amax(-1)
     c_min = torch.where(good & (m > 0), m, torch.full_like(m, float("inf"))).amin(-1)
     ar = torch.arange(K, device=codebook.device).expand(H, K)
     first = torch.where(good, ar, torch.full_like(ar, K)).amin(-1)
     hi, lo = 2.0**TAME_EXP, 2.0**-TAME_EXP
-    if metric == "cosine":
+    if metric in ("cosine", "l2", "euclidean"):
         need = (c_max > hi) | (c_min < lo)
     else:
         need = (c_max > hi) | ((c_max < lo) & (c_max > 0))
     if codebook.dtype == torch.float16:
         need = torch.zeros_like(need)
-    s_all = exp2i(-pow2_exponent(c_max).clamp_min(-126))  # (H,) one scale per codebook
-    if metric == "cosine":
-        scale = s[..., None]  # one per code
-    else:
-        scale = s_all[:, None, None]
-    scaled = c32 * scale
-    q_scaled = (scaled**2).sum(-1)
-    if metric in ("l2", "euclidean"):
-        scaled = scaled * scale
-        t_scaled = q_scaled
-    elif metric == "cosine":
-        t_scaled = torch.where(q_scaled > 0, q_scaled.clamp_min(1e-30).rsqrt(), torch.zeros_like(q_scaled))
-    else:
-        t_scaled = torch.zeros_like(q_scaled)
-    scaled = scaled.to(codebook.dtype).float()  # the kernel stores the copy in the codebook's dtype
+    s_all = exp2i(-pow2_exponent(c_max).clamp_min(-126))  # (H,) one scale per codebook (dot)
+    scale = s[..., None] if metric != "dot" else s_all[:, None, None]
+    scaled = (c32 * scale).to(codebook.dtype).float()  # the kernel stores the copy in the codebook's dtype
     codes = torch.where(need[:, None, None], scaled, c32)
-    term = torch.where(need[:, None], t_scaled, term)
-    term = term.masked_fill(bad, float("nan"))
-    s_l2 = torch.where(need, s_all, torch.ones_like(s_all))
-    return codes, term, first, s_l2
+    if metric in ("l2", "euclidean"):
+        e_op = torch.where(need[:, None], e, torch.zeros_like(e))  # codes' = c 2^-e_op
+        # a = |c|^2 2^-2L = (q 2^(e-L)) 2^(e-L): exact but for the last rounding (q >= 1 for a
+        # nonzero code; clamped exponents only where the result underflows to 0 or is +inf)
+        a = torch.stack([(q * exp2i(e - L)) * exp2i(e - L) for L in BAND_UNITS], 1)
+        b = torch.stack([-_mul_exp2(torch.full_like(q, 2.0), e_op - L) for L in BAND_UNITS], 1)
+    elif metric == "cosine":  # 1/|c'|: the scaled copy's, or s/|c s| for the codes as they are
+        qc = q.clamp_min(1e-30)
+        inv = torch.where(need[:, None], qc.rsqrt(), s / qc.sqrt())
+        inv = torch.where(q > 0, inv, torch.zeros_like(inv))
+        a, b = torch.zeros_like(q)[:, None], -inv[:, None]
+    else:
+        a, b = torch.zeros_like(q)[:, None], -torch.ones_like(q)[:, None]
+    a = a.masked_fill(bad[:, None], float("nan"))
+    s_dot = torch.where(need, s_all, torch.ones_like(s_all))
+    c_min = torch.where(c_min < float("inf"), c_min, torch.zeros_like(c_min))
+    return codes, a, b, first, s_dot, c_min
 
 
-def scale_rows(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """The float32 rows the search multiplies with: cosine and dot scale each row by a power of
-    two (their argmin ignores a row's scale); l2 rows as they are."""
+def row_band(x: torch.Tensor, c_min: torch.Tensor) -> torch.Tensor:
+    """The l2 unit band of each row (``x`` (n, D), ``c_min`` the codebook's 0-d smallest nonzero
+    code max-abs): 0 unless max(max|x|, c_min) lies beyond 2^+-BAND_HALF; 0 for non-finite rows."""
+    m = torch.maximum(max_abs(x), c_min)
+    e = pow2_exponent(m)
+    band = torch.where(e > BAND_HALF, 1, torch.where(e < -BAND_HALF, 2, 0))
+    return torch.where(torch.isfinite(m), band, torch.zeros_like(band))
+
+
+def scale_rows(x: torch.Tensor, metric: str, c_min: torch.Tensor | None = None):
+    """``(x', band)``: the float32 rows the search multiplies with and each row's unit band.
+    cosine and dot scale each row by a power of two (their argmin ignores a row's scale); l2
+    scales it by its band's unit 2^-L (float16 never)."""
     x32 = x.float()
-    if metric in ("cosine", "dot") and x.dtype != torch.float16:
+    band = torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device)
+    if x.dtype == torch.float16:
+        return x32, band
+    if metric in ("cosine", "dot"):
         x32 = (x32 * exp2i(-pow2_exponent(max_abs(x32)))[..., None]).to(x.dtype).float()
-    return x32
+    elif c_min is not None:
+        band = row_band(x32, c_min)
+        units = torch.tensor(BAND_UNITS, dtype=torch.int32, device=x.device)[band]
+        x32 = (x32 * exp2i(-units)[..., None]).to(x.dtype).float()
+    return x32, band
 
 
-def scores(x32: torch.Tensor, codes: torch.Tensor, term: torch.Tensor, metric: str) -> torch.Tensor:
-    """``(n, K)`` float32 scores whose row argmin is the nearest code (NaN: never chosen).
+def row_unit(band: torch.Tensor) -> torch.Tensor:
+    """``2^L`` of each row's band (float32): scores are in units of ``2^(2L)``."""
+    units = torch.tensor(BAND_UNITS, dtype=torch.int32, device=band.device)[band]
+    return exp2i(units)
 
-    l2: ``|c|^2 - 2 x.c``; cosine: ``-(x.c) / |c|``; dot: ``-(x.c)``; the row-constant terms
-    are left out. ``x32``, ``codes``, ``term`` as :func:`scale_rows`/:func:`prepare_codebook` give.
-    """
+
+def scores(x32: torch.Tensor, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+           band: torch.Tensor) -> torch.Tensor:
+    """``(n, K)`` float32 scores whose row argmin is the nearest code (NaN: never chosen):
+    ``a[band] + b[band] * (x' . c')``, i.e. l2 ``2^-2L (|c|^2 - 2 x.c)``, cosine ``-(x.c)/|c|``,
+    dot ``-(x.c)``; the row-constant terms are left out. ``x32``/``band`` as :func:`scale_rows`
+    gives, ``codes``/``a``/``b`` one codebook's from :func:`prepare_codebook`."""
     xc = x32 @ codes.T
-    if metric == "cosine":
-        return -xc * term
-    if metric == "dot":
-        return term - xc
-    return term - 2.0 * xc
+    if a.shape[0] == 1:
+        return a[0] + b[0] * xc
+    return a[band] + b[band] * xc
 
 
 def argmin_first(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,10 +231,11 @@ def nearest_code_ref(
     """
     x3, cb, lead, indices, distances = search_setup(x, codebook, metric)
     (H, N, _), K = x3.shape, cb.shape[1]
-    codes, term, first, _ = prepare_codebook(cb, metric)
+    codes, a, b, first, _, c_min = prepare_codebook(cb, metric)
     for h, s, e in row_chunks(H, N, K):
         rows = x3[h, s:e]
-        _, idx = argmin_first(scores(scale_rows(rows, metric), codes[h], term[h], metric))
+        xr, band = scale_rows(rows, metric, c_min[h])
+        _, idx = argmin_first(scores(xr, codes[h], a[h], b[h], band))
         idx = choose(rows, idx, first[h].expand_as(idx), K)
         indices[h, s:e] = idx
         distances[h, s:e] = distance(rows, cb[h][idx], metric)

@@ -92,10 +92,21 @@ def qr_lookup_ref(
         return pooled.to(q_weight.dtype)
     bag_of, lengths = bag_layout(offsets, N)
     scale = item_scale(bag_of, lengths, mode, per_sample_weights)
+    mean_only = mode == "mean" and per_sample_weights is None
     for s in range(0, N, step):
-        c = _compose(op, q_weight[qi[s : s + step]].to(math), r_weight[ri[s : s + step]].to(math))
-        if scale is not None:
-            c = c * scale[s : s + step].to(math)[:, None]
+        qv, rv = q_weight[qi[s : s + step]].to(math), r_weight[ri[s : s + step]].to(math)
+        if mean_only:  # scaled inside the composition, as the kernel: q + r or q * r may overflow
+            sc = scale[s : s + step].to(math)[:, None]  # where their mean over the bag does not
+            if op == "add":
+                c = (qv * 0.5 + rv * 0.5) * (2.0 * sc)
+            elif op == "mult":
+                c = qv * (rv * sc)
+            else:
+                c = _compose(op, qv, rv) * sc
+        else:
+            c = _compose(op, qv, rv)
+            if scale is not None:
+                c = c * scale[s : s + step].to(math)[:, None]
         pooled = pooled.index_add(0, bag_of[s : s + step], c)
     return pooled.to(q_weight.dtype)
 

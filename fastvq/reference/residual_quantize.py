@@ -9,14 +9,32 @@ from ._chunks import row_chunk
 from .rotation_trick import rotation_trick_bwd_ref
 
 
-def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.Tensor, first: torch.Tensor):
-    """Nearest code of each row of ``r (n, D)`` float32 in ``cb (K, D)``: ``argmin |c|^2 - 2 r.c``
-    over the finite codes, NaN scores as +inf, exact ties to the smallest index; rows whose
-    scores are all +inf take ``first``, the first finite code (0 when there is none)."""
-    score = cc - 2.0 * (r @ cb.T)
+BIG = 2.0**48  # rows beyond this, or with no finite score, are searched again scaled by 2^-96
+RESCALE = 2.0**-96
+
+
+def _argmin_finite(score: torch.Tensor, finite: torch.Tensor):
     key = torch.where(finite & (score == score), score, torch.full_like(score, float("inf")))
     idx = key.argmin(-1)
     lost = key.gather(1, idx[:, None]).squeeze(1) == float("inf")
+    return idx, lost
+
+
+def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.Tensor, first: torch.Tensor,
+             rescue: bool = True):
+    """Nearest code of each row of ``r (n, D)`` float32 in ``cb (K, D)``: ``argmin |c|^2 - 2 r.c``
+    over the finite codes, NaN scores as +inf, exact ties to the smallest index. A finite row
+    beyond 2^48, or whose scores are all +inf, is searched again with ``r`` and ``cb`` scaled by
+    2^-96 (exact: |c|^2 and 2 r.c of codes near it then neither overflow nor cancel; float16
+    codebooks never); rows still without a finite score take ``first``, the first finite code
+    (0 when there is none). ``rescue``: False for a float16 codebook."""
+    idx, lost = _argmin_finite(cc - 2.0 * (r @ cb.T), finite)
+    if rescue:
+        r_fin = r.isfinite().all(-1)
+        redo = r_fin & ((r.abs().amax(-1) > BIG) | lost)
+        rs, cs = r * RESCALE, cb * RESCALE
+        idx1, lost1 = _argmin_finite((cs * cs).sum(-1) - 2.0 * (rs @ cs.T), finite)
+        idx, lost = torch.where(redo, idx1, idx), torch.where(redo, lost1, lost)
     return torch.where(lost, first, idx)
 
 
@@ -72,7 +90,7 @@ def residual_quantize_full_ref(
         slot = None if slots is None else torch.where(slots[s : s + step] >= 0, slots[s : s + step].long(), num_slots)
         q = torch.zeros_like(r)
         for lvl in range(L):
-            idx = _nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl]) if search else out_codes[s : s + step, lvl]
+            idx = _nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl], codebooks.dtype != torch.float16) if search else out_codes[s : s + step, lvl]
             c = cb[lvl].index_select(0, idx)
             use = usable & r.isfinite().all(-1)
             if stats:
@@ -89,13 +107,14 @@ def residual_quantize_full_ref(
             r = r - c
             q = q + c
             if loss:
-                level_sq[lvl] += torch.where(live, w * (r * r).sum(-1), 0.0).double().sum()
+                # float64: |r|^2 may overflow float32 where the mean loss does not
+                level_sq[lvl] += torch.where(live, w.double() * (r.double() ** 2).sum(-1), 0.0).sum()
             if search:
                 out_codes[s : s + step, lvl] = idx
         quantized[s : s + step] = torch.where(live[:, None], q, x[s : s + step].float()).to(x.dtype)
     out = {"quantized": quantized, "codes": out_codes}
     if loss:
-        out["level_sq"] = level_sq.float()
+        out["level_sq"] = level_sq
     if stats:
         out.update(counts=counts.float(), sums=sums.float(), skipped=skipped.int())
     if slots is not None:

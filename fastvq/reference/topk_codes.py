@@ -35,12 +35,13 @@ def topk_codes_ref(
     """
     x3, cb, lead, indices, distances = search_setup(x, codebook, metric, k)
     (H, N, D), K = x3.shape, cb.shape[1]
-    codes, term, _, _ = prepare_codebook(cb, metric)
-    bad_code = term.isnan()
+    codes, a, b, _, _, c_min = prepare_codebook(cb, metric)
+    bad_code = a[:, 0].isnan()
     for h, s, e in row_chunks(H, N, K):
         rows = x3[h, s:e]
         special = ~torch.isfinite(rows).all(-1)
-        idx = topk_order(scores(scale_rows(rows, metric), codes[h], term[h], metric), bad_code[h], special, k)
+        xr, band = scale_rows(rows, metric, c_min[h])
+        idx = topk_order(scores(xr, codes[h], a[h], b[h], band), bad_code[h], special, k)
         nan_row = rows.isnan().any(-1)
         idx = torch.where(nan_row[:, None], torch.arange(k, device=x.device).expand_as(idx), idx)
         indices[h, s:e] = idx

@@ -235,6 +235,27 @@ def test_no_update_makes_a_code_non_finite(backend):
         assert torch.isfinite(vq16.embeddings.weight).all(), step
 
 
+@pytest.mark.parametrize("module", ["vq-cosine", "vq-l2", "rq"])
+def test_revival_never_makes_the_ema_state_non_finite(backend, device, module):
+    # F5: a revived code takes a candidate c and embed_avg = c * reset_size(threshold); a
+    # candidate near the float32 maximum (1.69e38, the midpoint of 3.39e38 and its code) times
+    # 2.5 overflowed: embed_avg held inf while the codebook stayed finite. Such a candidate is
+    # not taken now (the dead code waits); nothing else changes.
+    torch.manual_seed(0)
+    kw = dict(ema=True, decay=0.5, dead_code_threshold=2.5)
+    mod = {"vq-cosine": lambda: VectorQuantizer(33, 1, metric="cosine", **kw),
+           "vq-l2": lambda: VectorQuantizer(33, 1, **kw),
+           "rq": lambda: ResidualQuantizer(2, 33, 1, **kw)}[module]().to(device)
+    x = torch.tensor([[3.3895e38], [0.0], [-3.3895e38]], device=device)
+    for step in range(3):
+        mod(x)
+        assert torch.isfinite(mod.embeddings.weight if module != "rq" else mod.codebooks).all(), step
+        assert torch.isfinite(mod.cluster_size).all() and torch.isfinite(mod.embed_avg).all(), step
+    # ordinary candidates are still taken
+    mod(randn(64, 1, seed=7, device=device))
+    assert int(mod.codes_revived) > 0
+
+
 # ------------------------------------------------------------------ dtypes
 
 

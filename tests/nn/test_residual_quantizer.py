@@ -178,7 +178,7 @@ def test_dead_codes_reseeded_from_residuals(backend):
     _, _, _, codes = rq(x)
     residual = x - before[0][codes[:, 0]]
     chosen = before[1][codes[:, 1]]
-    mids = chosen + 0.5 * (residual - chosen)  # level 1's inputs, halfway to their codes
+    mids = 0.5 * (chosen + residual)  # level 1's inputs, halfway to their codes
     cb = rq.codebooks.detach()
     for k in range(3, 6):
         assert (cb[1, k] == mids).all(-1).any(), k  # seeded from level 1's inputs
@@ -202,7 +202,7 @@ def test_dead_codes_reset_ema_state(backend):
     cb = rq.codebooks.detach()
     for level in range(2):
         chosen = before[level][codes[:, level]]
-        mids = chosen + 0.5 * (residuals[level] - chosen)  # each row halfway to the code it chose
+        mids = 0.5 * (chosen + residuals[level])  # each row halfway to the code it chose
         for k in range(6):
             assert (cb[level, k] == mids).all(-1).any(), (level, k)
     assert torch.equal(rq.cluster_size, torch.ones(2, 6))

@@ -214,7 +214,7 @@ def test_dead_codes_reseeded_without_ema(backend):
     assert torch.equal(w[:4], live)
     # codes 4..7 are now midpoints between a batch row and the code it chose (distinct rows);
     # the usage of a re-seeded code is reset
-    mids = before[idx] + 0.5 * (x.detach() - before[idx])
+    mids = 0.5 * (before[idx] + x.detach())  # the midpoint, rounded once
     hits = [int((w[k] == mids).all(-1).nonzero()[0]) for k in range(4, 8)]
     assert len(set(hits)) == 4
     assert torch.equal(vq.code_usage[4:], torch.ones(4))
@@ -238,7 +238,7 @@ def test_dead_codes_reseeded_with_ema(backend):
         vq.embed_avg.copy_(vq.embeddings.weight * 10.0)
     before = vq.embeddings.weight.detach().clone()
     _, _, _, idx = vq(x)
-    mids = before[idx] + 0.5 * (x - before[idx])  # revived: a row and its code, halfway
+    mids = 0.5 * (before[idx] + x)  # revived: a row and its code, halfway (rounded once)
     counts = torch.bincount(idx, minlength=6)
     assert (counts[3:] == 0).all()
     dead = torch.zeros(6, dtype=torch.bool)
@@ -359,3 +359,32 @@ def test_compiles_fullgraph(ema):
     assert torch.equal(idx, i0)
     assert_close(q, q0)
     assert_close(vq.embeddings.weight, ref.embeddings.weight)  # the EMA update ran under compile too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [5, 300], ids=["D5", "D300-chunked"])
+def test_losses_finite_where_their_mean_is_representable(backend, device, dtype, D):
+    # F4: rows [2e19, 0, ...] and a zero codebook: the squared error 4e38 overflowed float32
+    # (inf losses), though the mean 4e38 / D is representable. Both quantizers, both losses and
+    # the commitment gradient (2 (x - c) / (N D)), against float64 on the same values.
+    from fastvq.nn import ResidualQuantizer
+
+    x = torch.zeros(3, D, device=device, dtype=dtype)
+    x[:2, 0] = 2e19
+    x[2, 0] = 1.0  # an ordinary row in the same block
+    x.requires_grad_(True)
+    vq = VectorQuantizer(4, D).to(device=device, dtype=dtype)
+    rq = ResidualQuantizer(2, 4, D).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        vq.embeddings.weight.zero_()
+        for p in rq.parameters():
+            p.zero_()
+    x64 = x.detach().double()
+    mean = (x64 * x64).sum() / x64.numel()
+    _, commit, embed, _ = vq(x)
+    commit.backward()
+    _, commit2, embed2, _ = rq(x.detach())
+    for got, want in ((commit, mean), (embed, mean), (commit2, 2 * mean), (embed2, 2 * mean)):
+        assert torch.isfinite(got) and abs(float(got) - float(want)) <= 2e-2 * float(want), (got, want)
+    assert torch.isfinite(x.grad).all()
+    ft.assert_grad_nondegenerate(x.grad, 2 * x64 / x64.numel(), dtype=dtype, reduce_len=D)

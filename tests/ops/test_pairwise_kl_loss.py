@@ -358,3 +358,22 @@ def test_configs_by_precision():
                     assert [id(c) for c in kept] == [id(c) for c in (fits or kept)]
     assert mod._block_d(100, torch.float32) == 32 and mod._block_d(100, torch.bfloat16) == 64
     assert mod.MAX_BLOCK_DO == {4: 64, 2: 128}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_finite_where_pred_g_product_overflows(backend, device, dtype):
+    # F3: the gradient (G + G^T) @ pred / (B T) summed (G + G^T) @ pred in float32 first: with
+    # pred[0] = 3e38 and |G_10 + G_01| = 1.5 that is -4.5e38 = -inf, though the gradient is
+    # -1.5e37 (T = 10, B = 3). Now G is scaled by 2^-k (2^k > B + 1) before the sum, exactly.
+    p = torch.tensor([[3e38, 0.0], [0.0, 10.0], [0.0, 10.0]], device=device, dtype=dtype).requires_grad_(True)
+    t = torch.tensor([[1.0, 0.0], [100.0, 0.0], [0.0, 1.0]], device=device, dtype=dtype)
+    (grad,) = torch.autograd.grad(fastvq.pairwise_kl_loss(p, t, 10.0), p)
+    p64, t64 = p.detach().double(), t.double()
+    eye = torch.eye(3, dtype=torch.bool, device=device)
+    lp = torch.log_softmax((p64 @ p64.T / 10.0).masked_fill(eye, -math.inf), 1)
+    lq = torch.log_softmax((t64 @ t64.T / 10.0).masked_fill(eye, -math.inf), 1)
+    G = torch.where(eye, 0.0, lp.exp() - lq.exp())
+    exact = (G + G.T) @ p64 / 30.0
+    assert torch.isfinite(grad).all(), grad
+    assert float(exact[1, 0]) < -1e37
+    ft.assert_grad_nondegenerate(grad, exact, dtype=dtype, reduce_len=3)

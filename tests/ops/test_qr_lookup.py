@@ -606,3 +606,20 @@ def test_large_gpu(dtype, op):
         for name in ("triton", "reference"):
             for what, t, e, m in zip(("out", "grad_q", "grad_r"), outs[name], exact, mag):
                 ft.assert_close(t, e, dtype=dtype, reduce_len=n, magnitude=m, name=f"qr_lookup {name} {op} {what}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["add", "mult", "concat"])
+def test_bag_mean_finite_where_the_mean_is_representable(backend, device, dtype, op):
+    # F6: a bag mean composed q + r (or q * r) in float32 before taking 1 / len: -2.9e38 + -2.9e38
+    # = -inf, though the mean over the bag of 4 is -2.175e38. Now the composition is scaled.
+    q = torch.tensor([[-2.9e38, 1.0], [0.0, 1.0]], device=device, dtype=dtype)
+    r = torch.tensor([[-2.9e38 if op != "mult" else 2.0, 1.0], [1.0, 1.0], [0.0, 2.0], [0.0, 3.0]],
+                     device=device, dtype=dtype)
+    ids = torch.tensor([0, 3, 5, 7], device=device)  # (q, r) rows (0, 0), (0, 3), (1, 1), (1, 3)
+    out = fastvq.qr_lookup(ids, q, r, op, offsets=torch.tensor([0], device=device), mode="mean")
+    q64, r64 = q.double()[[0, 0, 1, 1]], r.double()[[0, 3, 1, 3]]
+    items = {"add": q64 + r64, "mult": q64 * r64, "concat": torch.cat([q64, r64], -1)}[op]
+    exact = items.mean(0, keepdim=True)
+    assert torch.isfinite(out).all(), out
+    ft.assert_close(out, exact, dtype=dtype, reduce_len=4, magnitude=items.abs().mean(0, keepdim=True))
