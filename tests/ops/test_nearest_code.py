@@ -313,7 +313,10 @@ def test_prune_configs_fit_the_target():
             # the 128 x 128 three-stage tiles at bf16 D = 256 need 256 KiB on sm_90 (issue 8)
             kept = _prune_configs(configs, {"p_x": x16}, BLOCK_D=256, ONE_D_BLOCK=True)
             assert not any(key(c)[:2] == (128, 128) and c.num_stages == 3 for c in kept)
-            assert (64, 64, 4, 2) in map(key, kept)  # two blocks per SM: 98 KiB each
+            # the 64 x 64 two-stage tile (98 KiB of shared memory) is kept; since the per-code l2
+            # units of issue 9 it needs ~230 registers, so on sm_90 only its 8-warp form fits
+            # (one block per SM by registers: the two-blocks-per-SM overlap is lost there)
+            assert (64, 64, 8, 2) in map(key, kept)
     # sm_90 shared memory as compiled: the x tile plus num_stages codebook tiles (wgmma)
     with _common.compile_target("sm_90"):
         est = _estimate(triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3), {"p_x": x16},
