@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dot_fp32, exp2i,
+from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dot_fp32, dot_nt, exp2i,
                       interpreter_or, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, prune_by_estimate,
                       register_estimate, sm_count, target_for, tl_input_precision, words_per_thread)
 
@@ -188,10 +188,7 @@ def _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_
                            mask=m_k[:, None] & m_dd[None, :], other=0.0)
             if SCALE_ROWS:
                 b_xd = (b_xd.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty)
-            if DOT_FP32:
-                b_xd = b_xd.to(tl.float32)
-                b_cd = b_cd.to(tl.float32)
-            b_xc = tl.dot(b_xd, tl.trans(b_cd), b_xc, input_precision=PRECISION)
+            b_xc = dot_nt(b_xd, b_cd, b_xc, PRECISION, DOT_FP32)
     return b_xc
 
 
