@@ -623,3 +623,94 @@ def test_bag_mean_finite_where_the_mean_is_representable(backend, device, dtype,
     exact = items.mean(0, keepdim=True)
     assert torch.isfinite(out).all(), out
     ft.assert_close(out, exact, dtype=dtype, reduce_len=4, magnitude=items.abs().mean(0, keepdim=True))
+
+
+# ----------------------------------------- bag sums and gradients in the exact range (issue 9)
+
+
+def _exact_qr(q, r, ids, op, offs, w, g):
+    """float64 ``(out, grad_q, grad_r, grad_w)`` of a bag-sum lookup and ``|.|`` versions of each
+    (the same computation on |inputs|: the sums of |terms| that size the rounding bound)."""
+
+    def run(q64, r64, w64, g64):
+        q64, r64 = q64.clone().requires_grad_(), r64.clone().requires_grad_()
+        w64 = None if w64 is None else w64.clone().requires_grad_()
+        out = qr_lookup_ref(ids, q64, r64, op, offsets=offs, per_sample_weights=w64)
+        out.backward(g64)
+        return out.detach(), q64.grad, r64.grad, None if w64 is None else w64.grad
+
+    to64 = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    exact = run(to64(q), to64(r), to64(w), to64(g))
+    mag = run(to64(q).abs(), to64(r).abs(), None if w is None else to64(w).abs(), to64(g).abs())
+    return exact, mag
+
+
+def _check_bag_contract(q, r, ids, op, offs, w, g, dtype, what=("out", "grad_q", "grad_r", "grad_w")):
+    """Output and every gradient against float64 (fastvq.testing: NaN only where exact, +-inf where
+    the exact value overflows, else within the rounding bound of the sum of |terms|)."""
+    qq, rr = q.clone().requires_grad_(), r.clone().requires_grad_()
+    ww = None if w is None else w.clone().requires_grad_()
+    out = fastvq.qr_lookup(ids, qq, rr, op, offsets=offs, per_sample_weights=ww)
+    out.backward(g)
+    got = (out.detach(), qq.grad, rr.grad, None if ww is None else ww.grad)
+    (exact, mag), n = _exact_qr(q, r, ids.cpu(), op, offs.cpu(), w, g), ids.numel() + 2
+    for name, a, e, m in zip(("out", "grad_q", "grad_r", "grad_w"), got, exact, mag):
+        if a is not None and name in what:
+            ft.assert_close(a.cpu(), e, dtype=dtype, reduce_len=max(n, q.shape[1] + 2), magnitude=m,
+                            name=f"qr_lookup {op} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mult_weighted_bag_gradients_do_not_overflow(backend, device, dtype):
+    # the gradient of r is g * w * q: formed as (g * w) * q it overflowed (w = the dtype's largest
+    # value) where the exact ~1e14 is representable (fuzz: grad_r inf, exact 1.02e14)
+    big = torch.finfo(dtype).max
+    q = torch.tensor([[1e-25, -2e-25], [3e-25, 1e-25]], dtype=dtype, device=device)
+    r = torch.tensor([[1e18, 2e18], [-1e18, 1e18]], dtype=dtype, device=device)
+    ids = torch.tensor([0, 1, 3, 2], device=device)  # (q, r) rows (0, 0), (0, 1), (1, 1), (1, 0)
+    offs = torch.tensor([0, 2], device=device)
+    w = torch.tensor([big, 0.5, -big, 2.0], dtype=dtype, device=device)
+    g = torch.tensor([[1.5, -1.0], [0.75, 2.0]], dtype=dtype, device=device)
+    _check_bag_contract(q, r, ids, "mult", offs, w, g, dtype)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["sum", "weighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mult_bag_sum_of_overflowing_items(backend, device, dtype, weighted):
+    # items q * r of +-1e40 (beyond float32) summed in float32 gave inf - inf = NaN: an exact sum
+    # that overflows must be +-inf, and one that cancels (0 here) must come out finite
+    q = torch.tensor([[2e20, 1e20], [-1e20, -1e20]], dtype=dtype, device=device)
+    r = torch.tensor([[1e20, 1e20]], dtype=dtype, device=device)
+    ids = torch.tensor([0, 1], device=device)  # q rows 0, 1; r row 0
+    offs = torch.tensor([0], device=device)
+    w = torch.tensor([1.0, 2.0], dtype=dtype, device=device) if weighted else None
+    g = torch.tensor([[1e-30, 2e-30]], dtype=dtype, device=device)
+    _check_bag_contract(q, r, ids, "mult", offs, w, g, dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weighted_bag_sum_cancels_without_overflow(backend, device, dtype, op):
+    # Q1: weights +-3e38 on two equal items: the exact sum is 0, but (1 + 1) * 3e38 overflowed
+    # float32 and the bag summed inf - inf = NaN
+    q = torch.ones(1, 2, dtype=dtype, device=device)
+    r = torch.ones(1, 2, dtype=dtype, device=device)
+    ids = torch.tensor([0, 0], device=device)
+    offs = torch.tensor([0], device=device)
+    w = torch.tensor([3e38, -3e38], dtype=dtype, device=device)
+    out = fastvq.qr_lookup(ids, q, r, op, offsets=offs, per_sample_weights=w)
+    assert torch.equal(out.cpu(), torch.zeros_like(out.cpu())), out
+    _check_bag_contract(q, r, ids, op, offs, w, torch.ones_like(out), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mult_weighted_bag_keeps_products_below_the_normal_range(backend, device, dtype):
+    # q * r = 1e-44 is a float32 subnormal (a few bits left); times w = 3e38 the lost bits show
+    # (up to ~10% wrong); likewise g * q = 1e-46 underflows to 0 before the gradient of r takes w
+    q = torch.tensor([[1e-26, 3e-26]], dtype=dtype, device=device)
+    r = torch.tensor([[1e-18, 2e-18]], dtype=dtype, device=device)
+    ids = torch.tensor([0, 0], device=device)
+    offs = torch.tensor([0, 1], device=device)
+    w = torch.tensor([3e38, 1e38], dtype=dtype, device=device)
+    g = torch.tensor([[1e-20, 3e-20], [2e-20, 1e-20]], dtype=dtype, device=device)
+    _check_bag_contract(q, r, ids, "mult", offs, w, g, dtype)
