@@ -106,6 +106,13 @@ def _to_math(b, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _inv_len(start, end, EXACT: tl.constexpr):
+    """``1 / max(end - start, 1)``: a float32 reciprocal (widened with ``EXACT``: a float64
+    division is a called subroutine on the GPU; the factor's float32 rounding is one of the sum's)."""
+    return _to_math(1.0 / tl.maximum(end - start, 1).to(tl.float32), EXACT)
+
+
+@triton.jit
 def _qr_compose(
     p_qw, p_rw, b_qi, b_ri, m_n, o_d, DQ, DR,
     stride_qn, stride_qd, stride_rn, stride_rd, OP: tl.constexpr, EXACT: tl.constexpr = False,
@@ -154,12 +161,12 @@ def _qr_bag_sum(
     """``(pooled (BLOCK_D,), max |weight|)`` of items ``[start, end)``: each composed row times its
     factor (weight, or 1 / len for "mean"), summed in float32 (float64 with ``EXACT``). The max
     |weight| is taken for "mult" only (0 otherwise): above ``BIG_W`` the float32 sum is redone."""
-    if EXACT:
-        b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float64)
+    if EXACT:  # the redo sums each block of items at once: one float64 tile live, not two
+        b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
     else:
         b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    inv_len = 1.0 / _to_math(tl.maximum(end - start, 1), EXACT)
+    inv_len = _inv_len(start, end, EXACT)
     for l0 in range(start, end, BLOCK_L):
         o_l = l0 + tl.arange(0, BLOCK_L)
         m_l = o_l < end
@@ -173,8 +180,14 @@ def _qr_bag_sum(
                 b_wmax = tl.maximum(b_wmax, tl.abs(b_w))
         if MEAN:
             b_c = b_c * inv_len
-        b_acc += b_c
-    return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
+        if EXACT:
+            b_acc += tl.sum(b_c, axis=0)
+        else:
+            b_acc += b_c
+    if EXACT:
+        return b_acc, tl.max(b_wmax, axis=0)
+    else:
+        return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
 
 
 @triton.jit
@@ -232,7 +245,7 @@ def _qr_item_grad(
         b_g = b_g * _to_math(b_o, EXACT)
     if MEAN:
         b_start, b_end = _bag_bounds(p_offsets, b_row, m_l, N, B)
-        b_g = b_g * (1.0 / _to_math(tl.maximum(b_end - b_start, 1), EXACT))[:, None]
+        b_g = b_g * _inv_len(b_start, b_end, EXACT)[:, None]
     if HAS_W:
         b_w = tl.load(p_psw + b_item, mask=m_l, other=0.0).to(tl.float32)
         b_g = b_g * _to_math(b_w, EXACT)[:, None]
@@ -280,8 +293,8 @@ def _qr_row_sum(
     EXACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``(sum (BLOCK_D,), max |weight|)`` of the items at sorted positions ``[start, end)``."""
-    if EXACT:
-        b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float64)
+    if EXACT:  # as in _qr_bag_sum
+        b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
     else:
         b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -292,9 +305,15 @@ def _qr_row_sum(
         b_t, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, b_item, m_l, o_d, D, COL_OFF,
                                     N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                                     IS_Q, OP, BAGS, MEAN, HAS_W, EXACT)
-        b_acc += b_t
+        if EXACT:
+            b_acc += tl.sum(b_t, axis=0)
+        else:
+            b_acc += b_t
         b_wmax = tl.maximum(b_wmax, b_wabs)
-    return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
+    if EXACT:
+        return b_acc, tl.max(b_wmax, axis=0)
+    else:
+        return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
 
 
 @triton.jit
