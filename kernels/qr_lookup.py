@@ -207,9 +207,10 @@ def _qr_lookup_bag_fwd_kernel(
     start, end = _bag_bounds(p_offsets, pid_b, pid_b < B, N, B)
     b_out, w_max = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,
                                stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_out) | (w_max > BIG_W):  # the exact range: this bag's items again in float64
-        b_out64, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,
-                                 stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True, BLOCK_L, BLOCK_D)
+    if _not_finite(b_out) | (w_max > BIG_W):  # the exact range: this bag's items again in float64,
+        b_out64, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # half as many at once
+                                 stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,
+                                 BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
         b_out = b_out64.to(tl.float32)
     tl.store(p_out + pid_b * stride_on + o_d * stride_od, b_out.to(p_out.dtype.element_ty), mask=o_d < DOUT)
 
@@ -330,10 +331,10 @@ def _qr_row_grad(
     b_dw, w_max = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                               IS_Q, OP, BAGS, MEAN, HAS_W, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_dw) | (w_max > BIG_W):
+    if _not_finite(b_dw) | (w_max > BIG_W):  # float64, half as many items at once
         b_dw64, _ = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
                                 N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
-                                IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L, BLOCK_D)
+                                IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
         b_dw = b_dw64.to(tl.float32)
     tl.store(p_dw + out_row * stride_dn + o_d * stride_dd, b_dw.to(p_dw.dtype.element_ty), mask=o_d < D)
 
@@ -461,10 +462,10 @@ def _qr_psw_grad_kernel(
     b_dot, g_max = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,
                                stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
                                OP, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_dot) | (g_max > BIG_W):
+    if _not_finite(b_dot) | (g_max > BIG_W):  # half-width D tiles: float64 tiles in the registers of float32 ones
         b_dot64, _ = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,
                                  stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
-                                 OP, True, BLOCK_L, BLOCK_D)
+                                 OP, True, BLOCK_L, BLOCK_D // 2 + BLOCK_D % 2)
         b_dot = b_dot64.to(tl.float32)
     tl.store(p_dw + o_l, b_dot.to(p_dw.dtype.element_ty), mask=m_l)
 

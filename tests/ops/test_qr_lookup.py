@@ -529,7 +529,7 @@ def test_nan_and_overflow_in_lookups(backend, device, op, dtype):
 
 @pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 def test_mean_bag_near_the_float32_limit_stays_finite(backend, device):
-    # the mean of items at 3e38 is 3e38: each item is scaled by 1/len before the sum
+    # the mean of items at 3e38 is 3e38: the float32 sum overflows, the bag is summed again in float64
     qw = torch.full((2, 3), 1.5e38, device=device)
     rw = torch.full((2, 3), 1.5e38, device=device)
     out = fastvq.qr_lookup(torch.tensor([0, 1, 2, 3], device=device), qw, rw, offsets=torch.tensor([0], device=device),
@@ -612,7 +612,7 @@ def test_large_gpu(dtype, op):
 @pytest.mark.parametrize("op", ["add", "mult", "concat"])
 def test_bag_mean_finite_where_the_mean_is_representable(backend, device, dtype, op):
     # F6: a bag mean composed q + r (or q * r) in float32 before taking 1 / len: -2.9e38 + -2.9e38
-    # = -inf, though the mean over the bag of 4 is -2.175e38. Now the composition is scaled.
+    # = -inf, though the mean over the bag of 4 is -2.175e38. Now such a bag is summed again in float64.
     q = torch.tensor([[-2.9e38, 1.0], [0.0, 1.0]], device=device, dtype=dtype)
     r = torch.tensor([[-2.9e38 if op != "mult" else 2.0, 1.0], [1.0, 1.0], [0.0, 2.0], [0.0, 3.0]],
                      device=device, dtype=dtype)
