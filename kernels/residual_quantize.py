@@ -15,7 +15,8 @@ next, so the module computes nothing over the activations in torch:
   ``|r|^2`` that overflows (|r| beyond ~1.8e19) is summed again scaled by its power of two
   (only in a block that holds one), so the loss is finite wherever its mean is representable;
 * ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
-  and sums per code (float32 atomics) and the number of rows left out as not finite;
+  and sums per code (float32 atomics) and the number of rows left out as not finite (in the
+  dtype of the codebooks being trained: ``stat_lim``, one compare per element as before);
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
   of the residual and the code it chose, rounded once (``_midpoint``: no intermediate overflow;
   dead-code revival candidates: a revived code splits a used code's cell), and whether it is
@@ -201,6 +202,13 @@ def _row_finite(b):
 
 
 @triton.jit
+def _row_below(b, lim):
+    """Per row of a (rows, cols) float32 block: True when every element's magnitude is below
+    ``lim`` (``inf``: finite; a 16-bit codebook's rounding threshold: finite in its dtype)."""
+    return tl.max(tl.where(tl.abs(b) < lim, 0, 1), axis=1) == 0
+
+
+@triton.jit
 def _midpoint(a, b):
     """``(a + b) / 2`` of float32 blocks, rounded once: ``a + b`` halved, or where that sum
     overflows (``a = -3e38, b = 3e38`` does not, ``a = b = 3e38`` does) ``a/2 + b/2`` (exact
@@ -213,16 +221,17 @@ def _midpoint(a, b):
 @triton.jit
 def _level_outputs(
     b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
-    p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S,
+    p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
     LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
 ):
     """What a level adds besides the code, for a register-resident row block ``b_r`` (the
-    residual this level quantized) and its chosen code rows ``b_sel``."""
+    residual this level quantized) and its chosen code rows ``b_sel``; rows whose residual is
+    not below ``stat_lim`` (not finite in the codebook's dtype) are left out and counted."""
     if LOSS:
         b_sq = _loss_rows(b_r - b_sel, b_w, m_m)
         b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
     if STATS or CAND:
-        b_fin = _row_finite(b_r) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+        b_fin = _row_below(b_r, stat_lim) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
         b_use = m_m & (b_w != 0) & b_fin
         if STATS:
             o_kk = lvl * K + b_idx
@@ -337,7 +346,7 @@ def _dot_operand(b_r, p_cb, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr):
 @triton.jit
 def _residual_quantize_fwd_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok,
-    N, K, D, L, S,
+    N, K, D, L, S, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -395,7 +404,7 @@ def _residual_quantize_fwd_kernel(
         b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
         b_sel = b_sel.to(tl.float32)
         b_loss = _level_outputs(b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
-                                p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S,
+                                p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
                                 LOSS, STATS, CAND)
         b_r -= b_sel
         b_q += b_sel
@@ -416,7 +425,7 @@ def _residual_quantize_fwd_kernel(
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,
-    N, K, D, L, S,
+    N, K, D, L, S, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -482,7 +491,7 @@ def _residual_quantize_fwd_chunked_kernel(
                 o_d = d0 + tl.arange(0, BLOCK_D)
                 m_md = m_m[:, None] & (o_d < D)[None, :]
                 b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_md, other=0.0)
-                b_bad += tl.where(_row_finite(b_r), 0, 1)
+                b_bad += tl.where(_row_below(b_r, stat_lim), 0, 1)
                 if CAND:  # and the chosen code of a candidate row (its midpoint is finite only then)
                     b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
                                     mask=m_md & (b_slot >= 0)[:, None], other=0.0)
@@ -642,6 +651,7 @@ def residual_quantize_fwd(
     stats: bool = False,
     slots: torch.Tensor | None = None,
     num_slots: int = 0,
+    stat_limit: float = float("inf"),
 ):
     """``(N, D), (L, K, D) -> quantized (N, D) in x's dtype, codes (N, L) int64`` and, by request:
 
@@ -650,11 +660,13 @@ def residual_quantize_fwd(
     * ``loss``: ``level_sq (L,)`` float64, ``sum_i w_i |r_{i,l+1}|^2`` per level (float64: the
       sum may overflow float32 where the mean is representable);
     * ``stats``: ``counts (L, K)``, ``sums (L, K, D)`` float32 of the residuals each level
-      quantized (rows of nonzero weight, finite), ``skipped (L,)`` int32 rows left out;
+      quantized (rows of nonzero weight whose max-abs is below ``stat_limit``: finite, or finite
+      in the dtype of the codebooks being trained), ``skipped (L,)`` int32 rows left out;
     * ``slots`` ``(N,)`` int32 (``-1`` or a slot in ``[0, num_slots)``, each slot used by at most
       one row): ``cand (L, num_slots, D)`` float32, at every level the midpoint
-      ``c + (r - c) / 2`` of those rows' residual ``r`` and chosen code ``c``, and
-      ``cand_ok (L, num_slots)`` int8 (finite residual, nonzero weight). Every slot must be filled.
+      ``(r + c) / 2`` (``_midpoint``) of those rows' residual ``r`` and chosen code ``c``, and
+      ``cand_ok (L, num_slots)`` int8 (residual below ``stat_limit``, finite code, nonzero
+      weight). Every slot must be filled.
 
     Returns a dict with the keys ``quantized``, ``codes`` and those asked for. Same dtype and
     device for ``x`` and ``codebooks``; any strides. ``max_register_d`` picks the variant (see
@@ -714,11 +726,12 @@ def residual_quantize_fwd(
 
     if not chunked:
         kernel = _residual_quantize_fwd_kernel
-        kernel[grid](*tensors, N, K, D, L, num_slots, *strides, BLOCK_D=block_d, **common)
+        kernel[grid](*tensors, N, K, D, L, num_slots, float(stat_limit), *strides, BLOCK_D=block_d, **common)
     else:
         kernel = _residual_quantize_fwd_chunked_kernel
         workspace = torch.empty((N, D), dtype=torch.float32, device=dev)
-        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, *strides, workspace.stride(0), BLOCK_D=CHUNK_D,
+        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, float(stat_limit), *strides, workspace.stride(0),
+                     BLOCK_D=CHUNK_D,
                      **common)
     if loss:  # (the config the launch ran: set by the autotuner on every launch, no device read)
         out["level_sq"] = loss_part[: triton.cdiv(N, kernel.best_config.kwargs["BLOCK_M"]), :L].sum(0)

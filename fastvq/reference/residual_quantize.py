@@ -49,6 +49,7 @@ def residual_quantize_full_ref(
     stats: bool = False,
     slots: torch.Tensor | None = None,
     num_slots: int = 0,
+    stat_limit: float = float("inf"),
 ) -> dict:
     """Reference of the launcher ``fastvq.kernels.residual_quantize.residual_quantize_fwd``:
     ``x (N, D)``, ``codebooks (L, K, D)`` -> a dict with ``quantized (N, D)`` (dtype of ``x``) and
@@ -92,7 +93,8 @@ def residual_quantize_full_ref(
         for lvl in range(L):
             idx = _nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl], codebooks.dtype != torch.float16) if search else out_codes[s : s + step, lvl]
             c = cb[lvl].index_select(0, idx)
-            use = usable & r.isfinite().all(-1)
+            # (below stat_limit: finite, in the dtype of the codebooks being trained; NaN: not below)
+            use = usable & (r.abs().amax(-1) < stat_limit)
             if stats:
                 counts[lvl].index_add_(0, idx, torch.where(use, w, 0.0).double())
                 sums[lvl].index_add_(0, idx, torch.where(use[:, None], w[:, None] * r, 0.0).double())

@@ -627,3 +627,43 @@ def test_step_candidate_midpoint_does_not_overflow(backend, device, chunked):
     assert ok[0].all() and cand[0].isfinite().all()
     # level 1: the only code is infinite (rows 1-3 have finite residuals): no candidate is ok
     assert not ok[1].any()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+def test_step_statistics_leave_out_rows_the_codebook_dtype_cannot_hold(backend, device, chunked):
+    # fuzz (issue 9 item 2): bfloat16 rows of 1e10 quantized by a float16 codebook were searched
+    # in float32 (right) and entered the statistics that train that codebook (wrong: it cannot
+    # hold them; an EMA code of their mean is +inf in float16). Now they are left out of the
+    # statistics and the candidates and counted in `skipped`, like rows that are not finite.
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    if chunked and backend != "triton":
+        pytest.skip("the chunked kernel is a Triton kernel")
+    x = randn(7, 3, seed=5, device=device)
+    x[1] = 1e10  # beyond float16
+    x[3, 2] = 7e4  # one element beyond float16's rounding threshold (65520)
+    x[4, 0] = 65280.0  # within it (bf16 and fp16 both hold it)
+    x[5, 1] = float("nan")
+    x = x.to(torch.bfloat16)
+    cb = randn(2, 4, 3, seed=6, device=device).to(torch.float16)
+    rows = torch.arange(7, device=device)
+    if chunked:
+        from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+        slots = torch.arange(7, dtype=torch.int32, device=device)
+        out = residual_quantize_fwd(x.float(), cb.float(), stats=True, slots=slots, num_slots=7, max_register_d=1,
+                                    stat_limit=65520.0)
+        counts, sums, skipped, codes = out["counts"], out["sums"], out["skipped"], out["codes"]
+        ok = out["cand_ok"].bool()
+    else:
+        out = residual_quantize_step(x, cb, statistics=True, candidate_rows=rows)
+        counts, sums, skipped, codes, ok = out.counts, out.sums, out.skipped, out.codes, out.candidates_ok
+    held = torch.tensor([True, False, True, False, True, False, True], device=device)
+    assert skipped.tolist() == [3, 3]
+    assert ok.tolist() == [held.tolist()] * 2
+    # level 0: the statistics of the rows float16 can hold, exactly (few rows: float32 sums of them)
+    want_counts = torch.zeros(4, device=device).index_add_(0, codes[held, 0], torch.ones(4, device=device))
+    want_sums = torch.zeros(4, 3, dtype=torch.float64, device=device).index_add_(0, codes[held, 0],
+                                                                                 x[held].double())
+    assert torch.equal(counts[0], want_counts)
+    assert_close(sums[0], want_sums.float(), reduce_len=4)
