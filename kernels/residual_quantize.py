@@ -30,9 +30,11 @@ The nearest code (NaN-aware, smallest index on exact ties): a code with a NaN or
 element is never chosen while a finite code exists; a NaN distance (a NaN residual) and an
 overflowing one compare as ``+inf``; a finite row beyond 2^48 in size, or whose scores all
 compare as ``+inf`` (|c|^2 overflows), is searched again on the residual and codes scaled by
-2^-96 (exact; the common path is unchanged, the rescue pass costs one multiply per code element
-per tile and runs only for blocks that hold such a row; float16 codebooks never need it); a
-row still without a finite score gets the first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
+2^-96, and a finite row below 2^-48 whose best score is below 2^-90 (codes ~1e-30 near a
+residual ~1e-30: |c|^2 and r.c underflow and tie at 0) on them scaled by 2^96 (exact; the
+common path is unchanged, a rescue pass costs one multiply per code element per tile and runs
+only for blocks that hold such a row; float16
+codebooks never need it); a row still without a finite score gets the first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
 smallest index among the exact minima wins, and a later tile wins only when strictly smaller
 (the team's ``_common.argmin_merge``, fed NaN for the codes that may not win).
 
@@ -86,19 +88,25 @@ def _scores_of_finite_codes(b_dist, b_cfin, o_k, m_k, b_first, K):
 
 # A row whose residual's max-abs exceeds 2^BIG_EXP, or that found no code with a finite score, is
 # searched again with the residual and the codes scaled by 2^-RESCALE_EXP (exact): |c|^2 and
-# 2 r.c of codes near a residual up to the float32 maximum then neither overflow nor cancel.
+# 2 r.c of codes near a residual up to the float32 maximum then neither overflow nor cancel. A
+# row below 2^-BIG_EXP whose best score is below 2^-TINY_SCORE_EXP (a code within ~2^-45 of it:
+# |c|^2 and r.c of codes near a residual ~1e-30 underflow to 0 and tie) is searched again scaled
+# by 2^RESCALE_EXP: the codes near it are then normal numbers; the codes that overflow (|c|^2 or
+# an element) are far from it and never chosen there (the row keeps its first choice if none is left).
 BIG_EXP = 48
 RESCALE_EXP = 96
+TINY_SCORE_EXP = 90
 
 
 @triton.jit
-def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first,
+def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first, scale,
                   PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SCALED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Nearest code of each row of the register-resident dot operand ``b_rd`` in one level:
     running ``(min, index)`` over the tiles (index -1 where no finite score) and the first
-    finite code. ``SCALED``: the codes are scaled by 2^-RESCALE_EXP as they are loaded (``b_rd``
-    already is): one multiply per code element per tile, only on the rescue pass."""
+    finite code. ``SCALED``: the codes are scaled by ``scale`` (2^-RESCALE_EXP or 2^RESCALE_EXP)
+    as they are loaded (``b_rd`` already is): one multiply per code element per tile, only on
+    the rescue pass; a code that overflows there has a non-finite element and is never chosen."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -108,7 +116,7 @@ def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first,
                       mask=m_k[:, None] & m_d[None, :], other=0.0)
         b_c32 = b_c.to(tl.float32)
         if SCALED:
-            b_c32 = b_c32 * 1.2621774483536189e-29  # 2^-96
+            b_c32 = b_c32 * scale  # a power of two: exact but for overflow
             b_c = b_c32.to(b_c.dtype)  # exact (bf16 and fp32 hold the scaled value)
         b_cc = tl.sum(b_c32 * b_c32, axis=1)
         if DOT_FP32:
@@ -122,11 +130,22 @@ def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first,
 
 
 @triton.jit
-def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd,
+def _rescue_rows(b_rm, m_fin, b_idx, b_min):
+    """The rows a rescue pass searches again (see BIG_EXP), of the finite rows ``m_fin`` with
+    max-abs ``b_rm`` and first choice ``(b_min, b_idx)``: ``(big, tiny)``, per row, no element
+    work. Big: beyond 2^48, or no finite score. Tiny: below 2^-48 with a best score below 2^-90
+    (a code so near that its scores underflow; a tiny row among ordinary codes is not redone)."""
+    m_big = m_fin & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
+    m_tiny = m_fin & ~m_big & (b_rm < 3.552713678800501e-15) & (b_min < 8.077935669463161e-28)
+    return m_big, m_tiny
+
+
+@triton.jit
+def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd, scale,
                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
                           SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """:func:`_search_level` for the chunked variant: the residual streamed from the workspace in
-    BLOCK_D chunks; ``SCALED`` scales both the residual and the codes by 2^-96 as they load."""
+    BLOCK_D chunks; ``SCALED`` scales both the residual and the codes by ``scale`` as they load."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     b_first = K
@@ -142,7 +161,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
             b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
                           other=0.0)
             if SCALED:
-                b_r = b_r * 1.2621774483536189e-29  # 2^-96, exact
+                b_r = b_r * scale  # a power of two
             if BF16_RNE:
                 b_rd = round_bf16(b_r)
             else:
@@ -151,7 +170,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
                           mask=m_k[:, None] & m_d[None, :], other=0.0)
             b_c32 = b_c.to(tl.float32)
             if SCALED:
-                b_c32 = b_c32 * 1.2621774483536189e-29
+                b_c32 = b_c32 * scale
                 b_c = b_c32.to(b_c.dtype)
             b_cc += tl.sum(b_c32 * b_c32, axis=1)
             b_cbad += tl.where(_row_finite(b_c32), 0, 1)
@@ -383,19 +402,23 @@ def _residual_quantize_fwd_kernel(
         if SEARCH:
             # the dot operand: the residual in the codebook dtype (a no-op for float32)
             b_rd = _dot_operand(b_r, p_cb, DOT_FP32, BF16_RNE)
-            b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
+            b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K, 1.0,
                                                   PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K)
-            if p_cb.dtype.element_ty != tl.float16:  # (a float16 codebook cannot overflow the scores)
-                # the rescue pass: rows beyond 2^BIG_EXP, or with no finite score (codes so large
-                # that |c|^2 overflows), searched again on operands scaled by 2^-96
+            if p_cb.dtype.element_ty != tl.float16:  # (float16 codes neither overflow nor underflow the scores)
                 b_rm = tl.max(tl.abs(b_r), axis=1)
-                m_redo = m_m & _row_finite(b_r) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
-                if tl.max(m_redo.to(tl.int32), axis=0) > 0:
-                    b_rs = b_r * 1.2621774483536189e-29  # 2^-96, exact
-                    b_rd = _dot_operand(b_rs, p_cb, DOT_FP32, BF16_RNE)
+                m_big, m_tiny = _rescue_rows(b_rm, m_m & _row_finite(b_r), b_idx, b_min)
+                # the rescue passes, each only for a block that holds such a row: the big rows on
+                # operands scaled by 2^-96, the tiny ones scaled by 2^96
+                if tl.max(m_big.to(tl.int32), axis=0) > 0:
+                    b_rd = _dot_operand(b_r * 1.2621774483536189e-29, p_cb, DOT_FP32, BF16_RNE)
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
-                                                 PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
-                    b_idx = tl.where(m_redo, b_idx1, b_idx)
+                                                 1.2621774483536189e-29, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
+                    b_idx = tl.where(m_big, b_idx1, b_idx)
+                if tl.max(m_tiny.to(tl.int32), axis=0) > 0:
+                    b_rd = _dot_operand(b_r * 7.922816251426434e28, p_cb, DOT_FP32, BF16_RNE)
+                    _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
+                                                 7.922816251426434e28, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
+                    b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
             # nothing chosen (scores all NaN or +inf): the first finite code (none: 0)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
@@ -463,7 +486,7 @@ def _residual_quantize_fwd_chunked_kernel(
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
             b_min, b_idx, b_first = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                          stride_cd, PRECISION, DOT_FP32, BF16_RNE, False,
+                                                          stride_cd, 1.0, PRECISION, DOT_FP32, BF16_RNE, False,
                                                           BLOCK_M, BLOCK_K, BLOCK_D)
             if p_cb.dtype.element_ty != tl.float16:  # the rescue pass, as in the register variant
                 b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -474,12 +497,17 @@ def _residual_quantize_fwd_chunked_kernel(
                                   mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
                     b_rm = tl.maximum(b_rm, tl.max(tl.where(tl.abs(b_r) < float("inf"), tl.abs(b_r), 0.0), axis=1))
                     b_rbad += tl.where(_row_finite(b_r), 0, 1)
-                m_redo = m_m & (b_rbad == 0) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
-                if tl.max(m_redo.to(tl.int32), axis=0) > 0:
+                m_big, m_tiny = _rescue_rows(b_rm, m_m & (b_rbad == 0), b_idx, b_min)
+                if tl.max(m_big.to(tl.int32), axis=0) > 0:
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                         stride_cd, PRECISION, DOT_FP32, BF16_RNE, True,
-                                                         BLOCK_M, BLOCK_K, BLOCK_D)
-                    b_idx = tl.where(m_redo, b_idx1, b_idx)
+                                                         stride_cd, 1.2621774483536189e-29, PRECISION, DOT_FP32,
+                                                         BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
+                    b_idx = tl.where(m_big, b_idx1, b_idx)
+                if tl.max(m_tiny.to(tl.int32), axis=0) > 0:
+                    _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
+                                                         stride_cd, 7.922816251426434e28, PRECISION, DOT_FP32,
+                                                         BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
+                    b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:

@@ -235,7 +235,10 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     Numbers: a code with a NaN or infinite element is never chosen while the level has a finite
     one; a score that is NaN (a NaN residual) or overflows compares as ``+inf``, and a row whose
     scores all do gets the level's first finite code (index 0 when none is finite). The score
-    ``|c|^2 - 2 r.c`` is float32: codes with ``|c| >= ~1.8e19`` overflow it.
+    ``|c|^2 - 2 r.c`` is float32; where it would overflow (a row beyond 2^48, or no finite
+    score) or underflow (a row below 2^-48 with a code within ~2^-45 of it, e.g. residuals and
+    codes ~1e-30) the row is searched again on operands scaled by 2^-96 or 2^96 (exact), so such
+    rows get their nearest code as rows of ordinary size do.
 
     Precision: float32 codebooks are searched in exact float32 (IEEE dot). For bfloat16/float16
     codebooks the Triton kernel rounds the residual to the codebook dtype for the ``r.c`` dot

@@ -281,6 +281,36 @@ def test_exact_match_at_1e19_beats_an_overflowing_code(backend, device, dtype, D
     assert_greedy(x, cb, codes, backend == "triton")
 
 
+@pytest.mark.parametrize("D", [3, 300], ids=["D3", "D300-chunked"])
+def test_tiny_residuals_and_codes_are_rescaled(backend, device, D):
+    # README's open numeric defect (issue 9): residuals and codes ~1e-30 give |c|^2 ~ 1e-60 and
+    # r.c ~ 1e-60, both 0 in float32: every score tied at 0 and code 0 won (x = c_1 = 1e-30 chose
+    # c_0 = -1e-30). A row below 2^-48 whose best score is below 2^-90 is now searched again on
+    # operands scaled by 2^96 (codes that overflow there, 1e10 below, are far from it).
+    g = generator(11)
+    cb = torch.randn(2, 9, D, generator=g, dtype=torch.float64) * 1e-30
+    cb[1] *= 1e-3  # level 1 finer still: its codes ~1e-33, their squares ~1e-66
+    cb[0, 7] = 1.0  # an ordinary code
+    cb[0, 8, 0] = 1e10  # one that overflows float32 when scaled by 2^96
+    x = torch.randn(13, D, generator=g, dtype=torch.float64) * 1e-30
+    x[0] = 0.0  # the nearest code is the shortest
+    x[1] = 0.75  # an ordinary row in the same block: unchanged
+    x[2] = cb[0, 4] + cb[1, 6]  # exactly two codes
+    x[3] = -cb[0, 0]
+    cb, x = cb.float().to(device), x.float().to(device)
+    q, codes = fastvq.residual_quantize(x, cb)
+    assert codes[1, 0] == 7 and codes[2].tolist() == [4, 6]
+    assert_greedy(x, cb, codes, backend == "triton")
+    # the exact greedy choice: float64 scores |c|^2 - 2 r.c (no |r|^2: the 0.75 row's level-1
+    # distances differ by ~1e-33 of 0.19), no near-ties at these draws
+    r = x.double()
+    for lvl in range(2):
+        c64 = cb[lvl].double()
+        d = (c64 * c64).sum(-1)[None] - 2.0 * r @ c64.T
+        assert codes[:, lvl].tolist() == d.argmin(1).tolist(), lvl
+        r = r - cb[lvl].double()[codes[:, lvl]]
+
+
 # ------------------------------------------------------------------ the training step
 def _step_oracle(x, cb, codes, w, g, gc, ge, rotate):
     """float64 autograd of the seed's losses at the given codes: quantized (straight through or
