@@ -283,8 +283,8 @@ def _residual_quantize_jobs():
         on = "+".join(f for f in ("HAS_W", "LOSS", "STATS", "CAND") if flags[f]) + ("" if flags["SEARCH"] else "+GIVEN")
         return Job(f"residual_quantize.{name}",
                    f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag}{',' + on if on else ''} | {_cfg_label(cfg)}",
-                   _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, aligned=aligned, aligned_ints=row_ints,
-                   dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned,
+                   _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"stat_lim": "fp32"}, aligned=aligned,
+                   aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned,
                    cost=big * (6 if dt == "fp32" else 1) + 0.5)
 
     # Register variant, as a training step, at the widest BLOCK_D it runs with (256; float32 128):
