@@ -22,8 +22,11 @@ def _pairwise_kl_loss_op(
         loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature)
     else:
         loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature)
-    # Rows whose logits overflow come back +inf; a NaN or inf in the inputs makes the loss NaN.
-    # One O(B D) read of each input, on the device (no host sync).
+    # Rows whose logits overflow come back +inf; a NaN or inf in the inputs makes the loss NaN
+    # (every input element enters some logit once B >= 2). One O(B D) read of each input, on the
+    # device (no host sync). B <= 1 forms no logit: the loss is the empty mean, 0, whatever the values.
+    if pred.shape[0] <= 1:
+        return loss, lse_p, lse_t
     finite = torch.isfinite(pred).all() & torch.isfinite(target).all()
     return torch.where(finite, loss, float("nan")), lse_p, lse_t
 
@@ -105,7 +108,8 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
 
     Returns:
         A 0-d float32 tensor, differentiable in ``pred``. ``B <= 1`` (no row has another
-        row to compare with) gives ``0`` with a zero gradient.
+        row to compare with, so no logit is formed) gives ``0`` with a zero gradient, whatever
+        the values (NaN or inf entries included).
 
     Numbers (both backends, every dtype; logits and sums in float32): the loss and its gradient
     are finite wherever the inputs are finite and every logit ``pred_i . pred_j / T``,
