@@ -36,8 +36,8 @@ def _(pred, target, temperature):
     B = pred.shape[0]
     return (
         pred.new_empty((), dtype=torch.float32),
-        pred.new_empty((B,), dtype=torch.float32),
-        pred.new_empty((B,), dtype=torch.float32),
+        pred.new_empty((2, B), dtype=torch.float32),
+        pred.new_empty((2, B), dtype=torch.float32),
     )
 
 
