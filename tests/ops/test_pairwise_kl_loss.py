@@ -457,3 +457,27 @@ def test_single_row_is_zero_even_when_not_finite(backend, device, dtype, bad):
         loss = fastvq.pairwise_kl_loss(p, t, 0.1)
         loss.backward()
         assert loss.item() == 0.0 and torch.equal(p.grad, torch.zeros_like(p)), (loss, p.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_backward_within_the_rounding_of_h(backend, device, dtype):
+    # The fuzz find (fp16, T = 0.05, B = 40, rows of 1e-6 .. 1e2): the gradient element
+    # sum_j h_ij pred_j / (B T) (h = G + G^T) cancels, so an error of ~1% of it is still within
+    # the arithmetic: the Triton backward rounds h to the input dtype for its 16-bit tensor-core
+    # dot (pred is exact), relative unit roundoff u per entry, accumulated in float32. Bound:
+    # u |H| @ |pred| / (B T) (twice, for the rounding of h as computed) plus the output's rounding.
+    B, T = 40, 0.05
+    mag = 10.0 ** (2 - 8 * torch.rand(B, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    pred = (randn(B, 16, dtype=torch.float64, seed=25) * mag).to(device, dtype)
+    target = (randn(B, 3, dtype=torch.float64, seed=26) * mag).to(device, dtype)
+    _, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0, device=device))
+    p64, t64 = pred.double().cpu(), target.double().cpu()
+    eye = torch.eye(B, dtype=torch.bool)
+    P = (p64 @ p64.T / T).masked_fill(eye, -math.inf).softmax(1)
+    Q = (t64 @ t64.T / T).masked_fill(eye, -math.inf).softmax(1)
+    H = (P - Q) + (P - Q).T
+    exact = H @ p64 / (B * T)
+    u = torch.finfo(dtype).eps / 2
+    bound = 2 * u * (H.abs() @ p64.abs()) / (B * T) + 2 * u * exact.abs() + 1e-30
+    err = (grad.double().cpu() - exact).abs()
+    assert (err <= bound).all(), f"worst error / bound {(err / bound).max():.3g}"
