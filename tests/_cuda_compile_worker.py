@@ -806,12 +806,14 @@ def _compile_launch(i: int) -> dict:
     return rec
 
 
-def sweep(targets, jobs: int, include_pruned: bool = False, emit=None) -> list:
+def sweep(targets, jobs: int, include_pruned: bool = False, emit=None, only: str = "") -> list:
     """Compile every launch of the benchmark shapes (the kept configs; all with ``include_pruned``)
-    for each target, through ptxas. Returns one record per (launch, target)."""
+    for each target, through ptxas. Returns one record per (launch, target). ``only``: the
+    launches whose kernel name or calls contain it (a quick check; never for ``--update-json``)."""
     _SWEEP.clear()
     for t in targets:
-        _SWEEP.extend((launch, t) for launch in capture_all(t) if launch.kept or include_pruned)
+        _SWEEP.extend((launch, t) for launch in capture_all(t) if (launch.kept or include_pruned)
+                      and only in " ".join([launch.kernel, *launch.calls]))
     out = []
     if jobs > 1:
         ctx = mp.get_context("fork")
@@ -902,7 +904,7 @@ def update_json(path: str, records: list, seconds: float):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--filter", default="")
+    ap.add_argument("--filter", default="", help="only the jobs (--sweep: launches) whose names contain it")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--sweep", action="store_true",
                     help="compile every launch of the benchmark shapes (kept configs) for --targets")
@@ -925,8 +927,9 @@ def main(argv=None):
                                   "kept": launch.kept, "estimate": launch.estimate, "calls": sorted(set(launch.calls))}))
         return 0
     if args.sweep:
+        assert not (args.filter and args.update_json), "--filter with --update-json would drop the other records"
         t0 = time.perf_counter()
-        recs = sweep(targets, args.jobs, args.pruned,
+        recs = sweep(targets, args.jobs, args.pruned, only=args.filter,
                      emit=lambda r: print(json.dumps(r), flush=True) if not args.update_json else
                      print(f"{r['target']} {r['kernel']} {r['config']} {r.get('regs')} regs {r.get('spill')} B spill "
                            f"{r.get('shared')} B shared {r['seconds']} s", file=sys.stderr, flush=True))
