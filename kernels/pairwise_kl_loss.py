@@ -16,12 +16,13 @@ rescaled and shifted whenever a running max moves. At the end
 and the program stores ``KL_i`` and each softmax's normaliser in two parts, the row's largest
 logit ``m`` and ``log(l)`` (``lse = m + log(l)``; kept apart because at logits ~1e38 the sum
 rounds ``log(l)`` away and the backward's probabilities would come out ``l`` times too large):
-five floats a row.
+five floats a row (and the launcher the rows' ``max |x_i|``, two more, for the backward's scaling).
 
 Scaling (as in the reference): the gram dots read row-scaled copies ``u_i = x_i 2^-e_i`` made
-by the launcher (each of the forward and the backward reads pred and target for their row
-maxima, then reads them again and writes the copies: at B = 256, D = 64 that is 8.1 -> 22.1
-passes over pred in all, by `fastvq bench --traffic`; O(B D) against the kernels' O(B^2 D)
+by the launcher from the rows' maxima (which the op reads once, with its finiteness check, and
+the forward saves for the backward); forward and backward each read pred and target and write
+the copies: at B = 256, D = 64, 8.1 -> 17.3 passes over pred in all (`fastvq bench --traffic`),
+O(B D) against the kernels' O(B^2 D)
 work, and the kernels' pipelined loads stay untouched; float16 inputs, whose products cannot
 overflow float32, are read as they are), and a logit is ``((u_i . u_j) R_i) C_j`` with
 ``R_i = m 2^(e_i + fa)``, ``C_j = 2^(e_j + fb)`` built from the int32 exponents, both within
@@ -343,25 +344,28 @@ def _scaling(temperature: float):
     return m, fa, fb, max(-126, -62 - fa), min(126, 62 - fb)
 
 
-def _row_scaled(x: torch.Tensor, lo: int, hi: int):
-    """``(u, e)``: int32 row exponents ``e`` (``max |x_i| < 2^e_i``, clamped to ``[lo, hi]``) and
-    the contiguous copy ``u_i = x_i 2^-e_i`` in x's dtype (exact: powers of two). float16 rows
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """``max_d |x_id|`` per row, float32 (0 for D = 0), as fastvq.reference's ``row_max``."""
+    if x.shape[1] == 0:  # D = 0: every logit is 0
+        return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x, float("inf"), dim=1, dtype=torch.float32)
+
+
+def _row_scaled(x: torch.Tensor, amax: torch.Tensor, lo: int, hi: int):
+    """``(u, e)``: int32 row exponents ``e`` (``amax_i = max |x_i| < 2^e_i``, clamped to ``[lo, hi]``)
+    and the contiguous copy ``u_i = x_i 2^-e_i`` in x's dtype (exact: powers of two). float16 rows
     are used as given (``|x| <= 65504``: no product or sum of products overflows float32)."""
     if x.dtype == torch.float16:
         return x, None
-    if x.shape[1] == 0:  # D = 0: every logit is 0
-        amax = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    else:
-        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, dtype=torch.float32)
     e = torch.frexp(amax).exponent.clamp_(lo, hi).to(torch.int32)
     one = torch.ones(e.shape, dtype=torch.float32, device=x.device)
     return (x * torch.ldexp(one, -e).to(x.dtype)[:, None]).contiguous(), e
 
 
-def _launch_args(pred, target, temperature):
+def _launch_args(pred, target, temperature, amax_p, amax_t):
     m, fa, fb, lo, hi = _scaling(temperature)
-    up, ep = _row_scaled(pred, lo, hi)
-    ut, et = _row_scaled(target, lo, hi)
+    up, ep = _row_scaled(pred, amax_p, lo, hi)
+    ut, et = _row_scaled(target, amax_t, lo, hi)
     scaled = ep is not None
     if not scaled:  # float16: unused pointers, a plain 1/T
         ep = et = torch.zeros(1, dtype=torch.int32, device=pred.device)
@@ -369,10 +373,12 @@ def _launch_args(pred, target, temperature):
 
 
 @launcher
-def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float):
+def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float,
+                         amax_p: torch.Tensor | None = None, amax_t: torch.Tensor | None = None):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
-    KL(target || pred), diagonal excluded), and for the backward each softmax's per-row
-    normaliser in two parts, ``(2, B)`` float32: the row's largest logit and ``log`` of the sum."""
+    KL(target || pred), diagonal excluded), and for the backward, ``(3, B)`` float32 each: the
+    softmax's per-row normaliser in two parts (the row's largest logit, ``log`` of the sum) and
+    the rows' ``max |x_i|`` (``amax_p``/``amax_t`` if the caller has them), the scaling's input."""
     # check (the op has told the user already: fastvq/ops/pairwise_kl_loss.py)
     assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
     assert pred.dtype == target.dtype, (pred.dtype, target.dtype)
@@ -381,12 +387,14 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
     DT = target.shape[1]
     # allocate
     kl = torch.empty((B,), dtype=torch.float32, device=pred.device)
-    lse_p = torch.empty((2, B), dtype=torch.float32, device=pred.device)
-    lse_t = torch.empty((2, B), dtype=torch.float32, device=pred.device)
+    lse_p = torch.empty((3, B), dtype=torch.float32, device=pred.device)
+    lse_t = torch.empty((3, B), dtype=torch.float32, device=pred.device)
+    lse_p[2] = _row_max(pred) if amax_p is None else amax_p
+    lse_t[2] = _row_max(target) if amax_t is None else amax_t
     if B <= 1:  # no off-diagonal pair: loss 0 (and nothing to normalise)
-        lse_p.zero_(), lse_t.zero_()
+        lse_p[:2].zero_(), lse_t[:2].zero_()
         return torch.zeros((), dtype=torch.float32, device=pred.device), lse_p, lse_t
-    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature)
+    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, lse_p[2], lse_t[2])
     # logits at scale c = 2^-(k+1), 2^k > B + 1: B terms of (t - m_t) - (s - m_p) stay below float32max
     inv_c = 2.0 ** ((B + 1).bit_length() + 1)
     # launch
@@ -414,20 +422,21 @@ def pairwise_kl_loss_bwd(
     """Gradient in ``pred`` (``(B, Dp)``, pred's dtype) for the 0-d upstream ``grad``."""
     # check
     assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
-    assert grad.numel() == 1 and lse_p.shape == lse_t.shape == (2, pred.shape[0]), (grad.shape, lse_p.shape, lse_t.shape)
+    assert grad.numel() == 1 and lse_p.shape == lse_t.shape == (3, pred.shape[0]), (grad.shape, lse_p.shape, lse_t.shape)
     B, DP = pred.shape
     DT = target.shape[1]
     # allocate
     dpred = torch.empty_like(pred, memory_format=torch.contiguous_format)
     if B <= 1 or DP == 0:
         return dpred.zero_()
-    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature)
+    lse_p, lse_t = lse_p.float().contiguous(), lse_t.float().contiguous()
+    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, lse_p[2], lse_t[2])
     # launch
     BLOCK_DO = min(max(next_pow2(DP), 16), MAX_BLOCK_DO[pred.dtype.itemsize])
     n_do = triton.cdiv(DP, BLOCK_DO)
     grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]) * n_do)  # noqa: E731
     _pairwise_kl_loss_bwd_kernel[grid](
-        grad.float(), up, ut, ep, et, lse_p.float().contiguous(), lse_t.float().contiguous(), pred, dpred,
+        grad.float(), up, ut, ep, et, lse_p, lse_t, pred, dpred,
         B, DP, DT, mult, 1.0 / float(temperature), fa, fb, n_do,
         up.stride(0), up.stride(1), ut.stride(0), ut.stride(1), pred.stride(0), pred.stride(1),
         dpred.stride(0), dpred.stride(1),

@@ -9,25 +9,28 @@ import torch
 
 from .._backend import use_triton
 from .._checks import check_float, check_same_device, check_tensor
-from ..reference.pairwise_kl_loss import pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref
+from ..reference.pairwise_kl_loss import pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
 
 @torch.library.custom_op("fastvq::pairwise_kl_loss", mutates_args=())
 def _pairwise_kl_loss_op(
     pred: torch.Tensor, target: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The rows' max |x|: one O(B D) read of each input, on the device (no host sync), for both
+    # the backends' row scaling and the finiteness check below.
+    amax_p, amax_t = row_max(pred), row_max(target)
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_fwd
 
-        loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature)
+        loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature, amax_p, amax_t)
     else:
-        loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature)
+        loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature, amax_p, amax_t)
     # Rows whose logits overflow come back +inf; a NaN or inf in the inputs makes the loss NaN
-    # (every input element enters some logit once B >= 2). One O(B D) read of each input, on the
-    # device (no host sync). B <= 1 forms no logit: the loss is the empty mean, 0, whatever the values.
+    # (every input element enters some logit once B >= 2; a row's max |x| is NaN or inf then).
+    # B <= 1 forms no logit: the loss is the empty mean, 0, whatever the values.
     if pred.shape[0] <= 1:
         return loss, lse_p, lse_t
-    finite = torch.isfinite(pred).all() & torch.isfinite(target).all()
+    finite = torch.isfinite(amax_p).all() & torch.isfinite(amax_t).all()
     return torch.where(finite, loss, float("nan")), lse_p, lse_t
 
 
@@ -36,8 +39,8 @@ def _(pred, target, temperature):
     B = pred.shape[0]
     return (
         pred.new_empty((), dtype=torch.float32),
-        pred.new_empty((2, B), dtype=torch.float32),
-        pred.new_empty((2, B), dtype=torch.float32),
+        pred.new_empty((3, B), dtype=torch.float32),
+        pred.new_empty((3, B), dtype=torch.float32),
     )
 
 

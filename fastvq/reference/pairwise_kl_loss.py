@@ -45,19 +45,25 @@ def logit_scaling(temperature: float):
     return m, fa, fb, max(-126, -62 - fa), min(126, 62 - fb)
 
 
-def row_exponents(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """int32 ``e_i`` with ``max_d |x_id| < 2^e_i`` (``>= 2^(e_i - 1)``), clamped to ``[lo, hi]``
-    (0 for a zero row; anything in range for a row that is not finite)."""
+def row_max(x: torch.Tensor) -> torch.Tensor:
+    """``max_d |x_id|`` per row, float32 (0 for D = 0; NaN for a row with a NaN, inf for one with
+    an inf): one read of ``x``. The op computes it once, for its finiteness check and the scaling."""
     if x.shape[1] == 0:  # D = 0: every logit is 0
-        return torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-    amax = torch.linalg.vector_norm(x.float(), float("inf"), dim=1)
+        return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x, float("inf"), dim=1, dtype=torch.float32)
+
+
+def row_exponents(amax: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """int32 ``e_i`` with ``amax_i < 2^e_i`` (``>= 2^(e_i - 1)``), clamped to ``[lo, hi]`` (0 for
+    a zero row; anything in range for a row that is not finite)."""
     return torch.frexp(amax).exponent.clamp(lo, hi).to(torch.int32)
 
 
-def _scaled(x32: torch.Tensor, temperature: float):
-    """``(u, R, C)`` for the rows of ``x32`` (float32): ``x_i . x_j / T = (u_i . u_j) R_i C_j``."""
+def _scaled(x32: torch.Tensor, amax: torch.Tensor, temperature: float):
+    """``(u, R, C)`` for the rows of ``x32`` (float32; ``amax``: their :func:`row_max`):
+    ``x_i . x_j / T = (u_i . u_j) R_i C_j``."""
     m, fa, fb, lo, hi = logit_scaling(temperature)
-    e = row_exponents(x32, lo, hi)
+    e = row_exponents(amax, lo, hi)
     one = torch.ones(e.shape, dtype=torch.float32, device=x32.device)
     u = x32 * torch.ldexp(one, -e)[:, None]
     return u, torch.ldexp(one, e + fa) * m, torch.ldexp(one, e + fb)
@@ -84,25 +90,30 @@ def _probs(sim: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return ((sim - norm[0, :, None]) - norm[1, :, None]).exp()
 
 
-def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperature: float):
+def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperature: float,
+                             amax_p: torch.Tensor | None = None, amax_t: torch.Tensor | None = None):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: a 0-d float32 loss and the per-row
-    log-normalisers the backward reuses, in two parts (``(2, B)`` float32: the row's largest
-    logit ``m`` and ``log sum_j exp(s_ij - m)``; at logits ~1e38 ``m + log(...)`` would round the
-    second part away). Not differentiable; no checks."""
+    log-normalisers the backward reuses, in two parts, and the rows' :func:`row_max` (``(3, B)``
+    float32: the row's largest logit ``m``, ``log sum_j exp(s_ij - m)`` (at logits ~1e38
+    ``m + log(...)`` would round it away), and ``max |x_i|``, which the backward's scaling reuses).
+    ``amax_p``/``amax_t``: the rows' :func:`row_max`, if the caller has them. Not differentiable;
+    no checks."""
     B = pred.shape[0]
-    lse_p = torch.zeros(2, B, dtype=torch.float32, device=pred.device)
-    lse_t = torch.zeros(2, B, dtype=torch.float32, device=pred.device)
+    lse_p = torch.zeros(3, B, dtype=torch.float32, device=pred.device)
+    lse_t = torch.zeros(3, B, dtype=torch.float32, device=pred.device)
+    lse_p[2] = row_max(pred.detach()) if amax_p is None else amax_p
+    lse_t[2] = row_max(target.detach()) if amax_t is None else amax_t
     if B <= 1:
         return torch.zeros((), dtype=torch.float32, device=pred.device), lse_p, lse_t
-    sp_all = _scaled(pred.detach().float(), temperature)
-    st_all = _scaled(target.detach().float(), temperature)
+    sp_all = _scaled(pred.detach().float(), lse_p[2], temperature)
+    st_all = _scaled(target.detach().float(), lse_t[2], temperature)
     kl_sum = torch.zeros((), dtype=torch.float32, device=pred.device)
     step = row_chunk(B)
     for s in range(0, B, step):
         e = min(s + step, B)
         sp = _masked_sims(sp_all, s, e)
         st = _masked_sims(st_all, s, e)
-        lse_p[:, s:e], lse_t[:, s:e] = _normalisers(sp), _normalisers(st)
+        lse_p[:2, s:e], lse_t[:2, s:e] = _normalisers(sp), _normalisers(st)
         q = _probs(st, lse_t[:, s:e])  # exactly 0 on the diagonal
         # log q - log p at half scale: each bracket lies in [-float32max, 0] where the logits are
         # representable, so their difference cannot overflow (at full scale it can)
@@ -131,7 +142,7 @@ def pairwise_kl_loss_bwd_ref(
         return torch.zeros_like(pred)
     inv_t = 1.0 / float(temperature)
     p32, t32 = pred.detach().float(), target.detach().float()
-    sp_all, st_all = _scaled(p32, temperature), _scaled(t32, temperature)
+    sp_all, st_all = _scaled(p32, lse_p[2], temperature), _scaled(t32, lse_t[2], temperature)
     out = torch.zeros(p32.shape, dtype=torch.float32, device=pred.device)
     # |(G + G^T) @ pred| <= (B + 1) max|pred|: G scaled by 2^-k, 2^k > B + 1 (exact), so the float32
     # sums cannot overflow where the gradient does not

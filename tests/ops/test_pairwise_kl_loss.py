@@ -256,7 +256,8 @@ def test_reference_is_chunked_and_exact():
     assert_close(loss, exact, torch.float32, reduce_len=50 * 6 / 0.3)
     assert_close(grad, exact_grad, torch.float32, reduce_len=50 / 0.3)
     s = (pred.double() @ pred.double().T / 0.3).fill_diagonal_(float("-inf"))
-    assert lse_p.shape == (2, 50)  # (row max, log of the sum)
+    assert lse_p.shape == (3, 50)  # (row max, log of the sum, max |pred_i|)
+    assert torch.equal(lse_p[2], pred.abs().amax(1))
     assert_close(lse_p[0], s.amax(1), torch.float32, reduce_len=6)
     assert_close(lse_p[0] + lse_p[1], s.logsumexp(1), torch.float32, reduce_len=50)
 
