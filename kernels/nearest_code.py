@@ -12,8 +12,10 @@ Design
 * Pre-pass 2, ``_code_rescale_kernel``: reduces those partials per codebook. If the codebook's
   magnitudes are outside [2^-20, 2^20] (only for float32/bfloat16: float16 can neither
   overflow nor underflow a float32 sum of its products), it writes a power-of-two scaled copy
-  of the codebook and the ``b`` terms that go with it (l2 and cosine: one scale per code, so no
-  code underflows in the dot product; dot: one for the whole codebook). Power-of-two scaling is
+  of the codebook, one power of two per code (so no code underflows in the dot product), and the
+  ``b`` terms that go with it (dot: ``b = -2^(e - E)``, each code's own power of two in a common
+  unit ``2^E`` set by the largest code, so that codes ~1e-20 beside one ~3e38 are still compared
+  exactly). Power-of-two scaling is
   exact, so the scaled search rounds exactly like the plain one wherever the plain one does not
   overflow; a codebook inside the range is neither copied nor rescaled.
 * Main ``_nearest_code_fwd_kernel``: a program owns ``BLOCK_N`` rows of one codebook (a grid
@@ -75,8 +77,8 @@ PREP_BLOCK_K = 64
 PREP_MAX_BLOCKS = 256
 # A codebook whose finite codes' max-abs values lie in [2^-TAME, 2^TAME] is searched as is.
 TAME_EXP = 20
-META_COLS = 4  # per codebook: first finite code, scaled copy in use, float32 bits of the dot scale and of
-# the smallest nonzero finite code max-abs
+META_COLS = 4  # per codebook: first finite code, scaled copy in use, the dot unit's exponent E and the
+# float32 bits of the smallest nonzero finite code max-abs
 # Unit bands of the l2 search (see _row_band): 0, 2^96 and 2^-96; cosine and dot have one.
 NBANDS = {"l2": 3, "euclidean": 3, "cosine": 1, "dot": 1}
 
@@ -364,14 +366,14 @@ def _code_terms_kernel(p_c, p_cterm, p_pmax, p_pmin, p_pfirst, K, D, NB, stride_
 
 
 @triton.jit
-def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta, K, D, NB, KB,
+def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta, K, D, NB, KB, LOG2D,
                          stride_ch, stride_ck, stride_cd,
                          METRIC: tl.constexpr, NBANDS: tl.constexpr, CAN_SCALE: tl.constexpr, TAME: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     """Reduce the partials of one codebook; where its magnitudes leave [2^-TAME, 2^TAME], write a
-    power-of-two scaled copy (``KB`` blocks of ``BLOCK_K`` codes per codebook; l2 and cosine one
-    scale per code, dot one per codebook) and the ``b`` terms that go with it. Program 0 of each
-    codebook writes its meta row: first finite code, copy in use, dot scale, smallest nonzero
+    power-of-two scaled copy (``KB`` blocks of ``BLOCK_K`` codes per codebook; one scale per
+    code) and the ``b`` terms that go with it. Program 0 of each
+    codebook writes its meta row: first finite code, copy in use, dot unit exponent, smallest nonzero
     finite code max-abs (0 if none)."""
     pid = tl.program_id(0)
     h = (pid // KB).to(tl.int64)
@@ -383,35 +385,29 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
     first = tl.min(tl.load(p_pfirst + h * NB + o_b, mask=m_b, other=K), axis=0)
     hi = exp2i(TAME + 0 * first)
     lo = exp2i(-TAME + 0 * first)
-    if METRIC == 2:
-        need = (c_max > hi) | ((c_max < lo) & (c_max > 0.0))
-    else:
-        need = (c_max > hi) | (c_min < lo)
+    need = (c_max > hi) | (c_min < lo)
     if not CAN_SCALE:
         need = need & False
-    e = tl.maximum(pow2_exponent(c_max), -126)
-    s = exp2i(-e)
-    s_eff = tl.where(need, s, 1.0)
+    # dot's common unit 2^E: the largest code's score, |x' . c'| 2^(e_max - E) < 4 D 2^(124 - LOG2D),
+    # cannot overflow, and every code down to 2^(E - 149) keeps its own power of two in its b term
+    e_unit = tl.where(need, pow2_exponent(c_max) + LOG2D - 124, 0)
     c_low = tl.where(c_min < float("inf"), c_min, 0.0)
     o_m = tl.arange(0, 4)
-    meta = tl.where(o_m == 0, first, tl.where(o_m == 1, need.to(tl.int32), s_eff.to(tl.int32, bitcast=True)))
+    meta = tl.where(o_m == 0, first, tl.where(o_m == 1, need.to(tl.int32), e_unit))
     meta = tl.where(o_m == 3, c_low.to(tl.int32, bitcast=True), meta)
     tl.store(p_meta + h * 4 + o_m, meta, mask=(o_m < 4) & (pid_k == 0))
     if need:
         o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         m_k = o_k < K
         o_row = h * stride_ch + o_k.to(tl.int64) * stride_ck
-        if METRIC != 2:  # one scale per code
-            b_m = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                b_c = tl.load(p_c + o_row[:, None] + o_d[None, :] * stride_cd,
-                              mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
-                b_m = tl.maximum(b_m, tl.max(tl.abs(b_c), axis=1))
-            b_e = pow2_exponent(b_m)
-            b_s = exp2i(-b_e)
-        else:
-            b_s = tl.zeros((BLOCK_K,), dtype=tl.float32) + s
+        b_m = tl.zeros((BLOCK_K,), dtype=tl.float32)  # one scale per code
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            b_c = tl.load(p_c + o_row[:, None] + o_d[None, :] * stride_cd,
+                          mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
+            b_m = tl.maximum(b_m, tl.max(tl.abs(b_c), axis=1))
+        b_e = pow2_exponent(b_m)
+        b_s = exp2i(-b_e)
         b_q = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
@@ -423,6 +419,8 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
         p_cb = p_cterm + h * (2 * NBANDS * K) + NBANDS * K + o_k  # the b terms (a does not change)
         if METRIC == 1:
             tl.store(p_cb, -tl.where(b_q > 0, 1.0 / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0), mask=m_k)
+        elif METRIC == 2:  # dot: x.c = 2^e x.c', in the codebook's unit 2^E: b = -2^(e - E)
+            tl.store(p_cb, _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 1.0, b_e - e_unit), mask=m_k)
         elif METRIC == 0 or METRIC == 3:  # l2: x.c = 2^e x.c', so b = -2^(1 + e - L)
             for j in tl.static_range(NBANDS):
                 tl.store(p_cb + j * K, _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 2.0, b_e - _band_unit(j)),
@@ -536,11 +534,11 @@ def _nearest_code_fwd_kernel(
     m_n = o_n < N
     o_xrow = h * stride_xh + o_n * stride_xn
 
-    # This codebook's meta row: first finite code, whether the scaled copy is in use, dot scale,
+    # This codebook's meta row: first finite code, whether the scaled copy is in use, dot unit 2^E,
     # smallest nonzero code max-abs.
     first = tl.load(p_meta + h * 4)
     use_hat = tl.load(p_meta + h * 4 + 1)
-    s_dot = tl.load(p_meta + h * 4 + 2).to(tl.float32, bitcast=True)
+    e_unit = tl.load(p_meta + h * 4 + 2)
     c_min = tl.load(p_meta + h * 4 + 3).to(tl.float32, bitcast=True)
     p_cb = tl.where(use_hat != 0, p_chat, p_c) + h * stride_ch
     p_ct = p_cterm + h * (2 * NBANDS * K)
@@ -585,11 +583,11 @@ def _nearest_code_fwd_kernel(
                 b_q += tl.sum(b_x * b_x, axis=1)
             b_nx = tl.sqrt(b_q)
             b_a = tl.where(b_nx > 0, 1.0 / (tl.where(b_nx > 0, b_nx, 1.0) * temperature), 0.0)
-        elif METRIC == 2:  # -(x.c) = score * 2^(e_x + e)
+        elif METRIC == 2:  # -(x.c) = score * 2^(e_x + E)
             if SCALE_ROWS:
-                b_a = (exp2i(pow2_exponent(b_xm)) * (1.0 / s_dot)) / temperature
+                b_a = _mul_exp2(tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0 / temperature, pow2_exponent(b_xm) + e_unit)
             else:
-                b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 / s_dot) / temperature
+                b_a = _mul_exp2(tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0 / temperature, e_unit + 0 * o_n.to(tl.int32))
         elif METRIC == 3:  # |x - c| = sqrt(|x s|^2 + score) / s
             b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -843,7 +841,7 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
         METRIC=m, NBANDS=NBANDS[metric], BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP,
     )
     _code_rescale_kernel[(H * KB,)](
-        codebook, chat, cterm, pmax, pmin, pfirst, meta, K, D, NB, KB,
+        codebook, chat, cterm, pmax, pmin, pfirst, meta, K, D, NB, KB, max(D - 1, 0).bit_length(),
         codebook.stride(0), codebook.stride(1), codebook.stride(2),
         METRIC=m, NBANDS=NBANDS[metric], CAN_SCALE=can_scale, TAME=TAME_EXP, BLOCK_K=PREP_BLOCK_K,
         BLOCK_D=BLOCK_DP,
