@@ -79,6 +79,9 @@ PREP_MAX_BLOCKS = 256
 TAME_EXP = 20
 META_COLS = 4  # per codebook: first finite code, scaled copy in use, the dot unit's exponent E and the
 # float32 bits of the smallest nonzero finite code max-abs
+# The smallest normal float32: dot's direct distance keeps an entry its power-of-two scaling flushed
+# to 0 at this size, so that an infinite partner gives +-inf (as exactly) and a finite one ~0.
+_TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 # Unit bands of the l2 search (see _row_band): 0, 2^96 and 2^-96; cosine and dot have one.
 NBANDS = {"l2": 3, "euclidean": 3, "cosine": 1, "dot": 1}
 
@@ -259,8 +262,13 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         b_x = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
         b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
         if METRIC == 1 or METRIC == 2:
-            b_x = b_x * s_x[:, None]
-            b_c = b_c * s_c[:, None]
+            b_xs = b_x * s_x[:, None]
+            b_cs = b_c * s_c[:, None]
+            if METRIC == 2:  # an entry the scaling flushed to 0 stays nonzero: inf * it is +-inf, not NaN
+                b_xs = tl.where((b_xs == 0.0) & (b_x != 0.0), tl.where(b_x > 0, _TINY, -_TINY), b_xs)
+                b_cs = tl.where((b_cs == 0.0) & (b_c != 0.0), tl.where(b_c > 0, _TINY, -_TINY), b_cs)
+            b_x = b_xs
+            b_c = b_cs
             b_t += tl.sum(b_x * b_c, axis=1)
             if METRIC == 1:
                 b_qx += tl.sum(b_x * b_x, axis=1)

@@ -178,6 +178,10 @@ def distance(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
         return ((diff * exp2i(-e)[..., None]) ** 2).sum(-1).sqrt() * exp2i(e)
     e_x, e_c = pow2_exponent(max_abs(x32)), pow2_exponent(max_abs(c32))
     xs, cs = x32 * exp2i(-e_x)[..., None], c32 * exp2i(-e_c)[..., None]
+    if metric == "dot":  # an entry the scaling flushed to 0 stays nonzero: inf * it is +-inf, not NaN
+        tiny = torch.finfo(torch.float32).tiny
+        xs = torch.where((xs == 0) & (x32 != 0), torch.copysign(torch.full_like(xs, tiny), x32), xs)
+        cs = torch.where((cs == 0) & (c32 != 0), torch.copysign(torch.full_like(cs, tiny), c32), cs)
     t = (xs * cs).sum(-1)
     if metric == "dot":
         e = e_x + e_c

@@ -224,6 +224,23 @@ def test_dot_huge_code_keeps_the_small_codes(backend, dtype):
         check_search(x, c, "dot", idx, dist)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dot_distance_infinite_times_tiny_is_infinite(backend, dtype):
+    # The fuzz explorer's bf16 case: the direct dot distance scales row and code by their own
+    # powers of two; an entry ~1e-20 beside a -3e38 flushed to 0, and -inf * 0 gave NaN where
+    # the exact distance is -inf. Row 0: infinite row (first finite code, code 0); row 1: a
+    # finite row and no finite code (code 0), the tiny row entries meeting the code's -inf.
+    dev = randn(1).device
+    x = torch.tensor([[1.0, 2.0, -INF, -INF], [1e-20, 1e-20, -1e-20, -3e38]], device=dev).to(dtype)
+    c = torch.tensor([[1e-20, 1e-20, -1e-20, -3e38]], device=dev).to(dtype)
+    idx, dist = fastvq.nearest_code(x[:1], c, "dot")
+    assert idx.tolist() == [0] and dist.tolist() == [-INF], dist
+    c = torch.tensor([[-INF, 1.0, 1.0, 1.0]], device=dev).to(dtype)
+    idx, dist = fastvq.nearest_code(x[1:], c, "dot")
+    assert idx.tolist() == [0] and dist.tolist() == [INF], dist
+    check_search(x[1:], c, "dot", idx, dist)
+
+
 def test_l2_spread_codebook_with_a_max_entry(backend):
     # F1b (the fuzz suite's case, same cause): codes of magnitude 10^0..10^3, one -float32-max
     # entry, rows 10^-5..10^3: every row's code within the rounding bound of the nearest.
