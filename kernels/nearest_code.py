@@ -576,9 +576,11 @@ def _nearest_code_fwd_kernel(
             b_xx += tl.sum(b_x * b_x, axis=1)
             b_lb += tl.sum((b_x - b_p) * (b_x - b_p), axis=1)
         # a negative strictly farther than the positive scores above b_lb - b_xx; one within
-        # the rounding bound of that comparison, (D + 4) 2^-19 (|x|^2 + |x - p|^2), ties with the
-        # positive (a copy of it included) and is not "farther" (as in mine_negatives_ref)
-        b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 4) * 1.9073486328125e-06)
+        # twice the round-to-nearest bound of that comparison, (D + 8) 2^-23 (|x|^2 + |x - p|^2),
+        # ties with the positive (a copy of it included) and is not "farther" (as in
+        # mine_negatives_ref). (The former 32 D 2^-24, a worst case for truncating tensor-core
+        # sums, rejected negatives farther than the positive by 8x the contract's rounding bound.)
+        b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 8) * 1.1920928955078125e-07)
     if SAMPLE:
         # distance / temperature = a * score + (row constant); Gumbel-max over -that
         inv_s = 1.0 / b_rs  # l2: the row's unit 2^L, exactly
@@ -646,7 +648,10 @@ def _nearest_code_fwd_kernel(
                 if HAS_LOWER_BOUND:  # only codes strictly farther than the positive
                     # (one fused min-with-index here: +inf, not NaN, marks the codes left out, so the
                     # comparison-based combine needs no NaN handling; measured cheaper than two mins)
-                    b_mc, b_jc = tl.min(tl.where(b_s > b_thr[:, None], b_s, float("inf")), axis=1,
+                    # (a score that overflowed to +inf, |c|^2 past float32 in the row's unit, is a
+                    # code farther than any finite threshold: it competes at float32's max)
+                    b_mc, b_jc = tl.min(tl.where(b_s > b_thr[:, None], tl.minimum(b_s, 3.4028234663852886e38),
+                                                 float("inf")), axis=1,
                                         return_indices=True, return_indices_tie_break_left=True)
                     r_best_c, r_idx_c = argmin_merge_pair(r_best_c, r_idx_c, b_mc, (k0 + b_jc).to(tl.int32))
             b_best = tl.where(m_band, r_best, b_best)

@@ -9,13 +9,16 @@ from ._chunks import row_chunk
 from .nearest_code import argmin_first, choose, distance, prepare_codebook, row_unit, scale_rows, scores
 
 
-# "Strictly farther than the positive" leaves out the negatives within the rounding bound of the
-# comparison: score |n|^2 - 2 a.n above |a - p|^2 - |a|^2 + (D + 4) 2^-19 (|a|^2 + |a - p|^2).
-# The bound covers the float32 rounding of both sides (dots of length D) and of the two directly
-# computed distances, so a returned semi-hard negative's distance is > |a - p|^2 computed the
-# same way: a copy of the positive, or an equal distance, is never "farther". The kernel
-# (kernels/nearest_code.py) uses the same bound.
-SEMI_HARD_MARGIN = 2.0**-19
+# "Strictly farther than the positive" leaves out the negatives within twice the round-to-nearest
+# rounding bound of the comparison: score |n|^2 - 2 a.n above |a - p|^2 - |a|^2
+# + (D + 8) 2^-23 (|a|^2 + |a - p|^2). It covers the float32 rounding of both sides (dots of
+# length D) and of the two directly computed distances as they err in practice, so a copy of the
+# positive, or an equal distance, is not "farther"; it stays below the contract's bound on the
+# comparison, so a negative farther than the positive by more than that is never left out
+# (the former (D + 4) 2^-19, 8x that bound, left such negatives out). A score that overflows
+# float32 (|n|^2 past it in the row's unit) is farther than any finite threshold and competes
+# at float32's max. The kernel (kernels/nearest_code.py) uses the same rule.
+SEMI_HARD_MARGIN = 2.0**-23
 
 
 def mine_negatives_ref(
@@ -46,8 +49,9 @@ def mine_negatives_ref(
             r = 1.0 / row_unit(band)[:, None]
             a_s, p_s = a.float() * r, positive[i : i + step].float() * r
             lb, aa = ((a_s - p_s) ** 2).sum(-1), (a_s * a_s).sum(-1)
-            thr = (lb - aa) + (lb + aa) * (SEMI_HARD_MARGIN * (anchor.shape[1] + 4))
-            _, idx_c = argmin_first(torch.where(sc > thr[:, None], sc, torch.full_like(sc, float("inf"))))
+            thr = (lb - aa) + (lb + aa) * (SEMI_HARD_MARGIN * (anchor.shape[1] + 8))
+            far = sc.clamp_max(torch.finfo(torch.float32).max)  # an overflowed score is farther than any finite one
+            _, idx_c = argmin_first(torch.where(sc > thr[:, None], far, torch.full_like(sc, float("inf"))))
             idx = torch.where(idx_c >= 0, idx_c, idx)
         idx = choose(a, idx, first.expand_as(idx), M)
         indices[i : i + step] = idx
