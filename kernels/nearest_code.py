@@ -430,9 +430,12 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
         elif METRIC == 2:  # dot: x.c = 2^e x.c', in the codebook's unit 2^E: b = -2^(e - E)
             tl.store(p_cb, _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 1.0, b_e - e_unit), mask=m_k)
         elif METRIC == 0 or METRIC == 3:  # l2: x.c = 2^e x.c', so b = -2^(1 + e - L)
+            # (0 where |c|^2 overflows the unit, a = +inf: |x'| < 2^50 sqrt(D) in any row's unit,
+            # so the score is +inf, not inf - inf = NaN as with b = -2^128)
             for j in tl.static_range(NBANDS):
-                tl.store(p_cb + j * K, _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 2.0, b_e - _band_unit(j)),
-                         mask=m_k)
+                b_aj = tl.load(p_cb - NBANDS * K + j * K, mask=m_k, other=0.0)
+                b_bj = _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 2.0, b_e - _band_unit(j))
+                tl.store(p_cb + j * K, tl.where(b_aj == float("inf"), 0.0, b_bj), mask=m_k)
 
 
 # --------------------------------------------------------------------------- main kernels

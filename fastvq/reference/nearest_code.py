@@ -88,6 +88,9 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
         # nonzero code; clamped exponents only where the result underflows to 0 or is +inf)
         a = torch.stack([(q * exp2i(e - L)) * exp2i(e - L) for L in BAND_UNITS], 1)
         b = torch.stack([-_mul_exp2(torch.full_like(q, 2.0), e_op - L) for L in BAND_UNITS], 1)
+        # 0 where |c|^2 overflows the unit (a = +inf): |x'| < 2^50 sqrt(D) in any row's unit, so
+        # the score is +inf, not inf - inf = NaN as with b = -2^128
+        b = torch.where(a == float("inf"), torch.zeros_like(b), b)
     elif metric == "cosine":  # 1/|c'|: the scaled copy's, or s/|c s| for the codes as they are
         qc = q.clamp_min(1e-30)
         inv = torch.where(need[:, None], qc.rsqrt(), s / qc.sqrt())

@@ -116,13 +116,15 @@ def test_semi_hard_overflowing_negative_is_farther(backend, dtype):
     # Fuzz explorer (bf16): an anchor ~1e-10, its positive at ~4e6, negative 1 with a -3e38 entry
     # (distance overflows float32, its score |n|^2 - 2 a.n too): negative 1 is the only one
     # farther than the positive; an overflowed (+inf) score was left out and the hardest,
-    # negative 0 (not farther), came back.
+    # negative 0 (not farther), came back. Row 1 (anchor and the -3e38 entry of the same sign):
+    # the score was inf - inf = NaN (|n|^2 = +inf, and the scaled code's b term -2^127 times
+    # x'.c' = 7 overflowed to -inf), so negative 1 was left out as if it were not finite.
     dev = randn(1).device
-    a = torch.full((1, 4), 1e-10, device=dev).to(dtype)
-    p = torch.full((1, 4), 1e3, device=dev).to(dtype)
+    a = torch.tensor([[1e-10] * 4, [-4.0] * 4], device=dev).to(dtype)
+    p = torch.tensor([[1e3] * 4, [-1e3] * 4], device=dev).to(dtype)
     n = torch.tensor([[1e-10, 0.0, 0.0, 0.0], [-3e38, 0.0, 0.0, 0.0]], device=dev).to(dtype)
     idx, dist = fastvq.mine_negatives(a, p, n, "semi-hard")
-    assert idx.tolist() == [1] and dist.tolist() == [float("inf")], (idx, dist)
+    assert idx.tolist() == [1, 1] and dist.tolist() == [float("inf")] * 2, (idx, dist)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
