@@ -568,14 +568,28 @@ def _nearest_code_fwd_kernel(
             b_band = tl.where(m_n, _row_band(b_xm, c_min), 0)
             b_rs = exp2i(-_band_unit(b_band))
     if HAS_LOWER_BOUND:
+        # The constrained search (codes farther than the positive) runs in the unit band of
+        # max(max|x|, max|p|, c_min), b_band_c (>= the row's band): in the row's own band |x - p|^2
+        # could overflow (a row ~0 or ~1e-30 with its positive at ~10: the tiny unit 2^-96) and no
+        # code would qualify. In practice b_band_c == b_band: no extra pass.
+        b_band_c = b_band
+        if SCALE_ROWS:
+            b_pm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
+                b_p = tl.load(p_pos + o_n[:, None] * stride_pn + (d0 + o_d)[None, :] * stride_pd, mask=m_xd,
+                              other=0.0).to(tl.float32)
+                b_pm = tl.maximum(b_pm, tl.max(tl.abs(b_p), axis=1))
+            b_band_c = tl.where(m_n, _row_band(tl.maximum(b_xm, b_pm), c_min), 0)
+        b_rs_c = exp2i(-_band_unit(b_band_c))
         b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b_lb = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
             b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd,
-                          other=0.0).to(tl.float32) * b_rs[:, None]
+                          other=0.0).to(tl.float32) * b_rs_c[:, None]
             b_p = tl.load(p_pos + o_n[:, None] * stride_pn + (d0 + o_d)[None, :] * stride_pd, mask=m_xd,
-                          other=0.0).to(tl.float32) * b_rs[:, None]
+                          other=0.0).to(tl.float32) * b_rs_c[:, None]
             b_xx += tl.sum(b_x * b_x, axis=1)
             b_lb += tl.sum((b_x - b_p) * (b_x - b_p), axis=1)
         # a negative strictly farther than the positive scores above b_lb - b_xx; one within
@@ -615,8 +629,12 @@ def _nearest_code_fwd_kernel(
         b_a = tl.where(b_w > 0, b_a, 1.0)
         seed = tl.load(p_seed)
 
-    # The x tile stays on chip while the codebook streams past.
-    b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
+    # The x tile stays on chip while the codebook streams past (mining: loaded per band pass, in
+    # that band's unit, as the constrained search may run in another band than the row's).
+    if HAS_LOWER_BOUND:
+        b_xt = tl.zeros((BLOCK_N, BLOCK_D), dtype=p_x.dtype.element_ty)
+    else:
+        b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
 
     # This program's share of the codebook: whole BLOCK_K tiles, in increasing order.
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS)
@@ -629,7 +647,17 @@ def _nearest_code_fwd_kernel(
     b_idx_c = tl.full((BLOCK_N,), -1, dtype=tl.int32)
     for band in range(0, NBANDS):  # one pass per unit band the block's rows hold (l2; else one)
         m_band = b_band == band
-        if tl.max(m_band.to(tl.int32), axis=0) > 0:
+        m_pass = m_band
+        if HAS_LOWER_BOUND:
+            m_band_c = b_band_c == band
+            m_pass = m_band | m_band_c
+        if tl.max(m_pass.to(tl.int32), axis=0) > 0:
+            b_rs_p = b_rs
+            b_xt_p = b_xt
+            if HAS_LOWER_BOUND:
+                b_rs_p = exp2i(-_band_unit(b_band * 0 + band))
+                b_xt_p = _x_tile(p_x, o_xrow, m_n, b_rs_p, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N,
+                                 BLOCK_D)
             p_ca = p_ct + band * K  # this band's per-code terms a, b
             p_cf = p_ct + (NBANDS + band) * K
             r_best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
@@ -639,7 +667,7 @@ def _nearest_code_fwd_kernel(
             for k0 in range(k_start, k_end, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < k_end
-                b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+                b_xc = _tile_xc(b_xt_p, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs_p, D, stride_xd, stride_ck, stride_cd,
                                 ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
                                 EVEN_K, EVEN_D and ONE_D_BLOCK)
                 b_s = _scores(b_xc, p_ca, p_cf, o_k, m_k, EVEN_K)
@@ -660,8 +688,8 @@ def _nearest_code_fwd_kernel(
             b_best = tl.where(m_band, r_best, b_best)
             b_idx = tl.where(m_band, r_idx, b_idx)
             if HAS_LOWER_BOUND:
-                b_best_c = tl.where(m_band, r_best_c, b_best_c)
-                b_idx_c = tl.where(m_band, r_idx_c, b_idx_c)
+                b_best_c = tl.where(m_band_c, r_best_c, b_best_c)
+                b_idx_c = tl.where(m_band_c, r_idx_c, b_idx_c)
 
     o_out = h * N + o_n
     if WRITE_PARTIAL:  # partials laid out [track][split][codebook, row]

@@ -6,7 +6,8 @@ import torch
 
 from ..ops._search import STRATEGIES
 from ._chunks import row_chunk
-from .nearest_code import argmin_first, choose, distance, prepare_codebook, row_unit, scale_rows, scores
+from .nearest_code import (BAND_UNITS, _mul_exp2, argmin_first, choose, distance, prepare_codebook, row_band, row_unit,
+                           scale_rows)
 
 
 # "Strictly farther than the positive" leaves out the negatives within twice the round-to-nearest
@@ -43,11 +44,22 @@ def mine_negatives_ref(
     for i in range(0, N, step):
         a = anchor[i : i + step]
         xr, band = scale_rows(a, "l2", c_min)
-        sc = scores(xr, codes, ta, tb, band)
+        xc = xr @ codes.T
+        sc = ta[band] + tb[band] * xc
         _, idx = argmin_first(sc)
-        if strategy == "semi-hard":  # in the row's unit, as the scores
-            r = 1.0 / row_unit(band)[:, None]
-            a_s, p_s = a.float() * r, positive[i : i + step].float() * r
+        if strategy == "semi-hard":
+            # in the unit band of max(max|a|, max|p|, c_min) (>= the row's; the kernel makes a pass
+            # in it): in the row's own unit |a - p|^2 could overflow and no negative qualify. The
+            # products there are the row unit's scaled by a power of two (the kernel loads x in
+            # that unit; the same but for underflow).
+            pos = positive[i : i + step]
+            band_c = row_band(torch.cat([a.float(), pos.float()], -1), c_min)
+            if a.dtype == torch.float16:  # rows never scaled
+                band_c = band
+            units = torch.tensor(BAND_UNITS, dtype=torch.int32, device=a.device)
+            sc = ta[band_c] + tb[band_c] * _mul_exp2(xc, (units[band] - units[band_c])[:, None])
+            r = 1.0 / row_unit(band_c)[:, None]
+            a_s, p_s = a.float() * r, pos.float() * r
             lb, aa = ((a_s - p_s) ** 2).sum(-1), (a_s * a_s).sum(-1)
             thr = (lb - aa) + (lb + aa) * (SEMI_HARD_MARGIN * (anchor.shape[1] + 8))
             far = sc.clamp_max(torch.finfo(torch.float32).max)  # an overflowed score is farther than any finite one

@@ -128,6 +128,22 @@ def test_semi_hard_overflowing_negative_is_farther(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_semi_hard_tiny_anchor_with_a_far_positive(backend, dtype):
+    # Fuzz explorer (fp32): an anchor at 0 (or ~1e-30) among negatives ~1e-30 is searched in the
+    # unit 2^-96, where its positive's distance (9) overflows: no negative qualified and the
+    # hardest (not farther) came back. The farther negatives are 3 (16) and 2 (25): 3 is the pick.
+    dev = randn(1).device
+    tiny = randn(2, 6, seed=3, scale=1e-30)
+    a = torch.cat([torch.zeros(1, 6, device=dev), tiny[:1]]).to(dtype)
+    p = torch.zeros(2, 6, device=dev)
+    p[:, 0] = 3.0
+    n = torch.cat([randn(2, 6, seed=4, scale=1e-30), torch.zeros(2, 6, device=dev)]).to(dtype)
+    n[2, 0], n[3, 0] = 5.0, 4.0
+    idx, dist = fastvq.mine_negatives(a, p.to(dtype), n, "semi-hard")
+    assert idx.tolist() == [3, 3] and dist.tolist() == [16.0, 16.0], (idx, dist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_semi_hard_margin_is_the_rounding_bound(backend, dtype):
     # Fuzz explorer (bf16, |a| >> |p|, |n|): negative 1 is farther than the positive by
     # 2^65 = 2^-15 |a|^2, beyond the rounding bound of the comparison (~2 (D + 8) 2^-22 |a|^2 at
