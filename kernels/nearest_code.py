@@ -629,12 +629,8 @@ def _nearest_code_fwd_kernel(
         b_a = tl.where(b_w > 0, b_a, 1.0)
         seed = tl.load(p_seed)
 
-    # The x tile stays on chip while the codebook streams past (mining: loaded per band pass, in
-    # that band's unit, as the constrained search may run in another band than the row's).
-    if HAS_LOWER_BOUND:
-        b_xt = tl.zeros((BLOCK_N, BLOCK_D), dtype=p_x.dtype.element_ty)
-    else:
-        b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
+    # The x tile stays on chip while the codebook streams past.
+    b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
 
     # This program's share of the codebook: whole BLOCK_K tiles, in increasing order.
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS)
@@ -653,11 +649,15 @@ def _nearest_code_fwd_kernel(
             m_pass = m_band | m_band_c
         if tl.max(m_pass.to(tl.int32), axis=0) > 0:
             b_rs_p = b_rs
-            b_xt_p = b_xt
             if HAS_LOWER_BOUND:
+                # x.c in this pass's unit. Resident x: the row unit's times 2^(L_row - L_band) (1 for
+                # the rows of this band; below 2^-126, only a row < 2^-48 with a positive > 2^49, 0:
+                # x.c is then far below the rounding of |c|^2 for the codes near the positive).
+                # Streamed x: its chunks are loaded in this band's unit (no multiply; registers:
+                # the multiply spilled there, fp32 at 255).
+                e_f = _band_unit(b_band) - _band_unit(b_band * 0 + band)
+                b_f = tl.where(e_f < -126, 0.0, exp2i(e_f))
                 b_rs_p = exp2i(-_band_unit(b_band * 0 + band))
-                b_xt_p = _x_tile(p_x, o_xrow, m_n, b_rs_p, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N,
-                                 BLOCK_D)
             p_ca = p_ct + band * K  # this band's per-code terms a, b
             p_cf = p_ct + (NBANDS + band) * K
             r_best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
@@ -667,9 +667,11 @@ def _nearest_code_fwd_kernel(
             for k0 in range(k_start, k_end, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < k_end
-                b_xc = _tile_xc(b_xt_p, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs_p, D, stride_xd, stride_ck, stride_cd,
+                b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs_p, D, stride_xd, stride_ck, stride_cd,
                                 ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
                                 EVEN_K, EVEN_D and ONE_D_BLOCK)
+                if HAS_LOWER_BOUND and ONE_D_BLOCK and SCALE_ROWS:  # (float16: one unit, f = 1)
+                    b_xc = b_xc * b_f[:, None]
                 b_s = _scores(b_xc, p_ca, p_cf, o_k, m_k, EVEN_K)
                 if SAMPLE:
                     if METRIC == 3:

@@ -6,7 +6,7 @@ import torch
 
 from ..ops._search import STRATEGIES
 from ._chunks import row_chunk
-from .nearest_code import (BAND_UNITS, _mul_exp2, argmin_first, choose, distance, prepare_codebook, row_band, row_unit,
+from .nearest_code import (BAND_UNITS, argmin_first, choose, distance, exp2i, prepare_codebook, row_band, row_unit,
                            scale_rows)
 
 
@@ -50,14 +50,15 @@ def mine_negatives_ref(
         if strategy == "semi-hard":
             # in the unit band of max(max|a|, max|p|, c_min) (>= the row's; the kernel makes a pass
             # in it): in the row's own unit |a - p|^2 could overflow and no negative qualify. The
-            # products there are the row unit's scaled by a power of two (the kernel loads x in
-            # that unit; the same but for underflow).
+            # products there are the row unit's times 2^(L_row - L_c), 0 below 2^-126 (as the kernel).
             pos = positive[i : i + step]
             band_c = row_band(torch.cat([a.float(), pos.float()], -1), c_min)
             if a.dtype == torch.float16:  # rows never scaled
                 band_c = band
             units = torch.tensor(BAND_UNITS, dtype=torch.int32, device=a.device)
-            sc = ta[band_c] + tb[band_c] * _mul_exp2(xc, (units[band] - units[band_c])[:, None])
+            e_f = units[band] - units[band_c]
+            f = torch.where(e_f < -126, torch.zeros_like(e_f, dtype=torch.float32), exp2i(e_f))
+            sc = ta[band_c] + tb[band_c] * (xc * f[:, None])
             r = 1.0 / row_unit(band_c)[:, None]
             a_s, p_s = a.float() * r, pos.float() * r
             lb, aa = ((a_s - p_s) ** 2).sum(-1), (a_s * a_s).sum(-1)
