@@ -12,6 +12,16 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def finite_limit(dtype: torch.dtype) -> float:
+    """The magnitude from which a float32 value rounds to infinity in ``dtype``: its largest
+    finite value plus half an ulp (float16 65520, bfloat16 2^128 - 2^119); ``inf`` for float32
+    and wider. ``|v| < finite_limit(dtype)`` is exactly "``v.to(dtype)`` is finite"."""
+    fi = torch.finfo(dtype)
+    if fi.bits >= 32:
+        return math.inf
+    return float(fi.max) + 2.0 ** math.floor(math.log2(fi.max)) * fi.eps / 2
+
+
 def check_tensor(op: str, name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastvq.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")

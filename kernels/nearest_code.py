@@ -448,7 +448,11 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
 # The early prune keeps the input's own list and, of it, what fits the target GPU by the
 # estimates below (checked against ptxas by tests/test_resource_estimates.py).
 CONFIGS_16BIT = [(bn, bk, w, s) for bn in (64, 128) for bk in (64, 128) for w in (4, 8) for s in (2, 3)]
-CONFIGS_16BIT += [(64, 32, 8, 2)]  # the narrowest wgmma tile: sampling at D = 256 fits no other
+CONFIGS_16BIT += [(64, 32, 8, 2)]  # the narrowest wgmma tile
+# Gumbel sampling holds the Philox words and the scaled scores beside the x tile: at D = 256 no
+# 64-row tile fits in 255 registers (64 x 32 at 8 warps spilled 24-32 B with triton 3.6), so
+# sampling's own list adds 32-row tiles (mma.sync-sized, 164-168 registers there, no spill).
+CONFIGS_16BIT_SAMPLE = CONFIGS_16BIT + [(32, 32, 8, 2)]
 CONFIGS_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 8, 2)]
 
 # Registers per thread = base + a * (x tile words) + b * (score tile words), by target family,
@@ -456,11 +460,11 @@ CONFIGS_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), 
 # ptxas (sm_80 and sm_90, triton 3.6 and 3.8) at the benchmark shapes, bounding it from above.
 _REGISTER_MODELS = {
     ("sm_90", 2, "plain"): (196, (0.25, 1.75)), ("sm_90", 2, "bound"): (206, (1.0, 1.0)),
-    ("sm_90", 2, "sample"): (233, (0.25, 1.75)),
+    ("sm_90", 2, "sample"): (233, (0.5, 1.75)),
     ("sm_90", 4, "plain"): (159, (0.25, 5.75)), ("sm_90", 4, "bound"): (231, (0.25, 1.0)),
     ("sm_90", 4, "sample"): (135, (1.0, 7.0)),
     ("sm_80", 2, "plain"): (176, (0.25, 1.75)), ("sm_80", 2, "bound"): (160, (1.0, 1.75)),
-    ("sm_80", 2, "sample"): (239, (0.25, 1.0)),
+    ("sm_80", 2, "sample"): (239, (0.5, 1.0)),
     ("sm_80", 4, "plain"): (123, (0.25, 8.0)), ("sm_80", 4, "bound"): (231, (0.25, 1.0)),
     ("sm_80", 4, "sample"): (137, (1.0, 6.75)),
 }
@@ -496,10 +500,11 @@ def _estimate(config, named_args, **kwargs) -> dict:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs of the input's own list (16-bit or fp32) that fit the target GPU's
-    shared memory and registers by :func:`_estimate`; keep at least one."""
+    """Keep the configs of the input's own list (fp32, 16-bit, 16-bit sampling) that fit the
+    target GPU's shared memory and registers by :func:`_estimate`; keep at least one."""
     p_x = named_args["p_x"]
-    own = set(CONFIGS_FP32 if p_x.element_size() == 4 else CONFIGS_16BIT)
+    sample = kwargs.get("SAMPLE", False)
+    own = set(CONFIGS_FP32 if p_x.element_size() == 4 else CONFIGS_16BIT_SAMPLE if sample else CONFIGS_16BIT)
 
     def key(c):
         return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
@@ -512,7 +517,7 @@ _prune_configs.estimate = _estimate
 
 
 def _configs():
-    seen = dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)
+    seen = dict.fromkeys(CONFIGS_16BIT_SAMPLE + CONFIGS_FP32)
     gpu = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in seen]
     return autotune_configs("nearest_code", gpu,
                             pinned=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),

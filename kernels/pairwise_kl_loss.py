@@ -13,15 +13,35 @@ rescaled and shifted whenever a running max moves. At the end
 
 (``m``: running maxima, ``l``: running sums of exponentials, ``lse = m + log(l)``)
 
-and the program stores ``KL_i``, ``lse_p[i]``, ``lse_t[i]`` (three floats a row).
+and the program stores ``KL_i`` and each softmax's normaliser in two parts, the row's largest
+logit ``m`` and ``log(l)`` (``lse = m + log(l)``; kept apart because at logits ~1e38 the sum
+rounds ``log(l)`` away and the backward's probabilities would come out ``l`` times too large):
+five floats a row (and the launcher the rows' ``max |x_i|``, two more, for the backward's scaling).
+
+Scaling (as in the reference): the gram dots read row-scaled copies ``u_i = x_i 2^-e_i`` made
+by the launcher from the rows' maxima (which the op reads once, with its finiteness check, and
+the forward saves for the backward); forward and backward each read pred and target and write
+the copies: at B = 256, D = 64, 8.1 -> 17.3 passes over pred in all (`fastvq bench --traffic`),
+O(B D) against the kernels' O(B^2 D)
+work, and the kernels' pipelined loads stay untouched; float16 inputs, whose products cannot
+overflow float32, are read as they are), and a logit is ``((u_i . u_j) R_i) C_j`` with
+``R_i = m 2^(e_i + fa)``, ``C_j = 2^(e_j + fb)`` built from the int32 exponents, both within
+``2^+-62``: one more multiply per logit, no intermediate overflow. The forward keeps its logits at a scale ``c = 2^-(k+1)``,
+``2^k > B + 1`` (folded into ``m``; the exponentials take ``exp2(x * log2(e) / c)``, the
+multiply ``exp`` does anyway): then ``(t - m_t) - (s - m_p)`` and the running sum over B
+columns cannot overflow where the logits are representable. A pair whose target weight is an
+exact 0 adds 0 (not ``0 * inf``).
 
 Backward: ``dL/dpred_i = g / (B T) * sum_j (G_ij + G_ji) pred_j`` with
-``G_ij = exp(s_ij - lse_p[i]) - exp(t_ij - lse_t[i])`` off the diagonal. Because ``s`` and
+``G_ij = exp((s_ij - m_p[i]) - log l_p[i]) - exp((t_ij - m_t[i]) - log l_t[i])`` off the diagonal
+(each an ``exp2`` of one subtraction and one FMA, as ``exp(s - lse)`` was). Because ``s`` and
 ``t`` are symmetric, the tile that gives ``G_ij`` also gives ``G_ji`` (the same exponentials,
 normalised by the column's saved logsumexps), so one kernel, one pass over column tiles per
 row tile, produces ``(G + G^T) @ pred`` with no B x B matrix and no atomics. The second grid
 axis splits Dp in BLOCK_DO chunks when Dp is wide (the tiles are then recomputed per chunk).
 """
+
+import math
 
 import torch
 import triton
@@ -52,9 +72,11 @@ MAX_BLOCK_DO = {4: 64, 2: 128}  # by element size: output columns per program of
 # Registers per thread = base + a * T + b * O + c * G (T: words of one BLOCK_M x BLOCK_N logit
 # tile; O: the dot operands' chunks, BLOCK_M x BLOCK_D and BLOCK_N x BLOCK_D; G: the backward's
 # BLOCK_M x BLOCK_DO gradient accumulator), by target family and pass. Fitted to ptxas (sm_80 and
-# sm_90, triton 3.6 and 3.8) at the benchmark shapes (float32), bounding it from above.
+# sm_90, triton 3.6 and 3.8) at the benchmark shapes (float32), bounding it from above. The sm_90
+# bases rose by 42 (fwd) and 44 (bwd) with the row-scaled logits (issue 9: per-row and per-column
+# factors R_i C_j, the normalisers in two parts), refitted on triton 3.8.
 _REGISTER_MODELS = {
-    ("sm_90", "fwd"): (120, (1.0, 1.0, 1.0)), ("sm_90", "bwd"): (50, (3.5, 3.25, 2.75)),
+    ("sm_90", "fwd"): (162, (1.0, 1.0, 1.0)), ("sm_90", "bwd"): (94, (3.5, 3.25, 2.75)),
     ("sm_80", "fwd"): (230, (1.0, 0.5, 1.0)), ("sm_80", "bwd"): (119, (4.75, 3.25, 1.0)),
 }
 
@@ -106,9 +128,12 @@ def _finite(b_m):
 
 
 @triton.jit
-def _exp_prob(b_x):
-    """``exp(min(x, 0))``, NaN kept: a log-probability that rounding pushed above 0 gives 1."""
-    return tl.exp(tl.where(b_x > 0.0, 0.0, b_x))
+def _exp_prob(b_x, b_m, b_log2l):
+    """``exp((x - m) - log l)`` capped at 1 (NaN kept): a probability from the logit ``x`` and the
+    softmax's normaliser in two parts (``b_log2l = log2(e) log l``); rounding can push the
+    exponent above 0 at logits ~1e36."""
+    b_y = (b_x - b_m) * 1.4426950408889634 - b_log2l
+    return tl.exp2(tl.where(b_y > 0.0, 0.0, b_y))
 
 
 @triton.jit
@@ -131,34 +156,57 @@ def _gram_tile(
 
 
 @triton.jit
+def _row_factor(p_e, o, m, shift, mult, ROW_SCALED: tl.constexpr):
+    """``mult * 2^(e[o] + shift)`` (float32) for row-scaled inputs, else ``mult``."""
+    if ROW_SCALED:
+        return exp2i(tl.load(p_e + o, mask=m, other=0) + shift) * mult
+    else:
+        return tl.full(o.shape, 1.0, dtype=tl.float32) * mult
+
+
+@triton.jit
 def _logit_tiles(
-    p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t, stride_pb, stride_pd, stride_tb, stride_td,
+    p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
+    stride_pb, stride_pd, stride_tb, stride_td,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
+    ROW_SCALED: tl.constexpr,
 ):
     """For the column block at ``n0``: its int64 columns ``o_n`` and mask, and the float32
-    ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = pred pred^T / T``, ``t = target target^T / T``."""
+    ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = u_p u_p^T R_p C_p``, ``t = u_t u_t^T R_t C_t``
+    (``b_rp``, ``b_rt``: the rows' factors ``R``; ``C`` is 1 unless ROW_SCALED)."""
     o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
     m_n = o_n < B
     b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
-                     BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P) * inv_t
+                     BLOCK_M, BLOCK_N, BLOCK_DP, PREC_P, DOT_FP32_P)
     b_t = _gram_tile(p_target, o_m, o_n, m_m, m_n, DT, stride_tb, stride_td,
-                     BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T) * inv_t
+                     BLOCK_M, BLOCK_N, BLOCK_DT, PREC_T, DOT_FP32_T)
+    if ROW_SCALED:
+        b_s = (b_s * b_rp[:, None]) * _row_factor(p_ep, o_n, m_n, FB, 1.0, ROW_SCALED)[None, :]
+        b_t = (b_t * b_rt[:, None]) * _row_factor(p_et, o_n, m_n, FB, 1.0, ROW_SCALED)[None, :]
+    else:
+        b_s = b_s * b_rp[:, None]
+        b_t = b_t * b_rt[:, None]
     return o_n, m_n, b_s, b_t
 
 
 @autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_fwd_kernel(
-    p_pred, p_target, p_kl, p_lse_p, p_lse_t,
-    B, DP, DT, inv_t,
+    p_pred, p_target, p_ep, p_et, p_kl, p_lse_p, p_lse_t,
+    B, DP, DT, logit_mult, exp_mult, inv_c, FA, FB,
     stride_pb, stride_pd, stride_tb, stride_td,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
+    ROW_SCALED: tl.constexpr,
 ):
+    # Logits at scale c (``logit_mult`` holds it); ``exp_mult = log2(e) / c`` and ``inv_c = 1 / c``
+    # bring them back: ``exp(natural) = exp2(scaled * exp_mult)``.
     pid = flat_program_id()
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < B
+    b_rp = _row_factor(p_ep, o_m, m_m, FA, logit_mult, ROW_SCALED)
+    b_rt = _row_factor(p_et, o_m, m_m, FA, logit_mult, ROW_SCALED)
 
     # The running maxima start at -inf (not a finite sentinel: logits below it would give an
     # empty sum, log 0 = -inf), so logits of any magnitude keep an exact logsumexp.
@@ -168,9 +216,9 @@ def _pairwise_kl_loss_fwd_kernel(
     b_lt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
-        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t,
+        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
                                           stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
-                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
+                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T, ROW_SCALED)
         m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_s_m = tl.where(m_valid, b_s, float("-inf"))
         b_t_m = tl.where(m_valid, b_t, float("-inf"))
@@ -179,44 +227,50 @@ def _pairwise_kl_loss_fwd_kernel(
         # subtraction: exp(-inf - safe) is an exact 0, and no (-inf) - (-inf) is ever formed
         b_mp_new = tl.maximum(b_mp, tl.max(b_s_m, axis=1))
         b_mp_sub = _finite(b_mp_new)
-        b_lp = b_lp * tl.exp(b_mp - b_mp_sub) + tl.sum(tl.exp(b_s_m - b_mp_sub[:, None]), axis=1)
+        b_lp = b_lp * tl.exp2((b_mp - b_mp_sub) * exp_mult) + tl.sum(
+            tl.exp2((b_s_m - b_mp_sub[:, None]) * exp_mult), axis=1)
 
         b_mt_new = tl.maximum(b_mt, tl.max(b_t_m, axis=1))
         b_mt_sub = _finite(b_mt_new)
-        b_alpha = tl.exp(b_mt - b_mt_sub)
-        b_q = tl.exp(b_t_m - b_mt_sub[:, None])  # 0 where masked
+        b_alpha = tl.exp2((b_mt - b_mt_sub) * exp_mult)
+        b_q = tl.exp2((b_t_m - b_mt_sub[:, None]) * exp_mult)  # 0 where masked
         # acc = sum_j exp(t_ij - m_t) ((t_ij - m_t) - (s_ij - m_p)): shifting by the running
         # maxima keeps the terms small (an exact 0 when the rows agree); moving the maxima
         # shifts every earlier term by the same amount, hence the b_lt correction (b_lt is 0,
-        # and the shift unused, while the row has seen no column).
+        # and the shift unused, while the row has seen no column). A pair of weight 0 (masked,
+        # or exp underflowed) adds 0 even where s_ij - m_p overflowed to -inf (NaN weights stay).
         b_shift = (b_mt - b_mt_sub) - (b_mp - b_mp_sub)
         b_acc = b_alpha * (b_acc + tl.where(b_lt > 0, b_lt * b_shift, 0.0)) + tl.sum(
-            b_q * tl.where(m_valid, (b_t - b_mt_sub[:, None]) - (b_s - b_mp_sub[:, None]), 0.0), axis=1)
+            b_q * tl.where(b_q != 0.0, (b_t - b_mt_sub[:, None]) - (b_s - b_mp_sub[:, None]), 0.0), axis=1)
         b_lt = b_lt * b_alpha + tl.sum(b_q, axis=1)
         b_mt = b_mt_new
         b_mp = b_mp_new
 
-    b_lse_p = b_mp + tl.log(b_lp)
-    b_lse_t = b_mt + tl.log(b_lt)
-    b_kl = b_acc / b_lt - tl.log(b_lt) + tl.log(b_lp)
+    b_kl = (b_acc / b_lt) * inv_c - tl.log(b_lt) + tl.log(b_lp)
     # A logit that overflows float32 (or a dot product that does, +inf + -inf) leaves the row's
     # KL non-finite: that row's loss overflowed, +inf. (The op tells NaN/inf inputs apart.)
     b_kl = tl.where(tl.abs(b_kl) < float("inf"), b_kl, float("inf"))
     tl.store(p_kl + o_m, b_kl, mask=m_m)
-    tl.store(p_lse_p + o_m, b_lse_p, mask=m_m)
-    tl.store(p_lse_t + o_m, b_lse_t, mask=m_m)
+    # the normalisers in two parts (row max at natural scale, log of the sum): (2, B) each
+    tl.store(p_lse_p + o_m, b_mp * inv_c, mask=m_m)
+    tl.store(p_lse_p + B + o_m, tl.log(b_lp), mask=m_m)
+    tl.store(p_lse_t + o_m, b_mt * inv_c, mask=m_m)
+    tl.store(p_lse_t + B + o_m, tl.log(b_lt), mask=m_m)
 
 
 @autotune(configs=_BWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_bwd_kernel(
-    p_grad, p_pred, p_target, p_lse_p, p_lse_t, p_dpred,
-    B, DP, DT, inv_t, N_DO_TILES,
-    stride_pb, stride_pd, stride_tb, stride_td, stride_db, stride_dd,
+    p_grad, p_pred, p_target, p_ep, p_et, p_lse_p, p_lse_t, p_x, p_dpred,
+    B, DP, DT, logit_mult, inv_t, FA, FB, N_DO_TILES,
+    stride_pb, stride_pd, stride_tb, stride_td, stride_xb, stride_xd, stride_db, stride_dd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_DO: tl.constexpr, H_SCALE: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
+    ROW_SCALED: tl.constexpr,
 ):
+    # p_pred / p_target: the (row-scaled) operands of the logits; p_x: pred as given, the
+    # operand of the gradient's dot. Logits at natural scale here (``logit_mult`` = m or 1/T).
     pid = flat_program_id()
     pid_m = pid // N_DO_TILES
     pid_d = pid % N_DO_TILES
@@ -224,9 +278,14 @@ def _pairwise_kl_loss_bwd_kernel(
     m_m = o_m < B
     o_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     m_do = o_do < DP
+    b_rp = _row_factor(p_ep, o_m, m_m, FA, logit_mult, ROW_SCALED)
+    b_rt = _row_factor(p_et, o_m, m_m, FA, logit_mult, ROW_SCALED)
 
-    b_lse_pm = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
-    b_lse_tm = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    b_mpm = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
+    b_lpm = tl.load(p_lse_p + B + o_m, mask=m_m, other=0.0) * LOG2E
+    b_mtm = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
+    b_ltm = tl.load(p_lse_t + B + o_m, mask=m_m, other=0.0) * LOG2E
     b_dp = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     # |(G + G^T) @ pred| <= (B + 1) max|pred|: with h scaled by 2^-e, 2^e > B + 1, the float32
     # accumulator cannot overflow where the gradient does not (float16 scales up instead)
@@ -235,22 +294,24 @@ def _pairwise_kl_loss_bwd_kernel(
     else:
         h_scale = exp2i(-(pow2_exponent((B + 1) * 1.0) + 1))
     for n0 in range(0, B, BLOCK_N):
-        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, o_m, m_m, n0, B, DP, DT, inv_t,
+        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
                                           stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
-                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T)
-        b_lse_pn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
-        b_lse_tn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
+                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T, ROW_SCALED)
+        b_mpn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
+        b_lpn = tl.load(p_lse_p + B + o_n, mask=m_n, other=0.0) * LOG2E
+        b_mtn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
+        b_ltn = tl.load(p_lse_t + B + o_n, mask=m_n, other=0.0) * LOG2E
         # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
         # exponent is <= 0 in exact arithmetic; at logits ~1e36 the rounding of s_ij against
         # the forward's logsumexp can push it above, so it is capped at 0 (a probability is
         # at most 1). The diagonal may overflow but is dropped by the where.
-        b_h = (_exp_prob(b_s - b_lse_pm[:, None]) - _exp_prob(b_t - b_lse_tm[:, None])
-               + _exp_prob(b_s - b_lse_pn[None, :]) - _exp_prob(b_t - b_lse_tn[None, :]))
+        b_h = (_exp_prob(b_s, b_mpm[:, None], b_lpm[:, None]) - _exp_prob(b_t, b_mtm[:, None], b_ltm[:, None])
+               + _exp_prob(b_s, b_mpn[None, :], b_lpn[None, :]) - _exp_prob(b_t, b_mtn[None, :], b_ltn[None, :]))
         m_valid = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_h = tl.where(m_valid, b_h, 0.0)
         # float16 operands: |h| <= 2 scaled by 2^14 stays normal down to 2^-28; others: by 2^-e
         b_h = b_h * h_scale
-        b_pn = tl.load(p_pred + o_n[:, None] * stride_pb + o_do[None, :] * stride_pd,
+        b_pn = tl.load(p_x + o_n[:, None] * stride_xb + o_do[None, :] * stride_xd,
                        mask=m_n[:, None] & m_do[None, :], other=0.0)
         if DOT_FP32_P:
             b_dp = tl.dot(b_h, b_pn.to(tl.float32), b_dp, input_precision=PREC_P)
@@ -273,10 +334,51 @@ def _block_d(d: int, dtype: torch.dtype) -> int:
     return min(max(next_pow2(d), 16), MAX_BLOCK_D[dtype.itemsize])
 
 
+def _scaling(temperature: float):
+    """``(m, fa, fb, lo, hi)``: ``1 / T = m 2^(fa + fb)`` (``m`` in [0.5, 1)) and the clamp of
+    the row exponents that keeps ``2^(e + fa)``, ``2^(e + fb)`` in ``[2^-62, 2^62]`` (their
+    product normal) and ``2^-e`` normal (as fastvq.reference.pairwise_kl_loss.logit_scaling)."""
+    m, f = math.frexp(1.0 / float(temperature))
+    fa = f // 2
+    fb = f - fa
+    return m, fa, fb, max(-126, -62 - fa), min(126, 62 - fb)
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """``max_d |x_id|`` per row, float32 (0 for D = 0), as fastvq.reference's ``row_max``."""
+    if x.shape[1] == 0:  # D = 0: every logit is 0
+        return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x, float("inf"), dim=1, dtype=torch.float32)
+
+
+def _row_scaled(x: torch.Tensor, amax: torch.Tensor, lo: int, hi: int):
+    """``(u, e)``: int32 row exponents ``e`` (``amax_i = max |x_i| < 2^e_i``, clamped to ``[lo, hi]``)
+    and the contiguous copy ``u_i = x_i 2^-e_i`` in x's dtype (exact: powers of two). float16 rows
+    are used as given (``|x| <= 65504``: no product or sum of products overflows float32)."""
+    if x.dtype == torch.float16:
+        return x, None
+    e = torch.frexp(amax).exponent.clamp_(lo, hi).to(torch.int32)
+    one = torch.ones(e.shape, dtype=torch.float32, device=x.device)
+    return (x * torch.ldexp(one, -e).to(x.dtype)[:, None]).contiguous(), e
+
+
+def _launch_args(pred, target, temperature, amax_p, amax_t):
+    m, fa, fb, lo, hi = _scaling(temperature)
+    up, ep = _row_scaled(pred, amax_p, lo, hi)
+    ut, et = _row_scaled(target, amax_t, lo, hi)
+    scaled = ep is not None
+    if not scaled:  # float16: unused pointers, a plain 1/T
+        ep = et = torch.zeros(1, dtype=torch.int32, device=pred.device)
+    return up, ut, ep, et, (m if scaled else 1.0 / float(temperature)), fa, fb, scaled
+
+
 @launcher
-def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float):
+def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float,
+                         amax_p: torch.Tensor | None = None, amax_t: torch.Tensor | None = None):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
-    KL(target || pred), diagonal excluded), per-row float32 logsumexps for the backward."""
+    KL(target || pred), diagonal excluded), and for the backward, ``(3, B)`` float32 each: the
+    softmax's per-row normaliser in two parts (the row's largest logit, ``log`` of the sum) and
+    the rows' ``max |x_i|`` (``amax_p``/``amax_t`` if the caller has them), the scaling's input."""
     # check (the op has told the user already: fastvq/ops/pairwise_kl_loss.py)
     assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
     assert pred.dtype == target.dtype, (pred.dtype, target.dtype)
@@ -285,22 +387,27 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
     DT = target.shape[1]
     # allocate
     kl = torch.empty((B,), dtype=torch.float32, device=pred.device)
-    lse_p = torch.empty((B,), dtype=torch.float32, device=pred.device)
-    lse_t = torch.empty((B,), dtype=torch.float32, device=pred.device)
+    lse_p = torch.empty((3, B), dtype=torch.float32, device=pred.device)
+    lse_t = torch.empty((3, B), dtype=torch.float32, device=pred.device)
+    lse_p[2] = _row_max(pred) if amax_p is None else amax_p
+    lse_t[2] = _row_max(target) if amax_t is None else amax_t
     if B <= 1:  # no off-diagonal pair: loss 0 (and nothing to normalise)
-        lse_p.zero_(), lse_t.zero_()
+        lse_p[:2].zero_(), lse_t[:2].zero_()
         return torch.zeros((), dtype=torch.float32, device=pred.device), lse_p, lse_t
+    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, lse_p[2], lse_t[2])
+    # logits at scale c = 2^-(k+1), 2^k > B + 1: B terms of (t - m_t) - (s - m_p) stay below float32max
+    inv_c = 2.0 ** ((B + 1).bit_length() + 1)
     # launch
     grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]))  # noqa: E731
     _pairwise_kl_loss_fwd_kernel[grid](
-        pred, target, kl, lse_p, lse_t,
-        B, DP, DT, 1.0 / float(temperature),
-        pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
+        up, ut, ep, et, kl, lse_p, lse_t,
+        B, DP, DT, mult / inv_c, math.log2(math.e) * inv_c, inv_c, fa, fb,
+        up.stride(0), up.stride(1), ut.stride(0), ut.stride(1),
         BLOCK_DP=_block_d(DP, pred.dtype), BLOCK_DT=_block_d(DT, target.dtype),
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
-        DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype),
+        DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype), ROW_SCALED=scaled,
     )
-    return kl.sum() / B, lse_p, lse_t
+    return (kl / B).sum(), lse_p, lse_t  # divided first: B rows of ~float32max / B stay finite
 
 
 @launcher
@@ -315,24 +422,27 @@ def pairwise_kl_loss_bwd(
     """Gradient in ``pred`` (``(B, Dp)``, pred's dtype) for the 0-d upstream ``grad``."""
     # check
     assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
-    assert grad.numel() == 1 and lse_p.shape == lse_t.shape == (pred.shape[0],), (grad.shape, lse_p.shape, lse_t.shape)
+    assert grad.numel() == 1 and lse_p.shape == lse_t.shape == (3, pred.shape[0]), (grad.shape, lse_p.shape, lse_t.shape)
     B, DP = pred.shape
     DT = target.shape[1]
     # allocate
     dpred = torch.empty_like(pred, memory_format=torch.contiguous_format)
     if B <= 1 or DP == 0:
         return dpred.zero_()
+    lse_p, lse_t = lse_p.float().contiguous(), lse_t.float().contiguous()
+    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, lse_p[2], lse_t[2])
     # launch
     BLOCK_DO = min(max(next_pow2(DP), 16), MAX_BLOCK_DO[pred.dtype.itemsize])
     n_do = triton.cdiv(DP, BLOCK_DO)
     grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]) * n_do)  # noqa: E731
     _pairwise_kl_loss_bwd_kernel[grid](
-        grad.float(), pred, target, lse_p.float().contiguous(), lse_t.float().contiguous(), dpred,
-        B, DP, DT, 1.0 / float(temperature), n_do,
-        pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), dpred.stride(0), dpred.stride(1),
+        grad.float(), up, ut, ep, et, lse_p, lse_t, pred, dpred,
+        B, DP, DT, mult, 1.0 / float(temperature), fa, fb, n_do,
+        up.stride(0), up.stride(1), ut.stride(0), ut.stride(1), pred.stride(0), pred.stride(1),
+        dpred.stride(0), dpred.stride(1),
         BLOCK_DP=_block_d(DP, pred.dtype), BLOCK_DT=_block_d(DT, target.dtype), BLOCK_DO=BLOCK_DO,
         H_SCALE=H_SCALE_FP16 if pred.dtype == torch.float16 else 1.0,
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
-        DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype),
+        DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype), ROW_SCALED=scaled,
     )
     return dpred

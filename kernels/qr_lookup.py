@@ -9,6 +9,18 @@ and stores one tile of rows; ``_qr_lookup_bag_fwd_kernel`` owns one bag x one D 
 its composed items (each times its per-sample weight, or ``1 / len`` for "mean") before the
 single store.
 
+Exact range: a bag sum, a gradient row or a weight's gradient multiplies up to three table,
+weight or gradient values and sums them: in float32 an intermediate can overflow (``g * w`` at
+``w`` = 3e38, ``q * r`` = 1e40, partial sums of +-3e38) or underflow into the subnormals before
+a large factor multiplies it up, where the exact result is representable. Every such sum runs
+twice at most: a float32 pass (the hot loop, unchanged: each item's composed row times its
+factor, in the order ``(q op r) * f`` / ``(g * other) * f`` so that no factor > 1 follows an
+underflow but a weight), and, only where its result is not finite or a "mult" weight exceeds
+``BIG_W`` (where an underflowed ``q * r`` would be multiplied up), a float64 pass over the same
+items (float64 holds every product of three float32 values and their sums), rounded once. The
+redo is decided per program (one bag or table row x one D tile) after its loop: no extra launch,
+no host read; bags and rows of ordinary values never take it.
+
 Backward, deterministic (default), both tables in one pass:
 
 1. ``_qr_keys_kernel`` writes one sort key per (item, table): ``q row`` for the quotient table,
@@ -35,6 +47,11 @@ from ._common import flat_grid, flat_program_id, launcher, next_pow2, tile_offse
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
+# |weight| (mult) beyond which a float32 q * r (or g * q) that underflowed into the subnormals,
+# error up to 2^-150, would be multiplied past the float32 subnormal spacing: such a bag or row
+# is summed in float64 (see the module docstring)
+BIG_W = tl.constexpr(4096.0)
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def _search_iters(n: int) -> int:
@@ -74,16 +91,34 @@ def _bag_bounds(p_offsets, b_bag, m, N, B):
 
 
 @triton.jit
+def _not_finite(b):
+    """Scalar: whether any element of ``b`` is NaN or +-inf."""
+    return tl.max(((b != b) | (tl.abs(b) > FP32_MAX)).to(tl.int32)) > 0
+
+
+@triton.jit
+def _to_math(b, EXACT: tl.constexpr):
+    """float64 (``EXACT``) or float32."""
+    if EXACT:
+        return b.to(tl.float64)
+    else:
+        return b.to(tl.float32)
+
+
+@triton.jit
+def _inv_len(start, end, EXACT: tl.constexpr):
+    """``1 / max(end - start, 1)``: a float32 reciprocal (widened with ``EXACT``: a float64
+    division is a called subroutine on the GPU; the factor's float32 rounding is one of the sum's)."""
+    return _to_math(1.0 / tl.maximum(end - start, 1).to(tl.float32), EXACT)
+
+
+@triton.jit
 def _qr_compose(
     p_qw, p_rw, b_qi, b_ri, m_n, o_d, DQ, DR,
-    stride_qn, stride_qd, stride_rn, stride_rd, OP: tl.constexpr, SCALED: tl.constexpr = False, scale=1.0,
+    stride_qn, stride_qd, stride_rn, stride_rd, OP: tl.constexpr, EXACT: tl.constexpr = False,
 ):
-    """float32 (BLOCK, BLOCK_D) composed rows; zeros where ``m_n`` or the column is masked.
-
-    ``SCALED``: the rows times ``scale`` (a bag's 1 / len), applied so that the composition
-    cannot overflow where the scaled result does not: add sums the halved operands (exact) and
-    takes ``2 scale`` (bitwise ``(q + r) scale`` wherever that is finite), mult scales ``r``
-    first, concat scales the row."""
+    """(BLOCK, BLOCK_D) composed rows, float32 (float64 with ``EXACT``); zeros where ``m_n`` or
+    the column is masked."""
     if OP == 2:  # concat: columns [0, DQ) from q, [DQ, DQ + DR) from r
         o_r = o_d - DQ
         m_q = m_n[:, None] & (o_d < DQ)[None, :]
@@ -92,16 +127,9 @@ def _qr_compose(
         o_r = o_d
         m_q = m_n[:, None] & (o_d < DQ)[None, :]
         m_r = m_q
-    b_q = tl.load(p_qw + b_qi[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_q, other=0.0).to(tl.float32)
-    b_r = tl.load(p_rw + b_ri[:, None] * stride_rn + o_r[None, :] * stride_rd, mask=m_r, other=0.0).to(tl.float32)
-    if SCALED:
-        if OP == 1:
-            b_c = b_q * (b_r * scale)
-        elif OP == 0:
-            b_c = (b_q * 0.5 + b_r * 0.5) * (2.0 * scale)
-        else:
-            b_c = (b_q + b_r) * scale
-    elif OP == 1:
+    b_q = _to_math(tl.load(p_qw + b_qi[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_q, other=0.0), EXACT)
+    b_r = _to_math(tl.load(p_rw + b_ri[:, None] * stride_rn + o_r[None, :] * stride_rd, mask=m_r, other=0.0), EXACT)
+    if OP == 1:
         b_c = b_q * b_r
     else:
         b_c = b_q + b_r
@@ -124,6 +152,45 @@ def _qr_lookup_fwd_kernel(
 
 
 @triton.jit
+def _qr_bag_sum(
+    p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,
+    stride_qn, stride_qd, stride_rn, stride_rd,
+    OP: tl.constexpr, HAS_W: tl.constexpr, MEAN: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``(pooled (BLOCK_D,), max |weight|)`` of items ``[start, end)``: each composed row times its
+    factor (weight, or 1 / len for "mean"), summed in float32 (float64 with ``EXACT``). The max
+    |weight| is taken for "mult" only (0 otherwise): above ``BIG_W`` the float32 sum is redone."""
+    if EXACT:  # the redo sums each block of items at once: one float64 tile live, not two
+        b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    else:
+        b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    inv_len = _inv_len(start, end, EXACT)
+    for l0 in range(start, end, BLOCK_L):
+        o_l = l0 + tl.arange(0, BLOCK_L)
+        m_l = o_l < end
+        b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
+        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP,
+                          EXACT)
+        if HAS_W:
+            b_w = tl.load(p_psw + o_l, mask=m_l, other=0.0).to(tl.float32)
+            b_c = b_c * _to_math(b_w, EXACT)[:, None]
+            if OP == 1:
+                b_wmax = tl.maximum(b_wmax, tl.abs(b_w))
+        if MEAN:
+            b_c = b_c * inv_len
+        if EXACT:
+            b_acc += tl.sum(b_c, axis=0)
+        else:
+            b_acc += b_c
+    if EXACT:
+        return b_acc, tl.max(b_wmax, axis=0)
+    else:
+        return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
+
+
+@triton.jit
 def _qr_lookup_bag_fwd_kernel(
     p_ids, p_offsets, p_psw, p_qw, p_rw, p_out,
     N, B, M, R, DQ, DR, DOUT, N_D_TILES,
@@ -138,22 +205,13 @@ def _qr_lookup_bag_fwd_kernel(
         return
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     start, end = _bag_bounds(p_offsets, pid_b, pid_b < B, N, B)
-    inv_len = 1.0 / tl.maximum(end - start, 1).to(tl.float32)
-    b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for l0 in range(start, end, BLOCK_L):
-        o_l = l0 + tl.arange(0, BLOCK_L)
-        m_l = o_l < end
-        b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
-        # MEAN: each item scaled before the sum, and inside its composition (q + r or q * r may
-        # overflow where their mean over the bag does not)
-        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP,
-                          MEAN and not HAS_W, inv_len)
-        if HAS_W:
-            b_c = b_c * tl.load(p_psw + o_l, mask=m_l, other=0.0).to(tl.float32)[:, None]
-            if MEAN:
-                b_c = b_c * inv_len
-        b_acc += b_c
-    b_out = tl.sum(b_acc, axis=0)
+    b_out, w_max = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,
+                               stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, False, BLOCK_L, BLOCK_D)
+    if _not_finite(b_out) | (w_max > BIG_W):  # the exact range: this bag's items again in float64,
+        b_out64, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # half as many at once
+                                 stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,
+                                 BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
+        b_out = b_out64.to(tl.float32)
     tl.store(p_out + pid_b * stride_on + o_d * stride_od, b_out.to(p_out.dtype.element_ty), mask=o_d < DOUT)
 
 
@@ -163,22 +221,21 @@ def _qr_item_grad(
     N, B, M, R, N_BAG_ITERS,
     stride_gn, stride_gd, stride_own, stride_owd,
     IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    EXACT: tl.constexpr = False,
 ):
-    """float32 (BLOCK_L, BLOCK_D) contribution of items ``b_item`` to their rows of one table:
-    the output gradient of the item's row (its bag's, times 1/len or its weight), times the
-    other table's row for "mult"; concat tables read their own columns."""
+    """``(contribution (BLOCK_L, BLOCK_D), |weight| (BLOCK_L,))`` of items ``b_item`` to their rows
+    of one table: the output gradient of the item's row (its bag's), times the other table's row
+    for "mult", times 1/len or its weight (last: the only factor > 1 after a possible underflow
+    is a weight, whose |w| is returned for "mult", 0 otherwise); concat tables read their own
+    columns. float32, float64 with ``EXACT``."""
     m = m_l[:, None] & (o_d < D)[None, :]
     if BAGS:
         b_row = _bag_of(p_offsets, B, b_item, m_l, N_BAG_ITERS)
     else:
         b_row = b_item
     b_g = tl.load(p_g + b_row[:, None] * stride_gn + (COL_OFF + o_d)[None, :] * stride_gd, mask=m, other=0.0)
-    b_g = b_g.to(tl.float32)
-    if MEAN:
-        b_start, b_end = _bag_bounds(p_offsets, b_row, m_l, N, B)
-        b_g = b_g * (1.0 / tl.maximum(b_end - b_start, 1).to(tl.float32))[:, None]
-    if HAS_W:
-        b_g = b_g * tl.load(p_psw + b_item, mask=m_l, other=0.0).to(tl.float32)[:, None]
+    b_g = _to_math(b_g, EXACT)
+    b_wabs = tl.zeros_like(m_l.to(tl.float32))
     if OP == 1:
         b_qi, b_ri = _qr_hash(tl.load(p_ids + b_item, mask=m_l, other=0), M, R)
         if IS_Q:
@@ -186,8 +243,16 @@ def _qr_item_grad(
         else:
             b_oi = b_qi
         b_o = tl.load(p_ow + b_oi[:, None] * stride_own + o_d[None, :] * stride_owd, mask=m, other=0.0)
-        b_g = b_g * b_o.to(tl.float32)
-    return b_g
+        b_g = b_g * _to_math(b_o, EXACT)
+    if MEAN:
+        b_start, b_end = _bag_bounds(p_offsets, b_row, m_l, N, B)
+        b_g = b_g * _inv_len(b_start, b_end, EXACT)[:, None]
+    if HAS_W:
+        b_w = tl.load(p_psw + b_item, mask=m_l, other=0.0).to(tl.float32)
+        b_g = b_g * _to_math(b_w, EXACT)[:, None]
+        if OP == 1:
+            b_wabs = tl.abs(b_w)
+    return b_g, b_wabs
 
 
 @triton.jit
@@ -221,6 +286,38 @@ def _lower_bound(p_sorted, n, key, N_ITERS):
 
 
 @triton.jit
+def _qr_row_sum(
+    p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
+    N, B, M, R, N_BAG_ITERS,
+    stride_gn, stride_gd, stride_own, stride_owd,
+    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``(sum (BLOCK_D,), max |weight|)`` of the items at sorted positions ``[start, end)``."""
+    if EXACT:  # as in _qr_bag_sum
+        b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    else:
+        b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_L):
+        o_p = p0 + tl.arange(0, BLOCK_L)
+        m_l = o_p < end
+        b_item = tl.load(p_perm + o_p, mask=m_l, other=POS_BASE).to(tl.int64) - POS_BASE
+        b_t, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, b_item, m_l, o_d, D, COL_OFF,
+                                    N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                                    IS_Q, OP, BAGS, MEAN, HAS_W, EXACT)
+        if EXACT:
+            b_acc += tl.sum(b_t, axis=0)
+        else:
+            b_acc += b_t
+        b_wmax = tl.maximum(b_wmax, b_wabs)
+    if EXACT:
+        return b_acc, tl.max(b_wmax, axis=0)
+    else:
+        return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
+
+
+@triton.jit
 def _qr_row_grad(
     p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, p_dw, start, end, out_row, pid_d, POS_BASE, D, COL_OFF,
     N, B, M, R, N_BAG_ITERS,
@@ -228,17 +325,17 @@ def _qr_row_grad(
     IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Sum the items at sorted positions ``[start, end)`` into row ``out_row`` of ``p_dw``."""
+    """Sum the items at sorted positions ``[start, end)`` into row ``out_row`` of ``p_dw``: in
+    float32, and again in float64 where that sum is not finite or a "mult" weight exceeds BIG_W."""
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for p0 in range(start, end, BLOCK_L):
-        o_p = p0 + tl.arange(0, BLOCK_L)
-        m_l = o_p < end
-        b_item = tl.load(p_perm + o_p, mask=m_l, other=POS_BASE).to(tl.int64) - POS_BASE
-        b_acc += _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, b_item, m_l, o_d, D, COL_OFF,
-                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
-                               IS_Q, OP, BAGS, MEAN, HAS_W)
-    b_dw = tl.sum(b_acc, axis=0)
+    b_dw, w_max = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
+                              N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                              IS_Q, OP, BAGS, MEAN, HAS_W, False, BLOCK_L, BLOCK_D)
+    if _not_finite(b_dw) | (w_max > BIG_W):  # float64, half as many items at once
+        b_dw64, _ = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
+                                N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                                IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
+        b_dw = b_dw64.to(tl.float32)
     tl.store(p_dw + out_row * stride_dn + o_d * stride_dd, b_dw.to(p_dw.dtype.element_ty), mask=o_d < D)
 
 
@@ -294,21 +391,58 @@ def _qr_atomic_kernel(
     OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """BLOCK_L items x one D tile per program: relaxed float32 atomic adds into both tables."""
+    """BLOCK_L items x one D tile per program: relaxed float32 atomic adds into both tables. Each
+    item's term is formed in float32, and again in float64 where it is not finite or a "mult"
+    weight exceeds BIG_W (the sums themselves are the atomics', in float32)."""
     o_l, o_d = tile_offsets(N_D_TILES, BLOCK_L, BLOCK_D)
     m_l = o_l < N
     b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
     if NEED_Q:
-        b_g = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_rw, o_l, m_l, o_d, DQ, 0, N, B, M, R, N_BAG_ITERS,
-                            stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN, HAS_W)
+        b_g, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_rw, o_l, m_l, o_d, DQ, 0, N, B, M, R,
+                                    N_BAG_ITERS, stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN, HAS_W)
+        if _not_finite(b_g) | (tl.max(b_wabs) > BIG_W):
+            b_g64, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_rw, o_l, m_l, o_d, DQ, 0, N, B, M, R,
+                                     N_BAG_ITERS, stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN,
+                                     HAS_W, True)
+            b_g = b_g64.to(tl.float32)
         tl.atomic_add(p_dq + b_qi[:, None] * stride_dqn + o_d[None, :] * stride_dqd, b_g,
                       mask=m_l[:, None] & (o_d < DQ)[None, :], sem="relaxed")
     if NEED_R:
         col_off = DQ if OP == 2 else 0
-        b_g = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_qw, o_l, m_l, o_d, DR, col_off, N, B, M, R,
-                            N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN, HAS_W)
+        b_g, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_qw, o_l, m_l, o_d, DR, col_off, N, B, M, R,
+                                    N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN,
+                                    HAS_W)
+        if _not_finite(b_g) | (tl.max(b_wabs) > BIG_W):
+            b_g64, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_qw, o_l, m_l, o_d, DR, col_off, N, B, M, R,
+                                     N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN,
+                                     HAS_W, True)
+            b_g = b_g64.to(tl.float32)
         tl.atomic_add(p_dr + b_ri[:, None] * stride_drn + o_d[None, :] * stride_drd, b_g,
                       mask=m_l[:, None] & (o_d < DR)[None, :], sem="relaxed")
+
+
+@triton.jit
+def _qr_psw_dot(
+    p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,
+    stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
+    OP: tl.constexpr, EXACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``(composed item . bag gradient (BLOCK_L,), max |g| ("mult" only, else 0))``."""
+    if EXACT:
+        b_dot = tl.zeros((BLOCK_L,), dtype=tl.float64)
+    else:
+        b_dot = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    b_gmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for d0 in range(0, DOUT, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP,
+                          EXACT)
+        m = m_l[:, None] & (o_d < DOUT)[None, :]
+        b_g = tl.load(p_g + b_bag[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
+        b_dot += tl.sum(b_c * _to_math(b_g, EXACT), axis=1)
+        if OP == 1:
+            b_gmax = tl.maximum(b_gmax, tl.max(tl.abs(b_g), axis=1))
+    return b_dot, tl.max(b_gmax, axis=0)
 
 
 @triton.jit
@@ -318,18 +452,21 @@ def _qr_psw_grad_kernel(
     stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
     OP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``dw[i] = composed item i . grad[bag of i]``, BLOCK_L items per program, D in tiles."""
+    """``dw[i] = composed item i . grad[bag of i]``, BLOCK_L items per program, D in tiles: in
+    float32, and again in float64 where a dot is not finite or ("mult": ``(q * r) * g``) some
+    |g| exceeds BIG_W."""
     o_l = flat_program_id() * BLOCK_L + tl.arange(0, BLOCK_L)
     m_l = o_l < N
     b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
     b_bag = _bag_of(p_offsets, B, o_l, m_l, N_BAG_ITERS)
-    b_dot = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    for d0 in range(0, DOUT, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP)
-        m = m_l[:, None] & (o_d < DOUT)[None, :]
-        b_g = tl.load(p_g + b_bag[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0)
-        b_dot += tl.sum(b_c * b_g.to(tl.float32), axis=1)
+    b_dot, g_max = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,
+                               stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
+                               OP, False, BLOCK_L, BLOCK_D)
+    if _not_finite(b_dot) | (g_max > BIG_W):  # half-width D tiles: float64 tiles in the registers of float32 ones
+        b_dot64, _ = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,
+                                 stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
+                                 OP, True, BLOCK_L, BLOCK_D // 2 + BLOCK_D % 2)
+        b_dot = b_dot64.to(tl.float32)
     tl.store(p_dw + o_l, b_dot.to(p_dw.dtype.element_ty), mask=m_l)
 
 

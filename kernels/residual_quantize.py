@@ -15,7 +15,8 @@ next, so the module computes nothing over the activations in torch:
   ``|r|^2`` that overflows (|r| beyond ~1.8e19) is summed again scaled by its power of two
   (only in a block that holds one), so the loss is finite wherever its mean is representable;
 * ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
-  and sums per code (float32 atomics) and the number of rows left out as not finite;
+  and sums per code (float32 atomics) and the number of rows left out as not finite (in the
+  dtype of the codebooks being trained: ``stat_lim``, one compare per element as before);
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
   of the residual and the code it chose, rounded once (``_midpoint``: no intermediate overflow;
   dead-code revival candidates: a revived code splits a used code's cell), and whether it is
@@ -29,9 +30,11 @@ The nearest code (NaN-aware, smallest index on exact ties): a code with a NaN or
 element is never chosen while a finite code exists; a NaN distance (a NaN residual) and an
 overflowing one compare as ``+inf``; a finite row beyond 2^48 in size, or whose scores all
 compare as ``+inf`` (|c|^2 overflows), is searched again on the residual and codes scaled by
-2^-96 (exact; the common path is unchanged, the rescue pass costs one multiply per code element
-per tile and runs only for blocks that hold such a row; float16 codebooks never need it); a
-row still without a finite score gets the first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
+2^-96, and a finite row below 2^-48 whose best score is below 2^-90 (codes ~1e-30 near a
+residual ~1e-30: |c|^2 and r.c underflow and tie at 0) on them scaled by 2^96 (exact; the
+common path is unchanged, a rescue pass costs one multiply per code element per tile and runs
+only for blocks that hold such a row; float16
+codebooks never need it); a row still without a finite score gets the first finite code; a level whose codes are all non-finite gives index 0. Within a tile the
 smallest index among the exact minima wins, and a later tile wins only when strictly smaller
 (the team's ``_common.argmin_merge``, fed NaN for the codes that may not win).
 
@@ -85,19 +88,25 @@ def _scores_of_finite_codes(b_dist, b_cfin, o_k, m_k, b_first, K):
 
 # A row whose residual's max-abs exceeds 2^BIG_EXP, or that found no code with a finite score, is
 # searched again with the residual and the codes scaled by 2^-RESCALE_EXP (exact): |c|^2 and
-# 2 r.c of codes near a residual up to the float32 maximum then neither overflow nor cancel.
+# 2 r.c of codes near a residual up to the float32 maximum then neither overflow nor cancel. A
+# row below 2^-BIG_EXP whose best score is below 2^-TINY_SCORE_EXP (a code within ~2^-45 of it:
+# |c|^2 and r.c of codes near a residual ~1e-30 underflow to 0 and tie) is searched again scaled
+# by 2^RESCALE_EXP: the codes near it are then normal numbers; the codes that overflow (|c|^2 or
+# an element) are far from it and never chosen there (the row keeps its first choice if none is left).
 BIG_EXP = 48
 RESCALE_EXP = 96
+TINY_SCORE_EXP = 90
 
 
 @triton.jit
-def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first,
+def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first, scale,
                   PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SCALED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Nearest code of each row of the register-resident dot operand ``b_rd`` in one level:
     running ``(min, index)`` over the tiles (index -1 where no finite score) and the first
-    finite code. ``SCALED``: the codes are scaled by 2^-RESCALE_EXP as they are loaded (``b_rd``
-    already is): one multiply per code element per tile, only on the rescue pass."""
+    finite code. ``SCALED``: the codes are scaled by ``scale`` (2^-RESCALE_EXP or 2^RESCALE_EXP)
+    as they are loaded (``b_rd`` already is): one multiply per code element per tile, only on
+    the rescue pass; a code that overflows there has a non-finite element and is never chosen."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -107,7 +116,7 @@ def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first,
                       mask=m_k[:, None] & m_d[None, :], other=0.0)
         b_c32 = b_c.to(tl.float32)
         if SCALED:
-            b_c32 = b_c32 * 1.2621774483536189e-29  # 2^-96
+            b_c32 = b_c32 * scale  # a power of two: exact but for overflow
             b_c = b_c32.to(b_c.dtype)  # exact (bf16 and fp32 hold the scaled value)
         b_cc = tl.sum(b_c32 * b_c32, axis=1)
         if DOT_FP32:
@@ -121,11 +130,22 @@ def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first,
 
 
 @triton.jit
-def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd,
+def _rescue_rows(b_rm, m_fin, b_idx, b_min):
+    """The rows a rescue pass searches again (see BIG_EXP), of the finite rows ``m_fin`` with
+    max-abs ``b_rm`` and first choice ``(b_min, b_idx)``: ``(big, tiny)``, per row, no element
+    work. Big: beyond 2^48, or no finite score. Tiny: below 2^-48 with a best score below 2^-90
+    (a code so near that its scores underflow; a tiny row among ordinary codes is not redone)."""
+    m_big = m_fin & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
+    m_tiny = m_fin & ~m_big & (b_rm < 3.552713678800501e-15) & (b_min < 8.077935669463161e-28)
+    return m_big, m_tiny
+
+
+@triton.jit
+def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd, scale,
                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
                           SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """:func:`_search_level` for the chunked variant: the residual streamed from the workspace in
-    BLOCK_D chunks; ``SCALED`` scales both the residual and the codes by 2^-96 as they load."""
+    BLOCK_D chunks; ``SCALED`` scales both the residual and the codes by ``scale`` as they load."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     b_first = K
@@ -141,7 +161,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
             b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
                           other=0.0)
             if SCALED:
-                b_r = b_r * 1.2621774483536189e-29  # 2^-96, exact
+                b_r = b_r * scale  # a power of two
             if BF16_RNE:
                 b_rd = round_bf16(b_r)
             else:
@@ -150,7 +170,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
                           mask=m_k[:, None] & m_d[None, :], other=0.0)
             b_c32 = b_c.to(tl.float32)
             if SCALED:
-                b_c32 = b_c32 * 1.2621774483536189e-29
+                b_c32 = b_c32 * scale
                 b_c = b_c32.to(b_c.dtype)
             b_cc += tl.sum(b_c32 * b_c32, axis=1)
             b_cbad += tl.where(_row_finite(b_c32), 0, 1)
@@ -201,6 +221,13 @@ def _row_finite(b):
 
 
 @triton.jit
+def _row_below(b, lim):
+    """Per row of a (rows, cols) float32 block: True when every element's magnitude is below
+    ``lim`` (``inf``: finite; a 16-bit codebook's rounding threshold: finite in its dtype)."""
+    return tl.max(tl.where(tl.abs(b) < lim, 0, 1), axis=1) == 0
+
+
+@triton.jit
 def _midpoint(a, b):
     """``(a + b) / 2`` of float32 blocks, rounded once: ``a + b`` halved, or where that sum
     overflows (``a = -3e38, b = 3e38`` does not, ``a = b = 3e38`` does) ``a/2 + b/2`` (exact
@@ -213,16 +240,17 @@ def _midpoint(a, b):
 @triton.jit
 def _level_outputs(
     b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
-    p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S,
+    p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
     LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
 ):
     """What a level adds besides the code, for a register-resident row block ``b_r`` (the
-    residual this level quantized) and its chosen code rows ``b_sel``."""
+    residual this level quantized) and its chosen code rows ``b_sel``; rows whose residual is
+    not below ``stat_lim`` (not finite in the codebook's dtype) are left out and counted."""
     if LOSS:
         b_sq = _loss_rows(b_r - b_sel, b_w, m_m)
         b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
     if STATS or CAND:
-        b_fin = _row_finite(b_r) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+        b_fin = _row_below(b_r, stat_lim) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
         b_use = m_m & (b_w != 0) & b_fin
         if STATS:
             o_kk = lvl * K + b_idx
@@ -264,7 +292,7 @@ _REGISTER_MODELS = {
     ("sm_90", False, False): (102, (3.0, 1.25, 3.25, 0)), ("sm_90", False, True): (186, (8.75, 2.5, 3.75, 2)),
     ("sm_90", True, False): (133, (3.25, 1.75, 2.5, 0)), ("sm_90", True, True): (133, (3.25, 1.75, 2.5, 0)),
     ("sm_80", False, False): (103, (3.25, 1.5, 1.0, 0)), ("sm_80", False, True): (173, (6.75, 3.0, 3.5, 12)),
-    ("sm_80", True, False): (62, (6.75, 3.25, 3.75, 0)), ("sm_80", True, True): (62, (6.75, 3.25, 3.75, 0)),
+    ("sm_80", True, False): (67, (6.75, 3.25, 3.75, 0)), ("sm_80", True, True): (67, (6.75, 3.25, 3.75, 0)),
 }
 _SCRATCH = 2048  # shared memory besides the code tiles (reductions; measured <= 1 KiB)
 
@@ -337,7 +365,7 @@ def _dot_operand(b_r, p_cb, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr):
 @triton.jit
 def _residual_quantize_fwd_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok,
-    N, K, D, L, S,
+    N, K, D, L, S, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -374,19 +402,23 @@ def _residual_quantize_fwd_kernel(
         if SEARCH:
             # the dot operand: the residual in the codebook dtype (a no-op for float32)
             b_rd = _dot_operand(b_r, p_cb, DOT_FP32, BF16_RNE)
-            b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
+            b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K, 1.0,
                                                   PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K)
-            if p_cb.dtype.element_ty != tl.float16:  # (a float16 codebook cannot overflow the scores)
-                # the rescue pass: rows beyond 2^BIG_EXP, or with no finite score (codes so large
-                # that |c|^2 overflows), searched again on operands scaled by 2^-96
+            if p_cb.dtype.element_ty != tl.float16:  # (float16 codes neither overflow nor underflow the scores)
                 b_rm = tl.max(tl.abs(b_r), axis=1)
-                m_redo = m_m & _row_finite(b_r) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
-                if tl.max(m_redo.to(tl.int32), axis=0) > 0:
-                    b_rs = b_r * 1.2621774483536189e-29  # 2^-96, exact
-                    b_rd = _dot_operand(b_rs, p_cb, DOT_FP32, BF16_RNE)
+                m_big, m_tiny = _rescue_rows(b_rm, m_m & _row_finite(b_r), b_idx, b_min)
+                # the rescue passes, each only for a block that holds such a row: the big rows on
+                # operands scaled by 2^-96, the tiny ones scaled by 2^96
+                if tl.max(m_big.to(tl.int32), axis=0) > 0:
+                    b_rd = _dot_operand(b_r * 1.2621774483536189e-29, p_cb, DOT_FP32, BF16_RNE)
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
-                                                 PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
-                    b_idx = tl.where(m_redo, b_idx1, b_idx)
+                                                 1.2621774483536189e-29, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
+                    b_idx = tl.where(m_big, b_idx1, b_idx)
+                if tl.max(m_tiny.to(tl.int32), axis=0) > 0:
+                    b_rd = _dot_operand(b_r * 7.922816251426434e28, p_cb, DOT_FP32, BF16_RNE)
+                    _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
+                                                 7.922816251426434e28, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
+                    b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
             # nothing chosen (scores all NaN or +inf): the first finite code (none: 0)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
@@ -395,7 +427,7 @@ def _residual_quantize_fwd_kernel(
         b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
         b_sel = b_sel.to(tl.float32)
         b_loss = _level_outputs(b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
-                                p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S,
+                                p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
                                 LOSS, STATS, CAND)
         b_r -= b_sel
         b_q += b_sel
@@ -416,7 +448,7 @@ def _residual_quantize_fwd_kernel(
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,
-    N, K, D, L, S,
+    N, K, D, L, S, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -454,7 +486,7 @@ def _residual_quantize_fwd_chunked_kernel(
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
             b_min, b_idx, b_first = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                          stride_cd, PRECISION, DOT_FP32, BF16_RNE, False,
+                                                          stride_cd, 1.0, PRECISION, DOT_FP32, BF16_RNE, False,
                                                           BLOCK_M, BLOCK_K, BLOCK_D)
             if p_cb.dtype.element_ty != tl.float16:  # the rescue pass, as in the register variant
                 b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -465,12 +497,17 @@ def _residual_quantize_fwd_chunked_kernel(
                                   mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
                     b_rm = tl.maximum(b_rm, tl.max(tl.where(tl.abs(b_r) < float("inf"), tl.abs(b_r), 0.0), axis=1))
                     b_rbad += tl.where(_row_finite(b_r), 0, 1)
-                m_redo = m_m & (b_rbad == 0) & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
-                if tl.max(m_redo.to(tl.int32), axis=0) > 0:
+                m_big, m_tiny = _rescue_rows(b_rm, m_m & (b_rbad == 0), b_idx, b_min)
+                if tl.max(m_big.to(tl.int32), axis=0) > 0:
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                         stride_cd, PRECISION, DOT_FP32, BF16_RNE, True,
-                                                         BLOCK_M, BLOCK_K, BLOCK_D)
-                    b_idx = tl.where(m_redo, b_idx1, b_idx)
+                                                         stride_cd, 1.2621774483536189e-29, PRECISION, DOT_FP32,
+                                                         BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
+                    b_idx = tl.where(m_big, b_idx1, b_idx)
+                if tl.max(m_tiny.to(tl.int32), axis=0) > 0:
+                    _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
+                                                         stride_cd, 7.922816251426434e28, PRECISION, DOT_FP32,
+                                                         BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
+                    b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
@@ -482,7 +519,7 @@ def _residual_quantize_fwd_chunked_kernel(
                 o_d = d0 + tl.arange(0, BLOCK_D)
                 m_md = m_m[:, None] & (o_d < D)[None, :]
                 b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_md, other=0.0)
-                b_bad += tl.where(_row_finite(b_r), 0, 1)
+                b_bad += tl.where(_row_below(b_r, stat_lim), 0, 1)
                 if CAND:  # and the chosen code of a candidate row (its midpoint is finite only then)
                     b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
                                     mask=m_md & (b_slot >= 0)[:, None], other=0.0)
@@ -642,6 +679,7 @@ def residual_quantize_fwd(
     stats: bool = False,
     slots: torch.Tensor | None = None,
     num_slots: int = 0,
+    stat_limit: float = float("inf"),
 ):
     """``(N, D), (L, K, D) -> quantized (N, D) in x's dtype, codes (N, L) int64`` and, by request:
 
@@ -650,11 +688,13 @@ def residual_quantize_fwd(
     * ``loss``: ``level_sq (L,)`` float64, ``sum_i w_i |r_{i,l+1}|^2`` per level (float64: the
       sum may overflow float32 where the mean is representable);
     * ``stats``: ``counts (L, K)``, ``sums (L, K, D)`` float32 of the residuals each level
-      quantized (rows of nonzero weight, finite), ``skipped (L,)`` int32 rows left out;
+      quantized (rows of nonzero weight whose max-abs is below ``stat_limit``: finite, or finite
+      in the dtype of the codebooks being trained), ``skipped (L,)`` int32 rows left out;
     * ``slots`` ``(N,)`` int32 (``-1`` or a slot in ``[0, num_slots)``, each slot used by at most
       one row): ``cand (L, num_slots, D)`` float32, at every level the midpoint
-      ``c + (r - c) / 2`` of those rows' residual ``r`` and chosen code ``c``, and
-      ``cand_ok (L, num_slots)`` int8 (finite residual, nonzero weight). Every slot must be filled.
+      ``(r + c) / 2`` (``_midpoint``) of those rows' residual ``r`` and chosen code ``c``, and
+      ``cand_ok (L, num_slots)`` int8 (residual below ``stat_limit``, finite code, nonzero
+      weight). Every slot must be filled.
 
     Returns a dict with the keys ``quantized``, ``codes`` and those asked for. Same dtype and
     device for ``x`` and ``codebooks``; any strides. ``max_register_d`` picks the variant (see
@@ -714,11 +754,12 @@ def residual_quantize_fwd(
 
     if not chunked:
         kernel = _residual_quantize_fwd_kernel
-        kernel[grid](*tensors, N, K, D, L, num_slots, *strides, BLOCK_D=block_d, **common)
+        kernel[grid](*tensors, N, K, D, L, num_slots, float(stat_limit), *strides, BLOCK_D=block_d, **common)
     else:
         kernel = _residual_quantize_fwd_chunked_kernel
         workspace = torch.empty((N, D), dtype=torch.float32, device=dev)
-        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, *strides, workspace.stride(0), BLOCK_D=CHUNK_D,
+        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, float(stat_limit), *strides, workspace.stride(0),
+                     BLOCK_D=CHUNK_D,
                      **common)
     if loss:  # (the config the launch ran: set by the autotuner on every launch, no device read)
         out["level_sq"] = loss_part[: triton.cdiv(N, kernel.best_config.kwargs["BLOCK_M"]), :L].sum(0)

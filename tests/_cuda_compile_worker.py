@@ -283,8 +283,8 @@ def _residual_quantize_jobs():
         on = "+".join(f for f in ("HAS_W", "LOSS", "STATS", "CAND") if flags[f]) + ("" if flags["SEARCH"] else "+GIVEN")
         return Job(f"residual_quantize.{name}",
                    f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag}{',' + on if on else ''} | {_cfg_label(cfg)}",
-                   _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, aligned=aligned, aligned_ints=row_ints,
-                   dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned,
+                   _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"stat_lim": "fp32"}, aligned=aligned,
+                   aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned,
                    cost=big * (6 if dt == "fp32" else 1) + 0.5)
 
     # Register variant, as a training step, at the widest BLOCK_D it runs with (256; float32 128):
@@ -364,7 +364,8 @@ def _ema_update_jobs():
 def _pairwise_kl_loss_jobs():
     mod = pairwise_kl_loss
     jobs = []
-    row_ints = ("stride_pb", "stride_tb", "stride_db")
+    row_ints = ("stride_pb", "stride_tb", "stride_xb", "stride_db")
+    scalars = {"logit_mult": "fp32", "exp_mult": "fp32", "inv_c": "fp32", "inv_t": "fp32"}
     for name, k, bwd in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, False),
                          ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, True)):
         configs = _cfgs(k)
@@ -372,8 +373,8 @@ def _pairwise_kl_loss_jobs():
             p = DTYPES[dt]
             elt = _ELT[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
-            ptrs = {"p_pred": p, "p_target": p, "p_kl": "*fp32", "p_lse_p": "*fp32", "p_lse_t": "*fp32",
-                    "p_grad": "*fp32", "p_dpred": p}
+            ptrs = {"p_pred": p, "p_target": p, "p_ep": "*i32", "p_et": "*i32", "p_kl": "*fp32", "p_lse_p": "*fp32",
+                    "p_lse_t": "*fp32", "p_grad": "*fp32", "p_x": p, "p_dpred": p}
             ptrs = {a: v for a, v in ptrs.items() if a in _jit(k).arg_names}
             # the launcher's largest D chunks for this precision, and the configs the prune keeps for it
             block_d = mod.MAX_BLOCK_D[elt]
@@ -383,25 +384,29 @@ def _pairwise_kl_loss_jobs():
                                       BLOCK_DP=block_d, BLOCK_DT=block_d, **extra)
             for cfg in kept[:1]:
                 const = dict(stride_pd=1, stride_td=1, BLOCK_DP=block_d, BLOCK_DT=block_d, PREC_P=prec, PREC_T=prec,
-                             DOT_FP32_P=False, DOT_FP32_T=False, **extra, **cfg.kwargs)
+                             DOT_FP32_P=False, DOT_FP32_T=False, ROW_SCALED=dt != "fp16", **extra, **cfg.kwargs)
                 if "stride_dd" in _jit(k).arg_names:
                     const["stride_dd"] = 1
+                    const["stride_xd"] = 1
                 big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / (64 * 64)
                 label = f"{dt},BLOCK_DP=BLOCK_DT={block_d}" + (f",BLOCK_DO={extra['BLOCK_DO']}" if bwd else "")
                 jobs.append(Job(f"pairwise_kl_loss.{name}", f"{label} | {_cfg_label(cfg)}",
-                                _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"inv_t": "fp32"},
+                                _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages,
+                                scalars={a: v for a, v in scalars.items() if a in _jit(k).arg_names},
                                 aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32",
                                 rows=cfg.kwargs["BLOCK_M"],
                                 cost=big * (8 if dt == "fp32" else 2)))
     # narrow features (BLOCK_D = 16, the smallest wgmma K for 16-bit operands), bf16
     k = mod._pairwise_kl_loss_bwd_kernel
     cfg = _cfgs(k)[0]
-    const = dict(stride_pd=1, stride_td=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16, PREC_P="tf32",
-                 PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, H_SCALE=1.0, **cfg.kwargs)
+    const = dict(stride_pd=1, stride_td=1, stride_xd=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16,
+                 PREC_P="tf32", PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, H_SCALE=1.0, ROW_SCALED=True,
+                 **cfg.kwargs)
     jobs.append(Job("pairwise_kl_loss._pairwise_kl_loss_bwd_kernel", f"bf16,BLOCK_D*=16 | {_cfg_label(cfg)}", _jit(k),
-                    {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_lse_p": "*fp32",
-                     "p_lse_t": "*fp32", "p_dpred": "*bf16"}, const, cfg.num_warps, cfg.num_stages,
-                    scalars={"inv_t": "fp32"}, aligned_ints=row_ints, dot=True, tensor_cores=True,
+                    {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_ep": "*i32", "p_et": "*i32",
+                     "p_lse_p": "*fp32", "p_lse_t": "*fp32", "p_x": "*bf16", "p_dpred": "*bf16"}, const, cfg.num_warps,
+                    cfg.num_stages, scalars={"logit_mult": "fp32", "inv_t": "fp32"}, aligned_ints=row_ints, dot=True,
+                    tensor_cores=True,
                     rows=cfg.kwargs["BLOCK_M"]))
     return jobs
 
@@ -801,12 +806,14 @@ def _compile_launch(i: int) -> dict:
     return rec
 
 
-def sweep(targets, jobs: int, include_pruned: bool = False, emit=None) -> list:
+def sweep(targets, jobs: int, include_pruned: bool = False, emit=None, only: str = "") -> list:
     """Compile every launch of the benchmark shapes (the kept configs; all with ``include_pruned``)
-    for each target, through ptxas. Returns one record per (launch, target)."""
+    for each target, through ptxas. Returns one record per (launch, target). ``only``: the
+    launches whose kernel name or calls contain it (a quick check; never for ``--update-json``)."""
     _SWEEP.clear()
     for t in targets:
-        _SWEEP.extend((launch, t) for launch in capture_all(t) if launch.kept or include_pruned)
+        _SWEEP.extend((launch, t) for launch in capture_all(t) if (launch.kept or include_pruned)
+                      and only in " ".join([launch.kernel, *launch.calls]))
     out = []
     if jobs > 1:
         ctx = mp.get_context("fork")
@@ -897,7 +904,7 @@ def update_json(path: str, records: list, seconds: float):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--filter", default="")
+    ap.add_argument("--filter", default="", help="only the jobs (--sweep: launches) whose names contain it")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--sweep", action="store_true",
                     help="compile every launch of the benchmark shapes (kept configs) for --targets")
@@ -920,8 +927,9 @@ def main(argv=None):
                                   "kept": launch.kept, "estimate": launch.estimate, "calls": sorted(set(launch.calls))}))
         return 0
     if args.sweep:
+        assert not (args.filter and args.update_json), "--filter with --update-json would drop the other records"
         t0 = time.perf_counter()
-        recs = sweep(targets, args.jobs, args.pruned,
+        recs = sweep(targets, args.jobs, args.pruned, only=args.filter,
                      emit=lambda r: print(json.dumps(r), flush=True) if not args.update_json else
                      print(f"{r['target']} {r['kernel']} {r['config']} {r.get('regs')} regs {r.get('spill')} B spill "
                            f"{r.get('shared')} B shared {r['seconds']} s", file=sys.stderr, flush=True))

@@ -15,8 +15,11 @@ Everything here works on level-stacked tensors: a codebook ``(L, K, D)``, EMA co
 - :class:`CodebookState`: the constructor options, the buffers and the training-time updates
   (statistics, EMA, dead codes, k-means init, the low-usage warning) that both modules mix in.
 
-Robustness: rows that are not finite (or have weight 0 in a mask) never enter the statistics,
-the revival candidates or k-means; they are counted in the ``nonfinite_rows`` buffer. EMA
+Robustness: rows that are not finite in the codebook's dtype (:func:`fastvq._checks.finite_limit`:
+NaN, inf, or 1e10 for a float16 codebook) or have weight 0 in a mask never enter the
+statistics, the revival candidates or k-means; the former are counted in the ``nonfinite_rows``
+buffer. A k-means centroid or a revival candidate is finite in the codebook's dtype, and the
+EMA update keeps a code whose new value is not (:func:`fastvq.ops.ema_update.ema_update_`). EMA
 state is float32 whatever the module's dtype. Nothing on the training path reads a device
 value on the host (k-means init reads it on the one batch that initialises).
 
@@ -36,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
-from .._checks import check_int_arg
+from .._checks import check_int_arg, finite_limit
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
@@ -58,11 +61,13 @@ def reset_size(threshold: float) -> float:
     return max(float(threshold), 1.0)
 
 
-def revival_limit(threshold: float, ema: bool) -> float:
-    """Largest max-abs of a revival candidate: with EMA the revived code's ``embed_avg`` is the
-    candidate times :func:`reset_size`, which must stay finite in float32 (with a 1% margin for
-    the candidate's rounding to the codebook's dtype); without EMA any finite candidate."""
-    return torch.finfo(torch.float32).max / (1.01 * reset_size(threshold)) if ema else math.inf
+def revival_limit(threshold: float, ema: bool, dtype: torch.dtype = torch.float32) -> float:
+    """Largest max-abs of a revival candidate: finite in the codebook's ``dtype``
+    (:func:`finite_limit`) and, with EMA, such that the revived code's ``embed_avg`` (the
+    candidate times :func:`reset_size`) stays finite in float32 (with a 1% margin for the
+    candidate's rounding to the codebook's dtype)."""
+    ema_limit = torch.finfo(torch.float32).max / (1.01 * reset_size(threshold)) if ema else math.inf
+    return min(ema_limit, finite_limit(dtype))
 
 
 @torch.no_grad()
@@ -93,7 +98,7 @@ def offer_candidates(
     C = -(-num // fdist.get_world_size())
     score = torch.rand((L, N), device=dev)
     if weights is not None:
-        score = torch.where(weights.reshape(-1, N) != 0, score, -1.0)
+        score = torch.where((weights.reshape(1, N) if weights.dim() == 1 else weights) != 0, score, -1.0)
     c = min(C, N)
     if c == 0:
         return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), device=dev), num, limit=limit)
@@ -199,35 +204,44 @@ def expire_dead_codes_(
 
 @torch.no_grad()
 def kmeans(
-    x: torch.Tensor, init: torch.Tensor, iters: int, metric: str = "l2", weights: torch.Tensor | None = None
+    x: torch.Tensor, init: torch.Tensor, iters: int, metric: str = "l2", weights: torch.Tensor | None = None,
+    limit: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Lloyd's k-means on the valid rows of ``x (N, D)``, over all ranks.
 
-    Starts from ``K = init.shape[0]`` random valid rows of all ranks' ``x``
+    A row is valid when its weight is nonzero and its max-abs is below ``limit`` (so finite;
+    :func:`finite_limit` of the codebook's dtype: a row that dtype cannot hold is left out as
+    not finite). Starts from ``K = init.shape[0]`` random valid rows of all ranks' ``x``
     (:func:`offer_candidates`: distinct when there are at least ``K``, else repeated), the same
     on every rank. Each of the ``iters`` steps assigns rows with :func:`fastvq.nearest_code`
-    and moves each centroid to the mean of its rows from :func:`fastvq.code_statistics` (counts
-    and sums all-reduced over ranks; non-finite and weight-0 rows left out); a centroid with no
-    rows stays where it is. Returns float32 ``(centroids (K, D), counts (K,), skipped ())``, the
-    counts of the last assignment and the rows (all ranks) left out as not finite; or None when
-    no rank has a valid row. Reads the number of valid candidates on the host (one sync, on the
-    batch that initialises).
+    and moves each centroid to the mean of its valid rows from :func:`fastvq.code_statistics`
+    (counts and sums all-reduced over ranks); a centroid with no rows, or whose mean is not
+    below ``limit`` (float32 sums of rows near the float32 maximum overflow), stays where it
+    is. Returns float32 ``(centroids (K, D), counts (K,), skipped ())``, the counts of the
+    last assignment and the rows (all ranks) of nonzero weight left out as not valid;
+    ``centroids`` and ``counts`` are None when no rank has a valid row. Reads the number of valid candidates on the host (one sync,
+    on the batch that initialises).
     """
     K, D = init.shape
-    candidates, valid = offer_candidates(x.unsqueeze(0), K, None if weights is None else weights.unsqueeze(0))
+    w = torch.ones(x.shape[:1], device=x.device) if weights is None else weights.float()
+    bad = ~(torch.linalg.vector_norm(x.float(), ord=float("inf"), dim=-1) < limit)  # (NaN: bad)
+    skipped = ((w != 0) & bad).sum().float()
+    weights = torch.where(bad, 0.0, w)  # (the rows left out carry weight 0 from here on)
+    fdist.all_reduce_sum_(skipped.view(1))
+    candidates, valid = offer_candidates(x.unsqueeze(0), K, weights.unsqueeze(0))
     n_valid = int(valid.sum())
     if n_valid == 0:
-        return None
+        return None, None, skipped
     centroids = candidates[0, torch.arange(K, device=x.device) % n_valid]
     for step in range(max(iters, 1)):
         idx, _ = nearest_code(x, centroids, metric=metric)
-        counts, sums, skipped = code_statistics(x, idx, K, weights=weights, return_skipped=True)
-        skipped = skipped.float()
-        fdist.all_reduce_sum_(counts, sums, skipped.view(1))
+        counts, sums = code_statistics(x, idx, K, weights=weights)
+        fdist.all_reduce_sum_(counts, sums)
         if iters == 0:  # only the counts of the starting points were asked for
             break
-        hit = counts > 0
-        centroids = torch.where(hit.unsqueeze(-1), sums / counts.clamp_min(1e-30).unsqueeze(-1), centroids)
+        new = sums / counts.clamp_min(1e-30).unsqueeze(-1)
+        move = (counts > 0) & (torch.linalg.vector_norm(new, ord=float("inf"), dim=-1) < limit)
+        centroids = torch.where(move.unsqueeze(-1), new, centroids)
     return centroids, counts, skipped
 
 
@@ -410,7 +424,8 @@ class CodebookState(nn.Module):
         None when :attr:`_codebook_needs_vectors` is False, or when ``stats`` and ``offers``
         (below) replace it. ``indices (L, N)``: its codes. ``mask``: None, or ``(N,)`` bool
         (padding: False rows are ignored) or float per-row weights, shared by the levels. Rows
-        that are not finite are left out and counted in ``nonfinite_rows``; a batch with no valid
+        that are not finite in the codebook's dtype are left out and counted in
+        ``nonfinite_rows``; a batch with no valid
         row (empty, all padding, all non-finite) changes nothing.
 
         A fused step that computed the statistics itself passes ``stats = (counts (L, K), sums
@@ -426,19 +441,27 @@ class CodebookState(nn.Module):
             if mask is not None and mask.dim() != 1:
                 mask = mask.reshape(-1)
             if stats is None:
+                far = None
+                if finite_limit(codebook.dtype) < math.inf:  # rows a 16-bit codebook cannot hold: as NaN rows
+                    far = torch.linalg.vector_norm(vectors.float(), ord=float("inf"), dim=-1) >= finite_limit(
+                        codebook.dtype)  # (L, N)
+                    w = torch.ones(far.shape, device=far.device) if mask is None else mask.float().expand(far.shape)
+                    mask = torch.where(far, 0.0, w)
                 counts, sums, skipped = code_statistics(vectors, indices, K, weights=mask, return_skipped=True)
+                if far is not None:
+                    skipped = skipped + (far & (w != 0)).sum(-1, dtype=skipped.dtype)
             else:
                 counts, sums, skipped = stats
             skipped = skipped.float()
             if self.dead_code_threshold > 0:  # offered now: the midpoints use the codes as chosen
+                # (finite in the codebook's dtype; with EMA, a candidate times the revived size
+                # must not overflow embed_avg)
+                limit = revival_limit(self.dead_code_threshold, self.ema, codebook.dtype)
                 if offers is None:
-                    # (with EMA, a candidate times the revived size must not overflow embed_avg)
-                    limit = revival_limit(self.dead_code_threshold, self.ema)
                     candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices), limit=limit)
                 else:
                     picked, score = offers
-                    candidates, valid = exchange_offers(picked, score, K,
-                                                        limit=revival_limit(self.dead_code_threshold, self.ema))
+                    candidates, valid = exchange_offers(picked, score, K, limit=limit)
             if self.ema:
                 fdist.all_reduce_sum_(counts, sums, skipped)
                 ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,
@@ -530,7 +553,8 @@ class CodebookState(nn.Module):
     def _kmeans_init_(self, x: torch.Tensor, metric: str = "l2", mask: torch.Tensor | None = None) -> None:
         """Initialise every level by k-means: level 0 on the valid rows of ``x (N, D)``, level l
         on the residual left by levels < l. Sets the EMA state (or ``code_usage``) consistently
-        and ``initted``. When no rank has a valid row (empty, padding, non-finite) nothing
+        and ``initted``. When no rank has a valid row (empty, padding, not finite in the
+        codebook's dtype) nothing
         happens and the next batch tries again. Reads the host (the number of valid rows) on
         the batches until one initialises."""
         codebook = self._codebook_levels()
@@ -540,15 +564,23 @@ class CodebookState(nn.Module):
         residual = x.float()
         skipped_max = None
         for level in range(codebook.shape[0]):
-            result = kmeans(residual, codebook[level], self.kmeans_iters, metric, weights)
-            if result is None:  # no valid row on any rank (the same answer everywhere)
+            # (rows that are not finite in the codebook's dtype are left out, and counted)
+            centroids, counts, skipped = kmeans(residual, codebook[level], self.kmeans_iters, metric, weights,
+                                                finite_limit(codebook.dtype))
+            skipped_max = skipped if skipped_max is None else torch.maximum(skipped_max, skipped)
+            if centroids is None:  # no valid row on any rank (the same answer everywhere)
                 if level == 0:
+                    if not self._codebook_needs_vectors:
+                        self.nonfinite_rows.add_(skipped_max.long())
                     return
                 break
-            centroids, counts, skipped = result
-            skipped_max = skipped if skipped_max is None else torch.maximum(skipped_max, skipped)
             codebook[level].copy_(centroids)
             if cluster_size is not None:
+                # embed_avg / cluster_size is the centroid; where centroid * count would overflow
+                # float32 (a centroid near the float32 maximum), the count is lowered until it does not
+                top = torch.linalg.vector_norm(centroids, ord=float("inf"), dim=-1)
+                cap = torch.finfo(torch.float32).max / (1.01 * top)  # (top = 0: inf)
+                counts = torch.minimum(counts, cap)
                 cluster_size[level].copy_(counts)
                 embed_avg[level].copy_(centroids * counts.unsqueeze(-1))
             if usage is not None:

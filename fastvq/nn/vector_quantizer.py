@@ -45,7 +45,9 @@ class VectorQuantizer(CodebookState):
     Settings that train well (``fastvq.nn._codebook.RECOMMENDED``): ``kmeans_init=True,
     dead_code_threshold=1.0``, with ``ema=True``: 98.8% of 512 codes in use after 100 steps
     where the defaults keep 1. In training the module warns once when fewer than 1/8 of its
-    codes are in use. Rows that are not finite never reach the codebook; they are counted in
+    codes are in use. Rows that are not finite in the codebook's dtype (NaN, inf, or beyond
+    float16's range for a ``.half()`` module fed bfloat16/float32 inputs) never reach the
+    codebook; they are counted in
     the ``nonfinite_rows`` buffer (and revivals in ``codes_revived``).
 
     Forward:

@@ -9,22 +9,28 @@ import torch
 
 from .._backend import use_triton
 from .._checks import check_float, check_same_device, check_tensor
-from ..reference.pairwise_kl_loss import pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref
+from ..reference.pairwise_kl_loss import pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
 
 @torch.library.custom_op("fastvq::pairwise_kl_loss", mutates_args=())
 def _pairwise_kl_loss_op(
     pred: torch.Tensor, target: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The rows' max |x|: one O(B D) read of each input, on the device (no host sync), for both
+    # the backends' row scaling and the finiteness check below.
+    amax_p, amax_t = row_max(pred), row_max(target)
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_fwd
 
-        loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature)
+        loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature, amax_p, amax_t)
     else:
-        loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature)
-    # Rows whose logits overflow come back +inf; a NaN or inf in the inputs makes the loss NaN.
-    # One O(B D) read of each input, on the device (no host sync).
-    finite = torch.isfinite(pred).all() & torch.isfinite(target).all()
+        loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature, amax_p, amax_t)
+    # Rows whose logits overflow come back +inf; a NaN or inf in the inputs makes the loss NaN
+    # (every input element enters some logit once B >= 2; a row's max |x| is NaN or inf then).
+    # B <= 1 forms no logit: the loss is the empty mean, 0, whatever the values.
+    if pred.shape[0] <= 1:
+        return loss, lse_p, lse_t
+    finite = torch.isfinite(amax_p).all() & torch.isfinite(amax_t).all()
     return torch.where(finite, loss, float("nan")), lse_p, lse_t
 
 
@@ -33,8 +39,8 @@ def _(pred, target, temperature):
     B = pred.shape[0]
     return (
         pred.new_empty((), dtype=torch.float32),
-        pred.new_empty((B,), dtype=torch.float32),
-        pred.new_empty((B,), dtype=torch.float32),
+        pred.new_empty((3, B), dtype=torch.float32),
+        pred.new_empty((3, B), dtype=torch.float32),
     )
 
 
@@ -105,15 +111,22 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
 
     Returns:
         A 0-d float32 tensor, differentiable in ``pred``. ``B <= 1`` (no row has another
-        row to compare with) gives ``0`` with a zero gradient.
+        row to compare with, so no logit is formed) gives ``0`` with a zero gradient, whatever
+        the values (NaN or inf entries included).
 
     Numbers (both backends, every dtype; logits and sums in float32): the loss and its gradient
     are finite wherever the inputs are finite and every logit ``pred_i . pred_j / T``,
-    ``target_i . target_j / T`` is representable in float32, at any magnitude (logits all below
-    -1e30 included: the logsumexps start from -inf, not from a finite sentinel). Where a logit
-    overflows float32 the loss is ``+inf`` (and the gradient NaN: it is undefined there); a
-    NaN or infinite input element makes the loss NaN. The float16 backward scales ``G + G^T``
-    by 2^14 before its float16 tensor-core dot, so it does not underflow at large ``B`` or
+    ``target_i . target_j / T`` is representable in float32, at any magnitude: each row is
+    scaled by its own power of two before the dot products (so ``x_i . x_j`` may exceed float32
+    where ``/ T`` brings it back, ``T > 1``, and rows ~1e-20 beside a row ~3e38 keep their
+    products), the KL terms are formed at a scale where ``(t - lse_t) - (s - lse_p)`` and their
+    sums cannot overflow (a loss of ~1e38 is finite), and logits all below -1e30 keep an exact
+    logsumexp. A pair whose target weight is exactly 0 contributes 0 even where its pred logit
+    overflowed to -inf (the exact term is 0). Where a logit overflows float32 otherwise the loss
+    is ``+inf`` (and the gradient undefined, NaN); from ``B = 2`` on a NaN or infinite input
+    element makes the loss NaN. bf16/fp16 inputs: the backward's ``(G + G^T) @ pred`` is a
+    16-bit tensor-core dot (``G + G^T`` rounded to the input dtype, float32 accumulation); the
+    float16 one scales ``G + G^T`` by 2^14 first, so it does not underflow at large ``B`` or
     nearly equal softmaxes.
 
     Example::

@@ -187,12 +187,17 @@ def qr_lookup(
         Differentiable in ``q_weight``, ``r_weight`` and ``per_sample_weights``; not in ``ids``.
 
     Numbers (both backends, every dtype, every op and mode): composition, pooling and gradients
-    accumulate in float32 and round once to the tables' dtype. A NaN table entry gives NaN
-    exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN); a result beyond the
-    dtype's range is ``+-inf``, never a finite number; "mean" scales each item by ``1/len``
-    before the sum, so a mean that is representable is finite. Zero-width tables (``dq = 0``)
-    give empty rows and empty gradients. Bag offsets are checked on the device; nothing but the
-    sparse backward reads the host.
+    round once to the tables' dtype. A bag sum or gradient whose exact value is representable
+    comes out right (within float32 rounding) even where its terms or partial sums are not
+    (``q * r`` = 1e40 items, weights of 3e38, ``g * w * q`` with ``w`` = 3e38): the Triton
+    kernels sum in float32 and sum a bag or table row again in float64 where that result is not
+    finite or a "mult" weight exceeds 4096; the reference forms these sums in float64. An exact
+    result beyond the dtype's range is ``+-inf``, never NaN nor a finite number. A NaN table
+    entry gives NaN exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN).
+    ``deterministic=False`` sums table rows with float32 atomics: a row whose partial sums
+    overflow float32 can be ``+-inf``/NaN there. Zero-width tables (``dq = 0``) give empty
+    rows and empty gradients. Bag offsets are checked on the device; nothing but the sparse
+    backward reads the host.
 
     Example::
 

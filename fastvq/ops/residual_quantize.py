@@ -9,7 +9,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._backend import use_triton
-from .._checks import assert_async, check_float, check_index_range, check_last_dim, check_same_device, check_tensor
+from .._checks import (assert_async, check_float, check_index_range, check_last_dim, check_same_device, check_tensor,
+                       finite_limit)
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
 
 __all__ = ["residual_quantize", "residual_quantize_step", "ResidualQuantizeStep", "residual_decode", "GRADS",
@@ -34,11 +35,14 @@ def _residual_quantize_op(
     loss: bool = False,
     stats: bool = False,
     rotate: bool = False,
+    stat_limit: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """-> quantized, codes (empty when given), commit_sq, embed_sq (L,) float64 (the same values: two
     outputs so each sends its gradient its own way), counts, sums, skipped, cand, cand_ok
-    (empty unless asked for). ``rotate`` only matters to the backward."""
+    (empty unless asked for). ``rotate`` only matters to the backward; ``stat_limit``: the
+    statistics and candidates leave out rows whose residual's max-abs is not below it (None:
+    the rows that are not finite)."""
     if codes is not None and codes.numel() > 0:
         # given codes are gathered: out of range they would read outside the codebooks. One
         # pass over the (N, L) int64 codes, no host read (checked here, in the op body, so a
@@ -47,7 +51,8 @@ def _residual_quantize_op(
         lo, hi = torch.aminmax(codes)
         assert_async("residual_quantize_step", (lo >= 0) & (hi < K),
                      lambda: f"codes must lie in [0, {K}), got values in [{int(lo)}, {int(hi)}]")
-    kw = dict(weights=weights, codes=codes, loss=loss, stats=stats, slots=slots, num_slots=num_slots)
+    kw = dict(weights=weights, codes=codes, loss=loss, stats=stats, slots=slots, num_slots=num_slots,
+              stat_limit=float("inf") if stat_limit is None else stat_limit)
     if use_triton("residual_quantize", x, codebooks):
         from ..kernels.residual_quantize import residual_quantize_fwd
 
@@ -70,7 +75,8 @@ def _residual_quantize_op(
 
 
 @_residual_quantize_op.register_fake
-def _(x, codebooks, weights=None, codes=None, slots=None, num_slots=0, loss=False, stats=False, rotate=False):
+def _(x, codebooks, weights=None, codes=None, slots=None, num_slots=0, loss=False, stats=False, rotate=False,
+      stat_limit=None):
     N, D = x.shape
     L, K, _ = codebooks.shape
     return (
@@ -118,7 +124,7 @@ def _(x, codebooks, codes, weights, grad, grad_commit, grad_embed, rotate, need_
 
 
 def _setup_context(ctx, inputs, output):
-    x, codebooks, weights, codes, slots, num_slots, loss, stats, rotate = inputs
+    x, codebooks, weights, codes, slots, num_slots, loss, stats, rotate, stat_limit = inputs
     ctx.rotate = rotate
     ctx.loss = loss
     ctx.save_for_backward(x, codebooks, weights, codes if codes is not None else output[1])
@@ -135,15 +141,14 @@ def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
     if g_commit is not None:
         g_commit = g_commit.float().contiguous()
     if not (need_dx or need_dcb):
-        return None, None, None, None, None, None, None, None, None
+        return (None,) * 10
     if not need_dcb and g_commit is None and not ctx.rotate:  # straight through: the gradient as it is
-        return g_q, None, None, None, None, None, None, None, None
+        return (g_q,) + (None,) * 9
     dx, dcb = _residual_quantize_bwd_op(
         x, codebooks, codes, weights, g_q if need_dx else None, g_commit if need_dx else None,
         g_embed.float().contiguous() if need_dcb else None, ctx.rotate, need_dx,
     )
-    return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None,
-            None, None, None, None, None, None, None)
+    return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None) + (None,) * 8
 
 
 _residual_quantize_op.register_autograd(_backward, setup_context=_setup_context)
@@ -230,7 +235,10 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     Numbers: a code with a NaN or infinite element is never chosen while the level has a finite
     one; a score that is NaN (a NaN residual) or overflows compares as ``+inf``, and a row whose
     scores all do gets the level's first finite code (index 0 when none is finite). The score
-    ``|c|^2 - 2 r.c`` is float32: codes with ``|c| >= ~1.8e19`` overflow it.
+    ``|c|^2 - 2 r.c`` is float32; where it would overflow (a row beyond 2^48, or no finite
+    score) or underflow (a row below 2^-48 with a code within ~2^-45 of it, e.g. residuals and
+    codes ~1e-30) the row is searched again on operands scaled by 2^-96 or 2^96 (exact), so such
+    rows get their nearest code as rows of ordinary size do.
 
     Precision: float32 codebooks are searched in exact float32 (IEEE dot). For bfloat16/float16
     codebooks the Triton kernel rounds the residual to the codebook dtype for the ``r.c`` dot
@@ -329,15 +337,18 @@ def residual_quantize_step(
             fused into the backward for ``D <= 1024``).
         statistics: also return, per level, the EMA statistics of the vectors that level
             quantized (``r_l``): ``counts (L, K)`` and ``sums (L, K, D)`` float32 of the rows of
-            nonzero, finite weight whose ``r_l`` is finite (weighted), and ``skipped (L,)`` int32,
-            the rows of nonzero weight left out as not finite. On a GPU they accumulate with
+            nonzero, finite weight whose ``r_l`` is finite in the dtype of ``codebooks`` (the
+            codebooks these statistics train: a float16 codebook cannot hold a row beyond 65504,
+            even when ``x`` is bfloat16 or float32 and the search runs in float32), weighted, and
+            ``skipped (L,)`` int32, the rows of nonzero weight left out as not finite. On a GPU they accumulate with
             float32 atomics (not bitwise reproducible from run to run).
         candidate_rows: optional ``(S,)`` int64 distinct row indices in ``[0, N)`` (into the
             ``N`` flattened rows of ``x``; checked as ``codes`` are, on the ``S`` indices): also return, at every level, the midpoint ``(r_l + c_l) / 2`` between
             each such row's residual and the code it chose (rounded once, with no intermediate
             overflow: ``r_l = -3e38, c_l = 3e38`` gives 0), ``candidates (L, S, D)`` float32, and
-            ``candidates_ok (L, S)`` bool (finite residual and code, nonzero weight: a candidate
-            flagged ok is finite): dead-code replacements that split a used code's cell.
+            ``candidates_ok (L, S)`` bool (residual finite in the dtype of ``codebooks``, finite
+            code, nonzero weight: a candidate flagged ok is finite in that dtype): dead-code
+            replacements that split a used code's cell.
 
     Returns:
         :class:`ResidualQuantizeStep`: ``quantized (..., D)`` (dtype of ``x``), ``codes (..., L)``
@@ -393,7 +404,7 @@ def residual_quantize_step(
     dtype = torch.promote_types(x.dtype, codebooks.dtype)
     out = _residual_quantize_op(
         x.reshape(N, D).to(dtype), codebooks.to(dtype), weights, codes, slots, num_slots,
-        True, statistics, grad == "rotation" and D <= MAX_ROTATE_D,
+        True, statistics, grad == "rotation" and D <= MAX_ROTATE_D, finite_limit(codebooks.dtype),
     )
     quantized = out[0]
     if grad == "rotation" and D > MAX_ROTATE_D:

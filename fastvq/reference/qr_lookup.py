@@ -4,6 +4,13 @@
 composed with row ``h % R`` of ``r_weight`` by ``op`` ("add", "mult" or "concat"), in float32,
 stored in the tables' dtype. Bag form: every item is composed first, then the bag is pooled.
 
+Sums and products of more than two table values (bag pooling, per-sample weights, 1 / len, the
+gradients) are formed in float64 (:data:`EXACT`): every product of three float32 values and every
+sum of them is then in range (float64 spans 2^-1074 .. 2^1024, three float32 factors at most
+2^-447 .. 2^384), so a result representable in the tables' dtype comes out right, one that
+overflows is +-inf and NaN appears only where exact arithmetic gives NaN. The kernels reach the
+same numbers with a float32 fast path and a float64 redo of the few bags and rows that need it.
+
 :func:`qr_lookup_ref` is built from differentiable torch ops (it is the autograd oracle of the
 tests); :func:`qr_lookup_bwd_ref` is the explicit backward the op runs under the reference
 backend.
@@ -17,6 +24,7 @@ from ._chunks import row_chunk
 
 OPS = ("add", "mult", "concat")
 MODES = ("sum", "mean")
+EXACT = torch.float64  # where bags are pooled and gradients summed (see the module docstring)
 
 
 def qr_indices(ids: torch.Tensor, Q: int, R: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,11 +48,11 @@ def bag_layout(offsets: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch
 
 
 def item_scale(bag_of, lengths, mode: str, per_sample_weights) -> torch.Tensor | None:
-    """float32 factor of each item in its bag's pooled sum (None: all ones)."""
+    """Factor of each item in its bag's pooled sum, float64 (None: all ones)."""
     if per_sample_weights is not None:
-        return per_sample_weights.reshape(-1).float()
+        return per_sample_weights.reshape(-1).to(EXACT)
     if mode == "mean" and bag_of is not None:
-        return 1.0 / lengths.clamp_min(1).float()[bag_of]
+        return 1.0 / lengths.clamp_min(1).to(EXACT)[bag_of]
     return None
 
 
@@ -87,26 +95,15 @@ def qr_lookup_ref(
         out = torch.cat(parts) if parts else q_weight.new_zeros((0, dim))
         return out.reshape(*ids.shape, dim)
 
-    pooled = torch.zeros((offsets.shape[0], dim), dtype=math, device=q_weight.device)
+    pooled = torch.zeros((offsets.shape[0], dim), dtype=EXACT, device=q_weight.device)
     if offsets.numel() == 0:  # no bags: no item is pooled anywhere
         return pooled.to(q_weight.dtype)
     bag_of, lengths = bag_layout(offsets, N)
     scale = item_scale(bag_of, lengths, mode, per_sample_weights)
-    mean_only = mode == "mean" and per_sample_weights is None
-    for s in range(0, N, step):
-        qv, rv = q_weight[qi[s : s + step]].to(math), r_weight[ri[s : s + step]].to(math)
-        if mean_only:  # scaled inside the composition, as the kernel: q + r or q * r may overflow
-            sc = scale[s : s + step].to(math)[:, None]  # where their mean over the bag does not
-            if op == "add":
-                c = (qv * 0.5 + rv * 0.5) * (2.0 * sc)
-            elif op == "mult":
-                c = qv * (rv * sc)
-            else:
-                c = _compose(op, qv, rv) * sc
-        else:
-            c = _compose(op, qv, rv)
-            if scale is not None:
-                c = c * scale[s : s + step].to(math)[:, None]
+    for s in range(0, N, step):  # float64: no item, weight or partial sum over- or underflows
+        c = _compose(op, q_weight[qi[s : s + step]].to(EXACT), r_weight[ri[s : s + step]].to(EXACT))
+        if scale is not None:
+            c = c * scale[s : s + step].to(EXACT)[:, None]
         pooled = pooled.index_add(0, bag_of[s : s + step], c)
     return pooled.to(q_weight.dtype)
 
@@ -129,15 +126,16 @@ def qr_lookup_bwd_ref(
 
     ``grad`` is ``(N, dim)`` (plain, ``ids`` flattened) or ``(B, dim)`` (bags). Dense: each
     table's gradient in its shape and dtype, ``*_rows`` None. ``sparse=True``: ``*_rows`` are
-    the touched rows (sorted, int64) and ``*_grad`` their gradients. float32 accumulation by
-    ``index_add_`` (sequential, so deterministic, on the CPU).
+    the touched rows (sorted, int64) and ``*_grad`` their gradients. Each item's term is formed
+    and summed in float64 (:data:`EXACT`) by ``index_add_`` (sequential, so deterministic, on the
+    CPU), rounded once to the tables' dtype.
     """
     Q, R = q_weight.shape[0], r_weight.shape[0]
     dq = q_weight.shape[1]
     flat = ids.reshape(-1)
     N = flat.numel()
     need_q, need_r, need_w = needs
-    math = torch.float64 if q_weight.dtype == torch.float64 else torch.float32
+    math = EXACT  # g * w * q: three factors, and sums of them
     gq = torch.zeros(q_weight.shape, dtype=math, device=q_weight.device)
     gr = torch.zeros(r_weight.shape, dtype=math, device=r_weight.device)
     gw = None if per_sample_weights is None else torch.zeros(N, dtype=math, device=q_weight.device)
@@ -157,7 +155,7 @@ def qr_lookup_bwd_ref(
         if gw is not None:  # d out[bag] / d w_i = the composed item i
             gw[rows] = (_compose(op, q_weight[qi[rows]].to(math), r_weight[ri[rows]].to(math)) * g).sum(-1)
         if scale is not None:
-            g = g * scale[rows].to(math)[:, None]
+            g = g * scale[rows][:, None]
         if op == "add":
             g_q, g_r = g, g
         elif op == "mult":

@@ -11,13 +11,15 @@ from .rotation_trick import rotation_trick_bwd_ref
 
 BIG = 2.0**48  # rows beyond this, or with no finite score, are searched again scaled by 2^-96
 RESCALE = 2.0**-96
+TINY = 2.0**-48  # rows below this whose best score is below TINY_SCORE: again, scaled by 2^96
+TINY_SCORE = 2.0**-90
 
 
 def _argmin_finite(score: torch.Tensor, finite: torch.Tensor):
     key = torch.where(finite & (score == score), score, torch.full_like(score, float("inf")))
     idx = key.argmin(-1)
-    lost = key.gather(1, idx[:, None]).squeeze(1) == float("inf")
-    return idx, lost
+    best = key.gather(1, idx[:, None]).squeeze(1)
+    return idx, best == float("inf"), best
 
 
 def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.Tensor, first: torch.Tensor,
@@ -25,16 +27,24 @@ def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.
     """Nearest code of each row of ``r (n, D)`` float32 in ``cb (K, D)``: ``argmin |c|^2 - 2 r.c``
     over the finite codes, NaN scores as +inf, exact ties to the smallest index. A finite row
     beyond 2^48, or whose scores are all +inf, is searched again with ``r`` and ``cb`` scaled by
-    2^-96 (exact: |c|^2 and 2 r.c of codes near it then neither overflow nor cancel; float16
-    codebooks never); rows still without a finite score take ``first``, the first finite code
-    (0 when there is none). ``rescue``: False for a float16 codebook."""
-    idx, lost = _argmin_finite(cc - 2.0 * (r @ cb.T), finite)
+    2^-96 (exact: |c|^2 and 2 r.c of codes near it then neither overflow nor cancel); a finite
+    row below 2^-48 whose best score is below 2^-90 (codes so near that |c|^2 and r.c underflow)
+    again scaled by 2^96, among the codes that stay finite there (it keeps its first choice when
+    none has a finite score); float16 codebooks never need either. Rows still without a finite
+    score take ``first``, the first finite code (0 when there is none). ``rescue``: False for a
+    float16 codebook."""
+    idx, lost, best = _argmin_finite(cc - 2.0 * (r @ cb.T), finite)
     if rescue:
         r_fin = r.isfinite().all(-1)
-        redo = r_fin & ((r.abs().amax(-1) > BIG) | lost)
+        r_max = r.abs().amax(-1)
+        redo = r_fin & ((r_max > BIG) | lost)
+        tiny = r_fin & ~redo & (r_max < TINY) & (best < TINY_SCORE)
         rs, cs = r * RESCALE, cb * RESCALE
-        idx1, lost1 = _argmin_finite((cs * cs).sum(-1) - 2.0 * (rs @ cs.T), finite)
+        idx1, lost1, _ = _argmin_finite((cs * cs).sum(-1) - 2.0 * (rs @ cs.T), finite)
         idx, lost = torch.where(redo, idx1, idx), torch.where(redo, lost1, lost)
+        rs, cs = r / RESCALE, cb / RESCALE  # (codes that overflow here are far from a tiny row)
+        idx2, lost2, _ = _argmin_finite((cs * cs).sum(-1) - 2.0 * (rs @ cs.T), finite & cs.isfinite().all(-1))
+        idx = torch.where(tiny & ~lost2, idx2, idx)
     return torch.where(lost, first, idx)
 
 
@@ -49,6 +59,7 @@ def residual_quantize_full_ref(
     stats: bool = False,
     slots: torch.Tensor | None = None,
     num_slots: int = 0,
+    stat_limit: float = float("inf"),
 ) -> dict:
     """Reference of the launcher ``fastvq.kernels.residual_quantize.residual_quantize_fwd``:
     ``x (N, D)``, ``codebooks (L, K, D)`` -> a dict with ``quantized (N, D)`` (dtype of ``x``) and
@@ -92,7 +103,8 @@ def residual_quantize_full_ref(
         for lvl in range(L):
             idx = _nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl], codebooks.dtype != torch.float16) if search else out_codes[s : s + step, lvl]
             c = cb[lvl].index_select(0, idx)
-            use = usable & r.isfinite().all(-1)
+            # (below stat_limit: finite, in the dtype of the codebooks being trained; NaN: not below)
+            use = usable & (r.abs().amax(-1) < stat_limit)
             if stats:
                 counts[lvl].index_add_(0, idx, torch.where(use, w, 0.0).double())
                 sums[lvl].index_add_(0, idx, torch.where(use[:, None], w[:, None] * r, 0.0).double())

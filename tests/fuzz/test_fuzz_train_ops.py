@@ -329,8 +329,9 @@ def _kl_inputs(ps, ts, collinear, device):
 
 
 @O.on_host
-def _kl64(p64, t64, T):
-    """loss, grad of the loss in pred, bounds, and whether every logit is representable in fp32."""
+def _kl64(p64, t64, T, dtype=torch.float32):
+    """loss, grad of the loss in pred, bounds, and whether every logit is representable in fp32.
+    ``dtype``: pred's; a 16-bit pred adds the rounding of ``G + G^T`` to it (see gbound)."""
     B, Dp = p64.shape
     Dt = t64.shape[1]
     S = (p64[:, None, :] * p64[None, :, :]).sum(-1) / T
@@ -364,6 +365,15 @@ def _kl64(p64, t64, T):
         + abs_slack(B * B)
     dG = torch.where(eye, 0.0, dp + dq)
     gbound = ((dG + dG.T + gamma(B) * H.abs()) @ p64.abs()) / (B * T) + abs_slack(B)
+    if dtype in (torch.float16, torch.bfloat16):
+        # The gradient's sum_j h_ij pred_j (h = G + G^T as computed, |h| <= |H| + dG + dG^T) is a
+        # 16-bit tensor-core dot on the Triton backend (README, "Precision"): pred is exact in its
+        # dtype, h is rounded to it, relative UNIT[dtype] per entry while the scaled h is normal
+        # (fp16: h * 2^14 down to 2^-28; bf16: h * 2^-e has fp32's range), absolutely half a
+        # subnormal spacing below (fp16: 2^-25 / 2^14 in h's units), then accumulated in fp32.
+        hmag = H.abs() + dG + dG.T
+        sub = 2.0**-39 if dtype == torch.float16 else 2.0**-100
+        gbound = gbound + ((UNIT[dtype] * hmag + sub * (~eye)) @ p64.abs()) / (B * T)
     ok = bool((Sf.amax() if B else 0) < F32_MAX / 4 and (Tf.amax() if B else 0) < F32_MAX / 4)
     return loss, grad, float(lbound), gbound, ok
 
@@ -378,7 +388,7 @@ def _check_kl(op, p, t, T, loss, grad):
             O.fail(op, f"B = {B}: loss {float(loss)!r} and gradient must be 0")
         return
     p64, t64 = p.double(), t.double()
-    want, gwant, lbound, gbound, representable = _kl64(p64, t64, T)
+    want, gwant, lbound, gbound, representable = _kl64(p64, t64, T, p.dtype)
     fin = bool(p64.isfinite().all() and t64.isfinite().all())
     if not fin:  # NaN in exact arithmetic (a non-finite embedding): NaN out
         if not math.isnan(float(loss)) and math.isnan(float(want)):

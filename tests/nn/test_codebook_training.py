@@ -256,6 +256,72 @@ def test_revival_never_makes_the_ema_state_non_finite(backend, device, module):
     assert int(mod.codes_revived) > 0
 
 
+LOW_CONFIGS = {  # (module, whether its update is deterministic: no k-means or revival draws)
+    "vq-kmeans": (lambda: VectorQuantizer(6, 3, kmeans_init=True, kmeans_iters=2), False),
+    "vq-revive": (lambda: VectorQuantizer(6, 3, dead_code_threshold=2.5), False),
+    "vq-ema": (lambda: VectorQuantizer(6, 3, ema=True, decay=0.5), True),
+    "vq-ema-kmeans-revive": (lambda: VectorQuantizer(6, 3, ema=True, kmeans_init=True, kmeans_iters=0,
+                                                     dead_code_threshold=1.0), False),
+    "rq-kmeans-revive": (lambda: ResidualQuantizer(2, 6, 3, kmeans_init=True, kmeans_iters=2,
+                                                   dead_code_threshold=2.5), False),
+    "rq-ema": (lambda: ResidualQuantizer(2, 6, 3, ema=True, decay=0.5), True),
+    "rq-ema-kmeans": (lambda: ResidualQuantizer(3, 6, 3, ema=True, decay=0.5, kmeans_init=True), False),
+}
+
+
+@pytest.mark.parametrize("config", list(LOW_CONFIGS))
+def test_rows_a_float16_codebook_cannot_hold_are_left_out(backend, device, config):
+    # fuzz (issue 9 item 2, scale 8): a float16 module fed bfloat16 rows of ~1e10 (finite, beyond
+    # float16's 65504): k-means init copied a centroid of them into the codebook (inf), a revived
+    # code took one (inf), and with EMA they entered the statistics. Rows the codebook's dtype
+    # cannot hold are now left out of all three and counted in nonfinite_rows, like NaN rows.
+    make, deterministic = LOW_CONFIGS[config]
+    torch.manual_seed(0)
+    m = make().to(device=device, dtype=torch.float16).train()
+    clean_m = make().to(device=device, dtype=torch.float16).train() if deterministic else None
+    if clean_m is not None:
+        clean_m.load_state_dict(m.state_dict())
+    big = 0
+    for step in range(3):
+        x = randn(12, 3, seed=200 + step, device=device)
+        far = torch.arange(12, device=device) % 3 == step % 3  # 4 rows of 12, the first batch included
+        x = torch.where(far[:, None], x * 1e10, x).to(torch.bfloat16)
+        big += 4 if step == 0 or m._codebook_needs_vectors else 0  # (k-means alone reads only its batch)
+        m(x)
+        cb = m.embeddings.weight if isinstance(m, VectorQuantizer) else m.codebooks
+        assert cb.dtype == torch.float16 and torch.isfinite(cb).all(), step
+        for name in ("cluster_size", "embed_avg", "code_usage"):
+            buf = getattr(m, name)
+            if buf is not None:
+                assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), (step, name)
+        assert int(m.nonfinite_rows) == big, step  # (every level leaves them out: counted once)
+        if clean_m is not None:  # the update is the one the rows it can hold give
+            clean_m(x[~far])
+            for key, value in clean_m.state_dict().items():
+                assert torch.equal(m.state_dict()[key], value), (step, key)
+
+
+@pytest.mark.parametrize("module", ["vq-cosine", "vq-l2", "rq"])
+@pytest.mark.parametrize("iters", [0, 2])
+def test_kmeans_init_near_the_float32_maximum(backend, device, module, iters):
+    # fuzz (scale 8): k-means init set embed_avg = centroid * count, which overflowed for a
+    # centroid of -3.39e38 chosen by two rows (embed_avg -inf); with iterations, float32 sums of
+    # rows near the maximum overflowed and the centroid became inf. Now a centroid whose mean is
+    # not finite stays where it is, and the count is lowered where centroid * count would overflow.
+    torch.manual_seed(0)
+    kw = dict(ema=True, decay=0.5, dead_code_threshold=2.5, kmeans_init=True, kmeans_iters=iters)
+    mod = {"vq-cosine": lambda: VectorQuantizer(33, 1, metric="cosine", **kw),
+           "vq-l2": lambda: VectorQuantizer(33, 1, **kw),
+           "rq": lambda: ResidualQuantizer(2, 33, 1, **kw)}[module]().to(device)
+    x = torch.tensor([[0.0], [-1.5138816e7], [-3.3895e38], [-3.3895e38], [3.3e38], [3.3e38], [1.0]], device=device)
+    for step in range(2):
+        mod(x)
+        cb = mod.embeddings.weight if module != "rq" else mod.codebooks
+        assert torch.isfinite(cb).all(), step
+        assert torch.isfinite(mod.cluster_size).all() and torch.isfinite(mod.embed_avg).all(), step
+    assert bool(mod.initted) and int(mod.nonfinite_rows) == 0
+
+
 # ------------------------------------------------------------------ dtypes
 
 

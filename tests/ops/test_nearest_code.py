@@ -290,20 +290,22 @@ def test_prune_configs_fit_the_target():
     import triton
 
     from fastvq.kernels import _common
-    from fastvq.kernels.nearest_code import CONFIGS_16BIT, CONFIGS_FP32, _estimate, _prune_configs
+    from fastvq.kernels.nearest_code import CONFIGS_16BIT, CONFIGS_16BIT_SAMPLE, CONFIGS_FP32, _estimate, _prune_configs
 
     def key(c):
         return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bn, bk, w, s in dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)]
+               for bn, bk, w, s in dict.fromkeys(CONFIGS_16BIT_SAMPLE + CONFIGS_FP32)]
     x32, x16 = torch.empty(1, 256), torch.empty(1, 256, dtype=torch.bfloat16)
     for target in _common.TARGETS:
         with _common.compile_target(target) as tgt:
-            for x, own in ((x32, CONFIGS_FP32), (x16, CONFIGS_16BIT)):
+            for x in (x32, x16):
                 for kw in (dict(BLOCK_D=256, ONE_D_BLOCK=True), dict(BLOCK_D=64, ONE_D_BLOCK=True),
                            dict(BLOCK_D=256, ONE_D_BLOCK=True, HAS_LOWER_BOUND=True),
-                           dict(BLOCK_D=64, ONE_D_BLOCK=True, SAMPLE=True), dict(BLOCK_D=64, ONE_D_BLOCK=False)):
+                           dict(BLOCK_D=64, ONE_D_BLOCK=True, SAMPLE=True),
+                           dict(BLOCK_D=256, ONE_D_BLOCK=True, SAMPLE=True), dict(BLOCK_D=64, ONE_D_BLOCK=False)):
+                    own = CONFIGS_FP32 if x is x32 else CONFIGS_16BIT_SAMPLE if kw.get("SAMPLE") else CONFIGS_16BIT
                     kept = _prune_configs(configs, {"p_x": x}, **kw)
                     # the input's own list, and of it exactly what the estimate says fits the target
                     assert kept and {key(c) for c in kept} <= set(own), (target, kw)
@@ -317,6 +319,10 @@ def test_prune_configs_fit_the_target():
             # units of issue 9 it needs ~230 registers, so on sm_90 only its 8-warp form fits
             # (one block per SM by registers: the two-blocks-per-SM overlap is lost there)
             assert (64, 64, 8, 2) in map(key, kept)
+            # bf16 sampling at D = 256: no 64-row tile fits (64 x 32 at 8 warps spilled at 255
+            # registers with triton 3.6); sampling's own 32-row tile does
+            kept = _prune_configs(configs, {"p_x": x16}, BLOCK_D=256, ONE_D_BLOCK=True, SAMPLE=True)
+            assert [key(c) for c in kept] == [(32, 32, 8, 2)], (target, [key(c) for c in kept])
     # sm_90 shared memory as compiled: the x tile plus num_stages codebook tiles (wgmma)
     with _common.compile_target("sm_90"):
         est = _estimate(triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3), {"p_x": x16},

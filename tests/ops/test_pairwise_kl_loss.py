@@ -256,7 +256,10 @@ def test_reference_is_chunked_and_exact():
     assert_close(loss, exact, torch.float32, reduce_len=50 * 6 / 0.3)
     assert_close(grad, exact_grad, torch.float32, reduce_len=50 / 0.3)
     s = (pred.double() @ pred.double().T / 0.3).fill_diagonal_(float("-inf"))
-    assert_close(lse_p, s.logsumexp(1), torch.float32, reduce_len=50)
+    assert lse_p.shape == (3, 50)  # (row max, log of the sum, max |pred_i|)
+    assert torch.equal(lse_p[2], pred.abs().amax(1))
+    assert_close(lse_p[0], s.amax(1), torch.float32, reduce_len=6)
+    assert_close(lse_p[0] + lse_p[1], s.logsumexp(1), torch.float32, reduce_len=50)
 
 
 @pytest.mark.parametrize(
@@ -377,3 +380,107 @@ def test_gradient_finite_where_pred_g_product_overflows(backend, device, dtype):
     assert torch.isfinite(grad).all(), grad
     assert float(exact[1, 0]) < -1e37
     ft.assert_grad_nondegenerate(grad, exact, dtype=dtype, reduce_len=3)
+
+
+# --------------------------------------------------------------------------- issue 9: scaling and overflow
+
+
+def _exact_with_grad(pred, target, temperature):
+    """float64 loss and gradient in pred (the diagonal excluded exactly), on the host."""
+    p64 = pred.detach().cpu().double().requires_grad_()
+    loss = exact_loss64(p64, target.detach().cpu().double(), temperature)
+    (grad,) = torch.autograd.grad(loss, p64)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gram_that_overflows_before_the_temperature_divides(backend, device, dtype):
+    # Fuzz find: at T = 1000 a target row holding -3e38 has dot products ~1e39 with the others,
+    # beyond float32, though every logit (the dot / 1000) is ~1e36 and representable. The old
+    # kernels formed the dot first: a NaN gradient (Triton) or +inf loss (both). Rows are now
+    # scaled by their own power of two before the dot product, the scale restored on the logit.
+    target = randn(5, 6, seed=21)
+    target[3, 2] = -3.0e38
+    pred = F.normalize(randn(5, 4, seed=22, dtype=torch.float64), dim=1)
+    pred, target = pred.to(device, dtype), target.to(device, dtype)
+    T = 1000.0
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0, device=device))
+    exact, exact_grad = _exact_with_grad(pred, target, T)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
+    torch.testing.assert_close(loss.double().cpu(), exact, rtol=1e-4, atol=1e-6)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(grad.double().cpu(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("norm2", [1.9e37, 1.5e38], ids=["loss2e37", "loss1.5e38"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_representable_loss_is_finite(backend, device, dtype, norm2):
+    # Rows +-v with |v|^2 = 1.5e38 (T = 1): same-sign pairs have logit 1.5e38, opposite-sign pairs
+    # -1.5e38, so s - max(s) = -3e38 (representable), and with the target's nearly uniform
+    # softmax every row's KL is ~1.5e38: the loss is ~1.5e38, finite. The old kernel formed
+    # s - max(s) at full scale and summed sum_j q_ij (...) before normalising (both overflow),
+    # and both backends summed the rows' KL before dividing by B (6e39): +inf. At |v|^2 = 1.9e37
+    # (the README's ~1.9e37 loss) only the sums overflowed (8e38).
+    B = 40
+    signs = torch.where(torch.arange(B) % 2 == 0, 1.0, -1.0).double()
+    v = F.normalize(randn(3, dtype=torch.float64, seed=23), dim=0) * norm2**0.5
+    pred = (signs[:, None] * v[None, :]).to(device, dtype)
+    target = (0.1 * F.normalize(randn(B, 5, dtype=torch.float64, seed=24), dim=1)).to(device, dtype)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 1.0, torch.tensor(1.0, device=device))
+    exact, exact_grad = _exact_with_grad(pred, target, 1.0)
+    assert 0.9 * norm2 < exact < 1.1 * norm2
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
+    torch.testing.assert_close(loss.double().cpu(), exact, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=0.0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(grad.double().cpu(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
+
+
+def test_logit_overflowing_to_minus_inf_with_zero_weight(backend, device):
+    # P1 (adversarial probe): pred_0 . pred_1 = -1e40 overflows float32 to -inf, but its target
+    # weight is exp(-1e32) = 0 and the other pairs agree exactly: the exact loss and gradient are
+    # 0. The old Triton kernel formed 0 * inf = NaN for that pair and returned +inf (with a zero
+    # gradient); the reference returned 0.
+    t = torch.tensor([[1e16, 0.0], [-1e16, 0.0], [0.0, 1e16]], device=device)
+    for pred, target in ((t * 1e4, t), (t, t * 1e4)):
+        loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 1.0, torch.tensor(1.0, device=device))
+        assert loss.item() == 0.0, loss
+        assert torch.equal(grad, torch.zeros_like(grad)), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=str)
+def test_single_row_is_zero_even_when_not_finite(backend, device, dtype, bad):
+    # B = 1: no row has another to compare with, so no logit is ever formed from the inputs and
+    # the loss is the empty mean, 0 (the documented B <= 1 answer), whatever the values. The op
+    # used to turn it NaN for a NaN/inf entry, unlike the same row's finite case.
+    pred = randn(1, 4, dtype=dtype, device=device)
+    target = randn(1, 3, dtype=dtype, device=device)
+    for p, t in ((pred.clone().fill_(bad), target), (pred, target.clone().fill_(bad))):
+        p = p.requires_grad_()
+        loss = fastvq.pairwise_kl_loss(p, t, 0.1)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(p.grad, torch.zeros_like(p)), (loss, p.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_backward_within_the_rounding_of_h(backend, device, dtype):
+    # The fuzz find (fp16, T = 0.05, B = 40, rows of 1e-6 .. 1e2): the gradient element
+    # sum_j h_ij pred_j / (B T) (h = G + G^T) cancels, so an error of ~1% of it is still within
+    # the arithmetic: the Triton backward rounds h to the input dtype for its 16-bit tensor-core
+    # dot (pred is exact), relative unit roundoff u per entry, accumulated in float32. Bound:
+    # u |H| @ |pred| / (B T) (twice, for the rounding of h as computed) plus the output's rounding.
+    B, T = 40, 0.05
+    mag = 10.0 ** (2 - 8 * torch.rand(B, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    pred = (randn(B, 16, dtype=torch.float64, seed=25) * mag).to(device, dtype)
+    target = (randn(B, 3, dtype=torch.float64, seed=26) * mag).to(device, dtype)
+    _, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0, device=device))
+    p64, t64 = pred.double().cpu(), target.double().cpu()
+    eye = torch.eye(B, dtype=torch.bool)
+    P = (p64 @ p64.T / T).masked_fill(eye, -math.inf).softmax(1)
+    Q = (t64 @ t64.T / T).masked_fill(eye, -math.inf).softmax(1)
+    H = (P - Q) + (P - Q).T
+    exact = H @ p64 / (B * T)
+    u = torch.finfo(dtype).eps / 2
+    bound = 2 * u * (H.abs() @ p64.abs()) / (B * T) + 2 * u * exact.abs() + 1e-30
+    err = (grad.double().cpu() - exact).abs()
+    assert (err <= bound).all(), f"worst error / bound {(err / bound).max():.3g}"

@@ -529,7 +529,7 @@ def test_nan_and_overflow_in_lookups(backend, device, op, dtype):
 
 @pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 def test_mean_bag_near_the_float32_limit_stays_finite(backend, device):
-    # the mean of items at 3e38 is 3e38: each item is scaled by 1/len before the sum
+    # the mean of items at 3e38 is 3e38: the float32 sum overflows, the bag is summed again in float64
     qw = torch.full((2, 3), 1.5e38, device=device)
     rw = torch.full((2, 3), 1.5e38, device=device)
     out = fastvq.qr_lookup(torch.tensor([0, 1, 2, 3], device=device), qw, rw, offsets=torch.tensor([0], device=device),
@@ -612,7 +612,7 @@ def test_large_gpu(dtype, op):
 @pytest.mark.parametrize("op", ["add", "mult", "concat"])
 def test_bag_mean_finite_where_the_mean_is_representable(backend, device, dtype, op):
     # F6: a bag mean composed q + r (or q * r) in float32 before taking 1 / len: -2.9e38 + -2.9e38
-    # = -inf, though the mean over the bag of 4 is -2.175e38. Now the composition is scaled.
+    # = -inf, though the mean over the bag of 4 is -2.175e38. Now such a bag is summed again in float64.
     q = torch.tensor([[-2.9e38, 1.0], [0.0, 1.0]], device=device, dtype=dtype)
     r = torch.tensor([[-2.9e38 if op != "mult" else 2.0, 1.0], [1.0, 1.0], [0.0, 2.0], [0.0, 3.0]],
                      device=device, dtype=dtype)
@@ -623,3 +623,111 @@ def test_bag_mean_finite_where_the_mean_is_representable(backend, device, dtype,
     exact = items.mean(0, keepdim=True)
     assert torch.isfinite(out).all(), out
     ft.assert_close(out, exact, dtype=dtype, reduce_len=4, magnitude=items.abs().mean(0, keepdim=True))
+
+
+# ----------------------------------------- bag sums and gradients in the exact range (issue 9)
+
+
+def _exact_qr(q, r, ids, op, offs, w, g):
+    """float64 ``(out, grad_q, grad_r, grad_w)`` of a bag-sum lookup and ``|.|`` versions of each
+    (the same computation on |inputs|: the sums of |terms| that size the rounding bound)."""
+
+    def run(q64, r64, w64, g64):
+        q64, r64 = q64.clone().requires_grad_(), r64.clone().requires_grad_()
+        w64 = None if w64 is None else w64.clone().requires_grad_()
+        out = qr_lookup_ref(ids, q64, r64, op, offsets=offs, per_sample_weights=w64)
+        out.backward(g64)
+        return out.detach(), q64.grad, r64.grad, None if w64 is None else w64.grad
+
+    to64 = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    exact = run(to64(q), to64(r), to64(w), to64(g))
+    mag = run(to64(q).abs(), to64(r).abs(), None if w is None else to64(w).abs(), to64(g).abs())
+    return exact, mag
+
+
+def _check_bag_contract(q, r, ids, op, offs, w, g, dtype, deterministic=True):
+    """Output and every gradient against float64 (fastvq.testing: NaN only where exact, +-inf where
+    the exact value overflows, else within the rounding bound of the sum of |terms|)."""
+    qq, rr = q.clone().requires_grad_(), r.clone().requires_grad_()
+    ww = None if w is None else w.clone().requires_grad_()
+    out = fastvq.qr_lookup(ids, qq, rr, op, offsets=offs, per_sample_weights=ww, deterministic=deterministic)
+    out.backward(g)
+    got = (out.detach(), qq.grad, rr.grad, None if ww is None else ww.grad)
+    (exact, mag), n = _exact_qr(q, r, ids.cpu(), op, None if offs is None else offs.cpu(), w, g), ids.numel() + 2
+    for name, a, e, m in zip(("out", "grad_q", "grad_r", "grad_w"), got, exact, mag):
+        if a is not None:
+            ft.assert_close(a.cpu(), e, dtype=dtype, reduce_len=max(n, q.shape[1] + 2), magnitude=m,
+                            name=f"qr_lookup {op} {name}")
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mult_weighted_bag_gradients_do_not_overflow(backend, device, dtype, deterministic):
+    # the gradient of r is g * w * q: formed as (g * w) * q it overflowed (w = the dtype's largest
+    # value) where the exact ~1e14 is representable (fuzz: grad_r inf, exact 1.02e14)
+    big = torch.finfo(dtype).max
+    q = torch.tensor([[1e-25, -2e-25], [3e-25, 1e-25]], dtype=dtype, device=device)
+    r = torch.tensor([[1e18, 2e18], [-1e18, 1e18]], dtype=dtype, device=device)
+    ids = torch.tensor([0, 1, 3, 2], device=device)  # (q, r) rows (0, 0), (0, 1), (1, 1), (1, 0)
+    offs = torch.tensor([0, 2], device=device)
+    w = torch.tensor([big, 0.5, -big, 2.0], dtype=dtype, device=device)
+    g = torch.tensor([[1.5, -1.0], [0.75, 2.0]], dtype=dtype, device=device)
+    _check_bag_contract(q, r, ids, "mult", offs, w, g, dtype, deterministic)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["sum", "weighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mult_bag_sum_of_overflowing_items(backend, device, dtype, weighted):
+    # items q * r of +-1e40 (beyond float32) summed in float32 gave inf - inf = NaN: an exact sum
+    # that overflows must be +-inf, and one that cancels (0 here) must come out finite
+    q = torch.tensor([[2e20, 1e20], [-1e20, -1e20]], dtype=dtype, device=device)
+    r = torch.tensor([[1e20, 1e20]], dtype=dtype, device=device)
+    ids = torch.tensor([0, 1], device=device)  # q rows 0, 1; r row 0
+    offs = torch.tensor([0], device=device)
+    w = torch.tensor([1.0, 2.0], dtype=dtype, device=device) if weighted else None
+    g = torch.tensor([[1e-30, 2e-30]], dtype=dtype, device=device)
+    _check_bag_contract(q, r, ids, "mult", offs, w, g, dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weighted_bag_sum_cancels_without_overflow(backend, device, dtype, op):
+    # Q1: weights +-3e38 on two equal items: the exact sum is 0, but (1 + 1) * 3e38 overflowed
+    # float32 and the bag summed inf - inf = NaN
+    q = torch.ones(1, 2, dtype=dtype, device=device)
+    r = torch.ones(1, 2, dtype=dtype, device=device)
+    ids = torch.tensor([0, 0], device=device)
+    offs = torch.tensor([0], device=device)
+    w = torch.tensor([3e38, -3e38], dtype=dtype, device=device)
+    out = fastvq.qr_lookup(ids, q, r, op, offsets=offs, per_sample_weights=w)
+    assert torch.equal(out.cpu(), torch.zeros_like(out.cpu())), out
+    _check_bag_contract(q, r, ids, op, offs, w, torch.ones_like(out), dtype)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mult_weighted_bag_keeps_products_below_the_normal_range(backend, device, dtype, deterministic):
+    # q * r = 1e-44 is a float32 subnormal (a few bits left); times w = 3e38 the lost bits show
+    # (up to ~10% wrong); likewise g * q = 1e-46 underflows to 0 before the gradient of r takes w
+    q = torch.tensor([[1e-26, 3e-26]], dtype=dtype, device=device)
+    r = torch.tensor([[1e-18, 2e-18]], dtype=dtype, device=device)
+    ids = torch.tensor([0, 0], device=device)
+    offs = torch.tensor([0, 1], device=device)
+    w = torch.tensor([3e38, 1e38], dtype=dtype, device=device)
+    g = torch.tensor([[1e-20, 3e-20], [2e-20, 1e-20]], dtype=dtype, device=device)
+    _check_bag_contract(q, r, ids, "mult", offs, w, g, dtype, deterministic)
+
+
+@pytest.mark.parametrize("offs", [None, [0, 1, 2]], ids=["plain", "bags"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_rows_whose_partial_sums_overflow(backend, device, dtype, op, offs):
+    # a table row's gradient 3e38 + 3e38 - 3e38 = 3e38 is representable; summed in float32 it
+    # was inf (sorted backward; the atomic one keeps float32 row sums, see the docstring)
+    q = torch.ones(1, 2, dtype=dtype, device=device)
+    r = torch.ones(1, 2, dtype=dtype, device=device)
+    ids = torch.tensor([0, 0, 0], device=device)
+    offsets = None if offs is None else torch.tensor(offs, device=device)
+    g = torch.tensor([[3e38, -1.0], [3e38, 1.0], [-3e38, 2.0]], dtype=dtype, device=device)
+    g = torch.cat([g, g], -1) if op == "concat" else g
+    _check_bag_contract(q, r, ids, op, offsets, None, g, dtype)

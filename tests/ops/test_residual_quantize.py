@@ -281,6 +281,36 @@ def test_exact_match_at_1e19_beats_an_overflowing_code(backend, device, dtype, D
     assert_greedy(x, cb, codes, backend == "triton")
 
 
+@pytest.mark.parametrize("D", [3, 300], ids=["D3", "D300-chunked"])
+def test_tiny_residuals_and_codes_are_rescaled(backend, device, D):
+    # README's open numeric defect (issue 9): residuals and codes ~1e-30 give |c|^2 ~ 1e-60 and
+    # r.c ~ 1e-60, both 0 in float32: every score tied at 0 and code 0 won (x = c_1 = 1e-30 chose
+    # c_0 = -1e-30). A row below 2^-48 whose best score is below 2^-90 is now searched again on
+    # operands scaled by 2^96 (codes that overflow there, 1e10 below, are far from it).
+    g = generator(11)
+    cb = torch.randn(2, 9, D, generator=g, dtype=torch.float64) * 1e-30
+    cb[1] *= 1e-3  # level 1 finer still: its codes ~1e-33, their squares ~1e-66
+    cb[0, 7] = 1.0  # an ordinary code
+    cb[0, 8, 0] = 1e10  # one that overflows float32 when scaled by 2^96
+    x = torch.randn(13, D, generator=g, dtype=torch.float64) * 1e-30
+    x[0] = 0.0  # the nearest code is the shortest
+    x[1] = 0.75  # an ordinary row in the same block: unchanged
+    x[2] = cb[0, 4] + cb[1, 6]  # exactly two codes
+    x[3] = -cb[0, 0]
+    cb, x = cb.float().to(device), x.float().to(device)
+    q, codes = fastvq.residual_quantize(x, cb)
+    assert codes[1, 0] == 7 and codes[2].tolist() == [4, 6]
+    assert_greedy(x, cb, codes, backend == "triton")
+    # the exact greedy choice: float64 scores |c|^2 - 2 r.c (no |r|^2: the 0.75 row's level-1
+    # distances differ by ~1e-33 of 0.19), no near-ties at these draws
+    r = x.double()
+    for lvl in range(2):
+        c64 = cb[lvl].double()
+        d = (c64 * c64).sum(-1)[None] - 2.0 * r @ c64.T
+        assert codes[:, lvl].tolist() == d.argmin(1).tolist(), lvl
+        r = r - cb[lvl].double()[codes[:, lvl]]
+
+
 # ------------------------------------------------------------------ the training step
 def _step_oracle(x, cb, codes, w, g, gc, ge, rotate):
     """float64 autograd of the seed's losses at the given codes: quantized (straight through or
@@ -627,3 +657,43 @@ def test_step_candidate_midpoint_does_not_overflow(backend, device, chunked):
     assert ok[0].all() and cand[0].isfinite().all()
     # level 1: the only code is infinite (rows 1-3 have finite residuals): no candidate is ok
     assert not ok[1].any()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+def test_step_statistics_leave_out_rows_the_codebook_dtype_cannot_hold(backend, device, chunked):
+    # fuzz (issue 9 item 2): bfloat16 rows of 1e10 quantized by a float16 codebook were searched
+    # in float32 (right) and entered the statistics that train that codebook (wrong: it cannot
+    # hold them; an EMA code of their mean is +inf in float16). Now they are left out of the
+    # statistics and the candidates and counted in `skipped`, like rows that are not finite.
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    if chunked and backend != "triton":
+        pytest.skip("the chunked kernel is a Triton kernel")
+    x = randn(7, 3, seed=5, device=device)
+    x[1] = 1e10  # beyond float16
+    x[3, 2] = 7e4  # one element beyond float16's rounding threshold (65520)
+    x[4, 0] = 65280.0  # within it (bf16 and fp16 both hold it)
+    x[5, 1] = float("nan")
+    x = x.to(torch.bfloat16)
+    cb = randn(2, 4, 3, seed=6, device=device).to(torch.float16)
+    rows = torch.arange(7, device=device)
+    if chunked:
+        from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+        slots = torch.arange(7, dtype=torch.int32, device=device)
+        out = residual_quantize_fwd(x.float(), cb.float(), stats=True, slots=slots, num_slots=7, max_register_d=1,
+                                    stat_limit=65520.0)
+        counts, sums, skipped, codes = out["counts"], out["sums"], out["skipped"], out["codes"]
+        ok = out["cand_ok"].bool()
+    else:
+        out = residual_quantize_step(x, cb, statistics=True, candidate_rows=rows)
+        counts, sums, skipped, codes, ok = out.counts, out.sums, out.skipped, out.codes, out.candidates_ok
+    held = torch.tensor([True, False, True, False, True, False, True], device=device)
+    assert skipped.tolist() == [3, 3]
+    assert ok.tolist() == [held.tolist()] * 2
+    # level 0: the statistics of the rows float16 can hold, exactly (few rows: float32 sums of them)
+    want_counts = torch.zeros(4, device=device).index_add_(0, codes[held, 0], torch.ones(4, device=device))
+    want_sums = torch.zeros(4, 3, dtype=torch.float64, device=device).index_add_(0, codes[held, 0],
+                                                                                 x[held].double())
+    assert torch.equal(counts[0], want_counts)
+    assert_close(sums[0], want_sums.float(), reduce_len=4)
