@@ -639,7 +639,7 @@ def _exact_qr(q, r, ids, op, offs, w, g):
         out.backward(g64)
         return out.detach(), q64.grad, r64.grad, None if w64 is None else w64.grad
 
-    to64 = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    to64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
     exact = run(to64(q), to64(r), to64(w), to64(g))
     mag = run(to64(q).abs(), to64(r).abs(), None if w is None else to64(w).abs(), to64(g).abs())
     return exact, mag
@@ -653,10 +653,10 @@ def _check_bag_contract(q, r, ids, op, offs, w, g, dtype, deterministic=True):
     out = fastvq.qr_lookup(ids, qq, rr, op, offsets=offs, per_sample_weights=ww, deterministic=deterministic)
     out.backward(g)
     got = (out.detach(), qq.grad, rr.grad, None if ww is None else ww.grad)
-    (exact, mag), n = _exact_qr(q, r, ids.cpu(), op, None if offs is None else offs.cpu(), w, g), ids.numel() + 2
+    (exact, mag), n = _exact_qr(q, r, ids, op, None if offs is None else offs, w, g), ids.numel() + 2
     for name, a, e, m in zip(("out", "grad_q", "grad_r", "grad_w"), got, exact, mag):
         if a is not None:
-            ft.assert_close(a.cpu(), e, dtype=dtype, reduce_len=max(n, q.shape[1] + 2), magnitude=m,
+            ft.assert_close(a, e, dtype=dtype, reduce_len=max(n, q.shape[1] + 2), magnitude=m,
                             name=f"qr_lookup {op} {name}")
 
 
@@ -700,7 +700,7 @@ def test_weighted_bag_sum_cancels_without_overflow(backend, device, dtype, op):
     offs = torch.tensor([0], device=device)
     w = torch.tensor([3e38, -3e38], dtype=dtype, device=device)
     out = fastvq.qr_lookup(ids, q, r, op, offsets=offs, per_sample_weights=w)
-    assert torch.equal(out.cpu(), torch.zeros_like(out.cpu())), out
+    assert torch.equal(out, torch.zeros_like(out)), out
     _check_bag_contract(q, r, ids, op, offs, w, torch.ones_like(out), dtype)
 
 
