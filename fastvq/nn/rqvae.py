@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops.semantic_ids import semantic_ids as _semantic_ids
 from .._checks import check_int_arg
-from ._codebook import _check_int
+from ._codebook import _check_float, _check_int
 from .residual_quantizer import ResidualQuantizer
 
 __all__ = ["RQVAE", "Encoder", "Decoder"]
@@ -89,9 +89,9 @@ class RQVAE(nn.Module):
         latent_dim = _check_int("latent_dim", owner, latent_dim, 1)
         self.input_dim = input_dim
         self.latent_dim = latent_dim
-        self.num_quantizers = num_quantizers
-        self.num_embeddings = num_embeddings
-        self.commitment_cost = commitment_cost
+        self.num_quantizers = num_quantizers = _check_int("num_quantizers", owner, num_quantizers, 1)
+        self.num_embeddings = num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
+        self.commitment_cost = commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
         self.encoder = Encoder(input_dim, hidden_dim, latent_dim)
         self.quantizer = ResidualQuantizer(num_quantizers, num_embeddings, latent_dim, commitment_cost, **quantizer_kwargs)
         self.decoder = Decoder(latent_dim, hidden_dim, input_dim)

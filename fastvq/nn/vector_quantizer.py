@@ -8,7 +8,7 @@ import torch.nn as nn
 from .._checks import FLOAT_DTYPES
 from ..ops.nearest_code import nearest_code
 from ..ops.residual_quantize import residual_quantize_step
-from ._codebook import METRICS, CodebookState, _check_float, _check_int, pick_candidate_rows
+from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
 
 
 class VectorQuantizer(CodebookState):
@@ -105,10 +105,9 @@ class VectorQuantizer(CodebookState):
         self.num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
         self.embedding_dim = _check_int("embedding_dim", owner, embedding_dim, 1)
         self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
-        if metric not in METRICS:
-            raise ValueError(f"fastvq.{owner}: unknown metric {metric!r}; expected one of {METRICS}")
-        self.metric = metric
-        self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
+        self.metric = _check_choice("metric", owner, metric, METRICS)
+        _check_sizes(owner, num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim)
+        self.embeddings = nn.Embedding(self.num_embeddings, self.embedding_dim)
         self._init_codebook_state(
             owner,
             ema=ema,
