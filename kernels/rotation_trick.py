@@ -56,13 +56,17 @@ def _g_scale(b_mg):
 
 
 @triton.jit
-def _scaled_sumsq(b_m, b_ss, b_x):
-    """Running ``(max |x|, sum (x / max)^2)`` per row, updated with a (BLOCK_N, BLOCK_D) tile."""
+def _scaled_sumsq(b_m, b_ss, b_n2, b_x):
+    """Running ``(max |x|, sum (x / max)^2, sum x^2 in float64)`` per row, updated with a
+    (BLOCK_N, BLOCK_D) tile. The float64 sum decides the ``EPS_N`` test: a float32 value's
+    square is exact in float64 and never overflows or underflows there, so this kernel and the
+    float64 reference take the same branch (not only to within a float32 rounding)."""
     b_m_new = tl.maximum(b_m, tl.max(tl.abs(b_x), axis=1))
     b_inv = _inv_pos(b_m_new)
     b_r = b_m * b_inv
     b_x1 = b_x * b_inv[:, None]
-    return b_m_new, b_ss * b_r * b_r + tl.sum(b_x1 * b_x1, axis=1)
+    b_x64 = b_x.to(tl.float64)
+    return b_m_new, b_ss * b_r * b_r + tl.sum(b_x1 * b_x1, axis=1), b_n2 + tl.sum(b_x64 * b_x64, axis=1)
 
 
 @triton.jit
@@ -79,12 +83,15 @@ def _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,
 
 
 @triton.jit
-def _unit_scales(b_me, b_sse, b_mq, b_ssq, EPS_N):
-    """From the scaled norms: ``a1``, ``b1``, whether both norms reach ``EPS_N``, and the factors
-    that make ``e^ = e * ia`` and ``q^ = q * ib`` (1 / the scale where a norm is too small)."""
+def _unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N):
+    """From the scaled norms: ``a1``, ``b1``, whether both norms reach ``EPS_N`` (decided on the
+    float64 sums of squares ``|e|^2``, ``|q|^2``), and the factors that make ``e^ = e * ia`` and
+    ``q^ = q * ib`` (1 / the scale where a norm is too small)."""
     b_a1 = tl.sqrt(b_sse)
     b_b1 = tl.sqrt(b_ssq)
-    b_ok = (b_me * b_a1 >= EPS_N) & (b_mq * b_b1 >= EPS_N)
+    eps = tl.zeros_like(b_ne2) + EPS_N  # float64, exactly the float32 EPS_N
+    eps2 = eps * eps
+    b_ok = (b_ne2 >= eps2) & (b_nq2 >= eps2)
     b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * _inv_pos(b_me)
     b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * _inv_pos(b_mq)
     return b_a1, b_b1, b_ok, b_ia, b_ib
@@ -122,10 +129,11 @@ def _rotation_trick_bwd_kernel(
     if SINGLE:
         b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, 0, D, stride_en, stride_ed, stride_qn, stride_qd,
                                             stride_gn, stride_gd, BLOCK_D)
-        b_me, b_sse = _scaled_sumsq(zero, zero, b_e)
-        b_mq, b_ssq = _scaled_sumsq(zero, zero, b_q)
+        zero64 = zero.to(tl.float64)
+        b_me, b_sse, b_ne2 = _scaled_sumsq(zero, zero, zero64, b_e)
+        b_mq, b_ssq, b_nq2 = _scaled_sumsq(zero, zero, zero64, b_q)
         b_mg = tl.max(tl.abs(b_g), axis=1)
-        b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_mq, b_ssq, EPS_N)
+        b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N)
         b_eh = b_e * b_ia[:, None]
         b_qh = b_q * b_ib[:, None]
         b_s = b_eh + b_qh
@@ -142,13 +150,15 @@ def _rotation_trick_bwd_kernel(
     else:
         # sweep 1: scaled norms of e and q, max |g|
         b_me, b_sse, b_mq, b_ssq, b_mg = zero, zero, zero, zero, zero
+        b_ne2 = zero.to(tl.float64)
+        b_nq2 = zero.to(tl.float64)
         for d0 in range(0, D, BLOCK_D):
             b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,
                                                 stride_qd, stride_gn, stride_gd, BLOCK_D)
-            b_me, b_sse = _scaled_sumsq(b_me, b_sse, b_e)
-            b_mq, b_ssq = _scaled_sumsq(b_mq, b_ssq, b_q)
+            b_me, b_sse, b_ne2 = _scaled_sumsq(b_me, b_sse, b_ne2, b_e)
+            b_mq, b_ssq, b_nq2 = _scaled_sumsq(b_mq, b_ssq, b_nq2, b_q)
             b_mg = tl.maximum(b_mg, tl.max(tl.abs(b_g), axis=1))
-        b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_mq, b_ssq, EPS_N)
+        b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N)
         b_pg, b_ig = _g_scale(b_mg)
         # sweep 2: |s|^2, g1.s, g1.q^
         b_ss = zero

@@ -73,7 +73,8 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     ``q`` receives no gradient (feed the codebook through a commitment/codebook loss).
     Rows where the rotation is degenerate take the plain straight-through gradient ``g``:
     ``|e| < EPS_NORM`` or ``|q| < EPS_NORM`` (``EPS_NORM = float32(1e-6)``: the same number
-    on both backends), or
+    on both backends, tested on the sums of squares in float64, where every square is exact, so
+    a row within a float32 rounding of the threshold takes the same branch on both), or
     ``|e^ + q^| < EPS_ANTIPODAL`` (``1e-3``: ``e`` points within ~1e-3 rad of ``-q``).
 
     Numbers: every row is scaled by its largest entry before it is normalised, so the gradient

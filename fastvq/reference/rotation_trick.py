@@ -56,7 +56,10 @@ def rotation_trick_bwd_ref(e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor)
         me, mq, mg = (_safe_scale(x.abs().amax(-1, keepdim=True)) for x in (ec, qc, gc))
         e1, q1, g1 = ec / me, qc / mq, gc / mg
         a1, b1 = e1.norm(dim=-1, keepdim=True), q1.norm(dim=-1, keepdim=True)
-        ok = (me * a1 >= EPS_NORM) & (mq * b1 >= EPS_NORM)
+        # the EPS_NORM test on the unscaled sums of squares (exact squares in float64, as the kernel
+        # decides it), not on me * a1: rows within a rounding of the threshold take one branch on both
+        eps2 = EPS_NORM * EPS_NORM
+        ok = ((ec * ec).sum(-1, keepdim=True) >= eps2) & ((qc * qc).sum(-1, keepdim=True) >= eps2)
         one = torch.ones_like(a1)
         a1_, b1_ = torch.where(ok, a1, one), torch.where(ok, b1, one)
         eh, qh = e1 / a1_, q1 / b1_

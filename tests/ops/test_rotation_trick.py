@@ -155,6 +155,34 @@ def test_D1(backend):
     assert torch.equal(e.grad, torch.tensor([[2.0], [1.0], [1.0], [1.0]]))
 
 
+@pytest.mark.parametrize("block_d", [None, 4])  # 4: the looping kernel path at D = 7
+def test_rows_at_the_eps_norm_threshold_take_one_branch_on_both_backends(block_d):
+    # probe P12: |e| within a float32 rounding of EPS_NORM; the reference decided on a float64
+    # norm, the kernel on a float32 one, and the gradient jumped by |q| / |e| ~ 1e6 between them
+    from fastvq.kernels.rotation_trick import rotation_trick_bwd
+    from fastvq.reference.rotation_trick import rotation_trick_bwd_ref
+
+    e = torch.tensor([[-1.690011686150683e-07, 6.965975103412347e-07, 2.498397009276232e-07, -2.06052106932475e-07,
+                       -3.449629275564803e-07, -8.04601398840532e-08, -5.058061560703209e-07]])
+    q = torch.tensor([[-0.08967044949531555, 0.00542820431292057, 0.3412787616252899, -0.04770243540406227,
+                       0.6271626949310303, -0.9845940470695496, -1.1454302072525024]])
+    # and 400 directions scaled to within +-50 float32 steps of the threshold
+    d = randn(400, 7, seed=12)
+    d = d / d.double().norm(dim=1, keepdim=True).float()
+    steps = torch.arange(-50, 50, dtype=torch.float32).repeat(4)[:, None]
+    e = torch.cat([e, d * (EPS_NORM * (1 + steps * 2.0**-23))])
+    q = torch.cat([q, randn(400, 7, seed=13)])
+    g = torch.ones_like(e)
+    ref = rotation_trick_bwd_ref(e, q, g)
+    got = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL, block_d=block_d)
+    straight = torch.equal
+    below = e.double().norm(dim=1) < EPS_NORM
+    assert straight(ref[0], g[0]) and straight(got[0], g[0]), (ref[0], got[0])
+    assert below.any() and (~below).any()
+    for i in range(e.shape[0]):  # the same branch: straight through exactly where |e| < EPS_NORM
+        assert straight(ref[i], g[i]) == straight(got[i], g[i]) == bool(below[i]), (i, ref[i], got[i])
+
+
 def test_looping_kernel_path_matches():
     # rows wider than the D tile take the three-sweep path of the kernel
     from fastvq.kernels.rotation_trick import rotation_trick_bwd
