@@ -265,13 +265,12 @@ def _check_choice(name: str, owner: str, value, choices: tuple) -> str:
     return value
 
 
-def _check_sizes(owner: str, **sizes: int) -> None:
-    """``ValueError`` naming the sizes when a float32 tensor of their product elements would
-    overflow torch's int64 byte count."""
-    total = math.prod(sizes.values())
-    if total * 4 > 2**63 - 1:
-        listed = " * ".join(f"{k}={v}" for k, v in sizes.items())
-        raise ValueError(f"fastvq.{owner}: {listed} elements are too many for one tensor")
+def _check_sizes(owner: str, args: str, *shape: int) -> None:
+    """``ValueError`` naming ``args`` (the arguments that set ``shape``) when a float32 tensor
+    of ``shape`` would overflow torch's int64 byte count (``VectorQuantizer(2**62, 3)``)."""
+    if math.prod(shape) * 4 > 2**63 - 1:
+        dims = " x ".join(map(str, shape))
+        raise ValueError(f"fastvq.{owner}: {args} too large: a float32 tensor of ({dims}) elements cannot exist")
 
 
 class _UsageMonitor:

@@ -93,8 +93,8 @@ class ResidualQuantizer(CodebookState):
         self.num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
         self.embedding_dim = _check_int("embedding_dim", owner, embedding_dim, 1)
         self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
-        _check_sizes(owner, num_quantizers=self.num_quantizers, num_embeddings=self.num_embeddings,
-                     embedding_dim=self.embedding_dim)
+        _check_sizes(owner, "num_quantizers * num_embeddings * embedding_dim", self.num_quantizers,
+                     self.num_embeddings, self.embedding_dim)
         self.codebooks = nn.Parameter(torch.randn(self.num_quantizers, self.num_embeddings, self.embedding_dim))
         self._init_codebook_state(
             owner,

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops.semantic_ids import semantic_ids as _semantic_ids
 from .._checks import check_bool_arg, check_int_arg
-from ._codebook import _check_float, _check_int
+from ._codebook import _check_float, _check_int, _check_sizes
 from .residual_quantizer import ResidualQuantizer
 
 __all__ = ["RQVAE", "Encoder", "Decoder"]
@@ -87,6 +87,8 @@ class RQVAE(nn.Module):
         input_dim = _check_int("input_dim", owner, input_dim, 1)
         hidden_dim = _check_int("hidden_dim", owner, hidden_dim, 1)
         latent_dim = _check_int("latent_dim", owner, latent_dim, 1)
+        _check_sizes(owner, "input_dim * hidden_dim", input_dim, hidden_dim)  # the encoder's/decoder's weights
+        _check_sizes(owner, "hidden_dim * latent_dim", hidden_dim, latent_dim)
         self.input_dim = input_dim
         self.latent_dim = latent_dim
         self.num_quantizers = num_quantizers = _check_int("num_quantizers", owner, num_quantizers, 1)

@@ -106,7 +106,7 @@ class VectorQuantizer(CodebookState):
         self.embedding_dim = _check_int("embedding_dim", owner, embedding_dim, 1)
         self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
         self.metric = _check_choice("metric", owner, metric, METRICS)
-        _check_sizes(owner, num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim)
+        _check_sizes(owner, "num_embeddings * embedding_dim", self.num_embeddings, self.embedding_dim)
         self.embeddings = nn.Embedding(self.num_embeddings, self.embedding_dim)
         self._init_codebook_state(
             owner,

@@ -125,6 +125,25 @@ def test_constructor_wrong_type_is_type_error(ctor, arg, value):
         make(**dict(valid, **{arg: value}))
 
 
+# (constructor, argument, value): each size within int64 but whose tensor torch cannot size
+OVERSIZE = [
+    ("VectorQuantizer", "num_embeddings", 2**62), ("VectorQuantizer", "embedding_dim", 2**62),
+    ("ResidualQuantizer", "num_embeddings", 2**61), ("ResidualQuantizer", "num_quantizers", 2**62),
+    ("RQVAE", "input_dim", 2**62), ("RQVAE", "hidden_dim", 2**62), ("RQVAE", "latent_dim", 2**62),
+    ("QREmbedding", "embedding_dim", 2**62), ("QREmbedding", "num_collisions", 2**62),
+    ("Bitcodes", "features", 2**62), ("Bitcodes", "num_bits", 2**62),
+]
+
+
+@pytest.mark.parametrize("ctor,arg,value", OVERSIZE, ids=[f"{c}-{a}" for c, a, _ in OVERSIZE])
+def test_constructor_rejects_unsizable_tensor(ctor, arg, value):
+    """Sizes whose float32 parameter would overflow torch's int64 byte count are a ValueError
+    naming the argument (they were torch's 'Storage size calculation overflowed')."""
+    make, valid, _ = CTORS[ctor]
+    with pytest.raises(ValueError, match=rf"fastvq\.{ctor}: .*\b{arg}\b"):
+        make(**dict(valid, **{arg: value}))
+
+
 QR_PAIR_BAD = ((True, 3), (2.5, 3), (0, 3), (3, -1), (3,), (3, 3, 3))
 
 
