@@ -12,8 +12,10 @@ Design
 * Pre-pass 2, ``_code_rescale_kernel``: reduces those partials per codebook. If the codebook's
   magnitudes are outside [2^-20, 2^20] (only for float32/bfloat16: float16 can neither
   overflow nor underflow a float32 sum of its products), it writes a power-of-two scaled copy
-  of the codebook and the ``b`` terms that go with it (l2 and cosine: one scale per code, so no
-  code underflows in the dot product; dot: one for the whole codebook). Power-of-two scaling is
+  of the codebook, one power of two per code (so no code underflows in the dot product), and the
+  ``b`` terms that go with it (dot: ``b = -2^(e - E)``, each code's own power of two in a common
+  unit ``2^E`` set by the largest code, so that codes ~1e-20 beside one ~3e38 are still compared
+  exactly). Power-of-two scaling is
   exact, so the scaled search rounds exactly like the plain one wherever the plain one does not
   overflow; a codebook inside the range is neither copied nor rescaled.
 * Main ``_nearest_code_fwd_kernel``: a program owns ``BLOCK_N`` rows of one codebook (a grid
@@ -75,8 +77,11 @@ PREP_BLOCK_K = 64
 PREP_MAX_BLOCKS = 256
 # A codebook whose finite codes' max-abs values lie in [2^-TAME, 2^TAME] is searched as is.
 TAME_EXP = 20
-META_COLS = 4  # per codebook: first finite code, scaled copy in use, float32 bits of the dot scale and of
-# the smallest nonzero finite code max-abs
+META_COLS = 4  # per codebook: first finite code, scaled copy in use, the dot unit's exponent E and the
+# float32 bits of the smallest nonzero finite code max-abs
+# The smallest normal float32: dot's direct distance keeps an entry its power-of-two scaling flushed
+# to 0 at this size, so that an infinite partner gives +-inf (as exactly) and a finite one ~0.
+_TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 # Unit bands of the l2 search (see _row_band): 0, 2^96 and 2^-96; cosine and dot have one.
 NBANDS = {"l2": 3, "euclidean": 3, "cosine": 1, "dot": 1}
 
@@ -257,8 +262,13 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         b_x = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
         b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
         if METRIC == 1 or METRIC == 2:
-            b_x = b_x * s_x[:, None]
-            b_c = b_c * s_c[:, None]
+            b_xs = b_x * s_x[:, None]
+            b_cs = b_c * s_c[:, None]
+            if METRIC == 2:  # an entry the scaling flushed to 0 stays nonzero: inf * it is +-inf, not NaN
+                b_xs = tl.where((b_xs == 0.0) & (b_x != 0.0), tl.where(b_x > 0, _TINY, -_TINY), b_xs)
+                b_cs = tl.where((b_cs == 0.0) & (b_c != 0.0), tl.where(b_c > 0, _TINY, -_TINY), b_cs)
+            b_x = b_xs
+            b_c = b_cs
             b_t += tl.sum(b_x * b_c, axis=1)
             if METRIC == 1:
                 b_qx += tl.sum(b_x * b_x, axis=1)
@@ -364,14 +374,14 @@ def _code_terms_kernel(p_c, p_cterm, p_pmax, p_pmin, p_pfirst, K, D, NB, stride_
 
 
 @triton.jit
-def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta, K, D, NB, KB,
+def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta, K, D, NB, KB, LOG2D,
                          stride_ch, stride_ck, stride_cd,
                          METRIC: tl.constexpr, NBANDS: tl.constexpr, CAN_SCALE: tl.constexpr, TAME: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     """Reduce the partials of one codebook; where its magnitudes leave [2^-TAME, 2^TAME], write a
-    power-of-two scaled copy (``KB`` blocks of ``BLOCK_K`` codes per codebook; l2 and cosine one
-    scale per code, dot one per codebook) and the ``b`` terms that go with it. Program 0 of each
-    codebook writes its meta row: first finite code, copy in use, dot scale, smallest nonzero
+    power-of-two scaled copy (``KB`` blocks of ``BLOCK_K`` codes per codebook; one scale per
+    code) and the ``b`` terms that go with it. Program 0 of each
+    codebook writes its meta row: first finite code, copy in use, dot unit exponent, smallest nonzero
     finite code max-abs (0 if none)."""
     pid = tl.program_id(0)
     h = (pid // KB).to(tl.int64)
@@ -383,35 +393,29 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
     first = tl.min(tl.load(p_pfirst + h * NB + o_b, mask=m_b, other=K), axis=0)
     hi = exp2i(TAME + 0 * first)
     lo = exp2i(-TAME + 0 * first)
-    if METRIC == 2:
-        need = (c_max > hi) | ((c_max < lo) & (c_max > 0.0))
-    else:
-        need = (c_max > hi) | (c_min < lo)
+    need = (c_max > hi) | (c_min < lo)
     if not CAN_SCALE:
         need = need & False
-    e = tl.maximum(pow2_exponent(c_max), -126)
-    s = exp2i(-e)
-    s_eff = tl.where(need, s, 1.0)
+    # dot's common unit 2^E: the largest code's score, |x' . c'| 2^(e_max - E) < 4 D 2^(124 - LOG2D),
+    # cannot overflow, and every code down to 2^(E - 149) keeps its own power of two in its b term
+    e_unit = tl.where(need, pow2_exponent(c_max) + LOG2D - 124, 0)
     c_low = tl.where(c_min < float("inf"), c_min, 0.0)
     o_m = tl.arange(0, 4)
-    meta = tl.where(o_m == 0, first, tl.where(o_m == 1, need.to(tl.int32), s_eff.to(tl.int32, bitcast=True)))
+    meta = tl.where(o_m == 0, first, tl.where(o_m == 1, need.to(tl.int32), e_unit))
     meta = tl.where(o_m == 3, c_low.to(tl.int32, bitcast=True), meta)
     tl.store(p_meta + h * 4 + o_m, meta, mask=(o_m < 4) & (pid_k == 0))
     if need:
         o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         m_k = o_k < K
         o_row = h * stride_ch + o_k.to(tl.int64) * stride_ck
-        if METRIC != 2:  # one scale per code
-            b_m = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                b_c = tl.load(p_c + o_row[:, None] + o_d[None, :] * stride_cd,
-                              mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
-                b_m = tl.maximum(b_m, tl.max(tl.abs(b_c), axis=1))
-            b_e = pow2_exponent(b_m)
-            b_s = exp2i(-b_e)
-        else:
-            b_s = tl.zeros((BLOCK_K,), dtype=tl.float32) + s
+        b_m = tl.zeros((BLOCK_K,), dtype=tl.float32)  # one scale per code
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            b_c = tl.load(p_c + o_row[:, None] + o_d[None, :] * stride_cd,
+                          mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
+            b_m = tl.maximum(b_m, tl.max(tl.abs(b_c), axis=1))
+        b_e = pow2_exponent(b_m)
+        b_s = exp2i(-b_e)
         b_q = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
@@ -423,10 +427,15 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
         p_cb = p_cterm + h * (2 * NBANDS * K) + NBANDS * K + o_k  # the b terms (a does not change)
         if METRIC == 1:
             tl.store(p_cb, -tl.where(b_q > 0, 1.0 / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0), mask=m_k)
+        elif METRIC == 2:  # dot: x.c = 2^e x.c', in the codebook's unit 2^E: b = -2^(e - E)
+            tl.store(p_cb, _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 1.0, b_e - e_unit), mask=m_k)
         elif METRIC == 0 or METRIC == 3:  # l2: x.c = 2^e x.c', so b = -2^(1 + e - L)
+            # (0 where |c|^2 overflows the unit, a = +inf: |x'| < 2^50 sqrt(D) in any row's unit,
+            # so the score is +inf, not inf - inf = NaN as with b = -2^128)
             for j in tl.static_range(NBANDS):
-                tl.store(p_cb + j * K, _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 2.0, b_e - _band_unit(j)),
-                         mask=m_k)
+                b_aj = tl.load(p_cb - NBANDS * K + j * K, mask=m_k, other=0.0)
+                b_bj = _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 2.0, b_e - _band_unit(j))
+                tl.store(p_cb + j * K, tl.where(b_aj == float("inf"), 0.0, b_bj), mask=m_k)
 
 
 # --------------------------------------------------------------------------- main kernels
@@ -450,11 +459,11 @@ CONFIGS_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), 
 # element size and variant (plain search, mining's lower bound, Gumbel sampling); fitted to
 # ptxas (sm_80 and sm_90, triton 3.6 and 3.8) at the benchmark shapes, bounding it from above.
 _REGISTER_MODELS = {
-    ("sm_90", 2, "plain"): (196, (0.25, 1.75)), ("sm_90", 2, "bound"): (202, (1.0, 1.0)),
+    ("sm_90", 2, "plain"): (196, (0.25, 1.75)), ("sm_90", 2, "bound"): (206, (1.0, 1.0)),
     ("sm_90", 2, "sample"): (233, (0.5, 1.75)),
     ("sm_90", 4, "plain"): (159, (0.25, 5.75)), ("sm_90", 4, "bound"): (231, (0.25, 1.0)),
     ("sm_90", 4, "sample"): (135, (1.0, 7.0)),
-    ("sm_80", 2, "plain"): (176, (0.25, 1.75)), ("sm_80", 2, "bound"): (148, (1.0, 1.75)),
+    ("sm_80", 2, "plain"): (176, (0.25, 1.75)), ("sm_80", 2, "bound"): (160, (1.0, 1.75)),
     ("sm_80", 2, "sample"): (239, (0.5, 1.0)),
     ("sm_80", 4, "plain"): (123, (0.25, 8.0)), ("sm_80", 4, "bound"): (231, (0.25, 1.0)),
     ("sm_80", 4, "sample"): (137, (1.0, 6.75)),
@@ -541,11 +550,11 @@ def _nearest_code_fwd_kernel(
     m_n = o_n < N
     o_xrow = h * stride_xh + o_n * stride_xn
 
-    # This codebook's meta row: first finite code, whether the scaled copy is in use, dot scale,
+    # This codebook's meta row: first finite code, whether the scaled copy is in use, dot unit 2^E,
     # smallest nonzero code max-abs.
     first = tl.load(p_meta + h * 4)
     use_hat = tl.load(p_meta + h * 4 + 1)
-    s_dot = tl.load(p_meta + h * 4 + 2).to(tl.float32, bitcast=True)
+    e_unit = tl.load(p_meta + h * 4 + 2)
     c_min = tl.load(p_meta + h * 4 + 3).to(tl.float32, bitcast=True)
     p_cb = tl.where(use_hat != 0, p_chat, p_c) + h * stride_ch
     p_ct = p_cterm + h * (2 * NBANDS * K)
@@ -564,20 +573,36 @@ def _nearest_code_fwd_kernel(
             b_band = tl.where(m_n, _row_band(b_xm, c_min), 0)
             b_rs = exp2i(-_band_unit(b_band))
     if HAS_LOWER_BOUND:
+        # The constrained search (codes farther than the positive) runs in the unit band of
+        # max(max|x|, max|p|, c_min), b_band_c (>= the row's band): in the row's own band |x - p|^2
+        # could overflow (a row ~0 or ~1e-30 with its positive at ~10: the tiny unit 2^-96) and no
+        # code would qualify. In practice b_band_c == b_band: no extra pass.
+        b_band_c = b_band
+        if SCALE_ROWS:
+            b_pm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
+                b_p = tl.load(p_pos + o_n[:, None] * stride_pn + (d0 + o_d)[None, :] * stride_pd, mask=m_xd,
+                              other=0.0).to(tl.float32)
+                b_pm = tl.maximum(b_pm, tl.max(tl.abs(b_p), axis=1))
+            b_band_c = tl.where(m_n, _row_band(tl.maximum(b_xm, b_pm), c_min), 0)
+        b_rs_c = exp2i(-_band_unit(b_band_c))
         b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b_lb = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             m_xd = m_n[:, None] & ((d0 + o_d) < D)[None, :]
             b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd,
-                          other=0.0).to(tl.float32) * b_rs[:, None]
+                          other=0.0).to(tl.float32) * b_rs_c[:, None]
             b_p = tl.load(p_pos + o_n[:, None] * stride_pn + (d0 + o_d)[None, :] * stride_pd, mask=m_xd,
-                          other=0.0).to(tl.float32) * b_rs[:, None]
+                          other=0.0).to(tl.float32) * b_rs_c[:, None]
             b_xx += tl.sum(b_x * b_x, axis=1)
             b_lb += tl.sum((b_x - b_p) * (b_x - b_p), axis=1)
         # a negative strictly farther than the positive scores above b_lb - b_xx; one within
-        # the rounding bound of that comparison, (D + 4) 2^-19 (|x|^2 + |x - p|^2), ties with the
-        # positive (a copy of it included) and is not "farther" (as in mine_negatives_ref)
-        b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 4) * 1.9073486328125e-06)
+        # twice the round-to-nearest bound of that comparison, (D + 8) 2^-23 (|x|^2 + |x - p|^2),
+        # ties with the positive (a copy of it included) and is not "farther" (as in
+        # mine_negatives_ref). (The former 32 D 2^-24, a worst case for truncating tensor-core
+        # sums, rejected negatives farther than the positive by 8x the contract's rounding bound.)
+        b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 8) * 1.1920928955078125e-07)
     if SAMPLE:
         # distance / temperature = a * score + (row constant); Gumbel-max over -that
         inv_s = 1.0 / b_rs  # l2: the row's unit 2^L, exactly
@@ -590,11 +615,11 @@ def _nearest_code_fwd_kernel(
                 b_q += tl.sum(b_x * b_x, axis=1)
             b_nx = tl.sqrt(b_q)
             b_a = tl.where(b_nx > 0, 1.0 / (tl.where(b_nx > 0, b_nx, 1.0) * temperature), 0.0)
-        elif METRIC == 2:  # -(x.c) = score * 2^(e_x + e)
+        elif METRIC == 2:  # -(x.c) = score * 2^(e_x + E)
             if SCALE_ROWS:
-                b_a = (exp2i(pow2_exponent(b_xm)) * (1.0 / s_dot)) / temperature
+                b_a = _mul_exp2(tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0 / temperature, pow2_exponent(b_xm) + e_unit)
             else:
-                b_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 / s_dot) / temperature
+                b_a = _mul_exp2(tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0 / temperature, e_unit + 0 * o_n.to(tl.int32))
         elif METRIC == 3:  # |x - c| = sqrt(|x s|^2 + score) / s
             b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -623,7 +648,21 @@ def _nearest_code_fwd_kernel(
     b_idx_c = tl.full((BLOCK_N,), -1, dtype=tl.int32)
     for band in range(0, NBANDS):  # one pass per unit band the block's rows hold (l2; else one)
         m_band = b_band == band
-        if tl.max(m_band.to(tl.int32), axis=0) > 0:
+        m_pass = m_band
+        if HAS_LOWER_BOUND:
+            m_band_c = b_band_c == band
+            m_pass = m_band | m_band_c
+        if tl.max(m_pass.to(tl.int32), axis=0) > 0:
+            b_rs_p = b_rs
+            if HAS_LOWER_BOUND:
+                # x.c in this pass's unit. Resident x: the row unit's times 2^(L_row - L_band) (1 for
+                # the rows of this band; below 2^-126, only a row < 2^-48 with a positive > 2^49, 0:
+                # x.c is then far below the rounding of |c|^2 for the codes near the positive).
+                # Streamed x: its chunks are loaded in this band's unit (no multiply; registers:
+                # the multiply spilled there, fp32 at 255).
+                e_f = _band_unit(b_band) - _band_unit(b_band * 0 + band)
+                b_f = tl.where(e_f < -126, 0.0, exp2i(e_f))
+                b_rs_p = exp2i(-_band_unit(b_band * 0 + band))
             p_ca = p_ct + band * K  # this band's per-code terms a, b
             p_cf = p_ct + (NBANDS + band) * K
             r_best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
@@ -633,9 +672,11 @@ def _nearest_code_fwd_kernel(
             for k0 in range(k_start, k_end, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < k_end
-                b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+                b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs_p, D, stride_xd, stride_ck, stride_cd,
                                 ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
                                 EVEN_K, EVEN_D and ONE_D_BLOCK)
+                if HAS_LOWER_BOUND and ONE_D_BLOCK and SCALE_ROWS:  # (float16: one unit, f = 1)
+                    b_xc = b_xc * b_f[:, None]
                 b_s = _scores(b_xc, p_ca, p_cf, o_k, m_k, EVEN_K)
                 if SAMPLE:
                     if METRIC == 3:
@@ -645,14 +686,17 @@ def _nearest_code_fwd_kernel(
                 if HAS_LOWER_BOUND:  # only codes strictly farther than the positive
                     # (one fused min-with-index here: +inf, not NaN, marks the codes left out, so the
                     # comparison-based combine needs no NaN handling; measured cheaper than two mins)
-                    b_mc, b_jc = tl.min(tl.where(b_s > b_thr[:, None], b_s, float("inf")), axis=1,
+                    # (a score that overflowed to +inf, |c|^2 past float32 in the row's unit, is a
+                    # code farther than any finite threshold: it competes at float32's max)
+                    b_mc, b_jc = tl.min(tl.where(b_s > b_thr[:, None], tl.minimum(b_s, 3.4028234663852886e38),
+                                                 float("inf")), axis=1,
                                         return_indices=True, return_indices_tie_break_left=True)
                     r_best_c, r_idx_c = argmin_merge_pair(r_best_c, r_idx_c, b_mc, (k0 + b_jc).to(tl.int32))
             b_best = tl.where(m_band, r_best, b_best)
             b_idx = tl.where(m_band, r_idx, b_idx)
             if HAS_LOWER_BOUND:
-                b_best_c = tl.where(m_band, r_best_c, b_best_c)
-                b_idx_c = tl.where(m_band, r_idx_c, b_idx_c)
+                b_best_c = tl.where(m_band_c, r_best_c, b_best_c)
+                b_idx_c = tl.where(m_band_c, r_idx_c, b_idx_c)
 
     o_out = h * N + o_n
     if WRITE_PARTIAL:  # partials laid out [track][split][codebook, row]
@@ -848,7 +892,7 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
         METRIC=m, NBANDS=NBANDS[metric], BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP,
     )
     _code_rescale_kernel[(H * KB,)](
-        codebook, chat, cterm, pmax, pmin, pfirst, meta, K, D, NB, KB,
+        codebook, chat, cterm, pmax, pmin, pfirst, meta, K, D, NB, KB, max(D - 1, 0).bit_length(),
         codebook.stride(0), codebook.stride(1), codebook.stride(2),
         METRIC=m, NBANDS=NBANDS[metric], CAN_SCALE=can_scale, TAME=TAME_EXP, BLOCK_K=PREP_BLOCK_K,
         BLOCK_D=BLOCK_DP,

@@ -481,6 +481,13 @@ def _out_dim(op: str, q_weight: torch.Tensor, r_weight: torch.Tensor) -> int:
     return q_weight.shape[1] + r_weight.shape[1] if op == "concat" else q_weight.shape[1]
 
 
+def _packed(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as a packed vector: the kernels index ids, offsets and per-sample weights as
+    ``p + i``. A strided or expanded (stride 0) view is copied (N indices or weights, small next
+    to the tables); a contiguous one, as on the training path, is passed as is (no copy)."""
+    return None if t is None else t.contiguous()
+
+
 def _assert_args(ids, q_weight, r_weight, op, offsets):
     assert ids.dim() == 1 and ids.dtype in (torch.int32, torch.int64), (ids.shape, ids.dtype)
     assert q_weight.dim() == 2 and r_weight.dim() == 2 and q_weight.dtype == r_weight.dtype
@@ -501,6 +508,7 @@ def qr_lookup_fwd(
     """``ids (N,)`` -> ``(N, dim)``, or with ``offsets (B,)`` -> ``(B, dim)``, in the tables' dtype.
     ``offsets`` must be valid (start at 0, non-decreasing, at most N): the op checks them."""
     _assert_args(ids, q_weight, r_weight, op, offsets)
+    ids, offsets, per_sample_weights = _packed(ids), _packed(offsets), _packed(per_sample_weights)
     N = ids.shape[0]
     Q, R = q_weight.shape[0], r_weight.shape[0]
     DQ, DR = q_weight.shape[1], r_weight.shape[1]
@@ -552,6 +560,7 @@ def qr_lookup_bwd(
     sorted path; U is read on the host, one sync). ``w_grad``: ``ids``-shaped, the weights' dtype.
     """
     _assert_args(ids, q_weight, r_weight, op, offsets)
+    ids, offsets, per_sample_weights = _packed(ids), _packed(offsets), _packed(per_sample_weights)
     assert grad.dim() == 2 and grad.shape[1] == _out_dim(op, q_weight, r_weight)
     need_q, need_r, need_w = needs
     dev = q_weight.device

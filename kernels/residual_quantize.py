@@ -56,7 +56,10 @@ Two forward variants, chosen by the launcher on D (never a crash, never a silent
 Precision: for float32 codebooks the dot is exact IEEE float32 (``input_precision="ieee"``).
 For bfloat16/float16 codebooks the residual is rounded to the codebook dtype for the dot only
 (tensor cores, float32 accumulation); ``|c|^2``, the residual, the loss terms and the quantized
-sum stay float32. Atomics make the statistics and the codebook gradient non-bitwise-reproducible
+sum stay float32. The quantized sum is formed in level order in float32; a block in which it is
+not finite sums its chosen codes again in float64 (``_exact_code_sum``) and rounds once, so a
+sum of finite codes is +-inf only where the exact sum lies beyond float32's range (the check is
+one reduction per block after the level loop; blocks of ordinary values never redo). Atomics make the statistics and the codebook gradient non-bitwise-reproducible
 on a GPU (the values agree to float32 rounding).
 """
 
@@ -360,6 +363,21 @@ def _dot_operand(b_r, p_cb, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr):
     return b_rd
 
 
+@triton.jit
+def _exact_code_sum(p_cb, b_codes, b_q, o_l, o_d, m_md, L, stride_cl, stride_ck, stride_cd):
+    """``b_q`` (the float32 level-order sum of the chosen codes) where it is finite; elsewhere the
+    same codes summed in float64 and rounded once: finite codes whose float32 partial sums
+    overflow (3e38 + 3e38 - 3e38) give their finite sum, codes that hold NaN or inf the same
+    NaN / inf as before. Called only for a block that holds a non-finite element of ``b_q``."""
+    b_q64 = tl.zeros_like(b_q).to(tl.float64)
+    for lvl in range(L):
+        b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
+        b_sel = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                        mask=m_md, other=0.0)
+        b_q64 += b_sel.to(tl.float32).to(tl.float64)
+    return tl.where(b_q - b_q == 0, b_q, b_q64.to(tl.float32))
+
+
 @autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
@@ -431,6 +449,9 @@ def _residual_quantize_fwd_kernel(
                                 LOSS, STATS, CAND)
         b_r -= b_sel
         b_q += b_sel
+    # the exact range: only a block whose float32 sum is not finite sums its codes again in float64
+    if tl.max(tl.max((b_q - b_q != 0).to(tl.int32), axis=1), axis=0) > 0:
+        b_q = _exact_code_sum(p_cb, b_codes, b_q, o_l, o_d, m_md, L, stride_cl, stride_ck, stride_cd)
 
     if HAS_W:  # rows of weight 0 pass their input through
         b_q = tl.where((b_w != 0)[:, None], b_q, tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32))
@@ -576,7 +597,7 @@ def _residual_quantize_fwd_chunked_kernel(
             b_sq64 = tl.where(m_m & (b_w != 0), b_w.to(tl.float64) * b_sq64, 0.0)
             b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq64, axis=0), b_loss)
 
-    # quantized = sum of the chosen codes, in level order, float32
+    # quantized = sum of the chosen codes, in level order, float32 (float64 where that is not finite)
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_md = m_m[:, None] & (o_d < D)[None, :]
@@ -586,6 +607,8 @@ def _residual_quantize_fwd_chunked_kernel(
             b_sel = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
                             mask=m_md, other=0.0)
             b_q += b_sel.to(tl.float32)
+        if tl.max(tl.max((b_q - b_q != 0).to(tl.int32), axis=1), axis=0) > 0:  # the exact range, as above
+            b_q = _exact_code_sum(p_cb, b_codes, b_q, o_l, o_d, m_md, L, stride_cl, stride_ck, stride_cd)
         if HAS_W:
             b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
             b_q = tl.where((b_w != 0)[:, None], b_q, b_x.to(tl.float32))

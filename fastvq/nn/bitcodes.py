@@ -24,6 +24,28 @@ def _row_scale(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-k).to(x.dtype)
 
 
+def _col_scale(codebook: torch.Tensor) -> torch.Tensor:
+    """``(D,)`` powers of two in the codebook's dtype, for a sum of one row per bit (and the
+    straight-through's near-0/1 weights) without an intermediate overflow: 1 for every column
+    whose ``sum_j |c_jd|`` stays below a quarter of the accumulation's range (bitwise the
+    unscaled product: ordinary codebooks), else the one that brings it there (a sum such as
+    3e38 + 3e38 - 3e38 then gives its finite 3e38, not inf; below the subnormals such a column
+    rounds at ``2^-149`` times its scale). float16 accumulates in float32: never scaled.
+    Non-finite columns: 1. Codebook-sized work, no host read."""
+    acc = torch.float32 if codebook.dtype == torch.float16 else codebook.dtype
+    bound = codebook.detach().abs().double().sum(0)
+    k = torch.log2(bound / (torch.finfo(acc).max / 4)).ceil().clamp(0, -math.log2(torch.finfo(acc).smallest_normal))
+    k = torch.where(bound.isfinite(), k, 0.0)
+    return torch.exp2(-k).to(codebook.dtype)
+
+
+def _code_sum(attn: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``attn (..., 2 * num_bits) @ codebook``, column-scaled (:func:`_col_scale`) so that the sum is
+    +-inf only where the exact one is beyond the dtype's range (scaling by powers of two is exact)."""
+    scale = _col_scale(codebook)
+    return (attn @ (codebook * scale)) / scale
+
+
 def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.gumbel_softmax(pairs, temperature, hard=True)`` (the same noise draw, so the same
@@ -145,7 +167,7 @@ class Bitcodes(nn.Module):
         else:
             bits = scaled.argmax(dim=-1)  # ties pick 0, as torch.argmax picks the first
             attn = F.one_hot(bits, num_classes=2).to(codebook.dtype)
-        out = attn.flatten(-2) @ codebook
+        out = _code_sum(attn.flatten(-2), codebook)
         # A NaN score (a NaN in x, or inf * 0 / inf - inf from an infinite x) picks a bit all the
         # same (bits stay 0/1); its output row is NaN, not a made-up sum of codebook rows.
         nan_row = pairs.isnan().flatten(-2).any(-1, keepdim=True)
@@ -164,4 +186,4 @@ class Bitcodes(nn.Module):
         if bits.device != self.codebook.device:
             raise ValueError(f"fastvq.Bitcodes: bits are on {bits.device}, the codebook on {self.codebook.device}")
         attn = F.one_hot(checked_bits("Bitcodes", bits), num_classes=2).to(self.codebook.dtype)
-        return attn.flatten(-2) @ self.codebook
+        return _code_sum(attn.flatten(-2), self.codebook)

@@ -28,9 +28,10 @@ squared or normalised). Indices always lie in [0, K). A code with a NaN or infin
 never chosen for a finite row while the codebook has a finite code. For finite inputs the
 index is the exact nearest code up to float32 rounding of the search (two codes whose distances
 differ by less than about 1e-6 (|x| + |c|)^2 of either code for l2, 1e-6 for cosine, 1e-6 |x| |c|
-for dot, may swap; open defect: dot still scales a whole codebook by one power of two),
-whatever the spread of the code sizes (l2 scores each code in a power-of-two unit chosen per
-row), also where every distance overflows float32. A row with a NaN entry
+for dot, may swap), whatever the spread of the code sizes (l2 scores each code in a
+power-of-two unit chosen per row; dot keeps each code's own power of two in one unit per
+codebook, exact for codes down to about 2^-250 times the largest), also where every distance
+overflows float32. A row with a NaN entry
 gets index 0 and distance NaN. A row with an infinite entry (and no NaN) gets the first finite
 code, at its true distance (l2: +inf). A finite row when no code is finite gets index 0 at its
 true distance (NaN or +inf).

@@ -42,11 +42,12 @@ def mine_negatives(
         strategy: ``"hardest"``: the nearest negative (squared L2). ``"semi-hard"``: the
             nearest negative strictly farther than the anchor's positive
             (``|a - n|^2 > |a - p|^2``), falling back to the hardest negative for anchors
-            where no negative is farther. A negative within the rounding bound of that float32
-            comparison, ``(D + 4) 2^-19 (|a|^2 + |a - p|^2)``, ties with the positive and is not
-            farther: the returned distance of a semi-hard pick exceeds ``|a - p|^2`` computed
-            directly in float32, so a copy of the positive (or an equally far negative) is
-            never returned as "farther".
+            where no negative is farther. A negative within twice the round-to-nearest rounding
+            bound of that float32 comparison, ``(D + 8) 2^-23 (|a|^2 + |a - p|^2)``, ties with
+            the positive and is not farther, so a copy of the positive (or an equally far
+            negative) is not returned as "farther"; a negative farther by more than that is
+            never passed over. A negative whose distance overflows float32 is farther than any
+            positive at a finite distance.
 
     Returns:
         ``(indices, distances)``: int64 ``(N,)`` in ``[0, M)`` and float32 ``(N,)``

@@ -220,7 +220,8 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
         ``(quantized, codes)``:
 
         - ``quantized`` ``(..., D)``, dtype of ``x``: the sum of the chosen codes (accumulated
-          in float32 in level order), with a straight-through gradient: the gradient reaching
+          in float32 in level order; where that overflows, summed again in float64 and rounded
+          once, so it is +-inf only where the exact sum is), with a straight-through gradient: the gradient reaching
           ``x`` is the upstream gradient of ``quantized``, exactly, once. The codebooks get
           **no** gradient through this op; train them with the losses of
           :func:`residual_quantize_step` or by EMA (:func:`fastvq.code_statistics`).
@@ -469,7 +470,11 @@ def _residual_decode(codes: torch.Tensor, codebooks: torch.Tensor, op: str) -> t
     # level l's code k is row l*K + k of the flattened codebooks: one gather for all levels
     rows = _decode_rows_op(codes.reshape(-1, levels), K, op)
     rows = torch.nn.functional.embedding(rows, codebooks[:levels].reshape(-1, D))
-    return rows.sum(1).reshape(*codes.shape[:-1], D)
+    out = rows.sum(1)
+    # the exact range: where the sum overflowed (3e38 + 3e38 - 3e38), the float64 sum rounded once
+    # (formed for every element: no host read; decoding is not on a training step's path)
+    out = torch.where(out.isfinite(), out, rows.double().sum(1).to(out.dtype))
+    return out.reshape(*codes.shape[:-1], D)
 
 
 def residual_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -481,7 +486,9 @@ def residual_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tenso
         codebooks: ``(L, K, D)`` float, same device.
 
     Returns:
-        ``(..., D)`` in the codebooks' dtype, differentiable in ``codebooks``.
+        ``(..., D)`` in the codebooks' dtype, differentiable in ``codebooks``; +-inf only where
+        the exact sum lies beyond the dtype's range (a sum that overflows in the dtype's
+        accumulation is formed again in float64).
 
     Raises:
         ValueError: codes outside ``[0, K)`` (read on the host: decoding is not a training-step

@@ -54,11 +54,12 @@ def _mul_exp2(v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 def prepare_codebook(codebook: torch.Tensor, metric: str):
     """``(H, K, D)`` -> ``(codes, a, b, first, scale, c_min)``: the float32 codes the search
     multiplies with (a power-of-two scaled copy where the codebook's magnitudes leave [2^-20,
-    2^20]: l2 and cosine one scale per code, dot one per codebook; float16 never), the per-code
+    2^20]: one scale per code; float16 never), the per-code
     score terms ``a``, ``b`` of shape ``(H, NB, K)`` (score = ``a + b * (x' . c')``: NB = 3 units
     for l2/euclidean, 1 otherwise; ``a`` NaN for a code with a non-finite entry), the ``(H,)``
-    first finite code (``K`` if none), the ``(H,)`` dot scale and the ``(H,)`` smallest nonzero
-    max-abs of a finite code (0 if none)."""
+    first finite code (``K`` if none), the ``(H,)`` int32 exponent ``E`` of dot's score unit
+    (scores ``-(x'.c) 2^-E``; 0 where the codebook is not rescaled) and the ``(H,)`` smallest
+    nonzero max-abs of a finite code (0 if none)."""
     H, K, D = codebook.shape
     c32 = codebook.float()
     m = max_abs(c32)
@@ -72,33 +73,34 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
     ar = torch.arange(K, device=codebook.device).expand(H, K)
     first = torch.where(good, ar, torch.full_like(ar, K)).amin(-1)
     hi, lo = 2.0**TAME_EXP, 2.0**-TAME_EXP
-    if metric in ("cosine", "l2", "euclidean"):
-        need = (c_max > hi) | (c_min < lo)
-    else:
-        need = (c_max > hi) | ((c_max < lo) & (c_max > 0))
+    need = (c_max > hi) | (c_min < lo)
     if codebook.dtype == torch.float16:
         need = torch.zeros_like(need)
-    s_all = exp2i(-pow2_exponent(c_max).clamp_min(-126))  # (H,) one scale per codebook (dot)
-    scale = s[..., None] if metric != "dot" else s_all[:, None, None]
-    scaled = (c32 * scale).to(codebook.dtype).float()  # the kernel stores the copy in the codebook's dtype
+    scaled = (c32 * s[..., None]).to(codebook.dtype).float()  # the kernel stores the copy in the codebook's dtype
     codes = torch.where(need[:, None, None], scaled, c32)
+    e_op = torch.where(need[:, None], e, torch.zeros_like(e))  # codes' = c 2^-e_op
+    # dot's common unit 2^E: the largest code's score, |x' . c'| 2^(e_max - E) < 4 D 2^(124 - log2D),
+    # cannot overflow, and each code keeps its own power of two in b = -2^(e - E)
+    e_unit = torch.where(need, pow2_exponent(c_max) + (max(D - 1, 0).bit_length() - 124), torch.zeros_like(c_max,
+                         dtype=torch.int32))
     if metric in ("l2", "euclidean"):
-        e_op = torch.where(need[:, None], e, torch.zeros_like(e))  # codes' = c 2^-e_op
         # a = |c|^2 2^-2L = (q 2^(e-L)) 2^(e-L): exact but for the last rounding (q >= 1 for a
         # nonzero code; clamped exponents only where the result underflows to 0 or is +inf)
         a = torch.stack([(q * exp2i(e - L)) * exp2i(e - L) for L in BAND_UNITS], 1)
         b = torch.stack([-_mul_exp2(torch.full_like(q, 2.0), e_op - L) for L in BAND_UNITS], 1)
+        # 0 where |c|^2 overflows the unit (a = +inf): |x'| < 2^50 sqrt(D) in any row's unit, so
+        # the score is +inf, not inf - inf = NaN as with b = -2^128
+        b = torch.where(a == float("inf"), torch.zeros_like(b), b)
     elif metric == "cosine":  # 1/|c'|: the scaled copy's, or s/|c s| for the codes as they are
         qc = q.clamp_min(1e-30)
         inv = torch.where(need[:, None], qc.rsqrt(), s / qc.sqrt())
         inv = torch.where(q > 0, inv, torch.zeros_like(inv))
         a, b = torch.zeros_like(q)[:, None], -inv[:, None]
     else:
-        a, b = torch.zeros_like(q)[:, None], -torch.ones_like(q)[:, None]
+        a, b = torch.zeros_like(q)[:, None], -_mul_exp2(torch.ones_like(q), e_op - e_unit[:, None])[:, None]
     a = a.masked_fill(bad[:, None], float("nan"))
-    s_dot = torch.where(need, s_all, torch.ones_like(s_all))
     c_min = torch.where(c_min < float("inf"), c_min, torch.zeros_like(c_min))
-    return codes, a, b, first, s_dot, c_min
+    return codes, a, b, first, e_unit, c_min
 
 
 def row_band(x: torch.Tensor, c_min: torch.Tensor) -> torch.Tensor:
@@ -179,6 +181,10 @@ def distance(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
         return ((diff * exp2i(-e)[..., None]) ** 2).sum(-1).sqrt() * exp2i(e)
     e_x, e_c = pow2_exponent(max_abs(x32)), pow2_exponent(max_abs(c32))
     xs, cs = x32 * exp2i(-e_x)[..., None], c32 * exp2i(-e_c)[..., None]
+    if metric == "dot":  # an entry the scaling flushed to 0 stays nonzero: inf * it is +-inf, not NaN
+        tiny = torch.finfo(torch.float32).tiny
+        xs = torch.where((xs == 0) & (x32 != 0), torch.copysign(torch.full_like(xs, tiny), x32), xs)
+        cs = torch.where((cs == 0) & (c32 != 0), torch.copysign(torch.full_like(cs, tiny), c32), cs)
     t = (xs * cs).sum(-1)
     if metric == "dot":
         e = e_x + e_c

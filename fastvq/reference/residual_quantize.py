@@ -69,7 +69,8 @@ def residual_quantize_full_ref(
 
     Greedy, level by level: the residual starts as ``x`` in float32; level ``l`` picks the nearest
     finite code (``argmin_k |c_lk|^2 - 2 r.c_lk``, NaN-aware, see :func:`_nearest`) and subtracts
-    it in float32. ``quantized`` is the float32 sum of the chosen codes in level order, cast to
+    it in float32. ``quantized`` is the float32 sum of the chosen codes in level order (where that
+    is not finite, their float64 sum rounded once, as the kernel's ``_exact_code_sum``), cast to
     the dtype of ``x`` (``x`` itself on rows of weight 0). Sums over rows accumulate in float64.
     Works in row chunks: its extra memory is a ``(chunk, K)`` float32 scratch.
     """
@@ -100,6 +101,7 @@ def residual_quantize_full_ref(
         usable = live & w.isfinite()
         slot = None if slots is None else torch.where(slots[s : s + step] >= 0, slots[s : s + step].long(), num_slots)
         q = torch.zeros_like(r)
+        q64 = torch.zeros_like(r, dtype=torch.float64)
         for lvl in range(L):
             idx = _nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl], codebooks.dtype != torch.float16) if search else out_codes[s : s + step, lvl]
             c = cb[lvl].index_select(0, idx)
@@ -118,11 +120,15 @@ def residual_quantize_full_ref(
                 cand_ok[lvl, slot] = (use & c.isfinite().all(-1)).to(torch.int8)  # finite residual and code
             r = r - c
             q = q + c
+            q64 = q64 + c.double()
             if loss:
                 # float64: |r|^2 may overflow float32 where the mean loss does not
                 level_sq[lvl] += torch.where(live, w.double() * (r.double() ** 2).sum(-1), 0.0).sum()
             if search:
                 out_codes[s : s + step, lvl] = idx
+        # the exact range: where the float32 sum overflowed (3e38 + 3e38 - 3e38), the float64 sum
+        # rounded once (as the kernel's _exact_code_sum; here formed for every row: no host read)
+        q = torch.where(q.isfinite(), q, q64.float())
         quantized[s : s + step] = torch.where(live[:, None], q, x[s : s + step].float()).to(x.dtype)
     out = {"quantized": quantized, "codes": out_codes}
     if loss:
@@ -192,7 +198,8 @@ def residual_quantize_ref(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[tor
     Greedy residual quantization, values only (no straight-through gradient: the public op adds
     it); see :func:`residual_quantize_full_ref` for the search (NaN-aware: a NaN or infinite code
     is never chosen while a finite one exists). ``quantized`` is the float32 sum of the chosen
-    codes in level order, cast to the dtype of ``x``; ``codes`` is int64 ``(..., L)``.
+    codes in level order (float64 where that is not finite), cast to the dtype of ``x``; ``codes``
+    is int64 ``(..., L)``.
     """
     L, K, D = codebooks.shape
     lead = x.shape[:-1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .nearest_code import (argmin_first, choose, distance, exp2i, max_abs, pow2_exponent, prepare_codebook,
+from .nearest_code import (_mul_exp2, argmin_first, choose, distance, max_abs, pow2_exponent, prepare_codebook,
                            row_chunks, row_unit, scale_rows, scores, search_setup)
 
 _M32 = 0xFFFFFFFF
@@ -49,22 +49,22 @@ def gumbel(seed: torch.Tensor, rows: torch.Tensor, K: int, h: int) -> torch.Tens
     return -torch.log(-torch.log(u))
 
 
-def row_factor(x: torch.Tensor, xs: torch.Tensor, metric: str, s_dot: torch.Tensor, unit: torch.Tensor,
+def row_factor(x: torch.Tensor, xs: torch.Tensor, metric: str, e_unit: torch.Tensor, unit: torch.Tensor,
                temperature: float):
     """Per row ``a`` with ``distance / temperature = a * score + (a row constant)``, as the kernel
     computes it (float32); ``xs`` the rows the search multiplies with, ``unit`` the rows' l2 unit
-    ``2^L`` (scores in units of ``2^2L``), ``s_dot`` the codebook's dot scale."""
+    ``2^L`` (scores in units of ``2^2L``), ``e_unit`` the exponent E of the codebook's dot unit."""
     t = torch.tensor(temperature, dtype=torch.float32, device=x.device)
     if metric in ("l2", "euclidean"):
         return (unit / t) * unit if metric == "l2" else unit / t
     if metric == "cosine":
         nx = (xs * xs).sum(-1).sqrt()
         return torch.where(nx > 0, 1.0 / (torch.where(nx > 0, nx, 1.0) * t), torch.zeros_like(nx))
-    inv_s = 1.0 / s_dot  # 2^e exactly
+    inv_t = torch.ones_like(t) / t  # -(x.c) = score 2^(e_x + E)
     if x.dtype == torch.float16:  # rows not scaled
-        return (inv_s / t).expand(x.shape[0])
+        return _mul_exp2(inv_t, e_unit).expand(x.shape[0])
     e_x = pow2_exponent(max_abs(x.float()))
-    return (exp2i(e_x) * inv_s) / t
+    return _mul_exp2(inv_t.expand(x.shape[0]), e_x + e_unit)
 
 
 def sample_code_ref(
@@ -77,7 +77,7 @@ def sample_code_ref(
     non-finite rules and direct distances as :func:`fastvq.reference.nearest_code_ref`."""
     x3, cb, lead, indices, distances = search_setup(x, codebook, metric)
     (H, N, _), K = x3.shape, cb.shape[1]
-    codes, ta, tb, first, s_dot, c_min = prepare_codebook(cb, metric)
+    codes, ta, tb, first, e_unit, c_min = prepare_codebook(cb, metric)
     for h, s, e in row_chunks(H, N, K):
         rows = x3[h, s:e]
         xs, band = scale_rows(rows, metric, c_min[h])
@@ -86,7 +86,7 @@ def sample_code_ref(
         if metric == "euclidean":  # sqrt(|x|^2 + score), in the row's unit
             xx = ((rows.float() / unit[:, None]) ** 2).sum(-1)
             sc = torch.where(sc.isnan(), sc, (xx[:, None] + sc).clamp_min(0.0).sqrt())
-        a = row_factor(rows, xs, metric, s_dot[h], unit, temperature)
+        a = row_factor(rows, xs, metric, e_unit[h], unit, temperature)
         w = (a <= NOISE_LIMIT).to(torch.float32)  # also 0 where a is NaN
         a = torch.where(w > 0, a, torch.ones_like(a))
         g = gumbel(seed, torch.arange(s, s + rows.shape[0], device=x.device), K, h)

@@ -273,3 +273,24 @@ def test_overflowing_scores_still_pick_the_exact_bits(training, dtype, scale):
         assert xg.grad.isfinite().all() and ours.codebook.grad.isfinite().all()
     else:
         assert torch.equal(bits, s64.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_y_is_finite_where_the_exact_sum_of_rows_is(backend, device, dtype, training):
+    # P11: rows 3e38 + 3e38 - 3e38 summed in float32 in bit order gave +inf; exactly 3e38.
+    # Column 1 holds ordinary values: bitwise the plain product; column 2: a sum beyond the
+    # range stays +inf
+    bc = Bitcodes(3, 3, 1.0).to(device=device, dtype=dtype).train(training)
+    cb = torch.tensor([[3e38, 0.5, 3e38], [3e38, 0.25, 3e38], [3e38, -1.5, 3e38],
+                       [3e38, 2.0, 3e38], [-3e38, 0.125, 3e38], [-3e38, 3.0, 3e38]])
+    with torch.no_grad():
+        bc.codebook.copy_(cb.to(dtype))
+    torch.manual_seed(0)
+    y, bits = bc(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=device, dtype=dtype))
+    sel = F.one_hot(bits, 2).flatten(-2).double()
+    exact = sel @ bc.codebook.detach().double()
+    for out, want in ((y.detach(), exact), (bc.from_bits(bits).detach(), exact)):
+        assert out[:, 0].isfinite().all() and torch.equal(out[:, 0], want[:, 0].to(dtype)), out
+        assert torch.equal(out[:, 1], (sel.to(dtype) @ bc.codebook.detach()[:, 1:2]).squeeze(1)), out
+        assert (out[:, 2] == float("inf")).all(), out

@@ -111,6 +111,58 @@ def test_semi_hard_pick_is_farther_in_the_returned_distances(backend, dtype, D):
     _check(a, p, n, "semi-hard", idx, dist)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_semi_hard_overflowing_negative_is_farther(backend, dtype):
+    # Fuzz explorer (bf16): an anchor ~1e-10, its positive at ~4e6, negative 1 with a -3e38 entry
+    # (distance overflows float32, its score |n|^2 - 2 a.n too): negative 1 is the only one
+    # farther than the positive; an overflowed (+inf) score was left out and the hardest,
+    # negative 0 (not farther), came back. Row 1 (anchor and the -3e38 entry of the same sign):
+    # the score was inf - inf = NaN (|n|^2 = +inf, and the scaled code's b term -2^127 times
+    # x'.c' = 7 overflowed to -inf), so negative 1 was left out as if it were not finite.
+    dev = randn(1).device
+    a = torch.tensor([[1e-10] * 4, [-4.0] * 4], device=dev).to(dtype)
+    p = torch.tensor([[1e3] * 4, [-1e3] * 4], device=dev).to(dtype)
+    n = torch.tensor([[1e-10, 0.0, 0.0, 0.0], [-3e38, 0.0, 0.0, 0.0]], device=dev).to(dtype)
+    idx, dist = fastvq.mine_negatives(a, p, n, "semi-hard")
+    assert idx.tolist() == [1, 1] and dist.tolist() == [float("inf")] * 2, (idx, dist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_semi_hard_tiny_anchor_with_a_far_positive(backend, dtype):
+    # Fuzz explorer (fp32): an anchor at 0 (or ~1e-30) among negatives ~1e-30 is searched in the
+    # unit 2^-96, where its positive's distance (9) overflows: no negative qualified and the
+    # hardest (not farther) came back. The farther negatives are 3 (16) and 2 (25): 3 is the pick.
+    dev = randn(1).device
+    tiny = randn(2, 6, seed=3, scale=1e-30)
+    a = torch.cat([torch.zeros(1, 6, device=dev), tiny[:1]]).to(dtype)
+    p = torch.zeros(2, 6, device=dev)
+    p[:, 0] = 3.0
+    n = torch.cat([randn(2, 6, seed=4, scale=1e-30), torch.zeros(2, 6, device=dev)]).to(dtype)
+    n[2, 0], n[3, 0] = 5.0, 4.0
+    idx, dist = fastvq.mine_negatives(a, p.to(dtype), n, "semi-hard")
+    assert idx.tolist() == [3, 3] and dist.tolist() == [16.0, 16.0], (idx, dist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_semi_hard_margin_is_the_rounding_bound(backend, dtype):
+    # Fuzz explorer (bf16, |a| >> |p|, |n|): negative 1 is farther than the positive by
+    # 2^65 = 2^-15 |a|^2, beyond the rounding bound of the comparison (~2 (D + 8) 2^-22 |a|^2 at
+    # D = 16: 2^-16.4 |a|^2) but within the former margin (D + 4) 2^-19 (|a|^2 + |a - p|^2)
+    # = 2^-13.7 |a|^2, which passed it over for the farther negative 2. Every value and every
+    # float32 operation here is exact.
+    dev = randn(1).device
+    s, q, u = 2.0**40, 2.0**30, 2.0**32
+    z = [0.0] * 13
+    a = torch.tensor([[s, 0.0, 0.0] + z], device=dev).to(dtype)
+    p = torch.tensor([[0.0, q, 0.0] + z], device=dev).to(dtype)  # |a - p|^2 = s^2 + q^2
+    n = torch.tensor([[s, 0.0, 0.0] + z,  # distance 0: nearer, the hardest
+                      [0.0, q, u, u] + z[1:],  # s^2 + q^2 + 2^65: farther, the nearest such
+                      [0.0, 0.0, 2.0**39, 0.0] + z[1:]], device=dev).to(dtype)  # s^2 + 2^78
+    idx, dist = fastvq.mine_negatives(a, p, n, "semi-hard")
+    assert idx.tolist() == [1], (idx, dist)
+    assert dist.tolist() == [s * s + q * q + 2.0**65]
+
+
 def test_semi_hard_falls_back_to_hardest(backend):
     a, n = randn(20, 16), randn(50, 16)
     p = a + 100.0  # the positive is farther than every negative

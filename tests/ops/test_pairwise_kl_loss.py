@@ -28,7 +28,7 @@ def exact_loss64(pred, target, temperature):
     B = pred.shape[0]
     if B <= 1:
         return pred.double().sum() * 0.0
-    eye = torch.eye(B, dtype=torch.bool)
+    eye = torch.eye(B, dtype=torch.bool, device=pred.device)
     s = (pred.double() @ pred.double().T / temperature).masked_fill(eye, float("-inf"))
     t = (target.double() @ target.double().T / temperature).masked_fill(eye, float("-inf"))
     log_p, log_q = s.log_softmax(1), t.log_softmax(1)
@@ -44,7 +44,7 @@ def kl_bounds(pred, target, temperature, g=1.0):
     terms (two levels of B, plus a few ulps of exp/log); a gradient element sums B terms."""
     B, D = pred.shape[0], max(pred.shape[1], target.shape[1])
     p64, t64 = pred.double(), target.double()
-    eye = torch.eye(B, dtype=torch.bool)
+    eye = torch.eye(B, dtype=torch.bool, device=p64.device)
     log_p = (p64 @ p64.T / temperature).masked_fill(eye, float("-inf")).log_softmax(1).nan_to_num(neginf=0.0)
     log_q = (t64 @ t64.T / temperature).masked_fill(eye, float("-inf")).log_softmax(1).nan_to_num(neginf=0.0)
     P, Q = log_p.exp().masked_fill(eye, 0.0), log_q.exp().masked_fill(eye, 0.0)
@@ -386,9 +386,9 @@ def test_gradient_finite_where_pred_g_product_overflows(backend, device, dtype):
 
 
 def _exact_with_grad(pred, target, temperature):
-    """float64 loss and gradient in pred (the diagonal excluded exactly), on the host."""
-    p64 = pred.detach().cpu().double().requires_grad_()
-    loss = exact_loss64(p64, target.detach().cpu().double(), temperature)
+    """float64 loss and gradient in pred (the diagonal excluded exactly), on the inputs' device."""
+    p64 = pred.detach().double().requires_grad_()
+    loss = exact_loss64(p64, target.detach().double(), temperature)
     (grad,) = torch.autograd.grad(loss, p64)
     return loss.detach(), grad
 
@@ -407,9 +407,9 @@ def test_gram_that_overflows_before_the_temperature_divides(backend, device, dty
     loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0, device=device))
     exact, exact_grad = _exact_with_grad(pred, target, T)
     assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
-    torch.testing.assert_close(loss.double().cpu(), exact, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=1e-6)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(grad.double().cpu(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("norm2", [1.9e37, 1.5e38], ids=["loss2e37", "loss1.5e38"])
@@ -430,9 +430,9 @@ def test_huge_representable_loss_is_finite(backend, device, dtype, norm2):
     exact, exact_grad = _exact_with_grad(pred, target, 1.0)
     assert 0.9 * norm2 < exact < 1.1 * norm2
     assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
-    torch.testing.assert_close(loss.double().cpu(), exact, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=0.0)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=0.0)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(grad.double().cpu(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
 
 
 def test_logit_overflowing_to_minus_inf_with_zero_weight(backend, device):
@@ -470,17 +470,17 @@ def test_16bit_backward_within_the_rounding_of_h(backend, device, dtype):
     # dot (pred is exact), relative unit roundoff u per entry, accumulated in float32. Bound:
     # u |H| @ |pred| / (B T) (twice, for the rounding of h as computed) plus the output's rounding.
     B, T = 40, 0.05
-    mag = 10.0 ** (2 - 8 * torch.rand(B, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    mag = 10.0 ** (2 - 8 * torch.special.ndtr(randn(B, 1, dtype=torch.float64, seed=5)))  # 10^2 .. 10^-6, log-uniform
     pred = (randn(B, 16, dtype=torch.float64, seed=25) * mag).to(device, dtype)
     target = (randn(B, 3, dtype=torch.float64, seed=26) * mag).to(device, dtype)
     _, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0, device=device))
-    p64, t64 = pred.double().cpu(), target.double().cpu()
-    eye = torch.eye(B, dtype=torch.bool)
+    p64, t64 = pred.double(), target.double()
+    eye = torch.eye(B, dtype=torch.bool, device=p64.device)
     P = (p64 @ p64.T / T).masked_fill(eye, -math.inf).softmax(1)
     Q = (t64 @ t64.T / T).masked_fill(eye, -math.inf).softmax(1)
     H = (P - Q) + (P - Q).T
     exact = H @ p64 / (B * T)
     u = torch.finfo(dtype).eps / 2
     bound = 2 * u * (H.abs() @ p64.abs()) / (B * T) + 2 * u * exact.abs() + 1e-30
-    err = (grad.double().cpu() - exact).abs()
+    err = (grad.double() - exact).abs()
     assert (err <= bound).all(), f"worst error / bound {(err / bound).max():.3g}"

@@ -67,6 +67,38 @@ def test_gradients_match_float64(backend):
     assert_close(b.grad, b64.grad, torch.float32, 13)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients_at_huge_magnitudes(backend, dtype):
+    # The fuzz explorer's cases: rowsum(g) a and g @ b each overflow float32 and inf - inf gave a
+    # NaN gradient where the exact one is finite (~2e38: must be that) or overflows (1.2e39: must be
+    # +inf, never NaN). grad_b is checked with the roles swapped. Column 1 is ordinary (~1).
+    dev = randn(1).device
+    big = [[3e38, 1.0]]
+    cases = [  # (a, b, g)
+        (big, [[3e38, 0.5], [2e38, -1.0]], [[2.0, 1.0]]),  # grad_a[0, 0] = 2 (2 * 0 + 1e38) = 2e38
+        (big, [[-3e38, 0.5], [3e38, -1.0], [3e38, 2.0]], [[1.0, 1.0, 1.0]]),  # 2 (6e38) -> +inf
+        ([[1e-30, 1.0], [3e38, 2.0]], [[3e38, 1.0], [2.9e38, 0.0]], [[1.0, -1.0], [1.0, 1.0]]),
+        # a column whose largest entry is 3e38 in one row only: the other rows' ~1e-20 gradients
+        # must not flush to 0 (a scale per column shared by all rows did that)
+        ([[3e38, 1.0], [1e-20, 1.0]], [[2e-20, 0.5], [-1e-20, 2.0]], [[1.0, 1.0], [1.0, 1.0]]),
+    ]
+    for a, b, g in cases:
+        a, b = torch.tensor(a, device=dev).to(dtype), torch.tensor(b, device=dev).to(dtype)
+        g = torch.tensor(g, device=dev)
+        for x, y, gg, name in ((a, b, g, "grad_a"), (b, a, g.T.contiguous(), "grad_b")):
+            x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+            got = torch.autograd.grad(fastvq.pairwise_sqdist(x, y), (x, y), gg)[0]
+            x64, y64 = x.detach().double(), y.detach().double()
+            want = 2 * (gg.double()[:, :, None] * (x64[:, None, :] - y64[None, :, :])).sum(1)
+            assert not got.isnan().any(), (name, got, want)
+            want_d = want.to(dtype)  # +-inf where the gradient overflows the dtype
+            assert torch.equal(got.isinf(), want_d.isinf()), (name, got, want)
+            fin = ~want_d.isinf()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(got[fin].double(), want[fin], rtol=tol, atol=1e-30), (name, got, want)
+            assert torch.equal(got[~fin], want_d[~fin]), (name, got, want)
+
+
 def test_zero_feature_dim(backend):
     a, b = torch.empty(3, 0).requires_grad_(), torch.empty(4, 0).requires_grad_()
     out = fastvq.pairwise_sqdist(a, b)

@@ -639,7 +639,7 @@ def _exact_qr(q, r, ids, op, offs, w, g):
         out.backward(g64)
         return out.detach(), q64.grad, r64.grad, None if w64 is None else w64.grad
 
-    to64 = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    to64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
     exact = run(to64(q), to64(r), to64(w), to64(g))
     mag = run(to64(q).abs(), to64(r).abs(), None if w is None else to64(w).abs(), to64(g).abs())
     return exact, mag
@@ -653,10 +653,10 @@ def _check_bag_contract(q, r, ids, op, offs, w, g, dtype, deterministic=True):
     out = fastvq.qr_lookup(ids, qq, rr, op, offsets=offs, per_sample_weights=ww, deterministic=deterministic)
     out.backward(g)
     got = (out.detach(), qq.grad, rr.grad, None if ww is None else ww.grad)
-    (exact, mag), n = _exact_qr(q, r, ids.cpu(), op, None if offs is None else offs.cpu(), w, g), ids.numel() + 2
+    (exact, mag), n = _exact_qr(q, r, ids, op, None if offs is None else offs, w, g), ids.numel() + 2
     for name, a, e, m in zip(("out", "grad_q", "grad_r", "grad_w"), got, exact, mag):
         if a is not None:
-            ft.assert_close(a.cpu(), e, dtype=dtype, reduce_len=max(n, q.shape[1] + 2), magnitude=m,
+            ft.assert_close(a, e, dtype=dtype, reduce_len=max(n, q.shape[1] + 2), magnitude=m,
                             name=f"qr_lookup {op} {name}")
 
 
@@ -700,7 +700,7 @@ def test_weighted_bag_sum_cancels_without_overflow(backend, device, dtype, op):
     offs = torch.tensor([0], device=device)
     w = torch.tensor([3e38, -3e38], dtype=dtype, device=device)
     out = fastvq.qr_lookup(ids, q, r, op, offsets=offs, per_sample_weights=w)
-    assert torch.equal(out.cpu(), torch.zeros_like(out.cpu())), out
+    assert torch.equal(out, torch.zeros_like(out)), out
     _check_bag_contract(q, r, ids, op, offs, w, torch.ones_like(out), dtype)
 
 
@@ -731,3 +731,69 @@ def test_gradient_rows_whose_partial_sums_overflow(backend, device, dtype, op, o
     g = torch.tensor([[3e38, -1.0], [3e38, 1.0], [-3e38, 2.0]], dtype=dtype, device=device)
     g = torch.cat([g, g], -1) if op == "concat" else g
     _check_bag_contract(q, r, ids, op, offsets, None, g, dtype)
+
+
+def _stride2(t):
+    """Same values as the 1-D ``t``, stride 2."""
+    big = torch.zeros(2 * t.shape[0], dtype=t.dtype, device=t.device)
+    big[::2] = t
+    return big[::2]
+
+
+STRIDED_CASES = [  # (offsets, weighted, layout of (ids, offsets, per_sample_weights))
+    pytest.param(None, False, ("stride2", None, None), id="plain-ids-stride2"),
+    pytest.param(None, False, ("int32-stride2", None, None), id="plain-int32-ids-stride2"),
+    pytest.param(None, False, ("expanded", None, None), id="plain-ids-expanded"),
+    pytest.param([0, 3, 3, 7], True, ("stride2", None, None), id="bags-ids-stride2"),
+    pytest.param([0, 3, 3, 7], True, (None, "stride2", None), id="bags-offsets-stride2"),
+    pytest.param([0, 3, 3, 7], True, (None, None, "stride2"), id="bags-weights-stride2"),
+    pytest.param([0, 3, 3, 7], True, ("expanded", "stride2", "expanded"), id="bags-all-strided"),
+    pytest.param([0, 3, 3, 7], False, ("int32-stride2", "stride2", None), id="bags-mean-int32"),
+]
+
+
+@pytest.mark.parametrize("offs,weighted,layout", STRIDED_CASES)
+@pytest.mark.parametrize("op", ["add", "mult"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_strided_index_tensors_match_contiguous(backend, offs, weighted, layout, op, deterministic):
+    # P10: the Triton launchers read ids / offsets / per_sample_weights as contiguous; a stride-2
+    # or expanded (stride 0) view gave other rows and other gradients than the same values packed
+    ids_l, offs_l, w_l = layout
+    N = 11
+    qw, rw = _tables(5, 3, 6, op)
+    ids = _rand_ids(N, lo=-50, hi=50)
+    if ids_l == "expanded":
+        ids = ids[3:4].expand(N)
+    elif ids_l is not None and ids_l.startswith("int32"):
+        ids = ids.int()
+    offsets = None if offs is None else torch.tensor(offs)
+    w = randn(N) if weighted else None
+    if w is not None and w_l == "expanded":
+        w = w[2:3].expand(N)
+    mode = "sum" if weighted or offs is None else "mean"
+    rows = N if offs is None else len(offs)
+    g = randn(rows, 6)
+
+    def run(i, o, ww):
+        q = qw.detach().clone().requires_grad_()
+        r = rw.detach().clone().requires_grad_()
+        ww = None if ww is None else ww.detach().clone().requires_grad_()
+        out = fastvq.qr_lookup(i, q, r, op, offsets=o, mode=mode, per_sample_weights=ww,
+                               deterministic=deterministic)
+        out.backward(g)
+        return out.detach(), q.grad, r.grad, None if ww is None else ww.grad
+
+    s_ids = _stride2(ids) if ids_l is not None and ids_l.endswith("stride2") else ids
+    s_offs = _stride2(offsets) if offs_l == "stride2" else offsets
+    s_w = _stride2(w) if w_l == "stride2" else w
+    assert not (s_ids.is_contiguous() and (s_offs is None or s_offs.is_contiguous())
+                and (s_w is None or s_w.is_contiguous()))
+    want = run(ids.contiguous(), offsets, None if w is None else w.contiguous())
+    got = run(s_ids, s_offs, s_w)
+    for name, a, e in zip(["out", "q grad", "r grad", "w grad"], got, want):
+        if e is None:
+            assert a is None
+        elif deterministic or name in ("out", "w grad"):
+            assert torch.equal(a, e), (name, a, e)
+        else:  # relaxed atomics: the order of the adds may differ
+            assert_close(a, e, torch.float32, reduce_len=N, msg=name)

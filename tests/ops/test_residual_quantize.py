@@ -697,3 +697,54 @@ def test_step_statistics_leave_out_rows_the_codebook_dtype_cannot_hold(backend, 
                                                                                  x[held].double())
     assert torch.equal(counts[0], want_counts)
     assert_close(sums[0], want_sums.float(), reduce_len=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_is_finite_where_the_exact_sum_is(backend, device, dtype):
+    # P8: 3e38 + 3e38 - 3e38 summed in level order overflowed to +inf; the exact sum is 3e38.
+    # A sum that is beyond the range, or holds an infinite or NaN code, stays inf / NaN
+    cb = torch.zeros(3, 2, 4, device=device)
+    cb[0, 1] = torch.tensor([3e38, 3e38, 3e38, float("nan")])
+    cb[1, 1] = torch.tensor([3e38, 3e38, float("inf"), 1.0])
+    cb[2, 1] = torch.tensor([-3e38, 3e38, 1.0, 1.0])
+    cb = cb.to(dtype)
+    codes = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 1, 1]], device=device)
+    out = fastvq.residual_decode(codes, cb)
+    exact = cb.double()[torch.arange(3, device=device), codes].sum(1)  # (3, 4) float64
+    assert torch.equal(out.isnan(), exact.isnan()), out
+    finite = exact.isfinite() & (exact.abs() <= torch.finfo(dtype).max)
+    assert out[finite].isfinite().all(), out
+    assert torch.equal(out[finite], exact[finite].to(dtype))
+    over = ~exact.isnan() & ~finite
+    assert out[over].isinf().all() and torch.equal(out[over].sign(), exact[over].sign().to(dtype))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_quantized_is_finite_where_the_exact_sum_is(backend, device, dtype, chunked):
+    # P8: codes 1.75e38 + 1.75e38 - 0.4e38 for x = 3.1e38 (the greedy search overshoots, the
+    # residual stays finite): quantized was +inf, exactly it is 3.1e38 (= x). Row 1: an ordinary
+    # row in the same block; row 2 (weight 0 in the weighted call) passes x through
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    if chunked and backend != "triton":
+        pytest.skip("the chunked kernel is a Triton kernel")
+    cb = torch.tensor([[[1.75e38, 1.0]], [[1.75e38, -1.0]], [[-0.4e38, 0.5]]], device=device).to(dtype)
+    x = torch.tensor([[3.1e38, 0.5], [3.1e38, 0.5], [3.1e38, 0.5]], device=device).to(dtype)
+    exact = cb.double().sum(0).expand(3, 2)  # every row chooses code 0 at every level
+    w = torch.tensor([1.0, 2.0, 0.0], device=device)
+    if chunked:
+        from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+        codes = torch.zeros(3, 3, dtype=torch.int64, device=device)
+        outs = [residual_quantize_fwd(x, cb, max_register_d=1)["quantized"],
+                residual_quantize_fwd(x, cb, max_register_d=1, codes=codes)["quantized"],
+                residual_quantize_fwd(x, cb, max_register_d=1, weights=w)["quantized"]]
+    else:
+        outs = [fastvq.residual_quantize(x, cb)[0], residual_quantize_step(x, cb).quantized,
+                residual_quantize_step(x, cb, weights=w).quantized]
+    for k, q in enumerate(outs):
+        want = exact.to(dtype).clone()
+        if k == 2:
+            want[2] = x[2]
+        assert torch.equal(q, want), (k, q)

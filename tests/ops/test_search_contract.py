@@ -202,15 +202,43 @@ def test_l2_huge_code_keeps_the_small_codes(backend, metric, dtype):
     assert mi.tolist() == [1, 0] and md.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.xfail(strict=True, reason="open defect F9: the dot search scales a whole codebook by one power of two, "
-                   "so codes ~1e-20 beside a code ~3e38 underflow to 0 (the l2 fix, per-code scaling, not yet "
-                   "applied to dot)")
-def test_dot_huge_code_keeps_the_small_codes(backend):
-    # -<x, c>: code 1 (-4e-20) is nearer than code 0 (-2e-20) far beyond dot's rounding bound
-    # (about 1e-6 |x| |c| of either code); found by the module fuzz suite at FASTVQ_FUZZ_SCALE=4
-    c = torch.tensor([[1e-20, 1e-20], [2e-20, 2e-20], [-3e38, 0.0]], device=randn(1).device)
-    idx, dist = fastvq.nearest_code(torch.ones(1, 2, device=c.device), c, "dot")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dot_huge_code_keeps_the_small_codes(backend, dtype):
+    # F9: -<x, c>: code 1 (-4e-20) is nearer than code 0 (-2e-20) far beyond dot's rounding bound
+    # (about 1e-6 |x| |c| of either code); found by the module fuzz suite at FASTVQ_FUZZ_SCALE=4.
+    # A codebook scaled by one power of two (that of 3e38) flushed both small codes to 0.
+    c = torch.tensor([[1e-20, 1e-20], [2e-20, 2e-20], [-3e38, 0.0]], device=randn(1).device).to(dtype)
+    idx, dist = fastvq.nearest_code(torch.ones(1, 2, device=c.device, dtype=dtype), c, "dot")
     assert idx.tolist() == [1], (idx, dist)
+    # the fuzz explorer's tf32 case, D = 1: codes ~1e-30 (both signs) beside one -max, rows of
+    # small integers of either sign (the nearest code is the largest or the smallest code)
+    c = randn(600, 1, seed=5, scale=1e-30)
+    c = c.to(dtype)
+    c[270] = -torch.finfo(dtype).max
+    x = torch.tensor([[3.0], [-2.0], [1.0], [-5.0]], device=c.device, dtype=dtype)
+    small = c.float().masked_fill(c.float().abs() > 1.0, float("nan"))[:, 0]
+    for tf32 in (False, True) if dtype == torch.float32 else (False,):
+        idx, dist = fastvq.nearest_code(x, c, "dot", allow_tf32=tf32)
+        assert idx.tolist() == [int(small.nan_to_num(-1.0).argmax()), 270, int(small.nan_to_num(-1.0).argmax()),
+                                270], (tf32, idx)
+        check_search(x, c, "dot", idx, dist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dot_distance_infinite_times_tiny_is_infinite(backend, dtype):
+    # The fuzz explorer's bf16 case: the direct dot distance scales row and code by their own
+    # powers of two; an entry ~1e-20 beside a -3e38 flushed to 0, and -inf * 0 gave NaN where
+    # the exact distance is -inf. Row 0: infinite row (first finite code, code 0); row 1: a
+    # finite row and no finite code (code 0), the tiny row entries meeting the code's -inf.
+    dev = randn(1).device
+    x = torch.tensor([[1.0, 2.0, -INF, -INF], [1e-20, 1e-20, -1e-20, -3e38]], device=dev).to(dtype)
+    c = torch.tensor([[1e-20, 1e-20, -1e-20, -3e38]], device=dev).to(dtype)
+    idx, dist = fastvq.nearest_code(x[:1], c, "dot")
+    assert idx.tolist() == [0] and dist.tolist() == [-INF], dist
+    c = torch.tensor([[-INF, 1.0, 1.0, 1.0]], device=dev).to(dtype)
+    idx, dist = fastvq.nearest_code(x[1:], c, "dot")
+    assert idx.tolist() == [0] and dist.tolist() == [INF], dist
+    check_search(x[1:], c, "dot", idx, dist)
 
 
 def test_l2_spread_codebook_with_a_max_entry(backend):
