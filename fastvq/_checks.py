@@ -96,13 +96,19 @@ def assert_async(op: str, ok: torch.Tensor, detail: Callable[[], str]) -> None:
         raise ValueError(f"fastvq.{op}: {detail()}") from None
 
 
-def check_int_arg(owner: str, name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+#: Default upper bound of :func:`check_int_arg`: the largest int64, the largest size or count a
+#: tensor can have (a larger one is a ``ValueError`` naming the argument, not torch's overflow).
+INT64_MAX = 2**63 - 1
+
+
+def check_int_arg(owner: str, name: str, value, minimum: int | None = None, maximum: int | None = INT64_MAX) -> int:
     """``value`` as a Python int, for a size or count argument of ``owner`` (the one integer
     check of every op and module).
 
-    Accepts Python/NumPy integers and integral floats (``1e6``). ``TypeError`` for bools and
-    non-numbers; ``ValueError`` for non-integral or non-finite floats and values outside
-    ``[minimum, maximum]``.
+    Accepts Python/NumPy integers and integral floats (``1e6``, ``4.0``: the caller uses the
+    returned int, never ``value`` itself). ``TypeError`` for bools and non-numbers;
+    ``ValueError`` for non-integral or non-finite floats and values outside ``[minimum, maximum]``
+    (``maximum`` defaults to the largest int64; ``None``: no bound).
     """
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real)):
         raise TypeError(f"fastvq.{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
@@ -111,21 +117,51 @@ def check_int_arg(owner: str, name: str, value, minimum: int | None = None, maxi
             raise ValueError(f"fastvq.{owner}: {name} must be an integer, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"fastvq.{owner}: {name} must be >= {minimum}, got {value}")
+        raise ValueError(f"fastvq.{owner}: {name} must be >= {minimum}, got {_short(value)}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"fastvq.{owner}: {name} must be <= {maximum}, got {value}")
+        raise ValueError(f"fastvq.{owner}: {name} must be <= {maximum}, got {_short(value)}")
     return value
 
 
-def check_real_arg(owner: str, name: str, value, positive: bool = False) -> float:
+def _short(value: int) -> str:
+    """``value`` for a message: in full unless it has more than 40 digits."""
+    text = str(value) if value.bit_length() < 130 else None
+    if text is not None and len(text) <= 40:
+        return text
+    return f"an int of {value.bit_length()} bits"
+
+
+def check_real_arg(
+    owner: str, name: str, value, positive: bool = False, *, minimum: float | None = None,
+    maximum: float | None = None, min_open: bool = False, float32: bool = False,
+) -> float:
     """``value`` as a finite Python float. ``TypeError`` for bools and non-numbers; ``ValueError``
-    for NaN, +-inf, and (``positive=True``) values <= 0."""
+    for NaN, +-inf, ints too large for a float (``10**400``), and values outside the bounds:
+    ``positive=True`` (> 0), ``minimum`` (``>=``; ``>`` with ``min_open``), ``maximum``
+    (``<=``); ``float32=True``: finite in float32 too (``|value| <= 3.4028235e38``), for a value
+    the module later uses as a float32 scalar."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"fastvq.{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and not value > 0):
-        raise ValueError(f"fastvq.{owner}: {name} must be finite{' and > 0' if positive else ''}, got {value}")
-    return value
+    if positive:
+        minimum, min_open = 0.0, True
+    parts = ["finite in float32" if float32 else "finite"]
+    if minimum is not None:
+        parts.append(f"{'>' if min_open else '>='} {minimum}")
+    if maximum is not None:
+        parts.append(f"<= {maximum}")
+    bound = " and ".join(parts)
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {_short(int(value))}") from None
+    ok = math.isfinite(as_float) and (not float32 or abs(as_float) <= torch.finfo(torch.float32).max)
+    if minimum is not None:
+        ok = ok and (as_float > minimum if min_open else as_float >= minimum)
+    if maximum is not None:
+        ok = ok and as_float <= maximum
+    if not ok:
+        raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {value!r}")
+    return as_float
 
 
 def check_bool_arg(owner: str, name: str, value) -> bool:

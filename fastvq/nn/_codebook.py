@@ -32,14 +32,13 @@ holds the same codebooks and runs the same collectives whatever its batch holds.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
-from .._checks import check_int_arg, finite_limit
+from .._checks import check_bool_arg, check_int_arg, check_real_arg, finite_limit
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
@@ -249,12 +248,29 @@ def _check_int(name: str, owner: str, value, minimum: int) -> int:
     return check_int_arg(owner, name, value, minimum)
 
 
-def _check_float(name: str, owner: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not is_number or (value <= lo if lo_open else value < lo) or value > hi:
-        bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
-        raise ValueError(f"fastvq.{owner}: {name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+def _check_float(name: str, owner: str, value, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
+    """A float option of a module: finite in float32 (the modules use them as float32 scalars;
+    ``dead_code_threshold=1e39`` would make every training step fail), within the bounds.
+    ``TypeError`` for bools and non-numbers, ``ValueError`` otherwise."""
+    return check_real_arg(owner, name, value, minimum=lo, maximum=hi, min_open=lo_open, float32=True)
+
+
+def _check_choice(name: str, owner: str, value, choices: tuple) -> str:
+    """``TypeError`` unless ``value`` is a string, ``ValueError`` unless it is one of ``choices``."""
+    if not isinstance(value, str):
+        raise TypeError(f"fastvq.{owner}: {name} must be a string, one of {choices}, got {type(value).__name__} "
+                        f"{value!r}")
+    if value not in choices:
+        raise ValueError(f"fastvq.{owner}: unknown {name} {value!r}; expected one of {choices}")
+    return value
+
+
+def _check_sizes(owner: str, args: str, *shape: int) -> None:
+    """``ValueError`` naming ``args`` (the arguments that set ``shape``) when a float32 tensor
+    of ``shape`` would overflow torch's int64 byte count (``VectorQuantizer(2**62, 3)``)."""
+    if math.prod(shape) * 4 > 2**63 - 1:
+        dims = " x ".join(map(str, shape))
+        raise ValueError(f"fastvq.{owner}: {args} too large: a float32 tensor of ({dims}) elements cannot exist")
 
 
 class _UsageMonitor:
@@ -343,12 +359,9 @@ class CodebookState(nn.Module):
         kmeans_init: bool,
         kmeans_iters: int,
     ) -> None:
-        if not isinstance(ema, bool):
-            raise ValueError(f"fastvq.{owner}: ema must be a bool, got {ema!r}")
-        if not isinstance(kmeans_init, bool):
-            raise ValueError(f"fastvq.{owner}: kmeans_init must be a bool, got {kmeans_init!r}")
-        if grad not in GRADS:
-            raise ValueError(f"fastvq.{owner}: unknown grad {grad!r}; expected one of {GRADS}")
+        ema = check_bool_arg(owner, "ema", ema)
+        kmeans_init = check_bool_arg(owner, "kmeans_init", kmeans_init)
+        grad = _check_choice("grad", owner, grad, GRADS)
         self._owner = owner
         self.ema = ema
         self.decay = _check_float("decay", owner, decay, 0.0, 1.0)

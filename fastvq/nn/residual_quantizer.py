@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.residual_quantize import _residual_decode, residual_quantize_step
-from ._codebook import CodebookState, _check_float, _check_int
+from ._codebook import CodebookState, _check_float, _check_int, _check_sizes
 from .vector_quantizer import _check_mask, _quantize_step
 
 _SEED_KEY = re.compile(r"quantizers\.(\d+)\.(embeddings\.weight|cluster_size|embed_avg)$")
@@ -93,7 +93,9 @@ class ResidualQuantizer(CodebookState):
         self.num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
         self.embedding_dim = _check_int("embedding_dim", owner, embedding_dim, 1)
         self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
-        self.codebooks = nn.Parameter(torch.randn(num_quantizers, num_embeddings, embedding_dim))
+        _check_sizes(owner, "num_quantizers * num_embeddings * embedding_dim", self.num_quantizers,
+                     self.num_embeddings, self.embedding_dim)
+        self.codebooks = nn.Parameter(torch.randn(self.num_quantizers, self.num_embeddings, self.embedding_dim))
         self._init_codebook_state(
             owner,
             ema=ema,

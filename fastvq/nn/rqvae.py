@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.semantic_ids import semantic_ids as _semantic_ids
-from .._checks import check_int_arg
-from ._codebook import _check_int
+from .._checks import check_bool_arg, check_int_arg
+from ._codebook import _check_float, _check_int, _check_sizes
 from .residual_quantizer import ResidualQuantizer
 
 __all__ = ["RQVAE", "Encoder", "Decoder"]
@@ -87,11 +87,13 @@ class RQVAE(nn.Module):
         input_dim = _check_int("input_dim", owner, input_dim, 1)
         hidden_dim = _check_int("hidden_dim", owner, hidden_dim, 1)
         latent_dim = _check_int("latent_dim", owner, latent_dim, 1)
+        _check_sizes(owner, "input_dim * hidden_dim", input_dim, hidden_dim)  # the encoder's/decoder's weights
+        _check_sizes(owner, "hidden_dim * latent_dim", hidden_dim, latent_dim)
         self.input_dim = input_dim
         self.latent_dim = latent_dim
-        self.num_quantizers = num_quantizers
-        self.num_embeddings = num_embeddings
-        self.commitment_cost = commitment_cost
+        self.num_quantizers = num_quantizers = _check_int("num_quantizers", owner, num_quantizers, 1)
+        self.num_embeddings = num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
+        self.commitment_cost = commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
         self.encoder = Encoder(input_dim, hidden_dim, latent_dim)
         self.quantizer = ResidualQuantizer(num_quantizers, num_embeddings, latent_dim, commitment_cost, **quantizer_kwargs)
         self.decoder = Decoder(latent_dim, hidden_dim, input_dim)
@@ -123,8 +125,13 @@ class RQVAE(nn.Module):
     def compute_loss(self, features, reconstructed, commitment_loss, embedding_loss) -> dict:
         """The seed's losses: ``total = mse(reconstructed, features) + commitment_cost *
         commitment_loss + embedding_loss``; returns ``total_loss``, ``reconstruction_loss``,
-        ``commitment_loss`` and ``embedding_loss``."""
-        recon_loss = F.mse_loss(reconstructed, features)
+        ``commitment_loss`` and ``embedding_loss``. On an empty batch every loss is 0 (the
+        quantizer's losses are 0 there, and a mean over no elements would be NaN), still
+        differentiable (zero gradients)."""
+        if reconstructed.numel() == 0:  # (a shape, read on the host: no sync)
+            recon_loss = F.mse_loss(reconstructed, features, reduction="sum")  # 0
+        else:
+            recon_loss = F.mse_loss(reconstructed, features)
         total_loss = recon_loss + self.commitment_cost * commitment_loss + embedding_loss
         return {
             "total_loss": total_loss,
@@ -178,6 +185,11 @@ class RQVAE(nn.Module):
         """
         op = "RQVAE.semantic_ids"
         batch_size = check_int_arg(op, "batch_size", batch_size, minimum=1)
+        progress = check_bool_arg(op, "progress", progress)
+        with_collision_level = check_bool_arg(op, "with_collision_level", with_collision_level)
+        if isinstance(features, (str, bytes)):
+            raise TypeError(f"fastvq.{op}: features must be a tensor or an iterable of batches, got "
+                            f"{type(features).__name__}")
         param = next(self.parameters())
         device, dtype = param.device, param.dtype
 
@@ -223,7 +235,11 @@ def _batch_features(op: str, batch, input_dim: int) -> torch.Tensor:
     elif isinstance(batch, (tuple, list)) and batch and not isinstance(batch[0], (int, float)):
         batch = batch[0]
     if not isinstance(batch, torch.Tensor):
-        batch = torch.as_tensor(batch)
+        try:
+            batch = torch.as_tensor(batch)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"fastvq.{op}: features: a batch must be a tensor or array-like of numbers, got "
+                            f"{type(batch).__name__} ({e})") from None
     if batch.dim() < 1 or batch.shape[-1] != input_dim:
         raise ValueError(f"fastvq.{op}: each batch must be (B, {input_dim}), got shape {tuple(batch.shape)}")
     return batch

@@ -8,7 +8,7 @@ import torch.nn as nn
 from .._checks import FLOAT_DTYPES
 from ..ops.nearest_code import nearest_code
 from ..ops.residual_quantize import residual_quantize_step
-from ._codebook import METRICS, CodebookState, _check_float, _check_int, pick_candidate_rows
+from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
 
 
 class VectorQuantizer(CodebookState):
@@ -105,10 +105,9 @@ class VectorQuantizer(CodebookState):
         self.num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
         self.embedding_dim = _check_int("embedding_dim", owner, embedding_dim, 1)
         self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
-        if metric not in METRICS:
-            raise ValueError(f"fastvq.{owner}: unknown metric {metric!r}; expected one of {METRICS}")
-        self.metric = metric
-        self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
+        self.metric = _check_choice("metric", owner, metric, METRICS)
+        _check_sizes(owner, "num_embeddings * embedding_dim", self.num_embeddings, self.embedding_dim)
+        self.embeddings = nn.Embedding(self.num_embeddings, self.embedding_dim)
         self._init_codebook_state(
             owner,
             ema=ema,
@@ -189,10 +188,16 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None):
     rows = score = None
     if update and mod.dead_code_threshold > 0:
         rows, score = pick_candidate_rows(n, codebook.shape[1], inputs.device, mask)
-    step = residual_quantize_step(
-        inputs, _codebook_for_step(codebook, inputs, update), weights=mask, codes=codes, grad=mod.grad,
-        statistics=update, candidate_rows=rows,
-    )
+    try:
+        step = residual_quantize_step(
+            inputs, _codebook_for_step(codebook, inputs, update), weights=mask, codes=codes, grad=mod.grad,
+            statistics=update, candidate_rows=rows,
+        )
+    except ValueError as e:  # the op's check of the mask's values (NaN, < 0): name the user's argument
+        prefix = "fastvq.residual_quantize_step: weights "
+        if mask is None or not str(e).startswith(prefix):
+            raise
+        raise ValueError(f"fastvq.{mod._owner}: mask " + str(e)[len(prefix):]) from None
     embedding_loss = step.embedding_loss
     if mod.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)
         embedding_loss = torch.zeros((), dtype=step.commitment_loss.dtype, device=inputs.device)

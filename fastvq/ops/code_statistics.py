@@ -12,6 +12,7 @@ from .._checks import FLOAT_DTYPES, assert_async, check_float, check_int, check_
 from ..reference.code_statistics import code_statistics_full_ref
 
 OP = "code_statistics"
+MAX_KEYS = 2**31 - 2  # L * num_codes + 1 keys (the last: out of range) must fit int32
 
 
 @torch.library.custom_op("fastvq::code_statistics", mutates_args=())
@@ -99,7 +100,8 @@ def code_statistics(
     Args:
         x: ``(N, D)`` float32/float16/bfloat16, or ``(L, N, D)`` for ``L`` residual levels at once.
         indices: ``(N,)`` (or ``(L, N)``) int64/int32 codes in ``[0, num_codes)``, same device.
-        num_codes: ``K``, the codebook size (an ``int >= 0``).
+        num_codes: ``K``, the codebook size (an ``int >= 0``; ``L * K <= 2**31 - 2``, the int32
+            sort keys, on both backends).
         weights: optional per-row weights, ``(N,)`` float (float32/float16/bfloat16) or bool (a
             padding mask: ``True`` = use the row); for the batched form ``(N,)`` (one weight per
             row at every level) or ``(L, N)``. ``None``: every row weighs 1.
@@ -116,8 +118,8 @@ def code_statistics(
         ``(L, K)`` and ``(L, K, D)`` for the batched form. Not differentiable (``x`` is detached).
 
     Raises:
-        ValueError: shapes that do not match; an index outside ``[0, num_codes)`` in a row of
-            nonzero weight (found without a host sync: on CPU at once; on CUDA the check is an
+        ValueError: shapes that do not match; ``L * num_codes > 2**31 - 2`` or ``L * N >= 2**31``
+            (int32 keys and offsets); an index outside ``[0, num_codes)`` in a row of nonzero weight (found without a host sync: on CPU at once; on CUDA the check is an
             asynchronous device-side assert, like torch's own index ops, reported at the next
             synchronisation as a CUDA error; out-of-range rows never touch memory out of bounds).
         TypeError: non-float ``x``, non-integer ``indices``, non-int ``num_codes``, weights of
@@ -154,6 +156,13 @@ def code_statistics(
         raise ValueError(
             f"fastvq.{OP}: x {tuple(x.shape)} and indices {tuple(indices.shape)} disagree on the row count"
         )
+    levels = x.shape[0] if x.dim() == 3 else 1
+    if levels * num_codes > MAX_KEYS:  # the Triton path's int32 sort keys (one per level and code)
+        raise ValueError(f"fastvq.{OP}: num_codes must be <= {MAX_KEYS // max(levels, 1)} (L * num_codes <= "
+                         f"2**31 - 2, int32 keys), got {num_codes} with L = {levels}")
+    if indices.numel() >= 2**31:
+        raise ValueError(f"fastvq.{OP}: x must have fewer than 2**31 rows (L * N, int32 offsets), got shape "
+                         f"{tuple(x.shape)}")
     if weights is not None:
         check_tensor(OP, "weights", weights)
         if weights.dtype not in (*FLOAT_DTYPES, torch.bool):

@@ -13,6 +13,9 @@ __all__ = ["CodeUsage", "CodeUsageMeter", "code_usage"]
 
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
+#: The largest ``codebook_size`` (the int32 index range; the histogram is ``codebook_size + 1`` int64).
+MAX_CODEBOOK_SIZE = 2**31 - 1
+
 
 @torch.library.custom_op("fastvq::code_usage_counts", mutates_args=())
 def _code_usage_counts_op(indices: torch.Tensor, codebook_size: int, check: bool) -> torch.Tensor:
@@ -41,7 +44,7 @@ def _check(op: str, indices, codebook_size) -> tuple[torch.Tensor, int]:
     check_tensor(op, "indices", indices)
     if indices.dtype not in INT_DTYPES:
         raise TypeError(f"fastvq.{op}: indices must be an integer tensor (int8/uint8/int16/int32/int64), got {indices.dtype}")
-    return indices.reshape(-1), check_int_arg(op, "codebook_size", codebook_size, minimum=1)
+    return indices.reshape(-1), check_int_arg(op, "codebook_size", codebook_size, minimum=1, maximum=MAX_CODEBOOK_SIZE)
 
 
 def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
@@ -51,7 +54,7 @@ def code_usage(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
         indices: integer tensor (int8/uint8/int16/int32/int64) of any shape, values in
             ``[0, codebook_size)``. All elements count, whatever the shape: residual codes
             ``(..., L)`` are pooled over levels (pass ``codes[..., l]`` for one level's usage).
-        codebook_size: ``K``, the number of codes.
+        codebook_size: ``K``, the number of codes, ``1 <= K <= 2**31 - 1``.
 
     Returns:
         :class:`CodeUsage` with ``counts (K,)`` int64 (a bincount: an atomic histogram kernel
@@ -105,7 +108,8 @@ class CodeUsageMeter:
     """
 
     def __init__(self, codebook_size: int):
-        self.codebook_size = check_int_arg("CodeUsageMeter", "codebook_size", codebook_size, minimum=1)
+        self.codebook_size = check_int_arg("CodeUsageMeter", "codebook_size", codebook_size, minimum=1,
+                                           maximum=MAX_CODEBOOK_SIZE)
         self.reset()
 
     def reset(self) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
 from .._backend import use_triton
-from .._checks import check_float, check_same_device, check_tensor
+from .._checks import check_float, check_real_arg, check_same_device, check_tensor
 from ..reference.pairwise_kl_loss import pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
 
@@ -151,12 +149,7 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
         if temperature.numel() != 1:
             raise ValueError(f"fastvq.{op}: temperature must be a number or a 1-element tensor, got shape {tuple(temperature.shape)}")
         temperature = float(temperature.item())
-    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
-        temperature = float(temperature)
-    else:
-        raise TypeError(f"fastvq.{op}: temperature must be a real number, got {type(temperature).__name__}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"fastvq.{op}: temperature must be finite and > 0, got {temperature}")
+    temperature = check_real_arg(op, "temperature", temperature, positive=True)
     if pred.dtype != target.dtype:
         dtype = torch.promote_types(pred.dtype, target.dtype)
         pred, target = pred.to(dtype), target.to(dtype)

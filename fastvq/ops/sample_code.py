@@ -3,14 +3,12 @@ Gumbel-max sampling without the N x K matrix, not differentiable."""
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
 from .._backend import use_triton
 from ..reference.sample_code import sample_code_ref
-from .._checks import check_int_arg
+from .._checks import check_int_arg, check_real_arg
 from ._search import search_inputs
 
 
@@ -32,12 +30,7 @@ def _(x, codebook, seed, temperature, metric, allow_tf32):
 
 
 def _temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"fastvq.sample_code: temperature must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"fastvq.sample_code: temperature must be finite and >= 0, got {value}")
-    return value
+    return check_real_arg("sample_code", "temperature", value, minimum=0.0)
 
 
 def _seed(seed, generator, device) -> torch.Tensor:

@@ -13,17 +13,33 @@ import torch
 
 import fastvq
 
+
+def _id(value) -> str:
+    """A short test id for a bad value (``10**400`` in full is 400 digits)."""
+    return "10**400" if value is BIG else repr(value)
+
 # ---------------------------------------------------------------------------- bad values by kind
 
+BIG = 10**400  # an int no float holds (float() raises OverflowError)
+
 BAD = {
-    "size": (True, False, 4.5, 2.0000001, -1, "4", None, math.nan, math.inf, 1j),
-    "size0": (True, 4.5, -1, "4", None, math.nan, math.inf),  # sizes where 0 is allowed
-    "size_or_none": (True, 4.5, 0, -1, "4", math.nan),
-    "nonneg": (math.nan, math.inf, -math.inf, -1.0, True, "0.1", None),
-    "positive": (0.0, -1.0, math.nan, math.inf, -math.inf, True, False, "1", None),
-    "decay": (math.nan, math.inf, -0.1, 1.5, True, "0.9", None),
+    "size": (True, False, 4.5, 2.0000001, -1, "4", None, math.nan, math.inf, 1j, 10**19, BIG),
+    "size0": (True, 4.5, -1, "4", None, math.nan, math.inf, 10**19, BIG),  # sizes where 0 is allowed
+    "size_or_none": (True, 4.5, 0, -1, "4", math.nan, 10**19, BIG),
+    # (module options, used as float32 scalars: beyond float32's range is refused too)
+    "nonneg": (math.nan, math.inf, -math.inf, -1.0, True, "0.1", None, BIG, 1e39, 3.5e38),
+    "positive": (0.0, -1.0, math.nan, math.inf, -math.inf, True, False, "1", None, BIG),
+    "positive32": (0.0, -1.0, math.nan, math.inf, -math.inf, True, False, "1", None, BIG, 1e39),
+    "decay": (math.nan, math.inf, -0.1, 1.5, True, "0.9", None, BIG),
     "bool": (1, 0, "yes", None, 2.0),
     "choice": ("L2", "", None, 1, "nope"),
+}
+
+#: The values of a wrong type, by kind: a ``TypeError`` (as the ops raise), never a ValueError.
+WRONG_TYPE = {
+    "size": (True, False, "4", None, 1j), "size0": (True, "4", None), "size_or_none": (True, "4"),
+    "nonneg": (True, "0.1", None), "positive": (True, False, "1", None), "positive32": (True, False, "1", None),
+    "decay": (True, "0.9", None), "bool": (1, 0, "yes", None, 2.0), "choice": (None, 1),
 }
 
 # (constructor, valid kwargs, {argument: kind})
@@ -32,14 +48,14 @@ CTORS = {
         lambda **kw: fastvq.nn.VectorQuantizer(**kw),
         dict(num_embeddings=4, embedding_dim=3),
         dict(num_embeddings="size", embedding_dim="size", commitment_cost="nonneg", metric="choice", grad="choice",
-             ema="bool", decay="decay", eps="positive", dead_code_threshold="nonneg", kmeans_init="bool",
+             ema="bool", decay="decay", eps="positive32", dead_code_threshold="nonneg", kmeans_init="bool",
              kmeans_iters="size0"),
     ),
     "ResidualQuantizer": (
         lambda **kw: fastvq.nn.ResidualQuantizer(**kw),
         dict(num_quantizers=2, num_embeddings=4, embedding_dim=3),
         dict(num_quantizers="size", num_embeddings="size", embedding_dim="size", commitment_cost="nonneg",
-             ema="bool", decay="decay", eps="positive", grad="choice", dead_code_threshold="nonneg",
+             ema="bool", decay="decay", eps="positive32", grad="choice", dead_code_threshold="nonneg",
              kmeans_init="bool", kmeans_iters="size0"),
     ),
     "RQVAE": (
@@ -67,7 +83,7 @@ CTORS = {
 }
 
 CTOR_CASES = [
-    pytest.param(ctor, arg, value, id=f"{ctor}-{arg}={value!r}")
+    pytest.param(ctor, arg, value, id=f"{ctor}-{arg}={_id(value)}")
     for ctor, (_, _, args) in CTORS.items() for arg, kind in args.items() for value in BAD[kind]
 ]
 
@@ -91,6 +107,41 @@ def test_constructor_rejects(ctor, arg, value):
     listed bad value is tried (a table, not a sample)."""
     make, valid, _ = CTORS[ctor]
     _expect_rejected(ctor, arg, value, lambda: make(**dict(valid, **{arg: value})))
+
+
+WRONG_TYPE_CASES = [
+    pytest.param(ctor, arg, value, id=f"{ctor}-{arg}={_id(value)}")
+    for ctor, (_, _, args) in CTORS.items() for arg, kind in args.items() for value in WRONG_TYPE[kind]
+]
+
+
+@pytest.mark.parametrize("ctor,arg,value", WRONG_TYPE_CASES)
+def test_constructor_wrong_type_is_type_error(ctor, arg, value):
+    """A value of the wrong type (a bool for a number, a string, None, an int for a flag, a
+    number for a choice) is a ``TypeError`` naming the argument in every constructor, as in
+    the ops (``code_statistics(..., num_codes=True)``), never a ValueError."""
+    make, valid, _ = CTORS[ctor]
+    with pytest.raises(TypeError, match=rf"\b{re.escape(arg)}\b"):
+        make(**dict(valid, **{arg: value}))
+
+
+# (constructor, argument, value): each size within int64 but whose tensor torch cannot size
+OVERSIZE = [
+    ("VectorQuantizer", "num_embeddings", 2**62), ("VectorQuantizer", "embedding_dim", 2**62),
+    ("ResidualQuantizer", "num_embeddings", 2**61), ("ResidualQuantizer", "num_quantizers", 2**62),
+    ("RQVAE", "input_dim", 2**62), ("RQVAE", "hidden_dim", 2**62), ("RQVAE", "latent_dim", 2**62),
+    ("QREmbedding", "embedding_dim", 2**62), ("QREmbedding", "num_collisions", 2**62),
+    ("Bitcodes", "features", 2**62), ("Bitcodes", "num_bits", 2**62),
+]
+
+
+@pytest.mark.parametrize("ctor,arg,value", OVERSIZE, ids=[f"{c}-{a}" for c, a, _ in OVERSIZE])
+def test_constructor_rejects_unsizable_tensor(ctor, arg, value):
+    """Sizes whose float32 parameter would overflow torch's int64 byte count are a ValueError
+    naming the argument (they were torch's 'Storage size calculation overflowed')."""
+    make, valid, _ = CTORS[ctor]
+    with pytest.raises(ValueError, match=rf"fastvq\.{ctor}: .*\b{arg}\b"):
+        make(**dict(valid, **{arg: value}))
 
 
 QR_PAIR_BAD = ((True, 3), (2.5, 3), (0, 3), (3, -1), (3,), (3, 3, 3))
@@ -130,7 +181,7 @@ FUNCS = {
 }
 
 
-FUNC_CASES = [pytest.param(name, value, id=f"{name}={value!r}")
+FUNC_CASES = [pytest.param(name, value, id=f"{name}={_id(value)}")
               for name, (_, _, kind) in FUNCS.items() for value in BAD[kind]]
 
 

@@ -244,15 +244,60 @@ def test_kmeans_init_per_level(backend, ema):
         dict(eps=-1.0),
         dict(dead_code_threshold=-0.5),
         dict(kmeans_iters=1.5),
-        dict(ema=None),
+        dict(dead_code_threshold=1e39),  # finite, but not in float32: every EMA step failed
+        dict(eps=10**400),  # (float() of it raised OverflowError)
+        dict(num_quantizers=10**19),
+        dict(num_embeddings=2**61),
     ],
-    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+    ids=lambda kw: "-".join(f"{k}={v if not isinstance(v, int) or v < 2**64 else 'huge'}" for k, v in kw.items()),
 )
 def test_bad_constructor_args(kwargs):
     args = dict(num_quantizers=L, num_embeddings=K, embedding_dim=D)
     args.update(kwargs)
-    with pytest.raises(ValueError, match="ResidualQuantizer"):
+    with pytest.raises(ValueError, match=rf"ResidualQuantizer: .*\b{next(iter(kwargs))}\b"):
         ResidualQuantizer(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(ema=None), dict(ema=1), dict(kmeans_init="yes"), dict(grad=1), dict(commitment_cost=True)],
+    ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
+)
+def test_wrong_type_constructor_args(kwargs):
+    """A wrong type is a TypeError naming the argument (as in the ops), not a ValueError."""
+    args = dict(num_quantizers=L, num_embeddings=K, embedding_dim=D)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match="ResidualQuantizer: " + next(iter(kwargs))):
+        ResidualQuantizer(**args)
+
+
+def test_integral_float_sizes_are_ints(backend):
+    """Sizes follow the ops' rule (fastvq._checks.check_int_arg): an integral float is that int."""
+    rq = ResidualQuantizer(2.0, 4.0, 3.0, ema=True, dead_code_threshold=1.0).train()
+    assert (rq.num_quantizers, rq.num_embeddings, rq.embedding_dim) == (2, 4, 3)
+    assert type(rq.num_quantizers) is int and rq.codebooks.shape == (2, 4, 3)
+    x = randn(8, 3, seed=5)
+    rq.to(x.device)(x)
+
+
+def test_largest_float32_threshold_trains(backend):
+    """dead_code_threshold = float32's maximum (the largest accepted) trains, with and without EMA."""
+    big = torch.finfo(torch.float32).max
+    for ema in (False, True):
+        rq = ResidualQuantizer(2, 4, 3, ema=ema, dead_code_threshold=big).train()
+        x = randn(8, 3, seed=6)
+        rq.to(x.device)(x)
+        assert rq.codebooks.isfinite().all()
+
+
+def test_mask_errors_name_mask():
+    """A NaN or negative mask weight is reported as the module's ``mask``, not as the op's
+    internal ``weights`` argument."""
+    rq = ResidualQuantizer(L, K, D, ema=True).train()
+    x = randn(2, 5, D, seed=7)
+    rq.to(x.device)
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match=r"^fastvq\.ResidualQuantizer: mask must be finite and >= 0"):
+            rq(x, torch.full((2, 5), bad, device=x.device))
 
 
 def test_issue_signature_positional():

@@ -147,6 +147,48 @@ def test_semantic_ids_bad_input(seed_quantizer, features, kw, err):
     assert model.training
 
 
+@pytest.mark.parametrize(
+    "features,kw,err,name",
+    [
+        ("abc", {}, TypeError, "features"),
+        ([["a", "b"]], {}, TypeError, "features"),
+        (None, {"progress": "no"}, TypeError, "progress"),
+        (None, {"with_collision_level": 1}, TypeError, "with_collision_level"),
+    ],
+    ids=["str", "batch-of-str", "progress-str", "collision-level-int"],
+)
+def test_semantic_ids_errors_name_the_argument(seed_quantizer, features, kw, err, name):
+    model = _model()
+    features = randn(7, 12, seed=9) if features is None else features
+    with pytest.raises(err, match=rf"RQVAE\.semantic_ids: {name}\b"):
+        model.semantic_ids(features, **dict(dict(progress=False), **kw))
+
+
+def test_integral_float_sizes_are_ints():
+    """Sizes follow the ops' rule (fastvq._checks.check_int_arg): an integral float is that int;
+    a size beyond int64 is a ValueError naming it."""
+    model = fastvq.nn.RQVAE(5.0, 6.0, 3.0, num_quantizers=2.0, num_embeddings=4.0)
+    assert (model.num_quantizers, model.num_embeddings) == (2, 4) and type(model.num_quantizers) is int
+    assert model.quantizer.codebooks.shape == (2, 4, 3)
+    with pytest.raises(ValueError, match=r"RQVAE: num_quantizers must be <="):
+        fastvq.nn.RQVAE(5, 6, 3, num_quantizers=10**19, num_embeddings=4)
+    with pytest.raises(TypeError, match=r"RQVAE: num_embeddings"):
+        fastvq.nn.RQVAE(5, 6, 3, num_quantizers=2, num_embeddings=True)
+
+
+def test_compute_loss_empty_batch_is_zero():
+    """An empty batch: every loss 0 (the quantizer's losses are; a mean over no elements would be
+    NaN), and backward gives zero gradients."""
+    model = fastvq.nn.RQVAE(5, 6, 3, num_quantizers=2, num_embeddings=4).train()
+    f = randn(0, 5)
+    model.to(f.device)
+    losses = model.compute_loss(f, *model(f)[:3])
+    for name, value in losses.items():
+        assert value.item() == 0.0, name
+    losses["total_loss"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 def test_with_fastvq_residual_quantizer():
     try:
         model = _model()

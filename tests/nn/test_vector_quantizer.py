@@ -1,5 +1,6 @@
 """fastvq.nn.VectorQuantizer against the seed VectorQuantizer / EMAQuantizer (tests/seeds.py)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -322,21 +323,72 @@ def test_empty_input(backend):
         dict(commitment_cost=-1.0),
         dict(metric="l1"),
         dict(grad="straight"),
-        dict(ema="yes"),
         dict(decay=1.5),
         dict(eps=0.0),
         dict(dead_code_threshold=-1.0),
         dict(dead_code_threshold=float("nan")),
-        dict(kmeans_init=1),
+        dict(dead_code_threshold=1e39),  # finite, but not in float32: every EMA step failed
+        dict(dead_code_threshold=3.5e38),
+        dict(commitment_cost=10**400),  # (float() of it raised OverflowError)
+        dict(decay=10**400),
+        dict(num_embeddings=10**19),  # beyond int64
+        dict(num_embeddings=2**62),  # (2**62 * D floats: torch's size overflow)
         dict(kmeans_iters=-1),
     ],
-    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+    ids=lambda kw: "-".join(f"{k}={v if not isinstance(v, int) or v < 2**64 else 'huge'}" for k, v in kw.items()),
 )
 def test_bad_constructor_args(kwargs):
     args = dict(num_embeddings=K, embedding_dim=D)
     args.update(kwargs)
-    with pytest.raises(ValueError, match="VectorQuantizer"):
+    with pytest.raises(ValueError, match=rf"VectorQuantizer: .*\b{next(iter(kwargs))}\b"):
         VectorQuantizer(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(ema="yes"), dict(ema=1), dict(kmeans_init=1), dict(kmeans_init=None), dict(metric=3), dict(grad=None),
+     dict(commitment_cost=True), dict(commitment_cost="3"), dict(num_embeddings=True)],
+    ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
+)
+def test_wrong_type_constructor_args(kwargs):
+    """A wrong type is a TypeError naming the argument (as in the ops), not a ValueError."""
+    args = dict(num_embeddings=K, embedding_dim=D)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match="VectorQuantizer: " + next(iter(kwargs))):
+        VectorQuantizer(**args)
+
+
+@pytest.mark.parametrize("sizes", [(4.0, 3), (4, 3.0), (np.float32(4.0), np.int64(3))], ids=repr)
+def test_integral_float_sizes_are_ints(sizes, backend):
+    """Sizes follow the ops' rule (fastvq._checks.check_int_arg): an integral float is that int."""
+    vq = VectorQuantizer(*sizes, ema=True).train()
+    assert (type(vq.num_embeddings), type(vq.embedding_dim)) == (int, int)
+    assert vq.embeddings.weight.shape == (4, 3)
+    x = randn(8, 3, seed=3)
+    vq.to(x.device)(x)
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["usage", "ema"])
+def test_largest_float32_options_train(ema, backend):
+    """The largest accepted threshold / eps / commitment cost (float32's maximum) trains: an
+    option is accepted only if the training step can use it."""
+    big = torch.finfo(torch.float32).max
+    vq = VectorQuantizer(K, D, big, ema=ema, eps=big, dead_code_threshold=big).train()
+    x = randn(8, D, seed=4)
+    vq.to(x.device)(x)
+    assert vq.embeddings.weight.isfinite().all()
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
+def test_mask_errors_name_mask(ema):
+    """A NaN or negative mask weight is reported as the module's ``mask``, not as the op's
+    internal ``weights`` argument (P9)."""
+    vq = VectorQuantizer(K, D, ema=ema).train()
+    x = randn(2, 5, D, seed=8)
+    vq.to(x.device)
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match=r"^fastvq\.VectorQuantizer: mask must be finite and >= 0"):
+            vq(x, torch.full((2, 5), bad, device=x.device))
 
 
 def test_bad_inputs():

@@ -192,6 +192,20 @@ def test_bad_input(x, indices, num_codes, err):
         fastvq.code_statistics(x, indices, num_codes)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["2D", "batched-L2"])
+def test_num_codes_beyond_int32_keys_is_named(backend, batched):
+    """``L * num_codes`` beyond the int32 sort keys (2**31 - 2) is a ValueError naming num_codes on
+    both backends (it was a bare AssertionError on Triton and an allocator RuntimeError on the
+    reference), checked before anything is allocated."""
+    L = 2 if batched else 1
+    x = randn(L, 6, 3) if batched else randn(6, 3)
+    idx = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+    limit = (2**31 - 2) // L
+    for K in (limit + 1, 2**31, 2**40):
+        with pytest.raises(ValueError, match=rf"fastvq\.code_statistics: num_codes must be <= {limit}\b"):
+            fastvq.code_statistics(x, idx, K)
+
+
 def test_integral_float_num_codes():
     # every size argument takes an integral float (1e6) the same way: one check, _checks.check_int_arg
     x, idx = randn(6, 3), torch.tensor([0, 2, 1, 2, 0, 0])

@@ -199,6 +199,18 @@ def test_statistics_of_empty_and_huge_counts(counts):
     assert u.to_dict()["active_codes"] == sum(x > 0 for x in counts)
 
 
+@pytest.mark.parametrize("K", [2**31, 2**40, 2**62, 10**19], ids=["2^31", "2^40", "2^62", "1e19"])
+def test_huge_codebook_size_is_named(backend, K):
+    """A codebook_size beyond the int32 index range is a ValueError naming it, on both backends
+    and in the meter (2**62 was torch's 'Storage size calculation overflowed', 2**40 an 8 TiB
+    allocation attempt); 2**31 - 1 is the largest accepted."""
+    idx = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match=r"fastvq\.code_usage: codebook_size must be <= 2147483647"):
+        fastvq.code_usage(idx, K)
+    with pytest.raises(ValueError, match=r"fastvq\.CodeUsageMeter: codebook_size must be <= 2147483647"):
+        fastvq.CodeUsageMeter(K)
+
+
 @pytest.mark.parametrize("K,err", [(0, ValueError), (3.5, ValueError), (True, TypeError)], ids=["K0", "K-float", "K-bool"])
 def test_meter_bad_input(K, err):
     with pytest.raises(err, match="CodeUsageMeter"):
