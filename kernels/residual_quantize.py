@@ -75,7 +75,8 @@ MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the 
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
 CHUNK_D = 64  # D chunk of the chunked variant
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
-EPS_NORM = 1e-6  # as fastvq.reference.rotation_trick (kernels import no reference: kept in step by a test)
+EPS_NORM = 9.999999974752427e-07  # float32(1e-6), as fastvq.reference.rotation_trick (kernels import no
+# reference: tests/ops/test_residual_quantize.py keeps the two equal)
 EPS_ANTIPODAL = 1e-3
 
 
@@ -674,7 +675,13 @@ def _residual_quantize_bwd_kernel(
                 b_q1 = b_q * (1.0 / tl.where(b_mq > 0, b_mq, 1.0))[:, None]
                 b_a1 = tl.sqrt(tl.sum(b_e1 * b_e1, axis=1))
                 b_b1 = tl.sqrt(tl.sum(b_q1 * b_q1, axis=1))
-                b_ok = (b_me * b_a1 >= EPS_N) & (b_mq * b_b1 >= EPS_N)
+                # |e| < EPS_N decided on float64 sums of squares (exact squares), as the rotation_trick
+                # kernel and the reference decide it: rows at the threshold take one branch everywhere
+                b_x64 = b_x.to(tl.float64)
+                b_q64 = b_q.to(tl.float64)
+                b_ee = tl.sum(b_x64 * b_x64, axis=1)
+                b_eps = tl.zeros_like(b_ee) + EPS_N  # float64, exactly the float32 EPS_N
+                b_ok = (b_ee >= b_eps * b_eps) & (tl.sum(b_q64 * b_q64, axis=1) >= b_eps * b_eps)
                 b_eh = b_e1 * (1.0 / tl.where(b_ok, b_a1, 1.0))[:, None]
                 b_qh = b_q1 * (1.0 / tl.where(b_ok, b_b1, 1.0))[:, None]
                 b_s = b_eh + b_qh

@@ -748,3 +748,34 @@ def test_quantized_is_finite_where_the_exact_sum_is(backend, device, dtype, chun
         if k == 2:
             want[2] = x[2]
         assert torch.equal(q, want), (k, q)
+
+
+def test_kernel_eps_norm_is_the_reference_one():
+    from fastvq.kernels import residual_quantize as rq
+    from fastvq.reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
+
+    assert rq.EPS_NORM == EPS_NORM and rq.EPS_ANTIPODAL == EPS_ANTIPODAL
+
+
+def test_fused_rotation_rows_at_the_eps_norm_threshold_take_one_branch():
+    # the fused rotation-trick backward decided |x| < EPS_NORM on a float32 norm, the reference
+    # (rotation_trick_bwd_ref) on float64 sums of squares: rows within a float32 rounding of the
+    # threshold went straight through on one and rotated (gradient ~1e6) on the other
+    from fastvq.kernels.residual_quantize import residual_quantize_bwd
+    from fastvq.reference.residual_quantize import residual_quantize_bwd_ref
+    from fastvq.reference.rotation_trick import EPS_NORM
+
+    d = randn(400, 7, seed=41)
+    d = d / d.double().norm(dim=1, keepdim=True).float()
+    steps = torch.arange(-50, 50, dtype=torch.float32, device=d.device).repeat(4)[:, None]
+    x = d * (EPS_NORM * (1 + steps * 2.0**-23))
+    cb = randn(1, 1, 7, seed=42)  # one code: every row's quantized vector is that code
+    codes = torch.zeros(400, 1, dtype=torch.int64, device=x.device)
+    g = torch.ones_like(x)
+    kw = dict(grad=g, rotate=True)
+    dx, _ = residual_quantize_bwd(x, cb, codes, **kw)
+    ref, _ = residual_quantize_bwd_ref(x, cb, codes, **kw)
+    below = x.double().norm(dim=1) < EPS_NORM
+    assert below.any() and (~below).any()
+    for i in range(x.shape[0]):
+        assert torch.equal(ref[i], g[i]) == torch.equal(dx[i], g[i]) == bool(below[i]), (i, ref[i], dx[i])
