@@ -750,6 +750,29 @@ def _nearest_code_reduce_kernel(p_x, p_c, p_meta, p_pscore, p_pidx, p_idx, p_dis
 
 
 @triton.jit
+def _overflow_scores(b_v, b_xc, p_ct, K, band, o_k, m_k):
+    """float64 l2 top-k values: the scores (row unit 2^2L, float32) where they overflow to +inf
+    recomputed from the next units up (band 2 -> 0 -> 1, 2^96 apart: x' 2^-96 per step) and scaled
+    back to the row's unit exactly, so far codes keep their order instead of tying at +inf."""
+    U: tl.constexpr = 79228162514264337593543950336.0  # 2^96
+    b_v = b_v.to(tl.float64)
+    x64 = b_xc.to(tl.float64)
+    a1 = tl.load(p_ct + 1 * K + o_k, mask=m_k, other=float("nan")).to(tl.float64)
+    b1 = tl.load(p_ct + 4 * K + o_k, mask=m_k, other=0.0).to(tl.float64)
+    if band == 2:
+        a0 = tl.load(p_ct + 0 * K + o_k, mask=m_k, other=float("nan")).to(tl.float64)
+        b0 = tl.load(p_ct + 3 * K + o_k, mask=m_k, other=0.0).to(tl.float64)
+        s0 = (a0[None, :] + (b0 / U)[None, :] * x64) * U * U
+        b_v = tl.where(b_v == float("inf"), s0, b_v)
+        s1 = (a1[None, :] + (b1 / U / U)[None, :] * x64) * U * U * U * U
+        b_v = tl.where(b_v == float("inf"), s1, b_v)
+    else:
+        s1 = (a1[None, :] + (b1 / U)[None, :] * x64) * U * U
+        b_v = tl.where(b_v == float("inf"), s1, b_v)
+    return b_v
+
+
+@triton.jit
 def _topk_codes_fwd_kernel(
     p_x, p_c, p_chat, p_cterm, p_meta, p_idx, p_dist,
     N, K, D, KK,
@@ -790,9 +813,9 @@ def _topk_codes_fwd_kernel(
     BIG: tl.constexpr = 2147483647
     o_slot = tl.arange(0, KP)
     m_slot = (o_slot < KK)[None, :] & (o_n >= 0)[:, None]
-    b_tv = tl.where(m_slot, float("inf"), float("-inf"))  # slots past KK are never the worst
+    b_tv = tl.where(m_slot, float("inf"), float("-inf")).to(tl.float64)  # slots past KK are never the worst
     b_ti = tl.where(m_slot, BIG, -1)
-    b_wv = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)  # the worst slot: value, key, position
+    b_wv = tl.full((BLOCK_N,), float("inf"), dtype=tl.float64)  # the worst slot: value, key, position
     b_wi = tl.full((BLOCK_N,), BIG, dtype=tl.int32)
     b_wp = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for band in range(0, NBANDS):  # one pass per unit band the block's rows hold (l2; else one)
@@ -806,9 +829,14 @@ def _topk_codes_fwd_kernel(
                 b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
                                 ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
                 b_s = _scores(b_xc, p_ca, p_cf, o_k, m_k)
+                b_s64 = b_s.to(tl.float64)
+                if NBANDS == 3:  # l2: scores past the row's unit ordered in the units above
+                    if band != 1:
+                        if tl.max(tl.max(((b_s == float("inf")) & m_band[:, None]).to(tl.int32), axis=1), axis=0) > 0:
+                            b_s64 = _overflow_scores(b_s, b_xc, p_ct, K, band, o_k, m_k)
                 b_ct = tl.load(p_ca + o_k, mask=m_k, other=0.0)
                 b_key = (o_k + tl.where(b_ct == b_ct, 0, 1073741824)).to(tl.int32)
-                b_v = tl.where((b_s == b_s) & ~m_bad[:, None], b_s, float("inf"))
+                b_v = tl.where((b_s == b_s) & ~m_bad[:, None], b_s64, float("inf"))
                 b_v = tl.where(m_k[None, :], b_v, float("nan"))  # past K: never extracted
                 b_m = tl.min(b_v, axis=1)
                 b_j = tl.min(tl.where(b_v == b_m[:, None], b_key[None, :], BIG), axis=1)
@@ -1017,7 +1045,7 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
         gpu = 64, 32, 8
     else:
         block_k = 64 if arch_family(target_for(x.device)) == "sm_90" else 32
-        gpu = (64, block_k, 4) if KP <= 32 else (32, block_k, 4)
+        gpu = (32, block_k, 4)  # 64-row tiles spilled (float64 top-k values: the l2 scale tiers)
     BLOCK_N, BLOCK_K, num_warps = interpreter_or((32, 32, 4), gpu)
     _topk_codes_fwd_kernel[(H * triton.cdiv(N, BLOCK_N),)](
         x, codebook, chat, cterm, meta, indices, distances, N, K, D, k,

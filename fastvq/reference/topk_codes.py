@@ -22,6 +22,28 @@ def topk_order(s: torch.Tensor, bad_code: torch.Tensor, special_row: torch.Tenso
     return order[:, :k] if k <= K else order
 
 
+def ranked_scores(x32: torch.Tensor, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  band: torch.Tensor) -> torch.Tensor:
+    """The kernel's top-k values: :func:`scores`, in float64, with l2 scores that overflow the
+    row's unit (+inf) recomputed in the next units up (band 2 -> 0 -> 1, ``x'`` times 2^-96 per
+    step) and scaled back to the row's unit, so that far codes keep their order."""
+    s = scores(x32, codes, a, b, band).double()
+    if a.shape[0] != 3:
+        return s
+    xc = (x32 @ codes.T).double()
+    a64, b64 = a.double(), b.double()
+    U = 2.0**96
+    inf = float("inf")
+
+    def up(v, u, steps):
+        w = (a64[u] + (b64[u] / U**steps) * xc) * U ** (2 * steps)
+        return torch.where(v == inf, w, v)
+
+    r2, r0 = (band == 2)[:, None], (band == 0)[:, None]
+    s = torch.where(r2, up(up(s, 0, 1), 1, 2), s)
+    return torch.where(r0, up(s, 1, 1), s)
+
+
 def topk_codes_ref(
     x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str = "l2", *, allow_tf32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +63,7 @@ def topk_codes_ref(
         rows = x3[h, s:e]
         special = ~torch.isfinite(rows).all(-1)
         xr, band = scale_rows(rows, metric, c_min[h])
-        idx = topk_order(scores(xr, codes[h], a[h], b[h], band), bad_code[h], special, k)
+        idx = topk_order(ranked_scores(xr, codes[h], a[h], b[h], band), bad_code[h], special, k)
         nan_row = rows.isnan().any(-1)
         idx = torch.where(nan_row[:, None], torch.arange(k, device=x.device).expand_as(idx), idx)
         indices[h, s:e] = idx

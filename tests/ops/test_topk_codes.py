@@ -185,3 +185,48 @@ def test_large_gpu(k, device):
     assert ((idx >= 0) & (idx < 4096)).all()
     assert (idx == ref_idx).float().mean() > 0.99
     torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-3)
+
+
+def _check_multiscale(x, c, k, idx, dist):
+    """l2 against a float64 oracle, position by position, allowing float32 rounding of the terms
+    |x|^2 and |c|^2 of the codes compared (relative, so tiny codes are held to tiny errors)."""
+    x64, c64 = x.double().reshape(-1, x.shape[-1]), c.double()
+    d = ((x64[:, None, :] - c64[None]) ** 2).sum(-1)
+    order = d.sort(1)
+    truth, t_idx = order.values[:, :k], order.indices[:, :k]
+    chosen = d.gather(1, idx.reshape(-1, k))
+    cn = (c64**2).sum(-1)
+    mag = (x64**2).sum(-1, keepdim=True) + torch.maximum(cn[idx.reshape(-1, k)], cn[t_idx])
+    bad = (chosen - truth).abs() > 1e-5 * mag + 1e-44
+    assert not bad.any(), f"not the k nearest, in order: rows {bad.any(1).nonzero().flatten().tolist()[:5]}"
+    dist2 = dist.reshape(-1, k)
+    assert (dist2[:, 1:] >= dist2[:, :-1]).all(), "distances not increasing"
+
+
+def test_l2_codes_at_widely_different_scales_reproducer(backend):
+    # probe2 Q1: codes 1e4 and 1e-3 overflowed the row's unit (both +inf) and tied by index
+    x = torch.tensor([[1e-19]])
+    c = torch.tensor([[1e4], [1e-3], [1e-18], [1e-27]])
+    for k in (3, 4):
+        idx, dist = fastvq.topk_codes(x, c, k)
+        assert idx.tolist() == [[3, 2, 1, 0][:k]]
+        assert (dist[:, 1:] >= dist[:, :-1]).all()
+        _check_multiscale(x, c, k, idx, dist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [1, 2, 3])
+def test_l2_codes_at_widely_different_scales(backend, dtype, D):
+    g = generator()
+    K, N = 24, 48
+    e_c = torch.randint(-120, 121, (K, 1), generator=g, device=g.device).float()
+    c = (torch.randn(K, D, generator=g, device=g.device) * torch.exp2(e_c)).to(dtype)
+    # rows at the codes' scales, some next to a code
+    e_x = torch.randint(-120, 121, (N, 1), generator=g, device=g.device).float()
+    x = torch.randn(N, D, generator=g, device=g.device) * torch.exp2(e_x)
+    near = torch.randint(0, K, (N // 2,), generator=g, device=g.device)
+    x[: N // 2] = c[near].float() * (1 + 1e-2 * torch.randn(N // 2, D, generator=g, device=g.device))
+    x = x.to(dtype)
+    for k in (5, K):
+        idx, dist = fastvq.topk_codes(x, c, k)
+        _check_multiscale(x, c, k, idx, dist)
