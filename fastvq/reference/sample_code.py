@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .nearest_code import (_mul_exp2, argmin_first, choose, distance, max_abs, pow2_exponent, prepare_codebook,
-                           row_chunks, row_unit, scale_rows, scores, search_setup)
+from .nearest_code import (_mul_exp2, argmin_first, choose, distance, exp2i, max_abs, pow2_exponent,
+                           prepare_codebook, row_chunks, row_unit, scale_rows, scores, search_setup)
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -89,6 +89,9 @@ def sample_code_ref(
         a = row_factor(rows, xs, metric, e_unit[h], unit, temperature)
         w = (a <= NOISE_LIMIT).to(torch.float32)  # also 0 where a is NaN
         a = torch.where(w > 0, a, torch.ones_like(a))
+        # both terms times 2^-sh (a' < 1/2), as the kernel: score * a' cannot overflow float32
+        sh = exp2i(-(pow2_exponent(a) + 2).clamp_min(0))
+        a, w = a * sh, w * sh
         g = gumbel(seed, torch.arange(s, s + rows.shape[0], device=x.device), K, h)
         _, idx = argmin_first(sc * a[:, None] - w[:, None] * g)
         idx = choose(rows, idx, first[h].expand_as(idx), K)

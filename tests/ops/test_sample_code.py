@@ -151,3 +151,29 @@ def test_compile_fullgraph(backend):
 
     idx, dist = f(x, c)
     assert torch.equal(idx, fastvq.sample_code(x, c, 0.5, "euclidean", seed=4)[0])
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_tiny_temperature_where_distance_over_temperature_overflows(backend, metric):
+    # probe2 Q2: d / T overflowed float32 (both codes at -inf): the tie went to index 0, a code of
+    # probability exp(-3e43) = 0; the nearest code is the draw
+    if metric == "dot":
+        x = torch.tensor([[0.0, 0.0, 1e-20]])
+        c = torch.tensor([[0.0, 0.0, 1e33], [0.0, 0.0, 4e33]])
+        temps = [1e-30, 1e-25]
+    else:  # scores of the row's unit times 1/T near 2^100
+        x = torch.tensor([[3e13, 0.0, 0.0]])
+        c = torch.tensor([[1e13, 0.0, 0.0], [2e13, 0.0, 0.0]])
+        temps = [1e-10, 1e-3]
+    for temperature in temps:
+        got = [fastvq.sample_code(x, c, temperature, metric, seed=s)[0].item() for s in range(4)]
+        assert got == [1] * 4, (temperature, got)
+    # random: rows ~1e-21, codes ~1e33 (float64 distances apart by far more than T)
+    g = generator()
+    xr = torch.randn(16, 3, generator=g, device=g.device) * 1e-21
+    cr = torch.randn(6, 3, generator=g, device=g.device) * 1e33
+    if metric == "l2":
+        xr, cr = xr * 1e34, cr * 1e-20
+    want = d64(xr, cr, metric).argmin(1)
+    got, _ = fastvq.sample_code(xr, cr, 1e-30, metric, seed=3)
+    assert got.tolist() == want.tolist()
