@@ -786,8 +786,9 @@ def _topk_codes_fwd_kernel(
     DOT_FP32: tl.constexpr, NBANDS: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, FIN_D: tl.constexpr,
 ):
-    """The ``KK`` nearest codes of each row: the nearest-code search's scores, kept in a running
-    set of ``KK`` (value, key) slots per row. A tile is merged by extracting its best remaining
+    """The ``KK`` nearest codes of each row: the nearest-code search's scores (float64 values:
+    l2 scores past the row's unit recomputed in the units above, ``_overflow_scores``), kept in a
+    running set of ``KK`` (value, key) slots per row. A tile is merged by extracting its best remaining
     element while it beats some row's worst slot (all rows at once; a tile that improves no row
     costs one min), so late tiles cost little. Key = code index, plus 2^30 for a code with a
     non-finite entry: those rank after every finite code; a row with a non-finite entry ranks
