@@ -14,14 +14,19 @@ from ..ops.bitcodes import checked_bits
 
 
 def _row_scale(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``(..., 1)`` powers of two in ``x``'s dtype: 1 for every row whose scores ``x.c`` cannot
-    overflow (bound: ``max|x| * max_j |c_j|_1`` below a quarter of the dtype's range, bitwise
-    the unscaled product), else the one that brings that bound there. Non-finite rows: 1."""
+    """``(..., 1)`` powers of two, float32 for 16-bit ``x`` (else ``x``'s dtype): 1 for every row
+    whose scores ``x.c`` cannot overflow (bound: ``max|x| * max_j |c_j|_1`` below a quarter of the
+    dtype's range, bitwise the unscaled product), else the one that brings that bound there.
+    The scale may be far below the dtype's normals (fp16 ``x = 65504`` with ``|c|_1 = 131008``:
+    ``2^-19``; it was clamped at ``2^-14``, both scores overflowed and the tie picked bit 0):
+    hence the float32 scale; the scaled row's largest entry is ``>= 1 / (4 D)``, a normal
+    number. Non-finite rows: 1."""
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     finfo = torch.finfo(x.dtype)
     bound = x.detach().abs().amax(-1, keepdim=True).double() * codebook.detach().abs().double().sum(-1).amax()
-    k = torch.log2(bound / (finfo.max / 4)).ceil().clamp(0, -math.log2(finfo.smallest_normal))
+    k = torch.log2(bound / (finfo.max / 4)).ceil().clamp(0, -math.log2(torch.finfo(acc).smallest_normal))
     k = torch.where(bound.isfinite(), k, 0.0)
-    return torch.exp2(-k).to(x.dtype)
+    return torch.exp2(-k).to(acc)
 
 
 def _col_scale(codebook: torch.Tensor) -> torch.Tensor:
@@ -157,10 +162,10 @@ class Bitcodes(nn.Module):
         # by a power of two first (the bits are scale-invariant); every other row by 1, bitwise
         # the unscaled product. ``pairs`` (the gradient's path) is the unscaled score: +-inf
         # where it overflows, never NaN for a finite x
-        scale = _row_scale(x, codebook)
-        scaled = F.linear(x * scale, codebook).unflatten(-1, (self.num_bits, 2))  # (..., num_bits, 2)
+        scale = _row_scale(x, codebook)  # (float32 for 16-bit x: the same as x's dtype otherwise)
+        scaled = F.linear((x.to(scale.dtype) * scale).to(x.dtype), codebook).unflatten(-1, (self.num_bits, 2))
         scale = scale.unsqueeze(-1)
-        pairs = scaled / scale
+        pairs = (scaled.to(scale.dtype) / scale).to(scaled.dtype)
         if self.training:
             bits, attn = _hard_gumbel(pairs, self.temperature, scaled, scale)
             attn = attn.to(codebook.dtype)
