@@ -36,7 +36,8 @@ def _col_scale(codebook: torch.Tensor) -> torch.Tensor:
     unscaled product: ordinary codebooks), else the one that brings it there (a sum such as
     3e38 + 3e38 - 3e38 then gives its finite 3e38, not inf; below the subnormals such a column
     rounds at ``2^-149`` times its scale). float16 accumulates in float32: never scaled.
-    Non-finite columns: 1. Codebook-sized work, no host read."""
+    Takes a finite codebook (:func:`_code_sum` zeroes the non-finite entries first).
+    Codebook-sized work, no host read."""
     acc = torch.float32 if codebook.dtype == torch.float16 else codebook.dtype
     bound = codebook.detach().abs().double().sum(0)
     k = torch.log2(bound / (torch.finfo(acc).max / 4)).ceil().clamp(0, -math.log2(torch.finfo(acc).smallest_normal))
@@ -45,10 +46,31 @@ def _col_scale(codebook: torch.Tensor) -> torch.Tensor:
 
 
 def _code_sum(attn: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``attn (..., 2 * num_bits) @ codebook``, column-scaled (:func:`_col_scale`) so that the sum is
-    +-inf only where the exact one is beyond the dtype's range (scaling by powers of two is exact)."""
-    scale = _col_scale(codebook)
-    return (attn @ (codebook * scale)) / scale
+    """``attn (..., 2 * num_bits) @ codebook``: the sum of the rows the (near-)0/1 weights select.
+
+    - Column-scaled (:func:`_col_scale`) so that the sum is +-inf only where the exact one is
+      beyond the dtype's range (scaling by powers of two is exact).
+    - float16 is summed in float32 (explicitly: the CPU's fp16 product flushed a subnormal term,
+      -65504 + 65504 - 7.3e-6 gave 0) and rounded once.
+    - Non-finite entries reach only the sums that select them: the product runs on the codebook
+      with them zeroed (``0 * inf`` in an unselected row made the whole column NaN), and a second,
+      exact float32 product of the 0/1 selection counts the selected +inf / -inf / NaN entries
+      per output (+inf, -inf, NaN where both infinities or a NaN are selected). Cost: one more
+      ``(..., 2 * num_bits) @ (2 * num_bits, D)`` product and a few elementwise passes over
+      the output; no host read. A non-finite entry gets no gradient (0)."""
+    acc = torch.float32 if codebook.dtype == torch.float16 else codebook.dtype
+    finite = codebook.isfinite()
+    fin = torch.where(finite, codebook, 0.0)
+    scale = _col_scale(fin).to(acc)
+    out = (attn.to(acc) @ (fin.to(acc) * scale)) / scale
+    # selection counts (each <= num_bits <= 63, so exact in float32): +inf 1, -inf 64, NaN 4096
+    tag = torch.where(codebook.isnan(), 4096.0, torch.where(codebook > 0, 1.0, 64.0))
+    tag = torch.where(finite, 0.0, tag).float()
+    count = attn.detach().round().float() @ tag
+    pos, neg, nan = count.remainder(64), (count / 64).floor().remainder(64), (count / 4096).floor()
+    special = torch.where(pos > 0, float("inf"), 0.0) + torch.where(neg > 0, float("-inf"), 0.0)
+    special = torch.where(nan > 0, float("nan"), special)
+    return torch.where(count > 0, special.to(acc), out).to(codebook.dtype)
 
 
 def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor | None = None,

@@ -325,6 +325,8 @@ def test_a_nonfinite_entry_reaches_only_the_sums_that_select_it(bad, training):
     out = bc.from_bits(bits).detach()
     assert out[:2].tolist() == [[4.0, 7.0], [5.0, 8.5]], out
     assert torch.equal(out[2, 1], torch.tensor(0.75)) and (out[2, 0] == bad or (out[2, 0].isnan() and bad != bad))
+    if bad != bad:
+        return  # forward: x.c is NaN for every x that meets the NaN entry: a NaN row (documented)
     torch.manual_seed(0)  # x = (-1, 0): bits [0, 1] (scores -1 > -2; -bad vs -3), y = 1 + 3 for bad = +inf
     y, b = bc(torch.tensor([[-1.0, 0.0]]))
     sel = F.one_hot(b, 2).flatten(-2).bool()[0]
