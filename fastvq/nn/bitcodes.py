@@ -20,11 +20,14 @@ def _row_scale(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     The scale may be far below the dtype's normals (fp16 ``x = 65504`` with ``|c|_1 = 131008``:
     ``2^-19``; it was clamped at ``2^-14``, both scores overflowed and the tie picked bit 0):
     hence the float32 scale; the scaled row's largest entry is ``>= 1 / (4 D)``, a normal
-    number. Non-finite rows: 1."""
+    number. The scale itself may be subnormal (fp32 ``x = 3e38`` against a codebook near the
+    range needs ``2^-130`` and more; clamped at ``2^-126`` it left both scores +inf): a product
+    with a power of two is exact, rounded only where the result is subnormal. Non-finite rows: 1."""
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     finfo = torch.finfo(x.dtype)
     bound = x.detach().abs().amax(-1, keepdim=True).double() * codebook.detach().abs().double().sum(-1).amax()
-    k = torch.log2(bound / (finfo.max / 4)).ceil().clamp(0, -math.log2(torch.finfo(acc).smallest_normal))
+    tiny = torch.finfo(acc).smallest_normal * torch.finfo(acc).eps  # the smallest subnormal of acc
+    k = torch.log2(bound / (finfo.max / 4)).ceil().clamp(0, -math.log2(tiny))
     k = torch.where(bound.isfinite(), k, 0.0)
     return torch.exp2(-k).to(acc)
 

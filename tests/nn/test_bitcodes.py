@@ -312,6 +312,22 @@ def test_fp16_rows_at_the_range_pick_the_exact_bits(training):
     assert torch.equal(y.detach(), bc.codebook.detach()[bits.flatten()])
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fp32_rows_at_the_range_pick_the_exact_bits(training):
+    # the float32 analogue of probe2 Q4: x = 3e38 against rows near the range needs a scale
+    # 2^-130 (bound 3.6e77 / 8.5e37), below fp32's normals: clamped at 2^-126, both scores
+    # overflowed to +inf and the tie picked bit 0. float64 scores: 2.7e77 < 3.6e77 -> bit 1
+    bc = Bitcodes(4, 1, 1.0).train(training)
+    with torch.no_grad():
+        bc.codebook.copy_(torch.tensor([[3e38, 3e38, 3e38, 1.0], [3e38, 3e38, 3e38, 3e38]]))
+    x = torch.tensor([[3e38, 3e38, 3e38, 3e38], [1.0, 1.0, 1.0, 1.0], [-3e38, -3e38, -3e38, -3e38]])
+    torch.manual_seed(0)
+    y, bits = bc(x)
+    s64 = F.linear(x.double(), bc.codebook.detach().double())
+    assert torch.equal(bits.flatten(), s64.argmax(-1)) and bits.flatten().tolist() == [1, 1, 0]
+    assert torch.equal(y.detach(), bc.codebook.detach()[bits.flatten()])
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_a_nonfinite_entry_reaches_only_the_sums_that_select_it(bad, training):
