@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import FLOAT_DTYPES
+from ..ops.ema_update import codebook_snapshot
 from ..ops.nearest_code import nearest_code
 from ..ops.residual_quantize import residual_quantize_step
 from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
@@ -172,9 +173,11 @@ def _check_mask(owner: str, mask, inputs: torch.Tensor) -> torch.Tensor | None:
 def _codebook_for_step(codebook: torch.Tensor, inputs: torch.Tensor, update: bool) -> torch.Tensor:
     """The codebook a training step's op reads. When this forward updates the codebook in place
     (EMA, dead codes) and a backward will follow, a copy: the fused backward re-reads the codes
-    the forward chose and must see them as they were (gradients reach the parameter through it)."""
+    the forward chose and must see them as they were (gradients reach the parameter through it).
+    Compiled, the copy is an opaque op (:func:`fastvq.ops.ema_update.codebook_snapshot`): a
+    ``clone`` was recomputed in the backward from the updated codebook."""
     if update and torch.is_grad_enabled() and (inputs.requires_grad or codebook.requires_grad):
-        return codebook.clone()
+        return codebook_snapshot(codebook)
     return codebook
 
 
