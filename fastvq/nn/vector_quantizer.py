@@ -41,7 +41,9 @@ class VectorQuantizer(CodebookState):
             effect it initialises the codebook from that batch. Keep it below the rows per
             code of a batch (N / K); 1.0 works for the README's set-ups.
         kmeans_init: on the first training forward that has a finite row (on any rank),
-            replace the codebook by ``kmeans_iters`` steps of k-means on that batch.
+            replace the codebook by ``kmeans_iters`` steps of k-means on that batch. That
+            batch reads the host: run it eagerly, then ``torch.compile(fullgraph=True)``
+            (compiled before, it raises saying so).
 
     Settings that train well (``fastvq.nn._codebook.RECOMMENDED``): ``kmeans_init=True,
     dead_code_threshold=1.0``, with ``ema=True``: 98.8% of 512 codes in use after 100 steps
