@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvq
-from tests.utils import assert_close
+from tests.utils import assert_close, randn
 
 
 def _grads(fn, *args):
@@ -104,3 +104,33 @@ def test_inductor_end_to_end():
         q_e, d_e = f(x, c)
     assert torch.equal(q_c, q_e)
     assert_close(d_c, d_e, torch.float32, 16)
+
+
+@pytest.mark.parametrize("make", [lambda: fastvq.nn.VectorQuantizer(8, 4, ema=True),
+                                  lambda: fastvq.nn.ResidualQuantizer(2, 8, 4, ema=True)], ids=["vq", "rq"])
+def test_inductor_ema_training_steps_match_eager(make):
+    # The forward updates the codebook in place (EMA) after choosing the codes; the backward must
+    # read the codebook as it was before. Inductor's partitioner recomputed the saved clone in the
+    # backward from the (then updated) parameter: compiled grads were the next step's eager grads.
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    eager = make()
+    compiled = make()
+    compiled.load_state_dict(eager.state_dict())
+    step = torch.compile(compiled, fullgraph=True)
+    xs = [randn(12, 4, seed=40 + i) for i in range(3)]
+    with fastvq.backend("reference"):
+        for x in xs:
+            outs = []
+            for f in (eager, step):
+                xa = x.clone().requires_grad_()
+                q, commit, _, codes = f(xa)
+                (commit + (q * torch.linspace(-1, 1, q.numel()).reshape(q.shape)).sum()).backward()
+                outs.append((codes, commit.detach(), xa.grad))
+            (codes_e, loss_e, grad_e), (codes_c, loss_c, grad_c) = outs
+            assert torch.equal(codes_c, codes_e)
+            assert_close(loss_c, loss_e, torch.float32, 16)
+            assert_close(grad_c, grad_e, torch.float32, 16)
+        for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+            if a.is_floating_point():
+                assert_close(b, a, torch.float32, 16, msg=name)

@@ -608,8 +608,14 @@ class CodebookState(nn.Module):
 
     def _maybe_kmeans_init_(self, x: torch.Tensor, metric: str = "l2", mask: torch.Tensor | None = None) -> None:
         """In training, with ``kmeans_init`` on and not done yet: :meth:`_kmeans_init_` on ``x (N, D)``."""
-        if self.training and self.kmeans_init and self._kmeans_init_pending():
-            self._kmeans_init_(x, metric, mask)
+        if self.training and self.kmeans_init and not self._kmeans_done:
+            if torch.compiler.is_compiling():  # (initted and the valid row count are read on the host)
+                raise RuntimeError(
+                    f"fastvq.{self._owner}: k-means init reads the host and does not trace: run one training "
+                    "batch eagerly (module(x), which initialises the codebook), then compile the module"
+                )
+            if self._kmeans_init_pending():
+                self._kmeans_init_(x, metric, mask)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

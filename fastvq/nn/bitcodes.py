@@ -14,14 +14,22 @@ from ..ops.bitcodes import checked_bits
 
 
 def _row_scale(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``(..., 1)`` powers of two in ``x``'s dtype: 1 for every row whose scores ``x.c`` cannot
-    overflow (bound: ``max|x| * max_j |c_j|_1`` below a quarter of the dtype's range, bitwise
-    the unscaled product), else the one that brings that bound there. Non-finite rows: 1."""
+    """``(..., 1)`` powers of two, float32 for 16-bit ``x`` (else ``x``'s dtype): 1 for every row
+    whose scores ``x.c`` cannot overflow (bound: ``max|x| * max_j |c_j|_1`` below a quarter of the
+    dtype's range, bitwise the unscaled product), else the one that brings that bound there.
+    The scale may be far below the dtype's normals (fp16 ``x = 65504`` with ``|c|_1 = 131008``:
+    ``2^-19``; it was clamped at ``2^-14``, both scores overflowed and the tie picked bit 0):
+    hence the float32 scale; the scaled row's largest entry is ``>= 1 / (4 D)``, a normal
+    number. The scale itself may be subnormal (fp32 ``x = 3e38`` against a codebook near the
+    range needs ``2^-130`` and more; clamped at ``2^-126`` it left both scores +inf): a product
+    with a power of two is exact, rounded only where the result is subnormal. Non-finite rows: 1."""
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     finfo = torch.finfo(x.dtype)
     bound = x.detach().abs().amax(-1, keepdim=True).double() * codebook.detach().abs().double().sum(-1).amax()
-    k = torch.log2(bound / (finfo.max / 4)).ceil().clamp(0, -math.log2(finfo.smallest_normal))
+    tiny = torch.finfo(acc).smallest_normal * torch.finfo(acc).eps  # the smallest subnormal of acc
+    k = torch.log2(bound / (finfo.max / 4)).ceil().clamp(0, -math.log2(tiny))
     k = torch.where(bound.isfinite(), k, 0.0)
-    return torch.exp2(-k).to(x.dtype)
+    return torch.exp2(-k).to(acc)
 
 
 def _col_scale(codebook: torch.Tensor) -> torch.Tensor:
@@ -31,7 +39,8 @@ def _col_scale(codebook: torch.Tensor) -> torch.Tensor:
     unscaled product: ordinary codebooks), else the one that brings it there (a sum such as
     3e38 + 3e38 - 3e38 then gives its finite 3e38, not inf; below the subnormals such a column
     rounds at ``2^-149`` times its scale). float16 accumulates in float32: never scaled.
-    Non-finite columns: 1. Codebook-sized work, no host read."""
+    Takes a finite codebook (:func:`_code_sum` zeroes the non-finite entries first).
+    Codebook-sized work, no host read."""
     acc = torch.float32 if codebook.dtype == torch.float16 else codebook.dtype
     bound = codebook.detach().abs().double().sum(0)
     k = torch.log2(bound / (torch.finfo(acc).max / 4)).ceil().clamp(0, -math.log2(torch.finfo(acc).smallest_normal))
@@ -40,10 +49,31 @@ def _col_scale(codebook: torch.Tensor) -> torch.Tensor:
 
 
 def _code_sum(attn: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``attn (..., 2 * num_bits) @ codebook``, column-scaled (:func:`_col_scale`) so that the sum is
-    +-inf only where the exact one is beyond the dtype's range (scaling by powers of two is exact)."""
-    scale = _col_scale(codebook)
-    return (attn @ (codebook * scale)) / scale
+    """``attn (..., 2 * num_bits) @ codebook``: the sum of the rows the (near-)0/1 weights select.
+
+    - Column-scaled (:func:`_col_scale`) so that the sum is +-inf only where the exact one is
+      beyond the dtype's range (scaling by powers of two is exact).
+    - float16 is summed in float32 (explicitly: the CPU's fp16 product flushed a subnormal term,
+      -65504 + 65504 - 7.3e-6 gave 0) and rounded once.
+    - Non-finite entries reach only the sums that select them: the product runs on the codebook
+      with them zeroed (``0 * inf`` in an unselected row made the whole column NaN), and a second,
+      exact float32 product of the 0/1 selection counts the selected +inf / -inf / NaN entries
+      per output (+inf, -inf, NaN where both infinities or a NaN are selected). Cost: one more
+      ``(..., 2 * num_bits) @ (2 * num_bits, D)`` product and a few elementwise passes over
+      the output; no host read. A non-finite entry gets no gradient (0)."""
+    acc = torch.float32 if codebook.dtype == torch.float16 else codebook.dtype
+    finite = codebook.isfinite()
+    fin = torch.where(finite, codebook, 0.0)
+    scale = _col_scale(fin).to(acc)
+    out = (attn.to(acc) @ (fin.to(acc) * scale)) / scale
+    # selection counts (each <= num_bits <= 63, so exact in float32): +inf 1, -inf 64, NaN 4096
+    tag = torch.where(codebook.isnan(), 4096.0, torch.where(codebook > 0, 1.0, 64.0))
+    tag = torch.where(finite, 0.0, tag).float()
+    count = attn.detach().round().float() @ tag
+    pos, neg, nan = count.remainder(64), (count / 64).floor().remainder(64), (count / 4096).floor()
+    special = torch.where(pos > 0, float("inf"), 0.0) + torch.where(neg > 0, float("-inf"), 0.0)
+    special = torch.where(nan > 0, float("nan"), special)
+    return torch.where(count > 0, special.to(acc), out).to(codebook.dtype)
 
 
 def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor | None = None,
@@ -157,10 +187,10 @@ class Bitcodes(nn.Module):
         # by a power of two first (the bits are scale-invariant); every other row by 1, bitwise
         # the unscaled product. ``pairs`` (the gradient's path) is the unscaled score: +-inf
         # where it overflows, never NaN for a finite x
-        scale = _row_scale(x, codebook)
-        scaled = F.linear(x * scale, codebook).unflatten(-1, (self.num_bits, 2))  # (..., num_bits, 2)
+        scale = _row_scale(x, codebook)  # (float32 for 16-bit x: the same as x's dtype otherwise)
+        scaled = F.linear((x.to(scale.dtype) * scale).to(x.dtype), codebook).unflatten(-1, (self.num_bits, 2))
         scale = scale.unsqueeze(-1)
-        pairs = scaled / scale
+        pairs = (scaled.to(scale.dtype) / scale).to(scaled.dtype)
         if self.training:
             bits, attn = _hard_gumbel(pairs, self.temperature, scaled, scale)
             attn = attn.to(codebook.dtype)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import FLOAT_DTYPES
+from ..ops.ema_update import codebook_snapshot
 from ..ops.nearest_code import nearest_code
 from ..ops.residual_quantize import residual_quantize_step
 from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
@@ -40,7 +41,9 @@ class VectorQuantizer(CodebookState):
             effect it initialises the codebook from that batch. Keep it below the rows per
             code of a batch (N / K); 1.0 works for the README's set-ups.
         kmeans_init: on the first training forward that has a finite row (on any rank),
-            replace the codebook by ``kmeans_iters`` steps of k-means on that batch.
+            replace the codebook by ``kmeans_iters`` steps of k-means on that batch. That
+            batch reads the host: run it eagerly, then ``torch.compile(fullgraph=True)``
+            (compiled before, it raises saying so).
 
     Settings that train well (``fastvq.nn._codebook.RECOMMENDED``): ``kmeans_init=True,
     dead_code_threshold=1.0``, with ``ema=True``: 98.8% of 512 codes in use after 100 steps
@@ -172,9 +175,11 @@ def _check_mask(owner: str, mask, inputs: torch.Tensor) -> torch.Tensor | None:
 def _codebook_for_step(codebook: torch.Tensor, inputs: torch.Tensor, update: bool) -> torch.Tensor:
     """The codebook a training step's op reads. When this forward updates the codebook in place
     (EMA, dead codes) and a backward will follow, a copy: the fused backward re-reads the codes
-    the forward chose and must see them as they were (gradients reach the parameter through it)."""
+    the forward chose and must see them as they were (gradients reach the parameter through it).
+    Compiled, the copy is an opaque op (:func:`fastvq.ops.ema_update.codebook_snapshot`): a
+    ``clone`` was recomputed in the backward from the updated codebook."""
     if update and torch.is_grad_enabled() and (inputs.requires_grad or codebook.requires_grad):
-        return codebook.clone()
+        return codebook_snapshot(codebook)
     return codebook
 
 

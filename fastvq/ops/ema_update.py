@@ -26,6 +26,32 @@ def _(codebook, embed_avg, sums, keep, live, smoothed, decay):
     return None
 
 
+@torch.library.custom_op("fastvq::codebook_snapshot", mutates_args=())
+def _codebook_snapshot_op(codebook: torch.Tensor) -> torch.Tensor:
+    return codebook.clone()
+
+
+@_codebook_snapshot_op.register_fake
+def _(codebook):
+    return torch.empty_like(codebook)
+
+
+_codebook_snapshot_op.register_autograd(lambda ctx, grad: grad)
+
+
+def codebook_snapshot(codebook: torch.Tensor) -> torch.Tensor:
+    """A copy of ``codebook`` that a compiled graph keeps: the value a training step's backward
+    reads when the same forward then updates the codebook in place (:func:`ema_update_`).
+
+    Eagerly a plain ``clone``. Under ``torch.compile`` an opaque op: a ``clone`` there is
+    recomputed in the backward from the graph input by the partitioner (cheap, recomputable),
+    i.e. read after the in-place EMA update, which gave the gradients of the next step's
+    codebook. Differentiable (identity gradient)."""
+    if torch.compiler.is_compiling():
+        return _codebook_snapshot_op(codebook)
+    return codebook.clone()
+
+
 @torch.no_grad()
 def ema_update_(
     codebook: torch.Tensor,
@@ -97,4 +123,4 @@ def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
     check_real_arg(op, "eps", eps, positive=True)
 
 
-__all__ = ["ema_update_", "ema_update_ref_"]
+__all__ = ["ema_update_", "ema_update_ref_", "codebook_snapshot"]

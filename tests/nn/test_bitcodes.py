@@ -294,3 +294,73 @@ def test_y_is_finite_where_the_exact_sum_of_rows_is(backend, device, dtype, trai
         assert out[:, 0].isfinite().all() and torch.equal(out[:, 0], want[:, 0].to(dtype)), out
         assert torch.equal(out[:, 1], (sel.to(dtype) @ bc.codebook.detach()[:, 1:2]).squeeze(1)), out
         assert (out[:, 2] == float("inf")).all(), out
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fp16_rows_at_the_range_pick_the_exact_bits(training):
+    # probe2 Q4: x = (-65504, -65504) needs a scale 2^-19, below fp16's normals: the row scale
+    # was clamped at 2^-14, both scores still overflowed to +inf and the tie picked bit 0.
+    # float64 scores: row 0 4.29e9, row 1 8.58e9 -> bit 1 (x = -60000: 3.93e9 vs 7.86e9)
+    bc = Bitcodes(2, 1, 1.0).half().train(training)
+    with torch.no_grad():
+        bc.codebook.copy_(torch.tensor([[-65504.0, -2.5e-6], [-65504.0, -65504.0]]))
+    x = torch.tensor([[-65504.0, -65504.0], [-1.0, -1.0], [-60000.0, -60000.0]]).half()
+    torch.manual_seed(0)
+    y, bits = bc(x)
+    s64 = F.linear(x.double(), bc.codebook.detach().double())
+    assert torch.equal(bits.flatten(), s64.argmax(-1)) and bits.flatten().tolist() == [1, 1, 1]
+    assert torch.equal(y.detach(), bc.codebook.detach()[bits.flatten()])
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fp32_rows_at_the_range_pick_the_exact_bits(training):
+    # the float32 analogue of probe2 Q4: x = 3e38 against rows near the range needs a scale
+    # 2^-130 (bound 3.6e77 / 8.5e37), below fp32's normals: clamped at 2^-126, both scores
+    # overflowed to +inf and the tie picked bit 0. float64 scores: 2.7e77 < 3.6e77 -> bit 1
+    bc = Bitcodes(4, 1, 1.0).train(training)
+    with torch.no_grad():
+        bc.codebook.copy_(torch.tensor([[3e38, 3e38, 3e38, 1.0], [3e38, 3e38, 3e38, 3e38]]))
+    x = torch.tensor([[3e38, 3e38, 3e38, 3e38], [1.0, 1.0, 1.0, 1.0], [-3e38, -3e38, -3e38, -3e38]])
+    torch.manual_seed(0)
+    y, bits = bc(x)
+    s64 = F.linear(x.double(), bc.codebook.detach().double())
+    assert torch.equal(bits.flatten(), s64.argmax(-1)) and bits.flatten().tolist() == [1, 1, 0]
+    assert torch.equal(y.detach(), bc.codebook.detach()[bits.flatten()])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_a_nonfinite_entry_reaches_only_the_sums_that_select_it(bad, training):
+    # probe2 Q3: one infinite / NaN codebook entry made every row of its column NaN (0 * inf in
+    # the one-hot product), also rows that do not select it. Exact sums (float64): bits [0, 1]
+    # -> 1 + 3 = 4, [1, 1] -> 2 + 3 = 5, [1, 0] -> 2 + bad
+    bc = Bitcodes(2, 2, 1.0).train(training)
+    with torch.no_grad():
+        bc.codebook.copy_(torch.tensor([[1.0, -1.0], [2.0, 0.5], [bad, 0.25], [3.0, 8.0]]))
+    bits = torch.tensor([[0, 1], [1, 1], [1, 0]])
+    out = bc.from_bits(bits).detach()
+    assert out[:2].tolist() == [[4.0, 7.0], [5.0, 8.5]], out
+    assert torch.equal(out[2, 1], torch.tensor(0.75)) and (out[2, 0] == bad or (out[2, 0].isnan() and bad != bad))
+    if bad != bad:
+        return  # forward: x.c is NaN for every x that meets the NaN entry: a NaN row (documented)
+    torch.manual_seed(0)  # x = (-1, 0): bits [0, 1] (scores -1 > -2; -bad vs -3), y = 1 + 3 for bad = +inf
+    y, b = bc(torch.tensor([[-1.0, 0.0]]))
+    sel = F.one_hot(b, 2).flatten(-2).bool()[0]
+    want = torch.tensor([bc.codebook.detach()[sel, 1].double().sum()])
+    assert torch.equal(y.detach()[0, 1:].double(), want)
+    if bad == float("inf") and not training:
+        assert b.tolist() == [[0, 1]] and y.detach().tolist() == [[4.0, 7.0]]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fp16_sum_with_a_subnormal_term_is_the_exact_one(training):
+    # probe2 Q5: -65504 + 65504 - 7.2718e-6 (an fp16 subnormal, 122 steps) came out 0: the fp16
+    # product flushed the small term. Exact (float64): -7.271766662597656e-06, representable
+    bc = Bitcodes(1, 3, 1.0).half().train(training)
+    with torch.no_grad():
+        bc.codebook.copy_(torch.tensor([[-65504.0], [1.0], [65504.0], [1.0], [-7.271766662597656e-06], [1.0]]))
+    out = bc.from_bits(torch.tensor([[0, 0, 0], [1, 0, 1]])).detach()
+    exact = torch.tensor([[-65504.0 + 65504.0 - 7.271766662597656e-06], [1.0 + 65504.0 + 1.0]], dtype=torch.float64)
+    assert torch.equal(out, exact.half()), out
+    y, bits = bc(torch.tensor([[1.0]]).half())  # scores: rows 1, 2, 5 win: 1 + 65504 + 1
+    assert torch.equal(y.detach(), bc.from_bits(bits).detach())

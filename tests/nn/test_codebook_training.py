@@ -479,6 +479,33 @@ def test_training_step_with_revival_compiles_fullgraph(backend, ema):
     assert int(compiled.codes_revived) == int(eager.codes_revived) > 0
 
 
+def test_kmeans_init_module_compiles_after_an_eager_first_batch(backend):
+    # README: with kmeans_init, the batch that initialises runs eagerly, then the module compiles
+    # with fullgraph; compiled before that, the first batch raises, naming the way out.
+    torch.manual_seed(0)
+    compiled = VectorQuantizer(8, 4, ema=True, kmeans_init=True, kmeans_iters=2)
+    eager = VectorQuantizer(8, 4, ema=True, kmeans_init=True, kmeans_iters=2)
+    eager.load_state_dict(compiled.state_dict())
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="run one training batch eagerly"):
+        torch.compile(compiled, fullgraph=True, backend="aot_eager")(randn(12, 4, seed=0))
+    assert not bool(compiled.initted)
+    for i in range(3):
+        x = randn(12, 4, seed=i)
+        torch.manual_seed(10 + i)  # the same k-means draws in both
+        out = (compiled if i == 0 else step)(x)
+        if i == 0:
+            assert bool(compiled.initted)
+            step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(10 + i)
+        assert torch.equal(out[3], eager(x)[3])
+    for key, value in eager.state_dict().items():
+        if value.is_floating_point():
+            assert_close(compiled.state_dict()[key], value, msg=key)
+        else:
+            assert torch.equal(compiled.state_dict()[key], value), key
+
+
 @pytest.mark.about_devices("compares against a host-side oracle or exercises a specific device")
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", list(SYNC_CONFIGS))

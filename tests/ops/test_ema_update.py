@@ -95,6 +95,12 @@ def test_opcheck(device):
                                   (codebook.clone(), ea.clone(), sums, keep, live, smoothed, 0.99))
 
 
+def test_codebook_snapshot_opcheck(device):
+    # the copy a compiled training step's backward reads (fake, autograd: identity gradient)
+    codebook = _state(2, 5, 3, device=device)[0].requires_grad_()
+    torch.library.opcheck(torch.ops.fastvq.codebook_snapshot.default, (codebook,))
+
+
 @pytest.mark.parametrize(
     "change,err,match",
     [

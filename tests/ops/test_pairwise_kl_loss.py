@@ -484,3 +484,15 @@ def test_16bit_backward_within_the_rounding_of_h(backend, device, dtype):
     bound = 2 * u * (H.abs() @ p64.abs()) / (B * T) + 2 * u * exact.abs() + 1e-30
     err = (grad.double() - exact).abs()
     assert (err <= bound).all(), f"worst error / bound {(err / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_row_beside_a_small_one_at_a_small_temperature(backend, device, dtype):
+    # Fuzz find (explorer, scale 8): at T = 0.001 a row's exponent is clamped to 57, so the row
+    # -3.39e38 keeps |u| = 2^71 and its Gram entry with a small row times its own factor R_i
+    # overflowed before the column factor brought the logit (1.45e37) back: loss +inf and a NaN
+    # gradient, where two rows (one pair each) give exactly 0.
+    pred = torch.tensor([[-4.2915e-05], [-3.3895e38]], device=device).to(dtype)
+    target = randn(2, 33, seed=61, scale=1e4).to(device, dtype)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.001, torch.tensor(1.0, device=device))
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
