@@ -1042,13 +1042,13 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
     # Fixed tiles, compiled for sm_90 and sm_80 and checked for spills (sm90-static.json).
     # fp32's exact dot runs on the FMA units, where Triton holds both operands for the whole
     # reduction (D) in registers: against a resident 64 x 256 x tile ptxas spilled ~10 KB per
-    # thread, so D is streamed in chunks of at most 32, on 64 x 32 tiles at 8 warps. 16-bit (and
+    # thread, so D is streamed in chunks of at most 32, on 32 x 32 tiles at 8 warps. 16-bit (and
     # tf32) keeps x resident; sm_80 (mma.sync) takes 32-code tiles (64 spilled at 255 registers).
     one_d = D <= RESIDENT_MAX_D and precision != "ieee"
     BLOCK_D = max(next_pow2(D), 16) if one_d else min(max(next_pow2(D), 16), 64 if precision != "ieee" else 32)
     KP = max(next_pow2(k), 2)
     if x.dtype == torch.float32:
-        gpu = 64, 32, 8
+        gpu = 32, 32, 8  # 64 x 32 reached 255 registers and spilled 8-16 B with triton 3.6 (float64 top-k values)
     else:
         block_k = 64 if arch_family(target_for(x.device)) == "sm_90" else 32
         gpu = (32, block_k, 4)  # 64-row tiles spilled (float64 top-k values: the l2 scale tiers)
