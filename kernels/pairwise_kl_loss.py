@@ -337,23 +337,6 @@ def _block_d(d: int, dtype: torch.dtype) -> int:
     return min(max(next_pow2(d), 16), MAX_BLOCK_D[dtype.itemsize])
 
 
-def _scaling(temperature: float):
-    """``(m, fa, fb, lo, hi)``: ``1 / T = m 2^(fa + fb)`` (``m`` in [0.5, 1)) and the clamp of
-    the row exponents that keeps ``2^(e + fa)``, ``2^(e + fb)`` in ``[2^-62, 2^62]`` (their
-    product normal) and ``2^-e`` normal (as fastvq.reference.pairwise_kl_loss.logit_scaling)."""
-    m, f = math.frexp(1.0 / float(temperature))
-    fa = f // 2
-    fb = f - fa
-    return m, fa, fb, max(-126, -62 - fa), min(126, 62 - fb)
-
-
-def _row_max(x: torch.Tensor) -> torch.Tensor:
-    """``max_d |x_id|`` per row, float32 (0 for D = 0), as fastvq.reference's ``row_max``."""
-    if x.shape[1] == 0:  # D = 0: every logit is 0
-        return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    return torch.linalg.vector_norm(x, float("inf"), dim=1, dtype=torch.float32)
-
-
 def _row_scaled(x: torch.Tensor, amax: torch.Tensor, lo: int, hi: int):
     """``(u, e)``: int32 row exponents ``e`` (``amax_i = max |x_i| < 2^e_i``, clamped to ``[lo, hi]``)
     and the contiguous copy ``u_i = x_i 2^-e_i`` in x's dtype (exact: powers of two). float16 rows
@@ -365,8 +348,8 @@ def _row_scaled(x: torch.Tensor, amax: torch.Tensor, lo: int, hi: int):
     return (x * torch.ldexp(one, -e).to(x.dtype)[:, None]).contiguous(), e
 
 
-def _launch_args(pred, target, temperature, amax_p, amax_t):
-    m, fa, fb, lo, hi = _scaling(temperature)
+def _launch_args(pred, target, temperature, scaling, amax_p, amax_t):
+    m, fa, fb, lo, hi = scaling
     up, ep = _row_scaled(pred, amax_p, lo, hi)
     ut, et = _row_scaled(target, amax_t, lo, hi)
     scaled = ep is not None
@@ -376,12 +359,14 @@ def _launch_args(pred, target, temperature, amax_p, amax_t):
 
 
 @launcher
-def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float,
-                         amax_p: torch.Tensor | None = None, amax_t: torch.Tensor | None = None):
+def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float, scaling: tuple,
+                         amax_p: torch.Tensor, amax_t: torch.Tensor):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
     KL(target || pred), diagonal excluded), and for the backward, ``(3, B)`` float32 each: the
     softmax's per-row normaliser in two parts (the row's largest logit, ``log`` of the sum) and
-    the rows' ``max |x_i|`` (``amax_p``/``amax_t`` if the caller has them), the scaling's input."""
+    the rows' ``max |x_i|`` (``amax_p``/``amax_t``, the scaling's input). ``scaling``: the op's
+    ``(m, fa, fb, lo, hi)`` for ``T`` (``fastvq.reference.pairwise_kl_loss.logit_scaling``, the
+    one place it is decided; kernels import no reference)."""
     # check (the op has told the user already: fastvq/ops/pairwise_kl_loss.py)
     assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
     assert pred.dtype == target.dtype, (pred.dtype, target.dtype)
@@ -392,12 +377,12 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
     kl = torch.empty((B,), dtype=torch.float32, device=pred.device)
     lse_p = torch.empty((3, B), dtype=torch.float32, device=pred.device)
     lse_t = torch.empty((3, B), dtype=torch.float32, device=pred.device)
-    lse_p[2] = _row_max(pred) if amax_p is None else amax_p
-    lse_t[2] = _row_max(target) if amax_t is None else amax_t
+    lse_p[2] = amax_p
+    lse_t[2] = amax_t
     if B <= 1:  # no off-diagonal pair: loss 0 (and nothing to normalise)
         lse_p[:2].zero_(), lse_t[:2].zero_()
         return torch.zeros((), dtype=torch.float32, device=pred.device), lse_p, lse_t
-    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, lse_p[2], lse_t[2])
+    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, scaling, lse_p[2], lse_t[2])
     # logits at scale c = 2^-(k+1), 2^k > B + 1: B terms of (t - m_t) - (s - m_p) stay below float32max
     inv_c = 2.0 ** ((B + 1).bit_length() + 1)
     # launch
@@ -421,8 +406,10 @@ def pairwise_kl_loss_bwd(
     lse_p: torch.Tensor,
     lse_t: torch.Tensor,
     temperature: float,
+    scaling: tuple,
 ) -> torch.Tensor:
-    """Gradient in ``pred`` (``(B, Dp)``, pred's dtype) for the 0-d upstream ``grad``."""
+    """Gradient in ``pred`` (``(B, Dp)``, pred's dtype) for the 0-d upstream ``grad``
+    (``scaling``: as :func:`pairwise_kl_loss_fwd`)."""
     # check
     assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
     assert grad.numel() == 1 and lse_p.shape == lse_t.shape == (3, pred.shape[0]), (grad.shape, lse_p.shape, lse_t.shape)
@@ -433,7 +420,7 @@ def pairwise_kl_loss_bwd(
     if B <= 1 or DP == 0:
         return dpred.zero_()
     lse_p, lse_t = lse_p.float().contiguous(), lse_t.float().contiguous()
-    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, lse_p[2], lse_t[2])
+    up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, scaling, lse_p[2], lse_t[2])
     # launch
     BLOCK_DO = min(max(next_pow2(DP), 16), MAX_BLOCK_DO[pred.dtype.itemsize])
     n_do = triton.cdiv(DP, BLOCK_DO)

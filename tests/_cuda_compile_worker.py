@@ -60,6 +60,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fastvq import kernels  # noqa: E402
+from fastvq.reference.pairwise_kl_loss import logit_scaling, row_max  # noqa: E402
 from fastvq.kernels import (  # noqa: E402
     code_statistics,
     code_usage,
@@ -604,8 +605,9 @@ def bench_launches():
     for b, dp, dt_ in ((4096, 128, 128), (65536, 128, 128), (4096, 32, 128)):
         def fwd_bwd(b=b, dp=dp, dt_=dt_):
             pred, target = _meta(b, dp), _meta(b, dt_)
-            _, lse_p, lse_t = kl.pairwise_kl_loss_fwd(pred, target, 0.5)
-            kl.pairwise_kl_loss_bwd(_meta(), pred, target, lse_p, lse_t, 0.5)
+            scaling = logit_scaling(0.5)
+            _, lse_p, lse_t = kl.pairwise_kl_loss_fwd(pred, target, 0.5, scaling, row_max(pred), row_max(target))
+            kl.pairwise_kl_loss_bwd(_meta(), pred, target, lse_p, lse_t, 0.5, scaling)
         out.append((f"pairwise_kl_loss fwd+bwd fp32 B={b} Dp={dp} Dt={dt_}", fwd_bwd))
     return out
 

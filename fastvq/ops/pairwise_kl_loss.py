@@ -7,7 +7,7 @@ import torch
 
 from .._backend import use_triton
 from .._checks import check_float, check_real_arg, check_same_device, check_tensor
-from ..reference.pairwise_kl_loss import pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
+from ..reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
 
 @torch.library.custom_op("fastvq::pairwise_kl_loss", mutates_args=())
@@ -20,7 +20,8 @@ def _pairwise_kl_loss_op(
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_fwd
 
-        loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature, amax_p, amax_t)
+        loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature, logit_scaling(temperature),
+                                                  amax_p, amax_t)
     else:
         loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature, amax_p, amax_t)
     # Rows whose logits overflow come back +inf; a NaN or inf in the inputs makes the loss NaN
@@ -54,7 +55,7 @@ def _pairwise_kl_loss_bwd_op(
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_bwd
 
-        return pairwise_kl_loss_bwd(grad, pred, target, lse_p, lse_t, temperature)
+        return pairwise_kl_loss_bwd(grad, pred, target, lse_p, lse_t, temperature, logit_scaling(temperature))
     return pairwise_kl_loss_bwd_ref(grad, pred, target, lse_p, lse_t, temperature)
 
 
