@@ -14,7 +14,7 @@ import triton.language as tl
 import fastvq
 from fastvq.kernels import _common  # noqa: F401 (importing it fixes the interpreter's casts)
 
-from .utils import generator
+from .utils import generator, randn
 
 
 @triton.jit
@@ -53,12 +53,12 @@ def test_every_bf16_value_widens_exactly(device):
 
 @pytest.mark.parametrize("kernel", [_cast_kernel, _store_kernel], ids=["to", "store"])
 def test_float32_narrows_to_bf16_by_nearest_even(device, kernel):
-    g = generator(device="cpu")
+    g = generator()
     bits = torch.randint(-(2**31), 2**31 - 1, (40_000,), generator=g, dtype=torch.int32)
     ties = (torch.randint(-(2**15), 2**15, (4_000,), generator=g, dtype=torch.int32) << 16) | 0x8000  # halfway
     specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.3895e38, 3.4e38, -0.0, 0.0, 1e-45,
-                             1.1754942e-38, 9.2e-41, -3e-40])
-    x = torch.cat([bits.view(torch.float32), ties.view(torch.float32), specials]).to(device)
+                             1.1754942e-38, 9.2e-41, -3e-40], device=device)
+    x = torch.cat([bits.view(torch.float32), ties.view(torch.float32), specials])
     got = _launch(kernel, x, torch.bfloat16)
     bad = ~_same_bits(got, x.to(torch.bfloat16))
     assert not bad.any(), f"{int(bad.sum())} float32 values narrowed wrongly, e.g. {x[bad][:4].tolist()}"
@@ -66,9 +66,8 @@ def test_float32_narrows_to_bf16_by_nearest_even(device, kernel):
 
 @pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
 def test_bf16_search_on_subnormal_inputs_matches_float64(device, metric):
-    g = generator(device="cpu")
-    x = (torch.randn(24, 8, generator=g) * 1e-39).to(torch.bfloat16).to(device)
-    codes = (torch.randn(16, 8, generator=g) * 1e-39).to(torch.bfloat16).to(device)
+    x = randn(24, 8, scale=1e-39, device=device).to(torch.bfloat16)
+    codes = randn(16, 8, scale=1e-39, device=device).to(torch.bfloat16)
     assert (x.float().abs() < torch.finfo(torch.float32).tiny).float().mean() > 0.9  # mostly subnormal
     with fastvq.backend("triton"):
         idx, dist = fastvq.nearest_code(x, codes, metric=metric)
