@@ -509,8 +509,12 @@ class CodebookState(nn.Module):
         if m.steps <= USAGE_WARMUP_STEPS:
             return
         L, N = indices.shape
-        if m.seen is None or m.seen.device != indices.device or m.seen.shape != (L, K + 1):
-            m.seen = torch.zeros((L, K + 1), dtype=torch.bool, device=indices.device)
+        if (m.seen is None or m.seen.device != indices.device or m.seen.shape != (L, K + 1)
+                or m.seen.is_inference()):
+            # (outside inference mode: a step run under torch.inference_mode() must not leave an
+            # inference tensor that the next training step cannot update in place)
+            with torch.inference_mode(False):
+                m.seen = torch.zeros((L, K + 1), dtype=torch.bool, device=indices.device)
             m.window_steps = m.window_rows = 0
         if counts is not None:
             m.seen[:, :K] |= counts > 0

@@ -460,6 +460,23 @@ def test_low_usage_warning_counts_levels_and_masks(monkeypatch):
     assert len(caught) == 1 and "only 1 of 16 codes" in str(caught[0].message)
 
 
+def test_training_continues_after_steps_under_inference_mode(backend, monkeypatch):
+    """A train-mode quantizer run under ``torch.inference_mode()`` past the usage warm-up (a
+    validation pass that forgot ``.eval()``) still trains afterwards: the usage monitor's
+    buffer, created lazily in such a step, is not an inference tensor (probe3 R10)."""
+    monkeypatch.setattr(_codebook, "USAGE_WARMUP_STEPS", 1)
+    torch.manual_seed(0)
+    for m in (VectorQuantizer(8, 4), ResidualQuantizer(2, 8, 4, ema=True, dead_code_threshold=1.0)):
+        with torch.inference_mode():
+            for step in range(3):  # past the warm-up: the monitor starts watching here
+                m(randn(40, 4, seed=step))
+        assert not m._usage_monitor.seen.is_inference()
+        for step in range(2):
+            q, commit, emb, _ = m(randn(40, 4, seed=10 + step).requires_grad_())
+            (q.sum() + commit + emb).backward()  # no "inplace update to inference tensor"
+        assert m._usage_monitor.window_steps == 4  # the inference-mode steps counted too
+
+
 @pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
 def test_training_step_with_revival_compiles_fullgraph(backend, ema):
     torch.manual_seed(0)
