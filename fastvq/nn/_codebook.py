@@ -300,6 +300,10 @@ class _UsageMonitor:
         self.warned = state.get("warned", False)
 
 
+def _after_load(module: "CodebookState", incompatible_keys) -> None:
+    module._after_load_()
+
+
 class CodebookState(nn.Module):
     """Base of the quantizer modules: options, EMA / dead-code / k-means buffers and updates.
 
@@ -327,7 +331,10 @@ class CodebookState(nn.Module):
     default options the state_dict has exactly the seed's keys. Loading a state_dict that lacks
     them (a seed checkpoint) fills them in: ``initted`` as True (a loaded codebook is not
     re-initialised), ``code_usage`` at :func:`reset_size`; a state_dict that has one the module
-    does not use loads too (the entry is ignored).
+    does not use loads too (the entry is ignored). With ``load_state_dict(..., assign=True)``
+    the EMA buffers are made float32 again (a half-precision checkpoint), and a module built on
+    the meta device gets the buffers the state_dict does not hold (the counters) on its
+    codebook's device.
 
     In training, the module warns once (``UserWarning``) when a level used fewer than 1/8 of
     its codes over a window of 100 steps (after 100 steps of warm-up), naming the settings that
@@ -394,6 +401,8 @@ class CodebookState(nn.Module):
         else:
             self.codes_revived = None
         self._usage_monitor = _UsageMonitor()
+        # (after the whole module has loaded: a VectorQuantizer's codebook is a child's parameter)
+        self.register_load_state_dict_post_hook(_after_load)
 
     # -- subclass hooks -------------------------------------------------------------------
     _single_codebook = True
@@ -631,7 +640,7 @@ class CodebookState(nn.Module):
             persistent = buf is not None and name not in self._non_persistent_buffers_set
             if persistent and key not in state_dict:
                 if name == "initted":
-                    state_dict[key] = torch.tensor(True)
+                    state_dict[key] = torch.ones_like(buf)  # (True, on the buffer's device)
                 else:
                     state_dict[key] = torch.full_like(buf, reset_size(self.dead_code_threshold))
             elif not persistent and key in state_dict:
@@ -640,6 +649,29 @@ class CodebookState(nn.Module):
                                       error_msgs)
         self._kmeans_checked = False  # `initted` may have changed: read it again on the next step
         self._kmeans_done = not self.kmeans_init
+
+    def _after_load_(self) -> None:
+        """What ``load_state_dict(..., assign=True)`` leaves to fix: the loaded tensors replace the
+        buffers as they are, so EMA state from a half-precision checkpoint is made float32 again
+        (as :meth:`_apply` keeps it), and buffers the state_dict did not hold (the counters, which
+        are not persistent) are created on the codebook's device when the module was built on
+        the meta device (there they would never count, and could not be read)."""
+        for name in self._FLOAT32_BUFFERS:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype not in (torch.float32, torch.float64):
+                self._buffers[name] = buf.float()
+        device = self._codebook_levels().device
+        if device.type == "meta":
+            return
+        fresh = {"nonfinite_rows": lambda: torch.zeros((), dtype=torch.int64, device=device),
+                 "codes_revived": lambda: torch.zeros((), dtype=torch.int64, device=device),
+                 "initted": lambda: torch.tensor(True, device=device),  # (not persistent: no k-means)
+                 "code_usage": lambda: torch.full(self._buffers["code_usage"].shape,
+                                                  reset_size(self.dead_code_threshold), device=device)}
+        for name, make in fresh.items():
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_meta:
+                self._buffers[name] = make()
 
     def _convert_state_dict_(self, state_dict, prefix) -> None:
         """Hook for a subclass to rewrite other layouts (a seed checkpoint) in place."""

@@ -348,6 +348,65 @@ def test_ema_buffers_stay_float32(backend, dtype):
     assert_close(vq32.cluster_size.sum(), torch.tensor(0.2))  # (1 - decay) * 20 rows
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_ema_buffers_stay_float32_when_loaded_with_assign(backend, dtype):
+    """``load_state_dict(sd, assign=True)`` from a half-precision checkpoint (a seed module saved
+    after ``.half()``): the loaded tensors replace the buffers, but the EMA state is float32 again
+    (probe3 R6), with the checkpoint's values, and the module trains."""
+    torch.manual_seed(0)
+    for make in (lambda: VectorQuantizer(6, 3, ema=True, dead_code_threshold=0.5),
+                 lambda: ResidualQuantizer(2, 6, 3, dead_code_threshold=1.0),
+                 lambda: ResidualQuantizer(2, 6, 3, ema=True)):
+        trained = make()
+        trained(randn(20, 3, seed=1))
+        sd = {k: v.to(dtype) for k, v in trained.state_dict().items()}
+        m = make()
+        m.load_state_dict(sd, assign=True)
+        assert m._codebook_levels().dtype == dtype  # the codebook is the checkpoint's
+        for name in ("cluster_size", "embed_avg", "code_usage"):
+            if getattr(m, name) is not None:
+                assert getattr(m, name).dtype == torch.float32, name
+                assert torch.equal(getattr(m, name), sd[name].float()), name
+        m(randn(20, 3, seed=2, dtype=dtype))  # (raised from ema_update_ on fp16 EMA state)
+        for name in ("cluster_size", "embed_avg", "code_usage"):
+            if getattr(m, name) is not None:
+                assert getattr(m, name).dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("make", [
+    lambda: VectorQuantizer(6, 3, ema=True, dead_code_threshold=1.0),
+    lambda: VectorQuantizer(6, 3, kmeans_init=True, kmeans_iters=1),
+    lambda: ResidualQuantizer(2, 6, 3, dead_code_threshold=1.0),
+], ids=["vq-ema-revive", "vq-kmeans", "rq-revive"])
+def test_meta_built_module_loads_with_assign_and_counts(backend, make):
+    """Built on the meta device, then ``load_state_dict(sd, assign=True)`` (the usual way to
+    load big models): the buffers the state_dict does not hold (the counters are not
+    persistent; a seed checkpoint has no ``code_usage`` or ``initted``) are created on the
+    codebook's device, so they count and can be read (probe3 R6: they stayed on meta)."""
+    torch.manual_seed(0)
+    source = make()
+    source(randn(20, 3, seed=1))  # (k-means has run: initted is True in its state_dict)
+    for sd in (source.state_dict(),
+               {k: v for k, v in source.state_dict().items() if k not in ("code_usage", "initted")}):
+        with torch.device("meta"):
+            m = make()
+        m.load_state_dict(sd, assign=True)
+        device = m._codebook_levels().device
+        assert device == source._codebook_levels().device
+        for name, buf in m.named_buffers():
+            assert buf.device == device, name
+        if m.code_usage is not None and "code_usage" not in sd:
+            assert torch.equal(m.code_usage, torch.full_like(m.code_usage, 1.0))  # reset_size(1.0)
+        assert bool(m.initted)  # a loaded codebook is not re-initialised
+        m.train()
+        x = randn(8, 3, seed=3)
+        x[0] = float("nan")
+        m(x)
+        assert int(m.nonfinite_rows) == (1 if m._codebook_needs_vectors else 0)  # (else only k-means counts)
+        if m.codes_revived is not None:
+            assert int(m.codes_revived) >= 0
+
+
 # ------------------------------------------------------------------ host syncs, the warning
 
 
