@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
-from .._checks import check_bool_arg, check_int_arg, check_real_arg, finite_limit
+from .._checks import FLOAT_DTYPES, check_bool_arg, check_int_arg, check_real_arg, finite_limit
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
@@ -345,14 +345,28 @@ class CodebookState(nn.Module):
     _FLOAT32_BUFFERS = ("cluster_size", "embed_avg", "code_usage")
     warn_low_usage = True
 
+    _codebook_name = "the codebook"
+
     def _check_inputs(self, inputs) -> None:
-        """``TypeError``/``ValueError`` naming the module unless ``inputs`` is ``(..., embedding_dim)``."""
+        """``TypeError``/``ValueError`` naming the module unless ``inputs`` is a float32, float16
+        or bfloat16 ``(..., embedding_dim)`` tensor on the codebook's device (and the codebook one
+        of those dtypes). Runs before anything reads the batch (k-means init)."""
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"fastvq.{self._owner}: inputs must be a torch.Tensor, got {type(inputs).__name__}")
         if inputs.dim() < 1 or inputs.shape[-1] != self.embedding_dim:
             raise ValueError(
                 f"fastvq.{self._owner}: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"
             )
+        codebook = self._codebook_levels()
+        for name, t in (("inputs", inputs), (self._codebook_name, codebook)):
+            if t.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"fastvq.{self._owner}: {name} must be float32, float16 or bfloat16, got {t.dtype} "
+                    "(float64 is not supported: cast the inputs and the module, e.g. .float())"
+                )
+        if inputs.device != codebook.device:
+            raise ValueError(f"fastvq.{self._owner}: inputs are on {inputs.device}, the module on {codebook.device} "
+                             f"(move the inputs, e.g. inputs.to({str(codebook.device)!r}))")
 
     def _init_codebook_state(
         self,

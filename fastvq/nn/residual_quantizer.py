@@ -109,6 +109,8 @@ class ResidualQuantizer(CodebookState):
         if ema:
             self.codebooks.requires_grad_(False)
 
+    _codebook_name = "the codebooks (codebooks)"
+
     def _codebook_levels(self) -> torch.Tensor:
         return self.codebooks.data
 

@@ -100,24 +100,31 @@ class RQVAE(nn.Module):
 
     def forward(self, features: torch.Tensor):
         """``(..., input_dim)`` -> ``(reconstructed, commitment_loss, embedding_loss, codes (..., L))``."""
-        if not isinstance(features, torch.Tensor):
-            raise TypeError(f"fastvq.RQVAE: features must be a torch.Tensor, got {type(features).__name__}")
-        if features.dim() < 1 or features.shape[-1] != self.input_dim:
-            raise ValueError(f"fastvq.RQVAE: features must be (..., {self.input_dim}), got shape {tuple(features.shape)}")
-        features = self._as_param_dtype(features)
+        features = self._check_features("RQVAE", features)
         encoded = self.encoder(features)
         quantized, commitment_loss, embedding_loss, codes = self.quantizer(encoded)
         reconstructed = self.decoder(quantized)
         return reconstructed, commitment_loss, embedding_loss, codes
 
-    def _as_param_dtype(self, features: torch.Tensor) -> torch.Tensor:
-        """Floating ``features`` of another dtype in the parameters' dtype (as the quantizers
-        promote; under autocast the layers cast themselves); ``TypeError`` naming ``features``
-        for integer or bool features, which the linear layers cannot take."""
+    def _check_features(self, op: str, features) -> torch.Tensor:
+        """``features (..., input_dim)``, a floating tensor on the model's device, in the
+        parameters' dtype (floating ``features`` of another dtype are cast, as the quantizers
+        promote; under autocast the layers cast themselves). ``TypeError``/``ValueError`` naming
+        ``op`` and ``features`` otherwise (integer or bool features, which the linear layers cannot
+        take; another device)."""
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"fastvq.{op}: features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dim() < 1 or features.shape[-1] != self.input_dim:
+            raise ValueError(f"fastvq.{op}: features must be (..., {self.input_dim}), got shape {tuple(features.shape)}")
         if not features.is_floating_point():
-            raise TypeError(f"fastvq.RQVAE: features must be a floating-point tensor, got {features.dtype} "
+            raise TypeError(f"fastvq.{op}: features must be a floating-point tensor, got {features.dtype} "
                             f"(cast it, or use semantic_ids, which casts its batches)")
-        dtype = self.encoder.layers[0].weight.dtype
+        weight = self.encoder.layers[0].weight
+        if features.device != weight.device:
+            raise ValueError(f"fastvq.{op}: features are on {features.device}, the model on {weight.device} "
+                             f"(move them, e.g. features.to({str(weight.device)!r}), or use semantic_ids, which "
+                             f"moves its batches)")
+        dtype = weight.dtype
         if features.dtype != dtype and not torch.is_autocast_enabled(features.device.type):
             features = features.to(dtype)
         return features
@@ -143,7 +150,10 @@ class RQVAE(nn.Module):
     def encode_codes(self, features: torch.Tensor) -> torch.Tensor:
         """``(..., input_dim) -> (..., L)`` int64 codes of the residual quantizer (runs as is:
         no mode change, gradients off only where the caller turned them off)."""
-        return self.quantizer(self.encoder(features))[3]
+        return self._encode_codes("RQVAE.encode_codes", features)
+
+    def _encode_codes(self, op: str, features) -> torch.Tensor:
+        return self.quantizer(self.encoder(self._check_features(op, features)))[3]
 
     def generate_semantic_ids(self, features: torch.Tensor) -> torch.Tensor:
         """The seed's ``generate_semantic_ids``: codes ``(..., L)`` of one batch, in eval mode
@@ -153,7 +163,7 @@ class RQVAE(nn.Module):
         self.eval()
         try:
             with torch.no_grad():
-                return self.encode_codes(features)
+                return self._encode_codes("RQVAE.generate_semantic_ids", features)
         finally:
             self.train(was_training)
 
@@ -217,7 +227,7 @@ class RQVAE(nn.Module):
                 for batch in batches:
                     x = _batch_features(op, batch, self.input_dim)
                     x = x.to(device=device, dtype=dtype, non_blocking=True)  # integer and bool features too
-                    c = self.encode_codes(x.reshape(-1, self.input_dim))
+                    c = self._encode_codes(op, x.reshape(-1, self.input_dim))
                     codes.append(c.reshape(-1, c.shape[-1]))
                     bar.update(x.shape[0] if unit == "item" else 1)
         finally:

@@ -124,18 +124,14 @@ class VectorQuantizer(CodebookState):
         if ema:
             self.embeddings.weight.requires_grad_(False)
 
+    _codebook_name = "the codebook (embeddings.weight)"
+
     def _codebook_levels(self) -> torch.Tensor:
         return self.embeddings.weight.data.unsqueeze(0)
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(inputs)
         weight = self.embeddings.weight
-        for name, t in (("inputs", inputs), ("the codebook (embeddings.weight)", weight)):
-            if t.dtype not in FLOAT_DTYPES:
-                raise TypeError(
-                    f"fastvq.VectorQuantizer: {name} must be float32, float16 or bfloat16, got {t.dtype} "
-                    "(float64 is not supported: cast the inputs and the module, e.g. .float())"
-                )
         mask = _check_mask("VectorQuantizer", mask, inputs)
         # (reads the host only until k-means has initialised the codebook)
         self._maybe_kmeans_init_(inputs.detach().reshape(-1, self.embedding_dim), self.metric, mask)

@@ -307,6 +307,38 @@ def test_issue_signature_positional():
     assert rq.commitment_cost == 0.5 and rq.ema and rq.decay == 0.9 and hasattr(rq, "embed_avg")
 
 
+@pytest.mark.about_devices("inputs on another device than the module (the meta device stands in)")
+@pytest.mark.parametrize("kwargs", [{}, {"kmeans_init": True, "dead_code_threshold": 1.0}], ids=["plain", "kmeans"])
+def test_inputs_on_another_device_name_the_module(backend, kwargs):
+    """A ValueError naming the module and ``inputs`` (probe3 R8: the error named
+    residual_quantize_step's ``x`` and ``codebooks``, or k-means init ran ``.item()`` on the
+    batch first), raised before k-means init reads the batch."""
+    rq = ResidualQuantizer(L, K, D, **kwargs).train()
+    with pytest.raises(ValueError, match=r"^fastvq\.ResidualQuantizer: inputs are on meta, the module on "):
+        rq(randn(6, D).to(torch.device("meta")))
+    if rq.kmeans_init:
+        assert not bool(rq.initted)  # the batch was not consumed
+        rq(randn(30, D, seed=1))
+        assert bool(rq.initted)
+
+
+@pytest.mark.parametrize("case", ["float64-inputs", "double-module", "int-inputs"])
+def test_unsupported_dtypes_raise_type_error_naming_the_module(backend, case):
+    """As VectorQuantizer: a TypeError naming the module and ``inputs`` (or its codebooks), not
+    residual_quantize_step's ``x`` (probe3 R8)."""
+    rq = ResidualQuantizer(L, K, D)
+    x = randn(4, D)
+    if case == "float64-inputs":
+        x = x.double()
+    elif case == "double-module":
+        rq = rq.double()
+    else:
+        x = torch.ones(4, D, dtype=torch.int64, device=x.device)
+    name = "the codebooks" if case == "double-module" else "inputs"
+    with pytest.raises(TypeError, match=rf"^fastvq\.ResidualQuantizer: {name}.* must be float32, float16 or bfloat16"):
+        rq(x)
+
+
 def test_bad_inputs():
     rq = ResidualQuantizer(L, K, D)
     with pytest.raises(ValueError, match="ResidualQuantizer"):

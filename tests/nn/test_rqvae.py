@@ -304,6 +304,19 @@ def test_forward_bad_input():
         model(torch.ones(4, 12, dtype=torch.long))
 
 
+@pytest.mark.about_devices("features on another device than the model (the meta device stands in)")
+@pytest.mark.parametrize("entry", ["forward", "encode_codes", "generate_semantic_ids"])
+def test_features_on_another_device_name_the_model(backend, entry):
+    """A ValueError naming the entry point and ``features`` (probe3 R8: the first Linear's
+    RuntimeError). (semantic_ids moves its batches to the model: not an error there.)"""
+    model = _model()
+    x = randn(4, 12).to(torch.device("meta"))
+    op = "RQVAE" if entry == "forward" else f"RQVAE.{entry}"
+    call = model if entry == "forward" else getattr(model, entry)
+    with pytest.raises(ValueError, match=rf"^fastvq\.{op}: features are on meta, the model on "):
+        call(x)
+
+
 def test_features_of_other_dtypes():
     # integer and float64 features: semantic_ids casts every batch to the parameters' dtype, and
     # forward promotes floating features (as the quantizers do) instead of a bare matmul error

@@ -391,6 +391,21 @@ def test_mask_errors_name_mask(ema):
             vq(x, torch.full((2, 5), bad, device=x.device))
 
 
+@pytest.mark.about_devices("inputs on another device than the module (the meta device stands in)")
+@pytest.mark.parametrize("kwargs", [{}, {"metric": "cosine"}, {"kmeans_init": True, "ema": True}],
+                         ids=["l2", "cosine", "kmeans"])
+def test_inputs_on_another_device_name_the_module(backend, kwargs):
+    """A ValueError naming the module and ``inputs`` (probe3 R8: the error named an internal op,
+    or k-means init ran ``.item()`` on the batch first), raised before k-means init reads it."""
+    vq = VectorQuantizer(K, D, **kwargs).train()
+    with pytest.raises(ValueError, match=r"^fastvq\.VectorQuantizer: inputs are on meta, the module on "):
+        vq(randn(6, D).to(torch.device("meta")))
+    if vq.kmeans_init:
+        assert not bool(vq.initted)  # the batch was not consumed
+        vq(randn(20, D, seed=1))
+        assert bool(vq.initted)
+
+
 def test_bad_inputs():
     vq = VectorQuantizer(K, D)
     with pytest.raises(ValueError, match="VectorQuantizer"):
