@@ -160,7 +160,7 @@ class Bitcodes(nn.Module):
         super().__init__()
         self.features = check_int_arg("Bitcodes", "features", features, minimum=1)
         self.num_bits = check_int_arg("Bitcodes", "num_bits", num_bits, minimum=1)
-        self.temperature = check_real_arg("Bitcodes", "temperature", temperature, positive=True)
+        self.temperature = check_real_arg("Bitcodes", "temperature", temperature, positive=True, float32=True)
         _check_sizes("Bitcodes", "num_bits * features", 2 * self.num_bits, self.features)  # (2 rows per bit)
         self.codebook = nn.Parameter(torch.randn(2 * self.num_bits, self.features))
 
