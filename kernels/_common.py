@@ -224,6 +224,12 @@ def exp2i(e):
 
 
 @triton.jit
+def exp2i64(e):
+    """``2.0 ** e`` as float64, exactly, for an int32 ``e`` in [-1022, 1023]."""
+    return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def pow2_exponent(m):
     """For a float32 ``m >= 0``: the int32 ``e`` with ``m * 2**-e`` in [1, 2) (normal ``m``),
     clamped to [-127, 126] so that ``2**-e`` is a normal float32. Subnormal and zero ``m`` give

@@ -427,7 +427,8 @@ def test_backward_has_no_host_sync_and_at_most_one_sort(device, monkeypatch, off
     assert set(counts.glue_ops) <= ({"sort"} if deterministic else {"zeros"}), dict(counts.glue_ops)
     launches = dict(counts.kernels)
     assert launches.pop("_qr_psw_grad_kernel", 0) == int(weighted)
-    assert launches == ({"_qr_keys_kernel": 1, "_qr_rows_kernel": 1} if deterministic else {"_qr_atomic_kernel": 1})
+    assert launches == ({"_qr_keys_kernel": 1, "_qr_rows_kernel": 1} if deterministic
+                        else {"_qr_atomic_kernel": 1, "_qr_atomic_fixup_kernel": 1})
 
 
 @pytest.mark.parametrize("offs,mode,weighted", BWD_FORMS)
@@ -718,19 +719,59 @@ def test_mult_weighted_bag_keeps_products_below_the_normal_range(backend, device
     _check_bag_contract(q, r, ids, "mult", offs, w, g, dtype, deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
 @pytest.mark.parametrize("offs", [None, [0, 1, 2]], ids=["plain", "bags"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gradient_rows_whose_partial_sums_overflow(backend, device, dtype, op, offs):
+def test_gradient_rows_whose_partial_sums_overflow(backend, device, dtype, op, offs, deterministic):
     # a table row's gradient 3e38 + 3e38 - 3e38 = 3e38 is representable; summed in float32 it
-    # was inf (sorted backward; the atomic one keeps float32 row sums, see the docstring)
+    # was inf (the sorted backward, and the atomic one until its rows were summed again at a scale)
     q = torch.ones(1, 2, dtype=dtype, device=device)
     r = torch.ones(1, 2, dtype=dtype, device=device)
     ids = torch.tensor([0, 0, 0], device=device)
     offsets = None if offs is None else torch.tensor(offs, device=device)
     g = torch.tensor([[3e38, -1.0], [3e38, 1.0], [-3e38, 2.0]], dtype=dtype, device=device)
     g = torch.cat([g, g], -1) if op == "concat" else g
-    _check_bag_contract(q, r, ids, op, offsets, None, g, dtype)
+    _check_bag_contract(q, r, ids, op, offsets, None, g, dtype, deterministic)
+
+
+def _overflow_batch(device, op):
+    """300 items (several programs of the atomic backward) in three groups of q rows, each with
+    its own r rows: q row 0 (r rows 0, 1) takes +-3e38 terms whose float32 partial sums overflow
+    in item order (its exact sums are 0 and +-1.5e38, its r rows' +-3e38 and +-1.5e38), q row 1
+    (r rows 2, 3) takes terms of ~1e-30 and q row 2 (r row 4) ordinary ones; the groups are
+    interleaved, and an ordinary column sits beside the big ones."""
+    big = [(1, 3e38)] * 26 + [(0, 3e38)] * 24 + [(1, -3e38)] * 25 + [(0, -3e38)] * 25  # (r row, g)
+    h_big = torch.tensor([r for r, _ in big], device=device)
+    g_big = torch.tensor([[v, -0.5 * v, 0.0] for _, v in big], device=device)
+    g_big[:, 2] = randn(100, seed=12, device=device)
+    h_tiny = 5 + 2 + torch.randint(0, 2, (100,), generator=generator(11), device=device)  # q row 1, r rows 2, 3
+    g_tiny = randn(100, 3, seed=13, device=device, scale=1e-30)
+    h_mid = torch.full((100,), 10 + 4, device=device)  # q row 2, r row 4
+    g_mid = randn(100, 3, seed=14, device=device)
+    ids = torch.stack([h_tiny, h_big, h_mid], 1).reshape(-1)  # interleaved; the big ones in order
+    grad = torch.stack([g_tiny, g_big, g_mid], 1).reshape(-1, 3)
+    q = torch.cat([torch.ones(1, 3, device=device), randn(2, 3, seed=15, device=device)])
+    r = torch.cat([torch.ones(2, 3, device=device), randn(3, 3, seed=16, device=device)])
+    if op == "concat":
+        grad = torch.cat([grad, grad.flip(0)], -1)
+    return q, r, ids, grad
+
+
+@pytest.mark.parametrize("form", ["plain", "bags", "weighted"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_overflowing_gradient_rows_beside_ordinary_ones(backend, device, op, form, deterministic):
+    # float64 oracle: the rows whose partial sums overflow come out finite where exact, and the
+    # rows of tiny and ordinary terms in the same backward keep their float32 accuracy
+    q, r, ids, grad = _overflow_batch(device, op)
+    offs, w = None, None
+    if form != "plain":  # one item per bag: the same sums through the bag kernels
+        offs = torch.arange(ids.shape[0], device=device)
+    if form == "weighted":  # weights of 2 on the big items: partial sums of 6e38
+        w = torch.ones(ids.shape[0], device=device)
+        w[1::3] = 2.0
+    _check_bag_contract(q, r, ids, op, offs, w, grad, torch.float32, deterministic)
 
 
 def _stride2(t):
