@@ -466,17 +466,22 @@ def test_atomic_backward_uses_relaxed_atomics(monkeypatch):
     from triton._C.libtriton import ir
     from triton.runtime.interpreter import InterpreterBuilder
 
-    sems = []
+    sems, ops = [], set()
     real = InterpreterBuilder.create_atomic_rmw
 
     def spy(self, rmw_op, ptr, val, mask, sem, scope):
         sems.append(sem)
+        ops.add(rmw_op)
         return real(self, rmw_op, ptr, val, mask, sem, scope)
 
     monkeypatch.setattr(InterpreterBuilder, "create_atomic_rmw", spy)
     with fastvq.backend("triton"):
         out, _ = _bwd_call("cpu", "mult", None, "sum", False, deterministic=False)
         out.backward(randn(*out.shape, seed=5))
+        assert ops == {ir.ATOMIC_OP.FADD}  # ordinary values: the fix-up returned at once
+        out, _ = _bwd_call("cpu", "mult", None, "sum", False, deterministic=False)
+        out.backward(randn(*out.shape, seed=5, scale=1e38))  # partial sums that may overflow: fixed up
+    assert ops == {ir.ATOMIC_OP.FADD, ir.ATOMIC_OP.MAX}, ops
     assert sems and all(s == ir.MEM_SEMANTIC.RELAXED for s in sems), set(sems)
 
 
@@ -756,6 +761,32 @@ def _overflow_batch(device, op):
     if op == "concat":
         grad = torch.cat([grad, grad.flip(0)], -1)
     return q, r, ids, grad
+
+
+@pytest.mark.parametrize("needs", ["q", "r"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_overflowing_gradient_rows_of_one_table(backend, device, needs, deterministic):
+    # one table's gradient only (the atomic fix-up then marks and sums that table's rows only)
+    q, r, ids, grad = _overflow_batch(device, "mult")
+    qq, rr = q.clone().requires_grad_(needs == "q"), r.clone().requires_grad_(needs == "r")
+    out = fastvq.qr_lookup(ids, qq, rr, "mult", deterministic=deterministic)
+    out.backward(grad)
+    (exact, mag), n = _exact_qr(q, r, ids, "mult", None, None, grad), ids.numel() + 2
+    got, want, m = (qq.grad, exact[1], mag[1]) if needs == "q" else (rr.grad, exact[2], mag[2])
+    assert (rr.grad if needs == "q" else qq.grad) is None
+    ft.assert_close(got, want, dtype=torch.float32, reduce_len=n, magnitude=m, name=f"qr_lookup grad_{needs}")
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_overflowing_gradient_rows_with_nan_and_inf_terms(backend, device, deterministic):
+    # in a row summed again, an infinite upstream gradient stays +-inf (inf - inf: NaN) and a NaN
+    # stays NaN, in its own column only; the float64 oracle says where
+    q, r, ids, grad = _overflow_batch(device, "add")
+    grad[1, 2] = float("inf")  # q row 0, r row 1 (a big item), ordinary column
+    grad[4, 2] = float("-inf")  # q row 0, r row 1: -inf + inf = NaN there
+    grad[7, 2] = float("nan")  # q row 0, r row 1
+    grad[3 * 26 + 1, 2] = float("inf")  # q row 0, r row 0: +inf there
+    _check_bag_contract(q, r, ids, "add", None, None, grad, torch.float32, deterministic)
 
 
 @pytest.mark.parametrize("form", ["plain", "bags", "weighted"])
