@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Callable
 
 import numpy as np
@@ -154,7 +155,9 @@ def check_real_arg(
         as_float = float(value)
     except OverflowError:  # an int beyond the float range
         raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {_short(int(value))}") from None
-    ok = math.isfinite(as_float) and (not float32 or abs(as_float) <= torch.finfo(torch.float32).max)
+    # abs(x) <= max, not math.isfinite (same answer, NaN included): under torch.compile(dynamic=True)
+    # a float can be a symbol, which math.isfinite cannot trace and a comparison can.
+    ok = abs(as_float) <= (torch.finfo(torch.float32).max if float32 else sys.float_info.max)
     if minimum is not None:
         ok = ok and (as_float > minimum if min_open else as_float >= minimum)
     if maximum is not None:
