@@ -431,6 +431,25 @@ def test_backward_has_no_host_sync_and_at_most_one_sort(device, monkeypatch, off
                         else {"_qr_atomic_kernel": 1, "_qr_atomic_fixup_kernel": 1})
 
 
+def test_atomic_backward_fix_up_has_no_host_sync(device, monkeypatch):
+    # a backward that takes the fix-up (rows whose partial sums could overflow) reads nothing on
+    # the host either and launches the same two kernels
+    from fastvq.bench.traffic import metering
+
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+    q, r, ids, grad = _overflow_batch(device, "mult")
+    q.requires_grad_(), r.requires_grad_()
+    with fastvq.backend("triton"):
+        out = fastvq.qr_lookup(ids, q, r, "mult", deterministic=False)
+        with metering() as meter:
+            out.backward(grad)
+    counts = meter.counts["fwd"]
+    assert counts.syncs == 0, dict(counts.sync_ops)
+    assert dict(counts.kernels) == {"_qr_atomic_kernel": 1, "_qr_atomic_fixup_kernel": 1}
+    assert torch.isfinite(q.grad[0]).all() and torch.isfinite(r.grad[:2]).all()
+
+
 @pytest.mark.parametrize("offs,mode,weighted", BWD_FORMS)
 def test_forward_has_no_host_sync(backend, device, offs, mode, weighted):
     # the bag offsets are validated on the device (assert_async), not read on the host
