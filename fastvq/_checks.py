@@ -155,14 +155,18 @@ def check_real_arg(
         as_float = float(value)
     except OverflowError:  # an int beyond the float range
         raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {_short(int(value))}") from None
-    # abs(x) <= max, not math.isfinite (same answer, NaN included): under torch.compile(dynamic=True)
-    # a float can be a symbol, which math.isfinite cannot trace and a comparison can.
+    # Comparisons joined by &, not math.isfinite and `and` (the same answers, NaN included): under
+    # torch.compile the float can be a symbol (dynamic=True; a temperature that changed between
+    # calls; a tensor's .item()), which a comparison can trace and math.isfinite or bool() cannot.
     ok = abs(as_float) <= (torch.finfo(torch.float32).max if float32 else sys.float_info.max)
     if minimum is not None:
-        ok = ok and (as_float > minimum if min_open else as_float >= minimum)
+        ok = ok & ((as_float > minimum) if min_open else (as_float >= minimum))
     if maximum is not None:
-        ok = ok and as_float <= maximum
-    if not ok:
+        ok = ok & (as_float <= maximum)
+    if torch.compiler.is_compiling():  # a symbol is checked when the graph runs (a constant: now)
+        message = f"fastvq.{owner}: {name} must be {bound}"
+        torch._check_value(ok, lambda: message)
+    elif not ok:
         raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {value!r}")
     return as_float
 
