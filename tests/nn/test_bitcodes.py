@@ -158,12 +158,15 @@ def test_to_decimal_of_bits():
         (lambda m: Bitcodes(8, 4, -1.0), ValueError),
         (lambda m: Bitcodes(8, 4, float("inf")), ValueError),
         (lambda m: Bitcodes(8, 4, float("nan")), ValueError),
+        (lambda m: Bitcodes(8, 4, 1e-46), ValueError),  # probe3 R7: 0 in float32, NaN gradients
+        (lambda m: Bitcodes(8, 4, 1e39), ValueError),  # inf in float32
         (lambda m: Bitcodes(8, 4, True), TypeError),
         (lambda m: Bitcodes(8, 4, "hot"), TypeError),
     ],
     ids=["features-mismatch", "int-x", "0D-x", "bits-width", "bits-value", "bits-list",
          "features-0", "num_bits-0", "num_bits-nonintegral", "features-bool", "num_bits-bool", "num_bits-str",
-         "temperature-0", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-bool",
+         "temperature-0", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-0-in-fp32",
+         "temperature-inf-in-fp32", "temperature-bool",
          "temperature-str"],
 )
 def test_bad_input(call, err):
@@ -375,7 +378,10 @@ def test_16bit_bits_are_decided_on_float32_scores(dtype, training):
     bc = Bitcodes(4, 1, 1.0).to(dtype).eval()
     with torch.no_grad():
         bc.codebook.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]]))
-    assert bc(torch.tensor([[256.0, 0.5, 0.25, 0.5]], dtype=dtype))[1].item() == 1  # 256.75 > 256.5
+    x = torch.tensor([[256.0, 0.5, 0.25, 0.5]], dtype=dtype)
+    assert bc(x)[1].item() == 1  # 256.75 > 256.5
+    with torch.autocast(x.device.type, dtype=dtype):  # probe3 R2b: autocast rounded the product again
+        assert bc(x)[1].item() == 1 and bc.float()(x.float())[1].item() == 1
 
     torch.manual_seed(3)
     bc = Bitcodes(64, 16, 1.0).to(dtype).train(training)
@@ -392,3 +398,14 @@ def test_16bit_bits_are_decided_on_float32_scores(dtype, training):
     assert clear.float().mean() > 0.99
     wrong = clear & (bits != s64.argmax(-1))
     assert not wrong.any(), f"{int(wrong.sum())} bits differ from float64 (gaps {gap[wrong][:4].tolist()})"
+
+
+def test_the_smallest_float32_temperature_trains_with_finite_gradients():
+    # probe3 R7: 1e-46 (0 in float32) was accepted and gave NaN gradients; the smallest accepted
+    # temperature, one float32 subnormal, gives finite ones
+    torch.manual_seed(0)
+    bc = Bitcodes(4, 3, 1e-45).train()
+    x = torch.randn(5, 4, requires_grad=True)
+    y, _ = bc(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    assert x.grad.isfinite().all() and bc.codebook.grad.isfinite().all()
