@@ -253,6 +253,10 @@ def _pairwise_kl_loss_fwd_kernel(
     # A logit that overflows float32 (or a dot product that does, +inf + -inf) leaves the row's
     # KL non-finite: that row's loss overflowed, +inf. (The op tells NaN/inf inputs apart.)
     b_kl = tl.where(tl.abs(b_kl) < float("inf"), b_kl, float("inf"))
+    # A KL is >= 0 exactly; rounding can leave a row whose exact KL is ~0 slightly negative
+    # (-4e-8 at T = 1000): stored as 0 (a NaN would stay NaN: the comparison is false for it).
+    # The value only: the backward's gradient is that of the KL (G = P - Q), not of the clamp.
+    b_kl = tl.where(b_kl < 0.0, 0.0, b_kl)
     tl.store(p_kl + o_m, b_kl, mask=m_m)
     # the normalisers in two parts (row max at natural scale, log of the sum): (2, B) each
     tl.store(p_lse_p + o_m, b_mp * inv_c, mask=m_m)

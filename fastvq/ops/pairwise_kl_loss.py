@@ -123,7 +123,9 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
     logsumexp. A pair whose target weight is exactly 0 contributes 0 even where its pred logit
     overflowed to -inf (the exact term is 0). Where a logit overflows float32 otherwise the loss
     is ``+inf`` (and the gradient undefined, NaN); from ``B = 2`` on a NaN or infinite input
-    element makes the loss NaN. bf16/fp16 inputs: the backward's ``(G + G^T) @ pred`` is a
+    element makes the loss NaN. The loss is never negative: each row's KL (>= 0 exactly) that
+    rounds below 0 counts as 0 (NaN stays NaN); the gradient is the KL's, not the clamp's (0).
+    bf16/fp16 inputs: the backward's ``(G + G^T) @ pred`` is a
     16-bit tensor-core dot (``G + G^T`` rounded to the input dtype, float32 accumulation); the
     float16 one scales ``G + G^T`` by 2^14 first, so it does not underflow at large ``B`` or
     nearly equal softmaxes.

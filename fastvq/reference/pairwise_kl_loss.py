@@ -24,6 +24,14 @@ and ``1 / T = m 2^(fa + fb)``: exact powers of two, so the logit is rounded once
 ``q_ij ((t_ij - lse_t) - (s_ij - lse_p))`` are formed at half scale (each bracket can reach
 ``-2 * float32max`` where the logits are representable) and the rows' KLs are divided by B
 before they are summed, so a representable loss is never +inf.
+
+Each row's KL is >= 0 in exact arithmetic, so a row whose computed KL rounds below 0 (its
+exact KL is then within its rounding bound of 0: -4e-8 at T = 1000) counts as 0, and the loss is
+never negative (NaN stays NaN). The clamp corrects the value, not the function: the gradient
+stays that of the KL, ``G = P - Q``. The exact KL is smooth there and its slope is what training
+follows; the gradient of ``max(KL, 0)`` would be 0 exactly where the rounding happened to fall
+below 0, stopping the row at random, and the clamp would then decide a gradient that the exact
+loss does not have.
 """
 
 from __future__ import annotations
@@ -123,6 +131,9 @@ def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperatu
         kl_row = torch.where(q == 0, 0.0, q * half).sum(1) * 2.0  # NaN q stays NaN; 0 weight is 0
         # a row whose logits overflowed float32 has a non-finite KL: it overflowed, +inf
         kl_row = torch.where(kl_row.abs() < float("inf"), kl_row, float("inf"))
+        # a KL is >= 0 exactly: a row whose exact KL is ~0 can round slightly negative; 0 then
+        # (NaN stays NaN). The value only: see the module docstring on the gradient at the clamp
+        kl_row = torch.where(kl_row < 0, 0.0, kl_row)
         kl_sum += (kl_row / B).sum()  # divided first: B rows of ~float32max / B stay finite
     return kl_sum, lse_p, lse_t
 

@@ -496,3 +496,21 @@ def test_huge_row_beside_a_small_one_at_a_small_temperature(backend, device, dty
     target = randn(2, 33, seed=61, scale=1e4).to(device, dtype)
     loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.001, torch.tensor(1.0, device=device))
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
+
+
+def test_loss_that_is_zero_in_exact_arithmetic_is_not_negative(backend, device):
+    # probe2 Q8: target = pred + 1e-4 relative noise at T = 1000 has an exact loss of ~1e-10, and
+    # both backends returned about -4e-8 (within the float32 rounding of the rows' KL terms; a KL
+    # is >= 0 exactly). Each row's KL is now clamped at 0, the value only: the gradient stays the
+    # KL's own (G = P - Q), the same as before, not the zero gradient of the clamp.
+    pred = randn(12, 6, seed=17, scale=10.0, device=device)
+    target = pred + randn(12, 6, seed=1017, scale=1e-3, device=device)
+    T = 1000.0
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0, device=device))
+    exact, exact_grad = _exact_with_grad(pred, target, T)
+    assert 0 <= exact < 1e-9
+    assert loss.item() >= 0.0, loss
+    loss_terms, grad_terms = kl_bounds(pred, target, T)
+    ft.assert_close(loss, exact, dtype=torch.float32, **loss_terms, name="pairwise_kl_loss")
+    ft.assert_close(grad, exact_grad, dtype=torch.float32, **grad_terms, name="pairwise_kl_loss grad")
+    assert grad.abs().max() > 0
