@@ -21,7 +21,8 @@ five floats a row (and the launcher the rows' ``max |x_i|``, two more, for the b
 Scaling (as in the reference): the gram dots read row-scaled copies ``u_i = x_i 2^-e_i`` made
 by the launcher from the rows' maxima (which the op reads once, with its finiteness check, and
 the forward saves for the backward); forward and backward each read pred and target and write
-the copies: at B = 256, D = 64, 8.1 -> 17.3 passes over pred in all (`fastvq bench --traffic`),
+the copies: at B = 256, D = 64, 8.1 -> 17.3 passes over pred in all (`fastvq bench --traffic`; 20.3
+with the wide rows' raw-input arguments, see below, which ordinary inputs never read),
 O(B D) against the kernels' O(B^2 D)
 work, and the kernels' pipelined loads stay untouched; float16 inputs, whose products cannot
 overflow float32, are read as they are), and a logit is ``((u_i . u_j) R_i) C_j`` with
