@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Callable
 
 import numpy as np
@@ -138,15 +139,20 @@ def check_real_arg(
     """``value`` as a finite Python float. ``TypeError`` for bools and non-numbers; ``ValueError``
     for NaN, +-inf, ints too large for a float (``10**400``), and values outside the bounds:
     ``positive=True`` (> 0), ``minimum`` (``>=``; ``>`` with ``min_open``), ``maximum``
-    (``<=``); ``float32=True``: finite in float32 too (``|value| <= 3.4028235e38``), for a value
+    (``<=``); ``float32=True``: finite in float32 too (``|value| <= 3.4028235e38``), and a
+    ``> 0`` bound holds for its float32 value (above ``2**-150``, which rounds to 0), for a value
     the module later uses as a float32 scalar."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"fastvq.{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
     if positive:
         minimum, min_open = 0.0, True
     parts = ["finite in float32" if float32 else "finite"]
+    low = minimum
     if minimum is not None:
         parts.append(f"{'>' if min_open else '>='} {minimum}")
+        if float32 and min_open and minimum == 0:  # float32 rounds (0, 2^-150] to 0
+            low = 2.0**-150
+            parts[-1] += " in float32"
     if maximum is not None:
         parts.append(f"<= {maximum}")
     bound = " and ".join(parts)
@@ -154,12 +160,18 @@ def check_real_arg(
         as_float = float(value)
     except OverflowError:  # an int beyond the float range
         raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {_short(int(value))}") from None
-    ok = math.isfinite(as_float) and (not float32 or abs(as_float) <= torch.finfo(torch.float32).max)
+    # Comparisons joined by &, not math.isfinite and `and` (the same answers, NaN included): under
+    # torch.compile the float can be a symbol (dynamic=True; a temperature that changed between
+    # calls; a tensor's .item()), which a comparison can trace and math.isfinite or bool() cannot.
+    ok = abs(as_float) <= (torch.finfo(torch.float32).max if float32 else sys.float_info.max)
     if minimum is not None:
-        ok = ok and (as_float > minimum if min_open else as_float >= minimum)
+        ok = ok & ((as_float > low) if min_open else (as_float >= low))
     if maximum is not None:
-        ok = ok and as_float <= maximum
-    if not ok:
+        ok = ok & (as_float <= maximum)
+    if torch.compiler.is_compiling():  # a symbol is checked when the graph runs (a constant: now)
+        message = f"fastvq.{owner}: {name} must be {bound}"
+        torch._check_value(ok, lambda: message)
+    elif not ok:
         raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {value!r}")
     return as_float
 

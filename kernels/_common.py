@@ -26,6 +26,41 @@ def _interpreter_on() -> bool:
 
 INTERPRETED: bool = _interpreter_on()
 
+
+def _bf16_casts_like_a_gpu() -> bool:
+    """Under the interpreter, make its bfloat16 <-> float32 casts give a GPU's bits.
+
+    Triton's interpreter (3.6 and 3.8) converts floats with one generic routine that gets
+    subnormals wrong both ways (bf16 1e-39 loads as 4.4e-39, 9e-41 as 0) and truncates
+    float32 -> bfloat16 where a GPU rounds to nearest even. A bfloat16 is the top half of a
+    float32, so both casts are exact bit operations: this wraps the routine for that one pair of
+    types and leaves every other conversion to it. Returns whether the fix is in place (False when
+    a Triton release no longer has the routine: then the README's interpreter caveat applies)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    convert = getattr(interpreter, "_convert_float", None)
+    if convert is None or getattr(convert, "fastvq_bf16", False):
+        return convert is not None
+
+    def bf16_float32(data, src, dst, rounding_mode):
+        if src == tl.bfloat16 and dst == tl.float32:
+            return np.frombuffer(data.tobytes(), np.uint16).astype(np.uint32).reshape(data.shape) << 16
+        if src == tl.float32 and dst == tl.bfloat16:
+            u = np.frombuffer(data.tobytes(), np.uint32).reshape(data.shape)
+            if rounding_mode != interpreter._ir.ROUNDING_MODE.RTZ:  # nearest even, as a GPU does
+                nan = (u & 0x7FFFFFFF) > 0x7F800000
+                u = np.where(nan, u | 0x00400000, u + 0x7FFF + ((u >> 16) & 1)).astype(np.uint32)
+            return (u >> 16).astype(np.uint16)
+        return convert(data, src, dst, rounding_mode)
+
+    bf16_float32.fastvq_bf16 = True
+    interpreter._convert_float = bf16_float32
+    return True
+
+
+INTERPRETER_BF16_EXACT: bool = INTERPRETED and _bf16_casts_like_a_gpu()
+
 INTERPRETER_SMS = 4  # the "SM count" launchers plan for under the interpreter (CPU)
 
 
@@ -39,8 +74,9 @@ def dot_fp32(dtype: torch.dtype) -> bool:
 def bf16_rne(dtype: torch.dtype) -> bool:
     """The ``BF16_RNE`` constexpr: Triton's interpreter (3.8) casts float32 -> bfloat16 by
     truncation, a GPU rounds to nearest even; under it, kernels that store or compare bf16 values
-    round with :func:`round_bf16` first, so both give the same bits."""
-    return INTERPRETED and dtype == torch.bfloat16
+    round with :func:`round_bf16` first, so both give the same bits. Not needed (False) where
+    :data:`INTERPRETER_BF16_EXACT` already makes the interpreter's casts round as a GPU does."""
+    return INTERPRETED and not INTERPRETER_BF16_EXACT and dtype == torch.bfloat16
 
 
 @triton.jit

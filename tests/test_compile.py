@@ -59,6 +59,29 @@ def test_op_compiles_fullgraph(backend, op):
         assert_close(b, a, torch.float32, 16)
 
 
+TEMPERATURE_CASES = {  # ops with a float argument a schedule changes between steps
+    "pairwise_kl_loss": (lambda p, t, T: fastvq.pairwise_kl_loss(p, t, T),
+                         lambda: (F.normalize(randn(9, 6, seed=1), dim=1), F.normalize(randn(9, 4, seed=2), dim=1))),
+    "sample_code": (lambda x, c, T: fastvq.sample_code(x, c, T, seed=1)[1], lambda: (randn(6, 4, seed=3), randn(5, 4, seed=4))),
+}
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["auto", "dynamic"])
+@pytest.mark.parametrize("op", list(TEMPERATURE_CASES))
+def test_a_changing_temperature_keeps_one_graph_working(backend, op, dynamic):
+    # probe3 R1: from the second temperature on, dynamo traces the float as a symbol, and the
+    # argument check's math.isfinite on it ended the graph. A bad value still raises.
+    fn, make = TEMPERATURE_CASES[op]
+    args = make()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for T in (0.5, 0.4, 0.3):
+        assert_close(compiled(*args, T), fn(*args, T), torch.float32, 16)
+    for bad in (-1.0, float("nan")):  # an error (a guard or runtime assert of the graph), never a result
+        with pytest.raises(Exception):
+            compiled(*args, bad)
+
+
 class _TinyVQVAE(torch.nn.Module):
     def __init__(self):
         super().__init__()

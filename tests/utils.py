@@ -73,9 +73,10 @@ def count_kernel_launches(monkeypatch, module, *names) -> list:
 
 def stored(x32: torch.Tensor, dtype: torch.dtype, kernel: bool = True) -> torch.Tensor:
     """The values a store of float32 ``x32`` in ``dtype`` gives: round to nearest even (a GPU, and
-    torch), except a Triton kernel's store to bfloat16 under Triton 3.8's interpreter: it truncates."""
-    from fastvq import kernels
+    torch), except a Triton kernel's store to bfloat16 under an interpreter whose casts
+    ``kernels._common`` could not fix (``INTERPRETER_BF16_EXACT`` False): it truncates."""
+    from fastvq.kernels import _common
 
-    if kernel and dtype == torch.bfloat16 and kernels.INTERPRETED:
+    if kernel and dtype == torch.bfloat16 and _common.INTERPRETED and not _common.INTERPRETER_BF16_EXACT:
         return (x32.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low bits are 0
     return x32.to(dtype)

@@ -123,7 +123,10 @@ class Bitcodes(nn.Module):
       the noiseless similarities there while ``y`` uses the sampled ones, so its ``bits`` and
       ``y`` disagree wherever the noise flipped a bit;
     - the bit values passed to :meth:`from_bits` are checked (0 or 1), and inputs of another
-      float dtype than the codebook are promoted.
+      float dtype than the codebook are promoted;
+    - bf16/fp16 inputs pick their bits on float32 inner products, as the search ops do
+      (bitcodes-pytorch compares scores rounded to the 16-bit dtype, where 256.5 and 256.75
+      tie in bf16); fp32 bits are the same as its own.
 
     Args:
         features: size ``D`` of the vectors, an int ``>= 1``.
@@ -157,7 +160,7 @@ class Bitcodes(nn.Module):
         super().__init__()
         self.features = check_int_arg("Bitcodes", "features", features, minimum=1)
         self.num_bits = check_int_arg("Bitcodes", "num_bits", num_bits, minimum=1)
-        self.temperature = check_real_arg("Bitcodes", "temperature", temperature, positive=True)
+        self.temperature = check_real_arg("Bitcodes", "temperature", temperature, positive=True, float32=True)
         _check_sizes("Bitcodes", "num_bits * features", 2 * self.num_bits, self.features)  # (2 rows per bit)
         self.codebook = nn.Parameter(torch.randn(2 * self.num_bits, self.features))
 
@@ -185,12 +188,13 @@ class Bitcodes(nn.Module):
         x, codebook = self._codebook_like(x)
         # rows whose scores could overflow the dtype (fp16 x = 60000, fp32 x = 1e38) are scaled
         # by a power of two first (the bits are scale-invariant); every other row by 1, bitwise
-        # the unscaled product. ``pairs`` (the gradient's path) is the unscaled score: +-inf
-        # where it overflows, never NaN for a finite x
+        # the unscaled product. The scores of 16-bit x are float32 products, as in every search
+        # op: rounded to bf16, 256.5 and 256.75 would tie. ``pairs`` (the gradient's path) is the
+        # unscaled score in x's dtype: +-inf where it overflows, never NaN for a finite x
         scale = _row_scale(x, codebook)  # (float32 for 16-bit x: the same as x's dtype otherwise)
-        scaled = F.linear((x.to(scale.dtype) * scale).to(x.dtype), codebook).unflatten(-1, (self.num_bits, 2))
+        scaled = F.linear(x.to(scale.dtype) * scale, codebook.to(scale.dtype)).unflatten(-1, (self.num_bits, 2))
         scale = scale.unsqueeze(-1)
-        pairs = (scaled.to(scale.dtype) / scale).to(scaled.dtype)
+        pairs = (scaled / scale).to(x.dtype)
         if self.training:
             bits, attn = _hard_gumbel(pairs, self.temperature, scaled, scale)
             attn = attn.to(codebook.dtype)

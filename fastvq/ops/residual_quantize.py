@@ -411,7 +411,16 @@ def residual_quantize_step(
     if grad == "rotation" and D > MAX_ROTATE_D:
         from .rotation_trick import rotation_trick
 
-        quantized = rotation_trick(x.reshape(N, D), quantized.detach())  # masked rows: q is x itself
+        flat = x.reshape(N, D)
+        if weights is None:
+            quantized = rotation_trick(flat, quantized.detach())
+        else:
+            # A row of weight 0 is padding and may hold anything: it passes x through (identity
+            # gradient), as the fused backward does. It is rotated as zeros, not as itself, since
+            # rotating a NaN or inf row onto itself gives a NaN gradient even where it is unused.
+            keep = (weights != 0).unsqueeze(-1)
+            rotated = rotation_trick(torch.where(keep, flat, 0.0), torch.where(keep, quantized.detach(), 0.0))
+            quantized = torch.where(keep, rotated, flat.to(rotated.dtype))
     # the mean over the rows of nonzero weight (0 when there are none): no host read
     if weights is None:
         scale = 0.0 if N == 0 else 1.0 / (N * D)

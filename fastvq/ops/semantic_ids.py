@@ -98,15 +98,19 @@ def semantic_id_stats(codes: torch.Tensor, *, collision_level: bool | None = Non
     Args:
         codes: ``(N, L)`` integer codes, with or without the collision level.
         collision_level: ``True``: the last column is the collision level of :func:`semantic_ids`
-            (checked: ``ValueError`` if it is not); ``False``: every column is a code;
-            ``None`` (default): the last column is taken as the collision level when ``L >= 2``
-            and it equals, row for row, the level :func:`semantic_ids` gives the other columns,
-            which holds for every output of :func:`semantic_ids`. Raw codes meet that only if
-            their last level happens to number the repeats of the others ``0, 1, 2, ...`` in
-            input order; pass ``False`` to rule that out. The result says which reading was
-            used (``has_collision_level``).
+            (of the whole table, or of a subset or reordering of its rows, e.g. a split or a
+            shuffled loader); checked: ``ValueError`` unless it is ``>= 0`` and makes every row
+            distinct. ``False``: every column is a code. ``None`` (default): the last column is
+            taken as the collision level when ``L >= 2`` and, within every group of rows whose
+            other columns are equal, it holds each of ``0 .. size - 1`` once: true of every
+            output of :func:`semantic_ids` in any row order, but not always of a subset (a
+            split holding the second of two colliding items only): pass ``True`` there. Raw
+            codes meet that test only if their last level numbers the rows of every group
+            ``0, 1, 2, ...`` (every item that shares no other column with another item must
+            have last code 0); pass ``False`` to rule that out. The result says which reading
+            was used (``has_collision_level``).
 
-    Computed from the collision level of :func:`semantic_ids` (one or two host syncs).
+    Sort-based (:func:`semantic_ids` and ``torch.unique``), a few host syncs.
 
     Example::
 
@@ -122,22 +126,28 @@ def semantic_id_stats(codes: torch.Tensor, *, collision_level: bool | None = Non
     n, width = codes.shape
     if collision_level and width < 1:
         raise ValueError(f"fastvq.{op}: collision_level=True needs a last column, got shape {tuple(codes.shape)}")
-    level = None
+    level = full_level = None
     has_level = False
     if collision_level or (collision_level is None and width >= 2):
-        prefix_level = _semantic_ids_op(codes[:, :-1])[:, -1]
-        has_level = bool(torch.equal(prefix_level, codes[:, -1].long()))
-        if collision_level and not has_level:
+        prefix, last = codes[:, :-1], codes[:, -1].long()
+        full_level = _semantic_ids_op(codes)[:, -1]  # all 0 iff the rows are distinct
+        valid = not bool(full_level.any()) and not bool((last < 0).any())
+        if valid and collision_level is None and n > 0:  # and each group of equal prefixes holds 0 .. size - 1
+            _, group, sizes = torch.unique(prefix, dim=0, return_inverse=True, return_counts=True)  # (L >= 2 here)
+            valid = bool((last < sizes[group]).all())
+        if collision_level and not valid:
             raise ValueError(
-                f"fastvq.{op}: collision_level=True, but the last column of codes (shape {tuple(codes.shape)}) "
-                "is not the collision level semantic_ids appends to the other columns"
+                f"fastvq.{op}: collision_level=True, but the last column of codes (shape {tuple(codes.shape)}) is "
+                "not a collision level of semantic_ids: it must be >= 0 and make every row distinct"
             )
-        level = prefix_level if has_level else None
+        has_level = valid
+        if has_level:
+            level = _semantic_ids_op(prefix)[:, -1]
     if n == 0:
         return SemanticIdStats(num_items=0, num_unique=0, collision_rate=0.0, max_group_size=0, max_collisions=0,
                                has_collision_level=has_level)
     if level is None:
-        level = _semantic_ids_op(codes)[:, -1]
+        level = full_level if full_level is not None else _semantic_ids_op(codes)[:, -1]
     num_unique, max_level = torch.stack([(level == 0).sum(), level.max()]).tolist()
     return SemanticIdStats(
         num_items=n,

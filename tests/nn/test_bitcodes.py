@@ -158,12 +158,15 @@ def test_to_decimal_of_bits():
         (lambda m: Bitcodes(8, 4, -1.0), ValueError),
         (lambda m: Bitcodes(8, 4, float("inf")), ValueError),
         (lambda m: Bitcodes(8, 4, float("nan")), ValueError),
+        (lambda m: Bitcodes(8, 4, 1e-46), ValueError),  # probe3 R7: 0 in float32, NaN gradients
+        (lambda m: Bitcodes(8, 4, 1e39), ValueError),  # inf in float32
         (lambda m: Bitcodes(8, 4, True), TypeError),
         (lambda m: Bitcodes(8, 4, "hot"), TypeError),
     ],
     ids=["features-mismatch", "int-x", "0D-x", "bits-width", "bits-value", "bits-list",
          "features-0", "num_bits-0", "num_bits-nonintegral", "features-bool", "num_bits-bool", "num_bits-str",
-         "temperature-0", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-bool",
+         "temperature-0", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-0-in-fp32",
+         "temperature-inf-in-fp32", "temperature-bool",
          "temperature-str"],
 )
 def test_bad_input(call, err):
@@ -364,3 +367,42 @@ def test_fp16_sum_with_a_subnormal_term_is_the_exact_one(training):
     assert torch.equal(out, exact.half()), out
     y, bits = bc(torch.tensor([[1.0]]).half())  # scores: rows 1, 2, 5 win: 1 + 65504 + 1
     assert torch.equal(y.detach(), bc.from_bits(bits).detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_16bit_bits_are_decided_on_float32_scores(dtype, training):
+    # probe3 R2: the scores of 16-bit x were rounded to its dtype before the comparison: 256.5
+    # and 256.75 both became 256 in bf16, and the tie picked bit 0. Like every search op, the
+    # bits now follow float32 products: the float64 choice wherever its gap exceeds their rounding
+    bc = Bitcodes(4, 1, 1.0).to(dtype).eval()
+    with torch.no_grad():
+        bc.codebook.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]]))
+    assert bc(torch.tensor([[256.0, 0.5, 0.25, 0.5]], dtype=dtype))[1].item() == 1  # 256.75 > 256.5
+
+    torch.manual_seed(3)
+    bc = Bitcodes(64, 16, 1.0).to(dtype).train(training)
+    x = (torch.randn(2048, 64) * 4).to(dtype)
+    torch.manual_seed(4)
+    _, bits = bc(x)
+    s64 = F.linear(x.double(), bc.codebook.detach().double()).unflatten(-1, (16, 2))
+    if training:  # the same Gumbel draw as the module's (F.gumbel_softmax's stream, x's dtype)
+        torch.manual_seed(4)
+        s64 = s64 + (-torch.empty(s64.shape, dtype=dtype).exponential_().log()).double()
+    gap = (s64[..., 1] - s64[..., 0]).abs()
+    bound = 2 * 64 * 2.0**-23 * (x.double().abs() @ bc.codebook.detach().double().abs().T).unflatten(-1, (16, 2)).amax(-1)
+    clear = gap > bound + 4 * 2.0**-23 * s64.abs().amax(-1)  # (training: the noise's float32 rounding)
+    assert clear.float().mean() > 0.99
+    wrong = clear & (bits != s64.argmax(-1))
+    assert not wrong.any(), f"{int(wrong.sum())} bits differ from float64 (gaps {gap[wrong][:4].tolist()})"
+
+
+def test_the_smallest_float32_temperature_trains_with_finite_gradients():
+    # probe3 R7: 1e-46 (0 in float32) was accepted and gave NaN gradients; the smallest accepted
+    # temperature, one float32 subnormal, gives finite ones
+    torch.manual_seed(0)
+    bc = Bitcodes(4, 3, 1e-45).train()
+    x = torch.randn(5, 4, requires_grad=True)
+    y, _ = bc(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    assert x.grad.isfinite().all() and bc.codebook.grad.isfinite().all()

@@ -479,6 +479,25 @@ def test_training_step_with_revival_compiles_fullgraph(backend, ema):
     assert int(compiled.codes_revived) == int(eager.codes_revived) > 0
 
 
+@pytest.mark.parametrize("make", [lambda: VectorQuantizer(16, 4, ema=True, dead_code_threshold=2.0),
+                                  lambda: ResidualQuantizer(2, 16, 4, ema=True)], ids=["vq", "rq"])
+def test_ema_step_compiles_fullgraph_with_dynamic_shapes(backend, make):
+    # probe3 R1: with dynamic=True the module's float options (decay, eps) are traced as symbols,
+    # and the argument check's math.isfinite on them ended the graph.
+    torch.manual_seed(0)
+    compiled, eager = make(), make()
+    eager.load_state_dict(compiled.state_dict())
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager", dynamic=True)
+    for i, n in enumerate((40, 33)):  # two batch sizes, one graph
+        x = randn(n, 4, seed=i)
+        torch.manual_seed(10 + i)
+        idx = step(x)[-1]
+        torch.manual_seed(10 + i)
+        assert torch.equal(idx, eager(x)[-1])
+    for key, value in eager.state_dict().items():
+        assert_close(compiled.state_dict()[key], value, msg=key)
+
+
 def test_kmeans_init_module_compiles_after_an_eager_first_batch(backend):
     # README: with kmeans_init, the batch that initialises runs eagerly, then the module compiles
     # with fullgraph; compiled before that, the first batch raises, naming the way out.

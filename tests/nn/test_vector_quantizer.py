@@ -325,6 +325,7 @@ def test_empty_input(backend):
         dict(grad="straight"),
         dict(decay=1.5),
         dict(eps=0.0),
+        dict(eps=1e-50),  # > 0, but 0 in float32
         dict(dead_code_threshold=-1.0),
         dict(dead_code_threshold=float("nan")),
         dict(dead_code_threshold=1e39),  # finite, but not in float32: every EMA step failed

@@ -348,6 +348,7 @@ STEP_CASES = [  # (N, L, K, D)
     pytest.param(127, 3, 37, 60, id="N127-L3-K37-D60"),
     pytest.param(40, 8, 17, 5, id="N40-L8-K17-D5"),
     pytest.param(33, 1, 100, 100, id="N33-L1-K100-D100"),
+    pytest.param(6, 2, 3, 1027, id="N6-L2-K3-D1027"),  # > MAX_ROTATE_D: the unfused rotation (probe3 R3)
 ]
 
 
