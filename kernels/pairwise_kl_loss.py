@@ -277,11 +277,12 @@ def _logit_tiles(
         b_s = b_s * (b_rp[:, None] * exp2i(b_e_np + FB)[None, :])
         b_t = b_t * (b_rt[:, None] * exp2i(b_e_nt + FB)[None, :])
         # Rare: a clamped row (|u| > 1: products can overflow, or flush another row's tiny
-        # entries) or R_i C_j >= 2^110 (a sum that underflows): the tile again in float64
+        # entries) or R_i C_j >= 2^110 (a sum that underflows): its pairs come from float64,
+        # in the kernels' second loop (_wide_logits)
         b_w_n, b_wide = _wide_tile(b_any_m, b_e_np, b_e_nt, m_n, BIG)
         if b_wide:
             # per pair (not per tile), so that the forward and the backward (tiled differently)
-            # form the same logits: the backward's exp(s - lse) at |s| ~ 1e30 needs that
+            # form the same logits: at |s| ~ 1e11 one rounding apart is a wrong exp(s - lse)
             b_need = b_w_m[:, None] | b_w_n[None, :]
             b_s = tl.where(b_need, float("-inf"), b_s)
             b_t = tl.where(b_need, float("-inf"), b_t)

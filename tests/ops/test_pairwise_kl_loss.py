@@ -581,3 +581,18 @@ def test_tiny_entry_times_huge_partner_is_kept(backend, device, dtype, case):
     target = F.normalize(randn(4, 3, seed=32, dtype=torch.float64, device=device), dim=1).to(dtype)
     assert _gram64(pred)[0, 1] == 1.0
     _check_against_fsum(pred, target, 1.0, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_rows_across_tiles(backend, device, dtype):
+    # The float64 logits of wide rows (here rows 3 and 66, +-2^126 cancelling) across row and
+    # column tiles (the interpreter's are 64 wide; B = 70 leaves a ragged last tile): every pair of
+    # a wide row comes from float64 and every other pair from the float32 path, in the forward
+    # and the backward alike, with the padding left out.
+    B = 70
+    pred = torch.zeros(B, 4, dtype=torch.float64, device=device)
+    pred[:, 2:] = F.normalize(randn(B, 2, seed=33, dtype=torch.float64, device=device), dim=1) * 2
+    pred[3] = torch.tensor([2.0**126, 2.0**126, 0.5, 0.0])
+    pred[66] = torch.tensor([2.0**126, -2.0**126, 0.0, 0.5])
+    target = F.normalize(randn(B, 5, seed=34, dtype=torch.float64, device=device), dim=1) * 2
+    _check_against_fsum(pred.to(dtype), target.to(dtype), 1.0, dtype)
