@@ -596,3 +596,26 @@ def test_wide_rows_across_tiles(backend, device, dtype):
     pred[66] = torch.tensor([2.0**126, -2.0**126, 0.0, 0.5])
     target = F.normalize(randn(B, 5, seed=34, dtype=torch.float64, device=device), dim=1) * 2
     _check_against_fsum(pred.to(dtype), target.to(dtype), 1.0, dtype)
+
+
+def test_wide_rows_with_the_backward_tiled_differently(backend, device, monkeypatch):
+    # Whether a pair's logits come from float64 depends on its two rows only (not on the tile it
+    # falls in), so a forward and a backward with different tiles (autotuned apart on a GPU) agree
+    # on which pairs are float64 and add each once. The backward runs 16 x 32 tiles here, the
+    # forward 64 x 64 (interpreter) or its own. (Logits ~1e10 would also need the float32 dots of
+    # the two passes to round alike, which differently shaped interpreter dots do not: not this
+    # test's subject.)
+    import triton
+
+    from fastvq.kernels import pairwise_kl_loss as mod
+
+    monkeypatch.setattr(mod._pairwise_kl_loss_bwd_kernel, "configs",
+                        [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)])
+    monkeypatch.setattr(mod._pairwise_kl_loss_bwd_kernel, "cache", {})
+    B = 40
+    pred = torch.zeros(B, 4, dtype=torch.float64, device=device)
+    pred[:, 2:] = F.normalize(randn(B, 2, seed=35, dtype=torch.float64, device=device), dim=1)
+    pred[5] = torch.tensor([2.0**126, 2.0**126, 0.5, 0.0])
+    pred[37] = torch.tensor([2.0**126, -2.0**126, 0.0, 0.5])
+    target = F.normalize(randn(B, 3, seed=36, dtype=torch.float64, device=device), dim=1) * 2
+    _check_against_fsum(pred.float(), target.float(), 1.0, torch.float32)
