@@ -254,9 +254,19 @@ def autotune(configs: list, key: list, prune_configs_by: dict | None = None):
 
 @triton.jit
 def exp2i(e):
-    """``2.0 ** e`` as float32, exactly, for an int32 ``e`` (clamped to [-126, 127])."""
-    e = tl.minimum(tl.maximum(e, -126), 127)
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+    """``2.0 ** e`` as float32 for any int32 ``e``, rounded as float32 rounds it: exact for
+    ``e`` in [-149, 127] (the subnormals 2**-149 .. 2**-127 included), +inf above 127, 0 below
+    -149 (2**-150 is a tie that rounds to even, 0). Integer ops only (no float multiply, so no
+    flush-to-zero mode can touch the subnormals)."""
+    b_norm = (tl.minimum(e, 128) + 127) << 23  # e in [-126, 128]: the biased exponent; 128 -> +inf
+    b_sub = (e * 0 + 0x400000) >> tl.minimum(tl.maximum(-127 - e, 0), 23)  # e in [-150, -127]
+    return tl.where(e > -127, b_norm, b_sub).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def exp2i64(e):
+    """``2.0 ** e`` as float64, exactly, for an int32 ``e`` in [-1022, 1023]."""
+    return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
 
 
 @triton.jit

@@ -122,7 +122,8 @@ def _row_band(b_xm, c_min):
 
 @triton.jit
 def _mul_exp2(v, e):
-    """``v * 2**e`` for an int32 ``e`` beyond exp2i's range, rounded once (two exact half steps)."""
+    """``v * 2**e`` for an int32 ``e`` in [-252, 254] (2**e itself need not be a float32),
+    rounded once: two exact half steps (each half a normal power of two)."""
     lo = e >> 1
     return (v * exp2i(lo)) * exp2i(e - lo)
 

@@ -33,17 +33,24 @@ Backward, deterministic (default), both tables in one pass:
 
 ``sparse=True`` runs the same sort and row kernel over the touched rows only: their number sizes
 the output, so it is read on the host (one sync). ``deterministic=False``: ``_qr_atomic_kernel``
-adds each item's contribution to both tables with relaxed float32 atomics (no sort).
+adds each item's contribution to both tables with relaxed float32 atomics (no sort). Where a
+row's float32 partial sums could overflow (a term beyond ``2^t`` ~ 3.4e38 / N, see
+``_atomic_overflow_bound``: nothing else can overflow) it marks the row, and
+``_qr_atomic_fixup_kernel``, one program launched after it, sums the marked rows again, each at
+its own power-of-two scale, then scales them back (inf only where the exact sum overflows). It
+returns at once when nothing was marked: ordinary inputs pay one launch, no host read.
 ``_qr_psw_grad_kernel``: gradient of the per-sample weights (composed item . bag gradient).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import flat_grid, flat_program_id, launcher, next_pow2, tile_offsets
+from ._common import exp2i64, flat_grid, flat_program_id, launcher, next_pow2, tile_offsets
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
@@ -94,6 +101,12 @@ def _bag_bounds(p_offsets, b_bag, m, N, B):
 def _not_finite(b):
     """Scalar: whether any element of ``b`` is NaN or +-inf."""
     return tl.max(((b != b) | (tl.abs(b) > FP32_MAX)).to(tl.int32)) > 0
+
+
+@triton.jit
+def _beyond(b, bound):
+    """Scalar: whether any element of ``b`` is NaN or exceeds ``bound`` in magnitude."""
+    return tl.max(((b != b) | (tl.abs(b) > bound)).to(tl.int32)) > 0
 
 
 @triton.jit
@@ -382,43 +395,165 @@ def _qr_rows_kernel(
 
 
 @triton.jit
+def _qr_atomic_add(
+    p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, p_flag, p_marks, o_l, m_l, b_row, o_d, D, COL_OFF, N, B, M, R,
+    N_BAG_ITERS, BIG_T, stride_gn, stride_gd, stride_own, stride_owd, stride_dn, stride_dd,
+    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+):
+    """Add the items' terms to their rows of one table (relaxed float32 atomics). A term is formed
+    in float32, and again in float64 where it is not finite or a "mult" weight exceeds BIG_W. A
+    row that receives a term beyond ``BIG_T`` (only such a row's float32 partial sums can overflow)
+    is marked in ``p_marks`` and ``p_flag`` is set: :func:`_qr_atomic_fixup_kernel` sums it again.
+    In the ordinary case that costs nothing: the one test ``_beyond(b_g, BIG_T)`` replaces the
+    finiteness test (``BIG_T`` < float32's max, so it is the stronger one)."""
+    b_g, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_l, o_d, D, COL_OFF, N, B, M, R,
+                                N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN, HAS_W)
+    w_max = tl.max(b_wabs)
+    if _beyond(b_g, BIG_T) | (w_max > BIG_W):  # rare: inputs near the float32 range
+        if _not_finite(b_g) | (w_max > BIG_W):
+            b_g64, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_l, o_d, D, COL_OFF, N, B, M, R,
+                                     N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN,
+                                     HAS_W, True)
+            b_g = b_g64.to(tl.float32)
+        m_big = m_l & (tl.max((tl.abs(b_g) > BIG_T).to(tl.int32), axis=1) > 0)
+        tl.store(p_marks + b_row, 1, mask=m_big)
+        tl.store(p_flag + 0 * b_row, 1, mask=m_big)
+    tl.atomic_add(p_dw + b_row[:, None] * stride_dn + o_d[None, :] * stride_dd, b_g,
+                  mask=m_l[:, None] & (o_d < D)[None, :], sem="relaxed")
+
+
+@triton.jit
 def _qr_atomic_kernel(
-    p_g, p_ids, p_offsets, p_psw, p_qw, p_rw, p_dq, p_dr,
-    N, B, M, R, DQ, DR, N_D_TILES, N_BAG_ITERS,
+    p_g, p_ids, p_offsets, p_psw, p_qw, p_rw, p_dq, p_dr, p_state,
+    N, B, M, Q, R, DQ, DR, N_D_TILES, N_BAG_ITERS, BIG_T,
     stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
     stride_dqn, stride_dqd, stride_drn, stride_drd,
     NEED_Q: tl.constexpr, NEED_R: tl.constexpr,
     OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """BLOCK_L items x one D tile per program: relaxed float32 atomic adds into both tables. Each
-    item's term is formed in float32, and again in float64 where it is not finite or a "mult"
-    weight exceeds BIG_W (the sums themselves are the atomics', in float32)."""
+    """BLOCK_L items x one D tile per program: relaxed float32 atomic adds into both tables
+    (:func:`_qr_atomic_add`); ``p_state`` (int32, ``1 + Q + R``): the flag, then one mark per
+    q row and per r row, for :func:`_qr_atomic_fixup_kernel`."""
     o_l, o_d = tile_offsets(N_D_TILES, BLOCK_L, BLOCK_D)
     m_l = o_l < N
     b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
     if NEED_Q:
-        b_g, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_rw, o_l, m_l, o_d, DQ, 0, N, B, M, R,
-                                    N_BAG_ITERS, stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN, HAS_W)
-        if _not_finite(b_g) | (tl.max(b_wabs) > BIG_W):
-            b_g64, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_rw, o_l, m_l, o_d, DQ, 0, N, B, M, R,
-                                     N_BAG_ITERS, stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN,
-                                     HAS_W, True)
-            b_g = b_g64.to(tl.float32)
-        tl.atomic_add(p_dq + b_qi[:, None] * stride_dqn + o_d[None, :] * stride_dqd, b_g,
-                      mask=m_l[:, None] & (o_d < DQ)[None, :], sem="relaxed")
+        _qr_atomic_add(p_g, p_ids, p_offsets, p_psw, p_rw, p_dq, p_state, p_state + 1, o_l, m_l, b_qi, o_d, DQ, 0, N, B, M,
+                       R, N_BAG_ITERS, BIG_T, stride_gn, stride_gd, stride_rn, stride_rd, stride_dqn, stride_dqd,
+                       True, OP, BAGS, MEAN, HAS_W)
     if NEED_R:
         col_off = DQ if OP == 2 else 0
-        b_g, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_qw, o_l, m_l, o_d, DR, col_off, N, B, M, R,
-                                    N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN,
-                                    HAS_W)
-        if _not_finite(b_g) | (tl.max(b_wabs) > BIG_W):
-            b_g64, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_qw, o_l, m_l, o_d, DR, col_off, N, B, M, R,
-                                     N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN,
-                                     HAS_W, True)
-            b_g = b_g64.to(tl.float32)
-        tl.atomic_add(p_dr + b_ri[:, None] * stride_drn + o_d[None, :] * stride_drd, b_g,
-                      mask=m_l[:, None] & (o_d < DR)[None, :], sem="relaxed")
+        _qr_atomic_add(p_g, p_ids, p_offsets, p_psw, p_qw, p_dr, p_state, p_state + 1 + Q, o_l, m_l, b_ri, o_d, DR, col_off,
+                       N, B, M, R, N_BAG_ITERS, BIG_T, stride_gn, stride_gd, stride_qn, stride_qd, stride_drn,
+                       stride_drd, False, OP, BAGS, MEAN, HAS_W)
+
+
+@triton.jit
+def _f64_exponent(b):
+    """The biased float64 exponent of ``b >= 0`` (0 for zeros and subnormals), int32."""
+    return ((b.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32)
+
+
+@triton.jit
+def _fix_shift(b_mark, TOP_EXP):
+    """A fixed row's scale exponent ``s >= 0``: its largest finite |term| (biased float64 exponent
+    ``b_mark - 2``) times ``2^-s`` is below ``2^TOP_EXP``."""
+    return tl.maximum(b_mark - 2 - 1023 + 1 - TOP_EXP, 0)
+
+
+@triton.jit
+def _qr_fix_items(
+    p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, p_marks, o_l, m_l, b_row, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
+    TOP_EXP, stride_gn, stride_gd, stride_own, stride_owd, stride_dn, stride_dd,
+    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    ADD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The fix-up's pass over one block of items, for one table; only items whose row is marked.
+    ``ADD=False``: zero the row and raise its mark to 2 + the float64 exponent of its largest
+    finite |term|. ``ADD=True``: add the float64 terms times ``2^-s`` (:func:`_fix_shift`),
+    rounded to float32, with relaxed atomics. Marks and rows are read past L1 (``.cg``): the
+    same program wrote them in its previous pass."""
+    b_mark = tl.load(p_marks + b_row, mask=m_l, other=0, cache_modifier=".cg")
+    m_row = m_l & (b_mark > 0)
+    if ADD:
+        b_down = exp2i64(-_fix_shift(b_mark, TOP_EXP))
+    else:
+        b_e = tl.zeros_like(b_mark)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m = m_row[:, None] & (o_d < D)[None, :]
+        p_row = p_dw + b_row[:, None] * stride_dn + o_d[None, :] * stride_dd
+        b_t, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_row, o_d, D, COL_OFF, N, B, M, R,
+                               N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN,
+                               HAS_W, True)
+        if ADD:
+            tl.atomic_add(p_row, (b_t * b_down[:, None]).to(tl.float32), mask=m, sem="relaxed")
+        else:
+            b_a = tl.abs(b_t)
+            b_a = tl.where(b_a < float("inf"), b_a, 0.0)  # NaN and +-inf stay as they are when scaled
+            b_e = tl.maximum(b_e, _f64_exponent(tl.max(b_a, axis=1)))
+            tl.store(p_row, tl.zeros(b_t.shape, dtype=tl.float32), mask=m)
+    if not ADD:
+        tl.atomic_max(p_marks + b_row, b_e + 2, mask=m_row, sem="relaxed")
+
+
+@triton.jit
+def _qr_fix_rescale(p_dw, p_marks, ROWS, D, TOP_EXP, stride_dn, stride_dd,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Multiply the marked rows of one table back by ``2^s``: exact in float64, rounded once
+    (+-inf where the row's sum overflows)."""
+    for r0 in range(0, ROWS, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        b_mark = tl.load(p_marks + o_r, mask=o_r < ROWS, other=0, cache_modifier=".cg")
+        if tl.max(b_mark) > 0:
+            b_up = exp2i64(_fix_shift(b_mark, TOP_EXP))
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                m = (b_mark > 0)[:, None] & (o_d < D)[None, :]
+                p_row = p_dw + o_r[:, None].to(tl.int64) * stride_dn + o_d[None, :] * stride_dd
+                b_v = tl.load(p_row, mask=m, other=0.0, cache_modifier=".cg")
+                tl.store(p_row, (b_v.to(tl.float64) * b_up[:, None]).to(tl.float32), mask=m)
+
+
+@triton.jit
+def _qr_atomic_fixup_kernel(
+    p_g, p_ids, p_offsets, p_psw, p_qw, p_rw, p_dq, p_dr, p_state,
+    N, B, M, Q, R, DQ, DR, N_BAG_ITERS, TOP_EXP,
+    stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
+    stride_dqn, stride_dqd, stride_drn, stride_drd,
+    NEED_Q: tl.constexpr, NEED_R: tl.constexpr,
+    OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program, after :func:`_qr_atomic_kernel`: returns at once unless it set the flag
+    ``p_state[0]``. Else it sums the marked rows again, each at its own power-of-two scale: (1)
+    over the items, zero the marked rows and find each one's largest finite |term| (float64);
+    (2) over the items again, add the terms of the marked rows times ``2^-s``, so that no partial
+    sum can overflow; (3) over the rows, scale the marked ones back by ``2^s``. Only the marked
+    rows change (the others keep their float32 sums); within one, a term small enough to fall
+    into the float32 subnormals at that scale is below the row sum's own rounding error."""
+    if tl.load(p_state) == 0:
+        return
+    for PASS in tl.static_range(2):
+        for l0 in range(0, N, BLOCK_L):
+            o_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+            m_l = o_l < N
+            b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
+            if NEED_Q:
+                _qr_fix_items(p_g, p_ids, p_offsets, p_psw, p_rw, p_dq, p_state + 1, o_l, m_l, b_qi, DQ, 0,
+                              N, B, M, R, N_BAG_ITERS, TOP_EXP, stride_gn, stride_gd, stride_rn, stride_rd,
+                              stride_dqn, stride_dqd, True, OP, BAGS, MEAN, HAS_W, PASS == 1, BLOCK_D)
+            if NEED_R:
+                col_off = DQ if OP == 2 else 0
+                _qr_fix_items(p_g, p_ids, p_offsets, p_psw, p_qw, p_dr, p_state + 1 + Q, o_l, m_l, b_ri, DR,
+                              col_off, N, B, M, R, N_BAG_ITERS, TOP_EXP, stride_gn, stride_gd, stride_qn, stride_qd,
+                              stride_drn, stride_drd, False, OP, BAGS, MEAN, HAS_W, PASS == 1, BLOCK_D)
+        tl.debug_barrier()  # this program's stores and atomics, before it reads them back
+    if NEED_Q:
+        _qr_fix_rescale(p_dq, p_state + 1, Q, DQ, TOP_EXP, stride_dqn, stride_dqd, BLOCK_L, BLOCK_D)
+    if NEED_R:
+        _qr_fix_rescale(p_dr, p_state + 1 + Q, R, DR, TOP_EXP, stride_drn, stride_drd, BLOCK_L, BLOCK_D)
 
 
 @triton.jit
@@ -486,6 +621,17 @@ def _packed(t: torch.Tensor | None) -> torch.Tensor | None:
     ``p + i``. A strided or expanded (stride 0) view is copied (N indices or weights, small next
     to the tables); a contiguous one, as on the training path, is passed as is (no copy)."""
     return None if t is None else t.contiguous()
+
+
+def _atomic_overflow_bound(n: int) -> tuple[float, int]:
+    """``(2^t, t)``: a float32 sum of at most ``n`` terms, each at most ``2^t`` in magnitude,
+    stays below ``2^127`` in every partial sum, in any order: recursive summation's partial
+    sums are at most ``sum |terms| (1 + 2^-24)^n <= n e^(n 2^-24) 2^t``, and ``t = 127 -
+    ceil(log2(n e^(n 2^-24)))`` (``2^t`` = 8e34 for 4,096 items). The atomic backward marks
+    the rows with a larger term; its fix-up sums them again, scaled below ``2^t``."""
+    log2_growth = math.log2(max(n, 1)) + n * 2.0**-24 / math.log(2.0)
+    top = 127 - max(0, math.ceil(log2_growth))
+    return math.ldexp(1.0, top), top
 
 
 def _assert_args(ids, q_weight, r_weight, op, offsets):
@@ -604,13 +750,20 @@ def qr_lookup_bwd(
             BLOCK_L = max(1, min(64, 4096 // BLOCK_D))
             n_d = triton.cdiv(max(DQ, DR), BLOCK_D)
             dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
+            state = torch.zeros((1 + Q + R,), dtype=torch.int32, device=dev)  # the flag, then a mark per row
+            big_t, top_exp = _atomic_overflow_bound(N)
+            args = (grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, dq_arg, dr_arg, state)
+            strides = (grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
+                       r_weight.stride(0), r_weight.stride(1),
+                       dq_arg.stride(0), dq_arg.stride(1), dr_arg.stride(0), dr_arg.stride(1))
             _qr_atomic_kernel[flat_grid(triton.cdiv(N, BLOCK_L) * n_d)](
-                grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, dq_arg, dr_arg,
-                N, B, M, R, DQ, DR, n_d, n_bag_iters,
-                grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
-                r_weight.stride(0), r_weight.stride(1),
-                dq_arg.stride(0), dq_arg.stride(1), dr_arg.stride(0), dr_arg.stride(1),
+                *args, N, B, M, Q, R, DQ, DR, n_d, n_bag_iters, big_t, *strides,
                 NEED_Q=need_q, NEED_R=need_r, **flags, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
+            )
+            # one program that returns at once unless a row's float32 partial sums could overflow
+            _qr_atomic_fixup_kernel[(1,)](
+                *args, N, B, M, Q, R, DQ, DR, n_bag_iters, top_exp, *strides,
+                NEED_Q=need_q, NEED_R=need_r, **flags, BLOCK_L=max(1, min(16, 2048 // BLOCK_D)), BLOCK_D=BLOCK_D,
             )
         dq = None if dq is None else dq.to(q_weight.dtype)
         dr = None if dr is None else dr.to(r_weight.dtype)

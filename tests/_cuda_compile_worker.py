@@ -520,11 +520,16 @@ def _memory_bound_jobs():
                             {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
                              **flags, "SPARSE": sparse, "BLOCK_L": 16, "BLOCK_D": 128},
                             aligned_ints=grads, cost=0.5))
-            jobs.append(Job("qr_lookup._qr_atomic_kernel", f"{dt},{flags}", m._qr_atomic_kernel,
-                            {"p_g": p, "p_ids": ids, "p_offsets": "*i64" if bags else ids, "p_psw": psw, "p_qw": p,
-                             "p_rw": p, "p_dq": "*fp32", "p_dr": "*fp32"},
+            atomic_ptrs = {"p_g": p, "p_ids": ids, "p_offsets": "*i64" if bags else ids, "p_psw": psw, "p_qw": p,
+                           "p_rw": p, "p_dq": "*fp32", "p_dr": "*fp32", "p_state": "*i32"}
+            jobs.append(Job("qr_lookup._qr_atomic_kernel", f"{dt},{flags}", m._qr_atomic_kernel, atomic_ptrs,
                             {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
                              "NEED_Q": True, "NEED_R": True, **flags, "BLOCK_L": 32, "BLOCK_D": 128},
+                            scalars={"BIG_T": "fp32"}, aligned_ints=grads, cost=0.5))
+            jobs.append(Job("qr_lookup._qr_atomic_fixup_kernel", f"{dt},{flags}", m._qr_atomic_fixup_kernel,
+                            atomic_ptrs,
+                            {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "stride_dqd": 1, "stride_drd": 1,
+                             "NEED_Q": True, "NEED_R": True, **flags, "BLOCK_L": 16, "BLOCK_D": 128},
                             aligned_ints=grads, cost=0.5))
         jobs.append(Job("qr_lookup._qr_psw_grad_kernel", f"{dt}", m._qr_psw_grad_kernel,
                         {"p_g": p, "p_ids": ids, "p_offsets": "*i64", "p_qw": p, "p_rw": p, "p_dw": p},

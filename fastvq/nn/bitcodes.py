@@ -192,7 +192,8 @@ class Bitcodes(nn.Module):
         # op: rounded to bf16, 256.5 and 256.75 would tie. ``pairs`` (the gradient's path) is the
         # unscaled score in x's dtype: +-inf where it overflows, never NaN for a finite x
         scale = _row_scale(x, codebook)  # (float32 for 16-bit x: the same as x's dtype otherwise)
-        scaled = F.linear(x.to(scale.dtype) * scale, codebook.to(scale.dtype)).unflatten(-1, (self.num_bits, 2))
+        with torch.autocast(x.device.type, enabled=False):  # (autocast would round them to 16 bits again)
+            scaled = F.linear(x.to(scale.dtype) * scale, codebook.to(scale.dtype)).unflatten(-1, (self.num_bits, 2))
         scale = scale.unsqueeze(-1)
         pairs = (scaled / scale).to(x.dtype)
         if self.training:

@@ -170,7 +170,8 @@ class RQVAE(nn.Module):
             features: a tensor ``(N, input_dim)`` (or ``(..., input_dim)``, rows flattened) on
                 any device, typically the CPU, cut into ``batch_size`` rows; or any iterable of
                 batches (a ``DataLoader``, a list), each a tensor, a dict with a ``"features"``
-                entry, or a tuple/list whose first element is the features.
+                entry, a tuple/list whose first element is the features (a tensor or array),
+                or a nested list of rows of numbers.
             batch_size: rows per batch when ``features`` is a tensor.
             progress: show a tqdm progress bar.
             with_collision_level: append the collision level (:func:`fastvq.semantic_ids`,
@@ -232,8 +233,8 @@ def _batch_features(op: str, batch, input_dim: int) -> torch.Tensor:
         if "features" not in batch:
             raise ValueError(f"fastvq.{op}: a dict batch needs a 'features' entry, got keys {list(batch)}")
         batch = batch["features"]
-    elif isinstance(batch, (tuple, list)) and batch and not isinstance(batch[0], (int, float)):
-        batch = batch[0]
+    elif isinstance(batch, (tuple, list)) and batch and (isinstance(batch[0], torch.Tensor) or hasattr(batch[0], "__array__")):
+        batch = batch[0]  # (features, labels, ...); a list of rows of numbers is itself the batch
     if not isinstance(batch, torch.Tensor):
         try:
             batch = torch.as_tensor(batch)

@@ -194,9 +194,11 @@ def qr_lookup(
     finite or a "mult" weight exceeds 4096; the reference forms these sums in float64. An exact
     result beyond the dtype's range is ``+-inf``, never NaN nor a finite number. A NaN table
     entry gives NaN exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN).
-    ``deterministic=False`` sums table rows with float32 atomics: a row whose partial sums
-    overflow float32 can be ``+-inf``/NaN there. Zero-width tables (``dq = 0``) give empty
-    rows and empty gradients. Bag offsets are checked on the device; nothing but the sparse
+    ``deterministic=False`` sums table rows with float32 atomics, to the same contract: a row
+    that receives a term beyond about ``3.4e38 / len(ids)`` (only then can its partial sums
+    overflow) is summed again on the device at a power-of-two scale, by one extra program that
+    loops over the ids (slower; an ordinary backward pays only its launch). Zero-width tables
+    (``dq = 0``) give empty rows and empty gradients. Bag offsets are checked on the device; nothing but the sparse
     backward reads the host.
 
     Example::

@@ -24,8 +24,11 @@ def pow2_exponent(m: torch.Tensor) -> torch.Tensor:
 
 
 def exp2i(e: torch.Tensor) -> torch.Tensor:
-    """``2.0 ** e`` as float32, exactly, for int32 ``e`` (clamped to [-126, 127])."""
-    return ((e.clamp(-126, 127) + 127) << 23).to(torch.int32).view(torch.float32)
+    """``2.0 ** e`` as float32 for integer ``e``, rounded as float32 rounds it (as the kernels'
+    ``exp2i``): exact for ``e`` in [-149, 127], +inf above 127, 0 below -149."""
+    norm = (e.clamp(-127, 128) + 127) << 23  # e in [-126, 128]: the biased exponent; 128 -> +inf
+    sub = torch.full_like(e, 0x400000) >> (-127 - e.clamp(-151, 0)).clamp(0, 23)  # e in [-150, -127]
+    return torch.where(e > -127, norm, sub).to(torch.int32).view(torch.float32)
 
 
 def max_abs(t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +49,8 @@ BAND_HALF = 48
 
 
 def _mul_exp2(v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``v * 2**e`` for int32 ``e`` of any size, rounded once (two exact half steps)."""
+    """``v * 2**e`` for an int32 ``e`` in [-252, 254] (2**e itself need not be a float32),
+    rounded once: two exact half steps (each half a normal power of two)."""
     lo = e >> 1
     return (v * exp2i(lo)) * exp2i(e - lo)
 

@@ -378,7 +378,10 @@ def test_16bit_bits_are_decided_on_float32_scores(dtype, training):
     bc = Bitcodes(4, 1, 1.0).to(dtype).eval()
     with torch.no_grad():
         bc.codebook.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]]))
-    assert bc(torch.tensor([[256.0, 0.5, 0.25, 0.5]], dtype=dtype))[1].item() == 1  # 256.75 > 256.5
+    x = torch.tensor([[256.0, 0.5, 0.25, 0.5]], dtype=dtype)
+    assert bc(x)[1].item() == 1  # 256.75 > 256.5
+    with torch.autocast(x.device.type, dtype=dtype):  # probe3 R2b: autocast rounded the product again
+        assert bc(x)[1].item() == 1 and bc.float()(x.float())[1].item() == 1
 
     torch.manual_seed(3)
     bc = Bitcodes(64, 16, 1.0).to(dtype).train(training)

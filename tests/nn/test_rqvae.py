@@ -104,6 +104,10 @@ def test_semantic_ids_iterables(seed_quantizer):
     assert torch.equal(model.semantic_ids(iter(chunks), progress=False), want)  # no len()
     assert torch.equal(model.semantic_ids(x.double().numpy(force=True), progress=False), want)
     assert torch.equal(model.semantic_ids(x.reshape(5, 6, 12), progress=False), want)
+    # probe3 R5: a batch given as a nested list of rows was taken for (features, ...) and became
+    # its first row; (features, labels) tuples still give their features
+    assert torch.equal(model.semantic_ids([c.tolist() for c in chunks], progress=False), want)
+    assert torch.equal(model.semantic_ids([(c, torch.zeros(len(c))) for c in chunks], progress=False), want)
 
 
 def test_semantic_ids_mode_and_grad(seed_quantizer):

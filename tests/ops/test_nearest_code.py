@@ -513,3 +513,17 @@ def test_multi_codebook_compile(backend):
 
     idx, _ = f(x, c)
     assert torch.equal(idx, fastvq.nearest_code(x, c, "dot")[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+def test_euclidean_distance_of_subnormal_differences(backend, device, dtype):
+    # |x - c| below 2^-126 (max-abs scale 2^127, scaled back by 2^-127): exp2i clamped 2^-127 to
+    # 2^-126, so both backends returned twice the distance (2e-39 for 1e-39)
+    x = torch.tensor([[1e-39, 0.0, 0.0], [3e-40, -2e-40, 0.0], [1e-45, 1e-45, 0.0], [1.0, 0.0, 0.0]],
+                     dtype=dtype, device=device)
+    c = torch.tensor([[0.0, 0.0, 0.0], [100.0, 100.0, 100.0]], dtype=dtype, device=device)
+    idx, dist = fastvq.nearest_code(x, c, "euclidean")
+    assert idx.tolist() == [0, 0, 0, 0]
+    exact = x.double().norm(dim=-1)  # code 0 is the zero vector
+    # within two float32 roundings; a subnormal result within two of its (absolute) steps, 2^-149
+    torch.testing.assert_close(dist.double(), exact, rtol=2**-22, atol=2.0**-148)

@@ -427,7 +427,27 @@ def test_backward_has_no_host_sync_and_at_most_one_sort(device, monkeypatch, off
     assert set(counts.glue_ops) <= ({"sort"} if deterministic else {"zeros"}), dict(counts.glue_ops)
     launches = dict(counts.kernels)
     assert launches.pop("_qr_psw_grad_kernel", 0) == int(weighted)
-    assert launches == ({"_qr_keys_kernel": 1, "_qr_rows_kernel": 1} if deterministic else {"_qr_atomic_kernel": 1})
+    assert launches == ({"_qr_keys_kernel": 1, "_qr_rows_kernel": 1} if deterministic
+                        else {"_qr_atomic_kernel": 1, "_qr_atomic_fixup_kernel": 1})
+
+
+def test_atomic_backward_fix_up_has_no_host_sync(device, monkeypatch):
+    # a backward that takes the fix-up (rows whose partial sums could overflow) reads nothing on
+    # the host either and launches the same two kernels
+    from fastvq.bench.traffic import metering
+
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+    q, r, ids, grad = _overflow_batch(device, "mult")
+    q.requires_grad_(), r.requires_grad_()
+    with fastvq.backend("triton"):
+        out = fastvq.qr_lookup(ids, q, r, "mult", deterministic=False)
+        with metering() as meter:
+            out.backward(grad)
+    counts = meter.counts["fwd"]
+    assert counts.syncs == 0, dict(counts.sync_ops)
+    assert dict(counts.kernels) == {"_qr_atomic_kernel": 1, "_qr_atomic_fixup_kernel": 1}
+    assert torch.isfinite(q.grad[0]).all() and torch.isfinite(r.grad[:2]).all()
 
 
 @pytest.mark.parametrize("offs,mode,weighted", BWD_FORMS)
@@ -465,17 +485,22 @@ def test_atomic_backward_uses_relaxed_atomics(monkeypatch):
     from triton._C.libtriton import ir
     from triton.runtime.interpreter import InterpreterBuilder
 
-    sems = []
+    sems, ops = [], set()
     real = InterpreterBuilder.create_atomic_rmw
 
     def spy(self, rmw_op, ptr, val, mask, sem, scope):
         sems.append(sem)
+        ops.add(rmw_op)
         return real(self, rmw_op, ptr, val, mask, sem, scope)
 
     monkeypatch.setattr(InterpreterBuilder, "create_atomic_rmw", spy)
     with fastvq.backend("triton"):
         out, _ = _bwd_call("cpu", "mult", None, "sum", False, deterministic=False)
         out.backward(randn(*out.shape, seed=5))
+        assert ops == {ir.ATOMIC_OP.FADD}  # ordinary values: the fix-up returned at once
+        out, _ = _bwd_call("cpu", "mult", None, "sum", False, deterministic=False)
+        out.backward(randn(*out.shape, seed=5, scale=1e38))  # partial sums that may overflow: fixed up
+    assert ops == {ir.ATOMIC_OP.FADD, ir.ATOMIC_OP.MAX}, ops
     assert sems and all(s == ir.MEM_SEMANTIC.RELAXED for s in sems), set(sems)
 
 
@@ -718,19 +743,85 @@ def test_mult_weighted_bag_keeps_products_below_the_normal_range(backend, device
     _check_bag_contract(q, r, ids, "mult", offs, w, g, dtype, deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
 @pytest.mark.parametrize("offs", [None, [0, 1, 2]], ids=["plain", "bags"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gradient_rows_whose_partial_sums_overflow(backend, device, dtype, op, offs):
+def test_gradient_rows_whose_partial_sums_overflow(backend, device, dtype, op, offs, deterministic):
     # a table row's gradient 3e38 + 3e38 - 3e38 = 3e38 is representable; summed in float32 it
-    # was inf (sorted backward; the atomic one keeps float32 row sums, see the docstring)
+    # was inf (the sorted backward, and the atomic one until its rows were summed again at a scale)
     q = torch.ones(1, 2, dtype=dtype, device=device)
     r = torch.ones(1, 2, dtype=dtype, device=device)
     ids = torch.tensor([0, 0, 0], device=device)
     offsets = None if offs is None else torch.tensor(offs, device=device)
     g = torch.tensor([[3e38, -1.0], [3e38, 1.0], [-3e38, 2.0]], dtype=dtype, device=device)
     g = torch.cat([g, g], -1) if op == "concat" else g
-    _check_bag_contract(q, r, ids, op, offsets, None, g, dtype)
+    _check_bag_contract(q, r, ids, op, offsets, None, g, dtype, deterministic)
+
+
+def _overflow_batch(device, op):
+    """300 items (several programs of the atomic backward) in three groups of q rows, each with
+    its own r rows: q row 0 (r rows 0, 1) takes +-3e38 terms whose float32 partial sums overflow
+    in item order (its exact sums are 0 and +-1.5e38, its r rows' +-3e38 and +-1.5e38), q row 1
+    (r rows 2, 3) takes terms of ~1e-30 and q row 2 (r row 4) ordinary ones; the groups are
+    interleaved, and an ordinary column sits beside the big ones."""
+    big = [(1, 3e38)] * 26 + [(0, 3e38)] * 24 + [(1, -3e38)] * 25 + [(0, -3e38)] * 25  # (r row, g)
+    h_big = torch.tensor([r for r, _ in big], device=device)
+    g_big = torch.tensor([[v, -0.5 * v, 0.0] for _, v in big], device=device)
+    g_big[:, 2] = randn(100, seed=12, device=device)
+    h_tiny = 5 + 2 + torch.randint(0, 2, (100,), generator=generator(11), device=device)  # q row 1, r rows 2, 3
+    g_tiny = randn(100, 3, seed=13, device=device, scale=1e-30)
+    h_mid = torch.full((100,), 10 + 4, device=device)  # q row 2, r row 4
+    g_mid = randn(100, 3, seed=14, device=device)
+    ids = torch.stack([h_tiny, h_big, h_mid], 1).reshape(-1)  # interleaved; the big ones in order
+    grad = torch.stack([g_tiny, g_big, g_mid], 1).reshape(-1, 3)
+    q = torch.cat([torch.ones(1, 3, device=device), randn(2, 3, seed=15, device=device)])
+    r = torch.cat([torch.ones(2, 3, device=device), randn(3, 3, seed=16, device=device)])
+    if op == "concat":
+        grad = torch.cat([grad, grad.flip(0)], -1)
+    return q, r, ids, grad
+
+
+@pytest.mark.parametrize("needs", ["q", "r"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_overflowing_gradient_rows_of_one_table(backend, device, needs, deterministic):
+    # one table's gradient only (the atomic fix-up then marks and sums that table's rows only)
+    q, r, ids, grad = _overflow_batch(device, "mult")
+    qq, rr = q.clone().requires_grad_(needs == "q"), r.clone().requires_grad_(needs == "r")
+    out = fastvq.qr_lookup(ids, qq, rr, "mult", deterministic=deterministic)
+    out.backward(grad)
+    (exact, mag), n = _exact_qr(q, r, ids, "mult", None, None, grad), ids.numel() + 2
+    got, want, m = (qq.grad, exact[1], mag[1]) if needs == "q" else (rr.grad, exact[2], mag[2])
+    assert (rr.grad if needs == "q" else qq.grad) is None
+    ft.assert_close(got, want, dtype=torch.float32, reduce_len=n, magnitude=m, name=f"qr_lookup grad_{needs}")
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_overflowing_gradient_rows_with_nan_and_inf_terms(backend, device, deterministic):
+    # in a row summed again, an infinite upstream gradient stays +-inf (inf - inf: NaN) and a NaN
+    # stays NaN, in its own column only; the float64 oracle says where
+    q, r, ids, grad = _overflow_batch(device, "add")
+    grad[1, 2] = float("inf")  # q row 0, r row 1 (a big item), ordinary column
+    grad[4, 2] = float("-inf")  # q row 0, r row 1: -inf + inf = NaN there
+    grad[7, 2] = float("nan")  # q row 0, r row 1
+    grad[3 * 26 + 1, 2] = float("inf")  # q row 0, r row 0: +inf there
+    _check_bag_contract(q, r, ids, "add", None, None, grad, torch.float32, deterministic)
+
+
+@pytest.mark.parametrize("form", ["plain", "bags", "weighted"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_overflowing_gradient_rows_beside_ordinary_ones(backend, device, op, form, deterministic):
+    # float64 oracle: the rows whose partial sums overflow come out finite where exact, and the
+    # rows of tiny and ordinary terms in the same backward keep their float32 accuracy
+    q, r, ids, grad = _overflow_batch(device, op)
+    offs, w = None, None
+    if form != "plain":  # one item per bag: the same sums through the bag kernels
+        offs = torch.arange(ids.shape[0], device=device)
+    if form == "weighted":  # weights of 2 on the big items: partial sums of 6e38
+        w = torch.ones(ids.shape[0], device=device)
+        w[1::3] = 2.0
+    _check_bag_contract(q, r, ids, op, offs, w, grad, torch.float32, deterministic)
 
 
 def _stride2(t):
