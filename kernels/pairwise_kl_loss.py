@@ -21,7 +21,8 @@ five floats a row (and the launcher the rows' ``max |x_i|``, two more, for the b
 Scaling (as in the reference): the gram dots read row-scaled copies ``u_i = x_i 2^-e_i`` made
 by the launcher from the rows' maxima (which the op reads once, with its finiteness check, and
 the forward saves for the backward); forward and backward each read pred and target and write
-the copies: at B = 256, D = 64, 8.1 -> 17.3 passes over pred in all (`fastvq bench --traffic`),
+the copies: at B = 256, D = 64, 8.1 -> 17.3 passes over pred in all (`fastvq bench --traffic`; 20.3
+with the wide rows' raw-input arguments, see below, which ordinary inputs never read),
 O(B D) against the kernels' O(B^2 D)
 work, and the kernels' pipelined loads stay untouched; float16 inputs, whose products cannot
 overflow float32, are read as they are), and a logit is ``((u_i . u_j) R_i) C_j`` with
@@ -31,6 +32,19 @@ overflow float32, are read as they are), and a logit is ``((u_i . u_j) R_i) C_j`
 multiply ``exp`` does anyway): then ``(t - m_t) - (s - m_p)`` and the running sum over B
 columns cannot overflow where the logits are representable. A pair whose target weight is an
 exact 0 adds 0 (not ``0 * inf``).
+
+Wide rows (``fastvq.reference.pairwise_kl_loss.wide_rows``: pred's or target's exponent clamped
+at the top, where ``|u| > 1`` and the float32 products can overflow or flush a partner's tiny
+entries, or so large that ``R_i C_j`` could reach 2^110 and the scaled sum underflow): every
+pair of such a row takes both logits from a float64 dot of the inputs as given (``p_xp``,
+``p_xt``; float32/bf16 products are exact in float64), rounded once to float32. The main loop
+sets them to -inf (no probability) and a second loop over the column tiles adds the tiles that
+hold one: per tile an O(BLOCK_N) test of the columns' exponents, nothing per element, for
+ordinary inputs. Per row, not per tile, so the forward and the backward (tiled differently)
+form the same logits; in a loop of their own, because formed inside the main loop the float64
+tile spilled registers. The raw inputs are kernel arguments read only there (the traffic meter
+counts every tensor argument as read: `fastvq bench --traffic` shows them as two more passes in
+the forward and one in the backward for float32/bf16, which ordinary inputs never make).
 
 Backward: ``dL/dpred_i = g / (B T) * sum_j (G_ij + G_ji) pred_j`` with
 ``G_ij = exp((s_ij - m_p[i]) - log l_p[i]) - exp((t_ij - m_t[i]) - log l_t[i])`` off the diagonal
@@ -74,11 +88,15 @@ MAX_BLOCK_DO = {4: 64, 2: 128}  # by element size: output columns per program of
 # BLOCK_M x BLOCK_DO gradient accumulator), by target family and pass. Fitted to ptxas (sm_80 and
 # sm_90, triton 3.6 and 3.8) at the benchmark shapes (float32), bounding it from above. The sm_90
 # bases rose by 42 (fwd) and 44 (bwd) with the row-scaled logits (issue 9: per-row and per-column
-# factors R_i C_j, the normalisers in two parts), refitted on triton 3.8.
+# factors R_i C_j, the normalisers in two parts), refitted on triton 3.8. The wide rows' float64
+# loop (issue 9) raised the sm_90 backward base 94 -> 101 (64 x 32 8-warp at Dp = 32: 190) and the
+# sm_80 forward 230 -> 231 (64 x 64 8-warp: 255), and needs about 168 registers whatever the tile:
+# the floor below (the small pinned tiles compile to 156-168 with it; triton 3.8).
 _REGISTER_MODELS = {
-    ("sm_90", "fwd"): (223, (1.0, 1.0, 1.0)), ("sm_90", "bwd"): (94, (3.5, 3.25, 2.75)),
-    ("sm_80", "fwd"): (230, (1.0, 0.5, 1.0)), ("sm_80", "bwd"): (119, (4.75, 3.25, 1.0)),
+    ("sm_90", "fwd"): (223, (1.0, 1.0, 1.0)), ("sm_90", "bwd"): (101, (3.5, 3.25, 2.75)),
+    ("sm_80", "fwd"): (231, (1.0, 0.5, 1.0)), ("sm_80", "bwd"): (119, (4.75, 3.25, 1.0)),
 }
+_REGISTER_FLOOR = 168  # the float64 loop of wide rows (float32 and bf16 inputs)
 
 
 def _estimate(config, named_args, **kwargs) -> dict:
@@ -93,6 +111,8 @@ def _estimate(config, named_args, **kwargs) -> dict:
     model = _REGISTER_MODELS[(arch_family(target_for(p_pred.device)), "bwd" if "BLOCK_DO" in kwargs else "fwd")]
     regs = register_estimate(model, words_per_thread(bm, bn, w), words_per_thread(bm + bn, bd, w),
                              words_per_thread(bm, bdo, w))
+    if elt != 2 or p_pred.dtype == torch.bfloat16:  # row-scaled inputs run the float64 loop
+        regs = max(regs, _REGISTER_FLOOR)
     return {"shared": shared, "regs": regs}
 
 
@@ -116,9 +136,10 @@ def _configs(name, configs, **pinned_options):
 
 
 # pinned (FASTVQ_AUTOTUNE=0): without maxnreg ptxas spills the float32 forward (80 registers, 16 B of
-# stack); with maxnreg=128 it spills the float32 backward (8 B); as below, neither spills on sm_90
-_FWD_CONFIGS = _configs("pairwise_kl_loss_fwd", _FWD_16 + _FWD_32, maxnreg=128)
-_BWD_CONFIGS = _configs("pairwise_kl_loss_bwd", _BWD_16 + _BWD_32)
+# stack); with the wide rows' float64 loop, maxnreg=128 spills both (forward 24 B, backward 16 B);
+# at 168 neither spills on sm_90 (158-168 registers, triton 3.8)
+_FWD_CONFIGS = _configs("pairwise_kl_loss_fwd", _FWD_16 + _FWD_32, maxnreg=168)
+_BWD_CONFIGS = _configs("pairwise_kl_loss_bwd", _BWD_16 + _BWD_32, maxnreg=168)
 
 
 @triton.jit
@@ -156,6 +177,70 @@ def _gram_tile(
 
 
 @triton.jit
+def _gram_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``x[o_m] @ x[o_n].T`` in float64 from the inputs as given (the products of float32/bf16
+    entries are exact in float64; the sum is rounded in float64). The rare path. float32 inputs:
+    a float64 ``tl.dot`` in 16-wide chunks (fewer registers than the loop below, whose float64
+    tile spilled the float32 kernels); bf16: one coordinate at a time, through float32 (which
+    holds bf16 exactly: sm_90 has no bf16 -> float64 conversion, and a float64 dot beside the
+    bf16 kernels' wgmma did not lower)."""
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    if p_x.dtype.element_ty == tl.float32:
+        for d0 in range(0, D, 16):
+            o_d = d0 + tl.arange(0, 16)
+            m_d = o_d < D
+            b_a = tl.load(p_x + o_m[:, None] * stride_b + o_d[None, :] * stride_d,
+                          mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float64)
+            b_b = tl.load(p_x + o_n[:, None] * stride_b + o_d[None, :] * stride_d,
+                          mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float64)
+            b_acc = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision="ieee")
+    else:
+        for d in range(0, D):
+            b_a = tl.load(p_x + o_m * stride_b + d * stride_d, mask=m_m, other=0.0).to(tl.float32).to(tl.float64)
+            b_b = tl.load(p_x + o_n * stride_b + d * stride_d, mask=m_n, other=0.0).to(tl.float32).to(tl.float64)
+            b_acc += b_a[:, None] * b_b[None, :]
+    return b_acc
+
+
+@triton.jit
+def _logit_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, scale64,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The float32 logits ``(x[o_m] @ x[o_n].T) * scale64``, formed in float64 and rounded once."""
+    return (_gram_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, BLOCK_M, BLOCK_N)
+            * scale64).to(tl.float32)
+
+
+@triton.jit
+def _wide_rows(b_ep, b_et, m, BIG):
+    """int1 per row: pred's or target's exponent is ``>= BIG``, so every pair of the row takes its
+    logits from float64 (``fastvq.reference.pairwise_kl_loss.wide_rows``; masked rows: False)."""
+    return (tl.maximum(b_ep, b_et) >= BIG) & m
+
+
+@triton.jit
+def _wide_setup(p_ep, p_et, o_m, m_m, logit_mult, FA, FB, BIG, ROW_SCALED: tl.constexpr):
+    """Per program: the row block's :func:`_wide_rows` and whether it holds one, and the float64
+    factor ``logit_mult 2^(FA + FB)`` of the float64 logits (``logit_mult``'s float32 ``m``, as the
+    float32 factors ``R_i C_j`` hold it)."""
+    if ROW_SCALED:
+        b_w_m = _wide_rows(tl.load(p_ep + o_m, mask=m_m, other=0), tl.load(p_et + o_m, mask=m_m, other=0), m_m, BIG)
+        b_any_m = tl.max(b_w_m.to(tl.int32), axis=0) > 0
+    else:
+        b_w_m = 0
+        b_any_m = 0
+    scale64 = logit_mult * tl.full((), 1.0, tl.float64) * exp2i(FA).to(tl.float64) * exp2i(FB).to(tl.float64)
+    return b_w_m, b_any_m, scale64
+
+
+@triton.jit
+def _wide_tile(b_any_m, b_e_np, b_e_nt, m_n, BIG):
+    """The tile's columns' :func:`_wide_rows`, and whether the tile holds a pair of a wide row or
+    column: O(BLOCK_N) per tile, nothing per element."""
+    b_w_n = _wide_rows(b_e_np, b_e_nt, m_n, BIG)
+    return b_w_n, b_any_m | (tl.max(b_w_n.to(tl.int32), axis=0) > 0)
+
+
+@triton.jit
 def _row_factor(p_e, o, m, shift, mult, ROW_SCALED: tl.constexpr):
     """``mult * 2^(e[o] + shift)`` (float32) for row-scaled inputs, else ``mult``."""
     if ROW_SCALED:
@@ -168,13 +253,15 @@ def _row_factor(p_e, o, m, shift, mult, ROW_SCALED: tl.constexpr):
 def _logit_tiles(
     p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
     stride_pb, stride_pd, stride_tb, stride_td,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
+    b_w_m, b_any_m, BIG, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
     ROW_SCALED: tl.constexpr,
 ):
     """For the column block at ``n0``: its int64 columns ``o_n`` and mask, and the float32
     ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = u_p u_p^T R_p C_p``, ``t = u_t u_t^T R_t C_t``
-    (``b_rp``, ``b_rt``: the rows' factors ``R``; ``C`` is 1 unless ROW_SCALED)."""
+    (``b_rp``, ``b_rt``: the rows' factors ``R``; ``C`` is 1 unless ROW_SCALED). In a
+    ROW_SCALED tile, the pairs of a row or column that :func:`_wide_rows` flags (``b_w_m``: the
+    rows', ``b_any_m``: any of them) get -inf (no probability): :func:`_wide_logits` forms them."""
     o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
     m_n = o_n < B
     b_s = _gram_tile(p_pred, o_m, o_n, m_m, m_n, DP, stride_pb, stride_pd,
@@ -185,20 +272,86 @@ def _logit_tiles(
         # R_i C_j first (both in [2^-62, 2^62] times m: no overflow), then the Gram entry: a row
         # whose exponent was clamped keeps |u| up to 2^71, and (u_i . u_j) R_i overflowed where
         # the logit (u_i . u_j) R_i C_j is representable (a huge row beside a small one)
-        b_s = b_s * (b_rp[:, None] * _row_factor(p_ep, o_n, m_n, FB, 1.0, ROW_SCALED)[None, :])
-        b_t = b_t * (b_rt[:, None] * _row_factor(p_et, o_n, m_n, FB, 1.0, ROW_SCALED)[None, :])
+        b_e_np = tl.load(p_ep + o_n, mask=m_n, other=0)
+        b_e_nt = tl.load(p_et + o_n, mask=m_n, other=0)
+        b_s = b_s * (b_rp[:, None] * exp2i(b_e_np + FB)[None, :])
+        b_t = b_t * (b_rt[:, None] * exp2i(b_e_nt + FB)[None, :])
+        # Rare: a clamped row (|u| > 1: products can overflow, or flush another row's tiny
+        # entries) or R_i C_j >= 2^110 (a sum that underflows): its pairs come from float64,
+        # in the kernels' second loop (_wide_logits)
+        b_w_n, b_wide = _wide_tile(b_any_m, b_e_np, b_e_nt, m_n, BIG)
+        if b_wide:
+            # per pair (not per tile), so that the forward and the backward (tiled differently)
+            # form the same logits: at |s| ~ 1e11 one rounding apart is a wrong exp(s - lse)
+            b_need = b_w_m[:, None] | b_w_n[None, :]
+            b_s = tl.where(b_need, float("-inf"), b_s)
+            b_t = tl.where(b_need, float("-inf"), b_t)
     else:
         b_s = b_s * b_rp[:, None]
         b_t = b_t * b_rt[:, None]
     return o_n, m_n, b_s, b_t
 
 
+@triton.jit
+def _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, BLOCK_N: tl.constexpr):
+    """For the column block at ``n0``: ``o_n``, ``m_n``, the columns' :func:`_wide_rows` and whether
+    the tile holds a pair of a wide row or column (:func:`_wide_tile`)."""
+    o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    m_n = o_n < B
+    b_w_n, b_wide = _wide_tile(b_any_m, tl.load(p_ep + o_n, mask=m_n, other=0),
+                               tl.load(p_et + o_n, mask=m_n, other=0), m_n, BIG)
+    return o_n, m_n, b_w_n, b_wide
+
+
+@triton.jit
+def _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
+                 stride_xpb, stride_xpd, stride_xtb, stride_xtd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The logit tiles of the pairs of wide rows or columns formed in float64 from the inputs as
+    given (:func:`_logit_tile_f64`), -inf elsewhere (:func:`_logit_tiles` has those)."""
+    b_need = b_w_m[:, None] | b_w_n[None, :]
+    b_s = tl.where(b_need, _logit_tile_f64(p_xp, o_m, o_n, m_m, m_n, DP, stride_xpb, stride_xpd, scale64,
+                                           BLOCK_M, BLOCK_N), float("-inf"))
+    b_t = tl.where(b_need, _logit_tile_f64(p_xt, o_m, o_n, m_m, m_n, DT, stride_xtb, stride_xtd, scale64,
+                                           BLOCK_M, BLOCK_N), float("-inf"))
+    return b_s, b_t
+
+
+@triton.jit
+def _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid, exp_mult):
+    """The row block's online state (running maxima ``m``, sums ``l`` and the KL accumulator, at
+    the forward's scale ``c``) after one tile of logits ``b_s``, ``b_t`` (``m_valid``: its pairs)."""
+    b_s_m = tl.where(m_valid, b_s, float("-inf"))
+    b_t_m = tl.where(m_valid, b_t, float("-inf"))
+
+    # raw running maxima (-inf until a valid column is seen) and their safe forms for
+    # subtraction: exp(-inf - safe) is an exact 0, and no (-inf) - (-inf) is ever formed
+    b_mp_new = tl.maximum(b_mp, tl.max(b_s_m, axis=1))
+    b_mp_sub = _finite(b_mp_new)
+    b_lp = b_lp * tl.exp2((b_mp - b_mp_sub) * exp_mult) + tl.sum(
+        tl.exp2((b_s_m - b_mp_sub[:, None]) * exp_mult), axis=1)
+
+    b_mt_new = tl.maximum(b_mt, tl.max(b_t_m, axis=1))
+    b_mt_sub = _finite(b_mt_new)
+    b_alpha = tl.exp2((b_mt - b_mt_sub) * exp_mult)
+    b_q = tl.exp2((b_t_m - b_mt_sub[:, None]) * exp_mult)  # 0 where masked
+    # acc = sum_j exp(t_ij - m_t) ((t_ij - m_t) - (s_ij - m_p)): shifting by the running
+    # maxima keeps the terms small (an exact 0 when the rows agree); moving the maxima
+    # shifts every earlier term by the same amount, hence the b_lt correction (b_lt is 0,
+    # and the shift unused, while the row has seen no column). A pair of weight 0 (masked,
+    # or exp underflowed) adds 0 even where s_ij - m_p overflowed to -inf (NaN weights stay).
+    b_shift = (b_mt - b_mt_sub) - (b_mp - b_mp_sub)
+    b_acc = b_alpha * (b_acc + tl.where(b_lt > 0, b_lt * b_shift, 0.0)) + tl.sum(
+        b_q * tl.where(b_q != 0.0, (b_t - b_mt_sub[:, None]) - (b_s - b_mp_sub[:, None]), 0.0), axis=1)
+    b_lt = b_lt * b_alpha + tl.sum(b_q, axis=1)
+    return b_mp_new, b_lp, b_mt_new, b_lt, b_acc
+
+
 @autotune(configs=_FWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_fwd_kernel(
-    p_pred, p_target, p_ep, p_et, p_kl, p_lse_p, p_lse_t,
-    B, DP, DT, logit_mult, exp_mult, inv_c, FA, FB,
-    stride_pb, stride_pd, stride_tb, stride_td,
+    p_pred, p_target, p_ep, p_et, p_kl, p_lse_p, p_lse_t, p_xp, p_xt,
+    B, DP, DT, logit_mult, exp_mult, inv_c, FA, FB, BIG,
+    stride_pb, stride_pd, stride_tb, stride_td, stride_xpb, stride_xpd, stride_xtb, stride_xtd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
     ROW_SCALED: tl.constexpr,
@@ -210,6 +363,7 @@ def _pairwise_kl_loss_fwd_kernel(
     m_m = o_m < B
     b_rp = _row_factor(p_ep, o_m, m_m, FA, logit_mult, ROW_SCALED)
     b_rt = _row_factor(p_et, o_m, m_m, FA, logit_mult, ROW_SCALED)
+    b_w_m, b_any_m, scale64 = _wide_setup(p_ep, p_et, o_m, m_m, logit_mult, FA, FB, BIG, ROW_SCALED)
 
     # The running maxima start at -inf (not a finite sentinel: logits below it would give an
     # empty sum, log 0 = -inf), so logits of any magnitude keep an exact logsumexp.
@@ -220,39 +374,32 @@ def _pairwise_kl_loss_fwd_kernel(
     b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
         o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
-                                          stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
-                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T, ROW_SCALED)
+                                          stride_pb, stride_pd, stride_tb, stride_td, b_w_m, b_any_m, BIG,
+                                          BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P,
+                                          DOT_FP32_T, ROW_SCALED)
         m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
-        b_s_m = tl.where(m_valid, b_s, float("-inf"))
-        b_t_m = tl.where(m_valid, b_t, float("-inf"))
-
-        # raw running maxima (-inf until a valid column is seen) and their safe forms for
-        # subtraction: exp(-inf - safe) is an exact 0, and no (-inf) - (-inf) is ever formed
-        b_mp_new = tl.maximum(b_mp, tl.max(b_s_m, axis=1))
-        b_mp_sub = _finite(b_mp_new)
-        b_lp = b_lp * tl.exp2((b_mp - b_mp_sub) * exp_mult) + tl.sum(
-            tl.exp2((b_s_m - b_mp_sub[:, None]) * exp_mult), axis=1)
-
-        b_mt_new = tl.maximum(b_mt, tl.max(b_t_m, axis=1))
-        b_mt_sub = _finite(b_mt_new)
-        b_alpha = tl.exp2((b_mt - b_mt_sub) * exp_mult)
-        b_q = tl.exp2((b_t_m - b_mt_sub[:, None]) * exp_mult)  # 0 where masked
-        # acc = sum_j exp(t_ij - m_t) ((t_ij - m_t) - (s_ij - m_p)): shifting by the running
-        # maxima keeps the terms small (an exact 0 when the rows agree); moving the maxima
-        # shifts every earlier term by the same amount, hence the b_lt correction (b_lt is 0,
-        # and the shift unused, while the row has seen no column). A pair of weight 0 (masked,
-        # or exp underflowed) adds 0 even where s_ij - m_p overflowed to -inf (NaN weights stay).
-        b_shift = (b_mt - b_mt_sub) - (b_mp - b_mp_sub)
-        b_acc = b_alpha * (b_acc + tl.where(b_lt > 0, b_lt * b_shift, 0.0)) + tl.sum(
-            b_q * tl.where(b_q != 0.0, (b_t - b_mt_sub[:, None]) - (b_s - b_mp_sub[:, None]), 0.0), axis=1)
-        b_lt = b_lt * b_alpha + tl.sum(b_q, axis=1)
-        b_mt = b_mt_new
-        b_mp = b_mp_new
+        b_mp, b_lp, b_mt, b_lt, b_acc = _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid, exp_mult)
+    if ROW_SCALED:
+        # the pairs of wide rows (-inf above), from float64 logits: a loop of its own (formed in
+        # the loop above, the float64 tile spilled registers); for ordinary inputs an O(BLOCK_N)
+        # test of the column exponents per tile
+        for n0 in range(0, B, BLOCK_N):
+            o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, BLOCK_N)
+            if b_wide:
+                b_s, b_t = _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
+                                        stride_xpb, stride_xpd, stride_xtb, stride_xtd, BLOCK_M, BLOCK_N)
+                m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
+                b_mp, b_lp, b_mt, b_lt, b_acc = _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid,
+                                                                 exp_mult)
 
     b_kl = (b_acc / b_lt) * inv_c - tl.log(b_lt) + tl.log(b_lp)
     # A logit that overflows float32 (or a dot product that does, +inf + -inf) leaves the row's
     # KL non-finite: that row's loss overflowed, +inf. (The op tells NaN/inf inputs apart.)
     b_kl = tl.where(tl.abs(b_kl) < float("inf"), b_kl, float("inf"))
+    # A KL is >= 0 exactly; rounding can leave a row whose exact KL is ~0 slightly negative
+    # (-4e-8 at T = 1000): stored as 0 (a NaN would stay NaN: the comparison is false for it).
+    # The value only: the backward's gradient is that of the KL (G = P - Q), not of the clamp.
+    b_kl = tl.where(b_kl < 0.0, 0.0, b_kl)
     tl.store(p_kl + o_m, b_kl, mask=m_m)
     # the normalisers in two parts (row max at natural scale, log of the sum): (2, B) each
     tl.store(p_lse_p + o_m, b_mp * inv_c, mask=m_m)
@@ -261,12 +408,41 @@ def _pairwise_kl_loss_fwd_kernel(
     tl.store(p_lse_t + B + o_m, tl.log(b_lt), mask=m_m)
 
 
+@triton.jit
+def _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x, stride_xb, stride_xd,
+                     b_mpm, b_lpm, b_mtm, b_ltm, B, h_scale, PREC_P: tl.constexpr, DOT_FP32_P: tl.constexpr):
+    """``b_dp + (h_scale (G + G^T)[o_m, o_n]) @ pred[o_n, o_do]`` for the logit tiles ``b_s``, ``b_t``
+    (``b_*pm``: the rows' normalisers, log2 parts scaled by log2(e))."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    b_mpn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
+    b_lpn = tl.load(p_lse_p + B + o_n, mask=m_n, other=0.0) * LOG2E
+    b_mtn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
+    b_ltn = tl.load(p_lse_t + B + o_n, mask=m_n, other=0.0) * LOG2E
+    # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
+    # exponent is <= 0 in exact arithmetic; at logits ~1e36 the rounding of s_ij against
+    # the forward's logsumexp can push it above, so it is capped at 0 (a probability is
+    # at most 1). The diagonal may overflow but is dropped by the where.
+    b_h = (_exp_prob(b_s, b_mpm[:, None], b_lpm[:, None]) - _exp_prob(b_t, b_mtm[:, None], b_ltm[:, None])
+           + _exp_prob(b_s, b_mpn[None, :], b_lpn[None, :]) - _exp_prob(b_t, b_mtn[None, :], b_ltn[None, :]))
+    m_valid = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
+    b_h = tl.where(m_valid, b_h, 0.0)
+    # float16 operands: |h| <= 2 scaled by 2^14 stays normal down to 2^-28; others: by 2^-e
+    b_h = b_h * h_scale
+    b_pn = tl.load(p_x + o_n[:, None] * stride_xb + o_do[None, :] * stride_xd,
+                   mask=m_n[:, None] & m_do[None, :], other=0.0)
+    if DOT_FP32_P:
+        b_dp = tl.dot(b_h, b_pn.to(tl.float32), b_dp, input_precision=PREC_P)
+    else:
+        b_dp = tl.dot(b_h.to(b_pn.dtype), b_pn, b_dp, input_precision=PREC_P)
+    return b_dp
+
+
 @autotune(configs=_BWD_CONFIGS, key=["DP", "DT"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _pairwise_kl_loss_bwd_kernel(
-    p_grad, p_pred, p_target, p_ep, p_et, p_lse_p, p_lse_t, p_x, p_dpred,
-    B, DP, DT, logit_mult, inv_t, FA, FB, N_DO_TILES,
-    stride_pb, stride_pd, stride_tb, stride_td, stride_xb, stride_xd, stride_db, stride_dd,
+    p_grad, p_pred, p_target, p_ep, p_et, p_lse_p, p_lse_t, p_x, p_xt, p_dpred,
+    B, DP, DT, logit_mult, inv_t, FA, FB, BIG, N_DO_TILES,
+    stride_pb, stride_pd, stride_tb, stride_td, stride_xb, stride_xd, stride_xtb, stride_xtd, stride_db, stride_dd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_DO: tl.constexpr, H_SCALE: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
@@ -283,6 +459,7 @@ def _pairwise_kl_loss_bwd_kernel(
     m_do = o_do < DP
     b_rp = _row_factor(p_ep, o_m, m_m, FA, logit_mult, ROW_SCALED)
     b_rt = _row_factor(p_et, o_m, m_m, FA, logit_mult, ROW_SCALED)
+    b_w_m, b_any_m, scale64 = _wide_setup(p_ep, p_et, o_m, m_m, logit_mult, FA, FB, BIG, ROW_SCALED)
 
     LOG2E: tl.constexpr = 1.4426950408889634
     b_mpm = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
@@ -298,28 +475,22 @@ def _pairwise_kl_loss_bwd_kernel(
         h_scale = exp2i(-(pow2_exponent((B + 1) * 1.0) + 1))
     for n0 in range(0, B, BLOCK_N):
         o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
-                                          stride_pb, stride_pd, stride_tb, stride_td, BLOCK_M, BLOCK_N, BLOCK_DP,
-                                          BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P, DOT_FP32_T, ROW_SCALED)
-        b_mpn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
-        b_lpn = tl.load(p_lse_p + B + o_n, mask=m_n, other=0.0) * LOG2E
-        b_mtn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
-        b_ltn = tl.load(p_lse_t + B + o_n, mask=m_n, other=0.0) * LOG2E
-        # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
-        # exponent is <= 0 in exact arithmetic; at logits ~1e36 the rounding of s_ij against
-        # the forward's logsumexp can push it above, so it is capped at 0 (a probability is
-        # at most 1). The diagonal may overflow but is dropped by the where.
-        b_h = (_exp_prob(b_s, b_mpm[:, None], b_lpm[:, None]) - _exp_prob(b_t, b_mtm[:, None], b_ltm[:, None])
-               + _exp_prob(b_s, b_mpn[None, :], b_lpn[None, :]) - _exp_prob(b_t, b_mtn[None, :], b_ltn[None, :]))
-        m_valid = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
-        b_h = tl.where(m_valid, b_h, 0.0)
-        # float16 operands: |h| <= 2 scaled by 2^14 stays normal down to 2^-28; others: by 2^-e
-        b_h = b_h * h_scale
-        b_pn = tl.load(p_x + o_n[:, None] * stride_xb + o_do[None, :] * stride_xd,
-                       mask=m_n[:, None] & m_do[None, :], other=0.0)
-        if DOT_FP32_P:
-            b_dp = tl.dot(b_h, b_pn.to(tl.float32), b_dp, input_precision=PREC_P)
-        else:
-            b_dp = tl.dot(b_h.to(b_pn.dtype), b_pn, b_dp, input_precision=PREC_P)
+                                          stride_pb, stride_pd, stride_tb, stride_td, b_w_m, b_any_m, BIG,
+                                          BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P,
+                                          DOT_FP32_T, ROW_SCALED)
+        b_dp = _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x,
+                                stride_xb, stride_xd, b_mpm, b_lpm, b_mtm, b_ltm, B, h_scale,
+                                PREC_P, DOT_FP32_P)
+    if ROW_SCALED:
+        # the pairs of wide rows (-inf above, no probability), from float64 logits (as the forward)
+        for n0 in range(0, B, BLOCK_N):
+            o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, BLOCK_N)
+            if b_wide:
+                b_s, b_t = _wide_logits(p_x, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
+                                        stride_xb, stride_xd, stride_xtb, stride_xtd, BLOCK_M, BLOCK_N)
+                b_dp = _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x,
+                                        stride_xb, stride_xd, b_mpm, b_lpm, b_mtm, b_ltm, B, h_scale,
+                                        PREC_P, DOT_FP32_P)
 
     b_scale = tl.load(p_grad).to(tl.float32) * inv_t / B / h_scale
     tl.store(p_dpred + o_m[:, None] * stride_db + o_do[None, :] * stride_dd,
@@ -349,7 +520,7 @@ def _row_scaled(x: torch.Tensor, amax: torch.Tensor, lo: int, hi: int):
 
 
 def _launch_args(pred, target, temperature, scaling, amax_p, amax_t):
-    m, fa, fb, lo, hi = scaling
+    m, fa, fb, lo, hi, _ = scaling
     up, ep = _row_scaled(pred, amax_p, lo, hi)
     ut, et = _row_scaled(target, amax_t, lo, hi)
     scaled = ep is not None
@@ -365,7 +536,7 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
     KL(target || pred), diagonal excluded), and for the backward, ``(3, B)`` float32 each: the
     softmax's per-row normaliser in two parts (the row's largest logit, ``log`` of the sum) and
     the rows' ``max |x_i|`` (``amax_p``/``amax_t``, the scaling's input). ``scaling``: the op's
-    ``(m, fa, fb, lo, hi)`` for ``T`` (``fastvq.reference.pairwise_kl_loss.logit_scaling``, the
+    ``(m, fa, fb, lo, hi, wide)`` for ``T`` (``fastvq.reference.pairwise_kl_loss.logit_scaling``, the
     one place it is decided; kernels import no reference)."""
     # check (the op has told the user already: fastvq/ops/pairwise_kl_loss.py)
     assert pred.dim() == 2 and target.dim() == 2 and pred.shape[0] == target.shape[0], (pred.shape, target.shape)
@@ -388,9 +559,10 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
     # launch
     grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]))  # noqa: E731
     _pairwise_kl_loss_fwd_kernel[grid](
-        up, ut, ep, et, kl, lse_p, lse_t,
-        B, DP, DT, mult / inv_c, math.log2(math.e) * inv_c, inv_c, fa, fb,
+        up, ut, ep, et, kl, lse_p, lse_t, pred, target,
+        B, DP, DT, mult / inv_c, math.log2(math.e) * inv_c, inv_c, fa, fb, scaling[5],
         up.stride(0), up.stride(1), ut.stride(0), ut.stride(1),
+        pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
         BLOCK_DP=_block_d(DP, pred.dtype), BLOCK_DT=_block_d(DT, target.dtype),
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
         DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype), ROW_SCALED=scaled,
@@ -426,10 +598,10 @@ def pairwise_kl_loss_bwd(
     n_do = triton.cdiv(DP, BLOCK_DO)
     grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]) * n_do)  # noqa: E731
     _pairwise_kl_loss_bwd_kernel[grid](
-        grad.float(), up, ut, ep, et, lse_p, lse_t, pred, dpred,
-        B, DP, DT, mult, 1.0 / float(temperature), fa, fb, n_do,
+        grad.float(), up, ut, ep, et, lse_p, lse_t, pred, target, dpred,
+        B, DP, DT, mult, 1.0 / float(temperature), fa, fb, scaling[5], n_do,
         up.stride(0), up.stride(1), ut.stride(0), ut.stride(1), pred.stride(0), pred.stride(1),
-        dpred.stride(0), dpred.stride(1),
+        target.stride(0), target.stride(1), dpred.stride(0), dpred.stride(1),
         BLOCK_DP=_block_d(DP, pred.dtype), BLOCK_DT=_block_d(DT, target.dtype), BLOCK_DO=BLOCK_DO,
         H_SCALE=H_SCALE_FP16 if pred.dtype == torch.float16 else 1.0,
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),

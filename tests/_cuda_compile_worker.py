@@ -365,7 +365,7 @@ def _ema_update_jobs():
 def _pairwise_kl_loss_jobs():
     mod = pairwise_kl_loss
     jobs = []
-    row_ints = ("stride_pb", "stride_tb", "stride_xb", "stride_db")
+    row_ints = ("stride_pb", "stride_tb", "stride_xb", "stride_db", "stride_xpb", "stride_xtb")
     scalars = {"logit_mult": "fp32", "exp_mult": "fp32", "inv_c": "fp32", "inv_t": "fp32"}
     for name, k, bwd in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, False),
                          ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, True)):
@@ -375,7 +375,7 @@ def _pairwise_kl_loss_jobs():
             elt = _ELT[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
             ptrs = {"p_pred": p, "p_target": p, "p_ep": "*i32", "p_et": "*i32", "p_kl": "*fp32", "p_lse_p": "*fp32",
-                    "p_lse_t": "*fp32", "p_grad": "*fp32", "p_x": p, "p_dpred": p}
+                    "p_lse_t": "*fp32", "p_grad": "*fp32", "p_x": p, "p_xp": p, "p_xt": p, "p_dpred": p}
             ptrs = {a: v for a, v in ptrs.items() if a in _jit(k).arg_names}
             # the launcher's largest D chunks for this precision, and the configs the prune keeps for it
             block_d = mod.MAX_BLOCK_D[elt]
@@ -389,6 +389,9 @@ def _pairwise_kl_loss_jobs():
                 if "stride_dd" in _jit(k).arg_names:
                     const["stride_dd"] = 1
                     const["stride_xd"] = 1
+                for a in ("stride_xpd", "stride_xtd"):  # the raw inputs of the float64 logits, contiguous
+                    if a in _jit(k).arg_names:
+                        const[a] = 1
                 big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / (64 * 64)
                 label = f"{dt},BLOCK_DP=BLOCK_DT={block_d}" + (f",BLOCK_DO={extra['BLOCK_DO']}" if bwd else "")
                 jobs.append(Job(f"pairwise_kl_loss.{name}", f"{label} | {_cfg_label(cfg)}",
@@ -400,12 +403,13 @@ def _pairwise_kl_loss_jobs():
     # narrow features (BLOCK_D = 16, the smallest wgmma K for 16-bit operands), bf16
     k = mod._pairwise_kl_loss_bwd_kernel
     cfg = _cfgs(k)[0]
-    const = dict(stride_pd=1, stride_td=1, stride_xd=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16,
+    const = dict(stride_pd=1, stride_td=1, stride_xd=1, stride_xtd=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16,
                  PREC_P="tf32", PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, H_SCALE=1.0, ROW_SCALED=True,
                  **cfg.kwargs)
     jobs.append(Job("pairwise_kl_loss._pairwise_kl_loss_bwd_kernel", f"bf16,BLOCK_D*=16 | {_cfg_label(cfg)}", _jit(k),
                     {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_ep": "*i32", "p_et": "*i32",
-                     "p_lse_p": "*fp32", "p_lse_t": "*fp32", "p_x": "*bf16", "p_dpred": "*bf16"}, const, cfg.num_warps,
+                     "p_lse_p": "*fp32", "p_lse_t": "*fp32", "p_x": "*bf16", "p_xt": "*bf16", "p_dpred": "*bf16"}, const,
+                    cfg.num_warps,
                     cfg.num_stages, scalars={"logit_mult": "fp32", "inv_t": "fp32"}, aligned_ints=row_ints, dot=True,
                     tensor_cores=True,
                     rows=cfg.kwargs["BLOCK_M"]))

@@ -118,12 +118,17 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
     ``target_i . target_j / T`` is representable in float32, at any magnitude: each row is
     scaled by its own power of two before the dot products (so ``x_i . x_j`` may exceed float32
     where ``/ T`` brings it back, ``T > 1``, and rows ~1e-20 beside a row ~3e38 keep their
-    products), the KL terms are formed at a scale where ``(t - lse_t) - (s - lse_p)`` and their
+    products); every pair of a row whose max ``|x|`` is near the float32 range for ``T``
+    (``>= 2^54`` at ``T = 1``) takes its logits from a float64 dot instead (products ~2^252 that
+    cancel, or a tiny entry times a huge one, stay right: the error is float64's,
+    ``D 2^-53 sum_k |x_ik x_jk| / T``), the KL terms are formed at a scale where ``(t - lse_t) - (s - lse_p)`` and their
     sums cannot overflow (a loss of ~1e38 is finite), and logits all below -1e30 keep an exact
     logsumexp. A pair whose target weight is exactly 0 contributes 0 even where its pred logit
     overflowed to -inf (the exact term is 0). Where a logit overflows float32 otherwise the loss
     is ``+inf`` (and the gradient undefined, NaN); from ``B = 2`` on a NaN or infinite input
-    element makes the loss NaN. bf16/fp16 inputs: the backward's ``(G + G^T) @ pred`` is a
+    element makes the loss NaN. The loss is never negative: each row's KL (>= 0 exactly) that
+    rounds below 0 counts as 0 (NaN stays NaN); the gradient is the KL's, not the clamp's (0).
+    bf16/fp16 inputs: the backward's ``(G + G^T) @ pred`` is a
     16-bit tensor-core dot (``G + G^T`` rounded to the input dtype, float32 accumulation); the
     float16 one scales ``G + G^T`` by 2^14 first, so it does not underflow at large ``B`` or
     nearly equal softmaxes.

@@ -20,10 +20,33 @@ small products to underflow. So each row is scaled by its own power of two first
 ``u_i = x_i 2^-e_i`` (``|u_i| < 1``; ``e_i`` clamped so that the factors below stay normal),
 and the logit is ``(u_i . u_j) * R_i * C_j`` with ``R_i = m 2^(e_i + fa)``, ``C_j = 2^(e_j + fb)``
 and ``1 / T = m 2^(fa + fb)``: exact powers of two, so the logit is rounded once, and
-``R_i C_j`` is a normal float32 at every magnitude. The KL terms
+``R_i C_j`` is a normal float32 at every magnitude.
+
+That float32 logit is right wherever neither row's exponent is clamped at the top (``|u| < 1``)
+and ``R_i C_j < 2^110``: no product or sum overflows, and underflow costs at most ``2^-150 R_i C_j``
+per rounding (``D 2^-40`` in all). A row outside that (pred's or target's ``e_i >= big``:
+clamped at ``hi = 62 - fb``, or ``2 e_i + fa + fb >= 110``; ``max |x| >= 2^54`` at T = 1) can have
+products beyond float32 that cancel to a representable logit, or its partner can hold an entry
+``2^-149`` below its own maximum that ``u`` flushes to 0 though the product is large: every pair
+of such a row takes both logits (pred's and target's) from the float64 dot of the rows as given
+(float32/bf16 products are exact in float64; the sum is rounded to float64, error
+``<= D 2^-53 sum_k |x_ik x_jk| / T``), scaled by the same float32 ``m`` and rounded once to
+float32 (+-inf beyond it). The Triton kernels test the rows' exponents per tile
+(no work per element otherwise) and form a flagged tile's pairs in float64; here the chunk's
+pairs that need it are replaced, behind one host read of whether any pair does.
+
+The KL terms
 ``q_ij ((t_ij - lse_t) - (s_ij - lse_p))`` are formed at half scale (each bracket can reach
 ``-2 * float32max`` where the logits are representable) and the rows' KLs are divided by B
 before they are summed, so a representable loss is never +inf.
+
+Each row's KL is >= 0 in exact arithmetic, so a row whose computed KL rounds below 0 (its
+exact KL is then within its rounding bound of 0: -4e-8 at T = 1000) counts as 0, and the loss is
+never negative (NaN stays NaN). The clamp corrects the value, not the function: the gradient
+stays that of the KL, ``G = P - Q``. The exact KL is smooth there and its slope is what training
+follows; the gradient of ``max(KL, 0)`` would be 0 exactly where the rounding happened to fall
+below 0, stopping the row at random, and the clamp would then decide a gradient that the exact
+loss does not have.
 """
 
 from __future__ import annotations
@@ -35,14 +58,24 @@ import torch
 from ._chunks import row_chunk
 
 
+# log2 of R_i C_j up to which a pair's logit may come from the float32 dot (module docstring)
+WIDE_LOGIT_FACTOR = 110
+
+
 def logit_scaling(temperature: float):
-    """``(m, fa, fb, lo, hi)``: ``1 / T = m 2^(fa + fb)`` (``m`` in [0.5, 1), ``fb - fa`` in {0, 1})
-    and the clamp ``[lo, hi]`` of the row exponents that keeps ``2^(e + fa)``, ``2^(e + fb)`` in
-    ``[2^-62, 2^62]`` (so ``R_i C_j`` is normal) and ``2^-e`` a normal float32."""
+    """``(m, fa, fb, lo, hi, big)``: ``1 / T = m 2^(fa + fb)`` (``m`` in [0.5, 1], rounded to float32
+    as the kernels' factors hold it, so both backends and their float64 logits use one ``m``; ``fb - fa`` in
+    {0, 1}), the clamp ``[lo, hi]`` of the row exponents that keeps ``2^(e + fa)``, ``2^(e + fb)`` in
+    ``[2^-62, 2^62]`` (so ``R_i C_j`` is normal) and ``2^-e`` a normal float32, and ``big``: a row
+    whose pred or target exponent is ``>= big`` takes the logits of all its pairs from float64
+    (:func:`wide_rows`): every row clamped at ``hi``, and any ``e`` with ``2 e + fa + fb`` reaching
+    :data:`WIDE_LOGIT_FACTOR`, so that two rows below it have ``R_i C_j < 2^110``."""
     m, f = math.frexp(1.0 / float(temperature))
+    m = round(m * 2.0**24) / 2.0**24  # as float32 holds it (half to even; 1.0 stays exact)
     fa = f // 2
     fb = f - fa
-    return m, fa, fb, max(-126, -62 - fa), min(126, 62 - fb)
+    hi = min(126, 62 - fb)
+    return m, fa, fb, max(-126, -62 - fa), hi, min(hi, -((fa + fb - WIDE_LOGIT_FACTOR) // 2))
 
 
 def row_max(x: torch.Tensor) -> torch.Tensor:
@@ -59,23 +92,56 @@ def row_exponents(amax: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.frexp(amax).exponent.clamp(lo, hi).to(torch.int32)
 
 
+def wide_rows(ep: torch.Tensor, et: torch.Tensor, big: int) -> torch.Tensor:
+    """bool per row: its pred or target exponent (:func:`row_exponents`) is ``>= big``
+    (:func:`logit_scaling`), so every pair ``(i, j)`` with row ``i`` or ``j`` flagged takes both its
+    logits from float64 (module docstring). Per row, so the kernels' forward and backward, tiled
+    differently, agree on every pair."""
+    return torch.maximum(ep, et) >= big
+
+
 def _scaled(x32: torch.Tensor, amax: torch.Tensor, temperature: float):
-    """``(u, R, C)`` for the rows of ``x32`` (float32; ``amax``: their :func:`row_max`):
-    ``x_i . x_j / T = (u_i . u_j) R_i C_j``."""
-    m, fa, fb, lo, hi = logit_scaling(temperature)
+    """``(u, R, C, e)`` for the rows of ``x32`` (float32; ``amax``: their :func:`row_max`):
+    ``x_i . x_j / T = (u_i . u_j) R_i C_j``, ``e`` the rows' exponents."""
+    m, fa, fb, lo, hi, _ = logit_scaling(temperature)
     e = row_exponents(amax, lo, hi)
     one = torch.ones(e.shape, dtype=torch.float32, device=x32.device)
     u = x32 * torch.ldexp(one, -e)[:, None]
-    return u, torch.ldexp(one, e + fa) * m, torch.ldexp(one, e + fb)
+    return u, torch.ldexp(one, e + fa) * m, torch.ldexp(one, e + fb), e
 
 
-def _masked_sims(scaled, s: int, e: int) -> torch.Tensor:
-    """Rows ``s:e`` of ``x x^T / T`` with the diagonal set to -inf (float32), from :func:`_scaled`."""
-    u, r, c = scaled
+def _wide_setup(p32, t32, ep, et, temperature: float):
+    """``None`` if no row needs float64 logits (:func:`wide_rows`; one host read), else
+    ``(p64, t64, scale, flags)``: the rows in float64, ``scale = m 2^(fa + fb)`` and the rows'
+    flags."""
+    m, fa, fb, _, _, big = logit_scaling(temperature)
+    flags = wide_rows(ep, et, big)
+    if not bool(flags.any()):
+        return None
+    return p32.double(), t32.double(), math.ldexp(m, fa + fb), flags
+
+
+def _masked_sims(scaled, s: int, e: int, x64=None, scale=1.0, need=None) -> torch.Tensor:
+    """Rows ``s:e`` of ``x x^T / T`` with the diagonal set to -inf (float32), from :func:`_scaled`;
+    the pairs ``need`` (if given) from the float64 rows ``x64`` times ``scale``, rounded once."""
+    u, r, c, _ = scaled
     sim = (u[s:e] @ u.T) * (r[s:e, None] * c[None, :])
+    if need is not None:  # the pairs a float32 dot of the scaled rows cannot form: float64
+        sim = torch.where(need, ((x64[s:e] @ x64.T) * scale).float(), sim)
     rows = torch.arange(e - s, device=u.device)
     sim[rows, rows + s] = float("-inf")
     return sim
+
+
+def _chunk_sims(sp_all, st_all, wide, s: int, e: int):
+    """Rows ``s:e`` of the masked pred and target logits. A pair takes both its logits in float64
+    where either input's exponents call for it (the kernels do the same, so that their forward
+    and backward, tiled differently, form the same logits)."""
+    if wide is None:
+        return _masked_sims(sp_all, s, e), _masked_sims(st_all, s, e)
+    p64, t64, scale, flags = wide
+    need = flags[s:e, None] | flags[None, :]
+    return _masked_sims(sp_all, s, e, p64, scale, need), _masked_sims(st_all, s, e, t64, scale, need)
 
 
 def _normalisers(sim: torch.Tensor) -> torch.Tensor:
@@ -105,14 +171,14 @@ def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperatu
     lse_t[2] = row_max(target.detach()) if amax_t is None else amax_t
     if B <= 1:
         return torch.zeros((), dtype=torch.float32, device=pred.device), lse_p, lse_t
-    sp_all = _scaled(pred.detach().float(), lse_p[2], temperature)
-    st_all = _scaled(target.detach().float(), lse_t[2], temperature)
+    p32, t32 = pred.detach().float(), target.detach().float()
+    sp_all, st_all = _scaled(p32, lse_p[2], temperature), _scaled(t32, lse_t[2], temperature)
+    wide = _wide_setup(p32, t32, sp_all[3], st_all[3], temperature)
     kl_sum = torch.zeros((), dtype=torch.float32, device=pred.device)
     step = row_chunk(B)
     for s in range(0, B, step):
         e = min(s + step, B)
-        sp = _masked_sims(sp_all, s, e)
-        st = _masked_sims(st_all, s, e)
+        sp, st = _chunk_sims(sp_all, st_all, wide, s, e)
         lse_p[:2, s:e], lse_t[:2, s:e] = _normalisers(sp), _normalisers(st)
         q = _probs(st, lse_t[:, s:e])  # exactly 0 on the diagonal
         # log q - log p at half scale: each bracket lies in [-float32max, 0] where the logits are
@@ -123,6 +189,9 @@ def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperatu
         kl_row = torch.where(q == 0, 0.0, q * half).sum(1) * 2.0  # NaN q stays NaN; 0 weight is 0
         # a row whose logits overflowed float32 has a non-finite KL: it overflowed, +inf
         kl_row = torch.where(kl_row.abs() < float("inf"), kl_row, float("inf"))
+        # a KL is >= 0 exactly: a row whose exact KL is ~0 can round slightly negative; 0 then
+        # (NaN stays NaN). The value only: see the module docstring on the gradient at the clamp
+        kl_row = torch.where(kl_row < 0, 0.0, kl_row)
         kl_sum += (kl_row / B).sum()  # divided first: B rows of ~float32max / B stay finite
     return kl_sum, lse_p, lse_t
 
@@ -143,6 +212,7 @@ def pairwise_kl_loss_bwd_ref(
     inv_t = 1.0 / float(temperature)
     p32, t32 = pred.detach().float(), target.detach().float()
     sp_all, st_all = _scaled(p32, lse_p[2], temperature), _scaled(t32, lse_t[2], temperature)
+    wide = _wide_setup(p32, t32, sp_all[3], st_all[3], temperature)
     out = torch.zeros(p32.shape, dtype=torch.float32, device=pred.device)
     # |(G + G^T) @ pred| <= (B + 1) max|pred|: G scaled by 2^-k, 2^k > B + 1 (exact), so the float32
     # sums cannot overflow where the gradient does not
@@ -150,8 +220,7 @@ def pairwise_kl_loss_bwd_ref(
     step = row_chunk(B)
     for s in range(0, B, step):
         e = min(s + step, B)
-        sp = _masked_sims(sp_all, s, e)
-        st = _masked_sims(st_all, s, e)
+        sp, st = _chunk_sims(sp_all, st_all, wide, s, e)
         g = (_probs(sp, lse_p[:, s:e]) - _probs(st, lse_t[:, s:e])) * 2.0**-k  # G[s:e], 0 on the diagonal
         out[s:e] += g @ p32  # G @ pred
         out += g.T @ p32[s:e]  # G^T @ pred

@@ -396,7 +396,7 @@ def _check_kl(op, p, t, T, loss, grad):
         return
     if not representable:  # logits beyond float32: the contract asks nothing of the value
         return
-    O.check_value(op, "loss", float(loss), float(want), lbound, lo=None)
+    O.check_value(op, "loss", float(loss), float(want), lbound, lo=0.0)  # a KL is >= 0: never negative
     if grad is not None:
         O.check_values(op, "grad_pred", grad, gwant, gbound, p.dtype)
 

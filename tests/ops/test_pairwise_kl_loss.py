@@ -496,3 +496,126 @@ def test_huge_row_beside_a_small_one_at_a_small_temperature(backend, device, dty
     target = randn(2, 33, seed=61, scale=1e4).to(device, dtype)
     loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.001, torch.tensor(1.0, device=device))
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
+
+
+def test_loss_that_is_zero_in_exact_arithmetic_is_not_negative(backend, device):
+    # probe2 Q8: target = pred + 1e-4 relative noise at T = 1000 has an exact loss of ~1e-10, and
+    # both backends returned about -4e-8 (within the float32 rounding of the rows' KL terms; a KL
+    # is >= 0 exactly). Each row's KL is now clamped at 0, the value only: the gradient stays the
+    # KL's own (G = P - Q), the same as before, not the zero gradient of the clamp.
+    pred = randn(12, 6, seed=17, scale=10.0, device=device)
+    target = pred + randn(12, 6, seed=1017, scale=1e-3, device=device)
+    T = 1000.0
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0, device=device))
+    exact, exact_grad = _exact_with_grad(pred, target, T)
+    assert 0 <= exact < 1e-9
+    assert loss.item() >= 0.0, loss
+    loss_terms, grad_terms = kl_bounds(pred, target, T)
+    ft.assert_close(loss, exact, dtype=torch.float32, **loss_terms, name="pairwise_kl_loss")
+    ft.assert_close(grad, exact_grad, dtype=torch.float32, **grad_terms, name="pairwise_kl_loss grad")
+    assert grad.abs().max() > 0
+
+
+def _gram64(x):
+    """``x x^T`` in float64, every entry the exactly rounded sum (math.fsum) of its products, which
+    are exact in float64 for float32 and bf16 entries: products ~2^252 that cancel leave the rest
+    intact in any order."""
+    rows = x.double().tolist()
+    return torch.tensor([[math.fsum(a * b for a, b in zip(r, c)) for c in rows] for r in rows],
+                        dtype=torch.float64, device=x.device)
+
+
+def _exact_kl_fsum(pred, target, temperature):
+    """float64 loss, gradient in pred and its term magnitudes ``|H| @ |pred| / (B T)``, from
+    :func:`_gram64`'s exactly rounded logits (the diagonal excluded exactly)."""
+    B = pred.shape[0]
+    p64 = pred.double()
+    eye = torch.eye(B, dtype=torch.bool, device=p64.device)
+    log_p = (_gram64(pred) / temperature).masked_fill(eye, -math.inf).log_softmax(1)
+    log_q = (_gram64(target) / temperature).masked_fill(eye, -math.inf).log_softmax(1)
+    loss = torch.where(eye, 0.0, log_q.exp() * (log_q - log_p)).sum() / B
+    G = torch.where(eye, 0.0, log_p.exp() - log_q.exp())
+    H = G + G.T
+    return loss, H @ p64 / (B * temperature), H.abs() @ p64.abs() / (B * temperature)
+
+
+def _check_against_fsum(pred, target, T, dtype):
+    device = pred.device
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(1.0, device=device))
+    exact, exact_grad, grad_mag = _exact_kl_fsum(pred, target, T)
+    assert torch.isfinite(exact) and torch.isfinite(exact_grad).all()
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=1e-6)
+    # per element, relative to its own terms (entries 2^126 and 1 sit in the same rows); the
+    # 16-bit backward rounds G + G^T to the input dtype for its dot
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    err = (grad.double() - exact_grad).abs()
+    assert (err <= tol * grad_mag + 1e-30).all(), f"worst error / terms {(err / (grad_mag + 1e-30)).max():.3g}"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("huge", ["pred", "target"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_products_beyond_float32_that_cancel(backend, device, dtype, huge, temperature):
+    # README known limit (now closed): rows 0 and 1 hold +-2^126 at the same coordinates, so
+    # their products are 2^252 and cancel to the representable logit 0; every other logit is
+    # small. A row exponent is clamped at hi = 62 - fb (61 at T = 1), so |u| = 2^65 and the
+    # scaled float32 dot overflowed (inf - inf): loss +inf, gradient NaN, both backends. A pair
+    # with a clamped row now takes its logit from a float64 dot of the rows as given.
+    big = torch.tensor([[2.0**126, 2.0**126, 1, 0], [2.0**126, -2.0**126, 0, 1], [0, 0, 2, -1],
+                        [0, 0, -1, 3], [0, 0, 0.5, 0.5]], device=device, dtype=dtype)
+    small = F.normalize(randn(5, 3, seed=31, dtype=torch.float64, device=device), dim=1).to(dtype)
+    pred, target = (big, small) if huge == "pred" else (small, big)
+    _check_against_fsum(pred, target, temperature, dtype)
+
+
+@pytest.mark.parametrize("case", ["both-clamped", "partner-clamped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiny_entry_times_huge_partner_is_kept(backend, device, dtype, case):
+    # A finite wrong number before: row 0's entry e sits 2^-149 below the power of two its row
+    # is scaled by (2^-100 beside 2^126, whose exponent is clamped at 61: u = 2^-161; or 2^-109
+    # beside 2^40: u = 2^-150), so the scaled copy flushed it to 0, while row 1 (2^100 / 2^109,
+    # clamped) multiplies it back to the logit 1: both backends returned the loss of logit 0.
+    a, b = (2.0**126, 2.0**-100) if case == "both-clamped" else (2.0**40, 2.0**-109)
+    pred = torch.tensor([[a, b, 0], [0, 1 / b, 0], [0, 0, 1], [0, b, 0.5]], device=device, dtype=dtype)
+    target = F.normalize(randn(4, 3, seed=32, dtype=torch.float64, device=device), dim=1).to(dtype)
+    assert _gram64(pred)[0, 1] == 1.0
+    _check_against_fsum(pred, target, 1.0, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_rows_across_tiles(backend, device, dtype):
+    # The float64 logits of wide rows (here rows 3 and 66, +-2^126 cancelling) across row and
+    # column tiles (the interpreter's are 64 wide; B = 70 leaves a ragged last tile): every pair of
+    # a wide row comes from float64 and every other pair from the float32 path, in the forward
+    # and the backward alike, with the padding left out.
+    B = 70
+    pred = torch.zeros(B, 4, dtype=torch.float64, device=device)
+    pred[:, 2:] = F.normalize(randn(B, 2, seed=33, dtype=torch.float64, device=device), dim=1) * 2
+    pred[3] = torch.tensor([2.0**126, 2.0**126, 0.5, 0.0])
+    pred[66] = torch.tensor([2.0**126, -2.0**126, 0.0, 0.5])
+    target = F.normalize(randn(B, 5, seed=34, dtype=torch.float64, device=device), dim=1) * 2
+    _check_against_fsum(pred.to(dtype), target.to(dtype), 1.0, dtype)
+
+
+def test_wide_rows_with_the_backward_tiled_differently(backend, device, monkeypatch):
+    # Whether a pair's logits come from float64 depends on its two rows only (not on the tile it
+    # falls in), so a forward and a backward with different tiles (autotuned apart on a GPU) agree
+    # on which pairs are float64 and add each once. The backward runs 16 x 32 tiles here, the
+    # forward 64 x 64 (interpreter) or its own. (Logits ~1e10 would also need the float32 dots of
+    # the two passes to round alike, which differently shaped interpreter dots do not: not this
+    # test's subject.)
+    import triton
+
+    from fastvq.kernels import pairwise_kl_loss as mod
+
+    monkeypatch.setattr(mod._pairwise_kl_loss_bwd_kernel, "configs",
+                        [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)])
+    monkeypatch.setattr(mod._pairwise_kl_loss_bwd_kernel, "cache", {})
+    B = 40
+    pred = torch.zeros(B, 4, dtype=torch.float64, device=device)
+    pred[:, 2:] = F.normalize(randn(B, 2, seed=35, dtype=torch.float64, device=device), dim=1)
+    pred[5] = torch.tensor([2.0**126, 2.0**126, 0.5, 0.0])
+    pred[37] = torch.tensor([2.0**126, -2.0**126, 0.0, 0.5])
+    target = F.normalize(randn(B, 3, seed=36, dtype=torch.float64, device=device), dim=1) * 2
+    _check_against_fsum(pred.float(), target.float(), 1.0, torch.float32)
