@@ -106,7 +106,9 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
         pred: ``(B, Dp)`` float32/float16/bfloat16 embeddings being trained.
         target: ``(B, Dt)``, same device and batch size; any ``Dt``. A different float dtype
             is promoted with ``pred``'s. Treated as a constant: it gets no gradient.
-        temperature: ``T > 0`` (a Python number or a one-element tensor, read once).
+        temperature: ``T > 0`` (a Python number or a one-element tensor, read once on the
+            host; under ``torch.compile(fullgraph=True)`` pass a Python number, which may
+            change between calls without a recompile under ``dynamic=True``).
 
     Returns:
         A 0-d float32 tensor, differentiable in ``pred``. ``B <= 1`` (no row has another
