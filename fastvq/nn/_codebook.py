@@ -388,7 +388,8 @@ class CodebookState(nn.Module):
         self.decay = _check_float("decay", owner, decay, 0.0, 1.0)
         self.eps = _check_float("eps", owner, eps, 0.0, lo_open=True)
         self.grad = grad
-        self.dead_code_threshold = _check_float("dead_code_threshold", owner, dead_code_threshold, 0.0)
+        self.dead_code_threshold = dead_code_threshold
+        self._revival_built = self.dead_code_threshold > 0
         self.kmeans_init = kmeans_init
         self.kmeans_iters = _check_int("kmeans_iters", owner, kmeans_iters, 0)
 
@@ -418,6 +419,45 @@ class CodebookState(nn.Module):
         # (after the whole module has loaded: a VectorQuantizer's codebook is a child's parameter)
         self.register_load_state_dict_post_hook(_after_load)
 
+    # -- options that decide the buffers --------------------------------------------------
+    # ``ema`` and ``kmeans_init`` are fixed at construction (they decide which buffers exist);
+    # ``dead_code_threshold`` may change (a schedule), but revival needs its buffers, so a module
+    # built without it cannot turn it on later. The others (decay, eps, ...) are plain attributes.
+    @property
+    def ema(self) -> bool:
+        return self._ema
+
+    @ema.setter
+    def ema(self, value) -> None:
+        self._set_once("ema", value)
+
+    @property
+    def kmeans_init(self) -> bool:
+        return self._kmeans_init
+
+    @kmeans_init.setter
+    def kmeans_init(self, value) -> None:
+        self._set_once("kmeans_init", value)
+
+    def _set_once(self, name: str, value) -> None:
+        if f"_{name}" in self.__dict__:
+            raise AttributeError(f"fastvq.{self._owner}: {name} is fixed at construction (it decides the module's "
+                                 f"buffers); build a new module with {name}={value!r}")
+        self.__dict__[f"_{name}"] = check_bool_arg(self._owner, name, value)
+
+    @property
+    def dead_code_threshold(self) -> float:
+        return self._dead_code_threshold
+
+    @dead_code_threshold.setter
+    def dead_code_threshold(self, value) -> None:
+        value = _check_float("dead_code_threshold", self._owner, value, 0.0)
+        if "_dead_code_threshold" in self.__dict__ and value > 0 and self.__dict__["_revival_built"] is False:
+            raise ValueError(f"fastvq.{self._owner}: dead_code_threshold can be set > 0 after construction only on a "
+                             f"module built with dead_code_threshold > 0 (revival needs its buffers); build it with "
+                             f"the threshold, or with any value > 0 and set 0 to pause revival, got {value!r}")
+        self.__dict__["_dead_code_threshold"] = value
+
     # -- subclass hooks -------------------------------------------------------------------
     _single_codebook = True
 
@@ -437,7 +477,8 @@ class CodebookState(nn.Module):
         for name, before in kept.items():
             after = self._buffers[name]
             dtype = torch.float64 if after.dtype == torch.float64 else torch.float32
-            self._buffers[name] = before.to(device=after.device, dtype=dtype)
+            # (from a meta tensor, as `to_empty` makes: no values to convert, only storage)
+            self._buffers[name] = after.to(dtype) if before.is_meta else before.to(device=after.device, dtype=dtype)
         return out
 
     # -- training-time updates ------------------------------------------------------------

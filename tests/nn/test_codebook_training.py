@@ -407,6 +407,55 @@ def test_meta_built_module_loads_with_assign_and_counts(backend, make):
             assert int(m.codes_revived) >= 0
 
 
+@pytest.mark.about_devices("to_empty from the meta device, PyTorch's meta-init recipe")
+@pytest.mark.parametrize("make", [
+    lambda: VectorQuantizer(6, 3, ema=True, dead_code_threshold=1.0),
+    lambda: VectorQuantizer(6, 3, dead_code_threshold=1.0),
+    lambda: ResidualQuantizer(2, 6, 3, ema=True),
+], ids=["vq-ema-revive", "vq-usage", "rq-ema"])
+def test_meta_built_module_materialises_with_to_empty(backend, device, make):
+    # probe3 R11: to_empty converted the meta tensors themselves to keep the EMA buffers float32
+    torch.manual_seed(0)
+    source = make().to(device)
+    with torch.device("meta"):
+        m = make()
+    m.to_empty(device=device)
+    for name, buf in m.named_buffers():
+        assert buf.device == source._codebook_levels().device, name
+        if name in m._FLOAT32_BUFFERS:
+            assert buf.dtype == torch.float32, name
+    m.load_state_dict(source.state_dict())
+    m.train()
+    source.train()
+    x = randn(20, 3, seed=4, device=device)
+    torch.manual_seed(1)
+    idx = m(x)[-1]
+    torch.manual_seed(1)
+    assert torch.equal(idx, source(x)[-1])
+
+
+def test_options_that_decide_the_buffers_cannot_change_silently():
+    # probe3 R12: turning revival on after construction crashed mid-update (its buffers did not
+    # exist), and turning k-means init on was ignored
+    vq = VectorQuantizer(6, 3, ema=True).train()
+    with pytest.raises(ValueError, match="VectorQuantizer: dead_code_threshold can be set > 0 after construction"):
+        vq.dead_code_threshold = 1.0
+    for name, value in (("kmeans_init", True), ("ema", False)):
+        with pytest.raises(AttributeError, match=f"VectorQuantizer: {name} is fixed at construction"):
+            setattr(vq, name, value)
+    vq.dead_code_threshold = 0.0  # (it was 0: no change)
+    # built with revival: its threshold follows a schedule, 0 pausing it
+    rq = ResidualQuantizer(2, 6, 3, dead_code_threshold=2.0).train()
+    rq.dead_code_threshold = 0.0
+    rq(randn(20, 3, seed=5))
+    assert int(rq.codes_revived) == 0
+    rq.dead_code_threshold = 3.0
+    rq(randn(20, 3, seed=6))
+    assert int(rq.codes_revived) > 0 and rq.dead_code_threshold == 3.0
+    with pytest.raises(ValueError, match="dead_code_threshold must be finite in float32"):
+        rq.dead_code_threshold = float("nan")
+
+
 # ------------------------------------------------------------------ host syncs, the warning
 
 
