@@ -67,8 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, exp2i, launcher,
-                      next_pow2, pow2_exponent, prune_by_estimate, register_estimate, round_bf16, target_for,
+from ._common import (arch_family, argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, exp2i, exp2i64,
+                      launcher, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, round_bf16, target_for,
                       tl_input_precision, words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
@@ -188,18 +188,12 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
 
 
 @triton.jit
-def _exp2i64(e):
-    """``2.0 ** e`` as float64, exactly, for an int32 ``e`` in [-1022, 1023]."""
-    return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
-
-
-@triton.jit
 def _sq_rows64(b_sq, b_rm, b_q):
     """A row's ``|r|^2`` as float64: ``b_sq`` (the float32 sum) where it is finite, else
     ``b_q 2^(2e)`` with ``b_q = |r 2^-e|^2`` the sum of the row scaled by ``2^-e`` (``b_rm``'s
     power of two), exact but for float32's rounding of ``b_q``."""
     e = pow2_exponent(b_rm)
-    return tl.where(b_sq < float("inf"), b_sq.to(tl.float64), b_q.to(tl.float64) * _exp2i64(2 * e))
+    return tl.where(b_sq < float("inf"), b_sq.to(tl.float64), b_q.to(tl.float64) * exp2i64(2 * e))
 
 
 @triton.jit

@@ -389,7 +389,6 @@ class CodebookState(nn.Module):
         self.eps = _check_float("eps", owner, eps, 0.0, lo_open=True)
         self.grad = grad
         self.dead_code_threshold = dead_code_threshold
-        self._revival_built = self.dead_code_threshold > 0
         self.kmeans_init = kmeans_init
         self.kmeans_iters = _check_int("kmeans_iters", owner, kmeans_iters, 0)
 
@@ -452,7 +451,8 @@ class CodebookState(nn.Module):
     @dead_code_threshold.setter
     def dead_code_threshold(self, value) -> None:
         value = _check_float("dead_code_threshold", self._owner, value, 0.0)
-        if "_dead_code_threshold" in self.__dict__ and value > 0 and self.__dict__["_revival_built"] is False:
+        # (codes_revived exists exactly when the module was built with revival on)
+        if "_dead_code_threshold" in self.__dict__ and value > 0 and getattr(self, "codes_revived", None) is None:
             raise ValueError(f"fastvq.{self._owner}: dead_code_threshold can be set > 0 after construction only on a "
                              f"module built with dead_code_threshold > 0 (revival needs its buffers); build it with "
                              f"the threshold, or with any value > 0 and set 0 to pause revival, got {value!r}")
