@@ -617,6 +617,138 @@ def _residual_quantize_fwd_chunked_kernel(
 
 
 @triton.jit
+def _rotated_grad(b_x, b_q, b_g, m_live, EPS_N: tl.constexpr, EPS_S: tl.constexpr):
+    """The rotation trick's ``lambda R^T g`` for the rows of a ``(rows, BLOCK_D)`` block that hold
+    whole rows of ``x``, ``q`` (the sum of the codes) and ``g``, float32; rows not ``m_live`` and
+    rows below the norm thresholds pass ``g`` through. Each vector is scaled by its largest
+    magnitude before it is squared (no overflow where the result is finite). A row with a NaN or
+    infinite entry in ``x`` or ``q`` gets NaN (its rotation is undefined), a non-finite ``g``
+    makes a rotated row NaN: as :func:`fastvq.rotation_trick`."""
+    b_me = tl.max(tl.abs(b_x), axis=1)
+    b_mq = tl.max(tl.abs(b_q), axis=1)
+    b_e1 = b_x * (1.0 / tl.where(b_me > 0, b_me, 1.0))[:, None]
+    b_q1 = b_q * (1.0 / tl.where(b_mq > 0, b_mq, 1.0))[:, None]
+    b_a1 = tl.sqrt(tl.sum(b_e1 * b_e1, axis=1))
+    b_b1 = tl.sqrt(tl.sum(b_q1 * b_q1, axis=1))
+    # |e| < EPS_N decided on float64 sums of squares (exact squares), as the rotation_trick
+    # kernel and the reference decide it: rows at the threshold take one branch everywhere
+    b_x64 = b_x.to(tl.float64)
+    b_q64 = b_q.to(tl.float64)
+    b_ee = tl.sum(b_x64 * b_x64, axis=1)
+    b_eps = tl.zeros_like(b_ee) + EPS_N  # float64, exactly the float32 EPS_N
+    b_ok = (b_ee >= b_eps * b_eps) & (tl.sum(b_q64 * b_q64, axis=1) >= b_eps * b_eps)
+    b_eh = b_e1 * (1.0 / tl.where(b_ok, b_a1, 1.0))[:, None]
+    b_qh = b_q1 * (1.0 / tl.where(b_ok, b_b1, 1.0))[:, None]
+    b_s = b_eh + b_qh
+    b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
+    b_ok = b_ok & (b_ns >= EPS_S) & m_live
+    b_wv = b_s * (1.0 / tl.where(b_ok, b_ns, 1.0))[:, None]
+    b_gw = tl.sum(b_g * b_wv, axis=1)
+    b_gq = tl.sum(b_g * b_qh, axis=1)
+    b_lam = (b_mq / tl.where(b_ok, b_me, 1.0)) * (b_b1 / tl.where(b_ok, b_a1, 1.0))
+    b_rot = b_lam[:, None] * (b_g - 2.0 * b_gw[:, None] * b_wv + 2.0 * b_gq[:, None] * b_eh)
+    b_rot = tl.where(_row_finite(b_g)[:, None], b_rot, float("nan"))
+    b_g = tl.where(b_ok[:, None], b_rot, b_g)
+    return tl.where((m_live & ~(_row_finite(b_x) & _row_finite(b_q)))[:, None], float("nan"), b_g)
+
+
+@triton.jit
+def _bwd_rows(
+    o_m, m_m, o_d, m_d,
+    p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb,
+    N, K, D, L,
+    stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+    stride_gn, stride_gd, stride_dn, stride_dd,
+    HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_GC: tl.constexpr, HAS_GE: tl.constexpr, HAS_DX: tl.constexpr,
+    ROTATE: tl.constexpr, EPS_N: tl.constexpr, EPS_S: tl.constexpr, WIDE: tl.constexpr,
+):
+    """The backward of the rows ``o_m`` (columns ``o_d``): codebook terms added, ``dx`` stored.
+
+    ``WIDE=False``, float32: the residual ``r_{l+1} = r_l - c_l``, ``dx = 2 w sum_l gc_l r_{l+1}``
+    (plus ``g``, rotated with ``ROTATE``), codebook terms ``2 ge_l w (c_l - r_l)``. Where a float32
+    residual, commitment term or sum of codes is not finite (x ~ -3e38 quantized to a code ~
+    3e38) the exact gradient may still be representable: such a row is left out of the store
+    (and its non-finite codebook terms out of the atomics) and flagged. Returns the flags.
+
+    ``WIDE=True`` (a flagged row, one at a time): the same again, and in float64, where the
+    residuals of float32 values are exact (but for exponents more than 29 apart); each element
+    float32 could not give is the float64 value rounded once (finite wherever the exact one
+    is): ``dx``'s commitment part, the sum of the codes, and the codebook terms left out."""
+    m_md = m_m[:, None] & m_d[None, :]
+    b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0).to(tl.float32)
+    if HAS_W:
+        b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+    else:
+        b_w = tl.where(m_m, 1.0, 0.0)
+    m_live = m_m & (b_w != 0)
+    m_lmd = m_live[:, None] & m_d[None, :]
+    b_r = b_x
+    b_acc = tl.zeros(b_x.shape, dtype=tl.float32)
+    b_q = tl.zeros(b_x.shape, dtype=tl.float32)
+    if WIDE:
+        b_r64 = b_x.to(tl.float64)
+        b_acc64 = tl.zeros(b_x.shape, dtype=tl.float64)
+        b_q64 = tl.zeros(b_x.shape, dtype=tl.float64)
+    for lvl in range(L):
+        b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0)
+        p_c = p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd
+        b_c = tl.load(p_c, mask=m_md, other=0.0).to(tl.float32)
+        b_new = b_r - b_c
+        # (c - r = -(r - c) exactly: where the new residual is not finite neither is this term)
+        m_fin = tl.abs(b_new) < float("inf")
+        if WIDE:
+            b_c64 = b_c.to(tl.float64)
+            if HAS_GE:
+                b_ge = tl.load(p_ge + lvl)
+                b_t = ((2.0 * b_ge * b_w).to(tl.float64)[:, None] * (b_c64 - b_r64)).to(tl.float32)
+                tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :], tl.where(m_fin, 0.0, b_t),
+                              mask=m_lmd, sem="relaxed")
+            b_r64 = b_r64 - b_c64
+            if HAS_GC:
+                b_acc64 += tl.load(p_gc + lvl).to(tl.float64) * b_r64
+            if ROTATE:
+                b_q64 += b_c64
+        elif HAS_GE:
+            b_ge = tl.load(p_ge + lvl)
+            # (+0.0 added for the terms the float64 row adds: no per-element mask, which costs registers)
+            tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :],
+                          tl.where(m_fin, (2.0 * b_ge * b_w)[:, None] * (b_c - b_r), 0.0), mask=m_lmd, sem="relaxed")
+        b_r = b_new
+        if HAS_GC:
+            b_acc += tl.load(p_gc + lvl) * b_r
+        if ROTATE:
+            b_q += b_c
+    b_dx = tl.where(m_live[:, None], (2.0 * b_w)[:, None] * b_acc, 0.0)
+    if WIDE:
+        b_dx = tl.where(m_lmd & ~(tl.abs(b_dx) < float("inf")),
+                        ((2.0 * b_w).to(tl.float64)[:, None] * b_acc64).to(tl.float32), b_dx)
+        if ROTATE:
+            b_q = tl.where(b_q - b_q == 0, b_q, b_q64.to(tl.float32))
+    if HAS_DX and HAS_G:
+        b_g = tl.load(p_g + o_m[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m_md, other=0.0).to(tl.float32)
+        if ROTATE:  # (the whole row in this block)
+            b_g = _rotated_grad(b_x, b_q, b_g, m_live, EPS_N, EPS_S)
+        b_dx += b_g
+    # The rows to do again: a non-finite residual stays non-finite through the later levels and
+    # makes the commitment term (gc r: inf or NaN) non-finite, a non-finite sum of the codes the
+    # rotated gradient: a row whose dx is not finite is flagged (rows holding NaN or inf too,
+    # and keep their NaN / inf); without a commitment gradient, the last residual tells
+    if HAS_DX:
+        m_wide = ~(tl.abs(b_dx) < float("inf"))
+        if HAS_GE and not HAS_GC:
+            m_wide = m_wide | ~(tl.abs(b_r) < float("inf"))
+    else:
+        m_wide = ~(tl.abs(b_r) < float("inf"))
+    m_row = m_live & (tl.max((m_wide & m_d[None, :]).to(tl.int32), axis=1) > 0)
+    if HAS_DX:
+        m_st = m_md
+        if not WIDE:
+            m_st = m_md & ~m_row[:, None]
+        tl.store(p_dx + o_m[:, None] * stride_dn + o_d[None, :] * stride_dd, b_dx.to(p_dx.dtype.element_ty), mask=m_st)
+    return m_row
+
+
+@triton.jit
 def _residual_quantize_bwd_kernel(
     p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb,
     N, K, D, L,
@@ -629,66 +761,22 @@ def _residual_quantize_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    m_md = m_m[:, None] & m_d[None, :]
-
-    b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0).to(tl.float32)
-    if HAS_W:
-        b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
-    else:
-        b_w = tl.where(m_m, 1.0, 0.0)
-    m_live = m_m & (b_w != 0)
-    b_r = b_x
-    b_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    b_q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for lvl in range(L):
-        b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0)
-        p_c = p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd
-        b_c = tl.load(p_c, mask=m_md, other=0.0).to(tl.float32)
-        if HAS_GE:
-            b_ge = tl.load(p_ge + lvl)
-            tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :],
-                          (2.0 * b_ge * b_w)[:, None] * (b_c - b_r), mask=m_live[:, None] & m_d[None, :], sem="relaxed")
-        b_r = b_r - b_c
-        if HAS_GC:
-            b_acc += tl.load(p_gc + lvl) * b_r
-        if ROTATE:
-            b_q += b_c
-    if HAS_DX:
-        b_dx = tl.where(m_live[:, None], (2.0 * b_w)[:, None] * b_acc, 0.0)
-        if HAS_G:
-            b_g = tl.load(p_g + o_m[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m_md, other=0.0).to(tl.float32)
-            if ROTATE:
-                # the rotation trick's lambda R^T g, the whole row in this block; each vector is scaled by
-                # its largest magnitude before it is squared (no overflow where the result is finite)
-                b_me = tl.max(tl.abs(b_x), axis=1)
-                b_mq = tl.max(tl.abs(b_q), axis=1)
-                b_e1 = b_x * (1.0 / tl.where(b_me > 0, b_me, 1.0))[:, None]
-                b_q1 = b_q * (1.0 / tl.where(b_mq > 0, b_mq, 1.0))[:, None]
-                b_a1 = tl.sqrt(tl.sum(b_e1 * b_e1, axis=1))
-                b_b1 = tl.sqrt(tl.sum(b_q1 * b_q1, axis=1))
-                # |e| < EPS_N decided on float64 sums of squares (exact squares), as the rotation_trick
-                # kernel and the reference decide it: rows at the threshold take one branch everywhere
-                b_x64 = b_x.to(tl.float64)
-                b_q64 = b_q.to(tl.float64)
-                b_ee = tl.sum(b_x64 * b_x64, axis=1)
-                b_eps = tl.zeros_like(b_ee) + EPS_N  # float64, exactly the float32 EPS_N
-                b_ok = (b_ee >= b_eps * b_eps) & (tl.sum(b_q64 * b_q64, axis=1) >= b_eps * b_eps)
-                b_eh = b_e1 * (1.0 / tl.where(b_ok, b_a1, 1.0))[:, None]
-                b_qh = b_q1 * (1.0 / tl.where(b_ok, b_b1, 1.0))[:, None]
-                b_s = b_eh + b_qh
-                b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
-                b_ok = b_ok & (b_ns >= EPS_S) & m_live
-                b_wv = b_s * (1.0 / tl.where(b_ok, b_ns, 1.0))[:, None]
-                b_gw = tl.sum(b_g * b_wv, axis=1)
-                b_gq = tl.sum(b_g * b_qh, axis=1)
-                b_lam = (b_mq / tl.where(b_ok, b_me, 1.0)) * (b_b1 / tl.where(b_ok, b_a1, 1.0))
-                b_rot = b_lam[:, None] * (b_g - 2.0 * b_gw[:, None] * b_wv + 2.0 * b_gq[:, None] * b_eh)
-                b_g = tl.where(b_ok[:, None], b_rot, b_g)
-            b_dx += b_g
-        tl.store(p_dx + o_m[:, None] * stride_dn + o_d[None, :] * stride_dd, b_dx.to(p_dx.dtype.element_ty), mask=m_md)
+    args = (p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb, N, K, D, L,
+            stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+            stride_gn, stride_gd, stride_dn, stride_dd)
+    m_row = _bwd_rows(o_m, o_m < N, o_d, o_d < D, *args,
+                      HAS_W, HAS_G, HAS_GC, HAS_GE, HAS_DX, ROTATE, EPS_N, EPS_S, False)
+    # the rows float32 could not give, one at a time in float64 after the block is done (rare:
+    # nothing of the block's tiles is live here, so the float64 path costs the common one no
+    # registers)
+    if tl.max(m_row.to(tl.int32), axis=0) > 0:
+        o_1 = tl.arange(0, 1)
+        for i in range(BLOCK_M):
+            if tl.sum(tl.where(tl.arange(0, BLOCK_M) == i, m_row.to(tl.int32), 0), axis=0) > 0:
+                o_i = pid * BLOCK_M + i + o_1
+                _bwd_rows(o_i, o_i < N, o_d, o_d < D, *args,
+                          HAS_W, HAS_G, HAS_GC, HAS_GE, HAS_DX, ROTATE, EPS_N, EPS_S, True)
 
 
 @launcher
@@ -790,6 +878,12 @@ def residual_quantize_fwd(
     return out
 
 
+def bwd_num_warps(block_d: int) -> int:
+    """Warps of a backward launch: 8 for the whole-row blocks of the rotation trick at
+    ``BLOCK_D >= 512`` (4 warps spill there, sm_90), else 4."""
+    return 8 if block_d >= 512 else 4
+
+
 @launcher
 def residual_quantize_bwd(
     x: torch.Tensor,
@@ -839,5 +933,6 @@ def residual_quantize_bwd(
         dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
         BLOCK_M=block_m, BLOCK_D=block_d, HAS_W=weights is not None, HAS_G=has_g, HAS_GC=has_gc, HAS_GE=has_ge,
         HAS_DX=need_dx, ROTATE=rotate and has_g, EPS_N=EPS_NORM, EPS_S=EPS_ANTIPODAL,
+        num_warps=bwd_num_warps(block_d),
     )
     return dx, dcb

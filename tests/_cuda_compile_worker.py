@@ -342,7 +342,7 @@ def _residual_quantize_jobs():
                              "BLOCK_M": block_m, "BLOCK_D": block_d, "EPS_N": mod.EPS_NORM, "EPS_S": mod.EPS_ANTIPODAL,
                              **flags},
                             aligned_ints=("stride_xn", "stride_cl", "stride_ck", "stride_on", "stride_gn", "stride_dn"),
-                            cost=0.8))
+                            cost=0.8, num_warps=mod.bwd_num_warps(block_d)))
     return jobs
 
 

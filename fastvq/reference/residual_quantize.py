@@ -156,7 +156,10 @@ def residual_quantize_bwd_ref(
     """Reference of ``fastvq.kernels.residual_quantize.residual_quantize_bwd``:
     ``dx = G(grad) + 2 w sum_l grad_commit[l] r_{l+1}`` (``G``: identity, or the rotation trick
     between ``x`` and the sum of the codes on rows of nonzero weight) and
-    ``dcb[l, k] = 2 grad_embed[l] sum_{i: codes[i, l] = k} w_i (c_lk - r_il)``, float32.
+    ``dcb[l, k] = 2 grad_embed[l] sum_{i: codes[i, l] = k} w_i (c_lk - r_il)``, float32, formed
+    from float32 residuals; an element float32 cannot give (a residual beyond its range, e.g.
+    ``x ~ -3e38`` quantized to ``c ~ 3e38``) is formed from float64 residuals and rounded once,
+    so it is finite wherever the exact value is (as the kernel's ``_wide_rows_bwd``).
     Returns ``(dx in x's dtype or None, dcb (L, K, D) float32 or None)``."""
     N, D = x.shape
     L, K, _ = codebooks.shape
@@ -171,18 +174,29 @@ def residual_quantize_bwd_ref(
         w = torch.ones(e.shape[0], device=x.device) if weights is None else weights[s : s + step].float()
         live = w != 0
         r, acc, q = e, torch.zeros_like(e), torch.zeros_like(e)
+        # the same in float64, for the elements float32 cannot give (x ~ -3e38 quantized to a
+        # code ~ 3e38: r overflows, the gradient may not); formed for every row (no host read)
+        r64, acc64, q64 = e.double(), torch.zeros_like(e, dtype=torch.float64), torch.zeros_like(e, dtype=torch.float64)
         for lvl in range(L):
             idx = codes[s : s + step, lvl]
             c = cb[lvl].index_select(0, idx)
+            c64 = c.double()
+            new = r - c
             if dcb is not None:
-                dcb[lvl].index_add_(0, idx, torch.where(live[:, None], (2.0 * ge[lvl] * w[:, None]) * (c - r), 0.0))
-            r = r - c
+                f = 2.0 * ge[lvl] * w[:, None]
+                # (c - r = -(r - c) exactly: not finite where the new residual is not)
+                t = torch.where(new.isfinite(), f * (c - r), (f.double() * (c64 - r64)).float())
+                dcb[lvl].index_add_(0, idx, torch.where(live[:, None], t, 0.0))
+            r, r64 = new, r64 - c64
             if gc is not None:
                 acc = acc + gc[lvl] * r
-            q = q + c
+                acc64 = acc64 + gc[lvl].double() * r64
+            q, q64 = q + c, q64 + c64
         if not need_dx:
             continue
         d = torch.where(live[:, None], 2.0 * w[:, None] * acc, 0.0)
+        d = torch.where(d.isfinite(), d, ((2.0 * w).double()[:, None] * acc64).float())
+        q = torch.where(q.isfinite(), q, q64.float())  # the sum of the codes, as the forward forms it
         if grad is not None:
             g = grad[s : s + step].float()
             if rotate:

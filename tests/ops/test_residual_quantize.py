@@ -780,3 +780,81 @@ def test_fused_rotation_rows_at_the_eps_norm_threshold_take_one_branch():
     assert below.any() and (~below).any()
     for i in range(x.shape[0]):
         assert torch.equal(ref[i], g[i]) == torch.equal(dx[i], g[i]) == bool(below[i]), (i, ref[i], dx[i])
+
+
+@pytest.mark.parametrize("grad", ["ste", "rotation"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_step_gradients_are_finite_where_the_exact_ones_are(backend, device, dtype, grad):
+    # x ~ -3e38 quantized to a code ~ +3e38: the float32 residual x - c is -inf, the commitment
+    # gradient 2 (x - c) / (N D) and the codebook's 2 (c - x) / (N D) are not (~ -+2e38 here,
+    # N D = 6). Row 1: three levels whose float32 sum of codes overflows (3e38 + 3e38 - 3e38)
+    # while the exact one does not; row 2 an ordinary row in the same block; the quantized
+    # output's gradient (rotated with grad="rotation") is used too
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    big = 3e38 if dtype == torch.float32 else 3.0e38
+    cb = torch.zeros(3, 2, 2, device=device)
+    cb[0, 1] = torch.tensor([big, 1.0])
+    cb[1, 1] = torch.tensor([big, -2.0])
+    cb[2, 1] = torch.tensor([-big, 0.5])
+    cb[2, 0] = torch.tensor([0.25, -0.5])
+    cb = cb.to(dtype).requires_grad_(True)
+    x = torch.tensor([[-big, 2.0], [big, 1.0], [0.5, -1.0]], device=device).to(dtype).requires_grad_(True)
+    codes = torch.tensor([[1, 0, 0], [1, 1, 1], [0, 0, 0]], device=device)
+    out = residual_quantize_step(x, cb, codes=codes, grad=grad)
+    (out.commitment_loss * 0.5 + out.embedding_loss + out.quantized[2].sum()).backward()
+    # float64: r_{l+1} = r_l - c_l; d commitment / dx = 2 sum_l r_{l+1} / (N D) (times 0.5),
+    # d embedding / dc_l = -2 r_{l+1} / (N D) at the chosen code
+    x64, cb64 = x.detach().double(), cb.detach().double()
+    r, gx, gcb = x64.clone(), torch.zeros_like(x64), torch.zeros_like(cb64)
+    for lvl in range(3):
+        r = r - cb64[lvl, codes[:, lvl]]
+        gx += 0.5 * 2 * r / 6
+        gcb[lvl].index_add_(0, codes[:, lvl], -2 * r / 6)
+    gx[2] += 1.0  # row 2's quantized gradient: ones, rotated when grad="rotation"
+    if grad == "rotation":
+        from fastvq.reference.rotation_trick import rotation_trick_bwd_ref
+
+        q64 = cb64[torch.arange(3, device=device)[:, None], codes].sum(0) if False else sum(
+            cb64[lvl, codes[:, lvl]] for lvl in range(3))
+        rot = rotation_trick_bwd_ref(x64[2:], q64[2:], torch.ones(1, 2, dtype=torch.float64, device=device))
+        gx[2] += rot[0] - 1.0
+    assert x.grad.isfinite().all() and cb.grad.isfinite().all(), (x.grad, cb.grad)
+    tol = 4 * torch.finfo(dtype).eps
+    assert torch.allclose(x.grad.double(), gx, rtol=tol, atol=1e-6), (x.grad, gx)
+    assert torch.allclose(cb.grad.double(), gcb, rtol=tol, atol=1e-6), (cb.grad, gcb)
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["ste", "rotation"])
+def test_bwd_kernel_matches_reference_on_wide_rows(device, rotate):
+    # the kernel's float64 redo (_wide_rows_bwd) replaces exactly what the reference replaces:
+    # bitwise equal gradients on a block of rows ~ +-3e38 mixed with ordinary, NaN and inf rows
+    # (rotated: within rounding, and NaN on the same rows: those with a NaN or infinite entry in
+    # x or in the sum of their codes, as fastvq.rotation_trick)
+    from fastvq.kernels.residual_quantize import residual_quantize_bwd
+    from fastvq.reference.residual_quantize import residual_quantize_bwd_ref
+
+    N, L, K, D = 37, 3, 5, 6
+    x = randn(N, D, seed=51)
+    cb = randn(L, K, D, seed=52)
+    g = randn(N, D, seed=53)
+    x[::3, 0] = -3.3e38
+    x[1::5, 2] = 3.1e38
+    cb[:, 1, 0] = 3.2e38
+    cb[1, 2, 2] = -3.0e38
+    x[7, 1], x[11, 4] = float("nan"), float("inf")
+    codes = torch.randint(0, K, (N, L), generator=generator(54, device), device=device)
+    w = torch.rand(N, generator=generator(55, device), device=device) + 0.5
+    w[4] = 0.0
+    kw = dict(weights=w, grad=g, grad_commit=torch.tensor([0.01, 0.02, 0.03], device=device),
+              grad_embed=torch.tensor([0.03, 0.01, 0.02], device=device), rotate=rotate)
+    dx, dcb = residual_quantize_bwd(x, cb, codes, **kw)
+    ref_dx, ref_dcb = residual_quantize_bwd_ref(x, cb, codes, **kw)
+    assert torch.equal(dx.isnan(), ref_dx.isnan())
+    if rotate:  # (the rotation: float32 in the kernel, float64 in the reference)
+        assert_close(dx.nan_to_num(), ref_dx.nan_to_num(), reduce_len=D)
+    else:
+        assert torch.equal(dx.nan_to_num(), ref_dx.nan_to_num())
+    wide = (x.abs() > 1e38).any(1) & x.isfinite().all(1) & (w != 0)
+    assert dx[wide].isfinite().all(), dx[wide]
+    assert_close(dcb, ref_dcb, reduce_len=N)
