@@ -410,3 +410,93 @@ def prune_by_estimate(configs, estimate, target: Target) -> list:
         return kept
     return [min(configs, key=lambda c: (max(0, est[id(c)]["shared"] - target.smem), est[id(c)]["regs"],
                                         est[id(c)]["shared"]))]
+
+
+# --------------------------------------------------------------------------- the rotation trick
+# (its gradient, shared by the rotation_trick kernel and the fused residual_quantize backward)
+
+
+@triton.jit
+def inv_pos(b_x):
+    """``1 / x`` where ``x`` is a normal float32 (``>= 2^-126``), else 1: a zero, NaN or
+    subnormal scale leaves the row as it is (``1 / x`` would overflow to inf there). Rows of
+    ``e`` or ``q`` that small are far below ``EPS_N``: straight through whatever their sums."""
+    return 1.0 / tl.where(b_x >= 1.1754943508222875e-38, b_x, 1.0)
+
+
+@triton.jit
+def g_scale(b_mg):
+    """``(pre, inv)`` with ``g1 = (g * pre) * inv = g / max |g|`` for every finite ``max |g|``,
+    subnormal included (``pre = 2^64`` below ``2^-64``: ``max |g| * pre`` is then normal)."""
+    b_pre = tl.where(b_mg < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+    return b_pre, inv_pos(b_mg * b_pre)
+
+
+@triton.jit
+def scaled_sumsq(b_m, b_ss, b_n2, b_x):
+    """Running ``(max |x|, sum (x / max)^2, sum x^2 in float64)`` per row, updated with a
+    (BLOCK_N, BLOCK_D) tile. The float64 sum decides the ``EPS_N`` test: a float32 value's
+    square is exact in float64 and never overflows or underflows there, so this kernel and the
+    float64 reference take the same branch (not only to within a float32 rounding)."""
+    b_m_new = tl.maximum(b_m, tl.max(tl.abs(b_x), axis=1))
+    b_inv = inv_pos(b_m_new)
+    b_r = b_m * b_inv
+    b_x1 = b_x * b_inv[:, None]
+    b_x64 = b_x.to(tl.float64)
+    return b_m_new, b_ss * b_r * b_r + tl.sum(b_x1 * b_x1, axis=1), b_n2 + tl.sum(b_x64 * b_x64, axis=1)
+
+
+@triton.jit
+def unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N):
+    """From the scaled norms: ``a1``, ``b1``, whether both norms reach ``EPS_N`` (decided on the
+    float64 sums of squares ``|e|^2``, ``|q|^2``), and the factors that make ``e^ = e * ia`` and
+    ``q^ = q * ib`` (1 / the scale where a norm is too small)."""
+    b_a1 = tl.sqrt(b_sse)
+    b_b1 = tl.sqrt(b_ssq)
+    eps = tl.zeros_like(b_ne2) + EPS_N  # float64, exactly the float32 EPS_N
+    eps2 = eps * eps
+    b_ok = (b_ne2 >= eps2) & (b_nq2 >= eps2)
+    b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * inv_pos(b_me)
+    b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * inv_pos(b_mq)
+    return b_a1, b_b1, b_ok, b_ia, b_ib
+
+
+@triton.jit
+def grad_factor(b_me, b_mq, b_mg, b_a1, b_b1):
+    """Per row: ``F = (m_q / m_e) (b1 / a1) m_g`` in float64, and whether ``e`` or ``q`` has a NaN
+    or infinite entry (then ``a1`` or ``b1`` is NaN)."""
+    b_f = (b_mq.to(tl.float64) / b_me.to(tl.float64)) * (b_b1.to(tl.float64) / b_a1.to(tl.float64)) \
+        * b_mg.to(tl.float64)
+    return b_f, (b_a1 != b_a1) | (b_b1 != b_b1)
+
+
+@triton.jit
+def rotation_grad_rows(b_e, b_q, b_g, EPS_N, EPS_S):
+    """The rotation trick's gradient to ``e`` for a ``(rows, BLOCK_D)`` float32 block holding
+    whole rows of ``e``, ``q`` and the upstream ``g`` (padding 0): ``lambda R^T g`` where both
+    norms reach ``EPS_N`` and ``|e^ + q^| >= EPS_S``, else ``g``; NaN in a row with a NaN or
+    infinite entry in ``e`` or ``q``. Every vector is scaled by its largest magnitude before it
+    is squared or dotted, and ``lambda max|g|`` is applied last in float64: finite wherever the
+    exact gradient is (``|q| / |e|`` and ``g`` near the float32 range included)."""
+    zero = tl.zeros((b_e.shape[0],), dtype=tl.float32)
+    zero64 = zero.to(tl.float64)
+    b_me, b_sse, b_ne2 = scaled_sumsq(zero, zero, zero64, b_e)
+    b_mq, b_ssq, b_nq2 = scaled_sumsq(zero, zero, zero64, b_q)
+    b_mg = tl.max(tl.abs(b_g), axis=1)
+    b_a1, b_b1, b_ok, b_ia, b_ib = unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N)
+    b_eh = b_e * b_ia[:, None]
+    b_qh = b_q * b_ib[:, None]
+    b_s = b_eh + b_qh
+    b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
+    b_ok = b_ok & (b_ns >= EPS_S)
+    b_w = b_s * tl.where(b_ok, 1.0 / b_ns, 1.0)[:, None]
+    b_pg, b_ig = g_scale(b_mg)
+    b_g1 = (b_g * b_pg[:, None]) * b_ig[:, None]
+    b_gw = tl.sum(b_g1 * b_w, axis=1)
+    b_gq = tl.sum(b_g1 * b_qh, axis=1)
+    b_r1 = b_g1 - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
+    b_f, b_bad = grad_factor(b_me, b_mq, b_mg, b_a1, b_b1)
+    b_rot = (b_r1.to(tl.float64) * b_f[:, None]).to(tl.float32)
+    b_de = tl.where(b_ok[:, None], b_rot, b_g)
+    return tl.where(b_bad[:, None], float("nan"), b_de)
+

@@ -68,8 +68,8 @@ import triton
 import triton.language as tl
 
 from ._common import (arch_family, argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, exp2i, exp2i64,
-                      launcher, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, round_bf16, target_for,
-                      tl_input_precision, words_per_thread)
+                      launcher, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, rotation_grad_rows, round_bf16,
+                      target_for, tl_input_precision, words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
@@ -617,42 +617,6 @@ def _residual_quantize_fwd_chunked_kernel(
 
 
 @triton.jit
-def _rotated_grad(b_x, b_q, b_g, m_live, EPS_N: tl.constexpr, EPS_S: tl.constexpr):
-    """The rotation trick's ``lambda R^T g`` for the rows of a ``(rows, BLOCK_D)`` block that hold
-    whole rows of ``x``, ``q`` (the sum of the codes) and ``g``, float32; rows not ``m_live`` and
-    rows below the norm thresholds pass ``g`` through. Each vector is scaled by its largest
-    magnitude before it is squared (no overflow where the result is finite). A row with a NaN or
-    infinite entry in ``x`` or ``q`` gets NaN (its rotation is undefined), a non-finite ``g``
-    makes a rotated row NaN: as :func:`fastvq.rotation_trick`."""
-    b_me = tl.max(tl.abs(b_x), axis=1)
-    b_mq = tl.max(tl.abs(b_q), axis=1)
-    b_e1 = b_x * (1.0 / tl.where(b_me > 0, b_me, 1.0))[:, None]
-    b_q1 = b_q * (1.0 / tl.where(b_mq > 0, b_mq, 1.0))[:, None]
-    b_a1 = tl.sqrt(tl.sum(b_e1 * b_e1, axis=1))
-    b_b1 = tl.sqrt(tl.sum(b_q1 * b_q1, axis=1))
-    # |e| < EPS_N decided on float64 sums of squares (exact squares), as the rotation_trick
-    # kernel and the reference decide it: rows at the threshold take one branch everywhere
-    b_x64 = b_x.to(tl.float64)
-    b_q64 = b_q.to(tl.float64)
-    b_ee = tl.sum(b_x64 * b_x64, axis=1)
-    b_eps = tl.zeros_like(b_ee) + EPS_N  # float64, exactly the float32 EPS_N
-    b_ok = (b_ee >= b_eps * b_eps) & (tl.sum(b_q64 * b_q64, axis=1) >= b_eps * b_eps)
-    b_eh = b_e1 * (1.0 / tl.where(b_ok, b_a1, 1.0))[:, None]
-    b_qh = b_q1 * (1.0 / tl.where(b_ok, b_b1, 1.0))[:, None]
-    b_s = b_eh + b_qh
-    b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
-    b_ok = b_ok & (b_ns >= EPS_S) & m_live
-    b_wv = b_s * (1.0 / tl.where(b_ok, b_ns, 1.0))[:, None]
-    b_gw = tl.sum(b_g * b_wv, axis=1)
-    b_gq = tl.sum(b_g * b_qh, axis=1)
-    b_lam = (b_mq / tl.where(b_ok, b_me, 1.0)) * (b_b1 / tl.where(b_ok, b_a1, 1.0))
-    b_rot = b_lam[:, None] * (b_g - 2.0 * b_gw[:, None] * b_wv + 2.0 * b_gq[:, None] * b_eh)
-    b_rot = tl.where(_row_finite(b_g)[:, None], b_rot, float("nan"))
-    b_g = tl.where(b_ok[:, None], b_rot, b_g)
-    return tl.where((m_live & ~(_row_finite(b_x) & _row_finite(b_q)))[:, None], float("nan"), b_g)
-
-
-@triton.jit
 def _bwd_rows(
     o_m, m_m, o_d, m_d,
     p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb,
@@ -726,8 +690,8 @@ def _bwd_rows(
             b_q = tl.where(b_q - b_q == 0, b_q, b_q64.to(tl.float32))
     if HAS_DX and HAS_G:
         b_g = tl.load(p_g + o_m[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m_md, other=0.0).to(tl.float32)
-        if ROTATE:  # (the whole row in this block)
-            b_g = _rotated_grad(b_x, b_q, b_g, m_live, EPS_N, EPS_S)
+        if ROTATE:  # (the whole row in this block; rows of weight 0 pass g through)
+            b_g = tl.where(m_live[:, None], rotation_grad_rows(b_x, b_q, b_g, EPS_N, EPS_S), b_g)
         b_dx += b_g
     # The rows to do again: a non-finite residual stays non-finite through the later levels and
     # makes the commitment term (gc r: inf or NaN) non-finite, a non-finite sum of the codes the

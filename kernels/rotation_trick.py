@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import flat_grid, flat_program_id, launcher, next_pow2, tile_offsets
+from ._common import (flat_grid, flat_program_id, g_scale, grad_factor, inv_pos, launcher, next_pow2,
+                      rotation_grad_rows, scaled_sumsq, tile_offsets, unit_scales)
 
 MAX_BLOCK_D = 4096  # widest row held whole in registers; wider rows loop over D
 
@@ -40,36 +41,6 @@ def _rotation_trick_fwd_kernel(
 
 
 @triton.jit
-def _inv_pos(b_x):
-    """``1 / x`` where ``x`` is a normal float32 (``>= 2^-126``), else 1: a zero, NaN or
-    subnormal scale leaves the row as it is (``1 / x`` would overflow to inf there). Rows of
-    ``e`` or ``q`` that small are far below ``EPS_N``: straight through whatever their sums."""
-    return 1.0 / tl.where(b_x >= 1.1754943508222875e-38, b_x, 1.0)
-
-
-@triton.jit
-def _g_scale(b_mg):
-    """``(pre, inv)`` with ``g1 = (g * pre) * inv = g / max |g|`` for every finite ``max |g|``,
-    subnormal included (``pre = 2^64`` below ``2^-64``: ``max |g| * pre`` is then normal)."""
-    b_pre = tl.where(b_mg < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
-    return b_pre, _inv_pos(b_mg * b_pre)
-
-
-@triton.jit
-def _scaled_sumsq(b_m, b_ss, b_n2, b_x):
-    """Running ``(max |x|, sum (x / max)^2, sum x^2 in float64)`` per row, updated with a
-    (BLOCK_N, BLOCK_D) tile. The float64 sum decides the ``EPS_N`` test: a float32 value's
-    square is exact in float64 and never overflows or underflows there, so this kernel and the
-    float64 reference take the same branch (not only to within a float32 rounding)."""
-    b_m_new = tl.maximum(b_m, tl.max(tl.abs(b_x), axis=1))
-    b_inv = _inv_pos(b_m_new)
-    b_r = b_m * b_inv
-    b_x1 = b_x * b_inv[:, None]
-    b_x64 = b_x.to(tl.float64)
-    return b_m_new, b_ss * b_r * b_r + tl.sum(b_x1 * b_x1, axis=1), b_n2 + tl.sum(b_x64 * b_x64, axis=1)
-
-
-@triton.jit
 def _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn, stride_qd, stride_gn, stride_gd,
                 BLOCK_D: tl.constexpr):
     """The float32 ``(BLOCK_N, BLOCK_D)`` tiles of e, q and g at columns ``d0 ..`` (padding 0),
@@ -80,30 +51,6 @@ def _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,
     b_q = tl.load(p_q + o_n[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m, other=0.0).to(tl.float32)
     b_g = tl.load(p_g + o_n[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
     return b_e, b_q, b_g, o_d, m
-
-
-@triton.jit
-def _unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N):
-    """From the scaled norms: ``a1``, ``b1``, whether both norms reach ``EPS_N`` (decided on the
-    float64 sums of squares ``|e|^2``, ``|q|^2``), and the factors that make ``e^ = e * ia`` and
-    ``q^ = q * ib`` (1 / the scale where a norm is too small)."""
-    b_a1 = tl.sqrt(b_sse)
-    b_b1 = tl.sqrt(b_ssq)
-    eps = tl.zeros_like(b_ne2) + EPS_N  # float64, exactly the float32 EPS_N
-    eps2 = eps * eps
-    b_ok = (b_ne2 >= eps2) & (b_nq2 >= eps2)
-    b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * _inv_pos(b_me)
-    b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * _inv_pos(b_mq)
-    return b_a1, b_b1, b_ok, b_ia, b_ib
-
-
-@triton.jit
-def _grad_factor(b_me, b_mq, b_mg, b_a1, b_b1):
-    """Per row: ``F = (m_q / m_e) (b1 / a1) m_g`` in float64, and whether ``e`` or ``q`` has a NaN
-    or infinite entry (then ``a1`` or ``b1`` is NaN)."""
-    b_f = (b_mq.to(tl.float64) / b_me.to(tl.float64)) * (b_b1.to(tl.float64) / b_a1.to(tl.float64)) \
-        * b_mg.to(tl.float64)
-    return b_f, (b_a1 != b_a1) | (b_b1 != b_b1)
 
 
 @triton.jit
@@ -129,24 +76,8 @@ def _rotation_trick_bwd_kernel(
     if SINGLE:
         b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, 0, D, stride_en, stride_ed, stride_qn, stride_qd,
                                             stride_gn, stride_gd, BLOCK_D)
-        zero64 = zero.to(tl.float64)
-        b_me, b_sse, b_ne2 = _scaled_sumsq(zero, zero, zero64, b_e)
-        b_mq, b_ssq, b_nq2 = _scaled_sumsq(zero, zero, zero64, b_q)
-        b_mg = tl.max(tl.abs(b_g), axis=1)
-        b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N)
-        b_eh = b_e * b_ia[:, None]
-        b_qh = b_q * b_ib[:, None]
-        b_s = b_eh + b_qh
-        b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
-        b_ok = b_ok & (b_ns >= EPS_S)
-        b_w = b_s * tl.where(b_ok, 1.0 / b_ns, 1.0)[:, None]
-        b_pg, b_ig = _g_scale(b_mg)
-        b_g1 = (b_g * b_pg[:, None]) * b_ig[:, None]
-        b_gw = tl.sum(b_g1 * b_w, axis=1)
-        b_gq = tl.sum(b_g1 * b_qh, axis=1)
-        b_r1 = b_g1 - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
-        b_f, b_bad = _grad_factor(b_me, b_mq, b_mg, b_a1, b_b1)
-        _store_grad(p_de, o_n, o_d, m, b_r1, b_g, b_f, b_ok, b_bad, stride_dn, stride_dd)
+        b_de = rotation_grad_rows(b_e, b_q, b_g, EPS_N, EPS_S)
+        tl.store(p_de + o_n[:, None] * stride_dn + o_d[None, :] * stride_dd, b_de.to(p_de.dtype.element_ty), mask=m)
     else:
         # sweep 1: scaled norms of e and q, max |g|
         b_me, b_sse, b_mq, b_ssq, b_mg = zero, zero, zero, zero, zero
@@ -155,11 +86,11 @@ def _rotation_trick_bwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,
                                                 stride_qd, stride_gn, stride_gd, BLOCK_D)
-            b_me, b_sse, b_ne2 = _scaled_sumsq(b_me, b_sse, b_ne2, b_e)
-            b_mq, b_ssq, b_nq2 = _scaled_sumsq(b_mq, b_ssq, b_nq2, b_q)
+            b_me, b_sse, b_ne2 = scaled_sumsq(b_me, b_sse, b_ne2, b_e)
+            b_mq, b_ssq, b_nq2 = scaled_sumsq(b_mq, b_ssq, b_nq2, b_q)
             b_mg = tl.maximum(b_mg, tl.max(tl.abs(b_g), axis=1))
-        b_a1, b_b1, b_ok, b_ia, b_ib = _unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N)
-        b_pg, b_ig = _g_scale(b_mg)
+        b_a1, b_b1, b_ok, b_ia, b_ib = unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N)
+        b_pg, b_ig = g_scale(b_mg)
         # sweep 2: |s|^2, g1.s, g1.q^
         b_ss = zero
         b_gs = zero
@@ -177,7 +108,7 @@ def _rotation_trick_bwd_kernel(
         b_ok = b_ok & (b_ns >= EPS_S)
         b_ins = tl.where(b_ok, 1.0 / b_ns, 1.0)
         b_gw = b_gs * b_ins
-        b_f, b_bad = _grad_factor(b_me, b_mq, b_mg, b_a1, b_b1)
+        b_f, b_bad = grad_factor(b_me, b_mq, b_mg, b_a1, b_b1)
         # sweep 3: write
         for d0 in range(0, D, BLOCK_D):
             b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,

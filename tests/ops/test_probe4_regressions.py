@@ -1,0 +1,115 @@
+"""probe4's findings (FINDINGS.md F1-F5) as regression tests, each checked against a float64
+value worked out by hand in its docstring. They fail today, so they are marked ``xfail(strict=True)``:
+when a fix lands the test passes, the strict marker turns that into a failure, and whoever fixed it
+removes the marker (and the finding's line in FINDINGS.md)."""
+
+import pytest
+import torch
+
+import fastvq
+
+from tests.utils import DEVICE
+
+
+def _t(values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype, device=DEVICE)
+
+
+def _triton_only(request, backend, reason):
+    """A strict xfail on the Triton backend only: the reference passes already."""
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"probe4 {reason} (triton only)"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probe4_f3_fused_rotation_backward_no_overflow_of_lambda(request, backend, dtype):
+    """|q| / |e| = 2.2e39 / 1.1e-3 is beyond float32, lambda R^T g is not: float64 gives
+    about [-8.0e35, -4.4e36] (and fastvq.rotation_trick gives it on both backends)."""
+    x = _t([[1e-3, 5e-4]], dtype).requires_grad_()
+    cb = _t([[[1e36, 2e36]]], dtype)
+    g = _t([[1e-3, -2e-3]], dtype)
+    out = fastvq.residual_quantize_step(x, cb, grad="rotation")
+    (out.quantized * g).sum().backward()
+    expected = torch.tensor([[-7.99999969352252e35, -4.3999998314373904e36]], dtype=torch.float64)
+    assert torch.allclose(x.grad.double().to(expected.device), expected, rtol=2e-2)
+
+
+def test_probe4_f3_fused_rotation_backward_large_upstream_gradient(request, backend):
+    """g = 2e38 in every element, |q| << |e|: float64 gives [5.33e27, 1.07e28, -5.33e27, 1.60e28]."""
+    x = _t([[1e10, 2e10, -1e10, 3e10]]).requires_grad_()
+    cb = torch.ones(1, 1, 4, device=DEVICE)
+    g = torch.full((1, 4), 2e38, device=DEVICE)
+    (fastvq.residual_quantize_step(x, cb, grad="rotation").quantized * g).sum().backward()
+    expected = torch.tensor([[5.333332944365713e27, 1.0666665888731425e28, -5.333332944365714e27,
+                              1.599999937923044e28]], dtype=torch.float64)
+    assert torch.allclose(x.grad.double().to(expected.device), expected, rtol=1e-5)
+
+
+def test_probe4_f4_float16_residual_beyond_range_gets_the_nearest_code(request, backend):
+    """fp16: level 0 leaves the float32 residual 70000 (beyond 65504); level 1's nearest code is
+    0.0 (|70000| < |70000 + 60000|), index 1."""
+    _triton_only(request, backend, "F4: the fp16 dot operand rounds the residual 70000 to inf")
+    x = _t([[60000.0]], torch.float16)
+    cb = _t([[[-10000.0], [-10000.0]], [[-60000.0], [0.0]]], torch.float16)
+    codes = fastvq.residual_quantize(x, cb)[1]
+    assert codes.tolist() == [[0, 1]]
+
+
+def test_probe4_f2_step_statistics_sum_without_intermediate_overflow(request, backend):
+    """Three rows on one code: -3e38 - 3e38 + 3e38 = -3e38, representable (the reference sums in
+    float64 and rounds once); so the EMA module must update the code on both backends."""
+    _triton_only(request, backend, "F2: float32 atomics of the statistics overflow")
+    x = _t([[-3e38], [-3e38], [3e38]])
+    cb = torch.zeros(1, 1, 1, device=DEVICE)
+    out = fastvq.residual_quantize_step(x, cb, statistics=True)
+    assert out.counts.tolist() == [[3.0]]
+    assert out.sums.item() == pytest.approx(-3e38, rel=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="probe4 F1: the codebook gradient's float32 row sum overflows (both backends)")
+def test_probe4_f1_codebook_gradient_row_sum_without_intermediate_overflow(backend):
+    """d embedding_loss / d c = sum_i 2 (c - x_i) / (N D) = (2/3)(3e38 + 3e38 - 3e38) = 2e38."""
+    x = _t([[-3e38], [-3e38], [3e38]])
+    cb = torch.zeros(1, 1, 1, device=DEVICE, requires_grad=True)
+    fastvq.residual_quantize_step(x, cb).embedding_loss.backward()
+    assert cb.grad.item() == pytest.approx(2e38, rel=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="probe4 F1: opposite per-row terms overflow, their sum is NaN (both backends)")
+def test_probe4_f1_codebook_gradient_overflow_is_inf_not_nan(backend):
+    """10 (2/3)(3e38 + 3e38 - 3e38) = 2e39: beyond float32, so +inf (never NaN)."""
+    x = _t([[-3e38], [-3e38], [3e38]])
+    cb = torch.zeros(1, 1, 1, device=DEVICE, requires_grad=True)
+    (10.0 * fastvq.residual_quantize_step(x, cb).embedding_loss).backward()
+    assert cb.grad.item() == float("inf")
+
+
+@pytest.mark.xfail(strict=True, reason="probe4 F7: 2 ge w underflows before it multiplies c - r (both backends)")
+def test_probe4_f7_codebook_gradient_factor_does_not_underflow(backend):
+    """1e-6 * 2 * 9.809e-45 * 1e38 / (1 + 9.8e-45) = 1.961818e-12, a normal float32."""
+    x = _t([[-1e38], [0.0]])
+    cb = torch.zeros(1, 1, 1, device=DEVICE, requires_grad=True)
+    (1e-6 * fastvq.residual_quantize_step(x, cb, weights=_t([1e-44, 1.0])).embedding_loss).backward()
+    assert cb.grad.item() == pytest.approx(1.961818e-12, rel=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="probe4 F5: weights 2^150 below the largest are flushed to 0 (both backends)")
+def test_probe4_f5_tiny_positive_weight_is_not_padding(backend):
+    """Weights [1e38, 1e-8]: row 1 has a positive weight, so its quantized is its code (1.0) and
+    code 1's count is 1e-8 (the statistics keep the weights as given)."""
+    x = _t([[0.3], [0.7]])
+    cb = _t([[[0.0], [1.0]]])
+    out = fastvq.residual_quantize_step(x, cb, weights=_t([1e38, 1e-8]), statistics=True)
+    assert out.quantized[1].item() == 1.0
+    assert out.counts[0, 1].item() == pytest.approx(1e-8, rel=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="probe4 F6: statistics overflow through the weight normalisation (both backends)")
+def test_probe4_f6_weighted_statistics_do_not_overflow_through_the_normalisation(backend):
+    """Weights 0.75: sums = 0.75 * 3e38 + 0.75 * 1 = 2.25e38, representable (with weights 0.5 or 1.0
+    the step gets it right)."""
+    x = _t([[3e38], [1.0]])
+    cb = torch.zeros(1, 1, 1, device=DEVICE)
+    out = fastvq.residual_quantize_step(x, cb, weights=_t([0.75, 0.75]), statistics=True)
+    assert out.counts.item() == pytest.approx(1.5)
+    assert out.sums.item() == pytest.approx(2.25e38, rel=1e-6)
