@@ -100,17 +100,27 @@ def _scores_of_finite_codes(b_dist, b_cfin, o_k, m_k, b_first, K):
 BIG_EXP = 48
 RESCALE_EXP = 96
 TINY_SCORE_EXP = 90
+# A float16 codebook's scores neither overflow nor underflow, but its dot operand (the residual
+# rounded to float16) is inf once the residual leaves float16's range (|r| > 65504, e.g. x =
+# 60000 after a code of -10000): such a row (max-abs > FP16_WIDE_ROW) is searched again with the residual
+# scaled by 2^-FP16_WIDE_EXP and the codes as they are, its dot scaled back (exact: a power of
+# two) in the score. The scaled residual's small elements lose float16 precision below 2^-6,
+# ~2^-21 of the row's largest: far below the rounding of its large ones.
+FP16_WIDE_EXP = 8
+FP16_WIDE_ROW = 65504.0  # float16's largest finite value (the kernels spell it out)
 
 
 @triton.jit
 def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first, scale,
                   PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SCALED: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_SCALE: tl.constexpr = 2.0):
     """Nearest code of each row of the register-resident dot operand ``b_rd`` in one level:
     running ``(min, index)`` over the tiles (index -1 where no finite score) and the first
     finite code. ``SCALED``: the codes are scaled by ``scale`` (2^-RESCALE_EXP or 2^RESCALE_EXP)
     as they are loaded (``b_rd`` already is): one multiply per code element per tile, only on
-    the rescue pass; a code that overflows there has a non-finite element and is never chosen."""
+    the rescue pass; a code that overflows there has a non-finite element and is never chosen.
+    The score is ``|c|^2 - DOT_SCALE (b_rd . c)``: 2, or ``2 * 2^FP16_WIDE_EXP`` for a float16
+    residual scaled by ``2^-FP16_WIDE_EXP`` (the codes unscaled, see FP16_WIDE)."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -127,7 +137,7 @@ def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first, scale
             b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
         else:
             b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
-        b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, _row_finite(b_c32), o_k, m_k,
+        b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - DOT_SCALE * b_rc, _row_finite(b_c32), o_k, m_k,
                                                b_first, K)
         b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
     return b_min, b_idx, b_first
@@ -147,9 +157,11 @@ def _rescue_rows(b_rm, m_fin, b_idx, b_min):
 @triton.jit
 def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd, scale,
                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
-                          SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                          SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                          CODES_SCALED: tl.constexpr = True, DOT_SCALE: tl.constexpr = 2.0):
     """:func:`_search_level` for the chunked variant: the residual streamed from the workspace in
-    BLOCK_D chunks; ``SCALED`` scales both the residual and the codes by ``scale`` as they load."""
+    BLOCK_D chunks; ``SCALED`` scales the residual and (``CODES_SCALED``) the codes by ``scale``
+    as they load; the score is ``|c|^2 - DOT_SCALE (r . c)``."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     b_first = K
@@ -173,7 +185,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
             b_c = tl.load(p_cbl + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd,
                           mask=m_k[:, None] & m_d[None, :], other=0.0)
             b_c32 = b_c.to(tl.float32)
-            if SCALED:
+            if SCALED and CODES_SCALED:
                 b_c32 = b_c32 * scale
                 b_c = b_c32.to(b_c.dtype)
             b_cc += tl.sum(b_c32 * b_c32, axis=1)
@@ -182,7 +194,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
                 b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
             else:
                 b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
-        b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - 2.0 * b_rc, b_cbad == 0, o_k, m_k, b_first, K)
+        b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - DOT_SCALE * b_rc, b_cbad == 0, o_k, m_k, b_first, K)
         b_min, b_idx = argmin_merge(b_min, b_idx, b_s, k0, BLOCK_K)
     return b_min, b_idx, b_first
 
@@ -417,7 +429,14 @@ def _residual_quantize_fwd_kernel(
             b_rd = _dot_operand(b_r, p_cb, DOT_FP32, BF16_RNE)
             b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K, 1.0,
                                                   PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K)
-            if p_cb.dtype.element_ty != tl.float16:  # (float16 codes neither overflow nor underflow the scores)
+            if p_cb.dtype.element_ty == tl.float16:  # (its scores neither overflow nor underflow)
+                m_wide = m_m & _row_finite(b_r) & ((tl.max(tl.abs(b_r), axis=1) > 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW
+                if tl.max(m_wide.to(tl.int32), axis=0) > 0:
+                    b_rd = _dot_operand(b_r * 0.00390625, p_cb, DOT_FP32, BF16_RNE)  # 2^-FP16_WIDE_EXP
+                    _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K, 1.0,
+                                                 PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K, 512.0)
+                    b_idx = tl.where(m_wide & (b_idx1 >= 0), b_idx1, b_idx)
+            else:
                 b_rm = tl.max(tl.abs(b_r), axis=1)
                 m_big, m_tiny = _rescue_rows(b_rm, m_m & _row_finite(b_r), b_idx, b_min)
                 # the rescue passes, each only for a block that holds such a row: the big rows on
@@ -504,15 +523,23 @@ def _residual_quantize_fwd_chunked_kernel(
             b_min, b_idx, b_first = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
                                                           stride_cd, 1.0, PRECISION, DOT_FP32, BF16_RNE, False,
                                                           BLOCK_M, BLOCK_K, BLOCK_D)
-            if p_cb.dtype.element_ty != tl.float16:  # the rescue pass, as in the register variant
-                b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                b_rbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
-                for d0 in range(0, D, BLOCK_D):
-                    o_d = d0 + tl.arange(0, BLOCK_D)
-                    b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
-                                  mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
-                    b_rm = tl.maximum(b_rm, tl.max(tl.where(tl.abs(b_r) < float("inf"), tl.abs(b_r), 0.0), axis=1))
-                    b_rbad += tl.where(_row_finite(b_r), 0, 1)
+            # the rescue passes, as in the register variant
+            b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            b_rbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
+                              mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
+                b_rm = tl.maximum(b_rm, tl.max(tl.where(tl.abs(b_r) < float("inf"), tl.abs(b_r), 0.0), axis=1))
+                b_rbad += tl.where(_row_finite(b_r), 0, 1)
+            if p_cb.dtype.element_ty == tl.float16:
+                m_wide = m_m & (b_rbad == 0) & ((b_rm > 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW
+                if tl.max(m_wide.to(tl.int32), axis=0) > 0:
+                    _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
+                                                         stride_cd, 0.00390625, PRECISION, DOT_FP32,
+                                                         BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D, False, 512.0)
+                    b_idx = tl.where(m_wide & (b_idx1 >= 0), b_idx1, b_idx)
+            else:
                 m_big, m_tiny = _rescue_rows(b_rm, m_m & (b_rbad == 0), b_idx, b_min)
                 if tl.max(m_big.to(tl.int32), axis=0) > 0:
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,

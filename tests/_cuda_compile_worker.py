@@ -308,6 +308,8 @@ def _residual_quantize_jobs():
     jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=masked))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=given, block_l=2))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", small, 16, block_l=2))
+    # float16: its own rescue of residuals beyond float16's range (FP16_WIDE_ROW)
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp16", small, 64, flags=masked))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", _pick(configs, BLOCK_M=32, BLOCK_K=32, num_warps=4),
                     64, aligned=False, tag=",unaligned", flags=train))
 
@@ -318,6 +320,9 @@ def _residual_quantize_jobs():
                                           PRECISION="ieee" if dt == "fp32" else "tf32", LOSS=True, BLOCK_L=8)
         jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, dt, kept[len(kept) // 2], mod.CHUNK_D,
                         chunked=True, flags=train if dt == "bf16" else masked, tag=",kept"))
+        if dt == "bf16":  # and float16, its own rescue (FP16_WIDE_ROW)
+            jobs.append(job("_residual_quantize_fwd_chunked_kernel", k, "fp16", kept[len(kept) // 2], mod.CHUNK_D,
+                            chunked=True, flags=masked))
         if dt == "bf16":  # 64-row tiles reach wgmma
             big = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or [_pick(_cfgs(k), BLOCK_M=64, BLOCK_K=32,
                                                                             num_warps=8)]

@@ -45,14 +45,40 @@ def test_probe4_f3_fused_rotation_backward_large_upstream_gradient(request, back
     assert torch.allclose(x.grad.double().to(expected.device), expected, rtol=1e-5)
 
 
-def test_probe4_f4_float16_residual_beyond_range_gets_the_nearest_code(request, backend):
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+def test_probe4_f4_float16_residual_beyond_range_gets_the_nearest_code(backend, chunked):
     """fp16: level 0 leaves the float32 residual 70000 (beyond 65504); level 1's nearest code is
-    0.0 (|70000| < |70000 + 60000|), index 1."""
-    _triton_only(request, backend, "F4: the fp16 dot operand rounds the residual 70000 to inf")
-    x = _t([[60000.0]], torch.float16)
-    cb = _t([[[-10000.0], [-10000.0]], [[-60000.0], [0.0]]], torch.float16)
-    codes = fastvq.residual_quantize(x, cb)[1]
-    assert codes.tolist() == [[0, 1]]
+    60000, index 2. The kernel rounded the residual to float16 (inf) for its dot: every positive
+    code scored -inf and the first, 10000, won. Rows 1-3: ordinary rows in the same block. Against a float64 greedy search."""
+    x = _t([[60000.0], [3.0], [-2.0], [-60000.0]], torch.float16)
+    cb = _t([[[-10000.0], [-10000.0], [-20000.0]], [[-60000.0], [10000.0], [60000.0]]], torch.float16)
+    # float64 greedy (exact ties to the smaller index)
+    r, want = x.double(), []
+    assert float(r[0, 0] - cb[0, 0, 0].double()) > 65504  # row 0's level-1 residual: beyond float16
+    for lvl in range(2):
+        d = (r - cb[lvl].double().T) ** 2
+        idx = d.argmin(1)
+        want.append(idx)
+        r = r - cb[lvl].double()[idx]
+    want = torch.stack(want, 1).tolist()
+    if chunked:
+        if backend != "triton":
+            pytest.skip("the chunked kernel is a Triton kernel")
+        from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+        codes = residual_quantize_fwd(x, cb, max_register_d=1)["codes"]
+    else:
+        codes = fastvq.residual_quantize(x, cb)[1]
+    assert codes.tolist() == want
+
+
+def test_probe4_f4_kernel_spells_float16_max():
+    from fastvq.kernels import residual_quantize as rq
+
+    assert rq.FP16_WIDE_ROW == torch.finfo(torch.float16).max and rq.FP16_WIDE_EXP == 8
+    src = open(rq.__file__).read()
+    assert src.count("> 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW") == 2  # register and chunked
+    assert "b_r * 0.00390625" in src and "0.00390625, PRECISION" in src and src.count("512.0") >= 2
 
 
 def test_probe4_f2_step_statistics_sum_without_intermediate_overflow(request, backend):
