@@ -691,7 +691,7 @@ def _bwd_rows(
             b_c64 = b_c.to(tl.float64)
             if HAS_GE:
                 b_ge = tl.load(p_ge + lvl)
-                b_t = ((2.0 * b_ge * b_w).to(tl.float64)[:, None] * (b_c64 - b_r64)).to(tl.float32)
+                b_t = ((2.0 * b_ge).to(tl.float64) * (b_w.to(tl.float64)[:, None] * (b_c64 - b_r64))).to(tl.float32)
                 tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :], tl.where(m_fin, 0.0, b_t),
                               mask=m_lmd, sem="relaxed")
             b_r64 = b_r64 - b_c64
@@ -703,7 +703,7 @@ def _bwd_rows(
             b_ge = tl.load(p_ge + lvl)
             # (+0.0 added for the terms the float64 row adds: no per-element mask, which costs registers)
             tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :],
-                          tl.where(m_fin, (2.0 * b_ge * b_w)[:, None] * (b_c - b_r), 0.0), mask=m_lmd, sem="relaxed")
+                          tl.where(m_fin, (2.0 * b_ge) * (b_w[:, None] * (b_c - b_r)), 0.0), mask=m_lmd, sem="relaxed")
         b_r = b_new
         if HAS_GC:
             b_acc += tl.load(p_gc + lvl) * b_r

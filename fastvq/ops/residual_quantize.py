@@ -279,9 +279,11 @@ class ResidualQuantizeStep(NamedTuple):
 
 def _normalised_weights(op: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Float row weights ``w (N,)`` float32, checked finite and >= 0 (:func:`assert_async`, no
-    host read) and scaled by the power of two that brings their max into ``[1, 2)``: the losses
+    host read) and scaled by the power of two that brings their max into ``[0.5, 1)``: the losses
     are weighted means (scale-invariant), and ``W = sum w`` can then neither overflow (8 rows of
-    5e37) nor underflow. Returns them and the power of two that scales the statistics back (they
+    5e37) nor underflow; no weight grows, so a weighted residual ``w r`` of the statistics
+    overflows only where ``r`` does (a max in ``[1, 2)`` turned a row of 3e38 at weight 0.75
+    into 4.5e38: inf, where the statistics, scaled back, are 2.25e38). Returns them and the power of two that scales the statistics back (they
     keep the weights as given), or ``None`` for ``N = 0``. Three passes over the ``N`` weights
     (check, max, scale), nothing of size ``N x D``."""
     if w.numel() == 0:
@@ -289,7 +291,7 @@ def _normalised_weights(op: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.T
     assert_async(op, ((w >= 0) & (w < float("inf"))).all(),
                  lambda: f"weights must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")
     _, e = torch.frexp(w.amax())  # max = m 2^e, m in [0.5, 1) (e = 0 for max = 0: nothing changes)
-    k = 1 - e  # w 2^k: max in [1, 2); k in [-127, 150], applied in two exact halves (2^150 overflows)
+    k = -e  # w 2^k: max in [0.5, 1); k in [-128, 149], applied in two exact halves (2^149 overflows)
     w = torch.ldexp(torch.ldexp(w, k // 2), k - k // 2)
     return w, torch.ldexp(torch.ldexp(torch.ones((), device=w.device), -(k // 2)), k // 2 - k)
 

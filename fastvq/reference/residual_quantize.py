@@ -183,9 +183,12 @@ def residual_quantize_bwd_ref(
             c64 = c.double()
             new = r - c
             if dcb is not None:
-                f = 2.0 * ge[lvl] * w[:, None]
+                # 2 ge (w (c - r)): w <= 1 (the op scales the weights' max into [0.5, 1)), so w (c - r)
+                # overflows only where c - r does; 2 ge w first would underflow for a small w.
                 # (c - r = -(r - c) exactly: not finite where the new residual is not)
-                t = torch.where(new.isfinite(), f * (c - r), (f.double() * (c64 - r64)).float())
+                f = 2.0 * ge[lvl]
+                t = torch.where(new.isfinite(), f * (w[:, None] * (c - r)),
+                                (f.double() * (w.double()[:, None] * (c64 - r64))).float())
                 dcb[lvl].index_add_(0, idx, torch.where(live[:, None], t, 0.0))
             r, r64 = new, r64 - c64
             if gc is not None:
