@@ -273,6 +273,12 @@ def _check_sizes(owner: str, args: str, *shape: int) -> None:
         raise ValueError(f"fastvq.{owner}: {args} too large: a float32 tensor of ({dims}) elements cannot exist")
 
 
+def _fixed_at_construction(name: str) -> property:
+    """A bool option stored as ``_<name>``, set once by the constructor (``_set_once``)."""
+    return property(lambda self: self.__dict__[f"_{name}"], lambda self, value: self._set_once(name, value),
+                    doc=f"``{name}``: fixed at construction (it decides the module's buffers).")
+
+
 class _UsageMonitor:
     """Watches, in training, how many codes each level uses, and warns once when fewer than
     1/8 do. Never waits on the device: a window's count is copied to the host without blocking
@@ -422,21 +428,8 @@ class CodebookState(nn.Module):
     # ``ema`` and ``kmeans_init`` are fixed at construction (they decide which buffers exist);
     # ``dead_code_threshold`` may change (a schedule), but revival needs its buffers, so a module
     # built without it cannot turn it on later. The others (decay, eps, ...) are plain attributes.
-    @property
-    def ema(self) -> bool:
-        return self._ema
-
-    @ema.setter
-    def ema(self, value) -> None:
-        self._set_once("ema", value)
-
-    @property
-    def kmeans_init(self) -> bool:
-        return self._kmeans_init
-
-    @kmeans_init.setter
-    def kmeans_init(self, value) -> None:
-        self._set_once("kmeans_init", value)
+    ema = _fixed_at_construction("ema")
+    kmeans_init = _fixed_at_construction("kmeans_init")
 
     def _set_once(self, name: str, value) -> None:
         if f"_{name}" in self.__dict__:

@@ -815,8 +815,7 @@ def test_step_gradients_are_finite_where_the_exact_ones_are(backend, device, dty
     if grad == "rotation":
         from fastvq.reference.rotation_trick import rotation_trick_bwd_ref
 
-        q64 = cb64[torch.arange(3, device=device)[:, None], codes].sum(0) if False else sum(
-            cb64[lvl, codes[:, lvl]] for lvl in range(3))
+        q64 = sum(cb64[lvl, codes[:, lvl]] for lvl in range(3))
         rot = rotation_trick_bwd_ref(x64[2:], q64[2:], torch.ones(1, 2, dtype=torch.float64, device=device))
         gx[2] += rot[0] - 1.0
     assert x.grad.isfinite().all() and cb.grad.isfinite().all(), (x.grad, cb.grad)
