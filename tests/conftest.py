@@ -18,6 +18,8 @@
 - ``FASTVQ_TEST_TIMEOUT=s``: a test running longer than ``s`` seconds fails with a TimeoutError
   (SIGALRM; used by benchmarks/gpu_run.sh when pytest-timeout is not installed).
   ``FASTVQ_ONE_PER_FILE=1``: run only the first test of each file (gpu_run.sh --dry-run).
+- The sm_90 compile and the GPU script's dry run are subprocesses that start when collection ends
+  and run beside the suite on the second core (tests/_background.py).
 - Under the interpreter, tests/_interpreter_speed.py removes repeated bookkeeping from Triton's
   interpreter (same results; ``FASTVQ_INTERPRETER_SPEEDUPS=0`` runs the interpreter untouched).
 """
@@ -42,6 +44,7 @@ else:
 import pytest  # noqa: E402
 
 import fastvq  # noqa: E402
+from tests import _background  # noqa: E402
 from tests.utils import DEVICE  # noqa: E402
 
 if CUDA:
@@ -128,6 +131,16 @@ def backend(request):
 def device():
     """The device every test runs on: "cuda" with CUDA, else "cpu" (the interpreter)."""
     return DEVICE
+
+
+def pytest_collection_finish(session):
+    """Start the long subprocess jobs of the selected tests beside the suite (tests/_background.py)."""
+    if not session.config.option.collectonly:
+        _background.start_selected([item.nodeid for item in session.items])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _background.stop_all()
 
 
 def pytest_collection_modifyitems(config, items):

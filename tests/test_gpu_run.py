@@ -6,24 +6,32 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
+from tests import _background
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU smoke run (on a GPU run the real one)")
-def test_dry_run(tmp_path):
+def _dry_run_job(scratch: str):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTVQ_", "PYTEST_"))}
-    env["OUT"] = str(tmp_path)
+    env["OUT"] = scratch
     env.setdefault("PYTHON", str(pathlib.Path(os.sys.executable)))
-    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run"], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=300)
+    return ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run"], env, str(ROOT), 300
+
+
+if not torch.cuda.is_available():  # runs beside the suite (tests/_background.py)
+    _background.register("gpu-run-dry-run", "tests/test_gpu_run.py::test_dry_run", _dry_run_job)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU smoke run (on a GPU run the real one)")
+def test_dry_run():
+    res = _background.result("gpu-run-dry-run")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    (folder,) = tmp_path.iterdir()  # <date>-<slug>/, one level under $OUT
+    (folder,) = pathlib.Path(res.scratch).iterdir()  # <date>-<slug>/, one level under $OUT
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-dry-run-cpu", folder.name)
     files = sorted(p.name for p in folder.iterdir())
     # at most 8, names the device tool brings back; the plot needs matplotlib (the bench extra),

@@ -8,16 +8,16 @@ import triton
 
 import fastvq
 from tests import _interpreter_speed
-from tests.utils import DEVICE
+from tests.utils import generator
 
-pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs only without CUDA")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only without CUDA")
 
 TRITON_MINOR = ".".join(triton.__version__.split(".")[:2])
 
 
 def _kernels_run():
     """Outputs of kernels that call ``@triton.jit`` helpers (float32 and bfloat16), forward and backward."""
-    g = torch.Generator().manual_seed(5)
+    g = generator(5)
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         x = (torch.randn(37, 24, generator=g) * 3).to(dtype).requires_grad_()

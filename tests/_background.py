@@ -1,0 +1,133 @@
+"""Subprocess jobs that start when collection ends and run beside the suite (test setup only).
+
+A few tests check the output of a long subprocess that needs no GPU and little of this process:
+the sm_90 compile of every kernel (tests/test_cuda_compile.py) and the CPU dry run of the GPU
+script (tests/test_gpu_run.py). CI has 2 cores and the suite keeps one of them busy, so each
+such test module registers its job here (:func:`register`); when collection ends, conftest
+calls :func:`start_selected`, which queues the jobs of the tests that will run on one background
+thread, one job at a time, in registration order. The test then calls :func:`result`, which
+waits for its job (or runs it at once if it was never queued, e.g. under ``pytest --collect-only``
+then a single test). ``FASTVQ_BACKGROUND_JOBS=0`` runs every job in the test that asks for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Callable
+
+
+@dataclasses.dataclass
+class Job:
+    name: str
+    nodeid_prefix: str
+    make: Callable[[str], tuple[list[str], dict, str, float]]  # scratch dir -> (cmd, env, cwd, timeout)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    queued: bool = False
+    returncode: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    seconds: float = 0.0
+    scratch: str | None = None
+    proc: subprocess.Popen | None = None
+
+
+_JOBS: dict[str, Job] = {}
+_QUEUE: queue.Queue = queue.Queue()
+_THREAD: threading.Thread | None = None
+_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def register(name: str, nodeid_prefix: str, make: Callable[[str], tuple[list[str], dict, str, float]]) -> None:
+    """Declare a job: ``make(scratch_dir)`` returns ``(cmd, env, cwd, timeout_s)``; it runs in the
+    background when a collected test's node id starts with ``nodeid_prefix`` (``path::name``, the
+    path relative to the repository; a node id relative to another folder matches by its end)."""
+    if name not in _JOBS:
+        _JOBS[name] = Job(name, nodeid_prefix, make)
+
+
+def _run(job: Job) -> None:
+    if _STOPPING.is_set():  # the session is over: start nothing new
+        job.returncode, job.stderr = -1, "[session over]"
+        job.done.set()
+        return
+    job.scratch = tempfile.mkdtemp(prefix=f"fastvq-{job.name}-")
+    t0 = time.perf_counter()
+    try:
+        cmd, env, cwd, timeout = job.make(job.scratch)
+        job.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            job.stdout, job.stderr = job.proc.communicate(timeout=timeout)
+            job.returncode = job.proc.returncode
+        except subprocess.TimeoutExpired:
+            job.proc.kill()
+            job.stdout, job.stderr = job.proc.communicate()
+            job.returncode = -9
+            job.stderr += f"\n[background job {job.name} killed after {timeout} s]"
+    except Exception as e:  # noqa: BLE001 - reported to the test that waits for it
+        job.returncode, job.stderr = -1, f"[background job {job.name} could not start: {e!r}]"
+    finally:
+        job.seconds = time.perf_counter() - t0
+        job.done.set()
+
+
+def _worker() -> None:
+    while True:
+        job = _QUEUE.get()
+        if job is None:
+            return
+        _run(job)
+
+
+def _matches(nodeid: str, prefix: str) -> bool:
+    path, _, rest = nodeid.partition("::")
+    want_path, _, want_rest = prefix.partition("::")
+    return ("/" + want_path).endswith("/" + path) and rest.startswith(want_rest)
+
+
+def start_selected(nodeids: list[str]) -> list[str]:
+    """Queue the jobs some of ``nodeids`` will wait for; returns their names."""
+    global _THREAD
+    if os.environ.get("FASTVQ_BACKGROUND_JOBS", "1") == "0":
+        return []
+    started = []
+    with _LOCK:
+        for job in _JOBS.values():
+            if not job.queued and any(_matches(n, job.nodeid_prefix) for n in nodeids):
+                job.queued = True
+                _QUEUE.put(job)
+                started.append(job.name)
+        if started and _THREAD is None:
+            _THREAD = threading.Thread(target=_worker, name="fastvq-background-jobs", daemon=True)
+            _THREAD.start()
+    return started
+
+
+def result(name: str) -> Job:
+    """The finished job ``name`` (waits for it; runs it here if it was never queued)."""
+    job = _JOBS[name]
+    with _LOCK:
+        run_here = not job.queued
+        job.queued = True
+    if run_here:
+        _run(job)
+    job.done.wait()
+    return job
+
+
+def stop_all() -> None:
+    """End of the session: stop the thread, kill what still runs, remove the scratch folders."""
+    _STOPPING.set()
+    _QUEUE.put(None)
+    for job in _JOBS.values():
+        if job.proc is not None and job.proc.poll() is None:
+            job.proc.kill()
+        if job.scratch:
+            shutil.rmtree(job.scratch, ignore_errors=True)
