@@ -36,6 +36,11 @@ if CUDA:
     os.environ.setdefault("FASTVQ_AUTOTUNE", "0")
 else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # One intra-op thread (here and in subprocesses): the tensors are small, and beside the
+    # background jobs (tests/_background.py) a second OpenMP thread spin-waits for a busy core
+    # (tests/test_example.py: 12 s at 1 thread, 29 s at 2, on 2 cores with one busy).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if os.environ["TRITON_INTERPRET"] == "1" and os.environ.get("FASTVQ_INTERPRETER_SPEEDUPS", "1") == "1":
         from tests import _interpreter_speed
 
