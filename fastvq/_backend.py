@@ -19,8 +19,9 @@ backend as the forward did.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -110,3 +111,26 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
             "set it before the first fastvq op runs"
         )
     return True
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """``fn`` run with autocast off: the body of every fastvq op and of its backward.
+
+    A custom op has no autocast rule of its own, so under ``torch.autocast`` the aten ops inside
+    a reference body (its matmuls) would run in the autocast dtype, bfloat16 for float32 inputs,
+    while the Triton kernels ignore autocast: the backends would disagree and float32 inputs get
+    bfloat16 answers. Every fastvq op computes in the promoted dtype of its inputs, with or
+    without autocast, on both backends, forward and backward (cast the inputs to choose).
+    """
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not on:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for d in on:
+                stack.enter_context(torch.autocast(d, enabled=False))
+            return fn(*args, **kwargs)
+
+    return body

@@ -7,7 +7,8 @@ such test module registers its job here (:func:`register`); when collection ends
 calls :func:`start_selected`, which queues the jobs of the tests that will run on one background
 thread, one job at a time, in registration order. The test then calls :func:`result`, which
 waits for its job (or runs it at once if it was never queued, e.g. under ``pytest --collect-only``
-then a single test). ``FASTVQ_BACKGROUND_JOBS=0`` runs every job in the test that asks for it.
+then a single test). ``FASTVQ_BACKGROUND_JOBS=0``, or a pytest-xdist worker, runs every job in
+the test that asks for it.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def _matches(nodeid: str, prefix: str) -> bool:
 def start_selected(nodeids: list[str]) -> list[str]:
     """Queue the jobs some of ``nodeids`` will wait for; returns their names."""
     global _THREAD
-    if os.environ.get("FASTVQ_BACKGROUND_JOBS", "1") == "0":
-        return []
+    if os.environ.get("FASTVQ_BACKGROUND_JOBS", "1") == "0" or os.environ.get("PYTEST_XDIST_WORKER"):
+        return []  # off, or pytest-xdist spreads the tests over the cores itself
     started = []
     with _LOCK:
         for job in _JOBS.values():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._backend import without_autocast
 from .._checks import check_int_arg, check_real_arg, check_tensor
 from ._codebook import _check_sizes
 from ..ops.bitcodes import checked_bits
@@ -182,6 +183,7 @@ class Bitcodes(nn.Module):
         dtype = torch.promote_types(x.dtype, self.codebook.dtype)
         return x.to(dtype), self.codebook.to(dtype)
 
+    @without_autocast  # as every fastvq op: x's dtype decides, not autocast
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (..., D) -> (y (..., D), bits (..., num_bits) int64)``; ``y == from_bits(bits)``."""
         self._check_x(x)
@@ -192,8 +194,7 @@ class Bitcodes(nn.Module):
         # op: rounded to bf16, 256.5 and 256.75 would tie. ``pairs`` (the gradient's path) is the
         # unscaled score in x's dtype: +-inf where it overflows, never NaN for a finite x
         scale = _row_scale(x, codebook)  # (float32 for 16-bit x: the same as x's dtype otherwise)
-        with torch.autocast(x.device.type, enabled=False):  # (autocast would round them to 16 bits again)
-            scaled = F.linear(x.to(scale.dtype) * scale, codebook.to(scale.dtype)).unflatten(-1, (self.num_bits, 2))
+        scaled = F.linear(x.to(scale.dtype) * scale, codebook.to(scale.dtype)).unflatten(-1, (self.num_bits, 2))
         scale = scale.unsqueeze(-1)
         pairs = (scaled / scale).to(x.dtype)
         if self.training:
@@ -208,6 +209,7 @@ class Bitcodes(nn.Module):
         nan_row = pairs.isnan().flatten(-2).any(-1, keepdim=True)
         return out.masked_fill(nan_row, float("nan")), bits
 
+    @without_autocast
     def from_bits(self, bits: torch.Tensor) -> torch.Tensor:
         """``(..., num_bits)`` of 0/1 (integer, bool or float) -> ``(..., D)``, the codebook's
         dtype: the sum of the codebook rows the bits select. Differentiable in the codebook."""

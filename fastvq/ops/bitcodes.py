@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import assert_async, check_int_arg, check_tensor
+from ._custom_op import custom_op
 
 MAX_BITS = 63  # the codes are int64
 
@@ -40,7 +41,7 @@ def check_bit_values(op: str, bits: torch.Tensor) -> None:
 
 # The value checks live in custom-op bodies: those run eagerly even inside a compiled graph,
 # so torch.compile(fullgraph=True) traces these helpers and the checks still run.
-@torch.library.custom_op("fastvq::to_bits", mutates_args=())
+@custom_op("fastvq::to_bits", mutates_args=())
 def _to_bits_op(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
     idx = indices.long()
     if idx.numel():
@@ -63,7 +64,7 @@ def _(indices, num_bits):
     return indices.new_empty((*indices.shape, num_bits), dtype=torch.int64)
 
 
-@torch.library.custom_op("fastvq::to_decimal", mutates_args=())
+@custom_op("fastvq::to_decimal", mutates_args=())
 def _to_decimal_op(bits: torch.Tensor) -> torch.Tensor:
     check_bit_values("to_decimal", bits)
     weights = _bit_weights(bits.shape[-1], bits.device)
@@ -75,7 +76,7 @@ def _(bits):
     return bits.new_empty(bits.shape[:-1], dtype=torch.int64)
 
 
-@torch.library.custom_op("fastvq::checked_bits", mutates_args=())
+@custom_op("fastvq::checked_bits", mutates_args=())
 def _checked_bits_op(bits: torch.Tensor, owner: str) -> torch.Tensor:
     check_bit_values(owner, bits)
     return bits.to(torch.int64, copy=True)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .._backend import use_triton
+from ._custom_op import custom_op
 from .._checks import FLOAT_DTYPES, assert_async, check_float, check_int, check_int_arg, check_same_device, check_tensor
 from ..reference.code_statistics import code_statistics_full_ref
 
@@ -15,7 +16,7 @@ OP = "code_statistics"
 MAX_KEYS = 2**31 - 2  # L * num_codes + 1 keys (the last: out of range) must fit int32
 
 
-@torch.library.custom_op("fastvq::code_statistics", mutates_args=())
+@custom_op("fastvq::code_statistics", mutates_args=())
 def _code_statistics_op(
     x: torch.Tensor,
     indices: torch.Tensor,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
+from ._custom_op import custom_op
 from .._checks import assert_async, check_int_arg, check_tensor
 from ..reference.code_usage import CodeUsage, code_usage_counts_ref, out_of_range_detail, usage_from_counts
 
@@ -17,7 +18,7 @@ INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 MAX_CODEBOOK_SIZE = 2**31 - 1
 
 
-@torch.library.custom_op("fastvq::code_usage_counts", mutates_args=())
+@custom_op("fastvq::code_usage_counts", mutates_args=())
 def _code_usage_counts_op(indices: torch.Tensor, codebook_size: int, check: bool) -> torch.Tensor:
     """``(K + 1,)`` int64 counts; bin ``K`` counts ids outside ``[0, K)``. ``check=True`` rejects
     such ids without a host sync (:func:`fastvq._checks.assert_async`: a ``ValueError`` on the

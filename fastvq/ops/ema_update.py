@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
+from ._custom_op import custom_op
 from .._checks import check_float, check_real_arg, check_same_device, check_tensor
 from ..reference.ema_update import ema_decisions, ema_update_ref_, ema_update_rows_ref_
 
 
-@torch.library.custom_op("fastvq::ema_update_rows_", mutates_args=("codebook", "embed_avg"))
+@custom_op("fastvq::ema_update_rows_", mutates_args=("codebook", "embed_avg"))
 def _ema_update_rows_op(codebook: torch.Tensor, embed_avg: torch.Tensor, sums: torch.Tensor, keep: torch.Tensor,
                         live: torch.Tensor, smoothed: torch.Tensor, decay: float) -> None:
     if use_triton("ema_update", codebook, embed_avg, sums):
@@ -26,7 +27,7 @@ def _(codebook, embed_avg, sums, keep, live, smoothed, decay):
     return None
 
 
-@torch.library.custom_op("fastvq::codebook_snapshot", mutates_args=())
+@custom_op("fastvq::codebook_snapshot", mutates_args=())
 def _codebook_snapshot_op(codebook: torch.Tensor) -> torch.Tensor:
     return codebook.clone()
 

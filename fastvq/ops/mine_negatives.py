@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
+from ._custom_op import custom_op
 from .._checks import check_float, check_last_dim, check_same_device, check_tensor
 from ..reference.mine_negatives import mine_negatives_ref
 from ._search import STRATEGIES
 
 
-@torch.library.custom_op("fastvq::mine_negatives", mutates_args=())
+@custom_op("fastvq::mine_negatives", mutates_args=())
 def _mine_negatives_op(
     anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, strategy: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
+from ._custom_op import custom_op
 from ..reference.nearest_code import nearest_code_ref
 from ._search import search_inputs
 
 
-@torch.library.custom_op("fastvq::nearest_code", mutates_args=())
+@custom_op("fastvq::nearest_code", mutates_args=())
 def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, metric: str, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # x (H, N, D), codebook (H, K, D) -> (H, N) int64, (H, N) float32
     if use_triton("nearest_code", x, codebook):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import use_triton
+from .._backend import use_triton, without_autocast
+from ._custom_op import custom_op
 from .._checks import check_float, check_real_arg, check_same_device, check_tensor
 from ..reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
 
-@torch.library.custom_op("fastvq::pairwise_kl_loss", mutates_args=())
+@custom_op("fastvq::pairwise_kl_loss", mutates_args=())
 def _pairwise_kl_loss_op(
     pred: torch.Tensor, target: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,7 +44,7 @@ def _(pred, target, temperature):
     )
 
 
-@torch.library.custom_op("fastvq::pairwise_kl_loss_backward", mutates_args=())
+@custom_op("fastvq::pairwise_kl_loss_backward", mutates_args=())
 def _pairwise_kl_loss_bwd_op(
     grad: torch.Tensor,
     pred: torch.Tensor,
@@ -80,7 +81,7 @@ def _backward(ctx, grad, _grad_lse_p, _grad_lse_t):
     return grad_pred, None, None
 
 
-_pairwise_kl_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_pairwise_kl_loss_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
 
 
 def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,7 +8,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._backend import use_triton
+from .._backend import use_triton, without_autocast
+from ._custom_op import custom_op
 from .._checks import (assert_async, check_float, check_index_range, check_last_dim, check_same_device, check_tensor,
                        finite_limit)
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
@@ -24,7 +25,7 @@ def _empty(x, *shape, dtype=torch.float32):
     return x.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op("fastvq::residual_quantize", mutates_args=())
+@custom_op("fastvq::residual_quantize", mutates_args=())
 def _residual_quantize_op(
     x: torch.Tensor,
     codebooks: torch.Tensor,
@@ -92,7 +93,7 @@ def _(x, codebooks, weights=None, codes=None, slots=None, num_slots=0, loss=Fals
     )
 
 
-@torch.library.custom_op("fastvq::residual_quantize_bwd", mutates_args=())
+@custom_op("fastvq::residual_quantize_bwd", mutates_args=())
 def _residual_quantize_bwd_op(
     x: torch.Tensor,
     codebooks: torch.Tensor,
@@ -151,10 +152,10 @@ def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
     return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None) + (None,) * 8
 
 
-_residual_quantize_op.register_autograd(_backward, setup_context=_setup_context)
+_residual_quantize_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
 
 
-@torch.library.custom_op("fastvq::residual_candidate_slots", mutates_args=())
+@custom_op("fastvq::residual_candidate_slots", mutates_args=())
 def _candidate_slots_op(candidate_rows: torch.Tensor, n: int) -> torch.Tensor:
     """``candidate_rows (S,)`` -> ``slots (n,)`` int32: each row's slot, -1 for the others.
 
@@ -448,7 +449,7 @@ def residual_quantize_step(
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-@torch.library.custom_op("fastvq::residual_decode_rows", mutates_args=())
+@custom_op("fastvq::residual_decode_rows", mutates_args=())
 def _decode_rows_op(codes: torch.Tensor, num_embeddings: int, op: str = "residual_decode") -> torch.Tensor:
     """``codes (M, L')`` -> rows ``codes[:, l] + l * K`` of the flattened ``(L * K, D)`` codebooks.
 

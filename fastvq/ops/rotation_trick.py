@@ -6,14 +6,15 @@ import math
 
 import torch
 
-from .._backend import use_triton
+from .._backend import use_triton, without_autocast
+from ._custom_op import custom_op
 from .._checks import check_float, check_same_device, check_tensor
 from ..reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM, rotation_trick_bwd_ref
 
 __all__ = ["rotation_trick", "EPS_NORM", "EPS_ANTIPODAL"]
 
 
-@torch.library.custom_op("fastvq::rotation_trick", mutates_args=())
+@custom_op("fastvq::rotation_trick", mutates_args=())
 def _rotation_trick_op(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if use_triton("rotation_trick", e, q):
         from ..kernels.rotation_trick import rotation_trick_fwd
@@ -27,7 +28,7 @@ def _(e, q):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastvq::rotation_trick_bwd", mutates_args=())
+@custom_op("fastvq::rotation_trick_bwd", mutates_args=())
 def _rotation_trick_bwd_op(e: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if use_triton("rotation_trick", e, q, grad):
         from ..kernels.rotation_trick import rotation_trick_bwd
@@ -51,7 +52,7 @@ def _backward(ctx, grad):
     return grad_e, None
 
 
-_rotation_trick_op.register_autograd(_backward, setup_context=_setup_context)
+_rotation_trick_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
 
 
 def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
+from ._custom_op import custom_op
 from ..reference.sample_code import sample_code_ref
 from .._checks import check_int_arg, check_real_arg
 from ._search import search_inputs
 
 
-@torch.library.custom_op("fastvq::sample_code", mutates_args=())
+@custom_op("fastvq::sample_code", mutates_args=())
 def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, seed: torch.Tensor, temperature: float, metric: str,
                     allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # x (H, N, D), codebook (H, K, D), seed () int64 -> (H, N) int64, (H, N) float32

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .._backend import use_triton
+from ._custom_op import custom_op
 from .._checks import check_bool_arg, check_tensor
 from ..reference.semantic_ids import semantic_ids_ref
 
@@ -16,7 +17,7 @@ __all__ = ["SemanticIdStats", "semantic_id_stats", "semantic_ids"]
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
-@torch.library.custom_op("fastvq::semantic_ids", mutates_args=())
+@custom_op("fastvq::semantic_ids", mutates_args=())
 def _semantic_ids_op(codes: torch.Tensor) -> torch.Tensor:
     if use_triton("semantic_ids", codes):
         from ..kernels.semantic_ids import semantic_ids_fwd

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
+from ._custom_op import custom_op
 from ..reference.topk_codes import topk_codes_ref
 from .._checks import check_int_arg
 from ._search import search_inputs
@@ -12,7 +13,7 @@ from ._search import search_inputs
 MAX_K = 128  # the kernel keeps a row's k best in registers
 
 
-@torch.library.custom_op("fastvq::topk_codes", mutates_args=())
+@custom_op("fastvq::topk_codes", mutates_args=())
 def _topk_codes_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
                    allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # x (H, N, D), codebook (H, K, D) -> (H, N, k) int64, (H, N, k) float32
