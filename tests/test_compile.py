@@ -157,3 +157,21 @@ def test_inductor_ema_training_steps_match_eager(make):
         for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
             if a.is_floating_point():
                 assert_close(b, a, torch.float32, 16, msg=name)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")], ids=["negative", "nan", "inf"])
+def test_compiled_step_checks_row_weights(backend, bad):
+    """probe5 K1: the float row-weight check runs inside an op, so a compiled step raises the
+    ValueError eager does (it was traced in the Python wrapper, and the compiled graph dropped it)."""
+    x, cbs = randn(6, 4, seed=1), randn(2, 3, 4, seed=2)
+    vq = fastvq.nn.VectorQuantizer(3, 4, ema=True)
+    step = torch.compile(lambda w: fastvq.residual_quantize_step(x, cbs, weights=w).commitment_loss,
+                         fullgraph=True, backend="aot_eager")
+    module = torch.compile(lambda w: vq(x, mask=w)[1], fullgraph=True, backend="aot_eager")
+    good = torch.ones(6)
+    step(good), module(good)
+    w = good.clone()
+    w[2] = bad
+    for fn in (step, module):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            fn(w)

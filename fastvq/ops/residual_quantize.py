@@ -278,23 +278,29 @@ class ResidualQuantizeStep(NamedTuple):
     candidates_ok: Optional[torch.Tensor] = None
 
 
-def _normalised_weights(op: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float row weights ``w (N,)`` float32, checked finite and >= 0 (:func:`assert_async`, no
-    host read) and scaled by the power of two that brings their max into ``[0.5, 1)``: the losses
-    are weighted means (scale-invariant), and ``W = sum w`` can then neither overflow (8 rows of
-    5e37) nor underflow; no weight grows, so a weighted residual ``w r`` of the statistics
-    overflows only where ``r`` does (a max in ``[1, 2)`` turned a row of 3e38 at weight 0.75
-    into 4.5e38: inf, where the statistics, scaled back, are 2.25e38). Returns them and the power of two that scales the statistics back (they
-    keep the weights as given), or ``None`` for ``N = 0``. Three passes over the ``N`` weights
-    (check, max, scale), nothing of size ``N x D``."""
-    if w.numel() == 0:
-        return w, None
-    assert_async(op, ((w >= 0) & (w < float("inf"))).all(),
+@custom_op("fastvq::normalised_weights", mutates_args=())
+def _normalised_weights_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float row weights ``w (N,)`` float32, ``N >= 1``, checked finite and >= 0
+    (:func:`assert_async`, no host read) and scaled by the power of two that brings their max
+    into ``[0.5, 1)``: the losses are weighted means (scale-invariant), and ``W = sum w`` can
+    then neither overflow (8 rows of 5e37) nor underflow; no weight grows, so a weighted residual
+    ``w r`` of the statistics overflows only where ``r`` does (a max in ``[1, 2)`` turned a row
+    of 3e38 at weight 0.75 into 4.5e38: inf, where the statistics, scaled back, are 2.25e38).
+    Returns them and the 0-d power of two that scales the statistics back (they keep the weights
+    as given). Three passes over the ``N`` weights (check, max, scale), nothing of size
+    ``N x D``. A custom op so that the check runs inside compiled graphs too (probe5 K1: traced
+    in the Python wrapper, ``torch.compile`` dropped it)."""
+    assert_async("residual_quantize_step", ((w >= 0) & (w < float("inf"))).all(),
                  lambda: f"weights must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")
     _, e = torch.frexp(w.amax())  # max = m 2^e, m in [0.5, 1) (e = 0 for max = 0: nothing changes)
     k = -e  # w 2^k: max in [0.5, 1); k in [-128, 149], applied in two exact halves (2^149 overflows)
     w = torch.ldexp(torch.ldexp(w, k // 2), k - k // 2)
     return w, torch.ldexp(torch.ldexp(torch.ones((), device=w.device), -(k // 2)), k // 2 - k)
+
+
+@_normalised_weights_op.register_fake
+def _(w):
+    return torch.empty_like(w), w.new_empty(())
 
 
 def residual_quantize_step(
@@ -388,7 +394,9 @@ def residual_quantize_step(
         if weights.dtype == torch.bool:  # a padding mask: 0 or 1, W <= N, nothing to check or scale
             weights = weights.detach().reshape(N).float()
         else:
-            weights, stat_scale = _normalised_weights(op, weights.detach().reshape(N).float())
+            weights = weights.detach().reshape(N).float()
+            if N > 0:
+                weights, stat_scale = _normalised_weights_op(weights)
     if codes is not None:
         check_tensor(op, "codes", codes)
         if codes.dtype != torch.int64:
