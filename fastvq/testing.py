@@ -226,6 +226,9 @@ def _errors(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, o
     ok_special = ok_special | (~nan_exp & ~exp.isinf() & (ratio <= 1))
     ratio = torch.where(nan_exp | inf_exp, torch.where(ok_special, 0.0, math.inf), ratio)
     ratio = torch.where(~nan_exp & act.isnan(), math.inf, ratio)  # a made-up NaN always fails
+    # a bound that is NaN (a magnitude computed from inputs holding inf: inf * 0) passes nothing
+    # but an exact match
+    ratio = torch.where(ratio.isnan(), math.inf, ratio)
     return ratio, act, exp
 
 
@@ -409,8 +412,11 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     (the store plus the fp32 work inside, ``condition`` being how much the formula amplifies it);
     ``zeros`` counts elements that are exactly 0 where ``|exact| > floor`` (default: the absolute
     error the fp32 work could make, ``FACTOR condition gamma max|exact|``, plus the dtype's
-    smallest subnormal); ``nonfinite`` counts non-finite values where ``exact`` is finite.
-    ``ratio`` is ``rel_err / rtol``, or ``inf`` when ``zeros`` or ``nonfinite`` is non-zero.
+    smallest subnormal); ``nonfinite`` counts non-finite values where ``exact`` is finite;
+    ``special`` counts elements where ``exact`` is not finite and ``actual`` is not the same
+    value (NaN requires NaN, +-inf that infinity, as :func:`assert_close`).
+    ``ratio`` is ``rel_err / rtol`` over the finite elements of ``exact``, or ``inf`` when
+    ``zeros``, ``nonfinite`` or ``special`` is non-zero.
     """
     dtype = dtype or actual.dtype
     act = actual.detach().to(torch.float64)
@@ -421,12 +427,14 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     fin = ex.isfinite()
     nonfinite = int((fin & ~act.isfinite()).sum())
     zeros = int(((act == 0) & fin & (ex.abs() > floor)).sum())
+    special = int((~fin & ~torch.where(ex.isnan(), act.isnan(), act == ex)).sum())
     a, e = torch.where(fin, act, 0.0), torch.where(fin, ex, 0.0)
     den = float(e.norm())
     num = float((a - e).norm()) if nonfinite == 0 else math.inf
     rel = (num / den) if den > 0 else (0.0 if num == 0 else math.inf)
-    ratio = math.inf if zeros or nonfinite else rel / rtol
-    return {"rel_err": rel, "rtol": rtol, "ratio": ratio, "zeros": zeros, "nonfinite": nonfinite, "floor": floor}
+    ratio = math.inf if zeros or nonfinite or special else rel / rtol
+    return {"rel_err": rel, "rtol": rtol, "ratio": ratio, "zeros": zeros, "nonfinite": nonfinite,
+            "special": special, "floor": floor}
 
 
 def assert_grad_nondegenerate(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype | None = None,
@@ -459,6 +467,11 @@ def assert_grad_nondegenerate(actual: torch.Tensor, exact: torch.Tensor, *, dtyp
         raise AssertionError(f"{label}: {r['nonfinite']} non-finite elements where the exact gradient is finite; "
                              f"first at index {_where(where, act.shape)}: actual {float(act.reshape(-1)[where])}, "
                              f"exact {float(ex.reshape(-1)[where]):.6g}")
+    if r["special"]:
+        where = int((~ex.isfinite() & ~torch.where(ex.isnan(), act.isnan(), act == ex)).reshape(-1).int().argmax())
+        raise AssertionError(f"{label}: {r['special']} elements differ where the exact gradient is not finite "
+                             f"(NaN requires NaN, +-inf that infinity); first at index {_where(where, act.shape)}: "
+                             f"actual {float(act.reshape(-1)[where])}, exact {float(ex.reshape(-1)[where])}")
     diff = (act - ex).abs().reshape(-1)
     worst = int(diff.argmax())
     raise AssertionError(

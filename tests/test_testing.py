@@ -262,3 +262,31 @@ def test_bounds_hold_on_tensor_cores(dtype, device):
         pytest.skip("torch.mm has no out_dtype here")
     s = (c.float() * c.float()).sum(-1) - 2 * xc
     ft.assert_argmin_within_bound(x, c, s.argmin(1), "l2")
+
+
+def test_a_nan_bound_passes_only_an_exact_match():
+    """probe5 T1: a NaN magnitude (computed from inputs holding inf) made assert_close pass 5 vs 1."""
+    exp = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    for magnitude in (float("nan"), torch.tensor([float("nan"), 1.0], dtype=torch.float64)):
+        with pytest.raises(AssertionError):
+            ft.assert_close(torch.tensor([5.0, 1.0]), exp, dtype=torch.float32, magnitude=magnitude)
+        assert ft.error_ratio(torch.tensor([5.0, 1.0]), exp, dtype=torch.float32, magnitude=magnitude) == math.inf
+        ft.assert_close(torch.tensor([1.0, 1.0]), exp, dtype=torch.float32, magnitude=magnitude)
+
+
+@pytest.mark.parametrize("actual, exact, ok", [
+    ([-math.inf, 1.0], [math.inf, 1.0], False),
+    ([3.0, 1.0], [math.nan, 1.0], False),
+    ([0.0, 1.0], [math.inf, 1.0], False),
+    ([math.inf, 1.0], [math.inf, 1.0], True),
+    ([math.nan, 1.0], [math.nan, 1.0], True),
+], ids=["-inf-for-inf", "number-for-nan", "zero-for-inf", "inf", "nan"])
+def test_gradient_criteria_hold_non_finite_exact_values(actual, exact, ok):
+    """probe5 T1: elements whose exact gradient is not finite follow assert_close's rule."""
+    a, e = torch.tensor(actual), torch.tensor(exact, dtype=torch.float64)
+    assert (ft.grad_ratio(a, e)["ratio"] <= 1) == ok
+    if ok:
+        ft.assert_grad_nondegenerate(a, e)
+    else:
+        with pytest.raises(AssertionError, match="not finite"):
+            ft.assert_grad_nondegenerate(a, e)
