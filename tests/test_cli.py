@@ -191,3 +191,63 @@ def test_no_pytest_benchmark_front_end():
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "fastvq", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "bench" in out.stdout and "check" in out.stdout
+
+
+# --------------------------------------------------------------------------- what check covers
+
+
+def _decorated_launchers():
+    """(module, name) of every function decorated ``@launcher`` in kernels/*.py (read from the source)."""
+    out = []
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                    (d.id if isinstance(d, ast.Name) else getattr(d, "attr", None)) == "launcher"
+                    for d in node.decorator_list):
+                out.append((f"fastvq.kernels.{path.stem}", node.name))
+    return out
+
+
+def test_default_check_runs_every_launcher(monkeypatch, capsys):
+    # the ops import their launcher from its module when they run: a spy on the module attribute
+    # sees every call the check makes (float32 only: which launchers run does not depend on dtype)
+    import importlib
+
+    launchers = _decorated_launchers()
+    assert len(launchers) >= 17, launchers
+    called = set()
+    for mod_name, name in launchers:
+        mod = importlib.import_module(mod_name)
+
+        def spy(*args, _real=getattr(mod, name), _key=(mod_name, name), **kwargs):
+            called.add(_key)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, spy)
+    assert main(["check", "--dtypes", "float32"]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    missing = [f"{m}.{n}" for m, n in launchers if (m, n) not in called]
+    assert not missing, f"launchers the default check never runs: {missing}"
+
+
+@pytest.mark.parametrize("wrong", ["grad_x", "grad_codebooks", "rotation_as_ste"])
+def test_check_fails_on_a_wrong_residual_quantize_step_backward(wrong, monkeypatch, capsys):
+    import fastvq
+
+    real = fastvq.residual_quantize_step
+
+    def off(x, codebooks, **kwargs):
+        if wrong == "rotation_as_ste":
+            kwargs["grad"] = "ste"  # values unchanged, the straight-through gradient where rotation was asked
+        out = real(x, codebooks, **kwargs)
+        if wrong == "grad_x":  # same values, 1.01 times the gradient reaching x through quantized
+            return out._replace(quantized=out.quantized + 0.01 * (out.quantized - out.quantized.detach()))
+        if wrong == "grad_codebooks":  # same values, 1.01 times the codebooks' gradient
+            e = out.embedding_loss
+            return out._replace(embedding_loss=e + 0.01 * (e - e.detach()))
+        return out
+
+    monkeypatch.setattr(fastvq, "residual_quantize_step", off)
+    assert main(["check", "--ops", "residual_quantize_step", "--dtypes", "float32", "bfloat16"]) == 1
+    out = capsys.readouterr().out
+    assert re.findall(r"^residual_quantize_step +(\w+) +FAIL ", out, re.M) == ["float32", "bfloat16"], out
