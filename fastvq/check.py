@@ -5,9 +5,11 @@ interpreter on small shapes. Each check computes the op with the Triton backend,
 computation in float64 on the same (rounded) inputs, and the worst ratio of error to the
 rounding bound of :mod:`fastvq.testing` (unit roundoff, reduction length, sum of ``|terms|``):
 a row PASSes at a ratio <= 1. Nearest-code choices are judged row by row (a code is right when
-its distance is within the rounding bound of the true minimum), gradients must also be
+its distance is within the rounding bound of the true minimum; a top-k list rank by rank; a
+sampled code against the kernel's documented Gumbel noise), gradients must also be
 non-degenerate, and exact results (indices, counts, semantic ids, rotation-trick forward) must
-match exactly (ratio 0, else inf). Prints a table and returns non-zero if any check fails. This is
+match exactly (ratio 0, else inf). Every launcher in ``fastvq.kernels`` runs at least once
+(tests/test_cli.py holds that). Prints a table and returns non-zero if any check fails. This is
 how a user validates fastvq on their GPU.
 """
 
