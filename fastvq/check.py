@@ -277,22 +277,23 @@ def check_sample_code(device, dtype):
     from fastvq.reference.sample_code import gumbel
 
     x, cb = _randn(83, 40, device=device, dtype=dtype), _randn(71, 40, device=device, dtype=dtype)
-    d, mag, n = ft.distances64(x, cb, "l2")
     u = torch.finfo(torch.float32).eps / 2
     worst = 0.0
-    for temperature, seed in ((1e-6, 11), (1.0, 12), (4.0, 13)):
-        idx, dist = _triton(lambda: fastvq.sample_code(x, cb, temperature, seed=seed))
-        g = gumbel(torch.tensor(seed, device=device), torch.arange(83, device=device), 71, 0).double()
-        # float32 key distance / T - g: the scale 1/T, the product and the difference round (3u of
-        # |score| + T|g|), and the kernel's log may differ from torch's by a few ulps (T (1 + |g|))
-        bound = _search_bound(d, mag, n, dtype) + 8 * u * (mag + temperature * (2 + g.abs()))
-        ratio = _ranked_ratio(d - temperature * g, bound, idx[:, None])
-        # (at 1e-6 the noise term moves a key by at most 21e-6, a few percent of the smallest
-        # bound: the sample is the nearest code within the rounding bound)
-        pick = idx.clamp(0, 70)[:, None]
-        worst = max(worst, float(ratio.max()),
-                    ft.error_ratio(dist, d.gather(1, pick).squeeze(1), dtype=dtype, reduce_len=n + 1,
-                                   magnitude=mag.gather(1, pick).squeeze(1), out_dtype=torch.float32))
+    for metric in ("l2", "cosine", "dot"):
+        d, mag, n = ft.distances64(x, cb, metric)
+        for temperature, seed in ((1e-7, 11), (2.0, 12)):
+            idx, dist = _triton(lambda: fastvq.sample_code(x, cb, temperature, metric=metric, seed=seed))
+            g = gumbel(torch.tensor(seed, device=device), torch.arange(83, device=device), 71, 0).double()
+            # float32 key distance / T - g: the scale 1/T, the product and the difference round
+            # (3u of |score| + T|g|), and the kernel's log may differ from torch's by a few ulps
+            # (T (1 + |g|)). At T = 1e-7 the noise term (|T g| < 2e-6) is under a quarter of the
+            # smallest distance bound here: the sample is the nearest code up to rounding.
+            bound = _search_bound(d, mag, n, dtype) + 8 * u * (mag + temperature * (2 + g.abs()))
+            ratio = _ranked_ratio(d - temperature * g, bound, idx[:, None])
+            pick = idx.clamp(0, 70)[:, None]
+            worst = max(worst, float(ratio.max()),
+                        ft.error_ratio(dist, d.gather(1, pick).squeeze(1), dtype=dtype, reduce_len=n + 1,
+                                       magnitude=mag.gather(1, pick).squeeze(1), out_dtype=torch.float32))
     return worst
 
 
@@ -352,7 +353,7 @@ def check_residual_quantize_step(device, dtype):
             counts64 = torch.zeros(K, dtype=torch.float64, device=device).index_add_(0, idx, wl.squeeze(1))
             sums64 = torch.zeros(K, D, dtype=torch.float64, device=device).index_add_(0, idx, wl * r64)
             smag = torch.zeros(K, D, dtype=torch.float64, device=device).index_add_(0, idx, wl * A)
-            n_stat = int(torch.bincount(idx, minlength=K).max()) + L + 2
+            n_stat = max(n_stat, int(torch.bincount(idx, minlength=K).max()) + L + 2)
             worst = max(worst, ft.error_ratio(out.counts[lvl], counts64, dtype=torch.float32, reduce_len=n_stat),
                         ft.error_ratio(out.sums[lvl], sums64, dtype=dtype, reduce_len=n_stat, magnitude=smag,
                                        out_dtype=torch.float32))
