@@ -309,8 +309,8 @@ def _rotation64(e64, q64, g64):
 
 
 def check_residual_quantize_step(device, dtype):
-    """The training step with row weights (some 0) and statistics: codes, quantized, loss and
-    statistics of the forward, and x.grad and codebooks.grad of the fused backward (ste and
+    """The training step with row weights (some 0), statistics and dead-code candidates: codes,
+    quantized, losses, statistics and candidates of the forward, and x.grad and codebooks.grad of the fused backward (ste and
     rotation) against float64 formulas of the op's docstring, given the codes it returned."""
     N, D, L, K = 89, 36, 3, 29
     x0 = _randn(N, D, device=device, dtype=dtype)
@@ -319,6 +319,8 @@ def check_residual_quantize_step(device, dtype):
     w[::7] = 0.0  # padding rows: identity gradient, nothing in the losses or statistics
     G = _randn(N, D, device=device, dtype=dtype)  # upstream gradient of quantized
     a, b = 0.25, 1.0  # upstream gradients of the commitment and embedding losses
+    # dead-code candidate rows (distinct), padding row 0 among them
+    rows = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), 1 + torch.randperm(N - 1, device=device)[:10]])
     x64, w64, G64 = x0.double(), w.double()[:, None], G.double()
     live = w64 != 0
     W = w64.sum()
@@ -327,7 +329,7 @@ def check_residual_quantize_step(device, dtype):
         x, cbs = x0.clone().requires_grad_(), cbs0.clone().requires_grad_()
 
         def run():
-            out = fastvq.residual_quantize_step(x, cbs, weights=w, grad=mode, statistics=True)
+            out = fastvq.residual_quantize_step(x, cbs, weights=w, grad=mode, statistics=True, candidate_rows=rows)
             torch.autograd.backward([out.quantized, out.commitment_loss, out.embedding_loss],
                                     [G, torch.tensor(a, dtype=dtype, device=device),
                                      torch.tensor(b, dtype=dtype, device=device)])
@@ -348,6 +350,11 @@ def check_residual_quantize_step(device, dtype):
             # the codes: each level's nearest code to the float32 residual the kernel searched with
             worst = max(worst, float(ft.argmin_ratio(r32.to(dtype), cbs0[lvl], idx, "l2")[0].max()))
             c64 = cb64[idx]
+            # candidates: the midpoint (r_l + c_l) / 2 of each candidate row's residual and code,
+            # flagged ok where the row has nonzero weight (every residual and code here is finite)
+            worst = max(worst, _exact(torch.equal(out.candidates_ok[lvl], live.squeeze(1)[rows])),
+                        ft.error_ratio(out.candidates[lvl], ((r64 + c64) / 2)[rows], dtype=dtype, reduce_len=L + 2,
+                                       magnitude=((A + c64.abs()) / 2)[rows], out_dtype=torch.float32))
             # statistics of the residual this level quantized, rows of nonzero weight, as given
             wl = torch.where(live, w64, 0.0)
             counts64 = torch.zeros(K, dtype=torch.float64, device=device).index_add_(0, idx, wl.squeeze(1))
