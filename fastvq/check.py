@@ -39,6 +39,47 @@ def _randn(*shape, device, dtype, scale=1.0):
     return (torch.randn(*shape, device=device) * scale).to(dtype)
 
 
+def _ranked_ratio(key, bound, idx):
+    """Per row and rank, ``(N, k)``: the ratio of :func:`fastvq.testing.argmin_ratio` for the code
+    chosen at rank ``j`` among the codes not chosen at ranks ``< j``. ``key (N, K)`` float64 is the
+    exact quantity the kernel minimises, ``bound (N, K)`` the rounding bound of its float32 value:
+    a choice is consistent with rounding iff ``key_j - bound_j <= min_k (key_k + bound_k)`` over the
+    codes still open. An index outside ``[0, K)`` or repeated within its row gets ``inf``."""
+    N, K = key.shape
+    safe = idx.clamp(0, K - 1)
+    taken = torch.zeros_like(key, dtype=torch.bool)
+    out = []
+    for j in range(idx.shape[1]):
+        open_key = torch.where(taken, math.inf, key)
+        lo = open_key.min(1).values
+        upper = torch.where(taken, math.inf, key + bound).min(1).values
+        pick = safe[:, j : j + 1]
+        kj, bj = key.gather(1, pick).squeeze(1), bound.gather(1, pick).squeeze(1)
+        gap = kj - lo
+        ratio = torch.where(gap <= 0, 0.0, gap / (bj + upper - lo))
+        bad = (idx[:, j] < 0) | (idx[:, j] >= K) | taken.gather(1, pick).squeeze(1)
+        out.append(torch.where(bad, math.inf, ratio))
+        taken = taken.scatter(1, pick, True)
+    return torch.stack(out, 1)
+
+
+def _search_bound(d, mag, n, dtype):
+    """The rounding bound of a search kernel's float32 distance (fp32 accumulation; e_ops = 0: exact
+    fp32 products or 16-bit products exact in fp32, no tf32): :func:`fastvq.testing.error_bound`."""
+    return ft.error_bound(d, dtype=dtype, reduce_len=n, magnitude=mag, out_dtype=torch.float32)
+
+
+def _rotation64(e64, q64, g64):
+    """The rotation trick's gradient to ``e`` in float64 (:func:`fastvq.rotation_trick`), the
+    elementwise magnitude of its float32 computation and the row's conditioning ``1 + 1/|e^ + q^|``."""
+    a, b = e64.norm(dim=-1, keepdim=True), q64.norm(dim=-1, keepdim=True)
+    eh, qh = e64 / a, q64 / b
+    w = (eh + qh) / (eh + qh).norm(dim=-1, keepdim=True)
+    exact = (b / a) * (g64 - 2 * (g64 * w).sum(-1, keepdim=True) * w + 2 * (g64 * qh).sum(-1, keepdim=True) * eh)
+    cond = 1 + 1 / (eh + qh).norm(dim=-1, keepdim=True)  # w = s/|s| amplifies rounding near the antipode
+    return exact, (b / a) * g64.norm(dim=-1, keepdim=True) * cond, cond
+
+
 def check_nearest_code(device, dtype):
     worst = 0.0
     for metric in ("l2", "euclidean", "cosine", "dot"):
@@ -219,36 +260,6 @@ def check_pairwise_kl_loss(device, dtype):
                                              condition=float(dots) + 2)["ratio"])
 
 
-def _ranked_ratio(key, bound, idx):
-    """Per row and rank, ``(N, k)``: the ratio of :func:`fastvq.testing.argmin_ratio` for the code
-    chosen at rank ``j`` among the codes not chosen at ranks ``< j``. ``key (N, K)`` float64 is the
-    exact quantity the kernel minimises, ``bound (N, K)`` the rounding bound of its float32 value:
-    a choice is consistent with rounding iff ``key_j - bound_j <= min_k (key_k + bound_k)`` over the
-    codes still open. An index outside ``[0, K)`` or repeated within its row gets ``inf``."""
-    N, K = key.shape
-    safe = idx.clamp(0, K - 1)
-    taken = torch.zeros_like(key, dtype=torch.bool)
-    out = []
-    for j in range(idx.shape[1]):
-        open_key = torch.where(taken, math.inf, key)
-        lo = open_key.min(1).values
-        upper = torch.where(taken, math.inf, key + bound).min(1).values
-        pick = safe[:, j : j + 1]
-        kj, bj = key.gather(1, pick).squeeze(1), bound.gather(1, pick).squeeze(1)
-        gap = kj - lo
-        ratio = torch.where(gap <= 0, 0.0, gap / (bj + upper - lo))
-        bad = (idx[:, j] < 0) | (idx[:, j] >= K) | taken.gather(1, pick).squeeze(1)
-        out.append(torch.where(bad, math.inf, ratio))
-        taken = taken.scatter(1, pick, True)
-    return torch.stack(out, 1)
-
-
-def _search_bound(d, mag, n, dtype):
-    """The rounding bound of a search kernel's float32 distance (fp32 accumulation; e_ops = 0: exact
-    fp32 products or 16-bit products exact in fp32, no tf32): :func:`fastvq.testing.error_bound`."""
-    return ft.error_bound(d, dtype=dtype, reduce_len=n, magnitude=mag, out_dtype=torch.float32)
-
-
 def check_topk_codes(device, dtype):
     worst = 0.0
     for metric, k in (("l2", 5), ("euclidean", 3), ("cosine", 4), ("dot", 2)):
@@ -297,21 +308,11 @@ def check_sample_code(device, dtype):
     return worst
 
 
-def _rotation64(e64, q64, g64):
-    """The rotation trick's gradient to ``e`` in float64 (:func:`fastvq.rotation_trick`), the
-    elementwise magnitude of its float32 computation and the row's conditioning ``1 + 1/|e^ + q^|``."""
-    a, b = e64.norm(dim=-1, keepdim=True), q64.norm(dim=-1, keepdim=True)
-    eh, qh = e64 / a, q64 / b
-    w = (eh + qh) / (eh + qh).norm(dim=-1, keepdim=True)
-    exact = (b / a) * (g64 - 2 * (g64 * w).sum(-1, keepdim=True) * w + 2 * (g64 * qh).sum(-1, keepdim=True) * eh)
-    cond = 1 + 1 / (eh + qh).norm(dim=-1, keepdim=True)  # w = s/|s| amplifies rounding near the antipode
-    return exact, (b / a) * g64.norm(dim=-1, keepdim=True) * cond, cond
-
-
 def check_residual_quantize_step(device, dtype):
     """The training step with row weights (some 0), statistics and dead-code candidates: codes,
-    quantized, losses, statistics and candidates of the forward, and x.grad and codebooks.grad of the fused backward (ste and
-    rotation) against float64 formulas of the op's docstring, given the codes it returned."""
+    quantized, losses, statistics and candidates of the forward, and x.grad and codebooks.grad of
+    the fused backward (ste and rotation) against float64 formulas of the op's docstring, given
+    the codes it returned."""
     N, D, L, K = 89, 36, 3, 29
     x0 = _randn(N, D, device=device, dtype=dtype)
     cbs0 = _randn(L, K, D, device=device, dtype=dtype, scale=0.5)
@@ -320,7 +321,8 @@ def check_residual_quantize_step(device, dtype):
     G = _randn(N, D, device=device, dtype=dtype)  # upstream gradient of quantized
     a, b = 0.25, 1.0  # upstream gradients of the commitment and embedding losses
     # dead-code candidate rows (distinct), padding row 0 among them
-    rows = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), 1 + torch.randperm(N - 1, device=device)[:10]])
+    rows = torch.cat([torch.zeros(1, dtype=torch.int64, device=device),
+                      1 + torch.randperm(N - 1, device=device)[:10]])
     x64, w64, G64 = x0.double(), w.double()[:, None], G.double()
     live = w64 != 0
     W = w64.sum()
@@ -343,7 +345,8 @@ def check_residual_quantize_step(device, dtype):
         r64, A = x64.clone(), x64.abs()  # A: |x| + sum of the |codes| so far (the float32 residual's magnitude)
         sq64 = sqmag = torch.zeros((), dtype=torch.float64, device=device)
         commit64, commit_mag = torch.zeros_like(x64), torch.zeros_like(x64)
-        dcb64, dcb_mag = torch.zeros(L, K, D, dtype=torch.float64, device=device), torch.zeros(L, K, D, dtype=torch.float64, device=device)
+        dcb64 = torch.zeros(L, K, D, dtype=torch.float64, device=device)
+        dcb_mag = torch.zeros_like(dcb64)
         n_stat = 0
         for lvl in range(L):
             idx, cb64 = codes[:, lvl], cbs0[lvl].double()
