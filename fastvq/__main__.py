@@ -14,6 +14,16 @@ import os
 import sys
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,12 +40,19 @@ def main(argv=None) -> int:
     b.add_argument("--traffic", action="store_true",
                    help="count passes over the activations, launches and host syncs per training step and op "
                         "(any device) and write traffic.json")
-    b.add_argument("--traffic-scale", type=int, default=None,
+    b.add_argument("--traffic-scale", type=_positive_int, default=None,
                    help="divide the traffic rows' sizes by this (default 8 without CUDA, 1 with)")
     c = sub.add_parser("check", help="run every op's Triton kernels against its reference on this machine")
     c.add_argument("--ops", nargs="+", help="only these ops")
     c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
+    if getattr(args, "out", None):
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            if not os.access(args.out, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as exc:
+            parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
 
     import torch
 

@@ -64,6 +64,27 @@ def test_unknown_name_lists_the_valid_ones(command, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--providers", "nosuch", "--ops", "pairwise_sqdist", "--no-check"], "unknown provider(s) ['nosuch']"),
+    (["--traffic", "--ops", "nosuch"], "unknown traffic row(s) ['nosuch']"),
+    (["--traffic", "--traffic-scale", "0"], "--traffic-scale: must be a positive integer, got 0"),
+    (["--traffic", "--traffic-scale", "-3"], "--traffic-scale: must be a positive integer, got -3"),
+    (["--ops", "pairwise_sqdist", "--out", "/proc/no/such/folder"], "--out /proc/no/such/folder: cannot write there"),
+], ids=["provider", "traffic-row", "scale-0", "scale-negative", "out"])
+def test_bench_rejects_bad_arguments_by_name(argv, says, tmp_path, capsys):
+    """probe5 CLI2: these ran with empty results (exit 0) or ended in a traceback."""
+    if "--out" not in argv:
+        argv = [*argv, "--out", str(tmp_path)]
+    try:
+        code = main(["bench", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_bench_list_prints_groups_in_run_order(capsys):
     assert main(["bench", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -359,6 +359,10 @@ def run_bench(ops=None, quick: bool = False, out_dir: str | None = None, plot: b
               "no roofline.\n")
     notes: list[str] = []
     todo = registry.build_cases(device=device, quick=quick or not cuda, ops=ops, notes=notes)
+    known = sorted({n for case in todo for n in (*case.providers, *case.peers)})
+    unknown = sorted(set(providers or ()) - set(known))
+    if unknown:
+        raise ValueError(f"unknown provider(s) {unknown} for these rows; they have: {known}")
     for note in notes:
         print(note)
     stem = name or result_stem(env, cuda)

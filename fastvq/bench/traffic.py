@@ -593,7 +593,12 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scale = default_scale(device) if scale is None else scale
-    cases = [c for c in all_cases() if not names or any(n in c.name for n in names)]
+    every = all_cases()
+    unmatched = [n for n in (names or ()) if not any(n in c.name for c in every)]
+    if unmatched:
+        raise ValueError(f"unknown traffic row(s) {unmatched}: --ops keeps the rows whose name contains one "
+                         f"of its words; the rows are: {[c.name for c in every]}")
+    cases = [c for c in every if not names or any(n in c.name for n in names)]
     if scale != 1:
         print(f"Counting at 1/{scale} of the named row counts and codebook sizes (same pass counts, "
               f"{scale}x less interpreted work); --traffic-scale 1 for the named shapes.\n")

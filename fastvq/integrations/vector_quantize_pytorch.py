@@ -72,7 +72,9 @@ What differs from unpatched VQP, on purpose, and only there:
   sampled step, later random choices (dead-code replacement) differ from an unpatched run.
 - Numbers are never made up: a code with a NaN never wins (VQP's ``argmax`` picks a NaN
   distance); a row of NaNs gets code 0; rows with a NaN or infinite entry are left out of the EMA
-  statistics (in VQP one such row makes every code's sum NaN).
+  statistics (in VQP one such row makes every code's sum NaN) and are never a k-means starting
+  mean (VQP draws from every row, and a NaN mean stays a code for good). VQP's own dead-code
+  replacement, which runs as it is, can still draw such a row as a new code.
 - The quantized vectors and the EMA statistics are exact rows and exact float32 sums: with TF32
   on, VQP rounds them through its TF32 one-hot matmuls; the search follows the global TF32
   setting (``torch.backends.cuda.matmul.fp32_precision``) as VQP's distance matmul does.
@@ -480,7 +482,7 @@ def _kmeans(samples, num_clusters, num_iters=10, use_cosine_sim=False, sample_fn
         return original(samples, num_clusters, num_iters, use_cosine_sim, sample_fn, all_reduce_fn)
     _count("kmeans")
     metric = "dot" if use_cosine_sim else "l2"
-    means = sample_fn(samples, num_clusters)
+    means = _finite_starts(sample_fn(samples, num_clusters), samples)
     for _ in range(num_iters):
         buckets = _search(samples, means, metric)
         counts_, sums = _statistics(samples, buckets, num_clusters, None)
@@ -493,6 +495,25 @@ def _kmeans(samples, num_clusters, num_iters=10, use_cosine_sim=False, sample_fn
             new_means = _vqp.l2norm(new_means)
         means = torch.where(empty.unsqueeze(-1), means, new_means)
     return means, bins
+
+
+def _finite_starts(means, samples):
+    """VQP's starting means, with every one that is a row holding NaN or inf replaced by a finite
+    row of its codebook's samples (the i-th such mean by the i-th finite row, cycling): a NaN
+    mean never wins a row, so its cluster would stay empty and keep it as a code for good. Reads
+    the host only when a drawn mean is not finite (k-means runs on the initialising batch); a
+    codebook whose samples are all non-finite keeps VQP's draw."""
+    bad = ~means.isfinite().all(-1)
+    if not bool(bad.any()):
+        return means
+    means = means.clone()
+    ok = samples.isfinite().all(-1)
+    for h in range(means.shape[0]):
+        rows = samples[h][ok[h]]
+        n_bad = int(bad[h].sum())
+        if n_bad and rows.shape[0]:
+            means[h][bad[h]] = rows[torch.arange(n_bad, device=rows.device) % rows.shape[0]].to(means.dtype)
+    return means
 
 
 def _rotate_to(src, tgt):

@@ -36,8 +36,8 @@ class ResidualQuantizer(CodebookState):
         ``cluster_size (L, K)``, ``embed_avg (L, K, D)`` hold the per-level EMA state.
 
     Forward:
-        ``inputs (..., D)``, optional ``mask (...)`` (padding: as in
-        :class:`fastvq.nn.VectorQuantizer`) -> ``(quantized (..., D), commitment_loss, embedding_loss,
+        ``inputs (..., D)``, optional ``mask (...)`` (padding, float weights and activation
+        checkpointing: as in :class:`fastvq.nn.VectorQuantizer`) -> ``(quantized (..., D), commitment_loss, embedding_loss,
         codes (..., L) int64)``; ``codes[..., l]`` is the seed's ``sem_ids_list[l]``. The losses
         are the seed's: ``sum_l mse(q_l.detach(), r_l)`` and ``sum_l mse(q_l, r_l.detach())``,
         where ``r_l`` carries the gradient to ``inputs`` (the seed subtracts detached codes).

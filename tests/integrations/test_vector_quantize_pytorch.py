@@ -632,3 +632,20 @@ def test_tf32_follows_the_global_setting(monkeypatch):
     fv._search_topk(x, codebooks, "l2", 2)
     fv._sample(x, codebooks, "euclidean", 0.5)
     assert seen == [("nearest_code", True), ("topk_codes", True), ("sample_code", True)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("seed", range(4))
+def test_kmeans_init_never_starts_from_a_nonfinite_row(backend, bad, seed):
+    """probe5 V1: VQP draws k-means starting means from every row; a NaN row drawn stayed a NaN
+    code for good (its cluster never wins a row). Patched, the codebook is finite after init and
+    a training step, with one bad row in the initialising batch."""
+    torch.manual_seed(seed)
+    m = VectorQuantize(dim=4, codebook_size=4, kmeans_init=True, kmeans_iters=3)
+    x = randn(1, 8, 4, seed=seed)
+    x[0, 3] = bad
+    with fv.patched():
+        m.train()
+        m(x)
+        m(randn(1, 8, 4, seed=seed + 10))
+    assert m.codebook.isfinite().all(), m.codebook

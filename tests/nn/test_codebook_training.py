@@ -10,6 +10,7 @@
   initialises); the low-usage warning fires once, names the fix, and never blocks.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -673,3 +674,42 @@ def test_training_step_has_no_cuda_sync(config, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(m._codebook_levels()).all()
+
+
+CHECKPOINTED = {
+    "vq-ema": lambda: fastvq.nn.VectorQuantizer(6, 3, ema=True),
+    "vq-dead": lambda: fastvq.nn.VectorQuantizer(16, 3, dead_code_threshold=1.0),
+    "rq-dead": lambda: fastvq.nn.ResidualQuantizer(2, 16, 3, dead_code_threshold=1.0),
+    "rq-ema-rotation": lambda: fastvq.nn.ResidualQuantizer(2, 6, 3, ema=True, grad="rotation"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINTED))
+def test_activation_checkpointing_gives_the_plain_step(backend, kind):
+    """probe5 G1: torch.utils.checkpoint reruns the forward in the backward, after the in-place
+    codebook update: the rerun searched the updated codebook (input gradient 3.9x off) and, with
+    use_reentrant=True, updated it twice. Now: the same outputs, gradients and buffers, bitwise,
+    as without checkpointing; use_reentrant=True raises, naming the fix."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base = CHECKPOINTED[kind]().train()
+    x = randn(16, 3, seed=1)
+    results = []
+    for checkpointed in (False, True):
+        m = copy.deepcopy(base)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = checkpoint(m, xi, use_reentrant=False) if checkpointed else m(xi)
+        (out[0].square().sum() + out[1] + out[2]).backward()
+        results.append([out[0].detach(), out[1].detach(), out[3], xi.grad]
+                       + [p.grad for p in m.parameters() if p.grad is not None] + [b.clone() for b in m.buffers()])
+    plain, ckpt = results
+    assert len(plain) == len(ckpt)
+    for i, (a, b) in enumerate(zip(plain, ckpt)):
+        assert torch.equal(a, b), f"{kind}: output {i} differs under checkpointing"
+    m = copy.deepcopy(base)
+    xi = x.clone().requires_grad_()
+    out = checkpoint(m, xi, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        (out[0].square().sum() + out[1]).backward()
