@@ -29,7 +29,7 @@ if [ "$DRY" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.v
 START=$(date +%s)
 TOTAL_S=${FASTVQ_GPU_RUN_S:-470}      # the whole run, inside the 8 minutes
 TESTS_S=${FASTVQ_TESTS_S:-270}        # the test suite
-CHECK_S=${FASTVQ_CHECK_S:-60}         # the check
+CHECK_S=${FASTVQ_CHECK_S:-100}        # the check (every launcher, each dtype: ~30 compiles more than before)
 PER_TEST_S=${FASTVQ_PER_TEST_S:-90}   # one test
 
 if [ "$DRY" = 1 ]; then
