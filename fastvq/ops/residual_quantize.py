@@ -294,8 +294,15 @@ def _normalised_weights_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
                  lambda: f"weights must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")
     _, e = torch.frexp(w.amax())  # max = m 2^e, m in [0.5, 1) (e = 0 for max = 0: nothing changes)
     k = -e  # w 2^k: max in [0.5, 1); k in [-128, 149], applied in two exact halves (2^149 overflows)
-    w = torch.ldexp(torch.ldexp(w, k // 2), k - k // 2)
-    return w, torch.ldexp(torch.ldexp(torch.ones((), device=w.device), -(k // 2)), k // 2 - k)
+    scaled = torch.ldexp(torch.ldexp(w, k // 2), k - k // 2)
+    # a positive weight more than 2^149 below the largest scales to 0, and a row of weight 0 is
+    # padding (probe4 F5: its quantized was its input): it weighs float32's smallest subnormal,
+    # 2^-149 of the scaled maximum, instead (weights down to that are kept as they scale)
+    scaled = torch.where((w > 0) & (scaled == 0), FLT_TRUE_MIN, scaled)
+    return scaled, torch.ldexp(torch.ldexp(torch.ones((), device=w.device), -(k // 2)), k // 2 - k)
+
+
+FLT_TRUE_MIN = 2.0**-149  # float32's smallest subnormal
 
 
 @_normalised_weights_op.register_fake
@@ -334,7 +341,9 @@ def residual_quantize_step(
             padding). Float weights must be finite and ``>= 0`` (checked without a host read, as
             ``codes`` are: a ``ValueError`` on the CPU) and only their ratios matter to the
             losses and gradients (they are scaled by a power of two first, so ``W`` cannot
-            overflow); the statistics use them as given. A row of weight 0 adds nothing to the losses, the statistics or the
+            overflow); the statistics use them as given. A positive weight more than 2^149
+            below the largest counts as 2^-149 of the largest (float32's smallest subnormal
+            once scaled), in the losses and the statistics alike, so its row is never padding. A row of weight 0 adds nothing to the losses, the statistics or the
             candidates, gets no loss gradient and its ``quantized`` is its input (identity
             gradient); its codes are still computed. Not differentiable.
         codes: optional ``(..., L)`` int64 codes chosen elsewhere (e.g. a cosine search with
