@@ -65,11 +65,10 @@ class VectorQuantizer(CodebookState):
         data, not parameters: they are detached (no gradient reaches a learnable mask); the
         losses use only their ratios, but the EMA counts and ``dead_code_threshold`` are in units
         of weight, so weights that sum to 1 over a batch make every code look dead (keep them
-        near 1 per row, or use a bool mask). Activation checkpointing
-        (``torch.utils.checkpoint(..., use_reentrant=False)``) reruns the forward with the first
-        run's codes and codebook and updates nothing: the same gradients as without it, one call
-        of the module per checkpointed region; ``use_reentrant=True`` raises on the rerun of a
-        quantizer that updates its codebook (EMA, dead codes). float64 inputs or a ``.double()`` module raise ``TypeError``
+        near 1 per row, or use a bool mask). Activation checkpointing of a quantizer that
+        updates its codebook in its forward (EMA, dead codes) is not supported: the rerun in the
+        backward would search the updated codebook (and, with ``use_reentrant=True``, update it
+        again); checkpoint the layers around it instead. float64 inputs or a ``.double()`` module raise ``TypeError``
         (the seed accepted them; cast with ``.float()``). ``quantized`` has the code's value
         and passes the gradient to ``inputs`` (straight through, or rotated);
         ``commitment_loss = mse(code.detach(), inputs)`` (gradient to the inputs),
@@ -187,41 +186,6 @@ def _codebook_for_step(codebook: torch.Tensor, inputs: torch.Tensor, update: boo
     return codebook
 
 
-def _recomputing() -> bool:
-    """Whether this forward runs inside a backward pass: ``torch.utils.checkpoint`` recomputing it."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-
-
-def _recompute_step(mod: CodebookState, inputs, codebook, mask, n: int):
-    """A training forward that ``torch.utils.checkpoint`` runs again in the backward (probe5 G1).
-
-    The first run updated the codebook in place (EMA, dead-code revival): searching again would
-    pick codes of the updated codebook, and its gradient would belong to a forward that never
-    produced the loss; applying the update again would count the batch twice. So the rerun takes
-    the codes of the module's latest training forward (and, for EMA, the copy of the codebook it
-    read, which carries the gradient to the parameter), updates nothing, and gives the first run's
-    values and gradients. One call of the module per checkpointed region (the latest call's codes
-    are the ones reused); ``use_reentrant=True`` runs the first forward without grad, so no copy
-    exists and the rerun raises, naming ``use_reentrant=False``."""
-    state = getattr(mod, "_checkpoint_state", None)
-    codes, snapshot = state if state is not None else (None, None)
-    if codes is None or codes.numel() != n * codebook.shape[0]:
-        raise RuntimeError(
-            f"fastvq.{mod._owner}: torch.utils.checkpoint recomputes a training forward of this module that it "
-            "cannot match to the module's latest call (one call per checkpointed region is supported)")
-    if snapshot is None:
-        raise RuntimeError(
-            f"fastvq.{mod._owner}: torch.utils.checkpoint recomputes this quantizer's forward after its codebook "
-            "update, and the first run kept no copy of the codebook (it ran without grad, as "
-            "use_reentrant=True does): use use_reentrant=False")
-    step = residual_quantize_step(inputs, snapshot, weights=mask,
-                                  codes=codes.reshape(*inputs.shape[:-1], codebook.shape[0]), grad=mod.grad)
-    embedding_loss = step.embedding_loss
-    if mod.ema:
-        embedding_loss = torch.zeros((), dtype=step.commitment_loss.dtype, device=inputs.device)
-    return step.quantized, step.commitment_loss, embedding_loss, step.codes
-
-
 def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None):
     """A quantizer module's forward on its ``(L, K, D)`` codebook: one
     :func:`fastvq.residual_quantize_step` (which also returns, in training, the EMA statistics
@@ -229,15 +193,12 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None):
     Returns ``(quantized, commitment_loss, embedding_loss, codes (..., L))``; no host sync."""
     update = mod.training and mod._codebook_needs_vectors
     n = inputs.numel() // inputs.shape[-1]
-    if update and _recomputing():
-        return _recompute_step(mod, inputs, codebook, mask, n)
     rows = score = None
     if update and mod.dead_code_threshold > 0:
         rows, score = pick_candidate_rows(n, codebook.shape[1], inputs.device, mask)
     try:
-        step_codebook = _codebook_for_step(codebook, inputs, update)
         step = residual_quantize_step(
-            inputs, step_codebook, weights=mask, codes=codes, grad=mod.grad,
+            inputs, _codebook_for_step(codebook, inputs, update), weights=mask, codes=codes, grad=mod.grad,
             statistics=update, candidate_rows=rows,
         )
     except ValueError as e:  # the op's check of the mask's values (NaN, < 0): name the user's argument
@@ -248,9 +209,6 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None):
     embedding_loss = step.embedding_loss
     if mod.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)
         embedding_loss = torch.zeros((), dtype=step.commitment_loss.dtype, device=inputs.device)
-    if update:  # what a checkpoint's recomputation of this forward must reuse (_recompute_step)
-        snapshot = step_codebook if step_codebook is not codebook else None
-        mod._checkpoint_state = (step.codes.detach(), snapshot)
     if mod.training:
         flat = step.codes.reshape(n, codebook.shape[0])
         stats = offers = None

@@ -684,12 +684,16 @@ CHECKPOINTED = {
 }
 
 
+@pytest.mark.xfail(strict=True, reason="probe5 G1: activation checkpointing of a codebook-updating quantizer is not "
+                   "supported (README known limits; a per-call fix is open)")
 @pytest.mark.parametrize("kind", list(CHECKPOINTED))
 def test_activation_checkpointing_gives_the_plain_step(backend, kind):
     """probe5 G1: torch.utils.checkpoint reruns the forward in the backward, after the in-place
-    codebook update: the rerun searched the updated codebook (input gradient 3.9x off) and, with
-    use_reentrant=True, updated it twice. Now: the same outputs, gradients and buffers, bitwise,
-    as without checkpointing; use_reentrant=True raises, naming the fix."""
+    codebook update: the rerun searches the updated codebook (input gradient 3.9x off) and, with
+    use_reentrant=True, updates it twice. Wanted: the same outputs, gradients and buffers, bitwise,
+    as without checkpointing; use_reentrant=True raising, naming the fix. (A first fix reused the
+    module's latest call and broke deepcopy, shared modules and forwards run in other backward
+    passes: probe6 G0-G5.)"""
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
@@ -713,3 +717,15 @@ def test_activation_checkpointing_gives_the_plain_step(backend, kind):
     out = checkpoint(m, xi, use_reentrant=True)
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         (out[0].square().sum() + out[1]).backward()
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINTED))
+def test_a_trained_quantizer_deep_copies(backend, kind):
+    """probe6 G0: after a training step a quantizer deep-copies (AveragedModel / model-EMA copies
+    do it every step); state kept between steps must not hold a tensor with a grad_fn."""
+    m = CHECKPOINTED[kind]().train()
+    out = m(randn(16, 3, seed=1, requires_grad=True))
+    (out[0].square().sum() + out[1] + out[2]).backward()
+    twin = copy.deepcopy(m)
+    for (name, a), (_, b) in zip(m.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), name
