@@ -125,12 +125,17 @@ def without_autocast(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def body(*args, **kwargs):
-        on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        if not on:
-            return fn(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for d in on:
-                stack.enter_context(torch.autocast(d, enabled=False))
-            return fn(*args, **kwargs)
+        # plain ``with`` blocks (torch.compile traces these; not an ExitStack: probe6 A1)
+        cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+        if cpu and cuda:
+            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                return fn(*args, **kwargs)
+        if cpu:
+            with torch.autocast("cpu", enabled=False):
+                return fn(*args, **kwargs)
+        if cuda:
+            with torch.autocast("cuda", enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     return body

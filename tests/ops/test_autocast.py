@@ -109,3 +109,17 @@ def test_bitcodes_ignores_autocast(train, dtype):
     got = [y.detach(), bits, m.codebook.grad] + ([x.grad] if train else [])
     _same_bits(got, want, f"Bitcodes under autocast({dtype})")
     _same_bits([back.detach()], [want[0]], "from_bits under autocast")
+
+
+def test_bitcodes_compiles_fullgraph_under_autocast():
+    """probe6 A1: the autocast guard must be traceable (an ExitStack was not). Eval mode (the
+    training forward's Gumbel noise draws from torch.empty_like, which the suite poisons)."""
+    torch.manual_seed(0)
+    m = fastvq.nn.Bitcodes(32, 8, 1.0).eval()
+    x = randn(16, 32, seed=1)
+    torch._dynamo.reset()
+    f = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y, bits = f(x)
+    want_y, want_bits = m(x)
+    assert y.dtype == torch.float32 and torch.equal(bits, want_bits) and torch.equal(y, want_y)
