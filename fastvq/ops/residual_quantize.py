@@ -293,13 +293,16 @@ def _normalised_weights_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     assert_async("residual_quantize_step", ((w >= 0) & (w < float("inf"))).all(),
                  lambda: f"weights must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")
     _, e = torch.frexp(w.amax())  # max = m 2^e, m in [0.5, 1) (e = 0 for max = 0: nothing changes)
-    k = -e  # w 2^k: max in [0.5, 1); k in [-128, 149], applied in two exact halves (2^149 overflows)
+    # w 2^k: max in [0.5, 1), or [1, 2) for a max of 2^127 or more, whose scale-back 2^128 would
+    # be inf (probe6 W1: every count inf; such weights' w r overflows only where the exact one
+    # does); k in [-127, 149], applied in two exact halves (2^149 overflows)
+    k = torch.clamp_min(-e, -127)
     scaled = torch.ldexp(torch.ldexp(w, k // 2), k - k // 2)
     # a positive weight more than 2^149 below the largest scales to 0, and a row of weight 0 is
     # padding (probe4 F5: its quantized was its input): it weighs float32's smallest subnormal,
     # 2^-149 of the scaled maximum, instead (weights down to that are kept as they scale)
     scaled = torch.where((w > 0) & (scaled == 0), FLT_TRUE_MIN, scaled)
-    return scaled, torch.ldexp(torch.ldexp(torch.ones((), device=w.device), -(k // 2)), k // 2 - k)
+    return scaled, torch.ldexp(torch.ldexp(w.new_ones(()), -(k // 2)), k // 2 - k)
 
 
 FLT_TRUE_MIN = 2.0**-149  # float32's smallest subnormal

@@ -139,3 +139,25 @@ def test_probe4_f6_weighted_statistics_do_not_overflow_through_the_normalisation
     out = fastvq.residual_quantize_step(x, cb, weights=_t([0.75, 0.75]), statistics=True)
     assert out.counts.item() == pytest.approx(1.5)
     assert out.sums.item() == pytest.approx(2.25e38, rel=1e-6)
+
+
+def test_probe6_w1_statistics_of_weights_beyond_2_127(backend):
+    """A largest weight of 2e38: its scale-back factor was 2^128 = inf in float32, so every count
+    came out inf (NaN for unused codes). Counts are the weights as given."""
+    x = _t([[0.0], [1.0], [1.0]])
+    cb = _t([[[0.0], [1.0], [5.0]]])
+    out = fastvq.residual_quantize_step(x, cb, weights=_t([2e38, 1.0, 3.0]), statistics=True)
+    assert out.counts[0].tolist() == pytest.approx([2e38, 4.0, 0.0], rel=1e-6)
+    assert torch.isfinite(out.sums).all()
+
+
+def test_probe6_w2_weight_op_metadata_under_a_float64_default():
+    """The weight normalisation op's real and fake outputs agree under torch.set_default_dtype(float64)."""
+    from fastvq.ops.residual_quantize import _normalised_weights_op
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.library.opcheck(_normalised_weights_op, (torch.tensor([3e38, 1e-45, 0.0, 1.0], dtype=torch.float32),))
+    finally:
+        torch.set_default_dtype(previous)
