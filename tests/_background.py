@@ -17,6 +17,7 @@ import dataclasses
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -63,12 +64,14 @@ def _run(job: Job) -> None:
     t0 = time.perf_counter()
     try:
         cmd, env, cwd, timeout = job.make(job.scratch)
-        job.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # its own process group, so that stopping it stops what it started (gpu_run.sh's pytest)
+        job.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
         try:
             job.stdout, job.stderr = job.proc.communicate(timeout=timeout)
             job.returncode = job.proc.returncode
         except subprocess.TimeoutExpired:
-            job.proc.kill()
+            _kill(job.proc)
             job.stdout, job.stderr = job.proc.communicate()
             job.returncode = -9
             job.stderr += f"\n[background job {job.name} killed after {timeout} s]"
@@ -77,6 +80,14 @@ def _run(job: Job) -> None:
     finally:
         job.seconds = time.perf_counter() - t0
         job.done.set()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill ``proc``'s whole process group (the job and everything it started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
 
 
 def _worker() -> None:
@@ -128,7 +139,7 @@ def stop_all() -> None:
     _STOPPING.set()
     _QUEUE.put(None)
     for job in _JOBS.values():
-        if job.proc is not None and job.proc.poll() is None:
-            job.proc.kill()
+        if job.proc is not None:  # (a finished job's children may still run: the group goes too)
+            _kill(job.proc)
         if job.scratch:
             shutil.rmtree(job.scratch, ignore_errors=True)
