@@ -290,3 +290,22 @@ def test_gradient_criteria_hold_non_finite_exact_values(actual, exact, ok):
     else:
         with pytest.raises(AssertionError, match="not finite"):
             ft.assert_grad_nondegenerate(a, e)
+
+
+def test_an_infinite_bound_passes_only_an_exact_match():
+    """probe6 T1: a magnitude holding inf (inf * |c|) made assert_close pass any finite value."""
+    exp = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    with pytest.raises(AssertionError):
+        ft.assert_close(torch.tensor([5.0, 1.0]), exp, dtype=torch.float32, reduce_len=4, magnitude=math.inf)
+    assert ft.error_ratio(torch.tensor([-1e30, 1.0]), exp, dtype=torch.float32, reduce_len=4, magnitude=math.inf) == math.inf
+    ft.assert_close(torch.tensor([1.0, 1.0]), exp, dtype=torch.float32, reduce_len=4, magnitude=math.inf)
+
+
+def test_one_infinite_exact_gradient_element_keeps_the_zero_criterion():
+    """probe6 T2: the zero criterion's floor came from max |exact|, inf with one infinite element."""
+    exact = torch.linspace(1, 2, 4096, dtype=torch.float64)
+    exact[0] = math.inf
+    actual = exact.float().clone()
+    actual[5] = 0.0
+    r = ft.grad_ratio(actual, exact)
+    assert r["zeros"] == 1 and r["ratio"] == math.inf
