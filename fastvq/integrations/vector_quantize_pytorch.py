@@ -499,20 +499,26 @@ def _kmeans(samples, num_clusters, num_iters=10, use_cosine_sim=False, sample_fn
 
 def _finite_starts(means, samples):
     """VQP's starting means, with every one that is a row holding NaN or inf replaced by a finite
-    row of its codebook's samples (the i-th such mean by the i-th finite row, cycling): a NaN
-    mean never wins a row, so its cluster would stay empty and keep it as a code for good. Reads
-    the host only when a drawn mean is not finite (k-means runs on the initialising batch); a
-    codebook whose samples are all non-finite keeps VQP's draw."""
+    row of its codebook's samples that is not already a mean (the i-th such mean by the i-th such
+    row; when too few are left, by finite rows in turn): a NaN mean never wins a row, so its
+    cluster would stay empty and keep it as a code for good, and a duplicate mean never wins one
+    either (ties go to the smaller index). k-means runs on the initialising batch: this reads the
+    host once (whether any drawn mean is not finite) and then only for such a draw; a codebook
+    whose samples are all non-finite keeps VQP's draw."""
     bad = ~means.isfinite().all(-1)
     if not bool(bad.any()):
         return means
     means = means.clone()
     ok = samples.isfinite().all(-1)
     for h in range(means.shape[0]):
-        rows = samples[h][ok[h]]
         n_bad = int(bad[h].sum())
-        if n_bad and rows.shape[0]:
-            means[h][bad[h]] = rows[torch.arange(n_bad, device=rows.device) % rows.shape[0]].to(means.dtype)
+        rows = samples[h][ok[h]]
+        if not n_bad or not rows.shape[0]:
+            continue
+        drawn = means[h][~bad[h]]
+        fresh = rows[~(rows[:, None, :] == drawn[None, :, :]).all(-1).any(1)] if drawn.shape[0] else rows
+        pool = torch.cat([fresh, rows]) if fresh.shape[0] < n_bad else fresh
+        means[h][bad[h]] = pool[torch.arange(n_bad, device=pool.device) % pool.shape[0]].to(means.dtype)
     return means
 
 

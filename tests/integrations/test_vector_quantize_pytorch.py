@@ -649,3 +649,13 @@ def test_kmeans_init_never_starts_from_a_nonfinite_row(backend, bad, seed):
         m(x)
         m(randn(1, 8, 4, seed=seed + 10))
     assert m.codebook.isfinite().all(), m.codebook
+
+
+def test_kmeans_replacement_starts_are_not_drawn_means():
+    """probe6 V1: a non-finite drawn mean was replaced by the i-th finite row, possibly one already
+    drawn (a duplicate code that never wins a row); the replacement takes rows not yet drawn."""
+    samples = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [float("nan"), 0.0], [float("inf"), 0.0]]])
+    drawn = samples[:, [0, 1, 4, 5]]
+    starts = fv._finite_starts(drawn, samples)
+    assert starts.isfinite().all()
+    assert len({tuple(r) for r in starts[0].tolist()}) == 4  # rows 0, 1 kept; 2, 3 replace the bad ones
