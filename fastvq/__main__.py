@@ -81,7 +81,9 @@ def main(argv=None) -> int:
         return run_bench(ops=args.ops, quick=args.quick, out_dir=args.out, plot=not args.no_plot,
                          providers=args.providers, name=args.name, check=not args.no_check)
     except ValueError as exc:
-        if not str(exc).startswith("unknown"):
+        from .bench.registry import ArgumentError
+
+        if not (isinstance(exc, ArgumentError) or str(exc).startswith("unknown")):
             raise
         print(f"python -m fastvq {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -189,6 +189,11 @@ def names() -> list[str]:
     return [g.name for g in groups()]
 
 
+
+class ArgumentError(ValueError):
+    """A command-line value the bench cannot use: ``python -m fastvq`` prints it and exits 2."""
+
+
 def check_names(ops) -> None:
     """Raise ``ValueError`` naming every unknown group and listing the valid names."""
     load_builtin()

@@ -604,7 +604,14 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
               f"{scale}x less interpreted work); --traffic-scale 1 for the named shapes.\n")
     results = []
     for case in cases:
-        results.append((case, run_case(case, device, scale)))
+        try:
+            results.append((case, run_case(case, device, scale)))
+        except ValueError as exc:
+            if scale == 1:
+                raise
+            from .registry import ArgumentError
+
+            raise ArgumentError(f"--traffic-scale {scale} is too large for the row {case.name!r}: {exc}") from None
     print(format_table(results))
     out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
