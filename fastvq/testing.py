@@ -223,7 +223,7 @@ def _errors(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, o
     want_inf = torch.where(exp > 0, math.inf, -math.inf)
     ok_special = torch.where(nan_exp, act.isnan(), act == want_inf)
     # an overflowing expected value may also come out as the largest finite value within bound
-    ok_special = ok_special | (~nan_exp & ~exp.isinf() & (ratio <= 1))
+    ok_special = ok_special | (~nan_exp & ~exp.isinf() & (ratio <= 1) & bound.isfinite())
     ratio = torch.where(nan_exp | inf_exp, torch.where(ok_special, 0.0, math.inf), ratio)
     ratio = torch.where(~nan_exp & act.isnan(), math.inf, ratio)  # a made-up NaN always fails
     # a bound that is NaN or inf (a magnitude computed from inputs holding inf: inf * 0, inf * c)

@@ -22,7 +22,8 @@ def test_a_timed_out_job_stops_with_its_children():
 
 
 def test_stopping_the_session_stops_a_job_and_its_children():
-    job = _background.Job("test-stop", "", lambda d: (["bash", "-c", "sleep 40.25 & sleep 41.5"], None, d, 100))
+    # a grandchild in a process group of its own (as gpu_run.sh's `timeout` makes), and a child
+    job = _background.Job("test-stop", "", lambda d: (["bash", "-c", "setsid sleep 40.25 & sleep 41.5"], None, d, 100))
     _background._JOBS["test-stop"] = job
     try:
         import threading

@@ -299,6 +299,12 @@ def test_an_infinite_bound_passes_only_an_exact_match():
         ft.assert_close(torch.tensor([5.0, 1.0]), exp, dtype=torch.float32, reduce_len=4, magnitude=math.inf)
     assert ft.error_ratio(torch.tensor([-1e30, 1.0]), exp, dtype=torch.float32, reduce_len=4, magnitude=math.inf) == math.inf
     ft.assert_close(torch.tensor([1.0, 1.0]), exp, dtype=torch.float32, reduce_len=4, magnitude=math.inf)
+    # an expected value beyond float32 with an infinite bound: only that infinity passes (probe6 T1b)
+    big = torch.tensor([1e39], dtype=torch.float64)
+    for wrong in (5.0, -3e38, 0.0):
+        with pytest.raises(AssertionError):
+            ft.assert_close(torch.tensor([wrong]), big, dtype=torch.float32, reduce_len=4, magnitude=math.inf)
+    ft.assert_close(torch.tensor([math.inf]), big, dtype=torch.float32, reduce_len=4, magnitude=math.inf)
 
 
 def test_one_infinite_exact_gradient_element_keeps_the_zero_criterion():

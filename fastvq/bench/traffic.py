@@ -606,8 +606,8 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
     for case in cases:
         try:
             results.append((case, run_case(case, device, scale)))
-        except ValueError as exc:
-            if scale == 1:
+        except ValueError as exc:  # only a size the scale took below 1 is a usage error (probe6 C2)
+            if scale == 1 or "must be >= 1" not in str(exc):
                 raise
             from .registry import ArgumentError
 

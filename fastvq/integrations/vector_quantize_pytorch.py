@@ -515,8 +515,10 @@ def _finite_starts(means, samples):
         rows = samples[h][ok[h]]
         if not n_bad or not rows.shape[0]:
             continue
-        drawn = means[h][~bad[h]]
-        fresh = rows[~(rows[:, None, :] == drawn[None, :, :]).all(-1).any(1)] if drawn.shape[0] else rows
+        taken = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        for mean in means[h][~bad[h]]:  # one drawn mean at a time: N x D, never N x K x D
+            taken |= (rows == mean).all(-1)
+        fresh = rows[~taken]
         pool = torch.cat([fresh, rows]) if fresh.shape[0] < n_bad else fresh
         means[h][bad[h]] = pool[torch.arange(n_bad, device=pool.device) % pool.shape[0]].to(means.dtype)
     return means
