@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from ._checks import UsageError
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -80,11 +82,7 @@ def main(argv=None) -> int:
 
         return run_bench(ops=args.ops, quick=args.quick, out_dir=args.out, plot=not args.no_plot,
                          providers=args.providers, name=args.name, check=not args.no_check)
-    except ValueError as exc:
-        from .bench.registry import ArgumentError
-
-        if not (isinstance(exc, ArgumentError) or str(exc).startswith("unknown")):
-            raise
+    except UsageError as exc:
         print(f"python -m fastvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

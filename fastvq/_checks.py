@@ -78,6 +78,11 @@ def check_index_range(op: str, name: str, t: torch.Tensor, high: int, low: int =
         raise ValueError(f"fastvq.{op}: {name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
 
 
+class UsageError(ValueError):
+    """A command-line value ``python -m fastvq`` cannot use (an unknown name, a bad size): it
+    prints the message and exits 2, as argparse does."""
+
+
 def assert_async(op: str, ok: torch.Tensor, detail: Callable[[], str]) -> None:
     """Raise unless the 0-d bool tensor ``ok`` is True, without reading it on the host.
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import fastvq
 import fastvq.testing as ft
+from ._checks import UsageError
 
 
 def _triton(fn: Callable[[], object]):
@@ -461,7 +462,7 @@ def run_check(ops=None, dtypes=None) -> int:
     """
     unknown = [o for o in (ops or ()) if o not in CHECKS]
     if unknown:
-        raise ValueError(f"unknown op(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(CHECKS)}")
+        raise UsageError(f"unknown op(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(CHECKS)}")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if dtypes is None:

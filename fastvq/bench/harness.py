@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .._checks import UsageError
 from .registry import Case
 
 PROVIDERS = ("reference", "compiled", "fastvq")
@@ -362,7 +363,7 @@ def run_bench(ops=None, quick: bool = False, out_dir: str | None = None, plot: b
     known = sorted({n for case in todo for n in (*case.providers, *case.peers)})
     unknown = sorted(set(providers or ()) - set(known))
     if unknown:
-        raise ValueError(f"unknown provider(s) {unknown} for these rows; they have: {known}")
+        raise UsageError(f"unknown provider(s) {unknown} for these rows; they have: {known}")
     for note in notes:
         print(note)
     stem = name or result_stem(env, cuda)

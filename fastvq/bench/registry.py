@@ -45,6 +45,8 @@ from typing import Callable
 
 import torch
 
+from .._checks import UsageError
+
 OP_ROWS, STEP_ROWS, PEER_ROWS = 0, 10, 20
 
 #: Row modules imported by :func:`load_builtin`; a missing one (not written yet) is skipped.
@@ -189,17 +191,12 @@ def names() -> list[str]:
     return [g.name for g in groups()]
 
 
-
-class ArgumentError(ValueError):
-    """A command-line value the bench cannot use: ``python -m fastvq`` prints it and exits 2."""
-
-
 def check_names(ops) -> None:
     """Raise ``ValueError`` naming every unknown group and listing the valid names."""
     load_builtin()
     unknown = [o for o in (ops or ()) if o not in _GROUPS]
     if unknown:
-        raise ValueError(f"unknown benchmark name(s) {', '.join(map(repr, unknown))}; valid names: "
+        raise UsageError(f"unknown benchmark name(s) {', '.join(map(repr, unknown))}; valid names: "
                          f"{', '.join(names())}")
 
 

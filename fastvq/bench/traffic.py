@@ -53,6 +53,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
+from .._checks import UsageError
+
 aten = torch.ops.aten
 
 # .item() / int(t) / bool(t) / comparisons read on the host
@@ -596,7 +598,7 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
     every = all_cases()
     unmatched = [n for n in (names or ()) if not any(n in c.name for c in every)]
     if unmatched:
-        raise ValueError(f"unknown traffic row(s) {unmatched}: --ops keeps the rows whose name contains one "
+        raise UsageError(f"unknown traffic row(s) {unmatched}: --ops keeps the rows whose name contains one "
                          f"of its words; the rows are: {[c.name for c in every]}")
     cases = [c for c in every if not names or any(n in c.name for n in names)]
     if scale != 1:
@@ -609,9 +611,7 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
         except ValueError as exc:  # only a size the scale took below 1 is a usage error (probe6 C2)
             if scale == 1 or "must be >= 1" not in str(exc):
                 raise
-            from .registry import ArgumentError
-
-            raise ArgumentError(f"--traffic-scale {scale} is too large for the row {case.name!r}: {exc}") from None
+            raise UsageError(f"--traffic-scale {scale} is too large for the row {case.name!r}: {exc}") from None
     print(format_table(results))
     out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)

@@ -11,7 +11,8 @@ from .._backend import without_autocast
 
 
 def custom_op(name: str, *, mutates_args) -> Callable:
-    """``torch.library.custom_op`` for fastvq's ops: the body runs :func:`without_autocast`."""
+    """``torch.library.custom_op`` for fastvq's ops: the body, and the backward later given to
+    ``register_autograd``, run :func:`without_autocast`."""
 
     def wrap(fn: Callable) -> Callable:
         body = without_autocast(fn)
@@ -19,6 +20,13 @@ def custom_op(name: str, *, mutates_args) -> Callable:
         sig = inspect.signature(fn, eval_str=True)
         body.__signature__ = sig
         body.__annotations__ = {**{k: p.annotation for k, p in sig.parameters.items()}, "return": sig.return_annotation}
-        return torch.library.custom_op(name, mutates_args=mutates_args)(body)
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(body)
+        register = op.register_autograd
+
+        def register_autograd(backward, /, *, setup_context=None):
+            return register(without_autocast(backward), setup_context=setup_context)
+
+        op.register_autograd = register_autograd
+        return op
 
     return wrap

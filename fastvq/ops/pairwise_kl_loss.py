@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import use_triton, without_autocast
+from .._backend import use_triton
 from ._custom_op import custom_op
 from .._checks import check_float, check_real_arg, check_same_device, check_tensor
 from ..reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
@@ -81,7 +81,7 @@ def _backward(ctx, grad, _grad_lse_p, _grad_lse_t):
     return grad_pred, None, None
 
 
-_pairwise_kl_loss_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
+_pairwise_kl_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import use_triton, without_autocast
+from .._backend import use_triton
 from ._custom_op import custom_op
 from .._checks import check_float, check_last_dim, check_same_device, check_tensor
 from ..reference.pairwise_sqdist import pairwise_sqdist_bwd, pairwise_sqdist_ref
@@ -34,7 +34,7 @@ def _backward(ctx, grad):
     return pairwise_sqdist_bwd(a, b, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
 
 
-_pairwise_sqdist_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
+_pairwise_sqdist_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

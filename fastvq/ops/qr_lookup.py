@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import use_triton, without_autocast
+from .._backend import use_triton
 from ._custom_op import custom_op
 from .._checks import assert_async, check_bool_arg, check_float, check_int, check_same_device, check_tensor
 from ..reference.qr_lookup import MODES, OPS, qr_lookup_bwd_ref, qr_lookup_ref, qr_out_dim
@@ -117,7 +117,7 @@ def _backward(ctx, grad):
             gw if need_w else None, None, None)
 
 
-_qr_lookup_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
+_qr_lookup_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_offsets(name: str, offsets: torch.Tensor, n_items: int) -> None:

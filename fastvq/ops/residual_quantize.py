@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._backend import use_triton, without_autocast
+from .._backend import use_triton
 from ._custom_op import custom_op
 from .._checks import (assert_async, check_float, check_index_range, check_last_dim, check_same_device, check_tensor,
                        finite_limit)
@@ -152,7 +152,7 @@ def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
     return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None) + (None,) * 8
 
 
-_residual_quantize_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
+_residual_quantize_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @custom_op("fastvq::residual_candidate_slots", mutates_args=())
@@ -287,8 +287,8 @@ def _normalised_weights_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     ``w r`` of the statistics overflows only where ``r`` does (a max in ``[1, 2)`` turned a row
     of 3e38 at weight 0.75 into 4.5e38: inf, where the statistics, scaled back, are 2.25e38).
     Returns them and the 0-d power of two that scales the statistics back (they keep the weights
-    as given). Three passes over the ``N`` weights (check, max, scale), nothing of size
-    ``N x D``. A custom op so that the check runs inside compiled graphs too (probe5 K1: traced
+    as given). A few passes over the ``N`` weights (check, max, scale, the F5 floor below),
+    nothing of size ``N x D``. A custom op so that the check runs inside compiled graphs too (probe5 K1: traced
     in the Python wrapper, ``torch.compile`` dropped it)."""
     assert_async("residual_quantize_step", ((w >= 0) & (w < float("inf"))).all(),
                  lambda: f"weights must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")

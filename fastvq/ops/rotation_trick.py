@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._backend import use_triton, without_autocast
+from .._backend import use_triton
 from ._custom_op import custom_op
 from .._checks import check_float, check_same_device, check_tensor
 from ..reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM, rotation_trick_bwd_ref
@@ -52,7 +52,7 @@ def _backward(ctx, grad):
     return grad_e, None
 
 
-_rotation_trick_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
+_rotation_trick_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
