@@ -8,7 +8,7 @@ import torch.nn as nn
 from .._checks import FLOAT_DTYPES
 from ..ops.ema_update import codebook_snapshot
 from ..ops.nearest_code import nearest_code
-from ..ops.residual_quantize import residual_quantize_step
+from ..ops.residual_quantize import _residual_quantize_step
 from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
 
 
@@ -196,16 +196,11 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None):
     rows = score = None
     if update and mod.dead_code_threshold > 0:
         rows, score = pick_candidate_rows(n, codebook.shape[1], inputs.device, mask)
-    try:
-        step = residual_quantize_step(
-            inputs, _codebook_for_step(codebook, inputs, update), weights=mask, codes=codes, grad=mod.grad,
-            statistics=update, candidate_rows=rows,
-        )
-    except ValueError as e:  # the op's check of the mask's values (NaN, < 0): name the user's argument
-        prefix = "fastvq.residual_quantize_step: weights "
-        if mask is None or not str(e).startswith(prefix):
-            raise
-        raise ValueError(f"fastvq.{mod._owner}: mask " + str(e)[len(prefix):]) from None
+    # (the op's check of the mask's values, NaN or < 0, names the module's argument)
+    step = _residual_quantize_step(
+        inputs, _codebook_for_step(codebook, inputs, update), weights=mask, codes=codes, grad=mod.grad,
+        statistics=update, candidate_rows=rows, weights_owner=mod._owner, weights_name="mask",
+    )
     embedding_loss = step.embedding_loss
     if mod.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)
         embedding_loss = torch.zeros((), dtype=step.commitment_loss.dtype, device=inputs.device)
