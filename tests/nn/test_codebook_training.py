@@ -736,6 +736,24 @@ def test_activation_checkpointing_gives_the_plain_step(backend, kind, mode):
     _assert_same_step(*results, f"{kind} {mode}")
 
 
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_a_checkpointed_rqvae_gives_the_plain_step(backend, mode):
+    """RQVAE (encoder, EMA residual quantizer with revival, decoder) checkpointed as one region:
+    the plain step's outputs, every parameter's gradient and the buffers, bitwise."""
+    torch.manual_seed(0)
+    base = RQVAE(8, 16, 3, num_quantizers=2, num_embeddings=6, ema=True, dead_code_threshold=1.0).train()
+    x = randn(16, 8, seed=1)
+    results = []
+    for how in ("plain", mode):
+        m = copy.deepcopy(base)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = _ckpt(m, xi, mode=how)
+        (out[0].square().sum() + out[1] + out[2]).backward()
+        results.append(_after_step(m, [xi], out))
+    _assert_same_step(*results, f"RQVAE {mode}")
+
+
 def _several_calls(m, xs, scenario, mode):
     """A step in which a checkpointed quantizer is called more than once before the backward."""
     if scenario == "shared":  # one module in two checkpointed regions and one plain call
