@@ -70,22 +70,28 @@ class CheckpointCall:
             self._call.codebook = (searched if searched is not codebook else codebook.clone()).detach()
 
     def finish(self, device: torch.device) -> None:
-        """At the end of the forward: a first run notes the random state it leaves; a rerun
-        (which drew less: no k-means, no revival rows) restores it, so what follows in the
-        region draws what it drew the first time."""
-        gen = _generator(device)
+        """At the end of the forward: a first run notes the random state it leaves on
+        ``device`` (where its draws are made); a rerun (which drew less: no k-means, no revival
+        rows) restores it, so what follows in the region draws what it drew the first time."""
         if self.replay:
             if self._call.rng is not None:
-                gen.set_state(self._call.rng)
+                _set_rng_state(device, self._call.rng)
         else:
-            self._call.rng = gen.get_state()
+            self._call.rng = _get_rng_state(device)
 
 
-def _generator(device: torch.device) -> torch.Generator:
+def _get_rng_state(device: torch.device):
+    """The random state of ``device``'s default generator (a host tensor: no sync)."""
     if device.type == "cpu":
-        return torch.default_generator
-    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
-    return torch.get_device_module(device.type).default_generators[index]
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
 
 
 class _Substitute(torch.autograd.Function):
@@ -108,7 +114,7 @@ def records_calls(mod) -> bool:
 def begin(mod) -> CheckpointCall | None:
     """Called at the start of a quantizer's forward; None outside checkpointed regions (and
     when compiling). Raises ``RuntimeError`` for a rerun of a call it cannot match."""
-    if torch.compiler.is_compiling() or not records_calls(mod) or not maybe_checkpointed():
+    if torch.compiler.is_compiling() or not maybe_checkpointed() or not records_calls(mod):
         return None  # (a quantizer that changes nothing in its forward reruns as it ran)
     if not _WATCHED:  # pragma: no cover - a torch whose checkpoint this module does not know
         if torch._C._current_graph_task_id() != -1:
