@@ -73,8 +73,9 @@ class VectorQuantizer(CodebookState):
         random stream where the call did; each checkpointed call of a quantizer with EMA,
         revival or k-means init keeps a copy of its codebook until the region's graph is freed.
         Compiled, a rerun raises ``RuntimeError`` instead (the quantizer compiled on its own in
-        an eagerly checkpointed region, or a compiled step that checkpoints it). float64 inputs or a ``.double()`` module raise ``TypeError``
-        (the seed accepted them; cast with ``.float()``). ``quantized`` has the code's value
+        an eagerly checkpointed region, or a compiled step that checkpoints it). float64 inputs
+        or a ``.double()`` module raise ``TypeError`` (the seed accepted them; cast with
+        ``.float()``). ``quantized`` has the code's value
         and passes the gradient to ``inputs`` (straight through, or rotated);
         ``commitment_loss = mse(code.detach(), inputs)`` (gradient to the inputs),
         ``embedding_loss = mse(code, inputs.detach())`` (gradient to the codebook). In
