@@ -754,6 +754,41 @@ def test_a_checkpointed_rqvae_gives_the_plain_step(backend, mode):
     _assert_same_step(*results, f"RQVAE {mode}")
 
 
+@pytest.mark.parametrize("kind", ["vq-dead", "rq-ema-rotation"])
+def test_selective_checkpointing_gives_the_plain_step(backend, kind):
+    """Selective activation checkpointing (``context_fn``, matmuls saved, the rest rerun): the
+    rerun skips the first run's update ops, and the ops it does run still meet their own saved
+    results. The plain step, bitwise."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        saved = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    results = []
+    for how in ("plain", "selective"):
+        torch.manual_seed(0)
+        m = CHECKPOINTED[kind]().train()
+        lin = torch.nn.Linear(3, 3)
+        xi = randn(16, 3, seed=1, requires_grad=True)
+
+        def region(h):
+            q, commit, emb, _ = m(lin(h))
+            return torch.nn.functional.dropout(lin(q), 0.5), commit + emb
+
+        torch.manual_seed(1)
+        if how == "plain":
+            out = region(xi)
+        else:
+            out = checkpoint(region, xi, use_reentrant=False,
+                             context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+        (out[0].square().sum() + out[1]).backward()
+        results.append(_after_step(m, [xi, *lin.parameters()]))
+    _assert_same_step(*results, f"{kind} selective")
+
+
 def _several_calls(m, xs, scenario, mode):
     """A step in which a checkpointed quantizer is called more than once before the backward."""
     if scenario == "shared":  # one module in two checkpointed regions and one plain call
