@@ -874,17 +874,25 @@ def test_a_forward_inside_another_backward_is_an_ordinary_step(backend, kind):
     _assert_same_step(*results, kind)
 
 
-def test_checkpoint_records_live_with_the_graph(backend):
+def test_checkpoint_records_live_with_the_graph(backend, monkeypatch):
     """What a checkpointed call keeps for its rerun (a codebook copy) is held by the region's
     autograd graph, never by the module: freed with the graph, absent from deepcopy and the
-    state_dict; an ordinary step never looks for checkpoints (no stack walk)."""
-    import gc
+    state_dict; freed by reference counting alone (no cycle waits for the collector)."""
+    import weakref
 
     from fastvq.nn import _checkpoint
 
+    made = weakref.WeakSet()
+
+    class Call(_checkpoint._Call):  # (a subclass: weakly referenceable, counted)
+        def __init__(self):
+            super().__init__()
+            made.add(self)
+
+    monkeypatch.setattr(_checkpoint, "_Call", Call)
+
     def alive():
-        gc.collect()
-        return sum(type(o) is _checkpoint._Call for o in gc.get_objects())
+        return len(made)
 
     torch.manual_seed(0)
     m = CHECKPOINTED["vq-dead"]().train()
