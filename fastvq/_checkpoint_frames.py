@@ -16,8 +16,8 @@ import torch.utils.checkpoint as _tc
 def _watched_code() -> dict:
     """The code objects of torch.utils.checkpoint whose frames mark a region: a checkpointed
     forward or the rerun of one, per variant. Empty when this torch spells them differently
-    (then a quantizer that updates its codebook refuses to
-    run inside any backward: :func:`fastvq.nn._checkpoint.begin`)."""
+    (then a quantizer that updates its codebook refuses to run inside any backward:
+    :func:`fastvq.nn._checkpoint.begin`; tests/nn/test_codebook_training.py names the change)."""
     try:
         unpack = [c for c in _tc._checkpoint_hook.__init__.__code__.co_consts
                   if inspect.iscode(c) and c.co_name == "unpack_hook"]
@@ -37,7 +37,14 @@ _WATCHED = _watched_code()
 def regions():
     """``(rerun, forwards)``: the innermost checkpoint rerun on the stack as ``(record, graph
     task)`` (None if none) and the records of the checkpointed forwards that run inside it (or
-    on the whole stack), innermost first."""
+    on the whole stack), innermost first.
+
+    A region's record is the object torch keeps for it as long as its graph lives: for
+    ``use_reentrant=False`` the ``_CheckpointFrame`` (``new_frame`` of the generator that
+    ``checkpoint`` holds as ``gen`` while the forward runs; ``frame`` of the unpack hook that
+    reruns it, with the backward's ``gid``), for ``use_reentrant=True`` the autograd ``ctx``
+    of ``CheckpointFunction`` (its ``backward`` reruns the region before it binds ``outputs``,
+    then runs a backward of its own, in which a forward is not a rerun)."""
     forwards = []
     frame = sys._getframe(1)
     while frame is not None:

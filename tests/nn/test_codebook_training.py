@@ -910,6 +910,15 @@ def test_checkpoint_records_live_with_the_graph(backend, monkeypatch):
     assert alive() == 0
 
 
+def test_the_checkpoint_frames_are_known():
+    """The replay finds regions from torch.utils.checkpoint's own functions (both variants' first
+    run and rerun): a torch that renamed one fails here by name, not only by a wrong replay."""
+    from fastvq import _checkpoint_frames
+
+    kinds = sorted(_checkpoint_frames._WATCHED.values())
+    assert kinds == ["forward", "reentrant-forward", "reentrant-rerun", "rerun"], kinds
+
+
 def test_an_ordinary_step_never_walks_the_stack(backend, monkeypatch):
     """The checkpoint test costs an ordinary training step three calls into torch, no stack walk."""
     from fastvq.nn import _checkpoint
