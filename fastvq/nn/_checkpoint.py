@@ -38,22 +38,30 @@ _REPLAYED = "_fastvq_quantizer_replayed"  # {(graph task, module): calls rerun s
 
 class _Call:
     """One call of a quantizer in a checkpointed region: the codebook it searched (detached,
-    ``(L, K, D)``) and the random state it left on its device."""
+    ``(L, K, D)``) and the random states it found and left on its device."""
 
-    __slots__ = ("codebook", "rng")
+    __slots__ = ("codebook", "rng_in", "rng_out")
 
     def __init__(self):
         self.codebook = None
-        self.rng = None
+        self.rng_in = self.rng_out = None
 
 
 class CheckpointCall:
     """What a quantizer's forward does about checkpointing: ``replay`` (a rerun: search
     :meth:`codebook`, update nothing) or record (a first run inside checkpointed regions)."""
 
-    def __init__(self, call: _Call, replay: bool):
+    def __init__(self, call: _Call, replay: bool, device: torch.device):
         self._call = call
         self.replay = replay
+        self._device = device
+        # (compared as bytes on the host: no op that selective checkpointing's dispatch mode
+        # would see in the rerun only)
+        state = _get_rng_state(device).numpy().tobytes()
+        if replay:  # the rerun starts where the first run started: checkpoint preserves the RNG
+            self._restore = call.rng_out is not None and state == call.rng_in
+        else:
+            call.rng_in = state
 
     def codebook(self, live: torch.Tensor) -> torch.Tensor:
         """The codebook the first run searched, ``(L, K, D)``; with ``live`` (the parameter's
@@ -69,15 +77,17 @@ class CheckpointCall:
         if not self.replay:
             self._call.codebook = (searched if searched is not codebook else codebook.clone()).detach()
 
-    def finish(self, device: torch.device) -> None:
-        """At the end of the forward: a first run notes the random state it leaves on
-        ``device`` (where its draws are made); a rerun (which drew less: no k-means, no revival
-        rows) restores it, so what follows in the region draws what it drew the first time."""
-        if self.replay:
-            if self._call.rng is not None:
-                _set_rng_state(device, self._call.rng)
-        else:
-            self._call.rng = _get_rng_state(device)
+    def finish(self) -> None:
+        """At the end of the forward: a first run notes the random state it leaves on its
+        device (where its draws are made); a rerun (which drew less: no k-means, no revival
+        rows) restores it, so what follows in the region draws what it drew the first time. Only
+        when the rerun started from the state the first run started from (checkpoint's
+        ``preserve_rng_state``): otherwise the rerun's draws are not the first run's anyway, and
+        restoring would rewind the generator for the rest of training."""
+        if not self.replay:
+            self._call.rng_out = _get_rng_state(self._device)
+        elif self._restore:
+            _set_rng_state(self._device, self._call.rng_out)
 
 
 def _get_rng_state(device: torch.device):
@@ -111,9 +121,9 @@ def records_calls(mod) -> bool:
     return mod.ema or mod.dead_code_threshold > 0 or mod.kmeans_init
 
 
-def begin(mod) -> CheckpointCall | None:
-    """Called at the start of a quantizer's forward; None outside checkpointed regions (and
-    when compiling). Raises ``RuntimeError`` for a rerun of a call it cannot match."""
+def begin(mod, device: torch.device) -> CheckpointCall | None:
+    """Called at the start of a quantizer's forward on ``device`` (its inputs'); None outside
+    checkpointed regions (and when compiling). Raises ``RuntimeError`` for a rerun of a call it cannot match."""
     if torch.compiler.is_compiling() or not maybe_checkpointed() or not records_calls(mod):
         return None  # (a quantizer that changes nothing in its forward reruns as it ran)
     if not _WATCHED:  # pragma: no cover - a torch whose checkpoint this module does not know
@@ -138,7 +148,7 @@ def begin(mod) -> CheckpointCall | None:
         call, replay = _Call(), False
     for record in forwards:  # (a rerun's nested checkpoints: their own reruns replay this call too)
         _attribute(record, _CALLS).setdefault(mod, []).append(call)
-    return CheckpointCall(call, replay)
+    return CheckpointCall(call, replay, device)
 
 
 def _attribute(record, name: str) -> dict:

@@ -119,7 +119,7 @@ class ResidualQuantizer(CodebookState):
         self._check_inputs(inputs)
         D = self.embedding_dim
         mask = _check_mask("ResidualQuantizer", mask, inputs)
-        call = _checkpoint.begin(self)  # None unless inside torch.utils.checkpoint
+        call = _checkpoint.begin(self, inputs.device)  # None unless inside torch.utils.checkpoint
         codebooks = self.codebooks
         if call is not None and call.replay:  # a checkpoint's rerun: the codebooks the first run searched
             codebooks = call.codebook(codebooks)

@@ -145,7 +145,7 @@ class VectorQuantizer(CodebookState):
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(inputs)
         mask = _check_mask("VectorQuantizer", mask, inputs)
-        call = _checkpoint.begin(self)  # None unless inside torch.utils.checkpoint
+        call = _checkpoint.begin(self, inputs.device)  # None unless inside torch.utils.checkpoint
         if call is not None and call.replay:  # a checkpoint's rerun: the codebook the first run searched
             codebook = call.codebook(self.embeddings.weight.unsqueeze(0))
         else:  # (reads the host only until k-means has initialised the codebook)
@@ -237,5 +237,5 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=
                 offers = (step.candidates, score)  # midpoints of the rows' vectors and their codes
         mod._update_codebook_(None, flat.T, mask, stats=stats, offers=offers)
     if call is not None:
-        call.finish(inputs.device)
+        call.finish()
     return step.quantized, step.commitment_loss, embedding_loss, step.codes

@@ -789,6 +789,29 @@ def test_selective_checkpointing_gives_the_plain_step(backend, kind):
     _assert_same_step(*results, f"{kind} selective")
 
 
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_checkpoint_without_preserved_rng_leaves_the_generator_alone(backend, mode):
+    """With ``preserve_rng_state=False`` the rerun does not start from the first run's random
+    state, so the replay must not restore the state the first run left: that rewound the global
+    generator to where the forward left it (the next steps would draw again what this one drew)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fastvq.nn import _checkpoint
+
+    torch.manual_seed(0)
+    m = CHECKPOINTED["vq-dead"]().train()
+
+    def region(h):
+        q, commit, emb, _ = m(h)
+        return torch.nn.functional.dropout(q, 0.5), commit + emb
+
+    x = randn(16, 3, seed=1, requires_grad=True)
+    out = checkpoint(region, x, use_reentrant=mode == "reentrant", preserve_rng_state=False)
+    after_forward = _checkpoint._get_rng_state(x.device)  # (the generator the draws are made on)
+    (out[0].square().sum() + out[1]).backward()
+    assert not torch.equal(_checkpoint._get_rng_state(x.device), after_forward), "the backward rewound the generator"
+
+
 def _several_calls(m, xs, scenario, mode):
     """A step in which a checkpointed quantizer is called more than once before the backward."""
     if scenario == "shared":  # one module in two checkpointed regions and one plain call
