@@ -10,7 +10,7 @@ checkpointed region keeps, on the region's own record (the ``_CheckpointFrame`` 
 it searched and the random state it left; the rerun of that call (the same region, the same
 position among the module's calls in it, for this backward) searches that copy, routes the
 codebook gradient to the parameter, updates nothing and leaves the random stream where the first
-call did. The records live exactly as long as the region's autograd graph: nothing is kept on
+call did (when checkpoint preserved it: ``preserve_rng_state``, the default). The records live exactly as long as the region's autograd graph: nothing is kept on
 the module (``copy.deepcopy``, ``state_dict`` see nothing), nothing is kept without
 checkpointing.
 
