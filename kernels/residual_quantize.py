@@ -397,7 +397,8 @@ def _exact_code_sum(p_cb, b_codes, b_q, o_l, o_d, m_md, L, stride_cl, stride_ck,
 def _wide_exp(L):
     """``E``, the bit length of ``L`` (``2^E >= L + 1``): ``x`` less ``L`` codes, every partial
     sum scaled by ``2^-E``, never overflows float32."""
-    return pow2_exponent(L.to(tl.float32)) + 1
+    n = tl.full((), 0, tl.int32) + L  # (L = 1 arrives as a constexpr)
+    return pow2_exponent(n.to(tl.float32)) + 1
 
 
 @triton.jit
