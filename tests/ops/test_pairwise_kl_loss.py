@@ -619,3 +619,86 @@ def test_wide_rows_with_the_backward_tiled_differently(backend, device, monkeypa
     pred[37] = torch.tensor([2.0**126, -2.0**126, 0.0, 0.5])
     target = F.normalize(randn(B, 3, seed=36, dtype=torch.float64, device=device), dim=1) * 2
     _check_against_fsum(pred.float(), target.float(), 1.0, torch.float32)
+
+
+# --------------------------------------------------------------------------- probe5 KL1: logits beyond float32
+
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def test_equal_inputs_with_a_logit_beyond_float32(backend, device):
+    # probe5 KL1: pred_0 . pred_1 = 4e38 overflows float32, and target == pred: the exact loss is
+    # 0 and so is the gradient (P = Q). The reference returned +inf and an all-NaN gradient,
+    # Triton 0 and NaN in rows 0-1. A wide pair's logit now stays float64 where float32 cannot
+    # hold it, and so does every normaliser it enters.
+    p = torch.tensor([[2e19, 0.0], [2e19, 1.0], [0.0, 1.0]], device=device)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, p, p.clone(), 1.0, torch.tensor(1.0, device=device))
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ordinary_pred_against_a_target_beyond_float32(backend, device, dtype):
+    # probe5 KL1: target rows ~1e20 have logits ~1e40, so each target softmax is one-hot, and the
+    # exact loss (-mean log p at the target's choices) and gradient are ordinary numbers; both
+    # backends returned +inf and an all-NaN gradient.
+    pred = unit(7, 4, torch.float64).to(device, dtype)
+    target = randn(7, 3, seed=41, scale=1e20, device=device).to(dtype)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 1.0, torch.tensor(1.0, device=device))
+    exact, exact_grad = _exact_with_grad(pred, target, 1.0)
+    assert 0.1 < exact < 10 and exact_grad.abs().max() < 1
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=0.0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
+
+
+def _beyond_float32_case(kind, dtype, seed, device):
+    """``(pred, target, T)`` with logits beyond float32 (probe5 KL1): per-row magnitudes
+    log-uniform across the dtype's range, rows 0 and 1 at the top. ``target-beyond``: an ordinary
+    pred; ``same-geometry``: target = pred / 2 (both softmaxes one-hot at the same place in the
+    huge rows: a small loss); ``both-beyond``: independent (the loss itself usually overflows,
+    the gradient does not)."""
+    g = torch.Generator().manual_seed(seed)
+    B = 10
+    if dtype == torch.float16:  # float16 logits overflow float32 only at tiny temperatures
+        T, top, lo, hi, small = 1e-33, 3e4, -4.0, 4.5, (-4.0, -2.0)
+    else:
+        T = (1e-3, 1.0, 1e3, 0.05)[seed % 4]
+        top, lo, hi, small = 1e24, -30.0, 25.0, (-1.0, 1.0)
+
+    def rows(d, a, b, big):
+        mag = 10.0 ** (a + (b - a) * torch.rand(B, 1, generator=g, dtype=torch.float64))
+        if big:
+            mag[:2] = top
+        return F.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1) * mag
+
+    if kind == "target-beyond":
+        pred, target = rows(5, *small, False), rows(4, lo, hi, True)
+    elif kind == "same-geometry":
+        pred = rows(5, lo, hi, True)
+        target = pred / 2
+    else:
+        pred, target = rows(5, lo, hi, True), rows(4, lo, hi, True)
+    return pred.to(device, dtype), target.to(device, dtype), T
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["target-beyond", "same-geometry", "both-beyond"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_logits_beyond_float32_against_float64(backend, device, dtype, kind, seed):
+    # probe5 KL1 / issue 9: the loss and gradient follow the float64 computation wherever they are
+    # representable (+inf only where the exact loss overflows; a NaN gradient never), by the
+    # fuzz suite's oracle and bounds (logit roundings propagated through the softmaxes).
+    from tests.fuzz.test_fuzz_train_ops import _check_kl, _kl64
+
+    pred, target, T = _beyond_float32_case(kind, dtype, seed, device)
+    p64, t64 = pred.double(), target.double()
+    assert max((p64 @ p64.T).abs().max(), (t64 @ t64.T).abs().max()) / T > F32_MAX  # the subject
+    g = 1e-30 if dtype == torch.float16 else 1.0  # (at T = 1e-33 a float16 gradient needs a small upstream)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(g, device=device))
+    exact, exact_grad = _kl64(p64.cpu(), t64.cpu(), T, dtype)[:2]
+    if kind != "both-beyond":
+        assert exact < F32_MAX and (exact_grad * g).abs().max() < float(torch.finfo(dtype).max)
+    assert torch.isfinite(exact_grad).all() and not torch.isnan(grad).any(), grad
+    _check_kl(f"pairwise_kl_loss[{backend},T={T}]", pred, target, T, loss, grad, g=g)
