@@ -11,6 +11,17 @@ from .._checks import check_float, check_real_arg, check_same_device, check_tens
 from ..reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
 
+def _kernel_operands(pred: torch.Tensor, target: torch.Tensor, temperature: float):
+    """The kernels' operands: the inputs as given, except float16 rows at a temperature where their
+    logits (``|x_i . x_j| <= 2^32 D``, unscaled on the float16 path) could come near float32's
+    range, ``2^32 D / T >= 2^100`` (``T`` below about ``2^-68 D``): those take the float32 path,
+    whose row scaling and float64 rescue form logits beyond float32 (a host decision from the
+    shapes and ``T``; ordinary temperatures never reach it)."""
+    if pred.dtype == torch.float16 and 2.0**32 * max(pred.shape[1], target.shape[1], 1) / temperature >= 2.0**100:
+        return pred.float(), target.float()
+    return pred, target
+
+
 @custom_op("fastvq::pairwise_kl_loss", mutates_args=())
 def _pairwise_kl_loss_op(
     pred: torch.Tensor, target: torch.Tensor, temperature: float
@@ -21,8 +32,8 @@ def _pairwise_kl_loss_op(
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_fwd
 
-        loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature, logit_scaling(temperature),
-                                                  amax_p, amax_t)
+        loss, lse_p, lse_t = pairwise_kl_loss_fwd(*_kernel_operands(pred, target, temperature), temperature,
+                                                  logit_scaling(temperature), amax_p, amax_t)
     else:
         loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature, amax_p, amax_t)
     # Rows whose logits overflow come back +inf; a NaN or inf in the inputs makes the loss NaN
@@ -39,8 +50,8 @@ def _(pred, target, temperature):
     B = pred.shape[0]
     return (
         pred.new_empty((), dtype=torch.float32),
-        pred.new_empty((3, B), dtype=torch.float32),
-        pred.new_empty((3, B), dtype=torch.float32),
+        pred.new_empty((3, B), dtype=torch.float64),
+        pred.new_empty((3, B), dtype=torch.float64),
     )
 
 
@@ -56,7 +67,8 @@ def _pairwise_kl_loss_bwd_op(
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_bwd
 
-        return pairwise_kl_loss_bwd(grad, pred, target, lse_p, lse_t, temperature, logit_scaling(temperature))
+        return pairwise_kl_loss_bwd(grad, *_kernel_operands(pred, target, temperature), lse_p, lse_t, temperature,
+                                    logit_scaling(temperature)).to(pred.dtype)
     return pairwise_kl_loss_bwd_ref(grad, pred, target, lse_p, lse_t, temperature)
 
 

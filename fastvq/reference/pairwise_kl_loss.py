@@ -58,6 +58,8 @@ import torch
 from ._chunks import row_chunk
 
 
+F32_MAX = float(torch.finfo(torch.float32).max)
+
 # log2 of R_i C_j up to which a pair's logit may come from the float32 dot (module docstring)
 WIDE_LOGIT_FACTOR = 110
 
@@ -122,21 +124,25 @@ def _wide_setup(p32, t32, ep, et, temperature: float):
 
 
 def _masked_sims(scaled, s: int, e: int, x64=None, scale=1.0, need=None) -> torch.Tensor:
-    """Rows ``s:e`` of ``x x^T / T`` with the diagonal set to -inf (float32), from :func:`_scaled`;
-    the pairs ``need`` (if given) from the float64 rows ``x64`` times ``scale``, rounded once."""
+    """Rows ``s:e`` of ``x x^T / T`` with the diagonal set to -inf, from :func:`_scaled` (float32);
+    with ``need``: float64, the pairs ``need`` from the float64 rows ``x64`` times ``scale``,
+    rounded once to float32 where float32 holds them and kept in float64 beyond."""
     u, r, c, _ = scaled
     sim = (u[s:e] @ u.T) * (r[s:e, None] * c[None, :])
     if need is not None:  # the pairs a float32 dot of the scaled rows cannot form: float64
-        sim = torch.where(need, ((x64[s:e] @ x64.T) * scale).float(), sim)
+        w = (x64[s:e] @ x64.T) * scale
+        w = torch.where(w.abs() <= F32_MAX, w.float().double(), w)
+        sim = torch.where(need, w, sim.double())
     rows = torch.arange(e - s, device=u.device)
     sim[rows, rows + s] = float("-inf")
     return sim
 
 
 def _chunk_sims(sp_all, st_all, wide, s: int, e: int):
-    """Rows ``s:e`` of the masked pred and target logits. A pair takes both its logits in float64
-    where either input's exponents call for it (the kernels do the same, so that their forward
-    and backward, tiled differently, form the same logits)."""
+    """Rows ``s:e`` of the masked pred and target logits: float32, or float64 once any row is wide
+    (:func:`_masked_sims`). A pair takes both its logits in float64 where either input's exponents
+    call for it (the kernels do the same, so that their forward and backward, tiled differently,
+    form the same logits)."""
     if wide is None:
         return _masked_sims(sp_all, s, e), _masked_sims(st_all, s, e)
     p64, t64, scale, flags = wide
@@ -165,8 +171,8 @@ def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperatu
     ``amax_p``/``amax_t``: the rows' :func:`row_max`, if the caller has them. Not differentiable;
     no checks."""
     B = pred.shape[0]
-    lse_p = torch.zeros(3, B, dtype=torch.float32, device=pred.device)
-    lse_t = torch.zeros(3, B, dtype=torch.float32, device=pred.device)
+    lse_p = torch.zeros(3, B, dtype=torch.float64, device=pred.device)
+    lse_t = torch.zeros(3, B, dtype=torch.float64, device=pred.device)
     lse_p[2] = row_max(pred.detach()) if amax_p is None else amax_p
     lse_t[2] = row_max(target.detach()) if amax_t is None else amax_t
     if B <= 1:
@@ -174,17 +180,18 @@ def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperatu
     p32, t32 = pred.detach().float(), target.detach().float()
     sp_all, st_all = _scaled(p32, lse_p[2], temperature), _scaled(t32, lse_t[2], temperature)
     wide = _wide_setup(p32, t32, sp_all[3], st_all[3], temperature)
-    kl_sum = torch.zeros((), dtype=torch.float32, device=pred.device)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=pred.device)
     step = row_chunk(B)
     for s in range(0, B, step):
         e = min(s + step, B)
         sp, st = _chunk_sims(sp_all, st_all, wide, s, e)
-        lse_p[:2, s:e], lse_t[:2, s:e] = _normalisers(sp), _normalisers(st)
-        q = _probs(st, lse_t[:, s:e])  # exactly 0 on the diagonal
+        norm_p, norm_t = _normalisers(sp), _normalisers(st)  # in the sims' dtype
+        lse_p[:2, s:e], lse_t[:2, s:e] = norm_p, norm_t
+        q = _probs(st, norm_t)  # exactly 0 on the diagonal
         # log q - log p at half scale: each bracket lies in [-float32max, 0] where the logits are
-        # representable, so their difference cannot overflow (at full scale it can)
-        mp, lp = lse_p[0, s:e, None] * 0.5, lse_p[1, s:e, None] * 0.5
-        mt, lt = lse_t[0, s:e, None] * 0.5, lse_t[1, s:e, None] * 0.5
+        # float32, so their difference cannot overflow (at full scale it can)
+        mp, lp = norm_p[0, :, None] * 0.5, norm_p[1, :, None] * 0.5
+        mt, lt = norm_t[0, :, None] * 0.5, norm_t[1, :, None] * 0.5
         half = ((st * 0.5 - mt) - lt) - ((sp * 0.5 - mp) - lp)
         kl_row = torch.where(q == 0, 0.0, q * half).sum(1) * 2.0  # NaN q stays NaN; 0 weight is 0
         # a row whose logits overflowed float32 has a non-finite KL: it overflowed, +inf
@@ -193,7 +200,7 @@ def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperatu
         # (NaN stays NaN). The value only: see the module docstring on the gradient at the clamp
         kl_row = torch.where(kl_row < 0, 0.0, kl_row)
         kl_sum += (kl_row / B).sum()  # divided first: B rows of ~float32max / B stay finite
-    return kl_sum, lse_p, lse_t
+    return kl_sum.float(), lse_p, lse_t  # +inf where the loss overflows float32
 
 
 def pairwise_kl_loss_bwd_ref(
@@ -221,7 +228,8 @@ def pairwise_kl_loss_bwd_ref(
     for s in range(0, B, step):
         e = min(s + step, B)
         sp, st = _chunk_sims(sp_all, st_all, wide, s, e)
-        g = (_probs(sp, lse_p[:, s:e]) - _probs(st, lse_t[:, s:e])) * 2.0**-k  # G[s:e], 0 on the diagonal
+        norm_p, norm_t = lse_p[:2, s:e].to(sp.dtype), lse_t[:2, s:e].to(st.dtype)
+        g = ((_probs(sp, norm_p) - _probs(st, norm_t)) * 2.0**-k).float()  # G[s:e], 0 on the diagonal
         out[s:e] += g @ p32  # G @ pred
         out += g.T @ p32[s:e]  # G^T @ pred
     return (out * (grad.float() * inv_t / B / 2.0**-k)).to(pred.dtype)

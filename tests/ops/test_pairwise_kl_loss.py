@@ -184,11 +184,19 @@ def test_large_finite_logits(backend, device):
     torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=0.0)
 
 
-def test_overflowing_logits_give_inf_and_nonfinite_inputs_nan(backend, device):
+def test_overflowing_loss_gives_inf_and_nonfinite_inputs_nan(backend, device):
     pred, target = randn(9, 4, seed=4, device=device), unit(9, 3).to(device)
     big = pred * 1e20  # logits ~1e40: beyond float32
-    assert fastvq.pairwise_kl_loss(big, target, 1.0).item() == float("inf")
-    assert fastvq.pairwise_kl_loss(target, big[:, :3], 1.0).item() == float("inf")
+    # pred's softmaxes are one-hot, the target's are not: log p ~ -1e40, the exact loss overflows
+    # float32 (+inf), while its gradient (P - Q) pred / (B T) ~ 1e20 does not
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, big, target, 1.0, torch.tensor(1.0, device=device))
+    exact, exact_grad = _exact_with_grad(big, target, 1.0)
+    assert exact > 1e39 and loss.item() == float("inf")
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-5, atol=1e-5 * exact_grad.abs().max().item())
+    # the other way round the target's softmaxes are one-hot and the loss is ordinary (probe5 KL1:
+    # it was +inf on both backends)
+    torch.testing.assert_close(fastvq.pairwise_kl_loss(target, big[:, :3], 1.0).double(),
+                               exact_loss64(target.double(), big[:, :3].double(), 1.0), rtol=1e-5, atol=0.0)
     for bad in (float("nan"), float("inf"), float("-inf")):
         p = pred.clone()
         p[3, 1] = bad
