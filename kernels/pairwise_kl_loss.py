@@ -262,8 +262,9 @@ def _logit_tiles(
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
     ROW_SCALED: tl.constexpr,
 ):
-    """For the column block at ``n0``: its int64 columns ``o_n`` and mask, and the float32
-    ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = u_p u_p^T R_p C_p``, ``t = u_t u_t^T R_t C_t``
+    """For the column block at ``n0``: its int64 columns ``o_n`` and mask, the float32
+    ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = u_p u_p^T R_p C_p``, ``t = u_t u_t^T R_t C_t``, and
+    whether the tile holds a wide pair (int32 0/1; always 0 unless ROW_SCALED)
     (``b_rp``, ``b_rt``: the rows' factors ``R``; ``C`` is 1 unless ROW_SCALED). In a
     ROW_SCALED tile, the pairs of a row or column that :func:`_wide_rows` flags (``b_w_m``: the
     rows', ``b_any_m``: any of them) get -inf (no probability): :func:`_wide_logits` forms them."""
@@ -291,10 +292,12 @@ def _logit_tiles(
             b_need = b_w_m[:, None] | b_w_n[None, :]
             b_s = tl.where(b_need, float("-inf"), b_s)
             b_t = tl.where(b_need, float("-inf"), b_t)
+        b_wide = b_wide.to(tl.int32)
     else:
         b_s = b_s * b_rp[:, None]
         b_t = b_t * b_rt[:, None]
-    return o_n, m_n, b_s, b_t
+        b_wide = 0
+    return o_n, m_n, b_s, b_t, b_wide
 
 
 @triton.jit
@@ -366,6 +369,7 @@ def _pairwise_kl_loss_fwd_kernel(
 ):
     # Logits at scale c (``logit_mult`` holds it); ``exp_mult = log2(e) / c`` and ``inv_c = 1 / c``
     # bring them back: ``exp(natural) = exp2(scaled * exp_mult)``.
+    WIDE_N: tl.constexpr = 16  # columns per tile of the wide pairs' float64 loop
     pid = flat_program_id()
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < B
@@ -380,30 +384,34 @@ def _pairwise_kl_loss_fwd_kernel(
     b_lp = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_lt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_seen = tl.full((), 0, dtype=tl.int32)  # a wide pair in some tile: the second loop has work
     for n0 in range(0, B, BLOCK_N):
-        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
+        o_n, m_n, b_s, b_t, b_wide = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
                                           stride_pb, stride_pd, stride_tb, stride_td, b_w_m, b_any_m, BIG,
                                           BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P,
                                           DOT_FP32_T, ROW_SCALED)
         m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_mp, b_lp, b_mt, b_lt, b_acc = _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid, exp_mult)
+        b_seen = tl.maximum(b_seen, b_wide)
     if ROW_SCALED:
-        # the pairs of wide rows (-inf above), from float64 logits: a loop of its own (formed in
-        # the loop above, the float64 tile spilled registers); for ordinary inputs an O(BLOCK_N)
-        # test of the column exponents per tile. The rows' state goes float64 here (O(BLOCK_M)
-        # per program): a wide pair's logit can lie beyond float32, and so can the running maxima
-        # and the KL terms it enters
+        # the pairs of wide rows (-inf above), from float64 logits: a loop of its own over narrow
+        # WIDE_N-column tiles (formed in the loop above, or over BLOCK_N columns, the float64
+        # tiles spilled registers), entered only if the main loop met a wide pair (ordinary
+        # inputs: never). The rows' state goes float64 here (O(BLOCK_M) per program): a wide
+        # pair's logit can lie beyond float32, and so can the running maxima and the KL terms
+        # it enters
         b_mp, b_lp, b_mt, b_lt, b_acc = (b_mp.to(tl.float64), b_lp.to(tl.float64), b_mt.to(tl.float64),
                                          b_lt.to(tl.float64), b_acc.to(tl.float64))
         lim = 3.4028234663852886e38 / inv_c  # float32's largest logit, at the forward's scale
-        for n0 in range(0, B, BLOCK_N):
-            o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, BLOCK_N)
-            if b_wide:
-                b_s, b_t = _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64, lim,
-                                        stride_xpb, stride_xpd, stride_xtb, stride_xtd, BLOCK_M, BLOCK_N)
-                m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
-                b_mp, b_lp, b_mt, b_lt, b_acc = _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid,
-                                                                 exp_mult)
+        if b_seen > 0:
+            for n0 in range(0, B, WIDE_N):
+                o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, WIDE_N)
+                if b_wide:
+                    b_s, b_t = _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64, lim,
+                                            stride_xpb, stride_xpd, stride_xtb, stride_xtd, BLOCK_M, WIDE_N)
+                    m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
+                    b_mp, b_lp, b_mt, b_lt, b_acc = _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t,
+                                                                     m_valid, exp_mult)
 
     # float64 for row-scaled inputs: a row's KL may exceed float32 where the loss (KL / B summed)
     # does not; the launcher sums in float64 and rounds once
@@ -484,6 +492,7 @@ def _pairwise_kl_loss_bwd_kernel(
 ):
     # p_pred / p_target: the (row-scaled) operands of the logits; p_x: pred as given, the
     # operand of the gradient's dot. Logits at natural scale here (``logit_mult`` = m or 1/T).
+    WIDE_N: tl.constexpr = 16  # columns per tile of the wide pairs' float64 loop
     pid = flat_program_id()
     pid_m = pid // N_DO_TILES
     pid_d = pid % N_DO_TILES
@@ -504,28 +513,31 @@ def _pairwise_kl_loss_bwd_kernel(
         h_scale = H_SCALE
     else:
         h_scale = exp2i(-(pow2_exponent((B + 1) * 1.0) + 1))
+    b_seen = tl.full((), 0, dtype=tl.int32)  # a wide pair in some tile: the second loop has work
     for n0 in range(0, B, BLOCK_N):
-        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
-                                          stride_pb, stride_pd, stride_tb, stride_td, b_w_m, b_any_m, BIG,
-                                          BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P,
-                                          DOT_FP32_T, ROW_SCALED)
+        o_n, m_n, b_s, b_t, b_wide = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP,
+                                                  DT, FB, stride_pb, stride_pd, stride_tb, stride_td, b_w_m, b_any_m,
+                                                  BIG, BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT, PREC_P, PREC_T,
+                                                  DOT_FP32_P, DOT_FP32_T, ROW_SCALED)
         b_dp = _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x,
                                 stride_xb, stride_xd, b_mpm, b_lpm, b_mtm, b_ltm, B, h_scale,
                                 PREC_P, DOT_FP32_P, False)
+        b_seen = tl.maximum(b_seen, b_wide)
     if ROW_SCALED:
         # the pairs of wide rows (-inf above, no probability), from float64 logits (as the forward)
-        # against the float64 row maxima
-        b_mpm64 = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
-        b_mtm64 = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
-        for n0 in range(0, B, BLOCK_N):
-            o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, BLOCK_N)
-            if b_wide:
-                b_s, b_t = _wide_logits(p_x, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
-                                        3.4028234663852886e38, stride_xb, stride_xd, stride_xtb, stride_xtd,
-                                        BLOCK_M, BLOCK_N)
-                b_dp = _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x,
-                                        stride_xb, stride_xd, b_mpm64, b_lpm, b_mtm64, b_ltm, B, h_scale,
-                                        PREC_P, DOT_FP32_P, True)
+        # against the float64 row maxima, in narrow tiles, only if the main loop met one
+        if b_seen > 0:
+            b_mpm64 = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
+            b_mtm64 = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
+            for n0 in range(0, B, WIDE_N):
+                o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, WIDE_N)
+                if b_wide:
+                    b_s, b_t = _wide_logits(p_x, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
+                                            3.4028234663852886e38, stride_xb, stride_xd, stride_xtb, stride_xtd,
+                                            BLOCK_M, WIDE_N)
+                    b_dp = _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x,
+                                            stride_xb, stride_xd, b_mpm64, b_lpm, b_mtm64, b_ltm, B, h_scale,
+                                            PREC_P, DOT_FP32_P, True)
 
     b_scale = tl.load(p_grad).to(tl.float32) * inv_t / B / h_scale
     tl.store(p_dpred + o_m[:, None] * stride_db + o_do[None, :] * stride_dd,
