@@ -16,7 +16,9 @@ rescaled and shifted whenever a running max moves. At the end
 and the program stores ``KL_i`` and each softmax's normaliser in two parts, the row's largest
 logit ``m`` and ``log(l)`` (``lse = m + log(l)``; kept apart because at logits ~1e38 the sum
 rounds ``log(l)`` away and the backward's probabilities would come out ``l`` times too large):
-five floats a row (and the launcher the rows' ``max |x_i|``, two more, for the backward's scaling).
+five float64 a row, ``KL_i / B`` summed in float64 by the launcher and rounded once (and the
+launcher the rows' ``max |x_i|``, two more, for the backward's scaling). float64 because a wide
+pair's logit (below) may lie beyond float32, and so the row's largest logit and its KL.
 
 Scaling (as in the reference): the gram dots read row-scaled copies ``u_i = x_i 2^-e_i`` made
 by the launcher from the rows' maxima (which the op reads once, with its finiteness check, and
@@ -37,12 +39,19 @@ Wide rows (``fastvq.reference.pairwise_kl_loss.wide_rows``: pred's or target's e
 at the top, where ``|u| > 1`` and the float32 products can overflow or flush a partner's tiny
 entries, or so large that ``R_i C_j`` could reach 2^110 and the scaled sum underflow): every
 pair of such a row takes both logits from a float64 dot of the inputs as given (``p_xp``,
-``p_xt``; float32/bf16 products are exact in float64), rounded once to float32. The main loop
-sets them to -inf (no probability) and a second loop over the column tiles adds the tiles that
-hold one: per tile an O(BLOCK_N) test of the columns' exponents, nothing per element, for
-ordinary inputs. Per row, not per tile, so the forward and the backward (tiled differently)
-form the same logits; in a loop of their own, because formed inside the main loop the float64
-tile spilled registers. The raw inputs are kernel arguments read only there (the traffic meter
+``p_xt``; float32/bf16 products are exact in float64), rounded once to float32 where float32
+holds it and kept in float64 beyond (rows ~1e20: logits ~1e40). The main loop sets them to -inf
+(no probability) and notes (one scalar per tile, from the O(BLOCK_N) test of the columns'
+exponents it makes anyway) whether it met one; only then does a second loop, over narrow
+16-column tiles, add them. That loop carries the row block's online state in float64 (converted
+once per program, O(BLOCK_M)): the shifts ``x - m`` and the KL terms are float64, the
+exponentials float32; the backward's takes ``x - m`` against the float64 row maxima. The main
+loops read the normalisers as float32 (a row maximum beyond float32 is +inf there: probability 0,
+as exactly). Ordinary inputs never enter the second loop and pay for it only in registers
+(sm_90, triton 3.8: the kept fp32 configs compile within 8 registers of before, no spills).
+Per row, not per tile, so the forward and the backward (tiled differently) form the same
+logits; in a loop of their own, because formed inside the main loop the float64 tile spilled
+registers. The raw inputs are kernel arguments read only there (the traffic meter
 counts every tensor argument as read: `fastvq bench --traffic` shows them as two more passes in
 the forward and one in the backward for float32/bf16, which ordinary inputs never make).
 
@@ -581,7 +590,7 @@ def _launch_args(pred, target, temperature, scaling, amax_p, amax_t):
 def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float, scaling: tuple,
                          amax_p: torch.Tensor, amax_t: torch.Tensor):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
-    KL(target || pred), diagonal excluded), and for the backward, ``(3, B)`` float32 each: the
+    KL(target || pred), diagonal excluded), and for the backward, ``(3, B)`` float64 each: the
     softmax's per-row normaliser in two parts (the row's largest logit, ``log`` of the sum) and
     the rows' ``max |x_i|`` (``amax_p``/``amax_t``, the scaling's input). ``scaling``: the op's
     ``(m, fa, fb, lo, hi, wide)`` for ``T`` (``fastvq.reference.pairwise_kl_loss.logit_scaling``, the

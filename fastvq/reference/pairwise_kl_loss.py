@@ -8,8 +8,8 @@ log-normalisers ``lse_p[i]`` and ``lse_t[i]``, and
     loss = (1 / B) * sum_i sum_{j != i} q_ij * (log q_ij - log p_ij)
 
 which is ``KL(target || pred)`` averaged over rows (``nn.KLDivLoss(reduction="batchmean",
-log_target=True)``). A batch with ``B <= 1`` has no off-diagonal pair: its loss is 0. A row
-whose logits overflow float32 contributes +inf (the op turns the loss NaN for NaN/inf inputs).
+log_target=True)``). A batch with ``B <= 1`` has no off-diagonal pair: its loss is 0. A loss
+beyond float32 is +inf (the op turns the loss NaN for NaN/inf inputs).
 
 The gradient is ``dL/dpred = (H @ pred) / (B * T)`` with ``H = G + G^T`` and
 ``G_ij = p_ij - q_ij`` off the diagonal, 0 on it. Only ``(chunk, B)`` blocks are ever held.
@@ -30,15 +30,19 @@ products beyond float32 that cancel to a representable logit, or its partner can
 ``2^-149`` below its own maximum that ``u`` flushes to 0 though the product is large: every pair
 of such a row takes both logits (pred's and target's) from the float64 dot of the rows as given
 (float32/bf16 products are exact in float64; the sum is rounded to float64, error
-``<= D 2^-53 sum_k |x_ik x_jk| / T``), scaled by the same float32 ``m`` and rounded once to
-float32 (+-inf beyond it). The Triton kernels test the rows' exponents per tile
-(no work per element otherwise) and form a flagged tile's pairs in float64; here the chunk's
-pairs that need it are replaced, behind one host read of whether any pair does.
+``<= D 2^-53 sum_k |x_ik x_jk| / T``), scaled by the same float32 ``m``, rounded once to
+float32 where float32 holds it and kept in float64 beyond (rows ~1e20: logits ~1e40). Such a
+logit enters its row's largest logit, softmax and KL terms, so those are float64 too: here every
+chunk is computed in float64 once any row is wide (the normalisers ``lse`` are float64 always),
+behind one host read of whether any row is; the Triton kernels test the rows' exponents per tile
+(no work per element otherwise), carry a row block's online state in float64 through a second
+loop over the flagged pairs, and read the normalisers as float32 in their main loops (+inf
+beyond float32: probability 0, as exactly).
 
 The KL terms
 ``q_ij ((t_ij - lse_t) - (s_ij - lse_p))`` are formed at half scale (each bracket can reach
-``-2 * float32max`` where the logits are representable) and the rows' KLs are divided by B
-before they are summed, so a representable loss is never +inf.
+``-2 * float32max`` where the logits are float32) and the rows' KLs are divided by B and summed
+in float64, so the loss is +inf exactly where it overflows float32.
 
 Each row's KL is >= 0 in exact arithmetic, so a row whose computed KL rounds below 0 (its
 exact KL is then within its rounding bound of 0: -4e-8 at T = 1000) counts as 0, and the loss is
@@ -166,7 +170,7 @@ def pairwise_kl_loss_fwd_ref(pred: torch.Tensor, target: torch.Tensor, temperatu
                              amax_p: torch.Tensor | None = None, amax_t: torch.Tensor | None = None):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: a 0-d float32 loss and the per-row
     log-normalisers the backward reuses, in two parts, and the rows' :func:`row_max` (``(3, B)``
-    float32: the row's largest logit ``m``, ``log sum_j exp(s_ij - m)`` (at logits ~1e38
+    float64: the row's largest logit ``m`` (beyond float32 for a wide row's logits ~1e40), ``log sum_j exp(s_ij - m)`` (at logits ~1e38
     ``m + log(...)`` would round it away), and ``max |x_i|``, which the backward's scaling reuses).
     ``amax_p``/``amax_t``: the rows' :func:`row_max`, if the caller has them. Not differentiable;
     no checks."""

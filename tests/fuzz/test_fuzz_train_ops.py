@@ -405,9 +405,10 @@ def _check_kl(op, p, t, T, loss, grad, g=1.0):
 @given(case=kl_case(nonfinite=False))
 @fuzz_settings(16)
 def test_pairwise_kl_loss_finite(backend, device, case):
-    """Loss and gradient in pred against float64 (diagonal excluded exactly), finite wherever
-    the inputs and every logit are representable: all logits of a row far below -1e30 included
-    (collinear rows), every temperature, B = 0/1 give 0."""
+    """Loss and gradient in pred against float64 (diagonal excluded exactly) wherever the inputs
+    are finite: within the bounds where the exact value is representable (logits beyond float32
+    and all logits of a row far below -1e30 included: collinear rows), +inf where the exact loss
+    overflows, every temperature, B = 0/1 give 0."""
     ps, ts, collinear, T = case
     p, t = _kl_inputs(ps, ts, collinear, device)
     p.requires_grad_(True)
