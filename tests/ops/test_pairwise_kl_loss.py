@@ -710,3 +710,24 @@ def test_logits_beyond_float32_against_float64(backend, device, dtype, kind, see
         assert exact < F32_MAX and (exact_grad * g).abs().max() < float(torch.finfo(dtype).max)
     assert torch.isfinite(exact_grad).all() and not torch.isnan(grad).any(), grad
     _check_kl(f"pairwise_kl_loss[{backend},T={T}]", pred, target, T, loss, grad, g=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_whose_largest_logit_is_below_float32(backend, device, dtype):
+    # Row 0 is opposite to every other row: its largest logit is -1e40, beyond float32. Its
+    # softmax is that of float64 logits (its pairs are all wide); the Triton main loops read its
+    # maximum as -float32max, not -inf, so the pairs they leave to the float64 loop (-inf there)
+    # have probability 0 rather than exp((-inf) - (-inf)) = NaN.
+    pred = torch.tensor([[1e20, 0.0, 0.0], [-1e20, 5e19, 0.0], [-1e20, 0.0, 5e19], [-1e20, -5e19, -5e19]],
+                        device=device, dtype=dtype)
+    target = F.normalize(randn(4, 3, seed=43, dtype=torch.float64, device=device), dim=1).to(dtype)
+    for t in (pred, target):
+        loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, t, 1.0, torch.tensor(1.0, device=device))
+        exact, exact_grad = _exact_with_grad(pred, t, 1.0)
+        assert torch.isfinite(exact_grad).all() and not torch.isnan(grad).any(), grad
+        if t is pred:
+            assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
+        else:
+            assert exact > F32_MAX and loss.item() == float("inf")
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(grad.double(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
