@@ -108,6 +108,16 @@ TINY_SCORE_EXP = 90
 # ~2^-21 of the row's largest: far below the rounding of its large ones.
 FP16_WIDE_EXP = 8
 FP16_WIDE_ROW = 65504.0  # float16's largest finite value (the kernels spell it out)
+# WIDE: a float32 residual r - c can overflow only where some |r| >= 2^103 (|c| <= float32's max
+# 2^128 - 2^104; the sum rounds to inf from 2^128 - 2^103 on); a float16 code never makes it. Such
+# a row is formed again from x and its codes so far, all scaled by 2^-E (E the bit length of L:
+# a chain of x and L codes never overflows there), and held at that scale, its codes scaled as
+# they are subtracted, until its residual is representable again (then scaled back, exactly).
+# While held, its residual is beyond float32: it enters no statistics or candidate (as an
+# infinite one), its loss term is |r 2^-E|^2 2^2E in float64, and its search is the big rescue
+# pass on the residual scaled by 2^(E - 96). Only a block holding a row beyond OVERFLOW_ROW (or a
+# held one) checks; the rebuild runs only for a block whose new residual is not finite.
+OVERFLOW_ROW = 2.0**103  # the kernels spell it out
 
 
 @triton.jit
@@ -155,13 +165,14 @@ def _rescue_rows(b_rm, m_fin, b_idx, b_min):
 
 
 @triton.jit
-def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd, scale,
+def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, stride_cd, scale, b_rscale,
                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
                           SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                           CODES_SCALED: tl.constexpr = True, DOT_SCALE: tl.constexpr = 2.0):
     """:func:`_search_level` for the chunked variant: the residual streamed from the workspace in
-    BLOCK_D chunks; ``SCALED`` scales the residual and (``CODES_SCALED``) the codes by ``scale``
-    as they load; the score is ``|c|^2 - DOT_SCALE (r . c)``."""
+    BLOCK_D chunks; ``SCALED`` scales the residual by ``b_rscale`` (per row, ``(BLOCK_M,)``) and
+    (``CODES_SCALED``) the codes by ``scale`` as they load; the score is
+    ``|c|^2 - DOT_SCALE (r . c)``."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     b_first = K
@@ -177,7 +188,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
             b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
                           other=0.0)
             if SCALED:
-                b_r = b_r * scale  # a power of two
+                b_r = b_r * b_rscale[:, None]  # a power of two
             if BF16_RNE:
                 b_rd = round_bf16(b_r)
             else:
@@ -249,18 +260,22 @@ def _midpoint(a, b):
 
 @triton.jit
 def _level_outputs(
-    b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
+    b_r, b_sel, b_new, b_wide0, b_wide, s_up, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
     p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
     LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
 ):
     """What a level adds besides the code, for a register-resident row block ``b_r`` (the
-    residual this level quantized) and its chosen code rows ``b_sel``; rows whose residual is
-    not below ``stat_lim`` (not finite in the codebook's dtype) are left out and counted."""
+    residual this level quantized), its chosen code rows ``b_sel`` and the new residual
+    ``b_new``; rows whose residual is not below ``stat_lim`` (not finite in the codebook's dtype,
+    or held at scale 2^-E: ``b_wide0``) are left out and counted. A held new residual's
+    (``b_wide``) loss term is ``|b_new|^2 s_up^2``."""
     if LOSS:
-        b_sq = _loss_rows(b_r - b_sel, b_w, m_m)
+        b_sq = _loss_rows(b_new, b_w, m_m)
+        b_s2 = s_up.to(tl.float64) * s_up.to(tl.float64)
+        b_sq = tl.where(b_wide, b_sq * b_s2, b_sq)
         b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
     if STATS or CAND:
-        b_fin = _row_below(b_r, stat_lim) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+        b_fin = _row_below(b_r, stat_lim) & ~b_wide0 & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
         b_use = m_m & (b_w != 0) & b_fin
         if STATS:
             o_kk = lvl * K + b_idx
@@ -385,6 +400,51 @@ def _exact_code_sum(p_cb, b_codes, b_q, o_l, o_d, m_md, L, stride_cl, stride_ck,
     return tl.where(b_q - b_q == 0, b_q, b_q64.to(tl.float32))
 
 
+@triton.jit
+def _wide_exp(L):
+    """``E``, the bit length of ``L`` (``2^E >= L + 1``): ``x`` less ``L`` codes, every partial
+    sum scaled by ``2^-E``, never overflows float32."""
+    return pow2_exponent(L.to(tl.float32)) + 1
+
+
+@triton.jit
+def _residual_rebuilt(p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb, b_codes, o_l, lvl, stride_cl, stride_ck,
+                      stride_cd, s_wide):
+    """The residual after level ``lvl`` at scale ``s_wide = 2^-E``: ``x 2^-E`` less each chosen
+    code ``c_j 2^-E``, ``j <= lvl``, in level order, float32 (finite wherever ``x`` and the codes
+    are; the reference's ``r_wide``), for the columns ``o_d``."""
+    b_re = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+    b_re = b_re.to(tl.float32) * s_wide
+    for j in range(lvl + 1):
+        b_idx = tl.sum(tl.where(o_l[None, :] == j, b_codes, 0), axis=1)
+        b_c = tl.load(p_cb + j * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md,
+                      other=0.0)
+        b_re = b_re - b_c.to(tl.float32) * s_wide
+    return b_re
+
+
+@triton.jit
+def _held_wide(b_r, b_sel, b_new, b_wide, p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb, b_codes, o_l, lvl,
+               stride_cl, stride_ck, stride_cd, s_wide, s_up):
+    """The new residual of a register block in which a row may be held at scale ``2^-E`` (see
+    WIDE): ``b_new = b_r - b_sel`` formed again as ``b_r - b_sel 2^-E`` for the held rows
+    ``b_wide``; a row whose new residual is not finite is formed again from ``x`` at scale ``2^-E``
+    (:func:`_residual_rebuilt`) and held when that is finite (it overflowed; NaN or inf inputs
+    stay as they are); a held row whose residual is representable again goes back to scale 1.
+    Returns ``(b_new, b_wide)``."""
+    b_new = tl.where(b_wide[:, None], b_r - b_sel * s_wide, b_new)
+    m_try = ~_row_finite(b_new)
+    if tl.max(m_try.to(tl.int32), axis=0) > 0:
+        b_re = _residual_rebuilt(p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb, b_codes, o_l, lvl, stride_cl,
+                                 stride_ck, stride_cd, s_wide)
+        m_over = m_try & _row_finite(b_re)
+        b_new = tl.where(m_over[:, None], b_re, b_new)
+        b_wide = b_wide | m_over
+    b_up = b_new * s_up  # (s_up = 2^E: exact, or inf)
+    m_back = b_wide & _row_finite(b_up)
+    return tl.where(m_back[:, None], b_up, b_new), b_wide & ~m_back
+
+
 @autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
                  prune_configs_by={"early_config_prune": _prune_register_configs})
 @triton.jit
@@ -422,8 +482,13 @@ def _residual_quantize_fwd_kernel(
     else:
         b_slot = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     b_loss = tl.zeros((BLOCK_L,), dtype=tl.float64)
+    # rows whose float32 residual overflowed are held at scale 2^-E (WIDE; none in ordinary blocks)
+    e_wide = _wide_exp(L)
+    s_wide, s_up = exp2i(-e_wide), exp2i(e_wide)
+    b_wide = o_m < 0
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
+        m_huge = b_wide  # a row that a code can make overflow (beyond 2^103), or held scaled
         if SEARCH:
             # the dot operand: the residual in the codebook dtype (a no-op for float32)
             b_rd = _dot_operand(b_r, p_cb, DOT_FP32, BF16_RNE)
@@ -438,11 +503,13 @@ def _residual_quantize_fwd_kernel(
                     b_idx = tl.where(m_wide & (b_idx1 >= 0), b_idx1, b_idx)
             else:
                 b_rm = tl.max(tl.abs(b_r), axis=1)
+                m_huge = m_huge | (m_m & (b_rm >= 1.0141204801825835e31))  # OVERFLOW_ROW
                 m_big, m_tiny = _rescue_rows(b_rm, m_m & _row_finite(b_r), b_idx, b_min)
                 # the rescue passes, each only for a block that holds such a row: the big rows on
-                # operands scaled by 2^-96, the tiny ones scaled by 2^96
+                # operands scaled by 2^-96 (a held row's by 2^(E - 96)), the tiny ones by 2^96
                 if tl.max(m_big.to(tl.int32), axis=0) > 0:
-                    b_rd = _dot_operand(b_r * 1.2621774483536189e-29, p_cb, DOT_FP32, BF16_RNE)
+                    b_rs = exp2i(tl.where(b_wide, e_wide - 96, -96))
+                    b_rd = _dot_operand(b_r * b_rs[:, None], p_cb, DOT_FP32, BF16_RNE)
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
                                                  1.2621774483536189e-29, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
                     b_idx = tl.where(m_big, b_idx1, b_idx)
@@ -456,12 +523,20 @@ def _residual_quantize_fwd_kernel(
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
             b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
+            if p_cb.dtype.element_ty != tl.float16:
+                m_huge = m_huge | (m_m & (tl.max(tl.abs(b_r), axis=1) >= 1.0141204801825835e31))  # OVERFLOW_ROW
         b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
         b_sel = b_sel.to(tl.float32)
-        b_loss = _level_outputs(b_r, b_sel, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
-                                p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
+        b_new = b_r - b_sel
+        # r - c overflows only where |r| > 2^103 (|c| <= float32's max; a float16 code never does)
+        b_wide0 = b_wide
+        if tl.max(m_huge.to(tl.int32), axis=0) > 0:
+            b_new, b_wide = _held_wide(b_r, b_sel, b_new, b_wide, p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb,
+                                       b_codes, o_l, lvl, stride_cl, stride_ck, stride_cd, s_wide, s_up)
+        b_loss = _level_outputs(b_r, b_sel, b_new, b_wide0, b_wide, s_up, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss,
+                                b_slot, p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
                                 LOSS, STATS, CAND)
-        b_r -= b_sel
+        b_r = b_new
         b_q += b_sel
     # the exact range: only a block whose float32 sum is not finite sums its codes again in float64
     if tl.max(tl.max((b_q - b_q != 0).to(tl.int32), axis=1), axis=0) > 0:
@@ -517,11 +592,15 @@ def _residual_quantize_fwd_chunked_kernel(
     else:
         b_codes = tl.load(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, mask=m_ml, other=0)
     b_loss = tl.zeros((BLOCK_L,), dtype=tl.float64)
+    # rows whose float32 residual overflowed are held at scale 2^-E, as in the register variant
+    e_wide = _wide_exp(L)
+    s_wide, s_up = exp2i(-e_wide), exp2i(e_wide)
+    b_wide = o_m < 0
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
         if SEARCH:
             b_min, b_idx, b_first = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                          stride_cd, 1.0, PRECISION, DOT_FP32, BF16_RNE, False,
+                                                          stride_cd, 1.0, 1.0, PRECISION, DOT_FP32, BF16_RNE, False,
                                                           BLOCK_M, BLOCK_K, BLOCK_D)
             # the rescue passes, as in the register variant
             b_rm = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -536,20 +615,24 @@ def _residual_quantize_fwd_chunked_kernel(
                 m_wide = m_m & (b_rbad == 0) & ((b_rm > 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW
                 if tl.max(m_wide.to(tl.int32), axis=0) > 0:
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                         stride_cd, 0.00390625, PRECISION, DOT_FP32,
-                                                         BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D, False, 512.0)
+                                                         stride_cd, 1.0, tl.full((BLOCK_M,), 0.00390625, tl.float32),
+                                                         PRECISION, DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K,
+                                                         BLOCK_D, False, 512.0)
                     b_idx = tl.where(m_wide & (b_idx1 >= 0), b_idx1, b_idx)
             else:
                 m_big, m_tiny = _rescue_rows(b_rm, m_m & (b_rbad == 0), b_idx, b_min)
-                if tl.max(m_big.to(tl.int32), axis=0) > 0:
+                if tl.max(m_big.to(tl.int32), axis=0) > 0:  # (a held row: its residual by 2^(E - 96))
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                         stride_cd, 1.2621774483536189e-29, PRECISION, DOT_FP32,
-                                                         BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
+                                                         stride_cd, 1.2621774483536189e-29,
+                                                         exp2i(tl.where(b_wide, e_wide - 96, -96)), PRECISION,
+                                                         DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
                     b_idx = tl.where(m_big, b_idx1, b_idx)
                 if tl.max(m_tiny.to(tl.int32), axis=0) > 0:
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                         stride_cd, 7.922816251426434e28, PRECISION, DOT_FP32,
-                                                         BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
+                                                         stride_cd, 7.922816251426434e28,
+                                                         tl.full((BLOCK_M,), 7.922816251426434e28, tl.float32),
+                                                         PRECISION, DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K,
+                                                         BLOCK_D)
                     b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
             b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
@@ -567,7 +650,7 @@ def _residual_quantize_fwd_chunked_kernel(
                     b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
                                     mask=m_md & (b_slot >= 0)[:, None], other=0.0)
                     b_cbad += tl.where(_row_finite(b_sel.to(tl.float32)), 0, 1)
-            b_fin = (b_bad == 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+            b_fin = (b_bad == 0) & ~b_wide & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
             b_use = m_m & (b_w != 0) & b_fin
             if STATS:
                 tl.atomic_add(p_counts + lvl * K + b_idx, b_w, mask=b_use, sem="relaxed")
@@ -575,8 +658,11 @@ def _residual_quantize_fwd_chunked_kernel(
             if CAND:
                 m_c = m_m & (b_slot >= 0)
                 tl.store(p_cand_ok + lvl * S + b_slot, (b_use & (b_cbad == 0)).to(tl.int8), mask=m_c)
-        # residual -= chosen code, chunk by chunk (statistics, candidates and loss on the way)
+        # residual -= chosen code (a held row's scaled by 2^-E), chunk by chunk (statistics,
+        # candidates and loss on the way; which rows' new residual is not finite)
         b_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        b_cs = tl.where(b_wide, s_wide, 1.0)
+        b_nbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m_d = o_d < D
@@ -584,7 +670,8 @@ def _residual_quantize_fwd_chunked_kernel(
             p_r = p_ws + o_m[:, None] * stride_wn + o_d[None, :]
             b_r = tl.load(p_r, mask=m_md, other=0.0)
             b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
-            b_new = b_r - b_sel.to(tl.float32)
+            b_new = b_r - b_sel.to(tl.float32) * b_cs[:, None]
+            b_nbad += tl.where(_row_finite(b_new), 0, 1)
             if STATS:
                 tl.atomic_add(p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_w[:, None] * b_r,
                               mask=b_use[:, None] & m_d[None, :], sem="relaxed")
@@ -597,7 +684,49 @@ def _residual_quantize_fwd_chunked_kernel(
                 b_sq += tl.sum(b_new * b_new, axis=1)
             tl.store(p_r, b_new, mask=m_md)
         tl.debug_barrier()
+        # a row whose new residual is not finite: formed again from x at scale 2^-E, held if that
+        # is finite (it overflowed); a held row representable again: back to scale 1
+        m_redo = m_m & (b_nbad > 0)
+        m_moved = o_m < 0  # rows whose workspace residual changed below
+        if tl.max(m_redo.to(tl.int32), axis=0) > 0:
+            b_rbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                b_re = _residual_rebuilt(p_x, o_m, o_d, m_m[:, None] & (o_d < D)[None, :], stride_xn, stride_xd,
+                                         p_cb, b_codes, o_l, lvl, stride_cl, stride_ck, stride_cd, s_wide)
+                b_rbad += tl.where(_row_finite(b_re), 0, 1)
+            m_over = m_redo & (b_rbad == 0)
+            if tl.max(m_over.to(tl.int32), axis=0) > 0:
+                for d0 in range(0, D, BLOCK_D):
+                    o_d = d0 + tl.arange(0, BLOCK_D)
+                    m_md = m_m[:, None] & (o_d < D)[None, :]
+                    b_re = _residual_rebuilt(p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb, b_codes, o_l, lvl,
+                                             stride_cl, stride_ck, stride_cd, s_wide)
+                    tl.store(p_ws + o_m[:, None] * stride_wn + o_d[None, :], b_re, mask=m_md & m_over[:, None])
+                tl.debug_barrier()
+            b_wide = b_wide | m_over
+            m_moved = m_over
+        if tl.max(b_wide.to(tl.int32), axis=0) > 0:
+            b_ubad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
+                              mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
+                b_ubad += tl.where(_row_finite(b_r * s_up), 0, 1)
+            m_back = b_wide & (b_ubad == 0)
+            if tl.max(m_back.to(tl.int32), axis=0) > 0:
+                for d0 in range(0, D, BLOCK_D):
+                    o_d = d0 + tl.arange(0, BLOCK_D)
+                    m_md = m_m[:, None] & (o_d < D)[None, :]
+                    p_r = p_ws + o_m[:, None] * stride_wn + o_d[None, :]
+                    b_r = tl.load(p_r, mask=m_md & m_back[:, None], other=0.0)
+                    tl.store(p_r, b_r * s_up, mask=m_md & m_back[:, None])
+                tl.debug_barrier()
+            b_wide = b_wide & ~m_back
+            m_moved = m_moved | m_back
         if LOSS:
+            # (a row formed again or scaled back: its |r|^2 again, below; a held row's times 2^2E)
+            b_sq = tl.where(m_moved, float("inf"), b_sq)
             b_sq64 = b_sq.to(tl.float64)
             m_over = m_m & ~(b_sq < float("inf"))
             if tl.max(m_over.to(tl.int32), axis=0) > 0:  # |r|^2 overflowed float32: again, scaled
@@ -616,6 +745,7 @@ def _residual_quantize_fwd_chunked_kernel(
                     b_q += tl.sum(b_r * b_r, axis=1)
                 m_over = m_over & (b_rm < float("inf"))  # (an infinite residual's loss is +inf)
                 b_sq64 = tl.where(m_over, _sq_rows64(b_sq, b_rm, b_q), b_sq64)
+            b_sq64 = tl.where(b_wide, b_sq64 * (s_up.to(tl.float64) * s_up.to(tl.float64)), b_sq64)
             b_sq64 = tl.where(m_m & (b_w != 0), b_w.to(tl.float64) * b_sq64, 0.0)
             b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq64, axis=0), b_loss)
 

@@ -240,7 +240,11 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     ``|c|^2 - 2 r.c`` is float32; where it would overflow (a row beyond 2^48, or no finite
     score) or underflow (a row below 2^-48 with a code within ~2^-45 of it, e.g. residuals and
     codes ~1e-30) the row is searched again on operands scaled by 2^-96 or 2^96 (exact), so such
-    rows get their nearest code as rows of ordinary size do.
+    rows get their nearest code as rows of ordinary size do. A float32 residual that overflows on
+    the way (x = 3e38 whose level-0 code is -2e38: the residual 5e38 is beyond float32) is formed
+    again from ``x`` and the codes so far, all scaled by ``2^-E`` (``E`` the bit length of ``L``),
+    and the row goes on at that scale until its residual is representable again, so its later
+    levels get their nearest codes too (both backends, bitwise the same rows).
 
     Precision: float32 codebooks are searched in exact float32 (IEEE dot). For bfloat16/float16
     codebooks the Triton kernel rounds the residual to the codebook dtype for the ``r.c`` dot

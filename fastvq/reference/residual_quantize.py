@@ -23,7 +23,7 @@ def _argmin_finite(score: torch.Tensor, finite: torch.Tensor):
 
 
 def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.Tensor, first: torch.Tensor,
-             rescue: bool = True):
+             rescue: bool = True, scaled: torch.Tensor | None = None, wide_exp: int = 0):
     """Nearest code of each row of ``r (n, D)`` float32 in ``cb (K, D)``: ``argmin |c|^2 - 2 r.c``
     over the finite codes, NaN scores as +inf, exact ties to the smallest index. A finite row
     beyond 2^48, or whose scores are all +inf, is searched again with ``r`` and ``cb`` scaled by
@@ -32,14 +32,17 @@ def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.
     again scaled by 2^96, among the codes that stay finite there (it keeps its first choice when
     none has a finite score); float16 codebooks never need either. Rows still without a finite
     score take ``first``, the first finite code (0 when there is none). ``rescue``: False for a
-    float16 codebook."""
+    float16 codebook. ``scaled (n,)``: rows whose residual is held as ``r 2^wide_exp`` (its float32
+    value overflowed, see :func:`residual_quantize_full_ref`): all beyond 2^48, searched again
+    on ``r 2^(wide_exp - 96)``."""
     idx, lost, best = _argmin_finite(cc - 2.0 * (r @ cb.T), finite)
     if rescue:
         r_fin = r.isfinite().all(-1)
         r_max = r.abs().amax(-1)
         redo = r_fin & ((r_max > BIG) | lost)
         tiny = r_fin & ~redo & (r_max < TINY) & (best < TINY_SCORE)
-        rs, cs = r * RESCALE, cb * RESCALE
+        rs = r * RESCALE if scaled is None else r * torch.where(scaled, 2.0 ** (wide_exp - 96), RESCALE)[:, None]
+        cs = cb * RESCALE
         idx1, lost1, _ = _argmin_finite((cs * cs).sum(-1) - 2.0 * (rs @ cs.T), finite)
         idx, lost = torch.where(redo, idx1, idx), torch.where(redo, lost1, lost)
         rs, cs = r / RESCALE, cb / RESCALE  # (codes that overflow here are far from a tiny row)
@@ -69,7 +72,12 @@ def residual_quantize_full_ref(
 
     Greedy, level by level: the residual starts as ``x`` in float32; level ``l`` picks the nearest
     finite code (``argmin_k |c_lk|^2 - 2 r.c_lk``, NaN-aware, see :func:`_nearest`) and subtracts
-    it in float32. ``quantized`` is the float32 sum of the chosen codes in level order (where that
+    it in float32. A finite residual that overflows there (x = 3e38 after a code of -2e38) is
+    formed again from ``x`` and the codes chosen so far, all scaled by ``2^-E`` (``E`` the bit
+    length of ``L``: a chain of ``x`` and ``L`` codes cannot overflow there), and the row goes on at
+    that scale (its codes scaled as they are subtracted) until its residual is representable again
+    (then multiplied back by ``2^E``). While scaled, its residual is beyond float32: it enters no
+    statistics or candidate (as a non-finite one), and its loss term is ``|r|^2 2^(2E)`` in float64. ``quantized`` is the float32 sum of the chosen codes in level order (where that
     is not finite, their float64 sum rounded once, as the kernel's ``_exact_code_sum``), cast to
     the dtype of ``x`` (``x`` itself on rows of weight 0). Sums over rows accumulate in float64.
     Works in row chunks: its extra memory is a ``(chunk, K)`` float32 scratch.
@@ -92,6 +100,8 @@ def residual_quantize_full_ref(
     # one spare slot at the end takes the rows that fill none (no boolean indexing: no host sync)
     cand = torch.zeros((L, num_slots + 1, D), dtype=torch.float32, device=dev)
     cand_ok = torch.zeros((L, num_slots + 1), dtype=torch.int8, device=dev)
+    wide_exp = L.bit_length()  # 2^E >= L + 1
+    wide = 2.0**-wide_exp
     step = row_chunk(max(K, D))
     for s in range(0, N, step):
         r = x[s : s + step].float()
@@ -102,11 +112,15 @@ def residual_quantize_full_ref(
         slot = None if slots is None else torch.where(slots[s : s + step] >= 0, slots[s : s + step].long(), num_slots)
         q = torch.zeros_like(r)
         q64 = torch.zeros_like(r, dtype=torch.float64)
+        # the residual at scale 2^-E for every row (no host read), and which rows are held so
+        r_wide = r * wide
+        scaled = torch.zeros_like(live)
         for lvl in range(L):
-            idx = _nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl], codebooks.dtype != torch.float16) if search else out_codes[s : s + step, lvl]
+            idx = (_nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl], codebooks.dtype != torch.float16, scaled,
+                            wide_exp) if search else out_codes[s : s + step, lvl])
             c = cb[lvl].index_select(0, idx)
             # (below stat_limit: finite, in the dtype of the codebooks being trained; NaN: not below)
-            use = usable & (r.abs().amax(-1) < stat_limit)
+            use = usable & (r.abs().amax(-1) < stat_limit) & ~scaled
             if stats:
                 counts[lvl].index_add_(0, idx, torch.where(use, w, 0.0).double())
                 sums[lvl].index_add_(0, idx, torch.where(use[:, None], w[:, None] * r, 0.0).double())
@@ -118,12 +132,21 @@ def residual_quantize_full_ref(
                 s_rc = r + c
                 cand[lvl, slot] = torch.where(s_rc.abs() < float("inf"), 0.5 * s_rc, 0.5 * r + 0.5 * c)
                 cand_ok[lvl, slot] = (use & c.isfinite().all(-1)).to(torch.int8)  # finite residual and code
-            r = r - c
+            new = r - c * torch.where(scaled, wide, 1.0)[:, None]
+            r_wide = r_wide - c * wide
+            # overflowed (the chain at scale 2^-E is finite: x and the codes are) -> held scaled;
+            # held scaled and representable again -> back to scale 1 (exact)
+            over = ~new.isfinite().all(-1) & r_wide.isfinite().all(-1)
+            new, scaled = torch.where(over[:, None], r_wide, new), scaled | over
+            up = new * 2.0**wide_exp
+            back = scaled & up.isfinite().all(-1)
+            r, scaled = torch.where(back[:, None], up, new), scaled & ~back
             q = q + c
             q64 = q64 + c.double()
             if loss:
                 # float64: |r|^2 may overflow float32 where the mean loss does not
-                level_sq[lvl] += torch.where(live, w.double() * (r.double() ** 2).sum(-1), 0.0).sum()
+                sq = (r.double() ** 2).sum(-1) * torch.where(scaled, 4.0**wide_exp, 1.0)
+                level_sq[lvl] += torch.where(live, w.double() * sq, 0.0).sum()
             if search:
                 out_codes[s : s + step, lvl] = idx
         # the exact range: where the float32 sum overflowed (3e38 + 3e38 - 3e38), the float64 sum

@@ -78,7 +78,7 @@ def test_probe4_f4_kernel_spells_float16_max():
     assert rq.FP16_WIDE_ROW == torch.finfo(torch.float16).max and rq.FP16_WIDE_EXP == 8
     src = open(rq.__file__).read()
     assert src.count("> 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW") == 2  # register and chunked
-    assert "b_r * 0.00390625" in src and "0.00390625, PRECISION" in src and src.count("512.0") >= 2
+    assert "b_r * 0.00390625" in src and "0.00390625, tl.float32)" in src and src.count("512.0") >= 2
 
 
 def test_probe4_f2_step_statistics_sum_without_intermediate_overflow(request, backend):

@@ -751,6 +751,18 @@ def test_quantized_is_finite_where_the_exact_sum_is(backend, device, dtype, chun
         assert torch.equal(q, want), (k, q)
 
 
+def test_kernel_spells_the_overflow_threshold():
+    # r - c overflows float32 only where |r| >= 2^103: the largest code is 2^128 - 2^104 and the
+    # sum rounds to inf from 2^128 - 2^103 on (so the check below that threshold is never needed)
+    from fastvq.kernels import residual_quantize as rq
+
+    top = torch.tensor(torch.finfo(torch.float32).max)
+    assert rq.OVERFLOW_ROW == 2.0**103 == float("1.0141204801825835e31")
+    below = torch.tensor(2.0**103).nextafter(torch.tensor(0.0))
+    assert (below + top).isfinite() and not (torch.tensor(2.0**103) + top).isfinite()
+    assert open(rq.__file__).read().count(">= 1.0141204801825835e31))  # OVERFLOW_ROW") == 2
+
+
 def test_kernel_eps_norm_is_the_reference_one():
     from fastvq.kernels import residual_quantize as rq
     from fastvq.reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
@@ -857,3 +869,116 @@ def test_bwd_kernel_matches_reference_on_wide_rows(device, rotate):
     wide = (x.abs() > 1e38).any(1) & x.isfinite().all(1) & (w != 0)
     assert dx[wide].isfinite().all(), dx[wide]
     assert_close(dcb, ref_dcb, reduce_len=N)
+
+
+def _greedy64(x, codebooks, weights=None):
+    """The exact greedy search in float64 (a float32 residual's overflow cannot happen there):
+    ``(codes (N, L), level_sq (L,))``, ties to the smallest index, finite codes only."""
+    L, K, D = codebooks.shape
+    r, cb = x.double(), codebooks.double()
+    w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weights is None else weights.double()
+    codes, level_sq = [], []
+    for lvl in range(L):
+        dist = ((r[:, None, :] - cb[lvl][None]) ** 2).sum(-1)
+        dist = torch.where(cb[lvl].isfinite().all(-1)[None], dist, float("inf"))
+        idx = dist.argmin(-1)
+        r = r - cb[lvl][idx]
+        codes.append(idx)
+        level_sq.append((w * (r**2).sum(-1)).sum())
+    return torch.stack(codes, 1), torch.stack(level_sq)
+
+
+def _overflowing_residuals(dtype, device, case="probe5"):
+    """Rows whose float32 residual overflows on the way though x, every code and the greedy
+    result are finite (probe5 R1): ``(x (N, D), codebooks (4, K, D))``. "probe5": 3e38 - (-2e38)
+    at level 0, back within range at level 1, beside rows that stay within it; "growing": a
+    residual of 1.9, 2.4 and 1.4 times 3e38 at levels 0-2, 0.4 times at level 3."""
+    big = torch.finfo(dtype).max * 0.88  # ~3e38 (bf16: its own largest values)
+    if case == "growing":
+        cb = torch.tensor([[-1.0, -0.9], [-1.0, -0.5], [1.0, 0.9], [1.0, 0.5]], dtype=torch.float64)[..., None] * big
+        x = torch.tensor([[big], [-big], [1.0]], dtype=torch.float64)
+        return x.to(dtype).to(device), cb.to(dtype).to(device)
+    cb = torch.zeros(4, 3, 2, dtype=torch.float64)
+    cb[0] = torch.tensor([[-big, 0.0], [-0.66 * big, 0.0], [-0.5 * big, 1.1 * big]])  # nearest to x = 3e38: -2e38
+    cb[1] = torch.tensor([[-big, 1.0], [0.0, 0.0], [big, 0.0]])
+    cb[2, :, 0] = torch.tensor([big, 0.5 * big, -1.0])
+    cb[3, :, 0] = torch.tensor([big, 0.25, -0.1 * big])
+    x = torch.tensor([[big, 0.0],  # 3e38 - (-2e38) = 5e38 at level 0 (probe5's case), 2e38 next
+                      [big, 3.0],
+                      [0.6 * big, -1.0],  # 1.8e38 + 2e38: beyond, then nearer
+                      [0.25, 0.5],  # rows that stay within the range, in the same block
+                      [-0.5, 1.0],
+                      [1.0, 1e38]], dtype=torch.float64)
+    return x.to(dtype).to(device), cb.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("case", ["probe5", "growing"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_overflowing_residual_keeps_the_greedy_codes(backend, device, dtype, chunked, case):
+    # probe5 R1: x = 3e38 whose level-0 code is -2e38 leaves a float32 residual of +inf (exactly
+    # 5e38): every later level took its first finite code, not its nearest. Such a row is now held
+    # at scale 2^-E: the codes, the quantized sum and the loss terms are the exact greedy ones
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    if chunked and backend != "triton":
+        pytest.skip("the chunked kernel is a Triton kernel")
+    x, cb = _overflowing_residuals(dtype, device, case)
+    w = torch.tensor([1.0, 0.5, 1.0, 1.0, 2.0, 1.0], device=device)[: x.shape[0]]
+    want, want_sq = _greedy64(x, cb, w)
+    overflows = x.double() - cb.double()[0, want[:, 0]]
+    assert (overflows.abs() > torch.finfo(torch.float32).max).any(1)[0]  # (the case is the case)
+    if chunked:
+        from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+        outs = [residual_quantize_fwd(x, cb, max_register_d=1, weights=w, loss=True)]
+        codes, q, level_sq = outs[0]["codes"], outs[0]["quantized"], outs[0]["level_sq"]
+    else:
+        _, codes = fastvq.residual_quantize(x, cb)
+        assert torch.equal(codes, want), codes
+        out = residual_quantize_step(x, cb, weights=w)
+        codes, q, level_sq = out.codes, out.quantized, None
+    assert torch.equal(codes, want), codes
+    exact = cb.double()[torch.arange(4, device=device), want].sum(1)
+    assert torch.equal(q, exact.to(dtype)), q
+    if level_sq is not None:
+        torch.testing.assert_close(level_sq, want_sq, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_matches_reference_on_overflowing_residuals(device, dtype, chunked):
+    # the held rows (scale 2^-E) are the same rows, with the same values, in both forward kernels and
+    # the reference: every output, on a block of such rows mixed with ordinary, NaN and inf ones,
+    # with weights, loss terms, statistics and candidates (a held row enters none: its residual is
+    # beyond float32, as an infinite one)
+    from fastvq.kernels.residual_quantize import residual_quantize_fwd
+    from fastvq.reference.residual_quantize import residual_quantize_full_ref
+
+    x0, cb = _overflowing_residuals(dtype, device)
+    x = torch.cat([x0, x0.flip(0), randn(9, 2, dtype=dtype, seed=60, device=device)])
+    x[12, 1], x[13, 0] = float("nan"), float("inf")
+    cb = cb.clone()
+    cb[2, 1, 1] = float("inf")
+    N = x.shape[0]
+    w = torch.rand(N, generator=generator(61, device), device=device) + 0.5
+    w[7] = 0.0
+    slots = torch.arange(N, dtype=torch.int32, device=device)
+    kw = dict(weights=w, loss=True, stats=True, slots=slots, num_slots=N)
+    out = residual_quantize_fwd(x, cb, max_register_d=1 if chunked else None, **kw)
+    ref = residual_quantize_full_ref(x, cb, **kw)
+    for name in ("codes", "skipped", "cand_ok"):
+        assert torch.equal(out[name], ref[name]), name
+    for name in ("quantized", "cand"):
+        torch.testing.assert_close(out[name], ref[name], equal_nan=True, rtol=0, atol=0, msg=name)
+    for name in ("counts", "sums"):
+        torch.testing.assert_close(out[name], ref[name].to(out[name].dtype), rtol=1e-5, atol=0, msg=name)
+    assert out["skipped"].tolist() == [2, 8, 2, 2]  # NaN, inf; at level 1 the six held rows too
+    # the loss terms (the NaN and inf rows as padding: a NaN term otherwise)
+    w[12:14] = 0.0
+    out = residual_quantize_fwd(x, cb, max_register_d=1 if chunked else None, **kw)
+    ref = residual_quantize_full_ref(x, cb, **kw)
+    want = _greedy64(x[w != 0], cb, w[w != 0])[1]
+    assert ref["level_sq"].isfinite().all() and (ref["level_sq"] > 1e76).any()
+    torch.testing.assert_close(ref["level_sq"], want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["level_sq"], want, rtol=1e-6, atol=0)
