@@ -217,13 +217,25 @@ def _gram_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, BLOCK_M: tl.c
 
 
 @triton.jit
+def _round24(b_x):
+    """float64 ``x`` rounded to 24 significant bits (float32's precision, half away from zero) with
+    its float64 exponent: an integer add and mask on the bits (no float operation a compiler could
+    contract)."""
+    b_bits = (b_x.to(tl.int64, bitcast=True) + 0x10000000) & -0x20000000
+    return b_bits.to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _logit_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, scale64, lim,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The logits ``(x[o_m] @ x[o_n].T) * scale64``, formed in float64 and rounded once to float32
+    """The logits ``(x[o_m] @ x[o_n].T) * scale64``, formed in float64 and rounded once: to float32
     where ``|logit| <= lim`` (float32's largest at the pass's scale; the values stay float64, so
-    the passes' float32 and float64 logits are one set of numbers), kept in float64 beyond."""
+    the passes' float32 and float64 logits are one set of numbers), beyond it to float32's 24 bits
+    with float64's exponent (:func:`_round24`), so that a forward and a backward whose float64 dots
+    round a few ulps apart (tiled differently) still form the same logit, as float32 ones do: one
+    float64 ulp of a logit ~1e40 is ~1e24, an ``exp(s - m)`` of 0 instead of 1."""
     b_x = _gram_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, BLOCK_M, BLOCK_N) * scale64
-    return tl.where(tl.abs(b_x) <= lim, b_x.to(tl.float32).to(tl.float64), b_x)
+    return tl.where(tl.abs(b_x) <= lim, b_x.to(tl.float32).to(tl.float64), _round24(b_x))
 
 
 @triton.jit

@@ -31,7 +31,8 @@ products beyond float32 that cancel to a representable logit, or its partner can
 of such a row takes both logits (pred's and target's) from the float64 dot of the rows as given
 (float32/bf16 products are exact in float64; the sum is rounded to float64, error
 ``<= D 2^-53 sum_k |x_ik x_jk| / T``), scaled by the same float32 ``m``, rounded once to
-float32 where float32 holds it and kept in float64 beyond (rows ~1e20: logits ~1e40). Such a
+float32 where float32 holds it and beyond it to float32's 24 significant bits with float64's
+exponent (:func:`round24`; rows ~1e20: logits ~1e40). Such a
 logit enters its row's largest logit, softmax and KL terms, so those are float64 too: here every
 chunk is computed in float64 once any row is wide (the normalisers ``lse`` are float64 always),
 behind one host read of whether any row is; the Triton kernels test the rows' exponents per tile
@@ -127,15 +128,24 @@ def _wide_setup(p32, t32, ep, et, temperature: float):
     return p32.double(), t32.double(), math.ldexp(m, fa + fb), flags
 
 
+def round24(x: torch.Tensor) -> torch.Tensor:
+    """float64 ``x`` (finite) rounded to 24 significant bits, half away from zero, keeping float64's
+    exponent: float32's precision beyond float32's range, for the wide logits that float32 cannot
+    hold (the kernels do the same on the bits), so that two passes whose float64 dots round a few
+    ulps apart still agree on the logit."""
+    return ((x.contiguous().view(torch.int64) + (1 << 28)) & -(1 << 29)).view(torch.float64)
+
+
 def _masked_sims(scaled, s: int, e: int, x64=None, scale=1.0, need=None) -> torch.Tensor:
     """Rows ``s:e`` of ``x x^T / T`` with the diagonal set to -inf, from :func:`_scaled` (float32);
     with ``need``: float64, the pairs ``need`` from the float64 rows ``x64`` times ``scale``,
-    rounded once to float32 where float32 holds them and kept in float64 beyond."""
+    rounded once to float32 where float32 holds them and to float32's precision beyond
+    (:func:`round24`)."""
     u, r, c, _ = scaled
     sim = (u[s:e] @ u.T) * (r[s:e, None] * c[None, :])
     if need is not None:  # the pairs a float32 dot of the scaled rows cannot form: float64
         w = (x64[s:e] @ x64.T) * scale
-        w = torch.where(w.abs() <= F32_MAX, w.float().double(), w)
+        w = torch.where(w.abs() <= F32_MAX, w.float().double(), round24(w))
         sim = torch.where(need, w, sim.double())
     rows = torch.arange(e - s, device=u.device)
     sim[rows, rows + s] = float("-inf")
