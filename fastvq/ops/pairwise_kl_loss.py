@@ -22,6 +22,11 @@ def _kernel_operands(pred: torch.Tensor, target: torch.Tensor, temperature: floa
     return pred, target
 
 
+def _scaling(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> tuple:
+    """The kernels' logit scaling for ``T`` and the rows' length (as the reference decides it)."""
+    return logit_scaling(temperature, max(pred.shape[1], target.shape[1]))
+
+
 @custom_op("fastvq::pairwise_kl_loss", mutates_args=())
 def _pairwise_kl_loss_op(
     pred: torch.Tensor, target: torch.Tensor, temperature: float
@@ -33,7 +38,7 @@ def _pairwise_kl_loss_op(
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_fwd
 
         loss, lse_p, lse_t = pairwise_kl_loss_fwd(*_kernel_operands(pred, target, temperature), temperature,
-                                                  logit_scaling(temperature), amax_p, amax_t)
+                                                  _scaling(pred, target, temperature), amax_p, amax_t)
     else:
         loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature, amax_p, amax_t)
     # A loss that overflows float32 comes back +inf; a NaN or inf in the inputs makes the loss NaN
@@ -68,7 +73,7 @@ def _pairwise_kl_loss_bwd_op(
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_bwd
 
         return pairwise_kl_loss_bwd(grad, *_kernel_operands(pred, target, temperature), lse_p, lse_t, temperature,
-                                    logit_scaling(temperature)).to(pred.dtype)
+                                    _scaling(pred, target, temperature)).to(pred.dtype)
     return pairwise_kl_loss_bwd_ref(grad, pred, target, lse_p, lse_t, temperature)
 
 
@@ -135,10 +140,12 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
     ``pred_i . pred_j / T``, ``target_i . target_j / T``: each row is scaled by its own power of
     two before the dot products (so ``x_i . x_j`` may exceed float32 where ``/ T`` brings it back,
     ``T > 1``, and rows ~1e-20 beside a row ~3e38 keep their products); every pair of a row whose
-    max ``|x|`` is near the float32 range for ``T`` (``>= 2^54`` at ``T = 1``) takes its logits
+    max ``|x|`` is near the float32 range for ``T`` (``>= 2^54`` at ``T = 1``, lower from 2^18
+    features on) takes its logits
     from a float64 dot instead (products ~2^252 that cancel, or a tiny entry times a huge one, stay
     right: the error is float64's, ``D 2^-53 sum_k |x_ik x_jk| / T``), rounded once to float32
-    where float32 holds it and kept in float64 beyond (rows ~1e20: logits ~1e40), and everything
+    where float32 holds it and beyond it to float32's 24 bits with float64's exponent (rows ~1e20:
+    logits ~1e40), and everything
     such a logit enters (the row's largest logit, its softmax terms, its KL terms) is formed in
     float64, so a target whose logits lie beyond float32 gives its one-hot softmaxes and an
     ordinary loss, and ``target == pred`` gives 0 and a zero gradient. The rows' KLs are divided by

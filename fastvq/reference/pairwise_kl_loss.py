@@ -69,20 +69,23 @@ F32_MAX = float(torch.finfo(torch.float32).max)
 WIDE_LOGIT_FACTOR = 110
 
 
-def logit_scaling(temperature: float):
+def logit_scaling(temperature: float, d: int = 1):
     """``(m, fa, fb, lo, hi, big)``: ``1 / T = m 2^(fa + fb)`` (``m`` in [0.5, 1], rounded to float32
     as the kernels' factors hold it, so both backends and their float64 logits use one ``m``; ``fb - fa`` in
     {0, 1}), the clamp ``[lo, hi]`` of the row exponents that keeps ``2^(e + fa)``, ``2^(e + fb)`` in
     ``[2^-62, 2^62]`` (so ``R_i C_j`` is normal) and ``2^-e`` a normal float32, and ``big``: a row
     whose pred or target exponent is ``>= big`` takes the logits of all its pairs from float64
     (:func:`wide_rows`): every row clamped at ``hi``, and any ``e`` with ``2 e + fa + fb`` reaching
-    :data:`WIDE_LOGIT_FACTOR`, so that two rows below it have ``R_i C_j < 2^110``."""
+    :data:`WIDE_LOGIT_FACTOR`, so that two rows below it have ``R_i C_j < 2^110``. ``d``: the
+    longer of the rows (``max(Dp, Dt)``): such a float32 logit is below ``d R_i C_j``, so from
+    ``2^18`` features on the factor lowers to ``128 - bitlen(d)`` and the logit stays below 2^127."""
     m, f = math.frexp(1.0 / float(temperature))
     m = round(m * 2.0**24) / 2.0**24  # as float32 holds it (half to even; 1.0 stays exact)
     fa = f // 2
     fb = f - fa
     hi = min(126, 62 - fb)
-    return m, fa, fb, max(-126, -62 - fa), hi, min(hi, -((fa + fb - WIDE_LOGIT_FACTOR) // 2))
+    factor = min(WIDE_LOGIT_FACTOR, 128 - max(int(d), 1).bit_length())
+    return m, fa, fb, max(-126, -62 - fa), hi, min(hi, -((fa + fb - factor) // 2))
 
 
 def row_max(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,7 @@ def _wide_setup(p32, t32, ep, et, temperature: float):
     """``None`` if no row needs float64 logits (:func:`wide_rows`; one host read), else
     ``(p64, t64, scale, flags)``: the rows in float64, ``scale = m 2^(fa + fb)`` and the rows'
     flags."""
-    m, fa, fb, _, _, big = logit_scaling(temperature)
+    m, fa, fb, _, _, big = logit_scaling(temperature, max(p32.shape[1], t32.shape[1]))
     flags = wide_rows(ep, et, big)
     if not bool(flags.any()):
         return None

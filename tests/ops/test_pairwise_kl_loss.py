@@ -731,3 +731,23 @@ def test_row_whose_largest_logit_is_below_float32(backend, device, dtype):
             assert exact > F32_MAX and loss.item() == float("inf")
             tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
             torch.testing.assert_close(grad.double(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
+
+
+def test_wide_threshold_scales_with_the_feature_count(backend, device):
+    # Rows below the wide threshold (max |x| < 2^54 here) have float32 logits below D 2^109: with
+    # more than 2^19 features that can pass float32 (x_0 . x_1 / T ~ 2^128.5 at D = 2^19.5). Both
+    # rows take float64 logits now (the threshold lowers by log2 D beyond 2^18 features, decided
+    # once in logit_scaling for both backends), so the target == pred loss is 0 with a zero
+    # gradient, not +inf and NaN.
+    from fastvq.reference.pairwise_kl_loss import logit_scaling
+
+    D, T = 741455, 0.505
+    assert logit_scaling(T, D)[5] < logit_scaling(T, 2**18 - 1)[5] == logit_scaling(T)[5]
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("D = 741455 under the Triton interpreter takes many minutes (the threshold is the op's, above)")
+    x = torch.full((3, D), 2.0**53.99, dtype=torch.float64)
+    x[2] = 1.0
+    p = x.float().to(device)
+    assert float(p[0].double() @ p[1].double()) / T > F32_MAX
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, p, p.clone(), T, torch.tensor(1.0, device=device))
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
