@@ -26,6 +26,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _writable_folder(path: str) -> str | None:
+    """Why results cannot be written to the folder ``path`` (None when they can). A folder that
+    does not exist yet is made to find out and removed again (with the folders made above it):
+    nothing is left behind by a run that then fails, or by a check that fails."""
+    missing, probe = [], os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "not writable"
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
+# the options of a timing run, which --traffic and --list do not take
+_TIMING_ONLY = ("providers", "quick", "name", "no_plot", "no_check")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,13 +75,18 @@ def main(argv=None) -> int:
     c.add_argument("--ops", nargs="+", help="only these ops")
     c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    if getattr(args, "out", None):
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            if not os.access(args.out, os.W_OK):
-                raise PermissionError("not writable")
-        except OSError as exc:
-            parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+    if args.command == "bench":
+        mode = "--traffic" if args.traffic else "--list" if args.list else None
+        ignored = [name for name in _TIMING_ONLY if getattr(args, name)] if mode else []
+        if mode == "--list":
+            ignored += [name for name in ("ops", "out", "traffic_scale") if getattr(args, name) is not None]
+        if ignored:
+            b.error(f"{mode} does not take " + ", ".join("--" + name.replace("_", "-") for name in ignored))
+        if args.traffic_scale is not None and not args.traffic:
+            b.error("--traffic-scale needs --traffic")
+        if args.out and (why := _writable_folder(args.out)):
+            # (checked before any work; the folder is made when results are written)
+            b.error(f"--out {args.out}: cannot write there ({why})")
 
     import torch
 

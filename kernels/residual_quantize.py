@@ -110,13 +110,14 @@ FP16_WIDE_EXP = 8
 FP16_WIDE_ROW = 65504.0  # float16's largest finite value (the kernels spell it out)
 # WIDE: a float32 residual r - c can overflow only where some |r| >= 2^103 (|c| <= float32's max
 # 2^128 - 2^104; the sum rounds to inf from 2^128 - 2^103 on); a float16 code never makes it. Such
-# a row is formed again from x and its codes so far, all scaled by 2^-E (E the bit length of L:
-# a chain of x and L codes never overflows there), and held at that scale, its codes scaled as
-# they are subtracted, until its residual is representable again (then scaled back, exactly).
-# While held, its residual is beyond float32: it enters no statistics or candidate (as an
-# infinite one), its loss term is |r 2^-E|^2 2^2E in float64, and its search is the big rescue
-# pass on the residual scaled by 2^(E - 96). Only a block holding a row beyond OVERFLOW_ROW (or a
-# held one) checks; the rebuild runs only for a block whose new residual is not finite.
+# a row's new residual is formed at scale 2^-E instead, r 2^-E - c 2^-E (E the bit length of L:
+# x less L codes is below (L + 1) times float32's max, so a row held at that scale never overflows
+# again), and held there, its codes scaled as they are subtracted, until its residual is
+# representable again (then scaled back, exactly). While held, its residual is beyond float32: it
+# enters no statistics or candidate (as an infinite one), its loss term is |r 2^-E|^2 2^2E in
+# float64, and its search is the big rescue pass on the residual scaled by 2^(E - 96). Only a block
+# holding a row beyond OVERFLOW_ROW, or a held one, checks (the D-chunked variant with one more
+# read of the residual and the codes, and for every block when the codes are given).
 OVERFLOW_ROW = 2.0**103  # the kernels spell it out
 
 
@@ -260,37 +261,29 @@ def _midpoint(a, b):
 
 @triton.jit
 def _level_outputs(
-    b_r, b_sel, b_new, b_wide0, b_wide, s_up, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss, b_slot,
+    b_r, b_sel, b_wide, b_idx, b_w, m_m, o_d, m_d, lvl, b_slot,
     p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
-    LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
+    STATS: tl.constexpr, CAND: tl.constexpr,
 ):
-    """What a level adds besides the code, for a register-resident row block ``b_r`` (the
-    residual this level quantized), its chosen code rows ``b_sel`` and the new residual
-    ``b_new``; rows whose residual is not below ``stat_lim`` (not finite in the codebook's dtype,
-    or held at scale 2^-E: ``b_wide0``) are left out and counted. A held new residual's
-    (``b_wide``) loss term is ``|b_new|^2 s_up^2``."""
-    if LOSS:
-        b_sq = _loss_rows(b_new, b_w, m_m)
-        b_s2 = s_up.to(tl.float64) * s_up.to(tl.float64)
-        b_sq = tl.where(b_wide, b_sq * b_s2, b_sq)
-        b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
-    if STATS or CAND:
-        b_fin = _row_below(b_r, stat_lim) & ~b_wide0 & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
-        b_use = m_m & (b_w != 0) & b_fin
-        if STATS:
-            o_kk = lvl * K + b_idx
-            tl.atomic_add(p_counts + o_kk, b_w, mask=b_use, sem="relaxed")
-            tl.atomic_add(p_sums + o_kk[:, None] * D + o_d[None, :], b_w[:, None] * b_r,
-                          mask=b_use[:, None] & m_d[None, :], sem="relaxed")
-            tl.atomic_add(p_skip + lvl, tl.sum((m_m & (b_w != 0) & ~b_fin).to(tl.int32), axis=0), sem="relaxed")
-        if CAND:
-            m_c = m_m & (b_slot >= 0)
-            o_c = lvl * S + b_slot
-            tl.store(p_cand + o_c[:, None] * D + o_d[None, :], _midpoint(b_sel, b_r),
-                     mask=m_c[:, None] & m_d[None, :])
-            # ok: finite residual and code (a level of only infinite codes gives an infinite one)
-            tl.store(p_cand_ok + o_c, (b_use & _row_finite(b_sel)).to(tl.int8), mask=m_c)
-    return b_loss
+    """The statistics and candidates of a level, for a register-resident row block ``b_r`` (the
+    residual this level quantized) and its chosen code rows ``b_sel``; rows whose residual is
+    not below ``stat_lim`` (not finite in the codebook's dtype) or is held at scale 2^-E
+    (``b_wide``: beyond float32) are left out and counted."""
+    b_fin = _row_below(b_r, stat_lim) & ~b_wide & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+    b_use = m_m & (b_w != 0) & b_fin
+    if STATS:
+        o_kk = lvl * K + b_idx
+        tl.atomic_add(p_counts + o_kk, b_w, mask=b_use, sem="relaxed")
+        tl.atomic_add(p_sums + o_kk[:, None] * D + o_d[None, :], b_w[:, None] * b_r,
+                      mask=b_use[:, None] & m_d[None, :], sem="relaxed")
+        tl.atomic_add(p_skip + lvl, tl.sum((m_m & (b_w != 0) & ~b_fin).to(tl.int32), axis=0), sem="relaxed")
+    if CAND:
+        m_c = m_m & (b_slot >= 0)
+        o_c = lvl * S + b_slot
+        tl.store(p_cand + o_c[:, None] * D + o_d[None, :], _midpoint(b_sel, b_r),
+                 mask=m_c[:, None] & m_d[None, :])
+        # ok: finite residual and code (a level of only infinite codes gives an infinite one)
+        tl.store(p_cand_ok + o_c, (b_use & _row_finite(b_sel)).to(tl.int8), mask=m_c)
 
 
 def _configs(name):
@@ -408,38 +401,16 @@ def _wide_exp(L):
 
 
 @triton.jit
-def _residual_rebuilt(p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb, b_codes, o_l, lvl, stride_cl, stride_ck,
-                      stride_cd, s_wide):
-    """The residual after level ``lvl`` at scale ``s_wide = 2^-E``: ``x 2^-E`` less each chosen
-    code ``c_j 2^-E``, ``j <= lvl``, in level order, float32 (finite wherever ``x`` and the codes
-    are; the reference's ``r_wide``), for the columns ``o_d``."""
-    b_re = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
-    b_re = b_re.to(tl.float32) * s_wide
-    for j in range(lvl + 1):
-        b_idx = tl.sum(tl.where(o_l[None, :] == j, b_codes, 0), axis=1)
-        b_c = tl.load(p_cb + j * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md,
-                      other=0.0)
-        b_re = b_re - b_c.to(tl.float32) * s_wide
-    return b_re
-
-
-@triton.jit
-def _held_wide(b_r, b_sel, b_new, b_wide, p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb, b_codes, o_l, lvl,
-               stride_cl, stride_ck, stride_cd, s_wide, s_up):
-    """The new residual of a register block in which a row may be held at scale ``2^-E`` (see
-    WIDE): ``b_new = b_r - b_sel`` formed again as ``b_r - b_sel 2^-E`` for the held rows
-    ``b_wide``; a row whose new residual is not finite is formed again from ``x`` at scale ``2^-E``
-    (:func:`_residual_rebuilt`) and held when that is finite (it overflowed; NaN or inf inputs
-    stay as they are); a held row whose residual is representable again goes back to scale 1.
-    Returns ``(b_new, b_wide)``."""
-    b_new = tl.where(b_wide[:, None], b_r - b_sel * s_wide, b_new)
-    m_try = ~_row_finite(b_new)
-    if tl.max(m_try.to(tl.int32), axis=0) > 0:
-        b_re = _residual_rebuilt(p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb, b_codes, o_l, lvl, stride_cl,
-                                 stride_ck, stride_cd, s_wide)
-        m_over = m_try & _row_finite(b_re)
-        b_new = tl.where(m_over[:, None], b_re, b_new)
-        b_wide = b_wide | m_over
+def _held_wide(b_r, b_sel, b_wide, s_wide, s_up):
+    """The new residual of a register block that may hold a row at scale ``2^-E`` (see WIDE)
+    and which rows are held after it: ``b_r - b_sel``, a held row's ``b_r - b_sel 2^-E``; a row
+    whose ``b_r - b_sel`` overflows (a finite residual and code) ``b_r 2^-E - b_sel 2^-E``, held;
+    a held row whose residual is representable again goes back to scale 1. Returns
+    ``(new residual, b_wide)``."""
+    b_cs = tl.where(b_wide, s_wide, 1.0)
+    m_over = ~_row_finite(b_r - b_sel * b_cs[:, None]) & _row_finite(b_r) & _row_finite(b_sel)
+    b_wide = b_wide | m_over
+    b_new = b_r * tl.where(m_over, s_wide, 1.0)[:, None] - b_sel * tl.where(b_wide, s_wide, 1.0)[:, None]
     b_up = b_new * s_up  # (s_up = 2^E: exact, or inf)
     m_back = b_wide & _row_finite(b_up)
     return tl.where(m_back[:, None], b_up, b_new), b_wide & ~m_back
@@ -527,17 +498,19 @@ def _residual_quantize_fwd_kernel(
                 m_huge = m_huge | (m_m & (tl.max(tl.abs(b_r), axis=1) >= 1.0141204801825835e31))  # OVERFLOW_ROW
         b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
         b_sel = b_sel.to(tl.float32)
-        b_new = b_r - b_sel
-        # r - c overflows only where |r| > 2^103 (|c| <= float32's max; a float16 code never does)
-        b_wide0 = b_wide
+        if STATS or CAND:
+            _level_outputs(b_r, b_sel, b_wide, b_idx, b_w, m_m, o_d, m_d, lvl, b_slot, p_counts, p_sums, p_skip,
+                           p_cand, p_cand_ok, K, D, S, stat_lim, STATS, CAND)
+        # r - c overflows only where |r| >= 2^103 (|c| <= float32's max; a float16 code never does)
         if tl.max(m_huge.to(tl.int32), axis=0) > 0:
-            b_new, b_wide = _held_wide(b_r, b_sel, b_new, b_wide, p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb,
-                                       b_codes, o_l, lvl, stride_cl, stride_ck, stride_cd, s_wide, s_up)
-        b_loss = _level_outputs(b_r, b_sel, b_new, b_wide0, b_wide, s_up, b_idx, b_w, m_m, o_d, m_d, lvl, o_l, b_loss,
-                                b_slot, p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
-                                LOSS, STATS, CAND)
-        b_r = b_new
+            b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
+        else:
+            b_r = b_r - b_sel
         b_q += b_sel
+        if LOSS:  # (a held row's |r|^2 at scale 1: times 2^2E)
+            b_sq = _loss_rows(b_r, b_w, m_m)
+            b_sq = tl.where(b_wide, b_sq * (s_up.to(tl.float64) * s_up.to(tl.float64)), b_sq)
+            b_loss = tl.where(o_l == lvl, b_loss + tl.sum(b_sq, axis=0), b_loss)
     # the exact range: only a block whose float32 sum is not finite sums its codes again in float64
     if tl.max(tl.max((b_q - b_q != 0).to(tl.int32), axis=1), axis=0) > 0:
         b_q = _exact_code_sum(p_cb, b_codes, b_q, o_l, o_d, m_md, L, stride_cl, stride_ck, stride_cd)
@@ -598,6 +571,7 @@ def _residual_quantize_fwd_chunked_kernel(
     b_wide = o_m < 0
     for lvl in range(L):
         p_cbl = p_cb + lvl * stride_cl
+        m_huge = b_wide  # a row that a code can make overflow (beyond 2^103), or held scaled
         if SEARCH:
             b_min, b_idx, b_first = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
                                                           stride_cd, 1.0, 1.0, PRECISION, DOT_FP32, BF16_RNE, False,
@@ -620,6 +594,7 @@ def _residual_quantize_fwd_chunked_kernel(
                                                          BLOCK_D, False, 512.0)
                     b_idx = tl.where(m_wide & (b_idx1 >= 0), b_idx1, b_idx)
             else:
+                m_huge = m_huge | (m_m & (b_rm >= 1.0141204801825835e31))  # OVERFLOW_ROW
                 m_big, m_tiny = _rescue_rows(b_rm, m_m & (b_rbad == 0), b_idx, b_min)
                 if tl.max(m_big.to(tl.int32), axis=0) > 0:  # (a held row: its residual by 2^(E - 96))
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
@@ -638,6 +613,8 @@ def _residual_quantize_fwd_chunked_kernel(
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
             b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
+            if p_cb.dtype.element_ty != tl.float16:  # (no row max at hand: every block checks)
+                m_huge = m_m
         if STATS or CAND:  # a first sweep: is this level's residual finite (row by row)?
             b_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
             b_cbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -658,11 +635,26 @@ def _residual_quantize_fwd_chunked_kernel(
             if CAND:
                 m_c = m_m & (b_slot >= 0)
                 tl.store(p_cand_ok + lvl * S + b_slot, (b_use & (b_cbad == 0)).to(tl.int8), mask=m_c)
-        # residual -= chosen code (a held row's scaled by 2^-E), chunk by chunk (statistics,
-        # candidates and loss on the way; which rows' new residual is not finite)
+        # a row whose r - c overflows (a finite residual and code; only where |r| >= 2^103, or given
+        # codes) is formed at scale 2^-E instead, r 2^-E - c 2^-E, and held (see WIDE)
+        b_cs = tl.where(b_wide, s_wide, 1.0)  # a held row subtracts its code at its scale
+        m_over = o_m < 0
+        if tl.max(m_huge.to(tl.int32), axis=0) > 0:
+            b_ovf = tl.zeros((BLOCK_M,), dtype=tl.int32)  # elements of r - c that are not finite
+            b_inbad = tl.zeros((BLOCK_M,), dtype=tl.int32)  # of r and c that are not
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                m_md = m_m[:, None] & (o_d < D)[None, :]
+                b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_md, other=0.0)
+                b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md,
+                                other=0.0).to(tl.float32)
+                b_ovf += tl.where(_row_finite(b_r - b_sel * b_cs[:, None]), 0, 1)
+                b_inbad += tl.where(_row_finite(b_r) & _row_finite(b_sel), 0, 1)
+            m_over = m_m & (b_ovf > 0) & (b_inbad == 0)
+        b_rs = tl.where(m_over, s_wide, 1.0)
+        b_cs = tl.where(m_over, s_wide, b_cs)
+        # residual -= chosen code, chunk by chunk (statistics, candidates and loss on the way)
         b_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        b_cs = tl.where(b_wide, s_wide, 1.0)
-        b_nbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m_d = o_d < D
@@ -670,8 +662,7 @@ def _residual_quantize_fwd_chunked_kernel(
             p_r = p_ws + o_m[:, None] * stride_wn + o_d[None, :]
             b_r = tl.load(p_r, mask=m_md, other=0.0)
             b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
-            b_new = b_r - b_sel.to(tl.float32) * b_cs[:, None]
-            b_nbad += tl.where(_row_finite(b_new), 0, 1)
+            b_new = b_r * b_rs[:, None] - b_sel.to(tl.float32) * b_cs[:, None]
             if STATS:
                 tl.atomic_add(p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_w[:, None] * b_r,
                               mask=b_use[:, None] & m_d[None, :], sem="relaxed")
@@ -684,28 +675,9 @@ def _residual_quantize_fwd_chunked_kernel(
                 b_sq += tl.sum(b_new * b_new, axis=1)
             tl.store(p_r, b_new, mask=m_md)
         tl.debug_barrier()
-        # a row whose new residual is not finite: formed again from x at scale 2^-E, held if that
-        # is finite (it overflowed); a held row representable again: back to scale 1
-        m_redo = m_m & (b_nbad > 0)
-        m_moved = o_m < 0  # rows whose workspace residual changed below
-        if tl.max(m_redo.to(tl.int32), axis=0) > 0:
-            b_rbad = tl.zeros((BLOCK_M,), dtype=tl.int32)
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                b_re = _residual_rebuilt(p_x, o_m, o_d, m_m[:, None] & (o_d < D)[None, :], stride_xn, stride_xd,
-                                         p_cb, b_codes, o_l, lvl, stride_cl, stride_ck, stride_cd, s_wide)
-                b_rbad += tl.where(_row_finite(b_re), 0, 1)
-            m_over = m_redo & (b_rbad == 0)
-            if tl.max(m_over.to(tl.int32), axis=0) > 0:
-                for d0 in range(0, D, BLOCK_D):
-                    o_d = d0 + tl.arange(0, BLOCK_D)
-                    m_md = m_m[:, None] & (o_d < D)[None, :]
-                    b_re = _residual_rebuilt(p_x, o_m, o_d, m_md, stride_xn, stride_xd, p_cb, b_codes, o_l, lvl,
-                                             stride_cl, stride_ck, stride_cd, s_wide)
-                    tl.store(p_ws + o_m[:, None] * stride_wn + o_d[None, :], b_re, mask=m_md & m_over[:, None])
-                tl.debug_barrier()
-            b_wide = b_wide | m_over
-            m_moved = m_over
+        b_wide = b_wide | m_over
+        m_moved = m_over  # rows whose |r|^2 above is not at the scale they end the level with
+        # a held row whose residual is representable again: back to scale 1 (exact)
         if tl.max(b_wide.to(tl.int32), axis=0) > 0:
             b_ubad = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for d0 in range(0, D, BLOCK_D):

@@ -87,6 +87,33 @@ def test_bench_rejects_bad_arguments_by_name(argv, says, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--traffic", "--providers", "fastvq"], "--traffic does not take --providers"),
+    (["--traffic", "--quick", "--no-plot"], "--traffic does not take --quick, --no-plot"),
+    (["--list", "--providers", "reference"], "--list does not take --providers"),
+    (["--list", "--out", "{tmp}/new"], "--list does not take --out"),
+    (["--ops", "pairwise_sqdist", "--traffic-scale", "2"], "--traffic-scale needs --traffic"),
+], ids=["traffic-providers", "traffic-timing-flags", "list-providers", "list-out", "scale-without-traffic"])
+def test_bench_rejects_options_it_would_ignore(argv, says, tmp_path, capsys):
+    """probe6 C: --providers was ignored without a word under --traffic and --list, and --out was
+    made even for --list."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_out_is_made_only_when_results_are_written(tmp_path, capsys):
+    """probe6 C: a run that fails (an unknown name) left its new --out folder behind, empty."""
+    out = tmp_path / "a" / "b"
+    assert main(["bench", "--ops", "no_such_op", "--out", str(out)]) == 2
+    assert "no_such_op" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_list_prints_groups_in_run_order(capsys):
     assert main(["bench", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.residual_quantize import _residual_decode, residual_quantize_step
+from . import _checkpoint
 from ._codebook import CodebookState, _check_float, _check_int, _check_sizes
 from .vector_quantizer import _check_mask, _quantize_step
 
@@ -118,13 +119,17 @@ class ResidualQuantizer(CodebookState):
         self._check_inputs(inputs)
         D = self.embedding_dim
         mask = _check_mask("ResidualQuantizer", mask, inputs)
-        # (reads the host only until k-means has initialised the codebooks)
-        self._maybe_kmeans_init_(inputs.detach().reshape(-1, D), mask=mask)
+        call = _checkpoint.begin(self, inputs.device)  # None unless inside torch.utils.checkpoint
+        codebooks = self.codebooks
+        if call is not None and call.replay:  # a checkpoint's rerun: the codebooks the first run searched
+            codebooks = call.codebook(codebooks)
+        else:  # (reads the host only until k-means has initialised the codebooks)
+            self._maybe_kmeans_init_(inputs.detach().reshape(-1, D), mask=mask)
 
         # One launch for all levels: codes, their sum (straight-through to inputs, once), the
         # seed's losses and (training) EMA statistics and dead-code candidates of every level;
         # one launch back for every gradient.
-        return _quantize_step(self, inputs, self.codebooks, mask)
+        return _quantize_step(self, inputs, codebooks, mask, call=call)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Vectors from codes: ``codes (..., L')`` int, ``L' <= L`` (the first ``L'`` levels)

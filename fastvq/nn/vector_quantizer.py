@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 from .._checks import FLOAT_DTYPES
-from ..ops.ema_update import codebook_snapshot
+from ..ops.ema_update import codebook_snapshot, refuse_checkpoint_rerun
 from ..ops.nearest_code import nearest_code
-from ..ops.residual_quantize import residual_quantize_step
+from ..ops.residual_quantize import _residual_quantize_step
+from . import _checkpoint
 from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
 
 
@@ -65,11 +66,16 @@ class VectorQuantizer(CodebookState):
         data, not parameters: they are detached (no gradient reaches a learnable mask); the
         losses use only their ratios, but the EMA counts and ``dead_code_threshold`` are in units
         of weight, so weights that sum to 1 over a batch make every code look dead (keep them
-        near 1 per row, or use a bool mask). Activation checkpointing of a quantizer that
-        updates its codebook in its forward (EMA, dead codes) is not supported: the rerun in the
-        backward would search the updated codebook (and, with ``use_reentrant=True``, update it
-        again); checkpoint the layers around it instead. float64 inputs or a ``.double()`` module raise ``TypeError``
-        (the seed accepted them; cast with ``.float()``). ``quantized`` has the code's value
+        near 1 per row, or use a bool mask). Activation checkpointing
+        (``torch.utils.checkpoint``, either ``use_reentrant``) gives the plain step's outputs,
+        gradients and state: the rerun of a call in the backward searches the codebook that
+        call searched, updates nothing (EMA, revival, counters, k-means init) and leaves the
+        random stream where the call did; each checkpointed call of a quantizer with EMA,
+        revival or k-means init keeps a copy of its codebook until the region's graph is freed.
+        Compiled, a rerun raises ``RuntimeError`` instead (the quantizer compiled on its own in
+        an eagerly checkpointed region, or a compiled step that checkpoints it). float64 inputs
+        or a ``.double()`` module raise ``TypeError`` (the seed accepted them; cast with
+        ``.float()``). ``quantized`` has the code's value
         and passes the gradient to ``inputs`` (straight through, or rotated);
         ``commitment_loss = mse(code.detach(), inputs)`` (gradient to the inputs),
         ``embedding_loss = mse(code, inputs.detach())`` (gradient to the codebook). In
@@ -138,18 +144,21 @@ class VectorQuantizer(CodebookState):
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(inputs)
-        weight = self.embeddings.weight
         mask = _check_mask("VectorQuantizer", mask, inputs)
-        # (reads the host only until k-means has initialised the codebook)
-        self._maybe_kmeans_init_(inputs.detach().reshape(-1, self.embedding_dim), self.metric, mask)
+        call = _checkpoint.begin(self, inputs.device)  # None unless inside torch.utils.checkpoint
+        if call is not None and call.replay:  # a checkpoint's rerun: the codebook the first run searched
+            codebook = call.codebook(self.embeddings.weight.unsqueeze(0))
+        else:  # (reads the host only until k-means has initialised the codebook)
+            self._maybe_kmeans_init_(inputs.detach().reshape(-1, self.embedding_dim), self.metric, mask)
+            codebook = self.embeddings.weight.unsqueeze(0)
 
         # One launch: the code, its value, the losses and (training) the EMA statistics and
         # dead-code candidates; one launch back. The l2 search runs inside it; another metric
         # searches first and hands it the codes.
         codes = None
         if self.metric != "l2":
-            codes = nearest_code(inputs, weight.detach(), metric=self.metric)[0].unsqueeze(-1)
-        quantized, commitment_loss, embedding_loss, codes = _quantize_step(self, inputs, weight.unsqueeze(0), mask, codes)
+            codes = nearest_code(inputs, codebook[0].detach(), metric=self.metric)[0].unsqueeze(-1)
+        quantized, commitment_loss, embedding_loss, codes = _quantize_step(self, inputs, codebook, mask, codes, call)
         return quantized, commitment_loss, embedding_loss, codes.squeeze(-1)
 
     def extra_repr(self) -> str:
@@ -181,40 +190,48 @@ def _codebook_for_step(codebook: torch.Tensor, inputs: torch.Tensor, update: boo
     the forward chose and must see them as they were (gradients reach the parameter through it).
     Compiled, the copy is an opaque op (:func:`fastvq.ops.ema_update.codebook_snapshot`): a
     ``clone`` was recomputed in the backward from the updated codebook."""
-    if update and torch.is_grad_enabled() and (inputs.requires_grad or codebook.requires_grad):
+    if update and torch.is_grad_enabled() and (
+            inputs.requires_grad or codebook.requires_grad or torch.compiler.is_compiling()):
+        # (compiled, always: a checkpointed region's backward may rerun the step from the
+        # copy, which then refuses to run on an updated codebook; fastvq.ops.ema_update)
         return codebook_snapshot(codebook)
     return codebook
 
 
-def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None):
+def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=None):
     """A quantizer module's forward on its ``(L, K, D)`` codebook: one
     :func:`fastvq.residual_quantize_step` (which also returns, in training, the EMA statistics
     and the residuals of the rows offered for dead-code revival), then the codebook update.
-    Returns ``(quantized, commitment_loss, embedding_loss, codes (..., L))``; no host sync."""
-    update = mod.training and mod._codebook_needs_vectors
+    ``call``: :func:`fastvq.nn._checkpoint.begin`'s answer (None outside checkpointed regions);
+    a rerun updates nothing. Returns ``(quantized, commitment_loss, embedding_loss, codes
+    (..., L))``; no host sync."""
+    replay = call is not None and call.replay
+    update = mod.training and mod._codebook_needs_vectors and not replay
     n = inputs.numel() // inputs.shape[-1]
     rows = score = None
     if update and mod.dead_code_threshold > 0:
         rows, score = pick_candidate_rows(n, codebook.shape[1], inputs.device, mask)
-    try:
-        step = residual_quantize_step(
-            inputs, _codebook_for_step(codebook, inputs, update), weights=mask, codes=codes, grad=mod.grad,
-            statistics=update, candidate_rows=rows,
-        )
-    except ValueError as e:  # the op's check of the mask's values (NaN, < 0): name the user's argument
-        prefix = "fastvq.residual_quantize_step: weights "
-        if mask is None or not str(e).startswith(prefix):
-            raise
-        raise ValueError(f"fastvq.{mod._owner}: mask " + str(e)[len(prefix):]) from None
+    searched = _codebook_for_step(codebook, inputs, update)
+    # (the op's check of the mask's values, NaN or < 0, names the module's argument)
+    step = _residual_quantize_step(
+        inputs, searched, weights=mask, codes=codes, grad=mod.grad, statistics=update, candidate_rows=rows,
+        weights_owner=mod._owner, weights_name="mask",
+    )
     embedding_loss = step.embedding_loss
     if mod.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)
         embedding_loss = torch.zeros((), dtype=step.commitment_loss.dtype, device=inputs.device)
-    if mod.training:
+    if call is not None:
+        call.record(searched, codebook)  # (before the update: the codebook as searched)
+    if mod.training and not replay:
         flat = step.codes.reshape(n, codebook.shape[0])
         stats = offers = None
         if update:
-            stats = (step.counts, step.sums, step.skipped)
+            # (compiled, the update waits on a check that this is no checkpoint rerun: eagerly,
+            # `call` replays the first run instead)
+            stats = (refuse_checkpoint_rerun(step.counts, mod._owner), step.sums, step.skipped)
             if rows is not None:
                 offers = (step.candidates, score)  # midpoints of the rows' vectors and their codes
         mod._update_codebook_(None, flat.T, mask, stats=stats, offers=offers)
+    if call is not None:
+        call.finish()
     return step.quantized, step.commitment_loss, embedding_loss, step.codes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
+from .._checkpoint_frames import in_checkpoint_rerun, in_compiled_backward
 from ._custom_op import custom_op
 from .._checks import check_float, check_real_arg, check_same_device, check_tensor
 from ..reference.ema_update import ema_decisions, ema_update_ref_, ema_update_rows_ref_
@@ -29,6 +30,13 @@ def _(codebook, embed_avg, sums, keep, live, smoothed, decay):
 
 @custom_op("fastvq::codebook_snapshot", mutates_args=())
 def _codebook_snapshot_op(codebook: torch.Tensor) -> torch.Tensor:
+    if in_compiled_backward():  # the partitioner reruns it: the codebook has been updated since
+        raise RuntimeError(
+            "fastvq: a compiled training step reruns a quantizer's forward in its backward (the quantizer is "
+            "inside a torch.utils.checkpoint region of the compiled function), after the forward updated its "
+            "codebook in place (EMA, dead-code revival): the rerun would search the updated codebook and its "
+            "gradients would be wrong. Checkpoint the layers around the quantizer, or run the checkpointed "
+            "step eagerly (fastvq replays the quantizer's first run there).")
     return codebook.clone()
 
 
@@ -38,6 +46,36 @@ def _(codebook):
 
 
 _codebook_snapshot_op.register_autograd(lambda ctx, grad: grad)
+
+
+@custom_op("fastvq::refuse_checkpoint_rerun", mutates_args=())
+def _refuse_checkpoint_rerun_op(counts: torch.Tensor, owner: str) -> torch.Tensor:
+    if in_checkpoint_rerun():
+        raise RuntimeError(
+            f"fastvq.{owner}: torch.utils.checkpoint reruns this quantizer's training forward inside a compiled "
+            "graph (the quantizer compiled on its own, in an eagerly checkpointed region): the rerun would update "
+            "the codebook a second time and search the updated one, so its gradients would be wrong. Compile the "
+            "whole step (the checkpoint inside the compiled function), leave the quantizer uncompiled inside the "
+            "region, or checkpoint the layers around the quantizer.")
+    return counts.clone()
+
+
+@_refuse_checkpoint_rerun_op.register_fake
+def _(counts, owner):
+    return torch.empty_like(counts)
+
+
+def refuse_checkpoint_rerun(counts: torch.Tensor, owner: str) -> torch.Tensor:
+    """``counts`` (a step's EMA statistics, what the codebook update reads next), through an op
+    that raises ``RuntimeError`` when it runs in the rerun of a ``torch.utils.checkpoint`` region.
+
+    For a module compiled on its own: its compiled graph cannot tell a rerun from a first run
+    (eagerly, :mod:`fastvq.nn._checkpoint` replays the first run instead), so it keeps this
+    opaque op, whose body reads the Python stack when the graph runs, before the update that
+    depends on it. Eagerly ``counts`` itself. Costs a copy of the ``(L, K)`` counts."""
+    if torch.compiler.is_compiling():
+        return _refuse_checkpoint_rerun_op(counts, owner)
+    return counts
 
 
 def codebook_snapshot(codebook: torch.Tensor) -> torch.Tensor:
@@ -124,4 +162,4 @@ def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
     check_real_arg(op, "eps", eps, positive=True)
 
 
-__all__ = ["ema_update_", "ema_update_ref_", "codebook_snapshot"]
+__all__ = ["ema_update_", "ema_update_ref_", "codebook_snapshot", "refuse_checkpoint_rerun"]

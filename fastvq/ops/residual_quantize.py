@@ -242,9 +242,9 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     codes ~1e-30) the row is searched again on operands scaled by 2^-96 or 2^96 (exact), so such
     rows get their nearest code as rows of ordinary size do. A float32 residual that overflows on
     the way (x = 3e38 whose level-0 code is -2e38: the residual 5e38 is beyond float32) is formed
-    again from ``x`` and the codes so far, all scaled by ``2^-E`` (``E`` the bit length of ``L``),
-    and the row goes on at that scale until its residual is representable again, so its later
-    levels get their nearest codes too (both backends, bitwise the same rows).
+    at a scale of ``2^-E`` instead (``E`` the bit length of ``L``), and the row goes on at that
+    scale until its residual is representable again, so its later levels get their nearest codes
+    too (both backends, bitwise the same rows).
 
     Precision: float32 codebooks are searched in exact float32 (IEEE dot). For bfloat16/float16
     codebooks the Triton kernel rounds the residual to the codebook dtype for the ``r.c`` dot
@@ -283,9 +283,10 @@ class ResidualQuantizeStep(NamedTuple):
 
 
 @custom_op("fastvq::normalised_weights", mutates_args=())
-def _normalised_weights_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalised_weights_op(w: torch.Tensor, owner: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Float row weights ``w (N,)`` float32, ``N >= 1``, checked finite and >= 0
-    (:func:`assert_async`, no host read) and scaled by the power of two that brings their max
+    (:func:`assert_async`, no host read; a failure names ``owner`` and its argument ``name``,
+    in compiled graphs too) and scaled by the power of two that brings their max
     into ``[0.5, 1)``: the losses are weighted means (scale-invariant), and ``W = sum w`` can
     then neither overflow (8 rows of 5e37) nor underflow; no weight grows, so a weighted residual
     ``w r`` of the statistics overflows only where ``r`` does (a max in ``[1, 2)`` turned a row
@@ -294,8 +295,8 @@ def _normalised_weights_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     as given). A few passes over the ``N`` weights (check, max, scale, the F5 floor below),
     nothing of size ``N x D``. A custom op so that the check runs inside compiled graphs too (probe5 K1: traced
     in the Python wrapper, ``torch.compile`` dropped it)."""
-    assert_async("residual_quantize_step", ((w >= 0) & (w < float("inf"))).all(),
-                 lambda: f"weights must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")
+    assert_async(owner, ((w >= 0) & (w < float("inf"))).all(),
+                 lambda: f"{name} must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")
     _, e = torch.frexp(w.amax())  # max = m 2^e, m in [0.5, 1) (e = 0 for max = 0: nothing changes)
     # w 2^k: max in [0.5, 1), or [1, 2) for a max of 2^127 or more, whose scale-back 2^128 would
     # be inf (probe6 W1: every count inf; such weights' w r overflows only where the exact one
@@ -313,7 +314,7 @@ FLT_TRUE_MIN = 2.0**-149  # float32's smallest subnormal
 
 
 @_normalised_weights_op.register_fake
-def _(w):
+def _(w, owner, name):
     return torch.empty_like(w), w.new_empty(())
 
 
@@ -390,6 +391,14 @@ def residual_quantize_step(
         >>> codebooks.grad.shape
         torch.Size([8, 256, 64])
     """
+    return _residual_quantize_step(x, codebooks, weights=weights, codes=codes, grad=grad, statistics=statistics,
+                                   candidate_rows=candidate_rows)
+
+
+def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste", statistics=False,
+                            candidate_rows=None, weights_owner="residual_quantize_step", weights_name="weights"):
+    """:func:`residual_quantize_step`; a bad weight value is reported as argument ``weights_name``
+    of ``weights_owner`` (a module's ``mask``), eager or compiled."""
     op = "residual_quantize_step"
     L, K, D = _check(op, x, codebooks)
     if grad not in GRADS:
@@ -412,7 +421,7 @@ def residual_quantize_step(
         else:
             weights = weights.detach().reshape(N).float()
             if N > 0:
-                weights, stat_scale = _normalised_weights_op(weights)
+                weights, stat_scale = _normalised_weights_op(weights, weights_owner, weights_name)
     if codes is not None:
         check_tensor(op, "codes", codes)
         if codes.dtype != torch.int64:

@@ -72,12 +72,13 @@ def residual_quantize_full_ref(
 
     Greedy, level by level: the residual starts as ``x`` in float32; level ``l`` picks the nearest
     finite code (``argmin_k |c_lk|^2 - 2 r.c_lk``, NaN-aware, see :func:`_nearest`) and subtracts
-    it in float32. A finite residual that overflows there (x = 3e38 after a code of -2e38) is
-    formed again from ``x`` and the codes chosen so far, all scaled by ``2^-E`` (``E`` the bit
-    length of ``L``: a chain of ``x`` and ``L`` codes cannot overflow there), and the row goes on at
-    that scale (its codes scaled as they are subtracted) until its residual is representable again
-    (then multiplied back by ``2^E``). While scaled, its residual is beyond float32: it enters no
-    statistics or candidate (as a non-finite one), and its loss term is ``|r|^2 2^(2E)`` in float64. ``quantized`` is the float32 sum of the chosen codes in level order (where that
+    it in float32. Where that overflows (x = 3e38 after a code of -2e38: a finite residual and
+    code) the new residual is formed at scale ``2^-E`` instead, ``r 2^-E - c 2^-E`` (``E`` the bit
+    length of ``L``: ``x`` less ``L`` codes is below ``(L + 1)`` times float32's max, so it never
+    overflows again there), and the row goes on at that scale (its codes scaled as they are
+    subtracted) until its residual is representable again (then multiplied back by ``2^E``).
+    While held so, its residual is beyond float32: it enters no statistics or candidate (as a
+    non-finite one), and its loss term is ``|r|^2 2^(2E)`` in float64. ``quantized`` is the float32 sum of the chosen codes in level order (where that
     is not finite, their float64 sum rounded once, as the kernel's ``_exact_code_sum``), cast to
     the dtype of ``x`` (``x`` itself on rows of weight 0). Sums over rows accumulate in float64.
     Works in row chunks: its extra memory is a ``(chunk, K)`` float32 scratch.
@@ -112,9 +113,7 @@ def residual_quantize_full_ref(
         slot = None if slots is None else torch.where(slots[s : s + step] >= 0, slots[s : s + step].long(), num_slots)
         q = torch.zeros_like(r)
         q64 = torch.zeros_like(r, dtype=torch.float64)
-        # the residual at scale 2^-E for every row (no host read), and which rows are held so
-        r_wide = r * wide
-        scaled = torch.zeros_like(live)
+        scaled = torch.zeros_like(live)  # rows whose residual is held at scale 2^-E
         for lvl in range(L):
             idx = (_nearest(r, cb[lvl], cc[lvl], finite[lvl], first[lvl], codebooks.dtype != torch.float16, scaled,
                             wide_exp) if search else out_codes[s : s + step, lvl])
@@ -133,11 +132,10 @@ def residual_quantize_full_ref(
                 cand[lvl, slot] = torch.where(s_rc.abs() < float("inf"), 0.5 * s_rc, 0.5 * r + 0.5 * c)
                 cand_ok[lvl, slot] = (use & c.isfinite().all(-1)).to(torch.int8)  # finite residual and code
             new = r - c * torch.where(scaled, wide, 1.0)[:, None]
-            r_wide = r_wide - c * wide
-            # overflowed (the chain at scale 2^-E is finite: x and the codes are) -> held scaled;
-            # held scaled and representable again -> back to scale 1 (exact)
-            over = ~new.isfinite().all(-1) & r_wide.isfinite().all(-1)
-            new, scaled = torch.where(over[:, None], r_wide, new), scaled | over
+            # overflowed (from a finite residual and code) -> formed and held at scale 2^-E;
+            # held and representable again -> back to scale 1 (exact)
+            over = ~new.isfinite().all(-1) & r.isfinite().all(-1) & c.isfinite().all(-1)
+            new, scaled = torch.where(over[:, None], r * wide - c * wide, new), scaled | over
             up = new * 2.0**wide_exp
             back = scaled & up.isfinite().all(-1)
             r, scaled = torch.where(back[:, None], up, new), scaled & ~back

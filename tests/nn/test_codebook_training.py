@@ -679,44 +679,319 @@ def test_training_step_has_no_cuda_sync(config, monkeypatch):
 CHECKPOINTED = {
     "vq-ema": lambda: fastvq.nn.VectorQuantizer(6, 3, ema=True),
     "vq-dead": lambda: fastvq.nn.VectorQuantizer(16, 3, dead_code_threshold=1.0),
+    "vq-ema-cosine-dead": lambda: fastvq.nn.VectorQuantizer(6, 3, metric="cosine", ema=True, dead_code_threshold=1.0),
+    "vq-kmeans": lambda: fastvq.nn.VectorQuantizer(6, 3, kmeans_init=True),
+    "vq-plain": lambda: fastvq.nn.VectorQuantizer(6, 3),  # (updates nothing: worked before, must still)
     "rq-dead": lambda: fastvq.nn.ResidualQuantizer(2, 16, 3, dead_code_threshold=1.0),
     "rq-ema-rotation": lambda: fastvq.nn.ResidualQuantizer(2, 6, 3, ema=True, grad="rotation"),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="probe5 G1: activation checkpointing of a codebook-updating quantizer is not "
-                   "supported (README known limits; a per-call fix is open)")
-@pytest.mark.parametrize("kind", list(CHECKPOINTED))
-def test_activation_checkpointing_gives_the_plain_step(backend, kind):
-    """probe5 G1: torch.utils.checkpoint reruns the forward in the backward, after the in-place
-    codebook update: the rerun searches the updated codebook (input gradient 3.9x off) and, with
-    use_reentrant=True, updates it twice. Wanted: the same outputs, gradients and buffers, bitwise,
-    as without checkpointing; use_reentrant=True raising, naming the fix. (A first fix reused the
-    module's latest call and broke deepcopy, shared modules and forwards run in other backward
-    passes: probe6 G0-G5.)"""
+def _ckpt(fn, *args, mode):
+    """``fn(*args)`` plainly (mode "plain") or under torch.utils.checkpoint ("reentrant" or not)."""
     from torch.utils.checkpoint import checkpoint
 
+    return fn(*args) if mode == "plain" else checkpoint(fn, *args, use_reentrant=mode == "reentrant")
+
+
+def _after_step(m, inputs, outputs=()):
+    """What a step leaves: its outputs, every input's and parameter's gradient (zeros for none:
+    a reentrant checkpoint hands an unused output a zero gradient), every buffer."""
+    grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in [*inputs, *m.parameters()]]
+    return [o.detach() for o in outputs] + grads + [b.clone() for b in m.buffers()]
+
+
+def _assert_same_step(plain, ckpt, what):
+    assert len(plain) == len(ckpt)
+    for i, (a, b) in enumerate(zip(plain, ckpt)):
+        assert torch.equal(a, b), f"{what}: output/gradient/buffer {i} differs under checkpointing"
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", list(CHECKPOINTED))
+def test_activation_checkpointing_gives_the_plain_step(backend, kind, mode):
+    """probe5 G1: torch.utils.checkpoint reruns a region's forward in the backward, after the
+    in-place codebook update: the rerun searched the updated codebook (input gradient 3.9x off,
+    codebook gradient 62-90% off with revival) and, with use_reentrant=True, updated it twice.
+    Now the region (a layer before the quantizer, dropout after it) gives the plain step's
+    outputs, gradients and buffers bitwise: the rerun searches the codebook the first run
+    searched, updates nothing, and leaves the random stream where the first run did (k-means
+    init and revival draw; the dropout after them must draw the same mask)."""
     torch.manual_seed(0)
     base = CHECKPOINTED[kind]().train()
     x = randn(16, 3, seed=1)
     results = []
-    for checkpointed in (False, True):
+    for how in ("plain", mode):
+        m = copy.deepcopy(base)
+        xi = x.clone().requires_grad_()
+
+        def region(h):
+            q, commit, emb, idx = m(h * 1.5)
+            return torch.nn.functional.dropout(q * 2.0, 0.5), commit, emb, idx
+
+        torch.manual_seed(1)
+        out = _ckpt(region, xi, mode=how)
+        (out[0].square().sum() + out[1] + out[2]).backward()
+        results.append(_after_step(m, [xi], out))
+    _assert_same_step(*results, f"{kind} {mode}")
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_a_checkpointed_rqvae_gives_the_plain_step(backend, mode):
+    """RQVAE (encoder, EMA residual quantizer with revival, decoder) checkpointed as one region:
+    the plain step's outputs, every parameter's gradient and the buffers, bitwise."""
+    torch.manual_seed(0)
+    base = RQVAE(8, 16, 3, num_quantizers=2, num_embeddings=6, ema=True, dead_code_threshold=1.0).train()
+    x = randn(16, 8, seed=1)
+    results = []
+    for how in ("plain", mode):
         m = copy.deepcopy(base)
         xi = x.clone().requires_grad_()
         torch.manual_seed(1)
-        out = checkpoint(m, xi, use_reentrant=False) if checkpointed else m(xi)
+        out = _ckpt(m, xi, mode=how)
         (out[0].square().sum() + out[1] + out[2]).backward()
-        results.append([out[0].detach(), out[1].detach(), out[3], xi.grad]
-                       + [p.grad for p in m.parameters() if p.grad is not None] + [b.clone() for b in m.buffers()])
-    plain, ckpt = results
-    assert len(plain) == len(ckpt)
-    for i, (a, b) in enumerate(zip(plain, ckpt)):
-        assert torch.equal(a, b), f"{kind}: output {i} differs under checkpointing"
-    m = copy.deepcopy(base)
-    xi = x.clone().requires_grad_()
-    out = checkpoint(m, xi, use_reentrant=True)
-    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        results.append(_after_step(m, [xi], out))
+    _assert_same_step(*results, f"RQVAE {mode}")
+
+
+@pytest.mark.parametrize("kind", ["vq-dead", "rq-ema-rotation"])
+def test_selective_checkpointing_gives_the_plain_step(backend, kind):
+    """Selective activation checkpointing (``context_fn``, matmuls saved, the rest rerun): the
+    rerun skips the first run's update ops, and the ops it does run still meet their own saved
+    results. The plain step, bitwise."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        saved = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    results = []
+    for how in ("plain", "selective"):
+        torch.manual_seed(0)
+        m = CHECKPOINTED[kind]().train()
+        lin = torch.nn.Linear(3, 3)
+        xi = randn(16, 3, seed=1, requires_grad=True)
+
+        def region(h):
+            q, commit, emb, _ = m(lin(h))
+            return torch.nn.functional.dropout(lin(q), 0.5), commit + emb
+
+        torch.manual_seed(1)
+        if how == "plain":
+            out = region(xi)
+        else:
+            out = checkpoint(region, xi, use_reentrant=False,
+                             context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
         (out[0].square().sum() + out[1]).backward()
+        results.append(_after_step(m, [xi, *lin.parameters()]))
+    _assert_same_step(*results, f"{kind} selective")
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_checkpoint_without_preserved_rng_leaves_the_generator_alone(backend, mode):
+    """With ``preserve_rng_state=False`` the rerun does not start from the first run's random
+    state, so the replay must not restore the state the first run left: that rewound the global
+    generator to where the forward left it (the next steps would draw again what this one drew)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fastvq.nn import _checkpoint
+
+    torch.manual_seed(0)
+    m = CHECKPOINTED["vq-dead"]().train()
+
+    def region(h):
+        q, commit, emb, _ = m(h)
+        return torch.nn.functional.dropout(q, 0.5), commit + emb
+
+    x = randn(16, 3, seed=1, requires_grad=True)
+    out = checkpoint(region, x, use_reentrant=mode == "reentrant", preserve_rng_state=False)
+    after_forward = _checkpoint._get_rng_state(x.device)  # (the generator the draws are made on)
+    (out[0].square().sum() + out[1]).backward()
+    assert not torch.equal(_checkpoint._get_rng_state(x.device), after_forward), "the backward rewound the generator"
+
+
+def _several_calls(m, xs, scenario, mode):
+    """A step in which a checkpointed quantizer is called more than once before the backward."""
+    if scenario == "shared":  # one module in two checkpointed regions and one plain call
+        outs = [_ckpt(m, xs[0], mode=mode), _ckpt(m, xs[1], mode=mode), m(xs[2])]
+        loss = sum(o[0].square().sum() + o[1] + o[2] for o in outs)
+    elif scenario == "twice-in-a-region":
+        def region(a, b):
+            p = m(a)
+            q = m(b * 0.5 + p[0])
+            return p[0] + q[0], p[1] + q[1] + p[2] + q[2]
+
+        out = _ckpt(region, xs[0], xs[1], mode=mode)
+        loss = out[0].square().sum() + out[1]
+    elif scenario == "nested":
+        def inner(a):
+            o = m(a)
+            return o[0] * 2, o[1] + o[2]
+
+        def outer(a):
+            h, lh = _ckpt(inner, a * 1.5, mode=mode)
+            o = m(h)
+            return o[0], o[1] + o[2] + lh
+
+        out = _ckpt(outer, xs[0], mode=mode)
+        loss = out[0].square().sum() + out[1]
+    elif scenario == "eval-before-backward":  # (probe6 G4: the rerun then saw training=False)
+        out = _ckpt(m, xs[0], mode=mode)
+        m.eval()
+        loss = out[0].square().sum() + out[1] + out[2]
+    else:  # "retain-graph": two backward passes of one graph, two reruns
+        out = _ckpt(m, xs[0], mode=mode)
+        loss = out[0].square().sum() + out[1] + out[2]
+        loss.backward(retain_graph=True)
+    loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("scenario", ["shared", "twice-in-a-region", "nested", "eval-before-backward", "retain-graph"])
+@pytest.mark.parametrize("kind", ["vq-dead", "rq-ema-rotation"])
+def test_checkpointed_quantizer_called_several_times(backend, kind, scenario, mode):
+    """probe6 G1/G4: each rerun is matched to its own call (the region, the call's place in it,
+    the backward pass), whatever the order the reruns come in: a module shared by two regions
+    and a plain call, two calls in one region, nested checkpoints, eval() before the backward,
+    retain_graph. The plain step's gradients and buffers, bitwise."""
+    results = []
+    for how in ("plain", mode):
+        torch.manual_seed(0)
+        m = CHECKPOINTED[kind]().train()
+        xs = [randn(16, 3, seed=s, requires_grad=True) for s in (1, 2, 3)]
+        torch.manual_seed(1)
+        _several_calls(m, xs, scenario, how)
+        results.append(_after_step(m, xs))
+    _assert_same_step(*results, f"{kind} {scenario} {mode}")
+
+
+@pytest.mark.parametrize("kind", ["vq-ema", "rq-dead"])
+def test_a_forward_inside_another_backward_is_an_ordinary_step(backend, kind):
+    """probe6 G2: a training forward run inside a backward pass that is not a checkpoint's rerun
+    (here a tensor hook) is an ordinary step: it searches the current codebook and updates it."""
+    def step(m, x, inside):
+        res = {}
+
+        def call():
+            with torch.enable_grad():
+                res["out"] = m(x)
+                (res["out"][0].square().sum() + res["out"][1] + res["out"][2]).backward()
+
+        if inside:
+            z = torch.ones(3, requires_grad=True)
+            y = z * 2
+            y.register_hook(lambda g: (call(), g)[1])
+            y.sum().backward()
+        else:
+            call()
+        return _after_step(m, [x], res["out"])
+
+    results = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        m = CHECKPOINTED[kind]().train()
+        m(randn(16, 3, seed=2))
+        results.append(step(m, randn(16, 3, seed=1, requires_grad=True), inside))
+    _assert_same_step(*results, kind)
+
+
+def test_checkpoint_records_live_with_the_graph(backend, monkeypatch):
+    """What a checkpointed call keeps for its rerun (a codebook copy) is held by the region's
+    autograd graph, never by the module: freed with the graph, absent from deepcopy and the
+    state_dict; freed by reference counting alone (no cycle waits for the collector)."""
+    import weakref
+
+    from fastvq.nn import _checkpoint
+
+    made = weakref.WeakSet()
+
+    class Call(_checkpoint._Call):  # (a subclass: weakly referenceable, counted)
+        def __init__(self):
+            super().__init__()
+            made.add(self)
+
+    monkeypatch.setattr(_checkpoint, "_Call", Call)
+
+    def alive():
+        return len(made)
+
+    torch.manual_seed(0)
+    m = CHECKPOINTED["vq-dead"]().train()
+    keys = set(m.__dict__)
+    for mode in ("non-reentrant", "reentrant"):
+        out = _ckpt(m, randn(16, 3, seed=1, requires_grad=True), mode=mode)
+        assert alive() == 1
+        (out[0].square().sum() + out[1] + out[2]).backward()
+        del out
+        assert alive() == 0
+        assert set(m.__dict__) == keys
+        copy.deepcopy(m)
+    out = _ckpt(m, randn(16, 3, seed=1, requires_grad=True), mode="non-reentrant")
+    del out  # no backward: freed with the graph
+    assert alive() == 0
+
+
+def test_the_checkpoint_frames_are_known():
+    """The replay finds regions from torch.utils.checkpoint's own functions (both variants' first
+    run and rerun): a torch that renamed one fails here by name, not only by a wrong replay."""
+    from fastvq import _checkpoint_frames
+
+    kinds = sorted(_checkpoint_frames._WATCHED.values())
+    assert kinds == ["forward", "reentrant-forward", "reentrant-rerun", "rerun"], kinds
+
+
+def test_an_ordinary_step_never_walks_the_stack(backend, monkeypatch):
+    """The checkpoint test costs an ordinary training step three calls into torch, no stack walk."""
+    from fastvq.nn import _checkpoint
+
+    def walk():
+        raise AssertionError("walked the stack on an ordinary step")
+
+    monkeypatch.setattr(_checkpoint, "regions", walk)
+    for kind in ("vq-ema-cosine-dead", "rq-ema-rotation"):
+        m = CHECKPOINTED[kind]().train()
+        out = m(randn(16, 3, seed=1, requires_grad=True))
+        (out[0].square().sum() + out[1] + out[2]).backward()
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", ["vq-ema", "rq-dead"])
+def test_a_compiled_quantizer_in_an_eager_checkpoint_raises(backend, kind, mode):
+    """probe6 G5: a quantizer compiled on its own, called in an eagerly checkpointed region: its
+    compiled graph cannot replay the first run, so the rerun raises (it updated the codebook
+    twice and gave the gradients of the updated one, silently) before it updates anything."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = CHECKPOINTED[kind]().train()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = _ckpt(compiled, randn(16, 3, seed=1, requires_grad=True), mode=mode)
+    state = [b.clone() for b in m.buffers()] + [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(RuntimeError, match="compiled graph.*Compile the whole step"):
+        (out[0].square().sum() + out[1] + out[2]).backward()
+    after = [b.clone() for b in m.buffers()] + [p.detach().clone() for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(state, after)), "the refused rerun updated the module"
+
+
+@pytest.mark.parametrize("kind", ["vq-ema", "rq-dead"])
+def test_a_compiled_step_that_checkpoints_a_quantizer_raises(backend, kind):
+    """A whole step compiled with the quantizer inside a checkpointed region: the partitioner
+    reruns the quantizer's forward in the compiled backward from the codebook the forward has
+    since updated (input gradient 8.8x off, silently); that rerun now raises. Compiled without
+    the checkpoint, the step equals the eager one (tests/nn/test_training_step.py)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = CHECKPOINTED[kind]().train()
+    lin = torch.nn.Linear(3, 3)
+
+    def step(h):
+        q, commit, emb = _ckpt(lambda a: (lambda o: (lin(o[0]),) + tuple(o[1:3]))(m(a)), h, mode="non-reentrant")
+        return q.square().sum() + commit + emb
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(randn(16, 3, seed=1, requires_grad=True))
+    with pytest.raises(RuntimeError, match="compiled training step reruns"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("kind", list(CHECKPOINTED))

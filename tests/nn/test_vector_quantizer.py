@@ -380,16 +380,19 @@ def test_largest_float32_options_train(ema, backend):
     assert vq.embeddings.weight.isfinite().all()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("ema", [False, True], ids=["grad", "ema"])
-def test_mask_errors_name_mask(ema):
+def test_mask_errors_name_mask(ema, compiled):
     """A NaN or negative mask weight is reported as the module's ``mask``, not as the op's
-    internal ``weights`` argument (P9)."""
+    internal ``weights`` argument (P9), under ``torch.compile`` too (probe6 W3: the compiled
+    module named the op's argument)."""
     vq = VectorQuantizer(K, D, ema=ema).train()
     x = randn(2, 5, D, seed=8)
     vq.to(x.device)
+    run = torch.compile(vq, fullgraph=True, backend="aot_eager") if compiled else vq
     for bad in (float("nan"), -1.0):
         with pytest.raises(ValueError, match=r"^fastvq\.VectorQuantizer: mask must be finite and >= 0"):
-            vq(x, torch.full((2, 5), bad, device=x.device))
+            run(x, torch.full((2, 5), bad, device=x.device))
 
 
 @pytest.mark.about_devices("inputs on another device than the module (the meta device stands in)")

@@ -101,6 +101,13 @@ def test_codebook_snapshot_opcheck(device):
     torch.library.opcheck(torch.ops.fastvq.codebook_snapshot.default, (codebook,))
 
 
+def test_refuse_checkpoint_rerun_opcheck(device):
+    # the check a compiled training step keeps before its codebook update: outside a
+    # checkpoint's rerun a copy of the counts (fake and real agree)
+    counts = _state(2, 5, 3, device=device)[3]
+    torch.library.opcheck(torch.ops.fastvq.refuse_checkpoint_rerun.default, (counts, "VectorQuantizer"))
+
+
 @pytest.mark.parametrize(
     "change,err,match",
     [
