@@ -16,13 +16,16 @@ rescaled and shifted whenever a running max moves. At the end
 and the program stores ``KL_i`` and each softmax's normaliser in two parts, the row's largest
 logit ``m`` and ``log(l)`` (``lse = m + log(l)``; kept apart because at logits ~1e38 the sum
 rounds ``log(l)`` away and the backward's probabilities would come out ``l`` times too large):
-five floats a row (and the launcher the rows' ``max |x_i|``, two more, for the backward's scaling).
+five float64 a row, ``KL_i / B`` summed in float64 by the launcher and rounded once (and the
+launcher the rows' ``max |x_i|``, two more, for the backward's scaling). float64 because a wide
+pair's logit (below) may lie beyond float32, and so the row's largest logit and its KL.
 
 Scaling (as in the reference): the gram dots read row-scaled copies ``u_i = x_i 2^-e_i`` made
 by the launcher from the rows' maxima (which the op reads once, with its finiteness check, and
 the forward saves for the backward); forward and backward each read pred and target and write
 the copies: at B = 256, D = 64, 8.1 -> 17.3 passes over pred in all (`fastvq bench --traffic`; 20.3
-with the wide rows' raw-input arguments, see below, which ordinary inputs never read),
+with the wide rows' raw-input arguments, see below, which ordinary inputs never read; 20.7 with the
+float64 normalisers and row KLs, O(B)),
 O(B D) against the kernels' O(B^2 D)
 work, and the kernels' pipelined loads stay untouched; float16 inputs, whose products cannot
 overflow float32, are read as they are), and a logit is ``((u_i . u_j) R_i) C_j`` with
@@ -37,12 +40,19 @@ Wide rows (``fastvq.reference.pairwise_kl_loss.wide_rows``: pred's or target's e
 at the top, where ``|u| > 1`` and the float32 products can overflow or flush a partner's tiny
 entries, or so large that ``R_i C_j`` could reach 2^110 and the scaled sum underflow): every
 pair of such a row takes both logits from a float64 dot of the inputs as given (``p_xp``,
-``p_xt``; float32/bf16 products are exact in float64), rounded once to float32. The main loop
-sets them to -inf (no probability) and a second loop over the column tiles adds the tiles that
-hold one: per tile an O(BLOCK_N) test of the columns' exponents, nothing per element, for
-ordinary inputs. Per row, not per tile, so the forward and the backward (tiled differently)
-form the same logits; in a loop of their own, because formed inside the main loop the float64
-tile spilled registers. The raw inputs are kernel arguments read only there (the traffic meter
+``p_xt``; float32/bf16 products are exact in float64), rounded once to float32 where float32
+holds it and kept in float64 beyond (rows ~1e20: logits ~1e40). The main loop sets them to -inf
+(no probability) and notes (one scalar per tile, from the O(BLOCK_N) test of the columns'
+exponents it makes anyway) whether it met one; only then does a second loop, over narrow
+16-column tiles, add them. That loop carries the row block's online state in float64 (converted
+once per program, O(BLOCK_M)): the shifts ``x - m`` and the KL terms are float64, the
+exponentials float32; the backward's takes ``x - m`` against the float64 row maxima. The main
+loops read the normalisers as float32 (a row maximum beyond float32 is +inf there: probability 0,
+as exactly). Ordinary inputs never enter the second loop and pay for it only in registers
+(sm_90, triton 3.8: the kept fp32 configs compile within 8 registers of before, no spills).
+Per row, not per tile, so the forward and the backward (tiled differently) form the same
+logits; in a loop of their own, because formed inside the main loop the float64 tile spilled
+registers. The raw inputs are kernel arguments read only there (the traffic meter
 counts every tensor argument as read: `fastvq bench --traffic` shows them as two more passes in
 the forward and one in the backward for float32/bf16, which ordinary inputs never make).
 
@@ -92,9 +102,10 @@ MAX_BLOCK_DO = {4: 64, 2: 128}  # by element size: output columns per program of
 # loop (issue 9) raised the sm_90 backward base 94 -> 105 (64 x 32 8-warp at Dp = 32: 190 with
 # triton 3.8, 194 with 3.6) and the sm_80 forward 230 -> 231 (64 x 64 8-warp: 255), and needs
 # about 168 registers whatever the tile: the floor below (the small pinned tiles compile to
-# 156-168 with it).
+# 156-168 with it). Its float64 row state and normalisers (logits beyond float32, probe5 KL1)
+# raised the sm_90 backward base 105 -> 109 (64 x 32 8-warp at Dp = 32: 198 with triton 3.8).
 _REGISTER_MODELS = {
-    ("sm_90", "fwd"): (223, (1.0, 1.0, 1.0)), ("sm_90", "bwd"): (105, (3.5, 3.25, 2.75)),
+    ("sm_90", "fwd"): (223, (1.0, 1.0, 1.0)), ("sm_90", "bwd"): (109, (3.5, 3.25, 2.75)),
     ("sm_80", "fwd"): (231, (1.0, 0.5, 1.0)), ("sm_80", "bwd"): (119, (4.75, 3.25, 1.0)),
 }
 _REGISTER_FLOOR = 168  # the float64 loop of wide rows (float32 and bf16 inputs)
@@ -153,8 +164,10 @@ def _finite(b_m):
 def _exp_prob(b_x, b_m, b_log2l):
     """``exp((x - m) - log l)`` capped at 1 (NaN kept): a probability from the logit ``x`` and the
     softmax's normaliser in two parts (``b_log2l = log2(e) log l``); rounding can push the
-    exponent above 0 at logits ~1e36."""
-    b_y = (b_x - b_m) * 1.4426950408889634 - b_log2l
+    exponent above 0 at logits ~1e36. ``x`` and ``m`` float32, or float64 (wide pairs, logits
+    beyond float32): ``x - m`` is then formed in float64 and the rest in float32 (``-inf`` where
+    ``x - m`` is below float32's range: a probability of exactly 0, as the exact one rounds to)."""
+    b_y = (b_x - b_m).to(tl.float32) * 1.4426950408889634 - b_log2l
     return tl.exp2(tl.where(b_y > 0.0, 0.0, b_y))
 
 
@@ -204,11 +217,25 @@ def _gram_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, BLOCK_M: tl.c
 
 
 @triton.jit
-def _logit_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, scale64,
+def _round24(b_x):
+    """float64 ``x`` rounded to 24 significant bits (float32's precision, half away from zero) with
+    its float64 exponent: an integer add and mask on the bits (no float operation a compiler could
+    contract)."""
+    b_bits = (b_x.to(tl.int64, bitcast=True) + 0x10000000) & -0x20000000
+    return b_bits.to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _logit_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, scale64, lim,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The float32 logits ``(x[o_m] @ x[o_n].T) * scale64``, formed in float64 and rounded once."""
-    return (_gram_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, BLOCK_M, BLOCK_N)
-            * scale64).to(tl.float32)
+    """The logits ``(x[o_m] @ x[o_n].T) * scale64``, formed in float64 and rounded once: to float32
+    where ``|logit| <= lim`` (float32's largest at the pass's scale; the values stay float64, so
+    the passes' float32 and float64 logits are one set of numbers), beyond it to float32's 24 bits
+    with float64's exponent (:func:`_round24`), so that a forward and a backward whose float64 dots
+    round a few ulps apart (tiled differently) still form the same logit, as float32 ones do: one
+    float64 ulp of a logit ~1e40 is ~1e24, an ``exp(s - m)`` of 0 instead of 1."""
+    b_x = _gram_tile_f64(p_x, o_m, o_n, m_m, m_n, D, stride_b, stride_d, BLOCK_M, BLOCK_N) * scale64
+    return tl.where(tl.abs(b_x) <= lim, b_x.to(tl.float32).to(tl.float64), _round24(b_x))
 
 
 @triton.jit
@@ -258,8 +285,9 @@ def _logit_tiles(
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
     ROW_SCALED: tl.constexpr,
 ):
-    """For the column block at ``n0``: its int64 columns ``o_n`` and mask, and the float32
-    ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = u_p u_p^T R_p C_p``, ``t = u_t u_t^T R_t C_t``
+    """For the column block at ``n0``: its int64 columns ``o_n`` and mask, the float32
+    ``(BLOCK_M, BLOCK_N)`` logit tiles ``s = u_p u_p^T R_p C_p``, ``t = u_t u_t^T R_t C_t``, and
+    whether the tile holds a wide pair (int32 0/1; always 0 unless ROW_SCALED)
     (``b_rp``, ``b_rt``: the rows' factors ``R``; ``C`` is 1 unless ROW_SCALED). In a
     ROW_SCALED tile, the pairs of a row or column that :func:`_wide_rows` flags (``b_w_m``: the
     rows', ``b_any_m``: any of them) get -inf (no probability): :func:`_wide_logits` forms them."""
@@ -287,10 +315,12 @@ def _logit_tiles(
             b_need = b_w_m[:, None] | b_w_n[None, :]
             b_s = tl.where(b_need, float("-inf"), b_s)
             b_t = tl.where(b_need, float("-inf"), b_t)
+        b_wide = b_wide.to(tl.int32)
     else:
         b_s = b_s * b_rp[:, None]
         b_t = b_t * b_rt[:, None]
-    return o_n, m_n, b_s, b_t
+        b_wide = 0
+    return o_n, m_n, b_s, b_t, b_wide
 
 
 @triton.jit
@@ -305,14 +335,14 @@ def _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
+def _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64, lim,
                  stride_xpb, stride_xpd, stride_xtb, stride_xtd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The logit tiles of the pairs of wide rows or columns formed in float64 from the inputs as
-    given (:func:`_logit_tile_f64`), -inf elsewhere (:func:`_logit_tiles` has those)."""
+    """The float64 logit tiles of the pairs of wide rows or columns formed from the inputs as given
+    (:func:`_logit_tile_f64`), -inf elsewhere (:func:`_logit_tiles` has those)."""
     b_need = b_w_m[:, None] | b_w_n[None, :]
-    b_s = tl.where(b_need, _logit_tile_f64(p_xp, o_m, o_n, m_m, m_n, DP, stride_xpb, stride_xpd, scale64,
+    b_s = tl.where(b_need, _logit_tile_f64(p_xp, o_m, o_n, m_m, m_n, DP, stride_xpb, stride_xpd, scale64, lim,
                                            BLOCK_M, BLOCK_N), float("-inf"))
-    b_t = tl.where(b_need, _logit_tile_f64(p_xt, o_m, o_n, m_m, m_n, DT, stride_xtb, stride_xtd, scale64,
+    b_t = tl.where(b_need, _logit_tile_f64(p_xt, o_m, o_n, m_m, m_n, DT, stride_xtb, stride_xtd, scale64, lim,
                                            BLOCK_M, BLOCK_N), float("-inf"))
     return b_s, b_t
 
@@ -320,7 +350,10 @@ def _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
 @triton.jit
 def _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid, exp_mult):
     """The row block's online state (running maxima ``m``, sums ``l`` and the KL accumulator, at
-    the forward's scale ``c``) after one tile of logits ``b_s``, ``b_t`` (``m_valid``: its pairs)."""
+    the forward's scale ``c``) after one tile of logits ``b_s``, ``b_t`` (``m_valid``: its pairs).
+    All float32 (the main loop), or state and logits float64 (the wide pairs' loop: logits beyond
+    float32): the shifts ``x - m`` and the KL terms are then float64, the exponentials float32
+    (the casts below are no-ops in float32)."""
     b_s_m = tl.where(m_valid, b_s, float("-inf"))
     b_t_m = tl.where(m_valid, b_t, float("-inf"))
 
@@ -328,13 +361,13 @@ def _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid, exp_mult)
     # subtraction: exp(-inf - safe) is an exact 0, and no (-inf) - (-inf) is ever formed
     b_mp_new = tl.maximum(b_mp, tl.max(b_s_m, axis=1))
     b_mp_sub = _finite(b_mp_new)
-    b_lp = b_lp * tl.exp2((b_mp - b_mp_sub) * exp_mult) + tl.sum(
-        tl.exp2((b_s_m - b_mp_sub[:, None]) * exp_mult), axis=1)
+    b_lp = b_lp * tl.exp2(((b_mp - b_mp_sub) * exp_mult).to(tl.float32)) + tl.sum(
+        tl.exp2(((b_s_m - b_mp_sub[:, None]) * exp_mult).to(tl.float32)), axis=1)
 
     b_mt_new = tl.maximum(b_mt, tl.max(b_t_m, axis=1))
     b_mt_sub = _finite(b_mt_new)
-    b_alpha = tl.exp2((b_mt - b_mt_sub) * exp_mult)
-    b_q = tl.exp2((b_t_m - b_mt_sub[:, None]) * exp_mult)  # 0 where masked
+    b_alpha = tl.exp2(((b_mt - b_mt_sub) * exp_mult).to(tl.float32))
+    b_q = tl.exp2(((b_t_m - b_mt_sub[:, None]) * exp_mult).to(tl.float32))  # 0 where masked
     # acc = sum_j exp(t_ij - m_t) ((t_ij - m_t) - (s_ij - m_p)): shifting by the running
     # maxima keeps the terms small (an exact 0 when the rows agree); moving the maxima
     # shifts every earlier term by the same amount, hence the b_lt correction (b_lt is 0,
@@ -359,6 +392,7 @@ def _pairwise_kl_loss_fwd_kernel(
 ):
     # Logits at scale c (``logit_mult`` holds it); ``exp_mult = log2(e) / c`` and ``inv_c = 1 / c``
     # bring them back: ``exp(natural) = exp2(scaled * exp_mult)``.
+    WIDE_N: tl.constexpr = 16  # columns per tile of the wide pairs' float64 loop
     pid = flat_program_id()
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < B
@@ -373,52 +407,82 @@ def _pairwise_kl_loss_fwd_kernel(
     b_lp = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_lt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_seen = tl.full((), 0, dtype=tl.int32)  # a wide pair in some tile: the second loop has work
     for n0 in range(0, B, BLOCK_N):
-        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
+        o_n, m_n, b_s, b_t, b_wide = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
                                           stride_pb, stride_pd, stride_tb, stride_td, b_w_m, b_any_m, BIG,
                                           BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P,
                                           DOT_FP32_T, ROW_SCALED)
         m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_mp, b_lp, b_mt, b_lt, b_acc = _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid, exp_mult)
+        b_seen = tl.maximum(b_seen, b_wide)
     if ROW_SCALED:
-        # the pairs of wide rows (-inf above), from float64 logits: a loop of its own (formed in
-        # the loop above, the float64 tile spilled registers); for ordinary inputs an O(BLOCK_N)
-        # test of the column exponents per tile
-        for n0 in range(0, B, BLOCK_N):
-            o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, BLOCK_N)
-            if b_wide:
-                b_s, b_t = _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
-                                        stride_xpb, stride_xpd, stride_xtb, stride_xtd, BLOCK_M, BLOCK_N)
-                m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
-                b_mp, b_lp, b_mt, b_lt, b_acc = _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid,
-                                                                 exp_mult)
+        # the pairs of wide rows (-inf above), from float64 logits: a loop of its own over narrow
+        # WIDE_N-column tiles (formed in the loop above, or over BLOCK_N columns, the float64
+        # tiles spilled registers), entered only if the main loop met a wide pair (ordinary
+        # inputs: never). The rows' state goes float64 here (O(BLOCK_M) per program): a wide
+        # pair's logit can lie beyond float32, and so can the running maxima and the KL terms
+        # it enters
+        b_mp, b_lp, b_mt, b_lt, b_acc = (b_mp.to(tl.float64), b_lp.to(tl.float64), b_mt.to(tl.float64),
+                                         b_lt.to(tl.float64), b_acc.to(tl.float64))
+        lim = 3.4028234663852886e38 / inv_c  # float32's largest logit, at the forward's scale
+        if b_seen > 0:
+            for n0 in range(0, B, WIDE_N):
+                o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, WIDE_N)
+                if b_wide:
+                    b_s, b_t = _wide_logits(p_xp, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64, lim,
+                                            stride_xpb, stride_xpd, stride_xtb, stride_xtd, BLOCK_M, WIDE_N)
+                    m_valid = m_n[None, :] & (o_m[:, None] != o_n[None, :])
+                    b_mp, b_lp, b_mt, b_lt, b_acc = _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t,
+                                                                     m_valid, exp_mult)
 
+    # float64 for row-scaled inputs: a row's KL may exceed float32 where the loss (KL / B summed)
+    # does not; the launcher sums in float64 and rounds once
     b_kl = (b_acc / b_lt) * inv_c - tl.log(b_lt) + tl.log(b_lp)
-    # A logit that overflows float32 (or a dot product that does, +inf + -inf) leaves the row's
-    # KL non-finite: that row's loss overflowed, +inf. (The op tells NaN/inf inputs apart.)
+    # A logit that overflows float32 (float16 rows at a tiny T, or a dot product that does,
+    # +inf + -inf) leaves the row's KL non-finite: that row's loss overflowed, +inf. (The op
+    # tells NaN/inf inputs apart.)
     b_kl = tl.where(tl.abs(b_kl) < float("inf"), b_kl, float("inf"))
     # A KL is >= 0 exactly; rounding can leave a row whose exact KL is ~0 slightly negative
     # (-4e-8 at T = 1000): stored as 0 (a NaN would stay NaN: the comparison is false for it).
     # The value only: the backward's gradient is that of the KL (G = P - Q), not of the clamp.
     b_kl = tl.where(b_kl < 0.0, 0.0, b_kl)
-    tl.store(p_kl + o_m, b_kl, mask=m_m)
-    # the normalisers in two parts (row max at natural scale, log of the sum): (2, B) each
-    tl.store(p_lse_p + o_m, b_mp * inv_c, mask=m_m)
-    tl.store(p_lse_p + B + o_m, tl.log(b_lp), mask=m_m)
-    tl.store(p_lse_t + o_m, b_mt * inv_c, mask=m_m)
-    tl.store(p_lse_t + B + o_m, tl.log(b_lt), mask=m_m)
+    tl.store(p_kl + o_m, b_kl.to(tl.float64) / B, mask=m_m)  # KL_i / B: B rows of ~float32max / B stay finite
+    # the normalisers in two parts (row max at natural scale, log of the sum): (2, B) each, float64
+    # (a row's largest logit may lie beyond float32)
+    tl.store(p_lse_p + o_m, b_mp.to(tl.float64) * inv_c, mask=m_m)
+    tl.store(p_lse_p + B + o_m, tl.log(b_lp).to(tl.float64), mask=m_m)
+    tl.store(p_lse_t + o_m, b_mt.to(tl.float64) * inv_c, mask=m_m)
+    tl.store(p_lse_t + B + o_m, tl.log(b_lt).to(tl.float64), mask=m_m)
+
+
+@triton.jit
+def _row_max_f32(b_m64):
+    """A row's largest logit (float64) for the float32 main loop: +inf beyond float32 (a float32
+    logit then has probability 0, as exactly), and -float32max below it (every logit of such a row
+    is a wide pair's, -inf in the main loop: probability 0, not (-inf) - (-inf) = NaN)."""
+    return tl.where(b_m64 < -3.4028234663852886e38, -3.4028234663852886e38, b_m64.to(tl.float32))
+
+
+@triton.jit
+def _normaliser(p_lse, o, m, B, WIDE: tl.constexpr):
+    """The rows' normalisers ``(m, log2(e) log l)``: ``m`` float64 for the wide loop, else float32
+    (:func:`_row_max_f32`); ``log l`` (in [0, log B]) float32."""
+    b_m = tl.load(p_lse + o, mask=m, other=0.0)
+    if not WIDE:
+        b_m = _row_max_f32(b_m)
+    return b_m, tl.load(p_lse + B + o, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
 
 
 @triton.jit
 def _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x, stride_xb, stride_xd,
-                     b_mpm, b_lpm, b_mtm, b_ltm, B, h_scale, PREC_P: tl.constexpr, DOT_FP32_P: tl.constexpr):
+                     b_mpm, b_lpm, b_mtm, b_ltm, B, h_scale, PREC_P: tl.constexpr, DOT_FP32_P: tl.constexpr,
+                     WIDE: tl.constexpr):
     """``b_dp + (h_scale (G + G^T)[o_m, o_n]) @ pred[o_n, o_do]`` for the logit tiles ``b_s``, ``b_t``
-    (``b_*pm``: the rows' normalisers, log2 parts scaled by log2(e))."""
-    LOG2E: tl.constexpr = 1.4426950408889634
-    b_mpn = tl.load(p_lse_p + o_n, mask=m_n, other=0.0)
-    b_lpn = tl.load(p_lse_p + B + o_n, mask=m_n, other=0.0) * LOG2E
-    b_mtn = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
-    b_ltn = tl.load(p_lse_t + B + o_n, mask=m_n, other=0.0) * LOG2E
+    (``b_*pm``: the rows' normalisers, log2 parts scaled by log2(e)); ``WIDE``: float64 logits and
+    row maxima (:func:`_exp_prob`), else float32."""
+    b_mpn, b_lpn = _normaliser(p_lse_p, o_n, m_n, B, WIDE)
+    b_mtn, b_ltn = _normaliser(p_lse_t, o_n, m_n, B, WIDE)
     # G_ij (row i's softmaxes) + G_ji (row j's softmaxes; s, t symmetric). Every valid
     # exponent is <= 0 in exact arithmetic; at logits ~1e36 the rounding of s_ij against
     # the forward's logsumexp can push it above, so it is capped at 0 (a probability is
@@ -451,6 +515,7 @@ def _pairwise_kl_loss_bwd_kernel(
 ):
     # p_pred / p_target: the (row-scaled) operands of the logits; p_x: pred as given, the
     # operand of the gradient's dot. Logits at natural scale here (``logit_mult`` = m or 1/T).
+    WIDE_N: tl.constexpr = 16  # columns per tile of the wide pairs' float64 loop
     pid = flat_program_id()
     pid_m = pid // N_DO_TILES
     pid_d = pid % N_DO_TILES
@@ -462,11 +527,8 @@ def _pairwise_kl_loss_bwd_kernel(
     b_rt = _row_factor(p_et, o_m, m_m, FA, logit_mult, ROW_SCALED)
     b_w_m, b_any_m, scale64 = _wide_setup(p_ep, p_et, o_m, m_m, logit_mult, FA, FB, BIG, ROW_SCALED)
 
-    LOG2E: tl.constexpr = 1.4426950408889634
-    b_mpm = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
-    b_lpm = tl.load(p_lse_p + B + o_m, mask=m_m, other=0.0) * LOG2E
-    b_mtm = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
-    b_ltm = tl.load(p_lse_t + B + o_m, mask=m_m, other=0.0) * LOG2E
+    b_mpm, b_lpm = _normaliser(p_lse_p, o_m, m_m, B, False)
+    b_mtm, b_ltm = _normaliser(p_lse_t, o_m, m_m, B, False)
     b_dp = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     # |(G + G^T) @ pred| <= (B + 1) max|pred|: with h scaled by 2^-e, 2^e > B + 1, the float32
     # accumulator cannot overflow where the gradient does not (float16 scales up instead)
@@ -474,24 +536,31 @@ def _pairwise_kl_loss_bwd_kernel(
         h_scale = H_SCALE
     else:
         h_scale = exp2i(-(pow2_exponent((B + 1) * 1.0) + 1))
+    b_seen = tl.full((), 0, dtype=tl.int32)  # a wide pair in some tile: the second loop has work
     for n0 in range(0, B, BLOCK_N):
-        o_n, m_n, b_s, b_t = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP, DT, FB,
-                                          stride_pb, stride_pd, stride_tb, stride_td, b_w_m, b_any_m, BIG,
-                                          BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT, PREC_P, PREC_T, DOT_FP32_P,
-                                          DOT_FP32_T, ROW_SCALED)
+        o_n, m_n, b_s, b_t, b_wide = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP,
+                                                  DT, FB, stride_pb, stride_pd, stride_tb, stride_td, b_w_m, b_any_m,
+                                                  BIG, BLOCK_M, BLOCK_N, BLOCK_DP, BLOCK_DT, PREC_P, PREC_T,
+                                                  DOT_FP32_P, DOT_FP32_T, ROW_SCALED)
         b_dp = _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x,
                                 stride_xb, stride_xd, b_mpm, b_lpm, b_mtm, b_ltm, B, h_scale,
-                                PREC_P, DOT_FP32_P)
+                                PREC_P, DOT_FP32_P, False)
+        b_seen = tl.maximum(b_seen, b_wide)
     if ROW_SCALED:
         # the pairs of wide rows (-inf above, no probability), from float64 logits (as the forward)
-        for n0 in range(0, B, BLOCK_N):
-            o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, BLOCK_N)
-            if b_wide:
-                b_s, b_t = _wide_logits(p_x, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
-                                        stride_xb, stride_xd, stride_xtb, stride_xtd, BLOCK_M, BLOCK_N)
-                b_dp = _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x,
-                                        stride_xb, stride_xd, b_mpm, b_lpm, b_mtm, b_ltm, B, h_scale,
-                                        PREC_P, DOT_FP32_P)
+        # against the float64 row maxima, in narrow tiles, only if the main loop met one
+        if b_seen > 0:
+            b_mpm64 = tl.load(p_lse_p + o_m, mask=m_m, other=0.0)
+            b_mtm64 = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
+            for n0 in range(0, B, WIDE_N):
+                o_n, m_n, b_w_n, b_wide = _wide_columns(p_ep, p_et, b_any_m, n0, B, BIG, WIDE_N)
+                if b_wide:
+                    b_s, b_t = _wide_logits(p_x, p_xt, o_m, m_m, o_n, m_n, b_w_m, b_w_n, DP, DT, scale64,
+                                            3.4028234663852886e38, stride_xb, stride_xd, stride_xtb, stride_xtd,
+                                            BLOCK_M, WIDE_N)
+                    b_dp = _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_lse_t, p_x,
+                                            stride_xb, stride_xd, b_mpm64, b_lpm, b_mtm64, b_ltm, B, h_scale,
+                                            PREC_P, DOT_FP32_P, True)
 
     b_scale = tl.load(p_grad).to(tl.float32) * inv_t / B / h_scale
     tl.store(p_dpred + o_m[:, None] * stride_db + o_do[None, :] * stride_dd,
@@ -534,7 +603,7 @@ def _launch_args(pred, target, temperature, scaling, amax_p, amax_t):
 def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: float, scaling: tuple,
                          amax_p: torch.Tensor, amax_t: torch.Tensor):
     """``(B, Dp), (B, Dt), T -> (loss, lse_p, lse_t)``: 0-d float32 loss (mean over rows of
-    KL(target || pred), diagonal excluded), and for the backward, ``(3, B)`` float32 each: the
+    KL(target || pred), diagonal excluded), and for the backward, ``(3, B)`` float64 each: the
     softmax's per-row normaliser in two parts (the row's largest logit, ``log`` of the sum) and
     the rows' ``max |x_i|`` (``amax_p``/``amax_t``, the scaling's input). ``scaling``: the op's
     ``(m, fa, fb, lo, hi, wide)`` for ``T`` (``fastvq.reference.pairwise_kl_loss.logit_scaling``, the
@@ -546,9 +615,9 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
     B, DP = pred.shape
     DT = target.shape[1]
     # allocate
-    kl = torch.empty((B,), dtype=torch.float32, device=pred.device)
-    lse_p = torch.empty((3, B), dtype=torch.float32, device=pred.device)
-    lse_t = torch.empty((3, B), dtype=torch.float32, device=pred.device)
+    kl = torch.empty((B,), dtype=torch.float64, device=pred.device)
+    lse_p = torch.empty((3, B), dtype=torch.float64, device=pred.device)
+    lse_t = torch.empty((3, B), dtype=torch.float64, device=pred.device)
     lse_p[2] = amax_p
     lse_t[2] = amax_t
     if B <= 1:  # no off-diagonal pair: loss 0 (and nothing to normalise)
@@ -568,7 +637,8 @@ def pairwise_kl_loss_fwd(pred: torch.Tensor, target: torch.Tensor, temperature: 
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
         DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype), ROW_SCALED=scaled,
     )
-    return (kl / B).sum(), lse_p, lse_t  # divided first: B rows of ~float32max / B stay finite
+    # the rows' KL / B summed in float64 and rounded once: +inf exactly where the loss overflows
+    return kl.sum().float(), lse_p, lse_t
 
 
 @launcher
@@ -592,7 +662,7 @@ def pairwise_kl_loss_bwd(
     dpred = torch.empty_like(pred, memory_format=torch.contiguous_format)
     if B <= 1 or DP == 0:
         return dpred.zero_()
-    lse_p, lse_t = lse_p.float().contiguous(), lse_t.float().contiguous()
+    lse_p, lse_t = lse_p.double().contiguous(), lse_t.double().contiguous()
     up, ut, ep, et, mult, fa, fb, scaled = _launch_args(pred, target, temperature, scaling, lse_p[2], lse_t[2])
     # launch
     BLOCK_DO = min(max(next_pow2(DP), 16), MAX_BLOCK_DO[pred.dtype.itemsize])

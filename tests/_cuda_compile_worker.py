@@ -379,8 +379,8 @@ def _pairwise_kl_loss_jobs():
             p = DTYPES[dt]
             elt = _ELT[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
-            ptrs = {"p_pred": p, "p_target": p, "p_ep": "*i32", "p_et": "*i32", "p_kl": "*fp32", "p_lse_p": "*fp32",
-                    "p_lse_t": "*fp32", "p_grad": "*fp32", "p_x": p, "p_xp": p, "p_xt": p, "p_dpred": p}
+            ptrs = {"p_pred": p, "p_target": p, "p_ep": "*i32", "p_et": "*i32", "p_kl": "*fp64", "p_lse_p": "*fp64",
+                    "p_lse_t": "*fp64", "p_grad": "*fp32", "p_x": p, "p_xp": p, "p_xt": p, "p_dpred": p}
             ptrs = {a: v for a, v in ptrs.items() if a in _jit(k).arg_names}
             # the launcher's largest D chunks for this precision, and the configs the prune keeps for it
             block_d = mod.MAX_BLOCK_D[elt]
@@ -413,7 +413,7 @@ def _pairwise_kl_loss_jobs():
                  **cfg.kwargs)
     jobs.append(Job("pairwise_kl_loss._pairwise_kl_loss_bwd_kernel", f"bf16,BLOCK_D*=16 | {_cfg_label(cfg)}", _jit(k),
                     {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_ep": "*i32", "p_et": "*i32",
-                     "p_lse_p": "*fp32", "p_lse_t": "*fp32", "p_x": "*bf16", "p_xt": "*bf16", "p_dpred": "*bf16"}, const,
+                     "p_lse_p": "*fp64", "p_lse_t": "*fp64", "p_x": "*bf16", "p_xt": "*bf16", "p_dpred": "*bf16"}, const,
                     cfg.num_warps,
                     cfg.num_stages, scalars={"logit_mult": "fp32", "inv_t": "fp32"}, aligned_ints=row_ints, dot=True,
                     tensor_cores=True,

@@ -11,6 +11,22 @@ from .._checks import check_float, check_real_arg, check_same_device, check_tens
 from ..reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
 
+def _kernel_operands(pred: torch.Tensor, target: torch.Tensor, temperature: float):
+    """The kernels' operands: the inputs as given, except float16 rows at a temperature where their
+    logits (``|x_i . x_j| <= 2^32 D``, unscaled on the float16 path) could come near float32's
+    range, ``2^32 D / T >= 2^100`` (``T`` below about ``2^-68 D``): those take the float32 path,
+    whose row scaling and float64 rescue form logits beyond float32 (a host decision from the
+    shapes and ``T``; ordinary temperatures never reach it)."""
+    if pred.dtype == torch.float16 and 2.0**32 * max(pred.shape[1], target.shape[1], 1) / temperature >= 2.0**100:
+        return pred.float(), target.float()
+    return pred, target
+
+
+def _scaling(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> tuple:
+    """The kernels' logit scaling for ``T`` and the rows' length (as the reference decides it)."""
+    return logit_scaling(temperature, max(pred.shape[1], target.shape[1]))
+
+
 @custom_op("fastvq::pairwise_kl_loss", mutates_args=())
 def _pairwise_kl_loss_op(
     pred: torch.Tensor, target: torch.Tensor, temperature: float
@@ -21,11 +37,11 @@ def _pairwise_kl_loss_op(
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_fwd
 
-        loss, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, temperature, logit_scaling(temperature),
-                                                  amax_p, amax_t)
+        loss, lse_p, lse_t = pairwise_kl_loss_fwd(*_kernel_operands(pred, target, temperature), temperature,
+                                                  _scaling(pred, target, temperature), amax_p, amax_t)
     else:
         loss, lse_p, lse_t = pairwise_kl_loss_fwd_ref(pred, target, temperature, amax_p, amax_t)
-    # Rows whose logits overflow come back +inf; a NaN or inf in the inputs makes the loss NaN
+    # A loss that overflows float32 comes back +inf; a NaN or inf in the inputs makes the loss NaN
     # (every input element enters some logit once B >= 2; a row's max |x| is NaN or inf then).
     # B <= 1 forms no logit: the loss is the empty mean, 0, whatever the values.
     if pred.shape[0] <= 1:
@@ -39,8 +55,8 @@ def _(pred, target, temperature):
     B = pred.shape[0]
     return (
         pred.new_empty((), dtype=torch.float32),
-        pred.new_empty((3, B), dtype=torch.float32),
-        pred.new_empty((3, B), dtype=torch.float32),
+        pred.new_empty((3, B), dtype=torch.float64),
+        pred.new_empty((3, B), dtype=torch.float64),
     )
 
 
@@ -56,7 +72,8 @@ def _pairwise_kl_loss_bwd_op(
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_bwd
 
-        return pairwise_kl_loss_bwd(grad, pred, target, lse_p, lse_t, temperature, logit_scaling(temperature))
+        return pairwise_kl_loss_bwd(grad, *_kernel_operands(pred, target, temperature), lse_p, lse_t, temperature,
+                                    _scaling(pred, target, temperature)).to(pred.dtype)
     return pairwise_kl_loss_bwd_ref(grad, pred, target, lse_p, lse_t, temperature)
 
 
@@ -116,20 +133,29 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
         row to compare with, so no logit is formed) gives ``0`` with a zero gradient, whatever
         the values (NaN or inf entries included).
 
-    Numbers (both backends, every dtype; logits and sums in float32): the loss and its gradient
-    are finite wherever the inputs are finite and every logit ``pred_i . pred_j / T``,
-    ``target_i . target_j / T`` is representable in float32, at any magnitude: each row is
-    scaled by its own power of two before the dot products (so ``x_i . x_j`` may exceed float32
-    where ``/ T`` brings it back, ``T > 1``, and rows ~1e-20 beside a row ~3e38 keep their
-    products); every pair of a row whose max ``|x|`` is near the float32 range for ``T``
-    (``>= 2^54`` at ``T = 1``) takes its logits from a float64 dot instead (products ~2^252 that
-    cancel, or a tiny entry times a huge one, stay right: the error is float64's,
-    ``D 2^-53 sum_k |x_ik x_jk| / T``), the KL terms are formed at a scale where ``(t - lse_t) - (s - lse_p)`` and their
-    sums cannot overflow (a loss of ~1e38 is finite), and logits all below -1e30 keep an exact
-    logsumexp. A pair whose target weight is exactly 0 contributes 0 even where its pred logit
-    overflowed to -inf (the exact term is 0). Where a logit overflows float32 otherwise the loss
-    is ``+inf`` (and the gradient undefined, NaN); from ``B = 2`` on a NaN or infinite input
-    element makes the loss NaN. The loss is never negative: each row's KL (>= 0 exactly) that
+    Numbers (both backends, every dtype; ordinary rows' logits and sums in float32): wherever the
+    inputs are finite, the loss and its gradient follow the float64 computation (up to each
+    logit's rounding: README, known limits) where they are representable in float32, at any
+    magnitude of the inputs and of the logits
+    ``pred_i . pred_j / T``, ``target_i . target_j / T``: each row is scaled by its own power of
+    two before the dot products (so ``x_i . x_j`` may exceed float32 where ``/ T`` brings it back,
+    ``T > 1``, and rows ~1e-20 beside a row ~3e38 keep their products); every pair of a row whose
+    max ``|x|`` is near the float32 range for ``T`` (``>= 2^54`` at ``T = 1``, lower from 2^18
+    features on) takes its logits
+    from a float64 dot instead (products ~2^252 that cancel, or a tiny entry times a huge one, stay
+    right: the error is float64's, ``D 2^-53 sum_k |x_ik x_jk| / T``), rounded once to float32
+    where float32 holds it and beyond it to float32's 24 bits with float64's exponent (rows ~1e20:
+    logits ~1e40), and everything
+    such a logit enters (the row's largest logit, its softmax terms, its KL terms) is formed in
+    float64, so a target whose logits lie beyond float32 gives its one-hot softmaxes and an
+    ordinary loss, and ``target == pred`` gives 0 and a zero gradient. The rows' KLs are divided by
+    ``B`` and summed in float64 and the loss rounded once: it is ``+inf`` exactly where the exact
+    loss overflows float32 (pred's logits ~1e40 against an ordinary target), and the gradient,
+    which is finite there, is still the exact one's. Logits all below -1e30 keep an exact
+    logsumexp; a pair whose target weight is exactly 0 contributes exactly 0. float16 inputs at a
+    temperature where their unscaled logits could reach float32's range (``2^32 D / T >= 2^100``)
+    run the float32 kernels. From ``B = 2`` on a NaN or infinite input element makes the loss NaN.
+    The loss is never negative: each row's KL (>= 0 exactly) that
     rounds below 0 counts as 0 (NaN stays NaN); the gradient is the KL's, not the clamp's (0).
     bf16/fp16 inputs: the backward's ``(G + G^T) @ pred`` is a
     16-bit tensor-core dot (``G + G^T`` rounded to the input dtype, float32 accumulation); the

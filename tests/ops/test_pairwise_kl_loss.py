@@ -184,11 +184,19 @@ def test_large_finite_logits(backend, device):
     torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=0.0)
 
 
-def test_overflowing_logits_give_inf_and_nonfinite_inputs_nan(backend, device):
+def test_overflowing_loss_gives_inf_and_nonfinite_inputs_nan(backend, device):
     pred, target = randn(9, 4, seed=4, device=device), unit(9, 3).to(device)
     big = pred * 1e20  # logits ~1e40: beyond float32
-    assert fastvq.pairwise_kl_loss(big, target, 1.0).item() == float("inf")
-    assert fastvq.pairwise_kl_loss(target, big[:, :3], 1.0).item() == float("inf")
+    # pred's softmaxes are one-hot, the target's are not: log p ~ -1e40, the exact loss overflows
+    # float32 (+inf), while its gradient (P - Q) pred / (B T) ~ 1e20 does not
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, big, target, 1.0, torch.tensor(1.0, device=device))
+    exact, exact_grad = _exact_with_grad(big, target, 1.0)
+    assert exact > 1e39 and loss.item() == float("inf")
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-5, atol=1e-5 * exact_grad.abs().max().item())
+    # the other way round the target's softmaxes are one-hot and the loss is ordinary (probe5 KL1:
+    # it was +inf on both backends)
+    torch.testing.assert_close(fastvq.pairwise_kl_loss(target, big[:, :3], 1.0).double(),
+                               exact_loss64(target.double(), big[:, :3].double(), 1.0), rtol=1e-5, atol=0.0)
     for bad in (float("nan"), float("inf"), float("-inf")):
         p = pred.clone()
         p[3, 1] = bad
@@ -619,3 +627,128 @@ def test_wide_rows_with_the_backward_tiled_differently(backend, device, monkeypa
     pred[37] = torch.tensor([2.0**126, -2.0**126, 0.0, 0.5])
     target = F.normalize(randn(B, 3, seed=36, dtype=torch.float64, device=device), dim=1) * 2
     _check_against_fsum(pred.float(), target.float(), 1.0, torch.float32)
+
+
+# --------------------------------------------------------------------------- probe5 KL1: logits beyond float32
+
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def test_equal_inputs_with_a_logit_beyond_float32(backend, device):
+    # probe5 KL1: pred_0 . pred_1 = 4e38 overflows float32, and target == pred: the exact loss is
+    # 0 and so is the gradient (P = Q). The reference returned +inf and an all-NaN gradient,
+    # Triton 0 and NaN in rows 0-1. A wide pair's logit now stays float64 where float32 cannot
+    # hold it, and so does every normaliser it enters.
+    p = torch.tensor([[2e19, 0.0], [2e19, 1.0], [0.0, 1.0]], device=device)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, p, p.clone(), 1.0, torch.tensor(1.0, device=device))
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ordinary_pred_against_a_target_beyond_float32(backend, device, dtype):
+    # probe5 KL1: target rows ~1e20 have logits ~1e40, so each target softmax is one-hot, and the
+    # exact loss (-mean log p at the target's choices) and gradient are ordinary numbers; both
+    # backends returned +inf and an all-NaN gradient.
+    pred = unit(7, 4, torch.float64).to(device, dtype)
+    target = randn(7, 3, seed=41, scale=1e20, device=device).to(dtype)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 1.0, torch.tensor(1.0, device=device))
+    exact, exact_grad = _exact_with_grad(pred, target, 1.0)
+    assert 0.1 < exact < 10 and exact_grad.abs().max() < 1
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=0.0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
+
+
+def _beyond_float32_case(kind, dtype, seed, device):
+    """``(pred, target, T)`` with logits beyond float32 (probe5 KL1): per-row magnitudes
+    log-uniform across the dtype's range, rows 0 and 1 at the top. ``target-beyond``: an ordinary
+    pred; ``same-geometry``: target = pred / 2 (both softmaxes one-hot at the same place in the
+    huge rows: a small loss); ``both-beyond``: independent (the loss itself usually overflows,
+    the gradient does not)."""
+    B = 10
+    if dtype == torch.float16:  # float16 logits overflow float32 only at tiny temperatures
+        T, top, lo, hi, small = 1e-33, 3e4, -4.0, 4.5, (-4.0, -2.0)
+    else:
+        T = (1e-3, 1.0, 1e3, 0.05)[seed % 4]
+        top, lo, hi, small = 1e24, -30.0, 25.0, (-1.0, 1.0)
+    draws = iter(range(1000 * seed, 1000 * seed + 10))
+
+    def rows(d, a, b, big):
+        u = torch.special.ndtr(randn(B, 1, dtype=torch.float64, seed=next(draws), device=device))  # uniform
+        mag = 10.0 ** (a + (b - a) * u)
+        if big:
+            mag[:2] = top
+        return F.normalize(randn(B, d, dtype=torch.float64, seed=next(draws), device=device), dim=1) * mag
+
+    if kind == "target-beyond":
+        pred, target = rows(5, *small, False), rows(4, lo, hi, True)
+    elif kind == "same-geometry":
+        pred = rows(5, lo, hi, True)
+        target = pred / 2
+    else:
+        pred, target = rows(5, lo, hi, True), rows(4, lo, hi, True)
+    return pred.to(dtype), target.to(dtype), T
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["target-beyond", "same-geometry", "both-beyond"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_logits_beyond_float32_against_float64(backend, device, dtype, kind, seed):
+    # probe5 KL1 / issue 9: the loss and gradient follow the float64 computation wherever they are
+    # representable (+inf only where the exact loss overflows; a NaN gradient never), by the
+    # fuzz suite's oracle and bounds (logit roundings propagated through the softmaxes).
+    from tests.fuzz.test_fuzz_train_ops import _check_kl, _kl64
+
+    pred, target, T = _beyond_float32_case(kind, dtype, seed, device)
+    p64, t64 = pred.double(), target.double()
+    assert max((p64 @ p64.T).abs().max(), (t64 @ t64.T).abs().max()) / T > F32_MAX  # the subject
+    g = 1e-30 if dtype == torch.float16 else 1.0  # (at T = 1e-33 a float16 gradient needs a small upstream)
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, T, torch.tensor(g, device=device))
+    exact, exact_grad = _kl64(p64, t64, T, dtype)[:2]  # (on the host)
+    if kind != "both-beyond":
+        assert exact < F32_MAX and (exact_grad * g).abs().max() < float(torch.finfo(dtype).max)
+    assert torch.isfinite(exact_grad).all() and not torch.isnan(grad).any(), grad
+    _check_kl(f"pairwise_kl_loss[{backend},T={T}]", pred, target, T, loss, grad, g=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_whose_largest_logit_is_below_float32(backend, device, dtype):
+    # Row 0 is opposite to every other row: its largest logit is -1e40, beyond float32. Its
+    # softmax is that of float64 logits (its pairs are all wide); the Triton main loops read its
+    # maximum as -float32max, not -inf, so the pairs they leave to the float64 loop (-inf there)
+    # have probability 0 rather than exp((-inf) - (-inf)) = NaN.
+    pred = torch.tensor([[1e20, 0.0, 0.0], [-1e20, 5e19, 0.0], [-1e20, 0.0, 5e19], [-1e20, -5e19, -5e19]],
+                        device=device, dtype=dtype)
+    target = F.normalize(randn(4, 3, seed=43, dtype=torch.float64, device=device), dim=1).to(dtype)
+    for t in (pred, target):
+        loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, t, 1.0, torch.tensor(1.0, device=device))
+        exact, exact_grad = _exact_with_grad(pred, t, 1.0)
+        assert torch.isfinite(exact_grad).all() and not torch.isnan(grad).any(), grad
+        if t is pred:
+            assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
+        else:
+            assert exact > F32_MAX and loss.item() == float("inf")
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(grad.double(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
+
+
+def test_wide_threshold_scales_with_the_feature_count(backend, device):
+    # Rows below the wide threshold (max |x| < 2^54 here) have float32 logits below D 2^109: with
+    # more than 2^19 features that can pass float32 (x_0 . x_1 / T ~ 2^128.5 at D = 2^19.5). Both
+    # rows take float64 logits now (the threshold lowers by log2 D beyond 2^18 features, decided
+    # once in logit_scaling for both backends), so the target == pred loss is 0 with a zero
+    # gradient, not +inf and NaN.
+    from fastvq.reference.pairwise_kl_loss import logit_scaling
+
+    D, T = 741455, 0.505
+    assert logit_scaling(T, D)[5] < logit_scaling(T, 2**18 - 1)[5] == logit_scaling(T)[5]
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("D = 741455 under the Triton interpreter takes many minutes (the threshold is the op's, above)")
+    x = torch.full((3, D), 2.0**53.99, dtype=torch.float64)
+    x[2] = 1.0
+    p = x.float().to(device)
+    assert float(p[0].double() @ p[1].double()) / T > F32_MAX
+    loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, p, p.clone(), T, torch.tensor(1.0, device=device))
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
