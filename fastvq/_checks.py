@@ -173,10 +173,10 @@ def check_real_arg(
         ok = ok & ((as_float > low) if min_open else (as_float >= low))
     if maximum is not None:
         ok = ok & (as_float <= maximum)
-    if torch.compiler.is_compiling():  # a symbol is checked when the graph runs (a constant: now)
+    if torch.compiler.is_compiling() and not isinstance(ok, bool):  # a symbol: checked when the graph runs
         message = f"fastvq.{owner}: {name} must be {bound}"
         torch._check_value(ok, lambda: message)
-    elif not ok:
+    elif not ok:  # (a constant, compiled too: torch 2.11's dynamo cannot trace _check_value on one)
         raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {value!r}")
     return as_float
 
