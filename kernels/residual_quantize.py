@@ -307,7 +307,7 @@ def _configs(name):
 # expand in registers). Fitted to ptxas (sm_80 and sm_90, triton 3.6 and 3.8) at the benchmark
 # shapes, bounding it from above.
 _REGISTER_MODELS = {
-    ("sm_90", False, False): (102, (3.0, 1.25, 3.25, 0)), ("sm_90", False, True): (186, (8.75, 2.5, 3.75, 2)),
+    ("sm_90", False, False): (104, (3.0, 1.25, 3.25, 0)), ("sm_90", False, True): (186, (8.75, 2.5, 3.75, 2)),
     ("sm_90", True, False): (133, (3.25, 1.75, 2.5, 0)), ("sm_90", True, True): (133, (3.25, 1.75, 2.5, 0)),
     ("sm_80", False, False): (103, (3.25, 1.5, 1.0, 0)), ("sm_80", False, True): (173, (6.75, 3.0, 3.5, 12)),
     ("sm_80", True, False): (67, (6.75, 3.25, 3.75, 0)), ("sm_80", True, True): (67, (6.75, 3.25, 3.75, 0)),
@@ -355,6 +355,11 @@ def _prune_register_configs(configs, named_args, **kwargs):
 
 
 def _prune_chunked_configs(configs, named_args, **kwargs):
+    """As :func:`_prune_register_configs`; float32 (FMA dots) keeps no 64-row tile: with triton
+    3.6 they compile to 186-255 registers and spill on sm_80 and sm_90 (the model, linear in the
+    block sizes, cannot tell them from the 32-row tiles at 4 warps that fit)."""
+    if kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee":
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32] or configs
     return _prune(configs, named_args, _estimate_chunked, **kwargs)
 
 
@@ -466,8 +471,9 @@ def _residual_quantize_fwd_kernel(
             b_rd = _dot_operand(b_r, p_cb, DOT_FP32, BF16_RNE)
             b_min, b_idx, b_first = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K, 1.0,
                                                   PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K)
+            m_rfin = _row_finite(b_r)
             if p_cb.dtype.element_ty == tl.float16:  # (its scores neither overflow nor underflow)
-                m_wide = m_m & _row_finite(b_r) & ((tl.max(tl.abs(b_r), axis=1) > 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW
+                m_wide = m_m & m_rfin & ((tl.max(tl.abs(b_r), axis=1) > 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW
                 if tl.max(m_wide.to(tl.int32), axis=0) > 0:
                     b_rd = _dot_operand(b_r * 0.00390625, p_cb, DOT_FP32, BF16_RNE)  # 2^-FP16_WIDE_EXP
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K, 1.0,
@@ -476,7 +482,7 @@ def _residual_quantize_fwd_kernel(
             else:
                 b_rm = tl.max(tl.abs(b_r), axis=1)
                 m_huge = m_huge | (m_m & (b_rm >= 1.0141204801825835e31))  # OVERFLOW_ROW
-                m_big, m_tiny = _rescue_rows(b_rm, m_m & _row_finite(b_r), b_idx, b_min)
+                m_big, m_tiny = _rescue_rows(b_rm, m_m & m_rfin, b_idx, b_min)
                 # the rescue passes, each only for a block that holds such a row: the big rows on
                 # operands scaled by 2^-96 (a held row's by 2^(E - 96)), the tiny ones by 2^96
                 if tl.max(m_big.to(tl.int32), axis=0) > 0:
@@ -490,8 +496,10 @@ def _residual_quantize_fwd_kernel(
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
                                                  7.922816251426434e28, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
                     b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
-            # nothing chosen (scores all NaN or +inf): the first finite code (none: 0)
-            b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
+            # nothing chosen (scores all NaN or +inf), or a residual that is not finite (an infinite
+            # entry: every distance is +inf, though a score may come out -inf or NaN by the order
+            # of the dot's sums): the first finite code (none: 0)
+            b_idx = tl.where((b_idx < 0) | ~m_rfin, b_first % K, b_idx).to(tl.int64)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
             b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
@@ -610,7 +618,7 @@ def _residual_quantize_fwd_chunked_kernel(
                                                          PRECISION, DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K,
                                                          BLOCK_D)
                     b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
-            b_idx = tl.where(b_idx < 0, b_first % K, b_idx).to(tl.int64)
+            b_idx = tl.where((b_idx < 0) | (b_rbad > 0), b_first % K, b_idx).to(tl.int64)  # (as above)
             b_codes = tl.where(o_l[None, :] == lvl, b_idx[:, None], b_codes)
         else:
             b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
@@ -636,67 +644,66 @@ def _residual_quantize_fwd_chunked_kernel(
             if CAND:
                 m_c = m_m & (b_slot >= 0)
                 tl.store(p_cand_ok + lvl * S + b_slot, (b_use & (b_cbad == 0)).to(tl.int8), mask=m_c)
-        # a row whose r - c overflows (a finite residual and code; only where |r| >= 2^103, or given
-        # codes) is formed at scale 2^-E instead, r 2^-E - c 2^-E, and held (see WIDE)
-        b_cs = tl.where(b_wide, s_wide, 1.0)  # a held row subtracts its code at its scale
-        m_over = o_m < 0
-        if tl.max(m_huge.to(tl.int32), axis=0) > 0:
-            b_ovf = tl.zeros((BLOCK_M,), dtype=tl.int32)  # elements of r - c that are not finite
-            b_inbad = tl.zeros((BLOCK_M,), dtype=tl.int32)  # of r and c that are not
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                m_md = m_m[:, None] & (o_d < D)[None, :]
-                b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :], mask=m_md, other=0.0)
-                b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md,
-                                other=0.0).to(tl.float32)
-                b_ovf += tl.where(_row_finite(b_r - b_sel * b_cs[:, None]), 0, 1)
-                b_inbad += tl.where(_row_finite(b_r) & _row_finite(b_sel), 0, 1)
-            m_over = m_m & (b_ovf > 0) & (b_inbad == 0)
-        b_rs = tl.where(m_over, s_wide, 1.0)
-        b_cs = tl.where(m_over, s_wide, b_cs)
-        # residual -= chosen code, chunk by chunk (statistics, candidates and loss on the way)
+        # residual -= chosen code, chunk by chunk (statistics, candidates and loss on the way),
+        # in one loop of up to three sweeps over the residual (one loop body: the rare sweeps add
+        # no registers): 0, only in a block holding a row beyond 2^103 or a held row (or given
+        # codes): which rows' r - c overflows (a finite residual and code), to be formed at scale
+        # 2^-E instead, r 2^-E - c 2^-E, and held (see WIDE); 1: the update (a held row subtracts
+        # its code at its scale); 2, only when a held row's residual is representable again: it
+        # goes back to scale 1 (exact)
+        b_cs = tl.where(b_wide, s_wide, 1.0)
+        b_rs = tl.where(b_wide, 1.0, 1.0)
+        run_check = tl.max(m_huge.to(tl.int32), axis=0) > 0
+        run_back = run_check & False
+        b_ovf = tl.zeros((BLOCK_M,), dtype=tl.int32)  # elements of r - c that are not finite
+        b_inbad = tl.zeros((BLOCK_M,), dtype=tl.int32)  # of r and c that are not
+        b_ubad = tl.zeros((BLOCK_M,), dtype=tl.int32)  # of a held row's r 2^E that are not
+        m_back = o_m < 0
+        m_moved = o_m < 0  # rows whose |r|^2 below is not at the scale they end the level with
         b_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m_d = o_d < D
-            m_md = m_m[:, None] & m_d[None, :]
-            p_r = p_ws + o_m[:, None] * stride_wn + o_d[None, :]
-            b_r = tl.load(p_r, mask=m_md, other=0.0)
-            b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
-            b_new = b_r * b_rs[:, None] - b_sel.to(tl.float32) * b_cs[:, None]
-            if STATS:
-                tl.atomic_add(p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_w[:, None] * b_r,
-                              mask=b_use[:, None] & m_d[None, :], sem="relaxed")
-            if CAND:
-                o_c = lvl * S + b_slot
-                b_sel32 = b_sel.to(tl.float32)
-                tl.store(p_cand + o_c[:, None] * D + o_d[None, :], _midpoint(b_sel32, b_r),
-                         mask=(m_m & (b_slot >= 0))[:, None] & m_d[None, :])
-            if LOSS:
-                b_sq += tl.sum(b_new * b_new, axis=1)
-            tl.store(p_r, b_new, mask=m_md)
-        tl.debug_barrier()
-        b_wide = b_wide | m_over
-        m_moved = m_over  # rows whose |r|^2 above is not at the scale they end the level with
-        # a held row whose residual is representable again: back to scale 1 (exact)
-        if tl.max(b_wide.to(tl.int32), axis=0) > 0:
-            b_ubad = tl.zeros((BLOCK_M,), dtype=tl.int32)
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                b_r = tl.load(p_ws + o_m[:, None] * stride_wn + o_d[None, :],
-                              mask=m_m[:, None] & (o_d < D)[None, :], other=0.0)
-                b_ubad += tl.where(_row_finite(b_r * s_up), 0, 1)
-            m_back = b_wide & (b_ubad == 0)
-            if tl.max(m_back.to(tl.int32), axis=0) > 0:
+        for sweep in range(3):
+            if (sweep == 1) | ((sweep == 0) & run_check) | ((sweep == 2) & run_back):
+                any_wide = tl.max(b_wide.to(tl.int32), axis=0) > 0
                 for d0 in range(0, D, BLOCK_D):
                     o_d = d0 + tl.arange(0, BLOCK_D)
-                    m_md = m_m[:, None] & (o_d < D)[None, :]
+                    m_d = o_d < D
+                    m_md = m_m[:, None] & m_d[None, :]
                     p_r = p_ws + o_m[:, None] * stride_wn + o_d[None, :]
-                    b_r = tl.load(p_r, mask=m_md & m_back[:, None], other=0.0)
-                    tl.store(p_r, b_r * s_up, mask=m_md & m_back[:, None])
+                    b_r = tl.load(p_r, mask=m_md, other=0.0)
+                    if sweep == 2:
+                        tl.store(p_r, b_r * s_up, mask=m_md & m_back[:, None])
+                    else:
+                        b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md,
+                                        other=0.0).to(tl.float32)
+                        b_new = b_r * b_rs[:, None] - b_sel * b_cs[:, None]
+                        if sweep == 0:
+                            b_ovf += tl.where(_row_finite(b_new), 0, 1)
+                            b_inbad += tl.where(_row_finite(b_r) & _row_finite(b_sel), 0, 1)
+                        else:
+                            if STATS:
+                                tl.atomic_add(p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :],
+                                              b_w[:, None] * b_r, mask=b_use[:, None] & m_d[None, :], sem="relaxed")
+                            if CAND:
+                                o_c = lvl * S + b_slot
+                                tl.store(p_cand + o_c[:, None] * D + o_d[None, :], _midpoint(b_sel, b_r),
+                                         mask=(m_m & (b_slot >= 0))[:, None] & m_d[None, :])
+                            if LOSS:
+                                b_sq += tl.sum(b_new * b_new, axis=1)
+                            if any_wide:
+                                b_ubad += tl.where(_row_finite(b_new * s_up), 0, 1)
+                            tl.store(p_r, b_new, mask=m_md)
                 tl.debug_barrier()
-            b_wide = b_wide & ~m_back
-            m_moved = m_moved | m_back
+            if sweep == 0:
+                m_over = m_m & (b_ovf > 0) & (b_inbad == 0)
+                b_rs = tl.where(m_over, s_wide, 1.0)
+                b_cs = tl.where(m_over, s_wide, b_cs)
+                b_wide = b_wide | m_over
+                m_moved = m_over
+            if sweep == 1:
+                m_back = b_wide & (b_ubad == 0)
+                run_back = tl.max(m_back.to(tl.int32), axis=0) > 0
+                b_wide = b_wide & ~m_back
+                m_moved = m_moved | m_back
         if LOSS:
             # (a row formed again or scaled back: its |r|^2 again, below; a held row's times 2^2E)
             b_sq = tl.where(m_moved, float("inf"), b_sq)

@@ -31,13 +31,14 @@ def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.
     row below 2^-48 whose best score is below 2^-90 (codes so near that |c|^2 and r.c underflow)
     again scaled by 2^96, among the codes that stay finite there (it keeps its first choice when
     none has a finite score); float16 codebooks never need either. Rows still without a finite
-    score take ``first``, the first finite code (0 when there is none). ``rescue``: False for a
+    score, and rows that are not finite (every distance +inf, though a score may come out
+    -inf), take ``first``, the first finite code (0 when there is none). ``rescue``: False for a
     float16 codebook. ``scaled (n,)``: rows whose residual is held as ``r 2^wide_exp`` (its float32
     value overflowed, see :func:`residual_quantize_full_ref`): all beyond 2^48, searched again
     on ``r 2^(wide_exp - 96)``."""
     idx, lost, best = _argmin_finite(cc - 2.0 * (r @ cb.T), finite)
+    r_fin = r.isfinite().all(-1)
     if rescue:
-        r_fin = r.isfinite().all(-1)
         r_max = r.abs().amax(-1)
         redo = r_fin & ((r_max > BIG) | lost)
         tiny = r_fin & ~redo & (r_max < TINY) & (best < TINY_SCORE)
@@ -48,7 +49,8 @@ def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.
         rs, cs = r / RESCALE, cb / RESCALE  # (codes that overflow here are far from a tiny row)
         idx2, lost2, _ = _argmin_finite((cs * cs).sum(-1) - 2.0 * (rs @ cs.T), finite & cs.isfinite().all(-1))
         idx = torch.where(tiny & ~lost2, idx2, idx)
-    return torch.where(lost, first, idx)
+    # (a row with an infinite entry: every distance is +inf, though a score may come out -inf)
+    return torch.where(lost | ~r_fin, first, idx)
 
 
 @torch.no_grad()

@@ -982,3 +982,28 @@ def test_kernel_matches_reference_on_overflowing_residuals(device, dtype, chunke
     assert ref["level_sq"].isfinite().all() and (ref["level_sq"] > 1e76).any()
     torch.testing.assert_close(ref["level_sq"], want, rtol=1e-6, atol=0)
     torch.testing.assert_close(out["level_sq"], want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+def test_rows_with_an_infinite_entry_get_the_first_finite_code(backend, device, chunked):
+    # probe7 I1: every distance of such a row is +inf, but the score |c|^2 - 2 r.c of a code with
+    # an entry of the infinite entry's sign is -inf and won (and with large finite entries beside
+    # it the score was NaN or +-inf by the order of the dot's sums: 20 copies of one row in a
+    # batch got different codes). Now the first finite code, at every level, as nearest_code
+    if chunked and backend != "triton":
+        pytest.skip("the chunked kernel is a Triton kernel")
+    inf, big = float("inf"), torch.finfo(torch.float32).max
+    x = torch.tensor([[-inf, 1.0, 0.0, 0.0, 0.0], [inf, 1.0, 0.0, 0.0, 0.0], [1.0, -inf, 0.0, 0.0, 0.0],
+                      [-inf, big, big, -big, -big]] + [[-inf, big, big, -big, -big]] * 20, device=device)
+    cb = torch.zeros(2, 5, 5, device=device)
+    cb[:, 0, 0] = float("nan")  # the first finite code is 1
+    cb[:, 1:, :2] = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0], [-2.5e38, -2.5e38]], device=device)
+    cb[:, 4, 2:] = torch.tensor([2.5e38, -2.5e38, 2.5e38], device=device)
+    if chunked:
+        from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+        codes = residual_quantize_fwd(x, cb, max_register_d=1)["codes"]
+    else:
+        codes = fastvq.residual_quantize(x, cb)[1]
+    assert (codes == 1).all(), codes
+    assert (fastvq.nearest_code(x, cb[0])[0] == 1).all()
