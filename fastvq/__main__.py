@@ -30,7 +30,8 @@ def _writable_folder(path: str) -> str | None:
     """Why results cannot be written to the folder ``path`` (None when they can). A folder that
     does not exist yet is made to find out and removed again (with the folders made above it):
     nothing is left behind by a run that then fails, or by a check that fails."""
-    missing, probe = [], os.path.abspath(path)
+    path = os.path.abspath(path)  # (normalised: "new/../x" is "x", and makes no "new")
+    missing, probe = [], path
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         missing.append(probe)
         probe = os.path.dirname(probe)
@@ -76,17 +77,27 @@ def main(argv=None) -> int:
     c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     if args.command == "bench":
-        mode = "--traffic" if args.traffic else "--list" if args.list else None
-        ignored = [name for name in _TIMING_ONLY if getattr(args, name)] if mode else []
+        for name in ("out", "name"):  # (an empty value is not "not given")
+            if getattr(args, name) == "":
+                b.error(f"--{name} must not be empty")
+        if args.name is not None and (os.sep in args.name or (os.altsep and os.altsep in args.name)):
+            b.error(f"--name is a file stem, not a path (the results go to --out): {args.name!r}")
+        mode = "--list" if args.list else "--traffic" if args.traffic else None
+        ignored = [name for name in _TIMING_ONLY if getattr(args, name) is not None and getattr(args, name) is not False]
+        ignored = ignored if mode else []
         if mode == "--list":
-            ignored += [name for name in ("ops", "out", "traffic_scale") if getattr(args, name) is not None]
+            ignored += [name for name in ("traffic", "ops", "out", "traffic_scale")
+                        if getattr(args, name) is not None and getattr(args, name) is not False]
         if ignored:
             b.error(f"{mode} does not take " + ", ".join("--" + name.replace("_", "-") for name in ignored))
         if args.traffic_scale is not None and not args.traffic:
             b.error("--traffic-scale needs --traffic")
-        if args.out and (why := _writable_folder(args.out)):
-            # (checked before any work; the folder is made when results are written)
-            b.error(f"--out {args.out}: cannot write there ({why})")
+        if args.out is not None:
+            # (checked before any work; the folder is made when results are written: normalised,
+            # so that "new/../x" makes no "new")
+            if why := _writable_folder(args.out):
+                b.error(f"--out {args.out}: cannot write there ({why})")
+            args.out = os.path.abspath(args.out)
 
     import torch
 

@@ -93,10 +93,18 @@ def test_bench_rejects_bad_arguments_by_name(argv, says, tmp_path, capsys):
     (["--list", "--providers", "reference"], "--list does not take --providers"),
     (["--list", "--out", "{tmp}/new"], "--list does not take --out"),
     (["--ops", "pairwise_sqdist", "--traffic-scale", "2"], "--traffic-scale needs --traffic"),
-], ids=["traffic-providers", "traffic-timing-flags", "list-providers", "list-out", "scale-without-traffic"])
-def test_bench_rejects_options_it_would_ignore(argv, says, tmp_path, capsys):
+    (["--list", "--traffic"], "--list does not take --traffic"),
+    (["--traffic", "--list"], "--list does not take --traffic"),
+    (["--ops", "pairwise_sqdist", "--name", "sub/stem"], "--name is a file stem, not a path"),
+    (["--ops", "pairwise_sqdist", "--out", ""], "--out must not be empty"),
+    (["--traffic", "--name", ""], "--name must not be empty"),
+], ids=["traffic-providers", "traffic-timing-flags", "list-providers", "list-out", "scale-without-traffic",
+        "list-traffic", "traffic-list", "name-path", "empty-out", "empty-name"])
+def test_bench_rejects_options_it_would_ignore(argv, says, tmp_path, capsys, monkeypatch):
     """probe6 C: --providers was ignored without a word under --traffic and --list, and --out was
-    made even for --list."""
+    made even for --list; probe7 C1, C3, C4: --list --traffic ran the traffic count, --name
+    sub/stem ended in a traceback after the timing, and empty values passed as not given."""
+    monkeypatch.chdir(tmp_path)  # (nothing may be written, here either)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as exc:
         main(["bench", *argv])
@@ -106,10 +114,12 @@ def test_bench_rejects_options_it_would_ignore(argv, says, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_bench_out_is_made_only_when_results_are_written(tmp_path, capsys):
-    """probe6 C: a run that fails (an unknown name) left its new --out folder behind, empty."""
-    out = tmp_path / "a" / "b"
-    assert main(["bench", "--ops", "no_such_op", "--out", str(out)]) == 2
+@pytest.mark.parametrize("out", ["a/b", "new/../x"])
+def test_bench_out_is_made_only_when_results_are_written(out, tmp_path, capsys, monkeypatch):
+    """probe6 C: a run that fails (an unknown name) left its new --out folder behind, empty
+    (probe7 C2: and "new/../x" left "new")."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--ops", "no_such_op", "--out", out]) == 2
     assert "no_such_op" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
