@@ -701,6 +701,20 @@ def _after_step(m, inputs, outputs=()):
     return [o.detach() for o in outputs] + grads + [b.clone() for b in m.buffers()]
 
 
+def _plain_and_checkpointed(base, x, mode, call):
+    """One training step of a copy of ``base`` plain and one checkpointed (``mode``), each
+    ``call(module, input)`` seeded alike: their outputs, gradients and buffers."""
+    results = []
+    for how in ("plain", mode):
+        m = copy.deepcopy(base)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = _ckpt(lambda h: call(m, h), xi, mode=how)
+        (out[0].square().sum() + out[1] + out[2]).backward()
+        results.append(_after_step(m, [xi], out))
+    return results
+
+
 def _assert_same_step(plain, ckpt, what):
     assert len(plain) == len(ckpt)
     for i, (a, b) in enumerate(zip(plain, ckpt)):
@@ -719,21 +733,12 @@ def test_activation_checkpointing_gives_the_plain_step(backend, kind, mode):
     init and revival draw; the dropout after them must draw the same mask)."""
     torch.manual_seed(0)
     base = CHECKPOINTED[kind]().train()
-    x = randn(16, 3, seed=1)
-    results = []
-    for how in ("plain", mode):
-        m = copy.deepcopy(base)
-        xi = x.clone().requires_grad_()
 
-        def region(h):
-            q, commit, emb, idx = m(h * 1.5)
-            return torch.nn.functional.dropout(q * 2.0, 0.5), commit, emb, idx
+    def region(m, h):
+        q, commit, emb, idx = m(h * 1.5)
+        return torch.nn.functional.dropout(q * 2.0, 0.5), commit, emb, idx
 
-        torch.manual_seed(1)
-        out = _ckpt(region, xi, mode=how)
-        (out[0].square().sum() + out[1] + out[2]).backward()
-        results.append(_after_step(m, [xi], out))
-    _assert_same_step(*results, f"{kind} {mode}")
+    _assert_same_step(*_plain_and_checkpointed(base, randn(16, 3, seed=1), mode, region), f"{kind} {mode}")
 
 
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
@@ -742,16 +747,7 @@ def test_a_checkpointed_rqvae_gives_the_plain_step(backend, mode):
     the plain step's outputs, every parameter's gradient and the buffers, bitwise."""
     torch.manual_seed(0)
     base = RQVAE(8, 16, 3, num_quantizers=2, num_embeddings=6, ema=True, dead_code_threshold=1.0).train()
-    x = randn(16, 8, seed=1)
-    results = []
-    for how in ("plain", mode):
-        m = copy.deepcopy(base)
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(1)
-        out = _ckpt(m, xi, mode=how)
-        (out[0].square().sum() + out[1] + out[2]).backward()
-        results.append(_after_step(m, [xi], out))
-    _assert_same_step(*results, f"RQVAE {mode}")
+    _assert_same_step(*_plain_and_checkpointed(base, randn(16, 8, seed=1), mode, lambda m, h: m(h)), f"RQVAE {mode}")
 
 
 @pytest.mark.parametrize("kind", ["vq-dead", "rq-ema-rotation"])
