@@ -127,7 +127,11 @@ class Bitcodes(nn.Module):
       float dtype than the codebook are promoted;
     - bf16/fp16 inputs pick their bits on float32 inner products, as the search ops do
       (bitcodes-pytorch compares scores rounded to the 16-bit dtype, where 256.5 and 256.75
-      tie in bf16); fp32 bits are the same as its own.
+      tie in bf16); fp32 bits are the same as its own;
+    - ``torch.autocast`` changes nothing in the forward (its matmuls run with autocast off, in
+      the inputs' dtype). Its gradients come from autograd through those matmuls, whose
+      backward follows the autocast state of the ``backward()`` call: call it outside the
+      autocast region, as torch advises (inside it, bf16 gradients; probe6 A2).
 
     Args:
         features: size ``D`` of the vectors, an int ``>= 1``.
