@@ -130,5 +130,18 @@ def main(argv=None) -> int:
         return 2
 
 
+def _run() -> int:
+    """:func:`main` for the command line: output piped into a reader that stops early
+    (``| head``) ends the command quietly, as a closed pipe does for other tools."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # (Python would report the failed flush at exit: point stdout at nothing first)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -251,6 +252,19 @@ def test_no_pytest_benchmark_front_end():
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "fastvq", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "bench" in out.stdout and "check" in out.stdout
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``python -m fastvq bench --list | head -1`` printed a BrokenPipeError traceback when
+    ``head`` closed the pipe first (here: a pipe whose reader is closed before the start)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        out = subprocess.run([sys.executable, "-m", "fastvq", "bench", "--list"], stdout=w, stderr=subprocess.PIPE,
+                             text=True)
+    finally:
+        os.close(w)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
 
 
 # --------------------------------------------------------------------------- what check covers
