@@ -10,6 +10,7 @@
   initialises); the low-usage warning fires once, names the fix, and never blocks.
 """
 
+import contextlib
 import copy
 import warnings
 
@@ -494,14 +495,23 @@ def _collapse(vq):
         vq.embeddings.weight[1:] = 1e3  # every row picks code 0
 
 
+@contextlib.contextmanager
+def _caught_user_warnings():
+    """The UserWarnings of the block, recorded (what the modules warn); other categories are not
+    theirs (triton 3.6's interpreter raises numpy DeprecationWarnings under the Triton backend)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", UserWarning)
+        yield caught
+
+
 def test_low_usage_warning(backend, monkeypatch):
     monkeypatch.setattr(_codebook, "USAGE_WARMUP_STEPS", 2)
     monkeypatch.setattr(_codebook, "USAGE_WINDOW_STEPS", 3)
     torch.manual_seed(0)
     vq = VectorQuantizer(16, 4)
     _collapse(vq)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _caught_user_warnings() as caught:
         for step in range(5):  # warm-up 2, window 3: the count is taken at step 5 ...
             vq(randn(20, 4, seed=step))
         vq.eval()
@@ -516,8 +526,7 @@ def test_low_usage_warning(backend, monkeypatch):
     assert "only 1 of 16 codes" in message and "kmeans_init=True" in message and "dead_code_threshold=1.0" in message
     # a healthy codebook: silent
     healthy = VectorQuantizer(16, 4)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _caught_user_warnings() as caught:
         for step in range(12):
             centers = healthy.embeddings.weight.detach()[torch.arange(40) % 16]
             healthy(centers + 0.01 * randn(40, 4, seed=step))
@@ -527,16 +536,14 @@ def test_low_usage_warning(backend, monkeypatch):
     _collapse(small)
     fired = []
     for step in range(12):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _caught_user_warnings() as caught:
             small(randn(5, 4, seed=step))
         fired += [step + 1] * len(caught)
     assert fired == [2 + 7 + 1], fired
     quiet = VectorQuantizer(16, 4)
     _collapse(quiet)
     quiet.warn_low_usage = False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _caught_user_warnings() as caught:
         for step in range(12):
             quiet(randn(20, 4, seed=step))
     assert caught == []
@@ -547,23 +554,20 @@ def test_low_usage_warning_counts_levels_and_masks(monkeypatch):
     monkeypatch.setattr(_codebook, "USAGE_WINDOW_STEPS", 1)
     rq = ResidualQuantizer(2, 16, 3)
     idx = torch.stack([torch.arange(32) % 16, torch.zeros(32, dtype=torch.long)])  # level 1 collapsed
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _caught_user_warnings() as caught:
         rq._update_codebook_(None, idx)
         rq._update_codebook_(None, idx)
     assert len(caught) == 1 and "only 1 of 16 codes at level 1" in str(caught[0].message)
     # with the recommended settings already on, the warning blames the data, not the settings
     tuned = ResidualQuantizer(2, 16, 3, kmeans_init=True, dead_code_threshold=1.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _caught_user_warnings() as caught:
         tuned._warn_low_usage(1, 16, 1, 2, steps=2, rows=64)
     message = str(caught[0].message)
     assert "fewer distinct vectors than codes" in message and "Construct it with" not in message, message
     vq = VectorQuantizer(16, 3)
     mask = torch.zeros(32, dtype=torch.bool)
     mask[:1] = True  # the padded rows' codes are not "in use"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _caught_user_warnings() as caught:
         vq._update_codebook_(None, (torch.arange(32) % 16).view(1, -1), mask)
         vq._update_codebook_(None, (torch.arange(32) % 16).view(1, -1), mask)
     assert len(caught) == 1 and "only 1 of 16 codes" in str(caught[0].message)
