@@ -83,11 +83,8 @@ def main(argv=None) -> int:
         if args.name is not None and (os.sep in args.name or (os.altsep and os.altsep in args.name)):
             b.error(f"--name is a file stem, not a path (the results go to --out): {args.name!r}")
         mode = "--list" if args.list else "--traffic" if args.traffic else None
-        ignored = [name for name in _TIMING_ONLY if getattr(args, name) is not None and getattr(args, name) is not False]
-        ignored = ignored if mode else []
-        if mode == "--list":
-            ignored += [name for name in ("traffic", "ops", "out", "traffic_scale")
-                        if getattr(args, name) is not None and getattr(args, name) is not False]
+        takes_not = _TIMING_ONLY + (("traffic", "ops", "out", "traffic_scale") if mode == "--list" else ())
+        ignored = [name for name in takes_not if getattr(args, name) not in (None, False)] if mode else []
         if ignored:
             b.error(f"{mode} does not take " + ", ".join("--" + name.replace("_", "-") for name in ignored))
         if args.traffic_scale is not None and not args.traffic:

@@ -80,7 +80,8 @@ def residual_quantize_full_ref(
     overflows again there), and the row goes on at that scale (its codes scaled as they are
     subtracted) until its residual is representable again (then multiplied back by ``2^E``).
     While held so, its residual is beyond float32: it enters no statistics or candidate (as a
-    non-finite one), and its loss term is ``|r|^2 2^(2E)`` in float64. ``quantized`` is the float32 sum of the chosen codes in level order (where that
+    non-finite one), and its loss term is ``|r|^2 2^(2E)`` in float64. ``quantized`` is the
+    float32 sum of the chosen codes in level order (where that
     is not finite, their float64 sum rounded once, as the kernel's ``_exact_code_sum``), cast to
     the dtype of ``x`` (``x`` itself on rows of weight 0). Sums over rows accumulate in float64.
     Works in row chunks: its extra memory is a ``(chunk, K)`` float32 scratch.
