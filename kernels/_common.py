@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import os
 
 import torch
@@ -267,6 +268,31 @@ def exp2i(e):
 def exp2i64(e):
     """``2.0 ** e`` as float64, exactly, for an int32 ``e`` in [-1022, 1023]."""
     return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def f64_exponent(b):
+    """The biased float64 exponent of ``b >= 0`` (0 for zeros and subnormals), int32."""
+    return ((b.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32)
+
+
+@triton.jit
+def fix_shift(b_mark, TOP_EXP):
+    """A fixed row's scale exponent ``s >= 0``: its largest finite |term| (biased float64 exponent
+    ``b_mark - 2``) times ``2^-s`` is below ``2^TOP_EXP``."""
+    return tl.maximum(b_mark - 2 - 1023 + 1 - TOP_EXP, 0)
+
+
+def atomic_overflow_bound(n: int) -> tuple[float, int]:
+    """``(2^t, t)``: a float32 sum of at most ``n`` terms, each at most ``2^t`` in magnitude,
+    stays below ``2^127`` in every partial sum, in any order: recursive summation's partial
+    sums are at most ``sum |terms| (1 + 2^-24)^n <= n e^(n 2^-24) 2^t``, and ``t = 127 -
+    ceil(log2(n e^(n 2^-24)))`` (``2^t`` = 8e34 for 4,096 items). Atomic backwards (QR, residual
+    quantization) mark the rows with a larger term; their fix-ups sum them again, scaled below
+    ``2^t``."""
+    log2_growth = math.log2(max(n, 1)) + n * 2.0**-24 / math.log(2.0)
+    top = 127 - max(0, math.ceil(log2_growth))
+    return math.ldexp(1.0, top), top
 
 
 @triton.jit

@@ -35,7 +35,7 @@ Backward, deterministic (default), both tables in one pass:
 the output, so it is read on the host (one sync). ``deterministic=False``: ``_qr_atomic_kernel``
 adds each item's contribution to both tables with relaxed float32 atomics (no sort). Where a
 row's float32 partial sums could overflow (a term beyond ``2^t`` ~ 3.4e38 / N, see
-``_atomic_overflow_bound``: nothing else can overflow) it marks the row, and
+``atomic_overflow_bound``: nothing else can overflow) it marks the row, and
 ``_qr_atomic_fixup_kernel``, one program launched after it, sums the marked rows again, each at
 its own power-of-two scale, then scales them back (inf only where the exact sum overflows). It
 returns at once when nothing was marked: ordinary inputs pay one launch, no host read.
@@ -44,13 +44,12 @@ returns at once when nothing was marked: ordinary inputs pay one launch, no host
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import exp2i64, flat_grid, flat_program_id, launcher, next_pow2, tile_offsets
+from ._common import (atomic_overflow_bound, exp2i64, f64_exponent, fix_shift, flat_grid, flat_program_id, launcher,
+                      next_pow2, tile_offsets)
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
@@ -450,19 +449,6 @@ def _qr_atomic_kernel(
 
 
 @triton.jit
-def _f64_exponent(b):
-    """The biased float64 exponent of ``b >= 0`` (0 for zeros and subnormals), int32."""
-    return ((b.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32)
-
-
-@triton.jit
-def _fix_shift(b_mark, TOP_EXP):
-    """A fixed row's scale exponent ``s >= 0``: its largest finite |term| (biased float64 exponent
-    ``b_mark - 2``) times ``2^-s`` is below ``2^TOP_EXP``."""
-    return tl.maximum(b_mark - 2 - 1023 + 1 - TOP_EXP, 0)
-
-
-@triton.jit
 def _qr_fix_items(
     p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, p_marks, o_l, m_l, b_row, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
     TOP_EXP, stride_gn, stride_gd, stride_own, stride_owd, stride_dn, stride_dd,
@@ -471,13 +457,13 @@ def _qr_fix_items(
 ):
     """The fix-up's pass over one block of items, for one table; only items whose row is marked.
     ``ADD=False``: zero the row and raise its mark to 2 + the float64 exponent of its largest
-    finite |term|. ``ADD=True``: add the float64 terms times ``2^-s`` (:func:`_fix_shift`),
+    finite |term|. ``ADD=True``: add the float64 terms times ``2^-s`` (:func:`fix_shift`),
     rounded to float32, with relaxed atomics. Marks and rows are read past L1 (``.cg``): the
     same program wrote them in its previous pass."""
     b_mark = tl.load(p_marks + b_row, mask=m_l, other=0, cache_modifier=".cg")
     m_row = m_l & (b_mark > 0)
     if ADD:
-        b_down = exp2i64(-_fix_shift(b_mark, TOP_EXP))
+        b_down = exp2i64(-fix_shift(b_mark, TOP_EXP))
     else:
         b_e = tl.zeros_like(b_mark)
     for d0 in range(0, D, BLOCK_D):
@@ -492,7 +478,7 @@ def _qr_fix_items(
         else:
             b_a = tl.abs(b_t)
             b_a = tl.where(b_a < float("inf"), b_a, 0.0)  # NaN and +-inf stay as they are when scaled
-            b_e = tl.maximum(b_e, _f64_exponent(tl.max(b_a, axis=1)))
+            b_e = tl.maximum(b_e, f64_exponent(tl.max(b_a, axis=1)))
             tl.store(p_row, tl.zeros(b_t.shape, dtype=tl.float32), mask=m)
     if not ADD:
         tl.atomic_max(p_marks + b_row, b_e + 2, mask=m_row, sem="relaxed")
@@ -507,7 +493,7 @@ def _qr_fix_rescale(p_dw, p_marks, ROWS, D, TOP_EXP, stride_dn, stride_dd,
         o_r = r0 + tl.arange(0, BLOCK_R)
         b_mark = tl.load(p_marks + o_r, mask=o_r < ROWS, other=0, cache_modifier=".cg")
         if tl.max(b_mark) > 0:
-            b_up = exp2i64(_fix_shift(b_mark, TOP_EXP))
+            b_up = exp2i64(fix_shift(b_mark, TOP_EXP))
             for d0 in range(0, D, BLOCK_D):
                 o_d = d0 + tl.arange(0, BLOCK_D)
                 m = (b_mark > 0)[:, None] & (o_d < D)[None, :]
@@ -621,17 +607,6 @@ def _packed(t: torch.Tensor | None) -> torch.Tensor | None:
     ``p + i``. A strided or expanded (stride 0) view is copied (N indices or weights, small next
     to the tables); a contiguous one, as on the training path, is passed as is (no copy)."""
     return None if t is None else t.contiguous()
-
-
-def _atomic_overflow_bound(n: int) -> tuple[float, int]:
-    """``(2^t, t)``: a float32 sum of at most ``n`` terms, each at most ``2^t`` in magnitude,
-    stays below ``2^127`` in every partial sum, in any order: recursive summation's partial
-    sums are at most ``sum |terms| (1 + 2^-24)^n <= n e^(n 2^-24) 2^t``, and ``t = 127 -
-    ceil(log2(n e^(n 2^-24)))`` (``2^t`` = 8e34 for 4,096 items). The atomic backward marks
-    the rows with a larger term; its fix-up sums them again, scaled below ``2^t``."""
-    log2_growth = math.log2(max(n, 1)) + n * 2.0**-24 / math.log(2.0)
-    top = 127 - max(0, math.ceil(log2_growth))
-    return math.ldexp(1.0, top), top
 
 
 def _assert_args(ids, q_weight, r_weight, op, offsets):
@@ -751,7 +726,7 @@ def qr_lookup_bwd(
             n_d = triton.cdiv(max(DQ, DR), BLOCK_D)
             dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
             state = torch.zeros((1 + Q + R,), dtype=torch.int32, device=dev)  # the flag, then a mark per row
-            big_t, top_exp = _atomic_overflow_bound(N)
+            big_t, top_exp = atomic_overflow_bound(N)
             args = (grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, dq_arg, dr_arg, state)
             strides = (grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
                        r_weight.stride(0), r_weight.stride(1),

@@ -42,7 +42,10 @@ Backward (``_residual_quantize_bwd_kernel``): per ``(BLOCK_M rows, BLOCK_D colum
 re-walks the levels from ``x`` and the saved codes (no search) and writes
 ``dx = G(g) + 2 w sum_l gc_l r_{l+1}`` (``G`` the identity, or the rotation trick when the
 whole row is one block) and, with float32 atomics, ``dcb[l, k] += 2 ge_l w (c_lk - r_l)`` for the
-rows that chose code ``k``. ``gc`` / ``ge`` are the per-level gradients of the loss terms.
+rows that chose code ``k``. ``gc`` / ``ge`` are the per-level gradients of the loss terms. A term
+beyond ``atomic_overflow_bound(N)`` (a float32 partial sum could overflow) sets a flag; the
+launch's last program (an atomic count) then sums again, in float64 terms at a per-code scale,
+the codes whose float32 sum is not finite (``_dcb_fixup``).
 
 Two forward variants, chosen by the launcher on D (never a crash, never a silent fallback):
 
@@ -67,8 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, argmin_merge, autotune, autotune_configs, bf16_rne, dot_fp32, exp2i, exp2i64,
-                      launcher, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, rotation_grad_rows, round_bf16,
+from ._common import (arch_family, argmin_merge, atomic_overflow_bound, autotune, autotune_configs, bf16_rne, dot_fp32,
+                      exp2i, exp2i64, f64_exponent, fix_shift, launcher, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, rotation_grad_rows, round_bf16,
                       target_for, tl_input_precision, words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
@@ -756,12 +759,12 @@ def _residual_quantize_fwd_chunked_kernel(
 @triton.jit
 def _bwd_rows(
     o_m, m_m, o_d, m_d,
-    p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb,
+    p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb, p_state,
     N, K, D, L,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     stride_gn, stride_gd, stride_dn, stride_dd,
     HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_GC: tl.constexpr, HAS_GE: tl.constexpr, HAS_DX: tl.constexpr,
-    ROTATE: tl.constexpr, EPS_N: tl.constexpr, EPS_S: tl.constexpr, WIDE: tl.constexpr,
+    ROTATE: tl.constexpr, EPS_N: tl.constexpr, EPS_S: tl.constexpr, BIG_T, WIDE: tl.constexpr,
 ):
     """The backward of the rows ``o_m`` (columns ``o_d``): codebook terms added, ``dx`` stored.
 
@@ -774,7 +777,12 @@ def _bwd_rows(
     ``WIDE=True`` (a flagged row, one at a time): the same again, and in float64, where the
     residuals of float32 values are exact (but for exponents more than 29 apart); each element
     float32 could not give is the float64 value rounded once (finite wherever the exact one
-    is): ``dx``'s commitment part, the sum of the codes, and the codebook terms left out."""
+    is): ``dx``'s commitment part, the sum of the codes, and the codebook terms left out.
+
+    A codebook term beyond ``BIG_T`` (only such terms can make a float32 partial sum overflow,
+    see ``atomic_overflow_bound``) sets the flag ``p_state[0]``: :func:`_dcb_fixup` then sums
+    again the codes whose float32 sum is not finite. (A predicated store per element, off in the
+    ordinary case: nothing is carried across the levels.)"""
     m_md = m_m[:, None] & m_d[None, :]
     b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0).to(tl.float32)
     if HAS_W:
@@ -802,8 +810,9 @@ def _bwd_rows(
             if HAS_GE:
                 b_ge = tl.load(p_ge + lvl)
                 b_t = ((2.0 * b_ge).to(tl.float64) * (b_w.to(tl.float64)[:, None] * (b_c64 - b_r64))).to(tl.float32)
-                tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :], tl.where(m_fin, 0.0, b_t),
-                              mask=m_lmd, sem="relaxed")
+                b_t = tl.where(m_fin, 0.0, b_t)
+                tl.store(p_state + tl.zeros(b_t.shape, dtype=tl.int32), 1, mask=m_lmd & (tl.abs(b_t) > BIG_T))
+                tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_t, mask=m_lmd, sem="relaxed")
             b_r64 = b_r64 - b_c64
             if HAS_GC:
                 b_acc64 += tl.load(p_gc + lvl).to(tl.float64) * b_r64
@@ -811,9 +820,12 @@ def _bwd_rows(
                 b_q64 += b_c64
         elif HAS_GE:
             b_ge = tl.load(p_ge + lvl)
-            # (+0.0 added for the terms the float64 row adds: no per-element mask, which costs registers)
-            tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :],
-                          tl.where(m_fin, (2.0 * b_ge) * (b_w[:, None] * (b_c - b_r)), 0.0), mask=m_lmd, sem="relaxed")
+            # (+0.0 added for the terms the float64 row adds: no per-element mask, which costs
+            # registers. A term beyond BIG_T sets the flag: a predicated store, off in the
+            # ordinary case)
+            b_t = tl.where(m_fin, (2.0 * b_ge) * (b_w[:, None] * (b_c - b_r)), 0.0)
+            tl.store(p_state + tl.zeros(b_t.shape, dtype=tl.int32), 1, mask=m_lmd & (tl.abs(b_t) > BIG_T))
+            tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_t, mask=m_lmd, sem="relaxed")
         b_r = b_new
         if HAS_GC:
             b_acc += tl.load(p_gc + lvl) * b_r
@@ -850,24 +862,114 @@ def _bwd_rows(
 
 
 @triton.jit
+def _dcb_fix_pass(
+    p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
+    stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+    HAS_W: tl.constexpr, ADD: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One pass of :func:`_dcb_fixup` over every row, ``FIX_M`` rows and ``BLOCK_D`` columns at a
+    time, at the levels where the row's code is marked: the terms ``2 ge_l w (c - r_l)`` in
+    float64 (the residuals of float32 values in float64). ``ADD=False``: zero the marked codes'
+    rows of ``dcb`` and raise each mark to 2 + the float64 exponent of its largest finite |term|.
+    ``ADD=True``: add the terms times ``2^-s`` (``fix_shift``), rounded to float32, with relaxed
+    atomics. Marks and ``dcb`` are read past L1 (``.cg``): this program wrote them before."""
+    for m0 in range(0, N, FIX_M):
+        o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
+        m_m = o_m < N
+        if HAS_W:
+            b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float64)
+        else:
+            b_w = tl.where(m_m, 1.0, 0.0).to(tl.float64)
+        m_live = m_m & (b_w != 0)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_md = m_m[:, None] & (o_d < D)[None, :]
+            b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+            b_r = b_r.to(tl.float64)
+            for lvl in range(L):
+                b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0)
+                b_c = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                              mask=m_md, other=0.0).to(tl.float64)
+                p_mark = p_marks + lvl * K + b_idx
+                b_mark = tl.load(p_mark, mask=m_live, other=0, cache_modifier=".cg")
+                m_fix = m_live & (b_mark > 0)
+                if tl.max(m_fix.to(tl.int32), axis=0) > 0:
+                    b_t = (2.0 * tl.load(p_ge + lvl)).to(tl.float64) * (b_w[:, None] * (b_c - b_r))
+                    p_row = p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :]
+                    m_fd = m_fix[:, None] & m_md
+                    if ADD:
+                        b_down = exp2i64(-fix_shift(b_mark, TOP_EXP))
+                        tl.atomic_add(p_row, (b_t * b_down[:, None]).to(tl.float32), mask=m_fd, sem="relaxed")
+                    else:
+                        b_a = tl.abs(b_t)
+                        b_a = tl.where(m_fd & (b_a < float("inf")), b_a, 0.0)  # NaN and inf stay so when scaled
+                        tl.store(p_row, tl.zeros(b_t.shape, dtype=tl.float32), mask=m_fd)
+                        tl.atomic_max(p_mark, f64_exponent(tl.max(b_a, axis=1)) + 2, mask=m_fix, sem="relaxed")
+                b_r = b_r - b_c
+
+
+@triton.jit(noinline=True)
+def _dcb_fixup(
+    p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
+    stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+    HAS_W: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Run by the last program of a backward launch in which some codebook term exceeded
+    ``BIG_T`` (rare: inputs within a factor ~N of float32's range). A float32 sum that overflowed
+    on the way ends as +-inf or NaN, so the codes whose sum is not finite are marked, and their
+    terms summed again, each code at its own power-of-two scale (as QR's atomic fix-up): (1)
+    zero the marked codes and find each one's largest |term|; (2) add its terms times ``2^-s``,
+    so that no partial sum can overflow; (3) scale the marked codes back by ``2^s``, in float64,
+    rounded once (+-inf only where the exact sum overflows, NaN where a term is NaN). The other
+    codes keep their float32 sums (no partial sum of theirs overflowed)."""
+    for k0 in range(0, L * K, FIX_M):
+        o_k = k0 + tl.arange(0, FIX_M).to(tl.int64)
+        m_k = o_k < L * K
+        m_bad = o_k < 0
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m = m_k[:, None] & (o_d < D)[None, :]
+            b_v = tl.load(p_dcb + o_k[:, None] * D + o_d[None, :], mask=m, other=0.0, cache_modifier=".cg")
+            m_bad = m_bad | (tl.max((~(tl.abs(b_v) < float("inf"))).to(tl.int32), axis=1) > 0)
+        tl.store(p_marks + o_k, 1, mask=m_k & m_bad)
+    tl.debug_barrier()
+    for PASS in tl.static_range(2):
+        _dcb_fix_pass(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
+                      stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                      HAS_W, PASS == 1, FIX_M, BLOCK_D)
+        tl.debug_barrier()  # this program's stores and atomics, before it reads them back
+    for k0 in range(0, L * K, FIX_M):
+        o_k = k0 + tl.arange(0, FIX_M).to(tl.int64)
+        b_mark = tl.load(p_marks + o_k, mask=o_k < L * K, other=0, cache_modifier=".cg")
+        if tl.max(b_mark, axis=0) > 0:
+            b_up = exp2i64(fix_shift(b_mark, TOP_EXP))
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                m = (b_mark > 0)[:, None] & (o_d < D)[None, :]
+                p_row = p_dcb + o_k[:, None] * D + o_d[None, :]
+                b_v = tl.load(p_row, mask=m, other=0.0, cache_modifier=".cg")
+                tl.store(p_row, (b_v.to(tl.float64) * b_up[:, None]).to(tl.float32), mask=m)
+
+
+@triton.jit
 def _residual_quantize_bwd_kernel(
-    p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb,
-    N, K, D, L,
+    p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb, p_state,
+    N, K, D, L, BIG_T, TOP_EXP,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     stride_gn, stride_gd, stride_dn, stride_dd,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_GC: tl.constexpr, HAS_GE: tl.constexpr, HAS_DX: tl.constexpr,
-    ROTATE: tl.constexpr, EPS_N: tl.constexpr, EPS_S: tl.constexpr,
+    ROTATE: tl.constexpr, EPS_N: tl.constexpr, EPS_S: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    args = (p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb, N, K, D, L,
+    args = (p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb, p_state, N, K, D, L,
             stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
             stride_gn, stride_gd, stride_dn, stride_dd)
     m_row = _bwd_rows(o_m, o_m < N, o_d, o_d < D, *args,
-                      HAS_W, HAS_G, HAS_GC, HAS_GE, HAS_DX, ROTATE, EPS_N, EPS_S, False)
+                      HAS_W, HAS_G, HAS_GC, HAS_GE, HAS_DX, ROTATE, EPS_N, EPS_S, BIG_T, False)
     # the rows float32 could not give, one at a time in float64 after the block is done (rare:
     # nothing of the block's tiles is live here, so the float64 path costs the common one no
     # registers)
@@ -877,7 +979,17 @@ def _residual_quantize_bwd_kernel(
             if tl.sum(tl.where(tl.arange(0, BLOCK_M) == i, m_row.to(tl.int32), 0), axis=0) > 0:
                 o_i = pid * BLOCK_M + i + o_1
                 _bwd_rows(o_i, o_i < N, o_d, o_d < D, *args,
-                          HAS_W, HAS_G, HAS_GC, HAS_GE, HAS_DX, ROTATE, EPS_N, EPS_S, True)
+                          HAS_W, HAS_G, HAS_GC, HAS_GE, HAS_DX, ROTATE, EPS_N, EPS_S, BIG_T, True)
+    if HAS_GE:
+        # every thread's atomics and flag stores before the count (as a grid barrier does), the
+        # count acq_rel: the program that counts last sees every other program's terms and flag
+        tl.debug_barrier()
+        n_done = tl.atomic_add(p_state + 1, 1, sem="acq_rel", scope="gpu")
+        if n_done == tl.num_programs(0) * tl.num_programs(1) - 1:
+            if tl.load(p_state, cache_modifier=".cg") > 0:
+                _dcb_fixup(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_state + 2, N, K, D, L, TOP_EXP,
+                           stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                           HAS_W, FIX_M, FIX_D)
 
 
 @launcher
@@ -1016,24 +1128,28 @@ def residual_quantize_bwd(
     has_gc = grad_commit is not None and need_dx
     has_ge = grad_embed is not None
     dx = torch.empty((N, D), dtype=x.dtype, device=dev) if need_dx else None
-    dcb = torch.zeros((L, K, D), dtype=torch.float32, device=dev) if has_ge else None
+    dcb = state = None
+    if has_ge:  # one zero fill: dcb, then int32 state (flag, programs done, a mark per code)
+        buf = torch.zeros((L * K * D + 2 + L * K,), dtype=torch.float32, device=dev)
+        dcb, state = buf[: L * K * D].view(L, K, D), buf[L * K * D :].view(torch.int32)
     if N == 0 or not (need_dx or has_ge):
         return dx, dcb
     block_d = max(next_pow2(D), 16) if rotate and has_g else min(max(next_pow2(D), 16), 128)
     block_m = max(1, min(64, 2048 // block_d, next_pow2(N)))  # 16 elements a thread per block at 4 warps: no spills
     placeholder = x
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
+    big_t, top_exp = atomic_overflow_bound(N)  # a codebook code sums at most N terms
     _residual_quantize_bwd_kernel[grid](
         x, codebooks, codes, weights if weights is not None else placeholder,
         grad if has_g else placeholder, grad_commit if has_gc else placeholder,
         grad_embed if has_ge else placeholder, dx if need_dx else placeholder, dcb if has_ge else placeholder,
-        N, K, D, L,
+        state if has_ge else placeholder, N, K, D, L, big_t, top_exp,
         x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
         codes.stride(0), codes.stride(1),
         grad.stride(0) if has_g else 0, grad.stride(1) if has_g else 0,
         dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
         BLOCK_M=block_m, BLOCK_D=block_d, HAS_W=weights is not None, HAS_G=has_g, HAS_GC=has_gc, HAS_GE=has_ge,
         HAS_DX=need_dx, ROTATE=rotate and has_g, EPS_N=EPS_NORM, EPS_S=EPS_ANTIPODAL,
-        num_warps=bwd_num_warps(block_d),
+        FIX_M=max(1, 128 // min(block_d, 128)), FIX_D=min(block_d, 128), num_warps=bwd_num_warps(block_d),
     )
     return dx, dcb

@@ -342,12 +342,12 @@ def _residual_quantize_jobs():
                             f"{dt},D={D},BLOCK_M={block_m},BLOCK_D={block_d}" + (",ROTATE" if rotate else "")
                             + (",HAS_W" if has_w else ""),
                             k, {"p_x": p, "p_cb": p, "p_codes": "*i64", "p_w": "*fp32" if has_w else p, "p_g": p,
-                                "p_gc": "*fp32", "p_ge": "*fp32", "p_dx": p, "p_dcb": "*fp32"},
+                                "p_gc": "*fp32", "p_ge": "*fp32", "p_dx": p, "p_dcb": "*fp32", "p_state": "*i32"},
                             {"stride_xd": 1, "stride_cd": 1, "stride_ol": 1, "stride_gd": 1, "stride_dd": 1,
                              "BLOCK_M": block_m, "BLOCK_D": block_d, "EPS_N": mod.EPS_NORM, "EPS_S": mod.EPS_ANTIPODAL,
-                             **flags},
+                             "FIX_M": max(1, 128 // min(block_d, 128)), "FIX_D": min(block_d, 128), **flags},
                             aligned_ints=("stride_xn", "stride_cl", "stride_ck", "stride_on", "stride_gn", "stride_dn"),
-                            cost=0.8, num_warps=mod.bwd_num_warps(block_d)))
+                            scalars={"BIG_T": "fp32"}, cost=0.8, num_warps=mod.bwd_num_warps(block_d)))
     return jobs
 
 

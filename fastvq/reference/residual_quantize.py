@@ -180,16 +180,18 @@ def residual_quantize_bwd_ref(
     """Reference of ``fastvq.kernels.residual_quantize.residual_quantize_bwd``:
     ``dx = G(grad) + 2 w sum_l grad_commit[l] r_{l+1}`` (``G``: identity, or the rotation trick
     between ``x`` and the sum of the codes on rows of nonzero weight) and
-    ``dcb[l, k] = 2 grad_embed[l] sum_{i: codes[i, l] = k} w_i (c_lk - r_il)``, float32, formed
-    from float32 residuals; an element float32 cannot give (a residual beyond its range, e.g.
-    ``x ~ -3e38`` quantized to ``c ~ 3e38``) is formed from float64 residuals and rounded once,
-    so it is finite wherever the exact value is (as the kernel's ``_wide_rows_bwd``).
+    ``dcb[l, k] = 2 grad_embed[l] sum_{i: codes[i, l] = k} w_i (c_lk - r_il)``, float32: the
+    terms from float64 residuals, summed in float64 and rounded once, so no partial sum
+    overflows (the kernel's float32 atomics, and its fix-up for codes with a term beyond
+    ``atomic_overflow_bound``). ``dx``: an element float32 cannot give (a residual beyond its
+    range, e.g. ``x ~ -3e38`` quantized to ``c ~ 3e38``) is formed from float64 residuals and
+    rounded once, so it is finite wherever the exact value is (as the kernel's wide rows).
     Returns ``(dx in x's dtype or None, dcb (L, K, D) float32 or None)``."""
     N, D = x.shape
     L, K, _ = codebooks.shape
     cb = codebooks.float()
     dx = torch.empty((N, D), dtype=x.dtype, device=x.device) if need_dx else None
-    dcb = torch.zeros((L, K, D), dtype=torch.float32, device=x.device) if grad_embed is not None else None
+    dcb = torch.zeros((L, K, D), dtype=torch.float64, device=x.device) if grad_embed is not None else None
     gc = None if grad_commit is None else grad_commit.float()
     ge = None if grad_embed is None else grad_embed.float()
     step = row_chunk(4 * D)
@@ -206,13 +208,8 @@ def residual_quantize_bwd_ref(
             c = cb[lvl].index_select(0, idx)
             c64 = c.double()
             new = r - c
-            if dcb is not None:
-                # 2 ge (w (c - r)): w <= 1 (the op scales the weights' max into [0.5, 1)), so w (c - r)
-                # overflows only where c - r does; 2 ge w first would underflow for a small w.
-                # (c - r = -(r - c) exactly: not finite where the new residual is not)
-                f = 2.0 * ge[lvl]
-                t = torch.where(new.isfinite(), f * (w[:, None] * (c - r)),
-                                (f.double() * (w.double()[:, None] * (c64 - r64))).float())
+            if dcb is not None:  # (rows of weight 0 add nothing, even where c - r is not finite)
+                t = (2.0 * ge[lvl]).double() * (w.double()[:, None] * (c64 - r64))
                 dcb[lvl].index_add_(0, idx, torch.where(live[:, None], t, 0.0))
             r, r64 = new, r64 - c64
             if gc is not None:
@@ -230,7 +227,7 @@ def residual_quantize_bwd_ref(
                 g = torch.where(live[:, None], rotation_trick_bwd_ref(e, q, g), g)
             d = d + g
         dx[s : s + step] = d.to(x.dtype)
-    return dx, dcb
+    return dx, (None if dcb is None else dcb.float())
 
 
 def residual_quantize_ref(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

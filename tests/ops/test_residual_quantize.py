@@ -871,6 +871,49 @@ def test_bwd_kernel_matches_reference_on_wide_rows(device, rotate):
     assert_close(dcb, ref_dcb, reduce_len=N)
 
 
+@pytest.mark.parametrize("rotate", [False, True], ids=["ste", "rotation"])
+def test_codebook_gradient_sums_without_overflow_on_the_way(backend, device, rotate):
+    # probe4 F1 at scale: codes whose float32 partial sums of terms 2 ge w (c - r) overflow in some
+    # order (rows ~ -+3e38 on one code, spread over many programs and both column blocks) while the
+    # exact sum is representable; a code whose exact sum overflows (+inf, never NaN); a code with a
+    # NaN row (NaN); ordinary codes beside them. Against float64 sums of float64 terms.
+    from fastvq.ops.residual_quantize import _residual_quantize_bwd_op
+
+    N, L, K, D = 150, 3, 6, 200  # backward blocks: 16 rows x 128 columns, 10 x 2 programs
+    x = randn(N, D, seed=61, device=device)
+    cb = randn(L, K, D, seed=62, device=device)
+    codes = torch.randint(1, K, (N, L), generator=generator(63, device), device=device)
+    big = torch.arange(0, N, 9, device=device)  # 17 rows on code 0 at level 1: 8 at -3e38, then 9 at +3e38
+    x[big, :5] = 3.0e38 * torch.where(torch.arange(big.numel(), device=device) < 8, -1.0, 1.0)[:, None]
+    codes[big, 1] = 0
+    cb[1, 0] = 0.0
+    codes[7, 2], codes[16, 2] = 0, 0  # level 2, code 0: exact sum 2 * 4 * 3e38 (beyond float32)
+    x[7, 190], x[16, 190] = -3.3e38, -3.3e38
+    cb[2, 0, 190] = 3.2e38
+    codes[40, 0] = 0  # level 0, code 0: a NaN term
+    x[40, 3] = float("nan")
+    w = torch.rand(N, generator=generator(64, device), device=device) * 0.5 + 0.5
+    w[big], w[7], w[16] = 1.0, 1.0, 1.0
+    w[big[3]] = 0.0  # a row of weight 0 adds nothing (its c - r may overflow)
+    ge = torch.tensor([0.5, 0.25, 4.0], device=device)  # level 1's terms: -+1.5e38, their sum -3e38
+    _, dcb = _residual_quantize_bwd_op(x, cb, codes, w, None, None, ge, rotate, False)
+    # float64: the residual chain, the terms, and sum |terms| (the rounding bound's magnitude)
+    r, want = x.double(), torch.zeros(L, K, D, dtype=torch.float64, device=device)
+    mag = torch.zeros_like(want)
+    for lvl in range(L):
+        c = cb[lvl].double()[codes[:, lvl]]
+        t = torch.where((w != 0)[:, None], 2.0 * ge[lvl].double() * w.double()[:, None] * (c - r), 0.0)
+        want[lvl].index_add_(0, codes[:, lvl], t)
+        mag[lvl].index_add_(0, codes[:, lvl], t.abs())
+        r = r - c
+    assert mag[1, 0, :5].min() > 2e39 and want[1, 0, :5].abs().max() < 3.1e38  # overflow on the way only
+    assert want[2, 0, 190] > 3.5e38 and want[0, 0, 3].isnan()
+    assert torch.equal(dcb.isnan(), want.isnan()), (dcb.isnan().nonzero(), want.isnan().nonzero())
+    ok, inf = want.float().isfinite(), want.float().isinf()
+    assert inf[2, 0, 190] and torch.equal(dcb[inf], want[inf].float())  # beyond float32: +-inf, sign kept
+    ft.assert_close(dcb[ok], want[ok], dtype=torch.float32, reduce_len=N, magnitude=mag[ok])
+
+
 def _greedy64(x, codebooks, weights=None):
     """The exact greedy search in float64 (a float32 residual's overflow cannot happen there):
     ``(codes (N, L), level_sq (L,))``, ties to the smallest index, finite codes only."""
