@@ -238,12 +238,17 @@ def autotune_configs(name: str, gpu: list, pinned, interpreter) -> list:
 AUTOTUNE_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
-def autotune(configs: list, key: list, prune_configs_by: dict | None = None):
+def autotune(configs: list, key: list, prune_configs_by: dict | None = None, reset_to_zero: list | None = None):
     """``triton.autotune`` for every autotuned fastvq kernel: ``configs`` from
     :func:`autotune_configs`, and the timings cached on disk (``cache_results=True``) where the
-    installed Triton has the option."""
+    installed Triton has the option. ``reset_to_zero``: the arguments a launch accumulates into
+    with atomics (zero-filled by the launcher). The autotuner times every config by launching it
+    many times on the caller's tensors; it zeroes these before each timed launch and after the
+    timing, so the launch that counts starts from zeros (else its sums would carry every timed
+    launch's too)."""
     extra = {"cache_results": True} if AUTOTUNE_CACHE_RESULTS else {}
-    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, **extra)
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, reset_to_zero=reset_to_zero,
+                           **extra)
 
 
 # --------------------------------------------------------------------------- jit helpers

@@ -371,6 +371,9 @@ _prune_chunked_configs.estimate = _estimate_chunked
 
 
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
+# the forward's atomic outputs (STATS; without it they stand for the quantized output, which the
+# launch writes whole): the autotuner zeroes them around its timed launches
+_ATOMIC_OUTPUTS = ["p_counts", "p_sums", "p_skip"]
 
 
 @triton.jit
@@ -426,7 +429,7 @@ def _held_wide(b_r, b_sel, b_wide, s_wide, s_up):
 
 
 @autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
-                 prune_configs_by={"early_config_prune": _prune_register_configs})
+          prune_configs_by={"early_config_prune": _prune_register_configs}, reset_to_zero=_ATOMIC_OUTPUTS)
 @triton.jit
 def _residual_quantize_fwd_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok,
@@ -539,7 +542,7 @@ def _residual_quantize_fwd_kernel(
 
 
 @autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
-                 prune_configs_by={"early_config_prune": _prune_chunked_configs})
+          prune_configs_by={"early_config_prune": _prune_chunked_configs}, reset_to_zero=_ATOMIC_OUTPUTS)
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,

@@ -147,3 +147,60 @@ def test_bad_value_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("FASTVQ_AUTOTUNE", value)
     with pytest.raises(ValueError, match=f"FASTVQ_AUTOTUNE={value!r}"):
         _common.autotune_enabled()
+
+
+def _python_fn(obj):
+    """The Python function behind a jit function (a ``JITFunction``, or an ``InterpretedFunction``
+    under the interpreter), through autotune / heuristics wrappers; None for anything else."""
+    import types
+
+    while obj is not None and not isinstance(obj, types.FunctionType):
+        obj = getattr(obj, "fn", None)
+    return obj
+
+
+def _jit_source_closure(fn) -> str:
+    """The source of a jit function's Python function ``fn`` and of every jit function it calls,
+    transitively (names resolved in its module)."""
+    import ast
+    import textwrap
+
+    seen, todo, parts = set(), [fn], []
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        src = textwrap.dedent(inspect.getsource(fn))
+        parts.append(src)
+        for n in ast.walk(ast.parse(src)):
+            value = fn.__globals__.get(n.id) if isinstance(n, ast.Name) else None
+            if value is not None and hasattr(value, "fn") and _python_fn(value) is not None:
+                todo.append(_python_fn(value))
+    return "\n".join(parts)
+
+
+def test_autotuned_kernels_with_atomics_reset_them_between_timed_launches():
+    # The autotuner times every config by launching it on the caller's tensors; an output summed
+    # with atomics must be zeroed around those launches (reset_to_zero), or the launch that counts
+    # adds to the timed launches' sums (tests/ops/test_residual_quantize.py shows the effect)
+    import importlib
+    import pkgutil
+
+    import triton
+
+    from fastvq import kernels
+
+    found = {}
+    for m in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"fastvq.kernels.{m.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.autotuner.Autotuner):
+                fn = _python_fn(obj)
+                found[f"{m.name}.{name}"] = ("tl.atomic_" in _jit_source_closure(fn), list(obj.reset_to_zero),
+                                             list(inspect.signature(fn).parameters))
+    assert len(found) == 5, found  # nearest_code, the KL forward and backward, the two residual forwards
+    assert sum(atomics for atomics, _, _ in found.values()) >= 2, found  # the residual forwards
+    for name, (atomics, reset, params) in found.items():
+        assert bool(reset) == atomics, (name, atomics, reset)
+        assert set(reset) <= set(params), (name, reset)

@@ -1050,3 +1050,42 @@ def test_rows_with_an_infinite_entry_get_the_first_finite_code(backend, device, 
         codes = fastvq.residual_quantize(x, cb)[1]
     assert (codes == 1).all(), codes
     assert (fastvq.nearest_code(x, cb[0])[0] == 1).all()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+def test_autotuning_does_not_add_its_timed_launches_to_the_statistics(monkeypatch, chunked):
+    # On a GPU the autotuner times each config by launching it many times on the caller's
+    # tensors; the forward's statistics are atomic sums, so without a reset they carried every
+    # timed launch (the first step of each new shape got counts ~100x too large). Here: two
+    # configs and a "timer" that launches each three times, as do_bench would; the counts, sums
+    # and skipped rows must equal an untuned launch's.
+    import triton
+
+    from fastvq.kernels import residual_quantize as rq
+
+    name = "_residual_quantize_fwd_chunked_kernel" if chunked else "_residual_quantize_fwd_kernel"
+    tuned = getattr(rq, name)
+    assert tuned.reset_to_zero == ["p_counts", "p_sums", "p_skip"]
+    x = randn(37, 6, seed=71)
+    x[3, 1] = float("inf")  # a skipped row
+    cb = randn(2, 5, 6, seed=72)
+    kw = dict(max_register_d=1 if chunked else None, stats=True)
+    want = rq.residual_quantize_fwd(x, cb, **kw)
+    timed = []
+
+    def do_bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        timed.append(3)
+        return [float(len(timed)), 0.0, 0.0]
+
+    cfg = tuned.configs[0]
+    configs = [triton.Config(dict(cfg.kwargs), num_warps=w, num_stages=cfg.num_stages) for w in (1, 2)]
+    fresh = triton.autotune(configs=configs, key=list(tuned.keys), reset_to_zero=tuned.reset_to_zero,
+                            do_bench=do_bench)(tuned.fn)
+    monkeypatch.setattr(rq, name, fresh)
+    got = rq.residual_quantize_fwd(x, cb, **kw)
+    assert len(timed) == 2  # both configs were timed
+    assert torch.equal(got["codes"], want["codes"])
+    assert torch.equal(got["counts"], want["counts"]) and torch.equal(got["skipped"], want["skipped"])
+    assert_close(got["sums"], want["sums"].double(), reduce_len=37)
