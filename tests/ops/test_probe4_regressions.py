@@ -1,7 +1,7 @@
 """probe4's findings (FINDINGS.md F1-F5) as regression tests, each checked against a float64
-value worked out by hand in its docstring. They fail today, so they are marked ``xfail(strict=True)``:
-when a fix lands the test passes, the strict marker turns that into a failure, and whoever fixed it
-removes the marker (and the finding's line in FINDINGS.md)."""
+value worked out by hand in its docstring. They failed when written, marked ``xfail(strict=True)``;
+each fix removed its marker (the strict marker turns a fixed test's pass into a failure). F2 on
+Triton is still open (README known limits)."""
 
 import pytest
 import torch
@@ -13,12 +13,6 @@ from tests.utils import DEVICE
 
 def _t(values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype, device=DEVICE)
-
-
-def _triton_only(request, backend, reason):
-    """A strict xfail on the Triton backend only: the reference passes already."""
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"probe4 {reason} (triton only)"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -84,7 +78,9 @@ def test_probe4_f4_kernel_spells_float16_max():
 def test_probe4_f2_step_statistics_sum_without_intermediate_overflow(request, backend):
     """Three rows on one code: -3e38 - 3e38 + 3e38 = -3e38, representable (the reference sums in
     float64 and rounds once); so the EMA module must update the code on both backends."""
-    _triton_only(request, backend, "F2: float32 atomics of the statistics overflow")
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="probe4 F2: float32 atomics of the statistics "
+                                                                  "overflow (triton only)"))
     x = _t([[-3e38], [-3e38], [3e38]])
     cb = torch.zeros(1, 1, 1, device=DEVICE)
     out = fastvq.residual_quantize_step(x, cb, statistics=True)

@@ -1089,3 +1089,64 @@ def test_autotuning_does_not_add_its_timed_launches_to_the_statistics(monkeypatc
     assert torch.equal(got["codes"], want["codes"])
     assert torch.equal(got["counts"], want["counts"]) and torch.equal(got["skipped"], want["skipped"])
     assert_close(got["sums"], want["sums"].double(), reduce_len=37)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_statistics_sums_without_overflow_on_the_way(request, backend, device, dtype, chunked):
+    # probe4 F2 at scale: the EMA statistics' float32 atomic sums of w r_l overflowed on the way
+    # (16 rows of -+3e38 on one code, over many programs and both column chunks) where the exact
+    # sum is representable; beside them a held row (its residual beyond float32: left out), NaN
+    # and inf rows (left out), rows of weight 0, ordinary rows. Against float64 sums of the
+    # residuals as the forward forms them (each level's difference rounded to float32's 24 bits).
+    if chunked and backend != "triton":
+        pytest.skip("the chunked kernel is a Triton kernel")
+    if backend == "triton":  # (README known limits: an in-kernel fix-up made ptxas spill the forward)
+        request.applymarker(pytest.mark.xfail(strict=True, reason="probe4 F2: float32 atomics of the statistics "
+                                                                  "overflow (triton only)"))
+    from fastvq.kernels.residual_quantize import residual_quantize_fwd
+    from fastvq.reference.residual_quantize import residual_quantize_full_ref
+
+    N, L, K, D = 150, 3, 6, 70  # register: 16-row programs; chunked: 64-column chunks
+    x = randn(N, D, seed=81, device=device)
+    cb = randn(L, K, D, seed=82, device=device)
+    codes = torch.randint(1, K, (N, L), generator=generator(83, device), device=device)
+    big = torch.arange(0, N, 9, device=device)[:16]  # level 0, code 0 (zeros): 8 rows at -3e38, then 8 at +3e38
+    x[big, :5] = 3.0e38 * torch.where(torch.arange(16, device=device) < 8, -1.0, 1.0)[:, None]
+    codes[big, 0] = 0
+    cb[0, 0] = 0.0
+    x[5, 66], cb[0, codes[5, 0], 66] = -3.0e38, 3.0e38  # row 5: level 1's residual -6e38, held
+    x[40, 3], x[41, 60] = float("nan"), float("inf")
+    w = torch.rand(N, generator=generator(84, device), device=device) * 0.5 + 0.5
+    w[big] = 1.0
+    w[big[3]], w[77] = 0.0, 0.0
+    x, cb = x.to(dtype), cb.to(dtype)
+    stat_lim = float(torch.finfo(dtype).max)
+    kw = dict(weights=w, codes=codes, stats=True, stat_limit=stat_lim)
+    if backend == "triton":
+        out = residual_quantize_fwd(x, cb, max_register_d=1 if chunked else None, **kw)
+    else:
+        out = residual_quantize_full_ref(x, cb, **kw)
+    # float64: r_{l+1} = r_l - c, rounded to 24 bits (beyond float32's range too); a row counts
+    # at level l if its weight is nonzero and max |r_l| < stat_lim (so within float32)
+    r, c64, w64 = x.double(), cb.double(), w.double()
+    want = torch.zeros(L, K, D, dtype=torch.float64, device=device)
+    mag, counts, skipped = torch.zeros_like(want), torch.zeros(L, K, dtype=torch.float64, device=device), []
+    for lvl in range(L):
+        rm = r.abs().nan_to_num(nan=float("inf")).amax(1)
+        use = (w64 != 0) & (rm < stat_lim)
+        skipped.append(int(((w64 != 0) & ~use).sum()))
+        t = torch.where(use[:, None], w64[:, None] * r, 0.0)
+        want[lvl].index_add_(0, codes[:, lvl], t)
+        mag[lvl].index_add_(0, codes[:, lvl], t.abs())
+        counts[lvl].index_add_(0, codes[:, lvl], torch.where(use, w64, 0.0))
+        d = r - c64[lvl][codes[:, lvl]]
+        s = torch.where(d.abs() > 2.0**127, 2.0**-64, 1.0)
+        r = (d * s).float().double() / s
+    assert skipped == [2, 3, 3]  # NaN, inf; from level 1 on the held row 5 too
+    assert mag[0, 0, :5].min() > 4e39 and want[0, 0, :5].abs().max() < 3.1e38  # overflow on the way only
+    assert out["skipped"].tolist() == skipped
+    ft.assert_close(out["counts"], counts, dtype=torch.float32, reduce_len=N, magnitude=counts)
+    inf, ok = want.float().isinf(), want.float().isfinite()  # (some level-1 codes: beyond float32)
+    assert torch.equal(out["sums"][inf], want[inf].float()) and (ok | inf).all()
+    ft.assert_close(out["sums"][ok], want[ok], dtype=torch.float32, reduce_len=N, magnitude=mag[ok])
