@@ -1,0 +1,68 @@
+"""probe8's op findings (/work/wt/probe8-FINDINGS.md) as regression tests, each checked against
+float64 autograd of the same loss. They fail today, so they are marked ``xfail(strict=True)``:
+when a fix lands the test passes, the strict marker turns that into a failure, and whoever fixed
+it removes the marker."""
+
+import pytest
+import torch
+
+import fastvq
+
+from tests.utils import randn
+
+
+def _kl64(pred, target, temperature):
+    """The loss and its gradient in float64 autograd (diagonal excluded exactly)."""
+    p = pred.detach().double().requires_grad_()
+    t = target.detach().double()
+    eye = torch.eye(p.shape[0], dtype=torch.bool, device=p.device)
+    lp = (p @ p.T / temperature).masked_fill(eye, float("-inf")).log_softmax(1)
+    lt = (t @ t.T / temperature).masked_fill(eye, float("-inf")).log_softmax(1)
+    q = lt.exp()
+    loss = torch.where(q > 0, q * (lt - lp), 0.0).sum() / p.shape[0]
+    loss.backward()
+    return loss.detach(), p.grad
+
+
+@pytest.mark.xfail(strict=True, reason="probe8 KL1: the backward's 1/T is a float32 scale (inf for T < 2.9e-39)")
+def test_probe8_kl1_gradient_finite_at_a_tiny_temperature(backend):
+    """T = 1e-39 (accepted: nonzero in float32) with rows ~1e-20 (logits ~0.1): float64 gives a
+    gradient ~1e17; both backends multiply by 1/T held in float32 (1e39: inf) and give +-inf."""
+    pred = randn(5, 3, seed=0, scale=1e-20, requires_grad=True)
+    target = randn(5, 3, seed=1, scale=1e-20)
+    T = 1e-39
+    want_loss, want_grad = _kl64(pred, target, T)
+    loss = fastvq.pairwise_kl_loss(pred, target, T)
+    loss.backward()
+    assert torch.allclose(loss.double(), want_loss, rtol=1e-4)  # (the forward is right already)
+    assert torch.isfinite(pred.grad).all(), pred.grad
+    assert torch.allclose(pred.grad.double(), want_grad, rtol=1e-3, atol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="probe8 KL1: target == pred at T = 1e-39 gives a NaN gradient (0 * inf)")
+def test_probe8_kl1_equal_rows_zero_gradient_at_a_tiny_temperature(backend):
+    """The docstring: "target == pred gives 0 and a zero gradient". At T = 1e-39 the loss is 0 but
+    the gradient is NaN (G = 0 times the overflowed 1/T)."""
+    x = torch.nn.functional.normalize(randn(4, 3, seed=0), dim=1)
+    pred = x.clone().requires_grad_()
+    loss = fastvq.pairwise_kl_loss(pred, x, 1e-39)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert torch.equal(pred.grad, torch.zeros_like(pred.grad)), pred.grad
+
+
+@pytest.mark.xfail(strict=True, reason="probe8 KL2: grad * (1/T) / B underflows to subnormals for T ~ 3e38")
+def test_probe8_kl2_gradient_precision_at_a_huge_temperature():
+    """T = 3e38: 1/T = 3.3e-39 is subnormal, and dividing by B before scaling back by 2^k leaves
+    few significant bits (B = 4096: relative error ~1e-3 against float64; float32 rounding is
+    ~1e-6). Reference backend (the Triton kernel forms the same float32 expression; a B this large
+    is slow under the interpreter)."""
+    B = 4096
+    pred = randn(B, 2, seed=0, scale=1e19, requires_grad=True)
+    target = randn(B, 2, seed=1, scale=1e19)
+    T = 3e38
+    _, want = _kl64(pred, target, T)
+    with fastvq.backend("reference"):
+        fastvq.pairwise_kl_loss(pred, target, T).backward()
+    rel = float((pred.grad.double() - want).norm() / want.norm())
+    assert rel < 1e-5, rel
