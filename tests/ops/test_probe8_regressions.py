@@ -66,3 +66,27 @@ def test_probe8_kl2_gradient_precision_at_a_huge_temperature():
         fastvq.pairwise_kl_loss(pred, target, T).backward()
     rel = float((pred.grad.double() - want).norm() / want.norm())
     assert rel < 1e-5, rel
+
+
+@pytest.mark.xfail(strict=True, reason="probe8 KL3: a temperature tensor that requires grad is read with .item(): "
+                                       "its gradient is dropped silently")
+def test_probe8_kl3_learnable_temperature_is_not_silently_detached(backend):
+    """A one-element temperature tensor that requires grad either gets the loss's gradient
+    (float64 autograd: d loss / d log T) or is refused naming ``temperature``."""
+    pred = randn(8, 4, seed=0, requires_grad=True)
+    target = randn(8, 4, seed=1)
+    log_t = torch.zeros((), device=pred.device, requires_grad=True)
+    try:
+        loss = fastvq.pairwise_kl_loss(pred, target, log_t.exp())
+    except (TypeError, ValueError) as e:
+        assert "temperature" in str(e)
+        return
+    loss.backward()
+    p, t = pred.detach().double(), target.double()
+    lt = torch.zeros((), dtype=torch.float64, device=p.device, requires_grad=True)
+    eye = torch.eye(8, dtype=torch.bool, device=p.device)
+    lp = (p @ p.T / lt.exp()).masked_fill(eye, -1e300).log_softmax(1)
+    lq = (t @ t.T / lt.exp()).masked_fill(eye, -1e300).log_softmax(1)
+    ((lq.exp() * (lq - lp)).sum() / 8).backward()
+    assert log_t.grad is not None, "the temperature got no gradient"
+    assert torch.allclose(log_t.grad.double(), lt.grad, rtol=1e-4)
