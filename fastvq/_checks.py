@@ -26,6 +26,10 @@ def finite_limit(dtype: torch.dtype) -> float:
 def check_tensor(op: str, name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastvq.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:  # (torch's own errors there name internal ops)
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"fastvq.{op}: {name} must be a dense (strided) tensor, got {kind}: convert it with "
+                        f".to_dense() (or .to_padded_tensor() for a nested tensor)")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"fastvq.{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
-from .._checks import FLOAT_DTYPES, check_bool_arg, check_int_arg, check_real_arg, finite_limit
+from .._checks import FLOAT_DTYPES, check_bool_arg, check_int_arg, check_real_arg, check_tensor, finite_limit
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
@@ -357,8 +357,7 @@ class CodebookState(nn.Module):
         """``TypeError``/``ValueError`` naming the module unless ``inputs`` is a float32, float16
         or bfloat16 ``(..., embedding_dim)`` tensor on the codebook's device (and the codebook one
         of those dtypes). Runs before anything reads the batch (k-means init)."""
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"fastvq.{self._owner}: inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        check_tensor(self._owner, "inputs", inputs)
         if inputs.dim() < 1 or inputs.shape[-1] != self.embedding_dim:
             raise ValueError(
                 f"fastvq.{self._owner}: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"

@@ -67,11 +67,14 @@ def _code_sum(attn: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     fin = torch.where(finite, codebook, 0.0)
     scale = _col_scale(fin).to(acc)
     out = (attn.to(acc) @ (fin.to(acc) * scale)) / scale
-    # selection counts (each <= num_bits <= 63, so exact in float32): +inf 1, -inf 64, NaN 4096
-    tag = torch.where(codebook.isnan(), 4096.0, torch.where(codebook > 0, 1.0, 64.0))
-    tag = torch.where(finite, 0.0, tag).float()
-    count = attn.detach().round().float() @ tag
-    pos, neg, nan = count.remainder(64), (count / 64).floor().remainder(64), (count / 4096).floor()
+    # selection counts, each <= num_bits < b (b = num_bits + 1): +inf 1, -inf b, NaN b^2, summed
+    # exactly (float32 while the largest sum, below b^3, fits its 24 bits; else float64)
+    b = codebook.shape[0] // 2 + 1
+    cdt = torch.float32 if b**3 <= 2**24 else torch.float64
+    tag = torch.where(codebook.isnan(), float(b * b), torch.where(codebook > 0, 1.0, float(b)))
+    tag = torch.where(finite, 0.0, tag).to(cdt)
+    count = attn.detach().round().to(cdt) @ tag
+    pos, neg, nan = count.remainder(b), (count / b).floor().remainder(b), (count / (b * b)).floor()
     special = torch.where(pos > 0, float("inf"), 0.0) + torch.where(neg > 0, float("-inf"), 0.0)
     special = torch.where(nan > 0, float("nan"), special)
     return torch.where(count > 0, special.to(acc), out).to(codebook.dtype)

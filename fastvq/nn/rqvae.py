@@ -180,8 +180,9 @@ class RQVAE(nn.Module):
             features: a tensor ``(N, input_dim)`` (or ``(..., input_dim)``, rows flattened) on
                 any device, typically the CPU, cut into ``batch_size`` rows; or any iterable of
                 batches (a ``DataLoader``, a list), each a tensor, a dict with a ``"features"``
-                entry, a tuple/list whose first element is the features (a tensor or array),
-                or a nested list of rows of numbers.
+                entry, a tuple/list whose first element is the features (a 2-D tensor or
+                array; a list of 1-D row vectors is refused: stack it), or a nested list of
+                rows of numbers.
             batch_size: rows per batch when ``features`` is a tensor.
             progress: show a tqdm progress bar.
             with_collision_level: append the collision level (:func:`fastvq.semantic_ids`,
@@ -244,7 +245,13 @@ def _batch_features(op: str, batch, input_dim: int) -> torch.Tensor:
             raise ValueError(f"fastvq.{op}: a dict batch needs a 'features' entry, got keys {list(batch)}")
         batch = batch["features"]
     elif isinstance(batch, (tuple, list)) and batch and (isinstance(batch[0], torch.Tensor) or hasattr(batch[0], "__array__")):
-        batch = batch[0]  # (features, labels, ...); a list of rows of numbers is itself the batch
+        # (features, labels, ...); a list of rows of numbers is itself the batch. A first element
+        # of one dimension is ambiguous (a list of row vectors reads as (first row, ...)): refused
+        if len(getattr(batch[0], "shape", ())) == 1:
+            raise ValueError(f"fastvq.{op}: features: a list/tuple batch is read as (features, labels, ...), and its "
+                             f"first element has shape {tuple(batch[0].shape)}, one row: stack a list of rows into a "
+                             f"(B, {input_dim}) tensor (torch.stack / numpy.stack), or give (B, {input_dim}) features")
+        batch = batch[0]
     if not isinstance(batch, torch.Tensor):
         try:
             batch = torch.as_tensor(batch)

@@ -124,9 +124,13 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
         pred: ``(B, Dp)`` float32/float16/bfloat16 embeddings being trained.
         target: ``(B, Dt)``, same device and batch size; any ``Dt``. A different float dtype
             is promoted with ``pred``'s. Treated as a constant: it gets no gradient.
-        temperature: ``T > 0`` (a Python number or a one-element tensor, read once on the
-            host; under ``torch.compile(fullgraph=True)`` pass a Python number, which may
-            change between calls without a recompile under ``dynamic=True``).
+        temperature: ``T`` in ``[2^-125, 2^125]`` (about 2.4e-38 to 4.3e37: ``T`` and ``1/T``
+            normal float32 numbers), a Python number or a one-element tensor, read once on
+            the host, so it gets no gradient (a tensor that requires grad is refused). Under
+            ``torch.compile`` torch guards on a Python number's value: each new temperature
+            compiles the graph again (a schedule that changes it every epoch reaches
+            ``torch._dynamo``'s recompile limit, an error under ``fullgraph=True``); call the
+            loss outside the compiled region then (it is one fused op either way).
 
     Returns:
         A 0-d float32 tensor, differentiable in ``pred``. ``B <= 1`` (no row has another
@@ -183,8 +187,13 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"fastvq.{op}: temperature must be a number or a 1-element tensor, got shape {tuple(temperature.shape)}")
+        if temperature.requires_grad:  # (read on the host: its gradient would be dropped silently)
+            raise ValueError(f"fastvq.{op}: temperature is read as a number and gets no gradient; got a tensor that "
+                             f"requires grad (pass temperature.detach() to use it as a constant)")
         temperature = float(temperature.item())
-    temperature = check_real_arg(op, "temperature", temperature, positive=True)
+    # T and 1/T normal float32 numbers: the kernels scale by 1/T (its reciprocal subnormal or
+    # overflowing loses the gradient's precision or makes it +-inf)
+    temperature = check_real_arg(op, "temperature", temperature, minimum=2.0**-125, maximum=2.0**125)
     if pred.dtype != target.dtype:
         dtype = torch.promote_types(pred.dtype, target.dtype)
         pred, target = pred.to(dtype), target.to(dtype)

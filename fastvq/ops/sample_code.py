@@ -66,7 +66,8 @@ def sample_code(
             :func:`fastvq.nearest_code`.
         codebook: ``(K, D)`` or ``(H, K, D)``, as for :func:`fastvq.nearest_code`.
         temperature: a finite real ``>= 0``. ``0`` is the nearest code (no noise; exactly
-            :func:`fastvq.nearest_code`).
+            :func:`fastvq.nearest_code`). Under ``torch.compile`` each new value compiles
+            the graph again (torch guards on a Python number).
         metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``: the logits of
             vector-quantize-pytorch's Euclidean codebook are ``-|x - c|``), ``"cosine"``
             (``1 - cos``) or ``"dot"`` (``-<x, c>``).

@@ -233,7 +233,6 @@ def pairwise_kl_loss_bwd_ref(
     B = pred.shape[0]
     if B <= 1:
         return torch.zeros_like(pred)
-    inv_t = 1.0 / float(temperature)
     p32, t32 = pred.detach().float(), target.detach().float()
     sp_all, st_all = _scaled(p32, lse_p[2], temperature), _scaled(t32, lse_t[2], temperature)
     wide = _wide_setup(p32, t32, sp_all[3], st_all[3], temperature)
@@ -249,7 +248,9 @@ def pairwise_kl_loss_bwd_ref(
         g = ((_probs(sp, norm_p) - _probs(st, norm_t)) * 2.0**-k).float()  # G[s:e], 0 on the diagonal
         out[s:e] += g @ p32  # G @ pred
         out += g.T @ p32[s:e]  # G^T @ pred
-    return (out * (grad.float() * inv_t / B / 2.0**-k)).to(pred.dtype)
+    # 1 / (T B 2^-k) ~ 2 / T formed in float64, rounded once (a float32 1/T, or 1/T / B, falls
+    # into the subnormals or overflows at extreme temperatures)
+    return (out * (grad.float() * (1.0 / float(temperature) / B / 2.0**-k))).to(pred.dtype)
 
 
 def pairwise_kl_loss_ref(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,6 +1,5 @@
-"""probe8's module findings (/work/wt/probe8-FINDINGS.md) as regression tests. They fail today,
-so they are marked ``xfail(strict=True)``: when a fix lands the test passes, the strict marker
-turns that into a failure, and whoever fixed it removes the marker."""
+"""probe8's module findings as regression tests (written as ``xfail(strict=True)``; each fix
+removed its marker)."""
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ import fastvq
 from tests.utils import DEVICE
 
 
-@pytest.mark.xfail(strict=True, reason="probe8 RQ1: a batch given as a list of rows is read as (features, labels): "
-                                       "its first row only")
 @pytest.mark.parametrize("rows", ["tensor", "numpy"])
 def test_probe8_rq1_semantic_ids_of_batches_given_as_lists_of_rows(rows):
     """Each batch a Python list of row vectors (a DataFrame column of arrays, sliced): every item
@@ -31,3 +28,21 @@ def test_probe8_rq1_semantic_ids_of_batches_given_as_lists_of_rows(rows):
         return
     assert got.shape == want.shape, (tuple(got.shape), tuple(want.shape))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("num_bits", [63, 64, 300])
+def test_probe8_b1_bitcodes_many_infinite_entries_keep_their_sign(num_bits):
+    """B1: the count of selected +inf / -inf / NaN entries was packed in base 64, so 64 selected
+    +inf entries read as one -inf (64 x 64 as NaN). Every bit picking +inf: +inf; one -inf among
+    them: NaN; every bit picking -inf: -inf."""
+    m = fastvq.nn.Bitcodes(2, num_bits, 1.0).eval().to(DEVICE)
+    bits = torch.zeros(3, num_bits, dtype=torch.long, device=DEVICE)
+    with torch.no_grad():
+        m.codebook.fill_(1.0)
+        m.codebook[0::2, 0] = float("inf")  # bit value 0's row of every bit: +inf in column 0
+        m.codebook[1::2, 0] = float("-inf")
+    bits[1, 5] = 1  # row 1: one -inf among the +infs
+    bits[2] = 1
+    y = m.from_bits(bits)
+    assert y[0, 0].item() == float("inf") and y[1, 0].isnan() and y[2, 0].item() == float("-inf"), y[:, 0]
+    assert torch.equal(y[:, 1], torch.full((3,), float(num_bits), device=DEVICE))
