@@ -66,13 +66,14 @@ axis splits Dp in BLOCK_DO chunks when Dp is wide (the tiles are then recomputed
 """
 
 import math
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (arch_family, autotune, autotune_configs, dot_fp32, dot_nt, exp2i, flat_grid, flat_program_id,
-                      launcher, next_pow2, prune_by_estimate, register_estimate, target_for,
+                      launcher, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, target_for,
                       tl_input_precision, words_per_thread)
 
 
@@ -506,10 +507,10 @@ def _bwd_tile_update(b_dp, b_s, b_t, o_m, m_m, o_n, m_n, o_do, m_do, p_lse_p, p_
 @triton.jit
 def _pairwise_kl_loss_bwd_kernel(
     p_grad, p_pred, p_target, p_ep, p_et, p_lse_p, p_lse_t, p_x, p_xt, p_dpred,
-    B, DP, DT, logit_mult, h_scale, grad_mult, FA, FB, BIG, N_DO_TILES,
+    B, DP, DT, logit_mult, grad_mult, FA, FB, BIG, N_DO_TILES,
     stride_pb, stride_pd, stride_tb, stride_td, stride_xb, stride_xd, stride_xtb, stride_xtd, stride_db, stride_dd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DT: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    BLOCK_DO: tl.constexpr, H_SCALE: tl.constexpr,
     PREC_P: tl.constexpr, PREC_T: tl.constexpr, DOT_FP32_P: tl.constexpr, DOT_FP32_T: tl.constexpr,
     ROW_SCALED: tl.constexpr,
 ):
@@ -530,9 +531,15 @@ def _pairwise_kl_loss_bwd_kernel(
     b_mpm, b_lpm = _normaliser(p_lse_p, o_m, m_m, B, False)
     b_mtm, b_ltm = _normaliser(p_lse_t, o_m, m_m, B, False)
     b_dp = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    # h is scaled by h_scale (bwd_h_scale) in the dot, and the result by grad_mult = 1 / (T B
-    # h_scale), formed in float64 on the host and rounded once (a float32 1/T, or 1/T / B, falls
-    # into the subnormals or overflows at extreme temperatures)
+    # |(G + G^T) @ pred| <= (B + 1) max|pred|: with h scaled by 2^-e, 2^e > B + 1, the float32
+    # accumulator cannot overflow where the gradient does not (float16 scales up instead); the
+    # result is scaled by grad_mult = 1 / (T B h_scale), formed in float64 on the host
+    # (bwd_grad_mult, the same h_scale) and rounded once: a float32 1/T, or 1/T / B, falls into
+    # the subnormals or overflows at extreme temperatures
+    if H_SCALE != 1.0:
+        h_scale = H_SCALE
+    else:
+        h_scale = exp2i(-(pow2_exponent((B + 1) * 1.0) + 1))
     b_seen = tl.full((), 0, dtype=tl.int32)  # a wide pair in some tile: the second loop has work
     for n0 in range(0, B, BLOCK_N):
         o_n, m_n, b_s, b_t, b_wide = _logit_tiles(p_pred, p_target, p_ep, p_et, b_rp, b_rt, o_m, m_m, n0, B, DP,
@@ -572,12 +579,12 @@ H_SCALE_FP16 = 16384.0
 
 
 def bwd_h_scale(batch: int, dtype: torch.dtype) -> float:
-    """The backward's scale of ``h = G + G^T`` in its dot with pred: float16, ``H_SCALE_FP16``;
-    else ``2^-(e + 1)`` with ``2^e <= B + 1 < 2^(e + 1)``, so ``|h_scale (G + G^T) @ pred| <=
-    max|pred|`` and the float32 accumulator cannot overflow where the gradient does not."""
+    """The backward kernel's scale of ``h = G + G^T`` in its dot with pred, as it forms it:
+    float16, ``H_SCALE_FP16``; else ``2^-(e + 1)`` with ``2^e <= float32(B + 1) < 2^(e + 1)``
+    (tests/ops/test_pairwise_kl_loss.py checks the gradient at each side of powers of two)."""
     if dtype == torch.float16:
         return H_SCALE_FP16
-    return 2.0 ** -(math.frexp(batch + 1)[1])
+    return 2.0 ** -(math.frexp(struct.unpack("f", struct.pack("f", batch + 1))[0])[1])
 
 
 def bwd_grad_mult(temperature: float, batch: int, dtype: torch.dtype) -> float:
@@ -682,10 +689,11 @@ def pairwise_kl_loss_bwd(
     grid = lambda meta: flat_grid(triton.cdiv(B, meta["BLOCK_M"]) * n_do)  # noqa: E731
     _pairwise_kl_loss_bwd_kernel[grid](
         grad.float(), up, ut, ep, et, lse_p, lse_t, pred, target, dpred,
-        B, DP, DT, mult, bwd_h_scale(B, pred.dtype), bwd_grad_mult(temperature, B, pred.dtype), fa, fb, scaling[5], n_do,
+        B, DP, DT, mult, bwd_grad_mult(temperature, B, pred.dtype), fa, fb, scaling[5], n_do,
         up.stride(0), up.stride(1), ut.stride(0), ut.stride(1), pred.stride(0), pred.stride(1),
         target.stride(0), target.stride(1), dpred.stride(0), dpred.stride(1),
         BLOCK_DP=_block_d(DP, pred.dtype), BLOCK_DT=_block_d(DT, target.dtype), BLOCK_DO=BLOCK_DO,
+        H_SCALE=H_SCALE_FP16 if pred.dtype == torch.float16 else 1.0,
         PREC_P=tl_input_precision(pred.dtype), PREC_T=tl_input_precision(target.dtype),
         DOT_FP32_P=dot_fp32(pred.dtype), DOT_FP32_T=dot_fp32(target.dtype), ROW_SCALED=scaled,
     )

@@ -71,8 +71,9 @@ import triton
 import triton.language as tl
 
 from ._common import (arch_family, argmin_merge, atomic_overflow_bound, autotune, autotune_configs, bf16_rne, dot_fp32,
-                      exp2i, exp2i64, f64_exponent, fix_shift, launcher, next_pow2, pow2_exponent, prune_by_estimate, register_estimate, rotation_grad_rows, round_bf16,
-                      target_for, tl_input_precision, words_per_thread)
+                      exp2i, exp2i64, f64_exponent, fix_shift, launcher, next_pow2, pow2_exponent, prune_by_estimate,
+                      register_estimate, rotation_grad_rows, round_bf16, target_for, tl_input_precision,
+                      words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)

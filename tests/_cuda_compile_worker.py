@@ -371,7 +371,7 @@ def _pairwise_kl_loss_jobs():
     mod = pairwise_kl_loss
     jobs = []
     row_ints = ("stride_pb", "stride_tb", "stride_xb", "stride_db", "stride_xpb", "stride_xtb")
-    scalars = {"logit_mult": "fp32", "exp_mult": "fp32", "inv_c": "fp32", "h_scale": "fp32", "grad_mult": "fp32"}
+    scalars = {"logit_mult": "fp32", "exp_mult": "fp32", "inv_c": "fp32", "grad_mult": "fp32"}
     for name, k, bwd in (("_pairwise_kl_loss_fwd_kernel", mod._pairwise_kl_loss_fwd_kernel, False),
                          ("_pairwise_kl_loss_bwd_kernel", mod._pairwise_kl_loss_bwd_kernel, True)):
         configs = _cfgs(k)
@@ -384,7 +384,8 @@ def _pairwise_kl_loss_jobs():
             ptrs = {a: v for a, v in ptrs.items() if a in _jit(k).arg_names}
             # the launcher's largest D chunks for this precision, and the configs the prune keeps for it
             block_d = mod.MAX_BLOCK_D[elt]
-            extra = {"BLOCK_DO": mod.MAX_BLOCK_DO[elt]} if bwd else {}
+            extra = {"BLOCK_DO": mod.MAX_BLOCK_DO[elt], "H_SCALE": mod.H_SCALE_FP16 if dt == "fp16" else 1.0} \
+                if bwd else {}
             kept = mod._prune_configs(configs, {"p_pred": torch.empty(0, dtype=_DTYPE[dt], device="meta")},
                                       BLOCK_DP=block_d, BLOCK_DT=block_d, **extra)
             for cfg in kept[:1]:
@@ -408,14 +409,13 @@ def _pairwise_kl_loss_jobs():
     k = mod._pairwise_kl_loss_bwd_kernel
     cfg = _cfgs(k)[0]
     const = dict(stride_pd=1, stride_td=1, stride_xd=1, stride_xtd=1, stride_dd=1, BLOCK_DP=16, BLOCK_DT=16, BLOCK_DO=16,
-                 PREC_P="tf32", PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, ROW_SCALED=True,
+                 PREC_P="tf32", PREC_T="tf32", DOT_FP32_P=False, DOT_FP32_T=False, H_SCALE=1.0, ROW_SCALED=True,
                  **cfg.kwargs)
     jobs.append(Job("pairwise_kl_loss._pairwise_kl_loss_bwd_kernel", f"bf16,BLOCK_D*=16 | {_cfg_label(cfg)}", _jit(k),
                     {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_ep": "*i32", "p_et": "*i32",
                      "p_lse_p": "*fp64", "p_lse_t": "*fp64", "p_x": "*bf16", "p_xt": "*bf16", "p_dpred": "*bf16"}, const,
                     cfg.num_warps,
-                    cfg.num_stages, scalars={"logit_mult": "fp32", "h_scale": "fp32", "grad_mult": "fp32"},
-                    aligned_ints=row_ints, dot=True,
+                    cfg.num_stages, scalars={"logit_mult": "fp32", "grad_mult": "fp32"}, aligned_ints=row_ints, dot=True,
                     tensor_cores=True,
                     rows=cfg.kwargs["BLOCK_M"]))
     return jobs

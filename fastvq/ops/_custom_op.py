@@ -30,3 +30,16 @@ def custom_op(name: str, *, mutates_args) -> Callable:
         return op
 
     return wrap
+
+
+def first_order_only(op, owner: str) -> None:
+    """Give ``op``, a backward op, an autograd formula that refuses: a second backward through
+    it (``create_graph=True``, a gradient penalty) raises a ``RuntimeError`` naming the public
+    op, where torch would name the internal op and say no formula was registered. A first-order
+    backward never runs it (the backward op is called with grad mode off)."""
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"fastvq.{owner}: double backward (create_graph=True, e.g. a gradient penalty) is not "
+                           f"supported: fastvq's ops are first-order only (README, known limits)")
+
+    op.register_autograd(refuse)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_triton
-from ._custom_op import custom_op
+from ._custom_op import custom_op, first_order_only
 from .._checks import check_float, check_real_arg, check_same_device, check_tensor
 from ..reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
@@ -99,6 +99,7 @@ def _backward(ctx, grad, _grad_lse_p, _grad_lse_t):
 
 
 _pairwise_kl_loss_op.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_pairwise_kl_loss_bwd_op, "pairwise_kl_loss")
 
 
 def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:

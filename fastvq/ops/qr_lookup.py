@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .._backend import use_triton
-from ._custom_op import custom_op
+from ._custom_op import custom_op, first_order_only
 from .._checks import assert_async, check_bool_arg, check_float, check_int, check_same_device, check_tensor
 from ..reference.qr_lookup import MODES, OPS, qr_lookup_bwd_ref, qr_lookup_ref, qr_out_dim
 
@@ -118,6 +118,7 @@ def _backward(ctx, grad):
 
 
 _qr_lookup_op.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_qr_lookup_bwd_op, "qr_lookup")
 
 
 def _check_offsets(name: str, offsets: torch.Tensor, n_items: int) -> None:

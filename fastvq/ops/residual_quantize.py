@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._backend import use_triton
-from ._custom_op import custom_op
+from ._custom_op import custom_op, first_order_only
 from .._checks import (assert_async, check_float, check_index_range, check_last_dim, check_same_device, check_tensor,
                        finite_limit)
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
@@ -153,6 +153,7 @@ def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
 
 
 _residual_quantize_op.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_residual_quantize_bwd_op, "residual_quantize_step")
 
 
 @custom_op("fastvq::residual_candidate_slots", mutates_args=())

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._backend import use_triton
-from ._custom_op import custom_op
+from ._custom_op import custom_op, first_order_only
 from .._checks import check_float, check_same_device, check_tensor
 from ..reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM, rotation_trick_bwd_ref
 
@@ -53,6 +53,7 @@ def _backward(ctx, grad):
 
 
 _rotation_trick_op.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_rotation_trick_bwd_op, "rotation_trick")
 
 
 def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

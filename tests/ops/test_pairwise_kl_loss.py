@@ -93,6 +93,18 @@ def test_matches_seed_float64(backend, B, Dp, Dt, temperature):
     assert loss >= -1e-6
 
 
+@pytest.mark.parametrize("B", [3, 4, 7, 8, 15, 16])
+def test_gradient_scale_on_each_side_of_powers_of_two(backend, B):
+    # the backward scales h = G + G^T by 2^-e (2^e > B + 1) in its dot and the result by
+    # 1 / (T B 2^-e), formed on the host (kernels' bwd_h_scale): a host exponent that differed from
+    # the kernel's at B + 1 = 2^k would make the gradient 2x off (float16 scales by a constant)
+    pred, target, g = unit(B, 6), unit(B, 5), randn(())
+    _, grad = loss_and_grad(fastvq.pairwise_kl_loss, pred, target, 0.3, g)
+    _, ref_grad = loss_and_grad(seed_loss, pred.double(), target.double(), 0.3, g.double())
+    _, grad_terms = kl_bounds(pred, target, 0.3, g)
+    ft.assert_close(grad, ref_grad, dtype=torch.float32, **grad_terms, name="pairwise_kl_loss grad")
+
+
 @pytest.mark.parametrize("temperature", [0.05, 1.0], ids=lambda t: f"T{t}")
 def test_matches_seed_float32(backend, temperature):
     pred, target, g = unit(45, 32), unit(45, 20), randn(())

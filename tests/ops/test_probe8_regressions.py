@@ -140,3 +140,25 @@ def test_probe8_l1_sparse_and_nested_tensors_get_a_type_error_naming_the_argumen
     }
     with pytest.raises(TypeError, match="dense"):
         calls[entry]()
+
+
+@pytest.mark.parametrize("entry", ["VectorQuantizer", "pairwise_kl_loss", "rotation_trick", "QREmbedding"])
+def test_probe8_db1_double_backward_is_refused_naming_the_op(backend, entry):
+    """DB1: a second backward (a gradient penalty) failed with torch's "no autograd formula"
+    naming an internal op; it now raises naming the public op and the limit (README known
+    limits). The first-order backward is unchanged."""
+    x = randn(6, 4, seed=0, requires_grad=True)
+    if entry == "VectorQuantizer":
+        q, cl, el, _ = fastvq.nn.VectorQuantizer(5, 4).to(DEVICE)(x)
+        out = (q**2).sum() + cl + el
+    elif entry == "pairwise_kl_loss":
+        out = fastvq.pairwise_kl_loss(x, randn(6, 3, seed=1), 0.5)
+    elif entry == "rotation_trick":
+        out = (fastvq.rotation_trick(x, randn(6, 4, seed=1)) ** 2).sum()
+    else:
+        emb = fastvq.nn.QREmbedding(50, 4).to(DEVICE)
+        x = emb.weight_q if hasattr(emb, "weight_q") else next(emb.parameters())
+        out = (emb(torch.arange(7, device=DEVICE)) ** 2).sum()
+    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.square().sum().backward()
