@@ -66,7 +66,6 @@ axis splits Dp in BLOCK_DO chunks when Dp is wide (the tiles are then recomputed
 """
 
 import math
-import struct
 
 import torch
 import triton
@@ -584,7 +583,7 @@ def bwd_h_scale(batch: int, dtype: torch.dtype) -> float:
     (tests/ops/test_pairwise_kl_loss.py checks the gradient at each side of powers of two)."""
     if dtype == torch.float16:
         return H_SCALE_FP16
-    return 2.0 ** -(math.frexp(struct.unpack("f", struct.pack("f", batch + 1))[0])[1])
+    return 2.0 ** -(math.frexp(torch.tensor(batch + 1, dtype=torch.float32).item())[1])
 
 
 def bwd_grad_mult(temperature: float, batch: int, dtype: torch.dtype) -> float:
