@@ -415,7 +415,8 @@ def _pairwise_kl_loss_jobs():
                     {"p_grad": "*fp32", "p_pred": "*bf16", "p_target": "*bf16", "p_ep": "*i32", "p_et": "*i32",
                      "p_lse_p": "*fp64", "p_lse_t": "*fp64", "p_x": "*bf16", "p_xt": "*bf16", "p_dpred": "*bf16"}, const,
                     cfg.num_warps,
-                    cfg.num_stages, scalars={"logit_mult": "fp32", "grad_mult": "fp32"}, aligned_ints=row_ints, dot=True,
+                    cfg.num_stages, scalars={"logit_mult": "fp32", "grad_mult": "fp32"}, aligned_ints=row_ints,
+                    dot=True,
                     tensor_cores=True,
                     rows=cfg.kwargs["BLOCK_M"]))
     return jobs
