@@ -583,7 +583,11 @@ def bwd_h_scale(batch: int, dtype: torch.dtype) -> float:
     (tests/ops/test_pairwise_kl_loss.py checks the gradient at each side of powers of two)."""
     if dtype == torch.float16:
         return H_SCALE_FP16
-    return 2.0 ** -(math.frexp(torch.tensor(batch + 1, dtype=torch.float32).item())[1])
+    n = batch + 1
+    e = n.bit_length()  # 2^(e-1) <= n < 2^e; float32 keeps 24 bits and rounds n up to 2^e from
+    if e > 24 and n >= 2**e - 2 ** (e - 25):  # half an ulp below it (the tie goes to 2^e, even)
+        e += 1
+    return 2.0**-e
 
 
 def bwd_grad_mult(temperature: float, batch: int, dtype: torch.dtype) -> float:
