@@ -16,7 +16,10 @@ next, so the module computes nothing over the activations in torch:
   (only in a block that holds one), so the loss is finite wherever its mean is representable;
 * ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
   and sums per code (float32 atomics) and the number of rows left out as not finite (in the
-  dtype of the codebooks being trained: ``stat_lim``, one compare per element as before);
+  dtype of the codebooks being trained: ``stat_lim``, one compare per element as before). A
+  term ``w r_l`` beyond ``atomic_overflow_bound(N)`` sets a flag, and the launch's last program
+  sums again the codes whose float32 sum is not finite (``_stats_fixup``, as the backward's
+  ``_dcb_fixup``): a sum is +-inf only where the exact one overflows;
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
   of the residual and the code it chose, rounded once (``_midpoint``: no intermediate overflow;
   dead-code revival candidates: a revived code splits a used code's cell), and whether it is
@@ -78,6 +81,8 @@ from ._common import (arch_family, argmin_merge, atomic_overflow_bound, autotune
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
 CHUNK_D = 64  # D chunk of the chunked variant
+STATS_FIX_WORDS = 2048  # the statistics fix-up's row tile: FIX_M whole rows, at most this many words (1 row
+# at least: a D-chunked launch's fix-up holds a whole row too, it runs only on the rare inputs)
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
 EPS_NORM = 9.999999974752427e-07  # float32(1e-6), as fastvq.reference.rotation_trick (kernels import no
 # reference: tests/ops/test_residual_quantize.py keeps the two equal)
@@ -266,7 +271,7 @@ def _midpoint(a, b):
 @triton.jit
 def _level_outputs(
     b_r, b_sel, b_wide, b_idx, b_w, m_m, o_d, m_d, lvl, b_slot,
-    p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, S, stat_lim,
+    p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, L, S, stat_lim, BIG_T,
     STATS: tl.constexpr, CAND: tl.constexpr,
 ):
     """The statistics and candidates of a level, for a register-resident row block ``b_r`` (the
@@ -278,8 +283,10 @@ def _level_outputs(
     if STATS:
         o_kk = lvl * K + b_idx
         tl.atomic_add(p_counts + o_kk, b_w, mask=b_use, sem="relaxed")
-        tl.atomic_add(p_sums + o_kk[:, None] * D + o_d[None, :], b_w[:, None] * b_r,
-                      mask=b_use[:, None] & m_d[None, :], sem="relaxed")
+        b_t = b_w[:, None] * b_r
+        m_t = b_use[:, None] & m_d[None, :]
+        tl.atomic_add(p_sums + o_kk[:, None] * D + o_d[None, :], b_t, mask=m_t, sem="relaxed")
+        tl.store(p_skip + L + tl.zeros(b_t.shape, dtype=tl.int32), 1, mask=m_t & (tl.abs(b_t) > BIG_T))
         tl.atomic_add(p_skip + lvl, tl.sum((m_m & (b_w != 0) & ~b_fin).to(tl.int32), axis=0), sem="relaxed")
     if CAND:
         m_c = m_m & (b_slot >= 0)
@@ -290,16 +297,24 @@ def _level_outputs(
         tl.store(p_cand_ok + o_c, (b_use & _row_finite(b_sel)).to(tl.int8), mask=m_c)
 
 
-def _configs(name):
+def _configs(name, maxnreg=None):
+    # maxnreg (8 warps only): the register forward states 255. With the statistics fix-up's call
+    # in its last program (_stats_fixup) and no stated limit, ptxas held 8-warp launches to 128
+    # registers (two blocks per SM) and spilled 120-160 B in the fp32 step (sm_90, inlined or
+    # called); with it, no kept launch spills (some did 8-16 B at 128 before), and those that fit
+    # 128 exactly before take 138-156 (one block per SM). 4-warp configs and the D-chunked
+    # kernel keep ptxas's own choice (a stated limit made the chunked one spill)
     gpu = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s,
+                      maxnreg=maxnreg if w == 8 else None)
         for bm in (16, 32, 64, 128)
         for bk in (16, 32, 64, 128)
         for w in (4, 8)
         for s in (2, 3)
     ]
     return autotune_configs(name, gpu,
-                            pinned=triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+                            pinned=triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=8, num_stages=2,
+                                                 maxnreg=maxnreg),
                             # the interpreter runs one config: a large one (it runs fast)
                             interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4))
 
@@ -429,17 +444,79 @@ def _held_wide(b_r, b_sel, b_wide, s_wide, s_up):
     return tl.where(m_back[:, None], b_up, b_new), b_wide & ~m_back
 
 
-@autotune(configs=_configs("residual_quantize"), key=["D", "K", "L", *_FLAGS],
+@triton.jit
+def _stats_fix_pass(
+    p_x, p_cb, p_codes, p_w, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
+    stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+    HAS_W: tl.constexpr, ADD: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One pass of :func:`_stats_fixup` over every row, ``FIX_M`` whole rows at a time
+    (``BLOCK_D >= D``): each level's residual formed again as the forward forms it (float32,
+    a row whose ``r - c`` overflows held at scale ``2^-E``: :func:`_held_wide`), and at the
+    levels where the row counts (nonzero weight, residual below ``stat_lim``, not held) and its
+    code is marked, the terms ``w r_l`` in float64 (exact) to :func:`_fix_terms`."""
+    e_wide = _wide_exp(L)
+    s_wide, s_up = exp2i(-e_wide), exp2i(e_wide)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    for m0 in range(0, N, FIX_M):
+        o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
+        m_m = o_m < N
+        m_md = m_m[:, None] & m_d[None, :]
+        if HAS_W:
+            b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+        else:
+            b_w = tl.where(m_m, 1.0, 0.0)
+        m_live = m_m & (b_w != 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+        b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+        b_r = b_r.to(tl.float32)
+        b_wide = o_m < 0
+        for lvl in range(L):  # (the codes: other programs searched and stored them)
+            b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
+            b_sel = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                            mask=m_md, other=0.0).to(tl.float32)
+            m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
+            p_mark = p_marks + lvl * K + b_idx
+            b_mark = tl.load(p_mark, mask=m_use, other=0, cache_modifier=".cg")
+            m_fix = m_use & (b_mark > 0)
+            if tl.max(m_fix.to(tl.int32), axis=0) > 0:
+                b_t = b_w.to(tl.float64)[:, None] * b_r.to(tl.float64)
+                p_row = p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :]
+                _fix_terms(b_t, m_fix[:, None] & m_md, m_fix, p_row, p_mark, b_mark, TOP_EXP, ADD)
+            b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
+
+
+@triton.jit(noinline=True)
+def _stats_fixup(
+    p_x, p_cb, p_codes, p_w, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
+    stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+    HAS_W: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Run by the last program of a forward launch with statistics in which some term ``w r_l``
+    exceeded ``BIG_T`` (rare: inputs within a factor ~N of float32's range): the codes whose
+    float32 sum is not finite summed again, each at its own power-of-two scale, as
+    :func:`_dcb_fixup` does for the codebook gradient (one program walks every row through the
+    levels again, twice: milliseconds at a million rows, only for such inputs)."""
+    if _mark_nonfinite_rows(p_sums, p_marks, L * K, D, FIX_M, BLOCK_D) > 0:
+        for PASS in tl.static_range(2):
+            _stats_fix_pass(p_x, p_cb, p_codes, p_w, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
+                            stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                            HAS_W, PASS == 1, FIX_M, BLOCK_D)
+            tl.debug_barrier()
+        _scale_marked_rows_back(p_sums, p_marks, L * K, D, TOP_EXP, FIX_M, BLOCK_D)
+
+
+@autotune(configs=_configs("residual_quantize", maxnreg=255), key=["D", "K", "L", *_FLAGS],
           prune_configs_by={"early_config_prune": _prune_register_configs}, reset_to_zero=_ATOMIC_OUTPUTS)
 @triton.jit
 def _residual_quantize_fwd_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok,
-    N, K, D, L, S, stat_lim,
+    N, K, D, L, S, stat_lim, BIG_T, TOP_EXP,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     SEARCH: tl.constexpr, HAS_W: tl.constexpr, LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -516,7 +593,7 @@ def _residual_quantize_fwd_kernel(
         b_sel = b_sel.to(tl.float32)
         if STATS or CAND:
             _level_outputs(b_r, b_sel, b_wide, b_idx, b_w, m_m, o_d, m_d, lvl, b_slot, p_counts, p_sums, p_skip,
-                           p_cand, p_cand_ok, K, D, S, stat_lim, STATS, CAND)
+                           p_cand, p_cand_ok, K, D, L, S, stat_lim, BIG_T, STATS, CAND)
         # r - c overflows only where |r| >= 2^103 (|c| <= float32's max; a float16 code never does)
         if tl.max(m_huge.to(tl.int32), axis=0) > 0:
             b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
@@ -540,6 +617,14 @@ def _residual_quantize_fwd_kernel(
         tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
+    if STATS:  # the last program re-sums the codes a term beyond BIG_T made overflow (see the bwd)
+        tl.debug_barrier()
+        n_done = tl.atomic_add(p_skip + L + 1, 1, sem="acq_rel", scope="gpu")
+        if n_done == tl.num_programs(0) - 1:
+            if tl.load(p_skip + L, cache_modifier=".cg") > 0:
+                _stats_fixup(p_x, p_cb, p_codes, p_w, p_sums, p_skip + L + 2, N, K, D, L, TOP_EXP, stat_lim,
+                             stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                             HAS_W, FIX_M, FIX_D)
 
 
 @autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
@@ -547,12 +632,12 @@ def _residual_quantize_fwd_kernel(
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,
-    N, K, D, L, S, stat_lim,
+    N, K, D, L, S, stat_lim, BIG_T, TOP_EXP,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     SEARCH: tl.constexpr, HAS_W: tl.constexpr, LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -687,9 +772,13 @@ def _residual_quantize_fwd_chunked_kernel(
                             b_ovf += tl.where(_row_finite(b_new), 0, 1)
                             b_inbad += tl.where(_row_finite(b_r) & _row_finite(b_sel), 0, 1)
                         else:
-                            if STATS:
-                                tl.atomic_add(p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :],
-                                              b_w[:, None] * b_r, mask=b_use[:, None] & m_d[None, :], sem="relaxed")
+                            if STATS:  # (a term beyond BIG_T sets the flag, as in _level_outputs)
+                                b_t = b_w[:, None] * b_r
+                                m_t = b_use[:, None] & m_d[None, :]
+                                tl.atomic_add(p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_t,
+                                              mask=m_t, sem="relaxed")
+                                tl.store(p_skip + L + tl.zeros(b_t.shape, dtype=tl.int32), 1,
+                                         mask=m_t & (tl.abs(b_t) > BIG_T))
                             if CAND:
                                 o_c = lvl * S + b_slot
                                 tl.store(p_cand + o_c[:, None] * D + o_d[None, :], _midpoint(b_sel, b_r),
@@ -758,6 +847,14 @@ def _residual_quantize_fwd_chunked_kernel(
         tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
+    if STATS:  # the last program re-sums the codes a term beyond BIG_T made overflow (see the bwd)
+        tl.debug_barrier()
+        n_done = tl.atomic_add(p_skip + L + 1, 1, sem="acq_rel", scope="gpu")
+        if n_done == tl.num_programs(0) - 1:
+            if tl.load(p_skip + L, cache_modifier=".cg") > 0:
+                _stats_fixup(p_x, p_cb, p_codes, p_w, p_sums, p_skip + L + 2, N, K, D, L, TOP_EXP, stat_lim,
+                             stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                             HAS_W, FIX_M, FIX_D)
 
 
 @triton.jit
@@ -866,6 +963,61 @@ def _bwd_rows(
 
 
 @triton.jit
+def _mark_nonfinite_rows(p_buf, p_marks, R, D, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Step 0 of an atomic fix-up (:func:`_dcb_fixup`, :func:`_stats_fixup`): mark (``1``) the rows
+    of the ``(R, D)`` float32 sums ``p_buf`` that hold an element that is not finite, then a
+    block barrier (read past L1: other programs wrote them). Returns how many it marked (none:
+    a term was large but no sum overflowed, nothing to do)."""
+    n_marked = tl.zeros((), dtype=tl.int32)
+    for k0 in range(0, R, FIX_M):
+        o_k = k0 + tl.arange(0, FIX_M).to(tl.int64)
+        m_k = o_k < R
+        m_bad = o_k < 0
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m = m_k[:, None] & (o_d < D)[None, :]
+            b_v = tl.load(p_buf + o_k[:, None] * D + o_d[None, :], mask=m, other=0.0, cache_modifier=".cg")
+            m_bad = m_bad | (tl.max((~(tl.abs(b_v) < float("inf"))).to(tl.int32), axis=1) > 0)
+        tl.store(p_marks + o_k, 1, mask=m_k & m_bad)
+        n_marked += tl.sum((m_k & m_bad).to(tl.int32), axis=0)
+    tl.debug_barrier()
+    return n_marked
+
+
+@triton.jit
+def _scale_marked_rows_back(p_buf, p_marks, R, D, TOP_EXP, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The last step of an atomic fix-up: each marked row of ``p_buf`` (summed again at scale
+    ``2^-s``, ``fix_shift`` of its mark) times ``2^s``, in float64, rounded once to float32."""
+    for k0 in range(0, R, FIX_M):
+        o_k = k0 + tl.arange(0, FIX_M).to(tl.int64)
+        b_mark = tl.load(p_marks + o_k, mask=o_k < R, other=0, cache_modifier=".cg")
+        if tl.max(b_mark, axis=0) > 0:
+            b_up = exp2i64(fix_shift(b_mark, TOP_EXP))
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                m = (b_mark > 0)[:, None] & (o_d < D)[None, :]
+                p_row = p_buf + o_k[:, None] * D + o_d[None, :]
+                b_v = tl.load(p_row, mask=m, other=0.0, cache_modifier=".cg")
+                tl.store(p_row, (b_v.to(tl.float64) * b_up[:, None]).to(tl.float32), mask=m)
+
+
+@triton.jit
+def _fix_terms(b_t, m_fd, m_fix, p_row, p_mark, b_mark, TOP_EXP, ADD: tl.constexpr):
+    """One block of float64 terms ``b_t`` (rows ``m_fix`` marked, elements ``m_fd``) in a fix-up
+    pass: ``ADD=False``, zero their sums' rows ``p_row`` and raise each mark to 2 + the float64
+    exponent of its largest finite |term|; ``ADD=True``, add the terms times ``2^-s``
+    (``fix_shift``), rounded to float32, with relaxed atomics."""
+    if ADD:
+        b_down = exp2i64(-fix_shift(b_mark, TOP_EXP))
+        tl.atomic_add(p_row, (b_t * b_down[:, None]).to(tl.float32), mask=m_fd, sem="relaxed")
+    else:
+        b_a = tl.abs(b_t)
+        b_a = tl.where(m_fd & (b_a < float("inf")), b_a, 0.0)  # NaN and inf stay so when scaled
+        tl.store(p_row, tl.zeros(b_t.shape, dtype=tl.float32), mask=m_fd)
+        tl.atomic_max(p_mark, f64_exponent(tl.max(b_a, axis=1)) + 2, mask=m_fix, sem="relaxed")
+
+
+@triton.jit
 def _dcb_fix_pass(
     p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
@@ -900,15 +1052,7 @@ def _dcb_fix_pass(
                 if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                     b_t = (2.0 * tl.load(p_ge + lvl)).to(tl.float64) * (b_w[:, None] * (b_c - b_r))
                     p_row = p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :]
-                    m_fd = m_fix[:, None] & m_md
-                    if ADD:
-                        b_down = exp2i64(-fix_shift(b_mark, TOP_EXP))
-                        tl.atomic_add(p_row, (b_t * b_down[:, None]).to(tl.float32), mask=m_fd, sem="relaxed")
-                    else:
-                        b_a = tl.abs(b_t)
-                        b_a = tl.where(m_fd & (b_a < float("inf")), b_a, 0.0)  # NaN and inf stay so when scaled
-                        tl.store(p_row, tl.zeros(b_t.shape, dtype=tl.float32), mask=m_fd)
-                        tl.atomic_max(p_mark, f64_exponent(tl.max(b_a, axis=1)) + 2, mask=m_fix, sem="relaxed")
+                    _fix_terms(b_t, m_fix[:, None] & m_md, m_fix, p_row, p_mark, b_mark, TOP_EXP, ADD)
                 b_r = b_r - b_c
 
 
@@ -926,33 +1070,13 @@ def _dcb_fixup(
     so that no partial sum can overflow; (3) scale the marked codes back by ``2^s``, in float64,
     rounded once (+-inf only where the exact sum overflows, NaN where a term is NaN). The other
     codes keep their float32 sums (no partial sum of theirs overflowed)."""
-    for k0 in range(0, L * K, FIX_M):
-        o_k = k0 + tl.arange(0, FIX_M).to(tl.int64)
-        m_k = o_k < L * K
-        m_bad = o_k < 0
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m = m_k[:, None] & (o_d < D)[None, :]
-            b_v = tl.load(p_dcb + o_k[:, None] * D + o_d[None, :], mask=m, other=0.0, cache_modifier=".cg")
-            m_bad = m_bad | (tl.max((~(tl.abs(b_v) < float("inf"))).to(tl.int32), axis=1) > 0)
-        tl.store(p_marks + o_k, 1, mask=m_k & m_bad)
-    tl.debug_barrier()
-    for PASS in tl.static_range(2):
-        _dcb_fix_pass(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
-                      stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                      HAS_W, PASS == 1, FIX_M, BLOCK_D)
-        tl.debug_barrier()  # this program's stores and atomics, before it reads them back
-    for k0 in range(0, L * K, FIX_M):
-        o_k = k0 + tl.arange(0, FIX_M).to(tl.int64)
-        b_mark = tl.load(p_marks + o_k, mask=o_k < L * K, other=0, cache_modifier=".cg")
-        if tl.max(b_mark, axis=0) > 0:
-            b_up = exp2i64(fix_shift(b_mark, TOP_EXP))
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                m = (b_mark > 0)[:, None] & (o_d < D)[None, :]
-                p_row = p_dcb + o_k[:, None] * D + o_d[None, :]
-                b_v = tl.load(p_row, mask=m, other=0.0, cache_modifier=".cg")
-                tl.store(p_row, (b_v.to(tl.float64) * b_up[:, None]).to(tl.float32), mask=m)
+    if _mark_nonfinite_rows(p_dcb, p_marks, L * K, D, FIX_M, BLOCK_D) > 0:
+        for PASS in tl.static_range(2):
+            _dcb_fix_pass(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
+                          stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                          HAS_W, PASS == 1, FIX_M, BLOCK_D)
+            tl.debug_barrier()  # this program's stores and atomics, before it reads them back
+        _scale_marked_rows_back(p_dcb, p_marks, L * K, D, TOP_EXP, FIX_M, BLOCK_D)
 
 
 @triton.jit
@@ -1018,7 +1142,8 @@ def residual_quantize_fwd(
       sum may overflow float32 where the mean is representable);
     * ``stats``: ``counts (L, K)``, ``sums (L, K, D)`` float32 of the residuals each level
       quantized (rows of nonzero weight whose max-abs is below ``stat_limit``: finite, or finite
-      in the dtype of the codebooks being trained), ``skipped (L,)`` int32 rows left out;
+      in the dtype of the codebooks being trained; no partial sum overflows: ``_stats_fixup``),
+      ``skipped (L,)`` int32 rows left out (a view of the zero-filled state the fix-up uses);
     * ``slots`` ``(N,)`` int32 (``-1`` or a slot in ``[0, num_slots)``, each slot used by at most
       one row): ``cand (L, num_slots, D)`` float32, at every level the midpoint
       ``(r + c) / 2`` (``_midpoint``) of those rows' residual ``r`` and chosen code ``c``, and
@@ -1046,7 +1171,9 @@ def residual_quantize_fwd(
     if stats:
         out["counts"] = torch.zeros((L, K), dtype=torch.float32, device=dev)
         out["sums"] = torch.zeros((L, K, D), dtype=torch.float32, device=dev)
-        out["skipped"] = torch.zeros((L,), dtype=torch.int32, device=dev)
+        # skipped, then the fix-up's state (see _stats_fixup): flag, count, L K marks; one zero fill
+        state = torch.zeros((L + 2 + L * K,), dtype=torch.int32, device=dev)
+        out["skipped"] = state[:L]
     if slots is not None:
         # (every slot has its row: written by the kernel, no zero fill)
         out["cand"] = torch.empty((L, num_slots, D), dtype=torch.float32, device=dev)
@@ -1065,16 +1192,18 @@ def residual_quantize_fwd(
     min_bm = min(c.kwargs["BLOCK_M"] for c in _residual_quantize_fwd_kernel.configs)
     loss_part = torch.empty((triton.cdiv(N, min_bm), block_l), dtype=torch.float64, device=dev) if loss else None
     q, c = out["quantized"], out["codes"]
+    big_t, top_exp = atomic_overflow_bound(N)  # a code's statistics sum at most N terms
     placeholder = q  # stands for the tensors a flag switches off (never read or written)
     tensors = [x, codebooks, q, c,
                weights if weights is not None else placeholder,
                loss_part if loss else placeholder,
-               out.get("counts", placeholder), out.get("sums", placeholder), out.get("skipped", placeholder),
+               out.get("counts", placeholder), out.get("sums", placeholder), state if stats else placeholder,
                slots if slots is not None else placeholder,
                out.get("cand", placeholder), out.get("cand_ok", placeholder)]
     common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
                   PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
-                  BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype))
+                  BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype),
+                  FIX_M=max(1, min(16, STATS_FIX_WORDS // block_d)), FIX_D=block_d)
     strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
                q.stride(0), q.stride(1), c.stride(0), c.stride(1))
 
@@ -1083,11 +1212,13 @@ def residual_quantize_fwd(
 
     if not chunked:
         kernel = _residual_quantize_fwd_kernel
-        kernel[grid](*tensors, N, K, D, L, num_slots, float(stat_limit), *strides, BLOCK_D=block_d, **common)
+        kernel[grid](*tensors, N, K, D, L, num_slots, float(stat_limit), big_t, top_exp, *strides, BLOCK_D=block_d,
+                     **common)
     else:
         kernel = _residual_quantize_fwd_chunked_kernel
         workspace = torch.empty((N, D), dtype=torch.float32, device=dev)
-        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, float(stat_limit), *strides, workspace.stride(0),
+        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, float(stat_limit), big_t, top_exp, *strides,
+                     workspace.stride(0),
                      BLOCK_D=CHUNK_D,
                      **common)
     if loss:  # (the config the launch ran: set by the autotuner on every launch, no device read)

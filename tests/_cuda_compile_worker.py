@@ -89,6 +89,7 @@ class Job:
     constexprs: dict  # declared constexprs and unit strides
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None  # a config's register limit (ptxas .maxnreg), as its launch passes it
     scalars: dict = field(default_factory=dict)  # arg name -> "fp32" / "i64" ...
     aligned: bool = True  # row strides / sizes named in `aligned_ints` divisible by 16
     aligned_ints: tuple = ()
@@ -278,13 +279,17 @@ def _residual_quantize_jobs():
         if chunked:
             ptrs["p_ws"] = "*fp32"
         prec = "ieee" if dt == "fp32" else "tf32"
+        # the statistics fix-up's whole rows: BLOCK_D; chunked, the narrowest D that runs chunked
+        fix_d = block_d if not chunked else 2 * mod.register_d_limit(torch.float32 if dt == "fp32" else torch.bfloat16)
         const = dict(common_unit if aligned else {}, BLOCK_D=block_d, BLOCK_L=block_l, PRECISION=prec,
-                     DOT_FP32=False, BF16_RNE=False, **flags, **cfg.kwargs)
+                     DOT_FP32=False, BF16_RNE=False, FIX_M=max(1, min(16, mod.STATS_FIX_WORDS // fix_d)),
+                     FIX_D=fix_d, **flags, **cfg.kwargs)
         big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         on = "+".join(f for f in ("HAS_W", "LOSS", "STATS", "CAND") if flags[f]) + ("" if flags["SEARCH"] else "+GIVEN")
         return Job(f"residual_quantize.{name}",
                    f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag}{',' + on if on else ''} | {_cfg_label(cfg)}",
-                   _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, scalars={"stat_lim": "fp32"}, aligned=aligned,
+                   _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, cfg.maxnreg,
+                   scalars={"stat_lim": "fp32", "BIG_T": "fp32"}, aligned=aligned,
                    aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned,
                    cost=big * (6 if dt == "fp32" else 1) + 0.5)
 
@@ -786,6 +791,8 @@ def _compile(i: int) -> dict:
            "pruned": job.pruned}
     t0 = time.perf_counter()
     options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
+    if job.maxnreg is not None:
+        options["maxnreg"] = job.maxnreg
     try:
         ck = triton.compile(job.source(), target=TARGET, options=options)
         code = ck.asm["ptx"]
