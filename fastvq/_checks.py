@@ -185,6 +185,38 @@ def check_real_arg(
     return as_float
 
 
+def temperature_arg(owner: str, value, **bounds) -> tuple[float, torch.Tensor | None]:
+    """A temperature as an op takes it: ``(number, None)`` for a real number, checked here with
+    :func:`check_real_arg` (``bounds``); ``(nan, t)`` for a 1-element float tensor, ``t`` 0-d
+    and detached, not read here: the op reads and checks it when it runs
+    (:func:`read_temperature`), so under ``torch.compile`` it is a graph input, and a value
+    that changes between calls compiles nothing again (a Python number is a constant there:
+    torch guards on its value). A tensor that requires grad is refused (its gradient would be
+    dropped)."""
+    if not isinstance(value, torch.Tensor):
+        return check_real_arg(owner, "temperature", value, **bounds), None
+    if value.numel() != 1:
+        raise ValueError(f"fastvq.{owner}: temperature must be a number or a 1-element tensor, got shape "
+                         f"{tuple(value.shape)}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"fastvq.{owner}: a temperature tensor must be floating point, got {value.dtype}")
+    if value.requires_grad:
+        raise ValueError(f"fastvq.{owner}: temperature is read as a number and gets no gradient; got a tensor that "
+                         f"requires grad (pass temperature.detach() to use it as a constant)")
+    if value.layout != torch.strided:
+        raise TypeError(f"fastvq.{owner}: temperature must be a number or a dense tensor, got layout {value.layout}")
+    return math.nan, value.detach().reshape(())
+
+
+def read_temperature(owner: str, number: float, tensor: torch.Tensor | None, **bounds) -> float:
+    """The temperature an op runs with (see :func:`temperature_arg`): ``number``, or the value of
+    ``tensor`` read on the host (a CPU tensor costs no device sync; a CUDA one does) and checked
+    as a number would be."""
+    if tensor is None:
+        return number
+    return check_real_arg(owner, "temperature", tensor.item(), **bounds)
+
+
 def check_bool_arg(owner: str, name: str, value) -> bool:
     """``value`` if it is a bool (NumPy bools too); ``TypeError`` otherwise (a string is truthy)."""
     if not isinstance(value, (bool, np.bool_)):

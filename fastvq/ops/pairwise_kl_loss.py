@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 
 from .._backend import use_triton
 from ._custom_op import custom_op, first_order_only
-from .._checks import check_float, check_real_arg, check_same_device, check_tensor
+from .._checks import check_float, check_same_device, check_tensor, read_temperature, temperature_arg
 from ..reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_bwd_ref, pairwise_kl_loss_fwd_ref, row_max
 
 
@@ -27,10 +28,19 @@ def _scaling(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> tu
     return logit_scaling(temperature, max(pred.shape[1], target.shape[1]))
 
 
+def _t_bounds() -> dict:
+    """T and 1/T normal float32 numbers: the kernels scale by 1/T (its reciprocal subnormal or
+    overflowing loses the gradient's precision or makes it +-inf). (Literals made at each call:
+    under torch.compile, dynamic=True, the floats of a module-level dict were traced as
+    symbols, which the argument check cannot format.)"""
+    return {"minimum": 2.0**-125, "maximum": 2.0**125}
+
+
 @custom_op("fastvq::pairwise_kl_loss", mutates_args=())
 def _pairwise_kl_loss_op(
-    pred: torch.Tensor, target: torch.Tensor, temperature: float
+    pred: torch.Tensor, target: torch.Tensor, temperature: float, temperature_t: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    temperature = read_temperature("pairwise_kl_loss", temperature, temperature_t, **_t_bounds())
     # The rows' max |x|: one O(B D) read of each input, on the device (no host sync), for both
     # the backends' row scaling and the finiteness check below.
     amax_p, amax_t = row_max(pred), row_max(target)
@@ -51,7 +61,7 @@ def _pairwise_kl_loss_op(
 
 
 @_pairwise_kl_loss_op.register_fake
-def _(pred, target, temperature):
+def _(pred, target, temperature, temperature_t):
     B = pred.shape[0]
     return (
         pred.new_empty((), dtype=torch.float32),
@@ -68,7 +78,9 @@ def _pairwise_kl_loss_bwd_op(
     lse_p: torch.Tensor,
     lse_t: torch.Tensor,
     temperature: float,
+    temperature_t: Optional[torch.Tensor],
 ) -> torch.Tensor:
+    temperature = read_temperature("pairwise_kl_loss", temperature, temperature_t, **_t_bounds())
     if use_triton("pairwise_kl_loss", pred, target):
         from ..kernels.pairwise_kl_loss import pairwise_kl_loss_bwd
 
@@ -78,24 +90,24 @@ def _pairwise_kl_loss_bwd_op(
 
 
 @_pairwise_kl_loss_bwd_op.register_fake
-def _(grad, pred, target, lse_p, lse_t, temperature):
+def _(grad, pred, target, lse_p, lse_t, temperature, temperature_t):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    pred, target, temperature = inputs
+    pred, target, temperature, temperature_t = inputs
     _, lse_p, lse_t = output
-    ctx.save_for_backward(pred, target, lse_p, lse_t)
+    ctx.save_for_backward(pred, target, lse_p, lse_t, temperature_t)
     ctx.temperature = temperature
     ctx.mark_non_differentiable(lse_p, lse_t)
 
 
 def _backward(ctx, grad, _grad_lse_p, _grad_lse_t):
-    pred, target, lse_p, lse_t = ctx.saved_tensors
+    pred, target, lse_p, lse_t, temperature_t = ctx.saved_tensors
     grad_pred = None
     if ctx.needs_input_grad[0]:
-        grad_pred = _pairwise_kl_loss_bwd_op(grad, pred, target, lse_p, lse_t, ctx.temperature)
-    return grad_pred, None, None
+        grad_pred = _pairwise_kl_loss_bwd_op(grad, pred, target, lse_p, lse_t, ctx.temperature, temperature_t)
+    return grad_pred, None, None, None
 
 
 _pairwise_kl_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -126,12 +138,14 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
         target: ``(B, Dt)``, same device and batch size; any ``Dt``. A different float dtype
             is promoted with ``pred``'s. Treated as a constant: it gets no gradient.
         temperature: ``T`` in ``[2^-125, 2^125]`` (about 2.4e-38 to 4.3e37: ``T`` and ``1/T``
-            normal float32 numbers), a Python number or a one-element tensor, read once on
-            the host, so it gets no gradient (a tensor that requires grad is refused). Under
-            ``torch.compile`` torch guards on a Python number's value: each new temperature
-            compiles the graph again (a schedule that changes it every epoch reaches
-            ``torch._dynamo``'s recompile limit, an error under ``fullgraph=True``); call the
-            loss outside the compiled region then (it is one fused op either way).
+            normal float32 numbers), a Python number or a one-element floating-point tensor,
+            read once on the host, so it gets no gradient (a tensor that requires grad is
+            refused). A tensor is read when the op runs (a CPU tensor costs no device sync, a
+            CUDA one does) and is checked then. Under ``torch.compile`` a Python number is a
+            constant that torch guards on: each new value compiles the graph again (a schedule
+            that changes it every epoch reaches ``torch._dynamo``'s recompile limit, an error
+            under ``fullgraph=True``). Pass a changing temperature as a CPU tensor
+            (``torch.tensor(T)``): it is a graph input, and a new value compiles nothing.
 
     Returns:
         A 0-d float32 tensor, differentiable in ``pred``. ``B <= 1`` (no row has another
@@ -185,17 +199,8 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
             f"fastvq.{op}: pred and target must have the same number of rows, got pred {tuple(pred.shape)} "
             f"and target {tuple(target.shape)}"
         )
-    if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1:
-            raise ValueError(f"fastvq.{op}: temperature must be a number or a 1-element tensor, got shape {tuple(temperature.shape)}")
-        if temperature.requires_grad:  # (read on the host: its gradient would be dropped silently)
-            raise ValueError(f"fastvq.{op}: temperature is read as a number and gets no gradient; got a tensor that "
-                             f"requires grad (pass temperature.detach() to use it as a constant)")
-        temperature = float(temperature.item())
-    # T and 1/T normal float32 numbers: the kernels scale by 1/T (its reciprocal subnormal or
-    # overflowing loses the gradient's precision or makes it +-inf)
-    temperature = check_real_arg(op, "temperature", temperature, minimum=2.0**-125, maximum=2.0**125)
+    temperature, temperature_t = temperature_arg(op, temperature, **_t_bounds())
     if pred.dtype != target.dtype:
         dtype = torch.promote_types(pred.dtype, target.dtype)
         pred, target = pred.to(dtype), target.to(dtype)
-    return _pairwise_kl_loss_op(pred, target.detach(), temperature)[0]
+    return _pairwise_kl_loss_op(pred, target.detach(), temperature, temperature_t)[0]

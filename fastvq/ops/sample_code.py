@@ -3,20 +3,27 @@ Gumbel-max sampling without the N x K matrix, not differentiable."""
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 
 from .._backend import use_triton
 from ._custom_op import custom_op
 from ..reference.sample_code import sample_code_ref
-from .._checks import check_int_arg, check_real_arg
+from .._checks import check_int_arg, read_temperature, temperature_arg
 from ._search import search_inputs
 
 
 @custom_op("fastvq::sample_code", mutates_args=())
-def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, seed: torch.Tensor, temperature: float, metric: str,
+def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, seed: torch.Tensor, temperature: float,
+                    temperature_t: Optional[torch.Tensor], metric: str,
                     allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # x (H, N, D), codebook (H, K, D), seed () int64 -> (H, N) int64, (H, N) float32
+    temperature = read_temperature("sample_code", temperature, temperature_t, minimum=0.0)
+    if temperature == 0.0:  # (a tensor's 0, read here; a number's is routed before the op)
+        from .nearest_code import _nearest_code_op
+
+        return _nearest_code_op(x, codebook, metric, allow_tf32)
     if use_triton("sample_code", x, codebook):
         from ..kernels.nearest_code import sample_code_fwd
 
@@ -25,13 +32,9 @@ def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, seed: torch.Tensor,
 
 
 @_sample_code_op.register_fake
-def _(x, codebook, seed, temperature, metric, allow_tf32):
+def _(x, codebook, seed, temperature, temperature_t, metric, allow_tf32):
     shape = x.shape[:2]
     return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=torch.float32)
-
-
-def _temperature(value) -> float:
-    return check_real_arg("sample_code", "temperature", value, minimum=0.0)
 
 
 def _seed(seed, generator, device) -> torch.Tensor:
@@ -65,9 +68,12 @@ def sample_code(
         x: ``(..., D)`` float32/float16/bfloat16 (``(H, ..., D)`` with ``H`` codebooks), as for
             :func:`fastvq.nearest_code`.
         codebook: ``(K, D)`` or ``(H, K, D)``, as for :func:`fastvq.nearest_code`.
-        temperature: a finite real ``>= 0``. ``0`` is the nearest code (no noise; exactly
-            :func:`fastvq.nearest_code`). Under ``torch.compile`` each new value compiles
-            the graph again (torch guards on a Python number).
+        temperature: a finite real ``>= 0``, a Python number or a one-element floating-point
+            tensor (read when the op runs: a CPU tensor costs no device sync, a CUDA one does).
+            ``0`` is the nearest code (no noise; exactly :func:`fastvq.nearest_code`). Under
+            ``torch.compile`` a Python number is a constant torch guards on, so each new value
+            compiles the graph again; pass a changing temperature as a CPU tensor
+            (``torch.tensor(T)``), a graph input: a new value compiles nothing.
         metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``: the logits of
             vector-quantize-pytorch's Euclidean codebook are ``-|x - c|``), ``"cosine"``
             (``1 - cos``) or ``"dot"`` (``-<x, c>``).
@@ -94,13 +100,13 @@ def sample_code(
         >>> idx.shape
         torch.Size([100])
     """
-    temperature = _temperature(temperature)
+    temperature, temperature_t = temperature_arg("sample_code", temperature, minimum=0.0)
     x3, c3, lead = search_inputs("sample_code", x, codebook, metric, allow_tf32)
     seed_t = _seed(seed, generator, x3.device)
-    if temperature == 0.0:
+    if temperature_t is None and temperature == 0.0:
         from .nearest_code import _nearest_code_op
 
         indices, distances = _nearest_code_op(x3, c3, metric, allow_tf32)
     else:
-        indices, distances = _sample_code_op(x3, c3, seed_t, temperature, metric, allow_tf32)
+        indices, distances = _sample_code_op(x3, c3, seed_t, temperature, temperature_t, metric, allow_tf32)
     return indices.reshape(lead), distances.reshape(lead)

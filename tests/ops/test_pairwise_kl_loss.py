@@ -310,12 +310,14 @@ def test_opcheck():
     pred, target = unit(20, 6).requires_grad_(), unit(20, 5)
     for name in ("reference", "triton"):
         with fastvq.backend(name):
-            torch.library.opcheck(torch.ops.fastvq.pairwise_kl_loss.default, (pred, target, 0.3))
-            _, lse_p, lse_t = torch.ops.fastvq.pairwise_kl_loss(pred.detach(), target, 0.3)
-            torch.library.opcheck(
-                torch.ops.fastvq.pairwise_kl_loss_backward.default,
-                (torch.tensor(1.5), pred.detach(), target, lse_p, lse_t, 0.3),
-            )
+            t64 = torch.tensor(0.3, dtype=torch.float64)  # (a temperature tensor: read in the op)
+            for T, T_t in ((0.3, None), (float("nan"), t64)):
+                torch.library.opcheck(torch.ops.fastvq.pairwise_kl_loss.default, (pred, target, T, T_t))
+                _, lse_p, lse_t = torch.ops.fastvq.pairwise_kl_loss(pred.detach(), target, T, T_t)
+                torch.library.opcheck(
+                    torch.ops.fastvq.pairwise_kl_loss_backward.default,
+                    (torch.tensor(1.5), pred.detach(), target, lse_p, lse_t, T, T_t),
+                )
 
 
 @pytest.mark.gpu

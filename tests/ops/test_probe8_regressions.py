@@ -1,6 +1,7 @@
 """probe8's op findings as regression tests, each checked against float64 autograd of the same
 loss or the refusal the contract asks for. Written as ``xfail(strict=True)``; each fix removed
-its marker. C1 (a changing temperature recompiles) is still open: documented, marker kept."""
+its marker. C1 (a changing temperature recompiles) is still open for Python numbers (torch guards
+on them): documented, marker kept; a temperature given as a tensor compiles once."""
 
 import pytest
 import torch
@@ -119,6 +120,60 @@ def test_probe8_c1_the_seed_temperature_schedule_compiles_once(backend, op):
     for epoch in range(12):
         compiled(*args, max(0.5 * 0.95**epoch, 0.05))
     assert len(frames) <= 2, f"{len(frames)} graphs compiled for 12 temperatures"
+
+
+@pytest.mark.parametrize("op", ["pairwise_kl_loss", "sample_code"])
+def test_probe8_c1_a_temperature_tensor_schedule_compiles_once(backend, op):
+    """C1's way out: the same schedule given as a CPU tensor is a graph input (the op reads it when
+    it runs), so 12 temperatures compile at most twice (the first call, then a dynamic one), and
+    each call gives the eager result for its temperature."""
+    import torch.nn.functional as F
+
+    if op == "pairwise_kl_loss":
+        def fn(a, b, T):
+            return fastvq.pairwise_kl_loss(a, b, T)
+        args = (F.normalize(randn(9, 6, seed=1), dim=1), F.normalize(randn(9, 4, seed=2), dim=1))
+    else:
+        def fn(a, b, T):
+            return fastvq.sample_code(a, b, T, seed=1)[1]
+        args = (randn(6, 4, seed=3), randn(5, 4, seed=4))
+    torch._dynamo.reset()
+    frames = []
+
+    def count(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(fn, fullgraph=True, backend=count, dynamic=True)
+    for epoch in range(12):
+        T = max(0.5 * 0.95**epoch, 0.05)
+        got = compiled(*args, torch.tensor(T, dtype=torch.float64))
+        assert torch.equal(got, fn(*args, T)), epoch
+    assert len(frames) <= 2, f"{len(frames)} graphs compiled for 12 temperatures"
+
+
+def test_probe8_c1_a_temperature_tensor_is_checked_and_trained_through(backend):
+    """A tensor temperature gives the number's loss and gradient, is checked when the op reads it
+    (out of range: ValueError, as a number), and must be a floating-point tensor."""
+    import torch.nn.functional as F
+
+    p = F.normalize(randn(7, 5, seed=5), dim=1).requires_grad_(True)
+    t = F.normalize(randn(7, 3, seed=6), dim=1)
+    want = fastvq.pairwise_kl_loss(p, t, 0.3)
+    (g_want,) = torch.autograd.grad(want, p)
+    got = fastvq.pairwise_kl_loss(p, t, torch.tensor([0.3], dtype=torch.float64))  # (float32 0.3 is another T)
+    (g_got,) = torch.autograd.grad(got, p)
+    assert torch.equal(got, want) and torch.equal(g_got, g_want)
+    for bad in (0.0, float("nan"), 2.0**126):
+        with pytest.raises(ValueError, match="temperature"):
+            fastvq.pairwise_kl_loss(p, t, torch.tensor(bad))
+    with pytest.raises(ValueError, match="temperature"):
+        fastvq.sample_code(randn(4, 3, seed=7), randn(5, 3, seed=8), torch.tensor(-1.0), seed=0)
+    with pytest.raises(TypeError, match="floating point"):
+        fastvq.pairwise_kl_loss(p, t, torch.tensor(1))
+    x, cb = randn(6, 3, seed=9), randn(5, 3, seed=10)  # a tensor 0: the nearest code, as the number 0
+    for a, b in zip(fastvq.sample_code(x, cb, torch.tensor(0.0), seed=0), fastvq.nearest_code(x, cb)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ["sparse", "nested"])

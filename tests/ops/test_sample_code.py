@@ -122,12 +122,13 @@ def test_nonfinite(backend):
     "kw,err",
     [({"temperature": -1.0}, ValueError), ({"temperature": float("nan")}, ValueError),
      ({"temperature": float("inf")}, ValueError), ({"temperature": True}, TypeError),
-     ({"temperature": "1"}, TypeError), ({"temperature": torch.tensor(1.0)}, TypeError),
+     ({"temperature": "1"}, TypeError), ({"temperature": torch.tensor([1.0, 2.0])}, ValueError),
+     ({"temperature": torch.tensor(1)}, TypeError), ({"temperature": torch.tensor(-1.0)}, ValueError),
      ({"temperature": 1.0, "seed": True}, TypeError), ({"temperature": 1.0, "seed": 1.5}, ValueError),
      ({"temperature": 1.0, "seed": 1, "generator": generator(0)}, ValueError),
      ({"temperature": 1.0, "seed": torch.tensor([1, 2])}, TypeError),
      ({"temperature": 1.0, "generator": 3}, TypeError), ({"temperature": 1.0, "metric": "l1"}, ValueError)],
-    ids=["negative", "nan", "inf", "bool", "str", "tensor", "seed-bool", "seed-float", "seed-and-generator",
+    ids=["negative", "nan", "inf", "bool", "str", "tensor-2", "tensor-int", "tensor-negative", "seed-bool", "seed-float", "seed-and-generator",
          "seed-1d", "generator-int", "metric"],
 )
 def test_bad_input(kw, err):
@@ -139,7 +140,9 @@ def test_opcheck():
     x, c = randn(2, 6, 5), randn(2, 9, 5)
     for name in ("reference", "triton"):
         with fastvq.backend(name):
-            torch.library.opcheck(torch.ops.fastvq.sample_code.default, (x, c, torch.tensor(3), 0.5, "l2", False))
+            torch.library.opcheck(torch.ops.fastvq.sample_code.default, (x, c, torch.tensor(3), 0.5, None, "l2", False))
+            torch.library.opcheck(torch.ops.fastvq.sample_code.default,  # (a temperature tensor: read in the op)
+                                  (x, c, torch.tensor(3), float("nan"), torch.tensor(0.5), "l2", False))
 
 
 def test_compile_fullgraph(backend):
