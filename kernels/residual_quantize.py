@@ -512,6 +512,26 @@ def _stats_fixup(
         _scale_marked_rows_back(p_sums, p_marks, L * K, D, TOP_EXP, FIX_M, BLOCK_D)
 
 
+@triton.jit
+def _stats_fixup_if_last(
+    p_x, p_cb, p_codes, p_w, p_sums, p_state, N, K, D, L, TOP_EXP, stat_lim,
+    stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+    HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
+):
+    """The end of every program of a forward launch with statistics: count it (``p_state``:
+    skipped ``(L,)``, then the flag, the count, the marks), and the last one, if some term beyond
+    ``BIG_T`` set the flag, runs :func:`_stats_fixup`. Every thread's atomics and flag stores
+    come before the count (a block barrier, then acq_rel: as a grid barrier orders them), so the
+    program that counts last sees every other program's sums, flag and codes."""
+    tl.debug_barrier()
+    n_done = tl.atomic_add(p_state + L + 1, 1, sem="acq_rel", scope="gpu")
+    if n_done == tl.num_programs(0) - 1:
+        if tl.load(p_state + L, cache_modifier=".cg") > 0:
+            _stats_fixup(p_x, p_cb, p_codes, p_w, p_sums, p_state + L + 2, N, K, D, L, TOP_EXP, stat_lim,
+                         stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                         HAS_W, FIX_M, FIX_D)
+
+
 @autotune(configs=_configs("residual_quantize", maxnreg=255), key=["D", "K", "L", *_FLAGS],
           prune_configs_by={"early_config_prune": _prune_register_configs}, reset_to_zero=_ATOMIC_OUTPUTS)
 @triton.jit
@@ -623,12 +643,8 @@ def _residual_quantize_fwd_kernel(
         tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
-    if STATS:  # the last program re-sums the codes a term beyond BIG_T made overflow (see the bwd)
-        tl.debug_barrier()
-        n_done = tl.atomic_add(p_skip + L + 1, 1, sem="acq_rel", scope="gpu")
-        if n_done == tl.num_programs(0) - 1:
-            if tl.load(p_skip + L, cache_modifier=".cg") > 0:
-                _stats_fixup(p_x, p_cb, p_codes, p_w, p_sums, p_skip + L + 2, N, K, D, L, TOP_EXP, stat_lim,
+    if STATS:
+        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sums, p_skip, N, K, D, L, TOP_EXP, stat_lim,
                              stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                              HAS_W, FIX_M, FIX_D)
 
@@ -853,12 +869,8 @@ def _residual_quantize_fwd_chunked_kernel(
         tl.store(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, b_codes, mask=m_ml)
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
-    if STATS:  # the last program re-sums the codes a term beyond BIG_T made overflow (see the bwd)
-        tl.debug_barrier()
-        n_done = tl.atomic_add(p_skip + L + 1, 1, sem="acq_rel", scope="gpu")
-        if n_done == tl.num_programs(0) - 1:
-            if tl.load(p_skip + L, cache_modifier=".cg") > 0:
-                _stats_fixup(p_x, p_cb, p_codes, p_w, p_sums, p_skip + L + 2, N, K, D, L, TOP_EXP, stat_lim,
+    if STATS:
+        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sums, p_skip, N, K, D, L, TOP_EXP, stat_lim,
                              stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                              HAS_W, FIX_M, FIX_D)
 
