@@ -2,7 +2,7 @@
 44b0d1b) probed on both backends, against float64 sums of the residuals as the forward forms them
 (float32 chain, a row whose ``r - c`` overflows held at scale ``2^-E``) and against the reference.
 
-The Triton fix-up itself held on every case tried (see /work/wt/f2probe-FINDINGS.md: 1,700
+The Triton fix-up itself held on every case tried (see the f2probe FINDINGS report: ~1,850
 random cases, held rows, several levels, float16/bfloat16, weights, slots, the autotuner): the
 first tests below keep some of those cases as coverage. The findings, each ``xfail(strict=True)``:
 
@@ -10,12 +10,15 @@ first tests below keep some of those cases as coverage. The findings, each ``xfa
   to ``[0.5, 1)`` before the statistics, so a weighted sum that is finite with the weights as
   given overflows (+inf), and a module's EMA then keeps that code where it should move;
 - S2 (op, both backends): weights far below the largest scale into float32's subnormals, and
-  their statistics lose their precision (a count off by a third at a ratio of 1.5 * 2^-149);
+  their statistics lose their precision (a count off by a third where a weight scales to 1.5 * 2^-149);
 - R1 (reference): ``residual_quantize_full_ref`` forms ``w r`` in float32 before its float64 sum,
   so a term beyond float32 (a weight above 1, or above 2^127 on the op's path) is +-inf, and
   opposite ones give NaN where Triton gives the exact sum;
 - T1 (Triton, minor): a fixed-up sum whose exact value rounds to float32's max (less than half an
-  ulp beyond it) comes out +inf: the fix-up's float32 re-sum rounds up at the boundary.
+  ulp beyond it) comes out +inf: the fix-up's float32 re-sum rounds up at the boundary;
+- T2 (Triton, forward and backward fix-ups): one power-of-two scale per code, from its largest term
+  over all columns, underflows the code's columns of small terms (to 0 with weights ~3e38);
+- K1 (the forward launcher): strided weights are read as contiguous.
 """
 
 import pytest
@@ -372,3 +375,44 @@ def test_t2_fixed_up_code_keeps_its_small_columns(request, backend, device, chun
     assert out["sums"][0, 0, 0].item() == float("inf")  # (1.8e77: beyond float32)
     ft.assert_close(out["sums"][0, 0, 1:], t.sum(0)[1:], dtype=torch.float32, reduce_len=4,
                     magnitude=t.abs().sum(0)[1:], name="the small column's sum")
+
+
+@pytest.mark.xfail(strict=True, reason="f2probe K1: residual_quantize_fwd reads weights as contiguous (p_w + row) "
+                   "without checking: a strided weights view gives wrong statistics")
+@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+def test_k1_kernel_launcher_strided_weights(device, chunked):
+    """K1 (the kernel's API only: the op always passes a fresh contiguous tensor): weights
+    ``big[::2]`` (stride 2) are read as ``big[:N]``: counts off by O(1). The launcher asserts the
+    weights' shape and dtype, not their stride (and the forward kernel takes no weight stride)."""
+    from fastvq.kernels.residual_quantize import residual_quantize_fwd
+    from fastvq.reference.residual_quantize import residual_quantize_full_ref
+
+    x = randn(40, 3, seed=51, device=device)
+    cb = randn(2, 3, 3, seed=52, device=device)
+    w = torch.rand(80, generator=generator(53, device), device=device)[::2]
+    out = residual_quantize_fwd(x, cb, max_register_d=1 if chunked else None, weights=w, stats=True)
+    ref = residual_quantize_full_ref(x, cb, weights=w, codes=out["codes"], stats=True)
+    torch.testing.assert_close(out["counts"], ref["counts"], rtol=1e-5, atol=1e-5)
+
+
+def test_t2_backward_fixed_up_code_keeps_its_small_columns(request, backend, device):
+    """T2 in the backward's _dcb_fixup (the same _fix_terms scale): terms 2 ge w (c - r) of
+    column 0 ~9e76 (weights 3e38), column 1's -1e-6 and -2e-6 (weight 1): Triton 0, the reference
+    and float64 -3e-6."""
+    from fastvq.kernels.residual_quantize import residual_quantize_bwd
+    from fastvq.reference.residual_quantize import residual_quantize_bwd_ref
+
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="f2probe T2 (backward): the per-code scale "
+                                              "underflows a marked code's small columns"))
+    x = torch.tensor([[M, 0.0], [M, 0.0], [0.0, 1e-6], [0.0, 2e-6]], device=device)
+    w = torch.tensor([3e38, 3e38, 1.0, 1.0], device=device)
+    cb = torch.zeros(1, 1, 2, device=device)
+    codes = torch.zeros(4, 1, dtype=torch.int64, device=device)
+    ge = torch.tensor([0.5], device=device)
+    bwd = residual_quantize_bwd if backend == "triton" else residual_quantize_bwd_ref
+    _, dcb = bwd(x, cb, codes, weights=w, grad_embed=ge, need_dx=False)
+    t = w.double()[:, None] * (cb.double()[0, 0] - x.double())
+    assert dcb[0, 0, 0].item() == float("-inf")
+    ft.assert_close(dcb[0, 0, 1:], t.sum(0)[1:], dtype=torch.float32, reduce_len=4, magnitude=t.abs().sum(0)[1:],
+                    name="the small column's gradient")
