@@ -18,7 +18,7 @@ first tests below keep some of those cases as coverage. The findings, each ``xfa
   ulp beyond it) comes out +inf: the fix-up's float32 re-sum rounds up at the boundary;
 - T2 (Triton, forward and backward fix-ups): one power-of-two scale per code, from its largest term
   over all columns, underflows the code's columns of small terms (to 0 with weights ~3e38);
-- K1 (the forward launcher): strided weights are read as contiguous.
+- K1 (the forward and backward launchers): strided weights are read as contiguous.
 """
 
 import pytest
@@ -416,3 +416,20 @@ def test_t2_backward_fixed_up_code_keeps_its_small_columns(request, backend, dev
     assert dcb[0, 0, 0].item() == float("-inf")
     ft.assert_close(dcb[0, 0, 1:], t.sum(0)[1:], dtype=torch.float32, reduce_len=4, magnitude=t.abs().sum(0)[1:],
                     name="the small column's gradient")
+
+
+@pytest.mark.xfail(strict=True, reason="f2probe K1 (backward): residual_quantize_bwd reads weights as contiguous")
+def test_k1_backward_launcher_strided_weights(device):
+    """K1 in ``residual_quantize_bwd``: the same ``p_w + row`` load; the codebook gradient of
+    weights ``big[::2]`` is off by O(1) against the reference."""
+    from fastvq.kernels.residual_quantize import residual_quantize_bwd
+    from fastvq.reference.residual_quantize import residual_quantize_bwd_ref
+
+    x = randn(40, 3, seed=54, device=device)
+    cb = randn(2, 3, 3, seed=55, device=device)
+    codes = torch.randint(0, 3, (40, 2), generator=generator(56, device), device=device)
+    w = torch.rand(80, generator=generator(57, device), device=device)[::2]
+    ge = torch.ones(2, device=device)
+    _, dcb = residual_quantize_bwd(x, cb, codes, weights=w, grad_embed=ge, need_dx=False)
+    _, ref = residual_quantize_bwd_ref(x, cb, codes, weights=w, grad_embed=ge, need_dx=False)
+    torch.testing.assert_close(dcb, ref, rtol=1e-5, atol=1e-5)
