@@ -14,8 +14,9 @@ first tests below keep some of those cases as coverage. The findings, each ``xfa
 - R1 (reference): ``residual_quantize_full_ref`` forms ``w r`` in float32 before its float64 sum,
   so a term beyond float32 (a weight above 1, or above 2^127 on the op's path) is +-inf, and
   opposite ones give NaN where Triton gives the exact sum;
-- T1 (Triton, minor): a fixed-up sum whose exact value rounds to float32's max (less than half an
-  ulp beyond it) comes out +inf: the fix-up's float32 re-sum rounds up at the boundary;
+- T1 (Triton, minor): a fixed-up sum at or just below float32's max (max - 1 ulp, exactly
+  representable; or max + 2^102, which rounds to max) comes out +inf: the fix-up's float32
+  re-sum rounds up to 2^128 at the boundary;
 - T2 (Triton, forward and backward fix-ups): one power-of-two scale per code, from its largest term
   over all columns, underflows the code's columns of small terms (to 0 with weights ~3e38);
 - K1 (the forward and backward launchers): strided weights are read as contiguous.
@@ -332,24 +333,31 @@ def test_s2_step_statistics_keep_small_weights_as_given(backend, device):
                     magnitude=w.double()[1] * x.double()[1].abs(), name="sums")
 
 
+@pytest.mark.parametrize("case", ["half-ulp", "one-ulp-below"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
-def test_t1_fixed_up_sum_that_rounds_to_the_float32_max_is_finite(request, backend, device, chunked):
-    """T1 (minor): terms max, 2^103, -2^102 on one code: exact max + 2^102, under half an ulp
-    (2^103) beyond max, so it rounds to max (the reference: max). The float32 atomics overflow
-    (max + 2^103 is a tie that rounds to 2^128), the fix-up re-sums scaled by 2^-s in float32,
-    which rounds the same way (2^(128-s)), and scales back: +inf. (The quantized sum's
-    _exact_code_sum, float64, gets such a sum right.)"""
+def test_t1_fixed_up_sum_near_the_float32_max_is_finite(request, backend, device, chunked, case):
+    """T1: "half-ulp": terms max, 2^103, -2^102 on one code, exactly max + 2^102, under half an ulp
+    (2^103) beyond max: it rounds to max (the reference: max). "one-ulp-below": terms max, 2^127,
+    -2^127, -2^103, -2^103, exactly max - 2^104, a float32 value one ulp below max. Both: the
+    float32 atomics overflow, the code is marked, the fix-up re-sums its terms scaled by 2^-s
+    (s = 4 here) in float32, whose rounding reaches 2^(128-s), and scales back: +inf. (The
+    quantized sum's _exact_code_sum, float64, gets such sums right.)"""
     if chunked and backend != "triton":
         pytest.skip("the chunked kernel is a Triton kernel")
     if backend == "triton":
         request.applymarker(pytest.mark.xfail(strict=True, reason="f2probe T1: the fix-up's scaled float32 re-sum "
-                                              "rounds a sum within half an ulp of max up to +inf"))
-    x = torch.tensor([[F32_MAX], [2.0**103], [-(2.0**102)]], device=device)
+                                              "rounds a sum at or just below float32's max up to +inf"))
+    if case == "half-ulp":
+        terms = [F32_MAX, 2.0**103, -(2.0**102)]
+    else:
+        terms = [F32_MAX, 2.0**127, -(2.0**127), -(2.0**103), -(2.0**103)]
+    x = torch.tensor(terms, device=device)[:, None]
     cb = torch.zeros(1, 1, 1, device=device)
-    codes = torch.zeros(3, 1, dtype=torch.int64, device=device)
+    codes = torch.zeros(len(terms), 1, dtype=torch.int64, device=device)
     out = _fwd(backend, x, cb, chunked, codes=codes)
-    assert float(x.double().sum()) > F32_MAX and x.double().sum().float().isfinite()
-    assert out["sums"].item() == F32_MAX, out["sums"]
+    want = x.double().sum().float()
+    assert want.isfinite()
+    assert out["sums"].item() == want.item(), out["sums"]
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
