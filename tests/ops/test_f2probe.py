@@ -15,8 +15,8 @@ first tests below keep some of those cases as coverage. The findings, each ``xfa
   so a term beyond float32 (a weight above 1, or above 2^127 on the op's path) is +-inf, and
   opposite ones give NaN where Triton gives the exact sum;
 - T1 (Triton, minor): a fixed-up sum at or just below float32's max (max - 1 ulp, exactly
-  representable; or max + 2^102, which rounds to max) comes out +inf: the fix-up's float32
-  re-sum rounds up to 2^128 at the boundary;
+  representable; or max + 2^102, which rounds to max) comes out +inf, and one beyond it (max +
+  1.875 ulps) comes out max: the fix-up's float32 re-sum rounds at the boundary;
 - T2 (Triton, forward and backward fix-ups): one power-of-two scale per code, from its largest term
   over all columns, underflows the code's columns of small terms (to 0 with weights ~3e38);
 - K1 (the forward and backward launchers): strided weights are read as contiguous.
@@ -333,22 +333,26 @@ def test_s2_step_statistics_keep_small_weights_as_given(backend, device):
                     magnitude=w.double()[1] * x.double()[1].abs(), name="sums")
 
 
-@pytest.mark.parametrize("case", ["half-ulp", "one-ulp-below"])
+@pytest.mark.parametrize("case", ["half-ulp", "one-ulp-below", "overflows"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
-def test_t1_fixed_up_sum_near_the_float32_max_is_finite(request, backend, device, chunked, case):
+def test_t1_fixed_up_sum_at_the_float32_max_rounds_as_the_exact_one(request, backend, device, chunked, case):
     """T1: "half-ulp": terms max, 2^103, -2^102 on one code, exactly max + 2^102, under half an ulp
     (2^103) beyond max: it rounds to max (the reference: max). "one-ulp-below": terms max, 2^127,
     -2^127, -2^103, -2^103, exactly max - 2^104, a float32 value one ulp below max. Both: the
     float32 atomics overflow, the code is marked, the fix-up re-sums its terms scaled by 2^-s
-    (s = 4 here) in float32, whose rounding reaches 2^(128-s), and scales back: +inf. (The
-    quantized sum's _exact_code_sum, float64, gets such sums right.)"""
+    (s = 4 here) in float32, whose rounding reaches 2^(128-s), and scales back: +inf. The other
+    way, "overflows": terms max, -2^103, max, -(max - 2^104), 1.375 * 2^104, exactly max +
+    1.875 ulps (beyond float32: +inf, the reference's too), come back max. (The quantized sum's
+    _exact_code_sum, float64, gets such sums right.)"""
     if chunked and backend != "triton":
         pytest.skip("the chunked kernel is a Triton kernel")
     if backend == "triton":
         request.applymarker(pytest.mark.xfail(strict=True, reason="f2probe T1: the fix-up's scaled float32 re-sum "
-                                              "rounds a sum at or just below float32's max up to +inf"))
+                                              "rounds sums at float32's max the wrong way (+inf / max)"))
     if case == "half-ulp":
         terms = [F32_MAX, 2.0**103, -(2.0**102)]
+    elif case == "overflows":
+        terms = [F32_MAX, -(2.0**103), F32_MAX, -(F32_MAX - 2.0**104), 11 * 2.0**101]
     else:
         terms = [F32_MAX, 2.0**127, -(2.0**127), -(2.0**103), -(2.0**103)]
     x = torch.tensor(terms, device=device)[:, None]
@@ -356,7 +360,7 @@ def test_t1_fixed_up_sum_near_the_float32_max_is_finite(request, backend, device
     codes = torch.zeros(len(terms), 1, dtype=torch.int64, device=device)
     out = _fwd(backend, x, cb, chunked, codes=codes)
     want = x.double().sum().float()
-    assert want.isfinite()
+    assert want.isfinite() == (case != "overflows")
     assert out["sums"].item() == want.item(), out["sums"]
 
 
