@@ -270,20 +270,21 @@ def _midpoint(a, b):
 
 @triton.jit
 def _level_outputs(
-    b_r, b_sel, b_wide, b_idx, b_w, m_m, o_d, m_d, lvl, b_slot,
+    b_r, b_sel, b_wide, b_idx, b_w, b_sw, m_m, o_d, m_d, lvl, b_slot,
     p_counts, p_sums, p_skip, p_cand, p_cand_ok, K, D, L, S, stat_lim, BIG_T,
     STATS: tl.constexpr, CAND: tl.constexpr,
 ):
     """The statistics and candidates of a level, for a register-resident row block ``b_r`` (the
     residual this level quantized) and its chosen code rows ``b_sel``; rows whose residual is
     not below ``stat_lim`` (not finite in the codebook's dtype) or is held at scale 2^-E
-    (``b_wide``: beyond float32) are left out and counted."""
+    (``b_wide``: beyond float32) are left out and counted. ``b_w``: the rows' weights (scaled
+    for the losses), ``b_sw``: the weights the statistics carry (as given)."""
     b_fin = _row_below(b_r, stat_lim) & ~b_wide & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
     b_use = m_m & (b_w != 0) & b_fin
     if STATS:
         o_kk = lvl * K + b_idx
-        tl.atomic_add(p_counts + o_kk, b_w, mask=b_use, sem="relaxed")
-        b_t = b_w[:, None] * b_r
+        tl.atomic_add(p_counts + o_kk, b_sw, mask=b_use, sem="relaxed")
+        b_t = b_sw[:, None] * b_r
         m_t = b_use[:, None] & m_d[None, :]
         tl.atomic_add(p_sums + o_kk[:, None] * D + o_d[None, :], b_t, mask=m_t, sem="relaxed")
         tl.store(p_skip + L + tl.zeros(b_t.shape, dtype=tl.int32), 1, mask=m_t & (tl.abs(b_t) > BIG_T))
@@ -452,7 +453,7 @@ def _held_wide(b_r, b_sel, b_wide, s_wide, s_up):
 
 @triton.jit
 def _stats_fix_pass(
-    p_x, p_cb, p_codes, p_w, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
+    p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     HAS_W: tl.constexpr, ADD: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -460,7 +461,8 @@ def _stats_fix_pass(
     (``BLOCK_D >= D``): each level's residual formed again as the forward forms it (float32,
     a row whose ``r - c`` overflows held at scale ``2^-E``: :func:`_held_wide`), and at the
     levels where the row counts (nonzero weight, residual below ``stat_lim``, not held) and its
-    code is marked, the terms ``w r_l`` in float64 (exact) to :func:`_fix_terms`."""
+    code is marked, the terms ``w r_l`` in float64 (exact; ``w`` the statistics' weights,
+    ``p_sw``) to :func:`_fix_terms`."""
     e_wide = _wide_exp(L)
     s_wide, s_up = exp2i(-e_wide), exp2i(e_wide)
     o_d = tl.arange(0, BLOCK_D)
@@ -471,8 +473,10 @@ def _stats_fix_pass(
         m_md = m_m[:, None] & m_d[None, :]
         if HAS_W:
             b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_sw = tl.load(p_sw + o_m, mask=m_m, other=0.0).to(tl.float32)
         else:
             b_w = tl.where(m_m, 1.0, 0.0)
+            b_sw = b_w
         m_live = m_m & (b_w != 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
         b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
         b_r = b_r.to(tl.float32)
@@ -486,7 +490,7 @@ def _stats_fix_pass(
             b_mark = tl.load(p_mark, mask=m_use, other=0, cache_modifier=".cg")
             m_fix = m_use & (b_mark > 0)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
-                b_t = b_w.to(tl.float64)[:, None] * b_r.to(tl.float64)
+                b_t = b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64)
                 p_row = p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :]
                 _fix_terms(b_t, m_fix[:, None] & m_md, m_fix, p_row, p_mark, b_mark, TOP_EXP, ADD)
             b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
@@ -494,7 +498,7 @@ def _stats_fix_pass(
 
 @triton.jit(noinline=True)
 def _stats_fixup(
-    p_x, p_cb, p_codes, p_w, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
+    p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     HAS_W: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -505,7 +509,7 @@ def _stats_fixup(
     levels again, twice: milliseconds at a million rows, only for such inputs)."""
     if _mark_nonfinite_rows(p_sums, p_marks, L * K, D, FIX_M, BLOCK_D) > 0:
         for PASS in tl.static_range(2):
-            _stats_fix_pass(p_x, p_cb, p_codes, p_w, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
+            _stats_fix_pass(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
                             stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                             HAS_W, PASS == 1, FIX_M, BLOCK_D)
             tl.debug_barrier()
@@ -514,7 +518,7 @@ def _stats_fixup(
 
 @triton.jit
 def _stats_fixup_if_last(
-    p_x, p_cb, p_codes, p_w, p_sums, p_state, N, K, D, L, TOP_EXP, stat_lim,
+    p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_state, N, K, D, L, TOP_EXP, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
 ):
@@ -527,7 +531,7 @@ def _stats_fixup_if_last(
     n_done = tl.atomic_add(p_state + L + 1, 1, sem="acq_rel", scope="gpu")
     if n_done == tl.num_programs(0) - 1:
         if tl.load(p_state + L, cache_modifier=".cg") > 0:
-            _stats_fixup(p_x, p_cb, p_codes, p_w, p_sums, p_state + L + 2, N, K, D, L, TOP_EXP, stat_lim,
+            _stats_fixup(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_state + L + 2, N, K, D, L, TOP_EXP, stat_lim,
                          stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                          HAS_W, FIX_M, FIX_D)
 
@@ -536,7 +540,7 @@ def _stats_fixup_if_last(
           prune_configs_by={"early_config_prune": _prune_register_configs}, reset_to_zero=_ATOMIC_OUTPUTS)
 @triton.jit
 def _residual_quantize_fwd_kernel(
-    p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok,
+    p_x, p_cb, p_q, p_codes, p_w, p_sw, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok,
     N, K, D, L, S, stat_lim, BIG_T, TOP_EXP,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol,
@@ -562,8 +566,12 @@ def _residual_quantize_fwd_kernel(
         b_codes = tl.load(p_codes + o_m[:, None] * stride_on + o_l[None, :] * stride_ol, mask=m_ml, other=0)
     if HAS_W:
         b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_sw = b_w
+        if STATS:  # (the statistics carry the weights as given)
+            b_sw = tl.load(p_sw + o_m, mask=m_m, other=0.0).to(tl.float32)
     else:
         b_w = tl.where(m_m, 1.0, 0.0)
+        b_sw = b_w
     if CAND:
         b_slot = tl.load(p_slot + o_m, mask=m_m, other=-1)
     else:
@@ -618,7 +626,7 @@ def _residual_quantize_fwd_kernel(
         b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
         b_sel = b_sel.to(tl.float32)
         if STATS or CAND:
-            _level_outputs(b_r, b_sel, b_wide, b_idx, b_w, m_m, o_d, m_d, lvl, b_slot, p_counts, p_sums, p_skip,
+            _level_outputs(b_r, b_sel, b_wide, b_idx, b_w, b_sw, m_m, o_d, m_d, lvl, b_slot, p_counts, p_sums, p_skip,
                            p_cand, p_cand_ok, K, D, L, S, stat_lim, BIG_T, STATS, CAND)
         # r - c overflows only where |r| >= 2^103 (|c| <= float32's max; a float16 code never does)
         if tl.max(m_huge.to(tl.int32), axis=0) > 0:
@@ -644,7 +652,7 @@ def _residual_quantize_fwd_kernel(
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
     if STATS:
-        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sums, p_skip, N, K, D, L, TOP_EXP, stat_lim,
+        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_skip, N, K, D, L, TOP_EXP, stat_lim,
                              stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                              HAS_W, FIX_M, FIX_D)
 
@@ -653,7 +661,7 @@ def _residual_quantize_fwd_kernel(
           prune_configs_by={"early_config_prune": _prune_chunked_configs}, reset_to_zero=_ATOMIC_OUTPUTS)
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
-    p_x, p_cb, p_q, p_codes, p_w, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,
+    p_x, p_cb, p_q, p_codes, p_w, p_sw, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,
     N, K, D, L, S, stat_lim, BIG_T, TOP_EXP,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol, stride_wn,
@@ -668,8 +676,12 @@ def _residual_quantize_fwd_chunked_kernel(
     m_ml = m_m[:, None] & (o_l[None, :] < L)
     if HAS_W:
         b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_sw = b_w
+        if STATS:  # (the statistics carry the weights as given)
+            b_sw = tl.load(p_sw + o_m, mask=m_m, other=0.0).to(tl.float32)
     else:
         b_w = tl.where(m_m, 1.0, 0.0)
+        b_sw = b_w
     if CAND:
         b_slot = tl.load(p_slot + o_m, mask=m_m, other=-1)
     else:
@@ -753,7 +765,7 @@ def _residual_quantize_fwd_chunked_kernel(
             b_fin = (b_bad == 0) & ~b_wide & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
             b_use = m_m & (b_w != 0) & b_fin
             if STATS:
-                tl.atomic_add(p_counts + lvl * K + b_idx, b_w, mask=b_use, sem="relaxed")
+                tl.atomic_add(p_counts + lvl * K + b_idx, b_sw, mask=b_use, sem="relaxed")
                 tl.atomic_add(p_skip + lvl, tl.sum((m_m & (b_w != 0) & ~b_fin).to(tl.int32), axis=0), sem="relaxed")
             if CAND:
                 m_c = m_m & (b_slot >= 0)
@@ -795,7 +807,7 @@ def _residual_quantize_fwd_chunked_kernel(
                             b_inbad += tl.where(_row_finite(b_r) & _row_finite(b_sel), 0, 1)
                         else:
                             if STATS:  # (a term beyond BIG_T sets the flag, as in _level_outputs)
-                                b_t = b_w[:, None] * b_r
+                                b_t = b_sw[:, None] * b_r
                                 m_t = b_use[:, None] & m_d[None, :]
                                 tl.atomic_add(p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_t,
                                               mask=m_t, sem="relaxed")
@@ -870,7 +882,7 @@ def _residual_quantize_fwd_chunked_kernel(
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
     if STATS:
-        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sums, p_skip, N, K, D, L, TOP_EXP, stat_lim,
+        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_skip, N, K, D, L, TOP_EXP, stat_lim,
                              stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                              HAS_W, FIX_M, FIX_D)
 
@@ -1151,10 +1163,14 @@ def residual_quantize_fwd(
     slots: torch.Tensor | None = None,
     num_slots: int = 0,
     stat_limit: float = float("inf"),
+    stat_weights: torch.Tensor | None = None,
 ):
     """``(N, D), (L, K, D) -> quantized (N, D) in x's dtype, codes (N, L) int64`` and, by request:
 
     * ``weights`` ``(N,)`` float32: per-row weights (rows of weight 0: ``quantized`` is ``x``);
+      ``stat_weights`` ``(N,)`` float32, zero where ``weights`` are: the weights the
+      statistics carry instead (the op scales ``weights`` for the losses and passes the given
+      ones here; default ``weights``);
     * ``codes`` ``(N, L)`` int64 given: no search, they are gathered (and returned as is);
     * ``loss``: ``level_sq (L,)`` float64, ``sum_i w_i |r_{i,l+1}|^2`` per level (float64: the
       sum may overflow float32 where the mean is representable);
@@ -1179,6 +1195,11 @@ def residual_quantize_fwd(
     L, K, _ = codebooks.shape
     assert L > 0 and K > 0 and D > 0, codebooks.shape
     assert weights is None or (weights.shape == (N,) and weights.dtype == torch.float32)
+    assert stat_weights is None or (weights is not None and stat_weights.shape == weights.shape
+                                    and stat_weights.dtype == torch.float32)
+    if weights is not None:  # (read as p_w + row: f2probe K1, a strided view read wrongly)
+        weights = weights.contiguous()
+        stat_weights = weights if stat_weights is None else stat_weights.contiguous()
     assert codes is None or (codes.shape == (N, L) and codes.dtype == torch.int64)
     assert slots is None or (slots.shape == (N,) and slots.dtype == torch.int32 and 0 <= num_slots <= N)
     dev = x.device
@@ -1214,6 +1235,7 @@ def residual_quantize_fwd(
     placeholder = q  # stands for the tensors a flag switches off (never read or written)
     tensors = [x, codebooks, q, c,
                weights if weights is not None else placeholder,
+               stat_weights if weights is not None and stats else placeholder,
                loss_part if loss else placeholder,
                out.get("counts", placeholder), out.get("sums", placeholder), state if stats else placeholder,
                slots if slots is not None else placeholder,
@@ -1275,6 +1297,9 @@ def residual_quantize_bwd(
     N, D = x.shape
     L, K, _ = codebooks.shape
     assert codes.shape == (N, L) and codes.dtype == torch.int64
+    if weights is not None:  # (read as p_w + row: f2probe K1, a strided view read wrongly)
+        assert weights.shape == (N,), weights.shape
+        weights = weights.contiguous()
     assert not rotate or next_pow2(D) <= MAX_ROTATE_D, "the fused rotation gradient needs D <= MAX_ROTATE_D"
     dev = x.device
     has_g = grad is not None and need_dx

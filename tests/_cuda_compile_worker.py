@@ -272,7 +272,8 @@ def _residual_quantize_jobs():
     def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, flags=plain):
         p = DTYPES[dt]
         ptrs = {"p_x": p, "p_cb": p, "p_q": p, "p_codes": "*i64",  # a flag that is off: a placeholder (q)
-                "p_w": "*fp32" if flags["HAS_W"] else p, "p_loss": "*fp32" if flags["LOSS"] else p,
+                "p_w": "*fp32" if flags["HAS_W"] else p, "p_sw": "*fp32" if flags["HAS_W"] and flags["STATS"] else p,
+                "p_loss": "*fp32" if flags["LOSS"] else p,
                 "p_counts": "*fp32" if flags["STATS"] else p, "p_sums": "*fp32" if flags["STATS"] else p,
                 "p_skip": "*i32" if flags["STATS"] else p, "p_slot": "*i32" if flags["CAND"] else p,
                 "p_cand": "*fp32" if flags["CAND"] else p, "p_cand_ok": "*i8" if flags["CAND"] else p}

@@ -37,13 +37,15 @@ def _residual_quantize_op(
     stats: bool = False,
     rotate: bool = False,
     stat_limit: Optional[float] = None,
+    stat_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """-> quantized, codes (empty when given), commit_sq, embed_sq (L,) float64 (the same values: two
     outputs so each sends its gradient its own way), counts, sums, skipped, cand, cand_ok
     (empty unless asked for). ``rotate`` only matters to the backward; ``stat_limit``: the
     statistics and candidates leave out rows whose residual's max-abs is not below it (None:
-    the rows that are not finite)."""
+    the rows that are not finite); ``stat_weights``: the weights as given, which the statistics
+    carry (``weights`` are scaled by a power of two for the losses; None: ``weights``)."""
     if codes is not None and codes.numel() > 0:
         # given codes are gathered: out of range they would read outside the codebooks. One
         # pass over the (N, L) int64 codes, no host read (checked here, in the op body, so a
@@ -53,7 +55,7 @@ def _residual_quantize_op(
         assert_async("residual_quantize_step", (lo >= 0) & (hi < K),
                      lambda: f"codes must lie in [0, {K}), got values in [{int(lo)}, {int(hi)}]")
     kw = dict(weights=weights, codes=codes, loss=loss, stats=stats, slots=slots, num_slots=num_slots,
-              stat_limit=float("inf") if stat_limit is None else stat_limit)
+              stat_limit=float("inf") if stat_limit is None else stat_limit, stat_weights=stat_weights)
     if use_triton("residual_quantize", x, codebooks):
         from ..kernels.residual_quantize import residual_quantize_fwd
 
@@ -77,7 +79,7 @@ def _residual_quantize_op(
 
 @_residual_quantize_op.register_fake
 def _(x, codebooks, weights=None, codes=None, slots=None, num_slots=0, loss=False, stats=False, rotate=False,
-      stat_limit=None):
+      stat_limit=None, stat_weights=None):
     N, D = x.shape
     L, K, _ = codebooks.shape
     return (
@@ -125,7 +127,7 @@ def _(x, codebooks, codes, weights, grad, grad_commit, grad_embed, rotate, need_
 
 
 def _setup_context(ctx, inputs, output):
-    x, codebooks, weights, codes, slots, num_slots, loss, stats, rotate, stat_limit = inputs
+    x, codebooks, weights, codes, slots, num_slots, loss, stats, rotate, stat_limit, stat_weights = inputs
     ctx.rotate = rotate
     ctx.loss = loss
     ctx.save_for_backward(x, codebooks, weights, codes if codes is not None else output[1])
@@ -142,14 +144,14 @@ def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
     if g_commit is not None:
         g_commit = g_commit.float().contiguous()
     if not (need_dx or need_dcb):
-        return (None,) * 10
+        return (None,) * 11
     if not need_dcb and g_commit is None and not ctx.rotate:  # straight through: the gradient as it is
-        return (g_q,) + (None,) * 9
+        return (g_q,) + (None,) * 10
     dx, dcb = _residual_quantize_bwd_op(
         x, codebooks, codes, weights, g_q if need_dx else None, g_commit if need_dx else None,
         g_embed.float().contiguous() if need_dcb else None, ctx.rotate, need_dx,
     )
-    return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None) + (None,) * 8
+    return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None) + (None,) * 9
 
 
 _residual_quantize_op.register_autograd(_backward, setup_context=_setup_context)
@@ -284,31 +286,29 @@ class ResidualQuantizeStep(NamedTuple):
 
 
 @custom_op("fastvq::normalised_weights", mutates_args=())
-def _normalised_weights_op(w: torch.Tensor, owner: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalised_weights_op(w: torch.Tensor, owner: str, name: str) -> torch.Tensor:
     """Float row weights ``w (N,)`` float32, ``N >= 1``, checked finite and >= 0
     (:func:`assert_async`, no host read; a failure names ``owner`` and its argument ``name``,
     in compiled graphs too) and scaled by the power of two that brings their max
     into ``[0.5, 1)``: the losses are weighted means (scale-invariant), and ``W = sum w`` can
-    then neither overflow (8 rows of 5e37) nor underflow; no weight grows, so a weighted residual
-    ``w r`` of the statistics overflows only where ``r`` does (a max in ``[1, 2)`` turned a row
-    of 3e38 at weight 0.75 into 4.5e38: inf, where the statistics, scaled back, are 2.25e38).
-    Returns them and the 0-d power of two that scales the statistics back (they keep the weights
-    as given). A few passes over the ``N`` weights (check, max, scale, the F5 floor below),
-    nothing of size ``N x D``. A custom op so that the check runs inside compiled graphs too (probe5 K1: traced
-    in the Python wrapper, ``torch.compile`` dropped it)."""
+    then neither overflow (8 rows of 5e37) nor underflow, nor can the gradients' factors. The
+    losses and gradients use these; the statistics carry the weights as given (the kernels take
+    both: scaled, a weight below 1/2 grew, and ``w r`` overflowed where the exact term does not,
+    f2probe S1; one far below the largest became a subnormal, S2). A few passes over the ``N``
+    weights (check, max, scale, the F5 floor below), nothing of size ``N x D``. A custom op so
+    that the check runs inside compiled graphs too (probe5 K1: traced in the Python wrapper,
+    ``torch.compile`` dropped it)."""
     assert_async(owner, ((w >= 0) & (w < float("inf"))).all(),
                  lambda: f"{name} must be finite and >= 0, got {w[~((w >= 0) & (w < float('inf')))][:4].tolist()}")
     _, e = torch.frexp(w.amax())  # max = m 2^e, m in [0.5, 1) (e = 0 for max = 0: nothing changes)
-    # w 2^k: max in [0.5, 1), or [1, 2) for a max of 2^127 or more, whose scale-back 2^128 would
-    # be inf (probe6 W1: every count inf; such weights' w r overflows only where the exact one
-    # does); k in [-127, 149], applied in two exact halves (2^149 overflows)
+    # w 2^k: max in [0.5, 1), or [1, 2) for a max of 2^127 or more (k >= -127); k in [-127, 149],
+    # applied in two exact halves (2^149 overflows)
     k = torch.clamp_min(-e, -127)
     scaled = torch.ldexp(torch.ldexp(w, k // 2), k - k // 2)
     # a positive weight more than 2^149 below the largest scales to 0, and a row of weight 0 is
     # padding (probe4 F5: its quantized was its input): it weighs float32's smallest subnormal,
     # 2^-149 of the scaled maximum, instead (weights down to that are kept as they scale)
-    scaled = torch.where((w > 0) & (scaled == 0), FLT_TRUE_MIN, scaled)
-    return scaled, torch.ldexp(torch.ldexp(w.new_ones(()), -(k // 2)), k // 2 - k)
+    return torch.where((w > 0) & (scaled == 0), FLT_TRUE_MIN, scaled)
 
 
 FLT_TRUE_MIN = 2.0**-149  # float32's smallest subnormal
@@ -316,7 +316,7 @@ FLT_TRUE_MIN = 2.0**-149  # float32's smallest subnormal
 
 @_normalised_weights_op.register_fake
 def _(w, owner, name):
-    return torch.empty_like(w), w.new_empty(())
+    return torch.empty_like(w)
 
 
 def residual_quantize_step(
@@ -408,7 +408,7 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
         raise TypeError(f"fastvq.{op}: statistics must be a bool, got {type(statistics).__name__}")
     lead = x.shape[:-1]
     N = lead.numel()
-    stat_scale = None
+    stat_weights = None
     if weights is not None:
         check_tensor(op, "weights", weights)
         if weights.dtype not in (torch.bool, torch.float32, torch.float16, torch.bfloat16):
@@ -421,8 +421,9 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
             weights = weights.detach().reshape(N).float()
         else:
             weights = weights.detach().reshape(N).float()
-            if N > 0:
-                weights, stat_scale = _normalised_weights_op(weights, weights_owner, weights_name)
+            if N > 0:  # (the statistics carry the weights as given: f2probe S1, S2)
+                stat_weights = weights
+                weights = _normalised_weights_op(weights, weights_owner, weights_name)
     if codes is not None:
         check_tensor(op, "codes", codes)
         if codes.dtype != torch.int64:
@@ -443,6 +444,7 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
     out = _residual_quantize_op(
         x.reshape(N, D).to(dtype), codebooks.to(dtype), weights, codes, slots, num_slots,
         True, statistics, grad == "rotation" and D <= MAX_ROTATE_D, finite_limit(codebooks.dtype),
+        stat_weights if statistics else None,
     )
     quantized = out[0]
     if grad == "rotation" and D > MAX_ROTATE_D:
@@ -467,8 +469,6 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
     commitment_loss = (out[2].sum() * scale).to(x.dtype)
     embedding_loss = (out[3].sum() * scale).to(x.dtype)
     counts, sums = out[4], out[5]
-    if statistics and stat_scale is not None:  # the statistics keep the weights as given
-        counts, sums = counts * stat_scale, sums * stat_scale
     return ResidualQuantizeStep(
         quantized.reshape(*lead, D).to(x.dtype),
         (out[1] if codes is None else codes).reshape(*lead, L),

@@ -65,6 +65,7 @@ def residual_quantize_full_ref(
     slots: torch.Tensor | None = None,
     num_slots: int = 0,
     stat_limit: float = float("inf"),
+    stat_weights: torch.Tensor | None = None,
 ) -> dict:
     """Reference of the launcher ``fastvq.kernels.residual_quantize.residual_quantize_fwd``:
     ``x (N, D)``, ``codebooks (L, K, D)`` -> a dict with ``quantized (N, D)`` (dtype of ``x``) and
@@ -94,6 +95,8 @@ def residual_quantize_full_ref(
     finite = cb.isfinite().all(-1)  # (L, K)
     first = torch.where(finite.any(-1), finite.int().argmax(-1), 0)  # (L,)
     w_all = None if weights is None else weights.float()
+    # the statistics' weights (as given: weights are scaled for the losses), float64: w r exact
+    sw_all = w_all if stat_weights is None else stat_weights.float()
     search = codes is None
     quantized = torch.empty((N, D), dtype=x.dtype, device=dev)
     out_codes = torch.empty((N, L), dtype=torch.int64, device=dev) if search else codes
@@ -111,6 +114,7 @@ def residual_quantize_full_ref(
         r = x[s : s + step].float()
         n = r.shape[0]
         w = torch.ones(n, device=dev) if w_all is None else w_all[s : s + step]
+        sw = w if sw_all is None else sw_all[s : s + step]
         live = w != 0
         usable = live & w.isfinite()
         slot = None if slots is None else torch.where(slots[s : s + step] >= 0, slots[s : s + step].long(), num_slots)
@@ -124,8 +128,8 @@ def residual_quantize_full_ref(
             # (below stat_limit: finite, in the dtype of the codebooks being trained; NaN: not below)
             use = usable & (r.abs().amax(-1) < stat_limit) & ~scaled
             if stats:
-                counts[lvl].index_add_(0, idx, torch.where(use, w, 0.0).double())
-                sums[lvl].index_add_(0, idx, torch.where(use[:, None], w[:, None] * r, 0.0).double())
+                counts[lvl].index_add_(0, idx, torch.where(use, sw, 0.0).double())
+                sums[lvl].index_add_(0, idx, torch.where(use[:, None], sw.double()[:, None] * r.double(), 0.0))
                 skipped[lvl] += (live & ~use).sum()
             if slot is not None:
                 # the midpoint of the residual and its code, rounded once, as the kernel's

@@ -4,22 +4,27 @@
 
 The Triton fix-up itself held on every case tried (see the f2probe FINDINGS report: ~1,850
 random cases, held rows, several levels, float16/bfloat16, weights, slots, the autotuner): the
-first tests below keep some of those cases as coverage. The findings, each ``xfail(strict=True)``:
+first tests below keep some of those cases as coverage. The findings were written as
+``xfail(strict=True)``; the fixed ones lost their marker:
 
-- S1 (op, both backends): ``residual_quantize_step`` scales weights whose max is below 1/2 *up*
-  to ``[0.5, 1)`` before the statistics, so a weighted sum that is finite with the weights as
-  given overflows (+inf), and a module's EMA then keeps that code where it should move;
-- S2 (op, both backends): weights far below the largest scale into float32's subnormals, and
-  their statistics lose their precision (a count off by a third where a weight scales to 1.5 * 2^-149);
-- R1 (reference): ``residual_quantize_full_ref`` forms ``w r`` in float32 before its float64 sum,
-  so a term beyond float32 (a weight above 1, or above 2^127 on the op's path) is +-inf, and
-  opposite ones give NaN where Triton gives the exact sum;
-- T1 (Triton, minor): a fixed-up sum at or just below float32's max (max - 1 ulp, exactly
+- S1 (op, both backends, fixed): ``residual_quantize_step`` scaled weights whose max is below
+  1/2 *up* to ``[0.5, 1)`` before the statistics, so a weighted sum that is finite with the
+  weights as given overflowed (+inf), and a module's EMA then kept that code where it should
+  move (the statistics now carry the weights as given: the kernels take them beside the
+  scaled ones);
+- S2 (op, both backends, fixed): weights far below the largest scaled into float32's
+  subnormals, and their statistics lost their precision (a count off by a third where a weight
+  scaled to 1.5 * 2^-149);
+- R1 (reference, fixed): ``residual_quantize_full_ref`` formed ``w r`` in float32 before its
+  float64 sum, so a term beyond float32 was +-inf, and opposite ones gave NaN where Triton gave
+  the exact sum;
+- T1 (Triton, minor, open): a fixed-up sum at or just below float32's max (max - 1 ulp, exactly
   representable; or max + 2^102, which rounds to max) comes out +inf, and one beyond it (max +
   1.875 ulps) comes out max: the fix-up's float32 re-sum rounds at the boundary;
-- T2 (Triton, forward and backward fix-ups): one power-of-two scale per code, from its largest term
-  over all columns, underflows the code's columns of small terms (to 0 with weights ~3e38);
-- K1 (the forward and backward launchers): strided weights are read as contiguous.
+- T2 (Triton, forward and backward fix-ups, open): one power-of-two scale per code, from its
+  largest term over all columns, underflows the code's columns of small terms (to 0 with
+  weights ~3e38);
+- K1 (the forward and backward launchers, fixed): strided weights were read as contiguous.
 """
 
 import pytest
@@ -220,11 +225,11 @@ def test_ema_modules_train_a_step_on_rows_whose_sums_overflow_on_the_way(backend
     assert 1e37 < float(after[0, 0, 0]) < 4e37, after[0, 0]
 
 
-# ------------------------------------------------------------------ findings (xfail strict)
+# ------------------------------------------------------------------ findings (T1, T2 still xfail strict)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
-def test_r1_weighted_terms_beyond_float32_are_summed_exactly(request, backend, device, dtype, chunked):
+def test_r1_weighted_terms_beyond_float32_are_summed_exactly(backend, device, dtype, chunked):
     """R1: the kernel's API takes any float32 weights. Terms ``w r`` beyond float32 whose sum is
     not: float32 rows 3e38, 3e38, -3e38 at weights 2, 1, 2 (sum 3e38; the second column 3e38,
     -3e38, 1: 3e38 + 2); float16 rows 6e4, 6e4, -6e4 at 1e34, 5e33, 1e34 (sum 3e38). Triton (the fix-up's
@@ -232,9 +237,6 @@ def test_r1_weighted_terms_beyond_float32_are_summed_exactly(request, backend, d
     float64 sum: NaN (inf - inf) or inf."""
     if chunked and backend != "triton":
         pytest.skip("the chunked kernel is a Triton kernel")
-    if backend == "reference":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="f2probe R1: the reference forms w r in float32 "
-                                              "(inf), then sums in float64: NaN / inf where the exact sum is finite"))
     if dtype == torch.float32:
         x = torch.tensor([[M, M], [M, -M], [-M, 1.0]], device=device)
         w = torch.tensor([2.0, 1.0, 2.0], device=device)
@@ -253,14 +255,11 @@ def test_r1_weighted_terms_beyond_float32_are_summed_exactly(request, backend, d
     _assert_stats(out, x, cb, codes, w, lim)
 
 
-def test_r1_step_weights_beyond_2p127_give_no_nan_statistics(request, backend, device):
+def test_r1_step_weights_beyond_2p127_give_no_nan_statistics(backend, device):
     """R1 on the op's path: weights >= 2^127 are scaled into [1, 2) (not [0.5, 1): their scale-back
     would be inf), so ``w r`` of a row of 3e38 is beyond float32. Rows 3e38 and -3e38 at weight
     1.5 * 2^127 each on one code: the exact sum is 0 (as given and scaled). Triton: 0; the
     reference: NaN (its float32 terms +inf and -inf)."""
-    if backend == "reference":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="f2probe R1: reference statistics NaN for "
-                                              "weights >= 2^127 on rows near float32's max"))
     w = torch.tensor([1.5 * 2.0**127, 1.5 * 2.0**127, 1.0], device=device)
     x = torch.tensor([[M, 0.0], [-M, 0.0], [0.0, 100.0]], device=device)
     cb = torch.zeros(1, 2, 2, device=device)
@@ -270,8 +269,6 @@ def test_r1_step_weights_beyond_2p127_give_no_nan_statistics(request, backend, d
     assert out.sums[0, 0].tolist() == [0.0, 0.0], out.sums[0, 0]
 
 
-@pytest.mark.xfail(strict=True, reason="f2probe S1: residual_quantize_step scales weights below 1/2 up to [0.5, 1) "
-                   "before the statistics: sums that are finite with the weights as given overflow")
 @pytest.mark.parametrize("scale", [0.25, 1e-30], ids=["quarter", "tiny"])
 def test_s1_step_statistics_with_small_weights_are_finite(backend, device, scale):
     """Rows 3e38, 3e38, 3e38 (column 0) on code 0 at weight 0.25 each: the statistics as given are
@@ -291,8 +288,6 @@ def test_s1_step_statistics_with_small_weights_are_finite(backend, device, scale
     ft.assert_close(out.sums[0, 0], want, dtype=torch.float32, reduce_len=n + 1, magnitude=want.abs(), name="sums")
 
 
-@pytest.mark.xfail(strict=True, reason="f2probe S1 (module): a float mask below 1/2 makes the EMA statistics of "
-                   "rows near float32's max overflow; the code keeps its EMA state instead of moving")
 @pytest.mark.parametrize("module", ["vq", "rq"])
 def test_s1_ema_module_with_small_mask_weights_moves_the_code(backend, device, module):
     """Rows 3e38, 3e38, 1e38 on code 0 and one row on code 1, mask 0.25 each: exact batch sums
@@ -316,8 +311,6 @@ def test_s1_ema_module_with_small_mask_weights_moves_the_code(backend, device, m
     assert 2e38 < float(code0[0]) < 2.6e38, code0
 
 
-@pytest.mark.xfail(strict=True, reason="f2probe S2: weights far below the largest scale into float32's "
-                   "subnormals before the statistics: a count as given off by a third")
 def test_s2_step_statistics_keep_small_weights_as_given(backend, device):
     """Weights 2^126 and 1.5 * 2^-22 (a ratio of 1.5 * 2^-148; scaled: 0.5 and 1.5 * 2^-149, a tie
     that rounds to 2^-148): the count of the small row's code comes back 2^-21 = 4.77e-7 for
@@ -389,8 +382,6 @@ def test_t2_fixed_up_code_keeps_its_small_columns(request, backend, device, chun
                     magnitude=t.abs().sum(0)[1:], name="the small column's sum")
 
 
-@pytest.mark.xfail(strict=True, reason="f2probe K1: residual_quantize_fwd reads weights as contiguous (p_w + row) "
-                   "without checking: a strided weights view gives wrong statistics")
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
 def test_k1_kernel_launcher_strided_weights(device, chunked):
     """K1 (the kernel's API only: the op always passes a fresh contiguous tensor): weights
@@ -430,7 +421,6 @@ def test_t2_backward_fixed_up_code_keeps_its_small_columns(request, backend, dev
                     name="the small column's gradient")
 
 
-@pytest.mark.xfail(strict=True, reason="f2probe K1 (backward): residual_quantize_bwd reads weights as contiguous")
 def test_k1_backward_launcher_strided_weights(device):
     """K1 in ``residual_quantize_bwd``: the same ``p_w + row`` load; the codebook gradient of
     weights ``big[::2]`` is off by O(1) against the reference."""
