@@ -18,8 +18,8 @@ next, so the module computes nothing over the activations in torch:
   and sums per code (float32 atomics) and the number of rows left out as not finite (in the
   dtype of the codebooks being trained: ``stat_lim``, one compare per element as before). A
   term ``w r_l`` beyond ``atomic_overflow_bound(N)`` sets a flag, and the launch's last program
-  sums again the codes whose float32 sum is not finite (``_stats_fixup``, as the backward's
-  ``_dcb_fixup``): a sum is +-inf only where the exact one overflows;
+  sums again, in float64, the codes whose float32 sum is not finite (``_stats_fixup``, as the
+  backward's ``_dcb_fixup``): a sum is +-inf only where the exact one overflows;
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
   of the residual and the code it chose, rounded once (``_midpoint``: no intermediate overflow;
   dead-code revival candidates: a revived code splits a used code's cell), and whether it is
@@ -47,8 +47,8 @@ re-walks the levels from ``x`` and the saved codes (no search) and writes
 whole row is one block) and, with float32 atomics, ``dcb[l, k] += 2 ge_l w (c_lk - r_l)`` for the
 rows that chose code ``k``. ``gc`` / ``ge`` are the per-level gradients of the loss terms. A term
 beyond ``atomic_overflow_bound(N)`` (a float32 partial sum could overflow) sets a flag; the
-launch's last program (an atomic count) then sums again, in float64 terms at a per-code scale,
-the codes whose float32 sum is not finite (``_dcb_fixup``).
+launch's last program (an atomic count) then sums again, in float64, the codes whose float32
+sum is not finite (``_dcb_fixup``), and rounds each sum once.
 
 Two forward variants, chosen by the launcher on D (never a crash, never a silent fallback):
 
@@ -74,16 +74,20 @@ import triton
 import triton.language as tl
 
 from ._common import (arch_family, argmin_merge, atomic_overflow_bound, autotune, autotune_configs, bf16_rne, dot_fp32,
-                      exp2i, exp2i64, f64_exponent, fix_shift, launcher, next_pow2, pow2_exponent, prune_by_estimate,
+                      exp2i, exp2i64, launcher, next_pow2, pow2_exponent, prune_by_estimate,
                       register_estimate, rotation_grad_rows, round_bf16, target_for, tl_input_precision,
                       words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
 CHUNK_D = 64  # D chunk of the chunked variant
-STATS_FIX_WORDS = 2048  # the statistics fix-up's row tile: FIX_M whole rows, at most this many words (1 row
-# at least: a D-chunked launch's fix-up holds a whole row too, it runs only on the rare inputs)
+STATS_FIX_WORDS = 2048  # the statistics fix-up's tiles: FIX_M whole rows, at most this many words (1 row at
+# least: a D-chunked launch's fix-up holds a whole row too, it runs only on the rare inputs), and FIX_R codes'
+# float64 sums, at most half as many
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
+BWD_FIXUP_MAXNREG = 255  # a backward launch with the codebook gradient (its fix-up's call inside) states
+# its register limit: without it ptxas held it to 128 registers with 64-232 B of stack (sm_90, job list);
+# with it 128-180 registers and none (as _configs for the forward)
 EPS_NORM = 9.999999974752427e-07  # float32(1e-6), as fastvq.reference.rotation_trick (kernels import no
 # reference: tests/ops/test_residual_quantize.py keeps the two equal)
 EPS_ANTIPODAL = 1e-3
@@ -452,21 +456,50 @@ def _held_wide(b_r, b_sel, b_wide, s_wide, s_up):
 
 
 @triton.jit
-def _stats_fix_pass(
-    p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
+def _nonfinite_rows(p_rows, m_k, D, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which of the ``FIX_R`` float32 rows ``p_rows + j D`` (``m_k``: those that exist) hold an
+    element that is not finite: the codes an atomic sum overflowed on the way (an overflowed
+    partial sum never comes back: inf, or NaN with an opposite inf). Read past L1 (``.cg``):
+    other programs wrote them."""
+    o_r = tl.arange(0, FIX_R)
+    m_bad = o_r < 0
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        b_v = tl.load(p_rows + o_r[:, None] * D + o_d[None, :], mask=m_k[:, None] & (o_d < D)[None, :], other=0.0,
+                      cache_modifier=".cg")
+        m_bad = m_bad | (tl.max((~(tl.abs(b_v) < float("inf"))).to(tl.int32), axis=1) > 0)
+    return m_k & m_bad
+
+
+@triton.jit
+def _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R: tl.constexpr):
+    """``b_acc (FIX_R, C)`` float64 plus, for each ``j``, the sum of the rows of the terms
+    ``b_t (rows, C)`` whose code ``b_idx`` is ``k0 + j`` (rows that add nothing hold 0)."""
+    o_r = tl.arange(0, FIX_R)
+    for j in tl.static_range(FIX_R):
+        b_j = tl.sum(tl.where((b_idx == k0 + j)[:, None], b_t, 0.0), axis=0)
+        b_acc = tl.where((o_r == j)[:, None], b_acc + b_j[None, :], b_acc)
+    return b_acc
+
+
+@triton.jit
+def _stats_fix_codes(
+    p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, lvl, k0, m_fix, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-    HAS_W: tl.constexpr, ADD: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One pass of :func:`_stats_fixup` over every row, ``FIX_M`` whole rows at a time
-    (``BLOCK_D >= D``): each level's residual formed again as the forward forms it (float32,
-    a row whose ``r - c`` overflows held at scale ``2^-E``: :func:`_held_wide`), and at the
-    levels where the row counts (nonzero weight, residual below ``stat_lim``, not held) and its
-    code is marked, the terms ``w r_l`` in float64 (exact; ``w`` the statistics' weights,
-    ``p_sw``) to :func:`_fix_terms`."""
+    """The statistics' sums of codes ``k0 + j`` of level ``lvl`` (``m_fix``) again, in float64:
+    every row walked to that level as the forward forms its residual (float32; a row whose
+    ``r - c`` overflows held at scale ``2^-E``, :func:`_held_wide`), ``FIX_M`` whole rows at a
+    time (``BLOCK_D >= D``), the terms ``w r_l`` of the rows that level counts (nonzero weight,
+    residual below ``stat_lim``, not held; ``w`` the statistics' weights, ``p_sw``) exact in
+    float64 and summed in float64, each sum rounded once to float32: +-inf only where the exact
+    sum overflows, and every column at its own precision."""
     e_wide = _wide_exp(L)
     s_wide, s_up = exp2i(-e_wide), exp2i(e_wide)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
+    b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
     for m0 in range(0, N, FIX_M):
         o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
         m_m = o_m < N
@@ -481,49 +514,51 @@ def _stats_fix_pass(
         b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
         b_r = b_r.to(tl.float32)
         b_wide = o_m < 0
-        for lvl in range(L):  # (the codes: other programs searched and stored them)
-            b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
-            b_sel = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
+        for l2 in range(0, lvl):  # (the codes: other programs searched and stored them)
+            b_idx = tl.load(p_codes + o_m * stride_on + l2 * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
+            b_sel = tl.load(p_cb + l2 * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
                             mask=m_md, other=0.0).to(tl.float32)
-            m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
-            p_mark = p_marks + lvl * K + b_idx
-            b_mark = tl.load(p_mark, mask=m_use, other=0, cache_modifier=".cg")
-            m_fix = m_use & (b_mark > 0)
-            if tl.max(m_fix.to(tl.int32), axis=0) > 0:
-                b_t = b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64)
-                p_row = p_sums + (lvl * K + b_idx)[:, None] * D + o_d[None, :]
-                _fix_terms(b_t, m_fix[:, None] & m_md, m_fix, p_row, p_mark, b_mark, TOP_EXP, ADD)
             b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
+        b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
+        m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide & (b_idx >= k0) & (b_idx < k0 + FIX_R)
+        if tl.max(m_use.to(tl.int32), axis=0) > 0:
+            b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
+            b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
+    o_r = tl.arange(0, FIX_R)
+    tl.store(p_sums + (lvl * K + k0 + o_r)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
+             mask=m_fix[:, None] & m_d[None, :])
 
 
 @triton.jit(noinline=True)
 def _stats_fixup(
-    p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
+    p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-    HAS_W: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Run by the last program of a forward launch with statistics in which some term ``w r_l``
     exceeded ``BIG_T`` (rare: inputs within a factor ~N of float32's range): the codes whose
-    float32 sum is not finite summed again, each at its own power-of-two scale, as
-    :func:`_dcb_fixup` does for the codebook gradient (one program walks every row through the
-    levels again, twice: milliseconds at a million rows, only for such inputs)."""
-    if _mark_nonfinite_rows(p_sums, p_marks, L * K, D, FIX_M, BLOCK_D) > 0:
-        for PASS in tl.static_range(2):
-            _stats_fix_pass(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_marks, N, K, D, L, TOP_EXP, stat_lim,
-                            stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                            HAS_W, PASS == 1, FIX_M, BLOCK_D)
-            tl.debug_barrier()
-        _scale_marked_rows_back(p_sums, p_marks, L * K, D, TOP_EXP, FIX_M, BLOCK_D)
+    float32 sum is not finite (it overflowed on the way) summed again in float64
+    (:func:`_stats_fix_codes`), ``FIX_R`` codes of a level at a time. One program walks every
+    row to the level once per such group of codes: milliseconds at a million rows for a few
+    codes, only for such inputs."""
+    o_r = tl.arange(0, FIX_R)
+    for lvl in range(L):
+        for k0 in range(0, K, FIX_R):
+            m_fix = _nonfinite_rows(p_sums + (lvl * K + k0) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
+            if tl.max(m_fix.to(tl.int32), axis=0) > 0:
+                _stats_fix_codes(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, lvl, k0, m_fix, stat_lim,
+                                 stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                                 HAS_W, FIX_M, FIX_R, BLOCK_D)
 
 
 @triton.jit
 def _stats_fixup_if_last(
-    p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_state, N, K, D, L, TOP_EXP, stat_lim,
+    p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_state, N, K, D, L, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-    HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
+    HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, FIX_D: tl.constexpr,
 ):
     """The end of every program of a forward launch with statistics: count it (``p_state``:
-    skipped ``(L,)``, then the flag, the count, the marks), and the last one, if some term beyond
+    skipped ``(L,)``, then the flag and the count), and the last one, if some term beyond
     ``BIG_T`` set the flag, runs :func:`_stats_fixup`. Every thread's atomics and flag stores
     come before the count (a block barrier, then acq_rel: as a grid barrier orders them), so the
     program that counts last sees every other program's sums, flag and codes."""
@@ -531,9 +566,9 @@ def _stats_fixup_if_last(
     n_done = tl.atomic_add(p_state + L + 1, 1, sem="acq_rel", scope="gpu")
     if n_done == tl.num_programs(0) - 1:
         if tl.load(p_state + L, cache_modifier=".cg") > 0:
-            _stats_fixup(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_state + L + 2, N, K, D, L, TOP_EXP, stat_lim,
+            _stats_fixup(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, stat_lim,
                          stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                         HAS_W, FIX_M, FIX_D)
+                         HAS_W, FIX_M, FIX_R, FIX_D)
 
 
 @autotune(configs=_configs("residual_quantize", maxnreg=255), key=["D", "K", "L", *_FLAGS],
@@ -541,12 +576,13 @@ def _stats_fixup_if_last(
 @triton.jit
 def _residual_quantize_fwd_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_sw, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok,
-    N, K, D, L, S, stat_lim, BIG_T, TOP_EXP,
+    N, K, D, L, S, stat_lim, BIG_T,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     SEARCH: tl.constexpr, HAS_W: tl.constexpr, LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
+    FIX_M: tl.constexpr, FIX_R: tl.constexpr, FIX_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -652,9 +688,9 @@ def _residual_quantize_fwd_kernel(
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
     if STATS:
-        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_skip, N, K, D, L, TOP_EXP, stat_lim,
+        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_skip, N, K, D, L, stat_lim,
                              stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                             HAS_W, FIX_M, FIX_D)
+                             HAS_W, FIX_M, FIX_R, FIX_D)
 
 
 @autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
@@ -662,12 +698,13 @@ def _residual_quantize_fwd_kernel(
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(
     p_x, p_cb, p_q, p_codes, p_w, p_sw, p_loss, p_counts, p_sums, p_skip, p_slot, p_cand, p_cand_ok, p_ws,
-    N, K, D, L, S, stat_lim, BIG_T, TOP_EXP,
+    N, K, D, L, S, stat_lim, BIG_T,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd,
     stride_qn, stride_qd, stride_on, stride_ol, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     SEARCH: tl.constexpr, HAS_W: tl.constexpr, LOSS: tl.constexpr, STATS: tl.constexpr, CAND: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BF16_RNE: tl.constexpr,
+    FIX_M: tl.constexpr, FIX_R: tl.constexpr, FIX_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -882,9 +919,9 @@ def _residual_quantize_fwd_chunked_kernel(
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
     if STATS:
-        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_skip, N, K, D, L, TOP_EXP, stat_lim,
+        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_skip, N, K, D, L, stat_lim,
                              stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                             HAS_W, FIX_M, FIX_D)
+                             HAS_W, FIX_M, FIX_R, FIX_D)
 
 
 @triton.jit
@@ -993,131 +1030,78 @@ def _bwd_rows(
 
 
 @triton.jit
-def _mark_nonfinite_rows(p_buf, p_marks, R, D, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Step 0 of an atomic fix-up (:func:`_dcb_fixup`, :func:`_stats_fixup`): mark (``1``) the rows
-    of the ``(R, D)`` float32 sums ``p_buf`` that hold an element that is not finite, then a
-    block barrier (read past L1: other programs wrote them). Returns how many it marked (none:
-    a term was large but no sum overflowed, nothing to do)."""
-    n_marked = tl.zeros((), dtype=tl.int32)
-    for k0 in range(0, R, FIX_M):
-        o_k = k0 + tl.arange(0, FIX_M).to(tl.int64)
-        m_k = o_k < R
-        m_bad = o_k < 0
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m = m_k[:, None] & (o_d < D)[None, :]
-            b_v = tl.load(p_buf + o_k[:, None] * D + o_d[None, :], mask=m, other=0.0, cache_modifier=".cg")
-            m_bad = m_bad | (tl.max((~(tl.abs(b_v) < float("inf"))).to(tl.int32), axis=1) > 0)
-        tl.store(p_marks + o_k, 1, mask=m_k & m_bad)
-        n_marked += tl.sum((m_k & m_bad).to(tl.int32), axis=0)
-    tl.debug_barrier()
-    return n_marked
-
-
-@triton.jit
-def _scale_marked_rows_back(p_buf, p_marks, R, D, TOP_EXP, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The last step of an atomic fix-up: each marked row of ``p_buf`` (summed again at scale
-    ``2^-s``, ``fix_shift`` of its mark) times ``2^s``, in float64, rounded once to float32."""
-    for k0 in range(0, R, FIX_M):
-        o_k = k0 + tl.arange(0, FIX_M).to(tl.int64)
-        b_mark = tl.load(p_marks + o_k, mask=o_k < R, other=0, cache_modifier=".cg")
-        if tl.max(b_mark, axis=0) > 0:
-            b_up = exp2i64(fix_shift(b_mark, TOP_EXP))
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                m = (b_mark > 0)[:, None] & (o_d < D)[None, :]
-                p_row = p_buf + o_k[:, None] * D + o_d[None, :]
-                b_v = tl.load(p_row, mask=m, other=0.0, cache_modifier=".cg")
-                tl.store(p_row, (b_v.to(tl.float64) * b_up[:, None]).to(tl.float32), mask=m)
-
-
-@triton.jit
-def _fix_terms(b_t, m_fd, m_fix, p_row, p_mark, b_mark, TOP_EXP, ADD: tl.constexpr):
-    """One block of float64 terms ``b_t`` (rows ``m_fix`` marked, elements ``m_fd``) in a fix-up
-    pass: ``ADD=False``, zero their sums' rows ``p_row`` and raise each mark to 2 + the float64
-    exponent of its largest finite |term|; ``ADD=True``, add the terms times ``2^-s``
-    (``fix_shift``), rounded to float32, with relaxed atomics."""
-    if ADD:
-        b_down = exp2i64(-fix_shift(b_mark, TOP_EXP))
-        tl.atomic_add(p_row, (b_t * b_down[:, None]).to(tl.float32), mask=m_fd, sem="relaxed")
-    else:
-        b_a = tl.abs(b_t)
-        b_a = tl.where(m_fd & (b_a < float("inf")), b_a, 0.0)  # NaN and inf stay so when scaled
-        tl.store(p_row, tl.zeros(b_t.shape, dtype=tl.float32), mask=m_fd)
-        tl.atomic_max(p_mark, f64_exponent(tl.max(b_a, axis=1)) + 2, mask=m_fix, sem="relaxed")
-
-
-@triton.jit
-def _dcb_fix_pass(
-    p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
+def _dcb_fix_codes(
+    p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, lvl, k0, m_fix,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-    HAS_W: tl.constexpr, ADD: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One pass of :func:`_dcb_fixup` over every row, ``FIX_M`` rows and ``BLOCK_D`` columns at a
-    time, at the levels where the row's code is marked: the terms ``2 ge_l w (c - r_l)`` in
-    float64 (the residuals of float32 values in float64). ``ADD=False``: zero the marked codes'
-    rows of ``dcb`` and raise each mark to 2 + the float64 exponent of its largest finite |term|.
-    ``ADD=True``: add the terms times ``2^-s`` (``fix_shift``), rounded to float32, with relaxed
-    atomics. Marks and ``dcb`` are read past L1 (``.cg``): this program wrote them before."""
-    for m0 in range(0, N, FIX_M):
-        o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
-        m_m = o_m < N
-        if HAS_W:
-            b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float64)
-        else:
-            b_w = tl.where(m_m, 1.0, 0.0).to(tl.float64)
-        m_live = m_m & (b_w != 0)
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m_md = m_m[:, None] & (o_d < D)[None, :]
-            b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
-            b_r = b_r.to(tl.float64)
-            for lvl in range(L):
-                b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0)
+    """The codebook gradient of codes ``k0 + j`` of level ``lvl`` (``m_fix``) again, in float64:
+    ``BLOCK_D`` columns at a time, every row (``FIX_M`` at a time) walked to that level in
+    float64 (the residuals of float32 values are exact there, but for exponents more than 29
+    apart), the terms ``2 ge_l w (c - r_l)`` in float64 and summed in float64, each sum rounded
+    once to float32 (+-inf only where the exact sum overflows, NaN where a term is NaN)."""
+    o_r = tl.arange(0, FIX_R)
+    b_ge = (2.0 * tl.load(p_ge + lvl)).to(tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
+        for m0 in range(0, N, FIX_M):
+            o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
+            m_m = o_m < N
+            m_md = m_m[:, None] & m_d[None, :]
+            if HAS_W:
+                b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float64)
+            else:
+                b_w = tl.where(m_m, 1.0, 0.0).to(tl.float64)
+            b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0)
+            m_use = m_m & (b_w != 0) & (b_idx >= k0) & (b_idx < k0 + FIX_R)
+            if tl.max(m_use.to(tl.int32), axis=0) > 0:
+                b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+                b_r = b_r.to(tl.float32).to(tl.float64)
+                for l2 in range(0, lvl):
+                    b_i2 = tl.load(p_codes + o_m * stride_on + l2 * stride_ol, mask=m_m, other=0)
+                    b_r -= tl.load(p_cb + l2 * stride_cl + b_i2[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                                   mask=m_md, other=0.0).to(tl.float32).to(tl.float64)
                 b_c = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                              mask=m_md, other=0.0).to(tl.float64)
-                p_mark = p_marks + lvl * K + b_idx
-                b_mark = tl.load(p_mark, mask=m_live, other=0, cache_modifier=".cg")
-                m_fix = m_live & (b_mark > 0)
-                if tl.max(m_fix.to(tl.int32), axis=0) > 0:
-                    b_t = (2.0 * tl.load(p_ge + lvl)).to(tl.float64) * (b_w[:, None] * (b_c - b_r))
-                    p_row = p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :]
-                    _fix_terms(b_t, m_fix[:, None] & m_md, m_fix, p_row, p_mark, b_mark, TOP_EXP, ADD)
-                b_r = b_r - b_c
+                              mask=m_md, other=0.0).to(tl.float32).to(tl.float64)
+                b_t = tl.where(m_use[:, None] & m_md, b_ge * (b_w[:, None] * (b_c - b_r)), 0.0)
+                b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
+        tl.store(p_dcb + (lvl * K + k0 + o_r)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
+                 mask=m_fix[:, None] & m_d[None, :])
 
 
 @triton.jit(noinline=True)
 def _dcb_fixup(
-    p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
+    p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, L,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-    HAS_W: tl.constexpr, FIX_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Run by the last program of a backward launch in which some codebook term exceeded
-    ``BIG_T`` (rare: inputs within a factor ~N of float32's range). A float32 sum that overflowed
-    on the way ends as +-inf or NaN, so the codes whose sum is not finite are marked, and their
-    terms summed again, each code at its own power-of-two scale (as QR's atomic fix-up): (1)
-    zero the marked codes and find each one's largest |term|; (2) add its terms times ``2^-s``,
-    so that no partial sum can overflow; (3) scale the marked codes back by ``2^s``, in float64,
-    rounded once (+-inf only where the exact sum overflows, NaN where a term is NaN). The other
-    codes keep their float32 sums (no partial sum of theirs overflowed)."""
-    if _mark_nonfinite_rows(p_dcb, p_marks, L * K, D, FIX_M, BLOCK_D) > 0:
-        for PASS in tl.static_range(2):
-            _dcb_fix_pass(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_marks, N, K, D, L, TOP_EXP,
-                          stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                          HAS_W, PASS == 1, FIX_M, BLOCK_D)
-            tl.debug_barrier()  # this program's stores and atomics, before it reads them back
-        _scale_marked_rows_back(p_dcb, p_marks, L * K, D, TOP_EXP, FIX_M, BLOCK_D)
+    ``BIG_T`` (rare: inputs within a factor ~N of float32's range): the codes whose float32 sum
+    is not finite (it overflowed on the way) summed again in float64 (:func:`_dcb_fix_codes`),
+    ``FIX_R`` codes of a level at a time. The other codes keep their float32 sums (no partial
+    sum of theirs overflowed)."""
+    o_r = tl.arange(0, FIX_R)
+    for lvl in range(L):
+        for k0 in range(0, K, FIX_R):
+            m_fix = _nonfinite_rows(p_dcb + (lvl * K + k0) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
+            if tl.max(m_fix.to(tl.int32), axis=0) > 0:
+                _dcb_fix_codes(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, lvl, k0, m_fix,
+                               stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                               HAS_W, FIX_M, FIX_R, BLOCK_D)
 
 
 @triton.jit
 def _residual_quantize_bwd_kernel(
     p_x, p_cb, p_codes, p_w, p_g, p_gc, p_ge, p_dx, p_dcb, p_state,
-    N, K, D, L, BIG_T, TOP_EXP,
+    N, K, D, L, BIG_T,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     stride_gn, stride_gd, stride_dn, stride_dd,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_GC: tl.constexpr, HAS_GE: tl.constexpr, HAS_DX: tl.constexpr,
-    ROTATE: tl.constexpr, EPS_N: tl.constexpr, EPS_S: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
+    ROTATE: tl.constexpr, EPS_N: tl.constexpr, EPS_S: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr,
+    FIX_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
@@ -1145,9 +1129,9 @@ def _residual_quantize_bwd_kernel(
         n_done = tl.atomic_add(p_state + 1, 1, sem="acq_rel", scope="gpu")
         if n_done == tl.num_programs(0) * tl.num_programs(1) - 1:
             if tl.load(p_state, cache_modifier=".cg") > 0:
-                _dcb_fixup(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, p_state + 2, N, K, D, L, TOP_EXP,
+                _dcb_fixup(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, L,
                            stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                           HAS_W, FIX_M, FIX_D)
+                           HAS_W, FIX_M, FIX_R, FIX_D)
 
 
 @launcher
@@ -1210,8 +1194,8 @@ def residual_quantize_fwd(
     if stats:
         out["counts"] = torch.zeros((L, K), dtype=torch.float32, device=dev)
         out["sums"] = torch.zeros((L, K, D), dtype=torch.float32, device=dev)
-        # skipped, then the fix-up's state (see _stats_fixup): flag, count, L K marks; one zero fill
-        state = torch.zeros((L + 2 + L * K,), dtype=torch.int32, device=dev)
+        # skipped, then the fix-up's state (see _stats_fixup_if_last): flag, count; one zero fill
+        state = torch.zeros((L + 2,), dtype=torch.int32, device=dev)
         out["skipped"] = state[:L]
     if slots is not None:
         # (every slot has its row: written by the kernel, no zero fill)
@@ -1231,7 +1215,7 @@ def residual_quantize_fwd(
     min_bm = min(c.kwargs["BLOCK_M"] for c in _residual_quantize_fwd_kernel.configs)
     loss_part = torch.empty((triton.cdiv(N, min_bm), block_l), dtype=torch.float64, device=dev) if loss else None
     q, c = out["quantized"], out["codes"]
-    big_t, top_exp = atomic_overflow_bound(N)  # a code's statistics sum at most N terms
+    big_t, _ = atomic_overflow_bound(N)  # a code's statistics sum at most N terms
     placeholder = q  # stands for the tensors a flag switches off (never read or written)
     tensors = [x, codebooks, q, c,
                weights if weights is not None else placeholder,
@@ -1243,7 +1227,8 @@ def residual_quantize_fwd(
     common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
                   PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
                   BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype),
-                  FIX_M=max(1, min(16, STATS_FIX_WORDS // block_d)), FIX_D=block_d)
+                  FIX_M=max(1, min(16, STATS_FIX_WORDS // block_d)), FIX_R=max(1, min(8, STATS_FIX_WORDS // (2 * block_d))),
+                  FIX_D=block_d)
     strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
                q.stride(0), q.stride(1), c.stride(0), c.stride(1))
 
@@ -1252,12 +1237,12 @@ def residual_quantize_fwd(
 
     if not chunked:
         kernel = _residual_quantize_fwd_kernel
-        kernel[grid](*tensors, N, K, D, L, num_slots, float(stat_limit), big_t, top_exp, *strides, BLOCK_D=block_d,
+        kernel[grid](*tensors, N, K, D, L, num_slots, float(stat_limit), big_t, *strides, BLOCK_D=block_d,
                      **common)
     else:
         kernel = _residual_quantize_fwd_chunked_kernel
         workspace = torch.empty((N, D), dtype=torch.float32, device=dev)
-        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, float(stat_limit), big_t, top_exp, *strides,
+        kernel[grid](*tensors, workspace, N, K, D, L, num_slots, float(stat_limit), big_t, *strides,
                      workspace.stride(0),
                      BLOCK_D=CHUNK_D,
                      **common)
@@ -1307,8 +1292,8 @@ def residual_quantize_bwd(
     has_ge = grad_embed is not None
     dx = torch.empty((N, D), dtype=x.dtype, device=dev) if need_dx else None
     dcb = state = None
-    if has_ge:  # one zero fill: dcb, then int32 state (flag, programs done, a mark per code)
-        buf = torch.zeros((L * K * D + 2 + L * K,), dtype=torch.float32, device=dev)
+    if has_ge:  # one zero fill: dcb, then int32 state (flag, programs done)
+        buf = torch.zeros((L * K * D + 2,), dtype=torch.float32, device=dev)
         dcb, state = buf[: L * K * D].view(L, K, D), buf[L * K * D :].view(torch.int32)
     if N == 0 or not (need_dx or has_ge):
         return dx, dcb
@@ -1316,18 +1301,19 @@ def residual_quantize_bwd(
     block_m = max(1, min(64, 2048 // block_d, next_pow2(N)))  # 16 elements a thread per block at 4 warps: no spills
     placeholder = x
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
-    big_t, top_exp = atomic_overflow_bound(N)  # a codebook code sums at most N terms
+    big_t, _ = atomic_overflow_bound(N)  # a codebook code sums at most N terms
     _residual_quantize_bwd_kernel[grid](
         x, codebooks, codes, weights if weights is not None else placeholder,
         grad if has_g else placeholder, grad_commit if has_gc else placeholder,
         grad_embed if has_ge else placeholder, dx if need_dx else placeholder, dcb if has_ge else placeholder,
-        state if has_ge else placeholder, N, K, D, L, big_t, top_exp,
+        state if has_ge else placeholder, N, K, D, L, big_t,
         x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
         codes.stride(0), codes.stride(1),
         grad.stride(0) if has_g else 0, grad.stride(1) if has_g else 0,
         dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
         BLOCK_M=block_m, BLOCK_D=block_d, HAS_W=weights is not None, HAS_G=has_g, HAS_GC=has_gc, HAS_GE=has_ge,
         HAS_DX=need_dx, ROTATE=rotate and has_g, EPS_N=EPS_NORM, EPS_S=EPS_ANTIPODAL,
-        FIX_M=max(1, 128 // min(block_d, 128)), FIX_D=min(block_d, 128), num_warps=bwd_num_warps(block_d),
+        FIX_M=max(1, 128 // min(block_d, 128)), FIX_R=max(1, 256 // min(block_d, 128)), FIX_D=min(block_d, 128),
+        num_warps=bwd_num_warps(block_d), **({"maxnreg": BWD_FIXUP_MAXNREG} if has_ge else {}),
     )
     return dx, dcb

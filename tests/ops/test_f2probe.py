@@ -5,7 +5,7 @@
 The Triton fix-up itself held on every case tried (see the f2probe FINDINGS report: ~1,850
 random cases, held rows, several levels, float16/bfloat16, weights, slots, the autotuner): the
 first tests below keep some of those cases as coverage. The findings were written as
-``xfail(strict=True)``; the fixed ones lost their marker:
+``xfail(strict=True)``; each fix removed its marker:
 
 - S1 (op, both backends, fixed): ``residual_quantize_step`` scaled weights whose max is below
   1/2 *up* to ``[0.5, 1)`` before the statistics, so a weighted sum that is finite with the
@@ -18,12 +18,12 @@ first tests below keep some of those cases as coverage. The findings were writte
 - R1 (reference, fixed): ``residual_quantize_full_ref`` formed ``w r`` in float32 before its
   float64 sum, so a term beyond float32 was +-inf, and opposite ones gave NaN where Triton gave
   the exact sum;
-- T1 (Triton, minor, open): a fixed-up sum at or just below float32's max (max - 1 ulp, exactly
-  representable; or max + 2^102, which rounds to max) comes out +inf, and one beyond it (max +
-  1.875 ulps) comes out max: the fix-up's float32 re-sum rounds at the boundary;
-- T2 (Triton, forward and backward fix-ups, open): one power-of-two scale per code, from its
-  largest term over all columns, underflows the code's columns of small terms (to 0 with
-  weights ~3e38);
+- T1 (Triton, minor, fixed): a fixed-up sum at or just below float32's max (max - 1 ulp, exactly
+  representable; or max + 2^102, which rounds to max) came out +inf, and one beyond it (max +
+  1.875 ulps) came out max: the fix-up's float32 re-sum rounded at the boundary;
+- T2 (Triton, forward and backward fix-ups, fixed): one power-of-two scale per code, from its
+  largest term over all columns, underflowed the code's columns of small terms (to 0 with
+  weights ~3e38). Both fix-ups now sum a code's terms in float64 and round once;
 - K1 (the forward and backward launchers, fixed): strided weights were read as contiguous.
 """
 
@@ -225,7 +225,7 @@ def test_ema_modules_train_a_step_on_rows_whose_sums_overflow_on_the_way(backend
     assert 1e37 < float(after[0, 0, 0]) < 4e37, after[0, 0]
 
 
-# ------------------------------------------------------------------ findings (T1, T2 still xfail strict)
+# ------------------------------------------------------------------ findings (written as strict xfails, fixed)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
@@ -328,7 +328,7 @@ def test_s2_step_statistics_keep_small_weights_as_given(backend, device):
 
 @pytest.mark.parametrize("case", ["half-ulp", "one-ulp-below", "overflows"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
-def test_t1_fixed_up_sum_at_the_float32_max_rounds_as_the_exact_one(request, backend, device, chunked, case):
+def test_t1_fixed_up_sum_at_the_float32_max_rounds_as_the_exact_one(backend, device, chunked, case):
     """T1: "half-ulp": terms max, 2^103, -2^102 on one code, exactly max + 2^102, under half an ulp
     (2^103) beyond max: it rounds to max (the reference: max). "one-ulp-below": terms max, 2^127,
     -2^127, -2^103, -2^103, exactly max - 2^104, a float32 value one ulp below max. Both: the
@@ -339,9 +339,6 @@ def test_t1_fixed_up_sum_at_the_float32_max_rounds_as_the_exact_one(request, bac
     _exact_code_sum, float64, gets such sums right.)"""
     if chunked and backend != "triton":
         pytest.skip("the chunked kernel is a Triton kernel")
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="f2probe T1: the fix-up's scaled float32 re-sum "
-                                              "rounds sums at float32's max the wrong way (+inf / max)"))
     if case == "half-ulp":
         terms = [F32_MAX, 2.0**103, -(2.0**102)]
     elif case == "overflows":
@@ -358,7 +355,7 @@ def test_t1_fixed_up_sum_at_the_float32_max_rounds_as_the_exact_one(request, bac
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
-def test_t2_fixed_up_code_keeps_its_small_columns(request, backend, device, chunked):
+def test_t2_fixed_up_code_keeps_its_small_columns(backend, device, chunked):
     """T2: the fix-up scales a marked code's whole row by one power of two, from its largest term
     over all D columns; a column of small terms beside a column of huge ones is scaled into
     float32's subnormals and loses its bits. Through the kernel's API (weights as given): column
@@ -368,9 +365,6 @@ def test_t2_fixed_up_code_keeps_its_small_columns(request, backend, device, chun
     below 2) the scale is at most ~2^(130 - TOP): only terms below ~2^(TOP - 256) lose bits."""
     if chunked and backend != "triton":
         pytest.skip("the chunked kernel is a Triton kernel")
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="f2probe T2: the fix-up's per-code scale (largest "
-                                              "term over all columns) underflows a marked code's small columns"))
     x = torch.tensor([[M, 0.0], [M, 0.0], [0.0, 1e-6], [0.0, 2e-6]], device=device)
     w = torch.tensor([3e38, 3e38, 1.0, 1.0], device=device)
     cb = torch.zeros(1, 1, 2, device=device)
@@ -398,16 +392,13 @@ def test_k1_kernel_launcher_strided_weights(device, chunked):
     torch.testing.assert_close(out["counts"], ref["counts"], rtol=1e-5, atol=1e-5)
 
 
-def test_t2_backward_fixed_up_code_keeps_its_small_columns(request, backend, device):
+def test_t2_backward_fixed_up_code_keeps_its_small_columns(backend, device):
     """T2 in the backward's _dcb_fixup (the same _fix_terms scale): terms 2 ge w (c - r) of
     column 0 ~9e76 (weights 3e38), column 1's -1e-6 and -2e-6 (weight 1): Triton 0, the reference
     and float64 -3e-6."""
     from fastvq.kernels.residual_quantize import residual_quantize_bwd
     from fastvq.reference.residual_quantize import residual_quantize_bwd_ref
 
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="f2probe T2 (backward): the per-code scale "
-                                              "underflows a marked code's small columns"))
     x = torch.tensor([[M, 0.0], [M, 0.0], [0.0, 1e-6], [0.0, 2e-6]], device=device)
     w = torch.tensor([3e38, 3e38, 1.0, 1.0], device=device)
     cb = torch.zeros(1, 1, 2, device=device)
