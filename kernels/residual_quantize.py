@@ -503,25 +503,28 @@ def _stats_fix_codes(
     for m0 in range(0, N, FIX_M):
         o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
         m_m = o_m < N
-        m_md = m_m[:, None] & m_d[None, :]
-        if HAS_W:
-            b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_sw = tl.load(p_sw + o_m, mask=m_m, other=0.0).to(tl.float32)
-        else:
-            b_w = tl.where(m_m, 1.0, 0.0)
-            b_sw = b_w
-        m_live = m_m & (b_w != 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
-        b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
-        b_r = b_r.to(tl.float32)
-        b_wide = o_m < 0
-        for l2 in range(0, lvl):  # (the codes: other programs searched and stored them)
-            b_idx = tl.load(p_codes + o_m * stride_on + l2 * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
-            b_sel = tl.load(p_cb + l2 * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                            mask=m_md, other=0.0).to(tl.float32)
-            b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
+        # (the codes: other programs searched and stored them) only a block that holds a row of
+        # the group walks its rows to the level
         b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
-        m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide & (b_idx >= k0) & (b_idx < k0 + FIX_R)
-        if tl.max(m_use.to(tl.int32), axis=0) > 0:
+        m_grp = m_m & (b_idx >= k0) & (b_idx < k0 + FIX_R)
+        if tl.max(m_grp.to(tl.int32), axis=0) > 0:
+            m_md = m_m[:, None] & m_d[None, :]
+            if HAS_W:
+                b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+                b_sw = tl.load(p_sw + o_m, mask=m_m, other=0.0).to(tl.float32)
+            else:
+                b_w = tl.where(m_m, 1.0, 0.0)
+                b_sw = b_w
+            m_live = m_grp & (b_w != 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+            b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+            b_r = b_r.to(tl.float32)
+            b_wide = o_m < 0
+            for l2 in range(0, lvl):
+                b_i2 = tl.load(p_codes + o_m * stride_on + l2 * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
+                b_sel = tl.load(p_cb + l2 * stride_cl + b_i2[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                                mask=m_md, other=0.0).to(tl.float32)
+                b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
+            m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
             b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
             b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
     o_r = tl.arange(0, FIX_R)
@@ -538,9 +541,10 @@ def _stats_fixup(
     """Run by the last program of a forward launch with statistics in which some term ``w r_l``
     exceeded ``BIG_T`` (rare: inputs within a factor ~N of float32's range): the codes whose
     float32 sum is not finite (it overflowed on the way) summed again in float64
-    (:func:`_stats_fix_codes`), ``FIX_R`` codes of a level at a time. One program walks every
-    row to the level once per such group of codes: milliseconds at a million rows for a few
-    codes, only for such inputs."""
+    (:func:`_stats_fix_codes`), ``FIX_R`` codes of a level at a time. One program reads every
+    row's code at the level once per such group of codes, and walks to the level the row blocks
+    that hold one of them: milliseconds at a million rows for a few codes, longer for many
+    (inputs within a factor ~N of float32's range on many codes), only for such inputs."""
     o_r = tl.arange(0, FIX_R)
     for lvl in range(L):
         for k0 in range(0, K, FIX_R):
