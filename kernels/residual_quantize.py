@@ -85,6 +85,7 @@ STATS_FIX_WORDS = 2048  # the statistics fix-up's tiles: FIX_M whole rows, at mo
 # least: a D-chunked launch's fix-up holds a whole row too, it runs only on the rare inputs), and FIX_R codes'
 # float64 sums, at most half as many
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
+FIX_SCAN = tl.constexpr(1024)  # rows a fix-up scans at once for a group's codes (_group_in_rows)
 BWD_FIXUP_MAXNREG = 255  # a backward launch with the codebook gradient (its fix-up's call inside) states
 # its register limit: without it ptxas held it to 128 registers with 64-232 B of stack (sm_90, job list);
 # with it 128-180 registers and none (as _configs for the forward)
@@ -472,6 +473,16 @@ def _nonfinite_rows(p_rows, m_k, D, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R: tl.constexpr, FIX_SCAN: tl.constexpr):
+    """Whether any of rows ``s0 .. s0 + FIX_SCAN`` chose, at level ``lvl``, one of the codes
+    ``k0 .. k0 + FIX_R``: a fix-up walks only the row blocks of such a span (one wide read of the
+    codes per span, so a group of codes costs ``N / FIX_SCAN`` steps, not ``N / FIX_M``)."""
+    o_s = s0 + tl.arange(0, FIX_SCAN).to(tl.int64)
+    b_i = tl.load(p_codes + o_s * stride_on + lvl * stride_ol, mask=o_s < N, other=-1, cache_modifier=".cg")
+    return tl.max(((b_i >= k0) & (b_i < k0 + FIX_R)).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R: tl.constexpr):
     """``b_acc (FIX_R, C)`` float64 plus, for each ``j``, the sum of the rows of the terms
     ``b_t (rows, C)`` whose code ``b_idx`` is ``k0 + j`` (rows that add nothing hold 0)."""
@@ -500,33 +511,36 @@ def _stats_fix_codes(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
-    for m0 in range(0, N, FIX_M):
-        o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
-        m_m = o_m < N
-        # (the codes: other programs searched and stored them) only a block that holds a row of
-        # the group walks its rows to the level
-        b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
-        m_grp = m_m & (b_idx >= k0) & (b_idx < k0 + FIX_R)
-        if tl.max(m_grp.to(tl.int32), axis=0) > 0:
-            m_md = m_m[:, None] & m_d[None, :]
-            if HAS_W:
-                b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
-                b_sw = tl.load(p_sw + o_m, mask=m_m, other=0.0).to(tl.float32)
-            else:
-                b_w = tl.where(m_m, 1.0, 0.0)
-                b_sw = b_w
-            m_live = m_grp & (b_w != 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
-            b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
-            b_r = b_r.to(tl.float32)
-            b_wide = o_m < 0
-            for l2 in range(0, lvl):
-                b_i2 = tl.load(p_codes + o_m * stride_on + l2 * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
-                b_sel = tl.load(p_cb + l2 * stride_cl + b_i2[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                                mask=m_md, other=0.0).to(tl.float32)
-                b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
-            m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
-            b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
-            b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
+    for s0 in range(0, N, FIX_SCAN):  # (spans of rows, each read once for the group's codes)
+        if _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R, FIX_SCAN):
+            for m0 in range(s0, s0 + FIX_SCAN, FIX_M):
+                o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
+                m_m = o_m < N
+                # (the codes: other programs searched and stored them) only a block that holds a row of
+                # the group walks its rows to the level
+                b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0, cache_modifier=".cg")
+                m_grp = m_m & (b_idx >= k0) & (b_idx < k0 + FIX_R)
+                if tl.max(m_grp.to(tl.int32), axis=0) > 0:
+                    m_md = m_m[:, None] & m_d[None, :]
+                    if HAS_W:
+                        b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float32)
+                        b_sw = tl.load(p_sw + o_m, mask=m_m, other=0.0).to(tl.float32)
+                    else:
+                        b_w = tl.where(m_m, 1.0, 0.0)
+                        b_sw = b_w
+                    m_live = m_grp & (b_w != 0) & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
+                    b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+                    b_r = b_r.to(tl.float32)
+                    b_wide = o_m < 0
+                    for l2 in range(0, lvl):
+                        b_i2 = tl.load(p_codes + o_m * stride_on + l2 * stride_ol, mask=m_m, other=0,
+                                       cache_modifier=".cg")
+                        b_sel = tl.load(p_cb + l2 * stride_cl + b_i2[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                                        mask=m_md, other=0.0).to(tl.float32)
+                        b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
+                    m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
+                    b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
+                    b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
     o_r = tl.arange(0, FIX_R)
     tl.store(p_sums + (lvl * K + k0 + o_r)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
              mask=m_fix[:, None] & m_d[None, :])
@@ -1050,27 +1064,29 @@ def _dcb_fix_codes(
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
         b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
-        for m0 in range(0, N, FIX_M):
-            o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
-            m_m = o_m < N
-            m_md = m_m[:, None] & m_d[None, :]
-            if HAS_W:
-                b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float64)
-            else:
-                b_w = tl.where(m_m, 1.0, 0.0).to(tl.float64)
-            b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0)
-            m_use = m_m & (b_w != 0) & (b_idx >= k0) & (b_idx < k0 + FIX_R)
-            if tl.max(m_use.to(tl.int32), axis=0) > 0:
-                b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
-                b_r = b_r.to(tl.float32).to(tl.float64)
-                for l2 in range(0, lvl):
-                    b_i2 = tl.load(p_codes + o_m * stride_on + l2 * stride_ol, mask=m_m, other=0)
-                    b_r -= tl.load(p_cb + l2 * stride_cl + b_i2[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                                   mask=m_md, other=0.0).to(tl.float32).to(tl.float64)
-                b_c = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
-                              mask=m_md, other=0.0).to(tl.float32).to(tl.float64)
-                b_t = tl.where(m_use[:, None] & m_md, b_ge * (b_w[:, None] * (b_c - b_r)), 0.0)
-                b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
+        for s0 in range(0, N, FIX_SCAN):  # (spans of rows, each read once for the group's codes)
+            if _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R, FIX_SCAN):
+                for m0 in range(s0, s0 + FIX_SCAN, FIX_M):
+                    o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
+                    m_m = o_m < N
+                    m_md = m_m[:, None] & m_d[None, :]
+                    if HAS_W:
+                        b_w = tl.load(p_w + o_m, mask=m_m, other=0.0).to(tl.float64)
+                    else:
+                        b_w = tl.where(m_m, 1.0, 0.0).to(tl.float64)
+                    b_idx = tl.load(p_codes + o_m * stride_on + lvl * stride_ol, mask=m_m, other=0)
+                    m_use = m_m & (b_w != 0) & (b_idx >= k0) & (b_idx < k0 + FIX_R)
+                    if tl.max(m_use.to(tl.int32), axis=0) > 0:
+                        b_r = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+                        b_r = b_r.to(tl.float32).to(tl.float64)
+                        for l2 in range(0, lvl):
+                            b_i2 = tl.load(p_codes + o_m * stride_on + l2 * stride_ol, mask=m_m, other=0)
+                            b_r -= tl.load(p_cb + l2 * stride_cl + b_i2[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                                           mask=m_md, other=0.0).to(tl.float32).to(tl.float64)
+                        b_c = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
+                                      mask=m_md, other=0.0).to(tl.float32).to(tl.float64)
+                        b_t = tl.where(m_use[:, None] & m_md, b_ge * (b_w[:, None] * (b_c - b_r)), 0.0)
+                        b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
         tl.store(p_dcb + (lvl * K + k0 + o_r)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
                  mask=m_fix[:, None] & m_d[None, :])
 
@@ -1231,7 +1247,8 @@ def residual_quantize_fwd(
     common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
                   PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
                   BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype),
-                  FIX_M=max(1, min(16, STATS_FIX_WORDS // block_d)), FIX_R=max(1, min(8, STATS_FIX_WORDS // (2 * block_d))),
+                  FIX_M=max(1, min(16, STATS_FIX_WORDS // block_d)),
+                  FIX_R=max(1, min(8, STATS_FIX_WORDS // (2 * block_d))),
                   FIX_D=block_d)
     strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
                q.stride(0), q.stride(1), c.stride(0), c.stride(1))

@@ -1186,3 +1186,27 @@ def test_statistics_large_terms_that_do_not_overflow_keep_their_sums(backend, de
         ft.assert_close(out["sums"], want, dtype=torch.float32, reduce_len=N, magnitude=mag)
         if overflow:
             assert out["sums"][0, 3, 1].item() == 0.0 and out["sums"][1].abs().amax() < 1e38
+
+
+def test_fixups_find_overflowed_codes_across_row_spans(backend, device):
+    # The fix-ups read a group's codes FIX_SCAN (1024) rows at a time and walk only the spans
+    # that hold one: three rows of +-3e38 on code 0 at rows 100, 1500 and 2400 (three spans),
+    # 3e38 + 3e38 - 3e38 = 3e38 in the statistics, and -(that) in the codebook gradient (the
+    # loss scaled by N D / 2: each term is -x); every other row on code 1 (codes given)
+    N, D = 2500, 5
+    x = 100.0 + randn(N, D, seed=93, device=device)
+    big = torch.tensor([100, 1500, 2400], device=device)
+    x[big] = 0.0
+    x[big, 0] = torch.tensor([3e38, 3e38, -3e38], device=device)
+    cb = torch.zeros(1, 2, D, device=device)
+    cb[0, 1] = 100.0
+    cb.requires_grad_(True)
+    codes = torch.ones(N, 1, dtype=torch.int64, device=device)
+    codes[big] = 0  # (given: where all distances overflow the search's pick is a documented one)
+    out = fastvq.residual_quantize_step(x, cb, codes=codes, statistics=True)
+    three = torch.tensor(3e38).item()  # (float32's 3e38)
+    assert out.sums[0, 0].tolist() == [three, 0.0, 0.0, 0.0, 0.0]
+    assert out.counts[0].tolist() == [3.0, N - 3.0]
+    (N * D / 2 * out.embedding_loss).backward()
+    assert cb.grad[0, 0, 0].item() == pytest.approx(-three, rel=1e-6)
+    assert cb.grad[0, 0, 1:].abs().max().item() == 0.0 and cb.grad[0, 1].isfinite().all()
