@@ -71,6 +71,30 @@ def count_kernel_launches(monkeypatch, module, *names) -> list:
     return launched
 
 
+def two_config_autotuner(monkeypatch, module, name) -> list:
+    """Put in place of the autotuned kernel ``module.name`` an autotuner of two configs (its first
+    config at 1 and at 2 warps) with the kernel's key and ``reset_to_zero``, whose timer launches
+    each config 3 times, as a GPU autotuner does, and ranks them by the order timed (no clock).
+    Returns the list the timer appends to (one entry per config timed)."""
+    import triton
+
+    tuned = getattr(module, name)
+    timed = []
+
+    def do_bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        timed.append(3)
+        return [float(len(timed)), 0.0, 0.0]
+
+    cfg = tuned.configs[0]
+    configs = [triton.Config(dict(cfg.kwargs), num_warps=w, num_stages=cfg.num_stages) for w in (1, 2)]
+    fresh = triton.autotune(configs=configs, key=list(tuned.keys), reset_to_zero=tuned.reset_to_zero,
+                            do_bench=do_bench)(tuned.fn)
+    monkeypatch.setattr(module, name, fresh)
+    return timed
+
+
 def stored(x32: torch.Tensor, dtype: torch.dtype, kernel: bool = True) -> torch.Tensor:
     """The values a store of float32 ``x32`` in ``dtype`` gives: round to nearest even (a GPU, and
     torch), except a Triton kernel's store to bfloat16 under an interpreter whose casts

@@ -32,7 +32,7 @@ import torch
 
 import fastvq
 import fastvq.testing as ft
-from tests.utils import generator, randn
+from tests.utils import generator, randn, two_config_autotuner
 
 F32_MAX = torch.finfo(torch.float32).max
 M = 3.0e38
@@ -162,12 +162,9 @@ def test_fixup_under_the_autotuners_timed_launches(monkeypatch, device, chunked)
     # as test_autotuning_does_not_add_its_timed_launches_to_the_statistics, on rows whose sums
     # overflow on the way: each timed launch runs the fix-up on zeroed state; the counted one
     # gives the untuned launch's statistics
-    import triton
-
     from fastvq.kernels import residual_quantize as rq
 
     name = "_residual_quantize_fwd_chunked_kernel" if chunked else "_residual_quantize_fwd_kernel"
-    tuned = getattr(rq, name)
     x = randn(37, 6, seed=31, device=device)
     cb = randn(2, 5, 6, seed=32, device=device)
     codes = torch.randint(1, 5, (37, 2), generator=generator(33, device), device=device)
@@ -177,19 +174,7 @@ def test_fixup_under_the_autotuners_timed_launches(monkeypatch, device, chunked)
     x[3, 1] = float("inf")
     kw = dict(max_register_d=1 if chunked else None, stats=True, codes=codes)
     want = rq.residual_quantize_fwd(x, cb, **kw)
-    timed = []
-
-    def do_bench(kernel_call, quantiles):
-        for _ in range(3):
-            kernel_call()
-        timed.append(3)
-        return [float(len(timed)), 0.0, 0.0]
-
-    cfg = tuned.configs[0]
-    configs = [triton.Config(dict(cfg.kwargs), num_warps=nw, num_stages=cfg.num_stages) for nw in (1, 2)]
-    fresh = triton.autotune(configs=configs, key=list(tuned.keys), reset_to_zero=tuned.reset_to_zero,
-                            do_bench=do_bench)(tuned.fn)
-    monkeypatch.setattr(rq, name, fresh)
+    timed = two_config_autotuner(monkeypatch, rq, name)
     got = rq.residual_quantize_fwd(x, cb, **kw)
     assert len(timed) == 2
     for key in ("counts", "sums", "skipped"):

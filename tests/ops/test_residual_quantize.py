@@ -4,7 +4,7 @@ import torch
 import fastvq
 import fastvq.testing as ft
 from fastvq.reference.residual_quantize import residual_quantize_ref
-from tests.utils import assert_close, count_kernel_launches, generator, noncontiguous, randn
+from tests.utils import assert_close, count_kernel_launches, generator, noncontiguous, randn, two_config_autotuner
 
 CASES = [  # (N, L, K, D)
     pytest.param(1, 1, 1, 1, id="N1-L1-K1-D1"),
@@ -1059,31 +1059,16 @@ def test_autotuning_does_not_add_its_timed_launches_to_the_statistics(monkeypatc
     # timed launch (the first step of each new shape got counts ~100x too large). Here: two
     # configs and a "timer" that launches each three times, as do_bench would; the counts, sums
     # and skipped rows must equal an untuned launch's.
-    import triton
-
     from fastvq.kernels import residual_quantize as rq
 
     name = "_residual_quantize_fwd_chunked_kernel" if chunked else "_residual_quantize_fwd_kernel"
-    tuned = getattr(rq, name)
-    assert tuned.reset_to_zero == ["p_counts", "p_sums", "p_skip"]
+    assert getattr(rq, name).reset_to_zero == ["p_counts", "p_sums", "p_skip"]
     x = randn(37, 6, seed=71)
     x[3, 1] = float("inf")  # a skipped row
     cb = randn(2, 5, 6, seed=72)
     kw = dict(max_register_d=1 if chunked else None, stats=True)
     want = rq.residual_quantize_fwd(x, cb, **kw)
-    timed = []
-
-    def do_bench(kernel_call, quantiles):
-        for _ in range(3):
-            kernel_call()
-        timed.append(3)
-        return [float(len(timed)), 0.0, 0.0]
-
-    cfg = tuned.configs[0]
-    configs = [triton.Config(dict(cfg.kwargs), num_warps=w, num_stages=cfg.num_stages) for w in (1, 2)]
-    fresh = triton.autotune(configs=configs, key=list(tuned.keys), reset_to_zero=tuned.reset_to_zero,
-                            do_bench=do_bench)(tuned.fn)
-    monkeypatch.setattr(rq, name, fresh)
+    timed = two_config_autotuner(monkeypatch, rq, name)
     got = rq.residual_quantize_fwd(x, cb, **kw)
     assert len(timed) == 2  # both configs were timed
     assert torch.equal(got["codes"], want["codes"])
