@@ -542,7 +542,7 @@ def _stats_fix_codes(
                     b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
                     b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
     o_r = tl.arange(0, FIX_R)
-    tl.store(p_sums + (lvl * K + k0 + o_r)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
+    tl.store(p_sums + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
              mask=m_fix[:, None] & m_d[None, :])
 
 
@@ -562,7 +562,7 @@ def _stats_fixup(
     o_r = tl.arange(0, FIX_R)
     for lvl in range(L):
         for k0 in range(0, K, FIX_R):
-            m_fix = _nonfinite_rows(p_sums + (lvl * K + k0) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
+            m_fix = _nonfinite_rows(p_sums + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _stats_fix_codes(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, lvl, k0, m_fix, stat_lim,
                                  stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
@@ -1087,7 +1087,7 @@ def _dcb_fix_codes(
                                       mask=m_md, other=0.0).to(tl.float32).to(tl.float64)
                         b_t = tl.where(m_use[:, None] & m_md, b_ge * (b_w[:, None] * (b_c - b_r)), 0.0)
                         b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
-        tl.store(p_dcb + (lvl * K + k0 + o_r)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
+        tl.store(p_dcb + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
                  mask=m_fix[:, None] & m_d[None, :])
 
 
@@ -1105,7 +1105,7 @@ def _dcb_fixup(
     o_r = tl.arange(0, FIX_R)
     for lvl in range(L):
         for k0 in range(0, K, FIX_R):
-            m_fix = _nonfinite_rows(p_dcb + (lvl * K + k0) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
+            m_fix = _nonfinite_rows(p_dcb + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _dcb_fix_codes(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, lvl, k0, m_fix,
                                stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
