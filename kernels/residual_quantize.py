@@ -570,23 +570,32 @@ def _stats_fixup(
 
 
 @triton.jit
+def _last_program_flagged(p_flag):
+    """At the end of every program of an atomic launch with a fix-up (``p_flag``: the flag a
+    term beyond ``BIG_T`` set, then the count of programs done, zero-filled): count this one,
+    and return whether it is the last and the flag is set. Every thread's atomics and flag
+    stores come before the count (a block barrier, then acq_rel: as a grid barrier orders
+    them), so the program that counts last sees every other program's sums, flag and codes; the
+    others' flag load is predicated off."""
+    tl.debug_barrier()
+    n_done = tl.atomic_add(p_flag + 1, 1, sem="acq_rel", scope="gpu")
+    last = n_done == tl.num_programs(0) * tl.num_programs(1) - 1
+    return tl.load(p_flag, mask=last, other=0, cache_modifier=".cg") > 0
+
+
+@triton.jit
 def _stats_fixup_if_last(
     p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_state, N, K, D, L, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, FIX_D: tl.constexpr,
 ):
-    """The end of every program of a forward launch with statistics: count it (``p_state``:
-    skipped ``(L,)``, then the flag and the count), and the last one, if some term beyond
-    ``BIG_T`` set the flag, runs :func:`_stats_fixup`. Every thread's atomics and flag stores
-    come before the count (a block barrier, then acq_rel: as a grid barrier orders them), so the
-    program that counts last sees every other program's sums, flag and codes."""
-    tl.debug_barrier()
-    n_done = tl.atomic_add(p_state + L + 1, 1, sem="acq_rel", scope="gpu")
-    if n_done == tl.num_programs(0) - 1:
-        if tl.load(p_state + L, cache_modifier=".cg") > 0:
-            _stats_fixup(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, stat_lim,
-                         stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                         HAS_W, FIX_M, FIX_R, FIX_D)
+    """The end of every program of a forward launch with statistics (``p_state``: skipped
+    ``(L,)``, then the flag and the count): the last one, if some term beyond ``BIG_T`` set the
+    flag, runs :func:`_stats_fixup` (:func:`_last_program_flagged`)."""
+    if _last_program_flagged(p_state + L):
+        _stats_fixup(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, stat_lim,
+                     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                     HAS_W, FIX_M, FIX_R, FIX_D)
 
 
 @autotune(configs=_configs("residual_quantize", maxnreg=255), key=["D", "K", "L", *_FLAGS],
@@ -1142,16 +1151,11 @@ def _residual_quantize_bwd_kernel(
                 o_i = pid * BLOCK_M + i + o_1
                 _bwd_rows(o_i, o_i < N, o_d, o_d < D, *args,
                           HAS_W, HAS_G, HAS_GC, HAS_GE, HAS_DX, ROTATE, EPS_N, EPS_S, BIG_T, True)
-    if HAS_GE:
-        # every thread's atomics and flag stores before the count (as a grid barrier does), the
-        # count acq_rel: the program that counts last sees every other program's terms and flag
-        tl.debug_barrier()
-        n_done = tl.atomic_add(p_state + 1, 1, sem="acq_rel", scope="gpu")
-        if n_done == tl.num_programs(0) * tl.num_programs(1) - 1:
-            if tl.load(p_state, cache_modifier=".cg") > 0:
-                _dcb_fixup(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, L,
-                           stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                           HAS_W, FIX_M, FIX_R, FIX_D)
+    if HAS_GE:  # (p_state: the flag, the count)
+        if _last_program_flagged(p_state):
+            _dcb_fixup(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, L,
+                       stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                       HAS_W, FIX_M, FIX_R, FIX_D)
 
 
 @launcher
@@ -1247,9 +1251,7 @@ def residual_quantize_fwd(
     common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
                   PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
                   BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype),
-                  FIX_M=max(1, min(16, STATS_FIX_WORDS // block_d)),
-                  FIX_R=max(1, min(8, STATS_FIX_WORDS // (2 * block_d))),
-                  FIX_D=block_d)
+                  **stats_fix_tiles(block_d))
     strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
                q.stride(0), q.stride(1), c.stride(0), c.stride(1))
 
@@ -1270,6 +1272,20 @@ def residual_quantize_fwd(
     if loss:  # (the config the launch ran: set by the autotuner on every launch, no device read)
         out["level_sq"] = loss_part[: triton.cdiv(N, kernel.best_config.kwargs["BLOCK_M"]), :L].sum(0)
     return out
+
+
+def stats_fix_tiles(block_d: int) -> dict:
+    """The forward statistics fix-up's tiles for rows of ``block_d`` (``next_pow2(D)``): ``FIX_M``
+    whole rows and ``FIX_R`` codes' float64 sums, within ``STATS_FIX_WORDS`` and half of it."""
+    return dict(FIX_M=max(1, min(16, STATS_FIX_WORDS // block_d)),
+                FIX_R=max(1, min(8, STATS_FIX_WORDS // (2 * block_d))), FIX_D=block_d)
+
+
+def bwd_fix_tiles(block_d: int) -> dict:
+    """The backward codebook-gradient fix-up's tiles for a launch of ``BLOCK_D = block_d``:
+    ``FIX_D`` columns at a time (at most 128), ``FIX_M`` rows and ``FIX_R`` codes."""
+    fix_d = min(block_d, 128)
+    return dict(FIX_M=max(1, 128 // fix_d), FIX_R=max(1, 256 // fix_d), FIX_D=fix_d)
 
 
 def bwd_num_warps(block_d: int) -> int:
@@ -1334,7 +1350,7 @@ def residual_quantize_bwd(
         dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
         BLOCK_M=block_m, BLOCK_D=block_d, HAS_W=weights is not None, HAS_G=has_g, HAS_GC=has_gc, HAS_GE=has_ge,
         HAS_DX=need_dx, ROTATE=rotate and has_g, EPS_N=EPS_NORM, EPS_S=EPS_ANTIPODAL,
-        FIX_M=max(1, 128 // min(block_d, 128)), FIX_R=max(1, 256 // min(block_d, 128)), FIX_D=min(block_d, 128),
-        num_warps=bwd_num_warps(block_d), **({"maxnreg": BWD_FIXUP_MAXNREG} if has_ge else {}),
+        **bwd_fix_tiles(block_d), num_warps=bwd_num_warps(block_d),
+        **({"maxnreg": BWD_FIXUP_MAXNREG} if has_ge else {}),
     )
     return dx, dcb

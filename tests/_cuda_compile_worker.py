@@ -283,8 +283,7 @@ def _residual_quantize_jobs():
         # the statistics fix-up's whole rows: BLOCK_D; chunked, the narrowest D that runs chunked
         fix_d = block_d if not chunked else 2 * mod.register_d_limit(torch.float32 if dt == "fp32" else torch.bfloat16)
         const = dict(common_unit if aligned else {}, BLOCK_D=block_d, BLOCK_L=block_l, PRECISION=prec,
-                     DOT_FP32=False, BF16_RNE=False, FIX_M=max(1, min(16, mod.STATS_FIX_WORDS // fix_d)),
-                     FIX_R=max(1, min(8, mod.STATS_FIX_WORDS // (2 * fix_d))), FIX_D=fix_d, **flags, **cfg.kwargs)
+                     DOT_FP32=False, BF16_RNE=False, **mod.stats_fix_tiles(fix_d), **flags, **cfg.kwargs)
         big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         on = "+".join(f for f in ("HAS_W", "LOSS", "STATS", "CAND") if flags[f]) + ("" if flags["SEARCH"] else "+GIVEN")
         return Job(f"residual_quantize.{name}",
@@ -351,8 +350,7 @@ def _residual_quantize_jobs():
                                 "p_gc": "*fp32", "p_ge": "*fp32", "p_dx": p, "p_dcb": "*fp32", "p_state": "*i32"},
                             {"stride_xd": 1, "stride_cd": 1, "stride_ol": 1, "stride_gd": 1, "stride_dd": 1,
                              "BLOCK_M": block_m, "BLOCK_D": block_d, "EPS_N": mod.EPS_NORM, "EPS_S": mod.EPS_ANTIPODAL,
-                             "FIX_M": max(1, 128 // min(block_d, 128)), "FIX_R": max(1, 256 // min(block_d, 128)),
-                             "FIX_D": min(block_d, 128), **flags},
+                             **mod.bwd_fix_tiles(block_d), **flags},
                             aligned_ints=("stride_xn", "stride_cl", "stride_ck", "stride_on", "stride_gn", "stride_dn"),
                             scalars={"BIG_T": "fp32"}, cost=0.8, num_warps=mod.bwd_num_warps(block_d),
                             maxnreg=mod.BWD_FIXUP_MAXNREG))  # (HAS_GE: the launch states it)
