@@ -275,29 +275,46 @@ def exp2i64(e):
     return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
 
 
-@triton.jit
-def f64_exponent(b):
-    """The biased float64 exponent of ``b >= 0`` (0 for zeros and subnormals), int32."""
-    return ((b.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32)
+FIX_SCAN = tl.constexpr(1024)  # indices a fix-up reads at once to find the rows of its group
 
 
 @triton.jit
-def fix_shift(b_mark, TOP_EXP):
-    """A fixed row's scale exponent ``s >= 0``: its largest finite |term| (biased float64 exponent
-    ``b_mark - 2``) times ``2^-s`` is below ``2^TOP_EXP``."""
-    return tl.maximum(b_mark - 2 - 1023 + 1 - TOP_EXP, 0)
+def nonfinite_rows(p_rows, m_k, D, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which of the ``FIX_R`` float32 rows ``p_rows + j D`` (``m_k``: those to look at) hold an
+    element that is not finite: the rows (codes, table rows) whose atomic sum overflowed on the
+    way (an overflowed partial sum never comes back: inf, or NaN with an opposite inf). Read
+    past L1 (``.cg``): other programs wrote them."""
+    o_r = tl.arange(0, FIX_R)
+    m_bad = o_r < 0
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        b_v = tl.load(p_rows + o_r[:, None] * D + o_d[None, :], mask=m_k[:, None] & (o_d < D)[None, :], other=0.0,
+                      cache_modifier=".cg")
+        m_bad = m_bad | (tl.max((~(tl.abs(b_v) < float("inf"))).to(tl.int32), axis=1) > 0)
+    return m_k & m_bad
 
 
-def atomic_overflow_bound(n: int) -> tuple[float, int]:
-    """``(2^t, t)``: a float32 sum of at most ``n`` terms, each at most ``2^t`` in magnitude,
-    stays below ``2^127`` in every partial sum, in any order: recursive summation's partial
-    sums are at most ``sum |terms| (1 + 2^-24)^n <= n e^(n 2^-24) 2^t``, and ``t = 127 -
-    ceil(log2(n e^(n 2^-24)))`` (``2^t`` = 8e34 for 4,096 items). Atomic backwards (QR, residual
-    quantization) mark the rows with a larger term; their fix-ups sum them again, scaled below
-    ``2^t``."""
+@triton.jit
+def add_rows_by_index(b_acc, b_t, b_idx, k0, FIX_R: tl.constexpr):
+    """``b_acc (FIX_R, C)`` float64 plus, for each ``j``, the sum of the rows of the terms
+    ``b_t (rows, C)`` whose index (code, table row) ``b_idx`` is ``k0 + j``; every other row of
+    ``b_t`` is left out, whatever it holds."""
+    o_r = tl.arange(0, FIX_R)
+    for j in tl.static_range(FIX_R):
+        b_j = tl.sum(tl.where((b_idx == k0 + j)[:, None], b_t, 0.0), axis=0)
+        b_acc = tl.where((o_r == j)[:, None], b_acc + b_j[None, :], b_acc)
+    return b_acc
+
+
+def atomic_overflow_bound(n: int) -> float:
+    """``2^t``: a float32 sum of at most ``n`` terms, each at most ``2^t`` in magnitude, stays
+    below ``2^127`` in every partial sum, in any order: recursive summation's partial sums are
+    at most ``sum |terms| (1 + 2^-24)^n <= n e^(n 2^-24) 2^t``, and ``t = 127 -
+    ceil(log2(n e^(n 2^-24)))`` (``2^t`` = 8e34 for 4,096 items). Atomic sums (QR's backward,
+    residual quantization's statistics and codebook gradient) flag a larger term; their fix-ups
+    sum the rows that overflowed again in float64."""
     log2_growth = math.log2(max(n, 1)) + n * 2.0**-24 / math.log(2.0)
-    top = 127 - max(0, math.ceil(log2_growth))
-    return math.ldexp(1.0, top), top
+    return math.ldexp(1.0, 127 - max(0, math.ceil(log2_growth)))
 
 
 @triton.jit

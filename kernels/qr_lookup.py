@@ -36,8 +36,9 @@ the output, so it is read on the host (one sync). ``deterministic=False``: ``_qr
 adds each item's contribution to both tables with relaxed float32 atomics (no sort). Where a
 row's float32 partial sums could overflow (a term beyond ``2^t`` ~ 3.4e38 / N, see
 ``atomic_overflow_bound``: nothing else can overflow) it marks the row, and
-``_qr_atomic_fixup_kernel``, one program launched after it, sums the marked rows again, each at
-its own power-of-two scale, then scales them back (inf only where the exact sum overflows). It
+``_qr_atomic_fixup_kernel``, one program launched after it, sums again the marked rows whose
+float32 sum is not finite (an overflowed partial sum never comes back): each term in float64,
+summed in a float64 register tile, rounded once (+-inf only where the exact sum overflows). It
 returns at once when nothing was marked: ordinary inputs pay one launch, no host read.
 ``_qr_psw_grad_kernel``: gradient of the per-sample weights (composed item . bag gradient).
 """
@@ -48,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (atomic_overflow_bound, exp2i64, f64_exponent, fix_shift, flat_grid, flat_program_id, launcher,
-                      next_pow2, tile_offsets)
+from ._common import (FIX_SCAN, add_rows_by_index, atomic_overflow_bound, flat_grid, flat_program_id, launcher,
+                      next_pow2, nonfinite_rows, tile_offsets)
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
@@ -449,97 +450,97 @@ def _qr_atomic_kernel(
 
 
 @triton.jit
-def _qr_fix_items(
-    p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, p_marks, o_l, m_l, b_row, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
-    TOP_EXP, stride_gn, stride_gd, stride_own, stride_owd, stride_dn, stride_dd,
-    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
-    ADD: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The fix-up's pass over one block of items, for one table; only items whose row is marked.
-    ``ADD=False``: zero the row and raise its mark to 2 + the float64 exponent of its largest
-    finite |term|. ``ADD=True``: add the float64 terms times ``2^-s`` (:func:`fix_shift`),
-    rounded to float32, with relaxed atomics. Marks and rows are read past L1 (``.cg``): the
-    same program wrote them in its previous pass."""
-    b_mark = tl.load(p_marks + b_row, mask=m_l, other=0, cache_modifier=".cg")
-    m_row = m_l & (b_mark > 0)
-    if ADD:
-        b_down = exp2i64(-fix_shift(b_mark, TOP_EXP))
+def _qr_item_rows(p_ids, o_l, m_l, M, R, IS_Q: tl.constexpr):
+    """The rows of one table (quotient with ``IS_Q``, else remainder) that items ``o_l`` add to."""
+    b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
+    if IS_Q:
+        return b_qi
     else:
-        b_e = tl.zeros_like(b_mark)
-    for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        m = m_row[:, None] & (o_d < D)[None, :]
-        p_row = p_dw + b_row[:, None] * stride_dn + o_d[None, :] * stride_dd
-        b_t, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_row, o_d, D, COL_OFF, N, B, M, R,
-                               N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN,
-                               HAS_W, True)
-        if ADD:
-            tl.atomic_add(p_row, (b_t * b_down[:, None]).to(tl.float32), mask=m, sem="relaxed")
-        else:
-            b_a = tl.abs(b_t)
-            b_a = tl.where(b_a < float("inf"), b_a, 0.0)  # NaN and +-inf stay as they are when scaled
-            b_e = tl.maximum(b_e, f64_exponent(tl.max(b_a, axis=1)))
-            tl.store(p_row, tl.zeros(b_t.shape, dtype=tl.float32), mask=m)
-    if not ADD:
-        tl.atomic_max(p_marks + b_row, b_e + 2, mask=m_row, sem="relaxed")
+        return b_ri
 
 
 @triton.jit
-def _qr_fix_rescale(p_dw, p_marks, ROWS, D, TOP_EXP, stride_dn, stride_dd,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Multiply the marked rows of one table back by ``2^s``: exact in float64, rounded once
-    (+-inf where the row's sum overflows)."""
-    for r0 in range(0, ROWS, BLOCK_R):
-        o_r = r0 + tl.arange(0, BLOCK_R)
-        b_mark = tl.load(p_marks + o_r, mask=o_r < ROWS, other=0, cache_modifier=".cg")
-        if tl.max(b_mark) > 0:
-            b_up = exp2i64(fix_shift(b_mark, TOP_EXP))
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                m = (b_mark > 0)[:, None] & (o_d < D)[None, :]
-                p_row = p_dw + o_r[:, None].to(tl.int64) * stride_dn + o_d[None, :] * stride_dd
-                b_v = tl.load(p_row, mask=m, other=0.0, cache_modifier=".cg")
-                tl.store(p_row, (b_v.to(tl.float64) * b_up[:, None]).to(tl.float32), mask=m)
+def _qr_fix_rows(
+    p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, r0, m_fix, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
+    stride_gn, stride_gd, stride_own, stride_owd,
+    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Rows ``r0 + j`` (``m_fix``) of one table's gradient (float32, contiguous) summed again:
+    each item's term formed in float64 (exact: a product of at most three float32 values and a
+    reciprocal) and summed in a float64 register tile, each sum rounded once to float32: +-inf
+    only where the exact sum overflows, every column at its own precision. ``BLOCK_D`` columns at
+    a time; per column tile, one read of every item's id per ``FIX_SCAN`` span, and a walk of the
+    ``FIX_L``-item blocks of the spans that hold an item of these rows."""
+    o_r = tl.arange(0, FIX_R)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
+        for s0 in range(0, N, FIX_SCAN):
+            o_s = s0 + tl.arange(0, FIX_SCAN).to(tl.int64)
+            b_rs = _qr_item_rows(p_ids, o_s, o_s < N, M, R, IS_Q)
+            if tl.max(((o_s < N) & (b_rs >= r0) & (b_rs < r0 + FIX_R)).to(tl.int32), axis=0) > 0:
+                for l0 in range(s0, s0 + FIX_SCAN, FIX_L):
+                    o_l = l0 + tl.arange(0, FIX_L).to(tl.int64)
+                    m_l = o_l < N
+                    b_row = _qr_item_rows(p_ids, o_l, m_l, M, R, IS_Q)
+                    m_grp = m_l & (b_row >= r0) & (b_row < r0 + FIX_R)
+                    if tl.max(m_grp.to(tl.int32), axis=0) > 0:
+                        b_t, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_grp, o_d, D, COL_OFF,
+                                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                                               IS_Q, OP, BAGS, MEAN, HAS_W, True)
+                        b_acc = add_rows_by_index(b_acc, b_t, tl.where(m_grp, b_row, -1), r0, FIX_R)
+        tl.store(p_dw + (r0 + o_r).to(tl.int64)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
+                 mask=m_fix[:, None] & (o_d < D)[None, :])
+
+
+@triton.jit
+def _qr_fix_table(
+    p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, p_marks, ROWS, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
+    stride_gn, stride_gd, stride_own, stride_owd,
+    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The marked rows of one table whose float32 sum is not finite (a partial sum overflowed on
+    the way: it never comes back), ``FIX_R`` rows at a time, summed again (:func:`_qr_fix_rows`)."""
+    o_r = tl.arange(0, FIX_R)
+    for r0 in range(0, ROWS, FIX_R):
+        m_k = r0 + o_r < ROWS
+        m_k = m_k & (tl.load(p_marks + r0 + o_r, mask=m_k, other=0) > 0)
+        if tl.max(m_k.to(tl.int32), axis=0) > 0:
+            m_fix = nonfinite_rows(p_dw + tl.cast(r0, tl.int64) * D, m_k, D, FIX_R, BLOCK_D)
+            if tl.max(m_fix.to(tl.int32), axis=0) > 0:
+                _qr_fix_rows(p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, r0, m_fix, D, COL_OFF, N, B, M, R,
+                             N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                             IS_Q, OP, BAGS, MEAN, HAS_W, FIX_L, FIX_R, BLOCK_D)
 
 
 @triton.jit
 def _qr_atomic_fixup_kernel(
     p_g, p_ids, p_offsets, p_psw, p_qw, p_rw, p_dq, p_dr, p_state,
-    N, B, M, Q, R, DQ, DR, N_BAG_ITERS, TOP_EXP,
+    N, B, M, Q, R, DQ, DR, N_BAG_ITERS,
     stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
-    stride_dqn, stride_dqd, stride_drn, stride_drd,
     NEED_Q: tl.constexpr, NEED_R: tl.constexpr,
     OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program, after :func:`_qr_atomic_kernel`: returns at once unless it set the flag
-    ``p_state[0]``. Else it sums the marked rows again, each at its own power-of-two scale: (1)
-    over the items, zero the marked rows and find each one's largest finite |term| (float64);
-    (2) over the items again, add the terms of the marked rows times ``2^-s``, so that no partial
-    sum can overflow; (3) over the rows, scale the marked ones back by ``2^s``. Only the marked
-    rows change (the others keep their float32 sums); within one, a term small enough to fall
-    into the float32 subnormals at that scale is below the row sum's own rounding error."""
+    """One program, launched after :func:`_qr_atomic_kernel` (stream order: it sees every sum,
+    mark and the flag): returns at once unless the flag ``p_state[0]`` is set. Else, in each
+    needed table, the rows that took a term beyond ``BIG_T`` (marked) and whose float32 sum is
+    not finite are summed again in float64 (:func:`_qr_fix_table`); every other row keeps its
+    float32 sum, in which no partial sum overflowed. The gradients are contiguous float32
+    (the launcher's accumulators). Cost, only for such inputs: per group of ``FIX_R`` such rows
+    and ``BLOCK_D`` columns, one read of every id and a walk of the item blocks that hold one."""
     if tl.load(p_state) == 0:
         return
-    for PASS in tl.static_range(2):
-        for l0 in range(0, N, BLOCK_L):
-            o_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-            m_l = o_l < N
-            b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
-            if NEED_Q:
-                _qr_fix_items(p_g, p_ids, p_offsets, p_psw, p_rw, p_dq, p_state + 1, o_l, m_l, b_qi, DQ, 0,
-                              N, B, M, R, N_BAG_ITERS, TOP_EXP, stride_gn, stride_gd, stride_rn, stride_rd,
-                              stride_dqn, stride_dqd, True, OP, BAGS, MEAN, HAS_W, PASS == 1, BLOCK_D)
-            if NEED_R:
-                col_off = DQ if OP == 2 else 0
-                _qr_fix_items(p_g, p_ids, p_offsets, p_psw, p_qw, p_dr, p_state + 1 + Q, o_l, m_l, b_ri, DR,
-                              col_off, N, B, M, R, N_BAG_ITERS, TOP_EXP, stride_gn, stride_gd, stride_qn, stride_qd,
-                              stride_drn, stride_drd, False, OP, BAGS, MEAN, HAS_W, PASS == 1, BLOCK_D)
-        tl.debug_barrier()  # this program's stores and atomics, before it reads them back
     if NEED_Q:
-        _qr_fix_rescale(p_dq, p_state + 1, Q, DQ, TOP_EXP, stride_dqn, stride_dqd, BLOCK_L, BLOCK_D)
+        _qr_fix_table(p_g, p_ids, p_offsets, p_psw, p_rw, p_dq, p_state + 1, Q, DQ, 0, N, B, M, R, N_BAG_ITERS,
+                      stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN, HAS_W, FIX_L, FIX_R, BLOCK_D)
     if NEED_R:
-        _qr_fix_rescale(p_dr, p_state + 1 + Q, R, DR, TOP_EXP, stride_drn, stride_drd, BLOCK_L, BLOCK_D)
+        col_off = DQ if OP == 2 else 0
+        _qr_fix_table(p_g, p_ids, p_offsets, p_psw, p_qw, p_dr, p_state + 1 + Q, R, DR, col_off, N, B, M, R,
+                      N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN, HAS_W,
+                      FIX_L, FIX_R, BLOCK_D)
 
 
 @triton.jit
@@ -592,6 +593,12 @@ def _qr_psw_grad_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def atomic_fix_tiles(block_d: int) -> dict:
+    """The atomic backward's fix-up tiles for ``BLOCK_D = block_d`` columns: ``FIX_L`` items
+    (their float64 terms) and ``FIX_R`` rows' float64 sums."""
+    return dict(FIX_L=max(1, min(16, 2048 // block_d)), FIX_R=max(1, min(8, 1024 // block_d)))
 
 
 def _block_d(D: int) -> int:
@@ -726,7 +733,7 @@ def qr_lookup_bwd(
             n_d = triton.cdiv(max(DQ, DR), BLOCK_D)
             dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
             state = torch.zeros((1 + Q + R,), dtype=torch.int32, device=dev)  # the flag, then a mark per row
-            big_t, top_exp = atomic_overflow_bound(N)
+            big_t = atomic_overflow_bound(N)
             args = (grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, dq_arg, dr_arg, state)
             strides = (grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
                        r_weight.stride(0), r_weight.stride(1),
@@ -737,8 +744,8 @@ def qr_lookup_bwd(
             )
             # one program that returns at once unless a row's float32 partial sums could overflow
             _qr_atomic_fixup_kernel[(1,)](
-                *args, N, B, M, Q, R, DQ, DR, n_bag_iters, top_exp, *strides,
-                NEED_Q=need_q, NEED_R=need_r, **flags, BLOCK_L=max(1, min(16, 2048 // BLOCK_D)), BLOCK_D=BLOCK_D,
+                *args, N, B, M, Q, R, DQ, DR, n_bag_iters, *strides[:6],
+                NEED_Q=need_q, NEED_R=need_r, **flags, **atomic_fix_tiles(BLOCK_D), BLOCK_D=BLOCK_D,
             )
         dq = None if dq is None else dq.to(q_weight.dtype)
         dr = None if dr is None else dr.to(r_weight.dtype)

@@ -73,8 +73,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, argmin_merge, atomic_overflow_bound, autotune, autotune_configs, bf16_rne, dot_fp32,
-                      exp2i, exp2i64, launcher, next_pow2, pow2_exponent, prune_by_estimate,
+from ._common import (FIX_SCAN, add_rows_by_index, arch_family, argmin_merge, atomic_overflow_bound, autotune,
+                      autotune_configs, bf16_rne, dot_fp32, exp2i, exp2i64, launcher, next_pow2, nonfinite_rows,
+                      pow2_exponent, prune_by_estimate,
                       register_estimate, rotation_grad_rows, round_bf16, target_for, tl_input_precision,
                       words_per_thread)
 
@@ -85,7 +86,6 @@ STATS_FIX_WORDS = 2048  # the statistics fix-up's tiles: FIX_M whole rows, at mo
 # least: a D-chunked launch's fix-up holds a whole row too, it runs only on the rare inputs), and FIX_R codes'
 # float64 sums, at most half as many
 MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in registers
-FIX_SCAN = tl.constexpr(1024)  # rows a fix-up scans at once for a group's codes (_group_in_rows)
 BWD_FIXUP_MAXNREG = 255  # a backward launch with the codebook gradient (its fix-up's call inside) states
 # its register limit: without it ptxas held it to 128 registers with 64-232 B of stack (sm_90, job list);
 # with it 128-180 registers and none (as _configs for the forward)
@@ -457,22 +457,6 @@ def _held_wide(b_r, b_sel, b_wide, s_wide, s_up):
 
 
 @triton.jit
-def _nonfinite_rows(p_rows, m_k, D, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Which of the ``FIX_R`` float32 rows ``p_rows + j D`` (``m_k``: those that exist) hold an
-    element that is not finite: the codes an atomic sum overflowed on the way (an overflowed
-    partial sum never comes back: inf, or NaN with an opposite inf). Read past L1 (``.cg``):
-    other programs wrote them."""
-    o_r = tl.arange(0, FIX_R)
-    m_bad = o_r < 0
-    for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        b_v = tl.load(p_rows + o_r[:, None] * D + o_d[None, :], mask=m_k[:, None] & (o_d < D)[None, :], other=0.0,
-                      cache_modifier=".cg")
-        m_bad = m_bad | (tl.max((~(tl.abs(b_v) < float("inf"))).to(tl.int32), axis=1) > 0)
-    return m_k & m_bad
-
-
-@triton.jit
 def _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R: tl.constexpr, FIX_SCAN: tl.constexpr):
     """Whether any of rows ``s0 .. s0 + FIX_SCAN`` chose, at level ``lvl``, one of the codes
     ``k0 .. k0 + FIX_R``: a fix-up walks only the row blocks of such a span (one wide read of the
@@ -480,17 +464,6 @@ def _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R: tl.cons
     o_s = s0 + tl.arange(0, FIX_SCAN).to(tl.int64)
     b_i = tl.load(p_codes + o_s * stride_on + lvl * stride_ol, mask=o_s < N, other=-1, cache_modifier=".cg")
     return tl.max(((b_i >= k0) & (b_i < k0 + FIX_R)).to(tl.int32), axis=0) > 0
-
-
-@triton.jit
-def _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R: tl.constexpr):
-    """``b_acc (FIX_R, C)`` float64 plus, for each ``j``, the sum of the rows of the terms
-    ``b_t (rows, C)`` whose code ``b_idx`` is ``k0 + j`` (rows that add nothing hold 0)."""
-    o_r = tl.arange(0, FIX_R)
-    for j in tl.static_range(FIX_R):
-        b_j = tl.sum(tl.where((b_idx == k0 + j)[:, None], b_t, 0.0), axis=0)
-        b_acc = tl.where((o_r == j)[:, None], b_acc + b_j[None, :], b_acc)
-    return b_acc
 
 
 @triton.jit
@@ -540,7 +513,7 @@ def _stats_fix_codes(
                         b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
                     m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
                     b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
-                    b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
+                    b_acc = add_rows_by_index(b_acc, b_t, b_idx, k0, FIX_R)
     o_r = tl.arange(0, FIX_R)
     tl.store(p_sums + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
              mask=m_fix[:, None] & m_d[None, :])
@@ -562,7 +535,7 @@ def _stats_fixup(
     o_r = tl.arange(0, FIX_R)
     for lvl in range(L):
         for k0 in range(0, K, FIX_R):
-            m_fix = _nonfinite_rows(p_sums + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
+            m_fix = nonfinite_rows(p_sums + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _stats_fix_codes(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, lvl, k0, m_fix, stat_lim,
                                  stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
@@ -1095,7 +1068,7 @@ def _dcb_fix_codes(
                         b_c = tl.load(p_cb + lvl * stride_cl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd,
                                       mask=m_md, other=0.0).to(tl.float32).to(tl.float64)
                         b_t = tl.where(m_use[:, None] & m_md, b_ge * (b_w[:, None] * (b_c - b_r)), 0.0)
-                        b_acc = _add_rows_by_code(b_acc, b_t, b_idx, k0, FIX_R)
+                        b_acc = add_rows_by_index(b_acc, b_t, b_idx, k0, FIX_R)
         tl.store(p_dcb + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
                  mask=m_fix[:, None] & m_d[None, :])
 
@@ -1114,7 +1087,7 @@ def _dcb_fixup(
     o_r = tl.arange(0, FIX_R)
     for lvl in range(L):
         for k0 in range(0, K, FIX_R):
-            m_fix = _nonfinite_rows(p_dcb + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
+            m_fix = nonfinite_rows(p_dcb + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _dcb_fix_codes(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, lvl, k0, m_fix,
                                stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
@@ -1239,7 +1212,7 @@ def residual_quantize_fwd(
     min_bm = min(c.kwargs["BLOCK_M"] for c in _residual_quantize_fwd_kernel.configs)
     loss_part = torch.empty((triton.cdiv(N, min_bm), block_l), dtype=torch.float64, device=dev) if loss else None
     q, c = out["quantized"], out["codes"]
-    big_t, _ = atomic_overflow_bound(N)  # a code's statistics sum at most N terms
+    big_t = atomic_overflow_bound(N)  # a code's statistics sum at most N terms
     placeholder = q  # stands for the tensors a flag switches off (never read or written)
     tensors = [x, codebooks, q, c,
                weights if weights is not None else placeholder,
@@ -1338,7 +1311,7 @@ def residual_quantize_bwd(
     block_m = max(1, min(64, 2048 // block_d, next_pow2(N)))  # 16 elements a thread per block at 4 warps: no spills
     placeholder = x
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
-    big_t, _ = atomic_overflow_bound(N)  # a codebook code sums at most N terms
+    big_t = atomic_overflow_bound(N)  # a codebook code sums at most N terms
     _residual_quantize_bwd_kernel[grid](
         x, codebooks, codes, weights if weights is not None else placeholder,
         grad if has_g else placeholder, grad_commit if has_gc else placeholder,
