@@ -181,7 +181,9 @@ def check_real_arg(
         message = f"fastvq.{owner}: {name} must be {bound}"
         torch._check_value(ok, lambda: message)
     elif not ok:  # (a constant, compiled too: torch 2.11's dynamo cannot trace _check_value on one)
-        raise ValueError(f"fastvq.{owner}: {name} must be {bound}, got {value!r}")
+        # (compiled, the value may be a symbol whose bound is known: it cannot be formatted)
+        got = "" if torch.compiler.is_compiling() else f", got {value!r}"
+        raise ValueError(f"fastvq.{owner}: {name} must be {bound}{got}")
     return as_float
 
 
@@ -190,11 +192,15 @@ def temperature_arg(owner: str, value, **bounds) -> tuple[float, torch.Tensor | 
     :func:`check_real_arg` (``bounds``); ``(nan, t)`` for a 1-element float tensor, ``t`` 0-d
     and detached, not read here: the op reads and checks it when it runs
     (:func:`read_temperature`), so under ``torch.compile`` it is a graph input, and a value
-    that changes between calls compiles nothing again (a Python number is a constant there:
-    torch guards on its value). A tensor that requires grad is refused (its gradient would be
-    dropped)."""
+    that changes between calls compiles nothing again. Compiled, a number (a symbol once it
+    has changed: torch does not specialise floats) is checked, then returned as such a float64
+    tensor, so the op does not take it as a constant. A tensor that requires grad is refused
+    (its gradient would be dropped)."""
     if not isinstance(value, torch.Tensor):
-        return check_real_arg(owner, "temperature", value, **bounds), None
+        number = check_real_arg(owner, "temperature", value, **bounds)
+        if torch.compiler.is_compiling():
+            return math.nan, torch.scalar_tensor(number, dtype=torch.float64)
+        return number, None
     if value.numel() != 1:
         raise ValueError(f"fastvq.{owner}: temperature must be a number or a 1-element tensor, got shape "
                          f"{tuple(value.shape)}")

@@ -141,11 +141,9 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
             normal float32 numbers), a Python number or a one-element floating-point tensor,
             read once on the host, so it gets no gradient (a tensor that requires grad is
             refused). A tensor is read when the op runs (a CPU tensor costs no device sync, a
-            CUDA one does) and is checked then. Under ``torch.compile`` a Python number is a
-            constant that torch guards on: each new value compiles the graph again (a schedule
-            that changes it every epoch reaches ``torch._dynamo``'s recompile limit, an error
-            under ``fullgraph=True``). Pass a changing temperature as a CPU tensor
-            (``torch.tensor(T)``): it is a graph input, and a new value compiles nothing.
+            CUDA one does) and is checked then. Under ``torch.compile`` a Python number becomes
+            such a tensor (float64), a graph input: a schedule that changes it every epoch
+            compiles at most twice (not with ``dynamic=False``, which specialises every float).
 
     Returns:
         A 0-d float32 tensor, differentiable in ``pred``. ``B <= 1`` (no row has another

@@ -71,9 +71,8 @@ def sample_code(
         temperature: a finite real ``>= 0``, a Python number or a one-element floating-point
             tensor (read when the op runs: a CPU tensor costs no device sync, a CUDA one does).
             ``0`` is the nearest code (no noise; exactly :func:`fastvq.nearest_code`). Under
-            ``torch.compile`` a Python number is a constant torch guards on, so each new value
-            compiles the graph again; pass a changing temperature as a CPU tensor
-            (``torch.tensor(T)``), a graph input: a new value compiles nothing.
+            ``torch.compile`` a Python number becomes such a tensor (float64), a graph input: a
+            changing temperature compiles at most twice (not with ``dynamic=False``).
         metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``: the logits of
             vector-quantize-pytorch's Euclidean codebook are ``-|x - c|``), ``"cosine"``
             (``1 - cos``) or ``"dot"`` (``-<x, c>``).

@@ -121,13 +121,32 @@ def _c1_schedule_graphs(op, as_tensor):
     return len(frames)
 
 
-@pytest.mark.xfail(strict=True, reason="probe8 C1 (open, documented in the docstrings): every new temperature is a "
-                                       "recompile (dynamo guards T == value); the 9th hits the recompile limit")
 @pytest.mark.parametrize("op", ["pairwise_kl_loss", "sample_code"])
 def test_probe8_c1_the_seed_temperature_schedule_compiles_once(backend, op):
-    """The docstring promised no recompile for a changing temperature: a recompile per epoch
-    hits torch._dynamo's limit of 8 and fails at epoch 8 (a Python number: torch guards on it)."""
+    """The docstring promised no recompile for a changing temperature: a Python number was passed
+    to the op as a constant, so every epoch recompiled and the 9th hit torch._dynamo's limit of 8.
+    Compiled, the check turns the number (a symbol, torch not specialising floats) into a float64
+    graph input the op reads when it runs, as a tensor temperature."""
     assert _c1_schedule_graphs(op, as_tensor=False) <= 2
+
+
+@pytest.mark.parametrize("op", ["pairwise_kl_loss", "sample_code"])
+def test_probe8_c1_a_compiled_temperature_out_of_range_is_a_value_error(backend, op):
+    # once the schedule made the temperature a symbol, a value out of range is still refused,
+    # naming it (the compiled frame falls back to eager for the error, fullgraph=False)
+    import torch.nn.functional as F
+
+    x, cb = F.normalize(randn(9, 6, seed=1), dim=1), F.normalize(randn(9, 6, seed=2), dim=1)
+    if op == "pairwise_kl_loss":
+        fn = lambda T: fastvq.pairwise_kl_loss(x, cb, T)  # noqa: E731
+    else:
+        fn = lambda T: fastvq.sample_code(x, cb, T, seed=1)[0]  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="eager")
+    for T in (0.5, 0.4, 0.3):
+        assert torch.equal(compiled(T), fn(T))
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        compiled(-1.0)
 
 
 @pytest.mark.parametrize("op", ["pairwise_kl_loss", "sample_code"])
