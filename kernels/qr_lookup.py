@@ -480,7 +480,7 @@ def _qr_fix_rows(
             o_s = s0 + tl.arange(0, FIX_SCAN).to(tl.int64)
             b_rs = _qr_item_rows(p_ids, o_s, o_s < N, M, R, IS_Q)
             if tl.max(((o_s < N) & (b_rs >= r0) & (b_rs < r0 + FIX_R)).to(tl.int32), axis=0) > 0:
-                for l0 in range(s0, s0 + FIX_SCAN, FIX_L):
+                for l0 in range(s0, tl.minimum(s0 + FIX_SCAN, N), FIX_L):  # (the last span: to N)
                     o_l = l0 + tl.arange(0, FIX_L).to(tl.int64)
                     m_l = o_l < N
                     b_row = _qr_item_rows(p_ids, o_l, m_l, M, R, IS_Q)

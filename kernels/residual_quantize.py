@@ -486,7 +486,7 @@ def _stats_fix_codes(
     b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
     for s0 in range(0, N, FIX_SCAN):  # (spans of rows, each read once for the group's codes)
         if _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R, FIX_SCAN):
-            for m0 in range(s0, s0 + FIX_SCAN, FIX_M):
+            for m0 in range(s0, tl.minimum(s0 + FIX_SCAN, N), FIX_M):  # (the last span: to N)
                 o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
                 m_m = o_m < N
                 # (the codes: other programs searched and stored them) only a block that holds a row of
@@ -1048,7 +1048,7 @@ def _dcb_fix_codes(
         b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
         for s0 in range(0, N, FIX_SCAN):  # (spans of rows, each read once for the group's codes)
             if _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R, FIX_SCAN):
-                for m0 in range(s0, s0 + FIX_SCAN, FIX_M):
+                for m0 in range(s0, tl.minimum(s0 + FIX_SCAN, N), FIX_M):  # (the last span: to N)
                     o_m = m0 + tl.arange(0, FIX_M).to(tl.int64)
                     m_m = o_m < N
                     m_md = m_m[:, None] & m_d[None, :]
