@@ -402,10 +402,13 @@ def _qr_atomic_add(
 ):
     """Add the items' terms to their rows of one table (relaxed float32 atomics). A term is formed
     in float32, and again in float64 where it is not finite or a "mult" weight exceeds BIG_W. A
-    row that receives a term beyond ``BIG_T`` (only such a row's float32 partial sums can overflow)
-    is marked in ``p_marks`` and ``p_flag`` is set: :func:`_qr_atomic_fixup_kernel` sums it again.
-    In the ordinary case that costs nothing: the one test ``_beyond(b_g, BIG_T)`` replaces the
-    finiteness test (``BIG_T`` < float32's max, so it is the stronger one)."""
+    row that receives a finite term beyond ``BIG_T`` (only such terms can make a float32 partial
+    sum overflow) is marked in ``p_marks`` and ``p_flag`` is set: if its float32 sum is not
+    finite, :func:`_qr_atomic_fixup_kernel` sums it again. A NaN or infinite term marks nothing
+    (the row's exact sum is NaN or +-inf, and so is its float32 sum unless a finite term overflowed
+    it, which marks it), so a backward of NaN or inf gradients costs no fix-up. In the ordinary
+    case that costs nothing: the one test ``_beyond(b_g, BIG_T)`` replaces the finiteness test
+    (``BIG_T`` < float32's max, so it is the stronger one)."""
     b_g, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_l, o_d, D, COL_OFF, N, B, M, R,
                                 N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN, HAS_W)
     w_max = tl.max(b_wabs)
@@ -415,7 +418,11 @@ def _qr_atomic_add(
                                      N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN,
                                      HAS_W, True)
             b_g = b_g64.to(tl.float32)
-        m_big = m_l & (tl.max((tl.abs(b_g) > BIG_T).to(tl.int32), axis=1) > 0)
+            b_a = tl.abs(b_g64)
+            m_big = tl.max(((b_a > BIG_T) & (b_a < float("inf"))).to(tl.int32), axis=1) > 0  # finite terms only
+        else:  # (every term finite)
+            m_big = tl.max((tl.abs(b_g) > BIG_T).to(tl.int32), axis=1) > 0
+        m_big = m_l & m_big
         tl.store(p_marks + b_row, 1, mask=m_big)
         tl.store(p_flag + 0 * b_row, 1, mask=m_big)
     tl.atomic_add(p_dw + b_row[:, None] * stride_dn + o_d[None, :] * stride_dd, b_g,

@@ -939,3 +939,30 @@ def test_atomic_fix_up_sums_many_rows_over_spans_and_column_tiles_exactly(backen
     want = torch.zeros(20, 160, dtype=torch.float64, device=device).index_add_(0, ids // 3, g.double())
     assert torch.isfinite(want).all()
     assert torch.equal(qq.grad[:12], want[:12].float()), (qq.grad[:12] - want[:12]).abs().max()
+
+
+@pytest.mark.about_devices("spies on the fix-up's calls under the interpreter")
+@pytest.mark.parametrize("bad", ["inf", "nan"])
+def test_atomic_backward_of_nonfinite_gradients_takes_no_fix_up(monkeypatch, bad):
+    # a diverged step (every upstream gradient row holds a NaN or an inf) marks no row: a
+    # non-finite term's row sums to NaN or +-inf in float32 as in exact arithmetic (only a finite
+    # term beyond BIG_T can overflow a partial sum), so the fix-up returns at once instead of
+    # summing every row again; the gradients still meet the contract
+    from fastvq import kernels
+    from fastvq.kernels import qr_lookup as k
+
+    if not kernels.INTERPRETED:
+        pytest.skip("the fix-up's calls are counted under the interpreter")
+    calls = []
+    real = k._qr_fix_table
+    monkeypatch.setattr(k, "_qr_fix_table", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, r, ids, grad = _overflow_batch("cpu", "add")
+    with fastvq.backend("triton"):
+        fastvq.qr_lookup(ids, q.clone().requires_grad_(), r.clone().requires_grad_(), "add",
+                         deterministic=False).backward(grad)
+        assert calls, "the spy must see the fix-up of the overflow batch"
+        calls.clear()
+        g = randn(*grad.shape, seed=31)
+        g[:, 1] = float(bad) if bad == "nan" else float("inf") * torch.sign(randn(grad.shape[0], seed=32))
+        _check_bag_contract(q, r, ids, "add", None, None, g, torch.float32, deterministic=False)
+    assert calls == []
