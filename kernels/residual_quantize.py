@@ -977,9 +977,12 @@ def _bwd_rows(
             b_c64 = b_c.to(tl.float64)
             if HAS_GE:
                 b_ge = tl.load(p_ge + lvl)
-                b_t = ((2.0 * b_ge).to(tl.float64) * (b_w.to(tl.float64)[:, None] * (b_c64 - b_r64))).to(tl.float32)
-                b_t = tl.where(m_fin, 0.0, b_t)
-                tl.store(p_state + tl.zeros(b_t.shape, dtype=tl.int32), 1, mask=m_lmd & (tl.abs(b_t) > BIG_T))
+                b_t64 = (2.0 * b_ge).to(tl.float64) * (b_w.to(tl.float64)[:, None] * (b_c64 - b_r64))
+                b_t = tl.where(m_fin, 0.0, b_t64.to(tl.float32))
+                # (a finite term only: an infinite one, from an infinite x, makes its code's sum
+                # +-inf or NaN as the exact sum is, and needs no fix-up)
+                tl.store(p_state + tl.zeros(b_t.shape, dtype=tl.int32), 1,
+                         mask=m_lmd & (tl.abs(b_t) > BIG_T) & (tl.abs(b_t64) < float("inf")))
                 tl.atomic_add(p_dcb + (lvl * K + b_idx)[:, None] * D + o_d[None, :], b_t, mask=m_lmd, sem="relaxed")
             b_r64 = b_r64 - b_c64
             if HAS_GC:

@@ -914,6 +914,59 @@ def test_codebook_gradient_sums_without_overflow_on_the_way(backend, device, rot
     ft.assert_close(dcb[ok], want[ok], dtype=torch.float32, reduce_len=N, magnitude=mag[ok])
 
 
+def _dcb64(x, cb, codes, ge):
+    """float64 codebook gradient ``sum 2 ge_l (c_l - r_l)`` per code and ``sum |terms|``."""
+    L, K, D = cb.shape
+    r, want = x.double(), torch.zeros(L, K, D, dtype=torch.float64, device=x.device)
+    mag = torch.zeros_like(want)
+    for lvl in range(L):
+        c = cb[lvl].double()[codes[:, lvl]]
+        t = 2.0 * ge[lvl].double() * (c - r)
+        want[lvl].index_add_(0, codes[:, lvl], t)
+        mag[lvl].index_add_(0, codes[:, lvl], t.abs())
+        r = r - c
+    return want, mag
+
+
+@pytest.mark.about_devices("spies on the fix-up's calls under the interpreter")
+def test_codebook_gradient_of_infinite_rows_takes_no_fix_up(monkeypatch):
+    # rows of x holding +-inf give their codes infinite terms (c - r = -+inf): the exact sums are
+    # +-inf or NaN, and so are the float32 ones, so they set no flag and the launch's last
+    # program does not sum every such code again (a diverged step); a +-3e38 pair still does
+    from fastvq import kernels
+    from fastvq.kernels import residual_quantize as k
+    from fastvq.ops.residual_quantize import _residual_quantize_bwd_op
+
+    if not kernels.INTERPRETED:
+        pytest.skip("the fix-up's calls are counted under the interpreter")
+    calls = []
+    real = k._dcb_fixup
+    monkeypatch.setattr(k, "_dcb_fixup", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    N, L, K, D = 40, 2, 5, 8
+    cb = randn(L, K, D, seed=71)
+    codes = torch.randint(0, K, (N, L), generator=generator(72))
+    ge = torch.tensor([0.5, 0.25])
+    x = randn(N, D, seed=73)
+    x[[3, 9], 0] = torch.tensor([3e38, 3e38])  # code codes[3, 0] and codes[9, 0] at level 0: pick one
+    codes[9, 0] = codes[3, 0]
+    with fastvq.backend("triton"):
+        _residual_quantize_bwd_op(x, cb, codes, None, None, None, ge, False, False)
+        assert calls, "the spy must see the fix-up of a +-3e38 pair"
+        calls.clear()
+        x = randn(N, D, seed=74)
+        x[::3, 2] = float("inf")
+        x[1::3, 2] = float("-inf")  # a code with both: NaN
+        x[2::7, 5] = float("-inf")
+        _, dcb = _residual_quantize_bwd_op(x, cb, codes, None, None, None, ge, False, False)
+    assert calls == []
+    want, mag = _dcb64(x, cb, codes, ge)
+    assert torch.equal(dcb.isnan(), want.isnan()) and want.isnan().any()
+    inf = want.isinf()
+    assert inf.any() and torch.equal(dcb[inf], want[inf].float())
+    ok = want.isfinite()
+    ft.assert_close(dcb[ok], want[ok], dtype=torch.float32, reduce_len=N, magnitude=mag[ok])
+
+
 def _greedy64(x, codebooks, weights=None):
     """The exact greedy search in float64 (a float32 residual's overflow cannot happen there):
     ``(codes (N, L), level_sq (L,))``, ties to the smallest index, finite codes only."""
