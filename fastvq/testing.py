@@ -205,8 +205,12 @@ def error_bound(expected: torch.Tensor, *, dtype: torch.dtype, reduce_len: float
 
 
 def _overflows(exp: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Where ``exp`` rounds to +-inf in ``out_dtype``: from the midpoint between its largest
+    value and the next power of two on (``max`` + half an ulp: a tie rounds to the even
+    neighbour, which is inf, ``max`` having an odd significand)."""
     fi = torch.finfo(out_dtype)
-    return exp.abs() >= fi.max * (1.0 + fi.eps / 2)  # rounds to inf in the output dtype
+    half_ulp = math.ldexp(fi.eps / 2, math.frexp(fi.max)[1] - 1)  # 2^103 float32, 2^119 bf16, 16 fp16
+    return exp.abs() >= fi.max + half_ulp
 
 
 def _errors(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, out_dtype: torch.dtype):

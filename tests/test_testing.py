@@ -315,3 +315,20 @@ def test_one_infinite_exact_gradient_element_keeps_the_zero_criterion():
     actual[5] = 0.0
     r = ft.grad_ratio(actual, exact)
     assert r["zeros"] == 1 and r["ratio"] == math.inf
+
+
+@pytest.mark.parametrize("dtype,half_ulp", [(torch.float32, 2.0**103), (torch.bfloat16, 2.0**119),
+                                            (torch.float16, 16.0)], ids=str)
+def test_an_expected_value_from_the_overflow_midpoint_on_is_inf(dtype, half_ulp):
+    # round to nearest sends max + 1/2 ulp (a tie: the even neighbour is inf) and above to inf;
+    # the checker took the threshold at max + 1 ulp, so the correctly rounded inf of max + 1/2 ulp
+    # failed as "a finite value's inf" (qrprobe QP2), and below the midpoint inf stays wrong
+    big = torch.finfo(dtype).max
+    inf = torch.tensor([math.inf], dtype=dtype)
+    for exp in (big + half_ulp, big + 1.5 * half_ulp):
+        ft.assert_close(inf, torch.tensor([exp], dtype=torch.float64), dtype=dtype, magnitude=exp)
+    with pytest.raises(AssertionError):
+        ft.assert_close(inf, torch.tensor([big + 0.75 * half_ulp], dtype=torch.float64), dtype=dtype,
+                        magnitude=big)
+    assert torch.tensor([big + half_ulp], dtype=torch.float64).to(dtype).isinf().all()
+    assert torch.tensor([big + 0.75 * half_ulp], dtype=torch.float64).to(dtype).isfinite().all()
