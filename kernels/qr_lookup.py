@@ -120,9 +120,18 @@ def _to_math(b, EXACT: tl.constexpr):
 
 @triton.jit
 def _inv_len(start, end, EXACT: tl.constexpr):
-    """``1 / max(end - start, 1)``: a float32 reciprocal (widened with ``EXACT``: a float64
-    division is a called subroutine on the GPU; the factor's float32 rounding is one of the sum's)."""
-    return _to_math(1.0 / tl.maximum(end - start, 1).to(tl.float32), EXACT)
+    """``1 / max(end - start, 1)``: a float32 reciprocal, or with ``EXACT`` one within ~2^-48 of
+    the exact value (the float32 one, then a Newton step in float64; a float64 division would
+    be a called subroutine on the GPU): a float32 ``1/n`` is off by up to half its ulp, so
+    ``n`` items of ``g / n`` summed in float64 could pass float32's max where the exact mean
+    ``g`` is float32's max (qrprobe QP4)."""
+    b_n = tl.maximum(end - start, 1).to(tl.float32)
+    b_inv = 1.0 / b_n
+    if EXACT:
+        b_inv64 = b_inv.to(tl.float64)
+        return b_inv64 + b_inv64 * (1.0 - b_n.to(tl.float64) * b_inv64)
+    else:
+        return b_inv
 
 
 @triton.jit

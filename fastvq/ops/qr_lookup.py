@@ -197,9 +197,10 @@ def qr_lookup(
     result beyond the dtype's range is ``+-inf``, never NaN nor a finite number. A NaN table
     entry gives NaN exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN).
     ``deterministic=False`` sums table rows with float32 atomics, to the same contract: a row
-    that receives a term beyond about ``3.4e38 / len(ids)`` (only then can its partial sums
-    overflow) is summed again on the device at a power-of-two scale, by one extra program that
-    loops over the ids (slower; an ordinary backward pays only its launch). Zero-width tables
+    that receives a finite term beyond about ``3.4e38 / len(ids)`` (only then can its partial
+    sums overflow) and whose float32 sum is not finite is summed again on the device in
+    float64 and rounded once, by one extra program that reads the ids per group of 8 such rows
+    (slower; an ordinary backward pays only its launch). Zero-width tables
     (``dq = 0``) give empty rows and empty gradients. Bag offsets are checked on the device; nothing but the sparse
     backward reads the host.
 
