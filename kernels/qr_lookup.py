@@ -15,8 +15,9 @@ weight or gradient values and sums them: in float32 an intermediate can overflow
 a large factor multiplies it up, where the exact result is representable. Every such sum runs
 twice at most: a float32 pass (the hot loop, unchanged: each item's composed row times its
 factor, in the order ``(q op r) * f`` / ``(g * other) * f`` so that no factor > 1 follows an
-underflow but a weight), and, only where its result is not finite or a "mult" weight exceeds
-``BIG_W`` (where an underflowed ``q * r`` would be multiplied up), a float64 pass over the same
+underflow but a weight), and, only where its result is not finite or a "mult" weight above 1
+multiplies a product that underflowed (``q * r`` or ``g * q`` nonzero factors, below 2^-126:
+its rounding error would be multiplied up; qrprobe QP1), a float64 pass over the same
 items (float64 holds every product of three float32 values and their sums), rounded once. The
 redo is decided per program (one bag or table row x one D tile) after its loop: no extra launch,
 no host read; bags and rows of ordinary values never take it.
@@ -54,11 +55,13 @@ from ._common import (FIX_SCAN, add_rows_by_index, atomic_overflow_bound, flat_g
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
-# |weight| (mult) beyond which a float32 q * r (or g * q) that underflowed into the subnormals,
-# error up to 2^-150, would be multiplied past the float32 subnormal spacing: such a bag or row
-# is summed in float64 (see the module docstring)
-BIG_W = tl.constexpr(4096.0)
+# |weight| (mult) beyond which a float32 q * r (or g * q) that underflowed (below float32's
+# smallest normal, absolute error up to 2^-150) would be multiplied past the result's own
+# rounding: such a bag or row is summed in float64 (see the module docstring). Only factors of
+# an underflowed product count (_underflowed), so ordinary weights > 1 never redo.
+BIG_W = tl.constexpr(1.0)
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal, 2^-126
 
 
 def _search_iters(n: int) -> int:
@@ -135,12 +138,20 @@ def _inv_len(start, end, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _underflowed(b_p, b_a, b_b):
+    """Where the float32 product ``b_p = b_a * b_b`` of nonzero factors fell below float32's
+    smallest normal (subnormal or 0: absolute error up to 2^-150)."""
+    return (tl.abs(b_p) < FP32_TINY) & (b_a != 0) & (b_b != 0)
+
+
+@triton.jit
 def _qr_compose(
     p_qw, p_rw, b_qi, b_ri, m_n, o_d, DQ, DR,
     stride_qn, stride_qd, stride_rn, stride_rd, OP: tl.constexpr, EXACT: tl.constexpr = False,
 ):
-    """(BLOCK, BLOCK_D) composed rows, float32 (float64 with ``EXACT``); zeros where ``m_n`` or
-    the column is masked."""
+    """``(composed (BLOCK, BLOCK_D), underflowed)``: the composed rows, float32 (float64 with
+    ``EXACT``), zeros where ``m_n`` or the column is masked; and where a "mult" product of
+    nonzero factors underflowed (:func:`_underflowed`; all False for the other ops)."""
     if OP == 2:  # concat: columns [0, DQ) from q, [DQ, DQ + DR) from r
         o_r = o_d - DQ
         m_q = m_n[:, None] & (o_d < DQ)[None, :]
@@ -153,9 +164,10 @@ def _qr_compose(
     b_r = _to_math(tl.load(p_rw + b_ri[:, None] * stride_rn + o_r[None, :] * stride_rd, mask=m_r, other=0.0), EXACT)
     if OP == 1:
         b_c = b_q * b_r
+        return b_c, _underflowed(b_c, b_q, b_r)
     else:
         b_c = b_q + b_r
-    return b_c
+        return b_c, b_c < float("-inf")  # (all False)
 
 
 @triton.jit
@@ -168,7 +180,7 @@ def _qr_lookup_fwd_kernel(
     o_n, o_d = tile_offsets(N_D_TILES, BLOCK_N, BLOCK_D)
     m_n = o_n < N
     b_qi, b_ri = _qr_hash(tl.load(p_ids + o_n, mask=m_n, other=0), M, R)
-    b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_n, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP)
+    b_c, _ = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_n, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP)
     m = m_n[:, None] & (o_d < DOUT)[None, :]
     tl.store(p_out + o_n[:, None] * stride_on + o_d[None, :] * stride_od, b_c.to(p_out.dtype.element_ty), mask=m)
 
@@ -182,7 +194,8 @@ def _qr_bag_sum(
 ):
     """``(pooled (BLOCK_D,), max |weight|)`` of items ``[start, end)``: each composed row times its
     factor (weight, or 1 / len for "mean"), summed in float32 (float64 with ``EXACT``). The max
-    |weight| is taken for "mult" only (0 otherwise): above ``BIG_W`` the float32 sum is redone."""
+    |weight| is taken for "mult" only, over the items whose product underflowed somewhere (0
+    otherwise): above ``BIG_W`` the float32 sum is redone."""
     if EXACT:  # the redo sums each block of items at once: one float64 tile live, not two
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
     else:
@@ -193,13 +206,13 @@ def _qr_bag_sum(
         o_l = l0 + tl.arange(0, BLOCK_L)
         m_l = o_l < end
         b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
-        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP,
-                          EXACT)
+        b_c, b_low = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn,
+                                 stride_rd, OP, EXACT)
         if HAS_W:
             b_w = tl.load(p_psw + o_l, mask=m_l, other=0.0).to(tl.float32)
             b_c = b_c * _to_math(b_w, EXACT)[:, None]
-            if OP == 1:
-                b_wmax = tl.maximum(b_wmax, tl.abs(b_w))
+            if OP == 1:  # (the weights of items with an underflowed product)
+                b_wmax = tl.maximum(b_wmax, tl.where(tl.max(b_low.to(tl.int32), axis=1) > 0, tl.abs(b_w), 0.0))
         if MEAN:
             b_c = b_c * inv_len
         if EXACT:
@@ -248,7 +261,8 @@ def _qr_item_grad(
     """``(contribution (BLOCK_L, BLOCK_D), |weight| (BLOCK_L,))`` of items ``b_item`` to their rows
     of one table: the output gradient of the item's row (its bag's), times the other table's row
     for "mult", times 1/len or its weight (last: the only factor > 1 after a possible underflow
-    is a weight, whose |w| is returned for "mult", 0 otherwise); concat tables read their own
+    is a weight, whose |w| is returned for "mult" items with an underflowed ``g * other``
+    (:func:`_underflowed`), 0 otherwise); concat tables read their own
     columns. float32, float64 with ``EXACT``."""
     m = m_l[:, None] & (o_d < D)[None, :]
     if BAGS:
@@ -264,16 +278,19 @@ def _qr_item_grad(
             b_oi = b_ri
         else:
             b_oi = b_qi
-        b_o = tl.load(p_ow + b_oi[:, None] * stride_own + o_d[None, :] * stride_owd, mask=m, other=0.0)
-        b_g = b_g * _to_math(b_o, EXACT)
+        b_o = _to_math(tl.load(p_ow + b_oi[:, None] * stride_own + o_d[None, :] * stride_owd, mask=m, other=0.0),
+                       EXACT)
+        b_go = b_g * b_o
+        b_low = _underflowed(b_go, b_g, b_o)
+        b_g = b_go
     if MEAN:
         b_start, b_end = _bag_bounds(p_offsets, b_row, m_l, N, B)
         b_g = b_g * _inv_len(b_start, b_end, EXACT)[:, None]
     if HAS_W:
         b_w = tl.load(p_psw + b_item, mask=m_l, other=0.0).to(tl.float32)
         b_g = b_g * _to_math(b_w, EXACT)[:, None]
-        if OP == 1:
-            b_wabs = tl.abs(b_w)
+        if OP == 1:  # (items whose product underflowed somewhere)
+            b_wabs = tl.where(tl.max(b_low.to(tl.int32), axis=1) > 0, tl.abs(b_w), 0.0)
     return b_g, b_wabs
 
 
@@ -565,7 +582,8 @@ def _qr_psw_dot(
     stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
     OP: tl.constexpr, EXACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``(composed item . bag gradient (BLOCK_L,), max |g| ("mult" only, else 0))``."""
+    """``(composed item . bag gradient (BLOCK_L,), max |g|)``: the max over the columns whose
+    "mult" product underflowed (:func:`_underflowed`; 0 for the other ops)."""
     if EXACT:
         b_dot = tl.zeros((BLOCK_L,), dtype=tl.float64)
     else:
@@ -573,13 +591,13 @@ def _qr_psw_dot(
     b_gmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
     for d0 in range(0, DOUT, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
-        b_c = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn, stride_rd, OP,
-                          EXACT)
+        b_c, b_low = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn,
+                                 stride_rd, OP, EXACT)
         m = m_l[:, None] & (o_d < DOUT)[None, :]
         b_g = tl.load(p_g + b_bag[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
         b_dot += tl.sum(b_c * _to_math(b_g, EXACT), axis=1)
         if OP == 1:
-            b_gmax = tl.maximum(b_gmax, tl.max(tl.abs(b_g), axis=1))
+            b_gmax = tl.maximum(b_gmax, tl.max(tl.where(b_low, tl.abs(b_g), 0.0), axis=1))
     return b_dot, tl.max(b_gmax, axis=0)
 
 

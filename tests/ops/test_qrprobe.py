@@ -14,7 +14,8 @@ max + 1/2 ulp that came out max (the contract allows it: within the bound). QP1,
 from reading the kernels. The first tests below keep some of those cases. The findings are
 written as ``xfail(strict=True)``:
 
-- QP1 (Triton, both backward modes, also the forward and the weights' gradient): with "mult"
+- QP1 (fixed: any weight above 1 on an underflowed product redoes in float64; Triton,
+  both backward modes, also the forward and the weights' gradient): with "mult"
   and a per-sample weight ``1 < |w| <= 4096`` (``BIG_W``, above which the kernels redo in
   float64), a float32 product ``g * r`` (or ``q * r``) that underflowed into the subnormals is
   multiplied by ``w``: its rounding error (up to 2^-150) grows by ``w``. With ``w = 4096`` a
@@ -234,7 +235,7 @@ def test_atomic_fix_up_finds_a_row_at_span_and_block_edges(backend, device, pos)
 
 
 def _qp1_inputs(device):
-    """One item, "mult", one bag with weight 4096 (= BIG_W: no float64 redo): q's gradient
+    """One item, "mult", one bag with weight 4096 (the old BIG_W: no float64 redo): q's gradient
     g * r * w, g * r = 1.5 (1 + 2^-12) 2^-138 is a float32 subnormal (rounded to 2^-149), the
     exact 1.5 (1 + 2^-12) 2^-126 a normal float32."""
     q = torch.ones(1, 1, device=device)
@@ -245,19 +246,14 @@ def _qp1_inputs(device):
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
-def test_qp1_underflowed_product_times_weight_backward(request, backend, device, deterministic):
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="qrprobe QP1: (g * r) underflows to a "
-                                                                  "float32 subnormal, then * w <= BIG_W (4096)"))
+def test_qp1_underflowed_product_times_weight_backward(backend, device, deterministic):
+    # (fixed: a weight above 1 on an item whose product underflowed now takes the float64 pass)
     q, r, ids, offs, w, g = _qp1_inputs(device)
     (gq, _), (eq, _) = _check(q, r, ids, "mult", g, offs, "sum", w, deterministic)
     assert gq.item() == eq.float().item()  # the exact value is a float32 (1.7636720e-38)
 
 
-def test_qp1_underflowed_product_times_weight_forward_and_weight_grad(request, backend, device):
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="qrprobe QP1: (q * r) underflows to a float32 "
-                                                                  "subnormal, then * w (or * g) <= BIG_W"))
+def test_qp1_underflowed_product_times_weight_forward_and_weight_grad(backend, device):
     _, r, ids, offs, w, _ = _qp1_inputs(device)
     q = torch.tensor([[1.5 * 2.0**-64]], device=device)
     exact = (q.double() * r.double() * 4096.0).float()  # exact in float64, a float32 value
