@@ -500,10 +500,11 @@ def _qr_fix_rows(
     FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows ``r0 + j`` (``m_fix``) of one table's gradient (float32, contiguous) summed again:
-    each item's term formed in float64 (exact: a product of at most three float32 values and a
-    reciprocal) and summed in a float64 register tile, each sum rounded once to float32: +-inf
-    only where the exact sum overflows, every column at its own precision. ``BLOCK_D`` columns at
-    a time; per column tile, one read of every item's id per ``FIX_SCAN`` span, and a walk of the
+    each item's term formed in float64 (a product of at most three float32 values, exact, and
+    for "mean" a reciprocal within ~2^-48, :func:`_inv_len`) and summed in a float64 register
+    tile, each sum rounded once to float32: +-inf only where the exact sum overflows, every
+    column at its own precision. ``BLOCK_D`` columns at a time; per column tile, one read of
+    every item's id per ``FIX_SCAN`` span, and a walk of the
     ``FIX_L``-item blocks of the spans that hold an item of these rows."""
     o_r = tl.arange(0, FIX_R)
     for d0 in range(0, D, BLOCK_D):
