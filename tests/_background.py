@@ -8,7 +8,11 @@ calls :func:`start_selected`, which queues the jobs of the tests that will run o
 thread, one job at a time, in registration order. The test then calls :func:`result`, which
 waits for its job (or runs it at once if it was never queued, e.g. under ``pytest --collect-only``
 then a single test). ``FASTVQ_BACKGROUND_JOBS=0``, or a pytest-xdist worker, runs every job in
-the test that asks for it.
+the test that asks for it. Under pytest-xdist (the README's test command: ``-n 2 --dist
+loadgroup``) conftest moves the tests that wait for a job to the front of each worker's
+collection (:func:`wanted`), so each job starts at once on one worker while the other runs the
+rest; a module whose tests share one job (or a module fixture) carries an ``xdist_group`` mark,
+so one worker runs them all and the job runs once.
 """
 
 from __future__ import annotations
@@ -127,6 +131,11 @@ def _matches(nodeid: str, prefix: str) -> bool:
     path, _, rest = nodeid.partition("::")
     want_path, _, want_rest = prefix.partition("::")
     return ("/" + want_path).endswith("/" + path) and rest.startswith(want_rest)
+
+
+def wanted(nodeid: str) -> bool:
+    """Whether the test ``nodeid`` waits for a registered job."""
+    return any(_matches(nodeid, job.nodeid_prefix) for job in _JOBS.values())
 
 
 def start_selected(nodeids: list[str]) -> list[str]:
