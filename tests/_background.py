@@ -9,10 +9,10 @@ thread, one job at a time, in registration order. The test then calls :func:`res
 waits for its job (or runs it at once if it was never queued, e.g. under ``pytest --collect-only``
 then a single test). ``FASTVQ_BACKGROUND_JOBS=0``, or a pytest-xdist worker, runs every job in
 the test that asks for it. Under pytest-xdist (the README's test command: ``-n 2 --dist
-loadgroup``) conftest moves the tests that wait for a job to the front of each worker's
-collection (:func:`wanted`), so each job starts at once on one worker while the other runs the
-rest; a module whose tests share one job (or a module fixture) carries an ``xdist_group`` mark,
-so one worker runs them all and the job runs once.
+loadfile --no-loadscope-reorder``: a file's tests share one worker, so its module fixtures and
+its job run once) conftest orders the files with :func:`xdist_order`: first the files whose
+tests wait for a job, so each job starts at once on one worker while the other runs the rest,
+then the others, the most tests first, so that the last files to start are short.
 """
 
 from __future__ import annotations
@@ -136,6 +136,16 @@ def _matches(nodeid: str, prefix: str) -> bool:
 def wanted(nodeid: str) -> bool:
     """Whether the test ``nodeid`` waits for a registered job."""
     return any(_matches(nodeid, job.nodeid_prefix) for job in _JOBS.values())
+
+
+def xdist_order(items: list) -> list:
+    """``items`` file by file (each file's tests in their order): the files with a test that
+    waits for a job first, then the rest by test count, most first (ties: collection order)."""
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    order = sorted(files.values(), key=lambda tests: (not any(wanted(t.nodeid) for t in tests), -len(tests)))
+    return [item for tests in order for item in tests]
 
 
 def start_selected(nodeids: list[str]) -> list[str]:

@@ -148,12 +148,9 @@ def pytest_sessionfinish(session, exitstatus):
     _background.stop_all()
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # the tests that wait for a long subprocess job first (stable): each job starts at once on
-        # one worker while the other works through the rest (tests/_background.py)
-        items[:] = sorted(items, key=lambda item: not _background.wanted(item.nodeid))
+        items[:] = _background.xdist_order(items)
     if os.environ.get("FASTVQ_ONE_PER_FILE") == "1":  # a smoke run: the first runnable test of each file
         keep, seen = [], set()
         for item in items:

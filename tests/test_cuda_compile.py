@@ -45,10 +45,7 @@ def _ptxas() -> Path | None:
     return path if path.is_file() else None
 
 
-pytestmark = [
-    pytest.mark.skipif(_ptxas() is None, reason="triton's bundled ptxas (nvidia backend) is missing"),
-    pytest.mark.xdist_group("cuda-compile"),  # one worker runs the module: the job runs once
-]
+pytestmark = pytest.mark.skipif(_ptxas() is None, reason="triton's bundled ptxas (nvidia backend) is missing")
 
 
 def _kernels_in_source() -> set[str]:

@@ -34,7 +34,6 @@ from fastvq.kernels import _common
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_cuda_compile_worker.py"
 STATIC = ROOT / "benchmarks" / "results" / "sm90-static.json"
-pytestmark = pytest.mark.xdist_group("resource-estimates")  # one worker: the module fixtures run once
 TRITONS = ("3.8.0", "3.6.0")  # this checkout's and the GPU image's
 # A spill counts when it is register pressure: ptxas at the 255-register limit, or more than 64
 # bytes (the worker's pressure_spill). Below the limit ptxas itself keeps a value or two on the

@@ -25,10 +25,7 @@ from fastvq import distributed as fdist
 from fastvq.nn import ResidualQuantizer, VectorQuantizer
 from tests.utils import assert_close
 
-pytestmark = [
-    pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes"),
-    pytest.mark.xdist_group("distributed"),  # one worker: the module fixture spawns each world once
-]
+pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
 
 D, K, L = 4, 6, 2
 ROWS = 24  # rows in each step's global batch
