@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 from typing import Callable
 
@@ -21,6 +22,20 @@ def finite_limit(dtype: torch.dtype) -> float:
     if fi.bits >= 32:
         return math.inf
     return float(fi.max) + 2.0 ** math.floor(math.log2(fi.max)) * fi.eps / 2
+
+
+_QUIET_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the calling function that names the first
+    frame outside fastvq and torch (the user's line: a forward reached through ``nn.Module``
+    calls, ``torch.no_grad`` wrappers and hooks)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_QUIET_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_tensor(op: str, name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> None:

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
-from .._checks import FLOAT_DTYPES, check_bool_arg, check_int_arg, check_real_arg, check_tensor, finite_limit
+from .._checks import (FLOAT_DTYPES, check_bool_arg, check_int_arg, check_real_arg, check_tensor, finite_limit,
+                       user_stacklevel)
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
@@ -609,7 +610,7 @@ class CodebookState(nn.Module):
             f"fastvq.{self._owner}: only {used} of {K} codes{where} were used in the last {steps} training "
             f"steps ({rows} rows): the codebook has collapsed. {advice} Set `warn_low_usage = False` on the "
             f"module to silence this warning.",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
     def _kmeans_init_pending(self) -> bool:
@@ -636,9 +637,10 @@ class CodebookState(nn.Module):
         weights = None if mask is None else mask.reshape(-1)
         residual = x.float()
         skipped_max = None
+        iters = _check_int("kmeans_iters", self._owner, self.kmeans_iters, 0)  # (an attribute: set later too)
         for level in range(codebook.shape[0]):
             # (rows that are not finite in the codebook's dtype are left out, and counted)
-            centroids, counts, skipped = kmeans(residual, codebook[level], self.kmeans_iters, metric, weights,
+            centroids, counts, skipped = kmeans(residual, codebook[level], iters, metric, weights,
                                                 finite_limit(codebook.dtype))
             skipped_max = skipped if skipped_max is None else torch.maximum(skipped_max, skipped)
             if centroids is None:  # no valid row on any rank (the same answer everywhere)

@@ -140,7 +140,8 @@ class Bitcodes(nn.Module):
         features: size ``D`` of the vectors, an int ``>= 1``.
         num_bits: bits per vector, an int ``>= 1`` (at most 63 for :func:`fastvq.to_decimal`
             to hold them).
-        temperature: Gumbel-softmax temperature used in training, finite and ``> 0``.
+        temperature: Gumbel-softmax temperature used in training, finite and ``> 0`` (also when set
+            later, as a schedule does: checked at each training forward).
 
     Bad arguments raise ``TypeError`` (bools, strings, ...) or ``ValueError`` (sizes below 1,
     non-integral sizes, a NaN, infinite or non-positive temperature). A vector whose scores
@@ -205,7 +206,9 @@ class Bitcodes(nn.Module):
         scale = scale.unsqueeze(-1)
         pairs = (scaled / scale).to(x.dtype)
         if self.training:
-            bits, attn = _hard_gumbel(pairs, self.temperature, scaled, scale)
+            # (an attribute: a schedule may set it between steps; checked here, on the host)
+            temperature = check_real_arg("Bitcodes", "temperature", self.temperature, positive=True, float32=True)
+            bits, attn = _hard_gumbel(pairs, temperature, scaled, scale)
             attn = attn.to(codebook.dtype)
         else:
             bits = scaled.argmax(dim=-1)  # ties pick 0, as torch.argmax picks the first

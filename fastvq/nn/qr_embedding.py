@@ -18,6 +18,9 @@ __all__ = ["QREmbedding"]
 class QREmbedding(nn.Module):
     """Embeds ``num_embeddings`` ids with two small tables (Shi et al. 2020, "QR trick").
 
+    The positional arguments are the seed's, ``(num_embeddings, embedding_dim, sparse)``; the
+    others are keyword-only.
+
     Args:
         num_embeddings: the id space being compressed.
         embedding_dim: output width. For ``op="concat"`` an int is split into
@@ -52,10 +55,10 @@ class QREmbedding(nn.Module):
         self,
         num_embeddings: int,
         embedding_dim: int | tuple[int, int],
-        num_collisions: int | None = None,
-        op: str = "add",
         sparse: bool = False,
         *,
+        num_collisions: int | None = None,
+        op: str = "add",
         mode: str = "sum",
         deterministic: bool = True,
     ):
@@ -70,7 +73,10 @@ class QREmbedding(nn.Module):
         sparse = check_bool_arg(name, "sparse", sparse)
         deterministic = check_bool_arg(name, "deterministic", deterministic)
         if isinstance(embedding_dim, (tuple, list)):
-            if op != "concat" or len(embedding_dim) != 2:
+            if len(embedding_dim) != 2:
+                raise ValueError(f"fastvq.{name}: embedding_dim as a sequence is the pair of widths (q, r) for "
+                                 f"op='concat', so it needs 2 entries, got {len(embedding_dim)}: {embedding_dim!r}")
+            if op != "concat":
                 raise ValueError(
                     f"fastvq.{name}: a pair of widths needs op='concat', got embedding_dim={embedding_dim!r} with op={op!r}"
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -12,6 +13,7 @@ from ..ops.semantic_ids import semantic_ids as _semantic_ids
 from .._checks import check_bool_arg, check_int_arg
 from ._codebook import _check_float, _check_int, _check_sizes
 from .residual_quantizer import ResidualQuantizer
+from .vector_quantizer import _check_mask
 
 __all__ = ["RQVAE", "Encoder", "Decoder"]
 
@@ -98,11 +100,22 @@ class RQVAE(nn.Module):
         self.quantizer = ResidualQuantizer(num_quantizers, num_embeddings, latent_dim, commitment_cost, **quantizer_kwargs)
         self.decoder = Decoder(latent_dim, hidden_dim, input_dim)
 
-    def forward(self, features: torch.Tensor):
-        """``(..., input_dim)`` -> ``(reconstructed, commitment_loss, embedding_loss, codes (..., L))``."""
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None):
+        """``(..., input_dim)`` -> ``(reconstructed, commitment_loss, embedding_loss, codes (..., L))``.
+
+        ``mask (...)``: optional, bool (``False`` = padding) or float row weights, as the
+        quantizer takes it: a masked-out row enters the encoder as zeros (its values, NaN
+        included, reach no output or gradient of a real row), updates no codebook and adds
+        nothing to the quantizer's losses (pass the same mask to :meth:`compute_loss` for the
+        reconstruction)."""
         features = self._check_features("RQVAE", features)
+        mask = _check_mask("RQVAE", mask, features)
+        if mask is not None:  # padding rows enter the layers as zeros: NaN there reaches no gradient
+            features = torch.where(_real_rows(mask)[..., None], features, 0.0)
         encoded = self.encoder(features)
-        quantized, commitment_loss, embedding_loss, codes = self.quantizer(encoded)
+        # (without a mask, the seed's call: a seed quantizer put in its place still works)
+        step = self.quantizer(encoded) if mask is None else self.quantizer(encoded, mask)
+        quantized, commitment_loss, embedding_loss, codes = step
         reconstructed = self.decoder(quantized)
         return reconstructed, commitment_loss, embedding_loss, codes
 
@@ -129,13 +142,24 @@ class RQVAE(nn.Module):
             features = features.to(dtype)
         return features
 
-    def compute_loss(self, features, reconstructed, commitment_loss, embedding_loss) -> dict:
+    def compute_loss(self, features, reconstructed, commitment_loss, embedding_loss, mask=None) -> dict:
         """The seed's losses: ``total = mse(reconstructed, features) + commitment_cost *
         commitment_loss + embedding_loss``; returns ``total_loss``, ``reconstruction_loss``,
         ``commitment_loss`` and ``embedding_loss``. On an empty batch every loss is 0 (the
         quantizer's losses are 0 there, and a mean over no elements would be NaN), still
-        differentiable (zero gradients)."""
-        if reconstructed.numel() == 0:  # (a shape, read on the host: no sync)
+        differentiable (zero gradients). With the ``mask (...)`` given to :meth:`forward`, the
+        reconstruction loss is the weighted mean over the real rows, ``sum_i w_i |x_i - y_i|^2 /
+        (input_dim sum_i w_i)`` (0 when no row is real; a padding row's values, NaN included, add
+        nothing), as the quantizer weights its losses."""
+        if mask is not None:
+            mask = _check_mask("RQVAE.compute_loss", mask, reconstructed)
+            w = torch.where(_real_rows(mask), mask.to(torch.float32), 0.0)
+            w = w / w.amax().clamp_min(torch.finfo(torch.float32).tiny) if w.numel() else w  # (scale-free)
+            diff = torch.where(_real_rows(mask)[..., None], reconstructed.float() - features.float(), 0.0)
+            num = (w * diff.square().sum(-1)).sum()
+            den = w.sum() * reconstructed.shape[-1]
+            recon_loss = torch.where(den > 0, num / den.clamp_min(1.0e-30), 0.0).to(reconstructed.dtype)
+        elif reconstructed.numel() == 0:  # (a shape, read on the host: no sync)
             recon_loss = F.mse_loss(reconstructed, features, reduction="sum")  # 0
         else:
             recon_loss = F.mse_loss(reconstructed, features)
@@ -157,15 +181,10 @@ class RQVAE(nn.Module):
 
     def generate_semantic_ids(self, features: torch.Tensor) -> torch.Tensor:
         """The seed's ``generate_semantic_ids``: codes ``(..., L)`` of one batch, in eval mode
-        without gradients (the previous mode is restored). For a whole item set with the
+        without gradients (each submodule's previous mode is restored). For a whole item set with the
         collision level, use :meth:`semantic_ids`."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self._encode_codes("RQVAE.generate_semantic_ids", features)
-        finally:
-            self.train(was_training)
+        with _eval_mode(self), torch.no_grad():
+            return self._encode_codes("RQVAE.generate_semantic_ids", features)
 
     def semantic_ids(
         self,
@@ -193,7 +212,7 @@ class RQVAE(nn.Module):
             ``with_collision_level=False``.
 
         Each batch moves to the model's device (and parameter dtype), runs without gradients in
-        eval mode; the module's previous train/eval mode is restored afterwards.
+        eval mode; each submodule's previous train/eval mode is restored afterwards.
         """
         op = "RQVAE.semantic_ids"
         batch_size = check_int_arg(op, "batch_size", batch_size, minimum=1)
@@ -222,21 +241,35 @@ class RQVAE(nn.Module):
         from tqdm.auto import tqdm
 
         codes = []
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad(), tqdm(total=total, disable=not progress, desc="semantic ids", unit=unit) as bar:
-                for batch in batches:
-                    x = _batch_features(op, batch, self.input_dim)
-                    x = x.to(device=device, dtype=dtype, non_blocking=True)  # integer and bool features too
-                    c = self._encode_codes(op, x.reshape(-1, self.input_dim))
-                    codes.append(c.reshape(-1, c.shape[-1]))
-                    bar.update(x.shape[0] if unit == "item" else 1)
-        finally:
-            self.train(was_training)
+        with _eval_mode(self), torch.no_grad(), tqdm(total=total, disable=not progress, desc="semantic ids",
+                                                     unit=unit) as bar:
+            for batch in batches:
+                x = _batch_features(op, batch, self.input_dim)
+                x = x.to(device=device, dtype=dtype, non_blocking=True)  # integer and bool features too
+                c = self._encode_codes(op, x.reshape(-1, self.input_dim))
+                codes.append(c.reshape(-1, c.shape[-1]))
+                bar.update(x.shape[0] if unit == "item" else 1)
         codes = torch.cat(codes) if codes else torch.zeros((0, self.num_quantizers), dtype=torch.int64, device=device)
         codes = codes.long()
         return _semantic_ids(codes) if with_collision_level else codes
+
+
+def _real_rows(mask: torch.Tensor) -> torch.Tensor:
+    """The rows a checked mask keeps: True / a weight above 0."""
+    return mask if mask.dtype == torch.bool else mask > 0
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model.eval()`` for the block; then every submodule gets its own mode back (``train()``
+    would set them all: a quantizer frozen with ``.eval()`` inside a training model stays frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _batch_features(op: str, batch, input_dim: int) -> torch.Tensor:

@@ -169,7 +169,8 @@ class VectorQuantizer(CodebookState):
 
 
 def _check_mask(owner: str, mask, inputs: torch.Tensor) -> torch.Tensor | None:
-    """``mask (...)``, bool (``True`` = a real row) or float weights, one per row of ``inputs``."""
+    """``mask (...)``, bool (``True`` = a real row) or float weights, one per row of ``inputs``
+    (float64 weights are taken as float32, the weights' dtype in the kernels)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -177,8 +178,11 @@ def _check_mask(owner: str, mask, inputs: torch.Tensor) -> torch.Tensor | None:
     if mask.shape != inputs.shape[:-1]:
         raise ValueError(f"fastvq.{owner}: mask must have shape {tuple(inputs.shape[:-1])} (one per row of inputs "
                          f"{tuple(inputs.shape)}), got {tuple(mask.shape)}")
+    if mask.dtype == torch.float64:
+        mask = mask.to(torch.float32)
     if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"fastvq.{owner}: mask must be bool (True = a real row) or float weights, got {mask.dtype}")
+        raise TypeError(f"fastvq.{owner}: mask must be bool (True = a real row) or floating-point weights (float32, "
+                        f"float16, bfloat16 or float64), got {mask.dtype}")
     if mask.device != inputs.device:
         raise ValueError(f"fastvq.{owner}: mask is on {mask.device}, inputs on {inputs.device}")
     return mask

@@ -79,6 +79,39 @@ def test_compute_loss_matches_seed(seed_quantizer):
     assert model.encoder.layers[0].weight.grad is not None and model.decoder.layers[4].weight.grad is not None
 
 
+def test_masked_step_is_the_step_on_the_real_rows(backend, device):
+    # modprobe M4: a padding mask through forward and compute_loss; padding rows hold NaN
+    model = fastvq.nn.RQVAE(4, 8, 3, num_quantizers=2, num_embeddings=5).to(device)
+    x = randn(2, 6, 4, seed=1)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3], device=device)
+    padded = torch.where(mask[..., None], x, float("nan"))
+    recon, commit, emb, codes = model(padded, mask=mask)
+    losses = model.compute_loss(padded, recon, commit, emb, mask=mask)
+    losses["total_loss"].backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    kept = model(x[mask])
+    want = model.compute_loss(x[mask], *kept[:3])
+    want["total_loss"].backward()
+    assert codes.shape == (2, 6, 2) and torch.equal(codes[mask], kept[3])
+    for name in losses:
+        assert_close(losses[name], want[name])
+    for got, p in zip(grads, model.parameters()):
+        assert torch.isfinite(got).all()
+        assert_close(got, p.grad)
+    # float weights: the reconstruction loss is the weighted mean, against float64
+    w = torch.tensor([[0.5, 2.0, 0.0, 1.0, 3.0, 0.25], [1.0, 0.0, 4.0, 0.0, 0.0, 1.5]], device=device)
+    recon, commit, emb, _ = model(x, mask=w)
+    got = model.compute_loss(x, recon, commit, emb, mask=w)["reconstruction_loss"]
+    err = ((recon.double() - x.double()) ** 2).sum(-1)
+    assert_close(got, (w.double() * err).sum() / (w.double().sum() * 4))
+    # nothing real: every loss 0, gradients 0
+    none = torch.zeros(2, 6, dtype=torch.bool, device=device)
+    recon, commit, emb, _ = model(padded, mask=none)
+    losses = model.compute_loss(padded, recon, commit, emb, mask=none)
+    assert all(v.item() == 0 for v in losses.values())
+
+
 def test_semantic_ids_batched_equals_one_shot(backend, seed_quantizer):
     model = _model()
     x = randn(50, 12)
