@@ -631,10 +631,11 @@ def _nearest_code_fwd_kernel(
             b_a = inv_s / temperature
         else:  # |x - c|^2 = (|x s|^2 + score) / s^2
             b_a = (inv_s / temperature) * inv_s
-        b_w = (b_a <= 1.2676506002282294e30).to(tl.float32)  # 2^100: beyond, the row takes its nearest code
+        b_w = (b_a <= 2.1267647932558654e37).to(tl.float32)  # 2^124 (NOISE_LIMIT): beyond, the nearest code
         b_a = tl.where(b_w > 0, b_a, 1.0)
         # both terms times 2^-sh (a' < 1/2): score * a' cannot overflow (|score| < 2^128) and the
-        # Gumbel-max is unchanged (a power of two commutes with the rounding)
+        # Gumbel-max is unchanged (a power of two commutes with the rounding); the noise's factor
+        # 2^-sh >= 2^-126 stays a normal float32 up to the limit
         b_sh = exp2i(-tl.maximum(pow2_exponent(b_a) + 2, 0))
         b_a = b_a * b_sh
         b_w = b_w * b_sh

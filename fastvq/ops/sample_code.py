@@ -88,9 +88,11 @@ def sample_code(
         ``(indices, distances)`` of shape ``x.shape[:-1]``: int64 in ``[0, K)``, the sampled code,
         and its float32 distance, computed directly. Non-finite rows and codes follow
         :func:`fastvq.nearest_code` (a code with a NaN or infinite entry has probability 0 for a
-        finite row while a finite code exists). A row whose ``distance / temperature`` scale
-        passes 2^100 (temperature far below float32's resolution of its distances) takes its
-        nearest code. Not differentiable.
+        finite row while a finite code exists). A row whose ``distance / temperature`` factor
+        per unit of its float32 scores (the scores are taken in a power-of-two unit of the row,
+        :func:`fastvq.nearest_code`) passes 2^124 takes its nearest code: the noise, scaled down
+        with the scores so that neither overflows, would leave float32's normal range (the
+        temperature is then more than 2^100 times below the scores' unit). Not differentiable.
 
     Example::
 

@@ -6,7 +6,7 @@ import torch
 
 from .._backend import use_triton
 from ._custom_op import custom_op
-from ..reference.topk_codes import topk_codes_ref
+from ..reference.topk_codes import order_by_distance, topk_codes_ref
 from .._checks import check_int_arg
 from ._search import search_inputs
 
@@ -20,7 +20,7 @@ def _topk_codes_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
     if use_triton("topk_codes", x, codebook):
         from ..kernels.nearest_code import topk_codes_fwd
 
-        return topk_codes_fwd(x, codebook, k, metric, allow_tf32)
+        return order_by_distance(x, codebook, *topk_codes_fwd(x, codebook, k, metric, allow_tf32))
     return topk_codes_ref(x, codebook, k, metric, allow_tf32=allow_tf32)
 
 
@@ -47,10 +47,12 @@ def topk_codes(
 
     Returns:
         ``(indices, distances)`` of shape ``x.shape[:-1] + (k,)``: int64 in ``[0, K)``, all
-        different within a row, in increasing distance; float32 distances computed directly at
-        each code. Ties of the computed float32 scores go to the smaller index
-        (``indices[..., 0]`` is what :func:`fastvq.nearest_code` returns, up to float32
-        rounding of near-ties; duplicate codes are near-ties, ``NUMERIC_CONTRACT``).
+        different within a row, in increasing distance (the returned distances never decrease
+        along a row); float32 distances computed directly at each code. The k are the k
+        smallest float32 scores of the search, ties to the smaller index, then ordered by their
+        distances (a stable sort: equal distances keep that order), so ``indices[..., 0]`` is
+        what :func:`fastvq.nearest_code` returns up to float32 rounding of near-ties (duplicate
+        codes are near-ties, ``NUMERIC_CONTRACT``).
 
     Non-finite values follow :func:`fastvq.nearest_code`: codes with a NaN or infinite entry come
     after every finite code (by index); a row with an infinite entry lists the finite codes in

@@ -15,7 +15,9 @@ from .nearest_code import (_mul_exp2, argmin_first, choose, distance, exp2i, max
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-NOISE_LIMIT = 2.0**100  # a row whose 1/temperature factor exceeds this is searched without noise
+# a row whose 1/temperature factor exceeds this is searched without noise: up to it the noise's
+# factor 2^-(e + 2) (both terms scaled so that score * a' < score / 2) is a normal float32
+NOISE_LIMIT = 2.0**124
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

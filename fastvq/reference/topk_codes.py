@@ -50,10 +50,11 @@ def topk_codes_ref(
     """Reference for :func:`fastvq.topk_codes`: ``(..., D), (K, D)`` -> ``(..., k)`` int64 indices
     and float32 distances, nearest first (or ``(H, ..., D), (H, K, D)`` -> ``(H, ..., k)``).
 
-    Same scaling and scores as :func:`fastvq.reference.nearest_code_ref`; ordered by score,
+    Same scaling and scores as :func:`fastvq.reference.nearest_code_ref`; the k smallest scores,
     exact ties to the smaller index, codes with a non-finite entry after the finite ones; a row
-    with a NaN gets ``0, 1, ..., k-1``. Distances are computed directly at each chosen code.
-    In row chunks (an ``(n, K)`` score block at a time), float32.
+    with a NaN gets ``0, 1, ..., k-1``. Distances are computed directly at each chosen code,
+    and the k are then ordered by them (:func:`order_by_distance`). In row chunks (an
+    ``(n, K)`` score block at a time), float32.
     """
     x3, cb, lead, indices, distances = search_setup(x, codebook, metric, k)
     (H, N, D), K = x3.shape, cb.shape[1]
@@ -69,4 +70,21 @@ def topk_codes_ref(
         indices[h, s:e] = idx
         n = rows.shape[0]
         distances[h, s:e] = distance(rows[:, None, :].expand(n, k, D), cb[h][idx], metric)
+    indices, distances = order_by_distance(x3, cb, indices, distances)
     return indices.reshape(lead + (k,)), distances.reshape(lead + (k,))
+
+
+def order_by_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                      distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (H, N, D)``, ``codebook (H, K, D)``: the ``(H, N, k)`` codes found and their
+    distances, ordered by the distances along a finite row. The search ranks by float32 scores,
+    which near-ties (codes a hair apart, far from the origin) can order against the directly
+    computed distances. The sort is stable (equal distances keep the search's order) and
+    leaves the non-finite rules as they were: codes with a non-finite entry stay after the
+    finite ones, by index, and a row with a non-finite entry keeps its order."""
+    row_ok = torch.isfinite(x).all(-1, keepdim=True)
+    code_ok = torch.isfinite(codebook).all(-1).gather(1, indices.flatten(1)).reshape(indices.shape)
+    key = torch.where(code_ok & ~distances.isnan(), distances, float("inf"))
+    key = torch.where(row_ok, key, 0.0)
+    order = key.sort(dim=-1, stable=True).indices
+    return indices.gather(-1, order), distances.gather(-1, order)
