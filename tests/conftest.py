@@ -19,7 +19,10 @@
   (SIGALRM; used by benchmarks/gpu_run.sh when pytest-timeout is not installed).
   ``FASTVQ_ONE_PER_FILE=1``: run only the first test of each file (gpu_run.sh --dry-run).
 - The sm_90 compile and the GPU script's dry run are subprocesses that start when collection ends
-  and run beside the suite on the second core (tests/_background.py).
+  and run beside the suite on the second core (tests/_background.py). Under pytest-xdist (the
+  README's command, ``-n 2 --dist loadfile --no-loadscope-reorder``) each worker runs such a job
+  in the test that waits for it, and the files are ordered so those tests start first
+  (``_background.xdist_order``).
 - Under the interpreter, tests/_interpreter_speed.py removes repeated bookkeeping from Triton's
   interpreter (same results; ``FASTVQ_INTERPRETER_SPEEDUPS=0`` runs the interpreter untouched).
 """
