@@ -134,6 +134,12 @@ def parse_args(argv):
         p.error("--items and --batch-size must be at least 2 (the loss compares rows within a batch)")
     if args.compression <= 0 or args.lr <= 0 or args.epochs < 0 or args.k < 1 or min(args.dim, args.actual_dim) < 1:
         p.error("--compression and --lr must be > 0, --epochs >= 0, --k, --dim and --actual-dim >= 1")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # (a device this torch build or machine lacks fails here)
+    except (RuntimeError, AssertionError) as exc:
+        p.error(f"--device {args.device}: not available here ({exc}); "
+                f"use --device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     return args
 
 
@@ -216,7 +222,7 @@ def main(argv=None) -> dict:
     out["chance"] = chance
     if not args.qr_only:
         qr, same_budget = out["qr"], out["full_same_budget"]
-        verdict = "beat" if qr > same_budget else "trail"
+        verdict = "beat" if qr > same_budget else "match" if qr == same_budget else "trail"
         print(f"\nAt the same parameter budget the QR tables {verdict} a plain table of {budget_dim}-d rows "
               f"({100 * qr:.1f}% vs {100 * same_budget:.1f}% recall@{k}); at the same width the plain table "
               f"recalls {100 * out['full_same_width']:.1f}% with {n * args.dim / params:.2f}x the parameters.")

@@ -55,12 +55,15 @@ _TIMING_ONLY = ("providers", "quick", "name", "no_plot", "no_check")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvq", description=__doc__,
+    prog = "fastvq" if os.path.basename(sys.argv[0] or "") == "fastvq" else "python -m fastvq"  # (the console script)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmark every op against eager torch, torch.compile and the roofline")
-    b.add_argument("--ops", nargs="+", help="only these row groups (see --list)")
-    b.add_argument("--list", action="store_true", help="print the row groups --ops takes, in run order, and exit")
+    b.add_argument("--ops", nargs="+", help="only these row groups (see --list); with --traffic, the rows whose "
+                                            "name contains one of these words (see --list --traffic)")
+    b.add_argument("--list", action="store_true", help="print the row groups --ops takes, in run order, and exit "
+                                                       "(with --traffic: the traffic rows)")
     b.add_argument("--quick", action="store_true", help="small shapes (the default without CUDA)")
     b.add_argument("--providers", nargs="+", help="only these providers (e.g. reference fastvq); default all")
     b.add_argument("--out", help="results folder (default: ./benchmarks/results)")
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
         if args.name is not None and (os.sep in args.name or (os.altsep and os.altsep in args.name)):
             b.error(f"--name is a file stem, not a path (the results go to --out): {args.name!r}")
         mode = "--list" if args.list else "--traffic" if args.traffic else None
-        takes_not = _TIMING_ONLY + (("traffic", "ops", "out", "traffic_scale") if mode == "--list" else ())
+        takes_not = _TIMING_ONLY + (("ops", "out", "traffic_scale") if mode == "--list" else ())
         ignored = [name for name in takes_not if getattr(args, name) not in (None, False)] if mode else []
         if ignored:
             b.error(f"{mode} does not take " + ", ".join("--" + name.replace("_", "-") for name in ignored))
@@ -108,6 +111,12 @@ def main(argv=None) -> int:
 
             dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
             return run_check(ops=args.ops, dtypes=dtypes)
+        if args.traffic and args.list:
+            from .bench.traffic import all_cases
+
+            for case in all_cases():
+                print(case.name)
+            return 0
         if args.traffic:
             from .bench.traffic import run_traffic
 
@@ -123,7 +132,7 @@ def main(argv=None) -> int:
         return run_bench(ops=args.ops, quick=args.quick, out_dir=args.out, plot=not args.no_plot,
                          providers=args.providers, name=args.name, check=not args.no_check)
     except UsageError as exc:
-        print(f"python -m fastvq {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

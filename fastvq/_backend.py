@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from typing import Callable, Iterator
 
 import torch
@@ -28,7 +29,8 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 
 _global_backend: str | None = None  # set_backend()
-_scoped_backend: list[str] = []  # stack of `with backend(...)` blocks
+_scoped_backend: list[tuple[object, str]] = []  # `with backend(...)` blocks: (token, name), innermost last
+_SCOPE_LOCK = threading.Lock()
 
 
 def _validate(name: str) -> str:
@@ -40,8 +42,10 @@ def _validate(name: str) -> str:
 def get_backend() -> str:
     """The backend in force: the innermost ``with backend(...)``, else ``set_backend``,
     else ``$FASTVQ_BACKEND``, else ``"auto"``."""
-    if _scoped_backend:
-        return _scoped_backend[-1]
+    try:
+        return _scoped_backend[-1][1]
+    except IndexError:  # (no block; read without a lock: another thread may end its block meanwhile)
+        pass
     if _global_backend is not None:
         return _global_backend
     env = os.environ.get("FASTVQ_BACKEND")
@@ -65,16 +69,23 @@ def set_backend(name: str | None) -> None:
 def backend(name: str) -> Iterator[str]:
     """Run the enclosed block (forward *and* backward) with backend ``name``.
 
+    The choice is process-wide, not per thread (a backward runs in autograd's own threads on a
+    GPU and must see it): while blocks in several threads overlap, the one entered last is in
+    force; each block's end removes its own entry, so the others keep theirs.
+
     Example::
 
         with fastvq.backend("reference"):
             idx, dist = fastvq.nearest_code(x, codebook)
     """
-    _scoped_backend.append(_validate(name))
+    entry = (object(), _validate(name))
+    with _SCOPE_LOCK:
+        _scoped_backend.append(entry)
     try:
-        yield _scoped_backend[-1]
+        yield entry[1]
     finally:
-        _scoped_backend.pop()
+        with _SCOPE_LOCK:
+            _scoped_backend.remove(entry)  # (tuples of a fresh object: equal only to themselves)
 
 
 def interpreter_enabled() -> bool:

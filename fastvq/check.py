@@ -467,6 +467,7 @@ def run_check(ops=None, dtypes=None) -> int:
     device = "cuda" if cuda else "cpu"
     if dtypes is None:
         dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    dtypes = list(dict.fromkeys(dtypes))  # (each once, in the order given)
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
     print(f"fastvq check: Triton kernels vs float64 on {where}; PASS when error / rounding bound <= 1")
     print(ft.describe() + "\n")

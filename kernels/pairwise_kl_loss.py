@@ -359,6 +359,7 @@ def _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid, exp_mult)
 
     # raw running maxima (-inf until a valid column is seen) and their safe forms for
     # subtraction: exp(-inf - safe) is an exact 0, and no (-inf) - (-inf) is ever formed
+    # (the maxima's shift below is taken only once the row has seen a column)
     b_mp_new = tl.maximum(b_mp, tl.max(b_s_m, axis=1))
     b_mp_sub = _finite(b_mp_new)
     b_lp = b_lp * tl.exp2(((b_mp - b_mp_sub) * exp_mult).to(tl.float32)) + tl.sum(
@@ -373,8 +374,9 @@ def _fwd_tile_update(b_mp, b_lp, b_mt, b_lt, b_acc, b_s, b_t, m_valid, exp_mult)
     # shifts every earlier term by the same amount, hence the b_lt correction (b_lt is 0,
     # and the shift unused, while the row has seen no column). A pair of weight 0 (masked,
     # or exp underflowed) adds 0 even where s_ij - m_p overflowed to -inf (NaN weights stay).
-    b_shift = (b_mt - b_mt_sub) - (b_mp - b_mp_sub)
-    b_acc = b_alpha * (b_acc + tl.where(b_lt > 0, b_lt * b_shift, 0.0)) + tl.sum(
+    m_seen = b_lt > 0
+    b_shift = tl.where(m_seen, b_mt - b_mt_sub, 0.0) - tl.where(m_seen, b_mp - b_mp_sub, 0.0)
+    b_acc = b_alpha * (b_acc + tl.where(m_seen, b_lt * b_shift, 0.0)) + tl.sum(
         b_q * tl.where(b_q != 0.0, (b_t - b_mt_sub[:, None]) - (b_s - b_mp_sub[:, None]), 0.0), axis=1)
     b_lt = b_lt * b_alpha + tl.sum(b_q, axis=1)
     return b_mp_new, b_lp, b_mt_new, b_lt, b_acc

@@ -94,8 +94,8 @@ def test_bench_rejects_bad_arguments_by_name(argv, says, tmp_path, capsys):
     (["--list", "--providers", "reference"], "--list does not take --providers"),
     (["--list", "--out", "{tmp}/new"], "--list does not take --out"),
     (["--ops", "pairwise_sqdist", "--traffic-scale", "2"], "--traffic-scale needs --traffic"),
-    (["--list", "--traffic"], "--list does not take --traffic"),
-    (["--traffic", "--list"], "--list does not take --traffic"),
+    (["--list", "--traffic", "--ops", "QR"], "--list does not take --ops"),  # (--list --traffic: the rows)
+    (["--traffic", "--list", "--traffic-scale", "2"], "--list does not take --traffic-scale"),
     (["--ops", "pairwise_sqdist", "--name", "sub/stem"], "--name is a file stem, not a path"),
     (["--ops", "pairwise_sqdist", "--out", ""], "--out must not be empty"),
     (["--traffic", "--name", ""], "--name must not be empty"),

@@ -418,6 +418,27 @@ def _rqvae_case(name):
     return TrafficCase(name, "module", build)
 
 
+def _bitcodes_case(name):
+    def build(device, s):
+        from ..nn import Bitcodes
+
+        torch.manual_seed(0)
+        model = Bitcodes(D, 16, 1.0).to(device).train()
+        x = _randn(N // s, D, device=device, seed=1, requires_grad=True)
+        g = _randn(N // s, D, device=device, seed=2)
+
+        def step(meter):
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            y, _ = model(x)
+            _set_phase(meter, "bwd")
+            y.backward(g)
+
+        return step, x.numel() * x.element_size()
+
+    return TrafficCase(name, "module", build)
+
+
 def _qr_embedding_case(name):
     def build(device, s):
         from ..nn import QREmbedding
@@ -509,6 +530,10 @@ def op_cases() -> list[TrafficCase]:
     return [
         _op_case("nearest_code l2 (N=4096, D=64, K=512)", nc, lambda x, c: fastvq.nearest_code(x, c),
                  lambda x, c: _nbytes(x)),
+        _op_case("topk_codes k=8 (N=4096, D=64, K=512)", nc, lambda x, c: fastvq.topk_codes(x, c, 8),
+                 lambda x, c: _nbytes(x)),
+        _op_case("sample_code l2 (N=4096, D=64, K=512)", nc, lambda x, c: fastvq.sample_code(x, c, 0.5, seed=0),
+                 lambda x, c: _nbytes(x)),
         _op_case("pairwise_sqdist (256 x 256, D=64)", ps, fastvq.pairwise_sqdist, lambda a, b: _nbytes(a)),
         _op_case("mine_negatives semi-hard (256, M=512)", mn,
                  lambda a, p, n: fastvq.mine_negatives(a, p, n, "semi-hard"), lambda a, p, n: _nbytes(a)),
@@ -545,6 +570,7 @@ def module_cases() -> list[TrafficCase]:
         _rq_case("ResidualQuantizer(8, 256, 64, grad='rotation')", 8, grad="rotation"),
         _rqvae_case("RQVAE quantizer (L=3, K=256, latent 64)"),
         _qr_embedding_case("QREmbedding(1M, 32), 4096 ids"),
+        _bitcodes_case("Bitcodes(64, 16 bits)"),
     ]
 
 
@@ -598,8 +624,9 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
     every = all_cases()
     unmatched = [n for n in (names or ()) if not any(n in c.name for c in every)]
     if unmatched:
-        raise UsageError(f"unknown traffic row(s) {unmatched}: --ops keeps the rows whose name contains one "
-                         f"of its words; the rows are: {[c.name for c in every]}")
+        raise UsageError(f"unknown traffic row(s) {unmatched}: with --traffic, --ops keeps the rows whose name "
+                         f"contains one of its words (the timing groups of --list are other names; "
+                         f"--list --traffic prints these rows): {[c.name for c in every]}")
     cases = [c for c in every if not names or any(n in c.name for n in names)]
     if scale != 1:
         print(f"Counting at 1/{scale} of the named row counts and codebook sizes (same pass counts, "

@@ -200,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="processes per variant (alternating)")
     p.add_argument("--one", choices=["vqp", "patched"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    small = [f"--{name}" for name in ("n", "dim", "k", "steps", "repeats") if getattr(a, name) < 1]
+    if small:
+        p.error(f"{', '.join(small)} must be at least 1")
     if a.one:
         print(json.dumps(_one_run(a.one, a.n, a.dim, a.k, a.steps)))
         return 0
@@ -208,8 +211,11 @@ def main(argv=None) -> int:
         for variant in ("vqp", "patched"):
             cmd = [sys.executable, "-m", "fastvq.bench.vqp", "--one", variant, "--n", str(a.n), "--dim", str(a.dim),
                    "--k", str(a.k), "--steps", str(a.steps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:  # (its own error, not a bare CalledProcessError)
+                print(f"the {variant} run failed (exit {run.returncode}):\n{run.stderr[-4000:]}", file=sys.stderr)
+                return 1
+            rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{variant:8s} N={a.n} D={a.dim} K={a.k}: step {r['ms']:.0f} ms wall (median of {a.steps}: "
                   f"{', '.join(f'{t:.0f}' for t in r['times_ms'])}), {r['cpu_ms']:.0f} ms CPU over "

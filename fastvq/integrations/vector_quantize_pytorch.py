@@ -133,6 +133,8 @@ class UnsupportedVersionError(RuntimeError):
 # ------------------------------------------------------------------------------ state
 
 _LOCK = threading.RLock()
+_blocks = 0  # patched() blocks running now (any thread)
+_blocks_patched = False  # whether the first of them patched (then the last one unpatches)
 _originals: dict[tuple[object, str], object] = {}  # (owner, name) -> the attribute before patch()
 _installed: list[tuple[object, str, object]] = []  # (owner, name, replacement) as set by patch()
 _signatures: dict[str, inspect.Signature] = {}
@@ -672,18 +674,25 @@ def unpatch() -> None:
 @contextlib.contextmanager
 def patched() -> Iterator[None]:
     """``with patched():`` runs the block with :func:`patch` in force, then restores VQP unless
-    it was already patched before the block (nesting is safe).
+    it was already patched before the block. Blocks nest and overlap safely, also in different
+    threads: the patch stays while any block runs, and the last block to end restores VQP when
+    the first one patched it.
 
     Example::
 
         >>> with fastvq_vqp.patched():
         ...     loss = train_step(model, batch)     # VQP layers inside run on fastvq
     """
+    global _blocks, _blocks_patched
     with _LOCK:
-        was_patched = bool(_installed)
+        if _blocks == 0:
+            _blocks_patched = not _installed
         patch()
+        _blocks += 1
     try:
         yield
     finally:
-        if not was_patched:
-            unpatch()
+        with _LOCK:
+            _blocks -= 1
+            if _blocks == 0 and _blocks_patched:
+                unpatch()

@@ -80,6 +80,12 @@ def _code_sum(attn: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, special.to(acc), out).to(codebook.dtype)
 
 
+def _one_hot2(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(...)`` bits 0/1 -> ``(..., 2)`` one-hot in ``dtype``; ``F.one_hot`` reads the values'
+    range on the host (two syncs per call), which a training step must not."""
+    return (bits.unsqueeze(-1) == torch.arange(2, device=bits.device)).to(dtype)
+
+
 def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.gumbel_softmax(pairs, temperature, hard=True)`` (the same noise draw, so the same
@@ -104,7 +110,7 @@ def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor |
     scaled = (z - shift) / temperature
     scaled = torch.where(scaled.isnan() & ~z.isnan(), 0.0, scaled)  # +-inf - +-inf: an overflowed score
     soft = scaled.softmax(dim=-1)
-    hard = F.one_hot(bits, num_classes=2).float()
+    hard = _one_hot2(bits, torch.float32)
     return bits, hard - soft.detach() + soft  # value: the hard sample; gradient: the soft one
 
 
@@ -212,7 +218,7 @@ class Bitcodes(nn.Module):
             attn = attn.to(codebook.dtype)
         else:
             bits = scaled.argmax(dim=-1)  # ties pick 0, as torch.argmax picks the first
-            attn = F.one_hot(bits, num_classes=2).to(codebook.dtype)
+            attn = _one_hot2(bits, codebook.dtype)
         out = _code_sum(attn.flatten(-2), codebook)
         # A NaN score (a NaN in x, or inf * 0 / inf - inf from an infinite x) picks a bit all the
         # same (bits stay 0/1); its output row is NaN, not a made-up sum of codebook rows.
@@ -232,5 +238,5 @@ class Bitcodes(nn.Module):
             )
         if bits.device != self.codebook.device:
             raise ValueError(f"fastvq.Bitcodes: bits are on {bits.device}, the codebook on {self.codebook.device}")
-        attn = F.one_hot(checked_bits("Bitcodes", bits), num_classes=2).to(self.codebook.dtype)
+        attn = _one_hot2(checked_bits("Bitcodes", bits), self.codebook.dtype)
         return _code_sum(attn.flatten(-2), self.codebook)

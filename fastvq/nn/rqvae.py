@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -96,6 +97,13 @@ class RQVAE(nn.Module):
         self.num_quantizers = num_quantizers = _check_int("num_quantizers", owner, num_quantizers, 1)
         self.num_embeddings = num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
         self.commitment_cost = commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
+        params = inspect.signature(ResidualQuantizer).parameters
+        takes = set(params) - {"num_quantizers", "num_embeddings", "embedding_dim", "commitment_cost"}
+        open_ended = any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())
+        unknown = [] if open_ended else sorted(set(quantizer_kwargs) - takes)
+        if unknown:
+            raise TypeError(f"fastvq.{owner}: unexpected keyword argument(s) {', '.join(map(repr, unknown))}; the "
+                            f"keywords beyond the seed's go to ResidualQuantizer: {', '.join(sorted(takes))}")
         self.encoder = Encoder(input_dim, hidden_dim, latent_dim)
         self.quantizer = ResidualQuantizer(num_quantizers, num_embeddings, latent_dim, commitment_cost, **quantizer_kwargs)
         self.decoder = Decoder(latent_dim, hidden_dim, input_dim)

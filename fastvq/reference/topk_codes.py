@@ -81,10 +81,12 @@ def order_by_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Te
     which near-ties (codes a hair apart, far from the origin) can order against the directly
     computed distances. The sort is stable (equal distances keep the search's order) and
     leaves the non-finite rules as they were: codes with a non-finite entry stay after the
-    finite ones, by index, and a row with a non-finite entry keeps its order."""
-    row_ok = torch.isfinite(x).all(-1, keepdim=True)
+    finite ones, by index, and a row with a non-finite entry keeps its order. Such a row has no
+    finite distance (NaN or +-inf at every code), so the rows sorted are those with a finite
+    distance (a finite row whose every distance overflowed is in the search's order already:
+    its scores are exact there); only the codebook is read, not ``x`` again."""
     code_ok = torch.isfinite(codebook).all(-1).gather(1, indices.flatten(1)).reshape(indices.shape)
     key = torch.where(code_ok & ~distances.isnan(), distances, float("inf"))
-    key = torch.where(row_ok, key, 0.0)
+    key = torch.where(distances.isfinite().any(-1, keepdim=True), key, 0.0)
     order = key.sort(dim=-1, stable=True).indices
     return indices.gather(-1, order), distances.gather(-1, order)
