@@ -36,6 +36,8 @@ TARGETS = {  # case -> most passes over the N x D activation (glue + kernel tens
     "ResidualQuantizer(8, 256, 64, ema=True)": 11.0,
     "ResidualQuantizer(8, 256, 64) dead codes": 17.0,
     "ResidualQuantizer(8, 256, 64, grad='rotation')": 10.0,
+    # plain torch, no kernel (cliprobe C8 added its row: F.one_hot synced twice a step)
+    "Bitcodes(64, 16 bits)": 90.0,
 }
 
 
