@@ -48,10 +48,10 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
 
     ``codebook`` ``(K, D)``: ``x`` ``(..., D)``, one codebook for every row. ``codebook``
     ``(H, K, D)``: ``x`` ``(H, ..., D)``, row ``x[h, ...]`` searched in ``codebook[h]``.
-    Returns ``(x3 (H, N, D), codebook3 (H, K, D), lead)``: detached, one promoted float dtype;
-    ``lead`` is ``x.shape[:-1]``, the shape of the results.
+    Returns ``(x3 (H, N, D), codebook3 (H, K, D), lead, allow_tf32)``: detached, one promoted
+    float dtype; ``lead`` is ``x.shape[:-1]``, the shape of the results; ``allow_tf32`` a bool.
     """
-    from .._checks import check_float, check_metric, check_same_device, check_tensor
+    from .._checks import check_bool_arg, check_float, check_metric, check_same_device, check_tensor
 
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "codebook", codebook)
@@ -72,8 +72,7 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
     if not isinstance(metric, str):
         raise TypeError(f"fastvq.{op}: metric must be a str, got {type(metric).__name__}")
     check_metric(op, metric)
-    if not isinstance(allow_tf32, bool):
-        raise TypeError(f"fastvq.{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    allow_tf32 = check_bool_arg(op, "allow_tf32", allow_tf32)  # (NumPy bools too, as every flag)
     x, codebook = x.detach(), codebook.detach()
     if x.dtype != codebook.dtype:
         dtype = torch.promote_types(x.dtype, codebook.dtype)
@@ -84,4 +83,4 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
     H = c3.shape[0]
     # explicit row counts: reshape(H, -1, D) is ambiguous (and raises) when D == 0 or H == 0
     x3 = x.reshape(H, (lead.numel() // H) if H else 0, D)
-    return x3, c3, lead
+    return x3, c3, lead, allow_tf32

@@ -9,7 +9,7 @@ import torch
 
 from .._backend import use_triton
 from ._custom_op import custom_op
-from .._checks import FLOAT_DTYPES, assert_async, check_float, check_int, check_int_arg, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, assert_async, check_bool_arg, check_float, check_int, check_int_arg, check_same_device, check_tensor
 from ..reference.code_statistics import code_statistics_full_ref
 
 OP = "code_statistics"
@@ -145,9 +145,8 @@ def code_statistics(
     check_int(OP, "indices", indices)
     check_same_device(OP, x=x, indices=indices)
     num_codes = check_int_arg(OP, "num_codes", num_codes, minimum=0)
-    for name, flag in (("deterministic", deterministic), ("return_skipped", return_skipped)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"fastvq.{OP}: {name} must be a bool, got {type(flag).__name__}")
+    deterministic = check_bool_arg(OP, "deterministic", deterministic)
+    return_skipped = check_bool_arg(OP, "return_skipped", return_skipped)
     if not ((x.dim() == 2 and indices.dim() == 1) or (x.dim() == 3 and indices.dim() == 2)):
         raise ValueError(
             f"fastvq.{OP}: expected x (N, D) with indices (N,), or x (L, N, D) with indices (L, N); "

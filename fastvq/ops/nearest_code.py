@@ -79,6 +79,6 @@ def nearest_code(
         >>> idx.shape                                              # idx[h] indexes heads[h]
         torch.Size([4, 8, 100])
     """
-    x3, c3, lead = search_inputs("nearest_code", x, codebook, metric, allow_tf32)
+    x3, c3, lead, allow_tf32 = search_inputs("nearest_code", x, codebook, metric, allow_tf32)
     indices, distances = _nearest_code_op(x3, c3, metric, allow_tf32)
     return indices.reshape(lead), distances.reshape(lead)

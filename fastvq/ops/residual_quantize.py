@@ -10,7 +10,7 @@ import torch
 
 from .._backend import use_triton
 from ._custom_op import custom_op, first_order_only
-from .._checks import (assert_async, check_float, check_index_range, check_last_dim, check_same_device, check_tensor,
+from .._checks import (assert_async, check_bool_arg, check_float, check_index_range, check_last_dim, check_same_device, check_tensor,
                        finite_limit)
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
 
@@ -350,9 +350,10 @@ def residual_quantize_step(
             padding). Float weights must be finite and ``>= 0`` (checked without a host read, as
             ``codes`` are: a ``ValueError`` on the CPU) and only their ratios matter to the
             losses and gradients (they are scaled by a power of two first, so ``W`` cannot
-            overflow); the statistics use them as given. A positive weight more than 2^149
-            below the largest counts as 2^-149 of the largest (float32's smallest subnormal
-            once scaled), in the losses and the statistics alike, so its row is never padding. A row of weight 0 adds nothing to the losses, the statistics or the
+            overflow); the statistics use them as given. In the losses and gradients a positive
+            weight more than 2^149 below the largest counts as 2^-149 of the largest (float32's
+            smallest subnormal once scaled), so its row is never padding; the statistics count
+            it as given. A row of weight 0 adds nothing to the losses, the statistics or the
             candidates, gets no loss gradient and its ``quantized`` is its input (identity
             gradient); its codes are still computed. Not differentiable.
         codes: optional ``(..., L)`` int64 codes chosen elsewhere (e.g. a cosine search with
@@ -404,8 +405,7 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
     L, K, D = _check(op, x, codebooks)
     if grad not in GRADS:
         raise ValueError(f"fastvq.{op}: unknown grad {grad!r}; expected one of {GRADS}")
-    if not isinstance(statistics, bool):
-        raise TypeError(f"fastvq.{op}: statistics must be a bool, got {type(statistics).__name__}")
+    statistics = check_bool_arg(op, "statistics", statistics)
     lead = x.shape[:-1]
     N = lead.numel()
     stat_weights = None

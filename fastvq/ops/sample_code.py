@@ -102,7 +102,7 @@ def sample_code(
         torch.Size([100])
     """
     temperature, temperature_t = temperature_arg("sample_code", temperature, minimum=0.0)
-    x3, c3, lead = search_inputs("sample_code", x, codebook, metric, allow_tf32)
+    x3, c3, lead, allow_tf32 = search_inputs("sample_code", x, codebook, metric, allow_tf32)
     seed_t = _seed(seed, generator, x3.device)
     if temperature_t is None and temperature == 0.0:
         from .nearest_code import _nearest_code_op

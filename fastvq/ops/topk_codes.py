@@ -66,7 +66,7 @@ def topk_codes(
         >>> idx.shape, bool((dist[:, 1:] >= dist[:, :-1]).all())
         (torch.Size([100, 8]), True)
     """
-    x3, c3, lead = search_inputs("topk_codes", x, codebook, metric, allow_tf32)
+    x3, c3, lead, allow_tf32 = search_inputs("topk_codes", x, codebook, metric, allow_tf32)
     K = c3.shape[1]
     k = check_int_arg("topk_codes", "k", k, minimum=1)
     if k > K:

@@ -499,7 +499,7 @@ def test_step_bad_input():
         residual_quantize_step(x, cb, codes=torch.zeros(6, 2, dtype=torch.int32))
     with pytest.raises(TypeError, match="candidate_rows must be int64"):
         residual_quantize_step(x, cb, candidate_rows=torch.zeros(2, dtype=torch.int32))
-    with pytest.raises(TypeError, match="statistics must be a bool"):
+    with pytest.raises(TypeError, match="statistics must be True or False"):
         residual_quantize_step(x, cb, statistics=1)
 
 
