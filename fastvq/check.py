@@ -163,27 +163,44 @@ def check_code_statistics(device, dtype):
 
 
 def check_code_usage(device, dtype):
-    idx = torch.randint(0, 50, (1000,), device=device)
+    # 3,000 ids: several of the kernel's 1,024-id programs and a partial last one
+    idx = torch.randint(0, 50, (3000,), device=device)
     u = _triton(lambda: fastvq.code_usage(idx, 50))
     counts = torch.bincount(idx, minlength=50).double()
+    # out-of-range ids: counted aside by a meter's batch usage, refused by code_usage
+    bad = idx.clone()
+    bad[::7], bad[3::11] = 50, -1
+    n_bad = int(((bad < 0) | (bad >= 50)).sum())
+    batch = _triton(lambda: fastvq.CodeUsageMeter(50).update(bad))
+    good = bad[(bad >= 0) & (bad < 50)]
+    aside = bool(int(batch.out_of_range) == n_bad) and torch.equal(batch.counts.double(),
+                                                                    torch.bincount(good, minlength=50).double())
+    try:
+        _triton(lambda: fastvq.code_usage(bad, 50))
+        refused = False
+    except ValueError:
+        refused = True
     p = counts / counts.sum()
     terms = p * torch.log(p + 1e-10)
     entropy = -terms.sum()
     # entropy: 50 float32 terms (a log each); perplexity = exp(entropy): its relative error is the
     # entropy's absolute error
     mag = terms.abs().sum() + 1.0
-    return max(_exact(torch.equal(u.counts.double(), counts)),
+    return max(_exact(torch.equal(u.counts.double(), counts)), _exact(aside and refused),
                ft.error_ratio(u.entropy, entropy, dtype=torch.float32, reduce_len=50 + 8, magnitude=mag),
                ft.error_ratio(u.perplexity, entropy.exp(), dtype=torch.float32, reduce_len=50 + 8,
                               magnitude=mag * entropy.exp()))
 
 
 def check_semantic_ids(device, dtype):
-    codes = torch.randint(0, 3, (400, 3), device=device)
-    got = _triton(lambda: fastvq.semantic_ids(codes))
-    with fastvq.backend("reference"):
-        want = fastvq.semantic_ids(codes)
-    return _exact(torch.equal(got, want))
+    worst = 0.0
+    # contiguous, and column-major (the kernel reads the codes through their strides)
+    for codes in (torch.randint(0, 3, (400, 3), device=device), torch.randint(0, 3, (3, 400), device=device).T):
+        got = _triton(lambda: fastvq.semantic_ids(codes))
+        with fastvq.backend("reference"):
+            want = fastvq.semantic_ids(codes)
+        worst = max(worst, _exact(torch.equal(got, want)))
+    return worst
 
 
 def check_rotation_trick(device, dtype):

@@ -321,7 +321,8 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     """Per-row ratio ``(d[chosen] - d_min) / allowed`` in float64; a row passes at ``<= 1``.
 
     ``x``: ``(N, D)`` (or ``(..., D)``), ``codebook``: ``(K, D)``, ``indices``: ``(N,)`` (or ``(...)``),
-    all as the kernel saw them. ``d`` is the float64 distance on those inputs and ``b_k`` the
+    all as the kernel saw them (``indices`` an integer tensor of shape ``x.shape[:-1]``, else a
+    ``TypeError``/``ValueError``). ``d`` is the float64 distance on those inputs and ``b_k`` the
     rounding bound of the kernel's fp32 distance to code ``k`` (:func:`error_bound` with the
     reduction's sum of ``|terms|``). The kernel's choice ``j`` is consistent with rounding iff
     ``d_j - b_j <= min_k (d_k + b_k)``, so ``allowed = b_j + min_k(d_k + b_k) - d_min``. Exact
@@ -331,6 +332,11 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     Returns ``(ratio (N,), gap (N,), allowed (N,), d (N, K))``.
     """
     D = x.shape[-1]
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"fastvq.testing: indices must be an integer tensor, got {indices.dtype}")
+    if indices.shape != x.shape[:-1]:
+        raise ValueError(f"fastvq.testing: indices must have shape x.shape[:-1] = {tuple(x.shape[:-1])} (one per "
+                         f"row of x), got {tuple(indices.shape)}")
     x2, idx = x.reshape(-1, D), indices.reshape(-1).long()
     dtype = _fmt(x.dtype)
     if precision is None:
@@ -422,7 +428,10 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     ``special`` counts elements where ``exact`` is not finite and ``actual`` is not the same
     value (NaN requires NaN, +-inf that infinity, as :func:`assert_close`).
     ``ratio`` is ``rel_err / rtol`` over the finite elements of ``exact``, or ``inf`` when
-    ``zeros``, ``nonfinite`` or ``special`` is non-zero.
+    ``zeros``, ``nonfinite`` or ``special`` is non-zero. Where ``exact`` is 0 everywhere (no scale
+    for a relative error), ``ratio`` is 0 when every ``|actual| <= floor`` and ``inf`` otherwise:
+    pass ``floor``, the absolute error the computation can make (the default is then the
+    dtype's smallest subnormal).
     """
     dtype = dtype or actual.dtype
     act = actual.detach().to(torch.float64)
@@ -437,7 +446,10 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     a, e = torch.where(fin, act, 0.0), torch.where(fin, ex, 0.0)
     den = float(e.norm())
     num = float((a - e).norm()) if nonfinite == 0 else math.inf
-    rel = (num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+    if den > 0:
+        rel = num / den
+    else:  # an exact gradient of zeros has no scale: every |actual| within the floor passes
+        rel = 0.0 if num == 0 or (math.isfinite(num) and float(a.abs().max()) <= floor) else math.inf
     ratio = math.inf if zeros or nonfinite or special else rel / rtol
     return {"rel_err": rel, "rtol": rtol, "ratio": ratio, "zeros": zeros, "nonfinite": nonfinite,
             "special": special, "floor": floor}

@@ -205,7 +205,8 @@ class RQVAE(nn.Module):
 
         Args:
             features: a tensor ``(N, input_dim)`` (or ``(..., input_dim)``, rows flattened) on
-                any device, typically the CPU, cut into ``batch_size`` rows; or any iterable of
+                any device, typically the CPU, cut into ``batch_size`` rows (a dict with a
+                ``"features"`` entry is read as that tensor); or any iterable of
                 batches (a ``DataLoader``, a list), each a tensor, a dict with a ``"features"``
                 entry, a tuple/list whose first element is the features (a 2-D tensor or
                 array; a list of 1-D row vectors is refused: stack it), or a nested list of
@@ -234,6 +235,8 @@ class RQVAE(nn.Module):
 
         if hasattr(features, "__array__") and not isinstance(features, torch.Tensor):
             features = torch.as_tensor(features)
+        if isinstance(features, Mapping):  # one batch given as a dict: its "features" entry
+            features = _batch_features(op, features, self.input_dim)
         if isinstance(features, torch.Tensor):
             if features.dim() < 1 or features.shape[-1] != self.input_dim:
                 raise ValueError(f"fastvq.{op}: features must be (N, {self.input_dim}), got shape {tuple(features.shape)}")

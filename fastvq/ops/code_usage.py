@@ -138,7 +138,7 @@ class CodeUsageMeter:
         counts = _code_usage_counts_op(flat, self.codebook_size, False)  # checked in compute()
         batch = usage_from_counts(counts[: self.codebook_size], counts[self.codebook_size])
         if self._counts is None:
-            self._counts = counts
+            self._counts = counts.clone()  # (the batch usage returned is the caller's)
             self._perplexity_sum = batch.perplexity.clone()
         else:
             self._counts = self._counts + counts
