@@ -2,7 +2,7 @@
 # Validate and benchmark fastvq on a GPU in one command (one call of a lent GPU machine, <= 8 min):
 #
 #   bash benchmarks/gpu_run.sh             # on a CUDA machine, from the repo root (no install needed)
-#   bash benchmarks/gpu_run.sh --dry-run   # the same steps on CPU under the Triton interpreter (< 1 min)
+#   bash benchmarks/gpu_run.sh --dry-run   # the same steps on CPU under the Triton interpreter (about a minute)
 #
 # Steps, lightest first so that a time limit loses the least:
 #   1. environment (GPU, driver, python/torch/triton versions, git sha)   -> env.txt
@@ -34,7 +34,7 @@ PER_TEST_S=${FASTVQ_PER_TEST_S:-90}   # one test
 
 if [ "$DRY" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 FASTVQ_ONE_PER_FILE=1
-  TESTS_S=150; CHECK_S=60; PER_TEST_S=60   # guards only: the dry run needs ~25 s of CPU time
+  TESTS_S=150; CHECK_S=60; PER_TEST_S=60   # guards only: the dry run takes about a minute on 2 cores
   SLUG=dry-run-cpu
 else
   SLUG=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no-cuda')" 2>/dev/null \
