@@ -330,7 +330,11 @@ class CodebookState(nn.Module):
     ``nonfinite_rows`` (always; not persistent: the state_dict is the seed's)
         int64 scalar: training rows (all ranks, all steps) left out of the codebook statistics,
         revival and k-means because they held a NaN or an infinity (for a residual quantizer,
-        the most any level left out per step). Log it; a growing value means bad inputs.
+        the most any level left out per step). Log it; a growing value means bad inputs. It
+        counts where the codebook update reads the rows: every training step with ``ema=True``
+        or ``dead_code_threshold > 0``, else only the batch that runs k-means init; a
+        gradient-trained codebook without them reads no statistics (a NaN row makes its
+        losses NaN instead).
     ``codes_revived`` (``dead_code_threshold > 0``; not persistent)
         int64 scalar: codes revived so far (all levels).
 
@@ -508,6 +512,9 @@ class CodebookState(nn.Module):
         L, K, _ = codebook.shape
         counts = None
         if self._codebook_needs_vectors:
+            # (an attribute a schedule may set: checked here, on the host, for both EMAs; the
+            # usage EMA of revival without EMA codebooks took a NaN decay and stayed NaN)
+            decay = _check_float("decay", self._owner, self.decay, 0.0, 1.0)
             if mask is not None and mask.dim() != 1:
                 mask = mask.reshape(-1)
             if stats is None:
@@ -535,12 +542,12 @@ class CodebookState(nn.Module):
             if self.ema:
                 fdist.all_reduce_sum_(counts, sums, skipped)
                 ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,
-                            self.decay, self.eps)
+                            decay, self.eps)
             else:
                 fdist.all_reduce_sum_(counts, skipped)
                 usage = self._levels(self.code_usage)
                 live = counts.sum(-1, keepdim=True) > 0  # an empty batch leaves usage as it is
-                usage.copy_(torch.where(live, usage.mul(self.decay).add_(counts, alpha=1 - self.decay), usage))
+                usage.copy_(torch.where(live, usage.mul(decay).add_(counts, alpha=1 - decay), usage))
             self.nonfinite_rows.add_(skipped.amax().long())
             if self.dead_code_threshold > 0:
                 revived = expire_dead_codes_(codebook, self._usage_levels(), self.dead_code_threshold, candidates,
