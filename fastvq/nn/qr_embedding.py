@@ -14,6 +14,8 @@ from ..ops.qr_lookup import MODES, OPS
 
 __all__ = ["QREmbedding"]
 
+_NARROW_IDS = (torch.int8, torch.int16, torch.uint8, torch.bool)  # the seed's torch.remainder takes them
+
 
 class QREmbedding(nn.Module):
     """Embeds ``num_embeddings`` ids with two small tables (Shi et al. 2020, "QR trick").
@@ -111,7 +113,11 @@ class QREmbedding(nn.Module):
         offsets: torch.Tensor | None = None,
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``ids.shape + (embedding_dim,)``, or ``(len(offsets), embedding_dim)`` in the bag form."""
+        """``ids.shape + (embedding_dim,)``, or ``(len(offsets), embedding_dim)`` in the bag form.
+        ``ids``: int64 or int32, or (as the seed takes them) int8, int16, uint8 or bool, read as
+        int32."""
+        if isinstance(ids, torch.Tensor) and ids.dtype in _NARROW_IDS:
+            ids = ids.to(torch.int32)
         return qr_lookup(
             ids, self._emb_q.weight, self._emb_r.weight, self.op,
             offsets=offsets, mode=self.mode, per_sample_weights=per_sample_weights,

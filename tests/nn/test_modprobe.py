@@ -121,3 +121,16 @@ def test_m8_qr_width_tuple_of_wrong_length_names_the_length(backend, device):
         with pytest.raises(ValueError, match="embedding_dim") as info:
             QREmbedding(100, widths, op="concat")
         assert "needs op='concat'" not in str(info.value), str(info.value)
+
+
+def test_qr_embedding_takes_the_seeds_narrow_integer_ids(backend, device):
+    # (modprobe, noticed: the seed's module takes int8/int16/uint8/bool ids; ours refused them)
+    from fastvq.bench.seed_modules import QREmbedding as SeedQREmbedding
+
+    torch.manual_seed(0)
+    seed, ours = SeedQREmbedding(100, 4).to(device), QREmbedding(100, 4).to(device)
+    ours.load_state_dict(seed.state_dict())
+    for ids in (torch.tensor([3, 99, 0], dtype=torch.int8), torch.tensor([300, 7], dtype=torch.int16),
+                torch.tensor([255, 1], dtype=torch.uint8), torch.tensor([True, False])):
+        ids = ids.to(device)
+        torch.testing.assert_close(ours(ids), seed(ids), rtol=0, atol=0)
