@@ -173,8 +173,7 @@ def check_code_usage(device, dtype):
     n_bad = int(((bad < 0) | (bad >= 50)).sum())
     batch = _triton(lambda: fastvq.CodeUsageMeter(50).update(bad))
     good = bad[(bad >= 0) & (bad < 50)]
-    aside = bool(int(batch.out_of_range) == n_bad) and torch.equal(batch.counts.double(),
-                                                                    torch.bincount(good, minlength=50).double())
+    aside = int(batch.out_of_range) == n_bad and torch.equal(batch.counts, torch.bincount(good, minlength=50))
     try:
         _triton(lambda: fastvq.code_usage(bad, 50))
         refused = False

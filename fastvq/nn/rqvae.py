@@ -161,9 +161,10 @@ class RQVAE(nn.Module):
         nothing), as the quantizer weights its losses."""
         if mask is not None:
             mask = _check_mask("RQVAE.compute_loss", mask, reconstructed)
-            w = torch.where(_real_rows(mask), mask.to(torch.float32), 0.0)
+            real = _real_rows(mask)
+            w = torch.where(real, mask.to(torch.float32), 0.0)
             w = w / w.amax().clamp_min(torch.finfo(torch.float32).tiny) if w.numel() else w  # (scale-free)
-            diff = torch.where(_real_rows(mask)[..., None], reconstructed.float() - features.float(), 0.0)
+            diff = torch.where(real[..., None], reconstructed.float() - features.float(), 0.0)
             num = (w * diff.square().sum(-1)).sum()
             den = w.sum() * reconstructed.shape[-1]
             recon_loss = torch.where(den > 0, num / den.clamp_min(1.0e-30), 0.0).to(reconstructed.dtype)
