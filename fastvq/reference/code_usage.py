@@ -83,7 +83,8 @@ def usage_from_counts(counts: torch.Tensor, out_of_range: torch.Tensor | None = 
     """
     probs = counts.float()
     probs = probs / probs.sum().clamp_min(1.0)  # an empty input gives p = 0, not 0/0
-    entropy = -(probs * torch.log(probs + EPS)).sum()
+    # 0 - s, not -s: one code in use (or none) gives +0.0, not -0.0
+    entropy = 0.0 - (probs * torch.log(probs + EPS)).sum()
     if out_of_range is not None:
         entropy = torch.where(out_of_range > 0, float("nan"), entropy)
     return CodeUsage(

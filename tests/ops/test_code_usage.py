@@ -46,6 +46,17 @@ def test_parity_with_seed_formulas(backend, shape, K, dtype):
         assert u.perplexity.item() == 1.0 and u.entropy.item() == 0.0 and u.active_codes.item() == 0
 
 
+@pytest.mark.parametrize("ids", [[], [3, 3, 3]], ids=["empty", "one-code"])
+def test_zero_entropy_is_positive_zero(backend, ids):
+    # no code, or one code, in use: entropy +0.0 (the seed's -sum gives -0.0, which prints "-0.")
+    u = fastvq.code_usage(torch.tensor(ids, dtype=torch.int64), 8)
+    assert u.entropy.item() == 0.0 and math.copysign(1.0, u.entropy.item()) == 1.0
+    meter = fastvq.CodeUsageMeter(8)
+    assert math.copysign(1.0, meter.compute().entropy.item()) == 1.0
+    meter.update(torch.tensor(ids, dtype=torch.int64))
+    assert math.copysign(1.0, meter.compute().entropy.item()) == 1.0
+
+
 def test_known_values(backend):
     u = fastvq.code_usage(torch.tensor([0, 1, 1, 3]), 4)
     assert u.counts.tolist() == [1, 2, 0, 1]
