@@ -7,8 +7,8 @@ Everything here works on level-stacked tensors: a codebook ``(L, K, D)``, EMA co
 - :func:`ema_update_` (:mod:`fastvq.ops.ema_update`, used as is): the seed EMAQuantizer's update
   (decay, Laplace smoothing), guarded: a level whose batch has no rows is left as it is, and no
   state becomes non-finite.
-- :func:`offer_candidates`: a fixed number of random valid rows per rank, exchanged among
-  ranks; what dead-code revival and k-means start from.
+- :func:`offer_candidates`: a uniform random sample of every rank's valid rows, chosen in a
+  fixed-size exchange; what dead-code revival and k-means start from.
 - :func:`expire_dead_codes_`: revive codes whose (EMA) usage fell below a threshold, without
   a host sync.
 - :func:`kmeans`: Lloyd's algorithm with ``fastvq.nearest_code`` / ``fastvq.code_statistics``.
@@ -25,7 +25,8 @@ value on the host (k-means init reads it on the one batch that initialises).
 
 Distributed: statistics are summed over ranks (:func:`fastvq.distributed.all_reduce_sum_`)
 before they are used; random choices come from a fixed-size exchange of candidate rows
-(:func:`fastvq.distributed.all_gather`) that every rank resolves identically, so every rank
+(:func:`fastvq.distributed.all_gather` of scores, one all-reduce of the rows) that every rank
+resolves identically, so every rank
 holds the same codebooks and runs the same collectives whatever its batch holds.
 """
 
@@ -84,22 +85,27 @@ def offer_candidates(
     ``(L, N)`` (rows of weight 0 are never offered) or None; ``anchors``: None (offer the rows
     themselves) or ``(codebook (L, K, D), indices (L, N))``, then a row ``x`` with code ``c``
     is offered as the midpoint ``(c + x) / 2`` (what dead-code revival places: see
-    :func:`expire_dead_codes_`). A row is valid when it has nonzero weight and its offer is
-    finite, its max-abs below ``limit`` (revival with EMA: :func:`revival_limit`). Each rank offers ``ceil(num / world_size)`` rows per level, its valid
-    rows of highest random score first, padded with invalid ones: a fixed-size
-    :func:`fastvq.distributed.all_gather`, so no rank waits on a size. Every rank then keeps the
-    ``num`` offers of highest score (valid first), identically. Returns float32
-    ``(candidates (L, num, D), valid (L, num))``; the valid ones come first, and are distinct
-    rows, a uniform random sample of all ranks' valid rows (all of them when there are fewer
-    than ``num``). No host sync.
+    :func:`expire_dead_codes_`). A row is valid when it has nonzero weight, it is finite and
+    its offer is finite, its max-abs below ``limit`` (revival with EMA: :func:`revival_limit`).
+
+    The exchange has a fixed size, so no rank waits on a size it must first read: each rank
+    gives every valid row a random score and offers its ``num`` highest (padded with invalid
+    ones); the ranks all-gather the scores ``(world, L, num)``, every rank keeps the ``num``
+    highest of them (valid first), identically, and one all-reduce of ``(L, num, D)`` brings
+    each kept row from its rank to its slot. Returns float32 ``(candidates (L, num, D), valid
+    (L, num))``; the valid ones come first, and are distinct rows, a uniform random sample of
+    all ranks' valid rows (all of them when there are fewer than ``num``), whichever ranks hold
+    them. No host sync.
     """
     L, N, D = vectors.shape
     dev = vectors.device
-    C = -(-num // fdist.get_world_size())
     score = torch.rand((L, N), device=dev)
     if weights is not None:
         score = torch.where((weights.reshape(1, N) if weights.dim() == 1 else weights) != 0, score, -1.0)
-    c = min(C, N)
+    # a row that is not finite takes no offer from a finite one (its midpoint is not finite either)
+    finite = torch.linalg.vector_norm(vectors.float(), ord=float("inf"), dim=-1) < float("inf")
+    score = torch.where(finite, score, -1.0)
+    c = min(num, N)
     if c == 0:
         return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), device=dev), num, limit=limit)
     top, rows = score.topk(c, dim=1)
@@ -113,13 +119,15 @@ def offer_candidates(
 def pick_candidate_rows(n: int, num: int, device, weights: torch.Tensor | None = None):
     """The rows a rank offers for ``num`` candidates (see :func:`offer_candidates`), chosen before
     the vectors exist (the fused training step computes the residuals of just these rows):
-    ``(rows (c,) int64, score (c,) float32)``, ``c = min(ceil(num / world_size), n)``, the rows
-    of nonzero weight with the highest random scores first (score -1: weight 0, not valid)."""
-    C = -(-num // fdist.get_world_size())
+    ``(rows (c,) int64, score (c,) float32)``, ``c = min(num, n)``, the rows of nonzero weight
+    with the highest random scores first (score -1: weight 0, not valid). Their values are not
+    known yet: a row among them that turns out not finite is dropped from the offer, so a batch
+    holding such rows may offer fewer than ``num`` valid candidates though it has ``num`` valid
+    rows (:func:`offer_candidates`, which sees the vectors, leaves such rows out first)."""
     score = torch.rand((n,), device=device)
     if weights is not None:
         score = torch.where(weights.reshape(n) != 0, score, -1.0)
-    top, rows = score.topk(min(C, n))
+    top, rows = score.topk(min(num, n))
     return rows, top
 
 
@@ -133,12 +141,12 @@ def exchange_offers(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exchange of :func:`offer_candidates` for rows already picked: ``picked (L, c, D)``
     this rank's vectors with their random ``score (L, c)`` (or ``(c,)``; negative: not valid),
-    ``c <= ceil(num / world_size)``; ``anchors`` None or ``(codebook (L, K, D), codes (L, c))``
-    (offer midpoints); ``limit``: offers whose max-abs is not below it are not valid. Returns
-    ``(candidates (L, num, D), valid (L, num))`` float32, the same on every rank. No host sync."""
+    ``c <= num``; ``anchors`` None or ``(codebook (L, K, D), codes (L, c))`` (offer midpoints);
+    ``limit``: offers whose max-abs is not below it are not valid. Returns ``(candidates (L,
+    num, D), valid (L, num))`` float32, the same on every rank. No host sync: one all-gather
+    of ``(L, num)`` scores and one all-reduce of ``(L, num, D)`` rows."""
     L, c, D = picked.shape
     dev = picked.device
-    C = -(-num // fdist.get_world_size())
     if c > 0:
         top = score.expand(L, c)
         picked = picked.float()
@@ -149,16 +157,18 @@ def exchange_offers(
             picked = torch.where(mid.abs() < float("inf"), 0.5 * mid, 0.5 * base + 0.5 * picked)
         # finite rows below the limit: one max-abs read (NaN propagates through the max)
         ok = (top >= 0) & (torch.linalg.vector_norm(picked, ord=float("inf"), dim=-1) < limit)
-        parts = [torch.where(ok.unsqueeze(-1), picked, 0.0), torch.where(ok, top, -1.0).unsqueeze(-1)]
+        rows, top = torch.where(ok.unsqueeze(-1), picked, 0.0), torch.where(ok, top, -1.0)
     else:
-        parts = [picked.new_zeros((L, 0, D), dtype=torch.float32), torch.full((L, 0, 1), -1.0, device=dev)]
-    if c < C:  # fewer rows than offers: pad with invalid ones
-        parts = [torch.cat([parts[0], torch.zeros((L, C - c, D), device=dev)], 1),
-                 torch.cat([parts[1], torch.full((L, C - c, 1), -1.0, device=dev)], 1)]
-    offer = torch.cat(parts, -1)  # (L, C, D + 1): the vector and its score
-    pool = fdist.all_gather(offer).transpose(0, 1).reshape(L, -1, D + 1)  # (L, W * C, D + 1)
-    best, order = pool[..., D].topk(num, dim=1)
-    candidates = pool.gather(1, order.unsqueeze(-1).expand(L, num, D + 1))[..., :D]
+        rows, top = picked.new_zeros((L, 0, D), dtype=torch.float32), torch.full((L, 0), -1.0, device=dev)
+    if c < num:  # fewer rows than offers: pad with invalid ones
+        rows = torch.cat([rows, torch.zeros((L, num - c, D), device=dev)], 1)
+        top = torch.cat([top, torch.full((L, num - c), -1.0, device=dev)], 1)
+    # every rank's scores (W, L, num) -> the same num best on every rank, and whose they are
+    pool = fdist.all_gather(top).transpose(0, 1).reshape(L, -1)  # (L, W * num)
+    best, order = pool.topk(num, dim=1)
+    mine = (order // num == fdist.get_rank()) & (best >= 0)
+    candidates = torch.where(mine.unsqueeze(-1), rows.gather(1, (order % num).unsqueeze(-1).expand(L, num, D)), 0.0)
+    fdist.all_reduce_sum_(candidates)  # each slot: one rank's row plus zeros, exactly the row
     return candidates, best >= 0
 
 
@@ -676,7 +686,8 @@ class CodebookState(nn.Module):
         self._kmeans_done = self._kmeans_checked = True
 
     def _maybe_kmeans_init_(self, x: torch.Tensor, metric: str = "l2", mask: torch.Tensor | None = None) -> None:
-        """In training, with ``kmeans_init`` on and not done yet: :meth:`_kmeans_init_` on ``x (N, D)``."""
+        """In training, with ``kmeans_init`` on and not done yet: :meth:`_kmeans_init_` on ``x (..., D)``
+        (reshaped to rows only then: a layout that cannot be viewed as rows is copied for it alone)."""
         if self.training and self.kmeans_init and not self._kmeans_done:
             if torch.compiler.is_compiling():  # (initted and the valid row count are read on the host)
                 raise RuntimeError(
@@ -684,7 +695,7 @@ class CodebookState(nn.Module):
                     "batch eagerly (module(x), which initialises the codebook), then compile the module"
                 )
             if self._kmeans_init_pending():
-                self._kmeans_init_(x, metric, mask)
+                self._kmeans_init_(x.reshape(-1, x.shape[-1]), metric, mask)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -117,14 +117,13 @@ class ResidualQuantizer(CodebookState):
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(inputs)
-        D = self.embedding_dim
         mask = _check_mask("ResidualQuantizer", mask, inputs)
         call = _checkpoint.begin(self, inputs.device)  # None unless inside torch.utils.checkpoint
         codebooks = self.codebooks
         if call is not None and call.replay:  # a checkpoint's rerun: the codebooks the first run searched
             codebooks = call.codebook(codebooks)
         else:  # (reads the host only until k-means has initialised the codebooks)
-            self._maybe_kmeans_init_(inputs.detach().reshape(-1, D), mask=mask)
+            self._maybe_kmeans_init_(inputs.detach(), mask=mask)
 
         # One launch for all levels: codes, their sum (straight-through to inputs, once), the
         # seed's losses and (training) EMA statistics and dead-code candidates of every level;

@@ -45,10 +45,14 @@ def _modules(case: str):
             "vq": VectorQuantizer(K, D, ema=True),
             "rq": ResidualQuantizer(L, K, D, ema=True),
         }
-    return {  # "random": everything that draws random numbers during training
-        "vq": VectorQuantizer(K, D, ema=True, dead_code_threshold=1.0, kmeans_init=True, kmeans_iters=3),
+    # "random": everything that draws random numbers during training. The EMA quantizers'
+    # threshold is ROWS: no code's EMA count reaches it, so revival runs at every step with
+    # rows (k-means starts from K distinct rows and at 1.0 left no code dead)
+    return {
+        "vq": VectorQuantizer(K, D, ema=True, dead_code_threshold=float(ROWS), kmeans_init=True, kmeans_iters=3),
         "vq_grad": VectorQuantizer(K, D, dead_code_threshold=1.0, kmeans_init=True, kmeans_iters=3),
-        "rq": ResidualQuantizer(L, K, D, ema=True, dead_code_threshold=1.0, kmeans_init=True, kmeans_iters=3),
+        "rq": ResidualQuantizer(L, K, D, ema=True, dead_code_threshold=float(ROWS), kmeans_init=True,
+                                kmeans_iters=3),
         "vq_km0": VectorQuantizer(K, D, kmeans_init=True, kmeans_iters=0),  # starting points only
     }
 
