@@ -198,13 +198,15 @@ def _tf32_enabled(t: torch.Tensor) -> bool:
     return precision == "tf32"
 
 
-def _search(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -> torch.Tensor:
+def _search(x: torch.Tensor, codebooks: torch.Tensor, metric: str, count: bool = True) -> torch.Tensor:
     """Nearest code per row of each codebook: ``x (H, N, D)``, ``codebooks (H, K, D)`` -> ``(H, N)`` int64.
 
     ``metric`` ``"l2"`` (argmin of the Euclidean distance) or ``"dot"`` (argmax of ``x . c``).
-    One :func:`fastvq.nearest_code` call for all ``H`` codebooks (one launch).
+    One :func:`fastvq.nearest_code` call for all ``H`` codebooks (one launch). ``count``: book
+    it in :func:`counts` (k-means's inner searches are part of its one ``kmeans`` call).
     """
-    _count("search")
+    if count:
+        _count("search")
     return nearest_code(x, codebooks, metric, allow_tf32=_tf32_enabled(x))[0]
 
 
@@ -228,13 +230,16 @@ def _sample(x: torch.Tensor, codebooks: torch.Tensor, metric: str, temperature: 
     return sample_code(x, codebooks, temperature, metric, allow_tf32=_tf32_enabled(x))[0]
 
 
-def _statistics(x: torch.Tensor, codes: torch.Tensor, num_codes: int, mask: torch.Tensor | None):
+def _statistics(x: torch.Tensor, codes: torch.Tensor, num_codes: int, mask: torch.Tensor | None,
+                count: bool = True):
     """EMA statistics of ``H`` codebooks at once: ``x (H, N, D)``, ``codes (H, N)``, ``mask (H, N)``
     bool or None -> float32 ``counts (H, K)``, ``sums (H, K, D)``; masked-out rows count nowhere.
 
     One :func:`fastvq.code_statistics` call (the mask as its row weights; no host sync).
+    ``count``: as :func:`_search`'s.
     """
-    _count("statistics")
+    if count:
+        _count("statistics")
     return code_statistics(x, codes, num_codes, weights=mask)
 
 
@@ -269,7 +274,11 @@ def _fp32_codebook_math(device: torch.device):
 
 def _expand_mask(mask: torch.Tensor, num_codebooks: int, rows: int) -> torch.Tensor:
     """VQP's padding mask ``(B, T)`` over the rows of each codebook: ``(H, B * heads * T)``,
-    rows ordered batch, head, time (as VQP packs shared-codebook heads)."""
+    rows ordered batch, head, time (as VQP packs shared-codebook heads). A mask that is not bool is
+    refused, as VQP refuses it (vqpprobe V2: a float mask weighted the EMA rows, and a forward
+    updated the codebook before VQP's masked loss raised)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"fastvq (vector-quantize-pytorch patch): mask must be a bool tensor, got {mask.dtype}")
     b, t = mask.shape
     heads = rows // (b * t)
     return mask[:, None, :].expand(b, heads, t).reshape(1, b * heads * t).expand(num_codebooks, -1)
@@ -432,6 +441,10 @@ def _codebook_update_indices(self, x, embed_ind, *args, **kwargs):
         x, embed_ind = x.unsqueeze(0), embed_ind.unsqueeze(0)
     H, D = x.shape[0], x.shape[-1]
     flat = x.reshape(H, -1, D)
+    if embed_ind.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        # (vqprobe V1: float codes were truncated, 2.7 counted as code 2; VQP refuses them)
+        raise TypeError(f"fastvq (vector-quantize-pytorch patch): embed_ind must be an integer tensor, got "
+                        f"{embed_ind.dtype}")
     codes = embed_ind.reshape(H, -1).long()
     codes = codes.masked_fill(codes == -1, 0)  # VQP counts dropped-out codes (-1) as code 0
     mask = a["mask"]
@@ -486,8 +499,8 @@ def _kmeans(samples, num_clusters, num_iters=10, use_cosine_sim=False, sample_fn
     metric = "dot" if use_cosine_sim else "l2"
     means = _finite_starts(sample_fn(samples, num_clusters), samples)
     for _ in range(num_iters):
-        buckets = _search(samples, means, metric)
-        counts_, sums = _statistics(samples, buckets, num_clusters, None)
+        buckets = _search(samples, means, metric, count=False)  # (vqprobe V3: one kmeans call, not 11)
+        counts_, sums = _statistics(samples, buckets, num_clusters, None, count=False)
         bins = counts_.long()
         all_reduce_fn(bins)
         empty = bins == 0
