@@ -3,8 +3,8 @@
 Backends:
     ``"auto"``      Triton kernels for CUDA tensors, the pure-torch reference otherwise.
     ``"triton"``    always the Triton kernels. On CPU tensors this needs the Triton
-                    interpreter (``TRITON_INTERPRET=1`` set before fastvq's kernels are
-                    first imported) and raises a ``RuntimeError`` saying so otherwise.
+                    interpreter (``TRITON_INTERPRET=1`` set before the process imports torch,
+                    which imports Triton) and raises a ``RuntimeError`` saying so otherwise.
     ``"reference"`` always the pure-torch reference in :mod:`fastvq.reference`.
 
 The backend is chosen, most specific first, by ``with fastvq.backend(name):``, by
@@ -111,15 +111,16 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     if not interpreter_enabled():
         raise RuntimeError(
             f"fastvq.{op}: backend 'triton' was asked for on CPU tensors, which needs the Triton "
-            "interpreter: set TRITON_INTERPRET=1 in the environment before fastvq's kernels are "
-            "imported, or use backend 'auto'/'reference' for CPU tensors"
+            "interpreter: set TRITON_INTERPRET=1 in the environment before the process imports torch, "
+            "or use backend 'auto'/'reference' for CPU tensors"
         )
     from fastvq import kernels
 
     if not kernels.INTERPRETED:
         raise RuntimeError(
-            f"fastvq.{op}: TRITON_INTERPRET=1 was set after fastvq's kernels were compiled for the GPU; "
-            "set it before the first fastvq op runs"
+            f"fastvq.{op}: TRITON_INTERPRET=1 was set after Triton was imported (torch imports it at a first "
+            "op or compile) or after fastvq's kernels were compiled for the GPU; set it in the environment "
+            "before the process imports torch"
         )
     return True
 

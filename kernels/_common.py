@@ -21,8 +21,17 @@ import triton.language as tl
 
 def _interpreter_on() -> bool:
     if hasattr(triton, "knobs"):
-        return bool(triton.knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")  # triton < 3.4
+        on = bool(triton.knobs.runtime.interpret)
+    else:
+        on = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")  # triton < 3.4
+    if on:
+        # Triton's own @jit library (tl.sigmoid, tl.max, ...) was fixed when triton.language was
+        # imported: imported before the variable was set (torch imports Triton at a first op or
+        # compile), it is compiled code the interpreter cannot call (claimprobe K3)
+        from triton.language import standard
+
+        on = type(standard.sigmoid).__name__ == "InterpretedFunction"
+    return on
 
 
 INTERPRETED: bool = _interpreter_on()
@@ -504,18 +513,22 @@ def unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N):
     eps = tl.zeros_like(b_ne2) + EPS_N  # float64, exactly the float32 EPS_N
     eps2 = eps * eps
     b_ok = (b_ne2 >= eps2) & (b_nq2 >= eps2)
-    b_ia = tl.where(b_ok, 1.0 / b_a1, 1.0) * inv_pos(b_me)
-    b_ib = tl.where(b_ok, 1.0 / b_b1, 1.0) * inv_pos(b_mq)
+    b_ia = (1.0 / tl.where(b_ok, b_a1, 1.0)) * inv_pos(b_me)  # (no 1/0 for the rows not ok)
+    b_ib = (1.0 / tl.where(b_ok, b_b1, 1.0)) * inv_pos(b_mq)
     return b_a1, b_b1, b_ok, b_ia, b_ib
 
 
 @triton.jit
-def grad_factor(b_me, b_mq, b_mg, b_a1, b_b1):
-    """Per row: ``F = (m_q / m_e) (b1 / a1) m_g`` in float64, and whether ``e`` or ``q`` has a NaN
-    or infinite entry (then ``a1`` or ``b1`` is NaN)."""
+def grad_factor(b_me, b_mq, b_mg, b_a1, b_b1, b_ok):
+    """Per row: ``F = (m_q / m_e) (b1 / a1) m_g`` in float64 (used where ``b_ok``; 1 / 1 in the
+    other rows, which divided 0 by 0), and whether ``e`` or ``q`` has a NaN or infinite entry
+    (then ``a1`` or ``b1`` is NaN)."""
+    b_bad = (b_a1 != b_a1) | (b_b1 != b_b1)
+    b_me = tl.where(b_ok, b_me, 1.0)
+    b_a1 = tl.where(b_ok, b_a1, 1.0)
     b_f = (b_mq.to(tl.float64) / b_me.to(tl.float64)) * (b_b1.to(tl.float64) / b_a1.to(tl.float64)) \
         * b_mg.to(tl.float64)
-    return b_f, (b_a1 != b_a1) | (b_b1 != b_b1)
+    return b_f, b_bad
 
 
 @triton.jit
@@ -537,13 +550,13 @@ def rotation_grad_rows(b_e, b_q, b_g, EPS_N, EPS_S):
     b_s = b_eh + b_qh
     b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
     b_ok = b_ok & (b_ns >= EPS_S)
-    b_w = b_s * tl.where(b_ok, 1.0 / b_ns, 1.0)[:, None]
+    b_w = b_s * (1.0 / tl.where(b_ok, b_ns, 1.0))[:, None]
     b_pg, b_ig = g_scale(b_mg)
     b_g1 = (b_g * b_pg[:, None]) * b_ig[:, None]
     b_gw = tl.sum(b_g1 * b_w, axis=1)
     b_gq = tl.sum(b_g1 * b_qh, axis=1)
     b_r1 = b_g1 - 2.0 * b_gw[:, None] * b_w + 2.0 * b_gq[:, None] * b_eh
-    b_f, b_bad = grad_factor(b_me, b_mq, b_mg, b_a1, b_b1)
+    b_f, b_bad = grad_factor(b_me, b_mq, b_mg, b_a1, b_b1, b_ok)
     b_rot = (b_r1.to(tl.float64) * b_f[:, None]).to(tl.float32)
     b_de = tl.where(b_ok[:, None], b_rot, b_g)
     return tl.where(b_bad[:, None], float("nan"), b_de)

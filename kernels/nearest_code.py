@@ -171,7 +171,7 @@ def _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_
     streamed in BLOCK_D chunks of both. ``EVEN_K``/``EVEN_D``: whole tiles, unmasked loads."""
     o_d = tl.arange(0, BLOCK_D)
     if ONE_D_BLOCK:
-        p_tile = p_cb + o_k[:, None] * stride_ck + o_d[None, :] * stride_cd
+        p_tile = p_cb + o_k.to(tl.int64)[:, None] * stride_ck + o_d[None, :] * stride_cd  # (K D may pass 2^31)
         if EVEN_K and EVEN_D:
             b_c = tl.load(p_tile)
         elif EVEN_K:
@@ -190,7 +190,7 @@ def _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_
             m_dd = o_dd < D
             b_xd = tl.load(p_x + o_xrow[:, None] + o_dd[None, :] * stride_xd, mask=m_n[:, None] & m_dd[None, :],
                            other=0.0)
-            b_cd = tl.load(p_cb + o_k[:, None] * stride_ck + o_dd[None, :] * stride_cd,
+            b_cd = tl.load(p_cb + o_k.to(tl.int64)[:, None] * stride_ck + o_dd[None, :] * stride_cd,
                            mask=m_k[:, None] & m_dd[None, :], other=0.0)
             if SCALE_ROWS:
                 b_xd = (b_xd.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty)

@@ -257,6 +257,15 @@ def _row_finite(b):
 
 
 @triton.jit
+def _nan_where_input_is(p_xt, m_md, b_q):
+    """``b_q`` with NaN wherever the input tile at ``p_xt`` is not finite (NaN or +-inf): the
+    value the straight-through ``x + (q - x)`` has there. Only blocks holding such an input call
+    it (one more read of their x tile)."""
+    b_x = tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32)
+    return tl.where(tl.abs(b_x) < float("inf"), b_q, float("nan"))
+
+
+@triton.jit
 def _row_below(b, lim):
     """Per row of a (rows, cols) float32 block: True when every element's magnitude is below
     ``lim`` (``inf``: finite; a 16-bit codebook's rounding threshold: finite in its dtype)."""
@@ -332,11 +341,15 @@ def _configs(name, maxnreg=None):
 # expand in registers). Fitted to ptxas (sm_80 and sm_90, triton 3.6 and 3.8) at the benchmark
 # shapes, bounding it from above.
 _REGISTER_MODELS = {
-    ("sm_90", False, False): (104, (3.0, 1.25, 3.25, 0)), ("sm_90", False, True): (186, (8.75, 2.5, 3.75, 2)),
+    ("sm_90", False, False): (106, (3.0, 1.25, 3.25, 0)), ("sm_90", False, True): (186, (8.75, 2.5, 3.75, 2)),
     ("sm_90", True, False): (133, (3.25, 1.75, 2.5, 0)), ("sm_90", True, True): (133, (3.25, 1.75, 2.5, 0)),
-    ("sm_80", False, False): (103, (3.25, 1.5, 1.0, 0)), ("sm_80", False, True): (173, (6.75, 3.0, 3.5, 12)),
-    ("sm_80", True, False): (67, (6.75, 3.25, 3.75, 0)), ("sm_80", True, True): (67, (6.75, 3.25, 3.75, 0)),
+    ("sm_80", False, False): (106, (3.25, 1.5, 1.0, 0)), ("sm_80", False, True): (173, (6.75, 3.0, 3.5, 12)),
+    ("sm_80", True, False): (67, (9.25, 3.25, 3.75, 0)), ("sm_80", True, True): (67, (9.25, 3.25, 3.75, 0)),
 }
+# (refitted when the forward learned NaN outputs for non-finite inputs: the tensor-core register
+# launches grew by up to 3 registers (bases 104 -> 106 sm_90, 103 -> 106 sm_80); with triton 3.6
+# the sm_80 chunked 32x16 4-warp launch went from 168 registers to 255 with a 16 B spill, which
+# the chunked row-block term, 6.75 -> 9.25, now prunes, and no other launch)
 # An 8-warp config that states maxnreg (see _configs) takes more registers than the fit above (ptxas
 # no longer holds it near 128), by target family and dot (tensor cores: up to 22 more on sm_80,
 # 10 on sm_90; float32 FMA dots: 1)
@@ -595,6 +608,7 @@ def _residual_quantize_fwd_kernel(
     p_xt = p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd
 
     b_r = tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32)
+    x_bad = tl.max(tl.where(_row_finite(b_r), 0, 1), axis=0)  # a block holding a non-finite input
     b_q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if SEARCH:
         b_codes = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.int64)
@@ -677,6 +691,8 @@ def _residual_quantize_fwd_kernel(
     # the exact range: only a block whose float32 sum is not finite sums its codes again in float64
     if tl.max(tl.max((b_q - b_q != 0).to(tl.int32), axis=1), axis=0) > 0:
         b_q = _exact_code_sum(p_cb, b_codes, b_q, o_l, o_d, m_md, L, stride_cl, stride_ck, stride_cd)
+    if x_bad > 0:  # NaN where the input is not finite, as the straight-through x + (q - x) gives
+        b_q = _nan_where_input_is(p_xt, m_md, b_q)
 
     if HAS_W:  # rows of weight 0 pass their input through
         b_q = tl.where((b_w != 0)[:, None], b_q, tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32))
@@ -908,8 +924,11 @@ def _residual_quantize_fwd_chunked_kernel(
             b_q += b_sel.to(tl.float32)
         if tl.max(tl.max((b_q - b_q != 0).to(tl.int32), axis=1), axis=0) > 0:  # the exact range, as above
             b_q = _exact_code_sum(p_cb, b_codes, b_q, o_l, o_d, m_md, L, stride_cl, stride_ck, stride_cd)
+        # NaN where the input is not finite, as in the register variant; x is read again here
+        # for every block (a flag carried from the first sweep cost ptxas registers it spilled)
+        b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
+        b_q = tl.where(tl.abs(b_x.to(tl.float32)) < float("inf"), b_q, float("nan"))
         if HAS_W:
-            b_x = tl.load(p_x + o_m[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_md, other=0.0)
             b_q = tl.where((b_w != 0)[:, None], b_q, b_x.to(tl.float32))
         if BF16_RNE:
             b_q = round_bf16(b_q)
@@ -1186,6 +1205,17 @@ def residual_quantize_fwd(
         stat_weights = weights if stat_weights is None else stat_weights.contiguous()
     assert codes is None or (codes.shape == (N, L) and codes.dtype == torch.int64)
     assert slots is None or (slots.shape == (N,) and slots.dtype == torch.int32 and 0 <= num_slots <= N)
+    span = sum((n - 1) * abs(s) for n, s in zip(codebooks.shape, codebooks.stride()))
+    if span >= 2**31 > codebooks.numel():
+        # the kernels form code offsets in int32: a view spread that wide (syncprobe Y9) is read
+        # from a contiguous copy, and a codebook of 2^31 elements or more is refused below
+        codebooks = codebooks.contiguous()
+        span = codebooks.numel() - 1
+    if span >= 2**31:
+        # (int64 offsets cost registers that ptxas spilled in the D-chunked variant)
+        raise ValueError(
+            f"fastvq.residual_quantize: codebooks of shape {tuple(codebooks.shape)} span 2^31 elements or more, "
+            "beyond the Triton kernels' int32 offsets; use the reference backend for them (syncprobe Y9)")
     dev = x.device
     # allocate
     out = {"quantized": torch.empty((N, D), dtype=x.dtype, device=dev)}

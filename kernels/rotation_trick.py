@@ -106,9 +106,9 @@ def _rotation_trick_bwd_kernel(
             b_gq += tl.sum(b_g1 * b_qh, axis=1)
         b_ns = tl.sqrt(b_ss)
         b_ok = b_ok & (b_ns >= EPS_S)
-        b_ins = tl.where(b_ok, 1.0 / b_ns, 1.0)
+        b_ins = 1.0 / tl.where(b_ok, b_ns, 1.0)  # (no 1/0 for the rows not ok)
         b_gw = b_gs * b_ins
-        b_f, b_bad = grad_factor(b_me, b_mq, b_mg, b_a1, b_b1)
+        b_f, b_bad = grad_factor(b_me, b_mq, b_mg, b_a1, b_b1, b_ok)
         # sweep 3: write
         for d0 in range(0, D, BLOCK_D):
             b_e, b_q, b_g, o_d, m = _load_tiles(p_e, p_q, p_g, o_n, m_n, d0, D, stride_en, stride_ed, stride_qn,

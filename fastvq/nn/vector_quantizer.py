@@ -75,7 +75,8 @@ class VectorQuantizer(CodebookState):
         Compiled, a rerun raises ``RuntimeError`` instead (the quantizer compiled on its own in
         an eagerly checkpointed region, or a compiled step that checkpoints it). float64 inputs
         or a ``.double()`` module raise ``TypeError`` (the seed accepted them; cast with
-        ``.float()``). ``quantized`` has the code's value
+        ``.float()``). ``quantized`` has the code's value (NaN in the
+        elements where ``inputs`` is not finite, as the seed's ``x + (q - x).detach()``)
         and passes the gradient to ``inputs`` (straight through, or rotated);
         ``commitment_loss = mse(code.detach(), inputs)`` (gradient to the inputs),
         ``embedding_loss = mse(code, inputs.detach())`` (gradient to the codebook). In
@@ -142,6 +143,9 @@ class VectorQuantizer(CodebookState):
     def _codebook_levels(self) -> torch.Tensor:
         return self.embeddings.weight.data.unsqueeze(0)
 
+    def _codebook_parameter(self) -> torch.Tensor:
+        return self.embeddings.weight
+
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(inputs)
         mask = _check_mask("VectorQuantizer", mask, inputs)
@@ -149,7 +153,7 @@ class VectorQuantizer(CodebookState):
         if call is not None and call.replay:  # a checkpoint's rerun: the codebook the first run searched
             codebook = call.codebook(self.embeddings.weight.unsqueeze(0))
         else:  # (reads the host only until k-means has initialised the codebook)
-            self._maybe_kmeans_init_(inputs.detach().reshape(-1, self.embedding_dim), self.metric, mask)
+            self._maybe_kmeans_init_(inputs.detach(), self.metric, mask)
             codebook = self.embeddings.weight.unsqueeze(0)
 
         # One launch: the code, its value, the losses and (training) the EMA statistics and

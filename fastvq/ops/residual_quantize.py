@@ -4,6 +4,7 @@ statistics, dead-code candidates), with a fused backward."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -225,7 +226,9 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
 
         - ``quantized`` ``(..., D)``, dtype of ``x``: the sum of the chosen codes (accumulated
           in float32 in level order; where that overflows, summed again in float64 and rounded
-          once, so it is +-inf only where the exact sum is), with a straight-through gradient: the gradient reaching
+          once, so it is +-inf only where the exact sum is); NaN in the elements where ``x`` is
+          not finite (NaN or +-inf), the value of the straight-through ``x + (q - x)`` there.
+          A straight-through gradient: the gradient reaching
           ``x`` is the upstream gradient of ``quantized``, exactly, once. The codebooks get
           **no** gradient through this op; train them with the losses of
           :func:`residual_quantize_step` or by EMA (:func:`fastvq.code_statistics`).
@@ -267,7 +270,7 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     L, K, D = _check("residual_quantize", x, codebooks)
     lead = x.shape[:-1]
     dtype = torch.promote_types(x.dtype, codebooks.dtype)
-    out = _residual_quantize_op(x.reshape(lead.numel(), D).to(dtype), codebooks.detach().to(dtype))
+    out = _residual_quantize_op(x.reshape(math.prod(lead), D).to(dtype), codebooks.detach().to(dtype))
     return out[0].reshape(*lead, D).to(x.dtype), out[1].reshape(*lead, L)
 
 
@@ -407,7 +410,7 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
         raise ValueError(f"fastvq.{op}: unknown grad {grad!r}; expected one of {GRADS}")
     statistics = check_bool_arg(op, "statistics", statistics)
     lead = x.shape[:-1]
-    N = lead.numel()
+    N = math.prod(lead)  # (not Size.numel(): non-strict export fixed a dynamic N there, compileprobe P6)
     stat_weights = None
     if weights is not None:
         check_tensor(op, "weights", weights)

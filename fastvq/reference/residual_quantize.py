@@ -83,8 +83,9 @@ def residual_quantize_full_ref(
     While held so, its residual is beyond float32: it enters no statistics or candidate (as a
     non-finite one), and its loss term is ``|r|^2 2^(2E)`` in float64. ``quantized`` is the
     float32 sum of the chosen codes in level order (where that
-    is not finite, their float64 sum rounded once, as the kernel's ``_exact_code_sum``), cast to
-    the dtype of ``x`` (``x`` itself on rows of weight 0). Sums over rows accumulate in float64.
+    is not finite, their float64 sum rounded once, as the kernel's ``_exact_code_sum``), NaN in
+    the elements where ``x`` is not finite (as ``x + (q - x)``), cast to the dtype of ``x`` (``x``
+    itself on rows of weight 0). Sums over rows accumulate in float64.
     Works in row chunks: its extra memory is a ``(chunk, K)`` float32 scratch.
     """
     N, D = x.shape
@@ -157,7 +158,10 @@ def residual_quantize_full_ref(
         # the exact range: where the float32 sum overflowed (3e38 + 3e38 - 3e38), the float64 sum
         # rounded once (as the kernel's _exact_code_sum; here formed for every row: no host read)
         q = torch.where(q.isfinite(), q, q64.float())
-        quantized[s : s + step] = torch.where(live[:, None], q, x[s : s + step].float()).to(x.dtype)
+        # NaN where the input is not finite, as the straight-through x + (q - x) gives there
+        xs = x[s : s + step].float()
+        q = torch.where(xs.isfinite(), q, float("nan"))
+        quantized[s : s + step] = torch.where(live[:, None], q, xs).to(x.dtype)
     out = {"quantized": quantized, "codes": out_codes}
     if loss:
         out["level_sq"] = level_sq
@@ -240,7 +244,7 @@ def residual_quantize_ref(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[tor
     Greedy residual quantization, values only (no straight-through gradient: the public op adds
     it); see :func:`residual_quantize_full_ref` for the search (NaN-aware: a NaN or infinite code
     is never chosen while a finite one exists). ``quantized`` is the float32 sum of the chosen
-    codes in level order (float64 where that is not finite), cast to the dtype of ``x``; ``codes``
+    codes in level order (float64 where that is not finite; NaN where ``x`` is not), cast to the dtype of ``x``; ``codes``
     is int64 ``(..., L)``.
     """
     L, K, D = codebooks.shape

@@ -263,6 +263,32 @@ def test_nan_and_overflowing_rows_get_the_first_finite_code(backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [3, 300], ids=["D3", "D300-chunked"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+def test_quantized_is_nan_where_the_input_is_not_finite(backend, device, dtype, D, masked):
+    # seedprobe S3: a NaN row's quantized was its (finite) code 0, where the seed's straight-through
+    # x + (q - x).detach() gives NaN in the NaN and +-inf elements and the code elsewhere. 70 rows:
+    # blocks with and without a non-finite input.
+    x = randn(70, D, seed=5).to(device, dtype)
+    cb = randn(2, 6, D, seed=6).to(device, dtype)
+    x[1, 0], x[5, 2], x[69, 1] = float("nan"), float("inf"), float("-inf")
+    x[8] = float("nan")  # a whole NaN row
+    bad = ~x.isfinite()
+    w = torch.ones(70, device=device)
+    w[[5, 9]] = 0.0  # rows of weight 0 keep their input (NaN and inf there too)
+    out = fastvq.residual_quantize_step(x, cb, weights=w if masked else None)
+    q = out.quantized
+    want = fastvq.residual_decode(out.codes, cb).float().masked_fill(bad, float("nan")).to(dtype)
+    if masked:
+        want[[5, 9]] = x[[5, 9]]
+    assert torch.equal(q.isnan(), want.isnan()), (q.isnan().nonzero(), want.isnan().nonzero())
+    assert torch.equal(q[~want.isnan()], want[~want.isnan()])
+    assert ((out.codes >= 0) & (out.codes < 6)).all()
+    q2, _ = fastvq.residual_quantize(x, cb)
+    assert torch.equal(q2.isnan(), bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [4, 300], ids=["D4", "D300-chunked"])
 def test_exact_match_at_1e19_beats_an_overflowing_code(backend, device, dtype, D):
     # F8: |c|^2 = 4e38 overflows float32, so the exact match's score was inf - inf = NaN and the
@@ -1248,3 +1274,13 @@ def test_fixups_find_overflowed_codes_across_row_spans(backend, device):
     (N * D / 2 * out.embedding_loss).backward()
     assert cb.grad[0, 0, 0].item() == pytest.approx(-three, rel=1e-6)
     assert cb.grad[0, 0, 1:].abs().max().item() == 0.0 and cb.grad[0, 1].isfinite().all()
+
+
+def test_codebooks_beyond_int32_offsets_are_refused_not_read_out_of_bounds():
+    # syncprobe Y9: code offsets formed in int32 read outside codebooks of 2^31 elements or more:
+    # refused (a view spread that wide is copied: tests/nn/test_syncprobe.py). The storage is
+    # never touched.
+    cb = torch.empty((2, 2**20 + 1, 1024), dtype=torch.float16)
+    x = randn(4, 1024).half()
+    with fastvq.backend("triton"), pytest.raises(ValueError, match="span 2\\^31 elements"):
+        fastvq.residual_quantize(x, cb)
