@@ -6,9 +6,10 @@ included, the Triton kernels then run under the interpreter):
 
 - **glue passes**: the bytes read and written by torch (aten) ops outside our Triton kernels,
   in units of the step's activation tensor (``N x D`` of the quantizer input; a pass is one
-  read or one write of it). Aten ops inside our custom ops' bodies count too: the meter runs
-  the body of every ``fastvq::`` custom op with itself still active, so moving glue into a
-  custom op hides nothing. Views (``view``, ``expand``, ``t``, ``detach`` ...) and allocations
+  read or one write of it). Aten ops inside custom ops' bodies count too: the meter runs the
+  body of every ``torch.library.custom_op`` (fastvq's and any other) with itself still active,
+  so moving glue into a custom op hides nothing; ``tolist``/``numpy`` of a CPU tensor count as
+  host syncs (they dispatch no aten op). Views (``view``, ``expand``, ``t``, ``detach`` ...) and allocations
   (``empty``) move nothing; an in-place op reads and writes its target (``copy_``, ``fill_``,
   ``zero_`` and ``out=`` arguments are only written).
 - **kernel passes**: every Triton launch counts each of its distinct tensor arguments once (the
@@ -64,6 +65,9 @@ _DATA_DEPENDENT = {"nonzero", "unique", "_unique", "_unique2", "unique_consecuti
                    "unique_dim_consecutive", "masked_select", "bincount", "argwhere"}
 # allocations: no bytes moved
 _ALLOC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
+# ops that return an alias though their schema says not (a copying reshape's _unsafe_view
+# follows its copy: booking it too counted that copy twice, syncprobe Y8)
+_ALIASES = {"_unsafe_view"}
 # in-place ops that only write their target
 _WRITE_ONLY = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"}
 
@@ -111,7 +115,7 @@ class TrafficMeter(TorchDispatchMode):
     # -- aten ops ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        opdef = _fastvq_opdef(func)
+        opdef = _custom_opdef(func)
         if opdef is not None:
             # our custom op: run its body with the meter still active, so its aten ops count
             with self:
@@ -131,7 +135,7 @@ class TrafficMeter(TorchDispatchMode):
             if sync:
                 c.syncs += 1
                 c.sync_ops[name] += 1
-            if func.is_view or name in _ALLOC or name.startswith("sym_"):
+            if func.is_view or name in _ALLOC or name in _ALIASES or name.startswith("sym_"):
                 return
             nbytes = 0
             written_args = set()
@@ -180,20 +184,31 @@ class TrafficMeter(TorchDispatchMode):
             c.kernel_bytes += sum(b for _, b in seen)
 
 
-def _fastvq_opdef(func):
-    """The CustomOpDef of a ``fastvq::`` custom op, else None."""
-    if not func._schema.name.startswith("fastvq::"):
-        return None
+def _custom_opdef(func):
+    """The CustomOpDef of a ``torch.library.custom_op`` (fastvq's or any other: syncprobe Y1, a
+    user's op booked as one read and one write hid its body), else None."""
     from torch._library.custom_ops import _maybe_get_opdef
 
     return _maybe_get_opdef(func)
 
 
 _ACTIVE: list[TrafficMeter] = []
+_PATCH_DEPTH = 0  # nested metering() blocks: only the outermost patches the launchers
 
 
 def _patch_launchers():
-    """Wrap Triton's launch entry points so an active meter books each launch; returns an undo."""
+    """Wrap Triton's launch entry points so the active meters book each launch (every meter of
+    a nested ``metering()`` once, as each sees the block's aten ops); returns an undo. Only the
+    outermost call patches (syncprobe Y4: a nested one wrapped the wrapper, booked each launch
+    twice to the inner meter and none to the outer)."""
+    global _PATCH_DEPTH
+    _PATCH_DEPTH += 1
+    if _PATCH_DEPTH > 1:
+        def undo_nested():
+            global _PATCH_DEPTH
+            _PATCH_DEPTH -= 1
+
+        return undo_nested
     import triton.runtime.jit as jit
 
     targets = [jit.JITFunction]
@@ -210,8 +225,8 @@ def _patch_launchers():
         def run(self, *args, _real=real, **kwargs):
             if not _ACTIVE or kwargs.get("warmup"):
                 return _real(self, *args, **kwargs)
-            meter = _ACTIVE[-1]
-            meter._launch(getattr(self, "__name__", type(self).__name__), args, kwargs)
+            for meter in list(_ACTIVE):
+                meter._launch(getattr(self, "__name__", type(self).__name__), args, kwargs)
             with _disable_current_modes():  # the interpreter's host copies are not glue
                 return _real(self, *args, **kwargs)
 
@@ -219,8 +234,46 @@ def _patch_launchers():
         saved.append((cls, real))
 
     def undo():
+        global _PATCH_DEPTH
+        _PATCH_DEPTH -= 1
         for cls, real in saved:
             cls.run = real
+
+    return undo
+
+
+def _patch_host_reads():
+    """``Tensor.tolist`` / ``Tensor.numpy`` of a CPU tensor dispatch no aten op (on CUDA they copy
+    to the host, which the meter sees): book each as a host sync to the active meters
+    (syncprobe Y2, claimprobe K7). Returns an undo; only the outermost call patches."""
+    if getattr(torch.Tensor.tolist, "_fastvq_meter", False):
+        return lambda: None
+    saved = {name: torch.Tensor.__dict__.get(name) for name in ("tolist", "numpy")}
+
+    def wrap(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if _ACTIVE and self.device.type == "cpu":
+                for meter in list(_ACTIVE):
+                    c = meter.counts[meter.phase]
+                    with meter._lock:
+                        c.syncs += 1
+                        c.sync_ops[name] += 1
+            return real(self, *args, **kwargs)
+
+        read._fastvq_meter = True
+        return read
+
+    for name in saved:
+        setattr(torch.Tensor, name, wrap(name))
+
+    def undo():
+        for name, real in saved.items():
+            if real is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, real)
 
     return undo
 
@@ -230,12 +283,14 @@ def metering():
     """``with metering() as meter:`` counts every aten op and Triton launch of the block."""
     meter = TrafficMeter()
     undo = _patch_launchers()
+    undo_reads = _patch_host_reads()
     _ACTIVE.append(meter)
     try:
         with meter:
             yield meter
     finally:
         _ACTIVE.pop()
+        undo_reads()
         undo()
 
 
@@ -527,6 +582,13 @@ def op_cases() -> list[TrafficCase]:
     def ints(high, *shape):
         return lambda dev, s: (torch.randint(0, high, (shape[0] // s, *shape[1:]), generator=_gen(1)).to(dev),)
 
+    def usage(dev, s):  # the codebook size scales with N (claimprobe K1: 512 at every scale moved 5x)
+        k = 512 // s
+        return torch.randint(0, k, (N // s,), generator=_gen(1)).to(dev), k
+
+    def sem(dev, s):  # 16^3 = 4096 ids for 4096 rows: v^3 = N / s keeps the share of distinct ids
+        return (torch.randint(0, round(16 / s ** (1 / 3)), (N // s, 3), generator=_gen(1)).to(dev),)
+
     return [
         _op_case("nearest_code l2 (N=4096, D=64, K=512)", nc, lambda x, c: fastvq.nearest_code(x, c),
                  lambda x, c: _nbytes(x)),
@@ -548,8 +610,8 @@ def op_cases() -> list[TrafficCase]:
                  lambda p, t: _nbytes(p), backward=lambda out, p, t: out.backward()),
         _op_case("to_bits + to_decimal (4096 x 16 bits)", ints(1 << 16, N),
                  lambda i: fastvq.to_decimal(fastvq.to_bits(i, 16)), _nbytes),
-        _op_case("code_usage (N=4096, K=512)", ints(512, N), lambda i: fastvq.code_usage(i, 512), _nbytes),
-        _op_case("semantic_ids (4096 x 3 codes)", ints(16, N, 3), fastvq.semantic_ids, _nbytes),
+        _op_case("code_usage (N=4096, K=512)", usage, fastvq.code_usage, lambda i, k: _nbytes(i)),
+        _op_case("semantic_ids (4096 x 3 codes)", sem, fastvq.semantic_ids, _nbytes),
     ]
 
 

@@ -47,11 +47,14 @@ def _seed(seed, generator, device) -> torch.Tensor:
         return seed.to(device=device, dtype=torch.int64)
     if seed is not None:
         seed = check_int_arg("sample_code", "seed", seed, minimum=-(2**63), maximum=2**63 - 1)
-        return torch.tensor(seed, dtype=torch.int64, device=device)
+        # (a fill, not torch.tensor: that copies host memory to the device, a sync on CUDA)
+        return torch.full((), seed, dtype=torch.int64, device=device)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"fastvq.sample_code: generator must be a torch.Generator, got {type(generator).__name__}")
         drawn = torch.randint(0, 2**62, (), dtype=torch.int64, device=generator.device, generator=generator)
+        if drawn.device != torch.device(device) and drawn.device.type == "cpu":  # read on the host, then a fill
+            return torch.full((), int(drawn), dtype=torch.int64, device=device)
         return drawn.to(device)
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
@@ -72,7 +75,8 @@ def sample_code(
             tensor (read when the op runs: a CPU tensor costs no device sync, a CUDA one does).
             ``0`` is the nearest code (no noise; exactly :func:`fastvq.nearest_code`). Under
             ``torch.compile`` a Python number becomes such a tensor (float64), a graph input: a
-            changing temperature compiles at most twice (not with ``dynamic=False``).
+            changing temperature compiles at most twice with ``backend="eager"``; ``inductor``
+            and ``aot_eager`` (and ``dynamic=False``) compile once per value: pass a tensor there.
         metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``: the logits of
             vector-quantize-pytorch's Euclidean codebook are ``-|x - c|``), ``"cosine"``
             (``1 - cos``) or ``"dot"`` (``-<x, c>``).
