@@ -1,7 +1,7 @@
 """Command line: ``python -m fastvq bench | check``.
 
     python -m fastvq check            # every op's Triton kernels vs its reference, PASS/FAIL table
-    python -m fastvq bench            # time every op vs eager torch, torch.compile and the roofline
+    python -m fastvq bench            # time the kernel ops and module steps vs eager torch, torch.compile, the roofline
     python -m fastvq bench --ops nearest_code --quick
     python -m fastvq bench --list     # the names --ops takes
     python -m fastvq bench --traffic  # passes over the activations, launches, host syncs per step
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="benchmark every op against eager torch, torch.compile and the roofline")
+    b = sub.add_parser("bench", help="benchmark the kernel ops and module steps (--list names them) against eager "
+                                     "torch, torch.compile and the roofline")
     b.add_argument("--ops", nargs="+", help="only these row groups (see --list); with --traffic, the rows whose "
                                             "name contains one of these words (see --list --traffic)")
     b.add_argument("--list", action="store_true", help="print the row groups --ops takes, in run order, and exit "

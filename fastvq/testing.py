@@ -240,8 +240,11 @@ def _errors(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, o
 def error_ratio(actual: torch.Tensor, expected: torch.Tensor, **bound_kwargs) -> float:
     """Worst ``|actual - expected| / error_bound(expected, **bound_kwargs)`` (0 when empty; <= 1 passes).
 
-    NaN expected requires NaN; an infinite expected value (or one that overflows the output
-    dtype) requires that infinity; a NaN where a number is expected gives ``inf``.
+    NaN expected requires NaN; an infinite expected value requires that infinity; a finite one
+    that overflows the output dtype requires that infinity too, or the dtype's largest finite
+    value of its sign where that is within the bound (a long sum whose exact value lies just
+    beyond the range may round below it: ``reduce_len=1000`` admits ``max`` for ``3.403e38`` in
+    float32, ``reduce_len=1`` does not); a NaN where a number is expected gives ``inf``.
     """
     if actual.shape != expected.shape:
         raise ValueError(f"fastvq.testing: actual shape {tuple(actual.shape)} != expected shape {tuple(expected.shape)}")

@@ -377,7 +377,9 @@ class CodebookState(nn.Module):
             raise ValueError(
                 f"fastvq.{self._owner}: inputs must be (..., {self.embedding_dim}), got shape {tuple(inputs.shape)}"
             )
-        codebook = self._codebook_levels()
+        # (its dtype and device only: .data in an eval forward became a constant that
+        # torch.export refused, compileprobe P1)
+        codebook = self._codebook_parameter()
         for name, t in (("inputs", inputs), (self._codebook_name, codebook)):
             if t.dtype not in FLOAT_DTYPES:
                 raise TypeError(
@@ -469,6 +471,10 @@ class CodebookState(nn.Module):
     _single_codebook = True
 
     def _codebook_levels(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _codebook_parameter(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """The codebook parameter itself (no ``.data``): for its dtype and device."""
         raise NotImplementedError
 
     def _levels(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -716,6 +722,12 @@ class CodebookState(nn.Module):
                                       error_msgs)
         self._kmeans_checked = False  # `initted` may have changed: read it again on the next step
         self._kmeans_done = not self.kmeans_init
+        initted = self._buffers.get("initted")
+        if self.kmeans_init and initted is not None and initted.device.type != "meta":
+            # an initialised checkpoint: known now (one host read at load time, not at a step), so a
+            # compiled step never reaches the k-means check (compileprobe P4: it raised there)
+            if bool(initted):
+                self._kmeans_done = self._kmeans_checked = True
 
     def _after_load_(self) -> None:
         """What ``load_state_dict(..., assign=True)`` leaves to fix: the loaded tensors replace the

@@ -129,7 +129,8 @@ class Bitcodes(nn.Module):
 
     - any number of leading dims (bitcodes-pytorch takes only ``(b, m, d)``);
     - in training, the returned ``bits`` are the Gumbel-sampled bits that produced ``y``, so
-      ``from_bits(bits) == y`` in training too. bitcodes-pytorch returns the argmax bits of
+      ``from_bits(bits) == y`` in training too (for ``x`` of the codebook's dtype: ``y`` has the
+      promoted dtype, ``from_bits`` the codebook's). bitcodes-pytorch returns the argmax bits of
       the noiseless similarities there while ``y`` uses the sampled ones, so its ``bits`` and
       ``y`` disagree wherever the noise flipped a bit;
     - the bit values passed to :meth:`from_bits` are checked (0 or 1), and inputs of another
@@ -199,7 +200,9 @@ class Bitcodes(nn.Module):
 
     @without_autocast  # as every fastvq op: x's dtype decides, not autocast
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x (..., D) -> (y (..., D), bits (..., num_bits) int64)``; ``y == from_bits(bits)``."""
+        """``x (..., D) -> (y (..., D), bits (..., num_bits) int64)``; ``y == from_bits(bits)`` when ``x``
+        has the codebook's dtype. ``y`` has the promoted dtype of ``x`` and the codebook, and
+        :meth:`from_bits` the codebook's: a float16 module fed float32 sums ``y`` in float32."""
         self._check_x(x)
         x, codebook = self._codebook_like(x)
         # rows whose scores could overflow the dtype (fp16 x = 60000, fp32 x = 1e38) are scaled

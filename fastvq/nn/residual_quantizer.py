@@ -96,7 +96,11 @@ class ResidualQuantizer(CodebookState):
         self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
         _check_sizes(owner, "num_quantizers * num_embeddings * embedding_dim", self.num_quantizers,
                      self.num_embeddings, self.embedding_dim)
-        self.codebooks = nn.Parameter(torch.randn(self.num_quantizers, self.num_embeddings, self.embedding_dim))
+        # one (K, D) standard-normal draw per level, as the seed's L nn.Embedding: the same weights
+        # and random stream after torch.manual_seed (one (L, K, D) draw differs where K D is not a
+        # multiple of 16, the CPU generator's block; seedprobe S1)
+        self.codebooks = nn.Parameter(torch.stack(
+            [torch.randn(self.num_embeddings, self.embedding_dim) for _ in range(self.num_quantizers)]))
         self._init_codebook_state(
             owner,
             ema=ema,
@@ -114,6 +118,9 @@ class ResidualQuantizer(CodebookState):
 
     def _codebook_levels(self) -> torch.Tensor:
         return self.codebooks.data
+
+    def _codebook_parameter(self) -> torch.Tensor:
+        return self.codebooks
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(inputs)

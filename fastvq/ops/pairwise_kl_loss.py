@@ -142,8 +142,9 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
             read once on the host, so it gets no gradient (a tensor that requires grad is
             refused). A tensor is read when the op runs (a CPU tensor costs no device sync, a
             CUDA one does) and is checked then. Under ``torch.compile`` a Python number becomes
-            such a tensor (float64), a graph input: a schedule that changes it every epoch
-            compiles at most twice (not with ``dynamic=False``, which specialises every float).
+            such a tensor (float64), a graph input: with ``backend="eager"`` a schedule that
+            changes it every epoch compiles at most twice; ``inductor`` and ``aot_eager`` (and
+            ``dynamic=False``) compile once per value: pass a tensor there (at most twice).
 
     Returns:
         A 0-d float32 tensor, differentiable in ``pred``. ``B <= 1`` (no row has another
