@@ -7,7 +7,7 @@ included, the Triton kernels then run under the interpreter):
 - **glue passes**: the bytes read and written by torch (aten) ops outside our Triton kernels,
   in units of the step's activation tensor (``N x D`` of the quantizer input; a pass is one
   read or one write of it). Aten ops inside custom ops' bodies count too: the meter runs the
-  body of every ``torch.library.custom_op`` (fastvq's and any other) with itself still active,
+  body of every custom op defined with ``torch.library`` (fastvq's and any other) with itself still active,
   so moving glue into a custom op hides nothing; ``tolist``/``numpy`` of a CPU tensor count as
   host syncs (they dispatch no aten op). Views (``view``, ``expand``, ``t``, ``detach`` ...) and allocations
   (``empty``) move nothing; an in-place op reads and writes its target (``copy_``, ``fill_``,
@@ -185,7 +185,7 @@ class TrafficMeter(TorchDispatchMode):
 
 
 def _custom_opdef(func):
-    """The CustomOpDef of a ``torch.library.custom_op`` (fastvq's or any other: syncprobe Y1, a
+    """The CustomOpDef of a custom op defined with ``torch.library`` (fastvq's or any other: syncprobe Y1, a
     user's op booked as one read and one write hid its body), else None."""
     from torch._library.custom_ops import _maybe_get_opdef
 

@@ -58,6 +58,12 @@ def _residual_quantize_op(
     kw = dict(weights=weights, codes=codes, loss=loss, stats=stats, slots=slots, num_slots=num_slots,
               stat_limit=float("inf") if stat_limit is None else stat_limit, stat_weights=stat_weights)
     if use_triton("residual_quantize", x, codebooks):
+        if codebooks.numel() >= 2**31:
+            # the kernels' code offsets are int32 (int64 ones made ptxas spill in the D-chunked
+            # variant; a view spread wider is copied contiguous by the launcher): syncprobe Y9
+            raise ValueError(
+                f"fastvq.residual_quantize: codebooks of shape {tuple(codebooks.shape)} hold 2^31 elements or "
+                "more, beyond the Triton kernels' int32 offsets; use the reference backend for them")
         from ..kernels.residual_quantize import residual_quantize_fwd
 
         out = residual_quantize_fwd(x, codebooks, **kw)

@@ -26,18 +26,13 @@ Findings, fixed (each test failed before its fix):
   at pick_candidate_rows), which stays a strict xfail.
 """
 
-import datetime
-import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastvq
 from fastvq.nn import RQVAE, ResidualQuantizer, VectorQuantizer
+from tests._ranks import ranks_fixture, serve
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
@@ -392,45 +387,21 @@ def _run_one(name: str, world: int, rank: int):
     return fn(world, rank)
 
 
+def _results(rank: int, world: int) -> dict:
+    results = {}
+    for name, backend_name in _runs(world):
+        torch.manual_seed(rank)
+        with fastvq.backend(backend_name):
+            results[name, backend_name] = _run_one(name, world, rank)
+    return results
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
-    try:
-        torch.set_num_threads(1)
-        results = {}
-        for name, backend_name in _runs(world):
-            torch.manual_seed(rank)
-            with fastvq.backend(backend_name):
-                results[name, backend_name] = _run_one(name, world, rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    serve(rank, world, port, out_dir, TIMEOUT_S, _results)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
-def ranks(request, tmp_path_factory):
-    """One job per world size: (world, [each rank's results keyed by (scenario, backend)])."""
-    world = request.param
-    out_dir = tmp_path_factory.mktemp(f"distprobe{world}")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers ({world} ranks) did not finish within {TIMEOUT_S} s: a hang")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return world, [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+# one job per world size: (world, each rank's results keyed by (scenario, backend))
+ranks = ranks_fixture(_worker, WORLDS, TIMEOUT_S, "distprobe")
 
 
 def _identical(a, b, path: str) -> None:

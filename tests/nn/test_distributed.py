@@ -10,19 +10,14 @@ resolves identically, so the ranks agree even though their random generators do 
 collective fails the test at the timeout instead of hanging CI.
 """
 
-import datetime
-import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastvq
 from fastvq import distributed as fdist
 from fastvq.nn import ResidualQuantizer, VectorQuantizer
+from tests._ranks import ranks_fixture, serve
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
@@ -99,51 +94,22 @@ def _train(modules, world: int, rank: int | None) -> dict:
     return out
 
 
+def _states(rank: int, world: int) -> dict:
+    states = {}
+    for case, backend_name in _runs(world):  # one spawn for every scenario
+        modules = _modules(case)
+        torch.manual_seed(rank)  # the ranks' random streams differ from here on
+        with fastvq.backend(backend_name):
+            states[case, backend_name] = _train(modules, world, rank)
+    return states
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
-    )
-    try:
-        torch.set_num_threads(1)
-        states = {}
-        for case, backend_name in _runs(world):  # one spawn for every scenario
-            modules = _modules(case)
-            torch.manual_seed(rank)  # the ranks' random streams differ from here on
-            with fastvq.backend(backend_name):
-                states[case, backend_name] = _train(modules, world, rank)
-        torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    serve(rank, world, port, out_dir, TIMEOUT_S, _states)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
-def ranks(request, tmp_path_factory):
-    """Run the job once per world size; (world, each rank's states keyed by (case, backend))."""
-    world = request.param
-    out_dir = tmp_path_factory.mktemp(f"ranks{world}")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers ({world} ranks) did not finish within {TIMEOUT_S} s: a hang")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return world, [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+# one job per world size: (world, each rank's results keyed by (scenario, backend))
+ranks = ranks_fixture(_worker, WORLDS, TIMEOUT_S, "ranks")
 
 
 def _assert_ranks_identical(states: list[dict], what: str) -> None:

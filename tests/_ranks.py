@@ -1,0 +1,63 @@
+"""Spawned gloo ranks for the data-parallel tests: one job per world size, a timeout that turns
+a hung collective into a test failure."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, world: int, out_dir: Path, timeout_s: float) -> list:
+    """Run ``worker(rank, world, port, out_dir)`` on ``world`` spawned ranks, each saving its
+    results to ``out_dir / f"rank{rank}.pt"``; returns them, in rank order. Fails the test when
+    the ranks have not finished within ``timeout_s`` (and kills them)."""
+    ctx = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers ({world} ranks) did not finish within {timeout_s} s: a hang")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
+
+
+def ranks_fixture(worker, worlds, timeout_s: float, name: str):
+    """A module-scoped fixture, one job per world size in ``worlds``: ``(world, [each rank's
+    results])`` (assign it to the name the tests take, e.g. ``ranks = ranks_fixture(...)``)."""
+
+    @pytest.fixture(scope="module", params=worlds, ids=lambda w: f"world{w}")
+    def ranks(request, tmp_path_factory):
+        world = request.param
+        return world, spawn_ranks(worker, world, tmp_path_factory.mktemp(f"{name}{world}"), timeout_s)
+
+    return ranks
+
+
+def serve(rank: int, world: int, port: int, out_dir: str, timeout_s: float, body) -> None:
+    """A rank's side: join the gloo group (collectives time out at half the job's limit), run
+    ``body(rank, world)`` on one thread and save what it returns for :func:`spawn_ranks`."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s // 2))
+    try:
+        torch.set_num_threads(1)
+        torch.save(body(rank, world), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
