@@ -193,22 +193,13 @@ def _custom_opdef(func):
 
 
 _ACTIVE: list[TrafficMeter] = []
-_PATCH_DEPTH = 0  # nested metering() blocks: only the outermost patches the launchers
 
 
 def _patch_launchers():
     """Wrap Triton's launch entry points so the active meters book each launch (every meter of
-    a nested ``metering()`` once, as each sees the block's aten ops); returns an undo. Only the
-    outermost call patches (syncprobe Y4: a nested one wrapped the wrapper, booked each launch
+    a nested ``metering()`` once, as each sees the block's aten ops); returns an undo. Called by
+    the outermost block only (syncprobe Y4: a nested one wrapped the wrapper, booked each launch
     twice to the inner meter and none to the outer)."""
-    global _PATCH_DEPTH
-    _PATCH_DEPTH += 1
-    if _PATCH_DEPTH > 1:
-        def undo_nested():
-            global _PATCH_DEPTH
-            _PATCH_DEPTH -= 1
-
-        return undo_nested
     import triton.runtime.jit as jit
 
     targets = [jit.JITFunction]
@@ -234,8 +225,6 @@ def _patch_launchers():
         saved.append((cls, real))
 
     def undo():
-        global _PATCH_DEPTH
-        _PATCH_DEPTH -= 1
         for cls, real in saved:
             cls.run = real
 
@@ -245,9 +234,7 @@ def _patch_launchers():
 def _patch_host_reads():
     """``Tensor.tolist`` / ``Tensor.numpy`` of a CPU tensor dispatch no aten op (on CUDA they copy
     to the host, which the meter sees): book each as a host sync to the active meters
-    (syncprobe Y2, claimprobe K7). Returns an undo; only the outermost call patches."""
-    if getattr(torch.Tensor.tolist, "_fastvq_meter", False):
-        return lambda: None
+    (syncprobe Y2, claimprobe K7). Returns an undo; called by the outermost block only."""
     saved = {name: torch.Tensor.__dict__.get(name) for name in ("tolist", "numpy")}
 
     def wrap(name):
@@ -262,7 +249,6 @@ def _patch_host_reads():
                         c.sync_ops[name] += 1
             return real(self, *args, **kwargs)
 
-        read._fastvq_meter = True
         return read
 
     for name in saved:
@@ -280,18 +266,18 @@ def _patch_host_reads():
 
 @contextlib.contextmanager
 def metering():
-    """``with metering() as meter:`` counts every aten op and Triton launch of the block."""
+    """``with metering() as meter:`` counts every aten op and Triton launch of the block. Only the
+    outermost block patches the launchers and host reads; the patches book to every active meter."""
     meter = TrafficMeter()
-    undo = _patch_launchers()
-    undo_reads = _patch_host_reads()
+    undos = [_patch_launchers(), _patch_host_reads()] if not _ACTIVE else []
     _ACTIVE.append(meter)
     try:
         with meter:
             yield meter
     finally:
         _ACTIVE.pop()
-        undo_reads()
-        undo()
+        for undo in reversed(undos):
+            undo()
 
 
 @dataclasses.dataclass

@@ -325,7 +325,8 @@ class CodebookState(nn.Module):
     """Base of the quantizer modules: options, EMA / dead-code / k-means buffers and updates.
 
     A subclass calls :meth:`_init_codebook_state` once its codebook exists, and implements
-    :meth:`_codebook_levels` (its codebook as an ``(L, K, D)`` view). Buffers, shaped ``(K,)``
+    :meth:`_codebook_parameter` (its codebook parameter, ``(K, D)`` or ``(L, K, D)``, as
+    ``_single_codebook`` says). Buffers, shaped ``(K,)``
     / ``(K, D)`` for a single codebook and ``(L, K)`` / ``(L, K, D)`` for ``L`` levels:
 
     ``cluster_size``, ``embed_avg`` (``ema=True``; persistent, the seed EMAQuantizer's keys)
@@ -470,12 +471,14 @@ class CodebookState(nn.Module):
     # -- subclass hooks -------------------------------------------------------------------
     _single_codebook = True
 
-    def _codebook_levels(self) -> torch.Tensor:  # pragma: no cover - abstract
+    def _codebook_parameter(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """The codebook parameter itself: ``(K, D)`` or ``(L, K, D)``."""
         raise NotImplementedError
 
-    def _codebook_parameter(self) -> torch.Tensor:  # pragma: no cover - abstract
-        """The codebook parameter itself (no ``.data``): for its dtype and device."""
-        raise NotImplementedError
+    def _codebook_levels(self) -> torch.Tensor:
+        """The codebook's data as an ``(L, K, D)`` view, for the in-place updates (``.data``: they
+        are not recorded by autograd)."""
+        return self._levels(self._codebook_parameter().data)
 
     def _levels(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else (t.unsqueeze(0) if self._single_codebook else t)

@@ -116,9 +116,6 @@ class ResidualQuantizer(CodebookState):
 
     _codebook_name = "the codebooks (codebooks)"
 
-    def _codebook_levels(self) -> torch.Tensor:
-        return self.codebooks.data
-
     def _codebook_parameter(self) -> torch.Tensor:
         return self.codebooks
 

@@ -140,9 +140,6 @@ class VectorQuantizer(CodebookState):
 
     _codebook_name = "the codebook (embeddings.weight)"
 
-    def _codebook_levels(self) -> torch.Tensor:
-        return self.embeddings.weight.data.unsqueeze(0)
-
     def _codebook_parameter(self) -> torch.Tensor:
         return self.embeddings.weight
 
