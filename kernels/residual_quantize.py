@@ -148,6 +148,9 @@ def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first, scale
     residual scaled by ``2^-FP16_WIDE_EXP`` (the codes unscaled, see FP16_WIDE)."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+    # a tensor before the loop: a launch with K == 1 gets K as the constant 1, and a loop-carried
+    # value must keep its type (the interpreter never specialises, the compiler does)
+    b_first = tl.zeros((), dtype=tl.int32) + b_first
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
@@ -190,7 +193,7 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
     ``|c|^2 - DOT_SCALE (r . c)``."""
     b_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     b_idx = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-    b_first = K
+    b_first = tl.zeros((), dtype=tl.int32) + K  # a tensor (K may be the constant 1: see _search_level)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
@@ -261,7 +264,7 @@ def _nan_where_input_is(p_xt, m_md, b_q):
     """``b_q`` with NaN wherever the input tile at ``p_xt`` is not finite (NaN or +-inf): the
     value the straight-through ``x + (q - x)`` has there. Only blocks holding such an input call
     it (one more read of their x tile)."""
-    b_x = tl.load(p_xt, mask=m_md, other=0.0).to(tl.float32)
+    b_x = tl.load(p_xt, mask=m_md, other=1.0).to(tl.float32)
     return tl.where(tl.abs(b_x) < float("inf"), b_q, float("nan"))
 
 
@@ -1154,6 +1157,20 @@ def _residual_quantize_bwd_kernel(
 
 
 @launcher
+def _x_rows_for_compiler(x: torch.Tensor) -> torch.Tensor:
+    """``x (N, D)`` as the forward kernel can be compiled for it by triton 3.6 (the GPU image's):
+    its layout pass fails ("operand does not dominate this use") where the rows of ``x`` are not
+    unit-stride (``stride(1) != 1``: read from a contiguous copy) or where Triton specialises the
+    row stride to the constant 1 (``D == 1`` and contiguous: read from a copy whose rows are two
+    elements apart). Both copies are small or rare; triton 3.8 compiles every case."""
+    N, D = x.shape
+    if D > 1 and x.stride(1) != 1:
+        return x.contiguous()
+    if D == 1 and x.stride(0) == 1:
+        return torch.empty((N, 2), dtype=x.dtype, device=x.device)[:, :1].copy_(x)
+    return x
+
+
 def residual_quantize_fwd(
     x: torch.Tensor,
     codebooks: torch.Tensor,
@@ -1205,6 +1222,7 @@ def residual_quantize_fwd(
         stat_weights = weights if stat_weights is None else stat_weights.contiguous()
     assert codes is None or (codes.shape == (N, L) and codes.dtype == torch.int64)
     assert slots is None or (slots.shape == (N,) and slots.dtype == torch.int32 and 0 <= num_slots <= N)
+    x = _x_rows_for_compiler(x)
     span = sum((n - 1) * abs(s) for n, s in zip(codebooks.shape, codebooks.stride()))
     if span >= 2**31 > codebooks.numel():
         # the kernels form code offsets in int32: a view spread that wide (syncprobe Y9) is read
