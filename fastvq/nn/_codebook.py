@@ -609,7 +609,7 @@ class CodebookState(nn.Module):
         if m.window_steps >= USAGE_WINDOW_STEPS and m.window_rows >= 2 * K and m.pending is None:
             used = m.seen[:, :K].sum(1, dtype=torch.int32)
             if used.is_cuda:
-                host = torch.empty(used.shape, dtype=torch.int32, pin_memory=True)
+                host = torch.empty(used.shape, dtype=torch.int32, device="cpu", pin_memory=True)
                 host.copy_(used, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
