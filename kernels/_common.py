@@ -478,7 +478,17 @@ def inv_pos(b_x):
     """``1 / x`` where ``x`` is a normal float32 (``>= 2^-126``), else 1: a zero, NaN or
     subnormal scale leaves the row as it is (``1 / x`` would overflow to inf there). Rows of
     ``e`` or ``q`` that small are far below ``EPS_N``: straight through whatever their sums."""
-    return 1.0 / tl.where(b_x >= 1.1754943508222875e-38, b_x, 1.0)
+    return rcp_rn(tl.where(b_x >= 1.1754943508222875e-38, b_x, 1.0))
+
+
+@triton.jit
+def rcp_rn(b_x):
+    """``1 / x`` rounded once, as torch and the interpreter divide. A plain ``/`` of float32
+    compiles to ``div.full.f32`` on NVIDIA GPUs (up to 2 ulp off) and ``tl.sqrt`` to
+    ``sqrt.approx.ftz`` (subnormals flushed to 0): the guarded scale-and-norm code of the
+    rotation and the EMA divide must round as the CPU does (the H200 run of 2026-12-04: NaN
+    gradients on rows near float32's maximum that the interpreter gave finite)."""
+    return tl.math.div_rn(tl.full(b_x.shape, 1.0, tl.float32), b_x)
 
 
 @triton.jit
@@ -508,13 +518,13 @@ def unit_scales(b_me, b_sse, b_ne2, b_mq, b_ssq, b_nq2, EPS_N):
     """From the scaled norms: ``a1``, ``b1``, whether both norms reach ``EPS_N`` (decided on the
     float64 sums of squares ``|e|^2``, ``|q|^2``), and the factors that make ``e^ = e * ia`` and
     ``q^ = q * ib`` (1 / the scale where a norm is too small)."""
-    b_a1 = tl.sqrt(b_sse)
-    b_b1 = tl.sqrt(b_ssq)
+    b_a1 = tl.sqrt_rn(b_sse)
+    b_b1 = tl.sqrt_rn(b_ssq)
     eps = tl.zeros_like(b_ne2) + EPS_N  # float64, exactly the float32 EPS_N
     eps2 = eps * eps
     b_ok = (b_ne2 >= eps2) & (b_nq2 >= eps2)
-    b_ia = (1.0 / tl.where(b_ok, b_a1, 1.0)) * inv_pos(b_me)  # (no 1/0 for the rows not ok)
-    b_ib = (1.0 / tl.where(b_ok, b_b1, 1.0)) * inv_pos(b_mq)
+    b_ia = rcp_rn(tl.where(b_ok, b_a1, 1.0)) * inv_pos(b_me)  # (no 1/0 for the rows not ok)
+    b_ib = rcp_rn(tl.where(b_ok, b_b1, 1.0)) * inv_pos(b_mq)
     return b_a1, b_b1, b_ok, b_ia, b_ib
 
 
@@ -548,9 +558,9 @@ def rotation_grad_rows(b_e, b_q, b_g, EPS_N, EPS_S):
     b_eh = b_e * b_ia[:, None]
     b_qh = b_q * b_ib[:, None]
     b_s = b_eh + b_qh
-    b_ns = tl.sqrt(tl.sum(b_s * b_s, axis=1))
+    b_ns = tl.sqrt_rn(tl.sum(b_s * b_s, axis=1))
     b_ok = b_ok & (b_ns >= EPS_S)
-    b_w = b_s * (1.0 / tl.where(b_ok, b_ns, 1.0))[:, None]
+    b_w = b_s * rcp_rn(tl.where(b_ok, b_ns, 1.0))[:, None]
     b_pg, b_ig = g_scale(b_mg)
     b_g1 = (b_g * b_pg[:, None]) * b_ig[:, None]
     b_gw = tl.sum(b_g1 * b_w, axis=1)

@@ -47,9 +47,9 @@ def _ema_update_kernel(
         b_ea = tl.where(b_keep[:, None], b_ea * decay + b_s * one_minus_decay, b_ea)
         tl.store(p_e, b_ea, mask=m & b_keep[:, None])
         if BF16_RNE:
-            b_c = round_bf16(b_ea / b_sm[:, None]).to(tl.float32)
+            b_c = round_bf16(tl.math.div_rn(b_ea, b_sm[:, None] + tl.zeros_like(b_ea))).to(tl.float32)
         else:
-            b_c = (b_ea / b_sm[:, None]).to(p_cb.dtype.element_ty).to(tl.float32)
+            b_c = tl.math.div_rn(b_ea, b_sm[:, None] + tl.zeros_like(b_ea)).to(p_cb.dtype.element_ty).to(tl.float32)
         b_bad += tl.sum(tl.where(m & ~(tl.abs(b_c) < float("inf")), 1, 0), axis=1)
     b_ok = b_live & (b_bad == 0)
     # sweep 2 (the same block again when a row fits one): the codebook, where it changes
@@ -57,7 +57,7 @@ def _ema_update_kernel(
         o_d = d0 + tl.arange(0, BLOCK_D)
         m = m_r[:, None] & (o_d < D)[None, :]
         b_ea = tl.load(p_ea + o_r[:, None] * D + o_d[None, :], mask=m & b_ok[:, None], other=0.0)
-        b_c = b_ea / b_sm[:, None]  # a division, as the seed: not a product with the reciprocal
+        b_c = tl.math.div_rn(b_ea, b_sm[:, None] + tl.zeros_like(b_ea))  # rounded once, as the seed: not div.full
         if BF16_RNE:
             b_c = round_bf16(b_c)
         tl.store(p_cbr[:, None] + o_d[None, :] * stride_cd, b_c.to(p_cb.dtype.element_ty), mask=m & b_ok[:, None])

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dot_fp32, dot_nt, exp2i,
-                      interpreter_or, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, prune_by_estimate,
+                      interpreter_or, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, prune_by_estimate, rcp_rn,
                       register_estimate, sm_count, target_for, tl_input_precision, words_per_thread)
 
 # Internal ids; the public metric and strategy names and their documentation live in
@@ -280,15 +280,15 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
                 b_diff = b_diff * s_d[:, None]
             b_t += tl.sum(b_diff * b_diff, axis=1)
     if METRIC == 1:  # 1 - cos; a zero vector has cosine 0 with anything
-        b_den = tl.sqrt(b_qx) * tl.sqrt(b_qc)
-        b_cos = tl.where(b_den == 0.0, 0.0, b_t / tl.where(b_den == 0.0, 1.0, b_den))
+        b_den = tl.sqrt_rn(b_qx) * tl.sqrt_rn(b_qc)
+        b_cos = tl.where(b_den == 0.0, 0.0, tl.math.div_rn(b_t, tl.where(b_den == 0.0, 1.0, b_den)))
         b_dist = nan_clamp(1.0 - b_cos, 0.0, 2.0)
     elif METRIC == 2:  # -(x.c) = -t * 2^(e_x + e_c), applied in two halves (no intermediate overflow)
         e = e_x + e_c
         e_lo = e >> 1
         b_dist = -(b_t * exp2i(e_lo)) * exp2i(e - e_lo)
     elif METRIC == 3:  # |x - c| = sqrt(t) * 2^e_d
-        b_dist = tl.sqrt(b_t) * exp2i(e_d)
+        b_dist = tl.sqrt_rn(b_t) * exp2i(e_d)
     else:
         b_dist = b_t
     return b_dist
@@ -355,7 +355,7 @@ def _code_terms_kernel(p_c, p_cterm, p_pmax, p_pmin, p_pfirst, K, D, NB, stride_
         for j in tl.static_range(NBANDS):
             if METRIC == 1:
                 b_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                b_b = -tl.where(b_q > 0, b_s / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0)
+                b_b = -tl.where(b_q > 0, tl.math.div_rn(b_s, tl.sqrt_rn(tl.where(b_q > 0, b_q, 1.0))), 0.0)
             elif METRIC == 2:
                 b_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
                 b_b = tl.zeros((BLOCK_K,), dtype=tl.float32) - 1.0
@@ -427,7 +427,7 @@ def _code_rescale_kernel(p_c, p_chat, p_cterm, p_pmax, p_pmin, p_pfirst, p_meta,
             tl.store(p_chat + o_row[:, None] + o_d[None, :] * stride_cd, b_c.to(p_chat.dtype.element_ty), mask=m)
         p_cb = p_cterm + h * (2 * NBANDS * K) + NBANDS * K + o_k  # the b terms (a does not change)
         if METRIC == 1:
-            tl.store(p_cb, -tl.where(b_q > 0, 1.0 / tl.sqrt(tl.where(b_q > 0, b_q, 1.0)), 0.0), mask=m_k)
+            tl.store(p_cb, -tl.where(b_q > 0, rcp_rn(tl.sqrt_rn(tl.where(b_q > 0, b_q, 1.0))), 0.0), mask=m_k)
         elif METRIC == 2:  # dot: x.c = 2^e x.c', in the codebook's unit 2^E: b = -2^(e - E)
             tl.store(p_cb, _mul_exp2(tl.zeros((BLOCK_K,), dtype=tl.float32) - 1.0, b_e - e_unit), mask=m_k)
         elif METRIC == 0 or METRIC == 3:  # l2: x.c = 2^e x.c', so b = -2^(1 + e - L)
@@ -606,7 +606,7 @@ def _nearest_code_fwd_kernel(
         b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 8) * 1.1920928955078125e-07)
     if SAMPLE:
         # distance / temperature = a * score + (row constant); Gumbel-max over -that
-        inv_s = 1.0 / b_rs  # l2: the row's unit 2^L, exactly
+        inv_s = rcp_rn(b_rs)  # l2: the row's unit 2^L, exactly
         if METRIC == 1:  # 1 - cos = 1 + score / |x'|
             b_q = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -614,13 +614,13 @@ def _nearest_code_fwd_kernel(
                 b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd, other=0.0)
                 b_x = (b_x.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty).to(tl.float32)
                 b_q += tl.sum(b_x * b_x, axis=1)
-            b_nx = tl.sqrt(b_q)
-            b_a = tl.where(b_nx > 0, 1.0 / (tl.where(b_nx > 0, b_nx, 1.0) * temperature), 0.0)
+            b_nx = tl.sqrt_rn(b_q)
+            b_a = tl.where(b_nx > 0, rcp_rn(tl.where(b_nx > 0, b_nx, 1.0) * temperature), 0.0)
         elif METRIC == 2:  # -(x.c) = score * 2^(e_x + E)
             if SCALE_ROWS:
-                b_a = _mul_exp2(tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0 / temperature, pow2_exponent(b_xm) + e_unit)
+                b_a = _mul_exp2(rcp_rn(tl.zeros((BLOCK_N,), dtype=tl.float32) + temperature), pow2_exponent(b_xm) + e_unit)
             else:
-                b_a = _mul_exp2(tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0 / temperature, e_unit + 0 * o_n.to(tl.int32))
+                b_a = _mul_exp2(rcp_rn(tl.zeros((BLOCK_N,), dtype=tl.float32) + temperature), e_unit + 0 * o_n.to(tl.int32))
         elif METRIC == 3:  # |x - c| = sqrt(|x s|^2 + score) / s
             b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -628,9 +628,9 @@ def _nearest_code_fwd_kernel(
                 b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd,
                               other=0.0).to(tl.float32) * b_rs[:, None]
                 b_xx += tl.sum(b_x * b_x, axis=1)
-            b_a = inv_s / temperature
+            b_a = tl.math.div_rn(inv_s, tl.zeros_like(inv_s) + temperature)
         else:  # |x - c|^2 = (|x s|^2 + score) / s^2
-            b_a = (inv_s / temperature) * inv_s
+            b_a = tl.math.div_rn(inv_s, tl.zeros_like(inv_s) + temperature) * inv_s
         b_w = (b_a <= 2.1267647932558654e37).to(tl.float32)  # 2^124 (NOISE_LIMIT): beyond, the nearest code
         b_a = tl.where(b_w > 0, b_a, 1.0)
         # both terms times 2^-sh (a' < 1/2): score * a' cannot overflow (|score| < 2^128) and the

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FIX_SCAN, add_rows_by_index, atomic_overflow_bound, flat_grid, flat_program_id, launcher,
-                      next_pow2, nonfinite_rows, tile_offsets)
+                      next_pow2, nonfinite_rows, rcp_rn, tile_offsets)
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
@@ -129,7 +129,7 @@ def _inv_len(start, end, EXACT: tl.constexpr):
     ``n`` items of ``g / n`` summed in float64 could pass float32's max where the exact mean
     ``g`` is float32's max (qrprobe QP4)."""
     b_n = tl.maximum(end - start, 1).to(tl.float32)
-    b_inv = 1.0 / b_n
+    b_inv = rcp_rn(b_n)  # (rounded once: a plain / is div.full, up to 2 ulp, on a GPU)
     if EXACT:
         b_inv64 = b_inv.to(tl.float64)
         return b_inv64 + b_inv64 * (1.0 - b_n.to(tl.float64) * b_inv64)

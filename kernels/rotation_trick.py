@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (flat_grid, flat_program_id, g_scale, grad_factor, inv_pos, launcher, next_pow2,
+from ._common import (flat_grid, flat_program_id, g_scale, grad_factor, inv_pos, launcher, next_pow2, rcp_rn,
                       rotation_grad_rows, scaled_sumsq, tile_offsets, unit_scales)
 
 MAX_BLOCK_D = 4096  # widest row held whole in registers; wider rows loop over D
@@ -104,9 +104,9 @@ def _rotation_trick_bwd_kernel(
             b_ss += tl.sum(b_s * b_s, axis=1)
             b_gs += tl.sum(b_g1 * b_s, axis=1)
             b_gq += tl.sum(b_g1 * b_qh, axis=1)
-        b_ns = tl.sqrt(b_ss)
+        b_ns = tl.sqrt_rn(b_ss)
         b_ok = b_ok & (b_ns >= EPS_S)
-        b_ins = 1.0 / tl.where(b_ok, b_ns, 1.0)  # (no 1/0 for the rows not ok)
+        b_ins = rcp_rn(tl.where(b_ok, b_ns, 1.0))  # (no 1/0 for the rows not ok)
         b_gw = b_gs * b_ins
         b_f, b_bad = grad_factor(b_me, b_mq, b_mg, b_a1, b_b1, b_ok)
         # sweep 3: write

@@ -785,6 +785,17 @@ def _resources(cubin: bytes, tmpdir: str) -> dict:
     return res
 
 
+_APPROX = re.compile(r"\b(div\.(?:full|approx)\.\S*f32|rcp\.approx\.\S*f32|sqrt\.approx\.\S*f32|rsqrt\.approx\S*"
+                     r"|ex2\.approx\.\S*f32|lg2\.approx\.\S*f32)")
+
+
+def approx_math(ptx: str) -> list:
+    """The float32 instructions of a kernel's PTX that do not round as the CPU does (Triton
+    compiles ``/`` to ``div.full.f32``, ``tl.sqrt`` to ``sqrt.approx.ftz.f32``, ``tl.exp`` and
+    ``tl.log`` to ``ex2``/``lg2.approx``; ``tl.math.div_rn`` and ``tl.sqrt_rn`` round once)."""
+    return sorted({m.group(1) for m in _APPROX.finditer(ptx)})
+
+
 def _compile(i: int) -> dict:
     job = _JOBS[i]
     rec = {"kernel": job.kernel, "variant": job.variant, "num_warps": job.num_warps, "num_stages": job.num_stages,
@@ -799,7 +810,7 @@ def _compile(i: int) -> dict:
         code = ck.asm["ptx"]
         rec.update(ok=True, shared=int(ck.metadata.shared))  # the final kernel's, after ptxas
         rec.update(_resources(ck.asm["cubin"], tempfile.gettempdir()))
-        rec.update(wgmma="wgmma.mma_async" in code, mma_sync="mma.sync" in code)
+        rec.update(wgmma="wgmma.mma_async" in code, mma_sync="mma.sync" in code, approx=approx_math(code))
     except Exception as e:  # a GPU-compile error: report it, with the tail of the traceback
         tb = traceback.format_exception(type(e), e, e.__traceback__)
         rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[-3000:]}", traceback="".join(tb)[-4000:])
