@@ -211,7 +211,10 @@ class Bitcodes(nn.Module):
         # op: rounded to bf16, 256.5 and 256.75 would tie. ``pairs`` (the gradient's path) is the
         # unscaled score in x's dtype: +-inf where it overflows, never NaN for a finite x
         scale = _row_scale(x, codebook)  # (float32 for 16-bit x: the same as x's dtype otherwise)
-        scaled = F.linear(x.to(scale.dtype) * scale, codebook.to(scale.dtype)).unflatten(-1, (self.num_bits, 2))
+        scaled = F.linear(x.to(scale.dtype) * scale, codebook.to(scale.dtype))
+        # (a reshape, not Tensor.unflatten: torch 2.11's Dynamo cannot trace unflatten's super()
+        # call under torch.set_default_device, a graph break that failed fullgraph compiles on the GPU)
+        scaled = scaled.reshape(*scaled.shape[:-1], self.num_bits, 2)
         scale = scale.unsqueeze(-1)
         pairs = (scaled / scale).to(x.dtype)
         if self.training:
