@@ -93,7 +93,10 @@ def row_max(x: torch.Tensor) -> torch.Tensor:
     an inf): one read of ``x``. The op computes it once, for its finiteness check and the scaling."""
     if x.shape[1] == 0:  # D = 0: every logit is 0
         return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    return torch.linalg.vector_norm(x, float("inf"), dim=1, dtype=torch.float32)
+    # (aminmax, not vector_norm(x, inf): on CUDA that materialises |x|, an input-sized buffer:
+    # 64 MB more peak memory at B = 65,536 rows of 256 on the H200 run)
+    lo, hi = torch.aminmax(x, dim=1)
+    return torch.maximum(hi, -lo).float()
 
 
 def row_exponents(amax: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
