@@ -21,7 +21,7 @@ import fastvq
 from fastvq.nn import RQVAE, ResidualQuantizer, VectorQuantizer
 from fastvq.nn import _codebook
 from tests._syncs import count_host_syncs
-from tests.utils import assert_close, generator, randn
+from tests.utils import assert_close, assert_same_run, generator, randn
 
 REC = _codebook.RECOMMENDED
 
@@ -720,21 +720,10 @@ def _plain_and_checkpointed(base, x, mode, call):
 
 
 def _assert_same_step(plain, ckpt, what):
-    """Bitwise on the CPU. On a GPU the fused step's codebook gradient and statistics sum with
-    float32 atomics (README, "Known limits": not bitwise reproducible run to run; the H200 run
-    of 2026-12-04 saw them differ in the last bits), so there floating tensors may differ by
-    their summation order's rounding (relative 1e-5 of the tensor's largest magnitude: far
-    below what the bugs these tests guard gave, 62-90% and 3.9x off); integer ones (codes, counts
-    of steps) stay bitwise."""
+    """Bitwise on the CPU; within float32 summation-order rounding on a GPU (see assert_same_run)."""
     assert len(plain) == len(ckpt)
     for i, (a, b) in enumerate(zip(plain, ckpt)):
-        if a.is_cuda and a.is_floating_point() and a.shape == b.shape:
-            scale = float(a.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if a.numel() else 0.0
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, equal_nan=True,
-                                       msg=lambda m: f"{what}: output/gradient/buffer {i} differs under "
-                                                     f"checkpointing beyond float32 summation-order rounding: {m}")
-            continue
-        assert torch.equal(a, b), f"{what}: output/gradient/buffer {i} differs under checkpointing"
+        assert_same_run(a, b, f"{what}: output/gradient/buffer {i} differs under checkpointing")
 
 
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])

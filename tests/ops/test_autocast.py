@@ -7,7 +7,7 @@ import torch
 
 import fastvq
 from tests.ops.test_strided_arguments import CASES, _flat
-from tests.utils import DEVICE, randn
+from tests.utils import DEVICE, assert_same_run, randn
 
 AUTOCAST = [torch.bfloat16, torch.float16]
 # searches whose codes come in pairs c, 1.001 c: float32 scores tell them apart, bfloat16 and
@@ -48,9 +48,7 @@ def _run(fn, make, grad):
 def _same_bits(got, want, msg):
     assert len(got) == len(want), msg
     for k, (g, w) in enumerate(zip(got, want)):
-        assert g.dtype == w.dtype and g.shape == w.shape, f"{msg}: output {k} {g.dtype} {w.dtype}"
-        assert torch.equal(g, w) or (g.is_floating_point() and torch.equal(g.isnan(), w.isnan())
-                                     and torch.equal(g[~g.isnan()], w[~w.isnan()])), f"{msg}: output {k} differs"
+        assert_same_run(g, w, f"{msg}: output {k} differs")
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST, ids=["bf16", "fp16"])
