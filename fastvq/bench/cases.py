@@ -55,12 +55,15 @@ def nearest_code_cases(device, quick):
         skip = {}
         if not _fits(4.0 * n * k * 2, device):
             skip["torch cdist+argmin"] = f"needs {8.0 * n * k / 2**30:.0f} GiB for the N x K matrix"
+        providers = {"reference": nearest_code_ref, "compiled": _compiled(nearest_code_ref),
+                     "fastvq": _triton(fastvq.nearest_code)}
+        if dt == torch.float32:  # the exact float32 dot runs on FMA units (the H200 run: 7 TFLOP/s); TF32's rate
+            providers["fastvq tf32"] = _triton(functools.partial(fastvq.nearest_code, allow_tf32=True))
         out.append(Case(
             op="nearest_code", shape={"N": n, "D": d, "K": k}, dtype=dt,
             make=lambda dev, n=n, d=d, k=k, dt=dt: (torch.randn(n, d, device=dev, dtype=dt),
                                                     torch.randn(k, d, device=dev, dtype=dt)),
-            providers={"reference": nearest_code_ref, "compiled": _compiled(nearest_code_ref),
-                       "fastvq": _triton(fastvq.nearest_code)},
+            providers=providers,
             peers={"torch cdist+argmin": seed_cdist_argmin},
             skip=skip, flops=2.0 * n * k * d, ceiling="matmul", matmul_shape=(n, d, k)))
     return out
