@@ -365,7 +365,11 @@ def _estimate(config, named_args, chunked: bool = False, **kwargs) -> dict:
     code tiles (``BLOCK_K x BLOCK_D``) in flight and the float32 row block staged through shared
     memory (D-chunked: three times, the residual chunk, its update and the rescue pass's copy)."""
     p_x = named_args.get("p_x")
-    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee"
+    # float32 codebooks are budgeted as the FMA dot's registers also on TF32 tensor cores
+    # (allow_tf32: operands of four bytes; the tensor-core fit, made on 16-bit ones, kept TF32
+    # launches that spill up to 80 bytes)
+    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee" or (
+        p_x is not None and p_x.element_size() == 4)
     elt = p_x.element_size() if p_x is not None else 4 if fma else 2
     tgt = target_for(p_x.device if p_x is not None else None)
     block_d = CHUNK_D if chunked else kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
@@ -405,7 +409,8 @@ def _prune_chunked_configs(configs, named_args, **kwargs):
     """As :func:`_prune_register_configs`; float32 (FMA dots) keeps no 64-row tile: with triton
     3.6 they compile to 186-255 registers and spill on sm_80 and sm_90 (the model, linear in the
     block sizes, cannot tell them from the 32-row tiles at 4 warps that fit)."""
-    if kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee":
+    p_x = named_args.get("p_x")
+    if kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee" or (p_x is not None and p_x.element_size() == 4):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32] or configs
     return _prune(configs, named_args, _estimate_chunked, **kwargs)
 
@@ -1184,6 +1189,7 @@ def residual_quantize_fwd(
     num_slots: int = 0,
     stat_limit: float = float("inf"),
     stat_weights: torch.Tensor | None = None,
+    allow_tf32: bool = False,
 ):
     """``(N, D), (L, K, D) -> quantized (N, D) in x's dtype, codes (N, L) int64`` and, by request:
 
@@ -1203,6 +1209,9 @@ def residual_quantize_fwd(
       ``(r + c) / 2`` (``_midpoint``) of those rows' residual ``r`` and chosen code ``c``, and
       ``cand_ok (L, num_slots)`` int8 (residual below ``stat_limit``, finite code, nonzero
       weight). Every slot must be filled.
+
+    ``allow_tf32``: float32 codebooks searched with TF32 dot products (tensor cores) instead of
+    exact float32 ones.
 
     Returns a dict with the keys ``quantized``, ``codes`` and those asked for. Same dtype and
     device for ``x`` and ``codebooks``; any strides. ``max_register_d`` picks the variant (see
@@ -1269,7 +1278,7 @@ def residual_quantize_fwd(
                slots if slots is not None else placeholder,
                out.get("cand", placeholder), out.get("cand_ok", placeholder)]
     common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
-                  PRECISION=tl_input_precision(codebooks.dtype), DOT_FP32=dot_fp32(codebooks.dtype),
+                  PRECISION=tl_input_precision(codebooks.dtype, allow_tf32), DOT_FP32=dot_fp32(codebooks.dtype),
                   BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype),
                   **stats_fix_tiles(block_d))
     strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),

@@ -618,10 +618,11 @@ def bench_launches():
                     lambda L=L, n=n, d=d, k=k, dt=dt: rq.residual_quantize_fwd(_meta(n, d, dtype=dt),
                                                                                _meta(L, k, d, dtype=dt))))
     for L, n, d, k in ((8, 262144, 64, 256), (1, 262144, 64, 512)):
-        out.append((f"residual_quantize step fp32 L={L} N={n} D={d} K={k} (loss, stats, candidates)",
-                    lambda L=L, n=n, d=d, k=k: rq.residual_quantize_fwd(
-                        _meta(n, d), _meta(L, k, d), loss=True, stats=True,
-                        slots=_meta(n, dtype=torch.int32), num_slots=k)))
+        for tf32 in (False, True):  # (TF32: the modules under torch's "high" float32 matmul precision)
+            out.append((f"residual_quantize step fp32{' tf32' * tf32} L={L} N={n} D={d} K={k} (loss, stats, candidates)",
+                        lambda L=L, n=n, d=d, k=k, tf32=tf32: rq.residual_quantize_fwd(
+                            _meta(n, d), _meta(L, k, d), loss=True, stats=True,
+                            slots=_meta(n, dtype=torch.int32), num_slots=k, allow_tf32=tf32)))
     # pairwise KL loss, forward and backward (cases.py: D=128 both; steps.py: pred 32, target 128)
     for b, dp, dt_ in ((4096, 128, 128), (65536, 128, 128), (4096, 32, 128)):
         def fwd_bwd(b=b, dp=dp, dt_=dt_):

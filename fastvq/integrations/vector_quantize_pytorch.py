@@ -104,6 +104,7 @@ import torch.nn.functional as F
 from .._checks import FLOAT_DTYPES
 from ..ops.code_statistics import code_statistics
 from ..ops.nearest_code import nearest_code
+from ..ops._search import tf32_like_torch as _tf32_enabled
 from ..ops.rotation_trick import rotation_trick
 from ..ops.sample_code import sample_code
 from ..ops.topk_codes import MAX_K as TOPK_MAX_K
@@ -183,19 +184,6 @@ def _original(owner, name: str):
 
 # ------------------------------------------------------------------ the routed calls
 # One function per routed call: each is the only place that names the fastvq op it runs.
-
-
-def _tf32_enabled(t: torch.Tensor) -> bool:
-    """Whether torch would run a float32 matmul on ``t``'s device with TF32 (as VQP's cdist does)."""
-    if t.device.type != "cuda":
-        return False
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is None:  # torch without the fp32_precision API
-        return bool(matmul.allow_tf32)
-    if precision == "none":  # inherits the global setting
-        precision = getattr(torch.backends, "fp32_precision", "ieee")
-    return precision == "tf32"
 
 
 def _search(x: torch.Tensor, codebooks: torch.Tensor, metric: str, count: bool = True) -> torch.Tensor:

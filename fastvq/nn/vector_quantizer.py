@@ -8,6 +8,7 @@ import torch.nn as nn
 from .._checks import FLOAT_DTYPES
 from ..ops.ema_update import codebook_snapshot, refuse_checkpoint_rerun
 from ..ops.nearest_code import nearest_code
+from ..ops._search import tf32_like_torch
 from ..ops.residual_quantize import _residual_quantize_step
 from . import _checkpoint
 from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
@@ -220,7 +221,7 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=
     # (the op's check of the mask's values, NaN or < 0, names the module's argument)
     step = _residual_quantize_step(
         inputs, searched, weights=mask, codes=codes, grad=mod.grad, statistics=update, candidate_rows=rows,
-        weights_owner=mod._owner, weights_name="mask",
+        weights_owner=mod._owner, weights_name="mask", allow_tf32=tf32_like_torch(inputs),
     )
     embedding_loss = step.embedding_loss
     if mod.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)

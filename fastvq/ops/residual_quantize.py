@@ -39,6 +39,7 @@ def _residual_quantize_op(
     rotate: bool = False,
     stat_limit: Optional[float] = None,
     stat_weights: Optional[torch.Tensor] = None,
+    allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """-> quantized, codes (empty when given), commit_sq, embed_sq (L,) float64 (the same values: two
@@ -46,7 +47,9 @@ def _residual_quantize_op(
     (empty unless asked for). ``rotate`` only matters to the backward; ``stat_limit``: the
     statistics and candidates leave out rows whose residual's max-abs is not below it (None:
     the rows that are not finite); ``stat_weights``: the weights as given, which the statistics
-    carry (``weights`` are scaled by a power of two for the losses; None: ``weights``)."""
+    carry (``weights`` are scaled by a power of two for the losses; None: ``weights``);
+    ``allow_tf32``: float32 searched with TF32 dot products on the Triton path (the reference's
+    matmuls follow torch's own setting)."""
     if codes is not None and codes.numel() > 0:
         # given codes are gathered: out of range they would read outside the codebooks. One
         # pass over the (N, L) int64 codes, no host read (checked here, in the op body, so a
@@ -66,7 +69,7 @@ def _residual_quantize_op(
                 "more, beyond the Triton kernels' int32 offsets; use the reference backend for them")
         from ..kernels.residual_quantize import residual_quantize_fwd
 
-        out = residual_quantize_fwd(x, codebooks, **kw)
+        out = residual_quantize_fwd(x, codebooks, allow_tf32=allow_tf32, **kw)
     else:
         out = residual_quantize_full_ref(x, codebooks, **kw)
     L, K, D = codebooks.shape
@@ -86,7 +89,7 @@ def _residual_quantize_op(
 
 @_residual_quantize_op.register_fake
 def _(x, codebooks, weights=None, codes=None, slots=None, num_slots=0, loss=False, stats=False, rotate=False,
-      stat_limit=None, stat_weights=None):
+      stat_limit=None, stat_weights=None, allow_tf32=False):
     N, D = x.shape
     L, K, _ = codebooks.shape
     return (
@@ -134,7 +137,7 @@ def _(x, codebooks, codes, weights, grad, grad_commit, grad_embed, rotate, need_
 
 
 def _setup_context(ctx, inputs, output):
-    x, codebooks, weights, codes, slots, num_slots, loss, stats, rotate, stat_limit, stat_weights = inputs
+    x, codebooks, weights, codes, slots, num_slots, loss, stats, rotate, stat_limit, stat_weights, _tf32 = inputs
     ctx.rotate = rotate
     ctx.loss = loss
     ctx.save_for_backward(x, codebooks, weights, codes if codes is not None else output[1])
@@ -151,14 +154,14 @@ def _backward(ctx, g_q, g_codes, g_commit, g_embed, *unused):
     if g_commit is not None:
         g_commit = g_commit.float().contiguous()
     if not (need_dx or need_dcb):
-        return (None,) * 11
+        return (None,) * 12
     if not need_dcb and g_commit is None and not ctx.rotate:  # straight through: the gradient as it is
-        return (g_q,) + (None,) * 10
+        return (g_q,) + (None,) * 11
     dx, dcb = _residual_quantize_bwd_op(
         x, codebooks, codes, weights, g_q if need_dx else None, g_commit if need_dx else None,
         g_embed.float().contiguous() if need_dcb else None, ctx.rotate, need_dx,
     )
-    return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None) + (None,) * 9
+    return (dx if need_dx else None, dcb.to(codebooks.dtype) if need_dcb else None) + (None,) * 10
 
 
 _residual_quantize_op.register_autograd(_backward, setup_context=_setup_context)
@@ -337,6 +340,7 @@ def residual_quantize_step(
     grad: str = "ste",
     statistics: bool = False,
     candidate_rows: torch.Tensor | None = None,
+    allow_tf32: bool = False,
 ) -> ResidualQuantizeStep:
     """Residual quantization as a training step uses it: one forward launch returns the codes,
     their sum, the seed's losses and, on request, EMA statistics and dead-code candidates; one
@@ -387,6 +391,9 @@ def residual_quantize_step(
             ``candidates_ok (L, S)`` bool (residual finite in the dtype of ``codebooks``, finite
             code, nonzero weight: a candidate flagged ok is finite in that dtype): dead-code
             replacements that split a used code's cell.
+        allow_tf32: search float32 with TF32 dot products on the tensor cores (Triton path;
+            default exact float32). The modules pass what torch does for its own float32
+            matmuls (``torch.set_float32_matmul_precision("high")`` turns it on).
 
     Returns:
         :class:`ResidualQuantizeStep`: ``quantized (..., D)`` (dtype of ``x``), ``codes (..., L)``
@@ -403,18 +410,21 @@ def residual_quantize_step(
         torch.Size([8, 256, 64])
     """
     return _residual_quantize_step(x, codebooks, weights=weights, codes=codes, grad=grad, statistics=statistics,
-                                   candidate_rows=candidate_rows)
+                                   candidate_rows=candidate_rows, allow_tf32=allow_tf32)
 
 
 def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste", statistics=False,
-                            candidate_rows=None, weights_owner="residual_quantize_step", weights_name="weights"):
+                            candidate_rows=None, weights_owner="residual_quantize_step", weights_name="weights",
+                            allow_tf32=False):
     """:func:`residual_quantize_step`; a bad weight value is reported as argument ``weights_name``
-    of ``weights_owner`` (a module's ``mask``), eager or compiled."""
+    of ``weights_owner`` (a module's ``mask``), eager or compiled; ``allow_tf32`` (the modules:
+    :func:`fastvq.ops._search.tf32_like_torch`) searches float32 with TF32 dot products."""
     op = "residual_quantize_step"
     L, K, D = _check(op, x, codebooks)
     if grad not in GRADS:
         raise ValueError(f"fastvq.{op}: unknown grad {grad!r}; expected one of {GRADS}")
     statistics = check_bool_arg(op, "statistics", statistics)
+    allow_tf32 = check_bool_arg(op, "allow_tf32", allow_tf32)
     lead = x.shape[:-1]
     N = math.prod(lead)  # (not Size.numel(): non-strict export fixed a dynamic N there, compileprobe P6)
     stat_weights = None
@@ -453,7 +463,7 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
     out = _residual_quantize_op(
         x.reshape(N, D).to(dtype), codebooks.to(dtype), weights, codes, slots, num_slots,
         True, statistics, grad == "rotation" and D <= MAX_ROTATE_D, finite_limit(codebooks.dtype),
-        stat_weights if statistics else None,
+        stat_weights if statistics else None, bool(allow_tf32),
     )
     quantized = out[0]
     if grad == "rotation" and D > MAX_ROTATE_D:

@@ -459,3 +459,34 @@ def test_losses_finite_where_their_mean_is_representable(backend, device, dtype,
         assert torch.isfinite(got) and abs(float(got) - float(want)) <= 2e-2 * float(want), (got, want)
     assert torch.isfinite(x.grad).all()
     ft.assert_grad_nondegenerate(x.grad, 2 * x64 / x64.numel(), dtype=dtype, reduce_len=D)
+
+
+@pytest.mark.about_devices("spies on the kernel launcher's arguments under the interpreter")
+@pytest.mark.parametrize("torch_tf32", [False, True])
+def test_search_follows_torchs_float32_matmul_precision(monkeypatch, torch_tf32):
+    # the modules search float32 as torch runs its own float32 matmuls (what the seeds' cdist and
+    # matmul do): TF32 tensor-core dots once torch.set_float32_matmul_precision("high") is set
+    # on a GPU, exact float32 otherwise (the H200 run: the exact dot's 7 TFLOP/s made the float32
+    # steps slower than the seeds'); decided once, in fastvq.ops._search.tf32_like_torch
+    import fastvq.kernels.residual_quantize as k
+    import fastvq.nn.vector_quantizer as vq
+
+    seen = []
+    real = k.residual_quantize_fwd
+    monkeypatch.setattr(k, "residual_quantize_fwd", lambda *a, **kw: seen.append(kw["allow_tf32"]) or real(*a, **kw))
+    monkeypatch.setattr(vq, "tf32_like_torch", lambda t: torch_tf32)
+    with fastvq.backend("triton"):
+        for m in (fastvq.nn.VectorQuantizer(16, 4), fastvq.nn.ResidualQuantizer(2, 16, 4)):
+            out = m(torch.randn(8, 4))
+            (out[0].sum() + out[1]).backward()
+    assert seen == [torch_tf32, torch_tf32]
+
+
+def test_tf32_like_torch_is_false_off_the_gpu():
+    from fastvq.ops._search import tf32_like_torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert not tf32_like_torch(torch.zeros(1))  # CPU matmuls never use TF32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
