@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     b.add_argument("--out", help="results folder (default: ./benchmarks/results)")
     b.add_argument("--name", help="file stem of the results (default: bench-<gpu|cpu>-<device>-<git sha>)")
     b.add_argument("--no-plot", action="store_true")
+    b.add_argument("--matmul-precision", choices=["highest", "high"], default=None,
+                   help="torch.set_float32_matmul_precision for the whole run: 'high' runs every float32 row "
+                        "(fastvq's modules, the seeds, vector-quantize-pytorch, cdist) with TF32 on a GPU")
     b.add_argument("--no-check", action="store_true", help="without CUDA, skip the interpreter check after timing")
     b.add_argument("--traffic", action="store_true",
                    help="count passes over the activations, launches and host syncs per training step and op "
@@ -130,6 +133,8 @@ def main(argv=None) -> int:
             return 0
         from .bench import run_bench
 
+        if args.matmul_precision:
+            torch.set_float32_matmul_precision(args.matmul_precision)
         return run_bench(ops=args.ops, quick=args.quick, out_dir=args.out, plot=not args.no_plot,
                          providers=args.providers, name=args.name, check=not args.no_check)
     except UsageError as exc:

@@ -325,3 +325,20 @@ def test_check_fails_on_a_wrong_residual_quantize_step_backward(wrong, monkeypat
     assert main(["check", "--ops", "residual_quantize_step", "--dtypes", "float32", "bfloat16"]) == 1
     out = capsys.readouterr().out
     assert re.findall(r"^residual_quantize_step +(\w+) +FAIL ", out, re.M) == ["float32", "bfloat16"], out
+
+
+def test_bench_matmul_precision_applies_to_the_run_and_is_recorded(tmp_path, capsys):
+    # --matmul-precision high: every float32 row of the run (fastvq's modules, the seeds, peers)
+    # uses TF32 on a GPU, as a training script that sets it would; the results say which
+    import json
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert main(["bench", "--ops", "pairwise_sqdist", "--quick", "--no-check", "--no-plot", "--out", str(tmp_path),
+                     "--name", "b", "--matmul-precision", "high"]) == 0
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["environment"]["float32_matmul_precision"] == "high"
+    assert "float32 matmul precision high" in (tmp_path / "b.md").read_text()

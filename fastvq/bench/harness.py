@@ -47,6 +47,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "git_sha": git_sha(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -262,7 +263,7 @@ def format_markdown(rows: list[dict], env: dict) -> str:
     """The rows as a markdown table, headed by the environment."""
     titles, body, align = _cells(rows)
     head = (f"fastvq bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, git {env['git_sha']}, "
-            f"{env['date']})\n\n")
+            f"float32 matmul precision {env.get('float32_matmul_precision', 'highest')}, {env['date']})\n\n")
     sep = ["---" if a == "<" else "---:" for a in align]
     md = ["| " + " | ".join(titles) + " |", "| " + " | ".join(sep) + " |"]
     md += ["| " + " | ".join(c.replace("|", "/") for c in b) + " |" for b in body]
