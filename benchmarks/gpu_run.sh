@@ -12,7 +12,8 @@
 #          steps, then peer packages (skipped when not installed)            -> bench.json, bench.md, bench.png, bench.log
 # into benchmarks/results/<date>-<gpu slug>/ (under $OUT instead when the device tool sets it): 8 files.
 # $FASTVQ_BENCH_OPS (space-separated) / $FASTVQ_BENCH_PROVIDERS (comma-separated: names hold spaces)
-# pass --ops / --providers to the bench, $FASTVQ_BENCH_S caps its seconds;
+# pass --ops / --providers to the bench, $FASTVQ_MATMUL_PRECISION (highest, high) --matmul-precision,
+# $FASTVQ_BENCH_S caps its seconds;
 # a bench cut short at its time limit keeps the rows it measured (in run order).
 # The git sha comes from $FASTVQ_GIT_SHA when the tree has no .git (a copy sent to a GPU machine).
 # Exit status: 0 when the tests and the check passed (or were not asked for), 1 otherwise (the bench
@@ -106,6 +107,7 @@ run_bench() {  # op rows, then training steps, then peers (registry order); a cu
   local args=(--out "$DIR" --name bench)
   [ -n "${FASTVQ_BENCH_OPS:-}" ] && read -r -a ops <<< "$FASTVQ_BENCH_OPS" && args+=(--ops "${ops[@]}")
   [ -n "${FASTVQ_BENCH_PROVIDERS:-}" ] && IFS=, read -r -a provs <<< "$FASTVQ_BENCH_PROVIDERS" && args+=(--providers "${provs[@]}")
+  [ -n "${FASTVQ_MATMUL_PRECISION:-}" ] && args+=(--matmul-precision "$FASTVQ_MATMUL_PRECISION")
   [ "$DRY" = 1 ] && args+=(--ops pairwise_sqdist vector_quantizer_step --providers reference --no-check) && s=60
   if [ "$s" -gt 15 ]; then
     echo "== bench (at most ${s}s)"
