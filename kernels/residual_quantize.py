@@ -1176,6 +1176,17 @@ def _x_rows_for_compiler(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _codebooks_for_compiler(codebooks: torch.Tensor) -> torch.Tensor:
+    """``codebooks (L, K, D)`` as the forward kernel can be compiled for them by triton 3.6: the
+    same layout-pass failure as :func:`_x_rows_for_compiler` where the codes are not unit-stride
+    (``stride(2) != 1``: a transposed or strided view; float32's exact search, found by the edge
+    compile sweep, ``tests/_cuda_compile_worker.py --edges``). Read from a contiguous copy
+    (``L K D`` elements, small next to ``x``; modules pass contiguous codebooks: no copy)."""
+    if codebooks.shape[2] > 1 and codebooks.stride(2) != 1:
+        return codebooks.contiguous()
+    return codebooks
+
+
 def residual_quantize_fwd(
     x: torch.Tensor,
     codebooks: torch.Tensor,
@@ -1231,7 +1242,7 @@ def residual_quantize_fwd(
         stat_weights = weights if stat_weights is None else stat_weights.contiguous()
     assert codes is None or (codes.shape == (N, L) and codes.dtype == torch.int64)
     assert slots is None or (slots.shape == (N,) and slots.dtype == torch.int32 and 0 <= num_slots <= N)
-    x = _x_rows_for_compiler(x)
+    x, codebooks = _x_rows_for_compiler(x), _codebooks_for_compiler(codebooks)
     span = sum((n - 1) * abs(s) for n, s in zip(codebooks.shape, codebooks.stride()))
     if span >= 2**31 > codebooks.numel():
         # the kernels form code offsets in int32: a view spread that wide (syncprobe Y9) is read
