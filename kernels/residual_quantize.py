@@ -1166,12 +1166,13 @@ def _x_rows_for_compiler(x: torch.Tensor) -> torch.Tensor:
     """``x (N, D)`` as the forward kernel can be compiled for it by triton 3.6 (the GPU image's):
     its layout pass fails ("operand does not dominate this use") where the rows of ``x`` are not
     unit-stride (``stride(1) != 1``: read from a contiguous copy) or where Triton specialises the
-    row stride to the constant 1 (``D == 1`` and contiguous: read from a copy whose rows are two
-    elements apart). Both copies are small or rare; triton 3.8 compiles every case."""
+    row stride to the constant 1 (``D == 1`` and contiguous, or, found by the edge compile sweep,
+    ``D == 1`` with a column stride other than 1: read from a copy whose rows are two elements
+    apart). Both copies are small or rare; triton 3.8 compiles every case."""
     N, D = x.shape
     if D > 1 and x.stride(1) != 1:
         return x.contiguous()
-    if D == 1 and x.stride(0) == 1:
+    if D == 1 and (x.stride(0) == 1 or x.stride(1) != 1):  # (and the column stride, D == 1 too)
         return torch.empty((N, 2), dtype=x.dtype, device=x.device)[:, :1].copy_(x)
     return x
 
@@ -1179,11 +1180,12 @@ def _x_rows_for_compiler(x: torch.Tensor) -> torch.Tensor:
 def _codebooks_for_compiler(codebooks: torch.Tensor) -> torch.Tensor:
     """``codebooks (L, K, D)`` as the forward kernel can be compiled for them by triton 3.6: the
     same layout-pass failure as :func:`_x_rows_for_compiler` where the codes are not unit-stride
-    (``stride(2) != 1``: a transposed or strided view; float32's exact search, found by the edge
-    compile sweep, ``tests/_cuda_compile_worker.py --edges``). Read from a contiguous copy
-    (``L K D`` elements, small next to ``x``; modules pass contiguous codebooks: no copy)."""
-    if codebooks.shape[2] > 1 and codebooks.stride(2) != 1:
-        return codebooks.contiguous()
+    (``stride(2) != 1``: a transposed or strided view, ``D == 1`` too; float32's exact search,
+    found by the edge compile sweep, ``tests/_cuda_compile_worker.py --edges``). Read from a
+    contiguous copy (``L K D`` elements, small next to ``x``; modules pass contiguous codebooks:
+    no copy). (``clone``: ``contiguous()`` keeps a size-1 dimension's stride.)"""
+    if codebooks.stride(2) != 1:
+        return codebooks.clone(memory_format=torch.contiguous_format)
     return codebooks
 
 
