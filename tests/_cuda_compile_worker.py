@@ -3,12 +3,14 @@ without a GPU, through the ptxas bundled in the triton wheel.
 
 Run without ``TRITON_INTERPRET`` (Triton decides interpreted vs compiled when a ``@triton.jit``
 function is defined, so the kernel modules must be imported fresh, in a process that never had
-it set). Three modes::
+it set). Four modes::
 
     env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py [--jobs N] [--filter SUBSTR] [--list]
     env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --plan [--targets sm_90,sm_80]
     env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --sweep \
         --update-json benchmarks/results/sm90-static.json --also .venv36/bin/python
+    env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --edges [--ci] [--all] [--filter SUBSTR]
+    env -u TRITON_INTERPRET .venv36/bin/python tests/_cuda_compile_worker.py --edges   # triton 3.6, the GPU image's
 
 * default (CI, ``tests/test_cuda_compile.py``): a representative subset for sm_90, every kernel
   at least once and each dtype and constexpr the launchers pass, one config each. Each job is
@@ -27,6 +29,15 @@ it set). Three modes::
 * ``--sweep``: compiles every launch of the plan the prunes keep, for each target, through
   ptxas; ``--update-json`` writes the records of this triton version to the JSON and ``--also``
   runs the same sweep with another interpreter (triton 3.6, the GPU image's version).
+* ``--edges``: the edge-shaped launches (:func:`edge_launches`: every launcher called with sizes
+  of 1, D not a multiple of 16, transposed / strided / unaligned inputs, each dtype and index
+  dtype it accepts; ~2,250 unique specialisations, ~30 min of one core per triton version)
+  compiled for sm_90 with each autotuned kernel's pinned config, the GPU test run's. One JSON
+  line per failure (``--all``: per launch), one per launcher call that raised, then a summary;
+  exit status 1 on any failure. Run it with both virtualenvs (triton 3.8, CI's; 3.6, the GPU
+  image's) after changing a kernel or a launcher. ``--ci``: the subset
+  ``tests/test_cuda_compile.py`` compiles (:func:`representative`: every argument's
+  specialisation seen in the whole set at least once, ~120 launches).
 """
 
 from __future__ import annotations
@@ -634,6 +645,262 @@ def bench_launches():
     return out
 
 
+# --------------------------------------------------------------------------- edge launches
+# Small and edge-shaped calls of every launcher: the specialisations Triton makes that the
+# benchmark shapes never do (sizes equal to 1 become the constant 1, D not a multiple of 16,
+# strides equal to 1 in unusual places or not divisible by 16, unaligned pointers), in each
+# dtype and index dtype the launchers accept. The GPU run of 2026-12-04 failed to compile such
+# launches that the interpreter runs (residual_quantize: K == 1, x of row stride 1, triton 3.6).
+
+_F = (torch.float32, torch.bfloat16, torch.float16)
+_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+         torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool"}
+
+
+def _lay(shape, layout="c", dtype=torch.float32, device="meta"):
+    """A tensor of ``shape`` in a layout: ``c`` contiguous, ``t`` the last two dims transposed
+    (rows of stride 1), ``s`` every other element of a twice-as-wide row (inner stride 2, row
+    stride 2D), ``p`` rows padded by one element (row stride D + 1: never divisible by 16), ``o``
+    contiguous one element into its storage (an unaligned pointer)."""
+    shape = tuple(shape)
+    if layout == "c":
+        return torch.empty(shape, dtype=dtype, device=device)
+    if layout == "t":
+        return torch.empty(shape[:-2] + (shape[-1], shape[-2]), dtype=dtype, device=device).transpose(-1, -2)
+    if layout == "s":
+        return torch.empty(shape[:-1] + (2 * shape[-1],), dtype=dtype, device=device)[..., ::2]
+    if layout == "p":
+        return torch.empty(shape[:-1] + (shape[-1] + 1,), dtype=dtype, device=device)[..., : shape[-1]]
+    if layout == "o":
+        n = 1
+        for v in shape:
+            n *= v
+        return torch.empty(n + 1, dtype=dtype, device=device)[1:].view(shape)
+    raise ValueError(layout)
+
+
+def edge_launches():
+    """(label, thunk) per edge-shaped launcher call (see above); thunks call launchers on meta
+    tensors, on CPU ones where a launcher reads a value on the host (semantic_ids' unique, the
+    sparse QR gradient's row count), small: the kernels are intercepted, never run."""
+    nc, rq, kl, sq = nearest_code, residual_quantize, pairwise_kl_loss, pairwise_sqdist
+    out = []
+
+    def add(label, fn, *args, **kwargs):
+        out.append((label, lambda: fn(*args, **kwargs)))
+
+    # nearest_code: (H, N, D, K) sizes of 1, odd D, streamed D (> RESIDENT_MAX_D), forced splits
+    # (the reduce kernel), every metric, each dtype, layouts of x and the codebook
+    shapes = ((1, 1, 1, 1), (1, 5, 7, 3), (3, 2, 17, 1), (1, 3, 300, 2), (2, 1, 16, 5))
+    for dt in _F:
+        for tf32 in ((False, True) if dt == torch.float32 else (False,)):
+            for H, N, D, K in (shapes[:2] if tf32 else shapes):
+                small = (N, D) in ((1, 1), (5, 7))
+                for metric in (("l2", "cosine", "dot", "euclidean") if small else ("l2",)):
+                    for splits in ((None, 2) if small or D > 256 else (None,)):
+                        tag = f"nearest_code {_NAME[dt]}{' tf32' * tf32} {metric} H={H} N={N} D={D} K={K} S={splits}"
+                        add(tag, nc.nearest_code_fwd, _lay((H, N, D), dtype=dt), _lay((H, K, D), dtype=dt), metric,
+                            tf32, splits)
+        for lx, lc in (("t", "c"), ("s", "t"), ("p", "s"), ("o", "o"), ("c", "p")):
+            for N, D, K in ((5, 7, 3), (4, 32, 2)):
+                add(f"nearest_code {_NAME[dt]} x:{lx} cb:{lc} N={N} D={D} K={K}",
+                    nc.nearest_code_fwd, _lay((N, D), lx, dt), _lay((K, D), lc, dt), "l2")
+        for N, D, K, k in ((1, 1, 1, 1), (5, 7, 3, 2), (3, 300, 4, 3), (2, 17, 40, 1)):
+            for metric in ("l2", "cosine", "dot", "euclidean"):
+                add(f"topk_codes {_NAME[dt]} {metric} N={N} D={D} K={K} k={k}", nc.topk_codes_fwd,
+                    _lay((1, N, D), dtype=dt), _lay((1, K, D), dtype=dt), k, metric)
+                add(f"sample_code {_NAME[dt]} {metric} N={N} D={D} K={K}", nc.sample_code_fwd,
+                    _lay((1, N, D), dtype=dt), _lay((1, K, D), dtype=dt), _meta(dtype=torch.int64), 0.5, metric)
+            add(f"topk_codes {_NAME[dt]} x:t cb:s N={N} D={D} K={K} k={k}", nc.topk_codes_fwd,
+                _lay((1, N, D), "t", dt), _lay((1, K, D), "s", dt), k)
+        for N, D, M_ in ((1, 1, 1), (5, 7, 3), (3, 300, 2)):
+            for strategy in ("hardest", "semi-hard"):
+                for splits in (None, 2):
+                    add(f"mine_negatives {_NAME[dt]} {strategy} N={N} D={D} M={M_} S={splits}", nc.mine_negatives_fwd,
+                        _lay((N, D), dtype=dt), _lay((N, D), dtype=dt), _lay((M_, D), dtype=dt), strategy, splits)
+            add(f"mine_negatives {_NAME[dt]} semi-hard p:t N={N} D={D} M={M_}", nc.mine_negatives_fwd,
+                _lay((N, D), "s", dt), _lay((N, D), "t", dt), _lay((M_, D), "p", dt), "semi-hard")
+        # pairwise_sqdist
+        for M_, N, D in ((1, 1, 1), (5, 3, 7), (2, 70, 100)):
+            for la, lb in (("c", "c"), ("t", "s"), ("p", "o")):
+                add(f"pairwise_sqdist {_NAME[dt]} a:{la} b:{lb} M={M_} N={N} D={D}", sq.pairwise_sqdist_fwd,
+                    _lay((M_, D), la, dt), _lay((N, D), lb, dt))
+
+    # residual_quantize forward: (N, L, K, D), each flag, the chunked variant (max_register_d=1)
+    i32, i64 = torch.int32, torch.int64
+    for dt in _F:
+        for N, L, K, D in ((1, 1, 1, 1), (5, 2, 3, 7), (3, 3, 1, 17), (4, 1, 2, 300), (2, 4, 5, 16), (6, 2, 3, 1)):
+            for chunked in (False, True):
+                mr = 1 if chunked else None
+                for tf32 in ((False, True) if dt == torch.float32 and N < 4 else (False,)):
+                    base = f"rq fwd {_NAME[dt]}{' tf32' * tf32}{' chunked' * chunked} N={N} L={L} K={K} D={D}"
+                    x, cb = _lay((N, D), dtype=dt), _lay((L, K, D), dtype=dt)
+                    add(base, rq.residual_quantize_fwd, x, cb, mr, allow_tf32=tf32)
+                    add(base + " step", rq.residual_quantize_fwd, x, cb, mr, loss=True, stats=True,
+                        slots=_meta(N, dtype=i32), num_slots=min(N, K), allow_tf32=tf32)
+                    add(base + " weights", rq.residual_quantize_fwd, x, cb, mr, weights=_meta(N), loss=True,
+                        stats=True, stat_weights=_meta(N), slots=_meta(N, dtype=i32), num_slots=1, allow_tf32=tf32)
+                    add(base + " codes", rq.residual_quantize_fwd, x, cb, mr, codes=_meta(N, L, dtype=i64), loss=True,
+                        allow_tf32=tf32)
+                    add(base + " codes:t stats", rq.residual_quantize_fwd, x, cb, mr,
+                        codes=_lay((N, L), "t", i64), stats=True, weights=_meta(N))
+            for lx, lc in (("t", "c"), ("s", "t"), ("p", "s"), ("o", "o"), ("c", "p")):
+                for chunked in (False, True):
+                    add(f"rq fwd {_NAME[dt]} x:{lx} cb:{lc}{' chunked' * chunked} N={N} L={L} K={K} D={D}",
+                        rq.residual_quantize_fwd, _lay((N, D), lx, dt), _lay((L, K, D), lc, dt),
+                        1 if chunked else None, loss=True, stats=True)
+    # residual_quantize backward: each input flag, the rotation, layouts of x, grad and codes
+    for dt in _F:
+        for N, L, K, D in ((1, 1, 1, 1), (5, 2, 3, 7), (3, 3, 1, 17), (4, 1, 2, 300), (2, 2, 2, 1000)):
+            x, cb, codes = _lay((N, D), dtype=dt), _lay((L, K, D), dtype=dt), _meta(N, L, dtype=i64)
+            g, gl = _lay((N, D), dtype=dt), _meta(L)
+            base = f"rq bwd {_NAME[dt]} N={N} L={L} K={K} D={D}"
+            add(base, rq.residual_quantize_bwd, x, cb, codes, grad=g)
+            add(base + " all", rq.residual_quantize_bwd, x, cb, codes, weights=_meta(N), grad=g, grad_commit=gl,
+                grad_embed=gl)
+            add(base + " rotate", rq.residual_quantize_bwd, x, cb, codes, weights=_meta(N), grad=g, grad_commit=gl,
+                grad_embed=gl, rotate=True)
+            add(base + " rotate no w", rq.residual_quantize_bwd, x, cb, codes, grad=g, rotate=True)
+            add(base + " embed only", rq.residual_quantize_bwd, x, cb, codes, grad_embed=gl, need_dx=False)
+            add(base + " commit", rq.residual_quantize_bwd, x, cb, codes, grad_commit=gl)
+            for lay in ("t", "s", "p", "o"):
+                add(base + f" layouts:{lay} rotate", rq.residual_quantize_bwd, _lay((N, D), lay, dt),
+                    _lay((L, K, D), lay, dt), _lay((N, L), lay, i64), grad=_lay((N, D), lay, dt), grad_commit=gl,
+                    grad_embed=gl, rotate=True)
+
+    # pairwise_kl_loss: forward and backward; B = 2 (the fewest rows that launch), feature sizes
+    # of 1 and not multiples of 16, D beyond one chunk; temperatures whose scaling factors are 1
+    # (0.5: fa = fb = 1; 0.2: fa = 1) or 0 (2.0): the kernels take them as int arguments
+    for dt in _F:
+        for B, DP, DT in ((2, 1, 1), (3, 7, 17), (5, 300, 16), (2, 16, 100)):
+            for lay in (("c", "t", "s", "o") if B == 3 or DT == 100 else ("c",)):
+                for T in ((0.5, 2.0, 0.2) if lay == "c" and DP < 300 else (0.5,)):
+                    def fwd_bwd(pred=_lay((B, DP), lay, dt), target=_lay((B, DT), lay, dt), T=T):
+                        scaling = logit_scaling(T)
+                        _, lse_p, lse_t = kl.pairwise_kl_loss_fwd(pred, target, T, scaling, row_max(pred),
+                                                                  row_max(target))
+                        kl.pairwise_kl_loss_bwd(_meta(), pred, target, lse_p, lse_t, T, scaling)
+                    out.append((f"pairwise_kl_loss {_NAME[dt]} {lay} T={T} B={B} Dp={DP} Dt={DT}", fwd_bwd))
+    # code_statistics: both modes, index dtypes, weights float / bool / none, layouts of x and indices
+    for dt in _F:
+        for M_, D, K, NL in ((1, 1, 1, 1), (6, 7, 3, 3), (4, 300, 2, 4), (8, 16, 1, 2)):
+            for idt in (i32, i64):
+                for w in ((None, torch.float32, torch.bool, dt) if idt == i64 else (None,)):
+                    for det in (True, False):
+                        wt = None if w is None else _meta(NL, dtype=w)
+                        add(f"code_statistics {_NAME[dt]} idx={_NAME[idt]} w={_NAME.get(w)} det={det} "
+                            f"M={M_} D={D} K={K} NL={NL}", code_statistics.code_statistics_fwd,
+                            _lay((M_, D), dtype=dt), _meta(M_, dtype=idt), K, NL, wt, det)
+            for lay in ("t", "s", "p", "o"):
+                for det in (True, False):
+                    add(f"code_statistics {_NAME[dt]} x:{lay} idx:s det={det} M={M_} D={D}",
+                        code_statistics.code_statistics_fwd, _lay((M_, D), lay, dt), _lay((1, M_), "s", i64)[0],
+                        K, NL, _lay((1, M_), "s", torch.float32)[0], det)
+    # ema_update: the codebook in each dtype and layout
+    for dt in _F:
+        for L, K, D in ((1, 1, 1), (2, 3, 7), (1, 2, 2000), (3, 1, 16)):
+            for lay in ("c", "t", "s", "o"):
+                add(f"ema_update {_NAME[dt]} cb:{lay} L={L} K={K} D={D}", ema_update.ema_update_fwd,
+                    _lay((L, K, D), lay, dt), _meta(L, K, D), _meta(L, K, D), _meta(L, K, dtype=torch.int8),
+                    _meta(L, dtype=torch.int8), _meta(L, K), 0.99)
+    # rotation_trick: forward and backward (whole rows, the looping path, a forced tile)
+    rt = rotation_trick
+    for dt in _F:
+        for N, D, bd in ((1, 1, None), (5, 7, None), (3, 5000, None), (2, 40, 16), (1, 16, None)):
+            for lay in ("c", "t", "s", "o"):
+                e, q, g = (_lay((N, D), lay, dt) for _ in range(3))
+                add(f"rotation_trick fwd {_NAME[dt]} {lay} N={N} D={D}", rt.rotation_trick_fwd, e, q)
+                add(f"rotation_trick bwd {_NAME[dt]} {lay} N={N} D={D} block_d={bd}", rt.rotation_trick_bwd, e, q, g,
+                    1e-6, 1e-6, bd)
+    # qr_lookup: forward (plain, bags, weights, mean), backward (sorted, atomic, sparse), every op,
+    # id / offset dtypes, table layouts. The sparse gradient reads its row count: CPU tensors.
+    ql = qr_lookup
+    for dt in _F:
+        for N, Q, R, D in ((1, 1, 1, 1), (5, 3, 2, 7), (4, 2, 3, 300)):
+            for op in ("add", "mult", "concat"):
+                for idt in (i32, i64):
+                    for lay in (("c", "t", "o") if idt == i64 and op == "mult" and D < 300 else ("c",)):
+                        qw, rw = _lay((Q, D), lay, dt), _lay((R, D + (op == "concat")), lay, dt)
+                        ids = _meta(N, dtype=idt)
+                        dout = 2 * D + 1 if op == "concat" else D
+                        tag = f"qr {_NAME[dt]} {op} ids={_NAME[idt]} tables:{lay} N={N} Q={Q} R={R} D={D}"
+                        add(tag + " fwd", ql.qr_lookup_fwd, ids, qw, rw, op)
+                        for B in ((1,) if N == 1 else (2,)):
+                            offs = _meta(B, dtype=idt)
+                            add(tag + f" bag B={B} fwd", ql.qr_lookup_fwd, ids, qw, rw, op, offs, "sum",
+                                _meta(N, dtype=dt))
+                            add(tag + f" bag B={B} mean fwd", ql.qr_lookup_fwd, ids, qw, rw, op, offs, "mean")
+                            add(tag + f" bag B={B} bwd", ql.qr_lookup_bwd, _lay((B, dout), lay, dt), ids, qw, rw, op,
+                                offs, "mean", _meta(N, dtype=dt), needs=(True, True, True))
+                            add(tag + f" bag B={B} atomic bwd", ql.qr_lookup_bwd, _lay((B, dout), lay, dt), ids, qw,
+                                rw, op, offs, "sum", _meta(N, dtype=dt), deterministic=False)
+                        g = _lay((N, dout), lay, dt)
+                        add(tag + " bwd", ql.qr_lookup_bwd, g, ids, qw, rw, op)
+                        add(tag + " bwd q only", ql.qr_lookup_bwd, g, ids, qw, rw, op, needs=(True, False, False))
+                        add(tag + " bwd r only", ql.qr_lookup_bwd, g, ids, qw, rw, op, needs=(False, True, False))
+                        add(tag + " atomic bwd", ql.qr_lookup_bwd, g, ids, qw, rw, op, deterministic=False)
+                        add(tag + " sparse bwd", ql.qr_lookup_bwd, _lay((N, dout), lay, dt, "cpu"),
+                            torch.zeros(N, dtype=idt), _lay((Q, D), lay, dt, "cpu"),
+                            _lay((R, D + (op == "concat")), lay, dt, "cpu"), op, sparse=True)
+    # code_usage and semantic_ids: every integer dtype, strided ids, L == 1 (semantic_ids' torch.unique: CPU)
+    for it in (torch.int8, torch.uint8, torch.int16, i32, i64):
+        for N in (1, 5):
+            for lay in ("c", "s", "o"):
+                add(f"code_usage {_NAME[it]} {lay} N={N}", code_usage.code_usage_fwd, _lay((1, N), lay, it)[0], 3)
+        for N, L in ((1, 1), (5, 3), (300, 17)):
+            for lay in ("c", "t", "s"):
+                add(f"semantic_ids {_NAME[it]} {lay} N={N} L={L}", semantic_ids.semantic_ids_fwd,
+                    _lay((N, L), lay, it, device="cpu").zero_())
+    return out
+
+
+def _features(launch) -> set:
+    """What a launch specialises: each constexpr's value (the declared ones and the int arguments
+    Triton fixed to 1), each pointer's dtype, each argument given 16-divisibility."""
+    names = launch.src.fn.arg_names
+    return {(k, repr(v)) for k, v in launch.args.items()} | {(names[i[0]], "div16") for i in launch.src.attrs}
+
+
+# Edge calls that failed to compile before a fix (the H200 run, this sweep): always in the CI subset.
+CI_ALWAYS = (
+    "rq fwd fp32 x:t cb:c N=5 L=2 K=3 D=7",  # x rows not unit-stride (triton 3.6 layout pass)
+    "rq fwd fp32 N=6 L=2 K=3 D=1",  # x row stride the constant 1 (D == 1)
+    "rq fwd bf16 N=3 L=3 K=1 D=17",  # K == 1: the loop-carried first finite code
+    "rq fwd fp32 x:s cb:t N=5 L=2 K=3 D=7",  # codebook codes not unit-stride (triton 3.6 layout pass)
+    "rq fwd fp32 x:p cb:s N=5 L=2 K=3 D=7",
+)
+
+
+def representative(launches, always=CI_ALWAYS) -> list:
+    """A few launches per kernel that together show every (argument, specialisation) pair of
+    ``launches`` (greedy set cover, deterministic), and those of the ``always`` calls: the edge
+    set's CI subset, ~5% of it."""
+    by_kernel: dict = {}
+    for launch in launches:
+        by_kernel.setdefault(launch.kernel, []).append(launch)
+    picked = []
+    for group in by_kernel.values():
+        feats = [_features(launch) for launch in group]
+        todo = set().union(*feats)
+        for i, launch in enumerate(group):
+            if set(launch.calls) & set(always):
+                picked.append(launch)
+                todo -= feats[i]
+        while todo:
+            best = max(range(len(group)), key=lambda i: len(feats[i] & todo))
+            picked.append(group[best])
+            todo -= feats[best]
+    return picked
+
+
+def capture_edges(target_name: str, errors=None, ci: bool = False) -> list:
+    """The launches of :func:`edge_launches` with each autotuned kernel's pinned config (what a
+    GPU test run uses), and the kernels that are not autotuned; ``ci``: their
+    :func:`representative` subset."""
+    launches = capture(target_name, pinned=True, launches=edge_launches, plain=True, errors=errors)
+    return representative(launches) if ci else launches
+
+
 def _spec_key(kernel, signature, constexprs, attrs, options):
     import hashlib
     blob = json.dumps([kernel, signature, sorted((str(k), repr(v)) for k, v in constexprs.items()),
@@ -685,12 +952,15 @@ def _tuner_name(tuner) -> str:
     return next(n for n, cs in _common.GPU_CONFIGS.items() if any(c is first for c in cs))
 
 
-def capture(target_name: str, pinned: bool = False) -> list:
+def capture(target_name: str, pinned: bool = False, launches=None, plain: bool = False, errors=None) -> list:
     """Every launch of every benchmark call for ``target_name``, deduplicated by specialisation.
 
     With ``pinned``: each autotuned kernel runs its ``FASTVQ_AUTOTUNE=0`` config only (what a GPU
     test run uses at every shape; config labelled ``pinned ...``), and only those launches are
-    returned (the fixed tiles are the same as without)."""
+    returned (the fixed tiles are the same as without) unless ``plain`` (then the kernels that
+    are not autotuned too). ``launches``: a function giving the (label, thunk) list (default
+    :func:`bench_launches`). ``errors``: a list that collects ``(label, exception text)`` for the
+    thunks that raise (else they propagate)."""
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -750,12 +1020,21 @@ def capture(target_name: str, pinned: bool = False) -> list:
     nearest_code.sm_count = lambda device: tgt.sm_count  # the split heuristic as on that GPU
     try:
         with _common.compile_target(target_name):
-            for label, thunk in bench_launches():
+            for label, thunk in (launches or bench_launches)():
                 state["call"] = label
-                thunk()
+                if errors is None:
+                    thunk()
+                    continue
+                try:
+                    thunk()
+                except Exception as e:  # a launcher that cannot run this call: reported, not compiled
+                    errors.append((label, f"{type(e).__name__}: {str(e)[:300]}"))
+                for k in ("config", "estimate", "nargs", "kwargs"):
+                    state.pop(k, None)
+                state["kept"] = True
     finally:
         JITFunction.run, Autotuner.run, nearest_code.sm_count = saved
-    return [f for f in found.values() if f.config or not pinned]
+    return [f for f in found.values() if f.config or not pinned or plain]
 
 
 def capture_all(target_name: str) -> list:
@@ -843,23 +1122,49 @@ def _compile_launch(i: int) -> dict:
     return rec
 
 
-def sweep(targets, jobs: int, include_pruned: bool = False, emit=None, only: str = "") -> list:
+def _crashed(i: int) -> dict:
+    launch, target_name = _SWEEP[i]
+    return {"kernel": launch.kernel, "key": launch.key, "target": target_name, "triton": triton.__version__,
+            "config": launch.config, "kept": launch.kept, "calls": sorted(set(launch.calls)), "source": launch.source,
+            "args": launch.args, "ok": False, "error": "the compiler process crashed", "seconds": 0.0}
+
+
+def sweep(targets, jobs: int, include_pruned: bool = False, emit=None, only: str = "", collect=None) -> list:
     """Compile every launch of the benchmark shapes (the kept configs; all with ``include_pruned``)
     for each target, through ptxas. Returns one record per (launch, target). ``only``: the
-    launches whose kernel name or calls contain it (a quick check; never for ``--update-json``)."""
+    launches whose kernel name or calls contain it (a quick check; never for ``--update-json``).
+    ``collect(target)``: the launches to compile (default :func:`capture_all`)."""
     _SWEEP.clear()
     for t in targets:
-        _SWEEP.extend((launch, t) for launch in capture_all(t) if (launch.kept or include_pruned)
+        _SWEEP.extend((launch, t) for launch in (collect or capture_all)(t) if (launch.kept or include_pruned)
                       and only in " ".join([launch.kernel, *launch.calls]))
+    # the costliest first (float32 dots: the exact ones compile slowest), so a pool ends together
+    order = sorted(range(len(_SWEEP)), key=lambda i: (_SWEEP[i][0].args.get("PRECISION") != "ieee",
+                                                      "_fwd" not in _SWEEP[i][0].kernel))
     out = []
     if jobs > 1:
+        # A compiler crash (an LLVM/MLIR abort) kills a pool process: the launches in flight are
+        # retried one per fresh process, so the crashing one is named.
         ctx = mp.get_context("fork")
+        retry = []
         with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_compile_launch, i) for i in range(len(_SWEEP))]
+            futures = {pool.submit(_compile_launch, i): i for i in order}
             for fut in as_completed(futures):
-                out.append(fut.result())
+                try:
+                    out.append(fut.result())
+                except BrokenProcessPool:
+                    retry.append(futures[fut])
+                    continue
                 if emit:
                     emit(out[-1])
+        for i in retry:
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                try:
+                    out.append(pool.submit(_compile_launch, i).result())
+                except BrokenProcessPool:
+                    out.append(_crashed(i))
+            if emit:
+                emit(out[-1])
     else:
         for i in range(len(_SWEEP)):
             out.append(_compile_launch(i))
@@ -938,6 +1243,25 @@ def update_json(path: str, records: list, seconds: float):
         f.write("\n")
 
 
+def edges_main(jobs: int, only: str = "", every: bool = False, ci: bool = False) -> int:
+    """``--edges``: compile :func:`capture_edges` for sm_90; a JSON line per failure (with
+    ``every``: per launch), one per launcher call that raised, then a summary line."""
+    t0 = time.perf_counter()
+    errors = []
+    recs = sweep(["sm_90"], jobs, only=only, collect=lambda t: capture_edges(t, errors, ci),
+                 emit=lambda r: (every or not r["ok"]) and print(json.dumps(r), flush=True))
+    for label, err in errors:
+        print(json.dumps({"call": label, "ok": False, "error": f"the launcher raised: {err}"}), flush=True)
+    failed = [r for r in recs if not r["ok"]]
+    print(json.dumps({"summary": True, "triton": triton.__version__, "target": "sm_90", "ci_subset": ci,
+                      "launches": len(recs),
+                      "failed": len(failed), "launcher_errors": len(errors),
+                      "kernels": sorted({r["kernel"] for r in recs}),
+                      "failed_kernels": sorted({r["kernel"] for r in failed}),
+                      "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+    return 0 if not failed and not errors else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -948,6 +1272,12 @@ def main(argv=None):
     ap.add_argument("--plan", action="store_true",
                     help="print the benchmark-shape launches (kept and pruned, with the prunes' estimates) as "
                          "JSON lines, compile nothing")
+    ap.add_argument("--edges", action="store_true",
+                    help="compile the edge-shaped launches (edge_launches: sizes of 1, odd D, strided, "
+                         "transposed and unaligned inputs, each dtype; pinned configs) for sm_90; print one JSON "
+                         "line per failure and a summary")
+    ap.add_argument("--all", action="store_true", help="--edges: print a JSON line for every launch")
+    ap.add_argument("--ci", action="store_true", help="--edges: only the representative subset (CI)")
     ap.add_argument("--targets", default="sm_90,sm_80")
     ap.add_argument("--pruned", action="store_true", help="--sweep: compile the configs the prunes drop too")
     ap.add_argument("--update-json", default="", help="--sweep: write the records to this JSON file")
@@ -963,6 +1293,8 @@ def main(argv=None):
                                   "source": launch.source,
                                   "kept": launch.kept, "estimate": launch.estimate, "calls": sorted(set(launch.calls))}))
         return 0
+    if args.edges:
+        return edges_main(args.jobs, args.filter, args.all, args.ci)
     if args.sweep:
         assert not (args.filter and args.update_json), "--filter with --update-json would drop the other records"
         t0 = time.perf_counter()

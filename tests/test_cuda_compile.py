@@ -17,6 +17,10 @@ keep at the benchmark shapes, for sm_90 and sm_80 and triton 3.8 and 3.6, is com
 into ``benchmarks/results/sm90-static.json`` and checked by tests/test_resource_estimates.py.
 ``FASTVQ_CUDA_COMPILE_REPORT=path`` writes the table of shared memory / registers / spills per
 job there. About 80 s of one core, run beside the rest of the suite (tests/_background.py).
+
+``test_edge_launches_compile_for_sm90``: the launchers called with edge shapes (sizes of 1, odd
+D, transposed / strided / unaligned inputs), whose specialisations the subset above never
+compiles; a representative subset of them, pinned configs, a second background job.
 """
 
 from __future__ import annotations
@@ -59,16 +63,28 @@ def _kernels_in_source() -> set[str]:
     return found
 
 
-def _compile_job(scratch: str):
+def _worker_env(scratch: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(Path(scratch) / "triton-cache")  # compile for real, every run
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    # beside the suite (tests/_background.py): leave it one core
-    jobs = max(1, min((os.cpu_count() or 1) - 1, 8))
-    return [sys.executable, str(WORKER), "--jobs", str(jobs)], env, str(ROOT), 1800
+    return env
+
+
+def _jobs() -> int:
+    return max(1, min((os.cpu_count() or 1) - 1, 8))  # beside the suite (tests/_background.py): leave it one core
+
+
+def _compile_job(scratch: str):
+    return [sys.executable, str(WORKER), "--jobs", str(_jobs())], _worker_env(scratch), str(ROOT), 1800
+
+
+def _edges_job(scratch: str):
+    return ([sys.executable, str(WORKER), "--edges", "--ci", "--all", "--jobs", str(_jobs())], _worker_env(scratch),
+            str(ROOT), 1800)
 
 
 _background.register("cuda-compile", "tests/test_cuda_compile.py::", _compile_job)
+_background.register("cuda-compile-edges", "tests/test_cuda_compile.py::test_edge_launches_compile", _edges_job)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +185,26 @@ def test_float32_division_and_square_roots_round_as_on_the_cpu(compiled):
         if extra:
             bad.append(f"{r['kernel']} [{r['variant']}]: {extra}")
     assert not bad, "approximate float32 instructions (use tl.math.div_rn / tl.sqrt_rn):\n" + "\n".join(bad)
+
+
+def test_edge_launches_compile_for_sm90():
+    """The CI subset of the edge-shaped launches (``_cuda_compile_worker.edge_launches(ci=True)``:
+    sizes of 1, odd D, transposed / strided / unaligned inputs, the launches that failed to
+    compile on the H200 run with triton 3.6) compile for sm_90 with each autotuned kernel's pinned
+    config. The whole edge set (about 2,250 launches, ~30 min of one core per triton version) is
+    a dev command, run with both versions after a kernel or launcher change::
+
+        env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --edges
+        env -u TRITON_INTERPRET .venv36/bin/python tests/_cuda_compile_worker.py --edges
+    """
+    job = _background.result("cuda-compile-edges")
+    lines = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("{")]
+    summary = next((r for r in lines if r.get("summary")), None)
+    assert summary is not None, f"edge compile worker failed (rc {job.returncode}):\n{job.stderr[-6000:]}"
+    failed = [r for r in lines if not r.get("summary") and not r.get("ok")]
+    assert not failed, "edge launches that do not compile for sm_90:\n" + "\n\n".join(
+        f"{r.get('kernel', '')} {r.get('calls', r.get('call'))}:\n{r['error'][-1500:]}" for r in failed[:5])
+    assert job.returncode == 0 and summary["launches"] >= 50, summary
+    launched = {r["kernel"] for r in lines if not r.get("summary")}
+    missing = sorted(_kernels_in_source() - launched)
+    assert not missing, f"kernels no edge launch reaches: {missing}"
