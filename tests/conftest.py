@@ -56,6 +56,11 @@ from tests import _background  # noqa: E402
 from tests.utils import DEVICE  # noqa: E402
 
 if CUDA:
+    # an op's invalid-input check raises the CPU's ValueError in tests instead of a device-side
+    # assert that would end the process's CUDA context (tests/_device_asserts.py)
+    from tests import _device_asserts  # noqa: E402
+
+    _device_asserts.install()
     # after fastvq's imports (its module-level tensors stay where they are), before collection
     # (tensors built in parametrize lists land on the GPU too). Not on CPU: the mode costs time.
     torch.set_default_device(DEVICE)
