@@ -31,7 +31,7 @@ it set). Four modes::
   runs the same sweep with another interpreter (triton 3.6, the GPU image's version).
 * ``--edges``: the edge-shaped launches (:func:`edge_launches`: every launcher called with sizes
   of 1, D not a multiple of 16, transposed / strided / unaligned inputs, each dtype and index
-  dtype it accepts; ~2,250 unique specialisations, ~30 min of one core per triton version)
+  dtype it accepts; ~2,200 unique specialisations, ~30 min of one core per triton version)
   compiled for sm_90 with each autotuned kernel's pinned config, the GPU test run's. One JSON
   line per failure (``--all``: per launch), one per launcher call that raised, then a summary;
   exit status 1 on any failure. Run it with both virtualenvs (triton 3.8, CI's; 3.6, the GPU

@@ -191,7 +191,7 @@ def test_edge_launches_compile_for_sm90():
     """The CI subset of the edge-shaped launches (``_cuda_compile_worker.edge_launches(ci=True)``:
     sizes of 1, odd D, transposed / strided / unaligned inputs, the launches that failed to
     compile on the H200 run with triton 3.6) compile for sm_90 with each autotuned kernel's pinned
-    config. The whole edge set (about 2,250 launches, ~30 min of one core per triton version) is
+    config. The whole edge set (about 2,200 launches, ~30 min of one core per triton version) is
     a dev command, run with both versions after a kernel or launcher change::
 
         env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --edges
