@@ -67,19 +67,23 @@ except ImportError:  # a fresh clone, not installed: use the source tree beside 
 def make_actuals(items: int, dim: int, seed: int) -> torch.Tensor:
     """``(items, dim)`` unit-norm float32 embeddings with cluster structure at two scales:
     ``~sqrt(items/10)`` topics, each with sub-topics of ~10 items, plus item noise."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU (the same values on any device), as
+    # are the ids and the batch order: device=g.device, since a script or notebook may have made
+    # another device torch's default (torch.set_default_device("cuda")), where a CPU generator fails
     n_sub = max(items // 10, 1)
     n_top = max(int(math.sqrt(n_sub)), 1)
-    topics = torch.randn(n_top, dim, generator=g)
-    sub = topics[torch.randint(0, n_top, (n_sub,), generator=g)] + 0.7 * torch.randn(n_sub, dim, generator=g)
-    x = sub[torch.randint(0, n_sub, (items,), generator=g)] + 0.5 * torch.randn(items, dim, generator=g)
+    topics = torch.randn(n_top, dim, generator=g, device=g.device)
+    sub = (topics[torch.randint(0, n_top, (n_sub,), generator=g, device=g.device)]
+           + 0.7 * torch.randn(n_sub, dim, generator=g, device=g.device))
+    x = (sub[torch.randint(0, n_sub, (items,), generator=g, device=g.device)]
+         + 0.5 * torch.randn(items, dim, generator=g, device=g.device))
     return F.normalize(x, dim=1)
 
 
 def hashed_ids(items: int, seed: int) -> torch.Tensor:
     """Large random int64 ids (as a hashing of video ids would give), one per item."""
     g = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, 2**62, (items,), generator=g, dtype=torch.int64)
+    return torch.randint(0, 2**62, (items,), generator=g, dtype=torch.int64, device=g.device)
 
 
 @torch.no_grad()
@@ -153,7 +157,7 @@ def train(model, ids, actuals, args, desc: str):
     bar = tqdm(range(args.epochs), desc=desc, disable=args.no_progress)
     for epoch in bar:
         temperature = max(0.5 * 0.95**epoch, 0.05)
-        order = torch.randperm(n, generator=g).to(ids.device)
+        order = torch.randperm(n, generator=g, device=g.device).to(ids.device)
         total = 0.0
         for b in range(num_batches):
             idx = order[b * batch_size : (b + 1) * batch_size]
