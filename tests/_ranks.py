@@ -4,6 +4,7 @@ a hung collective into a test failure."""
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import time
 from pathlib import Path
@@ -24,8 +25,19 @@ def spawn_ranks(worker, world: int, out_dir: Path, timeout_s: float) -> list:
     """Run ``worker(rank, world, port, out_dir)`` on ``world`` spawned ranks, each saving its
     results to ``out_dir / f"rank{rank}.pt"``; returns them, in rank order. Fails the test when
     the ranks have not finished within ``timeout_s`` (and kills them)."""
-    ctx = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
-                             start_method="spawn")
+    # the ranks hold CPU tensors (gloo): on a CUDA machine their Triton backend must interpret
+    # too (the H200 run: every rank failed "backend 'triton' was asked for on CPU tensors").
+    # Spawned processes take the environment as it is when they start; this one's is restored.
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        ctx = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
+                                 start_method="spawn")
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
