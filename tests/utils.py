@@ -8,12 +8,37 @@ names no device runs on the right one (tests/test_suite_rules.py forbids naming 
 
 from __future__ import annotations
 
+import contextlib
 
+import pytest
 import torch
 
 import fastvq.testing as ft
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: The test file that checks, on CUDA, what :func:`raises_invalid` skips there.
+DEVICE_ASSERT_TESTS = "tests/test_device_asserts.py"
+
+
+@contextlib.contextmanager
+def raises_invalid(match: str, device: str | None = None):
+    """``pytest.raises(ValueError, match=match)`` around a call whose bad input fastvq checks on
+    the device without a host sync (``fastvq._checks.assert_async``: out-of-range codes, ids or
+    offsets, negative or non-finite weights, bad bit values, bad candidate rows).
+
+    On the CPU (``device``, default the suite's) that check raises the ValueError at once, and
+    this is exactly ``pytest.raises``. On CUDA it is an asynchronous device-side assert, which
+    ends the CUDA context of the whole test process (every later test in it would error), so
+    there the rest of the test is skipped: the body never runs. Put the bad call last in the
+    test (after the checks of valid input, which then run on CUDA too). tests/test_device_asserts.py
+    runs a bad call of each such op in a subprocess on CUDA and checks its device-side assert."""
+    if torch.device(device or DEVICE).type == "cpu":
+        with pytest.raises(ValueError, match=match) as info:
+            yield info
+        return
+    pytest.skip(f"invalid input that fastvq checks on the device (assert_async): on CUDA a device-side assert "
+                f"that would end this process's CUDA context; {DEVICE_ASSERT_TESTS} checks it in a subprocess")
 
 def assert_close(actual, expected, dtype=None, reduce_len: float = 1, msg: str = "") -> None:
     """:func:`fastvq.testing.assert_close` for comparisons whose sums of ``|terms|`` are not spelled

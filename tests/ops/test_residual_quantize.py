@@ -4,7 +4,8 @@ import torch
 import fastvq
 import fastvq.testing as ft
 from fastvq.reference.residual_quantize import residual_quantize_ref
-from tests.utils import assert_close, count_kernel_launches, generator, noncontiguous, randn, two_config_autotuner
+from tests.utils import (assert_close, count_kernel_launches, generator, noncontiguous, raises_invalid, randn,
+                         two_config_autotuner)
 
 CASES = [  # (N, L, K, D)
     pytest.param(1, 1, 1, 1, id="N1-L1-K1-D1"),
@@ -537,11 +538,11 @@ def test_step_given_codes_out_of_range_raise(backend, bad):
 
     x, cb = randn(4, 3, seed=63), randn(2, 5, 3, seed=64)
     codes = torch.randint(0, 5, (4, 2), generator=generator(65))
-    codes[2, 1] = bad
-    with pytest.raises(ValueError, match=r"residual_quantize_step: codes must lie in \[0, 5\)"):
-        residual_quantize_step(x, cb, codes=codes)
     codes[2, 1] = 4  # the largest valid code passes
     assert torch.equal(residual_quantize_step(x, cb, codes=codes).quantized, sum_of_codes(cb, codes, torch.float32))
+    codes[2, 1] = bad
+    with raises_invalid(r"residual_quantize_step: codes must lie in \[0, 5\)"):
+        residual_quantize_step(x, cb, codes=codes)
 
 
 @pytest.mark.parametrize("rows", [[1, 1], [0, 3, 2, 3], [-1, 2], [2, 4]], ids=["repeated", "repeated-apart",
@@ -552,10 +553,10 @@ def test_step_bad_candidate_rows_raise(backend, rows):
     from fastvq.ops.residual_quantize import residual_quantize_step
 
     x, cb = randn(4, 3, seed=66), randn(2, 5, 3, seed=67)
-    with pytest.raises(ValueError, match=r"candidate_rows must be distinct row indices in \[0, 4\)"):
-        residual_quantize_step(x, cb, candidate_rows=torch.tensor(rows))
     out = residual_quantize_step(x, cb, candidate_rows=torch.tensor([3, 0]))  # distinct, in range: fine
     assert out.candidates_ok.all() and out.candidates.isfinite().all()
+    with raises_invalid(r"candidate_rows must be distinct row indices in \[0, 4\)"):
+        residual_quantize_step(x, cb, candidate_rows=torch.tensor(rows))
 
 
 def test_step_opcheck():
@@ -650,11 +651,11 @@ def test_step_weights_must_be_finite_and_non_negative(backend, device, bad):
     from fastvq.ops.residual_quantize import residual_quantize_step
 
     x, cb = randn(4, 3, seed=72, device=device), randn(2, 5, 3, seed=73, device=device)
-    w = torch.tensor([1.0, 2.0, bad, 0.5], device=device)
-    with pytest.raises(ValueError, match=r"residual_quantize_step: weights must be finite and >= 0"):
-        residual_quantize_step(x, cb, weights=w)
-    w[2] = 0.0
+    w = torch.tensor([1.0, 2.0, 0.0, 0.5], device=device)
     residual_quantize_step(x, cb, weights=w)
+    w[2] = bad
+    with raises_invalid(r"residual_quantize_step: weights must be finite and >= 0"):
+        residual_quantize_step(x, cb, weights=w)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
