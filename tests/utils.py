@@ -25,20 +25,33 @@ DEVICE_ASSERT_TESTS = "tests/test_device_asserts.py"
 def raises_invalid(match: str, device: str | None = None):
     """``pytest.raises(ValueError, match=match)`` around a call whose bad input fastvq checks on
     the device without a host sync (``fastvq._checks.assert_async``: out-of-range codes, ids or
-    offsets, negative or non-finite weights, bad bit values, bad candidate rows).
+    offsets, negative or non-finite weights, bits other than 0 or 1, bad candidate rows, masks).
 
-    On the CPU (``device``, default the suite's) that check raises the ValueError at once, and
-    this is exactly ``pytest.raises``. On CUDA it is an asynchronous device-side assert, which
-    ends the CUDA context of the whole test process (every later test in it would error), so
-    there the rest of the test is skipped: the body never runs. Put the bad call last in the
-    test (after the checks of valid input, which then run on CUDA too). tests/test_device_asserts.py
-    runs a bad call of each such op in a subprocess on CUDA and checks its device-side assert."""
-    if torch.device(device or DEVICE).type == "cpu":
+    On the CPU (``device``, default the suite's) that check raises the ValueError at once: this
+    is exactly ``pytest.raises``. On CUDA it is an asynchronous device-side assert, which ends
+    the CUDA context of the whole test process (every later test in it errors). There the
+    suite's processes read the check on the host first (tests/_device_asserts.py, installed by
+    tests/conftest.py) and raise the same ValueError, so this is ``pytest.raises`` too, except
+    where that wrapper stays asynchronous (a sync-debug mode, a dispatch mode such as the
+    traffic meter) or is not installed: then the rest of the test is skipped and the call never
+    runs. Put the bad call after the checks of valid input. tests/test_device_asserts.py
+    checks the real device-side assert of each such op, in subprocesses."""
+    if torch.device(device or DEVICE).type == "cpu" or _checked_on_host():
         with pytest.raises(ValueError, match=match) as info:
             yield info
         return
     pytest.skip(f"invalid input that fastvq checks on the device (assert_async): on CUDA a device-side assert "
                 f"that would end this process's CUDA context; {DEVICE_ASSERT_TESTS} checks it in a subprocess")
+
+
+def _checked_on_host() -> bool:
+    """Whether an ``assert_async`` on CUDA tensors raises the ValueError here (tests/_device_asserts.py
+    installed, outside the sync-debug and dispatch modes where it stays asynchronous)."""
+    import fastvq._checks
+
+    return (hasattr(fastvq._checks.assert_async, "original") and torch.cuda.get_sync_debug_mode() == 0
+            and torch.utils._python_dispatch._get_current_dispatch_mode() is None)
+
 
 def assert_close(actual, expected, dtype=None, reduce_len: float = 1, msg: str = "") -> None:
     """:func:`fastvq.testing.assert_close` for comparisons whose sums of ``|terms|`` are not spelled
