@@ -49,7 +49,8 @@ def _checked_on_host() -> bool:
     installed, outside the sync-debug and dispatch modes where it stays asynchronous)."""
     import fastvq._checks
 
-    return (hasattr(fastvq._checks.assert_async, "original") and torch.cuda.get_sync_debug_mode() == 0
+    sync_debug = torch.cuda.is_available() and torch.cuda.get_sync_debug_mode() != 0
+    return (hasattr(fastvq._checks.assert_async, "original") and not sync_debug
             and torch.utils._python_dispatch._get_current_dispatch_mode() is None)
 
 
