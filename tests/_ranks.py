@@ -3,6 +3,7 @@ a hung collective into a test failure."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -61,6 +62,32 @@ def ranks_fixture(worker, worlds, timeout_s: float, name: str):
         return world, spawn_ranks(worker, world, tmp_path_factory.mktemp(f"{name}{world}"), timeout_s)
 
     return ranks
+
+
+@pytest.fixture(autouse=True)
+def on_the_ranks_device():
+    """Autouse in the test modules of the ranks (import it there): the tests' own one-process
+    runs, which they compare with the ranks' results, build CPU tensors as the ranks do (CPU
+    generators). On a CUDA machine torch's default device in the test process is CUDA, where
+    ``torch.randn(..., generator=<a CPU generator>)`` fails."""
+    with torch.device("cpu"):
+        yield
+
+
+@contextlib.contextmanager
+def one_process_backend(name: str):
+    """``fastvq.backend(name)`` for a test's one-process run on CPU tensors; skips the rest of
+    the test where that backend cannot run on them: "triton" needs the Triton interpreter, which
+    the test process of a CUDA machine does not run (its ranks do: :func:`spawn_ranks`)."""
+    from fastvq._backend import interpreter_enabled
+
+    if name == "triton" and not interpreter_enabled():
+        pytest.skip("the one-process run of the triton backend on CPU tensors needs the Triton interpreter "
+                    "(the ranks ran it; the CPU suite compares it)")
+    import fastvq
+
+    with fastvq.backend(name):
+        yield
 
 
 def serve(rank: int, world: int, port: int, out_dir: str, timeout_s: float, body) -> None:

@@ -32,7 +32,7 @@ import torch
 
 import fastvq
 from fastvq.nn import RQVAE, ResidualQuantizer, VectorQuantizer
-from tests._ranks import ranks_fixture, serve
+from tests._ranks import on_the_ranks_device, one_process_backend, ranks_fixture, serve  # noqa: F401 (autouse)
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
@@ -451,7 +451,7 @@ def _assert_matches_single(dist_state: dict, single: dict, what: str, dtype=None
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 def test_ema_with_masks_equals_one_process(ranks, backend_name):
     world, per_rank = _per_rank(ranks, "ema_masks", backend_name)
-    with fastvq.backend(backend_name):
+    with one_process_backend(backend_name):
         single = scenario_ema_masks(world, None)
     _assert_matches_single(per_rank[0], single, f"ema_masks/{backend_name}")
     # the NaN/inf rows that are not padding, every step with rows: counted once, on every rank

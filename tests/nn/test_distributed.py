@@ -17,7 +17,7 @@ import torch
 import fastvq
 from fastvq import distributed as fdist
 from fastvq.nn import ResidualQuantizer, VectorQuantizer
-from tests._ranks import ranks_fixture, serve
+from tests._ranks import on_the_ranks_device, one_process_backend, ranks_fixture, serve  # noqa: F401 (autouse)
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
@@ -129,7 +129,7 @@ def test_ema_ranks_agree_with_single_process(ranks, backend_name):
         pytest.skip(f"{backend_name} runs at 2 ranks only")
     per_rank = [states["ema", backend_name] for states in rank_states]
     _assert_ranks_identical(per_rank, f"ema/{backend_name}")
-    with fastvq.backend(backend_name):
+    with one_process_backend(backend_name):
         single = _train(_modules("ema"), world, None)  # one process, all the rows of every step
     for name, state in single.items():
         for key, value in state.items():
@@ -140,7 +140,7 @@ def test_ema_ranks_agree_with_single_process(ranks, backend_name):
     # every NaN row of the last rank was left out and counted, on every rank
     assert int(per_rank[0]["vq"]["nonfinite_rows"]) == _nonfinite_rows(world) > 0
     # the statistics really were summed: one rank's share alone gives a different state
-    with fastvq.backend(backend_name):
+    with one_process_backend(backend_name):
         alone = _train(_modules("ema"), world, world - 1)
     assert not torch.allclose(alone["vq"]["cluster_size"], single["vq"]["cluster_size"])
 
