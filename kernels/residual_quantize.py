@@ -1161,7 +1161,6 @@ def _residual_quantize_bwd_kernel(
                        HAS_W, FIX_M, FIX_R, FIX_D)
 
 
-@launcher
 def _x_rows_for_compiler(x: torch.Tensor) -> torch.Tensor:
     """``x (N, D)`` as the forward kernel can be compiled for it by triton 3.6 (the GPU image's):
     its layout pass fails ("operand does not dominate this use") where the rows of ``x`` are not
@@ -1189,6 +1188,7 @@ def _codebooks_for_compiler(codebooks: torch.Tensor) -> torch.Tensor:
     return codebooks
 
 
+@launcher
 def residual_quantize_fwd(
     x: torch.Tensor,
     codebooks: torch.Tensor,
