@@ -107,12 +107,15 @@ def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor |
     else:  # (scale 1: bitwise the line above)
         bits = (scaled.detach().float() + gumbels.float() * scale.float()).argmax(dim=-1)
     shift = z.detach().amax(dim=-1, keepdim=True)
-    # divided in float64 and rounded once to float32 (the float32 quotient, bitwise): torch's CUDA
-    # division by a host scalar multiplies by its reciprocal, which is inf in float32 for a
-    # subnormal temperature (1e-45), and the backward's 0 * inf made every gradient NaN on the
-    # H200 run (the CPU divides); in float64 the reciprocal is finite. (Not a 0-d tensor: under
-    # torch.compile that specialised on every temperature of a schedule.)
-    scaled = ((z - shift).double() / temperature).float()
+    if temperature >= 1.1754943508222875e-38:
+        scaled = (z - shift) / temperature
+    else:
+        # a subnormal temperature: divided in float64 and rounded once (the float32 quotient,
+        # bitwise). torch's CUDA division by a host scalar multiplies by its reciprocal, inf in
+        # float32 below 2^-126, and the backward's 0 * inf made every gradient NaN on the H200 run
+        # (the CPU divides). Only there: float64 costs two passes more (the traffic targets), and a
+        # 0-d tensor made torch.compile specialise on every temperature of a schedule.
+        scaled = ((z - shift).double() / temperature).float()
     scaled = torch.where(scaled.isnan() & ~z.isnan(), 0.0, scaled)  # +-inf - +-inf: an overflowed score
     soft = scaled.softmax(dim=-1)
     hard = _one_hot2(bits, torch.float32)
