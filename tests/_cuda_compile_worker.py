@@ -3,7 +3,7 @@ without a GPU, through the ptxas bundled in the triton wheel.
 
 Run without ``TRITON_INTERPRET`` (Triton decides interpreted vs compiled when a ``@triton.jit``
 function is defined, so the kernel modules must be imported fresh, in a process that never had
-it set). Four modes::
+it set). Five modes::
 
     env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py [--jobs N] [--filter SUBSTR] [--list]
     env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --plan [--targets sm_90,sm_80]
@@ -11,6 +11,7 @@ it set). Four modes::
         --update-json benchmarks/results/sm90-static.json --also .venv36/bin/python
     env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --edges [--ci] [--all] [--filter SUBSTR]
     env -u TRITON_INTERPRET .venv36/bin/python tests/_cuda_compile_worker.py --edges   # triton 3.6, the GPU image's
+    env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --update-record
 
 * default (CI, ``tests/test_cuda_compile.py``): a representative subset for sm_90, every kernel
   at least once and each dtype and constexpr the launchers pass, one config each. Each job is
@@ -19,7 +20,9 @@ it set). Four modes::
   divisible by 16, plus one unaligned variant of each main kernel), through ptxas to a cubin.
   One JSON line per job (last: a summary) with the shared memory from the compiled kernel's
   metadata, registers / spills (``cuobjdump --dump-resource-usage``) and whether the PTX uses
-  ``wgmma`` or ``mma.sync``.
+  ``wgmma`` or ``mma.sync``. ``--record tests/sm90-compile-record.json`` (CI) takes the results
+  of the jobs whose key (:func:`record_key`: the triton version, target, specialisation and the
+  bytes of every file the compile reads) is in that file and compiles only the others.
 * ``--plan``: every launch the benchmark shapes make (:func:`bench_launches`: the launchers
   called on meta tensors, Triton's launch intercepted), for each target: every autotune config,
   whether the kernel's early prune keeps it (budgeting for that target), the prune's estimate,
@@ -37,7 +40,9 @@ it set). Four modes::
   exit status 1 on any failure. Run it with both virtualenvs (triton 3.8, CI's; 3.6, the GPU
   image's) after changing a kernel or a launcher. ``--ci``: the subset
   ``tests/test_cuda_compile.py`` compiles (:func:`representative`: every argument's
-  specialisation seen in the whole set at least once, ~120 launches).
+  specialisation seen in the whole set at least once, ~120 launches); ``--record`` as above.
+* ``--update-record``: compiles the default jobs and the ``--edges --ci`` subset and rewrites
+  the compile record with their results (about 2 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ from dataclasses import dataclass, field
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("_cuda_compile_worker: TRITON_INTERPRET must be unset (kernels would be interpreted)")
 os.environ.pop("TRITON_INTERPRET", None)
+# Every autotuner with its full GPU config list, whatever the caller's environment says (a CUDA
+# test run sets FASTVQ_AUTOTUNE=0, and the workers it spawns inherit it): pinned launches are
+# modelled explicitly (``capture(pinned=True)``).
+os.environ["FASTVQ_AUTOTUNE"] = "1"
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -949,7 +958,10 @@ def _tuner_name(tuner) -> str:
     from fastvq.kernels import _common
 
     first = tuner.configs[0]
-    return next(n for n, cs in _common.GPU_CONFIGS.items() if any(c is first for c in cs))
+    for name, configs in _common.GPU_CONFIGS.items():
+        if any(c is first for c in configs) or _common.PINNED_CONFIGS.get(name) is first:
+            return name
+    raise LookupError(f"autotuner of {tuner.fn.__name__}: its first config is in no autotune_configs list")
 
 
 def capture(target_name: str, pinned: bool = False, launches=None, plain: bool = False, errors=None) -> list:
@@ -1015,9 +1027,18 @@ def capture(target_name: str, pinned: bool = False, launches=None, plain: bool =
         self.nargs = None
         self.best_config = kept[0]  # (a launcher may read it after the launch)
 
-    saved = (JITFunction.run, Autotuner.run, nearest_code.sm_count)
+    saved = (JITFunction.run, Autotuner.run, nearest_code.sm_count, torch.empty)
     JITFunction.run, Autotuner.run = jit_run, tuner_run
     nearest_code.sm_count = lambda device: tgt.sm_count  # the split heuristic as on that GPU
+
+    def zeroed_empty(*args, **kwargs):
+        # The intercepted launches write nothing, and a launcher that reads a kernel's output on
+        # the host (the sparse QR backward counts the rows its keys kernel wrote) would read
+        # whatever memory held and specialise on it: CPU buffers start zeroed, the same every run.
+        t = saved[3](*args, **kwargs)
+        return t.zero_() if t.device.type == "cpu" and not t.requires_grad else t
+
+    torch.empty = zeroed_empty
     try:
         with _common.compile_target(target_name):
             for label, thunk in (launches or bench_launches)():
@@ -1033,7 +1054,7 @@ def capture(target_name: str, pinned: bool = False, launches=None, plain: bool =
                     state.pop(k, None)
                 state["kept"] = True
     finally:
-        JITFunction.run, Autotuner.run, nearest_code.sm_count = saved
+        JITFunction.run, Autotuner.run, nearest_code.sm_count, torch.empty = saved
     return [f for f in found.values() if f.config or not pinned or plain]
 
 
@@ -1076,17 +1097,103 @@ def approx_math(ptx: str) -> list:
     return sorted({m.group(1) for m in _APPROX.finditer(ptx)})
 
 
-def _compile(i: int) -> dict:
-    job = _JOBS[i]
-    rec = {"kernel": job.kernel, "variant": job.variant, "num_warps": job.num_warps, "num_stages": job.num_stages,
-           "dot": job.dot, "tensor_cores": job.tensor_cores, "expect_wgmma": job.expect_wgmma,
-           "pruned": job.pruned}
-    t0 = time.perf_counter()
+# --------------------------------------------------------------------------- the compile record
+# CI compiles every job above and the edge subset in about four minutes of one core, for
+# kernels that do not change in most commits. tests/sm90-compile-record.json keeps each job's
+# compiled results under a key of everything the compile reads: the triton version (and so its
+# ptxas), the target, the kernel, its specialisation and options, and the bytes of this file,
+# kernels/__init__.py, kernels/_common.py and the kernel's own module (launchers, constants,
+# every @triton.jit it calls: the kernel modules import only from _common). ``--record PATH``
+# takes a job's results from the file when its key is there and compiles the rest;
+# ``--update-record`` compiles everything and rewrites the file. tests/test_cuda_compile.py
+# fails while a job had to be compiled (the record is stale: regenerate).
+RECORD = os.path.join(_ROOT, "tests", "sm90-compile-record.json")
+RECORD_REGEN = "env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --update-record"
+# what a record keeps of a compile (the rest of a job's line comes from the job itself)
+_COMPILED = ("ok", "shared", "reg", "stack", "local", "regs", "spill", "wgmma", "mma_sync", "approx", "error",
+             "traceback", "seconds")
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
+
+
+def record_key(kernel: str, spec: str, target: str = "sm_90") -> str:
+    """The record key of compiling ``kernel`` (``module._name``) with specialisation ``spec`` (a
+    :func:`_spec_key`) for ``target``: changes with any byte of what the compile reads."""
+    import hashlib
+
+    kdir = os.path.join(_ROOT, "kernels")
+    files = [os.path.abspath(__file__), os.path.join(kdir, "__init__.py"), os.path.join(kdir, "_common.py"),
+             os.path.join(kdir, kernel.split(".", 1)[0] + ".py")]
+    blob = json.dumps([triton.__version__, target, kernel, spec, [_file_sha(f) for f in files]])
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+def _job_options(job) -> dict:
     options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
     if job.maxnreg is not None:
         options["maxnreg"] = job.maxnreg
+    return options
+
+
+def job_key(job) -> str:
+    src = job.source()
+    return record_key(job.kernel, _spec_key(job.kernel, src.signature, src.constants, src.attrs, _job_options(job)))
+
+
+def load_record(path: str, section: str) -> dict:
+    """``{key: compiled results}`` of one section ("jobs", "edges") of a record file ({} if none)."""
     try:
-        ck = triton.compile(job.source(), target=TARGET, options=options)
+        with open(path) as f:
+            return json.load(f).get(section, {})
+    except FileNotFoundError:
+        return {}
+
+
+def write_record(path: str, section: str, records: dict) -> None:
+    """Replace this triton version's entries of ``section`` by ``records`` (``{key: line}``)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        data = {}
+    data["label"] = ("Compiled on a CPU for sm_90 with the ptxas bundled in the triton wheel (not run on a GPU): "
+                     "the results of tests/test_cuda_compile.py's compile jobs, keyed by everything a compile "
+                     "reads (tests/_cuda_compile_worker.py, record_key).")
+    data["regenerate"] = RECORD_REGEN
+    kept = {k: v for k, v in data.get(section, {}).items() if v.get("triton") != triton.__version__}
+    for k, rec in records.items():
+        kept[k] = {"triton": triton.__version__, **{f: rec[f] for f in _COMPILED if f in rec}}
+    data[section] = kept
+    with open(path, "w") as f:  # one line per entry (diffs stay readable)
+        f.write("{\n" + ",\n".join(
+            f"{json.dumps(name)}: " + (json.dumps(value) if not isinstance(value, dict) else "{\n" + ",\n".join(
+                f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(value.items())) + "\n}")
+            for name, value in sorted(data.items())) + "\n}\n")
+
+
+def _reused(rec: dict, found: dict) -> dict:
+    """``rec`` (a job's own fields) completed with a record's compiled results."""
+    rec.update({f: found[f] for f in _COMPILED if f in found}, reused=True)
+    return rec
+
+
+def _job_fields(job) -> dict:
+    return {"kernel": job.kernel, "variant": job.variant, "num_warps": job.num_warps, "num_stages": job.num_stages,
+            "dot": job.dot, "tensor_cores": job.tensor_cores, "expect_wgmma": job.expect_wgmma, "pruned": job.pruned}
+
+
+def _compile(i: int) -> dict:
+    job = _JOBS[i]
+    rec = _job_fields(job)
+    t0 = time.perf_counter()
+    try:
+        ck = triton.compile(job.source(), target=TARGET, options=_job_options(job))
         code = ck.asm["ptx"]
         rec.update(ok=True, shared=int(ck.metadata.shared))  # the final kernel's, after ptxas
         rec.update(_resources(ck.asm["cubin"], tempfile.gettempdir()))
@@ -1129,15 +1236,42 @@ def _crashed(i: int) -> dict:
             "args": launch.args, "ok": False, "error": "the compiler process crashed", "seconds": 0.0}
 
 
-def sweep(targets, jobs: int, include_pruned: bool = False, emit=None, only: str = "", collect=None) -> list:
+def sweep(targets, jobs: int, include_pruned: bool = False, emit=None, only: str = "", collect=None,
+          reuse: dict | None = None) -> list:
     """Compile every launch of the benchmark shapes (the kept configs; all with ``include_pruned``)
     for each target, through ptxas. Returns one record per (launch, target). ``only``: the
     launches whose kernel name or calls contain it (a quick check; never for ``--update-json``).
-    ``collect(target)``: the launches to compile (default :func:`capture_all`)."""
+    ``collect(target)``: the launches to compile (default :func:`capture_all`). ``reuse``: a
+    compile record section (:func:`load_record`): a launch whose :func:`record_key` is in it takes
+    its results from there instead of compiling (``"reused": true``); every record then carries
+    its ``record_key``."""
     _SWEEP.clear()
     for t in targets:
         _SWEEP.extend((launch, t) for launch in (collect or capture_all)(t) if (launch.kept or include_pruned)
                       and only in " ".join([launch.kernel, *launch.calls]))
+    out = []
+    if reuse is not None:
+        keys = [record_key(launch.kernel, launch.key, t) for launch, t in _SWEEP]
+        for i, key in enumerate(keys):
+            if key in reuse:
+                launch, t = _SWEEP[i]
+                rec = {"kernel": launch.kernel, "key": launch.key, "target": t, "triton": triton.__version__,
+                       "config": launch.config, "kept": launch.kept, "calls": sorted(set(launch.calls)),
+                       "source": launch.source, "args": launch.args, "record_key": key}
+                out.append(_reused(rec, reuse[key]))
+                if emit:
+                    emit(out[-1])
+        todo = [(launch, t, key) for (launch, t), key in zip(_SWEEP, keys) if key not in reuse]
+        _SWEEP[:] = [(launch, t) for launch, t, _ in todo]
+        fresh = sweep_compiled(jobs, emit)
+        for rec in fresh:
+            rec["record_key"] = record_key(rec["kernel"], rec["key"], rec["target"])
+        return out + fresh
+    return out + sweep_compiled(jobs, emit)
+
+
+def sweep_compiled(jobs: int, emit=None) -> list:
+    """Compile the launches in ``_SWEEP`` (:func:`sweep`)."""
     # the costliest first (float32 dots: the exact ones compile slowest), so a pool ends together
     order = sorted(range(len(_SWEEP)), key=lambda i: (_SWEEP[i][0].args.get("PRECISION") != "ieee",
                                                       "_fwd" not in _SWEEP[i][0].kernel))
@@ -1243,18 +1377,24 @@ def update_json(path: str, records: list, seconds: float):
         f.write("\n")
 
 
-def edges_main(jobs: int, only: str = "", every: bool = False, ci: bool = False) -> int:
+def edges_main(jobs: int, only: str = "", every: bool = False, ci: bool = False, record: str = "",
+               update_record: bool = False) -> int:
     """``--edges``: compile :func:`capture_edges` for sm_90; a JSON line per failure (with
-    ``every``: per launch), one per launcher call that raised, then a summary line."""
+    ``every``: per launch), one per launcher call that raised, then a summary line. ``record``:
+    reuse that compile record's results (section "edges"); ``update_record``: compile every
+    launch and write them there."""
     t0 = time.perf_counter()
     errors = []
+    reuse = {} if update_record else load_record(record, "edges") if record else None
     recs = sweep(["sm_90"], jobs, only=only, collect=lambda t: capture_edges(t, errors, ci),
-                 emit=lambda r: (every or not r["ok"]) and print(json.dumps(r), flush=True))
+                 emit=lambda r: (every or not r["ok"]) and print(json.dumps(r), flush=True), reuse=reuse)
+    if update_record and not only:
+        write_record(record, "edges", {r["record_key"]: r for r in recs})
     for label, err in errors:
         print(json.dumps({"call": label, "ok": False, "error": f"the launcher raised: {err}"}), flush=True)
     failed = [r for r in recs if not r["ok"]]
     print(json.dumps({"summary": True, "triton": triton.__version__, "target": "sm_90", "ci_subset": ci,
-                      "launches": len(recs),
+                      "launches": len(recs), "reused": sum(bool(r.get("reused")) for r in recs),
                       "failed": len(failed), "launcher_errors": len(errors),
                       "kernels": sorted({r["kernel"] for r in recs}),
                       "failed_kernels": sorted({r["kernel"] for r in failed}),
@@ -1283,6 +1423,12 @@ def main(argv=None):
     ap.add_argument("--update-json", default="", help="--sweep: write the records to this JSON file")
     ap.add_argument("--also", default="", help="--sweep --update-json: then run the same sweep with this python "
                                                "(another triton version)")
+    ap.add_argument("--record", default="", help="default mode and --edges: take the results of the jobs whose key "
+                                                 "is in this compile record file instead of compiling them")
+    ap.add_argument("--update-record", action="store_true",
+                    help="compile the default jobs and the --edges --ci subset and write them to the compile record "
+                         f"({os.path.relpath(RECORD, _ROOT)})")
+    ap.add_argument("--update-jobs-record", action="store_true", help=argparse.SUPPRESS)  # (--update-record's)
     args = ap.parse_args(argv)
     assert not kernels.INTERPRETED, "kernels imported in interpreter mode"
     targets = [t for t in args.targets.split(",") if t]
@@ -1293,8 +1439,15 @@ def main(argv=None):
                                   "source": launch.source,
                                   "kept": launch.kept, "estimate": launch.estimate, "calls": sorted(set(launch.calls))}))
         return 0
+    if args.update_record:
+        assert not args.filter and not args.edges, "--update-record compiles every job and the --edges --ci subset"
+        cmd = [sys.executable, os.path.abspath(__file__), "--jobs", str(args.jobs), "--record", RECORD]
+        rc = subprocess.call(cmd + ["--update-jobs-record"], stdout=subprocess.DEVNULL)
+        rc |= subprocess.call(cmd + ["--edges", "--ci", "--update-jobs-record"], stdout=subprocess.DEVNULL)
+        print(f"compile record -> {os.path.relpath(RECORD, _ROOT)} (exit status {rc})")
+        return rc
     if args.edges:
-        return edges_main(args.jobs, args.filter, args.all, args.ci)
+        return edges_main(args.jobs, args.filter, args.all, args.ci, args.record, args.update_jobs_record)
     if args.sweep:
         assert not (args.filter and args.update_json), "--filter with --update-json would drop the other records"
         t0 = time.perf_counter()
@@ -1321,12 +1474,20 @@ def main(argv=None):
     order = sorted(range(len(_JOBS)), key=lambda i: -_JOBS[i].cost)
     t0 = time.perf_counter()
     n_fail = 0
+    keys = [job_key(j) for j in _JOBS]
+    reuse = {} if args.update_jobs_record else load_record(args.record, "jobs") if args.record else {}
+    done: dict = {}
 
     def emit(rec):
         nonlocal n_fail
         n_fail += not rec["ok"]
+        done[(rec["kernel"], rec["variant"])] = rec
         print(json.dumps(rec), flush=True)
 
+    for i in order:
+        if keys[i] in reuse:
+            emit(_reused(_job_fields(_JOBS[i]), reuse[keys[i]]))
+    order = [i for i in order if keys[i] not in reuse]
     if args.jobs > 1:
         # A compiler crash (an LLVM/MLIR abort) kills a pool process: BrokenProcessPool for the jobs
         # in flight; those are then retried one per fresh process, so the crashing one is named.
@@ -1344,16 +1505,15 @@ def main(argv=None):
                 try:
                     emit(pool.submit(_compile, i).result())
                 except BrokenProcessPool:
-                    job = _JOBS[i]
-                    emit({"kernel": job.kernel, "variant": job.variant, "num_warps": job.num_warps,
-                          "num_stages": job.num_stages, "dot": job.dot, "tensor_cores": job.tensor_cores,
-                          "expect_wgmma": job.expect_wgmma, "pruned": job.pruned, "ok": False,
-                          "error": "the compiler process crashed", "traceback": "the compiler process crashed",
-                          "seconds": 0.0})
+                    emit({**_job_fields(_JOBS[i]), "ok": False, "error": "the compiler process crashed",
+                          "traceback": "the compiler process crashed", "seconds": 0.0})
     else:
         for i in order:
             emit(_compile(i))
+    if args.update_jobs_record and not args.filter:
+        write_record(args.record, "jobs", {keys[i]: done[(j.kernel, j.variant)] for i, j in enumerate(_JOBS)})
     print(json.dumps({"summary": True, "jobs": len(_JOBS), "failed": n_fail, "kernels": covered,
+                      "reused": sum(bool(r.get("reused")) for r in done.values()),
                       "all_kernels": all_kernels(), "seconds": round(time.perf_counter() - t0, 1),
                       "smem_limit": H100_SMEM}), flush=True)
     return 0

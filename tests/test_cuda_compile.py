@@ -16,7 +16,17 @@ tensor cores, as ``wgmma`` when the tile has at least 64 rows. Every autotune co
 keep at the benchmark shapes, for sm_90 and sm_80 and triton 3.8 and 3.6, is compiled by hand
 into ``benchmarks/results/sm90-static.json`` and checked by tests/test_resource_estimates.py.
 ``FASTVQ_CUDA_COMPILE_REPORT=path`` writes the table of shared memory / registers / spills per
-job there. About 80 s of one core, run beside the rest of the suite (tests/_background.py).
+job there. Run beside the rest of the suite (tests/_background.py).
+
+The compile record: compiling all of it takes about four minutes of one core, for kernels that
+most commits do not touch. ``tests/sm90-compile-record.json`` holds each job's compiled results
+under a key that hashes everything the compile reads (the triton version and its ptxas, the
+target, the specialisation and options, and the bytes of the kernel's module, kernels/_common.py,
+kernels/__init__.py and the worker); a job whose key is there is read from it, any other is
+compiled now. ``test_compile_record_is_current`` fails while some job had to be compiled: after
+changing a kernel, a launcher or the worker, regenerate it (about 2 minutes on 2 cores)::
+
+    env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --update-record
 
 ``test_edge_launches_compile_for_sm90``: the launchers called with edge shapes (sizes of 1, odd
 D, transposed / strided / unaligned inputs), whose specialisations the subset above never
@@ -65,7 +75,7 @@ def _kernels_in_source() -> set[str]:
 
 def _worker_env(scratch: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(Path(scratch) / "triton-cache")  # compile for real, every run
+    env["TRITON_CACHE_DIR"] = str(Path(scratch) / "triton-cache")  # a job not in the record compiles for real, never from a triton cache
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -74,13 +84,18 @@ def _jobs() -> int:
     return max(1, min((os.cpu_count() or 1) - 1, 8))  # beside the suite (tests/_background.py): leave it one core
 
 
+RECORD = Path(__file__).resolve().parent / "sm90-compile-record.json"
+REGEN = "env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --update-record"
+
+
 def _compile_job(scratch: str):
-    return [sys.executable, str(WORKER), "--jobs", str(_jobs())], _worker_env(scratch), str(ROOT), 1800
+    return ([sys.executable, str(WORKER), "--jobs", str(_jobs()), "--record", str(RECORD)], _worker_env(scratch),
+            str(ROOT), 1800)
 
 
 def _edges_job(scratch: str):
-    return ([sys.executable, str(WORKER), "--edges", "--ci", "--all", "--jobs", str(_jobs())], _worker_env(scratch),
-            str(ROOT), 1800)
+    return ([sys.executable, str(WORKER), "--edges", "--ci", "--all", "--jobs", str(_jobs()), "--record", str(RECORD)],
+            _worker_env(scratch), str(ROOT), 1800)
 
 
 _background.register("cuda-compile", "tests/test_cuda_compile.py::", _compile_job)
@@ -187,6 +202,27 @@ def test_float32_division_and_square_roots_round_as_on_the_cpu(compiled):
     assert not bad, "approximate float32 instructions (use tl.math.div_rn / tl.sqrt_rn):\n" + "\n".join(bad)
 
 
+def _edges_lines():
+    job = _background.result("cuda-compile-edges")
+    return job, [json.loads(line) for line in job.stdout.splitlines() if line.startswith("{")]
+
+
+def test_compile_record_is_current(compiled):
+    """Every job's results came from tests/sm90-compile-record.json: the record was compiled from
+    the kernels, launchers and worker as they are now, with this triton (its keys hash them all,
+    ``_cuda_compile_worker.record_key``). A job whose key is not there was compiled above, so the
+    checks still hold for it; this test then asks for the record to be regenerated, which keeps
+    this module's compiles at a few seconds instead of four minutes of one core."""
+    records, summary = compiled
+    _, edges = _edges_lines()
+    stale = [f"{r['kernel']} [{r['variant']}]" for r in records if not r.get("reused")]
+    stale += [f"{r['kernel']} {r['calls'][0]}" for r in edges if not r.get("summary") and "calls" in r
+              and not r.get("reused")]
+    assert not stale, (f"{len(stale)} compile jobs are not in {RECORD.name} (a kernel, launcher or the worker "
+                       f"changed, or another triton): they were compiled now and checked; regenerate the record "
+                       f"(about 2 minutes on 2 cores):\n    {REGEN}\nfirst: " + "\n".join(stale[:5]))
+
+
 def test_edge_launches_compile_for_sm90():
     """The CI subset of the edge-shaped launches (``_cuda_compile_worker.edge_launches(ci=True)``:
     sizes of 1, odd D, transposed / strided / unaligned inputs, the launches that failed to
@@ -197,8 +233,7 @@ def test_edge_launches_compile_for_sm90():
         env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --edges
         env -u TRITON_INTERPRET .venv36/bin/python tests/_cuda_compile_worker.py --edges
     """
-    job = _background.result("cuda-compile-edges")
-    lines = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("{")]
+    job, lines = _edges_lines()
     summary = next((r for r in lines if r.get("summary")), None)
     assert summary is not None, f"edge compile worker failed (rc {job.returncode}):\n{job.stderr[-6000:]}"
     failed = [r for r in lines if not r.get("summary") and not r.get("ok")]
