@@ -85,7 +85,7 @@ run_tests() {  # the whole suite (on CUDA tensors with CUDA), a per-test timeout
     local n=$(( $(nproc) - 2 )); [ "$n" -lt 2 ] && n=2; [ "$n" -gt 14 ] && n=14
     args+=(-n "$n")                            # compiling the kernels is the cost: spread it over CPU cores
   fi
-  [ "$DRY" = 1 ] && args+=(--deselect tests/test_gpu_run.py --deselect tests/nn/test_distributed.py)
+  [ "$DRY" = 1 ] && args+=(--deselect tests/test_gpu_run.py --deselect tests/nn/test_distributed.py --deselect tests/nn/test_distprobe.py)
   echo "== tests (at most ${TESTS_S}s): pytest ${args[*]}"
   timeout -s INT -k 30 "$TESTS_S" "$PY" -m pytest "${args[@]}" tests > "$DIR/tests.log" 2>&1
   TESTS_RC=$?
