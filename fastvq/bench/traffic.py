@@ -235,7 +235,11 @@ def _patch_host_reads():
     """``Tensor.tolist`` / ``Tensor.numpy`` of a CPU tensor dispatch no aten op (on CUDA they copy
     to the host, which the meter sees): book each as a host sync to the active meters
     (syncprobe Y2, claimprobe K7). Returns an undo; called by the outermost block only."""
-    saved = {name: torch.Tensor.__dict__.get(name) for name in ("tolist", "numpy")}
+    # A wrapper already in place (one that outlived its block: a monkeypatch entered before a
+    # meter and undone after it restores the meter's wrapper) is kept, not wrapped again: each
+    # read books once.
+    saved = {name: torch.Tensor.__dict__.get(name) for name in ("tolist", "numpy")
+             if not getattr(getattr(torch.Tensor, name), "_fastvq_host_read", False)}
 
     def wrap(name):
         real = getattr(torch.Tensor, name)
@@ -249,6 +253,7 @@ def _patch_host_reads():
                         c.sync_ops[name] += 1
             return real(self, *args, **kwargs)
 
+        read._fastvq_host_read = True
         return read
 
     for name in saved:

@@ -175,7 +175,7 @@ def test_out_of_range_raises_without_host_sync(backend, monkeypatch, indices):
     def no_item(self):
         raise AssertionError("host sync in code_usage")
 
-    with monkeypatch.context() as m, metering() as meter:
+    with metering() as meter, monkeypatch.context() as m:  # (undone before the meter's own patches)
         m.setattr(torch.Tensor, "item", no_item)
         m.setattr(torch.Tensor, "tolist", no_item)
         fastvq.code_usage(torch.tensor([0, 1, 4]), 5)  # valid: no host read at all
