@@ -12,7 +12,15 @@ pieces of its per-call bookkeeping are repeated work that profiles show as a thi
 - ``_get_np_dtype`` builds a 20-entry dict on every call (hundreds of thousands per test file);
   the table is built once here, and a dtype outside it goes to the original function.
 
-Both are checked against the interpreter they patch (:func:`install` returns False and patches
+- the language's type bookkeeping: every block value the interpreter makes builds a
+  ``block_type`` (its shape unwrapped from ``constexpr`` and validated, its name formatted) and a
+  ``tensor`` (its shape re-wrapped as a tuple of ``constexpr``, with a ``tuple_type`` built for
+  it), for the same few shapes over and over. :func:`install` keeps each shape's unwrapped dims
+  and numel for ``block_type`` and each shape's ``constexpr`` tuple and numel for ``tensor``
+  (immutable values, shared), and builds the rest as before; a shape given in another form goes
+  to the original constructor.
+
+All are checked against the interpreter they patch (:func:`install` returns False and patches
 nothing when its internals are not the expected shape), and tests/test_interpreter_speed.py
 checks that kernels give bitwise the same results with and without them.
 """
@@ -20,6 +28,7 @@ checks that kernels give bitwise the same results with and without them.
 from __future__ import annotations
 
 import inspect
+import math
 
 import numpy as np
 import triton.language as tl
@@ -41,7 +50,15 @@ def _expected_shape(itp) -> bool:
         src = inspect.getsource(cls.__call__)
     except (OSError, TypeError):
         return False
-    return "_patch_lang(self.fn)" in src and "self.rewrite()" in src and hasattr(itp, "InterpreterError")
+    if not ("_patch_lang(self.fn)" in src and "self.rewrite()" in src and hasattr(itp, "InterpreterError")):
+        return False
+    try:  # the constructors whose bookkeeping install() caches
+        bt, tt = inspect.getsource(tl.core.block_type.__init__), inspect.getsource(tl.core.tensor.__init__)
+    except (OSError, TypeError):
+        return False
+    return ("self.shape = tuple(_unwrap_shape(shape))" in bt and "validate_block_shape(self.shape)" in bt
+            and "self.shape = tuple([constexpr(s) for s in self.shape])" in tt
+            and "self.numel = constexpr(math.prod(self.shape))" in tt and "__init__" not in vars(tl.core.base_value))
 
 
 def install() -> bool:
@@ -85,9 +102,43 @@ def install() -> bool:
         found = table.get(tt_dtype)
         return found if found is not None else original_np_dtype(tt_dtype)
 
-    _ORIGINALS.update(call=itp.InterpretedFunction.__call__, np_dtype=original_np_dtype)
+    core = tl.core
+    constexpr, lang_tuple, builtin_tuple = core.constexpr, core.tuple, tuple
+    block_type_init, tensor_init = core.block_type.__init__, core.tensor.__init__
+    block_dims: dict = {}  # dims -> (dims, numel), the checks passed
+    tensor_dims: dict = {}  # dims -> (numel constexpr, shape as a language tuple of constexpr)
+
+    def fast_block_type_init(self, element_ty, shape):
+        if type(shape) is list or type(shape) is builtin_tuple:
+            dims = builtin_tuple(d.value if type(d) is constexpr else d for d in shape)
+            known = block_dims.get(dims)
+            if known is not None:
+                self.element_ty = element_ty
+                self.shape, self.numel = known
+                self.name = f'<{self.shape}, {self.element_ty}>'
+                return
+            block_type_init(self, element_ty, shape)
+            if all(type(d) is int for d in dims):
+                block_dims[dims] = (self.shape, self.numel)
+            return
+        block_type_init(self, element_ty, shape)
+
+    def fast_tensor_init(self, handle, type):
+        dims = type.shape if type.is_block() else ()
+        known = tensor_dims.get(dims)
+        if known is None:
+            known = tensor_dims[dims] = (constexpr(math.prod(dims)), lang_tuple([constexpr(s) for s in dims]))
+        self.handle = handle
+        self.numel, self.shape = known
+        self.type = type
+        self.dtype = type.scalar
+
+    _ORIGINALS.update(call=itp.InterpretedFunction.__call__, np_dtype=original_np_dtype,
+                      block_type_init=block_type_init, tensor_init=tensor_init)
     itp.InterpretedFunction.__call__ = device_call
     itp._get_np_dtype = get_np_dtype
+    core.block_type.__init__ = fast_block_type_init
+    core.tensor.__init__ = fast_tensor_init
     INSTALLED = True
     return True
 
@@ -101,4 +152,6 @@ def uninstall() -> None:
 
     itp.InterpretedFunction.__call__ = _ORIGINALS["call"]
     itp._get_np_dtype = _ORIGINALS["np_dtype"]
+    tl.core.block_type.__init__ = _ORIGINALS["block_type_init"]
+    tl.core.tensor.__init__ = _ORIGINALS["tensor_init"]
     INSTALLED = False
