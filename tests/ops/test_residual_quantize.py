@@ -889,7 +889,9 @@ def test_bwd_kernel_matches_reference_on_wide_rows(device, rotate):
     dx, dcb = residual_quantize_bwd(x, cb, codes, **kw)
     ref_dx, ref_dcb = residual_quantize_bwd_ref(x, cb, codes, **kw)
     assert torch.equal(dx.isnan(), ref_dx.isnan())
-    if rotate:  # (the rotation: float32 in the kernel, float64 in the reference)
+    if rotate or dx.is_cuda:  # (the rotation: float32 in the kernel, float64 in the reference; a GPU
+        # contracts a * b + c into one FMA where the CPU rounds twice, differently in torch's
+        # kernels and Triton's: the H200 run of 2026-12-04 saw last-bit differences)
         assert_close(dx.nan_to_num(), ref_dx.nan_to_num(), reduce_len=D)
     else:
         assert torch.equal(dx.nan_to_num(), ref_dx.nan_to_num())
