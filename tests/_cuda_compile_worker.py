@@ -21,8 +21,8 @@ it set). Five modes::
   One JSON line per job (last: a summary) with the shared memory from the compiled kernel's
   metadata, registers / spills (``cuobjdump --dump-resource-usage``) and whether the PTX uses
   ``wgmma`` or ``mma.sync``. ``--record tests/sm90-compile-record.json`` (CI) takes the results
-  of the jobs whose key (:func:`record_key`: the triton version, target, specialisation and the
-  bytes of every file the compile reads) is in that file and compiles only the others.
+  of the jobs whose key (:func:`record_key`: Triton's compile-cache key of the job and the bytes of
+  this file) is in that file and compiles only the others (and a fixed sample, to compare).
 * ``--plan``: every launch the benchmark shapes make (:func:`bench_launches`: the launchers
   called on meta tensors, Triton's launch intercepted), for each target: every autotune config,
   whether the kernel's early prune keeps it (budgeting for that target), the prune's estimate,
@@ -964,6 +964,20 @@ def _tuner_name(tuner) -> str:
     raise LookupError(f"autotuner of {tuner.fn.__name__}: its first config is in no autotune_configs list")
 
 
+def _write_qr_keys(p_ids, p_keys, N, M, R, Q, R_BASE, NEED_Q, NEED_R, **_):
+    """What ``_qr_keys_kernel`` writes, for an intercepted launch on CPU tensors: the sparse QR
+    backward reads its keys back on the host to size the gradient, so its next launch
+    specialises on them as on a GPU."""
+    if p_keys.device.type != "cpu":
+        return
+    h = torch.remainder(p_ids[:N].long(), M)
+    q = torch.div(h, R, rounding_mode="floor")
+    if NEED_Q:
+        p_keys[:N] = q
+    if NEED_R:
+        p_keys[R_BASE:R_BASE + N] = Q + h - q * R
+
+
 def capture(target_name: str, pinned: bool = False, launches=None, plain: bool = False, errors=None) -> list:
     """Every launch of every benchmark call for ``target_name``, deduplicated by specialisation.
 
@@ -1007,6 +1021,8 @@ def capture(target_name: str, pinned: bool = False, launches=None, plain: bool =
         else:  # kept by any call that launches it
             found[key].kept = found[key].kept or state.get("kept", True)
         found[key].calls.append(state["call"])
+        if self.fn.__name__ == "_qr_keys_kernel":
+            _write_qr_keys(*args, **kwargs)
         return None
 
     def tuner_run(self, *args, **kwargs):
@@ -1032,9 +1048,9 @@ def capture(target_name: str, pinned: bool = False, launches=None, plain: bool =
     nearest_code.sm_count = lambda device: tgt.sm_count  # the split heuristic as on that GPU
 
     def zeroed_empty(*args, **kwargs):
-        # The intercepted launches write nothing, and a launcher that reads a kernel's output on
-        # the host (the sparse QR backward counts the rows its keys kernel wrote) would read
-        # whatever memory held and specialise on it: CPU buffers start zeroed, the same every run.
+        # The intercepted launches write nothing (but _qr_keys_kernel's, _write_qr_keys): a
+        # launcher that read another kernel's output on the host would specialise on whatever
+        # memory held, differently run to run; CPU buffers start zeroed.
         t = saved[3](*args, **kwargs)
         return t.zero_() if t.device.type == "cpu" and not t.requires_grad else t
 
@@ -1100,18 +1116,19 @@ def approx_math(ptx: str) -> list:
 # --------------------------------------------------------------------------- the compile record
 # CI compiles every job above and the edge subset in about four minutes of one core, for
 # kernels that do not change in most commits. tests/sm90-compile-record.json keeps each job's
-# compiled results under a key of everything the compile reads: the triton version (and so its
-# ptxas), the target, the kernel, its specialisation and options, and the bytes of this file,
-# kernels/__init__.py, kernels/_common.py and the kernel's own module (launchers, constants,
-# every @triton.jit it calls: the kernel modules import only from _common). ``--record PATH``
-# takes a job's results from the file when its key is there and compiles the rest;
-# ``--update-record`` compiles everything and rewrites the file. tests/test_cuda_compile.py
-# fails while a job had to be compiled (the record is stale: regenerate).
+# compiled results under a key of everything the compile reads (record_key: Triton's own
+# compile-cache key and the bytes of this file). ``--record PATH`` takes a job's results from the
+# file when its key is there, compiles the rest, and compiles a fixed sample of the others too
+# (keys starting with 0) to compare with the record; ``--update-record`` compiles everything and
+# rewrites the file. tests/test_cuda_compile.py fails while a job had to be compiled (the record
+# is stale: regenerate) or a sampled one differs.
 RECORD = os.path.join(_ROOT, "tests", "sm90-compile-record.json")
 RECORD_REGEN = "env -u TRITON_INTERPRET .venv/bin/python tests/_cuda_compile_worker.py --update-record"
+# the compiled results a record's sample check compares
+_VERIFIED = ("ok", "shared", "reg", "stack", "local", "wgmma", "mma_sync", "approx")
 # what a record keeps of a compile (the rest of a job's line comes from the job itself)
 _COMPILED = ("ok", "shared", "reg", "stack", "local", "regs", "spill", "wgmma", "mma_sync", "approx", "error",
-             "traceback", "seconds")
+             "traceback")
 
 
 @functools.lru_cache(maxsize=None)
@@ -1122,15 +1139,24 @@ def _file_sha(path: str) -> str:
         return hashlib.sha1(f.read()).hexdigest()[:16]
 
 
-def record_key(kernel: str, spec: str, target: str = "sm_90") -> str:
-    """The record key of compiling ``kernel`` (``module._name``) with specialisation ``spec`` (a
-    :func:`_spec_key`) for ``target``: changes with any byte of what the compile reads."""
+def record_key(kernel: str, src, options: dict, target_name: str = "sm_90") -> str:
+    """The record key of compiling ``src`` (an ``ASTSource`` of ``kernel``, ``module._name``)
+    with ``options`` for ``target_name``: Triton's own compile-cache key (the loaded function's
+    source and every ``@triton.jit`` function and global it reads, the Triton build, the target,
+    the ptxas version, the parsed options and the environment variables that change a compile)
+    and the bytes of this file (what it reads of a compile)."""
     import hashlib
 
-    kdir = os.path.join(_ROOT, "kernels")
-    files = [os.path.abspath(__file__), os.path.join(kdir, "__init__.py"), os.path.join(kdir, "_common.py"),
-             os.path.join(kdir, kernel.split(".", 1)[0] + ".py")]
-    blob = json.dumps([triton.__version__, target, kernel, spec, [_file_sha(f) for f in files]])
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import get_cache_key
+
+    from fastvq.kernels import _common
+
+    backend = make_backend(GPUTarget("cuda", _common.TARGETS[target_name].capability, 32))
+    parsed = backend.parse_options(dict(options))
+    blob = json.dumps([get_cache_key(src, backend, parsed, get_cache_invalidating_env_vars()), kernel,
+                       _file_sha(os.path.abspath(__file__))])
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -1142,8 +1168,7 @@ def _job_options(job) -> dict:
 
 
 def job_key(job) -> str:
-    src = job.source()
-    return record_key(job.kernel, _spec_key(job.kernel, src.signature, src.constants, src.attrs, _job_options(job)))
+    return record_key(job.kernel, job.source(), _job_options(job))
 
 
 def load_record(path: str, section: str) -> dict:
@@ -1179,7 +1204,7 @@ def write_record(path: str, section: str, records: dict) -> None:
 
 def _reused(rec: dict, found: dict) -> dict:
     """``rec`` (a job's own fields) completed with a record's compiled results."""
-    rec.update({f: found[f] for f in _COMPILED if f in found}, reused=True)
+    rec.update({f: found[f] for f in _COMPILED if f in found}, reused=True, seconds=0.0)
     return rec
 
 
@@ -1251,7 +1276,7 @@ def sweep(targets, jobs: int, include_pruned: bool = False, emit=None, only: str
                       and only in " ".join([launch.kernel, *launch.calls]))
     out = []
     if reuse is not None:
-        keys = [record_key(launch.kernel, launch.key, t) for launch, t in _SWEEP]
+        keys = [record_key(launch.kernel, launch.src, launch.options, t) for launch, t in _SWEEP]
         for i, key in enumerate(keys):
             if key in reuse:
                 launch, t = _SWEEP[i]
@@ -1263,9 +1288,10 @@ def sweep(targets, jobs: int, include_pruned: bool = False, emit=None, only: str
                     emit(out[-1])
         todo = [(launch, t, key) for (launch, t), key in zip(_SWEEP, keys) if key not in reuse]
         _SWEEP[:] = [(launch, t) for launch, t, _ in todo]
+        key_of = {(launch.key, t): key for (launch, t, key) in todo}
         fresh = sweep_compiled(jobs, emit)
         for rec in fresh:
-            rec["record_key"] = record_key(rec["kernel"], rec["key"], rec["target"])
+            rec["record_key"] = key_of[(rec["key"], rec["target"])]
         return out + fresh
     return out + sweep_compiled(jobs, emit)
 
@@ -1430,6 +1456,11 @@ def main(argv=None):
                          f"({os.path.relpath(RECORD, _ROOT)})")
     ap.add_argument("--update-jobs-record", action="store_true", help=argparse.SUPPRESS)  # (--update-record's)
     args = ap.parse_args(argv)
+    here = os.path.join(_ROOT, "kernels")
+    if os.path.realpath(os.path.dirname(kernels.__file__)) != os.path.realpath(here):
+        sys.exit(f"_cuda_compile_worker: fastvq.kernels is imported from {os.path.dirname(kernels.__file__)}, not "
+                 f"this checkout's {here} (a virtualenv installed from another checkout): install this one "
+                 f"(pip install -e .)")
     assert not kernels.INTERPRETED, "kernels imported in interpreter mode"
     targets = [t for t in args.targets.split(",") if t]
     if args.plan:
@@ -1512,8 +1543,22 @@ def main(argv=None):
             emit(_compile(i))
     if args.update_jobs_record and not args.filter:
         write_record(args.record, "jobs", {keys[i]: done[(j.kernel, j.variant)] for i, j in enumerate(_JOBS)})
+    # a fixed sample of the jobs read from the record (keys starting with 0: about 1 in 16) is
+    # compiled too, and must give what the record says (a record edited by hand, or made where
+    # the compile differed in a way the key does not see, shows here)
+    verified, mismatched = 0, 0
+    for i in range(len(_JOBS)):
+        if keys[i] in reuse and keys[i].startswith("0"):
+            fresh, kept = _compile(i), reuse[keys[i]]
+            diff = {f: (kept.get(f), fresh.get(f)) for f in _VERIFIED if kept.get(f) != fresh.get(f)}
+            verified += 1
+            if diff:
+                mismatched += 1
+                print(json.dumps({"verify": True, "kernel": _JOBS[i].kernel, "variant": _JOBS[i].variant,
+                                  "record_vs_compiled": diff}), flush=True)
     print(json.dumps({"summary": True, "jobs": len(_JOBS), "failed": n_fail, "kernels": covered,
                       "reused": sum(bool(r.get("reused")) for r in done.values()),
+                      "verified": verified, "verify_mismatches": mismatched,
                       "all_kernels": all_kernels(), "seconds": round(time.perf_counter() - t0, 1),
                       "smem_limit": H100_SMEM}), flush=True)
     return 0
