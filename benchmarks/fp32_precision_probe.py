@@ -1,0 +1,57 @@
+"""sm_90 registers, spills and shared memory of nearest_code's main kernel for float32 inputs with
+``input_precision`` "ieee" (today's default), "tf32" and "tf32x3" (three TF32 products, the
+candidate for a float32 search on the tensor cores), resident and streamed D, a few tiles.
+Compiled on a CPU through ptxas (no GPU, nothing measured); results for triton 3.6 and 3.8 in
+benchmarks/results/fp32-precision-sm90.txt::
+
+    env -u TRITON_INTERPRET .venv36/bin/python benchmarks/fp32_precision_probe.py
+"""
+import multiprocessing as mp
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.argv = sys.argv[:1]
+sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
+import _cuda_compile_worker as w  # noqa: E402
+from triton import Config  # noqa: E402
+UNIT = {"stride_xd": 1, "stride_cd": 1, "stride_pd": 1}
+ROW_INTS = ("stride_xh", "stride_xn", "stride_ch", "stride_ck", "stride_pn")
+
+
+def _ptrs(p):
+    return {"p_x": p, "p_c": p, "p_chat": p, "p_pos": p, "p_cterm": "*fp32", "p_meta": "*i32", "p_seed": "*i64",
+            "p_idx": "*i64", "p_dist": "*fp32", "p_pscore": "*fp32", "p_pidx": "*i32"}
+
+
+def jobs():
+    """One l2 search launch (unmasked tiles, three l2 bands) per precision, D layout and tile."""
+    k = w.nearest_code._nearest_code_fwd_kernel
+    out = []
+    for prec in ("ieee", "tf32", "tf32x3"):
+        for D, one_d, bd in ((64, True, 64), (256, True, 256), (256, False, 32), (256, False, 64)):
+            if prec == "ieee" and one_d and D == 256:
+                continue  # (the launcher streams D for the exact dot)
+            for bn, bk, nw in ((64, 64, 8), (128, 64, 8), (64, 32, 4), (64, 64, 4), (32, 32, 4)):
+                const = dict(UNIT, EVEN_K=True, EVEN_D=one_d, METRIC=0, HAS_LOWER_BOUND=False, SAMPLE=False,
+                             WRITE_PARTIAL=False, ONE_D_BLOCK=one_d, SCALE_ROWS=True, PRECISION=prec, DOT_FP32=False,
+                             NBANDS=3, BLOCK_D=bd, BLOCK_N=bn, BLOCK_K=bk)
+                label = f"fp32/{prec} D={D} {'resident' if one_d else 'streamed'} BLOCK_D={bd} {bn}x{bk} w{nw}"
+                out.append(w.Job("nearest_code._nearest_code_fwd_kernel", label, w._jit(k), _ptrs("*fp32"), const,
+                                 nw, 2, aligned_ints=ROW_INTS, dot=True))
+    return out
+
+
+def main():
+    w._JOBS[:] = jobs()
+    print("triton", w.triton.__version__, "(compiled for sm_90 on a CPU, not measured)")
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
+        for rec in pool.map(w._compile, range(len(w._JOBS))):
+            print(f"{rec['variant']:58s} ok={rec.get('ok')} reg={rec.get('reg')} stack={rec.get('stack')} "
+                  f"smem={rec.get('shared')} wgmma={rec.get('wgmma')} mma.sync={rec.get('mma_sync')} "
+                  f"{rec.get('error', '')[:80]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
