@@ -229,8 +229,10 @@ def kmeans(
     below ``limit`` (float32 sums of rows near the float32 maximum overflow), stays where it
     is. Returns float32 ``(centroids (K, D), counts (K,), skipped ())``, the counts of the
     last assignment and the rows (all ranks) of nonzero weight left out as not valid;
-    ``centroids`` and ``counts`` are None when no rank has a valid row. Reads the number of valid candidates on the host (one sync,
-    on the batch that initialises).
+    ``centroids`` and ``counts`` are None when no rank has a valid row. Stops early at a fixed
+    point (no row changed its code on any rank: the same result as running every step). Reads
+    the number of valid candidates and, after each step from the second, the number of rows that
+    changed code on the host (syncs on the batch that initialises only).
     """
     K, D = init.shape
     w = torch.ones(x.shape[:1], device=x.device) if weights is None else weights.float()
@@ -243,15 +245,25 @@ def kmeans(
     if n_valid == 0:
         return None, None, skipped
     centroids = candidates[0, torch.arange(K, device=x.device) % n_valid]
+    previous = None
     for step in range(max(iters, 1)):
         idx, _ = nearest_code(x, centroids, metric=metric)
         counts, sums = code_statistics(x, idx, K, weights=weights)
-        fdist.all_reduce_sum_(counts, sums)
+        # rows whose code changed since the last step, all ranks (summed with the statistics)
+        changed = [] if previous is None else [(idx != previous).sum(dtype=torch.float32).view(1)]
+        fdist.all_reduce_sum_(counts, sums, *changed)
         if iters == 0:  # only the counts of the starting points were asked for
             break
         new = sums / counts.clamp_min(1e-30).unsqueeze(-1)
         move = (counts > 0) & (torch.linalg.vector_norm(new, ord=float("inf"), dim=-1) < limit)
         centroids = torch.where(move.unsqueeze(-1), new, centroids)
+        # No row changed its code on any rank: the update gave back the same centroids, and every
+        # later step would give these centroids and counts again (a fixed point), so stop. The
+        # result is the same as after all ``iters`` steps; one host read per step, on the batch
+        # that initialises only.
+        if changed and float(changed[0]) == 0:
+            break
+        previous = idx
     return centroids, counts, skipped
 
 

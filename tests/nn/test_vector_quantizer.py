@@ -1,5 +1,7 @@
 """fastvq.nn.VectorQuantizer against the seed VectorQuantizer / EMAQuantizer (tests/seeds.py)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -297,6 +299,43 @@ def test_kmeans_init(backend, ema):
     assert vq.embeddings.weight.abs().max() < 50  # not re-fit to the shifted batch
     if not ema:
         assert torch.equal(vq.embeddings.weight, w2)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 10])
+def test_kmeans_stops_at_a_fixed_point_with_the_result_of_every_step(backend, iters, monkeypatch):
+    # k-means stops once no row changes its code: then every later step gives the same centroids
+    # and counts, so the result is bitwise that of running all ``iters`` steps (written out here
+    # with the same ops, the update as in fastvq/nn/_codebook.py), in fewer searches
+    from fastvq.nn import _codebook
+
+    # overlapping blobs: 13, 10, 3, 1, 3, 3 rows change code in steps 2-7, none in step 8
+    x = _blobs(20, torch.tensor([[4.0, 0.0, 0.0], [-4.0, 0.0, 0.0], [0.0, 4.0, 0.0]]), seed=26, spread=2.0)
+    x[3] = float("nan")  # left out as not valid
+    init = torch.zeros(5, 3)
+    torch.manual_seed(4)
+    got_c, got_n, skipped = _codebook.kmeans(x, init, iters)
+    torch.manual_seed(4)
+    weights = torch.where(torch.isfinite(x).all(-1), 1.0, 0.0)
+    cand, valid = _codebook.offer_candidates(x.unsqueeze(0), 5, weights.unsqueeze(0))
+    c = cand[0, torch.arange(5) % int(valid.sum())]
+    previous, fixed_at = None, None
+    for step in range(iters):
+        idx, _ = fastvq.nearest_code(x, c)
+        if fixed_at is None and previous is not None and torch.equal(idx, previous):
+            fixed_at = step  # the first step whose codes are the previous step's
+        previous = idx
+        n, sums = fastvq.code_statistics(x, idx, 5, weights=weights)
+        new = sums / n.clamp_min(1e-30).unsqueeze(-1)
+        move = (n > 0) & (torch.linalg.vector_norm(new, ord=float("inf"), dim=-1) < math.inf)
+        c = torch.where(move.unsqueeze(-1), new, c)
+    assert torch.equal(got_c, c) and torch.equal(got_n, n) and skipped.item() == 1.0
+    calls = []
+    real = _codebook.nearest_code
+    monkeypatch.setattr(_codebook, "nearest_code", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(4)
+    _codebook.kmeans(x, init, iters)
+    assert len(calls) == (iters if fixed_at is None else fixed_at + 1), (len(calls), fixed_at)
+    assert (fixed_at is not None) == (iters == 10)  # (the data converges at step 8)
 
 
 def test_kmeans_init_fewer_rows_than_codes(backend):
