@@ -360,16 +360,21 @@ _STATED_LIMIT_EXTRA = {("sm_90", False): 10, ("sm_80", False): 22, ("sm_90", Tru
 _SCRATCH = 2048  # shared memory besides the code tiles (reductions; measured <= 1 KiB)
 
 
+def _fma_budget(named_args, kwargs) -> bool:
+    """Whether a launch is budgeted as the float32 FMA dot: exact ("ieee") dots, and float32
+    operands on TF32 tensor cores too (allow_tf32: operands of four bytes; the tensor-core fit,
+    made on 16-bit ones, kept TF32 launches that spill up to 80 bytes)."""
+    p_x = named_args.get("p_x")
+    return kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee" or (
+        p_x is not None and p_x.element_size() == 4)
+
+
 def _estimate(config, named_args, chunked: bool = False, **kwargs) -> dict:
     """Shared memory and registers per thread of one config on the target GPU: ``num_stages``
     code tiles (``BLOCK_K x BLOCK_D``) in flight and the float32 row block staged through shared
     memory (D-chunked: three times, the residual chunk, its update and the rescue pass's copy)."""
     p_x = named_args.get("p_x")
-    # float32 codebooks are budgeted as the FMA dot's registers also on TF32 tensor cores
-    # (allow_tf32: operands of four bytes; the tensor-core fit, made on 16-bit ones, kept TF32
-    # launches that spill up to 80 bytes)
-    fma = kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee" or (
-        p_x is not None and p_x.element_size() == 4)
+    fma = _fma_budget(named_args, kwargs)
     elt = p_x.element_size() if p_x is not None else 4 if fma else 2
     tgt = target_for(p_x.device if p_x is not None else None)
     block_d = CHUNK_D if chunked else kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
@@ -409,8 +414,7 @@ def _prune_chunked_configs(configs, named_args, **kwargs):
     """As :func:`_prune_register_configs`; float32 (FMA dots) keeps no 64-row tile: with triton
     3.6 they compile to 186-255 registers and spill on sm_80 and sm_90 (the model, linear in the
     block sizes, cannot tell them from the 32-row tiles at 4 warps that fit)."""
-    p_x = named_args.get("p_x")
-    if kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee" or (p_x is not None and p_x.element_size() == 4):
+    if _fma_budget(named_args, kwargs):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32] or configs
     return _prune(configs, named_args, _estimate_chunked, **kwargs)
 

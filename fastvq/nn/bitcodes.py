@@ -86,6 +86,9 @@ def _one_hot2(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (bits.unsqueeze(-1) == torch.arange(2, device=bits.device)).to(dtype)
 
 
+_F32_TINY = torch.finfo(torch.float32).tiny  # 2^-126: below it a temperature is subnormal in float32
+
+
 def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.gumbel_softmax(pairs, temperature, hard=True)`` (the same noise draw, so the same
@@ -107,7 +110,7 @@ def _hard_gumbel(pairs: torch.Tensor, temperature: float, scaled: torch.Tensor |
     else:  # (scale 1: bitwise the line above)
         bits = (scaled.detach().float() + gumbels.float() * scale.float()).argmax(dim=-1)
     shift = z.detach().amax(dim=-1, keepdim=True)
-    if temperature >= 1.1754943508222875e-38:
+    if temperature >= _F32_TINY:
         scaled = (z - shift) / temperature
     else:
         # a subnormal temperature: divided in float64 and rounded once (the float32 quotient,
