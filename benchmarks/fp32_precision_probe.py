@@ -1,10 +1,11 @@
 """sm_90 registers, spills and shared memory of nearest_code's main kernel for float32 inputs with
-``input_precision`` "ieee" (today's default), "tf32" and "tf32x3" (three TF32 products, the
-candidate for a float32 search on the tensor cores), resident and streamed D, a few tiles.
-Compiled on a CPU through ptxas (no GPU, nothing measured); results for triton 3.6 and 3.8 in
-benchmarks/results/fp32-precision-sm90.txt::
+``PRECISION`` "ieee" (exact, FMA units), "tf32" and "tf32x3" (three TF32 products; first Triton's
+own, since 2026-12-04 the kernel's split, ``kernels/_common.py dot_split_nt``, the float32
+default on TF32 GPUs), resident and streamed D, a few tiles. Compiled on a CPU through ptxas (no
+GPU, nothing measured); results for triton 3.6 and 3.8 in benchmarks/results/fp32-precision-sm90.txt::
 
     env -u TRITON_INTERPRET .venv36/bin/python benchmarks/fp32_precision_probe.py
+    PROBE_X3=1 env -u TRITON_INTERPRET .venv/bin/python benchmarks/fp32_precision_probe.py  # the split's tiles
 """
 import multiprocessing as mp
 import os
@@ -25,21 +26,31 @@ def _ptrs(p):
             "p_idx": "*i64", "p_dist": "*fp32", "p_pscore": "*fp32", "p_pidx": "*i32"}
 
 
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+LAYOUTS = ((64, True, 64), (256, True, 256), (256, False, 32), (256, False, 64))
+TILES = ((64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2))
+if os.environ.get("PROBE_X3"):  # the kernel's own split ("tf32x3"), the tiles its config list weighs
+    PRECISIONS = ("tf32x3",)
+    LAYOUTS = ((32, True, 32), (64, True, 64), (128, True, 128), (256, False, 32))
+    TILES = ((64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2),
+             (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2))
+
+
 def jobs():
     """One l2 search launch (unmasked tiles, three l2 bands) per precision, D layout and tile."""
     k = w.nearest_code._nearest_code_fwd_kernel
     out = []
-    for prec in ("ieee", "tf32", "tf32x3"):
-        for D, one_d, bd in ((64, True, 64), (256, True, 256), (256, False, 32), (256, False, 64)):
+    for prec in PRECISIONS:
+        for D, one_d, bd in LAYOUTS:
             if prec == "ieee" and one_d and D == 256:
                 continue  # (the launcher streams D for the exact dot)
-            for bn, bk, nw in ((64, 64, 8), (128, 64, 8), (64, 32, 4), (64, 64, 4), (32, 32, 4)):
+            for bn, bk, nw, ns in TILES:
                 const = dict(UNIT, EVEN_K=True, EVEN_D=one_d, METRIC=0, HAS_LOWER_BOUND=False, SAMPLE=False,
                              WRITE_PARTIAL=False, ONE_D_BLOCK=one_d, SCALE_ROWS=True, PRECISION=prec, DOT_FP32=False,
                              NBANDS=3, BLOCK_D=bd, BLOCK_N=bn, BLOCK_K=bk)
-                label = f"fp32/{prec} D={D} {'resident' if one_d else 'streamed'} BLOCK_D={bd} {bn}x{bk} w{nw}"
+                label = f"fp32/{prec} D={D} {'resident' if one_d else 'streamed'} BLOCK_D={bd} {bn}x{bk} w{nw} s{ns}"
                 out.append(w.Job("nearest_code._nearest_code_fwd_kernel", label, w._jit(k), _ptrs("*fp32"), const,
-                                 nw, 2, aligned_ints=ROW_INTS, dot=True))
+                                 nw, ns, aligned_ints=ROW_INTS, dot=True))
     return out
 
 

@@ -22,7 +22,9 @@ differences left are then the kernel's own roundings, bounded elementwise by::
   products and differences).
 * ``e_ops``: rounding of the operands inside the kernel. 0 for fp16/bf16 operands (their products
   are exact in fp32) and for fp32 with ``precision="ieee"`` (the product rounding is part of
-  ``gamma``); ``2 u_tf32 + u_tf32^2`` for ``precision="tf32"`` (both operands rounded to 11 bits).
+  ``gamma``); ``2 u_tf32 + u_tf32^2`` for ``precision="tf32"`` (both operands rounded to 11 bits);
+  ``3 * 2^-22`` for ``precision="tf32x3"`` (each fp32 operand split into two tf32 parts, three
+  exact products: fastvq's float32 search on GPUs with TF32 tensor cores; :data:`TF32X3_ERROR`).
 * ``FACTOR = 4`` (:data:`ACCUMULATION_FACTOR`): the analysis assumes round-to-nearest, which GPU
   tensor cores do not promise for their fp32 accumulation: measured on Volta to Hopper they add
   with truncation (round toward zero: x2) and align the products of a block to the largest
@@ -68,7 +70,7 @@ from typing import Union
 import torch
 
 __all__ = [
-    "ACCUMULATION_FACTOR", "OUTPUT_ROUNDING", "UNIT_ROUNDOFF", "unit_roundoff", "gamma", "error_bound",
+    "ACCUMULATION_FACTOR", "OUTPUT_ROUNDING", "TF32X3_ERROR", "UNIT_ROUNDOFF", "unit_roundoff", "gamma", "error_bound",
     "error_ratio", "assert_close", "distances64", "argmin_ratio", "assert_argmin_within_bound", "grad_ratio",
     "assert_grad_nondegenerate", "describe",
 ]
@@ -93,8 +95,13 @@ _ALIASES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "ieee": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "tf32": "tf32",
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "tf32": "tf32", "tf32x3": "tf32x3",
 }
+
+#: Relative error of one float32 product computed as three TF32 products (``precision="tf32x3"``):
+#: ``a = a_hi + a_lo + r_a`` with ``|r_a| <= 2^-22 |a|`` (both parts rounded to nearest), and
+#: ``a_lo b_lo`` (at most ``2^-22 |a b|``) left out.
+TF32X3_ERROR = 3 * 2.0**-22
 
 
 def _fmt(dtype: DTypeLike) -> DTypeLike:
@@ -118,7 +125,11 @@ def unit_roundoff(dtype: DTypeLike) -> float:
     >>> unit_roundoff(torch.bfloat16) == 2**-8
     True
     """
-    return UNIT_ROUNDOFF[_fmt(dtype)]
+    fmt = _fmt(dtype)
+    if fmt == "tf32x3":
+        raise ValueError("fastvq.testing: 'tf32x3' is a way to multiply float32 operands (precision=), not a format "
+                         "with a unit roundoff; its error per product is TF32X3_ERROR")
+    return UNIT_ROUNDOFF[fmt]
 
 
 def gamma(n: float, u: float) -> float:
@@ -145,6 +156,8 @@ def _operand_error(dtype: torch.dtype, precision: DTypeLike | None) -> float:
     if p == "tf32" and dtype == torch.float32:
         u = UNIT_ROUNDOFF["tf32"]
         return 2 * u + u * u
+    if p == "tf32x3" and dtype == torch.float32:
+        return TF32X3_ERROR
     if isinstance(p, torch.dtype) and p != dtype and UNIT_ROUNDOFF[p] > UNIT_ROUNDOFF[dtype]:
         u = UNIT_ROUNDOFF[p]  # operands rounded to a narrower format than they are stored in
         return 2 * u + u * u
@@ -173,7 +186,8 @@ def error_bound(expected: torch.Tensor, *, dtype: torch.dtype, reduce_len: float
         magnitude: sum of ``|terms|`` of that reduction, broadcastable to ``expected``
             (default ``|expected|``); a list when ``reduce_len`` is one.
         precision: how fp32 operands are multiplied: ``None``/``"ieee"`` exactly rounded,
-            ``"tf32"`` with both operands rounded to tf32 first.
+            ``"tf32"`` with both operands rounded to tf32 first, ``"tf32x3"`` as three tf32
+            products of the operands' two-part splits (:data:`TF32X3_ERROR` per product).
         out_dtype: dtype the result is stored in (default ``dtype``).
         accumulate: accumulator dtype (default float32; float64 when ``dtype`` is float64).
         factor: slack on the accumulation term (default :data:`ACCUMULATION_FACTOR`).
@@ -377,7 +391,8 @@ def assert_argmin_within_bound(x: torch.Tensor, codebook: torch.Tensor, indices:
     For argmin under bf16/fp16/tf32 (and fp32), where near-ties may legitimately flip: row by row,
     the float64 distance of the chosen code may exceed the true minimum only by what the kernel's
     rounding can explain (:func:`argmin_ratio`). ``precision``: ``None`` (from ``x.dtype``; fp32 is
-    exact-product ``"ieee"``) or ``"tf32"``. A second-nearest code fails unless it is within the
+    exact-product ``"ieee"``), ``"tf32"`` or ``"tf32x3"`` (fastvq's float32 search on a GPU with
+    TF32 tensor cores). A second-nearest code fails unless it is within the
     bound of the nearest. The message names the worst row, both codes, the gap, its bound and ratio.
 
     >>> x, c = torch.randn(50, 16), torch.randn(40, 16)
@@ -505,8 +520,10 @@ def describe() -> str:
     """The criteria's figures as a small table (``python -m fastvq check`` prints it)."""
     rows = [("format", "u", "products in the kernel", "accumulator")]
     for fmt, note in ((torch.float32, "rounded (ieee)"), ("tf32", "operands rounded to tf32"),
+                      ("tf32x3", "3 tf32 products: 3*2^-22 each"),
                       (torch.float16, "exact in fp32"), (torch.bfloat16, "exact in fp32")):
-        rows.append((str(fmt).replace("torch.", ""), f"2^{int(math.log2(UNIT_ROUNDOFF[fmt]))}", note, "fp32"))
+        u = UNIT_ROUNDOFF[torch.float32 if fmt == "tf32x3" else fmt]
+        rows.append((str(fmt).replace("torch.", ""), f"2^{int(math.log2(u))}", note, "fp32"))
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
     lines.append(f"bound = {ACCUMULATION_FACTOR:g} * (e_ops + gamma_n(u_acc)) * sum|terms| + "

@@ -98,10 +98,45 @@ def round_bf16(b):
 
 
 @triton.jit
+def tf32_split(b):
+    """float32 ``b`` as ``hi + lo``, two TF32 values (10 stored mantissa bits, the low 13 zero), each
+    rounded to nearest (ties away from zero) with integer ops: ``|b - hi - lo| <= 2^-22 |b|`` (at
+    least 2^-137: TF32's spacing below float32's normal range is 2^-136) and a
+    product of two parts is exact in float32, on the tensor cores and under the interpreter alike
+    (see :func:`dot_split_nt`). Finite ``b`` below 2^127 (the kernels scale their operands first)."""
+    hi = ((b.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    r = b - hi  # exact: at most 13 significant bits
+    lo = ((r.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
+def dot_split_nt(b_a, b_al, b_b, b_acc, PRECISION: tl.constexpr):
+    """``b_acc + b_a @ b_b^T``, float32. ``PRECISION == "tf32x3"``: ``(b_a, b_al)`` is the
+    :func:`tf32_split` of ``a`` (split once by the caller when ``a`` stays on chip), ``b_b``
+    (float32) is split here, and three TF32 products run on the tensor cores, the small ones first
+    (``a_lo b_hi + a_hi b_lo + a_hi b_hi``): each product exact, the error per product at most
+    ``3 * 2^-22`` relative (the omitted ``a_lo b_lo`` and the parts' rounding) besides the float32
+    accumulation. Otherwise one ``tl.dot`` with that input precision (``b_al`` unused)."""
+    if PRECISION == "tf32x3":
+        b_bh, b_bl = tf32_split(b_b)
+        b_out = tl.dot(b_al, tl.trans(b_bh), b_acc, input_precision="tf32")
+        b_out = tl.dot(b_a, tl.trans(b_bl), b_out, input_precision="tf32")
+        b_out = tl.dot(b_a, tl.trans(b_bh), b_out, input_precision="tf32")
+    else:
+        b_out = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision=PRECISION)
+    return b_out
+
+
+@triton.jit
 def dot_nt(b_a, b_b, b_acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """``b_acc + b_a @ b_b^T`` (float32 accumulator); with ``DOT_FP32`` (:func:`dot_fp32`, the
-    interpreter's bf16 ``tl.dot``) both operands are upcast to float32 first."""
-    if DOT_FP32:
+    interpreter's bf16 ``tl.dot``) both operands are upcast to float32 first; ``"tf32x3"``: both
+    split here (:func:`dot_split_nt`)."""
+    if PRECISION == "tf32x3":
+        b_ah, b_al = tf32_split(b_a)
+        b_out = dot_split_nt(b_ah, b_al, b_b, b_acc, PRECISION)
+    elif DOT_FP32:
         b_out = tl.dot(b_a.to(tl.float32), tl.trans(b_b.to(tl.float32)), b_acc, input_precision=PRECISION)
     else:
         b_out = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision=PRECISION)
@@ -123,11 +158,17 @@ def interpreter_or(interpreter, gpu):
     return interpreter if INTERPRETED else gpu
 
 
-def tl_input_precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
-    """``input_precision`` for tl.dot: exact ``"ieee"`` for fp32 unless tf32 was asked for."""
-    if dtype == torch.float32 and not allow_tf32:
-        return "ieee"
-    return "tf32"
+def tl_input_precision(dtype: torch.dtype, allow_tf32: bool = False, split_on=None) -> str:
+    """The ``PRECISION`` constexpr of a dot: ``"tf32"`` (16-bit operands, or float32 with
+    ``allow_tf32``); for float32 otherwise ``"tf32x3"`` when the kernel splits its operands itself
+    (:func:`dot_split_nt`; its launcher passes the device as ``split_on``) and that device's target
+    has TF32 tensor cores (sm_80 and later; under the interpreter, :data:`DEFAULT_TARGET`), else
+    exact ``"ieee"`` (the FMA units; several times slower on a GPU)."""
+    if dtype != torch.float32 or allow_tf32:
+        return "tf32"
+    if split_on is not None and target_for(split_on).capability >= 80:
+        return "tf32x3"
+    return "ieee"
 
 
 def next_pow2(n: int) -> int:

@@ -26,7 +26,9 @@ Design
   so that the scores that decide a row's code neither underflow nor overflow whatever the spread
   of the code sizes; a block makes one pass over the codebook per band its rows hold: one unless
   its rows differ by more than 2^48 in size). Codebook tiles of ``BLOCK_K`` codes stream past:
-  ``x @ c.T`` on the tensor cores (fp32 accumulation), the score ``a + b * (x.c)`` (the per-code
+  ``x @ c.T`` on the tensor cores (fp32 accumulation; float32 inputs as three TF32 products of
+  their two-part splits, ``PRECISION`` "tf32x3", x split once per program: ``_common.dot_split_nt``;
+  mining and sampling, and GPUs without TF32, keep the exact "ieee" FMA dot), the score ``a + b * (x.c)`` (the per-code
   terms of the pass's unit: two vector loads per tile, one FMA per element, as the former
   ``|c|^2 - 2 x.c``), and a running ``(min, index)`` per row in registers is updated. The
   ``N x K`` matrix never exists. A code whose ``a`` is NaN (not finite, or past ``K``) scores
@@ -56,9 +58,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dot_fp32, dot_nt, exp2i,
-                      interpreter_or, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent, prune_by_estimate, rcp_rn,
-                      register_estimate, sm_count, target_for, tl_input_precision, words_per_thread)
+from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dot_fp32, dot_nt,
+                      dot_split_nt, exp2i, interpreter_or, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent,
+                      prune_by_estimate, rcp_rn, register_estimate, sm_count, target_for, tf32_split,
+                      tl_input_precision, words_per_thread)
 
 # Internal ids; the public metric and strategy names and their documentation live in
 # fastvq/ops/_search.py.
@@ -67,6 +70,11 @@ _STRATEGY_BOUND = {"hardest": False, "semi-hard": True}
 
 # D up to this many features keeps the whole x tile on chip; larger D streams it in 64-wide chunks.
 RESIDENT_MAX_D = 256
+# The float32 "tf32x3" search (two TF32 parts per operand) keeps x resident up to 64 features and
+# streams wider rows in 32-wide chunks: a resident 256-wide split tile spilled on sm_90 (ptxas,
+# benchmarks/results/fp32-precision-sm90.txt).
+RESIDENT_MAX_D_X3 = 64
+STREAM_D_X3 = 32
 # Codebook split: only when the row blocks alone cannot fill the GPU; each split gets at
 # least SPLIT_MIN_CODES codes; at most MAX_SPLITS splits.
 SPLIT_MIN_CODES = 512
@@ -147,8 +155,9 @@ def _gumbel(seed, o_n, k0, h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr,
-            DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The resident x tile (rows scaled by ``b_rs`` for cosine/dot), loaded once per program."""
+            PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The resident x tile (rows scaled by ``b_rs``), loaded once per program, and its low part:
+    ``(hi, lo)``, its :func:`tf32_split` for ``PRECISION == "tf32x3"``, else ``(x, x)``."""
     o_d = tl.arange(0, BLOCK_D)
     if ONE_D_BLOCK:
         b_xt = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m_n[:, None] & (o_d < D)[None, :],
@@ -159,16 +168,20 @@ def _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK: tl.constexpr, SCA
             b_xt = b_xt.to(tl.float32)
     else:  # streamed: nothing resident
         b_xt = tl.zeros((BLOCK_N, BLOCK_D), dtype=p_x.dtype.element_ty)
-    return b_xt
+    b_xl = b_xt
+    if ONE_D_BLOCK and PRECISION == "tf32x3":
+        b_xt, b_xl = tf32_split(b_xt)
+    return b_xt, b_xl
 
 
 @triton.jit
-def _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+def _tile_xc(b_xt, b_xl, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
              ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
              EVEN_K: tl.constexpr = False, EVEN_D: tl.constexpr = False):
-    """``x @ c.T`` for one codebook tile, float32: the resident x tile against the codes, or D
-    streamed in BLOCK_D chunks of both. ``EVEN_K``/``EVEN_D``: whole tiles, unmasked loads."""
+    """``x @ c.T`` for one codebook tile, float32: the resident x tile ``(b_xt, b_xl)``, see
+    :func:`_x_tile`) against the codes, or D streamed in BLOCK_D chunks of both. ``EVEN_K``/``EVEN_D``:
+    whole tiles, unmasked loads."""
     o_d = tl.arange(0, BLOCK_D)
     if ONE_D_BLOCK:
         p_tile = p_cb + o_k.to(tl.int64)[:, None] * stride_ck + o_d[None, :] * stride_cd  # (K D may pass 2^31)
@@ -182,7 +195,7 @@ def _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_
             b_c = tl.load(p_tile, mask=m_k[:, None] & (o_d < D)[None, :], other=0.0)
         if DOT_FP32:
             b_c = b_c.to(tl.float32)
-        b_xc = tl.dot(b_xt, tl.trans(b_c), input_precision=PRECISION)
+        b_xc = dot_split_nt(b_xt, b_xl, b_c, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), PRECISION)
     else:
         b_xc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -455,6 +468,11 @@ CONFIGS_16BIT += [(64, 32, 8, 2)]  # the narrowest wgmma tile
 # sampling's own list adds 32-row tiles (mma.sync-sized, 164-168 registers there, no spill).
 CONFIGS_16BIT_SAMPLE = CONFIGS_16BIT + [(32, 32, 8, 2)]
 CONFIGS_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 8, 2)]
+# float32 as three TF32 products ("tf32x3"): wgmma tiles (64 rows and more); the split x tile is
+# resident up to D = 64 (RESIDENT_MAX_D_X3), wider rows stream 32-wide chunks (ptxas, sm_90:
+# 114-248 registers, no spill; 64 x 128 spilled at D = 64, every tile at D = 128 resident).
+CONFIGS_X3 = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2),
+              (64, 128, 8, 2)]
 
 # Registers per thread = base + a * (x tile words) + b * (score tile words), by target family,
 # element size and variant (plain search, mining's lower bound, Gumbel sampling); fitted to
@@ -463,11 +481,11 @@ _REGISTER_MODELS = {
     ("sm_90", 2, "plain"): (196, (0.25, 1.75)), ("sm_90", 2, "bound"): (206, (1.0, 1.0)),
     ("sm_90", 2, "sample"): (233, (0.5, 1.75)),
     ("sm_90", 4, "plain"): (159, (0.25, 5.75)), ("sm_90", 4, "bound"): (231, (0.25, 1.0)),
-    ("sm_90", 4, "sample"): (135, (1.0, 7.0)),
+    ("sm_90", 4, "sample"): (135, (1.0, 7.0)), ("sm_90", 4, "x3"): (172, (0.5, 2.5)),
     ("sm_80", 2, "plain"): (176, (0.25, 1.75)), ("sm_80", 2, "bound"): (195, (1.0, 1.75)),
     ("sm_80", 2, "sample"): (239, (0.5, 1.0)),
     ("sm_80", 4, "plain"): (123, (0.25, 8.0)), ("sm_80", 4, "bound"): (231, (0.25, 1.0)),
-    ("sm_80", 4, "sample"): (137, (1.0, 6.75)),
+    ("sm_80", 4, "sample"): (137, (1.0, 6.75)), ("sm_80", 4, "x3"): (172, (0.5, 2.5)),
 }
 _SCRATCH = 4096  # shared memory for the row reductions' layout conversions (measured <= 4 KiB)
 
@@ -480,7 +498,9 @@ def _estimate(config, named_args, **kwargs) -> dict:
     tiles in flight, ``num_stages`` of them where the 16-bit dot is a wgmma (sm_90: every stage
     is a shared-memory buffer), ``num_stages - 1`` elsewhere (mma.sync and FMA dots load the
     current tile into registers). Streamed D: x and codebook chunks, ``num_stages`` of each.
-    Sampling interleaves the 4 Philox words of a score tile through shared memory."""
+    Sampling interleaves the 4 Philox words of a score tile through shared memory. "tf32x3": the
+    split x tile (two parts) when resident, ``num_stages - 1`` loaded tiles in flight and the two
+    split parts of the current one (matches ptxas's figures for sm_90)."""
     p_x = named_args["p_x"]
     elt = p_x.element_size()
     tgt = target_for(p_x.device)
@@ -489,23 +509,31 @@ def _estimate(config, named_args, **kwargs) -> dict:
     bn, bk, w, s = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
     sample = kwargs.get("SAMPLE", False)
     extra = bn * bk * 4 if sample else 0
-    if kwargs.get("ONE_D_BLOCK", True):
+    x3 = kwargs.get("PRECISION") == "tf32x3"
+    if x3:  # the loaded tiles in flight (num_stages - 1) and the split parts the MMA reads (two of each)
+        if kwargs.get("ONE_D_BLOCK", True):
+            shared = (2 * bn + (s + 1) * bk) * d * 4 + _SCRATCH
+        else:
+            shared = (s + 1) * (bn + bk) * d * 4 + _SCRATCH
+    elif kwargs.get("ONE_D_BLOCK", True):
         code_stages = s if (fam == "sm_90" and elt == 2) else s - 1
         shared = (bn + bk * code_stages) * d * elt + extra + _SCRATCH
     else:
         shared = (bn + bk) * s * d * elt + extra + _SCRATCH
-    variant = "bound" if kwargs.get("HAS_LOWER_BOUND", False) else "sample" if sample else "plain"
+    variant = ("bound" if kwargs.get("HAS_LOWER_BOUND", False) else "sample" if sample
+               else "x3" if kwargs.get("PRECISION") == "tf32x3" else "plain")
     model = _REGISTER_MODELS[(fam, 4 if elt == 4 else 2, variant)]
     regs = register_estimate(model, words_per_thread(bn, d, w, elt), words_per_thread(bn, bk, w))
     return {"shared": shared, "regs": regs}
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs of the input's own list (fp32, 16-bit, 16-bit sampling) that fit the
+    """Keep the configs of the input's own list (fp32 "tf32x3", other fp32, 16-bit, 16-bit sampling) that fit the
     target GPU's shared memory and registers by :func:`_estimate`; keep at least one."""
     p_x = named_args["p_x"]
     sample = kwargs.get("SAMPLE", False)
-    own = set(CONFIGS_FP32 if p_x.element_size() == 4 else CONFIGS_16BIT_SAMPLE if sample else CONFIGS_16BIT)
+    own = set(CONFIGS_X3 if kwargs.get("PRECISION") == "tf32x3" else CONFIGS_FP32 if p_x.element_size() == 4
+              else CONFIGS_16BIT_SAMPLE if sample else CONFIGS_16BIT)
 
     def key(c):
         return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
@@ -518,7 +546,7 @@ _prune_configs.estimate = _estimate
 
 
 def _configs():
-    seen = dict.fromkeys(CONFIGS_16BIT_SAMPLE + CONFIGS_FP32)
+    seen = dict.fromkeys(CONFIGS_16BIT_SAMPLE + CONFIGS_FP32 + CONFIGS_X3)
     gpu = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in seen]
     return autotune_configs("nearest_code", gpu,
                             pinned=triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
@@ -642,7 +670,8 @@ def _nearest_code_fwd_kernel(
         seed = tl.load(p_seed)
 
     # The x tile stays on chip while the codebook streams past.
-    b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
+    b_xt, b_xl = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32,
+                         BLOCK_N, BLOCK_D)
 
     # This program's share of the codebook: whole BLOCK_K tiles, in increasing order.
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS)
@@ -679,7 +708,7 @@ def _nearest_code_fwd_kernel(
             for k0 in range(k_start, k_end, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < k_end
-                b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs_p, D, stride_xd, stride_ck, stride_cd,
+                b_xc = _tile_xc(b_xt, b_xl, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs_p, D, stride_xd, stride_ck, stride_cd,
                                 ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
                                 EVEN_K, EVEN_D and ONE_D_BLOCK)
                 if HAS_LOWER_BOUND and ONE_D_BLOCK and SCALE_ROWS:  # (float16: one unit, f = 1)
@@ -816,7 +845,8 @@ def _topk_codes_fwd_kernel(
             b_rs = exp2i(-_band_unit(b_band))
         else:
             b_rs = exp2i(-pow2_exponent(b_xm))
-    b_xt = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, DOT_FP32, BLOCK_N, BLOCK_D)
+    b_xt, b_xl = _x_tile(p_x, o_xrow, m_n, b_rs, D, stride_xd, ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32,
+                         BLOCK_N, BLOCK_D)
 
     BIG: tl.constexpr = 2147483647
     o_slot = tl.arange(0, KP)
@@ -834,7 +864,7 @@ def _topk_codes_fwd_kernel(
             for k0 in range(0, K, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < K
-                b_xc = _tile_xc(b_xt, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
+                b_xc = _tile_xc(b_xt, b_xl, p_x, o_xrow, m_n, p_cb, o_k, m_k, b_rs, D, stride_xd, stride_ck, stride_cd,
                                 ONE_D_BLOCK, SCALE_ROWS, PRECISION, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
                 b_s = _scores(b_xc, p_ca, p_cf, o_k, m_k)
                 b_s64 = b_s.to(tl.float64)
@@ -956,8 +986,11 @@ def _launch(x, codebook, metric, allow_tf32, positive, splits, seed=None, temper
     assert splits is None or (isinstance(splits, int) and not isinstance(splits, bool) and splits >= 1), \
         f"splits must be a positive int, got {splits!r}"
     S = num_splits(H * N, K, dev) if splits is None else splits
-    one_d = D <= RESIDENT_MAX_D
-    BLOCK_D = max(next_pow2(D), 16) if one_d else 64
+    # float32: the plain search splits its operands for three TF32 products ("tf32x3", where the
+    # GPU has TF32 tensor cores); mining and sampling keep the exact FMA dot
+    precision = tl_input_precision(x.dtype, allow_tf32, split_on=dev if not has_lb and seed is None else None)
+    one_d = D <= (RESIDENT_MAX_D_X3 if precision == "tf32x3" else RESIDENT_MAX_D)
+    BLOCK_D = max(next_pow2(D), 16) if one_d else (STREAM_D_X3 if precision == "tf32x3" else 64)
     tracks = 2 if has_lb else 1
     if S > 1:
         pscore = torch.empty((tracks, S, H * N), dtype=torch.float32, device=dev)
@@ -973,7 +1006,7 @@ def _launch(x, codebook, metric, allow_tf32, positive, splits, seed=None, temper
         pos.stride(0), pos.stride(1),
         METRIC=m, HAS_LOWER_BOUND=has_lb, SAMPLE=sample, WRITE_PARTIAL=S > 1, ONE_D_BLOCK=one_d,
         SCALE_ROWS=x.dtype != torch.float16, NBANDS=NBANDS[metric],
-        PRECISION=tl_input_precision(x.dtype, allow_tf32), DOT_FP32=dot_fp32(x.dtype), BLOCK_D=BLOCK_D,
+        PRECISION=precision, DOT_FP32=dot_fp32(x.dtype), BLOCK_D=BLOCK_D,
     )
     # ... and, when the codebook was split, the merge of the partials and the epilogue.
     if S > 1:

@@ -59,7 +59,11 @@ Two forward variants, chosen by the launcher on D (never a crash, never a silent
   ``(N, D)`` workspace that only the owning program touches and every dot and update streams D
   in BLOCK_D chunks.
 
-Precision: for float32 codebooks the dot is exact IEEE float32 (``input_precision="ieee"``).
+Precision: for float32 codebooks the dot is ``PRECISION`` "tf32x3" where the target has TF32
+tensor cores and rows are at most ``X3_MAX_D`` (64) wide (the residual split into two TF32 parts
+once per level, each code tile as it loads, three exact TF32 products: ``_common.dot_split_nt``;
+its tiles are listed, ``_X3_TILES``), exact IEEE float32 (``"ieee"``, FMA units) elsewhere, one
+TF32 product with ``allow_tf32``.
 For bfloat16/float16 codebooks the residual is rounded to the codebook dtype for the dot only
 (tensor cores, float32 accumulation); ``|c|^2``, the residual, the loss terms and the quantized
 sum stay float32. The quantized sum is formed in level order in float32; a block in which it is
@@ -74,10 +78,9 @@ import triton
 import triton.language as tl
 
 from ._common import (FIX_SCAN, add_rows_by_index, arch_family, argmin_merge, atomic_overflow_bound, autotune,
-                      autotune_configs, bf16_rne, dot_fp32, exp2i, exp2i64, launcher, next_pow2, nonfinite_rows,
-                      pow2_exponent, prune_by_estimate,
-                      register_estimate, rotation_grad_rows, round_bf16, target_for, tl_input_precision,
-                      words_per_thread)
+                      autotune_configs, bf16_rne, dot_fp32, dot_nt, dot_split_nt, exp2i, exp2i64, launcher, next_pow2,
+                      nonfinite_rows, pow2_exponent, prune_by_estimate, register_estimate, rotation_grad_rows,
+                      round_bf16, target_for, tf32_split, tl_input_precision, words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
@@ -151,6 +154,9 @@ def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first, scale
     # a tensor before the loop: a launch with K == 1 gets K as the constant 1, and a loop-carried
     # value must keep its type (the interpreter never specialises, the compiler does)
     b_first = tl.zeros((), dtype=tl.int32) + b_first
+    b_rl = b_rd
+    if PRECISION == "tf32x3":  # the residual's two TF32 parts, once per level
+        b_rd, b_rl = tf32_split(b_rd)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
@@ -161,8 +167,8 @@ def _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, b_first, scale
             b_c32 = b_c32 * scale  # a power of two: exact but for overflow
             b_c = b_c32.to(b_c.dtype)  # exact (bf16 and fp32 hold the scaled value)
         b_cc = tl.sum(b_c32 * b_c32, axis=1)
-        if DOT_FP32:
-            b_rc = tl.dot(b_rd, tl.trans(b_c32), input_precision=PRECISION)
+        if DOT_FP32 or PRECISION == "tf32x3":
+            b_rc = dot_split_nt(b_rd, b_rl, b_c32, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION)
         else:
             b_rc = tl.dot(b_rd, tl.trans(b_c), input_precision=PRECISION)
         b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - DOT_SCALE * b_rc, _row_finite(b_c32), o_k, m_k,
@@ -219,8 +225,8 @@ def _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck, str
                 b_c = b_c32.to(b_c.dtype)
             b_cc += tl.sum(b_c32 * b_c32, axis=1)
             b_cbad += tl.where(_row_finite(b_c32), 0, 1)
-            if DOT_FP32:
-                b_rc = tl.dot(b_rd.to(tl.float32), tl.trans(b_c32), b_rc, input_precision=PRECISION)
+            if DOT_FP32 or PRECISION == "tf32x3":
+                b_rc = dot_nt(b_rd.to(tl.float32), b_c32, b_rc, PRECISION, False)
             else:
                 b_rc = tl.dot(b_rd, tl.trans(b_c), b_rc, input_precision=PRECISION)
         b_s, b_first = _scores_of_finite_codes(b_cc[None, :] - DOT_SCALE * b_rc, b_cbad == 0, o_k, m_k, b_first, K)
@@ -360,6 +366,32 @@ _STATED_LIMIT_EXTRA = {("sm_90", False): 10, ("sm_80", False): 22, ("sm_90", Tru
 _SCRATCH = 2048  # shared memory besides the code tiles (reductions; measured <= 1 KiB)
 
 
+# float32 searched as three TF32 products ("tf32x3", the register variant at BLOCK_D <= X3_MAX_D):
+# the residual's split parts and the code tile's stay beside the register blocks, more than a
+# linear model tells apart, so its tiles are listed with ptxas's registers (sm_90, the most of
+# triton 3.6 and 3.8, training-step flags, 8 warps stating maxnreg 255; probed 2026-12-04). Every
+# other tile of the list spilled at BLOCK_D = 64 (16 x 16 at 255 registers; 64-row tiles 240-384 B
+# with triton 3.6), and at BLOCK_D = 128 all but one; wider rows keep the exact "ieee" dot. (16 x 16
+# at 8 warps, 2 stages, is the pinned config: 230-255 registers, no spill.)
+X3_MAX_D = 64
+_X3_TILES = {  # BLOCK_D -> {(BLOCK_M, BLOCK_K, num_warps, num_stages): registers}
+    64: {(16, 16, 8, 2): 255, (16, 32, 8, 2): 221, (16, 32, 8, 3): 220, (16, 64, 8, 2): 218, (16, 64, 8, 3): 222,
+         (32, 64, 8, 2): 235},
+    32: {(16, 16, 8, 2): 206, (16, 16, 8, 3): 216, (16, 32, 8, 2): 195, (16, 32, 8, 3): 206, (16, 64, 8, 2): 203, (16, 64, 8, 3): 223, (32, 64, 8, 2): 236,
+         (32, 64, 8, 3): 242, (64, 16, 8, 2): 222, (64, 16, 8, 3): 228, (64, 32, 8, 2): 231, (64, 32, 8, 3): 235},
+}
+
+
+def _estimate_x3(config, block_d: int) -> dict:
+    """:func:`_estimate` for a "tf32x3" launch: the listed registers (256, pruned, for a tile not
+    listed), shared memory for the row block's two split parts and ``num_stages + 1`` code tiles
+    (the tiles in flight and the current one's two parts)."""
+    bm, bk, w, s = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
+    table = _X3_TILES[64 if block_d > 32 else 32]
+    regs = table.get((bm, bk, w, s), 256)
+    return {"shared": (s + 1) * bk * block_d * 4 + 2 * bm * block_d * 4 + _SCRATCH, "regs": regs}
+
+
 def _fma_budget(named_args, kwargs) -> bool:
     """Whether a launch is budgeted as the float32 FMA dot: exact ("ieee") dots, and float32
     operands on TF32 tensor cores too (allow_tf32: operands of four bytes; the tensor-core fit,
@@ -374,6 +406,8 @@ def _estimate(config, named_args, chunked: bool = False, **kwargs) -> dict:
     code tiles (``BLOCK_K x BLOCK_D``) in flight and the float32 row block staged through shared
     memory (D-chunked: three times, the residual chunk, its update and the rescue pass's copy)."""
     p_x = named_args.get("p_x")
+    if not chunked and kwargs.get("PRECISION", named_args.get("PRECISION")) == "tf32x3":
+        return _estimate_x3(config, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
     fma = _fma_budget(named_args, kwargs)
     elt = p_x.element_size() if p_x is not None else 4 if fma else 2
     tgt = target_for(p_x.device if p_x is not None else None)
@@ -1279,6 +1313,9 @@ def residual_quantize_fwd(
     block_l = max(next_pow2(L), 2)
     block_d = max(next_pow2(D), 16)
     chunked = block_d > (max_register_d if max_register_d is not None else register_d_limit(x.dtype))
+    # float32: three TF32 products of split operands where the target has TF32 tensor cores and the
+    # split fits the registers (register variant, BLOCK_D <= X3_MAX_D); else exact "ieee"
+    split = not chunked and block_d <= X3_MAX_D
     # the loss partials: one row per program of the smallest BLOCK_M any config uses; float64 (a
     # level's sum of squared residuals may overflow float32 where the mean does not); not filled:
     # only the rows of the launched programs are summed
@@ -1295,7 +1332,7 @@ def residual_quantize_fwd(
                slots if slots is not None else placeholder,
                out.get("cand", placeholder), out.get("cand_ok", placeholder)]
     common = dict(SEARCH=search, HAS_W=weights is not None, LOSS=loss, STATS=stats, CAND=slots is not None,
-                  PRECISION=tl_input_precision(codebooks.dtype, allow_tf32), DOT_FP32=dot_fp32(codebooks.dtype),
+                  PRECISION=tl_input_precision(codebooks.dtype, allow_tf32, split_on=dev if split else None), DOT_FP32=dot_fp32(codebooks.dtype),
                   BLOCK_L=block_l, BF16_RNE=bf16_rne(codebooks.dtype),
                   **stats_fix_tiles(block_d))
     strides = (x.stride(0), x.stride(1), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),

@@ -229,8 +229,8 @@ def _nearest_code_jobs():
         big = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         return Job("nearest_code._nearest_code_fwd_kernel", var, _jit(k), ptrs(dt), const, cfg.num_warps,
                    cfg.num_stages, aligned=aligned, aligned_ints=row_ints, dot=True,
-                   tensor_cores=prec == "tf32", rows=cfg.kwargs["BLOCK_N"], pruned=pruned,
-                   cost=big * (6 if prec == "ieee" else 1))
+                   tensor_cores=prec != "ieee", rows=cfg.kwargs["BLOCK_N"], pruned=pruned,
+                   cost=big * (6 if prec == "ieee" else 3 if prec == "tf32x3" else 1))
 
     # (Every config the prune keeps at the benchmark shapes: --sweep, benchmarks/results/sm90-static.json.)
     # The largest resident tile of each list once: bf16 and fp32 at D = 256.
@@ -252,6 +252,13 @@ def _nearest_code_jobs():
             jobs.append(fwd(dt, prec, metric, lb, partial, one_d, block_d, mid if dt != "fp32" else mid32))
     jobs.append(fwd("fp16", "tf32", 0, False, False, True, 256,
                     _pick(configs, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)))
+    # float32's plain search on TF32 tensor cores ("tf32x3", split operands): resident x up to
+    # D = 64, streamed 32-wide chunks beyond; every metric, split and unaligned once
+    x3 = _pick(configs, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
+    for metric, partial, one_d, block_d in ((0, False, True, 64), (1, True, True, 32), (2, False, False, 32),
+                                            (3, True, False, 32), (0, False, True, 16)):
+        jobs.append(fwd("fp32", "tf32x3", metric, False, partial, one_d, block_d, x3))
+    jobs.append(fwd("fp32", "tf32x3", 0, False, False, True, 64, x3, aligned=False, tag=",unaligned"))
     # Odd D: no divisibility on the row strides, nothing unit-stride specialized.
     jobs.append(fwd("bf16", "tf32", 0, False, False, True, 128, mid, aligned=False, tag=",unaligned"))
     # Gumbel-max sampling (every metric; split and streamed once each)
@@ -289,7 +296,8 @@ def _residual_quantize_jobs():
     masked = dict(train, HAS_W=True)
     given = dict(SEARCH=False, HAS_W=False, LOSS=True, STATS=False, CAND=False)
 
-    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, flags=plain):
+    def job(name, k, dt, cfg, block_d, block_l=8, pruned=False, aligned=True, tag="", chunked=False, flags=plain,
+            prec=None):
         p = DTYPES[dt]
         ptrs = {"p_x": p, "p_cb": p, "p_q": p, "p_codes": "*i64",  # a flag that is off: a placeholder (q)
                 "p_w": "*fp32" if flags["HAS_W"] else p, "p_sw": "*fp32" if flags["HAS_W"] and flags["STATS"] else p,
@@ -299,7 +307,9 @@ def _residual_quantize_jobs():
                 "p_cand": "*fp32" if flags["CAND"] else p, "p_cand_ok": "*i8" if flags["CAND"] else p}
         if chunked:
             ptrs["p_ws"] = "*fp32"
-        prec = "ieee" if dt == "fp32" else "tf32"
+        # (float32: three TF32 products up to BLOCK_D = X3_MAX_D in the register variant, as the launcher)
+        prec = prec or ("tf32x3" if dt == "fp32" and not chunked and block_d <= mod.X3_MAX_D
+                        else "ieee" if dt == "fp32" else "tf32")
         # the statistics fix-up's whole rows: BLOCK_D; chunked, the narrowest D that runs chunked
         fix_d = block_d if not chunked else 2 * mod.register_d_limit(torch.float32 if dt == "fp32" else torch.bfloat16)
         const = dict(common_unit if aligned else {}, BLOCK_D=block_d, BLOCK_L=block_l, PRECISION=prec,
@@ -307,10 +317,12 @@ def _residual_quantize_jobs():
         big = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * block_d / (64 * 64 * 64)
         on = "+".join(f for f in ("HAS_W", "LOSS", "STATS", "CAND") if flags[f]) + ("" if flags["SEARCH"] else "+GIVEN")
         return Job(f"residual_quantize.{name}",
-                   f"{dt},BLOCK_D={block_d},BLOCK_L={block_l}{tag}{',' + on if on else ''} | {_cfg_label(cfg)}",
+                   f"{dt}{'/' + prec if prec == 'ieee' else ''},BLOCK_D={block_d},BLOCK_L={block_l}{tag}"
+                   f"{',' + on if on else ''} | {_cfg_label(cfg)}",
                    _jit(k), ptrs, const, cfg.num_warps, cfg.num_stages, cfg.maxnreg,
                    scalars={"stat_lim": "fp32", "BIG_T": "fp32"}, aligned=aligned,
-                   aligned_ints=row_ints, dot=True, tensor_cores=dt != "fp32", rows=cfg.kwargs["BLOCK_M"], pruned=pruned,
+                   aligned_ints=row_ints, dot=True, tensor_cores=prec != "ieee" and flags["SEARCH"],
+                   rows=cfg.kwargs["BLOCK_M"], pruned=pruned,
                    cost=big * (6 if dt == "fp32" else 1) + 0.5)
 
     # Register variant, as a training step, at the widest BLOCK_D it runs with (256; float32 128):
@@ -318,20 +330,25 @@ def _residual_quantize_jobs():
     k = mod._residual_quantize_fwd_kernel
     configs = _cfgs(k)
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        prec = "ieee" if dt == "fp32" else "tf32"
+        prec = "ieee" if dt == "fp32" else "tf32"  # (float32 rows wider than X3_MAX_D: the exact dot)
         block_d = mod.register_d_limit(dtype)
         kept = mod._prune_register_configs(configs, {"p_x": torch.empty(0, dtype=dtype, device="meta")},
                                            BLOCK_D=block_d, PRECISION=prec, LOSS=True, BLOCK_L=8)
         jobs.append(job("_residual_quantize_fwd_kernel", k, dt, kept[len(kept) // 2], block_d, flags=train,
-                        tag=",kept"))
+                        tag=",kept", prec=prec))
+    # float32 at BLOCK_D = X3_MAX_D: three TF32 products (its listed tiles, a 32-row one)
+    x3 = mod._prune_register_configs(configs, {"p_x": torch.empty(0, dtype=torch.float32, device="meta")},
+                                     BLOCK_D=mod.X3_MAX_D, PRECISION="tf32x3", LOSS=True, BLOCK_L=8)
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", x3[-1], mod.X3_MAX_D, flags=train, tag=",kept"))
     # 64-row tiles reach wgmma (bf16, BLOCK_D 64)
     kept = mod._prune_register_configs(configs, {"p_x": torch.empty(0, dtype=torch.bfloat16, device="meta")},
                                        BLOCK_D=64, PRECISION="tf32", LOSS=False, BLOCK_L=8)
     big = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or [_pick(configs, BLOCK_M=64, BLOCK_K=64, num_warps=4)]
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", big[0], 64, pruned=big[0] not in kept))
     small = configs[0]
-    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=masked))
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", x3[0], 64, flags=masked))
     jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=given, block_l=2))
+    jobs.append(job("_residual_quantize_fwd_kernel", k, "fp32", small, 64, flags=masked, prec="ieee"))  # (no TF32)
     jobs.append(job("_residual_quantize_fwd_kernel", k, "bf16", small, 16, block_l=2))
     # float16: its own rescue of residuals beyond float16's range (FP16_WIDE_ROW)
     jobs.append(job("_residual_quantize_fwd_kernel", k, "fp16", small, 64, flags=masked))

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvq.kernels._common import exp2i
+from fastvq.kernels._common import dot_split_nt, exp2i, tf32_split
 from fastvq.reference.nearest_code import exp2i as exp2i_ref
 
 # every exponent from well below float32's subnormals (-149) to beyond its largest power (127),
@@ -49,3 +49,83 @@ def test_exp2i_reference_is_2_to_the_e_rounded(device, dtype):
     want = _exact(e)
     assert out.dtype == torch.float32
     assert torch.equal(out.view(torch.int32), want.view(torch.int32)), _show(out, want, e)
+
+
+# --------------------------------------------------------------------------- the float32 split
+
+
+@triton.jit
+def _tf32_split_kernel(p_x, p_hi, p_lo, N, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    hi, lo = tf32_split(tl.load(p_x + o, mask=m, other=0.0))
+    tl.store(p_hi + o, hi, mask=m)
+    tl.store(p_lo + o, lo, mask=m)
+
+
+def _round_tf32(v: torch.Tensor) -> torch.Tensor:
+    """float64 ``v`` (float32 values) rounded to 11 significant bits, ties away from zero."""
+    _, e = torch.frexp(v)  # v = m 2^e, 0.5 <= |m| < 1: TF32's spacing there is 2^(e - 11)
+    e = torch.maximum(e, torch.full_like(e, -125))  # below 2^-126 the fixed spacing 2^-136 (13 bits masked)
+    q = torch.ldexp(v, 11 - e)
+    q = torch.sign(q) * torch.floor(q.abs() + 0.5)
+    return torch.ldexp(q, e - 11)
+
+
+def _split_inputs(device):
+    g = torch.Generator().manual_seed(7)
+    parts = [torch.randn(4000, generator=g) * 2.0 ** torch.randint(-140, 126, (4000,), generator=g).float(),
+             torch.ldexp(torch.ones(39, dtype=torch.float64), torch.arange(-149, 120, 7)),  # powers of two, subnormals included
+             1.0 + torch.arange(-40, 40) * 2.0**-23,  # around the ties of the first split (2^-11 apart)
+             torch.tensor([0.0, -0.0, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-11 + 2.0**-22,
+                           float.fromhex("0x1.ffcp126"), -float.fromhex("0x1.ffbffep126"), 1e-45, -3e-39])]
+    x = torch.cat([p.float() for p in parts])
+    return torch.cat([x, -x]).to(device)
+
+
+def test_tf32_split_parts_are_rounded_tf32_and_sum_to_x(device):
+    """hi = x rounded to TF32 (11 significant bits, nearest, ties away), lo = (x - hi) rounded the
+    same way, both with the low 13 mantissa bits zero (a tensor core reads them exactly), and
+    |x - hi - lo| <= max(2^-22 |x|, 2^-137): the premise of the "tf32x3" search's error bound."""
+    x = _split_inputs(device)
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _tf32_split_kernel[(triton.cdiv(x.numel(), 256),)](x, hi, lo, x.numel(), BLOCK=256)
+    x64 = x.double()
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all() and ((lo.view(torch.int32) & 0x1FFF) == 0).all()
+    assert torch.equal(hi.double(), _round_tf32(x64)), "hi is not x rounded to TF32"
+    assert torch.equal(lo.double(), _round_tf32(x64 - hi.double())), "lo is not (x - hi) rounded to TF32"
+    rest = (x64 - hi.double() - lo.double()).abs()
+    assert (rest <= torch.clamp(2.0**-22 * x64.abs(), min=2.0**-137)).all(), float((rest / x64.abs()).max())
+    big = x64.abs() >= 2.0**-115  # (below, TF32's fixed spacing 2^-136 leaves up to 2^-137)
+    assert (rest[big] <= 2.0**-22 * x64.abs()[big]).all()
+
+
+@triton.jit
+def _dot_split_kernel(p_a, p_b, p_out, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    o_m, o_n, o_d = tl.arange(0, M), tl.arange(0, N), tl.arange(0, D)
+    b_a = tl.load(p_a + o_m[:, None] * D + o_d[None, :])
+    b_b = tl.load(p_b + o_n[:, None] * D + o_d[None, :])
+    b_ah, b_al = tf32_split(b_a)
+    acc = dot_split_nt(b_ah, b_al, b_b, tl.zeros((M, N), dtype=tl.float32), PRECISION)
+    tl.store(p_out + o_m[:, None] * N + o_n[None, :], acc)
+
+
+def test_dot_split_is_float32_accurate(device):
+    """Three TF32 products of the split operands: within fastvq.testing's "tf32x3" bound of the
+    float64 product (3 * 2^-22 per product plus float32 accumulation); one TF32 product of the
+    high parts (what a lost low part would leave) errs ~2^-11 and fails it."""
+    import fastvq.testing as ft
+
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(32, 64, generator=g) * 3).to(device)
+    b = (torch.randn(16, 64, generator=g) * 3).to(device)
+    out = torch.empty(32, 16, device=device)
+    _dot_split_kernel[(1,)](a, b, out, M=32, N=16, D=64, PRECISION="tf32x3")
+    exact = a.double() @ b.double().T
+    mag = a.double().abs() @ b.double().abs().T
+    assert ft.error_ratio(out, exact, dtype=torch.float32, reduce_len=64, magnitude=mag, precision="tf32x3",
+                          factor=1.0) <= 1
+    ha, hb = _round_tf32(a.double()), _round_tf32(b.double())  # the high parts alone
+    assert ft.error_ratio((ha @ hb.T).float(), exact, dtype=torch.float32, reduce_len=64, magnitude=mag,
+                          precision="tf32x3") > 1

@@ -57,7 +57,7 @@ def nearest_code_cases(device, quick):
             skip["torch cdist+argmin"] = f"needs {8.0 * n * k / 2**30:.0f} GiB for the N x K matrix"
         providers = {"reference": nearest_code_ref, "compiled": _compiled(nearest_code_ref),
                      "fastvq": _triton(fastvq.nearest_code)}
-        if dt == torch.float32:  # the exact float32 dot runs on FMA units (the H200 run: 7 TFLOP/s); TF32's rate
+        if dt == torch.float32:  # float32 accuracy: three TF32 products ("tf32x3"); one TF32 product's rate
             providers["fastvq tf32"] = _triton(functools.partial(fastvq.nearest_code, allow_tf32=True))
         out.append(Case(
             op="nearest_code", shape={"N": n, "D": d, "K": k}, dtype=dt,

@@ -62,7 +62,7 @@ and grouped levels) runs as it is, around the routed calls.
 
 What differs from unpatched VQP, on purpose, and only there:
 
-- Codes are the exact float32 nearest codes (distances computed in float32 even under
+- Codes are the float32 nearest codes (distances computed in float32 even under
   autocast, on every device; VQP turns autocast off on CUDA only). Two codes whose distances
   differ by less than float32 rounding may come out the other way than in VQP (its
   ``sqrt(clamp(d^2, 1e-8))`` also ties codes closer than 1e-4 to a row; fastvq gives the

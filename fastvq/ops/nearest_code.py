@@ -43,10 +43,13 @@ def nearest_code(
         metric: ``"l2"`` (squared Euclidean), ``"euclidean"`` (``|x - c|``, the same order),
             ``"cosine"`` (``1 - cos``; a zero vector has cosine 0, so distance 1) or ``"dot"``
             (``-<x, c>``, i.e. the largest inner product).
-        allow_tf32: fp32 inputs only. By default the fp32 dot products are exact IEEE fp32
-            ("ieee" input precision), so the index is the exact nearest code except for
-            near-ties (gaps below ~1e-6 relative). ``True`` runs them as tf32 on the tensor
-            cores: several times faster, but codes within ~1e-3 relative may swap.
+        allow_tf32: fp32 inputs only. By default the fp32 dot products keep float32 accuracy:
+            on a GPU with TF32 tensor cores (sm_80 and later) each operand is split into two
+            TF32 parts and three TF32 products run on the tensor cores (``"tf32x3"``: each
+            product within ``3 * 2^-22`` relative, besides the float32 accumulation), elsewhere
+            exact IEEE fp32 on the FMA units; either way the index is the exact nearest code
+            except for near-ties (gaps below ~1e-6 relative). ``True`` runs one TF32 product:
+            faster still, but codes within ~1e-3 relative may swap.
             float16/bfloat16 always use the tensor cores with float32 accumulation.
 
     Returns:

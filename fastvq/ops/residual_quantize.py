@@ -261,7 +261,10 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     scale until its residual is representable again, so its later levels get their nearest codes
     too (both backends, bitwise the same rows).
 
-    Precision: float32 codebooks are searched in exact float32 (IEEE dot). For bfloat16/float16
+    Precision: float32 codebooks are searched in float32 accuracy: three TF32 products of the
+    operands' two-part splits on a GPU with TF32 tensor cores (each product within ``3 * 2^-22``
+    relative; :func:`fastvq.nearest_code`'s ``allow_tf32``), exact IEEE products elsewhere, float32
+    accumulation. For bfloat16/float16
     codebooks the Triton kernel rounds the residual to the codebook dtype for the ``r.c`` dot
     (tensor cores, float32 accumulation), so near-ties may resolve differently than in float32;
     the residual, ``|c|^2`` and ``quantized`` stay float32. For ``D > 256`` the kernel keeps the
@@ -391,8 +394,9 @@ def residual_quantize_step(
             ``candidates_ok (L, S)`` bool (residual finite in the dtype of ``codebooks``, finite
             code, nonzero weight: a candidate flagged ok is finite in that dtype): dead-code
             replacements that split a used code's cell.
-        allow_tf32: search float32 with TF32 dot products on the tensor cores (Triton path;
-            default exact float32). The modules pass what torch does for its own float32
+        allow_tf32: search float32 with one TF32 dot product on the tensor cores (Triton path;
+            default float32 accuracy: three TF32 products of split operands, or exact IEEE
+            products on a GPU without TF32). The modules pass what torch does for its own float32
             matmuls (``torch.set_float32_matmul_precision("high")`` turns it on).
 
     Returns:

@@ -1,0 +1,64 @@
+"""float32 inputs are searched to float32 accuracy, also where the Triton kernels run the dot as
+three TF32 products of split operands ("tf32x3", every GPU with TF32 tensor cores, and the
+interpreter): on codebooks built of near-duplicate pairs, where one TF32 product (11-bit
+operands) picks the farther code of a pair in a good share of the rows, every row's code is
+within fastvq.testing's "tf32x3" rounding bound of the nearest (3 * 2^-22 per product besides the
+float32 accumulation). Dropping the low parts of the split (one TF32 product of the high parts)
+fails each Triton case here but the last: residual_quantize's D-chunked kernel (float32 rows
+wider than 128) keeps the exact "ieee" dot, held to the same criterion.
+"""
+
+import pytest
+import torch
+
+import fastvq
+from fastvq.testing import argmin_ratio
+
+
+def _near_pairs(N, K, D, seed, eps=1e-3, device="cpu"):
+    """Rows and a codebook of K/2 pairs ``c, c + eps w``: a row's two nearest codes differ by about
+    ``eps |x - c|``, ~1e-4 of the distances' magnitude: far above float32's rounding (and the
+    "tf32x3" bound), well below one TF32 product's."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(K // 2, D, generator=g)
+    codes = torch.stack([base, base + eps * torch.randn(K // 2, D, generator=g)], 1).reshape(K, D)
+    x = base[torch.randint(0, K // 2, (N,), generator=g)] + 0.3 * torch.randn(N, D, generator=g)
+    return x.to(device), codes.to(device)
+
+
+def _check(x, codes, idx, metric):
+    ratio = argmin_ratio(x, codes, idx, metric, precision="tf32x3")[0]
+    assert (ratio <= 1).all(), (f"{int((ratio > 1).sum())} of {ratio.numel()} rows chose a code farther than "
+                                f"float32 rounding explains (worst ratio {float(ratio.max()):.3g})")
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
+@pytest.mark.parametrize("layout", ["resident", "streamed"])
+def test_nearest_code_float32_is_float32_accurate(backend, device, monkeypatch, metric, layout):
+    import fastvq.kernels.nearest_code as knc
+
+    D = 32
+    if layout == "streamed":  # D in 32-wide chunks, the last one partial (as for any D > 64)
+        monkeypatch.setattr(knc, "RESIDENT_MAX_D_X3", 16)
+        D = 48
+    x, codes = _near_pairs(256, 64, D, seed=D, device=device)
+    idx, _ = fastvq.nearest_code(x, codes, metric)
+    _check(x, codes, idx, metric)
+
+
+def test_residual_quantize_float32_is_float32_accurate(backend, device):
+    x, codes = _near_pairs(256, 64, 32, seed=5, device=device)
+    for cbs in (codes[None], torch.stack([codes, 0.5 * codes])):  # the VectorQuantizer's L = 1; two levels
+        _, idx = fastvq.residual_quantize(x, cbs)
+        _check(x, cbs[0], idx[:, 0], "l2")
+        if cbs.shape[0] == 2:  # the second level searches the residual the kernel formed
+            _check(x - cbs[0][idx[:, 0]], cbs[1], idx[:, 1], "l2")
+
+
+def test_residual_quantize_chunked_float32_is_float32_accurate(device):
+    """The D-chunked kernel (D > 128 for float32; forced here at D = 48): the exact dot."""
+    from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+    x, codes = _near_pairs(256, 64, 48, seed=6, device=device)
+    idx = residual_quantize_fwd(x, codes[None], max_register_d=1)["codes"]
+    _check(x, codes, idx[:, 0], "l2")
