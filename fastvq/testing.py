@@ -100,7 +100,8 @@ _ALIASES = {
 
 #: Relative error of one float32 product computed as three TF32 products (``precision="tf32x3"``):
 #: ``a = a_hi + a_lo + r_a`` with ``|r_a| <= 2^-22 |a|`` (both parts rounded to nearest), and
-#: ``a_lo b_lo`` (at most ``2^-22 |a b|``) left out.
+#: ``a_lo b_lo`` (at most ``2^-22 |a b|``) left out. (Below float32's normal range the parts keep
+#: TF32's fixed spacing 2^-136: :func:`argmin_ratio` adds that floor for dot and cosine.)
 TF32X3_ERROR = 3 * 2.0**-22
 
 
@@ -333,6 +334,25 @@ def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     raise ValueError(f"fastvq.testing: unknown metric {metric!r}; expected 'l2', 'cosine' or 'dot'")
 
 
+def _tf32x3_floor(x2: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    """The "tf32x3" split's absolute floor for dot and cosine scores, ``(N, K)`` float64. TF32's
+    spacing below float32's normal range is 2^-136, so each entry of an operand as the kernel
+    splits it loses up to 2^-137 of the operand's unit: a row scaled to ``[1, 2)`` (unit
+    ``2^e <= max|x|``), a code as it is (unit 1) or, in a codebook outside ``[2^-20, 2^20]``,
+    scaled to its own ``[1, 2)`` (unit ``<= max|c|``). Per product at most
+    ``2^-136 max|x| max(1, max|c|)``: no relative bound covers it for entries ~2^126 below their
+    row's largest (l2's ``|c|^2`` term dwarfs it)."""
+    x64, c64 = x2.detach().double(), codebook.detach().double()
+    n = x64.shape[-1]
+    xm = x64.abs().amax(-1, keepdim=True) if n else x64.new_zeros((x64.shape[0], 1))
+    cm = (c64.abs().amax(-1) if n else c64.new_zeros(c64.shape[0])).clamp_min(1.0)[None, :]
+    floor = n * 2.0**-136 * xm * cm
+    if metric == "cosine":
+        nx, nc = x64.norm(dim=-1, keepdim=True), c64.norm(dim=-1)[None, :]
+        floor = floor * torch.where(nx > 0, 1 / nx, 0.0) * torch.where(nc > 0, 1 / nc, 0.0)
+    return torch.where(floor.isfinite(), floor, 0.0)
+
+
 def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str = "l2",
                  precision: DTypeLike | None = None, *, factor: float = ACCUMULATION_FACTOR):
     """Per-row ratio ``(d[chosen] - d_min) / allowed`` in float64; a row passes at ``<= 1``.
@@ -362,6 +382,8 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rel = factor * (_operand_error(dtype, precision) + gamma(n, UNIT_ROUNDOFF[acc]) * (1 + _operand_error(dtype, precision)))
     b = rel * mag + n * _subnormal(torch.float32)
+    if _fmt(precision) == "tf32x3" and metric in ("dot", "cosine") and d.numel():
+        b = b + _tf32x3_floor(x2, codebook, metric)
     K = d.shape[1]
     in_range = (idx >= 0) & (idx < K)
     safe = idx.clamp(0, max(K - 1, 0))

@@ -103,8 +103,13 @@ def tf32_split(b):
     rounded to nearest (ties away from zero) with integer ops: ``|b - hi - lo| <= 2^-22 |b|`` (at
     least 2^-137: TF32's spacing below float32's normal range is 2^-136) and a
     product of two parts is exact in float32, on the tensor cores and under the interpreter alike
-    (see :func:`dot_split_nt`). Finite ``b`` below 2^127 (the kernels scale their operands first)."""
+    (see :func:`dot_split_nt`). NaN stays NaN in ``hi`` (a GPU's NaN, 0x7FFFFFFF, would carry into
+    the sign bit and round to -0), so a NaN operand still makes its products NaN; infinities stay
+    infinite, and so do finite values from (2 - 2^-11) 2^127 on (``hi`` rounds up to +-inf): the
+    search kernels scale rows and codes by powers of two first, and residual_quantize searches a
+    row beyond 2^48 again scaled by 2^-96 (a code that large scores +inf either way)."""
     hi = ((b.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    hi = tl.where(b == b, hi, b)
     r = b - hi  # exact: at most 13 significant bits
     lo = ((r.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return hi, lo

@@ -469,10 +469,28 @@ CONFIGS_16BIT += [(64, 32, 8, 2)]  # the narrowest wgmma tile
 CONFIGS_16BIT_SAMPLE = CONFIGS_16BIT + [(32, 32, 8, 2)]
 CONFIGS_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 8, 2)]
 # float32 as three TF32 products ("tf32x3"): wgmma tiles (64 rows and more); the split x tile is
-# resident up to D = 64 (RESIDENT_MAX_D_X3), wider rows stream 32-wide chunks (ptxas, sm_90:
-# 114-248 registers, no spill; 64 x 128 spilled at D = 64, every tile at D = 128 resident).
-CONFIGS_X3 = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2),
-              (64, 128, 8, 2)]
+# resident up to D = 64 (RESIDENT_MAX_D_X3), wider rows stream 32-wide chunks. Their registers do
+# not follow a linear model (sm_80: 64 x 64 at 8 warps spills at D = 64 where 64 x 32 at 4 warps,
+# with twice the x tile per thread, does not), so each tile's registers are listed as ptxas gave
+# them at the benchmark shapes (benchmarks/results/sm90-static.json, the most of triton 3.6 and
+# 3.8, plus 8 for drift), per target family and layout ("r32": resident, BLOCK_D <= 32; "r64":
+# resident, 64; "s": streamed, BLOCK_D 32); a tile not listed is pruned. Left out: every tile at
+# D = 128 resident and 64 x 128 at 64 (spilled on sm_90), 64 x 64 on sm_80 at D <= 64 (255
+# registers; spilled 56-368 B at 64), 128 x 64 (245-255 on sm_90), and on sm_80 streamed every
+# tile but 64 x 32 at 8 warps (247-255 registers). The pinned 32 x 32 tile (FASTVQ_AUTOTUNE=0)
+# runs mma.sync.
+CONFIGS_X3 = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)]
+_X3_REGS = {
+    ("sm_90", "r32"): {(128, 32, 8, 2): 138, (64, 32, 4, 2): 124, (64, 32, 8, 2): 132, (64, 64, 8, 2): 138,
+                       (64, 64, 8, 3): 134, (32, 32, 8, 2): 202},
+    ("sm_90", "r64"): {(128, 32, 8, 2): 174, (64, 32, 4, 2): 196, (64, 32, 8, 2): 186, (64, 64, 8, 2): 216,
+                       (64, 64, 8, 3): 234, (32, 32, 8, 2): 226},
+    ("sm_90", "s"): {(128, 32, 8, 2): 169, (64, 32, 4, 2): 168, (64, 32, 8, 2): 128, (64, 64, 8, 2): 140,
+                     (64, 64, 8, 3): 136, (32, 32, 8, 2): 180},
+    ("sm_80", "r32"): {(128, 32, 8, 2): 216, (64, 32, 4, 2): 176, (64, 32, 8, 2): 206, (32, 32, 8, 2): 200},
+    ("sm_80", "r64"): {(128, 32, 8, 2): 248, (64, 32, 8, 2): 238, (32, 32, 8, 2): 234},
+    ("sm_80", "s"): {(64, 32, 8, 2): 213, (32, 32, 8, 2): 174},
+}
 
 # Registers per thread = base + a * (x tile words) + b * (score tile words), by target family,
 # element size and variant (plain search, mining's lower bound, Gumbel sampling); fitted to
@@ -481,11 +499,11 @@ _REGISTER_MODELS = {
     ("sm_90", 2, "plain"): (196, (0.25, 1.75)), ("sm_90", 2, "bound"): (206, (1.0, 1.0)),
     ("sm_90", 2, "sample"): (233, (0.5, 1.75)),
     ("sm_90", 4, "plain"): (159, (0.25, 5.75)), ("sm_90", 4, "bound"): (231, (0.25, 1.0)),
-    ("sm_90", 4, "sample"): (135, (1.0, 7.0)), ("sm_90", 4, "x3"): (172, (0.5, 2.5)),
+    ("sm_90", 4, "sample"): (135, (1.0, 7.0)),
     ("sm_80", 2, "plain"): (176, (0.25, 1.75)), ("sm_80", 2, "bound"): (195, (1.0, 1.75)),
     ("sm_80", 2, "sample"): (239, (0.5, 1.0)),
     ("sm_80", 4, "plain"): (123, (0.25, 8.0)), ("sm_80", 4, "bound"): (231, (0.25, 1.0)),
-    ("sm_80", 4, "sample"): (137, (1.0, 6.75)), ("sm_80", 4, "x3"): (172, (0.5, 2.5)),
+    ("sm_80", 4, "sample"): (137, (1.0, 6.75)),
 }
 _SCRATCH = 4096  # shared memory for the row reductions' layout conversions (measured <= 4 KiB)
 
@@ -520,8 +538,10 @@ def _estimate(config, named_args, **kwargs) -> dict:
         shared = (bn + bk * code_stages) * d * elt + extra + _SCRATCH
     else:
         shared = (bn + bk) * s * d * elt + extra + _SCRATCH
-    variant = ("bound" if kwargs.get("HAS_LOWER_BOUND", False) else "sample" if sample
-               else "x3" if kwargs.get("PRECISION") == "tf32x3" else "plain")
+    if x3:  # the listed registers (see _X3_REGS); 256 (pruned) for a tile not listed
+        layout = ("r32" if d <= 32 else "r64") if kwargs.get("ONE_D_BLOCK", True) else "s"
+        return {"shared": shared, "regs": _X3_REGS[(fam, layout)].get((bn, bk, w, s), 256)}
+    variant = "bound" if kwargs.get("HAS_LOWER_BOUND", False) else "sample" if sample else "plain"
     model = _REGISTER_MODELS[(fam, 4 if elt == 4 else 2, variant)]
     regs = register_estimate(model, words_per_thread(bn, d, w, elt), words_per_thread(bn, bk, w))
     return {"shared": shared, "regs": regs}

@@ -368,17 +368,19 @@ _SCRATCH = 2048  # shared memory besides the code tiles (reductions; measured <=
 
 # float32 searched as three TF32 products ("tf32x3", the register variant at BLOCK_D <= X3_MAX_D):
 # the residual's split parts and the code tile's stay beside the register blocks, more than a
-# linear model tells apart, so its tiles are listed with ptxas's registers (sm_90, the most of
-# triton 3.6 and 3.8, training-step flags, 8 warps stating maxnreg 255; probed 2026-12-04). Every
-# other tile of the list spilled at BLOCK_D = 64 (16 x 16 at 255 registers; 64-row tiles 240-384 B
-# with triton 3.6), and at BLOCK_D = 128 all but one; wider rows keep the exact "ieee" dot. (16 x 16
-# at 8 warps, 2 stages, is the pinned config: 230-255 registers, no spill.)
+# linear model tells apart, so its tiles are listed with ptxas's registers, 8 warps stating maxnreg
+# 255 (BLOCK_D 64: the benchmark step's launches, benchmarks/results/sm90-static.json, the most of
+# triton 3.6 and 3.8 and of sm_80 and sm_90, plus 8 for drift, at most 255; BLOCK_D <= 32: probed on
+# sm_90 only, 2026-12-04, plus 20). Every other tile spilled at BLOCK_D = 64 (16 x 16 at 4 warps;
+# 64-row tiles 240-384 B with triton 3.6), and at BLOCK_D = 128 all but one: wider rows keep the
+# exact "ieee" dot. 16 x 16, 2 stages, is the pinned config (FASTVQ_AUTOTUNE=0): 255 registers, no
+# spill; autotuning prunes it (the estimate keeps a margin below 255).
 X3_MAX_D = 64
 _X3_TILES = {  # BLOCK_D -> {(BLOCK_M, BLOCK_K, num_warps, num_stages): registers}
-    64: {(16, 16, 8, 2): 255, (16, 32, 8, 2): 221, (16, 32, 8, 3): 220, (16, 64, 8, 2): 218, (16, 64, 8, 3): 222,
-         (32, 64, 8, 2): 235},
-    32: {(16, 16, 8, 2): 206, (16, 16, 8, 3): 216, (16, 32, 8, 2): 195, (16, 32, 8, 3): 206, (16, 64, 8, 2): 203, (16, 64, 8, 3): 223, (32, 64, 8, 2): 236,
-         (32, 64, 8, 3): 242, (64, 16, 8, 2): 222, (64, 16, 8, 3): 228, (64, 32, 8, 2): 231, (64, 32, 8, 3): 235},
+    64: {(16, 16, 8, 2): 255, (16, 32, 8, 2): 227, (16, 32, 8, 3): 242, (16, 64, 8, 2): 244, (16, 64, 8, 3): 249,
+         (32, 64, 8, 2): 255},
+    32: {(16, 16, 8, 2): 226, (16, 16, 8, 3): 236, (16, 32, 8, 2): 215, (16, 32, 8, 3): 226, (16, 64, 8, 2): 223,
+         (16, 64, 8, 3): 243, (32, 64, 8, 2): 255, (64, 16, 8, 2): 242, (64, 16, 8, 3): 248, (64, 32, 8, 2): 251},
 }
 
 

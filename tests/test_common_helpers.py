@@ -100,6 +100,18 @@ def test_tf32_split_parts_are_rounded_tf32_and_sum_to_x(device):
     assert (rest[big] <= 2.0**-22 * x64.abs()[big]).all()
 
 
+def test_tf32_split_keeps_nan_and_inf(device):
+    """NaN in, NaN in ``hi`` for every payload (a GPU's NaN, 0x7FFFFFFF, would round to -0 through
+    the integer add: a NaN row's products would be finite); infinities stay infinite."""
+    bits = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001, -4194304, 0x7FFFF000, -4096, 0x7F800000,
+                         -8388608], dtype=torch.int64).to(torch.int32)  # (-1: 0xFFFFFFFF; -8388608: -inf)
+    x = bits.view(torch.float32).to(device)
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _tf32_split_kernel[(1,)](x, hi, lo, x.numel(), BLOCK=16)
+    assert hi[:7].isnan().all(), hi[:7].view(torch.int32).tolist()
+    assert hi[7] == float("inf") and hi[8] == float("-inf")
+
+
 @triton.jit
 def _dot_split_kernel(p_a, p_b, p_out, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                       PRECISION: tl.constexpr):

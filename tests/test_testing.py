@@ -332,3 +332,16 @@ def test_an_expected_value_from_the_overflow_midpoint_on_is_inf(dtype, half_ulp)
                         magnitude=big)
     assert torch.tensor([big + half_ulp], dtype=torch.float64).to(dtype).isinf().all()
     assert torch.tensor([big + 0.75 * half_ulp], dtype=torch.float64).to(dtype).isfinite().all()
+
+
+def test_tf32x3_bound_holds_the_split_floor_and_nothing_more():
+    """precision="tf32x3" on dot: a choice that only the split's floor (entries 2^126 below the
+    row's largest lose up to 2^-137 of its unit) can explain passes; the same wrong choice where the
+    entries are normal (the split keeps them) fails, and the default (ieee) bound rejects both."""
+    x = torch.tensor([[0.0, 1.0]])
+    for t, passes in ((2.0**-140, True), (2.0**-100, False)):
+        c = torch.tensor([[1.0, -t], [1.0, t]])  # code 1 is nearer (larger inner product) by 2t
+        wrong = torch.tensor([0])
+        assert (float(ft.argmin_ratio(x, c, wrong, "dot", precision="tf32x3")[0].max()) <= 1) == passes
+        assert float(ft.argmin_ratio(x, c, wrong, "dot")[0].max()) > 1
+        assert float(ft.argmin_ratio(x, c, torch.tensor([1]), "dot", precision="tf32x3")[0].max()) == 0

@@ -62,3 +62,19 @@ def test_residual_quantize_chunked_float32_is_float32_accurate(device):
     x, codes = _near_pairs(256, 64, 48, seed=6, device=device)
     idx = residual_quantize_fwd(x, codes[None], max_register_d=1)["codes"]
     _check(x, codes, idx[:, 0], "l2")
+
+
+@pytest.mark.parametrize("payload", [0x7FFFFFFF, 0x7FC00000, -1], ids=hex)
+def test_nan_of_any_payload_is_a_nan_row(device, payload):
+    """A row holding a NaN of any bit pattern (a GPU's arithmetic makes 0x7FFFFFFF, which the
+    split's integer rounding would turn into -0 were it not kept NaN: test_common_helpers) takes
+    the contract's code on both backends, at every level."""
+    x, codes = _near_pairs(8, 16, 32, seed=9, device=device)
+    x[3, 5] = torch.tensor([payload], dtype=torch.int64).to(torch.int32).view(torch.float32)[0]
+    cbs = torch.stack([codes, 0.5 * codes])
+    got = {}
+    for be in ("triton", "reference"):
+        with fastvq.backend(be):
+            got[be] = (fastvq.nearest_code(x, codes)[0], fastvq.residual_quantize(x, cbs)[1])
+    assert torch.equal(got["triton"][0], got["reference"][0])
+    assert torch.equal(got["triton"][1], got["reference"][1]), (got["triton"][1][3], got["reference"][1][3])
