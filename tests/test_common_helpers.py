@@ -8,6 +8,7 @@ import triton.language as tl
 
 from fastvq.kernels._common import dot_split_nt, exp2i, tf32_split
 from fastvq.reference.nearest_code import exp2i as exp2i_ref
+from tests.utils import generator, randn
 
 # every exponent from well below float32's subnormals (-149) to beyond its largest power (127),
 # and the int32 extremes (no wrap-around in the shifts)
@@ -73,13 +74,15 @@ def _round_tf32(v: torch.Tensor) -> torch.Tensor:
 
 
 def _split_inputs(device):
-    g = torch.Generator().manual_seed(7)
-    parts = [torch.randn(4000, generator=g) * 2.0 ** torch.randint(-140, 126, (4000,), generator=g).float(),
-             torch.ldexp(torch.ones(39, dtype=torch.float64), torch.arange(-149, 120, 7)),  # powers of two, subnormals included
+    g = generator(7, device)
+    parts = [torch.randn(4000, generator=g, device=device)
+             * 2.0 ** torch.randint(-140, 126, (4000,), generator=g, device=device).float(),
+             # powers of two, subnormals included
+             torch.ldexp(torch.ones(39, dtype=torch.float64), torch.arange(-149, 120, 7)),
              1.0 + torch.arange(-40, 40) * 2.0**-23,  # around the ties of the first split (2^-11 apart)
              torch.tensor([0.0, -0.0, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-11 + 2.0**-22,
                            float.fromhex("0x1.ffcp126"), -float.fromhex("0x1.ffbffep126"), 1e-45, -3e-39])]
-    x = torch.cat([p.float() for p in parts])
+    x = torch.cat([p.float().to(device) for p in parts])
     return torch.cat([x, -x]).to(device)
 
 
@@ -129,9 +132,8 @@ def test_dot_split_is_float32_accurate(device):
     high parts (what a lost low part would leave) errs ~2^-11 and fails it."""
     import fastvq.testing as ft
 
-    g = torch.Generator().manual_seed(3)
-    a = (torch.randn(32, 64, generator=g) * 3).to(device)
-    b = (torch.randn(16, 64, generator=g) * 3).to(device)
+    a = randn(32, 64, seed=3, scale=3.0, device=device)
+    b = randn(16, 64, seed=4, scale=3.0, device=device)
     out = torch.empty(32, 16, device=device)
     _dot_split_kernel[(1,)](a, b, out, M=32, N=16, D=64, PRECISION="tf32x3")
     exact = a.double() @ b.double().T

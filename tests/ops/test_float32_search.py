@@ -13,17 +13,18 @@ import torch
 
 import fastvq
 from fastvq.testing import argmin_ratio
+from tests.utils import generator, randn
 
 
-def _near_pairs(N, K, D, seed, eps=1e-3, device="cpu"):
+def _near_pairs(N, K, D, seed, eps=1e-3, device=None):
     """Rows and a codebook of K/2 pairs ``c, c + eps w``: a row's two nearest codes differ by about
     ``eps |x - c|``, ~1e-4 of the distances' magnitude: far above float32's rounding (and the
     "tf32x3" bound), well below one TF32 product's."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(K // 2, D, generator=g)
-    codes = torch.stack([base, base + eps * torch.randn(K // 2, D, generator=g)], 1).reshape(K, D)
-    x = base[torch.randint(0, K // 2, (N,), generator=g)] + 0.3 * torch.randn(N, D, generator=g)
-    return x.to(device), codes.to(device)
+    base = randn(K // 2, D, seed=seed, device=device)
+    codes = torch.stack([base, base + eps * randn(K // 2, D, seed=seed + 1, device=device)], 1).reshape(K, D)
+    pick = torch.randint(0, K // 2, (N,), generator=generator(seed + 2, device), device=base.device)
+    x = base[pick] + 0.3 * randn(N, D, seed=seed + 3, device=device)
+    return x, codes
 
 
 def _check(x, codes, idx, metric):
