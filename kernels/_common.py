@@ -168,12 +168,24 @@ def tl_input_precision(dtype: torch.dtype, allow_tf32: bool = False, split_on=No
     ``allow_tf32``); for float32 otherwise ``"tf32x3"`` when the kernel splits its operands itself
     (:func:`dot_split_nt`; its launcher passes the device as ``split_on``) and that device's target
     has TF32 tensor cores (sm_80 and later; under the interpreter, :data:`DEFAULT_TARGET`), else
-    exact ``"ieee"`` (the FMA units; several times slower on a GPU)."""
+    exact ``"ieee"`` (the FMA units; several times slower on a GPU). ``$FASTVQ_FP32_DOT=ieee``
+    (read at every launch) keeps float32 on the exact dot everywhere."""
     if dtype != torch.float32 or allow_tf32:
         return "tf32"
-    if split_on is not None and target_for(split_on).capability >= 80:
+    if split_on is not None and target_for(split_on).capability >= 80 and fp32_dot_mode() == "auto":
         return "tf32x3"
     return "ieee"
+
+
+FP32_DOT_ENV = "FASTVQ_FP32_DOT"
+
+
+def fp32_dot_mode() -> str:
+    """``$FASTVQ_FP32_DOT``: ``"ieee"`` (exact float32 products on the FMA units: the results of
+    fastvq before the split, several times slower) or ``"auto"`` (the default: float32 searches as
+    three TF32 products where the kernel and the GPU can). The ops reject any other value
+    (``fastvq._checks.check_fp32_dot_env``) before a launcher reads it."""
+    return "ieee" if os.environ.get(FP32_DOT_ENV, "").strip().lower() == "ieee" else "auto"
 
 
 def next_pow2(n: int) -> int:

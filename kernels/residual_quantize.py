@@ -460,6 +460,8 @@ _prune_chunked_configs.estimate = _estimate_chunked
 
 
 _FLAGS = ["SEARCH", "HAS_W", "LOSS", "STATS", "CAND"]
+# (the tuning key holds PRECISION too: float32's "tf32x3", "ieee" and "tf32" launches prune to
+# different tiles, and a config tuned for one must not run the other)
 # the forward's atomic outputs (STATS; without it they stand for the quantized output, which the
 # launch writes whole): the autotuner zeroes them around its timed launches
 _ATOMIC_OUTPUTS = ["p_counts", "p_sums", "p_skip"]
@@ -632,7 +634,7 @@ def _stats_fixup_if_last(
                      HAS_W, FIX_M, FIX_R, FIX_D)
 
 
-@autotune(configs=_configs("residual_quantize", maxnreg=255), key=["D", "K", "L", *_FLAGS],
+@autotune(configs=_configs("residual_quantize", maxnreg=255), key=["D", "K", "L", "PRECISION", *_FLAGS],
           prune_configs_by={"early_config_prune": _prune_register_configs}, reset_to_zero=_ATOMIC_OUTPUTS)
 @triton.jit
 def _residual_quantize_fwd_kernel(
@@ -757,7 +759,7 @@ def _residual_quantize_fwd_kernel(
                              HAS_W, FIX_M, FIX_R, FIX_D)
 
 
-@autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", *_FLAGS],
+@autotune(configs=_configs("residual_quantize_chunked"), key=["D", "K", "L", "PRECISION", *_FLAGS],
           prune_configs_by={"early_config_prune": _prune_chunked_configs}, reset_to_zero=_ATOMIC_OUTPUTS)
 @triton.jit
 def _residual_quantize_fwd_chunked_kernel(

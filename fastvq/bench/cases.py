@@ -29,7 +29,8 @@ from fastvq.reference.rotation_trick import rotation_trick_ref
 from fastvq.reference.sample_code import sample_code_ref
 from fastvq.reference.topk_codes import topk_codes_ref
 
-from .registry import OP_ROWS, Case, compiled as _compiled, fits as _fits, on_triton as _triton, register
+from .registry import (OP_ROWS, Case, compiled as _compiled, exact_fp32 as _exact_fp32, fits as _fits,
+                       on_triton as _triton, register)
 from .peers import (seed_cdist_argmin, seed_householder, seed_onehot_stats, seed_pairwise_kl_loss,
                     vqpt_rotate_to)
 
@@ -57,7 +58,8 @@ def nearest_code_cases(device, quick):
             skip["torch cdist+argmin"] = f"needs {8.0 * n * k / 2**30:.0f} GiB for the N x K matrix"
         providers = {"reference": nearest_code_ref, "compiled": _compiled(nearest_code_ref),
                      "fastvq": _triton(fastvq.nearest_code)}
-        if dt == torch.float32:  # float32 accuracy: three TF32 products ("tf32x3"); one TF32 product's rate
+        if dt == torch.float32:  # float32 accuracy: three TF32 products ("tf32x3"); the exact dot; one TF32 product
+            providers["fastvq ieee"] = _triton(_exact_fp32(fastvq.nearest_code))
             providers["fastvq tf32"] = _triton(functools.partial(fastvq.nearest_code, allow_tf32=True))
         out.append(Case(
             op="nearest_code", shape={"N": n, "D": d, "K": k}, dtype=dt,

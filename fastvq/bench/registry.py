@@ -102,6 +102,27 @@ def on_triton(fn: Callable) -> Callable:
     return run
 
 
+def exact_fp32(fn: Callable) -> Callable:
+    """Wrap ``fn`` to run float32 on the exact FMA dot (``$FASTVQ_FP32_DOT=ieee`` around each
+    call, a ``fastvq ieee`` provider): the search as fastvq ran it before the TF32 split, timed
+    beside the default in the same run."""
+    import os
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        old = os.environ.get("FASTVQ_FP32_DOT")
+        os.environ["FASTVQ_FP32_DOT"] = "ieee"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if old is None:
+                del os.environ["FASTVQ_FP32_DOT"]
+            else:
+                os.environ["FASTVQ_FP32_DOT"] = old
+
+    return run
+
+
 def on_reference(fn: Callable) -> Callable:
     """Wrap ``fn`` to run under the pure-torch reference backend (eager)."""
     import fastvq

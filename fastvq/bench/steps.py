@@ -23,7 +23,7 @@ import fastvq
 
 from . import seed_modules as seeds
 from .peers import seed_householder, seed_pairwise_kl_loss
-from .registry import STEP_ROWS, Case, compiled, on_reference, on_triton, register
+from .registry import STEP_ROWS, Case, compiled, exact_fp32, on_reference, on_triton, register
 
 M = 1 << 20
 HAVE_VQP = all(importlib.util.find_spec(p) is not None for p in ("vector_quantize_pytorch", "einops", "einx"))
@@ -103,10 +103,13 @@ def _quantizer_case(kind, n, d, k, levels, dt, device):
     skip = {} if HAVE_VQP else {"vqp": NO_VQP}
     if kind == "rotation" and levels:
         skip["seed"] = skip["seed compiled"] = "the seed has no rotation trick for residual levels"
+    providers = {"reference": on_reference(lambda own, seed, vqp, x, g: _step(own, x, g)),
+                 "fastvq": on_triton(lambda own, seed, vqp, x, g: _step(own, x, g))}
+    if dt == torch.float32:  # the step with the exact float32 dot (before the TF32 split)
+        providers["fastvq ieee"] = on_triton(exact_fp32(lambda own, seed, vqp, x, g: _step(own, x, g)))
     return Case(
         op=name, shape=shape, dtype=dt, make=make,
-        providers={"reference": on_reference(lambda own, seed, vqp, x, g: _step(own, x, g)),
-                   "fastvq": on_triton(lambda own, seed, vqp, x, g: _step(own, x, g))},
+        providers=providers,
         peers={"seed": lambda own, seed, vqp, x, g: seed_step(seed, x, g),
                "seed compiled": lambda own, seed, vqp, x, g: seed_compiled(seed, x, g),
                "vqp": lambda own, seed, vqp, x, g: _vqp_step(vqp, x, g)},

@@ -66,7 +66,8 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
     Returns ``(x3 (H, N, D), codebook3 (H, K, D), lead, allow_tf32)``: detached, one promoted
     float dtype; ``lead`` is ``x.shape[:-1]``, the shape of the results; ``allow_tf32`` a bool.
     """
-    from .._checks import check_bool_arg, check_float, check_metric, check_same_device, check_tensor
+    from .._checks import (check_bool_arg, check_float, check_fp32_dot_env, check_metric, check_same_device,
+                           check_tensor)
 
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "codebook", codebook)
@@ -88,6 +89,7 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
         raise TypeError(f"fastvq.{op}: metric must be a str, got {type(metric).__name__}")
     check_metric(op, metric)
     allow_tf32 = check_bool_arg(op, "allow_tf32", allow_tf32)  # (NumPy bools too, as every flag)
+    check_fp32_dot_env(op)
     x, codebook = x.detach(), codebook.detach()
     if x.dtype != codebook.dtype:
         dtype = torch.promote_types(x.dtype, codebook.dtype)

@@ -11,8 +11,8 @@ import torch
 
 from .._backend import use_triton
 from ._custom_op import custom_op, first_order_only
-from .._checks import (assert_async, check_bool_arg, check_float, check_index_range, check_last_dim, check_same_device, check_tensor,
-                       finite_limit)
+from .._checks import (assert_async, check_bool_arg, check_float, check_fp32_dot_env, check_index_range, check_last_dim,
+                       check_same_device, check_tensor, finite_limit)
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
 
 __all__ = ["residual_quantize", "residual_quantize_step", "ResidualQuantizeStep", "residual_decode", "GRADS",
@@ -208,6 +208,7 @@ def _check(op: str, x, codebooks) -> tuple[int, int, int]:
     check_float(op, "codebooks", codebooks)
     check_same_device(op, x=x, codebooks=codebooks)
     check_last_dim(op, "x", x, "codebooks", codebooks)
+    check_fp32_dot_env(op)
     L, K, D = codebooks.shape
     if L == 0 or K == 0 or D == 0:
         raise ValueError(

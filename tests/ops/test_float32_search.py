@@ -79,3 +79,31 @@ def test_nan_of_any_payload_is_a_nan_row(device, payload):
             got[be] = (fastvq.nearest_code(x, codes)[0], fastvq.residual_quantize(x, cbs)[1])
     assert torch.equal(got["triton"][0], got["reference"][0])
     assert torch.equal(got["triton"][1], got["reference"][1]), (got["triton"][1][3], got["reference"][1][3])
+
+
+def test_fp32_dot_env_forces_the_exact_dot(device, monkeypatch):
+    """$FASTVQ_FP32_DOT=ieee keeps float32 on the exact dot (read at every launch: a benchmark times
+    both in one run); the default splits; the ops refuse any other value with a ValueError naming
+    the variable."""
+    from fastvq.kernels import _common
+
+    dev = torch.device(device)
+    monkeypatch.delenv("FASTVQ_FP32_DOT", raising=False)
+    split = "tf32x3" if _common.target_for(dev).capability >= 80 else "ieee"  # (no TF32 before sm_80)
+    assert _common.tl_input_precision(torch.float32, split_on=dev) == split
+    assert _common.tl_input_precision(torch.float32) == "ieee"  # (a kernel that does not split)
+    assert _common.tl_input_precision(torch.float32, allow_tf32=True, split_on=dev) == "tf32"
+    assert _common.tl_input_precision(torch.bfloat16, split_on=dev) == "tf32"
+    monkeypatch.setenv("FASTVQ_FP32_DOT", "IEEE")
+    assert _common.tl_input_precision(torch.float32, split_on=dev) == "ieee"
+    x, codes = _near_pairs(64, 32, 32, seed=11, device=device)
+    with fastvq.backend("triton"):
+        _check(x, codes, fastvq.nearest_code(x, codes)[0], "l2")
+        _check(x, codes, fastvq.residual_quantize(x, codes[None])[1][:, 0], "l2")
+    monkeypatch.setenv("FASTVQ_FP32_DOT", "tf32")  # the ops refuse it, on either backend
+    for be in ("triton", "reference"):
+        with fastvq.backend(be):
+            with pytest.raises(ValueError, match="FASTVQ_FP32_DOT"):
+                fastvq.nearest_code(x, codes)
+            with pytest.raises(ValueError, match="FASTVQ_FP32_DOT"):
+                fastvq.residual_quantize(x, codes[None])
