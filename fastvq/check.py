@@ -36,13 +36,6 @@ def _exact(ok) -> float:
     return 0.0 if bool(ok) else math.inf
 
 
-def _search_precision(dtype):
-    """How the search kernels multiply ``dtype`` operands, as fastvq.testing names it: float32 as
-    three TF32 products of split operands (``"tf32x3"``; on GPUs without TF32 the exact dot, which
-    that bound covers too), 16-bit operands exactly (None)."""
-    return "tf32x3" if dtype == torch.float32 else None
-
-
 def _randn(*shape, device, dtype, scale=1.0):
     return (torch.randn(*shape, device=device) * scale).to(dtype)
 
@@ -99,14 +92,14 @@ def check_nearest_code(device, dtype):
             # the order of l2 (its sqrt adds three roundings: the l2 bound of a reduction 3 longer),
             # and |x - c| computed directly: its square against float64 |x - c|^2 (D + 5 roundings)
             n = 60 + 2
-            ratio, *_ = ft.argmin_ratio(x.reshape(-1, 60), cb, idx.reshape(-1), "l2", _search_precision(dtype),
+            ratio, *_ = ft.argmin_ratio(x.reshape(-1, 60), cb, idx.reshape(-1), "l2", ft.search_precision(dtype),
                                         factor=ft.ACCUMULATION_FACTOR * (n + 3) / n)
             d = ft.distances64(x.reshape(-1, 60), cb, "l2")[0].gather(1, pick).squeeze(1)
             err = ft.error_ratio(dist.reshape(-1).double() ** 2, d, dtype=dtype, reduce_len=60 + 5, magnitude=d,
                                  out_dtype=torch.float32)
             worst = max(worst, float(ratio.max()), err)
             continue
-        ratio, *_ = ft.argmin_ratio(x.reshape(-1, 60), cb, idx.reshape(-1), metric, _search_precision(dtype))
+        ratio, *_ = ft.argmin_ratio(x.reshape(-1, 60), cb, idx.reshape(-1), metric, ft.search_precision(dtype))
         d, mag, n = ft.distances64(x.reshape(-1, 60), cb, metric)
         # the reported distance is float32 (l2 adds the row's |x|^2 back: one more rounding)
         err = ft.error_ratio(dist.reshape(-1), d.gather(1, pick).squeeze(1), dtype=dtype, reduce_len=n + 1,
@@ -149,7 +142,7 @@ def check_residual_quantize(device, dtype):
         idx = codes[:, lvl]
         worst = max(worst, _exact(((idx >= 0) & (idx < 37)).all()))
         worst = max(worst, float(ft.argmin_ratio(r.to(dtype), cbs[lvl], idx.clamp(0, 36), "l2",
-                                                 _search_precision(dtype))[0].max()))
+                                                 ft.search_precision(dtype))[0].max()))
         r = r - cbs[lvl].float()[idx.clamp(0, 36)]
         total = total + cbs[lvl].float()[idx.clamp(0, 36)]
     return max(worst, _exact(torch.equal(q, total.to(dtype))))  # the float32 sum of the codes, one rounding
@@ -380,7 +373,7 @@ def check_residual_quantize_step(device, dtype):
             idx, cb64 = codes[:, lvl], cbs0[lvl].double()
             # the codes: each level's nearest code to the float32 residual the kernel searched with
             worst = max(worst, float(ft.argmin_ratio(r32.to(dtype), cbs0[lvl], idx, "l2",
-                                                     _search_precision(dtype))[0].max()))
+                                                     ft.search_precision(dtype))[0].max()))
             c64 = cb64[idx]
             # candidates: the midpoint (r_l + c_l) / 2 of each candidate row's residual and code,
             # flagged ok where the row has nonzero weight (every residual and code here is finite)

@@ -72,7 +72,7 @@ import torch
 __all__ = [
     "ACCUMULATION_FACTOR", "OUTPUT_ROUNDING", "TF32X3_ERROR", "UNIT_ROUNDOFF", "unit_roundoff", "gamma", "error_bound",
     "error_ratio", "assert_close", "distances64", "argmin_ratio", "assert_argmin_within_bound", "grad_ratio",
-    "assert_grad_nondegenerate", "describe",
+    "assert_grad_nondegenerate", "describe", "search_precision",
 ]
 
 DTypeLike = Union[torch.dtype, str]
@@ -105,7 +105,12 @@ _ALIASES = {
 TF32X3_ERROR = 3 * 2.0**-22
 
 
-def _fmt(dtype: DTypeLike) -> DTypeLike:
+def _fmt(dtype: DTypeLike, precision: bool = False) -> DTypeLike:
+    """The format ``dtype`` names; ``"tf32x3"`` only where a way to multiply is asked for
+    (``precision=True``): it is no storage format (``ValueError`` elsewhere)."""
+    if isinstance(dtype, str) and dtype.lower() == "tf32x3" and not precision:
+        raise ValueError("fastvq.testing: 'tf32x3' is a way to multiply float32 operands, not a format; pass it "
+                         "as precision= (its error per product is TF32X3_ERROR)")
     if isinstance(dtype, torch.dtype):
         if dtype not in UNIT_ROUNDOFF:
             raise ValueError(f"fastvq.testing: no unit roundoff for dtype {dtype}; "
@@ -126,11 +131,7 @@ def unit_roundoff(dtype: DTypeLike) -> float:
     >>> unit_roundoff(torch.bfloat16) == 2**-8
     True
     """
-    fmt = _fmt(dtype)
-    if fmt == "tf32x3":
-        raise ValueError("fastvq.testing: 'tf32x3' is a way to multiply float32 operands (precision=), not a format "
-                         "with a unit roundoff; its error per product is TF32X3_ERROR")
-    return UNIT_ROUNDOFF[fmt]
+    return UNIT_ROUNDOFF[_fmt(dtype)]
 
 
 def gamma(n: float, u: float) -> float:
@@ -153,7 +154,7 @@ def _operand_error(dtype: torch.dtype, precision: DTypeLike | None) -> float:
     """Relative error of one product from rounding the operands inside the kernel."""
     if precision is None:
         return 0.0
-    p = _fmt(precision)
+    p = _fmt(precision, precision=True)
     if p == "tf32" and dtype == torch.float32:
         u = UNIT_ROUNDOFF["tf32"]
         return 2 * u + u * u
@@ -334,6 +335,18 @@ def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     raise ValueError(f"fastvq.testing: unknown metric {metric!r}; expected 'l2', 'cosine' or 'dot'")
 
 
+def search_precision(dtype: torch.dtype):
+    """The ``precision=`` that bounds fastvq's own search kernels on ``dtype`` operands: float32
+    searches as three TF32 products of split operands (``"tf32x3"``; its bound covers the exact
+    dot that GPUs without TF32 and ``$FASTVQ_FP32_DOT=ieee`` run), 16-bit operands multiply
+    exactly (``None``).
+
+    >>> search_precision(torch.float32), search_precision(torch.bfloat16)
+    ('tf32x3', None)
+    """
+    return "tf32x3" if dtype == torch.float32 else None
+
+
 def _tf32x3_floor(x2: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
     """The "tf32x3" split's absolute floor for dot and cosine scores, ``(N, K)`` float64. TF32's
     spacing below float32's normal range is 2^-136, so each entry of an operand as the kernel
@@ -382,7 +395,8 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rel = factor * (_operand_error(dtype, precision) + gamma(n, UNIT_ROUNDOFF[acc]) * (1 + _operand_error(dtype, precision)))
     b = rel * mag + n * _subnormal(torch.float32)
-    if _fmt(precision) == "tf32x3" and metric in ("dot", "cosine") and d.numel():
+    if precision is not None and _fmt(precision, precision=True) == "tf32x3" and metric in ("dot", "cosine") \
+            and d.numel():
         b = b + _tf32x3_floor(x2, codebook, metric)
     K = d.shape[1]
     in_range = (idx >= 0) & (idx < K)

@@ -27,7 +27,8 @@ Design
   of the code sizes; a block makes one pass over the codebook per band its rows hold: one unless
   its rows differ by more than 2^48 in size). Codebook tiles of ``BLOCK_K`` codes stream past:
   ``x @ c.T`` on the tensor cores (fp32 accumulation; float32 inputs as three TF32 products of
-  their two-part splits, ``PRECISION`` "tf32x3", x split once per program: ``_common.dot_split_nt``;
+  their two-part splits, ``PRECISION`` "tf32x3", a resident x tile split once per program, streamed
+  chunks as they load: ``_common.dot_split_nt``;
   mining and sampling, and GPUs without TF32, keep the exact "ieee" FMA dot), the score ``a + b * (x.c)`` (the per-code
   terms of the pass's unit: two vector loads per tile, one FMA per element, as the former
   ``|c|^2 - 2 x.c``), and a running ``(min, index)`` per row in registers is updated. The

@@ -60,7 +60,8 @@ Two forward variants, chosen by the launcher on D (never a crash, never a silent
   in BLOCK_D chunks.
 
 Precision: for float32 codebooks the dot is ``PRECISION`` "tf32x3" where the target has TF32
-tensor cores and rows are at most ``X3_MAX_D`` (64) wide (the residual split into two TF32 parts
+tensor cores, rows are at most ``X3_MAX_D`` (64) wide and there are at most ``X3_MAX_L`` (8)
+levels (the residual split into two TF32 parts
 once per level, each code tile as it loads, three exact TF32 products: ``_common.dot_split_nt``;
 its tiles are listed, ``_X3_TILES``), exact IEEE float32 (``"ieee"``, FMA units) elsewhere, one
 TF32 product with ``allow_tf32``.
@@ -376,6 +377,7 @@ _SCRATCH = 2048  # shared memory besides the code tiles (reductions; measured <=
 # exact "ieee" dot. 16 x 16, 2 stages, is the pinned config (FASTVQ_AUTOTUNE=0): 255 registers, no
 # spill; autotuning prunes it (the estimate keeps a margin below 255).
 X3_MAX_D = 64
+X3_MAX_L = 8  # (BLOCK_L 8: more levels hold more loss partials and codes than the table budgets)
 _X3_TILES = {  # BLOCK_D -> {(BLOCK_M, BLOCK_K, num_warps, num_stages): registers}
     64: {(16, 16, 8, 2): 255, (16, 32, 8, 2): 227, (16, 32, 8, 3): 242, (16, 64, 8, 2): 244, (16, 64, 8, 3): 249,
          (32, 64, 8, 2): 255},
@@ -384,12 +386,14 @@ _X3_TILES = {  # BLOCK_D -> {(BLOCK_M, BLOCK_K, num_warps, num_stages): register
 }
 
 
-def _estimate_x3(config, block_d: int) -> dict:
-    """:func:`_estimate` for a "tf32x3" launch: the listed registers (256, pruned, for a tile not
-    listed), shared memory for the row block's two split parts and ``num_stages + 1`` code tiles
-    (the tiles in flight and the current one's two parts)."""
+def _estimate_x3(config, block_d: int, family: str) -> dict:
+    """:func:`_estimate` for a "tf32x3" launch (at most X3_MAX_L levels: the table holds L = 8's
+    registers, the loss partials and codes grow with BLOCK_L): the listed registers (256, pruned,
+    for a tile not listed; sm_80 reads BLOCK_D 64's list at every width, the narrower one was
+    probed on sm_90 only), shared memory for the row block's two split parts and
+    ``num_stages + 1`` code tiles (the tiles in flight and the current one's two parts)."""
     bm, bk, w, s = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
-    table = _X3_TILES[64 if block_d > 32 else 32]
+    table = _X3_TILES[64 if block_d > 32 or family != "sm_90" else 32]
     regs = table.get((bm, bk, w, s), 256)
     return {"shared": (s + 1) * bk * block_d * 4 + 2 * bm * block_d * 4 + _SCRATCH, "regs": regs}
 
@@ -409,7 +413,8 @@ def _estimate(config, named_args, chunked: bool = False, **kwargs) -> dict:
     memory (D-chunked: three times, the residual chunk, its update and the rescue pass's copy)."""
     p_x = named_args.get("p_x")
     if not chunked and kwargs.get("PRECISION", named_args.get("PRECISION")) == "tf32x3":
-        return _estimate_x3(config, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+        return _estimate_x3(config, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")),
+                            arch_family(target_for(p_x.device if p_x is not None else None)))
     fma = _fma_budget(named_args, kwargs)
     elt = p_x.element_size() if p_x is not None else 4 if fma else 2
     tgt = target_for(p_x.device if p_x is not None else None)
@@ -1318,8 +1323,9 @@ def residual_quantize_fwd(
     block_d = max(next_pow2(D), 16)
     chunked = block_d > (max_register_d if max_register_d is not None else register_d_limit(x.dtype))
     # float32: three TF32 products of split operands where the target has TF32 tensor cores and the
-    # split fits the registers (register variant, BLOCK_D <= X3_MAX_D); else exact "ieee"
-    split = not chunked and block_d <= X3_MAX_D
+    # split fits the registers (register variant, BLOCK_D <= X3_MAX_D, BLOCK_L <= X3_MAX_L); else
+    # exact "ieee"
+    split = not chunked and block_d <= X3_MAX_D and block_l <= X3_MAX_L
     # the loss partials: one row per program of the smallest BLOCK_M any config uses; float64 (a
     # level's sum of squared residuals may overflow float32 where the mean does not); not filled:
     # only the rows of the launched programs are summed

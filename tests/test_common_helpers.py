@@ -138,8 +138,9 @@ def test_dot_split_is_float32_accurate(device):
     _dot_split_kernel[(1,)](a, b, out, M=32, N=16, D=64, PRECISION="tf32x3")
     exact = a.double() @ b.double().T
     mag = a.double().abs() @ b.double().abs().T
+    # (round-to-nearest accumulation under the interpreter; a GPU's tensor cores get the usual slack)
     assert ft.error_ratio(out, exact, dtype=torch.float32, reduce_len=64, magnitude=mag, precision="tf32x3",
-                          factor=1.0) <= 1
+                          factor=ft.ACCUMULATION_FACTOR if out.is_cuda else 1.0) <= 1
     ha, hb = _round_tf32(a.double()), _round_tf32(b.double())  # the high parts alone
     assert ft.error_ratio((ha @ hb.T).float(), exact, dtype=torch.float32, reduce_len=64, magnitude=mag,
                           precision="tf32x3") > 1

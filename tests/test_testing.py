@@ -345,3 +345,9 @@ def test_tf32x3_bound_holds_the_split_floor_and_nothing_more():
         assert (float(ft.argmin_ratio(x, c, wrong, "dot", precision="tf32x3")[0].max()) <= 1) == passes
         assert float(ft.argmin_ratio(x, c, wrong, "dot")[0].max()) > 1
         assert float(ft.argmin_ratio(x, c, torch.tensor([1]), "dot", precision="tf32x3")[0].max()) == 0
+    # a way to multiply, not a format: a ValueError where a dtype is asked for
+    with pytest.raises(ValueError, match="precision="):
+        ft.unit_roundoff("tf32x3")
+    with pytest.raises(ValueError, match="precision="):
+        ft.error_bound(torch.ones(2, dtype=torch.float64), dtype=torch.float32, out_dtype="tf32x3")
+    assert ft.search_precision(torch.float32) == "tf32x3" and ft.search_precision(torch.float16) is None

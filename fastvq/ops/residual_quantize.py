@@ -263,8 +263,9 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
     too (both backends, bitwise the same rows).
 
     Precision: float32 codebooks are searched in float32 accuracy: three TF32 products of the
-    operands' two-part splits on a GPU with TF32 tensor cores (each product within ``3 * 2^-22``
-    relative; :func:`fastvq.nearest_code`'s ``allow_tf32``), exact IEEE products elsewhere, float32
+    operands' two-part splits on a GPU with TF32 tensor cores for rows of up to 64 features and up
+    to 8 levels (each product within ``3 * 2^-22`` relative; :func:`fastvq.nearest_code`'s
+    ``allow_tf32``), exact IEEE products otherwise (and with ``$FASTVQ_FP32_DOT=ieee``), float32
     accumulation. For bfloat16/float16
     codebooks the Triton kernel rounds the residual to the codebook dtype for the ``r.c`` dot
     (tensor cores, float32 accumulation), so near-ties may resolve differently than in float32;
@@ -396,8 +397,8 @@ def residual_quantize_step(
             code, nonzero weight: a candidate flagged ok is finite in that dtype): dead-code
             replacements that split a used code's cell.
         allow_tf32: search float32 with one TF32 dot product on the tensor cores (Triton path;
-            default float32 accuracy: three TF32 products of split operands, or exact IEEE
-            products on a GPU without TF32). The modules pass what torch does for its own float32
+            default float32 accuracy: three TF32 products of split operands up to 64 features
+            and 8 levels, else exact IEEE products, as on a GPU without TF32). The modules pass what torch does for its own float32
             matmuls (``torch.set_float32_matmul_precision("high")`` turns it on).
 
     Returns:

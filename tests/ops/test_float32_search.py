@@ -94,12 +94,32 @@ def test_fp32_dot_env_forces_the_exact_dot(device, monkeypatch):
     assert _common.tl_input_precision(torch.float32) == "ieee"  # (a kernel that does not split)
     assert _common.tl_input_precision(torch.float32, allow_tf32=True, split_on=dev) == "tf32"
     assert _common.tl_input_precision(torch.bfloat16, split_on=dev) == "tf32"
-    monkeypatch.setenv("FASTVQ_FP32_DOT", "IEEE")
-    assert _common.tl_input_precision(torch.float32, split_on=dev) == "ieee"
+    # a dot search that only the exact dot gets right: the two codes differ by a float32 subnormal
+    # (2^-140) that TF32's parts cannot hold (spacing 2^-136); a near-tie within the "tf32x3" bound
+    t = 2.0**-140
+    xs = torch.tensor([[0.0, 1.0]], device=device)
+    cs = torch.tensor([[1.0, -t], [1.0, t]], device=device)
+    import fastvq.kernels.residual_quantize as krq
+
+    precisions = []
+    real_run = krq._residual_quantize_fwd_kernel.run
+
+    def spy(*args, **kwargs):
+        precisions.append(kwargs.get("PRECISION"))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(krq._residual_quantize_fwd_kernel, "run", spy)
     x, codes = _near_pairs(64, 32, 32, seed=11, device=device)
     with fastvq.backend("triton"):
+        if split == "tf32x3":
+            assert fastvq.nearest_code(xs, cs, "dot")[0].item() == 0  # (the split's near-tie)
+            fastvq.residual_quantize(x, codes[None])
+        monkeypatch.setenv("FASTVQ_FP32_DOT", " IEEE ")
+        assert _common.tl_input_precision(torch.float32, split_on=dev) == "ieee"
+        assert fastvq.nearest_code(xs, cs, "dot")[0].item() == 1
         _check(x, codes, fastvq.nearest_code(x, codes)[0], "l2")
         _check(x, codes, fastvq.residual_quantize(x, codes[None])[1][:, 0], "l2")
+    assert precisions == ([split] if split == "tf32x3" else []) + ["ieee"]
     monkeypatch.setenv("FASTVQ_FP32_DOT", "tf32")  # the ops refuse it, on either backend
     for be in ("triton", "reference"):
         with fastvq.backend(be):
@@ -107,3 +127,27 @@ def test_fp32_dot_env_forces_the_exact_dot(device, monkeypatch):
                 fastvq.nearest_code(x, codes)
             with pytest.raises(ValueError, match="FASTVQ_FP32_DOT"):
                 fastvq.residual_quantize(x, codes[None])
+
+
+def test_residual_split_only_where_its_tiles_were_measured(device, monkeypatch):
+    """residual_quantize splits float32 only in the register variant with D <= 64 and L <= 8 (its
+    listed tiles hold L = 8's registers); 9 levels, or 65 features, keep the exact dot."""
+    from fastvq.kernels import _common
+    import fastvq.kernels.residual_quantize as krq
+
+    monkeypatch.delenv("FASTVQ_FP32_DOT", raising=False)
+    split = "tf32x3" if _common.target_for(torch.device(device)).capability >= 80 else "ieee"
+    seen = []
+    for name in ("_residual_quantize_fwd_kernel", "_residual_quantize_fwd_chunked_kernel"):
+        kernel = getattr(krq, name)
+
+        def spy(*args, _real=kernel.run, **kwargs):
+            seen.append(kwargs.get("PRECISION"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    for L, D, want in ((8, 64, split), (9, 64, "ieee"), (2, 65, "ieee")):
+        seen.clear()
+        with fastvq.backend("triton"):
+            fastvq.residual_quantize(randn(20, D, seed=L, device=device), randn(L, 8, D, seed=D, device=device))
+        assert seen == [want], (L, D, seen)

@@ -31,7 +31,8 @@ def assert_greedy(x, codebooks, codes, kernel, chunk=16384):
         for lvl in range(L):
             idx = codes[s : s + chunk, lvl]
             cb = codebooks[lvl] if kernel else codebooks[lvl].float()
-            ft.assert_argmin_within_bound(r.to(cb.dtype), cb, idx, "l2", name=f"residual_quantize level {lvl}")
+            ft.assert_argmin_within_bound(r.to(cb.dtype), cb, idx, "l2", ft.search_precision(cb.dtype),
+                                          name=f"residual_quantize level {lvl}")
             r = r - codebooks[lvl].float()[idx]
 
 

@@ -12,7 +12,7 @@ import triton
 
 import fastvq
 from fastvq.ops._search import METRICS
-from fastvq.testing import assert_argmin_within_bound, assert_close
+from fastvq.testing import assert_argmin_within_bound, assert_close, search_precision
 from tests.utils import randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -87,7 +87,7 @@ def check_search(x, c, metric, idx, dist):
     if row_fin.any():  # the nearest finite code, within the rounding of the search
         remap = torch.cumsum(cf.long(), 0) - 1  # index among the finite codes
         assert_argmin_within_bound(x[row_fin], c[cf], remap[idx[row_fin]], "l2" if metric == "euclidean" else metric,
-                                   name=f"{metric} argmin")
+                                   search_precision(x.dtype), name=f"{metric} argmin")
 
 
 def _pair64(x64, c64, metric):
