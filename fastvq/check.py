@@ -114,7 +114,8 @@ def check_pairwise_sqdist(device, dtype):
     a64, b64 = a.double(), b.double()
     exact = (a64 * a64).sum(1, keepdim=True) - 2 * a64 @ b64.T + (b64 * b64).sum(1)
     mag = (a64 * a64).sum(1, keepdim=True) + 2 * a64.abs() @ b64.abs().T + (b64 * b64).sum(1)
-    return ft.error_ratio(out, exact.clamp_min(0), dtype=dtype, reduce_len=33 + 2, magnitude=mag, out_dtype=out.dtype)
+    return ft.error_ratio(out, exact.clamp_min(0), dtype=dtype, reduce_len=33 + 2, magnitude=mag, out_dtype=out.dtype,
+                          precision=ft.search_precision(dtype))
 
 
 def check_mine_negatives(device, dtype):

@@ -336,8 +336,9 @@ def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
 
 
 def search_precision(dtype: torch.dtype):
-    """The ``precision=`` that bounds fastvq's own search kernels on ``dtype`` operands: float32
-    searches as three TF32 products of split operands (``"tf32x3"``; its bound covers the exact
+    """The ``precision=`` that bounds fastvq's own distance kernels (the searches, residual
+    quantization, ``pairwise_sqdist``) on ``dtype`` operands: float32 as three TF32 products of
+    split operands (``"tf32x3"``; its bound covers the exact
     dot that GPUs without TF32 and ``$FASTVQ_FP32_DOT=ieee`` run), 16-bit operands multiply
     exactly (``None``).
 

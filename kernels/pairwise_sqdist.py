@@ -10,6 +10,10 @@ The expansion is only trusted where ``|a|^2`` and ``|b|^2`` are finite and below
 with any other row (an infinite entry, or a norm whose square overflows) is recomputed
 directly, ``sum_d (a_d - b_d)^2``, so every element gets the true distance rounded once (NaN for
 NaN and inf - inf, +inf where it overflows). Ordinary tiles pay one scalar branch.
+
+float32 inputs: ``a.b`` as three TF32 products of each chunk's two-part split (``PRECISION``
+"tf32x3", ``_common.dot_nt``; each product within ``3 * 2^-22``) where the GPU has TF32 tensor
+cores, else the exact dot; ``|a|^2`` and ``|b|^2`` are always exact float32 sums.
 """
 
 import torch
@@ -94,15 +98,17 @@ def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out
     # launch
     BLOCK_M, BLOCK_N = 64, 64
-    # float32's exact dot runs on the FMA units, where Triton holds both operands for the whole
-    # chunk in registers: 64-wide chunks spilled on sm_80 (255 registers + 656 B); 32-wide at 8
-    # warps compile to ~100 registers, no spill, on sm_80 and sm_90 (sm90-static.json).
+    # float32: three TF32 products of split chunks ("tf32x3") where the GPU has TF32 tensor cores,
+    # else the exact dot, which runs on the FMA units, where Triton holds both operands for the
+    # whole chunk in registers: 64-wide chunks spilled on sm_80 (255 registers + 656 B); 32-wide
+    # at 8 warps compile without spills on sm_80 and sm_90, either way (sm90-static.json).
+    precision = tl_input_precision(a.dtype, split_on=a.device)
     exact = a.dtype == torch.float32
     BLOCK_D = min(max(next_pow2(D), 16), 32 if exact else 64)
     _pairwise_sqdist_fwd_kernel[grid(M, N, BLOCK_M, BLOCK_N)](
         a, b, out, M, N, D,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, GROUP=GROUP_M,
-        PRECISION=tl_input_precision(a.dtype), DOT_FP32=dot_fp32(a.dtype), num_warps=8 if exact else 4,
+        PRECISION=precision, DOT_FP32=dot_fp32(a.dtype), num_warps=8 if exact else 4,
     )
     return out

@@ -468,15 +468,16 @@ def _pairwise_kl_loss_jobs():
 def _pairwise_sqdist_jobs():
     k = pairwise_sqdist._pairwise_sqdist_fwd_kernel
     jobs = []
-    # the launcher's tiles: float32 (exact) in 32-wide D chunks at 8 warps, 16-bit in 64-wide at 4
-    for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee"), ("fp32", "tf32")):
+    # the launcher's tiles: float32 (split "tf32x3", or exact) in 32-wide D chunks at 8 warps, 16-bit
+    # in 64-wide at 4
+    for dt, prec in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32x3"), ("fp32", "ieee"), ("fp32", "tf32")):
         for block_d in ((32, 16) if dt == "fp32" else (64, 16)):
             const = dict(stride_ad=1, stride_bd=1, stride_on=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
                          GROUP=8, PRECISION=prec, DOT_FP32=False)
             jobs.append(Job("pairwise_sqdist._pairwise_sqdist_fwd_kernel", f"{dt}/{prec},BLOCK_D={block_d}", k,
                             {"p_a": DTYPES[dt], "p_b": DTYPES[dt], "p_out": "*fp32"}, const, 8 if dt == "fp32" else 4,
                             aligned_ints=("stride_am", "stride_bn", "stride_om"), dot=True,
-                            tensor_cores=prec == "tf32", rows=64, cost=3 if prec == "ieee" else 1))
+                            tensor_cores=prec != "ieee", rows=64, cost=3 if prec != "tf32" else 1))
     return jobs
 
 

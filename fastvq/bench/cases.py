@@ -154,7 +154,8 @@ def pairwise_sqdist_cases(device, quick):
         make=lambda dev, m=m, n=n, d=d, dt=dt: (torch.randn(m, d, device=dev, dtype=dt),
                                                 torch.randn(n, d, device=dev, dtype=dt)),
         providers={"reference": pairwise_sqdist_ref, "compiled": _compiled(pairwise_sqdist_ref),
-                   "fastvq": _triton(fastvq.pairwise_sqdist)},
+                   "fastvq": _triton(fastvq.pairwise_sqdist),
+                   **({"fastvq ieee": _triton(_exact_fp32(fastvq.pairwise_sqdist))} if dt == torch.float32 else {})},
         flops=2.0 * m * n * d, ceiling="matmul", matmul_shape=(m, d, n)) for m, n, d, dt in shapes]
 
 

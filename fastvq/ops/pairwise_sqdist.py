@@ -6,7 +6,7 @@ import torch
 
 from .._backend import use_triton
 from ._custom_op import custom_op
-from .._checks import check_float, check_last_dim, check_same_device, check_tensor
+from .._checks import check_float, check_fp32_dot_env, check_last_dim, check_same_device, check_tensor
 from ..reference.pairwise_sqdist import pairwise_sqdist_bwd, pairwise_sqdist_ref
 
 
@@ -49,7 +49,9 @@ def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(M, N)`` float32, ``out[i, j] = |a[i] - b[j]|^2`` (never negative), computed as
         ``|a|^2 + |b|^2 - 2 a.b`` with float32 accumulation (so a distance near 0 carries an
-        absolute error of about ``1e-7 * (|a|^2 + |b|^2)``). Differentiable in ``a`` and ``b``
+        absolute error of about ``1e-7 * (|a|^2 + |b|^2)``; float32 ``a.b`` as three TF32
+        products of split operands on GPUs with TF32 tensor cores, each within ``3 * 2^-22``,
+        the exact dot elsewhere or with ``$FASTVQ_FP32_DOT=ieee``). Differentiable in ``a`` and ``b``
         (gradients in the input dtypes, computed at a power-of-two scale per feature column:
         finite wherever the exact gradient is representable, +-inf where it overflows, never
         NaN for finite inputs).
@@ -78,6 +80,7 @@ def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     check_float(op, "b", b)
     check_same_device(op, a=a, b=b)
     check_last_dim(op, "a", a, "b", b)
+    check_fp32_dot_env(op)
     if a.dtype != b.dtype:
         dtype = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(dtype), b.to(dtype)

@@ -4,8 +4,8 @@ interpreter): on codebooks built of near-duplicate pairs, where one TF32 product
 operands) picks the farther code of a pair in a good share of the rows, every row's code is
 within fastvq.testing's "tf32x3" rounding bound of the nearest (3 * 2^-22 per product besides the
 float32 accumulation). Dropping the low parts of the split (one TF32 product of the high parts)
-fails each Triton case here but the last: residual_quantize's D-chunked kernel (float32 rows
-wider than 128) keeps the exact "ieee" dot, held to the same criterion.
+fails each Triton case here but residual_quantize's D-chunked one (float32 rows wider than 128
+keep the exact "ieee" dot, held to the same criterion), pairwise_sqdist's included.
 """
 
 import pytest
@@ -63,6 +63,21 @@ def test_residual_quantize_chunked_float32_is_float32_accurate(device):
     x, codes = _near_pairs(256, 64, 48, seed=6, device=device)
     idx = residual_quantize_fwd(x, codes[None], max_register_d=1)["codes"]
     _check(x, codes, idx[:, 0], "l2")
+
+
+def test_pairwise_sqdist_float32_is_float32_accurate(backend, device):
+    """Every distance within the "tf32x3" bound of float64 (a.b's products as three TF32 products;
+    D = 48: one full and one partial 32-wide chunk)."""
+    import fastvq.testing as ft
+
+    a, b = randn(40, 48, seed=21, device=device), randn(50, 48, seed=22, device=device)
+    out = fastvq.pairwise_sqdist(a, b)
+    a64, b64 = a.double(), b.double()
+    aa, bb = (a64 * a64).sum(1, keepdim=True), (b64 * b64).sum(1)
+    exact = (aa + bb - 2 * a64 @ b64.T).clamp_min(0)
+    mag = aa + bb + 2 * a64.abs() @ b64.abs().T
+    assert ft.error_ratio(out, exact, dtype=torch.float32, reduce_len=48 + 2, magnitude=mag,
+                          precision="tf32x3") <= 1
 
 
 @pytest.mark.parametrize("payload", [0x7FFFFFFF, 0x7FC00000, -1], ids=hex)
