@@ -238,11 +238,16 @@ def read_temperature(owner: str, number: float, tensor: torch.Tensor | None, **b
     return check_real_arg(owner, "temperature", tensor.item(), **bounds)
 
 
+#: The variable that keeps float32 on the exact dot (read by the kernels at each launch:
+#: ``fastvq.kernels._common.fp32_dot_mode``, which spells it itself: kernels import nothing of fastvq).
+FP32_DOT_ENV = "FASTVQ_FP32_DOT"
+
+
 def check_fp32_dot_env(owner: str) -> None:
     """``$FASTVQ_FP32_DOT``, if set, is ``auto`` or ``ieee`` (case and surrounding blanks aside):
     ``ValueError`` naming the variable otherwise (the kernels read it at each launch:
     ``fastvq.kernels._common.fp32_dot_mode``)."""
-    value = os.environ.get("FASTVQ_FP32_DOT")
+    value = os.environ.get(FP32_DOT_ENV)
     if value is not None and value.strip().lower() not in ("", "auto", "ieee"):
         raise ValueError(f"fastvq.{owner}: $FASTVQ_FP32_DOT must be 'auto' or 'ieee' (exact float32 dots), "
                          f"got {value!r}")

@@ -108,17 +108,19 @@ def exact_fp32(fn: Callable) -> Callable:
     beside the default in the same run."""
     import os
 
+    from .._checks import FP32_DOT_ENV
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        old = os.environ.get("FASTVQ_FP32_DOT")
-        os.environ["FASTVQ_FP32_DOT"] = "ieee"
+        old = os.environ.get(FP32_DOT_ENV)
+        os.environ[FP32_DOT_ENV] = "ieee"
         try:
             return fn(*args, **kwargs)
         finally:
             if old is None:
-                del os.environ["FASTVQ_FP32_DOT"]
+                del os.environ[FP32_DOT_ENV]
             else:
-                os.environ["FASTVQ_FP32_DOT"] = old
+                os.environ[FP32_DOT_ENV] = old
 
     return run
 

@@ -27,6 +27,20 @@ def _near_pairs(N, K, D, seed, eps=1e-3, device=None):
     return x, codes
 
 
+def _spy_precision(monkeypatch, module, *names) -> list:
+    """The ``PRECISION`` of every launch of the named autotuned kernels of ``module``, in order."""
+    seen = []
+    for name in names:
+        kernel = getattr(module, name)
+
+        def spy(*args, _real=kernel.run, **kwargs):
+            seen.append(kwargs.get("PRECISION"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    return seen
+
+
 def _check(x, codes, idx, metric):
     ratio = argmin_ratio(x, codes, idx, metric, precision="tf32x3")[0]
     assert (ratio <= 1).all(), (f"{int((ratio > 1).sum())} of {ratio.numel()} rows chose a code farther than "
@@ -116,14 +130,7 @@ def test_fp32_dot_env_forces_the_exact_dot(device, monkeypatch):
     cs = torch.tensor([[1.0, -t], [1.0, t]], device=device)
     import fastvq.kernels.residual_quantize as krq
 
-    precisions = []
-    real_run = krq._residual_quantize_fwd_kernel.run
-
-    def spy(*args, **kwargs):
-        precisions.append(kwargs.get("PRECISION"))
-        return real_run(*args, **kwargs)
-
-    monkeypatch.setattr(krq._residual_quantize_fwd_kernel, "run", spy)
+    precisions = _spy_precision(monkeypatch, krq, "_residual_quantize_fwd_kernel")
     x, codes = _near_pairs(64, 32, 32, seed=11, device=device)
     with fastvq.backend("triton"):
         if split == "tf32x3":
@@ -152,15 +159,7 @@ def test_residual_split_only_where_its_tiles_were_measured(device, monkeypatch):
 
     monkeypatch.delenv("FASTVQ_FP32_DOT", raising=False)
     split = "tf32x3" if _common.target_for(torch.device(device)).capability >= 80 else "ieee"
-    seen = []
-    for name in ("_residual_quantize_fwd_kernel", "_residual_quantize_fwd_chunked_kernel"):
-        kernel = getattr(krq, name)
-
-        def spy(*args, _real=kernel.run, **kwargs):
-            seen.append(kwargs.get("PRECISION"))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", spy)
+    seen = _spy_precision(monkeypatch, krq, "_residual_quantize_fwd_kernel", "_residual_quantize_fwd_chunked_kernel")
     for L, D, want in ((8, 64, split), (9, 64, "ieee"), (2, 65, "ieee")):
         seen.clear()
         with fastvq.backend("triton"):
