@@ -6,6 +6,12 @@ GPU, nothing measured); results for triton 3.6 and 3.8 in benchmarks/results/fp3
 
     env -u TRITON_INTERPRET .venv36/bin/python benchmarks/fp32_precision_probe.py
     PROBE_X3=1 env -u TRITON_INTERPRET .venv/bin/python benchmarks/fp32_precision_probe.py  # the split's tiles
+    PROBE_LAYOUTS=1 env -u TRITON_INTERPRET .venv/bin/python benchmarks/fp32_precision_probe.py  # + .venv36
+
+``PROBE_LAYOUTS=1``: the split's tiles (``CONFIGS_X3`` and ``X3_FALLBACK``) at launches the
+benchmark shapes never make, for sm_90 and sm_80: masked D, row strides not divisible by 16, an
+unaligned base pointer, each metric, split codebooks; captured from the launcher itself (Triton's
+own specialisation of each launch), the prune's decision printed beside each (``kept``).
 """
 import multiprocessing as mp
 import os
@@ -54,7 +60,44 @@ def jobs():
     return out
 
 
+# (D, layout of x and the codebook (the worker's _lay), metric, forced splits)
+LAYOUT_CALLS = [(24, "c", "l2", None), (24, "c", "cosine", None), (32, "p", "l2", None), (40, "c", "l2", None),
+                (48, "c", "l2", None), (60, "c", "l2", None), (60, "c", "cosine", None), (60, "c", "l2", 4),
+                (64, "p", "l2", None), (64, "o", "l2", None), (64, "c", "dot", None), (64, "c", "cosine", None),
+                (64, "c", "l2", 4), (32, "c", "cosine", None), (100, "c", "l2", None), (256, "c", "cosine", None)]
+
+
+def layouts_main():
+    import json
+
+    nc = w.nearest_code
+    tiles = set(nc.CONFIGS_X3) | {nc.X3_FALLBACK}
+
+    def launches():
+        return [(f"D={d} layout={lay} {metric}{f' splits={sp}' if sp else ''}",
+                 lambda d=d, lay=lay, metric=metric, sp=sp: nc.nearest_code_fwd(
+                     w._lay((1 << 20, d), lay), w._lay((1024, d), lay), metric=metric, splits=sp))
+                for d, lay, metric, sp in LAYOUT_CALLS]
+
+    def tile(label):
+        kv = dict(p.split("=") for p in label.replace(w.PINNED, "").split(","))
+        return int(kv["BLOCK_N"]), int(kv["BLOCK_K"]), int(kv["w"]), int(kv["s"])
+
+    def collect(target):
+        return [launch for pinned in (False, True) for launch in w.capture(target, pinned=pinned, launches=launches)
+                if launch.kernel.endswith("_nearest_code_fwd_kernel") and launch.args.get("PRECISION") == "tf32x3"
+                and tile(launch.config) in tiles]
+
+    print("triton", w.triton.__version__, "(compiled for sm_90 and sm_80 on a CPU, not measured)")
+    recs = w.sweep(("sm_90", "sm_80"), jobs=2, include_pruned=True, collect=collect)
+    for r in sorted(recs, key=lambda r: (r["target"], r["calls"], r["config"])):
+        print(json.dumps({k: r.get(k) for k in ("target", "calls", "config", "kept", "regs", "spill", "shared",
+                                                "wgmma", "ok", "error")}), flush=True)
+
+
 def main():
+    if os.environ.get("PROBE_LAYOUTS"):
+        return layouts_main()
     w._JOBS[:] = jobs()
     print("triton", w.triton.__version__, "(compiled for sm_90 on a CPU, not measured)")
     with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:

@@ -473,14 +473,23 @@ CONFIGS_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), 
 # resident up to D = 64 (RESIDENT_MAX_D_X3), wider rows stream 32-wide chunks. Their registers do
 # not follow a linear model (sm_80: 64 x 64 at 8 warps spills at D = 64 where 64 x 32 at 4 warps,
 # with twice the x tile per thread, does not), so each tile's registers are listed as ptxas gave
-# them at the benchmark shapes (benchmarks/results/sm90-static.json, the most of triton 3.6 and
-# 3.8, plus 8 for drift), per target family and layout ("r32": resident, BLOCK_D <= 32; "r64":
-# resident, 64; "s": streamed, BLOCK_D 32); a tile not listed is pruned. Left out: every tile at
-# D = 128 resident and 64 x 128 at 64 (spilled on sm_90), 64 x 64 on sm_80 at D <= 64 (255
-# registers; spilled 56-368 B at 64), 128 x 64 (245-255 on sm_90), and on sm_80 streamed every
-# tile but 64 x 32 at 8 warps (247-255 registers). The pinned 32 x 32 tile (FASTVQ_AUTOTUNE=0)
-# runs mma.sync.
+# them (the most of triton 3.6 and 3.8, plus 8 for drift), per target family and layout ("r32":
+# resident, BLOCK_D <= 32; "r64": resident, 64; "s": streamed, BLOCK_D 32; a "u" suffix: an
+# unaligned launch, :func:`_aligned`). Aligned: the benchmark shapes
+# (benchmarks/results/sm90-static.json), and D = 48 (masked), dot, cosine and split launches,
+# which stay within them. Unaligned (loads no longer vectorise, so more registers hold addresses):
+# D = 24, 40, 60 and 100 (row strides not divisible by 16), D = 32 and 64 with padded rows, D = 64
+# one element into its storage; l2, cosine and split launches (benchmarks/results/
+# fp32-precision-sm90.txt). A tile not listed is pruned, and so is the one mma.sync tile
+# (X3_FALLBACK, the pinned FASTVQ_AUTOTUNE=0 one) unless no wgmma tile fits. Left out: every
+# tile at D = 128 resident and 64 x 128 at 64 (spilled on sm_90), 64 x 64 on sm_80 at D <= 64
+# (255 registers; spilled 56-368 B at 64), 128 x 64 (245-255 on sm_90), on sm_80 streamed every
+# tile but 64 x 32 at 8 warps (247-255 registers), and unaligned: on sm_90 at D = 64 all but
+# 64 x 32 at 8 warps (64 x 64 spilled 8-104 B, 128 x 32 24-80 B), on sm_80 every wgmma-sized
+# tile (255 registers, spilling up to 704 B). sm_80's unaligned D = 64 keeps the fallback tile
+# although ptxas gives it 252 registers (no spill): the least overshoot.
 CONFIGS_X3 = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)]
+X3_FALLBACK = (32, 32, 8, 2)
 _X3_REGS = {
     ("sm_90", "r32"): {(128, 32, 8, 2): 138, (64, 32, 4, 2): 124, (64, 32, 8, 2): 132, (64, 64, 8, 2): 138,
                        (64, 64, 8, 3): 134, (32, 32, 8, 2): 202},
@@ -488,10 +497,27 @@ _X3_REGS = {
                        (64, 64, 8, 3): 234, (32, 32, 8, 2): 226},
     ("sm_90", "s"): {(128, 32, 8, 2): 169, (64, 32, 4, 2): 168, (64, 32, 8, 2): 128, (64, 64, 8, 2): 140,
                      (64, 64, 8, 3): 136, (32, 32, 8, 2): 180},
+    ("sm_90", "r32u"): {(128, 32, 8, 2): 244, (64, 32, 4, 2): 240, (64, 32, 8, 2): 144, (64, 64, 8, 2): 207,
+                        (64, 64, 8, 3): 225, (32, 32, 8, 2): 243},
+    ("sm_90", "r64u"): {(64, 32, 8, 2): 232, (32, 32, 8, 2): 242},
+    ("sm_90", "su"): {(128, 32, 8, 2): 253, (64, 32, 8, 2): 199, (64, 64, 8, 2): 210, (64, 64, 8, 3): 216,
+                      (32, 32, 8, 2): 223},
     ("sm_80", "r32"): {(128, 32, 8, 2): 216, (64, 32, 4, 2): 176, (64, 32, 8, 2): 206, (32, 32, 8, 2): 200},
-    ("sm_80", "r64"): {(128, 32, 8, 2): 248, (64, 32, 8, 2): 238, (32, 32, 8, 2): 234},
+    ("sm_80", "r64"): {(128, 32, 8, 2): 249, (64, 32, 8, 2): 238, (32, 32, 8, 2): 234},
     ("sm_80", "s"): {(64, 32, 8, 2): 213, (32, 32, 8, 2): 174},
+    ("sm_80", "r32u"): {(32, 32, 8, 2): 227},
+    ("sm_80", "r64u"): {(32, 32, 8, 2): 260},
+    ("sm_80", "su"): {(32, 32, 8, 2): 227},
 }
+_X3_UNLISTED = 1 << 16  # registers "estimated" for a tile not listed: pruned, never the least overshoot
+
+
+def _aligned(named_args) -> bool:
+    """Whether Triton specialises this launch's x and codebook addresses as 16-element aligned
+    (base pointers at 16 bytes, row and head strides divisible by 16), so that its loads vectorise."""
+    return all(named_args[p].data_ptr() % 16 == 0 for p in ("p_x", "p_c")) and \
+        all(named_args[s] % 16 == 0 for s in ("stride_xh", "stride_xn", "stride_ch", "stride_ck"))
+
 
 # Registers per thread = base + a * (x tile words) + b * (score tile words), by target family,
 # element size and variant (plain search, mining's lower bound, Gumbel sampling); fitted to
@@ -539,9 +565,10 @@ def _estimate(config, named_args, **kwargs) -> dict:
         shared = (bn + bk * code_stages) * d * elt + extra + _SCRATCH
     else:
         shared = (bn + bk) * s * d * elt + extra + _SCRATCH
-    if x3:  # the listed registers (see _X3_REGS); 256 (pruned) for a tile not listed
+    if x3:  # the listed registers (see _X3_REGS), _X3_UNLISTED (pruned) for a tile not listed
         layout = ("r32" if d <= 32 else "r64") if kwargs.get("ONE_D_BLOCK", True) else "s"
-        return {"shared": shared, "regs": _X3_REGS[(fam, layout)].get((bn, bk, w, s), 256)}
+        layout += "" if _aligned(named_args) else "u"
+        return {"shared": shared, "regs": _X3_REGS[(fam, layout)].get((bn, bk, w, s), _X3_UNLISTED)}
     variant = "bound" if kwargs.get("HAS_LOWER_BOUND", False) else "sample" if sample else "plain"
     model = _REGISTER_MODELS[(fam, 4 if elt == 4 else 2, variant)]
     regs = register_estimate(model, words_per_thread(bn, d, w, elt), words_per_thread(bn, bk, w))
@@ -550,17 +577,20 @@ def _estimate(config, named_args, **kwargs) -> dict:
 
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the configs of the input's own list (fp32 "tf32x3", other fp32, 16-bit, 16-bit sampling) that fit the
-    target GPU's shared memory and registers by :func:`_estimate`; keep at least one."""
+    target GPU's shared memory and registers by :func:`_estimate`; keep at least one. "tf32x3"
+    weighs its mma.sync tile (``X3_FALLBACK``) only where none of its wgmma tiles fits."""
     p_x = named_args["p_x"]
     sample = kwargs.get("SAMPLE", False)
-    own = set(CONFIGS_X3 if kwargs.get("PRECISION") == "tf32x3" else CONFIGS_FP32 if p_x.element_size() == 4
+    x3 = kwargs.get("PRECISION") == "tf32x3"
+    own = set(CONFIGS_X3 + [X3_FALLBACK] if x3 else CONFIGS_FP32 if p_x.element_size() == 4
               else CONFIGS_16BIT_SAMPLE if sample else CONFIGS_16BIT)
 
     def key(c):
         return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
     mine = [c for c in configs if key(c) in own] or list(configs)
-    return prune_by_estimate(mine, lambda c: _estimate(c, named_args, **kwargs), target_for(p_x.device))
+    kept = prune_by_estimate(mine, lambda c: _estimate(c, named_args, **kwargs), target_for(p_x.device))
+    return [c for c in kept if key(c) != X3_FALLBACK] or kept if x3 else kept
 
 
 _prune_configs.estimate = _estimate
@@ -973,17 +1003,21 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
     pfirst = torch.empty((H, NB), dtype=torch.int32, device=dev)
     meta = torch.empty((H, META_COLS), dtype=torch.int32, device=dev)
     chat = torch.empty_like(codebook) if can_scale else codebook
-    BLOCK_DP = min(max(next_pow2(D), 16), 64)
+    # A codebook whose rows are not 16-element aligned loads element by element, one 64-bit
+    # address each: at 64-wide chunks and 4 warps the l2 terms pass spilled 600-816 B (sm_90 and
+    # sm_80, D = 60 and 100); 32-wide chunks at 8 warps compile to 62-128 registers there.
+    aligned = codebook.data_ptr() % 16 == 0 and codebook.stride(0) % 16 == 0 and codebook.stride(1) % 16 == 0
+    BLOCK_DP = min(max(next_pow2(D), 16), 64 if aligned else 32)
+    PREP_WARPS = 4 if aligned else 8
     _code_terms_kernel[(H * NB,)](
         codebook, cterm, pmax, pmin, pfirst, K, D, NB, codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        METRIC=m, NBANDS=NBANDS[metric], BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP,
+        METRIC=m, NBANDS=NBANDS[metric], BLOCK_K=PREP_BLOCK_K, BLOCK_D=BLOCK_DP, num_warps=PREP_WARPS,
     )
     _code_rescale_kernel[(H * KB,)](
         codebook, chat, cterm, pmax, pmin, pfirst, meta, K, D, NB, KB, max(D - 1, 0).bit_length(),
         codebook.stride(0), codebook.stride(1), codebook.stride(2),
         METRIC=m, NBANDS=NBANDS[metric], CAN_SCALE=can_scale, TAME=TAME_EXP, BLOCK_K=PREP_BLOCK_K,
-        BLOCK_D=BLOCK_DP,
-        BLOCK_B=PREP_MAX_BLOCKS,
+        BLOCK_D=BLOCK_DP, BLOCK_B=PREP_MAX_BLOCKS, num_warps=PREP_WARPS,
     )
     return codebook, chat, cterm, meta
 

@@ -258,7 +258,8 @@ def _nearest_code_jobs():
     for metric, partial, one_d, block_d in ((0, False, True, 64), (1, True, True, 32), (2, False, False, 32),
                                             (3, True, False, 32), (0, False, True, 16)):
         jobs.append(fwd("fp32", "tf32x3", metric, False, partial, one_d, block_d, x3))
-    jobs.append(fwd("fp32", "tf32x3", 0, False, False, True, 64, x3, aligned=False, tag=",unaligned"))
+    jobs.append(fwd("fp32", "tf32x3", 0, False, False, True, 64, _pick(configs, BLOCK_N=64, BLOCK_K=32, num_warps=8),
+                    aligned=False, tag=",unaligned"))  # (the tile the prune keeps there: nearest_code._X3_REGS)
     # Odd D: no divisibility on the row strides, nothing unit-stride specialized.
     jobs.append(fwd("bf16", "tf32", 0, False, False, True, 128, mid, aligned=False, tag=",unaligned"))
     # Gumbel-max sampling (every metric; split and streamed once each)
@@ -629,6 +630,11 @@ def bench_launches():
                         (M, 64, 1024, bf), (M, 64, 1024, f32), (256, 256, M, bf)):
         out.append((f"nearest_code {name[dt]} N={n} D={d} K={k}",
                     lambda n=n, d=d, k=k, dt=dt: nc.nearest_code_fwd(_meta(n, d, dtype=dt), _meta(k, d, dtype=dt))))
+    # float32 row widths whose strides are not divisible by 16 (the "tf32x3" prune lists their
+    # tiles apart: unaligned loads take more registers), resident at BLOCK_D 32 and 64, streamed
+    for d in (24, 60, 100):
+        out.append((f"nearest_code fp32 N={M} D={d} K=1024 (unaligned rows)",
+                    lambda d=d: nc.nearest_code_fwd(_meta(M, d), _meta(1024, d))))
     for h, n, d, k, dt in ((8, 131072, 32, 1024, bf), (8, 131072, 32, 1024, f32), (4, 262144, 64, 4096, bf)):
         out.append((f"nearest_code {name[dt]} H={h} N={n} D={d} K={k}",
                     lambda h=h, n=n, d=d, k=k, dt=dt: nc.nearest_code_fwd(_meta(h, n, d, dtype=dt),

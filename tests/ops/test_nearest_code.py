@@ -333,6 +333,52 @@ def test_prune_configs_fit_the_target():
     assert len(kept) == 1 and key(kept[0]) in CONFIGS_FP32
 
 
+def test_tf32x3_prune_reads_the_launch_alignment():
+    """float32 "tf32x3" tiles are listed per layout: a launch whose loads cannot vectorise (row
+    strides not divisible by 16, a base pointer off 16 bytes) takes the unaligned list (on sm_90
+    at D = 64 the 64 x 64 and 128 x 32 tiles spilled there), and the mma.sync fallback tile is
+    kept only where no wgmma tile fits (sm_80, unaligned)."""
+    import triton
+
+    from fastvq.kernels import _common
+    from fastvq.kernels.nearest_code import CONFIGS_X3, X3_FALLBACK, _aligned, _prune_configs
+
+    def key(c):
+        return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bn, bk, w, s in CONFIGS_X3 + [X3_FALLBACK, (128, 64, 8, 2)]]
+
+    def args(x, c):
+        return {"p_x": x, "p_c": c, "stride_xh": x.numel(), "stride_xn": x.stride(0), "stride_ch": c.numel(),
+                "stride_ck": c.stride(0)}
+
+    def kept(target, x, c, block_d, one_d=True):
+        with _common.compile_target(target):
+            return {key(k) for k in _prune_configs(configs, args(x, c), PRECISION="tf32x3", BLOCK_D=block_d,
+                                                   ONE_D_BLOCK=one_d)}
+
+    meta = dict(device="meta")
+    x64, c64 = torch.empty(4096, 64, **meta), torch.empty(1024, 64, **meta)
+    x60, c60 = torch.empty(4096, 60, **meta), torch.empty(1024, 60, **meta)
+    padded = torch.empty(4096, 65, **meta)[:, :64]
+    shifted = torch.empty(4096 * 64 + 1, **meta)[1:].view(4096, 64)
+    assert _aligned(args(x64, c64)) and not _aligned(args(x60, c60))
+    assert not _aligned(args(padded, c64)) and not _aligned(args(shifted, c64))
+    # aligned: the wgmma tiles, never the fallback; 64 x 64 among them on sm_90
+    assert (64, 64, 8, 2) in kept("sm_90", x64, c64, 64) and X3_FALLBACK not in kept("sm_90", x64, c64, 64)
+    assert kept("sm_80", x64, c64, 64) and X3_FALLBACK not in kept("sm_80", x64, c64, 64)
+    for x in (x60, padded, shifted):
+        assert kept("sm_90", x, c64 if x is not x60 else c60, 64) == {(64, 32, 8, 2)}
+        assert kept("sm_80", x, c64 if x is not x60 else c60, 64) == {X3_FALLBACK}
+    # narrower and streamed unaligned rows keep wgmma tiles on sm_90
+    x24, c24 = torch.empty(4096, 24, **meta), torch.empty(1024, 24, **meta)
+    assert (64, 64, 8, 2) in kept("sm_90", x24, c24, 32) and X3_FALLBACK not in kept("sm_90", x24, c24, 32)
+    x100, c100 = torch.empty(4096, 100, **meta), torch.empty(1024, 100, **meta)
+    assert (64, 32, 4, 2) not in kept("sm_90", x100, c100, 32, one_d=False)
+    assert kept("sm_80", x100, c100, 32, one_d=False) == {X3_FALLBACK}
+
+
 def test_empty_rows_with_batch(backend):
     idx, dist = fastvq.nearest_code(randn(2, 0, 5), randn(3, 5))
     assert idx.shape == (2, 0) and dist.shape == (2, 0) and idx.dtype == torch.int64
