@@ -373,6 +373,89 @@ def add_rows_by_index(b_acc, b_t, b_idx, k0, FIX_R: tl.constexpr):
     return b_acc
 
 
+# --------------------------------------------------------------------------- sums rounded once
+# A float64 sum of float32 terms is not exact (terms max, 2^103 and -2^60 sum in float64 to the
+# float32 rounding midpoint max + 2^103, where the exact sum is below it), and rounding a float32
+# sum again to bfloat16 / float16 rounds twice (qrprobe QP3, QP5). Where a kernel's float64 redo
+# must round once, it carries the error of every addition (double-double: ~106 bits, a pair
+# ``(s, e)`` with s + e the sum) and rounds the pair with :func:`round_dd`.
+
+
+@triton.jit
+def two_sum(a, b):
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth; any magnitudes)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+DD_M = tl.constexpr(10)  # dd_sum's blocks: at most 2^10 - 2 terms
+
+
+@triton.jit
+def dd_sum(b_t, axis: tl.constexpr):
+    """``(hi, lo)``: the float64 sum of ``b_t`` along ``axis`` (at most ``2^DD_M - 2`` terms) as a
+    pair with ``hi`` exact. Each term is split at ``sigma = 2^(DD_M + E)`` (``2^E`` above the
+    largest |term|): ``q = (sigma + t) - sigma`` is ``t`` to a multiple of ``2^-53 sigma`` and
+    ``t - q`` is exact, and the ``q`` of at most ``2^DD_M - 2`` terms sum exactly in any order
+    (Rump, Ogita and Oishi's extraction); the remainders, each below ``2^-53 sigma``, sum to
+    ``lo`` within ``n^2 2^(DD_M - 106)`` of the largest term. Only maxima, sums and elementwise
+    operations: no custom reduction (the interpreter runs those element by element). A NaN or
+    infinite term: ``hi`` is the plain sum, ``lo`` 0."""
+    b_m = tl.max(tl.abs(b_t), axis=axis, keep_dims=True)
+    fin = b_m < float("inf")
+    b_e = (b_m.to(tl.int64, bitcast=True) >> 52) & 0x7FF  # the largest |term|'s biased exponent
+    sigma = tl.where(fin, ((b_e + 1 + DD_M) << 52).to(tl.float64, bitcast=True), 0.0)
+    b_q = tl.where(fin, (sigma + b_t) - sigma, b_t)
+    b_r = tl.where(fin, b_t - b_q, 0.0)
+    return tl.sum(b_q, axis=axis), tl.sum(b_r, axis=axis)
+
+
+@triton.jit
+def dd_add(b_s, b_e, b_hi, b_lo):
+    """The pair ``(b_s, b_e)`` plus the pair ``(b_hi, b_lo)``."""
+    s, err = two_sum(b_s, b_hi)
+    return s, (b_e + b_lo) + err
+
+
+@triton.jit
+def round_dd(b_s, b_e, ODD32: tl.constexpr):
+    """float32 of the float64 pair ``s + e`` rounded once. ``ODD32`` False: to nearest even
+    (rounded to odd at float64 first: 53 >= 24 + 2 bits, so the second rounding is exact).
+    ``ODD32`` True: to odd at float32, for a table of bfloat16 or float16 that the store then
+    rounds to nearest (24 >= 11 + 2). A sum ``s`` that is NaN or +-inf (a term was; its ``e`` is
+    then NaN) passes through as it is."""
+    fin = (b_s == b_s) & (tl.abs(b_s) < float("inf"))
+    h, l = two_sum(b_s, tl.where(fin, b_e, 0.0))
+    h = tl.where(fin, h, b_s)
+    if ODD32:
+        f = h.to(tl.float32)
+        d = h - f.to(tl.float64)  # exact: f is h's float32 neighbour
+        d = tl.where(d != 0, d, l)
+        bits = f.to(tl.int32, bitcast=True)
+        fix = fin & (tl.abs(f) < float("inf")) & (d != 0) & ((bits & 1) == 0)
+        up = ((d > 0) == (f > 0)) | (f == 0)  # the magnitude moves toward the exact sum
+        return tl.where(fix, tl.where(up, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
+    else:
+        bits = h.to(tl.int64, bitcast=True)
+        fix = fin & (l != 0) & ((bits & 1) == 0)
+        up = (l > 0) == (h > 0)
+        return tl.where(fix, tl.where(up, bits + 1, bits - 1), bits).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def add_rows_by_index_dd(b_s, b_e, b_t, b_idx, k0, FIX_R: tl.constexpr):
+    """:func:`add_rows_by_index` into the double-double pair ``(b_s, b_e)`` (both ``(FIX_R, C)``
+    float64), each row's terms summed by :func:`dd_sum`."""
+    o_r = tl.arange(0, FIX_R)
+    for j in tl.static_range(FIX_R):
+        b_hi, b_lo = dd_sum(tl.where((b_idx == k0 + j)[:, None], b_t, 0.0), 0)
+        n_s, n_e = dd_add(b_s, b_e, b_hi[None, :], b_lo[None, :])
+        b_s = tl.where((o_r == j)[:, None], n_s, b_s)
+        b_e = tl.where((o_r == j)[:, None], n_e, b_e)
+    return b_s, b_e
+
+
 def atomic_overflow_bound(n: int) -> float:
     """``2^t``: a float32 sum of at most ``n`` terms, each at most ``2^t`` in magnitude, stays
     below ``2^127`` in every partial sum, in any order: recursive summation's partial sums are

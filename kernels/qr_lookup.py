@@ -17,10 +17,14 @@ twice at most: a float32 pass (the hot loop, unchanged: each item's composed row
 factor, in the order ``(q op r) * f`` / ``(g * other) * f`` so that no factor > 1 follows an
 underflow but a weight), and, only where its result is not finite or a "mult" weight above 1
 multiplies a product that underflowed (``q * r`` or ``g * q`` nonzero factors, below 2^-126:
-its rounding error would be multiplied up; qrprobe QP1), a float64 pass over the same
-items (float64 holds every product of three float32 values and their sums), rounded once. The
-redo is decided per program (one bag or table row x one D tile) after its loop: no extra launch,
-no host read; bags and rows of ordinary values never take it.
+its rounding error would be multiplied up; qrprobe QP1), or where a bfloat16 / float16 result
+reaches its dtype's largest value (the store's second rounding could give +-inf below the
+overflow midpoint; QP3), a float64 pass over the same items (float64 holds every product of
+three float32 values in range), compensated (``_common.dd_sum``: an exact part and a
+remainder per block of items) and rounded once (``_common.round_dd``: to odd first, so that a
+sum within 2^-54 of a rounding midpoint does not round twice; QP5). The redo is decided per
+program (one bag or table row x one D tile) after its loop: no extra launch, no host read; bags
+and rows of ordinary values never take it.
 
 Backward, deterministic (default), both tables in one pass:
 
@@ -39,8 +43,11 @@ row's float32 partial sums could overflow (a term beyond ``2^t`` ~ 3.4e38 / N, s
 ``atomic_overflow_bound``: nothing else can overflow) it marks the row, and
 ``_qr_atomic_fixup_kernel``, one program launched after it, sums again the marked rows whose
 float32 sum is not finite (an overflowed partial sum never comes back): each term in float64,
-summed in a float64 register tile, rounded once (+-inf only where the exact sum overflows). It
-returns at once when nothing was marked: ordinary inputs pay one launch, no host read.
+summed in a double-double register tile, rounded once (+-inf only where the exact sum
+overflows). It returns at once when nothing was marked: ordinary inputs pay one launch, no host
+read. bfloat16 / float16 tables then round the float32 accumulators with
+``_qr_atomic_narrow_kernel`` (in place of torch's conversion), which sums again the rows that
+reach the dtype's largest value.
 ``_qr_psw_grad_kernel``: gradient of the per-sample weights (composed item . bag gradient).
 """
 
@@ -50,8 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FIX_SCAN, add_rows_by_index, atomic_overflow_bound, flat_grid, flat_program_id, launcher,
-                      next_pow2, nonfinite_rows, rcp_rn, tile_offsets)
+from ._common import (FIX_SCAN, add_rows_by_index_dd, atomic_overflow_bound, dd_add, dd_sum, flat_grid,
+                      flat_program_id, launcher, next_pow2, nonfinite_rows, rcp_rn, round_dd, tile_offsets)
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
@@ -104,6 +111,20 @@ def _bag_bounds(p_offsets, b_bag, m, N, B):
 def _not_finite(b):
     """Scalar: whether any element of ``b`` is NaN or +-inf."""
     return tl.max(((b != b) | (tl.abs(b) > FP32_MAX)).to(tl.int32)) > 0
+
+
+@triton.jit
+def _near_narrow_max(b, p_out):
+    """Scalar: whether a float32 result ``b`` bound for ``p_out`` (bfloat16 / float16) reaches that
+    dtype's largest finite value, where the store's second rounding could give +-inf for an exact
+    sum below the overflow midpoint (qrprobe QP3): such a result is summed again. False for
+    float32 outputs (their overflow is the float32 sum's own, :func:`_not_finite`)."""
+    if p_out.dtype.element_ty == tl.bfloat16:
+        return tl.max((tl.abs(b) >= 3.3895313892515355e38).to(tl.int32)) > 0
+    elif p_out.dtype.element_ty == tl.float16:
+        return tl.max((tl.abs(b) >= 65504.0).to(tl.int32)) > 0
+    else:
+        return tl.max((b != b).to(tl.int32)) < 0  # (False)
 
 
 @triton.jit
@@ -195,9 +216,11 @@ def _qr_bag_sum(
     """``(pooled (BLOCK_D,), max |weight|)`` of items ``[start, end)``: each composed row times its
     factor (weight, or 1 / len for "mean"), summed in float32 (float64 with ``EXACT``). The max
     |weight| is taken for "mult" only, over the items whose product underflowed somewhere (0
-    otherwise): above ``BIG_W`` the float32 sum is redone."""
-    if EXACT:  # the redo sums each block of items at once: one float64 tile live, not two
+    otherwise): above ``BIG_W`` the float32 sum is redone. With ``EXACT``: ``(hi, lo, max |weight|)``,
+    the pooled sum as a double-double pair (:func:`round_dd` rounds it once)."""
+    if EXACT:  # the redo sums each block of items at once (dd_sum): no float64 tile carried over
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        b_err = tl.zeros((BLOCK_D,), dtype=tl.float64)
     else:
         b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -216,11 +239,12 @@ def _qr_bag_sum(
         if MEAN:
             b_c = b_c * inv_len
         if EXACT:
-            b_acc += tl.sum(b_c, axis=0)
+            b_hi, b_lo = dd_sum(b_c, 0)
+            b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
         else:
             b_acc += b_c
     if EXACT:
-        return b_acc, tl.max(b_wmax, axis=0)
+        return b_acc, b_err, tl.max(b_wmax, axis=0)
     else:
         return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
 
@@ -242,11 +266,11 @@ def _qr_lookup_bag_fwd_kernel(
     start, end = _bag_bounds(p_offsets, pid_b, pid_b < B, N, B)
     b_out, w_max = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,
                                stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_out) | (w_max > BIG_W):  # the exact range: this bag's items again in float64,
-        b_out64, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # half as many at once
-                                 stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,
-                                 BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
-        b_out = b_out64.to(tl.float32)
+    if _not_finite(b_out) | (w_max > BIG_W) | _near_narrow_max(b_out, p_out):  # the exact range: this bag's
+        b_hi, b_lo, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # items again in
+                                    stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,  # float64,
+                                    BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)  # half as many at once, rounded once
+        b_out = round_dd(b_hi, b_lo, p_out.dtype.element_ty != tl.float32)
     tl.store(p_out + pid_b * stride_on + o_d * stride_od, b_out.to(p_out.dtype.element_ty), mask=o_d < DOUT)
 
 
@@ -332,9 +356,11 @@ def _qr_row_sum(
     IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
     EXACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``(sum (BLOCK_D,), max |weight|)`` of the items at sorted positions ``[start, end)``."""
+    """``(sum (BLOCK_D,), max |weight|)`` of the items at sorted positions ``[start, end)``; with
+    ``EXACT`` ``(hi, lo, max |weight|)``, the sum as a double-double pair."""
     if EXACT:  # as in _qr_bag_sum
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        b_err = tl.zeros((BLOCK_D,), dtype=tl.float64)
     else:
         b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -346,12 +372,13 @@ def _qr_row_sum(
                                     N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                                     IS_Q, OP, BAGS, MEAN, HAS_W, EXACT)
         if EXACT:
-            b_acc += tl.sum(b_t, axis=0)
+            b_hi, b_lo = dd_sum(b_t, 0)
+            b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
         else:
             b_acc += b_t
         b_wmax = tl.maximum(b_wmax, b_wabs)
     if EXACT:
-        return b_acc, tl.max(b_wmax, axis=0)
+        return b_acc, b_err, tl.max(b_wmax, axis=0)
     else:
         return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
 
@@ -365,16 +392,18 @@ def _qr_row_grad(
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Sum the items at sorted positions ``[start, end)`` into row ``out_row`` of ``p_dw``: in
-    float32, and again in float64 where that sum is not finite or a "mult" weight exceeds BIG_W."""
+    float32, and again in float64 (compensated, rounded once: :func:`round_dd`) where that sum is
+    not finite, a "mult" weight exceeds BIG_W, or a bfloat16 / float16 row reaches its dtype's
+    largest value."""
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     b_dw, w_max = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                               IS_Q, OP, BAGS, MEAN, HAS_W, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_dw) | (w_max > BIG_W):  # float64, half as many items at once
-        b_dw64, _ = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
-                                N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
-                                IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
-        b_dw = b_dw64.to(tl.float32)
+    if _not_finite(b_dw) | (w_max > BIG_W) | _near_narrow_max(b_dw, p_dw):  # float64, half as many items at once
+        b_hi, b_lo, _ = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D,
+                                    COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                                    IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
+        b_dw = round_dd(b_hi, b_lo, p_dw.dtype.element_ty != tl.float32)
     tl.store(p_dw + out_row * stride_dn + o_d * stride_dd, b_dw.to(p_dw.dtype.element_ty), mask=o_d < D)
 
 
@@ -497,19 +526,21 @@ def _qr_fix_rows(
     p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, r0, m_fix, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
     stride_gn, stride_gd, stride_own, stride_owd,
     IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
-    FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ODD32: tl.constexpr, FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Rows ``r0 + j`` (``m_fix``) of one table's gradient (float32, contiguous) summed again:
-    each item's term formed in float64 (a product of at most three float32 values, exact, and
-    for "mean" a reciprocal within ~2^-48, :func:`_inv_len`) and summed in a float64 register
-    tile, each sum rounded once to float32: +-inf only where the exact sum overflows, every
-    column at its own precision. ``BLOCK_D`` columns at a time; per column tile, one read of
+    """Rows ``r0 + j`` (``m_fix``) of one table's gradient (contiguous: the float32 accumulator,
+    or the bfloat16 / float16 table) summed again: each item's term formed in float64 (a
+    product of at most three float32 values, and for "mean" a reciprocal within ~2^-48,
+    :func:`_inv_len`) and summed in a double-double register tile, each sum rounded once
+    (:func:`round_dd`; ``ODD32``: to odd at float32, for a bfloat16 / float16 table rounded
+    after it): +-inf only where the exact sum overflows, every column at its own precision. ``BLOCK_D`` columns at a time; per column tile, one read of
     every item's id per ``FIX_SCAN`` span, and a walk of the
     ``FIX_L``-item blocks of the spans that hold an item of these rows."""
     o_r = tl.arange(0, FIX_R)
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
+        b_err = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
         for s0 in range(0, N, FIX_SCAN):
             o_s = s0 + tl.arange(0, FIX_SCAN).to(tl.int64)
             b_rs = _qr_item_rows(p_ids, o_s, o_s < N, M, R, IS_Q)
@@ -523,9 +554,10 @@ def _qr_fix_rows(
                         b_t, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_grp, o_d, D, COL_OFF,
                                                N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                                                IS_Q, OP, BAGS, MEAN, HAS_W, True)
-                        b_acc = add_rows_by_index(b_acc, b_t, tl.where(m_grp, b_row, -1), r0, FIX_R)
-        tl.store(p_dw + (r0 + o_r).to(tl.int64)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
-                 mask=m_fix[:, None] & (o_d < D)[None, :])
+                        b_acc, b_err = add_rows_by_index_dd(b_acc, b_err, b_t, tl.where(m_grp, b_row, -1), r0,
+                                                            FIX_R)
+        tl.store(p_dw + (r0 + o_r).to(tl.int64)[:, None] * D + o_d[None, :],
+                 round_dd(b_acc, b_err, ODD32).to(p_dw.dtype.element_ty), mask=m_fix[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit
@@ -533,7 +565,7 @@ def _qr_fix_table(
     p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, p_marks, ROWS, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
     stride_gn, stride_gd, stride_own, stride_owd,
     IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
-    FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ODD32: tl.constexpr, FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The marked rows of one table whose float32 sum is not finite (a partial sum overflowed on
     the way: it never comes back), ``FIX_R`` rows at a time, summed again (:func:`_qr_fix_rows`)."""
@@ -546,7 +578,7 @@ def _qr_fix_table(
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _qr_fix_rows(p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, r0, m_fix, D, COL_OFF, N, B, M, R,
                              N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
-                             IS_Q, OP, BAGS, MEAN, HAS_W, FIX_L, FIX_R, BLOCK_D)
+                             IS_Q, OP, BAGS, MEAN, HAS_W, ODD32, FIX_L, FIX_R, BLOCK_D)
 
 
 @triton.jit
@@ -555,7 +587,7 @@ def _qr_atomic_fixup_kernel(
     N, B, M, Q, R, DQ, DR, N_BAG_ITERS,
     stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
     NEED_Q: tl.constexpr, NEED_R: tl.constexpr,
-    OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, NARROW: tl.constexpr,
     FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program, launched after :func:`_qr_atomic_kernel` (stream order: it sees every sum,
@@ -563,18 +595,84 @@ def _qr_atomic_fixup_kernel(
     needed table, the rows that took a term beyond ``BIG_T`` (marked) and whose float32 sum is
     not finite are summed again in float64 (:func:`_qr_fix_table`); every other row keeps its
     float32 sum, in which no partial sum overflowed. The gradients are contiguous float32
-    (the launcher's accumulators). Cost, only for such inputs: per group of ``FIX_R`` such rows
+    (the launcher's accumulators); ``NARROW``: the tables are bfloat16 / float16, so the sums
+    summed again are rounded to odd (:func:`_qr_atomic_narrow_kernel` rounds them to nearest). Cost, only for such inputs: per group of ``FIX_R`` such rows
     and ``BLOCK_D`` columns, one read of every id and a walk of the item blocks that hold one."""
     if tl.load(p_state) == 0:
         return
     if NEED_Q:
         _qr_fix_table(p_g, p_ids, p_offsets, p_psw, p_rw, p_dq, p_state + 1, Q, DQ, 0, N, B, M, R, N_BAG_ITERS,
-                      stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN, HAS_W, FIX_L, FIX_R, BLOCK_D)
+                      stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN, HAS_W, NARROW,
+                      FIX_L, FIX_R, BLOCK_D)
     if NEED_R:
         col_off = DQ if OP == 2 else 0
         _qr_fix_table(p_g, p_ids, p_offsets, p_psw, p_qw, p_dr, p_state + 1 + Q, R, DR, col_off, N, B, M, R,
-                      N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN, HAS_W,
+                      N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS, MEAN, HAS_W, NARROW,
                       FIX_L, FIX_R, BLOCK_D)
+
+
+@triton.jit
+def _qr_narrow_rows(
+    p_g, p_ids, p_offsets, p_psw, p_ow, p_acc, p_out, r0, ROWS, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
+    stride_gn, stride_gd, stride_own, stride_owd,
+    IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Rows ``[r0, r0 + FIX_R)`` of one float32 accumulator ``p_acc`` rounded to the table's dtype
+    into ``p_out`` (both contiguous ``(ROWS, D)``); a row with a finite value at or above the
+    dtype's largest finite one is summed again instead (:func:`_qr_fix_rows`, to odd at float32,
+    then to nearest): its float32 sum, rounded twice, could be +-inf where the exact sum is
+    below the overflow midpoint (qrprobe QP3). The rows are read twice (find, then convert):
+    no element is stored twice."""
+    o_r = tl.arange(0, FIX_R)
+    m_k = r0 + o_r < ROWS
+    o_row = (r0 + o_r).to(tl.int64)[:, None] * D
+    b_fix = tl.zeros((FIX_R,), dtype=tl.int32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        b_a = tl.abs(tl.load(p_acc + o_row + o_d[None, :], mask=m_k[:, None] & (o_d < D)[None, :], other=0.0))
+        if p_out.dtype.element_ty == tl.bfloat16:
+            b_big = (b_a >= 3.3895313892515355e38) & (b_a < float("inf"))
+        else:
+            b_big = (b_a >= 65504.0) & (b_a < float("inf"))
+        b_fix = tl.maximum(b_fix, tl.max(b_big.to(tl.int32), axis=1))
+    m_fix = m_k & (b_fix > 0)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m = (m_k & ~m_fix)[:, None] & (o_d < D)[None, :]
+        b_v = tl.load(p_acc + o_row + o_d[None, :], mask=m, other=0.0)
+        tl.store(p_out + o_row + o_d[None, :], b_v.to(p_out.dtype.element_ty), mask=m)
+    if tl.max(m_fix.to(tl.int32), axis=0) > 0:
+        _qr_fix_rows(p_g, p_ids, p_offsets, p_psw, p_ow, p_out, r0, m_fix, D, COL_OFF, N, B, M, R, N_BAG_ITERS,
+                     stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN, HAS_W, True,
+                     FIX_L, FIX_R, BLOCK_D)
+
+
+@triton.jit
+def _qr_atomic_narrow_kernel(
+    p_g, p_ids, p_offsets, p_psw, p_qw, p_rw, p_dq, p_dr, p_oq, p_or,
+    N, B, M, Q, R, DQ, DR, N_BAG_ITERS, QB,
+    stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
+    NEED_Q: tl.constexpr, NEED_R: tl.constexpr,
+    OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
+    FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """bfloat16 / float16 tables with ``deterministic=False``: after :func:`_qr_atomic_fixup_kernel`,
+    ``FIX_R`` rows of one table per program (the first ``QB`` programs the quotient table's, the
+    others the remainder table's), each float32 accumulator row rounded to the table
+    (:func:`_qr_narrow_rows`). In place of torch's conversion: the same one launch."""
+    pid = tl.program_id(0)
+    if NEED_Q:
+        if pid < QB:
+            _qr_narrow_rows(p_g, p_ids, p_offsets, p_psw, p_rw, p_dq, p_oq, pid * FIX_R, Q, DQ, 0, N, B, M, R,
+                            N_BAG_ITERS, stride_gn, stride_gd, stride_rn, stride_rd, True, OP, BAGS, MEAN, HAS_W,
+                            FIX_L, FIX_R, BLOCK_D)
+    if NEED_R:
+        if pid >= QB:
+            col_off = DQ if OP == 2 else 0
+            _qr_narrow_rows(p_g, p_ids, p_offsets, p_psw, p_qw, p_dr, p_or, (pid - QB) * FIX_R, R, DR, col_off,
+                            N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_qn, stride_qd, False, OP, BAGS,
+                            MEAN, HAS_W, FIX_L, FIX_R, BLOCK_D)
 
 
 @triton.jit
@@ -584,9 +682,11 @@ def _qr_psw_dot(
     OP: tl.constexpr, EXACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``(composed item . bag gradient (BLOCK_L,), max |g|)``: the max over the columns whose
-    "mult" product underflowed (:func:`_underflowed`; 0 for the other ops)."""
+    "mult" product underflowed (:func:`_underflowed`; 0 for the other ops). With ``EXACT``:
+    ``(hi, lo, max |g|)``, the dot as a double-double pair."""
     if EXACT:
         b_dot = tl.zeros((BLOCK_L,), dtype=tl.float64)
+        b_err = tl.zeros((BLOCK_L,), dtype=tl.float64)
     else:
         b_dot = tl.zeros((BLOCK_L,), dtype=tl.float32)
     b_gmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -596,10 +696,17 @@ def _qr_psw_dot(
                                  stride_rd, OP, EXACT)
         m = m_l[:, None] & (o_d < DOUT)[None, :]
         b_g = tl.load(p_g + b_bag[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
-        b_dot += tl.sum(b_c * _to_math(b_g, EXACT), axis=1)
+        if EXACT:
+            b_hi, b_lo = dd_sum(b_c * _to_math(b_g, EXACT), 1)
+            b_dot, b_err = dd_add(b_dot, b_err, b_hi, b_lo)
+        else:
+            b_dot += tl.sum(b_c * _to_math(b_g, EXACT), axis=1)
         if OP == 1:
             b_gmax = tl.maximum(b_gmax, tl.max(tl.where(b_low, tl.abs(b_g), 0.0), axis=1))
-    return b_dot, tl.max(b_gmax, axis=0)
+    if EXACT:
+        return b_dot, b_err, tl.max(b_gmax, axis=0)
+    else:
+        return b_dot, tl.max(b_gmax, axis=0)
 
 
 @triton.jit
@@ -619,21 +726,27 @@ def _qr_psw_grad_kernel(
     b_dot, g_max = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,
                                stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
                                OP, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_dot) | (g_max > BIG_W):  # half-width D tiles: float64 tiles in the registers of float32 ones
-        b_dot64, _ = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,
-                                 stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
-                                 OP, True, BLOCK_L, BLOCK_D // 2 + BLOCK_D % 2)
-        b_dot = b_dot64.to(tl.float32)
+    if _not_finite(b_dot) | (g_max > BIG_W) | _near_narrow_max(b_dot, p_dw):  # half-width D tiles: float64
+        b_hi, b_lo, _ = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,  # in the registers
+                                    stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,  # of float32
+                                    OP, True, BLOCK_L, BLOCK_D // 2 + BLOCK_D % 2)
+        b_dot = round_dd(b_hi, b_lo, p_dw.dtype.element_ty != tl.float32)
     tl.store(p_dw + o_l, b_dot.to(p_dw.dtype.element_ty), mask=m_l)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
+# Warps of the kernels that sum rows again (the fix-up, the half-precision rounding): their
+# double-double tiles (FIX_R x BLOCK_D, two float64 each) took 255 registers and spilled
+# 48-168 B at 4 warps on sm_90.
+FIX_WARPS = 8
+
+
 def atomic_fix_tiles(block_d: int) -> dict:
     """The atomic backward's fix-up tiles for ``BLOCK_D = block_d`` columns: ``FIX_L`` items
     (their float64 terms) and ``FIX_R`` rows' float64 sums."""
-    return dict(FIX_L=max(1, min(16, 2048 // block_d)), FIX_R=max(1, min(8, 1024 // block_d)))
+    return dict(FIX_L=max(1, min(16, 2048 // block_d)), FIX_R=max(1, min(4, 512 // block_d)))
 
 
 def _block_d(D: int) -> int:
@@ -778,10 +891,24 @@ def qr_lookup_bwd(
                 NEED_Q=need_q, NEED_R=need_r, **flags, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
             )
             # one program that returns at once unless a row's float32 partial sums could overflow
+            narrow = q_weight.dtype != torch.float32
             _qr_atomic_fixup_kernel[(1,)](
                 *args, N, B, M, Q, R, DQ, DR, n_bag_iters, *strides[:6],
-                NEED_Q=need_q, NEED_R=need_r, **flags, **atomic_fix_tiles(BLOCK_D), BLOCK_D=BLOCK_D,
+                NEED_Q=need_q, NEED_R=need_r, **flags, NARROW=narrow, **atomic_fix_tiles(BLOCK_D), BLOCK_D=BLOCK_D,
+                num_warps=FIX_WARPS,
             )
+            if narrow:  # the accumulators rounded to the tables' dtype, rows near its maximum summed again
+                tiles = atomic_fix_tiles(BLOCK_D)
+                oq = torch.empty((Q, DQ), dtype=q_weight.dtype, device=dev) if need_q else None
+                orr = torch.empty((R, DR), dtype=r_weight.dtype, device=dev) if need_r else None
+                qb = triton.cdiv(Q, tiles["FIX_R"]) if need_q else 0
+                rb = triton.cdiv(R, tiles["FIX_R"]) if need_r else 0
+                _qr_atomic_narrow_kernel[(qb + rb,)](
+                    *args[:6], dq_arg, dr_arg, oq if oq is not None else orr, orr if orr is not None else oq,
+                    N, B, M, Q, R, DQ, DR, n_bag_iters, qb, *strides[:6],
+                    NEED_Q=need_q, NEED_R=need_r, **flags, **tiles, BLOCK_D=BLOCK_D, num_warps=FIX_WARPS,
+                )
+                return None, oq, None, orr, w_grad
         dq = None if dq is None else dq.to(q_weight.dtype)
         dr = None if dr is None else dr.to(r_weight.dtype)
         return None, dq, None, dr, w_grad

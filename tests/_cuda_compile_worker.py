@@ -580,8 +580,14 @@ def _memory_bound_jobs():
             jobs.append(Job("qr_lookup._qr_atomic_fixup_kernel", f"{dt},{flags}", m._qr_atomic_fixup_kernel,
                             atomic_ptrs,
                             {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "NEED_Q": True, "NEED_R": True,
-                             **flags, **m.atomic_fix_tiles(128), "BLOCK_D": 128},
-                            aligned_ints=grads[:3], cost=0.5))
+                             **flags, "NARROW": dt != "fp32", **m.atomic_fix_tiles(128), "BLOCK_D": 128},
+                            m.FIX_WARPS, aligned_ints=grads[:3], cost=0.5))
+            if dt != "fp32":  # the half-precision tables' rounding of the float32 accumulators
+                jobs.append(Job("qr_lookup._qr_atomic_narrow_kernel", f"{dt},{flags}", m._qr_atomic_narrow_kernel,
+                                {**atomic_ptrs, "p_oq": p, "p_or": p},
+                                {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "NEED_Q": True, "NEED_R": True,
+                                 **flags, **m.atomic_fix_tiles(128), "BLOCK_D": 128},
+                                m.FIX_WARPS, aligned_ints=grads[:3], cost=0.5))
         jobs.append(Job("qr_lookup._qr_psw_grad_kernel", f"{dt}", m._qr_psw_grad_kernel,
                         {"p_g": p, "p_ids": ids, "p_offsets": "*i64", "p_qw": p, "p_rw": p, "p_dw": p},
                         {"stride_gd": 1, "stride_qd": 1, "stride_rd": 1, "OP": 1, "BLOCK_L": 32, "BLOCK_D": 128},

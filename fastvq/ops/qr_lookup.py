@@ -193,14 +193,19 @@ def qr_lookup(
     comes out right (within float32 rounding) even where its terms or partial sums are not
     (``q * r`` = 1e40 items, weights of 3e38, ``g * w * q`` with ``w`` = 3e38): the Triton
     kernels sum in float32 and sum a bag or table row again in float64 where that result is not
-    finite or a "mult" weight exceeds 4096; the reference forms these sums in float64. An exact
-    result beyond the dtype's range is ``+-inf``, never NaN nor a finite number. A NaN table
+    finite, a "mult" weight above 1 multiplies an underflowed product, or a bfloat16 / float16
+    result reaches its dtype's largest value; the reference forms these sums in float64. Those
+    float64 sums are compensated and rounded once (to odd first): near the overflow midpoint the
+    result is the exact sum rounded to nearest. An exact result beyond the dtype's range is
+    ``+-inf``, never NaN nor a finite number. A NaN table
     entry gives NaN exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN).
     ``deterministic=False`` sums table rows with float32 atomics, to the same contract: a row
     that receives a finite term beyond about ``3.4e38 / len(ids)`` (only then can its partial
     sums overflow) and whose float32 sum is not finite is summed again on the device in
-    float64 and rounded once, by one extra program that reads the ids per group of 8 such rows
-    (slower; an ordinary backward pays only its launch). Zero-width tables
+    float64 and rounded once, by one extra program that reads the ids per group of 4 such rows
+    (slower; an ordinary backward pays only its launch); bfloat16 / float16 tables are rounded
+    from the float32 sums by one launch (in place of torch's conversion) that sums a row again
+    where it reaches the dtype's largest value. Zero-width tables
     (``dq = 0``) give empty rows and empty gradients. Bag offsets are checked on the device; nothing but the sparse
     backward reads the host.
 

@@ -8,8 +8,11 @@ Sums and products of more than two table values (bag pooling, per-sample weights
 gradients) are formed in float64 (:data:`EXACT`): every product of three float32 values and every
 sum of them is then in range (float64 spans 2^-1074 .. 2^1024, three float32 factors at most
 2^-447 .. 2^384), so a result representable in the tables' dtype comes out right, one that
-overflows is +-inf and NaN appears only where exact arithmetic gives NaN. The kernels reach the
-same numbers with a float32 fast path and a float64 redo of the few bags and rows that need it.
+overflows is +-inf and NaN appears only where exact arithmetic gives NaN. Each sum is carried
+as an exact part and a remainder and rounded once to the tables' dtype (:mod:`._exact_sum`: a
+plain float64 sum could land on a rounding midpoint, and torch's float64 -> bfloat16 / float16
+conversion rounds twice; qrprobe QP3, QP5). The kernels reach the same numbers with a float32
+fast path and a compensated float64 redo of the few bags and rows that need it.
 
 :func:`qr_lookup_ref` is built from differentiable torch ops (it is the autograd oracle of the
 tests); :func:`qr_lookup_bwd_ref` is the explicit backward the op runs under the reference
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._chunks import row_chunk
+from ._exact_sum import pair_index_sum, pair_sum_lastdim, round_pair, rounded_like
 
 OPS = ("add", "mult", "concat")
 MODES = ("sum", "mean")
@@ -100,12 +104,19 @@ def qr_lookup_ref(
         return pooled.to(q_weight.dtype)
     bag_of, lengths = bag_layout(offsets, N)
     scale = item_scale(bag_of, lengths, mode, per_sample_weights)
-    for s in range(0, N, step):  # float64: no item, weight or partial sum over- or underflows
-        c = _compose(op, q_weight[qi[s : s + step]].to(EXACT), r_weight[ri[s : s + step]].to(EXACT))
-        if scale is not None:
-            c = c * scale[s : s + step].to(EXACT)[:, None]
-        pooled = pooled.index_add(0, bag_of[s : s + step], c)
-    return pooled.to(q_weight.dtype)
+
+    def items():  # float64: no item, weight or partial sum over- or underflows
+        for s in range(0, N, step):
+            c = _compose(op, q_weight[qi[s : s + step]].to(EXACT), r_weight[ri[s : s + step]].to(EXACT))
+            if scale is not None:
+                c = c * scale[s : s + step].to(EXACT)[:, None]
+            yield bag_of[s : s + step], c
+
+    for rows, c in items():  # the differentiable sum (autograd's graph) ...
+        pooled = pooled.index_add(0, rows, c)
+    with torch.no_grad():  # ... and its value, rounded once
+        hi, lo = pair_index_sum(tuple(pooled.shape), lambda: ((r, c.detach()) for r, c in items()), pooled.device)
+    return rounded_like(pooled, round_pair(hi, lo, q_weight.dtype))
 
 
 def qr_lookup_bwd_ref(
@@ -128,7 +139,7 @@ def qr_lookup_bwd_ref(
     table's gradient in its shape and dtype, ``*_rows`` None. ``sparse=True``: ``*_rows`` are
     the touched rows (sorted, int64) and ``*_grad`` their gradients. Each item's term is formed
     and summed in float64 (:data:`EXACT`) by ``index_add_`` (sequential, so deterministic, on the
-    CPU), rounded once to the tables' dtype.
+    CPU) as an exact part and a remainder, rounded once to the tables' dtype (:mod:`._exact_sum`).
     """
     Q, R = q_weight.shape[0], r_weight.shape[0]
     dq = q_weight.shape[1]
@@ -136,9 +147,8 @@ def qr_lookup_bwd_ref(
     N = flat.numel()
     need_q, need_r, need_w = needs
     math = EXACT  # g * w * q: three factors, and sums of them
-    gq = torch.zeros(q_weight.shape, dtype=math, device=q_weight.device)
-    gr = torch.zeros(r_weight.shape, dtype=math, device=r_weight.device)
     gw = None if per_sample_weights is None else torch.zeros(N, dtype=math, device=q_weight.device)
+    gw_lo = None if gw is None else torch.zeros_like(gw)
     if offsets is not None and offsets.numel() == 0:  # no bags: nothing flows back
         flat, N = flat[:0], 0
     qi, ri = qr_indices(flat, Q, R)
@@ -149,30 +159,38 @@ def qr_lookup_bwd_ref(
         scale = item_scale(bag_of, lengths, mode, per_sample_weights)
     g2 = grad.reshape(grad.shape[0] if grad.dim() > 1 else -1, grad.shape[-1])
     step = row_chunk(grad.shape[-1])
-    for s in range(0, N, step):
-        rows = slice(s, min(s + step, N))
-        g = (g2[rows] if bag_of is None else g2[bag_of[rows]]).to(math)
-        if gw is not None:  # d out[bag] / d w_i = the composed item i
-            gw[rows] = (_compose(op, q_weight[qi[rows]].to(math), r_weight[ri[rows]].to(math)) * g).sum(-1)
-        if scale is not None:
-            g = g * scale[rows][:, None]
-        if op == "add":
-            g_q, g_r = g, g
-        elif op == "mult":
-            g_q = g * r_weight[ri[rows]].to(math)
-            g_r = g * q_weight[qi[rows]].to(math)
-        else:
-            g_q, g_r = g[:, :dq], g[:, dq:]
-        gq.index_add_(0, qi[rows], g_q)
-        gr.index_add_(0, ri[rows], g_r)
+
+    def terms(table: int):
+        """(rows, terms) per chunk of items: table 0 the quotient table's, 1 the remainder's."""
+        for s in range(0, N, step):
+            rows = slice(s, min(s + step, N))
+            g = (g2[rows] if bag_of is None else g2[bag_of[rows]]).to(math)
+            if scale is not None:
+                g = g * scale[rows][:, None]
+            if op == "add":
+                t = g
+            elif op == "mult":
+                t = g * (r_weight[ri[rows]] if table == 0 else q_weight[qi[rows]]).to(math)
+            else:
+                t = g[:, :dq] if table == 0 else g[:, dq:]
+            yield (qi if table == 0 else ri)[rows], t
+
+    if gw is not None:  # d out[bag] / d w_i = the composed item i . its bag's gradient
+        for s in range(0, N, step):
+            rows = slice(s, min(s + step, N))
+            g = (g2[rows] if bag_of is None else g2[bag_of[rows]]).to(math)
+            gw[rows], gw_lo[rows] = pair_sum_lastdim(
+                _compose(op, q_weight[qi[rows]].to(math), r_weight[ri[rows]].to(math)) * g)
     out = []
-    for need, full, idx, w in ((need_q, gq, qi, q_weight), (need_r, gr, ri, r_weight)):
+    for table, (need, idx, w) in enumerate(((need_q, qi, q_weight), (need_r, ri, r_weight))):
         if not need:
             out += [None, None]
-        elif sparse:
+            continue
+        full = round_pair(*pair_index_sum(tuple(w.shape), lambda table=table: terms(table), w.device), w.dtype)
+        if sparse:
             touched = torch.unique(idx)  # sorted
-            out += [touched, full[touched].to(w.dtype)]
+            out += [touched, full[touched]]
         else:
-            out += [None, full.to(w.dtype)]
-    out.append(gw.to(per_sample_weights.dtype) if need_w and gw is not None else None)
+            out += [None, full]
+    out.append(round_pair(gw, gw_lo, per_sample_weights.dtype) if need_w and gw is not None else None)
     return tuple(out)

@@ -909,7 +909,7 @@ def test_atomic_table_gradient_at_the_float32_max_rounds_as_the_exact_sum(backen
 
 def _many_overflowed_rows(device):
     """2,500 items (three 1,024-id spans of the fix-up's scan), tables Q=20, R=3, D=160 (two
-    128-column tiles). q rows 0..11 (more than one fix-up group of 8 rows) each take 6 items
+    128-column tiles). q rows 0..11 (three fix-up groups of 4 rows) each take 6 items
     spread over the spans, at positions k + 450 j: column 0 gets +-(3, 3, -1, -3, -3, 1.5)e38 (in
     item order 3e38 + 3e38 overflows; exact sum 0.5e38), column 140 the same negated, every other
     column ordinary values. The other 2,428 items go to q rows 12..19 with ordinary values but

@@ -5,7 +5,7 @@ float32 atomics, then the one-program float64 fix-up of commit f326953) beside
 The atomic backward's fix-up held on every case tried but QP4 and QP5: seeded fuzz over ops,
 bags ("sum", "mean", weights of +-3e38, 0, +-max), one or both tables, int32/int64 ids (negative, beyond
 Q*R), D in {0, 1, 2, 3, 5, 8, 129, 160, 200}, N up to 3,000 (several 1,024-id spans), Q up to 30
-(several groups of 8 rows), float32/bfloat16/float16, NaN and +-inf upstream gradients: 1,044
+(several groups of fix-up rows), float32/bfloat16/float16, NaN and +-inf upstream gradients: 1,044
 random cases (694 mixed-scale, 350 aimed at the fix-up: many overflowed rows over spans, groups
 and column tiles), 300 random sums within 6 ulps of +-max against exact rational sums, and ~70
 hand-made ones; each case ran both modes. Every random case that broke the contract was QP2
@@ -28,11 +28,13 @@ written as ``xfail(strict=True)``:
   2^128 - 2^119 (bfloat16: 3 of 694 fuzz cases) comes out +inf from both backward modes and the
   reference (it is the correctly rounded value), and ``assert_close`` rejects it as a finite
   value's inf.
-- QP3 (every path, the reference included; bfloat16/float16 tables): the gradient is rounded
+- QP3 (fixed: sums carried as an exact part and a remainder, rounded once, to odd at float32
+  before a bfloat16 / float16 table; a half-precision row at its dtype's largest value is summed
+  again; every path, the reference included; bfloat16/float16 tables): the gradient was rounded
   twice, float64 (or float32 atomics) to float32, then to the table's dtype. Just below the
   half-precision overflow midpoint the first rounding lands on it and the second goes to inf:
-  terms bf16 max, 2^119, -2^100 sum to 2^128 - 2^119 - 2^100 (rounds to bf16 max) and come out
-  +inf; in float16 65504 + 16 - 2^-10 comes out +inf instead of 65504.
+  terms bf16 max, 2^119, -2^100 sum to 2^128 - 2^119 - 2^100 (rounds to bf16 max) and came out
+  +inf; in float16 65504 + 16 - 2^-10 came out +inf instead of 65504.
 - QP4 (fixed: the float64 passes take 1/len to ~2^-48; Triton;
   deterministic=False alone for some lengths, both modes and the forward for
   others): "mean" scales by a float32 reciprocal of the bag length, also in the float64 redo
@@ -41,10 +43,10 @@ written as ``xfail(strict=True)``:
   n: n = 26 gives +inf in both modes and in the forward (each re-sums in float64 after the
   float32 sum overflowed), n = 52 and 112 give +inf from the atomic backward only (its float32
   sum overflowed and the fix-up re-summed it; the sorted one's float32 sum stayed finite).
-- QP5 (every path, the reference and the float64 oracle included; vs exact rational sums): a
-  float64 sum is not exact. Terms max, 2^103, -2^60 sum to max + 2^103 - 2^60, below the
+- QP5 (fixed as QP3: kernels/_common.py dd_sum / round_dd, fastvq/reference/_exact_sum.py;
+  every path, the reference included; vs exact rational sums): a float64 sum is not exact. Terms max, 2^103, -2^60 sum to max + 2^103 - 2^60, below the
   rounding midpoint (so max), but in float64 it rounds to the midpoint max + 2^103 and then to
-  +inf. The fix-ups' "summed in float64, rounded once" rounds twice within 2^-54 of the midpoint.
+  +inf. The fix-ups' "summed in float64, rounded once" rounded twice within 2^-54 of the midpoint.
 """
 
 import math
@@ -165,7 +167,7 @@ def test_fixed_rows_with_infinities_overflow_and_subnormals(backend, device, det
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
 def test_forty_overflowed_rows_over_three_id_spans(backend, device, deterministic):
-    # 2,049 items (1,024-id spans: three), 40 q rows (five groups of 8), every row overflowing in
+    # 2,049 items (1,024-id spans: three), 40 q rows (ten groups of 4), every row overflowing in
     # float32 (+3e38, +3e38, -3e38 in item order); the float64 sums are exact: rounded once, bitwise
     Q, N = 40, 2049
     ids = torch.arange(N, device=device) % Q
@@ -280,8 +282,6 @@ def test_qp2_contract_accepts_the_correctly_rounded_inf(backend, device, determi
     _check(q, r, torch.zeros(2, dtype=torch.long, device=device), "add", g, deterministic=deterministic)
 
 
-@pytest.mark.xfail(strict=True, reason="qrprobe QP3: float64/float32 -> half rounds twice; just below the overflow "
-                                       "midpoint that gives +inf where the exact sum rounds to the dtype's max")
 @pytest.mark.parametrize("dtype, terms", [
     pytest.param(torch.bfloat16, [torch.finfo(torch.bfloat16).max, 2.0**119, -(2.0**100)], id="bfloat16"),
     pytest.param(torch.float16, [65504.0, 16.0, -(2.0**-10)], id="float16"),
@@ -316,8 +316,6 @@ def test_qp4_mean_bag_at_the_float32_max_forward(backend, device):
     assert out[0, 0].item() == F32_MAX, out
 
 
-@pytest.mark.xfail(strict=True, reason="qrprobe QP5: the float64 sum rounds to the float32 overflow midpoint, "
-                                       "then to +inf: the exact sum is below it (max)")
 @pytest.mark.parametrize("order", [[0, 1, 2], [2, 0, 1]], ids=["max-first", "small-first"])
 @pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
 def test_qp5_float64_sum_rounds_twice_at_the_overflow_midpoint(backend, device, deterministic, order):
@@ -328,3 +326,50 @@ def test_qp5_float64_sum_rounds_twice_at_the_overflow_midpoint(backend, device, 
     gq, gr = _grads(torch.zeros(1, 1, device=device), torch.zeros(1, 1, device=device),
                     torch.zeros(3, dtype=torch.long, device=device), "add", g, deterministic=deterministic)
     assert gq.item() == F32_MAX and gr.item() == F32_MAX, (gq.item(), gr.item())
+
+
+def _overflow_midpoint_cases(dtype, gen, count=6):
+    """Term lists (values of ``dtype``) whose exact sums lie just below or just above the dtype's
+    overflow midpoint (largest value + 1/2 ulp) by ``2^k`` of a random ``k``, in random order:
+    ``(terms, rounds to +inf)``."""
+    big = torch.finfo(dtype).max
+    e = math.frexp(big)[1] - 1
+    mant = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}[dtype]
+    out = []
+    for _ in range(count):
+        k = int(torch.randint(2, 36 if dtype == torch.float32 else 12, (1,), generator=gen))
+        above = bool(torch.rand(1, generator=gen) < 0.5)
+        terms = [big, 2.0 ** (e - mant), (1 if above else -1) * 2.0 ** (e - mant - k)]
+        out.append(([terms[i] for i in torch.randperm(3, generator=gen).tolist()], above))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_sums_at_the_overflow_midpoint_round_once(backend, device, deterministic, dtype):
+    """QP3 and QP5 over random offsets and orders: three terms (the dtype's largest value, half an
+    ulp, +-2^-k ulps) summed by a table row's gradient, by a bag (the forward) and by a
+    per-sample weight's gradient (composed item . its bag's gradient): +inf exactly where the
+    exact sum reaches the overflow midpoint, the largest value below it."""
+    big = torch.finfo(dtype).max
+    for terms, above in _overflow_midpoint_cases(dtype, generator(7)):
+        want = math.inf if above else big
+        g = torch.tensor(terms, dtype=torch.float64, device=device)[:, None].to(dtype)
+        assert g.double().flatten().tolist() == terms
+        zeros = torch.zeros(1, 1, dtype=dtype, device=device)
+        gq, gr = _grads(zeros, zeros.clone(), torch.zeros(3, dtype=torch.long, device=device), "add", g,
+                        deterministic=deterministic)
+        assert gq.item() == want and gr.item() == want, (terms, gq.item(), gr.item(), want)
+        # the forward: one bag of three items whose q rows are the terms (one r row, 0)
+        q = g.clone()
+        out = fastvq.qr_lookup(torch.arange(3, device=device), q, torch.zeros(1, 1, dtype=dtype, device=device),
+                               "add", offsets=torch.zeros(1, dtype=torch.long, device=device),
+                               deterministic=deterministic)
+        assert out.item() == want, (terms, out.item(), want)
+        # a weight's gradient: one item of three columns, the composed row 1s, the bag gradient the terms
+        w = torch.ones(1, dtype=dtype, device=device, requires_grad=True)
+        ones = torch.ones(1, 3, dtype=dtype, device=device)
+        fastvq.qr_lookup(torch.zeros(1, dtype=torch.long, device=device), ones, torch.zeros(1, 3, dtype=dtype,
+                         device=device), "add", offsets=torch.zeros(1, dtype=torch.long, device=device),
+                         per_sample_weights=w, deterministic=deterministic).backward(g.reshape(1, 3))
+        assert w.grad.item() == want, (terms, w.grad.item(), want)

@@ -1,0 +1,108 @@
+"""Sums of float64 terms rounded once to a table's dtype (the references' side of
+``kernels/_common.py round_dd``).
+
+A float64 sum of float32 products is not exact: terms ``max``, ``2^103`` and ``-2^60`` sum in
+float64 to ``max + 2^103``, the float32 rounding midpoint, and round to +inf where the exact sum
+(below the midpoint) rounds to ``max`` (qrprobe QP5). And torch converts float64 to bfloat16 or
+float16 through float32, rounding twice (QP3). Here each sum is carried as a pair ``hi + lo``
+with ``hi`` exact: every term ``t`` of a row is split at ``sigma = 2^(M + E)`` (``2^E`` above the
+row's largest |term| in that column, ``2^M >= n + 2`` for its ``n`` terms) into ``q = (sigma + t)
+- sigma`` and ``t - q``; the ``q`` sum exactly in any order (Rump, Ogita and Oishi's
+extraction), and the remainders, each below ``2^-53 sigma``, sum to ``lo`` within about
+``n^2 2^(M - 106)`` of the largest term. :func:`round_pair` then rounds ``hi + lo`` once: to odd
+at float64 then to nearest float32, or to odd at float32 then to nearest bfloat16 / float16 (a
+rounding to odd with two more bits than the target makes the second rounding exact).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+F64 = torch.float64
+
+
+def _split(t: torch.Tensor, sigma: torch.Tensor, fin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, t - q)`` of float64 terms at ``sigma`` (broadcast); where ``fin`` is False (a NaN or
+    infinite term in the sum) ``(t, 0)``: the plain sum keeps NaN and +-inf."""
+    q = torch.where(fin, (sigma + t) - sigma, t)
+    return q, torch.where(fin, t - q, torch.zeros_like(t))
+
+
+def _sigma(amax: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigma, finite)`` for sums whose largest |term| is ``amax`` over ``count`` terms."""
+    fin = torch.isfinite(amax)
+    _, e = torch.frexp(torch.where(fin, amax, torch.zeros_like(amax)))  # amax < 2^e
+    m = torch.ceil(torch.log2(count.to(F64) + 2.0)).to(torch.int32)
+    return torch.ldexp(torch.ones_like(amax), e + m), fin
+
+
+def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                   device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` float64, ``shape`` ``(rows, cols)``: for every row, the sum of the float64 term
+    rows ``chunks()`` yields for it as ``(row index (n,), terms (n, cols))``. ``chunks`` is called
+    twice (the largest term and the count of each row first)."""
+    amax = torch.zeros(shape, dtype=F64, device=device)
+    count = torch.zeros(shape[0], dtype=F64, device=device)
+    for idx, t in chunks():
+        amax.index_reduce_(0, idx, t.abs(), "amax")
+        count.index_add_(0, idx, torch.ones(idx.shape, dtype=F64, device=device))
+    sigma, fin = _sigma(amax, count[:, None])
+    hi = torch.zeros(shape, dtype=F64, device=device)
+    lo = torch.zeros(shape, dtype=F64, device=device)
+    for idx, t in chunks():
+        q, r = _split(t, sigma[idx], fin[idx])
+        hi.index_add_(0, idx, q)
+        lo.index_add_(0, idx, r)
+    return hi, lo
+
+
+def pair_sum_lastdim(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)``: the sums of float64 ``t`` along its last dimension, as a pair."""
+    amax = t.abs().amax(-1, keepdim=True) if t.shape[-1] else t.new_zeros(t.shape[:-1] + (1,))
+    sigma, fin = _sigma(amax, torch.full_like(amax, t.shape[-1]))
+    q, r = _split(t, sigma, fin)
+    return q.sum(-1), r.sum(-1)
+
+
+def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``hi + lo`` (float64) rounded once to ``dtype`` (to nearest even); NaN and +-inf ``hi``
+    pass through."""
+    fin = torch.isfinite(hi)
+    h = hi + lo
+    bb = h - hi
+    lo = torch.where(fin, (hi - (h - bb)) + (lo - bb), torch.zeros_like(hi))  # h + lo == hi + lo exactly
+    h = torch.where(fin, h, hi)
+    if dtype == F64:
+        return h
+    if dtype == torch.float32:  # to odd at float64, then to nearest
+        bits = h.contiguous().view(torch.int64)
+        fix = fin & (lo != 0) & ((bits & 1) == 0)
+        up = (lo > 0) == (h > 0)
+        return torch.where(fix, torch.where(up, bits + 1, bits - 1), bits).view(F64).to(torch.float32)
+    f = h.to(torch.float32)  # to odd at float32, then to nearest bfloat16 / float16
+    d = h - f.to(F64)  # exact: f is h's float32 neighbour
+    d = torch.where(d != 0, d, lo)
+    bits = f.contiguous().view(torch.int32)
+    fix = fin & torch.isfinite(f) & (d != 0) & ((bits & 1) == 0)
+    up = ((d > 0) == (f > 0)) | (f == 0)
+    return torch.where(fix, torch.where(up, bits + 1, bits - 1), bits).view(torch.float32).to(dtype)
+
+
+class _Rounded(torch.autograd.Function):
+    """``value`` forward (the sum rounded once), and the gradient of ``x`` (the differentiable
+    float64 sum it rounds) backward."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(F64), None
+
+
+def rounded_like(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` carrying ``x``'s gradient (identity), for differentiable references."""
+    return _Rounded.apply(x, value) if x.requires_grad else value
