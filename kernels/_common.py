@@ -419,16 +419,21 @@ def dd_add(b_s, b_e, b_hi, b_lo):
 
 
 @triton.jit
-def round_dd(b_s, b_e, ODD32: tl.constexpr):
+def round_dd(b_s, b_e, ODD32: tl.constexpr, INEXACT: tl.constexpr = False):
     """float32 of the float64 pair ``s + e`` rounded once. ``ODD32`` False: to nearest even
     (rounded to odd at float64 first: 53 >= 24 + 2 bits, so the second rounding is exact).
     ``ODD32`` True: to odd at float32, for a table of bfloat16 or float16 that the store then
     rounds to nearest (24 >= 11 + 2). A sum ``s`` that is NaN or +-inf (a term was; its ``e`` is
-    then NaN) passes through as it is."""
+    then NaN) passes through as it is. ``INEXACT``: the terms carry a rounding of their own
+    ("mean"'s ``1 / len``), so the pair is not the exact sum, and rounding to odd would keep
+    that error where the exact sum is a tie: to nearest instead (twice for a half table), as
+    the float32 path and fastvq/reference/_exact_sum.py ``round_pair`` round them."""
     fin = (b_s == b_s) & (tl.abs(b_s) < float("inf"))
     h, l = two_sum(b_s, tl.where(fin, b_e, 0.0))
     h = tl.where(fin, h, b_s)
-    if ODD32:
+    if INEXACT:
+        return h.to(tl.float32)
+    elif ODD32:
         f = h.to(tl.float32)
         d = h - f.to(tl.float64)  # exact: f is h's float32 neighbour
         d = tl.where(d != 0, d, l)

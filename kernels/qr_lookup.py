@@ -270,7 +270,7 @@ def _qr_lookup_bag_fwd_kernel(
         b_hi, b_lo, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # items again in
                                     stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,  # float64,
                                     BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)  # half as many at once, rounded once
-        b_out = round_dd(b_hi, b_lo, p_out.dtype.element_ty != tl.float32)
+        b_out = round_dd(b_hi, b_lo, p_out.dtype.element_ty != tl.float32, MEAN)
     tl.store(p_out + pid_b * stride_on + o_d * stride_od, b_out.to(p_out.dtype.element_ty), mask=o_d < DOUT)
 
 
@@ -403,7 +403,7 @@ def _qr_row_grad(
         b_hi, b_lo, _ = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D,
                                     COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                                     IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
-        b_dw = round_dd(b_hi, b_lo, p_dw.dtype.element_ty != tl.float32)
+        b_dw = round_dd(b_hi, b_lo, p_dw.dtype.element_ty != tl.float32, MEAN)
     tl.store(p_dw + out_row * stride_dn + o_d * stride_dd, b_dw.to(p_dw.dtype.element_ty), mask=o_d < D)
 
 
@@ -557,7 +557,7 @@ def _qr_fix_rows(
                         b_acc, b_err = add_rows_by_index_dd(b_acc, b_err, b_t, tl.where(m_grp, b_row, -1), r0,
                                                             FIX_R)
         tl.store(p_dw + (r0 + o_r).to(tl.int64)[:, None] * D + o_d[None, :],
-                 round_dd(b_acc, b_err, ODD32).to(p_dw.dtype.element_ty), mask=m_fix[:, None] & (o_d < D)[None, :])
+                 round_dd(b_acc, b_err, ODD32, MEAN).to(p_dw.dtype.element_ty), mask=m_fix[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit

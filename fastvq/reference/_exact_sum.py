@@ -66,9 +66,15 @@ def pair_sum_lastdim(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.sum(-1), r.sum(-1)
 
 
-def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, exact_terms: bool = True) -> torch.Tensor:
     """``hi + lo`` (float64) rounded once to ``dtype`` (to nearest even); NaN and +-inf ``hi``
-    pass through."""
+    pass through. ``exact_terms=False``: the terms carry a rounding of their own ("mean"'s
+    ``1 / len``), so the pair is not the exact sum and rounding to odd would keep that error
+    where the exact sum is a tie (a bfloat16 mean of three bfloat16 values, exactly halfway,
+    came out the odd neighbour): to nearest float32, then to nearest ``dtype``, as the kernels'
+    float32 path rounds."""
+    if not exact_terms:
+        return (hi + lo).to(torch.float32).to(dtype) if dtype != F64 else hi + lo
     fin = torch.isfinite(hi)
     h = hi + lo
     bb = h - hi

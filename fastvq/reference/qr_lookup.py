@@ -116,7 +116,8 @@ def qr_lookup_ref(
         pooled = pooled.index_add(0, rows, c)
     with torch.no_grad():  # ... and its value, rounded once
         hi, lo = pair_index_sum(tuple(pooled.shape), lambda: ((r, c.detach()) for r, c in items()), pooled.device)
-    return rounded_like(pooled, round_pair(hi, lo, q_weight.dtype))
+    exact_terms = not (mode == "mean" and per_sample_weights is None)  # (1 / len is rounded)
+    return rounded_like(pooled, round_pair(hi, lo, q_weight.dtype, exact_terms))
 
 
 def qr_lookup_bwd_ref(
@@ -186,7 +187,8 @@ def qr_lookup_bwd_ref(
         if not need:
             out += [None, None]
             continue
-        full = round_pair(*pair_index_sum(tuple(w.shape), lambda table=table: terms(table), w.device), w.dtype)
+        full = round_pair(*pair_index_sum(tuple(w.shape), lambda table=table: terms(table), w.device), w.dtype,
+                          exact_terms=not (bag_of is not None and mode == "mean" and per_sample_weights is None))
         if sparse:
             touched = torch.unique(idx)  # sorted
             out += [touched, full[touched]]

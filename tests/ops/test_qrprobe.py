@@ -373,3 +373,18 @@ def test_sums_at_the_overflow_midpoint_round_once(backend, device, deterministic
                          device=device), "add", offsets=torch.zeros(1, dtype=torch.long, device=device),
                          per_sample_weights=w, deterministic=deterministic).backward(g.reshape(1, 3))
         assert w.grad.item() == want, (terms, w.grad.item(), want)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+def test_mean_at_an_exact_tie_rounds_to_even(backend, device, deterministic):
+    """A reviewer's case against the rounding to odd: a bfloat16 bag of three items, "mean", whose
+    exact mean 1.18359375 lies halfway between two bfloat16 values (to even: 1.1875). Each term
+    carries float64's rounding of 1/3, so rounding the pair to odd kept that error and gave the
+    odd neighbour 1.1796875; "mean" sums round to nearest twice, as the kernels' float32 path."""
+    q = torch.tensor([[0.73046875]], dtype=torch.bfloat16, device=device)
+    r = torch.tensor([[1.21875], [-0.43359375], [0.57421875]], dtype=torch.bfloat16, device=device)
+    exact = sum(Fraction(q.item()) + Fraction(v) for v in r.flatten().tolist()) / 3
+    assert exact == Fraction(1.18359375)
+    out = fastvq.qr_lookup(torch.arange(3, device=device), q, r, "add", offsets=torch.zeros(1, dtype=torch.long,
+                           device=device), mode="mean", deterministic=deterministic)
+    assert out.item() == 1.1875, out.item()
