@@ -114,17 +114,24 @@ def _not_finite(b):
 
 
 @triton.jit
+def _at_narrow_max(b_a, p_out):
+    """Where ``b_a`` (``|result|``, float32) reaches the largest finite value of ``p_out``'s dtype
+    when that is bfloat16 / float16 (+inf included); all False for float32 outputs."""
+    if p_out.dtype.element_ty == tl.bfloat16:
+        return b_a >= 3.3895313892515355e38
+    elif p_out.dtype.element_ty == tl.float16:
+        return b_a >= 65504.0
+    else:
+        return (b_a != b_a) & (b_a == b_a)  # (False)
+
+
+@triton.jit
 def _near_narrow_max(b, p_out):
     """Scalar: whether a float32 result ``b`` bound for ``p_out`` (bfloat16 / float16) reaches that
     dtype's largest finite value, where the store's second rounding could give +-inf for an exact
     sum below the overflow midpoint (qrprobe QP3): such a result is summed again. False for
     float32 outputs (their overflow is the float32 sum's own, :func:`_not_finite`)."""
-    if p_out.dtype.element_ty == tl.bfloat16:
-        return tl.max((tl.abs(b) >= 3.3895313892515355e38).to(tl.int32)) > 0
-    elif p_out.dtype.element_ty == tl.float16:
-        return tl.max((tl.abs(b) >= 65504.0).to(tl.int32)) > 0
-    else:
-        return tl.max((b != b).to(tl.int32)) < 0  # (False)
+    return tl.max(_at_narrow_max(tl.abs(b), p_out).to(tl.int32)) > 0
 
 
 @triton.jit
@@ -631,10 +638,7 @@ def _qr_narrow_rows(
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         b_a = tl.abs(tl.load(p_acc + o_row + o_d[None, :], mask=m_k[:, None] & (o_d < D)[None, :], other=0.0))
-        if p_out.dtype.element_ty == tl.bfloat16:
-            b_big = (b_a >= 3.3895313892515355e38) & (b_a < float("inf"))
-        else:
-            b_big = (b_a >= 65504.0) & (b_a < float("inf"))
+        b_big = _at_narrow_max(b_a, p_out) & (b_a < float("inf"))
         b_fix = tl.maximum(b_fix, tl.max(b_big.to(tl.int32), axis=1))
     m_fix = m_k & (b_fix > 0)
     for d0 in range(0, D, BLOCK_D):
