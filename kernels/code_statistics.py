@@ -9,9 +9,15 @@ What every path does with each row ``r`` (weight ``w_r``, 1 without weights):
 * index outside ``[0, K)``: left out, counted in ``bad[level, 1]`` (the op turns that into an
   error); never read or written out of bounds;
 * ``w_r`` or any element of the row not finite: left out, counted in ``bad[level, 0]``;
-* otherwise ``counts[seg] += w_r`` and ``sums[seg] += w_r * x_r``, accumulated in float64 and
-  rounded once to float32, so a sum is within float32 rounding of the exact one, is ``+-inf``
-  exactly when the exact sum is beyond float32's range, and is never NaN.
+* otherwise ``counts[seg] += w_r`` and ``sums[seg] += w_r * x_r`` (each product exact in
+  float64). The deterministic path carries each sum as a double-double pair (``_common.dd_sum``
+  per tile of rows, ``dd_add`` across tiles and pieces) and rounds it once to float32
+  (``round_dd``): a sum is the exact one rounded to nearest unless it lies within about
+  ``n^2 2^-95`` of its largest term from a rounding midpoint, is ``+-inf`` exactly when the exact
+  sum rounds beyond float32's range (terms ``max``, ``2^103``, ``-2^60``: ``max``, where a float64
+  sum lands on the overflow midpoint and gave +inf), and is never NaN. The atomic path adds
+  plain float64 terms: its sums round each addition, so one within about ``n 2^-53`` of a
+  midpoint may round either way.
 
 Row finiteness needs the whole row: a program owns ``BLOCK_D`` columns but checks every column
 of its rows (one load when ``D <= BLOCK_D``, the common case; otherwise a second sweep, from
@@ -37,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launcher, next_pow2
+from ._common import dd_add, dd_sum, launcher, next_pow2, round_dd
 
 MAX_BLOCK_D = 256
 TILE_ELEMENTS = 4096  # BLOCK_N * BLOCK_D of one loaded tile (float64 products: 64 registers a thread)
@@ -107,7 +113,7 @@ def _code_statistics_atomic_kernel(
 def _code_statistics_segment_kernel(
     p_x, p_w, p_perm, p_offsets, p_item_end, p_pieces, p_multi_first, p_seg_of_item,
     p_counts, p_sums, p_pcounts, p_psums, p_bad,
-    D, K, S, NW, P,
+    D, K, S, NW, P, N_PART,
     stride_xn, stride_xd, stride_w, stride_sk, stride_pk,
     HAS_W: tl.constexpr, SINGLE_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -123,8 +129,10 @@ def _code_statistics_segment_kernel(
         j = pid_w - (tl.load(p_item_end + s).to(tl.int64) - n_pieces)  # which piece of segment s
         r0 = tl.load(p_offsets + s).to(tl.int64) + j * P
         r1 = tl.minimum(r0 + P, end)
-        b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)
-        b_cnt = tl.zeros([BLOCK_N], dtype=tl.float64)
+        b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)  # the sums as pairs b_acc + b_err (dd_sum, dd_add)
+        b_err = tl.zeros([BLOCK_D], dtype=tl.float64)
+        cnt = tl.zeros([1], dtype=tl.float64)
+        cnt_err = tl.zeros([1], dtype=tl.float64)
         b_nbad = tl.zeros([BLOCK_N], dtype=tl.int32)
         for r in range(r0, r1, BLOCK_N):
             o_r = r + tl.arange(0, BLOCK_N)
@@ -138,19 +146,23 @@ def _code_statistics_segment_kernel(
                 b_w = tl.load(p_w + (b_rows % NW) * stride_w, mask=m_use, other=0).to(tl.float64)
             else:
                 b_w = m_use.to(tl.float64)
-            b_acc += tl.sum(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), axis=0)
-            b_cnt += b_w
+            b_hi, b_lo = dd_sum(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), 0)
+            b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
+            c_hi, c_lo = dd_sum(b_w[:, None], 0)
+            cnt, cnt_err = dd_add(cnt, cnt_err, c_hi, c_lo)
             b_nbad += (m_r & ~m_ok).to(tl.int32)
-        cnt = tl.sum(b_cnt, axis=0)
+        o_1 = tl.arange(0, 1)
         if n_pieces == 1:
-            tl.store(p_sums + s * stride_sk + o_d, b_acc.to(tl.float32), mask=m_d)
+            tl.store(p_sums + s * stride_sk + o_d, round_dd(b_acc, b_err, False), mask=m_d)
             if pid_d == 0:
-                tl.store(p_counts + s, cnt.to(tl.float32))
+                tl.store(p_counts + s + o_1, round_dd(cnt, cnt_err, False))
         else:
             q = tl.load(p_multi_first + s).to(tl.int64) + j
             tl.store(p_psums + q * stride_pk + o_d, b_acc, mask=m_d)
+            tl.store(p_psums + (q + N_PART) * stride_pk + o_d, b_err, mask=m_d)
             if pid_d == 0:
-                tl.store(p_pcounts + q, cnt)
+                tl.store(p_pcounts + q + o_1, cnt)
+                tl.store(p_pcounts + q + N_PART + o_1, cnt_err)
         if pid_d == 0:
             nbad = tl.sum(b_nbad, axis=0)
             if nbad > 0:
@@ -160,11 +172,12 @@ def _code_statistics_segment_kernel(
 @triton.jit
 def _code_statistics_merge_kernel(
     p_multi_seg, p_multi_first, p_pieces, p_pcounts, p_psums, p_counts, p_sums,
-    D, S,
+    D, S, N_PART,
     stride_sk, stride_pk,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One segment of several pieces x BLOCK_D columns: its float64 partials, summed in order."""
+    """One segment of several pieces x BLOCK_D columns: its pieces' pairs (``hi`` in rows
+    ``[0, N_PART)`` of the partials, ``lo`` N_PART rows below), summed in order and rounded once."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     s = tl.load(p_multi_seg + pid_m).to(tl.int64)
@@ -174,17 +187,23 @@ def _code_statistics_merge_kernel(
         q0 = tl.load(p_multi_first + s).to(tl.int64)
         q1 = q0 + tl.load(p_pieces + s).to(tl.int64)
         b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)
-        b_cnt = tl.zeros([BLOCK_Q], dtype=tl.float64)
+        b_err = tl.zeros([BLOCK_D], dtype=tl.float64)
+        cnt = tl.zeros([1], dtype=tl.float64)
+        cnt_err = tl.zeros([1], dtype=tl.float64)
         for q in range(q0, q1, BLOCK_Q):
             o_q = q + tl.arange(0, BLOCK_Q)
             m_q = o_q < q1
-            b_p = tl.load(p_psums + o_q[:, None] * stride_pk + o_d[None, :], mask=m_q[:, None] & m_d[None, :],
-                          other=0.0)
-            b_acc += tl.sum(b_p, axis=0)
-            b_cnt += tl.load(p_pcounts + o_q, mask=m_q, other=0.0)
-        tl.store(p_sums + s * stride_sk + o_d, b_acc.to(tl.float32), mask=m_d)
+            m_qd = m_q[:, None] & m_d[None, :]
+            b_hi, b_lo = dd_sum(tl.load(p_psums + o_q[:, None] * stride_pk + o_d[None, :], mask=m_qd, other=0.0), 0)
+            b_lo += tl.sum(tl.load(p_psums + (o_q + N_PART)[:, None] * stride_pk + o_d[None, :], mask=m_qd,
+                                   other=0.0), axis=0)
+            b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
+            c_hi, c_lo = dd_sum(tl.load(p_pcounts + o_q, mask=m_q, other=0.0)[:, None], 0)
+            c_lo += tl.sum(tl.load(p_pcounts + o_q + N_PART, mask=m_q, other=0.0), axis=0)
+            cnt, cnt_err = dd_add(cnt, cnt_err, c_hi, c_lo)
+        tl.store(p_sums + s * stride_sk + o_d, round_dd(b_acc, b_err, False), mask=m_d)
         if pid_d == 0:
-            tl.store(p_counts + s, tl.sum(b_cnt, axis=0).to(tl.float32))
+            tl.store(p_counts + s + tl.arange(0, 1), round_dd(cnt, cnt_err, False))
 
 
 def _blocks(D: int) -> tuple[int, int, int, bool]:
@@ -316,18 +335,19 @@ def code_statistics_fwd(
     if S == 0:  # K = 0: every row is out of range (counted by _keys), nothing to sum
         return counts, sums, bad
     plan = segment_plan(keys, S, D)
-    psums = torch.empty((plan["n_partials"], D), dtype=torch.float64, device=dev)
-    pcounts = torch.empty((plan["n_partials"],), dtype=torch.float64, device=dev)
+    n_part = plan["n_partials"]
+    psums = torch.empty((2 * n_part, D), dtype=torch.float64, device=dev)  # each piece's pair: hi, then lo
+    pcounts = torch.empty((2 * n_part,), dtype=torch.float64, device=dev)
     _code_statistics_segment_kernel[(plan["n_items"], n_dblocks)](
         x, w_arg, plan["perm"], plan["offsets"], plan["item_end"], plan["pieces"], plan["multi_first"],
         plan["seg_of_item"], counts, sums, pcounts, psums, bad,
-        D, K, S, NW, plan["P"],
+        D, K, S, NW, plan["P"], n_part,
         x.stride(0), x.stride(1), stride_w, sums.stride(0), psums.stride(0),
         HAS_W=has_w, SINGLE_D=single_d, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
     )
     _code_statistics_merge_kernel[(plan["n_multi"], max(triton.cdiv(D, MERGE_BLOCK_D), 1))](
         plan["multi_seg"], plan["multi_first"], plan["pieces"], pcounts, psums, counts, sums,
-        D, S, sums.stride(0), psums.stride(0),
+        D, S, n_part, sums.stride(0), psums.stride(0),
         BLOCK_Q=MERGE_BLOCK_Q, BLOCK_D=MERGE_BLOCK_D, num_warps=4,
     )
     return counts, sums, bad

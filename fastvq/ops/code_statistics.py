@@ -95,7 +95,12 @@ def code_statistics(
       ``sums`` and **counted** (``skipped``), so one bad row cannot poison a code;
     - sums and counts are accumulated in float64 and rounded once to float32: each is within
       float32 rounding of the exact value, is ``+inf``/``-inf`` exactly when the exact value lies
-      beyond float32's range, and is never NaN; codes nobody chose get exactly 0;
+      beyond float32's range, and is never NaN; codes nobody chose get exactly 0. With
+      ``deterministic=True`` (and on the reference) each sum is carried as an exact part and a
+      remainder, so it is the exact value rounded to nearest even unless that lies within about
+      ``n^2 2^-95`` of its largest term from a rounding midpoint (a plain float64 sum of
+      ``max``, ``2^103``, ``-2^60`` lands on the overflow midpoint and rounds to ``+inf``; the
+      exact sum rounds to ``max``); the atomic path's float64 sums round each addition;
     - counts without weights are exact integers (below 2**24).
 
     Args:

@@ -16,6 +16,7 @@ rounding to odd with two more bits than the target makes the second rounding exa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -39,22 +40,25 @@ def _sigma(amax: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                   device) -> tuple[torch.Tensor, torch.Tensor]:
+                   device, summing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)`` float64, ``shape`` ``(rows, cols)``: for every row, the sum of the float64 term
     rows ``chunks()`` yields for it as ``(row index (n,), terms (n, cols))``. ``chunks`` is called
-    twice (the largest term and the count of each row first)."""
+    twice (the largest term and the count of each row first: maxima and counts, in any order);
+    the second pass's ``index_add_`` runs inside ``summing()`` (e.g. torch's deterministic mode)."""
     amax = torch.zeros(shape, dtype=F64, device=device)
     count = torch.zeros(shape[0], dtype=F64, device=device)
     for idx, t in chunks():
-        amax.index_reduce_(0, idx, t.abs(), "amax")
+        amax.scatter_reduce_(0, idx[:, None].expand(t.shape), t.abs(), "amax")
         count.index_add_(0, idx, torch.ones(idx.shape, dtype=F64, device=device))
     sigma, fin = _sigma(amax, count[:, None])
     hi = torch.zeros(shape, dtype=F64, device=device)
     lo = torch.zeros(shape, dtype=F64, device=device)
-    for idx, t in chunks():
-        q, r = _split(t, sigma[idx], fin[idx])
-        hi.index_add_(0, idx, q)
-        lo.index_add_(0, idx, r)
+    with summing():
+        for idx, t in chunks():
+            q, r = _split(t, sigma[idx], fin[idx])
+            hi.index_add_(0, idx, q)
+            lo.index_add_(0, idx, r)
     return hi, lo
 
 

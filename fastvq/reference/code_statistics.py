@@ -3,6 +3,7 @@ import contextlib
 import torch
 
 from ._chunks import row_chunk
+from ._exact_sum import pair_index_sum, round_pair
 
 
 @contextlib.contextmanager
@@ -54,12 +55,18 @@ def code_statistics_full_ref(
     # every row that is left out goes (sliced off at the end)
     S = L * K
     flat = torch.where(m_in, idx.long(), 0) + (torch.arange(L, device=dev) * K)[:, None]
-    counts = torch.zeros((S + 1,), dtype=torch.float64, device=dev)
-    sums = torch.zeros((S + 1, D), dtype=torch.float64, device=dev)
     bad = torch.zeros((L, 2), dtype=torch.int32, device=dev)
     bad[:, 1] = (live & ~m_in).sum(1, dtype=torch.int32)
-    step = row_chunk(D)
-    with _deterministic_algorithms(deterministic and x.is_cuda):
+    step = row_chunk(D + 1)
+
+    passes = []
+
+    def chunks():
+        """Per level and chunk of rows: ``(segment (n,), terms (n, D + 1))``, the weighted rows
+        and their weights (exact in float64), 0 in the rows left out; the first of the two
+        passes counts the rows left out as not finite."""
+        count_bad = not passes
+        passes.append(1)
         for lvl in range(L):
             wl = w[lvl if w.shape[0] > 1 else 0]
             for s in range(0, n, step):
@@ -67,13 +74,19 @@ def code_statistics_full_ref(
                 wc = wl[s : s + step]
                 candidate = m_in[lvl, s : s + step] & live[lvl if live.shape[0] > 1 else 0, s : s + step]
                 ok = torch.isfinite(xc).all(-1) & w_ok[lvl if w_ok.shape[0] > 1 else 0, s : s + step]
-                bad[lvl, 0] += (candidate & ~ok).sum(dtype=torch.int32)
+                if count_bad:
+                    bad[lvl, 0] += (candidate & ~ok).sum(dtype=torch.int32)
                 use = candidate & ok
-                seg = torch.where(use, flat[lvl, s : s + step], S)
                 wc = torch.where(use, wc, 0.0)
-                counts.index_add_(0, seg, wc)
-                sums.index_add_(0, seg, torch.where(use[:, None], xc * wc[:, None], 0.0))
-    counts, sums = counts[:S].float(), sums[:S].float()
+                t = torch.cat([torch.where(use[:, None], xc * wc[:, None], 0.0), wc[:, None]], 1)
+                yield torch.where(use, flat[lvl, s : s + step], S), t
+
+    # each segment's sums and count as an exact pair, rounded once (a float64 sum of terms max,
+    # 2^103, -2^60 is the float32 overflow midpoint and rounded to +inf; the exact sum gives max)
+    hi, lo = pair_index_sum((S + 1, D + 1), chunks, dev,
+                            summing=lambda: _deterministic_algorithms(deterministic and x.is_cuda))
+    out = round_pair(hi[:S], lo[:S], torch.float32)
+    counts, sums = out[:, D].clone(), out[:, :D].clone()  # (separate storage: the op returns both)
     if batched:
         return counts.reshape(L, K), sums.reshape(L, K, D), bad
     return counts.reshape(K), sums.reshape(K, D), bad

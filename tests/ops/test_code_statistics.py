@@ -498,3 +498,47 @@ def test_hot_code_is_balanced(M, K, D):
         old = {name: _makespan(((torch.bincount(k.long(), minlength=K) * 128 + 4095) // 4096 + 1).tolist()
                                * math.ceil(D / 128), slots) for name, k in (("uniform", uniform), ("hot", hot))}
         assert old["hot"] > 20 * old["uniform"], (slots, old)
+
+
+# ------------------------------------------------------------------ sums rounded once
+
+
+def _float32_cases(n_terms):
+    """The float32 midpoint cases whose terms are all float32 values (the rows a user passes)."""
+    from tests._midpoints import midpoint_cases
+
+    cases = [t for seed in (3, 4, 5) for dt, t in midpoint_cases(generator(seed), n_terms) if dt == torch.float32]
+    return [t for t in cases if all(torch.tensor(v).item() == v for v in t)]
+
+
+@pytest.mark.parametrize("spread", [False, True], ids=["one-piece", "pieces"])
+def test_sums_near_rounding_midpoints_round_once(backend, spread):
+    # A float64 sum of float32 rows can land on a float32 rounding midpoint the exact sum is not
+    # on, and then round the wrong way: max, 2^103, -2^60 gave +inf (the exact sum rounds to max),
+    # 1, 2^-24, 2^-80 gave 1 (the exact sum rounds to 1 + 2^-23). Each column below is such a
+    # sum (a term near a midpoint, the half ulp, a tiny offset of either sign, cancelling pairs
+    # of large terms), the counts such a sum of weights; spread over several pieces (P = 256
+    # rows) they go through the deterministic path's partials and its merge too.
+    from fractions import Fraction
+
+    from tests._midpoints import nearest
+
+    cases = _float32_cases(7)
+    n_terms = len(cases[0])
+    cols = torch.tensor(cases, dtype=torch.float32).T.contiguous()  # (terms, cases)
+    N = 900 if spread else n_terms
+    rows = torch.linspace(0, N - 1, n_terms).long() if spread else torch.arange(n_terms)
+    x = torch.zeros(N, cols.shape[1])
+    x[rows] = cols
+    idx = torch.zeros(N, dtype=torch.long)
+    want = torch.tensor([nearest(sum(Fraction(v) for v in c), torch.float32) for c in cases])
+    counts, sums = fastvq.code_statistics(x, idx, 1)
+    assert torch.equal(sums[0], want), (sums[0] - want).nonzero().flatten().tolist()
+    # the counts: positive weights whose exact sum is just above a midpoint (1, 2^-24, 2^-80 -> 1 + 2^-23)
+    w = torch.zeros(N)
+    w[rows[:3]] = torch.tensor([1.0, 2.0**-24, 2.0**-80])
+    counts, _ = fastvq.code_statistics(torch.ones(N, 1), idx, 1, weights=w)
+    assert counts.item() == 1 + 2.0**-23
+    # a plain float64 sum gets cases wrong, so the assertions above can fail
+    plain = x.double().sum(0).float()
+    assert (plain != want).sum() >= 4
