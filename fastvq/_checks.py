@@ -202,7 +202,7 @@ def check_real_arg(
     return as_float
 
 
-def temperature_arg(owner: str, value, **bounds) -> tuple[float, torch.Tensor | None]:
+def temperature_arg(owner: str, value, inputs: torch.Tensor, **bounds) -> tuple[float, torch.Tensor | None]:
     """A temperature as an op takes it: ``(number, None)`` for a real number, checked here with
     :func:`check_real_arg` (``bounds``); ``(nan, t)`` for a 1-element float tensor, ``t`` 0-d
     and detached, not read here: the op reads and checks it when it runs
@@ -210,7 +210,9 @@ def temperature_arg(owner: str, value, **bounds) -> tuple[float, torch.Tensor | 
     that changes between calls compiles nothing again. Compiled, a number (a symbol once it
     has changed: torch does not specialise floats) is checked, then returned as such a float64
     tensor, so the op does not take it as a constant. A tensor that requires grad is refused
-    (its gradient would be dropped)."""
+    (its gradient would be dropped), and so is a ``meta`` tensor beside ``inputs`` that hold
+    data (it has no value: the op would run its shape-only implementation on real tensors and
+    return uninitialised memory)."""
     if not isinstance(value, torch.Tensor):
         number = check_real_arg(owner, "temperature", value, **bounds)
         if torch.compiler.is_compiling():
@@ -226,6 +228,9 @@ def temperature_arg(owner: str, value, **bounds) -> tuple[float, torch.Tensor | 
                          f"requires grad (pass temperature.detach() to use it as a constant)")
     if value.layout != torch.strided:
         raise TypeError(f"fastvq.{owner}: temperature must be a number or a dense tensor, got layout {value.layout}")
+    if value.device.type == "meta" and inputs.device.type != "meta":
+        raise ValueError(f"fastvq.{owner}: temperature is a tensor on the meta device, which holds no value, beside "
+                         f"inputs on {inputs.device}; pass a number or a tensor on the CPU or the inputs' device")
     return math.nan, value.detach().reshape(())
 
 

@@ -198,7 +198,7 @@ def pairwise_kl_loss(pred: torch.Tensor, target: torch.Tensor, temperature: floa
             f"fastvq.{op}: pred and target must have the same number of rows, got pred {tuple(pred.shape)} "
             f"and target {tuple(target.shape)}"
         )
-    temperature, temperature_t = temperature_arg(op, temperature, **_t_bounds())
+    temperature, temperature_t = temperature_arg(op, temperature, pred, **_t_bounds())
     if pred.dtype != target.dtype:
         dtype = torch.promote_types(pred.dtype, target.dtype)
         pred, target = pred.to(dtype), target.to(dtype)

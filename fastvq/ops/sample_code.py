@@ -44,6 +44,9 @@ def _seed(seed, generator, device) -> torch.Tensor:
         if seed.dim() != 0 or seed.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"fastvq.sample_code: a seed tensor must be a 0-d int64/int32 tensor, got "
                             f"{seed.dtype} of shape {tuple(seed.shape)}")
+        if seed.device.type == "meta" and torch.device(device).type != "meta":
+            raise ValueError(f"fastvq.sample_code: seed is a tensor on the meta device, which holds no value, beside "
+                             f"inputs on {device}")
         return seed.to(device=device, dtype=torch.int64)
     if seed is not None:
         seed = check_int_arg("sample_code", "seed", seed, minimum=-(2**63), maximum=2**63 - 1)
@@ -105,8 +108,8 @@ def sample_code(
         >>> idx.shape
         torch.Size([100])
     """
-    temperature, temperature_t = temperature_arg("sample_code", temperature, minimum=0.0)
     x3, c3, lead, allow_tf32 = search_inputs("sample_code", x, codebook, metric, allow_tf32)
+    temperature, temperature_t = temperature_arg("sample_code", temperature, x3, minimum=0.0)
     seed_t = _seed(seed, generator, x3.device)
     if temperature_t is None and temperature == 0.0:
         from .nearest_code import _nearest_code_op

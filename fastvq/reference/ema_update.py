@@ -33,7 +33,10 @@ def ema_decisions(cluster_size, counts, sums, decay: float, eps: float):
     new_cs = cluster_size.mul(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
     # a convex combination of the (finite) old sums and this batch's is finite iff the batch's
     # row is: one max-abs read of `sums` decides it (NaN propagates through the max)
-    sums_ok = torch.linalg.vector_norm(sums, ord=float("inf"), dim=-1) < float("inf")
+    if sums.shape[-1] == 0:  # (codes of no features: nothing to be non-finite; the inf norm of nothing raises)
+        sums_ok = torch.ones(sums.shape[:-1], dtype=torch.bool, device=sums.device)
+    else:
+        sums_ok = torch.linalg.vector_norm(sums, ord=float("inf"), dim=-1) < float("inf")
     keep = live.unsqueeze(-1) & torch.isfinite(new_cs) & sums_ok
     new_cs = torch.where(keep, new_cs, cluster_size)
     n = new_cs.sum(-1, keepdim=True)

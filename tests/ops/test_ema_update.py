@@ -136,3 +136,15 @@ def test_bad_input(backend, device, change, err, match):
     with pytest.raises(err, match=f"ema_update_.*{match}"):
         ema_update_(**args)
     assert torch.equal(codebook, before)
+
+
+def test_codes_of_no_features(backend, device):
+    # D = 0 (code_statistics allows it): the counts still update, nothing else to do (the inf
+    # norm of an empty row raised inside torch; fuzzB)
+    L, K = 2, 3
+    cluster_size = torch.ones(L, K, device=device)
+    counts = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]], device=device)
+    cb, ea = torch.zeros(L, K, 0, device=device), torch.zeros(L, K, 0, device=device)
+    ema_update_(cb, cluster_size, ea, counts, torch.zeros(L, K, 0, device=device), 0.9, 1e-5)
+    want = torch.tensor([[0.9 + 0.2, 0.9, 0.9 + 0.1], [1.0, 1.0, 1.0]], device=device)  # (level 1: no rows, unchanged)
+    assert_close(cluster_size, want, torch.float32)

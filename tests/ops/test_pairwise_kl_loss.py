@@ -297,9 +297,11 @@ def test_reference_is_chunked_and_exact():
         (torch.randn(4, 3), torch.randn(4, 3), math.inf, ValueError),
         (torch.randn(4, 3), torch.randn(4, 3), "0.1", TypeError),
         (torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0.1, 0.2]), ValueError),
+        # (no value: the shape-only implementation ran on CPU inputs, a made-up loss; fuzzB)
+        (torch.randn(4, 3), torch.randn(4, 3), torch.tensor(1.0, device="meta"), ValueError),
     ],
     ids=["pred-1D", "target-3D", "B-mismatch", "int-dtype", "float64", "not-tensor",
-         "T0", "T-negative", "T-nan", "T-inf", "T-str", "T-2-elements"],
+         "T0", "T-negative", "T-nan", "T-inf", "T-str", "T-2-elements", "T-meta"],
 )
 def test_bad_input(pred, target, temperature, err):
     with pytest.raises(err, match="pairwise_kl_loss"):

@@ -127,9 +127,13 @@ def test_nonfinite(backend):
      ({"temperature": 1.0, "seed": True}, TypeError), ({"temperature": 1.0, "seed": 1.5}, ValueError),
      ({"temperature": 1.0, "seed": 1, "generator": generator(0)}, ValueError),
      ({"temperature": 1.0, "seed": torch.tensor([1, 2])}, TypeError),
-     ({"temperature": 1.0, "generator": 3}, TypeError), ({"temperature": 1.0, "metric": "l1"}, ValueError)],
+     ({"temperature": 1.0, "generator": 3}, TypeError), ({"temperature": 1.0, "metric": "l1"}, ValueError),
+     # (meta tensors hold no value: the op ran its shape-only implementation on CPU inputs and
+     # returned uninitialised memory, indices far outside [0, K); fuzzB)
+     ({"temperature": torch.tensor(1.0, device="meta")}, ValueError),
+     ({"temperature": 1.0, "seed": torch.tensor(1, device="meta")}, ValueError)],
     ids=["negative", "nan", "inf", "bool", "str", "tensor-2", "tensor-int", "tensor-negative", "seed-bool", "seed-float", "seed-and-generator",
-         "seed-1d", "generator-int", "metric"],
+         "seed-1d", "generator-int", "metric", "tensor-meta", "seed-meta"],
 )
 def test_bad_input(kw, err):
     with pytest.raises(err, match="sample_code"):
