@@ -749,7 +749,10 @@ class CodebookState(nn.Module):
         buffers as they are, so EMA state from a half-precision checkpoint is made float32 again
         (as :meth:`_apply` keeps it), and buffers the state_dict did not hold (the counters, which
         are not persistent) are created on the codebook's device when the module was built on
-        the meta device (there they would never count, and could not be read)."""
+        the meta device (there they would never count, and could not be read). Every load then
+        restarts the counters at 0 and sets a non-persistent ``initted`` (no k-means) to True:
+        after ``to_empty`` they held uninitialised memory that no state_dict overwrites (a
+        logged ``nonfinite_rows`` of 1.8e12 after one clean step; fuzzC)."""
         for name in self._FLOAT32_BUFFERS:
             buf = self._buffers.get(name)
             if buf is not None and buf.dtype not in (torch.float32, torch.float64):
@@ -766,6 +769,10 @@ class CodebookState(nn.Module):
             buf = self._buffers.get(name)
             if buf is not None and buf.is_meta:
                 self._buffers[name] = make()
+        for name in ("nonfinite_rows", "codes_revived", "initted"):
+            buf = self._buffers.get(name)
+            if buf is not None and name in self._non_persistent_buffers_set:
+                buf.fill_(name == "initted")  # (in place: a device fill, no host read)
 
     def _convert_state_dict_(self, state_dict, prefix) -> None:
         """Hook for a subclass to rewrite other layouts (a seed checkpoint) in place."""
