@@ -348,19 +348,22 @@ def search_precision(dtype: torch.dtype):
     return "tf32x3" if dtype == torch.float32 else None
 
 
-def _tf32x3_floor(x2: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    """The "tf32x3" split's absolute floor for dot and cosine scores, ``(N, K)`` float64. TF32's
-    spacing below float32's normal range is 2^-136, so each entry of an operand as the kernel
-    splits it loses up to 2^-137 of the operand's unit: a row scaled to ``[1, 2)`` (unit
-    ``2^e <= max|x|``), a code as it is (unit 1) or, in a codebook outside ``[2^-20, 2^20]``,
-    scaled to its own ``[1, 2)`` (unit ``<= max|c|``). Per product at most
-    ``2^-136 max|x| max(1, max|c|)``: no relative bound covers it for entries ~2^126 below their
-    row's largest (l2's ``|c|^2`` term dwarfs it)."""
+def _scaling_floor(x2: torch.Tensor, codebook: torch.Tensor, metric: str, unit: float) -> torch.Tensor:
+    """The absolute floor of dot and cosine scores taken on power-of-two scaled operands, ``(N, K)``
+    float64: a row scaled to ``[1, 2)`` (unit ``2^e <= max|x|``), a code as it is (unit 1) or, in a
+    codebook outside ``[2^-20, 2^20]``, scaled to its own ``[1, 2)`` (unit ``<= max|c|``), each
+    entry of an operand, and each product, is kept only down to ``unit`` of the operands' units.
+    TF32's spacing below float32's normal range is 2^-136: an entry of a split ("tf32x3") or
+    rounded ("tf32") operand loses up to 2^-137 (``unit = 2^-136``); a scaled bfloat16 entry below
+    2^-133 is flushed to 0 (``unit = 2^-132``); float32 and float16 products below 2^-149
+    (``unit = 2^-148``). The row ``[3e38, 1e-20]`` scores codes ``[0, -1]`` and ``[0, 1]`` alike
+    (fuzzA). Per product at most ``unit max|x| max(1, max|c|)``: no relative bound covers it for
+    entries ~2^126 below their row's largest (l2's ``|c|^2`` term dwarfs it)."""
     x64, c64 = x2.detach().double(), codebook.detach().double()
     n = x64.shape[-1]
     xm = x64.abs().amax(-1, keepdim=True) if n else x64.new_zeros((x64.shape[0], 1))
     cm = (c64.abs().amax(-1) if n else c64.new_zeros(c64.shape[0])).clamp_min(1.0)[None, :]
-    floor = n * 2.0**-136 * xm * cm
+    floor = n * unit * xm * cm
     if metric == "cosine":
         nx, nc = x64.norm(dim=-1, keepdim=True), c64.norm(dim=-1)[None, :]
         floor = floor * torch.where(nx > 0, 1 / nx, 0.0) * torch.where(nc > 0, 1 / nc, 0.0)
@@ -396,9 +399,10 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rel = factor * (_operand_error(dtype, precision) + gamma(n, UNIT_ROUNDOFF[acc]) * (1 + _operand_error(dtype, precision)))
     b = rel * mag + n * _subnormal(torch.float32)
-    if precision is not None and _fmt(precision, precision=True) == "tf32x3" and metric in ("dot", "cosine") \
-            and d.numel():
-        b = b + _tf32x3_floor(x2, codebook, metric)
+    if metric in ("dot", "cosine") and d.numel():
+        way = _fmt(precision, precision=True)
+        unit = 2.0**-136 if way in ("tf32x3", "tf32") else 2.0**-132 if way == torch.bfloat16 else 2.0**-148
+        b = b + _scaling_floor(x2, codebook, metric, unit)
     K = d.shape[1]
     in_range = (idx >= 0) & (idx < K)
     safe = idx.clamp(0, max(K - 1, 0))

@@ -88,9 +88,6 @@ PREP_MAX_BLOCKS = 256
 TAME_EXP = 20
 META_COLS = 4  # per codebook: first finite code, scaled copy in use, the dot unit's exponent E and the
 # float32 bits of the smallest nonzero finite code max-abs
-# The smallest normal float32: dot's direct distance keeps an entry its power-of-two scaling flushed
-# to 0 at this size, so that an infinite partner gives +-inf (as exactly) and a finite one ~0.
-_TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 # Unit bands of the l2 search (see _row_band): 0, 2^96 and 2^-96; cosine and dot have one.
 NBANDS = {"l2": 3, "euclidean": 3, "cosine": 1, "dot": 1}
 
@@ -257,7 +254,7 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
             b_dm = tl.maximum(b_dm, tl.max(tl.abs(b_x - b_c), axis=1))
         e_d = pow2_exponent(b_dm)
         s_d = exp2i(-e_d)
-    if METRIC == 1 or METRIC == 2:  # cosine, dot: the codes' max-abs
+    if METRIC == 1:  # cosine: the codes' max-abs
         b_cm = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
@@ -269,6 +266,7 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         s_x = exp2i(-e_x)
         s_c = exp2i(-e_c)
     b_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_t64 = tl.zeros((BLOCK_N,), dtype=tl.float64)
     b_qx = tl.zeros((BLOCK_N,), dtype=tl.float32)
     b_qc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -276,18 +274,14 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         m = m_n[:, None] & (o_d < D)[None, :]
         b_x = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
         b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
-        if METRIC == 1 or METRIC == 2:
-            b_xs = b_x * s_x[:, None]
-            b_cs = b_c * s_c[:, None]
-            if METRIC == 2:  # an entry the scaling flushed to 0 stays nonzero: inf * it is +-inf, not NaN
-                b_xs = tl.where((b_xs == 0.0) & (b_x != 0.0), tl.where(b_x > 0, _TINY, -_TINY), b_xs)
-                b_cs = tl.where((b_cs == 0.0) & (b_c != 0.0), tl.where(b_c > 0, _TINY, -_TINY), b_cs)
-            b_x = b_xs
-            b_c = b_cs
+        if METRIC == 2:  # -(x.c) in float64: every product of float32 values exact, nothing scaled
+            b_t64 += tl.sum(b_x.to(tl.float64) * b_c.to(tl.float64), axis=1)
+        elif METRIC == 1:
+            b_x = b_x * s_x[:, None]
+            b_c = b_c * s_c[:, None]
             b_t += tl.sum(b_x * b_c, axis=1)
-            if METRIC == 1:
-                b_qx += tl.sum(b_x * b_x, axis=1)
-                b_qc += tl.sum(b_c * b_c, axis=1)
+            b_qx += tl.sum(b_x * b_x, axis=1)
+            b_qc += tl.sum(b_c * b_c, axis=1)
         else:
             b_diff = b_x - b_c
             if METRIC == 3:
@@ -297,10 +291,9 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         b_den = tl.sqrt_rn(b_qx) * tl.sqrt_rn(b_qc)
         b_cos = tl.where(b_den == 0.0, 0.0, tl.math.div_rn(b_t, tl.where(b_den == 0.0, 1.0, b_den)))
         b_dist = nan_clamp(1.0 - b_cos, 0.0, 2.0)
-    elif METRIC == 2:  # -(x.c) = -t * 2^(e_x + e_c), applied in two halves (no intermediate overflow)
-        e = e_x + e_c
-        e_lo = e >> 1
-        b_dist = -(b_t * exp2i(e_lo)) * exp2i(e - e_lo)
+    elif METRIC == 2:  # (scaled by the rows' powers of two in float32, an entry far below its row's
+        # largest flushed to 0, or kept as the smallest normal counted 2^(e_x + e_c - 126): fuzzA)
+        b_dist = (-b_t64).to(tl.float32)
     elif METRIC == 3:  # |x - c| = sqrt(t) * 2^e_d
         b_dist = tl.sqrt_rn(b_t) * exp2i(e_d)
     else:

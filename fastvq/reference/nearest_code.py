@@ -175,8 +175,14 @@ def choose(x: torch.Tensor, idx: torch.Tensor, first: torch.Tensor, K: int) -> t
 
 def distance(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
     """The distance between matching rows of ``x`` and ``c`` (float32), computed directly:
-    NaN where it is NaN, +inf where it overflows, scaled before squaring or normalising."""
+    NaN where it is NaN, +inf where it overflows, scaled before squaring or normalising; dot's
+    ``-(x.c)`` summed in float64, where the products of float32 values are exact (scaled by the
+    rows' powers of two in float32, an entry far below its row's largest flushed to 0 or, kept
+    as the smallest normal, counted as 2^(e_x + e_c - 126): [1, 0] . [1e-30, 3e38] gave -1,
+    not -1e-30; fuzzA)."""
     x32, c32 = x.float(), c.float()
+    if metric == "dot":  # -(x.c) in float64: every product exact, nothing scaled or flushed
+        return -(x32.double() * c32.double()).sum(-1).float()
     if metric == "l2":
         return ((x32 - c32) ** 2).sum(-1)
     if metric == "euclidean":  # |x - c| = sqrt(sum((diff * 2^-e)^2)) * 2^e
@@ -185,15 +191,7 @@ def distance(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
         return ((diff * exp2i(-e)[..., None]) ** 2).sum(-1).sqrt() * exp2i(e)
     e_x, e_c = pow2_exponent(max_abs(x32)), pow2_exponent(max_abs(c32))
     xs, cs = x32 * exp2i(-e_x)[..., None], c32 * exp2i(-e_c)[..., None]
-    if metric == "dot":  # an entry the scaling flushed to 0 stays nonzero: inf * it is +-inf, not NaN
-        tiny = torch.finfo(torch.float32).tiny
-        xs = torch.where((xs == 0) & (x32 != 0), torch.copysign(torch.full_like(xs, tiny), x32), xs)
-        cs = torch.where((cs == 0) & (c32 != 0), torch.copysign(torch.full_like(cs, tiny), c32), cs)
     t = (xs * cs).sum(-1)
-    if metric == "dot":
-        e = e_x + e_c
-        lo = e >> 1
-        return -(t * exp2i(lo)) * exp2i(e - lo)
     den = (xs * xs).sum(-1).sqrt() * (cs * cs).sum(-1).sqrt()
     cos = torch.where(den == 0, torch.zeros_like(t), t / torch.where(den == 0, torch.ones_like(den), den))
     d = 1.0 - cos

@@ -241,6 +241,34 @@ def test_dot_distance_infinite_times_tiny_is_infinite(backend, dtype):
     check_search(x[1:], c, "dot", idx, dist)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dot_distance_of_huge_beside_tiny_entries_is_exact(backend, dtype):
+    # fuzzA: the direct dot distance scaled row and code by their powers of two in float32 and
+    # kept an entry that scaling flushed as the smallest normal: [1, 0] . [1e-30, 3e38] came out
+    # -1 (exact: -1e-30), [3e38, 1e-20] . [0, -1] came out 1 (exact: 1e-20), in nearest_code,
+    # topk_codes and sample_code. Now summed in float64 (products of the inputs exact): the
+    # float64 value rounded once, and an infinite partner still gives +-inf, never NaN.
+    dev = randn(1).device
+    big = 3e38 if dtype != torch.float16 else 6e4
+    tiny = {torch.float32: 1e-30, torch.bfloat16: 1e-30, torch.float16: 1e-7}[dtype]
+    pairs = [([1.0, 0.0], [tiny, big]), ([big, tiny], [0.0, -1.0]), ([tiny, -big], [big, 0.0]),
+             ([2.0, tiny, -3.0], [tiny, 1.0, 0.0]), ([-INF, 1.0], [tiny, 1.0])]
+    for xr, cr in pairs:
+        x = torch.tensor([xr], device=dev).to(dtype)
+        c = torch.tensor([cr], device=dev).to(dtype)
+        want = -(x.double() * c.double()).sum(-1).float()
+        for name, (idx, dist) in (("nearest_code", fastvq.nearest_code(x, c, "dot")),
+                                  ("topk_codes", [t[..., 0] for t in fastvq.topk_codes(x, c, 1, "dot")]),
+                                  ("sample_code", fastvq.sample_code(x, c, 1.0, "dot", seed=0))):
+            assert idx.tolist() == [0] and torch.equal(dist, want), (name, xr, cr, dist, want)
+    # the search itself may lose such an entry (scores in the row's power-of-two unit): the row
+    # [3e38, 1e-20] scores codes [0, -1] and [0, 1] alike, which fastvq.testing's bound covers
+    x = torch.tensor([[big, tiny]], device=dev).to(dtype)
+    c = torch.tensor([[0.0, -1.0], [0.0, 1.0]], device=dev).to(dtype)
+    idx, dist = fastvq.nearest_code(x, c, "dot")
+    check_search(x, c, "dot", idx, dist)
+
+
 def test_l2_spread_codebook_with_a_max_entry(backend):
     # F1b (the fuzz suite's case, same cause): codes of magnitude 10^0..10^3, one -float32-max
     # entry, rows 10^-5..10^3: every row's code within the rounding bound of the nearest.
