@@ -18,8 +18,9 @@ next, so the module computes nothing over the activations in torch:
   and sums per code (float32 atomics) and the number of rows left out as not finite (in the
   dtype of the codebooks being trained: ``stat_lim``, one compare per element as before). A
   term ``w r_l`` beyond ``atomic_overflow_bound(N)`` sets a flag, and the launch's last program
-  sums again, in float64, the codes whose float32 sum is not finite (``_stats_fixup``, as the
-  backward's ``_dcb_fixup``): a sum is +-inf only where the exact one overflows;
+  sums again, as float64 pairs rounded once, the codes whose float32 sum is not finite
+  (``_stats_fixup``, as the backward's ``_dcb_fixup``): a sum is +-inf only where the exact one
+  overflows (the float64 midpoint max + 2^103 of max, 2^103, -2^60 rounds to max);
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
   of the residual and the code it chose, rounded once (``_midpoint``: no intermediate overflow;
   dead-code revival candidates: a revived code splits a used code's cell), and whether it is
@@ -78,10 +79,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FIX_SCAN, add_rows_by_index, arch_family, argmin_merge, atomic_overflow_bound, autotune,
-                      autotune_configs, bf16_rne, dot_fp32, dot_nt, dot_split_nt, exp2i, exp2i64, launcher, next_pow2,
-                      nonfinite_rows, pow2_exponent, prune_by_estimate, register_estimate, rotation_grad_rows,
-                      round_bf16, target_for, tf32_split, tl_input_precision, words_per_thread)
+from ._common import (FIX_SCAN, add_rows_by_index, add_rows_by_index_dd, arch_family, argmin_merge,
+                      atomic_overflow_bound, autotune, autotune_configs, bf16_rne, dot_fp32, dot_nt, dot_split_nt, exp2i,
+                      exp2i64, launcher, next_pow2, nonfinite_rows, pow2_exponent, prune_by_estimate,
+                      register_estimate, rotation_grad_rows, round_bf16, round_dd, target_for, tf32_split,
+                      tl_input_precision, two_sum, words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
@@ -545,13 +547,15 @@ def _stats_fix_codes(
     ``r - c`` overflows held at scale ``2^-E``, :func:`_held_wide`), ``FIX_M`` whole rows at a
     time (``BLOCK_D >= D``), the terms ``w r_l`` of the rows that level counts (nonzero weight,
     residual below ``stat_lim``, not held; ``w`` the statistics' weights, ``p_sw``) exact in
-    float64 and summed in float64, each sum rounded once to float32: +-inf only where the exact
-    sum overflows, and every column at its own precision."""
+    float64 and summed as double-double pairs (:func:`add_rows_by_index_dd`), each sum rounded
+    once to float32 (:func:`round_dd`): +-inf only where the exact sum overflows (a float64 sum
+    of max, 2^103, -2^60 lands on the overflow midpoint), and every column at its own precision."""
     e_wide = _wide_exp(L)
     s_wide, s_up = exp2i(-e_wide), exp2i(e_wide)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
+    b_err = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
     for s0 in range(0, N, FIX_SCAN):  # (spans of rows, each read once for the group's codes)
         if _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R, FIX_SCAN):
             for m0 in range(s0, tl.minimum(s0 + FIX_SCAN, N), FIX_M):  # (the last span: to N)
@@ -581,9 +585,9 @@ def _stats_fix_codes(
                         b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
                     m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
                     b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
-                    b_acc = add_rows_by_index(b_acc, b_t, b_idx, k0, FIX_R)
+                    b_acc, b_err = add_rows_by_index_dd(b_acc, b_err, b_t, b_idx, k0, FIX_R)
     o_r = tl.arange(0, FIX_R)
-    tl.store(p_sums + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], b_acc.to(tl.float32),
+    tl.store(p_sums + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], round_dd(b_acc, b_err, False),
              mask=m_fix[:, None] & m_d[None, :])
 
 
@@ -1370,8 +1374,8 @@ def residual_quantize_fwd(
 def stats_fix_tiles(block_d: int) -> dict:
     """The forward statistics fix-up's tiles for rows of ``block_d`` (``next_pow2(D)``): ``FIX_M``
     whole rows and ``FIX_R`` codes' float64 sums, within ``STATS_FIX_WORDS`` and half of it."""
-    return dict(FIX_M=max(1, min(16, STATS_FIX_WORDS // block_d)),
-                FIX_R=max(1, min(8, STATS_FIX_WORDS // (2 * block_d))), FIX_D=block_d)
+    return dict(FIX_M=max(1, min(8, STATS_FIX_WORDS // block_d)),
+                FIX_R=max(1, min(4, STATS_FIX_WORDS // (2 * block_d))), FIX_D=block_d)
 
 
 def bwd_fix_tiles(block_d: int) -> dict:

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._chunks import row_chunk
+from ._exact_sum import pair_index_sum, round_pair
 from .rotation_trick import rotation_trick_bwd_ref
 
 
@@ -53,6 +56,44 @@ def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.
     return torch.where(lost | ~r_fin, first, idx)
 
 
+def _next_residual(r: torch.Tensor, c: torch.Tensor, scaled: torch.Tensor, wide_exp: int):
+    """``(r - c, scaled)``: the next residual of rows ``r (n, D)`` float32 after their codes ``c``,
+    and which rows are held at scale ``2^-E`` (``E = wide_exp``) after it (see
+    :func:`residual_quantize_full_ref`): a held row subtracts ``c 2^-E``; a finite residual and
+    code whose difference overflows go on as ``r 2^-E - c 2^-E``, held; a held row whose residual
+    is representable again goes back to scale 1 (exact)."""
+    wide = 2.0**-wide_exp
+    new = r - c * torch.where(scaled, wide, 1.0)[:, None]
+    over = ~new.isfinite().all(-1) & r.isfinite().all(-1) & c.isfinite().all(-1)
+    new, scaled = torch.where(over[:, None], r * wide - c * wide, new), scaled | over
+    up = new * 2.0**wide_exp
+    back = scaled & up.isfinite().all(-1)
+    return torch.where(back[:, None], up, new), scaled & ~back
+
+
+def _stat_terms(x, cb, codes, w_all, sw_all, stat_limit, step):
+    """The statistics' terms, walking every row to each level again with its known codes:
+    ``(segment (n,), terms (n, D + 1))`` per chunk and level, ``segment = level * K + code`` and
+    the terms ``sw r`` and ``sw`` (exact in float64) of the rows that level counts (weight
+    nonzero and finite, residual below ``stat_limit``, not held), else segment ``L * K`` and 0."""
+    N, D = x.shape
+    L, K, _ = cb.shape
+    wide_exp = L.bit_length()
+    for s in range(0, N, step):
+        r = x[s : s + step].float()
+        n = r.shape[0]
+        w = torch.ones(n, device=x.device) if w_all is None else w_all[s : s + step]
+        sw = (w if sw_all is None else sw_all[s : s + step]).double()
+        usable = (w != 0) & w.isfinite()
+        scaled = torch.zeros_like(usable)
+        for lvl in range(L):
+            idx = codes[s : s + step, lvl].long()
+            use = usable & (r.abs().amax(-1) < stat_limit) & ~scaled
+            t = torch.cat([sw[:, None] * r.double(), sw[:, None]], 1)
+            yield torch.where(use, lvl * K + idx, L * K), torch.where(use[:, None], t, 0.0)
+            r, scaled = _next_residual(r, cb[lvl].index_select(0, idx), scaled, wide_exp)
+
+
 @torch.no_grad()
 def residual_quantize_full_ref(
     x: torch.Tensor,
@@ -85,7 +126,8 @@ def residual_quantize_full_ref(
     float32 sum of the chosen codes in level order (where that
     is not finite, their float64 sum rounded once, as the kernel's ``_exact_code_sum``), NaN in
     the elements where ``x`` is not finite (as ``x + (q - x)``), cast to the dtype of ``x`` (``x``
-    itself on rows of weight 0). Sums over rows accumulate in float64.
+    itself on rows of weight 0). The statistics' sums over rows are exact pairs rounded once
+    (:func:`_stat_terms`, ``_exact_sum.pair_index_sum``).
     Works in row chunks: its extra memory is a ``(chunk, K)`` float32 scratch.
     """
     N, D = x.shape
@@ -102,14 +144,11 @@ def residual_quantize_full_ref(
     quantized = torch.empty((N, D), dtype=x.dtype, device=dev)
     out_codes = torch.empty((N, L), dtype=torch.int64, device=dev) if search else codes
     level_sq = torch.zeros((L,), dtype=torch.float64, device=dev)
-    counts = torch.zeros((L, K), dtype=torch.float64, device=dev)
-    sums = torch.zeros((L, K, D), dtype=torch.float64, device=dev)
     skipped = torch.zeros((L,), dtype=torch.int64, device=dev)
     # one spare slot at the end takes the rows that fill none (no boolean indexing: no host sync)
     cand = torch.zeros((L, num_slots + 1, D), dtype=torch.float32, device=dev)
     cand_ok = torch.zeros((L, num_slots + 1), dtype=torch.int8, device=dev)
     wide_exp = L.bit_length()  # 2^E >= L + 1
-    wide = 2.0**-wide_exp
     step = row_chunk(max(K, D))
     for s in range(0, N, step):
         r = x[s : s + step].float()
@@ -128,9 +167,7 @@ def residual_quantize_full_ref(
             c = cb[lvl].index_select(0, idx)
             # (below stat_limit: finite, in the dtype of the codebooks being trained; NaN: not below)
             use = usable & (r.abs().amax(-1) < stat_limit) & ~scaled
-            if stats:
-                counts[lvl].index_add_(0, idx, torch.where(use, sw, 0.0).double())
-                sums[lvl].index_add_(0, idx, torch.where(use[:, None], sw.double()[:, None] * r.double(), 0.0))
+            if stats:  # (the sums: after the search, _stat_terms)
                 skipped[lvl] += (live & ~use).sum()
             if slot is not None:
                 # the midpoint of the residual and its code, rounded once, as the kernel's
@@ -139,14 +176,7 @@ def residual_quantize_full_ref(
                 s_rc = r + c
                 cand[lvl, slot] = torch.where(s_rc.abs() < float("inf"), 0.5 * s_rc, 0.5 * r + 0.5 * c)
                 cand_ok[lvl, slot] = (use & c.isfinite().all(-1)).to(torch.int8)  # finite residual and code
-            new = r - c * torch.where(scaled, wide, 1.0)[:, None]
-            # overflowed (from a finite residual and code) -> formed and held at scale 2^-E;
-            # held and representable again -> back to scale 1 (exact)
-            over = ~new.isfinite().all(-1) & r.isfinite().all(-1) & c.isfinite().all(-1)
-            new, scaled = torch.where(over[:, None], r * wide - c * wide, new), scaled | over
-            up = new * 2.0**wide_exp
-            back = scaled & up.isfinite().all(-1)
-            r, scaled = torch.where(back[:, None], up, new), scaled & ~back
+            r, scaled = _next_residual(r, c, scaled, wide_exp)
             q = q + c
             q64 = q64 + c.double()
             if loss:
@@ -166,7 +196,13 @@ def residual_quantize_full_ref(
     if loss:
         out["level_sq"] = level_sq
     if stats:
-        out.update(counts=counts.float(), sums=sums.float(), skipped=skipped.int())
+        # each code's sums and count as an exact pair, rounded once (a float64 sum of residuals
+        # max, 2^103, -2^60 is the float32 overflow midpoint and rounded to +inf; exact: max)
+        terms = functools.partial(_stat_terms, x, cb, out_codes, w_all, sw_all, stat_limit, step)
+        hi, lo = pair_index_sum((L * K + 1, D + 1), terms, dev)
+        rounded = round_pair(hi[: L * K], lo[: L * K], torch.float32)
+        out.update(counts=rounded[:, D].reshape(L, K).clone(), sums=rounded[:, :D].reshape(L, K, D).clone(),
+                   skipped=skipped.int())
     if slots is not None:
         out.update(cand=cand[:, :num_slots].contiguous(), cand_ok=cand_ok[:, :num_slots].contiguous())
     return out

@@ -1288,3 +1288,54 @@ def test_codebooks_beyond_int32_offsets_are_refused_not_read_out_of_bounds():
     x = randn(4, 1024).half()
     with fastvq.backend("triton"), pytest.raises(ValueError, match="hold 2\\^31 elements"):
         fastvq.residual_quantize(x, cb)
+
+
+def _overflow_midpoint_columns(seed):
+    """Columns of float32 terms whose exact sum lies a tiny offset (either sign, 2^61 to 2^-140)
+    below or above float32's overflow midpoint ``max + 2^103``, and that sum rounded to nearest
+    (``max`` or +inf). A float64 sum of them lands on the midpoint whenever the offset is below
+    its precision, and rounds to +inf. In any order a float32 sum of them overflows; some
+    columns lead with a cancelling pair ``+-2^127`` (in that order only: later, the pair can
+    absorb the 2^103 and leave float32's finite sum, which is within its accumulation bound)."""
+    from fractions import Fraction
+
+    from tests._midpoints import nearest
+
+    gen = generator(seed)
+    mx = torch.finfo(torch.float32).max
+    cols = []
+    for k in [42, 43, 60, 90, 120, 150, 200, 243]:  # offset 2^(103 - k)
+        for sign in (-1.0, 1.0):
+            for pair in (False, True):
+                head = [2.0**127, -(2.0**127)] if pair else [0.0, 0.0]
+                tail = [sign * 2.0 ** (103 - k), mx, 2.0**103]
+                perm = torch.randperm(3 if pair else 5, generator=gen).tolist()
+                cols.append(head + [tail[i] for i in perm] if pair else [(head + tail)[i] for i in perm])
+    want = torch.tensor([nearest(sum(Fraction(v) for v in c), torch.float32) for c in cols])
+    paired = torch.tensor([c[0] == 2.0**127 for c in cols])
+    return torch.tensor(cols).T.contiguous(), want, paired  # (5 terms, columns), (columns,), (columns,)
+
+
+def test_statistics_at_the_overflow_midpoint_round_once(backend, device):
+    # The statistics' sums are redone in float64 where float32 overflowed; a plain float64 sum
+    # of max, 2^103, -2^60 is the midpoint max + 2^103 and gave +inf where the exact sum rounds
+    # to max. Every order of these terms but the paired ones overflows float32, so the redo
+    # always runs (the atomics commit in any order on a GPU: the paired columns, whose pair can
+    # absorb the 2^103 in float32 first, are left out here). The chosen codes' sum (quantized)
+    # is still a plain float64 sum there: README "Known limits".
+    terms, want, paired = _overflow_midpoint_columns(5)
+    terms, want, paired = terms.to(device), want.to(device), paired.to(device)
+    n_cols = terms.shape[1]
+    # statistics: the five rows on code 0, spread over row spans of the fix-up, the others on code 1
+    N = 2500
+    x = torch.zeros(N, n_cols, device=device)
+    rows = torch.tensor([7, 900, 1100, 2048, 2499], device=device)
+    x[rows] = terms
+    codes = torch.ones(N, 1, dtype=torch.int64, device=device)
+    codes[rows] = 0
+    cb = torch.zeros(1, 2, n_cols, device=device)
+    out = fastvq.residual_quantize_step(x, cb, codes=codes, statistics=True)
+    got = out.sums[0, 0][~paired]
+    assert torch.equal(got, want[~paired]), (got != want[~paired]).nonzero().flatten().tolist()
+    assert out.counts[0].tolist() == [5.0, N - 5.0]
+    assert (terms[:, ~paired].double().sum(0).float() != want[~paired]).sum() >= 4  # (plain float64: wrong)
