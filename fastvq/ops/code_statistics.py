@@ -93,14 +93,16 @@ def code_statistics(
       looked at (padding may hold anything);
     - a row whose weight or any element is NaN or infinite is **left out** of ``counts`` and
       ``sums`` and **counted** (``skipped``), so one bad row cannot poison a code;
-    - sums and counts are accumulated in float64 and rounded once to float32: each is within
-      float32 rounding of the exact value, is ``+inf``/``-inf`` exactly when the exact value lies
-      beyond float32's range, and is never NaN; codes nobody chose get exactly 0. With
-      ``deterministic=True`` (and on the reference) each sum is carried as an exact part and a
-      remainder, so it is the exact value rounded to nearest even unless that lies within about
-      ``n^2 2^-95`` of its largest term from a rounding midpoint (a plain float64 sum of
-      ``max``, ``2^103``, ``-2^60`` lands on the overflow midpoint and rounds to ``+inf``; the
-      exact sum rounds to ``max``); the atomic path's float64 sums round each addition;
+    - sums and counts are accumulated in float64 and rounded once to float32, are never NaN, and
+      codes nobody chose get exactly 0. With ``deterministic=True`` (and on the reference) each
+      sum is carried as an exact part and a remainder, so it is the exact value rounded to
+      nearest even (``+inf``/``-inf`` exactly when that lies beyond float32's range) unless the
+      exact value lies within about ``n^2 2^-95`` (kernels) or ``n^3 2^-106`` (reference) of its
+      largest term from a rounding midpoint: a plain float64 sum of ``max``, ``2^103``,
+      ``-2^60`` lands on the overflow midpoint and rounds to ``+inf``, the exact sum to ``max``.
+      With ``deterministic=False`` the float64 atomics round each addition: a sum is within
+      about ``n 2^-53`` times the sum of its terms' magnitudes of the exact one (terms that
+      cancel lose what lies below that: ``2^100, 1, -2^100`` gives 0);
     - counts without weights are exact integers (below 2**24).
 
     Args:

@@ -24,39 +24,51 @@ import torch
 F64 = torch.float64
 
 
-def _split(t: torch.Tensor, sigma: torch.Tensor, fin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, t - q)`` of float64 terms at ``sigma`` (broadcast); where ``fin`` is False (a NaN or
-    infinite term in the sum) ``(t, 0)``: the plain sum keeps NaN and +-inf."""
-    q = torch.where(fin, (sigma + t) - sigma, t)
-    return q, torch.where(fin, t - q, torch.zeros_like(t))
+def _split(t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, t - q)`` of float64 terms at ``sigma`` (broadcast). A NaN or infinite term makes its
+    row's ``q`` sum NaN or +-inf (the plain sum's value) and its remainder NaN, which
+    :func:`round_pair` ignores where the pair's ``hi`` is not finite."""
+    q = (sigma + t) - sigma
+    return q, t - q
 
 
-def _sigma(amax: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sigma, finite)`` for sums whose largest |term| is ``amax`` over ``count`` terms."""
-    fin = torch.isfinite(amax)
-    _, e = torch.frexp(torch.where(fin, amax, torch.zeros_like(amax)))  # amax < 2^e
-    m = torch.ceil(torch.log2(count.to(F64) + 2.0)).to(torch.int32)
-    return torch.ldexp(torch.ones_like(amax), e + m), fin
+def _sigma(amax: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``sigma`` for sums whose largest |term| is ``amax`` over ``count`` terms (any finite power
+    of two where ``amax`` is not finite: that sum is not finite either)."""
+    _, e = torch.frexp(amax.nan_to_num_(0.0, 0.0, 0.0))  # amax < 2^e (amax is not used again)
+    e += torch.ceil(torch.log2(count.to(F64) + 2.0)).to(torch.int32)
+    return torch.ldexp(amax.fill_(1.0), e)
+
+
+ROUND_CHUNK = 1 << 20  # round_pair rounds this many elements at a time
+CACHE_BYTES = 1 << 26  # pair_index_sum keeps the first pass's terms up to this size (else forms them again)
 
 
 def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
                    device, summing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)`` float64, ``shape`` ``(rows, cols)``: for every row, the sum of the float64 term
-    rows ``chunks()`` yields for it as ``(row index (n,), terms (n, cols))``. ``chunks`` is called
-    twice (the largest term and the count of each row first: maxima and counts, in any order);
-    the second pass's ``index_add_`` runs inside ``summing()`` (e.g. torch's deterministic mode)."""
+    rows ``chunks()`` yields for it as ``(row index (n,), terms (n, cols))``. Two passes over the
+    terms (the largest term and the count of each row first: maxima and counts, in any order);
+    the first pass's terms are kept for the second up to :data:`CACHE_BYTES`, beyond which
+    ``chunks`` is called again. The second pass's ``index_add_`` runs inside ``summing()`` (e.g.
+    torch's deterministic mode)."""
     amax = torch.zeros(shape, dtype=F64, device=device)
     count = torch.zeros(shape[0], dtype=F64, device=device)
+    kept, size = [], 0
     for idx, t in chunks():
         amax.scatter_reduce_(0, idx[:, None].expand(t.shape), t.abs(), "amax")
         count.index_add_(0, idx, torch.ones(idx.shape, dtype=F64, device=device))
-    sigma, fin = _sigma(amax, count[:, None])
+        if kept is not None:
+            size += t.numel() * t.element_size() + idx.numel() * idx.element_size()
+            kept = kept + [(idx, t)] if size <= CACHE_BYTES else None
+    sigma = _sigma(amax, count[:, None])
+    del amax, count
     hi = torch.zeros(shape, dtype=F64, device=device)
     lo = torch.zeros(shape, dtype=F64, device=device)
     with summing():
-        for idx, t in chunks():
-            q, r = _split(t, sigma[idx], fin[idx])
+        for idx, t in (kept if kept is not None else chunks()):
+            q, r = _split(t, sigma[idx])
             hi.index_add_(0, idx, q)
             lo.index_add_(0, idx, r)
     return hi, lo
@@ -65,8 +77,8 @@ def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tenso
 def pair_sum_lastdim(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)``: the sums of float64 ``t`` along its last dimension, as a pair."""
     amax = t.abs().amax(-1, keepdim=True) if t.shape[-1] else t.new_zeros(t.shape[:-1] + (1,))
-    sigma, fin = _sigma(amax, torch.full_like(amax, t.shape[-1]))
-    q, r = _split(t, sigma, fin)
+    sigma = _sigma(amax, torch.full_like(amax, t.shape[-1]))
+    q, r = _split(t, sigma)
     return q.sum(-1), r.sum(-1)
 
 
@@ -78,7 +90,11 @@ def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, exact_ter
     came out the odd neighbour): to nearest float32, then to nearest ``dtype``, as the kernels'
     float32 path rounds."""
     if not exact_terms:
-        return (hi + lo).to(torch.float32).to(dtype) if dtype != F64 else hi + lo
+        h = torch.where(torch.isfinite(hi), hi + lo, hi)
+        return h.to(torch.float32).to(dtype) if dtype != F64 else h
+    if hi.dim() and hi.numel() > ROUND_CHUNK and hi.shape[0] > 1:  # (its temporaries: a chunk of rows at a time)
+        step = max(1, ROUND_CHUNK // max(1, hi[0].numel()))
+        return torch.cat([round_pair(h, l, dtype) for h, l in zip(hi.split(step), lo.split(step))])
     fin = torch.isfinite(hi)
     h = hi + lo
     bb = h - hi
