@@ -14,18 +14,11 @@ from .._checks import check_int_arg, read_temperature, temperature_arg
 from ._search import search_inputs
 
 
-_F32_MAX = 3.4028234663852886e38
-_F32_TINY = 2.0**-126
-
-
-def _temperature(number: float) -> float:
-    """``number`` (checked finite, ``>= 0`` and ``<= `` float32's largest) unless it is below
-    float32's normal range: the kernels and the reference scale by ``1 / T`` in float32, which
-    overflows there (T = 1e-40 sampled the nearest code where softmax gives 0.88 / 0.12; fuzzA)."""
-    if 0.0 < number < _F32_TINY:
-        raise ValueError(f"fastvq.sample_code: temperature must be 0 or at least 2^-126 (float32's smallest "
-                         f"normal), got {number!r}")
-    return number
+def _t_bounds() -> dict:
+    """T from 0 to float32's largest (beyond, it is +inf in float32). (Literals made at each call:
+    under torch.compile, dynamic=True, a module-level float was traced as a symbol, which the
+    argument check cannot format.)"""
+    return {"minimum": 0.0, "maximum": 3.4028234663852886e38}
 
 
 @custom_op("fastvq::sample_code", mutates_args=())
@@ -33,8 +26,7 @@ def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, seed: torch.Tensor,
                     temperature_t: Optional[torch.Tensor], metric: str,
                     allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # x (H, N, D), codebook (H, K, D), seed () int64 -> (H, N) int64, (H, N) float32
-    temperature = _temperature(read_temperature("sample_code", temperature, temperature_t, minimum=0.0,
-                                                maximum=_F32_MAX))
+    temperature = read_temperature("sample_code", temperature, temperature_t, **_t_bounds())
     if temperature == 0.0:  # (a tensor's 0, read here; a number's is routed before the op)
         from .nearest_code import _nearest_code_op
 
@@ -89,8 +81,8 @@ def sample_code(
         x: ``(..., D)`` float32/float16/bfloat16 (``(H, ..., D)`` with ``H`` codebooks), as for
             :func:`fastvq.nearest_code`.
         codebook: ``(K, D)`` or ``(H, K, D)``, as for :func:`fastvq.nearest_code`.
-        temperature: ``0``, or a real number in float32's normal range (``2^-126`` to
-            ``3.4e38``; beyond, ``1 / T`` or ``T`` is not a float32), a Python number or a one-element floating-point
+        temperature: a real number from ``0`` to float32's largest, ``3.4e38`` (beyond, ``T``
+            is +inf in float32 and every code equally likely), a Python number or a one-element floating-point
             tensor (read when the op runs: a CPU tensor costs no device sync, a CUDA one does).
             ``0`` is the nearest code (no noise; exactly :func:`fastvq.nearest_code`). Under
             ``torch.compile`` a Python number becomes such a tensor (float64), a graph input: a
@@ -115,7 +107,11 @@ def sample_code(
         per unit of its float32 scores (the scores are taken in a power-of-two unit of the row,
         :func:`fastvq.nearest_code`) passes 2^124 takes its nearest code: the noise, scaled down
         with the scores so that neither overflows, would leave float32's normal range (the
-        temperature is then more than 2^100 times below the scores' unit). Not differentiable.
+        temperature is then more than 2^100 times below the scores' unit). A temperature below
+        float32's normal range (``2^-126``) takes the nearest code too, whatever the scores'
+        unit: the factor is formed from ``1 / T`` in float32, which overflows there (a dot
+        codebook of entries ~1e-20 at ``T = 1e-40``: softmax gives 0.88 / 0.12; fuzzA).
+        Not differentiable.
 
     Example::
 
@@ -125,9 +121,7 @@ def sample_code(
         torch.Size([100])
     """
     x3, c3, lead, allow_tf32 = search_inputs("sample_code", x, codebook, metric, allow_tf32)
-    temperature, temperature_t = temperature_arg("sample_code", temperature, x3, minimum=0.0, maximum=_F32_MAX)
-    if temperature_t is None:
-        _temperature(temperature)
+    temperature, temperature_t = temperature_arg("sample_code", temperature, x3, **_t_bounds())
     seed_t = _seed(seed, generator, x3.device)
     if temperature_t is None and temperature == 0.0:
         from .nearest_code import _nearest_code_op

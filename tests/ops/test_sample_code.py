@@ -132,14 +132,10 @@ def test_nonfinite(backend):
      # returned uninitialised memory, indices far outside [0, K); fuzzB)
      ({"temperature": torch.tensor(1.0, device="meta")}, ValueError),
      ({"temperature": 1.0, "seed": torch.tensor(1, device="meta")}, ValueError),
-     # (beyond float32's normal range 1 / T or T is not a float32: T = 1e-40 sampled the nearest
-     # code, T = 1e39 uniformly; fuzzA)
-     ({"temperature": 1e-40}, ValueError), ({"temperature": 1e39}, ValueError),
-     ({"temperature": torch.tensor(1e-40, dtype=torch.float64)}, ValueError),
-     ({"temperature": torch.tensor(1e39, dtype=torch.float64)}, ValueError)],
+     # (beyond float32's largest T is +inf in float32: T = 1e39 sampled uniformly; fuzzA)
+     ({"temperature": 1e39}, ValueError), ({"temperature": torch.tensor(1e39, dtype=torch.float64)}, ValueError)],
     ids=["negative", "nan", "inf", "bool", "str", "tensor-2", "tensor-int", "tensor-negative", "seed-bool", "seed-float", "seed-and-generator",
-         "seed-1d", "generator-int", "metric", "tensor-meta", "seed-meta", "subnormal", "beyond-float32",
-         "tensor-subnormal", "tensor-beyond-float32"],
+         "seed-1d", "generator-int", "metric", "tensor-meta", "seed-meta", "beyond-float32", "tensor-beyond-float32"],
 )
 def test_bad_input(kw, err):
     with pytest.raises(err, match="sample_code"):
