@@ -10,7 +10,8 @@ import torch
 
 #: Distance metrics of the search ops. ``"l2"``: squared Euclidean ``|x - c|^2``;
 #: ``"euclidean"``: ``|x - c|`` (same order as l2); ``"cosine"``: ``1 - cos(x, c)`` (a zero
-#: vector has cosine 0 with anything, so distance 1); ``"dot"``: ``-<x, c>`` (the nearest code is
+#: vector has cosine 0 with any finite vector, so distance 1; with a code holding inf, 0 * inf
+#: makes it NaN, as every distance to a non-finite code may be); ``"dot"``: ``-<x, c>`` (the nearest code is
 #: the one with the largest inner product).
 METRICS = ("l2", "cosine", "dot", "euclidean")
 
