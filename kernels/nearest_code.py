@@ -54,6 +54,7 @@ Design
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -607,7 +608,7 @@ def _configs():
 @triton.jit
 def _nearest_code_fwd_kernel(
     p_x, p_c, p_chat, p_cterm, p_meta, p_pos, p_seed, p_idx, p_dist, p_pscore, p_pidx,
-    N, K, D, H, SPLITS, K_BUCKET, temperature,
+    N, K, D, H, SPLITS, K_BUCKET, temperature, temperature_exp,
     stride_xh, stride_xn, stride_xd, stride_ch, stride_ck, stride_cd, stride_pn, stride_pd,
     METRIC: tl.constexpr, HAS_LOWER_BOUND: tl.constexpr, SAMPLE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     ONE_D_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -677,7 +678,11 @@ def _nearest_code_fwd_kernel(
         # sums, rejected negatives farther than the positive by 8x the contract's rounding bound.)
         b_thr = (b_lb - b_xx) + (b_lb + b_xx) * ((D + 8) * 1.1920928955078125e-07)
     if SAMPLE:
-        # distance / temperature = a * score + (row constant); Gumbel-max over -that
+        # distance / temperature = a * score + (row constant); Gumbel-max over -that. The
+        # temperature arrives as its float32 mantissa in [1, 2) and its exponent (a float: no
+        # specialisation per value), so 1 / T never overflows (T below 2^-126 took the nearest
+        # code where softmax of tiny distances does not; fuzzA)
+        t_e = (tl.zeros((BLOCK_N,), dtype=tl.float32) + temperature_exp).to(tl.int32)
         inv_s = rcp_rn(b_rs)  # l2: the row's unit 2^L, exactly
         if METRIC == 1:  # 1 - cos = 1 + score / |x'|
             b_q = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -687,12 +692,13 @@ def _nearest_code_fwd_kernel(
                 b_x = (b_x.to(tl.float32) * b_rs[:, None]).to(p_x.dtype.element_ty).to(tl.float32)
                 b_q += tl.sum(b_x * b_x, axis=1)
             b_nx = tl.sqrt_rn(b_q)
-            b_a = tl.where(b_nx > 0, rcp_rn(tl.where(b_nx > 0, b_nx, 1.0) * temperature), 0.0)
+            b_a = tl.where(b_nx > 0, _mul_exp2(rcp_rn(tl.where(b_nx > 0, b_nx, 1.0) * temperature), -t_e), 0.0)
         elif METRIC == 2:  # -(x.c) = score * 2^(e_x + E)
             if SCALE_ROWS:
-                b_a = _mul_exp2(rcp_rn(tl.zeros((BLOCK_N,), dtype=tl.float32) + temperature), pow2_exponent(b_xm) + e_unit)
+                b_a = _mul_exp2(rcp_rn(tl.zeros((BLOCK_N,), dtype=tl.float32) + temperature),
+                                pow2_exponent(b_xm) + e_unit - t_e)
             else:
-                b_a = _mul_exp2(rcp_rn(tl.zeros((BLOCK_N,), dtype=tl.float32) + temperature), e_unit + 0 * o_n.to(tl.int32))
+                b_a = _mul_exp2(rcp_rn(tl.zeros((BLOCK_N,), dtype=tl.float32) + temperature), e_unit - t_e)
         elif METRIC == 3:  # |x - c| = sqrt(|x s|^2 + score) / s
             b_xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -700,9 +706,9 @@ def _nearest_code_fwd_kernel(
                 b_x = tl.load(p_x + o_xrow[:, None] + (d0 + o_d)[None, :] * stride_xd, mask=m_xd,
                               other=0.0).to(tl.float32) * b_rs[:, None]
                 b_xx += tl.sum(b_x * b_x, axis=1)
-            b_a = tl.math.div_rn(inv_s, tl.zeros_like(inv_s) + temperature)
+            b_a = _mul_exp2(tl.math.div_rn(inv_s, tl.zeros_like(inv_s) + temperature), -t_e)
         else:  # |x - c|^2 = (|x s|^2 + score) / s^2
-            b_a = tl.math.div_rn(inv_s, tl.zeros_like(inv_s) + temperature) * inv_s
+            b_a = _mul_exp2(tl.math.div_rn(inv_s, tl.zeros_like(inv_s) + temperature), -t_e) * inv_s
         b_w = (b_a <= 2.1267647932558654e37).to(tl.float32)  # 2^124 (NOISE_LIMIT): beyond, the nearest code
         b_a = tl.where(b_w > 0, b_a, 1.0)
         # both terms times 2^-sh (a' < 1/2): score * a' cannot overflow (|score| < 2^128) and the
@@ -1015,6 +1021,16 @@ def prepare_codebook(codebook: torch.Tensor, metric: str):
     return codebook, chat, cterm, meta
 
 
+def temperature_parts(temperature: float) -> tuple[float, float]:
+    """``(m, e)`` with ``temperature = m 2^e``, ``m`` in [1, 2) (rounded to float32 by the launch)
+    and ``e`` an integer held in a float, within [-1000, 1000] (beyond, every factor it scales
+    saturates to 0 or +inf either way); ``(0, 0)`` for 0."""
+    if not temperature > 0:
+        return 0.0, 0.0
+    m, e = math.frexp(temperature)
+    return 2.0 * m, float(min(max(e - 1, -1000), 1000))
+
+
 def _launch(x, codebook, metric, allow_tf32, positive, splits, seed=None, temperature=0.0):
     """``x`` (H, N, D), ``codebook`` (H, K, D) -> (H, N) int64 indices, (H, N) float32 distances.
     ``positive``: mining's bound; ``seed`` (0-d int64) and ``temperature > 0``: Gumbel-max sampling."""
@@ -1049,7 +1065,7 @@ def _launch(x, codebook, metric, allow_tf32, positive, splits, seed=None, temper
     sample = seed is not None
     _nearest_code_fwd_kernel[lambda meta_: (H * triton.cdiv(N, meta_["BLOCK_N"]), S)](
         x, codebook, chat, cterm, meta, pos, seed if sample else meta, indices, distances, pscore, pidx,
-        N, K, D, H, S, next_pow2(K), float(temperature),
+        N, K, D, H, S, next_pow2(K), *temperature_parts(temperature),
         x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
         pos.stride(0), pos.stride(1),
         METRIC=m, HAS_LOWER_BOUND=has_lb, SAMPLE=sample, WRITE_PARTIAL=S > 1, ONE_D_BLOCK=one_d,

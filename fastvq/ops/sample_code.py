@@ -107,10 +107,10 @@ def sample_code(
         per unit of its float32 scores (the scores are taken in a power-of-two unit of the row,
         :func:`fastvq.nearest_code`) passes 2^124 takes its nearest code: the noise, scaled down
         with the scores so that neither overflows, would leave float32's normal range (the
-        temperature is then more than 2^100 times below the scores' unit). A temperature below
-        float32's normal range (``2^-126``) takes the nearest code too, whatever the scores'
-        unit: the factor is formed from ``1 / T`` in float32, which overflows there (a dot
-        codebook of entries ~1e-20 at ``T = 1e-40``: softmax gives 0.88 / 0.12; fuzzA).
+        temperature is then more than 2^100 times below the scores' unit). The factor is formed
+        from ``T``'s mantissa and exponent apart, so a temperature below float32's normal range
+        samples as softmax does where the distances are as tiny (dot entries ~1e-20 at
+        ``T = 1e-40``: 0.88 / 0.12; ``1 / T`` overflowed float32 and took the nearest code; fuzzA).
         Not differentiable.
 
     Example::

@@ -7,6 +7,8 @@ uniform ``u = (r >> 8 + 0.5) 2^-24`` in (0, 1) and ``g = -log(-log(u))``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .nearest_code import (_mul_exp2, argmin_first, choose, distance, exp2i, max_abs, pow2_exponent,
@@ -56,17 +58,21 @@ def row_factor(x: torch.Tensor, xs: torch.Tensor, metric: str, e_unit: torch.Ten
     """Per row ``a`` with ``distance / temperature = a * score + (a row constant)``, as the kernel
     computes it (float32); ``xs`` the rows the search multiplies with, ``unit`` the rows' l2 unit
     ``2^L`` (scores in units of ``2^2L``), ``e_unit`` the exponent E of the codebook's dot unit."""
-    t = torch.tensor(temperature, dtype=torch.float32, device=x.device)
+    # T = m 2^e with m in [1, 2): 1 / T never overflows (T below 2^-126 took the nearest code
+    # where softmax of tiny distances does not; fuzzA)
+    m, e = math.frexp(temperature)
+    t = torch.tensor(2.0 * m, dtype=torch.float32, device=x.device)
+    n_e = torch.full((x.shape[0],), -min(max(e - 1, -1000), 1000), dtype=torch.int32, device=x.device)
     if metric in ("l2", "euclidean"):
-        return (unit / t) * unit if metric == "l2" else unit / t
+        return _mul_exp2(unit / t, n_e) * unit if metric == "l2" else _mul_exp2(unit / t, n_e)
     if metric == "cosine":
         nx = (xs * xs).sum(-1).sqrt()
-        return torch.where(nx > 0, 1.0 / (torch.where(nx > 0, nx, 1.0) * t), torch.zeros_like(nx))
-    inv_t = torch.ones_like(t) / t  # -(x.c) = score 2^(e_x + E)
+        return torch.where(nx > 0, _mul_exp2(1.0 / (torch.where(nx > 0, nx, 1.0) * t), n_e), torch.zeros_like(nx))
+    inv_t = (torch.ones_like(t) / t).expand(x.shape[0])  # -(x.c) = score 2^(e_x + E)
     if x.dtype == torch.float16:  # rows not scaled
-        return _mul_exp2(inv_t, e_unit).expand(x.shape[0])
+        return _mul_exp2(inv_t, e_unit + n_e)
     e_x = pow2_exponent(max_abs(x.float()))
-    return _mul_exp2(inv_t.expand(x.shape[0]), e_x + e_unit)
+    return _mul_exp2(inv_t, e_x + e_unit + n_e)
 
 
 def sample_code_ref(
