@@ -71,6 +71,12 @@ def _next_residual(r: torch.Tensor, c: torch.Tensor, scaled: torch.Tensor, wide_
     return torch.where(back[:, None], up, new), scaled & ~back
 
 
+def _counted(usable: torch.Tensor, r: torch.Tensor, scaled: torch.Tensor, stat_limit: float) -> torch.Tensor:
+    """Which rows a level's statistics and candidates count: weight nonzero and finite, residual
+    below ``stat_limit`` (finite in the trained codebooks' dtype; NaN is not below), not held."""
+    return usable & (r.abs().amax(-1) < stat_limit) & ~scaled
+
+
 def _stat_terms(x, cb, codes, w_all, sw_all, stat_limit, step):
     """The statistics' terms, walking every row to each level again with its known codes:
     ``(segment (n,), terms (n, D + 1))`` per chunk and level, ``segment = level * K + code`` and
@@ -88,7 +94,7 @@ def _stat_terms(x, cb, codes, w_all, sw_all, stat_limit, step):
         scaled = torch.zeros_like(usable)
         for lvl in range(L):
             idx = codes[s : s + step, lvl].long()
-            use = usable & (r.abs().amax(-1) < stat_limit) & ~scaled
+            use = _counted(usable, r, scaled, stat_limit)
             t = torch.cat([sw[:, None] * r.double(), sw[:, None]], 1)
             yield torch.where(use, lvl * K + idx, L * K), torch.where(use[:, None], t, 0.0)
             r, scaled = _next_residual(r, cb[lvl].index_select(0, idx), scaled, wide_exp)
@@ -154,7 +160,6 @@ def residual_quantize_full_ref(
         r = x[s : s + step].float()
         n = r.shape[0]
         w = torch.ones(n, device=dev) if w_all is None else w_all[s : s + step]
-        sw = w if sw_all is None else sw_all[s : s + step]
         live = w != 0
         usable = live & w.isfinite()
         slot = None if slots is None else torch.where(slots[s : s + step] >= 0, slots[s : s + step].long(), num_slots)
@@ -166,7 +171,7 @@ def residual_quantize_full_ref(
                             wide_exp) if search else out_codes[s : s + step, lvl])
             c = cb[lvl].index_select(0, idx)
             # (below stat_limit: finite, in the dtype of the codebooks being trained; NaN: not below)
-            use = usable & (r.abs().amax(-1) < stat_limit) & ~scaled
+            use = _counted(usable, r, scaled, stat_limit)
             if stats:  # (the sums: after the search, _stat_terms)
                 skipped[lvl] += (live & ~use).sum()
             if slot is not None:
