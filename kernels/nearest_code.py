@@ -53,7 +53,6 @@ Design
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch

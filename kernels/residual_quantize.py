@@ -83,7 +83,7 @@ from ._common import (FIX_SCAN, add_rows_by_index, add_rows_by_index_dd, arch_fa
                       atomic_overflow_bound, autotune, autotune_configs, bf16_rne, dot_fp32, dot_nt, dot_split_nt, exp2i,
                       exp2i64, launcher, next_pow2, nonfinite_rows, pow2_exponent, prune_by_estimate,
                       register_estimate, rotation_grad_rows, round_bf16, round_dd, target_for, tf32_split,
-                      tl_input_precision, two_sum, words_per_thread)
+                      tl_input_precision, words_per_thread)
 
 MAX_REGISTER_D = None  # above register_d_limit(dtype) (256; float32: 128), the D-chunked variant with a
 # float32 workspace runs: wider register blocks spill on sm_90 (see _estimate)
