@@ -51,6 +51,20 @@ def check_tensor(op: str, name: str, t, ndim: int | None = None, min_ndim: int |
         raise ValueError(f"fastvq.{op}: {name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
 
 
+def check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:
+    """Refuse an in-place target whose elements may share memory (an ``expand``-ed or
+    ``as_strided`` view): a kernel's programs would race on it (fuzzD D2). Sufficient test: with
+    the dims of size > 1 sorted by stride, each stride exceeds the largest offset the smaller
+    ones reach (torch's own in-place check refuses only stride 0)."""
+    reach = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            raise ValueError(f"fastvq.{op}: {name} is updated in place, but its elements may share memory (shape "
+                             f"{tuple(t.shape)}, strides {tuple(t.stride())}): pass a tensor whose elements do not "
+                             f"overlap (not an .expand()-ed view; .clone() one)")
+        reach += stride * (size - 1)
+
+
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastvq.{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")

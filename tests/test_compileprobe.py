@@ -405,3 +405,34 @@ def test_func_grad_raises_a_runtime_error(backend):
     e, c = randn(5, 4, seed=1), randn(5, 4, seed=2)
     with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.grad(lambda v: fastvq.rotation_trick(v, c).square().sum())(e)
+
+
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent(backend):
+    # fuzzD D1: torch's generated autograd of a library custom op has no forward formula, so a
+    # tangent was dropped and jvp / jacfwd / forward_ad gave a zero (or None) tangent.
+    import torch.autograd.forward_ad as fwAD
+
+    x, c, t = randn(4, 3, seed=1), randn(6, 3, seed=2), randn(8, 5, seed=3)
+    ids, vq = torch.tensor([0, 5, 9]), VectorQuantizer(6, 3).eval()
+    cases = {
+        "pairwise_sqdist": lambda v: fastvq.pairwise_sqdist(v, c),
+        "pairwise_kl_loss": lambda v: fastvq.pairwise_kl_loss(torch.cat([v, v]), t, 0.5),
+        "residual_quantize": lambda v: fastvq.residual_quantize(v, c.reshape(2, 3, 3))[0],
+        "rotation_trick": lambda v: fastvq.rotation_trick(v, c[:4]),
+        "qr_lookup": lambda v: fastvq.qr_lookup(ids, v, c),
+        "VectorQuantizer": lambda v: vq(v)[0],
+    }
+    for name, f in cases.items():
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            torch.func.jacfwd(f)(x)
+        with fwAD.dual_level():
+            with pytest.raises(RuntimeError, match="forward-mode AD"):
+                f(fwAD.make_dual(x, torch.ones_like(x)))
+            want = f(x)  # inside a dual level, inputs without a tangent are fine
+        assert torch.equal(want, f(x)), name
+    # a tangent on an input of a non-differentiable result is not refused: indices carry none
+    with fwAD.dual_level():
+        assert torch.equal(fastvq.nearest_code(fwAD.make_dual(x, torch.ones_like(x)), c)[0],
+                           fastvq.nearest_code(x, c)[0])

@@ -8,7 +8,7 @@ import torch
 from .._backend import use_triton
 from .._checkpoint_frames import in_checkpoint_rerun, in_compiled_backward
 from ._custom_op import custom_op
-from .._checks import check_float, check_real_arg, check_same_device, check_tensor
+from .._checks import check_float, check_no_overlap, check_real_arg, check_same_device, check_tensor
 from ..reference.ema_update import ema_decisions, ema_update_ref_, ema_update_rows_ref_
 
 
@@ -104,8 +104,9 @@ def ema_update_(
     """The seed EMAQuantizer's codebook update, per level, in place, guarded, without a host sync.
 
     Args:
-        codebook: ``(L, K, D)`` float32/float16/bfloat16, any strides (e.g. a parameter's
-            ``.data.unsqueeze(0)``), updated in place.
+        codebook: ``(L, K, D)`` float32/float16/bfloat16, any strides whose elements do not
+            overlap (e.g. a parameter's ``.data.unsqueeze(0)``; an ``expand``-ed view is a
+            ``ValueError``), updated in place.
         cluster_size: ``(L, K)`` float32; embed_avg: ``(L, K, D)`` float32 contiguous: the EMA
             state, updated in place.
         counts, sums: this batch's (all-reduced) statistics, float32 ``(L, K)`` and ``(L, K, D)``
@@ -154,6 +155,8 @@ def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
     for name, t in (("cluster_size", cluster_size), ("embed_avg", embed_avg)):
         if t.dtype != torch.float32:
             raise TypeError(f"fastvq.{op}: {name} (EMA state) must be float32, got {t.dtype}")
+    for name, t in (("codebook", codebook), ("cluster_size", cluster_size)):
+        check_no_overlap(op, name, t)
     if not embed_avg.is_contiguous():
         raise ValueError(f"fastvq.{op}: embed_avg must be contiguous (it is updated in place)")
     decay = check_real_arg(op, "decay", decay)

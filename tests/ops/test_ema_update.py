@@ -148,3 +148,25 @@ def test_codes_of_no_features(backend, device):
     ema_update_(cb, cluster_size, ea, counts, torch.zeros(L, K, 0, device=device), 0.9, 1e-5)
     want = torch.tensor([[0.9 + 0.2, 0.9, 0.9 + 0.1], [1.0, 1.0, 1.0]], device=device)  # (level 1: no rows, unchanged)
     assert_close(cluster_size, want, torch.float32)
+
+
+@pytest.mark.parametrize("view", ["levels", "features", "as_strided"])
+def test_overlapping_in_place_targets_are_refused(backend, device, view):
+    # fuzzD D2: an expanded codebook was written by every level (the Triton programs race on a
+    # GPU; the reference raised torch's error, not one naming fastvq's argument).
+    L, K, D = 2, 4, 3
+    base = randn(L, K, D, device=device)
+    cb = {"levels": base[:1].expand(L, K, D), "features": base[..., :1].expand(L, K, D),
+          # rows 2 elements apart but 3 wide: row k's last element is row k+1's second
+          "as_strided": base.view(-1).as_strided((L, K, D), (K * D, 2, 1))}[view]
+    cs, ea = torch.rand(L, K, device=device), randn(L, K, D, device=device)
+    counts, sums = torch.rand(L, K, device=device) * 2, randn(L, K, D, device=device)
+    before = base.clone()
+    with pytest.raises(ValueError, match="codebook is updated in place, but its elements may share memory"):
+        ema_update_(cb, cs, ea, counts, sums, 0.9, 1e-5)
+    assert torch.equal(base, before)
+    with pytest.raises(ValueError, match="cluster_size is updated in place"):
+        ema_update_(base, cs[:, :1].expand(L, K), ea, counts, sums, 0.9, 1e-5)
+    # a strided view without overlap is fine (columns 0, 2 of 4: the stride exceeds the reach)
+    wide = randn(L, K, 2 * D, device=device)
+    ema_update_(wide[..., ::2], cs, ea, counts, sums, 0.9, 1e-5)
