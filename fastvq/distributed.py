@@ -13,7 +13,12 @@ gradients but knows nothing of buffers updated in ``forward``. The modules there
   size, are empty, or hold only non-finite rows still run the same collectives, in the same
   order, and cannot hang.
 
-When ``torch.distributed`` is unavailable, not initialised, or the world has one rank, the
+Every helper takes ``group``: the process group to sync over, ``None`` for the default
+(``WORLD``), as ``torch.distributed`` does. The modules pass their ``process_group`` (a
+``DistributedDataParallel(..., process_group=g)`` replica group, or a one-rank group to train
+each rank's codebook alone), so ranks outside the group are never waited on.
+
+When ``torch.distributed`` is unavailable, not initialised, or the group has one rank, the
 helpers return at once without touching their arguments.
 """
 
@@ -23,19 +28,58 @@ import torch
 import torch.distributed as dist
 
 
-def is_distributed() -> bool:
-    """True inside an initialised process group with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def is_distributed(group=None) -> bool:
+    """True inside an initialised process group whose ``group`` (default: ``WORLD``) has more
+    than one rank."""
+    return dist.is_available() and dist.is_initialized() and get_world_size(group) > 1
 
 
-def get_rank() -> int:
-    """This process's rank (0 outside a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def get_rank(group=None) -> int:
+    """This process's rank in ``group`` (0 outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    rank = dist.get_rank(group)
+    if rank < 0:
+        _not_a_member()
+    return rank
 
 
-def get_world_size() -> int:
-    """The number of ranks (1 outside a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def get_world_size(group=None) -> int:
+    """The number of ranks in ``group`` (1 outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    size = dist.get_world_size(group)
+    if size < 0:
+        _not_a_member()
+    return size
+
+
+def _not_a_member():
+    raise ValueError(f"fastvq.distributed: this process (global rank {dist.get_rank()}) is not a member of the "
+                     f"process group it was asked to sync over")
+
+
+class GroupHandle:
+    """A module's process group (``None``: the default group): ``copy.deepcopy`` of the module
+    shares it (a group is a handle of this process), pickling refuses it, naming the fix."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group):
+        if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+            raise TypeError(f"fastvq: process_group must be a torch.distributed ProcessGroup (e.g. from "
+                            f"dist.new_group) or None (the default group), got {type(group).__name__}")
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        if self.group is None:
+            return (GroupHandle, (None,))
+        raise TypeError("fastvq: a quantizer whose process_group is set cannot be pickled (a process group belongs "
+                        "to one process): save its state_dict, or set module.process_group = None before "
+                        "torch.save(module) and set it again after loading")
 
 
 def _flat_apply(tensors: tuple[torch.Tensor, ...], collective) -> None:
@@ -57,40 +101,42 @@ def _flat_apply(tensors: tuple[torch.Tensor, ...], collective) -> None:
             offset += n
 
 
-def all_reduce_sum_(*tensors: torch.Tensor) -> None:
-    """Sum each tensor over all ranks, in place. No-op outside a multi-rank process group.
+def all_reduce_sum_(*tensors: torch.Tensor, group=None) -> None:
+    """Sum each tensor over the ranks of ``group``, in place. No-op outside a multi-rank group.
 
     Example::
 
         counts, sums = fastvq.code_statistics(x, idx, K)
         fastvq.distributed.all_reduce_sum_(counts, sums)   # now the global statistics
     """
-    if not tensors or not is_distributed():
+    if not tensors or not is_distributed(group):
         return
-    _flat_apply(tensors, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+    _flat_apply(tensors, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))
 
 
-def all_gather(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``t`` (the same shape and dtype on every rank), stacked: ``(world_size, *t.shape)``.
-    Outside a multi-rank process group, ``t.unsqueeze(0)``.
+def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``t`` (the same shape and dtype on every rank of ``group``), stacked in the
+    group's rank order: ``(world_size, *t.shape)``. Outside a multi-rank group, ``t.unsqueeze(0)``.
 
     Example::
 
         offers = fastvq.distributed.all_gather(candidates)   # (W, C, D) on every rank
     """
-    if not is_distributed():
+    if not is_distributed(group):
         return t.unsqueeze(0)
-    parts = [torch.empty_like(t) for _ in range(get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+    parts = [torch.empty_like(t) for _ in range(get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
     return torch.stack(parts)
 
 
-def broadcast_(*tensors: torch.Tensor, src: int = 0) -> None:
-    """Overwrite each tensor, in place, with rank ``src``'s copy. No-op outside a multi-rank
-    process group."""
-    if not tensors or not is_distributed():
+def broadcast_(*tensors: torch.Tensor, src: int = 0, group=None) -> None:
+    """Overwrite each tensor, in place, with the copy of ``group``'s rank ``src``. No-op outside
+    a multi-rank group."""
+    if not tensors or not is_distributed(group):
         return
-    _flat_apply(tensors, lambda t: dist.broadcast(t, src=src))
+    root = src if group is None else dist.get_global_rank(group, src)
+    _flat_apply(tensors, lambda t: dist.broadcast(t, src=root, group=group))
 
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "all_reduce_sum_", "all_gather", "broadcast_"]
+__all__ = ["is_distributed", "get_rank", "get_world_size", "all_reduce_sum_", "all_gather", "broadcast_",
+           "GroupHandle"]

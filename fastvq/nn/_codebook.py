@@ -78,8 +78,10 @@ def offer_candidates(
     weights: torch.Tensor | None = None,
     anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
     limit: float = math.inf,
+    group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num`` random valid rows per level, drawn from every rank's ``vectors``, the same on every rank.
+    """``num`` random valid rows per level, drawn from every rank's ``vectors``, the same on every rank
+    (the ranks of ``group``, a process group; ``None``: the default one).
 
     ``vectors (L, N, D)`` (``N`` may differ between ranks, and be 0); ``weights`` ``(N,)`` or
     ``(L, N)`` (rows of weight 0 are never offered) or None; ``anchors``: None (offer the rows
@@ -107,13 +109,14 @@ def offer_candidates(
     score = torch.where(finite, score, -1.0)
     c = min(num, N)
     if c == 0:
-        return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), device=dev), num, limit=limit)
+        return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), device=dev), num, limit=limit,
+                               group=group)
     top, rows = score.topk(c, dim=1)
     picked = vectors.gather(1, rows.unsqueeze(-1).expand(L, c, D))
     if anchors is not None:
         codebook, indices = anchors
         anchors = (codebook, indices.long().gather(1, rows))
-    return exchange_offers(picked, top, num, anchors, limit)
+    return exchange_offers(picked, top, num, anchors, limit, group)
 
 
 def pick_candidate_rows(n: int, num: int, device, weights: torch.Tensor | None = None):
@@ -138,8 +141,9 @@ def exchange_offers(
     num: int,
     anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
     limit: float = math.inf,
+    group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exchange of :func:`offer_candidates` for rows already picked: ``picked (L, c, D)``
+    """The exchange of :func:`offer_candidates` (over ``group``) for rows already picked: ``picked (L, c, D)``
     this rank's vectors with their random ``score (L, c)`` (or ``(c,)``; negative: not valid),
     ``c <= num``; ``anchors`` None or ``(codebook (L, K, D), codes (L, c))`` (offer midpoints);
     ``limit``: offers whose max-abs is not below it are not valid. Returns ``(candidates (L,
@@ -164,11 +168,11 @@ def exchange_offers(
         rows = torch.cat([rows, torch.zeros((L, num - c, D), device=dev)], 1)
         top = torch.cat([top, torch.full((L, num - c), -1.0, device=dev)], 1)
     # every rank's scores (W, L, num) -> the same num best on every rank, and whose they are
-    pool = fdist.all_gather(top).transpose(0, 1).reshape(L, -1)  # (L, W * num)
+    pool = fdist.all_gather(top, group).transpose(0, 1).reshape(L, -1)  # (L, W * num)
     best, order = pool.topk(num, dim=1)
-    mine = (order // num == fdist.get_rank()) & (best >= 0)
+    mine = (order // num == fdist.get_rank(group)) & (best >= 0)
     candidates = torch.where(mine.unsqueeze(-1), rows.gather(1, (order % num).unsqueeze(-1).expand(L, num, D)), 0.0)
-    fdist.all_reduce_sum_(candidates)  # each slot: one rank's row plus zeros, exactly the row
+    fdist.all_reduce_sum_(candidates, group=group)  # each slot: one rank's row plus zeros, exactly the row
     return candidates, best >= 0
 
 
@@ -215,9 +219,10 @@ def expire_dead_codes_(
 @torch.no_grad()
 def kmeans(
     x: torch.Tensor, init: torch.Tensor, iters: int, metric: str = "l2", weights: torch.Tensor | None = None,
-    limit: float = math.inf,
+    limit: float = math.inf, group=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Lloyd's k-means on the valid rows of ``x (N, D)``, over all ranks.
+    """Lloyd's k-means on the valid rows of ``x (N, D)``, over all ranks of ``group`` (a process
+    group; ``None``: the default one).
 
     A row is valid when its weight is nonzero and its max-abs is below ``limit`` (so finite;
     :func:`finite_limit` of the codebook's dtype: a row that dtype cannot hold is left out as
@@ -239,8 +244,8 @@ def kmeans(
     bad = ~(torch.linalg.vector_norm(x.float(), ord=float("inf"), dim=-1) < limit)  # (NaN: bad)
     skipped = ((w != 0) & bad).sum().float()
     weights = torch.where(bad, 0.0, w)  # (the rows left out carry weight 0 from here on)
-    fdist.all_reduce_sum_(skipped.view(1))
-    candidates, valid = offer_candidates(x.unsqueeze(0), K, weights.unsqueeze(0))
+    fdist.all_reduce_sum_(skipped.view(1), group=group)
+    candidates, valid = offer_candidates(x.unsqueeze(0), K, weights.unsqueeze(0), group=group)
     n_valid = int(valid.sum())
     if n_valid == 0:
         return None, None, skipped
@@ -251,7 +256,7 @@ def kmeans(
         counts, sums = code_statistics(x, idx, K, weights=weights)
         # rows whose code changed since the last step, all ranks (summed with the statistics)
         changed = [] if previous is None else [(idx != previous).sum(dtype=torch.float32).view(1)]
-        fdist.all_reduce_sum_(counts, sums, *changed)
+        fdist.all_reduce_sum_(counts, sums, *changed, group=group)
         if iters == 0:  # only the counts of the starting points were asked for
             break
         new = sums / counts.clamp_min(1e-30).unsqueeze(-1)
@@ -414,6 +419,7 @@ class CodebookState(nn.Module):
         dead_code_threshold: float,
         kmeans_init: bool,
         kmeans_iters: int,
+        process_group=None,
     ) -> None:
         ema = check_bool_arg(owner, "ema", ema)
         kmeans_init = check_bool_arg(owner, "kmeans_init", kmeans_init)
@@ -426,6 +432,7 @@ class CodebookState(nn.Module):
         self.dead_code_threshold = dead_code_threshold
         self.kmeans_init = kmeans_init
         self.kmeans_iters = _check_int("kmeans_iters", owner, kmeans_iters, 0)
+        self.process_group = process_group
 
         weight = self._codebook_levels().detach()
         squeeze = self._single_codebook
@@ -479,6 +486,23 @@ class CodebookState(nn.Module):
                              f"module built with dead_code_threshold > 0 (revival needs its buffers); build it with "
                              f"the threshold, or with any value > 0 and set 0 to pause revival, got {value!r}")
         self.__dict__["_dead_code_threshold"] = value
+
+    @property
+    def process_group(self):
+        """The ``torch.distributed`` process group whose ranks the codebook is synced over
+        (statistics, revival and k-means candidates); ``None``, the default: the default group
+        (every rank). Give a ``DistributedDataParallel(..., process_group=g)`` model's quantizers
+        that ``g``, or a one-rank group (``dist.new_group([rank])``) to train each rank's codebook
+        alone. May be set at any time; every rank of the group must set the same."""
+        handle = self.__dict__.get("_process_group")  # (absent in a module pickled before it existed)
+        return None if handle is None else handle.group
+
+    @process_group.setter
+    def process_group(self, group) -> None:
+        try:
+            self.__dict__["_process_group"] = fdist.GroupHandle(group)
+        except TypeError as e:
+            raise TypeError(f"fastvq.{self._owner}: {str(e).removeprefix('fastvq: ')}") from None
 
     # -- subclass hooks -------------------------------------------------------------------
     _single_codebook = True
@@ -566,16 +590,17 @@ class CodebookState(nn.Module):
                 # must not overflow embed_avg)
                 limit = revival_limit(self.dead_code_threshold, self.ema, codebook.dtype)
                 if offers is None:
-                    candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices), limit=limit)
+                    candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices), limit=limit,
+                                                         group=self.process_group)
                 else:
                     picked, score = offers
-                    candidates, valid = exchange_offers(picked, score, K, limit=limit)
+                    candidates, valid = exchange_offers(picked, score, K, limit=limit, group=self.process_group)
             if self.ema:
-                fdist.all_reduce_sum_(counts, sums, skipped)
+                fdist.all_reduce_sum_(counts, sums, skipped, group=self.process_group)
                 ema_update_(codebook, self._levels(self.cluster_size), self._levels(self.embed_avg), counts, sums,
                             decay, self.eps)
             else:
-                fdist.all_reduce_sum_(counts, skipped)
+                fdist.all_reduce_sum_(counts, skipped, group=self.process_group)
                 usage = self._levels(self.code_usage)
                 live = counts.sum(-1, keepdim=True) > 0  # an empty batch leaves usage as it is
                 usage.copy_(torch.where(live, usage.mul(decay).add_(counts, alpha=1 - decay), usage))
@@ -679,7 +704,7 @@ class CodebookState(nn.Module):
         for level in range(codebook.shape[0]):
             # (rows that are not finite in the codebook's dtype are left out, and counted)
             centroids, counts, skipped = kmeans(residual, codebook[level], iters, metric, weights,
-                                                finite_limit(codebook.dtype))
+                                                finite_limit(codebook.dtype), self.process_group)
             skipped_max = skipped if skipped_max is None else torch.maximum(skipped_max, skipped)
             if centroids is None:  # no valid row on any rank (the same answer everywhere)
                 if level == 0:

@@ -27,7 +27,7 @@ class ResidualQuantizer(CodebookState):
         num_embeddings: codes per level ``K``.
         embedding_dim: vector size ``D``.
         commitment_cost: kept as an attribute for the training loop; not applied in ``forward``.
-        ema, decay, eps, grad, dead_code_threshold, kmeans_init, kmeans_iters: as in
+        ema, decay, eps, grad, dead_code_threshold, kmeans_init, kmeans_iters, process_group: as in
             :class:`fastvq.nn.VectorQuantizer`, applied to every level (EMA statistics, dead
             codes and k-means of level ``l`` are taken over the residuals ``r_l``).
 
@@ -87,6 +87,7 @@ class ResidualQuantizer(CodebookState):
         dead_code_threshold: float = 0.0,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
+        process_group=None,
     ):
         super().__init__()
         owner = "ResidualQuantizer"
@@ -110,6 +111,7 @@ class ResidualQuantizer(CodebookState):
             dead_code_threshold=dead_code_threshold,
             kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters,
+            process_group=process_group,
         )
         if ema:
             self.codebooks.requires_grad_(False)

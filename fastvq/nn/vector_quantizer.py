@@ -46,6 +46,11 @@ class VectorQuantizer(CodebookState):
             replace the codebook by ``kmeans_iters`` steps of k-means on that batch. That
             batch reads the host: run it eagerly, then ``torch.compile(fullgraph=True)``
             (compiled before, it raises saying so).
+        process_group: the ``torch.distributed`` group whose ranks share the codebook (EMA
+            statistics, revival and k-means candidates are summed / exchanged over it);
+            ``None`` (default): the default group, every rank. Pass the group a
+            ``DistributedDataParallel(..., process_group=g)`` replica set uses, or a one-rank
+            group to train each rank's codebook alone. Also an attribute, settable later.
 
     Settings that train well (``fastvq.nn._codebook.RECOMMENDED``): ``kmeans_init=True,
     dead_code_threshold=1.0``, with ``ema=True``: 98.8% of 512 codes in use after 100 steps
@@ -117,6 +122,7 @@ class VectorQuantizer(CodebookState):
         dead_code_threshold: float = 0.0,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
+        process_group=None,
     ):
         super().__init__()
         owner = "VectorQuantizer"
@@ -135,6 +141,7 @@ class VectorQuantizer(CodebookState):
             dead_code_threshold=dead_code_threshold,
             kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters,
+            process_group=process_group,
         )
         if ema:
             self.embeddings.weight.requires_grad_(False)

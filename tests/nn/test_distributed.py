@@ -76,13 +76,17 @@ def _nonfinite_rows(world: int) -> int:
     return sum(3 for cut in _cuts(world) if cut[-1] > 0)
 
 
-def _train(modules, world: int, rank: int | None) -> dict:
-    """Train on each step's rows for ``rank`` (all of them for ``rank=None``); the states,
-    non-persistent counters included."""
-    for step, cut in enumerate(_cuts(world)):
+def _train(modules, world: int, rank: int | None, ranks: tuple[int, int] | None = None, steps: int | None = None
+           ) -> dict:
+    """Train on each step's rows for ``rank`` (all of them for ``rank=None``; those of the ranks
+    ``ranks[0]`` to ``ranks[1] - 1`` when given), the first ``steps`` steps (all by default);
+    the states, non-persistent counters included."""
+    for step, cut in enumerate(_cuts(world)[:steps]):
         x = _batch(step)[: cut[-1]]
         if rank is not None:
             x = x[cut[rank] : cut[rank + 1]]
+        elif ranks is not None:
+            x = x[cut[ranks[0]] : cut[ranks[1]]]
         for m in modules.values():
             m(x.clone().requires_grad_(True))
     out = {}
@@ -94,6 +98,9 @@ def _train(modules, world: int, rank: int | None) -> dict:
     return out
 
 
+GROUP_STEPS = 3  # steps the lone rank of the process-group scenario trains (the others: all)
+
+
 def _states(rank: int, world: int) -> dict:
     states = {}
     for case, backend_name in _runs(world):  # one spawn for every scenario
@@ -101,6 +108,19 @@ def _states(rank: int, world: int) -> dict:
         torch.manual_seed(rank)  # the ranks' random streams differ from here on
         with fastvq.backend(backend_name):
             states[case, backend_name] = _train(modules, world, rank)
+    if world == 3:  # process groups: ranks 0 and 1 share their codebooks, rank 2 trains alone
+        import torch.distributed as dist
+
+        pair, alone = dist.new_group([0, 1]), dist.new_group([2])  # (every rank makes every group)
+        for case in ("ema", "random"):
+            modules = _modules(case)
+            for m in modules.values():
+                m.process_group = alone if rank == 2 else pair
+            torch.manual_seed(rank)
+            with fastvq.backend("reference"):
+                # rank 2 stops early: ranks 0 and 1 must not wait for it (fuzzE D1: they synced
+                # over every rank, so they hung; given equal steps, they mixed in its rows)
+                states["groups", case] = _train(modules, world, rank, steps=GROUP_STEPS if rank == 2 else None)
     return states
 
 
@@ -156,6 +176,57 @@ def test_random_choices_agree_across_ranks(ranks):
     # revival really ran (else this test checks little), equally everywhere
     assert int(state["vq"]["codes_revived"]) > 0 and int(state["rq"]["codes_revived"]) > 0
     assert int(state["vq"]["nonfinite_rows"]) >= _nonfinite_rows(world)  # + what k-means left out
+
+
+@pytest.mark.slow
+def test_process_groups_keep_their_ranks_apart(ranks):
+    world, rank_states = ranks
+    if world != 3:
+        pytest.skip("the process-group scenario runs at 3 ranks")
+    ema = [states["groups", "ema"] for states in rank_states]
+    _assert_ranks_identical(ema[:2], "groups/ema, ranks 0 and 1")
+    _assert_ranks_identical([states["groups", "random"] for states in rank_states[:2]], "groups/random")
+    with one_process_backend("reference"):
+        pair = _train(_modules("ema"), world, None, ranks=(0, 2))  # the rows of ranks 0 and 1
+        alone = _train(_modules("ema"), world, 2, steps=GROUP_STEPS)
+    for got, want, what in ((ema[0], pair, "ranks 0 and 1"), (ema[2], alone, "rank 2")):
+        for name, state in want.items():
+            for key, value in state.items():
+                if value.is_floating_point():
+                    assert_close(got[name][key], value, reduce_len=ROWS, msg=f"{what}: {name}.{key}")
+                else:
+                    assert torch.equal(got[name][key], value), f"{what}: {name}.{key}"
+    assert not torch.allclose(ema[0]["vq"]["cluster_size"], ema[2]["vq"]["cluster_size"])
+
+
+def test_process_group_option():
+    import copy
+    import pickle
+
+    vq = VectorQuantizer(K, D, ema=True)
+    assert vq.process_group is None and ResidualQuantizer(L, K, D, process_group=None).process_group is None
+    with pytest.raises(TypeError, match="VectorQuantizer: process_group must be a torch.distributed ProcessGroup"):
+        VectorQuantizer(K, D, process_group="world")
+    with pytest.raises(TypeError, match="ResidualQuantizer: process_group must be"):
+        ResidualQuantizer(L, K, D).process_group = 0
+    assert pickle.loads(pickle.dumps(vq)).process_group is None and copy.deepcopy(vq).process_group is None
+    import datetime
+
+    import torch.distributed as dist
+
+    from tests._ranks import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        vq.process_group = group = dist.new_group([0])
+        assert copy.deepcopy(vq).process_group is group  # a handle of this process: shared
+        with pytest.raises(TypeError, match="process_group is set cannot be pickled"):
+            pickle.dumps(vq)
+        vq(torch.randn(5, D))  # a one-rank group: trains as one process does
+        assert abs(float(vq.cluster_size.sum()) - 5 * (1 - vq.decay)) < 1e-6  # the 5 rows, once
+    finally:
+        dist.destroy_process_group()
 
 
 def test_candidate_exchange_without_process_group():
