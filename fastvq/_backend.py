@@ -22,6 +22,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -151,3 +152,30 @@ def without_autocast(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return body
+
+
+# Devices whose kernels' float atomics make a result depend on the order programs run in (the
+# interpreter runs a CPU launch's programs one after another, in order).
+ATOMIC_DEVICE_TYPES = ("cuda",)
+
+
+def deterministic_requested(flag: bool) -> bool:
+    """An op's ``deterministic`` argument, forced on by ``torch.use_deterministic_algorithms(True)``
+    (as torch's own ops pick their deterministic implementation then)."""
+    return bool(flag) or torch.are_deterministic_algorithms_enabled()
+
+
+def alert_nondeterministic(what: str, device: torch.device) -> None:
+    """For a kernel that has no deterministic implementation (float atomics) about to run on
+    ``device``: torch's standard alert, an error under ``torch.use_deterministic_algorithms(True)``
+    (a warning with ``warn_only=True``), nothing otherwise."""
+    if device.type not in ATOMIC_DEVICE_TYPES or not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{what} does not have a deterministic implementation, but you set "
+           f"'torch.use_deterministic_algorithms(True)'. Turn determinism off around this call, or use "
+           f"'torch.use_deterministic_algorithms(True, warn_only=True)' to be warned instead (README, known limits).")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    else:
+        raise RuntimeError(msg)
+

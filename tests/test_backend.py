@@ -102,6 +102,69 @@ def test_use_triton_is_the_only_dispatch():
         assert "is_cuda" not in text and "TRITON_INTERPRET" not in text, f"{f.name} dispatches by itself"
 
 
+@pytest.fixture
+def deterministic_mode():
+    """``torch.use_deterministic_algorithms`` for one test, restored after it."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.about_devices("the alert depends on the device type named, nothing runs there")
+def test_alert_nondeterministic_follows_torchs_mode(deterministic_mode):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    _backend.alert_nondeterministic("fastvq.x", cuda)  # mode off: nothing
+    deterministic_mode(True)
+    _backend.alert_nondeterministic("fastvq.x", cpu)  # the interpreter runs programs in order
+    with pytest.raises(RuntimeError, match="fastvq.x does not have a deterministic implementation"):
+        _backend.alert_nondeterministic("fastvq.x", cuda)
+    deterministic_mode(True, warn_only=True)
+    with pytest.warns(UserWarning, match="fastvq.x does not have a deterministic implementation"):
+        _backend.alert_nondeterministic("fastvq.x", cuda)
+
+
+@pytest.mark.about_devices("CPU launches stand in for CUDA ones (ATOMIC_DEVICE_TYPES patched)")
+def test_atomic_kernels_alert_and_deterministic_flags_follow_torchs_mode(deterministic_mode, monkeypatch):
+    # fuzzD: under torch.use_deterministic_algorithms(True) the float32 atomics ran silently
+    from fastvq.kernels import code_statistics as k_stats
+    from fastvq.kernels import qr_lookup as k_qr
+
+    monkeypatch.setattr(_backend, "ATOMIC_DEVICE_TYPES", ("cuda", "cpu"))
+    flags = []  # the deterministic argument each launcher got
+    stats_fwd, qr_bwd = k_stats.code_statistics_fwd, k_qr.qr_lookup_bwd
+
+    def spy_stats(*args):
+        flags.append(args[5])
+        return stats_fwd(*args)
+
+    def spy_qr(*args):
+        flags.append(args[8])
+        return qr_bwd(*args)
+
+    monkeypatch.setattr(k_stats, "code_statistics_fwd", spy_stats)
+    monkeypatch.setattr(k_qr, "qr_lookup_bwd", spy_qr)
+    g = torch.Generator().manual_seed(0)
+    x, cb = torch.randn(6, 4, generator=g), torch.randn(1, 5, 4, generator=g)
+    q, r = torch.randn(4, 3, generator=g, requires_grad=True), torch.randn(3, 3, generator=g, requires_grad=True)
+    ids = torch.tensor([0, 5, 7, 5])
+    with fastvq.backend("triton"):
+        fastvq.residual_quantize_step(x, cb, statistics=True)  # mode off: no alert
+        fastvq.code_statistics(x, torch.arange(6) % 5, 5, deterministic=False)
+        fastvq.qr_lookup(ids, q, r, deterministic=False).sum().backward()
+        assert flags == [False, False]
+        deterministic_mode(True)
+        with pytest.raises(RuntimeError, match="fastvq.residual_quantize_step's codebook statistics"):
+            fastvq.residual_quantize_step(x, cb, statistics=True)
+        with pytest.raises(RuntimeError, match="fastvq.VectorQuantizer|fastvq.residual_quantize_step"):
+            fastvq.nn.VectorQuantizer(5, 4, ema=True)(x)
+        step = fastvq.residual_quantize_step(x, cb.requires_grad_(True))  # no statistics: no alert
+        with pytest.raises(RuntimeError, match="fastvq.residual_quantize_step's codebook gradient"):
+            (step.quantized.sum() + step.embedding_loss).backward()
+        fastvq.code_statistics(x, torch.arange(6) % 5, 5, deterministic=False)
+        fastvq.qr_lookup(ids, q, r, deterministic=False).sum().backward()
+        assert flags == [False, False, True, True]  # the sorted paths ran
+
+
 def test_import_from_source_tree_without_install(tmp_path):
     # PYTHONPATH=<repo> (how the GPU image runs it) must find fastvq.kernels in kernels/
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

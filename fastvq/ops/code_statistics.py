@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import use_triton
+from .._backend import deterministic_requested, use_triton
 from ._custom_op import custom_op
 from .._checks import FLOAT_DTYPES, assert_async, check_bool_arg, check_float, check_int, check_int_arg, check_same_device, check_tensor
 from ..reference.code_statistics import code_statistics_full_ref
@@ -39,10 +39,11 @@ def _code_statistics_op(
             bad = torch.zeros((L, 2), dtype=torch.int32, device=x.device)
         else:
             counts, sums, bad = code_statistics_fwd(x.reshape(L * N, D), indices.reshape(L * N), num_codes, N, w,
-                                                    deterministic)
+                                                    deterministic_requested(deterministic))
         counts, sums = counts.reshape(*lead, num_codes), sums.reshape(*lead, num_codes, D)
     else:
-        counts, sums, bad = code_statistics_full_ref(x, indices, num_codes, weights, deterministic=deterministic)
+        counts, sums, bad = code_statistics_full_ref(x, indices, num_codes, weights,
+                                                     deterministic=deterministic_requested(deterministic))
     # Bad input is still caught, without reading anything on the host while all is well: on CUDA
     # an asynchronous device-side assert (as torch's own index ops), on CPU a ValueError now.
     assert_async(OP, bad[:, 1].sum() == 0, lambda: _range_error(indices, weights, num_codes))
@@ -117,7 +118,8 @@ def code_statistics(
             sums each code's rows in a fixed order, so the result is bitwise reproducible from
             run to run, and balances the work (a code that takes every row costs about what
             evenly spread codes cost). ``False`` accumulates with atomics: one pass and no sort,
-            but the float32 rounding of ``sums`` may differ between runs in rare cases.
+            but the float32 rounding of ``sums`` may differ between runs in rare cases. Under
+            ``torch.use_deterministic_algorithms(True)`` the deterministic path runs either way.
         return_skipped: also return ``skipped``, int64 ``()`` (or ``(L,)``): the number of rows
             (per level) left out because they were not finite.
 

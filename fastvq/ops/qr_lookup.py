@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import use_triton
+from .._backend import deterministic_requested, use_triton
 from ._custom_op import custom_op, first_order_only
 from .._checks import assert_async, check_bool_arg, check_float, check_int, check_same_device, check_tensor
 from ..reference.qr_lookup import MODES, OPS, qr_lookup_bwd_ref, qr_lookup_ref, qr_out_dim
@@ -67,7 +67,7 @@ def _qr_lookup_bwd_op(
         from ..kernels.qr_lookup import qr_lookup_bwd
 
         parts = qr_lookup_bwd(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
-                              deterministic, sparse, needs)
+                              deterministic_requested(deterministic), sparse, needs)
     else:
         parts = qr_lookup_bwd_ref(grad, ids, q_weight, r_weight, op, offsets, mode, per_sample_weights,
                                   sparse, needs)
@@ -175,7 +175,8 @@ def qr_lookup(
         deterministic: the table gradients are a sorted segment reduction (default: one stable
             sort of the items' table rows, then one program per table row sums its items in item
             order, bitwise reproducible, no host sync) or, when False, relaxed float32 atomic adds
-            (no sort; faster under heavy row reuse, run-to-run rounding differences).
+            (no sort; faster under heavy row reuse, run-to-run rounding differences). Under
+            ``torch.use_deterministic_algorithms(True)`` the sorted reduction runs either way.
         sparse: table gradients as ``torch.sparse_coo`` tensors of the touched rows, one entry per
             row in sorted order (for ``torch.optim.SparseAdam`` / ``Adagrad``); always the sorted
             path; also under ``torch.compile``. The number of touched rows sizes the gradient, so

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._backend import use_triton
+from .._backend import alert_nondeterministic, use_triton
 from ._custom_op import custom_op, first_order_only
 from .._checks import (assert_async, check_bool_arg, check_float, check_fp32_dot_env, check_index_range, check_last_dim,
                        check_same_device, check_tensor, finite_limit)
@@ -69,6 +69,9 @@ def _residual_quantize_op(
                 "more, beyond the Triton kernels' int32 offsets; use the reference backend for them")
         from ..kernels.residual_quantize import residual_quantize_fwd
 
+        if stats:
+            alert_nondeterministic("fastvq.residual_quantize_step's codebook statistics (float32 atomics: a "
+                                   "quantizer's fused EMA / revival step)", x.device)
         out = residual_quantize_fwd(x, codebooks, allow_tf32=allow_tf32, **kw)
     else:
         out = residual_quantize_full_ref(x, codebooks, **kw)
@@ -123,6 +126,9 @@ def _residual_quantize_bwd_op(
     if use_triton("residual_quantize", x, codebooks):
         from ..kernels.residual_quantize import residual_quantize_bwd
 
+        if grad_embed is not None:
+            alert_nondeterministic("fastvq.residual_quantize_step's codebook gradient (float32 atomics: a "
+                                   "gradient-trained quantizer's backward)", x.device)
         dx, dcb = residual_quantize_bwd(x, codebooks, codes, **kw)
     else:
         dx, dcb = residual_quantize_bwd_ref(x, codebooks, codes, **kw)
