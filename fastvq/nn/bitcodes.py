@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backend import without_autocast
-from .._checks import check_int_arg, check_real_arg, check_tensor
+from .._checks import FLOAT_DTYPES, check_int_arg, check_real_arg, check_tensor
 from ._codebook import _check_sizes
 from ..ops.bitcodes import checked_bits
 
@@ -196,8 +196,8 @@ class Bitcodes(nn.Module):
 
     def _check_x(self, x: torch.Tensor) -> None:
         check_tensor("Bitcodes", "x", x, min_ndim=1)
-        if not x.is_floating_point():
-            raise TypeError(f"fastvq.Bitcodes: x must be a floating-point tensor, got {x.dtype}")
+        if x.dtype not in (torch.float64, *FLOAT_DTYPES):  # (float8 does not promote: torch's error named no argument)
+            raise TypeError(f"fastvq.Bitcodes: x must be float64, float32, float16 or bfloat16, got {x.dtype}")
         if x.device != self.codebook.device:
             raise ValueError(f"fastvq.Bitcodes: x is on {x.device}, the codebook on {self.codebook.device}")
         if x.shape[-1] != self.features:

@@ -145,6 +145,7 @@ def test_to_decimal_of_bits():
     [
         (lambda m: m(torch.randn(3, 7)), ValueError),
         (lambda m: m(torch.randint(0, 3, (3, 8))), TypeError),
+        (lambda m: m(torch.randn(3, 8).to(torch.float8_e4m3fn)), TypeError),  # fuzzD: torch's promotion error
         (lambda m: m(torch.tensor(1.0)), ValueError),
         (lambda m: m.from_bits(torch.zeros(3, 4, dtype=torch.long)), ValueError),
         (lambda m: m.from_bits(torch.full((3, 5), 2)), ValueError),
@@ -164,7 +165,7 @@ def test_to_decimal_of_bits():
         (lambda m: Bitcodes(8, 4, True), TypeError),
         (lambda m: Bitcodes(8, 4, "hot"), TypeError),
     ],
-    ids=["features-mismatch", "int-x", "0D-x", "bits-width", "bits-value", "bits-list",
+    ids=["features-mismatch", "int-x", "float8-x", "0D-x", "bits-width", "bits-value", "bits-list",
          "features-0", "num_bits-0", "num_bits-nonintegral", "features-bool", "num_bits-bool", "num_bits-str",
          "temperature-0", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-0-in-fp32",
          "temperature-inf-in-fp32", "temperature-bool",
