@@ -152,6 +152,6 @@ def test_probe6_w2_weight_op_metadata_under_a_float64_default():
     torch.set_default_dtype(torch.float64)
     try:
         w = torch.tensor([3e38, 1e-45, 0.0, 1.0], dtype=torch.float32)
-        torch.library.opcheck(_normalised_weights_op, (w, "residual_quantize_step", "weights"))
+        torch.library.opcheck(_normalised_weights_op._opoverload, (w, "residual_quantize_step", "weights"))
     finally:
         torch.set_default_dtype(previous)
