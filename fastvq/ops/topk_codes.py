@@ -11,6 +11,7 @@ from .._checks import check_int_arg
 from ._search import search_inputs
 
 MAX_K = 128  # the kernel keeps a row's k best in registers
+MAX_TRITON_CODES = 2**30  # topk_codes_fwd's limit (fuzzF: an assert there)
 
 
 @custom_op("fastvq::topk_codes", mutates_args=())
@@ -19,6 +20,10 @@ def _topk_codes_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
     # x (H, N, D), codebook (H, K, D) -> (H, N, k) int64, (H, N, k) float32
     if use_triton("topk_codes", x, codebook):
         from ..kernels.nearest_code import topk_codes_fwd
+
+        if codebook.shape[1] >= MAX_TRITON_CODES:  # (the kernel packs a code index in 30 bits)
+            raise ValueError(f"fastvq.topk_codes: a codebook of {codebook.shape[1]} codes is beyond the Triton "
+                             f"kernel's {MAX_TRITON_CODES} (2^30); use the reference backend for it")
 
         return order_by_distance(x, codebook, *topk_codes_fwd(x, codebook, k, metric, allow_tf32))
     return topk_codes_ref(x, codebook, k, metric, allow_tf32=allow_tf32)

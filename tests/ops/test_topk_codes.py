@@ -230,3 +230,18 @@ def test_l2_codes_at_widely_different_scales(backend, dtype, D):
     for k in (5, K):
         idx, dist = fastvq.topk_codes(x, c, k)
         _check_multiscale(x, c, k, idx, dist)
+
+
+def test_codebooks_beyond_the_kernels_code_range_are_refused(monkeypatch):
+    # fuzzF: topk_codes_fwd asserted K < 2^30 (an AssertionError, not a ValueError naming the op);
+    # the limit stands in at 8 codes here (2^30 would not fit in memory)
+    from fastvq.ops import topk_codes as op
+
+    monkeypatch.setattr(op, "MAX_TRITON_CODES", 8)
+    x, c = randn(3, 4, seed=1), randn(8, 4, seed=2)
+    with fastvq.backend("triton"), pytest.raises(ValueError, match="topk_codes: a codebook of 8 codes is beyond"):
+        fastvq.topk_codes(x, c, 2)
+    with fastvq.backend("reference"):
+        fastvq.topk_codes(x, c, 2)
+    with fastvq.backend("triton"):
+        fastvq.topk_codes(x, c[:7], 2)
