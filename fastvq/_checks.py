@@ -56,6 +56,8 @@ def check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:
     ``as_strided`` view): a kernel's programs would race on it (fuzzD D2). Sufficient test: with
     the dims of size > 1 sorted by stride, each stride exceeds the largest offset the smaller
     ones reach (torch's own in-place check refuses only stride 0)."""
+    if t.numel() == 0:  # (nothing to overlap: an empty expanded view is fine; review8)
+        return
     reach = 0
     for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
         if stride <= reach:

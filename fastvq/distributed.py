@@ -66,6 +66,9 @@ class GroupHandle:
     __slots__ = ("group",)
 
     def __init__(self, group):
+        if dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError("fastvq: process_group is torch.distributed's NON_GROUP_MEMBER: dist.new_group returns "
+                             "it on ranks outside the group; give each rank a group it belongs to")
         if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
             raise TypeError(f"fastvq: process_group must be a torch.distributed ProcessGroup (e.g. from "
                             f"dist.new_group) or None (the default group), got {type(group).__name__}")

@@ -432,6 +432,12 @@ def test_forward_mode_ad_raises_instead_of_a_zero_tangent(backend):
                 f(fwAD.make_dual(x, torch.ones_like(x)))
             want = f(x)  # inside a dual level, inputs without a tangent are fine
         assert torch.equal(want, f(x)), name
+        # vmap inside a dual level, without a tangent: runs (unpack_dual has no batching rule)
+        with fwAD.dual_level():
+            assert torch.equal(torch.func.vmap(f)(x.unsqueeze(0).expand(2, -1, -1))[1], f(x)), name
+        # ... and a tangent under the vmap is still found
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            torch.func.jvp(torch.func.vmap(f), (x.unsqueeze(0),), (torch.ones_like(x).unsqueeze(0),))
     # a tangent on an input of a non-differentiable result is not refused: indices carry none
     with fwAD.dual_level():
         assert torch.equal(fastvq.nearest_code(fwAD.make_dual(x, torch.ones_like(x)), c)[0],

@@ -501,8 +501,8 @@ class CodebookState(nn.Module):
     def process_group(self, group) -> None:
         try:
             self.__dict__["_process_group"] = fdist.GroupHandle(group)
-        except TypeError as e:
-            raise TypeError(f"fastvq.{self._owner}: {str(e).removeprefix('fastvq: ')}") from None
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"fastvq.{self._owner}: {str(e).removeprefix('fastvq: ')}") from None
 
     # -- subclass hooks -------------------------------------------------------------------
     _single_codebook = True

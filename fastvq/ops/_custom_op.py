@@ -6,6 +6,7 @@ import inspect
 from typing import Callable
 
 import torch
+import torch._C._functorch as _functorch
 import torch.autograd.forward_ad as _fwad
 
 from .._backend import without_autocast
@@ -22,6 +23,8 @@ class _Op:
         self._op, self._owner, self._differentiable = op, name.split("::")[-1], False
 
     def __getattr__(self, attr):
+        if attr == "_op":  # (not set yet: copy.copy builds the object without __init__)
+            raise AttributeError(attr)
         return getattr(self._op, attr)
 
     def register_autograd(self, backward, /, *, setup_context=None):
@@ -34,12 +37,20 @@ class _Op:
         return self._op(*args, **kwargs)
 
 
+def _tangent(t: torch.Tensor):
+    """``t``'s forward-mode tangent at the current dual level, looking through ``vmap``'s batched
+    wrappers (``unpack_dual`` has no batching rule: a vmap inside a dual level raised; review8)."""
+    while _functorch.is_batchedtensor(t):
+        t = _functorch.get_unwrapped(t)
+    return _fwad.unpack_dual(t).tangent
+
+
 def refuse_tangents(owner: str, *args) -> None:
     """Raise ``RuntimeError`` if a tensor among ``args`` (or in a list among them) carries a
     forward-mode tangent at the current dual level."""
     for a in args:
         for t in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
+            if isinstance(t, torch.Tensor) and _tangent(t) is not None:
                 raise RuntimeError(
                     f"fastvq.{owner}: forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is not "
                     f"supported: fastvq's ops have reverse-mode gradients only (README, known limits); an input "

@@ -108,19 +108,28 @@ def _states(rank: int, world: int) -> dict:
         torch.manual_seed(rank)  # the ranks' random streams differ from here on
         with fastvq.backend(backend_name):
             states[case, backend_name] = _train(modules, world, rank)
-    if world == 3:  # process groups: ranks 0 and 1 share their codebooks, rank 2 trains alone
+    if world == 3:  # process groups: ranks 1 and 2 share their codebooks, rank 0 trains alone
         import torch.distributed as dist
 
-        pair, alone = dist.new_group([0, 1]), dist.new_group([2])  # (every rank makes every group)
+        from fastvq.nn._codebook import offer_candidates
+
+        # (every rank makes every group; in the pair, group ranks 0, 1 are global ranks 1, 2)
+        pair, alone = dist.new_group([1, 2]), dist.new_group([0])
         for case in ("ema", "random"):
             modules = _modules(case)
             for m in modules.values():
-                m.process_group = alone if rank == 2 else pair
+                m.process_group = alone if rank == 0 else pair
             torch.manual_seed(rank)
             with fastvq.backend("reference"):
-                # rank 2 stops early: ranks 0 and 1 must not wait for it (fuzzE D1: they synced
+                # rank 0 stops early: ranks 1 and 2 must not wait for it (fuzzE D1: they synced
                 # over every rank, so they hung; given equal steps, they mixed in its rows)
-                states["groups", case] = _train(modules, world, rank, steps=GROUP_STEPS if rank == 2 else None)
+                states["groups", case] = _train(modules, world, rank, steps=GROUP_STEPS if rank == 0 else None)
+        if rank > 0:  # the exchange and broadcast_ index the pair by group rank, not global rank
+            mine = torch.full((1, 3, D), float(rank))
+            states["groups", "offers"] = offer_candidates(mine, 8, group=pair)
+            shared = torch.full((2,), float(rank))
+            fdist.broadcast_(shared, src=1, group=pair)  # group rank 1: global rank 2
+            states["groups", "broadcast"] = shared
     return states
 
 
@@ -184,12 +193,12 @@ def test_process_groups_keep_their_ranks_apart(ranks):
     if world != 3:
         pytest.skip("the process-group scenario runs at 3 ranks")
     ema = [states["groups", "ema"] for states in rank_states]
-    _assert_ranks_identical(ema[:2], "groups/ema, ranks 0 and 1")
-    _assert_ranks_identical([states["groups", "random"] for states in rank_states[:2]], "groups/random")
+    _assert_ranks_identical(ema[1:], "groups/ema, ranks 1 and 2")
+    _assert_ranks_identical([states["groups", "random"] for states in rank_states[1:]], "groups/random")
     with one_process_backend("reference"):
-        pair = _train(_modules("ema"), world, None, ranks=(0, 2))  # the rows of ranks 0 and 1
-        alone = _train(_modules("ema"), world, 2, steps=GROUP_STEPS)
-    for got, want, what in ((ema[0], pair, "ranks 0 and 1"), (ema[2], alone, "rank 2")):
+        pair = _train(_modules("ema"), world, None, ranks=(1, 3))  # the rows of ranks 1 and 2
+        alone = _train(_modules("ema"), world, 0, steps=GROUP_STEPS)
+    for got, want, what in ((ema[1], pair, "ranks 1 and 2"), (ema[0], alone, "rank 0")):
         for name, state in want.items():
             for key, value in state.items():
                 if value.is_floating_point():
@@ -197,6 +206,14 @@ def test_process_groups_keep_their_ranks_apart(ranks):
                 else:
                     assert torch.equal(got[name][key], value), f"{what}: {name}.{key}"
     assert not torch.allclose(ema[0]["vq"]["cluster_size"], ema[2]["vq"]["cluster_size"])
+    # every valid offer is a row a rank of the pair holds (its rank number in every entry): both
+    # ranks' rows, the same on both; the 2 invalid slots (6 rows for 8 offers) are zeros
+    (cands, valid), other = rank_states[1]["groups", "offers"], rank_states[2]["groups", "offers"]
+    assert torch.equal(cands, other[0]) and torch.equal(valid, other[1])
+    assert valid.tolist() == [[True] * 6 + [False] * 2]
+    assert sorted(cands[0, :6, 0].tolist()) == [1.0] * 3 + [2.0] * 3
+    assert bool((cands[0, :6] == cands[0, :6, :1]).all()) and not cands[0, 6:].any()
+    assert rank_states[1]["groups", "broadcast"].tolist() == rank_states[2]["groups", "broadcast"].tolist() == [2.0] * 2
 
 
 def test_process_group_option():
@@ -209,6 +226,8 @@ def test_process_group_option():
         VectorQuantizer(K, D, process_group="world")
     with pytest.raises(TypeError, match="ResidualQuantizer: process_group must be"):
         ResidualQuantizer(L, K, D).process_group = 0
+    with pytest.raises(ValueError, match="VectorQuantizer: process_group is torch.distributed's NON_GROUP_MEMBER"):
+        vq.process_group = -100  # what dist.new_group returns on a rank outside the group
     assert pickle.loads(pickle.dumps(vq)).process_group is None and copy.deepcopy(vq).process_group is None
     import datetime
 

@@ -167,6 +167,9 @@ def test_overlapping_in_place_targets_are_refused(backend, device, view):
     assert torch.equal(base, before)
     with pytest.raises(ValueError, match="cluster_size is updated in place"):
         ema_update_(base, cs[:, :1].expand(L, K), ea, counts, sums, 0.9, 1e-5)
+    # an empty expanded view holds nothing that could overlap (review8)
+    empty = torch.zeros(1, K, 0, device=device).expand(L, K, 0)
+    ema_update_(empty, cs, ea[..., :0].contiguous(), counts, sums[..., :0], 0.9, 1e-5)
     # a strided view without overlap is fine (columns 0, 2 of 4: the stride exceeds the reach)
     wide = randn(L, K, 2 * D, device=device)
     ema_update_(wide[..., ::2], cs, ea, counts, sums, 0.9, 1e-5)
