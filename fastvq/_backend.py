@@ -165,11 +165,17 @@ def deterministic_requested(flag: bool) -> bool:
     return bool(flag) or torch.are_deterministic_algorithms_enabled()
 
 
+def atomics_nondeterministic(device: torch.device) -> bool:
+    """Whether float atomics on ``device`` would break ``torch.use_deterministic_algorithms(True)``
+    (the quantizer modules then take their statistics from the sorted ``code_statistics``)."""
+    return device.type in ATOMIC_DEVICE_TYPES and torch.are_deterministic_algorithms_enabled()
+
+
 def alert_nondeterministic(what: str, device: torch.device) -> None:
     """For a kernel that has no deterministic implementation (float atomics) about to run on
     ``device``: torch's standard alert, an error under ``torch.use_deterministic_algorithms(True)``
     (a warning with ``warn_only=True``), nothing otherwise."""
-    if device.type not in ATOMIC_DEVICE_TYPES or not torch.are_deterministic_algorithms_enabled():
+    if not atomics_nondeterministic(device):
         return
     msg = (f"{what} does not have a deterministic implementation, but you set "
            f"'torch.use_deterministic_algorithms(True)'. Turn determinism off around this call, or use "

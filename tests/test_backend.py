@@ -155,14 +155,48 @@ def test_atomic_kernels_alert_and_deterministic_flags_follow_torchs_mode(determi
         deterministic_mode(True)
         with pytest.raises(RuntimeError, match="fastvq.residual_quantize_step's codebook statistics"):
             fastvq.residual_quantize_step(x, cb, statistics=True)
-        with pytest.raises(RuntimeError, match="fastvq.VectorQuantizer|fastvq.residual_quantize_step"):
-            fastvq.nn.VectorQuantizer(5, 4, ema=True)(x)
         step = fastvq.residual_quantize_step(x, cb.requires_grad_(True))  # no statistics: no alert
         with pytest.raises(RuntimeError, match="fastvq.residual_quantize_step's codebook gradient"):
             (step.quantized.sum() + step.embedding_loss).backward()
         fastvq.code_statistics(x, torch.arange(6) % 5, 5, deterministic=False)
         fastvq.qr_lookup(ids, q, r, deterministic=False).sum().backward()
         assert flags == [False, False, True, True]  # the sorted paths ran
+
+
+@pytest.mark.about_devices("CPU launches stand in for CUDA ones (ATOMIC_DEVICE_TYPES patched)")
+def test_quantizers_train_under_deterministic_mode_from_sorted_statistics(deterministic_mode, monkeypatch):
+    # review8: under the mode the modules' fused atomic statistics raised, so no quantizer could
+    # train; they now take the statistics from the sorted code_statistics, the same update
+    from fastvq.kernels import code_statistics as k_stats
+    from fastvq.nn import ResidualQuantizer, VectorQuantizer
+
+    calls = []
+    real = k_stats.code_statistics_fwd
+    monkeypatch.setattr(k_stats, "code_statistics_fwd", lambda *a: calls.append(a[5]) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g)
+    x[3] = float("nan")
+    mask = torch.rand(40, generator=g) > 0.2
+    mask[3] = True  # the NaN row is a real row: left out and counted, once per step
+    for make in (lambda: VectorQuantizer(6, 4, ema=True, dead_code_threshold=1.0),
+                 lambda: ResidualQuantizer(3, 6, 4, ema=True, dead_code_threshold=1.0),
+                 lambda: ResidualQuantizer(2, 6, 4, dead_code_threshold=1.0)):  # usage EMA, grad-trained
+        states = []
+        for mode in (False, True):
+            torch.manual_seed(1)
+            m = make()
+            monkeypatch.setattr(_backend, "ATOMIC_DEVICE_TYPES", ("cuda", "cpu") if mode else ("cuda",))
+            deterministic_mode(mode)
+            with fastvq.backend("triton"):
+                for _ in range(2):
+                    m(x, mask=mask)
+            deterministic_mode(False)
+            states.append({**m.state_dict(), "nonfinite_rows": m.nonfinite_rows, "codes_revived": m.codes_revived})
+        for key, value in states[0].items():
+            assert torch.allclose(states[1][key], value, rtol=1e-6, atol=1e-6), (make, key)
+        assert int(states[1]["nonfinite_rows"]) == 2  # (EMA: every code starts dead and is revived)
+        assert int(states[1]["codes_revived"]) > 0 or "cluster_size" not in states[1]
+    assert calls and all(calls)  # the sorted path ran, for every module
 
 
 def test_import_from_source_tree_without_install(tmp_path):

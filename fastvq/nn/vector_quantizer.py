@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .._backend import atomics_nondeterministic
 from .._checks import FLOAT_DTYPES
 from ..ops.ema_update import codebook_snapshot, refuse_checkpoint_rerun
 from ..ops.nearest_code import nearest_code
@@ -211,6 +212,18 @@ def _codebook_for_step(codebook: torch.Tensor, inputs: torch.Tensor, update: boo
     return codebook
 
 
+def _level_inputs(x: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``(L, N, D)`` float32: what each level of a residual step quantized, ``x (N, D)`` minus the
+    codes ``codes (N, L)`` of ``codebook (L, K, D)`` chosen at the levels before (a row whose
+    residual overflows float32 on the way is left out of the statistics as not finite)."""
+    r = x.float()
+    levels = [r]
+    for level in range(codebook.shape[0] - 1):
+        r = r - codebook[level].float()[codes[:, level]]
+        levels.append(r)
+    return torch.stack(levels)
+
+
 def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=None):
     """A quantizer module's forward on its ``(L, K, D)`` codebook: one
     :func:`fastvq.residual_quantize_step` (which also returns, in training, the EMA statistics
@@ -225,10 +238,13 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=
     if update and mod.dead_code_threshold > 0:
         rows, score = pick_candidate_rows(n, codebook.shape[1], inputs.device, mask)
     searched = _codebook_for_step(codebook, inputs, update)
+    # Under torch.use_deterministic_algorithms(True) on a GPU the statistics come from the sorted
+    # code_statistics instead of the step's float32 atomics (one more pass over the levels' inputs)
+    sorted_stats = update and atomics_nondeterministic(inputs.device)
     # (the op's check of the mask's values, NaN or < 0, names the module's argument)
     step = _residual_quantize_step(
-        inputs, searched, weights=mask, codes=codes, grad=mod.grad, statistics=update, candidate_rows=rows,
-        weights_owner=mod._owner, weights_name="mask", allow_tf32=tf32_like_torch(inputs),
+        inputs, searched, weights=mask, codes=codes, grad=mod.grad, statistics=update and not sorted_stats,
+        candidate_rows=rows, weights_owner=mod._owner, weights_name="mask", allow_tf32=tf32_like_torch(inputs),
     )
     embedding_loss = step.embedding_loss
     if mod.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)
@@ -237,14 +253,17 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=
         call.record(searched, codebook)  # (before the update: the codebook as searched)
     if mod.training and not replay:
         flat = step.codes.reshape(n, codebook.shape[0])
-        stats = offers = None
+        stats = offers = vectors = None
         if update:
-            # (compiled, the update waits on a check that this is no checkpoint rerun: eagerly,
-            # `call` replays the first run instead)
-            stats = (refuse_checkpoint_rerun(step.counts, mod._owner), step.sums, step.skipped)
+            if sorted_stats:
+                vectors = _level_inputs(inputs.detach().reshape(n, -1), searched.detach(), flat)
+            else:
+                # (compiled, the update waits on a check that this is no checkpoint rerun: eagerly,
+                # `call` replays the first run instead)
+                stats = (refuse_checkpoint_rerun(step.counts, mod._owner), step.sums, step.skipped)
             if rows is not None:
                 offers = (step.candidates, score)  # midpoints of the rows' vectors and their codes
-        mod._update_codebook_(None, flat.T, mask, stats=stats, offers=offers)
+        mod._update_codebook_(vectors, flat.T, mask, stats=stats, offers=offers)
     if call is not None:
         call.finish()
     return step.quantized, step.commitment_loss, embedding_loss, step.codes
