@@ -222,15 +222,20 @@ def test_atomic_matches_float64_on_seeded_fix_up_cases(backend, device):
 @pytest.mark.parametrize("pos", [[2046, 2047, 2048], [1023, 1024, 2048], [0, 1023, 2048], [15, 16, 1039]],
                          ids=["last-span", "span-edges", "first-and-last", "block-edges"])
 def test_atomic_fix_up_finds_a_row_at_span_and_block_edges(backend, device, pos):
-    # 2,049 items on q row 1 but three on q row 0 (+3e38, +3e38, -3e38: overflows in float32), at
-    # the edges of the fix-up's 1,024-id spans and 16-item blocks; the row is the float64 sum rounded once
-    N = 2049
-    ids = torch.ones(N, dtype=torch.long, device=device)
+    # 2,049 items, three of them (+3e38, +3e38, -3e38: overflows in float32) on q row 0 / r row 0
+    # (id 0), at the edges of the fix-up's 1,024-id spans (FIX_SCAN) and 16-item blocks (FIX_L =
+    # min(16, 2048 // BLOCK_D), BLOCK_D = 2 here); the other 2,046 on q row 4 / r row 4 (id 24),
+    # outside the fixed rows' 4-row group (FIX_R = 4): the fix-up reads every span's ids and must
+    # walk just the blocks that hold the three (a missed span or block drops a term). Each fixed
+    # row is the float64 sum rounded once.
+    N, Q, R = 2049, 5, 5
+    ids = torch.full((N,), 4 * R + 4, dtype=torch.long, device=device)
     ids[pos] = 0
     g = randn(N, 2, seed=11, device=device)
     g[pos, 0] = torch.tensor([3e38, 3e38, -3e38], device=device)
-    (gq, _), _ = _check(torch.zeros(2, 2, device=device), torch.zeros(1, 2, device=device), ids, "add", g)
-    assert torch.equal(gq[0], g[pos].double().sum(0).float())
+    (gq, gr), _ = _check(torch.zeros(Q, 2, device=device), torch.zeros(R, 2, device=device), ids, "add", g)
+    want = g[pos].double().sum(0).float()
+    assert torch.equal(gq[0], want) and torch.equal(gr[0], want), (gq[0], gr[0], want)
 
 
 # --------------------------------------------------------------------------- findings
