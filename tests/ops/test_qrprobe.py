@@ -206,8 +206,11 @@ def test_expanded_upstream_gradient_of_huge_values(backend, device, deterministi
 
 
 def test_atomic_matches_float64_on_seeded_fix_up_cases(backend, device):
-    # a few of the fuzz's cases: random rows, +-3e38 / max / 2^127 columns, bags, int32 ids
-    for seed in range(6):
+    # a few of the fuzz's cases: random rows, +-3e38 / max / 2^127 columns, bags, int32 ids. The
+    # seed picks the form (odd: 4 bags; seed % 3 == 1: "mean") and the big column (one 8-column
+    # tile, D = 5): 0 plain, 1 bags "mean", 3 bags "sum", 4 "mean" without bags; 2 and 5 repeated
+    # the forms of 0 and 3 (fresh random ids only) and are left out
+    for seed in (0, 1, 3, 4):
         gen = generator(seed, device=device)
         Q, R, D, N = 9, 2, 5, 300
         ids = (torch.randint(0, Q * R, (N,), generator=gen, device=device)
