@@ -1260,24 +1260,29 @@ def test_fixups_find_overflowed_codes_across_row_spans(backend, device):
     # The fix-ups read a group's codes FIX_SCAN (1024) rows at a time and walk only the spans
     # that hold one: three rows of +-3e38 on code 0 at rows 100, 1500 and 2400 (three spans),
     # 3e38 + 3e38 - 3e38 = 3e38 in the statistics, and -(that) in the codebook gradient (the
-    # loss scaled by N D / 2: each term is -x); every other row on code 1 (codes given)
-    N, D = 2500, 5
+    # loss scaled by N D / 2: each term is -x); every other row on code 32 (codes given), outside
+    # code 0's group in both fix-ups (D = 5: the statistics' FIX_R = 4 codes, the gradient's
+    # FIX_R = 256 // 8 = 32; kernels/residual_quantize.py stats_fix_tiles / bwd_fix_tiles), so a
+    # span without one of the three rows is skipped and a missed span or row block drops a term
+    # (with the filler on code 1, in code 0's group, every span and block was walked)
+    N, D, K, FILL = 2500, 5, 33, 32
     x = 100.0 + randn(N, D, seed=93, device=device)
     big = torch.tensor([100, 1500, 2400], device=device)
     x[big] = 0.0
     x[big, 0] = torch.tensor([3e38, 3e38, -3e38], device=device)
-    cb = torch.zeros(1, 2, D, device=device)
-    cb[0, 1] = 100.0
+    cb = torch.zeros(1, K, D, device=device)
+    cb[0, FILL] = 100.0
     cb.requires_grad_(True)
-    codes = torch.ones(N, 1, dtype=torch.int64, device=device)
+    codes = torch.full((N, 1), FILL, dtype=torch.int64, device=device)
     codes[big] = 0  # (given: where all distances overflow the search's pick is a documented one)
     out = fastvq.residual_quantize_step(x, cb, codes=codes, statistics=True)
     three = torch.tensor(3e38).item()  # (float32's 3e38)
     assert out.sums[0, 0].tolist() == [three, 0.0, 0.0, 0.0, 0.0]
-    assert out.counts[0].tolist() == [3.0, N - 3.0]
+    assert out.counts[0].tolist() == [3.0] + [0.0] * (K - 2) + [N - 3.0]
     (N * D / 2 * out.embedding_loss).backward()
     assert cb.grad[0, 0, 0].item() == pytest.approx(-three, rel=1e-6)
-    assert cb.grad[0, 0, 1:].abs().max().item() == 0.0 and cb.grad[0, 1].isfinite().all()
+    assert cb.grad[0, 0, 1:].abs().max().item() == 0.0 and cb.grad[0, FILL].isfinite().all()
+    assert cb.grad[0, 1:FILL].abs().max().item() == 0.0
 
 
 def test_codebooks_beyond_int32_offsets_are_refused_not_read_out_of_bounds():
