@@ -912,8 +912,16 @@ def test_codebook_gradient_sums_without_overflow_on_the_way(backend, device, rot
     N, L, K, D = 150, 3, 6, 200  # backward blocks: 16 rows x 128 columns, 10 x 2 programs
     x = randn(N, D, seed=61, device=device)
     cb = randn(L, K, D, seed=62, device=device)
-    codes = torch.randint(1, K, (N, L), generator=generator(63, device), device=device)
+    # The fix-up sums again, in float64, every row of each 2-code group (FIX_R = 256 // 128, one
+    # row per block: FIX_M = 128 // 128, kernels/residual_quantize.py bwd_fix_tiles) holding a
+    # code whose float32 sum is not finite, per level and 128-column tile. Ordinary rows take
+    # codes 2..5, four take code 1 (a finite neighbour of code 0 in its group at levels 0 and 1),
+    # and the big rows take code 1 at level 2 (their residuals stay ~3e38 there, so their level-2
+    # codes overflow exactly): one group walked per level, ~25 rows, not ~30 + every level-2 code
+    codes = torch.randint(2, K, (N, L), generator=generator(63, device), device=device)
+    codes[[5, 50, 95, 140]] = 1
     big = torch.arange(0, N, 9, device=device)  # 17 rows on code 0 at level 1: 8 at -3e38, then 9 at +3e38
+    codes[big, 2] = 1
     x[big, :5] = 3.0e38 * torch.where(torch.arange(big.numel(), device=device) < 8, -1.0, 1.0)[:, None]
     codes[big, 1] = 0
     cb[1, 0] = 0.0
