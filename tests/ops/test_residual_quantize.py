@@ -1342,16 +1342,18 @@ def test_statistics_at_the_overflow_midpoint_round_once(backend, device):
     terms, want, paired = _overflow_midpoint_columns(5)
     terms, want, paired = terms.to(device), want.to(device), paired.to(device)
     n_cols = terms.shape[1]
-    # statistics: the five rows on code 0, spread over row spans of the fix-up, the others on code 1
-    N = 2500
+    # statistics: the five rows on code 0, spread over row spans of the fix-up, the others on code
+    # 4, outside code 0's fix-up group (32 columns: block_d 32, stats_fix_tiles' FIX_R = 4 codes;
+    # with them on code 1, in the group, the float64 walk visited every 8-row block of every span)
+    N, K = 2500, 5
     x = torch.zeros(N, n_cols, device=device)
     rows = torch.tensor([7, 900, 1100, 2048, 2499], device=device)
     x[rows] = terms
-    codes = torch.ones(N, 1, dtype=torch.int64, device=device)
+    codes = torch.full((N, 1), K - 1, dtype=torch.int64, device=device)
     codes[rows] = 0
-    cb = torch.zeros(1, 2, n_cols, device=device)
+    cb = torch.zeros(1, K, n_cols, device=device)
     out = fastvq.residual_quantize_step(x, cb, codes=codes, statistics=True)
     got = out.sums[0, 0][~paired]
     assert torch.equal(got, want[~paired]), (got != want[~paired]).nonzero().flatten().tolist()
-    assert out.counts[0].tolist() == [5.0, N - 5.0]
+    assert out.counts[0].tolist() == [5.0, 0.0, 0.0, 0.0, N - 5.0]
     assert (terms[:, ~paired].double().sum(0).float() != want[~paired]).sum() >= 4  # (plain float64: wrong)
