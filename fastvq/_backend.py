@@ -184,4 +184,3 @@ def alert_nondeterministic(what: str, device: torch.device) -> None:
         warnings.warn(msg, UserWarning, stacklevel=2)
     else:
         raise RuntimeError(msg)
-
