@@ -315,7 +315,8 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, *, dtype: torch
 
 def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     """Float64 ``(distances (N, K), sum of |terms| (N, K), reduction length)`` of rows ``x`` ``(N, D)``
-    to every code of ``codebook`` ``(K, D)``: l2 ``|x|^2 - 2 x.c + |c|^2`` (n = D + 2), cosine
+    to every code of ``codebook`` ``(K, D)``: l2 ``|x|^2 - 2 x.c + |c|^2`` (n = D + 2; formed as
+    ``sum (x - c)^2`` where the expansion cancels, near a code), cosine
     ``1 - x.c / (|x||c|)`` (0 for a zero vector's cosine; n = 2D + 8), dot ``-x.c`` (n = D). The
     magnitudes are what :func:`error_bound` needs for a kernel's fp32 distances."""
     x64, c64 = x.detach().double(), codebook.detach().double()
@@ -324,7 +325,17 @@ def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     xc, axc = x64 @ c64.T, ax @ ac.T
     if metric == "l2":
         xx, cc = (x64 * x64).sum(-1, keepdim=True), (c64 * c64).sum(-1)[None, :]
-        return xx - 2 * xc + cc, xx + 2 * axc + cc, D + 2
+        d, mag = xx - 2 * xc + cc, xx + 2 * axc + cc
+        # The expansion cancels near a code (a row equal to a code gave 1e46 at |x| ~ 1e30, not 0;
+        # fuzzH): where it lost more than 20 of float64's bits, the distance is formed directly.
+        near = (d.abs() <= 2.0**-20 * mag) & mag.isfinite()
+        if bool(near.any()):
+            rows, codes = near.nonzero(as_tuple=True)
+            step = max(1, 2**22 // max(D, 1))
+            for a in range(0, rows.numel(), step):
+                i, j = rows[a : a + step], codes[a : a + step]
+                d[i, j] = (x64[i] - c64[j]).square().sum(-1)
+        return d, mag, D + 2
     if metric == "dot":
         return -xc, axc, D
     if metric == "cosine":
@@ -398,7 +409,9 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     d, mag, n = distances64(x2, codebook, metric)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rel = factor * (_operand_error(dtype, precision) + gamma(n, UNIT_ROUNDOFF[acc]) * (1 + _operand_error(dtype, precision)))
-    b = rel * mag + n * _subnormal(torch.float32)
+    # (+ the rounding of the computed distance itself, one u of it: a program that argmins
+    # 1 - cos in float32 ties codes whose cosines differ below 2^-24; fuzzH)
+    b = rel * mag + UNIT_ROUNDOFF[acc] * d.abs() + n * _subnormal(torch.float32)
     if metric in ("dot", "cosine") and d.numel():
         way = _fmt(precision, precision=True)
         unit = 2.0**-136 if way in ("tf32x3", "tf32") else 2.0**-132 if way == torch.bfloat16 else 2.0**-148
@@ -485,7 +498,9 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     error the fp32 work could make, ``FACTOR condition gamma max|exact|``, plus the dtype's
     smallest subnormal); ``nonfinite`` counts non-finite values where ``exact`` is finite;
     ``special`` counts elements where ``exact`` is not finite and ``actual`` is not the same
-    value (NaN requires NaN, +-inf that infinity, as :func:`assert_close`).
+    value (NaN requires NaN, +-inf that infinity, as :func:`assert_close`), and where ``exact``
+    is finite but beyond ``dtype``'s range and ``actual`` is neither that signed infinity nor the
+    dtype's largest value of that sign.
     ``ratio`` is ``rel_err / rtol`` over the finite elements of ``exact``, or ``inf`` when
     ``zeros``, ``nonfinite`` or ``special`` is non-zero. Where ``exact`` is 0 everywhere (no scale
     for a relative error), ``ratio`` is 0 when every ``|actual| <= floor`` and ``inf`` otherwise:
@@ -498,10 +513,17 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     if act.shape != ex.shape:
         raise ValueError(f"fastvq.testing: gradient shape {tuple(act.shape)} != exact shape {tuple(ex.shape)}")
     rtol, floor = _grad_tolerances(ex, dtype, reduce_len, condition, rtol, floor)
-    fin = ex.isfinite()
+    # a finite exact value beyond the dtype's range rounds to +-inf there (or stays at the largest
+    # value): judged as that infinity, as assert_close does (fuzzH: a correctly rounded float16
+    # gradient of 7e4 failed as "non-finite where exact is finite")
+    fmt = _fmt(dtype)
+    over = (ex.isfinite() & _overflows(ex, fmt)) if isinstance(fmt, torch.dtype) else torch.zeros_like(ex, dtype=torch.bool)
+    top = torch.finfo(fmt).max if isinstance(fmt, torch.dtype) else math.inf
+    over_ok = (act == torch.where(ex > 0, math.inf, -math.inf)) | (act == torch.where(ex > 0, top, -top))
+    fin = ex.isfinite() & ~over
     nonfinite = int((fin & ~act.isfinite()).sum())
     zeros = int(((act == 0) & fin & (ex.abs() > floor)).sum())
-    special = int((~fin & ~torch.where(ex.isnan(), act.isnan(), act == ex)).sum())
+    special = int((~fin & ~over & ~torch.where(ex.isnan(), act.isnan(), act == ex)).sum()) + int((over & ~over_ok).sum())
     a, e = torch.where(fin, act, 0.0), torch.where(fin, ex, 0.0)
     den = float(e.norm())
     num = float((a - e).norm()) if nonfinite == 0 else math.inf

@@ -351,3 +351,34 @@ def test_tf32x3_bound_holds_the_split_floor_and_nothing_more():
     with pytest.raises(ValueError, match="precision="):
         ft.error_bound(torch.ones(2, dtype=torch.float64), dtype=torch.float32, out_dtype="tf32x3")
     assert ft.search_precision(torch.float32) == "tf32x3" and ft.search_precision(torch.float16) is None
+
+
+def test_cosine_argmin_allows_the_rounding_of_one_minus_cos():
+    # fuzzH: a float32 program that argmins 1 - cos ties cosines 1e-9 and 2e-9 (both 1.0): the
+    # bound had no room for that output rounding, so a correct search failed by 1e5
+    x, c = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 1e-9], [1.0, 2e-9]])
+    ft.assert_argmin_within_bound(x, c, torch.tensor([0]), "cosine")
+    ft.assert_argmin_within_bound(x, c, torch.tensor([1]), "cosine")
+    with pytest.raises(AssertionError):  # still tight: 1e-3 apart in cosine is no tie
+        ft.assert_argmin_within_bound(x, torch.tensor([[1.0, 1e-3], [1.0, 2e-3]]), torch.tensor([0]), "cosine")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_grad_ratio_takes_an_overflowing_exact_value_as_its_infinity(dtype):
+    # fuzzH: exact 7e4 is +inf in float16 (3.4e38 * 1.002 in bfloat16): the correctly rounded
+    # gradient failed as "non-finite where exact is finite"
+    big = 7e4 if dtype == torch.float16 else 3.39e38 * 1.002
+    exact = torch.tensor([big, 1.0, -2.0, -big], dtype=torch.float64)
+    ft.assert_grad_nondegenerate(exact.to(dtype), exact, dtype=dtype)
+    for wrong in (torch.tensor([-math.inf, 1.0, -2.0, -math.inf]), torch.tensor([1.0, 1.0, -2.0, -math.inf])):
+        assert ft.grad_ratio(wrong.to(dtype), exact, dtype=dtype)["ratio"] == math.inf
+
+
+def test_l2_distances64_near_a_code_are_formed_directly():
+    # fuzzH: |x|^2 - 2 x.c + |c|^2 gave 1e46 for a row equal to a code at |x| ~ 1e30
+    for scale in (1.0, 1e30):
+        c = torch.randn(40, 24, generator=torch.Generator().manual_seed(1)).double() * scale
+        x = torch.cat([c[7:8], c[3:4] * (1 + 1e-9)])
+        d, mag, _ = ft.distances64(x, c, "l2")
+        direct = (x[:, None] - c[None]).square().sum(-1)
+        assert d[0, 7] == 0 and torch.allclose(d, direct, rtol=1e-12, atol=0), scale
