@@ -72,7 +72,7 @@ def test_unknown_name_lists_the_valid_ones(command, capsys):
     (["--traffic", "--traffic-scale", "-3"], "--traffic-scale: must be a positive integer, got -3"),
     (["--ops", "pairwise_sqdist", "--out", "/proc/no/such/folder"], "--out /proc/no/such/folder: cannot write there"),
     (["--traffic", "--ops", "VectorQuantizer(512, 64) ste", "--traffic-scale", "513"],
-     "--traffic-scale 513 is too large for the row 'VectorQuantizer(512, 64) ste'"),
+     "--traffic-scale 513 is too large: at most 64"),
 ], ids=["provider", "traffic-row", "scale-0", "scale-negative", "out", "scale-too-large"])
 def test_bench_rejects_bad_arguments_by_name(argv, says, tmp_path, capsys):
     """probe5 CLI2: these ran with empty results (exit 0) or ended in a traceback."""

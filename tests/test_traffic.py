@@ -154,3 +154,19 @@ def test_a_host_read_wrapper_left_in_place_books_once(monkeypatch):
     finally:
         if "tolist" in torch.Tensor.__dict__:
             delattr(torch.Tensor, "tolist")
+
+
+def test_cli_subset_updates_its_rows_and_refuses_a_scale_too_large(tmp_path, capsys):
+    # fuzzH: --ops overwrote a full traffic.json with its one row; a scale past the rows' sizes
+    # crashed after a minute of counting (a traceback, or a ZeroDivisionError)
+    from fastvq.__main__ import main
+
+    (name,) = [c.name for c in traffic.all_cases() if "code_statistics" in c.name]
+    kept = {"case": "another row", "kind": "op", "total_passes": 1.0}
+    stale = {"case": name, "kind": "op", "total_passes": -1.0}
+    (tmp_path / "traffic.json").write_text(json.dumps({"scale": 16, "rows": [kept, stale]}))
+    assert main(["bench", "--traffic", "--ops", "code_statistics", "--out", str(tmp_path), "--traffic-scale", "16"]) == 0
+    rows = json.loads((tmp_path / "traffic.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["another row", name] and rows[0] == kept and rows[1]["total_passes"] > 0
+    assert main(["bench", "--traffic", "--ops", "topk", "--traffic-scale", str(traffic.MAX_SCALE + 1)]) == 2
+    assert f"at most {traffic.MAX_SCALE}" in capsys.readouterr().err

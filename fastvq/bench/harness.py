@@ -209,8 +209,8 @@ _COLUMNS = [  # (title, row -> value or None, format)
     ("ms", lambda r: r.get("ms"), ".3f"),
     ("TFLOP/s", lambda r: r.get("tflops"), ".3g"),
     ("GB/s", lambda r: r.get("gbs"), ".3g"),
-    ("x ref", lambda r: r.get("speedup_vs", {}).get("reference"), ".2f"),
-    ("x compiled", lambda r: r.get("speedup_vs", {}).get("compiled"), ".2f"),
+    ("x ref", lambda r: r.get("speedup_vs", {}).get("reference"), ".3g"),  # (.2f showed 0.0046 as 0.00: fuzzH)
+    ("x compiled", lambda r: r.get("speedup_vs", {}).get("compiled"), ".3g"),
     ("of ceiling", lambda r: r.get("frac_of_ceiling"), ".0%"),
     ("peak MiB", lambda r: r.get("peak_extra_mib"), ".0f"),
     ("passes", lambda r: r.get("passes"), ".1f"),
