@@ -101,7 +101,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .._checks import FLOAT_DTYPES
+from .._checks import FLOAT_DTYPES, assert_async
 from ..ops.code_statistics import code_statistics
 from ..ops.nearest_code import nearest_code
 from ..ops._search import tf32_like_torch as _tf32_enabled
@@ -429,10 +429,17 @@ def _codebook_update_indices(self, x, embed_ind, *args, **kwargs):
         x, embed_ind = x.unsqueeze(0), embed_ind.unsqueeze(0)
     H, D = x.shape[0], x.shape[-1]
     flat = x.reshape(H, -1, D)
-    if embed_ind.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        # (vqprobe V1: float codes were truncated, 2.7 counted as code 2; VQP refuses them)
-        raise TypeError(f"fastvq (vector-quantize-pytorch patch): embed_ind must be an integer tensor, got "
-                        f"{embed_ind.dtype}")
+    if embed_ind.dtype != torch.int64:
+        # (vqprobe V1: float codes were truncated, 2.7 counted as code 2; fuzzG: int32 / uint8 codes
+        # updated the EMA. VQP's F.one_hot refuses every dtype but int64)
+        raise TypeError(f"fastvq (vector-quantize-pytorch patch): embed_ind must be an int64 tensor, as "
+                        f"vector-quantize-pytorch requires, got {embed_ind.dtype}")
+    # every code, masked-out rows' too, in [-1, K) as VQP's F.one_hot requires (fuzzG: 99 at a
+    # masked-out row updated the EMA where VQP raised); checked without a host read
+    K = self.codebook_size
+    assert_async("integrations.vector_quantize_pytorch (Codebook.update_indices)", ((embed_ind >= -1) & (embed_ind < K)).all(),
+                 lambda: f"embed_ind must lie in [-1, {K}) (vector-quantize-pytorch's one_hot; masked-out rows "
+                         f"too), got values in [{int(embed_ind.min())}, {int(embed_ind.max())}]")
     codes = embed_ind.reshape(H, -1).long()
     codes = codes.masked_fill(codes == -1, 0)  # VQP counts dropped-out codes (-1) as code 0
     mask = a["mask"]

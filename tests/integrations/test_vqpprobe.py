@@ -431,6 +431,30 @@ def test_update_indices_refuses_out_of_range_codes(device):
             vq.update_indices(x, torch.full((B, 6), -2, device=device))
 
 
+def test_update_indices_refuses_what_vqps_one_hot_refuses(device):
+    # fuzzG: int32 / uint8 codes, and a code out of range at a masked-out row, updated the EMA
+    # where VQP's F.one_hot raises with the codebook untouched
+    torch.manual_seed(0)
+    ref = VQ().to(device)
+    pat = copy.deepcopy(ref)
+    x = randn(B, 6, DIM, seed=1, device=device)
+    mask = torch.ones(B, 6, dtype=torch.bool, device=device)
+    mask[-1, 3:] = False
+    far = torch.zeros(B, 6, dtype=torch.long, device=device)
+    far[-1, 3:] = 99
+    for call, refused in ((lambda m: m.update_indices(x, torch.zeros(B, 6, dtype=torch.int32, device=device)),
+                           lambda: pytest.raises(TypeError, match="embed_ind must be an int64")),
+                          (lambda m: m.update_indices(x, far, mask=mask),
+                           lambda: raises_invalid("embed_ind must lie in", device))):  # (on CUDA: a device assert)
+        with pytest.raises(RuntimeError, match="one_hot|num_classes"):
+            call(ref)
+        with fv.patched():
+            with refused():
+                call(pat)
+        for key, value in ref.state_dict().items():
+            assert torch.equal(pat.state_dict()[key], value), key
+
+
 # ------------------------------------------------------------------------------------ findings
 
 
