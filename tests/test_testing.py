@@ -377,7 +377,7 @@ def test_grad_ratio_takes_an_overflowing_exact_value_as_its_infinity(dtype):
 def test_l2_distances64_near_a_code_are_formed_directly():
     # fuzzH: |x|^2 - 2 x.c + |c|^2 gave 1e46 for a row equal to a code at |x| ~ 1e30
     for scale in (1.0, 1e30):
-        c = torch.randn(40, 24, generator=torch.Generator().manual_seed(1)).double() * scale
+        c = randn(40, 24, seed=1, dtype=torch.float64) * scale
         x = torch.cat([c[7:8], c[3:4] * (1 + 1e-9)])
         d, mag, _ = ft.distances64(x, c, "l2")
         direct = (x[:, None] - c[None]).square().sum(-1)
