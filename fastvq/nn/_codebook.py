@@ -603,7 +603,10 @@ class CodebookState(nn.Module):
                 fdist.all_reduce_sum_(counts, skipped, group=self.process_group)
                 usage = self._levels(self.code_usage)
                 live = counts.sum(-1, keepdim=True) > 0  # an empty batch leaves usage as it is
-                usage.copy_(torch.where(live, usage.mul(decay).add_(counts, alpha=1 - decay), usage))
+                new = usage.mul(decay).add_(counts, alpha=1 - decay)
+                # a count that is not finite (a sum of huge row weights) keeps the code's usage, as
+                # the EMA update keeps its state (fuzzI: weights of 1e38 made every usage inf)
+                usage.copy_(torch.where(live & new.isfinite(), new, usage))
             self.nonfinite_rows.add_(skipped.amax().long())
             if self.dead_code_threshold > 0:
                 revived = expire_dead_codes_(codebook, self._usage_levels(), self.dead_code_threshold, candidates,
@@ -713,12 +716,15 @@ class CodebookState(nn.Module):
                     return
                 break
             codebook[level].copy_(centroids)
+            # embed_avg / cluster_size is the centroid; where centroid * count would overflow
+            # float32 (a centroid near the float32 maximum, or counts that are sums of huge row
+            # weights), the count is lowered until it does not. (The cap for max-abs below 1 is
+            # the count's own limit: f32max / (1.01 top) overflowed there, so weights of 1e38 left
+            # an infinite count and a NaN embed_avg; fuzzI.)
+            top = torch.linalg.vector_norm(centroids, ord=float("inf"), dim=-1)
+            cap = torch.finfo(torch.float32).max / (1.01 * top.clamp_min(1.0))
+            counts = torch.minimum(counts, cap)
             if cluster_size is not None:
-                # embed_avg / cluster_size is the centroid; where centroid * count would overflow
-                # float32 (a centroid near the float32 maximum), the count is lowered until it does not
-                top = torch.linalg.vector_norm(centroids, ord=float("inf"), dim=-1)
-                cap = torch.finfo(torch.float32).max / (1.01 * top)  # (top = 0: inf)
-                counts = torch.minimum(counts, cap)
                 cluster_size[level].copy_(counts)
                 embed_avg[level].copy_(centroids * counts.unsqueeze(-1))
             if usage is not None:

@@ -1013,3 +1013,22 @@ def test_a_trained_quantizer_deep_copies(backend, kind):
     twin = copy.deepcopy(m)
     for (name, a), (_, b) in zip(m.state_dict().items(), twin.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("ema", [True, False], ids=["ema", "usage-ema"])
+def test_huge_row_weights_leave_every_buffer_finite(backend, ema):
+    # fuzzI: weights of 1e38 sum past float32 per code. k-means init's cap on the count,
+    # f32max / (1.01 max|centroid|), overflowed for centroids below 1 (so cluster_size stayed
+    # inf and embed_avg became 0 * inf = NaN), and the usage EMA of revival without EMA
+    # codebooks took the infinite count at every step
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, ema=ema, kmeans_init=True, dead_code_threshold=1.0)
+    x = 0.1 * randn(64, 2, seed=1)
+    x[0] = 0.0
+    w = torch.full((64,), 1e38, device=x.device)
+    for _ in range(3):
+        vq(x, w)
+    for name in ("cluster_size", "embed_avg", "code_usage"):
+        buf = getattr(vq, name)
+        assert buf is None or bool(buf.isfinite().all()), (name, buf)
+    assert bool(vq.embeddings.weight.isfinite().all())
