@@ -317,6 +317,7 @@ class _UsageMonitor:
         self.steps = 0
         self.window_steps = 0
         self.window_rows = 0
+        self.real_rows: torch.Tensor | None = None  # rows of nonzero weight this window (on the device)
         self.seen: torch.Tensor | None = None
         self.pending = None
         self.warned = False
@@ -623,11 +624,12 @@ class CodebookState(nn.Module):
             host, event, steps, rows = m.pending
             if event is None or event.query():
                 m.pending = None
-                used = host.tolist()
+                *used, real = host.tolist()
                 worst = min(range(len(used)), key=used.__getitem__)
-                if used[worst] < USAGE_MIN_FRACTION * K:
+                # (a window of padding only trains nothing: no collapse to report; fuzzI)
+                if used[worst] < USAGE_MIN_FRACTION * K and real >= 2 * K:
                     m.warned = True
-                    self._warn_low_usage(used[worst], K, worst, len(used), steps, rows)
+                    self._warn_low_usage(used[worst], K, worst, len(used), steps, real)
                     return
         if m.steps <= USAGE_WARMUP_STEPS:
             return
@@ -638,6 +640,7 @@ class CodebookState(nn.Module):
             # inference tensor that the next training step cannot update in place)
             with torch.inference_mode(False):
                 m.seen = torch.zeros((L, K + 1), dtype=torch.bool, device=indices.device)
+                m.real_rows = torch.zeros((), dtype=torch.int64, device=indices.device)
             m.window_steps = m.window_rows = 0
         if counts is not None:
             m.seen[:, :K] |= counts > 0
@@ -646,10 +649,11 @@ class CodebookState(nn.Module):
             m.seen.scatter_(1, idx.long(), True)
         m.window_steps += 1
         m.window_rows += N
+        m.real_rows.add_(N if mask is None else (mask.reshape(-1) != 0).sum())  # (no host read)
         if m.window_steps >= USAGE_WINDOW_STEPS and m.window_rows >= 2 * K and m.pending is None:
-            used = m.seen[:, :K].sum(1, dtype=torch.int32)
+            used = torch.cat([m.seen[:, :K].sum(1), m.real_rows.view(1)])  # (L + 1,) int64: one copy
             if used.is_cuda:
-                host = torch.empty(used.shape, dtype=torch.int32, device="cpu", pin_memory=True)
+                host = torch.empty(used.shape, dtype=torch.int64, device="cpu", pin_memory=True)
                 host.copy_(used, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
@@ -657,6 +661,7 @@ class CodebookState(nn.Module):
                 host, event = used.clone(), None
             m.pending = (host, event, m.window_steps, m.window_rows)
             m.seen.zero_()
+            m.real_rows.zero_()
             m.window_steps = m.window_rows = 0
 
     def _warn_low_usage(self, used: int, K: int, level: int, L: int, steps: int, rows: int) -> None:

@@ -573,12 +573,21 @@ def test_low_usage_warning_counts_levels_and_masks(monkeypatch):
     message = str(caught[0].message)
     assert "fewer distinct vectors than codes" in message and "Construct it with" not in message, message
     vq = VectorQuantizer(16, 3)
-    mask = torch.zeros(32, dtype=torch.bool)
-    mask[:1] = True  # the padded rows' codes are not "in use"
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[:32] = True  # 32 real rows, all on code 0: the padded rows' 16 codes are not "in use"
+    idx = torch.where(mask, 0, torch.arange(64) % 16).view(1, -1)
     with _caught_user_warnings() as caught:
-        vq._update_codebook_(None, (torch.arange(32) % 16).view(1, -1), mask)
-        vq._update_codebook_(None, (torch.arange(32) % 16).view(1, -1), mask)
-    assert len(caught) == 1 and "only 1 of 16 codes" in str(caught[0].message)
+        vq._update_codebook_(None, idx, mask)
+        vq._update_codebook_(None, idx, mask)
+    assert len(caught) == 1 and "only 1 of 16 codes" in str(caught[0].message) and "(32 rows)" in str(caught[0].message)
+    # fuzzI: a window of padding only (or fewer than 2 K real rows) trains nothing: no warning
+    for real in (0, 31):
+        vq = VectorQuantizer(16, 3)
+        mask = torch.arange(64) < real
+        with _caught_user_warnings() as caught:
+            for _ in range(3):
+                vq._update_codebook_(None, torch.zeros(1, 64, dtype=torch.long), mask)
+        assert caught == [], real
 
 
 def test_training_continues_after_steps_under_inference_mode(backend, monkeypatch):
