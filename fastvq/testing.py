@@ -313,12 +313,28 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, *, dtype: torch
 # --------------------------------------------------------------------------- argmin
 
 
+def _check_search_args(x, codebook, metric: str) -> None:
+    """ValueError / TypeError naming what is wrong with a search's ``x (..., D)``, ``codebook
+    (K, D)`` and ``metric`` (torch's own errors named none; fuzzH)."""
+    for name, t in (("x", x), ("codebook", codebook)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastvq.testing: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError("fastvq.testing: x must be (..., D), got a 0-d tensor")
+    if codebook.dim() != 2 or codebook.shape[1] != x.shape[-1]:
+        raise ValueError(f"fastvq.testing: codebook must be (K, D) with x's D = {x.shape[-1]}, got shape "
+                         f"{tuple(codebook.shape)}")
+    if metric not in ("l2", "cosine", "dot"):
+        raise ValueError(f"fastvq.testing: unknown metric {metric!r}; expected 'l2', 'cosine' or 'dot'")
+
+
 def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     """Float64 ``(distances (N, K), sum of |terms| (N, K), reduction length)`` of rows ``x`` ``(N, D)``
     to every code of ``codebook`` ``(K, D)``: l2 ``|x|^2 - 2 x.c + |c|^2`` (n = D + 2; formed as
     ``sum (x - c)^2`` where the expansion cancels, near a code), cosine
     ``1 - x.c / (|x||c|)`` (0 for a zero vector's cosine; n = 2D + 8), dot ``-x.c`` (n = D). The
     magnitudes are what :func:`error_bound` needs for a kernel's fp32 distances."""
+    _check_search_args(x, codebook, metric)
     x64, c64 = x.detach().double(), codebook.detach().double()
     ax, ac = x64.abs(), c64.abs()
     D = x64.shape[-1]
@@ -396,6 +412,7 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
 
     Returns ``(ratio (N,), gap (N,), allowed (N,), d (N, K))``.
     """
+    _check_search_args(x, codebook, metric)
     D = x.shape[-1]
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise TypeError(f"fastvq.testing: indices must be an integer tensor, got {indices.dtype}")

@@ -382,3 +382,15 @@ def test_l2_distances64_near_a_code_are_formed_directly():
         d, mag, _ = ft.distances64(x, c, "l2")
         direct = (x[:, None] - c[None]).square().sum(-1)
         assert d[0, 7] == 0 and torch.allclose(d, direct, rtol=1e-12, atol=0), scale
+
+
+def test_argmin_ratio_names_bad_arguments():
+    # fuzzH: a codebook of the wrong shape, a 0-d x or an unknown metric gave torch's own errors
+    x, c, idx = randn(4, 3, seed=1), randn(5, 3, seed=2), torch.zeros(4, dtype=torch.long)
+    for args, match in (((x, randn(5, 2, seed=2), idx), "codebook must be"), ((x, c[0], idx), "codebook must be"),
+                        ((torch.tensor(1.0), c, idx), "0-d"), ((x, c, idx, "l1"), "unknown metric"),
+                        ((x.tolist(), c, idx), "must be a torch.Tensor")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            ft.argmin_ratio(*args)
+    with pytest.raises(ValueError, match="codebook must be"):
+        ft.distances64(x, randn(5, 2, seed=2), "l2")
