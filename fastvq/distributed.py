@@ -36,22 +36,23 @@ def is_distributed(group=None) -> bool:
 
 def get_rank(group=None) -> int:
     """This process's rank in ``group`` (0 outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    rank = dist.get_rank(group)
-    if rank < 0:
-        _not_a_member()
-    return rank
+    return _ask(dist.get_rank, group, 0)
 
 
 def get_world_size(group=None) -> int:
     """The number of ranks in ``group`` (1 outside a process group)."""
+    return _ask(dist.get_world_size, group, 1)
+
+
+def _ask(query, group, outside: int) -> int:
+    """``query(group)``, or ``outside`` without an initialised process group; a process outside
+    ``group`` (torch answers -1) is a ``ValueError``."""
     if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    size = dist.get_world_size(group)
-    if size < 0:
+        return outside
+    answer = query(group)
+    if answer < 0:
         _not_a_member()
-    return size
+    return answer
 
 
 def _not_a_member():
@@ -65,12 +66,13 @@ class GroupHandle:
 
     __slots__ = ("group",)
 
-    def __init__(self, group):
+    def __init__(self, group, owner: str = "distributed"):
         if dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
-            raise ValueError("fastvq: process_group is torch.distributed's NON_GROUP_MEMBER: dist.new_group returns "
-                             "it on ranks outside the group; give each rank a group it belongs to")
+            raise ValueError(f"fastvq.{owner}: process_group is torch.distributed's NON_GROUP_MEMBER: "
+                             f"dist.new_group returns it on ranks outside the group; give each rank a group it "
+                             f"belongs to")
         if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
-            raise TypeError(f"fastvq: process_group must be a torch.distributed ProcessGroup (e.g. from "
+            raise TypeError(f"fastvq.{owner}: process_group must be a torch.distributed ProcessGroup (e.g. from "
                             f"dist.new_group) or None (the default group), got {type(group).__name__}")
         self.group = group
 

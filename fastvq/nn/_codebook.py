@@ -500,10 +500,7 @@ class CodebookState(nn.Module):
 
     @process_group.setter
     def process_group(self, group) -> None:
-        try:
-            self.__dict__["_process_group"] = fdist.GroupHandle(group)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"fastvq.{self._owner}: {str(e).removeprefix('fastvq: ')}") from None
+        self.__dict__["_process_group"] = fdist.GroupHandle(group, self._owner)
 
     # -- subclass hooks -------------------------------------------------------------------
     _single_codebook = True
