@@ -188,3 +188,25 @@ def test_sums_near_rounding_midpoints_round_once(device):
         ref = round_pair(hi, lo, dtype)
         assert ref[0, 0].item() == want and ref[1, 0].item() == want, (dtype, t, ref.flatten().tolist(), want)
     assert plain_wrong >= 5, plain_wrong
+
+
+def test_interpreted_kernels_print_no_numpy_floating_point_warnings(device):
+    # inf and NaN inputs: the interpreter's numpy arithmetic overflows and meets NaN where a GPU
+    # computes the same values silently; a CPU parity run must not print warnings that read like
+    # defects (kernels/_common.py filters the interpreter module's RuntimeWarnings). On a GPU the
+    # same calls must not warn either. (catch_warnings keeps the filters in force and resets the
+    # once-per-place registries, so a warning seen in an earlier test would be recorded again.)
+    import warnings
+
+    import fastvq
+
+    x = randn(3, 3, seed=0, device=device)
+    x[0] = torch.tensor([3e38, -3e38, float("nan")])
+    x[1, 0] = float("inf")
+    c = randn(5, 3, seed=1, device=device)
+    c[0] = float("inf")
+    with fastvq.backend("triton"), warnings.catch_warnings(record=True) as caught:
+        idx, dist = fastvq.nearest_code(x, c)
+        fastvq.pairwise_sqdist(x, c)
+    assert idx[0].item() == 0 and dist[0].isnan()
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
