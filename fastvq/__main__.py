@@ -79,7 +79,8 @@ def main(argv=None) -> int:
                         "(any device) and write traffic.json")
     b.add_argument("--traffic-scale", type=_positive_int, default=None,
                    help="divide the traffic rows' sizes by this (default 8 without CUDA, 1 with)")
-    c = sub.add_parser("check", help="run every op's Triton kernels against its reference on this machine")
+    c = sub.add_parser("check", help="run every op's Triton kernels against a float64 computation of the same "
+                                     "inputs (semantic_ids: against its reference) on this machine")
     c.add_argument("--ops", nargs="+", help="only these ops")
     c.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)

@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 
 import torch
 
+#: The backend names :func:`fastvq.set_backend` and :func:`fastvq.backend` take: ``"auto"`` (Triton
+#: for CUDA tensors, the pure-torch reference otherwise), ``"triton"`` or ``"reference"``.
 BACKENDS = ("auto", "triton", "reference")
 
 _global_backend: str | None = None  # set_backend()

@@ -62,7 +62,8 @@ def _not_a_member():
 
 class GroupHandle:
     """A module's process group (``None``: the default group): ``copy.deepcopy`` of the module
-    shares it (a group is a handle of this process), pickling refuses it, naming the fix."""
+    shares it (a group is a handle of this process), pickling refuses it, naming the fix.
+    ``owner``: the name errors start with (``fastvq.<owner>: ...``), the module's class name."""
 
     __slots__ = ("group",)
 
@@ -109,6 +110,10 @@ def _flat_apply(tensors: tuple[torch.Tensor, ...], collective) -> None:
 def all_reduce_sum_(*tensors: torch.Tensor, group=None) -> None:
     """Sum each tensor over the ranks of ``group``, in place. No-op outside a multi-rank group.
 
+    ``tensors``: any shapes and dtypes (the same shape and dtype at each position on every rank,
+    on the group's device: CPU for gloo, CUDA for nccl); packed into one buffer per dtype, so a
+    call is one collective per dtype.
+
     Example::
 
         counts, sums = fastvq.code_statistics(x, idx, K)
@@ -135,8 +140,9 @@ def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def broadcast_(*tensors: torch.Tensor, src: int = 0, group=None) -> None:
-    """Overwrite each tensor, in place, with the copy of ``group``'s rank ``src``. No-op outside
-    a multi-rank group."""
+    """Overwrite each tensor, in place, with the copy of ``group``'s rank ``src`` (a rank of the
+    group, not a global rank). No-op outside a multi-rank group. ``tensors``: any shapes and
+    dtypes, the same on every rank, packed as :func:`all_reduce_sum_` packs them."""
     if not tensors or not is_distributed(group):
         return
     root = src if group is None else dist.get_global_rank(group, src)

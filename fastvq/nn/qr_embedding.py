@@ -115,7 +115,10 @@ class QREmbedding(nn.Module):
     ) -> torch.Tensor:
         """``ids.shape + (embedding_dim,)``, or ``(len(offsets), embedding_dim)`` in the bag form.
         ``ids``: int64 or int32, or (as the seed takes them) int8, int16, uint8 or bool, read as
-        int32."""
+        int32; 1-D in the bag form. ``offsets (B,)``: each bag's first position in ``ids``
+        (``mode`` sums or averages a bag). ``per_sample_weights (len(ids),)``: a float weight per id,
+        with ``offsets`` and ``mode="sum"`` only, as
+        ``torch.nn.functional.embedding_bag`` takes it (see :func:`fastvq.qr_lookup`)."""
         if isinstance(ids, torch.Tensor) and ids.dtype in _NARROW_IDS:
             ids = ids.to(torch.int32)
         return qr_lookup(

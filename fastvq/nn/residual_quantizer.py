@@ -122,6 +122,11 @@ class ResidualQuantizer(CodebookState):
         return self.codebooks
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
+        """``inputs (..., D)`` float32/float16/bfloat16, optional ``mask (...)`` (bool, ``False`` =
+        padding, or float row weights) -> ``(quantized (..., D) in the inputs' dtype,
+        commitment_loss (), embedding_loss (), codes (..., L) int64)``. In training this also
+        updates every level's codebook state. The class docstring's "Forward" section has the
+        details (the losses, the gradient to ``inputs``, masks)."""
         self._check_inputs(inputs)
         mask = _check_mask("ResidualQuantizer", mask, inputs)
         call = _checkpoint.begin(self, inputs.device)  # None unless inside torch.utils.checkpoint

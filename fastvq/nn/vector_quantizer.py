@@ -44,7 +44,8 @@ class VectorQuantizer(CodebookState):
             effect it initialises the codebook from that batch. Keep it below the rows per
             code of a batch (N / K); 1.0 works for the README's set-ups.
         kmeans_init: on the first training forward that has a finite row (on any rank),
-            replace the codebook by ``kmeans_iters`` steps of k-means on that batch. That
+            replace the codebook by ``kmeans_iters`` (default 10, an int >= 0; an attribute,
+            settable later) steps of k-means on that batch. That
             batch reads the host: run it eagerly, then ``torch.compile(fullgraph=True)``
             (compiled before, it raises saying so).
         process_group: the ``torch.distributed`` group whose ranks share the codebook (EMA
@@ -153,6 +154,11 @@ class VectorQuantizer(CodebookState):
         return self.embeddings.weight
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
+        """``inputs (..., D)`` float32/float16/bfloat16, optional ``mask (...)`` (bool, ``False`` =
+        padding, or float row weights) -> ``(quantized (..., D) in the inputs' dtype,
+        commitment_loss (), embedding_loss (), indices (...) int64)``. In training this also
+        updates the codebook state (EMA, dead-code revival, k-means init). The class docstring's
+        "Forward" section has the details (masks, gradients, checkpointing)."""
         self._check_inputs(inputs)
         mask = _check_mask("VectorQuantizer", mask, inputs)
         call = _checkpoint.begin(self, inputs.device)  # None unless inside torch.utils.checkpoint

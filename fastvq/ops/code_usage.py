@@ -125,7 +125,9 @@ class CodeUsageMeter:
         return None if self._counts is None else self._counts.device
 
     def update(self, indices: torch.Tensor) -> CodeUsage:
-        """Add one batch of indices (any shape, integer dtype). Returns that batch's usage.
+        """Add one batch of indices (any shape, integer dtype, on the device of the batches
+        before it). Returns that batch's :class:`CodeUsage` (``counts (K,)`` int64, 0-d
+        statistics), computed on the device.
 
         Out-of-range ids are not checked here (that would sync with the device): they are
         counted aside (the batch usage's ``out_of_range``, with NaN entropy and perplexity),
@@ -147,7 +149,8 @@ class CodeUsageMeter:
         return batch
 
     def compute(self) -> CodeUsage:
-        """Usage over every index seen since the last ``reset()`` (zero counts before any).
+        """:class:`CodeUsage` (``counts (K,)`` int64, 0-d statistics) over every index seen since
+        the last ``reset()`` (zero counts on the CPU before any batch).
 
         Raises:
             ValueError: some batch held an index outside ``[0, codebook_size)`` (one host sync).
@@ -161,7 +164,10 @@ class CodeUsageMeter:
 
     @property
     def mean_batch_perplexity(self) -> torch.Tensor:
-        """0-d float32: the mean of the per-batch perplexities (the seed's ``perplexity``)."""
+        """0-d float32 on the batches' device: the mean of the per-batch perplexities (the seed's
+        ``perplexity``). NaN once a batch held an index outside ``[0, codebook_size)`` (that
+        batch's perplexity is NaN: reading it here costs no host sync; ``compute()`` raises for
+        it). ``RuntimeError`` before any batch."""
         if self.num_batches == 0:
             raise RuntimeError("fastvq.CodeUsageMeter: no batches seen yet")
         return self._perplexity_sum / self.num_batches

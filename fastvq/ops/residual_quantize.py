@@ -295,7 +295,13 @@ def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
 
 
 class ResidualQuantizeStep(NamedTuple):
-    """What :func:`residual_quantize_step` returns (fields not asked for are ``None``)."""
+    """What :func:`residual_quantize_step` returns (fields not asked for are ``None``).
+
+    ``quantized (..., D)`` in the dtype of ``x``; ``codes (..., L)`` int64; ``commitment_loss``,
+    ``embedding_loss`` 0-d in the dtype of ``x``; with ``statistics=True``: ``counts (L, K)``
+    and ``sums (L, K, D)`` float32, ``skipped (L,)`` int32; with ``candidate_rows (S,)``:
+    ``candidates (L, S, D)`` float32 and ``candidates_ok (L, S)`` bool. The function's
+    docstring says what each holds."""
 
     quantized: torch.Tensor
     codes: torch.Tensor

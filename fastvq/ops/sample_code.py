@@ -81,8 +81,8 @@ def sample_code(
         x: ``(..., D)`` float32/float16/bfloat16 (``(H, ..., D)`` with ``H`` codebooks), as for
             :func:`fastvq.nearest_code`.
         codebook: ``(K, D)`` or ``(H, K, D)``, as for :func:`fastvq.nearest_code`.
-        temperature: a real number from ``0`` to float32's largest, ``3.4e38`` (beyond, ``T``
-            is +inf in float32 and every code equally likely), a Python number or a one-element floating-point
+        temperature: a real number from ``0`` to float32's largest, ``3.4e38`` (a larger or
+            non-finite one raises ``ValueError``), a Python number or a one-element floating-point
             tensor (read when the op runs: a CPU tensor costs no device sync, a CUDA one does).
             ``0`` is the nearest code (no noise; exactly :func:`fastvq.nearest_code`). Under
             ``torch.compile`` a Python number becomes such a tensor (float64), a graph input: a

@@ -50,7 +50,9 @@ def semantic_ids(codes: torch.Tensor) -> torch.Tensor:
         given codes, 1 for the second, ... So the rows of ``out`` are all distinct. Not
         differentiable. Sort-based, O(N log N) time and O(N) memory, never pairwise: rows are
         grouped (``torch.unique``), stably sorted by group, and a kernel ranks each row within
-        its group's run and scatters the rank back to input order.
+        its group's run and scatters the rank back to input order. ``torch.unique`` gives a
+        data-dependent size, so a call reads the device once (one host sync on CUDA): call it
+        when exporting IDs, not inside a training step.
 
     Example::
 

@@ -40,6 +40,7 @@ class CodeUsage:
 
     @property
     def codebook_size(self) -> int:
+        """``K``, the length of ``counts`` (a Python int)."""
         return self.counts.shape[0]
 
     @property
@@ -97,7 +98,9 @@ def usage_from_counts(counts: torch.Tensor, out_of_range: torch.Tensor | None = 
 
 
 def code_usage_ref(indices: torch.Tensor, codebook_size: int) -> CodeUsage:
-    """Reference for :func:`fastvq.code_usage` (no input checks; out-of-range ids are counted
-    in ``out_of_range`` and make the entropy and perplexity NaN)."""
+    """Reference for :func:`fastvq.code_usage`: ``indices`` any shape, integer;
+    ``codebook_size`` ``K`` -> :class:`CodeUsage` (``counts (K,)`` int64, 0-d statistics). No
+    input checks; out-of-range ids are counted in ``out_of_range`` and make the entropy and
+    perplexity NaN."""
     counts = code_usage_counts_ref(indices, codebook_size)
     return usage_from_counts(counts[:codebook_size], counts[codebook_size])

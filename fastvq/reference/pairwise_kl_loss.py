@@ -257,8 +257,9 @@ def pairwise_kl_loss_bwd_ref(
 
 
 def pairwise_kl_loss_ref(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Reference for :func:`fastvq.pairwise_kl_loss`: a 0-d float32 loss, differentiable in
-    ``pred`` through a chunked forward and :func:`pairwise_kl_loss_bwd_ref`."""
+    """Reference for :func:`fastvq.pairwise_kl_loss`: ``pred (B, Dp)`` and ``target (B, Dt)``
+    (float32/float16/bfloat16), a temperature ``> 0`` -> a 0-d float32 loss, differentiable in
+    ``pred`` through a chunked forward and :func:`pairwise_kl_loss_bwd_ref`. No input checks."""
     return _RefLoss.apply(pred, target, float(temperature))
 
 
