@@ -10,7 +10,7 @@ from .._checks import FLOAT_DTYPES
 from ..ops.ema_update import codebook_snapshot, refuse_checkpoint_rerun
 from ..ops.nearest_code import nearest_code
 from ..ops._search import tf32_like_torch
-from ..ops.residual_quantize import _residual_quantize_step
+from ..ops.residual_quantize import _residual_quantize_step, level_inputs
 from . import _checkpoint
 from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
 
@@ -218,18 +218,6 @@ def _codebook_for_step(codebook: torch.Tensor, inputs: torch.Tensor, update: boo
     return codebook
 
 
-def _level_inputs(x: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """``(L, N, D)`` float32: what each level of a residual step quantized, ``x (N, D)`` minus the
-    codes ``codes (N, L)`` of ``codebook (L, K, D)`` chosen at the levels before (a row whose
-    residual overflows float32 on the way is left out of the statistics as not finite)."""
-    r = x.float()
-    levels = [r]
-    for level in range(codebook.shape[0] - 1):
-        r = r - codebook[level].float()[codes[:, level]]
-        levels.append(r)
-    return torch.stack(levels)
-
-
 def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=None):
     """A quantizer module's forward on its ``(L, K, D)`` codebook: one
     :func:`fastvq.residual_quantize_step` (which also returns, in training, the EMA statistics
@@ -261,8 +249,9 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=
         flat = step.codes.reshape(n, codebook.shape[0])
         stats = offers = vectors = None
         if update:
-            if sorted_stats:
-                vectors = _level_inputs(inputs.detach().reshape(n, -1), searched.detach(), flat)
+            if sorted_stats:  # (the codes pass the compiled graph's rerun check: stats does below)
+                flat = refuse_checkpoint_rerun(flat, mod._owner)
+                vectors = level_inputs(inputs.detach().reshape(n, -1), searched.detach(), flat)
             else:
                 # (compiled, the update waits on a check that this is no checkpoint rerun: eagerly,
                 # `call` replays the first run instead)

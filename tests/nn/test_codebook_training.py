@@ -974,14 +974,34 @@ def test_an_ordinary_step_never_walks_the_stack(backend, monkeypatch):
         (out[0].square().sum() + out[1] + out[2]).backward()
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-stats", "deterministic-mode"])
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("kind", ["vq-ema", "rq-dead"])
-def test_a_compiled_quantizer_in_an_eager_checkpoint_raises(backend, kind, mode):
+def test_a_compiled_quantizer_in_an_eager_checkpoint_raises(backend, kind, mode, deterministic, monkeypatch):
     """probe6 G5: a quantizer compiled on its own, called in an eagerly checkpointed region: its
     compiled graph cannot replay the first run, so the rerun raises (it updated the codebook
-    twice and gave the gradients of the updated one, silently) before it updates anything."""
+    twice and gave the gradients of the updated one, silently) before it updates anything.
+    Under torch.use_deterministic_algorithms(True) on an atomic device the step takes its
+    statistics from the sorted code_statistics: that path is refused too (review9; CPU launches
+    stand in for CUDA ones there)."""
+    from fastvq import _backend
+
     torch._dynamo.reset()
     torch.manual_seed(0)
+    if deterministic:
+        monkeypatch.setattr(_backend, "ATOMIC_DEVICE_TYPES", ("cuda", "cpu"))
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        request_restore = lambda: torch.use_deterministic_algorithms(before)  # noqa: E731
+    else:
+        request_restore = lambda: None  # noqa: E731
+    try:
+        _compiled_checkpoint_rerun_raises(kind, mode)
+    finally:
+        request_restore()
+
+
+def _compiled_checkpoint_rerun_raises(kind, mode):
     m = CHECKPOINTED[kind]().train()
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     out = _ckpt(compiled, randn(16, 3, seed=1, requires_grad=True), mode=mode)
