@@ -333,8 +333,16 @@ def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     to every code of ``codebook`` ``(K, D)``: l2 ``|x|^2 - 2 x.c + |c|^2`` (n = D + 2; formed as
     ``sum (x - c)^2`` where the expansion cancels, near a code), cosine
     ``1 - x.c / (|x||c|)`` (0 for a zero vector's cosine; n = 2D + 8), dot ``-x.c`` (n = D). The
-    magnitudes are what :func:`error_bound` needs for a kernel's fp32 distances."""
+    magnitudes are what :func:`error_bound` needs for a kernel's fp32 distances. ``x`` may be
+    ``(..., D)``: the distances and magnitudes are then ``(..., K)``."""
     _check_search_args(x, codebook, metric)
+    lead = x.shape[:-1]
+    d, mag, n = _distances64_rows(x.reshape(-1, x.shape[-1]), codebook, metric)
+    return d.reshape(*lead, d.shape[-1]), mag.reshape(*lead, mag.shape[-1]), n
+
+
+def _distances64_rows(x: torch.Tensor, codebook: torch.Tensor, metric: str):
+    """:func:`distances64` of rows ``x (N, D)``."""
     x64, c64 = x.detach().double(), codebook.detach().double()
     ax, ac = x64.abs(), c64.abs()
     D = x64.shape[-1]
@@ -390,6 +398,12 @@ def _scaling_floor(x2: torch.Tensor, codebook: torch.Tensor, metric: str, unit: 
     n = x64.shape[-1]
     xm = x64.abs().amax(-1, keepdim=True) if n else x64.new_zeros((x64.shape[0], 1))
     cm = (c64.abs().amax(-1) if n else c64.new_zeros(c64.shape[0])).clamp_min(1.0)[None, :]
+    if metric == "dot" and n and cm.numel():
+        # dot scores every code of a rescaled codebook in one unit, 2^(e + bitlen(D - 1) - 124) for
+        # the largest code's 2^e: a code far below it scores in float32's subnormals there, at
+        # that unit's steps (fuzzJ: codes ~2^-143 beside one at 2^126, D = 17, tied apart)
+        c_top = c64.abs().amax().nan_to_num(nan=0.0, posinf=0.0)
+        cm = torch.maximum(cm, c_top * 2.0 ** ((n - 1).bit_length() - 123))
     floor = n * unit * xm * cm
     if metric == "cosine":
         nx, nc = x64.norm(dim=-1, keepdim=True), c64.norm(dim=-1)[None, :]
@@ -398,7 +412,8 @@ def _scaling_floor(x2: torch.Tensor, codebook: torch.Tensor, metric: str, unit: 
 
 
 def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str = "l2",
-                 precision: DTypeLike | None = None, *, factor: float = ACCUMULATION_FACTOR):
+                 precision: DTypeLike | None = None, *, factor: float = ACCUMULATION_FACTOR,
+                 rounded_distance: bool = False):
     """Per-row ratio ``(d[chosen] - d_min) / allowed`` in float64; a row passes at ``<= 1``.
 
     ``x``: ``(N, D)`` (or ``(..., D)``), ``codebook``: ``(K, D)``, ``indices``: ``(N,)`` (or ``(...)``),
@@ -409,6 +424,11 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     ``d_j - b_j <= min_k (d_k + b_k)``, so ``allowed = b_j + min_k(d_k + b_k) - d_min``. Exact
     ties (gap 0) pass either way. Rows with a NaN in ``x`` or no finite distance get 0; an index
     outside ``[0, K)`` or a non-finite chosen distance where a finite one exists gets ``inf``.
+    ``rounded_distance``: the program argmins the distance itself, rounded to float32 (``1 - cos``
+    for cosine, ``|x - c|^2`` with its ``|x|^2`` term): each ``b_k`` gains one unit roundoff of
+    ``|d_k|`` (codes whose cosines differ below 2^-24 tie there). Off by default: fastvq's search
+    scores leave the row's constant term out (``-(x.c)/|c|``, ``|c|^2 - 2 x.c``) and never round
+    it in, so that allowance would pass its wrong codes (review9: cosines 1e-9 against 5e-8).
 
     Returns ``(ratio (N,), gap (N,), allowed (N,), d (N, K))``.
     """
@@ -426,9 +446,9 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     d, mag, n = distances64(x2, codebook, metric)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rel = factor * (_operand_error(dtype, precision) + gamma(n, UNIT_ROUNDOFF[acc]) * (1 + _operand_error(dtype, precision)))
-    # (+ the rounding of the computed distance itself, one u of it: a program that argmins
-    # 1 - cos in float32 ties codes whose cosines differ below 2^-24; fuzzH)
-    b = rel * mag + UNIT_ROUNDOFF[acc] * d.abs() + n * _subnormal(torch.float32)
+    b = rel * mag + n * _subnormal(torch.float32)
+    if rounded_distance:  # (one u of the computed distance: a program that argmins 1 - cos; fuzzH)
+        b = b + UNIT_ROUNDOFF[acc] * d.abs()
     if metric in ("dot", "cosine") and d.numel():
         way = _fmt(precision, precision=True)
         unit = 2.0**-136 if way in ("tf32x3", "tf32") else 2.0**-132 if way == torch.bfloat16 else 2.0**-148
@@ -456,7 +476,7 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
 
 def assert_argmin_within_bound(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str = "l2",
                                precision: DTypeLike | None = None, *, factor: float = ACCUMULATION_FACTOR,
-                               name: str = "") -> None:
+                               name: str = "", rounded_distance: bool = False) -> None:
     """Raise unless each row's chosen code is within the rounding bound of the true minimum distance.
 
     For argmin under bf16/fp16/tf32 (and fp32), where near-ties may legitimately flip: row by row,
@@ -464,13 +484,16 @@ def assert_argmin_within_bound(x: torch.Tensor, codebook: torch.Tensor, indices:
     rounding can explain (:func:`argmin_ratio`). ``precision``: ``None`` (from ``x.dtype``; fp32 is
     exact-product ``"ieee"``), ``"tf32"`` or ``"tf32x3"`` (fastvq's float32 search on a GPU with
     TF32 tensor cores). A second-nearest code fails unless it is within the
-    bound of the nearest. The message names the worst row, both codes, the gap, its bound and ratio.
+    bound of the nearest. ``rounded_distance``: for a program that argmins its rounded float32
+    distances (``1 - cos``), as :func:`argmin_ratio` says. The message names the worst row, both
+    codes, the gap, its bound and ratio.
 
     >>> x, c = torch.randn(50, 16), torch.randn(40, 16)
     >>> idx = torch.cdist(x.double(), c.double()).argmin(1)
     >>> assert_argmin_within_bound(x, c, idx, "l2")
     """
-    ratio, gap, allowed, d = argmin_ratio(x, codebook, indices, metric, precision, factor=factor)
+    ratio, gap, allowed, d = argmin_ratio(x, codebook, indices, metric, precision, factor=factor,
+                                          rounded_distance=rounded_distance)
     if ratio.numel() == 0 or not (ratio > 1).any():
         return
     bad = int((ratio > 1).sum())

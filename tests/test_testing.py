@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+import fastvq
 import fastvq.testing as ft
 from tests.utils import randn
 
@@ -353,14 +354,27 @@ def test_tf32x3_bound_holds_the_split_floor_and_nothing_more():
     assert ft.search_precision(torch.float32) == "tf32x3" and ft.search_precision(torch.float16) is None
 
 
-def test_cosine_argmin_allows_the_rounding_of_one_minus_cos():
+def test_cosine_argmin_allows_the_rounding_of_one_minus_cos_when_asked():
     # fuzzH: a float32 program that argmins 1 - cos ties cosines 1e-9 and 2e-9 (both 1.0): the
     # bound had no room for that output rounding, so a correct search failed by 1e5
     x, c = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 1e-9], [1.0, 2e-9]])
-    ft.assert_argmin_within_bound(x, c, torch.tensor([0]), "cosine")
-    ft.assert_argmin_within_bound(x, c, torch.tensor([1]), "cosine")
+    ft.assert_argmin_within_bound(x, c, torch.tensor([0]), "cosine", rounded_distance=True)
+    ft.assert_argmin_within_bound(x, c, torch.tensor([1]), "cosine", rounded_distance=True)
     with pytest.raises(AssertionError):  # still tight: 1e-3 apart in cosine is no tie
-        ft.assert_argmin_within_bound(x, torch.tensor([[1.0, 1e-3], [1.0, 2e-3]]), torch.tensor([0]), "cosine")
+        ft.assert_argmin_within_bound(x, torch.tensor([[1.0, 1e-3], [1.0, 2e-3]]), torch.tensor([0]), "cosine",
+                                      rounded_distance=True)
+
+
+def test_cosine_argmin_bound_holds_fastvqs_own_search_to_its_scores(device):
+    # review9: fastvq's cosine search scores -(x.c)/|c| and never rounds 1 - cos, so it tells
+    # cosines 1e-9 and 5e-8 apart; with the rounded-distance allowance on by default, the wrong
+    # code passed (ratio 0.41): the suite's cosine checks hold the search to its own rounding
+    x = torch.tensor([[0.0, 1.0]], device=device)
+    c = torch.tensor([[1.0, 1e-9], [1.0, 5e-8]], device=device)
+    assert fastvq.nearest_code(x, c, metric="cosine")[0].tolist() == [1]
+    assert float(ft.argmin_ratio(x, c, torch.tensor([0], device=device), "cosine")[0].max()) > 1
+    assert float(ft.argmin_ratio(x, c, torch.tensor([1], device=device), "cosine")[0].max()) == 0
+    assert float(ft.argmin_ratio(x, c, torch.tensor([0], device=device), "cosine", rounded_distance=True)[0].max()) <= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -382,6 +396,14 @@ def test_l2_distances64_near_a_code_are_formed_directly():
         d, mag, _ = ft.distances64(x, c, "l2")
         direct = (x[:, None] - c[None]).square().sum(-1)
         assert d[0, 7] == 0 and torch.allclose(d, direct, rtol=1e-12, atol=0), scale
+    # (..., D) rows, as the argument check accepts: (..., K) back, near a code too (review9: a 3-d
+    # x with rows on codes failed unpacking the near rows' indices)
+    x3 = torch.stack([c[:2], c[2:4]])
+    for metric in ("l2", "dot", "cosine"):
+        d3, mag3, _ = ft.distances64(x3, c, metric)
+        d2, mag2, _ = ft.distances64(x3.reshape(4, -1), c, metric)
+        assert d3.shape == mag3.shape == (2, 2, 40) and torch.equal(d3.reshape(4, 40), d2), metric
+        assert torch.equal(mag3.reshape(4, 40), mag2), metric
 
 
 def test_argmin_ratio_names_bad_arguments():
@@ -394,3 +416,17 @@ def test_argmin_ratio_names_bad_arguments():
             ft.argmin_ratio(*args)
     with pytest.raises(ValueError, match="codebook must be"):
         ft.distances64(x, randn(5, 2, seed=2), "l2")
+
+
+def test_dot_argmin_bound_covers_a_codebook_scored_in_its_largest_codes_unit(backend, device):
+    # fuzzJ: a code at 2^126 sets dot's common score unit, 2^(126 + bitlen(D - 1) - 124); codes
+    # ~2^-143 then score in float32's subnormals and tie at that unit's steps. The search's pick
+    # failed the bound (ratio 1.85 at D = 17: the floor had no term for the unit)
+    D = 17
+    x = torch.zeros(1, D, device=device)
+    x[0, 0] = 2.0**126
+    c = torch.zeros(3, D, device=device)
+    c[0, 0], c[1, 0], c[2, 0] = 65 * 2.0**-149, 191 * 2.0**-149, -(2.0**126)  # code 1 is the nearest
+    idx, _ = fastvq.nearest_code(x, c, "dot")
+    ft.assert_argmin_within_bound(x, c, idx, "dot")
+    assert float(ft.argmin_ratio(x, c, torch.tensor([2], device=device), "dot")[0].max()) > 1  # 7e75 is no tie

@@ -168,5 +168,12 @@ def test_cli_subset_updates_its_rows_and_refuses_a_scale_too_large(tmp_path, cap
     assert main(["bench", "--traffic", "--ops", "code_statistics", "--out", str(tmp_path), "--traffic-scale", "16"]) == 0
     rows = json.loads((tmp_path / "traffic.json").read_text())["rows"]
     assert [r["case"] for r in rows] == ["another row", name] and rows[0] == kept and rows[1]["total_passes"] > 0
+    assert "environment" in rows[1]  # (an updated row names where it was counted; the file's is the kept rows')
     assert main(["bench", "--traffic", "--ops", "topk", "--traffic-scale", str(traffic.MAX_SCALE + 1)]) == 2
     assert f"at most {traffic.MAX_SCALE}" in capsys.readouterr().err
+    # review9: a subset at another scale (a GPU run's default 1 against the committed 8) replaced
+    # the whole file with its rows, silently: refused before counting, the file untouched
+    before = (tmp_path / "traffic.json").read_text()
+    assert main(["bench", "--traffic", "--ops", "code_statistics", "--out", str(tmp_path), "--traffic-scale", "8"]) == 2
+    assert "was counted at --traffic-scale 16" in capsys.readouterr().err
+    assert (tmp_path / "traffic.json").read_text() == before

@@ -669,6 +669,17 @@ def format_table(results: list[tuple[TrafficCase, Traffic]]) -> str:
     return "\n".join(lines)
 
 
+def _readable_traffic(path: str) -> dict | None:
+    """A traffic.json's contents if it is one (a dict with a scale and a list of rows), else None."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(old, dict) and "scale" in old and isinstance(old.get("rows"), list)
+    return old if ok else None
+
+
 def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None) -> int:
     """Entry point of ``python -m fastvq bench --traffic``; returns an exit code.
 
@@ -688,6 +699,15 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
                          f"contains one of its words (the timing groups of --list are other names; "
                          f"--list --traffic prints these rows): {[c.name for c in every]}")
     cases = [c for c in every if not names or any(n in c.name for n in names)]
+    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
+    path = os.path.join(out_dir, "traffic.json")
+    old = _readable_traffic(path) if names and os.path.exists(path) else None
+    if names and os.path.exists(path) and (old is None or old.get("scale") != scale):
+        # (a subset counted at another scale replaced the whole file with its rows, silently; review9)
+        counted = "cannot be read" if old is None else f"was counted at --traffic-scale {old.get('scale')}"
+        raise UsageError(f"{path} {counted}: --ops updates its rows in place only at the same scale, and would "
+                         f"replace the file's rows with these {len(cases)}; pass --traffic-scale "
+                         f"{old.get('scale') if old else 'N'}, count every row (no --ops), or --out another folder")
     if scale != 1:
         print(f"Counting at 1/{scale} of the named row counts and codebook sizes (about the same pass counts, "
               f"{scale}x less interpreted work); --traffic-scale 1 for the named shapes.\n")
@@ -701,22 +721,18 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
                 raise
             raise UsageError(f"--traffic-scale {scale} is too large for the row {case.name!r}: {exc}") from None
     print(format_table(results))
-    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "traffic.json")
+    env = environment()
     rows = [{"case": c.name, "kind": c.kind, **t.as_dict()} for c, t in results]
-    if names and os.path.exists(path):  # a subset updates its rows of a file counted at the same scale
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            old = None
-        if isinstance(old, dict) and old.get("scale") == scale and isinstance(old.get("rows"), list):
-            new = {r["case"]: r for r in rows}
-            rows = [new.pop(r.get("case"), r) for r in old["rows"]] + list(new.values())
-            print(f"\n(--ops: {len(results)} row(s) updated in place, the file's other {len(rows) - len(results)} kept)")
+    if old is not None:  # a subset updates its rows of a file counted at the same scale
+        # (the file's environment stays that of its other rows; an updated row carries its own)
+        new = {r["case"]: {**r, "environment": env} for r in rows}
+        rows = [new.pop(r.get("case"), r) for r in old["rows"]] + list(new.values())
+        env = old.get("environment", env)
+        print(f"\n(--ops: {len(results)} row(s) updated in place, each with its own environment; the file's "
+              f"other {len(rows) - len(results)} kept)")
     with open(path, "w") as f:
-        json.dump({"environment": environment(), "scale": scale,
+        json.dump({"environment": env, "scale": scale,
                    "shape": {"N": N // scale, "D": D, "dtype": "float32"}, "rows": rows},
                   f, indent=1, default=str)
     print(f"\nwrote {path}")

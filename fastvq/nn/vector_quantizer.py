@@ -233,7 +233,7 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=
         rows, score = pick_candidate_rows(n, codebook.shape[1], inputs.device, mask)
     searched = _codebook_for_step(codebook, inputs, update)
     # Under torch.use_deterministic_algorithms(True) on a GPU the statistics come from the sorted
-    # code_statistics instead of the step's float32 atomics (one more pass over the levels' inputs)
+    # code_statistics instead of the step's float32 atomics (fed the levels' inputs formed in torch)
     sorted_stats = update and atomics_nondeterministic(inputs.device)
     # (the op's check of the mask's values, NaN or < 0, names the module's argument)
     step = _residual_quantize_step(

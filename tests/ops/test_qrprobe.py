@@ -169,8 +169,9 @@ def test_fixed_rows_with_infinities_overflow_and_subnormals(backend, device, det
 def test_forty_overflowed_rows_over_three_id_spans(backend, device, deterministic):
     # 2,049 items (1,024-id spans: three), 40 q rows (ten groups of 4), every row overflowing in
     # float32 (+3e38, +3e38, -3e38 in item order); the float64 sums are exact: rounded once, bitwise.
-    # Items come in runs of 5 per row (rows 0..39, then again): every row still has items in all
-    # three spans, and a 16-item block mixes 4 rows of up to two groups (the fix-up masks the other
+    # Items come in runs of 5 per row (rows 0..39, then again): every row has items in the first
+    # two spans (the third holds item 2,048 alone, row 9's), and a 16-item block mixes 4 rows of up
+    # to two groups (the fix-up masks the other
     # group's items), but a group's walk visits ~1/5 of the blocks, not ~1/2 (with id = item % 40)
     Q, N = 40, 2049
     ids = (torch.arange(N, device=device) // 5) % Q

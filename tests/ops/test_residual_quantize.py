@@ -925,6 +925,7 @@ def test_codebook_gradient_sums_without_overflow_on_the_way(backend, device, rot
     x[big, :5] = 3.0e38 * torch.where(torch.arange(big.numel(), device=device) < 8, -1.0, 1.0)[:, None]
     codes[big, 1] = 0
     cb[1, 0] = 0.0
+    x[big, 130:135] = x[big, :5]  # review9: the pattern in the second column tile too
     codes[7, 2], codes[16, 2] = 0, 0  # level 2, code 0: exact sum 2 * 4 * 3e38 (beyond float32)
     x[7, 190], x[16, 190] = -3.3e38, -3.3e38
     cb[2, 0, 190] = 3.2e38
@@ -944,6 +945,7 @@ def test_codebook_gradient_sums_without_overflow_on_the_way(backend, device, rot
         want[lvl].index_add_(0, codes[:, lvl], t)
         mag[lvl].index_add_(0, codes[:, lvl], t.abs())
         r = r - c
+    assert mag[1, 0, 130:135].min() > 2e39 and want[1, 0, 130:135].abs().max() < 3.1e38
     assert mag[1, 0, :5].min() > 2e39 and want[1, 0, :5].abs().max() < 3.1e38  # overflow on the way only
     assert want[2, 0, 190] > 3.5e38 and want[0, 0, 3].isnan()
     assert torch.equal(dcb.isnan(), want.isnan()), (dcb.isnan().nonzero(), want.isnan().nonzero())
