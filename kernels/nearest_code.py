@@ -38,8 +38,9 @@ Design
   row with no finite score (all codes non-finite, or a row so far from the codebook that
   its scores overflow: every code is then equally near within float32) takes the first finite
   code. The distance is then computed directly from ``x`` and the chosen code (not from the
-  expansion), so it is the chosen code's true distance, rounded once: NaN where that distance
-  is NaN, +inf where it overflows, exact for l2 at 0 and for integer data.
+  expansion), so it is the chosen code's true distance (a float32 sum; dot: rounded once, from
+  a compensated float64 pair): NaN where that distance is NaN, +inf where it overflows, exact
+  for l2 at 0 and for integer data.
 * Ties: ``tl.min(..., return_indices=True)`` breaks ties to the left inside a tile, and
   tiles (and splits) are merged with a strict ``<`` in increasing code order, so the
   smallest index wins, as ``torch.argmin`` does.
@@ -59,9 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dot_fp32, dot_nt,
-                      dot_split_nt, exp2i, interpreter_or, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent,
-                      prune_by_estimate, rcp_rn, register_estimate, sm_count, target_for, tf32_split,
+from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dd_add, dd_sum,
+                      dot_fp32, dot_nt, dot_split_nt, exp2i, interpreter_or, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent,
+                      prune_by_estimate, rcp_rn, register_estimate, round_dd, sm_count, target_for, tf32_split,
                       tl_input_precision, words_per_thread)
 
 # Internal ids; the public metric and strategy names and their documentation live in
@@ -242,7 +243,7 @@ def _row_flags(p_x, o_xrow, m_n, D, stride_xd, BLOCK_N: tl.constexpr, BLOCK_D: t
 def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
               METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The distance from each row (at ``o_xrow``, max-abs ``b_xm``) to its code (at ``p_row``),
-    computed directly and rounded once: NaN where it is NaN, +inf where it overflows (dot:
+    computed directly (dot: rounded once): NaN where it is NaN, +inf where it overflows (dot:
     -inf), scaled by powers of two before squaring or normalising."""
     if METRIC == 3:  # euclidean: the largest |x - c|, to scale before squaring
         b_dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -266,7 +267,8 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         s_x = exp2i(-e_x)
         s_c = exp2i(-e_c)
     b_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    b_t64 = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    b_t64 = tl.zeros((BLOCK_N,), dtype=tl.float64)  # dot: the pair b_t64 + b_e64
+    b_e64 = tl.zeros((BLOCK_N,), dtype=tl.float64)
     b_qx = tl.zeros((BLOCK_N,), dtype=tl.float32)
     b_qc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -274,8 +276,11 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         m = m_n[:, None] & (o_d < D)[None, :]
         b_x = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
         b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
-        if METRIC == 2:  # -(x.c) in float64: every product of float32 values exact, nothing scaled
-            b_t64 += tl.sum(b_x.to(tl.float64) * b_c.to(tl.float64), axis=1)
+        if METRIC == 2:  # -(x.c) from float64 products (each exact, nothing scaled), summed as a
+            # compensated pair: a plain float64 sum lost the products below 2^-53 of the largest
+            # ([1, 1, 1] . [2^100, 1, -2^100] gave 0, not -1; fuzzJ)
+            b_hi, b_lo = dd_sum(b_x.to(tl.float64) * b_c.to(tl.float64), 1)
+            b_t64, b_e64 = dd_add(b_t64, b_e64, b_hi, b_lo)
         elif METRIC == 1:
             b_x = b_x * s_x[:, None]
             b_c = b_c * s_c[:, None]
@@ -293,7 +298,7 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         b_dist = nan_clamp(1.0 - b_cos, 0.0, 2.0)
     elif METRIC == 2:  # (scaled by the rows' powers of two in float32, an entry far below its row's
         # largest flushed to 0, or kept as the smallest normal counted 2^(e_x + e_c - 126): fuzzA)
-        b_dist = (-b_t64).to(tl.float32)
+        b_dist = round_dd(-b_t64, -b_e64, False)
     elif METRIC == 3:  # |x - c| = sqrt(t) * 2^e_d
         b_dist = tl.sqrt_rn(b_t) * exp2i(e_d)
     else:

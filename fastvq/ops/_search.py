@@ -5,6 +5,7 @@ kernels keep only their internal name -> id mapping.
 
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -21,10 +22,13 @@ STRATEGIES = ("hardest", "semi-hard")
 NUMERIC_CONTRACT = """\
 Numeric contract (every search op, both backends, float32/float16/bfloat16 inputs):
 distances are computed in float32 and never made up. The returned distance is the distance
-from the row to the returned code, computed directly from the two vectors and rounded once:
-NaN exactly where that distance is NaN (a NaN entry; inf - inf), +inf where it overflows
-float32 (dot: -inf where <x, c> overflows), never 0 or another finite stand-in; l2 >= 0 and
-cosine in [0, 2] at every magnitude (rows and codes are scaled by powers of two before they are
+from the row to the returned code, computed directly from the two vectors (l2, euclidean and
+cosine as float32 sums, within fastvq.testing's bound of the exact value; dot's exact float64
+products summed as a compensated pair and rounded once): NaN exactly where that distance is
+NaN (a NaN entry; inf - inf), +inf where it overflows float32 (dot: -inf where <x, c>
+overflows), never 0 or another finite stand-in for a representable distance (l2 flushes terms
+below 2^-150: distances below about 1e-38 can read 0); l2 >= 0, and cosine in [0, 2] at every
+magnitude (euclidean's and cosine's rows and codes are scaled by powers of two before they are
 squared or normalised). Indices always lie in [0, K). A code with a NaN or infinite entry is
 never chosen for a finite row while the codebook has a finite code. For finite inputs the
 index is the exact nearest code up to float32 rounding of the search (two codes whose distances
@@ -100,5 +104,7 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
     c3 = codebook if multi else codebook.unsqueeze(0)
     H = c3.shape[0]
     # explicit row counts: reshape(H, -1, D) is ambiguous (and raises) when D == 0 or H == 0
-    x3 = x.reshape(H, (lead.numel() // H) if H else 0, D)
+    # (math.prod, not Size.numel(): non-strict torch.export fixed a dynamic N there, fuzzL L2 as
+    # compileprobe P6 for the residual step)
+    x3 = x.reshape(H, (math.prod(lead) // H) if H else 0, D)
     return x3, c3, lead, allow_tf32

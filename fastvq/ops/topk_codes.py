@@ -53,7 +53,9 @@ def topk_codes(
     Returns:
         ``(indices, distances)`` of shape ``x.shape[:-1] + (k,)``: int64 in ``[0, K)``, all
         different within a row, in increasing distance (the returned distances never decrease
-        along a row); float32 distances computed directly at each code. The k are the k
+        along a row of finite codes for a finite row; non-finite codes and rows follow the order
+        below, so a dot row can read ``[-1, -inf]``); float32 distances computed directly at each
+        code. The k are the k
         smallest float32 scores of the search, ties to the smaller index, then ordered by their
         distances (a stable sort: equal distances keep that order), so ``indices[..., 0]`` is
         what :func:`fastvq.nearest_code` returns up to float32 rounding of near-ties (duplicate

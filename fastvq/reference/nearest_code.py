@@ -10,6 +10,7 @@ import torch
 
 from ..ops._search import METRICS
 from ._chunks import row_chunk
+from ._exact_sum import pair_sum_lastdim, round_pair
 
 TAME_EXP = 20  # codebooks whose max-abs values lie in [2^-20, 2^20] are searched unscaled
 
@@ -181,8 +182,10 @@ def distance(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
     as the smallest normal, counted as 2^(e_x + e_c - 126): [1, 0] . [1e-30, 3e38] gave -1,
     not -1e-30; fuzzA)."""
     x32, c32 = x.float(), c.float()
-    if metric == "dot":  # -(x.c) in float64: every product exact, nothing scaled or flushed
-        return -(x32.double() * c32.double()).sum(-1).float()
+    if metric == "dot":  # -(x.c) from float64 products (each exact, nothing scaled or flushed), summed
+        # as a compensated pair and rounded once (a plain float64 sum lost the products below 2^-53
+        # of the largest: [1, 1, 1] . [2^100, 1, -2^100] gave 0, not -1; fuzzJ)
+        return round_pair(*pair_sum_lastdim(-(x32.double() * c32.double())), torch.float32)
     if metric == "l2":
         return ((x32 - c32) ** 2).sum(-1)
     if metric == "euclidean":  # |x - c| = sqrt(sum((diff * 2^-e)^2)) * 2^e

@@ -269,6 +269,43 @@ def test_dot_distance_of_huge_beside_tiny_entries_is_exact(backend, dtype):
     check_search(x, c, "dot", idx, dist)
 
 
+def _exact_float32(values) -> float:
+    """The exact sum of Python floats (Fractions), rounded once to float32, ties to even: the
+    nearest of the five float32 values around its float64 rounding (which may round twice)."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    total = sum((Fraction(v) for v in values), Fraction(0))
+    f = np.float32(float(total))
+    cands = [np.nextafter(np.nextafter(f, -np.inf, dtype=np.float32), -np.inf, dtype=np.float32)]
+    for _ in range(4):
+        cands.append(np.nextafter(cands[-1], np.inf, dtype=np.float32))
+    return float(min(cands, key=lambda c: (abs(Fraction(float(c)) - total), int(np.array(c).view(np.int32)) & 1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dot_distance_of_cancelling_products_is_rounded_once(backend, device, dtype):
+    # fuzzJ: the plain float64 sum of the exact products lost the ones below 2^-53 of the largest
+    # when the large ones cancel: [1, 1, 1] . [2^100, 1, -2^100] gave 0 (exact -1), and
+    # [1, 2^-24, 2^-80] . [-1, -1, -1] gave 1 (exact 1 + 2^-24 + 2^-80: 1 + 2^-23 rounded once).
+    # Now a compensated float64 pair, rounded once, on both backends and in every search op
+    big = {torch.float32: 2.0**100, torch.bfloat16: 2.0**100, torch.float16: 2.0**15}[dtype]
+    small = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    tail = {torch.float32: 2.0**-80, torch.bfloat16: 2.0**-80, torch.float16: 2.0**-24}[dtype]
+    pairs = [([1.0, 1.0, 1.0], [big, 1.0, -big]), ([1.0, 1.0, 1.0, 1.0], [big, 1.0, -big, 0.5]),
+             ([1.0, small, tail], [-1.0, -1.0, -1.0]), ([1.0, 1.0, 1.0], [big, -big, tail]),
+             ([big, 1.0, big], [big, tail, -big])]  # (float16: products 2^30, 2^-24, -2^30)
+    for xr, cr in pairs:
+        x = torch.tensor([xr], device=device).to(dtype)
+        c = torch.tensor([cr], device=device).to(dtype)
+        want = -_exact_float32([a * b for a, b in zip(x[0].double().tolist(), c[0].double().tolist())])
+        for name, (idx, dist) in (("nearest_code", fastvq.nearest_code(x, c, "dot")),
+                                  ("topk_codes", [t[..., 0] for t in fastvq.topk_codes(x, c, 1, "dot")]),
+                                  ("sample_code", fastvq.sample_code(x, c, 1.0, "dot", seed=0))):
+            assert idx.tolist() == [0] and dist.item() == want, (name, xr, cr, dist.item(), want)
+
+
 def test_l2_spread_codebook_with_a_max_entry(backend):
     # F1b (the fuzz suite's case, same cause): codes of magnitude 10^0..10^3, one -float32-max
     # entry, rows 10^-5..10^3: every row's code within the rounding bound of the nearest.
