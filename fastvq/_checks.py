@@ -67,6 +67,22 @@ def check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:
         reach += stride * (size - 1)
 
 
+def check_inplace_target(op: str, name: str, t: torch.Tensor) -> None:
+    """Refuse an in-place target both backends cannot write alike: overlapping elements
+    (:func:`check_no_overlap`), a negative-bit view (``torch._neg_view``: the kernels write its
+    storage, torch's ops its negation; fuzzL L5 gave "Expected Tensor but got None"), or an
+    inference tensor outside ``torch.inference_mode()`` (torch refuses to update one; the
+    Triton kernels wrote it anyway: fuzzL L4)."""
+    check_no_overlap(op, name, t)
+    if t.is_neg():
+        raise ValueError(f"fastvq.{op}: {name} is updated in place, but it is a negative view "
+                         f"(torch._neg_view): pass .resolve_neg() of it, or a plain tensor")
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"fastvq.{op}: {name} is an inference tensor (created under torch.inference_mode()) "
+                           f"and is updated in place outside inference mode, which torch does not allow: .clone() it "
+                           f"outside inference mode first")
+
+
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastvq.{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")

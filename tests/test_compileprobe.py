@@ -119,6 +119,37 @@ def test_p6_residual_quantizer_exports_with_a_dynamic_batch():
             assert all(torch.equal(a, b) for a, b in zip(ep.module()(x), rq(x)))
 
 
+class _Search(torch.nn.Module):
+    def __init__(self, op, metric):
+        super().__init__()
+        self.op, self.metric = op, metric
+        self.cb = torch.nn.Parameter(randn(7, 4, seed=3))
+
+    def forward(self, x):
+        if self.op == "topk":
+            return fastvq.topk_codes(x, self.cb, 2, self.metric)
+        if self.op == "sample":
+            return fastvq.sample_code(x, self.cb, 0.0, self.metric)
+        return fastvq.nearest_code(x, self.cb, self.metric)
+
+
+@pytest.mark.parametrize("make", [lambda: _Search("nearest", "l2"), lambda: _Search("topk", "dot"),
+                                  lambda: _Search("sample", "cosine"), lambda: VectorQuantizer(8, 4, metric="cosine"),
+                                  lambda: VectorQuantizer(8, 4, metric="dot")],
+                         ids=["nearest_code", "topk_codes", "sample_code", "vq-cosine", "vq-dot"])
+def test_search_ops_export_with_a_dynamic_batch(make):
+    # fuzzL L2: the search ops' row count, Size.numel() of the leading dims, fixed a dynamic N in
+    # non-strict export ("Constraints violated (n)"), as compileprobe P6 did in the residual step
+    with fastvq.backend("reference"):
+        m = make().eval()
+        ep = torch.export.export(m, (randn(10, 4, seed=1),),
+                                 dynamic_shapes=({0: torch.export.Dim("n", min=2, max=1000)},))
+        for n in (3, 17):
+            x = randn(n, 4, seed=n)
+            got, want = ep.module()(x), m(x)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_exports_with_a_dynamic_batch_strict_or_for_qr_and_bitcodes():
     with fastvq.backend("reference"):
         torch.manual_seed(0)

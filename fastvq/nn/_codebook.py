@@ -510,9 +510,13 @@ class CodebookState(nn.Module):
         raise NotImplementedError
 
     def _codebook_levels(self) -> torch.Tensor:
-        """The codebook's data as an ``(L, K, D)`` view, for the in-place updates (``.data``: they
-        are not recorded by autograd)."""
-        return self._levels(self._codebook_parameter().data)
+        """The codebook as an ``(L, K, D)`` view, for the in-place updates, which run under
+        ``torch.no_grad()`` (not recorded by autograd). Not ``.data``: an update through the
+        parameter bumps its version, so the backward of an earlier forward that saved it (an
+        eval forward with grad, then a training step, then that backward) raises torch's
+        "modified by an inplace operation" error instead of reading the updated codebook
+        (fuzzL: input gradients 300x off, silently)."""
+        return self._levels(self._codebook_parameter())
 
     def _levels(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else (t.unsqueeze(0) if self._single_codebook else t)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .._backend import atomics_nondeterministic
-from .._checks import FLOAT_DTYPES
+from .._checks import FLOAT_DTYPES, check_tensor
 from ..ops.ema_update import codebook_snapshot, refuse_checkpoint_rerun
 from ..ops.nearest_code import nearest_code
 from ..ops._search import tf32_like_torch
@@ -191,6 +191,7 @@ def _check_mask(owner: str, mask, inputs: torch.Tensor) -> torch.Tensor | None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"fastvq.{owner}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    check_tensor(owner, "mask", mask)  # (sparse or nested: torch's reshape error, or another op's name; fuzzL L3)
     if mask.shape != inputs.shape[:-1]:
         raise ValueError(f"fastvq.{owner}: mask must have shape {tuple(inputs.shape[:-1])} (one per row of inputs "
                          f"{tuple(inputs.shape)}), got {tuple(mask.shape)}")

@@ -8,7 +8,7 @@ import torch
 from .._backend import use_triton
 from .._checkpoint_frames import in_checkpoint_rerun, in_compiled_backward
 from ._custom_op import custom_op
-from .._checks import check_float, check_no_overlap, check_real_arg, check_same_device, check_tensor
+from .._checks import check_float, check_inplace_target, check_real_arg, check_same_device, check_tensor
 from ..reference.ema_update import ema_decisions, ema_update_ref_, ema_update_rows_ref_
 
 
@@ -155,8 +155,8 @@ def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
     for name, t in (("cluster_size", cluster_size), ("embed_avg", embed_avg)):
         if t.dtype != torch.float32:
             raise TypeError(f"fastvq.{op}: {name} (EMA state) must be float32, got {t.dtype}")
-    for name, t in (("codebook", codebook), ("cluster_size", cluster_size)):
-        check_no_overlap(op, name, t)
+    for name, t in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg)):
+        check_inplace_target(op, name, t)
     if not embed_avg.is_contiguous():
         raise ValueError(f"fastvq.{op}: embed_avg must be contiguous (it is updated in place)")
     decay = check_real_arg(op, "decay", decay)

@@ -539,8 +539,7 @@ def _(codes, num_embeddings, op="residual_decode"):
 
 
 def _residual_decode(codes: torch.Tensor, codebooks: torch.Tensor, op: str) -> torch.Tensor:
-    if not isinstance(codes, torch.Tensor):
-        raise TypeError(f"fastvq.{op}: codes must be a torch.Tensor, got {type(codes).__name__}")
+    check_tensor(op, "codes", codes)  # (sparse or nested: torch's internal errors; fuzzL L3)
     if codes.dtype not in INT_DTYPES:
         raise TypeError(f"fastvq.{op}: codes must be an integer tensor, got {codes.dtype}")
     L, K, D = codebooks.shape

@@ -1012,6 +1012,23 @@ def _compiled_checkpoint_rerun_raises(kind, mode):
     assert all(torch.equal(a, b) for a, b in zip(state, after)), "the refused rerun updated the module"
 
 
+@pytest.mark.parametrize("kind", ["vq-ema", "vq-dead", "vq-kmeans", "rq-dead", "rq-ema-rotation"])
+def test_a_backward_after_the_modules_own_update_raises(backend, kind):
+    """fuzzL L1: an eval forward with grad, then a training forward (which updates the codebook
+    in place: EMA, revival, k-means init), then the eval loss's backward: it read the updated
+    codebook (input gradients 300x off) and raised nothing, as the updates went through
+    ``.data``. Now they bump the parameter's version, so torch raises, as for an
+    optimizer.step() between a forward and its backward (README)."""
+    torch.manual_seed(0)
+    m = CHECKPOINTED[kind]().eval()
+    x = randn(16, 3, seed=1, requires_grad=True)
+    q, commit, emb, _ = m(x)
+    m.train()(randn(16, 3, seed=2) * 5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (q.square().sum() + commit).backward()
+    m.eval()(randn(4, 3, seed=3, requires_grad=True))[1].backward()  # (a fresh forward's backward runs)
+
+
 @pytest.mark.parametrize("kind", ["vq-ema", "rq-dead"])
 def test_a_compiled_step_that_checkpoints_a_quantizer_raises(backend, kind):
     """A whole step compiled with the quantizer inside a checkpointed region: the partitioner

@@ -529,3 +529,26 @@ def test_tf32_like_torch_is_false_off_the_gpu():
         assert not tf32_like_torch(torch.zeros(1))  # CPU matmuls never use TF32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr", "nested"])
+def test_sparse_or_nested_mask_and_codes_are_named(backend, device, layout):
+    # fuzzL L3: modules with revival or k-means raised torch's sparse reshape error, the others
+    # named residual_quantize_step's weights; residual_decode's codes gave torch-internal errors
+    def kind(t):
+        if layout == "coo":
+            return t.to_sparse()
+        if layout == "csr":
+            return t.reshape(1, -1).to_sparse_csr() if t.dim() == 1 else t.to_sparse_csr()
+        return torch.nested.nested_tensor([t[:1], t[1:]]) if t.dim() == 1 else torch.nested.nested_tensor(list(t))
+
+    x = randn(8, 3, seed=1, device=device)
+    mask = torch.ones(8, dtype=torch.bool, device=device)
+    for m in (fastvq.nn.VectorQuantizer(4, 3), fastvq.nn.VectorQuantizer(4, 3, dead_code_threshold=1.0),
+              fastvq.nn.ResidualQuantizer(2, 4, 3, ema=True)):
+        with pytest.raises(TypeError, match=f"fastvq.{type(m).__name__}: mask must be a dense"):
+            m.train()(x, mask=kind(mask))
+    rq = fastvq.nn.ResidualQuantizer(2, 4, 3)
+    codes = torch.zeros(8, 2, dtype=torch.long, device=device)
+    with pytest.raises(TypeError, match="fastvq.residual_decode: codes must be a dense"):
+        fastvq.residual_decode(kind(codes), rq.codebooks)

@@ -173,3 +173,26 @@ def test_overlapping_in_place_targets_are_refused(backend, device, view):
     # a strided view without overlap is fine (columns 0, 2 of 4: the stride exceeds the reach)
     wide = randn(L, K, 2 * D, device=device)
     ema_update_(wide[..., ::2], cs, ea, counts, sums, 0.9, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["codebook", "cluster_size", "embed_avg"])
+def test_negative_views_and_inference_tensors_are_refused_alike(backend, device, name):
+    # fuzzL L4, L5: a torch._neg_view target gave "Expected Tensor but got None" on both
+    # backends; an inference tensor outside inference mode: the reference raised torch's error,
+    # the Triton kernels wrote it anyway. Both named now, and nothing is written
+    L, K, D = 2, 4, 3
+    args = {"codebook": randn(L, K, D, device=device), "cluster_size": torch.rand(L, K, device=device),
+            "embed_avg": randn(L, K, D, device=device)}
+    counts, sums = torch.rand(L, K, device=device) * 2, randn(L, K, D, device=device)
+    before = {k: v.clone() for k, v in args.items()}
+    neg = dict(args, **{name: torch._neg_view(args[name])})
+    with pytest.raises(ValueError, match=f"{name} is updated in place, but it is a negative view"):
+        ema_update_(neg["codebook"], neg["cluster_size"], neg["embed_avg"], counts, sums, 0.9, 1e-5)
+    with torch.inference_mode():
+        frozen = args[name].clone()
+    inf = dict(args, **{name: frozen})
+    with pytest.raises(RuntimeError, match=f"{name} is an inference tensor"):
+        ema_update_(inf["codebook"], inf["cluster_size"], inf["embed_avg"], counts, sums, 0.9, 1e-5)
+    assert all(torch.equal(args[k], before[k]) for k in args) and torch.equal(frozen, before[name])
+    with torch.inference_mode():  # inside inference mode an inference tensor may be updated
+        ema_update_(inf["codebook"], inf["cluster_size"], inf["embed_avg"], counts, sums, 0.9, 1e-5)
