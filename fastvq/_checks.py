@@ -74,6 +74,8 @@ def check_inplace_target(op: str, name: str, t: torch.Tensor) -> None:
     inference tensor outside ``torch.inference_mode()`` (torch refuses to update one; the
     Triton kernels wrote it anyway: fuzzL L4)."""
     check_no_overlap(op, name, t)
+    if torch.compiler.is_compiling():  # (is_neg / is_inference do not trace; a compiled graph has neither)
+        return
     if t.is_neg():
         raise ValueError(f"fastvq.{op}: {name} is updated in place, but it is a negative view "
                          f"(torch._neg_view): pass .resolve_neg() of it, or a plain tensor")

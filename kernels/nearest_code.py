@@ -61,9 +61,9 @@ import triton
 import triton.language as tl
 
 from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dd_add, dd_sum,
-                      dot_fp32, dot_nt, dot_split_nt, exp2i, interpreter_or, launcher, nan_clamp, nan_max0, next_pow2, pow2_exponent,
-                      prune_by_estimate, rcp_rn, register_estimate, round_dd, sm_count, target_for, tf32_split,
-                      tl_input_precision, words_per_thread)
+                      dot_fp32, dot_nt, dot_split_nt, exp2i, interpreter_or, launcher, nan_clamp, nan_max0,
+                      next_pow2, pow2_exponent, prune_by_estimate, rcp_rn, register_estimate, round_dd,
+                      rows_vectorise, sm_count, target_for, tf32_split, tl_input_precision, words_per_thread)
 
 # Internal ids; the public metric and strategy names and their documentation live in
 # fastvq/ops/_search.py.
@@ -1082,7 +1082,9 @@ def _launch(x, codebook, metric, allow_tf32, positive, splits, seed=None, temper
         _nearest_code_reduce_kernel[(triton.cdiv(H * N, BLOCK_NR),)](
             x, codebook, meta, pscore, pidx, indices, distances, N, K, D, H, S,
             x.stride(0), x.stride(1), x.stride(2), codebook.stride(0), codebook.stride(1), codebook.stride(2),
-            METRIC=m, HAS_LOWER_BOUND=has_lb, BLOCK_N=BLOCK_NR, BLOCK_D=min(BLOCK_D, 64),
+            METRIC=m, HAS_LOWER_BOUND=has_lb, BLOCK_N=BLOCK_NR,
+            # (rows whose loads do not vectorise, D = 300 in 16 bits: 64-wide chunks spilled 120-216 B)
+            BLOCK_D=min(BLOCK_D, 64 if rows_vectorise(x, codebook) else 32),
         )
     return indices, distances
 
@@ -1154,7 +1156,9 @@ def topk_codes_fwd(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str 
         gpu = 32, 32, 8  # 64 x 32 reached 255 registers and spilled 8-16 B with triton 3.6 (float64 top-k values)
     else:
         block_k = 64 if arch_family(target_for(x.device)) == "sm_90" else 32
-        gpu = (32, block_k, 4)  # 64-row tiles spilled (float64 top-k values: the l2 scale tiers)
+        # 64-row tiles spilled (float64 top-k values: the l2 scale tiers); rows whose loads do not
+        # vectorise (D = 300) spilled 24-112 B at 4 warps on sm_90, none at 8 (207-211 registers)
+        gpu = (32, block_k, 4 if rows_vectorise(x, codebook) else 8)
     BLOCK_N, BLOCK_K, num_warps = interpreter_or((32, 32, 4), gpu)
     _topk_codes_fwd_kernel[(H * triton.cdiv(N, BLOCK_N),)](
         x, codebook, chat, cterm, meta, indices, distances, N, K, D, k,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_fp32, dot_nt, launcher, nan_max0, next_pow2, tl_input_precision
+from ._common import dot_fp32, dot_nt, launcher, nan_max0, next_pow2, rows_vectorise, tl_input_precision
 
 GROUP_M = 8
 TRUST_SQNORM = 2.0**125  # |a|^2 + |b|^2 - 2 a.b cannot overflow in its intermediates below this
@@ -105,10 +105,13 @@ def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     precision = tl_input_precision(a.dtype, split_on=a.device)
     exact = a.dtype == torch.float32
     BLOCK_D = min(max(next_pow2(D), 16), 32 if exact else 64)
+    num_warps = 8 if exact else 4
+    if not exact and not rows_vectorise(a, b):  # (64-wide chunks at 4 warps spilled 384-504 B at D = 100)
+        BLOCK_D, num_warps = min(BLOCK_D, 32), 8
     _pairwise_sqdist_fwd_kernel[grid(M, N, BLOCK_M, BLOCK_N)](
         a, b, out, M, N, D,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, GROUP=GROUP_M,
-        PRECISION=precision, DOT_FP32=dot_fp32(a.dtype), num_warps=8 if exact else 4,
+        PRECISION=precision, DOT_FP32=dot_fp32(a.dtype), num_warps=num_warps,
     )
     return out

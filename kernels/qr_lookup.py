@@ -58,7 +58,8 @@ import triton
 import triton.language as tl
 
 from ._common import (FIX_SCAN, add_rows_by_index_dd, atomic_overflow_bound, dd_add, dd_sum, flat_grid,
-                      flat_program_id, launcher, next_pow2, nonfinite_rows, rcp_rn, round_dd, tile_offsets)
+                      flat_program_id, launcher, next_pow2, nonfinite_rows, rcp_rn, round_dd, rows_vectorise,
+                      tile_offsets)
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
@@ -757,6 +758,13 @@ def _block_d(D: int) -> int:
     return min(next_pow2(max(D, 1)), 128)
 
 
+def _tile_elements(*tensors) -> int:
+    """Items x columns per program of the weights' gradient and the atomic backward: 4,096, or
+    1,024 where the rows' loads do not vectorise (:func:`rows_vectorise`: D = 300 spilled 320-848
+    B at 255 registers on sm_90 with 4,096, none with 1,024, at 96-146 registers)."""
+    return 4096 if rows_vectorise(*tensors) else 1024
+
+
 def _out_dim(op: str, q_weight: torch.Tensor, r_weight: torch.Tensor) -> int:
     return q_weight.shape[1] + r_weight.shape[1] if op == "concat" else q_weight.shape[1]
 
@@ -866,7 +874,7 @@ def qr_lookup_bwd(
         if N == 0 or DOUT == 0:  # no bag, or nothing to dot: every weight's gradient is 0
             w_grad.zero_()
         else:
-            BLOCK_L = max(1, min(64, 4096 // _block_d(DOUT)))
+            BLOCK_L = max(1, min(64, _tile_elements(grad, q_weight, r_weight) // _block_d(DOUT)))
             _qr_psw_grad_kernel[flat_grid(triton.cdiv(N, BLOCK_L))](
                 grad, ids, offsets, q_weight, r_weight, w_grad, N, B, M, R, DQ, DR, DOUT, n_bag_iters,
                 grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
@@ -881,9 +889,9 @@ def qr_lookup_bwd(
         dq = torch.zeros((Q, DQ), dtype=torch.float32, device=dev) if need_q else None
         dr = torch.zeros((R, DR), dtype=torch.float32, device=dev) if need_r else None
         if N > 0 and BLOCK_D > 0 and max(DQ, DR) > 0:
-            BLOCK_L = max(1, min(64, 4096 // BLOCK_D))
-            n_d = triton.cdiv(max(DQ, DR), BLOCK_D)
             dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
+            BLOCK_L = max(1, min(64, _tile_elements(grad, q_weight, r_weight, dq_arg, dr_arg) // BLOCK_D))
+            n_d = triton.cdiv(max(DQ, DR), BLOCK_D)
             state = torch.zeros((1 + Q + R,), dtype=torch.int32, device=dev)  # the flag, then a mark per row
             big_t = atomic_overflow_bound(N)
             args = (grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, dq_arg, dr_arg, state)

@@ -249,3 +249,16 @@ def test_edge_launches_compile_for_sm90():
     launched = {r["kernel"] for r in lines if not r.get("summary")}
     missing = sorted(_kernels_in_source() - launched)
     assert not missing, f"kernels no edge launch reaches: {missing}"
+
+
+def test_no_edge_launch_spills_at_the_register_cap():
+    """The edge-shaped launches in the compile record (kept current by
+    test_compile_record_is_current) stay below ptxas's 255-register cap or compile without
+    spilling: rows whose loads do not vectorise (D = 100 or 300 in 16 bits) spilled 112-848 B at
+    the cap in pairwise_sqdist, qr_lookup's backward, the mining reduce and top-k until their
+    launchers took smaller tiles or more warps there (fuzzK; ``kernels._common.rows_vectorise``).
+    Small spills below the cap (ptxas's launch-bound choice) are counted, not refused, as in
+    benchmarks/results/sm90-static.json."""
+    edges = json.loads(RECORD.read_text())["edges"]
+    at_cap = {key: (r["regs"], r["spill"]) for key, r in edges.items() if r.get("spill") and r.get("regs", 0) >= 255}
+    assert not at_cap, f"edge launches spilling at 255 registers (record keys: regs, spill B): {at_cap}"
