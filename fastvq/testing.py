@@ -337,7 +337,8 @@ def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     ``(..., D)``: the distances and magnitudes are then ``(..., K)``."""
     _check_search_args(x, codebook, metric)
     lead = x.shape[:-1]
-    d, mag, n = _distances64_rows(x.reshape(-1, x.shape[-1]), codebook, metric)
+    # (explicit row count: reshape(-1, 0) is ambiguous at D = 0; review10)
+    d, mag, n = _distances64_rows(x.reshape(math.prod(lead), x.shape[-1]), codebook, metric)
     return d.reshape(*lead, d.shape[-1]), mag.reshape(*lead, mag.shape[-1]), n
 
 
@@ -439,7 +440,7 @@ def argmin_ratio(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     if indices.shape != x.shape[:-1]:
         raise ValueError(f"fastvq.testing: indices must have shape x.shape[:-1] = {tuple(x.shape[:-1])} (one per "
                          f"row of x), got {tuple(indices.shape)}")
-    x2, idx = x.reshape(-1, D), indices.reshape(-1).long()
+    x2, idx = x.reshape(math.prod(x.shape[:-1]), D), indices.reshape(-1).long()
     dtype = _fmt(x.dtype)
     if precision is None:
         precision = "ieee" if dtype == torch.float32 else dtype

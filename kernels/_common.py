@@ -231,11 +231,13 @@ def next_pow2(n: int) -> int:
 
 def rows_vectorise(*tensors) -> bool:
     """Whether Triton specialises these tensors' addresses as 16-byte aligned, base pointers at
-    16 bytes and every stride but the last divisible by 16, so that row loads vectorise (``None``
+    16 bytes, every stride but the last divisible by 16 and the last 1 (a strided column view,
+    ``x[:, ::2]``, does not vectorise either; review10), so that row loads vectorise (``None``
     entries are skipped). Where they do not (rows of D = 100 or 300 16-bit values), Triton holds
     more registers per element: tiles sized for aligned rows spilled 112-848 B at 255 registers on
     sm_90 (fuzzK), so launchers take smaller tiles or more warps there."""
-    return all(t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1]) for t in tensors if t is not None)
+    return all(t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1])
+               and (t.stride(-1) == 1 or t.shape[-1] <= 1) for t in tensors if t is not None)
 
 
 # CUDA's launch-grid limits: up to 2**31 - 1 programs on axis 0, 65,535 on axes 1 and 2. A launcher
@@ -448,13 +450,36 @@ def dd_sum(b_t, axis: tl.constexpr):
     ``lo`` within ``n^2 2^(DD_M - 106)`` of the largest term. Only maxima, sums and elementwise
     operations: no custom reduction (the interpreter runs those element by element). A NaN or
     infinite term: ``hi`` is the plain sum, ``lo`` 0."""
+    b_q, b_r = dd_split(b_t, axis)
+    return tl.sum(b_q, axis=axis), tl.sum(b_r, axis=axis)
+
+
+@triton.jit
+def dd_split(b_t, axis: tl.constexpr):
+    """:func:`dd_sum`'s extraction, element by element: ``(q, t - q)`` with ``q`` the term at
+    ``sigma``'s precision (the ``q`` of a block sum exactly) and ``t - q`` exact. A block with a
+    NaN or infinite term: ``q = t``, remainder 0."""
     b_m = tl.max(tl.abs(b_t), axis=axis, keep_dims=True)
     fin = b_m < float("inf")
     b_e = (b_m.to(tl.int64, bitcast=True) >> 52) & 0x7FF  # the largest |term|'s biased exponent
     sigma = tl.where(fin, ((b_e + 1 + DD_M) << 52).to(tl.float64, bitcast=True), 0.0)
     b_q = tl.where(fin, (sigma + b_t) - sigma, b_t)
-    b_r = tl.where(fin, b_t - b_q, 0.0)
-    return tl.sum(b_q, axis=axis), tl.sum(b_r, axis=axis)
+    return b_q, tl.where(fin, b_t - b_q, 0.0)
+
+
+@triton.jit
+def dd_sum2(b_t, axis: tl.constexpr):
+    """``(hi, lo)``: :func:`dd_sum` with a second extraction of the remainders, for terms of up to
+    53 bits (products of two float32 values: 48) that cancel. The first extraction keeps each
+    term to ``2^(E - 41)`` (``2^E`` above the largest), so a product near the top leaves up to 7
+    low bits, and a plain sum of those remainders lost them where the rest cancelled
+    (``(1 + 2^-23)^2 + 2^-100 - (1 + 2^-23)^2`` gave 0; review10); the second keeps the remainders
+    to ``2^(E - 83)``, and only what lies below that is summed plainly: the pair is the exact
+    sum to about ``n^2 2^-136`` of the largest term."""
+    b_q, b_r = dd_split(b_t, axis)
+    b_q2, b_r2 = dd_split(b_r, axis)
+    s, err = two_sum(tl.sum(b_q, axis=axis), tl.sum(b_q2, axis=axis))
+    return s, err + tl.sum(b_r2, axis=axis)
 
 
 @triton.jit

@@ -430,3 +430,13 @@ def test_dot_argmin_bound_covers_a_codebook_scored_in_its_largest_codes_unit(bac
     idx, _ = fastvq.nearest_code(x, c, "dot")
     ft.assert_argmin_within_bound(x, c, idx, "dot")
     assert float(ft.argmin_ratio(x, c, torch.tensor([2], device=device), "dot")[0].max()) > 1  # 7e75 is no tie
+
+
+def test_distances64_and_argmin_bound_take_rows_of_zero_width(device):
+    # review10: reshape(-1, 0) is ambiguous, so D = 0 raised torch's reshape error
+    for lead in ((3,), (2, 3)):
+        x, c = torch.zeros(*lead, 0, device=device), torch.zeros(4, 0, device=device)
+        for metric in ("l2", "dot", "cosine"):
+            d, mag, _ = ft.distances64(x, c, metric)
+            assert d.shape == mag.shape == (*lead, 4) and bool((d == d.flatten()[0]).all()), metric
+            ft.assert_argmin_within_bound(x, c, torch.zeros(lead, dtype=torch.long, device=device), metric)

@@ -704,10 +704,13 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
     old = _readable_traffic(path) if names and os.path.exists(path) else None
     if names and os.path.exists(path) and (old is None or old.get("scale") != scale):
         # (a subset counted at another scale replaced the whole file with its rows, silently; review9)
-        counted = "cannot be read" if old is None else f"was counted at --traffic-scale {old.get('scale')}"
-        raise UsageError(f"{path} {counted}: --ops updates its rows in place only at the same scale, and would "
-                         f"replace the file's rows with these {len(cases)}; pass --traffic-scale "
-                         f"{old.get('scale') if old else 'N'}, count every row (no --ops), or --out another folder")
+        if old is None:
+            raise UsageError(f"{path} cannot be read as a traffic.json: --ops updates the rows of one in place, and "
+                             f"would replace the file with these {len(cases)} rows; count every row (no --ops), or "
+                             f"--out another folder")
+        raise UsageError(f"{path} was counted at --traffic-scale {old.get('scale')}: --ops updates its rows in place "
+                         f"only at the same scale, and would replace the file's rows with these {len(cases)}; pass "
+                         f"--traffic-scale {old.get('scale')}, count every row (no --ops), or --out another folder")
     if scale != 1:
         print(f"Counting at 1/{scale} of the named row counts and codebook sizes (about the same pass counts, "
               f"{scale}x less interpreted work); --traffic-scale 1 for the named shapes.\n")
@@ -727,8 +730,9 @@ def run_traffic(out_dir: str | None = None, names=None, scale: int | None = None
     if old is not None:  # a subset updates its rows of a file counted at the same scale
         # (the file's environment stays that of its other rows; an updated row carries its own)
         new = {r["case"]: {**r, "environment": env} for r in rows}
+        kept = [r for r in old["rows"] if r.get("case") not in new]
         rows = [new.pop(r.get("case"), r) for r in old["rows"]] + list(new.values())
-        env = old.get("environment", env)
+        env = old.get("environment", env) if kept else env  # (every row counted again: this run's)
         print(f"\n(--ops: {len(results)} row(s) updated in place, each with its own environment; the file's "
               f"other {len(rows) - len(results)} kept)")
     with open(path, "w") as f:

@@ -74,12 +74,24 @@ def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tenso
     return hi, lo
 
 
-def pair_sum_lastdim(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hi, lo)``: the sums of float64 ``t`` along its last dimension, as a pair."""
-    amax = t.abs().amax(-1, keepdim=True) if t.shape[-1] else t.new_zeros(t.shape[:-1] + (1,))
-    sigma = _sigma(amax, torch.full_like(amax, t.shape[-1]))
-    q, r = _split(t, sigma)
-    return q.sum(-1), r.sum(-1)
+def pair_sum_lastdim(t: torch.Tensor, extractions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)``: the sums of float64 ``t`` along its last dimension, as a pair.
+    ``extractions=2`` splits the remainders again (terms of up to 53 bits that cancel, as the
+    kernels' ``dd_sum2``: products of two float32 values, whose low bits the first split leaves
+    in remainders that a plain sum lost where the rest cancelled)."""
+    def split(v):
+        amax = v.abs().amax(-1, keepdim=True) if v.shape[-1] else v.new_zeros(v.shape[:-1] + (1,))
+        return _split(v, _sigma(amax, torch.full_like(amax, v.shape[-1])))
+
+    q, r = split(t)
+    if extractions == 1:
+        return q.sum(-1), r.sum(-1)
+    q2, r2 = split(r)
+    hi, mid = q.sum(-1), q2.sum(-1)
+    s = hi + mid
+    bb = s - hi
+    err = (hi - (s - bb)) + (mid - bb)  # s + err == hi + mid exactly (both sums are exact)
+    return s, err + r2.sum(-1)
 
 
 def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, exact_terms: bool = True) -> torch.Tensor:

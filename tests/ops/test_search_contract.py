@@ -296,6 +296,13 @@ def test_dot_distance_of_cancelling_products_is_rounded_once(backend, device, dt
     pairs = [([1.0, 1.0, 1.0], [big, 1.0, -big]), ([1.0, 1.0, 1.0, 1.0], [big, 1.0, -big, 0.5]),
              ([1.0, small, tail], [-1.0, -1.0, -1.0]), ([1.0, 1.0, 1.0], [big, -big, tail]),
              ([big, 1.0, big], [big, tail, -big])]  # (float16: products 2^30, 2^-24, -2^30)
+    # review10: products of up to 48 bits (not powers of two) whose low bits the first extraction
+    # leaves in remainders: (1 + 2^-23)^2 + 2^-100 - (1 + 2^-23)^2 gave 0 (exact 2^-100); and a
+    # second level of cancellation, products 2^100, -2^100, 2^58, 1, -2^58
+    a = {torch.float32: 1 + 2.0**-23, torch.bfloat16: 1 + 2.0**-7, torch.float16: 1 + 2.0**-10}[dtype]
+    pairs.append(([a, small * tail, a], [a, 1.0, -a]))
+    if dtype != torch.float16:
+        pairs.append(([2.0**50, 2.0**50, 2.0**29, 1.0, 2.0**29], [2.0**50, -(2.0**50), 2.0**29, 1.0, -(2.0**29)]))
     for xr, cr in pairs:
         x = torch.tensor([xr], device=device).to(dtype)
         c = torch.tensor([cr], device=device).to(dtype)
@@ -304,6 +311,10 @@ def test_dot_distance_of_cancelling_products_is_rounded_once(backend, device, dt
                                   ("topk_codes", [t[..., 0] for t in fastvq.topk_codes(x, c, 1, "dot")]),
                                   ("sample_code", fastvq.sample_code(x, c, 1.0, "dot", seed=0))):
             assert idx.tolist() == [0] and dist.item() == want, (name, xr, cr, dist.item(), want)
+    # an exact 0 is -0.0 on both backends (-(x.c) of +0: the reference gave +0.0; review10)
+    zero = fastvq.nearest_code(torch.tensor([[1.0, -1.0]], device=device).to(dtype),
+                               torch.ones(1, 2, device=device).to(dtype), "dot")[1]
+    assert zero.item() == 0 and bool(torch.signbit(zero).all())
 
 
 def test_l2_spread_codebook_with_a_max_entry(backend):
