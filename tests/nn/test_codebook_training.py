@@ -974,6 +974,7 @@ def test_an_ordinary_step_never_walks_the_stack(backend, monkeypatch):
         (out[0].square().sum() + out[1] + out[2]).backward()
 
 
+@pytest.mark.about_devices("the deterministic-mode case patches ATOMIC_DEVICE_TYPES: CPU launches stand in for CUDA")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-stats", "deterministic-mode"])
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("kind", ["vq-ema", "rq-dead"])
