@@ -83,7 +83,10 @@ def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     is finite wherever the inputs are finite and the true gradient is representable in the
     output dtype (``|q| = 1e20``, ``|e| = 1e-30`` and subnormal rows of ``e``, ``q`` or ``g``
     included); a gradient beyond the dtype's
-    range is ``+-inf``. A row with a NaN or infinite entry in ``e`` or ``q`` gets a NaN
+    range is ``+-inf``. Except where ``(|q| / |e|) max|g|`` itself overflows float32 (such a row's
+    gradient holds +-inf already): its three terms, each that large, cancel in float32, so an
+    element far below them (an exact 0, or 1e30 beside 3e38 * 1e35) can read 0 or +-inf, and
+    the backends can differ there (fuzzM M1). A row with a NaN or infinite entry in ``e`` or ``q`` gets a NaN
     gradient (its rotation is undefined). A NaN or infinite ``g`` passes through a
     straight-through row unchanged and makes a rotated row NaN. Identical on both backends.
 
