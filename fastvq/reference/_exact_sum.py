@@ -91,7 +91,8 @@ def pair_sum_lastdim(t: torch.Tensor, extractions: int = 1) -> tuple[torch.Tenso
     s = hi + mid
     bb = s - hi
     err = (hi - (s - bb)) + (mid - bb)  # s + err == hi + mid exactly (both sums are exact)
-    return s, err + r2.sum(-1)
+    # (a NaN or infinite term: hi is the plain sum's value, the rest NaN, which round_pair ignores)
+    return torch.where(torch.isfinite(hi), s, hi), err + r2.sum(-1)
 
 
 def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, exact_terms: bool = True) -> torch.Tensor:
