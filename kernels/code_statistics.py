@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dd_add, dd_sum, launcher, next_pow2, round_dd
+from ._common import dd_add, dd_sum, dd_sum2, launcher, next_pow2, round_dd
 
 MAX_BLOCK_D = 256
 TILE_ELEMENTS = 4096  # BLOCK_N * BLOCK_D of one loaded tile (float64 products: 64 registers a thread)
@@ -146,7 +146,10 @@ def _code_statistics_segment_kernel(
                 b_w = tl.load(p_w + (b_rows % NW) * stride_w, mask=m_use, other=0).to(tl.float64)
             else:
                 b_w = m_use.to(tl.float64)
-            b_hi, b_lo = dd_sum(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), 0)
+            # (products of two float32 values, up to 48 bits: the remainders extracted again, or
+            # their low bits were lost where the rest cancelled, [3e38, 1, -3e38] weighted
+            # [1e38, 1, 1e38] gave 0, not 1; fuzzM D1)
+            b_hi, b_lo = dd_sum2(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), 0)
             b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
             c_hi, c_lo = dd_sum(b_w[:, None], 0)
             cnt, cnt_err = dd_add(cnt, cnt_err, c_hi, c_lo)

@@ -542,3 +542,14 @@ def test_sums_near_rounding_midpoints_round_once(backend, spread):
     # a plain float64 sum gets cases wrong, so the assertions above can fail
     plain = x.double().sum(0).float()
     assert (plain != want).sum() >= 4
+
+
+def test_deterministic_sums_of_products_that_cancel(backend, device):
+    # fuzzM D1: weighted terms 3e38 * 1e38, 1, -3e38 * 1e38 (products of up to 48 bits) summed
+    # to 0 on the Triton backend (one extraction left the big products' low bits in remainders
+    # whose plain sum lost the 1); the exact sum is 1. The deterministic path extracts twice
+    x = torch.tensor([[3e38], [1.0], [-3e38], [2.5]], device=device)
+    w = torch.tensor([1e38, 1.0, 1e38, 3.0], device=device)
+    idx = torch.tensor([0, 0, 0, 1], device=device)
+    counts, sums = fastvq.code_statistics(x, idx, 2, weights=w, deterministic=True)
+    assert sums.flatten().tolist() == [1.0, 7.5]
