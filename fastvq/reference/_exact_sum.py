@@ -88,11 +88,16 @@ def pair_sum_lastdim(t: torch.Tensor, extractions: int = 1) -> tuple[torch.Tenso
         return q.sum(-1), r.sum(-1)
     q2, r2 = split(r)
     hi, mid = q.sum(-1), q2.sum(-1)
-    s = hi + mid
-    bb = s - hi
-    err = (hi - (s - bb)) + (mid - bb)  # s + err == hi + mid exactly (both sums are exact)
+    s, err = _two_sum(hi, mid)  # (both sums are exact)
     # (a NaN or infinite term: hi is the plain sum's value, the rest NaN, which round_pair ignores)
     return torch.where(torch.isfinite(hi), s, hi), err + r2.sum(-1)
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, e)``: ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth), as the kernels' two_sum."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
 
 
 def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, exact_terms: bool = True) -> torch.Tensor:
@@ -109,9 +114,8 @@ def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, exact_ter
         step = max(1, ROUND_CHUNK // max(1, hi[0].numel()))
         return torch.cat([round_pair(h, l, dtype) for h, l in zip(hi.split(step), lo.split(step))])
     fin = torch.isfinite(hi)
-    h = hi + lo
-    bb = h - hi
-    lo = torch.where(fin, (hi - (h - bb)) + (lo - bb), torch.zeros_like(hi))  # h + lo == hi + lo exactly
+    h, err = _two_sum(hi, lo)
+    lo = torch.where(fin, err, torch.zeros_like(hi))  # h + lo == hi + lo exactly
     h = torch.where(fin, h, hi)
     if dtype == F64:
         return h

@@ -431,13 +431,17 @@ def test_update_indices_refuses_out_of_range_codes(device):
             vq.update_indices(x, torch.full((B, 6), -2, device=device))
 
 
+def _unpatched_and_patched(device):
+    """A seeded VQ, its deep copy (to run patched) and a batch ``(B, 6, DIM)``."""
+    torch.manual_seed(0)
+    ref = VQ().to(device)
+    return ref, copy.deepcopy(ref), randn(B, 6, DIM, seed=1, device=device)
+
+
 def test_update_indices_refuses_what_vqps_one_hot_refuses(device):
     # fuzzG: int32 / uint8 codes, and a code out of range at a masked-out row, updated the EMA
     # where VQP's F.one_hot raises with the codebook untouched
-    torch.manual_seed(0)
-    ref = VQ().to(device)
-    pat = copy.deepcopy(ref)
-    x = randn(B, 6, DIM, seed=1, device=device)
+    ref, pat, x = _unpatched_and_patched(device)
     mask = torch.ones(B, 6, dtype=torch.bool, device=device)
     mask[-1, 3:] = False
     far = torch.zeros(B, 6, dtype=torch.long, device=device)
@@ -459,10 +463,7 @@ def test_update_indices_refuses_what_vqps_one_hot_refuses(device):
 
 
 def test_update_indices_refuses_float_indices(device):
-    torch.manual_seed(0)
-    ref = VQ().to(device)
-    pat = copy.deepcopy(ref)
-    x = randn(B, 6, DIM, seed=1, device=device)
+    ref, pat, x = _unpatched_and_patched(device)
     codes = torch.full((B, 6), 2.7, device=device)
     with pytest.raises(RuntimeError, match="one_hot"):
         ref.update_indices(x, codes)  # VQP: integer codes only
@@ -472,10 +473,7 @@ def test_update_indices_refuses_float_indices(device):
 
 
 def test_update_indices_refuses_float_mask(device):
-    torch.manual_seed(0)
-    ref = VQ().to(device)
-    pat = copy.deepcopy(ref)
-    x = randn(B, 6, DIM, seed=1, device=device)
+    ref, pat, x = _unpatched_and_patched(device)
     codes = torch.zeros(B, 6, dtype=torch.long, device=device)
     mask = torch.full((B, 6), 0.5, device=device)
     with pytest.raises(TypeError):
