@@ -82,10 +82,13 @@ def _quiet_interpreter_warnings() -> bool:
     The interpreter runs each block operation in numpy, which warns ("overflow encountered in
     multiply", "invalid value", "All-NaN slice") where a GPU computes the same inf or NaN
     silently; the kernels handle those values, so a parity run on the CPU printed noise that
-    reads like a defect. Each launch makes sure one filter, for the interpreter module's
-    RuntimeWarnings only, is in ``warnings.filters`` (set once at import it was lost when the
-    import ran inside ``warnings.catch_warnings``, as pytest's collection does; a user's filter
-    placed before it still wins). Returns whether the launch hook is in place."""
+    reads like a defect. Each launch runs under ``numpy.errstate`` that ignores floating-point
+    errors (numpy's own reductions, behind ``tl.sum`` and ``tl.max``, warn from numpy's module,
+    not the interpreter's) and makes sure one filter, for the interpreter module's
+    RuntimeWarnings ("All-NaN slice"), is in ``warnings.filters`` (set once at import it was
+    lost when the import ran inside ``warnings.catch_warnings``, as pytest's collection does; a
+    user's filter placed before it still wins). Returns whether the launch hook is in place."""
+    import numpy as np
     from triton.runtime import interpreter
 
     executor = getattr(interpreter, "GridExecutor", None)
@@ -99,7 +102,8 @@ def _quiet_interpreter_warnings() -> bool:
         if not any(f[0] == "ignore" and f[2] is RuntimeWarning and f[3] is not None and f[3].pattern == _QUIET_MODULE
                    for f in warnings.filters):
             warnings.filterwarnings("ignore", category=RuntimeWarning, module=_QUIET_MODULE)
-        return call(self, *args, **kwargs)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            return call(self, *args, **kwargs)
 
     quiet_call._fastvq_quiet = True
     executor.__call__ = functools.wraps(call)(quiet_call)

@@ -205,8 +205,15 @@ def test_interpreted_kernels_print_no_numpy_floating_point_warnings(device):
     x[1, 0] = float("inf")
     c = randn(5, 3, seed=1, device=device)
     c[0] = float("inf")
+    # a bag of items +-1e40 (beyond float32): the interpreter's reductions (tl.sum, tl.max) run
+    # numpy's own reduce, which warns from numpy's module, not the interpreter's
+    q = torch.tensor([[2e20, 1e20], [-1e20, -1e20]], device=device, requires_grad=True)
+    r = torch.tensor([[1e20, 1e20]], device=device)
+    ids, offs = torch.tensor([0, 1], device=device), torch.tensor([0], device=device)
     with fastvq.backend("triton"), warnings.catch_warnings(record=True) as caught:
         idx, dist = fastvq.nearest_code(x, c)
         fastvq.pairwise_sqdist(x, c)
+        fastvq.qr_lookup(ids, q, r, "mult", offsets=offs).sum().backward()
     assert idx[0].item() == 0 and dist[0].isnan()
+    assert torch.isfinite(q.grad).all(), q.grad
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
