@@ -44,6 +44,21 @@ from .._checks import (FLOAT_DTYPES, check_bool_arg, check_int_arg, check_real_a
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
+from ..ops._search import tf32_like_torch
+
+
+def allow_tf32(x: torch.Tensor) -> bool:
+    """Whether a module's float32 search of ``x`` runs TF32 dots: as torch runs its own float32
+    matmuls on ``x``'s device (the seeds' cdist and matmul). The one place the modules decide it,
+    for the fused step, the cosine and dot searches and k-means alike."""
+    return tf32_like_torch(x)
+
+
+def search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    """``(N, D), (K, D) -> (N,)``: the codes of a module's search (``nearest_code`` with the
+    modules' TF32 rule, :func:`allow_tf32`)."""
+    return nearest_code(x, codebook, metric=metric, allow_tf32=allow_tf32(x))[0]
+
 
 GRADS = ("ste", "rotation")
 METRICS = ("l2", "cosine", "dot")
@@ -252,7 +267,7 @@ def kmeans(
     centroids = candidates[0, torch.arange(K, device=x.device) % n_valid]
     previous = None
     for step in range(max(iters, 1)):
-        idx, _ = nearest_code(x, centroids, metric=metric)
+        idx = search(x, centroids, metric)
         counts, sums = code_statistics(x, idx, K, weights=weights)
         # rows whose code changed since the last step, all ranks (summed with the statistics)
         changed = [] if previous is None else [(idx != previous).sum(dtype=torch.float32).view(1)]
@@ -736,7 +751,7 @@ class CodebookState(nn.Module):
             if usage is not None:
                 usage[level].copy_(counts)
             if level + 1 < codebook.shape[0]:
-                idx, _ = nearest_code(residual, centroids, metric=metric)
+                idx = search(residual, centroids, metric)
                 residual = residual - centroids[idx]
         if not self._codebook_needs_vectors:  # else the update that follows counts this batch's rows
             self.nonfinite_rows.add_(skipped_max.long())

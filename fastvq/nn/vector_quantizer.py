@@ -8,11 +8,10 @@ import torch.nn as nn
 from .._backend import atomics_nondeterministic
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..ops.ema_update import codebook_snapshot, refuse_checkpoint_rerun
-from ..ops.nearest_code import nearest_code
-from ..ops._search import tf32_like_torch
 from ..ops.residual_quantize import _residual_quantize_step, level_inputs
 from . import _checkpoint
-from ._codebook import METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, pick_candidate_rows
+from ._codebook import (METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, allow_tf32,
+                        pick_candidate_rows, search)
 
 
 class VectorQuantizer(CodebookState):
@@ -173,7 +172,7 @@ class VectorQuantizer(CodebookState):
         # searches first and hands it the codes.
         codes = None
         if self.metric != "l2":
-            codes = nearest_code(inputs, codebook[0].detach(), metric=self.metric)[0].unsqueeze(-1)
+            codes = search(inputs, codebook[0].detach(), self.metric).unsqueeze(-1)
         quantized, commitment_loss, embedding_loss, codes = _quantize_step(self, inputs, codebook, mask, codes, call)
         return quantized, commitment_loss, embedding_loss, codes.squeeze(-1)
 
@@ -239,7 +238,7 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=
     # (the op's check of the mask's values, NaN or < 0, names the module's argument)
     step = _residual_quantize_step(
         inputs, searched, weights=mask, codes=codes, grad=mod.grad, statistics=update and not sorted_stats,
-        candidate_rows=rows, weights_owner=mod._owner, weights_name="mask", allow_tf32=tf32_like_torch(inputs),
+        candidate_rows=rows, weights_owner=mod._owner, weights_name="mask", allow_tf32=allow_tf32(inputs),
     )
     embedding_loss = step.embedding_loss
     if mod.ema:  # the codebook learns by EMA: no codebook loss (the seed returns 0)

@@ -500,25 +500,36 @@ def test_losses_finite_where_their_mean_is_representable(backend, device, dtype,
     ft.assert_grad_nondegenerate(x.grad, 2 * x64 / x64.numel(), dtype=dtype, reduce_len=D)
 
 
-@pytest.mark.about_devices("spies on the kernel launcher's arguments under the interpreter")
+@pytest.mark.about_devices("spies on the kernel launchers' arguments under the interpreter")
 @pytest.mark.parametrize("torch_tf32", [False, True])
 def test_search_follows_torchs_float32_matmul_precision(monkeypatch, torch_tf32):
     # the modules search float32 as torch runs its own float32 matmuls (what the seeds' cdist and
     # matmul do): TF32 tensor-core dots once torch.set_float32_matmul_precision("high") is set
     # on a GPU, exact float32 otherwise (the H200 run: the exact dot's 7 TFLOP/s made the float32
-    # steps slower than the seeds'); decided once, in fastvq.ops._search.tf32_like_torch
+    # steps slower than the seeds'); decided once, in fastvq.nn._codebook (through
+    # fastvq.ops._search.tf32_like_torch), for every search a module runs: the fused l2 step,
+    # the cosine and dot searches before it, and k-means init (review11: those three ran exact
+    # float32 whatever torch's setting)
+    import fastvq.kernels.nearest_code as kn
     import fastvq.kernels.residual_quantize as k
-    import fastvq.nn.vector_quantizer as vq
+    import fastvq.nn._codebook as cb
 
     seen = []
-    real = k.residual_quantize_fwd
-    monkeypatch.setattr(k, "residual_quantize_fwd", lambda *a, **kw: seen.append(kw["allow_tf32"]) or real(*a, **kw))
-    monkeypatch.setattr(vq, "tf32_like_torch", lambda t: torch_tf32)
+    real_step, real_search = k.residual_quantize_fwd, kn.nearest_code_fwd
+    monkeypatch.setattr(k, "residual_quantize_fwd", lambda *a, **kw: seen.append(("step", kw["allow_tf32"])) or real_step(*a, **kw))
+    monkeypatch.setattr(kn, "nearest_code_fwd", lambda x, c, metric, allow_tf32, *a, **kw: seen.append((metric, allow_tf32))
+                        or real_search(x, c, metric, allow_tf32, *a, **kw))
+    monkeypatch.setattr(cb, "tf32_like_torch", lambda t: torch_tf32)
     with fastvq.backend("triton"):
-        for m in (fastvq.nn.VectorQuantizer(16, 4), fastvq.nn.ResidualQuantizer(2, 16, 4)):
+        for m in (fastvq.nn.VectorQuantizer(16, 4), fastvq.nn.ResidualQuantizer(2, 16, 4),
+                  fastvq.nn.VectorQuantizer(16, 4, metric="cosine"), fastvq.nn.VectorQuantizer(16, 4, metric="dot"),
+                  fastvq.nn.VectorQuantizer(4, 4, kmeans_init=True, kmeans_iters=1),
+                  fastvq.nn.ResidualQuantizer(2, 4, 4, kmeans_init=True, kmeans_iters=1)):
             out = m(torch.randn(8, 4))
             (out[0].sum() + out[1]).backward()
-    assert seen == [torch_tf32, torch_tf32]
+    kinds = {kind for kind, _ in seen}
+    assert kinds == {"step", "l2", "cosine", "dot"}, seen
+    assert all(tf32 == torch_tf32 for _, tf32 in seen), seen
 
 
 def test_tf32_like_torch_is_false_off_the_gpu():
