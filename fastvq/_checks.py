@@ -11,6 +11,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import _names
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -110,13 +112,20 @@ def check_last_dim(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.
         )
 
 
-def check_metric(op: str, metric: str, allowed=None) -> None:
-    """ValueError unless ``metric`` is one of ``allowed`` (default: every search metric,
-    :data:`fastvq.ops._search.METRICS`, the one place the names are defined)."""
-    if allowed is None:
-        from .ops._search import METRICS as allowed  # (lazily: fastvq.ops imports this module)
-    if metric not in allowed:
-        raise ValueError(f"fastvq.{op}: unknown metric {metric!r}; expected one of {allowed}")
+def check_choice(owner: str, name: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices`` (a tuple of :mod:`fastvq._names`): ``TypeError``
+    unless it is a string, ``ValueError`` naming the choices unless it is one of them."""
+    if not isinstance(value, str):
+        raise TypeError(f"fastvq.{owner}: {name} must be a string, one of {choices}, got {type(value).__name__} "
+                        f"{value!r}")
+    if value not in choices:
+        raise ValueError(f"fastvq.{owner}: unknown {name} {value!r}; expected one of {choices}")
+    return value
+
+
+def check_metric(op: str, metric, allowed: tuple[str, ...] = _names.METRICS) -> str:
+    """:func:`check_choice` of a ``metric`` (default: every search metric)."""
+    return check_choice(op, "metric", metric, allowed)
 
 
 def check_index_range(op: str, name: str, t: torch.Tensor, high: int, low: int = 0) -> None:

@@ -69,6 +69,9 @@ from typing import Union
 
 import torch
 
+from ._checks import check_metric
+from ._names import MODULE_METRICS
+
 __all__ = [
     "ACCUMULATION_FACTOR", "OUTPUT_ROUNDING", "TF32X3_ERROR", "UNIT_ROUNDOFF", "unit_roundoff", "gamma", "error_bound",
     "error_ratio", "assert_close", "distances64", "argmin_ratio", "assert_argmin_within_bound", "grad_ratio",
@@ -324,8 +327,7 @@ def _check_search_args(x, codebook, metric: str) -> None:
     if codebook.dim() != 2 or codebook.shape[1] != x.shape[-1]:
         raise ValueError(f"fastvq.testing: codebook must be (K, D) with x's D = {x.shape[-1]}, got shape "
                          f"{tuple(codebook.shape)}")
-    if metric not in ("l2", "cosine", "dot"):
-        raise ValueError(f"fastvq.testing: unknown metric {metric!r}; expected 'l2', 'cosine' or 'dot'")
+    check_metric("testing", metric, MODULE_METRICS)
 
 
 def distances64(x: torch.Tensor, codebook: torch.Tensor, metric: str):

@@ -66,7 +66,7 @@ from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, au
                       rows_vectorise, sm_count, target_for, tf32_split, tl_input_precision, words_per_thread)
 
 # Internal ids; the public metric and strategy names and their documentation live in
-# fastvq/ops/_search.py.
+# fastvq/_names.py (tests/test_layering.py holds these keys to them).
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2, "euclidean": 3}
 _STRATEGY_BOUND = {"hardest": False, "semi-hard": True}
 

@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
-from .._checks import (FLOAT_DTYPES, check_bool_arg, check_int_arg, check_real_arg, check_tensor, finite_limit,
+from .._names import GRADS
+from .._checks import (FLOAT_DTYPES, check_bool_arg, check_choice, check_int_arg, check_real_arg, check_tensor, finite_limit,
                        user_stacklevel)
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
@@ -60,8 +61,6 @@ def search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor
     return nearest_code(x, codebook, metric=metric, allow_tf32=allow_tf32(x))[0]
 
 
-GRADS = ("ste", "rotation")
-METRICS = ("l2", "cosine", "dot")
 
 #: The settings that train a codebook well (measured in tests/nn/test_codebook_training.py);
 #: the low-usage warning names them.
@@ -298,16 +297,6 @@ def _check_float(name: str, owner: str, value, lo: float, hi: float | None = Non
     return check_real_arg(owner, name, value, minimum=lo, maximum=hi, min_open=lo_open, float32=True)
 
 
-def _check_choice(name: str, owner: str, value, choices: tuple) -> str:
-    """``TypeError`` unless ``value`` is a string, ``ValueError`` unless it is one of ``choices``."""
-    if not isinstance(value, str):
-        raise TypeError(f"fastvq.{owner}: {name} must be a string, one of {choices}, got {type(value).__name__} "
-                        f"{value!r}")
-    if value not in choices:
-        raise ValueError(f"fastvq.{owner}: unknown {name} {value!r}; expected one of {choices}")
-    return value
-
-
 def _check_sizes(owner: str, args: str, *shape: int) -> None:
     """``ValueError`` naming ``args`` (the arguments that set ``shape``) when a float32 tensor
     of ``shape`` would overflow torch's int64 byte count (``VectorQuantizer(2**62, 3)``)."""
@@ -439,7 +428,7 @@ class CodebookState(nn.Module):
     ) -> None:
         ema = check_bool_arg(owner, "ema", ema)
         kmeans_init = check_bool_arg(owner, "kmeans_init", kmeans_init)
-        grad = _check_choice("grad", owner, grad, GRADS)
+        grad = check_choice(owner, "grad", grad, GRADS)
         self._owner = owner
         self.ema = ema
         self.decay = _check_float("decay", owner, decay, 0.0, 1.0)

@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_bool_arg, check_int_arg
+from .._checks import check_bool_arg, check_choice, check_int_arg
 from ._codebook import _check_sizes
 from ..ops.qr_lookup import qr_lookup
-from ..ops.qr_lookup import MODES, OPS
+from .._names import QR_MODES, QR_OPS
 
 __all__ = ["QREmbedding"]
 
@@ -67,11 +67,8 @@ class QREmbedding(nn.Module):
         super().__init__()
         name = "QREmbedding"
         num_embeddings = check_int_arg(name, "num_embeddings", num_embeddings, minimum=1)
-        for arg, value, choices in (("op", op, OPS), ("mode", mode, MODES)):
-            if not isinstance(value, str):
-                raise TypeError(f"fastvq.{name}: {arg} must be a string, one of {choices}, got {type(value).__name__}")
-            if value not in choices:
-                raise ValueError(f"fastvq.{name}: unknown {arg} {value!r}; expected one of {choices}")
+        check_choice(name, "op", op, QR_OPS)
+        check_choice(name, "mode", mode, QR_MODES)
         sparse = check_bool_arg(name, "sparse", sparse)
         deterministic = check_bool_arg(name, "deterministic", deterministic)
         if isinstance(embedding_dim, (tuple, list)):

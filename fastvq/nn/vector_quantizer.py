@@ -6,11 +6,12 @@ import torch
 import torch.nn as nn
 
 from .._backend import atomics_nondeterministic
-from .._checks import FLOAT_DTYPES, check_tensor
+from .._checks import FLOAT_DTYPES, check_choice, check_tensor
+from .._names import MODULE_METRICS
 from ..ops.ema_update import codebook_snapshot, refuse_checkpoint_rerun
 from ..ops.residual_quantize import _residual_quantize_step, level_inputs
 from . import _checkpoint
-from ._codebook import (METRICS, CodebookState, _check_choice, _check_float, _check_int, _check_sizes, allow_tf32,
+from ._codebook import (CodebookState, _check_float, _check_int, _check_sizes, allow_tf32,
                         pick_candidate_rows, search)
 
 
@@ -130,7 +131,7 @@ class VectorQuantizer(CodebookState):
         self.num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
         self.embedding_dim = _check_int("embedding_dim", owner, embedding_dim, 1)
         self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
-        self.metric = _check_choice("metric", owner, metric, METRICS)
+        self.metric = check_choice(owner, "metric", metric, MODULE_METRICS)
         _check_sizes(owner, "num_embeddings * embedding_dim", self.num_embeddings, self.embedding_dim)
         self.embeddings = nn.Embedding(self.num_embeddings, self.embedding_dim)
         self._init_codebook_state(

@@ -1,6 +1,6 @@
 """What the search ops (nearest_code, topk_codes, sample_code, mine_negatives, pairwise_sqdist)
-share: the metric names and the numeric contract. The one place the metric names are defined;
-kernels keep only their internal name -> id mapping.
+share: their argument checks and the numeric contract (the metric names are
+:data:`fastvq._names.METRICS`).
 """
 
 from __future__ import annotations
@@ -9,15 +9,9 @@ import math
 
 import torch
 
-#: Distance metrics of the search ops. ``"l2"``: squared Euclidean ``|x - c|^2``;
-#: ``"euclidean"``: ``|x - c|`` (same order as l2); ``"cosine"``: ``1 - cos(x, c)`` (a zero
-#: vector has cosine 0 with any finite vector, so distance 1; with a code holding inf, 0 * inf
-#: makes it NaN, as every distance to a non-finite code may be); ``"dot"``: ``-<x, c>`` (the nearest code is
-#: the one with the largest inner product).
-METRICS = ("l2", "cosine", "dot", "euclidean")
+from .. import _names
 
-#: Negative-mining strategies of :func:`fastvq.mine_negatives`.
-STRATEGIES = ("hardest", "semi-hard")
+METRICS, STRATEGIES = _names.METRICS, _names.STRATEGIES  # (defined in fastvq/_names.py)
 
 NUMERIC_CONTRACT = """\
 Numeric contract (every search op, both backends, float32/float16/bfloat16 inputs):
@@ -91,8 +85,6 @@ def search_inputs(op: str, x, codebook, metric, allow_tf32):
     if multi and (x.dim() < 2 or x.shape[0] != codebook.shape[0]):
         raise ValueError(f"fastvq.{op}: with H = {codebook.shape[0]} codebooks (shape {tuple(codebook.shape)}) x must "
                          f"be (H, ..., D), got shape {tuple(x.shape)}")
-    if not isinstance(metric, str):
-        raise TypeError(f"fastvq.{op}: metric must be a str, got {type(metric).__name__}")
     check_metric(op, metric)
     allow_tf32 = check_bool_arg(op, "allow_tf32", allow_tf32)  # (NumPy bools too, as every flag)
     check_fp32_dot_env(op)

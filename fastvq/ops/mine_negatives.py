@@ -6,9 +6,9 @@ import torch
 
 from .._backend import use_triton
 from ._custom_op import custom_op
-from .._checks import check_float, check_last_dim, check_same_device, check_tensor
+from .._checks import check_choice, check_float, check_last_dim, check_same_device, check_tensor
 from ..reference.mine_negatives import mine_negatives_ref
-from ._search import STRATEGIES
+from .._names import STRATEGIES
 
 
 @custom_op("fastvq::mine_negatives", mutates_args=())
@@ -83,8 +83,7 @@ def mine_negatives(
     check_last_dim(op, "anchor", anchor, "negatives", negatives)
     if negatives.shape[0] == 0:
         raise ValueError(f"fastvq.{op}: negatives is empty (M = 0), shape {tuple(negatives.shape)}")
-    if not isinstance(strategy, str) or strategy not in STRATEGIES:
-        raise ValueError(f"fastvq.{op}: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    check_choice(op, "strategy", strategy, STRATEGIES)
     anchor, positive, negatives = anchor.detach(), positive.detach(), negatives.detach()
     dtype = torch.promote_types(torch.promote_types(anchor.dtype, positive.dtype), negatives.dtype)
     anchor, positive, negatives = anchor.to(dtype), positive.to(dtype), negatives.to(dtype)

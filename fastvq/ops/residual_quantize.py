@@ -11,14 +11,15 @@ import torch
 
 from .._backend import alert_nondeterministic, use_triton
 from ._custom_op import custom_op, first_order_only
-from .._checks import (assert_async, check_bool_arg, check_float, check_fp32_dot_env, check_index_range, check_last_dim,
-                       check_same_device, check_tensor, finite_limit)
+from .. import _names
+from .._checks import (assert_async, check_bool_arg, check_choice, check_float, check_fp32_dot_env, check_index_range,
+                       check_last_dim, check_same_device, check_tensor, finite_limit)
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
 
 __all__ = ["residual_quantize", "residual_quantize_step", "ResidualQuantizeStep", "residual_decode", "GRADS",
            "MAX_ROTATE_D"]
 
-GRADS = ("ste", "rotation")
+GRADS = _names.GRADS
 MAX_ROTATE_D = 1024  # the fused rotation gradient holds a row in registers (kernels.residual_quantize)
 
 
@@ -439,8 +440,7 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
     :func:`fastvq.ops._search.tf32_like_torch`) searches float32 with TF32 dot products."""
     op = "residual_quantize_step"
     L, K, D = _check(op, x, codebooks)
-    if grad not in GRADS:
-        raise ValueError(f"fastvq.{op}: unknown grad {grad!r}; expected one of {GRADS}")
+    check_choice(op, "grad", grad, GRADS)
     statistics = check_bool_arg(op, "statistics", statistics)
     allow_tf32 = check_bool_arg(op, "allow_tf32", allow_tf32)
     lead = x.shape[:-1]

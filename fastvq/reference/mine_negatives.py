@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._search import STRATEGIES
+from .._names import STRATEGIES
 from ._chunks import row_chunk
 from .nearest_code import (BAND_UNITS, argmin_first, choose, distance, exp2i, prepare_codebook, row_band, row_unit,
                            scale_rows)

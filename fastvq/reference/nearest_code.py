@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._search import METRICS
+from .._names import METRICS
 from ._chunks import row_chunk
 from ._exact_sum import pair_sum_lastdim, round_pair
 

@@ -284,7 +284,7 @@ def test_reference_matches_nearest_code_for_hardest():
         (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(5, 4), {}, ValueError),
         (torch.randint(0, 3, (3, 4)), torch.randn(3, 4), torch.randn(5, 4), {}, TypeError),
         (torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4), {}, TypeError),
-        (torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4), {"strategy": None}, ValueError),
+        (torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4), {"strategy": None}, TypeError),
         (torch.randn(3, 4), torch.randn(3, 4), torch.randint(0, 3, (5, 4)), {}, TypeError),
         (torch.randn(3, 4), torch.randn(3, 4, device="meta"), torch.randn(5, 4), {}, ValueError),
         (torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4), {"strategy": "easy"}, ValueError),
