@@ -115,7 +115,9 @@ def offer_candidates(
     """
     L, N, D = vectors.shape
     dev = vectors.device
-    score = torch.rand((L, N), device=dev)
+    # (float32, never the default dtype: under a bfloat16 default the scores tied and topk took the
+    # batch's first rows; fuzzN)
+    score = torch.rand((L, N), dtype=torch.float32, device=dev)
     if weights is not None:
         score = torch.where((weights.reshape(1, N) if weights.dim() == 1 else weights) != 0, score, -1.0)
     # a row that is not finite takes no offer from a finite one (its midpoint is not finite either)
@@ -123,8 +125,8 @@ def offer_candidates(
     score = torch.where(finite, score, -1.0)
     c = min(num, N)
     if c == 0:
-        return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), device=dev), num, limit=limit,
-                               group=group)
+        return exchange_offers(vectors.new_zeros((L, 0, D)), torch.zeros((L, 0), dtype=torch.float32, device=dev), num,
+                               limit=limit, group=group)
     top, rows = score.topk(c, dim=1)
     picked = vectors.gather(1, rows.unsqueeze(-1).expand(L, c, D))
     if anchors is not None:
@@ -141,7 +143,7 @@ def pick_candidate_rows(n: int, num: int, device, weights: torch.Tensor | None =
     known yet: a row among them that turns out not finite is dropped from the offer, so a batch
     holding such rows may offer fewer than ``num`` valid candidates though it has ``num`` valid
     rows (:func:`offer_candidates`, which sees the vectors, leaves such rows out first)."""
-    score = torch.rand((n,), device=device)
+    score = torch.rand((n,), dtype=torch.float32, device=device)
     if weights is not None:
         score = torch.where(weights.reshape(n) != 0, score, -1.0)
     top, rows = score.topk(min(num, n))
@@ -177,10 +179,11 @@ def exchange_offers(
         ok = (top >= 0) & (torch.linalg.vector_norm(picked, ord=float("inf"), dim=-1) < limit)
         rows, top = torch.where(ok.unsqueeze(-1), picked, 0.0), torch.where(ok, top, -1.0)
     else:
-        rows, top = picked.new_zeros((L, 0, D), dtype=torch.float32), torch.full((L, 0), -1.0, device=dev)
+        rows = picked.new_zeros((L, 0, D), dtype=torch.float32)
+        top = torch.full((L, 0), -1.0, dtype=torch.float32, device=dev)
     if c < num:  # fewer rows than offers: pad with invalid ones
-        rows = torch.cat([rows, torch.zeros((L, num - c, D), device=dev)], 1)
-        top = torch.cat([top, torch.full((L, num - c), -1.0, device=dev)], 1)
+        rows = torch.cat([rows, torch.zeros((L, num - c, D), dtype=torch.float32, device=dev)], 1)
+        top = torch.cat([top, torch.full((L, num - c), -1.0, dtype=torch.float32, device=dev)], 1)
     # every rank's scores (W, L, num) -> the same num best on every rank, and whose they are
     pool = fdist.all_gather(top, group).transpose(0, 1).reshape(L, -1)  # (L, W * num)
     best, order = pool.topk(num, dim=1)
@@ -254,7 +257,7 @@ def kmeans(
     changed code on the host (syncs on the batch that initialises only).
     """
     K, D = init.shape
-    w = torch.ones(x.shape[:1], device=x.device) if weights is None else weights.float()
+    w = torch.ones(x.shape[:1], dtype=torch.float32, device=x.device) if weights is None else weights.float()
     bad = ~(torch.linalg.vector_norm(x.float(), ord=float("inf"), dim=-1) < limit)  # (NaN: bad)
     skipped = ((w != 0) & bad).sum().float()
     weights = torch.where(bad, 0.0, w)  # (the rows left out carry weight 0 from here on)
@@ -583,7 +586,8 @@ class CodebookState(nn.Module):
                 if finite_limit(codebook.dtype) < math.inf:  # rows a 16-bit codebook cannot hold: as NaN rows
                     far = torch.linalg.vector_norm(vectors.float(), ord=float("inf"), dim=-1) >= finite_limit(
                         codebook.dtype)  # (L, N)
-                    w = torch.ones(far.shape, device=far.device) if mask is None else mask.float().expand(far.shape)
+                    w = (torch.ones(far.shape, dtype=torch.float32, device=far.device) if mask is None
+                         else mask.float().expand(far.shape))
                     mask = torch.where(far, 0.0, w)
                 counts, sums, skipped = code_statistics(vectors, indices, K, weights=mask, return_skipped=True)
                 if far is not None:
@@ -805,7 +809,8 @@ class CodebookState(nn.Module):
                  "codes_revived": lambda: torch.zeros((), dtype=torch.int64, device=device),
                  "initted": lambda: torch.tensor(True, device=device),  # (not persistent: no k-means)
                  "code_usage": lambda: torch.full(self._buffers["code_usage"].shape,
-                                                  reset_size(self.dead_code_threshold), device=device)}
+                                                  reset_size(self.dead_code_threshold), dtype=torch.float32,
+                                                  device=device)}
         for name, make in fresh.items():
             buf = self._buffers.get(name)
             if buf is not None and buf.is_meta:

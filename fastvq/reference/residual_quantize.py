@@ -45,7 +45,9 @@ def _nearest(r: torch.Tensor, cb: torch.Tensor, cc: torch.Tensor, finite: torch.
         r_max = r.abs().amax(-1)
         redo = r_fin & ((r_max > BIG) | lost)
         tiny = r_fin & ~redo & (r_max < TINY) & (best < TINY_SCORE)
-        rs = r * RESCALE if scaled is None else r * torch.where(scaled, 2.0 ** (wide_exp - 96), RESCALE)[:, None]
+        # (a float32 0-d operand: two Python scalars would give torch's default dtype; fuzzN)
+        wide = r.new_tensor(2.0 ** (wide_exp - 96))
+        rs = r * RESCALE if scaled is None else r * torch.where(scaled, wide, RESCALE)[:, None]
         cs = cb * RESCALE
         idx1, lost1, _ = _argmin_finite((cs * cs).sum(-1) - 2.0 * (rs @ cs.T), finite)
         idx, lost = torch.where(redo, idx1, idx), torch.where(redo, lost1, lost)
@@ -63,7 +65,7 @@ def _next_residual(r: torch.Tensor, c: torch.Tensor, scaled: torch.Tensor, wide_
     code whose difference overflows go on as ``r 2^-E - c 2^-E``, held; a held row whose residual
     is representable again goes back to scale 1 (exact)."""
     wide = 2.0**-wide_exp
-    new = r - c * torch.where(scaled, wide, 1.0)[:, None]
+    new = r - c * torch.where(scaled, r.new_tensor(wide), 1.0)[:, None]
     over = ~new.isfinite().all(-1) & r.isfinite().all(-1) & c.isfinite().all(-1)
     new, scaled = torch.where(over[:, None], r * wide - c * wide, new), scaled | over
     up = new * 2.0**wide_exp
@@ -88,7 +90,7 @@ def _stat_terms(x, cb, codes, w_all, sw_all, stat_limit, step):
     for s in range(0, N, step):
         r = x[s : s + step].float()
         n = r.shape[0]
-        w = torch.ones(n, device=x.device) if w_all is None else w_all[s : s + step]
+        w = torch.ones(n, dtype=torch.float32, device=x.device) if w_all is None else w_all[s : s + step]
         sw = (w if sw_all is None else sw_all[s : s + step]).double()
         usable = (w != 0) & w.isfinite()
         scaled = torch.zeros_like(usable)
@@ -159,7 +161,7 @@ def residual_quantize_full_ref(
     for s in range(0, N, step):
         r = x[s : s + step].float()
         n = r.shape[0]
-        w = torch.ones(n, device=dev) if w_all is None else w_all[s : s + step]
+        w = torch.ones(n, dtype=torch.float32, device=dev) if w_all is None else w_all[s : s + step]
         live = w != 0
         usable = live & w.isfinite()
         slot = None if slots is None else torch.where(slots[s : s + step] >= 0, slots[s : s + step].long(), num_slots)
@@ -246,7 +248,8 @@ def residual_quantize_bwd_ref(
     step = row_chunk(4 * D)
     for s in range(0, N, step):
         e = x[s : s + step].float()
-        w = torch.ones(e.shape[0], device=x.device) if weights is None else weights[s : s + step].float()
+        w = (torch.ones(e.shape[0], dtype=torch.float32, device=x.device) if weights is None
+             else weights[s : s + step].float())
         live = w != 0
         r, acc, q = e, torch.zeros_like(e), torch.zeros_like(e)
         # the same in float64, for the elements float32 cannot give (x ~ -3e38 quantized to a
