@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..ops.residual_quantize import _residual_decode, residual_quantize_step
 from . import _checkpoint
 from ._codebook import CodebookState, _check_float, _check_int, _check_sizes
-from .vector_quantizer import _check_mask, _quantize_step
+from ._step import _check_mask, _quantize_step
 
 _SEED_KEY = re.compile(r"quantizers\.(\d+)\.(embeddings\.weight|cluster_size|embed_avg)$")
 

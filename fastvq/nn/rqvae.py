@@ -14,7 +14,7 @@ from ..ops.semantic_ids import semantic_ids as _semantic_ids
 from .._checks import check_bool_arg, check_int_arg
 from ._codebook import _check_float, _check_int, _check_sizes
 from .residual_quantizer import ResidualQuantizer
-from .vector_quantizer import _check_mask
+from ._step import _check_mask
 
 __all__ = ["RQVAE", "Encoder", "Decoder"]
 
