@@ -1,10 +1,11 @@
 """The layering the README draws, enforced by parsing every import in the package.
 
     kernels/      torch, triton, its own modules (kernels._common)          -- a leaf
-    reference/    torch, numpy, fastvq.reference; the metric names of ops/_search -- never kernels
+    reference/    torch, numpy, fastvq.reference, fastvq._names                -- never kernels, ops or checks
     ops/          kernels (lazily), reference, _backend, checks               -- the only place that dispatches
     nn/           ops (never kernels, never a custom op of its own)
     integrations/ ops, nn (never kernels)
+    _checks       _names only;  _names   nothing of fastvq                      -- leaves the others read
 and no import cycle between fastvq's modules at import time.
 """
 
@@ -80,6 +81,11 @@ RULES = {
     "nn": {"kernels", "reference", "bench", "integrations"},
     "ops": {"nn", "integrations", "bench"},
     "integrations": {"kernels", "reference", "bench"},
+    # the leaves: the names of every string choice, and the checks (which read the names)
+    "_names": {"kernels", "ops", "reference", "nn", "integrations", "bench", "testing", "check", "functional",
+               "_backend", "_checks", "distributed", "fastvq"},
+    "_checks": {"kernels", "ops", "reference", "nn", "integrations", "bench", "testing", "check", "functional",
+                "_backend", "distributed", "fastvq"},
 }
 
 
