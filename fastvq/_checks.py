@@ -97,6 +97,26 @@ def check_int(op: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(f"fastvq.{op}: {name} must be int64 or int32, got {t.dtype}")
 
 
+def check_row_weights(owner: str, name: str, w, x: torch.Tensor, shapes: tuple, x_name: str = "x",
+                      float64: bool = False) -> torch.Tensor:
+    """Per-row weights or a padding mask of ``x``: a dense tensor, bool (``True`` = a real row) or
+    float32 / float16 / bfloat16 weights (``float64``: float64 too, taken as float32, the weights'
+    dtype in the kernels), one of ``shapes``, on ``x``'s device. Returns it detached. The values
+    (finite, >= 0) are checked where they are read, without a host sync."""
+    check_tensor(owner, name, w)
+    accepted = (*FLOAT_DTYPES, torch.float64) if float64 else FLOAT_DTYPES
+    if w.dtype != torch.bool and w.dtype not in accepted:
+        listed = ", ".join(str(d).removeprefix("torch.") for d in accepted)
+        raise TypeError(f"fastvq.{owner}: {name} must be bool (True = a real row) or floating-point weights "
+                        f"({listed}), got {w.dtype}")
+    if w.shape not in shapes:
+        want = " or ".join(str(tuple(s)) for s in shapes)
+        raise ValueError(f"fastvq.{owner}: {name} must have shape {want} (one per row of {x_name} "
+                         f"{tuple(x.shape)}), got {tuple(w.shape)}")
+    check_same_device(owner, **{x_name: x, name: w})
+    return (w.float() if w.dtype == torch.float64 else w).detach()
+
+
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:

@@ -95,9 +95,6 @@ MAX_ROTATE_D = 1024  # the fused rotation-trick gradient holds a whole row in re
 BWD_FIXUP_MAXNREG = 255  # a backward launch with the codebook gradient (its fix-up's call inside) states
 # its register limit: without it ptxas held it to 128 registers with 64-232 B of stack (sm_90, job list);
 # with it 128-180 registers and none (as _configs for the forward)
-EPS_NORM = 9.999999974752427e-07  # float32(1e-6), as fastvq.reference.rotation_trick (kernels import no
-# reference: tests/ops/test_residual_quantize.py keeps the two equal)
-EPS_ANTIPODAL = 1e-3
 
 
 @triton.jit
@@ -118,8 +115,13 @@ def _scores_of_finite_codes(b_dist, b_cfin, o_k, m_k, b_first, K):
 # by 2^RESCALE_EXP: the codes near it are then normal numbers; the codes that overflow (|c|^2 or
 # an element) are far from it and never chosen there (the row keeps its first choice if none is left).
 BIG_EXP = 48
-RESCALE_EXP = 96
+RESCALE_EXP = tl.constexpr(96)
 TINY_SCORE_EXP = 90
+BIG_ROW = tl.constexpr(2.0**BIG_EXP)
+TINY_ROW = tl.constexpr(2.0**-BIG_EXP)
+TINY_SCORE = tl.constexpr(2.0**-TINY_SCORE_EXP)
+RESCALE_DOWN = tl.constexpr(2.0**-96)  # 2^-RESCALE_EXP
+RESCALE_UP = tl.constexpr(2.0**96)
 # A float16 codebook's scores neither overflow nor underflow, but its dot operand (the residual
 # rounded to float16) is inf once the residual leaves float16's range (|r| > 65504, e.g. x =
 # 60000 after a code of -10000): such a row (max-abs > FP16_WIDE_ROW) is searched again with the residual
@@ -127,7 +129,9 @@ TINY_SCORE_EXP = 90
 # two) in the score. The scaled residual's small elements lose float16 precision below 2^-6,
 # ~2^-21 of the row's largest: far below the rounding of its large ones.
 FP16_WIDE_EXP = 8
-FP16_WIDE_ROW = 65504.0  # float16's largest finite value (the kernels spell it out)
+FP16_WIDE_ROW = tl.constexpr(65504.0)  # float16's largest finite value
+FP16_WIDE_SCALE = tl.constexpr(2.0**-FP16_WIDE_EXP)
+FP16_WIDE_DOT_SCALE = tl.constexpr(2.0 * 2.0**FP16_WIDE_EXP)  # the score's 2 r.c, r scaled back
 # WIDE: a float32 residual r - c can overflow only where some |r| >= 2^103 (|c| <= float32's max
 # 2^128 - 2^104; the sum rounds to inf from 2^128 - 2^103 on); a float16 code never makes it. Such
 # a row's new residual is formed at scale 2^-E instead, r 2^-E - c 2^-E (E the bit length of L:
@@ -138,7 +142,7 @@ FP16_WIDE_ROW = 65504.0  # float16's largest finite value (the kernels spell it 
 # float64, and its search is the big rescue pass on the residual scaled by 2^(E - 96). Only a block
 # holding a row beyond OVERFLOW_ROW, or a held one, checks (the D-chunked variant with one more
 # read of the residual and the codes, and for every block when the codes are given).
-OVERFLOW_ROW = 2.0**103  # the kernels spell it out
+OVERFLOW_ROW = tl.constexpr(2.0**103)
 
 
 @triton.jit
@@ -186,8 +190,8 @@ def _rescue_rows(b_rm, m_fin, b_idx, b_min):
     max-abs ``b_rm`` and first choice ``(b_min, b_idx)``: ``(big, tiny)``, per row, no element
     work. Big: beyond 2^48, or no finite score. Tiny: below 2^-48 with a best score below 2^-90
     (a code so near that its scores underflow; a tiny row among ordinary codes is not redone)."""
-    m_big = m_fin & ((b_rm > 2.81474976710656e14) | (b_idx < 0))
-    m_tiny = m_fin & ~m_big & (b_rm < 3.552713678800501e-15) & (b_min < 8.077935669463161e-28)
+    m_big = m_fin & ((b_rm > BIG_ROW) | (b_idx < 0))
+    m_tiny = m_fin & ~m_big & (b_rm < TINY_ROW) & (b_min < TINY_SCORE)
     return m_big, m_tiny
 
 
@@ -700,28 +704,28 @@ def _residual_quantize_fwd_kernel(
                                                   PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K)
             m_rfin = _row_finite(b_r)
             if p_cb.dtype.element_ty == tl.float16:  # (its scores neither overflow nor underflow)
-                m_wide = m_m & m_rfin & ((tl.max(tl.abs(b_r), axis=1) > 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW
+                m_wide = m_m & m_rfin & ((tl.max(tl.abs(b_r), axis=1) > FP16_WIDE_ROW) | (b_idx < 0))
                 if tl.max(m_wide.to(tl.int32), axis=0) > 0:
-                    b_rd = _dot_operand(b_r * 0.00390625, p_cb, DOT_FP32, BF16_RNE)  # 2^-FP16_WIDE_EXP
+                    b_rd = _dot_operand(b_r * FP16_WIDE_SCALE, p_cb, DOT_FP32, BF16_RNE)
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K, 1.0,
-                                                 PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K, 512.0)
+                                                 PRECISION, DOT_FP32, False, BLOCK_M, BLOCK_K, FP16_WIDE_DOT_SCALE)
                     b_idx = tl.where(m_wide & (b_idx1 >= 0), b_idx1, b_idx)
             else:
                 b_rm = tl.max(tl.abs(b_r), axis=1)
-                m_huge = m_huge | (m_m & (b_rm >= 1.0141204801825835e31))  # OVERFLOW_ROW
+                m_huge = m_huge | (m_m & (b_rm >= OVERFLOW_ROW))
                 m_big, m_tiny = _rescue_rows(b_rm, m_m & m_rfin, b_idx, b_min)
                 # the rescue passes, each only for a block that holds such a row: the big rows on
                 # operands scaled by 2^-96 (a held row's by 2^(E - 96)), the tiny ones by 2^96
                 if tl.max(m_big.to(tl.int32), axis=0) > 0:
-                    b_rs = exp2i(tl.where(b_wide, e_wide - 96, -96))
+                    b_rs = exp2i(tl.where(b_wide, e_wide - RESCALE_EXP, -RESCALE_EXP))
                     b_rd = _dot_operand(b_r * b_rs[:, None], p_cb, DOT_FP32, BF16_RNE)
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
-                                                 1.2621774483536189e-29, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
+                                                 RESCALE_DOWN, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
                     b_idx = tl.where(m_big, b_idx1, b_idx)
                 if tl.max(m_tiny.to(tl.int32), axis=0) > 0:
-                    b_rd = _dot_operand(b_r * 7.922816251426434e28, p_cb, DOT_FP32, BF16_RNE)
+                    b_rd = _dot_operand(b_r * RESCALE_UP, p_cb, DOT_FP32, BF16_RNE)
                     _, b_idx1, _ = _search_level(b_rd, p_cbl, o_d, m_d, K, stride_ck, stride_cd, K,
-                                                 7.922816251426434e28, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
+                                                 RESCALE_UP, PRECISION, DOT_FP32, True, BLOCK_M, BLOCK_K)
                     b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
             # nothing chosen (scores all NaN or +inf), or a residual that is not finite (an infinite
             # entry: every distance is +inf, though a score may come out -inf or NaN by the order
@@ -731,7 +735,7 @@ def _residual_quantize_fwd_kernel(
         else:
             b_idx = tl.sum(tl.where(o_l[None, :] == lvl, b_codes, 0), axis=1)
             if p_cb.dtype.element_ty != tl.float16:
-                m_huge = m_huge | (m_m & (tl.max(tl.abs(b_r), axis=1) >= 1.0141204801825835e31))  # OVERFLOW_ROW
+                m_huge = m_huge | (m_m & (tl.max(tl.abs(b_r), axis=1) >= OVERFLOW_ROW))
         b_sel = tl.load(p_cbl + b_idx[:, None] * stride_ck + o_d[None, :] * stride_cd, mask=m_md, other=0.0)
         b_sel = b_sel.to(tl.float32)
         if STATS or CAND:
@@ -833,26 +837,27 @@ def _residual_quantize_fwd_chunked_kernel(
                 b_rm = tl.maximum(b_rm, tl.max(tl.where(tl.abs(b_r) < float("inf"), tl.abs(b_r), 0.0), axis=1))
                 b_rbad += tl.where(_row_finite(b_r), 0, 1)
             if p_cb.dtype.element_ty == tl.float16:
-                m_wide = m_m & (b_rbad == 0) & ((b_rm > 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW
+                m_wide = m_m & (b_rbad == 0) & ((b_rm > FP16_WIDE_ROW) | (b_idx < 0))
                 if tl.max(m_wide.to(tl.int32), axis=0) > 0:
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                         stride_cd, 1.0, tl.full((BLOCK_M,), 0.00390625, tl.float32),
-                                                         PRECISION, DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K,
-                                                         BLOCK_D, False, 512.0)
+                                                         stride_cd, 1.0,
+                                                         tl.full((BLOCK_M,), FP16_WIDE_SCALE, tl.float32), PRECISION,
+                                                         DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D, False,
+                                                         FP16_WIDE_DOT_SCALE)
                     b_idx = tl.where(m_wide & (b_idx1 >= 0), b_idx1, b_idx)
             else:
-                m_huge = m_huge | (m_m & (b_rm >= 1.0141204801825835e31))  # OVERFLOW_ROW
+                m_huge = m_huge | (m_m & (b_rm >= OVERFLOW_ROW))
                 m_big, m_tiny = _rescue_rows(b_rm, m_m & (b_rbad == 0), b_idx, b_min)
                 if tl.max(m_big.to(tl.int32), axis=0) > 0:  # (a held row: its residual by 2^(E - 96))
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                         stride_cd, 1.2621774483536189e-29,
-                                                         exp2i(tl.where(b_wide, e_wide - 96, -96)), PRECISION,
-                                                         DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
+                                                         stride_cd, RESCALE_DOWN,
+                                                         exp2i(tl.where(b_wide, e_wide - RESCALE_EXP, -RESCALE_EXP)),
+                                                         PRECISION, DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K, BLOCK_D)
                     b_idx = tl.where(m_big, b_idx1, b_idx)
                 if tl.max(m_tiny.to(tl.int32), axis=0) > 0:
                     _, b_idx1, _ = _search_level_chunked(p_ws, o_m, m_m, stride_wn, p_cbl, K, D, stride_ck,
-                                                         stride_cd, 7.922816251426434e28,
-                                                         tl.full((BLOCK_M,), 7.922816251426434e28, tl.float32),
+                                                         stride_cd, RESCALE_UP,
+                                                         tl.full((BLOCK_M,), RESCALE_UP, tl.float32),
                                                          PRECISION, DOT_FP32, BF16_RNE, True, BLOCK_M, BLOCK_K,
                                                          BLOCK_D)
                     b_idx = tl.where(m_tiny & (b_idx1 >= 0), b_idx1, b_idx)
@@ -1403,11 +1408,14 @@ def residual_quantize_bwd(
     grad_embed: torch.Tensor | None = None,
     rotate: bool = False,
     need_dx: bool = True,
+    eps_norm: float | None = None,
+    eps_antipodal: float | None = None,
 ):
     """The gradients of :func:`residual_quantize_fwd`'s ``quantized`` and ``level_sq``.
 
     ``grad (N, D)`` flows to ``x`` straight through (or rotated, ``rotate``: the rotation trick
-    between ``x`` and ``quantized``; rows of weight 0 pass it straight through). ``level_sq`` is
+    between ``x`` and ``quantized``, with the thresholds ``eps_norm`` and ``eps_antipodal`` of
+    :func:`rotation_trick_bwd`, required with ``rotate``; rows of weight 0 pass it straight through). ``level_sq`` is
     used twice by a training step: its gradient ``grad_commit (L,)`` reaches ``x`` (through every
     residual), ``grad_embed (L,)`` reaches the codebooks (through the chosen codes); both float32.
     Returns ``(dx (N, D) in x's dtype or None, dcb (L, K, D) float32 or None)``.
@@ -1422,6 +1430,8 @@ def residual_quantize_bwd(
     assert not rotate or next_pow2(D) <= MAX_ROTATE_D, "the fused rotation gradient needs D <= MAX_ROTATE_D"
     dev = x.device
     has_g = grad is not None and need_dx
+    rotate_g = rotate and has_g  # (the thresholds are constexprs: 0 when no rotation runs, one variant)
+    assert not rotate_g or (eps_norm is not None and eps_antipodal is not None), "rotate needs eps_norm, eps_antipodal"
     has_gc = grad_commit is not None and need_dx
     has_ge = grad_embed is not None
     dx = torch.empty((N, D), dtype=x.dtype, device=dev) if need_dx else None
@@ -1446,7 +1456,8 @@ def residual_quantize_bwd(
         grad.stride(0) if has_g else 0, grad.stride(1) if has_g else 0,
         dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
         BLOCK_M=block_m, BLOCK_D=block_d, HAS_W=weights is not None, HAS_G=has_g, HAS_GC=has_gc, HAS_GE=has_ge,
-        HAS_DX=need_dx, ROTATE=rotate and has_g, EPS_N=EPS_NORM, EPS_S=EPS_ANTIPODAL,
+        HAS_DX=need_dx, ROTATE=rotate_g, EPS_N=float(eps_norm) if rotate_g else 0.0,
+        EPS_S=float(eps_antipodal) if rotate_g else 0.0,
         **bwd_fix_tiles(block_d), num_warps=bwd_num_warps(block_d),
         **({"maxnreg": BWD_FIXUP_MAXNREG} if has_ge else {}),
     )

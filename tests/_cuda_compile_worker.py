@@ -80,6 +80,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fastvq import kernels  # noqa: E402
+from fastvq.reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM  # noqa: E402
+
+_ROTATION_EPS = dict(eps_norm=EPS_NORM, eps_antipodal=EPS_ANTIPODAL)  # what the op passes the residual backward
 from fastvq.reference.pairwise_kl_loss import logit_scaling, row_max  # noqa: E402
 from fastvq.kernels import (  # noqa: E402
     code_statistics,
@@ -387,7 +390,8 @@ def _residual_quantize_jobs():
                             k, {"p_x": p, "p_cb": p, "p_codes": "*i64", "p_w": "*fp32" if has_w else p, "p_g": p,
                                 "p_gc": "*fp32", "p_ge": "*fp32", "p_dx": p, "p_dcb": "*fp32", "p_state": "*i32"},
                             {"stride_xd": 1, "stride_cd": 1, "stride_ol": 1, "stride_gd": 1, "stride_dd": 1,
-                             "BLOCK_M": block_m, "BLOCK_D": block_d, "EPS_N": mod.EPS_NORM, "EPS_S": mod.EPS_ANTIPODAL,
+                             "BLOCK_M": block_m, "BLOCK_D": block_d, "EPS_N": EPS_NORM if rotate else 0.0,
+                             "EPS_S": EPS_ANTIPODAL if rotate else 0.0,
                              **mod.bwd_fix_tiles(block_d), **flags},
                             aligned_ints=("stride_xn", "stride_cl", "stride_ck", "stride_on", "stride_gn", "stride_dn"),
                             scalars={"BIG_T": "fp32"}, cost=0.8, num_warps=mod.bwd_num_warps(block_d),
@@ -798,14 +802,14 @@ def edge_launches():
             add(base + " all", rq.residual_quantize_bwd, x, cb, codes, weights=_meta(N), grad=g, grad_commit=gl,
                 grad_embed=gl)
             add(base + " rotate", rq.residual_quantize_bwd, x, cb, codes, weights=_meta(N), grad=g, grad_commit=gl,
-                grad_embed=gl, rotate=True)
-            add(base + " rotate no w", rq.residual_quantize_bwd, x, cb, codes, grad=g, rotate=True)
+                grad_embed=gl, rotate=True, **_ROTATION_EPS)
+            add(base + " rotate no w", rq.residual_quantize_bwd, x, cb, codes, grad=g, rotate=True, **_ROTATION_EPS)
             add(base + " embed only", rq.residual_quantize_bwd, x, cb, codes, grad_embed=gl, need_dx=False)
             add(base + " commit", rq.residual_quantize_bwd, x, cb, codes, grad_commit=gl)
             for lay in ("t", "s", "p", "o"):
                 add(base + f" layouts:{lay} rotate", rq.residual_quantize_bwd, _lay((N, D), lay, dt),
                     _lay((L, K, D), lay, dt), _lay((N, L), lay, i64), grad=_lay((N, D), lay, dt), grad_commit=gl,
-                    grad_embed=gl, rotate=True)
+                    grad_embed=gl, rotate=True, **_ROTATION_EPS)
 
     # pairwise_kl_loss: forward and backward; B = 2 (the fewest rows that launch), feature sizes
     # of 1 and not multiples of 16, D beyond one chunk; temperatures whose scaling factors are 1

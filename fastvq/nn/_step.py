@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import atomics_nondeterministic
-from .._checks import FLOAT_DTYPES, check_tensor
+from .._checks import check_row_weights
 from ..ops.ema_update import codebook_snapshot, refuse_checkpoint_rerun
 from ..ops.residual_quantize import _residual_quantize_step, level_inputs
 from ._codebook import CodebookState, allow_tf32, pick_candidate_rows
@@ -22,18 +22,8 @@ def _check_mask(owner: str, mask, inputs: torch.Tensor) -> torch.Tensor | None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"fastvq.{owner}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    check_tensor(owner, "mask", mask)  # (sparse or nested: torch's reshape error, or another op's name; fuzzL L3)
-    if mask.shape != inputs.shape[:-1]:
-        raise ValueError(f"fastvq.{owner}: mask must have shape {tuple(inputs.shape[:-1])} (one per row of inputs "
-                         f"{tuple(inputs.shape)}), got {tuple(mask.shape)}")
-    if mask.dtype == torch.float64:
-        mask = mask.to(torch.float32)
-    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"fastvq.{owner}: mask must be bool (True = a real row) or floating-point weights (float32, "
-                        f"float16, bfloat16 or float64), got {mask.dtype}")
-    if mask.device != inputs.device:
-        raise ValueError(f"fastvq.{owner}: mask is on {mask.device}, inputs on {inputs.device}")
-    return mask
+    # (sparse or nested: torch's reshape error, or another op's name; fuzzL L3)
+    return check_row_weights(owner, "mask", mask, inputs, (inputs.shape[:-1],), x_name="inputs", float64=True)
 
 
 def _codebook_for_step(codebook: torch.Tensor, inputs: torch.Tensor, update: bool) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 
 from .._backend import deterministic_requested, use_triton
 from ._custom_op import custom_op
-from .._checks import FLOAT_DTYPES, assert_async, check_bool_arg, check_float, check_int, check_int_arg, check_same_device, check_tensor
+from .._checks import (assert_async, check_bool_arg, check_float, check_int, check_int_arg, check_row_weights,
+                       check_same_device, check_tensor)
 from ..reference.code_statistics import code_statistics_full_ref
 
 OP = "code_statistics"
@@ -173,19 +174,8 @@ def code_statistics(
         raise ValueError(f"fastvq.{OP}: x must have fewer than 2**31 rows (L * N, int32 offsets), got shape "
                          f"{tuple(x.shape)}")
     if weights is not None:
-        check_tensor(OP, "weights", weights)
-        if weights.dtype not in (*FLOAT_DTYPES, torch.bool):
-            raise TypeError(
-                f"fastvq.{OP}: weights must be float32, float16, bfloat16 or bool, got {weights.dtype}"
-            )
-        check_same_device(OP, x=x, weights=weights)
-        if weights.shape not in (indices.shape, indices.shape[-1:]):
-            raise ValueError(
-                f"fastvq.{OP}: weights must have shape {tuple(indices.shape)}"
-                + (f" or {tuple(indices.shape[-1:])}" if indices.dim() == 2 else "")
-                + f" (one per row of x {tuple(x.shape)}), got {tuple(weights.shape)}"
-            )
-        weights = weights.detach()
+        shapes = (indices.shape, indices.shape[-1:]) if indices.dim() == 2 else (indices.shape,)
+        weights = check_row_weights(OP, "weights", weights, x, shapes)
     counts, sums, skipped = _code_statistics_op(x.detach(), indices, num_codes, deterministic, weights)
     if not return_skipped:
         return counts, sums

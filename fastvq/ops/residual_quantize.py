@@ -13,8 +13,9 @@ from .._backend import alert_nondeterministic, use_triton
 from ._custom_op import custom_op, first_order_only
 from .. import _names
 from .._checks import (assert_async, check_bool_arg, check_choice, check_float, check_fp32_dot_env, check_index_range,
-                       check_last_dim, check_same_device, check_tensor, finite_limit)
+                       check_last_dim, check_row_weights, check_same_device, check_tensor, finite_limit)
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
+from ..reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
 
 __all__ = ["residual_quantize", "residual_quantize_step", "ResidualQuantizeStep", "residual_decode", "GRADS",
            "MAX_ROTATE_D"]
@@ -130,7 +131,7 @@ def _residual_quantize_bwd_op(
         if grad_embed is not None:
             alert_nondeterministic("fastvq.residual_quantize_step's codebook gradient (float32 atomics: a "
                                    "gradient-trained quantizer's backward)", x.device)
-        dx, dcb = residual_quantize_bwd(x, codebooks, codes, **kw)
+        dx, dcb = residual_quantize_bwd(x, codebooks, codes, **kw, eps_norm=EPS_NORM, eps_antipodal=EPS_ANTIPODAL)
     else:
         dx, dcb = residual_quantize_bwd_ref(x, codebooks, codes, **kw)
     return (dx if dx is not None else _empty(x, 0, dtype=x.dtype),
@@ -447,13 +448,7 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
     N = math.prod(lead)  # (not Size.numel(): non-strict export fixed a dynamic N there, compileprobe P6)
     stat_weights = None
     if weights is not None:
-        check_tensor(op, "weights", weights)
-        if weights.dtype not in (torch.bool, torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"fastvq.{op}: weights must be bool or float, got {weights.dtype}")
-        if weights.shape != lead:
-            raise ValueError(f"fastvq.{op}: weights must have shape {tuple(lead)} (one per row of x "
-                             f"{tuple(x.shape)}), got {tuple(weights.shape)}")
-        check_same_device(op, x=x, weights=weights)
+        weights = check_row_weights(op, "weights", weights, x, (lead,))
         if weights.dtype == torch.bool:  # a padding mask: 0 or 1, W <= N, nothing to check or scale
             weights = weights.detach().reshape(N).float()
         else:

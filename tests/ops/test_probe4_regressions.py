@@ -69,10 +69,11 @@ def test_probe4_f4_float16_residual_beyond_range_gets_the_nearest_code(backend, 
 def test_probe4_f4_kernel_spells_float16_max():
     from fastvq.kernels import residual_quantize as rq
 
-    assert rq.FP16_WIDE_ROW == torch.finfo(torch.float16).max and rq.FP16_WIDE_EXP == 8
+    assert rq.FP16_WIDE_ROW.value == torch.finfo(torch.float16).max and rq.FP16_WIDE_EXP == 8
+    assert rq.FP16_WIDE_SCALE.value == 2.0**-8 and rq.FP16_WIDE_DOT_SCALE.value == 2 * 2.0**8
     src = open(rq.__file__).read()
-    assert src.count("> 65504.0) | (b_idx < 0))  # FP16_WIDE_ROW") == 2  # register and chunked
-    assert "b_r * 0.00390625" in src and "0.00390625, tl.float32)" in src and src.count("512.0") >= 2
+    assert src.count("> FP16_WIDE_ROW) | (b_idx < 0))") == 2  # register and chunked
+    assert src.count("FP16_WIDE_SCALE") >= 3 and src.count("FP16_WIDE_DOT_SCALE)") == 2
 
 
 def test_probe4_f2_step_statistics_sum_without_intermediate_overflow(backend):

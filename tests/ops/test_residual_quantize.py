@@ -4,6 +4,7 @@ import torch
 import fastvq
 import fastvq.testing as ft
 from fastvq.reference.residual_quantize import residual_quantize_ref
+from fastvq.reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
 from tests.utils import (assert_close, count_kernel_launches, generator, noncontiguous, raises_invalid, randn,
                          two_config_autotuner)
 
@@ -17,6 +18,7 @@ CASES = [  # (N, L, K, D)
     pytest.param(0, 2, 5, 8, id="N0"),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ROTATION_EPS = dict(eps_norm=EPS_NORM, eps_antipodal=EPS_ANTIPODAL)  # what the op passes the backward launcher
 
 
 def assert_greedy(x, codebooks, codes, kernel, chunk=16384):
@@ -476,7 +478,7 @@ def test_step_chunked_kernel_matches_register_kernel(dtype, device):
     ge = randn(L, seed=35, device=device)
     for rotate in (False, True):
         bkw = dict(weights=w, grad=g, grad_commit=gc, grad_embed=ge, rotate=rotate)
-        dx, dcb = residual_quantize_bwd(x, cb, reg["codes"], **bkw)
+        dx, dcb = residual_quantize_bwd(x, cb, reg["codes"], **bkw, **ROTATION_EPS)
         dx_ref, dcb_ref = residual_quantize_bwd_ref(x, cb, reg["codes"], **bkw)
         assert_close(dx, dx_ref, reduce_len=2 * L + 8)  # (the rotation: a few more roundings)
         assert_close(dcb, dcb_ref, dtype=torch.float32, reduce_len=N)
@@ -519,7 +521,7 @@ def test_step_bad_input():
         residual_quantize_step(x, cb, grad="nope")
     with pytest.raises(ValueError, match=r"weights must have shape \(6,\)"):
         residual_quantize_step(x, cb, weights=torch.ones(5, dtype=torch.bool))
-    with pytest.raises(TypeError, match="weights must be bool or float"):
+    with pytest.raises(TypeError, match="weights must be bool .* or floating-point weights"):
         residual_quantize_step(x, cb, weights=torch.ones(6, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"codes must have shape \(6, 2\)"):
         residual_quantize_step(x, cb, codes=torch.zeros(6, 1, dtype=torch.int64))
@@ -779,30 +781,25 @@ def test_quantized_is_finite_where_the_exact_sum_is(backend, device, dtype, chun
         assert torch.equal(q, want), (k, q)
 
 
-def test_kernel_spells_the_overflow_threshold():
+def test_kernel_overflow_threshold_is_where_r_minus_c_can_overflow():
     # r - c overflows float32 only where |r| >= 2^103: the largest code is 2^128 - 2^104 and the
     # sum rounds to inf from 2^128 - 2^103 on (so the check below that threshold is never needed)
     from fastvq.kernels import residual_quantize as rq
 
     top = torch.tensor(torch.finfo(torch.float32).max)
-    assert rq.OVERFLOW_ROW == 2.0**103 == float("1.0141204801825835e31")
+    assert rq.OVERFLOW_ROW.value == 2.0**103
     below = torch.tensor(2.0**103).nextafter(torch.tensor(0.0))
     assert (below + top).isfinite() and not (torch.tensor(2.0**103) + top).isfinite()
-    assert open(rq.__file__).read().count(">= 1.0141204801825835e31))  # OVERFLOW_ROW") == 3
-
-
-def test_kernel_eps_norm_is_the_reference_one():
-    from fastvq.kernels import residual_quantize as rq
-    from fastvq.reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
-
-    assert rq.EPS_NORM == EPS_NORM and rq.EPS_ANTIPODAL == EPS_ANTIPODAL
+    assert open(rq.__file__).read().count(">= OVERFLOW_ROW))") == 3  # both variants read the one constant
 
 
 def test_fused_rotation_rows_at_the_eps_norm_threshold_take_one_branch():
     # the fused rotation-trick backward decided |x| < EPS_NORM on a float32 norm, the reference
     # (rotation_trick_bwd_ref) on float64 sums of squares: rows within a float32 rounding of the
     # threshold went straight through on one and rotated (gradient ~1e6) on the other
-    from fastvq.kernels.residual_quantize import residual_quantize_bwd
+    # (through the op, which passes the kernel the reference's thresholds: the kernels kept a
+    # copy of EPS_NORM, pinned by a test, until review11)
+    from fastvq.ops.residual_quantize import _residual_quantize_bwd_op
     from fastvq.reference.residual_quantize import residual_quantize_bwd_ref
     from fastvq.reference.rotation_trick import EPS_NORM
 
@@ -813,9 +810,9 @@ def test_fused_rotation_rows_at_the_eps_norm_threshold_take_one_branch():
     cb = randn(1, 1, 7, seed=42)  # one code: every row's quantized vector is that code
     codes = torch.zeros(400, 1, dtype=torch.int64, device=x.device)
     g = torch.ones_like(x)
-    kw = dict(grad=g, rotate=True)
-    dx, _ = residual_quantize_bwd(x, cb, codes, **kw)
-    ref, _ = residual_quantize_bwd_ref(x, cb, codes, **kw)
+    with fastvq.backend("triton"):
+        dx, _ = _residual_quantize_bwd_op(x, cb, codes, None, g, None, None, True, True)
+    ref, _ = residual_quantize_bwd_ref(x, cb, codes, grad=g, rotate=True)
     below = x.double().norm(dim=1) < EPS_NORM
     assert below.any() and (~below).any()
     for i in range(x.shape[0]):
@@ -887,7 +884,7 @@ def test_bwd_kernel_matches_reference_on_wide_rows(device, rotate):
     w[4] = 0.0
     kw = dict(weights=w, grad=g, grad_commit=torch.tensor([0.01, 0.02, 0.03], device=device),
               grad_embed=torch.tensor([0.03, 0.01, 0.02], device=device), rotate=rotate)
-    dx, dcb = residual_quantize_bwd(x, cb, codes, **kw)
+    dx, dcb = residual_quantize_bwd(x, cb, codes, **kw, **ROTATION_EPS)
     ref_dx, ref_dcb = residual_quantize_bwd_ref(x, cb, codes, **kw)
     assert torch.equal(dx.isnan(), ref_dx.isnan())
     if rotate or dx.is_cuda:  # (the rotation: float32 in the kernel, float64 in the reference; a GPU
@@ -1359,3 +1356,30 @@ def test_statistics_at_the_overflow_midpoint_round_once(backend, device):
     assert torch.equal(got, want[~paired]), (got != want[~paired]).nonzero().flatten().tolist()
     assert out.counts[0].tolist() == [5.0, 0.0, 0.0, 0.0, N - 5.0]
     assert (terms[:, ~paired].double().sum(0).float() != want[~paired]).sum() >= 4  # (plain float64: wrong)
+
+
+def test_row_weights_are_checked_alike_by_the_ops_and_the_modules(device):
+    # one check (fastvq._checks.check_row_weights) for the ops' weights and the modules' mask
+    # (review11: three copies with three sets of accepted dtypes, and an op's message said "bool
+    # or float" of the float64 weights it refused)
+    x = randn(6, 4, seed=1, device=device)
+    cb = randn(1, 3, 4, seed=2, device=device)
+    idx = torch.zeros(6, dtype=torch.int64, device=device)
+    calls = {
+        "code_statistics": lambda w: fastvq.code_statistics(x, idx, 3, weights=w),
+        "residual_quantize_step": lambda w: fastvq.residual_quantize_step(x, cb, weights=w),
+        "VectorQuantizer": lambda w: fastvq.nn.VectorQuantizer(3, 4).to(device)(x, mask=w),
+    }
+    for owner, call in calls.items():
+        for bad, err, match in (
+            (torch.ones(6, dtype=torch.int64, device=device), TypeError, r"must be bool \(True = a real row\) or "
+                                                                         r"floating-point weights \(float32, float16"),
+            (torch.ones(5, device=device), ValueError, r"must have shape \(6,\) \(one per row of "),
+            (torch.ones(6, device="meta"), ValueError, "must be on one device"),
+        ):
+            with pytest.raises(err, match=rf"fastvq\.{owner}: (weights|mask|tensors) " + match):
+                call(bad)
+    # float64: the modules take it as float32 weights; the ops refuse it, naming what they accept
+    fastvq.nn.VectorQuantizer(3, 4).to(device)(x, mask=torch.ones(6, dtype=torch.float64, device=device))
+    with pytest.raises(TypeError, match=r"fastvq\.code_statistics: weights must be .*bfloat16\), got torch\.float64"):
+        fastvq.code_statistics(x, idx, 3, weights=torch.ones(6, dtype=torch.float64, device=device))
