@@ -62,12 +62,6 @@ from tests.utils import randn
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def unpoisoned(monkeypatch):
-    """Count as users run: the suite's NaN poisoning of torch.empty would be a write."""
-    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
-    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
-
 
 # ------------------------------------------------------------------ traffic (K1)
 @pytest.mark.parametrize("name", ["to_bits + to_decimal (4096 x 16 bits)"])  # (kernel rows: too slow here)

@@ -17,11 +17,8 @@ UNIT = N * D * 4
 
 
 @pytest.fixture(autouse=True)
-def unpoisoned(monkeypatch):
-    """Counting tests see torch.empty as users do: the suite's NaN poisoning fills every new
-    buffer, a write the meter would (rightly) count."""
-    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
-    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+def _every_test_unpoisoned(unpoisoned):
+    """Every test here counts: torch.empty as users have it (tests/conftest.py)."""
 
 
 def _glue(fn):

@@ -51,12 +51,6 @@ from tests._syncs import count_host_syncs
 from tests.utils import generator, randn
 
 
-@pytest.fixture
-def unpoisoned(monkeypatch):
-    """Count as users run: the suite's NaN poisoning of torch.empty is a write the meter sees."""
-    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
-    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
-
 
 def _step(mod, x, mask=None, autocast=None):
     """One training step of a quantizer (forward with its codebook update, backward)."""

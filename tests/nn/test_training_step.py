@@ -13,12 +13,6 @@ from tests.utils import assert_close, generator, randn
 SCALE = 16  # rows and codebook sizes / 16: the same pass counts as N=4096, the interpreter 16x faster
 
 
-@pytest.fixture
-def unpoisoned(monkeypatch):
-    """Count steps as users run them: the suite's NaN poisoning of torch.empty is a write."""
-    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
-    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
-
 
 # ------------------------------------------------------------------ traffic targets (issue 10)
 TARGETS = {  # case -> most passes over the N x D activation (glue + kernel tensor arguments)
