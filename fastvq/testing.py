@@ -550,6 +550,9 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     pass ``floor``, the absolute error the computation can make (the default is then the
     dtype's smallest subnormal).
     """
+    for name, t in (("actual", actual), ("exact", exact)):
+        if not isinstance(t, torch.Tensor):  # (a gradient that never arrived: x.grad is None)
+            raise TypeError(f"fastvq.testing: {name} must be a torch.Tensor, got {type(t).__name__}")
     dtype = dtype or actual.dtype
     act = actual.detach().to(torch.float64)
     ex = exact.detach().to(device=act.device, dtype=torch.float64)
@@ -562,7 +565,10 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     fmt = _fmt(dtype)
     over = (ex.isfinite() & _overflows(ex, fmt)) if isinstance(fmt, torch.dtype) else torch.zeros_like(ex, dtype=torch.bool)
     top = torch.finfo(fmt).max if isinstance(fmt, torch.dtype) else math.inf
-    over_ok = (act == torch.where(ex > 0, math.inf, -math.inf)) | (act == torch.where(ex > 0, top, -top))
+    # (float64 operands: two Python scalars would take torch's default dtype, where float64's
+    # largest value overflows; fuzzO F3)
+    over_ok = ((act == torch.where(ex > 0, ex.new_tensor(math.inf), -math.inf))
+               | (act == torch.where(ex > 0, ex.new_tensor(top), -top)))
     fin = ex.isfinite() & ~over
     nonfinite = int((fin & ~act.isfinite()).sum())
     zeros = int(((act == 0) & fin & (ex.abs() > floor)).sum())

@@ -440,3 +440,14 @@ def test_distances64_and_argmin_bound_take_rows_of_zero_width(device):
             d, mag, _ = ft.distances64(x, c, metric)
             assert d.shape == mag.shape == (*lead, 4) and bool((d == d.flatten()[0]).all()), metric
             ft.assert_argmin_within_bound(x, c, torch.zeros(lead, dtype=torch.long, device=device), metric)
+
+
+def test_grad_ratio_takes_float64_actual_and_names_a_missing_gradient(device):
+    # fuzzO F3: a float64 `actual` (or the arguments swapped) failed in torch.where with "value
+    # cannot be converted to type float without overflow" (float64's max as a default-dtype
+    # scalar); a gradient that never arrived (x.grad is None) gave an AttributeError
+    exact = torch.randn(10, 4, dtype=torch.float64, device=device)
+    assert ft.grad_ratio(exact.clone(), exact)["ratio"] == 0.0
+    ft.assert_grad_nondegenerate(exact.clone(), exact)
+    with pytest.raises(TypeError, match=r"fastvq\.testing: actual must be a torch\.Tensor, got NoneType"):
+        ft.assert_grad_nondegenerate(None, exact)

@@ -267,6 +267,9 @@ def _expand_mask(mask: torch.Tensor, num_codebooks: int, rows: int) -> torch.Ten
     updated the codebook before VQP's masked loss raised)."""
     if mask.dtype != torch.bool:
         raise TypeError(f"fastvq (vector-quantize-pytorch patch): mask must be a bool tensor, got {mask.dtype}")
+    if mask.dim() != 2:  # (a bare unpack error before; fuzzO F6)
+        raise ValueError(f"fastvq (vector-quantize-pytorch patch): mask must be (batch, sequence length), one bool "
+                         f"per input vector, got shape {tuple(mask.shape)} for {rows} rows per codebook")
     b, t = mask.shape
     heads = rows // (b * t)
     return mask[:, None, :].expand(b, heads, t).reshape(1, b * heads * t).expand(num_codebooks, -1)

@@ -62,6 +62,9 @@ def search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor
 
 
 
+DEFAULT_DECAY = 0.99  # the modules' EMA decay and eps (the seeds' EMAQuantizer's)
+DEFAULT_EPS = 1e-5
+
 #: The settings that train a codebook well (measured in tests/nn/test_codebook_training.py);
 #: the low-usage warning names them.
 RECOMMENDED = {"kmeans_init": True, "dead_code_threshold": 1.0}
@@ -236,7 +239,7 @@ def expire_dead_codes_(
 @torch.no_grad()
 def kmeans(
     x: torch.Tensor, init: torch.Tensor, iters: int, metric: str = "l2", weights: torch.Tensor | None = None,
-    limit: float = math.inf, group=None,
+    limit: float = math.inf, group=None, owner: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Lloyd's k-means on the valid rows of ``x (N, D)``, over all ranks of ``group`` (a process
     group; ``None``: the default one).
@@ -251,7 +254,8 @@ def kmeans(
     below ``limit`` (float32 sums of rows near the float32 maximum overflow), stays where it
     is. Returns float32 ``(centroids (K, D), counts (K,), skipped ())``, the counts of the
     last assignment and the rows (all ranks) of nonzero weight left out as not valid;
-    ``centroids`` and ``counts`` are None when no rank has a valid row. Stops early at a fixed
+    ``centroids`` and ``counts`` are None when no rank has a valid row. ``owner`` (a module's
+    name) warns, naming the fix, when there are fewer valid rows than codes. Stops early at a fixed
     point (no row changed its code on any rank: the same result as running every step). Reads
     the number of valid candidates and, after each step from the second, the number of rows that
     changed code on the host (syncs on the batch that initialises only).
@@ -266,6 +270,14 @@ def kmeans(
     n_valid = int(valid.sum())
     if n_valid == 0:
         return None, None, skipped
+    if owner is not None and n_valid < K:  # (a warm-up forward in train mode, a tiny first batch; fuzzO F1)
+        warnings.warn(
+            f"fastvq.{owner}: k-means init ran on a batch with {n_valid} valid rows (all ranks) for {K} codes, so "
+            f"{K - n_valid} codes start as copies of other codes; the module is marked initialised and will not "
+            f"run k-means again. Give it a first training batch of at least {K} rows (a warm-up call in train "
+            f"mode counts; use eval mode for it), or set dead_code_threshold > 0 so unused codes are revived.",
+            stacklevel=user_stacklevel(),
+        )
     centroids = candidates[0, torch.arange(K, device=x.device) % n_valid]
     previous = None
     for step in range(max(iters, 1)):
@@ -436,6 +448,18 @@ class CodebookState(nn.Module):
         self.ema = ema
         self.decay = _check_float("decay", owner, decay, 0.0, 1.0)
         self.eps = _check_float("eps", owner, eps, 0.0, lo_open=True)
+        # vector-quantize-pytorch's quantizers are EMA by default, decay their setting: a port that
+        # keeps decay= but not ema=True trains its codebook by gradient, and without the codebook
+        # loss never moves it (fuzzO F2). Revival's usage EMA reads decay; eps is the EMA's alone.
+        unused = [f"{name}={value!r}" for name, value, default, used in (
+            ("decay", self.decay, DEFAULT_DECAY, ema or dead_code_threshold > 0),
+            ("eps", self.eps, DEFAULT_EPS, ema)) if value != default and not used]
+        if unused:
+            verb = "has" if len(unused) == 1 else "have"
+            warnings.warn(f"fastvq.{owner}: {' and '.join(unused)} {verb} no effect without ema=True (the codebook "
+                          f"trains by gradient: add the codebook loss, embedding_loss, to yours); for an EMA "
+                          f"codebook, as vector-quantize-pytorch's default, pass ema=True",
+                          stacklevel=user_stacklevel())
         self.grad = grad
         self.dead_code_threshold = dead_code_threshold
         self.kmeans_init = kmeans_init
@@ -721,7 +745,10 @@ class CodebookState(nn.Module):
         for level in range(codebook.shape[0]):
             # (rows that are not finite in the codebook's dtype are left out, and counted)
             centroids, counts, skipped = kmeans(residual, codebook[level], iters, metric, weights,
-                                                finite_limit(codebook.dtype), self.process_group)
+                                                finite_limit(codebook.dtype), self.process_group,
+                                                # (revival replaces the copies: no warning then)
+                                                owner=self._owner if level == 0 and not self.dead_code_threshold
+                                                else None)
             skipped_max = skipped if skipped_max is None else torch.maximum(skipped_max, skipped)
             if centroids is None:  # no valid row on any rank (the same answer everywhere)
                 if level == 0:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..ops.residual_quantize import _residual_decode, residual_quantize_step
 from . import _checkpoint
-from ._codebook import CodebookState, _check_float, _check_int, _check_sizes
+from ._codebook import DEFAULT_DECAY, DEFAULT_EPS, CodebookState, _check_float, _check_int, _check_sizes
 from ._step import _check_mask, _quantize_step
 
 _SEED_KEY = re.compile(r"quantizers\.(\d+)\.(embeddings\.weight|cluster_size|embed_avg)$")
@@ -80,9 +80,9 @@ class ResidualQuantizer(CodebookState):
         embedding_dim: int,
         commitment_cost: float = 0.25,
         ema: bool = False,
-        decay: float = 0.99,
+        decay: float = DEFAULT_DECAY,
         *,
-        eps: float = 1e-5,
+        eps: float = DEFAULT_EPS,
         grad: str = "ste",
         dead_code_threshold: float = 0.0,
         kmeans_init: bool = False,

@@ -8,7 +8,7 @@ import torch.nn as nn
 from .._checks import check_choice
 from .._names import MODULE_METRICS
 from . import _checkpoint
-from ._codebook import CodebookState, _check_float, _check_int, _check_sizes, search
+from ._codebook import DEFAULT_DECAY, DEFAULT_EPS, CodebookState, _check_float, _check_int, _check_sizes, search
 from ._step import _check_mask, _quantize_step
 
 
@@ -116,8 +116,8 @@ class VectorQuantizer(CodebookState):
         *,
         grad: str = "ste",
         ema: bool = False,
-        decay: float = 0.99,
-        eps: float = 1e-5,
+        decay: float = DEFAULT_DECAY,
+        eps: float = DEFAULT_EPS,
         dead_code_threshold: float = 0.0,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,

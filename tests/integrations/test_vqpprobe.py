@@ -523,3 +523,17 @@ def test_counts_of_a_kmeans_init_step(fallback, device):
     else:  # the step's search and statistics ran on VQP
         expected = {"kmeans": 1, "fallback." + fallback: 1}
     assert fv.counts() == expected
+
+
+@pytest.mark.parametrize("shape", [(B, 6, 1), (B,)], ids=["B-T-1", "B"])
+def test_forward_with_a_mask_of_the_wrong_shape_names_it(device, shape):
+    """fuzzO F6: a mask kept as (B, T, 1) for broadcasting, or (B,), failed inside the patch with
+    Python's bare "too many values to unpack"; now a ValueError naming the mask and the shape it
+    must have, before the codebook is touched."""
+    torch.manual_seed(0)
+    pat = VQ().to(device).train()
+    x = randn(B, 6, DIM, seed=1, device=device)
+    before = {k: v.clone() for k, v in pat.state_dict().items()}
+    with fv.patched(), pytest.raises(ValueError, match=r"mask must be \(batch, sequence length\).*got shape"):
+        pat(x, mask=torch.ones(shape, dtype=torch.bool, device=device))
+    assert all(torch.equal(v, before[k]) for k, v in pat.state_dict().items())

@@ -1079,3 +1079,41 @@ def test_huge_row_weights_leave_every_buffer_finite(backend, ema):
         buf = getattr(vq, name)
         assert buf is None or bool(buf.isfinite().all()), (name, buf)
     assert bool(vq.embeddings.weight.isfinite().all())
+
+
+@pytest.mark.parametrize("revival", [False, True])
+def test_kmeans_init_on_fewer_rows_than_codes_warns_unless_revival_fixes_it(device, revival):
+    # fuzzO F1: a warm-up forward in train mode (2 rows) initialised all 64 codes as copies of two
+    # rows, for good: 48 of 256 codes in use after 200 steps. Revival replaces the copies.
+    kw = dict(dead_code_threshold=1.0) if revival else {}
+    vq = VectorQuantizer(64, 4, kmeans_init=True, **kw).to(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vq(randn(2, 4, seed=1, device=device))
+        VectorQuantizer(8, 4, kmeans_init=True).to(device)(randn(40, 4, seed=2, device=device))  # enough rows
+    got = [str(w.message) for w in caught if "k-means init ran on a batch" in str(w.message)]
+    if revival:
+        assert got == []
+    else:
+        assert len(got) == 1 and "with 2 valid rows (all ranks) for 64 codes" in got[0], got
+        assert caught[0].filename == __file__  # (attributed to the caller)
+
+
+@pytest.mark.parametrize("kw, warns", [
+    (dict(decay=0.8), "decay=0.8 has no effect without ema=True"),
+    (dict(eps=1e-3, dead_code_threshold=1.0), "eps=0.001 has no effect"),
+    (dict(decay=0.8, eps=1e-3), "decay=0.8 and eps=0.001 have no effect"),
+    (dict(decay=0.8, ema=True), None),
+    (dict(decay=0.8, dead_code_threshold=1.0), None),  # (revival's usage EMA reads decay)
+    (dict(decay=0.99, eps=1e-5), None),  # the defaults, written out
+])
+@pytest.mark.about_devices("constructor arguments only")
+def test_ema_settings_without_ema_warn(kw, warns):
+    # fuzzO F2: vector-quantize-pytorch's quantizers are EMA by default and decay is their setting;
+    # VectorQuantizer(K, D, decay=0.8) trained by gradient and ignored it
+    for cls, args in ((VectorQuantizer, (8, 4)), (ResidualQuantizer, (2, 8, 4))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cls(*args, **kw)
+        got = [str(w.message) for w in caught]
+        assert (got == []) if warns is None else (len(got) == 1 and warns in got[0]), (cls, got)
