@@ -266,3 +266,19 @@ def test_only_common_reads_the_interpreter_flag():
     bad = {f"kernels/{path.name}": reads for path in sorted((ROOT / "kernels").rglob("*.py"))
            if path.name != "_common.py" and (reads := _interpreter_reads(path))}
     assert not bad, f"read the interpreter flag through kernels._common's helpers: {bad}"
+
+
+def test_mirrored_constants_agree():
+    """Kernels import nothing of fastvq, so a number both sides must agree on has a copy in each:
+    every such pair is held here (review11: only EPS_NORM was, and that one is now passed in)."""
+    from fastvq import _checks
+    from fastvq.kernels import _common, nearest_code as k_nc, residual_quantize as k_rq
+    from fastvq.ops import residual_quantize as o_rq
+    from fastvq.reference import nearest_code as r_nc
+
+    pairs = {
+        "MAX_ROTATE_D": (o_rq.MAX_ROTATE_D, k_rq.MAX_ROTATE_D),
+        "TAME_EXP": (r_nc.TAME_EXP, k_nc.TAME_EXP),
+        "FP32_DOT_ENV": (_checks.FP32_DOT_ENV, _common.FP32_DOT_ENV),
+    }
+    assert {name: a for name, (a, b) in pairs.items() if a != b} == {}
