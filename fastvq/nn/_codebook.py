@@ -448,11 +448,13 @@ class CodebookState(nn.Module):
         self.ema = ema
         self.decay = _check_float("decay", owner, decay, 0.0, 1.0)
         self.eps = _check_float("eps", owner, eps, 0.0, lo_open=True)
+        self.grad = grad
+        self.dead_code_threshold = dead_code_threshold
         # vector-quantize-pytorch's quantizers are EMA by default, decay their setting: a port that
         # keeps decay= but not ema=True trains its codebook by gradient, and without the codebook
         # loss never moves it (fuzzO F2). Revival's usage EMA reads decay; eps is the EMA's alone.
         unused = [f"{name}={value!r}" for name, value, default, used in (
-            ("decay", self.decay, DEFAULT_DECAY, ema or dead_code_threshold > 0),
+            ("decay", self.decay, DEFAULT_DECAY, ema or self.dead_code_threshold > 0),
             ("eps", self.eps, DEFAULT_EPS, ema)) if value != default and not used]
         if unused:
             verb = "has" if len(unused) == 1 else "have"
@@ -460,8 +462,6 @@ class CodebookState(nn.Module):
                           f"trains by gradient: add the codebook loss, embedding_loss, to yours); for an EMA "
                           f"codebook, as vector-quantize-pytorch's default, pass ema=True",
                           stacklevel=user_stacklevel())
-        self.grad = grad
-        self.dead_code_threshold = dead_code_threshold
         self.kmeans_init = kmeans_init
         self.kmeans_iters = _check_int("kmeans_iters", owner, kmeans_iters, 0)
         self.process_group = process_group

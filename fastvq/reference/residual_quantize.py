@@ -188,7 +188,8 @@ def residual_quantize_full_ref(
             q64 = q64 + c.double()
             if loss:
                 # float64: |r|^2 may overflow float32 where the mean loss does not
-                sq = (r.double() ** 2).sum(-1) * torch.where(scaled, 4.0**wide_exp, 1.0)
+                sq = (r.double() ** 2).sum(-1)
+                sq = sq * torch.where(scaled, sq.new_tensor(4.0**wide_exp), 1.0)
                 level_sq[lvl] += torch.where(live, w.double() * sq, 0.0).sum()
             if search:
                 out_codes[s : s + step, lvl] = idx
