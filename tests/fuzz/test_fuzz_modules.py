@@ -157,7 +157,9 @@ def test_vector_quantizer_training_cannot_be_poisoned(backend, device, case):
     finite (and float32 for a bf16/fp16 module); an empty batch is a no-op."""
     K, D, _, opts, mdtype, batches = case
     torch.manual_seed(batches[0].seed)
-    vq = fastvq.nn.VectorQuantizer(K, D, **opts).to(device=device, dtype=mdtype).train()
+    with warnings.catch_warnings():  # (generated options: decay without ema warns that it does nothing)
+        warnings.simplefilter("ignore", UserWarning)
+        vq = fastvq.nn.VectorQuantizer(K, D, **opts).to(device=device, dtype=mdtype).train()
     op = f"VectorQuantizer[{backend},{opts},{mdtype}]"
     _train_steps(op, vq, lambda: vq.embeddings.weight.detach(), batches, device)
 
@@ -223,7 +225,9 @@ def _check_rq_module(op, x, cb, codes, dec, commit):
 def test_residual_quantizer_training_cannot_be_poisoned(backend, device, case):
     K, D, L, opts, mdtype, batches = case
     torch.manual_seed(batches[0].seed)
-    rq = fastvq.nn.ResidualQuantizer(L, K, D, **opts).to(device=device, dtype=mdtype).train()
+    with warnings.catch_warnings():  # (generated options: decay without ema warns that it does nothing)
+        warnings.simplefilter("ignore", UserWarning)
+        rq = fastvq.nn.ResidualQuantizer(L, K, D, **opts).to(device=device, dtype=mdtype).train()
     op = f"ResidualQuantizer[{backend},L={L},{opts},{mdtype}]"
     _train_steps(op, rq, lambda: rq.codebooks.detach(), batches, device)
 

@@ -1,6 +1,7 @@
 """fastvq.nn.VectorQuantizer against the seed VectorQuantizer / EMAQuantizer (tests/seeds.py)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -342,7 +343,8 @@ def test_kmeans_init_fewer_rows_than_codes(backend):
     torch.manual_seed(0)
     vq = VectorQuantizer(8, 3, kmeans_init=True, kmeans_iters=0)
     x = randn(3, 3, seed=11)
-    vq(x)
+    with pytest.warns(UserWarning, match="k-means init ran on a batch with 3 valid rows .* for 8 codes"):
+        vq(x)
     w = vq.embeddings.weight.detach()
     assert all((w[k] == x).all(-1).any() for k in range(8))  # starting points are batch rows
 
@@ -413,7 +415,9 @@ def test_largest_float32_options_train(ema, backend):
     """The largest accepted threshold / eps / commitment cost (float32's maximum) trains: an
     option is accepted only if the training step can use it."""
     big = torch.finfo(torch.float32).max
-    vq = VectorQuantizer(K, D, big, ema=ema, eps=big, dead_code_threshold=big).train()
+    with warnings.catch_warnings():  # (eps without ema has no effect, and warns so: tested elsewhere)
+        warnings.simplefilter("ignore")
+        vq = VectorQuantizer(K, D, big, ema=ema, eps=big, dead_code_threshold=big).train()
     x = randn(8, D, seed=4)
     vq.to(x.device)(x)
     assert vq.embeddings.weight.isfinite().all()
