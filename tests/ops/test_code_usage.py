@@ -184,6 +184,17 @@ def test_out_of_range_raises_without_host_sync(backend, monkeypatch, indices):
         fastvq.code_usage(indices, 5)
 
 
+def test_one_index_out_of_range_makes_entropy_and_perplexity_nan(backend, device):
+    # mutA M13: the tests had two bad indices; a check that let one through survived them
+    m = fastvq.CodeUsageMeter(5)
+    u = m.update(torch.tensor([0, 1, 7], device=device))
+    assert u.out_of_range.item() == 1 and u.counts.tolist() == [1, 1, 0, 0, 0]
+    assert math.isnan(u.entropy.item()) and math.isnan(u.perplexity.item())
+    assert math.isnan(m.mean_batch_perplexity.item())
+    with pytest.raises(ValueError, match=r"CodeUsageMeter: 1 indices are outside \[0, 5\)"):
+        m.compute()
+
+
 def test_meter_batch_usage_reports_out_of_range(backend):
     u = fastvq.CodeUsageMeter(5).update(torch.tensor([0, 1, 5, -2]))
     assert u.out_of_range.item() == 2 and u.counts.tolist() == [1, 1, 0, 0, 0]

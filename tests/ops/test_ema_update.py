@@ -28,12 +28,13 @@ def _seed_update(codebook, cluster_size, embed_avg, counts, sums, decay, eps):
     return ea / smoothed.unsqueeze(-1), cs, ea
 
 
+@pytest.mark.parametrize("eps", [1e-5, 0.5])  # (0.5: the smoothing's own terms beyond the tolerance; mutA M07)
 @pytest.mark.parametrize("L,K,D", [(1, 7, 5), (3, 33, 60), (2, 5, 1100)], ids=["L1-K7-D5", "L3-K33-D60", "D1100"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_matches_the_seed_update(backend, device, L, K, D, dtype):
+def test_matches_the_seed_update(backend, device, L, K, D, dtype, eps):
     codebook, cs, ea, counts, sums = _state(L, K, D, dtype, device=device)
-    want_code, want_cs, want_ea = _seed_update(codebook, cs, ea, counts, sums, 0.9, 1e-5)
-    ema_update_(codebook, cs, ea, counts, sums, 0.9, 1e-5)
+    want_code, want_cs, want_ea = _seed_update(codebook, cs, ea, counts, sums, 0.9, eps)
+    ema_update_(codebook, cs, ea, counts, sums, 0.9, eps)
     assert_close(cs, want_cs, reduce_len=3)
     assert_close(ea, want_ea, reduce_len=3)
     assert_close(codebook, want_code, reduce_len=K + 8)

@@ -160,3 +160,20 @@ def test_large_gpu(dtype):
     with fastvq.backend("reference"):
         ref = fastvq.pairwise_sqdist(a, b)
     assert_close(out, ref, torch.float32, 256 * 100)
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_one_huge_row_in_a_tile_is_formed_directly(backend, side):
+    # one row at 1.8e19 (|x|^2 = 3.24e38, beyond the expansion's trust) and, on the other side, one
+    # at 5e18 (|y|^2 = 2.5e37, trusted): |x|^2 + |y|^2 overflows before 2 x.y is taken off, while
+    # the distance, 1.69e38, is representable. A tile holding exactly one untrusted norm must take
+    # the direct sum (mutA M03: a fallback that waited for two survived every test but a random
+    # fuzz draw)
+    a, b = randn(5, 3, seed=1), randn(6, 3, seed=2)
+    big, near = (a, b) if side == "a" else (b, a)
+    big[2] = torch.tensor([1.8e19, -1.0, 0.5])
+    near[3] = torch.tensor([5e18, 0.25, 2.0])
+    out = fastvq.pairwise_sqdist(a, b)
+    want = _sqdist64(a, b)
+    assert want.max() < torch.finfo(torch.float32).max and out.isfinite().all() and (out >= 0).all()
+    assert_close(out, want, reduce_len=3)
