@@ -277,10 +277,14 @@ def test_mirrored_constants_agree():
     from fastvq import _checks
     from fastvq.kernels import _common, nearest_code as k_nc, residual_quantize as k_rq
     from fastvq.ops import residual_quantize as o_rq
-    from fastvq.reference import nearest_code as r_nc
+    from fastvq.reference import nearest_code as r_nc, residual_quantize as r_rq
 
     pairs = {
         "MAX_ROTATE_D": (o_rq.MAX_ROTATE_D, k_rq.MAX_ROTATE_D),
+        # the residual search's rescue thresholds and scale (the kernel's are tl.constexpr)
+        "BIG": (r_rq.BIG, k_rq.BIG_ROW.value), "TINY": (r_rq.TINY, k_rq.TINY_ROW.value),
+        "TINY_SCORE": (r_rq.TINY_SCORE, k_rq.TINY_SCORE.value), "RESCALE": (r_rq.RESCALE, k_rq.RESCALE_DOWN.value),
+        "RESCALE_UP": (1 / r_rq.RESCALE, k_rq.RESCALE_UP.value),
         "TAME_EXP": (r_nc.TAME_EXP, k_nc.TAME_EXP),
         "FP32_DOT_ENV": (_checks.FP32_DOT_ENV, _common.FP32_DOT_ENV),
     }
