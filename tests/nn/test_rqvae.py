@@ -368,3 +368,16 @@ def test_features_of_other_dtypes():
     assert out[0].dtype == torch.float32 and torch.equal(out[3], model(x)[3])
     half = _model().bfloat16()
     assert half(x)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e-44, 1.0])
+def test_masked_reconstruction_loss_of_equal_weights_is_the_plain_mean(device, scale):
+    # mutB B66: the weights are scaled by their largest before the weighted mean; without that,
+    # equal weights of 3e38 or 1e-44 gave 0 or 5.6e-15 where the mean squared error is 0.01
+    f = randn(4, 8, seed=0, device=device)
+    r = f + 0.1
+    z = torch.zeros((), device=device)
+    model = fastvq.nn.RQVAE(8, 16, 4, num_quantizers=1, num_embeddings=4).to(device)
+    masked = model.compute_loss(f, r, z, z, mask=torch.full((4,), scale, device=device))
+    plain = model.compute_loss(f, r, z, z)
+    assert_close(masked["reconstruction_loss"], plain["reconstruction_loss"], reduce_len=32)

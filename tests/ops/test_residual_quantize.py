@@ -931,6 +931,9 @@ def test_codebook_gradient_sums_without_overflow_on_the_way(backend, device, rot
     w = torch.rand(N, generator=generator(64, device), device=device) * 0.5 + 0.5
     w[big], w[7], w[16] = 1.0, 1.0, 1.0
     w[big[3]] = 0.0  # a row of weight 0 adds nothing (its c - r may overflow)
+    # a padding row (weight 0) holding NaN, on the level-1 code the fix-up sums again: it adds
+    # nothing there either (mutB B54: a fix-up that ignored the weight made that code's gradient NaN)
+    codes[41, 1], x[41, 3], w[41] = 0, float("nan"), 0.0
     ge = torch.tensor([0.5, 0.25, 4.0], device=device)  # level 1's terms: -+1.5e38, their sum -3e38
     _, dcb = _residual_quantize_bwd_op(x, cb, codes, w, None, None, ge, rotate, False)
     # float64: the residual chain, the terms, and sum |terms| (the rounding bound's magnitude)
@@ -1383,3 +1386,30 @@ def test_row_weights_are_checked_alike_by_the_ops_and_the_modules(device):
     fastvq.nn.VectorQuantizer(3, 4).to(device)(x, mask=torch.ones(6, dtype=torch.float64, device=device))
     with pytest.raises(TypeError, match=r"fastvq\.code_statistics: weights must be .*bfloat16\), got torch\.float64"):
         fastvq.code_statistics(x, idx, 3, weights=torch.ones(6, dtype=torch.float64, device=device))
+
+
+def test_codebook_gradient_without_the_commitment_loss_on_overflowing_rows(backend, device):
+    # mutB B12: backpropagating the embedding loss without the commitment loss (the backward's
+    # variant with a codebook gradient and no commitment gradient) must still redo the rows whose float32
+    # residual overflowed: with that redo disabled, cb.grad[2, 0, 0] read -0.083 where the exact
+    # value is ~2e38 (the rows and codes of the test above)
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    big = 3e38
+    cb = torch.zeros(3, 2, 2, device=device)
+    cb[0, 1] = torch.tensor([big, 1.0])
+    cb[1, 1] = torch.tensor([big, -2.0])
+    cb[2, 1] = torch.tensor([-big, 0.5])
+    cb[2, 0] = torch.tensor([0.25, -0.5])
+    cb.requires_grad_(True)
+    x = torch.tensor([[-big, 2.0], [big, 1.0], [0.5, -1.0]], device=device, requires_grad=True)
+    codes = torch.tensor([[1, 0, 0], [1, 1, 1], [0, 0, 0]], device=device)
+    out = residual_quantize_step(x, cb, codes=codes)
+    (out.embedding_loss + out.quantized[2].sum()).backward()  # (x's gradient without the commitment term)
+    x64, cb64 = x.detach().double(), cb.detach().double()
+    r, gcb = x64.clone(), torch.zeros_like(cb64)
+    for lvl in range(3):
+        r = r - cb64[lvl, codes[:, lvl]]
+        gcb[lvl].index_add_(0, codes[:, lvl], -2 * r / 6)
+    assert cb.grad.isfinite().all(), cb.grad
+    assert torch.allclose(cb.grad.double(), gcb, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6), (cb.grad, gcb)
