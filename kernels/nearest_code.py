@@ -149,6 +149,9 @@ def _gumbel(seed, o_n, k0, h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
     r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N, BLOCK_K))  # code 4g + j: word j
     u = ((r >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    # (2^24 - 1) + 0.5 rounds to 2^24 in float32: u = 1 would be noise +inf, that code taken
+    # whatever its distance (mutB F1); the largest float32 below 1 instead
+    u = tl.minimum(u, 0.99999994039535522)
     return -tl.log(-tl.log(u))
 
 

@@ -50,6 +50,8 @@ def gumbel(seed: torch.Tensor, rows: torch.Tensor, K: int, h: int) -> torch.Tens
                    torch.full(shape, h, dtype=torch.int64, device=rows.device), (n >> 32).expand(shape))
     r = torch.stack(words, dim=-1).reshape(rows.shape[0], 4 * G)[:, :K]
     u = ((r >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    # (2^24 - 1) + 0.5 rounds to 2^24 in float32: u = 1 would be noise +inf (as the kernel's)
+    u = u.clamp_max(1.0 - 2.0**-24)
     return -torch.log(-torch.log(u))
 
 

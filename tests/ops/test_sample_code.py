@@ -202,3 +202,32 @@ def test_temperature_below_float32s_normal_range_samples_softmax(backend):
     # far below the distances' scale it is the nearest code, as softmax's limit is
     idx, _ = fastvq.sample_code(torch.ones(50, 1), torch.tensor([[1.0], [-1.0]]), 1e-300, "dot", seed=3)
     assert (idx == 0).all()
+
+
+def test_noise_is_finite_where_the_hash_word_is_the_largest(backend, device):
+    # mutB F1: u = ((r >> 8) + 0.5) 2^-24 rounds to 1 in float32 for r >> 8 = 2^24 - 1, and the
+    # noise -log(-log(u)) was +inf: that code was taken whatever its distance (once in 2^24 draws
+    # per row and code; with K = 65536, about one row in 256 of each call). Seed 39075 gives that
+    # word for row 0, code 3 (found by a search over seeds with the reference's Philox).
+    from fastvq.reference.sample_code import gumbel
+
+    g = gumbel(torch.tensor(39075), torch.zeros(1, dtype=torch.int64), 4, 0)
+    assert g.isfinite().all() and g[0, 3] > 16.0, g  # -log(-log(1 - 2^-24)) = 16.6
+    x = torch.zeros(1, 1, device=device)
+    c = torch.zeros(16, 1, device=device)
+    c[3] = 100.0  # softmax probability ~e^-10000
+    idx, dist = fastvq.sample_code(x, c, 1.0, "l2", seed=39075)
+    assert idx.item() != 3 and dist.item() == 0.0, (idx, dist)
+
+
+def test_backends_draw_the_same_noise_across_the_references_row_chunks(monkeypatch):
+    # mutB B47: the reference (the CPU path) works in row chunks; numbering each chunk's noise
+    # rows from 0 drew the same noise every chunk (every 4096 rows at K <= 4096) and survived
+    # every test, none of which had more than one chunk. Chunks of 8 rows here.
+    monkeypatch.setattr("fastvq.reference._chunks.ROW_CHUNK_ELEMENTS", 8 * 37)
+    x, c = randn(2, 50, 8), randn(2, 37, 8)
+    with fastvq.backend("reference"):
+        ref = fastvq.sample_code(x, c, 0.5, "l2", seed=99)
+    with fastvq.backend("triton"):
+        got = fastvq.sample_code(x, c, 0.5, "l2", seed=99)
+    assert (ref[0] == got[0]).float().mean() >= 0.99
