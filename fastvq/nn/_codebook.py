@@ -61,7 +61,6 @@ def search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor
     return nearest_code(x, codebook, metric=metric, allow_tf32=allow_tf32(x))[0]
 
 
-
 DEFAULT_DECAY = 0.99  # the modules' EMA decay and eps (the seeds' EMAQuantizer's)
 DEFAULT_EPS = 1e-5
 

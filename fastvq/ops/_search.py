@@ -9,9 +9,6 @@ import math
 
 import torch
 
-from .. import _names
-
-METRICS, STRATEGIES = _names.METRICS, _names.STRATEGIES  # (defined in fastvq/_names.py)
 
 NUMERIC_CONTRACT = """\
 Numeric contract (every search op, both backends, float32/float16/bfloat16 inputs):

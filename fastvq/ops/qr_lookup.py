@@ -9,7 +9,7 @@ import torch
 from .._backend import deterministic_requested, use_triton
 from ._custom_op import custom_op, first_order_only
 from .._checks import assert_async, check_bool_arg, check_choice, check_float, check_int, check_same_device, check_tensor
-from .._names import QR_MODES as MODES, QR_OPS as OPS
+from .._names import QR_MODES, QR_OPS
 from ..reference.qr_lookup import qr_lookup_bwd_ref, qr_lookup_ref, qr_out_dim
 
 __all__ = ["qr_lookup"]
@@ -240,8 +240,8 @@ def qr_lookup(
     if q_weight.shape[0] * r_weight.shape[0] >= 2**63:  # ids mod Q*R is exact int64 arithmetic
         raise ValueError(f"fastvq.{name}: q_weight rows x r_weight rows must be < 2**63, got "
                          f"{q_weight.shape[0]} x {r_weight.shape[0]}")
-    check_choice(name, "op", op, OPS)
-    check_choice(name, "mode", mode, MODES)
+    check_choice(name, "op", op, QR_OPS)
+    check_choice(name, "mode", mode, QR_MODES)
     deterministic = check_bool_arg(name, "deterministic", deterministic)
     sparse = check_bool_arg(name, "sparse", sparse)
     if op != "concat" and q_weight.shape[1] != r_weight.shape[1]:

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .._names import QR_MODES, QR_OPS
 from ._chunks import row_chunk
 from ._exact_sum import pair_index_sum, pair_sum_lastdim, round_pair, rounded_like
 
-OPS, MODES = QR_OPS, QR_MODES  # (fastvq/_names.py)
 EXACT = torch.float64  # where bags are pooled and gradients summed (see the module docstring)
 
 

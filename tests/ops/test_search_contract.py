@@ -11,7 +11,7 @@ import torch
 import triton
 
 import fastvq
-from fastvq.ops._search import METRICS
+from fastvq._names import METRICS
 from fastvq.testing import assert_argmin_within_bound, assert_close, search_precision
 from tests.utils import randn
 
