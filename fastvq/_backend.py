@@ -161,6 +161,21 @@ def without_autocast(fn: Callable) -> Callable:
 ATOMIC_DEVICE_TYPES = ("cuda",)
 
 
+def tf32_like_torch(t: torch.Tensor) -> bool:
+    """Whether torch would run a float32 matmul on ``t``'s device with TF32 (as cdist and the seeds'
+    matmuls do): the modules and the vector-quantize-pytorch patch search float32 that way, so
+    ``torch.set_float32_matmul_precision("high")`` speeds their searches as it speeds torch's."""
+    if t.device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch without the fp32_precision API
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def deterministic_requested(flag: bool) -> bool:
     """An op's ``deterministic`` argument, forced on by ``torch.use_deterministic_algorithms(True)``
     (as torch's own ops pick their deterministic implementation then)."""

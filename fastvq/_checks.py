@@ -219,6 +219,14 @@ def _short(value: int) -> str:
     return f"an int of {value.bit_length()} bits"
 
 
+def check_size_product(owner: str, args: str, *shape: int) -> None:
+    """``ValueError`` naming ``args`` (the arguments that set ``shape``) when a float32 tensor
+    of ``shape`` would overflow torch's int64 byte count (``VectorQuantizer(2**62, 3)``)."""
+    if math.prod(shape) * 4 > 2**63 - 1:
+        dims = " x ".join(map(str, shape))
+        raise ValueError(f"fastvq.{owner}: {args} too large: a float32 tensor of ({dims}) elements cannot exist")
+
+
 def check_real_arg(
     owner: str, name: str, value, positive: bool = False, *, minimum: float | None = None,
     maximum: float | None = None, min_open: bool = False, float32: bool = False,

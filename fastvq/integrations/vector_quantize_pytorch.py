@@ -104,7 +104,7 @@ import torch.nn.functional as F
 from .._checks import FLOAT_DTYPES, assert_async
 from ..ops.code_statistics import code_statistics
 from ..ops.nearest_code import nearest_code
-from ..ops._search import tf32_like_torch as _tf32_enabled
+from .._backend import tf32_like_torch as _tf32_enabled
 from ..ops.rotation_trick import rotation_trick
 from ..ops.sample_code import sample_code
 from ..ops.topk_codes import MAX_K as TOPK_MAX_K

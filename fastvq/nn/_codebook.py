@@ -39,13 +39,13 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as fdist
+from .._backend import tf32_like_torch
 from .._names import GRADS
 from .._checks import (FLOAT_DTYPES, check_bool_arg, check_choice, check_int_arg, check_real_arg, check_tensor, finite_limit,
                        user_stacklevel)
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
-from ..ops._search import tf32_like_torch
 
 
 def allow_tf32(x: torch.Tensor) -> bool:
@@ -300,25 +300,6 @@ def kmeans(
     return centroids, counts, skipped
 
 
-def _check_int(name: str, owner: str, value, minimum: int) -> int:
-    return check_int_arg(owner, name, value, minimum)
-
-
-def _check_float(name: str, owner: str, value, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
-    """A float option of a module: finite in float32 (the modules use them as float32 scalars;
-    ``dead_code_threshold=1e39`` would make every training step fail), within the bounds.
-    ``TypeError`` for bools and non-numbers, ``ValueError`` otherwise."""
-    return check_real_arg(owner, name, value, minimum=lo, maximum=hi, min_open=lo_open, float32=True)
-
-
-def _check_sizes(owner: str, args: str, *shape: int) -> None:
-    """``ValueError`` naming ``args`` (the arguments that set ``shape``) when a float32 tensor
-    of ``shape`` would overflow torch's int64 byte count (``VectorQuantizer(2**62, 3)``)."""
-    if math.prod(shape) * 4 > 2**63 - 1:
-        dims = " x ".join(map(str, shape))
-        raise ValueError(f"fastvq.{owner}: {args} too large: a float32 tensor of ({dims}) elements cannot exist")
-
-
 def _fixed_at_construction(name: str) -> property:
     """A bool option stored as ``_<name>``, set once by the constructor (``_set_once``)."""
     return property(lambda self: self.__dict__[f"_{name}"], lambda self, value: self._set_once(name, value),
@@ -445,8 +426,8 @@ class CodebookState(nn.Module):
         grad = check_choice(owner, "grad", grad, GRADS)
         self._owner = owner
         self.ema = ema
-        self.decay = _check_float("decay", owner, decay, 0.0, 1.0)
-        self.eps = _check_float("eps", owner, eps, 0.0, lo_open=True)
+        self.decay = check_real_arg(owner, "decay", decay, minimum=0.0, maximum=1.0, float32=True)
+        self.eps = check_real_arg(owner, "eps", eps, minimum=0.0, min_open=True, float32=True)
         self.grad = grad
         self.dead_code_threshold = dead_code_threshold
         # vector-quantize-pytorch's quantizers are EMA by default, decay their setting: a port that
@@ -462,7 +443,7 @@ class CodebookState(nn.Module):
                           f"codebook, as vector-quantize-pytorch's default, pass ema=True",
                           stacklevel=user_stacklevel())
         self.kmeans_init = kmeans_init
-        self.kmeans_iters = _check_int("kmeans_iters", owner, kmeans_iters, 0)
+        self.kmeans_iters = check_int_arg(owner, "kmeans_iters", kmeans_iters, 0)
         self.process_group = process_group
 
         weight = self._codebook_levels().detach()
@@ -510,7 +491,7 @@ class CodebookState(nn.Module):
 
     @dead_code_threshold.setter
     def dead_code_threshold(self, value) -> None:
-        value = _check_float("dead_code_threshold", self._owner, value, 0.0)
+        value = check_real_arg(self._owner, "dead_code_threshold", value, minimum=0.0, float32=True)
         # (codes_revived exists exactly when the module was built with revival on)
         if "_dead_code_threshold" in self.__dict__ and value > 0 and getattr(self, "codes_revived", None) is None:
             raise ValueError(f"fastvq.{self._owner}: dead_code_threshold can be set > 0 after construction only on a "
@@ -601,7 +582,7 @@ class CodebookState(nn.Module):
         if self._codebook_needs_vectors:
             # (an attribute a schedule may set: checked here, on the host, for both EMAs; the
             # usage EMA of revival without EMA codebooks took a NaN decay and stayed NaN)
-            decay = _check_float("decay", self._owner, self.decay, 0.0, 1.0)
+            decay = check_real_arg(self._owner, "decay", self.decay, minimum=0.0, maximum=1.0, float32=True)
             if mask is not None and mask.dim() != 1:
                 mask = mask.reshape(-1)
             if stats is None:
@@ -740,7 +721,7 @@ class CodebookState(nn.Module):
         weights = None if mask is None else mask.reshape(-1)
         residual = x.float()
         skipped_max = None
-        iters = _check_int("kmeans_iters", self._owner, self.kmeans_iters, 0)  # (an attribute: set later too)
+        iters = check_int_arg(self._owner, "kmeans_iters", self.kmeans_iters, 0)  # (an attribute: set later too)
         for level in range(codebook.shape[0]):
             # (rows that are not finite in the codebook's dtype are left out, and counted)
             centroids, counts, skipped = kmeans(residual, codebook[level], iters, metric, weights,

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backend import without_autocast
-from .._checks import FLOAT_DTYPES, check_int_arg, check_real_arg, check_tensor
-from ._codebook import _check_sizes
+from .._checks import FLOAT_DTYPES, check_int_arg, check_real_arg, check_size_product, check_tensor
 from ..ops.bitcodes import checked_bits
 
 
@@ -188,7 +187,7 @@ class Bitcodes(nn.Module):
         self.features = check_int_arg("Bitcodes", "features", features, minimum=1)
         self.num_bits = check_int_arg("Bitcodes", "num_bits", num_bits, minimum=1)
         self.temperature = check_real_arg("Bitcodes", "temperature", temperature, positive=True, float32=True)
-        _check_sizes("Bitcodes", "num_bits * features", 2 * self.num_bits, self.features)  # (2 rows per bit)
+        check_size_product("Bitcodes", "num_bits * features", 2 * self.num_bits, self.features)  # (2 rows per bit)
         self.codebook = nn.Parameter(torch.randn(2 * self.num_bits, self.features))
 
     def extra_repr(self) -> str:

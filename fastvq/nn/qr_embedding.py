@@ -7,8 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_bool_arg, check_choice, check_int_arg
-from ._codebook import _check_sizes
+from .._checks import check_bool_arg, check_choice, check_int_arg, check_size_product
 from ..ops.qr_lookup import qr_lookup
 from .._names import QR_MODES, QR_OPS
 
@@ -95,8 +94,8 @@ class QREmbedding(nn.Module):
         else:
             num_collisions = check_int_arg(name, "num_collisions", num_collisions, minimum=1)
             n_q, n_r = -(-num_embeddings // num_collisions), num_collisions
-        _check_sizes(name, "embedding_dim (with num_embeddings, num_collisions)", n_q, dq)  # the two tables
-        _check_sizes(name, "embedding_dim (with num_embeddings, num_collisions)", n_r, dr)
+        check_size_product(name, "embedding_dim (with num_embeddings, num_collisions)", n_q, dq)  # the two tables
+        check_size_product(name, "embedding_dim (with num_embeddings, num_collisions)", n_r, dr)
         self.num_embeddings = num_embeddings
         self.embedding_dim = dq + dr if op == "concat" else dq
         self.num_collisions = num_collisions

@@ -7,9 +7,10 @@ import re
 import torch
 import torch.nn as nn
 
+from .._checks import check_int_arg, check_real_arg, check_size_product
 from ..ops.residual_quantize import _residual_decode, residual_quantize_step
 from . import _checkpoint
-from ._codebook import DEFAULT_DECAY, DEFAULT_EPS, CodebookState, _check_float, _check_int, _check_sizes
+from ._codebook import DEFAULT_DECAY, DEFAULT_EPS, CodebookState
 from ._step import _check_mask, _quantize_step
 
 _SEED_KEY = re.compile(r"quantizers\.(\d+)\.(embeddings\.weight|cluster_size|embed_avg)$")
@@ -91,11 +92,11 @@ class ResidualQuantizer(CodebookState):
     ):
         super().__init__()
         owner = "ResidualQuantizer"
-        self.num_quantizers = _check_int("num_quantizers", owner, num_quantizers, 1)
-        self.num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
-        self.embedding_dim = _check_int("embedding_dim", owner, embedding_dim, 1)
-        self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
-        _check_sizes(owner, "num_quantizers * num_embeddings * embedding_dim", self.num_quantizers,
+        self.num_quantizers = check_int_arg(owner, "num_quantizers", num_quantizers, 1)
+        self.num_embeddings = check_int_arg(owner, "num_embeddings", num_embeddings, 1)
+        self.embedding_dim = check_int_arg(owner, "embedding_dim", embedding_dim, 1)
+        self.commitment_cost = check_real_arg(owner, "commitment_cost", commitment_cost, minimum=0.0, float32=True)
+        check_size_product(owner, "num_quantizers * num_embeddings * embedding_dim", self.num_quantizers,
                      self.num_embeddings, self.embedding_dim)
         # one (K, D) standard-normal draw per level, as the seed's L nn.Embedding: the same weights
         # and random stream after torch.manual_seed (one (L, K, D) draw differs where K D is not a

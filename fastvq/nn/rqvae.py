@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.semantic_ids import semantic_ids as _semantic_ids
-from .._checks import check_bool_arg, check_int_arg
-from ._codebook import _check_float, _check_int, _check_sizes
+from .._checks import check_bool_arg, check_int_arg, check_real_arg, check_size_product
 from .residual_quantizer import ResidualQuantizer
 from ._step import _check_mask
 
@@ -87,16 +86,16 @@ class RQVAE(nn.Module):
     ):
         super().__init__()
         owner = "RQVAE"
-        input_dim = _check_int("input_dim", owner, input_dim, 1)
-        hidden_dim = _check_int("hidden_dim", owner, hidden_dim, 1)
-        latent_dim = _check_int("latent_dim", owner, latent_dim, 1)
-        _check_sizes(owner, "input_dim * hidden_dim", input_dim, hidden_dim)  # the encoder's/decoder's weights
-        _check_sizes(owner, "hidden_dim * latent_dim", hidden_dim, latent_dim)
+        input_dim = check_int_arg(owner, "input_dim", input_dim, 1)
+        hidden_dim = check_int_arg(owner, "hidden_dim", hidden_dim, 1)
+        latent_dim = check_int_arg(owner, "latent_dim", latent_dim, 1)
+        check_size_product(owner, "input_dim * hidden_dim", input_dim, hidden_dim)  # the encoder's/decoder's weights
+        check_size_product(owner, "hidden_dim * latent_dim", hidden_dim, latent_dim)
         self.input_dim = input_dim
         self.latent_dim = latent_dim
-        self.num_quantizers = num_quantizers = _check_int("num_quantizers", owner, num_quantizers, 1)
-        self.num_embeddings = num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
-        self.commitment_cost = commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
+        self.num_quantizers = num_quantizers = check_int_arg(owner, "num_quantizers", num_quantizers, 1)
+        self.num_embeddings = num_embeddings = check_int_arg(owner, "num_embeddings", num_embeddings, 1)
+        self.commitment_cost = commitment_cost = check_real_arg(owner, "commitment_cost", commitment_cost, minimum=0.0, float32=True)
         params = inspect.signature(ResidualQuantizer).parameters
         takes = set(params) - {"num_quantizers", "num_embeddings", "embedding_dim", "commitment_cost"}
         open_ended = any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())

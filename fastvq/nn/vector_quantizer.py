@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._checks import check_choice
+from .._checks import check_choice, check_int_arg, check_real_arg, check_size_product
 from .._names import MODULE_METRICS
 from . import _checkpoint
-from ._codebook import DEFAULT_DECAY, DEFAULT_EPS, CodebookState, _check_float, _check_int, _check_sizes, search
+from ._codebook import DEFAULT_DECAY, DEFAULT_EPS, CodebookState, search
 from ._step import _check_mask, _quantize_step
 
 
@@ -125,11 +125,11 @@ class VectorQuantizer(CodebookState):
     ):
         super().__init__()
         owner = "VectorQuantizer"
-        self.num_embeddings = _check_int("num_embeddings", owner, num_embeddings, 1)
-        self.embedding_dim = _check_int("embedding_dim", owner, embedding_dim, 1)
-        self.commitment_cost = _check_float("commitment_cost", owner, commitment_cost, 0.0)
+        self.num_embeddings = check_int_arg(owner, "num_embeddings", num_embeddings, 1)
+        self.embedding_dim = check_int_arg(owner, "embedding_dim", embedding_dim, 1)
+        self.commitment_cost = check_real_arg(owner, "commitment_cost", commitment_cost, minimum=0.0, float32=True)
         self.metric = check_choice(owner, "metric", metric, MODULE_METRICS)
-        _check_sizes(owner, "num_embeddings * embedding_dim", self.num_embeddings, self.embedding_dim)
+        check_size_product(owner, "num_embeddings * embedding_dim", self.num_embeddings, self.embedding_dim)
         self.embeddings = nn.Embedding(self.num_embeddings, self.embedding_dim)
         self._init_codebook_state(
             owner,

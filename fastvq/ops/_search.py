@@ -40,21 +40,6 @@ on either backend: a later copy of a duplicate code can win, identical rows in o
 different (equally near) codes, and the two backends can differ there."""
 
 
-def tf32_like_torch(t: torch.Tensor) -> bool:
-    """Whether torch would run a float32 matmul on ``t``'s device with TF32 (as cdist and the seeds'
-    matmuls do): the modules and the vector-quantize-pytorch patch search float32 that way, so
-    ``torch.set_float32_matmul_precision("high")`` speeds their searches as it speeds torch's."""
-    if t.device.type != "cuda":
-        return False
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is None:  # torch without the fp32_precision API
-        return bool(matmul.allow_tf32)
-    if precision == "none":  # inherits the global setting
-        precision = getattr(torch.backends, "fp32_precision", "ieee")
-    return precision == "tf32"
-
-
 def search_inputs(op: str, x, codebook, metric, allow_tf32):
     """Validate and shape the inputs of a search op.
 

@@ -438,7 +438,7 @@ def _residual_quantize_step(x, codebooks, *, weights=None, codes=None, grad="ste
                             allow_tf32=False):
     """:func:`residual_quantize_step`; a bad weight value is reported as argument ``weights_name``
     of ``weights_owner`` (a module's ``mask``), eager or compiled; ``allow_tf32`` (the modules:
-    :func:`fastvq.ops._search.tf32_like_torch`) searches float32 with TF32 dot products."""
+    :func:`fastvq._backend.tf32_like_torch`) searches float32 with TF32 dot products."""
     op = "residual_quantize_step"
     L, K, D = _check(op, x, codebooks)
     check_choice(op, "grad", grad, GRADS)

@@ -511,7 +511,7 @@ def test_search_follows_torchs_float32_matmul_precision(monkeypatch, torch_tf32)
     # matmul do): TF32 tensor-core dots once torch.set_float32_matmul_precision("high") is set
     # on a GPU, exact float32 otherwise (the H200 run: the exact dot's 7 TFLOP/s made the float32
     # steps slower than the seeds'); decided once, in fastvq.nn._codebook (through
-    # fastvq.ops._search.tf32_like_torch), for every search a module runs: the fused l2 step,
+    # fastvq._backend.tf32_like_torch), for every search a module runs: the fused l2 step,
     # the cosine and dot searches before it, and k-means init (review11: those three ran exact
     # float32 whatever torch's setting)
     import fastvq.kernels.nearest_code as kn
@@ -537,7 +537,7 @@ def test_search_follows_torchs_float32_matmul_precision(monkeypatch, torch_tf32)
 
 
 def test_tf32_like_torch_is_false_off_the_gpu():
-    from fastvq.ops._search import tf32_like_torch
+    from fastvq._backend import tf32_like_torch
 
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
