@@ -53,6 +53,8 @@ reach the dtype's largest value.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -826,6 +828,41 @@ def qr_lookup_fwd(
 
 
 @launcher
+class _Bwd(NamedTuple):
+    """What every part of :func:`qr_lookup_bwd` reads: the arguments, packed, and their sizes."""
+
+    grad: torch.Tensor
+    ids: torch.Tensor
+    offsets: torch.Tensor | None
+    per_sample_weights: torch.Tensor | None
+    q_weight: torch.Tensor
+    r_weight: torch.Tensor
+    op: str
+    need_q: bool
+    need_r: bool
+    N: int  # items that reach the output (0 with bags and no bag)
+    B: int  # bags (0 without)
+    Q: int
+    R: int
+    DQ: int
+    DR: int
+    n_bag_iters: int
+    offsets_arg: torch.Tensor  # unused pointers get a tensor already passed
+    psw_arg: torch.Tensor
+    qw_arg: torch.Tensor  # the tables are read only for "mult"
+    rw_arg: torch.Tensor
+    flags: dict
+    BLOCK_D: int
+
+    @property
+    def M(self) -> int:
+        return self.Q * self.R
+
+    def table_strides(self) -> tuple:
+        return (self.grad.stride(0), self.grad.stride(1), self.q_weight.stride(0), self.q_weight.stride(1),
+                self.r_weight.stride(0), self.r_weight.stride(1))
+
+
 def qr_lookup_bwd(
     grad: torch.Tensor,
     ids: torch.Tensor,
@@ -846,85 +883,104 @@ def qr_lookup_bwd(
     has the table's shape and dtype and ``q_rows`` is None. Sparse: ``q_rows`` (U,) int64 are
     the touched rows in ascending order and ``q_grad`` (U, dq) their gradients (always the
     sorted path; U is read on the host, one sync). ``w_grad``: ``ids``-shaped, the weights' dtype.
+    Three parts: the weights' gradient (:func:`_psw_grad`), then the tables' by float32 atomics
+    (:func:`_atomic_grads`, ``deterministic=False``, dense) or by rows sorted by table row
+    (:func:`_sorted_grads`).
     """
     _assert_args(ids, q_weight, r_weight, op, offsets)
     ids, offsets, per_sample_weights = _packed(ids), _packed(offsets), _packed(per_sample_weights)
     assert grad.dim() == 2 and grad.shape[1] == _out_dim(op, q_weight, r_weight)
     need_q, need_r, need_w = needs
-    dev = q_weight.device
-    Q, R = q_weight.shape[0], r_weight.shape[0]
-    DQ, DR = q_weight.shape[1], r_weight.shape[1]
-    M = Q * R
     bags = offsets is not None
     B = offsets.shape[0] if bags else 0
-    # no bags: no item reaches the output, so none is a contribution
-    N = 0 if (bags and B == 0) else ids.shape[0]
-    n_bag_iters = _search_iters(B)
-    # unused pointers get a tensor already passed (the tables are read only for "mult")
-    offsets_arg = offsets if bags else ids
-    psw_arg = per_sample_weights if per_sample_weights is not None else grad
-    qw_arg, rw_arg = (q_weight, r_weight) if op == "mult" else (grad, grad)
-    flags = dict(OP=OP_CODES[op], BAGS=bags, MEAN=bags and mode == "mean", HAS_W=per_sample_weights is not None)
-    BLOCK_D = _block_d(max(DQ if need_q else 0, DR if need_r else 0))
-
-    w_grad = None
-    if need_w:
-        w_grad = torch.empty(ids.shape, dtype=per_sample_weights.dtype, device=dev)
-        DOUT = grad.shape[1]
-        if N == 0 or DOUT == 0:  # no bag, or nothing to dot: every weight's gradient is 0
-            w_grad.zero_()
-        else:
-            BLOCK_L = max(1, min(64, _tile_elements(grad, q_weight, r_weight) // _block_d(DOUT)))
-            _qr_psw_grad_kernel[flat_grid(triton.cdiv(N, BLOCK_L))](
-                grad, ids, offsets, q_weight, r_weight, w_grad, N, B, M, R, DQ, DR, DOUT, n_bag_iters,
-                grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
-                r_weight.stride(0), r_weight.stride(1),
-                OP=OP_CODES[op], BLOCK_L=BLOCK_L, BLOCK_D=_block_d(DOUT),
-            )
+    a = _Bwd(
+        grad, ids, offsets, per_sample_weights, q_weight, r_weight, op, need_q, need_r,
+        N=0 if (bags and B == 0) else ids.shape[0],  # no bags: no item reaches the output
+        B=B, Q=q_weight.shape[0], R=r_weight.shape[0], DQ=q_weight.shape[1], DR=r_weight.shape[1],
+        n_bag_iters=_search_iters(B),
+        offsets_arg=offsets if bags else ids,
+        psw_arg=per_sample_weights if per_sample_weights is not None else grad,
+        qw_arg=q_weight if op == "mult" else grad, rw_arg=r_weight if op == "mult" else grad,
+        flags=dict(OP=OP_CODES[op], BAGS=bags, MEAN=bags and mode == "mean", HAS_W=per_sample_weights is not None),
+        BLOCK_D=_block_d(max(q_weight.shape[1] if need_q else 0, r_weight.shape[1] if need_r else 0)),
+    )
+    w_grad = _psw_grad(a) if need_w else None
     if not (need_q or need_r):
         return None, None, None, None, w_grad
-
     if not deterministic and not sparse:
-        # float32 accumulators: the gradients themselves when the tables are float32
-        dq = torch.zeros((Q, DQ), dtype=torch.float32, device=dev) if need_q else None
-        dr = torch.zeros((R, DR), dtype=torch.float32, device=dev) if need_r else None
-        if N > 0 and BLOCK_D > 0 and max(DQ, DR) > 0:
-            dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
-            BLOCK_L = max(1, min(64, _tile_elements(grad, q_weight, r_weight, dq_arg, dr_arg) // BLOCK_D))
-            n_d = triton.cdiv(max(DQ, DR), BLOCK_D)
-            state = torch.zeros((1 + Q + R,), dtype=torch.int32, device=dev)  # the flag, then a mark per row
-            big_t = atomic_overflow_bound(N)
-            args = (grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, dq_arg, dr_arg, state)
-            strides = (grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
-                       r_weight.stride(0), r_weight.stride(1),
-                       dq_arg.stride(0), dq_arg.stride(1), dr_arg.stride(0), dr_arg.stride(1))
-            _qr_atomic_kernel[flat_grid(triton.cdiv(N, BLOCK_L) * n_d)](
-                *args, N, B, M, Q, R, DQ, DR, n_d, n_bag_iters, big_t, *strides,
-                NEED_Q=need_q, NEED_R=need_r, **flags, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
-            )
-            # one program that returns at once unless a row's float32 partial sums could overflow
-            narrow = q_weight.dtype != torch.float32
-            _qr_atomic_fixup_kernel[(1,)](
-                *args, N, B, M, Q, R, DQ, DR, n_bag_iters, *strides[:6],
-                NEED_Q=need_q, NEED_R=need_r, **flags, NARROW=narrow, **atomic_fix_tiles(BLOCK_D), BLOCK_D=BLOCK_D,
-                num_warps=FIX_WARPS,
-            )
-            if narrow:  # the accumulators rounded to the tables' dtype, rows near its maximum summed again
-                tiles = atomic_fix_tiles(BLOCK_D)
-                oq = torch.empty((Q, DQ), dtype=q_weight.dtype, device=dev) if need_q else None
-                orr = torch.empty((R, DR), dtype=r_weight.dtype, device=dev) if need_r else None
-                qb = triton.cdiv(Q, tiles["FIX_R"]) if need_q else 0
-                rb = triton.cdiv(R, tiles["FIX_R"]) if need_r else 0
-                _qr_atomic_narrow_kernel[(qb + rb,)](
-                    *args[:6], dq_arg, dr_arg, oq if oq is not None else orr, orr if orr is not None else oq,
-                    N, B, M, Q, R, DQ, DR, n_bag_iters, qb, *strides[:6],
-                    NEED_Q=need_q, NEED_R=need_r, **flags, **tiles, BLOCK_D=BLOCK_D, num_warps=FIX_WARPS,
-                )
-                return None, oq, None, orr, w_grad
-        dq = None if dq is None else dq.to(q_weight.dtype)
-        dr = None if dr is None else dr.to(r_weight.dtype)
+        dq, dr = _atomic_grads(a)
         return None, dq, None, dr, w_grad
+    return (*_sorted_grads(a, sparse), w_grad)
 
+
+def _psw_grad(a: _Bwd) -> torch.Tensor:
+    """The per-sample weights' gradient, ``ids``-shaped in the weights' dtype: each item's
+    output row dotted with ``grad``'s row of its bag."""
+    w_grad = torch.empty(a.ids.shape, dtype=a.per_sample_weights.dtype, device=a.q_weight.device)
+    DOUT = a.grad.shape[1]
+    if a.N == 0 or DOUT == 0:  # no bag, or nothing to dot: every weight's gradient is 0
+        return w_grad.zero_()
+    BLOCK_L = max(1, min(64, _tile_elements(a.grad, a.q_weight, a.r_weight) // _block_d(DOUT)))
+    _qr_psw_grad_kernel[flat_grid(triton.cdiv(a.N, BLOCK_L))](
+        a.grad, a.ids, a.offsets, a.q_weight, a.r_weight, w_grad, a.N, a.B, a.M, a.R, a.DQ, a.DR, DOUT,
+        a.n_bag_iters, *a.table_strides(),
+        OP=OP_CODES[a.op], BLOCK_L=BLOCK_L, BLOCK_D=_block_d(DOUT),
+    )
+    return w_grad
+
+
+def _atomic_grads(a: _Bwd) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The dense tables' gradients ``(dq, dr)`` (``None`` where not needed) by float32 atomics
+    (not bitwise reproducible from run to run), with the fix-ups for rows whose float32
+    partial sums could overflow."""
+    dev = a.q_weight.device
+    Q, R, DQ, DR, N, need_q, need_r = a.Q, a.R, a.DQ, a.DR, a.N, a.need_q, a.need_r
+    # float32 accumulators: the gradients themselves when the tables are float32
+    dq = torch.zeros((Q, DQ), dtype=torch.float32, device=dev) if need_q else None
+    dr = torch.zeros((R, DR), dtype=torch.float32, device=dev) if need_r else None
+    if N > 0 and a.BLOCK_D > 0 and max(DQ, DR) > 0:
+        dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
+        BLOCK_L = max(1, min(64, _tile_elements(a.grad, a.q_weight, a.r_weight, dq_arg, dr_arg) // a.BLOCK_D))
+        n_d = triton.cdiv(max(DQ, DR), a.BLOCK_D)
+        state = torch.zeros((1 + Q + R,), dtype=torch.int32, device=dev)  # the flag, then a mark per row
+        big_t = atomic_overflow_bound(N)
+        args = (a.grad, a.ids, a.offsets_arg, a.psw_arg, a.qw_arg, a.rw_arg, dq_arg, dr_arg, state)
+        strides = (*a.table_strides(), dq_arg.stride(0), dq_arg.stride(1), dr_arg.stride(0), dr_arg.stride(1))
+        _qr_atomic_kernel[flat_grid(triton.cdiv(N, BLOCK_L) * n_d)](
+            *args, N, a.B, a.M, Q, R, DQ, DR, n_d, a.n_bag_iters, big_t, *strides,
+            NEED_Q=need_q, NEED_R=need_r, **a.flags, BLOCK_L=BLOCK_L, BLOCK_D=a.BLOCK_D,
+        )
+        # one program that returns at once unless a row's float32 partial sums could overflow
+        narrow = a.q_weight.dtype != torch.float32
+        _qr_atomic_fixup_kernel[(1,)](
+            *args, N, a.B, a.M, Q, R, DQ, DR, a.n_bag_iters, *strides[:6],
+            NEED_Q=need_q, NEED_R=need_r, **a.flags, NARROW=narrow, **atomic_fix_tiles(a.BLOCK_D),
+            BLOCK_D=a.BLOCK_D, num_warps=FIX_WARPS,
+        )
+        if narrow:  # the accumulators rounded to the tables' dtype, rows near its maximum summed again
+            tiles = atomic_fix_tiles(a.BLOCK_D)
+            oq = torch.empty((Q, DQ), dtype=a.q_weight.dtype, device=dev) if need_q else None
+            orr = torch.empty((R, DR), dtype=a.r_weight.dtype, device=dev) if need_r else None
+            qb = triton.cdiv(Q, tiles["FIX_R"]) if need_q else 0
+            rb = triton.cdiv(R, tiles["FIX_R"]) if need_r else 0
+            _qr_atomic_narrow_kernel[(qb + rb,)](
+                *args[:6], dq_arg, dr_arg, oq if oq is not None else orr, orr if orr is not None else oq,
+                N, a.B, a.M, Q, R, DQ, DR, a.n_bag_iters, qb, *strides[:6],
+                NEED_Q=need_q, NEED_R=need_r, **a.flags, **tiles, BLOCK_D=a.BLOCK_D, num_warps=FIX_WARPS,
+            )
+            return oq, orr
+    dq = None if dq is None else dq.to(a.q_weight.dtype)
+    dr = None if dr is None else dr.to(a.r_weight.dtype)
+    return dq, dr
+
+
+def _sorted_grads(a: _Bwd, sparse: bool) -> tuple:
+    """The tables' gradients ``(q_rows, dq, r_rows, dr)`` from the items sorted by table row:
+    one program per (row, D tile) sums its items in a fixed order (deterministic). Dense:
+    the tables' shapes, ``q_rows = r_rows = None``; sparse: the touched rows only, ascending
+    (their count is read on the host, one sync)."""
+    dev = a.q_weight.device
+    Q, R, DQ, DR, N, need_q, need_r = a.Q, a.R, a.DQ, a.DR, a.N, a.need_q, a.need_r
     # one sort key per (item, needed table): q rows, then Q + r rows
     R_BASE = N if need_q else 0
     n_keys = N * (int(need_q) + int(need_r))
@@ -932,7 +988,7 @@ def qr_lookup_bwd(
     keys = torch.empty((n_keys,), dtype=key_dtype, device=dev)
     if N > 0:
         _qr_keys_kernel[flat_grid(triton.cdiv(N, KEYS_BLOCK))](
-            ids, keys, N, M, R, Q, R_BASE, NEED_Q=need_q, NEED_R=need_r, BLOCK=KEYS_BLOCK,
+            a.ids, keys, N, a.M, R, Q, R_BASE, NEED_Q=need_q, NEED_R=need_r, BLOCK=KEYS_BLOCK,
         )
     sorted_keys, perm = torch.sort(keys, stable=True)
 
@@ -941,28 +997,26 @@ def qr_lookup_bwd(
         is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
         uq, ur = (int(v) for v in torch.stack([is_start[:R_BASE].sum(), is_start[R_BASE:].sum()]).tolist())
         rows = sorted_keys[torch.nonzero_static(is_start, size=uq + ur).reshape(-1)].long()
-        dq = torch.empty((uq, DQ), dtype=q_weight.dtype, device=dev) if need_q else None
-        dr = torch.empty((ur, DR), dtype=r_weight.dtype, device=dev) if need_r else None
+        dq = torch.empty((uq, DQ), dtype=a.q_weight.dtype, device=dev) if need_q else None
+        dr = torch.empty((ur, DR), dtype=a.r_weight.dtype, device=dev) if need_r else None
         n_rows, key0 = uq + ur, 0
     else:
-        dq = torch.empty((Q, DQ), dtype=q_weight.dtype, device=dev) if need_q else None
-        dr = torch.empty((R, DR), dtype=r_weight.dtype, device=dev) if need_r else None
+        dq = torch.empty((Q, DQ), dtype=a.q_weight.dtype, device=dev) if need_q else None
+        dr = torch.empty((R, DR), dtype=a.r_weight.dtype, device=dev) if need_r else None
         rows, uq = perm, 0
         n_rows, key0 = (Q if need_q else 0) + (R if need_r else 0), (0 if need_q else Q)
 
     if n_rows > 0 and max(DQ, DR) > 0:
-        n_d = triton.cdiv(max(DQ if need_q else 0, DR if need_r else 0), BLOCK_D)
+        n_d = triton.cdiv(max(DQ if need_q else 0, DR if need_r else 0), a.BLOCK_D)
         dq_arg, dr_arg = (dq if dq is not None else dr), (dr if dr is not None else dq)
         _qr_rows_kernel[flat_grid(n_rows * n_d)](
-            grad, ids, offsets_arg, psw_arg, qw_arg, rw_arg, sorted_keys, perm, rows, dq_arg, dr_arg,
-            N, B, M, Q, R, DQ, DR, n_keys, key0, R_BASE, uq, n_rows, n_d, _search_iters(n_keys), n_bag_iters,
-            grad.stride(0), grad.stride(1), q_weight.stride(0), q_weight.stride(1),
-            r_weight.stride(0), r_weight.stride(1),
-            dq_arg.stride(0), dq_arg.stride(1), dr_arg.stride(0), dr_arg.stride(1),
-            **flags, SPARSE=sparse, BLOCK_L=max(1, min(16, 4096 // BLOCK_D)), BLOCK_D=BLOCK_D,
+            a.grad, a.ids, a.offsets_arg, a.psw_arg, a.qw_arg, a.rw_arg, sorted_keys, perm, rows, dq_arg, dr_arg,
+            N, a.B, a.M, Q, R, DQ, DR, n_keys, key0, R_BASE, uq, n_rows, n_d, _search_iters(n_keys), a.n_bag_iters,
+            *a.table_strides(), dq_arg.stride(0), dq_arg.stride(1), dr_arg.stride(0), dr_arg.stride(1),
+            **a.flags, SPARSE=sparse, BLOCK_L=max(1, min(16, 4096 // a.BLOCK_D)), BLOCK_D=a.BLOCK_D,
         )
     if not sparse:
-        return None, dq, None, dr, w_grad
+        return None, dq, None, dr
     q_rows = rows[:uq] if need_q else None
     r_rows = rows[uq:] - Q if need_r else None
-    return q_rows, dq, r_rows, dr, w_grad
+    return q_rows, dq, r_rows, dr
