@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import fastvq
+import fastvq.testing as ft
 from fastvq.reference.mine_negatives import mine_negatives_ref
 from tests.utils import assert_close, generator, noncontiguous, randn
 
@@ -17,37 +18,44 @@ CASES = [  # (N, M, D)
 ]
 
 
-def _oracle(a, p, n):
-    """float64: (N, M) anchor-negative squared distances and the (N,) positive bound."""
-    a64, p64, n64 = a.double(), p.double(), n.double()
-    return ((a64[:, None, :] - n64[None, :, :]) ** 2).sum(-1), ((a64 - p64) ** 2).sum(-1)
-
-
 def _check(a, p, n, strategy, idx, dist):
-    N, M, D = a.shape[0], n.shape[0], a.shape[1]
+    """fastvq.testing's oracle and bounds: float64 squared distances on the inputs as given, each
+    with its rounding bound (:func:`fastvq.testing.error_bound` of its sum of ``|terms|``)."""
+    N, M = a.shape[0], n.shape[0]
     assert idx.shape == (N,) and dist.shape == (N,)
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32
     assert ((idx >= 0) & (idx < M)).all(), "index out of range"
     assert not dist.isnan().any(), "unwritten output element"
     if N == 0:
         return
-    d, bound = _oracle(a, p, n)
-    slack = 1e-5 * ((a.double() ** 2).sum(-1) + (n.double() ** 2).sum(-1).max() + 1.0)
-    chosen = d.gather(1, idx[:, None]).squeeze(1)
-    assert_close(dist, chosen, torch.float32, reduce_len=D)
+    precision = ft.search_precision(a.dtype)
+
+    def with_bound(u, v):  # (N, K) float64 squared distances, their |terms| sums and rounding bounds
+        d, mag, length = ft.distances64(u, v, "l2")
+        return d, mag, ft.error_bound(d, dtype=a.dtype, reduce_len=length, magnitude=mag, precision=precision,
+                                      out_dtype=torch.float32)
+
+    d, mag, err = with_bound(a, n)
+    pos, _, pos_err = (t.diagonal() for t in with_bound(a, p))  # anchor i to its own positive i
+    at = idx[:, None]
+    chosen, c_err = d.gather(1, at).squeeze(1), err.gather(1, at).squeeze(1)
+    ft.assert_close(dist, chosen, dtype=a.dtype, reduce_len=a.shape[1] + 2, magnitude=mag.gather(1, at).squeeze(1),
+                    precision=precision, out_dtype=torch.float32, name="distance at the chosen negative")
     assert (dist >= 0).all()
     if strategy == "hardest":
-        target = d.min(1).values
-    else:  # nearest strictly farther than the positive (with fp32 slack at the boundary), else hardest
-        far = d > bound[:, None] + slack[:, None]
-        any_far = far.any(1)
-        target = torch.where(any_far, torch.where(far, d, float("inf")).min(1).values, d.min(1).values)
-        near_boundary = ((d - bound[:, None]).abs() <= slack[:, None]).any(1)
-        # where a negative sits at the boundary within rounding, either side is acceptable
-        assert ((chosen > bound - slack) | ~any_far | near_boundary).all(), "semi-hard pick not farther than the positive"
-        chosen = torch.where(near_boundary, target, chosen)
+        ft.assert_argmin_within_bound(a, n, idx, "l2", precision)
+        return
+    # semi-hard: the nearest negative strictly farther than the positive, else the hardest; a
+    # negative within rounding of the positive's distance may count as either side
+    slack = err + pos_err[:, None]
+    far, near_boundary = d > pos[:, None] + slack, ((d - pos[:, None]).abs() <= slack).any(1)
+    any_far = far.any(1)
+    t_idx = torch.where(any_far, torch.where(far, d, float("inf")).argmin(1), d.argmin(1))[:, None]
+    target, t_err = d.gather(1, t_idx).squeeze(1), err.gather(1, t_idx).squeeze(1)
+    assert ((chosen > pos - c_err - pos_err) | ~any_far | near_boundary).all(), "semi-hard pick not farther than the positive"
+    chosen = torch.where(near_boundary, target, chosen)
     gap = chosen - target
-    assert (gap.abs() <= slack).all(), f"wrong negative: max gap {gap.abs().max().item()}"
+    assert (gap.abs() <= c_err + t_err).all(), f"wrong negative: max gap {gap.abs().max().item()}"
 
 
 @pytest.mark.parametrize("N,M,D", CASES)

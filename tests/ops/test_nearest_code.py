@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import fastvq
+import fastvq.testing as ft
 from tests.utils import assert_close, count_kernel_launches, generator, noncontiguous, randn
 
 METRICS = ["l2", "cosine", "dot"]
@@ -19,45 +20,24 @@ CASES = [  # (N, K, D)
 ]
 
 
-def _oracle(x, c, metric):
-    """float64 ``(N, K)`` distances on the same (possibly low-precision) values."""
-    x64, c64 = x.double().reshape(-1, x.shape[-1]), c.double()
-    if metric == "l2":
-        return ((x64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
-    if metric == "dot":
-        return -(x64 @ c64.T)
-    nx, nc = x64.norm(dim=-1, keepdim=True), c64.norm(dim=-1, keepdim=True)
-    xn = torch.where(nx > 0, x64 / nx.clamp_min(1e-300), 0.0)
-    cn = torch.where(nc > 0, c64 / nc.clamp_min(1e-300), 0.0)
-    return 1.0 - xn @ cn.T
-
-
-def _slack(x, c, metric):
-    """How far (fp32 rounding, ~1e-5 relative) the chosen code may be from the true minimum."""
-    x64, c64 = x.double().reshape(-1, x.shape[-1]), c.double()
-    if metric == "l2":
-        return 1e-5 * ((x64**2).sum(-1) + (c64**2).sum(-1).max() + 1.0)
-    if metric == "dot":
-        return 1e-5 * (x64.norm(dim=-1) * c64.norm(dim=-1).max() + 1.0)
-    return torch.full((x64.shape[0],), 1e-5, dtype=torch.float64)
-
-
 def _check_nearest(x, c, metric, idx, dist):
-    """The distance at the chosen index is the true minimum (within fp32 rounding), and the
-    returned distance is the distance at the chosen index."""
+    """The chosen code is the float64 nearest up to what the kernel's rounding explains
+    (:func:`fastvq.testing.assert_argmin_within_bound`), and the returned distance is the float64
+    distance at the chosen index within its rounding bound (:func:`fastvq.testing.error_bound`
+    with that distance's sum of ``|terms|``): one oracle and one criterion, fastvq.testing's."""
     K = c.shape[0]
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32
     assert idx.shape == x.shape[:-1] and dist.shape == x.shape[:-1]
-    idx, dist = idx.reshape(-1), dist.reshape(-1)
     assert ((idx >= 0) & (idx < K)).all(), "index out of range"
     assert not dist.isnan().any(), "unwritten output element"
     if idx.numel() == 0:
         return
-    d64 = _oracle(x, c, metric)
-    chosen = d64.gather(1, idx[:, None]).squeeze(1)
-    gap = chosen - d64.min(dim=1).values
-    assert (gap <= _slack(x, c, metric)).all(), f"not the nearest code: max gap {gap.max().item()}"
-    assert_close(dist, chosen, torch.float32, reduce_len=x.shape[-1])
+    precision = ft.search_precision(x.dtype)
+    ft.assert_argmin_within_bound(x, c, idx, metric, precision)
+    d64, mag, n = ft.distances64(x, c, metric)
+    chosen = d64.gather(-1, idx[..., None]).squeeze(-1)
+    ft.assert_close(dist, chosen, dtype=x.dtype, reduce_len=n, magnitude=mag.gather(-1, idx[..., None]).squeeze(-1),
+                    precision=precision, out_dtype=torch.float32, name="distance at the chosen code")
     if metric == "l2":
         assert (dist >= 0).all()
     if metric == "cosine":
