@@ -76,6 +76,27 @@ def test_seeds_reproduce(backend):
     assert torch.equal(fastvq.sample_code(x, c, 1.0, seed=t)[0], a[0])
 
 
+def _assert_same_draws(x, c, temperature, metric, seed, ref, got):
+    """The two backends drew the same codes, except in rows where the two picks' perturbed
+    scores ``d / T - g`` (float64 distances, the shared float32 noise) are within float32
+    rounding of each other: only such near-ties may go either way (taudit F5: 1 % of rows
+    allowed to differ let a one-row noise bug through)."""
+    from fastvq.reference.sample_code import gumbel
+
+    differ = ref[0] != got[0]
+    for h, n in differ.nonzero().tolist():
+        g = gumbel(torch.tensor(seed), torch.tensor([n]), c.shape[1], h)[0].double()
+        d = d64(x[h, n : n + 1], c[h], metric)[0]
+        score = d / temperature - g
+        mag = d.abs() / temperature + g.abs()
+        i, j = int(ref[0][h, n]), int(got[0][h, n])
+        assert (score[i] - score[j]).abs() <= 2.0**-20 * (mag[i] + mag[j]), (
+            f"head {h} row {n}: reference code {i}, triton code {j}, perturbed scores {float(score[i])}, "
+            f"{float(score[j])}: not a float32 near-tie")
+    same = ~differ
+    torch.testing.assert_close(got[1][same], ref[1][same], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_backends_draw_the_same_noise(metric):
     x, c = randn(2, 50, 8), randn(2, 37, 8)
@@ -83,9 +104,7 @@ def test_backends_draw_the_same_noise(metric):
         ref = fastvq.sample_code(x, c, 0.5, metric, seed=99)
     with fastvq.backend("triton"):
         got = fastvq.sample_code(x, c, 0.5, metric, seed=99)
-    assert (ref[0] == got[0]).float().mean() >= 0.99  # only float32 near-ties of score/T - g may differ
-    same = ref[0] == got[0]
-    torch.testing.assert_close(got[1][same], ref[1][same], rtol=1e-5, atol=1e-6)
+    _assert_same_draws(x, c, 0.5, metric, 99, ref, got)
 
 
 def test_split_path_and_multi_codebook(monkeypatch):
@@ -230,4 +249,4 @@ def test_backends_draw_the_same_noise_across_the_references_row_chunks(monkeypat
         ref = fastvq.sample_code(x, c, 0.5, "l2", seed=99)
     with fastvq.backend("triton"):
         got = fastvq.sample_code(x, c, 0.5, "l2", seed=99)
-    assert (ref[0] == got[0]).float().mean() >= 0.99
+    _assert_same_draws(x, c, 0.5, "l2", 99, ref, got)
