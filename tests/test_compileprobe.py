@@ -191,7 +191,7 @@ def _schedule_frames(attr, values, make):
     return cnt.frame_count
 
 
-@pytest.mark.xfail(strict=True, reason="P2 (README Known limits): each decay value recompiles the step (float(decay) is baked into "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="P2 (README Known limits): each decay value recompiles the step (float(decay) is baked into "
                                        "the EMA op); fullgraph fails at torch's recompile limit")
 def test_p2_a_decay_schedule_compiles_at_most_twice():
     with fastvq.backend("reference"):
@@ -199,7 +199,7 @@ def test_p2_a_decay_schedule_compiles_at_most_twice():
     assert frames <= 2, f"{frames} graphs for 3 decays"
 
 
-@pytest.mark.xfail(strict=True, reason="P3 (README Known limits): each dead_code_threshold value recompiles the step "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="P3 (README Known limits): each dead_code_threshold value recompiles the step "
                                        "(max(1.0, threshold) guards); fullgraph fails at the recompile limit")
 def test_p3_a_dead_code_threshold_schedule_compiles_at_most_twice():
     with fastvq.backend("reference"):
@@ -226,7 +226,7 @@ def _temperature_frames(op, temperatures, as_tensor=False):
     return cnt.frame_count
 
 
-@pytest.mark.xfail(strict=True, reason="P5 (README Known limits, docstrings corrected): with an AOT backend (aot_eager, inductor) every temperature "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="P5 (README Known limits, docstrings corrected): with an AOT backend (aot_eager, inductor) every temperature "
                                        "recompiles: README's 'compiles at most twice' holds only for backend='eager'")
 @pytest.mark.parametrize("op", list(TEMPERATURE_OPS))
 def test_p5_a_temperature_schedule_compiles_at_most_twice_with_an_aot_backend(op):

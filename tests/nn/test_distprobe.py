@@ -568,7 +568,7 @@ def test_kmeans_start_is_uniform_over_ranks_rows(ranks):
 
 @pytest.mark.parametrize("fused", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "D3 (documented limit, pick_candidate_rows): the fused step picks its rows before it reads "
         "them, so NaN rows among them are dropped and fewer may be offered"))),
 ], ids=["offer_candidates", "module"])

@@ -476,7 +476,7 @@ def test_s1_seeded_construction_gives_the_seeds_weights(device):
     assert same_rq and differ == [], f"ResidualQuantizer init equal: {same_rq}; RQVAE entries that differ: {differ}"
 
 
-@pytest.mark.xfail(strict=True, reason="S2 (README, documented limit): a seed RQ-VAE training checkpoint (model + optimizer) cannot be "
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="S2 (README, documented limit): a seed RQ-VAE training checkpoint (model + optimizer) cannot be "
                                        "resumed: the optimizer state has L codebook params, fastvq one")
 def test_s2_seed_training_checkpoint_resumes(device):
     # README: "the change is the import and the class ... and load your checkpoint as before".
@@ -513,7 +513,7 @@ def test_s3_nan_input_row_keeps_nan_in_quantized(backend, device, module):
     assert got[1].isnan().any(), f"seed's row 1: {want[1].tolist()}, fastvq's: {got[1].tolist()}"
 
 
-@pytest.mark.xfail(strict=True, reason="S4 (README, documented limit): README says the modules keep the seed's state_dict keys; RQVAE saves "
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="S4 (README, documented limit): README says the modules keep the seed's state_dict keys; RQVAE saves "
                                        "quantizer.codebooks, which the seed's RQVAE cannot load")
 def test_s4_the_seed_loads_a_fastvq_checkpoint(device):
     # README: "fastvq.nn has a module for each, with the seed's constructor, return values,
@@ -538,7 +538,7 @@ def test_s5_interpreted_rotation_step_is_warning_free(device):
             (q.sum() + c + e).backward()
 
 
-@pytest.mark.xfail(strict=True, reason="S6 (README, documented limit): torch.func.grad through a fastvq module raises torch's "
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="S6 (README, documented limit): torch.func.grad through a fastvq module raises torch's "
                                        "setup_context RuntimeError (the seed works; not in Known limits)")
 def test_s6_torch_func_grad_through_the_quantizer(backend, device):
     from torch.func import functional_call, grad
@@ -557,7 +557,7 @@ def test_s6_torch_func_grad_through_the_quantizer(backend, device):
     assert _maxdiff(got, want) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="S7 (README, documented limit): an in-place codebook update between forward and backward makes the "
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="S7 (README, documented limit): an in-place codebook update between forward and backward makes the "
                                        "backward raise (it re-reads the parameter); the seed's backward works")
 @pytest.mark.parametrize("module", ["vq", "rq"])
 def test_s7_codebook_updated_in_place_before_backward(backend, device, module):
@@ -584,7 +584,7 @@ def test_s7_codebook_updated_in_place_before_backward(backend, device, module):
     assert _maxdiff(gx1, gx0 - (L - 1) * g) < 1e-5 and _maxdiff(gc1, gc0) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="S7 (README, documented limit): QREmbedding's backward also raises after an in-place table update "
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="S7 (README, documented limit): QREmbedding's backward also raises after an in-place table update "
                                        "(the seed's nn.Embedding backward reads no weights)")
 def test_s7_qr_tables_updated_in_place_before_backward(backend, device):
     torch.manual_seed(0)
