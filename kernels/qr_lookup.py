@@ -827,7 +827,6 @@ def qr_lookup_fwd(
     return out
 
 
-@launcher
 class _Bwd(NamedTuple):
     """What every part of :func:`qr_lookup_bwd` reads: the arguments, packed, and their sizes."""
 
@@ -863,6 +862,7 @@ class _Bwd(NamedTuple):
                 self.r_weight.stride(0), self.r_weight.stride(1))
 
 
+@launcher
 def qr_lookup_bwd(
     grad: torch.Tensor,
     ids: torch.Tensor,
