@@ -44,6 +44,7 @@ LOG10_MAGNITUDES = {
 LAYOUTS = ("contiguous", "strided", "transposed", "expanded")
 SPECIALS = ("nan", "inf", "-inf", "zero-row", "max", "-max")
 FINITE_SPECIALS = ("zero-row", "max", "-max")
+NONFINITE_SPECIALS = ("nan", "inf", "-inf")
 
 
 def fuzz_settings(max_examples: int, **kw):
@@ -153,7 +154,9 @@ dtypes = st.sampled_from(DTYPES)
 def tspecs(draw, shape, dtype=None, *, specials=True, layouts=LAYOUTS, ints=True, dups=True,
            magnitudes=True, max_specials=3):
     """A :class:`TSpec` of the given shape (``dtype`` drawn when None). ``specials``: False,
-    True (NaN/inf/largest-finite/zero rows) or ``"finite"`` (largest-finite values and zero rows)."""
+    True (NaN/inf/largest-finite/zero rows, in a third of the draws), ``"finite"``
+    (largest-finite values and zero rows) or ``"nonfinite"`` (True's, plus always one NaN or
+    +-inf when the tensor is not empty)."""
     dtype = draw(dtypes) if dtype is None else dtype
     shape = tuple(shape)
     numel = math.prod(shape)
@@ -163,9 +166,11 @@ def tspecs(draw, shape, dtype=None, *, specials=True, layouts=LAYOUTS, ints=True
         log10 = draw(st.sampled_from(LOG10_MAGNITUDES[dtype]))
         spread = draw(st.sampled_from((0, 0, 1, 3, 8)))
     sp = ()
+    if specials == "nonfinite" and numel > 0:  # at least one NaN or +-inf, then maybe others
+        sp = ((draw(st.integers(0, numel - 1)), draw(st.sampled_from(NONFINITE_SPECIALS))),)
     if specials and numel > 0 and draw(st.integers(0, 2)) == 0:
         n = draw(st.integers(1, max_specials))
-        sp = tuple(
+        sp += tuple(
             (draw(st.integers(0, numel - 1)), draw(st.sampled_from(FINITE_SPECIALS if specials == "finite" else SPECIALS)))
             for _ in range(n)
         )
@@ -177,6 +182,19 @@ def tspecs(draw, shape, dtype=None, *, specials=True, layouts=LAYOUTS, ints=True
     layout = draw(st.sampled_from(layouts)) if len(shape) >= 2 else "contiguous"
     seed = draw(st.integers(0, 2**16))
     return TSpec(shape, dtype, log10, spread, layout, sp, dp, use_ints, seed)
+
+
+def special_kinds(draw, nonfinite: bool, n: int) -> list:
+    """``specials=`` for the ``n`` inputs of a case: ``"finite"`` for each without ``nonfinite``;
+    with it, True for each and ``"nonfinite"`` for one of them, drawn, so every example holds a
+    NaN or an infinity unless that input is empty (with True alone a third of the inputs had any
+    special and half of those were finite ones: 1 of 12 rotation examples had an inf, none a
+    NaN; taudit F2)."""
+    if not nonfinite:
+        return ["finite"] * n
+    kinds = [True] * n
+    kinds[draw(st.integers(0, n - 1))] = "nonfinite"
+    return kinds
 
 
 def sizes(lo=0, hi=9, extra=()):

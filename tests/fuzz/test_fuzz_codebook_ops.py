@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import fastvq
 from tests.fuzz import _oracle as O
 from tests.fuzz._bounds import UNIT, U, abs_slack, gamma
-from tests.fuzz._gen import DTYPES, HOST, TSpec, fuzz_settings, host_generator, sizes, tspecs
+from tests.fuzz._gen import DTYPES, HOST, TSpec, fuzz_settings, host_generator, sizes, special_kinds, tspecs
 from tests.utils import raises_invalid
 
 # --------------------------------------------------------------------------- residual_quantize
@@ -28,10 +28,10 @@ def rq_case(draw, nonfinite):
     D = draw(sizes(1, 6, extra=(16, 40)))
     dtype = draw(st.sampled_from(DTYPES))
     cdtype = dtype if draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
-    sp = True if nonfinite else "finite"
+    sp_x, sp_c = special_kinds(draw, nonfinite, 2)
     lead = (2, N // 2) if N >= 2 and draw(st.integers(0, 4)) == 0 else (N,)
-    xs = draw(tspecs(lead + (D,), dtype, specials=sp, dups=False))
-    cs = draw(tspecs((L, K, D), cdtype, specials=sp, layouts=("contiguous",)))
+    xs = draw(tspecs(lead + (D,), dtype, specials=sp_x, dups=False))
+    cs = draw(tspecs((L, K, D), cdtype, specials=sp_c, layouts=("contiguous",)))
     if not nonfinite and draw(st.integers(0, 2)) == 0:  # small integers: exact ties, across tiles too
         xs, cs = (dataclasses.replace(xs, ints=True, log10=0, spread=0),
                   dataclasses.replace(cs, ints=True, log10=0, spread=0, dups=((1, K - 1),) if K > 2 else ()))
@@ -120,7 +120,7 @@ def stats_case(draw, nonfinite):
     D = draw(sizes(0, 5, extra=(17, 70)))
     dtype = draw(st.sampled_from(DTYPES))
     shape = (N, D) if levels is None else (levels, N, D)
-    sp = True if nonfinite else "finite"
+    (sp,) = special_kinds(draw, nonfinite, 1)
     xs = draw(tspecs(shape, dtype, specials=sp, dups=False, layouts=("contiguous", "strided", "transposed")))
     idx_dtype = draw(st.sampled_from((torch.int64, torch.int32)))
     idx_seed = draw(st.integers(0, 2**16))

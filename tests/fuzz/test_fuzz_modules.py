@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import fastvq
 from tests.fuzz import _oracle as O
 from tests.fuzz._bounds import UNIT, U, abs_slack, gamma
-from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, tspecs
+from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, special_kinds, tspecs
 from tests.fuzz.test_fuzz_codebook_ops import _check_rq
 from tests.fuzz.test_fuzz_train_ops import _qr_oracle
 
@@ -45,7 +45,7 @@ def vq_case(draw, nonfinite=False):
     metric = draw(st.sampled_from(METRICS))
     grad = draw(st.sampled_from(("ste", "rotation")))
     dtype = draw(st.sampled_from(DTYPES))
-    sp = True if nonfinite else "finite"
+    (sp,) = special_kinds(draw, nonfinite, 1)
     xs = draw(tspecs((N, D), dtype, specials=sp, dups=False))
     ws = draw(tspecs((K, D), torch.float32, specials="finite", layouts=("contiguous",)))
     return K, D, metric, grad, xs, ws

@@ -19,7 +19,7 @@ import fastvq
 import fastvq.testing as ft
 from tests.fuzz import _oracle as O
 from tests.fuzz._bounds import FACTOR, gamma
-from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, tspecs
+from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, sizes, special_kinds, tspecs
 
 METRICS = ("l2", "cosine", "dot")
 UNIT_TF32 = ft.unit_roundoff("tf32")
@@ -41,9 +41,9 @@ def search_case(draw, nonfinite: bool, *, max_k=None, min_d=0, fp32=False):
     dtype = torch.float32 if fp32 else draw(st.sampled_from(DTYPES))
     cdtype = dtype if fp32 or draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
     lead = (2, N // 2) if N >= 2 and draw(st.integers(0, 4)) == 0 else (N,)
-    sp = True if nonfinite else "finite"
-    xs = draw(tspecs(lead + (D,), dtype, specials=sp, dups=False))
-    cs = draw(tspecs((K, D), cdtype, specials=sp))
+    sp_x, sp_c = special_kinds(draw, nonfinite, 2)
+    xs = draw(tspecs(lead + (D,), dtype, specials=sp_x, dups=False))
+    cs = draw(tspecs((K, D), cdtype, specials=sp_c))
     if nonfinite and not (xs.specials or cs.specials):
         cs = draw(tspecs((K, D), cdtype, specials=True, magnitudes=False).filter(lambda s: s.specials))
     return xs, cs
@@ -146,9 +146,9 @@ def sqdist_case(draw, nonfinite):
     D = draw(sizes(0, 6, extra=(17, 70)))
     dtype = draw(st.sampled_from(DTYPES))
     bdtype = dtype if draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
-    sp = True if nonfinite else "finite"
-    a = draw(tspecs((M, D), dtype, specials=sp, dups=False))
-    b = draw(tspecs((N, D), bdtype, specials=sp, dups=False))
+    sp_a, sp_b = special_kinds(draw, nonfinite, 2)
+    a = draw(tspecs((M, D), dtype, specials=sp_a, dups=False))
+    b = draw(tspecs((N, D), bdtype, specials=sp_b, dups=False))
     return a, b
 
 
@@ -186,10 +186,10 @@ def mining_case(draw, nonfinite):
     M = draw(sizes(1, 6, extra=(33, 600)))
     D = draw(sizes(0, 6, extra=(16, 60)))
     dtype = draw(st.sampled_from(DTYPES))
-    sp = True if nonfinite else "finite"
-    a = draw(tspecs((N, D), dtype, specials=sp, dups=False))
-    p = draw(tspecs((N, D), dtype, specials=sp, dups=False))
-    n = draw(tspecs((M, D), dtype, specials=sp))
+    sp_a, sp_p, sp_n = special_kinds(draw, nonfinite, 3)
+    a = draw(tspecs((N, D), dtype, specials=sp_a, dups=False))
+    p = draw(tspecs((N, D), dtype, specials=sp_p, dups=False))
+    n = draw(tspecs((M, D), dtype, specials=sp_n))
     strategy = draw(st.sampled_from(("hardest", "semi-hard")))
     return a, p, n, strategy
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import fastvq
 from tests.fuzz import _oracle as O
 from tests.fuzz._bounds import F32_MAX, UNIT, U, abs_slack, gamma
-from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, host_generator, sizes, tspecs
+from tests.fuzz._gen import DTYPES, TSpec, fuzz_settings, host_generator, sizes, special_kinds, tspecs
 
 # --------------------------------------------------------------------------- rotation_trick
 
@@ -48,9 +48,9 @@ def rotation_case(draw, nonfinite):
     D = draw(sizes(0, 6, extra=(16, 100)))
     dtype = draw(st.sampled_from(DTYPES))
     qdtype = dtype if draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
-    sp = True if nonfinite else "finite"
-    es = draw(tspecs((N, D), dtype, specials=sp, dups=False))
-    qs = draw(tspecs((N, D), qdtype, specials=sp, dups=False))
+    sp_e, sp_q = special_kinds(draw, nonfinite, 2)
+    es = draw(tspecs((N, D), dtype, specials=sp_e, dups=False))
+    qs = draw(tspecs((N, D), qdtype, specials=sp_q, dups=False))
     mode = draw(st.sampled_from(("independent", "near", "antipodal")))
     return es, qs, mode
 
@@ -153,9 +153,10 @@ def qr_case(draw, nonfinite):
     dq = draw(sizes(0, 5, extra=(17,)))
     dr = draw(sizes(0, 5)) if op == "concat" else dq
     dtype = draw(st.sampled_from(DTYPES))
+    sp_q, sp_r = special_kinds(draw, nonfinite, 2)
     sp = True if nonfinite else "finite"
-    qs = draw(tspecs((Q, dq), dtype, specials=sp, layouts=("contiguous", "strided", "transposed")))
-    rs = draw(tspecs((R, dr), dtype, specials=sp, layouts=("contiguous", "strided", "transposed")))
+    qs = draw(tspecs((Q, dq), dtype, specials=sp_q, layouts=("contiguous", "strided", "transposed")))
+    rs = draw(tspecs((R, dr), dtype, specials=sp_r, layouts=("contiguous", "strided", "transposed")))
     n = draw(sizes(0, 8, extra=(40,)))
     ids = draw(st.lists(st.one_of(st.integers(0, 30), st.integers(-2**63, 2**63 - 1)), min_size=n, max_size=n))
     id_dtype = torch.int64 if any(abs(i) >= 2**31 for i in ids) else draw(st.sampled_from((torch.int64, torch.int32)))
@@ -307,9 +308,9 @@ def kl_case(draw, nonfinite):
     Dt = draw(sizes(0, 5, extra=(33,)))
     dtype = draw(st.sampled_from(DTYPES))
     tdtype = dtype if draw(st.integers(0, 3)) else draw(st.sampled_from(DTYPES))
-    sp = True if nonfinite else "finite"
-    ps = draw(tspecs((B, Dp), dtype, specials=sp, ints=False))
-    ts = draw(tspecs((B, Dt), tdtype, specials=sp, ints=False))
+    sp_p, sp_t = special_kinds(draw, nonfinite, 2)
+    ps = draw(tspecs((B, Dp), dtype, specials=sp_p, ints=False))
+    ts = draw(tspecs((B, Dt), tdtype, specials=sp_t, ints=False))
     collinear = draw(st.integers(0, 3)) == 0  # rows +-v: all logits of a row equal and hugely negative
     T = draw(st.sampled_from((1.0, 0.1, 0.05, 10.0, 1e-3, 1e3)))
     return ps, ts, collinear, T
