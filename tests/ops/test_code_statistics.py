@@ -555,3 +555,54 @@ def test_deterministic_sums_of_products_that_cancel(backend, device):
     idx = torch.tensor([0, 0, 0, 1], device=device)
     counts, sums = fastvq.code_statistics(x, idx, 2, weights=w, deterministic=True)
     assert sums.flatten().tolist() == [1.0, 7.5]
+
+
+# ------------------------------------------------------------------ mutation round C (mutC): behaviour no test pinned
+
+
+def test_code_statistics_bad_counts_agree_between_paths():
+    # C47 (internal contract only: the op raises on any out-of-range index and drops bad[:, 0]):
+    # a row with an out-of-range index AND a non-finite weight is an index error, not also a
+    # non-finite row; the atomic kernel counted it in both columns, the deterministic path in one
+    from fastvq.kernels.code_statistics import code_statistics_fwd
+    from fastvq.reference.code_statistics import code_statistics_full_ref
+
+    x = randn(40, 9, seed=41)
+    idx = torch.randint(0, 5, (40,), generator=generator(42))
+    w = torch.rand(40, generator=generator(43)) + 0.5
+    idx[3], w[3] = 7, float("inf")  # out of range and a non-finite weight
+    idx[8], w[8] = -1, float("nan")
+    w[11] = float("inf")  # in range, non-finite weight: counted as not finite
+    _, _, want = code_statistics_full_ref(x, idx, 5, w)
+    assert want.tolist() == [[1, 2]]
+    for det in (True, False):
+        _, _, bad = code_statistics_fwd(x, idx, 5, 40, w, det)
+        assert bad.tolist() == [[1, 2]], det
+
+
+def test_multi_piece_weighted_count_rounds_once():
+    # C52 (and C56 for the sums): the merge kernel dropped the pieces' low parts. One segment of
+    # 514 rows (3 pieces of at most 256): weights 1, 2^-60 and 512 x 2^-33, whose exact sum
+    # 1 + 2^-24 + 2^-60 lies just above the float32 midpoint 1 + 2^-24: float32 gives 1 + 2^-23.
+    # The 2^-60 lives only in the first piece's low part: without it the sum is the tie -> 1.0
+    w = torch.cat([torch.tensor([1.0, 2.0**-60]), torch.full((512,), 2.0**-33)])
+    x = torch.ones(514, 3)
+    idx = torch.zeros(514, dtype=torch.long)
+    want = torch.tensor(1 + 2.0**-23, dtype=torch.float32)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            counts, sums = fastvq.code_statistics(x, idx, 2, weights=w, deterministic=True)
+        assert counts[0] == want and (sums[0] == want).all(), (name, counts[0].item() - 1, sums[0] - 1)
+
+
+def test_code_statistics_sum_just_below_a_float32_midpoint():
+    # C62: round_dd (to nearest, float64 rounded to odd first) nudged an ODD float64 sum too: the
+    # exact sum M - 2^-52 + 2^-80, just below the float32 midpoint M = 1 + 2^-23 + 2^-24, came out
+    # as M itself, a tie, rounded to the even neighbour 1 + 2^-22 instead of down to 1 + 2^-23
+    x = torch.tensor([1.0, 2.0**-23, 2.0**-24, -(2.0**-52), 2.0**-80])[:, None]
+    idx = torch.zeros(5, dtype=torch.long)
+    want = torch.tensor(1 + 2.0**-23, dtype=torch.float32)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            _, sums = fastvq.code_statistics(x, idx, 1, deterministic=True)
+        assert sums[0, 0] == want, (name, (sums[0, 0].double() - 1) * 2**24)

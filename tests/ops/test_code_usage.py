@@ -284,3 +284,18 @@ def test_triton_backend_really_launches_kernels(monkeypatch, name):
     with fastvq.backend(name):
         (fastvq.code_usage(torch.tensor([0, 2, 2]), 3), fastvq.CodeUsageMeter(3).update(torch.tensor([1])))
     assert launched == (["_code_usage_fwd_kernel"] * 2 if name == "triton" else [])
+
+
+# ------------------------------------------------------------------ mutation round C (mutC): behaviour no test pinned
+
+
+def test_code_usage_ids_beyond_int32_are_out_of_range():
+    # C59: the kernel's ids cast to int32: 2^32 + 1 wrapped to 1, counted as code 1, and the
+    # op's range check passed. (test_code_usage's out-of-range ids all fit int32)
+    from fastvq.kernels.code_usage import code_usage_fwd
+
+    ids = torch.tensor([1, 2**32 + 1, -(2**32) + 2, 3])
+    assert code_usage_fwd(ids, 4).tolist() == [0, 1, 0, 1, 2]
+    for name in ("reference", "triton"):
+        with fastvq.backend(name), pytest.raises(ValueError):
+            fastvq.code_usage(ids, 4)

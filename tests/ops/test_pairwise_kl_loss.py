@@ -768,3 +768,97 @@ def test_wide_threshold_scales_with_the_feature_count(backend, device):
     assert float(p[0].double() @ p[1].double()) / T > F32_MAX
     loss, grad = loss_and_grad(fastvq.pairwise_kl_loss, p, p.clone(), T, torch.tensor(1.0, device=device))
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
+
+
+# ------------------------------------------------------------------ mutation round C (mutC): behaviour no test pinned
+
+
+def test_kl_backward_caps_a_probability_at_one():
+    # C16: _exp_prob's cap (a logit one rounding above its row's saved maximum: a GPU's dot rounds
+    # s_ij and s_ji apart) was dropped and no test saw it (the interpreter's dots are symmetric).
+    # At logits ~1e36 one float32 ulp is ~1e29: exp(1e29) = inf, a NaN / inf gradient. Here the
+    # forward's saved row maxima are lowered by one float32 ulp, as such a forward would have
+    # them; the gradient must not change (these softmaxes are one-hot: the top probability is 1)
+    from fastvq.kernels.pairwise_kl_loss import pairwise_kl_loss_bwd, pairwise_kl_loss_fwd
+    from fastvq.reference.pairwise_kl_loss import logit_scaling, row_max
+
+    pred = randn(12, 5, seed=3, scale=1e18 / 5**0.5)
+    target = F.normalize(randn(12, 4, dtype=torch.float64, seed=4), dim=1).float()
+    scaling = logit_scaling(1.0, 5)
+    _, lse_p, lse_t = pairwise_kl_loss_fwd(pred, target, 1.0, scaling, row_max(pred), row_max(target))
+    g = torch.tensor(1.0)
+    want = pairwise_kl_loss_bwd(g, pred, target, lse_p, lse_t, 1.0, scaling)
+    low = lse_p.clone()
+    m32 = lse_p[0].float()
+    assert (m32.double() == lse_p[0]).all() and (m32.abs() > 1e34).all()
+    low[0] = torch.nextafter(m32, torch.tensor(float("-inf"))).double()
+    got = pairwise_kl_loss_bwd(g, pred, target, low, lse_t, 1.0, scaling)
+    assert torch.isfinite(want).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+
+
+def test_kl_wide_row_in_an_early_column_tile():
+    # C22 / C64: whether the float64 loop of wide pairs runs was taken from the LAST column tile
+    # only (b_seen = b_wide), and no test saw it: every wide-row test has B <= 5, one tile. At
+    # B = 80 (the interpreter's tiles: 64 x 64) row 3 is wide (max |x| ~ 1e18 >= 2^54 at T = 1);
+    # the row block 64..79 meets it in its first column tile only
+    pred = F.normalize(randn(80, 6, dtype=torch.float64, seed=51), dim=1)
+    pred[3] *= 1e18
+    pred = pred.float()
+    target = F.normalize(randn(80, 5, dtype=torch.float64, seed=52), dim=1).float()
+    out = {}
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            p = pred.clone().requires_grad_()
+            loss = fastvq.pairwise_kl_loss(p, target, 1.0)
+            loss.backward()
+        out[name] = (loss.detach(), p.grad)
+    (l_ref, g_ref), (l_tri, g_tri) = out["reference"], out["triton"]
+    assert torch.isfinite(l_tri) and torch.isfinite(g_tri).all()
+    torch.testing.assert_close(l_tri, l_ref, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-4 * g_ref.abs().max().item())
+
+
+def test_kl_wide_logits_read_only_the_rows_columns():
+    # C27: the float64 dot of the wide pairs (float32 inputs, 16-column chunks) loaded the column
+    # operand without its column mask; the row operand's zeros hid it unless the memory past a
+    # row's end holds an inf or NaN. pred is a view of a wider buffer whose extra columns are
+    # inf (any strided input is read as given there), with a wide row (1e18 at T = 1)
+    base = torch.full((12, 16), float("inf"))
+    base[:, :6] = F.normalize(randn(12, 6, dtype=torch.float64, seed=61), dim=1).float()
+    base[3, :6] *= 1e18
+    pred = base[:, :6]
+    target = F.normalize(randn(12, 5, dtype=torch.float64, seed=62), dim=1).float()
+    out = {}
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            p = pred.clone().requires_grad_() if name == "reference" else pred.detach().requires_grad_()
+            loss = fastvq.pairwise_kl_loss(p, target, 1.0)
+            loss.backward()
+        out[name] = (loss.detach(), p.grad)
+    (l_ref, g_ref), (l_tri, g_tri) = out["reference"], out["triton"]
+    assert torch.isfinite(l_tri) and torch.isfinite(g_tri).all()
+    torch.testing.assert_close(l_tri, l_ref, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-4 * g_ref.abs().max().item())
+
+
+def test_kl_wide_logits_use_the_float32_m():
+    # C30: logit_scaling's m (1 / T = m 2^(fa + fb)) not rounded to float32. The kernels hold m as
+    # a float32 on a GPU (the interpreter passes a Python float as float64, so no kernel test can
+    # see it there); the reference's float64 wide logits must use that float32 m too. At T = 0.3
+    # (1/T not a float32) the wide rows' largest logits are float32(x_i . x_j * m32 * 2^(fa+fb))
+    from fastvq.reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_fwd_ref
+
+    pred = F.normalize(randn(16, 6, dtype=torch.float64, seed=71), dim=1)
+    pred *= torch.logspace(17, 19, 16, dtype=torch.float64)[:, None]  # every row wide (>= 2^54)
+    pred = pred.float()
+    target = F.normalize(randn(16, 5, dtype=torch.float64, seed=72), dim=1).float()
+    T = 0.3
+    m, fa, fb = logit_scaling(T, 6)[:3]
+    m32 = float(torch.tensor(1 / T, dtype=torch.float32).item() / 2.0 ** (fa + fb))
+    assert m == m32
+    p64 = pred.double()
+    logits = ((p64 @ p64.T) * math.ldexp(m32, fa + fb)).float().double()
+    logits.fill_diagonal_(float("-inf"))
+    _, lse_p, _ = pairwise_kl_loss_fwd_ref(pred, target, T)
+    assert torch.equal(lse_p[0], logits.amax(1)), (lse_p[0] - logits.amax(1)) / lse_p[0]

@@ -974,3 +974,38 @@ def test_atomic_backward_of_nonfinite_gradients_takes_no_fix_up(monkeypatch, bad
         g[:, 1] = float(bad) if bad == "nan" else float("inf") * torch.sign(randn(grad.shape[0], seed=32))
         _check_bag_contract(q, r, ids, "add", None, None, g, torch.float32, deterministic=False)
     assert calls == []
+
+
+# ------------------------------------------------------------------ mutation round C (mutC): behaviour no test pinned
+
+
+def test_qr_atomic_fix_up_of_a_row_whose_sum_is_nan():
+    # C61: nonfinite_rows (the atomic backward's fix-up: which marked rows to sum again) tested
+    # |v| == inf only. A row with big finite terms (marked) and an opposite infinite term sums in
+    # float32 to inf + -inf = NaN, where the exact sum is -inf: it must be summed again
+    q = torch.ones(1, 2)
+    r = torch.ones(1, 2)
+    ids = torch.tensor([0, 0, 0])
+    g = torch.tensor([[3e38, 1.0], [3e38, 2.0], [float("-inf"), 3.0]])
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            for det in (True, False):
+                qq = q.clone().requires_grad_()
+                fastvq.qr_lookup(ids, qq, r, "add", deterministic=det).backward(g)
+                assert torch.equal(qq.grad, torch.tensor([[float("-inf"), 6.0]])), (name, det, qq.grad)
+
+
+def test_qr_bf16_bag_just_below_the_overflow_midpoint():
+    # C44: the bag forward's float64 redo rounded to nearest at float32 for a bfloat16 table
+    # (ODD32 False), then the store rounded again. The qrprobe cases' small term is at least a
+    # float32 half-ulp there, so no test saw it. Exact sum bf16max + 2^119 - 2^90: below the
+    # overflow midpoint bf16max + 2^119 by less than a float32 half-ulp (2^103): bf16max, not inf
+    big = torch.finfo(torch.bfloat16).max
+    terms = [big, 2.0**119, -(2.0**90)]
+    q = torch.tensor(terms, dtype=torch.bfloat16)[:, None]
+    assert q.double().flatten().tolist() == terms
+    r = torch.zeros(1, 1, dtype=torch.bfloat16)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            out = fastvq.qr_lookup(torch.arange(3), q, r, "add", offsets=torch.zeros(1, dtype=torch.long))
+        assert out.item() == big, (name, out.item())

@@ -397,3 +397,71 @@ def test_large_gpu(dtype, D):
         gt, _ = _grad_of(fastvq.rotation_trick, e, q, g)
         assert torch.equal(fastvq.rotation_trick(e, q), q)
     assert_grad_close(gt, _grad64(e, q, g), e, q, g, dtype)
+
+
+# ------------------------------------------------------------------ mutation round C (mutC): behaviour no test pinned
+
+
+def test_looping_path_g_max_is_over_the_whole_row():
+    # C01: max|g| of the looping path kept only the last D tile; rows whose g vanishes (or is
+    # small) in the last tile got a gradient of 0 (or scaled by the wrong max)
+    from fastvq.kernels.rotation_trick import rotation_trick_bwd
+
+    e, q, g = randn(6, 37, seed=21), randn(6, 37, seed=22), randn(6, 37, seed=23)
+    g[0, 32:] = 0.0  # last tile of block_d = 8 all zero
+    g[1, 32:] *= 1e-30  # last tile tiny: g / max|g_last| overflows float32
+    got = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL, block_d=8)
+    want = _grad64(e, q, g)
+    assert torch.isfinite(got).all()
+    assert_close(got, want, torch.float32, reduce_len=4 * 37 + 8)
+
+
+def test_looping_path_nonfinite_e_or_q_gives_nan_row():
+    # C03: the looping path's NaN for a row with a NaN/inf entry in e or q was not tested
+    from fastvq.kernels.rotation_trick import rotation_trick_bwd
+
+    for which, value in (("e", float("nan")), ("e", float("inf")), ("q", float("nan")), ("q", float("-inf"))):
+        e, q, g = randn(6, 37, seed=7), randn(6, 37, seed=8), randn(6, 37, seed=9)
+        e[1] = 0  # a straight-through row: a NaN in its q still makes it NaN
+        (e if which == "e" else q)[[1, 3], 30] = value
+        got = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL, block_d=8)
+        assert torch.isnan(got[[1, 3]]).all(), (which, value)
+        assert torch.isfinite(got[[0, 2, 4, 5]]).all()
+
+
+def test_small_q_goes_straight_through():
+    # C06: the kernels' EPS_NORM test on |q| was dropped (b_ok from |e| alone) and no test saw it:
+    # the tests' small-q rows were 0 or subnormal, which a NaN in q^ sends straight through anyway.
+    # A normal row of |q| ~ 1e-8 < EPS_NORM must take g exactly (single and looping paths)
+    from fastvq.kernels.rotation_trick import rotation_trick_bwd
+
+    e, q, g = randn(4, 37, seed=31), randn(4, 37, seed=32), randn(4, 37, seed=33)
+    q[0] *= 1e-9  # |q| ~ 6e-9: normal float32 entries, below EPS_NORM
+    q[1] *= 1e-12
+    for block_d in (None, 8):
+        got = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL, block_d=block_d)
+        assert torch.equal(got[:2], g[:2]), block_d
+        assert_close(got[2:], _grad64(e[2:], q[2:], g[2:]), torch.float32, reduce_len=4 * 37 + 8)
+    for name in ("reference", "triton"):
+        with fastvq.backend(name):
+            ee = e.clone().requires_grad_()
+            fastvq.rotation_trick(ee, q).backward(g)
+        assert torch.equal(ee.grad[:2], g[:2]), name
+
+
+def test_row_exactly_at_eps_norm_rotates_on_both_backends():
+    # C12: the reference deciding on me * a1 (a rounded float64 norm) instead of the exact sum of
+    # squares. These float32 rows have |e| == EPS_NORM exactly (integer sums of squares:
+    # 8796093^2 = W^2 + X^2 + Y^2 + Z^2, times 2^-43), where me * a1 rounds one ulp below EPS_NORM
+    from fastvq.kernels.rotation_trick import rotation_trick_bwd
+    from fastvq.reference.rotation_trick import rotation_trick_bwd_ref
+
+    rows = [[1574703, 33392, 41750, 8653826], [4072501, 2444, 25136, 7796496], [7364555, 1728, 13108, 4809824]]
+    e = torch.tensor(rows, dtype=torch.float64).mul(2.0**-43).float()
+    assert torch.equal((e.double() ** 2).sum(1), torch.full((3,), EPS_NORM**2, dtype=torch.float64))
+    q, g = randn(3, 4, seed=34), torch.ones(3, 4)
+    ref = rotation_trick_bwd_ref(e, q, g)
+    got = rotation_trick_bwd(e, q, g, EPS_NORM, EPS_ANTIPODAL)
+    for i in range(3):  # |e| >= EPS_NORM: rotated (lambda ~ 1e6), on both
+        assert not torch.equal(ref[i], g[i]) and not torch.equal(got[i], g[i]), (i, ref[i], got[i])
+    assert_close(ref, _grad64(e, q, g), torch.float32, reduce_len=24)
