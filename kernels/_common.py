@@ -73,6 +73,34 @@ def _bf16_casts_like_a_gpu() -> bool:
 INTERPRETER_BF16_EXACT: bool = INTERPRETED and _bf16_casts_like_a_gpu()
 
 
+def _float_args_like_a_gpu() -> bool:
+    """Under the interpreter, pass a Python ``float`` kernel argument as float32, as a GPU launch
+    does (Triton types a float argument ``fp32``). The interpreter kept it as a float64 scalar, so
+    a kernel that widens such an argument (``m``, ``scale64`` in pairwise_kl_loss, ``big_t`` in
+    qr_lookup's atomic path) computed with float64 precision on the CPU and float32 precision on
+    a GPU, and no CPU test could see behaviour that depends on the argument's float32 rounding
+    (mutC, C30). ``tl.constexpr`` arguments are not converted (the interpreter passes them as
+    given, as the compiler does). Returns whether the fix is in place."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    convert = getattr(interpreter, "_implicit_cvt", None)
+    if convert is None or getattr(convert, "fastvq_fp32", False):
+        return convert is not None
+
+    def float_as_fp32(arg):
+        if type(arg) is float:
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return convert(arg)
+
+    float_as_fp32.fastvq_fp32 = True
+    interpreter._implicit_cvt = float_as_fp32
+    return True
+
+
+INTERPRETER_FP32_ARGS: bool = INTERPRETED and _float_args_like_a_gpu()
+
+
 _QUIET_MODULE = r"triton\.runtime\.interpreter"
 
 

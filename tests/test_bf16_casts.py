@@ -76,3 +76,24 @@ def test_bf16_search_on_subnormal_inputs_matches_float64(device, metric):
     rows = torch.arange(len(x), device=device)
     fastvq.testing.assert_close(dist, exact[rows, idx], dtype=torch.float32, reduce_len=n,
                                 magnitude=magnitude[rows, idx], name=f"{metric} distances")
+
+
+def test_float_arguments_are_float32_as_on_a_gpu():
+    # A GPU launch types a Python float argument fp32; the interpreter kept it float64, so a
+    # kernel widening it computed differently on the CPU (mutC C30). kernels._common passes it as
+    # float32 there too.
+    import triton
+    import triton.language as tl
+
+    from fastvq.kernels import _common
+
+    if not _common.INTERPRETED:
+        pytest.skip("checks the interpreter's argument conversion")
+
+    @triton.jit
+    def widen(p, x):
+        tl.store(p, x * tl.full((), 1.0, tl.float64))
+
+    out = torch.zeros(1, dtype=torch.float64)
+    widen[(1,)](out, 0.8333333333333334)
+    assert out.item() == float(torch.tensor(0.8333333333333334, dtype=torch.float32))
