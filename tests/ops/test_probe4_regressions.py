@@ -25,7 +25,9 @@ def test_probe4_f3_fused_rotation_backward_no_overflow_of_lambda(request, backen
     out = fastvq.residual_quantize_step(x, cb, grad="rotation")
     (out.quantized * g).sum().backward()
     expected = torch.tensor([[-7.99999969352252e35, -4.3999998314373904e36]], dtype=torch.float64)
-    assert torch.allclose(x.grad.double().to(expected.device), expected, rtol=2e-2)
+    # (the float32 inputs' float64 value; bfloat16 rounds the inputs by up to 2^-9, taudit F9)
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(x.grad.double().to(expected.device), expected, rtol=rtol)
 
 
 def test_probe4_f3_fused_rotation_backward_large_upstream_gradient(request, backend):
