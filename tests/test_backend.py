@@ -276,3 +276,41 @@ def test_no_top_level_kernels_package_is_installed():
     assert "kernels" not in cfg["packages"]
     assert cfg["package-dir"]["fastvq.kernels"] == "kernels"
     assert all(p == "fastvq" or p.startswith("fastvq.") for p in cfg["packages"])
+
+
+# ------------------------------------------------------------------ mutation round D (mutD): behaviour no test pinned
+
+
+def test_backend_names_are_case_insensitive(monkeypatch):
+    # D39: _validate accepts "Reference" (it lowers the name to check it) and must return the
+    # lowered name: kept as given, get_backend() said "Reference", which use_triton reads as
+    # neither "reference" nor "auto", so the Triton kernels ran where the reference was asked for.
+    from fastvq._backend import use_triton
+
+    x = torch.zeros(2, 3)
+    with fastvq.backend("Reference"):
+        assert fastvq.get_backend() == "reference"
+        assert not use_triton("nearest_code", x)
+    monkeypatch.setenv("FASTVQ_BACKEND", "REFERENCE")
+    assert fastvq.get_backend() == "reference"
+    try:
+        fastvq.set_backend("Auto")
+        assert fastvq.get_backend() == "auto"
+    finally:
+        fastvq.set_backend(None)
+
+
+def test_a_backend_block_that_ends_first_removes_only_its_own_entry():
+    # D40: blocks in two threads can end out of order (the docstring: "each block's end removes
+    # its own entry, so the others keep theirs"); popping the innermost entry instead removed the
+    # other thread's choice and left this one's in force.
+    before = fastvq.get_backend()
+    outer, inner = fastvq.backend("reference"), fastvq.backend("triton")
+    outer.__enter__()
+    inner.__enter__()
+    try:
+        outer.__exit__(None, None, None)  # (the thread that entered first ends first)
+        assert fastvq.get_backend() == "triton"
+    finally:
+        inner.__exit__(None, None, None)
+    assert fastvq.get_backend() == before

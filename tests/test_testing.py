@@ -451,3 +451,28 @@ def test_grad_ratio_takes_float64_actual_and_names_a_missing_gradient(device):
     ft.assert_grad_nondegenerate(exact.clone(), exact)
     with pytest.raises(TypeError, match=r"fastvq\.testing: actual must be a torch\.Tensor, got NoneType"):
         ft.assert_grad_nondegenerate(None, exact)
+
+
+# ------------------------------------------------------------------ mutation round D (mutD): behaviour no test pinned
+
+
+def test_a_bfloat16_store_two_ulps_off_fails():
+    # D44: OUTPUT_ROUNDING = 2 allows one bfloat16 ulp for the store (the interpreter truncates);
+    # doubled, a result two ulps off passed. Elementwise (reduce_len=1), so nothing else is in the bound.
+    exp = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    ft.assert_close(torch.tensor([1 + 2**-7, 3 + 2**-6], dtype=torch.bfloat16), exp, dtype=torch.bfloat16)
+    with pytest.raises(AssertionError, match="exceed their rounding bound"):
+        ft.assert_close(torch.tensor([1 + 2**-6, 3.0], dtype=torch.bfloat16), exp, dtype=torch.bfloat16)
+
+
+def test_argmin_index_outside_the_codebook_fails_even_next_to_the_nearest_code():
+    # D48: an index outside [0, K) is scored as its clamped neighbour; without the in_range rule an
+    # index K passed where code K - 1 is the nearest (and -1 where code 0 is).
+    c = torch.tensor([[0.0, 0.0], [5.0, 5.0], [10.0, 10.0]])
+    x = torch.tensor([[10.0, 9.0], [0.0, 1.0]])
+    ft.assert_argmin_within_bound(x, c, torch.tensor([2, 0]))
+    for bad in ([3, 0], [2, -1]):
+        ratio, *_ = ft.argmin_ratio(x, c, torch.tensor(bad))
+        assert ratio.isinf().any()
+        with pytest.raises(AssertionError, match="outside"):
+            ft.assert_argmin_within_bound(x, c, torch.tensor(bad))

@@ -553,3 +553,68 @@ def test_euclidean_distance_of_subnormal_differences(backend, device, dtype):
     exact = x.double().norm(dim=-1)  # code 0 is the zero vector
     # within two float32 roundings; a subnormal result within two of its (absolute) steps, 2^-149
     torch.testing.assert_close(dist.double(), exact, rtol=2**-22, atol=2.0**-148)
+
+
+# ------------------------------------------------------------------ mutation round D (mutD): behaviour no test pinned
+
+
+def test_reference_row_chunks_cover_every_row(monkeypatch):
+    # D11: the reference searches run in row chunks (ROW_CHUNK rows); no test had N past one chunk,
+    # so a chunk that stops one row short (an unwritten torch.empty row) went unnoticed.
+    from fastvq.reference import _chunks
+
+    monkeypatch.setattr(_chunks, "ROW_CHUNK", 4)  # 10 rows: chunks of 4, 4 and 2
+    x, c = randn(10, 8, seed=1), randn(16, 8, seed=2)
+    want = torch.cdist(x.double(), c.double()).argmin(1)
+    with fastvq.backend("reference"):
+        for _ in range(3):  # (torch.empty may reuse memory that happens to hold the right answer)
+            idx, dist = fastvq.nearest_code(x, c)
+            assert torch.equal(idx, want)
+            assert torch.allclose(dist.double(), ((x.double() - c.double()[want]) ** 2).sum(-1), rtol=1e-5)
+            top, _ = fastvq.topk_codes(x, c, 3)
+            assert torch.equal(top[:, 0], want)
+
+
+def test_euclidean_distance_scales_by_the_difference_not_the_row(backend):
+    # D09: the euclidean distance is formed as sqrt(sum((diff 2^-e)^2)) 2^e with e the exponent
+    # of max|diff|; with the row's exponent instead, a tiny row and a huge code gave +inf
+    # (diff 2^100 overflows) and a huge row with a tiny difference gave 0.
+    x = torch.tensor([[1e-30, 0.0], [1e30, 1e-30]])
+    c = torch.tensor([[1e30, 0.0], [1e30, 2e-30]])
+    for i in range(2):
+        _, dist = fastvq.nearest_code(x[i : i + 1], c[i : i + 1], "euclidean")
+        assert torch.allclose(dist.double(), torch.tensor([1e30, 1e-30][i], dtype=torch.float64), rtol=1e-6)
+
+
+def test_cosine_distance_of_a_row_to_itself_is_never_negative(backend):
+    # D08: 1 - cos rounds to -1.2e-7 for about one row in five of randn(200, 16) against itself;
+    # the contract's clamp to [0, 2] was checked only on random codes, which never come that close.
+    x = randn(200, 16, seed=0)
+    idx, dist = fastvq.nearest_code(x, x, "cosine")
+    assert ((dist >= 0) & (dist <= 2)).all()
+    _, dist = fastvq.nearest_code(x, -x, "cosine")
+    assert ((dist >= 0) & (dist <= 2)).all()
+
+
+def test_dot_distance_remainders_that_land_on_a_midpoint_are_split_again(backend):
+    # D12: two products of +-2^70 put the split point at 2^74, so the products 1 + 2^-11 + 2^-24 (a
+    # float32 rounding midpoint) and 2^-60 both fall into the remainders; summed plainly in float64
+    # they round to the midpoint and the tie goes to even (-(1 + 2^-11)), where the exact sum rounds
+    # to -(1 + 2^-11 + 2^-23). The second extraction keeps 2^-60.
+    x = torch.tensor([[2.0**35, 2.0**35, 1 + 2**-12, 2.0**-30]])
+    c = torch.tensor([[2.0**35, -(2.0**35), 1 + 2**-12, 2.0**-30]])
+    _, dist = fastvq.nearest_code(x, c, "dot")
+    assert dist.item() == -(1 + 2**-11 + 2**-23)
+
+
+def test_cosine_search_of_a_subnormal_codebook_beside_unit_rows(backend):
+    # D05: a codebook whose codes all lie below 2^-20 is searched as a power-of-two scaled copy;
+    # unscaled, codes of 2^-140 are float32 subnormals whose products with unit rows keep a few bits,
+    # and cosine chose codes far beyond the rounding bound (ratio 92). The tests' tiny codebooks
+    # came with tiny rows (band 2), where the rows' own scaling hid it.
+    x, c = randn(64, 8, seed=0), randn(200, 8, seed=1) * 2.0**-140
+    for metric in ("l2", "cosine", "dot"):
+        idx, _ = fastvq.nearest_code(x, c, metric)
+        # (exact float32 products on the CPU; tf32x3's floor on a GPU, 2^-136 per entry, is looser and
+        # admits the mutant's choices there)
+        ft.assert_argmin_within_bound(x, c, idx, metric, ft.search_precision(x.dtype) if x.is_cuda else None)

@@ -1427,3 +1427,33 @@ def test_codebook_gradient_without_the_commitment_loss_on_overflowing_rows(backe
         gcb[lvl].index_add_(0, codes[:, lvl], -2 * r / 6)
     assert cb.grad.isfinite().all(), cb.grad
     assert torch.allclose(cb.grad.double(), gcb, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6), (cb.grad, gcb)
+
+
+# ------------------------------------------------------------------ mutation round D (mutD): behaviour no test pinned
+
+
+def test_statistics_leave_out_rows_that_round_to_inf_in_a_float16_codebook(backend, device):
+    # D28: finite_limit(float16) is 65520 (65504 + half an ulp); float32 rows between 65520 and
+    # 65536 round to inf in float16 and must be left out of the statistics like rows beyond it
+    # (the existing test's rows are bfloat16, which holds no value in [65520, 65536)).
+    from fastvq._checks import finite_limit
+    from fastvq.ops.residual_quantize import residual_quantize_step
+
+    assert torch.tensor(finite_limit(torch.float16)).half().isinf()
+    assert torch.tensor(finite_limit(torch.float16) - 1).half().isfinite()
+    x = randn(3, 3, seed=5, device=device)
+    x[0, 1] = 65530.0  # float16 rounds it to inf
+    x[1, 1] = 65519.0  # float16 rounds it to 65504
+    cb = randn(1, 4, 3, seed=6, device=device).to(torch.float16)
+    out = residual_quantize_step(x, cb, statistics=True)
+    assert out.skipped.tolist() == [1]
+    assert float(out.counts.sum()) == 2
+
+
+def test_residual_decode_refuses_a_code_equal_to_k(backend):
+    # D30: codes index the flattened (L * K, D) codebooks as code + l * K, so a level-0 code equal
+    # to K silently decodes level 1's code 0: the range check's upper bound must be exclusive.
+    cb = randn(2, 5, 3, seed=3)
+    assert torch.allclose(fastvq.residual_decode(torch.tensor([[4, 0]]), cb), cb[0, 4] + cb[1, 0])
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 5\)"):
+        fastvq.residual_decode(torch.tensor([[5, 0]]), cb)
