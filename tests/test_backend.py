@@ -234,7 +234,8 @@ def test_import_from_source_tree_without_install(tmp_path):
     env = dict(os.environ, PYTHONPATH=repo)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == os.path.join(repo, "kernels")
+    # (resolved: a checkout that links fastvq/kernels to ../kernels reaches the same files; taudit F8)
+    assert os.path.realpath(out.stdout.strip()) == os.path.realpath(os.path.join(repo, "kernels"))
 
 
 def test_source_tree_maps_only_kernels(tmp_path):
