@@ -797,38 +797,9 @@ def test_kl_backward_caps_a_probability_at_one():
     torch.testing.assert_close(got, want)
 
 
-def test_kl_wide_row_in_an_early_column_tile():
-    # C22 / C64: whether the float64 loop of wide pairs runs was taken from the LAST column tile
-    # only (b_seen = b_wide), and no test saw it: every wide-row test has B <= 5, one tile. At
-    # B = 80 (the interpreter's tiles: 64 x 64) row 3 is wide (max |x| ~ 1e18 >= 2^54 at T = 1);
-    # the row block 64..79 meets it in its first column tile only
-    pred = F.normalize(randn(80, 6, dtype=torch.float64, seed=51), dim=1)
-    pred[3] *= 1e18
-    pred = pred.float()
-    target = F.normalize(randn(80, 5, dtype=torch.float64, seed=52), dim=1).float()
-    out = {}
-    for name in ("reference", "triton"):
-        with fastvq.backend(name):
-            p = pred.clone().requires_grad_()
-            loss = fastvq.pairwise_kl_loss(p, target, 1.0)
-            loss.backward()
-        out[name] = (loss.detach(), p.grad)
-    (l_ref, g_ref), (l_tri, g_tri) = out["reference"], out["triton"]
-    assert torch.isfinite(l_tri) and torch.isfinite(g_tri).all()
-    torch.testing.assert_close(l_tri, l_ref, rtol=1e-5, atol=0.0)
-    torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-4 * g_ref.abs().max().item())
-
-
-def test_kl_wide_logits_read_only_the_rows_columns():
-    # C27: the float64 dot of the wide pairs (float32 inputs, 16-column chunks) loaded the column
-    # operand without its column mask; the row operand's zeros hid it unless the memory past a
-    # row's end holds an inf or NaN. pred is a view of a wider buffer whose extra columns are
-    # inf (any strided input is read as given there), with a wide row (1e18 at T = 1)
-    base = torch.full((12, 16), float("inf"))
-    base[:, :6] = F.normalize(randn(12, 6, dtype=torch.float64, seed=61), dim=1).float()
-    base[3, :6] *= 1e18
-    pred = base[:, :6]
-    target = F.normalize(randn(12, 5, dtype=torch.float64, seed=62), dim=1).float()
+def _wide_backends_agree(pred, target):
+    """Loss and gradient at T = 1, the Triton kernels against the reference: finite, and close
+    (the triton side reads ``pred`` as given, strides included; the reference a packed copy)."""
     out = {}
     for name in ("reference", "triton"):
         with fastvq.backend(name):
@@ -842,10 +813,35 @@ def test_kl_wide_logits_read_only_the_rows_columns():
     torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-4 * g_ref.abs().max().item())
 
 
+def test_kl_wide_row_in_an_early_column_tile():
+    # C22 / C64: whether the float64 loop of wide pairs runs was taken from the LAST column tile
+    # only (b_seen = b_wide), and no test saw it: every wide-row test has B <= 5, one tile. At
+    # B = 80 (the interpreter's tiles: 64 x 64) row 3 is wide (max |x| ~ 1e18 >= 2^54 at T = 1);
+    # the row block 64..79 meets it in its first column tile only
+    pred = F.normalize(randn(80, 6, dtype=torch.float64, seed=51), dim=1)
+    pred[3] *= 1e18
+    pred = pred.float()
+    target = F.normalize(randn(80, 5, dtype=torch.float64, seed=52), dim=1).float()
+    _wide_backends_agree(pred, target)
+
+
+def test_kl_wide_logits_read_only_the_rows_columns():
+    # C27: the float64 dot of the wide pairs (float32 inputs, 16-column chunks) loaded the column
+    # operand without its column mask; the row operand's zeros hid it unless the memory past a
+    # row's end holds an inf or NaN. pred is a view of a wider buffer whose extra columns are
+    # inf (any strided input is read as given there), with a wide row (1e18 at T = 1)
+    base = torch.full((12, 16), float("inf"))
+    base[:, :6] = F.normalize(randn(12, 6, dtype=torch.float64, seed=61), dim=1).float()
+    base[3, :6] *= 1e18
+    pred = base[:, :6]
+    target = F.normalize(randn(12, 5, dtype=torch.float64, seed=62), dim=1).float()
+    _wide_backends_agree(pred, target)
+
+
 def test_kl_wide_logits_use_the_float32_m():
     # C30: logit_scaling's m (1 / T = m 2^(fa + fb)) not rounded to float32. The kernels hold m as
-    # a float32 on a GPU (the interpreter passes a Python float as float64, so no kernel test can
-    # see it there); the reference's float64 wide logits must use that float32 m too. At T = 0.3
+    # a float32 (a GPU types a Python float argument fp32; kernels._common makes the interpreter
+    # do the same); the reference's float64 wide logits must use that float32 m too. At T = 0.3
     # (1/T not a float32) the wide rows' largest logits are float32(x_i . x_j * m32 * 2^(fa+fb))
     from fastvq.reference.pairwise_kl_loss import logit_scaling, pairwise_kl_loss_fwd_ref
 
