@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastvq
+import fastvq.testing as ft
 from tests.ops.test_search_contract import d64
 from tests.utils import count_kernel_launches, generator, randn
 
@@ -88,7 +89,9 @@ def _assert_same_draws(x, c, temperature, metric, seed, ref, got):
         g = gumbel(torch.tensor(seed), torch.tensor([n]), c.shape[1], h)[0].double()
         d = d64(x[h, n : n + 1], c[h], metric)[0]
         score = d / temperature - g
-        mag = d.abs() / temperature + g.abs()
+        # each distance's sum of |terms| (the dot's terms cancel: |d| understates its rounding)
+        terms = ft.distances64(x[h, n : n + 1], c[h], "l2" if metric == "euclidean" else metric)[1][0]
+        mag = (terms.sqrt() if metric == "euclidean" else terms) / temperature + g.abs()
         i, j = int(ref[0][h, n]), int(got[0][h, n])
         assert (score[i] - score[j]).abs() <= 2.0**-20 * (mag[i] + mag[j]), (
             f"head {h} row {n}: reference code {i}, triton code {j}, perturbed scores {float(score[i])}, "
