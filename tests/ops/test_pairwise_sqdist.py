@@ -197,3 +197,15 @@ def test_pairwise_sqdist_of_a_batch_with_itself_is_never_negative(backend):
     a = randn(64, 16, seed=0)
     d = fastvq.pairwise_sqdist(a, a)
     assert (d >= 0).all()
+
+
+def test_rows_just_below_the_trusted_norm_bound_take_the_direct_sum(backend):
+    # mutD D16: rows whose squared norm exceeds 2^125 are "untrusted" and summed directly; with the
+    # bound raised to 2^127 a row of squared norm just below 2^127 took the expansion
+    # |a|^2 + |b|^2 - 2 a.b, and a distance of 1 beside it cancelled to 0 (the reference path).
+    x = torch.tensor(2.0**63.5, dtype=torch.float64).float()
+    while x.double() ** 2 >= 2.0**127:
+        x = torch.nextafter(x, torch.tensor(0.0))
+    a = torch.stack([x, torch.tensor(0.0)]).reshape(1, 2)
+    b = torch.cat([a, torch.stack([x, torch.tensor(1.0)]).reshape(1, 2)])
+    assert torch.equal(fastvq.pairwise_sqdist(a, b), torch.tensor([[0.0, 1.0]]))
