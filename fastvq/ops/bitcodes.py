@@ -84,6 +84,9 @@ def _(bits):
 
 @custom_op("fastvq::checked_bits", mutates_args=())
 def _checked_bits_op(bits: torch.Tensor, owner: str) -> torch.Tensor:
+    """``bits`` as int64 after checking they are 0 or 1 (``ValueError`` naming ``owner``
+    otherwise). A custom op, so the check runs (eagerly) inside torch.compile'd graphs too and
+    fullgraph tracing needs no data-dependent guard (:func:`bitcode_decode`)."""
     check_bit_values(owner, bits)
     return bits.to(torch.int64, copy=True)
 
@@ -91,13 +94,6 @@ def _checked_bits_op(bits: torch.Tensor, owner: str) -> torch.Tensor:
 @_checked_bits_op.register_fake
 def _(bits, owner):
     return torch.empty_like(bits, dtype=torch.int64)
-
-
-def checked_bits(owner: str, bits: torch.Tensor) -> torch.Tensor:
-    """``bits`` as int64 after checking they are 0 or 1 (``ValueError`` naming ``owner``
-    otherwise). A custom op, so the check runs (eagerly) inside torch.compile'd graphs too and
-    fullgraph tracing needs no data-dependent guard; used by ``fastvq.nn.Bitcodes.from_bits``."""
-    return _checked_bits_op(bits, owner)
 
 
 def to_bits(indices: torch.Tensor, num_bits: int) -> torch.Tensor:
@@ -306,5 +302,5 @@ def bitcode_decode(owner: str, bits: torch.Tensor, codebook: torch.Tensor) -> to
     """``bits (..., num_bits)`` of 0/1 (checked: a ``ValueError`` naming ``owner`` otherwise, no
     host read) -> ``(..., D)`` in the codebook's dtype, the sum of the rows of ``codebook (2 *
     num_bits, D)`` they select; differentiable in the codebook."""
-    attn = _one_hot2(checked_bits(owner, bits), codebook.dtype)
+    attn = _one_hot2(_checked_bits_op(bits, owner), codebook.dtype)
     return _code_sum(attn.flatten(-2), codebook)
