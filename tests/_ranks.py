@@ -56,12 +56,36 @@ def ranks_fixture(worker, worlds, timeout_s: float, name: str):
     """A module-scoped fixture, one job per world size in ``worlds``: ``(world, [each rank's
     results])`` (assign it to the name the tests take, e.g. ``ranks = ranks_fixture(...)``)."""
 
+    jobs = {}  # by world size: cells of :func:`world_cells` sort apart from the fixture's own
+
     @pytest.fixture(scope="module", params=worlds, ids=lambda w: f"world{w}")
     def ranks(request, tmp_path_factory):
         world = request.param
-        return world, spawn_ranks(worker, world, tmp_path_factory.mktemp(f"{name}{world}"), timeout_s)
+        if world not in jobs:
+            try:
+                jobs[world] = spawn_ranks(worker, world, tmp_path_factory.mktemp(f"{name}{world}"), timeout_s)
+            except BaseException as e:  # a failed (timed out) job fails its other cells without a rerun
+                jobs[world] = e
+        if isinstance(jobs[world], BaseException):
+            raise jobs[world]
+        return world, jobs[world]
 
     return ranks
+
+
+def world_cells(argnames: str, runs, worlds) -> pytest.MarkDecorator:
+    """``parametrize`` the ``ranks`` fixture (indirectly) together with ``argnames`` (comma
+    separated): each world size in ``worlds`` with the values its job runs, ``runs(world)`` (a
+    value per cell, a tuple where ``argnames`` names several), so that no cell asks a job for
+    results it did not produce (a cell that would skip on every machine). Cells of one world
+    size share its job (the fixture is module-scoped and cached by world size)."""
+    names = [n.strip() for n in argnames.split(",")]
+    cells = []
+    for world in worlds:
+        for value in runs(world):
+            values = value if len(names) > 1 else (value,)
+            cells.append(pytest.param(world, *values, id="-".join([f"world{world}", *map(str, values)])))
+    return pytest.mark.parametrize(["ranks", *names], cells, indirect=["ranks"])
 
 
 @pytest.fixture(autouse=True)

@@ -53,7 +53,7 @@ import pytest  # noqa: E402
 
 import fastvq  # noqa: E402
 from tests import _background  # noqa: E402
-from tests.utils import DEVICE  # noqa: E402
+from tests.utils import BACKENDS, DEVICE  # noqa: E402
 
 if CUDA:
     # an op's invalid-input check raises the CPU's ValueError in tests instead of a device-side
@@ -141,7 +141,7 @@ def unpoisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
 
 
-@pytest.fixture(params=["reference", "triton"])
+@pytest.fixture(params=BACKENDS)
 def backend(request):
     """Run the test under each backend; yields the backend name."""
     with fastvq.backend(request.param):

@@ -17,8 +17,21 @@ import fastvq.testing as ft
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+#: The backends the ``backend`` fixture runs each test under (tests/conftest.py).
+BACKENDS = ("reference", "triton")
+
 #: The test file that checks, on CUDA, what :func:`raises_invalid` skips there.
 DEVICE_ASSERT_TESTS = "tests/test_device_asserts.py"
+
+
+def backend_cells(argname: str, shared: dict, kernel_only: dict):
+    """``parametrize(("backend", argname))``: each backend with each value of ``shared``, the
+    Triton backend alone with each value of ``kernel_only`` (a path only the kernels have, forced
+    by the test), so that no cell skips on every device. ``shared`` and ``kernel_only`` map ids
+    to values; a cell's id is ``<backend>-<id>``."""
+    cells = [pytest.param(b, v, id=f"{b}-{i}") for b in BACKENDS for i, v in shared.items()]
+    cells += [pytest.param("triton", v, id=f"triton-{i}") for i, v in kernel_only.items()]
+    return pytest.mark.parametrize(("backend", argname), cells, indirect=["backend"])
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import torch
 
 import fastvq
 from fastvq.nn import RQVAE, ResidualQuantizer, VectorQuantizer
-from tests._ranks import on_the_ranks_device, one_process_backend, ranks_fixture, serve  # noqa: F401 (autouse)
+from tests._ranks import on_the_ranks_device, one_process_backend, ranks_fixture, serve, world_cells  # noqa: F401 (autouse)
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
@@ -421,16 +421,15 @@ def _identical(a, b, path: str) -> None:
 
 def _per_rank(ranks, name, backend_name):
     world, results = ranks
-    if (name, backend_name) not in _runs(world):
-        pytest.skip(f"{name}/{backend_name} runs at 2 ranks only")
     return world, [r[name, backend_name] for r in results]
 
 
-RUNS = [(n, "reference") for n in list(SCENARIOS) + list(RANKED) if n != "helpers"] + [
-    ("ema_masks", "triton"), ("random", "triton")]
+def _backends_of(name: str):
+    """For :func:`world_cells`: the backends the job of a world size runs scenario ``name`` under."""
+    return lambda world: [b for n, b in _runs(world) if n == name]
 
 
-@pytest.mark.parametrize("name,backend_name", RUNS, ids=[f"{n}-{b}" for n, b in RUNS])
+@world_cells("name, backend_name", lambda world: [run for run in _runs(world) if run[0] != "helpers"], WORLDS)
 def test_ranks_hold_identical_state(ranks, name, backend_name):
     world, per_rank = _per_rank(ranks, name, backend_name)
     for r, other in enumerate(per_rank[1:], 1):
@@ -448,7 +447,7 @@ def _assert_matches_single(dist_state: dict, single: dict, what: str, dtype=None
                 assert torch.equal(got, value), f"{what}: {mod}.{key}: {got} vs {value}"
 
 
-@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@world_cells("backend_name", _backends_of("ema_masks"), WORLDS)
 def test_ema_with_masks_equals_one_process(ranks, backend_name):
     world, per_rank = _per_rank(ranks, "ema_masks", backend_name)
     with one_process_backend(backend_name):
@@ -467,7 +466,7 @@ def test_low_precision_ema_equals_one_process(ranks):
     assert int(per_rank[0]["vq_half_fp32_in"]["nonfinite_rows"]) > int(per_rank[0]["vq_bf16"]["nonfinite_rows"])
 
 
-@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@world_cells("backend_name", _backends_of("random"), WORLDS)
 def test_kmeans_waits_for_rows_and_nan_only_rank(ranks, backend_name):
     world, per_rank = _per_rank(ranks, "random", backend_name)
     st = per_rank[0]

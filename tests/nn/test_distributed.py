@@ -17,7 +17,7 @@ import torch
 import fastvq
 from fastvq import distributed as fdist
 from fastvq.nn import ResidualQuantizer, VectorQuantizer
-from tests._ranks import on_the_ranks_device, one_process_backend, ranks_fixture, serve  # noqa: F401 (autouse)
+from tests._ranks import on_the_ranks_device, one_process_backend, ranks_fixture, serve, world_cells  # noqa: F401 (autouse)
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.about_devices("gloo ranks train on CPU tensors in spawned processes")
@@ -151,11 +151,9 @@ def _assert_ranks_identical(states: list[dict], what: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@world_cells("backend_name", lambda world: [b for case, b in _runs(world) if case == "ema"], WORLDS)
 def test_ema_ranks_agree_with_single_process(ranks, backend_name):
     world, rank_states = ranks
-    if ("ema", backend_name) not in _runs(world):
-        pytest.skip(f"{backend_name} runs at 2 ranks only")
     per_rank = [states["ema", backend_name] for states in rank_states]
     _assert_ranks_identical(per_rank, f"ema/{backend_name}")
     with one_process_backend(backend_name):
@@ -188,10 +186,9 @@ def test_random_choices_agree_across_ranks(ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ranks", [3], indirect=True, ids=["world3"])  # (the scenario runs at 3 ranks)
 def test_process_groups_keep_their_ranks_apart(ranks):
     world, rank_states = ranks
-    if world != 3:
-        pytest.skip("the process-group scenario runs at 3 ranks")
     ema = [states["groups", "ema"] for states in rank_states]
     _assert_ranks_identical(ema[1:], "groups/ema, ranks 1 and 2")
     _assert_ranks_identical([states["groups", "random"] for states in rank_states[1:]], "groups/random")

@@ -32,7 +32,7 @@ import torch
 
 import fastvq
 import fastvq.testing as ft
-from tests.utils import generator, randn, two_config_autotuner
+from tests.utils import backend_cells, generator, randn, two_config_autotuner
 
 F32_MAX = torch.finfo(torch.float32).max
 M = 3.0e38
@@ -97,14 +97,12 @@ def _assert_stats(out, x, cb, codes, w, stat_lim):
 
 # ------------------------------------------------------------------ coverage (these pass)
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_fixup_with_marks_at_every_level_held_rows_and_non_finite_rows(backend, device, chunked):
     # L = 4 (E = 3), N = 45 over two 32-row programs: code 0 (zeros) of every level takes six
     # rows whose -+3e38 terms overflow on the way (exact sums 0, +-3e38 or +-6e38: the last is
     # +-inf); rows held at level 0 (3e38 - (-2e38)) that come back at level 1 (+3e38) and then
     # sum into an overflowing code; a NaN row and an inf row on a marked code; rows of weight 0
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     N, L, K, D = 45, 4, 3, 6
     x = randn(N, D, seed=11, device=device)
     cb = randn(L, K, D, seed=12, device=device)
@@ -213,15 +211,13 @@ def test_ema_modules_train_a_step_on_rows_whose_sums_overflow_on_the_way(backend
 # ------------------------------------------------------------------ findings (written as strict xfails, fixed)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_r1_weighted_terms_beyond_float32_are_summed_exactly(backend, device, dtype, chunked):
     """R1: the kernel's API takes any float32 weights. Terms ``w r`` beyond float32 whose sum is
     not: float32 rows 3e38, 3e38, -3e38 at weights 2, 1, 2 (sum 3e38; the second column 3e38,
     -3e38, 1: 3e38 + 2); float16 rows 6e4, 6e4, -6e4 at 1e34, 5e33, 1e34 (sum 3e38). Triton (the fix-up's
     float64 terms) gives them; the reference forms ``w[:, None] * r`` in float32 (inf) before its
     float64 sum: NaN (inf - inf) or inf."""
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     if dtype == torch.float32:
         x = torch.tensor([[M, M], [M, -M], [-M, 1.0]], device=device)
         w = torch.tensor([2.0, 1.0, 2.0], device=device)
@@ -312,7 +308,7 @@ def test_s2_step_statistics_keep_small_weights_as_given(backend, device):
 
 
 @pytest.mark.parametrize("case", ["half-ulp", "one-ulp-below", "overflows"])
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_t1_fixed_up_sum_at_the_float32_max_rounds_as_the_exact_one(backend, device, chunked, case):
     """T1: "half-ulp": terms max, 2^103, -2^102 on one code, exactly max + 2^102, under half an ulp
     (2^103) beyond max: it rounds to max (the reference: max). "one-ulp-below": terms max, 2^127,
@@ -322,8 +318,6 @@ def test_t1_fixed_up_sum_at_the_float32_max_rounds_as_the_exact_one(backend, dev
     way, "overflows": terms max, -2^103, max, -(max - 2^104), 1.375 * 2^104, exactly max +
     1.875 ulps (beyond float32: +inf, the reference's too), come back max. (The quantized sum's
     _exact_code_sum, float64, gets such sums right.)"""
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     if case == "half-ulp":
         terms = [F32_MAX, 2.0**103, -(2.0**102)]
     elif case == "overflows":
@@ -339,7 +333,7 @@ def test_t1_fixed_up_sum_at_the_float32_max_rounds_as_the_exact_one(backend, dev
     assert out["sums"].item() == want.item(), out["sums"]
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_t2_fixed_up_code_keeps_its_small_columns(backend, device, chunked):
     """T2: the fix-up scales a marked code's whole row by one power of two, from its largest term
     over all D columns; a column of small terms beside a column of huge ones is scaled into
@@ -348,8 +342,6 @@ def test_t2_fixed_up_code_keeps_its_small_columns(backend, device, chunked):
     terms 1e-6 and 2e-6 (weight 1) become 0: its sum is 0 for 3e-6. Found by a random probe
     (bfloat16, weights up to 3e38: a column's sum 3.37988 for 3.37977). On the op's path (weights
     below 2) the scale is at most ~2^(130 - TOP): only terms below ~2^(TOP - 256) lose bits."""
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     x = torch.tensor([[M, 0.0], [M, 0.0], [0.0, 1e-6], [0.0, 2e-6]], device=device)
     w = torch.tensor([3e38, 3e38, 1.0, 1.0], device=device)
     cb = torch.zeros(1, 1, 2, device=device)

@@ -8,7 +8,7 @@ import torch
 
 import fastvq
 
-from tests.utils import DEVICE
+from tests.utils import DEVICE, backend_cells
 
 
 def _t(values, dtype=torch.float32):
@@ -41,7 +41,7 @@ def test_probe4_f3_fused_rotation_backward_large_upstream_gradient(request, back
     assert torch.allclose(x.grad.double().to(expected.device), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_probe4_f4_float16_residual_beyond_range_gets_the_nearest_code(backend, chunked):
     """fp16: level 0 leaves the float32 residual 70000 (beyond 65504); level 1's nearest code is
     60000, index 2. The kernel rounded the residual to float16 (inf) for its dot: every positive
@@ -58,8 +58,6 @@ def test_probe4_f4_float16_residual_beyond_range_gets_the_nearest_code(backend, 
         r = r - cb[lvl].double()[idx]
     want = torch.stack(want, 1).tolist()
     if chunked:
-        if backend != "triton":
-            pytest.skip("the chunked kernel is a Triton kernel")
         from fastvq.kernels.residual_quantize import residual_quantize_fwd
 
         codes = residual_quantize_fwd(x, cb, max_register_d=1)["codes"]

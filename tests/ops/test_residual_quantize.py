@@ -5,7 +5,7 @@ import fastvq
 import fastvq.testing as ft
 from fastvq.reference.residual_quantize import residual_quantize_ref
 from fastvq.reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
-from tests.utils import (assert_close, count_kernel_launches, generator, noncontiguous, raises_invalid, randn,
+from tests.utils import (assert_close, backend_cells, count_kernel_launches, generator, noncontiguous, raises_invalid, randn,
                          two_config_autotuner)
 
 CASES = [  # (N, L, K, D)
@@ -675,15 +675,13 @@ def test_step_weights_must_be_finite_and_non_negative(backend, device, bad):
         residual_quantize_step(x, cb, weights=w)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_step_candidate_midpoint_does_not_overflow(backend, device, chunked):
     # findings S3: a residual of -3e38 with its code at 3e38 gave the midpoint c + (r - c)/2 =
     # -inf (r - c overflows) flagged ok; the exact midpoint (0) is representable. A candidate
     # that is not finite (a level whose codes are all infinite) is never flagged ok
     from fastvq.ops.residual_quantize import residual_quantize_step
 
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     x = torch.tensor([[-3e38, -3e38], [3e38, 1e38], [1.0, 2.0], [1e-45, 3e-45]], device=device)
     cb = torch.tensor([[[3e38, 3e38]], [[float("inf"), 0.0]]], device=device)
     rows = torch.tensor([0, 1, 2, 3], device=device)
@@ -704,7 +702,7 @@ def test_step_candidate_midpoint_does_not_overflow(backend, device, chunked):
     assert not ok[1].any()
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_step_statistics_leave_out_rows_the_codebook_dtype_cannot_hold(backend, device, chunked):
     # fuzz (issue 9 item 2): bfloat16 rows of 1e10 quantized by a float16 codebook were searched
     # in float32 (right) and entered the statistics that train that codebook (wrong: it cannot
@@ -712,8 +710,6 @@ def test_step_statistics_leave_out_rows_the_codebook_dtype_cannot_hold(backend, 
     # statistics and the candidates and counted in `skipped`, like rows that are not finite.
     from fastvq.ops.residual_quantize import residual_quantize_step
 
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     x = randn(7, 3, seed=5, device=device)
     x[1] = 1e10  # beyond float16
     x[3, 2] = 7e4  # one element beyond float16's rounding threshold (65520)
@@ -764,7 +760,7 @@ def test_decode_is_finite_where_the_exact_sum_is(backend, device, dtype):
     assert out[over].isinf().all() and torch.equal(out[over].sign(), exact[over].sign().to(dtype))
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_quantized_is_finite_where_the_exact_sum_is(backend, device, dtype, chunked):
     # P8: codes 1.75e38 + 1.75e38 - 0.4e38 for x = 3.1e38 (the greedy search overshoots, the
@@ -772,8 +768,6 @@ def test_quantized_is_finite_where_the_exact_sum_is(backend, device, dtype, chun
     # row in the same block; row 2 (weight 0 in the weighted call) passes x through
     from fastvq.ops.residual_quantize import residual_quantize_step
 
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     cb = torch.tensor([[[1.75e38, 1.0]], [[1.75e38, -1.0]], [[-0.4e38, 0.5]]], device=device).to(dtype)
     x = torch.tensor([[3.1e38, 0.5], [3.1e38, 0.5], [3.1e38, 0.5]], device=device).to(dtype)
     exact = cb.double().sum(0).expand(3, 2)  # every row chooses code 0 at every level
@@ -1063,7 +1057,7 @@ def _overflowing_residuals(dtype, device, case="probe5"):
 
 
 @pytest.mark.parametrize("case", ["probe5", "growing"])
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_overflowing_residual_keeps_the_greedy_codes(backend, device, dtype, chunked, case):
     # probe5 R1: x = 3e38 whose level-0 code is -2e38 leaves a float32 residual of +inf (exactly
@@ -1071,8 +1065,6 @@ def test_overflowing_residual_keeps_the_greedy_codes(backend, device, dtype, chu
     # at scale 2^-E: the codes, the quantized sum and the loss terms are the exact greedy ones
     from fastvq.ops.residual_quantize import residual_quantize_step
 
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     x, cb = _overflowing_residuals(dtype, device, case)
     w = torch.tensor([1.0, 0.5, 1.0, 1.0, 2.0, 1.0], device=device)[: x.shape[0]]
     want, want_sq = _greedy64(x, cb, w)
@@ -1134,14 +1126,12 @@ def test_kernel_matches_reference_on_overflowing_residuals(device, dtype, chunke
     torch.testing.assert_close(out["level_sq"], want, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_rows_with_an_infinite_entry_get_the_first_finite_code(backend, device, chunked):
     # probe7 I1: every distance of such a row is +inf, but the score |c|^2 - 2 r.c of a code with
     # an entry of the infinite entry's sign is -inf and won (and with large finite entries beside
     # it the score was NaN or +-inf by the order of the dot's sums: 20 copies of one row in a
     # batch got different codes). Now the first finite code, at every level, as nearest_code
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     inf, big = float("inf"), torch.finfo(torch.float32).max
     x = torch.tensor([[-inf, 1.0, 0.0, 0.0, 0.0], [inf, 1.0, 0.0, 0.0, 0.0], [1.0, -inf, 0.0, 0.0, 0.0],
                       [-inf, big, big, -big, -big]] + [[-inf, big, big, -big, -big]] * 20, device=device)
@@ -1183,7 +1173,7 @@ def test_autotuning_does_not_add_its_timed_launches_to_the_statistics(monkeypatc
     assert_close(got["sums"], want["sums"].double(), reduce_len=37)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_statistics_sums_without_overflow_on_the_way(backend, device, dtype, chunked):
     # probe4 F2 at scale: the EMA statistics' float32 atomic sums of w r_l overflowed on the way
@@ -1191,8 +1181,6 @@ def test_statistics_sums_without_overflow_on_the_way(backend, device, dtype, chu
     # sum is representable; beside them a held row (its residual beyond float32: left out), NaN
     # and inf rows (left out), rows of weight 0, ordinary rows. Against float64 sums of the
     # residuals as the forward forms them (each level's difference rounded to float32's 24 bits).
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     from fastvq.kernels.residual_quantize import residual_quantize_fwd
     from fastvq.reference.residual_quantize import residual_quantize_full_ref
 
@@ -1241,13 +1229,11 @@ def test_statistics_sums_without_overflow_on_the_way(backend, device, dtype, chu
     ft.assert_close(out["sums"][ok], want[ok], dtype=torch.float32, reduce_len=N, magnitude=mag[ok])
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["register", "chunked"])
+@backend_cells("chunked", {"register": False}, {"chunked": True})
 def test_statistics_large_terms_that_do_not_overflow_keep_their_sums(backend, device, chunked):
     # Terms beyond atomic_overflow_bound(N) (2^119 at N = 150) set the fix-up's flag, but no sum
     # overflows: nothing is marked, and every sum is the plain float32 one (the early exit);
     # with one sum that does overflow beside them, only that code is summed again
-    if chunked and backend != "triton":
-        pytest.skip("the chunked kernel is a Triton kernel")
     from fastvq.kernels.residual_quantize import residual_quantize_fwd
     from fastvq.reference.residual_quantize import residual_quantize_full_ref
 

@@ -6,7 +6,7 @@ import fastvq
 import fastvq.testing as ft
 from fastvq.bench.peers import vqpt_rotate_to as _vqpt_rotate_to
 from fastvq.ops.rotation_trick import EPS_ANTIPODAL, EPS_NORM
-from tests.utils import assert_close, noncontiguous, randn
+from tests.utils import assert_close, backend_cells, noncontiguous, randn
 
 CASES = [  # (batch shape, D)
     pytest.param((1,), 1, id="N1-D1"),
@@ -213,10 +213,8 @@ MAGNITUDES = [
 
 @pytest.mark.parametrize("se,sq,sg,dtype", MAGNITUDES)
 @pytest.mark.parametrize("D", [5, 37])
-@pytest.mark.parametrize("block_d", [None, 8])  # 8: the looping kernel path at D = 37
+@backend_cells("block_d", {"whole": None}, {"looping": 8})  # 8: the looping kernel path at D = 37
 def test_extreme_magnitudes_stay_finite_and_exact(backend, device, se, sq, sg, dtype, D, block_d):
-    if block_d is not None and backend == "reference":
-        pytest.skip("the looping path is the kernel's")
     e = randn(16, D, seed=1, scale=se, device=device).to(dtype)
     q = randn(16, D, seed=2, scale=sq, device=device).to(dtype)
     g = randn(16, D, seed=3, scale=sg, device=device).to(dtype)
@@ -237,13 +235,11 @@ def test_extreme_magnitudes_stay_finite_and_exact(backend, device, se, sq, sg, d
     assert_grad_close(got[rows], want[rows], e[rows], q[rows], g[rows], dtype)
 
 
-@pytest.mark.parametrize("block_d", [None, 8])  # 8: the looping kernel path at D = 37
+@backend_cells("block_d", {"whole": None}, {"looping": 8})  # 8: the looping kernel path at D = 37
 @pytest.mark.parametrize("which", ["e", "q"])
 def test_subnormal_rows_of_e_or_q_go_straight_through(backend, device, which, block_d):
     # findings R1: a finite row whose largest entry is subnormal (< 2^-126) made 1 / max overflow
     # in the kernel, and the row's gradient NaN; it is far below EPS_NORM: straight through
-    if block_d is not None and backend == "reference":
-        pytest.skip("the looping path is the kernel's")
     e, q, g = (randn(6, 37, seed=s, device=device) for s in (90, 91, 92))
     tiny = {"e": e, "q": q}[which]
     tiny[0] = 0.0
