@@ -80,7 +80,8 @@ def _float_args_like_a_gpu() -> bool:
     qr_lookup's atomic path) computed with float64 precision on the CPU and float32 precision on
     a GPU, and no CPU test could see behaviour that depends on the argument's float32 rounding
     (mutC, C30). ``tl.constexpr`` arguments are not converted (the interpreter passes them as
-    given, as the compiler does). Returns whether the fix is in place."""
+    given, as the compiler does). ``numpy.float64`` arguments too (a subclass of float, typed
+    ``fp32`` by a launch). Returns whether the fix is in place."""
     import numpy as np
     from triton.runtime import interpreter
 
@@ -89,7 +90,7 @@ def _float_args_like_a_gpu() -> bool:
         return convert is not None
 
     def float_as_fp32(arg):
-        if type(arg) is float:
+        if isinstance(arg, float):  # numpy.float64 too (a subclass); not bool or int
             return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
         return convert(arg)
 

@@ -120,8 +120,8 @@ TINY_SCORE_EXP = 90
 BIG_ROW = tl.constexpr(2.0**BIG_EXP)
 TINY_ROW = tl.constexpr(2.0**-BIG_EXP)
 TINY_SCORE = tl.constexpr(2.0**-TINY_SCORE_EXP)
-RESCALE_DOWN = tl.constexpr(2.0**-96)  # 2^-RESCALE_EXP
-RESCALE_UP = tl.constexpr(2.0**96)
+RESCALE_DOWN = tl.constexpr(2.0**-RESCALE_EXP.value)
+RESCALE_UP = tl.constexpr(2.0**RESCALE_EXP.value)
 # A float16 codebook's scores neither overflow nor underflow, but its dot operand (the residual
 # rounded to float16) is inf once the residual leaves float16's range (|r| > 65504, e.g. x =
 # 60000 after a code of -10000): such a row (max-abs > FP16_WIDE_ROW) is searched again with the residual

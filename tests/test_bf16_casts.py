@@ -94,6 +94,10 @@ def test_float_arguments_are_float32_as_on_a_gpu():
     def widen(p, x):
         tl.store(p, x * tl.full((), 1.0, tl.float64))
 
-    out = torch.zeros(1, dtype=torch.float64)
-    widen[(1,)](out, 0.8333333333333334)
-    assert out.item() == float(torch.tensor(0.8333333333333334, dtype=torch.float32))
+    import numpy as np
+
+    want = float(torch.tensor(0.8333333333333334, dtype=torch.float32))
+    for x in (0.8333333333333334, np.float64(0.8333333333333334)):  # (numpy's: review13)
+        out = torch.zeros(1, dtype=torch.float64)
+        widen[(1,)](out, x)
+        assert out.item() == want, type(x)

@@ -801,6 +801,19 @@ def test_kernel_overflow_threshold_is_where_r_minus_c_can_overflow():
     assert open(rq.__file__).read().count(">= OVERFLOW_ROW))") == 3  # both variants read the one constant
 
 
+def test_kernel_rescue_thresholds_and_scales_are_the_references():
+    # review12: the kernel's rescue passes (rows beyond 2^48 or below 2^-48 whose best score is
+    # below 2^-90, searched again scaled by 2^-+96) wrote its scales out apart from their exponent,
+    # and nothing tied the kernel's thresholds to the reference's: parity tests reach them only
+    # on rows near a threshold
+    from fastvq.kernels import residual_quantize as rq
+    from fastvq.reference import residual_quantize as ref
+
+    assert (rq.BIG_ROW.value, rq.TINY_ROW.value, rq.TINY_SCORE.value) == (ref.BIG, ref.TINY, ref.TINY_SCORE)
+    assert (rq.RESCALE_DOWN.value, rq.RESCALE_UP.value) == (ref.RESCALE, 1 / ref.RESCALE)
+    assert rq.RESCALE_DOWN.value == 2.0**-rq.RESCALE_EXP.value
+
+
 def test_fused_rotation_rows_at_the_eps_norm_threshold_take_one_branch():
     # the fused rotation-trick backward decided |x| < EPS_NORM on a float32 norm, the reference
     # (rotation_trick_bwd_ref) on float64 sums of squares: rows within a float32 rounding of the
