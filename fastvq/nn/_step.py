@@ -78,8 +78,10 @@ def _quantize_step(mod: CodebookState, inputs, codebook, mask, codes=None, call=
                 # (compiled, the update waits on a check that this is no checkpoint rerun: eagerly,
                 # `call` replays the first run instead)
                 stats = (refuse_checkpoint_rerun(step.counts, mod._owner), step.sums, step.skipped)
-            if rows is not None:
-                offers = (step.candidates, score)  # midpoints of the rows' vectors and their codes
+            if rows is not None:  # midpoints of the rows' vectors and their codes, where the op flags them ok
+                # (a residual beyond the codebook's dtype, or held beyond float32, whose midpoint is
+                # finite: fuzzP)
+                offers = (step.candidates, torch.where(step.candidates_ok, score, -1.0))
         mod._update_codebook_(vectors, flat.T, mask, stats=stats, offers=offers)
     if call is not None:
         call.finish()

@@ -260,6 +260,43 @@ def test_revival_never_makes_the_ema_state_non_finite(backend, device, module):
     assert int(mod.codes_revived) > 0
 
 
+@pytest.mark.parametrize("module", ["vq", "rq"])
+def test_a_row_beyond_a_float16_codebook_offers_no_candidate(backend, device, module):
+    # fuzzP: a float32 row of 1e5 (beyond float16) beside a float16 code of 0 was counted in
+    # nonfinite_rows and left out of the statistics, but its midpoint with the code, 5e4, which
+    # float16 holds, still revived a code: the fused step's candidates went to the revival without
+    # their candidates_ok flags. An infinite row revived nothing
+    torch.manual_seed(0)
+    m = (VectorQuantizer(4, 1, ema=True, dead_code_threshold=1.0) if module == "vq"
+         else ResidualQuantizer(1, 4, 1, ema=True, dead_code_threshold=1.0)).to(device).half()
+    cb = m.embeddings.weight if module == "vq" else m.codebooks
+    with torch.no_grad():
+        cb.copy_(torch.arange(4.0, device=device).reshape(cb.shape))
+        m.embed_avg.copy_(cb.float().reshape(m.embed_avg.shape))
+    before = cb.detach().clone()
+    m.train()(torch.tensor([[1e5]], device=device))
+    assert int(m.nonfinite_rows) == 1 and int(m.codes_revived) == 0
+    assert torch.equal(cb.detach(), before)
+    m(torch.tensor([[1e4]], device=device))  # (a row float16 holds revives codes: the check can fail)
+    assert int(m.codes_revived) > 0
+
+
+def test_a_held_residual_offers_no_candidate(backend, device):
+    # fuzzP: x = 3e38 after a level-0 code of -2e38 leaves a level-1 residual of 5e38, beyond
+    # float32: the row is held at a power-of-two scale and, as the README says, enters no level-1
+    # statistics or revival candidate. It revived level-1 code 0 to 6.25e37 (its held midpoint)
+    torch.manual_seed(0)
+    m = ResidualQuantizer(2, 4, 1, ema=True, dead_code_threshold=1.0).to(device)
+    with torch.no_grad():
+        m.codebooks.copy_(torch.tensor([[[-2e38], [-2.5e38], [-3e38], [-3.3e38]], [[0.0], [1.0], [2.0], [3.0]]],
+                                       device=device))
+        m.embed_avg.copy_(m.codebooks)
+    level1 = m.codebooks[1].clone()
+    _, _, _, codes = m.train()(torch.tensor([[3e38]], device=device))
+    assert codes[0, 0] == 0  # (the case is the case: the residual 3e38 - (-2e38) overflows)
+    assert torch.equal(m.codebooks[1], level1)
+
+
 LOW_CONFIGS = {  # (module, whether its update is deterministic: no k-means or revival draws)
     "vq-kmeans": (lambda: VectorQuantizer(6, 3, kmeans_init=True, kmeans_iters=2), False),
     "vq-revive": (lambda: VectorQuantizer(6, 3, dead_code_threshold=2.5), False),
