@@ -62,6 +62,24 @@ def test_guards(backend, device):
     assert not torch.equal(codebook[0, 0], before[0][0, 0])  # the others did move
 
 
+@pytest.mark.parametrize("case", ["total-beyond-float32", "code-far-below-the-total"])
+def test_smoothing_near_float32s_range_is_rounded_once(backend, device, case):
+    # fuzzP: the total n and the smoothing were float32. Two codes counting 2e38 each (finite)
+    # made n = inf and kept every code's old value while its EMA state moved on; a code counting
+    # 1.2e-3 beside one of 3e38 got a subnormal quotient (cs + eps) / (n + K eps) that lost its
+    # bits: 6.99896 for a mean of 7. Both are now the float64 arithmetic rounded once
+    if case == "total-beyond-float32":
+        counts, sums = torch.tensor([[2e38, 2e38]]), torch.tensor([[[2e38], [-2e38]]])
+    else:
+        counts, sums = torch.tensor([[1.2345e-3, 3e38]]), torch.tensor([[[1.2345e-3 * 7.0], [3e38]]])
+    counts, sums = counts.to(device), sums.to(device)
+    codebook = torch.tensor([[[1.0], [2.0]]], device=device)
+    cluster_size, embed_avg = torch.zeros(1, 2, device=device), torch.zeros(1, 2, 1, device=device)
+    want, _, _ = _seed_update(codebook, cluster_size, embed_avg, counts, sums, 0.0, 1e-5)
+    ema_update_(codebook, cluster_size, embed_avg, counts, sums, 0.0, 1e-5)
+    assert_close(codebook, want, dtype=torch.float32, reduce_len=4)
+
+
 def test_strided_codebook_view(backend, device):
     # a VectorQuantizer passes weight.data.unsqueeze(0); a transposed parameter is strided too
     codebook, cs, ea, counts, sums = _state(2, 9, 6, device=device)
