@@ -65,6 +65,7 @@ Example (a bf16 matmul-shaped kernel against float64 on the same inputs)::
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Union
 
 import torch
@@ -123,6 +124,39 @@ def _fmt(dtype: DTypeLike, precision: bool = False) -> DTypeLike:
         return _ALIASES[dtype.lower()]
     raise ValueError(f"fastvq.testing: unknown precision {dtype!r}; expected a torch floating dtype "
                      f"or one of {sorted(_ALIASES)}")
+
+
+def _storage_dtype(name: str, dtype: DTypeLike) -> torch.dtype:
+    """The torch dtype ``dtype`` names, for an argument that is a storage format (not ``"tf32"``)."""
+    fmt = _fmt(dtype)
+    if not isinstance(fmt, torch.dtype):
+        raise ValueError(f"fastvq.testing: {name} names the dtype values are stored in (float64, float32, float16, "
+                         f"bfloat16), got {dtype!r}: a way to multiply float32 operands, error_bound's precision=")
+    return fmt
+
+
+def _tensor(name: str, t) -> torch.Tensor:
+    """``t`` if it is a dense real tensor, else the error naming ``name`` (a gradient that never
+    arrived is ``None``; a sparse one, e.g. ``QREmbedding(sparse=True)``'s, wants ``.to_dense()``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastvq.testing: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        raise ValueError(f"fastvq.testing: {name} must be a dense tensor, got layout {t.layout}"
+                         f"{' (nested)' if t.is_nested else ''}; pass {name}.to_dense()")
+    if t.is_complex():
+        raise TypeError(f"fastvq.testing: {name} must be real, got {t.dtype}")
+    return t
+
+
+def _nonnegative(name: str, v, positive: bool = False) -> float:
+    """``v`` as a float: a real number, not NaN, at least 0 (above 0 where ``positive``); inf passes
+    (an infinite bound certifies only an exact match)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"fastvq.testing: {name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"fastvq.testing: {name} must be {'> 0' if positive else '>= 0'}, got {v}")
+    return v
 
 
 def unit_roundoff(dtype: DTypeLike) -> float:
@@ -199,10 +233,12 @@ def error_bound(expected: torch.Tensor, *, dtype: torch.dtype, reduce_len: float
 
     Not differentiable (a criterion, not a loss).
     """
-    dtype = _fmt(dtype)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError("fastvq.testing: dtype is the operands' torch dtype; pass 'tf32' as precision=")
-    out_dtype = _fmt(out_dtype) if out_dtype is not None else dtype
+    expected = _tensor("expected", expected)
+    dtype = _storage_dtype("dtype", dtype)
+    out_dtype = _storage_dtype("out_dtype", out_dtype) if out_dtype is not None else dtype
+    factor = _nonnegative("factor", factor, positive=True)
+    for n in (reduce_len if isinstance(reduce_len, (list, tuple)) else [reduce_len]):
+        _nonnegative("reduce_len", n)
     acc = _fmt(accumulate) if accumulate is not None else (torch.float64 if dtype == torch.float64 else torch.float32)
     exp = expected.detach().to(torch.float64)
     e_ops = _operand_error(dtype, precision)
@@ -265,6 +301,7 @@ def error_ratio(actual: torch.Tensor, expected: torch.Tensor, **bound_kwargs) ->
     beyond the range may round below it: ``reduce_len=1000`` admits ``max`` for ``3.403e38`` in
     float32, ``reduce_len=1`` does not); a NaN where a number is expected gives ``inf``.
     """
+    actual, expected = _tensor("actual", actual), _tensor("expected", expected)
     if actual.shape != expected.shape:
         raise ValueError(f"fastvq.testing: actual shape {tuple(actual.shape)} != expected shape {tuple(expected.shape)}")
     bound = error_bound(expected, **bound_kwargs)
@@ -291,6 +328,7 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, *, dtype: torch
     >>> assert_close(x.sum(1, dtype=torch.float32).bfloat16(), x.double().sum(1), dtype=torch.bfloat16,
     ...              reduce_len=3, magnitude=x.double().abs().sum(1))
     """
+    actual, expected64 = _tensor("actual", actual), _tensor("expected64", expected64)
     if actual.shape != expected64.shape:
         raise AssertionError(f"{name or 'fastvq.testing.assert_close'}: shape {tuple(actual.shape)} "
                              f"!= expected {tuple(expected64.shape)}")
@@ -518,7 +556,10 @@ def assert_argmin_within_bound(x: torch.Tensor, codebook: torch.Tensor, indices:
 
 
 def _grad_tolerances(exact: torch.Tensor, dtype, reduce_len, condition, rtol, floor):
-    dtype = _fmt(dtype)
+    dtype = _storage_dtype("dtype", dtype)
+    reduce_len, condition = _nonnegative("reduce_len", reduce_len), _nonnegative("condition", condition)
+    rtol = None if rtol is None else _nonnegative("rtol", rtol, positive=True)
+    floor = None if floor is None else _nonnegative("floor", floor)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     inner = ACCUMULATION_FACTOR * condition * gamma(reduce_len, UNIT_ROUNDOFF[acc])
     if rtol is None:
@@ -545,14 +586,16 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
     is finite but beyond ``dtype``'s range and ``actual`` is neither that signed infinity nor the
     dtype's largest value of that sign.
     ``ratio`` is ``rel_err / rtol`` over the finite elements of ``exact``, or ``inf`` when
-    ``zeros``, ``nonfinite`` or ``special`` is non-zero. Where ``exact`` is 0 everywhere (no scale
+    ``zeros``, ``nonfinite`` or ``special`` is non-zero. An infinite ``rtol`` (``reduce_len``
+    of ``2^24`` float32 roundings or more, an infinite ``condition``) certifies nothing but an
+    exact match, as in :func:`assert_close`: ``ratio`` is 0 then, else ``inf``. ``reduce_len``,
+    ``condition`` and ``floor`` must be ``>= 0``, ``rtol > 0`` (``ValueError``); ``actual`` and
+    ``exact`` dense real tensors (a sparse gradient: ``.to_dense()``). Where ``exact`` is 0 everywhere (no scale
     for a relative error), ``ratio`` is 0 when every ``|actual| <= floor`` and ``inf`` otherwise:
     pass ``floor``, the absolute error the computation can make (the default is then the
     dtype's smallest subnormal).
     """
-    for name, t in (("actual", actual), ("exact", exact)):
-        if not isinstance(t, torch.Tensor):  # (a gradient that never arrived: x.grad is None)
-            raise TypeError(f"fastvq.testing: {name} must be a torch.Tensor, got {type(t).__name__}")
+    actual, exact = _tensor("actual", actual), _tensor("exact", exact)  # (x.grad of None: a TypeError)
     dtype = dtype or actual.dtype
     act = actual.detach().to(torch.float64)
     ex = exact.detach().to(device=act.device, dtype=torch.float64)
@@ -580,7 +623,12 @@ def grad_ratio(actual: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype 
         rel = num / den
     else:  # an exact gradient of zeros has no scale: every |actual| within the floor passes
         rel = 0.0 if num == 0 or (math.isfinite(num) and float(a.abs().max()) <= floor) else math.inf
-    ratio = math.inf if zeros or nonfinite or special else rel / rtol
+    if zeros or nonfinite or special:
+        ratio = math.inf
+    elif math.isinf(rtol):  # a bound beyond every error (gamma of 2^24 float32 roundings): only an exact match
+        ratio = 0.0 if rel == 0 else math.inf
+    else:
+        ratio = rel / rtol
     return {"rel_err": rel, "rtol": rtol, "ratio": ratio, "zeros": zeros, "nonfinite": nonfinite,
             "special": special, "floor": floor}
 

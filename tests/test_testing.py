@@ -453,6 +453,48 @@ def test_grad_ratio_takes_float64_actual_and_names_a_missing_gradient(device):
         ft.assert_grad_nondegenerate(None, exact)
 
 
+def test_an_infinite_gradient_bound_passes_only_an_exact_gradient(device):
+    # fuzzP T1: 2^24 float32 roundings make gamma, so rtol and the zero floor, infinite: an
+    # all-zero or sign-flipped gradient passed (ratio 0), where assert_close's infinite bound
+    # passes only an exact match. Now the same rule
+    exact = torch.randn(4, 3, dtype=torch.float64, device=device)
+    for wrong in (torch.zeros(4, 3, device=device), -exact.float()):
+        assert ft.grad_ratio(wrong, exact, reduce_len=2**24)["ratio"] == math.inf
+        with pytest.raises(AssertionError):
+            ft.assert_grad_nondegenerate(wrong, exact, reduce_len=2**24)
+    assert ft.grad_ratio(exact.float().double(), exact.float().double(), reduce_len=2**24)["ratio"] == 0.0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(condition=-1.0), "condition must be >= 0"), (dict(rtol=-1.0), "rtol must be > 0"),
+    (dict(rtol=0.0), "rtol must be > 0"), (dict(floor=float("nan")), "floor must be >= 0"),
+    (dict(reduce_len=-5), "reduce_len must be >= 0"), (dict(dtype="tf32"), "dtype names the dtype values are stored"),
+], ids=["condition", "rtol-negative", "rtol-0", "floor-nan", "reduce-len", "dtype-tf32"])
+def test_gradient_criteria_name_a_bad_tolerance_argument(device, kw, match):
+    # fuzzP T1/T2: a negative condition or rtol turned the ratio negative and a gradient 2x off
+    # passed; dtype="tf32" raised torch.finfo's TypeError
+    exact = torch.randn(4, 3, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=f"fastvq.testing: {match}"):
+        ft.assert_grad_nondegenerate(2 * exact.float(), exact, **kw)
+
+
+def test_criteria_name_an_argument_that_is_no_dense_real_tensor(device):
+    # fuzzP T2: QREmbedding(sparse=True)'s sparse gradient, a Python list and a complex tensor
+    # met torch's internal errors (or a cast warning that dropped the imaginary part)
+    exact = torch.ones(5, 2, dtype=torch.float64, device=device)
+    sparse = torch.ones(5, 2, device=device).to_sparse()
+    for fn in (ft.assert_grad_nondegenerate, ft.grad_ratio,
+               lambda a, e: ft.assert_close(a, e, dtype=torch.float32),
+               lambda a, e: ft.error_ratio(a, e, dtype=torch.float32)):
+        with pytest.raises(ValueError, match=r"actual must be a dense tensor.*to_dense\(\)"):
+            fn(sparse, exact)
+        with pytest.raises(TypeError, match="actual must be a torch.Tensor, got list"):
+            fn([1.0], exact)
+        with pytest.raises(TypeError, match="actual must be real"):
+            fn(torch.ones(5, 2, dtype=torch.complex64, device=device), exact)
+    ft.assert_grad_nondegenerate(sparse.to_dense(), exact)  # (what the message asks for passes)
+
+
 # ------------------------------------------------------------------ mutation round D (mutD): behaviour no test pinned
 
 

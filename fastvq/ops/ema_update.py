@@ -147,6 +147,8 @@ def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
     for name, t in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg),
                     ("counts", counts), ("sums", sums)):
         check_tensor(op, name, t, ndim=2 if name in ("cluster_size", "counts") else 3)
+        if name in ("cluster_size", "embed_avg") and t.dtype != torch.float32:  # (before check_float's list)
+            raise TypeError(f"fastvq.{op}: {name} (EMA state) must be float32, got {t.dtype}")
         check_float(op, name, t)
     check_same_device(op, codebook=codebook, cluster_size=cluster_size, embed_avg=embed_avg, counts=counts, sums=sums)
     L, K, D = codebook.shape
@@ -154,9 +156,6 @@ def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
                            ("counts", counts, (L, K)), ("sums", sums, (L, K, D))):
         if tuple(t.shape) != shape:
             raise ValueError(f"fastvq.{op}: {name} must have shape {shape} (from codebook), got {tuple(t.shape)}")
-    for name, t in (("cluster_size", cluster_size), ("embed_avg", embed_avg)):
-        if t.dtype != torch.float32:
-            raise TypeError(f"fastvq.{op}: {name} (EMA state) must be float32, got {t.dtype}")
     for name, t in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg)):
         check_inplace_target(op, name, t)
     if not embed_avg.is_contiguous():

@@ -136,11 +136,13 @@ def test_refuse_checkpoint_rerun_opcheck(device):
         (dict(eps=0.0), ValueError, "eps"),
         (dict(eps=float("inf")), ValueError, "eps"),
         (dict(cluster_size="half"), TypeError, "cluster_size"),
+        (dict(cluster_size="double"), TypeError, r"cluster_size \(EMA state\) must be float32, got torch.float64"),
         (dict(embed_avg="strided"), ValueError, "embed_avg must be contiguous"),
         (dict(counts="short"), ValueError, "counts must have shape"),
         (dict(sums="int"), TypeError, "sums"),
     ],
-    ids=["decay-nan", "decay-1.5", "decay-bool", "eps-0", "eps-inf", "cluster-size-fp16", "embed-avg-strided",
+    ids=["decay-nan", "decay-1.5", "decay-bool", "eps-0", "eps-inf", "cluster-size-fp16", "cluster-size-fp64",
+         "embed-avg-strided",
          "counts-shape", "sums-int"],
 )
 def test_bad_input(backend, device, change, err, match):
@@ -149,7 +151,7 @@ def test_bad_input(backend, device, change, err, match):
     codebook, cs, ea, counts, sums = _state(2, 5, 3, device=device)
     args = dict(codebook=codebook, cluster_size=cs, embed_avg=ea, counts=counts, sums=sums, decay=0.9, eps=1e-5)
     for name, value in change.items():
-        args[name] = {"half": cs.half(), "strided": ea.transpose(0, 1).contiguous().transpose(0, 1),
+        args[name] = {"half": cs.half(), "double": cs.double(), "strided": ea.transpose(0, 1).contiguous().transpose(0, 1),
                       "short": counts[:, :4], "int": sums.long()}.get(value, value) if isinstance(value, str) else value
     before = codebook.clone()
     with pytest.raises(err, match=f"ema_update_.*{match}"):
