@@ -260,12 +260,32 @@ def test_revival_never_makes_the_ema_state_non_finite(backend, device, module):
     assert int(mod.codes_revived) > 0
 
 
+@contextlib.contextmanager
+def _statistics_path(monkeypatch, path: str, device):
+    """``"fused"``: the step's own statistics and candidates; ``"sorted"``: those of deterministic
+    mode on an atomic device (``code_statistics`` and ``offer_candidates`` on the levels' inputs;
+    ``device`` made one: on a CPU its launches stand in for CUDA ones)."""
+    if path == "fused":
+        yield
+        return
+    from fastvq import _backend
+
+    monkeypatch.setattr(_backend, "ATOMIC_DEVICE_TYPES", (*_backend.ATOMIC_DEVICE_TYPES, torch.device(device).type))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("path", ["fused", "sorted"])
 @pytest.mark.parametrize("module", ["vq", "rq"])
-def test_a_row_beyond_a_float16_codebook_offers_no_candidate(backend, device, module):
+def test_a_row_beyond_a_float16_codebook_offers_no_candidate(backend, device, module, path, monkeypatch):
     # fuzzP: a float32 row of 1e5 (beyond float16) beside a float16 code of 0 was counted in
     # nonfinite_rows and left out of the statistics, but its midpoint with the code, 5e4, which
     # float16 holds, still revived a code: the fused step's candidates went to the revival without
-    # their candidates_ok flags. An infinite row revived nothing
+    # their candidates_ok flags. An infinite row revived nothing. (The sorted path left it out.)
     torch.manual_seed(0)
     m = (VectorQuantizer(4, 1, ema=True, dead_code_threshold=1.0) if module == "vq"
          else ResidualQuantizer(1, 4, 1, ema=True, dead_code_threshold=1.0)).to(device).half()
@@ -274,11 +294,12 @@ def test_a_row_beyond_a_float16_codebook_offers_no_candidate(backend, device, mo
         cb.copy_(torch.arange(4.0, device=device).reshape(cb.shape))
         m.embed_avg.copy_(cb.float().reshape(m.embed_avg.shape))
     before = cb.detach().clone()
-    m.train()(torch.tensor([[1e5]], device=device))
-    assert int(m.nonfinite_rows) == 1 and int(m.codes_revived) == 0
-    assert torch.equal(cb.detach(), before)
-    m(torch.tensor([[1e4]], device=device))  # (a row float16 holds revives codes: the check can fail)
-    assert int(m.codes_revived) > 0
+    with _statistics_path(monkeypatch, path, device):
+        m.train()(torch.tensor([[1e5]], device=device))
+        assert int(m.nonfinite_rows) == 1 and int(m.codes_revived) == 0
+        assert torch.equal(cb.detach(), before)
+        m(torch.tensor([[1e4]], device=device))  # (a row float16 holds revives codes: the check can fail)
+        assert int(m.codes_revived) > 0
 
 
 def test_a_held_residual_offers_no_candidate(backend, device):
