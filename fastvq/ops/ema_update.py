@@ -121,9 +121,9 @@ def ema_update_(
         smoothed     = (cluster_size + eps) / (n + K * eps) * n
         codebook     = embed_avg / smoothed
 
-    with ``n`` and ``smoothed`` formed in float64 and rounded once to float32 (a total beyond
-    float32, or a code far below it, would otherwise overflow or lose its bits in a subnormal
-    quotient), and guarded so that no state becomes non-finite: a level whose batch had no rows (``counts``
+    with ``smoothed`` formed as ``(cluster_size + eps) * (n / (n + K * eps))``, ``n`` and the
+    ratio in float64 (a total beyond float32, or a code far below it, would otherwise overflow
+    or lose its bits in a subnormal quotient), and guarded so that no state becomes non-finite: a level whose batch had no rows (``counts``
     all 0) changes nothing; a code whose new count or batch sums are not finite keeps its EMA
     state; a code whose new value is not finite in the codebook's dtype keeps its value. The
     decisions are made on ``(L, K)`` tensors (one max-abs read of ``sums``); the ``(L, K, D)``

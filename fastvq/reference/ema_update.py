@@ -39,10 +39,10 @@ def ema_decisions(cluster_size, counts, sums, decay: float, eps: float):
         sums_ok = torch.linalg.vector_norm(sums, ord=float("inf"), dim=-1) < float("inf")
     keep = live.unsqueeze(-1) & torch.isfinite(new_cs) & sums_ok
     new_cs = torch.where(keep, new_cs, cluster_size)
-    # the total and the smoothing in float64, rounded once: in float32 a level's total beyond
-    # float32 (codes counting 2e38 each) kept every code's old value, and a code ~2^126 below
-    # the total lost its bits in a subnormal quotient (1e-4 off; fuzzP)
-    cs64 = new_cs.double()
-    n = cs64.sum(-1, keepdim=True)
-    smoothed = ((cs64 + eps) / (n + K * eps) * n).float()
+    # smoothed = (cs + eps) * (n / (n + K eps)): the total and its ratio (at most 1) per level in
+    # float64, so a level's total beyond float32 (codes counting 2e38 each: every code kept its
+    # old value) no longer overflows, and no code ~2^126 below the total passes through a
+    # subnormal quotient that loses its bits (1e-4 off; fuzzP); the (L, K) part stays float32
+    n = new_cs.sum(-1, keepdim=True, dtype=torch.float64)
+    smoothed = (new_cs + eps) * (n / (n + K * eps)).float()
     return live, keep, new_cs, smoothed
