@@ -278,10 +278,16 @@ def kmeans(
             stacklevel=user_stacklevel(),
         )
     centroids = candidates[0, torch.arange(K, device=x.device) % n_valid]
+    # a mean does not depend on the weights' scale: the statistics take w / max w (all ranks),
+    # whose counts cannot overflow (weights of 1e38 gave an infinite count beside a finite sum:
+    # a "mean" of 0 became a code; mutF), and the counts returned are scaled back
+    top = fdist.all_gather(weights.amax().view(1) if weights.numel() else weights.new_zeros(1), group).amax()
+    scale = torch.where(top > 0, top, 1.0)
+    unit = weights / scale
     previous = None
     for step in range(max(iters, 1)):
         idx = search(x, centroids, metric)
-        counts, sums = code_statistics(x, idx, K, weights=weights)
+        counts, sums = code_statistics(x, idx, K, weights=unit)
         # rows whose code changed since the last step, all ranks (summed with the statistics)
         changed = [] if previous is None else [(idx != previous).sum(dtype=torch.float32).view(1)]
         fdist.all_reduce_sum_(counts, sums, *changed, group=group)
@@ -297,7 +303,7 @@ def kmeans(
         if changed and float(changed[0]) == 0:
             break
         previous = idx
-    return centroids, counts, skipped
+    return centroids, counts * scale, skipped
 
 
 def _fixed_at_construction(name: str) -> property:
@@ -585,6 +591,7 @@ class CodebookState(nn.Module):
             decay = check_real_arg(self._owner, "decay", self.decay, minimum=0.0, maximum=1.0, float32=True)
             if mask is not None and mask.dim() != 1:
                 mask = mask.reshape(-1)
+            weights = mask  # the rows the statistics and candidates take (the usage watch counts `mask`'s)
             if stats is None:
                 far = None
                 if finite_limit(codebook.dtype) < math.inf:  # rows a 16-bit codebook cannot hold: as NaN rows
@@ -592,8 +599,8 @@ class CodebookState(nn.Module):
                         codebook.dtype)  # (L, N)
                     w = (torch.ones(far.shape, dtype=torch.float32, device=far.device) if mask is None
                          else mask.float().expand(far.shape))
-                    mask = torch.where(far, 0.0, w)
-                counts, sums, skipped = code_statistics(vectors, indices, K, weights=mask, return_skipped=True)
+                    weights = torch.where(far, 0.0, w)
+                counts, sums, skipped = code_statistics(vectors, indices, K, weights=weights, return_skipped=True)
                 if far is not None:
                     skipped = skipped + (far & (w != 0)).sum(-1, dtype=skipped.dtype)
             else:
@@ -604,7 +611,7 @@ class CodebookState(nn.Module):
                 # must not overflow embed_avg)
                 limit = revival_limit(self.dead_code_threshold, self.ema, codebook.dtype)
                 if offers is None:
-                    candidates, valid = offer_candidates(vectors, K, mask, anchors=(codebook, indices), limit=limit,
+                    candidates, valid = offer_candidates(vectors, K, weights, anchors=(codebook, indices), limit=limit,
                                                          group=self.process_group)
                 else:
                     picked, score = offers

@@ -121,9 +121,10 @@ def ema_update_(
         smoothed     = (cluster_size + eps) / (n + K * eps) * n
         codebook     = embed_avg / smoothed
 
-    with ``smoothed`` formed as ``(cluster_size + eps) * (n / (n + K * eps))``, ``n`` and the
-    ratio in float64 (a total beyond float32, or a code far below it, would otherwise overflow
-    or lose its bits in a subnormal quotient), and guarded so that no state becomes non-finite: a level whose batch had no rows (``counts``
+    in float32, bit for bit, except where that fails: a level whose total overflows float32, or
+    a code whose quotient ``(cluster_size + eps) / (n + K * eps)`` is subnormal (it lost its
+    bits), takes ``(cluster_size + eps) * (n / (n + K * eps))`` with ``n`` and the ratio in
+    float64; and guarded so that no state becomes non-finite: a level whose batch had no rows (``counts``
     all 0) changes nothing; a code whose new count or batch sums are not finite keeps its EMA
     state; a code whose new value is not finite in the codebook's dtype keeps its value. The
     decisions are made on ``(L, K)`` tensors (one max-abs read of ``sums``); the ``(L, K, D)``

@@ -363,6 +363,22 @@ def test_rows_a_float16_codebook_cannot_hold_are_left_out(backend, device, confi
                 assert torch.equal(m.state_dict()[key], value), (step, key)
 
 
+
+@pytest.mark.parametrize("weight", [1.0, 1e30, 1e38])
+def test_kmeans_means_do_not_depend_on_the_weights_scale(backend, device, weight):
+    # mutF: k-means formed each mean as sums / counts of the row weights; weights of 1e38 made a
+    # cluster's float32 count inf beside a finite sum of small rows, a "mean" of 0 that became
+    # the code. The statistics now take the weights over their largest (all ranks)
+    x = 0.1 * randn(12, 2, seed=15, device=device) + torch.tensor([0.3, -0.2], device=device)
+    torch.manual_seed(0)
+    want, _, _ = _codebook.kmeans(x, torch.zeros(2, 2, device=device), 10)
+    torch.manual_seed(0)
+    got, counts, _ = _codebook.kmeans(x, torch.zeros(2, 2, device=device), 10,
+                                      weights=torch.full((12,), weight, device=device))
+    assert_close(got, want.double(), dtype=torch.float32, reduce_len=12)
+    assert (got.abs() > 0.1).any(1).all()  # (no centroid at 0)
+    assert counts.sum() > 0
+
 @pytest.mark.parametrize("module", ["vq-cosine", "vq-l2", "rq"])
 @pytest.mark.parametrize("iters", [0, 2])
 def test_kmeans_init_near_the_float32_maximum(backend, device, module, iters):
@@ -615,6 +631,25 @@ def test_low_usage_warning(backend, monkeypatch):
         for step in range(12):
             quiet(randn(20, 4, seed=step))
     assert caught == []
+
+
+def test_low_usage_warning_counts_the_real_rows_of_a_half_codebook_once(monkeypatch):
+    # mutF: updating a 16-bit codebook from vectors (deterministic mode on CUDA) turned the mask
+    # into one row of weights per level (rows the dtype cannot hold set to 0) and handed that to
+    # the usage watch, which counted L x the real rows: 20 real rows of 64 at L = 3 read as 60,
+    # past the 2 K = 32 a window needs, and the module warned of a collapse it could not judge
+    monkeypatch.setattr(_codebook, "USAGE_WARMUP_STEPS", 0)
+    monkeypatch.setattr(_codebook, "USAGE_WINDOW_STEPS", 1)
+    for real, warns in ((20, False), (40, True)):
+        torch.manual_seed(0)
+        rq = ResidualQuantizer(3, 16, 3, ema=True).half().train()
+        mask = torch.arange(64) < real
+        with _caught_user_warnings() as caught:
+            for _ in range(3):
+                rq._update_codebook_(randn(3, 64, 3, seed=1), torch.zeros(3, 64, dtype=torch.long), mask)
+        assert len(caught) == warns, (real, [str(w.message) for w in caught])
+        if warns:
+            assert f"({real} rows)" in str(caught[0].message)
 
 
 def test_low_usage_warning_counts_levels_and_masks(monkeypatch):
