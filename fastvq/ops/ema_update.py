@@ -136,14 +136,14 @@ def ema_update_(
         >>> counts, sums = fastvq.code_statistics(x, idx, K)
         >>> ema_update_(codebook.unsqueeze(0), cluster_size[None], embed_avg[None], counts[None], sums[None], 0.99, 1e-5)
     """
-    _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
+    decay, eps = _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps)  # (as Python floats)
     sums = sums.float().contiguous()
     live, keep, new_cs, smoothed = ema_decisions(cluster_size, counts, sums, decay, eps)
     cluster_size.copy_(new_cs)
     _ema_update_rows_op(codebook, embed_avg, sums, keep, live, smoothed, float(decay))
 
 
-def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
+def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> tuple[float, float]:
     op = "ema_update_"
     for name, t in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg),
                     ("counts", counts), ("sums", sums)):
@@ -164,7 +164,7 @@ def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
     decay = check_real_arg(op, "decay", decay)
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"fastvq.{op}: decay must lie in [0, 1], got {decay}")
-    check_real_arg(op, "eps", eps, positive=True)
+    return decay, check_real_arg(op, "eps", eps, positive=True)
 
 
 __all__ = ["ema_update_", "ema_update_ref_", "codebook_snapshot", "refuse_checkpoint_rerun"]

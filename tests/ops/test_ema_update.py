@@ -159,6 +159,19 @@ def test_bad_input(backend, device, change, err, match):
     assert torch.equal(codebook, before)
 
 
+def test_decay_and_eps_are_used_as_the_checked_floats(backend, device):
+    # mutE: the checks passed an int eps of 10**30 or 2**63 and a Fraction decay, then the raw
+    # arguments reached torch (OverflowError, TypeError); the op now uses the floats it checked
+    import fractions
+
+    for decay, eps in ((0.5, 10**30), (0.5, 2**63), (fractions.Fraction(1, 2), 1e-5)):
+        codebook, cs, ea, counts, sums = _state(1, 3, 2, device=device)
+        want = codebook.clone(), cs.clone(), ea.clone()
+        ema_update_(*want, counts, sums, 0.5, float(eps))
+        ema_update_(codebook, cs, ea, counts, sums, decay, eps)
+        assert all(torch.equal(a, b) for a, b in zip((codebook, cs, ea), want)), (decay, eps)
+
+
 def test_codes_of_no_features(backend, device):
     # D = 0 (code_statistics allows it): the counts still update, nothing else to do (the inf
     # norm of an empty row raised inside torch; fuzzB)
