@@ -522,3 +522,37 @@ def test_a_half_weight_gradient_just_below_the_float16_overflow_midpoint_rounds_
                            per_sample_weights=w)
     out.backward(torch.ones_like(out))
     assert w.grad.item() == 65504.0
+
+
+# ---- round D's leftovers D71, D72 (run in round E, not classified there)
+
+
+def test_residual_kmeans_init_leaves_out_padding_rows(backend, device):
+    """D71 (ResidualQuantizer's k-means init called without the mask): padding rows far from the
+    real ones became level-0 codes."""
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(2, 4, 2, kmeans_init=True, kmeans_iters=3).to(device).train()
+    x = randn(40, 2, seed=21, device=device)
+    x[20:] = 1000.0  # padding
+    mask = torch.arange(40, device=device) < 20
+    rq(x, mask)
+    assert bool(rq.initted)
+    assert rq.codebooks[0].abs().max() < 10, rq.codebooks[0]
+
+
+def test_kmeans_init_runs_in_the_modules_metric(backend, device):
+    """D72 (VectorQuantizer's k-means init always in l2): a cosine quantizer's init assigns rows by
+    cosine, as k-means in that metric does from the same draws, which differs from l2's here (rows
+    along two directions at norms 1 and 50)."""
+    dirs = torch.tensor([[1.0, 0.2], [0.2, 1.0]], device=device)
+    scale = torch.tensor([1.0, 50.0], device=device).repeat_interleave(8)
+    x = (dirs.repeat(8, 1) * scale[:, None]) + 0.05 * randn(16, 2, seed=22, device=device)
+    runs = {}
+    for metric in ("cosine", "l2"):
+        torch.manual_seed(3)
+        runs[metric], _, _ = _codebook.kmeans(x, torch.zeros(2, 2, device=device), 5, metric)
+    assert not torch.equal(runs["cosine"], runs["l2"])  # (the metrics differ on these rows)
+    vq = VectorQuantizer(2, 2, metric="cosine", kmeans_init=True, kmeans_iters=5).to(device).train()
+    torch.manual_seed(3)
+    vq(x)
+    assert torch.equal(vq.embeddings.weight, runs["cosine"])
