@@ -40,14 +40,16 @@ def ema_decisions(cluster_size, counts, sums, decay: float, eps: float):
     keep = live.unsqueeze(-1) & torch.isfinite(new_cs) & sums_ok
     new_cs = torch.where(keep, new_cs, cluster_size)
     n = new_cs.sum(-1, keepdim=True)
-    quotient = (new_cs + eps) / (n + K * eps)
+    total = n + K * eps
+    shifted = new_cs + eps
+    quotient = shifted / total
     smoothed = quotient * n  # the seed's float32 arithmetic, bit for bit
     # where it fails, (cs + eps) * (n / (n + K eps)) with the total and its ratio (at most 1) in
     # float64: a level's total beyond float32 (codes counting 2e38 each: every code kept its old
     # value), or a code ~2^126 below the total, whose subnormal quotient lost its bits (1e-4 off;
     # fuzzP). (L, K) float32 work apart from one float64 value per level
     n64 = new_cs.sum(-1, keepdim=True, dtype=torch.float64)
-    careful = (new_cs + eps) * (n64 / (n64 + K * eps)).float()
-    fails = ~(n + K * eps).isfinite() | (quotient.abs() < torch.finfo(torch.float32).tiny)
+    careful = shifted * (n64 / (n64 + K * eps)).float()
+    fails = ~total.isfinite() | (quotient < torch.finfo(torch.float32).tiny)  # (quotient >= 0)
     smoothed = torch.where(fails, careful, smoothed)
     return live, keep, new_cs, smoothed
