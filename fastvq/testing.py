@@ -561,13 +561,15 @@ def _grad_tolerances(exact: torch.Tensor, dtype, reduce_len, condition, rtol, fl
     rtol = None if rtol is None else _nonnegative("rtol", rtol, positive=True)
     floor = None if floor is None else _nonnegative("floor", floor)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    inner = ACCUMULATION_FACTOR * condition * gamma(reduce_len, UNIT_ROUNDOFF[acc])
+    g = gamma(reduce_len, UNIT_ROUNDOFF[acc])
+    # (no rounding, or a formula that amplifies nothing: no error, also where the other is inf)
+    inner = 0.0 if condition == 0 or g == 0 else ACCUMULATION_FACTOR * condition * g
     if rtol is None:
         rtol = OUTPUT_ROUNDING * UNIT_ROUNDOFF[dtype] + inner
     if floor is None:  # from the finite elements (one inf would make every zero pass: probe6 T2)
         finite = exact[exact.isfinite()]
         scale = float(finite.abs().max()) if finite.numel() else 0.0
-        floor = inner * scale + _subnormal(dtype)
+        floor = (inner * scale if scale else 0.0) + _subnormal(dtype)
     return rtol, floor
 
 

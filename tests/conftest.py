@@ -143,7 +143,8 @@ def unpoisoned(monkeypatch):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    """Run the test under each backend; yields the backend name."""
+    """Run the test under each backend; yields the backend name. (A test parametrized with
+    :func:`tests.utils.backend_cells` runs its kernel-only cells under "triton" alone.)"""
     with fastvq.backend(request.param):
         yield request.param
 

@@ -463,6 +463,11 @@ def test_an_infinite_gradient_bound_passes_only_an_exact_gradient(device):
         with pytest.raises(AssertionError):
             ft.assert_grad_nondegenerate(wrong, exact, reduce_len=2**24)
     assert ft.grad_ratio(exact.float().double(), exact.float().double(), reduce_len=2**24)["ratio"] == 0.0
+    # review14: a formula that amplifies nothing (condition 0) or no rounding (reduce_len 0)
+    # beside an infinite other factor gave a NaN tolerance, which passed the zero gradient
+    for kw in (dict(condition=0.0, reduce_len=2**24), dict(condition=math.inf, reduce_len=0)):
+        assert ft.grad_ratio(torch.zeros(4, 3, device=device), exact, **kw)["ratio"] == math.inf
+        ft.assert_grad_nondegenerate(exact, exact, **kw)
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -265,8 +265,10 @@ def kmeans(
     skipped = ((w != 0) & bad).sum().float()
     weights = torch.where(bad, 0.0, w)  # (the rows left out carry weight 0 from here on)
     fdist.all_reduce_sum_(skipped.view(1), group=group)
+    # the largest weight of any rank (see below), read with the number of valid rows: one host read
+    top = fdist.all_gather(weights.amax().view(1) if weights.numel() else weights.new_zeros(1), group).amax()
     candidates, valid = offer_candidates(x.unsqueeze(0), K, weights.unsqueeze(0), group=group)
-    n_valid = int(valid.sum())
+    n_valid, huge = torch.stack([valid.sum(), (top > 2.0**64).long()]).tolist()
     if n_valid == 0:
         return None, None, skipped
     if owner is not None and n_valid < K:  # (a warm-up forward in train mode, a tiny first batch; fuzzO F1)
@@ -278,22 +280,25 @@ def kmeans(
             stacklevel=user_stacklevel(),
         )
     centroids = candidates[0, torch.arange(K, device=x.device) % n_valid]
-    # a mean does not depend on the weights' scale: the statistics take w / max w (all ranks),
-    # whose counts cannot overflow (weights of 1e38 gave an infinite count beside a finite sum:
-    # a "mean" of 0 became a code; mutF), and the counts returned are scaled back
-    top = fdist.all_gather(weights.amax().view(1) if weights.numel() else weights.new_zeros(1), group).amax()
-    scale = torch.where(top > 0, top, 1.0)
-    unit = weights / scale
+    # Weights above 2^64 (any rank): a count can overflow float32 beside a finite sum (weights
+    # of 1e38: a "mean" of 0 became a code; mutF). The statistics are then formed twice, as given and with the weights scaled by
+    # the power of two that brings the largest into [1, 2) (2^127 at most), and a cluster whose
+    # count overflowed takes the scaled mean (a mean does not depend on the weights' scale; the
+    # scaled statistics alone lose weights 2^149 below the largest, review14)
+    big = torch.ldexp(torch.ones_like(top), torch.frexp(top)[1] - 1) if huge else None
     previous = None
     for step in range(max(iters, 1)):
         idx = search(x, centroids, metric)
-        counts, sums = code_statistics(x, idx, K, weights=unit)
+        counts, sums = code_statistics(x, idx, K, weights=weights)
+        scaled = [] if big is None else list(code_statistics(x, idx, K, weights=weights / big))  # (exact)
         # rows whose code changed since the last step, all ranks (summed with the statistics)
         changed = [] if previous is None else [(idx != previous).sum(dtype=torch.float32).view(1)]
-        fdist.all_reduce_sum_(counts, sums, *changed, group=group)
+        fdist.all_reduce_sum_(counts, sums, *scaled, *changed, group=group)
         if iters == 0:  # only the counts of the starting points were asked for
             break
         new = sums / counts.clamp_min(1e-30).unsqueeze(-1)
+        if scaled:
+            new = torch.where(counts.isfinite().unsqueeze(-1), new, scaled[1] / scaled[0].clamp_min(1e-30).unsqueeze(-1))
         move = (counts > 0) & (torch.linalg.vector_norm(new, ord=float("inf"), dim=-1) < limit)
         centroids = torch.where(move.unsqueeze(-1), new, centroids)
         # No row changed its code on any rank: the update gave back the same centroids, and every
@@ -303,7 +308,7 @@ def kmeans(
         if changed and float(changed[0]) == 0:
             break
         previous = idx
-    return centroids, counts * scale, skipped
+    return centroids, counts, skipped
 
 
 def _fixed_at_construction(name: str) -> property:
@@ -578,9 +583,9 @@ class CodebookState(nn.Module):
 
         A fused step that computed the statistics itself passes ``stats = (counts (L, K), sums
         (L, K, D), skipped (L,))`` (:func:`fastvq.residual_quantize_step`) and, for revival,
-        ``offers = (picked (L, c, D), score (c,))``: for the rows :func:`pick_candidate_rows`
-        chose, the midpoints of their vectors and the codes they chose, and their scores
-        (negative where a row is not usable).
+        ``offers = (picked (L, c, D), score (c,) or (L, c))``: for the rows
+        :func:`pick_candidate_rows` chose, the midpoints of their vectors and the codes they
+        chose, and their scores (negative where a row is not usable, per level where given so).
         """
         codebook = self._codebook_levels()
         L, K, _ = codebook.shape
@@ -726,6 +731,13 @@ class CodebookState(nn.Module):
         cluster_size, embed_avg = self._levels(self.cluster_size), self._levels(self.embed_avg)
         usage = self._levels(self.code_usage)
         weights = None if mask is None else mask.reshape(-1)
+        if weights is not None and weights.is_floating_point():
+            # the step checks the weights on the device after this (no host read); the batch
+            # that initialises reads the host anyway, and an infinite weight would leave NaN
+            # counts in the EMA state for good (review14)
+            bad = ~((weights >= 0) & (weights < math.inf))
+            if bool(bad.any()):
+                raise ValueError(f"fastvq.{self._owner}: mask must be finite and >= 0, got {weights[bad][:4].tolist()}")
         residual = x.float()
         skipped_max = None
         iters = check_int_arg(self._owner, "kmeans_iters", self.kmeans_iters, 0)  # (an attribute: set later too)

@@ -123,8 +123,8 @@ def ema_update_(
 
     in float32, bit for bit, except where that fails: a level whose total overflows float32, or
     a code whose quotient ``(cluster_size + eps) / (n + K * eps)`` is subnormal (it lost its
-    bits), takes ``(cluster_size + eps) * (n / (n + K * eps))`` with ``n`` and the ratio in
-    float64; and guarded so that no state becomes non-finite: a level whose batch had no rows (``counts``
+    bits), takes ``(cluster_size + eps) * (n / (n + K * eps))``, ``n`` and the ratio in
+    float64, the product rounded once; and guarded so that no state becomes non-finite: a level whose batch had no rows (``counts``
     all 0) changes nothing; a code whose new count or batch sums are not finite keeps its EMA
     state; a code whose new value is not finite in the codebook's dtype keeps its value. The
     decisions are made on ``(L, K)`` tensors (one max-abs read of ``sums``); the ``(L, K, D)``
@@ -164,7 +164,7 @@ def _check(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> tuple
     decay = check_real_arg(op, "decay", decay)
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"fastvq.{op}: decay must lie in [0, 1], got {decay}")
-    return decay, check_real_arg(op, "eps", eps, positive=True)
+    return decay, check_real_arg(op, "eps", eps, positive=True, float32=True)  # (as the modules: a float32 scalar)
 
 
 __all__ = ["ema_update_", "ema_update_ref_", "codebook_snapshot", "refuse_checkpoint_rerun"]

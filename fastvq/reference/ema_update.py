@@ -45,11 +45,12 @@ def ema_decisions(cluster_size, counts, sums, decay: float, eps: float):
     quotient = shifted / total
     smoothed = quotient * n  # the seed's float32 arithmetic, bit for bit
     # where it fails, (cs + eps) * (n / (n + K eps)) with the total and its ratio (at most 1) in
-    # float64: a level's total beyond float32 (codes counting 2e38 each: every code kept its old
-    # value), or a code ~2^126 below the total, whose subnormal quotient lost its bits (1e-4 off;
-    # fuzzP). (L, K) float32 work apart from one float64 value per level
+    # float64 and the product rounded once: a level's total beyond float32 (codes counting 2e38
+    # each: every code kept its old value), or a code ~2^126 below the total, whose subnormal
+    # quotient lost its bits (1e-4 off; fuzzP). (A float32 ratio was subnormal itself where K eps
+    # overflows float32: 4.5e-3 off at eps = 1e38, K = 1024; review14)
     n64 = new_cs.sum(-1, keepdim=True, dtype=torch.float64)
-    careful = shifted * (n64 / (n64 + K * eps)).float()
+    careful = (shifted.double() * (n64 / (n64 + K * eps))).float()
     fails = ~total.isfinite() | (quotient < torch.finfo(torch.float32).tiny)  # (quotient >= 0)
     smoothed = torch.where(fails, careful, smoothed)
     return live, keep, new_cs, smoothed

@@ -285,7 +285,8 @@ def test_a_row_beyond_a_float16_codebook_offers_no_candidate(backend, device, mo
     # fuzzP: a float32 row of 1e5 (beyond float16) beside a float16 code of 0 was counted in
     # nonfinite_rows and left out of the statistics, but its midpoint with the code, 5e4, which
     # float16 holds, still revived a code: the fused step's candidates went to the revival without
-    # their candidates_ok flags. An infinite row revived nothing. (The sorted path left it out.)
+    # their candidates_ok flags. An infinite row revived nothing. (Deterministic mode takes its
+    # candidates from the same step: it failed the same way.)
     torch.manual_seed(0)
     m = (VectorQuantizer(4, 1, ema=True, dead_code_threshold=1.0) if module == "vq"
          else ResidualQuantizer(1, 4, 1, ema=True, dead_code_threshold=1.0)).to(device).half()
@@ -378,6 +379,38 @@ def test_kmeans_means_do_not_depend_on_the_weights_scale(backend, device, weight
     assert_close(got, want.double(), dtype=torch.float32, reduce_len=12)
     assert (got.abs() > 0.1).any(1).all()  # (no centroid at 0)
     assert counts.sum() > 0
+
+
+def test_kmeans_keeps_light_rows_beside_huge_ones(backend, device):
+    # review14: scaling every weight by the largest (3e38) turned rows of weight 1e-9 into 0: a
+    # cluster of them kept its starting row. Where the clusters split by sign, their means
+    x = torch.tensor([[10.0], [12.0], [-10.0], [-12.0]], device=device)
+    w = torch.tensor([1e-9, 1e-9, 3e38, 3e38], device=device)
+    split = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        got, _, _ = _codebook.kmeans(x, torch.zeros(2, 1, device=device), 10, weights=w)
+        if (got > 0).sum() == 1:
+            split += 1
+            assert sorted(got[:, 0].tolist()) == [-11.0, 11.0], (seed, got)
+    assert split > 0
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_kmeans_init_refuses_a_bad_mask_weight_before_it_changes_anything(backend, device, bad):
+    # review14: k-means init ran before the step's (device-side) check of the mask: an infinite
+    # weight left NaN counts in the EMA state and set initted, for good. The initialising batch
+    # reads the host anyway: the weights are checked there first
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 2, ema=True, kmeans_init=True).to(device).train()
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    mask = torch.ones(40, device=device)
+    mask[3] = bad
+    with pytest.raises(ValueError, match=r"^fastvq\.VectorQuantizer: mask must be finite and >= 0"):
+        vq(randn(40, 2, seed=4, device=device), mask)
+    assert all(torch.equal(v, state[k]) for k, v in vq.state_dict().items())
+    vq(randn(40, 2, seed=5, device=device))
+    assert bool(vq.initted) and vq.cluster_size.isfinite().all() and vq.embed_avg.isfinite().all()
 
 @pytest.mark.parametrize("module", ["vq-cosine", "vq-l2", "rq"])
 @pytest.mark.parametrize("iters", [0, 2])

@@ -80,6 +80,32 @@ def test_smoothing_near_float32s_range_is_rounded_once(backend, device, case):
     assert_close(codebook, want, dtype=torch.float32, reduce_len=4)
 
 
+def test_smoothing_is_the_seeds_float32_arithmetic_bit_for_bit(device):
+    # the fallback above runs only where the seed's formula fails: elsewhere the smoothed counts
+    # are the seed's float32 ones exactly (drop-in training; review14)
+    from fastvq.reference.ema_update import ema_decisions
+
+    for K, eps, seed in ((1, 1e-5, 0), (7, 1e-5, 1), (512, 1e-3, 2), (64, 1e-12, 3)):
+        cs = randn(3, K, seed=seed, device=device).abs() * 10
+        counts = randn(3, K, seed=seed + 10, device=device).abs().round()
+        sums = randn(3, K, 2, seed=seed + 20, device=device)
+        _, _, new_cs, smoothed = ema_decisions(cs, counts, sums, 0.9, eps)
+        n = new_cs.sum(-1, keepdim=True)
+        assert torch.equal(smoothed, (new_cs + eps) / (n + K * eps) * n), (K, eps)
+
+
+def test_smoothing_with_an_eps_near_float32s_range(backend, device):
+    # review14: eps = 1e38 at K = 1024 (K eps overflows float32) took a fallback whose float32
+    # ratio n / (n + K eps) was subnormal: 4.5e-3 off. The fallback is float64 throughout now
+    counts = torch.full((1, 1024), 0.01 / 1024, device=device)  # (n = 0.01: the ratio ~1e-43)
+    sums = (counts * 7.0).unsqueeze(-1).contiguous()
+    codebook = torch.zeros(1, 1024, 1, device=device)
+    cluster_size, embed_avg = torch.zeros(1, 1024, device=device), torch.zeros(1, 1024, 1, device=device)
+    want, _, _ = _seed_update(codebook, cluster_size, embed_avg, counts, sums, 0.0, 1e38)
+    ema_update_(codebook, cluster_size, embed_avg, counts, sums, 0.0, 1e38)
+    assert_close(codebook, want, dtype=torch.float32, reduce_len=4)
+
+
 def test_strided_codebook_view(backend, device):
     # a VectorQuantizer passes weight.data.unsqueeze(0); a transposed parameter is strided too
     codebook, cs, ea, counts, sums = _state(2, 9, 6, device=device)
@@ -135,13 +161,14 @@ def test_refuse_checkpoint_rerun_opcheck(device):
         (dict(decay=True), TypeError, "decay"),
         (dict(eps=0.0), ValueError, "eps"),
         (dict(eps=float("inf")), ValueError, "eps"),
+        (dict(eps=1e39), ValueError, "eps must be finite in float32"),
         (dict(cluster_size="half"), TypeError, "cluster_size"),
         (dict(cluster_size="double"), TypeError, r"cluster_size \(EMA state\) must be float32, got torch.float64"),
         (dict(embed_avg="strided"), ValueError, "embed_avg must be contiguous"),
         (dict(counts="short"), ValueError, "counts must have shape"),
         (dict(sums="int"), TypeError, "sums"),
     ],
-    ids=["decay-nan", "decay-1.5", "decay-bool", "eps-0", "eps-inf", "cluster-size-fp16", "cluster-size-fp64",
+    ids=["decay-nan", "decay-1.5", "decay-bool", "eps-0", "eps-inf", "eps-beyond-float32", "cluster-size-fp16", "cluster-size-fp64",
          "embed-avg-strided",
          "counts-shape", "sums-int"],
 )
