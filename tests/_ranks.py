@@ -66,8 +66,9 @@ def ranks_fixture(worker, worlds, timeout_s: float, name: str):
                 jobs[world] = spawn_ranks(worker, world, tmp_path_factory.mktemp(f"{name}{world}"), timeout_s)
             except BaseException as e:  # a failed (timed out) job fails its other cells without a rerun
                 jobs[world] = e
+                raise
         if isinstance(jobs[world], BaseException):
-            raise jobs[world]
+            pytest.fail(f"the {name} job at {world} ranks failed in an earlier test: {jobs[world]!r}", pytrace=False)
         return world, jobs[world]
 
     return ranks
