@@ -281,10 +281,11 @@ def kmeans(
         )
     centroids = candidates[0, torch.arange(K, device=x.device) % n_valid]
     # Weights above 2^64 (any rank): a count can overflow float32 beside a finite sum (weights
-    # of 1e38: a "mean" of 0 became a code; mutF). The statistics are then formed twice, as given and with the weights scaled by
-    # the power of two that brings the largest into [1, 2) (2^127 at most), and a cluster whose
-    # count overflowed takes the scaled mean (a mean does not depend on the weights' scale; the
-    # scaled statistics alone lose weights 2^149 below the largest, review14)
+    # of 1e38: a "mean" of 0 became a code; mutF). The statistics are then formed twice, as
+    # given and with the weights scaled by the power of two that brings the largest into [1, 2)
+    # (2^127 at most), and a cluster whose count overflowed takes the scaled mean (a mean does
+    # not depend on the weights' scale; the scaled statistics alone lose weights 2^149 below the
+    # largest, review14)
     big = torch.ldexp(torch.ones_like(top), torch.frexp(top)[1] - 1) if huge else None
     previous = None
     for step in range(max(iters, 1)):
@@ -298,7 +299,8 @@ def kmeans(
             break
         new = sums / counts.clamp_min(1e-30).unsqueeze(-1)
         if scaled:
-            new = torch.where(counts.isfinite().unsqueeze(-1), new, scaled[1] / scaled[0].clamp_min(1e-30).unsqueeze(-1))
+            mean = scaled[1] / scaled[0].clamp_min(1e-30).unsqueeze(-1)
+            new = torch.where(counts.isfinite().unsqueeze(-1), new, mean)
         move = (counts > 0) & (torch.linalg.vector_norm(new, ord=float("inf"), dim=-1) < limit)
         centroids = torch.where(move.unsqueeze(-1), new, centroids)
         # No row changed its code on any rank: the update gave back the same centroids, and every

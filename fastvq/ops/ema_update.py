@@ -124,9 +124,10 @@ def ema_update_(
     in float32, bit for bit, except where that fails: a level whose total overflows float32, or
     a code whose quotient ``(cluster_size + eps) / (n + K * eps)`` is subnormal (it lost its
     bits), takes ``(cluster_size + eps) * (n / (n + K * eps))``, ``n`` and the ratio in
-    float64, the product rounded once; and guarded so that no state becomes non-finite: a level whose batch had no rows (``counts``
-    all 0) changes nothing; a code whose new count or batch sums are not finite keeps its EMA
-    state; a code whose new value is not finite in the codebook's dtype keeps its value. The
+    float64, the product rounded once; and guarded so that no state becomes non-finite: a
+    level whose batch had no rows (``counts`` all 0) changes nothing; a code whose new count or
+    batch sums are not finite keeps its EMA state; a code whose new value is not finite in the
+    codebook's dtype keeps its value. The
     decisions are made on ``(L, K)`` tensors (one max-abs read of ``sums``); the ``(L, K, D)``
     update is one fused kernel on the Triton backend (one read of ``embed_avg`` and ``sums``,
     one write of ``embed_avg`` and of the codebook rows that change). Not differentiable.
