@@ -174,3 +174,24 @@ def test_cli_subset_updates_its_rows_and_refuses_a_scale_too_large(tmp_path, cap
     assert main(["bench", "--traffic", "--ops", "code_statistics", "--out", str(tmp_path), "--traffic-scale", "8"]) == 2
     assert "was counted at --traffic-scale 16" in capsys.readouterr().err
     assert (tmp_path / "traffic.json").read_text() == before
+
+
+# ------------------------------------------------------------------ round D's meter survivors (D57, D62, D64)
+
+
+def test_comparisons_and_byte_masks_read_the_host(device):
+    # D62, D57: torch.equal answers on the host (a sync), and a uint8 mask (deprecated, still
+    # taken as a mask) gives a data-dependent shape as a bool one does
+    x, y = randn(N, D, device=device, seed=0), randn(N, D, device=device, seed=1)
+    assert _glue(lambda: torch.equal(x, y)).syncs == 1
+    mask = (torch.arange(N, device=device) % 2).to(torch.uint8)
+    with pytest.warns(UserWarning, match="uint8"):
+        assert _glue(lambda: x[mask]).syncs == 1
+
+
+def test_a_copying_reshape_counts_its_copy_once(device):
+    # D64 (syncprobe Y8): reshape of a transposed tensor copies (clone) and then views the copy
+    # through _unsafe_view, whose schema says it does not alias: booked as well, it counted the
+    # copy's bytes twice
+    x = randn(N, D, device=device, seed=0)
+    assert _glue(lambda: x.t().reshape(-1)).glue_bytes == 2 * UNIT
