@@ -217,3 +217,14 @@ def test_interpreted_kernels_print_no_numpy_floating_point_warnings(device):
     assert idx[0].item() == 0 and dist[0].isnan()
     assert torch.isfinite(q.grad).all(), q.grad
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_pair_below_float32s_subnormals_rounds_to_a_signed_zero(device, dtype):
+    # round D's D27 (classified in neither round): a pair whose float32 neighbour is 0 is rounded to
+    # odd at float32 by moving away from that 0 in its own sign; without the rule for f == 0 a
+    # positive pair stepped below +0's bits to a NaN pattern
+    hi = torch.tensor([1e-50, -1e-50, 3e-46, -3e-46], dtype=torch.float64, device=device)
+    got = round_pair(hi, torch.zeros_like(hi), dtype)
+    assert not got.isnan().any(), got
+    assert got.tolist() == [0.0, 0.0, 0.0, 0.0] and torch.equal(got.signbit(), hi < 0)
