@@ -42,7 +42,7 @@ from .. import distributed as fdist
 from .._backend import tf32_like_torch
 from .._names import GRADS
 from .._checks import (FLOAT_DTYPES, check_bool_arg, check_choice, check_int_arg, check_real_arg, check_tensor, finite_limit,
-                       user_stacklevel)
+                       user_stacklevel, weights_detail)
 from ..ops.code_statistics import code_statistics
 from ..ops.ema_update import ema_update_
 from ..ops.nearest_code import nearest_code
@@ -737,9 +737,9 @@ class CodebookState(nn.Module):
             # the step checks the weights on the device after this (no host read); the batch
             # that initialises reads the host anyway, and an infinite weight would leave NaN
             # counts in the EMA state for good (review14)
-            bad = ~((weights >= 0) & (weights < math.inf))
-            if bool(bad.any()):
-                raise ValueError(f"fastvq.{self._owner}: mask must be finite and >= 0, got {weights[bad][:4].tolist()}")
+            detail = weights_detail("mask", weights)
+            if detail is not None:
+                raise ValueError(f"fastvq.{self._owner}: {detail}")
         residual = x.float()
         skipped_max = None
         iters = check_int_arg(self._owner, "kmeans_iters", self.kmeans_iters, 0)  # (an attribute: set later too)
