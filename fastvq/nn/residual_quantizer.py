@@ -89,9 +89,10 @@ class ResidualQuantizer(CodebookState):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         process_group=None,
+        _owner: str = "ResidualQuantizer",
     ):
         super().__init__()
-        owner = "ResidualQuantizer"
+        owner = _owner  # (RQVAE builds its quantizer with its own name, so messages name what the user built)
         self.num_quantizers = check_int_arg(owner, "num_quantizers", num_quantizers, 1)
         self.num_embeddings = check_int_arg(owner, "num_embeddings", num_embeddings, 1)
         self.embedding_dim = check_int_arg(owner, "embedding_dim", embedding_dim, 1)

@@ -97,14 +97,18 @@ class RQVAE(nn.Module):
         self.num_embeddings = num_embeddings = check_int_arg(owner, "num_embeddings", num_embeddings, 1)
         self.commitment_cost = commitment_cost = check_real_arg(owner, "commitment_cost", commitment_cost, minimum=0.0, float32=True)
         params = inspect.signature(ResidualQuantizer).parameters
-        takes = set(params) - {"num_quantizers", "num_embeddings", "embedding_dim", "commitment_cost"}
+        takes = {name for name in params if not name.startswith("_")} - {
+            "num_quantizers", "num_embeddings", "embedding_dim", "commitment_cost"}
         open_ended = any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())
         unknown = [] if open_ended else sorted(set(quantizer_kwargs) - takes)
         if unknown:
             raise TypeError(f"fastvq.{owner}: unexpected keyword argument(s) {', '.join(map(repr, unknown))}; the "
                             f"keywords beyond the seed's go to ResidualQuantizer: {', '.join(sorted(takes))}")
         self.encoder = Encoder(input_dim, hidden_dim, latent_dim)
-        self.quantizer = ResidualQuantizer(num_quantizers, num_embeddings, latent_dim, commitment_cost, **quantizer_kwargs)
+        # (messages name RQVAE; a class put in ResidualQuantizer's place gets only the user's keywords)
+        named = {"_owner": owner} if "_owner" in params else {}
+        self.quantizer = ResidualQuantizer(num_quantizers, num_embeddings, latent_dim, commitment_cost,
+                                           **quantizer_kwargs, **named)
         self.decoder = Decoder(latent_dim, hidden_dim, input_dim)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None):

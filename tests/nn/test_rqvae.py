@@ -213,6 +213,23 @@ def test_integral_float_sizes_are_ints():
         fastvq.nn.RQVAE(5, 6, 3, num_quantizers=2, num_embeddings=True)
 
 
+def test_quantizer_messages_name_rqvae():
+    """What the user built is an RQVAE: its quantizer's constructor errors, the warning about an
+    EMA setting without ema=True, and the low-usage warning name RQVAE, not ResidualQuantizer
+    (the class RQVAE builds), and RQVAE takes no private keyword of ResidualQuantizer's."""
+    with pytest.raises(ValueError, match=r"^fastvq\.RQVAE: decay must be"):
+        fastvq.nn.RQVAE(5, 6, 3, num_quantizers=2, num_embeddings=4, decay=2.0)
+    with pytest.warns(UserWarning, match=r"^fastvq\.RQVAE: decay=0\.9 has no effect without ema=True"):
+        model = fastvq.nn.RQVAE(5, 6, 3, num_quantizers=2, num_embeddings=4, decay=0.9)
+    assert type(model.quantizer) is fastvq.nn.ResidualQuantizer
+    with pytest.raises(TypeError, match=r"RQVAE: unexpected keyword argument\(s\) '_owner'"):
+        fastvq.nn.RQVAE(5, 6, 3, num_quantizers=2, num_embeddings=4, _owner="x")
+    with pytest.warns(UserWarning, match=r"^fastvq\.RQVAE: only 1 of 4 codes"):
+        model.quantizer._warn_low_usage(1, 4, 0, 2, 100, 800)
+    with pytest.warns(UserWarning, match=r"^fastvq\.ResidualQuantizer: only 1 of 4 codes"):
+        fastvq.nn.ResidualQuantizer(2, 4, 3)._warn_low_usage(1, 4, 0, 2, 100, 800)
+
+
 def test_compute_loss_empty_batch_is_zero():
     """An empty batch: every loss 0 (the quantizer's losses are; a mean over no elements would be
     NaN), and backward gives zero gradients."""
