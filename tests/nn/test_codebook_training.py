@@ -239,6 +239,33 @@ def test_no_update_makes_a_code_non_finite(backend):
         assert torch.isfinite(vq16.embeddings.weight).all(), step
 
 
+def test_half_of_far_out_codes_is_inf_never_chosen_and_kept_until_it_fits(backend, device):
+    # fuzzQ Q1, as the README states it: a conversion is not an update. The seed's EMA puts codes
+    # no row picks beyond 65504 here; .half() rounds them to +-inf (torch's conversion) while the
+    # float32 EMA state keeps their values; no row picks them, and the EMA update keeps each until
+    # its EMA value fits float16 again, then every code is finite
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4, ema=True).to(device)
+    g = generator(0)
+    for _ in range(20):
+        vq(torch.randn(64, 4, generator=g).to(device) + 3)
+    far = vq.embeddings.weight.detach().abs().amax(1) >= 65520  # (rounds beyond float16's 65504)
+    assert far.sum() >= 3, vq.embeddings.weight  # (the set-up: codes beyond float16)
+    vq.half()
+    inf = ~torch.isfinite(vq.embeddings.weight).all(1)
+    assert torch.equal(inf, far) and torch.isfinite(vq.embed_avg).all() and vq.embed_avg.dtype == torch.float32
+    for step in range(300):
+        _, _, _, idx = vq(torch.randn(64, 4, generator=g).to(device, torch.float16) + 3)
+        bad = ~torch.isfinite(vq.embeddings.weight).all(1)
+        assert not bad[idx].any(), step  # an inf code is never chosen
+        assert not (bad & ~inf).any(), step  # no update makes another code non-finite
+        inf = bad
+        if not bad.any():
+            break
+    assert not inf.any(), f"{int(inf.sum())} codes still inf after {step + 1} steps"
+    assert step > 20  # (kept a while: the EMA value decays into range)
+
+
 @pytest.mark.parametrize("module", ["vq-cosine", "vq-l2", "rq"])
 def test_revival_never_makes_the_ema_state_non_finite(backend, device, module):
     # F5: a revived code takes a candidate c and embed_avg = c * reset_size(threshold); a
