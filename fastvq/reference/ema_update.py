@@ -48,9 +48,11 @@ def ema_decisions(cluster_size, counts, sums, decay: float, eps: float):
     # float64 and the product rounded once: a level's total beyond float32 (codes counting 2e38
     # each: every code kept its old value), or a code ~2^126 below the total, whose subnormal
     # quotient lost its bits (1e-4 off; fuzzP). (A float32 ratio was subnormal itself where K eps
-    # overflows float32: 4.5e-3 off at eps = 1e38, K = 1024; review14)
+    # overflows float32: 4.5e-3 off at eps = 1e38, K = 1024; review14), and cs + eps in float64
+    # too (the float32 one is +inf for a count near float32's largest beside eps >= ~1e31: the
+    # code became its sums / inf = 0; mutG B-1)
     n64 = new_cs.sum(-1, keepdim=True, dtype=torch.float64)
-    careful = (shifted.double() * (n64 / (n64 + K * eps))).float()
+    careful = ((new_cs.double() + eps) * (n64 / (n64 + K * eps))).float()
     fails = ~total.isfinite() | (quotient < torch.finfo(torch.float32).tiny)  # (quotient >= 0)
     smoothed = torch.where(fails, careful, smoothed)
     return live, keep, new_cs, smoothed
