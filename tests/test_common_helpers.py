@@ -190,6 +190,25 @@ def test_sums_near_rounding_midpoints_round_once(device):
     assert plain_wrong >= 5, plain_wrong
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_sums_keep_a_small_remainder_beside_cancelling_ones(device, dtype):
+    """mutG B-2: the references' remainders are split again, so a small one between two that
+    cancel decides the midpoint: the README's max, 2^103, 2^77, -2^-100, -2^77 (exact: just below
+    the overflow midpoint, so max; a plain sum of the remainders lost -2^-100: +inf), and
+    1 + 2^-24 (the midpoint of 1 and 1 + 2^-23) with 2^-60, 2^-130, -2^-60 (exact: just above:
+    1 + 2^-23; plainly: 1). Each row in both orders; 16-bit: the same terms at that dtype's scale."""
+    nmant = {torch.float32: 23, torch.bfloat16: 7}[dtype]  # (fraction bits)
+    rows = [[float(torch.finfo(dtype).max), 2.0 ** (127 - nmant - 1), 2.0**77, -(2.0**-100), -(2.0**77)],
+            [1.0, 2.0 ** -(nmant + 1), 2.0**-60, 2.0**-130, -(2.0**-60)]]  # (half an ulp of max, of 1)
+    for terms in rows:
+        t = torch.tensor(terms, dtype=torch.float64, device=device)
+        idx = torch.zeros(len(terms), dtype=torch.long, device=device)
+        hi, lo = pair_index_sum((2, 1), lambda: [(idx, t[:, None]), (idx + 1, t.flip(0)[:, None])], device)
+        want = _nearest(sum(Fraction(v) for v in terms), dtype)
+        assert round_pair(hi, lo, dtype).flatten().tolist() == [want, want], (terms, want)
+        assert want == (terms[0] if terms[0] > 1 else 1 + 2 * terms[1])  # (below / above the midpoint)
+
+
 def test_interpreted_kernels_print_no_numpy_floating_point_warnings(device):
     # inf and NaN inputs: the interpreter's numpy arithmetic overflows and meets NaN where a GPU
     # computes the same values silently; a CPU parity run must not print warnings that read like

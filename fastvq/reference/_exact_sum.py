@@ -8,8 +8,11 @@ float16 through float32, rounding twice (QP3). Here each sum is carried as a pai
 with ``hi`` exact: every term ``t`` of a row is split at ``sigma = 2^(M + E)`` (``2^E`` above the
 row's largest |term| in that column, ``2^M >= n + 2`` for its ``n`` terms) into ``q = (sigma + t)
 - sigma`` and ``t - q``; the ``q`` sum exactly in any order (Rump, Ogita and Oishi's
-extraction), and the remainders, each below ``2^-53 sigma``, sum to ``lo`` within about
-``n^2 2^(M - 106)`` of the largest term. :func:`round_pair` then rounds ``hi + lo`` once: to odd
+extraction). The remainders, each below ``2^-53 sigma``, are split again at ``sigma 2^(M - 53)``
+(:func:`pair_index_sum`; ``pair_sum_lastdim(extractions=2)``): their parts sum exactly too, and
+what is left sums within about ``n^2 2^(2M - 158)`` of the largest term (a plain sum of the first
+remainders lost 2^-130 between 2^-60 and -2^-60; mutG B-2), so the pair is the exact sum within
+that and about ``2^-106`` of itself. :func:`round_pair` then rounds ``hi + lo`` once: to odd
 at float64 then to nearest float32, or to odd at float32 then to nearest bfloat16 / float16 (a
 rounding to odd with two more bits than the target makes the second rounding exact).
 """
@@ -48,7 +51,8 @@ def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tenso
                    device, summing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)`` float64, ``shape`` ``(rows, cols)``: for every row, the sum of the float64 term
-    rows ``chunks()`` yields for it as ``(row index (n,), terms (n, cols))``. Two passes over the
+    rows ``chunks()`` yields for it as ``(row index (n,), terms (n, cols))``, extracted twice (see
+    the module's docstring; three float64 ``shape`` sums beside ``sigma``). Two passes over the
     terms (the largest term and the count of each row first: maxima and counts, in any order);
     the first pass's terms are kept for the second up to :data:`CACHE_BYTES`, beyond which
     ``chunks`` is called again. The second pass's ``index_add_`` runs inside ``summing()`` (e.g.
@@ -62,16 +66,36 @@ def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tenso
         if kept is not None:
             size += t.numel() * t.element_size() + idx.numel() * idx.element_size()
             kept = kept + [(idx, t)] if size <= CACHE_BYTES else None
+    # the remainders (each below 2^-53 sigma) are split again, at sigma 2^(M - 53) (2^M >= n + 2),
+    # as pair_sum_lastdim(extractions=2) splits them: their plain sum lost a small one where larger
+    # ones cancelled (2^-60, 2^-130, -2^-60 gave 0: a code's sum 1 + 2^-24 + 2^-130 rounded to 1
+    # where the kernel gives 1 + 2^-23; mutG B-2)
+    down = torch.exp2(torch.ceil(torch.log2(count + 2.0)) - 53.0)[:, None]  # (exact powers of two)
     sigma = _sigma(amax, count[:, None])
     del amax, count
     hi = torch.zeros(shape, dtype=F64, device=device)
+    mid = torch.zeros(shape, dtype=F64, device=device)
     lo = torch.zeros(shape, dtype=F64, device=device)
     with summing():
         for idx, t in (kept if kept is not None else chunks()):
-            q, r = _split(t, sigma[idx])
+            s = sigma[idx]
+            q, r = _split(t, s)
             hi.index_add_(0, idx, q)
+            q, r = _split(r, s.mul_(down[idx]))
+            mid.index_add_(0, idx, q)
             lo.index_add_(0, idx, r)
-    return hi, lo
+    del sigma, down
+    # hi + mid (both exact) as _two_sum's pair, in place: these are table-sized (a K x D code
+    # table), and the out-of-place pair held six more such buffers at once. A NaN or infinite
+    # term: hi is the plain sum's value (kept: mid is zeroed there), the rest NaN, which
+    # round_pair ignores
+    mid.masked_fill_(~torch.isfinite(hi), 0.0)
+    s = hi + mid
+    bb = s - hi
+    mid.sub_(bb)  # b - bb
+    hi.sub_(bb.neg_().add_(s)).add_(mid)  # (a - (s - bb)) + (b - bb): the error of s
+    del bb, mid
+    return s, hi.add_(lo)
 
 
 def pair_sum_lastdim(t: torch.Tensor, extractions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
