@@ -100,8 +100,9 @@ def code_statistics(
       sum is carried as an exact part and a remainder, so it is the exact value rounded to
       nearest even (``+inf``/``-inf`` exactly when that lies beyond float32's range) unless the
       exact value lies within about ``n^2 2^-95`` of its largest term (kernels), or ``2^-106``
-      of itself plus ``n^4 2^-156`` of its largest term (reference), from a rounding midpoint: a plain float64 sum of ``max``, ``2^103``,
-      ``-2^60`` lands on the overflow midpoint and rounds to ``+inf``, the exact sum to ``max``.
+      of itself plus ``n^4 2^-156`` of its largest term (reference), from a rounding midpoint:
+      a plain float64 sum of ``max``, ``2^103``, ``-2^60`` lands on the overflow midpoint and
+      rounds to ``+inf``, the exact sum to ``max``.
       With ``deterministic=False`` the float64 atomics round each addition: a sum is within
       about ``n 2^-53`` times the sum of its terms' magnitudes of the exact one (terms that
       cancel lose what lies below that: ``2^100, 1, -2^100`` gives 0);
