@@ -117,12 +117,17 @@ def check_row_weights(owner: str, name: str, w, x: torch.Tensor, shapes: tuple, 
     return (w.float() if w.dtype == torch.float64 else w).detach()
 
 
+def weights_ok(w: torch.Tensor) -> torch.Tensor:
+    """Elementwise: the row weight is finite and >= 0 (False for NaN). No host read."""
+    return (w >= 0) & (w < math.inf)
+
+
 def weights_detail(name: str, w: torch.Tensor) -> str | None:
     """The complaint about row weights ``w`` that are not all finite and >= 0 (NaN included),
     naming ``name`` and the first offenders; None when they all are. Reads ``w`` on the host:
     call it where that costs nothing (on the CPU, after a failed :func:`assert_async`, on a
     batch that reads the host anyway)."""
-    bad = ~((w >= 0) & (w < math.inf))
+    bad = ~weights_ok(w)
     return f"{name} must be finite and >= 0, got {w[bad][:4].tolist()}" if bool(bad.any()) else None
 
 

@@ -14,7 +14,7 @@ from ._custom_op import custom_op, first_order_only
 from .. import _names
 from .._checks import (assert_async, check_bool_arg, check_choice, check_float, check_fp32_dot_env, check_index_range,
                        check_last_dim, check_row_weights, check_same_device, check_tensor, finite_limit,
-                       weights_detail)
+                       weights_detail, weights_ok)
 from ..reference.residual_quantize import residual_quantize_bwd_ref, residual_quantize_full_ref
 from ..reference.rotation_trick import EPS_ANTIPODAL, EPS_NORM
 
@@ -330,7 +330,7 @@ def _normalised_weights_op(w: torch.Tensor, owner: str, name: str) -> torch.Tens
     weights (check, max, scale, the F5 floor below), nothing of size ``N x D``. A custom op so
     that the check runs inside compiled graphs too (probe5 K1: traced in the Python wrapper,
     ``torch.compile`` dropped it)."""
-    assert_async(owner, ((w >= 0) & (w < float("inf"))).all(), lambda: weights_detail(name, w))
+    assert_async(owner, weights_ok(w).all(), lambda: weights_detail(name, w))
     _, e = torch.frexp(w.amax())  # max = m 2^e, m in [0.5, 1) (e = 0 for max = 0: nothing changes)
     # w 2^k: max in [0.5, 1), or [1, 2) for a max of 2^127 or more (k >= -127); k in [-127, 149],
     # applied in two exact halves (2^149 overflows)

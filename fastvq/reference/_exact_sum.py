@@ -85,17 +85,7 @@ def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tenso
             mid.index_add_(0, idx, q)
             lo.index_add_(0, idx, r)
     del sigma, down
-    # hi + mid (both exact) as _two_sum's pair, in place: these are table-sized (a K x D code
-    # table), and the out-of-place pair held six more such buffers at once. A NaN or infinite
-    # term: hi is the plain sum's value (kept: mid is zeroed there), the rest NaN, which
-    # round_pair ignores
-    mid.masked_fill_(~torch.isfinite(hi), 0.0)
-    s = hi + mid
-    bb = s - hi
-    mid.sub_(bb)  # b - bb
-    hi.sub_(bb.neg_().add_(s)).add_(mid)  # (a - (s - bb)) + (b - bb): the error of s
-    del bb, mid
-    return s, hi.add_(lo)
+    return _join(hi, mid, lo)
 
 
 def pair_sum_lastdim(t: torch.Tensor, extractions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +101,22 @@ def pair_sum_lastdim(t: torch.Tensor, extractions: int = 1) -> tuple[torch.Tenso
     if extractions == 1:
         return q.sum(-1), r.sum(-1)
     q2, r2 = split(r)
-    hi, mid = q.sum(-1), q2.sum(-1)
-    s, err = _two_sum(hi, mid)  # (both sums are exact)
-    # (a NaN or infinite term: hi is the plain sum's value, the rest NaN, which round_pair ignores)
-    return torch.where(torch.isfinite(hi), s, hi), err + r2.sum(-1)
+    return _join(q.sum(-1), q2.sum(-1), r2.sum(-1))
+
+
+def _join(hi: torch.Tensor, mid: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair of two extractions' sums: ``hi`` and ``mid`` exact, ``lo`` what is left;
+    ``(s, e)`` with ``s = fl(hi + mid)`` and ``e = (hi + mid - s) + lo`` (:func:`_two_sum`'s
+    error). In place, consuming all three (they can be the size of a code table: an
+    out-of-place pair held six more such buffers at once). A NaN or infinite term: ``hi`` is the
+    plain sum's value (kept: ``mid`` is zeroed there), ``e`` NaN, which :func:`round_pair`
+    ignores."""
+    mid.masked_fill_(~torch.isfinite(hi), 0.0)
+    s = hi + mid
+    bb = s - hi
+    mid.sub_(bb)  # b - bb
+    hi.sub_(bb.neg_().add_(s)).add_(mid)  # (a - (s - bb)) + (b - bb): the error of s
+    return s, hi.add_(lo)
 
 
 def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,16 +41,15 @@ def ema_decisions(cluster_size, counts, sums, decay: float, eps: float):
     new_cs = torch.where(keep, new_cs, cluster_size)
     n = new_cs.sum(-1, keepdim=True)
     total = n + K * eps
-    shifted = new_cs + eps
-    quotient = shifted / total
+    quotient = (new_cs + eps) / total
     smoothed = quotient * n  # the seed's float32 arithmetic, bit for bit
-    # where it fails, (cs + eps) * (n / (n + K eps)) with the total and its ratio (at most 1) in
-    # float64 and the product rounded once: a level's total beyond float32 (codes counting 2e38
-    # each: every code kept its old value), or a code ~2^126 below the total, whose subnormal
-    # quotient lost its bits (1e-4 off; fuzzP). (A float32 ratio was subnormal itself where K eps
-    # overflows float32: 4.5e-3 off at eps = 1e38, K = 1024; review14), and cs + eps in float64
-    # too (the float32 one is +inf for a count near float32's largest beside eps >= ~1e31: the
-    # code became its sums / inf = 0; mutG B-1)
+    # where it fails, (cs + eps) * (n / (n + K eps)) with the sums and the ratio (at most 1) in
+    # float64 and the product rounded once. It fails where a level's total is beyond float32
+    # (codes counting 2e38 each: every code kept its old value), or a code ~2^126 below the
+    # total has a subnormal quotient (1e-4 off; fuzzP). Each part in float64 because each
+    # failed in float32: the ratio (subnormal where K eps overflows: 4.5e-3 off at eps = 1e38,
+    # K = 1024; review14) and cs + eps (+inf for a count near float32's largest beside
+    # eps >= ~1e31: the code became its sums / inf = 0; mutG B-1)
     n64 = new_cs.sum(-1, keepdim=True, dtype=torch.float64)
     careful = ((new_cs.double() + eps) * (n64 / (n64 + K * eps))).float()
     fails = ~total.isfinite() | (quotient < torch.finfo(torch.float32).tiny)  # (quotient >= 0)
