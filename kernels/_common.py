@@ -474,24 +474,12 @@ DD_M = tl.constexpr(10)  # dd_sum's blocks: at most 2^10 - 2 terms
 
 
 @triton.jit
-def dd_sum(b_t, axis: tl.constexpr):
-    """``(hi, lo)``: the float64 sum of ``b_t`` along ``axis`` (at most ``2^DD_M - 2`` terms) as a
-    pair with ``hi`` exact. Each term is split at ``sigma = 2^(DD_M + E)`` (``2^E`` above the
-    largest |term|): ``q = (sigma + t) - sigma`` is ``t`` to a multiple of ``2^-53 sigma`` and
-    ``t - q`` is exact, and the ``q`` of at most ``2^DD_M - 2`` terms sum exactly in any order
-    (Rump, Ogita and Oishi's extraction); the remainders, each below ``2^-53 sigma``, sum to
-    ``lo`` within ``n^2 2^(DD_M - 106)`` of the largest term. Only maxima, sums and elementwise
-    operations: no custom reduction (the interpreter runs those element by element). A NaN or
-    infinite term: ``hi`` is the plain sum, ``lo`` 0."""
-    b_q, b_r = dd_split(b_t, axis)
-    return tl.sum(b_q, axis=axis), tl.sum(b_r, axis=axis)
-
-
-@triton.jit
 def dd_split(b_t, axis: tl.constexpr):
-    """:func:`dd_sum`'s extraction, element by element: ``(q, t - q)`` with ``q`` the term at
-    ``sigma``'s precision (the ``q`` of a block sum exactly) and ``t - q`` exact. A block with a
-    NaN or infinite term: ``q = t``, remainder 0."""
+    """One extraction, element by element: ``(q, t - q)`` with ``q`` the term at the precision of
+    ``sigma = 2^(DD_M + E)`` (``2^E`` above the largest |term| along ``axis``), so the ``q`` of a
+    block of at most ``2^DD_M - 2`` terms sum exactly in any order (Rump, Ogita and Oishi), and
+    ``t - q`` (below ``2^-53 sigma``) is exact. A block with a NaN or infinite term: ``q = t``,
+    remainder 0."""
     b_m = tl.max(tl.abs(b_t), axis=axis, keep_dims=True)
     fin = b_m < float("inf")
     b_e = (b_m.to(tl.int64, bitcast=True) >> 52) & 0x7FF  # the largest |term|'s biased exponent
@@ -501,14 +489,17 @@ def dd_split(b_t, axis: tl.constexpr):
 
 
 @triton.jit
-def dd_sum2(b_t, axis: tl.constexpr):
-    """``(hi, lo)``: :func:`dd_sum` with a second extraction of the remainders, for terms of up to
-    53 bits (products of two float32 values: 48) that cancel. The first extraction keeps each
-    term to ``2^(E - 41)`` (``2^E`` above the largest), so a product near the top leaves up to 7
-    low bits, and a plain sum of those remainders lost them where the rest cancelled
-    (``(1 + 2^-23)^2 + 2^-100 - (1 + 2^-23)^2`` gave 0; review10); the second keeps the remainders
-    to ``2^(E - 83)``, and only what lies below that is summed plainly: the pair is the exact
-    sum to about ``n^2 2^-136`` of the largest term."""
+def dd_sum(b_t, axis: tl.constexpr):
+    """``(hi, lo)``: the float64 sum of ``b_t`` along ``axis`` (at most ``2^DD_M - 2`` terms) as a
+    double-double pair, by two extractions (:func:`dd_split`). The first keeps each term to
+    ``2^(E - 43)`` (``2^E`` above the largest); the second splits the remainders again at their
+    own largest (to ``2^(E - 86)`` at most), and only what lies below that is summed plainly: the pair is the exact sum to
+    about ``n^2 2^-136`` of the largest term. One extraction with the remainders summed plainly
+    lost a small remainder beside two that cancel: ``(1 + 2^-23)^2 + 2^-100 - (1 + 2^-23)^2``
+    gave 0 (review10), and ``max, 2^103, 2^77, -2^-100, -2^77`` lost its ``-2^-100`` and rounded
+    to +inf in ``qr_lookup``'s kernels (the exact sum rounds to max). Only maxima, sums and
+    elementwise operations: no custom reduction (the interpreter runs those element by
+    element). A NaN or infinite term: ``hi`` is the plain sum (``lo`` 0 or NaN)."""
     b_q, b_r = dd_split(b_t, axis)
     b_q2, b_r2 = dd_split(b_r, axis)
     s, err = two_sum(tl.sum(b_q, axis=axis), tl.sum(b_q2, axis=axis))

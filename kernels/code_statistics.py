@@ -13,7 +13,8 @@ What every path does with each row ``r`` (weight ``w_r``, 1 without weights):
   float64). The deterministic path carries each sum as a double-double pair (``_common.dd_sum``
   per tile of rows, ``dd_add`` across tiles and pieces) and rounds it once to float32
   (``round_dd``): a sum is the exact one rounded to nearest unless it lies within about
-  ``n^2 2^-95`` of its largest term from a rounding midpoint, is ``+-inf`` exactly when the exact
+  ``n^2 2^-136`` of its largest term (``n`` rows per tile) plus ``2^-106`` of the running sum
+  from a rounding midpoint, is ``+-inf`` exactly when the exact
   sum rounds beyond float32's range (terms ``max``, ``2^103``, ``-2^60``: ``max``, where a float64
   sum lands on the overflow midpoint and gave +inf), and is never NaN. The atomic path adds
   plain float64 terms: its sums round each addition, so one within about ``n 2^-53`` of a
@@ -43,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dd_add, dd_sum, dd_sum2, launcher, next_pow2, round_dd
+from ._common import dd_add, dd_sum, launcher, next_pow2, round_dd
 
 MAX_BLOCK_D = 256
 TILE_ELEMENTS = 4096  # BLOCK_N * BLOCK_D of one loaded tile (float64 products: 64 registers a thread)
@@ -149,7 +150,7 @@ def _code_statistics_segment_kernel(
             # (products of two float32 values, up to 48 bits: the remainders extracted again, or
             # their low bits were lost where the rest cancelled, [3e38, 1, -3e38] weighted
             # [1e38, 1, 1e38] gave 0, not 1; fuzzM D1)
-            b_hi, b_lo = dd_sum2(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), 0)
+            b_hi, b_lo = dd_sum(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), 0)
             b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
             c_hi, c_lo = dd_sum(b_w[:, None], 0)
             cnt, cnt_err = dd_add(cnt, cnt_err, c_hi, c_lo)

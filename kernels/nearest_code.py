@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dd_add, dd_sum2,
+from ._common import (arch_family, argmin_merge, argmin_merge_pair, autotune, autotune_configs, dd_add, dd_sum,
                       dot_fp32, dot_nt, dot_split_nt, exp2i, interpreter_or, launcher, nan_clamp, nan_max0,
                       next_pow2, pow2_exponent, prune_by_estimate, rcp_rn, register_estimate, round_dd,
                       rows_vectorise, sm_count, target_for, tf32_split, tl_input_precision, words_per_thread)
@@ -282,7 +282,7 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         if METRIC == 2:  # -(x.c) from float64 products (each exact, nothing scaled), summed as a
             # compensated pair: a plain float64 sum lost the products below 2^-53 of the largest
             # ([1, 1, 1] . [2^100, 1, -2^100] gave 0, not -1; fuzzJ)
-            b_hi, b_lo = dd_sum2(b_x.to(tl.float64) * b_c.to(tl.float64), 1)
+            b_hi, b_lo = dd_sum(b_x.to(tl.float64) * b_c.to(tl.float64), 1)
             b_t64, b_e64 = dd_add(b_t64, b_e64, b_hi, b_lo)
         elif METRIC == 1:
             b_x = b_x * s_x[:, None]

@@ -746,14 +746,16 @@ def _qr_psw_grad_kernel(
 
 # Warps of the kernels that sum rows again (the fix-up, the half-precision rounding): their
 # double-double tiles (FIX_R x BLOCK_D, two float64 each) took 255 registers and spilled
-# 48-168 B at 4 warps on sm_90.
+# 48-168 B at 4 warps on sm_90. Their item blocks (FIX_L x BLOCK_D float64 terms, split twice
+# by dd_sum) are 8 items of 128 columns: at 16, the second split took them to 255 registers
+# with 8-16 B of stack (bfloat16 tables, sm_90).
 FIX_WARPS = 8
 
 
 def atomic_fix_tiles(block_d: int) -> dict:
     """The atomic backward's fix-up tiles for ``BLOCK_D = block_d`` columns: ``FIX_L`` items
     (their float64 terms) and ``FIX_R`` rows' float64 sums."""
-    return dict(FIX_L=max(1, min(16, 2048 // block_d)), FIX_R=max(1, min(4, 512 // block_d)))
+    return dict(FIX_L=max(1, min(8, 1024 // block_d)), FIX_R=max(1, min(4, 512 // block_d)))
 
 
 def _block_d(D: int) -> int:

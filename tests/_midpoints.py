@@ -50,3 +50,16 @@ def midpoint_cases(gen, n_terms):
             perm = torch.randperm(len(terms), generator=gen).tolist()
             out.append((dtype, [float(terms[i]) for i in perm]))
     return out
+
+
+def small_remainder_rows(dtype):
+    """Terms whose exact sum is decided by a small term between two larger ones that cancel,
+    which a compensated sum loses when it splits its terms once and adds the remainders plainly
+    (mutG B-2 in the references, the kernels' ``dd_sum`` until two extractions): the README's
+    ``max, half ulp of max, 2^77, -2^-100, -2^77`` (just below the overflow midpoint: ``max``;
+    without the ``-2^-100``: +inf) and ``1, half ulp of 1, 2^-60, 2^-130, -2^-60`` (just above
+    the midpoint: ``1 + ulp``; without the ``2^-130``: 1), at ``dtype``'s precision. Every term
+    is a power of two or the largest value, so it is exact in ``dtype``."""
+    nmant = {torch.float32: 23, torch.bfloat16: 7}[dtype]  # (fraction bits)
+    return [[float(torch.finfo(dtype).max), 2.0 ** (127 - nmant - 1), 2.0**77, -(2.0**-100), -(2.0**77)],
+            [1.0, 2.0 ** -(nmant + 1), 2.0**-60, 2.0**-130, -(2.0**-60)]]

@@ -152,7 +152,7 @@ from fractions import Fraction  # noqa: E402
 
 from fastvq.kernels._common import dd_sum, round_dd  # noqa: E402
 from fastvq.reference._exact_sum import pair_index_sum, round_pair  # noqa: E402
-from tests._midpoints import midpoint_cases as _cases, nearest as _nearest  # noqa: E402
+from tests._midpoints import midpoint_cases as _cases, nearest as _nearest, small_remainder_rows  # noqa: E402
 
 
 @triton.jit
@@ -191,22 +191,24 @@ def test_sums_near_rounding_midpoints_round_once(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_reference_sums_keep_a_small_remainder_beside_cancelling_ones(device, dtype):
-    """mutG B-2: the references' remainders are split again, so a small one between two that
-    cancel decides the midpoint: the README's max, 2^103, 2^77, -2^-100, -2^77 (exact: just below
-    the overflow midpoint, so max; a plain sum of the remainders lost -2^-100: +inf), and
-    1 + 2^-24 (the midpoint of 1 and 1 + 2^-23) with 2^-60, 2^-130, -2^-60 (exact: just above:
-    1 + 2^-23; plainly: 1). Each row in both orders; 16-bit: the same terms at that dtype's scale."""
-    nmant = {torch.float32: 23, torch.bfloat16: 7}[dtype]  # (fraction bits)
-    rows = [[float(torch.finfo(dtype).max), 2.0 ** (127 - nmant - 1), 2.0**77, -(2.0**-100), -(2.0**77)],
-            [1.0, 2.0 ** -(nmant + 1), 2.0**-60, 2.0**-130, -(2.0**-60)]]  # (half an ulp of max, of 1)
-    for terms in rows:
+def test_sums_keep_a_small_remainder_beside_cancelling_ones(device, dtype):
+    """A small term between two that cancel decides the midpoint (tests/_midpoints.py
+    small_remainder_rows): the references split their remainders again (mutG B-2), and so does
+    the kernels' dd_sum (one extraction lost the -2^-100 of the README's row: +inf in
+    qr_lookup's kernels). Each row in both orders; 16-bit: rounded to odd at float32 first."""
+    for terms in small_remainder_rows(dtype):
+        want = _nearest(sum(Fraction(v) for v in terms), dtype)
+        assert want == (terms[0] if terms[0] > 1 else 1 + 2 * terms[1])  # (below / above the midpoint)
         t = torch.tensor(terms, dtype=torch.float64, device=device)
         idx = torch.zeros(len(terms), dtype=torch.long, device=device)
         hi, lo = pair_index_sum((2, 1), lambda: [(idx, t[:, None]), (idx + 1, t.flip(0)[:, None])], device)
-        want = _nearest(sum(Fraction(v) for v in terms), dtype)
         assert round_pair(hi, lo, dtype).flatten().tolist() == [want, want], (terms, want)
-        assert want == (terms[0] if terms[0] > 1 else 1 + 2 * terms[1])  # (below / above the midpoint)
+        both = torch.stack([t, t.flip(0)])
+        out = torch.empty(2, dtype=torch.float32, device=device)
+        odd = torch.empty(2, dtype=torch.float32, device=device)
+        _dd_round_kernel[(2,)](both, out, odd, N_TERMS=len(terms), BLOCK=8)
+        got = out if dtype == torch.float32 else odd.to(dtype)
+        assert got.tolist() == [want, want], (terms, got.tolist(), want)
 
 
 def test_interpreted_kernels_print_no_numpy_floating_point_warnings(device):

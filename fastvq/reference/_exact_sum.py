@@ -90,8 +90,8 @@ def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tenso
 
 def pair_sum_lastdim(t: torch.Tensor, extractions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)``: the sums of float64 ``t`` along its last dimension, as a pair.
-    ``extractions=2`` splits the remainders again (terms of up to 53 bits that cancel, as the
-    kernels' ``dd_sum2``: products of two float32 values, whose low bits the first split leaves
+    ``extractions=2`` splits the remainders again, as the kernels' ``dd_sum`` does (terms of up
+    to 53 bits that cancel: products of two float32 values, whose low bits the first split leaves
     in remainders that a plain sum lost where the rest cancelled)."""
     def split(v):
         amax = v.abs().amax(-1, keepdim=True) if v.shape[-1] else v.new_zeros(v.shape[:-1] + (1,))

@@ -546,6 +546,27 @@ def test_sums_near_rounding_midpoints_round_once(backend, spread):
     assert (plain != want).sum() >= 4
 
 
+def test_merged_pieces_keep_a_small_remainder_beside_cancelling_ones(backend, device):
+    # tests/_midpoints.py small_remainder_rows (the README's max, half ulp, 2^77, -2^-100, -2^77:
+    # max; and 1, half ulp, 2^-60, 2^-130, -2^-60: 1 + 2^-23) as two columns of one code, each
+    # term alone in its piece of P = 256 rows: the merge kernel's sum of the pieces' partials
+    # split them once and added the remainders plainly, which lost the small one (+inf and 1)
+    from fractions import Fraction
+
+    from fastvq.kernels.code_statistics import piece_rows
+    from tests._midpoints import nearest, small_remainder_rows
+
+    rows = small_remainder_rows(torch.float32)
+    n = len(rows[0])
+    N = 256 * n
+    assert piece_rows(N, 2) == 256
+    x = torch.zeros(N, 2, device=device)
+    x[torch.arange(n, device=device) * 256] = torch.tensor(rows, device=device).T
+    want = [nearest(sum(Fraction(v) for v in r), torch.float32) for r in rows]
+    counts, sums = fastvq.code_statistics(x, torch.zeros(N, dtype=torch.long, device=device), 1, deterministic=True)
+    assert sums.flatten().tolist() == want and counts.tolist() == [N]
+
+
 def test_deterministic_sums_of_products_that_cancel(backend, device):
     # fuzzM D1: weighted terms 3e38 * 1e38, 1, -3e38 * 1e38 (products of up to 48 bits) summed
     # to 0 on the Triton backend (one extraction left the big products' low bits in remainders

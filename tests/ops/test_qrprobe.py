@@ -230,8 +230,8 @@ def test_atomic_matches_float64_on_seeded_fix_up_cases(backend, device):
                          ids=["last-span", "span-edges", "first-and-last", "block-edges"])
 def test_atomic_fix_up_finds_a_row_at_span_and_block_edges(backend, device, pos):
     # 2,049 items, three of them (+3e38, +3e38, -3e38: overflows in float32) on q row 0 / r row 0
-    # (id 0), at the edges of the fix-up's 1,024-id spans (FIX_SCAN) and 16-item blocks (FIX_L =
-    # min(16, 2048 // BLOCK_D), BLOCK_D = 2 here); the other 2,046 on q row 4 / r row 4 (id 24),
+    # (id 0), at the edges of the fix-up's 1,024-id spans (FIX_SCAN) and 8-item blocks (FIX_L =
+    # min(8, 1024 // BLOCK_D), BLOCK_D = 2 here); the other 2,046 on q row 4 / r row 4 (id 24),
     # outside the fixed rows' 4-row group (FIX_R = 4): the fix-up reads every span's ids and must
     # walk just the blocks that hold the three (a missed span or block drops a term). Each fixed
     # row is the float64 sum rounded once.

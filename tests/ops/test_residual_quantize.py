@@ -1374,6 +1374,23 @@ def test_statistics_at_the_overflow_midpoint_round_once(backend, device):
     assert (terms[:, ~paired].double().sum(0).float() != want[~paired]).sum() >= 4  # (plain float64: wrong)
 
 
+def test_statistics_redo_keeps_a_small_remainder_beside_cancelling_ones(backend, device):
+    # the README's max, half ulp, 2^77, -2^-100, -2^77 (tests/_midpoints.py small_remainder_rows;
+    # exact sum just below the overflow midpoint: max) as five adjacent rows of one code, so the
+    # fix-up sums them in one block: it split them once and added the remainders plainly, which
+    # lost the -2^-100 and gave +inf
+    from tests._midpoints import small_remainder_rows
+
+    terms = small_remainder_rows(torch.float32)[0]
+    N, K = 12, 3
+    x = torch.zeros(N, 1, device=device)
+    x[:5, 0] = torch.tensor(terms, device=device)
+    codes = torch.full((N, 1), 2, dtype=torch.int64, device=device)
+    codes[:5] = 0
+    out = fastvq.residual_quantize_step(x, torch.zeros(1, K, 1, device=device), codes=codes, statistics=True)
+    assert out.sums.flatten().tolist() == [terms[0], 0.0, 0.0] and out.counts.tolist() == [[5.0, 0.0, N - 5.0]]
+
+
 def test_row_weights_are_checked_alike_by_the_ops_and_the_modules(device):
     # one check (fastvq._checks.check_row_weights) for the ops' weights and the modules' mask
     # (review11: three copies with three sets of accepted dtypes, and an op's message said "bool
