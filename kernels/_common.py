@@ -458,8 +458,10 @@ def add_rows_by_index(b_acc, b_t, b_idx, k0, FIX_R: tl.constexpr):
 # A float64 sum of float32 terms is not exact (terms max, 2^103 and -2^60 sum in float64 to the
 # float32 rounding midpoint max + 2^103, where the exact sum is below it), and rounding a float32
 # sum again to bfloat16 / float16 rounds twice (qrprobe QP3, QP5). Where a kernel's float64 redo
-# must round once, it carries the error of every addition (double-double: ~106 bits, a pair
-# ``(s, e)`` with s + e the sum) and rounds the pair with :func:`round_dd`.
+# must round once, it sums each block of terms as a pair (:func:`dd_sum`: two extractions),
+# carries the blocks' running sum as three float64 parts ``(s, e, f)`` whose sum is the running
+# sum (:func:`dd_add`: ~159 bits, renormalised after each block) and rounds that once
+# (:func:`round_dd`).
 
 
 @triton.jit
@@ -490,51 +492,74 @@ def dd_split(b_t, axis: tl.constexpr):
 
 @triton.jit
 def dd_sum(b_t, axis: tl.constexpr):
-    """``(hi, lo)``: the float64 sum of ``b_t`` along ``axis`` (at most ``2^DD_M - 2`` terms) as a
-    double-double pair, by two extractions (:func:`dd_split`). The first keeps each term to
-    ``2^(E - 43)`` (``2^E`` above the largest); the second splits the remainders again at their
-    own largest (to ``2^(E - 86)`` at most), and only what lies below that is summed plainly: the pair is the exact sum to
-    about ``n^2 2^-136`` of the largest term. One extraction with the remainders summed plainly
-    lost a small remainder beside two that cancel: ``(1 + 2^-23)^2 + 2^-100 - (1 + 2^-23)^2``
-    gave 0 (review10), and ``max, 2^103, 2^77, -2^-100, -2^77`` lost its ``-2^-100`` and rounded
-    to +inf in ``qr_lookup``'s kernels (the exact sum rounds to max). Only maxima, sums and
-    elementwise operations: no custom reduction (the interpreter runs those element by
-    element). A NaN or infinite term: ``hi`` is the plain sum (``lo`` 0 or NaN)."""
+    """``(hi, mid, lo)``: the float64 sum of ``b_t`` along ``axis`` (at most ``2^DD_M - 2`` terms) in
+    three parts, by two extractions (:func:`dd_split`), for :func:`dd_add`. The first keeps each
+    term to ``2^(E - 43)`` (``2^E`` above the largest): their sum ``hi`` is exact; the second
+    splits the remainders again at their own largest (to ``2^(E - 86)`` at most): their sum
+    ``mid`` is exact too, and only what lies below that is summed plainly (``lo``): the parts
+    are the exact sum to about ``n^2 2^-136`` of the largest term. One extraction with the
+    remainders summed plainly lost a small remainder beside two that cancel: ``(1 + 2^-23)^2 +
+    2^-100 - (1 + 2^-23)^2`` gave 0 (review10), and ``max, 2^103, 2^77, -2^-100, -2^77`` lost
+    its ``-2^-100`` and rounded to +inf in ``qr_lookup``'s kernels (the exact sum rounds to max);
+    adding ``mid`` and ``lo`` here lost ``lo`` where another block cancels ``mid`` (1, 2^-24,
+    2^-60, 2^-130 then -2^-60: 1, exact 1 + 2^-23). Only maxima, sums and elementwise
+    operations: no custom reduction (the interpreter runs those element by element). A NaN or
+    infinite term: ``hi`` is the plain sum, the others 0."""
     b_q, b_r = dd_split(b_t, axis)
     b_q2, b_r2 = dd_split(b_r, axis)
-    s, err = two_sum(tl.sum(b_q, axis=axis), tl.sum(b_q2, axis=axis))
-    return s, err + tl.sum(b_r2, axis=axis)
+    return tl.sum(b_q, axis=axis), tl.sum(b_q2, axis=axis), tl.sum(b_r2, axis=axis)
 
 
 @triton.jit
-def dd_add(b_s, b_e, b_hi, b_lo):
-    """The pair ``(b_s, b_e)`` plus the pair ``(b_hi, b_lo)``."""
-    s, err = two_sum(b_s, b_hi)
-    return s, (b_e + b_lo) + err
+def dd_renorm(b_s, b_e, b_f):
+    """``(s, e, f)`` with the same exact sum, ``|e|`` within about half an ulp of ``s`` and ``|f|``
+    of ``e`` (two error-free additions from the bottom, then one more: enough for the parts
+    :func:`dd_add` leaves, whose ``e`` may lie far above ``s`` after ``s`` cancelled)."""
+    e, f = two_sum(b_e, b_f)
+    s, e = two_sum(b_s, e)
+    e, f = two_sum(e, f)
+    return s, e, f
 
 
 @triton.jit
-def round_dd(b_s, b_e, ODD32: tl.constexpr, INEXACT: tl.constexpr = False):
-    """float32 of the float64 pair ``s + e`` rounded once. ``ODD32`` False: to nearest even
-    (rounded to odd at float64 first: 53 >= 24 + 2 bits, so the second rounding is exact).
-    ``ODD32`` True: to odd at float32, for a table of bfloat16 or float16 that the store then
-    rounds to nearest (24 >= 11 + 2). A sum ``s`` that is NaN or +-inf (a term was; its ``e`` is
-    then NaN) passes through as it is. ``INEXACT``: the terms carry a rounding of their own
-    ("mean"'s ``1 / len``), so the pair is not the exact sum, and rounding to odd would keep
-    that error where the exact sum is a tie: to nearest instead (twice for a half table), as
-    the float32 path and fastvq/reference/_exact_sum.py ``round_pair`` round them."""
+def dd_add(b_s, b_e, b_f, b_hi, b_mid, b_lo):
+    """The running sum ``(b_s, b_e, b_f)`` (three float64 parts) plus a block's parts ``(b_hi,
+    b_mid, b_lo)`` (:func:`dd_sum`), renormalised (:func:`dd_renorm`). Every addition is
+    error-free but those into ``f``: the parts hold the running sum to about ``2^-159`` of the
+    largest running sum (a pair, whose low part was summed plainly, held ``2^-106``: blocks (1,
+    2^-60), (-1, 2^-130), (-2^-60) gave 0, exact 2^-130)."""
+    s, t1 = two_sum(b_s, b_hi)
+    e, t2 = two_sum(b_e, b_mid)
+    e, t3 = two_sum(e, t1)
+    n_s, n_e, n_f = dd_renorm(s, e, b_f + (b_lo + (t2 + t3)))
+    return tl.where(tl.abs(s) < float("inf"), n_s, s), n_e, n_f  # (a NaN or +-inf s stays: its e is NaN)
+
+
+@triton.jit
+def round_dd(b_s, b_e, b_f, ODD32: tl.constexpr, INEXACT: tl.constexpr = False):
+    """float32 of the running sum ``s + e + f`` (:func:`dd_add`) rounded once. ``ODD32`` False: to
+    nearest even (rounded to odd at float64 first: 53 >= 24 + 2 bits, so the second rounding is
+    exact). ``ODD32`` True: to odd at float32, for a table of bfloat16 or float16 that the store
+    then rounds to nearest (24 >= 11 + 2). A sum ``s`` that is NaN or +-inf (a term was; its
+    ``e`` is then NaN) passes through as it is. ``INEXACT``: the terms carry a rounding of their
+    own ("mean"'s ``1 / len``), so the parts are not the exact sum, and rounding to odd would
+    keep that error where the exact sum is a tie: to nearest instead (twice for a half table),
+    as the float32 path and fastvq/reference/_exact_sum.py ``round_pair`` round them."""
     fin = (b_s == b_s) & (tl.abs(b_s) < float("inf"))
-    h, l = two_sum(b_s, tl.where(fin, b_e, 0.0))
-    h = tl.where(fin, h, b_s)
+    s, e, f = dd_renorm(b_s, tl.where(fin, b_e, 0.0), tl.where(fin, b_f, 0.0))
+    h, l = two_sum(s, e)
+    l = l + f  # (the tail's sign is exact: h + l + f is the sum, |l + f| below h's ulp)
+    z = b_s + b_e  # (an exact 0 keeps the sign the parts give it, as IEEE adds them: -0 + -0 is -0)
+    h = tl.where(fin, tl.where(h == 0, tl.where(z == 0, z, 0.0), h), b_s)
     if INEXACT:
         return h.to(tl.float32)
     elif ODD32:
-        f = h.to(tl.float32)
-        d = h - f.to(tl.float64)  # exact: f is h's float32 neighbour
+        f32 = h.to(tl.float32)
+        d = h - f32.to(tl.float64)  # exact: f32 is h's float32 neighbour
         d = tl.where(d != 0, d, l)
-        bits = f.to(tl.int32, bitcast=True)
-        fix = fin & (tl.abs(f) < float("inf")) & (d != 0) & ((bits & 1) == 0)
-        up = ((d > 0) == (f > 0)) | (f == 0)  # the magnitude moves toward the exact sum
+        bits = f32.to(tl.int32, bitcast=True)
+        fix = fin & (tl.abs(f32) < float("inf")) & (d != 0) & ((bits & 1) == 0)
+        up = ((d > 0) == (f32 > 0)) | (f32 == 0)  # the magnitude moves toward the exact sum
         return tl.where(fix, tl.where(up, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
     else:
         bits = h.to(tl.int64, bitcast=True)
@@ -544,16 +569,18 @@ def round_dd(b_s, b_e, ODD32: tl.constexpr, INEXACT: tl.constexpr = False):
 
 
 @triton.jit
-def add_rows_by_index_dd(b_s, b_e, b_t, b_idx, k0, FIX_R: tl.constexpr):
-    """:func:`add_rows_by_index` into the double-double pair ``(b_s, b_e)`` (both ``(FIX_R, C)``
-    float64), each row's terms summed by :func:`dd_sum`."""
+def add_rows_by_index_dd(b_s, b_e, b_f, b_t, b_idx, k0, FIX_R: tl.constexpr):
+    """:func:`add_rows_by_index` into the running sums ``(b_s, b_e, b_f)`` (each ``(FIX_R, C)``
+    float64), each row's terms summed by :func:`dd_sum` and added by :func:`dd_add`."""
     o_r = tl.arange(0, FIX_R)
     for j in tl.static_range(FIX_R):
-        b_hi, b_lo = dd_sum(tl.where((b_idx == k0 + j)[:, None], b_t, 0.0), 0)
-        n_s, n_e = dd_add(b_s, b_e, b_hi[None, :], b_lo[None, :])
-        b_s = tl.where((o_r == j)[:, None], n_s, b_s)
-        b_e = tl.where((o_r == j)[:, None], n_e, b_e)
-    return b_s, b_e
+        b_hi, b_mid, b_lo = dd_sum(tl.where((b_idx == k0 + j)[:, None], b_t, 0.0), 0)
+        n_s, n_e, n_f = dd_add(b_s, b_e, b_f, b_hi[None, :], b_mid[None, :], b_lo[None, :])
+        m_j = (o_r == j)[:, None]
+        b_s = tl.where(m_j, n_s, b_s)
+        b_e = tl.where(m_j, n_e, b_e)
+        b_f = tl.where(m_j, n_f, b_f)
+    return b_s, b_e, b_f
 
 
 def atomic_overflow_bound(n: int) -> float:

@@ -10,11 +10,11 @@ What every path does with each row ``r`` (weight ``w_r``, 1 without weights):
   error); never read or written out of bounds;
 * ``w_r`` or any element of the row not finite: left out, counted in ``bad[level, 0]``;
 * otherwise ``counts[seg] += w_r`` and ``sums[seg] += w_r * x_r`` (each product exact in
-  float64). The deterministic path carries each sum as a double-double pair (``_common.dd_sum``
+  float64). The deterministic path carries each sum in three float64 parts (``_common.dd_sum``
   per tile of rows, ``dd_add`` across tiles and pieces) and rounds it once to float32
   (``round_dd``): a sum is the exact one rounded to nearest unless it lies within about
-  ``n^2 2^-136`` of its largest term (``n`` rows per tile) plus ``2^-106`` of the running sum
-  from a rounding midpoint, is ``+-inf`` exactly when the exact
+  ``n^2 2^-136`` of its largest term (``n`` rows per tile) plus ``2^-159`` of its largest
+  partial sum from a rounding midpoint, is ``+-inf`` exactly when the exact
   sum rounds beyond float32's range (terms ``max``, ``2^103``, ``-2^60``: ``max``, where a float64
   sum lands on the overflow midpoint and gave +inf), and is never NaN. The atomic path adds
   plain float64 terms: its sums round each addition, so one within about ``n 2^-53`` of a
@@ -44,13 +44,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dd_add, dd_sum, launcher, next_pow2, round_dd
+from ._common import dd_add, dd_sum, launcher, next_pow2, round_dd, rows_vectorise
 
 MAX_BLOCK_D = 256
 TILE_ELEMENTS = 4096  # BLOCK_N * BLOCK_D of one loaded tile (float64 products: 64 registers a thread)
 MIN_PIECE = 256
 MERGE_BLOCK_D = 16  # the merge kernel's column block: narrow, so one segment's merge spreads over D / 16 programs
-MERGE_BLOCK_Q = 128  # partials per iteration of the merge kernel
+MERGE_BLOCK_Q = 64  # partials per iteration of the merge kernel (128: 255 registers, 16 B spilled, sm_90)
 
 
 @triton.jit
@@ -130,10 +130,12 @@ def _code_statistics_segment_kernel(
         j = pid_w - (tl.load(p_item_end + s).to(tl.int64) - n_pieces)  # which piece of segment s
         r0 = tl.load(p_offsets + s).to(tl.int64) + j * P
         r1 = tl.minimum(r0 + P, end)
-        b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)  # the sums as pairs b_acc + b_err (dd_sum, dd_add)
+        b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)  # the sums in three parts b_acc + b_err + b_tail (dd_add)
         b_err = tl.zeros([BLOCK_D], dtype=tl.float64)
+        b_tail = tl.zeros([BLOCK_D], dtype=tl.float64)
         cnt = tl.zeros([1], dtype=tl.float64)
         cnt_err = tl.zeros([1], dtype=tl.float64)
+        cnt_tail = tl.zeros([1], dtype=tl.float64)
         b_nbad = tl.zeros([BLOCK_N], dtype=tl.int32)
         for r in range(r0, r1, BLOCK_N):
             o_r = r + tl.arange(0, BLOCK_N)
@@ -150,27 +152,42 @@ def _code_statistics_segment_kernel(
             # (products of two float32 values, up to 48 bits: the remainders extracted again, or
             # their low bits were lost where the rest cancelled, [3e38, 1, -3e38] weighted
             # [1e38, 1, 1e38] gave 0, not 1; fuzzM D1)
-            b_hi, b_lo = dd_sum(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), 0)
-            b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
-            c_hi, c_lo = dd_sum(b_w[:, None], 0)
-            cnt, cnt_err = dd_add(cnt, cnt_err, c_hi, c_lo)
+            b_hi, b_mid, b_lo = dd_sum(tl.where(m_use[:, None], b_x.to(tl.float64) * b_w[:, None], 0.0), 0)
+            b_acc, b_err, b_tail = dd_add(b_acc, b_err, b_tail, b_hi, b_mid, b_lo)
+            c_hi, c_mid, c_lo = dd_sum(b_w[:, None], 0)
+            cnt, cnt_err, cnt_tail = dd_add(cnt, cnt_err, cnt_tail, c_hi, c_mid, c_lo)
             b_nbad += (m_r & ~m_ok).to(tl.int32)
         o_1 = tl.arange(0, 1)
         if n_pieces == 1:
-            tl.store(p_sums + s * stride_sk + o_d, round_dd(b_acc, b_err, False), mask=m_d)
+            tl.store(p_sums + s * stride_sk + o_d, round_dd(b_acc, b_err, b_tail, False), mask=m_d)
             if pid_d == 0:
-                tl.store(p_counts + s + o_1, round_dd(cnt, cnt_err, False))
+                tl.store(p_counts + s + o_1, round_dd(cnt, cnt_err, cnt_tail, False))
         else:
             q = tl.load(p_multi_first + s).to(tl.int64) + j
             tl.store(p_psums + q * stride_pk + o_d, b_acc, mask=m_d)
             tl.store(p_psums + (q + N_PART) * stride_pk + o_d, b_err, mask=m_d)
+            tl.store(p_psums + (q + 2 * N_PART) * stride_pk + o_d, b_tail, mask=m_d)
             if pid_d == 0:
                 tl.store(p_pcounts + q + o_1, cnt)
                 tl.store(p_pcounts + q + N_PART + o_1, cnt_err)
+                tl.store(p_pcounts + q + 2 * N_PART + o_1, cnt_tail)
         if pid_d == 0:
             nbad = tl.sum(b_nbad, axis=0)
             if nbad > 0:
                 tl.atomic_add(p_bad + (s // K) * 2, nbad, sem="relaxed")
+
+
+@triton.jit
+def _merge_parts(p_parts, o_q, o_d, m_qd, N_PART, stride_pk, b_s, b_e, b_f):
+    """The running sum ``(b_s, b_e, b_f)`` plus the pieces ``o_q``' three parts (rows ``o_q``,
+    ``o_q + N_PART``, ``o_q + 2 N_PART`` of ``p_parts``): the first two each summed by
+    :func:`dd_sum`, the third, below both, plainly."""
+    p_q = p_parts + o_q[:, None] * stride_pk + o_d[None, :]
+    b_hi, b_mid, b_lo = dd_sum(tl.load(p_q, mask=m_qd, other=0.0), 0)
+    b_s, b_e, b_f = dd_add(b_s, b_e, b_f, b_hi, b_mid, b_lo)
+    b_hi, b_mid, b_lo = dd_sum(tl.load(p_q + N_PART * stride_pk, mask=m_qd, other=0.0), 0)
+    b_lo += tl.sum(tl.load(p_q + 2 * N_PART * stride_pk, mask=m_qd, other=0.0), axis=0)
+    return dd_add(b_s, b_e, b_f, b_hi, b_mid, b_lo)
 
 
 @triton.jit
@@ -180,8 +197,9 @@ def _code_statistics_merge_kernel(
     stride_sk, stride_pk,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One segment of several pieces x BLOCK_D columns: its pieces' pairs (``hi`` in rows
-    ``[0, N_PART)`` of the partials, ``lo`` N_PART rows below), summed in order and rounded once."""
+    """One segment of several pieces x BLOCK_D columns: its pieces' running sums (three parts:
+    rows ``[0, N_PART)`` of the partials, then N_PART and 2 N_PART rows below), summed in order
+    and rounded once."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     s = tl.load(p_multi_seg + pid_m).to(tl.int64)
@@ -192,22 +210,20 @@ def _code_statistics_merge_kernel(
         q1 = q0 + tl.load(p_pieces + s).to(tl.int64)
         b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)
         b_err = tl.zeros([BLOCK_D], dtype=tl.float64)
+        b_tail = tl.zeros([BLOCK_D], dtype=tl.float64)
         cnt = tl.zeros([1], dtype=tl.float64)
         cnt_err = tl.zeros([1], dtype=tl.float64)
+        cnt_tail = tl.zeros([1], dtype=tl.float64)
+        o_0 = tl.arange(0, 1)
         for q in range(q0, q1, BLOCK_Q):
             o_q = q + tl.arange(0, BLOCK_Q)
             m_q = o_q < q1
-            m_qd = m_q[:, None] & m_d[None, :]
-            b_hi, b_lo = dd_sum(tl.load(p_psums + o_q[:, None] * stride_pk + o_d[None, :], mask=m_qd, other=0.0), 0)
-            b_lo += tl.sum(tl.load(p_psums + (o_q + N_PART)[:, None] * stride_pk + o_d[None, :], mask=m_qd,
-                                   other=0.0), axis=0)
-            b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
-            c_hi, c_lo = dd_sum(tl.load(p_pcounts + o_q, mask=m_q, other=0.0)[:, None], 0)
-            c_lo += tl.sum(tl.load(p_pcounts + o_q + N_PART, mask=m_q, other=0.0), axis=0)
-            cnt, cnt_err = dd_add(cnt, cnt_err, c_hi, c_lo)
-        tl.store(p_sums + s * stride_sk + o_d, round_dd(b_acc, b_err, False), mask=m_d)
+            b_acc, b_err, b_tail = _merge_parts(p_psums, o_q, o_d, m_q[:, None] & m_d[None, :], N_PART, stride_pk,
+                                               b_acc, b_err, b_tail)
+            cnt, cnt_err, cnt_tail = _merge_parts(p_pcounts, o_q, o_0, m_q[:, None], N_PART, 1, cnt, cnt_err, cnt_tail)
+        tl.store(p_sums + s * stride_sk + o_d, round_dd(b_acc, b_err, b_tail, False), mask=m_d)
         if pid_d == 0:
-            tl.store(p_counts + s + tl.arange(0, 1), round_dd(cnt, cnt_err, False))
+            tl.store(p_counts + s + o_0, round_dd(cnt, cnt_err, cnt_tail, False))
 
 
 def _blocks(D: int) -> tuple[int, int, int, bool]:
@@ -340,14 +356,15 @@ def code_statistics_fwd(
         return counts, sums, bad
     plan = segment_plan(keys, S, D)
     n_part = plan["n_partials"]
-    psums = torch.empty((2 * n_part, D), dtype=torch.float64, device=dev)  # each piece's pair: hi, then lo
-    pcounts = torch.empty((2 * n_part,), dtype=torch.float64, device=dev)
+    psums = torch.empty((3 * n_part, D), dtype=torch.float64, device=dev)  # each piece's three parts (dd_add)
+    pcounts = torch.empty((3 * n_part,), dtype=torch.float64, device=dev)
     _code_statistics_segment_kernel[(plan["n_items"], n_dblocks)](
         x, w_arg, plan["perm"], plan["offsets"], plan["item_end"], plan["pieces"], plan["multi_first"],
         plan["seg_of_item"], counts, sums, pcounts, psums, bad,
         D, K, S, NW, plan["P"], n_part,
         x.stride(0), x.stride(1), stride_w, sums.stride(0), psums.stride(0),
-        HAS_W=has_w, SINGLE_D=single_d, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
+        HAS_W=has_w, SINGLE_D=single_d, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=4 if rows_vectorise(x) else 8,  # (rows of D = 300 16-bit values: 255 registers, 64 B spilled)
     )
     _code_statistics_merge_kernel[(plan["n_multi"], max(triton.cdiv(D, MERGE_BLOCK_D), 1))](
         plan["multi_seg"], plan["multi_first"], plan["pieces"], pcounts, psums, counts, sums,

@@ -270,8 +270,9 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         s_x = exp2i(-e_x)
         s_c = exp2i(-e_c)
     b_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    b_t64 = tl.zeros((BLOCK_N,), dtype=tl.float64)  # dot: the pair b_t64 + b_e64
+    b_t64 = tl.zeros((BLOCK_N,), dtype=tl.float64)  # dot: the running sum b_t64 + b_e64 + b_f64
     b_e64 = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    b_f64 = tl.zeros((BLOCK_N,), dtype=tl.float64)
     b_qx = tl.zeros((BLOCK_N,), dtype=tl.float32)
     b_qc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -282,8 +283,8 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         if METRIC == 2:  # -(x.c) from float64 products (each exact, nothing scaled), summed as a
             # compensated pair: a plain float64 sum lost the products below 2^-53 of the largest
             # ([1, 1, 1] . [2^100, 1, -2^100] gave 0, not -1; fuzzJ)
-            b_hi, b_lo = dd_sum(b_x.to(tl.float64) * b_c.to(tl.float64), 1)
-            b_t64, b_e64 = dd_add(b_t64, b_e64, b_hi, b_lo)
+            b_hi, b_mid, b_lo = dd_sum(b_x.to(tl.float64) * b_c.to(tl.float64), 1)
+            b_t64, b_e64, b_f64 = dd_add(b_t64, b_e64, b_f64, b_hi, b_mid, b_lo)
         elif METRIC == 1:
             b_x = b_x * s_x[:, None]
             b_c = b_c * s_c[:, None]
@@ -301,7 +302,7 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         b_dist = nan_clamp(1.0 - b_cos, 0.0, 2.0)
     elif METRIC == 2:  # (scaled by the rows' powers of two in float32, an entry far below its row's
         # largest flushed to 0, or kept as the smallest normal counted 2^(e_x + e_c - 126): fuzzA)
-        b_dist = round_dd(-b_t64, -b_e64, False)
+        b_dist = round_dd(-b_t64, -b_e64, -b_f64, False)
     elif METRIC == 3:  # |x - c| = sqrt(t) * 2^e_d
         b_dist = tl.sqrt_rn(b_t) * exp2i(e_d)
     else:

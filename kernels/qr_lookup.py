@@ -20,8 +20,8 @@ multiplies a product that underflowed (``q * r`` or ``g * q`` nonzero factors, b
 its rounding error would be multiplied up; qrprobe QP1), or where a bfloat16 / float16 result
 reaches its dtype's largest value (the store's second rounding could give +-inf below the
 overflow midpoint; QP3), a float64 pass over the same items (float64 holds every product of
-three float32 values in range), compensated (``_common.dd_sum``: an exact part and a
-remainder per block of items) and rounded once (``_common.round_dd``: to odd first, so that a
+three float32 values in range), compensated (``_common.dd_sum``: two exact parts and a
+remainder per block of items, ``dd_add``: a running sum in three parts) and rounded once (``_common.round_dd``: to odd first, so that a
 sum within 2^-54 of a rounding midpoint does not round twice; QP5). The redo is decided per
 program (one bag or table row x one D tile) after its loop: no extra launch, no host read; bags
 and rows of ordinary values never take it.
@@ -43,8 +43,8 @@ row's float32 partial sums could overflow (a term beyond ``2^t`` ~ 3.4e38 / N, s
 ``atomic_overflow_bound``: nothing else can overflow) it marks the row, and
 ``_qr_atomic_fixup_kernel``, one program launched after it, sums again the marked rows whose
 float32 sum is not finite (an overflowed partial sum never comes back): each term in float64,
-summed in a double-double register tile, rounded once (+-inf only where the exact sum
-overflows). It returns at once when nothing was marked: ordinary inputs pay one launch, no host
+summed in a register tile of three-part running sums, rounded once (+-inf only where the
+exact sum overflows). It returns at once when nothing was marked: ordinary inputs pay one launch, no host
 read. bfloat16 / float16 tables then round the float32 accumulators with
 ``_qr_atomic_narrow_kernel`` (in place of torch's conversion), which sums again the rows that
 reach the dtype's largest value.
@@ -226,11 +226,12 @@ def _qr_bag_sum(
     """``(pooled (BLOCK_D,), max |weight|)`` of items ``[start, end)``: each composed row times its
     factor (weight, or 1 / len for "mean"), summed in float32 (float64 with ``EXACT``). The max
     |weight| is taken for "mult" only, over the items whose product underflowed somewhere (0
-    otherwise): above ``BIG_W`` the float32 sum is redone. With ``EXACT``: ``(hi, lo, max |weight|)``,
-    the pooled sum as a double-double pair (:func:`round_dd` rounds it once)."""
+    otherwise): above ``BIG_W`` the float32 sum is redone. With ``EXACT``: ``(s, e, f, max |weight|)``,
+    the pooled sum in three float64 parts (:func:`dd_add`; :func:`round_dd` rounds it once)."""
     if EXACT:  # the redo sums each block of items at once (dd_sum): no float64 tile carried over
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
         b_err = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        b_tail = tl.zeros((BLOCK_D,), dtype=tl.float64)
     else:
         b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -249,12 +250,12 @@ def _qr_bag_sum(
         if MEAN:
             b_c = b_c * inv_len
         if EXACT:
-            b_hi, b_lo = dd_sum(b_c, 0)
-            b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
+            b_hi, b_mid, b_lo = dd_sum(b_c, 0)
+            b_acc, b_err, b_tail = dd_add(b_acc, b_err, b_tail, b_hi, b_mid, b_lo)
         else:
             b_acc += b_c
     if EXACT:
-        return b_acc, b_err, tl.max(b_wmax, axis=0)
+        return b_acc, b_err, b_tail, tl.max(b_wmax, axis=0)
     else:
         return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
 
@@ -277,10 +278,10 @@ def _qr_lookup_bag_fwd_kernel(
     b_out, w_max = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,
                                stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, False, BLOCK_L, BLOCK_D)
     if _not_finite(b_out) | (w_max > BIG_W) | _near_narrow_max(b_out, p_out):  # the exact range: this bag's
-        b_hi, b_lo, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # items again in
-                                    stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,  # float64,
-                                    BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)  # half as many at once, rounded once
-        b_out = round_dd(b_hi, b_lo, p_out.dtype.element_ty != tl.float32, MEAN)
+        b_s, b_e, b_f, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # items again in
+                                       stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,  # float64,
+                                       BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)  # half as many at once, rounded once
+        b_out = round_dd(b_s, b_e, b_f, p_out.dtype.element_ty != tl.float32, MEAN)
     tl.store(p_out + pid_b * stride_on + o_d * stride_od, b_out.to(p_out.dtype.element_ty), mask=o_d < DOUT)
 
 
@@ -367,10 +368,11 @@ def _qr_row_sum(
     EXACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``(sum (BLOCK_D,), max |weight|)`` of the items at sorted positions ``[start, end)``; with
-    ``EXACT`` ``(hi, lo, max |weight|)``, the sum as a double-double pair."""
+    ``EXACT`` ``(s, e, f, max |weight|)``, the sum in three float64 parts."""
     if EXACT:  # as in _qr_bag_sum
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
         b_err = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        b_tail = tl.zeros((BLOCK_D,), dtype=tl.float64)
     else:
         b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -382,13 +384,13 @@ def _qr_row_sum(
                                     N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                                     IS_Q, OP, BAGS, MEAN, HAS_W, EXACT)
         if EXACT:
-            b_hi, b_lo = dd_sum(b_t, 0)
-            b_acc, b_err = dd_add(b_acc, b_err, b_hi, b_lo)
+            b_hi, b_mid, b_lo = dd_sum(b_t, 0)
+            b_acc, b_err, b_tail = dd_add(b_acc, b_err, b_tail, b_hi, b_mid, b_lo)
         else:
             b_acc += b_t
         b_wmax = tl.maximum(b_wmax, b_wabs)
     if EXACT:
-        return b_acc, b_err, tl.max(b_wmax, axis=0)
+        return b_acc, b_err, b_tail, tl.max(b_wmax, axis=0)
     else:
         return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
 
@@ -410,10 +412,10 @@ def _qr_row_grad(
                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                               IS_Q, OP, BAGS, MEAN, HAS_W, False, BLOCK_L, BLOCK_D)
     if _not_finite(b_dw) | (w_max > BIG_W) | _near_narrow_max(b_dw, p_dw):  # float64, half as many items at once
-        b_hi, b_lo, _ = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D,
-                                    COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
-                                    IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
-        b_dw = round_dd(b_hi, b_lo, p_dw.dtype.element_ty != tl.float32, MEAN)
+        b_s, b_e, b_f, _ = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D,
+                                       COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                                       IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
+        b_dw = round_dd(b_s, b_e, b_f, p_dw.dtype.element_ty != tl.float32, MEAN)
     tl.store(p_dw + out_row * stride_dn + o_d * stride_dd, b_dw.to(p_dw.dtype.element_ty), mask=o_d < D)
 
 
@@ -541,7 +543,7 @@ def _qr_fix_rows(
     """Rows ``r0 + j`` (``m_fix``) of one table's gradient (contiguous: the float32 accumulator,
     or the bfloat16 / float16 table) summed again: each item's term formed in float64 (a
     product of at most three float32 values, and for "mean" a reciprocal within ~2^-48,
-    :func:`_inv_len`) and summed in a double-double register tile, each sum rounded once
+    :func:`_inv_len`) and summed in a register tile of three-part running sums, each sum rounded once
     (:func:`round_dd`; ``ODD32``: to odd at float32, for a bfloat16 / float16 table rounded
     after it): +-inf only where the exact sum overflows, every column at its own precision. ``BLOCK_D`` columns at a time; per column tile, one read of
     every item's id per ``FIX_SCAN`` span, and a walk of the
@@ -551,6 +553,7 @@ def _qr_fix_rows(
         o_d = d0 + tl.arange(0, BLOCK_D)
         b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
         b_err = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
+        b_tail = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
         for s0 in range(0, N, FIX_SCAN):
             o_s = s0 + tl.arange(0, FIX_SCAN).to(tl.int64)
             b_rs = _qr_item_rows(p_ids, o_s, o_s < N, M, R, IS_Q)
@@ -564,10 +567,10 @@ def _qr_fix_rows(
                         b_t, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_grp, o_d, D, COL_OFF,
                                                N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                                                IS_Q, OP, BAGS, MEAN, HAS_W, True)
-                        b_acc, b_err = add_rows_by_index_dd(b_acc, b_err, b_t, tl.where(m_grp, b_row, -1), r0,
-                                                            FIX_R)
+                        b_acc, b_err, b_tail = add_rows_by_index_dd(b_acc, b_err, b_tail, b_t,
+                                                                   tl.where(m_grp, b_row, -1), r0, FIX_R)
         tl.store(p_dw + (r0 + o_r).to(tl.int64)[:, None] * D + o_d[None, :],
-                 round_dd(b_acc, b_err, ODD32, MEAN).to(p_dw.dtype.element_ty), mask=m_fix[:, None] & (o_d < D)[None, :])
+                 round_dd(b_acc, b_err, b_tail, ODD32, MEAN).to(p_dw.dtype.element_ty), mask=m_fix[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit
@@ -690,10 +693,11 @@ def _qr_psw_dot(
 ):
     """``(composed item . bag gradient (BLOCK_L,), max |g|)``: the max over the columns whose
     "mult" product underflowed (:func:`_underflowed`; 0 for the other ops). With ``EXACT``:
-    ``(hi, lo, max |g|)``, the dot as a double-double pair."""
+    ``(s, e, f, max |g|)``, the dot in three float64 parts."""
     if EXACT:
         b_dot = tl.zeros((BLOCK_L,), dtype=tl.float64)
         b_err = tl.zeros((BLOCK_L,), dtype=tl.float64)
+        b_tail = tl.zeros((BLOCK_L,), dtype=tl.float64)
     else:
         b_dot = tl.zeros((BLOCK_L,), dtype=tl.float32)
     b_gmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -704,14 +708,14 @@ def _qr_psw_dot(
         m = m_l[:, None] & (o_d < DOUT)[None, :]
         b_g = tl.load(p_g + b_bag[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
         if EXACT:
-            b_hi, b_lo = dd_sum(b_c * _to_math(b_g, EXACT), 1)
-            b_dot, b_err = dd_add(b_dot, b_err, b_hi, b_lo)
+            b_hi, b_mid, b_lo = dd_sum(b_c * _to_math(b_g, EXACT), 1)
+            b_dot, b_err, b_tail = dd_add(b_dot, b_err, b_tail, b_hi, b_mid, b_lo)
         else:
             b_dot += tl.sum(b_c * _to_math(b_g, EXACT), axis=1)
         if OP == 1:
             b_gmax = tl.maximum(b_gmax, tl.max(tl.where(b_low, tl.abs(b_g), 0.0), axis=1))
     if EXACT:
-        return b_dot, b_err, tl.max(b_gmax, axis=0)
+        return b_dot, b_err, b_tail, tl.max(b_gmax, axis=0)
     else:
         return b_dot, tl.max(b_gmax, axis=0)
 
@@ -734,10 +738,10 @@ def _qr_psw_grad_kernel(
                                stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
                                OP, False, BLOCK_L, BLOCK_D)
     if _not_finite(b_dot) | (g_max > BIG_W) | _near_narrow_max(b_dot, p_dw):  # half-width D tiles: float64
-        b_hi, b_lo, _ = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,  # in the registers
-                                    stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,  # of float32
-                                    OP, True, BLOCK_L, BLOCK_D // 2 + BLOCK_D % 2)
-        b_dot = round_dd(b_hi, b_lo, p_dw.dtype.element_ty != tl.float32)
+        b_s, b_e, b_f, _ = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,  # in the registers
+                                       stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,  # of float32
+                                       OP, True, BLOCK_L, BLOCK_D // 2 + BLOCK_D % 2)
+        b_dot = round_dd(b_s, b_e, b_f, p_dw.dtype.element_ty != tl.float32)
     tl.store(p_dw + o_l, b_dot.to(p_dw.dtype.element_ty), mask=m_l)
 
 
@@ -745,7 +749,7 @@ def _qr_psw_grad_kernel(
 
 
 # Warps of the kernels that sum rows again (the fix-up, the half-precision rounding): their
-# double-double tiles (FIX_R x BLOCK_D, two float64 each) took 255 registers and spilled
+# running-sum tiles (FIX_R x BLOCK_D, then two float64 each) took 255 registers and spilled
 # 48-168 B at 4 warps on sm_90. Their item blocks (FIX_L x BLOCK_D float64 terms, split twice
 # by dd_sum) are 8 items of 128 columns: at 16, the second split took them to 255 registers
 # with 8-16 B of stack (bfloat16 tables, sm_90).

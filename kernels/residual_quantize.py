@@ -551,7 +551,7 @@ def _stats_fix_codes(
     ``r - c`` overflows held at scale ``2^-E``, :func:`_held_wide`), ``FIX_M`` whole rows at a
     time (``BLOCK_D >= D``), the terms ``w r_l`` of the rows that level counts (nonzero weight,
     residual below ``stat_lim``, not held; ``w`` the statistics' weights, ``p_sw``) exact in
-    float64 and summed as double-double pairs (:func:`add_rows_by_index_dd`), each sum rounded
+    float64 and summed in three float64 parts (:func:`add_rows_by_index_dd`), each sum rounded
     once to float32 (:func:`round_dd`): +-inf only where the exact sum overflows (a float64 sum
     of max, 2^103, -2^60 lands on the overflow midpoint), and every column at its own precision."""
     e_wide = _wide_exp(L)
@@ -560,6 +560,7 @@ def _stats_fix_codes(
     m_d = o_d < D
     b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
     b_err = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
+    b_tail = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
     for s0 in range(0, N, FIX_SCAN):  # (spans of rows, each read once for the group's codes)
         if _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R, FIX_SCAN):
             for m0 in range(s0, tl.minimum(s0 + FIX_SCAN, N), FIX_M):  # (the last span: to N)
@@ -589,9 +590,9 @@ def _stats_fix_codes(
                         b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
                     m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
                     b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
-                    b_acc, b_err = add_rows_by_index_dd(b_acc, b_err, b_t, b_idx, k0, FIX_R)
+                    b_acc, b_err, b_tail = add_rows_by_index_dd(b_acc, b_err, b_tail, b_t, b_idx, k0, FIX_R)
     o_r = tl.arange(0, FIX_R)
-    tl.store(p_sums + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], round_dd(b_acc, b_err, False),
+    tl.store(p_sums + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], round_dd(b_acc, b_err, b_tail, False),
              mask=m_fix[:, None] & m_d[None, :])
 
 

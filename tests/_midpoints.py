@@ -13,6 +13,8 @@ def nearest(x: Fraction, dtype: torch.dtype) -> float:
     """The exact sum ``x`` rounded to nearest even in ``dtype``, by comparing it with the
     neighbours of a first guess (independent of the code under test: no rounding to odd, no
     float64 of the sum); +-inf where it reaches the overflow midpoint."""
+    if x < 0:  # (symmetric; the neighbours of a tiny negative guess would wrap past -0.0's bits)
+        return -nearest(-x, dtype)
     big = torch.finfo(dtype).max
     ulp_max = Fraction(big) - Fraction(torch.tensor(big, dtype=dtype).view(_INT[dtype]).sub(1).view(dtype).item())
     if abs(x) >= Fraction(big) + ulp_max / 2:

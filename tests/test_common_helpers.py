@@ -150,44 +150,87 @@ def test_dot_split_is_float32_accurate(device):
 
 from fractions import Fraction  # noqa: E402
 
-from fastvq.kernels._common import dd_sum, round_dd  # noqa: E402
+from fastvq.kernels._common import dd_add, dd_sum, round_dd  # noqa: E402
 from fastvq.reference._exact_sum import pair_index_sum, round_pair  # noqa: E402
 from tests._midpoints import midpoint_cases as _cases, nearest as _nearest, small_remainder_rows  # noqa: E402
 
 
 @triton.jit
 def _dd_round_kernel(p_t, p_out, p_odd, N_TERMS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of ``N_TERMS`` float64 terms: ``BLOCK`` at a time summed by dd_sum and
+    added to the running sum by dd_add (as the kernels walk blocks of rows, items or columns),
+    rounded once to nearest float32 (``p_out``) and to odd at float32 (``p_odd``)."""
     o = tl.arange(0, BLOCK)
-    b_t = tl.load(p_t + tl.program_id(0) * N_TERMS + o, mask=o < N_TERMS, other=0.0)
-    b_hi, b_lo = dd_sum(b_t[:, None], 0)
-    tl.store(p_out + tl.program_id(0) + tl.arange(0, 1), round_dd(b_hi, b_lo, False))
-    tl.store(p_odd + tl.program_id(0) + tl.arange(0, 1), round_dd(b_hi, b_lo, True))
+    b_s = tl.zeros((1,), dtype=tl.float64)
+    b_e = tl.zeros((1,), dtype=tl.float64)
+    b_f = tl.zeros((1,), dtype=tl.float64)
+    for b0 in tl.static_range(0, N_TERMS, BLOCK):
+        b_t = tl.load(p_t + tl.program_id(0) * N_TERMS + b0 + o, mask=b0 + o < N_TERMS, other=0.0)
+        b_hi, b_mid, b_lo = dd_sum(b_t[:, None], 0)
+        b_s, b_e, b_f = dd_add(b_s, b_e, b_f, b_hi, b_mid, b_lo)
+    tl.store(p_out + tl.program_id(0) + tl.arange(0, 1), round_dd(b_s, b_e, b_f, False))
+    tl.store(p_odd + tl.program_id(0) + tl.arange(0, 1), round_dd(b_s, b_e, b_f, True))
 
 
-def test_sums_near_rounding_midpoints_round_once(device):
-    """kernels/_common.py dd_sum + round_dd and fastvq/reference/_exact_sum.py against exact
-    rational sums: float32 to nearest, and rounded to odd at float32 then to bfloat16 / float16,
-    equal the correctly rounded sum at every midpoint case (a plain float64 sum rounds some of
-    them twice: asserted too, so that the cases can fail)."""
+def _kernel_rounding(terms, dtype, block):
+    """Each row of ``terms`` (float64) through :func:`_dd_round_kernel`, ``block`` terms at a time,
+    rounded once to ``dtype``."""
+    out = torch.empty(terms.shape[0], dtype=torch.float32, device=terms.device)
+    odd = torch.empty_like(out)
+    _dd_round_kernel[(terms.shape[0],)](terms.contiguous(), out, odd, N_TERMS=terms.shape[1], BLOCK=block)
+    return out if dtype == torch.float32 else odd.to(dtype)
+
+
+@pytest.mark.parametrize("block", [8, 2, 1], ids=["one-block", "blocks-of-2", "blocks-of-1"])
+def test_sums_near_rounding_midpoints_round_once(device, block):
+    """kernels/_common.py dd_sum + dd_add + round_dd and fastvq/reference/_exact_sum.py against
+    exact rational sums: float32 to nearest, and rounded to odd at float32 then to bfloat16 /
+    float16, equal the correctly rounded sum at every midpoint case, the terms in one block or
+    spread over blocks (a plain float64 sum rounds some of them twice: asserted too, so that the
+    cases can fail)."""
     gen = generator(1)
     cases = _cases(gen, 7)
     terms = torch.tensor([t for _, t in cases], dtype=torch.float64, device=device)
-    out = torch.empty(len(cases), dtype=torch.float32, device=device)
-    odd = torch.empty(len(cases), dtype=torch.float32, device=device)
-    _dd_round_kernel[(len(cases),)](terms, out, odd, N_TERMS=7, BLOCK=8)
+    got = {dt: _kernel_rounding(terms, dt, block) for dt in {dt for dt, _ in cases}}
     plain_wrong = 0
     for i, (dtype, t) in enumerate(cases):
         want = _nearest(sum(Fraction(v) for v in t), dtype)
-        got = out[i].item() if dtype == torch.float32 else odd[i:i + 1].to(dtype).item()
-        assert got == want, (dtype, t, got, want)
+        assert got[dtype][i].item() == want, (dtype, t, got[dtype][i].item(), want)
         plain = terms[i].sum().to(torch.float32).to(dtype).item()
         plain_wrong += plain != want
-        # the reference: the same terms as one row's gradient, rows 0 and 1 (reversed order)
-        idx = torch.tensor([0] * 7, device=device)
-        hi, lo = pair_index_sum((2, 1), lambda: [(idx, terms[i, :, None]), (idx + 1, terms[i].flip(0)[:, None])], device)
-        ref = round_pair(hi, lo, dtype)
-        assert ref[0, 0].item() == want and ref[1, 0].item() == want, (dtype, t, ref.flatten().tolist(), want)
+        if block == 8:  # the reference: the same terms as one row's gradient, rows 0 and 1 (reversed order)
+            idx = torch.tensor([0] * 7, device=device)
+            hi, lo = pair_index_sum((2, 1), lambda: [(idx, terms[i, :, None]), (idx + 1, terms[i].flip(0)[:, None])],
+                                    device)
+            ref = round_pair(hi, lo, dtype)
+            assert ref[0, 0].item() == want and ref[1, 0].item() == want, (dtype, t, ref.flatten().tolist(), want)
     assert plain_wrong >= 5, plain_wrong
+
+
+def test_running_sum_keeps_what_cancelling_blocks_leave(device):
+    """dd_add's three parts: blocks (1, 2^-60), (-1, 2^-130), (-2^-60) sum exactly to 2^-130, and
+    1, 2^-24, 2^-60, 2^-130, -2^-60 to just above the midpoint 1 + 2^-24, one term per block or
+    the first four in one block. A running pair, whose low part was summed plainly, held 2^-60 +
+    2^-130 as 2^-60: it gave 0 and 1; so did a block's pair (dd_sum's mid + lo)."""
+    terms = torch.tensor([[1.0, 2.0**-60, -1.0, 2.0**-130, -(2.0**-60), 0.0],
+                          [1.0, 2.0**-24, 2.0**-60, 2.0**-130, -(2.0**-60), 0.0]], dtype=torch.float64, device=device)
+    assert _kernel_rounding(terms[:1], torch.float32, 2).item() == 2.0**-130
+    for block in (1, 4):
+        assert _kernel_rounding(terms[1:], torch.float32, block).item() == 1 + 2.0**-23, block
+    # blocks of two whose running sum cancels to far below its largest value, the exact sum a
+    # tiny offset from a float32 midpoint (found by a search of random blocks against exact
+    # sums): they round the wrong way when dd_add leaves its parts unnormalised (e far above s)
+    hexes = [["-0x1.d5516cf8965d1p-154", "0x0p0", "-0x1p-34", "-0x1.5e00f646b3689p-117", "0x1.46b3689p-141",
+              "0x1.828083c7cc2dbp-287", "0x1p-34", "0x0p0", "0x1.d5516cf8965d1p-154", "-0x1.828083c7cc2dbp-287",
+              "-0x1p-236", "0x0p0", "0x0p0", "0x0p0", "0x0p0", "0x0p0"],
+             ["0x1p-36", "0x1.742f0e0de0492p-119", "-0x1p-36", "-0x1.651e4d2b7ae80p-94", "-0x1.88ae7a8b1802cp-106",
+              "0x1.5258f86ea8cd7p-164", "-0x1p-106", "-0x1.e8be2f4482a8ap-159", "0x1.88ae7a8b1802cp-106", "0x0p0",
+              "-0x1.41f5dca8a6045p-86", "0x0p0", "0x1.f51767b0f910dp-110", "-0x1.5e930fde53b97p-164", "-0x1p-205",
+              "0x0p0"]]
+    rows = [[float.fromhex(h) for h in r] for r in hexes]
+    want = [_nearest(sum(Fraction(v) for v in r), torch.float32) for r in rows]
+    got = _kernel_rounding(torch.tensor(rows, dtype=torch.float64, device=device), torch.float32, 2)
+    assert got.tolist() == want, (got.tolist(), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -204,11 +247,9 @@ def test_sums_keep_a_small_remainder_beside_cancelling_ones(device, dtype):
         hi, lo = pair_index_sum((2, 1), lambda: [(idx, t[:, None]), (idx + 1, t.flip(0)[:, None])], device)
         assert round_pair(hi, lo, dtype).flatten().tolist() == [want, want], (terms, want)
         both = torch.stack([t, t.flip(0)])
-        out = torch.empty(2, dtype=torch.float32, device=device)
-        odd = torch.empty(2, dtype=torch.float32, device=device)
-        _dd_round_kernel[(2,)](both, out, odd, N_TERMS=len(terms), BLOCK=8)
-        got = out if dtype == torch.float32 else odd.to(dtype)
-        assert got.tolist() == [want, want], (terms, got.tolist(), want)
+        for block in (8, 1):  # one block, each term its own block
+            got = _kernel_rounding(both, dtype, block)
+            assert got.tolist() == [want, want], (terms, block, got.tolist(), want)
 
 
 def test_interpreted_kernels_print_no_numpy_floating_point_warnings(device):

@@ -99,8 +99,8 @@ def code_statistics(
       codes nobody chose get exactly 0. With ``deterministic=True`` (and on the reference) each
       sum is carried as an exact part and a remainder, so it is the exact value rounded to
       nearest even (``+inf``/``-inf`` exactly when that lies beyond float32's range) unless the
-      exact value lies within about ``n^2 2^-136`` of its largest term plus ``2^-106`` of the
-      running sum (kernels, ``n`` rows per block), or ``2^-106``
+      exact value lies within about ``n^2 2^-136`` of its largest term plus ``2^-159`` of its
+      largest partial sum (kernels, ``n`` rows per tile), or ``2^-106``
       of itself plus ``n^4 2^-156`` of its largest term (reference), from a rounding midpoint:
       a plain float64 sum of ``max``, ``2^103``, ``-2^60`` lands on the overflow midpoint and
       rounds to ``+inf``, the exact sum to ``max``.

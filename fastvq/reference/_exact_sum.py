@@ -9,7 +9,7 @@ with ``hi`` exact: every term ``t`` of a row is split at ``sigma = 2^(M + E)`` (
 row's largest |term| in that column, ``2^M >= n + 2`` for its ``n`` terms) into ``q = (sigma + t)
 - sigma`` and ``t - q``; the ``q`` sum exactly in any order (Rump, Ogita and Oishi's
 extraction). The remainders, each below ``2^-53 sigma``, are split again at ``sigma 2^(M - 53)``
-(:func:`pair_index_sum`; ``pair_sum_lastdim(extractions=2)``): their parts sum exactly too, and
+(:func:`pair_index_sum`, :func:`pair_sum_lastdim`): their parts sum exactly too, and
 what is left sums within about ``n^2 2^(2M - 158)`` of the largest term (a plain sum of the first
 remainders lost 2^-130 between 2^-60 and -2^-60; mutG B-2), so the pair is the exact sum within
 that and about ``2^-106`` of itself. :func:`round_pair` then rounds ``hi + lo`` once: to odd
@@ -67,7 +67,7 @@ def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tenso
             size += t.numel() * t.element_size() + idx.numel() * idx.element_size()
             kept = kept + [(idx, t)] if size <= CACHE_BYTES else None
     # the remainders (each below 2^-53 sigma) are split again, at sigma 2^(M - 53) (2^M >= n + 2),
-    # as pair_sum_lastdim(extractions=2) splits them: their plain sum lost a small one where larger
+    # as pair_sum_lastdim splits them: their plain sum lost a small one where larger
     # ones cancelled (2^-60, 2^-130, -2^-60 gave 0: a code's sum 1 + 2^-24 + 2^-130 rounded to 1
     # where the kernel gives 1 + 2^-23; mutG B-2)
     down = torch.exp2(torch.ceil(torch.log2(count + 2.0)) - 53.0)[:, None]  # (exact powers of two)
@@ -88,18 +88,17 @@ def pair_index_sum(shape: tuple, chunks: Callable[[], Iterable[tuple[torch.Tenso
     return _join(hi, mid, lo)
 
 
-def pair_sum_lastdim(t: torch.Tensor, extractions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hi, lo)``: the sums of float64 ``t`` along its last dimension, as a pair.
-    ``extractions=2`` splits the remainders again, as the kernels' ``dd_sum`` does (terms of up
-    to 53 bits that cancel: products of two float32 values, whose low bits the first split leaves
-    in remainders that a plain sum lost where the rest cancelled)."""
+def pair_sum_lastdim(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)``: the sums of float64 ``t`` along its last dimension, as a pair, the remainders
+    split again as :func:`pair_index_sum` and the kernels' ``dd_sum`` do (terms of up to 53 bits
+    that cancel, products of two float32 values, left low bits in remainders that a plain sum
+    lost where the rest cancelled; the per-sample weights' gradient, which split once, gave
+    +inf for the README's max, 2^103, 2^77, -2^-100, -2^77 spread over 200 columns)."""
     def split(v):
         amax = v.abs().amax(-1, keepdim=True) if v.shape[-1] else v.new_zeros(v.shape[:-1] + (1,))
         return _split(v, _sigma(amax, torch.full_like(amax, v.shape[-1])))
 
     q, r = split(t)
-    if extractions == 1:
-        return q.sum(-1), r.sum(-1)
     q2, r2 = split(r)
     return _join(q.sum(-1), q2.sum(-1), r2.sum(-1))
 

@@ -186,7 +186,7 @@ def distance(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
         # as a compensated pair and rounded once (a plain float64 sum lost the products below 2^-53
         # of the largest: [1, 1, 1] . [2^100, 1, -2^100] gave 0, not -1; fuzzJ)
         # (negated after rounding, as the kernel: an exact 0 is -0.0 on both backends; review10)
-        return -round_pair(*pair_sum_lastdim(x32.double() * c32.double(), extractions=2), torch.float32)
+        return -round_pair(*pair_sum_lastdim(x32.double() * c32.double()), torch.float32)
     if metric == "l2":
         return ((x32 - c32) ** 2).sum(-1)
     if metric == "euclidean":  # |x - c| = sqrt(sum((diff * 2^-e)^2)) * 2^e

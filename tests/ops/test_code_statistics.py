@@ -546,23 +546,26 @@ def test_sums_near_rounding_midpoints_round_once(backend, spread):
     assert (plain != want).sum() >= 4
 
 
-def test_merged_pieces_keep_a_small_remainder_beside_cancelling_ones(backend, device):
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4], [0, 1, 64, 128, 192], [0, 256, 512, 768, 1024]],
+                         ids=["one-tile", "tiles", "pieces"])
+def test_sums_keep_a_small_remainder_beside_cancelling_ones(backend, device, rows):
     # tests/_midpoints.py small_remainder_rows (the README's max, half ulp, 2^77, -2^-100, -2^77:
-    # max; and 1, half ulp, 2^-60, 2^-130, -2^-60: 1 + 2^-23) as two columns of one code, each
-    # term alone in its piece of P = 256 rows: the merge kernel's sum of the pieces' partials
-    # split them once and added the remainders plainly, which lost the small one (+inf and 1)
+    # max; and 1, half ulp, 2^-60, 2^-130, -2^-60: 1 + 2^-23) as two columns of one code, the
+    # terms at these rows (zeros between): in one tile of rows, in different tiles of one piece
+    # (64 rows each), in different pieces of 256 rows (merged). One split with the remainders
+    # summed plainly lost the small term in the merge (+inf and 1); a running pair across tiles
+    # and pieces lost the 2^-130 (1)
     from fractions import Fraction
 
-    from fastvq.kernels.code_statistics import piece_rows
+    from fastvq.kernels.code_statistics import _blocks, piece_rows
     from tests._midpoints import nearest, small_remainder_rows
 
-    rows = small_remainder_rows(torch.float32)
-    n = len(rows[0])
-    N = 256 * n
-    assert piece_rows(N, 2) == 256
+    terms = small_remainder_rows(torch.float32)
+    N = rows[-1] + 8
+    assert piece_rows(N, 2) == 256 and _blocks(2)[0] == 64
     x = torch.zeros(N, 2, device=device)
-    x[torch.arange(n, device=device) * 256] = torch.tensor(rows, device=device).T
-    want = [nearest(sum(Fraction(v) for v in r), torch.float32) for r in rows]
+    x[torch.tensor(rows, device=device)] = torch.tensor(terms, device=device).T
+    want = [nearest(sum(Fraction(v) for v in r), torch.float32) for r in terms]
     counts, sums = fastvq.code_statistics(x, torch.zeros(N, dtype=torch.long, device=device), 1, deterministic=True)
     assert sums.flatten().tolist() == want and counts.tolist() == [N]
 

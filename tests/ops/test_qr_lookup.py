@@ -908,44 +908,46 @@ def test_atomic_table_gradient_at_the_float32_max_rounds_as_the_exact_sum(backen
     assert exact < float("inf") and q.grad[0, 0].item() == exact and q.grad[0, 1].item() == 0.0
 
 
+@pytest.mark.parametrize("spread", [False, True], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_redone_sums_keep_a_small_remainder_beside_cancelling_ones(backend, device, dtype):
-    """The README's terms max, half ulp of max, 2^77, -2^-100, -2^77 (tests/_midpoints.py
-    small_remainder_rows: exact sum just below the overflow midpoint, so max) through every
-    float64 redo of the kernels: a bag's sum (the items in one block), a table row's gradient
-    (deterministic, and the atomic fix-up), a per-sample weight's gradient (the terms along D).
-    The redo split its terms once and added the remainders plainly, lost the -2^-100 and gave
-    +inf; the reference and the redo now split twice. The float32 sum overflows in every order,
-    so the redo always runs."""
+def test_redone_sums_keep_a_small_remainder_beside_cancelling_ones(backend, device, dtype, spread):
+    """tests/_midpoints.py small_remainder_rows as two columns: the README's max, half ulp of max,
+    2^77, -2^-100, -2^77 (exact sum just below the overflow midpoint: max) and 1, half ulp of 1,
+    2^-60, 2^-130, -2^-60 (just above the midpoint: 1 + ulp), through every float64 redo of the
+    kernels: a bag's sum, a table row's gradient (deterministic, and the atomic fix-up), a
+    per-sample weight's gradient (the terms along D; the rows as two items). The first column's
+    float32 sum overflows in every order, so the redo runs for the whole tile. One split with
+    the remainders summed plainly lost the -2^-100 (+inf); with the terms in different blocks
+    (items 0, 1, 64, 128, 192 of 200; columns likewise) the running pair lost the 2^-130 (1)."""
     from fractions import Fraction
 
     from tests._midpoints import nearest, small_remainder_rows
 
-    terms = small_remainder_rows(dtype)[0]
-    n = len(terms)
-    want = nearest(sum(Fraction(v) for v in terms), dtype)
-    assert want == terms[0]
-    col = torch.tensor(terms, device=device)
+    rows = small_remainder_rows(dtype)
+    want = [nearest(sum(Fraction(v) for v in r), dtype) for r in rows]
+    assert want == [rows[0][0], 1 + 2 * rows[1][1]]
+    n = 200 if spread else 5
+    pos = torch.tensor([0, 1, 64, 128, 192] if spread else list(range(5)), device=device)
+    terms = torch.zeros(n, 2, device=device)
+    terms[pos] = torch.tensor(rows, device=device).T
     offs = torch.zeros(1, dtype=torch.long, device=device)
-    # a bag of 5 items, q rows holding the terms in column 0, r = 0
-    q = torch.zeros(n, 2, device=device)
-    q[:, 0] = col
-    out = fastvq.qr_lookup(torch.arange(n, device=device), q.to(dtype), torch.zeros(1, 2, device=device, dtype=dtype),
+    # a bag of n items, q rows holding the terms, r = 0
+    out = fastvq.qr_lookup(torch.arange(n, device=device), terms.to(dtype), torch.zeros(1, 2, device=device, dtype=dtype),
                            "add", offsets=offs)
-    assert out.tolist() == [[want, 0.0]], out
-    # 5 items on one q row, the terms their upstream gradients
-    g = torch.zeros(n, 2, device=device, dtype=dtype)
-    g[:, 0] = col
+    assert out.tolist() == [want], out
+    # n items on one q row, the terms their upstream gradients
     for det in (True, False):
         q1 = torch.zeros(1, 2, device=device, dtype=dtype, requires_grad=True)
-        r1 = torch.zeros(8, 2, device=device, dtype=dtype, requires_grad=True)
-        fastvq.qr_lookup(torch.arange(n, device=device), q1, r1, "add", deterministic=det).backward(g)
-        assert q1.grad.tolist() == [[want, 0.0]], (det, q1.grad)
-    # one item whose composed row is the terms, bag gradient 1: its weight's gradient is their sum
-    w = torch.ones(1, device=device, dtype=dtype, requires_grad=True)
-    fastvq.qr_lookup(torch.zeros(1, dtype=torch.long, device=device), col[None].to(dtype),
-                     torch.zeros(1, n, device=device, dtype=dtype), "add", offsets=offs, per_sample_weights=w).sum().backward()
-    assert w.grad.tolist() == [want], w.grad
+        r1 = torch.zeros(n, 2, device=device, dtype=dtype, requires_grad=True)
+        fastvq.qr_lookup(torch.arange(n, device=device), q1, r1, "add", deterministic=det).backward(terms.to(dtype))
+        assert q1.grad.tolist() == [want], (det, q1.grad)
+    # two items (one bag each) whose composed rows are the terms, bag gradients 1: each weight's
+    # gradient is the sum of its row
+    w = torch.ones(2, device=device, dtype=dtype, requires_grad=True)
+    fastvq.qr_lookup(torch.arange(2, device=device), terms.T.contiguous().to(dtype),
+                     torch.zeros(1, n, device=device, dtype=dtype), "add", offsets=torch.arange(2, device=device),
+                     per_sample_weights=w).sum().backward()
+    assert w.grad.tolist() == want, w.grad
 
 
 def _many_overflowed_rows(device):

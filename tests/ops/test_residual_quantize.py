@@ -1374,21 +1374,28 @@ def test_statistics_at_the_overflow_midpoint_round_once(backend, device):
     assert (terms[:, ~paired].double().sum(0).float() != want[~paired]).sum() >= 4  # (plain float64: wrong)
 
 
-def test_statistics_redo_keeps_a_small_remainder_beside_cancelling_ones(backend, device):
-    # the README's max, half ulp, 2^77, -2^-100, -2^77 (tests/_midpoints.py small_remainder_rows;
-    # exact sum just below the overflow midpoint: max) as five adjacent rows of one code, so the
-    # fix-up sums them in one block: it split them once and added the remainders plainly, which
-    # lost the -2^-100 and gave +inf
-    from tests._midpoints import small_remainder_rows
+@pytest.mark.parametrize("spread", [False, True], ids=["one-block", "blocks"])
+def test_statistics_redo_keeps_a_small_remainder_beside_cancelling_ones(backend, device, spread):
+    # tests/_midpoints.py small_remainder_rows as two columns (the README's max, half ulp, 2^77,
+    # -2^-100, -2^77: max; 1, half ulp, 2^-60, 2^-130, -2^-60: 1 + 2^-23) on five rows of one
+    # code, adjacent (one block of the fix-up) or at rows 0, 1, 64, 128, 192 of 200 (different
+    # blocks); the first column's float32 sum overflows, so the code's sums are redone. One split
+    # with the remainders summed plainly lost the -2^-100 (+inf); a running pair across blocks
+    # lost the 2^-130 (1)
+    from fractions import Fraction
 
-    terms = small_remainder_rows(torch.float32)[0]
-    N, K = 12, 3
-    x = torch.zeros(N, 1, device=device)
-    x[:5, 0] = torch.tensor(terms, device=device)
+    from tests._midpoints import nearest, small_remainder_rows
+
+    terms = small_remainder_rows(torch.float32)
+    want = [nearest(sum(Fraction(v) for v in r), torch.float32) for r in terms]
+    N, K = (200, 3) if spread else (12, 3)
+    pos = torch.tensor([0, 1, 64, 128, 192] if spread else list(range(5)), device=device)
+    x = torch.zeros(N, 2, device=device)
+    x[pos] = torch.tensor(terms, device=device).T
     codes = torch.full((N, 1), 2, dtype=torch.int64, device=device)
-    codes[:5] = 0
-    out = fastvq.residual_quantize_step(x, torch.zeros(1, K, 1, device=device), codes=codes, statistics=True)
-    assert out.sums.flatten().tolist() == [terms[0], 0.0, 0.0] and out.counts.tolist() == [[5.0, 0.0, N - 5.0]]
+    codes[pos] = 0
+    out = fastvq.residual_quantize_step(x, torch.zeros(1, K, 2, device=device), codes=codes, statistics=True)
+    assert out.sums[0, 0].tolist() == want and out.counts.tolist() == [[5.0, 0.0, N - 5.0]]
 
 
 def test_row_weights_are_checked_alike_by_the_ops_and_the_modules(device):
