@@ -179,10 +179,14 @@ def _underflowed(b_p, b_a, b_b):
 def _qr_compose(
     p_qw, p_rw, b_qi, b_ri, m_n, o_d, DQ, DR,
     stride_qn, stride_qd, stride_rn, stride_rd, OP: tl.constexpr, EXACT: tl.constexpr = False,
+    SPLIT: tl.constexpr = False,
 ):
     """``(composed (BLOCK, BLOCK_D), underflowed)``: the composed rows, float32 (float64 with
     ``EXACT``), zeros where ``m_n`` or the column is masked; and where a "mult" product of
-    nonzero factors underflowed (:func:`_underflowed`; all False for the other ops)."""
+    nonzero factors underflowed (:func:`_underflowed`; all False for the other ops). ``SPLIT``
+    ("add" only): ``(q rows, r rows)`` apart, for a float64 redo that sums them as separate
+    terms (``q + r`` rounds in float64 where they lie more than 53 bits apart: items (2^60, 1)
+    and (-2^60, 0) summed to 0, exact 1; fuzzR)."""
     if OP == 2:  # concat: columns [0, DQ) from q, [DQ, DQ + DR) from r
         o_r = o_d - DQ
         m_q = m_n[:, None] & (o_d < DQ)[None, :]
@@ -196,6 +200,8 @@ def _qr_compose(
     if OP == 1:
         b_c = b_q * b_r
         return b_c, _underflowed(b_c, b_q, b_r)
+    elif SPLIT:
+        return b_q, b_r
     else:
         b_c = b_q + b_r
         return b_c, b_c < float("-inf")  # (all False)
@@ -240,18 +246,28 @@ def _qr_bag_sum(
         o_l = l0 + tl.arange(0, BLOCK_L)
         m_l = o_l < end
         b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
+        # (the float64 redo of "add": q and r rows as separate terms, b_c and b_c2)
         b_c, b_low = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn,
-                                 stride_rd, OP, EXACT)
+                                 stride_rd, OP, EXACT, EXACT and OP == 0)
+        if EXACT and OP == 0:
+            b_c2 = b_low  # (the r rows)
         if HAS_W:
             b_w = tl.load(p_psw + o_l, mask=m_l, other=0.0).to(tl.float32)
             b_c = b_c * _to_math(b_w, EXACT)[:, None]
+            if EXACT and OP == 0:
+                b_c2 = b_c2 * _to_math(b_w, EXACT)[:, None]
             if OP == 1:  # (the weights of items with an underflowed product)
                 b_wmax = tl.maximum(b_wmax, tl.where(tl.max(b_low.to(tl.int32), axis=1) > 0, tl.abs(b_w), 0.0))
         if MEAN:
             b_c = b_c * inv_len
+            if EXACT and OP == 0:
+                b_c2 = b_c2 * inv_len
         if EXACT:
             b_hi, b_mid, b_lo = dd_sum(b_c, 0)
             b_acc, b_err, b_tail = dd_add(b_acc, b_err, b_tail, b_hi, b_mid, b_lo)
+            if OP == 0:
+                b_hi, b_mid, b_lo = dd_sum(b_c2, 0)
+                b_acc, b_err, b_tail = dd_add(b_acc, b_err, b_tail, b_hi, b_mid, b_lo)
         else:
             b_acc += b_c
     if EXACT:
@@ -704,12 +720,17 @@ def _qr_psw_dot(
     for d0 in range(0, DOUT, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         b_c, b_low = _qr_compose(p_qw, p_rw, b_qi, b_ri, m_l, o_d, DQ, DR, stride_qn, stride_qd, stride_rn,
-                                 stride_rd, OP, EXACT)
+                                 stride_rd, OP, EXACT, EXACT and OP == 0)  # ("add" redo: q . g + r . g)
+        if EXACT and OP == 0:
+            b_c2 = b_low  # (the r rows)
         m = m_l[:, None] & (o_d < DOUT)[None, :]
         b_g = tl.load(p_g + b_bag[:, None] * stride_gn + o_d[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
         if EXACT:
             b_hi, b_mid, b_lo = dd_sum(b_c * _to_math(b_g, EXACT), 1)
             b_dot, b_err, b_tail = dd_add(b_dot, b_err, b_tail, b_hi, b_mid, b_lo)
+            if OP == 0:
+                b_hi, b_mid, b_lo = dd_sum(b_c2 * _to_math(b_g, EXACT), 1)
+                b_dot, b_err, b_tail = dd_add(b_dot, b_err, b_tail, b_hi, b_mid, b_lo)
         else:
             b_dot += tl.sum(b_c * _to_math(b_g, EXACT), axis=1)
         if OP == 1:

@@ -105,10 +105,13 @@ def qr_lookup_ref(
 
     def items():  # float64: no item, weight or partial sum over- or underflows
         for s in range(0, N, step):
-            c = _compose(op, q_weight[qi[s : s + step]].to(EXACT), r_weight[ri[s : s + step]].to(EXACT))
-            if scale is not None:
-                c = c * scale[s : s + step].to(EXACT)[:, None]
-            yield bag_of[s : s + step], c
+            qv, rv = q_weight[qi[s : s + step]].to(EXACT), r_weight[ri[s : s + step]].to(EXACT)
+            # "add": q and r as separate terms (q + r rounds in float64 where they lie more than 53
+            # bits apart: items (2^60, 1) and (-2^60, 0) summed to 0, exact 1; fuzzR)
+            for c in (qv, rv) if op == "add" else (_compose(op, qv, rv),):
+                if scale is not None:
+                    c = c * scale[s : s + step].to(EXACT)[:, None]
+                yield bag_of[s : s + step], c
 
     for rows, c in items():  # the differentiable sum (autograd's graph) ...
         pooled = pooled.index_add(0, rows, c)
@@ -178,8 +181,10 @@ def qr_lookup_bwd_ref(
         for s in range(0, N, step):
             rows = slice(s, min(s + step, N))
             g = (g2[rows] if bag_of is None else g2[bag_of[rows]]).to(math)
-            gw[rows], gw_lo[rows] = pair_sum_lastdim(
-                _compose(op, q_weight[qi[rows]].to(math), r_weight[ri[rows]].to(math)) * g)
+            qv, rv = q_weight[qi[rows]].to(math), r_weight[ri[rows]].to(math)
+            # ("add": q . g + r . g, each product exact; (q + r) . g rounded q + r first)
+            prods = torch.cat([qv * g, rv * g], dim=-1) if op == "add" else _compose(op, qv, rv) * g
+            gw[rows], gw_lo[rows] = pair_sum_lastdim(prods)
     out = []
     for table, (need, idx, w) in enumerate(((need_q, qi, q_weight), (need_r, ri, r_weight))):
         if not need:

@@ -950,6 +950,39 @@ def test_redone_sums_keep_a_small_remainder_beside_cancelling_ones(backend, devi
     assert w.grad.tolist() == want, w.grad
 
 
+def test_redone_add_sums_keep_q_and_r_apart(backend, device):
+    """fuzzR finding 1: the float64 redo (and the reference) formed each "add" item's q + r, and
+    (q + r) * w, in float64, which rounds where q and r lie far apart: items (q, r) = (2^60, 1),
+    (-2^60, 0) summed to 0 (exact 1); (1, 0), (2^-24, 2^-100) to 1 (exact 1 + 2^-24 + 2^-100:
+    1 + 2^-23); weighted items (1, 2^-24, w 1), (2^-30, 2^-60, w 1 + 2^-23), (-2^-30, 0, 1),
+    (-2^-53, 0, 1), (-2^-60, 0, 1) to 1 (exact 1 + 2^-24 + 2^-83). The q and r rows are summed
+    as separate terms now, each exact (a product of at most two float32 values); so is a
+    per-sample weight's gradient q . g + r . g. Column 1 (max in every q row) overflows, so
+    every bag is redone."""
+    mx = torch.finfo(torch.float32).max
+    bags = [([(2.0**60, 1.0), (-(2.0**60), 0.0)], None, 1.0),
+            ([(1.0, 0.0), (2.0**-24, 2.0**-100)], None, 1 + 2.0**-23),
+            ([(1.0, 2.0**-24), (2.0**-30, 2.0**-60), (-(2.0**-30), 0.0), (-(2.0**-53), 0.0), (-(2.0**-60), 0.0)],
+             [1.0, 1 + 2.0**-23, 1.0, 1.0, 1.0], 1 + 2.0**-23)]
+    for items, wv, want in bags:
+        n = len(items)
+        q = torch.tensor([[a, mx] for a, _ in items], device=device)
+        r = torch.tensor([[b, 0.0] for _, b in items], device=device)
+        ids = torch.arange(n, device=device) * (n + 1)  # item i -> (q row i, r row i)
+        w = None if wv is None else torch.tensor(wv, device=device)
+        out = fastvq.qr_lookup(ids, q, r, "add", offsets=torch.zeros(1, dtype=torch.long, device=device),
+                               per_sample_weights=w)
+        assert out.tolist() == [[want, float("inf")]], (items, out)
+    # a per-sample weight's gradient: item 0's composed row (2^60 + 1, -2^60), bag gradient 1:
+    # exact 1; item 1 (max, max) overflows in float32, so the block is redone
+    q = torch.tensor([[2.0**60, -(2.0**60)], [mx, mx]], device=device)
+    r = torch.tensor([[1.0, 0.0], [0.0, 0.0]], device=device)
+    w = torch.ones(2, device=device, requires_grad=True)
+    fastvq.qr_lookup(torch.tensor([0, 3], device=device), q, r, "add", offsets=torch.arange(2, device=device),
+                     per_sample_weights=w).sum().backward()
+    assert w.grad.tolist() == [1.0, float("inf")], w.grad
+
+
 def _many_overflowed_rows(device):
     """2,500 items (three 1,024-id spans of the fix-up's scan), tables Q=20, R=3, D=160 (two
     128-column tiles). q rows 0..11 (three fix-up groups of 4 rows) each take 6 items
