@@ -161,9 +161,10 @@ def bf16_rne(dtype: torch.dtype) -> bool:
 
 @triton.jit
 def round_bf16(b):
-    """float32 -> bfloat16, rounded to nearest even with integer ops (see :func:`bf16_rne`)."""
+    """float32 -> bfloat16, rounded to nearest even with integer ops (see :func:`bf16_rne`). A NaN
+    stays a (quiet) NaN: rounding its bits carried 0x7FFFFFFF into the sign, -0.0 (round H)."""
     u = b.to(tl.uint32, bitcast=True)
-    u = u + 0x7FFF + ((u >> 16) & 1)
+    u = tl.where(b != b, u | 0x00400000, u + 0x7FFF + ((u >> 16) & 1))
     return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
@@ -587,9 +588,9 @@ def atomic_overflow_bound(n: int) -> float:
     """``2^t``: a float32 sum of at most ``n`` terms, each at most ``2^t`` in magnitude, stays
     below ``2^127`` in every partial sum, in any order: recursive summation's partial sums are
     at most ``sum |terms| (1 + 2^-24)^n <= n e^(n 2^-24) 2^t``, and ``t = 127 -
-    ceil(log2(n e^(n 2^-24)))`` (``2^t`` = 8e34 for 4,096 items). Atomic sums (QR's backward,
-    residual quantization's statistics and codebook gradient) flag a larger term; their fix-ups
-    sum the rows that overflowed again in float64."""
+    ceil(log2(n e^(n 2^-24)))`` (``2^t`` = 2^114, about 2.1e34, for 4,096 items). Atomic sums
+    (QR's backward, residual quantization's statistics and codebook gradient) flag a larger
+    term; their fix-ups sum the rows that overflowed again in float64."""
     log2_growth = math.log2(max(n, 1)) + n * 2.0**-24 / math.log(2.0)
     return math.ldexp(1.0, 127 - max(0, math.ceil(log2_growth)))
 
