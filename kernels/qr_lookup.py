@@ -20,9 +20,11 @@ multiplies a product that underflowed (``q * r`` or ``g * q`` nonzero factors, b
 its rounding error would be multiplied up; qrprobe QP1), or where a bfloat16 / float16 result
 reaches its dtype's largest value (the store's second rounding could give +-inf below the
 overflow midpoint; QP3), a float64 pass over the same items (float64 holds every product of
-three float32 values in range), compensated (``_common.dd_sum``: two exact parts and a
-remainder per block of items, ``dd_add``: a running sum in three parts) and rounded once (``_common.round_dd``: to odd first, so that a
-sum within 2^-54 of a rounding midpoint does not round twice; QP5). The redo is decided per
+three float32 values in range; an "add" item's q and r rows are separate terms, as q + r
+rounds in float64 where they lie far apart), compensated (``_common.dd_sum``: two exact
+parts and a remainder per block of items; ``dd_add``: a running sum in three parts) and
+rounded once (``_common.round_dd``: to odd first, so that a sum within 2^-54 of a rounding
+midpoint does not round twice; QP5). The redo is decided per
 program (one bag or table row x one D tile) after its loop: no extra launch, no host read; bags
 and rows of ordinary values never take it.
 

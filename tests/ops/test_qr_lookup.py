@@ -932,8 +932,8 @@ def test_redone_sums_keep_a_small_remainder_beside_cancelling_ones(backend, devi
     terms[pos] = torch.tensor(rows, device=device).T
     offs = torch.zeros(1, dtype=torch.long, device=device)
     # a bag of n items, q rows holding the terms, r = 0
-    out = fastvq.qr_lookup(torch.arange(n, device=device), terms.to(dtype), torch.zeros(1, 2, device=device, dtype=dtype),
-                           "add", offsets=offs)
+    out = fastvq.qr_lookup(torch.arange(n, device=device), terms.to(dtype),
+                           torch.zeros(1, 2, device=device, dtype=dtype), "add", offsets=offs)
     assert out.tolist() == [want], out
     # n items on one q row, the terms their upstream gradients
     for det in (True, False):
