@@ -459,10 +459,9 @@ def add_rows_by_index(b_acc, b_t, b_idx, k0, FIX_R: tl.constexpr):
 # A float64 sum of float32 terms is not exact (terms max, 2^103 and -2^60 sum in float64 to the
 # float32 rounding midpoint max + 2^103, where the exact sum is below it), and rounding a float32
 # sum again to bfloat16 / float16 rounds twice (qrprobe QP3, QP5). Where a kernel's float64 redo
-# must round once, it sums each block of terms as a pair (:func:`dd_sum`: two extractions),
-# carries the blocks' running sum as three float64 parts ``(s, e, f)`` whose sum is the running
-# sum (:func:`dd_add`: ~159 bits, renormalised after each block) and rounds that once
-# (:func:`round_dd`).
+# must round once, it sums each block of terms in three parts (:func:`dd_sum`: two
+# extractions), carries the blocks' running sum as three float64 parts ``(s, e, f)`` (:func:`dd_add`:
+# ~159 bits, renormalised after each block) and rounds that once (:func:`round_dd`).
 
 
 @triton.jit

@@ -97,7 +97,7 @@ def code_statistics(
       ``sums`` and **counted** (``skipped``), so one bad row cannot poison a code;
     - sums and counts are accumulated in float64 and rounded once to float32, are never NaN, and
       codes nobody chose get exactly 0. With ``deterministic=True`` (and on the reference) each
-      sum is carried as an exact part and a remainder, so it is the exact value rounded to
+      sum is carried as exact parts and a remainder, so it is the exact value rounded to
       nearest even (``+inf``/``-inf`` exactly when that lies beyond float32's range) unless the
       exact value lies within about ``n^2 2^-136`` of its largest term plus ``2^-159`` of its
       largest partial sum (kernels, ``n`` rows per tile), or ``2^-106``
