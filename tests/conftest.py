@@ -30,6 +30,7 @@
 import os
 import random
 import signal
+import sys
 import zlib
 
 import torch
@@ -118,9 +119,32 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_TORCH_EMPTY, _TORCH_EMPTY_LIKE = torch.empty, torch.empty_like
+
+
+def rebuild_dynamo_rules():
+    """Make TorchDynamo's cached map of torch functions hold torch's own ``empty`` and
+    ``empty_like`` again. ``torch.distributed.init_process_group`` clears that cache (a gloo test
+    in this process does), and the next compile rebuilds it by name while a test's poisoning
+    wrapper stands in for them: from then on every compile that reaches ``torch.empty_like``
+    failed ("Attempted to call function marked as skipped"; test_compileprobe's bitcodes test
+    after test_distributed's, in one process)."""
+    rules = sys.modules.get("torch._dynamo.trace_rules")
+    if rules is None or _TORCH_EMPTY_LIKE in rules.get_torch_obj_rule_map():
+        return
+    poisoned = torch.empty, torch.empty_like
+    torch.empty, torch.empty_like = _TORCH_EMPTY, _TORCH_EMPTY_LIKE
+    try:
+        rules.clear_lru_cache()
+        rules.get_torch_obj_rule_map()
+    finally:
+        torch.empty, torch.empty_like = poisoned
+
+
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    rebuild_dynamo_rules()  # (before the patch: a cache cleared by an earlier test is rebuilt right)
 
     def empty(*args, **kwargs):
         return _poison(real_empty(*args, **kwargs))

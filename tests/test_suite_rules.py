@@ -171,6 +171,29 @@ def _strict_xfails_without_raises(tree: ast.AST):
                 yield node.lineno
 
 
+def test_compiles_work_after_a_test_clears_dynamos_map_of_torch_functions(monkeypatch):
+    """``torch.distributed.init_process_group`` clears TorchDynamo's cached map of torch functions;
+    rebuilt by name under one test's poisoning wrapper of ``torch.empty_like``, it broke every
+    compile of a later test (a new wrapper: dynamo inlined it and met torch's builtin, not in the
+    map). The ``poison_empty`` fixture rebuilds the map from torch's own functions first
+    (``conftest.rebuild_dynamo_rules``)."""
+    import torch._dynamo
+    from tests.conftest import _TORCH_EMPTY_LIKE, rebuild_dynamo_rules
+
+    rules = torch._dynamo.trace_rules
+    rules.clear_lru_cache()  # as init_process_group does
+    rules.get_torch_obj_rule_map()  # rebuilt under this test's wrapper
+    assert _TORCH_EMPTY_LIKE not in rules.get_torch_obj_rule_map()
+    rebuild_dynamo_rules()  # what the next test's fixture does before it patches
+    assert _TORCH_EMPTY_LIKE in rules.get_torch_obj_rule_map()
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _TORCH_EMPTY_LIKE(*a, **k))  # the next test's wrapper
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: torch.empty_like(x).fill_(2.0) * x, fullgraph=True, backend="eager")
+    x = torch.arange(3.0)
+    assert torch.equal(step(x), 2 * x)
+    torch._dynamo.reset()
+
+
 def test_every_strict_xfail_names_what_it_raises():
     # A known limit pinned as a strict xfail says which error shows it: without ``raises=`` a new,
     # unrelated error (a TypeError in the test, an import change) counted as the expected failure
