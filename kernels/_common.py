@@ -571,15 +571,18 @@ def round_dd(b_s, b_e, b_f, ODD32: tl.constexpr, INEXACT: tl.constexpr = False):
 @triton.jit
 def add_rows_by_index_dd(b_s, b_e, b_f, b_t, b_idx, k0, FIX_R: tl.constexpr):
     """:func:`add_rows_by_index` into the running sums ``(b_s, b_e, b_f)`` (each ``(FIX_R, C)``
-    float64), each row's terms summed by :func:`dd_sum` and added by :func:`dd_add`."""
+    float64), each row's terms summed by :func:`dd_sum` and added by :func:`dd_add`; a row with no
+    term in the block is skipped (a fix-up group's block often holds one or two of its rows)."""
     o_r = tl.arange(0, FIX_R)
     for j in tl.static_range(FIX_R):
-        b_hi, b_mid, b_lo = dd_sum(tl.where((b_idx == k0 + j)[:, None], b_t, 0.0), 0)
-        n_s, n_e, n_f = dd_add(b_s, b_e, b_f, b_hi[None, :], b_mid[None, :], b_lo[None, :])
-        m_j = (o_r == j)[:, None]
-        b_s = tl.where(m_j, n_s, b_s)
-        b_e = tl.where(m_j, n_e, b_e)
-        b_f = tl.where(m_j, n_f, b_f)
+        m_t = b_idx == k0 + j
+        if tl.max(m_t.to(tl.int32), axis=0) > 0:
+            b_hi, b_mid, b_lo = dd_sum(tl.where(m_t[:, None], b_t, 0.0), 0)
+            n_s, n_e, n_f = dd_add(b_s, b_e, b_f, b_hi[None, :], b_mid[None, :], b_lo[None, :])
+            m_j = (o_r == j)[:, None]
+            b_s = tl.where(m_j, n_s, b_s)
+            b_e = tl.where(m_j, n_e, b_e)
+            b_f = tl.where(m_j, n_f, b_f)
     return b_s, b_e, b_f
 
 

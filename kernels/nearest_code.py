@@ -280,8 +280,8 @@ def _distance(p_x, o_xrow, m_n, p_row, b_xm, D, stride_xd, stride_cd,
         m = m_n[:, None] & (o_d < D)[None, :]
         b_x = tl.load(p_x + o_xrow[:, None] + o_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
         b_c = tl.load(p_row[:, None] + o_d[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
-        if METRIC == 2:  # -(x.c) from float64 products (each exact, nothing scaled), summed as a
-            # compensated pair: a plain float64 sum lost the products below 2^-53 of the largest
+        if METRIC == 2:  # -(x.c) from float64 products (each exact, nothing scaled), summed in
+            # three parts (dd_sum, dd_add across tiles): a plain float64 sum lost the products below 2^-53 of the largest
             # ([1, 1, 1] . [2^100, 1, -2^100] gave 0, not -1; fuzzJ)
             b_hi, b_mid, b_lo = dd_sum(b_x.to(tl.float64) * b_c.to(tl.float64), 1)
             b_t64, b_e64, b_f64 = dd_add(b_t64, b_e64, b_f64, b_hi, b_mid, b_lo)

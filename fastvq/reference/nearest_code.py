@@ -183,7 +183,7 @@ def distance(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
     not -1e-30; fuzzA)."""
     x32, c32 = x.float(), c.float()
     if metric == "dot":  # -(x.c) from float64 products (each exact, nothing scaled or flushed), summed
-        # as a compensated pair and rounded once (a plain float64 sum lost the products below 2^-53
+        # extracted twice (pair_sum_lastdim) and rounded once (a plain float64 sum lost the products below 2^-53
         # of the largest: [1, 1, 1] . [2^100, 1, -2^100] gave 0, not -1; fuzzJ)
         # (negated after rounding, as the kernel: an exact 0 is -0.0 on both backends; review10)
         return -round_pair(*pair_sum_lastdim(x32.double() * c32.double()), torch.float32)
