@@ -16,9 +16,9 @@ distances are computed in float32 and never made up. The returned distance is th
 from the row to the returned code, computed directly from the two vectors (l2, euclidean and
 cosine as float32 sums, within fastvq.testing's bound of the exact value; dot's exact float64
 products summed in three float64 parts (two extractions per tile of columns) and rounded once:
-correct unless the exact sum lies within about n^2 2^-136 of the largest product plus 2^-159 of the largest partial sum of a
-rounding midpoint, n columns per tile): NaN exactly where that distance is
-NaN (a NaN entry; inf - inf), +inf where it overflows float32 (dot: -inf where <x, c>
+correct unless the exact sum lies within about n^2 2^-136 of the largest product plus 2^-159
+of the largest partial sum of a rounding midpoint, n columns per tile): NaN exactly where that
+distance is NaN (a NaN entry; inf - inf), +inf where it overflows float32 (dot: -inf where <x, c>
 overflows), never 0 or another finite stand-in for a representable distance (l2 flushes terms
 below 2^-150: distances below about 1e-38 can read 0); l2 >= 0, and cosine in [0, 2] at every
 magnitude (euclidean's and cosine's rows and codes are scaled by powers of two before they are
