@@ -47,6 +47,10 @@ written as ``xfail(strict=True)``:
   every path, the reference included; vs exact rational sums): a float64 sum is not exact. Terms max, 2^103, -2^60 sum to max + 2^103 - 2^60, below the
   rounding midpoint (so max), but in float64 it rounds to the midpoint max + 2^103 and then to
   +inf. The fix-ups' "summed in float64, rounded once" rounded twice within 2^-54 of the midpoint.
+- fuzzS (open, documented in the README; both backends, every "mean" path): "mean" rounds to
+  nearest twice, through float32 (to keep exact ties despite 1/len's rounding), so a mean below
+  the overflow midpoint by less than half a float32 ulp (bfloat16 / float16; 2^-54 for float32)
+  comes out +-inf: a bfloat16 bag of two items with exact mean max + 2^119 - 2^100 gives +inf.
 """
 
 import math
