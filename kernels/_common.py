@@ -536,24 +536,27 @@ def dd_add(b_s, b_e, b_f, b_hi, b_mid, b_lo):
 
 
 @triton.jit
-def round_dd(b_s, b_e, b_f, ODD32: tl.constexpr, INEXACT: tl.constexpr = False):
+def round_dd(b_s, b_e, b_f, ODD32: tl.constexpr, b_tol=0.0, SNAP: tl.constexpr = False):
     """float32 of the running sum ``s + e + f`` (:func:`dd_add`) rounded once. ``ODD32`` False: to
     nearest even (rounded to odd at float64 first: 53 >= 24 + 2 bits, so the second rounding is
     exact). ``ODD32`` True: to odd at float32, for a table of bfloat16 or float16 that the store
     then rounds to nearest (24 >= 11 + 2). A sum ``s`` that is NaN or +-inf (a term was; its
-    ``e`` is then NaN) passes through as it is. ``INEXACT``: the terms carry a rounding of their
-    own ("mean"'s ``1 / len``), so the parts are not the exact sum, and rounding to odd would
-    keep that error where the exact sum is a tie: to nearest instead (twice for a half table),
-    as the float32 path and fastvq/reference/_exact_sum.py ``round_pair`` round them."""
+    ``e`` is then NaN) passes through as it is. ``SNAP``: the parts are the exact sum only within
+    ``b_tol`` (its terms carry a rounding of their own: "mean"'s quotients, :func:`two_prod`),
+    and rounding to odd would keep that error where the exact sum is a tie (a bfloat16 mean of
+    three bfloat16 values, exactly halfway, came out the odd neighbour): a sum within ``b_tol``
+    of a point of float32's half-ulp grid (every float32, bfloat16 and float16 value and
+    rounding midpoint lies on it) is that point (:func:`snap_half_ulp`), and every other sum
+    is rounded once as above."""
     fin = (b_s == b_s) & (tl.abs(b_s) < float("inf"))
     s, e, f = dd_renorm(b_s, tl.where(fin, b_e, 0.0), tl.where(fin, b_f, 0.0))
     h, l = two_sum(s, e)
     l = l + f  # (the tail's sign is exact: h + l + f is the sum, |l + f| below h's ulp)
     z = b_s + b_e  # (an exact 0 keeps the sign the parts give it, as IEEE adds them: -0 + -0 is -0)
     h = tl.where(fin, tl.where(h == 0, tl.where(z == 0, z, 0.0), h), b_s)
-    if INEXACT:
-        return h.to(tl.float32)
-    elif ODD32:
+    if SNAP:
+        h, l = snap_half_ulp(h, l, fin, b_tol)
+    if ODD32:
         f32 = h.to(tl.float32)
         d = h - f32.to(tl.float64)  # exact: f32 is h's float32 neighbour
         d = tl.where(d != 0, d, l)
@@ -566,6 +569,39 @@ def round_dd(b_s, b_e, b_f, ODD32: tl.constexpr, INEXACT: tl.constexpr = False):
         fix = fin & (l != 0) & ((bits & 1) == 0)
         up = (l > 0) == (h > 0)
         return tl.where(fix, tl.where(up, bits + 1, bits - 1), bits).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def snap_half_ulp(h, l, fin, b_tol):
+    """``(h, l)`` (``h + l`` a float64 sum, ``|l|`` below half of ``h``'s ulp) moved to the nearest
+    point ``P`` of float32's half-ulp grid at ``h`` (multiples of ``2^(E - 24)``, ``2^E <= |h|``,
+    at least 2^-150) where ``|h + l - P| <= b_tol``: then ``(P, 0)``. ``P = 0`` is left alone
+    (such an ``h`` rounds to a zero of its own sign anyway)."""
+    b_e = (h.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+    u = (tl.maximum(b_e - 24, 1023 - 150) << 52).to(tl.float64, bitcast=True)
+    big = u * 6755399441055744.0  # 1.5 * 2^52 * u: (h + big) - big rounds h to a multiple of u
+    p = (h + big) - big
+    snap = fin & (p != 0) & (tl.abs((h - p) + l) <= b_tol)  # (h - p is exact: |h - p| <= u / 2)
+    return tl.where(snap, p, h), tl.where(snap, 0.0, l)
+
+
+@triton.jit
+def two_prod(a, b):
+    """``(p, e)``: ``p = fl(a b)`` and ``p + e = a b`` exactly (Dekker; float64, no FMA: the
+    interpreter's is not fused), for ``|a|, |b|`` below 2^995 and a product far above
+    float64's subnormals."""
+    ah, al = _split26(a)
+    bh, bl = _split26(b)
+    p = a * b
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+@triton.jit
+def _split26(a):
+    """Veltkamp: ``(hi, lo)``, ``a = hi + lo`` exactly, each of at most 26 significant bits."""
+    c = a * 134217729.0  # 2^27 + 1
+    hi = c - (c - a)
+    return hi, a - hi
 
 
 @triton.jit

@@ -24,7 +24,11 @@ three float32 values in range; an "add" item's q and r rows are separate terms, 
 rounds in float64 where they lie far apart), compensated (``_common.dd_sum``: two exact
 parts and a remainder per block of items; ``dd_add``: a running sum in three parts) and
 rounded once (``_common.round_dd``: to odd first, so that a sum within 2^-54 of a rounding
-midpoint does not round twice; QP5). The redo is decided per
+midpoint does not round twice; QP5). A "mean" redo takes each ``x / len`` as two terms within
+about 2^-101 of it (``_mean_terms``) and rounds once unless the sum lies within 2^-100 of its
+terms' magnitudes of a point of float32's half-ulp grid, where it is that point (exact ties
+are frequent there: rounding to nearest twice instead gave +-inf below the overflow midpoint,
+fuzzS). The redo is decided per
 program (one bag or table row x one D tile) after its loop: no extra launch, no host read; bags
 and rows of ordinary values never take it.
 
@@ -61,9 +65,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FIX_SCAN, add_rows_by_index_dd, atomic_overflow_bound, dd_add, dd_sum, flat_grid,
-                      flat_program_id, launcher, next_pow2, nonfinite_rows, rcp_rn, round_dd, rows_vectorise,
-                      tile_offsets)
+from ._common import (FIX_SCAN, add_rows_by_index, add_rows_by_index_dd, atomic_overflow_bound, dd_add, dd_sum,
+                      flat_grid, flat_program_id, launcher, next_pow2, nonfinite_rows, rcp_rn, round_dd,
+                      rows_vectorise, tile_offsets, two_prod)
 
 OP_CODES = {"add": 0, "mult": 1, "concat": 2}
 KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
@@ -74,6 +78,10 @@ KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
 BIG_W = tl.constexpr(1.0)
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal, 2^-126
+# "mean"'s float64 redo: each quotient x / len is two terms within about 2^-101 of it
+# (_mean_terms), so a sum within 2^-100 of its quotients' magnitudes of a rounding point is
+# taken to be that point (round_dd's SNAP): exact ties are frequent there (bfloat16 means).
+MEAN_TOL = tl.constexpr(7.888609052210118e-31)  # 2^-100
 
 
 def _search_iters(n: int) -> int:
@@ -155,19 +163,37 @@ def _to_math(b, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _inv_len(start, end, EXACT: tl.constexpr):
-    """``1 / max(end - start, 1)``: a float32 reciprocal, or with ``EXACT`` one within ~2^-48 of
-    the exact value (the float32 one, then a Newton step in float64; a float64 division would
-    be a called subroutine on the GPU): a float32 ``1/n`` is off by up to half its ulp, so
-    ``n`` items of ``g / n`` summed in float64 could pass float32's max where the exact mean
-    ``g`` is float32's max (qrprobe QP4)."""
-    b_n = tl.maximum(end - start, 1).to(tl.float32)
-    b_inv = rcp_rn(b_n)  # (rounded once: a plain / is div.full, up to 2 ulp, on a GPU)
-    if EXACT:
-        b_inv64 = b_inv.to(tl.float64)
-        return b_inv64 + b_inv64 * (1.0 - b_n.to(tl.float64) * b_inv64)
-    else:
-        return b_inv
+def _inv_len(start, end):
+    """``1 / max(end - start, 1)``: a float32 reciprocal (rounded once: a plain / is div.full, up
+    to 2 ulp, on a GPU); :func:`_inv_len_dd` is the float64 redo's."""
+    return rcp_rn(tl.maximum(end - start, 1).to(tl.float32))
+
+
+@triton.jit
+def _inv_len_dd(start, end):
+    """``(hi, lo)`` float64, ``hi + lo`` within about 2^-102 of ``1 / n`` (``n = max(end - start,
+    1)``, exact in float64): the float32 reciprocal, two Newton steps in float64 (``hi`` within
+    ~2^-52; a float64 division would be a called subroutine on the GPU), then ``lo = hi r`` with
+    ``r = 1 - n hi`` formed exactly (:func:`two_prod`): ``1 / n = hi (1 + r + r^2 ...)``."""
+    b_n = tl.maximum(end - start, 1).to(tl.float64)
+    b_inv = rcp_rn(b_n.to(tl.float32)).to(tl.float64)
+    b_inv = b_inv + b_inv * (1.0 - b_n * b_inv)
+    b_inv = b_inv + b_inv * (1.0 - b_n * b_inv)
+    b_p, b_e = two_prod(b_n, b_inv)
+    return b_inv, b_inv * ((1.0 - b_p) - b_e)  # (1 - p is exact: p lies within 2^-50 of 1)
+
+
+@triton.jit
+def _mean_terms(b_x, b_ih, b_il):
+    """``(p, e)``: ``x / n`` for exact float64 terms ``x`` as two float64 terms, ``p = fl(x hi)``
+    and ``e`` the rest (:func:`two_prod`'s error plus ``x lo``), within about 2^-101 of ``x / n``
+    (``(hi, lo)`` from :func:`_inv_len_dd`, broadcast to ``x``). A "mean" redo sums both and
+    rounds the sum once where it is not within 2^-100 of its terms' magnitudes (``sum |p|``)
+    of a rounding point (:func:`round_dd` ``SNAP``). Rounding each ``x hi`` alone carried 1/len's
+    error into the sum, and rounding the sum twice instead (to nearest float32, then to the
+    dtype) gave +-inf where the exact mean rounds to the dtype's max (fuzzS)."""
+    b_p, b_e = two_prod(b_x, b_ih)
+    return b_p, tl.where(tl.abs(b_x) < float("inf"), b_e + b_x * b_il, 0.0)  # (+-inf, NaN: p carries it)
 
 
 @triton.jit
@@ -234,16 +260,22 @@ def _qr_bag_sum(
     """``(pooled (BLOCK_D,), max |weight|)`` of items ``[start, end)``: each composed row times its
     factor (weight, or 1 / len for "mean"), summed in float32 (float64 with ``EXACT``). The max
     |weight| is taken for "mult" only, over the items whose product underflowed somewhere (0
-    otherwise): above ``BIG_W`` the float32 sum is redone. With ``EXACT``: ``(s, e, f, max |weight|)``,
-    the pooled sum in three float64 parts (:func:`dd_add`; :func:`round_dd` rounds it once)."""
+    otherwise): above ``BIG_W`` the float32 sum is redone. With ``EXACT``: ``(s, e, f, max
+    |weight|, a)``, the pooled sum in three float64 parts (:func:`dd_add`; :func:`round_dd`
+    rounds it once) and, for "mean", ``a = sum |p|`` over its quotients' leading terms
+    (:func:`_mean_terms`; zeros otherwise)."""
     if EXACT:  # the redo sums each block of items at once (dd_sum): no float64 tile carried over
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
         b_err = tl.zeros((BLOCK_D,), dtype=tl.float64)
         b_tail = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        b_abs = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        if MEAN:
+            inv_hi, inv_lo = _inv_len_dd(start, end)
     else:
         b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        if MEAN:
+            inv_len = _inv_len(start, end)
     b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    inv_len = _inv_len(start, end, EXACT)
     for l0 in range(start, end, BLOCK_L):
         o_l = l0 + tl.arange(0, BLOCK_L)
         m_l = o_l < end
@@ -260,22 +292,41 @@ def _qr_bag_sum(
                 b_c2 = b_c2 * _to_math(b_w, EXACT)[:, None]
             if OP == 1:  # (the weights of items with an underflowed product)
                 b_wmax = tl.maximum(b_wmax, tl.where(tl.max(b_low.to(tl.int32), axis=1) > 0, tl.abs(b_w), 0.0))
-        if MEAN:
-            b_c = b_c * inv_len
-            if EXACT and OP == 0:
-                b_c2 = b_c2 * inv_len
         if EXACT:
-            b_hi, b_mid, b_lo = dd_sum(b_c, 0)
-            b_acc, b_err, b_tail = dd_add(b_acc, b_err, b_tail, b_hi, b_mid, b_lo)
+            if MEAN:  # each x / len as two terms (its quotient rounded once, and the rest)
+                b_c, b_cl = _mean_terms(b_c, inv_hi, inv_lo)
+                b_acc, b_err, b_tail = _dd_add_block(b_acc, b_err, b_tail, b_cl)
+                b_abs += tl.sum(tl.abs(b_c), axis=0)
+                if OP == 0:
+                    b_c2, b_cl = _mean_terms(b_c2, inv_hi, inv_lo)
+                    b_acc, b_err, b_tail = _dd_add_block(b_acc, b_err, b_tail, b_cl)
+                    b_abs += tl.sum(tl.abs(b_c2), axis=0)
+            b_acc, b_err, b_tail = _dd_add_block(b_acc, b_err, b_tail, b_c)
             if OP == 0:
-                b_hi, b_mid, b_lo = dd_sum(b_c2, 0)
-                b_acc, b_err, b_tail = dd_add(b_acc, b_err, b_tail, b_hi, b_mid, b_lo)
+                b_acc, b_err, b_tail = _dd_add_block(b_acc, b_err, b_tail, b_c2)
         else:
+            if MEAN:
+                b_c = b_c * inv_len
             b_acc += b_c
     if EXACT:
-        return b_acc, b_err, b_tail, tl.max(b_wmax, axis=0)
+        return b_acc, b_err, b_tail, tl.max(b_wmax, axis=0), b_abs
     else:
         return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
+
+
+@triton.jit
+def _redo_rows(BLOCK_L: tl.constexpr, MEAN: tl.constexpr):
+    """Items per block of a float64 redo: half the float32 loop's (a quarter for "mean", whose
+    quotients are two float64 tiles each: sm_90 registers), at least one."""
+    return tl.constexpr(max(1, BLOCK_L // (4 if MEAN else 2)))
+
+
+@triton.jit
+def _dd_add_block(b_s, b_e, b_f, b_t):
+    """The running sum ``(s, e, f)`` plus the block ``b_t (rows, BLOCK_D)`` summed along its rows
+    (:func:`dd_sum`, then :func:`dd_add`)."""
+    b_hi, b_mid, b_lo = dd_sum(b_t, 0)
+    return dd_add(b_s, b_e, b_f, b_hi, b_mid, b_lo)
 
 
 @triton.jit
@@ -296,10 +347,10 @@ def _qr_lookup_bag_fwd_kernel(
     b_out, w_max = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,
                                stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, False, BLOCK_L, BLOCK_D)
     if _not_finite(b_out) | (w_max > BIG_W) | _near_narrow_max(b_out, p_out):  # the exact range: this bag's
-        b_s, b_e, b_f, _ = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # items again in
-                                       stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,  # float64,
-                                       BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)  # half as many at once, rounded once
-        b_out = round_dd(b_s, b_e, b_f, p_out.dtype.element_ty != tl.float32, MEAN)
+        b_s, b_e, b_f, _, b_a = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # items
+                                            stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,  # again
+                                            _redo_rows(BLOCK_L, MEAN), BLOCK_D)  # in float64, fewer at once
+        b_out = round_dd(b_s, b_e, b_f, p_out.dtype.element_ty != tl.float32, b_a * MEAN_TOL, MEAN)  # rounded once
     tl.store(p_out + pid_b * stride_on + o_d * stride_od, b_out.to(p_out.dtype.element_ty), mask=o_d < DOUT)
 
 
@@ -311,12 +362,13 @@ def _qr_item_grad(
     IS_Q: tl.constexpr, OP: tl.constexpr, BAGS: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr,
     EXACT: tl.constexpr = False,
 ):
-    """``(contribution (BLOCK_L, BLOCK_D), |weight| (BLOCK_L,))`` of items ``b_item`` to their rows
-    of one table: the output gradient of the item's row (its bag's), times the other table's row
-    for "mult", times 1/len or its weight (last: the only factor > 1 after a possible underflow
-    is a weight, whose |w| is returned for "mult" items with an underflowed ``g * other``
-    (:func:`_underflowed`), 0 otherwise); concat tables read their own
-    columns. float32, float64 with ``EXACT``."""
+    """``(contribution (BLOCK_L, BLOCK_D), |weight| (BLOCK_L,), rest)`` of items ``b_item`` to their
+    rows of one table: the output gradient of the item's row (its bag's), times the other table's
+    row for "mult", times 1/len or its weight (last: the only factor > 1 after a possible
+    underflow is a weight, whose |w| is returned for "mult" items with an underflowed ``g *
+    other`` (:func:`_underflowed`), 0 otherwise); concat tables read their own columns. float32,
+    float64 with ``EXACT``; "mean" with ``EXACT``: the contribution is ``x / len`` as two terms,
+    the quotient rounded once and ``rest`` (:func:`_mean_terms`; ``rest`` is zeros otherwise)."""
     m = m_l[:, None] & (o_d < D)[None, :]
     if BAGS:
         b_row = _bag_of(p_offsets, B, b_item, m_l, N_BAG_ITERS)
@@ -325,6 +377,7 @@ def _qr_item_grad(
     b_g = tl.load(p_g + b_row[:, None] * stride_gn + (COL_OFF + o_d)[None, :] * stride_gd, mask=m, other=0.0)
     b_g = _to_math(b_g, EXACT)
     b_wabs = tl.zeros_like(m_l.to(tl.float32))
+    b_rest = tl.zeros_like(b_g)
     if OP == 1:
         b_qi, b_ri = _qr_hash(tl.load(p_ids + b_item, mask=m_l, other=0), M, R)
         if IS_Q:
@@ -338,13 +391,17 @@ def _qr_item_grad(
         b_g = b_go
     if MEAN:
         b_start, b_end = _bag_bounds(p_offsets, b_row, m_l, N, B)
-        b_g = b_g * _inv_len(b_start, b_end, EXACT)[:, None]
+        if EXACT:
+            b_ih, b_il = _inv_len_dd(b_start, b_end)
+            b_g, b_rest = _mean_terms(b_g, b_ih[:, None], b_il[:, None])
+        else:
+            b_g = b_g * _inv_len(b_start, b_end)[:, None]
     if HAS_W:
         b_w = tl.load(p_psw + b_item, mask=m_l, other=0.0).to(tl.float32)
         b_g = b_g * _to_math(b_w, EXACT)[:, None]
         if OP == 1:  # (items whose product underflowed somewhere)
             b_wabs = tl.where(tl.max(b_low.to(tl.int32), axis=1) > 0, tl.abs(b_w), 0.0)
-    return b_g, b_wabs
+    return b_g, b_wabs, b_rest
 
 
 @triton.jit
@@ -386,11 +443,13 @@ def _qr_row_sum(
     EXACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``(sum (BLOCK_D,), max |weight|)`` of the items at sorted positions ``[start, end)``; with
-    ``EXACT`` ``(s, e, f, max |weight|)``, the sum in three float64 parts."""
+    ``EXACT`` ``(s, e, f, max |weight|, a)``, the sum in three float64 parts and ("mean") the
+    sum of its quotients' |leading terms| (as :func:`_qr_bag_sum`)."""
     if EXACT:  # as in _qr_bag_sum
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
         b_err = tl.zeros((BLOCK_D,), dtype=tl.float64)
         b_tail = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        b_abs = tl.zeros((BLOCK_D,), dtype=tl.float64)
     else:
         b_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     b_wmax = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -398,17 +457,19 @@ def _qr_row_sum(
         o_p = p0 + tl.arange(0, BLOCK_L)
         m_l = o_p < end
         b_item = tl.load(p_perm + o_p, mask=m_l, other=POS_BASE).to(tl.int64) - POS_BASE
-        b_t, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, b_item, m_l, o_d, D, COL_OFF,
-                                    N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
-                                    IS_Q, OP, BAGS, MEAN, HAS_W, EXACT)
+        b_t, b_wabs, b_rest = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, b_item, m_l, o_d, D, COL_OFF,
+                                            N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
+                                            IS_Q, OP, BAGS, MEAN, HAS_W, EXACT)
         if EXACT:
-            b_hi, b_mid, b_lo = dd_sum(b_t, 0)
-            b_acc, b_err, b_tail = dd_add(b_acc, b_err, b_tail, b_hi, b_mid, b_lo)
+            if MEAN:
+                b_acc, b_err, b_tail = _dd_add_block(b_acc, b_err, b_tail, b_rest)
+                b_abs += tl.sum(tl.abs(b_t), axis=0)
+            b_acc, b_err, b_tail = _dd_add_block(b_acc, b_err, b_tail, b_t)
         else:
             b_acc += b_t
         b_wmax = tl.maximum(b_wmax, b_wabs)
     if EXACT:
-        return b_acc, b_err, b_tail, tl.max(b_wmax, axis=0)
+        return b_acc, b_err, b_tail, tl.max(b_wmax, axis=0), b_abs
     else:
         return tl.sum(b_acc, axis=0), tl.max(b_wmax, axis=0)
 
@@ -430,10 +491,11 @@ def _qr_row_grad(
                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                               IS_Q, OP, BAGS, MEAN, HAS_W, False, BLOCK_L, BLOCK_D)
     if _not_finite(b_dw) | (w_max > BIG_W) | _near_narrow_max(b_dw, p_dw):  # float64, half as many items at once
-        b_s, b_e, b_f, _ = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D,
-                                       COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
-                                       IS_Q, OP, BAGS, MEAN, HAS_W, True, BLOCK_L // 2 + BLOCK_L % 2, BLOCK_D)
-        b_dw = round_dd(b_s, b_e, b_f, p_dw.dtype.element_ty != tl.float32, MEAN)
+        b_s, b_e, b_f, _, b_a = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE,
+                                            D, COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own,
+                                            stride_owd, IS_Q, OP, BAGS, MEAN, HAS_W, True, _redo_rows(BLOCK_L, MEAN),
+                                            BLOCK_D)
+        b_dw = round_dd(b_s, b_e, b_f, p_dw.dtype.element_ty != tl.float32, b_a * MEAN_TOL, MEAN)
     tl.store(p_dw + out_row * stride_dn + o_d * stride_dd, b_dw.to(p_dw.dtype.element_ty), mask=o_d < D)
 
 
@@ -494,14 +556,15 @@ def _qr_atomic_add(
     it, which marks it), so a backward of NaN or inf gradients costs no fix-up. In the ordinary
     case that costs nothing: the one test ``_beyond(b_g, BIG_T)`` replaces the finiteness test
     (``BIG_T`` < float32's max, so it is the stronger one)."""
-    b_g, b_wabs = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_l, o_d, D, COL_OFF, N, B, M, R,
-                                N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN, HAS_W)
+    b_g, b_wabs, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_l, o_d, D, COL_OFF, N, B, M, R,
+                                   N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN,
+                                   HAS_W)
     w_max = tl.max(b_wabs)
     if _beyond(b_g, BIG_T) | (w_max > BIG_W):  # rare: inputs near the float32 range
         if _not_finite(b_g) | (w_max > BIG_W):
-            b_g64, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_l, o_d, D, COL_OFF, N, B, M, R,
-                                     N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q, OP, BAGS, MEAN,
-                                     HAS_W, True)
+            b_g64, _w64, _rest64 = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_l, o_d, D, COL_OFF, N, B,
+                                                 M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd, IS_Q,
+                                                 OP, BAGS, MEAN, HAS_W, True)  # (a float32 term: its rest is dropped)
             b_g = b_g64.to(tl.float32)
             b_a = tl.abs(b_g64)
             m_big = tl.max(((b_a > BIG_T) & (b_a < float("inf"))).to(tl.int32), axis=1) > 0  # finite terms only
@@ -560,10 +623,11 @@ def _qr_fix_rows(
 ):
     """Rows ``r0 + j`` (``m_fix``) of one table's gradient (contiguous: the float32 accumulator,
     or the bfloat16 / float16 table) summed again: each item's term formed in float64 (a
-    product of at most three float32 values, and for "mean" a reciprocal within ~2^-48,
-    :func:`_inv_len`) and summed in a register tile of three-part running sums, each sum rounded once
-    (:func:`round_dd`; ``ODD32``: to odd at float32, for a bfloat16 / float16 table rounded
-    after it): +-inf only where the exact sum overflows, every column at its own precision. ``BLOCK_D`` columns at a time; per column tile, one read of
+    product of at most three float32 values; for "mean" two terms, :func:`_mean_terms`) and summed
+    in a register tile of three-part running sums, each sum rounded once (:func:`round_dd`;
+    ``ODD32``: to odd at float32, for a bfloat16 / float16 table rounded after it; "mean": within
+    2^-100 of its quotients' magnitudes, summed in a fourth tile): +-inf only where the exact sum
+    overflows, every column at its own precision. ``BLOCK_D`` columns at a time; per column tile, one read of
     every item's id per ``FIX_SCAN`` span, and a walk of the
     ``FIX_L``-item blocks of the spans that hold an item of these rows."""
     o_r = tl.arange(0, FIX_R)
@@ -572,6 +636,8 @@ def _qr_fix_rows(
         b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
         b_err = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
         b_tail = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
+        if MEAN:
+            b_abs = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
         for s0 in range(0, N, FIX_SCAN):
             o_s = s0 + tl.arange(0, FIX_SCAN).to(tl.int64)
             b_rs = _qr_item_rows(p_ids, o_s, o_s < N, M, R, IS_Q)
@@ -582,13 +648,20 @@ def _qr_fix_rows(
                     b_row = _qr_item_rows(p_ids, o_l, m_l, M, R, IS_Q)
                     m_grp = m_l & (b_row >= r0) & (b_row < r0 + FIX_R)
                     if tl.max(m_grp.to(tl.int32), axis=0) > 0:
-                        b_t, _ = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_grp, o_d, D, COL_OFF,
-                                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
-                                               IS_Q, OP, BAGS, MEAN, HAS_W, True)
-                        b_acc, b_err, b_tail = add_rows_by_index_dd(b_acc, b_err, b_tail, b_t,
-                                                                   tl.where(m_grp, b_row, -1), r0, FIX_R)
-        tl.store(p_dw + (r0 + o_r).to(tl.int64)[:, None] * D + o_d[None, :],
-                 round_dd(b_acc, b_err, b_tail, ODD32, MEAN).to(p_dw.dtype.element_ty), mask=m_fix[:, None] & (o_d < D)[None, :])
+                        b_t, _, b_rest = _qr_item_grad(p_g, p_ids, p_offsets, p_psw, p_ow, o_l, m_grp, o_d, D,
+                                                       COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd,
+                                                       stride_own, stride_owd, IS_Q, OP, BAGS, MEAN, HAS_W, True)
+                        b_idx = tl.where(m_grp, b_row, -1)
+                        if MEAN:
+                            b_acc, b_err, b_tail = add_rows_by_index_dd(b_acc, b_err, b_tail, b_rest, b_idx, r0, FIX_R)
+                            b_abs = add_rows_by_index(b_abs, tl.abs(b_t), b_idx, r0, FIX_R)
+                        b_acc, b_err, b_tail = add_rows_by_index_dd(b_acc, b_err, b_tail, b_t, b_idx, r0, FIX_R)
+        if MEAN:
+            b_out = round_dd(b_acc, b_err, b_tail, ODD32, b_abs * MEAN_TOL, True)
+        else:
+            b_out = round_dd(b_acc, b_err, b_tail, ODD32)
+        tl.store(p_dw + (r0 + o_r).to(tl.int64)[:, None] * D + o_d[None, :], b_out.to(p_dw.dtype.element_ty),
+                 mask=m_fix[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit

@@ -1,6 +1,8 @@
 """The kernel-side helpers of kernels/_common.py, run through tiny kernels (the interpreter on the
 CPU), and their pure-torch twins in fastvq.reference: the same bits."""
 
+import math
+
 import pytest
 import torch
 import triton
@@ -290,3 +292,108 @@ def test_a_pair_below_float32s_subnormals_rounds_to_a_signed_zero(device, dtype)
     got = round_pair(hi, torch.zeros_like(hi), dtype)
     assert not got.isnan().any(), got
     assert got.tolist() == [0.0, 0.0, 0.0, 0.0] and torch.equal(got.signbit(), hi < 0)
+
+
+# --------------------------------------------------------------------------- "mean"'s pieces
+from fastvq.kernels._common import two_prod  # noqa: E402
+from fastvq.kernels.qr_lookup import _inv_len_dd  # noqa: E402
+from fastvq.reference._exact_sum import quotient_terms, reciprocal_pair, two_prod as two_prod_ref  # noqa: E402
+
+
+@triton.jit
+def _snap_round_kernel(p_s, p_e, p_tol, p_out, p_odd, BLOCK: tl.constexpr):
+    """``round_dd(s, e, 0, ..., tol, SNAP=True)`` of ``BLOCK`` pairs: to nearest float32 and to
+    odd at float32."""
+    o = tl.arange(0, BLOCK)
+    b_s, b_e, b_tol = tl.load(p_s + o), tl.load(p_e + o), tl.load(p_tol + o)
+    tl.store(p_out + o, round_dd(b_s, b_e, tl.zeros_like(b_s), False, b_tol, True))
+    tl.store(p_odd + o, round_dd(b_s, b_e, tl.zeros_like(b_s), True, b_tol, True))
+
+
+def _snap_cases(gen, n):
+    """``(s, e, tol)`` float64: ``s`` a point of float32's half-ulp grid (a float32 value, or a
+    float32, bfloat16 or float16 rounding midpoint) from 2^-140 to 2^127, ``e`` an offset from it
+    of 0, just inside or just outside ``tol``, or far from it, and ``tol`` 0 or up to 2^-60 of ``s``."""
+    s, e, tol = [], [], []
+    for i in range(n):
+        k = int(torch.randint(-140, 128, (1,), generator=gen))
+        m = int(torch.randint(1 << 23, 1 << 24, (1,), generator=gen))
+        frac = [0.0, 0.5, 2.0**15 + 0.5, 2.0**12 + 0.5][i % 4]  # (a value; float32 / bfloat16 / float16 midpoints)
+        p = math.ldexp(m + (frac if i % 4 < 2 else 0.0), k - 23)
+        if i % 4 >= 2:  # bfloat16 / float16 midpoint: 8 / 11 bits, then half an ulp
+            bits = 8 if i % 4 == 2 else 11
+            p = math.ldexp((m >> (24 - bits)) + 0.5, k - bits + 1)
+        p = max(p, 2.0**-149) * (-1 if i % 3 == 0 else 1)
+        t = abs(p) * [0.0, 2.0**-100, 2.0**-60][i % 3]
+        d = [0.0, 0.5 * t, -0.5 * t, 2 * t, -2 * t, abs(p) * 2.0**-40][i % 6]
+        s.append(p), e.append(d), tol.append(t)
+    return s, e, tol
+
+
+def test_snap_rounds_within_tol_of_a_grid_point_to_it(device):
+    """kernels/_common.py round_dd with SNAP (snap_half_ulp) and fastvq/reference/_exact_sum.py
+    round_pair with a tolerance against exact rationals: a pair within ``tol`` of a point of
+    float32's half-ulp grid rounds as that point does (to nearest even: ties to even), every
+    other pair as its exact value does. Without the snap (tol 0) a tie plus a tiny error rounds
+    away from the tie: asserted too, so that the cases can fail."""
+    s, e, tol = _snap_cases(generator(3), 256)
+    S, E, T = (torch.tensor(v, dtype=torch.float64, device=device) for v in (s, e, tol))
+    out, odd = torch.empty(256, dtype=torch.float32, device=device), torch.empty(256, dtype=torch.float32, device=device)
+    _snap_round_kernel[(1,)](S, E, T, out, odd, BLOCK=256)
+    away = 0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = out if dtype == torch.float32 else odd.to(dtype)
+        ref = round_pair(S, E, dtype, T)
+        for i in range(256):
+            x, p = Fraction(s[i]) + Fraction(e[i]), Fraction(s[i])
+            snapped = abs(x - p) <= Fraction(tol[i])
+            want = _nearest(p if snapped else x, dtype)
+            assert got[i].item() == want and ref[i].item() == want, (dtype, s[i], e[i], tol[i], got[i].item(),
+                                                                     ref[i].item(), want)
+            away += snapped and _nearest(x, dtype) != want
+    assert away >= 20, away
+
+
+@triton.jit
+def _two_prod_kernel(p_a, p_b, p_p, p_e, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    b_p, b_e = two_prod(tl.load(p_a + o), tl.load(p_b + o))
+    tl.store(p_p + o, b_p)
+    tl.store(p_e + o, b_e)
+
+
+@triton.jit
+def _inv_len_dd_kernel(p_n, p_hi, p_lo, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    b_hi, b_lo = _inv_len_dd(tl.zeros_like(o).to(tl.int64), tl.load(p_n + o))
+    tl.store(p_hi + o, b_hi)
+    tl.store(p_lo + o, b_lo)
+
+
+def test_mean_quotients_are_two_terms_within_2_to_the_minus_101(device):
+    """The pieces of "mean"'s redo against exact rationals: ``two_prod`` (kernel and reference) is
+    exact for products of float32-range values (and of float32 products with 1/n); ``1 / n`` as
+    a pair (the kernels' from a float32 reciprocal and two Newton steps, the reference's from a
+    float64 division) is within 2^-102 of it, n up to 2^31 - 1; and ``x / n`` as two terms within
+    2^-101 of it (the reference's quotient_terms)."""
+    gen = generator(4)
+    n = torch.cat([torch.arange(1, 130), torch.randint(130, 2**31 - 1, (127,), generator=gen)]).to(device)
+    hi, lo = torch.empty(256, dtype=torch.float64, device=device), torch.empty(256, dtype=torch.float64, device=device)
+    _inv_len_dd_kernel[(1,)](n, hi, lo, BLOCK=256)
+    rhi, rlo = reciprocal_pair(n)
+    x = (randn(256, seed=5, device=device).double() * torch.exp2(torch.randint(-140, 126, (256,), generator=gen)
+                                                                 .to(device).double()))
+    x = x.float().double() * randn(256, seed=6, device=device).float().double()  # (products of two float32 values)
+    p, e = torch.empty_like(x), torch.empty_like(x)
+    _two_prod_kernel[(1,)](x, hi, p, e, BLOCK=256)
+    rp, re = two_prod_ref(x, hi)
+    qp, qe = quotient_terms(x, rhi, rlo)
+    for i in range(256):
+        inv = Fraction(1, int(n[i]))
+        for h, l in ((hi[i], lo[i]), (rhi[i], rlo[i])):
+            assert abs(Fraction(h.item()) + Fraction(l.item()) - inv) <= inv * Fraction(1, 2**102), (int(n[i]), h, l)
+        prod = Fraction(x[i].item()) * Fraction(hi[i].item())
+        assert Fraction(p[i].item()) + Fraction(e[i].item()) == prod and p[i].item() == rp[i].item()
+        assert e[i].item() == re[i].item()
+        q = Fraction(x[i].item()) * inv
+        assert abs(Fraction(qp[i].item()) + Fraction(qe[i].item()) - q) <= abs(q) * Fraction(1, 2**101), (x[i], n[i])

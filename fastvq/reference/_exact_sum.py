@@ -125,25 +125,72 @@ def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return s, (a - (s - bb)) + (b - bb)
 
 
-def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, exact_terms: bool = True) -> torch.Tensor:
+def two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, e)``: ``p = fl(a b)`` and ``p + e = a b`` exactly (Dekker, as the kernels'
+    ``two_prod``: float64, ``|a|, |b|`` below 2^995, the product far above the subnormals)."""
+    def split(v):
+        c = v * 134217729.0  # 2^27 + 1 (Veltkamp)
+        hi = c - (c - v)
+        return hi, v - hi
+
+    (ah, al), (bh, bl) = split(a), split(b)
+    p = a * b
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def reciprocal_pair(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` float64 with ``hi + lo`` within about 2^-104 of ``1 / n`` (``n`` positive
+    integers, exact in float64): ``hi`` rounded once and ``lo = hi r`` with ``r = 1 - n hi``
+    formed exactly (``1 / n = hi (1 + r + r^2 ...)``, ``|r| <= 2^-53``)."""
+    n = n.to(F64)
+    hi = 1.0 / n
+    p, e = two_prod(n, hi)
+    return hi, hi * ((1.0 - p) - e)  # (1 - p is exact: p lies within 2^-52 of 1)
+
+
+def quotient_terms(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, e)``: float64 ``x / n`` for exact terms ``x`` as two terms, ``p = fl(x hi)`` and ``e``
+    the rest, within about 2^-103 of it (``(hi, lo)`` from :func:`reciprocal_pair`, broadcast):
+    a "mean" sum of them is rounded by :func:`round_pair` with ``tol = MEAN_TOL sum |p|``, as the
+    kernels' ``_mean_terms`` do."""
+    p, e = two_prod(x, hi)
+    return p, torch.where(x.isfinite(), e + x * lo, 0.0)  # (+-inf, NaN: p carries it)
+
+
+MEAN_TOL = 2.0**-100  # (kernels/qr_lookup.py MEAN_TOL)
+
+
+def _snap_half_ulp(h: torch.Tensor, lo: torch.Tensor, fin: torch.Tensor, tol: torch.Tensor):
+    """The kernels' ``snap_half_ulp``: ``(P, 0)`` where ``h + lo`` lies within ``tol`` of ``P``,
+    the nearest point of float32's half-ulp grid at ``h`` (``P != 0``); else ``(h, lo)``."""
+    _, e = torch.frexp(h.nan_to_num(0.0, 0.0, 0.0))  # 2^(e - 1) <= |h| < 2^e
+    u = torch.ldexp(torch.ones_like(h), (e - 25).clamp_min(-150))
+    big = u * 6755399441055744.0  # 1.5 * 2^52 * u
+    p = (h + big) - big
+    snap = fin & (p != 0) & (((h - p) + lo).abs() <= tol)
+    return torch.where(snap, p, h), torch.where(snap, torch.zeros_like(lo), lo)
+
+
+def round_pair(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, tol: torch.Tensor | None = None) -> torch.Tensor:
     """``hi + lo`` (float64) rounded once to ``dtype`` (to nearest even); NaN and +-inf ``hi``
-    pass through. ``exact_terms=False``: the terms carry a rounding of their own ("mean"'s
-    ``1 / len``), so the pair is not the exact sum and rounding to odd would keep that error
-    where the exact sum is a tie (a bfloat16 mean of three bfloat16 values, exactly halfway,
-    came out the odd neighbour): to nearest float32, then to nearest ``dtype``, as the kernels'
-    float32 path rounds."""
-    if not exact_terms:
-        h = torch.where(torch.isfinite(hi), hi + lo, hi)
-        return h.to(torch.float32).to(dtype) if dtype != F64 else h
+    pass through. ``tol`` (broadcast to ``hi``): the pair is the exact sum only within it (its
+    terms carry a rounding of their own: "mean"'s quotients, :func:`quotient_terms`), and
+    rounding to odd would keep that error where the exact sum is a tie (a bfloat16 mean of three
+    bfloat16 values, exactly halfway, came out the odd neighbour): a sum within ``tol`` of a point
+    of float32's half-ulp grid (every float32, bfloat16 and float16 value and rounding midpoint)
+    is that point, as the kernels' ``round_dd`` ``SNAP`` rounds."""
     if hi.dim() and hi.numel() > ROUND_CHUNK and hi.shape[0] > 1:  # (its temporaries: a chunk of rows at a time)
         step = max(1, ROUND_CHUNK // max(1, hi[0].numel()))
-        return torch.cat([round_pair(h, l, dtype) for h, l in zip(hi.split(step), lo.split(step))])
+        tols = [None] * len(hi.split(step)) if tol is None else tol.expand_as(hi).split(step)
+        return torch.cat([round_pair(h, l, dtype, t) for h, l, t in zip(hi.split(step), lo.split(step), tols)])
     fin = torch.isfinite(hi)
     h, err = _two_sum(hi, lo)
     lo = torch.where(fin, err, torch.zeros_like(hi))  # h + lo == hi + lo exactly
     h = torch.where(fin, h, hi)
     if dtype == F64:
         return h
+    if tol is not None:
+        h, lo = _snap_half_ulp(h, lo, fin, tol)
     if dtype == torch.float32:  # to odd at float64, then to nearest
         bits = h.contiguous().view(torch.int64)
         fix = fin & (lo != 0) & ((bits & 1) == 0)

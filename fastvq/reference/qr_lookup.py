@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from ._chunks import row_chunk
-from ._exact_sum import pair_index_sum, pair_sum_lastdim, round_pair, rounded_like
+from ._exact_sum import (MEAN_TOL, pair_index_sum, pair_sum_lastdim, quotient_terms, reciprocal_pair, round_pair,
+                         rounded_like)
 
 EXACT = torch.float64  # where bags are pooled and gradients summed (see the module docstring)
 
@@ -56,6 +57,25 @@ def item_scale(bag_of, lengths, mode: str, per_sample_weights) -> torch.Tensor |
     if mode == "mean" and bag_of is not None:
         return 1.0 / lengths.clamp_min(1).to(EXACT)[bag_of]
     return None
+
+
+def mean_reciprocals(bag_of, lengths, mode: str, per_sample_weights) -> tuple | None:
+    """``(hi, lo)`` (each ``(N, 1)`` float64) of every item's ``1 / len`` for an unweighted "mean"
+    (:func:`._exact_sum.reciprocal_pair`), else None: its exact sums take each ``x / len`` as two
+    terms (:func:`._exact_sum.quotient_terms`) and round within ``MEAN_TOL sum |p|``."""
+    if mode != "mean" or bag_of is None or per_sample_weights is not None:
+        return None
+    hi, lo = reciprocal_pair(lengths.clamp_min(1))
+    return hi[bag_of][:, None], lo[bag_of][:, None]
+
+
+def _terms(t: torch.Tensor, rows: slice, inv: tuple | None) -> tuple:
+    """The exact sums' terms of float64 terms ``t`` (items ``rows``): ``(t,)``, or for "mean"
+    (``inv``) its quotients' two parts. (The leading part ``p = fl(t hi)`` is ``t`` times
+    :func:`item_scale`'s ``1 / len``: ``sum |p|``, the rounding's tolerance, is summed beside.)"""
+    if inv is None:
+        return (t,)
+    return quotient_terms(t, inv[0][rows], inv[1][rows])
 
 
 def _compose(op: str, qv: torch.Tensor, rv: torch.Tensor) -> torch.Tensor:
@@ -102,23 +122,31 @@ def qr_lookup_ref(
         return pooled.to(q_weight.dtype)
     bag_of, lengths = bag_layout(offsets, N)
     scale = item_scale(bag_of, lengths, mode, per_sample_weights)
+    inv = mean_reciprocals(bag_of, lengths, mode, per_sample_weights)
 
-    def items():  # float64: no item, weight or partial sum over- or underflows
+    def items(exact: bool = False):  # float64: no item, weight or partial sum over- or underflows
         for s in range(0, N, step):
-            qv, rv = q_weight[qi[s : s + step]].to(EXACT), r_weight[ri[s : s + step]].to(EXACT)
+            rows = slice(s, s + step)
+            qv, rv = q_weight[qi[rows]].to(EXACT), r_weight[ri[rows]].to(EXACT)
             # "add": q and r as separate terms (q + r rounds in float64 where they lie more than 53
             # bits apart: items (2^60, 1) and (-2^60, 0) summed to 0, exact 1; fuzzR)
             for c in (qv, rv) if op == "add" else (_compose(op, qv, rv),):
+                if exact and inv is not None:  # ("mean"'s exact terms: each quotient as two)
+                    for t in _terms(c.detach(), rows, inv):
+                        yield bag_of[rows], t
+                    continue
                 if scale is not None:
-                    c = c * scale[s : s + step].to(EXACT)[:, None]
-                yield bag_of[s : s + step], c
+                    c = c * scale[rows].to(EXACT)[:, None]
+                yield bag_of[rows], c.detach() if exact else c
 
+    absum = None if inv is None else torch.zeros_like(pooled)  # ("mean": sum |p| of the quotients)
     for rows, c in items():  # the differentiable sum (autograd's graph) ...
         pooled = pooled.index_add(0, rows, c)
+        if absum is not None:
+            absum.index_add_(0, rows, c.detach().abs())
     with torch.no_grad():  # ... and its value, rounded once
-        hi, lo = pair_index_sum(tuple(pooled.shape), lambda: ((r, c.detach()) for r, c in items()), pooled.device)
-    exact_terms = not (mode == "mean" and per_sample_weights is None)  # (1 / len is rounded)
-    return rounded_like(pooled, round_pair(hi, lo, q_weight.dtype, exact_terms))
+        hi, lo = pair_index_sum(tuple(pooled.shape), lambda: items(True), pooled.device)
+    return rounded_like(pooled, round_pair(hi, lo, q_weight.dtype, None if absum is None else absum * MEAN_TOL))
 
 
 def qr_lookup_bwd_ref(
@@ -155,19 +183,21 @@ def qr_lookup_bwd_ref(
         flat, N = flat[:0], 0
     qi, ri = qr_indices(flat, Q, R)
     if offsets is None or N == 0:
-        bag_of, scale = None, None
+        bag_of, scale, inv = None, None, None
     else:
         bag_of, lengths = bag_layout(offsets, N)
         scale = item_scale(bag_of, lengths, mode, per_sample_weights)
+        inv = mean_reciprocals(bag_of, lengths, mode, per_sample_weights)
     g2 = grad.reshape(grad.shape[0] if grad.dim() > 1 else -1, grad.shape[-1])
     step = row_chunk(grad.shape[-1])
 
-    def terms(table: int):
-        """(rows, terms) per chunk of items: table 0 the quotient table's, 1 the remainder's."""
+    def terms(table: int, absum: torch.Tensor | None = None):
+        """(rows, terms) per chunk of items: table 0 the quotient table's, 1 the remainder's; for
+        "mean" each ``x / len`` as two terms (:func:`_terms`), ``sum |p|`` added to ``absum``."""
         for s in range(0, N, step):
             rows = slice(s, min(s + step, N))
             g = (g2[rows] if bag_of is None else g2[bag_of[rows]]).to(math)
-            if scale is not None:
+            if scale is not None and inv is None:
                 g = g * scale[rows][:, None]
             if op == "add":
                 t = g
@@ -175,7 +205,12 @@ def qr_lookup_bwd_ref(
                 t = g * (r_weight[ri[rows]] if table == 0 else q_weight[qi[rows]]).to(math)
             else:
                 t = g[:, :dq] if table == 0 else g[:, dq:]
-            yield (qi if table == 0 else ri)[rows], t
+            idx = (qi if table == 0 else ri)[rows]
+            parts = _terms(t, rows, inv)
+            if absum is not None:
+                absum.index_add_(0, idx, parts[0].abs())
+            for part in parts:
+                yield idx, part
 
     if gw is not None:  # d out[bag] / d w_i = the composed item i . its bag's gradient
         for s in range(0, N, step):
@@ -190,8 +225,13 @@ def qr_lookup_bwd_ref(
         if not need:
             out += [None, None]
             continue
+        absum = None
+        if inv is not None:  # ("mean": sum |p| of the quotients, the rounding's tolerance)
+            absum = torch.zeros(tuple(w.shape), dtype=math, device=w.device)
+            for _ in terms(table, absum):
+                pass
         full = round_pair(*pair_index_sum(tuple(w.shape), lambda table=table: terms(table), w.device), w.dtype,
-                          exact_terms=not (bag_of is not None and mode == "mean" and per_sample_weights is None))
+                          None if absum is None else absum * MEAN_TOL)
         if sparse:
             touched = torch.unique(idx)  # sorted
             out += [touched, full[touched]]

@@ -47,10 +47,13 @@ written as ``xfail(strict=True)``:
   every path, the reference included; vs exact rational sums): a float64 sum is not exact. Terms max, 2^103, -2^60 sum to max + 2^103 - 2^60, below the
   rounding midpoint (so max), but in float64 it rounds to the midpoint max + 2^103 and then to
   +inf. The fix-ups' "summed in float64, rounded once" rounded twice within 2^-54 of the midpoint.
-- fuzzS (open, documented in the README; both backends, every "mean" path): "mean" rounds to
-  nearest twice, through float32 (to keep exact ties despite 1/len's rounding), so a mean below
-  the overflow midpoint by less than half a float32 ulp (bfloat16 / float16; 2^-54 for float32)
-  comes out +-inf: a bfloat16 bag of two items with exact mean max + 2^119 - 2^100 gives +inf.
+- fuzzS (fixed: kernels/qr_lookup.py _mean_terms, kernels/_common.py round_dd SNAP,
+  fastvq/reference/_exact_sum.py quotient_terms / round_pair; both backends, every "mean"
+  path): "mean" rounded to nearest twice, through float32 (to keep exact ties despite 1/len's
+  rounding), so a mean below the overflow midpoint by less than half a float32 ulp (bfloat16 /
+  float16; 2^-54 for float32) came out +-inf: a bfloat16 bag of two items with exact mean max +
+  2^119 - 2^100 gave +inf. Each quotient is now two terms within ~2^-101 of it, and a sum
+  within 2^-100 of its terms of a point of float32's half-ulp grid is that point.
 """
 
 import math
@@ -62,6 +65,7 @@ import torch
 import fastvq
 import fastvq.testing as ft
 from fastvq.reference.qr_lookup import qr_lookup_ref
+from tests._midpoints import nearest
 from tests.utils import generator, randn
 
 F32_MAX = torch.finfo(torch.float32).max
@@ -325,12 +329,10 @@ def test_qp4_mean_bag_at_the_float32_max(backend, device, deterministic, n):
     assert gq[0, 0].item() < math.inf and gr[0, 0].item() < math.inf
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="fuzzS (README, documented limit): 'mean' rounds "
-                   "twice, through float32, so a mean just below the overflow midpoint can round to +-inf")
 @pytest.mark.parametrize("dtype, q_rows, r_rows", [
-    # one bag of two items, (q 0, r 0) and (q 1, r 1); 1/len = 1/2 is exact; the exact mean is
-    # max + 1/2 ulp - a little, which rounds once to max: float32 lands on the midpoint (or, for
-    # float32, float64 does), and to even from there is +inf
+    # (fixed, fuzzS) one bag of two items, (q 0, r 0) and (q 1, r 1); 1/len = 1/2 is exact; the
+    # exact mean is max + 1/2 ulp - a little, which rounds once to max: rounded twice, float32
+    # landed on the midpoint (or, for float32, float64 did), and to even from there was +inf
     pytest.param(torch.bfloat16, [2.0**128 - 2.0**120, 2.0**120], [2.0**128 - 2.0**120, -(2.0**101)], id="bfloat16"),
     pytest.param(torch.float16, [65504.0, 32.0], [65504.0, -(2.0**-19)], id="float16"),
     pytest.param(torch.float32, [2.0**128 - 2.0**104, 2.0**104], [2.0**128 - 2.0**104, -(2.0**51)], id="float32"),
@@ -346,6 +348,76 @@ def test_mean_just_below_the_overflow_midpoint_rounds_to_max(backend, device, dt
     out = fastvq.qr_lookup(torch.tensor([0, 3], device=device), q, r, "add",
                            offsets=torch.zeros(1, dtype=torch.long, device=device), mode="mean")
     assert out.item() == float(big), (out.item(), float(big))
+
+
+# bags of three items (1/3 is not a binary fraction: each quotient's terms carry a rounding),
+# "add", items (q i, r i); the first item's q + r = 2^128 is +inf in float32, so the bag is
+# summed again in float64; the exact mean is a rounding midpoint ("tie": to even) or a third of
+# x from it (x far below half a float32 ulp of the mean, far above 2^-100 of its terms)
+_MEAN_TIES = {
+    torch.bfloat16: ([2.0**127, -(2.0**126), 2.0**118], [2.0**127, 2.0**119], 2.0**100),  # 2^126 (1 + 2^-8)
+    torch.float32: ([2.0**127, -(2.0**126), 2.0**102], [2.0**127, 2.0**103], 2.0**60),  # 2^126 (1 + 2^-24)
+    torch.float16: ([65504.0, 65504.0, 16.0], [65504.0, 32.0], 2.0**-20),  # 65520, the overflow midpoint
+}
+
+
+@pytest.mark.parametrize("side", [-1, 0, 1], ids=["below", "tie", "above"])
+@pytest.mark.parametrize("dtype", list(_MEAN_TIES), ids=str)
+def test_mean_of_thirds_at_a_rounding_midpoint_rounds_once(backend, device, dtype, side):
+    """fuzzS: "mean" rounded its redo twice (to keep exact ties despite 1/len's rounding), so a
+    mean a third of 2^100 above the bfloat16 tie 2^126 (1 + 2^-8) came out 2^126 (the tie's even
+    neighbour) and a float16 mean a third of 2^-20 below 65520 came out +inf. Rounded to odd
+    instead, each exact tie came out its odd neighbour (1/3's rounding). Now rounded once, ties
+    included (:func:`kernels._common.round_dd` ``SNAP``)."""
+    qs, rs, x = _MEAN_TIES[dtype]
+    rs = rs + [side * x]
+    q = torch.tensor(qs, dtype=torch.float64, device=device)[:, None].to(dtype)
+    r = torch.tensor(rs, dtype=torch.float64, device=device)[:, None].to(dtype)
+    assert q.double().flatten().tolist() == qs and r.double().flatten().tolist() == rs
+    exact = (sum(map(Fraction, qs)) + sum(map(Fraction, rs))) / 3
+    mid = exact - Fraction(side * x) / 3
+    assert nearest(mid * (1 + Fraction(1, 2**40)), dtype) != nearest(mid * (1 - Fraction(1, 2**40)), dtype)  # a tie
+    want = nearest(exact, dtype)
+    out = fastvq.qr_lookup(torch.tensor([0, 4, 8], device=device), q, r, "add",
+                           offsets=torch.zeros(1, dtype=torch.long, device=device), mode="mean")
+    assert out.item() == want, (out.item(), want, float(exact))
+
+
+# a table gradient of "mean" from three bags of three items: q row 0 takes all of bag 0's items
+# (upstream g0: 3 (g0 / 3) = g0) and one of bag 1's and bag 2's (g1 / 3, x / 3); g0 + g1 / 3 is
+# the dtype's overflow midpoint (the float32 sum reaches the dtype's max, or passes float32's:
+# summed again), and x / 3 (x = 0 for the tie) far below half a float32 ulp of it
+_MEAN_GRAD_TIES = {
+    torch.bfloat16: (2.0**128 - 2.0**120, 3 * 2.0**119, 2.0**100, (-1, 0, 1)),
+    torch.float16: (65504.0, 48.0, 2.0**-20, (-1, 0, 1)),
+    # (float32: a float32 sum that stays finite keeps float32's rounding, README; below the
+    # midpoint both give max)
+    torch.float32: (F32_MAX, 3 * 2.0**103, 2.0**60, (-1,)),
+}
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+@pytest.mark.parametrize("dtype, side", [(d, s) for d, v in _MEAN_GRAD_TIES.items() for s in v[3]],
+                         ids=lambda v: {-1: "below", 0: "tie", 1: "above"}.get(v, str(v)))
+def test_mean_gradient_of_thirds_at_the_overflow_midpoint_rounds_once(backend, device, dtype, side, deterministic):
+    """fuzzS: the "mean" gradients rounded twice too: a q row whose exact gradient is a third of
+    2^100 below bfloat16's overflow midpoint came out +inf (max). Both tables, both modes."""
+    g0, g1, x, _ = _MEAN_GRAD_TIES[dtype]
+    gs = [g0, g1, side * x]
+    g = torch.tensor(gs, dtype=torch.float64, device=device)[:, None].to(dtype)
+    assert g.double().flatten().tolist() == gs
+    big = Fraction(torch.finfo(dtype).max)
+    half_ulp = Fraction(2) ** (math.frexp(float(big))[1] - 1 - {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24))
+    assert Fraction(g0) + Fraction(g1) / 3 == big + half_ulp  # the overflow midpoint
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 0, 1, 1], device=device)  # Q = 2, R = 1: q row = id, r row 0
+    offs = torch.tensor([0, 3, 6], device=device)
+    gq, gr = _grads(torch.zeros(2, 1, dtype=dtype, device=device), torch.zeros(1, 1, dtype=dtype, device=device),
+                    ids, "add", g, offs, "mean", deterministic=deterministic)
+    third = [Fraction(v) / 3 for v in gs]
+    want = [nearest(3 * third[0] + third[1] + third[2], dtype), nearest(2 * third[1] + 2 * third[2], dtype),
+            nearest(3 * sum(third), dtype)]
+    got = [gq[0, 0].item(), gq[1, 0].item(), gr[0, 0].item()]
+    assert got == want, (got, want)
 
 
 def test_qp4_mean_bag_at_the_float32_max_forward(backend, device):
@@ -419,7 +491,8 @@ def test_mean_at_an_exact_tie_rounds_to_even(backend, device, deterministic):
     """A reviewer's case against the rounding to odd: a bfloat16 bag of three items, "mean", whose
     exact mean 1.18359375 lies halfway between two bfloat16 values (to even: 1.1875). Each term
     carries float64's rounding of 1/3, so rounding the pair to odd kept that error and gave the
-    odd neighbour 1.1796875; "mean" sums round to nearest twice, as the kernels' float32 path."""
+    odd neighbour 1.1796875. A sum within 2^-100 of its terms of a rounding point is now that
+    point (round_dd / round_pair with a tolerance; the reference fails here without it)."""
     q = torch.tensor([[0.73046875]], dtype=torch.bfloat16, device=device)
     r = torch.tensor([[1.21875], [-0.43359375], [0.57421875]], dtype=torch.bfloat16, device=device)
     exact = sum(Fraction(q.item()) + Fraction(v) for v in r.flatten().tolist()) / 3
