@@ -198,7 +198,9 @@ def qr_lookup(
     finite, a "mult" weight above 1 multiplies an underflowed product, or a bfloat16 / float16
     result reaches its dtype's largest value; the reference forms these sums in float64. Those
     float64 sums are compensated and rounded once (to odd first): near the overflow midpoint the
-    result is the exact sum rounded to nearest. An exact result beyond the dtype's range is
+    result is the exact sum rounded to nearest ("mean": each ``x / len`` as two float64 terms,
+    and a sum within 2^-100 of its terms' magnitudes of a rounding point taken to be that point,
+    so exact ties round to even). An exact result beyond the dtype's range is
     ``+-inf``, never NaN nor a finite number. A NaN table
     entry gives NaN exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN).
     ``deterministic=False`` sums table rows with float32 atomics, to the same contract: a row
