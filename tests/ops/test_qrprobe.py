@@ -396,12 +396,13 @@ _MEAN_GRAD_TIES = {
 }
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+@pytest.mark.parametrize("path", ["sorted", "atomic", "sparse"])
 @pytest.mark.parametrize("dtype, side", [(d, s) for d, v in _MEAN_GRAD_TIES.items() for s in v[3]],
                          ids=lambda v: {-1: "below", 0: "tie", 1: "above"}.get(v, str(v)))
-def test_mean_gradient_of_thirds_at_the_overflow_midpoint_rounds_once(backend, device, dtype, side, deterministic):
+def test_mean_gradient_of_thirds_at_the_overflow_midpoint_rounds_once(backend, device, dtype, side, path):
     """fuzzS: the "mean" gradients rounded twice too: a q row whose exact gradient is a third of
-    2^100 below bfloat16's overflow midpoint came out +inf (max). Both tables, both modes."""
+    2^100 below bfloat16's overflow midpoint came out +inf (max). Both tables; deterministic
+    (dense and sparse) and atomic."""
     g0, g1, x, _ = _MEAN_GRAD_TIES[dtype]
     gs = [g0, g1, side * x]
     g = torch.tensor(gs, dtype=torch.float64, device=device)[:, None].to(dtype)
@@ -411,8 +412,11 @@ def test_mean_gradient_of_thirds_at_the_overflow_midpoint_rounds_once(backend, d
     assert Fraction(g0) + Fraction(g1) / 3 == big + half_ulp  # the overflow midpoint
     ids = torch.tensor([0, 0, 0, 0, 1, 1, 0, 1, 1], device=device)  # Q = 2, R = 1: q row = id, r row 0
     offs = torch.tensor([0, 3, 6], device=device)
-    gq, gr = _grads(torch.zeros(2, 1, dtype=dtype, device=device), torch.zeros(1, 1, dtype=dtype, device=device),
-                    ids, "add", g, offs, "mean", deterministic=deterministic)
+    q = torch.zeros(2, 1, dtype=dtype, device=device, requires_grad=True)
+    r = torch.zeros(1, 1, dtype=dtype, device=device, requires_grad=True)
+    fastvq.qr_lookup(ids, q, r, "add", offsets=offs, mode="mean", deterministic=path != "atomic",
+                     sparse=path == "sparse").backward(g)
+    gq, gr = (t.grad.to_dense() if path == "sparse" else t.grad for t in (q, r))
     third = [Fraction(v) / 3 for v in gs]
     want = [nearest(3 * third[0] + third[1] + third[2], dtype), nearest(2 * third[1] + 2 * third[2], dtype),
             nearest(3 * sum(third), dtype)]
