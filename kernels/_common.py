@@ -428,18 +428,18 @@ FIX_SCAN = tl.constexpr(1024)  # indices a fix-up reads at once to find the rows
 
 
 @triton.jit
-def nonfinite_rows(p_rows, m_k, D, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def nonfinite_rows(p_rows, m_k, D, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr, BOUND: tl.constexpr = float("inf")):
     """Which of the ``FIX_R`` float32 rows ``p_rows + j D`` (``m_k``: those to look at) hold an
-    element that is not finite: the rows (codes, table rows) whose atomic sum overflowed on the
-    way (an overflowed partial sum never comes back: inf, or NaN with an opposite inf). Read
-    past L1 (``.cg``): other programs wrote them."""
+    element that is not finite (``BOUND``: not below it in magnitude): the rows (codes, table
+    rows) whose atomic sum overflowed on the way (an overflowed partial sum never comes back:
+    inf, or NaN with an opposite inf). Read past L1 (``.cg``): other programs wrote them."""
     o_r = tl.arange(0, FIX_R)
     m_bad = o_r < 0
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         b_v = tl.load(p_rows + o_r[:, None] * D + o_d[None, :], mask=m_k[:, None] & (o_d < D)[None, :], other=0.0,
                       cache_modifier=".cg")
-        m_bad = m_bad | (tl.max((~(tl.abs(b_v) < float("inf"))).to(tl.int32), axis=1) > 0)
+        m_bad = m_bad | (tl.max((~(tl.abs(b_v) < BOUND)).to(tl.int32), axis=1) > 0)
     return m_k & m_bad
 
 

@@ -17,9 +17,10 @@ twice at most: a float32 pass (the hot loop, unchanged: each item's composed row
 factor, in the order ``(q op r) * f`` / ``(g * other) * f`` so that no factor > 1 follows an
 underflow but a weight), and, only where its result is not finite or a "mult" weight above 1
 multiplies a product that underflowed (``q * r`` or ``g * q`` nonzero factors, below 2^-126:
-its rounding error would be multiplied up; qrprobe QP1), or where a bfloat16 / float16 result
-reaches its dtype's largest value (the store's second rounding could give +-inf below the
-overflow midpoint; QP3), a float64 pass over the same items (float64 holds every product of
+its rounding error would be multiplied up; qrprobe QP1), or where a result lies in its dtype's
+top binade (``_at_top``: a float32 sum could stay at max where the exact sum reaches the
+overflow midpoint, and the store's second rounding of a bfloat16 / float16 one could give
++-inf below it; QP3), a float64 pass over the same items (float64 holds every product of
 three float32 values in range; an "add" item's q and r rows are separate terms, as q + r
 rounds in float64 where they lie far apart), compensated (``_common.dd_sum``: two exact
 parts and a remainder per block of items; ``dd_add``: a running sum in three parts) and
@@ -48,12 +49,13 @@ adds each item's contribution to both tables with relaxed float32 atomics (no so
 row's float32 partial sums could overflow (a term beyond ``2^t`` ~ 3.4e38 / N, see
 ``atomic_overflow_bound``: nothing else can overflow) it marks the row, and
 ``_qr_atomic_fixup_kernel``, one program launched after it, sums again the marked rows whose
-float32 sum is not finite (an overflowed partial sum never comes back): each term in float64,
+float32 sum is not finite (an overflowed partial sum never comes back) or lies in float32's top
+binade (it could stay at max where the exact sum overflows): each term in float64,
 summed in a register tile of three-part running sums, rounded once (+-inf only where the
 exact sum overflows). It returns at once when nothing was marked: ordinary inputs pay one launch, no host
 read. bfloat16 / float16 tables then round the float32 accumulators with
 ``_qr_atomic_narrow_kernel`` (in place of torch's conversion), which sums again the rows that
-reach the dtype's largest value.
+reach the dtype's top binade.
 ``_qr_psw_grad_kernel``: gradient of the per-sample weights (composed item . bag gradient).
 """
 
@@ -78,6 +80,7 @@ KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
 BIG_W = tl.constexpr(1.0)
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal, 2^-126
+TOP32 = tl.constexpr(1.7014118346046923e38)  # 2^127: float32's (and bfloat16's) top binade
 # "mean"'s float64 redo: each quotient x / len is two terms within about 2^-101 of it
 # (_mean_terms), so a sum within 2^-100 of its quotients' magnitudes of a rounding point is
 # taken to be that point (round_dd's SNAP): exact ties are frequent there (bfloat16 means).
@@ -127,24 +130,24 @@ def _not_finite(b):
 
 
 @triton.jit
-def _at_narrow_max(b_a, p_out):
-    """Where ``b_a`` (``|result|``, float32) reaches the largest finite value of ``p_out``'s dtype
-    when that is bfloat16 / float16 (+inf included); all False for float32 outputs."""
-    if p_out.dtype.element_ty == tl.bfloat16:
-        return b_a >= 3.3895313892515355e38
-    elif p_out.dtype.element_ty == tl.float16:
-        return b_a >= 65504.0
+def _at_top(b_a, p_out):
+    """Where ``b_a`` (``|result|``, float32) lies in the top binade of ``p_out``'s dtype (at or
+    above 2^127 for float32 and bfloat16, 2^15 for float16; +inf included). Such a float32 result
+    is summed again: its own rounding could stay at float32's max where the exact sum reaches the
+    overflow midpoint (max, 2^102, 2^102), and the store's second rounding of a bfloat16 /
+    float16 one could give +-inf below it (qrprobe QP3). Below the top binade a float32 sum
+    would be off by more than 2^126 (about 2^23 terms) before either could happen."""
+    if p_out.dtype.element_ty == tl.float16:
+        return b_a >= 32768.0
     else:
-        return (b_a != b_a) & (b_a == b_a)  # (False)
+        return b_a >= TOP32
 
 
 @triton.jit
-def _near_narrow_max(b, p_out):
-    """Scalar: whether a float32 result ``b`` bound for ``p_out`` (bfloat16 / float16) reaches that
-    dtype's largest finite value, where the store's second rounding could give +-inf for an exact
-    sum below the overflow midpoint (qrprobe QP3): such a result is summed again. False for
-    float32 outputs (their overflow is the float32 sum's own, :func:`_not_finite`)."""
-    return tl.max(_at_narrow_max(tl.abs(b), p_out).to(tl.int32)) > 0
+def _near_top(b, p_out):
+    """Scalar: whether any element of the float32 result ``b`` bound for ``p_out`` lies in its
+    dtype's top binade (:func:`_at_top`)."""
+    return tl.max(_at_top(tl.abs(b), p_out).to(tl.int32)) > 0
 
 
 @triton.jit
@@ -346,7 +349,7 @@ def _qr_lookup_bag_fwd_kernel(
     start, end = _bag_bounds(p_offsets, pid_b, pid_b < B, N, B)
     b_out, w_max = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,
                                stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_out) | (w_max > BIG_W) | _near_narrow_max(b_out, p_out):  # the exact range: this bag's
+    if _not_finite(b_out) | (w_max > BIG_W) | _near_top(b_out, p_out):  # the exact range: this bag's
         b_s, b_e, b_f, _, b_a = _qr_bag_sum(p_ids, p_psw, p_qw, p_rw, start, end, o_d, M, R, DQ, DR,  # items
                                             stride_qn, stride_qd, stride_rn, stride_rd, OP, HAS_W, MEAN, True,  # again
                                             _redo_rows(BLOCK_L, MEAN), BLOCK_D)  # in float64, fewer at once
@@ -484,13 +487,13 @@ def _qr_row_grad(
 ):
     """Sum the items at sorted positions ``[start, end)`` into row ``out_row`` of ``p_dw``: in
     float32, and again in float64 (compensated, rounded once: :func:`round_dd`) where that sum is
-    not finite, a "mult" weight exceeds BIG_W, or a bfloat16 / float16 row reaches its dtype's
-    largest value."""
+    not finite, a "mult" weight exceeds BIG_W, or it lies in its dtype's top binade
+    (:func:`_at_top`)."""
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     b_dw, w_max = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                               IS_Q, OP, BAGS, MEAN, HAS_W, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_dw) | (w_max > BIG_W) | _near_narrow_max(b_dw, p_dw):  # float64, half as many items at once
+    if _not_finite(b_dw) | (w_max > BIG_W) | _near_top(b_dw, p_dw):  # float64, half as many items at once
         b_s, b_e, b_f, _, b_a = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE,
                                             D, COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own,
                                             stride_owd, IS_Q, OP, BAGS, MEAN, HAS_W, True, _redo_rows(BLOCK_L, MEAN),
@@ -672,13 +675,14 @@ def _qr_fix_table(
     ODD32: tl.constexpr, FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The marked rows of one table whose float32 sum is not finite (a partial sum overflowed on
-    the way: it never comes back), ``FIX_R`` rows at a time, summed again (:func:`_qr_fix_rows`)."""
+    the way: it never comes back) or lies in float32's top binade (:func:`_at_top`), ``FIX_R`` rows
+    at a time, summed again (:func:`_qr_fix_rows`)."""
     o_r = tl.arange(0, FIX_R)
     for r0 in range(0, ROWS, FIX_R):
         m_k = r0 + o_r < ROWS
         m_k = m_k & (tl.load(p_marks + r0 + o_r, mask=m_k, other=0) > 0)
         if tl.max(m_k.to(tl.int32), axis=0) > 0:
-            m_fix = nonfinite_rows(p_dw + tl.cast(r0, tl.int64) * D, m_k, D, FIX_R, BLOCK_D)
+            m_fix = nonfinite_rows(p_dw + tl.cast(r0, tl.int64) * D, m_k, D, FIX_R, BLOCK_D, TOP32)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _qr_fix_rows(p_g, p_ids, p_offsets, p_psw, p_ow, p_dw, r0, m_fix, D, COL_OFF, N, B, M, R,
                              N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
@@ -697,8 +701,9 @@ def _qr_atomic_fixup_kernel(
     """One program, launched after :func:`_qr_atomic_kernel` (stream order: it sees every sum,
     mark and the flag): returns at once unless the flag ``p_state[0]`` is set. Else, in each
     needed table, the rows that took a term beyond ``BIG_T`` (marked) and whose float32 sum is
-    not finite are summed again in float64 (:func:`_qr_fix_table`); every other row keeps its
-    float32 sum, in which no partial sum overflowed. The gradients are contiguous float32
+    not finite or at least 2^127 are summed again in float64 (:func:`_qr_fix_table`); every
+    other row keeps its float32 sum, in which no partial sum overflowed (a row that took no such
+    term stays below 2^127 in any order: ``atomic_overflow_bound``). The gradients are contiguous float32
     (the launcher's accumulators); ``NARROW``: the tables are bfloat16 / float16, so the sums
     summed again are rounded to odd (:func:`_qr_atomic_narrow_kernel` rounds them to nearest). Cost, only for such inputs: per group of ``FIX_R`` such rows
     and ``BLOCK_D`` columns, one read of every id and a walk of the item blocks that hold one."""
@@ -723,8 +728,8 @@ def _qr_narrow_rows(
     FIX_L: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows ``[r0, r0 + FIX_R)`` of one float32 accumulator ``p_acc`` rounded to the table's dtype
-    into ``p_out`` (both contiguous ``(ROWS, D)``); a row with a finite value at or above the
-    dtype's largest finite one is summed again instead (:func:`_qr_fix_rows`, to odd at float32,
+    into ``p_out`` (both contiguous ``(ROWS, D)``); a row with a finite value in the dtype's top
+    binade (:func:`_at_top`) is summed again instead (:func:`_qr_fix_rows`, to odd at float32,
     then to nearest): its float32 sum, rounded twice, could be +-inf where the exact sum is
     below the overflow midpoint (qrprobe QP3). The rows are read twice (find, then convert):
     no element is stored twice."""
@@ -735,7 +740,7 @@ def _qr_narrow_rows(
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         b_a = tl.abs(tl.load(p_acc + o_row + o_d[None, :], mask=m_k[:, None] & (o_d < D)[None, :], other=0.0))
-        b_big = _at_narrow_max(b_a, p_out) & (b_a < float("inf"))
+        b_big = _at_top(b_a, p_out) & (b_a < float("inf"))
         b_fix = tl.maximum(b_fix, tl.max(b_big.to(tl.int32), axis=1))
     m_fix = m_k & (b_fix > 0)
     for d0 in range(0, D, BLOCK_D):
@@ -824,8 +829,8 @@ def _qr_psw_grad_kernel(
     OP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``dw[i] = composed item i . grad[bag of i]``, BLOCK_L items per program, D in tiles: in
-    float32, and again in float64 where a dot is not finite or ("mult": ``(q * r) * g``) some
-    |g| exceeds BIG_W."""
+    float32, and again in float64 where a dot is not finite, lies in its dtype's top binade
+    (:func:`_at_top`) or ("mult": ``(q * r) * g``) some |g| exceeds BIG_W."""
     o_l = flat_program_id() * BLOCK_L + tl.arange(0, BLOCK_L)
     m_l = o_l < N
     b_qi, b_ri = _qr_hash(tl.load(p_ids + o_l, mask=m_l, other=0), M, R)
@@ -833,7 +838,7 @@ def _qr_psw_grad_kernel(
     b_dot, g_max = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,
                                stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,
                                OP, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_dot) | (g_max > BIG_W) | _near_narrow_max(b_dot, p_dw):  # half-width D tiles: float64
+    if _not_finite(b_dot) | (g_max > BIG_W) | _near_top(b_dot, p_dw):  # half-width D tiles: float64
         b_s, b_e, b_f, _ = _qr_psw_dot(p_g, p_qw, p_rw, b_qi, b_ri, b_bag, m_l, DQ, DR, DOUT,  # in the registers
                                        stride_gn, stride_gd, stride_qn, stride_qd, stride_rn, stride_rd,  # of float32
                                        OP, True, BLOCK_L, BLOCK_D // 2 + BLOCK_D % 2)

@@ -195,8 +195,9 @@ def qr_lookup(
     comes out right (within float32 rounding) even where its terms or partial sums are not
     (``q * r`` = 1e40 items, weights of 3e38, ``g * w * q`` with ``w`` = 3e38): the Triton
     kernels sum in float32 and sum a bag or table row again in float64 where that result is not
-    finite, a "mult" weight above 1 multiplies an underflowed product, or a bfloat16 / float16
-    result reaches its dtype's largest value; the reference forms these sums in float64. Those
+    finite, a "mult" weight above 1 multiplies an underflowed product, or a result lies in its
+    dtype's top binade (at least 2^127, 2^15 for float16: float32 kept max, 2^102, 2^102 at max
+    where the exact sum rounds to +inf); the reference forms these sums in float64. Those
     float64 sums are compensated and rounded once (to odd first): near the overflow midpoint the
     result is the exact sum rounded to nearest ("mean": each ``x / len`` as two float64 terms,
     and a sum within 2^-100 of its terms' magnitudes of a rounding point taken to be that point,
@@ -205,11 +206,11 @@ def qr_lookup(
     entry gives NaN exactly where it is used (and ``inf - inf``, ``inf * 0`` give NaN).
     ``deterministic=False`` sums table rows with float32 atomics, to the same contract: a row
     that receives a finite term beyond about ``3.4e38 / len(ids)`` (only then can its partial
-    sums overflow) and whose float32 sum is not finite is summed again on the device in
+    sums overflow) and whose float32 sum is not finite or reaches 2^127 is summed again on the device in
     float64 and rounded once, by one extra program that reads the ids per group of 4 such rows
     (slower; an ordinary backward pays only its launch); bfloat16 / float16 tables are rounded
     from the float32 sums by one launch (in place of torch's conversion) that sums a row again
-    where it reaches the dtype's largest value. Zero-width tables
+    where it reaches the dtype's top binade. Zero-width tables
     (``dq = 0``) give empty rows and empty gradients. Bag offsets are checked on the device; nothing but the sparse
     backward reads the host.
 

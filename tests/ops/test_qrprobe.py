@@ -504,3 +504,31 @@ def test_mean_at_an_exact_tie_rounds_to_even(backend, device, deterministic):
     out = fastvq.qr_lookup(torch.arange(3, device=device), q, r, "add", offsets=torch.zeros(1, dtype=torch.long,
                            device=device), mode="mean", deterministic=deterministic)
     assert out.item() == 1.1875, out.item()
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [1, 0, 2]], ids=["max-first", "max-second"])
+@pytest.mark.parametrize("path", ["bag", "sorted", "atomic", "weights"])
+def test_a_float32_sum_that_stays_at_max_where_the_exact_one_overflows(backend, device, path, order):
+    """Terms max, 2^102, 2^102: float32 adds each 2^102 (a quarter ulp of max) and stays at max,
+    but the exact sum is the overflow midpoint, which rounds to +inf. The kernels redid a sum
+    only where its float32 value was not finite (a bfloat16 / float16 one where it reached the
+    dtype's max), so they gave max; now a float32 result in float32's top binade (a float16 one
+    in float16's) is summed again too."""
+    terms = [F32_MAX, 2.0**102, 2.0**102]
+    t = torch.tensor([terms[i] for i in order], device=device)[:, None]
+    assert nearest(sum(map(Fraction, terms)), torch.float32) == math.inf
+    zeros = torch.zeros(1, 1, device=device)
+    ids = torch.zeros(3, dtype=torch.long, device=device)
+    if path == "bag":  # q rows hold the terms, r rows 0 (ids i -> q row i, r row 0)
+        out = fastvq.qr_lookup(torch.arange(3, device=device), t, zeros, "add",
+                               offsets=torch.zeros(1, dtype=torch.long, device=device))
+        got = [out.item()]
+    elif path == "weights":  # the per-sample weight's gradient: the item (a q row of the terms) . g
+        w = torch.ones(1, device=device, requires_grad=True)
+        fastvq.qr_lookup(torch.zeros(1, dtype=torch.long, device=device), t.T.contiguous(), torch.zeros(1, 3,
+                         device=device), "add", offsets=torch.zeros(1, dtype=torch.long, device=device),
+                         per_sample_weights=w).backward(torch.ones(1, 3, device=device))
+        got = [w.grad.item()]
+    else:
+        got = [v.item() for v in _grads(zeros, zeros, ids, "add", t, deterministic=path == "sorted")]
+    assert all(v == math.inf for v in got), got
