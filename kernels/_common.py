@@ -573,15 +573,18 @@ def round_dd(b_s, b_e, b_f, ODD32: tl.constexpr, b_tol=0.0, SNAP: tl.constexpr =
 
 @triton.jit
 def snap_half_ulp(h, l, fin, b_tol):
-    """``(h, l)`` (``h + l`` a float64 sum, ``|l|`` below half of ``h``'s ulp) moved to the nearest
-    point ``P`` of float32's half-ulp grid at ``h`` (multiples of ``2^(E - 24)``, ``2^E <= |h|``,
-    at least 2^-150) where ``|h + l - P| <= b_tol``: then ``(P, 0)``. ``P = 0`` is left alone
-    (such an ``h`` rounds to a zero of its own sign anyway)."""
+    """``(h, l)`` (``h + l`` a float64 sum, ``|l|`` below half of ``h``'s ulp) moved to 0 where
+    ``|h + l| <= b_tol`` (an exact 0 of terms that carry a rounding came out 2^-108: fuzzU), else
+    to the nearest point ``P`` of float32's half-ulp grid at ``h`` (multiples of ``2^(E - 24)``,
+    ``2^E <= |h|``, at least 2^-150) where ``|h + l - P| <= b_tol``: then ``(P, 0)``. An ``h`` of
+    0 keeps its sign; one moved to 0 becomes +0, as IEEE sums to an exact 0."""
     b_e = (h.to(tl.int64, bitcast=True) >> 52) & 0x7FF
     u = (tl.maximum(b_e - 24, 1023 - 150) << 52).to(tl.float64, bitcast=True)
     big = u * 6755399441055744.0  # 1.5 * 2^52 * u: (h + big) - big rounds h to a multiple of u
     p = (h + big) - big
-    snap = fin & (p != 0) & (tl.abs((h - p) + l) <= b_tol)  # (h - p is exact: |h - p| <= u / 2)
+    p = tl.where(tl.abs(h + l) <= b_tol, 0.0, p)
+    p = tl.where(h == 0, h, p)
+    snap = fin & (tl.abs((h - p) + l) <= b_tol)  # (h - p is exact: |h - p| <= u / 2, or p = 0)
     return tl.where(snap, p, h), tl.where(snap, 0.0, l)
 
 

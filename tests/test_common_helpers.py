@@ -352,6 +352,17 @@ def test_snap_rounds_within_tol_of_a_grid_point_to_it(device):
                                                                      ref[i].item(), want)
             away += snapped and _nearest(x, dtype) != want
     assert away >= 20, away
+    # within tol of 0 (fuzzU: an exact 0 of thirds came out 2^-108): +0, and a zero keeps its sign
+    S = torch.tensor([2.0**-108, -(2.0**-108), -0.0, 0.0, 2.0**-99, -(2.0**-160), -(2.0**-101), 3.0],
+                     dtype=torch.float64, device=device)
+    T = torch.full_like(S, 2.0**-100)
+    E = torch.zeros_like(S)
+    E[2] = -0.0  # (-0 + -0 is -0; -0 + +0 is +0)
+    out, odd = torch.empty(8, dtype=torch.float32, device=device), torch.empty(8, dtype=torch.float32, device=device)
+    _snap_round_kernel[(1,)](S, E, T, out, odd, BLOCK=8)
+    for got in (out, odd, round_pair(S, E, torch.float32, T), round_pair(S, E, torch.bfloat16, T)):
+        assert got.tolist() == [0.0, 0.0, 0.0, 0.0, 2.0**-99, 0.0, 0.0, 3.0], got
+        assert got.signbit().tolist() == [False, False, True, False, False, False, False, False], got
 
 
 @triton.jit

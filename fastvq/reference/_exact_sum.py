@@ -161,13 +161,16 @@ MEAN_TOL = 2.0**-100  # (kernels/qr_lookup.py MEAN_TOL)
 
 
 def _snap_half_ulp(h: torch.Tensor, lo: torch.Tensor, fin: torch.Tensor, tol: torch.Tensor):
-    """The kernels' ``snap_half_ulp``: ``(P, 0)`` where ``h + lo`` lies within ``tol`` of ``P``,
-    the nearest point of float32's half-ulp grid at ``h`` (``P != 0``); else ``(h, lo)``."""
+    """The kernels' ``snap_half_ulp``: ``(0, 0)`` where ``|h + lo| <= tol`` (+0, or ``h``'s own zero),
+    else ``(P, 0)`` where ``h + lo`` lies within ``tol`` of ``P``, the nearest point of float32's
+    half-ulp grid at ``h``; else ``(h, lo)``."""
     _, e = torch.frexp(h.nan_to_num(0.0, 0.0, 0.0))  # 2^(e - 1) <= |h| < 2^e
     u = torch.ldexp(torch.ones_like(h), (e - 25).clamp_min(-150))
     big = u * 6755399441055744.0  # 1.5 * 2^52 * u
     p = (h + big) - big
-    snap = fin & (p != 0) & (((h - p) + lo).abs() <= tol)
+    p = torch.where((h + lo).abs() <= tol, torch.zeros_like(p), p)
+    p = torch.where(h == 0, h, p)
+    snap = fin & (((h - p) + lo).abs() <= tol)
     return torch.where(snap, p, h), torch.where(snap, torch.zeros_like(lo), lo)
 
 

@@ -532,3 +532,23 @@ def test_a_float32_sum_that_stays_at_max_where_the_exact_one_overflows(backend, 
     else:
         got = [v.item() for v in _grads(zeros, zeros, ids, "add", t, deterministic=path == "sorted")]
     assert all(v == math.inf for v in got), got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_mean_of_thirds_that_is_exactly_zero_is_zero(backend, device, dtype):
+    """fuzzU: q rows 3, -1, -2 in a bag of three ("mean", exact 0; a +inf column makes the
+    kernels sum the bag again in float64) came out 3.1e-33: each x / 3 carries a rounding of
+    2^-101 of itself, and the snap to the nearest point of float32's half-ulp grid left 0 out.
+    The same as gradients: three bags of three items on one row, upstream 3, -1, -2."""
+    q = torch.tensor([[3.0, math.inf], [-1.0, 0.0], [-2.0, 0.0]], dtype=dtype, device=device)
+    out = fastvq.qr_lookup(torch.tensor([0, 4, 8], device=device), q, torch.zeros(3, 2, dtype=dtype, device=device),
+                           "add", offsets=torch.zeros(1, dtype=torch.long, device=device), mode="mean")
+    assert out[0, 0].item() == 0.0 and not out[0, 0].signbit() and out[0, 1].item() == math.inf, out
+    big = torch.finfo(dtype).max  # (column 1: its float32 row sum overflows, so the row is summed again)
+    g = torch.tensor([[3.0, big], [-1.0, big], [-2.0, big]], dtype=dtype, device=device)
+    for deterministic in (True, False):
+        gq, gr = _grads(torch.zeros(1, 2, dtype=dtype, device=device), torch.zeros(1, 2, dtype=dtype, device=device),
+                        torch.zeros(9, dtype=torch.long, device=device), "add", g,
+                        torch.tensor([0, 3, 6], device=device), "mean", deterministic=deterministic)
+        for t in (gq, gr):
+            assert t[0, 0].item() == 0.0 and not t[0, 0].signbit() and t[0, 1].item() == math.inf, (deterministic, t)
