@@ -427,12 +427,17 @@ def exp2i64(e):
 FIX_SCAN = tl.constexpr(1024)  # indices a fix-up reads at once to find the rows of its group
 
 
+TOP32 = tl.constexpr(1.7014118346046923e38)  # 2^127: float32's (and bfloat16's) top binade
+
+
 @triton.jit
 def nonfinite_rows(p_rows, m_k, D, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr, BOUND: tl.constexpr = float("inf")):
     """Which of the ``FIX_R`` float32 rows ``p_rows + j D`` (``m_k``: those to look at) hold an
     element that is not finite (``BOUND``: not below it in magnitude): the rows (codes, table
     rows) whose atomic sum overflowed on the way (an overflowed partial sum never comes back:
-    inf, or NaN with an opposite inf). Read past L1 (``.cg``): other programs wrote them."""
+    inf, or NaN with an opposite inf), and with ``BOUND = TOP32`` those that reached float32's
+    top binade too (such a sum could stay at max where the exact one reaches the overflow
+    midpoint: max, 2^102, 2^102). Read past L1 (``.cg``): other programs wrote them."""
     o_r = tl.arange(0, FIX_R)
     m_bad = o_r < 0
     for d0 in range(0, D, BLOCK_D):

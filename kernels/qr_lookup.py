@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FIX_SCAN, add_rows_by_index, add_rows_by_index_dd, atomic_overflow_bound, dd_add, dd_sum,
+from ._common import (FIX_SCAN, TOP32, add_rows_by_index, add_rows_by_index_dd, atomic_overflow_bound, dd_add, dd_sum,
                       flat_grid, flat_program_id, launcher, next_pow2, nonfinite_rows, rcp_rn, round_dd,
                       rows_vectorise, tile_offsets, two_prod)
 
@@ -80,7 +80,6 @@ KEYS_BLOCK = 1024  # ids per program of the sort-key kernel
 BIG_W = tl.constexpr(1.0)
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal, 2^-126
-TOP32 = tl.constexpr(1.7014118346046923e38)  # 2^127: float32's (and bfloat16's) top binade
 # "mean"'s float64 redo: each quotient x / len is two terms within about 2^-101 of it
 # (_mean_terms), so a sum within 2^-100 of its quotients' magnitudes of a rounding point is
 # taken to be that point (round_dd's SNAP): exact ties are frequent there (bfloat16 means).

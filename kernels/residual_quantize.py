@@ -79,7 +79,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FIX_SCAN, add_rows_by_index, add_rows_by_index_dd, arch_family, argmin_merge,
+from ._common import (FIX_SCAN, TOP32, add_rows_by_index, add_rows_by_index_dd, arch_family, argmin_merge,
                       atomic_overflow_bound, autotune, autotune_configs, bf16_rne, dot_fp32, dot_nt, dot_split_nt, exp2i,
                       exp2i64, launcher, next_pow2, nonfinite_rows, pow2_exponent, prune_by_estimate,
                       register_estimate, rotation_grad_rows, round_bf16, round_dd, target_for, tf32_split,
@@ -604,7 +604,8 @@ def _stats_fixup(
 ):
     """Run by the last program of a forward launch with statistics in which some term ``w r_l``
     exceeded ``BIG_T`` (rare: inputs within a factor ~N of float32's range): the codes whose
-    float32 sum is not finite (it overflowed on the way) summed again in float64
+    float32 sum is not finite (it overflowed on the way) or reached 2^127 (it could stay at max
+    where the exact sum overflows: max, 2^102, 2^102) summed again in float64
     (:func:`_stats_fix_codes`), ``FIX_R`` codes of a level at a time. One program reads every
     row's code at the level once per such group of codes, and walks to the level the row blocks
     that hold one of them: milliseconds at a million rows for a few codes, longer for many
@@ -612,7 +613,8 @@ def _stats_fixup(
     o_r = tl.arange(0, FIX_R)
     for lvl in range(L):
         for k0 in range(0, K, FIX_R):
-            m_fix = nonfinite_rows(p_sums + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
+            m_fix = nonfinite_rows(p_sums + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D,
+                                   TOP32)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _stats_fix_codes(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, lvl, k0, m_fix, stat_lim,
                                  stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
@@ -1168,13 +1170,14 @@ def _dcb_fixup(
 ):
     """Run by the last program of a backward launch in which some codebook term exceeded
     ``BIG_T`` (rare: inputs within a factor ~N of float32's range): the codes whose float32 sum
-    is not finite (it overflowed on the way) summed again in float64 (:func:`_dcb_fix_codes`),
+    is not finite (it overflowed on the way) or reached 2^127 summed again in float64 (:func:`_dcb_fix_codes`),
     ``FIX_R`` codes of a level at a time. The other codes keep their float32 sums (no partial
     sum of theirs overflowed)."""
     o_r = tl.arange(0, FIX_R)
     for lvl in range(L):
         for k0 in range(0, K, FIX_R):
-            m_fix = nonfinite_rows(p_dcb + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D)
+            m_fix = nonfinite_rows(p_dcb + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D,
+                                   TOP32)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _dcb_fix_codes(p_x, p_cb, p_codes, p_w, p_ge, p_dcb, N, K, D, lvl, k0, m_fix,
                                stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,

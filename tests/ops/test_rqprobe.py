@@ -264,3 +264,21 @@ def test_padding_rows_holding_anything_change_nothing(backend, device, grad, bad
     assert out.commitment_loss.isfinite() and out.skipped.tolist() == [0, 0]
     assert out.counts.isfinite().all() and out.sums.isfinite().all()
     assert out.candidates_ok[:, 0].tolist() == [False, False]
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [1, 0, 2]], ids=["max-first", "max-second"])
+def test_statistics_and_codebook_gradient_that_stay_at_max_where_the_exact_sum_overflows(backend, device, order):
+    """One code (K = 1, D = 1, value 0). Statistics: rows max, 2^102, 2^102 sum in float32 to max
+    (each 2^102 a quarter ulp of max) where the exact sum, the overflow midpoint, rounds to +inf;
+    the fix-up redid only a float32 sum that was not finite, so the Triton kernel gave max.
+    Codebook gradient: rows max, max, 2^103, 2^103 (terms -max / 2, -max / 2, -2^102, -2^102):
+    -max, exact -inf. Now a float32 sum in float32's top binade is summed again too."""
+    terms = [F32_MAX, 2.0**102, 2.0**102]
+    x = torch.tensor([terms[i] for i in order], device=device)[:, None]
+    out = fastvq.residual_quantize_step(x, torch.zeros(1, 1, 1, device=device), statistics=True)
+    assert out.sums.item() == math.inf, out.sums
+    rows = [F32_MAX, 2.0**103, F32_MAX, 2.0**103]
+    x = torch.tensor([rows[i] for i in order + [3]], device=device)[:, None]
+    cb = torch.zeros(1, 1, 1, device=device, requires_grad=True)
+    fastvq.residual_quantize_step(x, cb).embedding_loss.backward()
+    assert cb.grad.item() == -math.inf, cb.grad
