@@ -492,7 +492,7 @@ def _qr_row_grad(
     b_dw, w_max = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE, D, COL_OFF,
                               N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own, stride_owd,
                               IS_Q, OP, BAGS, MEAN, HAS_W, False, BLOCK_L, BLOCK_D)
-    if _not_finite(b_dw) | (w_max > BIG_W) | _near_top(b_dw, p_dw):  # float64, half as many items at once
+    if _not_finite(b_dw) | (w_max > BIG_W) | _near_top(b_dw, p_dw):  # float64, fewer items at once
         b_s, b_e, b_f, _, b_a = _qr_row_sum(p_g, p_ids, p_offsets, p_psw, p_ow, p_perm, start, end, o_d, POS_BASE,
                                             D, COL_OFF, N, B, M, R, N_BAG_ITERS, stride_gn, stride_gd, stride_own,
                                             stride_owd, IS_Q, OP, BAGS, MEAN, HAS_W, True, _redo_rows(BLOCK_L, MEAN),

@@ -219,6 +219,15 @@ def test_names_have_one_definition():
         check_choice("op", "grad", 1, _names.GRADS)
 
 
+def test_kernel_and_reference_tolerances_agree():
+    """The references never import the kernels, so a value both apply is written in each: "mean"'s
+    snap tolerance (kernels/qr_lookup.py, fastvq/reference/_exact_sum.py) must stay one value."""
+    from fastvq.kernels.qr_lookup import MEAN_TOL
+    from fastvq.reference._exact_sum import MEAN_TOL as REF_MEAN_TOL
+
+    assert float(MEAN_TOL.value if hasattr(MEAN_TOL, "value") else MEAN_TOL) == REF_MEAN_TOL == 2.0**-100
+
+
 @pytest.mark.parametrize("call", ["nearest_code", "mine_negatives", "qr_lookup-op", "qr_lookup-mode",
                                   "residual_quantize_step", "VectorQuantizer", "ResidualQuantizer", "QREmbedding",
                                   "testing"])

@@ -193,7 +193,10 @@ def qr_lookup_bwd_ref(
 
     def terms(table: int, absum: torch.Tensor | None = None):
         """(rows, terms) per chunk of items: table 0 the quotient table's, 1 the remainder's; for
-        "mean" each ``x / len`` as two terms (:func:`_terms`), ``sum |p|`` added to ``absum``."""
+        "mean" each ``x / len`` as two terms (:func:`_terms`), ``sum |p|`` summed into ``absum``
+        (zeroed first: a pass that forms the terms again sums it again)."""
+        if absum is not None:
+            absum.zero_()
         for s in range(0, N, step):
             rows = slice(s, min(s + step, N))
             g = (g2[rows] if bag_of is None else g2[bag_of[rows]]).to(math)
@@ -225,13 +228,10 @@ def qr_lookup_bwd_ref(
         if not need:
             out += [None, None]
             continue
-        absum = None
-        if inv is not None:  # ("mean": sum |p| of the quotients, the rounding's tolerance)
-            absum = torch.zeros(tuple(w.shape), dtype=math, device=w.device)
-            for _ in terms(table, absum):
-                pass
-        full = round_pair(*pair_index_sum(tuple(w.shape), lambda table=table: terms(table), w.device), w.dtype,
-                          None if absum is None else absum * MEAN_TOL)
+        # ("mean": sum |p| of the quotients, the rounding's tolerance, summed as the terms are formed)
+        absum = None if inv is None else torch.zeros(tuple(w.shape), dtype=math, device=w.device)
+        hi, lo = pair_index_sum(tuple(w.shape), lambda table=table, absum=absum: terms(table, absum), w.device)
+        full = round_pair(hi, lo, w.dtype, None if absum is None else absum * MEAN_TOL)
         if sparse:
             touched = torch.unique(idx)  # sorted
             out += [touched, full[touched]]
