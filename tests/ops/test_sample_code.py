@@ -214,13 +214,14 @@ def test_temperature_below_float32s_normal_range_samples_softmax(backend):
     # fuzzA: codes +-1e-20 for the row 1e-20 (dot distances -+1e-40) at T = 1e-40 give softmax
     # 0.881 / 0.119; 1 / T overflowed float32 and every row took the nearest code. The factor is
     # now formed from T's mantissa and exponent apart (a number or a float64 tensor alike).
-    x = torch.full((4000, 1), 1e-20)
+    x = torch.full((1000, 1), 1e-20)
     c = torch.tensor([[1e-20], [-1e-20]])
     want = torch.softmax(-torch.tensor([-1.0, 1.0], dtype=torch.float64) * (1e-40 / 1e-40), 0)[0].item()
     for t in (1e-40, torch.tensor(1e-40, dtype=torch.float64)):
         idx, _ = fastvq.sample_code(x, c, t, "dot", seed=3)
         p0 = (idx == 0).double().mean().item()
-        assert abs(p0 - want) < 0.03, (t, p0, want)  # (5 standard deviations at 4000 draws)
+        # (5 standard deviations at 1000 draws; every row on the nearest code is 11.6 away)
+        assert abs(p0 - want) < 0.05, (t, p0, want)
     # far below the distances' scale it is the nearest code, as softmax's limit is
     idx, _ = fastvq.sample_code(torch.ones(50, 1), torch.tensor([[1.0], [-1.0]]), 1e-300, "dot", seed=3)
     assert (idx == 0).all()
