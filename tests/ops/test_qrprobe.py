@@ -383,6 +383,44 @@ def test_mean_of_thirds_at_a_rounding_midpoint_rounds_once(backend, device, dtyp
     assert out.item() == want, (out.item(), want, float(exact))
 
 
+# fuzzV: a weighted "sum" bag (op "add") whose q and r terms cancel in pairs, 3.5e34 down to
+# 3.7e-27, beside -32561824792576 and -2^20: the exact sum -32561825841152 is a float32 tie (its
+# even neighbour is -32561824792576). A block of terms spanning ~200 bits leaves its two splits'
+# remainders a rounding (README "Known limits": a tie is correctly rounded only within the
+# compensated sum's window); the reference's separate q and r passes keep this one exact
+_SPAN_TIE = [  # (q, r, weight) per item
+    (0.02744111977517605, -0.02744111977517605, -2.424622058868408),
+    (1.4683322660857812e-05, -1.4683322660857812e-05, 1.667421817779541),
+    (1022701774831616.0, -1022701774831616.0, 12.610085487365723),
+    (734379.0625, -734379.0625, -0.1588192731142044),
+    (1.1965159483876471e-26, -1.1965159483876471e-26, 0.30545997619628906),
+    (1.251381344643933e34, -1.251381344643933e34, -2.8138091564178467),
+    (-32561824792576.0, 0.0, 1.0),
+    (-1048576.0, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="fuzzV (README Known limits): the kernels' redo of a block of "
+    "terms spanning ~200 bits breaks this exact tie to its odd neighbour"))], indirect=True)
+def test_exact_tie_of_cancelling_terms_far_apart_rounds_to_even(backend, device):
+    n = len(_SPAN_TIE)
+    q, r, w = (torch.tensor([row[j] for row in _SPAN_TIE], dtype=torch.float64, device=device) for j in range(3))
+    assert torch.equal(q.float().double(), q) and torch.equal(w.float().double(), w)
+    exact = sum((Fraction(a) + Fraction(b)) * Fraction(c) for a, b, c in _SPAN_TIE)
+    want = -32561824792576.0
+    assert nearest(exact * (1 + Fraction(1, 2**60)), torch.float32) != nearest(exact * (1 - Fraction(1, 2**60)),
+                                                                             torch.float32)  # a tie
+    assert nearest(exact, torch.float32) == want
+    qw = torch.stack([q, torch.zeros_like(q)], 1).float()
+    qw[0, 1] = math.inf  # (column 1: forces the kernels' float64 redo of the bag's tile)
+    ids = torch.arange(n, device=device) * (n + 1)  # item i: q row i, r row i
+    out = fastvq.qr_lookup(ids, qw, torch.stack([r, torch.zeros_like(r)], 1).float(), "add",
+                           offsets=torch.zeros(1, dtype=torch.long, device=device), mode="sum",
+                           per_sample_weights=w.float())
+    assert out[0, 0].item() == want, (out[0, 0].item(), want)
+
+
 # a table gradient of "mean" from three bags of three items: q row 0 takes all of bag 0's items
 # (upstream g0: 3 (g0 / 3) = g0) and one of bag 1's and bag 2's (g1 / 3, x / 3); g0 + g1 / 3 is
 # the dtype's overflow midpoint (the float32 sum reaches the dtype's max, or passes float32's:
