@@ -546,23 +546,25 @@ def test_sums_near_rounding_midpoints_round_once(backend, spread):
     assert (plain != want).sum() >= 4
 
 
-@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4], [0, 1, 64, 128, 192], [0, 256, 512, 768, 1024]],
-                         ids=["one-tile", "tiles", "pieces"])
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4], [0, 1, 64, 128, 192], [0, 256, 512, 768, 1024],
+                                  [0, 256 * 21, 256 * 42, 256 * 63, 256 * 64]],
+                         ids=["one-tile", "tiles", "pieces", "merge-blocks"])
 def test_sums_keep_a_small_remainder_beside_cancelling_ones(backend, device, rows):
     # tests/_midpoints.py small_remainder_rows (the README's max, half ulp, 2^77, -2^-100, -2^77:
     # max; and 1, half ulp, 2^-60, 2^-130, -2^-60: 1 + 2^-23) as two columns of one code, the
     # terms at these rows (zeros between): in one tile of rows, in different tiles of one piece
-    # (64 rows each), in different pieces of 256 rows (merged). One split with the remainders
+    # (64 rows each), in different pieces of 256 rows (merged), the last one in the 65th piece
+    # (the merge kernel's second block of MERGE_BLOCK_Q = 64 partials). One split with the remainders
     # summed plainly lost the small term in the merge (+inf and 1); a running pair across tiles
     # and pieces lost the 2^-130 (1)
     from fractions import Fraction
 
-    from fastvq.kernels.code_statistics import _blocks, piece_rows
+    from fastvq.kernels.code_statistics import MERGE_BLOCK_Q, _blocks, piece_rows
     from tests._midpoints import nearest, small_remainder_rows
 
     terms = small_remainder_rows(torch.float32)
     N = rows[-1] + 8
-    assert piece_rows(N, 2) == 256 and _blocks(2)[0] == 64
+    assert piece_rows(N, 2) == 256 and _blocks(2)[0] == 64 and rows[-1] // 256 in (0, 4, MERGE_BLOCK_Q)
     x = torch.zeros(N, 2, device=device)
     x[torch.tensor(rows, device=device)] = torch.tensor(terms, device=device).T
     want = [nearest(sum(Fraction(v) for v in r), torch.float32) for r in terms]
