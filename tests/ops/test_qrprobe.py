@@ -387,7 +387,8 @@ def test_mean_of_thirds_at_a_rounding_midpoint_rounds_once(backend, device, dtyp
 # 3.7e-27, beside -32561824792576 and -2^20: the exact sum -32561825841152 is a float32 tie (its
 # even neighbour is -32561824792576). A block of terms spanning ~200 bits leaves its two splits'
 # remainders a rounding (README "Known limits": a tie is correctly rounded only within the
-# compensated sum's window); the reference's separate q and r passes keep this one exact
+# compensated sum's window); the reference happens to keep this one (fuzzV's 256-item column, of
+# which these are what the kernels need, broke its tie too)
 _SPAN_TIE = [  # (q, r, weight) per item
     (0.02744111977517605, -0.02744111977517605, -2.424622058868408),
     (1.4683322660857812e-05, -1.4683322660857812e-05, 1.667421817779541),
