@@ -554,9 +554,9 @@ def test_sums_keep_a_small_remainder_beside_cancelling_ones(backend, device, row
     # max; and 1, half ulp, 2^-60, 2^-130, -2^-60: 1 + 2^-23) as two columns of one code, the
     # terms at these rows (zeros between): in one tile of rows, in different tiles of one piece
     # (64 rows each), in different pieces of 256 rows (merged), the last one in the 65th piece
-    # (the merge kernel's second block of MERGE_BLOCK_Q = 64 partials). One split with the remainders
-    # summed plainly lost the small term in the merge (+inf and 1); a running pair across tiles
-    # and pieces lost the 2^-130 (1)
+    # (the merge kernel's second block of MERGE_BLOCK_Q = 64 partials). One split with the
+    # remainders summed plainly lost the small term in the merge (+inf and 1); a running pair
+    # across tiles and pieces lost the 2^-130 (1)
     from fractions import Fraction
 
     from fastvq.kernels.code_statistics import MERGE_BLOCK_Q, _blocks, piece_rows
