@@ -17,10 +17,11 @@ next, so the module computes nothing over the activations in torch:
 * ``STATS``: per level, EMA statistics of the vectors that level quantized (``r_l``): counts
   and sums per code (float32 atomics) and the number of rows left out as not finite (in the
   dtype of the codebooks being trained: ``stat_lim``, one compare per element as before). A
-  term ``w r_l`` beyond ``atomic_overflow_bound(N)`` sets a flag, and the launch's last program
-  sums again, as float64 pairs rounded once, the codes whose float32 sum is not finite
-  (``_stats_fixup``, as the backward's ``_dcb_fixup``): a sum is +-inf only where the exact one
-  overflows (the float64 midpoint max + 2^103 of max, 2^103, -2^60 rounds to max);
+  term ``w r_l`` or weight ``w`` beyond ``atomic_overflow_bound(N)`` sets a flag, and the
+  launch's last program sums again, as float64 pairs rounded once, the codes whose float32 sum
+  or count is not finite or reached 2^127 (``_stats_fixup``, as the backward's
+  ``_dcb_fixup``): a sum or count is +-inf only where the exact one overflows (the float64
+  midpoint max + 2^103 of max, 2^103, -2^60 rounds to max);
 * ``CAND``: for a few chosen rows (``slot >= 0``), at every level, the midpoint ``(c_l + r_l) / 2``
   of the residual and the code it chose, rounded once (``_midpoint``: no intermediate overflow;
   dead-code revival candidates: a revived code splits a used code's cell), and whether it is
@@ -314,6 +315,7 @@ def _level_outputs(
     if STATS:
         o_kk = lvl * K + b_idx
         tl.atomic_add(p_counts + o_kk, b_sw, mask=b_use, sem="relaxed")
+        tl.store(p_skip + L + tl.zeros(o_kk.shape, dtype=tl.int32), 1, mask=b_use & (tl.abs(b_sw) > BIG_T))
         b_t = b_sw[:, None] * b_r
         m_t = b_use[:, None] & m_d[None, :]
         tl.atomic_add(p_sums + o_kk[:, None] * D + o_d[None, :], b_t, mask=m_t, sem="relaxed")
@@ -542,25 +544,32 @@ def _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R: tl.cons
 
 @triton.jit
 def _stats_fix_codes(
-    p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, lvl, k0, m_fix, stat_lim,
+    p_x, p_cb, p_codes, p_w, p_sw, p_out, N, K, D, L, lvl, k0, m_fix, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-    HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr, COUNTS: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The statistics' sums of codes ``k0 + j`` of level ``lvl`` (``m_fix``) again, in float64:
-    every row walked to that level as the forward forms its residual (float32; a row whose
-    ``r - c`` overflows held at scale ``2^-E``, :func:`_held_wide`), ``FIX_M`` whole rows at a
-    time (``BLOCK_D >= D``), the terms ``w r_l`` of the rows that level counts (nonzero weight,
-    residual below ``stat_lim``, not held; ``w`` the statistics' weights, ``p_sw``) exact in
-    float64 and summed in three float64 parts (:func:`add_rows_by_index_dd`), each sum rounded
-    once to float32 (:func:`round_dd`): +-inf only where the exact sum overflows (a float64 sum
-    of max, 2^103, -2^60 lands on the overflow midpoint), and every column at its own precision."""
+    """The statistics' sums (``p_out = p_sums``; ``COUNTS``: the counts, ``p_out = p_counts``) of
+    codes ``k0 + j`` of level ``lvl`` (``m_fix``) again, in float64: every row walked to that
+    level as the forward forms its residual (float32; a row whose ``r - c`` overflows held at
+    scale ``2^-E``, :func:`_held_wide`), ``FIX_M`` whole rows at a time (``BLOCK_D >= D``), the
+    terms ``w r_l`` (``COUNTS``: ``w``) of the rows that level counts (nonzero weight, residual
+    below ``stat_lim``, not held; ``w`` the statistics' weights, ``p_sw``) exact in float64 and
+    summed in three float64 parts (:func:`add_rows_by_index_dd`), each sum rounded once to
+    float32 (:func:`round_dd`): +-inf only where the exact sum overflows (a float64 sum of max,
+    2^103, -2^60 lands on the overflow midpoint), and every column at its own precision. (The
+    counts in a walk of their own: summed beside the sums, their tiles cost the forward kernels
+    up to 68 more sm_90 registers and 104 B of stack.)"""
     e_wide = _wide_exp(L)
     s_wide, s_up = exp2i(-e_wide), exp2i(e_wide)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_acc = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
-    b_err = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
-    b_tail = tl.zeros((FIX_R, BLOCK_D), dtype=tl.float64)
+    if COUNTS:
+        o_c = tl.arange(0, 1)
+    else:
+        o_c = o_d
+    b_acc = tl.zeros((FIX_R, o_c.shape[0]), dtype=tl.float64)
+    b_err = tl.zeros((FIX_R, o_c.shape[0]), dtype=tl.float64)
+    b_tail = tl.zeros((FIX_R, o_c.shape[0]), dtype=tl.float64)
     for s0 in range(0, N, FIX_SCAN):  # (spans of rows, each read once for the group's codes)
         if _group_in_rows(p_codes, s0, N, lvl, stride_on, stride_ol, k0, FIX_R, FIX_SCAN):
             for m0 in range(s0, tl.minimum(s0 + FIX_SCAN, N), FIX_M):  # (the last span: to N)
@@ -589,23 +598,27 @@ def _stats_fix_codes(
                                         mask=m_md, other=0.0).to(tl.float32)
                         b_r, b_wide = _held_wide(b_r, b_sel, b_wide, s_wide, s_up)
                     m_use = m_live & _row_below(b_r, stat_lim) & ~b_wide
-                    b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
+                    if COUNTS:
+                        b_t = tl.where(m_use, b_sw.to(tl.float64), 0.0)[:, None]
+                    else:
+                        b_t = tl.where(m_use[:, None] & m_md, b_sw.to(tl.float64)[:, None] * b_r.to(tl.float64), 0.0)
                     b_acc, b_err, b_tail = add_rows_by_index_dd(b_acc, b_err, b_tail, b_t, b_idx, k0, FIX_R)
-    o_r = tl.arange(0, FIX_R)
-    tl.store(p_sums + (k0 + o_r + lvl * K).to(tl.int64)[:, None] * D + o_d[None, :], round_dd(b_acc, b_err, b_tail, False),
-             mask=m_fix[:, None] & m_d[None, :])
+    o_k = (k0 + tl.arange(0, FIX_R) + lvl * K).to(tl.int64)
+    n_c = 1 if COUNTS else D
+    tl.store(p_out + o_k[:, None] * n_c + o_c[None, :], round_dd(b_acc, b_err, b_tail, False),
+             mask=m_fix[:, None] & (o_c < n_c)[None, :])
 
 
 @triton.jit(noinline=True)
 def _stats_fixup(
-    p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, stat_lim,
+    p_x, p_cb, p_codes, p_w, p_sw, p_counts, p_sums, N, K, D, L, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Run by the last program of a forward launch with statistics in which some term ``w r_l``
-    exceeded ``BIG_T`` (rare: inputs within a factor ~N of float32's range): the codes whose
-    float32 sum is not finite (it overflowed on the way) or reached 2^127 (it could stay at max
-    where the exact sum overflows: max, 2^102, 2^102) summed again in float64
+    or weight ``w`` exceeded ``BIG_T`` (rare: inputs within a factor ~N of float32's range): the
+    codes whose float32 sum or count is not finite (it overflowed on the way) or reached 2^127
+    (it could stay at max where the exact sum overflows: max, 2^102, 2^102) summed again in float64
     (:func:`_stats_fix_codes`), ``FIX_R`` codes of a level at a time. One program reads every
     row's code at the level once per such group of codes, and walks to the level the row blocks
     that hold one of them: milliseconds at a million rows for a few codes, longer for many
@@ -613,12 +626,17 @@ def _stats_fixup(
     o_r = tl.arange(0, FIX_R)
     for lvl in range(L):
         for k0 in range(0, K, FIX_R):
-            m_fix = nonfinite_rows(p_sums + (lvl * K + k0).to(tl.int64) * D, k0 + o_r < K, D, FIX_R, BLOCK_D,
-                                   TOP32)
+            m_k = k0 + o_r < K
+            m_fix = nonfinite_rows(p_sums + (lvl * K + k0).to(tl.int64) * D, m_k, D, FIX_R, BLOCK_D, TOP32)
             if tl.max(m_fix.to(tl.int32), axis=0) > 0:
                 _stats_fix_codes(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, lvl, k0, m_fix, stat_lim,
                                  stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
-                                 HAS_W, FIX_M, FIX_R, BLOCK_D)
+                                 HAS_W, False, FIX_M, FIX_R, BLOCK_D)
+            m_fix = nonfinite_rows(p_counts + lvl * K + k0, m_k, 1, FIX_R, 1, TOP32)
+            if tl.max(m_fix.to(tl.int32), axis=0) > 0:
+                _stats_fix_codes(p_x, p_cb, p_codes, p_w, p_sw, p_counts, N, K, D, L, lvl, k0, m_fix, stat_lim,
+                                 stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
+                                 HAS_W, True, FIX_M, FIX_R, BLOCK_D)
 
 
 @triton.jit
@@ -637,15 +655,15 @@ def _last_program_flagged(p_flag):
 
 @triton.jit
 def _stats_fixup_if_last(
-    p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_state, N, K, D, L, stat_lim,
+    p_x, p_cb, p_codes, p_w, p_sw, p_counts, p_sums, p_state, N, K, D, L, stat_lim,
     stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
     HAS_W: tl.constexpr, FIX_M: tl.constexpr, FIX_R: tl.constexpr, FIX_D: tl.constexpr,
 ):
     """The end of every program of a forward launch with statistics (``p_state``: skipped
-    ``(L,)``, then the flag and the count): the last one, if some term beyond ``BIG_T`` set the
-    flag, runs :func:`_stats_fixup` (:func:`_last_program_flagged`)."""
+    ``(L,)``, then the flag and the count): the last one, if some term or weight beyond ``BIG_T``
+    set the flag, runs :func:`_stats_fixup` (:func:`_last_program_flagged`)."""
     if _last_program_flagged(p_state + L):
-        _stats_fixup(p_x, p_cb, p_codes, p_w, p_sw, p_sums, N, K, D, L, stat_lim,
+        _stats_fixup(p_x, p_cb, p_codes, p_w, p_sw, p_counts, p_sums, N, K, D, L, stat_lim,
                      stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                      HAS_W, FIX_M, FIX_R, FIX_D)
 
@@ -770,7 +788,7 @@ def _residual_quantize_fwd_kernel(
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
     if STATS:
-        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_skip, N, K, D, L, stat_lim,
+        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_counts, p_sums, p_skip, N, K, D, L, stat_lim,
                              stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                              HAS_W, FIX_M, FIX_R, FIX_D)
 
@@ -884,8 +902,9 @@ def _residual_quantize_fwd_chunked_kernel(
                     b_cbad += tl.where(_row_finite(b_sel.to(tl.float32)), 0, 1)
             b_fin = (b_bad == 0) & ~b_wide & (b_w == b_w) & (tl.abs(b_w) < float("inf"))
             b_use = m_m & (b_w != 0) & b_fin
-            if STATS:
+            if STATS:  # (a weight beyond BIG_T sets the flag: the counts, as in _level_outputs)
                 tl.atomic_add(p_counts + lvl * K + b_idx, b_sw, mask=b_use, sem="relaxed")
+                tl.store(p_skip + L + tl.zeros(b_idx.shape, dtype=tl.int32), 1, mask=b_use & (tl.abs(b_sw) > BIG_T))
                 tl.atomic_add(p_skip + lvl, tl.sum((m_m & (b_w != 0) & ~b_fin).to(tl.int32), axis=0), sem="relaxed")
             if CAND:
                 m_c = m_m & (b_slot >= 0)
@@ -1005,7 +1024,7 @@ def _residual_quantize_fwd_chunked_kernel(
     if LOSS:
         tl.store(p_loss + pid * BLOCK_L + o_l, b_loss)
     if STATS:
-        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_sums, p_skip, N, K, D, L, stat_lim,
+        _stats_fixup_if_last(p_x, p_cb, p_codes, p_w, p_sw, p_counts, p_sums, p_skip, N, K, D, L, stat_lim,
                              stride_xn, stride_xd, stride_cl, stride_ck, stride_cd, stride_on, stride_ol,
                              HAS_W, FIX_M, FIX_R, FIX_D)
 

@@ -31,7 +31,7 @@ import fastvq
 import fastvq.testing as ft
 from fastvq.ops.ema_update import ema_update_
 from fastvq.reference.rotation_trick import rotation_trick_ref
-from tests.utils import raises_invalid, randn
+from tests.utils import backend_cells, raises_invalid, randn
 
 F32_MAX = torch.finfo(torch.float32).max
 
@@ -282,3 +282,33 @@ def test_statistics_and_codebook_gradient_that_stay_at_max_where_the_exact_sum_o
     cb = torch.zeros(1, 1, 1, device=device, requires_grad=True)
     fastvq.residual_quantize_step(x, cb).embedding_loss.backward()
     assert cb.grad.item() == -math.inf, cb.grad
+
+
+@backend_cells("chunked", {"register": False}, {"chunked": True})
+@pytest.mark.parametrize("search", [True, False], ids=["search", "codes"])
+@pytest.mark.parametrize("weights, want", [
+    ([F32_MAX, 2.0**102, 2.0**102], math.inf),  # the overflow midpoint: +inf
+    ([2.0**127, 2.0**103, 2.0**103], 2.0**127 + 2.0**104),  # each 2^103 half an ulp: 2^127 in float32
+    ([2.0**103, 2.0**103, 2.0**127], 2.0**127 + 2.0**104),
+], ids=["midpoint", "ties-after", "ties-first"])
+def test_statistics_counts_of_huge_weights_round_once(backend, device, chunked, weights, want, search):
+    """fuzzW W1: the counts (sums of the rows' weights) were float32 atomics that no fix-up
+    looked at: weights max, 2^102, 2^102 counted max (exact: the overflow midpoint, +inf), and
+    2^127, 2^103, 2^103 counted 2^127 (exact 2^127 + 2^104, a float32 value), in row order. The
+    residuals are 0 here, so no sum term raised the fix-up's flag either: a weight beyond the
+    flag's bound now does, and a count in float32's top binade is summed again too. Both forward
+    variants (``chunked``: the kernel's D-chunked one, forced)."""
+    from fastvq.kernels.residual_quantize import residual_quantize_fwd
+
+    x = torch.zeros(3, 1, device=device)
+    cb = torch.zeros(1, 2, 1, device=device)
+    w = torch.tensor(weights, device=device)
+    codes = None if search else torch.zeros(3, 1, dtype=torch.long, device=device)
+    if chunked:
+        out = residual_quantize_fwd(x, cb, max_register_d=1, weights=w, codes=codes, stats=True)
+        counts, sums, skipped = out["counts"], out["sums"], out["skipped"]
+    else:
+        out = fastvq.residual_quantize_step(x, cb, codes=codes, weights=w, statistics=True)
+        counts, sums, skipped = out.counts, out.sums, out.skipped
+    assert counts[0].tolist() == [want, 0.0], counts
+    assert sums.tolist() == [[[0.0], [0.0]]] and skipped.tolist() == [0]
