@@ -402,9 +402,10 @@ def residual_quantize_step(
             codebooks these statistics train: a float16 codebook cannot hold a row beyond 65504,
             even when ``x`` is bfloat16 or float32 and the search runs in float32), weighted, and
             ``skipped (L,)`` int32, the rows of nonzero weight left out as not finite. On a GPU they accumulate with
-            float32 atomics (not bitwise reproducible from run to run); a code whose float32 sum
-            or count (a sum of weights) overflowed or reached 2^127 is summed again in float64
-            and rounded once (weights max, 2^102, 2^102 count +inf, the exact sum's rounding).
+            float32 atomics (not bitwise reproducible from run to run, float32's rounding: a
+            count of rows of weight 1 stops at 2^24); a code whose float32 sum or count (a sum
+            of weights) overflowed or reached 2^127 is summed again in float64 and rounded once
+            (weights max, 2^102, 2^102 count +inf, the exact sum's rounding).
         candidate_rows: optional ``(S,)`` int64 distinct row indices in ``[0, N)`` (into the
             ``N`` flattened rows of ``x``; checked as ``codes`` are, on the ``S`` indices): also return, at every level, the midpoint ``(r_l + c_l) / 2`` between
             each such row's residual and the code it chose (rounded once, with no intermediate

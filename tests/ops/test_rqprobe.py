@@ -312,3 +312,13 @@ def test_statistics_counts_of_huge_weights_round_once(backend, device, chunked, 
         counts, sums, skipped = out.counts, out.sums, out.skipped
     assert counts[0].tolist() == [want, 0.0], counts
     assert sums.tolist() == [[[0.0], [0.0]]] and skipped.tolist() == [0]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="README Known limits: the residual kernels' statistics are float32 "
+    "atomics below float32's top binade (a count of rows of weight 1 stops at 2^24)"))], indirect=True)
+def test_statistics_counts_beyond_float32s_integers(backend, device):
+    x = torch.zeros(3, 1, device=device)
+    w = torch.tensor([2.0**24, 1.0, 1.0], device=device)
+    out = fastvq.residual_quantize_step(x, torch.zeros(1, 2, 1, device=device), weights=w, statistics=True)
+    assert out.counts[0].tolist() == [2.0**24 + 2, 0.0], out.counts
