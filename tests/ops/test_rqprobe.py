@@ -314,9 +314,11 @@ def test_statistics_counts_of_huge_weights_round_once(backend, device, chunked, 
     assert sums.tolist() == [[[0.0], [0.0]]] and skipped.tolist() == [0]
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.xfail(
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[pytest.mark.xfail(
     strict=True, raises=AssertionError, reason="README Known limits: the residual kernels' statistics are float32 "
-    "atomics below float32's top binade (a count of rows of weight 1 stops at 2^24)"))], indirect=True)
+    "atomics below float32's top binade (a count of rows of weight 1 stops at 2^24)"), pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU's atomics add in any order (1 + 1 first is exact); the interpreter's "
+    "in row order")])], indirect=True)
 def test_statistics_counts_beyond_float32s_integers(backend, device):
     x = torch.zeros(3, 1, device=device)
     w = torch.tensor([2.0**24, 1.0, 1.0], device=device)
